@@ -1,0 +1,1 @@
+"""echonode-train: EchoCLR pretraining, fine-tuning and evaluation from an echo archive."""
