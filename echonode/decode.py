@@ -1,0 +1,555 @@
+"""Decode a stored DICOM object into greyscale video frames.
+
+Every multi-frame object the node stores goes through :func:`decode_video`,
+whatever its transfer syntax and photometric interpretation. What comes out is
+always the same: ``(T, H, W)`` ``uint8`` greyscale frames plus the frame rate
+and the UIDs the report needs. Anything that is not usable cine video (a single
+frame, a Doppler or M-mode strip, an SR, a document, broken pixel data) raises
+:class:`UnusableObject` with a human-readable reason and never any other
+exception type, so the worker can log and skip the object without a traceback.
+
+Two paths:
+
+* **Fast path**, JPEG baseline (``1.2.840.10008.1.2.4.50``) and 8-bit JPEG
+  extended (``.51``), which is what nearly every echo cart sends: the raw
+  JPEG fragments are handed to OpenCV's ``imdecode``. Asking for a greyscale
+  decode makes libjpeg skip the chroma planes and the colour transform (for
+  YCbCr data the grey we want *is* the luma plane), and the
+  ``IMREAD_REDUCED_*`` flags make libjpeg scale in the DCT domain (1/2, 1/4,
+  1/8), so a 480x640 frame meant for a 112x112 model costs a fraction of a
+  full decode. ``imdecode`` releases the GIL, so frames are decoded on a few
+  threads.
+* **Fallback**, everything else (RLE, JPEG 2000, JPEG lossless, native, palette
+  colour, 16 bit): pydicom's decoders (pylibjpeg, gdcm, Pillow), asking for
+  YBR data *unconverted* (taking the Y plane is cheaper than pydicom's
+  YBR->RGB followed by RGB->grey), then conversion to grey and the same
+  power-of-two reduction by area averaging, so both paths give frames of the
+  same shape for the same object.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Iterator
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
+
+__all__ = [
+    "DEFAULT_MAX_DECODED_BYTES",
+    "DecodedVideo",
+    "UnusableObject",
+    "choose_reduction",
+    "decode_dataset",
+    "decode_video",
+    "frame_rate",
+]
+
+#: Refuse objects whose decoded pixels would need more than this (2 GiB).
+DEFAULT_MAX_DECODED_BYTES = 2 * 1024**3
+
+#: Frame rate assumed when the object says nothing (METHOD.md).
+DEFAULT_FPS = 30.0
+
+# Rows/Columns outside this range are not an ultrasound cine from any cart we
+# know of; they are corrupt headers or something else entirely.
+_MIN_SIDE = 16
+_MAX_SIDE = 8192
+_MAX_FRAMES_DECLARED = 100_000
+
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+_JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+_FAST_PATH_SYNTAXES = frozenset({_JPEG_BASELINE, _JPEG_EXTENDED})
+_FAST_PATH_PHOTOMETRIC = frozenset(
+    {"YBR_FULL_422", "YBR_FULL", "RGB", "MONOCHROME2", "MONOCHROME1"}
+)
+
+# SOP classes that are never video, refused by class before anything else so
+# the reason says what the object *is* rather than "no pixel data".
+_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+_DOCUMENT_PREFIX = "1.2.840.10008.5.1.4.1.1.104."
+
+_REDUCED_GREY_FLAGS = {
+    1: cv2.IMREAD_GRAYSCALE,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+class UnusableObject(Exception):
+    """The object is not usable cine video.
+
+    Parameters
+    ----------
+    reason : str
+        Human-readable explanation; never contains patient data.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class DecodedVideo:
+    """Greyscale frames of one cine object and what is needed to report on it.
+
+    Attributes
+    ----------
+    frames : numpy.ndarray
+        ``(T, H, W)`` ``uint8`` greyscale frames.
+    fps : float
+        Frame rate from FrameTime, FrameTimeVector (mean) or CineRate; 30 when
+        absent.
+    study_uid, series_uid, sop_uid, sop_class_uid : str
+        Identifiers of the source object.
+    source_rows, source_cols : int
+        Size of the stored frames.
+    scale : float
+        Decoded size / source size (``1 / reduction``); 1.0 at full size.
+    n_frames_declared : int
+        NumberOfFrames of the object (``T`` can be smaller with ``max_frames``).
+    photometric : str
+        Photometric Interpretation as stored.
+    transfer_syntax : str
+        Transfer Syntax UID as stored.
+    fast_path : bool
+        True when the frames came from the OpenCV JPEG path.
+    """
+
+    frames: np.ndarray
+    fps: float
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    source_rows: int
+    source_cols: int
+    scale: float
+    n_frames_declared: int = 0
+    photometric: str = ""
+    transfer_syntax: str = ""
+    fast_path: bool = False
+
+
+def choose_reduction(rows: int, cols: int, target_side: int | None) -> int:
+    """Largest power-of-two reduction (1, 2, 4, 8) that keeps the short side.
+
+    Parameters
+    ----------
+    rows, cols : int
+        Source frame size.
+    target_side : int or None
+        The decoded short side must stay ``>= target_side``; None means full
+        size.
+
+    Returns
+    -------
+    int
+        1, 2, 4 or 8. libjpeg rounds reduced sizes up, so ``ceil(side / r)``
+        is what the decoder produces and what is compared here.
+
+    Examples
+    --------
+    >>> choose_reduction(480, 640, 112)
+    4
+    """
+    if target_side is None or target_side <= 0:
+        return 1
+    short = min(rows, cols)
+    for r in (8, 4, 2):
+        if math.ceil(short / r) >= target_side:
+            return r
+    return 1
+
+
+def frame_rate(ds: Dataset) -> float:
+    """Frame rate of a cine object in frames per second.
+
+    FrameTime (ms) first, then the mean of the positive FrameTimeVector
+    entries (its first entry is the zero increment before frame 1), then
+    CineRate; 30 fps when none is present or usable (METHOD.md).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The object's header.
+
+    Returns
+    -------
+    float
+        Frames per second, always positive.
+    """
+    ft = _as_float(ds.get("FrameTime"))
+    if ft is not None and ft > 0:
+        return 1000.0 / ft
+    ftv = ds.get("FrameTimeVector")
+    if ftv is not None:
+        values = ftv if isinstance(ftv, (list, tuple, pydicom.multival.MultiValue)) else [ftv]
+        pos = [v for v in (_as_float(x) for x in values) if v is not None and v > 0]
+        if pos:
+            return 1000.0 / (sum(pos) / len(pos))
+    cine = _as_float(ds.get("CineRate"))
+    if cine is not None and cine > 0:
+        return cine
+    return DEFAULT_FPS
+
+
+def decode_video(
+    path: str | os.PathLike[str] | BinaryIO,
+    *,
+    target_side: int | None = None,
+    max_frames: int | None = None,
+    min_frames: int = 8,
+    min_fps: float = 25.0,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    threads: int | None = None,
+) -> DecodedVideo:
+    """Read a stored DICOM object as greyscale video.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file
+        The stored object.
+    target_side : int, optional
+        Decode at a reduced size (1/2, 1/4 or 1/8) as long as the short side
+        stays ``>= target_side``. None: full size.
+    max_frames : int, optional
+        Keep only the first ``max_frames`` frames; the rest are not decoded.
+    min_frames : int
+        Objects with fewer declared frames are refused.
+    min_fps : float
+        Objects slower than this are refused (Doppler and M-mode strips).
+    max_decoded_bytes : int
+        Refuse, before decoding, objects whose decoded pixels
+        (Rows x Columns x frames to decode x Samples x bytes per sample)
+        would exceed this.
+    threads : int, optional
+        Threads for the JPEG fast path; default ``min(4, os.cpu_count())``.
+
+    Returns
+    -------
+    DecodedVideo
+
+    Raises
+    ------
+    UnusableObject
+        For anything that is not usable video, including unreadable files and
+        pixel data that fails to decode. No other exception type escapes.
+    """
+    try:
+        ds = pydicom.dcmread(path, force=False)
+    except Exception as exc:  # pydicom raises many types for bad input
+        raise UnusableObject(f"not a readable DICOM file ({_short(exc)})") from exc
+    return decode_dataset(
+        ds,
+        target_side=target_side,
+        max_frames=max_frames,
+        min_frames=min_frames,
+        min_fps=min_fps,
+        max_decoded_bytes=max_decoded_bytes,
+        threads=threads,
+    )
+
+
+def decode_dataset(
+    ds: Dataset,
+    *,
+    target_side: int | None = None,
+    max_frames: int | None = None,
+    min_frames: int = 8,
+    min_fps: float = 25.0,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    threads: int | None = None,
+) -> DecodedVideo:
+    """Decode an already-read dataset; see :func:`decode_video`.
+
+    Raises
+    ------
+    UnusableObject
+        As :func:`decode_video`.
+    """
+    try:
+        return _decode(
+            ds,
+            target_side=target_side,
+            max_frames=max_frames,
+            min_frames=min_frames,
+            min_fps=min_fps,
+            max_decoded_bytes=max_decoded_bytes,
+            threads=threads,
+        )
+    except UnusableObject:
+        raise
+    except MemoryError as exc:
+        raise UnusableObject("not enough memory to decode the pixel data") from exc
+    except Exception as exc:  # decoder plugins raise anything; the contract is one type
+        raise UnusableObject(f"pixel data does not decode ({_short(exc)})") from exc
+
+
+# --------------------------------------------------------------------------
+# Implementation
+
+
+def _decode(
+    ds: Dataset,
+    *,
+    target_side: int | None,
+    max_frames: int | None,
+    min_frames: int,
+    min_fps: float,
+    max_decoded_bytes: int,
+    threads: int | None,
+) -> DecodedVideo:
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class.startswith(_SR_PREFIX):
+        raise UnusableObject("structured report, not an image")
+    if sop_class.startswith(_DOCUMENT_PREFIX):
+        raise UnusableObject("encapsulated document, not an image")
+    if "PixelData" not in ds:
+        raise UnusableObject("no pixel data")
+
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if not tsyntax:
+        raise UnusableObject("no transfer syntax in the file meta information")
+
+    rows = _as_int(ds.get("Rows"))
+    cols = _as_int(ds.get("Columns"))
+    samples = _as_int(ds.get("SamplesPerPixel")) or 1
+    bits = _as_int(ds.get("BitsAllocated"))
+    n_frames = _as_int(ds.get("NumberOfFrames")) or 1
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+
+    if rows is None or cols is None or not (
+        _MIN_SIDE <= rows <= _MAX_SIDE and _MIN_SIDE <= cols <= _MAX_SIDE
+    ):
+        raise UnusableObject(f"implausible frame size {rows}x{cols}")
+    if samples not in (1, 3) or bits not in (8, 16):
+        raise UnusableObject(
+            f"unsupported pixel format ({samples} samples, {bits} bits allocated)"
+        )
+    if not 0 < n_frames <= _MAX_FRAMES_DECLARED:
+        raise UnusableObject(f"implausible number of frames {n_frames}")
+    if n_frames < 2:
+        raise UnusableObject("single frame, not a cine loop")
+    if n_frames < min_frames:
+        raise UnusableObject(f"only {n_frames} frames (minimum {min_frames})")
+
+    fps = frame_rate(ds)
+    if fps < min_fps:
+        raise UnusableObject(
+            f"{fps:.1f} frames/s is under {min_fps:g} (Doppler or M-mode strip?)"
+        )
+
+    n_keep = n_frames if max_frames is None else max(1, min(n_frames, max_frames))
+    decoded_bytes = rows * cols * n_keep * samples * (bits // 8)
+    if decoded_bytes > max_decoded_bytes:
+        raise UnusableObject(
+            f"decoded size {decoded_bytes / 2**20:.0f} MiB exceeds the cap of "
+            f"{max_decoded_bytes / 2**20:.0f} MiB"
+        )
+
+    reduction = choose_reduction(rows, cols, target_side)
+    use_fast = (
+        tsyntax in _FAST_PATH_SYNTAXES
+        and bits == 8
+        and (_as_int(ds.get("BitsStored")) or 8) == 8
+        and photometric in _FAST_PATH_PHOTOMETRIC
+    )
+    if use_fast:
+        frames = _decode_jpeg_fast(ds, n_frames, n_keep, rows, cols, reduction, threads)
+        if photometric == "MONOCHROME1":
+            np.subtract(255, frames, out=frames)
+    else:
+        frames = _decode_pydicom(ds, tsyntax, n_keep, reduction)
+
+    return DecodedVideo(
+        frames=frames,
+        fps=float(fps),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        sop_class_uid=sop_class,
+        source_rows=rows,
+        source_cols=cols,
+        scale=1.0 / reduction,
+        n_frames_declared=n_frames,
+        photometric=photometric,
+        transfer_syntax=tsyntax,
+        fast_path=use_fast,
+    )
+
+
+def _decode_jpeg_fast(
+    ds: Dataset,
+    n_frames: int,
+    n_keep: int,
+    rows: int,
+    cols: int,
+    reduction: int,
+    threads: int | None,
+) -> np.ndarray:
+    """Decode JPEG fragments with OpenCV straight to reduced-size grey."""
+    fragments: list[bytes] = []
+    # generate_frames is lazy: stopping after n_keep frames leaves the rest
+    # of the pixel data untouched.
+    for i, frag in enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames)):
+        if i >= n_keep:
+            break
+        fragments.append(frag)
+    if len(fragments) < n_keep:
+        raise UnusableObject(
+            f"pixel data holds {len(fragments)} frames, {n_keep} expected (truncated?)"
+        )
+
+    out_h, out_w = math.ceil(rows / reduction), math.ceil(cols / reduction)
+    out = np.empty((n_keep, out_h, out_w), dtype=np.uint8)
+    # IMREAD_IGNORE_ORIENTATION: DICOM JPEG frames carry no EXIF, and skipping
+    # the lookup avoids a parse per frame.
+    flag = _REDUCED_GREY_FLAGS[reduction] | cv2.IMREAD_IGNORE_ORIENTATION
+
+    def work(lo: int, hi: int) -> int | None:
+        """Decode frames [lo, hi) into ``out``; return the first bad index."""
+        for i in range(lo, hi):
+            img = cv2.imdecode(np.frombuffer(fragments[i], np.uint8), flag)
+            if img is None or img.shape != (out_h, out_w):
+                return i
+            out[i] = img
+        return None
+
+    n_threads = threads if threads is not None else min(4, os.cpu_count() or 1)
+    n_threads = max(1, min(n_threads, n_keep // 8 or 1))
+    if n_threads == 1:
+        bad = [work(0, n_keep)]
+    else:
+        # Contiguous chunks, one per thread: per-frame futures cost about as
+        # much as a reduced decode.
+        bounds = np.linspace(0, n_keep, n_threads + 1).astype(int)
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            bad = list(pool.map(work, bounds[:-1], bounds[1:]))
+    failed = [b for b in bad if b is not None]
+    if failed:
+        raise UnusableObject(f"JPEG frame {min(failed)} does not decode to {rows}x{cols}")
+    return out
+
+
+def _decode_pydicom(ds: Dataset, tsyntax: str, n_keep: int, reduction: int) -> np.ndarray:
+    """Decode with pydicom's plugins, frame by frame, to reduced-size grey."""
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise UnusableObject(f"transfer syntax {tsyntax} is not supported") from exc
+
+    # as_rgb=False: keep YBR as decoded; the Y plane is the grey we want and
+    # pydicom's YBR->RGB is the single most expensive step of pixel_array.
+    opts = as_pixel_options(ds, as_rgb=False)
+    iterator: Iterator[tuple[np.ndarray, dict[str, Any]]] = decoder.iter_array(
+        ds, indices=range(n_keep), validate=True, raw=False, **opts
+    )
+    greys: list[np.ndarray] = []
+    for arr, info in iterator:
+        greys.append(_to_grey(arr, str(info.get("photometric_interpretation", "")), ds))
+    if len(greys) < n_keep:
+        raise UnusableObject(f"pixel data holds {len(greys)} frames, {n_keep} expected")
+
+    stack = np.stack(greys)
+    stack = _to_uint8(stack, ds)
+    if reduction > 1:
+        h, w = stack.shape[1:]
+        size = (math.ceil(w / reduction), math.ceil(h / reduction))
+        stack = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in stack])
+    return np.ascontiguousarray(stack)
+
+
+def _to_grey(arr: np.ndarray, photometric: str, ds: Dataset) -> np.ndarray:
+    """One decoded frame -> single-channel grey in its own bit depth.
+
+    The result is ``uint8`` for 8-bit data, float32 or uint16 otherwise;
+    :func:`_to_uint8` maps the whole stack to 8 bit afterwards so that
+    windowing is the same for every frame.
+    """
+    pi = photometric.upper()
+    if pi == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        if rgb.dtype != np.uint8:
+            # The LUT descriptor's third value is the entry bit depth (8 or
+            # 16); scaling by it, not by the frame's maximum, keeps one
+            # mapping for the whole video.
+            desc = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
+            depth = _as_int(desc[2]) or 16
+            top = float(2**depth - 1)
+            rgb = (rgb.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8)
+        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    if arr.ndim == 3:
+        if pi.startswith("YBR"):
+            # YBR_FULL / YBR_FULL_422 (already upsampled by the decoder):
+            # channel 0 is luma.
+            return np.ascontiguousarray(arr[..., 0])
+        # RGB (also what JPEG 2000 YBR_ICT/RCT decode to).
+        if arr.dtype == np.uint8:
+            return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
+        a = arr.astype(np.float32)
+        return 0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]
+    return arr
+
+
+def _to_uint8(stack: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map a grey stack to uint8: window >8-bit data, invert MONOCHROME1."""
+    mono1 = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+    if stack.dtype == np.uint8:
+        out = stack
+    else:
+        a = stack.astype(np.float32)
+        slope = _as_float(ds.get("RescaleSlope")) or 1.0
+        intercept = _as_float(ds.get("RescaleIntercept")) or 0.0
+        if slope != 1.0 or intercept != 0.0:
+            a = a * slope + intercept
+        centre = _as_float(_first(ds.get("WindowCenter")))
+        width = _as_float(_first(ds.get("WindowWidth")))
+        if centre is not None and width is not None and width >= 1:
+            # DICOM PS3.3 C.11.2.1.2.1 linear VOI function.
+            a = ((a - (centre - 0.5)) / (width - 1) + 0.5) * 255.0
+        else:
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        out = np.clip(a, 0, 255).round().astype(np.uint8)
+    if mono1:
+        out = 255 - out
+    return out
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return value[0] if len(value) else None
+    return value
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _short(exc: BaseException) -> str:
+    """Exception summary for a reason string: type and first line, bounded."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
