@@ -1,0 +1,651 @@
+"""The journal: a SQLite (WAL) record of instances, study states, results and the SR outbox.
+
+Every process and thread opens its own connection (``Journal`` keeps one per
+thread). Writes that must agree happen in one transaction; the receive path
+commits before the C-STORE is acknowledged (``synchronous=FULL``), so an
+acknowledged instance is on disk and recorded even after a kill -9.
+
+Study states (CONTRACT.md)::
+
+    receiving -> stable -> queued -> running -> reported -> delivered
+                                            \\-> skipped | failed
+
+A study whose worker was interrupted (``running`` at start) goes back to
+``queued`` until ``max_attempts`` is reached, then to ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class StudyState(StrEnum):
+    RECEIVING = "receiving"
+    STABLE = "stable"
+    QUEUED = "queued"
+    RUNNING = "running"
+    REPORTED = "reported"
+    DELIVERED = "delivered"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+#: States in which a new instance re-opens the study for receiving.
+_REOPENABLE = (StudyState.STABLE, StudyState.QUEUED, StudyState.RUNNING, StudyState.SKIPPED, StudyState.FAILED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid       TEXT PRIMARY KEY,
+    state           TEXT NOT NULL,
+    reason          TEXT,
+    first_received  REAL NOT NULL,
+    last_received   REAL NOT NULL,
+    updated         REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    -- bumps whenever the study is (re)claimed or re-opened: a worker whose
+    -- claim is stale must not write results
+    generation      INTEGER NOT NULL DEFAULT 0,
+    worker_pid      INTEGER
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state);
+
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid         TEXT PRIMARY KEY,
+    study_uid       TEXT NOT NULL REFERENCES studies(study_uid),
+    series_uid      TEXT NOT NULL,
+    sop_class_uid   TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    received        REAL NOT NULL,
+    calling_ae      TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+
+CREATE TABLE IF NOT EXISTS results (
+    id              INTEGER PRIMARY KEY,
+    study_uid       TEXT NOT NULL,
+    model_set       TEXT NOT NULL,
+    task            TEXT NOT NULL,
+    bundle_name     TEXT NOT NULL,
+    bundle_version  TEXT NOT NULL,
+    device_uid      TEXT NOT NULL,
+    probability     REAL NOT NULL,
+    positive        INTEGER NOT NULL,
+    threshold       REAL NOT NULL,
+    n_videos        INTEGER NOT NULL,
+    detail          TEXT NOT NULL,
+    created         REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_study ON results(study_uid);
+
+CREATE TABLE IF NOT EXISTS reports (
+    sr_sop_uid      TEXT PRIMARY KEY,
+    study_uid       TEXT NOT NULL,
+    model_set       TEXT NOT NULL,
+    series_uid      TEXT NOT NULL,
+    sop_class_uid   TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    supersedes      TEXT,
+    created         REAL NOT NULL,
+    UNIQUE (study_uid, model_set)
+);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY,
+    sr_sop_uid      TEXT NOT NULL REFERENCES reports(sr_sop_uid),
+    study_uid       TEXT NOT NULL,
+    destination     TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt    REAL NOT NULL,
+    last_error      TEXT,
+    created         REAL NOT NULL,
+    sent_at         REAL,
+    UNIQUE (sr_sop_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    received: float
+    calling_ae: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A study taken by the worker; ``generation`` guards against stale writes."""
+
+    study_uid: str
+    generation: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One task's study-level result, as the worker records it."""
+
+    task: str
+    bundle_name: str
+    bundle_version: str
+    device_uid: str
+    probability: float
+    positive: bool
+    threshold: float
+    n_videos: int
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    sr_sop_uid: str
+    study_uid: str
+    model_set: str
+    series_uid: str
+    sop_class_uid: str
+    path: str
+    supersedes: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    sr_sop_uid: str
+    study_uid: str
+    destination: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    path: str
+
+
+class StaleClaim(RuntimeError):
+    """The study changed (new instance, reprocess) while the worker held it."""
+
+
+class Journal:
+    """Thread-safe access to the journal database.
+
+    Parameters
+    ----------
+    path : path-like
+        The SQLite file; created with its schema when absent.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        # Create the schema once, eagerly, so that errors show at start.
+        with self._tx() as con:
+            con.executescript(_SCHEMA)
+
+    # -- connection handling -------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            new = not self.path.exists()
+            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the C-STORE is acknowledged.
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA busy_timeout=60000")
+            if new:
+                os.chmod(self.path, 0o600)
+            self._local.con = con
+        return con
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        else:
+            con.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    # -- receiving -------------------------------------------------------------
+
+    def get_instance(self, sop_uid: str) -> InstanceRecord | None:
+        row = self._connect().execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        return InstanceRecord(**dict(row)) if row else None
+
+    def record_instance(self, rec: InstanceRecord) -> StudyState:
+        """Record a stored instance and (re)open its study for receiving.
+
+        Returns the study's state after the write. A study already reported
+        or delivered keeps its state: a late instance is stored and recorded,
+        but the one SR per study and model set has been sent (use
+        ``echonode reprocess`` to include it under a new model set).
+        """
+        now = rec.received
+        with self._tx() as con:
+            row = con.execute("SELECT state FROM studies WHERE study_uid = ?", (rec.study_uid,)).fetchone()
+            if row is None:
+                con.execute(
+                    "INSERT INTO studies (study_uid, state, first_received, last_received, updated)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (rec.study_uid, StudyState.RECEIVING, now, now, now),
+                )
+                state = StudyState.RECEIVING
+            else:
+                state = StudyState(row["state"])
+                if state in _REOPENABLE:
+                    state = StudyState.RECEIVING
+                    con.execute(
+                        "UPDATE studies SET state = ?, reason = NULL, last_received = ?, updated = ?,"
+                        " generation = generation + 1, attempts = 0 WHERE study_uid = ?",
+                        (state, now, now, rec.study_uid),
+                    )
+                else:
+                    con.execute(
+                        "UPDATE studies SET last_received = ?, updated = ? WHERE study_uid = ?",
+                        (now, now, rec.study_uid),
+                    )
+            con.execute(
+                "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
+                " path, size, received, calling_ae) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(sop_uid) DO UPDATE SET series_uid = excluded.series_uid,"
+                " sop_class_uid = excluded.sop_class_uid, transfer_syntax = excluded.transfer_syntax,"
+                " path = excluded.path, size = excluded.size, received = excluded.received,"
+                " calling_ae = excluded.calling_ae",
+                (
+                    rec.sop_uid,
+                    rec.study_uid,
+                    rec.series_uid,
+                    rec.sop_class_uid,
+                    rec.transfer_syntax,
+                    rec.path,
+                    rec.size,
+                    rec.received,
+                    rec.calling_ae,
+                ),
+            )
+        return state
+
+    def instances(self, study_uid: str | None = None) -> list[InstanceRecord]:
+        """Instances of one study, or all, in receive order."""
+        con = self._connect()
+        if study_uid is None:
+            rows = con.execute("SELECT * FROM instances ORDER BY received").fetchall()
+        else:
+            rows = con.execute(
+                "SELECT * FROM instances WHERE study_uid = ? ORDER BY series_uid, received", (study_uid,)
+            ).fetchall()
+        return [InstanceRecord(**dict(r)) for r in rows]
+
+    def forget_instance(self, sop_uid: str) -> None:
+        """Remove an instance whose file is gone (recovery only)."""
+        with self._tx() as con:
+            con.execute("DELETE FROM instances WHERE sop_uid = ?", (sop_uid,))
+
+    # -- study lifecycle ----------------------------------------------------------
+
+    def study_state(self, study_uid: str) -> StudyState | None:
+        row = self._connect().execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        return StudyState(row["state"]) if row else None
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        row = self._connect().execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        return dict(row) if row else None
+
+    def mark_stable(self, quiet_for_s: float, now: float | None = None) -> list[str]:
+        """Move ``receiving`` studies with no new instance for ``quiet_for_s`` to ``stable``."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT study_uid FROM studies WHERE state = ? AND last_received <= ?",
+                (StudyState.RECEIVING, now - quiet_for_s),
+            ).fetchall()
+            uids = [r["study_uid"] for r in rows]
+            con.executemany(
+                "UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?",
+                [(StudyState.STABLE, now, u) for u in uids],
+            )
+        return uids
+
+    def queue_stable(self, now: float | None = None) -> list[str]:
+        """Move every ``stable`` study to ``queued`` for the worker."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            rows = con.execute("SELECT study_uid FROM studies WHERE state = ?", (StudyState.STABLE,)).fetchall()
+            uids = [r["study_uid"] for r in rows]
+            con.executemany(
+                "UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?",
+                [(StudyState.QUEUED, now, u) for u in uids],
+            )
+        return uids
+
+    def requeue(self, study_uid: str) -> bool:
+        """Queue a stored study again (``echonode reprocess``). False if unknown."""
+        now = time.time()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE studies SET state = ?, reason = NULL, attempts = 0, generation = generation + 1,"
+                " updated = ? WHERE study_uid = ?",
+                (StudyState.QUEUED, now, study_uid),
+            )
+            return cur.rowcount == 1
+
+    def claim_next(self, pid: int) -> Claim | None:
+        """Take the oldest queued study for the worker (``queued -> running``)."""
+        now = time.time()
+        with self._tx() as con:
+            row = con.execute(
+                "SELECT study_uid, generation, attempts FROM studies WHERE state = ?"
+                " ORDER BY updated, study_uid LIMIT 1",
+                (StudyState.QUEUED,),
+            ).fetchone()
+            if row is None:
+                return None
+            gen = row["generation"] + 1
+            attempts = row["attempts"] + 1
+            con.execute(
+                "UPDATE studies SET state = ?, generation = ?, attempts = ?, worker_pid = ?, updated = ?"
+                " WHERE study_uid = ?",
+                (StudyState.RUNNING, gen, attempts, pid, now, row["study_uid"]),
+            )
+        return Claim(row["study_uid"], gen, attempts)
+
+    def _check_claim(self, con: sqlite3.Connection, claim: Claim) -> None:
+        row = con.execute(
+            "SELECT state, generation FROM studies WHERE study_uid = ?", (claim.study_uid,)
+        ).fetchone()
+        if row is None or row["state"] != StudyState.RUNNING or row["generation"] != claim.generation:
+            raise StaleClaim(claim.study_uid)
+
+    def finish_skipped(self, claim: Claim, reason: str) -> None:
+        """The study had nothing usable: ``running -> skipped`` with the reason."""
+        with self._tx() as con:
+            self._check_claim(con, claim)
+            con.execute(
+                "UPDATE studies SET state = ?, reason = ?, worker_pid = NULL, updated = ? WHERE study_uid = ?",
+                (StudyState.SKIPPED, reason, time.time(), claim.study_uid),
+            )
+
+    def finish_failed(self, claim: Claim, reason: str, *, max_attempts: int) -> StudyState:
+        """Record a failure: back to ``queued`` while attempts remain, else ``failed``."""
+        with self._tx() as con:
+            self._check_claim(con, claim)
+            state = StudyState.QUEUED if claim.attempts < max_attempts else StudyState.FAILED
+            con.execute(
+                "UPDATE studies SET state = ?, reason = ?, worker_pid = NULL, updated = ? WHERE study_uid = ?",
+                (state, reason, time.time(), claim.study_uid),
+            )
+        return state
+
+    def recover_running(self, max_attempts: int) -> dict[str, StudyState]:
+        """At start: studies left ``running`` by a dead worker are queued again or failed."""
+        now = time.time()
+        out: dict[str, StudyState] = {}
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT study_uid, attempts FROM studies WHERE state = ?", (StudyState.RUNNING,)
+            ).fetchall()
+            for r in rows:
+                if r["attempts"] >= max_attempts:
+                    state, reason = StudyState.FAILED, f"worker died {r['attempts']} times on this study"
+                else:
+                    state, reason = StudyState.QUEUED, "worker interrupted; retrying"
+                con.execute(
+                    "UPDATE studies SET state = ?, reason = ?, worker_pid = NULL, updated = ? WHERE study_uid = ?",
+                    (state, reason, now, r["study_uid"]),
+                )
+                out[r["study_uid"]] = state
+        return out
+
+    # -- results, reports, outbox ----------------------------------------------
+
+    def report_for(self, study_uid: str, model_set: str) -> ReportRecord | None:
+        row = self._connect().execute(
+            "SELECT sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path, supersedes"
+            " FROM reports WHERE study_uid = ? AND model_set = ?",
+            (study_uid, model_set),
+        ).fetchone()
+        return ReportRecord(**dict(row)) if row else None
+
+    def latest_report(self, study_uid: str) -> ReportRecord | None:
+        row = self._connect().execute(
+            "SELECT sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path, supersedes"
+            " FROM reports WHERE study_uid = ? ORDER BY created DESC, rowid DESC LIMIT 1",
+            (study_uid,),
+        ).fetchone()
+        return ReportRecord(**dict(row)) if row else None
+
+    def finish_reported(
+        self,
+        claim: Claim,
+        model_set: str,
+        results: Sequence[TaskResult],
+        report: ReportRecord | None,
+        destinations: Iterable[str],
+    ) -> StudyState:
+        """Store results, the SR and its outbox rows in one transaction.
+
+        ``report`` is None when this study and model set already have an SR
+        (nothing new is sent) or when there is nothing to report. Returns the
+        study's new state: ``reported`` while deliveries are pending,
+        ``delivered`` when there is nothing left to send.
+        """
+        now = time.time()
+        dests = list(destinations)
+        with self._tx() as con:
+            self._check_claim(con, claim)
+            con.execute("DELETE FROM results WHERE study_uid = ? AND model_set = ?", (claim.study_uid, model_set))
+            con.executemany(
+                "INSERT INTO results (study_uid, model_set, task, bundle_name, bundle_version, device_uid,"
+                " probability, positive, threshold, n_videos, detail, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        claim.study_uid,
+                        model_set,
+                        r.task,
+                        r.bundle_name,
+                        r.bundle_version,
+                        r.device_uid,
+                        float(r.probability),
+                        int(bool(r.positive)),
+                        float(r.threshold),
+                        int(r.n_videos),
+                        json.dumps(r.detail, sort_keys=True),
+                        now,
+                    )
+                    for r in results
+                ],
+            )
+            if report is not None:
+                con.execute(
+                    "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path,"
+                    " supersedes, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        report.sr_sop_uid,
+                        report.study_uid,
+                        report.model_set,
+                        report.series_uid,
+                        report.sop_class_uid,
+                        report.path,
+                        report.supersedes,
+                        now,
+                    ),
+                )
+                con.executemany(
+                    "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(report.sr_sop_uid, claim.study_uid, d, OutboxState.PENDING, now, now) for d in dests],
+                )
+            state = self._delivery_state(con, claim.study_uid)
+            con.execute(
+                "UPDATE studies SET state = ?, reason = NULL, worker_pid = NULL, updated = ? WHERE study_uid = ?",
+                (state, now, claim.study_uid),
+            )
+        return state
+
+    @staticmethod
+    def _delivery_state(con: sqlite3.Connection, study_uid: str) -> StudyState:
+        row = con.execute(
+            "SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND state != ?", (study_uid, OutboxState.SENT)
+        ).fetchone()
+        return StudyState.REPORTED if row["n"] else StudyState.DELIVERED
+
+    def due_deliveries(self, now: float | None = None, limit: int = 32) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        rows = self._connect().execute(
+            "SELECT o.id, o.sr_sop_uid, o.study_uid, o.destination, o.state, o.attempts, o.next_attempt,"
+            " o.last_error, r.path FROM outbox o JOIN reports r USING (sr_sop_uid)"
+            " WHERE o.state = ? AND o.next_attempt <= ? ORDER BY o.next_attempt, o.id LIMIT ?",
+            (OutboxState.PENDING, now, limit),
+        ).fetchall()
+        return [OutboxItem(**dict(r)) for r in rows]
+
+    def mark_sent(self, item_id: int) -> StudyState | None:
+        """A destination acknowledged the SR; the study is ``delivered`` when all have."""
+        now = time.time()
+        with self._tx() as con:
+            row = con.execute("SELECT study_uid FROM outbox WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                return None
+            con.execute(
+                "UPDATE outbox SET state = ?, sent_at = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?",
+                (OutboxState.SENT, now, item_id),
+            )
+            study_uid = row["study_uid"]
+            state = self._delivery_state(con, study_uid)
+            cur = con.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+            if cur and cur["state"] in (StudyState.REPORTED, StudyState.DELIVERED):
+                con.execute(
+                    "UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?", (state, now, study_uid)
+                )
+        return state
+
+    def mark_retry(self, item_id: int, next_attempt: float, error: str) -> None:
+        with self._tx() as con:
+            con.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
+                (next_attempt, error, item_id),
+            )
+
+    def mark_dead(self, item_id: int, error: str) -> None:
+        with self._tx() as con:
+            con.execute(
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ? WHERE id = ?",
+                (OutboxState.DEAD, error, item_id),
+            )
+
+    def retry_dead(self, study_uid: str | None = None) -> int:
+        """Put dead-lettered SRs back in the outbox (``echonode retry``)."""
+        now = time.time()
+        with self._tx() as con:
+            if study_uid is None:
+                cur = con.execute(
+                    "UPDATE outbox SET state = ?, attempts = 0, next_attempt = ? WHERE state = ?",
+                    (OutboxState.PENDING, now, OutboxState.DEAD),
+                )
+            else:
+                cur = con.execute(
+                    "UPDATE outbox SET state = ?, attempts = 0, next_attempt = ? WHERE state = ? AND study_uid = ?",
+                    (OutboxState.PENDING, now, OutboxState.DEAD, study_uid),
+                )
+            return cur.rowcount
+
+    # -- status ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Studies, outbox and counts, in the shape of ``echonode status --json``."""
+        con = self._connect()
+        studies = []
+        for r in con.execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n,"
+            " (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.study_uid = s.study_uid) AS bytes"
+            " FROM studies s ORDER BY s.first_received"
+        ).fetchall():
+            results = [
+                {
+                    "task": x["task"],
+                    "probability": x["probability"],
+                    "positive": bool(x["positive"]),
+                    "threshold": x["threshold"],
+                    "model": x["bundle_name"],
+                    "version": x["bundle_version"],
+                    "n_videos": x["n_videos"],
+                }
+                for x in con.execute(
+                    "SELECT * FROM results WHERE study_uid = ? AND model_set = COALESCE("
+                    " (SELECT model_set FROM reports WHERE study_uid = ? ORDER BY created DESC LIMIT 1),"
+                    " (SELECT model_set FROM results WHERE study_uid = ? ORDER BY created DESC LIMIT 1))"
+                    " ORDER BY task",
+                    (r["study_uid"], r["study_uid"], r["study_uid"]),
+                ).fetchall()
+            ]
+            studies.append(
+                {
+                    "study_uid": r["study_uid"],
+                    "state": r["state"],
+                    "instances": r["n"],
+                    "bytes": r["bytes"],
+                    "reason": r["reason"],
+                    "attempts": r["attempts"],
+                    "first_received": r["first_received"],
+                    "last_received": r["last_received"],
+                    "updated": r["updated"],
+                    "results": results,
+                }
+            )
+        outbox = [
+            {
+                "id": r["id"],
+                "study_uid": r["study_uid"],
+                "sr_sop_uid": r["sr_sop_uid"],
+                "destination": r["destination"],
+                "state": r["state"],
+                "attempts": r["attempts"],
+                "next_attempt": r["next_attempt"],
+                "last_error": r["last_error"],
+                "sent_at": r["sent_at"],
+            }
+            for r in con.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+        ]
+        return {"studies": studies, "outbox": outbox}
+
+    def counts(self) -> dict[str, int]:
+        """Studies by state (for metrics)."""
+        rows = self._connect().execute("SELECT state, COUNT(*) AS n FROM studies GROUP BY state").fetchall()
+        return {r["state"]: r["n"] for r in rows}

@@ -1,0 +1,117 @@
+"""Logging: structlog everywhere, stdlib loggers (pynetdicom, pydicom) routed through it.
+
+JSON lines off a terminal (journald, files), a console renderer on one. No
+timestamps under journald, which adds its own. Context (association,
+calling AE, study and SOP instance UIDs) is bound with
+``structlog.contextvars``; pynetdicom carries it into association threads
+when ``_config.PASS_CONTEXTVARS`` is set (done in ``scp.py``).
+
+Patient names, IDs and birth dates are never logged: code logs UIDs. As a
+second line of defence, :func:`redact_phi` drops any event key that names a
+patient attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+#: Event keys that must never reach a log line, whatever a caller passes.
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patientname",
+        "patient_id",
+        "patientid",
+        "patient_birth_date",
+        "patientbirthdate",
+        "birth_date",
+        "other_patient_ids",
+        "patient_address",
+    }
+)
+
+
+def redact_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """A structlog processor that removes patient-identifying keys."""
+    for key in list(event_dict):
+        if key.lower() in PHI_KEYS:
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def _shared_processors(timestamps: bool) -> list[Any]:
+    procs: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        redact_phi,
+    ]
+    if timestamps:
+        procs.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+    return procs
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
+    """Configure structlog and route stdlib logging through it.
+
+    Parameters
+    ----------
+    fmt : {"auto", "json", "console"}
+        ``auto`` is JSON unless the stream is a terminal.
+    level : str
+        ``debug``, ``info``, ``warning`` or ``error``.
+    stream : file-like, optional
+        Where lines go (default ``sys.stderr``).
+    """
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
+    # journald stamps every line itself.
+    timestamps = "JOURNAL_STREAM" not in os.environ
+    shared = _shared_processors(timestamps)
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+        exc = [structlog.processors.dict_tracebacks]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        exc = []
+
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *exc,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pynetdicom logs every PDU at debug and a summary per association at
+    # info; keep it one step quieter than ours unless debugging.
+    net_level = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    for name in ("pynetdicom", "pydicom", "apscheduler"):
+        logging.getLogger(name).setLevel(net_level)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """Return a structlog logger named ``name``."""
+    return structlog.stdlib.get_logger(name)

@@ -1,0 +1,311 @@
+"""The DICOM side of the node: a pynetdicom Storage and Verification SCP.
+
+Handlers stay fast: the C-STORE handler moves the file pynetdicom already
+streamed to disk (``STORE_RECV_CHUNKED_DATASET``) into the store and records
+it; nothing is decoded or inferred here. Access control (calling AE title and
+network allow-lists) happens when the A-ASSOCIATE-RQ arrives, with the
+association-reject reasons of PS3.8 9.3.4.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from .config import NodeConfig, TLSConfig
+from .logs import get_logger
+from .store import BadObject, StudyStore
+
+log = get_logger(__name__)
+
+# Stream every received data set straight to a temp file instead of memory.
+_config.STORE_RECV_CHUNKED_DATASET = True
+# Carry structlog's bound context into association threads.
+_config.PASS_CONTEXTVARS = True
+
+#: DIMSE statuses this node answers with (Storage Service Class, PS3.4 B.2.3).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_UNEXPECTED = 0xC211
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
+REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service-user, no reason given
+
+
+@dataclass
+class AccessPolicy:
+    """Who may associate: calling AE titles and source networks (empty = anyone)."""
+
+    calling_aets: frozenset[str] = frozenset()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def from_config(cls, node: NodeConfig) -> AccessPolicy:
+        return cls(
+            calling_aets=frozenset(a.strip() for a in node.allowed_calling_aets),
+            networks=tuple(ipaddress.ip_network(n, strict=False) for n in node.allowed_networks),
+        )
+
+    def check(self, calling_ae: str, address: str) -> tuple[int, int, int] | None:
+        """Return the reject reason for this peer, or None when it may associate."""
+        if self.networks:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return REJECT_NO_REASON
+            # An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d.
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            if not any(ip in net for net in self.networks):
+                return REJECT_NO_REASON
+        if self.calling_aets and calling_ae.strip() not in self.calling_aets:
+            return REJECT_CALLING_AE
+        return None
+
+
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The SCP's TLS context, or None when TLS is off."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file:
+        ctx.load_verify_locations(tls.ca_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """A TLS context for an outgoing association (delivery, echo), or None."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # DICOM peers are addressed by IP and AE title far more often than by a
+    # name in their certificate; trust is the CA's (PS3.15 B.1 leaves this open).
+    ctx.check_hostname = False
+    if tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+@dataclass
+class ReceiveCounters:
+    """Counts kept for status and metrics (read without locking: ints are atomic enough)."""
+
+    instances: int = 0
+    bytes: int = 0
+    duplicates: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    associations: int = 0
+    rejected: int = 0
+
+    def fail(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+
+class StorageSCP:
+    """The listening node.
+
+    Parameters
+    ----------
+    node : NodeConfig
+        AE title, address, limits, TLS, allow-lists.
+    store : StudyStore
+        Where accepted objects go.
+    on_instance : callable, optional
+        Called with the study UID after each stored instance (metrics, tests).
+    """
+
+    def __init__(
+        self,
+        node: NodeConfig,
+        store: StudyStore,
+        on_instance: Callable[[str], None] | None = None,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.on_instance = on_instance
+        self.policy = AccessPolicy.from_config(node)
+        self.counters = ReceiveCounters()
+        self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
+        self._server: ThreadedAssociationServer | None = None
+        self._assoc_seq = 0
+        self._lock = threading.Lock()
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.node.ae_title)
+        ae.maximum_associations = self.node.max_associations
+        ae.maximum_pdu_size = self.node.max_pdu
+        ae.network_timeout = self.node.network_timeout_s
+        ae.acse_timeout = self.node.acse_timeout_s
+        ae.dimse_timeout = self.node.dimse_timeout_s
+        # Carts and PACS address us by our AE title; a wrong called AE is a
+        # misconfiguration the administrator should see, not silently accept.
+        ae.require_called_aet = True
+        # Every storage SOP class with every transfer syntax pydicom knows:
+        # store what comes as it comes, the pipeline decides what is usable.
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def update_policy(self, node: NodeConfig) -> None:
+        """Apply new allow-lists (SIGHUP) without touching open associations."""
+        self.policy = AccessPolicy.from_config(node)
+        self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
+
+    # -- event handlers --------------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            self._assoc_seq += 1
+            assoc_id = self._assoc_seq
+        calling = assoc.requestor.primitive.calling_ae_title if assoc.requestor.primitive else ""
+        address = assoc.requestor.address
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling, peer=address)
+        reject = self.policy.check(calling, address)
+        if reject is not None:
+            self.counters.rejected += 1
+            reason = "calling AE title not allowed" if reject == REJECT_CALLING_AE else "address not allowed"
+            log.warning("association.rejected", reason=reason)
+            assoc.acse.send_reject(*reject)
+            return
+        self.counters.associations += 1
+        log.info("association.requested")
+
+    def _on_released(self, event: evt.Event) -> None:
+        log.info("association.released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        log.warning("association.aborted")
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("echo")
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        req = event.request
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        calling = event.assoc.requestor.ae_title
+        structlog.contextvars.bind_contextvars(sop_uid=sop_uid)
+        try:
+            if self.min_free_bytes and self.store.free_bytes() < self.min_free_bytes:
+                self.counters.fail("out_of_disk")
+                log.error("store.refused_low_disk", free_bytes=self.store.free_bytes())
+                return STATUS_OUT_OF_RESOURCES
+            path = event.dataset_path
+            header, outcome = self.store.accept(path, calling)
+        except BadObject as exc:
+            self.counters.fail(f"0x{exc.status:04X}")
+            log.warning("store.refused", status=f"0x{exc.status:04X}", error=str(exc))
+            return exc.status
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.counters.fail("out_of_disk")
+                log.error("store.refused_disk_full")
+                return STATUS_OUT_OF_RESOURCES
+            self.counters.fail("io_error")
+            log.error("store.io_error", error=f"{type(exc).__name__}: {exc.strerror}")
+            return STATUS_OUT_OF_RESOURCES
+        except Exception:  # noqa: BLE001 - a bug; the sender must not think it was stored
+            self.counters.fail("unexpected")
+            log.exception("store.unexpected_error")
+            return STATUS_UNEXPECTED
+        finally:
+            structlog.contextvars.unbind_contextvars("sop_uid")
+        if outcome == "duplicate":
+            self.counters.duplicates += 1
+        else:
+            self.counters.instances += 1
+            try:
+                self.counters.bytes += self.store.instance_path(header).stat().st_size
+            except OSError:
+                pass
+        log.info(
+            "store.accepted",
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            sop_class=header.sop_class_uid,
+            transfer_syntax=header.transfer_syntax,
+            outcome=outcome,
+        )
+        if self.on_instance is not None:
+            self.on_instance(header.study_uid)
+        return STATUS_SUCCESS
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen (non-blocking). Temp files go to the store's ``incoming/`` so
+        that accepting one is a rename on the same file system."""
+        tempfile.tempdir = str(self.store.incoming)
+        self._server = self.ae.start_server(
+            (self.node.host, self.node.port),
+            block=False,
+            evt_handlers=self.handlers(),
+            ssl_context=server_ssl_context(self.node.tls),
+        )
+        log.info(
+            "scp.listening",
+            ae_title=self.node.ae_title,
+            host=self.node.host,
+            port=self.port,
+            tls=self.node.tls.enabled,
+        )
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.node.port
+        return int(self._server.server_address[1])
+
+    def active_associations(self) -> int:
+        return len([a for a in self.ae.active_associations if a.is_acceptor])
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop listening, let associations in flight finish for up to ``grace_s``, abort the rest.
+
+        An aborted transfer was never acknowledged, so the sender keeps it and
+        sends it again; its temp file is removed at the next start.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [a for a in self.ae.active_associations if a.is_acceptor]
+        for assoc in left:
+            assoc.abort()
+        if left:
+            log.warning("scp.aborted_on_stop", associations=len(left))
+        self._server = None
+        log.info("scp.stopped")

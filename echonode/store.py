@@ -1,0 +1,340 @@
+"""The study store: where received objects live on disk, and how they get there atomically.
+
+Layout under ``storage_dir``::
+
+    incoming/                      temp files of transfers in flight (same file system)
+    studies/<Study>/<Series>/<SOP>.dcm
+    reports/<Study>/<SR SOP>.dcm   SRs built for delivery
+    journal.sqlite
+
+A received object is written to ``incoming/``, fsynced, renamed into place
+(atomic on one file system), its folder fsynced, then recorded in the
+journal; only then is the C-STORE acknowledged. After a crash, anything in
+``incoming/`` is a transfer that was never acknowledged and is deleted; a
+file in ``studies/`` that the journal lacks was renamed but not recorded
+(hence not acknowledged either) and is recorded now rather than lost.
+
+Repeated SOP Instance UID (the choice, documented in docs/operations.md):
+identical bytes are a no-op success; different bytes replace the stored
+copy (the newest wins, like dcmtk's storescp and Orthanc) and re-open the
+study; the same SOP Instance UID under a *different* study is refused,
+since it would silently move an image between patients.
+"""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import os
+import re
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from .journal import InstanceRecord, Journal
+from .logs import get_logger
+
+log = get_logger(__name__)
+
+#: A DICOM UID: digits and dots, at most 64 characters (PS3.5 9.1). We do
+#: not insist on the no-leading-zero rule (vendors break it) but nothing
+#: else may reach a file name.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` is a UID safe to use as a file name."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
+
+
+@dataclass(frozen=True)
+class Header:
+    """The identifying attributes of a received object."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+class BadObject(ValueError):
+    """A received object that cannot be stored; ``status`` is the DIMSE failure status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _clean_uid(value: object) -> str:
+    # Vendors pad UIDs with NUL or spaces; pydicom usually strips, be sure.
+    return str(value).strip("\x00 ") if value is not None else ""
+
+
+def read_header(path: Path) -> Header:
+    """Read and check the identifying attributes of the Part 10 file at ``path``.
+
+    Raises
+    ------
+    BadObject
+        0xC210 when the file does not parse, 0xC220 when a required UID is
+        missing or malformed, 0xA900 when SOP Class/Instance in the file
+        meta and the dataset disagree.
+    """
+    size = path.stat().st_size
+    try:
+        # defer_size: large values (pixel data) are skipped, not loaded, so
+        # this reads a header whatever the object's size.
+        ds = pydicom.dcmread(path, defer_size=4096)
+        _check_complete(ds, size)
+        study = _clean_uid(ds.get("StudyInstanceUID"))
+        series = _clean_uid(ds.get("SeriesInstanceUID"))
+        sop = _clean_uid(ds.get("SOPInstanceUID"))
+        sop_class = _clean_uid(ds.get("SOPClassUID"))
+        meta = ds.file_meta
+        tsyntax = _clean_uid(meta.get("TransferSyntaxUID"))
+        meta_sop = _clean_uid(meta.get("MediaStorageSOPInstanceUID"))
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, struct.error) as exc:
+        raise BadObject(0xC210, f"cannot parse the data set: {type(exc).__name__}: {exc}") from None
+    for name, value in (
+        ("StudyInstanceUID", study),
+        ("SeriesInstanceUID", series),
+        ("SOPInstanceUID", sop),
+        ("SOPClassUID", sop_class),
+    ):
+        if not value:
+            raise BadObject(0xC220, f"{name} is missing")
+        if not is_valid_uid(value):
+            raise BadObject(0xC221, f"{name} is not a valid UID")
+    if meta_sop and meta_sop != sop:
+        raise BadObject(0xA900, "SOPInstanceUID in the data set differs from the C-STORE request's")
+    return Header(study, series, sop, sop_class, tsyntax)
+
+
+def _check_complete(ds: pydicom.Dataset, size: int) -> None:
+    """Raise ValueError when the last top-level element runs past the end of the file.
+
+    A sender can declare a length it never sends (a truncated object that
+    still arrives as a complete P-DATA stream); pydicom's deferred reading
+    would not notice until someone decodes the pixels.
+    """
+    last = None
+    for elem in ds.elements():
+        last = elem
+    if last is None:
+        raise ValueError("the data set is empty or truncated")
+    tell = getattr(last, "value_tell", None)
+    length = getattr(last, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:
+        return
+    if tell + length > size:
+        raise ValueError(f"element {last.tag} declares {length} bytes but the file ends first")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_move(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest`` so that after a crash either the old or the whole new file is there."""
+    fsync_file(src)
+    os.chmod(src, FILE_MODE)
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Temp file on another file system (TMPDIR not under storage_dir):
+        # copy next to the destination, then rename there.
+        tmp = dest.with_name(dest.name + ".part")
+        shutil.copyfile(src, tmp)
+        fsync_file(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+
+
+class StudyStore:
+    """The folder tree of received objects and reports.
+
+    Parameters
+    ----------
+    root : path-like
+        ``storage_dir``.
+    journal : Journal
+        Where instances are recorded.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], journal: Journal) -> None:
+        self.root = Path(root)
+        self.journal = journal
+        self.incoming = self.root / "incoming"
+        self.studies = self.root / "studies"
+        self.reports = self.root / "reports"
+        for d in (self.root, self.incoming, self.studies, self.reports):
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------------
+
+    def instance_path(self, header: Header) -> Path:
+        return self.studies / header.study_uid / header.series_uid / f"{header.sop_uid}.dcm"
+
+    def report_path(self, study_uid: str, sop_uid: str) -> Path:
+        if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)):
+            raise ValueError("Arguments \"study_uid\" and \"sop_uid\" must be valid UIDs.")
+        return self.reports / study_uid / f"{sop_uid}.dcm"
+
+    def _mkdirs(self, path: Path) -> None:
+        created = []
+        p = path
+        while not p.exists():
+            created.append(p)
+            p = p.parent
+        for d in reversed(created):
+            try:
+                d.mkdir(mode=DIR_MODE)
+            except FileExistsError:
+                continue
+            fsync_dir(d.parent)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    # -- receiving -----------------------------------------------------------------
+
+    def accept(self, temp_path: Path, calling_ae: str | None) -> tuple[Header, str]:
+        """Move a fully received temp file into the store and record it.
+
+        Returns the header and what happened: ``"stored"``, ``"duplicate"``
+        (identical copy already stored) or ``"replaced"``.
+
+        Raises
+        ------
+        BadObject
+            When the object is unparseable, lacks a UID, or reuses an SOP
+            Instance UID of another study. The temp file is left for the
+            caller to remove.
+        """
+        header = read_header(temp_path)
+        existing = self.journal.get_instance(header.sop_uid)
+        outcome = "stored"
+        if existing is not None:
+            if existing.study_uid != header.study_uid:
+                raise BadObject(
+                    0xC230,
+                    "SOPInstanceUID already stored under another study; refusing to move it",
+                )
+            old = Path(existing.path)
+            if old.exists() and filecmp.cmp(old, temp_path, shallow=False):
+                return header, "duplicate"
+            outcome = "replaced"
+        dest = self.instance_path(header)
+        self._mkdirs(dest.parent)
+        _durable_move(temp_path, dest)
+        if existing is not None and Path(existing.path) != dest:
+            # Same instance, new series: the old copy is superseded.
+            Path(existing.path).unlink(missing_ok=True)
+        self.journal.record_instance(
+            InstanceRecord(
+                sop_uid=header.sop_uid,
+                study_uid=header.study_uid,
+                series_uid=header.series_uid,
+                sop_class_uid=header.sop_class_uid,
+                transfer_syntax=header.transfer_syntax,
+                path=str(dest),
+                size=dest.stat().st_size,
+                received=time.time(),
+                calling_ae=calling_ae,
+            )
+        )
+        return header, outcome
+
+    # -- recovery --------------------------------------------------------------------
+
+    def _stored_files(self) -> Iterator[Path]:
+        yield from self.studies.glob("*/*/*.dcm")
+
+    def recover(self) -> dict[str, int]:
+        """Make disk and journal agree after any stop, kill -9 included.
+
+        - temp files in ``incoming/`` (never acknowledged) are deleted;
+        - files in ``studies/`` missing from the journal are recorded
+          (renamed but not recorded before the crash);
+        - journal rows whose file is gone are removed, with a warning.
+
+        Returns counts of each action.
+        """
+        counts = {"temp_removed": 0, "recorded": 0, "forgotten": 0}
+        for p in self.incoming.iterdir():
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                counts["temp_removed"] += 1
+        known = {rec.path: rec for rec in self.journal.instances()}
+        for path in self._stored_files():
+            if str(path) in known:
+                continue
+            try:
+                header = read_header(path)
+            except BadObject as exc:
+                log.warning("recover.unreadable_file_removed", path=str(path), error=str(exc))
+                path.unlink(missing_ok=True)
+                continue
+            if self.instance_path(header) != path:
+                log.warning("recover.misplaced_file_removed", path=str(path))
+                path.unlink(missing_ok=True)
+                continue
+            self.journal.record_instance(
+                InstanceRecord(
+                    sop_uid=header.sop_uid,
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    transfer_syntax=header.transfer_syntax,
+                    path=str(path),
+                    size=path.stat().st_size,
+                    received=path.stat().st_mtime,
+                    calling_ae=None,
+                )
+            )
+            counts["recorded"] += 1
+        for path_str, rec in known.items():
+            if not Path(path_str).exists():
+                log.warning("recover.missing_file", sop_uid=rec.sop_uid, study_uid=rec.study_uid)
+                self.journal.forget_instance(rec.sop_uid)
+                counts["forgotten"] += 1
+        return counts
+
+    def remove_study(self, study_uid: str) -> int:
+        """Delete a study's files (retention); returns bytes freed."""
+        if not is_valid_uid(study_uid):
+            raise ValueError("Argument \"study_uid\" must be a valid UID.")
+        freed = 0
+        for base in (self.studies / study_uid, self.reports / study_uid):
+            if base.exists():
+                for f in base.rglob("*"):
+                    if f.is_file():
+                        freed += f.stat().st_size
+                shutil.rmtree(base)
+        return freed
