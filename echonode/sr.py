@@ -1,0 +1,839 @@
+"""The SR a study gets back: a TID 1500 Imaging Measurement Report.
+
+One report per study and model set, in the *same* study as its source videos
+(same Patient and Study attributes), in a new series, Modality SR. It is built
+with highdicom (:class:`highdicom.sr.MeasurementReport`) and stored as a
+Comprehensive SR by default, or as an Enhanced SR or Comprehensive 3D SR.
+
+Per task the report holds one Measurement Group (TID 1501) with
+
+- a tracking identifier and tracking UID;
+- the finding (left ventricular hypertrophy; aortic stenosis, modified by
+  severity "Severe" for the ``severe_as`` task) and its finding site;
+- the algorithm identification (TID 4019: model name, version, parameters);
+- a qualitative evaluation: the finding, Present or Absent by the threshold;
+- the study-level probability (DCM 122157 "Probability", unit UCUM "1"),
+  the number of videos used, and optionally one probability per video that
+  references its video;
+- one "Image View" text item per echocardiographic view used;
+- a reference (DCM 121112 "Source of Measurement") to every video used;
+- its own device observer context when the groups come from different
+  devices (model bundles); otherwise the document-level observer context
+  (TID 1001) names the one device.
+
+Codes, and where they were checked (pydicom 3.0 ``pydicom.sr.codedict`` and
+its CID tables, ``pydicom.sr._cid_dict``):
+
+- SCT 55827005 "Left ventricular hypertrophy": *not* in pydicom's
+  dictionaries; the meaning is SNOMED CT's preferred term (FSN "Left
+  ventricular hypertrophy (disorder)").
+- SCT 60573004 "Aortic stenosis": ``codes.SCT.AorticStenosis``, the meaning
+  used by CID 12248 "Cardiac Ultrasound Summary Codes" (pydicom also lists the
+  FSN "Aortic valve stenosis (disorder)", which is in no CID).
+- SCT 87878005 "Left ventricle" (CID 3010, 12305 family) and SCT 34202007
+  "Aortic Valve" (CID 12305 "Basic Echo Anatomic Site").
+- SCT 52101004 "Present" and SCT 272519000 "Absent": CID 240
+  "Present-Absent". (SCT 2667000 "Absent" is not the code DICOM uses.)
+- SCT 246112005 "Severity (attribute)" and SCT 24484000 "Severe".
+- DCM 122157 "Probability" (no CID; a generic concept, unlike DCM 111047
+  "Probability of cancer"); unit UCUM "1" "no units".
+- DCM 111031 "Image View"; DCM 121106 "Comment"; SCT 40701008
+  "Echocardiography" as the procedure reported.
+- UMLS C0034375 "Qualitative Evaluations": the TID 1500 container concept;
+  not in pydicom's dictionaries, taken from TID 1500 row 10.
+- Contributing equipment purpose: DCM 109102 "Processing Equipment" (CID 7005,
+  pydicom) *and* IHE AIR's ("Newcode1", 99IHE, "Processing Algorithm"), the
+  placeholder code the IHE AI Results profile assigns (DICOM has no
+  "Processing Algorithm" code in CID 7005 as of pydicom 3.0's tables).
+- Codes echonode defines itself use the private coding scheme designator
+  ``99ECHONODE``, declared in the Coding Scheme Identification Sequence
+  together with ``99IHE``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+import echonode
+
+__all__ = [
+    "SERIES_DESCRIPTION",
+    "SOP_CLASSES",
+    "TASKS",
+    "SourceInstance",
+    "TaskFinding",
+    "build_report",
+    "summarise_report",
+]
+
+#: Series Description of every SR echonode writes.
+SERIES_DESCRIPTION = "echonode AI result - NOT FOR DIAGNOSTIC USE"
+
+#: ``sop_class`` argument -> highdicom SR class.
+SOP_CLASSES: dict[str, type[hd.sr.sop._SR]] = {
+    "comprehensive": hd.sr.ComprehensiveSR,
+    "enhanced": hd.sr.EnhancedSR,
+    "comprehensive3d": hd.sr.Comprehensive3DSR,
+}
+
+ECHONODE_SCHEME = "99ECHONODE"
+IHE_SCHEME = "99IHE"
+
+# echonode's own concepts (private coding scheme 99ECHONODE).
+NUMBER_OF_VIDEOS = Code("EN0001", ECHONODE_SCHEME, "Number of videos used")
+VIDEO_PROBABILITY = Code("EN0002", ECHONODE_SCHEME, "Video-level probability")
+NO_USABLE_VIDEO = Code("EN0003", ECHONODE_SCHEME, "No usable video")
+SUPERSEDES = Code("EN0004", ECHONODE_SCHEME, "Supersedes report")
+
+# IHE AI Results (AIR): purpose of reference of the AI algorithm's equipment.
+PROCESSING_ALGORITHM = Code("Newcode1", IHE_SCHEME, "Processing Algorithm")
+
+# Not in pydicom's dictionaries; TID 1500 row 10 and SNOMED CT (see above).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+LEFT_VENTRICULAR_HYPERTROPHY = Code(
+    "55827005", "SCT", "Left ventricular hypertrophy"
+)
+
+PROBABILITY = codes.DCM.Probability
+PROBABILITY_UNIT = codes.UCUM.NoUnits
+VIDEOS_UNIT = Code("{videos}", "UCUM", "videos")
+IMAGE_VIEW = codes.DCM.ImageView
+COMMENT = codes.DCM.Comment
+DISCLAIMER = (
+    "Generated automatically by an AI algorithm (echonode). "
+    "NOT FOR DIAGNOSTIC USE."
+)
+
+_CODING_SCHEMES = (
+    hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=ECHONODE_SCHEME,
+        name="echonode local codes",
+        responsible_organization="echonode project",
+    ),
+    hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=IHE_SCHEME,
+        name="IHE placeholder codes",
+        responsible_organization="IHE",
+    ),
+)
+
+# Patient and study attributes copied from the source header. Those that
+# highdicom reads from its first evidence dataset must exist (Type 2: may be
+# empty).
+_REQUIRED_HEADER = ("StudyInstanceUID",)
+_TYPE2_HEADER = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+@dataclass(frozen=True)
+class _TaskCodes:
+    finding: Code
+    site: Code
+    severity: Code | None = None
+
+
+#: Task name -> the codes that describe its finding.
+TASKS: dict[str, _TaskCodes] = {
+    "lvh": _TaskCodes(LEFT_VENTRICULAR_HYPERTROPHY, codes.SCT.LeftVentricle),
+    "severe_as": _TaskCodes(
+        codes.SCT.AorticStenosis, codes.SCT.AorticValve, codes.SCT.Severe
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SourceInstance:
+    """One video (instance) a finding was computed from.
+
+    Attributes
+    ----------
+    sop_class_uid : str
+        SOP Class UID of the instance.
+    sop_instance_uid : str
+        SOP Instance UID of the instance.
+    series_instance_uid : str
+        Series Instance UID of the instance (same study as the report).
+    view : str or None
+        Echocardiographic view label (e.g. ``"plax"``), when known.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    view: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskFinding:
+    """A study-level result of one binary task, ready to be reported.
+
+    Attributes
+    ----------
+    task : str
+        Task name, a key of :data:`TASKS` (``"lvh"`` or ``"severe_as"``).
+    probability : float
+        Study-level probability of the finding, in [0, 1].
+    threshold : float
+        Decision threshold, in [0, 1]: the finding is reported Present when
+        ``probability >= threshold``.
+    model_name, model_version, device_uid : str
+        From the model bundle; ``device_uid`` changes with every training run.
+    parameters : dict of str to str
+        Algorithm parameters (e.g. ``{"clip_frames": "16"}``), written as
+        ``key=value`` TID 4019 Algorithm Parameters.
+    sources : tuple of SourceInstance
+        Every video the finding used.
+    views_used : tuple of str
+        The echocardiographic views used.
+    n_videos : int
+        Number of videos used.
+    video_probabilities : dict of str to float
+        Optional per-video probabilities, keyed by SOP Instance UID (each key
+        must be one of ``sources``).
+    """
+
+    task: str
+    probability: float
+    threshold: float
+    model_name: str
+    model_version: str
+    device_uid: str
+    parameters: Mapping[str, str]
+    sources: tuple[SourceInstance, ...]
+    views_used: tuple[str, ...]
+    n_videos: int
+    video_probabilities: Mapping[str, float] = field(default_factory=dict)
+
+
+def _check_unit_interval(value: Any, name: str) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or not 0.0 <= value <= 1.0
+    ):
+        raise ValueError(f'Argument "{name}" must be a number in [0, 1], got {value!r}.')
+
+
+def _check_finding(finding: Any, i: int) -> None:
+    name = f"findings[{i}]"
+    if not isinstance(finding, TaskFinding):
+        raise ValueError(f'Argument "{name}" must be a TaskFinding.')
+    if finding.task not in TASKS:
+        raise ValueError(
+            f'Argument "{name}.task" must be one of {sorted(TASKS)}, '
+            f"got {finding.task!r}."
+        )
+    _check_unit_interval(finding.probability, f"{name}.probability")
+    _check_unit_interval(finding.threshold, f"{name}.threshold")
+    for attr in ("model_name", "model_version", "device_uid"):
+        if not isinstance(getattr(finding, attr), str) or not getattr(finding, attr):
+            raise ValueError(f'Argument "{name}.{attr}" must be a non-empty string.')
+    if len(finding.sources) == 0:
+        raise ValueError(f'Argument "{name}.sources" must not be empty.')
+    for j, src in enumerate(finding.sources):
+        if not isinstance(src, SourceInstance):
+            raise ValueError(f'Argument "{name}.sources[{j}]" must be a SourceInstance.')
+    if (
+        isinstance(finding.n_videos, bool)
+        or not isinstance(finding.n_videos, int)
+        or finding.n_videos < 1
+    ):
+        raise ValueError(f'Argument "{name}.n_videos" must be a positive integer.')
+    source_uids = {s.sop_instance_uid for s in finding.sources}
+    for uid, p in finding.video_probabilities.items():
+        if uid not in source_uids:
+            raise ValueError(
+                f'Argument "{name}.video_probabilities" names {uid!r}, '
+                "which is not one of its sources."
+            )
+        _check_unit_interval(p, f"{name}.video_probabilities[{uid!r}]")
+
+
+def _evidence(header: Dataset, sources: Sequence[SourceInstance]) -> list[Dataset]:
+    """Minimal evidence datasets: the header's public attributes, per source."""
+    base = Dataset()
+    for elem in header:
+        if elem.tag.is_private or elem.tag.group >= 0x7FE0:
+            continue
+        base.add(copy.deepcopy(elem))
+    for keyword in _TYPE2_HEADER:
+        if keyword not in base:
+            setattr(base, keyword, None)
+    if not sources:
+        return [base]
+    evidence = []
+    for src in sources:
+        ds = copy.deepcopy(base)
+        ds.SOPClassUID = src.sop_class_uid
+        ds.SOPInstanceUID = src.sop_instance_uid
+        ds.SeriesInstanceUID = src.series_instance_uid
+        evidence.append(ds)
+    return evidence
+
+
+def _device_observer(finding: TaskFinding, manufacturer: str) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=finding.device_uid,
+            name=finding.model_name,
+            manufacturer_name=manufacturer,
+            model_name=finding.model_name,
+        ),
+    )
+
+
+def _severity_modifier(severity: Code) -> hd.sr.ContentSequence:
+    return hd.sr.ContentSequence([
+        hd.sr.CodeContentItem(
+            name=codes.SCT.Severity,
+            value=severity,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    ])
+
+
+def _measurement_group(
+    finding: TaskFinding,
+    *,
+    own_observer: bool,
+    manufacturer: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    task = TASKS[finding.task]
+    parameters = dict(finding.parameters)
+    parameters.setdefault("threshold", f"{finding.threshold:g}")
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=finding.model_name,
+        version=finding.model_version,
+        parameters=[f"{k}={v}" for k, v in parameters.items()],
+    )
+    present = finding.probability >= finding.threshold
+    measurements = [
+        hd.sr.Measurement(
+            name=PROBABILITY, value=float(finding.probability), unit=PROBABILITY_UNIT
+        ),
+        hd.sr.Measurement(
+            name=NUMBER_OF_VIDEOS, value=int(finding.n_videos), unit=VIDEOS_UNIT
+        ),
+    ]
+    by_uid = {s.sop_instance_uid: s for s in finding.sources}
+    for uid, p in finding.video_probabilities.items():
+        src = by_uid[uid]
+        measurements.append(
+            hd.sr.Measurement(
+                name=VIDEO_PROBABILITY,
+                value=float(p),
+                unit=PROBABILITY_UNIT,
+                referenced_images=[
+                    hd.sr.SourceImageForMeasurement(src.sop_class_uid, uid)
+                ],
+            )
+        )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(), identifier=f"echonode {finding.task}"
+        ),
+        finding_type=task.finding,
+        finding_sites=[hd.sr.FindingSite(task.site)],
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=task.finding,
+                value=codes.SCT.Present if present else codes.SCT.Absent,
+            )
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(s.sop_class_uid, s.sop_instance_uid)
+            for s in finding.sources
+        ],
+    )
+    items = group[0].ContentSequence
+    if task.severity is not None:
+        # The finding and its evaluation are about the *severe* form.
+        for item in items:
+            if item.ValueType == "CODE" and item.name in (codes.DCM.Finding, task.finding):
+                item.ContentSequence = _severity_modifier(task.severity)
+    for view in finding.views_used:
+        items.append(
+            hd.sr.TextContentItem(
+                name=IMAGE_VIEW,
+                value=str(view),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    if own_observer:
+        # Observation context applies to what follows it: put it right after
+        # the tracking identifier and UID.
+        for k, item in enumerate(_device_observer(finding, manufacturer)):
+            items.insert(2 + k, item)
+    return group
+
+
+def _observation_context(
+    findings: Sequence[TaskFinding], manufacturer: str, software_version: str
+) -> hd.sr.ObservationContext:
+    devices: dict[str, TaskFinding] = {}
+    for f in findings:
+        devices.setdefault(f.device_uid, f)
+    if not devices:
+        node_uid = generate_uid(
+            prefix=None, entropy_srcs=["echonode", manufacturer, software_version]
+        )
+        observer = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=node_uid,
+                name="echonode",
+                manufacturer_name=manufacturer,
+                model_name="echonode",
+            ),
+        )
+        return hd.sr.ObservationContext(observer_device_context=observer)
+    first, *others = devices.values()
+    context = hd.sr.ObservationContext(
+        observer_device_context=_device_observer(first, manufacturer)
+    )
+    for f in others:  # TID 1002 may repeat: one observer per device
+        context.extend(_device_observer(f, manufacturer))
+    return context
+
+
+def _text(name: Code, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _contributing_equipment(
+    findings: Sequence[TaskFinding],
+    manufacturer: str,
+    software_version: str,
+    institution_name: str | None,
+) -> list[hd.ContributingEquipment]:
+    now = datetime.datetime.now()
+    node = hd.ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name="echonode",
+        software_versions=software_version,
+        institution_name=institution_name,
+        contribution_datetime=now,
+        contribution_description="echonode created this report",
+    )
+    items = [node]
+    seen: set[tuple[str, str, str]] = set()
+    for f in findings:
+        key = (f.model_name, f.model_version, f.device_uid)
+        if key in seen:
+            continue
+        seen.add(key)
+        item = hd.ContributingEquipment(
+            manufacturer=manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,  # replaced below
+            manufacturer_model_name=f.model_name,
+            software_versions=f.model_version,
+            institution_name=institution_name,
+            contribution_datetime=now,
+            contribution_description=(
+                f"AI model for task {f.task}; NOT FOR DIAGNOSTIC USE"
+            ),
+        )
+        # IHE AIR: the algorithm's item has purpose "Processing Algorithm".
+        # The sequence takes exactly one item (dciodvfy: "1 Required by Module
+        # definition"), and highdicom accepts CID 7005 codes only.
+        item.PurposeOfReferenceCodeSequence = [
+            hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)
+        ]
+        item.DeviceUID = f.device_uid
+        items.append(item)
+    return items
+
+
+def build_report(
+    study_header: Dataset,
+    findings: Sequence[TaskFinding],
+    *,
+    sop_class: str = "comprehensive",
+    series_number: int = 9001,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    manufacturer: str = "echonode",
+    software_version: str = echonode.__version__,
+    institution_name: str | None = None,
+    supersedes: tuple[str, str, str] | None = None,
+    no_usable_video_reason: str | None = None,
+) -> hd.sr.sop._SR:
+    """Build the TID 1500 SR that goes back into a study.
+
+    Parameters
+    ----------
+    study_header : pydicom.dataset.Dataset
+        Header of an instance of the study (pixel data not needed): its
+        Patient and Study attributes are copied into the report.
+    findings : sequence of TaskFinding
+        One finding per task, each a Measurement Group. May be empty only
+        together with ``no_usable_video_reason``.
+    sop_class : {"comprehensive", "enhanced", "comprehensive3d"}
+        SR storage SOP class.
+    series_number, instance_number : int
+        Series Number and Instance Number of the report.
+    series_instance_uid, sop_instance_uid : str, optional
+        UIDs of the report; new ones when not given.
+    manufacturer : str
+        Manufacturer of the report (General Equipment), of the device
+        observers and of the contributing equipment items.
+    software_version : str
+        echonode's version (General Equipment Software Versions).
+    institution_name : str, optional
+        Institution Name of the report and its contributing equipment.
+    supersedes : tuple of str, optional
+        ``(sop_class_uid, sop_instance_uid, series_instance_uid)`` of an
+        earlier echonode SR of the same study that this one replaces: listed
+        in the Predecessor Documents Sequence and named in a text item.
+    no_usable_video_reason : str, optional
+        Why the study had no usable video; gives a report without measurement
+        groups whose Qualitative Evaluations container says so. Only with an
+        empty ``findings``.
+
+    Returns
+    -------
+    highdicom.sr.ComprehensiveSR or highdicom.sr.EnhancedSR or highdicom.sr.Comprehensive3DSR
+        The report, a :class:`pydicom.dataset.Dataset`; write it with
+        ``save_as(path, enforce_file_format=True)``.
+
+    Raises
+    ------
+    ValueError
+        When an argument is invalid; the message names it.
+    """
+    if not isinstance(study_header, Dataset):
+        raise ValueError('Argument "study_header" must be a pydicom Dataset.')
+    for keyword in _REQUIRED_HEADER:
+        if not study_header.get(keyword):
+            raise ValueError(f'Argument "study_header" has no {keyword}.')
+    if sop_class not in SOP_CLASSES:
+        raise ValueError(
+            f'Argument "sop_class" must be one of {sorted(SOP_CLASSES)}, '
+            f"got {sop_class!r}."
+        )
+    if isinstance(findings, (str, bytes)) or not isinstance(findings, Sequence):
+        raise ValueError('Argument "findings" must be a sequence of TaskFinding.')
+    findings = list(findings)
+    if no_usable_video_reason is not None:
+        if not isinstance(no_usable_video_reason, str) or not no_usable_video_reason.strip():
+            raise ValueError('Argument "no_usable_video_reason" must be a non-empty string.')
+        if findings:
+            raise ValueError(
+                'Argument "no_usable_video_reason" must be None when "findings" '
+                "is not empty."
+            )
+    elif not findings:
+        raise ValueError(
+            'Argument "findings" must not be empty unless '
+            '"no_usable_video_reason" is given.'
+        )
+    for i, finding in enumerate(findings):
+        _check_finding(finding, i)
+    tasks = [f.task for f in findings]
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f'Argument "findings" names a task twice: {tasks}.')
+    if supersedes is not None:
+        if (
+            not isinstance(supersedes, tuple)
+            or len(supersedes) != 3
+            or not all(isinstance(u, str) and u for u in supersedes)
+        ):
+            raise ValueError(
+                'Argument "supersedes" must be a tuple '
+                "(sop_class_uid, sop_instance_uid, series_instance_uid)."
+            )
+    for name, value in (("series_number", series_number), ("instance_number", instance_number)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'Argument "{name}" must be a positive integer.')
+
+    # All sources, in order, each once.
+    sources: dict[str, SourceInstance] = {}
+    for f in findings:
+        for s in f.sources:
+            sources.setdefault(s.sop_instance_uid, s)
+    own_observers = len({f.device_uid for f in findings}) > 1
+
+    groups = [
+        _measurement_group(f, own_observer=own_observers, manufacturer=manufacturer)
+        for f in findings
+    ]
+    evaluations: list[hd.sr.ContentItem] = [_text(COMMENT, DISCLAIMER)]
+    if no_usable_video_reason is not None:
+        evaluations.append(_text(NO_USABLE_VIDEO, no_usable_video_reason))
+    if supersedes is not None:
+        evaluations.append(
+            _text(
+                SUPERSEDES,
+                f"This report supersedes the earlier echonode report "
+                f"{supersedes[1]} (series {supersedes[2]}).",
+            )
+        )
+    evaluations_container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    evaluations_container.ContentSequence = hd.sr.ContentSequence(evaluations)
+
+    observation_context = _observation_context(findings, manufacturer, software_version)
+    if groups:
+        report = hd.sr.MeasurementReport(
+            observation_context=observation_context,
+            procedure_reported=codes.SCT.Echocardiography,
+            imaging_measurements=groups,
+        )
+        root = report[0]
+    else:
+        # highdicom's MeasurementReport insists on a measurement group;
+        # TID 1500 needs only one of rows 6, 8, 10: build the root ourselves.
+        root = hd.sr.ContainerContentItem(
+            name=codes.cid7021.ImagingMeasurementReport, template_id="1500"
+        )
+        root.ContentSequence = hd.sr.ContentSequence()
+        root.ContentSequence.extend(
+            hd.sr.LanguageOfContentItemAndDescendants(hd.sr.templates.DEFAULT_LANGUAGE)
+        )
+        root.ContentSequence.extend(observation_context)
+        root.ContentSequence.append(
+            hd.sr.CodeContentItem(
+                name=codes.DCM.ProcedureReported,
+                value=codes.SCT.Echocardiography,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+            )
+        )
+    root.ContentSequence.append(evaluations_container)
+
+    previous_versions = None
+    if supersedes is not None:
+        pre = Dataset()
+        pre.SOPClassUID, pre.SOPInstanceUID, pre.SeriesInstanceUID = supersedes
+        pre.StudyInstanceUID = study_header.StudyInstanceUID
+        previous_versions = [pre]
+
+    sr = SOP_CLASSES[sop_class](
+        evidence=_evidence(study_header, list(sources.values())),
+        content=root,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        previous_versions=previous_versions,
+        performed_procedure_codes=[codes.SCT.Echocardiography],
+        record_evidence=bool(sources),
+        contributing_equipment=_contributing_equipment(
+            findings, manufacturer, software_version, institution_name
+        ),
+        coding_schemes=list(_CODING_SCHEMES),
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name="echonode",
+        software_versions=software_version,
+    )
+    if not sources:
+        # Nothing was used: the study header is no evidence of this report.
+        for keyword in ("CurrentRequestedProcedureEvidenceSequence",
+                        "PertinentOtherEvidenceSequence"):
+            if keyword in sr:
+                delattr(sr, keyword)
+    return sr
+
+
+# --------------------------------------------------------------------------
+# Reading a report back
+
+
+def _code_key(item: Dataset) -> tuple[str, str]:
+    return (str(item.CodeValue), str(item.CodingSchemeDesignator))
+
+
+def _key(code: Code) -> tuple[str, str]:
+    return (code.value, code.scheme_designator)
+
+
+def _name_key(item: Dataset) -> tuple[str, str]:
+    return _code_key(item.ConceptNameCodeSequence[0])
+
+
+def _num(item: Dataset) -> float:
+    mv = item.MeasuredValueSequence[0]
+    if "FloatingPointValue" in mv:
+        return float(mv.FloatingPointValue)
+    return float(mv.NumericValue)
+
+
+def _image_ref(item: Dataset) -> str:
+    return str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+
+
+def _summarise_group(group: Dataset) -> dict[str, Any]:
+    tasks_by_finding = {_key(t.finding): name for name, t in TASKS.items()}
+    out: dict[str, Any] = {
+        "task": None, "finding": None, "finding_code": None, "severity": None,
+        "finding_site": None, "present": None, "probability": None,
+        "threshold": None, "model_name": None, "model_version": None,
+        "parameters": {}, "device_uid": None, "tracking_uid": None,
+        "views_used": [], "n_videos": None, "videos": [],
+        "video_probabilities": {},
+    }
+    finding_key: tuple[str, str] | None = None
+    for item in group.get("ContentSequence", []):
+        name = _name_key(item)
+        vt = item.ValueType
+        if vt == "CODE" and name == _key(codes.DCM.Finding):
+            concept = item.ConceptCodeSequence[0]
+            finding_key = _code_key(concept)
+            out["finding"] = str(concept.CodeMeaning)
+            out["finding_code"] = f"{concept.CodingSchemeDesignator} {concept.CodeValue}"
+            out["task"] = tasks_by_finding.get(finding_key)
+            for mod in item.get("ContentSequence", []):
+                if _name_key(mod) == _key(codes.SCT.Severity):
+                    out["severity"] = str(mod.ConceptCodeSequence[0].CodeMeaning)
+        elif vt == "CODE" and name == _key(codes.SCT.FindingSite):
+            out["finding_site"] = str(item.ConceptCodeSequence[0].CodeMeaning)
+        elif vt == "CODE" and finding_key is not None and name == finding_key:
+            value = _code_key(item.ConceptCodeSequence[0])
+            out["present"] = {
+                _key(codes.SCT.Present): True, _key(codes.SCT.Absent): False
+            }.get(value)
+        elif vt == "TEXT" and name == _key(codes.DCM.AlgorithmName):
+            out["model_name"] = str(item.TextValue)
+        elif vt == "TEXT" and name == _key(codes.DCM.AlgorithmVersion):
+            out["model_version"] = str(item.TextValue)
+        elif vt == "TEXT" and name == _key(codes.DCM.AlgorithmParameters):
+            k, _, v = str(item.TextValue).partition("=")
+            out["parameters"][k] = v
+        elif vt == "UIDREF" and name == _key(codes.DCM.DeviceObserverUID):
+            out["device_uid"] = str(item.UID)
+        elif vt == "UIDREF" and name == _key(codes.DCM.TrackingUniqueIdentifier):
+            out["tracking_uid"] = str(item.UID)
+        elif vt == "TEXT" and name == _key(IMAGE_VIEW):
+            out["views_used"].append(str(item.TextValue))
+        elif vt == "NUM" and name == _key(PROBABILITY):
+            out["probability"] = _num(item)
+        elif vt == "NUM" and name == _key(NUMBER_OF_VIDEOS):
+            out["n_videos"] = int(round(_num(item)))
+        elif vt == "NUM" and name == _key(VIDEO_PROBABILITY):
+            for ref in item.get("ContentSequence", []):
+                if ref.ValueType == "IMAGE":
+                    out["video_probabilities"][_image_ref(ref)] = _num(item)
+        elif vt == "IMAGE":
+            out["videos"].append(_image_ref(item))
+    if "threshold" in out["parameters"]:
+        out["threshold"] = float(out["parameters"]["threshold"])
+    return out
+
+
+def summarise_report(ds: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an echonode SR back into a plain dict.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset or path-like
+        The report, or the path of its file.
+
+    Returns
+    -------
+    dict
+        ``study_uid``, ``series_uid``, ``sop_uid``, ``sop_class_uid``,
+        ``modality``, ``series_description``, ``evidence`` (SOP Instance UIDs
+        in the Current Requested Procedure Evidence Sequence),
+        ``predecessors`` (SOP Instance UIDs), ``device_observers`` (UIDs at
+        document level), ``no_usable_video_reason``, ``supersedes_text`` and
+        ``findings``: one dict per measurement group with ``task``,
+        ``finding``, ``finding_code``, ``severity``, ``finding_site``,
+        ``present``, ``probability``, ``threshold``, ``model_name``,
+        ``model_version``, ``parameters``, ``device_uid``, ``tracking_uid``,
+        ``views_used``, ``n_videos``, ``videos`` and ``video_probabilities``.
+        A group's ``device_uid`` falls back to the document's observer when
+        there is exactly one.
+
+    Raises
+    ------
+    ValueError
+        When ``ds`` is not a TID 1500 SR.
+    """
+    if not isinstance(ds, Dataset):
+        ds = pydicom.dcmread(ds)
+    templates = ds.get("ContentTemplateSequence", [])
+    if (
+        "ContentSequence" not in ds
+        or not templates
+        or str(templates[0].TemplateIdentifier) != "1500"
+    ):
+        raise ValueError('Argument "ds" is not a TID 1500 structured report.')
+
+    def uids(keyword: str) -> list[str]:
+        return [
+            str(inst.ReferencedSOPInstanceUID)
+            for study in ds.get(keyword, [])
+            for series in study.ReferencedSeriesSequence
+            for inst in series.ReferencedSOPSequence
+        ]
+
+    root_observers = [
+        str(item.UID)
+        for item in ds.ContentSequence
+        if item.ValueType == "UIDREF"
+        and _name_key(item) == _key(codes.DCM.DeviceObserverUID)
+    ]
+    findings = []
+    no_usable = None
+    supersedes_text = None
+    for item in ds.ContentSequence:
+        name = _name_key(item)
+        if name == _key(codes.DCM.ImagingMeasurements):
+            for group in item.get("ContentSequence", []):
+                if _name_key(group) == _key(codes.DCM.MeasurementGroup):
+                    summary = _summarise_group(group)
+                    if summary["device_uid"] is None and len(root_observers) == 1:
+                        summary["device_uid"] = root_observers[0]
+                    findings.append(summary)
+        elif name == _key(QUALITATIVE_EVALUATIONS):
+            for sub in item.get("ContentSequence", []):
+                if sub.ValueType != "TEXT":
+                    continue
+                if _name_key(sub) == _key(NO_USABLE_VIDEO):
+                    no_usable = str(sub.TextValue)
+                elif _name_key(sub) == _key(SUPERSEDES):
+                    supersedes_text = str(sub.TextValue)
+    return {
+        "study_uid": str(ds.StudyInstanceUID),
+        "series_uid": str(ds.SeriesInstanceUID),
+        "sop_uid": str(ds.SOPInstanceUID),
+        "sop_class_uid": str(ds.SOPClassUID),
+        "modality": str(ds.Modality),
+        "series_description": str(ds.get("SeriesDescription", "")),
+        "evidence": uids("CurrentRequestedProcedureEvidenceSequence"),
+        "predecessors": uids("PredecessorDocumentsSequence"),
+        "device_observers": root_observers,
+        "no_usable_video_reason": no_usable,
+        "supersedes_text": supersedes_text,
+        "findings": findings,
+    }
