@@ -1,0 +1,230 @@
+"""The ``echonode`` command line.
+
+Errors a user can cause (bad config, unknown destination, bad path) end with
+a one-line message on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load_config, resolve_config_path
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"echonode: {message}", file=sys.stderr)
+    return code
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
+    from .node import Node
+
+    cfg = _load(args)
+    configure_logging(cfg.logging.format, cfg.logging.level)
+    return Node(cfg, str(resolve_config_path(args.config))).run_forever()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(f"{cfg.source}: OK ({len(cfg.destinations)} destination(s), AE title {cfg.node.ae_title})")
+    return EXIT_OK
+
+
+def _models_summary(cfg: Config) -> list[dict[str, Any]]:
+    from .node import installed_bundles
+
+    out = []
+    for b in installed_bundles(cfg.models_dir):
+        try:
+            meta = json.loads((b / "bundle.json").read_text())
+        except (OSError, ValueError) as exc:
+            out.append({"name": b.name, "path": str(b), "error": f"unreadable bundle.json: {exc}"})
+            continue
+        out.append(
+            {
+                "name": meta.get("name", b.name),
+                "path": str(b),
+                "task": meta.get("task"),
+                "version": meta.get("version"),
+                "device_uid": meta.get("device_uid"),
+                "random_weights": bool(meta.get("random_weights", False)),
+            }
+        )
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .journal import Journal
+
+    cfg = _load(args)
+    db = cfg.storage_dir / "journal.sqlite"
+    if db.exists():
+        status = Journal(db).status()
+    else:
+        status = {"studies": [], "outbox": []}
+    status["models"] = _models_summary(cfg)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"studies: {len(status['studies'])}")
+    for s in status["studies"]:
+        line = f"  {s['study_uid']}  {s['state']:<10} {s['instances']:>4} instance(s)"
+        if s.get("reason"):
+            line += f"  ({s['reason']})"
+        print(line)
+        for r in s.get("results", []):
+            verdict = "present" if r["positive"] else "absent"
+            print(f"      {r['task']:<10} p={r['probability']:.3f} {verdict}  [{r['model']} {r['version']}]")
+    pending = [o for o in status["outbox"] if o["state"] != "sent"]
+    print(f"outbox: {len(pending)} not sent ({len(status['outbox'])} in all)")
+    for o in pending:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["next_attempt"]))
+        extra = f"next try {when}" if o["state"] == "pending" else "dead letter: `echonode retry` to send again"
+        print(f"  {o['study_uid']} -> {o['destination']}: {o['state']}, {o['attempts']} attempt(s); {extra}")
+        if o["last_error"]:
+            print(f"      last error: {o['last_error']}")
+    print(f"models: {len(status['models'])}")
+    for m in status["models"]:
+        if "error" in m:
+            print(f"  {m['name']}: {m['error']}")
+        else:
+            mark = "  (RANDOM WEIGHTS - smoke test only)" if m["random_weights"] else ""
+            print(f"  {m['name']}: task {m['task']}, version {m['version']}{mark}")
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from .delivery import DeliveryError, Peer, echo
+
+    cfg = _load(args)
+    try:
+        peer = Peer.parse(args.dest, cfg)
+    except ValueError as exc:
+        return _fail(str(exc))
+    t0 = time.monotonic()
+    try:
+        status = echo(cfg.node.ae_title, peer, timeout_s=args.timeout)
+    except DeliveryError as exc:
+        return _fail(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port} failed: {exc}", EXIT_FAILURE)
+    ms = (time.monotonic() - t0) * 1000
+    if status != 0:
+        return _fail(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: status 0x{status:04X}", EXIT_FAILURE)
+    print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: success ({ms:.0f} ms)")
+    return EXIT_OK
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    from .journal import Journal
+
+    cfg = _load(args)
+    if not Journal(cfg.storage_dir / "journal.sqlite").requeue(args.study_uid):
+        return _fail(f"no stored study {args.study_uid}", EXIT_FAILURE)
+    print(f"queued {args.study_uid}")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from .journal import Journal
+
+    cfg = _load(args)
+    n = Journal(cfg.storage_dir / "journal.sqlite").retry_dead(args.study_uid)
+    print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'} queued again")
+    return EXIT_OK
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from .offline import run_infer
+
+    return run_infer(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="echonode",
+        description="A DICOM node for echocardiography AI.",
+    )
+    p.add_argument("--version", action="version", version=f"echonode {__version__}")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="config file (default: $ECHONODE_CONFIG, then /etc/echonode/echonode.toml)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the node in the foreground")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("check-config", help="validate the config file")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("status", help="studies, outbox and installed models")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("echo", help="C-ECHO a destination (name or AET@HOST:PORT)")
+    s.add_argument("dest")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    s.set_defaults(func=cmd_echo)
+
+    s = sub.add_parser("infer", help="run the pipeline offline on DICOM files or folders")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--models", required=True, metavar="DIR", help="folder of model bundles")
+    s.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    s.add_argument("--sr-out", metavar="DIR", help="write the SR each study would get")
+    s.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the config's)")
+    s.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("reprocess", help="queue a stored study again")
+    s.add_argument("study_uid")
+    s.set_defaults(func=cmd_reprocess)
+
+    s = sub.add_parser("retry", help="send dead-lettered SRs again")
+    s.add_argument("study_uid", nargs="?", default=None)
+    s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser(
+        "demo",
+        help="the whole loop on embedded defaults: receive an echo study, classify it, send back the SR, show it",
+    )
+    s.add_argument("--workdir", default=None, help="where the demo keeps its node, models and PACS (default: a temp dir)")
+    s.add_argument("--models", default=None, help="use these bundles instead of the demo model")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``echonode`` and ``python -m echonode``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        return _fail(f"configuration error: {exc}")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

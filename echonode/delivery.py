@@ -1,0 +1,253 @@
+"""Delivery of SRs: a durable outbox in the journal, C-STORE to each destination.
+
+Each outbox row is one SR for one destination. The scheduler runs
+:meth:`Delivery.run` every few seconds; a row is tried when due.
+
+Failures are sorted into two kinds:
+
+- transient (connection refused or timed out, association aborted or
+  rejected *transiently*, 0xA7xx out of resources, no response): retried
+  with exponential backoff up to ``delivery.max_attempts``;
+- permanent (association rejected permanently, e.g. unknown called AE;
+  SR storage not accepted; 0xA9xx / 0xCxxx / 0x01xx refusals): the row goes
+  to the dead letter at once, with the reason, for ``echonode retry``.
+
+Exactly once: the SR file and its SOP Instance UID are fixed before the
+first attempt. If the node dies after the peer stored it but before the row
+is marked sent, the same object is sent again, which a PACS stores as the
+same instance, not a second report.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from .config import Config, Destination, TLSConfig
+from .journal import Journal, OutboxItem
+from .logs import get_logger
+from .scp import client_ssl_context
+
+log = get_logger(__name__)
+
+
+class DeliveryError(Exception):
+    """A failed attempt; ``permanent`` says whether retrying can help."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where to connect: a configured destination or an ``AET@HOST:PORT`` string."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: TLSConfig = TLSConfig()
+
+    @classmethod
+    def parse(cls, text: str, cfg: Config) -> Peer:
+        """A destination name from the config, or ``AET@HOST:PORT``.
+
+        Raises
+        ------
+        ValueError
+            Naming what is wrong.
+        """
+        try:
+            d = cfg.destination(text)
+            return cls(d.ae_title, d.host, d.port, d.tls)
+        except KeyError:
+            pass
+        m = re.match(r"^([^@]{1,16})@(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$", text)
+        if not m:
+            names = ", ".join(d.name for d in cfg.destinations) or "none configured"
+            raise ValueError(f"unknown destination {text!r}: give a configured name ({names}) or AET@HOST:PORT")
+        host = m.group(2).strip("[]")
+        return cls(m.group(1), host, int(m.group(3)))
+
+    @classmethod
+    def of(cls, dest: Destination) -> Peer:
+        return cls(dest.ae_title, dest.host, dest.port, dest.tls)
+
+
+_REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized",
+    (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+
+def associate(
+    local_ae_title: str,
+    peer: Peer,
+    contexts: list[tuple[str, list[str] | None]],
+    timeout_s: float = 30.0,
+    max_pdu: int = 131072,
+) -> Association:
+    """Open an association or raise :class:`DeliveryError` saying why not."""
+    ae = AE(ae_title=local_ae_title)
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    ae.maximum_pdu_size = max_pdu
+    for abstract, syntaxes in contexts:
+        if syntaxes:
+            ae.add_requested_context(abstract, syntaxes)
+        else:
+            ae.add_requested_context(abstract)
+    ctx = client_ssl_context(peer.tls)
+    tls_args = (ctx, peer.host) if ctx is not None else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        prim = assoc.acceptor.primitive
+        result = getattr(prim, "result", None)
+        source = getattr(prim, "result_source", None)
+        diag = getattr(prim, "diagnostic", None)
+        reason = _REJECT_REASONS.get((source or 0, diag or 0), f"source {source}, reason {diag}")
+        permanent = result == 0x01
+        kind = "permanently" if permanent else "transiently"
+        raise DeliveryError(f"association rejected {kind}: {reason}", permanent=permanent)
+    if assoc.is_aborted:
+        raise DeliveryError("association aborted by the peer", permanent=False)
+    raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
+
+
+def echo(local_ae_title: str, peer: Peer, timeout_s: float = 10.0) -> int:
+    """C-ECHO ``peer``; return the status (0x0000 is success).
+
+    Raises
+    ------
+    DeliveryError
+        When no association could be made or no response came.
+    """
+    assoc = associate(local_ae_title, peer, [(Verification, None)], timeout_s)
+    try:
+        status = assoc.send_c_echo()
+        if not status or "Status" not in status:
+            raise DeliveryError("no C-ECHO response", permanent=False)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def classify_store_status(status: int) -> tuple[bool, bool]:
+    """(stored, permanent) for a C-STORE response status.
+
+    Warnings (0xB000, 0xB006, 0xB007) and 0x0111 (the instance is already
+    there: our own resend after a crash) count as stored.
+    """
+    if status == 0x0000 or status in (0xB000, 0xB006, 0xB007, 0x0111):
+        return True, False
+    if 0xA700 <= status <= 0xA7FF or status in (0x0213, 0x0210):  # out of resources, busy
+        return False, False
+    return False, True
+
+
+def store_file(local_ae_title: str, peer: Peer, path: str, timeout_s: float = 30.0) -> int:
+    """C-STORE one file; return the status or raise :class:`DeliveryError`."""
+    ds = dcmread(path)
+    sop_class = str(ds.SOPClassUID)
+    tsyntax = str(ds.file_meta.TransferSyntaxUID)
+    assoc = associate(local_ae_title, peer, [(sop_class, [tsyntax])], timeout_s)
+    try:
+        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+            raise DeliveryError("the destination does not accept this SR storage class", permanent=True)
+        rsp = assoc.send_c_store(ds)
+        if not rsp or "Status" not in rsp:
+            raise DeliveryError("no C-STORE response (timeout or abort)", permanent=False)
+        status = int(rsp.Status)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    stored, permanent = classify_store_status(status)
+    if not stored:
+        raise DeliveryError(f"C-STORE refused with status 0x{status:04X}", permanent=permanent)
+    return status
+
+
+class Delivery:
+    """The outbox job.
+
+    Parameters
+    ----------
+    cfg : Config
+    journal : Journal
+    """
+
+    def __init__(self, cfg: Config, journal: Journal) -> None:
+        self.cfg = cfg
+        self.journal = journal
+        self.failures: dict[str, int] = {}
+
+    def update_config(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the next try after ``attempts`` failures (jittered exponential)."""
+        d = self.cfg.delivery
+        base = min(d.retry_max_s, d.retry_initial_s * (2 ** max(0, attempts - 1)))
+        return base * random.uniform(0.8, 1.0)
+
+    def run(self) -> int:
+        """Try every due outbox row once; return how many were sent."""
+        sent = 0
+        for item in self.journal.due_deliveries():
+            if self._attempt(item):
+                sent += 1
+        return sent
+
+    def _attempt(self, item: OutboxItem) -> bool:
+        bound = log.bind(study_uid=item.study_uid, sr_sop_uid=item.sr_sop_uid, destination=item.destination)
+        try:
+            dest = self.cfg.destination(item.destination)
+        except KeyError:
+            self.journal.mark_dead(item.id, "destination no longer configured")
+            self._count("unknown_destination")
+            bound.error("delivery.dead", reason="destination no longer configured")
+            return False
+        try:
+            status = store_file(self.cfg.node.ae_title, Peer.of(dest), item.path, self.cfg.delivery.timeout_s)
+        except DeliveryError as exc:
+            attempts = item.attempts + 1
+            if exc.permanent or attempts >= self.cfg.delivery.max_attempts:
+                reason = str(exc) if exc.permanent else f"gave up after {attempts} attempts: {exc}"
+                self.journal.mark_dead(item.id, reason)
+                self._count("permanent" if exc.permanent else "exhausted")
+                bound.error("delivery.dead", reason=reason)
+            else:
+                delay = self.backoff(attempts)
+                self.journal.mark_retry(item.id, time.time() + delay, str(exc))
+                self._count("transient")
+                bound.warning("delivery.retry", error=str(exc), attempts=attempts, retry_in_s=round(delay, 1))
+            return False
+        except (OSError, ValueError) as exc:
+            # The SR file itself is unreadable: nothing a retry fixes.
+            self.journal.mark_dead(item.id, f"SR file unreadable: {type(exc).__name__}")
+            self._count("bad_file")
+            bound.error("delivery.dead", reason=f"SR file unreadable: {type(exc).__name__}")
+            return False
+        state = self.journal.mark_sent(item.id)
+        bound.info("delivery.sent", status=f"0x{status:04X}", study_state=str(state))
+        return True
+
+    def _count(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1

@@ -1,0 +1,212 @@
+"""``echonode serve``: wire the components, run until told to stop.
+
+The node process holds the SCP, the scheduler (stability, delivery,
+retention) and supervises the inference worker, which runs in its own
+process so that receiving never waits for inference and a worker crash
+(out of memory, a decoder segfault) cannot take the SCP down.
+
+Signal handlers only set flags; the main loop acts on them.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import config as pydicom_config
+
+from .config import Config, load_config
+from .journal import Journal
+from .logs import get_logger
+from .scp import StorageSCP
+from .sdnotify import notify, watchdog_interval_s
+from .stability import StabilityCheck
+from .store import StudyStore
+
+log = get_logger(__name__)
+
+
+def installed_bundles(models_dir: Path) -> list[Path]:
+    """Sub-folders of ``models_dir`` that hold a ``bundle.json``."""
+    if not models_dir.is_dir():
+        return []
+    return sorted(p.parent for p in models_dir.glob("*/bundle.json"))
+
+
+def has_task_models(models_dir: Path) -> bool:
+    """True when a bundle other than a view classifier is installed."""
+    import json
+
+    for b in installed_bundles(models_dir):
+        try:
+            task = json.loads((b / "bundle.json").read_text()).get("task")
+        except (OSError, ValueError):
+            continue
+        if task and task != "view":
+            return True
+    return False
+
+
+class Node:
+    """The running node.
+
+    Parameters
+    ----------
+    cfg : Config
+    config_path : str, optional
+        The file ``cfg`` came from, re-read on SIGHUP.
+    start_worker : bool
+        Run the inference worker process (tests of receiving alone turn it off).
+    """
+
+    def __init__(self, cfg: Config, config_path: str | None = None, *, start_worker: bool = True) -> None:
+        # Received data is parsed leniently; never echo element values
+        # (which may be patient names) into warnings.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        self.cfg = cfg
+        self.config_path = config_path
+        self.storage_dir = cfg.storage_dir
+        self.storage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.journal = Journal(self.storage_dir / "journal.sqlite")
+        self.store = StudyStore(self.storage_dir, self.journal)
+        self.scp = StorageSCP(cfg.node, self.store)
+        self.stability = StabilityCheck(
+            self.journal, cfg.study.stable_after_s, lambda: has_task_models(self.cfg.models_dir)
+        )
+        self.scheduler = BackgroundScheduler(daemon=True)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.worker: Any = None
+        self.delivery: Any = None
+        self._start_worker = start_worker
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def _job(self, name: str, fn: Any) -> Any:
+        """Wrap a job so that one failing run is logged and counted, never fatal."""
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - keep the scheduler alive
+                log.exception("job.failed", job=name)
+
+        run.__name__ = name
+        return run
+
+    def _schedule(self) -> None:
+        s = self.cfg.study
+        self.scheduler.add_job(
+            self._job("stability", self.stability.run),
+            "interval",
+            seconds=s.check_interval_s,
+            id="stability",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=None,
+        )
+        if self.delivery is not None:
+            self.scheduler.add_job(
+                self._job("delivery", self.delivery.run),
+                "interval",
+                seconds=self.cfg.delivery.check_interval_s,
+                id="delivery",
+                max_instances=1,
+                coalesce=True,
+            )
+        # Run the first stability pass now rather than after one interval.
+        self.scheduler.get_job("stability").modify(next_run_time=_now())
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Reconcile disk and journal, re-queue interrupted studies."""
+        counts = self.store.recover()
+        requeued = self.journal.recover_running(self.cfg.models.max_attempts)
+        log.info("node.recovered", **counts, interrupted_studies=len(requeued))
+
+    def start(self) -> None:
+        self.recover()
+        from .delivery import Delivery
+
+        self.delivery = Delivery(self.cfg, self.journal)
+        self.scp.start()
+        self._schedule()
+        self.scheduler.start()
+        if self._start_worker:
+            from .worker import WorkerSupervisor
+
+            self.worker = WorkerSupervisor(self.cfg)
+            self.worker.start()
+        notify(f"READY=1\nSTATUS=listening on port {self.scp.port} as {self.cfg.node.ae_title}")
+        log.info("node.ready", port=self.scp.port, ae_title=self.cfg.node.ae_title)
+
+    def stop(self) -> None:
+        notify("STOPPING=1")
+        log.info("node.stopping")
+        self.scp.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        self.scheduler.shutdown(wait=True)
+        log.info("node.stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; apply allow-lists, destinations and limits.
+
+        Listening address, AE title and storage cannot change without a restart;
+        a changed value there is logged and ignored.
+        """
+        if not self.config_path:
+            log.warning("node.reload_ignored", reason="no config file")
+            return
+        notify("RELOADING=1")
+        try:
+            new = load_config(self.config_path)
+        except Exception as exc:  # noqa: BLE001 - a bad edit must not stop a running node
+            log.error("node.reload_failed", error=str(exc))
+            notify("READY=1")
+            return
+        for key in ("ae_title", "host", "port", "storage_dir", "max_pdu"):
+            if getattr(new.node, key) != getattr(self.cfg.node, key):
+                log.warning("node.reload_needs_restart", key=f"node.{key}")
+        self.cfg = new
+        self.scp.update_policy(new.node)
+        if self.delivery is not None:
+            self.delivery.update_config(new)
+        self.stability.stable_after_s = new.study.stable_after_s
+        if self.worker is not None:
+            self.worker.reload(new)
+        log.info("node.reloaded")
+        notify("READY=1")
+
+    def run_forever(self) -> int:
+        """Start, then wait for SIGTERM/SIGINT (stop) or SIGHUP (reload)."""
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        self.start()
+        wd = watchdog_interval_s()
+        last_wd = 0.0
+        try:
+            while not self._stop.wait(0.5):
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                if self.worker is not None:
+                    self.worker.supervise()
+                if wd and time.monotonic() - last_wd >= wd:
+                    notify("WATCHDOG=1")
+                    last_wd = time.monotonic()
+        finally:
+            self.stop()
+        return 0
+
+
+def _now() -> Any:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
