@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
@@ -75,6 +76,14 @@ _FAST_PATH_PHOTOMETRIC = frozenset(
 # the reason says what the object *is* rather than "no pixel data".
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 _DOCUMENT_PREFIX = "1.2.840.10008.5.1.4.1.1.104."
+# Ultrasound (multi-frame) image, enhanced US volume, secondary capture,
+# visible light: image classes whose missing pixel data means a broken file.
+_IMAGE_CLASS_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.3.1",
+    "1.2.840.10008.5.1.4.1.1.6.",
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.77.1.",
+)
 
 _REDUCED_GREY_FLAGS = {
     1: cv2.IMREAD_GRAYSCALE,
@@ -212,6 +221,7 @@ def decode_video(
     min_fps: float = 25.0,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     threads: int | None = None,
+    prefer_fast: bool = True,
 ) -> DecodedVideo:
     """Read a stored DICOM object as greyscale video.
 
@@ -234,6 +244,9 @@ def decode_video(
         would exceed this.
     threads : int, optional
         Threads for the JPEG fast path; default ``min(4, os.cpu_count())``.
+    prefer_fast : bool
+        Use the OpenCV JPEG path where it applies (default). False forces
+        pydicom's decoders, for comparison and debugging.
 
     Returns
     -------
@@ -246,9 +259,16 @@ def decode_video(
         pixel data that fails to decode. No other exception type escapes.
     """
     try:
-        ds = pydicom.dcmread(path, force=False)
+        # pydicom reports a file cut short by a warning, and then silently
+        # drops the element it was reading (usually the pixel data): record
+        # warnings so that the reason says "truncated", not "no pixel data".
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, force=False)
     except Exception as exc:  # pydicom raises many types for bad input
         raise UnusableObject(f"not a readable DICOM file ({_short(exc)})") from exc
+    if any("End of file" in str(w.message) for w in caught):
+        raise UnusableObject("file is truncated (ends inside an element)")
     return decode_dataset(
         ds,
         target_side=target_side,
@@ -257,6 +277,7 @@ def decode_video(
         min_fps=min_fps,
         max_decoded_bytes=max_decoded_bytes,
         threads=threads,
+        prefer_fast=prefer_fast,
     )
 
 
@@ -269,6 +290,7 @@ def decode_dataset(
     min_fps: float = 25.0,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     threads: int | None = None,
+    prefer_fast: bool = True,
 ) -> DecodedVideo:
     """Decode an already-read dataset; see :func:`decode_video`.
 
@@ -286,6 +308,7 @@ def decode_dataset(
             min_fps=min_fps,
             max_decoded_bytes=max_decoded_bytes,
             threads=threads,
+            prefer_fast=prefer_fast,
         )
     except UnusableObject:
         raise
@@ -308,6 +331,7 @@ def _decode(
     min_fps: float,
     max_decoded_bytes: int,
     threads: int | None,
+    prefer_fast: bool,
 ) -> DecodedVideo:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class.startswith(_SR_PREFIX):
@@ -315,7 +339,11 @@ def _decode(
     if sop_class.startswith(_DOCUMENT_PREFIX):
         raise UnusableObject("encapsulated document, not an image")
     if "PixelData" not in ds:
-        raise UnusableObject("no pixel data")
+        # An image header without pixel data is almost always a file cut
+        # short before the pixel data (pydicom stops there without a warning).
+        image_like = "Rows" in ds or sop_class.startswith(_IMAGE_CLASS_PREFIXES)
+        hint = " (an image object: file truncated?)" if image_like else ""
+        raise UnusableObject("no pixel data" + hint)
 
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -360,7 +388,8 @@ def _decode(
 
     reduction = choose_reduction(rows, cols, target_side)
     use_fast = (
-        tsyntax in _FAST_PATH_SYNTAXES
+        prefer_fast
+        and tsyntax in _FAST_PATH_SYNTAXES
         and bits == 8
         and (_as_int(ds.get("BitsStored")) or 8) == 8
         and photometric in _FAST_PATH_PHOTOMETRIC
