@@ -1,0 +1,458 @@
+"""Tests for echonode.sr: build the SR, write it, read it back strictly, validate.
+
+What we *produce* is read back with pydicom's strict validation
+(``reading_validation_mode = RAISE``) and checked with dicom3tools'
+``dciodvfy`` (no ``Error`` line) and dcmtk's ``dsrdump``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import config as pydicom_config
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+import echonode
+from echonode.sr import (
+    SERIES_DESCRIPTION,
+    SourceInstance,
+    TaskFinding,
+    build_report,
+    summarise_report,
+)
+
+DCIODVFY = "/usr/bin/dciodvfy"
+DSRDUMP = "/usr/bin/dsrdump"
+SOP_CLASS_UIDS = {
+    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
+    "enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
+    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
+}
+PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+    "AccessionNumber", "ReferringPhysicianName",
+)
+
+needs_dciodvfy = pytest.mark.skipif(
+    shutil.which(DCIODVFY) is None, reason="dicom3tools' dciodvfy not installed"
+)
+needs_dsrdump = pytest.mark.skipif(
+    shutil.which(DSRDUMP) is None, reason="dcmtk's dsrdump not installed"
+)
+
+pytestmark = pytest.mark.filterwarnings(
+    # The test file's Patient's Name "PLA" has one component; highdicom warns.
+    "ignore:The string \"PLA\" is unlikely:UserWarning"
+)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def header() -> Dataset:
+    path = get_testdata_file("examples_ybr_color.dcm", download=False)
+    assert path is not None, "pydicom's examples_ybr_color.dcm is missing"
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+@pytest.fixture
+def strict() -> Iterator[None]:
+    """Read with pydicom's strict validation: for objects *we* produce."""
+    old = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    try:
+        yield
+    finally:
+        pydicom_config.settings.reading_validation_mode = old
+
+
+@pytest.fixture
+def sources(header: Dataset) -> tuple[SourceInstance, ...]:
+    second_series = generate_uid()
+    return (
+        SourceInstance(header.SOPClassUID, header.SOPInstanceUID,
+                       header.SeriesInstanceUID, "plax"),
+        SourceInstance(header.SOPClassUID, generate_uid(),
+                       header.SeriesInstanceUID, "a4c"),
+        SourceInstance(header.SOPClassUID, generate_uid(), second_series, "plax"),
+    )
+
+
+def make_findings(
+    sources: tuple[SourceInstance, ...], *, same_device: bool = False
+) -> list[TaskFinding]:
+    lvh_device = generate_uid()
+    lvh = TaskFinding(
+        task="lvh",
+        probability=0.8731234567891,
+        threshold=0.5,
+        model_name="echoclr-lvh",
+        model_version="1.2.0",
+        device_uid=lvh_device,
+        parameters={"clip_frames": "16", "frame_size": "112", "threshold": "0.5"},
+        sources=sources,
+        views_used=("plax", "a4c"),
+        n_videos=len(sources),
+        video_probabilities={
+            sources[0].sop_instance_uid: 0.91,
+            sources[1].sop_instance_uid: 0.80,
+            sources[2].sop_instance_uid: 0.9103703703703,
+        },
+    )
+    severe_as = TaskFinding(
+        task="severe_as",
+        probability=0.125,
+        threshold=0.4,
+        model_name="echoclr-severe-as",
+        model_version="0.9.1",
+        device_uid=lvh_device if same_device else generate_uid(),
+        parameters={"clip_frames": "16", "frame_size": "112"},
+        sources=sources[:1],
+        views_used=("plax",),
+        n_videos=1,
+    )
+    return [lvh, severe_as]
+
+
+def write_read(sr: Dataset, path: Path) -> Dataset:
+    sr.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def walk(items) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        yield from walk(item.get("ContentSequence", []))
+
+
+def codes_in(ds: Dataset) -> set[tuple[str, str, str]]:
+    """(scheme, value, meaning) of every concept name and coded value."""
+    found = set()
+    for item in [ds, *walk(ds.ContentSequence)]:
+        for keyword in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            for code in item.get(keyword, []):
+                found.add((code.CodingSchemeDesignator, code.CodeValue, code.CodeMeaning))
+    return found
+
+
+def evidence_refs(ds: Dataset, keyword: str) -> set[tuple[str, str, str, str]]:
+    return {
+        (study.StudyInstanceUID, series.SeriesInstanceUID,
+         inst.ReferencedSOPClassUID, inst.ReferencedSOPInstanceUID)
+        for study in ds.get(keyword, [])
+        for series in study.ReferencedSeriesSequence
+        for inst in series.ReferencedSOPSequence
+    }
+
+
+def dciodvfy(path: Path) -> str:
+    """Run dciodvfy; fail on any Error line; return (and print) the rest."""
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    print(out)
+    errors = [line for line in out.splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors)
+    return out
+
+
+def dsrdump(path: Path) -> str:
+    proc = subprocess.run([DSRDUMP, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# ---------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("sop_class", sorted(SOP_CLASS_UIDS))
+def test_round_trip(sop_class, header, sources, strict, tmp_path):
+    findings = make_findings(sources)
+    sr = build_report(header, findings, sop_class=sop_class, institution_name="Test Hospital")
+    back = write_read(sr, tmp_path / "sr.dcm")
+
+    # Same patient and study, new series, Modality SR, the chosen SOP class.
+    for keyword in PATIENT_STUDY:
+        assert back.get(keyword) == header.get(keyword), keyword
+    assert back.SOPClassUID == SOP_CLASS_UIDS[sop_class]
+    assert back.file_meta.MediaStorageSOPClassUID == back.SOPClassUID
+    assert back.Modality == "SR"
+    assert back.SeriesInstanceUID not in {s.series_instance_uid for s in sources}
+    assert back.SeriesInstanceUID != header.SeriesInstanceUID
+    assert back.SeriesNumber == 9001 and back.InstanceNumber == 1
+    assert back.SeriesDescription == SERIES_DESCRIPTION
+    assert "NOT FOR DIAGNOSTIC USE" in back.SeriesDescription
+    assert back.Manufacturer == "echonode"
+    assert back.ManufacturerModelName == "echonode"
+    assert back.SoftwareVersions == echonode.__version__
+    assert back.InstitutionName == "Test Hospital"
+    assert back.CompletionFlag == "COMPLETE"
+    assert back.VerificationFlag == "UNVERIFIED"
+    assert back.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+    # The codes the contract names, with pydicom's meanings.
+    found = codes_in(back)
+    for code in [
+        ("DCM", "126000", "Imaging Measurement Report"),
+        ("SCT", "55827005", "Left ventricular hypertrophy"),
+        ("SCT", "60573004", "Aortic stenosis"),
+        ("SCT", "87878005", "Left ventricle"),
+        ("SCT", "34202007", "Aortic Valve"),
+        ("SCT", "52101004", "Present"),
+        ("SCT", "272519000", "Absent"),
+        ("SCT", "24484000", "Severe"),
+        ("DCM", "122157", "Probability"),
+        ("DCM", "111001", "Algorithm Name"),
+        ("DCM", "111003", "Algorithm Version"),
+        ("DCM", "121071", "Finding"),
+        ("SCT", "363698007", "Finding Site"),
+        ("DCM", "121007", "Device"),
+        ("DCM", "111031", "Image View"),
+    ]:
+        assert code in found, code
+
+    # Every source is evidence, in this study; nothing else is.
+    expected = {
+        (header.StudyInstanceUID, s.series_instance_uid, s.sop_class_uid, s.sop_instance_uid)
+        for s in sources
+    }
+    assert evidence_refs(back, "CurrentRequestedProcedureEvidenceSequence") == expected
+    assert "PertinentOtherEvidenceSequence" not in back
+
+    # Contributing equipment: one "Processing Algorithm" (IHE AIR) item per model.
+    algorithms = [
+        item for item in back.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+    ]
+    assert {(a.ManufacturerModelName, a.SoftwareVersions, a.DeviceUID) for a in algorithms} == {
+        (f.model_name, f.model_version, f.device_uid) for f in findings
+    }
+    for item in algorithms:
+        code = item.PurposeOfReferenceCodeSequence[0]
+        assert (code.CodingSchemeDesignator, code.CodeValue) == ("99IHE", "Newcode1")
+        assert item.Manufacturer == "echonode"
+    schemes = {i.CodingSchemeDesignator for i in back.CodingSchemeIdentificationSequence}
+    assert {"99ECHONODE", "99IHE"} <= schemes
+
+    # What the SR says.
+    summary = summarise_report(back)
+    assert summary["study_uid"] == header.StudyInstanceUID
+    assert summary["sop_class_uid"] == SOP_CLASS_UIDS[sop_class]
+    by_task = {f["task"]: f for f in summary["findings"]}
+    assert set(by_task) == {"lvh", "severe_as"}
+    for f in findings:
+        got = by_task[f.task]
+        assert got["probability"] == pytest.approx(f.probability, abs=1e-12)
+        assert got["threshold"] == pytest.approx(f.threshold)
+        assert got["present"] is (f.probability >= f.threshold)
+        assert got["model_name"] == f.model_name
+        assert got["model_version"] == f.model_version
+        assert got["device_uid"] == f.device_uid
+        assert got["n_videos"] == f.n_videos
+        assert got["views_used"] == list(f.views_used)
+        assert got["videos"] == [s.sop_instance_uid for s in f.sources]
+        assert got["video_probabilities"] == pytest.approx(dict(f.video_probabilities))
+    assert by_task["lvh"]["present"] is True
+    assert by_task["severe_as"]["present"] is False
+    assert by_task["severe_as"]["severity"] == "Severe"
+    assert by_task["lvh"]["finding_site"] == "Left ventricle"
+    assert by_task["lvh"]["parameters"]["frame_size"] == "112"
+    # The threshold is always among the parameters, even when not given.
+    assert by_task["severe_as"]["parameters"]["threshold"] == "0.4"
+
+
+@pytest.mark.parametrize("sop_class", sorted(SOP_CLASS_UIDS))
+@needs_dciodvfy
+@needs_dsrdump
+def test_validates_clean(sop_class, header, sources, tmp_path):
+    path = tmp_path / "sr.dcm"
+    build_report(header, make_findings(sources), sop_class=sop_class).save_as(
+        path, enforce_file_format=True
+    )
+    dciodvfy(path)
+    text = dsrdump(path)
+    for meaning in ("Left ventricular hypertrophy", "Aortic stenosis", "Present",
+                    "Absent", "Probability", "Imaging Measurement Report"):
+        assert meaning in text, meaning
+
+
+def test_bytesio_round_trip(header, sources, strict):
+    sr = build_report(header, make_findings(sources))
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    back = pydicom.dcmread(buf)
+    assert summarise_report(back)["findings"][0]["probability"] == pytest.approx(0.8731234567891)
+
+
+def test_summarise_from_path_and_dataset_agree(header, sources, strict, tmp_path):
+    sr = build_report(header, make_findings(sources))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert summarise_report(path) == summarise_report(pydicom.dcmread(path))
+    assert summarise_report(str(path))["sop_uid"] == sr.SOPInstanceUID
+
+
+def test_given_uids_and_numbers_are_used(header, sources, strict, tmp_path):
+    series, sop = generate_uid(), generate_uid()
+    sr = build_report(header, make_findings(sources), series_instance_uid=series,
+                      sop_instance_uid=sop, series_number=42, instance_number=7,
+                      manufacturer="Acme", software_version="9.9")
+    back = write_read(sr, tmp_path / "sr.dcm")
+    assert (back.SeriesInstanceUID, back.SOPInstanceUID) == (series, sop)
+    assert (back.SeriesNumber, back.InstanceNumber) == (42, 7)
+    assert back.Manufacturer == "Acme" and back.SoftwareVersions == "9.9"
+
+
+def test_two_reports_get_new_uids(header, sources):
+    a = build_report(header, make_findings(sources))
+    b = build_report(header, make_findings(sources))
+    assert a.SeriesInstanceUID != b.SeriesInstanceUID
+    assert a.SOPInstanceUID != b.SOPInstanceUID
+
+
+def test_observer_contexts(header, sources, strict, tmp_path):
+    """One device: document-level only. Two devices: each group names its own."""
+    one = write_read(
+        build_report(header, make_findings(sources, same_device=True)), tmp_path / "one.dcm"
+    )
+    two = write_read(build_report(header, make_findings(sources)), tmp_path / "two.dcm")
+    s1, s2 = summarise_report(one), summarise_report(two)
+    assert len(s1["device_observers"]) == 1
+    assert len(s2["device_observers"]) == 2
+    assert len({f["device_uid"] for f in s1["findings"]}) == 1
+    assert len({f["device_uid"] for f in s2["findings"]}) == 2
+
+    def group_observers(ds: Dataset) -> int:
+        return sum(
+            1
+            for item in walk(ds.ContentSequence)
+            if item.ConceptNameCodeSequence[0].CodeValue == "125007"  # Measurement Group
+            for sub in item.ContentSequence
+            if sub.ConceptNameCodeSequence[0].CodeValue == "121012"  # Device Observer UID
+        )
+
+    assert group_observers(one) == 0
+    assert group_observers(two) == 2
+
+
+def test_threshold_boundary_is_present(header, sources):
+    lvh = dataclasses.replace(make_findings(sources)[0], probability=0.5, threshold=0.5)
+    summary = summarise_report(build_report(header, [lvh]))
+    assert summary["findings"][0]["present"] is True
+
+
+def test_header_without_type2_attributes(header, sources, strict, tmp_path):
+    """A vendor header lacking Type 2 patient/study attributes still works."""
+    bare = pydicom.Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                    "SeriesInstanceUID", "PatientID", "PatientName"):
+        setattr(bare, keyword, header.get(keyword))
+    back = write_read(build_report(bare, make_findings(sources)), tmp_path / "sr.dcm")
+    assert back.StudyInstanceUID == header.StudyInstanceUID
+    assert back.PatientID == header.PatientID
+    assert "AccessionNumber" in back and not back.AccessionNumber
+
+
+# ---------------------------------------------------------------- supersedes
+
+
+def test_supersedes(header, sources, strict, tmp_path):
+    first = build_report(header, make_findings(sources))
+    earlier = (first.SOPClassUID, first.SOPInstanceUID, first.SeriesInstanceUID)
+    second = build_report(header, make_findings(sources), supersedes=earlier,
+                          series_instance_uid=first.SeriesInstanceUID, instance_number=2)
+    path = tmp_path / "sr.dcm"
+    back = write_read(second, path)
+    assert evidence_refs(back, "PredecessorDocumentsSequence") == {
+        (header.StudyInstanceUID, first.SeriesInstanceUID, first.SOPClassUID,
+         first.SOPInstanceUID)
+    }
+    summary = summarise_report(back)
+    assert summary["predecessors"] == [first.SOPInstanceUID]
+    assert first.SOPInstanceUID in summary["supersedes_text"]
+    assert back.SOPInstanceUID != first.SOPInstanceUID
+    if shutil.which(DCIODVFY):
+        dciodvfy(path)
+
+
+# ---------------------------------------------------------------- no usable video
+
+
+@pytest.mark.parametrize("sop_class", sorted(SOP_CLASS_UIDS))
+def test_no_usable_video_report(sop_class, header, strict, tmp_path):
+    reason = "No usable video: 3 instances, none a cine loop of at least 8 frames"
+    sr = build_report(header, [], sop_class=sop_class, no_usable_video_reason=reason)
+    path = tmp_path / "sr.dcm"
+    back = write_read(sr, path)
+    for keyword in PATIENT_STUDY:
+        assert back.get(keyword) == header.get(keyword), keyword
+    assert back.Modality == "SR"
+    summary = summarise_report(back)
+    assert summary["findings"] == []
+    assert summary["no_usable_video_reason"] == reason
+    assert summary["evidence"] == []
+    names = {code[2] for code in codes_in(back)}
+    assert "Measurement Group" not in names and "Imaging Measurements" not in names
+    assert "No usable video" in names
+    if shutil.which(DCIODVFY):
+        dciodvfy(path)
+    if shutil.which(DSRDUMP):
+        assert "No usable video" in dsrdump(path)
+
+
+# ---------------------------------------------------------------- bad arguments
+
+
+def _bad(findings, **changes):
+    return [dataclasses.replace(findings[0], **changes)]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "argument"),
+    [
+        (lambda f: dict(findings=[]), "findings"),
+        (lambda f: dict(findings=f, sop_class="basic"), "sop_class"),
+        (lambda f: dict(findings=_bad(f, probability=1.5)), "findings[0].probability"),
+        (lambda f: dict(findings=_bad(f, probability=-0.1)), "findings[0].probability"),
+        (lambda f: dict(findings=_bad(f, probability=float("nan"))), "findings[0].probability"),
+        (lambda f: dict(findings=_bad(f, threshold=2.0)), "findings[0].threshold"),
+        (lambda f: dict(findings=_bad(f, task="view")), "findings[0].task"),
+        (lambda f: dict(findings=_bad(f, sources=())), "findings[0].sources"),
+        (lambda f: dict(findings=_bad(f, n_videos=0)), "findings[0].n_videos"),
+        (lambda f: dict(findings=_bad(f, device_uid="")), "findings[0].device_uid"),
+        (lambda f: dict(findings=_bad(f, video_probabilities={"1.2.3": 0.5})),
+         "findings[0].video_probabilities"),
+        (lambda f: dict(findings=[f[0], f[0]]), "findings"),
+        (lambda f: dict(findings=f, no_usable_video_reason="none"), "no_usable_video_reason"),
+        (lambda f: dict(findings=[], no_usable_video_reason="  "), "no_usable_video_reason"),
+        (lambda f: dict(findings=f, supersedes=("1.2", "1.3")), "supersedes"),
+        (lambda f: dict(findings=f, series_number=0), "series_number"),
+    ],
+)
+def test_bad_arguments(make_args, argument, header, sources):
+    with pytest.raises(ValueError, match=f'"{__import__("re").escape(argument)}"'):
+        build_report(header, **make_args(make_findings(sources)))
+
+
+def test_header_without_study_uid(header, sources):
+    bare = pydicom.Dataset()
+    bare.PatientID = "1"
+    with pytest.raises(ValueError, match='"study_header"'):
+        build_report(bare, make_findings(sources))
+
+
+def test_summarise_rejects_other_objects(header):
+    with pytest.raises(ValueError, match='"ds"'):
+        summarise_report(header)
