@@ -72,6 +72,7 @@ import echonode
 __all__ = [
     "SERIES_DESCRIPTION",
     "SOP_CLASSES",
+    "SRDocument",
     "TASKS",
     "SourceInstance",
     "TaskFinding",
@@ -82,8 +83,11 @@ __all__ = [
 #: Series Description of every SR echonode writes.
 SERIES_DESCRIPTION = "echonode AI result - NOT FOR DIAGNOSTIC USE"
 
+#: What :func:`build_report` returns.
+SRDocument = hd.sr.ComprehensiveSR | hd.sr.EnhancedSR | hd.sr.Comprehensive3DSR
+
 #: ``sop_class`` argument -> highdicom SR class.
-SOP_CLASSES: dict[str, type[hd.sr.sop._SR]] = {
+SOP_CLASSES: dict[str, type[SRDocument]] = {
     "comprehensive": hd.sr.ComprehensiveSR,
     "enhanced": hd.sr.EnhancedSR,
     "comprehensive3d": hd.sr.Comprehensive3DSR,
@@ -481,7 +485,7 @@ def build_report(
     institution_name: str | None = None,
     supersedes: tuple[str, str, str] | None = None,
     no_usable_video_reason: str | None = None,
-) -> hd.sr.sop._SR:
+) -> SRDocument:
     """Build the TID 1500 SR that goes back into a study.
 
     Parameters

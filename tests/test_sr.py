@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import shutil
 import subprocess
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -442,7 +442,7 @@ def _bad(findings, **changes):
     ],
 )
 def test_bad_arguments(make_args, argument, header, sources):
-    with pytest.raises(ValueError, match=f'"{__import__("re").escape(argument)}"'):
+    with pytest.raises(ValueError, match=f'"{re.escape(argument)}"'):
         build_report(header, **make_args(make_findings(sources)))
 
 
