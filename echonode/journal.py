@@ -202,8 +202,8 @@ class Journal:
         self.path = Path(path)
         self._local = threading.local()
         # Create the schema once, eagerly, so that errors show at start.
-        with self._tx() as con:
-            con.executescript(_SCHEMA)
+        # executescript manages its own transaction.
+        self._connect().executescript(_SCHEMA)
 
     # -- connection handling -------------------------------------------------
 

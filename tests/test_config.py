@@ -1,0 +1,153 @@
+"""Config: every key typed and checked, errors that name the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from echonode.config import Config, ConfigError, load_config, parse_config, resolve_config_path, to_toml
+from tests.conftest import REPO, run_cli
+
+EXAMPLE = REPO / "etc" / "echonode.toml"
+
+
+def test_defaults_are_valid() -> None:
+    cfg = parse_config({})
+    assert cfg.node.ae_title == "ECHONODE"
+    assert cfg.node.port == 11112
+    assert cfg.node.max_pdu == 131072
+    assert cfg.study.stable_after_s == 60.0
+    assert cfg.models.device == "auto"
+    assert cfg.sr.sop_class == "comprehensive"
+
+
+def test_example_file_parses_and_documents_every_key() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg == parse_config({})  # the example shows the defaults
+    text = EXAMPLE.read_text()
+    # Every key of every table appears in the example (commented or not).
+    defaults = Config()
+    for table in ("node", "study", "models", "sr", "delivery", "logging", "metrics", "retention"):
+        for key in vars(getattr(defaults, table)):
+            if key == "tls":
+                assert f"[{table}.tls]" in text
+                continue
+            assert f"{key} =" in text, f"{table}.{key} is not documented in etc/echonode.toml"
+    for key in ("name", "ae_title", "host", "port"):
+        assert f"# {key} =" in text
+
+
+def test_contract_example_parses() -> None:
+    doc = """
+[node]
+ae_title = "ECHONODE"
+host = "0.0.0.0"
+port = 11112
+storage_dir = "/var/lib/echonode"
+allowed_calling_aets = []
+allowed_networks = []
+max_associations = 16
+max_pdu = 131072
+[study]
+stable_after_s = 60
+[models]
+dir = "/var/lib/echonode/models"
+device = "auto"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 104
+[logging]
+format = "auto"
+level = "info"
+"""
+    cfg = parse_config(tomllib.loads(doc))
+    assert cfg.destination("pacs").port == 104
+    assert cfg.study.stable_after_s == 60.0
+
+
+@pytest.mark.parametrize(
+    "doc, key",
+    [
+        ({"node": {"port": 70000}}, "node.port"),
+        ({"node": {"port": "104"}}, "node.port"),
+        ({"node": {"prot": 104}}, "node.prot"),
+        ({"nodes": {}}, "nodes"),
+        ({"node": {"ae_title": "A" * 17}}, "node.ae_title"),
+        ({"node": {"ae_title": "BAD\\AE"}}, "node.ae_title"),
+        ({"node": {"allowed_networks": ["10.0.0.0/33"]}}, "node.allowed_networks[0]"),
+        ({"node": {"allowed_calling_aets": [""]}}, "node.allowed_calling_aets[0]"),
+        ({"node": {"max_pdu": 100}}, "node.max_pdu"),
+        ({"node": {"tls": {"enabled": True}}}, "node.tls.cert_file"),
+        ({"node": {"tls": {"enabled": True, "cert_file": "/nope.pem", "key_file": "/nope.key"}}}, "node.tls.cert_file"),
+        ({"study": {"stable_after_s": -1}}, "study.stable_after_s"),
+        ({"models": {"device": "tpu"}}, "models.device"),
+        ({"models": {"views": []}}, "models.views"),
+        ({"sr": {"sop_class": "basic"}}, "sr.sop_class"),
+        ({"delivery": {"retry_max_s": 1.0, "retry_initial_s": 5.0}}, "delivery.retry_max_s"),
+        ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h"}]}, "destinations[0].port"),
+        (
+            {
+                "destinations": [
+                    {"name": "p", "ae_title": "PACS", "host": "h", "port": 104},
+                    {"name": "p", "ae_title": "PACS2", "host": "h", "port": 105},
+                ]
+            },
+            "destinations[1].name",
+        ),
+        ({"destinations": {"name": "p"}}, "destinations"),
+        ({"logging": {"format": "xml"}}, "logging.format"),
+        ({"logging": {"level": "loud"}}, "logging.level"),
+        ({"node": {"max_associations": True}}, "node.max_associations"),
+    ],
+)
+def test_bad_values_name_the_key(doc: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def test_round_trip_through_toml(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {
+            "node": {"allowed_networks": ["127.0.0.0/8"], "allowed_calling_aets": ["CART1"]},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
+        }
+    )
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ECHONODE_CONFIG", raising=False)
+    assert resolve_config_path(None) == Path("/etc/echonode/echonode.toml")
+    monkeypatch.setenv("ECHONODE_CONFIG", str(tmp_path / "x.toml"))
+    assert resolve_config_path(None) == tmp_path / "x.toml"
+    assert resolve_config_path("given.toml") == Path("given.toml")
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    ok = run_cli("--config", str(EXAMPLE), "check-config")
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nport = 0\n')
+    res = run_cli("--config", str(bad), "check-config")
+    assert res.returncode == 2
+    assert "node.port" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run_cli("check-config", env={"ECHONODE_CONFIG": str(tmp_path / "nope.toml")})
+    assert res.returncode == 2 and "not found" in res.stderr

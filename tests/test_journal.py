@@ -1,0 +1,144 @@
+"""Journal: study states, claims, results and the outbox."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from echonode.journal import (
+    InstanceRecord,
+    Journal,
+    OutboxState,
+    ReportRecord,
+    StaleClaim,
+    StudyState,
+    TaskResult,
+)
+
+
+def rec(sop: str, study: str = "1.2.3", t: float | None = None) -> InstanceRecord:
+    return InstanceRecord(sop, study, study + ".1", "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.1.2.1",
+                          f"/x/{sop}.dcm", 10, time.time() if t is None else t)
+
+
+def result(task: str = "lvh") -> TaskResult:
+    return TaskResult(task, "m", "1", "1.2.9", 0.7, True, 0.5, 2, {"videos": {}})
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    return Journal(tmp_path / "j.sqlite")
+
+
+def test_journal_file_is_private(journal: Journal) -> None:
+    assert (journal.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_receiving_to_queued(journal: Journal) -> None:
+    t0 = time.time() - 100
+    journal.record_instance(rec("1.2.3.4", t=t0))
+    assert journal.study_state("1.2.3") == StudyState.RECEIVING
+    assert journal.mark_stable(200) == []  # not quiet long enough
+    assert journal.mark_stable(50) == ["1.2.3"]
+    assert journal.queue_stable() == ["1.2.3"]
+    assert journal.study_state("1.2.3") == StudyState.QUEUED
+
+
+def test_new_instance_reopens_a_queued_study(journal: Journal) -> None:
+    journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    journal.mark_stable(10)
+    journal.queue_stable()
+    journal.record_instance(rec("1.2.3.5"))
+    assert journal.study_state("1.2.3") == StudyState.RECEIVING
+
+
+def test_claim_and_stale_claim(journal: Journal) -> None:
+    journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    journal.mark_stable(10)
+    journal.queue_stable()
+    claim = journal.claim_next(pid=1)
+    assert claim is not None and claim.attempts == 1
+    assert journal.study_state("1.2.3") == StudyState.RUNNING
+    assert journal.claim_next(pid=1) is None
+    # A new instance arrives while the worker runs: its result must not land.
+    journal.record_instance(rec("1.2.3.5"))
+    with pytest.raises(StaleClaim):
+        journal.finish_reported(claim, "set", [result()], None, [])
+    assert journal.study_state("1.2.3") == StudyState.RECEIVING
+
+
+def test_failures_retry_then_fail(journal: Journal) -> None:
+    journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    journal.mark_stable(10)
+    journal.queue_stable()
+    states = []
+    for _ in range(3):
+        claim = journal.claim_next(pid=1)
+        states.append(journal.finish_failed(claim, "boom", max_attempts=3))
+    assert states == [StudyState.QUEUED, StudyState.QUEUED, StudyState.FAILED]
+    assert journal.study("1.2.3")["reason"] == "boom"
+
+
+def test_recover_running(journal: Journal) -> None:
+    journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    journal.mark_stable(10)
+    journal.queue_stable()
+    journal.claim_next(pid=1)
+    assert journal.recover_running(max_attempts=3) == {"1.2.3": StudyState.QUEUED}
+    journal.claim_next(pid=1)
+    journal.recover_running(max_attempts=3)
+    journal.claim_next(pid=1)
+    assert journal.recover_running(max_attempts=3) == {"1.2.3": StudyState.FAILED}
+
+
+def _report(journal: Journal, dests: list[str]) -> StudyState:
+    journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    journal.mark_stable(10)
+    journal.queue_stable()
+    claim = journal.claim_next(pid=1)
+    report = ReportRecord("1.2.3.99", "1.2.3", "set", "1.2.3.98", "1.2.840.10008.5.1.4.1.1.88.33", "/x/sr.dcm")
+    return journal.finish_reported(claim, "set", [result("lvh"), result("severe_as")], report, dests)
+
+
+def test_outbox_delivery_states(journal: Journal) -> None:
+    assert _report(journal, ["a", "b"]) == StudyState.REPORTED
+    due = journal.due_deliveries()
+    assert [d.destination for d in due] == ["a", "b"]
+    assert journal.mark_sent(due[0].id) == StudyState.REPORTED
+    journal.mark_retry(due[1].id, time.time() + 60, "refused")
+    assert journal.due_deliveries() == []
+    assert journal.due_deliveries(now=time.time() + 61)[0].attempts == 1
+    journal.mark_dead(due[1].id, "rejected permanently")
+    assert journal.status()["outbox"][1]["state"] == OutboxState.DEAD
+    assert journal.retry_dead("1.2.3") == 1
+    due = journal.due_deliveries()
+    assert journal.mark_sent(due[0].id) == StudyState.DELIVERED
+    assert journal.study_state("1.2.3") == StudyState.DELIVERED
+
+
+def test_one_report_per_study_and_model_set(journal: Journal) -> None:
+    import sqlite3
+
+    _report(journal, ["a"])
+    journal.requeue("1.2.3")
+    claim = journal.claim_next(pid=1)
+    report = ReportRecord("1.2.3.100", "1.2.3", "set", "1.2.3.98", "1.2.840.10008.5.1.4.1.1.88.33", "/x/sr2.dcm")
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.finish_reported(claim, "set", [result()], report, ["a"])
+    assert journal.report_for("1.2.3", "set").sr_sop_uid == "1.2.3.99"
+
+
+def test_no_destinations_means_delivered(journal: Journal) -> None:
+    assert _report(journal, []) == StudyState.DELIVERED
+
+
+def test_status_shape(journal: Journal) -> None:
+    _report(journal, ["a"])
+    st = journal.status()
+    assert set(st) == {"studies", "outbox"}
+    s = st["studies"][0]
+    assert {"study_uid", "state", "instances"} <= set(s)
+    assert s["instances"] == 1
+    assert {r["task"] for r in s["results"]} == {"lvh", "severe_as"}
