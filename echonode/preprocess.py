@@ -185,7 +185,10 @@ def resample_fps(frames: np.ndarray, fps: float, target_fps: float) -> np.ndarra
     if n == 0 or math.isclose(fps, target_fps, rel_tol=1e-3):
         return frames
     n_out = int(math.floor((n - 1) * target_fps / fps + 1e-9)) + 1
-    idx = np.minimum(np.round(np.arange(n_out) * (fps / target_fps)).astype(int), n - 1)
+    # floor(x + 0.5), not np.round: banker's rounding would alternate the
+    # direction of ties and make the frame spacing uneven.
+    idx = np.floor(np.arange(n_out) * (fps / target_fps) + 0.5).astype(int)
+    idx = np.minimum(idx, n - 1)
     return frames[idx]
 
 
