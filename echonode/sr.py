@@ -17,9 +17,16 @@ Per task the report holds one Measurement Group (TID 1501) with
   references its video;
 - one "Image View" text item per echocardiographic view used;
 - a reference (DCM 121112 "Source of Measurement") to every video used;
-- its own device observer context when the groups come from different
-  devices (model bundles); otherwise the document-level observer context
-  (TID 1001) names the one device.
+- the model bundle's DeviceUID as the algorithm parameter ``device_uid=...``.
+
+Observers: TID 1500 has its observation context (TID 1001) at document level
+only; TID 1501 has none. The document therefore lists one device observer
+(TID 1002, which may repeat) per model bundle: Device Observer UID = the
+bundle's DeviceUID, Name = model name. A group is tied to its device by the
+``device_uid`` algorithm parameter, and the same DeviceUID appears in the
+Contributing Equipment Sequence item of that model. (Observer context items
+inside a group would be outside TID 1501, and highdicom's reader then
+mistakes them for qualitative evaluations.)
 
 Codes, and where they were checked (pydicom 3.0 ``pydicom.sr.codedict`` and
 its CID tables, ``pydicom.sr._cid_dict``):
@@ -316,13 +323,11 @@ def _severity_modifier(severity: Code) -> hd.sr.ContentSequence:
 
 def _measurement_group(
     finding: TaskFinding,
-    *,
-    own_observer: bool,
-    manufacturer: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     task = TASKS[finding.task]
     parameters = dict(finding.parameters)
     parameters.setdefault("threshold", f"{finding.threshold:g}")
+    parameters["device_uid"] = finding.device_uid
     algorithm = hd.sr.AlgorithmIdentification(
         name=finding.model_name,
         version=finding.model_version,
@@ -383,11 +388,6 @@ def _measurement_group(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
-    if own_observer:
-        # Observation context applies to what follows it: put it right after
-        # the tracking identifier and UID.
-        for k, item in enumerate(_device_observer(finding, manufacturer)):
-            items.insert(2 + k, item)
     return group
 
 
@@ -579,12 +579,7 @@ def build_report(
     for f in findings:
         for s in f.sources:
             sources.setdefault(s.sop_instance_uid, s)
-    own_observers = len({f.device_uid for f in findings}) > 1
-
-    groups = [
-        _measurement_group(f, own_observer=own_observers, manufacturer=manufacturer)
-        for f in findings
-    ]
+    groups = [_measurement_group(f) for f in findings]
     evaluations: list[hd.sr.ContentItem] = [_text(COMMENT, DISCLAIMER)]
     if no_usable_video_reason is not None:
         evaluations.append(_text(NO_USABLE_VIDEO, no_usable_video_reason))
@@ -749,6 +744,9 @@ def _summarise_group(group: Dataset) -> dict[str, Any]:
                     out["video_probabilities"][_image_ref(ref)] = _num(item)
         elif vt == "IMAGE":
             out["videos"].append(_image_ref(item))
+    device_uid = out["parameters"].pop("device_uid", None)
+    if device_uid:
+        out["device_uid"] = device_uid
     if "threshold" in out["parameters"]:
         out["threshold"] = float(out["parameters"]["threshold"])
     return out
