@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
 from .journal import InstanceRecord, Journal
 from .logs import get_logger
@@ -90,12 +91,13 @@ def read_header(path: Path) -> Header:
         missing or malformed, 0xA900 when SOP Class/Instance in the file
         meta and the dataset disagree.
     """
-    size = path.stat().st_size
     try:
-        # defer_size: large values (pixel data) are skipped, not loaded, so
-        # this reads a header whatever the object's size.
-        ds = pydicom.dcmread(path, defer_size=4096)
-        _check_complete(ds, size)
+        ds = pydicom.dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"],
+        )
+        _check_complete(path)
         study = _clean_uid(ds.get("StudyInstanceUID"))
         series = _clean_uid(ds.get("SeriesInstanceUID"))
         sop = _clean_uid(ds.get("SOPInstanceUID"))
@@ -120,24 +122,28 @@ def read_header(path: Path) -> Header:
     return Header(study, series, sop, sop_class, tsyntax)
 
 
-def _check_complete(ds: pydicom.Dataset, size: int) -> None:
-    """Raise ValueError when the last top-level element runs past the end of the file.
+def _check_complete(path: Path) -> None:
+    """Raise ValueError/EOFError when the data set runs past the end of the file.
 
     A sender can declare a length it never sends (a truncated object that
-    still arrives as a complete P-DATA stream); pydicom's deferred reading
-    would not notice until someone decodes the pixels.
+    still arrives as a complete P-DATA stream). The walk reads element
+    headers and small values only: large values (pixel data) are skipped by
+    seeking, so memory stays flat whatever the object's size.
     """
-    last = None
-    for elem in ds.elements():
-        last = elem
+    size = path.stat().st_size
+    with open(path, "rb") as fp:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        tsyntax = meta.get("TransferSyntaxUID")
+        if tsyntax is None or tsyntax.is_deflated or not tsyntax.is_transfer_syntax:
+            return
+        last = None
+        for last in data_element_generator(fp, tsyntax.is_implicit_VR, tsyntax.is_little_endian, defer_size=4096):
+            pass
     if last is None:
-        raise ValueError("the data set is empty or truncated")
-    tell = getattr(last, "value_tell", None)
-    length = getattr(last, "length", None)
-    if tell is None or length is None or length == 0xFFFFFFFF:
-        return
-    if tell + length > size:
-        raise ValueError(f"element {last.tag} declares {length} bytes but the file ends first")
+        raise ValueError("the data set is empty")
+    if last.length != 0xFFFFFFFF and last.value_tell + last.length > size:
+        raise ValueError(f"element {last.tag} declares {last.length} bytes but the file ends first")
 
 
 def fsync_dir(path: Path) -> None:
