@@ -187,6 +187,9 @@ class StorageSCP:
             reason = "calling AE title not allowed" if reject == REJECT_CALLING_AE else "address not allowed"
             log.warning("association.rejected", reason=reason)
             assoc.acse.send_reject(*reject)
+            # As pynetdicom's own ACSE does after a reject: wait until the
+            # DUL has sent the A-ASSOCIATE-RJ before the socket is closed.
+            assoc.kill()
             return
         self.counters.associations += 1
         log.info("association.requested")

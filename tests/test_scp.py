@@ -1,0 +1,280 @@
+"""The SCP against real peers over loopback: pynetdicom, dcmtk, TLS, access control."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import generate_frames
+from pynetdicom import AE
+from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage, Verification  # type: ignore[attr-defined]
+
+from echonode.config import TLSConfig
+from echonode.journal import StudyState
+from echonode.node import Node
+from tests.conftest import ECHOSCU, STORESCU, make_config, need, wait_for
+from tests.factories import us_multiframe, write
+
+
+def scu(ae_title: str = "CART") -> AE:
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae
+
+
+def send(node: Node, datasets, ae_title: str = "CART", tls_args=None) -> list[int]:
+    """Send datasets over one association; return their statuses."""
+    ae = scu(ae_title)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=node.cfg.node.ae_title, tls_args=tls_args)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def pixel_fragments(path: Path) -> list[bytes]:
+    ds = pydicom.dcmread(path)
+    return list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+
+
+def test_real_echo_loops_stored_byte_for_byte(running_node: Node, sonosite_loop: Path, ybr_loop: Path) -> None:
+    ybr = pydicom.dcmread(ybr_loop)
+    statuses = send(running_node, [ybr])
+    assert statuses == [0]
+    stored = running_node.store.instance_path(_header(ybr))
+    assert pydicom.dcmread(stored).PixelData == ybr.PixelData
+    # The big loop shares the SOP Instance UID: it replaces the small one.
+    big = pydicom.dcmread(sonosite_loop)
+    assert send(running_node, [big]) == [0]
+    assert pixel_fragments(stored) == pixel_fragments(sonosite_loop)
+    assert pydicom.dcmread(stored).PixelData == big.PixelData
+    instances = running_node.journal.instances()
+    assert len(instances) == 1 and instances[0].transfer_syntax == "1.2.840.10008.1.2.4.50"
+    assert running_node.journal.study_state(str(big.StudyInstanceUID)) == StudyState.RECEIVING
+    # With a model installed the study would be queued; without one it waits as stable.
+    wait_for(lambda: running_node.journal.study_state(str(big.StudyInstanceUID)) == StudyState.STABLE,
+             what="study to become stable")
+
+
+def _header(ds):
+    from echonode.store import Header
+
+    return Header(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                  str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+
+
+@pytest.mark.parametrize(
+    "name, flag",
+    [
+        ("color3d_jpeg_baseline.dcm", "-xy"),
+        ("OBXXXX1A_rle.dcm", "-xr"),
+        ("US1_J2KR.dcm", "-xv"),
+        ("OBXXXX1A.dcm", None),
+    ],
+)
+def test_dcmtk_storescu(running_node: Node, tmp_path: Path, name: str, flag: str | None) -> None:
+    need(STORESCU)
+    src = Path(get_testdata_file(name, download=False))
+    cmd = [STORESCU, "-aet", "CART", "-aec", "ECHONODE", "--max-pdu", "131072"]
+    if flag:
+        cmd.append(flag)
+    res = subprocess.run([*cmd, "127.0.0.1", str(running_node.scp.port), str(src)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    sent = pydicom.dcmread(src)
+    stored = running_node.store.instance_path(_header(sent))
+    got = pydicom.dcmread(stored)
+    assert got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert got.PixelData == sent.PixelData
+
+
+def test_echo_with_dcmtk_and_wrong_called_ae(running_node: Node) -> None:
+    need(ECHOSCU)
+    ok = subprocess.run([ECHOSCU, "-aet", "CART", "-aec", "ECHONODE", "127.0.0.1", str(running_node.scp.port)],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([ECHOSCU, "-aet", "CART", "-aec", "WRONG", "127.0.0.1", str(running_node.scp.port)],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0
+    assert "Called AE Title Not Recognized" in bad.stdout + bad.stderr
+
+
+def _reject_reason(port: int, calling: str = "CART", called: str = "ECHONODE", tls_args=None):
+    ae = scu(calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
+    if assoc.is_established:
+        assoc.release()
+        return None
+    if assoc.is_rejected:
+        p = assoc.acceptor.primitive
+        return (p.result, p.result_source, p.diagnostic)
+    return "failed"
+
+
+def test_calling_ae_allow_list(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, node={"allowed_calling_aets": ["CART1", "PACS"]})
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        assert _reject_reason(node.scp.port, calling="CART1") is None
+        assert _reject_reason(node.scp.port, calling="INTRUDER") == (1, 1, 3)
+        assert node.scp.counters.rejected == 1
+    finally:
+        node.stop()
+
+
+def test_network_allow_list(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, node={"allowed_networks": ["10.0.0.0/8", "192.168.0.0/16"]})
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        assert _reject_reason(node.scp.port) == (1, 1, 1)
+        # A reload that allows loopback lets the next association in.
+        node.scp.update_policy(dataclasses.replace(cfg.node, allowed_networks=("127.0.0.0/8",)))
+        assert _reject_reason(node.scp.port) is None
+    finally:
+        node.stop()
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A CA, a server certificate and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=echonode test CA",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(d / f"{name}.key"),
+                 "-out", str(d / f"{name}.csr"))
+        ext = d / f"{name}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
+                 str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-out", str(d / f"{name}.pem"),
+                 "-extfile", str(ext))
+    return {k: d / k for k in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_tls_with_client_certificate(tmp_path: Path, pki: dict[str, Path]) -> None:
+    tls = {"enabled": True, "cert_file": str(pki["server.pem"]), "key_file": str(pki["server.key"]),
+           "ca_file": str(pki["ca.pem"]), "require_client_cert": True}
+    cfg = make_config(tmp_path, node={"tls": tls})
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+        ctx.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+        ds = us_multiframe()
+        assert send(node, [ds], tls_args=(ctx, "127.0.0.1")) == [0]
+        assert node.journal.get_instance(str(ds.SOPInstanceUID)) is not None
+        # Without a client certificate the handshake fails: no association.
+        bare = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+        assert _reject_reason(node.scp.port, tls_args=(bare, "127.0.0.1")) == "failed"
+        # Plain TCP to a TLS port fails too.
+        assert _reject_reason(node.scp.port) == "failed"
+        # And echonode's own client side (delivery, echo) speaks TLS with a client certificate.
+        from echonode.delivery import Peer, echo
+
+        peer = Peer("ECHONODE", "127.0.0.1", node.scp.port,
+                    TLSConfig(enabled=True, ca_file=str(pki["ca.pem"]), cert_file=str(pki["client.pem"]),
+                              key_file=str(pki["client.key"])))
+        assert echo("CART", peer) == 0
+    finally:
+        node.stop()
+
+
+def test_low_disk_gets_out_of_resources(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, node={"min_free_disk_mb": 1024 * 1024 * 1024})  # a petabyte
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        assert send(node, [us_multiframe()]) == [0xA700]
+        assert node.journal.instances() == []
+        assert list(node.store.incoming.iterdir()) == []
+    finally:
+        node.stop()
+
+
+def test_bad_objects_get_specific_statuses_and_the_association_goes_on(running_node: Node) -> None:
+    no_study = us_multiframe()
+    del no_study.StudyInstanceUID
+    bad_uid = us_multiframe()
+    bad_uid.SeriesInstanceUID = "1.2.abc"
+    first = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.1")
+    moved = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.1")  # same SOP UID, another study
+    good = us_multiframe()
+    statuses = send(running_node, [no_study, bad_uid, first, moved, good])
+    assert statuses == [0xC220, 0xC221, 0, 0xC230, 0]
+    assert {r.sop_uid for r in running_node.journal.instances()} == {str(first.SOPInstanceUID),
+                                                                       str(good.SOPInstanceUID)}
+    assert list(running_node.store.incoming.iterdir()) == []
+    assert running_node.scp.counters.failures == {"0xC220": 1, "0xC221": 1, "0xC230": 1}
+
+
+def test_sop_class_mismatch_between_request_and_dataset(running_node: Node) -> None:
+    # The C-STORE request names one SOP Instance, the data set another.
+    ds = us_multiframe()
+    ae = scu()
+    ae.add_requested_context(UltrasoundMultiFrameImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", running_node.scp.port, ae_title="ECHONODE")
+    try:
+        from pynetdicom.dimse_primitives import C_STORE
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import write_dataset
+
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = ds.SOPClassUID
+        req.AffectedSOPInstanceUID = "1.2.3.4.5.6.7"
+        req.Priority = 2
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, ds)
+        import io
+
+        req.DataSet = io.BytesIO(buf.getvalue())
+        cx_id = assoc.accepted_contexts[0].context_id
+        assoc.dimse.send_msg(req, cx_id)
+        # The response is consumed by the SCU's own reactor; read the node's side.
+        wait_for(lambda: running_node.scp.counters.failures.get("0xA900") == 1, timeout=10,
+                 what="0xA900 refusal")
+        assert running_node.journal.instances() == []
+    finally:
+        assoc.release()
+
+
+def test_node_restart_keeps_everything(tmp_path: Path, ybr_loop: Path) -> None:
+    cfg = make_config(tmp_path)
+    node = Node(cfg, start_worker=False)
+    node.start()
+    ds = [us_multiframe(seed=i) for i in range(3)]
+    try:
+        assert send(node, ds) == [0, 0, 0]
+    finally:
+        node.stop()
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        assert {r.sop_uid for r in node.journal.instances()} == {str(d.SOPInstanceUID) for d in ds}
+        for d in ds:
+            stored = node.store.instance_path(_header(d))
+            assert pydicom.dcmread(stored).PixelData == d.PixelData
+    finally:
+        node.stop()
+
+
+def test_write_helper_roundtrip(tmp_path: Path) -> None:
+    # factories.write produces Part 10 files dcmtk accepts (used by the kill test).
+    p = write(us_multiframe(), tmp_path / "x.dcm")
+    assert pydicom.dcmread(p).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
