@@ -40,7 +40,7 @@ from echonode.decode import UnusableObject
 from echonode.preprocess import PreprocessConfig, make_eval_clips, preprocess_file, training_clip
 from train.augment import AugmentConfig, augment_clip
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, permute_clip
-from train.splits import patient_key
+from train.splits import patient_key, split_by_patient, study_strata
 
 __all__ = [
     "MANIFEST",
@@ -53,6 +53,7 @@ __all__ = [
     "build_index",
     "load_study_labels",
     "manifest_hash",
+    "split_cache",
     "run_index",
 ]
 
@@ -377,6 +378,27 @@ def load_study_labels(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     if rows and "study_uid" not in rows[0]:
         raise ValueError(f"{path}: labels file has no study_uid column")
     return rows
+
+
+def split_cache(
+    cache: ClipCache,
+    labels: Sequence[Mapping[str, str]] | None = None,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """The archive's patient-level split, the same for pretraining and tasks.
+
+    Studies of the cache are split by ``patient_key``, stratified on the
+    joint binary labels of ``labels`` (see :func:`train.splits.study_strata`)
+    when given. Pretraining must get the same ``labels`` file as fine-tuning
+    to get the same split.
+    """
+    strata = study_strata(labels) if labels else None
+    return split_by_patient(
+        cache.study_patient(), strata, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+    )
 
 
 def _resize(clip: torch.Tensor, size: int) -> torch.Tensor:

@@ -35,8 +35,6 @@ class Preset:
     pretrain_lr: float
     temperature: float
     pretrain_epochs: int
-    proj_hidden: int
-    proj_dim: int
     # fine-tuning
     finetune_frames: int
     finetune_batch: int
@@ -53,7 +51,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # METHOD.md: r3d_18 at 112 px; 4-frame pretraining clips, 392 pairs a
-    # step, Adam 0.1, temperature 0.05, 300 epochs; projector 512-256-128;
+    # step, Adam 0.1, temperature 0.05, 300 epochs;
     # fine-tuning on 16-frame clips, batch 88, Adam 1e-4, 30 epochs,
     # patience 5; dropout 0.25 on the logit; 4 evaluation clips.
     "paper": Preset(
@@ -68,8 +66,6 @@ PRESETS: dict[str, Preset] = {
         pretrain_lr=0.1,
         temperature=0.05,
         pretrain_epochs=300,
-        proj_hidden=256,
-        proj_dim=128,
         finetune_frames=16,
         finetune_batch=88,
         finetune_lr=1e-4,
@@ -93,8 +89,6 @@ PRESETS: dict[str, Preset] = {
         pretrain_lr=1e-3,
         temperature=0.05,
         pretrain_epochs=2,
-        proj_hidden=32,
-        proj_dim=16,
         finetune_frames=8,
         finetune_batch=16,
         finetune_lr=1e-3,

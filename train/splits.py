@@ -22,9 +22,37 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["SPLITS", "patient_key", "sample_label_fraction", "split_by_patient"]
+__all__ = ["SPLITS", "STRATIFY_COLUMNS", "patient_key", "sample_label_fraction", "split_by_patient", "study_strata"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Binary label columns of ``labels.csv`` the split is stratified on, jointly.
+STRATIFY_COLUMNS: tuple[str, ...] = ("lvh", "severe_as")
+
+
+def _as_binary(value: object) -> int | None:
+    text = str(value).strip().lower()
+    if text in ("1", "1.0", "true", "yes"):
+        return 1
+    if text in ("0", "0.0", "false", "no"):
+        return 0
+    return None
+
+
+def study_strata(
+    rows: Sequence[Mapping[str, str]], columns: Sequence[str] = STRATIFY_COLUMNS
+) -> dict[str, tuple[int, ...]]:
+    """Study UID -> tuple of its binary labels, for :func:`split_by_patient`.
+
+    The same strata serve every task, so every task (and pretraining) gets
+    the same split. A missing or unparsable value is -1 (not None), so that
+    strata stay comparable with ``max``.
+    """
+    present = [c for c in columns if rows and c in rows[0]]
+    out: dict[str, tuple[int, ...]] = {}
+    for row in rows:
+        values = tuple(_as_binary(row.get(c)) for c in present)
+        out[row["study_uid"]] = tuple(-1 if v is None else v for v in values)
+    return out
 
 
 def patient_key(patient_id: str) -> str:

@@ -1,0 +1,209 @@
+"""Tests for the clip cache (train.data) and pretraining (train.pretrain)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from echonode.nets import build_model
+from echonode.preprocess import PreprocessConfig
+from tests.factories import us_multiframe, write
+from train.data import ClipCache, PairDataset, build_index
+from train.pretrain import PretrainModel, main
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_archive(root: Path, n_patients: int = 4, studies: int = 2, videos: int = 3, frames: int = 12) -> Path:
+    """DICOM archive + videos.csv: per study ``videos - 1`` PLAX and one A4C,
+    except patient 0's first study, which has a single PLAX video."""
+    rows = []
+    for p in range(n_patients):
+        for s in range(studies):
+            study = f"1.2.826.0.1.{p}.{s}"
+            count = 1 if (p, s) == (0, 0) else videos
+            for v in range(count):
+                sop = f"{study}.{v}"
+                ds = us_multiframe(
+                    study_uid=study, sop_uid=sop, frames=frames, rows=32, cols=32, patient_id=f"MRN{p}", seed=p * 100 + s * 10 + v
+                )
+                write(ds, root / study / f"{sop}.dcm")
+                view = "plax" if (v < count - 1 or count == 1) else "a4c"
+                rows.append({"patient_id": f"MRN{p}", "study_uid": study, "series_uid": "", "sop_uid": sop, "view": view})
+    with open(root / "videos.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain")
+    archive = make_archive(root / "archive")
+    write(us_multiframe(frames=3, rows=32, cols=32), archive / "short" / "short.dcm")  # too few frames
+    (archive / "notes.dcm").write_text("not DICOM")
+    report = build_index(archive, root / "cache", PreprocessConfig(size=16), progress=False)
+    assert report.added == report.cached == 4 * 2 * 3 - 2
+    return root / "cache"
+
+
+def test_index_manifest_and_incremental(cache: Path, tmp_path: Path) -> None:
+    manifest = json.loads((cache / "manifest.json").read_text())
+    text = (cache / "manifest.json").read_text()
+    assert "MRN" not in text  # no raw patient IDs
+    assert {v["view"] for v in manifest["videos"]} == {"plax", "a4c"}
+    assert len(manifest["unusable"]) == 1 and manifest["unusable"][0]["reason"]
+    entry = manifest["videos"][0]
+    assert {"study_uid", "series_uid", "sop_uid", "patient_key", "frames", "fps", "file"} <= set(entry)
+    frames = ClipCache(cache).frames(entry["sop_uid"])
+    assert frames.dtype.name == "uint8" and frames.shape == (entry["frames"], 16, 16)
+
+    # Incremental: a second run reuses everything; a new study is added only.
+    archive = cache.parent / "archive"
+    again = build_index(archive, cache, PreprocessConfig(size=16), progress=False)
+    assert again.added == 0 and again.reused == 23
+    extra = us_multiframe(study_uid="1.2.9", sop_uid="1.2.9.1", frames=12, rows=32, cols=32, patient_id="MRN9")
+    write(extra, tmp_path / "a" / "x.dcm")
+    copy = tmp_path / "cache"
+    import shutil
+
+    shutil.copytree(cache, copy)
+    shutil.copytree(archive, tmp_path / "a", dirs_exist_ok=True)
+    # Copied files have new mtimes: everything is redone except nothing breaks;
+    # then a third run is fully incremental again.
+    build_index(tmp_path / "a", copy, PreprocessConfig(size=16), progress=False)
+    third = build_index(tmp_path / "a", copy, PreprocessConfig(size=16), progress=False)
+    assert third.added == 0 and third.cached == 23
+    with pytest.raises(ValueError):
+        build_index(archive, cache, PreprocessConfig(size=24), progress=False)
+
+
+def test_pair_dataset_pairs(cache: Path) -> None:
+    c = ClipCache(cache)
+    studies = sorted({v["study_uid"] for v in c.videos})
+    echo = PairDataset(c, studies, "echoclr", size=16)
+    # 7 studies with 2 PLAX videos (1 pair each) + 1 study with a single PLAX
+    # video paired with itself; A4C videos never used.
+    assert len(echo) == 8
+    assert sum(a == b for a, b in echo.pairs) == 1
+    plax = {v["sop_uid"] for v in c.videos if v["view"] == "plax"}
+    assert all(a in plax and b in plax for a, b in echo.pairs)
+    assert all(c.by_sop[a]["study_uid"] == c.by_sop[b]["study_uid"] for a, b in echo.pairs)
+    simclr = PairDataset(c, studies, "simclr", size=16, augment=None)
+    assert len(simclr) == len(plax) and all(a == b for a, b in simclr.pairs)
+    item = simclr[0]
+    assert torch.equal(item["x1"], item["x2"])  # one clip; two views differ only by augmentation
+    assert PairDataset(c, studies, "simclr", size=16)[0]["x1"].shape == (3, 4, 16, 16)
+
+
+def test_pair_dataset_reordering_and_epoch_seeding(cache: Path) -> None:
+    c = ClipCache(cache)
+    studies = sorted({v["study_uid"] for v in c.videos})
+    echo = PairDataset(c, studies, "echoclr", size=8, seed=1)
+    perms = {int(echo[i]["perm1"]) for i in range(len(echo))} | {int(echo[i]["perm2"]) for i in range(len(echo))}
+    assert len(perms) > 3
+    a = echo[0]
+    assert torch.equal(echo[0]["x1"], a["x1"])  # same epoch, same draw
+    echo.set_epoch(1)
+    assert not torch.equal(echo[0]["x1"], a["x1"])
+    mi = PairDataset(c, studies, "mi-simclr", size=8)
+    assert all(int(mi[i]["perm1"]) == 0 == int(mi[i]["perm2"]) for i in range(len(mi)))
+    with pytest.raises(ValueError):
+        PairDataset(c, studies, "echoclr", clip_frames=8)
+    with pytest.raises(ValueError):
+        PairDataset(c, studies, "byol")
+
+
+def _args(cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(cache), "--out", str(out), "--preset", "tiny", "--size", "16", "--width", "4",
+            "--batch", "4", "--no-progress", *extra]  # fmt: skip
+
+
+def test_tiny_run_exports_torchvision_encoder(cache: Path, tmp_path: Path) -> None:
+    assert main(_args(cache, tmp_path / "run", "--epochs", "1")) == 0
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    split = json.loads((run / "split.json").read_text())
+    pairs = len(PairDataset(ClipCache(cache), split["train"], "echoclr", size=16))
+    assert record["epoch"] == 0 and record["steps"] == pairs // 4 >= 1 and record["reorder"] > 0
+    assert not set(split["train"]) & set(split["test"])
+    encoder = torch.load(run / "encoder.pt", weights_only=True)
+    model = build_model("r3d_18", 1, width=4)
+    missing, unexpected = model.load_state_dict(encoder, strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and isinstance(ckpt["config"], dict)
+    assert set(split) >= {"train", "val", "test", "manifest_sha256"}
+
+
+def test_mi_simclr_has_no_reordering_head(cache: Path, tmp_path: Path) -> None:
+    assert main(_args(cache, tmp_path / "mi", "--epochs", "1", "--method", "mi-simclr")) == 0
+    ckpt = torch.load(tmp_path / "mi" / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("reorder_head") for k in ckpt["model"])
+    assert json.loads((tmp_path / "mi" / "metrics.jsonl").read_text())["reorder"] == 0.0
+    model = PretrainModel("r3d_18", 64)
+    assert [m.in_features for m in model.projector if isinstance(m, torch.nn.Linear)] == [512, 256]
+    assert model.projector[2].out_features == 128 and model.projector[0].bias is None
+    assert model.reorder_head.out_features == 24
+
+
+def test_resume_equals_uninterrupted(cache: Path, tmp_path: Path) -> None:
+    assert main(_args(cache, tmp_path / "straight", "--epochs", "2")) == 0
+    assert main(_args(cache, tmp_path / "resumed", "--epochs", "1")) == 0
+    first = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert first["epoch"] == 1
+    assert main(_args(cache, tmp_path / "resumed", "--epochs", "2")) == 0
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]  # resumed at epoch 1, did not redo epoch 0
+    a = torch.load(tmp_path / "straight" / "encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "encoder.pt", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    # The weights did move (the comparison is not between two untouched nets).
+    assert not torch.equal(a["stem.0.weight"], first["model"]["encoder.stem.0.weight"])
+    # A changed hyperparameter refuses to resume into the same folder.
+    assert main(_args(cache, tmp_path / "resumed", "--epochs", "3", "--lr", "0.5")) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_torchrun_two_processes_match_one(cache: Path, tmp_path: Path) -> None:
+    """gloo, 2 ranks x 2 pairs = 1 process x 4 pairs with 2 BatchNorm groups."""
+    common = ["--epochs", "1", "--max-steps", "1", "--lr", "0.01"]
+    single = tmp_path / "single"
+    assert main(_args(cache, single, *common, "--bn-groups", "2")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "train.pretrain", *_args(cache, tmp_path / "ddp", *common)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((single / "metrics.jsonl").read_text())
+    two = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text())
+    assert one["steps"] == two["steps"] == 1
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    a = torch.load(single / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["model"]
+    torch.manual_seed(0)  # the runs' seed: their initial weights
+    start = PretrainModel("r3d_18", 4).state_dict()
+    for name, _ in PretrainModel("r3d_18", 4).named_parameters():
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert not torch.allclose(a["encoder.stem.0.weight"], start["encoder.stem.0.weight"])
+    # Without the BatchNorm grouping the single process computes something else.
+    plain = tmp_path / "plain"
+    assert main(_args(cache, plain, *common)) == 0
+    assert json.loads((plain / "metrics.jsonl").read_text())["loss"] != pytest.approx(two["loss"], rel=1e-4)

@@ -1,0 +1,542 @@
+"""Self-supervised pretraining: EchoCLR, MI-SimCLR and SimCLR.
+
+``echonode-train pretrain --data CACHE --out RUN [--method ...] [--preset ...]``
+
+* EchoCLR: multi-instance pairs (two distinct PLAX videos of a study) with
+  NT-Xent on a projector, plus a 24-way frame-reordering head; loss 1:1.
+* MI-SimCLR: the same pairs, no reordering. SimCLR: one clip, two views.
+
+The run folder holds ``config.json``, ``split.json`` (the training studies),
+``checkpoint.pt`` (resumable; a plain dict loadable with
+``weights_only=True``), ``metrics.jsonl`` (one line per epoch) and, at the
+end, ``encoder.pt``: the backbone's state dict in torchvision's layout
+(without ``fc``), which ``finetune --init RUN`` and ``init --weights`` load.
+
+Distributed: run under ``torchrun``; gloo on the CPU, nccl on GPUs. ``--batch``
+is the *global* number of pairs per step (the paper's 392 = 2 x 196);
+NT-Xent gathers negatives across ranks, so a run on W processes takes the same
+steps as one process would with the whole batch (up to BatchNorm statistics,
+which are per process; ``--bn-groups W`` reproduces those on one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from echonode.nets import build_model
+from train.augment import AugmentConfig
+from train.data import METHODS, ClipCache, PairDataset, load_study_labels, manifest_hash, split_cache
+from train.losses import NUM_PERMUTATIONS, nt_xent_loss, reorder_loss
+from train.presets import add_preset_argument, apply_preset
+
+__all__ = [
+    "PretrainModel",
+    "add_pretrain_arguments",
+    "main",
+    "pretrain_step",
+    "run_pretrain",
+    "train_one_epoch",
+]
+
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "encoder.pt"
+METRICS = "metrics.jsonl"
+# Settings that may differ between a run and its resumption; anything else
+# changing would make the checkpoint a different experiment.
+_RESUMABLE_CHANGES = {"epochs", "workers", "progress", "device", "max_steps", "data", "out", "amp"}
+
+
+class PretrainModel(nn.Module):
+    """Backbone + projector (+ reordering head).
+
+    Parameters
+    ----------
+    arch : str
+        ``r3d_18`` or ``r2plus1d_18``.
+    width : int
+        Base width (64 = the published network, 512-d features).
+    reorder : bool
+        Add the ``Linear(features, 24)`` frame-reordering head.
+    proj_hidden, proj_dim : int, optional
+        Projector sizes; default 256 and 128 scaled by ``width / 64``
+        (``Linear(512, 256, bias=False) - ReLU - Linear(256, 128, bias=False)``
+        at width 64).
+    """
+
+    def __init__(
+        self,
+        arch: str = "r3d_18",
+        width: int = 64,
+        reorder: bool = True,
+        proj_hidden: int | None = None,
+        proj_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = build_model(arch, 1, width=width, dropout=0.0)
+        # The SSL model has no classification head; an Identity keeps it out
+        # of the state dict and out of DDP's parameter set.
+        self.encoder.fc = nn.Identity()
+        feat = self.encoder.feature_dim
+        hidden = proj_hidden or 4 * width
+        out = proj_dim or 2 * width
+        self.projector = nn.Sequential(
+            nn.Linear(feat, hidden, bias=False), nn.ReLU(inplace=True), nn.Linear(hidden, out, bias=False)
+        )
+        self.reorder_head = nn.Linear(feat, NUM_PERMUTATIONS) if reorder else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return projections ``(B, proj_dim)`` and reordering logits ``(B, 24)`` or None."""
+        h = self.encoder.features(x)
+        r = self.reorder_head(h) if self.reorder_head is not None else None
+        return self.projector(h), r
+
+
+@dataclass
+class StepOutput:
+    """Losses of one step (tensors; ``loss`` carries the graph)."""
+
+    loss: torch.Tensor
+    nce: torch.Tensor
+    reorder: torch.Tensor
+    reorder_correct: torch.Tensor
+    n: int
+
+
+def _forward_groups(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, bn_groups: int):
+    """Forward both views, BatchNorm statistics computed per group of pairs.
+
+    Group ``g`` holds pairs ``g, g + G, ...``: the pairs a ``DistributedSampler``
+    gives rank ``g`` of ``G``, so one process with ``bn_groups=G`` computes
+    what ``G`` processes compute.
+    """
+    n = x1.shape[0]
+    if bn_groups <= 1:
+        z, r = model(torch.cat([x1, x2]))
+        return z[:n], z[n:], (r[:n], r[n:]) if r is not None else None
+    z1 = [None] * bn_groups
+    z2 = [None] * bn_groups
+    r1 = [None] * bn_groups
+    r2 = [None] * bn_groups
+    for g in range(bn_groups):
+        idx = torch.arange(g, n, bn_groups, device=x1.device)
+        m = idx.numel()
+        z, r = model(torch.cat([x1[idx], x2[idx]]))
+        z1[g], z2[g] = z[:m], z[m:]
+        if r is not None:
+            r1[g], r2[g] = r[:m], r[m:]
+    order = torch.cat([torch.arange(g, n, bn_groups) for g in range(bn_groups)])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n)
+    inverse = inverse.to(x1.device)
+    z1c, z2c = torch.cat(z1)[inverse], torch.cat(z2)[inverse]
+    if r1[0] is None:
+        return z1c, z2c, None
+    return z1c, z2c, (torch.cat(r1)[inverse], torch.cat(r2)[inverse])
+
+
+def pretrain_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    temperature: float = 0.05,
+    reorder: bool = True,
+    bn_groups: int = 1,
+) -> StepOutput:
+    """Loss of one batch of pairs (no backward).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`PretrainModel` (possibly DDP-wrapped).
+    batch : dict
+        ``x1``, ``x2`` ``(N, 3, T, S, S)`` and ``perm1``, ``perm2`` ``(N,)``, on
+        the model's device.
+    temperature : float
+        NT-Xent temperature.
+    reorder : bool
+        Add the reordering cross-entropy (EchoCLR), weight 1.
+    bn_groups : int
+        See :func:`_forward_groups`.
+    """
+    z1, z2, r = _forward_groups(model, batch["x1"], batch["x2"], bn_groups)
+    nce = nt_xent_loss(z1, z2, temperature)
+    zero = nce.new_zeros(())
+    if reorder and r is not None:
+        logits = torch.cat(r)
+        labels = torch.cat([batch["perm1"], batch["perm2"]])
+        rl = reorder_loss(logits, labels)
+        correct = (logits.argmax(1) == labels).sum()
+        return StepOutput(nce + rl, nce.detach(), rl.detach(), correct.detach(), int(labels.numel()))
+    return StepOutput(nce, nce.detach(), zero, zero, 0)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_ranks(values: list[float]) -> list[float]:
+    rank, world = _world()
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = t.to(backend_device)
+        dist.all_reduce(t)
+        t = t.cpu() / world
+    return t.tolist()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    temperature: float = 0.05,
+    reorder: bool = True,
+    bn_groups: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    max_steps: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean losses (averaged over ranks).
+
+    Parameters
+    ----------
+    model, loader, optimizer
+        As usual; ``model`` in training mode is set here.
+    device : torch.device
+    temperature, reorder, bn_groups
+        See :func:`pretrain_step`.
+    amp_dtype : torch.dtype, optional
+        Autocast dtype on CUDA (bf16 or fp16); None for full precision.
+    scaler : torch.amp.GradScaler, optional
+        For fp16.
+    max_steps : int, optional
+        Stop after this many steps (smoke tests).
+    progress : bool
+        tqdm bar.
+    """
+    model.train()
+    totals = np.zeros(4)
+    steps = 0
+    iterator = loader
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="pretrain", unit="step", leave=False)
+    for batch in iterator:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        with autocast:
+            out = pretrain_step(model, batch, temperature=temperature, reorder=reorder, bn_groups=bn_groups)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            out.loss.backward()
+            optimizer.step()
+        acc = float(out.reorder_correct) / out.n if out.n else 0.0
+        totals += [float(out.loss.detach()), float(out.nce), float(out.reorder), acc]
+        steps += 1
+        if progress:
+            iterator.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
+        if max_steps is not None and steps >= max_steps:
+            break
+    means = (totals / max(steps, 1)).tolist()
+    loss, nce, rl, acc = _mean_over_ranks(means)
+    return {"loss": loss, "nce": nce, "reorder": rl, "reorder_acc": acc, "steps": steps}
+
+
+# --------------------------------------------------------------------------
+# Wiring
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``echonode-train pretrain``, grouped by concern.
+
+    Every hyperparameter defaults to None and is filled from ``--preset``.
+    """
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="clip cache folder (from `echonode-train index`)")
+    data.add_argument("--labels", default=None, help="labels.csv: stratify the patient split as fine-tuning does")
+    data.add_argument("--views", default="plax", help="comma-separated views to use, or 'all' (default: plax)")
+    data.add_argument("--val-fraction", type=float, default=0.1)
+    data.add_argument("--test-fraction", type=float, default=0.2)
+    data.add_argument("--split-seed", type=int, default=0)
+    data.add_argument("--size", type=int, default=None, help="frame side fed to the network")
+    data.add_argument("--frames", type=int, default=None, help="frames per clip (4 for reordering)")
+    data.add_argument("--workers", type=int, default=None, help="data-loader workers per process")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--method", choices=METHODS, default="echoclr")
+    model.add_argument("--arch", choices=("r3d_18", "r2plus1d_18"), default=None)
+    model.add_argument("--width", type=int, default=None, help="base width (64 = published network)")
+    model.add_argument("--proj-hidden", type=int, default=None)
+    model.add_argument("--proj-dim", type=int, default=None)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch", type=int, default=None, help="pairs per step over all processes")
+    optim.add_argument("--lr", type=float, default=None)
+    optim.add_argument("--epochs", type=int, default=None)
+    optim.add_argument("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke tests)")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--bn-groups", type=int, default=1, help="BatchNorm groups per process (emulate N GPUs)")
+
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--temperature", type=float, default=None)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    run.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto", help="mixed precision on CUDA")
+    run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
+    run.add_argument("--no-progress", action="store_true")
+    add_preset_argument(parser)
+
+
+def _config_from(ns: argparse.Namespace) -> dict[str, object]:
+    apply_preset(
+        ns,
+        {
+            "frames": "pretrain_frames",
+            "batch": "pretrain_batch",
+            "lr": "pretrain_lr",
+            "epochs": "pretrain_epochs",
+        },
+    )
+    keys = (
+        "data labels views val_fraction test_fraction split_seed size frames workers method arch width "
+        "proj_hidden proj_dim batch lr epochs max_steps seed bn_groups temperature out device amp sync_bn preset"
+    ).split()
+    config = {k: getattr(ns, k) for k in keys}
+    config["progress"] = not ns.no_progress
+    return config
+
+
+def _setup_distributed(device_arg: str) -> tuple[torch.device, int, int, int]:
+    """Initialise torch.distributed under torchrun; return device, rank, world, local rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if device_arg.startswith("cuda:"):
+        use_cuda = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        index = local if world > 1 or ":" not in device_arg else int(device_arg.split(":")[1])
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device("cpu")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return device, rank, world, local
+
+
+def _amp(device: torch.device, choice: str) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    if device.type != "cuda" or choice == "off":
+        return None, None
+    if choice == "bf16" or (choice == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, object]:
+    state: dict[str, object] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _check_resume(saved: dict[str, object], config: dict[str, object]) -> None:
+    changed = {k for k in config if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k)}
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
+        raise ValueError(f"{config['out']}: the checkpoint was made with other settings ({detail}); use a new --out")
+
+
+def run_pretrain(ns: argparse.Namespace) -> int:
+    """Run ``echonode-train pretrain``; returns the exit status.
+
+    Resumes from ``RUN/checkpoint.pt`` when present. Returns 2 for a
+    user error (message printed, no traceback).
+    """
+    config = _config_from(ns)
+    try:
+        return _pretrain(config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"echonode-train pretrain: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pretrain(config: dict[str, object]) -> int:
+    device, rank, world, _ = _setup_distributed(str(config["device"]))
+    out = Path(str(config["out"]))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if int(config["batch"]) % world:
+        raise ValueError(f'--batch {config["batch"]} must be divisible by the number of processes ({world})')
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+    cache = ClipCache(str(config["data"]))
+    labels = load_study_labels(str(config["labels"])) if config["labels"] else None
+    splits = split_cache(
+        cache,
+        labels,
+        val_fraction=float(config["val_fraction"]),
+        test_fraction=float(config["test_fraction"]),
+        seed=int(config["split_seed"]),
+    )
+    views = None if str(config["views"]).lower() == "all" else [v.strip() for v in str(config["views"]).split(",")]
+    method = str(config["method"])
+    dataset = PairDataset(
+        cache,
+        splits["train"],
+        method=method,
+        clip_frames=int(config["frames"]),
+        size=int(config["size"]),
+        views=views,
+        augment=AugmentConfig(),
+        seed=seed,
+    )
+    if len(dataset) == 0:
+        raise ValueError(
+            f"{config['data']}: no training videos of view(s) {config['views']}; "
+            "index with a videos.csv that names views, or pass --views all"
+        )
+    per_rank = int(config["batch"]) // world
+    # A cache smaller than one batch (tests, demos) still trains.
+    per_rank = max(1, min(per_rank, len(dataset) // world))
+    # DistributedSampler also on one process: the order of pairs is then the
+    # same whatever the number of processes, which is what makes a run on W
+    # processes comparable with one process.
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=int(config["workers"]),
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=False,
+    )
+
+    reorder = method == "echoclr"
+    model = PretrainModel(
+        str(config["arch"]),
+        int(config["width"]),
+        reorder=reorder,
+        proj_hidden=config["proj_hidden"],  # type: ignore[arg-type]
+        proj_dim=config["proj_dim"],  # type: ignore[arg-type]
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), weight_decay=0.0)
+    amp_dtype, scaler = _amp(device, str(config["amp"]))
+
+    start_epoch, step = 0, 0
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        _check_resume(ckpt["config"], config)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if rank == 0:
+            print(f"resuming {out} at epoch {start_epoch}")
+    elif rank == 0:
+        (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+        (out / "split.json").write_text(
+            json.dumps({"manifest_sha256": manifest_hash(cache.root), **splits}, indent=1) + "\n"
+        )
+
+    net: nn.Module = model
+    if world > 1:
+        if config["sync_bn"] and device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    epochs = int(config["epochs"])
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        started = time.monotonic()
+        stats = train_one_epoch(
+            net,
+            loader,
+            optimizer,
+            device=device,
+            temperature=float(config["temperature"]),
+            reorder=reorder,
+            bn_groups=int(config["bn_groups"]),
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            max_steps=config["max_steps"],  # type: ignore[arg-type]
+            progress=bool(config["progress"]) and rank == 0,
+        )
+        step += int(stats["steps"])
+        if rank == 0:
+            record = {"epoch": epoch, "step": step, "seconds": round(time.monotonic() - started, 3), **stats}
+            with open(out / METRICS, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            _atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "config": config,
+                    "rng": _rng_state(),
+                },
+                ckpt_path,
+            )
+            print(f"epoch {epoch}: loss {stats['loss']:.4f} (nce {stats['nce']:.4f}, reorder {stats['reorder']:.4f})")
+    if rank == 0:
+        _atomic_torch_save(model.encoder.state_dict(), out / ENCODER)
+    if world > 1:
+        dist.barrier()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.pretrain`` (what torchrun launches)."""
+    parser = argparse.ArgumentParser(prog="echonode-train pretrain", description=__doc__.splitlines()[0])
+    add_pretrain_arguments(parser)
+    return run_pretrain(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
