@@ -42,6 +42,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
+from pydicom.uid import UID
 
 __all__ = [
     "DEFAULT_MAX_DECODED_BYTES",
@@ -262,6 +263,8 @@ def decode_video(
         # pydicom reports a file cut short by a warning, and then silently
         # drops the element it was reading (usually the pixel data): record
         # warnings so that the reason says "truncated", not "no pixel data".
+        # (catch_warnings swaps process-wide filters: harmless here, where a
+        # concurrent thread would at worst see a warning recorded here too.)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, force=False)
@@ -478,6 +481,16 @@ def _decode_pydicom(ds: Dataset, tsyntax: str, n_keep: int, reduction: int) -> n
     except NotImplementedError as exc:
         raise UnusableObject(f"transfer syntax {tsyntax} is not supported") from exc
 
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric == "YBR_FULL_422" and not UID(tsyntax).is_encapsulated:
+        # pydicom 3.0's per-frame iterator miscounts the frame length of
+        # native YBR_FULL_422 ("insufficient pixel data"); the luma is just
+        # bytes 0 and 1 of every 4 (Y0 Y1 Cb Cr), so read it directly.
+        greys = _native_ybr422_luma(ds, n_keep)
+        if reduction > 1:
+            greys = _area_reduce(greys, reduction)
+        return greys
+
     # as_rgb=False: keep YBR as decoded; the Y plane is the grey we want and
     # pydicom's YBR->RGB is the single most expensive step of pixel_array.
     opts = as_pixel_options(ds, as_rgb=False)
@@ -490,13 +503,33 @@ def _decode_pydicom(ds: Dataset, tsyntax: str, n_keep: int, reduction: int) -> n
     if len(greys) < n_keep:
         raise UnusableObject(f"pixel data holds {len(greys)} frames, {n_keep} expected")
 
-    stack = np.stack(greys)
-    stack = _to_uint8(stack, ds)
+    stack = _to_uint8(np.stack(greys), ds)
     if reduction > 1:
-        h, w = stack.shape[1:]
-        size = (math.ceil(w / reduction), math.ceil(h / reduction))
-        stack = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in stack])
+        stack = _area_reduce(stack, reduction)
     return np.ascontiguousarray(stack)
+
+
+def _area_reduce(stack: np.ndarray, reduction: int) -> np.ndarray:
+    """Area-average each frame to ``ceil(side / reduction)``, as libjpeg sizes it."""
+    h, w = stack.shape[1:]
+    size = (math.ceil(w / reduction), math.ceil(h / reduction))
+    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in stack])
+
+
+def _native_ybr422_luma(ds: Dataset, n_keep: int) -> np.ndarray:
+    """Y plane of native 8-bit YBR_FULL_422 pixel data (PS3.3 C.7.6.3.1.2)."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if int(ds.BitsAllocated) != 8 or cols % 2:
+        raise UnusableObject("native YBR_FULL_422 needs 8 bits and an even number of columns")
+    frame_bytes = rows * cols * 2
+    data = ds.PixelData
+    if len(data) < frame_bytes * n_keep:
+        raise UnusableObject(
+            f"pixel data holds {len(data) // frame_bytes} frames, {n_keep} expected"
+        )
+    quads = np.frombuffer(data, np.uint8, count=frame_bytes * n_keep)
+    quads = quads.reshape(n_keep, rows, cols // 2, 4)
+    return np.ascontiguousarray(quads[..., :2]).reshape(n_keep, rows, cols)
 
 
 def _to_grey(arr: np.ndarray, photometric: str, ds: Dataset) -> np.ndarray:

@@ -248,6 +248,18 @@ def test_ybr_full_native_takes_y(tmp_path: Path) -> None:
     assert np.array_equal(out.frames, vid)
 
 
+def test_ybr_full_422_native_takes_y(tmp_path: Path) -> None:
+    """Native YBR_FULL_422: pairs of pixels stored as Y0 Y1 Cb Cr."""
+    vid = _ramp_video(cols=80)
+    packed = np.empty((10, 64, 40, 4), dtype=np.uint8)
+    packed[..., 0], packed[..., 1] = vid[..., 0::2], vid[..., 1::2]
+    packed[..., 2], packed[..., 3] = 100, 150
+    ds = _dataset(packed.tobytes(), rows=64, cols=80, frames=10, photometric="YBR_FULL_422",
+                  samples=3)
+    out = decode_video(_save(ds, tmp_path))
+    assert np.array_equal(out.frames, vid)
+
+
 def test_rle_multiframe(tmp_path: Path) -> None:
     vid = _ramp_video()
     ds = _dataset(vid.tobytes(), rows=64, cols=80, frames=10, photometric="MONOCHROME2")
