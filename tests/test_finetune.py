@@ -1,0 +1,164 @@
+"""Tests for train.finetune: task labels, fractions, early stopping, bundles."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from echonode.bundle import load_bundle
+from echonode.preprocess import PreprocessConfig
+from tests.factories import us_multiframe, write
+from train.data import ClipCache, build_index, load_study_labels, split_cache
+from train.finetune import EarlyStopping, main, prepare_task
+
+torch.set_num_threads(1)
+
+
+def make_labelled_archive(root: Path, n_patients: int = 16) -> tuple[Path, Path]:
+    """Archive whose LVH label is visible (a bright block in every frame of
+    the study's videos); severe AS is an unrelated column.
+
+    Returns ``(archive, labels_csv)``.
+    """
+    archive = root / "archive"
+    labels, videos = [], []
+    for p in range(n_patients):
+        study = f"1.2.826.0.2.{p}"
+        lvh = p % 2
+        severe_as = int(p % 4 == 1 or p % 4 == 2)  # differs from lvh for half the studies
+        labels.append({"patient_id": f"MRN{p}", "study_uid": study, "accession_number": f"A{p}",
+                       "study_date": "20240101", "lvh": lvh, "severe_as": severe_as})  # fmt: skip
+        for v, view in enumerate(("plax", "plax", "a4c")):
+            sop = f"{study}.{v}"
+            ds = us_multiframe(study_uid=study, sop_uid=sop, frames=10, rows=32, cols=32, patient_id=f"MRN{p}", seed=p * 10 + v)
+            rng = np.random.default_rng(p * 10 + v)
+            pixels = rng.integers(0, 90, size=(10, 32, 32), dtype=np.uint8)
+            if lvh:
+                pixels[:, 8:24, 8:24] = 250
+            ds.PixelData = pixels.tobytes()
+            write(ds, archive / study / f"{sop}.dcm")
+            videos.append({"patient_id": f"MRN{p}", "study_uid": study, "series_uid": "", "sop_uid": sop, "view": view})
+    for name, rows in (("labels.csv", labels), ("videos.csv", videos)):
+        with open(archive / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return archive, archive / "labels.csv"
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("finetune")
+    archive, labels = make_labelled_archive(root)
+    build_index(archive, root / "cache", PreprocessConfig(size=16), progress=False)
+    return root / "cache", labels
+
+
+def _split(cache: Path, labels: Path):
+    c = ClipCache(cache)
+    rows = load_study_labels(labels)
+    return c, rows, split_cache(c, rows, val_fraction=0.25, test_fraction=0.25)
+
+
+def test_lvh_uses_lvh_labels_and_severe_as_its_own(labelled) -> None:
+    cache, labels = labelled
+    c, rows, splits = _split(cache, labels)
+    by_study = {r["study_uid"]: r for r in rows}
+    lvh = prepare_task(c, rows, "lvh", splits)
+    sas = prepare_task(c, rows, "severe_as", splits)
+    for data, column in ((lvh, "lvh"), (sas, "severe_as")):
+        for name in ("train", "val", "test"):
+            assert data.videos[name], name
+            for video, target in zip(data.videos[name], data.targets[name]):
+                assert target == float(by_study[video["study_uid"]][column])
+                assert video["view"] == "plax"
+    # The two columns disagree on some training videos, so mixing them up
+    # (the public code's defect) would change the targets.
+    assert lvh.targets["train"] != sas.targets["train"]
+    y = np.asarray(lvh.targets["train"])
+    assert lvh.pos_weight == pytest.approx((y == 0).sum() / (y == 1).sum())
+    ys = np.asarray(sas.targets["train"])
+    assert sas.pos_weight == pytest.approx((ys == 0).sum() / (ys == 1).sum())
+
+
+def test_view_task_and_fraction_by_study(labelled) -> None:
+    cache, labels = labelled
+    c, rows, splits = _split(cache, labels)
+    view = prepare_task(c, rows, "view", splits)
+    assert view.labels == ["a4c", "plax"] and view.pos_weight is None
+    assert all(view.labels[t] == v["view"] for v, t in zip(view.videos["train"], view.targets["train"]))
+    full = prepare_task(c, rows, "lvh", splits, fraction=1.0)
+    half = prepare_task(c, rows, "lvh", splits, fraction=0.5)
+    assert len(half.train_studies) == round(0.5 * len(full.train_studies))
+    assert set(half.train_studies) <= set(full.train_studies)
+    # Whole studies: every PLAX video of a chosen study comes along.
+    assert len(half.videos["train"]) == 2 * len(half.train_studies)
+    assert {int(t) for t in half.targets["train"]} == {0, 1}
+    with pytest.raises(ValueError):
+        prepare_task(c, [{"study_uid": r["study_uid"], "lvh": r["lvh"]} for r in rows], "severe_as", splits)
+
+
+def test_early_stopping() -> None:
+    stopper = EarlyStopping(patience=2)
+    assert stopper.step(1.0, 0) == (True, False)
+    assert stopper.step(0.8, 1) == (True, False)
+    assert stopper.step(0.9, 2) == (False, False)
+    assert stopper.step(0.8, 3) == (False, True)
+    assert stopper.best_epoch == 1 and stopper.best == 0.8
+
+
+def _args(cache: Path, labels: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(cache), "--labels", str(labels), "--out", str(out), "--preset", "tiny", "--size", "16",
+            "--width", "4", "--frames", "4", "--batch", "8", "--bootstrap", "200", "--val-fraction", "0.25",
+            "--test-fraction", "0.25", "--no-progress", *extra]  # fmt: skip
+
+
+def test_finetune_writes_a_loadable_bundle_that_learns(labelled, tmp_path: Path) -> None:
+    cache, labels = labelled
+    out = tmp_path / "lvh"
+    assert main(_args(cache, labels, out, "--task", "lvh", "--epochs", "6", "--patience", "6", "--lr", "0.01")) == 0
+    bundle = load_bundle(out)
+    meta = bundle.meta
+    assert meta.task == "lvh" and meta.frame_size == 16 and meta.clip_frames == 4
+    prov = meta.provenance
+    assert prov["task_column"] == "lvh" and len(prov["data_manifest_sha256"]) == 64
+    assert prov["config"]["task"] == "lvh" and prov["init"]["init"] == "random"
+    assert "test" in meta.metrics and "val" in meta.metrics
+    assert meta.metrics["test"]["study"]["auroc"]["level"] == 0.95
+    # A bright block is easy: the model must beat chance clearly on test videos.
+    assert meta.metrics["test"]["video"]["auroc"]["estimate"] > 0.8
+    # Same data, new run: a new DeviceUID; an existing folder is not replaced.
+    again = tmp_path / "again"
+    assert main(_args(cache, labels, again, "--task", "lvh", "--epochs", "1")) == 0
+    assert load_bundle(again).meta.device_uid != meta.device_uid
+    assert main(_args(cache, labels, again, "--task", "lvh", "--epochs", "1")) == 2
+
+
+def test_finetune_from_pretraining_run_and_view_task(labelled, tmp_path: Path) -> None:
+    from train.pretrain import main as pretrain_main
+
+    cache, labels = labelled
+    run = tmp_path / "run"
+    assert pretrain_main(["--data", str(cache), "--out", str(run), "--preset", "tiny", "--size", "16", "--width", "4",
+                          "--batch", "4", "--epochs", "1", "--labels", str(labels), "--val-fraction", "0.25",
+                          "--test-fraction", "0.25", "--no-progress"]) == 0  # fmt: skip
+    out = tmp_path / "sas"
+    assert main(_args(cache, labels, out, "--task", "severe_as", "--epochs", "1", "--init", str(run))) == 0
+    prov = load_bundle(out).meta.provenance
+    assert prov["init"]["pretrain_run"] == str(run)
+    # Same labels and split settings: pretraining saw no evaluation study.
+    assert prov["init"]["pretrain_eval_overlap_studies"] == 0
+    encoder = torch.load(run / "encoder.pt", weights_only=True)
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert weights["stem.0.weight"].shape == encoder["stem.0.weight"].shape
+
+    view = tmp_path / "view"
+    assert main(_args(cache, labels, view, "--task", "view", "--epochs", "1")) == 0
+    meta = load_bundle(view).meta
+    assert meta.labels == ["a4c", "plax"] and meta.architecture["num_outputs"] == 2
+    assert json.loads(json.dumps(meta.metrics))["test"]["video"]["n"] > 0

@@ -1,0 +1,563 @@
+"""Supervised fine-tuning into a model bundle.
+
+``echonode-train finetune --data CACHE --labels CSV --task T --out BUNDLE
+[--init RUN|random|FILE] [--fraction F] [--preset paper|tiny]``
+
+* Tasks: ``lvh`` and ``severe_as`` (binary, PLAX videos, the study's label in
+  the *task's own column* of ``labels.csv``; the public code trained its
+  "LVH" models on the AS column) and ``view`` (multi-class, every video with
+  a known view, the view from the cache manifest).
+* Splits by patient (:func:`train.data.split_cache`, the same split as
+  pretraining with the same labels file); the label fraction is sampled by
+  study among the training studies with a fixed seed.
+* Loss: ``BCEWithLogitsLoss(pos_weight = n_neg / n_pos)`` of the training
+  videos; cross-entropy for ``view``. Adam; early stopping on the validation
+  loss with patience, best weights kept.
+* Output: a bundle (``echonode.bundle.save_bundle``) with a new DeviceUID and
+  provenance (init, manifest hash, labels hash, config, code revision, split
+  sizes) and validation / test metrics at video and study level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from echonode.bundle import BINARY_TASKS, TASKS, BundleMeta, save_bundle
+from echonode.nets import build_model, normalise_for_model
+from train.augment import AugmentConfig
+from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
+from train.metrics import group_mean, multiclass_metrics, ranking_summary
+from train.presets import add_preset_argument, apply_preset
+from train.splits import sample_label_fraction
+
+__all__ = [
+    "EarlyStopping",
+    "TaskData",
+    "add_finetune_arguments",
+    "main",
+    "predict_clips",
+    "prepare_task",
+    "run_finetune",
+    "train_one_epoch",
+]
+
+
+def _binary(value: object) -> int | None:
+    text = str(value).strip().lower()
+    if text in ("1", "1.0", "true", "yes"):
+        return 1
+    if text in ("0", "0.0", "false", "no"):
+        return 0
+    return None
+
+
+@dataclass
+class TaskData:
+    """Videos and targets of one task, per split.
+
+    Attributes
+    ----------
+    task : str
+    labels : list of str
+        Bundle labels (``["absent", "present"]`` or the view names).
+    videos : dict
+        Split name -> manifest entries.
+    targets : dict
+        Split name -> one target per video (0/1 float or class index).
+    train_studies : list of str
+        Labelled training studies after the fraction was drawn.
+    pos_weight : float or None
+        ``n_neg / n_pos`` of the training videos (binary tasks).
+    """
+
+    task: str
+    labels: list[str]
+    videos: dict[str, list[dict]]
+    targets: dict[str, list[float | int]]
+    train_studies: list[str]
+    pos_weight: float | None
+
+
+def prepare_task(
+    cache: ClipCache,
+    rows: Sequence[Mapping[str, str]],
+    task: str,
+    splits: Mapping[str, Sequence[str]],
+    *,
+    fraction: float = 1.0,
+    fraction_seed: int = 0,
+    views: Sequence[str] | None = None,
+) -> TaskData:
+    """Select the videos and targets of ``task`` for each split.
+
+    Parameters
+    ----------
+    cache : ClipCache
+    rows : sequence of mapping
+        ``labels.csv`` rows (one per study).
+    task : {"lvh", "severe_as", "view"}
+    splits : mapping
+        Split name -> study UIDs (from :func:`train.data.split_cache`).
+    fraction : float
+        Fraction of the labelled training studies used (by study).
+    fraction_seed : int
+        Seed of that draw.
+    views : sequence of str, optional
+        Views used for a binary task (default PLAX only).
+
+    Returns
+    -------
+    TaskData
+
+    Raises
+    ------
+    ValueError
+        If the labels lack the task's column, or a split has no usable video.
+    """
+    if task not in TASKS:
+        raise ValueError(f'Argument "task" must be one of {", ".join(TASKS)}; got {task!r}.')
+    videos: dict[str, list[dict]] = {}
+    targets: dict[str, list[float | int]] = {}
+    if task in BINARY_TASKS:
+        if rows and task not in rows[0]:
+            raise ValueError(f"the labels file has no {task!r} column (columns: {', '.join(rows[0])})")
+        # The label is read from the task's own column and nothing else.
+        study_label = {r["study_uid"]: _binary(r[task]) for r in rows}
+        study_label = {s: v for s, v in study_label.items() if v is not None}
+        use_views = list(views) if views else ["plax"]
+        train_pool = [s for s in splits["train"] if s in study_label]
+        if not train_pool:
+            raise ValueError(f"no labelled training studies for {task}")
+        train_studies = sample_label_fraction(train_pool, fraction, seed=fraction_seed, labels=study_label)
+        chosen = {"train": train_studies, "val": splits["val"], "test": splits["test"]}
+        for name, studies in chosen.items():
+            labelled = [s for s in studies if s in study_label]
+            videos[name] = cache.videos_of(labelled, None if use_views == ["all"] else use_views)
+            targets[name] = [float(study_label[v["study_uid"]]) for v in videos[name]]
+        y = np.asarray(targets["train"])
+        n_pos, n_neg = float(y.sum()), float(y.size - y.sum())
+        if n_pos == 0 or n_neg == 0:
+            raise ValueError(f"the training videos of {task} need both classes (positives {n_pos:.0f}, negatives {n_neg:.0f})")
+        labels = ["absent", "present"]
+        pos_weight: float | None = n_neg / n_pos
+    else:
+        known = sorted({v["view"] for v in cache.videos if v["view"] != "unknown"})
+        if "plax" not in known or len(known) < 2:
+            raise ValueError(f"the view task needs videos of several views, plax among them; the cache has {known}")
+        labels = known
+        index = {name: i for i, name in enumerate(labels)}
+        studies_with_views = sorted({v["study_uid"] for v in cache.videos if v["view"] in index})
+        train_pool = [s for s in splits["train"] if s in set(studies_with_views)]
+        train_studies = sample_label_fraction(train_pool, fraction, seed=fraction_seed)
+        chosen = {"train": train_studies, "val": splits["val"], "test": splits["test"]}
+        for name, studies in chosen.items():
+            videos[name] = [v for v in cache.videos_of(studies) if v["view"] in index]
+            targets[name] = [index[v["view"]] for v in videos[name]]
+        pos_weight = None
+    if not videos["train"]:
+        raise ValueError(f"no training videos for {task}")
+    return TaskData(task, labels, videos, targets, train_studies, pos_weight)
+
+
+class EarlyStopping:
+    """Stop when the validation loss has not improved for ``patience`` epochs.
+
+    Parameters
+    ----------
+    patience : int
+        Epochs without improvement tolerated.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = int(patience)
+        self.best = math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+
+    def step(self, loss: float, epoch: int) -> tuple[bool, bool]:
+        """Record an epoch; return ``(improved, stop)``."""
+        if loss < self.best:
+            self.best, self.best_epoch, self.bad_epochs = float(loss), int(epoch), 0
+            return True, False
+        self.bad_epochs += 1
+        return False, self.bad_epochs >= self.patience
+
+
+def _criterion(task: str, pos_weight: float | None, device: torch.device) -> nn.Module:
+    if task in BINARY_TASKS:
+        return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], device=device))
+    return nn.CrossEntropyLoss()
+
+
+def _loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor, binary: bool) -> torch.Tensor:
+    if binary:
+        return criterion(logits[:, 0].float(), y.float())
+    return criterion(logits.float(), y.long())
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    *,
+    device: torch.device,
+    binary: bool,
+    normalisation: str = "minmax",
+    max_steps: int | None = None,
+    progress: bool = False,
+) -> float:
+    """One pass over the training loader; returns the mean loss."""
+    model.train()
+    total, steps = 0.0, 0
+    iterator = loader
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="finetune", unit="step", leave=False)
+    for x, y in iterator:
+        x = normalise_for_model(x.to(device, non_blocking=True), normalisation)
+        loss = _loss(criterion, model(x), y.to(device), binary)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+        if max_steps is not None and steps >= max_steps:
+            break
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def predict_clips(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module | None = None,
+    *,
+    device: torch.device,
+    binary: bool,
+    normalisation: str = "minmax",
+) -> tuple[np.ndarray, float]:
+    """Probabilities of every evaluation clip and the mean clip loss.
+
+    Returns
+    -------
+    probs : numpy.ndarray
+        ``(n_videos, n_clips)`` sigmoid probabilities, or
+        ``(n_videos, n_clips, K)`` softmax for ``view``.
+    loss : float
+        Mean loss over clips (each clip labelled with its video's target);
+        NaN without a criterion.
+    """
+    model.eval()
+    out, total, count = [], 0.0, 0
+    for x, y in loader:
+        b, k = x.shape[:2]
+        flat = normalise_for_model(x.flatten(0, 1).to(device), normalisation)
+        logits = model(flat)
+        if criterion is not None:
+            total += float(_loss(criterion, logits, y.to(device).repeat_interleave(k), binary)) * b * k
+            count += b * k
+        probs = torch.sigmoid(logits[:, 0]) if binary else torch.softmax(logits.float(), dim=1)
+        out.append(probs.reshape((b, k) + tuple(probs.shape[1:])).cpu().numpy())
+    probs = np.concatenate(out) if out else np.zeros((0, 0))
+    return probs, (total / count if count else float("nan"))
+
+
+def summarise(
+    task: str, videos: Sequence[dict], targets: Sequence[float | int], clip_probs: np.ndarray, labels: Sequence[str],
+    *, threshold: float = 0.5, n_resamples: int = 10_000, seed: int = 0,
+) -> dict[str, object]:  # fmt: skip
+    """Video- and study-level metrics from clip probabilities.
+
+    Video probability = mean over its clips; study probability = mean over
+    its videos (binary tasks; the view task is per video only).
+    """
+    if len(videos) == 0:
+        return {"n_videos": 0}
+    video_probs = clip_probs.mean(axis=1)
+    if task not in BINARY_TASKS:
+        return {"video": multiclass_metrics(np.asarray(targets), video_probs, labels)}
+    y = np.asarray(targets, dtype=int)
+    studies = [v["study_uid"] for v in videos]
+    study_ids, study_probs = group_mean(studies, video_probs)
+    _, study_y = group_mean(studies, y)
+    return {
+        "video": ranking_summary(y, video_probs, threshold=threshold, n_resamples=n_resamples, seed=seed),
+        "study": ranking_summary(study_y.round().astype(int), study_probs, threshold=threshold, n_resamples=n_resamples, seed=seed),
+        "n_studies": len(study_ids),
+    }
+
+
+def code_revision() -> str | None:
+    """The git commit of this checkout, if any (for provenance)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def _file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def resolve_init(init: str, arch: str, width: int, num_outputs: int) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Initial weights for ``--init RUN|random|FILE``.
+
+    A folder is a pretraining run: its ``encoder.pt`` (or, before the run
+    finished, its ``checkpoint.pt``). Files go through
+    :func:`train.init_bundle.init_weights`, which reads torchvision-format
+    state dicts and EchoCLR checkpoints.
+    """
+    from train.init_bundle import InitError, init_weights
+
+    if init == "random":
+        return init_weights(None, arch, width, num_outputs)
+    path = Path(init)
+    info_extra: dict[str, object] = {}
+    if path.is_dir():
+        run = path
+        path = run / "encoder.pt" if (run / "encoder.pt").is_file() else run / "checkpoint.pt"
+        info_extra["pretrain_run"] = str(run)
+        if (run / "split.json").is_file():
+            info_extra["pretrain_split"] = json.loads((run / "split.json").read_text())
+    try:
+        state, info = init_weights(path, arch, width, num_outputs)
+    except InitError as exc:
+        raise ValueError(str(exc)) from None
+    return state, {**info, **info_extra}
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``echonode-train finetune``, grouped by concern."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="clip cache folder")
+    data.add_argument("--labels", required=True, help="labels.csv (one row per study)")
+    data.add_argument("--task", required=True, choices=TASKS)
+    data.add_argument("--fraction", type=float, default=1.0, help="fraction of labelled training studies (by study)")
+    data.add_argument("--fraction-seed", type=int, default=0)
+    data.add_argument("--views", default=None, help="views for binary tasks (default plax; 'all' for every view)")
+    data.add_argument("--val-fraction", type=float, default=0.1)
+    data.add_argument("--test-fraction", type=float, default=0.2)
+    data.add_argument("--split-seed", type=int, default=0)
+    data.add_argument("--size", type=int, default=None)
+    data.add_argument("--frames", type=int, default=None, help="frames per clip")
+    data.add_argument("--eval-clips", type=int, default=None)
+    data.add_argument("--workers", type=int, default=None)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--init", default="random", help="RUN folder, 'random', or a weights FILE")
+    model.add_argument("--arch", choices=("r3d_18", "r2plus1d_18"), default=None)
+    model.add_argument("--width", type=int, default=None)
+    model.add_argument("--dropout", type=float, default=None)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch", type=int, default=None)
+    optim.add_argument("--lr", type=float, default=None)
+    optim.add_argument("--epochs", type=int, default=None)
+    optim.add_argument("--patience", type=int, default=None)
+    optim.add_argument("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke tests)")
+    optim.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("output")
+    run.add_argument("--out", required=True, help="bundle folder to write")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    run.add_argument("--name", default=None, help="algorithm name (default echonode-<task>)")
+    run.add_argument("--version", default="1")
+    run.add_argument("--threshold", type=float, default=0.5)
+    run.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the CIs")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--no-progress", action="store_true")
+    add_preset_argument(parser)
+
+
+def _config_from(ns: argparse.Namespace) -> dict[str, object]:
+    apply_preset(
+        ns,
+        {
+            "frames": "finetune_frames",
+            "batch": "finetune_batch",
+            "lr": "finetune_lr",
+            "epochs": "finetune_epochs",
+        },
+    )
+    keys = (
+        "data labels task fraction fraction_seed views val_fraction test_fraction split_seed size frames eval_clips "
+        "workers init arch width dropout batch lr epochs patience max_steps seed out name version threshold "
+        "bootstrap device preset"
+    ).split()
+    config = {k: getattr(ns, k) for k in keys}
+    config["progress"] = not ns.no_progress
+    config["overwrite"] = bool(ns.overwrite)
+    return config
+
+
+def run_finetune(ns: argparse.Namespace) -> int:
+    """Run ``echonode-train finetune``; returns the exit status (2: user error)."""
+    config = _config_from(ns)
+    try:
+        finetune(config)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"echonode-train finetune: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def finetune(config: dict[str, object]) -> Path:
+    """Fine-tune per ``config`` (see :func:`add_finetune_arguments`); returns the bundle path."""
+    out = Path(str(config["out"]))
+    if out.exists() and not config.get("overwrite"):
+        raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
+    device_arg = str(config["device"])
+    device = torch.device("cuda" if device_arg == "auto" and torch.cuda.is_available() else ("cpu" if device_arg == "auto" else device_arg))
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    task = str(config["task"])
+    binary = task in BINARY_TASKS
+
+    cache = ClipCache(str(config["data"]))
+    rows = load_study_labels(str(config["labels"]))
+    splits = split_cache(
+        cache, rows, val_fraction=float(config["val_fraction"]), test_fraction=float(config["test_fraction"]),
+        seed=int(config["split_seed"]),
+    )  # fmt: skip
+    views = [v.strip() for v in str(config["views"]).split(",")] if config["views"] else None
+    data = prepare_task(
+        cache, rows, task, splits, fraction=float(config["fraction"]), fraction_seed=int(config["fraction_seed"]), views=views
+    )
+    num_outputs = 1 if binary else len(data.labels)
+    arch, width = str(config["arch"]), int(config["width"])
+    state, init_info = resolve_init(str(config["init"]), arch, width, num_outputs)
+    pretrain_split = init_info.pop("pretrain_split", None)
+    if isinstance(pretrain_split, Mapping):
+        # Pretraining must not have seen this run's evaluation patients.
+        seen = set(pretrain_split.get("train", []))
+        leak = sorted(seen & (set(splits["val"]) | set(splits["test"])))
+        init_info["pretrain_eval_overlap_studies"] = len(leak)
+        if leak:
+            print(
+                f"warning: {len(leak)} validation/test studies were in the pretraining split; "
+                "pretrain with the same --labels and split settings",
+                file=sys.stderr,
+            )
+    normalisation = "kinetics" if init_info.get("init") == "kinetics" else "minmax"
+    model = build_model(arch, num_outputs, width=width, dropout=float(config["dropout"]))
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+
+    size, frames, eval_clips = int(config["size"]), int(config["frames"]), int(config["eval_clips"])
+    workers = int(config["workers"])
+    train_ds = ClipDataset(cache, data.videos["train"], data.targets["train"], frames, size, train=True, augment=AugmentConfig(), seed=seed)
+    loader = DataLoader(
+        train_ds, batch_size=int(config["batch"]), shuffle=True, num_workers=workers, drop_last=False,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+
+    def eval_loader(name: str) -> DataLoader:
+        ds = ClipDataset(cache, data.videos[name], data.targets[name], frames, size, train=False, eval_clips=eval_clips)
+        return DataLoader(ds, batch_size=max(1, int(config["batch"]) // eval_clips), num_workers=workers)
+
+    criterion = _criterion(task, data.pos_weight, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
+    stopper = EarlyStopping(int(config["patience"]))
+    best_state = copy.deepcopy(model.state_dict())
+    history = []
+    has_val = bool(data.videos["val"])
+    for epoch in range(int(config["epochs"])):
+        train_ds.set_epoch(epoch)
+        started = time.monotonic()
+        train_loss = train_one_epoch(
+            model, loader, optimizer, criterion, device=device, binary=binary, normalisation=normalisation,
+            max_steps=config["max_steps"], progress=bool(config["progress"]),  # type: ignore[arg-type]
+        )  # fmt: skip
+        val_loss = float("nan")
+        if has_val:
+            _, val_loss = predict_clips(model, eval_loader("val"), criterion, device=device, binary=binary, normalisation=normalisation)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": round(time.monotonic() - started, 3)})
+        print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        # Without a validation split the last epoch is kept.
+        improved, stop = stopper.step(val_loss if has_val else -epoch, epoch)
+        if improved:
+            best_state = copy.deepcopy(model.state_dict())
+        if stop:
+            break
+    model.load_state_dict(best_state)
+
+    metrics: dict[str, object] = {"best_epoch": stopper.best_epoch, "history": history}
+    for name in ("val", "test"):
+        if not data.videos[name]:
+            continue
+        probs, loss = predict_clips(model, eval_loader(name), criterion, device=device, binary=binary, normalisation=normalisation)
+        metrics[name] = {
+            "loss": loss,
+            **summarise(
+                task, data.videos[name], data.targets[name], probs, data.labels, threshold=float(config["threshold"]),
+                n_resamples=int(config["bootstrap"]), seed=seed,
+            ),
+        }  # fmt: skip
+
+    provenance = {
+        "init": init_info,
+        "data_manifest_sha256": manifest_hash(cache.root),
+        "labels_sha256": _file_sha256(str(config["labels"])),
+        "code_revision": code_revision(),
+        "config": config,
+        "task_column": task if binary else "view (cache manifest)",
+        "split": {name: len(studies) for name, studies in splits.items()},
+        "train_studies_used": len(data.train_studies),
+        "train_videos": len(data.videos["train"]),
+        "pos_weight": data.pos_weight,
+        "method": "EchoCLR fine-tuning (echonode)",
+    }
+    preprocessing = {
+        "size": size,
+        "clip_frames": frames,
+        "eval_clips": eval_clips,
+        "max_frames": int(cache.manifest["preprocess"].get("max_frames", 100)),
+        "min_fps": float(cache.manifest["preprocess"].get("min_fps", 25.0)),
+        "normalisation": normalisation,
+    }
+    meta = BundleMeta.create(
+        name=str(config["name"] or f"echonode-{task}"),
+        task=task,
+        arch=arch,
+        width=width,
+        labels=data.labels,
+        preprocessing=preprocessing,
+        threshold=float(config["threshold"]),
+        version=str(config["version"]),
+        provenance=provenance,
+        metrics=metrics,
+    )
+    path = save_bundle(out, meta, {k: v.cpu() for k, v in model.state_dict().items()}, overwrite=bool(config.get("overwrite")))
+    print(f"bundle {path} (DeviceUID {meta.device_uid})")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.finetune``."""
+    parser = argparse.ArgumentParser(prog="echonode-train finetune", description=__doc__.splitlines()[0])
+    add_finetune_arguments(parser)
+    return run_finetune(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
