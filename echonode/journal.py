@@ -200,6 +200,7 @@ class Journal:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._local = threading.local()
         # Create the schema once, eagerly, so that errors show at start.
         # executescript manages its own transaction.
@@ -644,6 +645,13 @@ class Journal:
             for r in con.execute("SELECT * FROM outbox ORDER BY id").fetchall()
         ]
         return {"studies": studies, "outbox": outbox}
+
+    def running(self) -> list[tuple[str, float, int | None]]:
+        """(study_uid, claimed at, worker pid) of studies being processed."""
+        rows = self._connect().execute(
+            "SELECT study_uid, updated, worker_pid FROM studies WHERE state = ?", (StudyState.RUNNING,)
+        ).fetchall()
+        return [(r["study_uid"], r["updated"], r["worker_pid"]) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """Studies by state (for metrics)."""

@@ -56,6 +56,19 @@ def _shared_processors(timestamps: bool) -> list[Any]:
     return procs
 
 
+def silence_data_warnings() -> None:
+    """Drop pydicom's and highdicom's warnings about received values.
+
+    They quote element values ("The string 'DOE^J' is unlikely to represent
+    a person name"), which would put patient names on stderr, hence in the
+    journal. What matters in them is logged by our own code with UIDs.
+    """
+    import warnings
+
+    for module in (r"pydicom(\..*)?", r"highdicom(\..*)?", r"pynetdicom(\..*)?"):
+        warnings.filterwarnings("ignore", module=module)
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
     """Configure structlog and route stdlib logging through it.
 
@@ -69,6 +82,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
         Where lines go (default ``sys.stderr``).
     """
     stream = stream or sys.stderr
+    silence_data_warnings()
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
     # journald stamps every line itself.

@@ -21,7 +21,7 @@ from pydicom import config as pydicom_config
 
 from .config import Config, load_config
 from .journal import Journal
-from .logs import get_logger
+from .logs import get_logger, silence_data_warnings
 from .scp import StorageSCP
 from .sdnotify import notify, watchdog_interval_s
 from .stability import StabilityCheck
@@ -67,6 +67,7 @@ class Node:
         # Received data is parsed leniently; never echo element values
         # (which may be patient names) into warnings.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        silence_data_warnings()
         self.cfg = cfg
         self.config_path = config_path
         self.storage_dir = cfg.storage_dir

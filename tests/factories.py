@@ -63,3 +63,27 @@ def write(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def tiny_bundle(models_dir: Path, task: str, *, seed: int = 0, name: str | None = None, version: str = "1",
+                size: int = 32, clip_frames: int = 8, width: int = 4, threshold: float = 0.5,
+                labels: list[str] | None = None) -> Path:
+    """A small random-weight bundle (CPU-fast) installed under ``models_dir``."""
+    import torch
+
+    from echonode.bundle import BundleMeta, save_bundle
+    from echonode.nets import build_model
+
+    meta = BundleMeta.create(
+        name=name or f"test-{task}",
+        task=task,
+        width=width,
+        labels=labels,
+        preprocessing={"size": size, "clip_frames": clip_frames},
+        threshold=threshold,
+        version=version,
+        random_weights=True,
+    )
+    torch.manual_seed(seed)
+    model = build_model("r3d_18", meta.architecture["num_outputs"], width=width)
+    return save_bundle(models_dir / (name or f"test-{task}"), meta, model.state_dict())

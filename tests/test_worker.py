@@ -1,0 +1,183 @@
+"""The worker: a study from the journal to results and an SR; crashes and timeouts recovered."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from echonode.bundle import ModelRegistry
+from echonode.journal import Journal, StudyState
+from echonode.node import Node
+from echonode.sr import summarise_report
+from echonode.store import StudyStore
+from echonode.worker import process_study
+from tests.conftest import make_config, wait_for
+from tests.factories import tiny_bundle, us_multiframe
+
+
+def _send_files(port: int, paths: list[Path]) -> None:
+    ae = AE(ae_title="CART")
+    datasets = [pydicom.dcmread(p) for p in paths]
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
+    assert assoc.is_established
+    for ds in datasets:
+        assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+
+
+def _stored_study(tmp_path: Path, cfg, files: list[Path]) -> tuple[Journal, StudyStore, str]:
+    journal = Journal(cfg.storage_dir / "journal.sqlite")
+    store = StudyStore(cfg.storage_dir, journal)
+    study_uid = ""
+    for f in files:
+        tmp = store.incoming / f"t-{f.name}"
+        tmp.write_bytes(f.read_bytes())
+        header, _ = store.accept(tmp, "CART")
+        study_uid = header.study_uid
+    journal.mark_stable(-1)
+    journal.queue_stable()
+    return journal, store, study_uid
+
+
+def test_process_study_end_to_end(tmp_path: Path, ybr_loop: Path) -> None:
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh", seed=1)
+    tiny_bundle(cfg.models_dir, "severe_as", seed=2)
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [ybr_loop])
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    claim = journal.claim_next(os.getpid())
+    outcome = process_study(cfg, journal, store, registry, claim)
+    # No destinations configured: nothing to send, the study is done.
+    assert outcome.state == StudyState.DELIVERED
+    report = journal.report_for(study_uid, registry.key)
+    summary = summarise_report(report.path)
+    assert summary["study_uid"] == study_uid
+    assert {f["task"] for f in summary["findings"]} == {"lvh", "severe_as"}
+    src = pydicom.dcmread(ybr_loop, stop_before_pixels=True)
+    sr = pydicom.dcmread(report.path)
+    for key in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate"):
+        assert sr.get(key) == src.get(key)
+    st = journal.status()["studies"][0]
+    assert {r["task"] for r in st["results"]} == {"lvh", "severe_as"}
+    assert all(0.0 <= r["probability"] <= 1.0 for r in st["results"])
+    # Reprocessing with the same models sends nothing new.
+    journal.requeue(study_uid)
+    again = process_study(cfg, journal, store, registry, journal.claim_next(os.getpid()))
+    assert again.sr_sop_uid == report.sr_sop_uid
+    assert len(list((store.reports / study_uid).iterdir())) == 1
+
+
+def test_new_model_version_supersedes(tmp_path: Path, ybr_loop: Path) -> None:
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh", version="1")
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [ybr_loop])
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    first = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    import shutil
+
+    shutil.rmtree(cfg.models_dir / "test-lvh")
+    tiny_bundle(cfg.models_dir, "lvh", version="2", seed=5)
+    registry.refresh()
+    journal.requeue(study_uid)
+    second = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    assert second.sr_sop_uid != first.sr_sop_uid
+    summary = summarise_report(journal.report_for(study_uid, registry.key).path)
+    assert first.sr_sop_uid in str(summary["predecessors"])
+
+
+def test_conflicting_patient_identity_is_never_reported(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh")
+    study = pydicom.uid.generate_uid()
+    a = us_multiframe(study_uid=study, frames=16, rows=64, cols=64, patient_id="A1")
+    b = us_multiframe(study_uid=study, frames=16, rows=64, cols=64, patient_id="B2", seed=1)
+    files = []
+    for i, ds in enumerate((a, b)):
+        p = tmp_path / f"{i}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        files.append(p)
+    journal, store, study_uid = _stored_study(tmp_path, cfg, files)
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    assert outcome.state == "failed"
+    assert "PatientID" in outcome.reason and "A1" not in outcome.reason
+    assert journal.latest_report(study_uid) is None
+
+
+def test_nothing_usable_is_skipped_with_reason(tmp_path: Path) -> None:
+    from tests.conftest import testdata
+
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh")
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [testdata("OBXXXX1A.dcm")])
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    assert outcome.state == "skipped"
+    assert "no usable video" in outcome.reason
+    assert journal.study(study_uid)["reason"] == outcome.reason
+    # With sr.report_skipped the study gets an SR that says so.
+    cfg2 = dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, report_skipped=True))
+    journal.requeue(study_uid)
+    outcome = process_study(cfg2, journal, store, registry, journal.claim_next(1))
+    summary = summarise_report(journal.latest_report(study_uid).path)
+    assert summary["findings"] == [] and "no usable video" in summary["no_usable_video_reason"]
+
+
+def test_node_runs_the_worker_and_survives_its_death(tmp_path: Path, ybr_loop: Path) -> None:
+    cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.2})
+    tiny_bundle(cfg.models_dir, "lvh")
+    node = Node(cfg)
+    node.start()
+    try:
+        # Kill the worker before it has anything to do: the node restarts it.
+        pid = node.worker.process.pid
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: (node.worker.supervise(), node.worker.process.pid != pid)[1], timeout=30,
+                 what="worker restart")
+        _send_files(node.scp.port, [ybr_loop])
+        study = str(pydicom.dcmread(ybr_loop, stop_before_pixels=True).StudyInstanceUID)
+        # The receive side answers while the worker runs.
+        t0 = time.monotonic()
+        from echonode.delivery import Peer, echo
+
+        assert echo("CART", Peer("ECHONODE", "127.0.0.1", node.scp.port)) == 0
+        assert time.monotonic() - t0 < 5
+        wait_for(lambda: (node.worker.supervise(), node.journal.study_state(study) == StudyState.DELIVERED)[1],
+                 timeout=120, what="study delivered")
+    finally:
+        node.stop()
+
+
+def test_study_timeout_kills_worker_then_fails(tmp_path: Path, ybr_loop: Path) -> None:
+    cfg = make_config(tmp_path, models={"study_timeout_s": 0.01, "max_attempts": 2})
+    tiny_bundle(cfg.models_dir, "lvh")
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [ybr_loop])
+    from echonode.worker import WorkerSupervisor
+
+    sup = WorkerSupervisor(cfg)
+    sup._next_start = 0
+    sup.start()
+    try:
+        def failed() -> bool:
+            sup._next_start = 0  # no backoff in the test
+            sup.supervise()
+            return journal.study_state(study_uid) == StudyState.FAILED
+
+        wait_for(failed, timeout=120, interval=0.05, what="study to fail after repeated timeouts")
+        assert "worker died" in journal.study(study_uid)["reason"]
+        assert sup.restarts >= 2
+    finally:
+        sup.stop()
