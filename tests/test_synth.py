@@ -91,7 +91,6 @@ def test_dicom_attributes_and_pixels(archive: Path) -> None:
     apex_x = region.RegionLocationMinX0 + region.ReferencePixelX0
     mid = arr[0, region.RegionLocationMinY0 + 150, apex_x - 20:apex_x + 20]
     assert mid.mean() > 10  # tissue inside the sector
-    assert arr[0, :, :5].max() < 40 or True  # left edge may hold the grey bar
     # Coloured overlays (ECG/text) exercise the colour conversion.
     rgb = arr[0].astype(int)
     chroma = np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])
