@@ -30,7 +30,9 @@ __all__ = [
     "bootstrap_ci",
     "group_mean",
     "multiclass_metrics",
+    "pr_curve",
     "ranking_summary",
+    "roc_curve",
     "threshold_metrics",
 ]
 
@@ -135,6 +137,29 @@ def average_precision(y_true: np.ndarray | Sequence, y_score: np.ndarray | Seque
     pos = np.bincount(pos_bin, minlength=n_bins).astype(np.float64)
     neg = np.bincount(neg_bin, minlength=n_bins).astype(np.float64)
     return float(_ap_from_counts(pos, neg))
+
+
+def roc_curve(y_true: np.ndarray | Sequence, y_score: np.ndarray | Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """ROC points ``(fpr, tpr)`` from (0, 0) to (1, 1), one per distinct score.
+
+    The trapezoidal area under these points equals :func:`auroc`.
+    """
+    y, s = _check_binary(y_true, y_score)
+    pos_bin, neg_bin, n_bins, _ = _counts_by_score(y, s)
+    tp = np.cumsum(np.bincount(pos_bin, minlength=n_bins))
+    fp = np.cumsum(np.bincount(neg_bin, minlength=n_bins))
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+
+
+def pr_curve(y_true: np.ndarray | Sequence, y_score: np.ndarray | Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Precision-recall points ``(recall, precision)``, one per distinct score,
+    starting at recall 0 with the first threshold's precision."""
+    y, s = _check_binary(y_true, y_score)
+    pos_bin, neg_bin, n_bins, _ = _counts_by_score(y, s)
+    tp = np.cumsum(np.bincount(pos_bin, minlength=n_bins)).astype(np.float64)
+    fp = np.cumsum(np.bincount(neg_bin, minlength=n_bins)).astype(np.float64)
+    precision = tp / (tp + fp)
+    return np.r_[0.0, tp / tp[-1]], np.r_[precision[0], precision]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""Tests for train.evaluate: the report of a bundle on a cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from echonode.preprocess import PreprocessConfig
+from tests.test_finetune import make_labelled_archive
+from train.data import build_index
+from train.evaluate import main
+from train.finetune import main as finetune_main
+from train.metrics import auroc, pr_curve, roc_curve
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    archive, labels = make_labelled_archive(root)
+    build_index(archive, root / "cache", PreprocessConfig(size=16), progress=False)
+    bundle = root / "bundle"
+    args = ["--data", str(root / "cache"), "--labels", str(labels), "--out", str(bundle), "--task", "lvh",
+            "--preset", "tiny", "--size", "16", "--width", "4", "--frames", "4", "--batch", "8", "--epochs", "3",
+            "--lr", "0.01", "--bootstrap", "100", "--val-fraction", "0.25", "--test-fraction", "0.25", "--no-progress"]  # fmt: skip
+    assert finetune_main(args) == 0
+    return root / "cache", labels, bundle
+
+
+def test_report_files_and_consistency(trained, tmp_path: Path) -> None:
+    cache, labels, bundle = trained
+    out = tmp_path / "report"
+    assert main(["--bundle", str(bundle), "--data", str(cache), "--labels", str(labels), "--out", str(out),
+                 "--bootstrap", "500"]) == 0  # fmt: skip
+    report = json.loads((out / "metrics.json").read_text())
+    for level in ("video", "study"):
+        a = report[level]["auroc"]
+        assert a["low"] <= a["estimate"] <= a["high"] and a["level"] == 0.95
+        assert report[level]["auprc"]["n_resamples"] == 500
+        assert {"accuracy", "balanced_accuracy", "f1", "mcc"} <= set(report[level]["threshold_metrics"])
+    for name in ("roc_video.png", "roc_study.png", "pr_video.png", "pr_study.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == report["n_videos"] and {r["view"] for r in rows} == {"plax"}
+    # The reported video AUROC is the AUROC of the written predictions, and the
+    # study level averages the videos of each study.
+    y = [int(r["target"]) for r in rows]
+    p = [float(r["probability"]) for r in rows]
+    assert report["video"]["auroc"]["estimate"] == pytest.approx(auroc(y, p), abs=1e-5)
+    assert report["study"]["n"] == len({r["study_uid"] for r in rows})
+    # Test split of the bundle's own settings: the same test studies as finetuning saw.
+    bundle_meta = json.loads((bundle / "bundle.json").read_text())
+    assert report["study"]["n"] == bundle_meta["metrics"]["test"]["study"]["n"]
+    assert report["video"]["auroc"]["estimate"] == pytest.approx(
+        bundle_meta["metrics"]["test"]["video"]["auroc"]["estimate"], abs=1e-4
+    )
+
+
+def test_external_split_all_and_errors(trained, tmp_path: Path) -> None:
+    cache, labels, bundle = trained
+    out = tmp_path / "all"
+    assert main(["--bundle", str(bundle), "--data", str(cache), "--labels", str(labels), "--out", str(out),
+                 "--split", "all", "--bootstrap", "50"]) == 0  # fmt: skip
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["study"]["n"] == 16
+    assert main(["--bundle", str(tmp_path / "nope"), "--data", str(cache), "--labels", str(labels),
+                 "--out", str(out)]) == 2  # fmt: skip
+
+
+def test_curves_match_auroc() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    s = rng.integers(0, 6, 50) / 5
+    fpr, tpr = roc_curve(y, s)
+    assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(y, s))
+    recall, precision = pr_curve(y, s)
+    assert recall[-1] == 1 and precision[-1] == pytest.approx(y.mean())

@@ -1,0 +1,242 @@
+"""Evaluate a bundle on a clip cache: metrics.json, predictions and plots.
+
+``echonode-train evaluate --bundle BUNDLE --data CACHE --labels CSV --out DIR``
+
+The bundle is loaded and run exactly as the node runs it
+(:func:`echonode.bundle.load_bundle`, :meth:`Bundle.predict` on the node's
+evaluation clips), so the figures describe the model the node would serve.
+
+By default the *test* split is evaluated, recomputed with the split settings
+stored in the bundle's provenance (same labels file, same patients); for an
+external test set (another archive) pass ``--split all``.
+
+Outputs in DIR: ``metrics.json`` (AUROC and AUPRC with stratified-bootstrap
+95 % CIs, and threshold metrics, at video and study level; accuracy and
+one-vs-rest AUROC for ``view``), ``predictions.csv`` (one row per video), and
+``roc_video.png``, ``roc_study.png``, ``pr_video.png``, ``pr_study.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from echonode.bundle import BINARY_TASKS, BundleError, load_bundle
+from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
+from train.finetune import prepare_task, summarise
+from train.metrics import average_precision, auroc, group_mean, pr_curve, roc_curve
+
+__all__ = ["add_evaluate_arguments", "evaluate_bundle", "main", "plot_curves", "run_evaluate"]
+
+
+def plot_curves(y: np.ndarray, prob: np.ndarray, out_dir: Path, level: str, title: str) -> list[Path]:
+    """Write ``roc_<level>.png`` and ``pr_<level>.png``; nothing for a single class.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a training server
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(y, dtype=int)
+    if y.min(initial=1) == y.max(initial=0):
+        return []
+    written = []
+    fpr, tpr = roc_curve(y, prob)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc(y, prob):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{title} ({level})", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = out_dir / f"roc_{level}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+
+    recall, precision = pr_curve(y, prob)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.step(recall, precision, where="post", lw=2, label=f"AUPRC {average_precision(y, prob):.3f}")
+    ax.axhline(y.mean(), ls="--", c="grey", lw=1, label=f"prevalence {y.mean():.2f}")
+    ax.set(xlabel="recall", ylabel="precision", title=f"{title} ({level})", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    path = out_dir / f"pr_{level}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def evaluate_bundle(
+    bundle_path: str | Path,
+    cache_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_videos: int = 8,
+    views: Sequence[str] | None = None,
+) -> dict[str, object]:
+    """Evaluate a bundle and write the report files.
+
+    Parameters
+    ----------
+    bundle_path, cache_dir, labels_csv, out_dir : path
+    split : {"test", "val", "train", "all"}
+        Which studies; the split settings come from the bundle's provenance.
+    n_resamples : int
+        Bootstrap resamples.
+    seed : int
+        Bootstrap seed.
+    device : str
+    batch_videos : int
+        Videos per forward pass (each has ``eval_clips`` clips).
+    views : sequence of str, optional
+        Views for a binary task (default: as the bundle was trained, PLAX).
+
+    Returns
+    -------
+    dict
+        What ``metrics.json`` holds.
+    """
+    bundle = load_bundle(bundle_path, device)
+    meta = bundle.meta
+    cache = ClipCache(cache_dir)
+    rows = load_study_labels(labels_csv)
+    config = meta.provenance.get("config", {}) if isinstance(meta.provenance, dict) else {}
+    if split == "all":
+        studies = sorted({v["study_uid"] for v in cache.videos})
+        splits = {"train": [], "val": [], "test": studies}
+        split_name = "test"
+    else:
+        splits = split_cache(
+            cache, rows, val_fraction=float(config.get("val_fraction", 0.1)),
+            test_fraction=float(config.get("test_fraction", 0.2)), seed=int(config.get("split_seed", 0)),
+        )  # fmt: skip
+        split_name = split
+    if views is None and config.get("views"):
+        views = [v.strip() for v in str(config["views"]).split(",")]
+    # prepare_task needs training data to exist; evaluation only reads one split.
+    chosen = {"train": splits[split_name] or studies_placeholder(cache), "val": [], "test": splits[split_name]}
+    data = prepare_task(cache, rows, meta.task, chosen, views=views)
+    videos, targets = data.videos["test"], data.targets["test"]
+    if not videos:
+        raise ValueError(f"no {split} videos with {meta.task} labels in {cache_dir}")
+    if meta.task not in BINARY_TASKS and list(data.labels) != list(meta.labels):
+        # Map the cache's view names onto the bundle's logit order.
+        index = {name: i for i, name in enumerate(meta.labels)}
+        keep = [i for i, v in enumerate(videos) if v["view"] in index]
+        videos = [videos[i] for i in keep]
+        targets = [index[videos[j]["view"]] for j in range(len(videos))]
+
+    pre = meta.preprocessing
+    dataset = ClipDataset(
+        cache, videos, targets, clip_frames=meta.clip_frames, size=meta.frame_size, train=False,
+        eval_clips=int(pre.get("eval_clips", 4)),
+    )  # fmt: skip
+    probs = []
+    for x, _ in DataLoader(dataset, batch_size=batch_videos):
+        b, k = x.shape[:2]
+        p = bundle.predict(x.flatten(0, 1))
+        probs.append(p.reshape((b, k) + p.shape[1:]))
+    clip_probs = np.concatenate(probs)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {
+        "bundle": {"name": meta.name, "task": meta.task, "version": meta.version, "device_uid": meta.device_uid},
+        "data": {"cache": str(cache_dir), "manifest_sha256": manifest_hash(cache.root), "split": split},
+        "n_videos": len(videos),
+        "bootstrap": {"n_resamples": n_resamples, "level": 0.95, "stratified": True, "seed": seed},
+        "aggregation": "video = mean over clips; study = mean over videos",
+    }
+    report.update(
+        summarise(meta.task, videos, targets, clip_probs, meta.labels, threshold=meta.threshold, n_resamples=n_resamples, seed=seed)
+    )
+    video_probs = clip_probs.mean(axis=1)
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        if meta.task in BINARY_TASKS:
+            writer.writerow(["study_uid", "sop_uid", "view", "target", "probability"])
+            for v, t, p in zip(videos, targets, video_probs):
+                writer.writerow([v["study_uid"], v["sop_uid"], v["view"], int(t), f"{float(p):.6f}"])
+        else:
+            writer.writerow(["study_uid", "sop_uid", "view", "target", *meta.labels])
+            for v, t, p in zip(videos, targets, video_probs):
+                writer.writerow([v["study_uid"], v["sop_uid"], v["view"], meta.labels[int(t)], *(f"{x:.6f}" for x in p)])
+    plots: list[str] = []
+    if meta.task in BINARY_TASKS:
+        y = np.asarray(targets, dtype=int)
+        plots += [p.name for p in plot_curves(y, video_probs, out, "video", meta.task)]
+        studies = [v["study_uid"] for v in videos]
+        _, study_probs = group_mean(studies, video_probs)
+        _, study_y = group_mean(studies, y)
+        plots += [p.name for p in plot_curves(study_y.round().astype(int), study_probs, out, "study", meta.task)]
+    report["plots"] = plots
+    (out / "metrics.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    return report
+
+
+def studies_placeholder(cache: ClipCache) -> list[str]:
+    """All studies; stands in for a training split that evaluation ignores."""
+    return sorted({v["study_uid"] for v in cache.videos})
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``echonode-train evaluate``."""
+    parser.add_argument("--bundle", required=True, help="bundle folder")
+    parser.add_argument("--data", required=True, help="clip cache folder")
+    parser.add_argument("--labels", required=True, help="labels.csv")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
+                        help="studies to evaluate (all: an external test archive)")  # fmt: skip
+    parser.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--views", default=None, help="views for binary tasks (default: the bundle's, plax)")
+
+
+def run_evaluate(ns: argparse.Namespace) -> int:
+    """Run ``echonode-train evaluate``; returns the exit status (2: user error)."""
+    views = [v.strip() for v in ns.views.split(",")] if ns.views else None
+    try:
+        report = evaluate_bundle(
+            ns.bundle, ns.data, ns.labels, ns.out, split=ns.split, n_resamples=ns.bootstrap, seed=ns.seed,
+            device=ns.device, views=views,
+        )  # fmt: skip
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        print(f"echonode-train evaluate: {exc}", file=sys.stderr)
+        return 2
+    for level in ("video", "study"):
+        part = report.get(level)
+        if isinstance(part, dict) and isinstance(part.get("auroc"), dict):
+            a = part["auroc"]
+            print(f"{level}: AUROC {a['estimate']:.3f} [{a['low']:.3f}, {a['high']:.3f}] (n={part['n']})")
+    print(f"report written to {ns.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.evaluate``."""
+    parser = argparse.ArgumentParser(prog="echonode-train evaluate", description=__doc__.splitlines()[0])
+    add_evaluate_arguments(parser)
+    return run_evaluate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
