@@ -492,7 +492,8 @@ def finetune(config: dict[str, object]) -> Path:
         if has_val:
             _, val_loss = predict_clips(model, eval_loader("val"), criterion, device=device, binary=binary, normalisation=normalisation)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": round(time.monotonic() - started, 3)})
-        print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        val_text = f"{val_loss:.4f}" if has_val else "n/a (no validation videos)"
+        print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_text}")
         # Without a validation split the last epoch is kept.
         improved, stop = stopper.step(val_loss if has_val else -epoch, epoch)
         if improved:
