@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -114,9 +114,20 @@ def associate(
             ae.add_requested_context(abstract)
     ctx = client_ssl_context(peer.tls)
     tls_args = (ctx, peer.host) if ctx is not None else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    # pynetdicom reports a refused or timed-out TCP connection as an abort;
+    # only EVT_CONN_OPEN tells the two apart.
+    connected: list[bool] = []
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+    )
     if assoc.is_established:
         return assoc
+    if not connected:
+        raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result = getattr(prim, "result", None)
@@ -126,9 +137,21 @@ def associate(
         permanent = result == 0x01
         kind = "permanently" if permanent else "transiently"
         raise DeliveryError(f"association rejected {kind}: {reason}", permanent=permanent)
+    accept = assoc.acceptor.primitive
+    if getattr(accept, "result", None) == 0x00 and not assoc.accepted_contexts:
+        # The peer accepted the association but none of our presentation
+        # contexts (pynetdicom then aborts it): it does not take this object.
+        names = ", ".join(sorted({_uid_name(cx.abstract_syntax) for cx in assoc.rejected_contexts}))
+        raise DeliveryError(f"the destination does not accept {names or 'the proposed SOP classes'}",
+                            permanent=True)
     if assoc.is_aborted:
-        raise DeliveryError("association aborted by the peer", permanent=False)
+        raise DeliveryError("association aborted by the peer (or no answer to the request)", permanent=False)
     raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
+
+
+def _uid_name(uid: str) -> str:
+    name = getattr(uid, "name", "") or ""
+    return f"{name} ({uid})" if name and name != str(uid) else str(uid)
 
 
 def echo(local_ae_title: str, peer: Peer, timeout_s: float = 10.0) -> int:

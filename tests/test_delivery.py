@@ -1,0 +1,511 @@
+"""Delivery of SRs to real peers over loopback.
+
+The outbox rows come from a real worker run (:func:`echonode.worker.process_study`
+with a tiny random-weight bundle on the real echo loop); the destinations are
+a pynetdicom Storage SCP in the test process that records what it receives and
+answers with chosen statuses, and dcmtk's ``storescp``. :meth:`Delivery.run`
+is called directly so that every attempt is counted; one test runs the whole
+node with its scheduler and worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    Verification,
+)
+
+from echonode.bundle import ModelRegistry
+from echonode.config import Config, to_toml
+from echonode.delivery import Delivery, DeliveryError, Peer, echo
+from echonode.journal import Journal, OutboxState, StudyState
+from echonode.store import StudyStore
+from echonode.worker import process_study
+from tests.conftest import STORESCP, free_port, make_config, need, run_cli, wait_for, with_destination
+from tests.factories import tiny_bundle
+
+SR_CLASSES = (ComprehensiveSRStorage, EnhancedSRStorage, Comprehensive3DSRStorage)
+
+
+class RecordingSCP:
+    """A Storage SCP in the test process that records what it gets.
+
+    Parameters
+    ----------
+    port : int
+        Where to listen (loopback).
+    ae_title : str
+        Its AE title; with ``require_called_aet`` an association calling any
+        other title is rejected permanently (called AE title not recognized).
+    statuses : list of int
+        C-STORE statuses to answer with, in order; 0x0000 once used up.
+    sr : bool
+        Accept the SR storage classes (otherwise Verification only).
+    """
+
+    def __init__(self, port: int, ae_title: str = "PACS", *, statuses: list[int] | None = None,
+                 require_called_aet: bool = False, sr: bool = True) -> None:
+        self.port = port
+        self.ae = AE(ae_title=ae_title)
+        self.ae.require_called_aet = require_called_aet
+        self.ae.add_supported_context(Verification)
+        if sr:
+            for uid in SR_CLASSES:
+                self.ae.add_supported_context(uid)
+        self.statuses = list(statuses or [])
+        self.received: list[Dataset] = []  # stored (status 0x0000 / warning / 0x0111)
+        self.stores = 0  # C-STORE requests, whatever the answer
+        self.connections = 0  # TCP connections (association attempts)
+        self.requests = 0  # A-ASSOCIATE-RQs
+        self._lock = threading.Lock()
+        self.server = None
+
+    def _on_conn(self, event: evt.Event) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def _on_request(self, event: evt.Event) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def _on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self._lock:
+            self.stores += 1
+            status = self.statuses.pop(0) if self.statuses else 0x0000
+            if status in (0x0000, 0xB000, 0xB007, 0x0111):
+                self.received.append(ds)
+        return status
+
+    def start(self) -> RecordingSCP:
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, self._on_conn),
+                (evt.EVT_REQUESTED, self._on_request),
+                (evt.EVT_C_STORE, self._on_store),
+            ],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+@pytest.fixture
+def scps() -> Iterator:
+    """Start RecordingSCPs; all are shut down at the end of the test."""
+    started: list[RecordingSCP] = []
+
+    def start(port: int | None = None, **kwargs) -> RecordingSCP:
+        scp = RecordingSCP(port or free_port(), **kwargs).start()
+        started.append(scp)
+        return scp
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+@dataclasses.dataclass
+class Reported:
+    """A study the worker has reported, its SR waiting in the outbox."""
+
+    cfg: Config
+    journal: Journal
+    study_uid: str
+    sr_uid: str
+    sr_path: Path
+
+    def outbox(self) -> dict:
+        (row,) = self.journal.status()["outbox"]
+        return row
+
+
+def reported_study(tmp_path: Path, loop: Path, port: int, *, ae_title: str = "PACS", **delivery) -> Reported:
+    """Store ``loop``, run the worker on it, leave one outbox row for destination "pacs"."""
+    cfg = make_config(tmp_path, delivery=delivery) if delivery else make_config(tmp_path)
+    cfg = with_destination(cfg, "pacs", ae_title, port)
+    tiny_bundle(cfg.models_dir, "lvh", seed=1)
+    journal = Journal(cfg.storage_dir / "journal.sqlite")
+    store = StudyStore(cfg.storage_dir, journal)
+    tmp = store.incoming / f"t-{loop.name}"
+    tmp.write_bytes(loop.read_bytes())
+    header, _ = store.accept(tmp, "CART")
+    journal.mark_stable(-1)
+    journal.queue_stable()
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    outcome = process_study(cfg, journal, store, registry, journal.claim_next(os.getpid()))
+    assert outcome.state == StudyState.REPORTED, outcome
+    report = journal.latest_report(header.study_uid)
+    return Reported(cfg, journal, header.study_uid, report.sr_sop_uid, Path(report.path))
+
+
+def write_config(cfg: Config, path: Path) -> Path:
+    path.write_text(to_toml(cfg))
+    return path
+
+
+def wait_due(rep: Reported) -> None:
+    """Sleep until the outbox row's next attempt is due."""
+    delay = rep.outbox()["next_attempt"] - time.time()
+    if delay > 0:
+        time.sleep(delay + 0.02)
+
+
+# -- delivered -------------------------------------------------------------------
+
+
+def test_sr_delivered_exactly_once(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    scp = scps()
+    rep = reported_study(tmp_path, ybr_loop, scp.port)
+    delivery = Delivery(rep.cfg, rep.journal)
+    assert delivery.run() == 1
+    (ds,) = scp.received
+    assert str(ds.SOPInstanceUID) == rep.sr_uid
+    assert str(ds.SOPClassUID) == ComprehensiveSRStorage
+    assert str(ds.StudyInstanceUID) == rep.study_uid
+    assert ds.Modality == "SR"
+    src = pydicom.dcmread(ybr_loop, stop_before_pixels=True)
+    assert ds.PatientID == src.PatientID
+    row = rep.outbox()
+    assert (row["state"], row["attempts"], row["last_error"]) == (OutboxState.SENT, 1, None)
+    assert row["sent_at"] is not None
+    assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
+    # Nothing left to send: later runs send nothing.
+    assert delivery.run() == 0
+    assert delivery.run() == 0
+    assert len(scp.received) == 1 and scp.requests == 1
+    assert delivery.failures == {}
+
+
+def test_dcmtk_storescp_as_destination(tmp_path: Path, ybr_loop: Path) -> None:
+    need(STORESCP)
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [STORESCP, "--aetitle", "PACS", "--output-directory", str(out), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # dcmtk answers our C-ECHO once it listens.
+        def up() -> bool:
+            try:
+                return echo("ECHONODE", Peer("PACS", "127.0.0.1", port), timeout_s=2) == 0
+            except DeliveryError:
+                return False
+
+        wait_for(up, timeout=10, what="storescp to listen")
+        rep = reported_study(tmp_path, ybr_loop, port)
+        assert Delivery(rep.cfg, rep.journal).run() == 1
+        files = wait_for(lambda: [p for p in out.iterdir() if not p.name.endswith(".tmp")], timeout=5,
+                         what="storescp to write the SR")
+        (got,) = files
+        ds = pydicom.dcmread(got)
+        assert str(ds.SOPInstanceUID) == rep.sr_uid
+        assert str(ds.StudyInstanceUID) == rep.study_uid
+        assert got.read_bytes().endswith(rep.sr_path.read_bytes()[-512:])
+        assert rep.outbox()["state"] == OutboxState.SENT
+        assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- transient failures: retried with backoff -------------------------------------
+
+
+def test_destination_down_then_up_retries_with_backoff(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    port = free_port()  # nothing listens there yet
+    rep = reported_study(tmp_path, ybr_loop, port, retry_initial_s=0.4, retry_max_s=5.0)
+    delivery = Delivery(rep.cfg, rep.journal)
+
+    t0 = time.time()
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["state"] == OutboxState.PENDING and row["attempts"] == 1
+    assert "cannot connect" in row["last_error"] and str(port) in row["last_error"]
+    first_delay = row["next_attempt"] - t0
+    assert 0.8 * 0.4 - 0.05 <= first_delay <= 0.4 + 0.5, first_delay
+    # Not due yet: another pass makes no attempt.
+    assert delivery.run() == 0
+    assert rep.outbox()["attempts"] == 1
+
+    wait_due(rep)
+    t1 = time.time()
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["attempts"] == 2
+    second_delay = row["next_attempt"] - t1
+    # Exponential: the second wait is about twice the first (jitter 0.8-1.0).
+    assert 0.8 * 0.8 - 0.05 <= second_delay <= 0.8 + 0.5, second_delay
+    assert delivery.failures == {"transient": 2}
+
+    scp = scps(port)
+    wait_due(rep)
+    assert delivery.run() == 1
+    (ds,) = scp.received
+    assert str(ds.SOPInstanceUID) == rep.sr_uid
+    assert rep.outbox()["state"] == OutboxState.SENT and rep.outbox()["attempts"] == 3
+    assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
+    time.sleep(0.5)
+    assert delivery.run() == 0 and len(scp.received) == 1
+
+
+@pytest.mark.parametrize("status", [0xA700, 0xA7FF])
+def test_out_of_resources_is_retried(tmp_path: Path, ybr_loop: Path, scps, status: int) -> None:
+    scp = scps(statuses=[status])
+    rep = reported_study(tmp_path, ybr_loop, scp.port, retry_initial_s=0.2)
+    delivery = Delivery(rep.cfg, rep.journal)
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["state"] == OutboxState.PENDING
+    assert f"0x{status:04X}" in row["last_error"]
+    assert (scp.stores, len(scp.received)) == (1, 0)
+    wait_due(rep)
+    assert delivery.run() == 1
+    assert (scp.stores, len(scp.received)) == (2, 1)
+    assert str(scp.received[0].SOPInstanceUID) == rep.sr_uid
+    assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
+
+
+def test_max_attempts_exhausted_goes_dead(tmp_path: Path, ybr_loop: Path) -> None:
+    port = free_port()
+    rep = reported_study(tmp_path, ybr_loop, port, retry_initial_s=0.05, retry_max_s=0.1, max_attempts=3)
+    delivery = Delivery(rep.cfg, rep.journal)
+
+    def dead() -> bool:
+        delivery.run()
+        return rep.outbox()["state"] == OutboxState.DEAD
+
+    wait_for(dead, timeout=10, interval=0.05, what="the SR to be dead-lettered")
+    row = rep.outbox()
+    assert row["attempts"] == 3
+    assert row["last_error"].startswith("gave up after 3 attempts: cannot connect")
+    assert delivery.failures == {"transient": 2, "exhausted": 1}
+    assert rep.journal.study_state(rep.study_uid) == StudyState.REPORTED
+    time.sleep(0.3)
+    assert delivery.run() == 0 and rep.outbox()["attempts"] == 3
+
+
+# -- permanent failures: dead letter at once ----------------------------------------
+
+
+def test_permanent_rejection_dead_letter_status_retry(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    scp = scps(ae_title="PACS", require_called_aet=True)
+    rep = reported_study(tmp_path, ybr_loop, scp.port, ae_title="WRONGAE", retry_initial_s=0.1)
+    conf = write_config(rep.cfg, tmp_path / "echonode.toml")
+    delivery = Delivery(rep.cfg, rep.journal)
+
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["state"] == OutboxState.DEAD and row["attempts"] == 1
+    assert row["last_error"] == "association rejected permanently: called AE title not recognized"
+    assert delivery.failures == {"permanent": 1}
+    # No retry storm: later passes leave the dead letter alone.
+    for _ in range(5):
+        time.sleep(0.12)
+        assert delivery.run() == 0
+    assert (scp.requests, scp.stores) == (1, 0)
+    assert rep.journal.study_state(rep.study_uid) == StudyState.REPORTED
+
+    text = run_cli("--config", str(conf), "status")
+    assert text.returncode == 0, text.stderr
+    assert "outbox: 1 not sent (1 in all)" in text.stdout
+    assert f"{rep.study_uid} -> pacs: dead, 1 attempt(s); dead letter: `echonode retry`" in text.stdout
+    assert "last error: association rejected permanently: called AE title not recognized" in text.stdout
+    as_json = run_cli("--config", str(conf), "status", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    (o,) = doc["outbox"]
+    assert (o["state"], o["destination"], o["sr_sop_uid"]) == ("dead", "pacs", rep.sr_uid)
+    assert "called AE title not recognized" in o["last_error"]
+    (st,) = doc["studies"]
+    assert (st["study_uid"], st["state"]) == (rep.study_uid, "reported")
+
+    other = run_cli("--config", str(conf), "retry", "1.2.3.4.5")
+    assert other.returncode == 0 and "0 dead-lettered SR deliveries queued again" in other.stdout
+    assert rep.outbox()["state"] == OutboxState.DEAD
+    res = run_cli("--config", str(conf), "retry", rep.study_uid)
+    assert res.returncode == 0, res.stderr
+    assert "1 dead-lettered SR delivery queued again" in res.stdout
+    row = rep.outbox()
+    assert (row["state"], row["attempts"]) == (OutboxState.PENDING, 0)
+
+    # The operator fixes the destination's AE title; the node picks it up.
+    fixed = dataclasses.replace(rep.cfg, destinations=(dataclasses.replace(rep.cfg.destinations[0], ae_title="PACS"),))
+    write_config(fixed, conf)
+    delivery.update_config(fixed)
+    assert delivery.run() == 1
+    (ds,) = scp.received
+    assert str(ds.SOPInstanceUID) == rep.sr_uid
+    assert rep.outbox()["state"] == OutboxState.SENT
+    assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
+    doc = json.loads(run_cli("--config", str(conf), "status", "--json").stdout)
+    assert doc["studies"][0]["state"] == "delivered" and doc["outbox"][0]["state"] == "sent"
+
+
+@pytest.mark.parametrize("status", [0xC000, 0xA900, 0x0122])
+def test_refusal_goes_dead_without_retry(tmp_path: Path, ybr_loop: Path, scps, status: int) -> None:
+    scp = scps(statuses=[status])
+    rep = reported_study(tmp_path, ybr_loop, scp.port, retry_initial_s=0.1)
+    delivery = Delivery(rep.cfg, rep.journal)
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["state"] == OutboxState.DEAD and row["attempts"] == 1
+    assert row["last_error"] == f"C-STORE refused with status 0x{status:04X}"
+    time.sleep(0.25)
+    assert delivery.run() == 0
+    assert (scp.stores, scp.requests, len(scp.received)) == (1, 1, 0)
+
+
+def test_destination_without_sr_storage_goes_dead(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    scp = scps(sr=False)  # Verification only
+    rep = reported_study(tmp_path, ybr_loop, scp.port, retry_initial_s=0.1)
+    delivery = Delivery(rep.cfg, rep.journal)
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["state"] == OutboxState.DEAD, row
+    assert "does not accept" in row["last_error"]
+    time.sleep(0.25)
+    assert delivery.run() == 0
+    assert (scp.requests, scp.stores) == (1, 0)
+
+
+# -- exactly once across a crash -------------------------------------------------------
+
+
+def test_resend_after_crash_sends_the_same_sr(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    # The second time round the peer says it already has the instance (0x0111).
+    scp = scps(statuses=[0x0000, 0x0111])
+    rep = reported_study(tmp_path, ybr_loop, scp.port)
+    assert Delivery(rep.cfg, rep.journal).run() == 1
+    sr_bytes = rep.sr_path.read_bytes()
+
+    # The node died after the peer stored the SR but before the row was marked
+    # sent: on restart the row is pending again.
+    con = sqlite3.connect(rep.cfg.storage_dir / "journal.sqlite")
+    with con:
+        con.execute("UPDATE outbox SET state = 'pending', sent_at = NULL, next_attempt = 0")
+        con.execute("UPDATE studies SET state = 'reported'")
+    con.close()
+    journal = Journal(rep.cfg.storage_dir / "journal.sqlite")
+    assert Delivery(rep.cfg, journal).run() == 1
+    first, second = scp.received
+    assert str(first.SOPInstanceUID) == str(second.SOPInstanceUID) == rep.sr_uid
+    assert str(first.SeriesInstanceUID) == str(second.SeriesInstanceUID)
+    assert first == second
+    assert rep.sr_path.read_bytes() == sr_bytes
+    assert len(list(rep.sr_path.parent.iterdir())) == 1
+    assert journal.status()["outbox"][0]["state"] == "sent"
+    assert journal.study_state(rep.study_uid) == StudyState.DELIVERED
+
+
+# -- echonode echo -----------------------------------------------------------------------
+
+
+def test_echo_cli(tmp_path: Path, scps) -> None:
+    scp = scps()
+    strict = scps(ae_title="STRICT", require_called_aet=True)
+    down = free_port()
+    cfg = with_destination(make_config(tmp_path), "pacs", "PACS", scp.port)
+    cfg = with_destination(cfg, "offline", "PACS", down)
+    conf = write_config(cfg, tmp_path / "echonode.toml")
+
+    res = run_cli("--config", str(conf), "echo", "pacs")
+    assert res.returncode == 0, res.stderr
+    assert f"C-ECHO PACS@127.0.0.1:{scp.port}: success" in res.stdout
+
+    res = run_cli("--config", str(conf), "echo", f"ANYAE@127.0.0.1:{scp.port}")
+    assert res.returncode == 0, res.stderr
+    assert f"C-ECHO ANYAE@127.0.0.1:{scp.port}: success" in res.stdout
+
+    res = run_cli("--config", str(conf), "echo", "offline", "--timeout", "3")
+    assert res.returncode == 1
+    assert f"echonode: C-ECHO to PACS@127.0.0.1:{down} failed: cannot connect to 127.0.0.1:{down}" in res.stderr
+    assert "Traceback" not in res.stderr
+
+    res = run_cli("--config", str(conf), "echo", f"WRONG@127.0.0.1:{strict.port}", "--timeout", "3")
+    assert res.returncode == 1
+    assert "association rejected permanently: called AE title not recognized" in res.stderr
+
+    res = run_cli("--config", str(conf), "echo", "nosuch")
+    assert res.returncode == 2
+    assert "unknown destination 'nosuch'" in res.stderr and "pacs, offline" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_peer_parse(tmp_path: Path) -> None:
+    cfg = with_destination(make_config(tmp_path), "pacs", "PACS", 104, host="10.0.0.9")
+    assert Peer.parse("pacs", cfg) == Peer("PACS", "10.0.0.9", 104)
+    assert Peer.parse("ORTHANC@127.0.0.1:4242", cfg) == Peer("ORTHANC", "127.0.0.1", 4242)
+    assert Peer.parse("AE@[::1]:104", cfg) == Peer("AE", "::1", 104)
+    for bad in ("nosuch", "AE@host", "@host:104", "WAYTOOLONGAETITLE17@h:104"):
+        with pytest.raises(ValueError, match="unknown destination"):
+            Peer.parse(bad, cfg)
+
+
+# -- the whole node ---------------------------------------------------------------------
+
+
+def test_node_delivers_through_its_scheduler(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    from echonode.node import Node
+
+    port = free_port()  # the destination is down when the SR is ready
+    cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.2},
+                      delivery={"retry_initial_s": 0.3, "retry_max_s": 1.0, "check_interval_s": 0.1})
+    cfg = with_destination(cfg, "pacs", "PACS", port)
+    tiny_bundle(cfg.models_dir, "lvh", seed=1)
+    node = Node(cfg)
+    node.start()
+    try:
+        ae = AE(ae_title="CART")
+        src = pydicom.dcmread(ybr_loop)
+        ae.add_requested_context(src.SOPClassUID, src.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
+        assert assoc.is_established
+        assert assoc.send_c_store(src).Status == 0
+        assoc.release()
+        study = str(src.StudyInstanceUID)
+
+        def retried() -> bool:
+            node.worker.supervise()
+            rows = node.journal.status()["outbox"]
+            return bool(rows) and rows[0]["attempts"] >= 2
+
+        wait_for(retried, timeout=60, what="the SR to be reported and its delivery retried")
+        assert node.journal.study_state(study) == StudyState.REPORTED
+        scp = scps(port)
+        wait_for(lambda: node.journal.study_state(study) == StudyState.DELIVERED, timeout=20,
+                 what="the study to be delivered")
+        (ds,) = scp.received
+        report = node.journal.latest_report(study)
+        assert str(ds.SOPInstanceUID) == report.sr_sop_uid
+        assert str(ds.StudyInstanceUID) == study
+        time.sleep(0.5)
+        assert len(scp.received) == 1
+    finally:
+        node.stop()
