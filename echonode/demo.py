@@ -216,7 +216,7 @@ def run_demo(args: argparse.Namespace) -> int:
     log_path = work / "node.log"
     log_file = log_path.open("a")
     configure_logging("json", "info", stream=log_file)
-    node = Node(cfg)
+    node = Node(cfg, worker_log_path=str(log_path))
     node.start()
     try:
         _say(f"[3/4] node ECHONODE listening on 127.0.0.1:{port} (log: {log_path}); sending over DICOM:")

@@ -122,7 +122,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     # pynetdicom logs every PDU at debug and a summary per association at
     # info; keep it one step quieter than ours unless debugging.
     net_level = logging.DEBUG if level.lower() == "debug" else logging.WARNING
-    for name in ("pynetdicom", "pydicom", "apscheduler"):
+    for name in ("pynetdicom", "pydicom", "apscheduler", "highdicom"):
         logging.getLogger(name).setLevel(net_level)
 
 

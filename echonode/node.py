@@ -63,7 +63,14 @@ class Node:
         Run the inference worker process (tests of receiving alone turn it off).
     """
 
-    def __init__(self, cfg: Config, config_path: str | None = None, *, start_worker: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: str | None = None,
+        *,
+        start_worker: bool = True,
+        worker_log_path: str | None = None,
+    ) -> None:
         # Received data is parsed leniently; never echo element values
         # (which may be patient names) into warnings.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -84,6 +91,8 @@ class Node:
         self.worker: Any = None
         self.delivery: Any = None
         self._start_worker = start_worker
+        self._worker_log_path = worker_log_path
+        self.metrics: Any = None
 
     # -- jobs ---------------------------------------------------------------------
 
@@ -141,8 +150,17 @@ class Node:
         if self._start_worker:
             from .worker import WorkerSupervisor
 
-            self.worker = WorkerSupervisor(self.cfg)
+            self.worker = WorkerSupervisor(self.cfg, log_path=self._worker_log_path)
             self.worker.start()
+        if self.cfg.metrics.enabled:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(self, self.cfg.metrics.host, self.cfg.metrics.port)
+            try:
+                self.metrics.start()
+            except OSError as exc:  # receiving matters more than being scraped
+                log.error("metrics.not_started", port=self.cfg.metrics.port, error=exc.strerror)
+                self.metrics = None
         notify(f"READY=1\nSTATUS=listening on port {self.scp.port} as {self.cfg.node.ae_title}")
         log.info("node.ready", port=self.scp.port, ae_title=self.cfg.node.ae_title)
 
@@ -153,6 +171,8 @@ class Node:
         if self.worker is not None:
             self.worker.stop()
         self.scheduler.shutdown(wait=True)
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("node.stopped")
 
     def reload(self) -> None:

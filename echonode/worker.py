@@ -192,8 +192,12 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
     return StudyOutcome(claim.study_uid, str(state), report.sr_sop_uid)
 
 
-def worker_main(cfg: Config, stop: Any) -> None:
-    """The worker process: claim, process, repeat until ``stop`` is set."""
+def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
+    """The worker process: claim, process, repeat until ``stop`` is set.
+
+    Logs go to stderr (journald under systemd) or, when ``log_path`` is
+    given, appended to that file (the demo keeps its terminal readable).
+    """
     from .bundle import ModelRegistry
     from .journal import Journal, StaleClaim
     from .logs import configure_logging
@@ -201,7 +205,8 @@ def worker_main(cfg: Config, stop: Any) -> None:
 
     # The node handles signals; the worker stops when told through ``stop``.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_logging(cfg.logging.format, cfg.logging.level)
+    stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the process
+    configure_logging(cfg.logging.format, cfg.logging.level, stream=stream)
     import torch
     from pydicom import config as pydicom_config
 
@@ -251,8 +256,9 @@ class WorkerSupervisor:
     cfg : Config
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, log_path: str | None = None) -> None:
         self.cfg = cfg
+        self.log_path = log_path
         self._ctx = mp.get_context("spawn")
         self._stop = self._ctx.Event()
         self.process: Any = None
@@ -262,7 +268,8 @@ class WorkerSupervisor:
 
     def start(self) -> None:
         self._stop.clear()
-        self.process = self._ctx.Process(target=worker_main, args=(self.cfg, self._stop), name="echonode-worker")
+        self.process = self._ctx.Process(target=worker_main, args=(self.cfg, self._stop, self.log_path),
+                                        name="echonode-worker")
         self.process.start()
         log.info("worker.spawned", pid=self.process.pid)
 
