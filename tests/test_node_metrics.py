@@ -1,0 +1,209 @@
+"""The node's Prometheus /metrics and /health endpoints, against a running node and real peers.
+
+(``tests/test_metrics.py`` tests ``train.metrics``, the AUROC/AUPRC code.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from pynetdicom import AE
+from structlog.testing import capture_logs
+
+from echonode.journal import TaskResult
+from echonode.metrics import MetricsServer, health
+from echonode.node import Node
+
+from tests.conftest import free_port, make_config
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def get_health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def send(port: int, path: Path, calling: str) -> int | None:
+    """C-STORE one file; the status, or None when the association is rejected."""
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
+    if not assoc.is_established:
+        return None
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+@pytest.fixture
+def metrics_node(tmp_path: Path):
+    cfg = make_config(
+        tmp_path,
+        node={"allowed_calling_aets": ["CART"]},
+        # Nothing moves by itself: the test drives the study states.
+        study={"stable_after_s": 3600.0},
+        metrics={"enabled": True, "port": free_port()},
+    )
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def test_metrics_reflect_the_running_node(metrics_node: Node, ybr_loop: Path) -> None:
+    node = metrics_node
+    port = node.cfg.metrics.port
+    assert node.metrics is not None and node.metrics.port == port
+
+    m = scrape(port)
+    assert m[("echonode_instances_received_total", ())] == 0
+    assert m[("echonode_scp_up", ())] == 1
+
+    assert send(node.scp.port, ybr_loop, "CART") == 0x0000
+    assert send(node.scp.port, ybr_loop, "CART") == 0x0000  # identical copy: a duplicate
+    assert send(node.scp.port, ybr_loop, "STRANGER") is None  # not on the allow-list
+    node.delivery.failures["transient"] = 2  # as Delivery._count leaves them
+
+    m = scrape(port)
+    assert m[("echonode_instances_received_total", ())] == 1
+    assert m[("echonode_bytes_received_total", ())] == ybr_loop.stat().st_size
+    assert m[("echonode_duplicate_instances_total", ())] == 1
+    assert m[("echonode_associations_total", ())] == 2
+    assert m[("echonode_associations_rejected_total", ())] == 1
+    assert m[("echonode_studies", (("state", "receiving"),))] == 1
+    assert m[("echonode_studies", (("state", "delivered"),))] == 0
+    assert m[("echonode_queue_depth", ())] == 0
+    assert m[("echonode_outbox", (("state", "pending"),))] == 0
+    assert m[("echonode_outbox", (("state", "dead"),))] == 0
+    assert m[("echonode_delivery_failures_total", (("reason", "transient"),))] == 2
+    assert m[("echonode_stored_bytes", ())] == ybr_loop.stat().st_size
+    assert m[("echonode_storage_free_bytes", ())] > 0
+    assert m[("echonode_worker_up", ())] == 0
+    assert m[("echonode_worker_restarts_total", ())] == 0
+    assert m[("echonode_inference_seconds_count", ())] == 0
+
+    # Through the journal as the worker would: queued, then reported with a time.
+    j = node.journal
+    j.mark_stable(0.0)
+    j.queue_stable()
+    assert scrape(port)[("echonode_queue_depth", ())] == 1
+    claim = j.claim_next(os.getpid())
+    results = [
+        TaskResult(task, "b-" + task, "1", "1.2.3", 0.7, True, 0.5, 1, {"videos": [0.7], "seconds": 3.5})
+        for task in ("lvh", "severe_as")
+    ]
+    j.finish_reported(claim, "set1", results, None, [])
+
+    m = scrape(port)
+    assert m[("echonode_studies", (("state", "delivered"),))] == 1
+    assert m[("echonode_queue_depth", ())] == 0
+    # One study, two task rows: one observation.
+    assert m[("echonode_inference_seconds_count", ())] == 1
+    assert m[("echonode_inference_seconds_sum", ())] == pytest.approx(3.5)
+    assert m[("echonode_inference_seconds_bucket", (("le", "2.5"),))] == 0
+    assert m[("echonode_inference_seconds_bucket", (("le", "5.0"),))] == 1
+    assert m[("echonode_inference_seconds_bucket", (("le", "+Inf"),))] == 1
+    # Counters only grow: a second scrape does not count the study again.
+    assert scrape(port)[("echonode_inference_seconds_count", ())] == 1
+
+    # The process-wide default registry is left alone.
+    assert b"echonode_" not in generate_latest(REGISTRY)
+
+
+def test_health(metrics_node: Node) -> None:
+    port = metrics_node.cfg.metrics.port
+    assert get_health(port) == (200, {"status": "ok", "scp": True, "worker": None})
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+        assert r.headers["Content-Type"] == "application/json"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nothing", timeout=10)
+    assert err.value.code == 404
+    metrics_node.scp.stop(grace_s=1)
+    code, doc = get_health(port)
+    assert code == 503 and doc["status"] == "unavailable" and doc["scp"] is False
+    assert scrape(port)[("echonode_scp_up", ())] == 0
+
+
+def test_health_follows_the_worker_process() -> None:
+    alive = SimpleNamespace(is_alive=lambda: True)
+    dead = SimpleNamespace(is_alive=lambda: False)
+    node = SimpleNamespace(scp=SimpleNamespace(_server=object()), _start_worker=True,
+                           worker=SimpleNamespace(process=alive))
+    assert health(node) == (200, {"status": "ok", "scp": True, "worker": True})
+    node.worker.process = dead
+    assert health(node) == (503, {"status": "unavailable", "scp": True, "worker": False})
+    node.worker.process = None  # between a crash and the restart
+    assert health(node)[0] == 503
+
+
+def test_off_by_default_and_on_loopback(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = make_config(tmp_path, metrics={"port": port})
+    assert cfg.metrics.enabled is False
+    assert make_config(tmp_path).metrics.host == "127.0.0.1"
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        assert node.metrics is None
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+    finally:
+        node.stop()
+
+
+def test_port_taken_does_not_stop_the_node(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cfg = make_config(tmp_path, metrics={"enabled": True, "port": busy.getsockname()[1]})
+        node = Node(cfg, start_worker=False)
+        with capture_logs() as logs:
+            node.start()
+        try:
+            assert node.metrics is None
+            assert any(e["event"] == "metrics.not_started" for e in logs)
+            assert node.scp.port  # still receiving
+        finally:
+            node.stop()
+
+
+def test_server_stops_and_frees_its_port(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    node = Node(cfg, start_worker=False)
+    server = MetricsServer(node, "127.0.0.1", 0)
+    server.start()
+    port = server.port
+    assert ("echonode_scp_up", ()) in scrape(port)
+    server.stop()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
