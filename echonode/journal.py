@@ -657,3 +657,63 @@ class Journal:
         """Studies by state (for metrics)."""
         rows = self._connect().execute("SELECT state, COUNT(*) AS n FROM studies GROUP BY state").fetchall()
         return {r["state"]: r["n"] for r in rows}
+
+    # -- retention -----------------------------------------------------------------
+
+    def purge_study(
+        self,
+        study_uid: str,
+        *,
+        states: Iterable[str] | None = None,
+        active_before: float | None = None,
+    ) -> list[str] | None:
+        """Delete a study's rows (instances, results, reports, outbox, study) in one transaction.
+
+        Parameters
+        ----------
+        study_uid : str
+        states : iterable of str, optional
+            Purge only while the study is in one of these states. With
+            ``states``, a study that still has an SR not acknowledged by every
+            destination (outbox row pending or dead) is never purged.
+        active_before : float, optional
+            Purge only when the study's last activity (``max(last_received,
+            updated)``) is at or before this time: a study that changed since
+            the caller looked is left alone.
+
+        Returns
+        -------
+        list of str or None
+            The files the deleted rows pointed to (instances, then SRs), or
+            None when nothing was deleted (unknown study, or a guard failed).
+        """
+        with self._tx() as con:
+            row = con.execute(
+                "SELECT state, MAX(last_received, updated) AS active FROM studies WHERE study_uid = ?",
+                (study_uid,),
+            ).fetchone()
+            if row is None:
+                return None
+            if states is not None:
+                if row["state"] not in {str(s) for s in states}:
+                    return None
+                unsent = con.execute(
+                    "SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND state != ?",
+                    (study_uid, OutboxState.SENT),
+                ).fetchone()["n"]
+                if unsent:
+                    return None
+            if active_before is not None and row["active"] > active_before:
+                return None
+            paths = [r["path"] for r in con.execute("SELECT path FROM instances WHERE study_uid = ?", (study_uid,))]
+            paths += [r["path"] for r in con.execute("SELECT path FROM reports WHERE study_uid = ?", (study_uid,))]
+            con.execute(
+                "DELETE FROM outbox WHERE study_uid = ? OR sr_sop_uid IN"
+                " (SELECT sr_sop_uid FROM reports WHERE study_uid = ?)",
+                (study_uid, study_uid),
+            )
+            con.execute("DELETE FROM reports WHERE study_uid = ?", (study_uid,))
+            con.execute("DELETE FROM results WHERE study_uid = ?", (study_uid,))
+            con.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
+            con.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
+        return paths

@@ -1,0 +1,180 @@
+"""Retention: purge finished studies by age and by total size.
+
+A scheduled job (``[retention]``, off by default). A study may go only when
+nothing is owed for it:
+
+- ``delivered``: every destination acknowledged its SR;
+- ``skipped``: nothing usable, so no SR will ever be sent (with
+  ``sr.report_skipped = true`` such a study gets an SR and ends up
+  ``delivered`` instead).
+
+Never purged: ``receiving``, ``stable``, ``queued``, ``running``,
+``reported`` (an SR still pending or dead-lettered), ``failed`` (the
+administrator should look, and may ``echonode reprocess``), and any study
+with an outbox row that is not ``sent``. The journal re-checks all of this
+in the transaction that deletes the rows (:meth:`Journal.purge_study`), so a
+study that changed since it was listed is left alone.
+
+Two rules, applied in this order at every run:
+
+1. age: studies whose last activity (last instance received, or last state
+   change such as the SR's delivery) is older than ``max_age_days``;
+2. size: while the stored instances add up to more than ``max_total_gb``
+   (10^9 bytes), the eligible studies with the oldest last activity go first.
+   When only studies that may not go are left, the job logs
+   ``retention.over_cap`` and stops; the SCP's ``min_free_disk_mb`` (0xA700)
+   still protects the disk.
+
+Rows go first (one transaction), then the files. An instance that arrives for
+a study in the instant it is purged starts the study afresh; its row is kept
+and only the files the purged rows named are deleted in that case.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RetentionConfig
+from .journal import Journal, OutboxState, StudyState
+from .logs import get_logger
+from .store import StudyStore, is_valid_uid
+
+log = get_logger(__name__)
+
+#: States a study may be purged in.
+PURGEABLE = (StudyState.DELIVERED, StudyState.SKIPPED)
+GB = 1e9
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class Purged:
+    """One purged study."""
+
+    study_uid: str
+    state: str
+    rule: str  # "age" or "size"
+    instances: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    study_uid: str
+    state: str
+    active: float
+    instances: int
+    bytes: int
+
+
+class Retention:
+    """The retention job.
+
+    Parameters
+    ----------
+    settings : RetentionConfig or callable
+        The ``[retention]`` table, or a callable returning the current one
+        (so that a reload's new limits apply at the next run).
+    journal : Journal
+    store : StudyStore
+    """
+
+    def __init__(
+        self,
+        settings: RetentionConfig | Callable[[], RetentionConfig],
+        journal: Journal,
+        store: StudyStore,
+    ) -> None:
+        self._settings = settings
+        self.journal = journal
+        self.store = store
+
+    @property
+    def settings(self) -> RetentionConfig:
+        s = self._settings
+        return s() if callable(s) else s
+
+    def _studies(self) -> tuple[list[_Candidate], int]:
+        """Purge candidates, oldest activity first, and the total stored bytes."""
+        status = self.journal.status()
+        owed = {o["study_uid"] for o in status["outbox"] if o["state"] != OutboxState.SENT}
+        total = 0
+        out = []
+        for s in status["studies"]:
+            total += int(s["bytes"] or 0)
+            if s["state"] in PURGEABLE and s["study_uid"] not in owed:
+                active = max(s["last_received"] or 0.0, s["updated"] or 0.0)
+                out.append(_Candidate(s["study_uid"], s["state"], active, int(s["instances"]), int(s["bytes"] or 0)))
+        out.sort(key=lambda c: (c.active, c.study_uid))
+        return out, total
+
+    def run(self, now: float | None = None) -> list[Purged]:
+        """Apply both rules once; return what was purged."""
+        cfg = self.settings
+        now = time.time() if now is None else now
+        candidates, total = self._studies()
+        purged: list[Purged] = []
+        remaining: list[_Candidate] = []
+        cutoff = now - cfg.max_age_days * DAY_S if cfg.max_age_days > 0 else None
+        for c in candidates:
+            if cutoff is not None and c.active < cutoff:
+                if self._purge(c, "age", purged):
+                    total -= c.bytes
+                    continue
+            remaining.append(c)
+        if cfg.max_total_gb > 0:
+            cap = int(cfg.max_total_gb * GB)
+            for c in remaining:
+                if total <= cap:
+                    break
+                if self._purge(c, "size", purged):
+                    total -= c.bytes
+            if total > cap:
+                log.warning("retention.over_cap", stored_bytes=total, cap_bytes=cap,
+                            reason="only studies that may not be purged are left")
+        if purged:
+            log.info("retention.done", studies=len(purged), bytes=sum(p.bytes for p in purged), stored_bytes=total)
+        return purged
+
+    def _purge(self, c: _Candidate, rule: str, purged: list[Purged]) -> bool:
+        if not is_valid_uid(c.study_uid):
+            # Cannot be a folder name we wrote; leave it for a human.
+            log.warning("retention.bad_uid_skipped")
+            return False
+        paths = self.journal.purge_study(c.study_uid, states=PURGEABLE, active_before=c.active)
+        if paths is None:
+            log.info("retention.study_changed", study_uid=c.study_uid)
+            return False
+        if self.journal.study(c.study_uid) is None:
+            freed = self.store.remove_study(c.study_uid)
+        else:
+            # A new instance arrived in the meantime: keep it, delete only what the purged rows named.
+            freed = 0
+            for p in paths:
+                path = Path(p)
+                try:
+                    freed += path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+            log.warning("retention.study_reopened", study_uid=c.study_uid)
+        log.info(
+            "retention.purged",
+            study_uid=c.study_uid,
+            state=c.state,
+            rule=rule,
+            instances=c.instances,
+            bytes=freed or c.bytes,
+            idle_days=round((time.time() - c.active) / DAY_S, 1),
+        )
+        purged.append(Purged(c.study_uid, c.state, rule, c.instances, freed or c.bytes))
+        return True
+
+
+def retention_job(node: Any) -> Retention:
+    """The job for a :class:`~echonode.node.Node` (reads the node's current config at each run)."""
+    return Retention(lambda: node.cfg.retention, node.journal, node.store)

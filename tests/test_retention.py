@@ -1,0 +1,237 @@
+"""Retention with a real journal and store: what goes, what never goes, and in what order."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from structlog.testing import capture_logs
+
+from echonode.config import RetentionConfig
+from echonode.journal import Journal, ReportRecord, StudyState
+from echonode.node import Node
+from echonode.retention import Retention
+from echonode.store import StudyStore
+from tests.conftest import make_config
+from tests.factories import us_multiframe, write
+
+DAY = 86400.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> StudyStore:
+    root = tmp_path / "storage"
+    return StudyStore(root, Journal(root / "journal.sqlite"))
+
+
+def receive(store: StudyStore, tmp_path: Path, study_uid: str, frames: int = 8) -> Path:
+    """Store one new instance of ``study_uid`` the way the SCP does."""
+    ds = us_multiframe(study_uid=study_uid, frames=frames)
+    src = write(ds, tmp_path / "in" / f"{ds.SOPInstanceUID}.dcm")
+    header, outcome = store.accept(src, "CART")
+    assert outcome == "stored"
+    return store.instance_path(header)
+
+
+def make_study(store: StudyStore, tmp_path: Path, state: str, age_days: float, *, frames: int = 8) -> str:
+    """A study driven through the journal to ``state``, last active ``age_days`` ago.
+
+    ``state`` is a study state, or ``reported-dead`` (its SR dead-lettered) or
+    ``skipped-owed`` (reprocessed into skipped while an earlier SR is dead).
+    """
+    j = store.journal
+    uid = generate_uid()
+    receive(store, tmp_path, uid, frames)
+    if state != StudyState.RECEIVING:
+        j.mark_stable(0.0)
+        if state != StudyState.STABLE:
+            j.queue_stable()
+            claim = j.claim_next(os.getpid())
+            assert claim is not None and claim.study_uid == uid
+            if state == StudyState.SKIPPED:
+                j.finish_skipped(claim, "no usable video")
+            elif state == StudyState.FAILED:
+                j.finish_failed(claim, "boom", max_attempts=1)
+            else:
+                sr_uid = generate_uid()
+                path = store.report_path(uid, sr_uid)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"SR")
+                report = ReportRecord(sr_uid, uid, "set1", generate_uid(), "1.2.840.10008.5.1.4.1.1.88.33", str(path))
+                j.finish_reported(claim, "set1", [], report, ["pacs"])
+                (item,) = [o for o in j.status()["outbox"] if o["study_uid"] == uid]
+                if state == StudyState.DELIVERED:
+                    j.mark_sent(item["id"])
+                elif state in ("reported-dead", "skipped-owed"):
+                    j.mark_dead(item["id"], "refused")
+                if state == "skipped-owed":
+                    j.requeue(uid)
+                    claim = j.claim_next(os.getpid())
+                    j.finish_skipped(claim, "no usable video")
+    when = time.time() - age_days * DAY
+    j._connect().execute(
+        "UPDATE studies SET first_received = ?, last_received = ?, updated = ? WHERE study_uid = ?",
+        (when, when, when, uid),
+    )
+    return uid
+
+
+def assert_gone(store: StudyStore, uid: str) -> None:
+    j = store.journal
+    assert j.study(uid) is None
+    assert j.instances(uid) == []
+    assert j.report_for(uid, "set1") is None
+    assert not [o for o in j.status()["outbox"] if o["study_uid"] == uid]
+    con = j._connect()
+    assert con.execute("SELECT COUNT(*) FROM results WHERE study_uid = ?", (uid,)).fetchone()[0] == 0
+    assert not (store.studies / uid).exists()
+    assert not (store.reports / uid).exists()
+
+
+def assert_kept(store: StudyStore, uid: str) -> None:
+    recs = store.journal.instances(uid)
+    assert store.journal.study(uid) is not None and recs
+    assert all(Path(r.path).exists() for r in recs)
+
+
+def test_age_purges_only_finished_studies(store: StudyStore, tmp_path: Path) -> None:
+    recent = make_study(store, tmp_path, StudyState.DELIVERED, 5)
+    # (stable and receiving last: later studies would move them on)
+    old = {s: make_study(store, tmp_path, s, 40) for s in (
+        StudyState.DELIVERED, StudyState.SKIPPED, StudyState.FAILED, StudyState.REPORTED,
+        "reported-dead", "skipped-owed", StudyState.STABLE, StudyState.RECEIVING,
+    )}
+    assert {s: store.journal.study_state(u) for s, u in old.items()} == {
+        s: StudyState(s.split("-")[0]) for s in old
+    }
+    assert store.journal.study_state(old["skipped-owed"]) == StudyState.SKIPPED
+
+    with capture_logs() as logs:
+        purged = Retention(RetentionConfig(enabled=True, max_age_days=30), store.journal, store).run()
+
+    assert {p.study_uid for p in purged} == {old[StudyState.DELIVERED], old[StudyState.SKIPPED]}
+    assert {p.rule for p in purged} == {"age"}
+    assert_gone(store, old[StudyState.DELIVERED])
+    assert_gone(store, old[StudyState.SKIPPED])
+    for s, uid in old.items():
+        if s not in (StudyState.DELIVERED, StudyState.SKIPPED):
+            assert_kept(store, uid)
+    assert_kept(store, recent)
+    # An SR still owed keeps its file too.
+    assert Path(store.journal.report_for(old["reported-dead"], "set1").path).exists()
+
+    events = [e for e in logs if e["event"] == "retention.purged"]
+    assert {e["study_uid"] for e in events} == {p.study_uid for p in purged}
+    assert all(e["rule"] == "age" and e["bytes"] > 0 for e in events)
+    # UIDs only: no paths, nothing from the data set.
+    assert not any("path" in e for e in logs)
+
+    # Idempotent.
+    assert Retention(RetentionConfig(enabled=True, max_age_days=30), store.journal, store).run() == []
+
+
+def test_size_cap_purges_oldest_finished_first(store: StudyStore, tmp_path: Path) -> None:
+    pending = make_study(store, tmp_path, StudyState.REPORTED, 10)  # oldest, but its SR is owed
+    d3 = make_study(store, tmp_path, StudyState.DELIVERED, 3)
+    d2 = make_study(store, tmp_path, StudyState.SKIPPED, 2)
+    d1 = make_study(store, tmp_path, StudyState.DELIVERED, 1)
+    size = store.journal.status()["studies"][0]["bytes"]
+    assert all(s["bytes"] == size for s in store.journal.status()["studies"])
+
+    cfg = RetentionConfig(enabled=True, max_age_days=0, max_total_gb=2.5 * size / 1e9)
+    purged = Retention(cfg, store.journal, store).run()
+
+    assert [p.study_uid for p in purged] == [d3, d2]
+    assert {p.rule for p in purged} == {"size"}
+    assert purged[0].bytes >= size
+    assert_gone(store, d3)
+    assert_gone(store, d2)
+    assert_kept(store, d1)
+    assert_kept(store, pending)
+
+
+def test_over_cap_with_nothing_purgeable_is_logged(store: StudyStore, tmp_path: Path) -> None:
+    failed = make_study(store, tmp_path, StudyState.FAILED, 100)
+    owed = make_study(store, tmp_path, "reported-dead", 100)
+    with capture_logs() as logs:
+        purged = Retention(RetentionConfig(enabled=True, max_age_days=1, max_total_gb=1e-9),
+                           store.journal, store).run()
+    assert purged == []
+    assert_kept(store, failed)
+    assert_kept(store, owed)
+    (warning,) = [e for e in logs if e["event"] == "retention.over_cap"]
+    assert warning["cap_bytes"] == 1 and warning["stored_bytes"] > 1
+
+
+def test_zero_means_no_limit(store: StudyStore, tmp_path: Path) -> None:
+    uid = make_study(store, tmp_path, StudyState.DELIVERED, 10_000)
+    assert Retention(RetentionConfig(enabled=True, max_age_days=0, max_total_gb=0),
+                     store.journal, store).run() == []
+    assert_kept(store, uid)
+
+
+def test_settings_are_read_at_each_run(store: StudyStore, tmp_path: Path) -> None:
+    uid = make_study(store, tmp_path, StudyState.DELIVERED, 10)
+    current = {"cfg": RetentionConfig(enabled=True, max_age_days=30)}
+    job = Retention(lambda: current["cfg"], store.journal, store)
+    assert job.run() == []
+    current["cfg"] = RetentionConfig(enabled=True, max_age_days=7)  # a reload
+    assert [p.study_uid for p in job.run()] == [uid]
+
+
+def test_purge_study_guards(store: StudyStore, tmp_path: Path) -> None:
+    j = store.journal
+    assert j.purge_study("1.2.3.4") is None
+    uid = make_study(store, tmp_path, StudyState.DELIVERED, 10)
+    active = j.study(uid)["last_received"]
+    # Wrong state, or changed since the caller looked: untouched.
+    assert j.purge_study(uid, states=[StudyState.SKIPPED]) is None
+    assert j.purge_study(uid, active_before=active - 1) is None
+    assert_kept(store, uid)
+    paths = j.purge_study(uid, states=[StudyState.DELIVERED], active_before=active)
+    assert paths is not None and len(paths) == 2  # the instance and the SR
+    assert all(Path(p).exists() for p in paths)  # rows only: files are the caller's
+    assert j.study(uid) is None and j.instances(uid) == []
+
+    owed = make_study(store, tmp_path, "reported-dead", 10)
+    assert j.purge_study(owed, states=[StudyState.REPORTED]) is None  # an SR still owed
+    # Without guards every row goes (an administrator's explicit purge).
+    assert j.purge_study(owed) is not None
+    assert j.study(owed) is None and j.status()["outbox"] == []
+
+
+def test_an_instance_arriving_during_the_purge_is_kept(store: StudyStore, tmp_path: Path, monkeypatch) -> None:
+    j = store.journal
+    uid = make_study(store, tmp_path, StudyState.DELIVERED, 40)
+    (old,) = j.instances(uid)
+    real = j.purge_study
+    late: list[Path] = []
+
+    def racing(study_uid, **kw):
+        paths = real(study_uid, **kw)
+        late.append(receive(store, tmp_path, study_uid))  # lands between rows and files
+        return paths
+
+    monkeypatch.setattr(j, "purge_study", racing)
+    with capture_logs() as logs:
+        purged = Retention(RetentionConfig(enabled=True, max_age_days=30), j, store).run()
+    assert [p.study_uid for p in purged] == [uid]
+    assert not Path(old.path).exists()
+    assert late[0].exists()
+    assert j.study_state(uid) == StudyState.RECEIVING and [r.path for r in j.instances(uid)] == [str(late[0])]
+    assert any(e["event"] == "retention.study_reopened" for e in logs)
+
+
+def test_node_schedules_retention_only_when_enabled(tmp_path: Path) -> None:
+    for enabled in (False, True):
+        cfg = make_config(tmp_path / str(enabled), retention={"enabled": enabled, "check_interval_s": 5.0})
+        node = Node(cfg, start_worker=False)
+        node.start()
+        try:
+            job = node.scheduler.get_job("retention")
+            assert (job is not None) is enabled
+        finally:
+            node.stop()
