@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,18 @@ class Node:
                 id="delivery",
                 max_instances=1,
                 coalesce=True,
+            )
+        if self.cfg.retention.enabled:
+            from .retention import retention_job
+
+            self.scheduler.add_job(
+                self._job("retention", retention_job(self).run),
+                "interval",
+                seconds=self.cfg.retention.check_interval_s,
+                id="retention",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=_now() + timedelta(seconds=min(60.0, self.cfg.retention.check_interval_s)),
             )
         # Run the first stability pass now rather than after one interval.
         self.scheduler.get_job("stability").modify(next_run_time=_now())
