@@ -50,6 +50,9 @@ def promote(bundle: Path, models_dir: Path, *, name: str | None = None) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(bundle, staging)
     load_bundle(staging, "cpu")  # the copy, not only the source, must load
+    # copytree copies the source folder's times; stamp the promotion time,
+    # which is what history() orders by.
+    os.utime(staging)
     os.replace(staging, target)
     _swap_link(models_dir / slot, Path(STORE) / unique)
     return models_dir / slot
@@ -76,10 +79,18 @@ def history(models_dir: Path, slot: str) -> list[Path]:
 
 
 def rollback(models_dir: Path, slot: str) -> Path:
-    """Point ``slot`` back at the bundle promoted before the current one."""
+    """Point ``slot`` back at the bundle promoted before the current one.
+
+    Repeated rollbacks walk further back in promotion order.
+    """
     link = models_dir / slot
     current = link.resolve() if link.is_symlink() else None
-    previous = [p for p in history(models_dir, slot) if p.resolve() != current]
+    promoted = history(models_dir, slot)
+    resolved = [p.resolve() for p in promoted]
+    if current in resolved:
+        previous = promoted[: resolved.index(current)]
+    else:
+        previous = promoted
     if not previous:
         raise BundleError(f"no earlier bundle for {slot!r} in {models_dir / STORE}")
     load_bundle(previous[-1], "cpu")
