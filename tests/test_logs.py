@@ -1,0 +1,92 @@
+"""Logging: JSON lines with UIDs as context, and never a patient identifier."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pydicom
+import structlog
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from echonode.journal import StudyState
+from echonode.logs import configure_logging, get_logger
+from echonode.node import Node
+from tests.conftest import make_config, wait_for, with_destination
+from tests.factories import tiny_bundle, us_multiframe
+
+SECRET_NAME = "ZZSECRET^HIDDENNAME"
+SECRET_ID = "PHI-ID-424242"
+SECRET_BIRTH = "19230405"
+
+
+def test_json_lines_with_bound_context_and_stdlib_routing() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf)
+    structlog.contextvars.bind_contextvars(study_uid="1.2.3")
+    try:
+        get_logger("t").info("hello", sop_uid="1.2.3.4", patient_name="DOE^JOHN")
+        logging.getLogger("pynetdicom").warning("from the stdlib")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert lines[0]["event"] == "hello" and lines[0]["study_uid"] == "1.2.3" and lines[0]["sop_uid"] == "1.2.3.4"
+    assert "DOE" not in buf.getvalue()  # a PHI key is redacted even if a caller passes it
+    assert lines[1]["event"] == "from the stdlib" and lines[1]["level"] == "warning"
+
+
+def test_console_format() -> None:
+    buf = io.StringIO()
+    configure_logging("console", "info", stream=buf)
+    get_logger("t").info("hello", study_uid="1.2.3")
+    assert "hello" in buf.getvalue() and "study_uid=1.2.3" in buf.getvalue()
+    configure_logging("auto", "info", stream=io.StringIO())  # not a tty: JSON, no error
+
+
+def test_no_patient_identifier_in_any_log_line(tmp_path: Path, sonosite_loop: Path) -> None:
+    """A study with a known name and ID through the whole loop; every log line scanned."""
+    received: list[pydicom.Dataset] = []
+    pacs = AE(ae_title="PACS")
+    for cx in AllStoragePresentationContexts:
+        pacs.add_supported_context(cx.abstract_syntax)
+    server = pacs.start_server(("127.0.0.1", 0), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda e: (received.append(e.dataset), 0)[1])])
+    log_path = tmp_path / "node.log"
+    cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.2},
+                      logging={"format": "json", "level": "debug"})
+    cfg = with_destination(cfg, "pacs", "PACS", int(server.server_address[1]))
+    tiny_bundle(cfg.models_dir, "lvh")
+    stream = log_path.open("a", buffering=1)
+    configure_logging("json", "debug", stream=stream)
+    node = Node(cfg, worker_log_path=str(log_path))
+    node.start()
+    try:
+        real = pydicom.dcmread(sonosite_loop)
+        real.PatientName, real.PatientID, real.PatientBirthDate = SECRET_NAME, SECRET_ID, SECRET_BIRTH
+        bad = us_multiframe(study_uid=str(real.StudyInstanceUID), patient_name=SECRET_NAME, patient_id=SECRET_ID)
+        bad.SeriesInstanceUID = "1.2.bad"  # a refused object is logged too
+        ae = AE(ae_title="CART")
+        ae.add_requested_context(real.SOPClassUID, real.file_meta.TransferSyntaxUID)
+        ae.add_requested_context(bad.SOPClassUID, bad.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
+        assert assoc.send_c_store(real).Status == 0
+        assoc.send_c_store(bad)
+        assoc.release()
+        study = str(real.StudyInstanceUID)
+        wait_for(lambda: (node.worker.supervise(), node.journal.study_state(study) == StudyState.DELIVERED)[1],
+                 timeout=180, what="delivery")
+    finally:
+        node.stop()
+        server.shutdown()
+        stream.close()
+    assert received and str(received[0].PatientID) == SECRET_ID  # the SR itself carries the identity
+    text = log_path.read_text()
+    assert "study.reported" in text and "store.accepted" in text
+    for secret in (SECRET_NAME, "ZZSECRET", "HIDDENNAME", SECRET_ID, SECRET_BIRTH):
+        assert secret not in text, f"{secret!r} leaked into the log"
+    for line in text.splitlines():
+        json.loads(line)  # every line is JSON
