@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_MODELS_VERSION = "v1"
-DEMO_TASKS = ("lvh", "severe_as")
+DEMO_MODELS_VERSION = "v2"
+DEMO_TASKS = ("view", "lvh", "severe_as")
 
 
 def _say(text: str) -> None:
