@@ -1,0 +1,272 @@
+"""End to end with Orthanc as the PACS.
+
+Orthanc holds the real echo loop, sends the study to a running echonode (SCP,
+worker, scheduler) by C-STORE; echonode classifies it and sends the SR back
+into the same study. Orthanc runs in the foreground as a subprocess with its
+own storage under ``tmp_path``; REST on loopback only.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from echonode.journal import StudyState
+from echonode.node import Node
+from echonode.sr import summarise_report
+from tests.conftest import ORTHANC, free_port, make_config, need, wait_for, with_destination
+from tests.factories import tiny_bundle
+
+
+class Orthanc:
+    """An Orthanc process with a config and storage of its own.
+
+    Parameters
+    ----------
+    root : Path
+        Where its config, storage, index and log go.
+    node_port : int
+        The echonode SCP port, registered as modality "echonode".
+    """
+
+    def __init__(self, root: Path, node_port: int) -> None:
+        self.root = root
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.config = root / "orthanc.json"
+        root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            json.dumps(
+                {
+                    "Name": "echonode-test",
+                    "HttpPort": self.http_port,
+                    "DicomPort": self.dicom_port,
+                    "DicomAet": "ORTHANC",
+                    "DicomModalities": {"echonode": ["ECHONODE", "127.0.0.1", node_port]},
+                    "StorageDirectory": str(root / "storage"),
+                    "IndexDirectory": str(root / "index"),
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "DicomCheckCalledAet": False,
+                    "DicomAssociationCloseDelay": 0,
+                    "HttpServerThreads": 4,
+                    "Plugins": [],
+                },
+                indent=2,
+            )
+        )
+        self.proc: subprocess.Popen | None = None
+        self._log: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Orthanc:
+        self._log = open(self.root / "orthanc.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self._log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"Orthanc exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                return bool(self.get("/system")["DicomAet"] == "ORTHANC")
+            except (urllib.error.URLError, ConnectionError, OSError):
+                return False
+
+        wait_for(up, timeout=20, interval=0.1, what="Orthanc's REST API")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, n: int = 2000) -> str:
+        path = self.root / "orthanc.log"
+        return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
+                timeout: float = 30) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(req, timeout=timeout) as rsp:
+            return rsp.read()
+
+    def get(self, path: str) -> Any:
+        return json.loads(self.request("GET", path))
+
+    def post(self, path: str, doc: Any) -> Any:
+        return json.loads(self.request("POST", path, json.dumps(doc).encode()))
+
+    def upload(self, path: Path) -> dict:
+        return json.loads(self.request("POST", "/instances", path.read_bytes(), "application/dicom"))
+
+    def sr_instances(self, study_id: str) -> list[str]:
+        """Orthanc IDs of the SR instances in a study."""
+        out = []
+        for series in self.get(f"/studies/{study_id}/series"):
+            if series["MainDicomTags"].get("Modality") == "SR":
+                out.extend(series["Instances"])
+        return out
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator:
+    """Start Orthanc instances; every one is stopped at the end of the test."""
+    need(ORTHANC)
+    started: list[Orthanc] = []
+
+    def make(node_port: int) -> Orthanc:
+        o = Orthanc(tmp_path / f"orthanc{len(started)}", node_port)
+        started.append(o)
+        return o.start()
+
+    yield make
+    for o in started:
+        o.stop()
+
+
+def _node_config(tmp_path: Path, node_port: int, orthanc: Orthanc):
+    cfg = make_config(
+        tmp_path,
+        node={"port": node_port},
+        study={"stable_after_s": 0.5, "check_interval_s": 0.2},
+        delivery={"retry_initial_s": 0.5, "retry_max_s": 1.0, "check_interval_s": 0.2, "timeout_s": 5.0},
+    )
+    cfg = with_destination(cfg, "orthanc", "ORTHANC", orthanc.dicom_port)
+    tiny_bundle(cfg.models_dir, "lvh", seed=1)
+    tiny_bundle(cfg.models_dir, "severe_as", seed=2)
+    return cfg
+
+
+def _send_to_node(orthanc: Orthanc, loop: Path) -> str:
+    """Upload the loop to Orthanc and have Orthanc C-STORE its study to echonode; the Orthanc study ID."""
+    up = orthanc.upload(loop)
+    study_id = up["ParentStudy"]
+    job = orthanc.post("/modalities/echonode/store", {"Resources": [study_id], "Synchronous": True})
+    assert job.get("FailedInstancesCount", 0) == 0, job
+    assert job.get("InstancesCount") == 1, job
+    return study_id
+
+
+def _wait_study(node: Node, study_uid: str, predicate, timeout: float, what: str) -> None:
+    def check() -> bool:
+        node.worker.supervise()
+        return bool(predicate())
+
+    wait_for(check, timeout=timeout, what=what)
+
+
+def test_orthanc_sends_study_and_gets_the_sr_back(tmp_path: Path, ybr_loop: Path, orthanc_factory) -> None:
+    node_port = free_port()
+    orthanc = orthanc_factory(node_port)
+    cfg = _node_config(tmp_path, node_port, orthanc)
+    node = Node(cfg)
+    node.start()
+    try:
+        # Orthanc and echonode see each other.
+        orthanc.request("POST", "/modalities/echonode/echo", b"{}")
+        src = pydicom.dcmread(ybr_loop, stop_before_pixels=True)
+        study_uid = str(src.StudyInstanceUID)
+        study_id = _send_to_node(orthanc, ybr_loop)
+
+        sr_ids = wait_for(lambda: (node.worker.supervise(), orthanc.sr_instances(study_id))[1], timeout=60,
+                          what="the SR to arrive in Orthanc's study")
+        wait_for(lambda: node.journal.study_state(study_uid) == StudyState.DELIVERED, timeout=10,
+                 what="the study to be marked delivered")
+        (sr_id,) = sr_ids
+        # The SR joined the source's study: one study in Orthanc, two series.
+        assert orthanc.get("/studies") == [study_id]
+        assert len(orthanc.get(f"/studies/{study_id}/series")) == 2
+        path = tmp_path / "sr.dcm"
+        path.write_bytes(orthanc.request("GET", f"/instances/{sr_id}/file"))
+        sr = pydicom.dcmread(path)
+        assert sr.Modality == "SR"
+        assert str(sr.StudyInstanceUID) == study_uid
+        assert sr.PatientID == src.PatientID
+        assert str(sr.PatientName) == str(src.PatientName)
+        report = node.journal.latest_report(study_uid)
+        assert str(sr.SOPInstanceUID) == report.sr_sop_uid
+        assert sr == pydicom.dcmread(report.path)  # the data set echonode wrote, element for element
+
+        summary = summarise_report(path)
+        assert summary["study_uid"] == study_uid
+        assert str(src.SOPInstanceUID) in summary["evidence"]
+        recorded = {r["task"]: r for r in node.journal.status()["studies"][0]["results"]}
+        found = {f["task"]: f for f in summary["findings"]}
+        assert set(found) == set(recorded) == {"lvh", "severe_as"}
+        for task, f in found.items():
+            assert f["probability"] == pytest.approx(recorded[task]["probability"], abs=1e-6)
+            assert f["present"] == recorded[task]["positive"]
+            assert f["model_name"] == recorded[task]["model"]
+        (row,) = node.journal.status()["outbox"]
+        assert (row["destination"], row["state"], row["attempts"]) == ("orthanc", "sent", 1)
+    finally:
+        node.stop()
+
+
+def test_orthanc_down_when_sr_is_due_gets_it_once(tmp_path: Path, ybr_loop: Path, orthanc_factory) -> None:
+    node_port = free_port()
+    orthanc = orthanc_factory(node_port)
+    cfg = _node_config(tmp_path, node_port, orthanc)
+    node = Node(cfg)
+    node.start()
+    try:
+        study_uid = str(pydicom.dcmread(ybr_loop, stop_before_pixels=True).StudyInstanceUID)
+        study_id = _send_to_node(orthanc, ybr_loop)
+        orthanc.stop()  # the PACS goes away before the SR is ready
+
+        def retried() -> bool:
+            rows = node.journal.status()["outbox"]
+            return bool(rows) and rows[0]["attempts"] >= 2
+
+        _wait_study(node, study_uid, retried, 60, "the SR delivery to fail and be retried")
+        row = node.journal.status()["outbox"][0]
+        assert row["state"] == "pending" and "cannot connect" in row["last_error"]
+        assert node.journal.study_state(study_uid) == StudyState.REPORTED
+
+        orthanc.start()  # same ports, same storage
+        sr_ids = wait_for(lambda: orthanc.sr_instances(study_id), timeout=30, what="the SR after Orthanc's restart")
+        wait_for(lambda: node.journal.study_state(study_uid) == StudyState.DELIVERED, timeout=10,
+                 what="the study to be marked delivered")
+        time.sleep(1.0)  # a few more delivery passes: nothing else goes out
+        assert len(orthanc.sr_instances(study_id)) == len(sr_ids) == 1
+        report = node.journal.latest_report(study_uid)
+        sr = orthanc.get(f"/instances/{sr_ids[0]}/simplified-tags")
+        assert sr["SOPInstanceUID"] == report.sr_sop_uid
+
+        # The node crashes after Orthanc stored the SR but before the outbox row
+        # was marked sent: the same SR goes again and Orthanc still has one.
+        attempts = node.journal.status()["outbox"][0]["attempts"]
+        con = sqlite3.connect(cfg.storage_dir / "journal.sqlite")
+        with con:
+            con.execute("UPDATE outbox SET state = 'pending', sent_at = NULL, next_attempt = 0")
+            con.execute("UPDATE studies SET state = 'reported'")
+        con.close()
+        wait_for(lambda: node.journal.status()["outbox"][0]["state"] == "sent", timeout=10,
+                 what="the resend after the simulated crash")
+        assert node.journal.status()["outbox"][0]["attempts"] == attempts + 1
+        assert orthanc.sr_instances(study_id) == sr_ids
+        assert node.journal.study_state(study_uid) == StudyState.DELIVERED
+    finally:
+        node.stop()
