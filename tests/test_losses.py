@@ -105,6 +105,10 @@ def _distributed_worker(rank: int, world: int, init_file: str, z1: torch.Tensor,
         loss = nt_xent_loss(a, b, 0.1)
         loss.backward()
         torch.save({"loss": loss.detach(), "ga": a.grad, "gb": b.grad}, f"{out}.{rank}")
+        # Tearing gloo down while the peer is still in the backward's
+        # collective aborts the process ("terminate called without an active
+        # exception"): meet first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
