@@ -231,14 +231,27 @@ class Delivery:
         return base * random.uniform(0.8, 1.0)
 
     def run(self) -> int:
-        """Try every due outbox row once; return how many were sent."""
+        """Try every due outbox row once; return how many were sent.
+
+        After a transient failure a destination is left alone for the rest
+        of the pass: one PACS that drops connections silently would
+        otherwise cost ``timeout_s`` per queued SR and hold up the SRs of
+        every other destination. Its remaining rows stay due for the next pass.
+        """
         sent = 0
+        resting: set[str] = set()
         for item in self.journal.due_deliveries():
-            if self._attempt(item):
+            if item.destination in resting:
+                continue
+            outcome = self._attempt(item)
+            if outcome == "sent":
                 sent += 1
+            elif outcome == "transient":
+                resting.add(item.destination)
         return sent
 
-    def _attempt(self, item: OutboxItem) -> bool:
+    def _attempt(self, item: OutboxItem) -> str:
+        """One try; returns ``sent``, ``transient`` (will be retried) or ``dead``."""
         bound = log.bind(study_uid=item.study_uid, sr_sop_uid=item.sr_sop_uid, destination=item.destination)
         try:
             dest = self.cfg.destination(item.destination)
@@ -246,7 +259,7 @@ class Delivery:
             self.journal.mark_dead(item.id, "destination no longer configured")
             self._count("unknown_destination")
             bound.error("delivery.dead", reason="destination no longer configured")
-            return False
+            return "dead"
         try:
             status = store_file(self.cfg.node.ae_title, Peer.of(dest), item.path, self.cfg.delivery.timeout_s)
         except DeliveryError as exc:
@@ -256,21 +269,22 @@ class Delivery:
                 self.journal.mark_dead(item.id, reason)
                 self._count("permanent" if exc.permanent else "exhausted")
                 bound.error("delivery.dead", reason=reason)
+                return "dead"
             else:
                 delay = self.backoff(attempts)
                 self.journal.mark_retry(item.id, time.time() + delay, str(exc))
                 self._count("transient")
                 bound.warning("delivery.retry", error=str(exc), attempts=attempts, retry_in_s=round(delay, 1))
-            return False
+                return "transient"
         except (OSError, ValueError) as exc:
             # The SR file itself is unreadable: nothing a retry fixes.
             self.journal.mark_dead(item.id, f"SR file unreadable: {type(exc).__name__}")
             self._count("bad_file")
             bound.error("delivery.dead", reason=f"SR file unreadable: {type(exc).__name__}")
-            return False
+            return "dead"
         state = self.journal.mark_sent(item.id)
         bound.info("delivery.sent", status=f"0x{status:04X}", study_state=str(state))
-        return True
+        return "sent"
 
     def _count(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1

@@ -509,3 +509,44 @@ def test_node_delivers_through_its_scheduler(tmp_path: Path, ybr_loop: Path, scp
         assert len(scp.received) == 1
     finally:
         node.stop()
+
+
+def test_a_silent_destination_does_not_hold_up_the_others(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    """A PACS that accepts TCP but never answers costs one timeout per pass, not one per SR."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # accepts connections in the kernel, never answers
+    try:
+        rep = reported_study(tmp_path, ybr_loop, hole.getsockname()[1], timeout_s=1.0)
+        good = scps()
+        cfg = with_destination(rep.cfg, "good", "PACS", good.port)
+        now = time.time()
+        con = sqlite3.connect(rep.journal.path)
+        with con:
+            for i in range(3):  # three more SRs owed to the silent PACS
+                uid = f"{rep.sr_uid}.{i + 1}"
+                con.execute(
+                    "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path, created)"
+                    " VALUES (?, ?, ?, '1.2.3', '1.2.840.10008.5.1.4.1.1.88.33', ?, ?)",
+                    (uid, rep.study_uid, f"set{i}", str(rep.sr_path), now),
+                )
+                con.execute(
+                    "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
+                    " VALUES (?, ?, 'pacs', 'pending', ?, ?)", (uid, rep.study_uid, now, now))
+            con.execute(
+                "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
+                " VALUES (?, ?, 'good', 'pending', ?, ?)", (rep.sr_uid, rep.study_uid, now + 0.001, now))
+        con.close()
+        delivery = Delivery(cfg, rep.journal)
+        t0 = time.monotonic()
+        assert delivery.run() == 1
+        elapsed = time.monotonic() - t0
+        assert good.stores == 1
+        rows = {(r["destination"], r["sr_sop_uid"]): r for r in rep.journal.status()["outbox"]}
+        tried = [r for (d, _), r in rows.items() if d == "pacs" and r["attempts"] > 0]
+        assert len(tried) == 1, "only one SR per pass goes to a destination that failed"
+        assert elapsed < 3 * cfg.delivery.timeout_s
+    finally:
+        hole.close()
