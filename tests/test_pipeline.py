@@ -1,0 +1,119 @@
+"""The study pipeline: aggregation as in METHOD.md, the view filter, batching, skips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from echonode.bundle import ModelRegistry, load_bundle
+from echonode.decode import decode_video
+from echonode.pipeline import StudyRefused, analyse_study, check_identity, preprocess_config
+from echonode.preprocess import make_eval_clips, preprocess_video
+from tests.factories import tiny_bundle, us_multiframe, write
+
+
+def _registry(models: Path) -> ModelRegistry:
+    reg = ModelRegistry(models, "cpu")
+    reg.refresh()
+    return reg
+
+
+def _view_bundle(models: Path, favour: str) -> None:
+    """A view classifier that always answers ``favour`` (zero weights, biased head)."""
+    path = tiny_bundle(models, "view", name="views")
+    sd = torch.load(path / "weights.pt", weights_only=True)
+    labels = load_bundle(path).labels
+    sd["fc.weight"].zero_()
+    sd["fc.bias"].zero_()
+    sd["fc.bias"][labels.index(favour)] = 10.0
+    torch.save(sd, path / "weights.pt")
+
+
+@pytest.fixture
+def study(tmp_path: Path, sonosite_loop: Path) -> tuple[str, list[Path]]:
+    """The real loop plus two generated videos, all in the real loop's study."""
+    uid = str(pydicom.dcmread(sonosite_loop, stop_before_pixels=True).StudyInstanceUID)
+    src = pydicom.dcmread(sonosite_loop, stop_before_pixels=True)
+    files = [sonosite_loop]
+    for i in range(2):
+        ds = us_multiframe(study_uid=uid, frames=24, rows=96, cols=128, seed=i,
+                           patient_name=str(src.PatientName), patient_id=str(src.PatientID))
+        ds.PatientBirthDate = src.get("PatientBirthDate", "")
+        files.append(write(ds, tmp_path / f"gen{i}.dcm"))
+    return uid, files
+
+
+def test_aggregation_is_mean_of_clip_means(tmp_path: Path, study) -> None:
+    uid, files = study
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh", seed=4)
+    reg = _registry(models)
+    result = analyse_study(uid, files, reg.current, batch_size=3)
+    bundle = reg.current.by_task("lvh")
+    cfg = preprocess_config(bundle)
+    expected = []
+    for f in files:
+        video = decode_video(f, target_side=cfg.size, max_frames=cfg.max_frames, min_fps=cfg.min_fps)
+        clips = make_eval_clips(preprocess_video(video, cfg), cfg)
+        assert clips.shape[0] == 4
+        expected.append(float(bundle.predict(clips).mean()))
+    got = [v.probabilities["lvh"] for v in result.videos]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert result.tasks["lvh"].probability == pytest.approx(float(np.mean(expected)), abs=1e-6)
+    assert result.tasks["lvh"].positive == (result.tasks["lvh"].probability >= bundle.threshold)
+    assert "no view classifier" in result.view_filter
+    assert result.skipped_reason is None
+
+
+def test_view_filter_keeps_plax_only(tmp_path: Path, study) -> None:
+    uid, files = study
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh")
+    _view_bundle(models, "plax")
+    result = analyse_study(uid, files, _registry(models).current)
+    assert all(v.view == "plax" and v.used for v in result.videos)
+    assert "view classifier views" in result.view_filter
+
+    models2 = tmp_path / "models2"
+    tiny_bundle(models2, "lvh")
+    _view_bundle(models2, "a4c")
+    result = analyse_study(uid, files, _registry(models2).current)
+    assert not result.tasks
+    assert result.skipped_reason == "no video of view plax"
+    assert all(v.reason == "view a4c not in models.views" for v in result.videos)
+    # The view list is configurable.
+    result = analyse_study(uid, files, _registry(models2).current, views=("plax", "a4c"))
+    assert set(result.tasks) == {"lvh"}
+
+
+def test_unusable_objects_are_skipped_with_reasons(tmp_path: Path, study) -> None:
+    from tests.conftest import testdata
+
+    uid, files = study
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh")
+    single = pydicom.dcmread(testdata("OBXXXX1A.dcm"))
+    single.StudyInstanceUID = uid
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    single.PatientName, single.PatientID = src.PatientName, src.PatientID
+    single.PatientBirthDate = src.get("PatientBirthDate", "")
+    extra = write(single, tmp_path / "single.dcm")
+    result = analyse_study(uid, [*files, extra], _registry(models).current, max_videos=3)
+    reasons = {Path(v.path).name: v.reason for v in result.videos if not v.used}
+    assert "beyond models.max_videos=3" in reasons["single.dcm"]
+    result = analyse_study(uid, [extra], _registry(models).current)
+    assert result.skipped_reason.startswith("no usable video")
+
+
+def test_identity_check() -> None:
+    a, b = pydicom.Dataset(), pydicom.Dataset()
+    for ds in (a, b):
+        ds.PatientID, ds.PatientName, ds.StudyInstanceUID = "1", "A^B", "1.2"
+    check_identity([a, b])
+    b.PatientName = "A^C"
+    with pytest.raises(StudyRefused, match="PatientName"):
+        check_identity([a, b])
