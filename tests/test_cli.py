@@ -1,0 +1,76 @@
+"""The ``echonode`` command line: status, reprocess, retry, and the demo's plumbing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from echonode.config import to_toml
+from echonode.journal import InstanceRecord, Journal
+from tests.conftest import make_config, run_cli
+from tests.factories import tiny_bundle
+
+
+def _config_file(tmp_path: Path) -> tuple[Path, Journal]:
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh")
+    path = tmp_path / "echonode.toml"
+    path.write_text(to_toml(cfg))
+    journal = Journal(cfg.storage_dir / "journal.sqlite")
+    journal.record_instance(InstanceRecord("1.2.3.4", "1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.3.1",
+                                           "1.2.840.10008.1.2.1", "/x.dcm", 10, time.time() - 100))
+    return path, journal
+
+
+def test_status_json_shape(tmp_path: Path) -> None:
+    path, _ = _config_file(tmp_path)
+    res = run_cli("--config", str(path), "status", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert set(doc) >= {"studies", "outbox", "models"}
+    (study,) = doc["studies"]
+    assert study["study_uid"] == "1.2.3" and study["state"] == "receiving" and study["instances"] == 1
+    (model,) = doc["models"]
+    assert model["task"] == "lvh" and model["random_weights"] is True
+
+
+def test_status_human_and_reprocess(tmp_path: Path) -> None:
+    path, journal = _config_file(tmp_path)
+    res = run_cli("--config", str(path), "status")
+    assert res.returncode == 0
+    assert "1.2.3" in res.stdout and "receiving" in res.stdout and "RANDOM WEIGHTS" in res.stdout
+    res = run_cli("--config", str(path), "reprocess", "1.2.3")
+    assert res.returncode == 0 and journal.study_state("1.2.3") == "queued"
+    res = run_cli("--config", str(path), "reprocess", "9.9.9")
+    assert res.returncode == 1 and "no stored study" in res.stderr
+    res = run_cli("--config", str(path), "retry")
+    assert res.returncode == 0 and "0 dead-lettered" in res.stdout
+
+
+def test_status_on_a_fresh_node_and_bad_config(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    res = run_cli("--config", str(path), "status", "--json")
+    assert json.loads(res.stdout)["studies"] == []
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nae_tilte = 'X'\n")
+    res = run_cli("--config", str(bad), "serve")
+    assert res.returncode == 2 and "node.ae_tilte" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_demo_with_given_models(tmp_path: Path) -> None:
+    """The README's first command, less the first-run training: given models, the whole loop."""
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh")
+    tiny_bundle(models, "severe_as", seed=2)
+    res = run_cli("demo", "--models", str(models), "--workdir", str(tmp_path / "work"), timeout=600,
+                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert out.count("Structured Report") == 2
+    assert "NOT FOR DIAGNOSTIC USE" in out
+    assert "Left ventricular hypertrophy" in out and "aortic stenosis" in out
+    assert os.listdir(tmp_path / "work" / "pacs")
