@@ -267,6 +267,14 @@ class WorkerSupervisor:
         self._journal: Any = None
 
     def start(self) -> None:
+        """Spawn the worker. A study still ``running`` belongs to a worker that
+        is gone (only one runs at a time), so it goes back to the queue first."""
+        from .journal import Journal
+
+        self._journal = self._journal or Journal(self.cfg.storage_dir / "journal.sqlite")
+        recovered = self._journal.recover_running(self.cfg.models.max_attempts)
+        if recovered:
+            log.warning("worker.recovered_studies", studies={k: str(v) for k, v in recovered.items()})
         self._stop.clear()
         self.process = self._ctx.Process(target=worker_main, args=(self.cfg, self._stop, self.log_path),
                                         name="echonode-worker")
@@ -300,10 +308,8 @@ class WorkerSupervisor:
         if time.monotonic() < self._next_start:
             return
         code = self.process.exitcode
-        recovered = journal.recover_running(self.cfg.models.max_attempts)
         self.restarts += 1
-        log.error("worker.died", exitcode=code, restarts=self.restarts,
-                  studies={k: str(v) for k, v in recovered.items()})
+        log.error("worker.died", exitcode=code, restarts=self.restarts)
         # Back off when it keeps dying (1, 2, 4 ... 60 s).
         self._next_start = time.monotonic() + min(60.0, 2.0 ** min(self.restarts, 6))
         self.start()
