@@ -30,6 +30,7 @@ import re
 import shutil
 import struct
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,12 @@ log = get_logger(__name__)
 #: not insist on the no-leading-zero rule (vendors break it) but nothing
 #: else may reach a file name.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+#: A deflated data set may inflate to at most this (pydicom inflates the whole
+#: data set in memory to read even its header: a few MB on the wire must not
+#: become many GB in the node). An uncompressed 120-frame 480x640 RGB loop
+#: is about 110 MB.
+MAX_INFLATED_BYTES = 512 * 2**20
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -92,6 +99,7 @@ def read_header(path: Path) -> Header:
         meta and the dataset disagree.
     """
     try:
+        _check_inflated_size(path)
         ds = pydicom.dcmread(
             path,
             stop_before_pixels=True,
@@ -107,6 +115,12 @@ def read_header(path: Path) -> Header:
         meta_sop = _clean_uid(meta.get("MediaStorageSOPInstanceUID"))
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, struct.error) as exc:
         raise BadObject(0xC210, f"cannot parse the data set: {type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        # pydicom raises a bare OSError (no errno) for a malformed sequence
+        # item ("No tag to read"); a real I/O error carries an errno.
+        if exc.errno is not None:
+            raise
+        raise BadObject(0xC210, f"cannot parse the data set: {type(exc).__name__}: {exc}") from None
     for name, value in (
         ("StudyInstanceUID", study),
         ("SeriesInstanceUID", series),
@@ -120,6 +134,27 @@ def read_header(path: Path) -> Header:
     if meta_sop and meta_sop != sop:
         raise BadObject(0xA900, "SOPInstanceUID in the data set differs from the C-STORE request's")
     return Header(study, series, sop, sop_class, tsyntax)
+
+
+def _check_inflated_size(path: Path, limit: int = MAX_INFLATED_BYTES) -> None:
+    """Raise ValueError when a deflated data set inflates past ``limit`` bytes.
+
+    Inflates in chunks and keeps nothing, so memory stays flat; a data set
+    that is not deflated is left alone.
+    """
+    with open(path, "rb") as fp:
+        read_preamble(fp, False)
+        tsyntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
+        if tsyntax is None or not tsyntax.is_deflated:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while not inflater.eof and (chunk := fp.read(1 << 16)):
+            while chunk:
+                total += len(inflater.decompress(chunk, 1 << 20))
+                if total > limit:
+                    raise ValueError(f"the deflated data set inflates to more than {limit >> 20} MiB")
+                chunk = inflater.unconsumed_tail
 
 
 def _check_complete(path: Path) -> None:
