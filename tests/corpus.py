@@ -327,7 +327,7 @@ def corpus() -> list[Bad]:
         _entry("empty_pixel_data", "zero-length pixel data", SKIPPED, _with(PixelData=b"")),
         _entry("bits_allocated_12", "BitsAllocated 12", SKIPPED, _with(BitsAllocated=12)),
         _entry("samples_4", "SamplesPerPixel 4", SKIPPED, _with(SamplesPerPixel=4)),
-        _entry("photometric_rgb_1_sample", "RGB with one sample per pixel", SKIPPED, _rgb_one_sample),
+        _entry("photometric_rgb_1_sample", "RGB with one sample per pixel", EITHER, _rgb_one_sample),
         _entry("photometric_rgb_short", "RGB, 3 samples declared, 1 sample of data", SKIPPED, _rgb_short),
         _entry("photometric_ybr_on_mono", "YBR_FULL_422 over monochrome native data", EITHER, _ybr_on_mono),
         _entry("photometric_palette_no_lut", "PALETTE COLOR without a lookup table", SKIPPED, _palette_without_lut),
