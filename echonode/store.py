@@ -297,6 +297,10 @@ class StudyStore:
         if existing is not None and Path(existing.path) != dest:
             # Same instance, new series: the old copy is superseded.
             Path(existing.path).unlink(missing_ok=True)
+        self._record(header, dest, time.time(), calling_ae)
+        return header, outcome
+
+    def _record(self, header: Header, path: Path, received: float, calling_ae: str | None) -> None:
         self.journal.record_instance(
             InstanceRecord(
                 sop_uid=header.sop_uid,
@@ -304,13 +308,12 @@ class StudyStore:
                 series_uid=header.series_uid,
                 sop_class_uid=header.sop_class_uid,
                 transfer_syntax=header.transfer_syntax,
-                path=str(dest),
-                size=dest.stat().st_size,
-                received=time.time(),
+                path=str(path),
+                size=path.stat().st_size,
+                received=received,
                 calling_ae=calling_ae,
             )
         )
-        return header, outcome
 
     # -- recovery --------------------------------------------------------------------
 
@@ -346,19 +349,7 @@ class StudyStore:
                 log.warning("recover.misplaced_file_removed", path=str(path))
                 path.unlink(missing_ok=True)
                 continue
-            self.journal.record_instance(
-                InstanceRecord(
-                    sop_uid=header.sop_uid,
-                    study_uid=header.study_uid,
-                    series_uid=header.series_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    transfer_syntax=header.transfer_syntax,
-                    path=str(path),
-                    size=path.stat().st_size,
-                    received=path.stat().st_mtime,
-                    calling_ae=None,
-                )
-            )
+            self._record(header, path, path.stat().st_mtime, None)
             counts["recorded"] += 1
         for path_str, rec in known.items():
             if not Path(path_str).exists():
