@@ -217,7 +217,13 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
     store = StudyStore(cfg.storage_dir, journal)
     registry = ModelRegistry(cfg.models.dir, cfg.models.device)
     log.info("worker.started", pid=os.getpid(), device=str(registry.device))
+    parent = mp.parent_process()
     while not stop.is_set():
+        if parent is not None and not parent.is_alive():
+            # The node was killed (kill -9): nobody will ever set ``stop``.
+            # Exit; the next node re-queues whatever this worker held.
+            log.warning("worker.orphaned_exit")
+            break
         try:
             if registry.refresh():
                 for path, err in registry.errors:

@@ -28,6 +28,16 @@ DSRDUMP = "/usr/bin/dsrdump"
 ORTHANC = "/usr/sbin/Orthanc"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` tests (soak, full load, long training) run only when asked: ``-m slow``."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow test: opt in with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def need(tool: str) -> str:
     """Skip unless ``tool`` exists (.ci/run installs them all)."""
     if not Path(tool).exists():

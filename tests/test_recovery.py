@@ -39,13 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 LARGE_FRAMES, LARGE_ROWS, LARGE_COLS = 200, 480, 640
 
 
-@pytest.fixture(autouse=True)
-def _slow_is_opt_in(request: pytest.FixtureRequest) -> None:
-    # setup.cfg declares `slow` as opt-in, but nothing deselects it by default.
-    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow test: opt in with -m slow")
-
-
 class Serve:
     """``echonode serve`` as a subprocess in its own session (so that a test can
     reap the worker a SIGKILLed node leaves behind)."""
@@ -285,7 +278,6 @@ def test_kill_idle_node_with_stable_studies_then_they_are_processed(serve: Serve
     journal.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the worker does not notice that the node died (bug reported)")
 def test_worker_exits_when_the_node_is_killed(serve: Serve) -> None:
     s = serve.start()
     assert s.proc is not None
