@@ -113,7 +113,8 @@ def read_header(path: Path) -> Header:
         meta = ds.file_meta
         tsyntax = _clean_uid(meta.get("TransferSyntaxUID"))
         meta_sop = _clean_uid(meta.get("MediaStorageSOPInstanceUID"))
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, struct.error) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, struct.error,
+            NotImplementedError) as exc:  # NotImplementedError: pydicom's "Unknown Value Representation"
         raise BadObject(0xC210, f"cannot parse the data set: {type(exc).__name__}: {exc}") from None
     except OSError as exc:
         # pydicom raises a bare OSError (no errno) for a malformed sequence

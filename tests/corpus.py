@@ -312,6 +312,8 @@ def corpus() -> list[Bad]:
         _entry("bad_vr_rows", "Rows with VR 'ZZ'", EITHER, lambda ds: set_vr(part10(ds), TAG_ROWS, "US", b"ZZ")),
         _entry("bad_vr_nul", "Columns with VR '\\0\\0'", EITHER,
                lambda ds: set_vr(part10(ds), TAG_COLUMNS, "US", b"\x00\x00")),
+        _entry("bad_vr_uid", "SeriesInstanceUID with VR 'U\\0' (found by the fuzzer)", REFUSED,
+               lambda ds: set_vr(part10(ds), 0x0020000E, "UI", b"U\x00")),
         _entry("bad_vr_sq", "PhotometricInterpretation claims VR SQ", EITHER,
                lambda ds: set_vr(part10(ds), TAG_PHOTOMETRIC, "CS", b"SQ")),
         _entry("frames_not_a_number", "NumberOfFrames 'ab'", SKIPPED, lambda ds: set_short_value(part10(ds), TAG_FRAMES, "IS", b"ab")),

@@ -191,3 +191,9 @@ def test_fuzz_header_values_long(values: dict) -> None:
 def test_zz_report_counts() -> None:
     """Prints what the fuzz tests of this run tried (run with -s for docs/reliability.md)."""
     print(dict(sorted(TRIED.items())), "total", sum(TRIED.values()))
+
+
+@pytest.mark.slow
+def test_zz_report_counts_long() -> None:
+    """The same report for a ``-m slow`` run."""
+    test_zz_report_counts()
