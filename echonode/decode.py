@@ -34,6 +34,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import cv2
@@ -43,6 +44,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
 from pydicom.uid import UID
+
+from .dicomfile import check_inflated_size
 
 __all__ = [
     "DEFAULT_MAX_DECODED_BYTES",
@@ -265,6 +268,8 @@ def decode_video(
         # warnings so that the reason says "truncated", not "no pixel data".
         # (catch_warnings swaps process-wide filters: harmless here, where a
         # concurrent thread would at worst see a warning recorded here too.)
+        if isinstance(path, (str, os.PathLike)):
+            check_inflated_size(Path(path), max_decoded_bytes)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, force=False)

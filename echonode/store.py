@@ -30,7 +30,6 @@ import re
 import shutil
 import struct
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
+from .dicomfile import check_inflated_size
 from .journal import InstanceRecord, Journal
 from .logs import get_logger
 
@@ -99,7 +99,7 @@ def read_header(path: Path) -> Header:
         meta and the dataset disagree.
     """
     try:
-        _check_inflated_size(path)
+        check_inflated_size(path, MAX_INFLATED_BYTES)
         ds = pydicom.dcmread(
             path,
             stop_before_pixels=True,
@@ -135,27 +135,6 @@ def read_header(path: Path) -> Header:
     if meta_sop and meta_sop != sop:
         raise BadObject(0xA900, "SOPInstanceUID in the data set differs from the C-STORE request's")
     return Header(study, series, sop, sop_class, tsyntax)
-
-
-def _check_inflated_size(path: Path, limit: int = MAX_INFLATED_BYTES) -> None:
-    """Raise ValueError when a deflated data set inflates past ``limit`` bytes.
-
-    Inflates in chunks and keeps nothing, so memory stays flat; a data set
-    that is not deflated is left alone.
-    """
-    with open(path, "rb") as fp:
-        read_preamble(fp, False)
-        tsyntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
-        if tsyntax is None or not tsyntax.is_deflated:
-            return
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        total = 0
-        while not inflater.eof and (chunk := fp.read(1 << 16)):
-            while chunk:
-                total += len(inflater.decompress(chunk, 1 << 20))
-                if total > limit:
-                    raise ValueError(f"the deflated data set inflates to more than {limit >> 20} MiB")
-                chunk = inflater.unconsumed_tail
 
 
 def _check_complete(path: Path) -> None:

@@ -1,0 +1,35 @@
+"""Checks on a DICOM file that must run before pydicom reads it whole.
+
+Shared by the receive path (``store.py``) and the decoder (``decode.py``,
+also used offline by ``echonode infer`` and ``echonode-train index``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+from pydicom.filereader import _read_file_meta_info, read_preamble
+
+
+def check_inflated_size(path: Path, limit: int) -> None:
+    """Raise ValueError when a deflated data set inflates past ``limit`` bytes.
+
+    pydicom inflates a deflated data set whole, in memory, before reading a
+    single element: a 1.5 MB object can ask for gigabytes (a decompression
+    bomb). This inflates in chunks and keeps nothing, so memory stays flat;
+    a data set that is not deflated is left alone.
+    """
+    with open(path, "rb") as fp:
+        read_preamble(fp, False)
+        tsyntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
+        if tsyntax is None or not tsyntax.is_deflated:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while not inflater.eof and (chunk := fp.read(1 << 16)):
+            while chunk:
+                total += len(inflater.decompress(chunk, 1 << 20))
+                if total > limit:
+                    raise ValueError(f"the deflated data set inflates to more than {limit >> 20} MiB")
+                chunk = inflater.unconsumed_tail
