@@ -629,6 +629,8 @@ class Bundle:
     model: VideoClassifier
     device: torch.device
     amp: bool = True
+    #: Optimised forward (echonode.runtime.InferenceRuntime); None = eager ``model``.
+    runner: Any = None
 
     @property
     def name(self) -> str:
@@ -679,6 +681,7 @@ class Bundle:
             "random_weights": self.meta.random_weights,
             "path": str(self.path),
             "device": str(self.device),
+            "runtime": self.runner.describe() if self.runner is not None else {"mode": "eager"},
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -735,7 +738,7 @@ class Bundle:
                 batch = tensor[start : start + int(batch_size)].to(self.device, dtype=torch.float32, non_blocking=True)
                 batch = normalise_for_model(batch, self.meta.normalisation)
                 with self._autocast():
-                    logits = self.model(batch)
+                    logits = (self.runner or self.model)(batch)
                 logits = logits.float()
                 if self.is_binary:
                     probs = torch.sigmoid(logits[:, 0])
@@ -745,7 +748,9 @@ class Bundle:
         return torch.cat(outputs).numpy().astype(np.float32, copy=False)
 
 
-def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu", *, amp: bool = True) -> Bundle:
+def load_bundle(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, amp: bool = True, runtime: str = "eager"
+) -> Bundle:
     """Load and validate a bundle folder.
 
     Parameters
@@ -792,7 +797,16 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=torch_device, dtype=torch.float32)
     model.eval().requires_grad_(False)
-    return Bundle(path=folder, meta=meta, model=model, device=torch_device, amp=amp)
+    runner = None
+    if runtime != "eager":
+        from echonode.runtime import optimise_for_inference, synthetic_clips
+
+        def _norm(x: torch.Tensor) -> torch.Tensor:
+            return normalise_for_model(x, meta.normalisation)
+
+        example = _norm(synthetic_clips(2, meta.clip_frames, meta.frame_size)).to(torch_device)
+        runner = optimise_for_inference(model, example, runtime, normalise=_norm)
+    return Bundle(path=folder, meta=meta, model=model, device=torch_device, amp=amp, runner=runner)
 
 
 def save_bundle(
@@ -969,6 +983,7 @@ def load_bundles(
     *,
     amp: bool = True,
     one_per_task: bool = True,
+    runtime: str = "eager",
 ) -> tuple[list[Bundle], list[tuple[Path, str]]]:
     """Load every bundle under a models folder, collecting failures.
 
@@ -999,7 +1014,7 @@ def load_bundles(
     errors: list[tuple[Path, str]] = []
     for sub in _bundle_dirs(folder):
         try:
-            bundles.append(load_bundle(sub, device, amp=amp))
+            bundles.append(load_bundle(sub, device, amp=amp, runtime=runtime))
         except BundleError as exc:
             errors.append((sub, str(exc)))
         except Exception as exc:  # noqa: BLE001 - one bad bundle must not stop the node
@@ -1097,11 +1112,13 @@ class ModelRegistry:
         *,
         amp: bool = True,
         one_per_task: bool = True,
+        runtime: str = "eager",
     ) -> None:
         self.models_dir = Path(models_dir)
         self.device = resolve_device(device)
         self.amp = amp
         self.one_per_task = one_per_task
+        self.runtime = runtime
         self._lock = threading.Lock()
         self._current = ModelSet()
         # Per folder: its signature when last loaded and the outcome.
@@ -1160,7 +1177,7 @@ class ModelRegistry:
                     outcome = cached[1]
                 else:
                     try:
-                        outcome = load_bundle(sub, self.device, amp=self.amp)
+                        outcome = load_bundle(sub, self.device, amp=self.amp, runtime=self.runtime)
                     except BundleError as exc:
                         outcome = str(exc)
                     except Exception as exc:  # noqa: BLE001 - keep serving the good ones

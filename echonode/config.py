@@ -23,6 +23,9 @@ _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
 SR_SOP_CLASSES = ("comprehensive", "enhanced", "comprehensive3d")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Inference runtimes (echonode.runtime.MODES; kept here so that reading the
+#: config never imports torch in the node process).
+RUNTIME_MODES = ("auto", "eager", "jit", "bf16", "int8", "cuda")
 
 
 class ConfigError(ValueError):
@@ -84,6 +87,8 @@ class ModelsConfig:
     batch_size: int = 8
     #: CPU threads for inference; 0 lets torch decide.
     threads: int = 0
+    #: Inference runtime (echonode.runtime.MODES): auto, eager, jit, bf16, int8, cuda.
+    runtime: str = "auto"
     #: Attempts before a study is marked failed.
     max_attempts: int = 3
     #: Wall-clock limit for one study's inference.
@@ -321,6 +326,8 @@ def validate(cfg: Config) -> Config:
     if not 1 <= m.batch_size <= 1024:
         raise ConfigError(f"models.batch_size: must be 1-1024, got {m.batch_size}")
     _check_positive(m.threads, "models.threads", allow_zero=True)
+    if m.runtime not in RUNTIME_MODES:
+        raise ConfigError(f"models.runtime: must be one of {', '.join(RUNTIME_MODES)}, got {m.runtime!r}")
     if m.max_attempts < 1:
         raise ConfigError(f"models.max_attempts: must be >= 1, got {m.max_attempts}")
     _check_positive(m.study_timeout_s, "models.study_timeout_s")

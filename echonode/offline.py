@@ -74,7 +74,7 @@ def run_infer(args: argparse.Namespace) -> int:
         print(f"echonode: models folder not found: {models_dir}", file=sys.stderr)
         return 2
     try:
-        registry = ModelRegistry(models_dir, args.device or cfg.models.device)
+        registry = ModelRegistry(models_dir, args.device or cfg.models.device, runtime=cfg.models.runtime)
     except ValueError as exc:
         print(f"echonode: {exc}", file=sys.stderr)
         return 2

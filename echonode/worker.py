@@ -215,7 +215,7 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
         torch.set_num_threads(cfg.models.threads)
     journal = Journal(cfg.storage_dir / "journal.sqlite")
     store = StudyStore(cfg.storage_dir, journal)
-    registry = ModelRegistry(cfg.models.dir, cfg.models.device)
+    registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime)
     log.info("worker.started", pid=os.getpid(), device=str(registry.device))
     parent = mp.parent_process()
     while not stop.is_set():

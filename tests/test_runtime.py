@@ -190,3 +190,10 @@ def test_bundle_predict_with_runtime(tmp_path, clips: torch.Tensor) -> None:
     got = bundle.predict(clips.numpy(), batch_size=2)
     assert got.shape == want.shape == (5,)
     np.testing.assert_allclose(got, want, atol=0.01)
+
+
+def test_config_knows_every_runtime_mode() -> None:
+    from echonode.config import RUNTIME_MODES
+    from echonode.runtime import MODES
+
+    assert RUNTIME_MODES == MODES
