@@ -271,6 +271,7 @@ class WorkerSupervisor:
         self.restarts = 0
         self._next_start = 0.0
         self._journal: Any = None
+        self._restart_requested = False
 
     def start(self) -> None:
         """Spawn the worker. A study still ``running`` belongs to a worker that
@@ -288,10 +289,13 @@ class WorkerSupervisor:
         log.info("worker.spawned", pid=self.process.pid)
 
     def reload(self, cfg: Config) -> None:
-        """New settings: restart the worker once it is idle (models reload by themselves)."""
+        """New settings: ask the worker to finish its study and exit; :meth:`supervise`
+        starts the next one with ``cfg``. Returns at once, so the node's main
+        loop (signals, watchdog) never waits for a study to finish."""
         self.cfg = cfg
-        self.stop()
-        self.start()
+        self._journal = None
+        self._restart_requested = True
+        self._stop.set()
 
     def supervise(self) -> None:
         """Called by the node's main loop: restart a dead worker, kill a stuck one."""
@@ -311,6 +315,12 @@ class WorkerSupervisor:
                     break
             else:
                 return
+        if self._restart_requested:
+            self._restart_requested = False
+            self.process.join(5)
+            log.info("worker.restarting_for_reload")
+            self.start()
+            return
         if time.monotonic() < self._next_start:
             return
         code = self.process.exitcode
