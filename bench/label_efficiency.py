@@ -1,0 +1,389 @@
+"""Label efficiency: EchoCLR vs MI-SimCLR vs SimCLR vs random init at 1 %, 10 % and 100 % of the labels.
+
+On a synthetic archive (``echonode-train synth``), in a CPU-sized
+configuration:
+
+1. generate the archive (or reuse one given with ``--archive``), index it;
+2. pretrain one encoder per SSL method on the *training split only* (the
+   patient split of ``train.data.split_cache``, stratified with the same
+   ``labels.csv`` as fine-tuning, so no validation or test patient is seen);
+3. fine-tune every init (the three encoders and random init) on every label
+   fraction (drawn by study, the same studies for every init at a given
+   seed), for every seed;
+4. evaluate every bundle on the test split as the node runs it
+   (``train.evaluate.evaluate_bundle``: study probability = mean of its PLAX
+   videos' probabilities);
+5. write ``results.json`` and a markdown table (study-level AUROC with a
+   stratified-bootstrap 95 % CI, per method x fraction), and optionally
+   replace the "Label efficiency" section of ``docs/benchmarks.md``.
+
+With several seeds, a cell's figure is the mean AUROC over seeds and its CI
+resamples the *test studies* (positives and negatives separately) jointly
+for all seeds, so it is a CI of the seed-mean over the test-set sampling.
+The paired difference to random init uses the same resamples for both
+inits. Every step is cached under ``--out``: an interrupted run resumes.
+
+Usage::
+
+    .venv/bin/python bench/label_efficiency.py --quick            # smoke run, about a minute
+    .venv/bin/python bench/label_efficiency.py --patients 160 --seeds 0,1 --write-doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import platform
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SECTION = "## Label efficiency"
+INITS = ("echoclr", "mi-simclr", "simclr", "random")
+DEFAULT_OUT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "echonode" / "label-efficiency"
+#: Where --write-doc also copies results.json (committed beside the script).
+RESULTS_COPY = REPO / "bench" / "label_efficiency.json"
+LABEL = {"echoclr": "EchoCLR", "mi-simclr": "MI-SimCLR", "simclr": "SimCLR", "random": "random init"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a = p.add_argument_group("archive")
+    a.add_argument("--archive", type=Path, default=None, help="reuse this synthetic archive (default: OUT/archive, made if absent)")
+    a.add_argument("--patients", type=int, default=120, help="patients in the archive (1-3 studies each)")
+    a.add_argument("--synth-seed", type=int, default=7)
+    a.add_argument("--frames", type=int, default=32, help="frames per synthetic video")
+    a.add_argument("--rows", type=int, default=120)
+    a.add_argument("--cols", type=int, default=160)
+    m = p.add_argument_group("model")
+    m.add_argument("--size", type=int, default=48, help="frame side fed to the network")
+    m.add_argument("--width", type=int, default=8, help="base width of r3d_18 (64 = published)")
+    m.add_argument("--clip-frames", type=int, default=8, help="fine-tuning clip length")
+    e = p.add_argument_group("experiment")
+    e.add_argument("--methods", default=",".join(INITS), help="inits to compare (comma-separated)")
+    e.add_argument("--fractions", default="0.01,0.1,1.0")
+    e.add_argument("--tasks", default="lvh", help="lvh and/or severe_as")
+    e.add_argument("--seeds", default="0", help="fine-tuning seeds (each draws its own labelled studies)")
+    e.add_argument("--pretrain-epochs", type=int, default=30)
+    e.add_argument("--pretrain-batch", type=int, default=32)
+    e.add_argument("--pretrain-lr", type=float, default=1e-3)
+    e.add_argument("--finetune-epochs", type=int, default=15)
+    e.add_argument("--finetune-batch", type=int, default=16)
+    e.add_argument("--finetune-lr", type=float, default=1e-3)
+    e.add_argument("--patience", type=int, default=5)
+    e.add_argument("--val-fraction", type=float, default=0.1)
+    e.add_argument("--test-fraction", type=float, default=0.2)
+    e.add_argument("--bootstrap", type=int, default=10_000)
+    r = p.add_argument_group("run")
+    r.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"work folder, resumable (default {DEFAULT_OUT})")
+    r.add_argument("--threads", type=int, default=2, help="torch threads (the machines are shared)")
+    r.add_argument("--quick", action="store_true", help="smoke run: tiny archive, one epoch, few resamples")
+    r.add_argument("--write-doc", action="store_true", help="replace the 'Label efficiency' section of docs/benchmarks.md")
+    r.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
+    ns = p.parse_args(argv)
+    if ns.quick:
+        ns.patients, ns.frames, ns.size, ns.width = 16, 24, 32, 4
+        ns.pretrain_epochs, ns.finetune_epochs, ns.bootstrap = 1, 1, 200
+        if ns.out == DEFAULT_OUT:
+            ns.out = DEFAULT_OUT.with_name("label-efficiency-quick")
+    return ns
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Swallow the training commands' per-epoch prints (kept in the run logs)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield buf
+
+
+def make_archive(ns: argparse.Namespace) -> tuple[Path, Path]:
+    from echonode.preprocess import PreprocessConfig
+    from train.data import build_index
+    from train.synth import generate_archive
+
+    archive = ns.archive or ns.out / "archive"
+    if not (archive / "labels.csv").is_file():
+        log(f"synth: {ns.patients} patients, {ns.rows}x{ns.cols}, {ns.frames} frames -> {archive}")
+        s = generate_archive(archive, ns.patients, ns.synth_seed, frames=ns.frames, rows=ns.rows, cols=ns.cols)
+        log(f"synth: {s.videos} videos, {s.studies} studies ({s.lvh_studies} LVH, {s.severe_as_studies} severe AS), {s.seconds:.0f} s")
+    cache = ns.out / f"cache-{ns.size}"
+    report = build_index(archive, cache, PreprocessConfig(size=ns.size), progress=False)
+    log(f"index: {report.cached} videos cached ({report.added} added), {report.unusable} unusable, {report.seconds:.0f} s")
+    return archive, cache
+
+
+def pretrain(ns: argparse.Namespace, method: str, cache: Path, labels: Path) -> Path:
+    from train.pretrain import main as pretrain_main
+
+    run = ns.out / "pretrain" / method
+    if (run / "encoder.pt").is_file():
+        saved = json.loads((run / "config.json").read_text())
+        wanted = {"size": ns.size, "width": ns.width, "epochs": ns.pretrain_epochs, "batch": ns.pretrain_batch,
+                  "lr": ns.pretrain_lr, "val_fraction": ns.val_fraction, "test_fraction": ns.test_fraction}  # fmt: skip
+        changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+        if changed:
+            raise SystemExit(f"{run} was pretrained with other settings {changed}; use another --out")
+        return run
+    args = ["--data", str(cache), "--labels", str(labels), "--out", str(run), "--method", method,
+            "--preset", "tiny", "--size", str(ns.size), "--width", str(ns.width), "--epochs", str(ns.pretrain_epochs),
+            "--batch", str(ns.pretrain_batch), "--lr", str(ns.pretrain_lr), "--val-fraction", str(ns.val_fraction),
+            "--test-fraction", str(ns.test_fraction), "--device", "cpu", "--no-progress"]  # fmt: skip
+    started = time.monotonic()
+    with quiet() as buf:
+        rc = pretrain_main(args)
+    (run / "stdout.log").write_text(buf.getvalue())
+    if rc != 0:
+        raise SystemExit(f"pretrain {method} failed ({rc}); see {run}")
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    log(f"pretrain {method}: {ns.pretrain_epochs} epochs in {time.monotonic() - started:.0f} s, last loss {last['loss']:.3f}")
+    return run
+
+
+def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) -> dict:
+    from train.evaluate import evaluate_bundle
+    from train.finetune import main as finetune_main
+
+    cell = ns.out / "finetune" / task / init / f"f{fraction:g}" / f"s{seed}"
+    result_file = cell / "result.json"
+    settings = {k: getattr(ns, k) for k in ("size", "width", "clip_frames", "finetune_epochs", "finetune_batch",
+                                            "finetune_lr", "patience", "val_fraction", "test_fraction", "bootstrap")}  # fmt: skip
+    if result_file.is_file():
+        cached = json.loads(result_file.read_text())
+        if cached.get("settings") == settings:
+            return cached
+    bundle = cell / "bundle"
+    args = ["--data", str(cache), "--labels", str(labels), "--task", task, "--out", str(bundle), "--overwrite",
+            "--init", "random" if init == "random" else str(run), "--fraction", str(fraction),
+            "--fraction-seed", str(seed), "--seed", str(seed), "--preset", "tiny", "--size", str(ns.size),
+            "--width", str(ns.width), "--frames", str(ns.clip_frames), "--epochs", str(ns.finetune_epochs),
+            "--batch", str(ns.finetune_batch), "--lr", str(ns.finetune_lr), "--patience", str(ns.patience),
+            "--val-fraction", str(ns.val_fraction), "--test-fraction", str(ns.test_fraction),
+            "--bootstrap", "100", "--device", "cpu", "--no-progress"]  # fmt: skip
+    started = time.monotonic()
+    cell.mkdir(parents=True, exist_ok=True)
+    with quiet() as buf:
+        rc = finetune_main(args)
+    (cell / "stdout.log").write_text(buf.getvalue())
+    if rc != 0:
+        raise SystemExit(f"finetune {task} {init} {fraction} s{seed} failed ({rc}); see {cell}")
+    seconds = time.monotonic() - started
+    report = evaluate_bundle(bundle, cache, labels, cell / "eval", split="test", n_resamples=ns.bootstrap, seed=0)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    with open(cell / "eval" / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_study: dict[str, list[float]] = defaultdict(list)
+    target: dict[str, int] = {}
+    for r in rows:
+        by_study[r["study_uid"]].append(float(r["probability"]))
+        target[r["study_uid"]] = int(r["target"])
+    result = {
+        "task": task, "init": init, "fraction": fraction, "seed": seed, "settings": settings,
+        "train_studies": meta["provenance"]["train_studies_used"], "train_videos": meta["provenance"]["train_videos"],
+        "best_epoch": meta["metrics"]["best_epoch"], "finetune_seconds": round(seconds, 1),
+        "study_auroc": report["study"]["auroc"], "video_auroc": report["video"]["auroc"],
+        "study_auprc": report["study"]["auprc"],
+        "study_probs": {s: float(np.mean(p)) for s, p in sorted(by_study.items())},
+        "study_targets": dict(sorted(target.items())),
+    }  # fmt: skip
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    a = result["study_auroc"]
+    log(f"{task} {init:<9} {fraction:>5g} s{seed}: {result['train_studies']} studies, AUROC {a['estimate']:.3f} "
+        f"[{a['low']:.3f}, {a['high']:.3f}], {seconds:.0f} s")  # fmt: skip
+    return result
+
+
+def pairwise(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``M[i, j]`` = 1 if positive i outranks negative j, 0.5 on a tie."""
+    pos, neg = p[y == 1], p[y == 0]
+    return (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+
+
+def joint_bootstrap(y: np.ndarray, mats: dict[str, np.ndarray], n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """AUROC of every matrix on the same stratified resamples of the test studies.
+
+    AUROC of a resample with multiplicities ``w_pos``, ``w_neg`` is
+    ``w_pos @ M @ w_neg / (n_pos n_neg)``; the mean AUROC over seeds is the
+    same with the mean of their matrices.
+    """
+    rng = np.random.default_rng(seed)
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    wp = np.stack([np.bincount(rng.integers(0, n_pos, n_pos), minlength=n_pos) for _ in range(n)]).astype(float)
+    wn = np.stack([np.bincount(rng.integers(0, n_neg, n_neg), minlength=n_neg) for _ in range(n)]).astype(float)
+    return {k: ((wp @ m) * wn).sum(1) / (n_pos * n_neg) for k, m in mats.items()}
+
+
+def summarise(ns: argparse.Namespace, results: list[dict]) -> dict:
+    cells: dict = {}
+    for task in sorted({r["task"] for r in results}):
+        rs = [r for r in results if r["task"] == task]
+        studies = sorted(rs[0]["study_targets"])
+        y = np.array([rs[0]["study_targets"][s] for s in studies])
+        mats, meta = {}, {}
+        for init in dict.fromkeys(r["init"] for r in rs):
+            for fraction in sorted({r["fraction"] for r in rs}):
+                group = [r for r in rs if r["init"] == init and r["fraction"] == fraction]
+                if not group:
+                    continue
+                ms = [pairwise(y, np.array([r["study_probs"][s] for s in studies])) for r in group]
+                mats[(init, fraction)] = np.mean(ms, axis=0)
+                meta[(init, fraction)] = group
+        boot = joint_bootstrap(y, mats, ns.bootstrap)
+        task_cells = []
+        for (init, fraction), m in mats.items():
+            group = meta[(init, fraction)]
+            samples = boot[(init, fraction)]
+            cell = {
+                "init": init, "fraction": fraction, "seeds": [r["seed"] for r in group],
+                "train_studies": [r["train_studies"] for r in group],
+                "auroc": float(m.mean()), "low": float(np.percentile(samples, 2.5)), "high": float(np.percentile(samples, 97.5)),
+                "per_seed": [r["study_auroc"]["estimate"] for r in group],
+            }  # fmt: skip
+            if init != "random" and ("random", fraction) in mats:
+                d = samples - boot[("random", fraction)]
+                cell["delta_vs_random"] = {
+                    "estimate": float(m.mean() - mats[("random", fraction)].mean()),
+                    "low": float(np.percentile(d, 2.5)), "high": float(np.percentile(d, 97.5)),
+                }  # fmt: skip
+            task_cells.append(cell)
+        cells[task] = {"test_studies": len(studies), "test_positives": int(y.sum()), "cells": task_cells}
+    return cells
+
+
+def table(ns: argparse.Namespace, summary: dict) -> str:
+    lines = []
+    fractions = [float(f) for f in ns.fractions.split(",")]
+    for task, part in summary.items():
+        by = {(c["init"], c["fraction"]): c for c in part["cells"]}
+        inits = list(dict.fromkeys(c["init"] for c in part["cells"]))
+        lines.append(f"Task `{task}`: test split {part['test_studies']} studies ({part['test_positives']} positive). "
+                     "Study-level AUROC [95 % CI]; the labelled training studies used are in parentheses.")  # fmt: skip
+        lines.append("")
+        lines.append("| init | " + " | ".join(f"{f:.0%} of labels" for f in fractions) + " |")
+        lines.append("|---|" + "---:|" * len(fractions))
+        for init in inits:
+            row = []
+            for f in fractions:
+                c = by.get((init, f))
+                if c is None:
+                    row.append("-")
+                    continue
+                n = "/".join(str(k) for k in sorted(set(c["train_studies"])))
+                row.append(f"{c['auroc']:.3f} [{c['low']:.3f}, {c['high']:.3f}] ({n})")
+            lines.append(f"| {LABEL.get(init, init)} | " + " | ".join(row) + " |")
+        lines.append("")
+        deltas = [(init, f, by[(init, f)]["delta_vs_random"]) for init in inits for f in fractions
+                  if (init, f) in by and "delta_vs_random" in by[(init, f)]]  # fmt: skip
+        if deltas:
+            lines.append("Paired difference to random init (same bootstrap resamples of the test studies):")
+            lines.append("")
+            lines.append("| init | " + " | ".join(f"{f:.0%}" for f in fractions) + " |")
+            lines.append("|---|" + "---:|" * len(fractions))
+            for init in inits:
+                if init == "random":
+                    continue
+                row = []
+                for f in fractions:
+                    d = by.get((init, f), {}).get("delta_vs_random")
+                    row.append("-" if d is None else f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+                lines.append(f"| {LABEL.get(init, init)} | " + " | ".join(row) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def target_verdict(summary: dict) -> list[str]:
+    """The issue's target: EchoCLR above random init at 1 % and 10 % with non-overlapping CIs."""
+    out = []
+    for task, part in summary.items():
+        by = {(c["init"], c["fraction"]): c for c in part["cells"]}
+        for f in (0.01, 0.1):
+            e, r = by.get(("echoclr", f)), by.get(("random", f))
+            if not e or not r:
+                continue
+            met = e["low"] > r["high"]
+            out.append(f"{task} at {f:.0%}: EchoCLR {e['auroc']:.3f} [{e['low']:.3f}, {e['high']:.3f}] vs random "
+                       f"{r['auroc']:.3f} [{r['low']:.3f}, {r['high']:.3f}]: target {'met' if met else 'not met'}")  # fmt: skip
+    return out
+
+
+def write_doc(doc: Path, body: str) -> None:
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    section = f"{SECTION}\n\n{body.rstrip()}\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    archive, cache = make_archive(ns)
+    labels = archive / "labels.csv"
+    inits = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    bad = sorted(set(inits) - set(INITS))
+    if bad:
+        raise SystemExit(f"unknown --methods {bad}; choose from {', '.join(INITS)}")
+    runs = {m: pretrain(ns, m, cache, labels) for m in inits if m != "random"}
+    pretrain_seconds = time.monotonic() - started
+    results = []
+    for task in ns.tasks.split(","):
+        for seed in (int(s) for s in ns.seeds.split(",")):
+            for fraction in (float(f) for f in ns.fractions.split(",")):
+                for init in inits:
+                    results.append(finetune_and_evaluate(ns, task, init, runs.get(init), fraction, seed, cache, labels))
+    summary = summarise(ns, results)
+    elapsed = time.monotonic() - started
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ns).items()}
+    n_studies = sum(1 for _ in open(labels)) - 1
+    n_videos = len(json.loads((cache / "manifest.json").read_text())["videos"])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {ns.threads} threads"
+    out = {"config": config, "archive": {"studies": n_studies, "videos": n_videos}, "machine": machine,
+           "seconds": round(elapsed, 1), "summary": {t: {**p, "cells": p["cells"]} for t, p in summary.items()},
+           "runs": [{k: v for k, v in r.items() if k not in ("study_probs", "study_targets")} for r in results]}  # fmt: skip
+    (ns.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    body = table(ns, summary)
+    verdict = target_verdict(summary)
+    print(body)
+    print("\n".join(verdict))
+    log(f"done in {elapsed / 60:.1f} min (pretraining {pretrain_seconds / 60:.1f} min); results in {ns.out / 'results.json'}")
+    if ns.write_doc:
+        cmd = "python bench/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        header = (
+            f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d')}).\n"
+            f"Machine: {machine}, shared with other jobs; {elapsed / 60:.0f} min wall.\n"
+            f"Archive: {n_studies} studies, {n_videos} videos ({ns.patients} patients, synth seed {ns.synth_seed}, "
+            f"{ns.rows}x{ns.cols}, {ns.frames} frames); split by patient (val {ns.val_fraction:.0%}, test {ns.test_fraction:.0%} of patients). Network r3d_18 width {ns.width} at "
+            f"{ns.size} px; pretraining {ns.pretrain_epochs} epochs (batch {ns.pretrain_batch} pairs, Adam {ns.pretrain_lr:g}, "
+            f"PLAX of the training split only); fine-tuning {ns.clip_frames}-frame clips, up to {ns.finetune_epochs} epochs, "
+            f"Adam {ns.finetune_lr:g}, patience {ns.patience}; seeds {ns.seeds}; {ns.bootstrap} bootstrap resamples.\n"
+        )  # fmt: skip
+        RESULTS_COPY.write_text(json.dumps(out, indent=1) + "\n")
+        write_doc(ns.doc, header + "\n" + body + "\n" + "\n".join(f"- {v}" for v in verdict) + "\n")
+        log(f"wrote the '{SECTION[3:]}' section of {ns.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
