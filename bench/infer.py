@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +50,8 @@ from pydicom.data import get_testdata_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import cpu_model as _cpu_model  # noqa: E402
+
 from echonode.bundle import BundleMeta, ModelSet, load_bundle, model_set_key, save_bundle  # noqa: E402
 from echonode.nets import build_model  # noqa: E402
 from echonode.pipeline import analyse_study  # noqa: E402
@@ -59,15 +59,6 @@ from echonode.preprocess import eval_clip_starts, normalise_clip  # noqa: E402
 from echonode.runtime import cpu_has_native_bf16, optimise_for_inference, synthetic_clips  # noqa: E402
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def _load() -> str:

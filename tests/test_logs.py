@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
-import threading
 from pathlib import Path
 
 import pydicom

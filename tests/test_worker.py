@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 from pynetdicom import AE
 
 from echonode.bundle import ModelRegistry
