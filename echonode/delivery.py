@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -276,12 +277,24 @@ class Delivery:
                 self._count("transient")
                 bound.warning("delivery.retry", error=str(exc), attempts=attempts, retry_in_s=round(delay, 1))
                 return "transient"
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, InvalidDicomError) as exc:
             # The SR file itself is unreadable: nothing a retry fixes.
             self.journal.mark_dead(item.id, f"SR file unreadable: {type(exc).__name__}")
             self._count("bad_file")
             bound.error("delivery.dead", reason=f"SR file unreadable: {type(exc).__name__}")
             return "dead"
+        except Exception as exc:  # noqa: BLE001 - a bug must not block every later SR
+            # Leave the row to the normal backoff and max_attempts, so one bad
+            # row cannot stay first in the queue and stop every pass.
+            attempts = item.attempts + 1
+            reason = f"unexpected error: {type(exc).__name__}"
+            if attempts >= self.cfg.delivery.max_attempts:
+                self.journal.mark_dead(item.id, reason)
+            else:
+                self.journal.mark_retry(item.id, time.time() + self.backoff(attempts), reason)
+            self._count("unexpected")
+            bound.exception("delivery.unexpected_error")
+            return "transient"
         state = self.journal.mark_sent(item.id)
         bound.info("delivery.sent", status=f"0x{status:04X}", study_state=str(state))
         return "sent"

@@ -550,3 +550,27 @@ def test_a_silent_destination_does_not_hold_up_the_others(tmp_path: Path, ybr_lo
         assert elapsed < 3 * cfg.delivery.timeout_s
     finally:
         hole.close()
+
+
+def test_an_unreadable_sr_file_does_not_block_the_queue(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    good = scps()
+    rep = reported_study(tmp_path, ybr_loop, good.port)
+    # A second SR row whose file is garbage, due first.
+    bad = rep.sr_path.with_name("bad.dcm")
+    bad.write_bytes(b"not dicom at all")
+    now = time.time() - 10
+    con = sqlite3.connect(rep.journal.path)
+    with con:
+        con.execute(
+            "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path, created)"
+            " VALUES ('1.2.3.999', ?, 'other', '1.2.3', '1.2.840.10008.5.1.4.1.1.88.33', ?, ?)",
+            (rep.study_uid, str(bad), now))
+        con.execute(
+            "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
+            " VALUES ('1.2.3.999', ?, 'pacs', 'pending', ?, ?)", (rep.study_uid, now, now))
+    con.close()
+    assert Delivery(rep.cfg, rep.journal).run() == 1
+    rows = {r["sr_sop_uid"]: r for r in rep.journal.status()["outbox"]}
+    assert rows["1.2.3.999"]["state"] == OutboxState.DEAD
+    assert "unreadable" in rows["1.2.3.999"]["last_error"]
+    assert rows[rep.sr_uid]["state"] == OutboxState.SENT
