@@ -122,8 +122,11 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     # pynetdicom logs every PDU at debug and a summary per association at
     # info; keep it one step quieter than ours unless debugging.
     net_level = logging.DEBUG if level.lower() == "debug" else logging.WARNING
-    for name in ("pynetdicom", "pydicom", "apscheduler", "highdicom"):
+    for name in ("pynetdicom", "apscheduler", "highdicom"):
         logging.getLogger(name).setLevel(net_level)
+    # pydicom's warnings quote element values ("Invalid value for VR DA:
+    # '19600101'"): never below ERROR, whatever the level.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -75,6 +75,7 @@ class Node:
         # Received data is parsed leniently; never echo element values
         # (which may be patient names) into warnings.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
         silence_data_warnings()
         self.cfg = cfg
         self.config_path = config_path

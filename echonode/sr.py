@@ -277,6 +277,29 @@ def _check_finding(finding: Any, i: int) -> None:
         _check_unit_interval(p, f"{name}.video_probabilities[{uid!r}]")
 
 
+_TEMPORAL = {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom.valuerep.DT}
+
+
+def _blank_invalid_values(ds: Dataset) -> None:
+    """Empty the values a vendor got wrong (``PatientBirthDate = "1970-01-01"``).
+
+    highdicom refuses them when it copies the patient and study modules,
+    which would leave the study without a report forever; an empty Type 2
+    value is valid and loses nothing the receiving PACS does not have.
+    """
+    for elem in list(ds):
+        if elem.VR not in (*_TEMPORAL, "AS", "IS", "DS") or elem.value in (None, ""):
+            continue
+        try:
+            pydicom.valuerep.validate_value(elem.VR, elem.value, pydicom.config.RAISE)
+            if elem.VR in _TEMPORAL:
+                values = elem.value if elem.VM > 1 else [elem.value]
+                for v in values:
+                    _TEMPORAL[elem.VR](str(v))
+        except (ValueError, TypeError, OverflowError):
+            elem.value = None
+
+
 def _evidence(header: Dataset, sources: Sequence[SourceInstance]) -> list[Dataset]:
     """Minimal evidence datasets: the header's public attributes, per source."""
     base = Dataset()
@@ -287,6 +310,7 @@ def _evidence(header: Dataset, sources: Sequence[SourceInstance]) -> list[Datase
     for keyword in _TYPE2_HEADER:
         if keyword not in base:
             setattr(base, keyword, None)
+    _blank_invalid_values(base)
     if not sources:
         return [base]
     evidence = []

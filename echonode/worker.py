@@ -192,6 +192,17 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
     return StudyOutcome(claim.study_uid, str(state), report.sr_sop_uid)
 
 
+def _where(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame, for a log line without the message."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+    f = frames[-1]
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+
+
 def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
     """The worker process: claim, process, repeat until ``stop`` is set.
 
@@ -211,6 +222,7 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
     from pydicom import config as pydicom_config
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     if cfg.models.threads:
         torch.set_num_threads(cfg.models.threads)
     journal = Journal(cfg.storage_dir / "journal.sqlite")
@@ -242,12 +254,17 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
             except StaleClaim:
                 log.info("study.changed_while_running", study_uid=claim.study_uid)
             except Exception as exc:  # noqa: BLE001 - record, retry, go on
-                reason = f"{type(exc).__name__}: {exc}"[:500]
+                # The message of a library's exception can quote a data
+                # element (a malformed birth date, a name): record and log the
+                # type and where it happened, never the text.
+                where = _where(exc)
+                reason = f"could not process the study: {type(exc).__name__} at {where}"
                 try:
                     state = journal.finish_failed(claim, reason, max_attempts=cfg.models.max_attempts)
                 except StaleClaim:
                     continue
-                log.exception("study.error", study_uid=claim.study_uid, next_state=str(state))
+                log.error("study.error", study_uid=claim.study_uid, error=type(exc).__name__, where=where,
+                          next_state=str(state))
         except Exception:  # noqa: BLE001 - a journal hiccup must not kill the loop
             log.exception("worker.loop_error")
             stop.wait(2.0)

@@ -180,3 +180,35 @@ def test_study_timeout_kills_worker_then_fails(tmp_path: Path, ybr_loop: Path) -
         assert sup.restarts >= 2
     finally:
         sup.stop()
+
+
+def test_malformed_patient_values_do_not_block_the_report(tmp_path: Path) -> None:
+    """A vendor's '1970-01-01' birth date: the SR goes out with the value emptied."""
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh")
+    ds = us_multiframe(frames=16)
+    ds.PatientBirthDate = "1970-01-01"
+    ds.StudyTime = "25:99"
+    p = tmp_path / "odd.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [p])
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    assert outcome.state == StudyState.DELIVERED, outcome
+    sr = pydicom.dcmread(journal.latest_report(study_uid).path)
+    assert sr.PatientBirthDate in ("", None) and sr.PatientID == ds.PatientID
+
+
+def test_failure_reasons_never_quote_data(tmp_path: Path, ybr_loop: Path, monkeypatch) -> None:
+    import echonode.worker as worker_mod
+
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh")
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [ybr_loop])
+    assert worker_mod._where(ValueError("x")) == "unknown"
+    try:
+        raise ValueError("Unable to convert 'SECRET-DATE' to 'DA'")
+    except ValueError as exc:
+        where = worker_mod._where(exc)
+    assert "test_worker.py" in where and "SECRET" not in where
