@@ -10,6 +10,7 @@ Signal handlers only set flags; the main loop acts on them.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -29,6 +30,13 @@ from .stability import StabilityCheck
 from .store import StudyStore
 
 log = get_logger(__name__)
+
+#: [node] keys a SIGHUP does not change (they shape the listening server,
+#: the storage and the journal).
+RESTART_ONLY_NODE_KEYS = (
+    "ae_title", "host", "port", "storage_dir", "max_pdu", "max_associations",
+    "network_timeout_s", "acse_timeout_s", "dimse_timeout_s", "tls",
+)
 
 
 def installed_bundles(models_dir: Path) -> list[Path]:
@@ -192,8 +200,9 @@ class Node:
     def reload(self) -> None:
         """SIGHUP: re-read the config; apply allow-lists, destinations and limits.
 
-        Listening address, AE title and storage cannot change without a restart;
-        a changed value there is logged and ignored.
+        Listening address, AE title, storage, TLS, PDU size, association
+        limit and timeouts cannot change without a restart; a changed value
+        there is logged and ignored (the running value is kept everywhere).
         """
         if not self.config_path:
             log.warning("node.reload_ignored", reason="no config file")
@@ -205,9 +214,16 @@ class Node:
             log.error("node.reload_failed", error=str(exc))
             notify("READY=1")
             return
-        for key in ("ae_title", "host", "port", "storage_dir", "max_pdu"):
+        # What the listening socket, the storage and the worker's journal
+        # were built with stays as it is until a restart: applying half of
+        # it (a new storage_dir for the worker only, a TLS setting that the
+        # open server never sees) would be worse than not applying it.
+        kept = {}
+        for key in RESTART_ONLY_NODE_KEYS:
             if getattr(new.node, key) != getattr(self.cfg.node, key):
                 log.warning("node.reload_needs_restart", key=f"node.{key}")
+            kept[key] = getattr(self.cfg.node, key)
+        new = dataclasses.replace(new, node=dataclasses.replace(new.node, **kept))
         self.cfg = new
         self.scp.update_policy(new.node)
         if self.delivery is not None:

@@ -68,3 +68,25 @@ def test_sighup_applies_allow_list_and_keeps_open_associations(tmp_path: Path) -
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-2000:]
     assert "node.reload_failed" in out and "node.reloaded" in out, out[-3000:]
+
+
+def test_reload_keeps_restart_only_keys(tmp_path: Path) -> None:
+    from echonode.node import Node
+
+    cfg = make_config(tmp_path)
+    path = tmp_path / "echonode.toml"
+    path.write_text(to_toml(cfg))
+    node = Node(cfg, str(path), start_worker=False)
+    node.start()
+    try:
+        new = dataclasses.replace(cfg, node=dataclasses.replace(
+            cfg.node, storage_dir=str(tmp_path / "elsewhere"), ae_title="OTHER", max_associations=2,
+            allowed_calling_aets=("CART9",)))
+        path.write_text(to_toml(new))
+        node.reload()
+        assert node.cfg.storage_dir == cfg.storage_dir
+        assert node.cfg.node.ae_title == "ECHONODE" and node.cfg.node.max_associations == cfg.node.max_associations
+        assert node.cfg.node.allowed_calling_aets == ("CART9",)
+        assert node.scp.policy.calling_aets == frozenset({"CART9"})
+    finally:
+        node.stop()
