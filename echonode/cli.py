@@ -89,7 +89,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in s.get("results", []):
             verdict = "present" if r["positive"] else "absent"
             print(f"      {r['task']:<10} p={r['probability']:.3f} {verdict}  [{r['model']} {r['version']}]")
-    pending = [o for o in status["outbox"] if o["state"] != "sent"]
+    pending = [o for o in status["outbox"] if o["state"] in ("pending", "dead")]
     print(f"outbox: {len(pending)} not sent ({len(status['outbox'])} in all)")
     for o in pending:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["next_attempt"]))

@@ -44,6 +44,8 @@ class OutboxState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"
+    #: Never sent, and no longer to be: a newer SR for the study replaced it.
+    SUPERSEDED = "superseded"
 
 
 #: States in which a new instance re-opens the study for receiving.
@@ -483,29 +485,13 @@ class Journal:
         dests = list(destinations)
         with self._tx() as con:
             self._check_claim(con, claim)
-            con.execute("DELETE FROM results WHERE study_uid = ? AND model_set = ?", (claim.study_uid, model_set))
-            con.executemany(
-                "INSERT INTO results (study_uid, model_set, task, bundle_name, bundle_version, device_uid,"
-                " probability, positive, threshold, n_videos, detail, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        claim.study_uid,
-                        model_set,
-                        r.task,
-                        r.bundle_name,
-                        r.bundle_version,
-                        r.device_uid,
-                        float(r.probability),
-                        int(bool(r.positive)),
-                        float(r.threshold),
-                        int(r.n_videos),
-                        json.dumps(r.detail, sort_keys=True),
-                        now,
-                    )
-                    for r in results
-                ],
-            )
+            already = con.execute(
+                "SELECT 1 FROM reports WHERE study_uid = ? AND model_set = ?", (claim.study_uid, model_set)
+            ).fetchone()
+            # The results shown by `status` are those of the SR the PACS has:
+            # a re-run with the same models does not overwrite them.
+            if already is None:
+                self._replace_results(con, claim.study_uid, model_set, results, now)
             if report is not None:
                 con.execute(
                     "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path,"
@@ -521,6 +507,14 @@ class Journal:
                         now,
                     ),
                 )
+                if report.supersedes:
+                    # An older SR still waiting (or dead-lettered) must not
+                    # reach the PACS after its replacement.
+                    con.execute(
+                        "UPDATE outbox SET state = ?, last_error = ? WHERE sr_sop_uid = ? AND state IN (?, ?)",
+                        (OutboxState.SUPERSEDED, f"superseded by {report.sr_sop_uid}", report.supersedes,
+                         OutboxState.PENDING, OutboxState.DEAD),
+                    )
                 con.executemany(
                     "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
@@ -534,9 +528,38 @@ class Journal:
         return state
 
     @staticmethod
+    def _replace_results(
+        con: sqlite3.Connection, study_uid: str, model_set: str, results: Sequence[TaskResult], now: float
+    ) -> None:
+        con.execute("DELETE FROM results WHERE study_uid = ? AND model_set = ?", (study_uid, model_set))
+        con.executemany(
+            "INSERT INTO results (study_uid, model_set, task, bundle_name, bundle_version, device_uid,"
+            " probability, positive, threshold, n_videos, detail, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    study_uid,
+                    model_set,
+                    r.task,
+                    r.bundle_name,
+                    r.bundle_version,
+                    r.device_uid,
+                    float(r.probability),
+                    int(bool(r.positive)),
+                    float(r.threshold),
+                    int(r.n_videos),
+                    json.dumps(r.detail, sort_keys=True),
+                    now,
+                )
+                for r in results
+            ],
+        )
+
+    @staticmethod
     def _delivery_state(con: sqlite3.Connection, study_uid: str) -> StudyState:
         row = con.execute(
-            "SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND state != ?", (study_uid, OutboxState.SENT)
+            "SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND state IN (?, ?)",
+            (study_uid, OutboxState.PENDING, OutboxState.DEAD),
         ).fetchone()
         return StudyState.REPORTED if row["n"] else StudyState.DELIVERED
 

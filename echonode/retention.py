@@ -101,7 +101,7 @@ class Retention:
     def _studies(self) -> tuple[list[_Candidate], int]:
         """Purge candidates, oldest activity first, and the total stored bytes."""
         status = self.journal.status()
-        owed = {o["study_uid"] for o in status["outbox"] if o["state"] != OutboxState.SENT}
+        owed = {o["study_uid"] for o in status["outbox"] if o["state"] in (OutboxState.PENDING, OutboxState.DEAD)}
         total = 0
         out = []
         for s in status["studies"]:

@@ -142,3 +142,26 @@ def test_status_shape(journal: Journal) -> None:
     assert {"study_uid", "state", "instances"} <= set(s)
     assert s["instances"] == 1
     assert {r["task"] for r in s["results"]} == {"lvh", "severe_as"}
+
+
+def test_a_superseded_sr_still_waiting_is_never_sent(journal: Journal) -> None:
+    _report(journal, ["a"])  # SR 1.2.3.99 pending for "a"
+    journal.requeue("1.2.3")
+    claim = journal.claim_next(pid=1)
+    newer = ReportRecord("1.2.3.100", "1.2.3", "set2", "1.2.3.98", "1.2.840.10008.5.1.4.1.1.88.33", "/x/sr2.dcm",
+                         supersedes="1.2.3.99")
+    assert journal.finish_reported(claim, "set2", [result()], newer, ["a"]) == StudyState.REPORTED
+    assert [d.sr_sop_uid for d in journal.due_deliveries()] == ["1.2.3.100"]
+    old = [o for o in journal.status()["outbox"] if o["sr_sop_uid"] == "1.2.3.99"][0]
+    assert old["state"] == OutboxState.SUPERSEDED and "1.2.3.100" in old["last_error"]
+    assert journal.mark_sent(journal.due_deliveries()[0].id) == StudyState.DELIVERED
+
+
+def test_rerun_with_same_models_keeps_the_reported_results(journal: Journal) -> None:
+    _report(journal, ["a"])
+    journal.requeue("1.2.3")
+    claim = journal.claim_next(pid=1)
+    changed = TaskResult("lvh", "m", "1", "1.2.9", 0.01, False, 0.5, 2, {})
+    journal.finish_reported(claim, "set", [changed], None, ["a"])
+    probs = {r["task"]: r["probability"] for r in journal.status()["studies"][0]["results"]}
+    assert probs["lvh"] == 0.7

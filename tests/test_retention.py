@@ -139,7 +139,8 @@ def test_size_cap_purges_oldest_finished_first(store: StudyStore, tmp_path: Path
     d2 = make_study(store, tmp_path, StudyState.SKIPPED, 2)
     d1 = make_study(store, tmp_path, StudyState.DELIVERED, 1)
     size = store.journal.status()["studies"][0]["bytes"]
-    assert all(s["bytes"] == size for s in store.journal.status()["studies"])
+    # Equal up to the UIDs' lengths (generate_uid varies by a few characters).
+    assert all(abs(s["bytes"] - size) <= 64 for s in store.journal.status()["studies"])
 
     cfg = RetentionConfig(enabled=True, max_age_days=0, max_total_gb=2.5 * size / 1e9)
     purged = Retention(cfg, store.journal, store).run()
