@@ -274,6 +274,11 @@ def _check_tls(tls: TLSConfig, key: str, *, server: bool) -> None:
         return
     if server and not (tls.cert_file and tls.key_file):
         raise ConfigError(f"{key}.cert_file: TLS is enabled but cert_file/key_file are not set")
+    if not server and not tls.ca_file:
+        # Hostnames are not checked for DICOM peers (they are addressed by
+        # IP and AE title), so trust must come from a CA the site chose,
+        # never from the system store: any public certificate would do.
+        raise ConfigError(f"{key}.ca_file: TLS to a destination needs the CA that signed its certificate")
     if tls.require_client_cert and not tls.ca_file:
         raise ConfigError(f"{key}.ca_file: require_client_cert needs a CA file to verify clients")
     for name in ("cert_file", "key_file", "ca_file"):

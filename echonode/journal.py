@@ -187,6 +187,10 @@ class OutboxItem:
     path: str
 
 
+class SopInOtherStudy(ValueError):
+    """The SOP Instance UID is already recorded under another study."""
+
+
 class StaleClaim(RuntimeError):
     """The study changed (new instance, reprocess) while the worker held it."""
 
@@ -274,6 +278,9 @@ class Journal:
 
     def _record_instance(self, rec: InstanceRecord, now: float) -> StudyState:
         with self._tx() as con:
+            other = con.execute("SELECT study_uid FROM instances WHERE sop_uid = ?", (rec.sop_uid,)).fetchone()
+            if other is not None and other["study_uid"] != rec.study_uid:
+                raise SopInOtherStudy(rec.sop_uid)
             row = con.execute("SELECT state FROM studies WHERE study_uid = ?", (rec.study_uid,)).fetchone()
             if row is None:
                 con.execute(
@@ -328,10 +335,13 @@ class Journal:
             ).fetchall()
         return [InstanceRecord(**dict(r)) for r in rows]
 
-    def forget_instance(self, sop_uid: str) -> None:
-        """Remove an instance whose file is gone (recovery only)."""
+    def forget_instance(self, sop_uid: str, path: str) -> None:
+        """Remove an instance whose file at ``path`` is gone (recovery only).
+
+        Matching the path too keeps a row that already points at a newer copy.
+        """
         with self._tx() as con:
-            con.execute("DELETE FROM instances WHERE sop_uid = ?", (sop_uid,))
+            con.execute("DELETE FROM instances WHERE sop_uid = ? AND path = ?", (sop_uid, path))
 
     # -- study lifecycle ----------------------------------------------------------
 

@@ -25,9 +25,10 @@ Two rules, applied in this order at every run:
    ``retention.over_cap`` and stops; the SCP's ``min_free_disk_mb`` (0xA700)
    still protects the disk.
 
-Rows go first (one transaction), then the files. An instance that arrives for
-a study in the instant it is purged starts the study afresh; its row is kept
-and only the files the purged rows named are deleted in that case.
+Rows go first (one transaction), then the files, both under the study's
+lock (:meth:`StudyStore.study_lock`), which the SCP also takes to move and
+record an instance: an instance that arrives for a study while it is purged
+waits, then starts the study afresh.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .config import RetentionConfig
@@ -145,23 +145,17 @@ class Retention:
             # Cannot be a folder name we wrote; leave it for a human.
             log.warning("retention.bad_uid_skipped")
             return False
+        # Under the study's lock no instance of it can be moved in and
+        # acknowledged between forgetting the rows and deleting the files.
+        with self.store.study_lock(c.study_uid):
+            return self._purge_locked(c, rule, purged)
+
+    def _purge_locked(self, c: _Candidate, rule: str, purged: list[Purged]) -> bool:
         paths = self.journal.purge_study(c.study_uid, states=PURGEABLE, active_before=c.active)
         if paths is None:
             log.info("retention.study_changed", study_uid=c.study_uid)
             return False
-        if self.journal.study(c.study_uid) is None:
-            freed = self.store.remove_study(c.study_uid)
-        else:
-            # A new instance arrived in the meantime: keep it, delete only what the purged rows named.
-            freed = 0
-            for p in paths:
-                path = Path(p)
-                try:
-                    freed += path.stat().st_size
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-            log.warning("retention.study_reopened", study_uid=c.study_uid)
+        freed = self.store.remove_study(c.study_uid)
         log.info(
             "retention.purged",
             study_uid=c.study_uid,

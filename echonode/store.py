@@ -29,7 +29,9 @@ import os
 import re
 import shutil
 import struct
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
 from .dicomfile import check_inflated_size
-from .journal import InstanceRecord, Journal
+from .journal import InstanceRecord, Journal, SopInOtherStudy
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -216,6 +218,14 @@ class StudyStore:
         self.reports = self.root / "reports"
         for d in (self.root, self.incoming, self.studies, self.reports):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        # Striped per-study locks: accept (move + record) and retention
+        # (forget + delete) of one study never interleave, while receives
+        # of different studies (almost always) proceed in parallel.
+        self._locks = [threading.Lock() for _ in range(64)]
+
+    def study_lock(self, study_uid: str) -> threading.Lock:
+        """The lock that serialises changes to ``study_uid``'s files and rows."""
+        return self._locks[zlib.crc32(study_uid.encode()) % len(self._locks)]
 
     # -- paths -------------------------------------------------------------------
 
@@ -259,6 +269,10 @@ class StudyStore:
             caller to remove.
         """
         header = read_header(temp_path)
+        with self.study_lock(header.study_uid):
+            return self._accept_locked(temp_path, header, calling_ae)
+
+    def _accept_locked(self, temp_path: Path, header: Header, calling_ae: str | None) -> tuple[Header, str]:
         existing = self.journal.get_instance(header.sop_uid)
         outcome = "stored"
         if existing is not None:
@@ -274,10 +288,18 @@ class StudyStore:
         dest = self.instance_path(header)
         self._mkdirs(dest.parent)
         _durable_move(temp_path, dest)
+        try:
+            self._record(header, dest, time.time(), calling_ae)
+        except SopInOtherStudy:
+            # Another association stored this SOP Instance UID under another
+            # study since the check above (the per-study lock cannot see it).
+            dest.unlink(missing_ok=True)
+            raise BadObject(0xC230, "SOPInstanceUID already stored under another study; refusing to move it") from None
         if existing is not None and Path(existing.path) != dest:
-            # Same instance, new series: the old copy is superseded.
+            # Same instance, new series: the old copy goes only once the
+            # journal points at the new one, so a crash in between leaves
+            # the recorded copy in place (recover() drops the other).
             Path(existing.path).unlink(missing_ok=True)
-        self._record(header, dest, time.time(), calling_ae)
         return header, outcome
 
     def _record(self, header: Header, path: Path, received: float, calling_ae: str | None) -> None:
@@ -329,12 +351,26 @@ class StudyStore:
                 log.warning("recover.misplaced_file_removed", path=str(path))
                 path.unlink(missing_ok=True)
                 continue
-            self._record(header, path, path.stat().st_mtime, None)
+            current = self.journal.get_instance(header.sop_uid)
+            if current is not None and current.path != str(path) and Path(current.path).exists():
+                # The copy a replacement superseded (crash before its unlink).
+                log.info("recover.superseded_copy_removed", sop_uid=header.sop_uid)
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                self._record(header, path, path.stat().st_mtime, None)
+            except SopInOtherStudy:
+                log.warning("recover.sop_in_other_study_removed", sop_uid=header.sop_uid)
+                path.unlink(missing_ok=True)
+                continue
             counts["recorded"] += 1
+        for part in [*self.studies.glob("*/*/*.part"), *self.reports.glob("*/*.part")]:
+            part.unlink(missing_ok=True)
+            counts["temp_removed"] += 1
         for path_str, rec in known.items():
             if not Path(path_str).exists():
                 log.warning("recover.missing_file", sop_uid=rec.sop_uid, study_uid=rec.study_uid)
-                self.journal.forget_instance(rec.sop_uid)
+                self.journal.forget_instance(rec.sop_uid, path_str)
                 counts["forgotten"] += 1
         return counts
 

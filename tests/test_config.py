@@ -99,6 +99,10 @@ level = "info"
             "destinations[1].name",
         ),
         ({"destinations": {"name": "p"}}, "destinations"),
+        (
+            {"destinations": [{"name": "p", "ae_title": "PACS", "host": "h", "port": 104, "tls": {"enabled": True}}]},
+            "destinations[0].tls.ca_file",
+        ),
         ({"logging": {"format": "xml"}}, "logging.format"),
         ({"logging": {"level": "loud"}}, "logging.level"),
         ({"node": {"max_associations": True}}, "node.max_associations"),

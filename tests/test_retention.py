@@ -205,25 +205,32 @@ def test_purge_study_guards(store: StudyStore, tmp_path: Path) -> None:
 
 
 def test_an_instance_arriving_during_the_purge_is_kept(store: StudyStore, tmp_path: Path, monkeypatch) -> None:
+    """A C-STORE for the study while it is purged waits for the purge, then lands in a fresh study."""
+    import threading
+
     j = store.journal
     uid = make_study(store, tmp_path, StudyState.DELIVERED, 40)
     (old,) = j.instances(uid)
     real = j.purge_study
     late: list[Path] = []
+    sender = threading.Thread(target=lambda: late.append(receive(store, tmp_path, uid)))
+    blocked: list[bool] = []
 
     def racing(study_uid, **kw):
         paths = real(study_uid, **kw)
-        late.append(receive(store, tmp_path, study_uid))  # lands between rows and files
+        sender.start()  # the receive races the file deletion ...
+        sender.join(0.5)
+        blocked.append(sender.is_alive())  # ... and must wait for the study's lock
         return paths
 
     monkeypatch.setattr(j, "purge_study", racing)
-    with capture_logs() as logs:
-        purged = Retention(RetentionConfig(enabled=True, max_age_days=30), j, store).run()
+    purged = Retention(RetentionConfig(enabled=True, max_age_days=30), j, store).run()
+    sender.join(10)
+    assert blocked == [True]
     assert [p.study_uid for p in purged] == [uid]
     assert not Path(old.path).exists()
     assert late[0].exists()
     assert j.study_state(uid) == StudyState.RECEIVING and [r.path for r in j.instances(uid)] == [str(late[0])]
-    assert any(e["event"] == "retention.study_reopened" for e in logs)
 
 
 def test_node_schedules_retention_only_when_enabled(tmp_path: Path) -> None:

@@ -124,3 +124,38 @@ def test_recover(store: StudyStore, tmp_path: Path) -> None:
     assert counts == {"temp_removed": 1, "recorded": 1, "forgotten": 1}
     assert {r.sop_uid for r in store.journal.instances()} == {ha.sop_uid, hb.sop_uid}
     assert store.recover() == {"temp_removed": 0, "recorded": 0, "forgotten": 0}
+
+
+def test_concurrent_same_sop_in_two_studies_is_refused_in_the_transaction(store: StudyStore, tmp_path: Path) -> None:
+    from echonode.journal import InstanceRecord, SopInOtherStudy
+
+    a = write(us_multiframe(sop_uid="1.2.3.4.77"), tmp_path / "a.dcm")
+    b = write(us_multiframe(sop_uid="1.2.3.4.77"), tmp_path / "b.dcm")
+    store.accept(incoming(store, a), None)
+    hb = read_header(b)
+    # The pre-check passed in another thread before a's row existed: the
+    # journal itself must refuse.
+    with pytest.raises(SopInOtherStudy):
+        store.journal.record_instance(InstanceRecord(hb.sop_uid, hb.study_uid, hb.series_uid, hb.sop_class_uid,
+                                                     hb.transfer_syntax, "/x.dcm", 1, 0.0))
+
+
+def test_recover_after_crash_during_a_replacement(store: StudyStore, tmp_path: Path) -> None:
+    # Same SOP, new series: the new copy recorded, the old one not yet unlinked.
+    ds = us_multiframe(sop_uid="1.2.3.4.88")
+    h1, _ = store.accept(incoming(store, write(ds, tmp_path / "1.dcm")), None)
+    old_path = store.instance_path(h1)
+    kept = old_path.read_bytes()
+    ds.SeriesInstanceUID = "1.2.3.4.89"
+    ds.PixelData = bytes(len(ds.PixelData))
+    h2, outcome = store.accept(incoming(store, write(ds, tmp_path / "2.dcm")), None)
+    assert outcome == "replaced" and not old_path.exists()
+    old_path.parent.mkdir(parents=True, exist_ok=True)
+    old_path.write_bytes(kept)  # as if the crash came before the unlink
+    (store.instance_path(h2).parent / "x.dcm.part").write_bytes(b"half")
+    counts = store.recover()
+    assert not old_path.exists()
+    assert counts["forgotten"] == 0
+    rec = store.journal.get_instance("1.2.3.4.88")
+    assert rec.path == str(store.instance_path(h2)) and rec.series_uid == "1.2.3.4.89"
+    assert not list(store.studies.glob("*/*/*.part"))
