@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -29,6 +31,10 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
+def _journal_path(cfg: Config) -> Path:
+    return cfg.storage_dir / "journal.sqlite"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .node import Node
@@ -41,6 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
     print(f"{cfg.source}: OK ({len(cfg.destinations)} destination(s), AE title {cfg.node.ae_title})")
+    if not cfg.destinations:
+        print("warning: no [[destinations]]: results are kept in the journal and no SR is sent", file=sys.stderr)
     return EXIT_OK
 
 
@@ -131,7 +139,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     from .journal import Journal
 
     cfg = _load(args)
-    if not Journal(cfg.storage_dir / "journal.sqlite").requeue(args.study_uid):
+    if not _journal_path(cfg).exists() or not Journal(_journal_path(cfg)).requeue(args.study_uid):
         return _fail(f"no stored study {args.study_uid}", EXIT_FAILURE)
     print(f"queued {args.study_uid}")
     return EXIT_OK
@@ -141,7 +149,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from .journal import Journal
 
     cfg = _load(args)
-    n = Journal(cfg.storage_dir / "journal.sqlite").retry_dead(args.study_uid)
+    n = Journal(_journal_path(cfg)).retry_dead(args.study_uid) if _journal_path(cfg).exists() else 0
     print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'} queued again")
     return EXIT_OK
 
@@ -221,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}")
+    except sqlite3.Error as exc:
+        return _fail(f"journal error: {exc}", EXIT_FAILURE)
+    except OSError as exc:
+        # A busy port, an unwritable storage_dir: say what and where, no traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}", EXIT_FAILURE)
     except KeyboardInterrupt:
         return 130
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -265,6 +266,8 @@ def _check_port(value: int, key: str) -> None:
 
 
 def _check_positive(value: float, key: str, *, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 

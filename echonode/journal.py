@@ -1,9 +1,12 @@
 """The journal: a SQLite (WAL) record of instances, study states, results and the SR outbox.
 
 Every process and thread opens its own connection (``Journal`` keeps one per
-thread). Writes that must agree happen in one transaction; the receive path
-commits before the C-STORE is acknowledged (``synchronous=FULL``), so an
-acknowledged instance is on disk and recorded even after a kill -9.
+thread). Writes that must agree happen in one transaction, at
+``synchronous=FULL`` except on the receive path: there the commit is
+``NORMAL`` (durable against a kill -9; after a power loss the last commits
+are re-derived by ``StudyStore.recover()`` from the files, which were
+fsynced before the commit). Either way the C-STORE is acknowledged only
+after the commit.
 
 Study states (CONTRACT.md)::
 

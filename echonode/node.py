@@ -183,6 +183,8 @@ class Node:
             except OSError as exc:  # receiving matters more than being scraped
                 log.error("metrics.not_started", port=self.cfg.metrics.port, error=exc.strerror)
                 self.metrics = None
+        if not self.cfg.destinations:
+            log.warning("node.no_destinations", effect="SRs are built and kept, none is sent")
         notify(f"READY=1\nSTATUS=listening on port {self.scp.port} as {self.cfg.node.ae_title}")
         log.info("node.ready", port=self.scp.port, ae_title=self.cfg.node.ae_title)
 

@@ -19,6 +19,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .config import Config, ConfigError, load_config, parse_config
+from .dicomfile import check_inflated_size
+from .store import is_valid_uid
 
 
 def find_studies(paths: list[Path]) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
@@ -38,6 +40,7 @@ def find_studies(paths: list[Path]) -> tuple[dict[str, list[Path]], list[tuple[P
             skipped.append((p, "no such file or folder"))
     for f in files:
         try:
+            check_inflated_size(f, 512 * 2**20)
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
             skipped.append((f, "not a DICOM file"))
@@ -99,7 +102,7 @@ def run_infer(args: argparse.Namespace) -> int:
             status = 1
             continue
         summary = analysis.summary()
-        if args.sr_out and not analysis.skipped_reason:
+        if args.sr_out and not analysis.skipped_reason and is_valid_uid(study_uid):
             from .sr import build_report
 
             header = _pd.dcmread(files[0], stop_before_pixels=True)

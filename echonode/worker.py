@@ -62,7 +62,9 @@ def _findings(analysis: Any) -> list[Any]:
                     "clip_frames": str(b.meta.clip_frames),
                     "frame_size": str(b.meta.frame_size),
                     "threshold": f"{b.threshold:g}",
-                    "aggregation": "mean over 4 clips per video, mean over videos",
+                    "aggregation": f"mean over {b.meta.preprocessing.get('eval_clips', 4)} clips per video,"
+                    " mean over videos",
+                    "runtime": _runtime_mode(b),
                     "view_filter": analysis.view_filter,
                 },
                 sources=tuple(
@@ -74,6 +76,17 @@ def _findings(analysis: Any) -> list[Any]:
             )
         )
     return findings
+
+
+def _runtime_mode(bundle: Any) -> str:
+    """The inference runtime that produced a bundle's probabilities (eager, jit, bf16 ...)."""
+    runner = getattr(bundle, "runner", None)
+    if runner is None:
+        return "eager"
+    try:
+        return str(runner.describe().get("mode", "eager"))
+    except Exception:  # noqa: BLE001 - a description must never fail a report
+        return "unknown"
 
 
 def write_report(ds: Any, path: Path) -> None:
@@ -146,6 +159,9 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
     model_set = models.key
     existing = journal.report_for(claim.study_uid, model_set)
     report = None
+    if existing is None and not paths:
+        journal.finish_failed(claim, "the study's files are gone", max_attempts=1)
+        return StudyOutcome(claim.study_uid, "failed", reason="the study's files are gone")
     if existing is None:
         header = pydicom.dcmread(paths[0], stop_before_pixels=True)
         previous = journal.latest_report(claim.study_uid)

@@ -74,3 +74,30 @@ def test_demo_with_given_models(tmp_path: Path) -> None:
     assert "NOT FOR DIAGNOSTIC USE" in out
     assert "Left ventricular hypertrophy" in out and "aortic stenosis" in out
     assert os.listdir(tmp_path / "work" / "pacs")
+
+
+def test_serve_on_a_busy_port_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        cfg = make_config(tmp_path, node={"port": busy.getsockname()[1]})
+        path = tmp_path / "c.toml"
+        path.write_text(to_toml(cfg))
+        res = run_cli("--config", str(path), "serve", timeout=120)
+    finally:
+        busy.close()
+    assert res.returncode == 1
+    assert "Address already in use" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_check_config_warns_without_destinations_and_refuses_nan(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(make_config(tmp_path)))
+    res = run_cli("--config", str(path), "check-config")
+    assert res.returncode == 0 and "no [[destinations]]" in res.stderr
+    path.write_text("[study]\nstable_after_s = nan\n")
+    res = run_cli("--config", str(path), "check-config")
+    assert res.returncode == 2 and "study.stable_after_s" in res.stderr
