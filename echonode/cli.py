@@ -55,6 +55,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def _models_summary(cfg: Config) -> list[dict[str, Any]]:
     from .node import installed_bundles
 
+    # What the worker last reported loading (it may refuse a bundle the
+    # folder holds: wrong shapes, unknown task, a newer format).
+    try:
+        worker = json.loads((cfg.storage_dir / "worker-models.json").read_text())
+    except (OSError, ValueError):
+        worker = None
     out = []
     for b in installed_bundles(cfg.models_dir):
         try:
@@ -72,6 +78,14 @@ def _models_summary(cfg: Config) -> list[dict[str, Any]]:
                 "random_weights": bool(meta.get("random_weights", False)),
             }
         )
+        if worker is not None:
+            loaded = meta.get("name", b.name) in worker.get("loaded", [])
+            out[-1]["loaded"] = loaded
+            if not loaded:
+                errs = [e for p, e in worker.get("errors", {}).items() if Path(p).name == b.name]
+                out[-1]["error"] = errs[0] if errs else "not loaded by the worker"
+            else:
+                out[-1]["runtime"] = worker.get("runtime", {}).get(meta.get("name", b.name))
     return out
 
 

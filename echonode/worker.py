@@ -89,6 +89,34 @@ def _runtime_mode(bundle: Any) -> str:
         return "unknown"
 
 
+MODELS_STATE = "worker-models.json"
+
+
+def write_models_state(cfg: Config, registry: Any) -> None:
+    """Tell ``echonode status`` which bundles the worker really loaded, and why others not.
+
+    The node queues studies when a task bundle is installed; if it does not
+    load in the worker, the studies would wait with no visible reason.
+    """
+    import json
+
+    state = {
+        "loaded": [b.describe()["name"] for b in registry.bundles],
+        "model_set": registry.key,
+        "errors": {str(p): e for p, e in registry.errors},
+        "runtime": {b.describe()["name"]: _runtime_mode(b) for b in registry.bundles},
+        "updated": time.time(),
+    }
+    path = cfg.storage_dir / MODELS_STATE
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("models.state_not_written", error=exc.strerror)
+
+
 def write_report(ds: Any, path: Path) -> None:
     """Write an SR file atomically (temp file, fsync, rename)."""
     from .store import fsync_dir, fsync_file
@@ -258,6 +286,7 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
                     log.error("models.unusable", bundle=str(path), error=err)
                 log.info("models.loaded", models=[b.describe()["name"] for b in registry.bundles],
                          model_set=registry.key)
+                write_models_state(cfg, registry)
             if not any(b.task != "view" for b in registry.bundles):
                 stop.wait(2.0)
                 continue

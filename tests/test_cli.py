@@ -101,3 +101,21 @@ def test_check_config_warns_without_destinations_and_refuses_nan(tmp_path: Path)
     path.write_text("[study]\nstable_after_s = nan\n")
     res = run_cli("--config", str(path), "check-config")
     assert res.returncode == 2 and "study.stable_after_s" in res.stderr
+
+
+def test_status_shows_a_bundle_the_worker_refused(tmp_path: Path) -> None:
+    from echonode.bundle import ModelRegistry
+    from echonode.worker import write_models_state
+
+    path, _ = _config_file(tmp_path)
+    cfg = make_config(tmp_path)
+    broken = tiny_bundle(cfg.models_dir, "severe_as", name="broken")
+    (broken / "weights.pt").write_bytes(b"not a state dict")
+    reg = ModelRegistry(cfg.models_dir, "cpu", runtime="eager")
+    reg.refresh()
+    write_models_state(cfg, reg)
+    doc = json.loads(run_cli("--config", str(path), "status", "--json").stdout)
+    by_name = {m["name"]: m for m in doc["models"]}
+    assert by_name["test-lvh"]["loaded"] is True and by_name["test-lvh"]["runtime"] == "eager"
+    assert by_name["broken"]["loaded"] is False
+    assert "broken" in by_name["broken"]["error"]
