@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pydicom
+import pytest
 import structlog
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -16,6 +17,20 @@ from echonode.logs import configure_logging, get_logger
 from echonode.node import Node
 from tests.conftest import make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """These tests point logging at their own streams; later tests must not write to closed ones."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {n: logging.getLogger(n).level for n in ("pynetdicom", "pydicom", "apscheduler", "highdicom")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for n, lv in levels.items():
+        logging.getLogger(n).setLevel(lv)
+    structlog.reset_defaults()
+
 
 SECRET_NAME = "ZZSECRET^HIDDENNAME"
 SECRET_ID = "PHI-ID-424242"
