@@ -522,7 +522,7 @@ def test_a_silent_destination_does_not_hold_up_the_others(tmp_path: Path, ybr_lo
         rep = reported_study(tmp_path, ybr_loop, hole.getsockname()[1], timeout_s=1.0)
         good = scps()
         cfg = with_destination(rep.cfg, "good", "PACS", good.port)
-        now = time.time()
+        now = time.time() - 10  # all due; the good row sorts last
         con = sqlite3.connect(rep.journal.path)
         with con:
             for i in range(3):  # three more SRs owed to the silent PACS

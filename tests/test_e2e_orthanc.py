@@ -146,11 +146,11 @@ def orthanc_factory(tmp_path: Path) -> Iterator:
         o.stop()
 
 
-def _node_config(tmp_path: Path, node_port: int, orthanc: Orthanc):
+def _node_config(tmp_path: Path, node_port: int, orthanc: Orthanc, stable_after_s: float = 0.5):
     cfg = make_config(
         tmp_path,
         node={"port": node_port},
-        study={"stable_after_s": 0.5, "check_interval_s": 0.2},
+        study={"stable_after_s": stable_after_s, "check_interval_s": 0.2},
         delivery={"retry_initial_s": 0.5, "retry_max_s": 1.0, "check_interval_s": 0.2, "timeout_s": 5.0},
     )
     cfg = with_destination(cfg, "orthanc", "ORTHANC", orthanc.dicom_port)
@@ -228,13 +228,16 @@ def test_orthanc_sends_study_and_gets_the_sr_back(tmp_path: Path, ybr_loop: Path
 def test_orthanc_down_when_sr_is_due_gets_it_once(tmp_path: Path, ybr_loop: Path, orthanc_factory) -> None:
     node_port = free_port()
     orthanc = orthanc_factory(node_port)
-    cfg = _node_config(tmp_path, node_port, orthanc)
+    # Quiet time long enough for Orthanc's shutdown (seconds) to finish
+    # before the study is complete: the SR must find the PACS gone.
+    cfg = _node_config(tmp_path, node_port, orthanc, stable_after_s=8.0)
     node = Node(cfg)
     node.start()
     try:
         study_uid = str(pydicom.dcmread(ybr_loop, stop_before_pixels=True).StudyInstanceUID)
         study_id = _send_to_node(orthanc, ybr_loop)
         orthanc.stop()  # the PACS goes away before the SR is ready
+        assert node.journal.latest_report(study_uid) is None, "the study completed before Orthanc stopped"
 
         def retried() -> bool:
             rows = node.journal.status()["outbox"]
