@@ -441,6 +441,19 @@ class Journal:
             )
         return state
 
+    def release_running(self) -> list[str]:
+        """Put studies whose worker *we* stopped back in the queue, uncounted."""
+        now = time.time()
+        with self._tx() as con:
+            rows = con.execute("SELECT study_uid FROM studies WHERE state = ?", (StudyState.RUNNING,)).fetchall()
+            uids = [r["study_uid"] for r in rows]
+            con.executemany(
+                "UPDATE studies SET state = ?, attempts = MAX(attempts - 1, 0), worker_pid = NULL,"
+                " reason = 'node stopped during processing', updated = ? WHERE study_uid = ?",
+                [(StudyState.QUEUED, now, u) for u in uids],
+            )
+        return uids
+
     def recover_running(self, max_attempts: int) -> dict[str, StudyState]:
         """At start: studies left ``running`` by a dead worker are queued again or failed."""
         now = time.time()

@@ -401,4 +401,11 @@ class WorkerSupervisor:
             log.warning("worker.killed_on_stop")
             self.process.kill()
             self.process.join(5)
+            # Stopped by us, not by the study: its attempt does not count, or
+            # a few upgrades during a long study would mark it failed.
+            from .journal import Journal
+
+            released = (self._journal or Journal(self.cfg.storage_dir / "journal.sqlite")).release_running()
+            if released:
+                log.info("worker.released_on_stop", studies=released)
         self.process = None

@@ -165,3 +165,14 @@ def test_rerun_with_same_models_keeps_the_reported_results(journal: Journal) -> 
     journal.finish_reported(claim, "set", [changed], None, ["a"])
     probs = {r["task"]: r["probability"] for r in journal.status()["studies"][0]["results"]}
     assert probs["lvh"] == 0.7
+
+
+def test_release_running_does_not_count_the_attempt(journal: Journal) -> None:
+    journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    journal.mark_stable(10)
+    journal.queue_stable()
+    assert journal.claim_next(pid=1).attempts == 1
+    assert journal.release_running() == ["1.2.3"]
+    st = journal.study("1.2.3")
+    assert st["state"] == StudyState.QUEUED and st["attempts"] == 0
+    assert journal.claim_next(pid=1).attempts == 1
