@@ -53,7 +53,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def testdata(name: str) -> Path:
+def real_testfile(name: str) -> Path:
     path = get_testdata_file(name, download=False)
     if path is None:
         pytest.fail(f"test file {name} not found: install the 'test' extra (pydicom-data)")
@@ -63,13 +63,13 @@ def testdata(name: str) -> Path:
 @pytest.fixture(scope="session")
 def sonosite_loop() -> Path:
     """The real 120-frame SonoSite PLAX cine (JPEG baseline, YBR_FULL_422)."""
-    return testdata("color3d_jpeg_baseline.dcm")
+    return real_testfile("color3d_jpeg_baseline.dcm")
 
 
 @pytest.fixture(scope="session")
 def ybr_loop() -> Path:
     """The same loop, 30 frames, 240x320; shares its SOP Instance UID with sonosite_loop."""
-    return testdata("examples_ybr_color.dcm")
+    return real_testfile("examples_ybr_color.dcm")
 
 
 def make_config(tmp_path: Path, **sections: dict) -> Config:

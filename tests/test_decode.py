@@ -10,7 +10,6 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -28,15 +27,15 @@ from echonode.decode import (
     frame_rate,
 )
 
+from tests.conftest import real_testfile
+
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 
 
 def _testfile(name: str) -> str:
-    path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"{name} not available offline (pydicom-data)")
-    return str(path)
+    # The real files are the point of these tests: missing data fails, never skips.
+    return str(real_testfile(name))
 
 
 @pytest.fixture(scope="module")

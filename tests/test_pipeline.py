@@ -91,12 +91,12 @@ def test_view_filter_keeps_plax_only(tmp_path: Path, study) -> None:
 
 
 def test_unusable_objects_are_skipped_with_reasons(tmp_path: Path, study) -> None:
-    from tests.conftest import testdata
+    from tests.conftest import real_testfile
 
     uid, files = study
     models = tmp_path / "models"
     tiny_bundle(models, "lvh")
-    single = pydicom.dcmread(testdata("OBXXXX1A.dcm"))
+    single = pydicom.dcmread(real_testfile("OBXXXX1A.dcm"))
     single.StudyInstanceUID = uid
     src = pydicom.dcmread(files[0], stop_before_pixels=True)
     single.PatientName, single.PatientID = src.PatientName, src.PatientID

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pydicom.data import get_testdata_file
 
 from echonode.decode import DecodedVideo, UnusableObject, decode_video
 from echonode.preprocess import (
@@ -18,6 +17,7 @@ from echonode.preprocess import (
     sector_mask,
     training_clip,
 )
+from tests.conftest import real_testfile
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,10 +26,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def sonosite_path() -> str:
-    path = get_testdata_file("color3d_jpeg_baseline.dcm", download=False)
-    if path is None:
-        pytest.skip("color3d_jpeg_baseline.dcm not available offline (pydicom-data)")
-    return str(path)
+    return str(real_testfile("color3d_jpeg_baseline.dcm"))
 
 
 @pytest.fixture(scope="module")

@@ -116,11 +116,11 @@ def test_conflicting_patient_identity_is_never_reported(tmp_path: Path) -> None:
 
 
 def test_nothing_usable_is_skipped_with_reason(tmp_path: Path) -> None:
-    from tests.conftest import testdata
+    from tests.conftest import real_testfile
 
     cfg = make_config(tmp_path)
     tiny_bundle(cfg.models_dir, "lvh")
-    journal, store, study_uid = _stored_study(tmp_path, cfg, [testdata("OBXXXX1A.dcm")])
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [real_testfile("OBXXXX1A.dcm")])
     registry = ModelRegistry(cfg.models_dir, "cpu")
     registry.refresh()
     outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
