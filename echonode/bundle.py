@@ -479,6 +479,41 @@ def _expected_shapes(arch: str, num_outputs: int, width: int) -> dict[str, tuple
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
+def state_dict_problems(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Compare a state dict with the expected key -> shape map.
+
+    Missing BatchNorm ``num_batches_tracked`` counters (absent from some older
+    checkpoints, irrelevant to inference) are filled with zeros.
+
+    Returns
+    -------
+    tuple of (dict, list of str)
+        The completed state dict and the problems (missing keys, unexpected
+        keys, wrong shapes; the first few of each named); empty when it fits.
+    """
+    completed = dict(state_dict)
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in completed:
+            completed[key] = torch.zeros((), dtype=torch.long)
+    missing = [k for k in expected if k not in completed]
+    extra = [k for k in completed if k not in expected]
+    wrong = [
+        f"{k} {tuple(completed[k].shape)} (expected {tuple(expected[k])})"
+        for k in expected
+        if k in completed and tuple(completed[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected key(s) ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s): {'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}")
+    return completed, problems
+
+
 def check_state_dict(
     state_dict: Any, arch: str, num_outputs: int, width: int, *, source: str | os.PathLike[str] = "<weights>"
 ) -> dict[str, torch.Tensor]:
@@ -513,25 +548,7 @@ def check_state_dict(
     bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise BundleError(f"bundle {where}: {WEIGHTS_FILE} has non-tensor entries: {', '.join(map(str, bad[:5]))}")
-    expected = _expected_shapes(arch, num_outputs, width)
-    completed = dict(state_dict)
-    for key in expected:
-        if key.endswith("num_batches_tracked") and key not in completed:
-            completed[key] = torch.zeros((), dtype=torch.long)
-    missing = [k for k in expected if k not in completed]
-    extra = [k for k in completed if k not in expected]
-    wrong = [
-        f"{k} {tuple(completed[k].shape)} (expected {expected[k]})"
-        for k in expected
-        if k in completed and tuple(completed[k].shape) != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    if extra:
-        problems.append(f"{len(extra)} unexpected key(s) ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shape(s): {'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}")
+    completed, problems = state_dict_problems(state_dict, _expected_shapes(arch, num_outputs, width))
     if problems:
         raise BundleError(
             f"bundle {where}: weights do not fit {arch} width {width} with {num_outputs} output(s): " + ", ".join(problems)

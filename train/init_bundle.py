@@ -38,6 +38,7 @@ from echonode.bundle import (
     BundleError,
     BundleMeta,
     save_bundle,
+    state_dict_problems,
 )
 from echonode.nets import ARCHITECTURES, NORMALISATIONS, build_model
 
@@ -247,25 +248,11 @@ def init_weights(
     if kind == "torchvision" and "fc.weight" in state and state["fc.weight"].ndim == 2:
         if state["fc.weight"].shape[0] == _KINETICS_CLASSES:
             kind = "kinetics"
-    body = {k: v for k, v in state.items() if k not in head_keys}
-    for key in expected:
-        if key.endswith("num_batches_tracked") and key not in body:
-            body[key] = torch.zeros((), dtype=torch.long)
-
     want = {k: tuple(v.shape) for k, v in expected.items() if k not in head_keys}
-    missing = [k for k in want if k not in body]
-    extra = [k for k in body if k not in want]
-    wrong = [f"{k} {tuple(body[k].shape)} vs {want[k]}" for k in want if k in body and tuple(body[k].shape) != want[k]]
-    if missing or extra or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} wrong shape(s): {'; '.join(wrong[:3])}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:5])}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected key(s): {', '.join(extra[:5])}")
+    body, problems = state_dict_problems({k: v for k, v in state.items() if k not in head_keys}, want)
+    if problems:
         raise InitError(
-            f"{path}: weights do not fit {arch} width {width}{_shape_hint(state)}: " + "; ".join(parts)
+            f"{path}: weights do not fit {arch} width {width}{_shape_hint(state)}: " + "; ".join(problems)
         )
 
     merged = dict(expected)  # the new, randomly initialised head by default
