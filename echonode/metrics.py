@@ -114,11 +114,7 @@ class _InferenceHistogram:
 
 def scp_listening(node: Any) -> bool:
     """True while the node's SCP accepts associations."""
-    scp = node.scp
-    listening = getattr(scp, "listening", None)
-    if listening is not None:
-        return bool(listening() if callable(listening) else listening)
-    return getattr(scp, "_server", None) is not None
+    return bool(node.scp.listening)
 
 
 def worker_alive(node: Any) -> bool | None:

@@ -12,7 +12,7 @@ evenly spaced clips, the study's the mean over its videos.
 from __future__ import annotations
 
 import concurrent.futures as cf
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +191,6 @@ def analyse_study(
     batch_size: int = 8,
     max_videos: int = 64,
     decode_threads: int = 2,
-    should_stop: Callable[[], bool] = lambda: False,
 ) -> StudyAnalysis:
     """Run every installed model on one study.
 
@@ -212,8 +211,6 @@ def analyse_study(
         At most this many objects are decoded.
     decode_threads : int
         Objects decoded ahead of inference.
-    should_stop : callable
-        Polled between videos; a True return aborts with ``InterruptedError``.
 
     Returns
     -------
@@ -279,8 +276,6 @@ def analyse_study(
         futures = [pool.submit(_decode_one, p, h, configs, 1) for p, h in candidates]
         try:
             for fut in futures:
-                if should_stop():
-                    raise InterruptedError("stop requested")
                 decoded = fut.result()
                 idx = len(outcomes)
                 outcomes.append(decoded.outcome)

@@ -310,6 +310,11 @@ class StorageSCP:
         )
 
     @property
+    def listening(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._server is not None
+
+    @property
     def port(self) -> int:
         if self._server is None:
             return self.node.port

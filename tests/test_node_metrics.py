@@ -157,7 +157,7 @@ def test_health(metrics_node: Node) -> None:
 def test_health_follows_the_worker_process() -> None:
     alive = SimpleNamespace(is_alive=lambda: True)
     dead = SimpleNamespace(is_alive=lambda: False)
-    node = SimpleNamespace(scp=SimpleNamespace(_server=object()), _start_worker=True,
+    node = SimpleNamespace(scp=SimpleNamespace(listening=True), _start_worker=True,
                            worker=SimpleNamespace(process=alive))
     assert health(node) == (200, {"status": "ok", "scp": True, "worker": True})
     node.worker.process = dead
