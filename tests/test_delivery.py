@@ -574,3 +574,23 @@ def test_an_unreadable_sr_file_does_not_block_the_queue(tmp_path: Path, ybr_loop
     assert rows["1.2.3.999"]["state"] == OutboxState.DEAD
     assert "unreadable" in rows["1.2.3.999"]["last_error"]
     assert rows[rep.sr_uid]["state"] == OutboxState.SENT
+
+
+def test_an_unexpected_error_is_retried_not_fatal(tmp_path: Path, ybr_loop: Path, scps, monkeypatch) -> None:
+    import echonode.delivery as delivery_mod
+
+    good = scps()
+    rep = reported_study(tmp_path, ybr_loop, good.port, max_attempts=2)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(delivery_mod, "store_file", boom)
+    delivery = Delivery(rep.cfg, rep.journal)
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["state"] == OutboxState.PENDING and row["last_error"] == "unexpected error: RuntimeError"
+    wait_due(rep)
+    delivery.run()
+    assert rep.outbox()["state"] == OutboxState.DEAD  # max_attempts reached
+    assert delivery.failures["unexpected"] == 2
