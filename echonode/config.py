@@ -58,7 +58,8 @@ class NodeConfig:
     allowed_networks: tuple[str, ...] = ()
     max_associations: int = 16
     max_pdu: int = 131072
-    #: New C-STOREs are refused with 0xA700 when less than this is free.
+    #: Below this much free space new associations are rejected (transient)
+    #: and C-STOREs on open ones answered 0xA700; 0 turns the guard off.
     min_free_disk_mb: int = 2048
     #: Seconds an idle association may stay open.
     network_timeout_s: float = 60.0

@@ -22,8 +22,8 @@ Two rules, applied in this order at every run:
 2. size: while the stored instances add up to more than ``max_total_gb``
    (10^9 bytes), the eligible studies with the oldest last activity go first.
    When only studies that may not go are left, the job logs
-   ``retention.over_cap`` and stops; the SCP's ``min_free_disk_mb`` (0xA700)
-   still protects the disk.
+   ``retention.over_cap`` and stops; the SCP's ``min_free_disk_mb``
+   (associations rejected, 0xA700) still protects the disk.
 
 Rows go first (one transaction), then the files, both under the study's
 lock (:meth:`StudyStore.study_lock`), which the SCP also takes to move and

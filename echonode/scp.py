@@ -3,8 +3,9 @@
 Handlers stay fast: the C-STORE handler moves the file pynetdicom already
 streamed to disk (``STORE_RECV_CHUNKED_DATASET``) into the store and records
 it; nothing is decoded or inferred here. Access control (calling AE title and
-network allow-lists) happens when the A-ASSOCIATE-RQ arrives, with the
-association-reject reasons of PS3.8 9.3.4.
+network allow-lists) and the disk guard happen when the A-ASSOCIATE-RQ
+arrives, with the association-reject reasons of PS3.8 9.3.4; the disk guard
+is checked again for every C-STORE (0xA700).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ STATUS_UNEXPECTED = 0xC211
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
 REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service-user, no reason given
+# Transient, so that the sender keeps its images and retries; the same triple
+# pynetdicom sends when max_associations is reached, which senders already
+# treat as "try again later".
+REJECT_LOW_DISK = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
 
 
 @dataclass
@@ -195,6 +200,25 @@ class StorageSCP:
         self.policy = AccessPolicy.from_config(node)
         self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
 
+    def _low_disk(self) -> int | None:
+        """Free bytes on the storage file system when under ``min_free_disk_mb``, else None.
+
+        Returns
+        -------
+        int or None
+            The free bytes (for the log line) when the guard is on and the
+            free space is below it; None when the node may receive. A
+            file system that cannot be queried counts as full: receiving
+            onto it would fail anyway, and a refusal keeps the sender's copy.
+        """
+        if not self.min_free_bytes:
+            return None
+        try:
+            free = self.store.free_bytes()
+        except OSError:
+            return 0
+        return free if free < self.min_free_bytes else None
+
     # -- event handlers --------------------------------------------------------------
 
     def _on_requested(self, event: evt.Event) -> None:
@@ -216,6 +240,20 @@ class StorageSCP:
             # DUL has sent the A-ASSOCIATE-RJ before the socket is closed.
             assoc.kill()
             return
+        # Refused here, before anything is spooled: the per-C-STORE check
+        # only sees an object after pynetdicom has written it to incoming/,
+        # so with that check alone every new sender would still put one
+        # (possibly large) object onto a disk already under the threshold.
+        # Echo-only associations are refused too: a C-ECHO that succeeds
+        # while every C-STORE would fail tells a PACS's "verify" the wrong thing.
+        free = self._low_disk()
+        if free is not None:
+            self.counters.rejected += 1
+            log.error("association.rejected", reason="low disk", free_bytes=free,
+                      min_free_bytes=self.min_free_bytes)
+            assoc.acse.send_reject(*REJECT_LOW_DISK)
+            assoc.kill()
+            return
         self.counters.associations += 1
         log.info("association.requested")
 
@@ -235,9 +273,12 @@ class StorageSCP:
         calling = event.assoc.requestor.ae_title
         structlog.contextvars.bind_contextvars(sop_uid=sop_uid)
         try:
-            if self.min_free_bytes and self.store.free_bytes() < self.min_free_bytes:
+            # Still checked per object: an association accepted with room to
+            # spare may run the disk down while it lasts.
+            free = self._low_disk()
+            if free is not None:
                 self.counters.fail("out_of_disk")
-                log.error("store.refused_low_disk", free_bytes=self.store.free_bytes())
+                log.error("store.refused_low_disk", free_bytes=free)
                 return STATUS_OUT_OF_RESOURCES
             path = event.dataset_path
             header, outcome = self.store.accept(path, calling)

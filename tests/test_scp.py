@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 from pynetdicom import AE
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage, Verification  # type: ignore[attr-defined]
+from structlog.testing import capture_logs
 
 from echonode.config import TLSConfig
 from echonode.journal import StudyState
@@ -194,12 +195,66 @@ def test_tls_with_client_certificate(tmp_path: Path, pki: dict[str, Path]) -> No
         node.stop()
 
 
-def test_low_disk_gets_out_of_resources(tmp_path: Path) -> None:
-    cfg = make_config(tmp_path, node={"min_free_disk_mb": 1024 * 1024 * 1024})  # a petabyte
+PETABYTE_MB = 1024 * 1024 * 1024
+
+
+def test_low_disk_rejects_associations_transiently(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, node={"min_free_disk_mb": PETABYTE_MB})
     node = Node(cfg, start_worker=False)
     node.start()
     try:
-        assert send(node, [us_multiframe()]) == [0xA700]
+        # Transient, service-provider (presentation), local limit exceeded: the sender retries later.
+        with capture_logs() as logs:
+            assert _reject_reason(node.scp.port) == (2, 3, 2)  # echo-only associations too
+        [line] = [e for e in logs if e["event"] == "association.rejected"]
+        assert line["reason"] == "low disk" and line["log_level"] == "error"
+        ae = scu()
+        ae.add_requested_context(UltrasoundMultiFrameImageStorage, "1.2.840.10008.1.2.1")
+        assert ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE").is_rejected
+        assert node.scp.counters.rejected == 2
+        assert node.scp.counters.associations == 0
+        assert node.journal.instances() == []
+        assert list(node.store.incoming.iterdir()) == []
+        # A reload with a threshold the disk meets lets the next association in.
+        node.scp.update_policy(dataclasses.replace(cfg.node, min_free_disk_mb=1))
+        ds = us_multiframe()
+        assert send(node, [ds]) == [0]
+        assert node.journal.get_instance(str(ds.SOPInstanceUID)) is not None
+    finally:
+        node.stop()
+
+
+def test_low_disk_rejection_as_dcmtk_sees_it(tmp_path: Path) -> None:
+    need(STORESCU)
+    cfg = make_config(tmp_path, node={"min_free_disk_mb": PETABYTE_MB})
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        src = Path(get_testdata_file("OBXXXX1A.dcm", download=False))
+        res = subprocess.run([STORESCU, "-aet", "CART", "-aec", "ECHONODE", "127.0.0.1", str(node.scp.port),
+                              str(src)], capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0
+        out = res.stdout + res.stderr
+        assert "Rejected Transient" in out and "Local Limit Exceeded" in out, out
+        assert node.journal.instances() == []
+    finally:
+        node.stop()
+
+
+def test_low_disk_during_an_association_gets_out_of_resources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(tmp_path, node={"min_free_disk_mb": 1})
+    node = Node(cfg, start_worker=False)
+    node.start()
+    # Room when the association is requested, none once objects arrive (a
+    # large object from another sender filled the disk in between).
+    readings = iter([10 << 20])
+    monkeypatch.setattr(node.store, "free_bytes", lambda: next(readings, 0))
+    try:
+        assert send(node, [us_multiframe(), us_multiframe(seed=1)]) == [0xA700, 0xA700]
+        assert node.scp.counters.failures == {"out_of_disk": 2}
+        assert node.scp.counters.rejected == 0
         assert node.journal.instances() == []
         assert list(node.store.incoming.iterdir()) == []
     finally:
