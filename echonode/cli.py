@@ -21,6 +21,10 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+#: Studies `echonode status` lists by default: enough to follow today's work,
+#: few enough to answer at once on a node that holds 100k studies.
+DEFAULT_STATUS_LIMIT = 50
+
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"echonode: {message}", file=sys.stderr)
@@ -29,6 +33,17 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config)
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (anything else: a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
+    return value
 
 
 def _journal_path(cfg: Config) -> Path:
@@ -90,19 +105,31 @@ def _models_summary(cfg: Config) -> list[dict[str, Any]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .journal import Journal
+    from .journal import Journal, OutboxState, StudyState
 
     cfg = _load(args)
     db = cfg.storage_dir / "journal.sqlite"
+    # 0: everything, as before --limit existed (slow on a node with many studies).
+    limit = args.limit or None
     if db.exists():
-        status = Journal(db).status()
+        status = Journal(db).status(limit=limit)
     else:
-        status = {"studies": [], "outbox": []}
+        status = {
+            "studies": [],
+            "outbox": [],
+            "study_counts": {str(s): 0 for s in StudyState},
+            "studies_total": 0,
+            "outbox_counts": {str(s): 0 for s in OutboxState},
+            "limit": limit,
+        }
     status["models"] = _models_summary(cfg)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"studies: {len(status['studies'])}")
+    by_state = ", ".join(f"{n} {state}" for state, n in status["study_counts"].items() if n)
+    print(f"studies: {status['studies_total']}" + (f" ({by_state})" if by_state else ""))
+    if len(status["studies"]) < status["studies_total"]:
+        print(f"  the {len(status['studies'])} most recently active (--limit 0 for all):")
     for s in status["studies"]:
         line = f"  {s['study_uid']}  {s['state']:<10} {s['instances']:>4} instance(s)"
         if s.get("reason"):
@@ -112,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             verdict = "present" if r["positive"] else "absent"
             print(f"      {r['task']:<10} p={r['probability']:.3f} {verdict}  [{r['model']} {r['version']}]")
     pending = [o for o in status["outbox"] if o["state"] in ("pending", "dead")]
-    print(f"outbox: {len(pending)} not sent ({len(status['outbox'])} in all)")
+    print(f"outbox: {len(pending)} not sent ({sum(status['outbox_counts'].values())} in all)")
     for o in pending:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["next_attempt"]))
         extra = f"next try {when}" if o["state"] == "pending" else "dead letter: `echonode retry` to send again"
@@ -202,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="studies, outbox and installed models")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument(
+        "--limit",
+        type=_non_negative_int,
+        default=DEFAULT_STATUS_LIMIT,
+        metavar="N",
+        help=f"list the N most recently active studies (default {DEFAULT_STATUS_LIMIT}; 0: all);"
+        " counts always cover every study",
+    )
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("echo", help="C-ECHO a destination (name or AET@HOST:PORT)")

@@ -54,6 +54,10 @@ class OutboxState(StrEnum):
 #: States in which a new instance re-opens the study for receiving.
 _REOPENABLE = (StudyState.STABLE, StudyState.QUEUED, StudyState.RUNNING, StudyState.SKIPPED, StudyState.FAILED)
 
+# The schema is versioned by being additive only: every statement is
+# IF NOT EXISTS and runs at every open, so a journal written by an earlier
+# echonode gains new tables and indexes when it is next opened, and an
+# earlier echonode (a roll back) opens a newer file and ignores them.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid       TEXT PRIMARY KEY,
@@ -69,6 +73,10 @@ CREATE TABLE IF NOT EXISTS studies (
     worker_pid      INTEGER
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies(state);
+-- A study's last activity: retention walks it oldest first, `status` lists
+-- the most recent. Queries must spell the expression exactly as here
+-- (see _ACTIVE) for SQLite to use the index.
+CREATE INDEX IF NOT EXISTS studies_active ON studies(MAX(last_received, updated), study_uid);
 
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid         TEXT PRIMARY KEY,
@@ -126,7 +134,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (sr_sop_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+-- "does this study still owe an SR": retention, purge_study, _delivery_state.
+CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_uid, state);
 """
+
+#: A study's last activity (last instance received or last state change), as
+#: indexed by ``studies_active``; ``s`` is the studies table's alias.
+_ACTIVE = "MAX(s.last_received, s.updated)"
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,18 @@ class ReportRecord:
     sop_class_uid: str
     path: str
     supersedes: str | None = None
+
+
+@dataclass(frozen=True)
+class StudyActivity:
+    """A study as retention sees it (:meth:`Journal.purge_candidates`)."""
+
+    study_uid: str
+    state: str
+    #: Last activity: ``max(last_received, updated)``.
+    active: float
+    instances: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -651,47 +677,70 @@ class Journal:
 
     # -- status ------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """Studies, outbox and counts, in the shape of ``echonode status --json``."""
+    def status(self, limit: int | None = None) -> dict[str, Any]:
+        """Studies, outbox and counts, in the shape of ``echonode status --json``.
+
+        Parameters
+        ----------
+        limit : int, optional
+            List only the ``limit`` studies with the most recent activity
+            (last instance received or last state change), and of the outbox
+            only those studies' rows plus every row not yet sent (pending or
+            dead: those need attention however old). None lists everything.
+            Either way studies are listed in order of first reception and
+            the outbox in order of creation, and the counts cover the whole
+            journal.
+
+        Returns
+        -------
+        dict
+            ``studies`` and ``outbox`` (lists of dicts); ``study_counts``
+            (every study state, 0 included) and ``studies_total``;
+            ``outbox_counts`` (every outbox state); ``limit``.
+        """
         con = self._connect()
-        studies = []
-        for r in con.execute(
-            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n,"
-            " (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.study_uid = s.study_uid) AS bytes"
-            " FROM studies s ORDER BY s.first_received"
-        ).fetchall():
-            results = [
-                {
-                    "task": x["task"],
-                    "probability": x["probability"],
-                    "positive": bool(x["positive"]),
-                    "threshold": x["threshold"],
-                    "model": x["bundle_name"],
-                    "version": x["bundle_version"],
-                    "n_videos": x["n_videos"],
-                }
-                for x in con.execute(
-                    "SELECT * FROM results WHERE study_uid = ? AND model_set = COALESCE("
-                    " (SELECT model_set FROM reports WHERE study_uid = ? ORDER BY created DESC LIMIT 1),"
-                    " (SELECT model_set FROM results WHERE study_uid = ? ORDER BY created DESC LIMIT 1))"
-                    " ORDER BY task",
-                    (r["study_uid"], r["study_uid"], r["study_uid"]),
+        # One snapshot: the counts and the lists describe the same moment
+        # even while the node writes.
+        con.execute("BEGIN")
+        try:
+            counts = {str(state): 0 for state in StudyState}
+            counts.update(self.counts())
+            outbox_counts = {str(state): 0 for state in OutboxState}
+            outbox_counts.update(
+                {r["state"]: r["n"] for r in con.execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")}
+            )
+            if limit is None:
+                source, args = "studies", ()
+            else:
+                # Newest activity first through the studies_active index;
+                # only these rows get their instances counted below.
+                source = f"(SELECT * FROM studies s ORDER BY {_ACTIVE} DESC, s.study_uid DESC LIMIT ?)"
+                args = (max(int(limit), 0),)
+            studies = [
+                self._study_summary(con, r)
+                for r in con.execute(
+                    "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n,"
+                    " (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.study_uid = s.study_uid) AS bytes"
+                    f" FROM {source} s ORDER BY s.first_received",
+                    args,
                 ).fetchall()
             ]
-            studies.append(
-                {
-                    "study_uid": r["study_uid"],
-                    "state": r["state"],
-                    "instances": r["n"],
-                    "bytes": r["bytes"],
-                    "reason": r["reason"],
-                    "attempts": r["attempts"],
-                    "first_received": r["first_received"],
-                    "last_received": r["last_received"],
-                    "updated": r["updated"],
-                    "results": results,
-                }
-            )
+            if limit is None:
+                rows = con.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+            else:
+                rows = con.execute(
+                    "SELECT * FROM outbox WHERE state IN (?, ?)", (OutboxState.PENDING, OutboxState.DEAD)
+                ).fetchall()
+                seen = {r["id"] for r in rows}
+                for s in studies:
+                    rows += [
+                        r
+                        for r in con.execute("SELECT * FROM outbox WHERE study_uid = ?", (s["study_uid"],)).fetchall()
+                        if r["id"] not in seen
+                    ]
+                rows.sort(key=lambda r: r["id"])
+        finally:
+            con.execute("COMMIT")
         outbox = [
             {
                 "id": r["id"],
@@ -704,9 +753,50 @@ class Journal:
                 "last_error": r["last_error"],
                 "sent_at": r["sent_at"],
             }
-            for r in con.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+            for r in rows
         ]
-        return {"studies": studies, "outbox": outbox}
+        return {
+            "studies": studies,
+            "outbox": outbox,
+            "study_counts": counts,
+            "studies_total": sum(counts.values()),
+            "outbox_counts": outbox_counts,
+            "limit": limit,
+        }
+
+    @staticmethod
+    def _study_summary(con: sqlite3.Connection, r: sqlite3.Row) -> dict[str, Any]:
+        """One entry of ``status()["studies"]``: the row and the results of its latest SR."""
+        results = [
+            {
+                "task": x["task"],
+                "probability": x["probability"],
+                "positive": bool(x["positive"]),
+                "threshold": x["threshold"],
+                "model": x["bundle_name"],
+                "version": x["bundle_version"],
+                "n_videos": x["n_videos"],
+            }
+            for x in con.execute(
+                "SELECT * FROM results WHERE study_uid = ? AND model_set = COALESCE("
+                " (SELECT model_set FROM reports WHERE study_uid = ? ORDER BY created DESC LIMIT 1),"
+                " (SELECT model_set FROM results WHERE study_uid = ? ORDER BY created DESC LIMIT 1))"
+                " ORDER BY task",
+                (r["study_uid"], r["study_uid"], r["study_uid"]),
+            ).fetchall()
+        ]
+        return {
+            "study_uid": r["study_uid"],
+            "state": r["state"],
+            "instances": r["n"],
+            "bytes": r["bytes"],
+            "reason": r["reason"],
+            "attempts": r["attempts"],
+            "first_received": r["first_received"],
+            "last_received": r["last_received"],
+            "updated": r["updated"],
+            "results": results,
+        }
 
     def running(self) -> list[tuple[str, float, int | None]]:
         """(study_uid, claimed at, worker pid) of studies being processed."""
@@ -721,6 +811,69 @@ class Journal:
         return {r["state"]: r["n"] for r in rows}
 
     # -- retention -----------------------------------------------------------------
+
+    def stored_bytes(self) -> int:
+        """Bytes of all recorded instances."""
+        row = self._connect().execute("SELECT COALESCE(SUM(size), 0) AS b FROM instances").fetchone()
+        return int(row["b"])
+
+    def purge_candidates(
+        self,
+        states: Iterable[str],
+        *,
+        active_before: float | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 500,
+    ) -> list[StudyActivity]:
+        """One page of studies retention may purge, oldest last activity first.
+
+        Parameters
+        ----------
+        states : iterable of str
+            Study states that may go. Studies with an SR still owed (an
+            outbox row pending or dead) are left out whatever their state.
+        active_before : float, optional
+            Only studies whose last activity is before this time.
+        after : (float, str), optional
+            The ``(active, study_uid)`` of the last study of the previous
+            page: this page starts after it. Keyset paging, so studies
+            purged between pages shift nothing and each page is an index
+            seek rather than a re-scan from the oldest.
+        limit : int
+            Page size.
+
+        Returns
+        -------
+        list of StudyActivity
+            Ordered by ``(active, study_uid)``; shorter than ``limit`` (or
+            empty) on the last page.
+        """
+        names = [str(x) for x in states]
+        # ``+`` keeps SQLite off the studies_state index: with it the
+        # planner would read every delivered study and sort them for each
+        # page, instead of walking studies_active in order and stopping.
+        where = [
+            f"+s.state IN ({', '.join('?' * len(names))})",
+            "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid AND o.state IN (?, ?))",
+        ]
+        args: list[Any] = [*names, OutboxState.PENDING, OutboxState.DEAD]
+        if active_before is not None:
+            where.append(f"{_ACTIVE} < ?")
+            args.append(active_before)
+        if after is not None:
+            # Spelt out rather than as a row value: SQLite seeks an
+            # expression index on ``expr >= ?`` but not on ``(expr, uid) > (?, ?)``.
+            where.append(f"{_ACTIVE} >= ? AND ({_ACTIVE} > ? OR s.study_uid > ?)")
+            args += [after[0], after[0], after[1]]
+        rows = self._connect().execute(
+            f"SELECT s.study_uid, s.state, {_ACTIVE} AS active,"
+            " (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n,"
+            " (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.study_uid = s.study_uid) AS bytes"
+            f" FROM studies s WHERE {' AND '.join(where)} ORDER BY {_ACTIVE}, s.study_uid LIMIT ?",
+            (*args, int(limit)),
+        ).fetchall()
+        return [StudyActivity(r["study_uid"], r["state"], float(r["active"]), int(r["n"]), int(r["bytes"]))
+                for r in rows]
 
     def purge_study(
         self,

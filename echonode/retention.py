@@ -25,6 +25,11 @@ Two rules, applied in this order at every run:
    ``retention.over_cap`` and stops; the SCP's ``min_free_disk_mb``
    (associations rejected, 0xA700) still protects the disk.
 
+Candidates come from the journal a page at a time, oldest activity first,
+through an index (:meth:`Journal.purge_candidates`), and a rule stops
+reading as soon as it is met, instead of loading every study the node holds
+(the size rule starts from one sum over the stored instances).
+
 Rows go first (one transaction), then the files, both under the study's
 lock (:meth:`StudyStore.study_lock`), which the SCP also takes to move and
 record an instance: an instance that arrives for a study while it is purged
@@ -34,12 +39,12 @@ waits, then starts the study afresh.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .config import RetentionConfig
-from .journal import Journal, OutboxState, StudyState
+from .journal import Journal, StudyActivity, StudyState
 from .logs import get_logger
 from .store import StudyStore, is_valid_uid
 
@@ -49,6 +54,9 @@ log = get_logger(__name__)
 PURGEABLE = (StudyState.DELIVERED, StudyState.SKIPPED)
 GB = 1e9
 DAY_S = 86400.0
+#: Studies read from the journal at a time: memory stays flat however many
+#: studies the node holds, and each page is one indexed query.
+PAGE = 500
 
 
 @dataclass(frozen=True)
@@ -58,15 +66,6 @@ class Purged:
     study_uid: str
     state: str
     rule: str  # "age" or "size"
-    instances: int
-    bytes: int
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    study_uid: str
-    state: str
-    active: float
     instances: int
     bytes: int
 
@@ -98,49 +97,60 @@ class Retention:
         s = self._settings
         return s() if callable(s) else s
 
-    def _studies(self) -> tuple[list[_Candidate], int]:
-        """Purge candidates, oldest activity first, and the total stored bytes."""
-        status = self.journal.status()
-        owed = {o["study_uid"] for o in status["outbox"] if o["state"] in (OutboxState.PENDING, OutboxState.DEAD)}
-        total = 0
-        out = []
-        for s in status["studies"]:
-            total += int(s["bytes"] or 0)
-            if s["state"] in PURGEABLE and s["study_uid"] not in owed:
-                active = max(s["last_received"] or 0.0, s["updated"] or 0.0)
-                out.append(_Candidate(s["study_uid"], s["state"], active, int(s["instances"]), int(s["bytes"] or 0)))
-        out.sort(key=lambda c: (c.active, c.study_uid))
-        return out, total
+    def _candidates(self, active_before: float | None = None) -> Iterator[StudyActivity]:
+        """Studies that may be purged, oldest last activity first, read a page at a time.
+
+        Parameters
+        ----------
+        active_before : float, optional
+            Only studies last active before this time (the age rule).
+
+        Yields
+        ------
+        StudyActivity
+            Each eligible study once, in ``(active, study_uid)`` order. The
+            journal is read as the caller goes: a study purged meanwhile is
+            not seen again, one that changes is judged by its new activity.
+        """
+        after: tuple[float, str] | None = None
+        while True:
+            page = self.journal.purge_candidates(PURGEABLE, active_before=active_before, after=after, limit=PAGE)
+            yield from page
+            if len(page) < PAGE:
+                return
+            after = (page[-1].active, page[-1].study_uid)
 
     def run(self, now: float | None = None) -> list[Purged]:
         """Apply both rules once; return what was purged."""
         cfg = self.settings
         now = time.time() if now is None else now
-        candidates, total = self._studies()
         purged: list[Purged] = []
-        remaining: list[_Candidate] = []
-        cutoff = now - cfg.max_age_days * DAY_S if cfg.max_age_days > 0 else None
-        for c in candidates:
-            if cutoff is not None and c.active < cutoff:
-                if self._purge(c, "age", purged):
-                    total -= c.bytes
-                    continue
-            remaining.append(c)
+        if cfg.max_age_days > 0:
+            for c in self._candidates(active_before=now - cfg.max_age_days * DAY_S):
+                self._purge(c, "age", purged)
+        total: int | None = None
         if cfg.max_total_gb > 0:
             cap = int(cfg.max_total_gb * GB)
-            for c in remaining:
-                if total <= cap:
-                    break
-                if self._purge(c, "size", purged):
-                    total -= c.bytes
+            # After the age rule, so that what it freed counts.
+            total = self.journal.stored_bytes()
+            if total > cap:
+                # From the oldest again: a study the age rule could not purge
+                # (it changed meanwhile) gets a second chance here.
+                for c in self._candidates():
+                    if self._purge(c, "size", purged):
+                        total -= c.bytes
+                    if total <= cap:
+                        break
             if total > cap:
                 log.warning("retention.over_cap", stored_bytes=total, cap_bytes=cap,
                             reason="only studies that may not be purged are left")
         if purged:
+            if total is None:
+                total = self.journal.stored_bytes()
             log.info("retention.done", studies=len(purged), bytes=sum(p.bytes for p in purged), stored_bytes=total)
         return purged
 
-    def _purge(self, c: _Candidate, rule: str, purged: list[Purged]) -> bool:
+    def _purge(self, c: StudyActivity, rule: str, purged: list[Purged]) -> bool:
         if not is_valid_uid(c.study_uid):
             # Cannot be a folder name we wrote; leave it for a human.
             log.warning("retention.bad_uid_skipped")
@@ -150,7 +160,7 @@ class Retention:
         with self.store.study_lock(c.study_uid):
             return self._purge_locked(c, rule, purged)
 
-    def _purge_locked(self, c: _Candidate, rule: str, purged: list[Purged]) -> bool:
+    def _purge_locked(self, c: StudyActivity, rule: str, purged: list[Purged]) -> bool:
         paths = self.journal.purge_study(c.study_uid, states=PURGEABLE, active_before=c.active)
         if paths is None:
             log.info("retention.study_changed", study_uid=c.study_uid)

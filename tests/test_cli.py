@@ -119,3 +119,33 @@ def test_status_shows_a_bundle_the_worker_refused(tmp_path: Path) -> None:
     assert by_name["test-lvh"]["loaded"] is True and by_name["test-lvh"]["runtime"] == "eager"
     assert by_name["broken"]["loaded"] is False
     assert "broken" in by_name["broken"]["error"]
+
+
+def test_status_limit_lists_the_most_recent_and_counts_every_study(tmp_path: Path) -> None:
+    path, journal = _config_file(tmp_path)  # study 1.2.3, received 100 s ago
+    now = time.time()
+    for i in range(4, 9):
+        journal.record_instance(InstanceRecord(f"1.2.{i}.1", f"1.2.{i}", f"1.2.{i}.0", "1.2.840.10008.5.1.4.1.1.3.1",
+                                               "1.2.840.10008.1.2.1", f"/x{i}.dcm", 10, now - 90 + i))
+    journal.mark_stable(0.0)
+    journal.requeue("1.2.3")  # the oldest study, but the latest activity
+
+    doc = json.loads(run_cli("--config", str(path), "status", "--json", "--limit", "2").stdout)
+    assert [s["study_uid"] for s in doc["studies"]] == ["1.2.3", "1.2.8"]  # in order of first reception
+    assert doc["limit"] == 2 and doc["studies_total"] == 6
+    assert doc["study_counts"]["stable"] == 5 and doc["study_counts"]["queued"] == 1
+    assert doc["study_counts"]["receiving"] == 0 and sum(doc["study_counts"].values()) == 6
+    assert doc["outbox"] == [] and doc["outbox_counts"]["pending"] == 0
+    assert {m["task"] for m in doc["models"]} == {"lvh"}
+
+    doc = json.loads(run_cli("--config", str(path), "status", "--json").stdout)
+    assert doc["limit"] == 50 and len(doc["studies"]) == 6
+    assert len(json.loads(run_cli("--config", str(path), "status", "--json", "--limit", "0").stdout)["studies"]) == 6
+
+    res = run_cli("--config", str(path), "status", "--limit", "2")
+    assert res.returncode == 0
+    assert "studies: 6 (5 stable, 1 queued)" in res.stdout and "the 2 most recently active" in res.stdout
+    assert "1.2.8" in res.stdout and "1.2.4" not in res.stdout
+
+    res = run_cli("--config", str(path), "status", "--limit", "-1")
+    assert res.returncode == 2 and "must be 0 or more" in res.stderr

@@ -137,7 +137,10 @@ def test_no_destinations_means_delivered(journal: Journal) -> None:
 def test_status_shape(journal: Journal) -> None:
     _report(journal, ["a"])
     st = journal.status()
-    assert set(st) == {"studies", "outbox"}
+    assert set(st) == {"studies", "outbox", "study_counts", "studies_total", "outbox_counts", "limit"}
+    assert st["limit"] is None and st["studies_total"] == 1
+    assert st["study_counts"] == {**{str(x): 0 for x in StudyState}, "reported": 1}
+    assert st["outbox_counts"] == {**{str(x): 0 for x in OutboxState}, "pending": 1}
     s = st["studies"][0]
     assert {"study_uid", "state", "instances"} <= set(s)
     assert s["instances"] == 1
@@ -176,3 +179,88 @@ def test_release_running_does_not_count_the_attempt(journal: Journal) -> None:
     st = journal.study("1.2.3")
     assert st["state"] == StudyState.QUEUED and st["attempts"] == 0
     assert journal.claim_next(pid=1).attempts == 1
+
+
+def _study(journal: Journal, uid: str, t: float) -> None:
+    """A receiving study whose first and last activity are at ``t``."""
+    journal.record_instance(rec(uid + ".1", study=uid, t=t))
+    journal._connect().execute("UPDATE studies SET updated = ? WHERE study_uid = ?", (t, uid))
+
+
+def _delivered_later(journal: Journal, uid: str, dest_state: str) -> None:
+    """Report ``uid`` to one destination; leave its row ``dest_state`` (sent, pending or dead)."""
+    assert journal.requeue(uid)
+    claim = journal.claim_next(pid=1)
+    assert claim is not None and claim.study_uid == uid
+    report = ReportRecord(uid + ".99", uid, "set", uid + ".98", "1.2.840.10008.5.1.4.1.1.88.33", "/x/sr.dcm")
+    journal.finish_reported(claim, "set", [result()], report, ["a"])
+    (item,) = [d for d in journal.due_deliveries() if d.study_uid == uid]
+    if dest_state == OutboxState.SENT:
+        journal.mark_sent(item.id)
+    elif dest_state == OutboxState.DEAD:
+        journal.mark_dead(item.id, "refused")
+
+
+def test_status_with_a_limit_lists_the_most_recent_and_counts_all(journal: Journal) -> None:
+    t0 = time.time() - 1000
+    # 1.2.10 is the first received but the most recently active (a dead
+    # letter just now); 1.2.11 has an SR pending; the others only received.
+    for i in range(10, 18):
+        _study(journal, f"1.2.{i}", t0 + i)
+    for uid, dest_state in (("1.2.10", OutboxState.DEAD), ("1.2.11", OutboxState.PENDING),
+                            ("1.2.12", OutboxState.SENT)):
+        _delivered_later(journal, uid, dest_state)
+    for uid, t in (("1.2.11", t0 + 1), ("1.2.12", t0 + 2)):  # their activity long ago again
+        journal._connect().execute("UPDATE studies SET updated = ? WHERE study_uid = ?", (t, uid))
+
+    full = journal.status()
+    assert [s["study_uid"] for s in full["studies"]] == [f"1.2.{i}" for i in range(10, 18)]
+    assert len(full["outbox"]) == 3
+
+    st = journal.status(limit=3)
+    assert st["limit"] == 3
+    # The three most recently active, still in order of first reception.
+    assert [s["study_uid"] for s in st["studies"]] == ["1.2.10", "1.2.16", "1.2.17"]
+    assert st["studies"] == [s for s in full["studies"] if s["study_uid"] in {"1.2.10", "1.2.16", "1.2.17"}]
+    assert st["studies_total"] == 8
+    assert st["study_counts"] == {**{str(x): 0 for x in StudyState}, "receiving": 5, "reported": 2, "delivered": 1}
+    assert st["outbox_counts"] == {**{str(x): 0 for x in OutboxState}, "sent": 1, "pending": 1, "dead": 1}
+    # Rows not yet sent are listed whatever their study; a sent one only with its study.
+    assert [(o["study_uid"], o["state"]) for o in st["outbox"]] == [("1.2.10", "dead"), ("1.2.11", "pending")]
+    assert [s["study_uid"] for s in journal.status(limit=0)["studies"]] == []
+    assert journal.status(limit=100)["studies"] == full["studies"]
+
+
+def test_a_journal_from_before_the_indexes_gets_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    j = Journal(path)
+    j.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    j.close()
+    # The previous schema is the current one without these two indexes.
+    con = sqlite3.connect(path)
+    con.executescript("DROP INDEX studies_active; DROP INDEX outbox_study;")
+    con.close()
+
+    def indexes() -> set[str]:
+        con = sqlite3.connect(path)
+        try:
+            return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        finally:
+            con.close()
+
+    assert not {"studies_active", "outbox_study"} & indexes()
+    j = Journal(path)
+    assert {"studies_active", "outbox_study", "studies_state", "instances_study"} <= indexes()
+    assert j.study_state("1.2.3") == StudyState.RECEIVING and len(j.instances()) == 1
+    # The queries that depend on the expression index use it.
+    plan = " ".join(
+        r["detail"]
+        for r in j._connect().execute(
+            "EXPLAIN QUERY PLAN SELECT study_uid FROM studies s ORDER BY MAX(s.last_received, s.updated) DESC,"
+            " s.study_uid DESC LIMIT 5"
+        )
+    )
+    assert "studies_active" in plan and "TEMP B-TREE" not in plan
+    j.close()

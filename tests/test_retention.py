@@ -243,3 +243,97 @@ def test_node_schedules_retention_only_when_enabled(tmp_path: Path) -> None:
             assert (job is not None) is enabled
         finally:
             node.stop()
+
+
+def _old_selection(journal: Journal, cfg: RetentionConfig, now: float) -> list[tuple[str, str]]:
+    """What retention purged before it paged through the journal: (study_uid, rule), in order.
+
+    The earlier implementation, kept here as the reference: every study from
+    ``Journal.status()``, filtered and sorted in Python.
+    """
+    status = journal.status()
+    owed = {o["study_uid"] for o in status["outbox"] if o["state"] in ("pending", "dead")}
+    total, candidates = 0, []
+    for s in status["studies"]:
+        total += int(s["bytes"] or 0)
+        if s["state"] in ("delivered", "skipped") and s["study_uid"] not in owed:
+            candidates.append((max(s["last_received"], s["updated"]), s["study_uid"], int(s["bytes"])))
+    candidates.sort()
+    out, remaining = [], []
+    cutoff = now - cfg.max_age_days * DAY if cfg.max_age_days > 0 else None
+    for active, uid, size in candidates:
+        if cutoff is not None and active < cutoff:
+            out.append((uid, "age"))
+            total -= size
+        else:
+            remaining.append((uid, size))
+    if cfg.max_total_gb > 0:
+        for uid, size in remaining:
+            if total <= cfg.max_total_gb * 1e9:
+                break
+            out.append((uid, "size"))
+            total -= size
+    return out
+
+
+@pytest.mark.parametrize("rules", ["age", "size", "both"])
+def test_paged_retention_picks_what_the_full_scan_picked(
+    store: StudyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rules: str
+) -> None:
+    import echonode.retention
+
+    # A page of 3 over 20 studies: many pages, and page ends inside runs of
+    # equal activity times (the keyset's tie-break on the UID).
+    monkeypatch.setattr(echonode.retention, "PAGE", 3)
+    kinds = [StudyState.DELIVERED, StudyState.SKIPPED, StudyState.FAILED, "reported-dead", StudyState.DELIVERED,
+             StudyState.REPORTED, "skipped-owed", StudyState.DELIVERED, StudyState.SKIPPED, StudyState.DELIVERED]
+    uids = [make_study(store, tmp_path, kind, age) for kind, age in
+            zip(kinds * 2, [60, 55, 50, 45, 40, 35, 30, 25, 20, 15, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1], strict=True)]
+    j = store.journal
+    same = time.time() - 45 * DAY
+    for uid in uids[1:9]:  # eight studies, five purgeable, last active at the same instant
+        j._connect().execute("UPDATE studies SET last_received = ?, updated = ? WHERE study_uid = ?",
+                             (same, same, uid))
+    size = j.status()["studies"][0]["bytes"]
+    cfg = RetentionConfig(
+        enabled=True,
+        max_age_days=30 if rules in ("age", "both") else 0,
+        max_total_gb=7.5 * size / 1e9 if rules in ("size", "both") else 0,
+    )
+    now = time.time()
+    expected = _old_selection(j, cfg, now)
+    assert len(expected) >= 4 and {r for _, r in expected} == ({"age", "size"} if rules == "both" else {rules})
+
+    purged = Retention(cfg, j, store).run(now=now)
+
+    assert [(p.study_uid, p.rule) for p in purged] == expected
+    for uid, _ in expected:
+        assert_gone(store, uid)
+    assert j.status()["studies_total"] == 20 - len(expected)
+
+
+def test_retention_reads_the_journal_through_indexes(store: StudyStore, tmp_path: Path) -> None:
+    """The queries that find candidates walk studies_active in order and stop: no table scan, no sort.
+
+    (The cap's starting total is one SUM over the instances per run.)
+    """
+    for kind, age in [(StudyState.DELIVERED, 40), ("reported-dead", 40), (StudyState.SKIPPED, 3),
+                      (StudyState.FAILED, 50)]:
+        make_study(store, tmp_path, kind, age)
+    con = store.journal._connect()
+    seen: list[str] = []
+    con.set_trace_callback(seen.append)
+    try:
+        purged = Retention(RetentionConfig(enabled=True, max_age_days=30, max_total_gb=1e-9),
+                           store.journal, store).run()
+    finally:
+        con.set_trace_callback(None)
+    assert len(purged) == 2
+    selects = [q for q in seen if q.lstrip().upper().startswith("SELECT") and "FROM studies s" in q]
+    assert selects
+    for q in selects:
+        plan = [r["detail"] for r in con.execute("EXPLAIN QUERY PLAN " + q)]
+        assert any("USING INDEX studies_active" in d for d in plan), plan
+        # "SCAN s USING INDEX" is the in-order walk that LIMIT stops; a bare
+        # "SCAN s" would read the table, a temp B-tree would sort all of it.
+        assert not any((d.startswith("SCAN") and "USING" not in d) or "TEMP B-TREE" in d for d in plan), plan
