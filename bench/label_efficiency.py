@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--finetune-batch", type=int, default=16)
     e.add_argument("--finetune-lr", type=float, default=1e-3)
     e.add_argument("--patience", type=int, default=5)
+    e.add_argument("--finetune-epoch-samples", type=int, default=256,
+                   help="at least N training clips per fine-tuning epoch, so every fraction gets the same steps (0: one pass)")
     e.add_argument("--val-fraction", type=float, default=0.1)
     e.add_argument("--test-fraction", type=float, default=0.2)
     e.add_argument("--bootstrap", type=int, default=10_000)
@@ -164,7 +166,8 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
     cell = ns.out / "finetune" / task / init / f"f{fraction:g}" / f"s{seed}"
     result_file = cell / "result.json"
     settings = {k: getattr(ns, k) for k in ("size", "width", "clip_frames", "finetune_epochs", "finetune_batch",
-                                            "finetune_lr", "patience", "val_fraction", "test_fraction", "bootstrap")}  # fmt: skip
+                                            "finetune_lr", "patience", "finetune_epoch_samples", "val_fraction", "test_fraction",
+                                            "bootstrap")}  # fmt: skip
     if result_file.is_file():
         cached = json.loads(result_file.read_text())
         if cached.get("settings") == settings:
@@ -177,6 +180,8 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
             "--batch", str(ns.finetune_batch), "--lr", str(ns.finetune_lr), "--patience", str(ns.patience),
             "--val-fraction", str(ns.val_fraction), "--test-fraction", str(ns.test_fraction),
             "--bootstrap", "100", "--device", "cpu", "--no-progress"]  # fmt: skip
+    if ns.finetune_epoch_samples:
+        args += ["--epoch-samples", str(ns.finetune_epoch_samples)]
     started = time.monotonic()
     cell.mkdir(parents=True, exist_ok=True)
     with quiet() as buf:

@@ -162,3 +162,33 @@ def test_finetune_from_pretraining_run_and_view_task(labelled, tmp_path: Path) -
     meta = load_bundle(view).meta
     assert meta.labels == ["a4c", "plax"] and meta.architecture["num_outputs"] == 2
     assert json.loads(json.dumps(meta.metrics))["test"]["video"]["n"] > 0
+
+
+def test_epoch_samples_repeat_videos_with_fresh_clips(labelled, tmp_path: Path) -> None:
+    from train.data import ClipDataset
+
+    cache, labels = labelled
+    c, rows, splits = _split(cache, labels)
+    task = prepare_task(c, rows, "lvh", splits, fraction=0.25)
+    videos, targets = task.videos["train"], task.targets["train"]
+    once = ClipDataset(c, videos, targets, clip_frames=4, size=16, seed=3)
+    thrice = ClipDataset(c, videos, targets, clip_frames=4, size=16, seed=3, repeats=3)
+    n = len(videos)
+    assert len(thrice) == 3 * n
+    # The first visit is the one-pass epoch; later visits are the same video
+    # and target with a different clip or augmentation.
+    for i in range(n):
+        assert torch.equal(thrice[i][0], once[i][0])
+        for visit in (1, 2):
+            x, y = thrice[visit * n + i]
+            assert float(y) == float(targets[i])
+            assert not torch.equal(x, once[i][0])
+    # Evaluation never repeats.
+    assert len(ClipDataset(c, videos, targets, clip_frames=4, size=16, train=False, repeats=3)) == n
+    with pytest.raises(ValueError):
+        ClipDataset(c, videos, targets, repeats=0)
+    out = tmp_path / "small"
+    assert main(_args(cache, labels, out, "--task", "lvh", "--fraction", "0.25", "--epochs", "1",
+                      "--epoch-samples", str(4 * n))) == 0  # fmt: skip
+    prov = load_bundle(out).meta.provenance
+    assert prov["train_visits_per_epoch"] == 4 and prov["config"]["epoch_samples"] == 4 * n

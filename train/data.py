@@ -548,7 +548,10 @@ class ClipDataset(_CacheDataset):
     """Labelled clips for fine-tuning and evaluation.
 
     Training (``train=True``): one random clip per video per epoch,
-    augmented; item ``(x, y)`` with ``x`` ``(3, T, S, S)``.
+    augmented; item ``(x, y)`` with ``x`` ``(3, T, S, S)``. With
+    ``repeats`` > 1 an epoch visits every video ``repeats`` times, each visit
+    a fresh random clip and augmentation (a small label fraction then gets
+    as many optimiser steps per epoch as a larger one).
     Evaluation: ``eval_clips`` evenly spaced clips
     (:func:`echonode.preprocess.eval_clip_starts`), no augmentation; item
     ``(x, y)`` with ``x`` ``(eval_clips, 3, T, S, S)``.
@@ -566,6 +569,8 @@ class ClipDataset(_CacheDataset):
     augment : AugmentConfig or None
     eval_clips : int
     seed : int
+    repeats : int
+        Visits of each video per training epoch (ignored for evaluation).
     """
 
     def __init__(
@@ -579,6 +584,7 @@ class ClipDataset(_CacheDataset):
         augment: AugmentConfig | None = AugmentConfig(),
         eval_clips: int = 4,
         seed: int = 0,
+        repeats: int = 1,
     ) -> None:
         super().__init__(cache, size, seed)
         if len(videos) != len(targets):
@@ -589,15 +595,20 @@ class ClipDataset(_CacheDataset):
         self.train = bool(train)
         self.augment = augment if train else None
         self.eval_clips = int(eval_clips)
+        if repeats < 1:
+            raise ValueError(f'Argument "repeats" must be at least 1; got {repeats}.')
+        self.repeats = int(repeats) if self.train else 1
 
     def __len__(self) -> int:
-        return len(self.videos)
+        return len(self.videos) * self.repeats
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        visit, index = divmod(index, len(self.videos)) if self.videos else (0, index)
         video = self.videos[index]
         target = torch.tensor(self.targets[index])
         if self.train:
-            rng, gen = self._generators(index)
+            # The first visit keeps the draws it had before repeats existed.
+            rng, gen = self._generators(index, salt=visit)
             x, _ = self._train_clip(video["sop_uid"], self.clip_frames, rng, gen, self.augment)
             return x, target
         frames = np.asarray(self.cache.frames(video["sop_uid"]))

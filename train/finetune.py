@@ -374,6 +374,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--lr", type=float, default=None)
     optim.add_argument("--epochs", type=int, default=None)
     optim.add_argument("--patience", type=int, default=None)
+    optim.add_argument(
+        "--epoch-samples", type=int, default=None,
+        help="at least N training clips per epoch: a small label fraction visits its videos several times "
+        "per epoch, each a fresh clip (default: one pass)",
+    )  # fmt: skip
     optim.add_argument("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke tests)")
     optim.add_argument("--seed", type=int, default=0)
 
@@ -401,7 +406,7 @@ def _config_from(ns: argparse.Namespace) -> dict[str, object]:
     )
     keys = (
         "data labels task fraction fraction_seed views val_fraction test_fraction split_seed size frames eval_clips "
-        "workers init arch width dropout batch lr epochs patience max_steps seed out name version threshold "
+        "workers init arch width dropout batch lr epochs patience epoch_samples max_steps seed out name version threshold "
         "bootstrap device preset"
     ).split()
     config = {k: getattr(ns, k) for k in keys}
@@ -465,7 +470,13 @@ def finetune(config: dict[str, object]) -> Path:
 
     size, frames, eval_clips = int(config["size"]), int(config["frames"]), int(config["eval_clips"])
     workers = int(config["workers"])
-    train_ds = ClipDataset(cache, data.videos["train"], data.targets["train"], frames, size, train=True, augment=AugmentConfig(), seed=seed)
+    n_train = len(data.videos["train"])
+    epoch_samples = config.get("epoch_samples")
+    repeats = max(1, math.ceil(int(epoch_samples) / n_train)) if epoch_samples and n_train else 1
+    train_ds = ClipDataset(
+        cache, data.videos["train"], data.targets["train"], frames, size, train=True, augment=AugmentConfig(), seed=seed,
+        repeats=repeats,
+    )  # fmt: skip
     loader = DataLoader(
         train_ds, batch_size=int(config["batch"]), shuffle=True, num_workers=workers, drop_last=False,
         generator=torch.Generator().manual_seed(seed),
@@ -525,6 +536,7 @@ def finetune(config: dict[str, object]) -> Path:
         "split": {name: len(studies) for name, studies in splits.items()},
         "train_studies_used": len(data.train_studies),
         "train_videos": len(data.videos["train"]),
+        "train_visits_per_epoch": repeats,
         "pos_weight": data.pos_weight,
         "method": "EchoCLR fine-tuning (echonode)",
     }

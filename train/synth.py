@@ -1052,11 +1052,13 @@ VIDEO_COLUMNS = ("patient_id", "study_uid", "series_uid", "sop_uid", "view", "pa
 def _study_views(rng: np.random.Generator) -> list[str]:
     """PLAX, PSAX, A4C in the usual acquisition order; sometimes extra videos.
 
-    A second PLAX (about 40 % of studies) gives EchoCLR distinct PLAX pairs.
+    Most studies have more than one PLAX clip (a standard protocol records
+    the long axis more than once: standard depth, zoomed on the valves, with
+    and without colour): one in 30 %, two in 50 %, three in 20 %. Distinct
+    PLAX videos of one study are EchoCLR's positive pairs.
     """
-    views = ["plax"]
-    if rng.random() < 0.4:
-        views.append("plax")
+    u = rng.random()
+    views = ["plax"] * (1 if u < 0.3 else 2 if u < 0.8 else 3)
     views.append("psax")
     views.append("a4c")
     if rng.random() < 0.2:
