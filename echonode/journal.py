@@ -51,6 +51,41 @@ class OutboxState(StrEnum):
     SUPERSEDED = "superseded"
 
 
+#: Outbox states that owe the destination nothing more: it acknowledged the
+#: SR (``sent``), or the SR was replaced before it got there (``superseded``:
+#: the replacement has a row of its own, which owes until it is sent). Every
+#: other state (``pending``, ``dead``, and any state a later echonode adds,
+#: read here after a roll back) means the PACS lacks an SR it should get: the
+#: study stays ``reported``, a newer SR supersedes the row, and retention
+#: keeps the study. The one definition of "still owed"; use :func:`_owed`.
+_SETTLED = (OutboxState.SENT, OutboxState.SUPERSEDED)
+#: The known states that owe (derived, not a second list): for a query that
+#: finds owing rows by state alone, which an index can seek with ``IN`` but
+#: not with ``NOT IN``.
+_OWING = tuple(s for s in OutboxState if s not in _SETTLED)
+
+
+def _owed(column: str = "state") -> str:
+    """SQL that is true when the outbox state in ``column`` still owes an SR.
+
+    Parameters
+    ----------
+    column : str
+        The outbox ``state`` column as the query names it (``"o.state"``
+        under an alias).
+
+    Returns
+    -------
+    str
+        A condition with one ``?`` per entry of ``_SETTLED``; bind
+        ``*_SETTLED`` at its place among the query's arguments.
+    """
+    # A complement rather than a list of the owing states: a state this
+    # version does not know about keeps a study (and its images) rather
+    # than letting retention delete it.
+    return f"{column} NOT IN ({', '.join('?' * len(_SETTLED))})"
+
+
 #: States in which a new instance re-opens the study for receiving.
 _REOPENABLE = (StudyState.STABLE, StudyState.QUEUED, StudyState.RUNNING, StudyState.SKIPPED, StudyState.FAILED)
 
@@ -563,9 +598,9 @@ class Journal:
                     # An older SR still waiting (or dead-lettered) must not
                     # reach the PACS after its replacement.
                     con.execute(
-                        "UPDATE outbox SET state = ?, last_error = ? WHERE sr_sop_uid = ? AND state IN (?, ?)",
+                        f"UPDATE outbox SET state = ?, last_error = ? WHERE sr_sop_uid = ? AND {_owed()}",
                         (OutboxState.SUPERSEDED, f"superseded by {report.sr_sop_uid}", report.supersedes,
-                         OutboxState.PENDING, OutboxState.DEAD),
+                         *_SETTLED),
                     )
                 con.executemany(
                     "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
@@ -610,8 +645,7 @@ class Journal:
     @staticmethod
     def _delivery_state(con: sqlite3.Connection, study_uid: str) -> StudyState:
         row = con.execute(
-            "SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND state IN (?, ?)",
-            (study_uid, OutboxState.PENDING, OutboxState.DEAD),
+            f"SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND {_owed()}", (study_uid, *_SETTLED)
         ).fetchone()
         return StudyState.REPORTED if row["n"] else StudyState.DELIVERED
 
@@ -729,7 +763,7 @@ class Journal:
                 rows = con.execute("SELECT * FROM outbox ORDER BY id").fetchall()
             else:
                 rows = con.execute(
-                    "SELECT * FROM outbox WHERE state IN (?, ?)", (OutboxState.PENDING, OutboxState.DEAD)
+                    f"SELECT * FROM outbox WHERE state IN ({', '.join('?' * len(_OWING))})", _OWING
                 ).fetchall()
                 seen = {r["id"] for r in rows}
                 for s in studies:
@@ -831,7 +865,9 @@ class Journal:
         ----------
         states : iterable of str
             Study states that may go. Studies with an SR still owed (an
-            outbox row pending or dead) are left out whatever their state.
+            outbox row pending or dead) are left out whatever their state;
+            a ``superseded`` row owes nothing (see ``_SETTLED``), the same
+            rule :meth:`purge_study` applies.
         active_before : float, optional
             Only studies whose last activity is before this time.
         after : (float, str), optional
@@ -854,9 +890,9 @@ class Journal:
         # page, instead of walking studies_active in order and stopping.
         where = [
             f"+s.state IN ({', '.join('?' * len(names))})",
-            "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid AND o.state IN (?, ?))",
+            f"NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid AND {_owed('o.state')})",
         ]
-        args: list[Any] = [*names, OutboxState.PENDING, OutboxState.DEAD]
+        args: list[Any] = [*names, *_SETTLED]
         if active_before is not None:
             where.append(f"{_ACTIVE} < ?")
             args.append(active_before)
@@ -889,8 +925,10 @@ class Journal:
         study_uid : str
         states : iterable of str, optional
             Purge only while the study is in one of these states. With
-            ``states``, a study that still has an SR not acknowledged by every
-            destination (outbox row pending or dead) is never purged.
+            ``states``, a study that still owes an SR to a destination
+            (outbox row pending or dead) is never purged; one whose rows are
+            all ``sent`` or ``superseded`` may be (the rule of
+            :meth:`purge_candidates`, see ``_SETTLED``).
         active_before : float, optional
             Purge only when the study's last activity (``max(last_received,
             updated)``) is at or before this time: a study that changed since
@@ -899,7 +937,8 @@ class Journal:
         Returns
         -------
         list of str or None
-            The files the deleted rows pointed to (instances, then SRs), or
+            The files the deleted rows pointed to (instances, then every SR
+            of the study, superseded ones included), or
             None when nothing was deleted (unknown study, or a guard failed).
         """
         with self._tx() as con:
@@ -912,11 +951,10 @@ class Journal:
             if states is not None:
                 if row["state"] not in {str(s) for s in states}:
                     return None
-                unsent = con.execute(
-                    "SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND state != ?",
-                    (study_uid, OutboxState.SENT),
+                owed = con.execute(
+                    f"SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND {_owed()}", (study_uid, *_SETTLED)
                 ).fetchone()["n"]
-                if unsent:
+                if owed:
                     return None
             if active_before is not None and row["active"] > active_before:
                 return None

@@ -11,9 +11,16 @@ nothing is owed for it:
 Never purged: ``receiving``, ``stable``, ``queued``, ``running``,
 ``reported`` (an SR still pending or dead-lettered), ``failed`` (the
 administrator should look, and may ``echonode reprocess``), and any study
-with an outbox row that is not ``sent``. The journal re-checks all of this
-in the transaction that deletes the rows (:meth:`Journal.purge_study`), so a
-study that changed since it was listed is left alone.
+with an SR still owed to a destination (an outbox row ``pending`` or
+``dead``). A ``superseded`` row owes nothing: that SR was replaced (by
+``echonode reprocess`` with a new model set) before it was sent, and the
+replacement's own row is what must be ``sent``. The journal re-checks all
+of this in the transaction that deletes the rows (:meth:`Journal.purge_study`),
+so a study that changed since it was listed is left alone; the listing and
+the re-check share one definition of "owed", since a study listed but then
+refused would be logged ``retention.study_changed`` and kept at every run.
+A purge removes every SR file of the study, superseded ones included: they
+all live under ``reports/<Study>/`` (:meth:`StudyStore.report_path`).
 
 Two rules, applied in this order at every run:
 

@@ -160,6 +160,55 @@ def test_a_superseded_sr_still_waiting_is_never_sent(journal: Journal) -> None:
     assert journal.mark_sent(journal.due_deliveries()[0].id) == StudyState.DELIVERED
 
 
+def _superseded(journal: Journal, newer_state: str) -> float:
+    """Study 1.2.3: SR 1.2.3.99 superseded while pending, by 1.2.3.100 (``newer_state``); its activity."""
+    _report(journal, ["a"])
+    journal.requeue("1.2.3")
+    claim = journal.claim_next(pid=1)
+    newer = ReportRecord("1.2.3.100", "1.2.3", "set2", "1.2.3.97", "1.2.840.10008.5.1.4.1.1.88.33", "/x/sr2.dcm",
+                         supersedes="1.2.3.99")
+    journal.finish_reported(claim, "set2", [result()], newer, ["a"])
+    (item,) = journal.due_deliveries()
+    if newer_state == OutboxState.SENT:
+        assert journal.mark_sent(item.id) == StudyState.DELIVERED
+    elif newer_state == OutboxState.DEAD:
+        journal.mark_dead(item.id, "refused")
+    assert sorted(o["state"] for o in journal.status()["outbox"]) == sorted([OutboxState.SUPERSEDED, newer_state])
+    return journal.study("1.2.3")["updated"]
+
+
+def test_a_superseded_sr_does_not_keep_a_delivered_study(journal: Journal) -> None:
+    """Its replacement was sent: listed for purge, and purged with both SRs' files."""
+    active = _superseded(journal, OutboxState.SENT)
+    assert journal.study_state("1.2.3") == StudyState.DELIVERED
+    assert [c.study_uid for c in journal.purge_candidates([StudyState.DELIVERED])] == ["1.2.3"]
+    paths = journal.purge_study("1.2.3", states=[StudyState.DELIVERED], active_before=active)
+    assert paths is not None and sorted(paths) == ["/x/1.2.3.4.dcm", "/x/sr.dcm", "/x/sr2.dcm"]
+    assert journal.study("1.2.3") is None and journal.status()["outbox"] == []
+
+
+@pytest.mark.parametrize("newer_state", [OutboxState.PENDING, OutboxState.DEAD])
+def test_a_superseding_sr_still_owed_keeps_the_study(journal: Journal, newer_state: str) -> None:
+    active = _superseded(journal, newer_state)
+    assert journal.study_state("1.2.3") == StudyState.REPORTED
+    states = [StudyState.REPORTED, StudyState.DELIVERED]  # even were `reported` allowed
+    assert journal.purge_candidates(states) == []
+    assert journal.purge_study("1.2.3", states=states, active_before=active) is None
+    assert journal.study_state("1.2.3") == StudyState.REPORTED and len(journal.status()["outbox"]) == 2
+
+
+@pytest.mark.parametrize("outbox_state", [*OutboxState, "sending"])
+def test_purge_candidates_and_purge_study_agree_on_every_outbox_state(journal: Journal, outbox_state: str) -> None:
+    """A study retention lists is one purge_study takes; "sending" stands for a state this version lacks."""
+    _report(journal, ["a"])
+    journal._connect().execute("UPDATE outbox SET state = ?", (outbox_state,))
+    listed = [c.study_uid for c in journal.purge_candidates([StudyState.REPORTED])]
+    purged = journal.purge_study("1.2.3", states=[StudyState.REPORTED], active_before=time.time())
+    settled = outbox_state in (OutboxState.SENT, OutboxState.SUPERSEDED)
+    assert listed == (["1.2.3"] if settled else [])
+    assert (purged is not None) is settled
+
+
 def test_rerun_with_same_models_keeps_the_reported_results(journal: Journal) -> None:
     _report(journal, ["a"])
     journal.requeue("1.2.3")

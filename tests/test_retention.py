@@ -11,7 +11,7 @@ from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
 from echonode.config import RetentionConfig
-from echonode.journal import Journal, ReportRecord, StudyState
+from echonode.journal import Claim, Journal, ReportRecord, StudyState
 from echonode.node import Node
 from echonode.retention import Retention
 from echonode.store import StudyStore
@@ -56,17 +56,8 @@ def make_study(store: StudyStore, tmp_path: Path, state: str, age_days: float, *
             elif state == StudyState.FAILED:
                 j.finish_failed(claim, "boom", max_attempts=1)
             else:
-                sr_uid = generate_uid()
-                path = store.report_path(uid, sr_uid)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(b"SR")
-                report = ReportRecord(sr_uid, uid, "set1", generate_uid(), "1.2.840.10008.5.1.4.1.1.88.33", str(path))
-                j.finish_reported(claim, "set1", [], report, ["pacs"])
-                (item,) = [o for o in j.status()["outbox"] if o["study_uid"] == uid]
-                if state == StudyState.DELIVERED:
-                    j.mark_sent(item["id"])
-                elif state in ("reported-dead", "skipped-owed"):
-                    j.mark_dead(item["id"], "refused")
+                report_sr(store, claim, "set1", "sent" if state == StudyState.DELIVERED else
+                          "dead" if state in ("reported-dead", "skipped-owed") else "pending")
                 if state == "skipped-owed":
                     j.requeue(uid)
                     claim = j.claim_next(os.getpid())
@@ -79,11 +70,65 @@ def make_study(store: StudyStore, tmp_path: Path, state: str, age_days: float, *
     return uid
 
 
+def report_sr(store: StudyStore, claim: Claim, model_set: str, outcome: str,
+              supersedes: str | None = None) -> Path:
+    """Finish ``claim`` with an SR (its file under ``reports/``) to one PACS; leave its row ``outcome``.
+
+    ``outcome`` is ``sent``, ``pending`` or ``dead``. Returns the SR's path.
+    """
+    j = store.journal
+    uid, sr_uid = claim.study_uid, generate_uid()
+    path = store.report_path(uid, sr_uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"SR")
+    report = ReportRecord(sr_uid, uid, model_set, generate_uid(), "1.2.840.10008.5.1.4.1.1.88.33", str(path),
+                          supersedes)
+    j.finish_reported(claim, model_set, [], report, ["pacs"])
+    (item,) = [o for o in j.status()["outbox"] if o["sr_sop_uid"] == sr_uid]
+    if outcome == "sent":
+        j.mark_sent(item["id"])
+    elif outcome == "dead":
+        j.mark_dead(item["id"], "refused")
+    return path
+
+
+def make_reprocessed(store: StudyStore, tmp_path: Path, first: str, second: str, age_days: float) -> str:
+    """A study reported with "set1", its SR left ``first``, then reprocessed with "set2", its SR left ``second``.
+
+    The second SR supersedes the first: a first SR still ``pending`` or
+    ``dead`` at that point becomes ``superseded`` (never sent); a ``sent``
+    one stays ``sent``.
+    """
+    j = store.journal
+    uid = generate_uid()
+    receive(store, tmp_path, uid)
+    j.mark_stable(0.0)
+    j.queue_stable()
+    claim = j.claim_next(os.getpid())
+    assert claim is not None and claim.study_uid == uid
+    older = report_sr(store, claim, "set1", first)
+    assert j.requeue(uid)  # `echonode reprocess` once a new model set is installed
+    claim = j.claim_next(os.getpid())
+    assert claim is not None and claim.study_uid == uid
+    report_sr(store, claim, "set2", second, supersedes=older.stem)
+    when = time.time() - age_days * DAY
+    j._connect().execute(
+        "UPDATE studies SET first_received = ?, last_received = ?, updated = ? WHERE study_uid = ?",
+        (when, when, when, uid),
+    )
+    return uid
+
+
+def sr_files(store: StudyStore, uid: str) -> list[Path]:
+    """The study's SR files on disk."""
+    return sorted((store.reports / uid).glob("*.dcm"))
+
+
 def assert_gone(store: StudyStore, uid: str) -> None:
     j = store.journal
     assert j.study(uid) is None
     assert j.instances(uid) == []
-    assert j.report_for(uid, "set1") is None
+    assert j.report_for(uid, "set1") is None and j.latest_report(uid) is None
     assert not [o for o in j.status()["outbox"] if o["study_uid"] == uid]
     con = j._connect()
     assert con.execute("SELECT COUNT(*) FROM results WHERE study_uid = ?", (uid,)).fetchone()[0] == 0
@@ -131,6 +176,43 @@ def test_age_purges_only_finished_studies(store: StudyStore, tmp_path: Path) -> 
 
     # Idempotent.
     assert Retention(RetentionConfig(enabled=True, max_age_days=30), store.journal, store).run() == []
+
+
+@pytest.mark.parametrize("first", ["sent", "pending", "dead"])
+def test_a_reprocessed_study_goes_once_its_newest_sr_is_sent(
+    store: StudyStore, tmp_path: Path, first: str
+) -> None:
+    """The older SR, superseded (or sent) before, keeps nothing; the newer one still owed keeps the study.
+
+    With ``first`` pending or dead the older SR's row is ``superseded``: that
+    row used to keep a delivered study for ever, logged
+    ``retention.study_changed`` at every run.
+    """
+    j = store.journal
+    done = make_reprocessed(store, tmp_path, first, "sent", 40)
+    owed = {second: make_reprocessed(store, tmp_path, first, second, 40) for second in ("pending", "dead")}
+    older_state = "sent" if first == "sent" else "superseded"
+    rows = {u: sorted(o["state"] for o in j.status()["outbox"] if o["study_uid"] == u) for u in [done, *owed.values()]}
+    assert rows == {done: sorted([older_state, "sent"]),
+                    **{u: sorted([older_state, second]) for second, u in owed.items()}}
+    assert j.study_state(done) == StudyState.DELIVERED
+    assert {j.study_state(u) for u in owed.values()} == {StudyState.REPORTED}
+    assert len(sr_files(store, done)) == 2
+
+    job = Retention(RetentionConfig(enabled=True, max_age_days=30, max_total_gb=1e-9), j, store)
+    with capture_logs() as logs:
+        purged = job.run()
+        assert job.run() == []  # and the next run has nothing to say about them either
+
+    assert [(p.study_uid, p.rule) for p in purged] == [(done, "age")]
+    assert_gone(store, done)  # both SRs' files with the study: they live under reports/<Study>/
+    for uid in owed.values():
+        assert_kept(store, uid)
+        assert len(sr_files(store, uid)) == 2
+        assert j.latest_report(uid) is not None
+    assert not [e for e in logs if e["event"] == "retention.study_changed"]
+    # The size rule saw the same candidates: nothing it could take was left.
+    assert [e["event"] for e in logs].count("retention.over_cap") == 2
 
 
 def test_size_cap_purges_oldest_finished_first(store: StudyStore, tmp_path: Path) -> None:
