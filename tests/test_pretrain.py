@@ -138,6 +138,9 @@ def test_tiny_run_exports_torchvision_encoder(cache: Path, tmp_path: Path) -> No
     split = json.loads((run / "split.json").read_text())
     pairs = len(PairDataset(ClipCache(cache), split["train"], "echoclr", size=16))
     assert record["epoch"] == 0 and record["steps"] == pairs // 4 >= 1 and record["reorder"] > 0
+    # The loader measure: a share of the epoch, and the pairs actually trained on.
+    assert 0.0 <= record["data_wait_fraction"] < 1.0
+    assert record["pairs_per_second"] == pytest.approx(record["steps"] * 4 / record["seconds"], rel=0.5)
     assert not set(split["train"]) & set(split["test"])
     encoder = torch.load(run / "encoder.pt", weights_only=True)
     model = build_model("r3d_18", 1, width=4)

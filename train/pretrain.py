@@ -233,16 +233,37 @@ def train_one_epoch(
         Stop after this many steps (smoke tests).
     progress : bool
         tqdm bar.
+
+    Returns
+    -------
+    dict
+        Mean ``loss``, ``nce``, ``reorder``, ``reorder_acc`` (over ranks),
+        ``steps``, and this rank's ``data_wait_fraction`` (share of the epoch
+        spent waiting for the loader) and ``pairs_per_second``.
     """
     model.train()
     totals = np.zeros(4)
-    steps = 0
+    steps = pairs = 0
     iterator = loader
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(loader, desc="pretrain", unit="step", leave=False)
-    for batch in iterator:
+    # Time spent waiting for the loader vs the whole epoch: the measure of
+    # whether the data pipeline keeps the accelerator busy (add --workers
+    # while data_wait_fraction is more than a few per cent). The loss read
+    # below synchronises CUDA every step, so the step time is real.
+    batches = iter(iterator)
+    started = time.perf_counter()
+    waited = 0.0
+    while True:
+        before = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        waited += time.perf_counter() - before
+        pairs += int(batch["x1"].shape[0])
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with autocast:
@@ -262,9 +283,14 @@ def train_one_epoch(
             iterator.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
         if max_steps is not None and steps >= max_steps:
             break
+    elapsed = max(time.perf_counter() - started, 1e-9)
     means = (totals / max(steps, 1)).tolist()
     loss, nce, rl, acc = _mean_over_ranks(means)
-    return {"loss": loss, "nce": nce, "reorder": rl, "reorder_acc": acc, "steps": steps}
+    return {
+        "loss": loss, "nce": nce, "reorder": rl, "reorder_acc": acc, "steps": steps,
+        # Per rank (rank 0 writes the metrics): pairs this process trained on per second.
+        "data_wait_fraction": round(waited / elapsed, 4), "pairs_per_second": round(pairs / elapsed, 2),
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------
@@ -523,7 +549,10 @@ def _pretrain(config: dict[str, object]) -> int:
                 },
                 ckpt_path,
             )
-            print(f"epoch {epoch}: loss {stats['loss']:.4f} (nce {stats['nce']:.4f}, reorder {stats['reorder']:.4f})")
+            print(
+                f"epoch {epoch}: loss {stats['loss']:.4f} (nce {stats['nce']:.4f}, reorder {stats['reorder']:.4f}), "
+                f"{stats['pairs_per_second']:.0f} pairs/s, waiting for data {stats['data_wait_fraction']:.0%}"
+            )
     if rank == 0:
         _atomic_torch_save(model.encoder.state_dict(), out / ENCODER)
     if world > 1:
