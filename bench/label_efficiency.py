@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--fractions", default="0.01,0.1,1.0")
     e.add_argument("--tasks", default="lvh", help="lvh and/or severe_as")
     e.add_argument("--seeds", default="0", help="fine-tuning seeds (each draws its own labelled studies)")
+    e.add_argument("--full-seeds", default=None,
+                   help="seeds at fraction 1.0 (default: --seeds; every seed uses the same studies there)")
     e.add_argument("--pretrain-epochs", type=int, default=30)
     e.add_argument("--pretrain-batch", type=int, default=32)
     e.add_argument("--pretrain-lr", type=float, default=1e-3)
@@ -84,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--finetune-batch", type=int, default=16)
     e.add_argument("--finetune-lr", type=float, default=1e-3)
     e.add_argument("--patience", type=int, default=5)
+    e.add_argument("--finetune-head-init", choices=("random", "probe"), default="random",
+                   help="new head: random (the paper) or fitted on the frozen features first (LP-FT)")
     e.add_argument("--finetune-epoch-samples", type=int, default=256,
                    help="at least N training clips per fine-tuning epoch, so every fraction gets the same steps (0: one pass)")
     e.add_argument("--val-fraction", type=float, default=0.1)
@@ -163,11 +167,15 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
     from train.evaluate import evaluate_bundle
     from train.finetune import main as finetune_main
 
-    cell = ns.out / "finetune" / task / init / f"f{fraction:g}" / f"s{seed}"
+    variant = task if ns.finetune_head_init == "random" else f"{task}-head-{ns.finetune_head_init}"
+    cell = ns.out / "finetune" / variant / init / f"f{fraction:g}" / f"s{seed}"
     result_file = cell / "result.json"
     settings = {k: getattr(ns, k) for k in ("size", "width", "clip_frames", "finetune_epochs", "finetune_batch",
                                             "finetune_lr", "patience", "finetune_epoch_samples", "val_fraction", "test_fraction",
                                             "bootstrap")}  # fmt: skip
+    if ns.finetune_head_init != "random":
+        # Only when not the default, so that cells run before the option existed stay valid.
+        settings["finetune_head_init"] = ns.finetune_head_init
     if result_file.is_file():
         cached = json.loads(result_file.read_text())
         if cached.get("settings") == settings:
@@ -182,6 +190,8 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
             "--bootstrap", "100", "--device", "cpu", "--no-progress"]  # fmt: skip
     if ns.finetune_epoch_samples:
         args += ["--epoch-samples", str(ns.finetune_epoch_samples)]
+    if ns.finetune_head_init != "random":
+        args += ["--head-init", ns.finetune_head_init]
     started = time.monotonic()
     cell.mkdir(parents=True, exist_ok=True)
     with quiet() as buf:
@@ -353,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = {m: pretrain(ns, m, cache, labels) for m in inits if m != "random"}
     pretrain_seconds = time.monotonic() - started
     results = []
+    full_seeds = {int(s) for s in (ns.full_seeds or ns.seeds).split(",")}
     for task in ns.tasks.split(","):
         for seed in (int(s) for s in ns.seeds.split(",")):
             for fraction in (float(f) for f in ns.fractions.split(",")):
+                if fraction >= 1.0 and seed not in full_seeds:
+                    continue
                 for init in inits:
                     results.append(finetune_and_evaluate(ns, task, init, runs.get(init), fraction, seed, cache, labels))
     summary = summarise(ns, results)
@@ -382,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{ns.rows}x{ns.cols}, {ns.frames} frames); split by patient (val {ns.val_fraction:.0%}, test {ns.test_fraction:.0%} of patients). Network r3d_18 width {ns.width} at "
             f"{ns.size} px; pretraining {ns.pretrain_epochs} epochs (batch {ns.pretrain_batch} pairs, Adam {ns.pretrain_lr:g}, "
             f"PLAX of the training split only); fine-tuning {ns.clip_frames}-frame clips, up to {ns.finetune_epochs} epochs, "
-            f"Adam {ns.finetune_lr:g}, patience {ns.patience}; seeds {ns.seeds}; {ns.bootstrap} bootstrap resamples.\n"
+            f"Adam {ns.finetune_lr:g}, patience {ns.patience}, at least {ns.finetune_epoch_samples} clips an epoch; "
+            f"seeds {ns.seeds} (at 100 %: {ns.full_seeds or ns.seeds}); {ns.bootstrap} bootstrap resamples.\n"
         )  # fmt: skip
         RESULTS_COPY.write_text(json.dumps(out, indent=1) + "\n")
         write_doc(ns.doc, header + "\n" + body + "\n" + "\n".join(f"- {v}" for v in verdict) + "\n")

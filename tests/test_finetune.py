@@ -192,3 +192,37 @@ def test_epoch_samples_repeat_videos_with_fresh_clips(labelled, tmp_path: Path) 
                       "--epoch-samples", str(4 * n))) == 0  # fmt: skip
     prov = load_bundle(out).meta.provenance
     assert prov["train_visits_per_epoch"] == 4 and prov["config"]["epoch_samples"] == 4 * n
+
+
+def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from echonode.nets import build_model
+    from train.data import ClipDataset
+    from train.finetune import fit_linear_head
+    from train.metrics import auroc
+
+    cache, labels = labelled
+    c, rows, splits = _split(cache, labels)
+    task = prepare_task(c, rows, "lvh", splits)
+    torch.manual_seed(0)
+    model = build_model("r3d_18", 1, width=4)
+    data = ClipDataset(c, task.videos["train"], task.targets["train"], clip_frames=4, size=16, train=False, eval_clips=2)
+    loader = DataLoader(data, batch_size=4)
+    fit = fit_linear_head(model, loader, device=torch.device("cpu"), binary=True, pos_weight=task.pos_weight)
+    assert fit["clips"] == 2 * len(task.videos["train"])
+    # The folded standardisation gives the head the fitted logistic regression:
+    # the bright block is separable even in random features.
+    from train.finetune import predict_clips
+
+    probs, _ = predict_clips(model, loader, device=torch.device("cpu"), binary=True)
+    assert auroc(np.asarray(task.targets["train"]), probs.mean(1)) > 0.9
+    # Through the command line: recorded in the bundle's metrics.
+    out = tmp_path / "lpft"
+    assert main(_args(cache, labels, out, "--task", "lvh", "--epochs", "1", "--head-init", "probe")) == 0
+    meta = load_bundle(out).meta
+    assert meta.metrics["head_fit"]["clips"] > 0 and meta.provenance["config"]["head_init"] == "probe"
+    # A head that already fits the task is not re-fitted.
+    again = tmp_path / "again"
+    assert main(_args(cache, labels, again, "--task", "lvh", "--epochs", "1", "--init", str(out / "weights.pt"),
+                      "--head-init", "probe")) == 2  # fmt: skip

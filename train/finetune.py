@@ -279,6 +279,88 @@ def predict_clips(
     return probs, (total / count if count else float("nan"))
 
 
+@torch.no_grad()
+def _frozen_features(model: nn.Module, loader: DataLoader, *, device: torch.device, normalisation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features of every evaluation clip (eval mode) and each clip's target."""
+    model.eval()
+    feats, targets = [], []
+    for x, y in loader:
+        b, k = x.shape[:2]
+        feats.append(model.features(normalise_for_model(x.flatten(0, 1).to(device), normalisation)).float().cpu())
+        targets.append(y.repeat_interleave(k))
+    return torch.cat(feats), torch.cat(targets)
+
+
+def fit_linear_head(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    binary: bool,
+    pos_weight: float | None,
+    normalisation: str = "minmax",
+    l2: float = 1e-2,
+) -> dict[str, float]:
+    """Set ``model.fc`` to the logistic regression fitted on frozen features.
+
+    The first step of LP-FT (Kumar et al., 2022, "Fine-Tuning can Distort
+    Pretrained Features"): a new head fitted to the frozen encoder before
+    end-to-end fine-tuning starts, so the first gradients reaching the
+    encoder come from a head that already reads its features instead of from
+    a random projection, which with few labels distorts the pretrained
+    features before the head has learned anything.
+
+    Parameters
+    ----------
+    model : VideoClassifier
+    loader : DataLoader
+        The training videos' evaluation clips (no augmentation).
+    device : torch.device
+    binary : bool
+        Sigmoid head with ``pos_weight`` (binary tasks) or softmax (view).
+    pos_weight : float or None
+        As in the fine-tuning loss.
+    normalisation : str
+        The model's input normalisation.
+    l2 : float
+        Penalty on the weights of the standardised features.
+
+    Returns
+    -------
+    dict
+        ``train_loss`` of the fitted head on the clips, ``clips``.
+    """
+    x, y = _frozen_features(model, loader, device=device, normalisation=normalisation)
+    x = x.double()
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / scale
+    n_out = model.fc.out_features
+    w = torch.zeros(z.shape[1], n_out, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_out, dtype=torch.float64, requires_grad=True)
+    if binary:
+        pw = torch.tensor([pos_weight or 1.0], dtype=torch.float64)
+        loss_fn = lambda logits: nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.double(), pos_weight=pw)  # noqa: E731
+    else:
+        loss_fn = lambda logits: nn.functional.cross_entropy(logits, y.long())  # noqa: E731
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(z @ w + b) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        # Fold the standardisation into the layer: fc(x) = x @ (w / scale) + b - mean @ (w / scale).
+        weight = (w / scale[:, None]).T
+        bias = b - mean @ (w / scale[:, None])
+        model.fc.weight.copy_(weight.to(model.fc.weight))
+        model.fc.bias.copy_(bias.to(model.fc.bias))
+        fitted = float(loss_fn(z @ w + b))
+    return {"train_loss": fitted, "clips": int(y.numel())}
+
+
 def summarise(
     task: str, videos: Sequence[dict], targets: Sequence[float | int], clip_probs: np.ndarray, labels: Sequence[str],
     *, threshold: float = 0.5, n_resamples: int = 10_000, seed: int = 0,
@@ -368,6 +450,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--arch", choices=("r3d_18", "r2plus1d_18"), default=None)
     model.add_argument("--width", type=int, default=None)
     model.add_argument("--dropout", type=float, default=None)
+    model.add_argument(
+        "--head-init", choices=("random", "probe"), default="random",
+        help="new head: random (the paper), or 'probe': fitted on the frozen encoder's features first (LP-FT)",
+    )  # fmt: skip
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch", type=int, default=None)
@@ -406,7 +492,7 @@ def _config_from(ns: argparse.Namespace) -> dict[str, object]:
     )
     keys = (
         "data labels task fraction fraction_seed views val_fraction test_fraction split_seed size frames eval_clips "
-        "workers init arch width dropout batch lr epochs patience epoch_samples max_steps seed out name version threshold "
+        "workers init arch width dropout head_init batch lr epochs patience epoch_samples max_steps seed out name version threshold "
         "bootstrap device preset"
     ).split()
     config = {k: getattr(ns, k) for k in keys}
@@ -487,6 +573,16 @@ def finetune(config: dict[str, object]) -> Path:
         return DataLoader(ds, batch_size=max(1, int(config["batch"]) // eval_clips), num_workers=workers)
 
     criterion = _criterion(task, data.pos_weight, device)
+    head_fit = None
+    if config.get("head_init", "random") == "probe":
+        if init_info.get("head") != "new":
+            raise ValueError("--head-init probe fits a new head; the init already has one for this task")
+        probe_ds = ClipDataset(cache, data.videos["train"], data.targets["train"], frames, size, train=False, eval_clips=eval_clips)
+        probe_loader = DataLoader(probe_ds, batch_size=max(1, int(config["batch"]) // eval_clips), num_workers=workers)
+        head_fit = fit_linear_head(
+            model, probe_loader, device=device, binary=binary, pos_weight=data.pos_weight, normalisation=normalisation
+        )
+        print(f"head fitted on frozen features: loss {head_fit['train_loss']:.4f} over {head_fit['clips']} clips")
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
     stopper = EarlyStopping(int(config["patience"]))
     best_state = copy.deepcopy(model.state_dict())
@@ -514,6 +610,8 @@ def finetune(config: dict[str, object]) -> Path:
     model.load_state_dict(best_state)
 
     metrics: dict[str, object] = {"best_epoch": stopper.best_epoch, "history": history}
+    if head_fit is not None:
+        metrics["head_fit"] = head_fit
     for name in ("val", "test"):
         if not data.videos[name]:
             continue
