@@ -1,0 +1,279 @@
+"""Benchmark: the pretraining data loader, echonode's clip cache against a naive loader.
+
+The issue asks for "a data loader that keeps the accelerator busy (measure
+it)". In one run:
+
+1. a small synthetic archive at cart size (:func:`train.synth.generate_archive`,
+   480x640 JPEG, ``--patients`` 6 by default) is written and indexed into a
+   clip cache at the paper's 112 px (:func:`train.data.build_index`); with
+   ``--work DIR`` both are kept in ``DIR`` and reused by the next run;
+2. echonode's loader: :class:`train.data.PairDataset` (EchoCLR pairs of the
+   training split's PLAX videos, 4-frame clips, 112 px, the paper's
+   augmentation, frame reordering) read from the cache, in a
+   ``torch.utils.data.DataLoader`` (``--batch`` 32 pairs, shuffled,
+   ``drop_last``) with ``--workers`` 0, 1, 2;
+3. the peer, a naive loader with the same output: the same dataset class
+   and the same pairs, sampler and random draws, but each item reads both
+   DICOM files and runs the node's decode + preprocessing
+   (:func:`echonode.preprocess.preprocess_file`, one decode thread) every
+   time, as a training script that reads videos per sample does; the first
+   items of both loaders are checked to be identical tensors. It is a strong
+   peer: it decodes with echonode's fast path (reduced greyscale JPEG
+   decode), 10-45x faster than pydicom's ``pixel_array`` (docs/benchmarks.md,
+   "Decode");
+4. the consumer, for context: the paper network
+   (:class:`train.pretrain.PretrainModel` width 64, reordering head) forward
+   + backward + Adam step on a loader batch (``--model-batch``, default the
+   loader's batch) on this machine (``--device``), and the tiny width 8 too
+   (``--widths``).
+
+Loader figures are pairs per second over ``--batches`` batches, timed from
+the arrival of the first round of batches (one batch per worker, which also
+hides worker start-up) so that every worker count is timed in steady state;
+the number of timed batches is rounded up to a multiple of the worker count.
+Nothing is asserted: these are measurements (the machines are shared; the
+load average is printed). Files come from the page cache after the first
+read, for both loaders alike.
+
+Run:
+
+    .venv/bin/python bench/loader.py                 # full run, a few minutes on 2 cores
+    .venv/bin/python bench/loader.py --quick         # smoke run, under a minute
+    .venv/bin/python bench/loader.py --work /tmp/lb --json loader.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import cpu_model, load_average
+from echonode.preprocess import PreprocessConfig, preprocess_file, training_clip
+from train.data import ClipCache, PairDataset, _resize, build_index, split_cache
+from train.pretrain import PretrainModel, pretrain_step
+from train.synth import generate_archive
+
+SIZE = 112
+CLIP_FRAMES = 4
+
+
+class NaivePairDataset(PairDataset):
+    """:class:`PairDataset` that decodes the DICOM files for every item.
+
+    Same pairs, same per-item random draws, same augmentation and
+    normalisation as the cache-based dataset; the only difference is where
+    the ``(T, 112, 112)`` frames come from: ``preprocess_file`` on the
+    stored object, each time. The list of pairs and file paths is taken from
+    the cache's manifest (a naive script gets it from a CSV listing).
+    """
+
+    def __init__(self, archive: Path, cache: ClipCache, studies: list[str], cfg: PreprocessConfig, **kwargs) -> None:
+        super().__init__(cache, studies, **kwargs)
+        self.cfg = cfg
+        self.paths = {sop: Path(archive) / v["source"]["path"] for sop, v in cache.by_sop.items()}
+
+    def _train_clip(self, sop_uid, clip_frames, rng, gen, augment, raw=None):  # type: ignore[override]
+        if raw is None:
+            _, frames = preprocess_file(self.paths[sop_uid], self.cfg, threads=1)
+            u8 = training_clip(frames, clip_frames, rng)
+            raw = _resize(torch.from_numpy(np.array(u8, dtype=np.float32)).unsqueeze(0), self.size)
+        return super()._train_clip(sop_uid, clip_frames, rng, gen, augment, raw=raw)
+
+
+def prepare(work: Path, patients: int, seed: int) -> tuple[Path, Path, dict[str, float]]:
+    """Synthetic archive and its 112 px clip cache under ``work`` (reused when present)."""
+    archive, cache = work / "archive", work / "cache"
+    took: dict[str, float] = {}
+    if not (archive / "videos.csv").is_file():
+        summary = generate_archive(archive, patients, seed=seed)
+        took["synth_s"] = summary.seconds
+        print(f"archive: {summary.patients} patients, {summary.studies} studies, {summary.videos} videos, "
+              f"{summary.frames} frames at 480x640 JPEG, written in {summary.seconds:.1f} s", flush=True)
+    else:
+        print(f"archive: reusing {archive}", flush=True)
+    report = build_index(archive, cache, PreprocessConfig(size=SIZE), progress=False)
+    took["index_s"] = report.seconds
+    print(f"cache: {report.cached} videos ({report.added} indexed now, {report.reused} reused), "
+          f"{report.unusable} unusable, {report.seconds:.1f} s", flush=True)
+    return archive, cache, took
+
+
+def _loader(ds: PairDataset, batch: int, workers: int, n_batches: int, seed: int) -> DataLoader:
+    # shuffle=True is a RandomSampler; num_samples lets a small archive give
+    # as many batches as asked (successive permutations, no replacement).
+    sampler = RandomSampler(ds, num_samples=n_batches * batch, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
+                      persistent_workers=False)
+
+
+def time_loader(ds: PairDataset, batch: int, workers: int, batches: int, seed: int) -> dict[str, float]:
+    """Steady-state pairs/s: timed from the arrival of the first round of batches."""
+    warm = max(1, workers)
+    timed = -(-batches // warm) * warm
+    loader = _loader(ds, batch, workers, warm + timed, seed)
+    it = iter(loader)
+    t_start = time.perf_counter()
+    for _ in range(warm):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(timed):
+        next(it)
+    t1 = time.perf_counter()
+    del it
+    return {"pairs_per_s": timed * batch / (t1 - t0), "batches": timed, "warmup_s": t0 - t_start}
+
+
+def same_items(a: PairDataset, b: PairDataset, n: int) -> bool:
+    """Whether the first ``n`` items of both datasets are identical."""
+    for i in range(min(n, len(a))):
+        x, y = a[i], b[i]
+        if not all(torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
+
+
+def time_model(width: int, batch: dict[str, torch.Tensor], steps: int, device: torch.device) -> dict[str, float]:
+    """Training pairs/s of ``PretrainModel(width)``: forward, backward, Adam step."""
+    torch.manual_seed(0)
+    model = PretrainModel("r3d_18", width, reorder=True).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    b = {k: v.to(device) for k, v in batch.items()}
+
+    def step() -> float:
+        out = pretrain_step(model, b, temperature=0.05, reorder=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return float(out.loss.detach())  # synchronises CUDA
+
+    step()  # warm-up (oneDNN primitives, cudnn autotune)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    n = int(b["x1"].shape[0])
+    return {"pairs_per_s": n / statistics.median(times), "batch": n, "steps": steps,
+            "step_s": [round(t, 3) for t in times]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 patients, batch 8, 3 batches, workers 0,1, width 8 only")
+    parser.add_argument("--work", default=None, help="folder for the archive and cache (kept and reused)")
+    parser.add_argument("--patients", type=int, default=None, help="synthetic patients (default 6)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=None, help="pairs per batch (default 32)")
+    parser.add_argument("--batches", type=int, default=None, help="timed batches per loader (default 10)")
+    parser.add_argument("--workers", default=None, help="comma-separated worker counts (default 0,1,2)")
+    parser.add_argument("--widths", default=None, help="network widths for the consumer (default 64,8; '' for none)")
+    parser.add_argument("--model-batch", type=int, default=None, help="pairs per model step (default --batch)")
+    parser.add_argument("--model-steps", type=int, default=None, help="timed model steps after one warm-up (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process (default 1)")
+    parser.add_argument("--device", default="cpu", help="device of the consumer model (cpu or cuda)")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    q = args.quick
+    patients = args.patients or (3 if q else 6)
+    batch = args.batch or (8 if q else 32)
+    batches = args.batches or (3 if q else 10)
+    workers = [int(w) for w in (args.workers or ("0,1" if q else "0,1,2")).split(",")]
+    widths_arg = args.widths if args.widths is not None else ("8" if q else "64,8")
+    widths = [int(w) for w in widths_arg.split(",") if w.strip()]
+    model_batch = args.model_batch or batch
+    model_steps = args.model_steps or (1 if q else 2)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    machine = (f"{os.cpu_count()} cores, {cpu_model()}; torch {torch.__version__}, "
+               f"{args.threads} thread(s) in the main process")
+    print(f"machine: {machine}; load average {load_average()}", flush=True)
+    tmp = None
+    if args.work:
+        work = Path(args.work)
+    else:
+        tmp = work = Path(tempfile.mkdtemp(prefix="echonode-bench-loader-"))
+    try:
+        archive, cache_dir, prep = prepare(work, patients, args.seed)
+        cache = ClipCache(cache_dir)
+        train = split_cache(cache)["train"]
+        kwargs = {"method": "echoclr", "clip_frames": CLIP_FRAMES, "size": SIZE, "seed": args.seed}
+        ours = PairDataset(cache, train, **kwargs)
+        naive = NaivePairDataset(archive, cache, train, PreprocessConfig(size=SIZE), **kwargs)
+        if len(ours) == 0:
+            print("no PLAX pairs in the training split; use more --patients", file=sys.stderr)
+            return 2
+        n_videos = len({s for p in ours.pairs for s in p})
+        identical = same_items(ours, naive, 2)
+        print(f"training split: {len(train)} studies, {n_videos} PLAX videos, {len(ours)} EchoCLR pairs "
+              f"(sampled repeatedly); batches of {batch} pairs of 3x{CLIP_FRAMES}x{SIZE}x{SIZE} clips; "
+              f"first items of both loaders identical: {identical}", flush=True)
+
+        rows: list[dict[str, object]] = []
+        for w in workers:
+            for name, ds in (("echonode (clip cache)", ours), ("naive (decode per item)", naive)):
+                r = time_loader(ds, batch, w, batches, args.seed)
+                rows.append({"loader": name, "workers": w, **r})
+                print(f"  {name:24s} workers {w}: {r['pairs_per_s']:8.1f} pairs/s over {r['batches']} batches "
+                      f"(load {load_average()})", flush=True)
+
+        model_rows: list[dict[str, object]] = []
+        if widths:
+            mb = next(iter(_loader(ours, model_batch, 0, 1, args.seed + 1)))
+            for width in widths:
+                r = time_model(width, mb, model_steps, device)
+                model_rows.append({"width": width, "device": str(device), **r})
+                print(f"  model width {width} on {device}: {r['pairs_per_s']:.2f} pairs/s "
+                      f"(batch {r['batch']}, steps {r['step_s']} s; load {load_average()})", flush=True)
+
+        # --- report ---------------------------------------------------------------
+        print()
+        print("| loader | workers | pairs/s |")
+        print("|---|---:|---:|")
+        for r in rows:
+            print(f"| {r['loader']} | {r['workers']} | {r['pairs_per_s']:.1f} |")
+        for m in model_rows:
+            print(f"| consumer: PretrainModel width {m['width']}, fwd+bwd+Adam, batch {m['batch']}, "
+                  f"{m['device']} | - | {m['pairs_per_s']:.2f} |")
+        print()
+        rate = {(r["loader"].split()[0], r["workers"]): float(r["pairs_per_s"]) for r in rows}
+        ratios = {w: rate[("echonode", w)] / rate[("naive", w)] for w in workers}
+        for w, v in ratios.items():
+            print(f"echonode / naive at {w} worker(s): {v:.1f}x")
+        one = {k: v for k, v in rate.items() if k[1] == 1}
+        if one and model_rows:
+            for m in model_rows:
+                c = float(m["pairs_per_s"])
+                print(f"one worker supplies {one[('echonode', 1)]:.1f} pairs/s (naive {one[('naive', 1)]:.1f}); "
+                      f"the width-{m['width']} model consumes {c:.2f} pairs/s here: one echonode worker "
+                      f"feeds {one[('echonode', 1)] / c:.1f} such consumers (naive: {one[('naive', 1)] / c:.1f})")
+        print(f"load average at the end: {load_average()}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "machine": machine, "load_average_end": load_average(), "patients": patients,
+                "train_studies": len(train), "plax_videos": n_videos, "pairs": len(ours), "batch": batch,
+                "identical_items": identical, "prep": prep, "loaders": rows, "models": model_rows,
+                "ratio_echonode_over_naive": {str(k): v for k, v in ratios.items()},
+            }, indent=1) + "\n")
+        return 0
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
