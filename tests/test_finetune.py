@@ -211,6 +211,9 @@ def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Pa
     loader = DataLoader(data, batch_size=4)
     fit = fit_linear_head(model, loader, device=torch.device("cpu"), binary=True, pos_weight=task.pos_weight)
     assert fit["clips"] == 2 * len(task.videos["train"])
+    # BatchNorm statistics were re-estimated on the labelled clips (a new network's are 0 and 1).
+    bn = model.stem[1]
+    assert float(bn.running_mean.abs().sum()) > 0 and bn.momentum == 0.1
     # The folded standardisation gives the head the fitted logistic regression:
     # the bright block is separable even in random features.
     from train.finetune import predict_clips

@@ -280,6 +280,28 @@ def predict_clips(
 
 
 @torch.no_grad()
+def _recalibrate_batchnorm(model: nn.Module, loader: DataLoader, *, device: torch.device, normalisation: str) -> None:
+    """Re-estimate BatchNorm running statistics on ``loader`` (cumulative average).
+
+    Fine-tuning runs BatchNorm in training mode, on batch statistics of the
+    labelled clips; features read in eval mode with the statistics of
+    another dataset (the pretraining archive, or none at all for a random
+    network) are not the features fine-tuning starts from. Re-estimating
+    them first makes the head fitted in eval mode fit the fine-tuning regime.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the pass
+    model.train()
+    for x, _ in loader:
+        model(normalise_for_model(x.flatten(0, 1).to(device), normalisation))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+
+
+@torch.no_grad()
 def _frozen_features(model: nn.Module, loader: DataLoader, *, device: torch.device, normalisation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder features of every evaluation clip (eval mode) and each clip's target."""
     model.eval()
@@ -299,7 +321,7 @@ def fit_linear_head(
     binary: bool,
     pos_weight: float | None,
     normalisation: str = "minmax",
-    l2: float = 1e-2,
+    l2: float = 0.1,
 ) -> dict[str, float]:
     """Set ``model.fc`` to the logistic regression fitted on frozen features.
 
@@ -308,7 +330,8 @@ def fit_linear_head(
     end-to-end fine-tuning starts, so the first gradients reaching the
     encoder come from a head that already reads its features instead of from
     a random projection, which with few labels distorts the pretrained
-    features before the head has learned anything.
+    features before the head has learned anything. BatchNorm statistics are
+    first re-estimated on the same clips (see :func:`_recalibrate_batchnorm`).
 
     Parameters
     ----------
@@ -323,13 +346,16 @@ def fit_linear_head(
     normalisation : str
         The model's input normalisation.
     l2 : float
-        Penalty on the weights of the standardised features.
+        Penalty on the weights of the standardised features (strong: a few
+        labelled studies are separable in any 512-d feature space, and an
+        unpenalised fit would start fine-tuning from huge logits).
 
     Returns
     -------
     dict
         ``train_loss`` of the fitted head on the clips, ``clips``.
     """
+    _recalibrate_batchnorm(model, loader, device=device, normalisation=normalisation)
     x, y = _frozen_features(model, loader, device=device, normalisation=normalisation)
     x = x.double()
     mean, scale = x.mean(0), x.std(0) + 1e-6
