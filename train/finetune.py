@@ -358,7 +358,11 @@ def fit_linear_head(
     _recalibrate_batchnorm(model, loader, device=device, normalisation=normalisation)
     x, y = _frozen_features(model, loader, device=device, normalisation=normalisation)
     x = x.double()
-    mean, scale = x.mean(0), x.std(0) + 1e-6
+    # One scale for all features, not one per feature: with a handful of
+    # labelled videos some features barely vary in the training clips, and a
+    # per-feature standardisation would blow them up on every other video.
+    mean = x.mean(0)
+    scale = (x - mean).std().clamp_min(1e-6).expand(x.shape[1])
     z = (x - mean) / scale
     n_out = model.fc.out_features
     w = torch.zeros(z.shape[1], n_out, dtype=torch.float64, requires_grad=True)
