@@ -26,7 +26,8 @@ inits. Every step is cached under ``--out``: an interrupted run resumes.
 Usage::
 
     .venv/bin/python bench/label_efficiency.py --quick            # smoke run, about a minute
-    .venv/bin/python bench/label_efficiency.py --patients 160 --seeds 0,1 --write-doc
+    .venv/bin/python bench/label_efficiency.py --seeds 0 --fractions 0.01,0.1 --write-doc   # docs/benchmarks.md
+    .venv/bin/python bench/label_efficiency.py --methods echoclr,random --finetune-head-init probe
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = p.add_argument_group("archive")
     a.add_argument("--archive", type=Path, default=None, help="reuse this synthetic archive (default: OUT/archive, made if absent)")
-    a.add_argument("--patients", type=int, default=120, help="patients in the archive (1-3 studies each)")
+    a.add_argument("--patients", type=int, default=500, help="patients in the archive (1-3 studies each)")
     a.add_argument("--synth-seed", type=int, default=7)
     a.add_argument("--frames", type=int, default=32, help="frames per synthetic video")
     a.add_argument("--rows", type=int, default=120)
@@ -79,12 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--seeds", default="0", help="fine-tuning seeds (each draws its own labelled studies)")
     e.add_argument("--full-seeds", default=None,
                    help="seeds at fraction 1.0 (default: --seeds; every seed uses the same studies there)")
-    e.add_argument("--pretrain-epochs", type=int, default=30)
+    e.add_argument("--pretrain-epochs", type=int, default=40)
     e.add_argument("--pretrain-batch", type=int, default=32)
     e.add_argument("--pretrain-lr", type=float, default=1e-3)
     e.add_argument("--finetune-epochs", type=int, default=15)
     e.add_argument("--finetune-batch", type=int, default=16)
-    e.add_argument("--finetune-lr", type=float, default=1e-3)
+    e.add_argument("--finetune-lr", type=float, default=1e-4)
     e.add_argument("--patience", type=int, default=5)
     e.add_argument("--finetune-head-init", choices=("random", "probe"), default="random",
                    help="new head: random (the paper) or fitted on the frozen features first (LP-FT)")

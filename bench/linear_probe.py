@@ -1,0 +1,169 @@
+"""Linear probe: does a pretrained encoder carry the label, before any fine-tuning?
+
+Fine-tuning on a handful of labelled studies is noisy (one draw of studies,
+one optimisation); a linear probe on frozen features separates "the
+pretraining learned the anatomy" from "the fine-tuning used it". For each
+encoder (a pretraining run folder, or ``random`` for an untrained network of
+the same shape):
+
+1. encode every PLAX video of the training and test splits of a label
+   efficiency work folder (``bench/label_efficiency.py --out``) with the
+   frozen encoder (mean over the node's evaluation clips), a study's
+   feature being the mean of its videos';
+2. fit an L2-regularised logistic regression on the labelled training
+   studies (all of them, or ``--fractions`` of them drawn by study as
+   ``echonode-train finetune --fraction`` draws them, one draw per seed);
+3. report the test-study AUROC (mean over seeds) with a stratified
+   bootstrap 95 % CI of that mean.
+
+Usage::
+
+    .venv/bin/python bench/linear_probe.py --work ~/.cache/echonode/le-v2 random pretrain/echoclr
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("encoders", nargs="+", help="pretraining run folders (relative to --work or absolute), or 'random'")
+    p.add_argument("--work", type=Path, required=True, help="label-efficiency work folder (archive/, cache-SIZE/)")
+    p.add_argument("--size", type=int, default=48)
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--clip-frames", type=int, default=8)
+    p.add_argument("--tasks", default="lvh,severe_as")
+    p.add_argument("--fractions", default="0.01,0.1,1.0")
+    p.add_argument("--seeds", type=int, default=10, help="label draws per fraction below 1")
+    p.add_argument("--l2", type=float, default=0.1, help="L2 penalty on the standardised weights")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--bootstrap", type=int, default=10_000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
+    """Frozen features, one vector per study, for the train and test splits."""
+    from echonode.nets import build_model
+    from train.data import ClipDataset
+
+    torch.manual_seed(0)  # the random encoder is the same network every run
+    model = build_model("r3d_18", 1, width=ns.width, dropout=0.0)
+    digest = f"random-w{ns.width}"
+    if encoder != "random":
+        run = Path(encoder) if Path(encoder).is_absolute() else ns.work / encoder
+        digest = hashlib.sha256((run / "encoder.pt").read_bytes()).hexdigest()[:16]
+    # Encoding is the slow part: features are kept per encoder file and settings.
+    store = ns.work / "probe-features" / f"{digest}-s{ns.size}-f{ns.clip_frames}.npz"
+    if store.is_file():
+        saved = np.load(store)
+        return {part: {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith(part + "/")} for part in ("train", "test")}
+    if encoder != "random":
+        state = torch.load(run / "encoder.pt", map_location="cpu", weights_only=True)
+        # The encoder has no head: every other key must match.
+        problems = model.load_state_dict(state, strict=False)
+        if problems.unexpected_keys or [k for k in problems.missing_keys if not k.startswith("fc.")]:
+            raise SystemExit(f"{run}: not an encoder of r3d_18 width {ns.width}: {problems}")
+    model.eval()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for part in ("train", "test"):
+        videos = cache.videos_of(splits[part], ["plax"])
+        data = ClipDataset(cache, videos, [0.0] * len(videos), ns.clip_frames, ns.size, train=False)
+        by_study: dict[str, list[np.ndarray]] = defaultdict(list)
+        for video, (clips, _) in zip(videos, data):
+            by_study[video["study_uid"]].append(model.features(clips).mean(0).numpy())
+        out[part] = {s: np.mean(f, axis=0) for s, f in by_study.items()}
+    store.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(store, **{f"{part}/{s}": v for part, d in out.items() for s, v in d.items()})
+    return out
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """L2-penalised logistic regression on standardised features (L-BFGS).
+
+    Returns ``(mean, scale, weights, bias)``.
+    """
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    xt = torch.tensor((x - mean) / scale, dtype=torch.float64)
+    yt = torch.tensor(y, dtype=torch.float64)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mean, scale, w.detach().numpy(), float(b.detach())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.data import ClipCache, load_study_labels, split_cache
+    from train.metrics import auroc
+    from train.splits import sample_label_fraction
+
+    ns = parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    cache = ClipCache(ns.work / f"cache-{ns.size}")
+    rows = load_study_labels(ns.work / "archive" / "labels.csv")
+    splits = split_cache(cache, rows, val_fraction=ns.val_fraction, test_fraction=ns.test_fraction, seed=0)
+    label = {r["study_uid"]: r for r in rows}
+    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
+    fractions = [float(f) for f in ns.fractions.split(",")]
+    results: dict = {}
+    rng = np.random.default_rng(0)
+    for encoder in ns.encoders:
+        started = time.monotonic()
+        feats = study_features(encoder, ns, cache, splits)
+        train_pool, test = sorted(feats["train"]), sorted(feats["test"])
+        x_test = np.stack([feats["test"][s] for s in test])
+        for task in tasks:
+            y_test = np.array([int(label[s][task]) for s in test])
+            y_pool = {s: int(label[s][task]) for s in train_pool}
+            pos, neg = np.flatnonzero(y_test == 1), np.flatnonzero(y_test == 0)
+            # One set of stratified resamples of the test studies, shared by every cell.
+            boot = [np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)]) for _ in range(ns.bootstrap)]
+            for fraction in fractions:
+                draws = [0] if fraction >= 1.0 else list(range(ns.seeds))
+                scores, n_used = [], []
+                for seed in draws:
+                    chosen = sample_label_fraction(train_pool, fraction, seed=seed, labels=y_pool)
+                    x = np.stack([feats["train"][s] for s in chosen])
+                    mean, scale, w, b = fit_logistic(x, np.array([y_pool[s] for s in chosen]), ns.l2)
+                    scores.append(((x_test - mean) / scale) @ w + b)
+                    n_used.append(len(chosen))
+                estimate = float(np.mean([auroc(y_test, s) for s in scores]))
+                samples = [np.mean([auroc(y_test[i], s[i]) for s in scores]) for i in boot[: max(200, ns.bootstrap // len(draws))]]
+                cell = {"auroc": estimate, "low": float(np.percentile(samples, 2.5)), "high": float(np.percentile(samples, 97.5)),
+                        "train_studies": int(np.median(n_used)), "draws": len(draws)}  # fmt: skip
+                results.setdefault(encoder, {}).setdefault(task, {})[str(fraction)] = cell
+                print(f"{encoder:<24} {task:<9} {fraction:>5g}: AUROC {estimate:.3f} [{cell['low']:.3f}, {cell['high']:.3f}] "
+                      f"({cell['train_studies']} studies x {len(draws)} draws)", flush=True)  # fmt: skip
+        print(f"{encoder}: {time.monotonic() - started:.0f} s", flush=True)
+    if ns.json:
+        ns.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(ns).items()}, "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
