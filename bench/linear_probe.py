@@ -10,7 +10,8 @@ the same shape):
    efficiency work folder (``bench/label_efficiency.py --out``) with the
    frozen encoder (mean over the node's evaluation clips), a study's
    feature being the mean of its videos';
-2. fit an L2-regularised logistic regression on the labelled training
+2. fit an L2-regularised logistic regression (``train.finetune.fit_logistic``,
+   the fit ``finetune --head-init probe`` uses) on the labelled training
    studies (all of them, or ``--fractions`` of them drawn by study as
    ``echonode-train finetune --fraction`` draws them, one draw per seed);
 3. report the test-study AUROC (mean over seeds) with a stratified
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="lvh,severe_as")
     p.add_argument("--fractions", default="0.01,0.1,1.0")
     p.add_argument("--seeds", type=int, default=10, help="label draws per fraction below 1")
-    p.add_argument("--l2", type=float, default=0.1, help="L2 penalty on the standardised weights")
+    p.add_argument("--l2", type=float, default=0.1, help="L2 penalty (see train.finetune.fit_logistic)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--bootstrap", type=int, default=10_000)
@@ -95,30 +96,9 @@ def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str
     return out
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """L2-penalised logistic regression on standardised features (L-BFGS).
-
-    Returns ``(mean, scale, weights, bias)``.
-    """
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    xt = torch.tensor((x - mean) / scale, dtype=torch.float64)
-    yt = torch.tensor(y, dtype=torch.float64)
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return mean, scale, w.detach().numpy(), float(b.detach())
-
-
 def main(argv: list[str] | None = None) -> int:
     from train.data import ClipCache, load_study_labels, split_cache
+    from train.finetune import fit_logistic
     from train.metrics import auroc
     from train.splits import sample_label_fraction
 
@@ -148,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 scores, n_used = [], []
                 for seed in draws:
                     chosen = sample_label_fraction(train_pool, fraction, seed=seed, labels=y_pool)
-                    x = np.stack([feats["train"][s] for s in chosen])
-                    mean, scale, w, b = fit_logistic(x, np.array([y_pool[s] for s in chosen]), ns.l2)
-                    scores.append(((x_test - mean) / scale) @ w + b)
+                    x = torch.from_numpy(np.stack([feats["train"][s] for s in chosen]))
+                    w, b, _ = fit_logistic(x, torch.tensor([y_pool[s] for s in chosen]), l2=ns.l2)
+                    scores.append((x_test @ w.numpy() + b.numpy())[:, 0])
                     n_used.append(len(chosen))
                 estimate = float(np.mean([auroc(y_test, s) for s in scores]))
                 samples = [np.mean([auroc(y_test[i], s[i]) for s in scores]) for i in boot[: max(200, ns.bootstrap // len(draws))]]

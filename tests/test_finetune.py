@@ -209,7 +209,7 @@ def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Pa
     model = build_model("r3d_18", 1, width=4)
     data = ClipDataset(c, task.videos["train"], task.targets["train"], clip_frames=4, size=16, train=False, eval_clips=2)
     loader = DataLoader(data, batch_size=4)
-    fit = fit_linear_head(model, loader, device=torch.device("cpu"), binary=True, pos_weight=task.pos_weight)
+    fit = fit_linear_head(model, loader, device=torch.device("cpu"), pos_weight=task.pos_weight)
     assert fit["clips"] == 2 * len(task.videos["train"])
     # BatchNorm statistics were re-estimated on the labelled clips (a new network's are 0 and 1).
     bn = model.stem[1]
@@ -229,3 +229,25 @@ def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Pa
     again = tmp_path / "again"
     assert main(_args(cache, labels, again, "--task", "lvh", "--epochs", "1", "--init", str(out / "weights.pt"),
                       "--head-init", "probe")) == 2  # fmt: skip
+
+
+def test_fit_logistic_acts_on_raw_features_binary_and_multiclass() -> None:
+    from train.finetune import fit_logistic
+
+    gen = torch.Generator().manual_seed(0)
+    # Encoder-like features (comparable scales) with an offset, one of them
+    # nearly constant in the few training samples but not elsewhere: the
+    # weights apply to x as given, and the constant one is not blown up.
+    x = torch.randn(40, 5, generator=gen) + 3.0
+    x[:, 2] = 3.0 + 1e-4 * torch.randn(40, generator=gen)
+    y = (x[:, 1] > 3.0).long()
+    held = torch.randn(200, 5, generator=gen) + 3.0
+    held_y = (held[:, 1] > 3.0).long()
+    w, b, loss = fit_logistic(x, y, pos_weight=1.0)
+    assert w.shape == (5, 1) and b.shape == (1,) and loss < 0.5
+    assert float(((held.double() @ w + b)[:, 0] > 0).long().eq(held_y).float().mean()) > 0.9
+    classes = torch.bucketize(x[:, 1].contiguous(), torch.tensor([2.5, 3.5]))
+    w3, b3, _ = fit_logistic(x, classes, n_outputs=3)
+    held_c = torch.bucketize(held[:, 1].contiguous(), torch.tensor([2.5, 3.5]))
+    # Ordered classes on one feature under a strong penalty: well above chance (about 0.38).
+    assert float((held.double() @ w3 + b3).argmax(1).eq(held_c).float().mean()) > 0.6

@@ -40,7 +40,13 @@ from torch.utils.data import DataLoader
 from echonode.bundle import BINARY_TASKS, TASKS, BundleMeta, save_bundle
 from echonode.nets import build_model, normalise_for_model
 from train.augment import AugmentConfig
-from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
+from train.data import (
+    ClipCache,
+    ClipDataset,
+    load_study_labels,
+    manifest_hash,
+    split_cache,
+)
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
 from train.splits import sample_label_fraction
@@ -279,6 +285,68 @@ def predict_clips(
     return probs, (total / count if count else float("nan"))
 
 
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, *, n_outputs: int = 1, pos_weight: float | None = None, l2: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """L2-penalised logistic regression (L-BFGS) on features ``x``.
+
+    Features are centred and divided by one scale common to all of them,
+    not one per feature: with a handful of labelled samples some features
+    barely vary, and a per-feature standardisation would blow them up on
+    every other sample. The penalty applies to the weights of the scaled
+    features; the returned weights act on ``x`` as given.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(N, D)`` features.
+    y : torch.Tensor
+        ``(N,)`` targets: 0/1 for ``n_outputs == 1`` (sigmoid), class
+        indices otherwise (softmax).
+    n_outputs : int
+    pos_weight : float, optional
+        Weight of the positive class (binary only), as in the fine-tuning loss.
+    l2 : float
+        Penalty (strong by default: a few samples are separable in any
+        512-d feature space, and an unpenalised fit has huge logits).
+
+    Returns
+    -------
+    weight : torch.Tensor
+        ``(D, n_outputs)``, float64; logits are ``x @ weight + bias``.
+    bias : torch.Tensor
+        ``(n_outputs,)``.
+    loss : float
+        Unpenalised training loss of the fit.
+    """
+    x = x.double()
+    mean = x.mean(0)
+    scale = (x - mean).std().clamp_min(1e-6)
+    z = (x - mean) / scale
+    w = torch.zeros(z.shape[1], n_outputs, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_outputs, dtype=torch.float64, requires_grad=True)
+    if n_outputs == 1:
+        pw = torch.tensor([pos_weight or 1.0], dtype=torch.float64)
+        loss_fn = lambda logits: nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.double(), pos_weight=pw)  # noqa: E731
+    else:
+        loss_fn = lambda logits: nn.functional.cross_entropy(logits, y.long())  # noqa: E731
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(z @ w + b) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        fitted = float(loss_fn(z @ w + b))
+        # Fold the scaling into the weights: (x - mean) / scale @ w + b.
+        weight = w / scale
+        bias = b - mean @ weight
+    return weight.detach(), bias.detach(), fitted
+
+
 @torch.no_grad()
 def _recalibrate_batchnorm(model: nn.Module, loader: DataLoader, *, device: torch.device, normalisation: str) -> None:
     """Re-estimate BatchNorm running statistics on ``loader`` (cumulative average).
@@ -307,7 +375,7 @@ def _frozen_features(model: nn.Module, loader: DataLoader, *, device: torch.devi
     model.eval()
     feats, targets = [], []
     for x, y in loader:
-        b, k = x.shape[:2]
+        k = x.shape[1]
         feats.append(model.features(normalise_for_model(x.flatten(0, 1).to(device), normalisation)).float().cpu())
         targets.append(y.repeat_interleave(k))
     return torch.cat(feats), torch.cat(targets)
@@ -318,7 +386,6 @@ def fit_linear_head(
     loader: DataLoader,
     *,
     device: torch.device,
-    binary: bool,
     pos_weight: float | None,
     normalisation: str = "minmax",
     l2: float = 0.1,
@@ -339,8 +406,6 @@ def fit_linear_head(
     loader : DataLoader
         The training videos' evaluation clips (no augmentation).
     device : torch.device
-    binary : bool
-        Sigmoid head with ``pos_weight`` (binary tasks) or softmax (view).
     pos_weight : float or None
         As in the fine-tuning loss.
     normalisation : str
@@ -357,37 +422,10 @@ def fit_linear_head(
     """
     _recalibrate_batchnorm(model, loader, device=device, normalisation=normalisation)
     x, y = _frozen_features(model, loader, device=device, normalisation=normalisation)
-    x = x.double()
-    # One scale for all features, not one per feature: with a handful of
-    # labelled videos some features barely vary in the training clips, and a
-    # per-feature standardisation would blow them up on every other video.
-    mean = x.mean(0)
-    scale = (x - mean).std().clamp_min(1e-6).expand(x.shape[1])
-    z = (x - mean) / scale
-    n_out = model.fc.out_features
-    w = torch.zeros(z.shape[1], n_out, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_out, dtype=torch.float64, requires_grad=True)
-    if binary:
-        pw = torch.tensor([pos_weight or 1.0], dtype=torch.float64)
-        loss_fn = lambda logits: nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.double(), pos_weight=pw)  # noqa: E731
-    else:
-        loss_fn = lambda logits: nn.functional.cross_entropy(logits, y.long())  # noqa: E731
-    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(z @ w + b) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    weight, bias, fitted = fit_logistic(x, y, n_outputs=model.fc.out_features, pos_weight=pos_weight, l2=l2)
     with torch.no_grad():
-        # Fold the standardisation into the layer: fc(x) = x @ (w / scale) + b - mean @ (w / scale).
-        weight = (w / scale[:, None]).T
-        bias = b - mean @ (w / scale[:, None])
-        model.fc.weight.copy_(weight.to(model.fc.weight))
+        model.fc.weight.copy_(weight.T.to(model.fc.weight))
         model.fc.bias.copy_(bias.to(model.fc.bias))
-        fitted = float(loss_fn(z @ w + b))
     return {"train_loss": fitted, "clips": int(y.numel())}
 
 
@@ -610,7 +648,7 @@ def finetune(config: dict[str, object]) -> Path:
         probe_ds = ClipDataset(cache, data.videos["train"], data.targets["train"], frames, size, train=False, eval_clips=eval_clips)
         probe_loader = DataLoader(probe_ds, batch_size=max(1, int(config["batch"]) // eval_clips), num_workers=workers)
         head_fit = fit_linear_head(
-            model, probe_loader, device=device, binary=binary, pos_weight=data.pos_weight, normalisation=normalisation
+            model, probe_loader, device=device, pos_weight=data.pos_weight, normalisation=normalisation
         )
         print(f"head fitted on frozen features: loss {head_fit['train_loss']:.4f} over {head_fit['clips']} clips")
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
