@@ -69,11 +69,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _models_summary(cfg: Config) -> list[dict[str, Any]]:
     from .node import installed_bundles
+    from .worker import MODELS_STATE
 
     # What the worker last reported loading (it may refuse a bundle the
     # folder holds: wrong shapes, unknown task, a newer format).
     try:
-        worker = json.loads((cfg.storage_dir / "worker-models.json").read_text())
+        worker = json.loads((cfg.storage_dir / MODELS_STATE).read_text())
     except (OSError, ValueError):
         worker = None
     out = []
@@ -138,7 +139,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in s.get("results", []):
             verdict = "present" if r["positive"] else "absent"
             print(f"      {r['task']:<10} p={r['probability']:.3f} {verdict}  [{r['model']} {r['version']}]")
-    pending = [o for o in status["outbox"] if o["state"] in ("pending", "dead")]
+    from .journal import OWED_STATES
+
+    pending = [o for o in status["outbox"] if o["state"] in OWED_STATES]
     print(f"outbox: {len(pending)} not sent ({sum(status['outbox_counts'].values())} in all)")
     for o in pending:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["next_attempt"]))

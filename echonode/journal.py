@@ -59,10 +59,10 @@ class OutboxState(StrEnum):
 #: study stays ``reported``, a newer SR supersedes the row, and retention
 #: keeps the study. The one definition of "still owed"; use :func:`_owed`.
 _SETTLED = (OutboxState.SENT, OutboxState.SUPERSEDED)
-#: The known states that owe (derived, not a second list): for a query that
+#: The known states that still owe an SR (derived, not a second list): for a query that
 #: finds owing rows by state alone, which an index can seek with ``IN`` but
 #: not with ``NOT IN``.
-_OWING = tuple(s for s in OutboxState if s not in _SETTLED)
+OWED_STATES = tuple(s for s in OutboxState if s not in _SETTLED)
 
 
 def _owed(column: str = "state") -> str:
@@ -285,7 +285,8 @@ class Journal:
             con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before the C-STORE is acknowledged.
+            # FULL by default; record_instance lowers it to NORMAL for the
+            # receive commit only (recover() re-records from the fsynced files).
             con.execute("PRAGMA synchronous=FULL")
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA busy_timeout=60000")
@@ -731,7 +732,15 @@ class Journal:
             ``studies`` and ``outbox`` (lists of dicts); ``study_counts``
             (every study state, 0 included) and ``studies_total``;
             ``outbox_counts`` (every outbox state); ``limit``.
+
+        Raises
+        ------
+        ValueError
+            If ``limit`` is less than 1 (``echonode status --limit 0`` means
+            everything and passes None).
         """
+        if limit is not None and limit < 1:
+            raise ValueError(f'Argument "limit" must be at least 1 or None; got {limit}.')
         con = self._connect()
         # One snapshot: the counts and the lists describe the same moment
         # even while the node writes.
@@ -763,7 +772,7 @@ class Journal:
                 rows = con.execute("SELECT * FROM outbox ORDER BY id").fetchall()
             else:
                 rows = con.execute(
-                    f"SELECT * FROM outbox WHERE state IN ({', '.join('?' * len(_OWING))})", _OWING
+                    f"SELECT * FROM outbox WHERE state IN ({', '.join('?' * len(OWED_STATES))})", OWED_STATES
                 ).fetchall()
                 seen = {r["id"] for r in rows}
                 for s in studies:

@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from .config import Config, ConfigError, load_config, parse_config
 from .dicomfile import check_inflated_size
-from .store import is_valid_uid
+from .store import MAX_INFLATED_BYTES, is_valid_uid
 
 
 def find_studies(paths: list[Path]) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
@@ -40,7 +40,7 @@ def find_studies(paths: list[Path]) -> tuple[dict[str, list[Path]], list[tuple[P
             skipped.append((p, "no such file or folder"))
     for f in files:
         try:
-            check_inflated_size(f, 512 * 2**20)
+            check_inflated_size(f, MAX_INFLATED_BYTES)
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
             skipped.append((f, "not a DICOM file"))
