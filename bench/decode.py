@@ -40,8 +40,6 @@ from bench.machine import cpu_model as _cpu_model  # noqa: E402
 from echonode.preprocess import PreprocessConfig, make_eval_clips, preprocess_file  # noqa: E402
 
 
-
-
 def _time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(best, median) wall seconds over ``repeats`` runs after one warm-up."""
     fn()

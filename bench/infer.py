@@ -51,21 +51,13 @@ from pydicom.data import get_testdata_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model as _cpu_model  # noqa: E402
+from bench.machine import load_average as _load  # noqa: E402
 
 from echonode.bundle import BundleMeta, ModelSet, load_bundle, model_set_key, save_bundle  # noqa: E402
 from echonode.nets import build_model  # noqa: E402
 from echonode.pipeline import analyse_study  # noqa: E402
 from echonode.preprocess import eval_clip_starts, normalise_clip  # noqa: E402
 from echonode.runtime import cpu_has_native_bf16, optimise_for_inference, synthetic_clips  # noqa: E402
-
-
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def conv_flops(model: torch.nn.Module, clip_shape: tuple[int, ...]) -> float:

@@ -72,7 +72,8 @@ def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str
         run = Path(encoder) if Path(encoder).is_absolute() else ns.work / encoder
         digest = hashlib.sha256((run / "encoder.pt").read_bytes()).hexdigest()[:16]
     # Encoding is the slow part: features are kept per encoder file and settings.
-    store = ns.work / "probe-features" / f"{digest}-s{ns.size}-f{ns.clip_frames}.npz"
+    split = f"v{ns.val_fraction:g}-t{ns.test_fraction:g}"
+    store = ns.work / "probe-features" / f"{digest}-s{ns.size}-f{ns.clip_frames}-{split}.npz"
     if store.is_file():
         saved = np.load(store)
         return {part: {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith(part + "/")} for part in ("train", "test")}
@@ -111,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
     fractions = [float(f) for f in ns.fractions.split(",")]
     results: dict = {}
-    rng = np.random.default_rng(0)
     for encoder in ns.encoders:
         started = time.monotonic()
         feats = study_features(encoder, ns, cache, splits)
@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             y_test = np.array([int(label[s][task]) for s in test])
             y_pool = {s: int(label[s][task]) for s in train_pool}
             pos, neg = np.flatnonzero(y_test == 1), np.flatnonzero(y_test == 0)
-            # One set of stratified resamples of the test studies, shared by every cell.
+            # One set of stratified resamples of the test studies per task, the
+            # same for every encoder and fraction whatever the argument order.
+            rng = np.random.default_rng(0)
             boot = [np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)]) for _ in range(ns.bootstrap)]
             for fraction in fractions:
                 draws = [0] if fraction >= 1.0 else list(range(ns.seeds))
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     scores.append((x_test @ w.numpy() + b.numpy())[:, 0])
                     n_used.append(len(chosen))
                 estimate = float(np.mean([auroc(y_test, s) for s in scores]))
-                samples = [np.mean([auroc(y_test[i], s[i]) for s in scores]) for i in boot[: max(200, ns.bootstrap // len(draws))]]
+                samples = [np.mean([auroc(y_test[i], s[i]) for s in scores]) for i in boot]
                 cell = {"auroc": estimate, "low": float(np.percentile(samples, 2.5)), "high": float(np.percentile(samples, 97.5)),
                         "train_studies": int(np.median(n_used)), "draws": len(draws)}  # fmt: skip
                 results.setdefault(encoder, {}).setdefault(task, {})[str(fraction)] = cell

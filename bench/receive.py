@@ -64,8 +64,6 @@ ROWS, COLS = 480, 640
 MB = 1_000_000
 
 
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

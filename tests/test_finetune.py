@@ -192,9 +192,13 @@ def test_epoch_samples_repeat_videos_with_fresh_clips(labelled, tmp_path: Path) 
                       "--epoch-samples", str(4 * n))) == 0  # fmt: skip
     prov = load_bundle(out).meta.provenance
     assert prov["train_visits_per_epoch"] == 4 and prov["config"]["epoch_samples"] == 4 * n
+    for bad in ("0", "-5"):
+        with pytest.raises(SystemExit):  # argparse: a usage error, nothing written
+            main(_args(cache, labels, tmp_path / "bad", "--task", "lvh", "--epoch-samples", bad))
+    assert not (tmp_path / "bad").exists()
 
 
-def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Path) -> None:
+def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Path, capsys) -> None:
     from torch.utils.data import DataLoader
 
     from echonode.nets import build_model
@@ -229,6 +233,7 @@ def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Pa
     again = tmp_path / "again"
     assert main(_args(cache, labels, again, "--task", "lvh", "--epochs", "1", "--init", str(out / "weights.pt"),
                       "--head-init", "probe")) == 2  # fmt: skip
+    assert "fits a new head" in capsys.readouterr().err
 
 
 def test_fit_logistic_acts_on_raw_features_binary_and_multiclass() -> None:

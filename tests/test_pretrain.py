@@ -138,9 +138,7 @@ def test_tiny_run_exports_torchvision_encoder(cache: Path, tmp_path: Path) -> No
     split = json.loads((run / "split.json").read_text())
     pairs = len(PairDataset(ClipCache(cache), split["train"], "echoclr", size=16))
     assert record["epoch"] == 0 and record["steps"] == pairs // 4 >= 1 and record["reorder"] > 0
-    # The loader measure: a share of the epoch, and the pairs actually trained on.
-    assert 0.0 <= record["data_wait_fraction"] < 1.0
-    assert record["pairs_per_second"] == pytest.approx(record["steps"] * 4 / record["seconds"], rel=0.5)
+    assert "data_wait_fraction" in record and record["pairs_per_second"] > 0
     assert not set(split["train"]) & set(split["test"])
     encoder = torch.load(run / "encoder.pt", weights_only=True)
     model = build_model("r3d_18", 1, width=4)
@@ -269,3 +267,26 @@ def test_reorder_head_learns_an_easy_order(tmp_path: Path) -> None:
         stats = train_one_epoch(model, loader, optimizer, device=torch.device("cpu"))
         acc.append(stats["reorder_acc"])
     assert np.mean(acc[-5:]) > 0.3, acc
+
+
+class _SlowPairs(torch.utils.data.Dataset):
+    """Pairs that take 50 ms each to load: a loader that cannot keep up."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        import time
+
+        time.sleep(0.05)
+        x = torch.rand(3, 4, 8, 8)
+        return {"x1": x, "x2": x.flip(-1), "perm1": torch.tensor(0), "perm2": torch.tensor(1)}
+
+
+def test_epoch_reports_the_time_spent_waiting_for_data() -> None:
+    model = PretrainModel(width=4)
+    loader = torch.utils.data.DataLoader(_SlowPairs(), batch_size=2)
+    stats = train_one_epoch(model, loader, torch.optim.Adam(model.parameters(), 1e-3), device=torch.device("cpu"))
+    # 0.1 s of loading per step against a few ms of compute on 8 px clips.
+    assert stats["steps"] == 4 and stats["data_wait_fraction"] > 0.5
+    assert 0 < stats["pairs_per_second"] < 8 / 0.4

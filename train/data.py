@@ -603,7 +603,7 @@ class ClipDataset(_CacheDataset):
         return len(self.videos) * self.repeats
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        visit, index = divmod(index, len(self.videos)) if self.videos else (0, index)
+        visit, index = divmod(index, len(self.videos))
         video = self.videos[index]
         target = torch.tensor(self.targets[index])
         if self.train:

@@ -496,6 +496,13 @@ def resolve_init(init: str, arch: str, width: int, num_outputs: int) -> tuple[di
     return state, {**info, **info_extra}
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``echonode-train finetune``, grouped by concern."""
     data = parser.add_argument_group("data")
@@ -529,7 +536,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--epochs", type=int, default=None)
     optim.add_argument("--patience", type=int, default=None)
     optim.add_argument(
-        "--epoch-samples", type=int, default=None,
+        "--epoch-samples", type=_positive_int, default=None,
         help="at least N training clips per epoch: a small label fraction visits its videos several times "
         "per epoch, each a fresh clip (default: one pass)",
     )  # fmt: skip
@@ -626,7 +633,7 @@ def finetune(config: dict[str, object]) -> Path:
     workers = int(config["workers"])
     n_train = len(data.videos["train"])
     epoch_samples = config.get("epoch_samples")
-    repeats = max(1, math.ceil(int(epoch_samples) / n_train)) if epoch_samples and n_train else 1
+    repeats = max(1, math.ceil(int(epoch_samples) / n_train)) if epoch_samples else 1
     train_ds = ClipDataset(
         cache, data.videos["train"], data.targets["train"], frames, size, train=True, augment=AugmentConfig(), seed=seed,
         repeats=repeats,
@@ -645,10 +652,8 @@ def finetune(config: dict[str, object]) -> Path:
     if config.get("head_init", "random") == "probe":
         if init_info.get("head") != "new":
             raise ValueError("--head-init probe fits a new head; the init already has one for this task")
-        probe_ds = ClipDataset(cache, data.videos["train"], data.targets["train"], frames, size, train=False, eval_clips=eval_clips)
-        probe_loader = DataLoader(probe_ds, batch_size=max(1, int(config["batch"]) // eval_clips), num_workers=workers)
         head_fit = fit_linear_head(
-            model, probe_loader, device=device, pos_weight=data.pos_weight, normalisation=normalisation
+            model, eval_loader("train"), device=device, pos_weight=data.pos_weight, normalisation=normalisation
         )
         print(f"head fitted on frozen features: loss {head_fit['train_loss']:.4f} over {head_fit['clips']} clips")
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
