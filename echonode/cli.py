@@ -46,10 +46,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _journal_path(cfg: Config) -> Path:
-    return cfg.storage_dir / "journal.sqlite"
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .node import Node
@@ -109,7 +105,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .journal import Journal, OutboxState, StudyState
 
     cfg = _load(args)
-    db = cfg.storage_dir / "journal.sqlite"
+    db = cfg.journal_path
     # 0: everything, as before --limit existed (slow on a node with many studies).
     limit = args.limit or None
     if db.exists():
@@ -183,7 +179,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     from .journal import Journal
 
     cfg = _load(args)
-    if not _journal_path(cfg).exists() or not Journal(_journal_path(cfg)).requeue(args.study_uid):
+    if not cfg.journal_path.exists() or not Journal(cfg.journal_path).requeue(args.study_uid):
         return _fail(f"no stored study {args.study_uid}", EXIT_FAILURE)
     print(f"queued {args.study_uid}")
     return EXIT_OK
@@ -193,7 +189,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from .journal import Journal
 
     cfg = _load(args)
-    n = Journal(_journal_path(cfg)).retry_dead(args.study_uid) if _journal_path(cfg).exists() else 0
+    n = Journal(cfg.journal_path).retry_dead(args.study_uid) if cfg.journal_path.exists() else 0
     print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'} queued again")
     return EXIT_OK
 

@@ -178,7 +178,13 @@ class Config:
 
     @property
     def storage_dir(self) -> Path:
+        """``node.storage_dir`` as a path."""
         return Path(self.node.storage_dir)
+
+    @property
+    def journal_path(self) -> Path:
+        """The journal's SQLite file in ``storage_dir``: the one name every process opens."""
+        return self.storage_dir / "journal.sqlite"
 
     @property
     def models_dir(self) -> Path:

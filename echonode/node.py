@@ -89,7 +89,7 @@ class Node:
         self.config_path = config_path
         self.storage_dir = cfg.storage_dir
         self.storage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.journal = Journal(self.storage_dir / "journal.sqlite")
+        self.journal = Journal(cfg.journal_path)
         self.store = StudyStore(self.storage_dir, self.journal)
         self.scp = StorageSCP(cfg.node, self.store)
         self.stability = StabilityCheck(

@@ -269,7 +269,7 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     if cfg.models.threads:
         torch.set_num_threads(cfg.models.threads)
-    journal = Journal(cfg.storage_dir / "journal.sqlite")
+    journal = Journal(cfg.journal_path)
     store = StudyStore(cfg.storage_dir, journal)
     registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime)
     log.info("worker.started", pid=os.getpid(), device=str(registry.device))
@@ -340,7 +340,7 @@ class WorkerSupervisor:
         is gone (only one runs at a time), so it goes back to the queue first."""
         from .journal import Journal
 
-        self._journal = self._journal or Journal(self.cfg.storage_dir / "journal.sqlite")
+        self._journal = self._journal or Journal(self.cfg.journal_path)
         recovered = self._journal.recover_running(self.cfg.models.max_attempts)
         if recovered:
             log.warning("worker.recovered_studies", studies={k: str(v) for k, v in recovered.items()})
@@ -365,7 +365,7 @@ class WorkerSupervisor:
 
         if self.process is None:
             return
-        journal = self._journal or Journal(self.cfg.storage_dir / "journal.sqlite")
+        journal = self._journal or Journal(self.cfg.journal_path)
         self._journal = journal
         if self.process.is_alive():
             limit = self.cfg.models.study_timeout_s
@@ -405,7 +405,7 @@ class WorkerSupervisor:
             # a few upgrades during a long study would mark it failed.
             from .journal import Journal
 
-            released = (self._journal or Journal(self.cfg.storage_dir / "journal.sqlite")).release_running()
+            released = (self._journal or Journal(self.cfg.journal_path)).release_running()
             if released:
                 log.info("worker.released_on_stop", studies=released)
         self.process = None

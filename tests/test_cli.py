@@ -18,7 +18,7 @@ def _config_file(tmp_path: Path) -> tuple[Path, Journal]:
     tiny_bundle(cfg.models_dir, "lvh")
     path = tmp_path / "echonode.toml"
     path.write_text(to_toml(cfg))
-    journal = Journal(cfg.storage_dir / "journal.sqlite")
+    journal = Journal(cfg.journal_path)
     journal.record_instance(InstanceRecord("1.2.3.4", "1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.3.1",
                                            "1.2.840.10008.1.2.1", "/x.dcm", 10, time.time() - 100))
     return path, journal

@@ -23,6 +23,14 @@ def test_defaults_are_valid() -> None:
     assert cfg.sr.sop_class == "comprehensive"
 
 
+def test_journal_path_is_in_storage_dir(tmp_path: Path) -> None:
+    # The one spelling of the journal's file: node, worker and CLI open it
+    # through this property, and an existing node's journal has this name.
+    assert parse_config({}).journal_path == Path("/var/lib/echonode/journal.sqlite")
+    cfg = parse_config({"node": {"storage_dir": str(tmp_path / "s")}})
+    assert cfg.journal_path == tmp_path / "s" / "journal.sqlite"
+
+
 def test_example_file_parses_and_documents_every_key() -> None:
     cfg = load_config(EXAMPLE)
     assert cfg == parse_config({})  # the example shows the defaults

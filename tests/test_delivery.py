@@ -147,7 +147,7 @@ def reported_study(tmp_path: Path, loop: Path, port: int, *, ae_title: str = "PA
     cfg = make_config(tmp_path, delivery=delivery) if delivery else make_config(tmp_path)
     cfg = with_destination(cfg, "pacs", ae_title, port)
     tiny_bundle(cfg.models_dir, "lvh", seed=1)
-    journal = Journal(cfg.storage_dir / "journal.sqlite")
+    journal = Journal(cfg.journal_path)
     store = StudyStore(cfg.storage_dir, journal)
     tmp = store.incoming / f"t-{loop.name}"
     tmp.write_bytes(loop.read_bytes())
@@ -407,12 +407,12 @@ def test_resend_after_crash_sends_the_same_sr(tmp_path: Path, ybr_loop: Path, sc
 
     # The node died after the peer stored the SR but before the row was marked
     # sent: on restart the row is pending again.
-    con = sqlite3.connect(rep.cfg.storage_dir / "journal.sqlite")
+    con = sqlite3.connect(rep.cfg.journal_path)
     with con:
         con.execute("UPDATE outbox SET state = 'pending', sent_at = NULL, next_attempt = 0")
         con.execute("UPDATE studies SET state = 'reported'")
     con.close()
-    journal = Journal(rep.cfg.storage_dir / "journal.sqlite")
+    journal = Journal(rep.cfg.journal_path)
     assert Delivery(rep.cfg, journal).run() == 1
     first, second = scp.received
     assert str(first.SOPInstanceUID) == str(second.SOPInstanceUID) == rep.sr_uid

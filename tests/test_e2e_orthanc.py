@@ -261,7 +261,7 @@ def test_orthanc_down_when_sr_is_due_gets_it_once(tmp_path: Path, ybr_loop: Path
         # The node crashes after Orthanc stored the SR but before the outbox row
         # was marked sent: the same SR goes again and Orthanc still has one.
         attempts = node.journal.status()["outbox"][0]["attempts"]
-        con = sqlite3.connect(cfg.storage_dir / "journal.sqlite")
+        con = sqlite3.connect(cfg.journal_path)
         with con:
             con.execute("UPDATE outbox SET state = 'pending', sent_at = NULL, next_attempt = 0")
             con.execute("UPDATE studies SET state = 'reported'")

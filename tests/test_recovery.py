@@ -112,7 +112,7 @@ class Serve:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.tmp_path.glob("serve-*.log")))
 
     def journal(self) -> Journal:
-        return Journal(self.storage / "journal.sqlite")
+        return Journal(self.cfg.journal_path)
 
 
 @pytest.fixture

@@ -114,7 +114,7 @@ class ServedNode:
 
 
 def journal_rows(cfg: Config, sql: str, args: tuple = ()) -> list[tuple]:
-    db = cfg.storage_dir / "journal.sqlite"
+    db = cfg.journal_path
     if not db.exists():
         return []
     con = sqlite3.connect(db, timeout=30)

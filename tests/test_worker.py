@@ -34,7 +34,7 @@ def _send_files(port: int, paths: list[Path]) -> None:
 
 
 def _stored_study(tmp_path: Path, cfg, files: list[Path]) -> tuple[Journal, StudyStore, str]:
-    journal = Journal(cfg.storage_dir / "journal.sqlite")
+    journal = Journal(cfg.journal_path)
     store = StudyStore(cfg.storage_dir, journal)
     study_uid = ""
     for f in files:
