@@ -19,10 +19,13 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .logs import get_logger
+
+if TYPE_CHECKING:
+    from .journal import Journal
 
 log = get_logger(__name__)
 
@@ -322,6 +325,8 @@ class WorkerSupervisor:
     Parameters
     ----------
     cfg : Config
+    log_path : str, optional
+        File the worker appends its log to (default: stderr).
     """
 
     def __init__(self, cfg: Config, log_path: str | None = None) -> None:
@@ -332,16 +337,26 @@ class WorkerSupervisor:
         self.process: Any = None
         self.restarts = 0
         self._next_start = 0.0
-        self._journal: Any = None
+        self._journal: Journal | None = None
         self._restart_requested = False
+
+    def _open_journal(self) -> Journal:
+        """The supervisor's journal, opened on first use and kept for every worker it starts.
+
+        ``node.storage_dir`` never changes while the supervisor lives
+        (:meth:`reload` refuses it), so one handle, and its one connection,
+        serves for good.
+        """
+        if self._journal is None:
+            from .journal import Journal
+
+            self._journal = Journal(self.cfg.journal_path)
+        return self._journal
 
     def start(self) -> None:
         """Spawn the worker. A study still ``running`` belongs to a worker that
         is gone (only one runs at a time), so it goes back to the queue first."""
-        from .journal import Journal
-
-        self._journal = self._journal or Journal(self.cfg.journal_path)
-        recovered = self._journal.recover_running(self.cfg.models.max_attempts)
+        recovered = self._open_journal().recover_running(self.cfg.models.max_attempts)
         if recovered:
             log.warning("worker.recovered_studies", studies={k: str(v) for k, v in recovered.items()})
         self._stop.clear()
@@ -353,20 +368,33 @@ class WorkerSupervisor:
     def reload(self, cfg: Config) -> None:
         """New settings: ask the worker to finish its study and exit; :meth:`supervise`
         starts the next one with ``cfg``. Returns at once, so the node's main
-        loop (signals, watchdog) never waits for a study to finish."""
+        loop (signals, watchdog) never waits for a study to finish.
+
+        Parameters
+        ----------
+        cfg : Config
+            The new settings; ``node.storage_dir`` must be the running one.
+
+        Raises
+        ------
+        ValueError
+            When ``cfg`` names another journal: the studies the running
+            worker holds are recorded in this one (the node keeps
+            ``storage_dir`` until a restart, so it never asks).
+        """
+        if cfg.journal_path != self.cfg.journal_path:
+            raise ValueError(
+                f'Argument "cfg" must keep node.storage_dir ({self.cfg.storage_dir}); a new one needs a restart.'
+            )
         self.cfg = cfg
-        self._journal = None
         self._restart_requested = True
         self._stop.set()
 
     def supervise(self) -> None:
         """Called by the node's main loop: restart a dead worker, kill a stuck one."""
-        from .journal import Journal
-
         if self.process is None:
             return
-        journal = self._journal or Journal(self.cfg.journal_path)
-        self._journal = journal
+        journal = self._open_journal()
         if self.process.is_alive():
             limit = self.cfg.models.study_timeout_s
             for study_uid, claimed_at, _pid in journal.running():
@@ -393,6 +421,13 @@ class WorkerSupervisor:
         self.start()
 
     def stop(self, grace_s: float = 20.0) -> None:
+        """Ask the worker to finish its study and exit; kill it after ``grace_s`` seconds.
+
+        Parameters
+        ----------
+        grace_s : float, optional
+            Seconds the worker may take to finish its study.
+        """
         if self.process is None:
             return
         self._stop.set()
@@ -403,9 +438,12 @@ class WorkerSupervisor:
             self.process.join(5)
             # Stopped by us, not by the study: its attempt does not count, or
             # a few upgrades during a long study would mark it failed.
-            from .journal import Journal
-
-            released = (self._journal or Journal(self.cfg.journal_path)).release_running()
+            released = self._open_journal().release_running()
             if released:
                 log.info("worker.released_on_stop", studies=released)
         self.process = None
+        if self._journal is not None:
+            # Nothing of the supervisor's outlives the worker; a later
+            # start() opens the journal again.
+            self._journal.close()
+            self._journal = None

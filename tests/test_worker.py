@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 
 from echonode.bundle import ModelRegistry
@@ -212,3 +214,41 @@ def test_failure_reasons_never_quote_data(tmp_path: Path, ybr_loop: Path, monkey
     except ValueError as exc:
         where = worker_mod._where(exc)
     assert "test_worker.py" in where and "SECRET" not in where
+
+
+def test_reload_restarts_the_worker_with_the_new_config(tmp_path: Path) -> None:
+    from echonode.worker import MODELS_STATE, WorkerSupervisor
+
+    cfg = make_config(tmp_path)
+    state_file = cfg.storage_dir / MODELS_STATE
+
+    def models_state() -> dict:
+        try:
+            return json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    sup = WorkerSupervisor(cfg)
+    sup.start()
+    try:
+        # The worker reports its (here: missing) models folder once it runs.
+        wait_for(lambda: str(cfg.models_dir) in str(models_state().get("errors")), timeout=120,
+                 what="the first worker to start")
+        first_pid = sup.process.pid
+        journal = sup._open_journal()
+        new_dir = tmp_path / "other-models"
+        sup.reload(dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, dir=str(new_dir))))
+        # The old worker finishes on its own (no kill): supervise() then starts the next.
+        wait_for(lambda: (sup.supervise(), sup.process.pid != first_pid)[1], timeout=60,
+                 what="the worker to restart after the reload")
+        assert sup.restarts == 0  # a reload is not a death
+        wait_for(lambda: str(new_dir) in str(models_state().get("errors")), timeout=120,
+                 what="the new worker to run with the new models.dir")
+        assert sup.process.is_alive()
+        assert sup._open_journal() is journal  # kept, not reopened per worker
+        moved = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, storage_dir=str(tmp_path / "elsewhere")))
+        with pytest.raises(ValueError, match="storage_dir"):
+            sup.reload(moved)
+    finally:
+        sup.stop()
+    assert sup.process is None and sup._journal is None
