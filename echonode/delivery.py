@@ -24,6 +24,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -264,19 +265,12 @@ class Delivery:
         try:
             status = store_file(self.cfg.node.ae_title, Peer.of(dest), item.path, self.cfg.delivery.timeout_s)
         except DeliveryError as exc:
-            attempts = item.attempts + 1
-            if exc.permanent or attempts >= self.cfg.delivery.max_attempts:
-                reason = str(exc) if exc.permanent else f"gave up after {attempts} attempts: {exc}"
-                self.journal.mark_dead(item.id, reason)
-                self._count("permanent" if exc.permanent else "exhausted")
-                bound.error("delivery.dead", reason=reason)
-                return "dead"
-            else:
-                delay = self.backoff(attempts)
-                self.journal.mark_retry(item.id, time.time() + delay, str(exc))
+            outcome = self._retry_or_dead(item, str(exc), bound, permanent=exc.permanent)
+            if outcome == "transient":
                 self._count("transient")
-                bound.warning("delivery.retry", error=str(exc), attempts=attempts, retry_in_s=round(delay, 1))
-                return "transient"
+            else:
+                self._count("permanent" if exc.permanent else "exhausted")
+            return outcome
         except (OSError, ValueError, InvalidDicomError) as exc:
             # The SR file itself is unreadable: nothing a retry fixes.
             self.journal.mark_dead(item.id, f"SR file unreadable: {type(exc).__name__}")
@@ -284,20 +278,48 @@ class Delivery:
             bound.error("delivery.dead", reason=f"SR file unreadable: {type(exc).__name__}")
             return "dead"
         except Exception as exc:  # noqa: BLE001 - a bug must not block every later SR
-            # Leave the row to the normal backoff and max_attempts, so one bad
-            # row cannot stay first in the queue and stop every pass.
-            attempts = item.attempts + 1
-            reason = f"unexpected error: {type(exc).__name__}"
-            if attempts >= self.cfg.delivery.max_attempts:
-                self.journal.mark_dead(item.id, reason)
-            else:
-                self.journal.mark_retry(item.id, time.time() + self.backoff(attempts), reason)
-            self._count("unexpected")
             bound.exception("delivery.unexpected_error")
+            # Left to the normal backoff and max_attempts, so one bad row
+            # cannot stay first in the queue and stop every pass.
+            self._retry_or_dead(item, f"unexpected error: {type(exc).__name__}", bound)
+            self._count("unexpected")
+            # The destination rests for this pass either way, as after any
+            # transient failure: the bug may be in talking to it.
             return "transient"
         state = self.journal.mark_sent(item.id)
         bound.info("delivery.sent", status=f"0x{status:04X}", study_state=str(state))
         return "sent"
+
+    def _retry_or_dead(self, item: OutboxItem, error: str, bound: Any, *, permanent: bool = False) -> str:
+        """Record a failed attempt: the dead letter when it is final, else a retry after the backoff.
+
+        Parameters
+        ----------
+        item : OutboxItem
+            The row that failed.
+        error : str
+            Why; it becomes the row's ``last_error``.
+        bound : structlog logger
+            The attempt's logger (study, SR and destination bound).
+        permanent : bool, optional
+            Retrying cannot help: dead letter at once.
+
+        Returns
+        -------
+        str
+            ``dead`` when the row went to the dead letter (``permanent``, or
+            ``delivery.max_attempts`` reached), ``transient`` when it will be tried again.
+        """
+        attempts = item.attempts + 1
+        if permanent or attempts >= self.cfg.delivery.max_attempts:
+            reason = error if permanent else f"gave up after {attempts} attempts: {error}"
+            self.journal.mark_dead(item.id, reason)
+            bound.error("delivery.dead", reason=reason)
+            return "dead"
+        delay = self.backoff(attempts)
+        self.journal.mark_retry(item.id, time.time() + delay, error)
+        bound.warning("delivery.retry", error=error, attempts=attempts, retry_in_s=round(delay, 1))
+        return "transient"
 
     def _count(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1

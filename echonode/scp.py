@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
@@ -232,13 +233,9 @@ class StorageSCP:
         structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling, peer=address)
         reject = self.policy.check(calling, address)
         if reject is not None:
-            self.counters.rejected += 1
             reason = "calling AE title not allowed" if reject == REJECT_CALLING_AE else "address not allowed"
             log.warning("association.rejected", reason=reason)
-            assoc.acse.send_reject(*reject)
-            # As pynetdicom's own ACSE does after a reject: wait until the
-            # DUL has sent the A-ASSOCIATE-RJ before the socket is closed.
-            assoc.kill()
+            self._reject(assoc, reject)
             return
         # Refused here, before anything is spooled: the per-C-STORE check
         # only sees an object after pynetdicom has written it to incoming/,
@@ -248,14 +245,20 @@ class StorageSCP:
         # while every C-STORE would fail tells a PACS's "verify" the wrong thing.
         free = self._low_disk()
         if free is not None:
-            self.counters.rejected += 1
             log.error("association.rejected", reason="low disk", free_bytes=free,
                       min_free_bytes=self.min_free_bytes)
-            assoc.acse.send_reject(*REJECT_LOW_DISK)
-            assoc.kill()
+            self._reject(assoc, REJECT_LOW_DISK)
             return
         self.counters.associations += 1
         log.info("association.requested")
+
+    def _reject(self, assoc: Association, reason: tuple[int, int, int]) -> None:
+        """Send the A-ASSOCIATE-RJ ``reason`` (result, source, diagnostic) and count it."""
+        self.counters.rejected += 1
+        assoc.acse.send_reject(*reason)
+        # As pynetdicom's own ACSE does after a reject: wait until the
+        # DUL has sent the A-ASSOCIATE-RJ before the socket is closed.
+        assoc.kill()
 
     def _on_released(self, event: evt.Event) -> None:
         log.info("association.released")

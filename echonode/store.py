@@ -85,6 +85,16 @@ class BadObject(ValueError):
         self.status = status
 
 
+def _sop_in_other_study() -> BadObject:
+    """0xC230 for an SOP Instance UID the journal holds under another study.
+
+    Storing it would move an image between patients, whether the other
+    study's copy was recorded before the pre-check or by a concurrent
+    association in between (the journal's transaction then refuses it).
+    """
+    return BadObject(0xC230, "SOPInstanceUID already stored under another study; refusing to move it")
+
+
 def _clean_uid(value: object) -> str:
     # Vendors pad UIDs with NUL or spaces; pydicom usually strips, be sure.
     return str(value).strip("\x00 ") if value is not None else ""
@@ -277,10 +287,7 @@ class StudyStore:
         outcome = "stored"
         if existing is not None:
             if existing.study_uid != header.study_uid:
-                raise BadObject(
-                    0xC230,
-                    "SOPInstanceUID already stored under another study; refusing to move it",
-                )
+                raise _sop_in_other_study()
             old = Path(existing.path)
             if old.exists() and filecmp.cmp(old, temp_path, shallow=False):
                 return header, "duplicate"
@@ -294,7 +301,7 @@ class StudyStore:
             # Another association stored this SOP Instance UID under another
             # study since the check above (the per-study lock cannot see it).
             dest.unlink(missing_ok=True)
-            raise BadObject(0xC230, "SOPInstanceUID already stored under another study; refusing to move it") from None
+            raise _sop_in_other_study() from None
         if existing is not None and Path(existing.path) != dest:
             # Same instance, new series: the old copy goes only once the
             # journal points at the new one, so a crash in between leaves

@@ -592,5 +592,7 @@ def test_an_unexpected_error_is_retried_not_fatal(tmp_path: Path, ybr_loop: Path
     assert row["state"] == OutboxState.PENDING and row["last_error"] == "unexpected error: RuntimeError"
     wait_due(rep)
     delivery.run()
-    assert rep.outbox()["state"] == OutboxState.DEAD  # max_attempts reached
+    row = rep.outbox()
+    assert row["state"] == OutboxState.DEAD  # max_attempts reached, as for any transient failure
+    assert row["last_error"] == "gave up after 2 attempts: unexpected error: RuntimeError"
     assert delivery.failures["unexpected"] == 2
