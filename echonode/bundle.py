@@ -766,7 +766,7 @@ class Bundle:
 
 
 def load_bundle(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, amp: bool = True, runtime: str = "eager"
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, amp: bool = True, runtime: str = "auto"
 ) -> Bundle:
     """Load and validate a bundle folder.
 
@@ -778,6 +778,12 @@ def load_bundle(
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
     amp : bool, optional
         Autocast on CUDA in :meth:`Bundle.predict`.
+    runtime : str, optional
+        One of :data:`echonode.runtime.MODES`; the default is ``[models]
+        runtime``'s, so that a bundle loaded here predicts as in the node.
+        Any mode but ``"eager"`` puts a self-checked optimised forward in
+        :attr:`Bundle.runner` (falling back to the eager network when none
+        passes); ``"eager"`` builds none.
 
     Returns
     -------
@@ -791,8 +797,12 @@ def load_bundle(
         names the bundle and the problem. A ``weights.pt`` that is not a plain
         state dict (a pickle that would build objects or run code) is refused.
     ValueError
-        If ``device`` is not available.
+        If ``device`` is not available or ``runtime`` is not a mode.
     """
+    from echonode.runtime import MODES
+
+    if runtime not in MODES:
+        raise ValueError(f'Argument "runtime" must be one of {", ".join(MODES)}; got {runtime!r}.')
     folder = Path(path)
     torch_device = resolve_device(device)
     if not folder.is_dir():
@@ -1000,7 +1010,7 @@ def load_bundles(
     *,
     amp: bool = True,
     one_per_task: bool = True,
-    runtime: str = "eager",
+    runtime: str = "auto",
 ) -> tuple[list[Bundle], list[tuple[Path, str]]]:
     """Load every bundle under a models folder, collecting failures.
 
@@ -1015,6 +1025,8 @@ def load_bundles(
     one_per_task : bool, optional
         Keep only the newest bundle (by ``created``) of each task; the others
         are reported in the errors.
+    runtime : str, optional
+        See :func:`load_bundle`.
 
     Returns
     -------
@@ -1120,6 +1132,8 @@ class ModelRegistry:
         Autocast on CUDA.
     one_per_task : bool, optional
         See :func:`load_bundles`.
+    runtime : str, optional
+        See :func:`load_bundle`; ``"auto"`` like ``[models] runtime``.
     """
 
     def __init__(
@@ -1129,7 +1143,7 @@ class ModelRegistry:
         *,
         amp: bool = True,
         one_per_task: bool = True,
-        runtime: str = "eager",
+        runtime: str = "auto",
     ) -> None:
         self.models_dir = Path(models_dir)
         self.device = resolve_device(device)

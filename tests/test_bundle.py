@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
@@ -96,7 +97,7 @@ def test_new_device_uid_per_run() -> None:
 
 def test_binary_predict_is_sigmoid_of_logit(tmp_path: Path) -> None:
     _make(tmp_path / "b")
-    bundle = load_bundle(tmp_path / "b")
+    bundle = load_bundle(tmp_path / "b", runtime="eager")  # compared with bundle.model below
     clips = _clips(5)
     probs = bundle.predict(clips, batch_size=2)
     assert probs.shape == (5,) and probs.dtype == np.float32
@@ -120,7 +121,7 @@ def test_view_predict_is_softmax(tmp_path: Path) -> None:
 
 def test_kinetics_normalisation_applied_in_predict(tmp_path: Path) -> None:
     _make(tmp_path / "k", preprocessing={**TINY_PRE, "normalisation": "kinetics"})
-    bundle = load_bundle(tmp_path / "k")
+    bundle = load_bundle(tmp_path / "k", runtime="eager")  # compared with bundle.model below
     clips = _clips(2)
     x = torch.from_numpy(clips)
     mean = torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1, 1)
@@ -314,13 +315,14 @@ def test_cuda_predict_matches_cpu(tmp_path: Path) -> None:
     _make(tmp_path / "b")
     _make(tmp_path / "v", task="view", seed=1)
     for name in ("b", "v"):
-        cpu = load_bundle(tmp_path / name, "cpu").predict(_clips(6))
+        cpu = load_bundle(tmp_path / name, "cpu", runtime="eager").predict(_clips(6))
         gpu_bundle = load_bundle(tmp_path / name, "cuda")
         assert next(gpu_bundle.model.parameters()).is_cuda
         gpu = gpu_bundle.predict(_clips(6), batch_size=4)
         assert gpu.dtype == np.float32
         np.testing.assert_allclose(gpu, cpu, atol=2e-2)  # autocast to 16-bit
-        exact = load_bundle(tmp_path / name, "cuda", amp=False).predict(_clips(6))
+        # No autocast anywhere: amp off and no runtime (``cuda`` mode autocasts too).
+        exact = load_bundle(tmp_path / name, "cuda", amp=False, runtime="eager").predict(_clips(6))
         np.testing.assert_allclose(exact, cpu, atol=1e-4)
 
 
@@ -455,3 +457,54 @@ def test_bundle_describe(tmp_path: Path) -> None:
     assert info["device_uid"] == meta.device_uid and info["task"] == "lvh"
     json.dumps(info)
     assert isinstance(load_bundle(tmp_path / "b"), Bundle)
+
+
+# --------------------------------------------------------------------------
+# Inference runtime
+# --------------------------------------------------------------------------
+
+
+def test_library_runtime_default_is_the_configs() -> None:
+    """Code that loads bundles without naming a runtime predicts as the node does."""
+    from echonode.config import ModelsConfig
+
+    for loader in (load_bundle, load_bundles, ModelRegistry):
+        assert inspect.signature(loader).parameters["runtime"].default == ModelsConfig().runtime, loader
+
+
+def test_load_bundle_runtime_and_describe(tmp_path: Path) -> None:
+    from echonode.runtime import TOLERANCES, cpu_has_native_bf16
+
+    _make(tmp_path / "b")
+    clips = _clips(3)
+    eager = load_bundle(tmp_path / "b", runtime="eager")
+    assert eager.runner is None and eager.describe()["runtime"] == {"mode": "eager"}
+    reference = eager.predict(clips)
+
+    jit = load_bundle(tmp_path / "b", runtime="jit")
+    info = jit.describe()["runtime"]
+    assert (info["mode"], info["requested"], info["fallbacks"]) == ("jit", "jit", [])
+    np.testing.assert_allclose(jit.predict(clips), reference, atol=TOLERANCES["jit"])
+
+    # The default: what [models] runtime = "auto" gives the node on this CPU.
+    auto = load_bundle(tmp_path / "b")
+    info = auto.describe()["runtime"]
+    assert info["requested"] == "auto" and info["fallbacks"] == []
+    assert info["mode"] == ("bf16" if cpu_has_native_bf16() else "jit")
+    assert info["max_abs_diff"] <= TOLERANCES[info["mode"]]
+    np.testing.assert_allclose(auto.predict(clips), reference, atol=TOLERANCES[info["mode"]])
+    json.dumps(auto.describe())
+
+    with pytest.raises(ValueError, match='"runtime"'):
+        load_bundle(tmp_path / "b", runtime="fast")
+
+
+def test_registry_loads_bundles_with_its_runtime(tmp_path: Path) -> None:
+    _make(tmp_path / "models" / "lvh")
+    for registry, requested in (
+        (ModelRegistry(tmp_path / "models", "cpu"), "auto"),
+        (ModelRegistry(tmp_path / "models", "cpu", runtime="jit"), "jit"),
+    ):
+        registry.refresh()
+        (bundle,) = registry.bundles
+        assert bundle.describe()["runtime"]["requested"] == requested

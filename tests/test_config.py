@@ -20,6 +20,7 @@ def test_defaults_are_valid() -> None:
     assert cfg.node.max_pdu == 131072
     assert cfg.study.stable_after_s == 60.0
     assert cfg.models.device == "auto"
+    assert cfg.models.runtime == "auto"
     assert cfg.sr.sop_class == "comprehensive"
 
 
