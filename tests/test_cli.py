@@ -149,3 +149,16 @@ def test_status_limit_lists_the_most_recent_and_counts_every_study(tmp_path: Pat
 
     res = run_cli("--config", str(path), "status", "--limit", "-1")
     assert res.returncode == 2 and "must be 0 or more" in res.stderr
+
+
+def test_a_corrupt_journal_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    cfg.storage_dir.mkdir(parents=True)
+    cfg.journal_path.write_bytes(b"this is not a SQLite database" * 100)
+    for command in (["status"], ["reprocess", "1.2.3"], ["retry"]):
+        res = run_cli("--config", str(path), *command)
+        assert res.returncode == 1, (command, res.stderr)
+        assert res.stderr == "echonode: journal error: file is not a database\n", (command, res.stderr)
+        assert res.stdout == ""

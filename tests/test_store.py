@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -127,17 +128,60 @@ def test_recover(store: StudyStore, tmp_path: Path) -> None:
 
 
 def test_concurrent_same_sop_in_two_studies_is_refused_in_the_transaction(store: StudyStore, tmp_path: Path) -> None:
-    from echonode.journal import InstanceRecord, SopInOtherStudy
+    """Two associations store one SOP Instance UID under two studies at once.
 
-    a = write(us_multiframe(sop_uid="1.2.3.4.77"), tmp_path / "a.dcm")
-    b = write(us_multiframe(sop_uid="1.2.3.4.77"), tmp_path / "b.dcm")
-    store.accept(incoming(store, a), None)
-    hb = read_header(b)
-    # The pre-check passed in another thread before a's row existed: the
-    # journal itself must refuse.
-    with pytest.raises(SopInOtherStudy):
-        store.journal.record_instance(InstanceRecord(hb.sop_uid, hb.study_uid, hb.series_uid, hb.sop_class_uid,
-                                                     hb.transfer_syntax, "/x.dcm", 1, 0.0))
+    Both pass the pre-check (neither row exists yet) and move their file into
+    place; the journal's transaction lets one record it and the store answers
+    the other 0xC230 and removes its copy.
+    """
+    import sqlite3
+    import threading
+
+    a = write(us_multiframe(sop_uid="1.2.3.4.77", study_uid="1.2.3.10"), tmp_path / "a.dcm")
+    b = write(us_multiframe(sop_uid="1.2.3.4.77", study_uid="1.2.3.11"), tmp_path / "b.dcm")
+    ha, hb = read_header(a), read_header(b)
+    # Different studies, different locks: the two accepts run side by side.
+    assert store.study_lock(ha.study_uid) is not store.study_lock(hb.study_uid)
+    # A writer of our own holds the journal (as a long commit of a third
+    # association would): reads, and so both pre-checks, go on; both records wait.
+    holder = sqlite3.connect(store.journal.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    outcomes: dict[str, object] = {}
+
+    def accept(name: str, src: Path) -> None:
+        try:
+            outcomes[name] = store.accept(incoming(store, src), None)[1]
+        except BadObject as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=accept, args=(n, p)) for n, p in (("a", a), ("b", b))]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        # A file in place means its accept passed the pre-check and waits to record it.
+        while not (store.instance_path(ha).exists() and store.instance_path(hb).exists()):
+            assert time.monotonic() < deadline, "both accepts should get past the pre-check"
+            time.sleep(0.01)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    for t in threads:
+        t.join(30)
+    refused = [n for n, o in outcomes.items() if isinstance(o, BadObject)]
+    assert len(refused) == 1, outcomes
+    (loser,) = refused
+    (winner,) = {"a", "b"} - {loser}
+    assert outcomes[winner] == "stored"
+    assert outcomes[loser].status == 0xC230
+    assert "another study" in str(outcomes[loser])
+    headers = {"a": ha, "b": hb}
+    (rec,) = store.journal.instances()
+    assert rec.study_uid == headers[winner].study_uid
+    assert rec.path == str(store.instance_path(headers[winner]))
+    assert store.instance_path(headers[winner]).exists()
+    assert not store.instance_path(headers[loser]).exists()  # the refused copy is gone
+    assert store.journal.study_state(headers[loser].study_uid) is None
 
 
 def test_recover_after_crash_during_a_replacement(store: StudyStore, tmp_path: Path) -> None:

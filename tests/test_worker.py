@@ -202,18 +202,61 @@ def test_malformed_patient_values_do_not_block_the_report(tmp_path: Path) -> Non
     assert sr.PatientBirthDate in ("", None) and sr.PatientID == ds.PatientID
 
 
-def test_failure_reasons_never_quote_data(tmp_path: Path, ybr_loop: Path, monkeypatch) -> None:
-    import echonode.worker as worker_mod
+def _run_worker_until(cfg, journal: Journal, study_uid: str, state: StudyState, log_path: Path) -> None:
+    """Run the real worker process on ``cfg`` until ``study_uid`` reaches ``state``."""
+    from echonode.worker import WorkerSupervisor
 
-    cfg = make_config(tmp_path)
+    sup = WorkerSupervisor(cfg, log_path=str(log_path))
+    sup.start()
+    try:
+        wait_for(lambda: journal.study_state(study_uid) == state, timeout=120, interval=0.1,
+                 what=f"the worker to take the study to {state}")
+    finally:
+        sup.stop()
+
+
+def test_failure_reasons_never_quote_data(tmp_path: Path) -> None:
+    """A library's exception that quotes a patient's data: journal and log say where, not what."""
+    cfg = make_config(tmp_path, models={"max_attempts": 1})
+    tiny_bundle(cfg.models_dir, "lvh")
+    ds = us_multiframe(frames=16, patient_name="SECRET^NAME", patient_id="SECRET-ID")
+    # A vendor value highdicom refuses when it builds the SR, with
+    # "'SECRET-SEX' is not a valid PatientSexValues".
+    ds.PatientSex = "SECRET-SEX"
+    p = tmp_path / "odd.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    journal, _, study_uid = _stored_study(tmp_path, cfg, [p])
+    log_path = tmp_path / "worker.log"
+    _run_worker_until(cfg, journal, study_uid, StudyState.FAILED, log_path)
+
+    reason = journal.study(study_uid)["reason"]
+    assert reason.startswith("could not process the study: ValueError at "), reason
+    assert ".py:" in reason and " in " in reason  # file:line in function
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    (error,) = [e for e in lines if e["event"] == "study.error"]
+    assert error["study_uid"] == study_uid and error["error"] == "ValueError"
+    assert error["next_state"] == StudyState.FAILED and error["where"] in reason
+    for text in (reason, log_path.read_text()):
+        assert "SECRET" not in text
+    assert journal.latest_report(study_uid) is None
+
+
+def test_study_whose_files_are_gone_fails_with_reason(tmp_path: Path, ybr_loop: Path) -> None:
+    # With sr.report_skipped the worker would build a "no usable video" SR
+    # from a header it no longer has.
+    cfg = make_config(tmp_path, sr={"report_skipped": True})
     tiny_bundle(cfg.models_dir, "lvh")
     journal, store, study_uid = _stored_study(tmp_path, cfg, [ybr_loop])
-    assert worker_mod._where(ValueError("x")) == "unknown"
-    try:
-        raise ValueError("Unable to convert 'SECRET-DATE' to 'DA'")
-    except ValueError as exc:
-        where = worker_mod._where(exc)
-    assert "test_worker.py" in where and "SECRET" not in where
+    for rec in journal.instances(study_uid):
+        Path(rec.path).unlink()
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    assert (outcome.state, outcome.reason) == ("failed", "the study's files are gone")
+    study = journal.study(study_uid)
+    assert (study["state"], study["reason"]) == (StudyState.FAILED, "the study's files are gone")
+    assert journal.latest_report(study_uid) is None
+    assert not (store.reports / study_uid).exists()
 
 
 def test_reload_restarts_the_worker_with_the_new_config(tmp_path: Path) -> None:
