@@ -64,6 +64,7 @@ def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str
     """Frozen features, one vector per study, for the train and test splits."""
     from echonode.nets import build_model
     from train.data import ClipDataset
+    from train.finetune import resolve_init
 
     torch.manual_seed(0)  # the random encoder is the same network every run
     model = build_model("r3d_18", 1, width=ns.width, dropout=0.0)
@@ -77,12 +78,9 @@ def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str
     if store.is_file():
         saved = np.load(store)
         return {part: {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith(part + "/")} for part in ("train", "test")}
+    # The finetune command's loader: the same checks of arch, width and keys.
     if encoder != "random":
-        state = torch.load(run / "encoder.pt", map_location="cpu", weights_only=True)
-        # The encoder has no head: every other key must match.
-        problems = model.load_state_dict(state, strict=False)
-        if problems.unexpected_keys or [k for k in problems.missing_keys if not k.startswith("fc.")]:
-            raise SystemExit(f"{run}: not an encoder of r3d_18 width {ns.width}: {problems}")
+        model.load_state_dict(resolve_init(str(run), "r3d_18", ns.width, 1)[0])
     model.eval()
     out: dict[str, dict[str, np.ndarray]] = {}
     for part in ("train", "test"):

@@ -149,6 +149,22 @@ def test_label_prevalence_and_correlation() -> None:
     assert abs(lvid[lvh].mean() - lvid[~lvh].mean()) < 0.15
 
 
+def test_study_views_plax_counts_and_protocol() -> None:
+    # EchoCLR's positive pairs need studies with distinct PLAX videos: one
+    # PLAX in 30 %, two in 50 %, three in 20 % (documented in _study_views).
+    rng = np.random.default_rng(5)
+    draws = [synth._study_views(rng) for _ in range(20_000)]
+    plax = np.array([v.count("plax") for v in draws])
+    for k, share in ((1, 0.3), (2, 0.5), (3, 0.2)):
+        assert abs((plax == k).mean() - share) < 0.015, (k, (plax == k).mean())
+    extra_a4c = np.array([v.count("a4c") == 2 for v in draws])
+    assert abs(extra_a4c.mean() - 0.2) < 0.015
+    # Every study has the three views, PLAX first (the usual acquisition order).
+    for v in draws[:500]:
+        assert v[: v.count("plax")] == ["plax"] * v.count("plax")
+        assert v.count("psax") == 1 and 1 <= v.count("a4c") <= 2
+
+
 def test_small_archives_get_positives() -> None:
     for seed in range(5):
         truths = synth.sample_study_truths(seed, [1] * 8)
