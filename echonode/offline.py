@@ -103,11 +103,16 @@ def run_infer(args: argparse.Namespace) -> int:
             continue
         summary = analysis.summary()
         if args.sr_out and not analysis.skipped_reason and is_valid_uid(study_uid):
-            from .sr import build_report
+            from .sr import HeaderRefused, build_report
 
             header = _pd.dcmread(files[0], stop_before_pixels=True)
-            ds = build_report(header, _findings(analysis), sop_class=cfg.sr.sop_class,
-                              series_number=cfg.sr.series_number)
+            try:
+                ds = build_report(header, _findings(analysis), sop_class=cfg.sr.sop_class,
+                                  series_number=cfg.sr.series_number)
+            except HeaderRefused as exc:
+                results.append({"study_uid": study_uid, "error": f"no SR can be built: {exc}"})
+                status = 1
+                continue
             out = Path(args.sr_out) / f"{study_uid}.sr.dcm"
             write_report(ds, out)
             summary["sr"] = str(out)

@@ -75,12 +75,17 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 import echonode
+from echonode.logs import get_logger
+
+log = get_logger(__name__)
 
 __all__ = [
+    "COPIED_EXACTLY",
     "SERIES_DESCRIPTION",
     "SOP_CLASSES",
-    "SRDocument",
     "TASKS",
+    "HeaderRefused",
+    "SRDocument",
     "SourceInstance",
     "TaskFinding",
     "build_report",
@@ -145,6 +150,9 @@ _CODING_SCHEMES = (
 # highdicom reads from its first evidence dataset must exist (Type 2: may be
 # empty).
 _REQUIRED_HEADER = ("StudyInstanceUID",)
+#: The attributes that decide which patient and study a report belongs to: copied
+#: exactly as received, never normalised (see :func:`build_report`).
+COPIED_EXACTLY = ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber")
 _TYPE2_HEADER = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
@@ -277,31 +285,93 @@ def _check_finding(finding: Any, i: int) -> None:
         _check_unit_interval(p, f"{name}.video_probabilities[{uid!r}]")
 
 
-_TEMPORAL = {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom.valuerep.DT}
+class HeaderRefused(ValueError):
+    """No SR can carry the study's identifying attributes unchanged.
 
-
-def _blank_invalid_values(ds: Dataset) -> None:
-    """Empty the values a vendor got wrong (``PatientBirthDate = "1970-01-01"``).
-
-    highdicom refuses them when it copies the patient and study modules,
-    which would leave the study without a report forever; an empty Type 2
-    value is valid and loses nothing the receiving PACS does not have.
+    The message names the attribute, never its value.
     """
-    for elem in list(ds):
-        if elem.VR not in (*_TEMPORAL, "AS", "IS", "DS") or elem.value in (None, ""):
-            continue
-        try:
-            pydicom.valuerep.validate_value(elem.VR, elem.value, pydicom.config.RAISE)
+
+
+_TEMPORAL = {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom.valuerep.DT}
+_TEXT_TYPES = (str, pydicom.valuerep.PersonName, pydicom.valuerep.DSfloat,
+               pydicom.valuerep.DSdecimal, pydicom.valuerep.IS)
+_PATIENT_SEX = frozenset({"M", "F", "O"})
+
+
+class _ModuleProbe(hd.SOPClass):
+    """An empty highdicom instance: what it copies from a header is what the SR gets."""
+
+    def __init__(self) -> None:
+        Dataset.__init__(self)  # none of SOPClass's own attributes
+
+
+def _valid_value(elem: pydicom.DataElement) -> bool:
+    """Whether a received element's value is valid for its VR and VM."""
+    values = list(elem.value) if elem.VM > 1 else [elem.value]
+    if len(values) > 1 and pydicom.datadict.dictionary_VM(elem.tag) == "1":
+        return False
+    try:
+        for v in values:
+            v = str(v) if isinstance(v, _TEXT_TYPES) else v
+            pydicom.valuerep.validate_value(elem.VR, v, pydicom.config.RAISE)
             if elem.VR in _TEMPORAL:
-                values = elem.value if elem.VM > 1 else [elem.value]
-                for v in values:
-                    _TEMPORAL[elem.VR](str(v))
-        except (ValueError, TypeError, OverflowError):
+                _TEMPORAL[elem.VR](v)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def _normalise_header(ds: Dataset) -> dict[str, str]:
+    """Make the patient and study values highdicom copies from ``ds`` valid.
+
+    A vendor's invalid value (``PatientSex = "MALE"``, ``PatientBirthDate =
+    "1970-01-01"``, an over-long Study Description) would make highdicom
+    refuse the report, or write one that fails validation, and leave the
+    study without a report for good. PatientSex is upper-cased and stripped
+    when that gives M, F or O; any other invalid value is emptied (Type 2:
+    present and empty is valid; the PACS keeps its own copy). The attributes
+    of :data:`COPIED_EXACTLY` are never touched.
+
+    Returns
+    -------
+    dict of str to str
+        Keyword -> ``"normalised"`` or ``"emptied"``, for each value changed.
+    """
+    probe = _ModuleProbe()
+    probe.copy_patient_and_study_information(ds)
+    changed: dict[str, str] = {}
+    for keyword in (e.keyword for e in probe):
+        elem = ds[keyword]
+        if keyword in COPIED_EXACTLY or elem.VR == "SQ" or elem.value in (None, ""):
+            continue
+        if keyword == "PatientSex":
+            sex = str(elem.value).strip().upper() if elem.VM == 1 else ""
+            value = sex if sex in _PATIENT_SEX else None
+            if value != elem.value:
+                elem.value = value
+                changed[keyword] = "normalised" if value else "emptied"
+        elif not _valid_value(elem):
             elem.value = None
+            changed[keyword] = "emptied"
+    return changed
 
 
-def _evidence(header: Dataset, sources: Sequence[SourceInstance]) -> list[Dataset]:
-    """Minimal evidence datasets: the header's public attributes, per source."""
+def _check_copied_exactly(header: Dataset) -> None:
+    """Refuse the identifying values highdicom refuses (it takes one value of each)."""
+    for keyword in ("PatientName", "StudyInstanceUID"):
+        vm = header.data_element(keyword).VM if keyword in header else 0
+        if vm > 1:
+            raise HeaderRefused(
+                f"{keyword} has {vm} values where DICOM allows one; it identifies the "
+                "study and is copied unchanged, so no SR can be built"
+            )
+
+
+def _evidence(
+    header: Dataset, sources: Sequence[SourceInstance]
+) -> tuple[list[Dataset], dict[str, str]]:
+    """Minimal evidence datasets (the header's public attributes, per source)
+    and what :func:`_normalise_header` changed in them."""
     base = Dataset()
     for elem in header:
         if elem.tag.is_private or elem.tag.group >= 0x7FE0:
@@ -310,9 +380,12 @@ def _evidence(header: Dataset, sources: Sequence[SourceInstance]) -> list[Datase
     for keyword in _TYPE2_HEADER:
         if keyword not in base:
             setattr(base, keyword, None)
-    _blank_invalid_values(base)
+    if sources:
+        # highdicom copies the modules of its first evidence's SOP class.
+        base.SOPClassUID = sources[0].sop_class_uid
+    changed = _normalise_header(base)
     if not sources:
-        return [base]
+        return [base], changed
     evidence = []
     for src in sources:
         ds = copy.deepcopy(base)
@@ -320,7 +393,7 @@ def _evidence(header: Dataset, sources: Sequence[SourceInstance]) -> list[Datase
         ds.SOPInstanceUID = src.sop_instance_uid
         ds.SeriesInstanceUID = src.series_instance_uid
         evidence.append(ds)
-    return evidence
+    return evidence, changed
 
 
 def _device_observer(finding: TaskFinding, manufacturer: str) -> hd.sr.ObserverContext:
@@ -550,8 +623,26 @@ def build_report(
 
     Raises
     ------
+    HeaderRefused
+        When an attribute of :data:`COPIED_EXACTLY` has a value highdicom
+        refuses (PatientName or StudyInstanceUID with several values); the
+        message names the attribute, never its value.
     ValueError
         When an argument is invalid; the message names it.
+
+    Notes
+    -----
+    The report carries the header's patient and study attributes as
+    highdicom copies them (the Patient, General Study, Patient Study and
+    clinical trial modules). Those of :data:`COPIED_EXACTLY` are copied
+    exactly as received: they decide which patient and study the PACS files
+    the report under. Any other value that is invalid for its VR or VM (a
+    vendor's PatientSex ``"MALE"``, a birth date ``"1970-01-01"``, an
+    over-long Study Description, a PatientAge ``"45"``) is normalised:
+    PatientSex is stripped and upper-cased when that gives M, F or O, and
+    anything else invalid is emptied. The change is logged as
+    ``sr.header_normalised`` with the UIDs and the attribute names, never a
+    value.
     """
     if not isinstance(study_header, Dataset):
         raise ValueError('Argument "study_header" must be a pydicom Dataset.')
@@ -656,8 +747,18 @@ def build_report(
         pre.StudyInstanceUID = study_header.StudyInstanceUID
         previous_versions = [pre]
 
+    _check_copied_exactly(study_header)
+    evidence, changed = _evidence(study_header, list(sources.values()))
+    if changed:
+        # Attribute names only: the values are patient data.
+        log.warning(
+            "sr.header_normalised",
+            study_uid=str(study_header.StudyInstanceUID),
+            sop_instance_uid=str(study_header.get("SOPInstanceUID", "")),
+            attributes=changed,
+        )
     sr = SOP_CLASSES[sop_class](
-        evidence=_evidence(study_header, list(sources.values())),
+        evidence=evidence,
         content=root,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,

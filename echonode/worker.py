@@ -133,13 +133,20 @@ def write_report(ds: Any, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _fail_for_good(journal: Any, claim: Any, bound: Any, event: str, reason: str) -> StudyOutcome:
+    """``running -> failed`` at once (another attempt would fail the same way); ``reason`` quotes no data."""
+    journal.finish_failed(claim, reason, max_attempts=1)
+    bound.error(event, reason=reason)
+    return StudyOutcome(claim.study_uid, "failed", reason=reason)
+
+
 def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> StudyOutcome:
     """Take one claimed study through the pipeline to the outbox."""
     import pydicom
 
     from .journal import ReportRecord, StaleClaim, TaskResult
     from .pipeline import StudyRefused, analyse_study
-    from .sr import build_report
+    from .sr import HeaderRefused, build_report
 
     bound = log.bind(study_uid=claim.study_uid, attempt=claim.attempts)
     models = registry.current
@@ -156,9 +163,7 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
             max_videos=cfg.models.max_videos,
         )
     except StudyRefused as exc:
-        journal.finish_failed(claim, str(exc), max_attempts=1)
-        bound.error("study.refused", reason=str(exc))
-        return StudyOutcome(claim.study_uid, "failed", reason=str(exc))
+        return _fail_for_good(journal, claim, bound, "study.refused", str(exc))
     seconds = time.monotonic() - t0
     usable = sum(v.usable for v in analysis.videos)
     used = len(analysis.used_videos)
@@ -199,15 +204,18 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
         supersedes = (
             (previous.sop_class_uid, previous.sr_sop_uid, previous.series_uid) if previous is not None else None
         )
-        ds = build_report(
-            header,
-            _findings(analysis) if not analysis.skipped_reason else [],
-            sop_class=cfg.sr.sop_class,
-            series_number=cfg.sr.series_number,
-            institution_name=cfg.sr.institution_name or None,
-            supersedes=supersedes,
-            no_usable_video_reason=analysis.skipped_reason,
-        )
+        try:
+            ds = build_report(
+                header,
+                _findings(analysis) if not analysis.skipped_reason else [],
+                sop_class=cfg.sr.sop_class,
+                series_number=cfg.sr.series_number,
+                institution_name=cfg.sr.institution_name or None,
+                supersedes=supersedes,
+                no_usable_video_reason=analysis.skipped_reason,
+            )
+        except HeaderRefused as exc:
+            return _fail_for_good(journal, claim, bound, "study.refused", f"no SR can be built: {exc}")
         sr_uid = str(ds.SOPInstanceUID)
         path = store.report_path(claim.study_uid, sr_uid)
         write_report(ds, path)

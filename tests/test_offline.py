@@ -53,3 +53,18 @@ def test_infer_human_output_and_errors(tmp_path: Path, ybr_loop: Path) -> None:
     assert res.returncode == 2 and "no DICOM study" in res.stderr
     res = run_cli("infer", str(ybr_loop), "--models", str(empty))
     assert res.returncode == 2 and "no usable task model" in res.stderr
+
+
+def test_infer_sr_out_refuses_an_identity_value_it_may_not_alter(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh")
+    ds = us_multiframe(frames=20)
+    ds.PatientName = ["SECRET^ONE", "SECRET^TWO"]
+    write(ds, tmp_path / "in" / "0.dcm")
+    res = run_cli("infer", str(tmp_path / "in"), "--models", str(models), "--json",
+                  "--sr-out", str(tmp_path / "sr"), "--device", "cpu")
+    assert res.returncode == 1, res.stderr
+    (study,) = json.loads(res.stdout)["studies"]
+    assert study["error"].startswith("no SR can be built: PatientName has 2 values")
+    assert "SECRET" not in res.stdout + res.stderr
+    assert not (tmp_path / "sr").exists() or not any((tmp_path / "sr").iterdir())

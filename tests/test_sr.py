@@ -7,6 +7,7 @@ What we *produce* is read back with pydicom's strict validation
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import re
@@ -20,13 +21,18 @@ import pydicom
 import pytest
 from pydicom import config as pydicom_config
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
+from structlog.testing import capture_logs
 
 import echonode
 from echonode.sr import (
+    COPIED_EXACTLY,
     SERIES_DESCRIPTION,
+    HeaderRefused,
     SourceInstance,
     TaskFinding,
     build_report,
@@ -380,6 +386,106 @@ def test_header_without_type2_attributes(header, sources, strict, tmp_path):
     assert back.StudyInstanceUID == header.StudyInstanceUID
     assert back.PatientID == header.PatientID
     assert "AccessionNumber" in back and not back.AccessionNumber
+
+
+# ---------------------------------------------------------------- vendor values
+
+
+def vendor(ds: Dataset, **values) -> Dataset:
+    """A copy of ``ds`` with values as read from a vendor's file (encoded, not validated)."""
+    out = copy.deepcopy(ds)
+    for keyword, value in values.items():
+        tag = Tag(pydicom.datadict.tag_for_keyword(keyword))
+        vr = pydicom.datadict.dictionary_VR(tag)
+        raw = ("\\".join(value) if isinstance(value, list) else value).encode()
+        raw += (b"\0" if vr == "UI" else b" ") * (len(raw) % 2)
+        out[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("received", "sent"),
+    [("SECRET-SEX", ""), ("MALE", ""), (" m ", "M"), ("f", "F"), ("o", "O"), ("F", "F"), (["M", "F"], "")],
+)
+def test_patient_sex_highdicom_refuses_is_normalised(received, sent, header, sources, tmp_path):
+    """A PatientSex other than M, F, O or empty would make highdicom refuse the SR."""
+    odd = vendor(header, PatientSex=received)
+    with capture_logs() as logs:
+        sr = build_report(odd, make_findings(sources))
+    back = write_read(sr, tmp_path / "sr.dcm")
+    assert back.PatientSex == sent
+    for keyword in COPIED_EXACTLY:
+        assert back.get(keyword) == header.get(keyword), keyword
+    events = [e for e in logs if e["event"] == "sr.header_normalised"]
+    if received == sent:
+        assert events == []
+    else:
+        (event,) = events
+        assert event["log_level"] == "warning"
+        assert event["attributes"] == {"PatientSex": "normalised" if sent else "emptied"}
+        assert event["study_uid"] == header.StudyInstanceUID
+        assert event["sop_instance_uid"] == header.SOPInstanceUID
+        assert "SECRET" not in repr(logs)
+    if shutil.which(DCIODVFY):
+        dciodvfy(tmp_path / "sr.dcm")
+
+
+# Values a vendor gets wrong in the other patient and study attributes
+# highdicom copies: emptied (Type 2 present and empty; Type 3 empty).
+INVALID = {
+    "PatientBirthDate": "1970-01-01",
+    "PatientBirthTime": "25",
+    "StudyDate": "2020-13-40",
+    "StudyTime": "25:99",
+    "PatientAge": "45",
+    "PatientWeight": "seventy",
+    "StudyID": "S" * 17,                          # SH: 16 at most
+    "StudyDescription": "D" * 65,                 # LO: 64 at most
+    "ReferringPhysicianName": "R" * 65 + "^A",    # PN: 64 a component
+    "IssuerOfPatientID": "I" * 65,
+    "AdditionalPatientHistory": "H" * 10241,      # LT: 10240 at most
+}
+VALID = {"PatientAge": "045Y", "PatientWeight": "70.5", "PatientSize": "1.75", "StudyTime": "101530.25"}
+
+
+@needs_dciodvfy
+def test_other_invalid_patient_study_values_are_emptied(header, sources, tmp_path):
+    odd = vendor(header, **INVALID)
+    with capture_logs() as logs:
+        back = write_read(build_report(odd, make_findings(sources)), tmp_path / "sr.dcm")
+    for keyword in INVALID:
+        assert keyword in back and back[keyword].value in ("", None), keyword
+    for keyword in COPIED_EXACTLY:
+        assert back.get(keyword) == header.get(keyword), keyword
+    (event,) = [e for e in logs if e["event"] == "sr.header_normalised"]
+    assert event["attributes"] == dict.fromkeys(INVALID, "emptied")
+    dciodvfy(tmp_path / "sr.dcm")
+
+    # Valid values are kept as they are (a DS or IS value was once emptied for its type).
+    fine = vendor(header, **VALID)
+    with capture_logs() as logs:
+        back = write_read(build_report(fine, make_findings(sources)), tmp_path / "fine.dcm")
+    assert {k: str(back[k].value) for k in VALID} == VALID
+    assert not [e for e in logs if e["event"] == "sr.header_normalised"]
+
+
+def test_identity_values_are_copied_exactly(header, sources, tmp_path):
+    """Invalid but accepted by highdicom: the PACS holds the same value, so the SR carries it."""
+    odd = vendor(header, PatientID="P" * 70,        # LO: 64 at most
+                 AccessionNumber="A" * 20,              # SH: 16 at most
+                 PatientName="N" * 70)                  # PN: 64 a component
+    back = write_read(build_report(odd, make_findings(sources)), tmp_path / "sr.dcm")
+    for keyword in ("PatientID", "AccessionNumber", "PatientName"):
+        assert back[keyword].value == odd[keyword].value, keyword
+
+
+@pytest.mark.parametrize("keyword", ["PatientName", "StudyInstanceUID"])
+def test_identity_values_highdicom_refuses_refuse_the_report(keyword, header, sources):
+    two = ["SECRET^ONE", "SECRET^TWO"] if keyword == "PatientName" else ["1.2.3", "1.2.4"]
+    odd = vendor(header, **{keyword: two})
+    with pytest.raises(HeaderRefused, match=f"^{keyword} has 2 values") as info:
+        build_report(odd, make_findings(sources))
+    assert "SECRET" not in str(info.value) and "1.2.3" not in str(info.value)
 
 
 # ---------------------------------------------------------------- supersedes

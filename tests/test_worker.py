@@ -12,11 +12,12 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE
+from structlog.testing import capture_logs
 
 from echonode.bundle import ModelRegistry
 from echonode.journal import Journal, StudyState
 from echonode.node import Node
-from echonode.sr import summarise_report
+from echonode.sr import COPIED_EXACTLY, summarise_report
 from echonode.store import StudyStore
 from echonode.worker import process_study
 from tests.conftest import make_config, wait_for
@@ -185,21 +186,31 @@ def test_study_timeout_kills_worker_then_fails(tmp_path: Path, ybr_loop: Path) -
 
 
 def test_malformed_patient_values_do_not_block_the_report(tmp_path: Path) -> None:
-    """A vendor's '1970-01-01' birth date: the SR goes out with the value emptied."""
+    """A vendor's '1970-01-01' birth date or 'SECRET-SEX' sex: the SR goes out, for the
+    same patient and study, with those values emptied and a warning that quotes neither."""
     cfg = make_config(tmp_path)
     tiny_bundle(cfg.models_dir, "lvh")
-    ds = us_multiframe(frames=16)
+    ds = us_multiframe(frames=16, patient_name="SECRET^NAME", patient_id="SECRET-ID")
     ds.PatientBirthDate = "1970-01-01"
     ds.StudyTime = "25:99"
+    ds.PatientSex = "SECRET-SEX"
+    ds.AccessionNumber = "SECRET-ACC"
     p = tmp_path / "odd.dcm"
     ds.save_as(p, enforce_file_format=True)
     journal, store, study_uid = _stored_study(tmp_path, cfg, [p])
     registry = ModelRegistry(cfg.models_dir, "cpu")
     registry.refresh()
-    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    with capture_logs() as logs:
+        outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
     assert outcome.state == StudyState.DELIVERED, outcome
     sr = pydicom.dcmread(journal.latest_report(study_uid).path)
-    assert sr.PatientBirthDate in ("", None) and sr.PatientID == ds.PatientID
+    assert sr.PatientBirthDate in ("", None) and sr.PatientSex in ("", None)
+    for keyword in COPIED_EXACTLY:
+        assert sr[keyword].value == ds[keyword].value, keyword
+    (event,) = [e for e in logs if e["event"] == "sr.header_normalised"]
+    assert event["log_level"] == "warning" and event["study_uid"] == study_uid
+    assert event["attributes"] == {"PatientBirthDate": "emptied", "PatientSex": "emptied", "StudyTime": "emptied"}
+    assert "SECRET" not in repr(logs)
 
 
 def _run_worker_until(cfg, journal: Journal, study_uid: str, state: StudyState, log_path: Path) -> None:
@@ -220,9 +231,10 @@ def test_failure_reasons_never_quote_data(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, models={"max_attempts": 1})
     tiny_bundle(cfg.models_dir, "lvh")
     ds = us_multiframe(frames=16, patient_name="SECRET^NAME", patient_id="SECRET-ID")
-    # A vendor value highdicom refuses when it builds the SR, with
-    # "'SECRET-SEX' is not a valid PatientSexValues".
-    ds.PatientSex = "SECRET-SEX"
+    # A value highdicom refuses when it builds the SR, with "'SECRET-CHARSET'
+    # is not a valid SpecificCharacterSetValues". The node never guesses a
+    # character set: it says how the patient's name is to be read.
+    ds.SpecificCharacterSet = "SECRET-CHARSET"
     p = tmp_path / "odd.dcm"
     ds.save_as(p, enforce_file_format=True)
     journal, _, study_uid = _stored_study(tmp_path, cfg, [p])
@@ -239,6 +251,27 @@ def test_failure_reasons_never_quote_data(tmp_path: Path) -> None:
     for text in (reason, log_path.read_text()):
         assert "SECRET" not in text
     assert journal.latest_report(study_uid) is None
+
+
+def test_identity_value_highdicom_refuses_fails_the_study_for_good(tmp_path: Path) -> None:
+    """PatientName with two values: never altered, so no SR; the reason names it, not its values."""
+    cfg = make_config(tmp_path, models={"max_attempts": 3})
+    tiny_bundle(cfg.models_dir, "lvh")
+    ds = us_multiframe(frames=16, patient_id="SECRET-ID")
+    ds.PatientName = ["SECRET^ONE", "SECRET^TWO"]
+    p = tmp_path / "odd.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [p])
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    assert outcome.state == "failed"
+    assert outcome.reason.startswith("no SR can be built: PatientName has 2 values where DICOM allows one")
+    assert "SECRET" not in outcome.reason
+    study = journal.study(study_uid)
+    assert (study["state"], study["reason"]) == (StudyState.FAILED, outcome.reason)  # no retry
+    assert journal.latest_report(study_uid) is None
+    assert not (store.reports / study_uid).exists()
 
 
 def test_study_whose_files_are_gone_fails_with_reason(tmp_path: Path, ybr_loop: Path) -> None:
