@@ -152,6 +152,11 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
     models = registry.current
     instances = journal.instances(claim.study_uid)
     paths = [Path(r.path) for r in instances if Path(r.path).exists()]
+    if not paths:
+        # Received and acknowledged, then lost from storage (deleted by hand,
+        # a volume swapped; recovery forgets the rows of missing files): a
+        # fault of the node's storage, not a study with nothing to classify.
+        return _fail_for_good(journal, claim, bound, "study.files_gone", "the study's files are gone")
     t0 = time.monotonic()
     try:
         analysis = analyse_study(
@@ -195,9 +200,6 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
     model_set = models.key
     existing = journal.report_for(claim.study_uid, model_set)
     report = None
-    if existing is None and not paths:
-        journal.finish_failed(claim, "the study's files are gone", max_attempts=1)
-        return StudyOutcome(claim.study_uid, "failed", reason="the study's files are gone")
     if existing is None:
         header = pydicom.dcmread(paths[0], stop_before_pixels=True)
         previous = journal.latest_report(claim.study_uid)

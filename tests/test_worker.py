@@ -274,22 +274,26 @@ def test_identity_value_highdicom_refuses_fails_the_study_for_good(tmp_path: Pat
     assert not (store.reports / study_uid).exists()
 
 
-def test_study_whose_files_are_gone_fails_with_reason(tmp_path: Path, ybr_loop: Path) -> None:
-    # With sr.report_skipped the worker would build a "no usable video" SR
-    # from a header it no longer has.
-    cfg = make_config(tmp_path, sr={"report_skipped": True})
+@pytest.mark.parametrize("report_skipped", [False, True])
+def test_study_whose_files_are_gone_fails_with_reason(tmp_path: Path, ybr_loop: Path, report_skipped: bool) -> None:
+    # Received, then lost from storage: a fault of the node, not "skipped: no
+    # objects"; with sr.report_skipped the worker would otherwise build a
+    # "no usable video" SR from a header it no longer has.
+    cfg = make_config(tmp_path, sr={"report_skipped": report_skipped})
     tiny_bundle(cfg.models_dir, "lvh")
     journal, store, study_uid = _stored_study(tmp_path, cfg, [ybr_loop])
     for rec in journal.instances(study_uid):
         Path(rec.path).unlink()
     registry = ModelRegistry(cfg.models_dir, "cpu")
     registry.refresh()
-    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    with capture_logs() as logs:
+        outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
     assert (outcome.state, outcome.reason) == ("failed", "the study's files are gone")
     study = journal.study(study_uid)
     assert (study["state"], study["reason"]) == (StudyState.FAILED, "the study's files are gone")
     assert journal.latest_report(study_uid) is None
     assert not (store.reports / study_uid).exists()
+    assert [(e["event"], e["log_level"]) for e in logs] == [("study.files_gone", "error")]
 
 
 def test_reload_restarts_the_worker_with_the_new_config(tmp_path: Path) -> None:
