@@ -32,7 +32,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    cfg = load_config(args.config)
+    args.journal_path = cfg.journal_path  # for main's journal-error message
+    return cfg
 
 
 def _non_negative_int(text: str) -> int:
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}")
     except sqlite3.Error as exc:
-        return _fail(f"journal error: {exc}", EXIT_FAILURE)
+        where = getattr(args, "journal_path", None)
+        return _fail(f"journal error: {exc}" + (f": {where}" if where else ""), EXIT_FAILURE)
     except OSError as exc:
         # A busy port, an unwritable storage_dir: say what and where, no traceback.
         where = f": {exc.filename}" if exc.filename else ""

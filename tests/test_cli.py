@@ -160,5 +160,7 @@ def test_a_corrupt_journal_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     for command in (["status"], ["reprocess", "1.2.3"], ["retry"]):
         res = run_cli("--config", str(path), *command)
         assert res.returncode == 1, (command, res.stderr)
-        assert res.stderr == "echonode: journal error: file is not a database\n", (command, res.stderr)
+        # The file, not only the error: a path is no patient data.
+        assert res.stderr == f"echonode: journal error: file is not a database: {cfg.journal_path}\n", (
+            command, res.stderr)
         assert res.stdout == ""
