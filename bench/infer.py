@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     meta = BundleMeta.create(name="bench-r3d18", task="lvh", width=width, random_weights=True)
     save_bundle(work / "bundle", meta, build_model("r3d_18", 1, width=width).state_dict())
-    bundle = load_bundle(work / "bundle", device)
+    # Eager: the runtimes timed here are built below; a runner built on load
+    # would also take precedence over bundle.model in predict, so the study
+    # latency's "echonode eager" row would not be eager.
+    bundle = load_bundle(work / "bundle", device, runtime="eager")
     eager = bundle.model
     clip_shape = (3, frames, size, size)
     flops = conv_flops(eager, clip_shape)

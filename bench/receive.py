@@ -268,6 +268,7 @@ class Echonode(Receiver):
             }
         )
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.journal = cfg.journal_path
         config = self.workdir / "echonode.toml"
         config.write_text(to_toml(cfg))
         self.log = open(self.workdir / "serve.log", "wb")  # noqa: SIM115 - closed in stop()
@@ -282,7 +283,7 @@ class Echonode(Receiver):
 
     def received(self) -> int:
         files = len(list((self.storage / "studies").glob("*/*/*.dcm")))
-        with sqlite3.connect(self.storage / "journal.sqlite") as con:
+        with sqlite3.connect(self.journal) as con:
             rows = con.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
         con.close()
         return files if files == rows else -1

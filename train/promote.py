@@ -4,10 +4,10 @@ The models folder holds one entry per task slot, named after the bundle
 (``lvh``, ``severe_as`` ...). Each entry is a symbolic link into
 ``DIR/.store/``, where every promoted bundle is kept under a unique name.
 Promotion copies the bundle into the store, validates it there by loading
-it exactly as the node would (``weights_only``), then swaps the link with
-one ``rename``: the node's hot reload sees the old bundle or the new one,
-never a half-written folder, and the previous bundle stays in the store
-for ``--rollback``.
+it as the node would (``weights_only``, every bundle check; eager, see
+``_check``), then swaps the link with one ``rename``: the node's hot reload
+sees the old bundle or the new one, never a half-written folder, and the
+previous bundle stays in the store for ``--rollback``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from echonode.bundle import BundleError, load_bundle
+from echonode.bundle import Bundle, BundleError, load_bundle
 
 STORE = ".store"
+
+
+def _check(path: Path) -> Bundle:
+    """Load ``path`` to check it, ``eager``: the runtime optimisation the node
+    does on load (bf16, TorchScript) costs seconds a load and never refuses a
+    bundle (it falls back to eager), so it proves nothing here."""
+    return load_bundle(path, "cpu", runtime="eager")
 
 
 def _slot_name(meta_name: str) -> str:
@@ -39,7 +46,7 @@ def promote(bundle: Path, models_dir: Path, *, name: str | None = None) -> Path:
     BundleError
         When the bundle does not load (it is not installed then).
     """
-    loaded = load_bundle(bundle, "cpu")
+    loaded = _check(bundle)
     slot = _slot_name(name or loaded.meta.name)
     store = models_dir / STORE
     store.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -49,7 +56,7 @@ def promote(bundle: Path, models_dir: Path, *, name: str | None = None) -> Path:
     staging = store / f".{unique}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(bundle, staging)
-    load_bundle(staging, "cpu")  # the copy, not only the source, must load
+    _check(staging)  # the copy, not only the source, must load
     # copytree copies the source folder's times; stamp the promotion time,
     # which is what history() orders by.
     os.utime(staging)
@@ -93,7 +100,7 @@ def rollback(models_dir: Path, slot: str) -> Path:
         previous = promoted
     if not previous:
         raise BundleError(f"no earlier bundle for {slot!r} in {models_dir / STORE}")
-    load_bundle(previous[-1], "cpu")
+    _check(previous[-1])
     _swap_link(link, Path(STORE) / previous[-1].name)
     return link
 
