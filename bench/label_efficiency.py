@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--seeds", default="0", help="fine-tuning seeds (each draws its own labelled studies)")
     e.add_argument("--full-seeds", default=None,
                    help="seeds at fraction 1.0 (default: --seeds; every seed uses the same studies there)")
+    e.add_argument("--pretrain-seed", type=int, default=0,
+                   help="seed of the pretraining runs (0: OUT/pretrain/METHOD, else OUT/pretrain/METHOD-sN); random init does not depend on it")
     e.add_argument("--pretrain-epochs", type=int, default=40)
     e.add_argument("--pretrain-batch", type=int, default=32)
     e.add_argument("--pretrain-lr", type=float, default=1e-3)
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"work folder, resumable (default {DEFAULT_OUT})")
     r.add_argument("--threads", type=int, default=2, help="torch threads (the machines are shared)")
+    r.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
     r.add_argument("--quick", action="store_true", help="smoke run: tiny archive, one epoch, few resamples")
     r.add_argument("--write-doc", action="store_true", help="replace the 'Label efficiency' section of docs/benchmarks.md")
     r.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -139,10 +142,10 @@ def make_archive(ns: argparse.Namespace) -> tuple[Path, Path]:
 def pretrain(ns: argparse.Namespace, method: str, cache: Path, labels: Path) -> Path:
     from train.pretrain import main as pretrain_main
 
-    run = ns.out / "pretrain" / method
+    run = ns.out / "pretrain" / pretrain_name(ns, method)
     if (run / "encoder.pt").is_file():
         saved = json.loads((run / "config.json").read_text())
-        wanted = {"size": ns.size, "width": ns.width, "epochs": ns.pretrain_epochs, "batch": ns.pretrain_batch,
+        wanted = {"seed": ns.pretrain_seed, "size": ns.size, "width": ns.width, "epochs": ns.pretrain_epochs, "batch": ns.pretrain_batch,
                   "lr": ns.pretrain_lr, "val_fraction": ns.val_fraction, "test_fraction": ns.test_fraction}  # fmt: skip
         changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
         if changed:
@@ -151,7 +154,8 @@ def pretrain(ns: argparse.Namespace, method: str, cache: Path, labels: Path) -> 
     args = ["--data", str(cache), "--labels", str(labels), "--out", str(run), "--method", method,
             "--preset", "tiny", "--size", str(ns.size), "--width", str(ns.width), "--epochs", str(ns.pretrain_epochs),
             "--batch", str(ns.pretrain_batch), "--lr", str(ns.pretrain_lr), "--val-fraction", str(ns.val_fraction),
-            "--test-fraction", str(ns.test_fraction), "--device", "cpu", "--no-progress"]  # fmt: skip
+            "--test-fraction", str(ns.test_fraction), "--seed", str(ns.pretrain_seed), "--device", ns.device,
+            "--no-progress"]  # fmt: skip
     started = time.monotonic()
     with quiet() as buf:
         rc = pretrain_main(args)
@@ -163,12 +167,34 @@ def pretrain(ns: argparse.Namespace, method: str, cache: Path, labels: Path) -> 
     return run
 
 
+def eval_device(device: str) -> str:
+    """``--device`` as :func:`train.evaluate.evaluate_bundle` takes it (no "auto")."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def results_suffix(ns: argparse.Namespace) -> str:
+    """``""`` for the documented protocol, else what differs (``_head_probe``, ``_pretrain_s1``)."""
+    parts = []
+    if ns.finetune_head_init != "random":
+        parts.append(f"_head_{ns.finetune_head_init}")
+    if ns.pretrain_seed:
+        parts.append(f"_pretrain_s{ns.pretrain_seed}")
+    return "".join(parts)
+
+
+def pretrain_name(ns: argparse.Namespace, init: str) -> str:
+    """Folder name of an init's pretraining run (and of its fine-tuning cells)."""
+    return init if init == "random" or ns.pretrain_seed == 0 else f"{init}-s{ns.pretrain_seed}"
+
+
 def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) -> dict:
     from train.evaluate import evaluate_bundle
     from train.finetune import main as finetune_main
 
     variant = task if ns.finetune_head_init == "random" else f"{task}-head-{ns.finetune_head_init}"
-    cell = ns.out / "finetune" / variant / init / f"f{fraction:g}" / f"s{seed}"
+    cell = ns.out / "finetune" / variant / pretrain_name(ns, init) / f"f{fraction:g}" / f"s{seed}"
     result_file = cell / "result.json"
     settings = {k: getattr(ns, k) for k in ("size", "width", "clip_frames", "finetune_epochs", "finetune_batch",
                                             "finetune_lr", "patience", "finetune_epoch_samples", "val_fraction", "test_fraction",
@@ -176,6 +202,8 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
     if ns.finetune_head_init != "random":
         # Only when not the default, so that cells run before the option existed stay valid.
         settings["finetune_head_init"] = ns.finetune_head_init
+    if init != "random" and ns.pretrain_seed:
+        settings["pretrain_seed"] = ns.pretrain_seed
     if result_file.is_file():
         cached = json.loads(result_file.read_text())
         if cached.get("settings") == settings:
@@ -187,7 +215,7 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
             "--width", str(ns.width), "--frames", str(ns.clip_frames), "--epochs", str(ns.finetune_epochs),
             "--batch", str(ns.finetune_batch), "--lr", str(ns.finetune_lr), "--patience", str(ns.patience),
             "--val-fraction", str(ns.val_fraction), "--test-fraction", str(ns.test_fraction),
-            "--bootstrap", "100", "--device", "cpu", "--no-progress"]  # fmt: skip
+            "--bootstrap", "100", "--device", ns.device, "--no-progress"]  # fmt: skip
     if ns.finetune_epoch_samples:
         args += ["--epoch-samples", str(ns.finetune_epoch_samples)]
     if ns.finetune_head_init != "random":
@@ -200,7 +228,9 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
     if rc != 0:
         raise SystemExit(f"finetune {task} {init} {fraction} s{seed} failed ({rc}); see {cell}")
     seconds = time.monotonic() - started
-    report = evaluate_bundle(bundle, cache, labels, cell / "eval", split="test", n_resamples=ns.bootstrap, seed=0)
+    # Eager float32: every cell, whenever it was made, is scored by the same arithmetic.
+    report = evaluate_bundle(bundle, cache, labels, cell / "eval", split="test", n_resamples=ns.bootstrap, seed=0,
+                             device=eval_device(ns.device), runtime="eager")  # fmt: skip
     meta = json.loads((bundle / "bundle.json").read_text())
     with open(cell / "eval" / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -387,15 +417,19 @@ def main(argv: list[str] | None = None) -> int:
     n_studies = sum(1 for _ in open(labels)) - 1
     n_videos = len(json.loads((cache / "manifest.json").read_text())["videos"])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {ns.threads} threads"
+    if eval_device(ns.device) == "cuda":
+        machine += f", {torch.cuda.get_device_name()}"
     out = {"config": config, "archive": {"studies": n_studies, "videos": n_videos}, "machine": machine,
            "seconds": round(elapsed, 1), "summary": {t: {**p, "cells": p["cells"]} for t, p in summary.items()},
            "runs": [{k: v for k, v in r.items() if k not in ("study_probs", "study_targets")} for r in results]}  # fmt: skip
-    (ns.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    suffix = results_suffix(ns)
+    results_file = ns.out / f"results{suffix}.json"
+    results_file.write_text(json.dumps(out, indent=1) + "\n")
     body = table(ns, summary)
     verdict = target_verdict(summary)
     print(body)
     print("\n".join(verdict))
-    log(f"done in {elapsed / 60:.1f} min (pretraining {pretrain_seconds / 60:.1f} min); results in {ns.out / 'results.json'}")
+    log(f"done in {elapsed / 60:.1f} min (pretraining {pretrain_seconds / 60:.1f} min); results in {results_file}")
     if ns.write_doc:
         cmd = "python bench/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
         header = (
@@ -408,10 +442,12 @@ def main(argv: list[str] | None = None) -> int:
             f"Adam {ns.finetune_lr:g}, patience {ns.patience}, at least {ns.finetune_epoch_samples} clips an epoch; "
             f"seeds {ns.seeds} (at 100 %: {ns.full_seeds or ns.seeds}); {ns.bootstrap} bootstrap resamples.\n"
         )  # fmt: skip
-        copy = RESULTS_COPY if ns.finetune_head_init == "random" else RESULTS_COPY.with_name(
-            f"label_efficiency_head_{ns.finetune_head_init}.json"
-        )
+        copy = RESULTS_COPY.with_name(f"label_efficiency{suffix}.json")
         copy.write_text(json.dumps(out, indent=1) + "\n")
+        if suffix:
+            # The doc's generated table is the documented protocol's; a variant keeps its own JSON only.
+            log(f"wrote {copy}; {ns.doc} left as it is (a variant of the protocol)")
+            return 0
         write_doc(ns.doc, header + "\n" + body + "\n" + "\n".join(f"- {v}" for v in verdict) + "\n")
         log(f"wrote the '{SECTION[3:]}' section of {ns.doc}")
     return 0

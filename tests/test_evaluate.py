@@ -63,6 +63,22 @@ def test_report_files_and_consistency(trained, tmp_path: Path) -> None:
     )
 
 
+def test_runtime_eager_scores_as_finetuning_did(trained, tmp_path: Path) -> None:
+    from train.evaluate import evaluate_bundle
+
+    cache, labels, bundle = trained
+    report = evaluate_bundle(bundle, cache, labels, tmp_path / "eager", n_resamples=50, runtime="eager")
+    assert report["runtime"]["mode"] == "eager"
+    # Fine-tuning scored its test split in float32 eager: the same arithmetic gives the same figures.
+    meta = json.loads((bundle / "bundle.json").read_text())
+    for level in ("video", "study"):
+        assert report[level]["auroc"]["estimate"] == pytest.approx(
+            meta["metrics"]["test"][level]["auroc"]["estimate"], abs=1e-9
+        )
+    default = evaluate_bundle(bundle, cache, labels, tmp_path / "default", n_resamples=50)
+    assert default["runtime"]["mode"] in {"eager", "jit", "bf16", "int8", "cuda"}
+
+
 def test_external_split_all_and_errors(trained, tmp_path: Path) -> None:
     cache, labels, bundle = trained
     out = tmp_path / "all"

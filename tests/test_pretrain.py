@@ -18,7 +18,7 @@ from echonode.preprocess import PreprocessConfig
 from tests.factories import us_multiframe, write
 from train.data import ClipCache, PairDataset, build_index
 from train.losses import PERMUTATIONS
-from train.pretrain import PretrainModel, main, train_one_epoch
+from train.pretrain import PretrainModel, main, reorder_at_chance, train_one_epoch
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -267,6 +267,28 @@ def test_reorder_head_learns_an_easy_order(tmp_path: Path) -> None:
         stats = train_one_epoch(model, loader, optimizer, device=torch.device("cpu"))
         acc.append(stats["reorder_acc"])
     assert np.mean(acc[-5:]) > 0.3, acc
+
+
+def test_reorder_at_chance_allows_for_sampling_noise() -> None:
+    assert reorder_at_chance(1 / 24, 1000)
+    assert not reorder_at_chance(0.10, 1000)
+    # 5 % of 100 clips is 5 hits: chance gives that often; of 100,000 clips it does not.
+    assert reorder_at_chance(0.05, 100)
+    assert not reorder_at_chance(0.05, 100_000)
+    assert not reorder_at_chance(0.0, 0)
+
+
+def test_pretraining_warns_once_when_the_reordering_head_stays_at_chance(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The test cache's clips are too few and too small for the head to learn
+    # anything in six epochs: the run says so once, after the fifth epoch.
+    assert main(_args(cache, tmp_path / "run", "--epochs", "6")) == 0
+    err = capsys.readouterr().err
+    assert err.count("frame-reordering head is at chance") == 1, err
+    assert "after 5 epochs" in err
+    assert main(_args(cache, tmp_path / "mi", "--epochs", "6", "--method", "mi-simclr")) == 0
+    assert "reordering head" not in capsys.readouterr().err
 
 
 class _SlowPairs(torch.utils.data.Dataset):

@@ -91,6 +91,7 @@ def evaluate_bundle(
     device: str = "cpu",
     batch_videos: int = 8,
     views: Sequence[str] | None = None,
+    runtime: str | None = None,
 ) -> dict[str, object]:
     """Evaluate a bundle and write the report files.
 
@@ -108,13 +109,18 @@ def evaluate_bundle(
         Videos per forward pass (each has ``eval_clips`` clips).
     views : sequence of str, optional
         Views for a binary task (default: as the bundle was trained, PLAX).
+    runtime : str, optional
+        Inference runtime (:func:`echonode.bundle.load_bundle`); default the
+        node's, so that the figures are the ones the node would produce.
+        Experiments comparing bundles made at different times pass
+        ``"eager"`` to score every one by the same float32 arithmetic.
 
     Returns
     -------
     dict
         What ``metrics.json`` holds.
     """
-    bundle = load_bundle(bundle_path, device)
+    bundle = load_bundle(bundle_path, device) if runtime is None else load_bundle(bundle_path, device, runtime=runtime)
     meta = bundle.meta
     cache = ClipCache(cache_dir)
     rows = load_study_labels(labels_csv)
@@ -164,6 +170,8 @@ def evaluate_bundle(
         "n_videos": len(videos),
         "bootstrap": {"n_resamples": n_resamples, "level": 0.95, "stratified": True, "seed": seed},
         "aggregation": "video = mean over clips; study = mean over videos",
+        # Which arithmetic produced the probabilities (float32 eager, bf16, TorchScript...).
+        "runtime": bundle.describe()["runtime"],
     }
     report.update(
         summarise(meta.task, videos, targets, clip_probs, meta.labels, threshold=meta.threshold, n_resamples=n_resamples, seed=seed)

@@ -49,6 +49,7 @@ __all__ = [
     "add_pretrain_arguments",
     "main",
     "pretrain_step",
+    "reorder_at_chance",
     "run_pretrain",
     "train_one_epoch",
 ]
@@ -183,6 +184,33 @@ def pretrain_step(
         correct = (logits.argmax(1) == labels).sum()
         return StepOutput(nce + rl, nce.detach(), rl.detach(), correct.detach(), int(labels.numel()))
     return StepOutput(nce, nce.detach(), zero, zero, 0)
+
+
+#: Epochs after which a reordering head still at chance earns a warning.
+REORDER_WARN_AFTER_EPOCHS = 5
+
+
+def reorder_at_chance(accuracy: float, clips: int) -> bool:
+    """Whether a reordering accuracy is indistinguishable from guessing.
+
+    Parameters
+    ----------
+    accuracy : float
+        Share of clips whose permutation the head named (an epoch's mean).
+    clips : int
+        Clips it was measured on.
+
+    Returns
+    -------
+    bool
+        True when ``accuracy`` is below chance (1/24) plus three binomial
+        standard errors: the head has learned nothing that shows, and its
+        loss adds only gradient noise to the encoder.
+    """
+    if clips < 1:
+        return False
+    chance = 1.0 / NUM_PERMUTATIONS
+    return accuracy < chance + 3.0 * (chance * (1.0 - chance) / clips) ** 0.5
 
 
 def _world() -> tuple[int, int]:
@@ -515,6 +543,7 @@ def _pretrain(config: dict[str, object]) -> int:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     epochs = int(config["epochs"])
+    warned = False
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -553,6 +582,15 @@ def _pretrain(config: dict[str, object]) -> int:
                 f"epoch {epoch}: loss {stats['loss']:.4f} (nce {stats['nce']:.4f}, reorder {stats['reorder']:.4f}), "
                 f"{stats['pairs_per_second']:.0f} pairs/s, waiting for data {stats['data_wait_fraction']:.0%}"
             )
+            clips = int(stats["steps"]) * per_rank * 2 * world
+            if reorder and not warned and epoch + 1 >= REORDER_WARN_AFTER_EPOCHS and reorder_at_chance(stats["reorder_acc"], clips):
+                warned = True
+                print(
+                    f"warning: after {epoch + 1} epochs the frame-reordering head is at chance (accuracy "
+                    f"{stats['reorder_acc']:.3f}, chance {1 / NUM_PERMUTATIONS:.3f}): its loss adds only noise to the "
+                    "encoder. See docs/training.md, 'When the reordering head stays at chance'.",
+                    file=sys.stderr,
+                )
     if rank == 0:
         _atomic_torch_save(model.encoder.state_dict(), out / ENCODER)
     if world > 1:
