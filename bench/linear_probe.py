@@ -96,16 +96,14 @@ def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.data import ClipCache, load_study_labels, split_cache
+    from bench.workdir import open_work
     from train.finetune import fit_logistic
     from train.metrics import auroc
     from train.splits import sample_label_fraction
 
     ns = parse_args(argv)
     torch.set_num_threads(ns.threads)
-    cache = ClipCache(ns.work / f"cache-{ns.size}")
-    rows = load_study_labels(ns.work / "archive" / "labels.csv")
-    splits = split_cache(cache, rows, val_fraction=ns.val_fraction, test_fraction=ns.test_fraction, seed=0)
+    cache, rows, splits = open_work(ns.work, ns.size, ns.val_fraction, ns.test_fraction)
     label = {r["study_uid"]: r for r in rows}
     tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
     fractions = [float(f) for f in ns.fractions.split(",")]

@@ -177,13 +177,11 @@ def run_accuracy(run: Path, held_out) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.data import ClipCache, load_study_labels, split_cache
+    from bench.workdir import open_work
 
     ns = parse_args(argv)
     torch.set_num_threads(ns.threads)
-    cache = ClipCache(ns.work / f"cache-{ns.size}")
-    rows = load_study_labels(ns.work / "archive" / "labels.csv")
-    splits = split_cache(cache, rows, val_fraction=ns.val_fraction, test_fraction=ns.test_fraction, seed=0)
+    cache, _, splits = open_work(ns.work, ns.size, ns.val_fraction, ns.test_fraction)
     started = time.monotonic()
     train = clips_of(pair_dataset(cache, splits["train"], ns, ns.seed), ns.cue_passes)
     # Held-out clips: the validation split, drawn with another seed.

@@ -1,0 +1,30 @@
+"""The label-efficiency work folder (``bench/label_efficiency.py --out``) as the probes read it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def open_work(work: Path, size: int, val_fraction: float, test_fraction: float):
+    """Clip cache, label rows and patient split of a work folder.
+
+    Parameters
+    ----------
+    work : Path
+        Holds ``archive/labels.csv`` and ``cache-SIZE/``.
+    size : int
+        Frame side of the cache to open.
+    val_fraction, test_fraction : float
+        The split settings the pretraining runs used (split seed 0).
+
+    Returns
+    -------
+    tuple
+        ``(ClipCache, rows, splits)`` with ``splits`` keyed train/val/test.
+    """
+    from train.data import ClipCache, load_study_labels, split_cache
+
+    cache = ClipCache(work / f"cache-{size}")
+    rows = load_study_labels(work / "archive" / "labels.csv")
+    splits = split_cache(cache, rows, val_fraction=val_fraction, test_fraction=test_fraction, seed=0)
+    return cache, rows, splits
