@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--seeds", default="0", help="fine-tuning seeds (each draws its own labelled studies)")
     e.add_argument("--full-seeds", default=None,
                    help="seeds at fraction 1.0 (default: --seeds; every seed uses the same studies there)")
-    e.add_argument("--pretrain-seed", type=int, default=0,
-                   help="seed of the pretraining runs (0: OUT/pretrain/METHOD, else OUT/pretrain/METHOD-sN); random init does not depend on it")
+    e.add_argument("--pretrain-seeds", default="0",
+                   help="pretraining runs per method, by seed (0: OUT/pretrain/METHOD, else OUT/pretrain/METHOD-sN); "
+                        "every run is fine-tuned with every --seeds draw")
     e.add_argument("--pretrain-epochs", type=int, default=40)
     e.add_argument("--pretrain-batch", type=int, default=32)
     e.add_argument("--pretrain-lr", type=float, default=1e-3)
@@ -139,13 +140,13 @@ def make_archive(ns: argparse.Namespace) -> tuple[Path, Path]:
     return archive, cache
 
 
-def pretrain(ns: argparse.Namespace, method: str, cache: Path, labels: Path) -> Path:
+def pretrain(ns: argparse.Namespace, method: str, pseed: int, cache: Path, labels: Path) -> Path:
     from train.pretrain import main as pretrain_main
 
-    run = ns.out / "pretrain" / pretrain_name(ns, method)
+    run = ns.out / "pretrain" / pretrain_name(method, pseed)
     if (run / "encoder.pt").is_file():
         saved = json.loads((run / "config.json").read_text())
-        wanted = {"seed": ns.pretrain_seed, "size": ns.size, "width": ns.width, "epochs": ns.pretrain_epochs, "batch": ns.pretrain_batch,
+        wanted = {"seed": pseed, "size": ns.size, "width": ns.width, "epochs": ns.pretrain_epochs, "batch": ns.pretrain_batch,
                   "lr": ns.pretrain_lr, "val_fraction": ns.val_fraction, "test_fraction": ns.test_fraction}  # fmt: skip
         changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
         if changed:
@@ -154,7 +155,7 @@ def pretrain(ns: argparse.Namespace, method: str, cache: Path, labels: Path) -> 
     args = ["--data", str(cache), "--labels", str(labels), "--out", str(run), "--method", method,
             "--preset", "tiny", "--size", str(ns.size), "--width", str(ns.width), "--epochs", str(ns.pretrain_epochs),
             "--batch", str(ns.pretrain_batch), "--lr", str(ns.pretrain_lr), "--val-fraction", str(ns.val_fraction),
-            "--test-fraction", str(ns.test_fraction), "--seed", str(ns.pretrain_seed), "--device", ns.device,
+            "--test-fraction", str(ns.test_fraction), "--seed", str(pseed), "--device", ns.device,
             "--no-progress"]  # fmt: skip
     started = time.monotonic()
     with quiet() as buf:
@@ -163,7 +164,7 @@ def pretrain(ns: argparse.Namespace, method: str, cache: Path, labels: Path) -> 
     if rc != 0:
         raise SystemExit(f"pretrain {method} failed ({rc}); see {run}")
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-    log(f"pretrain {method}: {ns.pretrain_epochs} epochs in {time.monotonic() - started:.0f} s, last loss {last['loss']:.3f}")
+    log(f"pretrain {method} s{pseed}: {ns.pretrain_epochs} epochs in {time.monotonic() - started:.0f} s, last loss {last['loss']:.3f}")
     return run
 
 
@@ -175,26 +176,26 @@ def eval_device(device: str) -> str:
 
 
 def results_suffix(ns: argparse.Namespace) -> str:
-    """``""`` for the documented protocol, else what differs (``_head_probe``, ``_pretrain_s1``)."""
-    parts = []
-    if ns.finetune_head_init != "random":
-        parts.append(f"_head_{ns.finetune_head_init}")
-    if ns.pretrain_seed:
-        parts.append(f"_pretrain_s{ns.pretrain_seed}")
-    return "".join(parts)
+    """``""`` for the paper's fine-tuning (a random head), else ``_head_probe``."""
+    return "" if ns.finetune_head_init == "random" else f"_head_{ns.finetune_head_init}"
 
 
-def pretrain_name(ns: argparse.Namespace, init: str) -> str:
+def seeds_of(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def pretrain_name(init: str, pseed: int) -> str:
     """Folder name of an init's pretraining run (and of its fine-tuning cells)."""
-    return init if init == "random" or ns.pretrain_seed == 0 else f"{init}-s{ns.pretrain_seed}"
+    return init if init == "random" or pseed == 0 else f"{init}-s{pseed}"
 
 
-def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) -> dict:
+def finetune_and_evaluate(ns, task, init, pseed, run, fraction, seed, cache, labels) -> dict:
     from train.evaluate import evaluate_bundle
     from train.finetune import main as finetune_main
 
     variant = task if ns.finetune_head_init == "random" else f"{task}-head-{ns.finetune_head_init}"
-    cell = ns.out / "finetune" / variant / pretrain_name(ns, init) / f"f{fraction:g}" / f"s{seed}"
+    cell = ns.out / "finetune" / variant / pretrain_name(init, pseed) / f"f{fraction:g}" / f"s{seed}"
     result_file = cell / "result.json"
     settings = {k: getattr(ns, k) for k in ("size", "width", "clip_frames", "finetune_epochs", "finetune_batch",
                                             "finetune_lr", "patience", "finetune_epoch_samples", "val_fraction", "test_fraction",
@@ -202,11 +203,15 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
     if ns.finetune_head_init != "random":
         # Only when not the default, so that cells run before the option existed stay valid.
         settings["finetune_head_init"] = ns.finetune_head_init
-    if init != "random" and ns.pretrain_seed:
-        settings["pretrain_seed"] = ns.pretrain_seed
+    if init != "random" and pseed:
+        settings["pretrain_seed"] = pseed
     if result_file.is_file():
         cached = json.loads(result_file.read_text())
-        if cached.get("settings") == settings:
+        # The resamples of a cell's own CI do not change its training: not a reason to redo it.
+        same = {k: v for k, v in cached.get("settings", {}).items() if k != "bootstrap"}
+        if same == {k: v for k, v in settings.items() if k != "bootstrap"}:
+            # Cells made before the key existed: the folder says which run they came from.
+            cached["pretrain_seed"] = None if init == "random" else pseed
             return cached
     bundle = cell / "bundle"
     args = ["--data", str(cache), "--labels", str(labels), "--task", task, "--out", str(bundle), "--overwrite",
@@ -240,7 +245,8 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
         by_study[r["study_uid"]].append(float(r["probability"]))
         target[r["study_uid"]] = int(r["target"])
     result = {
-        "task": task, "init": init, "fraction": fraction, "seed": seed, "settings": settings,
+        "task": task, "init": init, "pretrain_seed": None if init == "random" else pseed, "fraction": fraction,
+        "seed": seed, "settings": settings,
         "train_studies": meta["provenance"]["train_studies_used"], "train_videos": meta["provenance"]["train_videos"],
         "best_epoch": meta["metrics"]["best_epoch"], "finetune_seconds": round(seconds, 1),
         "study_auroc": report["study"]["auroc"], "video_auroc": report["video"]["auroc"],
@@ -250,7 +256,7 @@ def finetune_and_evaluate(ns, task, init, run, fraction, seed, cache, labels) ->
     }  # fmt: skip
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     a = result["study_auroc"]
-    log(f"{task} {init:<9} {fraction:>5g} s{seed}: {result['train_studies']} studies, AUROC {a['estimate']:.3f} "
+    log(f"{task} {pretrain_name(init, pseed):<12} {fraction:>5g} s{seed}: {result['train_studies']} studies, AUROC {a['estimate']:.3f} "
         f"[{a['low']:.3f}, {a['high']:.3f}], {seconds:.0f} s")  # fmt: skip
     return result
 
@@ -261,18 +267,41 @@ def pairwise(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
 
 
-def joint_bootstrap(y: np.ndarray, mats: dict[str, np.ndarray], n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """AUROC of every matrix on the same stratified resamples of the test studies.
+def replicate_bootstrap(
+    y: np.ndarray, groups: dict[tuple[str, float], list[tuple[int | None, int, np.ndarray]]], n: int, seed: int = 0
+) -> dict[tuple[str, float], np.ndarray]:
+    """Bootstrap distribution of each cell's mean AUROC over its replicates.
 
-    AUROC of a resample with multiplicities ``w_pos``, ``w_neg`` is
-    ``w_pos @ M @ w_neg / (n_pos n_neg)``; the mean AUROC over seeds is the
-    same with the mean of their matrices.
+    ``groups`` maps ``(init, fraction)`` to replicates ``(pretrain_seed,
+    label_seed, M)`` with ``M`` a :func:`pairwise` matrix (pretrain_seed
+    None for random init). Every resample draws, with replacement, the test
+    studies (positives and negatives separately), the label draws and the
+    pretraining runs, the same draws for every cell, so that differences
+    between cells are paired; a cell's value is the weighted mean of its
+    replicates' AUROC. With one replicate this is the stratified bootstrap
+    of the test studies; with several the interval also carries the
+    variation between label draws and between pretraining runs, which at a
+    few labelled studies is the larger part.
     """
     rng = np.random.default_rng(seed)
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     wp = np.stack([np.bincount(rng.integers(0, n_pos, n_pos), minlength=n_pos) for _ in range(n)]).astype(float)
     wn = np.stack([np.bincount(rng.integers(0, n_neg, n_neg), minlength=n_neg) for _ in range(n)]).astype(float)
-    return {k: ((wp @ m) * wn).sum(1) / (n_pos * n_neg) for k, m in mats.items()}
+    label_seeds = sorted({lseed for reps in groups.values() for _, lseed, _ in reps})
+    pretrain_seeds = sorted({p for reps in groups.values() for p, _, _ in reps if p is not None})
+    lw = rng.multinomial(len(label_seeds), [1 / len(label_seeds)] * len(label_seeds), size=n).astype(float)
+    pw = (rng.multinomial(len(pretrain_seeds), [1 / len(pretrain_seeds)] * len(pretrain_seeds), size=n).astype(float)
+          if pretrain_seeds else np.ones((n, 0)))  # fmt: skip
+    out = {}
+    for key, reps in groups.items():
+        aurocs = np.stack([((wp @ m) * wn).sum(1) / (n_pos * n_neg) for _, _, m in reps])  # (replicates, n)
+        weights = np.stack([lw[:, label_seeds.index(lseed)] * (1.0 if p is None else pw[:, pretrain_seeds.index(p)])
+                            for p, lseed, _ in reps])  # fmt: skip
+        total = weights.sum(0)
+        # A cell without every combination of seeds can draw none of its own: it then counts all of them.
+        weights[:, total == 0] = 1.0
+        out[key] = (weights * aurocs).sum(0) / weights.sum(0)
+    return out
 
 
 def summarise(ns: argparse.Namespace, results: list[dict]) -> dict:
@@ -281,30 +310,37 @@ def summarise(ns: argparse.Namespace, results: list[dict]) -> dict:
         rs = [r for r in results if r["task"] == task]
         studies = sorted(rs[0]["study_targets"])
         y = np.array([rs[0]["study_targets"][s] for s in studies])
-        mats, meta = {}, {}
+        groups, meta = {}, {}
         for init in dict.fromkeys(r["init"] for r in rs):
             for fraction in sorted({r["fraction"] for r in rs}):
                 group = [r for r in rs if r["init"] == init and r["fraction"] == fraction]
                 if not group:
                     continue
-                ms = [pairwise(y, np.array([r["study_probs"][s] for s in studies])) for r in group]
-                mats[(init, fraction)] = np.mean(ms, axis=0)
+                # Cells made before pretraining seeds existed are seed 0's.
+                groups[(init, fraction)] = [
+                    (None if init == "random" else int(r.get("pretrain_seed") or 0), int(r["seed"]),
+                     pairwise(y, np.array([r["study_probs"][s] for s in studies])))
+                    for r in group
+                ]  # fmt: skip
                 meta[(init, fraction)] = group
-        boot = joint_bootstrap(y, mats, ns.bootstrap)
+        boot = replicate_bootstrap(y, groups, ns.bootstrap)
         task_cells = []
-        for (init, fraction), m in mats.items():
-            group = meta[(init, fraction)]
-            samples = boot[(init, fraction)]
+        for key, group in meta.items():
+            init, fraction = key
+            samples = boot[key]
+            estimate = float(np.mean([m.mean() for _, _, m in groups[key]]))
             cell = {
                 "init": init, "fraction": fraction, "seeds": [r["seed"] for r in group],
+                "pretrain_seeds": [r.get("pretrain_seed") or 0 for r in group] if init != "random" else [],
                 "train_studies": [r["train_studies"] for r in group],
-                "auroc": float(m.mean()), "low": float(np.percentile(samples, 2.5)), "high": float(np.percentile(samples, 97.5)),
+                "auroc": estimate, "low": float(np.percentile(samples, 2.5)), "high": float(np.percentile(samples, 97.5)),
                 "per_seed": [r["study_auroc"]["estimate"] for r in group],
             }  # fmt: skip
-            if init != "random" and ("random", fraction) in mats:
+            if init != "random" and ("random", fraction) in boot:
                 d = samples - boot[("random", fraction)]
+                base = float(np.mean([m.mean() for _, _, m in groups[("random", fraction)]]))
                 cell["delta_vs_random"] = {
-                    "estimate": float(m.mean() - mats[("random", fraction)].mean()),
+                    "estimate": estimate - base,
                     "low": float(np.percentile(d, 2.5)), "high": float(np.percentile(d, 97.5)),
                 }  # fmt: skip
             task_cells.append(cell)
@@ -319,7 +355,7 @@ def table(ns: argparse.Namespace, summary: dict) -> str:
         by = {(c["init"], c["fraction"]): c for c in part["cells"]}
         inits = list(dict.fromkeys(c["init"] for c in part["cells"]))
         lines.append(f"Task `{task}`: test split {part['test_studies']} studies ({part['test_positives']} positive). "
-                     "Study-level AUROC [95 % CI]; the labelled training studies used are in parentheses.")  # fmt: skip
+                     "Study-level AUROC, mean over replicates [95 % CI]; the labelled training studies used are in parentheses.")  # fmt: skip
         lines.append("")
         lines.append("| init | " + " | ".join(f"{f:.0%} of labels" for f in fractions) + " |")
         lines.append("|---|" + "---:|" * len(fractions))
@@ -337,7 +373,7 @@ def table(ns: argparse.Namespace, summary: dict) -> str:
         deltas = [(init, f, by[(init, f)]["delta_vs_random"]) for init in inits for f in fractions
                   if (init, f) in by and "delta_vs_random" in by[(init, f)]]  # fmt: skip
         if deltas:
-            lines.append("Paired difference to random init (same bootstrap resamples of the test studies):")
+            lines.append("Paired difference to random init (the same resamples of test studies, label draws and pretraining runs):")
             lines.append("")
             lines.append("| init | " + " | ".join(f"{f:.0%}" for f in fractions) + " |")
             lines.append("|---|" + "---:|" * len(fractions))
@@ -400,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(inits) - set(INITS))
     if bad:
         raise SystemExit(f"unknown --methods {bad}; choose from {', '.join(INITS)}")
-    runs = {m: pretrain(ns, m, cache, labels) for m in inits if m != "random"}
+    pseeds = seeds_of(ns.pretrain_seeds)
+    runs = {(m, p): pretrain(ns, m, p, cache, labels) for m in inits if m != "random" for p in pseeds}
     pretrain_seconds = time.monotonic() - started
     results = []
     full_seeds = {int(s) for s in (ns.full_seeds or ns.seeds).split(",")}
@@ -410,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
                 if fraction >= 1.0 and seed not in full_seeds:
                     continue
                 for init in inits:
-                    results.append(finetune_and_evaluate(ns, task, init, runs.get(init), fraction, seed, cache, labels))
+                    # Random init has no pretraining run: one cell per label draw.
+                    for pseed in [0] if init == "random" else pseeds:
+                        results.append(finetune_and_evaluate(ns, task, init, pseed, runs.get((init, pseed)), fraction,
+                                                             seed, cache, labels))  # fmt: skip
     summary = summarise(ns, results)
     elapsed = time.monotonic() - started
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ns).items()}
@@ -440,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{ns.size} px; pretraining {ns.pretrain_epochs} epochs (batch {ns.pretrain_batch} pairs, Adam {ns.pretrain_lr:g}, "
             f"PLAX of the training split only); fine-tuning {ns.clip_frames}-frame clips, up to {ns.finetune_epochs} epochs, "
             f"Adam {ns.finetune_lr:g}, patience {ns.patience}, at least {ns.finetune_epoch_samples} clips an epoch; "
-            f"seeds {ns.seeds} (at 100 %: {ns.full_seeds or ns.seeds}); {ns.bootstrap} bootstrap resamples.\n"
+            f"label draws (fine-tuning seeds) {ns.seeds} (at 100 %: {ns.full_seeds or ns.seeds}), pretraining runs (seeds) "
+            f"{ns.pretrain_seeds}, every run fine-tuned with every draw; {ns.bootstrap} bootstrap resamples of the test "
+            "studies, the label draws and the pretraining runs (`replicate_bootstrap`).\n"
         )  # fmt: skip
         copy = RESULTS_COPY.with_name(f"label_efficiency{suffix}.json")
         copy.write_text(json.dumps(out, indent=1) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+
 _PATH = Path(__file__).resolve().parent.parent / "bench" / "label_efficiency.py"
 _spec = importlib.util.spec_from_file_location("label_efficiency", _PATH)
 assert _spec is not None and _spec.loader is not None
@@ -12,21 +14,45 @@ le = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(le)
 
 
-def test_default_protocol_keeps_its_names() -> None:
+def test_run_and_cell_names() -> None:
     ns = le.parse_args(["--out", "/tmp/x"])
-    assert ns.pretrain_seed == 0 and ns.finetune_head_init == "random"
-    assert le.results_suffix(ns) == ""
-    assert [le.pretrain_name(ns, m) for m in ("echoclr", "mi-simclr", "random")] == ["echoclr", "mi-simclr", "random"]
+    assert le.seeds_of(ns.pretrain_seeds) == [0] and le.results_suffix(ns) == ""
+    # Seed 0 keeps the names runs had before pretraining seeds existed.
+    assert le.pretrain_name("echoclr", 0) == "echoclr" and le.pretrain_name("echoclr", 2) == "echoclr-s2"
+    # Random init has no pretraining run: its cells are shared by every pretraining seed.
+    assert le.pretrain_name("random", 2) == "random"
+    probe = le.parse_args(["--out", "/tmp/x", "--finetune-head-init", "probe"])
+    assert le.results_suffix(probe) == "_head_probe"
 
 
-def test_variants_get_their_own_runs_cells_and_results() -> None:
-    ns = le.parse_args(["--out", "/tmp/x", "--pretrain-seed", "1"])
-    assert le.pretrain_name(ns, "echoclr") == "echoclr-s1"
-    # Random init does not depend on the pretraining seed: its cells are shared.
-    assert le.pretrain_name(ns, "random") == "random"
-    assert le.results_suffix(ns) == "_pretrain_s1"
-    both = le.parse_args(["--out", "/tmp/x", "--pretrain-seed", "2", "--finetune-head-init", "probe"])
-    assert le.results_suffix(both) == "_head_probe_pretrain_s2"
+def _perfect_and_chance(y):
+    good = le.pairwise(y, y.astype(float))  # every positive above every negative
+    flat = le.pairwise(y, np.zeros(len(y)))  # all ties: AUROC 0.5
+    return good, flat
+
+
+def test_replicate_bootstrap_one_replicate_is_the_test_study_bootstrap() -> None:
+    y = np.array([1] * 20 + [0] * 40)
+    rng = np.random.default_rng(1)
+    p = y + rng.normal(0, 1.0, len(y))
+    boot = le.replicate_bootstrap(y, {("a", 0.1): [(0, 0, le.pairwise(y, p))]}, 2000)
+    samples = boot[("a", 0.1)]
+    assert abs(samples.mean() - le.pairwise(y, p).mean()) < 0.01
+    assert 0.02 < samples.std() < 0.1  # test-set sampling alone
+
+
+def test_replicate_bootstrap_carries_the_spread_between_pretraining_runs() -> None:
+    y = np.array([1] * 20 + [0] * 40)
+    good, flat = _perfect_and_chance(y)
+    # One run perfect, one at chance: the mean is 0.75, and the interval must
+    # reach both ends (a run drawn twice), where the test-study bootstrap alone
+    # would give a single point (neither matrix varies with the test studies).
+    groups = {("echoclr", 0.1): [(0, 0, good), (1, 0, flat)], ("random", 0.1): [(None, 0, flat)]}
+    boot = le.replicate_bootstrap(y, groups, 4000)
+    s = boot[("echoclr", 0.1)]
+    assert abs(s.mean() - 0.75) < 0.02
+    assert np.isclose(np.percentile(s, 2.5), 0.5) and np.isclose(np.percentile(s, 97.5), 1.0)
+    assert np.allclose(boot[("random", 0.1)], 0.5)
 
 
 def test_eval_device_resolves_auto() -> None:
