@@ -60,3 +60,28 @@ def test_eval_device_resolves_auto() -> None:
 
     assert le.eval_device("cpu") == "cpu"
     assert le.eval_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _result(init: str, pseed: int | None, seed: int, y: np.ndarray, probs: np.ndarray, fraction: float = 0.01) -> dict:
+    studies = [f"1.2.{i}" for i in range(len(y))]
+    return {"task": "lvh", "init": init, "pretrain_seed": pseed, "fraction": fraction, "seed": seed,
+            "train_studies": 7, "study_auroc": {"estimate": float(le.pairwise(y, probs).mean())},
+            "study_probs": dict(zip(studies, map(float, probs))), "study_targets": dict(zip(studies, map(int, y)))}
+
+
+def test_verdict_on_both_kinds_of_interval() -> None:
+    ns = le.parse_args(["--out", "/tmp/x", "--bootstrap", "500"])
+    y = np.array([1] * 20 + [0] * 40)
+    flat = np.zeros(len(y))
+    # One EchoCLR run ranks perfectly, the other not at all; random init is flat.
+    results = [_result("echoclr", 0, 0, y, y.astype(float)), _result("echoclr", 1, 0, y, flat),
+               _result("random", None, 0, y, flat)]
+    summary = le.summarise(ns, results)
+    cell = {c["init"]: c for c in summary["lvh"]["cells"]}["echoclr"]
+    assert cell["auroc"] == 0.75 and cell["pretrain_seeds"] == [0, 1]
+    # Runs held fixed, the mean ranking is 0.75 on every resample: apart from
+    # random's 0.5. Runs resampled, a draw of the flat run twice reaches 0.5.
+    assert cell["test_only"] == {"low": 0.75, "high": 0.75}
+    assert cell["low"] == 0.5 and cell["high"] == 1.0
+    (line,) = le.target_verdict(summary)
+    assert "target not met; on test-study intervals alone [0.750, 0.750] vs [0.500, 0.500]: met" in line
