@@ -41,20 +41,18 @@ import torch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench.workdir import add_work_arguments
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_work_arguments(p)
     p.add_argument("encoders", nargs="+", help="pretraining run folders (relative to --work or absolute), or 'random'")
-    p.add_argument("--work", type=Path, required=True, help="label-efficiency work folder (archive/, cache-SIZE/)")
-    p.add_argument("--size", type=int, default=48)
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--clip-frames", type=int, default=8)
     p.add_argument("--tasks", default="lvh,severe_as")
     p.add_argument("--fractions", default="0.01,0.1,1.0")
     p.add_argument("--seeds", type=int, default=10, help="label draws per fraction below 1")
     p.add_argument("--l2", type=float, default=0.1, help="L2 penalty (see train.finetune.fit_logistic)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--bootstrap", type=int, default=10_000)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 

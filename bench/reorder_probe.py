@@ -47,18 +47,16 @@ CHANCE = 1 / 24
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench.workdir import add_work_arguments
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, required=True, help="label-efficiency work folder (archive/, cache-SIZE/)")
+    add_work_arguments(p)
     p.add_argument("--runs", nargs="*", default=[], help="EchoCLR pretraining run folders to score (relative to --work)")
-    p.add_argument("--size", type=int, default=48)
     p.add_argument("--width", type=int, default=8, help="width of the network trained on reordering alone")
     p.add_argument("--epochs", type=int, default=20, help="epochs of reordering-only training (0: skip)")
     p.add_argument("--batch", type=int, default=32, help="pairs a step (two clips each)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--cue-passes", type=int, default=3, help="passes over the training pairs for the cue's clips")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+
+def add_work_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--work``, ``--size``, the split fractions and ``--threads``: what every probe of a work folder takes."""
+    parser.add_argument("--work", type=Path, required=True, help="label-efficiency work folder (archive/, cache-SIZE/)")
+    parser.add_argument("--size", type=int, default=48, help="frame side of the cache (cache-SIZE/)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="split settings the pretraining runs used")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
 
 
 def open_work(work: Path, size: int, val_fraction: float, test_fraction: float):
