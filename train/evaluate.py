@@ -29,6 +29,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from echonode.bundle import BINARY_TASKS, BundleError, load_bundle
+from echonode.runtime import MODES as RUNTIME_MODES
 from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
 from train.finetune import prepare_task, summarise
 from train.metrics import average_precision, auroc, group_mean, pr_curve, roc_curve
@@ -217,6 +218,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--views", default=None, help="views for binary tasks (default: the bundle's, plax)")
+    parser.add_argument("--runtime", choices=RUNTIME_MODES, default=None,
+                        help="inference runtime (default: the node's, [models] runtime = auto); "
+                             "eager reproduces fine-tuning's float32 figures exactly")  # fmt: skip
 
 
 def run_evaluate(ns: argparse.Namespace) -> int:
@@ -225,7 +229,7 @@ def run_evaluate(ns: argparse.Namespace) -> int:
     try:
         report = evaluate_bundle(
             ns.bundle, ns.data, ns.labels, ns.out, split=ns.split, n_resamples=ns.bootstrap, seed=ns.seed,
-            device=ns.device, views=views,
+            device=ns.device, views=views, runtime=ns.runtime,
         )  # fmt: skip
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"echonode-train evaluate: {exc}", file=sys.stderr)
