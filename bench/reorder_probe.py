@@ -86,7 +86,8 @@ def clips_of(dataset, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
 def difference_features(clips: torch.Tensor) -> torch.Tensor:
     """Mean |frame i - frame j| for the 6 frame pairs, over their mean, and their products.
 
-    ``clips`` is ``(N, C, 4, S, S)``; the result ``(N, 27)``.
+    ``clips`` is ``(N, C, 4, S, S)``; the result ``(N, 42)``: the 6 scaled
+    differences and their 36 pairwise products.
     """
     f = clips[:, 0]
     d = torch.stack([(f[:, i] - f[:, j]).abs().mean((1, 2)) for i in range(4) for j in range(i + 1, 4)], 1)

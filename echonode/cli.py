@@ -32,9 +32,15 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config)
-    args.journal_path = cfg.journal_path  # for main's journal-error message
-    return cfg
+    return load_config(args.config)
+
+
+def _journal_named(args: argparse.Namespace) -> str:
+    """``": PATH"`` of the journal a command's config names, for an error message; "" when unknown."""
+    try:
+        return f": {_load(args).journal_path}"
+    except (AttributeError, ConfigError, OSError):
+        return ""
 
 
 def _non_negative_int(text: str) -> int:
@@ -280,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}")
     except sqlite3.Error as exc:
-        where = getattr(args, "journal_path", None)
-        return _fail(f"journal error: {exc}" + (f": {where}" if where else ""), EXIT_FAILURE)
+        return _fail(f"journal error: {exc}{_journal_named(args)}", EXIT_FAILURE)
     except OSError as exc:
         # A busy port, an unwritable storage_dir: say what and where, no traceback.
         where = f": {exc.filename}" if exc.filename else ""

@@ -35,7 +35,7 @@ def _clips(n: int, seed: int, moving: bool) -> tuple[torch.Tensor, torch.Tensor]
     return torch.stack(xs), torch.tensor(ys)
 
 
-def test_difference_features_ignore_speed() -> None:
+def test_difference_features_are_scale_free() -> None:
     x, _ = _clips(4, 0, moving=True)
     f = reorder_probe.difference_features(x)
     assert f.shape == (4, 6 + 36)
