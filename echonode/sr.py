@@ -63,6 +63,7 @@ import copy
 import datetime
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -296,6 +297,7 @@ _TEMPORAL = {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom
 _TEXT_TYPES = (str, pydicom.valuerep.PersonName, pydicom.valuerep.DSfloat,
                pydicom.valuerep.DSdecimal, pydicom.valuerep.IS)
 _PATIENT_SEX = frozenset({"M", "F", "O"})
+_CHARSETS = frozenset(v.value for v in hd.SpecificCharacterSetValues)
 
 
 class _ModuleProbe(hd.SOPClass):
@@ -356,6 +358,67 @@ def _normalise_header(ds: Dataset) -> dict[str, str]:
     return changed
 
 
+# Vendors' misspellings that pydicom corrects when it reads the names
+# ("ISO-IR 100", "ISO IR 100", "ISO_2022_IR 100"): pydicom decoded the values
+# with the corrected set, so the report must declare that one.
+_ISO_IR_MISSPELT = re.compile(r"^ISO[^_]IR[ _](?P<number>\d+)$")
+_ISO_2022_MISSPELT = re.compile(r"^ISO.2022.IR.(?P<number>\d+)$")
+
+
+def _corrected_charset(term: str) -> str | None:
+    """The defined term a Specific Character Set value stands for; None when unknown."""
+    term = term.strip()
+    if term in _CHARSETS:
+        return term
+    for pattern, prefix in ((_ISO_IR_MISSPELT, "ISO_IR "), (_ISO_2022_MISSPELT, "ISO 2022 IR ")):
+        m = pattern.match(term)
+        if m and prefix + m["number"] in _CHARSETS:
+            return prefix + m["number"]
+    return None
+
+
+def _normalise_charset(ds: Dataset) -> bool:
+    """Correct a misspelt Specific Character Set; refuse one DICOM does not define.
+
+    The report's text is the header's values as pydicom decoded them, written
+    back in the report's character set; an unknown set means the names may
+    have been decoded wrongly, and the node never guesses a patient's name.
+
+    Returns
+    -------
+    bool
+        Whether the value was changed.
+    """
+    if "SpecificCharacterSet" not in ds:
+        return False
+    elem = ds["SpecificCharacterSet"]
+    if elem.VM == 0 or (elem.VM == 1 and not str(elem.value).strip()):
+        # Present and empty: the default repertoire, as if absent (highdicom
+        # refuses an empty value).
+        del ds["SpecificCharacterSet"]
+        return False
+    values = list(elem.value) if elem.VM > 1 else [elem.value]
+    corrected = []
+    for i, value in enumerate(values):
+        value = "" if value is None else str(value)
+        if value == "" and i == 0:
+            # Value 1 empty with code extensions is the default repertoire,
+            # which highdicom accepts only by its name.
+            corrected.append("ISO 2022 IR 6")
+            continue
+        term = _corrected_charset(value)
+        if term is None:
+            raise HeaderRefused(
+                "SpecificCharacterSet names a character set DICOM does not define, so "
+                "the patient's name cannot be read for certain and no SR is built"
+            )
+        corrected.append(term)
+    if corrected == [("" if v is None else str(v)) for v in values]:
+        return False
+    elem.value = corrected if len(corrected) > 1 else corrected[0]
+    return True
+
+
 def _check_copied_exactly(header: Dataset) -> None:
     """Refuse the identifying values highdicom refuses (it takes one value of each)."""
     for keyword in ("PatientName", "StudyInstanceUID"):
@@ -384,6 +447,8 @@ def _evidence(
         # highdicom copies the modules of its first evidence's SOP class.
         base.SOPClassUID = sources[0].sop_class_uid
     changed = _normalise_header(base)
+    if _normalise_charset(base):
+        changed["SpecificCharacterSet"] = "normalised"
     if not sources:
         return [base], changed
     evidence = []
@@ -625,8 +690,10 @@ def build_report(
     ------
     HeaderRefused
         When an attribute of :data:`COPIED_EXACTLY` has a value highdicom
-        refuses (PatientName or StudyInstanceUID with several values); the
-        message names the attribute, never its value.
+        refuses (PatientName or StudyInstanceUID with several values), or
+        when SpecificCharacterSet names a character set DICOM does not
+        define (a misspelling pydicom corrects, such as ``"ISO-IR 100"``, is
+        corrected instead); the message names the attribute, never its value.
     ValueError
         When an argument is invalid; the message names it.
 

@@ -260,6 +260,32 @@ def _where(exc: BaseException) -> str:
     return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
 
 
+def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> None:
+    """Process one claimed study; an unexpected error fails this attempt, never the worker.
+
+    The message of a library's exception can quote a data element (a
+    malformed birth date, a name): the journal and the log get the type and
+    where it happened, never the text. The study is retried up to
+    ``models.max_attempts`` times.
+    """
+    from .journal import StaleClaim
+
+    try:
+        process_study(cfg, journal, store, registry, claim)
+    except StaleClaim:
+        log.info("study.changed_while_running", study_uid=claim.study_uid)
+    except Exception as exc:  # noqa: BLE001 - record, retry, go on
+        where = _where(exc)
+        reason = f"could not process the study: {type(exc).__name__} at {where}"
+        try:
+            state = journal.finish_failed(claim, reason, max_attempts=cfg.models.max_attempts)
+        except StaleClaim:
+            log.info("study.changed_while_running", study_uid=claim.study_uid)
+            return
+        log.error("study.error", study_uid=claim.study_uid, error=type(exc).__name__, where=where,
+                  next_state=str(state))
+
+
 def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
     """The worker process: claim, process, repeat until ``stop`` is set.
 
@@ -267,7 +293,7 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
     given, appended to that file (the demo keeps its terminal readable).
     """
     from .bundle import ModelRegistry
-    from .journal import Journal, StaleClaim
+    from .journal import Journal
     from .logs import configure_logging
     from .store import StudyStore
 
@@ -307,22 +333,7 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
             if claim is None:
                 stop.wait(0.5)
                 continue
-            try:
-                process_study(cfg, journal, store, registry, claim)
-            except StaleClaim:
-                log.info("study.changed_while_running", study_uid=claim.study_uid)
-            except Exception as exc:  # noqa: BLE001 - record, retry, go on
-                # The message of a library's exception can quote a data
-                # element (a malformed birth date, a name): record and log the
-                # type and where it happened, never the text.
-                where = _where(exc)
-                reason = f"could not process the study: {type(exc).__name__} at {where}"
-                try:
-                    state = journal.finish_failed(claim, reason, max_attempts=cfg.models.max_attempts)
-                except StaleClaim:
-                    continue
-                log.error("study.error", study_uid=claim.study_uid, error=type(exc).__name__, where=where,
-                          next_state=str(state))
+            handle_claim(cfg, journal, store, registry, claim)
         except Exception:  # noqa: BLE001 - a journal hiccup must not kill the loop
             log.exception("worker.loop_error")
             stop.wait(2.0)

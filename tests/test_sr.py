@@ -13,6 +13,7 @@ import io
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -486,6 +487,67 @@ def test_identity_values_highdicom_refuses_refuse_the_report(keyword, header, so
     with pytest.raises(HeaderRefused, match=f"^{keyword} has 2 values") as info:
         build_report(odd, make_findings(sources))
     assert "SECRET" not in str(info.value) and "1.2.3" not in str(info.value)
+
+
+def _latin1_header(header, charset):
+    """``header`` as a vendor writes it: a latin-1 name under the given Specific Character Set."""
+    out = vendor(header, SpecificCharacterSet=charset)
+    raw = "Müller^Jörg".encode("latin-1")
+    tag = Tag(pydicom.datadict.tag_for_keyword("PatientName"))
+    out[tag] = RawDataElement(tag, "PN", len(raw), raw, 0, False, True)
+    return out
+
+
+@pytest.mark.parametrize("charset", ["ISO-IR 100", "ISO IR 100", "ISO_IR 100"])
+def test_misspelt_character_set_is_corrected(charset, header, sources, tmp_path):
+    """pydicom reads "ISO-IR 100" as latin-1; the report declares the set it was read with."""
+    odd = _latin1_header(header, charset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own warning about the misspelling
+        with capture_logs() as logs:
+            sr = build_report(odd, make_findings(sources))
+    path = tmp_path / "sr.dcm"
+    back = write_read(sr, path)
+    assert back.SpecificCharacterSet == "ISO_IR 100"
+    assert str(back.PatientName) == "Müller^Jörg"
+    assert "Müller^Jörg".encode("latin-1") in path.read_bytes()  # the PACS's bytes, unchanged
+    events = [e for e in logs if e["event"] == "sr.header_normalised"]
+    if charset == "ISO_IR 100":
+        assert events == []
+    else:
+        (event,) = events
+        assert event["attributes"] == {"SpecificCharacterSet": "normalised"}
+        assert "Müller" not in repr(logs)
+    if shutil.which(DCIODVFY):
+        dciodvfy(path)
+
+
+def test_empty_character_set_is_the_default_repertoire(header, sources, tmp_path):
+    odd = vendor(header, SpecificCharacterSet="")
+    with capture_logs() as logs:
+        back = write_read(build_report(odd, make_findings(sources)), tmp_path / "sr.dcm")
+    assert back.get("SpecificCharacterSet", "") in ("", "ISO_IR 6")
+    assert back.PatientName == header.PatientName
+    assert not [e for e in logs if e["event"] == "sr.header_normalised"]
+
+
+def test_misspelt_code_extension_is_corrected(header, sources, tmp_path):
+    odd = vendor(header, SpecificCharacterSet=["", "ISO_2022_IR 100"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = write_read(build_report(odd, make_findings(sources)), tmp_path / "sr.dcm")
+    assert list(back.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 100"]
+
+
+@pytest.mark.parametrize("charset", ["SECRET-CHARSET", "latin_1", "ISO_IR 999", "ISO-IR 999"])
+def test_unknown_character_set_refuses_the_report(charset, header, sources):
+    """The names may have been decoded wrongly: the node never guesses a patient's name."""
+    odd = _latin1_header(header, charset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(HeaderRefused, match="^SpecificCharacterSet names a character set") as info:
+            build_report(odd, make_findings(sources))
+    assert "SECRET" not in str(info.value) and "Müller" not in str(info.value)
 
 
 # ---------------------------------------------------------------- supersedes

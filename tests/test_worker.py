@@ -14,14 +14,15 @@ import pytest
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
+import echonode.sr
 from echonode.bundle import ModelRegistry
 from echonode.journal import Journal, StudyState
 from echonode.node import Node
 from echonode.sr import COPIED_EXACTLY, summarise_report
 from echonode.store import StudyStore
-from echonode.worker import process_study
+from echonode.worker import handle_claim, process_study
 from tests.conftest import make_config, wait_for
-from tests.factories import tiny_bundle, us_multiframe
+from tests.factories import tiny_bundle, us_multiframe, write
 
 
 def _send_files(port: int, paths: list[Path]) -> None:
@@ -226,30 +227,50 @@ def _run_worker_until(cfg, journal: Journal, study_uid: str, state: StudyState, 
         sup.stop()
 
 
-def test_failure_reasons_never_quote_data(tmp_path: Path) -> None:
+def test_failure_reasons_never_quote_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A library's exception that quotes a patient's data: journal and log say where, not what."""
-    cfg = make_config(tmp_path, models={"max_attempts": 1})
+    cfg = make_config(tmp_path, models={"max_attempts": 2})
+    tiny_bundle(cfg.models_dir, "lvh")
+    p = write(us_multiframe(frames=16, patient_name="SECRET^NAME", patient_id="SECRET-ID"), tmp_path / "a.dcm")
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [p])
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+
+    def refuses(header, *args, **kwargs):
+        # What highdicom and pydicom do: quote the offending value.
+        raise ValueError(f"{header.PatientName!s} / {header.PatientID} is not a valid value")
+
+    monkeypatch.setattr(echonode.sr, "build_report", refuses)
+    for attempt, state in ((1, StudyState.QUEUED), (2, StudyState.FAILED)):
+        with capture_logs() as logs:
+            handle_claim(cfg, journal, store, registry, journal.claim_next(1))
+        reason = journal.study(study_uid)["reason"]
+        assert reason.startswith("could not process the study: ValueError at test_worker.py:"), reason
+        assert reason.endswith(" in refuses")  # file:line in function
+        (error,) = [e for e in logs if e["event"] == "study.error"]
+        assert error["study_uid"] == study_uid and error["error"] == "ValueError"
+        assert (error["next_state"], journal.study_state(study_uid)) == (state, state), attempt
+        assert error["where"] in reason
+        assert "SECRET" not in reason and "SECRET" not in repr(logs)
+    assert journal.latest_report(study_uid) is None
+
+
+def test_unknown_character_set_fails_the_study_for_good(tmp_path: Path) -> None:
+    """The names may have been read wrongly: no SR, a reason that quotes no data, no retry."""
+    cfg = make_config(tmp_path, models={"max_attempts": 3})
     tiny_bundle(cfg.models_dir, "lvh")
     ds = us_multiframe(frames=16, patient_name="SECRET^NAME", patient_id="SECRET-ID")
-    # A value highdicom refuses when it builds the SR, with "'SECRET-CHARSET'
-    # is not a valid SpecificCharacterSetValues". The node never guesses a
-    # character set: it says how the patient's name is to be read.
     ds.SpecificCharacterSet = "SECRET-CHARSET"
     p = tmp_path / "odd.dcm"
     ds.save_as(p, enforce_file_format=True)
-    journal, _, study_uid = _stored_study(tmp_path, cfg, [p])
-    log_path = tmp_path / "worker.log"
-    _run_worker_until(cfg, journal, study_uid, StudyState.FAILED, log_path)
-
-    reason = journal.study(study_uid)["reason"]
-    assert reason.startswith("could not process the study: ValueError at "), reason
-    assert ".py:" in reason and " in " in reason  # file:line in function
-    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-    (error,) = [e for e in lines if e["event"] == "study.error"]
-    assert error["study_uid"] == study_uid and error["error"] == "ValueError"
-    assert error["next_state"] == StudyState.FAILED and error["where"] in reason
-    for text in (reason, log_path.read_text()):
-        assert "SECRET" not in text
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [p])
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
+    assert outcome.state == "failed"
+    assert outcome.reason.startswith("no SR can be built: SpecificCharacterSet names a character set")
+    assert "SECRET" not in outcome.reason
+    assert journal.study(study_uid)["state"] == StudyState.FAILED
     assert journal.latest_report(study_uid) is None
 
 
