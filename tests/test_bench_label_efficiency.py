@@ -85,3 +85,18 @@ def test_verdict_on_both_kinds_of_interval() -> None:
     assert cell["low"] == 0.5 and cell["high"] == 1.0
     (line,) = le.target_verdict(summary)
     assert "target not met; on test-study intervals alone [0.750, 0.750] vs [0.500, 0.500]: met" in line
+
+
+def test_work_summary_counts_cached_work(tmp_path: Path) -> None:
+    """A re-run from cache still says what the runs and cells took to make."""
+    runs = []
+    for name, epochs in (("a", [100.0, 200.0]), ("b", [60.0])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(f'{{"epoch": {i}, "seconds": {s}}}\n' for i, s in enumerate(epochs)))
+        runs.append(run)
+    results = [{"finetune_seconds": 30.0}, {"finetune_seconds": 90.4}]
+    text = le.work_summary(runs, results, elapsed=5.0)
+    assert "2 pretraining runs of 1.0-5.0 min" in text
+    assert "2 fine-tuning cells of 30-90 s" in text
+    assert "0.1 h in all" in text and "this invocation took 0 min" in text
