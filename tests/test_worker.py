@@ -255,31 +255,25 @@ def test_failure_reasons_never_quote_data(tmp_path: Path, monkeypatch: pytest.Mo
     assert journal.latest_report(study_uid) is None
 
 
-def test_unknown_character_set_fails_the_study_for_good(tmp_path: Path) -> None:
-    """The names may have been read wrongly: no SR, a reason that quotes no data, no retry."""
-    cfg = make_config(tmp_path, models={"max_attempts": 3})
-    tiny_bundle(cfg.models_dir, "lvh")
-    ds = us_multiframe(frames=16, patient_name="SECRET^NAME", patient_id="SECRET-ID")
-    ds.SpecificCharacterSet = "SECRET-CHARSET"
-    p = tmp_path / "odd.dcm"
-    ds.save_as(p, enforce_file_format=True)
-    journal, store, study_uid = _stored_study(tmp_path, cfg, [p])
-    registry = ModelRegistry(cfg.models_dir, "cpu")
-    registry.refresh()
-    outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
-    assert outcome.state == "failed"
-    assert outcome.reason.startswith("no SR can be built: SpecificCharacterSet names a character set")
-    assert "SECRET" not in outcome.reason
-    assert journal.study(study_uid)["state"] == StudyState.FAILED
-    assert journal.latest_report(study_uid) is None
-
-
-def test_identity_value_highdicom_refuses_fails_the_study_for_good(tmp_path: Path) -> None:
-    """PatientName with two values: never altered, so no SR; the reason names it, not its values."""
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        # PatientName with two values: never altered, so no SR.
+        ({"PatientName": ["SECRET^ONE", "SECRET^TWO"]},
+         "no SR can be built: PatientName has 2 values where DICOM allows one"),
+        # The names may have been read wrongly: the node never guesses them.
+        ({"SpecificCharacterSet": "SECRET-CHARSET"},
+         "no SR can be built: SpecificCharacterSet names a character set"),
+    ],
+    ids=["two-patient-names", "unknown-character-set"],
+)
+def test_header_no_sr_can_carry_fails_the_study_for_good(tmp_path: Path, values: dict, reason: str) -> None:
+    """No retry, no SR, and a reason that names the attribute, never a value."""
     cfg = make_config(tmp_path, models={"max_attempts": 3})
     tiny_bundle(cfg.models_dir, "lvh")
     ds = us_multiframe(frames=16, patient_id="SECRET-ID")
-    ds.PatientName = ["SECRET^ONE", "SECRET^TWO"]
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
     p = tmp_path / "odd.dcm"
     ds.save_as(p, enforce_file_format=True)
     journal, store, study_uid = _stored_study(tmp_path, cfg, [p])
@@ -287,7 +281,7 @@ def test_identity_value_highdicom_refuses_fails_the_study_for_good(tmp_path: Pat
     registry.refresh()
     outcome = process_study(cfg, journal, store, registry, journal.claim_next(1))
     assert outcome.state == "failed"
-    assert outcome.reason.startswith("no SR can be built: PatientName has 2 values where DICOM allows one")
+    assert outcome.reason.startswith(reason)
     assert "SECRET" not in outcome.reason
     study = journal.study(study_uid)
     assert (study["state"], study["reason"]) == (StudyState.FAILED, outcome.reason)  # no retry
