@@ -1,0 +1,235 @@
+"""``echonode-train index`` on archive trees as PACS exports and node storage
+make them: duplicates, non-Part-10 files, files that change or go between
+runs, interrupted runs, and studies whose videos disagree on the patient.
+
+The everyday path (a clean archive, a second run that reuses everything, a
+cache with other settings refused) is in ``tests/test_pretrain.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.filewriter import dcmwrite
+
+import train.data
+from echonode.preprocess import PreprocessConfig
+from tests.conftest import real_testfile
+from tests.factories import us_multiframe, write
+from train.data import ClipCache, build_index, split_cache
+
+CFG = PreprocessConfig(size=16)
+
+
+def cine(path: Path, sop_uid: str, *, seed: int = 0, frames: int = 12, study_uid: str = "1.2.826.0.9.1",
+         patient_id: str = "MRN1") -> Path:
+    """A small usable US cine at ``path``."""
+    ds = us_multiframe(sop_uid=sop_uid, study_uid=study_uid, frames=frames, rows=32, cols=32, seed=seed,
+                       patient_id=patient_id)
+    return write(ds, path)
+
+
+def touch_later(path: Path, seconds: int) -> None:
+    """Move a file's modification time, as a re-export or a copy would."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+
+
+def manifest(cache: Path) -> dict:
+    return json.loads((cache / "manifest.json").read_text())
+
+
+def unusable_by_path(cache: Path) -> dict[str, str]:
+    return {u["source"]["path"]: u["reason"] for u in manifest(cache)["unusable"]}
+
+
+def test_same_sop_under_two_paths_is_cached_once_and_stays_incremental(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    first = cine(archive / "a" / "IM1", "1.2.826.0.9.1.1")
+    second = archive / "b" / "IM1"
+    second.parent.mkdir()
+    shutil.copy(first, second)  # a second export of the same object, a newer mtime
+    touch_later(second, 5)
+    # The real pair: one SonoSite loop exported twice, 120 and 30 frames,
+    # with one SOP Instance UID.
+    shutil.copy(real_testfile("color3d_jpeg_baseline.dcm"), archive / "c_color3d.dcm")
+    shutil.copy(real_testfile("examples_ybr_color.dcm"), archive / "d_ybr.dcm")
+
+    report = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    assert report.cached == 2 and report.added == 2
+    videos = {v["sop_uid"]: v for v in manifest(tmp_path / "cache")["videos"]}
+    # The first path in the scan's order is kept, whatever its mtime.
+    assert videos["1.2.826.0.9.1.1"]["source"]["path"] == "a/IM1"
+    assert videos["1.2.840.114340.3.8251017118051.3.20160503.121539.16117.4"]["frames"] == 100  # the 120-frame loop
+    reasons = unusable_by_path(tmp_path / "cache")
+    assert set(reasons) == {"b/IM1", "d_ybr.dcm"}
+    assert "a/IM1" in reasons["b/IM1"] and "c_color3d.dcm" in reasons["d_ybr.dcm"]
+
+    # Nothing changed: nothing is decoded again (it used to redo both copies
+    # on every run, flipping which one the cache held).
+    again = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    assert again.added == 0 and again.cached == 2 and again.reused == 4
+
+    # The kept copy goes: the other one takes its place.
+    first.unlink()
+    third = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    assert third.cached == 2 and third.missing == 0
+    videos = {v["sop_uid"]: v for v in manifest(tmp_path / "cache")["videos"]}
+    assert videos["1.2.826.0.9.1.1"]["source"]["path"] == "b/IM1"
+    assert "b/IM1" not in unusable_by_path(tmp_path / "cache")
+
+
+def test_dicom_without_a_part10_header_is_listed_not_ignored(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    cine(archive / "ok" / "IM1", "1.2.826.0.9.2.1")
+    # "DICM" and the file meta, but no 128-byte preamble.
+    buffer = io.BytesIO()
+    dcmwrite(buffer, us_multiframe(sop_uid="1.2.826.0.9.2.2", frames=12, rows=32, cols=32), enforce_file_format=True)
+    (archive / "raw").mkdir()
+    (archive / "raw" / "IM2").write_bytes(buffer.getvalue()[128:])
+    # A bare dataset: no preamble, no file meta (some older exports).
+    bare = us_multiframe(sop_uid="1.2.826.0.9.2.3", frames=12, rows=32, cols=32)
+    del bare.file_meta
+    buffer = io.BytesIO()
+    bare.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    (archive / "raw" / "IM3").write_bytes(buffer.getvalue())
+    # What else an export folder holds: none of it is DICOM.
+    shutil.copy(real_testfile("DICOMDIR"), archive / "DICOMDIR")
+    (archive / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    (archive / "empty").write_bytes(b"")
+    (archive / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+
+    report = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    assert report.cached == 1
+    reasons = unusable_by_path(tmp_path / "cache")
+    assert set(reasons) == {"raw/IM2", "raw/IM3", "DICOMDIR"}
+    for name in ("raw/IM2", "raw/IM3"):
+        assert "preamble" in reasons[name], reasons[name]
+    assert "DICOMDIR" in reasons["DICOMDIR"]
+    assert report.not_dicom == 3
+    # Listed objects are remembered: the second run reads none of them.
+    assert build_index(archive, tmp_path / "cache", CFG, progress=False).reused == 4
+
+
+def test_a_file_that_changes_replaces_its_record(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    a = cine(archive / "a.dcm", "1.2.826.0.9.3.1", seed=1)
+    b = cine(archive / "b.dcm", "1.2.826.0.9.3.2", seed=2)
+    build_index(archive, tmp_path / "cache", CFG, progress=False)
+    before = np.array(ClipCache(tmp_path / "cache").frames("1.2.826.0.9.3.1"))
+
+    cine(a, "1.2.826.0.9.3.1", seed=9)  # re-exported with new pixels, same UID
+    touch_later(a, 5)
+    cine(b, "1.2.826.0.9.3.2", frames=3)  # re-exported, now too short to use
+    touch_later(b, 5)
+    report = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    cache = ClipCache(tmp_path / "cache")
+    assert not np.array_equal(before, np.array(cache.frames("1.2.826.0.9.3.1")))
+    # The unusable version is not trained on under its old frames.
+    assert set(cache.by_sop) == {"1.2.826.0.9.3.1"} and report.cached == 1
+    assert not (tmp_path / "cache" / "videos" / "1.2.826.0.9.3.2.npy").exists()
+    assert "frames" in unusable_by_path(tmp_path / "cache")["b.dcm"]
+    # And the next run is incremental again (b used to be decoded every run).
+    assert build_index(archive, tmp_path / "cache", CFG, progress=False).added == 0
+
+
+def test_a_deleted_file_is_reported_and_pruned_on_request(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    cine(archive / "a.dcm", "1.2.826.0.9.4.1")
+    gone = cine(archive / "b.dcm", "1.2.826.0.9.4.2")
+    reused_path = cine(archive / "c.dcm", "1.2.826.0.9.4.3")
+    write(us_multiframe(sop_uid="1.2.826.0.9.4.4", frames=3, rows=32, cols=32), archive / "short.dcm")
+    build_index(archive, tmp_path / "cache", CFG, progress=False)
+
+    gone.unlink()
+    (archive / "short.dcm").unlink()
+    cine(reused_path, "1.2.826.0.9.4.9")  # the path now holds another object
+    touch_later(reused_path, 5)
+    report = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    # Kept by default (a purge on the node's storage must not empty a
+    # training cache), but counted.
+    assert report.missing == 2 and report.cached == 4
+    assert unusable_by_path(tmp_path / "cache") == {}
+
+    report = build_index(archive, tmp_path / "cache", CFG, progress=False, prune=True)
+    assert report.removed == 2 and report.cached == 2 and report.missing == 0
+    assert set(ClipCache(tmp_path / "cache").by_sop) == {"1.2.826.0.9.4.1", "1.2.826.0.9.4.9"}
+    assert sorted(p.name for p in (tmp_path / "cache" / "videos").iterdir()) == ["1.2.826.0.9.4.1.npy", "1.2.826.0.9.4.9.npy"]
+
+
+def test_an_interrupted_run_keeps_its_work_and_the_rerun_completes(tmp_path: Path, monkeypatch) -> None:
+    archive = tmp_path / "archive"
+    for i in range(6):
+        cine(archive / f"{i}.dcm", f"1.2.826.0.9.5.{i}", seed=i)
+    write(us_multiframe(sop_uid="1.2.826.0.9.5.9", frames=3, rows=32, cols=32), archive / "9short.dcm")
+    real = train.data.preprocess_file
+    calls = []
+
+    def interrupted(path, cfg):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C while the fourth file decodes
+        return real(path, cfg)
+
+    monkeypatch.setattr(train.data, "preprocess_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(archive, tmp_path / "cache", CFG, progress=False)
+    # What was done before the interruption is in the manifest, not lost.
+    assert {v["sop_uid"] for v in manifest(tmp_path / "cache")["videos"]} == {f"1.2.826.0.9.5.{i}" for i in range(3)}
+
+    monkeypatch.setattr(train.data, "preprocess_file", real)
+    report = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    assert report.added == 3 and report.reused == 3 and report.cached == 6 and report.unusable == 1
+    cache = ClipCache(tmp_path / "cache")
+    assert len(cache.videos) == len(cache.by_sop) == 6
+    assert sorted(p.name for p in (tmp_path / "cache" / "videos").iterdir()) == sorted(
+        f"1.2.826.0.9.5.{i}.npy" for i in range(6)
+    )
+
+
+def test_a_study_whose_videos_disagree_on_the_patient_keeps_both_patients_together(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    # Study S has one video filed under MRN1 and one under MRN2 (a merge or
+    # a typo at the modality); each patient also has a study of their own.
+    cine(archive / "s1.dcm", "1.2.826.0.9.6.1", study_uid="1.2.826.0.9.60", patient_id="MRN1")
+    cine(archive / "s2.dcm", "1.2.826.0.9.6.2", study_uid="1.2.826.0.9.60", patient_id="MRN2")
+    cine(archive / "t.dcm", "1.2.826.0.9.6.3", study_uid="1.2.826.0.9.61", patient_id="MRN1")
+    cine(archive / "u.dcm", "1.2.826.0.9.6.4", study_uid="1.2.826.0.9.62", patient_id="MRN2")
+    for p in range(3, 12):  # other patients, so that every split has some
+        cine(archive / f"p{p}.dcm", f"1.2.826.0.9.7.{p}", study_uid=f"1.2.826.0.9.7{p}", patient_id=f"MRN{p}")
+    report = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    cache = ClipCache(tmp_path / "cache")
+    patients = cache.study_patient()
+    assert patients["1.2.826.0.9.60"] == patients["1.2.826.0.9.61"] == patients["1.2.826.0.9.62"]
+    for seed in range(10):
+        splits = split_cache(cache, seed=seed)
+        where = {s: name for name, studies in splits.items() for s in studies}
+        assert where["1.2.826.0.9.60"] == where["1.2.826.0.9.61"] == where["1.2.826.0.9.62"]
+    assert "MRN" not in (tmp_path / "cache" / "manifest.json").read_text()
+    assert report.patient_conflicts == 1  # and the run says so
+
+
+def test_a_killed_runs_temporary_files_are_cleared_and_a_second_run_waits_its_turn(tmp_path: Path) -> None:
+    import fcntl
+
+    archive = tmp_path / "archive"
+    cine(archive / "a.dcm", "1.2.826.0.9.8.1")
+    cache = tmp_path / "cache"
+    build_index(archive, cache, CFG, progress=False)
+    # What `kill -9` during _atomic_save_npy and _atomic_write_bytes leaves.
+    (cache / "videos" / ".1.2.826.0.9.8.2.x1y2z3.npy").write_bytes(b"\x93NUMPY")
+    (cache / ".manifest.json.abc123.tmp").write_text("{")
+    build_index(archive, cache, CFG, progress=False)
+    assert sorted(p.name for p in (cache / "videos").iterdir()) == ["1.2.826.0.9.8.1.npy"]
+    assert not list(cache.glob("*.tmp"))
+
+    with open(cache / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run at work
+        with pytest.raises(RuntimeError, match="another"):
+            build_index(archive, cache, CFG, progress=False)
