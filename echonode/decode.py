@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,20 +262,18 @@ def decode_video(
         pixel data that fails to decode. No other exception type escapes.
     """
     try:
-        # pydicom reports a file cut short by a warning, and then silently
-        # drops the element it was reading (usually the pixel data): record
-        # warnings so that the reason says "truncated", not "no pixel data".
-        # (catch_warnings swaps process-wide filters: harmless here, where a
-        # concurrent thread would at worst see a warning recorded here too.)
         if isinstance(path, (str, os.PathLike)):
             check_inflated_size(Path(path), max_decoded_bytes)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, force=False)
+            with open(path, "rb") as fp:
+                ds, stopped_at, size = _read_whole(fp)
+        else:
+            ds, stopped_at, size = _read_whole(path)
     except Exception as exc:  # pydicom raises many types for bad input
         raise UnusableObject(f"not a readable DICOM file ({_short(exc)})") from exc
-    if any("End of file" in str(w.message) for w in caught):
-        raise UnusableObject("file is truncated (ends inside an element)")
+    if stopped_at < size:
+        raise UnusableObject(
+            f"file is truncated (reading stopped at byte {stopped_at} of {size})"
+        )
     return decode_dataset(
         ds,
         target_side=target_side,
@@ -287,6 +284,25 @@ def decode_video(
         threads=threads,
         prefer_fast=prefer_fast,
     )
+
+
+def _read_whole(fp: BinaryIO) -> tuple[Dataset, int, int]:
+    """Read a data set; also return where pydicom stopped and where the file ends.
+
+    pydicom meets a file cut short inside an undefined-length element (the
+    encapsulated pixel data, a sequence) with a warning, rewinds to that
+    element and drops it and everything after it, so the reason would say
+    "no pixel data". A complete read leaves the file at its end; stopping
+    short of it is how the truncation shows without the warning. Warnings
+    are not caught on purpose: ``warnings.catch_warnings`` swaps
+    process-wide state, and the pipeline decodes on several threads, where
+    interleaved swaps left a recorder installed that swallowed (and kept)
+    every later warning of the process.
+    """
+    ds = pydicom.dcmread(fp, force=False)
+    stopped_at = fp.tell()
+    size = fp.seek(0, os.SEEK_END)
+    return ds, stopped_at, size
 
 
 def decode_dataset(

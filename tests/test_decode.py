@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import warnings
 from pathlib import Path
 
 import cv2
@@ -453,3 +455,64 @@ def test_declared_frames_missing_from_pixel_data(tmp_path: Path) -> None:
     ds = _dataset(vid[:5].tobytes(), rows=64, cols=80, frames=10, photometric="MONOCHROME2")
     with pytest.raises(UnusableObject):
         decode_video(_save(ds, tmp_path))
+
+
+# --------------------------------------------------------------------------
+# Concurrency: the pipeline decodes on several threads
+
+
+def test_concurrent_reads_leave_the_warning_machinery_alone(
+    small_loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two decodes whose reads overlap must not swap the process's warning state.
+
+    ``warnings.catch_warnings`` is process-wide: entered by thread A, then B,
+    left by A, then B, it leaves A's recorder installed, which swallows and
+    keeps every later warning of a long-running worker. The fake ``dcmread``
+    forces exactly that interleaving.
+    """
+    real_dcmread = pydicom.dcmread
+    a_reading, b_reading, a_done = threading.Event(), threading.Event(), threading.Event()
+    lock = threading.Lock()
+    calls: list[str] = []
+
+    def dcmread(*args: object, **kwargs: object) -> Dataset:
+        with lock:
+            role = "a" if not calls else "b"
+            calls.append(role)
+        if role == "a":
+            a_reading.set()
+            b_reading.wait(10)  # B starts reading while A is inside its read
+        else:
+            b_reading.set()
+            a_done.wait(10)  # A finishes its whole decode before B's read returns
+        return real_dcmread(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    filters, show, impl = list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl  # type: ignore[attr-defined]
+    results: dict[str, DecodedVideo] = {}
+
+    def decode(role: str) -> None:
+        results[role] = decode_video(small_loop, max_frames=8, threads=1)
+        if role == "a":
+            a_done.set()
+
+    a = threading.Thread(target=decode, args=("a",))
+    a.start()
+    assert a_reading.wait(10)
+    b = threading.Thread(target=decode, args=("b",))
+    b.start()
+    a.join(20)
+    b.join(20)
+    assert calls == ["a", "b"] and set(results) == {"a", "b"}
+    assert warnings.filters == filters
+    assert warnings.showwarning is show
+    assert warnings._showwarnmsg_impl is impl  # type: ignore[attr-defined]
+
+
+def test_truncated_reason_from_a_file_object(small_loop: str) -> None:
+    data = Path(small_loop).read_bytes()
+    with pytest.raises(UnusableObject) as info:
+        decode_video(io.BytesIO(data[: len(data) // 2]))
+    assert "truncated" in info.value.reason
+    assert f"of {len(data) // 2})" in info.value.reason
