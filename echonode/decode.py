@@ -518,9 +518,10 @@ def _decode_pydicom(ds: Dataset, tsyntax: str, n_keep: int, reduction: int) -> n
     iterator: Iterator[tuple[np.ndarray, dict[str, Any]]] = decoder.iter_array(
         ds, indices=range(n_keep), validate=True, raw=False, **opts
     )
+    luts = _palette_luts(ds, tsyntax) if photometric == "PALETTE COLOR" else ds
     greys: list[np.ndarray] = []
     for arr, info in iterator:
-        greys.append(_to_grey(arr, str(info.get("photometric_interpretation", "")), ds))
+        greys.append(_to_grey(arr, str(info.get("photometric_interpretation", "")), luts))
     if len(greys) < n_keep:
         raise UnusableObject(f"pixel data holds {len(greys)} frames, {n_keep} expected")
 
@@ -553,12 +554,56 @@ def _native_ybr422_luma(ds: Dataset, n_keep: int) -> np.ndarray:
     return np.ascontiguousarray(quads[..., :2]).reshape(n_keep, rows, cols)
 
 
+def _palette_luts(ds: Dataset, tsyntax: str) -> Dataset:
+    """The object's palette colour LUTs, as :func:`apply_color_lut` reads them right.
+
+    pydicom 3.0 reads non-segmented 16-bit LUT Data in the machine's byte
+    order whatever the transfer syntax (segmented LUT Data it reads right).
+    In an Explicit VR Big Endian object, which older carts send, every entry
+    comes out byte-swapped: a grey ramp 0x0100..0xFF00 becomes 1..255 and
+    the video decodes black. Such LUT Data is handed over little-endian.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A PALETTE COLOR object.
+    tsyntax : str
+        Its transfer syntax UID.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        ``ds`` itself, or a data set holding only its LUT descriptors and
+        the byte-swapped LUT Data.
+    """
+    if UID(tsyntax).is_little_endian or "RedPaletteColorLookupTableData" not in ds:
+        return ds
+    out = Dataset()
+    if "PixelPresentation" in ds:
+        out.PixelPresentation = ds.PixelPresentation
+    for colour in ("Red", "Green", "Blue", "Alpha"):
+        desc_kw = f"{colour}PaletteColorLookupTableDescriptor"
+        data_kw = f"{colour}PaletteColorLookupTableData"
+        if desc_kw in ds:
+            setattr(out, desc_kw, ds[desc_kw].value)
+        if data_kw not in ds:
+            continue
+        data = bytes(ds[data_kw].value)
+        entries = (_as_int(ds[desc_kw].value[0]) if desc_kw in ds else None) or 2**16
+        if len(data) == 2 * entries:
+            # Two bytes an entry (16-bit LUTs, and 8-bit ones padded to 16).
+            data = np.frombuffer(data, ">u2").astype("<u2").tobytes()
+        setattr(out, data_kw, data)
+    return out
+
+
 def _to_grey(arr: np.ndarray, photometric: str, ds: Dataset) -> np.ndarray:
     """One decoded frame -> single-channel grey in its own bit depth.
 
     The result is ``uint8`` for 8-bit data, float32 or uint16 otherwise;
     :func:`_to_uint8` maps the whole stack to 8 bit afterwards so that
-    windowing is the same for every frame.
+    windowing is the same for every frame. For PALETTE COLOR, ``ds`` only
+    needs the LUT module (:func:`_palette_luts`).
     """
     pi = photometric.upper()
     if pi == "PALETTE COLOR":

@@ -297,6 +297,29 @@ def test_palette_colour_rle(tmp_path: Path) -> None:
     assert np.abs(out.frames.astype(int) - expected).max() <= 1
 
 
+def _as_loop(name: str, tmp_path: Path, n: int = 10) -> Path:
+    """A real single-frame native object made an ``n``-frame loop (the frame repeated)."""
+    ds = pydicom.dcmread(_testfile(name))
+    ds.PixelData = ds.PixelData * n
+    ds.NumberOfFrames = n
+    ds.FrameTime = "33.3"
+    return _save(ds, tmp_path, f"loop_{name}")
+
+
+def test_palette_colour_big_endian_matches_little_endian(tmp_path: Path) -> None:
+    """OBXXXX1A in Explicit VR Big Endian: the 16-bit LUT Data is big-endian too.
+
+    pydicom reads that LUT Data in the machine's byte order; taken as is,
+    every entry was byte-swapped (0xFF00 read as 0x00FF) and the loop
+    decoded black.
+    """
+    little = decode_video(_as_loop("OBXXXX1A.dcm", tmp_path))
+    big = decode_video(_as_loop("OBXXXX1A_expb.dcm", tmp_path))
+    assert big.transfer_syntax == "1.2.840.10008.1.2.2"
+    assert little.frames.max() > 200  # the little-endian original is a real image
+    assert np.array_equal(big.frames, little.frames)
+
+
 def test_sixteen_bit_monochrome2_min_max(tmp_path: Path) -> None:
     vid16 = (_ramp_video().astype(np.uint16) * 16 + 100).astype(np.uint16)
     ds = _dataset(vid16.tobytes(), rows=64, cols=80, frames=10, photometric="MONOCHROME2", bits=16)
