@@ -515,6 +515,13 @@ def _decode_pydicom(ds: Dataset, tsyntax: str, n_keep: int, reduction: int) -> n
     # as_rgb=False: keep YBR as decoded; the Y plane is the grey we want and
     # pydicom's YBR->RGB is the single most expensive step of pixel_array.
     opts = as_pixel_options(ds, as_rgb=False)
+    if UID(tsyntax).is_encapsulated and (_as_int(ds.get("SamplesPerPixel")) or 1) > 1:
+        # PS3.5 8.2: compressed pixel data is decoded as its codestream says,
+        # whatever Planar Configuration claims, and the codecs hand back
+        # interleaved samples. Vendors do write 1 (or omit the Type 1C
+        # element) on JPEG and JPEG 2000 colour: taken at its word, pydicom
+        # scrambled the frames (1) or refused them (missing).
+        opts["planar_configuration"] = 0
     iterator: Iterator[tuple[np.ndarray, dict[str, Any]]] = decoder.iter_array(
         ds, indices=range(n_keep), validate=True, raw=False, **opts
     )

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -297,12 +297,24 @@ def test_palette_colour_rle(tmp_path: Path) -> None:
     assert np.abs(out.frames.astype(int) - expected).max() <= 1
 
 
-def _as_loop(name: str, tmp_path: Path, n: int = 10) -> Path:
-    """A real single-frame native object made an ``n``-frame loop (the frame repeated)."""
+def _as_loop(name: str, tmp_path: Path, n: int = 10, **attrs: object) -> Path:
+    """A real single-frame object made an ``n``-frame loop (the frame repeated).
+
+    ``attrs`` are set on the data set; an attribute set to None is deleted.
+    """
     ds = pydicom.dcmread(_testfile(name))
-    ds.PixelData = ds.PixelData * n
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        ds.PixelData = encapsulate([frame] * n)
+    else:
+        ds.PixelData = ds.PixelData * n
     ds.NumberOfFrames = n
     ds.FrameTime = "33.3"
+    for keyword, value in attrs.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
     return _save(ds, tmp_path, f"loop_{name}")
 
 
@@ -362,6 +374,32 @@ def test_jpeg_adobe_rgb_marked(tmp_path: Path) -> None:
     assert fast.fast_path and not slow.fast_path
     expected = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb]).astype(int)
     assert np.abs(fast.frames.astype(int) - expected).mean() < 2.0
+    assert np.abs(fast.frames.astype(int) - slow.frames.astype(int)).mean() < 1.0
+
+
+@pytest.mark.parametrize("planar", [1, None])
+def test_jpeg2000_colour_ignores_planar_configuration(tmp_path: Path, planar: int | None) -> None:
+    """Compressed colour is decoded as its codestream says (PS3.5 8.2).
+
+    A JPEG 2000 loop marked Planar Configuration 1 was read as planes and
+    scrambled; one without the element was refused.
+    """
+    path = _as_loop("US1_J2KR.dcm", tmp_path, PlanarConfiguration=planar)
+    out = decode_video(path)
+    expected = _reference_grey(_testfile("US1_J2KR.dcm"), 1)[0]
+    assert out.frames.shape == (10,) + expected.shape
+    assert np.array_equal(out.frames[3], expected)
+
+
+def test_jpeg_planar_configuration_one_on_the_fallback_path(tmp_path: Path) -> None:
+    vid = _ramp_video(n=8, rows=64, cols=96)
+    rgb = np.stack([vid, 255 - vid, np.full_like(vid, 60)], axis=-1)
+    ds = _dataset(encapsulate([_jpeg(f) for f in rgb]), rows=64, cols=96, frames=8,
+                  photometric="YBR_FULL_422", samples=3, tsyntax=JPEGBaseline8Bit)
+    ds.PlanarConfiguration = 1
+    path = _save(ds, tmp_path)
+    fast = decode_video(path)
+    slow = decode_video(path, prefer_fast=False)
     assert np.abs(fast.frames.astype(int) - slow.frames.astype(int)).mean() < 1.0
 
 
