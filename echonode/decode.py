@@ -368,6 +368,10 @@ def _decode(
         image_like = "Rows" in ds or sop_class.startswith(_IMAGE_CLASS_PREFIXES)
         hint = " (an image object: file truncated?)" if image_like else ""
         raise UnusableObject("no pixel data" + hint)
+    if not ds.PixelData:
+        # A zero-length element reads as None; left alone, it surfaced as a
+        # TypeError from the decoder.
+        raise UnusableObject("pixel data element is empty")
 
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""

@@ -452,6 +452,11 @@ def test_no_pixel_data(tmp_path: Path) -> None:
     _assert_unusable(_save(ds, tmp_path), "no pixel data")
 
 
+def test_empty_pixel_data(tmp_path: Path) -> None:
+    ds = _dataset(b"", rows=64, cols=80, frames=10, photometric="MONOCHROME2")
+    _assert_unusable(_save(ds, tmp_path), "pixel data element is empty")
+
+
 @pytest.mark.parametrize("fraction", [0.05, 0.5, 0.99])
 def test_truncated_file(tmp_path: Path, small_loop: str, fraction: float) -> None:
     data = Path(small_loop).read_bytes()
