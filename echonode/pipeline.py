@@ -231,7 +231,8 @@ def analyse_study(
             log.warning("pipeline.unreadable_header", path=str(p), error=type(exc).__name__)
     check_identity([h for _, h in headers])
     # Frames of images only: SRs, documents and the like are skipped up front.
-    candidates = [(p, h) for p, h in headers if "PixelData" in h or (0x7FE0, 0x0010) in h or h.get("Rows")]
+    # The headers were read without pixel data, so Rows is what says "image".
+    candidates = [(p, h) for p, h in headers if h.get("Rows")]
     skipped = [
         VideoOutcome(str(p), str(h.get("SOPInstanceUID", "")), str(h.get("SeriesInstanceUID", "")),
                      str(h.get("SOPClassUID", "")), reason="no pixel data")

@@ -108,6 +108,24 @@ def test_unusable_objects_are_skipped_with_reasons(tmp_path: Path, study) -> Non
     result = analyse_study(uid, [extra], _registry(models).current)
     assert result.skipped_reason.startswith("no usable video")
 
+    # An SR in the study (ours, come back from the PACS): no image, never decoded,
+    # never one of the max_videos.
+    sr = src.copy()
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    sr.SOPInstanceUID = pydicom.uid.generate_uid()
+    sr.Modality = "SR"
+    for keyword in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+                    "PhotometricInterpretation"):
+        if keyword in sr:
+            delattr(sr, keyword)
+    sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
+    sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
+    report = write(sr, tmp_path / "sr.dcm")
+    result = analyse_study(uid, [report, *files], _registry(models).current, max_videos=3)
+    outcomes = {Path(v.path).name: v for v in result.videos}
+    assert outcomes["sr.dcm"].reason == "no pixel data" and not outcomes["sr.dcm"].used
+    assert all(outcomes[f.name].used for f in files)
+
 
 def test_identity_check() -> None:
     a, b = pydicom.Dataset(), pydicom.Dataset()
