@@ -332,6 +332,24 @@ def test_palette_colour_big_endian_matches_little_endian(tmp_path: Path) -> None
     assert np.array_equal(big.frames, little.frames)
 
 
+def test_sixteen_bit_palette_matches_pydicom_lut_per_frame(tmp_path: Path) -> None:
+    """The real gdcm-US-ALOKA-16 (16-bit stored values, segmented 16-bit LUTs) as a loop.
+
+    The decoder looks each stored value up once per video; the reference maps
+    every pixel through pydicom's apply_color_lut, then to grey.
+    """
+    from pydicom.pixels import apply_color_lut
+
+    path = _as_loop("gdcm-US-ALOKA-16.dcm", tmp_path, n=3)
+    out = decode_video(path, min_frames=1)
+    ds = pydicom.dcmread(path)
+    rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float32) * (255.0 / 65535.0)
+    expected = np.stack([cv2.cvtColor(f.clip(0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY) for f in rgb])
+    assert ds.BitsAllocated == 16 and out.frames.shape == expected.shape
+    assert out.frames.max() > 100  # a real image, not a black one
+    assert np.array_equal(out.frames, expected)
+
+
 def test_sixteen_bit_monochrome2_min_max(tmp_path: Path) -> None:
     vid16 = (_ramp_video().astype(np.uint16) * 16 + 100).astype(np.uint16)
     ds = _dataset(vid16.tobytes(), rows=64, cols=80, frames=10, photometric="MONOCHROME2", bits=16)
