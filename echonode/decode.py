@@ -636,7 +636,26 @@ def _palette_grey_table(dtype: np.dtype, luts: Dataset) -> np.ndarray:
     n = 256 if np.dtype(dtype) == np.uint8 else 65536
     # A 256-wide image: OpenCV's colour conversion wants a plain 2-D frame.
     values = np.arange(n, dtype=dtype).reshape(-1, 256)
-    return _to_grey(values, "PALETTE COLOR", luts).reshape(-1)
+    rgb = apply_color_lut(values, luts)
+    if rgb.dtype != np.uint8 and rgb.max() <= 255:
+        # 16-bit LUT entries that hold 8-bit values, a quirk PS3.3 C.7.6.3.1.5
+        # notes in older implementations: scaled as 16-bit they would give a
+        # black video. No real 16-bit palette tops out at 255 of 65535.
+        rgb = rgb.astype(np.uint8)
+    return _to_grey_rgb(rgb, luts).reshape(-1)
+
+
+def _to_grey_rgb(rgb: np.ndarray, luts: Dataset) -> np.ndarray:
+    """Palette colours (8 or 16 bits an entry) -> 8-bit grey."""
+    if rgb.dtype != np.uint8:
+        # The LUT descriptor's third value is the entry bit depth (8 or 16);
+        # scaling by it, not by the frame's maximum, keeps one mapping for
+        # the whole video.
+        desc = luts.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
+        depth = _as_int(desc[2]) or 16
+        top = float(2**depth - 1)
+        rgb = (rgb.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8)
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
 
 
 def _to_grey(arr: np.ndarray, photometric: str, ds: Dataset) -> np.ndarray:
@@ -649,16 +668,7 @@ def _to_grey(arr: np.ndarray, photometric: str, ds: Dataset) -> np.ndarray:
     """
     pi = photometric.upper()
     if pi == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
-        if rgb.dtype != np.uint8:
-            # The LUT descriptor's third value is the entry bit depth (8 or
-            # 16); scaling by it, not by the frame's maximum, keeps one
-            # mapping for the whole video.
-            desc = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
-            depth = _as_int(desc[2]) or 16
-            top = float(2**depth - 1)
-            rgb = (rgb.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8)
-        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+        return _to_grey_rgb(apply_color_lut(arr, ds), ds)
     if arr.ndim == 3:
         if pi.startswith("YBR"):
             # YBR_FULL / YBR_FULL_422 (already upsampled by the decoder):

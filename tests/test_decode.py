@@ -297,6 +297,16 @@ def test_palette_colour_rle(tmp_path: Path) -> None:
     assert np.abs(out.frames.astype(int) - expected).max() <= 1
 
 
+def test_palette_sixteen_bit_entries_holding_eight_bit_values(tmp_path: Path) -> None:
+    """LUT Descriptor says 16 bits, the entries are 0-255 (PS3.3 C.7.6.3.1.5's note): not black."""
+    ds, expected = _palette_dataset(_ramp_video())
+    idx = np.arange(256)
+    for colour, lut in (("Red", idx), ("Green", 255 - idx), ("Blue", idx // 2)):
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut.astype("<u2").tobytes())
+    out = decode_video(_save(ds, tmp_path))
+    assert np.abs(out.frames.astype(int) - expected).max() <= 1
+
+
 def _as_loop(name: str, tmp_path: Path, n: int = 10, **attrs: object) -> Path:
     """A real single-frame object made an ``n``-frame loop (the frame repeated).
 
