@@ -174,13 +174,35 @@ def echo(local_ae_title: str, peer: Peer, timeout_s: float = 10.0) -> int:
         assoc.release()
 
 
+#: Warning statuses outside 0xB000-0xBFFF (PS3.7 C.4: attribute list error,
+#: attribute value out of range, and the general warning).
+_GENERAL_WARNINGS = (0x0001, 0x0107, 0x0116)
+
+
 def classify_store_status(status: int) -> tuple[bool, bool]:
     """(stored, permanent) for a C-STORE response status.
 
-    Warnings (0xB000, 0xB006, 0xB007) and 0x0111 (the instance is already
-    there: our own resend after a crash) count as stored.
+    Parameters
+    ----------
+    status : int
+        The Status of the C-STORE response.
+
+    Returns
+    -------
+    tuple of bool
+        ``stored``: the peer has the instance; ``permanent``: when not
+        stored, whether retrying cannot help.
+
+    Notes
+    -----
+    Every warning (0xB000-0xBFFF, e.g. 0xB000 coercion, 0xB006 elements
+    discarded, 0xB007 data set does not match the SOP class; and the general
+    warnings 0x0001, 0x0107, 0x0116) means the peer stored the instance
+    (PS3.7 C.4), so it counts as delivered: dead-lettering it would have an
+    operator resend an SR the PACS already holds. 0x0111 (the instance is
+    already there: our own resend after a crash) counts as stored too.
     """
-    if status == 0x0000 or status in (0xB000, 0xB006, 0xB007, 0x0111):
+    if status in (0x0000, 0x0111, *_GENERAL_WARNINGS) or 0xB000 <= status <= 0xBFFF:
         return True, False
     if 0xA700 <= status <= 0xA7FF or status in (0x0213, 0x0210):  # out of resources, busy
         return False, False

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedSRStorage,
     Verification,
 )
+from structlog.testing import capture_logs
 
 from echonode.bundle import ModelRegistry
 from echonode.config import Config, to_toml
@@ -41,6 +42,11 @@ from tests.conftest import STORESCP, free_port, make_config, need, run_cli, wait
 from tests.factories import tiny_bundle
 
 SR_CLASSES = (ComprehensiveSRStorage, EnhancedSRStorage, Comprehensive3DSRStorage)
+
+
+def stored_by_peer(status: int) -> bool:
+    """Whether a peer that answers ``status`` keeps the instance: success, any warning (PS3.7 C.4), 0x0111."""
+    return status in (0x0000, 0x0111, 0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
 
 
 class RecordingSCP:
@@ -90,7 +96,7 @@ class RecordingSCP:
         with self._lock:
             self.stores += 1
             status = self.statuses.pop(0) if self.statuses else 0x0000
-            if status in (0x0000, 0xB000, 0xB007, 0x0111):
+            if stored_by_peer(status):
                 self.received.append(ds)
         return status
 
@@ -290,6 +296,31 @@ def test_out_of_resources_is_retried(tmp_path: Path, ybr_loop: Path, scps, statu
     assert (scp.stores, len(scp.received)) == (2, 1)
     assert str(scp.received[0].SOPInstanceUID) == rep.sr_uid
     assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
+
+
+# -- warnings: the peer stored the SR ------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [0xB000, 0xB006, 0xB007, 0x0001, 0x0107, 0x0116], ids=hex)
+def test_warning_status_counts_as_delivered(tmp_path: Path, ybr_loop: Path, scps, status: int) -> None:
+    """A warning means the PACS stored the SR: delivered, neither retried nor dead-lettered.
+
+    0x0107 (attribute list error) and 0x0116 (attribute value out of range)
+    are warnings outside 0xBxxx; they used to dead-letter an SR the PACS held.
+    """
+    scp = scps(statuses=[status])
+    rep = reported_study(tmp_path, ybr_loop, scp.port, retry_initial_s=0.1)
+    delivery = Delivery(rep.cfg, rep.journal)
+    with capture_logs() as logs:
+        assert delivery.run() == 1
+    row = rep.outbox()
+    assert (row["state"], row["attempts"], row["last_error"]) == (OutboxState.SENT, 1, None)
+    assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
+    (sent,) = [e for e in logs if e["event"] == "delivery.sent"]
+    assert (sent["status"], sent["sr_sop_uid"], sent["study_uid"]) == (f"0x{status:04X}", rep.sr_uid, rep.study_uid)
+    time.sleep(0.25)
+    assert delivery.run() == 0
+    assert scp.stores == 1 and delivery.failures == {}
 
 
 def test_max_attempts_exhausted_goes_dead(tmp_path: Path, ybr_loop: Path) -> None:
