@@ -5,12 +5,14 @@ Each outbox row is one SR for one destination. The scheduler runs
 
 Failures are sorted into two kinds:
 
-- transient (connection refused or timed out, association aborted or
-  rejected *transiently*, 0xA7xx out of resources, no response): retried
-  with exponential backoff up to ``delivery.max_attempts``;
+- transient (host name not resolved, connection refused or timed out,
+  association aborted or rejected *transiently*, 0xA7xx out of resources,
+  no response): retried with exponential backoff up to
+  ``delivery.max_attempts``;
 - permanent (association rejected permanently, e.g. unknown called AE;
-  SR storage not accepted; 0xA9xx / 0xCxxx / 0x01xx refusals): the row goes
-  to the dead letter at once, with the reason, for ``echonode retry``.
+  SR storage not accepted in any transfer syntax offered; the destination's
+  TLS files unusable; 0xA9xx / 0xCxxx / 0x01xx refusals): the row goes to
+  the dead letter at once, with the reason, for ``echonode retry``.
 
 Exactly once: the SR file and its SOP Instance UID are fixed before the
 first attempt. If the node dies after the peer stored it but before the row
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 import random
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -83,6 +87,14 @@ class Peer:
         return cls(dest.ae_title, dest.host, dest.port, dest.tls)
 
 
+#: Proposed for every SR after the file's own transfer syntax: pynetdicom
+#: converts between these two, not to Big Endian (retired) or compressed ones.
+SEND_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+#: A presentation context's result when the peer knows the abstract syntax
+#: but none of the proposed transfer syntaxes (PS3.8 9.3.3.2).
+_TRANSFER_SYNTAX_NOT_SUPPORTED = 0x04
+
 _REJECT_REASONS = {
     (1, 1): "no reason given",
     (1, 2): "application context name not supported",
@@ -114,18 +126,33 @@ def associate(
             ae.add_requested_context(abstract, syntaxes)
         else:
             ae.add_requested_context(abstract)
-    ctx = client_ssl_context(peer.tls)
+    try:
+        ctx = client_ssl_context(peer.tls)
+    except (OSError, ValueError) as exc:
+        # The config checked that the files exist, not what they hold: a CA
+        # file that is no certificate fails here on every try until someone
+        # replaces it. (ssl.SSLError is an OSError, which the caller would
+        # otherwise take for an unreadable SR file.)
+        raise DeliveryError(f"TLS setup for {peer.host}:{peer.port} failed: {exc}", permanent=True) from exc
     tls_args = (ctx, peer.host) if ctx is not None else None
     # pynetdicom reports a refused or timed-out TCP connection as an abort;
     # only EVT_CONN_OPEN tells the two apart.
     connected: list[bool] = []
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
-    )
+    try:
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+        )
+    except socket.gaierror as exc:
+        # pynetdicom resolves the name before it connects and lets this
+        # through. Transient: a resolver can be down for a while; a
+        # misspelt name ends in the dead letter after max_attempts, saying so.
+        raise DeliveryError(f"cannot resolve host {peer.host!r}: {exc.strerror or exc}", permanent=False) from exc
+    except OSError as exc:
+        raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}: {exc}", permanent=False) from exc
     if assoc.is_established:
         return assoc
     if not connected:
@@ -143,12 +170,26 @@ def associate(
     if getattr(accept, "result", None) == 0x00 and not assoc.accepted_contexts:
         # The peer accepted the association but none of our presentation
         # contexts (pynetdicom then aborts it): it does not take this object.
-        names = ", ".join(sorted({_uid_name(cx.abstract_syntax) for cx in assoc.rejected_contexts}))
-        raise DeliveryError(f"the destination does not accept {names or 'the proposed SOP classes'}",
-                            permanent=True)
+        raise DeliveryError(_no_context_reason(assoc), permanent=True)
     if assoc.is_aborted:
         raise DeliveryError("association aborted by the peer (or no answer to the request)", permanent=False)
     raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
+
+
+def _no_context_reason(assoc: Association) -> str:
+    """Why the peer accepted none of our presentation contexts, from each one's result."""
+    refused = assoc.rejected_contexts
+    syntax = sorted({_uid_name(cx.abstract_syntax) for cx in refused
+                     if cx.result == _TRANSFER_SYNTAX_NOT_SUPPORTED})
+    other = sorted({_uid_name(cx.abstract_syntax) for cx in refused} - set(syntax))
+    parts: list[str] = []
+    if other:
+        parts.append(f"the destination does not accept {', '.join(other)}")
+    if syntax:
+        offered = ", ".join(uid.name for uid in SEND_TRANSFER_SYNTAXES)
+        parts.append(f"the destination accepts {', '.join(syntax)} in none of the transfer syntaxes"
+                     f" offered ({offered})")
+    return "; ".join(parts) or "the destination does not accept the proposed SOP classes"
 
 
 def _uid_name(uid: str) -> str:
@@ -210,11 +251,24 @@ def classify_store_status(status: int) -> tuple[bool, bool]:
 
 
 def store_file(local_ae_title: str, peer: Peer, path: str, timeout_s: float = 30.0) -> int:
-    """C-STORE one file; return the status or raise :class:`DeliveryError`."""
+    """C-STORE one file; return the status or raise :class:`DeliveryError`.
+
+    The SR's storage class is proposed in one presentation context per
+    transfer syntax: the file's own first, then both little-endian
+    uncompressed ones. Some PACS (and dcmtk's ``storescp +xi``) take only
+    Implicit VR Little Endian, the one syntax every DICOM peer must support
+    (PS3.5 10.1); pynetdicom re-encodes the SR for it. Separate contexts
+    (rather than one listing every syntax, where the peer picks) let a peer
+    accept the file's own syntax, which pynetdicom then prefers, so the SR
+    arrives as written wherever the peer allows.
+    """
     ds = dcmread(path)
     sop_class = str(ds.SOPClassUID)
     tsyntax = str(ds.file_meta.TransferSyntaxUID)
-    assoc = associate(local_ae_title, peer, [(sop_class, [tsyntax])], timeout_s)
+    contexts: list[tuple[str, list[str] | None]] = [
+        (sop_class, [ts]) for ts in dict.fromkeys([tsyntax, *SEND_TRANSFER_SYNTAXES])
+    ]
+    assoc = associate(local_ae_title, peer, contexts, timeout_s)
     try:
         if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
             raise DeliveryError("the destination does not accept this SR storage class", permanent=True)

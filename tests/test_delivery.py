@@ -10,6 +10,7 @@ node with its scheduler and worker.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
@@ -33,7 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from echonode.bundle import ModelRegistry
-from echonode.config import Config, to_toml
+from echonode.config import Config, TLSConfig, to_toml
 from echonode.delivery import Delivery, DeliveryError, Peer, echo
 from echonode.journal import Journal, OutboxState, StudyState
 from echonode.store import StudyStore
@@ -63,17 +65,23 @@ class RecordingSCP:
         C-STORE statuses to answer with, in order; 0x0000 once used up.
     sr : bool
         Accept the SR storage classes (otherwise Verification only).
+    syntaxes : list of str, optional
+        The transfer syntaxes it accepts them in (pynetdicom's default:
+        the uncompressed ones).
     """
 
     def __init__(self, port: int, ae_title: str = "PACS", *, statuses: list[int] | None = None,
-                 require_called_aet: bool = False, sr: bool = True) -> None:
+                 require_called_aet: bool = False, sr: bool = True, syntaxes: list[str] | None = None) -> None:
         self.port = port
         self.ae = AE(ae_title=ae_title)
         self.ae.require_called_aet = require_called_aet
         self.ae.add_supported_context(Verification)
         if sr:
             for uid in SR_CLASSES:
-                self.ae.add_supported_context(uid)
+                if syntaxes:
+                    self.ae.add_supported_context(uid, syntaxes)
+                else:
+                    self.ae.add_supported_context(uid)
         self.statuses = list(statuses or [])
         self.received: list[Dataset] = []  # stored (status 0x0000 / warning / 0x0111)
         self.stores = 0  # C-STORE requests, whatever the answer
@@ -206,18 +214,18 @@ def test_sr_delivered_exactly_once(tmp_path: Path, ybr_loop: Path, scps) -> None
     assert delivery.failures == {}
 
 
-def test_dcmtk_storescp_as_destination(tmp_path: Path, ybr_loop: Path) -> None:
+@contextlib.contextmanager
+def dcmtk_storescp(out: Path, *options: str) -> Iterator[int]:
+    """Run dcmtk's ``storescp`` (AE title PACS) writing into ``out``; yield its port once it answers C-ECHO."""
     need(STORESCP)
     port = free_port()
-    out = tmp_path / "received"
-    out.mkdir()
+    out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [STORESCP, "--aetitle", "PACS", "--output-directory", str(out), str(port)],
+        [STORESCP, *options, "--aetitle", "PACS", "--output-directory", str(out), str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     try:
-        # dcmtk answers our C-ECHO once it listens.
         def up() -> bool:
             try:
                 return echo("ECHONODE", Peer("PACS", "127.0.0.1", port), timeout_s=2) == 0
@@ -225,20 +233,62 @@ def test_dcmtk_storescp_as_destination(tmp_path: Path, ybr_loop: Path) -> None:
                 return False
 
         wait_for(up, timeout=10, what="storescp to listen")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def stored_files(out: Path) -> list[Path]:
+    """What storescp has finished writing into ``out``."""
+    return wait_for(lambda: [p for p in out.iterdir() if not p.name.endswith(".tmp")], timeout=5,
+                    what="storescp to write the SR")
+
+
+def test_dcmtk_storescp_as_destination(tmp_path: Path, ybr_loop: Path) -> None:
+    out = tmp_path / "received"
+    with dcmtk_storescp(out) as port:
         rep = reported_study(tmp_path, ybr_loop, port)
         assert Delivery(rep.cfg, rep.journal).run() == 1
-        files = wait_for(lambda: [p for p in out.iterdir() if not p.name.endswith(".tmp")], timeout=5,
-                         what="storescp to write the SR")
-        (got,) = files
+        (got,) = stored_files(out)
         ds = pydicom.dcmread(got)
         assert str(ds.SOPInstanceUID) == rep.sr_uid
         assert str(ds.StudyInstanceUID) == rep.study_uid
         assert got.read_bytes().endswith(rep.sr_path.read_bytes()[-512:])
         assert rep.outbox()["state"] == OutboxState.SENT
         assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
-    finally:
-        proc.terminate()
-        proc.wait(10)
+
+
+def test_destination_taking_implicit_vr_only_gets_the_sr(tmp_path: Path, ybr_loop: Path) -> None:
+    """dcmtk ``storescp +xi`` accepts Implicit VR Little Endian only, like many older PACS.
+
+    The node used to propose the SR in its file's Explicit VR alone and
+    dead-lettered it as 'the destination does not accept Comprehensive SR'.
+    """
+    out = tmp_path / "received"
+    with dcmtk_storescp(out, "+xi") as port:
+        rep = reported_study(tmp_path, ybr_loop, port)
+        assert pydicom.dcmread(rep.sr_path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert Delivery(rep.cfg, rep.journal).run() == 1, rep.outbox()
+        (got,) = stored_files(out)
+        ds = pydicom.dcmread(got)
+        assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert str(ds.SOPInstanceUID) == rep.sr_uid
+        sent = pydicom.dcmread(rep.sr_path)
+        # The same content, re-encoded: every element the node wrote arrived.
+        assert ds.ContentSequence == sent.ContentSequence
+        assert (ds.PatientID, str(ds.StudyInstanceUID)) == (sent.PatientID, rep.study_uid)
+        assert rep.outbox()["state"] == OutboxState.SENT
+        assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
+
+
+def test_pynetdicom_peer_gets_the_sr_as_written(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    """A peer that takes every uncompressed syntax receives the file's own (Explicit VR), not a re-encoding."""
+    scp = scps()
+    rep = reported_study(tmp_path, ybr_loop, scp.port)
+    assert Delivery(rep.cfg, rep.journal).run() == 1
+    (ds,) = scp.received
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
 # -- transient failures: retried with backoff -------------------------------------
@@ -279,6 +329,49 @@ def test_destination_down_then_up_retries_with_backoff(tmp_path: Path, ybr_loop:
     assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
     time.sleep(0.5)
     assert delivery.run() == 0 and len(scp.received) == 1
+
+
+def test_unresolvable_host_is_retried_not_blamed_on_the_file(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    """A name the resolver does not know is a transient delivery failure that says so.
+
+    pynetdicom lets the resolver's error through; it used to be caught as an
+    OSError reading the SR and dead-lettered as 'SR file unreadable: gaierror'.
+    """
+    rep = reported_study(tmp_path, ybr_loop, 104, retry_initial_s=0.2)
+    host = "no-such-host.invalid"  # RFC 2606: never resolves
+    cfg = dataclasses.replace(rep.cfg, destinations=(dataclasses.replace(rep.cfg.destinations[0], host=host),))
+    delivery = Delivery(cfg, rep.journal)
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert (row["state"], row["attempts"]) == (OutboxState.PENDING, 1), row
+    assert row["last_error"].startswith(f"cannot resolve host {host!r}"), row["last_error"]
+    assert delivery.failures == {"transient": 1}
+    # The operator corrects the name; the same row goes out.
+    scp = scps()
+    fixed = dataclasses.replace(rep.cfg.destinations[0], host="127.0.0.1", port=scp.port)
+    delivery.update_config(dataclasses.replace(rep.cfg, destinations=(fixed,)))
+    wait_due(rep)
+    assert delivery.run() == 1
+    assert [str(ds.SOPInstanceUID) for ds in scp.received] == [rep.sr_uid]
+
+
+def test_unusable_tls_ca_file_goes_dead_saying_so(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    """A destination CA file that exists (the config checks that) but holds no certificate.
+
+    It used to read as an OSError from the SR file: 'SR file unreadable: SSLError'.
+    """
+    scp = scps()
+    rep = reported_study(tmp_path, ybr_loop, scp.port)
+    ca = tmp_path / "pacs-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    dest = dataclasses.replace(rep.cfg.destinations[0], tls=TLSConfig(enabled=True, ca_file=str(ca)))
+    delivery = Delivery(dataclasses.replace(rep.cfg, destinations=(dest,)), rep.journal)
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["state"] == OutboxState.DEAD, row
+    assert row["last_error"].startswith(f"TLS setup for 127.0.0.1:{scp.port} failed: "), row["last_error"]
+    assert delivery.failures == {"permanent": 1}
+    assert scp.connections == 0
 
 
 @pytest.mark.parametrize("status", [0xA700, 0xA7FF])
@@ -411,6 +504,21 @@ def test_refusal_goes_dead_without_retry(tmp_path: Path, ybr_loop: Path, scps, s
     time.sleep(0.25)
     assert delivery.run() == 0
     assert (scp.stores, scp.requests, len(scp.received)) == (1, 1, 0)
+
+
+def test_destination_taking_big_endian_only_goes_dead_saying_why(tmp_path: Path, ybr_loop: Path, scps) -> None:
+    """Explicit VR Big Endian (retired) only: dead letter naming the transfer syntax, not the SOP class."""
+    scp = scps(syntaxes=[ExplicitVRBigEndian])
+    rep = reported_study(tmp_path, ybr_loop, scp.port, retry_initial_s=0.1)
+    delivery = Delivery(rep.cfg, rep.journal)
+    assert delivery.run() == 0
+    row = rep.outbox()
+    assert row["state"] == OutboxState.DEAD, row
+    assert row["last_error"] == (
+        f"the destination accepts Comprehensive SR Storage ({ComprehensiveSRStorage}) in none of the"
+        " transfer syntaxes offered (Explicit VR Little Endian, Implicit VR Little Endian)")
+    assert delivery.failures == {"permanent": 1}
+    assert (scp.requests, scp.stores) == (1, 0)
 
 
 def test_destination_without_sr_storage_goes_dead(tmp_path: Path, ybr_loop: Path, scps) -> None:
