@@ -308,24 +308,45 @@ class Delivery:
         base = min(d.retry_max_s, d.retry_initial_s * (2 ** max(0, attempts - 1)))
         return base * random.uniform(0.8, 1.0)
 
+    #: Attempts one pass makes at most, so that a pass (and a graceful stop
+    #: waiting for it) stays short; the rest are due for the next pass.
+    PASS_ATTEMPTS = 32
+
     def run(self) -> int:
-        """Try every due outbox row once; return how many were sent.
+        """Try the due outbox rows, longest due first; return how many were sent.
 
         After a transient failure a destination is left alone for the rest
         of the pass: one PACS that drops connections silently would
         otherwise cost ``timeout_s`` per queued SR and hold up the SRs of
-        every other destination. Its remaining rows stay due for the next pass.
+        every other destination. Its remaining rows stay due for the next
+        pass, and the pass reads past them (the journal leaves resting
+        destinations out), so a long backlog for a PACS that is down cannot
+        hide the SRs owed to the others.
         """
         sent = 0
         resting: set[str] = set()
-        for item in self.journal.due_deliveries():
-            if item.destination in resting:
-                continue
-            outcome = self._attempt(item)
-            if outcome == "sent":
-                sent += 1
-            elif outcome == "transient":
-                resting.add(item.destination)
+        tried: set[int] = set()
+        while len(tried) < self.PASS_ATTEMPTS:
+            # A row tried in this pass is sent, dead or resting, so it cannot
+            # come back; the filter only guards the loop's end.
+            batch = [i for i in self.journal.due_deliveries(limit=self.PASS_ATTEMPTS, skip=resting)
+                     if i.id not in tried]
+            if not batch:
+                break
+            for item in batch:
+                if len(tried) >= self.PASS_ATTEMPTS:
+                    break
+                if item.destination in resting:
+                    continue
+                tried.add(item.id)
+                outcome = self._attempt(item)
+                if outcome == "sent":
+                    sent += 1
+                elif outcome == "transient":
+                    resting.add(item.destination)
+                    # Read again without it: rows beyond this batch may be
+                    # owed to destinations that are up.
+                    break
         return sent
 
     def _attempt(self, item: OutboxItem) -> str:

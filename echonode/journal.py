@@ -650,13 +650,34 @@ class Journal:
         ).fetchone()
         return StudyState.REPORTED if row["n"] else StudyState.DELIVERED
 
-    def due_deliveries(self, now: float | None = None, limit: int = 32) -> list[OutboxItem]:
+    def due_deliveries(
+        self, now: float | None = None, limit: int = 32, *, skip: Iterable[str] = ()
+    ) -> list[OutboxItem]:
+        """Pending outbox rows due at ``now``, the longest due first.
+
+        Parameters
+        ----------
+        now : float, optional
+            Epoch seconds; default the current time.
+        limit : int, optional
+            Rows returned at most.
+        skip : iterable of str, optional
+            Destinations to leave out: those a delivery pass has stopped
+            trying, whose backlog would otherwise fill all ``limit`` rows and
+            hide every other destination's SRs.
+
+        Returns
+        -------
+        list of OutboxItem
+        """
         now = time.time() if now is None else now
+        skipped = sorted(set(skip))
+        not_skipped = f" AND o.destination NOT IN ({', '.join('?' * len(skipped))})" if skipped else ""
         rows = self._connect().execute(
             "SELECT o.id, o.sr_sop_uid, o.study_uid, o.destination, o.state, o.attempts, o.next_attempt,"
             " o.last_error, r.path FROM outbox o JOIN reports r USING (sr_sop_uid)"
-            " WHERE o.state = ? AND o.next_attempt <= ? ORDER BY o.next_attempt, o.id LIMIT ?",
-            (OutboxState.PENDING, now, limit),
+            f" WHERE o.state = ? AND o.next_attempt <= ?{not_skipped} ORDER BY o.next_attempt, o.id LIMIT ?",
+            (OutboxState.PENDING, now, *skipped, limit),
         ).fetchall()
         return [OutboxItem(**dict(r)) for r in rows]
 

@@ -691,6 +691,54 @@ def test_a_silent_destination_does_not_hold_up_the_others(tmp_path: Path, ybr_lo
         hole.close()
 
 
+def owe_more(rep: Reported, destination: str, count: int, due: float, *, sr_path: Path | None = None) -> list[str]:
+    """Put ``count`` more SRs for ``destination`` in the outbox, all due at ``due``; return their SOP UIDs.
+
+    Each is the study's SR file under a new SOP Instance UID, as the journal
+    records it (a report row per model set); what the peer stores is the file.
+    """
+    uids = [f"{rep.sr_uid}.{destination}.{i + 1}" for i in range(count)]
+    con = sqlite3.connect(rep.journal.path)
+    with con:
+        for i, uid in enumerate(uids):
+            con.execute(
+                "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path, created)"
+                " VALUES (?, ?, ?, '1.2.3', '1.2.840.10008.5.1.4.1.1.88.33', ?, ?)",
+                (uid, rep.study_uid, f"{destination}-set{i}", str(sr_path or rep.sr_path), due),
+            )
+            con.execute(
+                "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
+                " VALUES (?, ?, ?, 'pending', ?, ?)", (uid, rep.study_uid, destination, due, due))
+    con.close()
+    return uids
+
+
+def test_a_backlog_for_a_down_destination_does_not_starve_the_others(tmp_path: Path, ybr_loop: Path,
+                                                                      scps) -> None:
+    """A PACS down for a weekend owes hundreds of SRs, all due before anything new.
+
+    A pass used to read the 32 rows due first; with the down PACS resting
+    after one failure, the other 31 were skipped and the healthy
+    destination's SR, due later, was not even read: it waited one pass per
+    backlog row (a silent PACS costs timeout_s a pass, so hours).
+    """
+    down = free_port()  # nothing listens: connection refused
+    rep = reported_study(tmp_path, ybr_loop, down, retry_initial_s=60.0, retry_max_s=600.0)
+    good = scps()
+    cfg = with_destination(rep.cfg, "good", "PACS", good.port)
+    now = time.time()
+    owe_more(rep, "pacs", 40, now - 100)  # the backlog, due first
+    (fresh,) = owe_more(rep, "good", 1, now - 1)
+    delivery = Delivery(cfg, rep.journal)
+    assert delivery.run() == 1
+    assert [str(ds.SOPInstanceUID) for ds in good.received] == [rep.sr_uid]  # the file it names
+    rows = {(r["destination"], r["sr_sop_uid"]): r for r in rep.journal.status()["outbox"]}
+    assert rows[("good", fresh)]["state"] == OutboxState.SENT
+    # Still one attempt per pass for the destination that is down.
+    assert sum(r["attempts"] for (d, _), r in rows.items() if d == "pacs") == 1
+    assert delivery.failures == {"transient": 1}
+
+
 def test_an_unreadable_sr_file_does_not_block_the_queue(tmp_path: Path, ybr_loop: Path, scps) -> None:
     good = scps()
     rep = reported_study(tmp_path, ybr_loop, good.port)
