@@ -25,6 +25,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from .config import NodeConfig, TLSConfig
 from .logs import get_logger
@@ -61,6 +62,46 @@ def _recv_into(self: AssociationSocket, nr_bytes: int) -> bytearray:
 
 
 AssociationSocket.recv = _recv_into  # type: ignore[method-assign]
+
+
+class _HandshakeInThreadServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved off the accept loop.
+
+    pynetdicom wraps each accepted socket with the handshake done inside
+    ``get_request``, on the one thread that accepts every connection, with
+    no timeout. A peer that connects and never speaks (a load balancer's
+    TCP check, a half-open link, a cart pointed at the TLS port without
+    TLS that waits for us to talk first) then blocks every other sender
+    until it goes away. Here the accept loop only accepts; the handshake
+    runs in the connection's own thread, bounded by ``handshake_timeout``,
+    and a failure is logged with the peer's address.
+    """
+
+    #: Seconds a peer has to complete the TLS handshake (the node's ACSE timeout).
+    handshake_timeout: float | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+            try:
+                request.settimeout(self.handshake_timeout)
+                request.do_handshake()
+                # Back to blocking, as the accepted socket was before (the
+                # DUL polls it with select and its own timers).
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+                structlog.contextvars.clear_contextvars()
+                log.warning("association.tls_failed", peer=peer, error=f"{type(exc).__name__}: {exc}")
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 #: DIMSE statuses this node answers with (Storage Service Class, PS3.4 B.2.3).
 STATUS_SUCCESS = 0x0000
@@ -339,12 +380,19 @@ class StorageSCP:
         """Listen (non-blocking). Temp files go to the store's ``incoming/`` so
         that accepting one is a rename on the same file system."""
         tempfile.tempdir = str(self.store.incoming)
-        self._server = self.ae.start_server(
+        # As AE.start_server(block=False), with our server class (see
+        # _HandshakeInThreadServer); the AE must list the server for its
+        # shutdown() to find it.
+        server = self.ae.make_server(
             (self.node.host, self.node.port),
-            block=False,
             evt_handlers=self.handlers(),
             ssl_context=server_ssl_context(self.node.tls),
+            server_class=_HandshakeInThreadServer,
         )
+        server.handshake_timeout = self.node.acse_timeout_s
+        self.ae._servers.append(server)
+        threading.Thread(target=make_target(server.serve_forever), name="echonode-scp-accept", daemon=True).start()
+        self._server = server
         log.info(
             "scp.listening",
             ae_title=self.node.ae_title,

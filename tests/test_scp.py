@@ -25,6 +25,8 @@ from tests.factories import us_multiframe, write
 def scu(ae_title: str = "CART") -> AE:
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    # Bounds the TCP connect and the TLS handshake too: a test fails instead of hanging.
+    ae.connection_timeout = 10
     return ae
 
 
@@ -191,6 +193,35 @@ def test_tls_with_client_certificate(tmp_path: Path, pki: dict[str, Path]) -> No
                     TLSConfig(enabled=True, ca_file=str(pki["ca.pem"]), cert_file=str(pki["client.pem"]),
                               key_file=str(pki["client.key"])))
         assert echo("CART", peer) == 0
+    finally:
+        node.stop()
+
+
+def test_tls_peer_that_never_handshakes_does_not_block_the_listener(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """A TCP connection to the TLS port that sends nothing (a load balancer's
+    TCP check, a half-open link) must not hold up other senders: the
+    handshake runs in the connection's own thread, bounded by acse_timeout_s."""
+    import socket
+
+    tls = {"enabled": True, "cert_file": str(pki["server.pem"]), "key_file": str(pki["server.key"])}
+    cfg = make_config(tmp_path, node={"tls": tls, "acse_timeout_s": 2.0})
+    node = Node(cfg, start_worker=False)
+    node.start()
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+    try:
+        with capture_logs() as logs, socket.create_connection(("127.0.0.1", node.scp.port)) as silent:
+            # While the silent peer is connected, a real sender gets through.
+            assert _reject_reason(node.scp.port, tls_args=(ctx, "127.0.0.1")) is None
+            ds = us_multiframe()
+            assert send(node, [ds], tls_args=(ctx, "127.0.0.1")) == [0]
+            # The node gives up on the silent peer after acse_timeout_s and says so.
+            silent.settimeout(30)
+            assert silent.recv(1) == b""
+            wait_for(lambda: any(e["event"] == "association.tls_failed" for e in logs), timeout=10,
+                     what="the failed handshake to be logged")
+        [line] = [e for e in logs if e["event"] == "association.tls_failed"]
+        assert line["peer"] == "127.0.0.1" and line["log_level"] == "warning"
+        assert node.journal.get_instance(str(ds.SOPInstanceUID)) is not None
     finally:
         node.stop()
 
