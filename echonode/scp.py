@@ -116,6 +116,14 @@ REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service-user, no reason give
 # treat as "try again later".
 REJECT_LOW_DISK = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
 
+#: Why pynetdicom's own ACSE refused an association (after EVT_REQUESTED), as
+#: the log's ``reason``: (result, source, diagnostic) -> words.
+_PYNETDICOM_REJECTS = {
+    (0x01, 0x01, 0x07): "called AE title not recognized",
+    (0x02, 0x03, 0x02): "max_associations reached",
+    (0x02, 0x02, 0x01): "user identity not accepted",
+}
+
 
 @dataclass
 class AccessPolicy:
@@ -290,8 +298,32 @@ class StorageSCP:
                       min_free_bytes=self.min_free_bytes)
             self._reject(assoc, REJECT_LOW_DISK)
             return
-        self.counters.associations += 1
+        # Counted as accepted only at EVT_ACCEPTED: pynetdicom may still
+        # refuse it after this handler (called AE title, max_associations).
         log.info("association.requested")
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self.counters.associations += 1
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """Log and count a refusal made by pynetdicom's ACSE, not by :meth:`_on_requested`.
+
+        Our own refusals send the A-ASSOCIATE-RJ directly and never reach
+        here; pynetdicom's (wrong called AE title, too many associations)
+        come after EVT_REQUESTED, so without this they left no
+        ``association.rejected`` line and counted as accepted.
+        """
+        assoc = event.assoc
+        rj = assoc.acceptor.primitive
+        rsd = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
+        rq = assoc.requestor.primitive
+        called = rq.called_ae_title if rq is not None else ""
+        self.counters.rejected += 1
+        reason = _PYNETDICOM_REJECTS.get(rsd, "rejected by the DICOM stack") if rsd else "rejected by the DICOM stack"
+        extra: dict[str, Any] = {"called_ae": called}
+        if rsd == (0x02, 0x03, 0x02):
+            extra["max_associations"] = self.ae.maximum_associations
+        log.warning("association.rejected", reason=reason, result=rsd, **extra)
 
     def _reject(self, assoc: Association, reason: tuple[int, int, int]) -> None:
         """Send the A-ASSOCIATE-RJ ``reason`` (result, source, diagnostic) and count it."""
@@ -368,6 +400,8 @@ class StorageSCP:
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),

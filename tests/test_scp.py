@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
-from pynetdicom import AE
+from pynetdicom import AE, build_context
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage, Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
@@ -121,6 +121,38 @@ def _reject_reason(port: int, calling: str = "CART", called: str = "ECHONODE", t
         p = assoc.acceptor.primitive
         return (p.result, p.result_source, p.diagnostic)
     return "failed"
+
+
+def test_rejections_by_called_ae_and_association_limit_are_logged_and_counted(tmp_path: Path) -> None:
+    """pynetdicom itself refuses a wrong called AE title and the association
+    over max_associations, after our EVT_REQUESTED handler ran: those must
+    still give an association.rejected line with the reason, count as
+    rejected and not as accepted associations."""
+    need(ECHOSCU)
+    cfg = make_config(tmp_path, node={"max_associations": 1})
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        with capture_logs() as logs:
+            held = scu().associate("127.0.0.1", node.scp.port, ae_title="ECHONODE",
+                                   contexts=[build_context(Verification)])
+            assert held.is_established
+            assert _reject_reason(node.scp.port, calling="CART2") == (2, 3, 2)
+            held.release()
+            bad = subprocess.run([ECHOSCU, "-aet", "CART", "-aec", "WRONG", "127.0.0.1", str(node.scp.port)],
+                                 capture_output=True, text=True, timeout=30)
+            assert bad.returncode != 0
+            wait_for(lambda: len([e for e in logs if e["event"] == "association.rejected"]) == 2, timeout=10,
+                     what="both rejections to be logged")
+        rejected = [e for e in logs if e["event"] == "association.rejected"]
+        by_reason = {e["reason"]: e for e in rejected}
+        assert set(by_reason) == {"max_associations reached", "called AE title not recognized"}
+        assert by_reason["called AE title not recognized"]["called_ae"] == "WRONG"
+        assert all(e["log_level"] == "warning" for e in rejected)
+        assert node.scp.counters.rejected == 2
+        assert node.scp.counters.associations == 1
+    finally:
+        node.stop()
 
 
 def test_calling_ae_allow_list(tmp_path: Path) -> None:
