@@ -109,6 +109,38 @@ def _models_summary(cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
+def _print_outbox(status: dict[str, Any]) -> None:
+    """The outbox part of ``echonode status``: what is owed, then what was given up.
+
+    Parameters
+    ----------
+    status : dict
+        :meth:`Journal.status`'s answer.
+    """
+    from .journal import OWED_STATES, OutboxState
+
+    pending = [o for o in status["outbox"] if o["state"] in OWED_STATES]
+    discarded = [o for o in status["outbox"] if o["state"] == OutboxState.DISCARDED]
+    print(f"outbox: {len(pending)} not sent ({sum(status['outbox_counts'].values())} in all)")
+    for o in pending:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["next_attempt"]))
+        extra = (f"next try {when}" if o["state"] == "pending"
+                 else "dead letter: `echonode retry` to send again, `echonode discard` to give up")
+        print(f"  {o['study_uid']} -> {o['destination']}: {o['state']}, {o['attempts']} attempt(s); {extra}")
+        if o["last_error"]:
+            print(f"      last error: {o['last_error']}")
+    n_discarded = status["outbox_counts"].get(OutboxState.DISCARDED, 0)
+    if n_discarded:
+        # The listed studies' rows only (all with --limit 0): a record, not work to do.
+        print(f"  {n_discarded} discarded (given up with `echonode discard`; never sent)"
+              + (f", {len(discarded)} listed:" if len(discarded) < n_discarded else ":"))
+    for o in discarded:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["discarded_at"])) if o["discarded_at"] else "?"
+        print(f"  {o['study_uid']} -> {o['destination']}: discarded {when}")
+        if o["last_error"]:
+            print(f"      last error: {o['last_error']}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .journal import Journal, OutboxState, StudyState
 
@@ -143,16 +175,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in s.get("results", []):
             verdict = "present" if r["positive"] else "absent"
             print(f"      {r['task']:<10} p={r['probability']:.3f} {verdict}  [{r['model']} {r['version']}]")
-    from .journal import OWED_STATES
-
-    pending = [o for o in status["outbox"] if o["state"] in OWED_STATES]
-    print(f"outbox: {len(pending)} not sent ({sum(status['outbox_counts'].values())} in all)")
-    for o in pending:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["next_attempt"]))
-        extra = f"next try {when}" if o["state"] == "pending" else "dead letter: `echonode retry` to send again"
-        print(f"  {o['study_uid']} -> {o['destination']}: {o['state']}, {o['attempts']} attempt(s); {extra}")
-        if o["last_error"]:
-            print(f"      last error: {o['last_error']}")
+    _print_outbox(status)
     print(f"models: {len(status['models'])}")
     for m in status["models"]:
         if "error" in m:
@@ -199,6 +222,39 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _load(args)
     n = Journal(cfg.journal_path).retry_dead(args.study_uid) if cfg.journal_path.exists() else 0
     print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'} queued again")
+    return EXIT_OK
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    """Give up for good on dead-lettered SRs: all, one study's, or one destination's."""
+    from .journal import Journal
+    from .logs import configure_logging, get_logger
+
+    cfg = _load(args)
+    # The discards are an audit trail: logged like the node's own events.
+    configure_logging(cfg.logging.format, cfg.logging.level)
+    if cfg.journal_path.exists():
+        discarded = Journal(cfg.journal_path).discard_dead(args.study_uid, args.destination)
+    else:
+        discarded = None if args.study_uid else []
+    if discarded is None:
+        return _fail(f"no stored study {args.study_uid}", EXIT_FAILURE)
+    log = get_logger(__name__)
+    for d in discarded:
+        log.info("delivery.discarded", study_uid=d.study_uid, sr_sop_uid=d.sr_sop_uid,
+                 destination=d.destination, last_error=d.last_error)
+    scope = (f" of study {args.study_uid}" if args.study_uid else "") + (
+        f" for destination {args.destination}" if args.destination else "")
+    if not discarded:
+        print(f"nothing to discard: no dead-lettered SR{scope}")
+        return EXIT_OK
+    n = len(discarded)
+    print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'}{scope} discarded; they will never be sent")
+    per_destination: dict[str, int] = {}
+    for d in discarded:
+        per_destination[d.destination] = per_destination.get(d.destination, 0) + 1
+    for name, count in sorted(per_destination.items()):
+        print(f"  {name}: {count}")
     return EXIT_OK
 
 
@@ -266,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("retry", help="send dead-lettered SRs again")
     s.add_argument("study_uid", nargs="?", default=None)
     s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser(
+        "discard",
+        help="give up for good on dead-lettered SRs (a destination that will never take them)",
+    )
+    s.add_argument("study_uid", nargs="?", default=None)
+    s.add_argument("--destination", metavar="NAME", default=None,
+                   help="only SRs dead-lettered for this destination (it need not be configured any more)")
+    s.set_defaults(func=cmd_discard)
 
     s = sub.add_parser(
         "demo",

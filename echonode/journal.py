@@ -11,7 +11,12 @@ after the commit.
 Study states (CONTRACT.md)::
 
     receiving -> stable -> queued -> running -> reported -> delivered
+                                            |           \\-> undelivered
                                             \\-> skipped | failed
+
+``undelivered``: nothing is owed any more, but the latest SR reached no
+destination: every row of it was given up by the administrator
+(``echonode discard``).
 
 A study whose worker was interrupted (``running`` at start) goes back to
 ``queued`` until ``max_attempts`` is reached, then to ``failed``.
@@ -39,6 +44,10 @@ class StudyState(StrEnum):
     RUNNING = "running"
     REPORTED = "reported"
     DELIVERED = "delivered"
+    #: Nothing owed, but the latest SR reached no destination: each of its
+    #: dead letters was given up (``echonode discard``). Final, like
+    #: ``delivered``: a late instance does not re-open it.
+    UNDELIVERED = "undelivered"
     SKIPPED = "skipped"
     FAILED = "failed"
 
@@ -49,16 +58,21 @@ class OutboxState(StrEnum):
     DEAD = "dead"
     #: Never sent, and no longer to be: a newer SR for the study replaced it.
     SUPERSEDED = "superseded"
+    #: A dead letter the administrator gave up on (``echonode discard``):
+    #: never sent, never retried; kept for the audit (``discarded_at``).
+    DISCARDED = "discarded"
 
 
 #: Outbox states that owe the destination nothing more: it acknowledged the
-#: SR (``sent``), or the SR was replaced before it got there (``superseded``:
-#: the replacement has a row of its own, which owes until it is sent). Every
+#: SR (``sent``), the SR was replaced before it got there (``superseded``:
+#: the replacement has a row of its own, which owes until it is sent), or the
+#: administrator gave up on it (``discarded``: the destination will never
+#: take it, and a study must not be kept for ever for its sake). Every
 #: other state (``pending``, ``dead``, and any state a later echonode adds,
 #: read here after a roll back) means the PACS lacks an SR it should get: the
 #: study stays ``reported``, a newer SR supersedes the row, and retention
 #: keeps the study. The one definition of "still owed"; use :func:`_owed`.
-_SETTLED = (OutboxState.SENT, OutboxState.SUPERSEDED)
+_SETTLED = (OutboxState.SENT, OutboxState.SUPERSEDED, OutboxState.DISCARDED)
 #: The known states that still owe an SR (derived, not a second list): for a query that
 #: finds owing rows by state alone, which an index can seek with ``IN`` but
 #: not with ``NOT IN``.
@@ -85,6 +99,10 @@ def _owed(column: str = "state") -> str:
     # than letting retention delete it.
     return f"{column} NOT IN ({', '.join('?' * len(_SETTLED))})"
 
+
+#: States of a study whose SR went to the outbox: the outbox rows decide
+#: between them (:meth:`Journal._delivery_state`).
+_DELIVERY_STATES = (StudyState.REPORTED, StudyState.DELIVERED, StudyState.UNDELIVERED)
 
 #: States in which a new instance re-opens the study for receiving.
 _REOPENABLE = (StudyState.STABLE, StudyState.QUEUED, StudyState.RUNNING, StudyState.SKIPPED, StudyState.FAILED)
@@ -166,12 +184,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error      TEXT,
     created         REAL NOT NULL,
     sent_at         REAL,
+    discarded_at    REAL,
     UNIQUE (sr_sop_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
 -- "does this study still owe an SR": retention, purge_study, _delivery_state.
 CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_uid, state);
 """
+
+#: Columns added to a table after its first release, as (table, column,
+#: declaration): CREATE TABLE IF NOT EXISTS leaves an older journal's table
+#: as it is, so :meth:`Journal._add_columns` adds these at open. Nullable, so
+#: an earlier echonode (a roll back) inserts and reads rows as before.
+_ADDED_COLUMNS = (("outbox", "discarded_at", "REAL"),)
 
 #: A study's last activity (last instance received or last state change), as
 #: indexed by ``studies_active``; ``s`` is the studies table's alias.
@@ -251,6 +276,17 @@ class OutboxItem:
     path: str
 
 
+@dataclass(frozen=True)
+class DiscardedDelivery:
+    """One dead letter given up by :meth:`Journal.discard_dead`."""
+
+    study_uid: str
+    sr_sop_uid: str
+    destination: str
+    #: Why it went dead: the delivery's last error.
+    last_error: str | None
+
+
 class SopInOtherStudy(ValueError):
     """The SOP Instance UID is already recorded under another study."""
 
@@ -275,6 +311,7 @@ class Journal:
         # Create the schema once, eagerly, so that errors show at start.
         # executescript manages its own transaction.
         self._connect().executescript(_SCHEMA)
+        self._add_columns()
 
     # -- connection handling -------------------------------------------------
 
@@ -294,6 +331,23 @@ class Journal:
                 os.chmod(self.path, 0o600)
             self._local.con = con
         return con
+
+    def _add_columns(self) -> None:
+        """Give a journal from an earlier echonode the columns added since (``_ADDED_COLUMNS``)."""
+        con = self._connect()
+        # Cheap check first: a current journal takes no write lock at open.
+        if all(c in self._columns(con, t) for t, c, _ in _ADDED_COLUMNS):
+            return
+        # Under the write lock and checked again: the node and a CLI command
+        # may open an old journal at once, and the second ALTER would fail.
+        with self._tx() as con:
+            for table, column, decl in _ADDED_COLUMNS:
+                if column not in self._columns(con, table):
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+    @staticmethod
+    def _columns(con: sqlite3.Connection, table: str) -> set[str]:
+        return {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -645,10 +699,29 @@ class Journal:
 
     @staticmethod
     def _delivery_state(con: sqlite3.Connection, study_uid: str) -> StudyState:
+        """The state a reported study's outbox rows put it in.
+
+        ``reported`` while any row owes an SR; then ``undelivered`` when the
+        latest SR has rows, none ``sent`` and some ``discarded`` (an older
+        SR sent before does not count: the PACS lacks the results ``status``
+        shows); else ``delivered`` (no destination configured counts here,
+        as it always has).
+        """
         row = con.execute(
             f"SELECT COUNT(*) AS n FROM outbox WHERE study_uid = ? AND {_owed()}", (study_uid, *_SETTLED)
         ).fetchone()
-        return StudyState.REPORTED if row["n"] else StudyState.DELIVERED
+        if row["n"]:
+            return StudyState.REPORTED
+        # Older SRs' rows are all settled (a new SR supersedes what they
+        # owed), so only the latest SR's rows can tell that it went nowhere.
+        latest = con.execute(
+            "SELECT SUM(state = ?) AS sent, SUM(state = ?) AS discarded FROM outbox WHERE sr_sop_uid ="
+            " (SELECT sr_sop_uid FROM reports WHERE study_uid = ? ORDER BY created DESC, rowid DESC LIMIT 1)",
+            (OutboxState.SENT, OutboxState.DISCARDED, study_uid),
+        ).fetchone()
+        if latest["discarded"] and not latest["sent"]:
+            return StudyState.UNDELIVERED
+        return StudyState.DELIVERED
 
     def due_deliveries(
         self, now: float | None = None, limit: int = 32, *, skip: Iterable[str] = ()
@@ -695,7 +768,7 @@ class Journal:
             study_uid = row["study_uid"]
             state = self._delivery_state(con, study_uid)
             cur = con.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
-            if cur and cur["state"] in (StudyState.REPORTED, StudyState.DELIVERED):
+            if cur and cur["state"] in _DELIVERY_STATES:
                 con.execute(
                     "UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?", (state, now, study_uid)
                 )
@@ -731,6 +804,73 @@ class Journal:
                 )
             return cur.rowcount
 
+    def discard_dead(
+        self, study_uid: str | None = None, destination: str | None = None
+    ) -> list[DiscardedDelivery] | None:
+        """Give up for good on dead-lettered SRs (``echonode discard``).
+
+        Only ``dead`` rows change, to ``discarded`` with the time; a row
+        ``pending`` (perhaps being sent by the running node right now) or
+        ``sent`` is left alone. A study left owing nothing leaves
+        ``reported`` (see :meth:`_delivery_state`), so retention may purge it.
+
+        Parameters
+        ----------
+        study_uid : str, optional
+            Only this study's rows; default every study's.
+        destination : str, optional
+            Only rows for this destination name, which need not be in the
+            config any more (a decommissioned PACS is the main use).
+
+        Returns
+        -------
+        list of DiscardedDelivery or None
+            The rows discarded, in outbox order (empty when none was dead);
+            None when ``study_uid`` is given and the journal has no such study.
+        """
+        now = time.time()
+        where, args = ["state = ?"], [OutboxState.DEAD]
+        if study_uid is not None:
+            where.append("study_uid = ?")
+            args.append(study_uid)
+        if destination is not None:
+            where.append("destination = ?")
+            args.append(destination)
+        # One transaction: the rows read are the rows changed, whatever the
+        # node's delivery pass does meanwhile (it waits on the write lock).
+        with self._tx() as con:
+            if study_uid is not None and not con.execute(
+                "SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone():
+                return None
+            rows = con.execute(
+                "SELECT id, study_uid, sr_sop_uid, destination, last_error FROM outbox"
+                f" WHERE {' AND '.join(where)} ORDER BY id",
+                args,
+            ).fetchall()
+            con.executemany(
+                "UPDATE outbox SET state = ?, discarded_at = ? WHERE id = ? AND state = ?",
+                [(OutboxState.DISCARDED, now, r["id"], OutboxState.DEAD) for r in rows],
+            )
+            for uid in sorted({r["study_uid"] for r in rows}):
+                self._settle_study(con, uid, now)
+        return [DiscardedDelivery(r["study_uid"], r["sr_sop_uid"], r["destination"], r["last_error"]) for r in rows]
+
+    def _settle_study(self, con: sqlite3.Connection, study_uid: str, now: float) -> None:
+        """Move a study waiting on deliveries to the state its outbox rows now give.
+
+        A study in another state (queued or running again after ``echonode
+        reprocess``) is left alone: its worker sets the state when it finishes.
+        """
+        cur = con.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        if cur is None or cur["state"] not in _DELIVERY_STATES:
+            return
+        state = self._delivery_state(con, study_uid)
+        if state != cur["state"]:
+            # A state change is activity, as a delivery is: retention's age
+            # rule counts from the discard.
+            con.execute("UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?", (state, now, study_uid))
+
     # -- status ------------------------------------------------------------------
 
     def status(self, limit: int | None = None) -> dict[str, Any]:
@@ -742,7 +882,8 @@ class Journal:
             List only the ``limit`` studies with the most recent activity
             (last instance received or last state change), and of the outbox
             only those studies' rows plus every row not yet sent (pending or
-            dead: those need attention however old). None lists everything.
+            dead: those need attention however old; a ``discarded`` one is
+            listed with its study only). None lists everything.
             Either way studies are listed in order of first reception and
             the outbox in order of creation, and the counts cover the whole
             journal.
@@ -816,6 +957,7 @@ class Journal:
                 "next_attempt": r["next_attempt"],
                 "last_error": r["last_error"],
                 "sent_at": r["sent_at"],
+                "discarded_at": r["discarded_at"],
             }
             for r in rows
         ]
@@ -896,8 +1038,8 @@ class Journal:
         states : iterable of str
             Study states that may go. Studies with an SR still owed (an
             outbox row pending or dead) are left out whatever their state;
-            a ``superseded`` row owes nothing (see ``_SETTLED``), the same
-            rule :meth:`purge_study` applies.
+            a ``superseded`` or ``discarded`` row owes nothing (see
+            ``_SETTLED``), the same rule :meth:`purge_study` applies.
         active_before : float, optional
             Only studies whose last activity is before this time.
         after : (float, str), optional
@@ -957,7 +1099,7 @@ class Journal:
             Purge only while the study is in one of these states. With
             ``states``, a study that still owes an SR to a destination
             (outbox row pending or dead) is never purged; one whose rows are
-            all ``sent`` or ``superseded`` may be (the rule of
+            all ``sent``, ``superseded`` or ``discarded`` may be (the rule of
             :meth:`purge_candidates`, see ``_SETTLED``).
         active_before : float, optional
             Purge only when the study's last activity (``max(last_received,

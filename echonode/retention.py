@@ -6,7 +6,10 @@ nothing is owed for it:
 - ``delivered``: every destination acknowledged its SR;
 - ``skipped``: nothing usable, so no SR will ever be sent (with
   ``sr.report_skipped = true`` such a study gets an SR and ends up
-  ``delivered`` instead).
+  ``delivered`` instead);
+- ``undelivered``: the administrator gave up on every dead letter of its SR
+  (``echonode discard``: a destination that will never take it), so nothing
+  is owed either.
 
 Never purged: ``receiving``, ``stable``, ``queued``, ``running``,
 ``reported`` (an SR still pending or dead-lettered), ``failed`` (the
@@ -14,7 +17,9 @@ administrator should look, and may ``echonode reprocess``), and any study
 with an SR still owed to a destination (an outbox row ``pending`` or
 ``dead``). A ``superseded`` row owes nothing: that SR was replaced (by
 ``echonode reprocess`` with a new model set) before it was sent, and the
-replacement's own row is what must be ``sent``. The journal re-checks all
+replacement's own row is what must be ``sent``. Nor does a ``discarded``
+row: a dead letter given up for good (``echonode discard``), kept only as a
+record; a study whose other rows were sent is ``delivered``. The journal re-checks all
 of this in the transaction that deletes the rows (:meth:`Journal.purge_study`),
 so a study that changed since it was listed is left alone; the listing and
 the re-check share one definition of "owed", since a study listed but then
@@ -57,8 +62,9 @@ from .store import StudyStore, is_valid_uid
 
 log = get_logger(__name__)
 
-#: States a study may be purged in.
-PURGEABLE = (StudyState.DELIVERED, StudyState.SKIPPED)
+#: States a study may be purged in: those that owe no SR (the journal
+#: checks the outbox rows too, see ``journal._SETTLED``).
+PURGEABLE = (StudyState.DELIVERED, StudyState.UNDELIVERED, StudyState.SKIPPED)
 GB = 1e9
 DAY_S = 86400.0
 #: Studies read from the journal at a time: memory stays flat however many

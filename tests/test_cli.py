@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
+import pytest
+import structlog
+
+from echonode.cli import main
 from echonode.config import to_toml
-from echonode.journal import InstanceRecord, Journal
+from echonode.journal import InstanceRecord, Journal, ReportRecord, TaskResult
 from tests.conftest import make_config, run_cli
 from tests.factories import tiny_bundle
 
@@ -157,10 +162,98 @@ def test_a_corrupt_journal_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     path.write_text(to_toml(cfg))
     cfg.storage_dir.mkdir(parents=True)
     cfg.journal_path.write_bytes(b"this is not a SQLite database" * 100)
-    for command in (["status"], ["reprocess", "1.2.3"], ["retry"]):
+    for command in (["status"], ["reprocess", "1.2.3"], ["retry"], ["discard"]):
         res = run_cli("--config", str(path), *command)
         assert res.returncode == 1, (command, res.stderr)
         # The file, not only the error: a path is no patient data.
         assert res.stderr == f"echonode: journal error: file is not a database: {cfg.journal_path}\n", (
             command, res.stderr)
         assert res.stdout == ""
+
+
+@pytest.fixture
+def restore_logging():
+    """``echonode discard`` configures logging for this process; later tests must not write to closed streams."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+def _dead_letters(journal: Journal, study_uid: str, destinations: dict[str, str]) -> None:
+    """Report ``study_uid`` (received by ``_config_file`` or here) to ``destinations``: name -> outbox state."""
+    if journal.study(study_uid) is None:
+        journal.record_instance(InstanceRecord(study_uid + ".4", study_uid, study_uid + ".1",
+                                               "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.1.2.1",
+                                               f"/{study_uid}.dcm", 10, time.time() - 100))
+    assert journal.requeue(study_uid)
+    claim = journal.claim_next(pid=1)
+    report = ReportRecord(study_uid + ".99", study_uid, "set", study_uid + ".98", "1.2.840.10008.5.1.4.1.1.88.33",
+                          f"/{study_uid}-sr.dcm")
+    journal.finish_reported(claim, "set", [TaskResult("lvh", "m", "1", "1.2.9", 0.7, True, 0.5, 1, {})], report,
+                            list(destinations))
+    for item in [d for d in journal.due_deliveries() if d.study_uid == study_uid]:
+        if destinations[item.destination] == "dead":
+            journal.mark_dead(item.id, "destination no longer configured")
+        elif destinations[item.destination] == "sent":
+            journal.mark_sent(item.id)
+
+
+def test_discard_gives_up_on_dead_letters(tmp_path: Path, capsys, restore_logging) -> None:
+    """Per destination, per study, all; a log line per row; status shows the rows; the studies leave `reported`."""
+    path, journal = _config_file(tmp_path)  # no [[destinations]]: "old" and "pacs" are no longer configured
+    _dead_letters(journal, "1.2.3", {"old": "dead", "pacs": "dead"})
+    _dead_letters(journal, "1.2.5", {"old": "dead", "pacs": "sent"})
+    _dead_letters(journal, "1.2.6", {"old": "pending"})
+
+    assert main(["--config", str(path), "discard", "--destination", "old"]) == 0
+    out, err = capsys.readouterr()
+    assert out == ("2 dead-lettered SR deliveries for destination old discarded; they will never be sent\n"
+                   "  old: 2\n")
+    logged = [json.loads(line) for line in err.splitlines()]
+    assert [(e["event"], e["study_uid"], e["sr_sop_uid"], e["destination"]) for e in logged] == [
+        ("delivery.discarded", "1.2.3", "1.2.3.99", "old"), ("delivery.discarded", "1.2.5", "1.2.5.99", "old")]
+    assert journal.study_state("1.2.3") == "reported"  # still owed to "pacs"
+    assert journal.study_state("1.2.5") == "delivered"  # "pacs" has it
+    assert journal.study_state("1.2.6") == "reported"  # pending is never discarded
+
+    assert main(["--config", str(path), "discard", "1.2.3"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.splitlines() == ["1 dead-lettered SR delivery of study 1.2.3 discarded; they will never be sent",
+                                "  pacs: 1"]
+    assert journal.study_state("1.2.3") == "undelivered"
+
+    assert main(["--config", str(path), "discard"]) == 0
+    assert capsys.readouterr().out == "nothing to discard: no dead-lettered SR\n"
+    assert main(["--config", str(path), "discard", "9.9.9"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == "echonode: no stored study 9.9.9\n"
+
+    assert main(["--config", str(path), "status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {(o["study_uid"], o["destination"]): o for o in doc["outbox"]}
+    assert {k: o["state"] for k, o in rows.items()} == {
+        ("1.2.3", "old"): "discarded", ("1.2.3", "pacs"): "discarded", ("1.2.5", "old"): "discarded",
+        ("1.2.5", "pacs"): "sent", ("1.2.6", "old"): "pending"}
+    assert rows[("1.2.3", "old")]["discarded_at"] > 0
+    assert rows[("1.2.3", "old")]["last_error"] == "destination no longer configured"
+    assert doc["outbox_counts"]["discarded"] == 3 and doc["study_counts"]["undelivered"] == 1
+
+    assert main(["--config", str(path), "status"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "outbox: 1 not sent (5 in all)" in lines
+    assert "  3 discarded (given up with `echonode discard`; never sent):" in lines
+    assert "1.2.3 -> old: discarded " in out and "undelivered" in out
+
+
+def test_discard_on_a_fresh_node(tmp_path: Path, capsys, restore_logging) -> None:
+    cfg = make_config(tmp_path)
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert main(["--config", str(path), "discard"]) == 0
+    assert capsys.readouterr().out == "nothing to discard: no dead-lettered SR\n"
+    assert main(["--config", str(path), "discard", "1.2.3"]) == 1
+    assert capsys.readouterr().err == "echonode: no stored study 1.2.3\n"

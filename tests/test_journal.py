@@ -204,9 +204,105 @@ def test_purge_candidates_and_purge_study_agree_on_every_outbox_state(journal: J
     journal._connect().execute("UPDATE outbox SET state = ?", (outbox_state,))
     listed = [c.study_uid for c in journal.purge_candidates([StudyState.REPORTED])]
     purged = journal.purge_study("1.2.3", states=[StudyState.REPORTED], active_before=time.time())
-    settled = outbox_state in (OutboxState.SENT, OutboxState.SUPERSEDED)
+    settled = outbox_state in (OutboxState.SENT, OutboxState.SUPERSEDED, OutboxState.DISCARDED)
     assert listed == (["1.2.3"] if settled else [])
     assert (purged is not None) is settled
+
+
+def _outbox(journal: Journal) -> dict[str, dict]:
+    """The outbox rows of study 1.2.3 by destination."""
+    return {o["destination"]: o for o in journal.status()["outbox"] if o["study_uid"] == "1.2.3"}
+
+
+def test_discard_gives_up_on_dead_rows_only(journal: Journal) -> None:
+    """Pending and sent rows stay as they are; a discarded row keeps its error and is never retried."""
+    _report(journal, ["a", "b", "c"])
+    a, b, c = journal.due_deliveries()
+    journal.mark_sent(a.id)
+    journal.mark_dead(b.id, "destination no longer configured")
+    before = time.time()
+    (gone,) = journal.discard_dead()
+    assert (gone.study_uid, gone.sr_sop_uid, gone.destination) == ("1.2.3", "1.2.3.99", "b")
+    assert gone.last_error == "destination no longer configured"
+    rows = _outbox(journal)
+    assert {d: o["state"] for d, o in rows.items()} == {"a": "sent", "b": "discarded", "c": "pending"}
+    assert rows["b"]["last_error"] == "destination no longer configured"
+    assert rows["b"]["discarded_at"] >= before and rows["a"]["discarded_at"] is None
+    # "c" is still owed: the study waits for it.
+    assert journal.study_state("1.2.3") == StudyState.REPORTED
+    assert journal.retry_dead() == 0 and _outbox(journal)["b"]["state"] == OutboxState.DISCARDED
+    assert journal.discard_dead() == []
+    assert [d.destination for d in journal.due_deliveries()] == ["c"]
+    # The last owed row sent: delivered, since "a" has the SR.
+    assert journal.mark_sent(c.id) == StudyState.DELIVERED
+    assert journal.status()["outbox_counts"] == {**{str(x): 0 for x in OutboxState}, "sent": 2, "discarded": 1}
+
+
+def test_discard_by_study_and_destination(journal: Journal) -> None:
+    _report(journal, ["old", "pacs"])
+    for item in journal.due_deliveries():
+        journal.mark_dead(item.id, "refused")
+    assert journal.discard_dead("9.9.9") is None  # no such study
+    assert journal.discard_dead(destination="elsewhere") == []
+    assert [d.destination for d in journal.discard_dead("1.2.3", destination="old")] == ["old"]
+    assert {d: o["state"] for d, o in _outbox(journal).items()} == {"old": "discarded", "pacs": "dead"}
+    assert journal.study_state("1.2.3") == StudyState.REPORTED  # "pacs" is still owed
+
+
+def test_a_study_whose_sr_went_nowhere_is_undelivered_and_may_go(journal: Journal) -> None:
+    """Every row discarded: not ``delivered`` (no PACS has the SR), but nothing owed either."""
+    _report(journal, ["old"])
+    (item,) = journal.due_deliveries()
+    journal.mark_dead(item.id, "destination no longer configured")
+    assert journal.purge_candidates([StudyState.REPORTED, StudyState.UNDELIVERED]) == []
+    assert len(journal.discard_dead(destination="old")) == 1
+    assert journal.study_state("1.2.3") == StudyState.UNDELIVERED
+    assert journal.status()["study_counts"]["undelivered"] == 1
+    assert [c.study_uid for c in journal.purge_candidates([StudyState.UNDELIVERED])] == ["1.2.3"]
+    # Final like delivered: a late instance is recorded but does not re-open it.
+    assert journal.record_instance(rec("1.2.3.5")) == StudyState.UNDELIVERED
+    # Reprocessed: the new SR is owed again; the discarded row stays as it was.
+    journal.requeue("1.2.3")
+    claim = journal.claim_next(pid=1)
+    newer = ReportRecord("1.2.3.100", "1.2.3", "set2", "1.2.3.97", "1.2.840.10008.5.1.4.1.1.88.33", "/x/sr2.dcm",
+                         supersedes="1.2.3.99")
+    assert journal.finish_reported(claim, "set2", [result()], newer, ["pacs"]) == StudyState.REPORTED
+    assert {o["sr_sop_uid"]: o["state"] for o in journal.status()["outbox"]} == {
+        "1.2.3.99": "discarded", "1.2.3.100": "pending"}
+    assert journal.mark_sent(journal.due_deliveries()[0].id) == StudyState.DELIVERED
+
+
+def test_an_older_sr_sent_does_not_make_the_latest_delivered(journal: Journal) -> None:
+    """The PACS has the first SR, not the results ``status`` shows: the study is ``undelivered``."""
+    _report(journal, ["pacs"])
+    journal.mark_sent(journal.due_deliveries()[0].id)
+    journal.requeue("1.2.3")
+    claim = journal.claim_next(pid=1)
+    newer = ReportRecord("1.2.3.100", "1.2.3", "set2", "1.2.3.97", "1.2.840.10008.5.1.4.1.1.88.33", "/x/sr2.dcm",
+                         supersedes="1.2.3.99")
+    journal.finish_reported(claim, "set2", [result()], newer, ["pacs"])
+    journal.mark_dead(journal.due_deliveries()[0].id, "refused")
+    journal.discard_dead()
+    assert journal.study_state("1.2.3") == StudyState.UNDELIVERED
+
+
+def test_a_journal_from_before_discard_gets_its_column(tmp_path: Path) -> None:
+    """An outbox table without ``discarded_at`` (an earlier echonode's) gains it at open."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    j = Journal(path)
+    _report(j, ["a"])
+    j.close()
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE outbox DROP COLUMN discarded_at")
+    con.close()
+    j = Journal(path)
+    (item,) = j.due_deliveries()
+    j.mark_dead(item.id, "refused")
+    assert len(j.discard_dead()) == 1
+    assert _outbox(j)["a"]["discarded_at"] is not None
+    j.close()
 
 
 def test_rerun_with_same_models_keeps_the_reported_results(journal: Journal) -> None:

@@ -249,6 +249,38 @@ def test_over_cap_with_nothing_purgeable_is_logged(store: StudyStore, tmp_path: 
     assert warning["cap_bytes"] == 1 and warning["stored_bytes"] > 1
 
 
+def test_a_discarded_dead_letter_no_longer_keeps_the_study(store: StudyStore, tmp_path: Path) -> None:
+    """A dead letter kept its study for ever (and the node, in time, full); given up, the study goes.
+
+    Over the cap, the size rule takes it at once; the age rule once it is idle
+    for ``max_age_days`` after the discard (a state change is activity).
+    """
+    j = store.journal
+    owed = make_study(store, tmp_path, "reported-dead", 100)
+    aged = make_study(store, tmp_path, "reported-dead", 100)
+    other = make_study(store, tmp_path, "reported-dead", 100)
+    size_rule = RetentionConfig(enabled=True, max_age_days=0, max_total_gb=1e-9)
+    age_rule = RetentionConfig(enabled=True, max_age_days=30)
+    assert Retention(size_rule, j, store).run() == []
+    assert Retention(age_rule, j, store).run() == []
+
+    assert [d.study_uid for d in j.discard_dead(owed)] == [owed]
+    assert j.study_state(owed) == StudyState.UNDELIVERED
+    with capture_logs() as logs:
+        purged = Retention(size_rule, j, store).run()
+    assert [(p.study_uid, p.state, p.rule) for p in purged] == [(owed, "undelivered", "size")]
+    assert_gone(store, owed)  # the SR file and the discarded row with it
+    assert not [e for e in logs if e["event"] == "retention.study_changed"]
+
+    j.discard_dead(aged)
+    assert Retention(age_rule, j, store).run() == []  # the discard just now is its last activity
+    when = time.time() - 40 * DAY
+    j._connect().execute("UPDATE studies SET updated = ? WHERE study_uid = ?", (when, aged))
+    assert [(p.study_uid, p.rule) for p in Retention(age_rule, j, store).run()] == [(aged, "age")]
+    assert_gone(store, aged)
+    assert_kept(store, other)  # still dead-lettered: still owed
+
+
 def test_zero_means_no_limit(store: StudyStore, tmp_path: Path) -> None:
     uid = make_study(store, tmp_path, StudyState.DELIVERED, 10_000)
     assert Retention(RetentionConfig(enabled=True, max_age_days=0, max_total_gb=0),
