@@ -338,6 +338,45 @@ class StorageSCP:
 
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning("association.aborted")
+        self._discard_partial(event.assoc)
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        # Every way an association ends closes the connection (a drop or a
+        # timeout may not pass through EVT_ABORTED first).
+        self._discard_partial(event.assoc)
+
+    def _discard_partial(self, assoc: Association) -> None:
+        """Delete the spool file of a C-STORE that the association's end cut off.
+
+        pynetdicom streams a data set into ``incoming/`` (delete=False) and
+        removes the file only after the C-STORE handler ran. When the peer
+        aborts or the link drops halfway, the handler never runs and the
+        part received stays until the next start's recovery: on a node up
+        for months, each interrupted cine (easily 100 MB) is disk lost. The
+        object was never acknowledged, so the sender still has it.
+        """
+        # pynetdicom keeps the message being assembled on the DIMSE provider;
+        # a completed one has been handed on and is no longer there.
+        msg = getattr(getattr(assoc, "dimse", None), "message", None)
+        # EVT_ABORTED (reactor thread) and EVT_CONN_CLOSE (DUL thread) may
+        # both come: one of them takes the file.
+        with self._lock:
+            spool = getattr(msg, "_data_set_file", None)
+            path = getattr(msg, "_data_set_path", None)
+            if spool is None or path is None:
+                return
+            msg._data_set_file = msg._data_set_path = None  # type: ignore[union-attr]
+        cmd = getattr(msg, "command_set", None)
+        sop_uid = str(getattr(cmd, "AffectedSOPInstanceUID", "") or "")
+        try:
+            spool.close()
+            size = path.stat().st_size
+            path.unlink()
+        except OSError as exc:
+            log.error("store.partial_not_removed", sop_uid=sop_uid, error=f"{type(exc).__name__}: {exc.strerror}")
+            return
+        self.counters.fail("incomplete")
+        log.warning("store.partial_discarded", sop_uid=sop_uid, bytes=size)
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("echo")
@@ -404,6 +443,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]

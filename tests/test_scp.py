@@ -372,6 +372,70 @@ def test_sop_class_mismatch_between_request_and_dataset(running_node: Node) -> N
         assoc.release()
 
 
+def _send_half_then(assoc, ds, end: str) -> None:
+    """Send a C-STORE's command and half its data set as raw P-DATA PDUs, then end the link.
+
+    pynetdicom's SCU queues a whole C-STORE before an abort, so the PDUs go
+    straight to the association's socket (the SCU's DUL only reads it).
+    ``end``: ``"abort"`` sends an A-ABORT PDU, ``"drop"`` shuts the TCP
+    connection as a cart switched off mid-transfer does.
+    """
+    import io
+    import socket
+    import struct
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    req = C_STORE()
+    req.MessageID, req.Priority = 1, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    req.DataSet = io.BytesIO(b"-")  # only so that the command says a data set follows
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    cx_id = assoc.accepted_contexts[0].context_id
+
+    def p_data(control: int, payload: bytes) -> bytes:
+        pdv = struct.pack(">IBB", len(payload) + 2, cx_id, control) + payload
+        return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+    raw = assoc.dul.socket.socket
+    raw.sendall(p_data(0x03, encode(msg.command_set, True, True)))  # command, last fragment
+    data = encode(ds, False, True)
+    for i in range(0, len(data) // 2, 16_000):
+        raw.sendall(p_data(0x00, data[i : i + 16_000]))  # data, more to come
+    if end == "abort":
+        raw.sendall(bytes.fromhex("07000000000400000000"))  # A-ABORT, service-user
+    else:
+        raw.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("end", ["abort", "drop"])
+def test_transfer_ended_mid_object_leaves_no_temp_file(running_node: Node, end: str) -> None:
+    """A sender that aborts (or vanishes) halfway through a large object: the
+    node never acknowledged it, so nothing is recorded, and the partial
+    spool file goes at once instead of filling incoming/ until a restart."""
+    ds = us_multiframe(frames=20, rows=480, cols=640)  # 6 MB: several hundred P-DATA PDUs
+    ae = scu()
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", running_node.scp.port, ae_title="ECHONODE")
+    assert assoc.is_established
+    incoming = running_node.store.incoming
+    with capture_logs() as logs:
+        _send_half_then(assoc, ds, end)
+        wait_for(lambda: any(e["event"] == "association.aborted" for e in logs), timeout=20,
+                 what="the node to see the association end")
+        wait_for(lambda: list(incoming.iterdir()) == [], timeout=10, what="the partial spool file to go")
+    [line] = [e for e in logs if e["event"] == "store.partial_discarded"]
+    assert line["sop_uid"] == str(ds.SOPInstanceUID) and line["bytes"] > 1_000_000
+    assert running_node.journal.instances() == []
+    assert running_node.scp.counters.instances == 0
+    # The sender resends on a new association; it is stored as usual.
+    assert send(running_node, [ds]) == [0]
+    assert list(incoming.iterdir()) == []
+
+
 def test_node_restart_keeps_everything(tmp_path: Path, ybr_loop: Path) -> None:
     cfg = make_config(tmp_path)
     node = Node(cfg, start_worker=False)
