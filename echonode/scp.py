@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.association import Association
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.utils import make_target
@@ -37,6 +38,20 @@ log = get_logger(__name__)
 _config.STORE_RECV_CHUNKED_DATASET = True
 # Carry structlog's bound context into association threads.
 _config.PASS_CONTEXTVARS = True
+
+#: The retired (pre-1996) Ultrasound Multi-frame and Ultrasound Image Storage
+#: classes. Older carts and echo archives migrated through the PACS still
+#: send them, and dcmtk's storescp takes them; the pixel data is read like the
+#: current classes'. pynetdicom lists neither among its storage contexts nor
+#: ties them to the Storage service, so a C-STORE of one would be aborted:
+#: register both with it.
+RETIRED_US_STORAGE = {
+    "UltrasoundMultiFrameImageStorageRetired": "1.2.840.10008.5.1.4.1.1.3",
+    "UltrasoundImageStorageRetired": "1.2.840.10008.5.1.4.1.1.6",
+}
+for _keyword, _uid in RETIRED_US_STORAGE.items():
+    register_uid(_uid, _keyword, StorageServiceClass)
+RETIRED_US_STORAGE_UIDS = tuple(RETIRED_US_STORAGE.values())
 
 
 def _recv_into(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -242,6 +257,8 @@ class StorageSCP:
         # store what comes as it comes, the pipeline decides what is usable.
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for uid in RETIRED_US_STORAGE_UIDS:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         return ae
 

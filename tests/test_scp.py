@@ -99,6 +99,33 @@ def test_dcmtk_storescu(running_node: Node, tmp_path: Path, name: str, flag: str
     assert got.PixelData == sent.PixelData
 
 
+@pytest.mark.parametrize(
+    "name, flags, retired_class",
+    [
+        ("examples_ybr_color.dcm", ["-xy"], "1.2.840.10008.5.1.4.1.1.3"),  # Ultrasound Multi-frame (Retired)
+        ("OBXXXX1A.dcm", [], "1.2.840.10008.5.1.4.1.1.6"),  # Ultrasound Image Storage (Retired)
+    ],
+)
+def test_retired_ultrasound_sop_classes_are_accepted(
+    running_node: Node, tmp_path: Path, name: str, flags: list[str], retired_class: str
+) -> None:
+    """Echo loops from older carts and archives migrated through the PACS
+    still carry the retired (pre-1996) US SOP classes; dcmtk's storescp
+    accepts them and so must we, or the sender gets "no presentation context"."""
+    need(STORESCU)
+    ds = pydicom.dcmread(get_testdata_file(name, download=False))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = retired_class
+    path = tmp_path / name
+    ds.save_as(path)
+    # -R: propose the file's own SOP class (storescu's default list lacks the retired ones).
+    res = subprocess.run([STORESCU, "-R", *flags, "-aet", "CART", "-aec", "ECHONODE", "127.0.0.1",
+                          str(running_node.scp.port), str(path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = running_node.journal.get_instance(str(ds.SOPInstanceUID))
+    assert rec is not None and rec.sop_class_uid == retired_class
+    assert pydicom.dcmread(rec.path).PixelData == ds.PixelData
+
+
 def test_echo_with_dcmtk_and_wrong_called_ae(running_node: Node) -> None:
     need(ECHOSCU)
     ok = subprocess.run([ECHOSCU, "-aet", "CART", "-aec", "ECHONODE", "127.0.0.1", str(running_node.scp.port)],
