@@ -88,6 +88,10 @@ _IMAGE_CLASS_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.77.1.",
 )
 
+#: The retired Ultrasound Multi-frame and Ultrasound Image Storage classes,
+#: which older carts still send.
+_RETIRED_US_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.3", "1.2.840.10008.5.1.4.1.1.6"})
+
 _REDUCED_GREY_FLAGS = {
     1: cv2.IMREAD_GRAYSCALE,
     2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
@@ -365,7 +369,7 @@ def _decode(
     if "PixelData" not in ds:
         # An image header without pixel data is almost always a file cut
         # short before the pixel data (pydicom stops there without a warning).
-        image_like = "Rows" in ds or sop_class.startswith(_IMAGE_CLASS_PREFIXES)
+        image_like = "Rows" in ds or sop_class in _RETIRED_US_CLASSES or sop_class.startswith(_IMAGE_CLASS_PREFIXES)
         hint = " (an image object: file truncated?)" if image_like else ""
         raise UnusableObject("no pixel data" + hint)
     if not ds.PixelData:

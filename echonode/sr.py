@@ -430,6 +430,34 @@ def _check_copied_exactly(header: Dataset) -> None:
             )
 
 
+#: Retired ultrasound SOP classes the SCP accepts (older carts, migrated
+#: archives) -> the current class whose IOD has the same Patient and Study
+#: modules. highdicom copies those modules by the IOD of its evidence's class
+#: and knows only current classes; the report still references the objects
+#: by their own class (:func:`_restore_evidence_classes`).
+_CURRENT_CLASS_OF = {
+    "1.2.840.10008.5.1.4.1.1.3": "1.2.840.10008.5.1.4.1.1.3.1",  # US Multi-frame
+    "1.2.840.10008.5.1.4.1.1.6": "1.2.840.10008.5.1.4.1.1.6.1",  # US Image
+}
+
+
+def _module_class(sop_class_uid: str) -> str:
+    return _CURRENT_CLASS_OF.get(str(sop_class_uid), str(sop_class_uid))
+
+
+def _restore_evidence_classes(sr: Dataset, sources: Sequence[SourceInstance]) -> None:
+    """Reference each evidence object by its own SOP class, retired or not."""
+    own = {s.sop_instance_uid: s.sop_class_uid for s in sources if _module_class(s.sop_class_uid) != s.sop_class_uid}
+    if not own:
+        return
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in sr.get(keyword, []):
+            for series in study.get("ReferencedSeriesSequence", []):
+                for ref in series.get("ReferencedSOPSequence", []):
+                    if ref.ReferencedSOPInstanceUID in own:
+                        ref.ReferencedSOPClassUID = own[ref.ReferencedSOPInstanceUID]
+
+
 def _evidence(
     header: Dataset, sources: Sequence[SourceInstance]
 ) -> tuple[list[Dataset], dict[str, str]]:
@@ -446,6 +474,8 @@ def _evidence(
     if sources:
         # highdicom copies the modules of its first evidence's SOP class.
         base.SOPClassUID = sources[0].sop_class_uid
+    if "SOPClassUID" in base:
+        base.SOPClassUID = _module_class(base.SOPClassUID)
     changed = _normalise_header(base)
     if _normalise_charset(base):
         changed["SpecificCharacterSet"] = "normalised"
@@ -454,7 +484,7 @@ def _evidence(
     evidence = []
     for src in sources:
         ds = copy.deepcopy(base)
-        ds.SOPClassUID = src.sop_class_uid
+        ds.SOPClassUID = _module_class(src.sop_class_uid)
         ds.SOPInstanceUID = src.sop_instance_uid
         ds.SeriesInstanceUID = src.series_instance_uid
         evidence.append(ds)
@@ -847,6 +877,7 @@ def build_report(
         manufacturer_model_name="echonode",
         software_versions=software_version,
     )
+    _restore_evidence_classes(sr, list(sources.values()))
     if not sources:
         # Nothing was used: the study header is no evidence of this report.
         for keyword in ("CurrentRequestedProcedureEvidenceSequence",

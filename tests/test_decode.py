@@ -480,6 +480,16 @@ def test_no_pixel_data(tmp_path: Path) -> None:
     _assert_unusable(_save(ds, tmp_path), "no pixel data")
 
 
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.3"])
+def test_image_class_without_pixels_hints_at_truncation(sop_class: str, tmp_path: Path) -> None:
+    """Current and retired US Multi-frame alike: an image class with no pixels is a cut-off file."""
+    ds = _dataset(b"", rows=64, cols=80, frames=10, photometric="MONOCHROME2")
+    for keyword in ("PixelData", "Rows", "Columns"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = sop_class
+    _assert_unusable(_save(ds, tmp_path), "no pixel data (an image object: file truncated?)")
+
+
 def test_empty_pixel_data(tmp_path: Path) -> None:
     ds = _dataset(b"", rows=64, cols=80, frames=10, photometric="MONOCHROME2")
     _assert_unusable(_save(ds, tmp_path), "pixel data element is empty")

@@ -550,6 +550,27 @@ def test_unknown_character_set_refuses_the_report(charset, header, sources):
     assert "SECRET" not in str(info.value) and "Müller" not in str(info.value)
 
 
+@pytest.mark.parametrize("retired", ["1.2.840.10008.5.1.4.1.1.3", "1.2.840.10008.5.1.4.1.1.6"])
+def test_retired_ultrasound_classes_are_referenced_as_they_are(retired, header, sources, tmp_path):
+    """Older carts send the retired US classes (the SCP takes them); highdicom knows no IOD for them."""
+    old = copy.deepcopy(header)
+    old.SOPClassUID = retired
+    old_sources = tuple(dataclasses.replace(s, sop_class_uid=retired) for s in sources)
+    path = tmp_path / "sr.dcm"
+    back = write_read(build_report(old, make_findings(old_sources)), path)
+    refs = [
+        r.ReferencedSOPClassUID
+        for study in back.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for r in series.ReferencedSOPSequence
+    ]
+    assert refs == [retired] * len(sources)
+    for keyword in COPIED_EXACTLY:
+        assert back.get(keyword) == header.get(keyword), keyword
+    if shutil.which(DCIODVFY):
+        dciodvfy(path)
+
+
 # ---------------------------------------------------------------- supersedes
 
 
