@@ -13,7 +13,7 @@ time: a scrape reads the journal through that thread's own connection.
 Metrics (all prefixed ``echonode_``)::
 
     instances_received_total, bytes_received_total, duplicate_instances_total
-    associations_total, associations_rejected_total   access policy and low disk
+    associations_total, associations_rejected_total   access policy, unknown called AE, max_associations, low disk
     receive_failures_total{status}        0xA700 as "out_of_disk", 0xC210 ...
     studies{state}                        every state, 0 included
     queue_depth                           studies queued for the worker
@@ -160,7 +160,8 @@ class NodeCollector(Collector):
                       c.duplicates)
         yield counter("associations", "Associations accepted", c.associations)
         yield counter("associations_rejected",
-                      "Associations rejected (calling AE title or address not allowed, low disk)", c.rejected)
+                      "Associations rejected (calling AE title or address not allowed, unknown called AE title, "
+                      "max_associations reached, low disk)", c.rejected)
         fam = CounterMetricFamily(
             "echonode_receive_failures", "C-STOREs answered with a failure status, by reason", labels=["status"]
         )
