@@ -274,7 +274,10 @@ def decode_video(
             ds, stopped_at, size = _read_whole(path)
     except Exception as exc:  # pydicom raises many types for bad input
         raise UnusableObject(f"not a readable DICOM file ({_short(exc)})") from exc
-    if stopped_at < size:
+    if stopped_at < size and "PixelData" not in ds:
+        # Stopping short matters only when it cost the pixel data: GE writes
+        # a stray top-level Item Delimitation Item, where pydicom stops
+        # reading a complete file (padding after it is then left unread).
         raise UnusableObject(
             f"file is truncated (reading stopped at byte {stopped_at} of {size})"
         )
@@ -614,9 +617,9 @@ def _palette_luts(ds: Dataset, tsyntax: str) -> Dataset:
         if data_kw not in ds:
             continue
         data = bytes(ds[data_kw].value)
-        entries = (_as_int(ds[desc_kw].value[0]) if desc_kw in ds else None) or 2**16
-        if len(data) == 2 * entries:
-            # Two bytes an entry (16-bit LUTs, and 8-bit ones padded to 16).
+        if len(data) % 2 == 0:
+            # LUT Data is OW: in Big Endian every 16-bit word is swapped,
+            # whether it holds one 16-bit entry or two packed 8-bit ones.
             data = np.frombuffer(data, ">u2").astype("<u2").tobytes()
         setattr(out, data_kw, data)
     return out

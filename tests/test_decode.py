@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import warnings
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -307,6 +308,27 @@ def test_palette_sixteen_bit_entries_holding_eight_bit_values(tmp_path: Path) ->
     assert np.abs(out.frames.astype(int) - expected).max() <= 1
 
 
+@pytest.mark.skipif(not Path("/usr/bin/dcmconv").exists(), reason="dcmtk's dcmconv is not installed")
+def test_palette_eight_bit_lut_in_big_endian(tmp_path: Path) -> None:
+    """8-bit LUT entries packed two to an OW word: Big Endian swaps each pair (dcmtk writes it)."""
+    vid = _ramp_video()
+    n, rows, cols = vid.shape
+    idx = np.arange(256)
+    red = green = blue = np.where(idx % 2 == 0, 0, 255)  # alternating: a swapped pair inverts it
+    ds = _dataset(vid.tobytes(), rows=rows, cols=cols, frames=n, photometric="PALETTE COLOR")
+    for colour, lut in (("Red", red), ("Green", green), ("Blue", blue)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 8])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut.astype(np.uint8).tobytes())
+    little = _save(ds, tmp_path, "little.dcm")
+    big = tmp_path / "big.dcm"
+    subprocess.run(["/usr/bin/dcmconv", "+tb", str(little), str(big)], check=True, capture_output=True)
+    expected = red.astype(np.uint8)[vid]
+    out_little, out_big = decode_video(little), decode_video(big)
+    assert out_big.transfer_syntax == "1.2.840.10008.1.2.2"
+    assert np.array_equal(out_little.frames, expected)
+    assert np.array_equal(out_big.frames, expected)
+
+
 def _as_loop(name: str, tmp_path: Path, n: int = 10, **attrs: object) -> Path:
     """A real single-frame object made an ``n``-frame loop (the frame repeated).
 
@@ -501,6 +523,16 @@ def test_truncated_file(tmp_path: Path, small_loop: str, fraction: float) -> Non
     path = tmp_path / "truncated.dcm"
     path.write_bytes(data[: int(len(data) * fraction)])
     _assert_unusable(path, "truncated")
+
+
+def test_stray_item_delimiter_after_the_pixel_data_is_not_truncation(tmp_path: Path, small_loop: str) -> None:
+    """A top-level (FFFE,E00D) then trailing padding, as some GE files end: pydicom
+    stops at the delimiter with the pixel data read in full."""
+    path = tmp_path / "stray.dcm"
+    padding = b"\xfc\xff\xfc\xff" + b"OB\x00\x00" + (16).to_bytes(4, "little") + b"\x00" * 16
+    path.write_bytes(Path(small_loop).read_bytes() + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + padding)
+    out = decode_video(path)
+    assert np.array_equal(out.frames, decode_video(small_loop).frames)
 
 
 def test_truncated_native_pixel_data(tmp_path: Path) -> None:
