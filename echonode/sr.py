@@ -392,9 +392,10 @@ def _normalise_charset(ds: Dataset) -> bool:
     if "SpecificCharacterSet" not in ds:
         return False
     elem = ds["SpecificCharacterSet"]
-    if elem.VM == 0 or (elem.VM == 1 and not str(elem.value).strip()):
-        # Present and empty: the default repertoire, as if absent (highdicom
-        # refuses an empty value).
+    if elem.VM == 0 or (elem.VM == 1 and str(elem.value).strip() in ("", "ISO_IR 6")):
+        # Present and empty, or "ISO_IR 6" (a name some vendors write for it,
+        # which pydicom reads as such): the default repertoire, as if absent
+        # (highdicom refuses both values).
         del ds["SpecificCharacterSet"]
         return False
     values = list(elem.value) if elem.VM > 1 else [elem.value]

@@ -522,8 +522,9 @@ def test_misspelt_character_set_is_corrected(charset, header, sources, tmp_path)
         dciodvfy(path)
 
 
-def test_empty_character_set_is_the_default_repertoire(header, sources, tmp_path):
-    odd = vendor(header, SpecificCharacterSet="")
+@pytest.mark.parametrize("charset", ["", "ISO_IR 6"])
+def test_empty_character_set_is_the_default_repertoire(charset, header, sources, tmp_path):
+    odd = vendor(header, SpecificCharacterSet=charset)
     with capture_logs() as logs:
         back = write_read(build_report(odd, make_findings(sources)), tmp_path / "sr.dcm")
     assert back.get("SpecificCharacterSet", "") in ("", "ISO_IR 6")
