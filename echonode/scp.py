@@ -10,8 +10,10 @@ is checked again for every C-STORE (0xA700).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import socket
 import ssl
 import tempfile
 import threading
@@ -94,6 +96,29 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
 
     #: Seconds a peer has to complete the TLS handshake (the node's ACSE timeout).
     handshake_timeout: float | None = None
+    # A connection's thread only starts its association (a thread of its own)
+    # and returns, unless it is still in the TLS handshake: stopping the node
+    # must not wait up to ``handshake_timeout`` for a silent peer.
+    daemon_threads = True
+    block_on_close = False
+    #: Set when the server closes: a handshake that ends after that starts no association.
+    closing = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: Sockets still in the TLS handshake, closed with the server.
+        self.handshaking: set[ssl.SSLSocket] = set()
+        self._handshaking_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def server_close(self) -> None:
+        self.closing = True
+        with self._handshaking_lock:
+            pending = list(self.handshaking)
+        for sock in pending:
+            # Unblocks do_handshake in its thread, which then logs the failure.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        super().server_close()
 
     def get_request(self) -> tuple[Any, Any]:
         assert self.socket is not None
@@ -105,6 +130,8 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
             peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+            with self._handshaking_lock:
+                self.handshaking.add(request)
             try:
                 request.settimeout(self.handshake_timeout)
                 request.do_handshake()
@@ -114,6 +141,12 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
             except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
                 structlog.contextvars.clear_contextvars()
                 log.warning("association.tls_failed", peer=peer, error=f"{type(exc).__name__}: {exc}")
+                self.shutdown_request(request)
+                return
+            finally:
+                with self._handshaking_lock:
+                    self.handshaking.discard(request)
+            if self.closing:
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 
 import pydicom
@@ -285,6 +286,26 @@ def test_tls_peer_that_never_handshakes_does_not_block_the_listener(tmp_path: Pa
         node.stop()
 
 
+def test_stop_does_not_wait_for_a_silent_tls_peer(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """A peer stuck in the TLS handshake must not hold the node's stop for acse_timeout_s."""
+    import socket
+
+    tls = {"enabled": True, "cert_file": str(pki["server.pem"]), "key_file": str(pki["server.key"])}
+    cfg = make_config(tmp_path, node={"tls": tls, "acse_timeout_s": 600.0})
+    node = Node(cfg, start_worker=False)
+    node.start()
+    with socket.create_connection(("127.0.0.1", node.scp.port)) as silent:
+        wait_for(lambda: bool(node.scp._server.handshaking), timeout=30,
+                 what="the server to take the connection into the TLS handshake")
+        stopper = threading.Thread(target=node.stop, name="stopper")
+        stopper.start()
+        # Liveness, not speed: far under the 600 s the handshake could take.
+        stopper.join(timeout=120)
+        assert not stopper.is_alive(), "node.stop() waited for the silent peer's handshake"
+        silent.settimeout(30)
+        assert silent.recv(1) == b""  # and the connection is closed
+
+
 PETABYTE_MB = 1024 * 1024 * 1024
 
 
@@ -454,6 +475,9 @@ def test_transfer_ended_mid_object_leaves_no_temp_file(running_node: Node, end: 
         wait_for(lambda: any(e["event"] == "association.aborted" for e in logs), timeout=20,
                  what="the node to see the association end")
         wait_for(lambda: list(incoming.iterdir()) == [], timeout=10, what="the partial spool file to go")
+        # The file goes first, then the line is logged: wait for the line too.
+        wait_for(lambda: any(e["event"] == "store.partial_discarded" for e in logs), timeout=10,
+                 what="the discarded partial file to be logged")
     [line] = [e for e in logs if e["event"] == "store.partial_discarded"]
     assert line["sop_uid"] == str(ds.SOPInstanceUID) and line["bytes"] > 1_000_000
     assert running_node.journal.instances() == []
