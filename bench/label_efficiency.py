@@ -462,8 +462,14 @@ def work_summary(runs: list[Path], results: list[dict], elapsed: float) -> str:
     """
     run_seconds = []
     for run in runs:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        run_seconds.append(sum(json.loads(line)["seconds"] for line in lines if line.strip()))
+        # By epoch: a run killed between its metrics line and its checkpoint
+        # repeats that epoch on resume, and its line with it.
+        by_epoch = {}
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_epoch[record["epoch"]] = record["seconds"]
+        run_seconds.append(sum(by_epoch.values()))
     cells = [float(r["finetune_seconds"]) for r in results]
     parts = []
     if run_seconds:

@@ -95,8 +95,12 @@ def test_work_summary_counts_cached_work(tmp_path: Path) -> None:
         run.mkdir()
         (run / "metrics.jsonl").write_text("".join(f'{{"epoch": {i}, "seconds": {s}}}\n' for i, s in enumerate(epochs)))
         runs.append(run)
+    # Run b was killed after its epoch-0 line and before its checkpoint: on
+    # resume it ran epoch 0 again; that epoch counts once, at its last time.
+    with open(runs[1] / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 0, "seconds": 70.0}\n')
     results = [{"finetune_seconds": 30.0}, {"finetune_seconds": 90.4}]
     text = le.work_summary(runs, results, elapsed=5.0)
-    assert "2 pretraining runs of 1.0-5.0 min" in text
+    assert "2 pretraining runs of 1.2-5.0 min" in text
     assert "2 fine-tuning cells of 30-90 s" in text
     assert "0.1 h in all" in text and "this invocation took 0 min" in text

@@ -139,6 +139,31 @@ def test_a_file_that_changes_replaces_its_record(tmp_path: Path) -> None:
     assert build_index(archive, tmp_path / "cache", CFG, progress=False).added == 0
 
 
+def test_a_file_that_becomes_something_else_drops_its_old_video(tmp_path: Path) -> None:
+    """Cut short in its header, overwritten by text, or re-exported under a new UID:
+    one record per path, and the old frames leave the cache."""
+    archive = tmp_path / "archive"
+    a = cine(archive / "a.dcm", "1.2.826.0.9.3.1", seed=1)
+    b = cine(archive / "b.dcm", "1.2.826.0.9.3.2", seed=2)
+    c = cine(archive / "c.dcm", "1.2.826.0.9.3.3", seed=3)
+    build_index(archive, tmp_path / "cache", CFG, progress=False)
+
+    a.write_bytes(a.read_bytes()[:143])
+    b.write_text("not an image any more\n")
+    cine(c, "1.2.826.0.9.3.9", seed=3)
+    for path in (a, b, c):
+        touch_later(path, 5)
+    build_index(archive, tmp_path / "cache", CFG, progress=False)
+    cache = ClipCache(tmp_path / "cache")
+    assert set(cache.by_sop) == {"1.2.826.0.9.3.9"}
+    assert [v["source"]["path"] for v in manifest(tmp_path / "cache")["videos"]] == ["c.dcm"]
+    assert set(unusable_by_path(tmp_path / "cache")) == {"a.dcm"}
+    for gone in ("1.2.826.0.9.3.1", "1.2.826.0.9.3.2", "1.2.826.0.9.3.3"):
+        assert not (tmp_path / "cache" / "videos" / f"{gone}.npy").exists()
+    # Nothing is reported missing: every file is still there.
+    assert build_index(archive, tmp_path / "cache", CFG, progress=False).missing == 0
+
+
 def test_a_deleted_file_is_reported_and_pruned_on_request(tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     cine(archive / "a.dcm", "1.2.826.0.9.4.1")
@@ -149,16 +174,16 @@ def test_a_deleted_file_is_reported_and_pruned_on_request(tmp_path: Path) -> Non
 
     gone.unlink()
     (archive / "short.dcm").unlink()
-    cine(reused_path, "1.2.826.0.9.4.9")  # the path now holds another object
+    cine(reused_path, "1.2.826.0.9.4.9")  # the path now holds another object, which replaces the old
     touch_later(reused_path, 5)
     report = build_index(archive, tmp_path / "cache", CFG, progress=False)
-    # Kept by default (a purge on the node's storage must not empty a
-    # training cache), but counted.
-    assert report.missing == 2 and report.cached == 4
+    # A file that is gone is kept by default (a purge on the node's storage
+    # must not empty a training cache), but counted.
+    assert report.missing == 1 and report.cached == 3
     assert unusable_by_path(tmp_path / "cache") == {}
 
     report = build_index(archive, tmp_path / "cache", CFG, progress=False, prune=True)
-    assert report.removed == 2 and report.cached == 2 and report.missing == 0
+    assert report.removed == 1 and report.cached == 2 and report.missing == 0
     assert set(ClipCache(tmp_path / "cache").by_sop) == {"1.2.826.0.9.4.1", "1.2.826.0.9.4.9"}
     assert sorted(p.name for p in (tmp_path / "cache" / "videos").iterdir()) == ["1.2.826.0.9.4.1.npy", "1.2.826.0.9.4.9.npy"]
 

@@ -326,13 +326,18 @@ class _IndexRun:
         try:
             header = _read_header(path)
         except _NotDicom:
+            self._forget_video_at(rel)
             self.unusable.pop(rel, None)
             self.report.not_dicom += 1
             return
         except UnusableObject as exc:
+            self._forget_video_at(rel)
             self._list(rel, source, "", exc.reason)
             return
         sop_uid = str(header.get("SOPInstanceUID", "") or "")
+        # Whatever this file was before (another object, a cached video), it
+        # is this object now: one record per path.
+        self._forget_video_at(rel, keep=sop_uid)
         if not sop_uid:
             meta = getattr(header, "file_meta", None)
             if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
@@ -407,6 +412,19 @@ class _IndexRun:
         self.unusable[rel] = record
         self.listed.add(rel)
         self._changed()
+
+    def _forget_video_at(self, rel: str, *, keep: str | None = None) -> None:
+        """Drop the video cached from ``rel`` unless it is ``keep``: the file
+        there changed into something else (not DICOM, unreadable, another
+        SOP Instance UID), and its old frames must not be trained on."""
+        entry = self.by_path.pop(rel, None)
+        if entry is None:
+            return
+        sop_uid = entry["sop_uid"]
+        if sop_uid == keep:
+            self.by_path[rel] = entry
+        elif entry["source"]["path"] == rel and self.videos.get(sop_uid) is entry:
+            self._drop(sop_uid)
 
     def _drop(self, sop_uid: str) -> None:
         entry = self.videos.pop(sop_uid)
