@@ -104,6 +104,16 @@ def _owed(column: str = "state") -> str:
 #: between them (:meth:`Journal._delivery_state`).
 _DELIVERY_STATES = (StudyState.REPORTED, StudyState.DELIVERED, StudyState.UNDELIVERED)
 
+def _as_state(value: str) -> StudyState | str:
+    """A study state read from the journal; a state this release does not
+    know (written by a later one, before a roll back) stays a string and is
+    treated as final: it is never re-opened, never claimed, never purged."""
+    try:
+        return StudyState(value)
+    except ValueError:
+        return value
+
+
 #: States in which a new instance re-opens the study for receiving.
 _REOPENABLE = (StudyState.STABLE, StudyState.QUEUED, StudyState.RUNNING, StudyState.SKIPPED, StudyState.FAILED)
 
@@ -374,7 +384,7 @@ class Journal:
         row = self._connect().execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
         return InstanceRecord(**dict(row)) if row else None
 
-    def record_instance(self, rec: InstanceRecord) -> StudyState:
+    def record_instance(self, rec: InstanceRecord) -> StudyState | str:
         """Record a stored instance and (re)open its study for receiving.
 
         Returns the study's state after the write. A study already reported
@@ -395,7 +405,7 @@ class Journal:
         finally:
             con.execute("PRAGMA synchronous=FULL")
 
-    def _record_instance(self, rec: InstanceRecord, now: float) -> StudyState:
+    def _record_instance(self, rec: InstanceRecord, now: float) -> StudyState | str:
         with self._tx() as con:
             other = con.execute("SELECT study_uid FROM instances WHERE sop_uid = ?", (rec.sop_uid,)).fetchone()
             if other is not None and other["study_uid"] != rec.study_uid:
@@ -409,7 +419,7 @@ class Journal:
                 )
                 state = StudyState.RECEIVING
             else:
-                state = StudyState(row["state"])
+                state = _as_state(row["state"])
                 if state in _REOPENABLE:
                     state = StudyState.RECEIVING
                     con.execute(
@@ -464,9 +474,9 @@ class Journal:
 
     # -- study lifecycle ----------------------------------------------------------
 
-    def study_state(self, study_uid: str) -> StudyState | None:
+    def study_state(self, study_uid: str) -> StudyState | str | None:
         row = self._connect().execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
-        return StudyState(row["state"]) if row else None
+        return _as_state(row["state"]) if row else None
 
     def study(self, study_uid: str) -> dict[str, Any] | None:
         row = self._connect().execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()

@@ -410,3 +410,18 @@ def test_a_journal_from_before_the_indexes_gets_them(tmp_path: Path) -> None:
     )
     assert "studies_active" in plan and "TEMP B-TREE" not in plan
     j.close()
+
+
+def test_a_state_from_a_later_release_is_final_after_a_roll_back(journal: Journal) -> None:
+    """A roll back meets states it does not know: never re-opened, claimed or purged, no crash."""
+    journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    with journal._tx() as con:
+        con.execute("UPDATE studies SET state = 'from-a-later-release' WHERE study_uid = '1.2.3'")
+    journal.record_instance(rec("1.2.3.5"))  # a late instance: recorded, the study stays as it is
+    assert journal.study_state("1.2.3") == "from-a-later-release"
+    assert journal.get_instance("1.2.3.5") is not None
+    journal.mark_stable(0)
+    journal.queue_stable()
+    assert journal.claim_next(pid=1) is None
+    assert journal.purge_candidates([StudyState.DELIVERED, StudyState.UNDELIVERED, StudyState.SKIPPED],
+                                    active_before=time.time() + 10) == []
