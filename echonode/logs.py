@@ -8,7 +8,8 @@ when ``_config.PASS_CONTEXTVARS`` is set (done in ``scp.py``).
 
 Patient names, IDs and birth dates are never logged: code logs UIDs. As a
 second line of defence, :func:`redact_phi` drops any event key that names a
-patient attribute.
+patient attribute, and :func:`scrub_exception` logs an exception's type and
+frames without its message.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -41,6 +43,31 @@ def redact_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[s
     for key in list(event_dict):
         if key.lower() in PHI_KEYS:
             event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def scrub_exception(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """A structlog processor that logs an exception's type and stack, never its message.
+
+    The message of a library's exception can quote a data element (pydicom's
+    "invalid value for VR PN: 'DOE^JOHN'"); where it happened is what a
+    maintainer needs. ``error`` gets the type (unless the caller set it) and
+    ``frames`` the frames as ``file:line in function``, innermost last.
+    """
+    exc_info = event_dict.pop("exc_info", None)
+    if not exc_info:
+        return event_dict
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    exc = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+    if not isinstance(exc, BaseException):
+        return event_dict
+    import traceback
+
+    event_dict.setdefault("error", type(exc).__name__)
+    event_dict["frames"] = [
+        f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-12:]
+    ]
     return event_dict
 
 
@@ -91,10 +118,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
-        exc = [structlog.processors.dict_tracebacks]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
-        exc = []
 
     structlog.configure(
         processors=[
@@ -110,7 +135,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *exc,
+            scrub_exception,
             renderer,
         ],
     )

@@ -52,6 +52,34 @@ def test_json_lines_with_bound_context_and_stdlib_routing() -> None:
     assert lines[1]["event"] == "from the stdlib" and lines[1]["level"] == "warning"
 
 
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_an_exception_is_logged_by_type_and_frames_never_its_message(fmt: str) -> None:
+    """A library's error can quote a data element; ours and the stdlib's (pynetdicom's) alike."""
+    buf = io.StringIO()
+    configure_logging(fmt, "info", stream=buf)
+
+    def parse_name() -> None:
+        raise ValueError("invalid value for VR PN: 'DOE^JOHN'")
+
+    try:
+        parse_name()
+    except ValueError:
+        get_logger("t").exception("store.unexpected_error", sop_uid="1.2.3.4")
+    try:
+        raise KeyError("MRN-0042")
+    except KeyError:
+        logging.getLogger("pynetdicom.events").exception("Exception in handler")
+    out = buf.getvalue()
+    assert "DOE" not in out and "MRN-0042" not in out
+    if fmt == "json":
+        ours, theirs = (json.loads(x) for x in out.splitlines())
+        assert ours["error"] == "ValueError" and ours["sop_uid"] == "1.2.3.4"
+        assert ours["frames"][-1].startswith("test_logs.py:") and ours["frames"][-1].endswith(" in parse_name")
+        assert theirs["error"] == "KeyError" and theirs["frames"]
+    else:
+        assert "error=ValueError" in out and "in parse_name" in out and "error=KeyError" in out
+
+
 def test_console_format() -> None:
     buf = io.StringIO()
     configure_logging("console", "info", stream=buf)
