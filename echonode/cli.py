@@ -11,6 +11,7 @@ import json
 import sqlite3
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -250,10 +251,7 @@ def cmd_discard(args: argparse.Namespace) -> int:
         return EXIT_OK
     n = len(discarded)
     print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'}{scope} discarded; they will never be sent")
-    per_destination: dict[str, int] = {}
-    for d in discarded:
-        per_destination[d.destination] = per_destination.get(d.destination, 0) + 1
-    for name, count in sorted(per_destination.items()):
+    for name, count in sorted(Counter(d.destination for d in discarded).items()):
         print(f"  {name}: {count}")
     return EXIT_OK
 

@@ -775,14 +775,7 @@ class Journal:
                 "UPDATE outbox SET state = ?, sent_at = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?",
                 (OutboxState.SENT, now, item_id),
             )
-            study_uid = row["study_uid"]
-            state = self._delivery_state(con, study_uid)
-            cur = con.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
-            if cur and cur["state"] in _DELIVERY_STATES:
-                con.execute(
-                    "UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?", (state, now, study_uid)
-                )
-        return state
+            return self._settle_study(con, row["study_uid"], now)
 
     def mark_retry(self, item_id: int, next_attempt: float, error: str) -> None:
         with self._tx() as con:
@@ -866,20 +859,24 @@ class Journal:
                 self._settle_study(con, uid, now)
         return [DiscardedDelivery(r["study_uid"], r["sr_sop_uid"], r["destination"], r["last_error"]) for r in rows]
 
-    def _settle_study(self, con: sqlite3.Connection, study_uid: str, now: float) -> None:
+    def _settle_study(self, con: sqlite3.Connection, study_uid: str, now: float) -> StudyState:
         """Move a study waiting on deliveries to the state its outbox rows now give.
 
-        A study in another state (queued or running again after ``echonode
-        reprocess``) is left alone: its worker sets the state when it finishes.
+        A delivery or a discard is activity: retention's age rule counts from
+        it. A study in another state (queued or running again after
+        ``echonode reprocess``) is left alone: its worker sets the state when
+        it finishes.
+
+        Returns
+        -------
+        StudyState
+            The state the outbox rows give, whether or not it was written.
         """
-        cur = con.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
-        if cur is None or cur["state"] not in _DELIVERY_STATES:
-            return
         state = self._delivery_state(con, study_uid)
-        if state != cur["state"]:
-            # A state change is activity, as a delivery is: retention's age
-            # rule counts from the discard.
+        cur = con.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        if cur is not None and cur["state"] in _DELIVERY_STATES:
             con.execute("UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?", (state, now, study_uid))
+        return state
 
     # -- status ------------------------------------------------------------------
 
