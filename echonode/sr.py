@@ -359,22 +359,25 @@ def _normalise_header(ds: Dataset) -> dict[str, str]:
 
 
 # Vendors' misspellings that pydicom corrects when it reads the names
-# ("ISO-IR 100", "ISO IR 100", "ISO_2022_IR 100"): pydicom decoded the values
-# with the corrected set, so the report must declare that one.
-_ISO_IR_MISSPELT = re.compile(r"^ISO[^_]IR[ _](?P<number>\d+)$")
-_ISO_2022_MISSPELT = re.compile(r"^ISO.2022.IR.(?P<number>\d+)$")
+# ("ISO-IR 100", "ISO IR 100", "ISO_2022_IR 100"), by its rule: the prefix
+# replaced, the rest kept. Only a value pydicom corrects this way was decoded
+# with the corrected set, so only such a value may be declared as it.
+_ISO_IR_MISSPELT = re.compile(r"^ISO[^_]IR")
+_ISO_2022_MISSPELT = re.compile(r"^(?=ISO.2022.IR.)(?!ISO 2022 IR )")
 
 
 def _corrected_charset(term: str) -> str | None:
-    """The defined term a Specific Character Set value stands for; None when unknown."""
+    """The defined term pydicom read a Specific Character Set value as; None when unknown."""
     term = term.strip()
     if term in _CHARSETS:
         return term
-    for pattern, prefix in ((_ISO_IR_MISSPELT, "ISO_IR "), (_ISO_2022_MISSPELT, "ISO 2022 IR ")):
-        m = pattern.match(term)
-        if m and prefix + m["number"] in _CHARSETS:
-            return prefix + m["number"]
-    return None
+    if _ISO_IR_MISSPELT.match(term):
+        patched = "ISO_IR" + term[6:]
+    elif _ISO_2022_MISSPELT.match(term):
+        patched = "ISO 2022 IR " + term[12:]
+    else:
+        return None
+    return patched if patched in _CHARSETS else None
 
 
 def _normalise_charset(ds: Dataset) -> bool:
