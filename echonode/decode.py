@@ -44,7 +44,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
 from pydicom.uid import UID
 
-from .dicomfile import check_inflated_size
+from .dicomfile import RETIRED_US_STORAGE, check_inflated_size
 
 __all__ = [
     "DEFAULT_MAX_DECODED_BYTES",
@@ -87,10 +87,6 @@ _IMAGE_CLASS_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.7",
     "1.2.840.10008.5.1.4.1.1.77.1.",
 )
-
-#: The retired Ultrasound Multi-frame and Ultrasound Image Storage classes,
-#: which older carts still send.
-_RETIRED_US_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.3", "1.2.840.10008.5.1.4.1.1.6"})
 
 _REDUCED_GREY_FLAGS = {
     1: cv2.IMREAD_GRAYSCALE,
@@ -372,7 +368,7 @@ def _decode(
     if "PixelData" not in ds:
         # An image header without pixel data is almost always a file cut
         # short before the pixel data (pydicom stops there without a warning).
-        image_like = "Rows" in ds or sop_class in _RETIRED_US_CLASSES or sop_class.startswith(_IMAGE_CLASS_PREFIXES)
+        image_like = "Rows" in ds or sop_class in RETIRED_US_STORAGE or sop_class.startswith(_IMAGE_CLASS_PREFIXES)
         hint = " (an image object: file truncated?)" if image_like else ""
         raise UnusableObject("no pixel data" + hint)
     if not ds.PixelData:

@@ -11,6 +11,15 @@ from pathlib import Path
 
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
+#: The retired (pre-1996) Ultrasound Multi-frame and Ultrasound Image Storage
+#: classes, which older carts and echo archives migrated through the PACS
+#: still send: UID -> (keyword, the current class whose IOD has the same
+#: modules and whose pixel data is read the same way).
+RETIRED_US_STORAGE: dict[str, tuple[str, str]] = {
+    "1.2.840.10008.5.1.4.1.1.3": ("UltrasoundMultiFrameImageStorageRetired", "1.2.840.10008.5.1.4.1.1.3.1"),
+    "1.2.840.10008.5.1.4.1.1.6": ("UltrasoundImageStorageRetired", "1.2.840.10008.5.1.4.1.1.6.1"),
+}
+
 
 def check_inflated_size(path: Path, limit: int) -> None:
     """Raise ValueError when a deflated data set inflates past ``limit`` bytes.

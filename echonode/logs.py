@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,27 @@ def scrub_exception(_logger: Any, _method: str, event_dict: dict[str, Any]) -> d
     exc = exc_info[1] if isinstance(exc_info, tuple) else exc_info
     if not isinstance(exc, BaseException):
         return event_dict
-    import traceback
-
     event_dict.setdefault("error", type(exc).__name__)
-    event_dict["frames"] = [
-        f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-12:]
-    ]
+    event_dict["frames"] = exception_frames(exc)
     return event_dict
+
+
+def exception_frames(exc: BaseException, limit: int = 12) -> list[str]:
+    """Where an exception happened, without its message: ``file:line in function``, innermost last.
+
+    Parameters
+    ----------
+    exc : BaseException
+        A raised exception (with its traceback).
+    limit : int
+        The innermost frames kept.
+
+    Returns
+    -------
+    list of str
+        Empty when the exception carries no traceback.
+    """
+    return [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-limit:]]
 
 
 def _shared_processors(timestamps: bool) -> list[Any]:

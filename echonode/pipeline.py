@@ -174,7 +174,8 @@ def _decode_one(
         return _Decoded(outcome, None)
     except Exception as exc:  # noqa: BLE001 - one bad object must not fail the study
         outcome.reason = f"cannot read: {type(exc).__name__}"
-        log.warning("pipeline.decode_error", sop_uid=outcome.sop_uid, error=f"{type(exc).__name__}: {exc}")
+        # Type and frames, never the message: a library's can quote a data element.
+        log.warning("pipeline.decode_error", sop_uid=outcome.sop_uid, exc_info=exc)
         return _Decoded(outcome, None)
     outcome.usable = True
     outcome.n_frames = int(video.frames.shape[0])

@@ -31,6 +31,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from .config import NodeConfig, TLSConfig
+from .dicomfile import RETIRED_US_STORAGE
 from .logs import get_logger
 from .store import BadObject, StudyStore
 
@@ -41,19 +42,12 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 # Carry structlog's bound context into association threads.
 _config.PASS_CONTEXTVARS = True
 
-#: The retired (pre-1996) Ultrasound Multi-frame and Ultrasound Image Storage
-#: classes. Older carts and echo archives migrated through the PACS still
-#: send them, and dcmtk's storescp takes them; the pixel data is read like the
-#: current classes'. pynetdicom lists neither among its storage contexts nor
-#: ties them to the Storage service, so a C-STORE of one would be aborted:
-#: register both with it.
-RETIRED_US_STORAGE = {
-    "UltrasoundMultiFrameImageStorageRetired": "1.2.840.10008.5.1.4.1.1.3",
-    "UltrasoundImageStorageRetired": "1.2.840.10008.5.1.4.1.1.6",
-}
-for _keyword, _uid in RETIRED_US_STORAGE.items():
+# The retired US classes (RETIRED_US_STORAGE): dcmtk's storescp takes them;
+# pynetdicom lists neither among its storage contexts nor ties them to the
+# Storage service, so a C-STORE of one would be aborted: register both.
+for _uid, (_keyword, _current) in RETIRED_US_STORAGE.items():
     register_uid(_uid, _keyword, StorageServiceClass)
-RETIRED_US_STORAGE_UIDS = tuple(RETIRED_US_STORAGE.values())
+RETIRED_US_STORAGE_UIDS = tuple(RETIRED_US_STORAGE)
 
 
 def _recv_into(self: AssociationSocket, nr_bytes: int) -> bytearray:

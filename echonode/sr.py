@@ -76,6 +76,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 import echonode
+from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.logs import get_logger
 
 log = get_logger(__name__)
@@ -434,19 +435,17 @@ def _check_copied_exactly(header: Dataset) -> None:
             )
 
 
-#: Retired ultrasound SOP classes the SCP accepts (older carts, migrated
-#: archives) -> the current class whose IOD has the same Patient and Study
-#: modules. highdicom copies those modules by the IOD of its evidence's class
-#: and knows only current classes; the report still references the objects
-#: by their own class (:func:`_restore_evidence_classes`).
-_CURRENT_CLASS_OF = {
-    "1.2.840.10008.5.1.4.1.1.3": "1.2.840.10008.5.1.4.1.1.3.1",  # US Multi-frame
-    "1.2.840.10008.5.1.4.1.1.6": "1.2.840.10008.5.1.4.1.1.6.1",  # US Image
-}
-
-
 def _module_class(sop_class_uid: str) -> str:
-    return _CURRENT_CLASS_OF.get(str(sop_class_uid), str(sop_class_uid))
+    """The class whose modules highdicom copies for ``sop_class_uid``.
+
+    highdicom copies the Patient and Study modules by the IOD of its
+    evidence's class and knows only current classes: a retired US class
+    (:data:`~echonode.dicomfile.RETIRED_US_STORAGE`) is read as its current
+    one. The report still references each object by its own class
+    (:func:`_restore_evidence_classes`).
+    """
+    uid = str(sop_class_uid)
+    return RETIRED_US_STORAGE[uid][1] if uid in RETIRED_US_STORAGE else uid
 
 
 def _restore_evidence_classes(sr: Dataset, sources: Sequence[SourceInstance]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
-from .logs import get_logger
+from .logs import exception_frames, get_logger
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -250,14 +250,8 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
 
 
 def _where(exc: BaseException) -> str:
-    """``file:line in function`` of the innermost frame, for a log line without the message."""
-    import traceback
-
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "unknown"
-    f = frames[-1]
-    return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+    """``file:line in function`` of the innermost frame, for a reason without the message."""
+    return (exception_frames(exc, limit=1) or ["unknown"])[-1]
 
 
 def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> None:

@@ -135,3 +135,36 @@ def test_identity_check() -> None:
     b.PatientName = "A^C"
     with pytest.raises(StudyRefused, match="PatientName"):
         check_identity([a, b])
+
+
+def test_an_unexpected_decode_error_skips_the_object_and_logs_no_message(
+    tmp_path: Path, study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug or a library's error in one object: that object is skipped, the study goes on,
+    and the log names the error's type and frames, never its message."""
+    import io
+    import json
+
+    import echonode.pipeline
+    from echonode.logs import configure_logging
+
+    uid, files = study
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh")
+    real = echonode.pipeline.decode_video
+
+    def decode(path, **kw):
+        if Path(path) == files[1]:
+            raise ValueError("invalid value for VR PN: 'DOE^JOHN'")
+        return real(path, **kw)
+
+    monkeypatch.setattr(echonode.pipeline, "decode_video", decode)
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf)
+    result = analyse_study(uid, files, _registry(models).current)
+    outcomes = {Path(v.path): v for v in result.videos}
+    assert outcomes[files[1]].reason == "cannot read: ValueError" and not outcomes[files[1]].used
+    assert outcomes[files[0]].used and outcomes[files[2]].used
+    assert "DOE" not in buf.getvalue()
+    (line,) = [e for e in map(json.loads, buf.getvalue().splitlines()) if e["event"] == "pipeline.decode_error"]
+    assert line["error"] == "ValueError" and line["frames"][-1].endswith(" in decode")
