@@ -258,3 +258,17 @@ def test_a_killed_runs_temporary_files_are_cleared_and_a_second_run_waits_its_tu
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run at work
         with pytest.raises(RuntimeError, match="another"):
             build_index(archive, cache, CFG, progress=False)
+
+
+def test_a_deflate_bomb_is_listed_before_pydicom_inflates_it(tmp_path: Path, monkeypatch) -> None:
+    """pydicom inflates a deflated data set whole even for a header: the decoder's guard comes first."""
+    from tests.corpus import _deflate_bomb
+
+    monkeypatch.setattr(train.data, "_MAX_INFLATED_BYTES", 16 * 2**20)
+    archive = tmp_path / "archive"
+    cine(archive / "ok.dcm", "1.2.826.0.9.6.1")
+    bomb = us_multiframe(sop_uid="1.2.826.0.9.6.2", frames=4, rows=32, cols=32)
+    (archive / "bomb.dcm").write_bytes(_deflate_bomb(64 * 2**20)(bomb))
+    report = build_index(archive, tmp_path / "cache", CFG, progress=False)
+    assert report.cached == 1
+    assert "inflates to more than 16 MiB" in unusable_by_path(tmp_path / "cache")["bomb.dcm"]

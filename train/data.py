@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from echonode.decode import DecodedVideo, UnusableObject
+from echonode.decode import DEFAULT_MAX_DECODED_BYTES, DecodedVideo, UnusableObject
+from echonode.dicomfile import check_inflated_size
 from echonode.preprocess import PreprocessConfig, make_eval_clips, preprocess_file, training_clip
 from train.augment import AugmentConfig, augment_clip
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, permute_clip
@@ -230,11 +231,15 @@ def _read_header(path: Path) -> DicomDataset:
     from pydicom.errors import InvalidDicomError
 
     try:
-        # pydicom reports a header cut short only by a warning (as in
-        # echonode.decode.decode_video): record them.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+        try:
+            # pydicom inflates a deflated data set whole, pixels or not: the
+            # decoder's guard against a decompression bomb, before the read.
+            check_inflated_size(path, _MAX_INFLATED_BYTES)
+        except ValueError as exc:
+            raise UnusableObject(str(exc)) from exc
+        # A header cut short is found by the decode that follows (where
+        # reading stopped against the file's size), not here.
+        header = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError as exc:
         if _looks_like_bare_dicom(path):
             raise UnusableObject(
@@ -244,12 +249,16 @@ def _read_header(path: Path) -> DicomDataset:
         raise _NotDicom(str(exc)) from exc
     except OSError as exc:
         raise UnusableObject(f"cannot read the file ({exc.strerror or type(exc).__name__})") from exc
+    except UnusableObject:
+        raise
     except Exception as exc:  # pydicom raises many types for a broken header
         raise UnusableObject(f"DICOM header does not parse ({type(exc).__name__})") from exc
-    if any("End of file" in str(w.message) for w in caught):
-        raise UnusableObject("file is truncated (ends inside an element)")
     return header
 
+
+#: A deflated data set inflating past this is refused before pydicom reads it
+#: (the decoder's own limit).
+_MAX_INFLATED_BYTES = DEFAULT_MAX_DECODED_BYTES
 
 #: Media Storage Directory Storage: a DICOMDIR indexes the media, holds no image.
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
