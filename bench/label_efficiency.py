@@ -5,8 +5,9 @@ configuration:
 
 1. generate the archive (or reuse one given with ``--archive``), index it;
 2. pretrain one encoder per SSL method on the *training split only* (the
-   patient split of ``train.data.split_cache``, stratified with the same
-   ``labels.csv`` as fine-tuning, so no validation or test patient is seen);
+   patient split of ``train.data.split_cache``, a seeded hash of each
+   patient's key, the same for fine-tuning, so no validation or test
+   patient is seen);
 3. fine-tune every init (the three encoders and random init) on every label
    fraction (drawn by study, the same studies for every init at a given
    seed), for every seed;

@@ -36,5 +36,5 @@ def open_work(work: Path, size: int, val_fraction: float, test_fraction: float):
 
     cache = ClipCache(work / f"cache-{size}")
     rows = load_study_labels(work / "archive" / "labels.csv")
-    splits = split_cache(cache, rows, val_fraction=val_fraction, test_fraction=test_fraction, seed=0)
+    splits = split_cache(cache, val_fraction=val_fraction, test_fraction=test_fraction, seed=0)
     return cache, rows, splits

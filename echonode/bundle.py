@@ -842,6 +842,7 @@ def save_bundle(
     state_dict: Mapping[str, torch.Tensor],
     *,
     overwrite: bool = False,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a bundle folder atomically.
 
@@ -859,6 +860,9 @@ def save_bundle(
         Weights; checked against ``meta.architecture`` first.
     overwrite : bool, optional
         Replace an existing folder (briefly absent during the swap).
+    extra_files : mapping of str to str, optional
+        Further text files of the bundle (e.g. ``split.json``, the studies
+        it was trained on), by plain file name.
 
     Returns
     -------
@@ -877,6 +881,10 @@ def save_bundle(
     checked = check_state_dict(state_dict, meta.arch, meta.num_outputs, meta.width, source=target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"bundle {target} already exists")
+    extras = dict(extra_files or {})
+    for name in extras:
+        if name in (BUNDLE_JSON, WEIGHTS_FILE) or Path(name).name != name or name.startswith("."):
+            raise BundleError(f"{target}: extra bundle file name {name!r} is not a plain file name of its own")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Clone to CPU so that views do not drag whole shared storages along, and
     # save a plain dict: nothing in weights.pt needs more than weights_only.
@@ -889,6 +897,9 @@ def save_bundle(
         meta_path = staging / BUNDLE_JSON
         meta_path.write_text(meta.to_json(), encoding="utf-8")
         _fsync_file(meta_path)
+        for name, text in extras.items():
+            (staging / name).write_text(text, encoding="utf-8")
+            _fsync_file(staging / name)
         _fsync_dir(staging)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))

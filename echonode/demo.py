@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_MODELS_VERSION = "v2"
-DEMO_TASKS = ("view", "lvh", "severe_as")
+DEMO_MODELS_VERSION = "v3"
+# Severe AS is left out: the demo archive holds about two positive studies,
+# too few for fine-tuning to train and validate on (it refuses such splits).
+DEMO_TASKS = ("view", "lvh")
 
 
 def _say(text: str) -> None:

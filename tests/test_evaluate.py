@@ -87,15 +87,28 @@ def test_runtime_eager_scores_as_finetuning_did(trained, tmp_path: Path) -> None
     assert default["runtime"]["requested"] == "auto"
 
 
-def test_external_split_all_and_errors(trained, tmp_path: Path) -> None:
+def test_external_split_all_and_errors(trained, tmp_path: Path, capsys) -> None:
     cache, labels, bundle = trained
+    external, external_labels = make_labelled_archive(tmp_path, n_patients=6, uid_root="1.2.826.0.3")
+    build_index(external, tmp_path / "cache", PreprocessConfig(size=16), progress=False)
     out = tmp_path / "all"
-    assert main(["--bundle", str(bundle), "--data", str(cache), "--labels", str(labels), "--out", str(out),
-                 "--split", "all", "--bootstrap", "50"]) == 0  # fmt: skip
+    assert main(["--bundle", str(bundle), "--data", str(tmp_path / "cache"), "--labels", str(external_labels),
+                 "--out", str(out), "--split", "all", "--bootstrap", "50"]) == 0  # fmt: skip
     report = json.loads((out / "metrics.json").read_text())
-    assert report["study"]["n"] == 16
+    assert report["study"]["n"] == 6
     assert main(["--bundle", str(tmp_path / "nope"), "--data", str(cache), "--labels", str(labels),
                  "--out", str(out)]) == 2  # fmt: skip
+
+
+@pytest.mark.parametrize(("split", "how"), [("all", "trained"), ("train", "trained"), ("val", "early-stopped")])
+def test_refuses_to_score_what_the_bundle_was_fitted_on(trained, tmp_path: Path, capsys, split: str, how: str) -> None:
+    cache, labels, bundle = trained
+    capsys.readouterr()
+    assert main(["--bundle", str(bundle), "--data", str(cache), "--labels", str(labels), "--out", str(tmp_path / "r"),
+                 "--split", split, "--bootstrap", "50"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"evaluation studies were used by bundle {bundle}" in err and how in err
+    assert not (tmp_path / "r" / "metrics.json").exists()
 
 
 def test_curves_match_auroc() -> None:

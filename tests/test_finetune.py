@@ -14,35 +14,41 @@ from echonode.bundle import load_bundle
 from echonode.preprocess import PreprocessConfig
 from tests.factories import us_multiframe, write
 from train.data import ClipCache, build_index, load_study_labels, split_cache
-from train.finetune import EarlyStopping, main, prepare_task
+from train.finetune import EarlyStopping, check_evaluable, main, prepare_task, prior_logit
+from train.splits import SplitRecord
 
 torch.set_num_threads(1)
 
 
-def make_labelled_archive(root: Path, n_patients: int = 16) -> tuple[Path, Path]:
+def make_labelled_archive(root: Path, n_patients: int = 16, uid_root: str = "1.2.826.0.2") -> tuple[Path, Path]:
     """Archive whose LVH label is visible (a bright block in every frame of
     the study's videos); severe AS is an unrelated column.
+
+    Another ``uid_root`` makes another archive (other studies, other patients).
 
     Returns ``(archive, labels_csv)``.
     """
     archive = root / "archive"
     labels, videos = [], []
     for p in range(n_patients):
-        study = f"1.2.826.0.2.{p}"
+        study = f"{uid_root}.{p}"
+        patient = f"MRN{p}" if uid_root == "1.2.826.0.2" else f"MRN{uid_root}.{p}"
         lvh = p % 2
         severe_as = int(p % 4 == 1 or p % 4 == 2)  # differs from lvh for half the studies
-        labels.append({"patient_id": f"MRN{p}", "study_uid": study, "accession_number": f"A{p}",
+        labels.append({"patient_id": patient, "study_uid": study, "accession_number": f"A{p}",
                        "study_date": "20240101", "lvh": lvh, "severe_as": severe_as})  # fmt: skip
         for v, view in enumerate(("plax", "plax", "a4c")):
             sop = f"{study}.{v}"
-            ds = us_multiframe(study_uid=study, sop_uid=sop, frames=10, rows=32, cols=32, patient_id=f"MRN{p}", seed=p * 10 + v)
+            # Fixed UIDs: the cache's order, and so the training run, is the same every time.
+            ds = us_multiframe(study_uid=study, series_uid=f"{study}.9", sop_uid=sop, frames=10, rows=32, cols=32,
+                               patient_id=patient, seed=p * 10 + v)  # fmt: skip
             rng = np.random.default_rng(p * 10 + v)
             pixels = rng.integers(0, 90, size=(10, 32, 32), dtype=np.uint8)
             if lvh:
                 pixels[:, 8:24, 8:24] = 250
             ds.PixelData = pixels.tobytes()
             write(ds, archive / study / f"{sop}.dcm")
-            videos.append({"patient_id": f"MRN{p}", "study_uid": study, "series_uid": "", "sop_uid": sop, "view": view})
+            videos.append({"patient_id": patient, "study_uid": study, "series_uid": "", "sop_uid": sop, "view": view})
     for name, rows in (("labels.csv", labels), ("videos.csv", videos)):
         with open(archive / name, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -62,7 +68,7 @@ def labelled(tmp_path_factory) -> tuple[Path, Path]:
 def _split(cache: Path, labels: Path):
     c = ClipCache(cache)
     rows = load_study_labels(labels)
-    return c, rows, split_cache(c, rows, val_fraction=0.25, test_fraction=0.25)
+    return c, rows, split_cache(c, val_fraction=0.25, test_fraction=0.25)
 
 
 def test_lvh_uses_lvh_labels_and_severe_as_its_own(labelled) -> None:
@@ -151,8 +157,14 @@ def test_finetune_from_pretraining_run_and_view_task(labelled, tmp_path: Path) -
     assert main(_args(cache, labels, out, "--task", "severe_as", "--epochs", "1", "--init", str(run))) == 0
     prov = load_bundle(out).meta.provenance
     assert prov["init"]["pretrain_run"] == str(run)
-    # Same labels and split settings: pretraining saw no evaluation study.
-    assert prov["init"]["pretrain_eval_overlap_studies"] == 0
+    # Same split settings: pretraining saw no evaluation study, and the bundle says what it was made from.
+    assert prov["init"]["pretrain_split"].startswith("checked")
+    record = SplitRecord.read(out)
+    pretrained = SplitRecord.read(run)
+    assert record is not None and pretrained is not None
+    assert set(record.used["pretrained"]) == set(pretrained.used["pretrained"]) <= set(record.train)
+    assert set(record.used["trained"]) <= set(record.train) and set(record.used["early-stopped"]) <= set(record.val)
+    assert not set(record.used["pretrained"]) & (set(record.val) | set(record.test))
     encoder = torch.load(run / "encoder.pt", weights_only=True)
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert weights["stem.0.weight"].shape == encoder["stem.0.weight"].shape
@@ -256,3 +268,100 @@ def test_fit_logistic_acts_on_raw_features_binary_and_multiclass() -> None:
     held_c = torch.bucketize(held[:, 1].contiguous(), torch.tensor([2.5, 3.5]))
     # Ordered classes on one feature under a strong penalty: well above chance (about 0.38).
     assert float((held.double() @ w3 + b3).argmax(1).eq(held_c).float().mean()) > 0.6
+
+
+def test_finetune_refuses_a_pretraining_run_that_saw_its_evaluation_studies(labelled, tmp_path: Path, capsys) -> None:
+    from train.pretrain import main as pretrain_main
+
+    cache, labels = labelled
+    run = tmp_path / "run"
+    # Another split seed: another split, so some of fine-tuning's val/test studies were pretrained on.
+    assert pretrain_main(["--data", str(cache), "--out", str(run), "--preset", "tiny", "--size", "16", "--width", "4",
+                          "--batch", "4", "--epochs", "1", "--val-fraction", "0.25", "--test-fraction", "0.25",
+                          "--split-seed", "7", "--no-progress"]) == 0  # fmt: skip
+    seen = set(SplitRecord.read(run).used["pretrained"])  # type: ignore[union-attr]
+    splits = split_cache(ClipCache(cache), val_fraction=0.25, test_fraction=0.25)
+    overlap = seen & (set(splits["val"]) | set(splits["test"]))
+    assert overlap, "the two seeds should disagree on some patients"
+    capsys.readouterr()
+    out = tmp_path / "leaky"
+    assert main(_args(cache, labels, out, "--task", "lvh", "--epochs", "1", "--init", str(run))) == 2
+    err = capsys.readouterr().err
+    assert f"{len(overlap)} of the" in err and f"pretraining run {run}" in err and "pretrained" in err
+    assert not out.exists()
+
+
+def _task_with(targets: dict[str, list[float]]):
+    from train.finetune import TaskData
+
+    videos = {name: [{"study_uid": f"{name}{i}"} for i in range(len(t))] for name, t in targets.items()}
+    return TaskData("lvh", ["absent", "present"], videos, targets, [v["study_uid"] for v in videos["train"]], 1.0)
+
+
+def test_check_evaluable_refuses_a_split_without_a_class() -> None:
+    fine = _task_with({"train": [0, 1], "val": [0, 1, 0], "test": [1, 0]})
+    check_evaluable(fine)
+    with pytest.raises(ValueError, match=r"the validation split has 3 lvh studies with videos, 0 positive and 3 negative"):
+        check_evaluable(_task_with({"train": [0, 1], "val": [0, 0, 0], "test": [1, 0]}))
+    with pytest.raises(ValueError, match=r"the test split has 2 lvh studies with videos, 2 positive and 0 negative"):
+        check_evaluable(_task_with({"train": [0, 1], "val": [0, 1], "test": [1, 1]}))
+    with pytest.raises(ValueError, match=r"the test split has 0 lvh studies"):
+        check_evaluable(_task_with({"train": [0, 1], "val": [0, 1], "test": []}))
+    # A split the settings leave out on purpose is not checked.
+    check_evaluable(_task_with({"train": [0, 1], "val": [0, 1], "test": []}), required=["val"])
+
+
+def test_finetune_refuses_a_validation_split_without_positives(labelled, tmp_path: Path, capsys) -> None:
+    cache, source = labelled
+    splits = split_cache(ClipCache(cache), val_fraction=0.25, test_fraction=0.25)
+    # Mark every validation study negative: the split can no longer be scored.
+    labels = tmp_path / "labels.csv"
+    rows = load_study_labels(source)
+    for row in rows:
+        if row["study_uid"] in splits["val"]:
+            row["lvh"] = "0"
+    assert splits["val"]
+    with open(labels, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "bundle"
+    assert main(_args(cache, labels, out, "--task", "lvh", "--epochs", "1")) == 2
+    assert "the validation split has" in capsys.readouterr().err and not out.exists()
+
+
+def test_prior_logit_and_new_head_bias() -> None:
+    assert prior_logit([0, 0, 0, 1], pos_weight=3.0) == pytest.approx(0.0)
+    assert prior_logit([0, 0, 0, 1], pos_weight=None) == pytest.approx(np.log(1 / 3))
+    with pytest.raises(ValueError):
+        prior_logit([1, 1], pos_weight=None)
+
+
+def test_early_stopping_that_never_improves_says_it_kept_the_initial_weights(labelled, tmp_path: Path, capsys) -> None:
+    from train import finetune as ft
+
+    cache, labels = labelled
+    config = ft._config_from(_parser().parse_args(_args(cache, labels, tmp_path / "x", "--task", "lvh", "--epochs", "2")))
+    run = ft._load_task(config)
+    ft._initial_model(run)
+    initial = {k: v.clone() for k, v in run.model.state_dict().items()}
+    loaders = ft._Loaders(run)
+    real = ft.predict_clips
+    try:
+        ft.predict_clips = lambda *a, **k: (np.zeros((0, 0)), float("nan"))  # a diverged run: no finite loss
+        history, best = ft._fit(run, loaders)
+    finally:
+        ft.predict_clips = real
+    assert best == -1 and len(history) == 2
+    assert "INITIAL (untrained) weights" in capsys.readouterr().err
+    assert all(torch.equal(v, initial[k]) for k, v in run.model.state_dict().items())
+
+
+def _parser():
+    import argparse
+
+    from train.finetune import add_finetune_arguments
+
+    parser = argparse.ArgumentParser()
+    add_finetune_arguments(parser)
+    return parser

@@ -6,7 +6,15 @@ import random
 
 import pytest
 
-from train.splits import patient_key, sample_label_fraction, split_by_patient
+from train.splits import (
+    SPLIT_FILE,
+    SplitRecord,
+    assign_split,
+    check_no_overlap,
+    patient_key,
+    sample_label_fraction,
+    split_by_patient,
+)
 
 
 def _archive(n_patients: int = 60, seed: int = 0) -> tuple[dict[str, str], dict[str, int]]:
@@ -21,8 +29,8 @@ def _archive(n_patients: int = 60, seed: int = 0) -> tuple[dict[str, str], dict[
 
 
 def test_no_patient_or_study_crosses_splits() -> None:
-    study_patient, labels = _archive()
-    splits = split_by_patient(study_patient, labels, seed=1)
+    study_patient, _ = _archive(400)
+    splits = split_by_patient(study_patient, seed=1)
     seen_studies: set[str] = set()
     patients = {name: {study_patient[s] for s in studies} for name, studies in splits.items()}
     for name, studies in splits.items():
@@ -33,30 +41,80 @@ def test_no_patient_or_study_crosses_splits() -> None:
     assert not patients["train"] & patients["test"]
     assert not patients["val"] & patients["test"]
     n = len(set(study_patient.values()))
-    assert len(patients["test"]) == pytest.approx(0.2 * n, abs=2)
-    assert len(patients["val"]) == pytest.approx(0.1 * n, abs=2)
+    # Hashing gives the fractions in expectation: binomial, 3 sd.
+    assert abs(len(patients["test"]) - 0.2 * n) <= 3 * (n * 0.2 * 0.8) ** 0.5
+    assert abs(len(patients["val"]) - 0.1 * n) <= 3 * (n * 0.1 * 0.9) ** 0.5
 
 
-def test_split_is_stratified_seeded_and_order_independent() -> None:
-    study_patient, labels = _archive(200)
-    a = split_by_patient(study_patient, labels, seed=3)
+def test_split_is_seeded_order_independent_and_label_free() -> None:
+    study_patient, _ = _archive(200)
+    a = split_by_patient(study_patient, seed=3)
     shuffled = dict(sorted(study_patient.items(), key=lambda kv: kv[0][::-1]))
-    assert split_by_patient(shuffled, labels, seed=3) == a
-    assert split_by_patient(study_patient, labels, seed=4) != a
-    positive_patients = {p for s, p in study_patient.items() if labels[s]}
-    total = len(positive_patients)
-    test_pos = {study_patient[s] for s in a["test"]} & positive_patients
-    # Stratified: the test split holds ~20 % of the positive patients.
-    assert abs(len(test_pos) - 0.2 * total) <= 1
+    assert split_by_patient(shuffled, seed=3) == a
+    assert split_by_patient(study_patient, seed=4) != a
+    # A patient's split is a function of its key and the settings only.
+    for name, studies in a.items():
+        for study in studies:
+            assert assign_split(study_patient[study], seed=3) == name
 
 
-def test_split_without_labels_and_bad_fractions() -> None:
+def test_growing_the_archive_moves_no_study() -> None:
+    """180 patients, then 200: every old study stays in its split (the old stratified split moved 48 of 80)."""
+    small, _ = _archive(180, seed=5)
+    grown = dict(small)
+    more, _ = _archive(200, seed=5)
+    grown.update({s: p for s, p in more.items() if s not in small})
+    before = split_by_patient(small, seed=0)
+    after = split_by_patient(grown, seed=0)
+    where_after = {s: name for name, studies in after.items() for s in studies}
+    moved = [s for name, studies in before.items() for s in studies if where_after[s] != name]
+    assert moved == []
+    assert len(grown) > len(small)
+
+
+def test_larger_test_fraction_only_adds_to_test() -> None:
+    study_patient, _ = _archive(300)
+    a = split_by_patient(study_patient, val_fraction=0.1, test_fraction=0.2)
+    b = split_by_patient(study_patient, val_fraction=0.1, test_fraction=0.3)
+    assert set(a["test"]) <= set(b["test"])
+
+
+def test_split_fractions_and_bad_fractions() -> None:
     study_patient, _ = _archive(10)
-    splits = split_by_patient(study_patient, None, val_fraction=0.0, test_fraction=0.5)
+    splits = split_by_patient(study_patient, val_fraction=0.0, test_fraction=0.5)
     assert splits["val"] == []
-    assert len({study_patient[s] for s in splits["test"]}) == 5
     with pytest.raises(ValueError):
-        split_by_patient(study_patient, None, val_fraction=0.5, test_fraction=0.5)
+        split_by_patient(study_patient, val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ValueError):
+        assign_split("k", val_fraction=-0.1)
+
+
+def test_split_record_round_trip_and_overlap(tmp_path) -> None:
+    record = SplitRecord(
+        train=("a", "b"), val=("c",), test=("d", "e"), used={"trained": ("a",), "early-stopped": ("c",)}, seed=2,
+        manifest_sha256="f" * 64,
+    )
+    (tmp_path / SPLIT_FILE).write_text(record.to_json())
+    back = SplitRecord.read(tmp_path)
+    assert back == SplitRecord(
+        train=("a", "b"), val=("c",), test=("d", "e"), used={"trained": ("a",), "early-stopped": ("c",)}, seed=2,
+        manifest_sha256="f" * 64,
+    )
+    check_no_overlap(back, ["d", "e", "b"], source="bundle X", purpose="evaluation")  # b: in train split, not fitted on
+    with pytest.raises(ValueError, match=r"2 of the 3 evaluation studies were used by bundle X \(1 trained, 1 early-stopped"):
+        check_no_overlap(back, ["a", "c", "d"], source="bundle X", purpose="evaluation")
+    assert SplitRecord.read(tmp_path / "nowhere") is None
+    (tmp_path / SPLIT_FILE).write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a split record"):
+        SplitRecord.read(tmp_path)
+
+
+def test_old_pretraining_record_counts_its_train_split_as_pretrained(tmp_path) -> None:
+    (tmp_path / SPLIT_FILE).write_text('{"manifest_sha256": "x", "train": ["a"], "val": ["b"], "test": ["c"]}')
+    record = SplitRecord.read(tmp_path)
+    assert record is not None and record.used == {"pretrained": ("a",)} and record.scheme == ""
+    with pytest.raises(ValueError, match="1 pretrained"):
+        check_no_overlap(record, ["a", "c"], source="run R", purpose="validation and test")
 
 
 def test_fraction_is_by_study_nested_and_seeded() -> None:

@@ -44,7 +44,7 @@ from echonode.dicomfile import check_inflated_size
 from echonode.preprocess import PreprocessConfig, make_eval_clips, preprocess_file, training_clip
 from train.augment import AugmentConfig, augment_clip
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, permute_clip
-from train.splits import patient_key, split_by_patient, study_strata
+from train.splits import patient_key, split_by_patient
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset as DicomDataset
@@ -741,23 +741,18 @@ def load_study_labels(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 def split_cache(
     cache: ClipCache,
-    labels: Sequence[Mapping[str, str]] | None = None,
     *,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> dict[str, list[str]]:
-    """The archive's patient-level split, the same for pretraining and tasks.
+    """The archive's patient-level split, the same for pretraining and every task.
 
-    Studies of the cache are split by ``patient_key``, stratified on the
-    joint binary labels of ``labels`` (see :func:`train.splits.study_strata`)
-    when given. Pretraining must get the same ``labels`` file as fine-tuning
-    to get the same split.
+    Each study goes where its patient's key puts it
+    (:func:`train.splits.assign_split`), whatever else the cache holds and
+    whatever the labels say; see :mod:`train.splits`.
     """
-    strata = study_strata(labels) if labels else None
-    return split_by_patient(
-        cache.study_patient(), strata, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
-    )
+    return split_by_patient(cache.study_patient(), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
 
 
 def _resize(clip: torch.Tensor, size: int) -> torch.Tensor:
@@ -875,6 +870,8 @@ class PairDataset(_CacheDataset):
         by_study: dict[str, list[str]] = defaultdict(list)
         for v in cache.videos_of(studies, views):
             by_study[v["study_uid"]].append(v["sop_uid"])
+        #: The studies whose videos the pairs are drawn from.
+        self.studies: tuple[str, ...] = tuple(sorted(by_study))
         self.pairs: list[tuple[str, str]] = []
         for study in sorted(by_study):
             sops = sorted(by_study[study])

@@ -7,8 +7,10 @@ The bundle is loaded and run exactly as the node runs it
 evaluation clips), so the figures describe the model the node would serve.
 
 By default the *test* split is evaluated, recomputed with the split settings
-stored in the bundle's provenance (same labels file, same patients); for an
-external test set (another archive) pass ``--split all``.
+stored with the bundle (``split.json``: the same patients fall where they
+fell in training); for an external test set (another archive) pass
+``--split all``. Studies the bundle was trained, early-stopped or pretrained
+on are refused whatever the split asked for (exit 2).
 
 Outputs in DIR: ``metrics.json`` (AUROC and AUPRC with stratified-bootstrap
 95 % CIs, and threshold metrics, at video and study level; accuracy and
@@ -33,6 +35,7 @@ from echonode.runtime import MODES as RUNTIME_MODES
 from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
 from train.finetune import prepare_task, summarise
 from train.metrics import average_precision, auroc, group_mean, pr_curve, roc_curve
+from train.splits import SPLIT_FILE, SPLIT_SCHEME, SplitRecord, check_no_overlap
 
 __all__ = ["add_evaluate_arguments", "evaluate_bundle", "main", "plot_curves", "run_evaluate"]
 
@@ -126,15 +129,20 @@ def evaluate_bundle(
     cache = ClipCache(cache_dir)
     rows = load_study_labels(labels_csv)
     config = meta.provenance.get("config", {}) if isinstance(meta.provenance, dict) else {}
+    record = SplitRecord.read(bundle_path)
     if split == "all":
         studies = sorted({v["study_uid"] for v in cache.videos})
         splits = {"train": [], "val": [], "test": studies}
         split_name = "test"
     else:
-        splits = split_cache(
-            cache, rows, val_fraction=float(config.get("val_fraction", 0.1)),
-            test_fraction=float(config.get("test_fraction", 0.2)), seed=int(config.get("split_seed", 0)),
-        )  # fmt: skip
+        # The bundle's own split settings: the same patients fall where they fell in training.
+        if record is not None and record.scheme == SPLIT_SCHEME:
+            val_fraction, test_fraction, split_seed = record.val_fraction, record.test_fraction, record.seed
+        else:
+            val_fraction = float(config.get("val_fraction", 0.1))
+            test_fraction = float(config.get("test_fraction", 0.2))
+            split_seed = int(config.get("split_seed", 0))
+        splits = split_cache(cache, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed)
         split_name = split
     if views is None and config.get("views"):
         views = [v.strip() for v in str(config["views"]).split(",")]
@@ -144,6 +152,13 @@ def evaluate_bundle(
     videos, targets = data.videos["test"], data.targets["test"]
     if not videos:
         raise ValueError(f"no {split} videos with {meta.task} labels in {cache_dir}")
+    if record is None:
+        print(
+            f"warning: {bundle_path} has no {SPLIT_FILE}: cannot check that it was not trained on these studies",
+            file=sys.stderr,
+        )
+    else:
+        check_no_overlap(record, {v["study_uid"] for v in videos}, source=f"bundle {bundle_path}", purpose="evaluation")
     if meta.task not in BINARY_TASKS and list(data.labels) != list(meta.labels):
         # Map the cache's view names onto the bundle's logit order.
         index = {name: i for i, name in enumerate(meta.labels)}

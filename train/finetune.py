@@ -7,15 +7,20 @@
   the *task's own column* of ``labels.csv``; the public code trained its
   "LVH" models on the AS column) and ``view`` (multi-class, every video with
   a known view, the view from the cache manifest).
-* Splits by patient (:func:`train.data.split_cache`, the same split as
-  pretraining with the same labels file); the label fraction is sampled by
-  study among the training studies with a fixed seed.
+* Splits by patient (:func:`train.data.split_cache`: a patient's split is a
+  seeded hash of its key, the same for pretraining and every task); the
+  label fraction is sampled by study among the training studies with a
+  fixed seed. A pretraining run that saw a validation or test study is
+  refused, and so is a binary task whose validation or test split lacks a
+  class (:func:`check_evaluable`).
 * Loss: ``BCEWithLogitsLoss(pos_weight = n_neg / n_pos)`` of the training
   videos; cross-entropy for ``view``. Adam; early stopping on the validation
   loss with patience, best weights kept.
-* Output: a bundle (``echonode.bundle.save_bundle``) with a new DeviceUID and
+* Output: a bundle (``echonode.bundle.save_bundle``) with a new DeviceUID,
   provenance (init, manifest hash, labels hash, config, code revision, split
-  sizes) and validation / test metrics at video and study level.
+  sizes), validation / test metrics at video and study level, and
+  ``split.json`` (:class:`train.splits.SplitRecord`): the studies it was
+  trained, early-stopped and pretrained on, which ``evaluate`` refuses.
 """
 
 from __future__ import annotations
@@ -23,13 +28,12 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
 import math
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,28 +41,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from echonode.bundle import BINARY_TASKS, TASKS, BundleMeta, save_bundle
+from echonode.bundle import BINARY_TASKS, TASKS, BundleMeta, resolve_device, save_bundle
 from echonode.nets import build_model, normalise_for_model
 from train.augment import AugmentConfig
-from train.data import (
-    ClipCache,
-    ClipDataset,
-    load_study_labels,
-    manifest_hash,
-    split_cache,
-)
+from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
-from train.splits import sample_label_fraction
+from train.splits import SPLIT_FILE, SPLIT_SCHEME, SplitRecord, check_no_overlap, sample_label_fraction
 
 __all__ = [
     "EarlyStopping",
     "TaskData",
     "add_finetune_arguments",
+    "check_evaluable",
     "main",
     "predict_clips",
     "prepare_task",
+    "prior_logit",
     "run_finetune",
+    "split_record",
     "train_one_epoch",
 ]
 
@@ -178,6 +179,63 @@ def prepare_task(
     if not videos["train"]:
         raise ValueError(f"no training videos for {task}")
     return TaskData(task, labels, videos, targets, train_studies, pos_weight)
+
+
+def check_evaluable(data: TaskData, *, required: Sequence[str] = ("val", "test")) -> None:
+    """Refuse a binary task whose validation or test split cannot be scored.
+
+    A split with labelled studies but no positive (or no negative) one gives
+    an AUROC of nothing and an early stopping that watches only one class:
+    the run would end with figures that look like results. A split left
+    empty on purpose (``--val-fraction 0``) is not checked; an empty split
+    the fractions asked for is.
+
+    Parameters
+    ----------
+    data : TaskData
+    required : sequence of str
+        The splits that must hold both classes.
+
+    Raises
+    ------
+    ValueError
+        Naming the split, its studies and its positives.
+    """
+    if data.task not in BINARY_TASKS:
+        return
+    for name in required:
+        study_y: dict[str, float] = {}
+        for v, t in zip(data.videos[name], data.targets[name]):
+            study_y[v["study_uid"]] = float(t)
+        positives = sum(1 for y in study_y.values() if y >= 0.5)
+        negatives = len(study_y) - positives
+        if positives and negatives:
+            continue
+        split = {"val": "validation", "test": "test"}.get(name, name)
+        raise ValueError(
+            f"the {split} split has {len(study_y)} {data.task} studies with videos, {positives} positive and "
+            f"{negatives} negative: its figures would mean nothing. Use a larger archive, or other split "
+            f"settings (--split-seed, --val-fraction, --test-fraction; a fraction of 0 means no such split)"
+        )
+
+
+def prior_logit(targets: Sequence[float | int], pos_weight: float | None) -> float:
+    """The constant logit that minimises the weighted binary loss on ``targets``.
+
+    With ``pos_weight = n_neg / n_pos`` (the default) each class weighs the
+    same and the answer is 0 (probability 0.5); without weighting it is the
+    log odds of the training prevalence.
+
+    Raises
+    ------
+    ValueError
+        When ``targets`` lack a class.
+    """
+    y = np.asarray(targets, dtype=float)
+    n_pos, n_neg = float(y.sum()), float(y.size - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("the prior needs both classes")
+    return math.log((pos_weight or 1.0) * n_pos / n_neg)
 
 
 class EarlyStopping:
@@ -487,8 +545,6 @@ def resolve_init(init: str, arch: str, width: int, num_outputs: int) -> tuple[di
         run = path
         path = run / "encoder.pt" if (run / "encoder.pt").is_file() else run / "checkpoint.pt"
         info_extra["pretrain_run"] = str(run)
-        if (run / "split.json").is_file():
-            info_extra["pretrain_split"] = json.loads((run / "split.json").read_text())
     try:
         state, info = init_weights(path, arch, width, num_outputs)
     except InitError as exc:
@@ -587,90 +643,184 @@ def run_finetune(ns: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class _Run:
+    """What the steps of :func:`finetune` hand each other."""
+
+    config: dict[str, object]
+    device: torch.device
+    cache: ClipCache
+    splits: dict[str, list[str]]
+    data: TaskData
+    model: nn.Module | None = None
+    normalisation: str = "minmax"
+    init_info: dict[str, object] = field(default_factory=dict)
+    pretrained_on: tuple[str, ...] = ()
+
+    @property
+    def binary(self) -> bool:
+        return self.data.task in BINARY_TASKS
+
+
 def finetune(config: dict[str, object]) -> Path:
     """Fine-tune per ``config`` (see :func:`add_finetune_arguments`); returns the bundle path."""
     out = Path(str(config["out"]))
     if out.exists() and not config.get("overwrite"):
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
-    device_arg = str(config["device"])
-    device = torch.device("cuda" if device_arg == "auto" and torch.cuda.is_available() else ("cpu" if device_arg == "auto" else device_arg))
-    seed = int(config["seed"])
-    torch.manual_seed(seed)
-    task = str(config["task"])
-    binary = task in BINARY_TASKS
+    torch.manual_seed(int(config["seed"]))  # type: ignore[call-overload]
+    run = _load_task(config)
+    _initial_model(run)
+    loaders = _Loaders(run)
+    head_fit = _fit_probe_head(run, loaders) if config.get("head_init", "random") == "probe" else None
+    history, best_epoch = _fit(run, loaders)
+    metrics: dict[str, object] = {"best_epoch": best_epoch, "history": history}
+    if head_fit is not None:
+        metrics["head_fit"] = head_fit
+    metrics.update(_score(run, loaders))
+    return _write_bundle(run, out, loaders.repeats, metrics)
 
+
+def _load_task(config: dict[str, object]) -> _Run:
+    """The cache, the archive's split and the task's videos; refuses splits that cannot be scored."""
     cache = ClipCache(str(config["data"]))
     rows = load_study_labels(str(config["labels"]))
     splits = split_cache(
-        cache, rows, val_fraction=float(config["val_fraction"]), test_fraction=float(config["test_fraction"]),
-        seed=int(config["split_seed"]),
+        cache, val_fraction=float(config["val_fraction"]), test_fraction=float(config["test_fraction"]),  # type: ignore[arg-type]
+        seed=int(config["split_seed"]),  # type: ignore[call-overload]
     )  # fmt: skip
     views = [v.strip() for v in str(config["views"]).split(",")] if config["views"] else None
+    task = str(config["task"])
     data = prepare_task(
-        cache, rows, task, splits, fraction=float(config["fraction"]), fraction_seed=int(config["fraction_seed"]), views=views
-    )
-    num_outputs = 1 if binary else len(data.labels)
-    arch, width = str(config["arch"]), int(config["width"])
+        cache, rows, task, splits, fraction=float(config["fraction"]),  # type: ignore[arg-type]
+        fraction_seed=int(config["fraction_seed"]), views=views,  # type: ignore[call-overload]
+    )  # fmt: skip
+    # A split the fractions leave empty on purpose is not scored; one they asked for must be scorable.
+    required = [name for name in ("val", "test") if float(config[f"{name}_fraction"]) > 0]  # type: ignore[arg-type]
+    check_evaluable(data, required=required)
+    device = resolve_device(str(config["device"]))
+    return _Run(config, device, cache, splits, data)
+
+
+def _initial_model(run: _Run) -> None:
+    """Build the model from ``--init``; refuse a pretraining run that saw this run's evaluation studies."""
+    config, data = run.config, run.data
+    num_outputs = 1 if run.binary else len(data.labels)
+    arch, width = str(config["arch"]), int(config["width"])  # type: ignore[call-overload]
     state, init_info = resolve_init(str(config["init"]), arch, width, num_outputs)
-    pretrain_split = init_info.pop("pretrain_split", None)
-    if isinstance(pretrain_split, Mapping):
-        # Pretraining must not have seen this run's evaluation patients.
-        seen = set(pretrain_split.get("train", []))
-        leak = sorted(seen & (set(splits["val"]) | set(splits["test"])))
-        init_info["pretrain_eval_overlap_studies"] = len(leak)
-        if leak:
-            print(
-                f"warning: {len(leak)} validation/test studies were in the pretraining split; "
-                "pretrain with the same --labels and split settings",
-                file=sys.stderr,
-            )
-    normalisation = "kinetics" if init_info.get("init") == "kinetics" else "minmax"
-    model = build_model(arch, num_outputs, width=width, dropout=float(config["dropout"]))
+    pretrain_run = init_info.get("pretrain_run")
+    if pretrain_run:
+        record = SplitRecord.read(str(pretrain_run))
+        if record is None:
+            init_info["pretrain_split"] = "unknown (the run has no split.json)"
+        else:
+            # Its images shaped the encoder: no validation or test study may be among them.
+            check_no_overlap(
+                record, [*run.splits["val"], *run.splits["test"]], source=f"pretraining run {pretrain_run}",
+                purpose="validation and test",
+            )  # fmt: skip
+            init_info["pretrain_split"] = "checked: no validation or test study was pretrained on"
+            run.pretrained_on = tuple(record.used.get("pretrained", ()))
+    model = build_model(arch, num_outputs, width=width, dropout=float(config["dropout"]))  # type: ignore[arg-type]
     model.load_state_dict(state, strict=True)
-    model.to(device)
+    if init_info.get("head") == "new":
+        _set_prior_bias(model, data)
+    run.model = model.to(run.device)
+    run.normalisation = "kinetics" if init_info.get("init") == "kinetics" else "minmax"
+    run.init_info = init_info
 
-    size, frames, eval_clips = int(config["size"]), int(config["frames"]), int(config["eval_clips"])
-    workers = int(config["workers"])
-    n_train = len(data.videos["train"])
-    epoch_samples = config.get("epoch_samples")
-    repeats = max(1, math.ceil(int(epoch_samples) / n_train)) if epoch_samples else 1
-    train_ds = ClipDataset(
-        cache, data.videos["train"], data.targets["train"], frames, size, train=True, augment=AugmentConfig(), seed=seed,
-        repeats=repeats,
+
+def _set_prior_bias(model: nn.Module, data: TaskData) -> None:
+    """Start a new head at the training labels' prior, so early steps do not spend themselves on the bias."""
+    fc = model.fc  # type: ignore[union-attr]
+    with torch.no_grad():
+        if data.task in BINARY_TASKS:
+            fc.bias.fill_(prior_logit(data.targets["train"], data.pos_weight))
+        else:
+            counts = np.bincount(np.asarray(data.targets["train"], dtype=int), minlength=len(data.labels)) + 1.0
+            fc.bias.copy_(torch.as_tensor(np.log(counts / counts.sum()), dtype=fc.bias.dtype))
+
+
+class _Loaders:
+    """The training loader and the evaluation loaders of one run."""
+
+    def __init__(self, run: _Run) -> None:
+        config, data = run.config, run.data
+        self.run = run
+        self.frames, self.size = int(config["frames"]), int(config["size"])  # type: ignore[call-overload]
+        self.eval_clips, self.workers = int(config["eval_clips"]), int(config["workers"])  # type: ignore[call-overload]
+        self.batch = int(config["batch"])  # type: ignore[call-overload]
+        seed = int(config["seed"])  # type: ignore[call-overload]
+        epoch_samples = config.get("epoch_samples")
+        n_train = len(data.videos["train"])
+        self.repeats = max(1, math.ceil(int(epoch_samples) / n_train)) if epoch_samples else 1  # type: ignore[call-overload]
+        self.train_set = ClipDataset(
+            run.cache, data.videos["train"], data.targets["train"], self.frames, self.size, train=True,
+            augment=AugmentConfig(), seed=seed, repeats=self.repeats,
+        )  # fmt: skip
+        self.train = DataLoader(
+            self.train_set, batch_size=self.batch, shuffle=True, num_workers=self.workers, drop_last=False,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    def evaluation(self, name: str) -> DataLoader:
+        """Uniformly spaced clips of every video of split ``name``."""
+        data = self.run.data
+        ds = ClipDataset(
+            self.run.cache, data.videos[name], data.targets[name], self.frames, self.size, train=False,
+            eval_clips=self.eval_clips,
+        )  # fmt: skip
+        return DataLoader(ds, batch_size=max(1, self.batch // self.eval_clips), num_workers=self.workers)
+
+
+def _fit_probe_head(run: _Run, loaders: _Loaders) -> dict[str, float]:
+    """LP-FT's first step (:func:`fit_linear_head`)."""
+    if run.init_info.get("head") != "new":
+        raise ValueError("--head-init probe fits a new head; the init already has one for this task")
+    assert run.model is not None
+    fitted = fit_linear_head(
+        run.model, loaders.evaluation("train"), device=run.device, pos_weight=run.data.pos_weight,
+        normalisation=run.normalisation,
     )  # fmt: skip
-    loader = DataLoader(
-        train_ds, batch_size=int(config["batch"]), shuffle=True, num_workers=workers, drop_last=False,
-        generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
+    print(f"head fitted on frozen features: loss {fitted['train_loss']:.4f} over {fitted['clips']} clips")
+    return fitted
 
-    def eval_loader(name: str) -> DataLoader:
-        ds = ClipDataset(cache, data.videos[name], data.targets[name], frames, size, train=False, eval_clips=eval_clips)
-        return DataLoader(ds, batch_size=max(1, int(config["batch"]) // eval_clips), num_workers=workers)
 
-    criterion = _criterion(task, data.pos_weight, device)
-    head_fit = None
-    if config.get("head_init", "random") == "probe":
-        if init_info.get("head") != "new":
-            raise ValueError("--head-init probe fits a new head; the init already has one for this task")
-        head_fit = fit_linear_head(
-            model, eval_loader("train"), device=device, pos_weight=data.pos_weight, normalisation=normalisation
-        )
-        print(f"head fitted on frozen features: loss {head_fit['train_loss']:.4f} over {head_fit['clips']} clips")
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
-    stopper = EarlyStopping(int(config["patience"]))
-    best_state = copy.deepcopy(model.state_dict())
-    history = []
-    has_val = bool(data.videos["val"])
-    for epoch in range(int(config["epochs"])):
-        train_ds.set_epoch(epoch)
+def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
+    """Train with early stopping on the validation loss; the model ends at its best epoch.
+
+    Returns
+    -------
+    history : list of dict
+        One record per epoch.
+    best_epoch : int
+        The epoch whose weights the model holds; -1 when no epoch had a
+        finite validation loss, in which case the initial weights are kept
+        and a warning says so.
+    """
+    config, model = run.config, run.model
+    assert model is not None
+    criterion = _criterion(run.data.task, run.data.pos_weight, run.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))  # type: ignore[arg-type]
+    stopper = EarlyStopping(int(config["patience"]))  # type: ignore[call-overload]
+    initial_state = copy.deepcopy(model.state_dict())
+    best_state = initial_state
+    history: list[dict[str, float]] = []
+    has_val = bool(run.data.videos["val"])
+    epochs = int(config["epochs"])  # type: ignore[call-overload]
+    for epoch in range(epochs):
+        loaders.train_set.set_epoch(epoch)
         started = time.monotonic()
         train_loss = train_one_epoch(
-            model, loader, optimizer, criterion, device=device, binary=binary, normalisation=normalisation,
-            max_steps=config["max_steps"], progress=bool(config["progress"]),  # type: ignore[arg-type]
+            model, loaders.train, optimizer, criterion, device=run.device, binary=run.binary,
+            normalisation=run.normalisation, max_steps=config["max_steps"],  # type: ignore[arg-type]
+            progress=bool(config["progress"]),
         )  # fmt: skip
         val_loss = float("nan")
         if has_val:
-            _, val_loss = predict_clips(model, eval_loader("val"), criterion, device=device, binary=binary, normalisation=normalisation)
+            _, val_loss = predict_clips(
+                model, loaders.evaluation("val"), criterion, device=run.device, binary=run.binary,
+                normalisation=run.normalisation,
+            )  # fmt: skip
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": round(time.monotonic() - started, 3)})
         val_text = f"{val_loss:.4f}" if has_val else "n/a (no validation videos)"
         print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_text}")
@@ -681,57 +831,115 @@ def finetune(config: dict[str, object]) -> Path:
         if stop:
             break
     model.load_state_dict(best_state)
+    _say_where_stopped(stopper.best_epoch, len(history), has_val)
+    return history, stopper.best_epoch
 
-    metrics: dict[str, object] = {"best_epoch": stopper.best_epoch, "history": history}
-    if head_fit is not None:
-        metrics["head_fit"] = head_fit
+
+def _say_where_stopped(best_epoch: int, epochs_run: int, has_val: bool) -> None:
+    """Say when the kept weights are not what a reader would assume."""
+    if best_epoch < 0:
+        print(
+            f"warning: no epoch of {epochs_run} had a finite validation loss; the bundle holds the INITIAL "
+            "(untrained) weights. Lower --lr, or check the labels and the cache",
+            file=sys.stderr,
+        )
+    elif has_val and best_epoch == epochs_run - 1 and epochs_run > 1:
+        print(
+            f"note: the validation loss was still falling at the last epoch ({best_epoch}); more --epochs may help",
+            file=sys.stderr,
+        )
+    elif has_val and best_epoch == 0 and epochs_run > 1:
+        print(
+            "note: the best validation loss came after the first epoch; later epochs only overfit "
+            "(a lower --lr may help)",
+            file=sys.stderr,
+        )
+
+
+def _score(run: _Run, loaders: _Loaders) -> dict[str, object]:
+    """Validation and test metrics of the fitted model, video and study level."""
+    config, model = run.config, run.model
+    assert model is not None
+    criterion = _criterion(run.data.task, run.data.pos_weight, run.device)
+    scored: dict[str, object] = {}
     for name in ("val", "test"):
-        if not data.videos[name]:
+        if not run.data.videos[name]:
             continue
-        probs, loss = predict_clips(model, eval_loader(name), criterion, device=device, binary=binary, normalisation=normalisation)
-        metrics[name] = {
+        probs, loss = predict_clips(
+            model, loaders.evaluation(name), criterion, device=run.device, binary=run.binary,
+            normalisation=run.normalisation,
+        )  # fmt: skip
+        scored[name] = {
             "loss": loss,
             **summarise(
-                task, data.videos[name], data.targets[name], probs, data.labels, threshold=float(config["threshold"]),
-                n_resamples=int(config["bootstrap"]), seed=seed,
+                run.data.task, run.data.videos[name], run.data.targets[name], probs, run.data.labels,
+                threshold=float(config["threshold"]), n_resamples=int(config["bootstrap"]),  # type: ignore[arg-type, call-overload]
+                seed=int(config["seed"]),  # type: ignore[call-overload]
             ),
         }  # fmt: skip
+    return scored
 
+
+def split_record(run: _Run) -> SplitRecord:
+    """What the bundle was made from: the archive's split and how each study was used."""
+    config, data = run.config, run.data
+    used: dict[str, tuple[str, ...]] = {
+        "trained": tuple(sorted(data.train_studies)),
+        "early-stopped": tuple(sorted({v["study_uid"] for v in data.videos["val"]})),
+    }
+    if run.pretrained_on:
+        used["pretrained"] = run.pretrained_on
+    return SplitRecord(
+        train=tuple(run.splits["train"]), val=tuple(run.splits["val"]), test=tuple(run.splits["test"]), used=used,
+        seed=int(config["split_seed"]), val_fraction=float(config["val_fraction"]),  # type: ignore[call-overload, arg-type]
+        test_fraction=float(config["test_fraction"]), manifest_sha256=manifest_hash(run.cache.root),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]) -> Path:
+    """Save the bundle with its provenance and its split record."""
+    config, data, model = run.config, run.data, run.model
+    assert model is not None
     provenance = {
-        "init": init_info,
-        "data_manifest_sha256": manifest_hash(cache.root),
+        "init": run.init_info,
+        "data_manifest_sha256": manifest_hash(run.cache.root),
         "labels_sha256": _file_sha256(str(config["labels"])),
         "code_revision": code_revision(),
         "config": config,
-        "task_column": task if binary else "view (cache manifest)",
-        "split": {name: len(studies) for name, studies in splits.items()},
+        "task_column": data.task if run.binary else "view (cache manifest)",
+        "split": {name: len(studies) for name, studies in run.splits.items()},
+        "split_scheme": SPLIT_SCHEME,
         "train_studies_used": len(data.train_studies),
         "train_videos": len(data.videos["train"]),
         "train_visits_per_epoch": repeats,
         "pos_weight": data.pos_weight,
         "method": "EchoCLR fine-tuning (echonode)",
     }
+    manifest_pre = run.cache.manifest["preprocess"]
     preprocessing = {
-        "size": size,
-        "clip_frames": frames,
-        "eval_clips": eval_clips,
-        "max_frames": int(cache.manifest["preprocess"].get("max_frames", 100)),
-        "min_fps": float(cache.manifest["preprocess"].get("min_fps", 25.0)),
-        "normalisation": normalisation,
+        "size": int(config["size"]),  # type: ignore[call-overload]
+        "clip_frames": int(config["frames"]),  # type: ignore[call-overload]
+        "eval_clips": int(config["eval_clips"]),  # type: ignore[call-overload]
+        "max_frames": int(manifest_pre.get("max_frames", 100)),
+        "min_fps": float(manifest_pre.get("min_fps", 25.0)),
+        "normalisation": run.normalisation,
     }
     meta = BundleMeta.create(
-        name=str(config["name"] or f"echonode-{task}"),
-        task=task,
-        arch=arch,
-        width=width,
+        name=str(config["name"] or f"echonode-{data.task}"),
+        task=data.task,
+        arch=str(config["arch"]),
+        width=int(config["width"]),  # type: ignore[call-overload]
         labels=data.labels,
         preprocessing=preprocessing,
-        threshold=float(config["threshold"]),
+        threshold=float(config["threshold"]),  # type: ignore[arg-type]
         version=str(config["version"]),
         provenance=provenance,
         metrics=metrics,
     )
-    path = save_bundle(out, meta, {k: v.cpu() for k, v in model.state_dict().items()}, overwrite=bool(config.get("overwrite")))
+    path = save_bundle(
+        out, meta, {k: v.cpu() for k, v in model.state_dict().items()}, overwrite=bool(config.get("overwrite")),
+        extra_files={SPLIT_FILE: split_record(run).to_json()},
+    )  # fmt: skip
     print(f"bundle {path} (DeviceUID {meta.device_uid})")
     return path
 

@@ -40,9 +40,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from echonode.nets import build_model
 from train.augment import AugmentConfig
-from train.data import METHODS, ClipCache, PairDataset, load_study_labels, manifest_hash, split_cache
+from train.data import METHODS, ClipCache, PairDataset, manifest_hash, split_cache
 from train.losses import NUM_PERMUTATIONS, nt_xent_loss, reorder_loss
 from train.presets import add_preset_argument, apply_preset
+from train.splits import SPLIT_FILE, SplitRecord
 
 __all__ = [
     "PretrainModel",
@@ -332,7 +333,10 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     """
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="clip cache folder (from `echonode-train index`)")
-    data.add_argument("--labels", default=None, help="labels.csv: stratify the patient split as fine-tuning does")
+    data.add_argument(
+        "--labels", default=None,
+        help="ignored: the patient split no longer depends on labels (accepted so that older command lines run)",
+    )  # fmt: skip
     data.add_argument("--views", default="plax", help="comma-separated views to use, or 'all' (default: plax)")
     data.add_argument("--val-fraction", type=float, default=0.1)
     data.add_argument("--test-fraction", type=float, default=0.2)
@@ -464,14 +468,11 @@ def _pretrain(config: dict[str, object]) -> int:
     np.random.seed(seed)
 
     cache = ClipCache(str(config["data"]))
-    labels = load_study_labels(str(config["labels"])) if config["labels"] else None
-    splits = split_cache(
-        cache,
-        labels,
-        val_fraction=float(config["val_fraction"]),
-        test_fraction=float(config["test_fraction"]),
-        seed=int(config["split_seed"]),
-    )
+    if config["labels"] and rank == 0:
+        print("note: --labels is ignored; the patient split depends on the split settings only", file=sys.stderr)
+    val_fraction, test_fraction = float(config["val_fraction"]), float(config["test_fraction"])
+    split_seed = int(config["split_seed"])
+    splits = split_cache(cache, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed)
     views = None if str(config["views"]).lower() == "all" else [v.strip() for v in str(config["views"]).split(",")]
     method = str(config["method"])
     dataset = PairDataset(
@@ -532,9 +533,12 @@ def _pretrain(config: dict[str, object]) -> int:
             print(f"resuming {out} at epoch {start_epoch}")
     elif rank == 0:
         (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-        (out / "split.json").write_text(
-            json.dumps({"manifest_sha256": manifest_hash(cache.root), **splits}, indent=1) + "\n"
-        )
+        record = SplitRecord(
+            train=tuple(splits["train"]), val=tuple(splits["val"]), test=tuple(splits["test"]),
+            used={"pretrained": tuple(sorted(dataset.studies))},
+            seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction, manifest_sha256=manifest_hash(cache.root),
+        )  # fmt: skip
+        (out / SPLIT_FILE).write_text(record.to_json())
 
     net: nn.Module = model
     if world > 1:
