@@ -1,6 +1,6 @@
 """Benchmark: decode + preprocess of a real echo loop, against the baselines.
 
-On the real SonoSite PLAX loop (``color3d_jpeg_baseline.dcm`` from
+On the real SonoSite cardiac loop (``color3d_jpeg_baseline.dcm`` from
 pydicom-data: 120 frames, 480x640, JPEG baseline YBR_FULL_422), in one run:
 
 1. pydicom ``pixel_array`` (each decoding plugin, and pydicom's default

@@ -9,7 +9,7 @@ width 64, 3x16x112x112 clips, unless ``--width``/``--quick`` say otherwise):
    are interleaved (eager, runtime, eager, ...) so that load from other jobs
    on a shared machine hits both alike; medians are reported.
 2. seconds for one study of ``--videos`` cine loops (copies of the real
-   SonoSite PLAX loop ``color3d_jpeg_baseline.dcm`` from pydicom-data, each
+   SonoSite cardiac loop ``color3d_jpeg_baseline.dcm`` from pydicom-data, each
    with its own SOP Instance UID):
 
    - naive: for each file in turn, pydicom ``pixel_array``, RGB->grey,

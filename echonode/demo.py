@@ -7,8 +7,9 @@
 2. A node on a free port with local storage, SQLite and the CPU, whose SR
    destination is a small PACS stand-in (a pynetdicom storage SCP) in this
    process.
-3. Two studies sent over DICOM: the real SonoSite parasternal long-axis loop
-   from ``pydicom-data`` and a synthetic study.
+3. Two studies sent over DICOM: the real SonoSite cardiac loop from
+   ``pydicom-data`` (labelled "PLA" on screen by the cart, though its
+   picture reads more like an apical view) and a synthetic study.
 4. The SRs that come back, printed as a person reads them.
 
 ``train`` is run as a separate program (``python -m train``) because the
@@ -222,7 +223,7 @@ def run_demo(args: argparse.Namespace) -> int:
     node.start()
     try:
         _say(f"[3/4] node ECHONODE listening on 127.0.0.1:{port} (log: {log_path}); sending over DICOM:")
-        _say(f"      - the real SonoSite PLAX loop ({Path(sonosite).name}, 120 frames, JPEG baseline)")
+        _say(f"      - the real SonoSite cardiac loop labelled 'PLA' by the cart ({Path(sonosite).name}, 120 frames, JPEG baseline)")
         _say(f"      - a synthetic study ({len(synthetic)} videos: PLAX, PSAX, A4C)")
         _send(port, [Path(sonosite), *synthetic])
         _say("      waiting for the study to be complete, classified and reported ...")

@@ -62,7 +62,7 @@ def real_testfile(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def sonosite_loop() -> Path:
-    """The real 120-frame SonoSite PLAX cine (JPEG baseline, YBR_FULL_422)."""
+    """The real 120-frame SonoSite cardiac cine (labelled "PLA" by the cart) (JPEG baseline, YBR_FULL_422)."""
     return real_testfile("color3d_jpeg_baseline.dcm")
 
 

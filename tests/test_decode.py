@@ -43,7 +43,7 @@ def _testfile(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def sonosite() -> str:
-    """The real SonoSite PLAX loop: 120 frames, 480x640, JPEG baseline YBR_FULL_422."""
+    """The real SonoSite cardiac loop (labelled "PLA" by the cart): 120 frames, 480x640, JPEG baseline YBR_FULL_422."""
     return _testfile("color3d_jpeg_baseline.dcm")
 
 
