@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from echonode.bundle import BINARY_TASKS, TASKS, BundleMeta, resolve_device, save_bundle
 from echonode.nets import build_model, normalise_for_model
 from train.augment import AugmentConfig
+from train.configs import flat_dict, from_namespace
 from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
@@ -559,6 +560,78 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class FinetuneData:
+    """What to learn from: the cache, the labels, the task, the split and the clips."""
+
+    data: str
+    labels: str
+    task: str
+    fraction: float = 1.0
+    fraction_seed: int = 0
+    views: str | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    size: int = 112
+    frames: int = 16
+    eval_clips: int = 4
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneModel:
+    """The network and where its weights start."""
+
+    init: str = "random"
+    arch: str = "r3d_18"
+    width: int = 64
+    dropout: float = 0.25
+    head_init: str = "random"
+
+
+@dataclass(frozen=True)
+class FinetuneOptim:
+    """Optimisation and early stopping."""
+
+    batch: int = 88
+    lr: float = 1e-4
+    epochs: int = 30
+    patience: int = 5
+    epoch_samples: int | None = None
+    max_steps: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneOutput:
+    """The bundle written, its name and threshold, and how the run reports."""
+
+    out: str
+    overwrite: bool = False
+    name: str | None = None
+    version: str = "1"
+    threshold: float = 0.5
+    bootstrap: int = 10_000
+    device: str = "auto"
+    progress: bool = True
+    preset: str = "paper"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting of ``echonode-train finetune``, by concern.
+
+    Stored in the bundle's provenance as one flat plain dict
+    (:func:`train.configs.flat_dict`).
+    """
+
+    dataset: FinetuneData
+    model: FinetuneModel
+    optim: FinetuneOptim
+    output: FinetuneOutput
+
+
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``echonode-train finetune``, grouped by concern."""
     data = parser.add_argument_group("data")
@@ -611,7 +684,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     add_preset_argument(parser)
 
 
-def _config_from(ns: argparse.Namespace) -> dict[str, object]:
+def _config_from(ns: argparse.Namespace) -> FinetuneConfig:
     apply_preset(
         ns,
         {
@@ -621,15 +694,7 @@ def _config_from(ns: argparse.Namespace) -> dict[str, object]:
             "epochs": "finetune_epochs",
         },
     )
-    keys = (
-        "data labels task fraction fraction_seed views val_fraction test_fraction split_seed size frames eval_clips "
-        "workers init arch width dropout head_init batch lr epochs patience epoch_samples max_steps seed out name version threshold "
-        "bootstrap device preset"
-    ).split()
-    config = {k: getattr(ns, k) for k in keys}
-    config["progress"] = not ns.no_progress
-    config["overwrite"] = bool(ns.overwrite)
-    return config
+    return from_namespace(FinetuneConfig, ns, progress=not ns.no_progress, overwrite=bool(ns.overwrite))
 
 
 def run_finetune(ns: argparse.Namespace) -> int:
@@ -647,7 +712,7 @@ def run_finetune(ns: argparse.Namespace) -> int:
 class _Run:
     """What the steps of :func:`finetune` hand each other."""
 
-    config: dict[str, object]
+    config: FinetuneConfig
     device: torch.device
     cache: ClipCache
     splits: dict[str, list[str]]
@@ -662,16 +727,16 @@ class _Run:
         return self.data.task in BINARY_TASKS
 
 
-def finetune(config: dict[str, object]) -> Path:
+def finetune(config: FinetuneConfig) -> Path:
     """Fine-tune per ``config`` (see :func:`add_finetune_arguments`); returns the bundle path."""
-    out = Path(str(config["out"]))
-    if out.exists() and not config.get("overwrite"):
+    out = Path(config.output.out)
+    if out.exists() and not config.output.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
-    torch.manual_seed(int(config["seed"]))  # type: ignore[call-overload]
+    torch.manual_seed(config.optim.seed)
     run = _load_task(config)
     _initial_model(run)
     loaders = _Loaders(run)
-    head_fit = _fit_probe_head(run, loaders) if config.get("head_init", "random") == "probe" else None
+    head_fit = _fit_probe_head(run, loaders) if config.model.head_init == "probe" else None
     history, best_epoch = _fit(run, loaders)
     metrics: dict[str, object] = {"best_epoch": best_epoch, "history": history}
     if head_fit is not None:
@@ -680,33 +745,26 @@ def finetune(config: dict[str, object]) -> Path:
     return _write_bundle(run, out, loaders.repeats, metrics)
 
 
-def _load_task(config: dict[str, object]) -> _Run:
+def _load_task(config: FinetuneConfig) -> _Run:
     """The cache, the archive's split and the task's videos; refuses splits that cannot be scored."""
-    cache = ClipCache(str(config["data"]))
-    rows = load_study_labels(str(config["labels"]))
-    splits = split_cache(
-        cache, val_fraction=float(config["val_fraction"]), test_fraction=float(config["test_fraction"]),  # type: ignore[arg-type]
-        seed=int(config["split_seed"]),  # type: ignore[call-overload]
-    )  # fmt: skip
-    views = [v.strip() for v in str(config["views"]).split(",")] if config["views"] else None
-    task = str(config["task"])
-    data = prepare_task(
-        cache, rows, task, splits, fraction=float(config["fraction"]),  # type: ignore[arg-type]
-        fraction_seed=int(config["fraction_seed"]), views=views,  # type: ignore[call-overload]
-    )  # fmt: skip
+    d = config.dataset
+    cache = ClipCache(d.data)
+    rows = load_study_labels(d.labels)
+    splits = split_cache(cache, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)
+    views = [v.strip() for v in d.views.split(",")] if d.views else None
+    data = prepare_task(cache, rows, d.task, splits, fraction=d.fraction, fraction_seed=d.fraction_seed, views=views)
     # A split the fractions leave empty on purpose is not scored; one they asked for must be scorable.
-    required = [name for name in ("val", "test") if float(config[f"{name}_fraction"]) > 0]  # type: ignore[arg-type]
+    required = [name for name, fraction in (("val", d.val_fraction), ("test", d.test_fraction)) if fraction > 0]
     check_evaluable(data, required=required)
-    device = resolve_device(str(config["device"]))
+    device = resolve_device(config.output.device)
     return _Run(config, device, cache, splits, data)
 
 
 def _initial_model(run: _Run) -> None:
     """Build the model from ``--init``; refuse a pretraining run that saw this run's evaluation studies."""
-    config, data = run.config, run.data
+    m, data = run.config.model, run.data
     num_outputs = 1 if run.binary else len(data.labels)
-    arch, width = str(config["arch"]), int(config["width"])  # type: ignore[call-overload]
-    state, init_info = resolve_init(str(config["init"]), arch, width, num_outputs)
+    state, init_info = resolve_init(m.init, m.arch, m.width, num_outputs)
     pretrain_run = init_info.get("pretrain_run")
     if pretrain_run:
         record = SplitRecord.read(str(pretrain_run))
@@ -720,7 +778,7 @@ def _initial_model(run: _Run) -> None:
             )  # fmt: skip
             init_info["pretrain_split"] = "checked: no validation or test study was pretrained on"
             run.pretrained_on = tuple(record.used.get("pretrained", ()))
-    model = build_model(arch, num_outputs, width=width, dropout=float(config["dropout"]))  # type: ignore[arg-type]
+    model = build_model(m.arch, num_outputs, width=m.width, dropout=m.dropout)
     model.load_state_dict(state, strict=True)
     if init_info.get("head") == "new":
         _set_prior_bias(model, data)
@@ -744,15 +802,13 @@ class _Loaders:
     """The training loader and the evaluation loaders of one run."""
 
     def __init__(self, run: _Run) -> None:
-        config, data = run.config, run.data
+        d, optim, data = run.config.dataset, run.config.optim, run.data
         self.run = run
-        self.frames, self.size = int(config["frames"]), int(config["size"])  # type: ignore[call-overload]
-        self.eval_clips, self.workers = int(config["eval_clips"]), int(config["workers"])  # type: ignore[call-overload]
-        self.batch = int(config["batch"])  # type: ignore[call-overload]
-        seed = int(config["seed"])  # type: ignore[call-overload]
-        epoch_samples = config.get("epoch_samples")
+        self.frames, self.size, self.eval_clips, self.workers = d.frames, d.size, d.eval_clips, d.workers
+        self.batch = optim.batch
+        seed = optim.seed
         n_train = len(data.videos["train"])
-        self.repeats = max(1, math.ceil(int(epoch_samples) / n_train)) if epoch_samples else 1  # type: ignore[call-overload]
+        self.repeats = max(1, math.ceil(optim.epoch_samples / n_train)) if optim.epoch_samples else 1
         self.train_set = ClipDataset(
             run.cache, data.videos["train"], data.targets["train"], self.frames, self.size, train=True,
             augment=AugmentConfig(), seed=seed, repeats=self.repeats,
@@ -797,23 +853,21 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
         finite validation loss, in which case the initial weights are kept
         and a warning says so.
     """
-    config, model = run.config, run.model
+    optim, model = run.config.optim, run.model
     assert model is not None
     criterion = _criterion(run.data.task, run.data.pos_weight, run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))  # type: ignore[arg-type]
-    stopper = EarlyStopping(int(config["patience"]))  # type: ignore[call-overload]
+    optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr)
+    stopper = EarlyStopping(optim.patience)
     initial_state = copy.deepcopy(model.state_dict())
     best_state = initial_state
     history: list[dict[str, float]] = []
     has_val = bool(run.data.videos["val"])
-    epochs = int(config["epochs"])  # type: ignore[call-overload]
-    for epoch in range(epochs):
+    for epoch in range(optim.epochs):
         loaders.train_set.set_epoch(epoch)
         started = time.monotonic()
         train_loss = train_one_epoch(
             model, loaders.train, optimizer, criterion, device=run.device, binary=run.binary,
-            normalisation=run.normalisation, max_steps=config["max_steps"],  # type: ignore[arg-type]
-            progress=bool(config["progress"]),
+            normalisation=run.normalisation, max_steps=optim.max_steps, progress=run.config.output.progress,
         )  # fmt: skip
         val_loss = float("nan")
         if has_val:
@@ -858,7 +912,7 @@ def _say_where_stopped(best_epoch: int, epochs_run: int, has_val: bool) -> None:
 
 def _score(run: _Run, loaders: _Loaders) -> dict[str, object]:
     """Validation and test metrics of the fitted model, video and study level."""
-    config, model = run.config, run.model
+    output, model = run.config.output, run.model
     assert model is not None
     criterion = _criterion(run.data.task, run.data.pos_weight, run.device)
     scored: dict[str, object] = {}
@@ -873,8 +927,7 @@ def _score(run: _Run, loaders: _Loaders) -> dict[str, object]:
             "loss": loss,
             **summarise(
                 run.data.task, run.data.videos[name], run.data.targets[name], probs, run.data.labels,
-                threshold=float(config["threshold"]), n_resamples=int(config["bootstrap"]),  # type: ignore[arg-type, call-overload]
-                seed=int(config["seed"]),  # type: ignore[call-overload]
+                threshold=output.threshold, n_resamples=output.bootstrap, seed=run.config.optim.seed,
             ),
         }  # fmt: skip
     return scored
@@ -882,7 +935,7 @@ def _score(run: _Run, loaders: _Loaders) -> dict[str, object]:
 
 def split_record(run: _Run) -> SplitRecord:
     """What the bundle was made from: the archive's split and how each study was used."""
-    config, data = run.config, run.data
+    d, data = run.config.dataset, run.data
     used: dict[str, tuple[str, ...]] = {
         "trained": tuple(sorted(data.train_studies)),
         "early-stopped": tuple(sorted({v["study_uid"] for v in data.videos["val"]})),
@@ -891,8 +944,8 @@ def split_record(run: _Run) -> SplitRecord:
         used["pretrained"] = run.pretrained_on
     return SplitRecord(
         train=tuple(run.splits["train"]), val=tuple(run.splits["val"]), test=tuple(run.splits["test"]), used=used,
-        seed=int(config["split_seed"]), val_fraction=float(config["val_fraction"]),  # type: ignore[call-overload, arg-type]
-        test_fraction=float(config["test_fraction"]), manifest_sha256=manifest_hash(run.cache.root),  # type: ignore[arg-type]
+        seed=d.split_seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+        manifest_sha256=manifest_hash(run.cache.root),
     )  # fmt: skip
 
 
@@ -903,9 +956,9 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
     provenance = {
         "init": run.init_info,
         "data_manifest_sha256": manifest_hash(run.cache.root),
-        "labels_sha256": _file_sha256(str(config["labels"])),
+        "labels_sha256": _file_sha256(config.dataset.labels),
         "code_revision": code_revision(),
-        "config": config,
+        "config": flat_dict(config),
         "task_column": data.task if run.binary else "view (cache manifest)",
         "split": {name: len(studies) for name, studies in run.splits.items()},
         "split_scheme": SPLIT_SCHEME,
@@ -917,27 +970,27 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
     }
     manifest_pre = run.cache.manifest["preprocess"]
     preprocessing = {
-        "size": int(config["size"]),  # type: ignore[call-overload]
-        "clip_frames": int(config["frames"]),  # type: ignore[call-overload]
-        "eval_clips": int(config["eval_clips"]),  # type: ignore[call-overload]
+        "size": config.dataset.size,
+        "clip_frames": config.dataset.frames,
+        "eval_clips": config.dataset.eval_clips,
         "max_frames": int(manifest_pre.get("max_frames", 100)),
         "min_fps": float(manifest_pre.get("min_fps", 25.0)),
         "normalisation": run.normalisation,
     }
     meta = BundleMeta.create(
-        name=str(config["name"] or f"echonode-{data.task}"),
+        name=config.output.name or f"echonode-{data.task}",
         task=data.task,
-        arch=str(config["arch"]),
-        width=int(config["width"]),  # type: ignore[call-overload]
+        arch=config.model.arch,
+        width=config.model.width,
         labels=data.labels,
         preprocessing=preprocessing,
-        threshold=float(config["threshold"]),  # type: ignore[arg-type]
-        version=str(config["version"]),
+        threshold=config.output.threshold,
+        version=config.output.version,
         provenance=provenance,
         metrics=metrics,
     )
     path = save_bundle(
-        out, meta, {k: v.cpu() for k, v in model.state_dict().items()}, overwrite=bool(config.get("overwrite")),
+        out, meta, {k: v.cpu() for k, v in model.state_dict().items()}, overwrite=config.output.overwrite,
         extra_files={SPLIT_FILE: split_record(run).to_json()},
     )  # fmt: skip
     print(f"bundle {path} (DeviceUID {meta.device_uid})")
