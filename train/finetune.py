@@ -45,10 +45,22 @@ from echonode.bundle import BINARY_TASKS, TASKS, BundleMeta, resolve_device, sav
 from echonode.nets import build_model, normalise_for_model
 from train.augment import AugmentConfig
 from train.configs import flat_dict, from_namespace
-from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
+from train.data import (
+    ClipCache,
+    ClipDataset,
+    load_study_labels,
+    manifest_hash,
+    split_cache,
+)
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
-from train.splits import SPLIT_FILE, SPLIT_SCHEME, SplitRecord, check_no_overlap, sample_label_fraction
+from train.splits import (
+    SPLIT_FILE,
+    SPLIT_SCHEME,
+    SplitRecord,
+    check_no_overlap,
+    sample_label_fraction,
+)
 
 __all__ = [
     "EarlyStopping",

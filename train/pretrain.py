@@ -27,6 +27,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from echonode.nets import build_model
 from train.augment import AugmentConfig
+from train.configs import flat_dict, from_namespace
 from train.data import METHODS, ClipCache, PairDataset, manifest_hash, split_cache
-from train.losses import NUM_PERMUTATIONS, nt_xent_loss, reorder_loss
+from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, nt_xent_loss, reorder_loss
 from train.presets import add_preset_argument, apply_preset
 from train.splits import SPLIT_FILE, SplitRecord
 
@@ -60,7 +62,8 @@ ENCODER = "encoder.pt"
 METRICS = "metrics.jsonl"
 # Settings that may differ between a run and its resumption; anything else
 # changing would make the checkpoint a different experiment.
-_RESUMABLE_CHANGES = {"epochs", "workers", "progress", "device", "max_steps", "data", "out", "amp"}
+# "labels" no longer shapes the split, so a run resumed with or without it is the same run.
+_RESUMABLE_CHANGES = {"epochs", "workers", "progress", "device", "max_steps", "data", "out", "amp", "labels"}
 
 
 class PretrainModel(nn.Module):
@@ -372,7 +375,79 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     add_preset_argument(parser)
 
 
-def _config_from(ns: argparse.Namespace) -> dict[str, object]:
+@dataclass(frozen=True)
+class PretrainData:
+    """The cache, the views, the patient split and the clips."""
+
+    data: str
+    labels: str | None = None
+    views: str = "plax"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    size: int = 112
+    frames: int = REORDER_FRAMES
+    workers: int = 8
+
+
+@dataclass(frozen=True)
+class PretrainModelSettings:
+    """The method (EchoCLR or an ablation) and the network."""
+
+    method: str = "echoclr"
+    arch: str = "r3d_18"
+    width: int = 64
+    proj_hidden: int | None = None
+    proj_dim: int | None = None
+
+
+@dataclass(frozen=True)
+class PretrainOptim:
+    """Optimisation: pairs per step over all processes, Adam, epochs."""
+
+    batch: int = 392
+    lr: float = 0.1
+    epochs: int = 300
+    max_steps: int | None = None
+    seed: int = 0
+    bn_groups: int = 1
+
+
+@dataclass(frozen=True)
+class PretrainLoss:
+    """NT-Xent's temperature (the reordering term has no setting)."""
+
+    temperature: float = 0.05
+
+
+@dataclass(frozen=True)
+class PretrainRun:
+    """Where the run goes and how it runs."""
+
+    out: str
+    device: str = "auto"
+    amp: str = "auto"
+    sync_bn: bool = False
+    progress: bool = True
+    preset: str = "paper"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Every setting of ``echonode-train pretrain``, by concern.
+
+    The checkpoint and ``config.json`` store it as one flat plain dict
+    (:func:`train.configs.flat_dict`), the keys older runs have.
+    """
+
+    dataset: PretrainData
+    model: PretrainModelSettings
+    optim: PretrainOptim
+    loss: PretrainLoss
+    run: PretrainRun
+
+
+def _config_from(ns: argparse.Namespace) -> PretrainConfig:
     apply_preset(
         ns,
         {
@@ -382,13 +457,7 @@ def _config_from(ns: argparse.Namespace) -> dict[str, object]:
             "epochs": "pretrain_epochs",
         },
     )
-    keys = (
-        "data labels views val_fraction test_fraction split_seed size frames workers method arch width "
-        "proj_hidden proj_dim batch lr epochs max_steps seed bn_groups temperature out device amp sync_bn preset"
-    ).split()
-    config = {k: getattr(ns, k) for k in keys}
-    config["progress"] = not ns.no_progress
-    return config
+    return from_namespace(PretrainConfig, ns, progress=not ns.no_progress)
 
 
 def _setup_distributed(device_arg: str) -> tuple[torch.device, int, int, int]:
@@ -431,7 +500,7 @@ def _rng_state() -> dict[str, object]:
     return state
 
 
-def _check_resume(saved: dict[str, object], config: dict[str, object]) -> None:
+def _check_resume(saved: Mapping[str, object], config: Mapping[str, object]) -> None:
     changed = {k for k in config if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k)}
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
@@ -455,151 +524,207 @@ def run_pretrain(ns: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _pretrain(config: dict[str, object]) -> int:
-    device, rank, world, _ = _setup_distributed(str(config["device"]))
-    out = Path(str(config["out"]))
-    if rank == 0:
+@dataclass
+class _Processes:
+    """This process's place in the run: device, rank and world size."""
+
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class _State:
+    """The model, its optimiser and mixed-precision state, and where the run is."""
+
+    model: PretrainModel
+    optimizer: torch.optim.Optimizer
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    epoch: int = 0
+    step: int = 0
+
+
+def _pretrain(config: PretrainConfig) -> int:
+    """Wire the steps: processes, data, model, resume, epochs, export."""
+    device, rank, world, _ = _setup_distributed(config.run.device)
+    procs = _Processes(device, rank, world)
+    out = Path(config.run.out)
+    if procs.leader:
         out.mkdir(parents=True, exist_ok=True)
-    if int(config["batch"]) % world:
-        raise ValueError(f'--batch {config["batch"]} must be divisible by the number of processes ({world})')
-    seed = int(config["seed"])
+    if config.optim.batch % world:
+        raise ValueError(f"--batch {config.optim.batch} must be divisible by the number of processes ({world})")
+    _seed_everything(config.optim.seed)
+    cache, splits, dataset = _training_pairs(config, procs)
+    sampler, loader, per_rank = _pair_loader(dataset, config, procs)
+    state = _build_state(config, procs)
+    _resume_or_start(out, config, state, procs, record=_split_record(config, cache, splits, dataset))
+    net = _distributed(state.model, config, procs)
+    _train_epochs(out, config, state, net, sampler, loader, dataset, per_rank, procs)
+    if procs.leader:
+        _atomic_torch_save(state.model.encoder.state_dict(), out / ENCODER)
+    if world > 1:
+        dist.barrier()
+    return 0
+
+
+def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
 
-    cache = ClipCache(str(config["data"]))
-    if config["labels"] and rank == 0:
+
+def _training_pairs(config: PretrainConfig, procs: _Processes) -> tuple[ClipCache, dict[str, list[str]], PairDataset]:
+    """The cache, its patient split, and the positive pairs of the training split."""
+    d = config.dataset
+    cache = ClipCache(d.data)
+    if d.labels and procs.leader:
         print("note: --labels is ignored; the patient split depends on the split settings only", file=sys.stderr)
-    val_fraction, test_fraction = float(config["val_fraction"]), float(config["test_fraction"])
-    split_seed = int(config["split_seed"])
-    splits = split_cache(cache, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed)
-    views = None if str(config["views"]).lower() == "all" else [v.strip() for v in str(config["views"]).split(",")]
-    method = str(config["method"])
+    splits = split_cache(cache, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)
+    views = None if d.views.lower() == "all" else [v.strip() for v in d.views.split(",")]
     dataset = PairDataset(
-        cache,
-        splits["train"],
-        method=method,
-        clip_frames=int(config["frames"]),
-        size=int(config["size"]),
-        views=views,
-        augment=AugmentConfig(),
-        seed=seed,
-    )
+        cache, splits["train"], method=config.model.method, clip_frames=d.frames, size=d.size, views=views,
+        augment=AugmentConfig(), seed=config.optim.seed,
+    )  # fmt: skip
     if len(dataset) == 0:
         raise ValueError(
-            f"{config['data']}: no training videos of view(s) {config['views']}; "
-            "index with a videos.csv that names views, or pass --views all"
+            f"{d.data}: no training videos of view(s) {d.views}; index with a videos.csv that names views, or pass --views all"
         )
-    per_rank = int(config["batch"]) // world
+    return cache, splits, dataset
+
+
+def _pair_loader(
+    dataset: PairDataset, config: PretrainConfig, procs: _Processes
+) -> tuple[DistributedSampler[int], DataLoader, int]:
+    """The sampler, the loader and the pairs per process and step."""
     # A cache smaller than one batch (tests, demos) still trains.
-    per_rank = max(1, min(per_rank, len(dataset) // world))
+    per_rank = max(1, min(config.optim.batch // procs.world, len(dataset) // procs.world))
     # DistributedSampler also on one process: the order of pairs is then the
     # same whatever the number of processes, which is what makes a run on W
     # processes comparable with one process.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
-    loader = DataLoader(
-        dataset,
-        batch_size=per_rank,
-        sampler=sampler,
-        num_workers=int(config["workers"]),
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=False,
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=config.optim.seed, drop_last=False
     )
+    loader = DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, num_workers=config.dataset.workers,
+        pin_memory=procs.device.type == "cuda", drop_last=True, persistent_workers=False,
+    )  # fmt: skip
+    return sampler, loader, per_rank
 
-    reorder = method == "echoclr"
+
+def _build_state(config: PretrainConfig, procs: _Processes) -> _State:
+    m = config.model
     model = PretrainModel(
-        str(config["arch"]),
-        int(config["width"]),
-        reorder=reorder,
-        proj_hidden=config["proj_hidden"],  # type: ignore[arg-type]
-        proj_dim=config["proj_dim"],  # type: ignore[arg-type]
-    ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), weight_decay=0.0)
-    amp_dtype, scaler = _amp(device, str(config["amp"]))
+        m.arch, m.width, reorder=m.method == "echoclr", proj_hidden=m.proj_hidden, proj_dim=m.proj_dim
+    ).to(procs.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=0.0)
+    amp_dtype, scaler = _amp(procs.device, config.run.amp)
+    return _State(model, optimizer, amp_dtype, scaler)
 
-    start_epoch, step = 0, 0
+
+def _split_record(
+    config: PretrainConfig, cache: ClipCache, splits: Mapping[str, Sequence[str]], dataset: PairDataset
+) -> SplitRecord:
+    d = config.dataset
+    return SplitRecord(
+        train=tuple(splits["train"]), val=tuple(splits["val"]), test=tuple(splits["test"]),
+        used={"pretrained": dataset.studies}, seed=d.split_seed, val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction, manifest_sha256=manifest_hash(cache.root),
+    )  # fmt: skip
+
+
+def _resume_or_start(out: Path, config: PretrainConfig, state: _State, procs: _Processes, *, record: SplitRecord) -> None:
+    """Load the run's checkpoint when it has one (same settings only); else write its config and split."""
+    flat = flat_dict(config)
     ckpt_path = out / CHECKPOINT
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        _check_resume(ckpt["config"], config)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        ckpt = torch.load(ckpt_path, map_location=procs.device, weights_only=True)
+        _check_resume(ckpt["config"], flat)
+        state.model.load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        if state.scaler is not None and ckpt.get("scaler"):
+            state.scaler.load_state_dict(ckpt["scaler"])
+        state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if rank == 0:
-            print(f"resuming {out} at epoch {start_epoch}")
-    elif rank == 0:
-        (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-        record = SplitRecord(
-            train=tuple(splits["train"]), val=tuple(splits["val"]), test=tuple(splits["test"]),
-            used={"pretrained": tuple(sorted(dataset.studies))},
-            seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction, manifest_sha256=manifest_hash(cache.root),
-        )  # fmt: skip
+        if procs.leader:
+            print(f"resuming {out} at epoch {state.epoch}")
+    elif procs.leader:
+        (out / "config.json").write_text(json.dumps(flat, indent=1, sort_keys=True) + "\n")
         (out / SPLIT_FILE).write_text(record.to_json())
 
-    net: nn.Module = model
-    if world > 1:
-        if config["sync_bn"] and device.type == "cuda":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    epochs = int(config["epochs"])
+def _distributed(model: nn.Module, config: PretrainConfig, procs: _Processes) -> nn.Module:
+    if procs.world == 1:
+        return model
+    net = model
+    if config.run.sync_bn and procs.device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return DistributedDataParallel(net, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+
+
+def _train_epochs(
+    out: Path,
+    config: PretrainConfig,
+    state: _State,
+    net: nn.Module,
+    sampler: DistributedSampler[int],
+    loader: DataLoader,
+    dataset: PairDataset,
+    per_rank: int,
+    procs: _Processes,
+) -> None:
+    """Run the remaining epochs; the leader logs and checkpoints each one."""
+    reorder = config.model.method == "echoclr"
     warned = False
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(state.epoch, config.optim.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         started = time.monotonic()
         stats = train_one_epoch(
-            net,
-            loader,
-            optimizer,
-            device=device,
-            temperature=float(config["temperature"]),
-            reorder=reorder,
-            bn_groups=int(config["bn_groups"]),
-            amp_dtype=amp_dtype,
-            scaler=scaler,
-            max_steps=config["max_steps"],  # type: ignore[arg-type]
-            progress=bool(config["progress"]) and rank == 0,
+            net, loader, state.optimizer, device=procs.device, temperature=config.loss.temperature, reorder=reorder,
+            bn_groups=config.optim.bn_groups, amp_dtype=state.amp_dtype, scaler=state.scaler,
+            max_steps=config.optim.max_steps, progress=config.run.progress and procs.leader,
+        )  # fmt: skip
+        state.step += int(stats["steps"])
+        state.epoch = epoch + 1
+        if not procs.leader:
+            continue
+        _checkpoint(out, config, state, {"epoch": epoch, "step": state.step, "seconds": round(time.monotonic() - started, 3), **stats})
+        print(
+            f"epoch {epoch}: loss {stats['loss']:.4f} (nce {stats['nce']:.4f}, reorder {stats['reorder']:.4f}), "
+            f"{stats['pairs_per_second']:.0f} pairs/s, waiting for data {stats['data_wait_fraction']:.0%}"
         )
-        step += int(stats["steps"])
-        if rank == 0:
-            record = {"epoch": epoch, "step": step, "seconds": round(time.monotonic() - started, 3), **stats}
-            with open(out / METRICS, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            _atomic_torch_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "config": config,
-                    "rng": _rng_state(),
-                },
-                ckpt_path,
-            )
+        clips = int(stats["steps"]) * per_rank * 2 * procs.world
+        if reorder and not warned and epoch + 1 >= REORDER_WARN_AFTER_EPOCHS and reorder_at_chance(stats["reorder_acc"], clips):
+            warned = True
             print(
-                f"epoch {epoch}: loss {stats['loss']:.4f} (nce {stats['nce']:.4f}, reorder {stats['reorder']:.4f}), "
-                f"{stats['pairs_per_second']:.0f} pairs/s, waiting for data {stats['data_wait_fraction']:.0%}"
+                f"warning: after {epoch + 1} epochs the frame-reordering head is at chance (accuracy "
+                f"{stats['reorder_acc']:.3f}, chance {1 / NUM_PERMUTATIONS:.3f}): its loss adds only noise to the "
+                "encoder. See docs/training.md, 'When the reordering head stays at chance'.",
+                file=sys.stderr,
             )
-            clips = int(stats["steps"]) * per_rank * 2 * world
-            if reorder and not warned and epoch + 1 >= REORDER_WARN_AFTER_EPOCHS and reorder_at_chance(stats["reorder_acc"], clips):
-                warned = True
-                print(
-                    f"warning: after {epoch + 1} epochs the frame-reordering head is at chance (accuracy "
-                    f"{stats['reorder_acc']:.3f}, chance {1 / NUM_PERMUTATIONS:.3f}): its loss adds only noise to the "
-                    "encoder. See docs/training.md, 'When the reordering head stays at chance'.",
-                    file=sys.stderr,
-                )
-    if rank == 0:
-        _atomic_torch_save(model.encoder.state_dict(), out / ENCODER)
-    if world > 1:
-        dist.barrier()
-    return 0
+
+
+def _checkpoint(out: Path, config: PretrainConfig, state: _State, record: Mapping[str, object]) -> None:
+    """Append the epoch's figures to metrics.jsonl and write the resumable checkpoint."""
+    with open(out / METRICS, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    _atomic_torch_save(
+        {
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+            "epoch": state.epoch,
+            "step": state.step,
+            "config": flat_dict(config),
+            "rng": _rng_state(),
+        },
+        out / CHECKPOINT,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
