@@ -369,7 +369,7 @@ def test_highdicom_reads_every_dialect(studies: list[dict]) -> None:
 @needs_dciodvfy
 def test_dciodvfy_reports_no_error_for_any_dialect(archive: Path, studies: list[dict]) -> None:
     for d, s in _one_per_dialect(studies).items():
-        proc = subprocess.run([DCIODVFY, str(archive / s["report"]["path"])], capture_output=True, text=True,
+        proc = subprocess.run([DCIODVFY, str(archive / s["report"]["path"])], capture_output=True, text=True, check=False,
                               timeout=60)
         out = proc.stdout + proc.stderr
         errors = [line for line in out.splitlines() if "Error" in line]
@@ -380,7 +380,7 @@ def test_dciodvfy_reports_no_error_for_any_dialect(archive: Path, studies: list[
 @needs_dsrdump
 def test_dsrdump_reads_every_dialect(archive: Path, studies: list[dict]) -> None:
     for d, s in _one_per_dialect(studies).items():
-        proc = subprocess.run([DSRDUMP, str(archive / s["report"]["path"])], capture_output=True, text=True,
+        proc = subprocess.run([DSRDUMP, str(archive / s["report"]["path"])], capture_output=True, text=True, check=False,
                               timeout=60)
         assert proc.returncode == 0, (d, proc.stderr)
         assert "Adult Echocardiography Procedure Report" in proc.stdout
@@ -414,12 +414,13 @@ def test_aortic_valve_area_rises_with_cusp_separation() -> None:
 
 @pytest.mark.parametrize("sex", ["F", "M"])
 def test_severe_as_exactly_below_0_8_cm_over_the_whole_range(sex: str) -> None:
-    """Every separation the sampler draws, every LVOT, many LVOT velocities: the
-    rules call severe AS exactly when the separation is under 0.8 cm, both
-    criteria agree, and there is no low-gradient AS."""
+    """Every separation from the sampler's severe range up to 0.8 cm and its
+    normal range, every LVOT, many LVOT velocities and heart rates: the rules
+    call severe AS exactly when the separation is under 0.8 cm, both criteria
+    agree, and there is no low-gradient AS."""
     lo, hi = (1.8, 2.2) if sex == "F" else (2.0, 2.4)
     body = reports.Body(sex, 1.70, 70.0)
-    for sep in (*np.linspace(0.35, 0.749, 9), *np.linspace(1.5, 2.5, 9)):
+    for sep in (*np.linspace(0.35, 0.799, 10), *np.linspace(1.5, 2.5, 9)):
         for d in (lo, (lo + hi) / 2, hi):
             for k in range(12):
                 m = reports.measure_study(ivs_cm=0.9, lvpw_cm=0.9, lvid_cm=4.6, av_cusp_sep_cm=float(sep),
@@ -450,7 +451,8 @@ def test_fitting_keeps_labels_and_lvid_label_independent() -> None:
     """Over the archive's own streams: the rules agree with the wall label
     everywhere, labels are untouched, LVIDd stays label-independent."""
     changed = total = 0
-    lvid_lvh, lvid_normal = [], []
+    lvid_lvh: list[float] = []
+    lvid_normal: list[float] = []
     for p in range(400):
         r = synth._rng(123, synth._PURPOSE_PATIENT, p)
         n = int(r.integers(1, 4))

@@ -50,6 +50,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -1264,7 +1265,7 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
             measured = synth_reports.measure_study(
                 ivs_cm=truth.ivs_cm, lvpw_cm=truth.lvpw_cm, lvid_cm=truth.lvid_cm,
                 av_cusp_sep_cm=truth.av_cusp_sep_cm, body=body, age_years=age, lvot_diameter_cm=lvot_cm,
-                heart_rate_bpm=study["heart_rate_bpm"], rng=_rng(seed, _PURPOSE_REPORT, p, s),
+                heart_rate_bpm=cast(float, study["heart_rate_bpm"]), rng=_rng(seed, _PURPOSE_REPORT, p, s),
             )
             label_rows.append({
                 "patient_id": pid, "study_uid": study_uid, "accession_number": accession,

@@ -144,24 +144,24 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr import _snomed_dict
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 __all__ = [
+    "DIALECTS",
     "DIALECT_GE",
     "DIALECT_PHILIPS",
     "DIALECT_TID5300",
-    "DIALECTS",
     "LVMI_LIMIT_G_M2",
     "REPORT_SERIES_NUMBER",
     "Body",
     "EchoMeasurements",
-    "lv_mass_g",
-    "fit_normal_walls",
-    "doppler_velocity_index",
-    "mean_gradient_mmhg",
-    "draw_lvot_diameter",
-    "measure_study",
     "build_measurement_report",
+    "doppler_velocity_index",
+    "draw_lvot_diameter",
+    "fit_normal_walls",
+    "lv_mass_g",
+    "mean_gradient_mmhg",
+    "measure_study",
 ]
 
 DIALECT_GE = "tid5200-ge"
@@ -419,9 +419,9 @@ def measure_study(
     ava = _q(doppler_velocity_index(float(sep)) * lvot_area, 2)
     vmax = _q(float(lvot_vmax) * lvot_area / float(ava), 2)
     if body.sex == "F":
-        et_ms = int(round(418.0 - 1.6 * heart_rate_bpm))
+        et_ms = round(418.0 - 1.6 * heart_rate_bpm)
     else:
-        et_ms = int(round(413.0 - 1.7 * heart_rate_bpm))
+        et_ms = round(413.0 - 1.7 * heart_rate_bpm)
     mass = lv_mass_g(ivs_cm, lvpw_cm, lvid_cm)
     bsa = body.bsa_m2
     m = EchoMeasurements(
@@ -904,8 +904,8 @@ def build_measurement_report(
     sr.ContentSequence = [*_observer(), _patient_characteristics(m), *content]
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     first_meta = getattr(first, "file_meta", None)
     if first_meta is not None and "ImplementationClassUID" in first_meta:
