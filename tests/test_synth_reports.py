@@ -30,6 +30,8 @@ from pydicom.sr.coding import Code
 
 from train import synth
 from train import synth_reports as reports
+from train.data import load_study_labels
+from train.splits import study_strata
 
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"
@@ -210,6 +212,16 @@ def test_every_study_has_one_sr_and_every_dialect_appears(archive: Path, studies
     assert all(s["report"]["path"].endswith("/900.dcm") for s in studies)
 
 
+def test_training_reads_the_wider_labels_csv(archive: Path) -> None:
+    rows = load_study_labels(archive / "labels.csv")
+    assert list(rows[0]) == list(synth.LABEL_COLUMNS)
+    for column in ("ivsd_cm", "lvpwd_cm", "lvidd_cm", "lv_mass_index_g_m2", "av_vmax_m_s",
+                   "av_mean_gradient_mmhg", "av_area_cm2"):
+        assert all(float(r[column]) > 0 for r in rows), column
+    strata = study_strata(rows)
+    assert {r["study_uid"]: (int(r["lvh"]), int(r["severe_as"])) for r in rows} == strata
+
+
 def test_sr_in_the_study_of_its_videos(archive: Path, studies: list[dict]) -> None:
     for s in studies:
         ds = s["ds"]
@@ -357,6 +369,32 @@ def test_tid5300_dialect_precoordinated_codes(studies: list[dict]) -> None:
     mods = {_code(k.ConceptNameCodeSequence[0]) for k in sep.ContentSequence if k.RelationshipType == "HAS CONCEPT MOD"}
     assert {codes.DCM.MeasurementType, codes.SCT.FindingSite, codes.DCM.FindingObservationType,
             codes.DCM.MeasuredProperty} <= mods
+
+
+def _codes_in(item: Dataset) -> Iterator[Dataset]:
+    for keyword in ("ConceptNameCodeSequence", "ConceptCodeSequence", "MeasurementUnitsCodeSequence"):
+        yield from item.get(keyword, [])
+    for child in (*item.get("MeasuredValueSequence", []), *item.get("ContentSequence", [])):
+        yield from _codes_in(child)
+
+
+def test_every_code_is_from_pydicoms_dictionaries(studies: list[dict]) -> None:
+    """Concept codes come from pydicom.sr.codedict (SRT through pydicom's SCT table);
+    only the vendor's private codes and four UCUM units pydicom lacks are not."""
+    from pydicom.sr import _concepts_dict, _snomed_dict
+
+    concepts: dict[str, dict[str, dict[str, object]]] = _concepts_dict.concepts  # type: ignore[assignment]
+    known = {(scheme, value) for scheme, names in concepts.items() for values in names.values() for value in values}
+    outside = set()
+    for s in _one_per_dialect(studies).values():
+        for code in _codes_in(s["ds"]):
+            key = (str(code.CodingSchemeDesignator), str(code.CodeValue))
+            if key[0] == "SRT":
+                key = ("SCT", _snomed_dict.mapping["SRT"][key[1]])
+            if key not in known:
+                outside.add(key)
+    assert {k for k in outside if k[0] != reports.PRIVATE_SCHEME} == {
+        ("UCUM", "m/s"), ("UCUM", "g"), ("UCUM", "g/m2"), ("UCUM", "m2")}
 
 
 def test_highdicom_reads_every_dialect(studies: list[dict]) -> None:
