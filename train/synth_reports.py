@@ -147,11 +147,14 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 __all__ = [
+    "COMPREHENSIVE_SR",
     "DIALECTS",
     "DIALECT_GE",
     "DIALECT_PHILIPS",
     "DIALECT_TID5300",
+    "ENHANCED_SR",
     "LVMI_LIMIT_G_M2",
+    "PRIVATE_SCHEME",
     "REPORT_SERIES_NUMBER",
     "Body",
     "EchoMeasurements",
@@ -494,6 +497,7 @@ _PRIVATE = {
     "adult": Code("HLS-ADULT-ECHO", PRIVATE_SCHEME, "Adult Echo"),
 }
 
+
 def _as(code: Code, meaning: str) -> Code:
     """``code`` with the meaning DICOM's templates show (pydicom has the SNOMED FSN)."""
     return Code(code.value, code.scheme_designator, meaning)
@@ -587,10 +591,11 @@ def _value_in(value: Decimal, unit: str, to_unit: str) -> Decimal:
 #
 # Built as plain pydicom data sets: highdicom's content item classes and its
 # SR document classes validate, deep-copy and re-parse the whole tree, which
-# cost about a second per report here (a GE-like report has ~150 items), a
-# minute or more on a 64-patient archive.  The tests read every dialect back
-# with highdicom (hd.sr.ComprehensiveSR / EnhancedSR.from_dataset), check it
-# with dciodvfy, and walk the tree with pydicom.
+# cost 0.2-3 s per report on the development machine (a GE-like report has
+# about 150 items; 3 s), minutes on a 64-patient archive, against 0.02-0.06 s
+# this way.  The tests read every dialect back with highdicom
+# (hd.sr.ComprehensiveSR / EnhancedSR.from_dataset), check it with dciodvfy
+# and dsrdump, and walk the tree with pydicom.
 
 
 def _code_item(code: Code) -> Dataset:
