@@ -141,7 +141,10 @@ def test_bundle_loads_in_node_and_matches_infer(workflow) -> None:
     study = json.loads(workflow["infer_json"])["studies"][0]
     by_sop = {v["sop_uid"]: v for v in study["videos"] if v["used"]}
     checked = 0
-    for path in sorted(workflow["study_dir"].glob("*.dcm")):
+    # The study's videos: its folder also holds the sonographer's measurement SR.
+    with open(workflow["archive"] / "videos.csv", newline="") as fh:
+        videos = [workflow["archive"] / v["path"] for v in csv.DictReader(fh) if v["study_uid"] == workflow["study_uid"]]
+    for path in sorted(videos):
         video, frames = preprocess_file(path, cfg)
         probs = bundle.predict(make_eval_clips(frames, cfg))
         assert probs.shape == (cfg.eval_clips,) and np.all((probs >= 0) & (probs <= 1))

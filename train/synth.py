@@ -2,8 +2,9 @@
 
 ``echonode-train synth --out DIR --patients N [--seed S]`` writes DICOM
 Ultrasound Multi-frame objects (JPEG baseline, YBR_FULL_422) that look like
-transthoracic echo cines, plus ``labels.csv`` (one row per study) and
-``videos.csv`` (one row per video).  Real labelled echo cannot be shipped, so
+transthoracic echo cines, the sonographer's measurement SR of every study
+(:mod:`train.synth_reports`), plus ``labels.csv`` (one row per study),
+``videos.csv`` (one row per video) and ``reports.csv`` (one row per SR).  Real labelled echo cannot be shipped, so
 this archive stands in for one (METHOD.md, "The synthetic archive").
 
 Design
@@ -15,6 +16,13 @@ Design
   renderer draws exactly that anatomy, and the DICOM geometry (Sequence of
   Ultrasound Regions, PhysicalDeltaX/Y in cm, apex as the reference pixel)
   lets anyone measure it back from the pixels.
+* Every study also has the sonographer's measurement SR (TID 5200 or TID
+  5300, in one of three vendor dialects) whose values are its truth: IVSd,
+  LVPWd, LVIDd, LV mass and mass index, cusp separation, and an aortic
+  valve's peak velocity, gradients and area that follow from the cusp
+  separation by continuity and Bernoulli.  Severe AS (cusp separation under
+  0.8 cm) is exactly V_AV >= 4 m/s and mean gradient >= 40 mmHg; normal walls
+  keep the LV mass index under the LVH limit (see :mod:`train.synth_reports`).
 * Nothing else carries the label.  The label sampler has its own random
   stream; gain, depth, sector angle, heart rate, frame rate, text, patient
   size and vendor look come from other streams and never read the label.
@@ -35,12 +43,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import io
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -49,6 +59,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit, UltrasoundMultiFrameImageStorage, generate_uid
+
+from train import synth_reports
 
 __all__ = [
     "ArchiveSummary",
@@ -137,6 +149,9 @@ class Vendor:
         Speckle grain in polar samples (axial, lateral).
     text_left : bool
         Whether the settings text block sits on the left or the right.
+    report_dialect : str
+        How its measurement SR is written (one of
+        :data:`train.synth_reports.DIALECTS`).
     """
 
     manufacturer: str
@@ -151,17 +166,18 @@ class Vendor:
     psf_axial: float
     psf_lateral: float
     text_left: bool
+    report_dialect: str = synth_reports.DIALECT_TID5300
 
 
 VENDORS: tuple[Vendor, ...] = (
     Vendor("Northwind Sonics", "NW-C9", "4.2.1", (255, 230, 0), (0, 230, 0),
-           80.0, 16.0, 1.25, 54.0, 0.9, 1.3, True),
+           80.0, 16.0, 1.25, 54.0, 0.9, 1.3, True, synth_reports.DIALECT_GE),
     Vendor("Helios Imaging", "Helios Cardio 5", "HC5 2.08", (235, 235, 235), (60, 255, 60),
-           75.0, 15.0, 1.10, 50.0, 1.1, 1.6, False),
+           75.0, 15.0, 1.10, 50.0, 1.1, 1.6, False, synth_reports.DIALECT_PHILIPS),
     Vendor("Orca Medical", "Orca X3", "X3-1.9", (0, 220, 255), (0, 255, 120),
-           85.0, 17.0, 1.40, 58.0, 0.8, 1.1, True),
+           85.0, 17.0, 1.40, 58.0, 0.8, 1.1, True, synth_reports.DIALECT_TID5300),
     Vendor("Kestrel Echo", "KE-70", "7.0.3", (255, 200, 60), (90, 255, 0),
-           70.0, 14.5, 1.20, 52.0, 1.0, 1.4, False),
+           70.0, 14.5, 1.20, 52.0, 1.0, 1.4, False, synth_reports.DIALECT_TID5300),
 )
 
 
@@ -270,6 +286,9 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 
 _PURPOSE_TRUTH, _PURPOSE_STUDY, _PURPOSE_VIDEO, _PURPOSE_PATIENT, _PURPOSE_FORCE = 1, 2, 3, 4, 5
+# The measurement SRs draw from their own streams, so that adding them left
+# every label, nuisance and noise draw of an archive where it was.
+_PURPOSE_REPORT = 6
 
 
 def sample_study_truths(seed: int, studies_per_patient: list[int]) -> list[list[StudyTruth]]:
@@ -1036,17 +1055,34 @@ class ArchiveSummary:
     severe_as_studies: int
     frames: int
     seconds: float
+    reports: int = 0
+    report_seconds: float = 0.0
     labels_csv: Path = field(init=False)
     videos_csv: Path = field(init=False)
+    reports_csv: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.labels_csv = self.out_dir / "labels.csv"
         self.videos_csv = self.out_dir / "videos.csv"
+        self.reports_csv = self.out_dir / "reports.csv"
 
 
 LABEL_COLUMNS = ("patient_id", "study_uid", "accession_number", "study_date", "lvh", "severe_as",
-                 "ivs_cm", "lvpw_cm", "lvid_cm", "av_cusp_sep_cm")
+                 "ivs_cm", "lvpw_cm", "lvid_cm", "av_cusp_sep_cm",
+                 # CONTRACT.md's measurement columns, the values of the study's SR.
+                 "ivsd_cm", "lvpwd_cm", "lvidd_cm", "lv_mass_index_g_m2", "av_vmax_m_s",
+                 "av_mean_gradient_mmhg", "av_area_cm2")
 VIDEO_COLUMNS = ("patient_id", "study_uid", "series_uid", "sop_uid", "view", "path", "frames", "fps")
+REPORT_COLUMNS = ("patient_id", "study_uid", "series_uid", "sop_uid", "dialect", "path")
+
+
+def _fit_to_mass_index(truth: StudyTruth, body: synth_reports.Body) -> StudyTruth:
+    """``truth`` with normal walls thinned, if need be, so that the LV mass
+    index does not call LVH either (:func:`train.synth_reports.fit_normal_walls`)."""
+    ivs, lvpw = synth_reports.fit_normal_walls(truth.ivs_cm, truth.lvpw_cm, truth.lvid_cm, body)
+    if (ivs, lvpw) == (truth.ivs_cm, truth.lvpw_cm):
+        return truth
+    return dataclasses.replace(truth, ivs_cm=ivs, lvpw_cm=lvpw)
 
 
 def _study_views(rng: np.random.Generator) -> list[str]:
@@ -1142,8 +1178,10 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
     ----------
     out_dir : pathlib.Path
         Destination; created if missing.  Files:
-        ``dicom/<patient_id>/<accession>/<series_number:03d>.dcm``,
-        ``labels.csv`` (one row per study) and ``videos.csv`` (one per video).
+        ``dicom/<patient_id>/<accession>/<series_number:03d>.dcm`` (the
+        videos, series 1, 2, ..., and the measurement SR, series 900),
+        ``labels.csv`` (one row per study), ``videos.csv`` (one per video)
+        and ``reports.csv`` (one per measurement SR).
     patients : int
         Number of patients (each gets 1-3 studies of 3-5 videos).
     seed : int
@@ -1178,8 +1216,9 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
     prng = [_rng(seed, _PURPOSE_PATIENT, p) for p in range(patients)]
     n_studies = [int(r.integers(1, 4)) for r in prng]
     truths = sample_study_truths(seed, n_studies)
-    label_rows, video_rows = [], []
+    label_rows, video_rows, report_rows = [], [], []
     n_videos = n_frames = 0
+    report_seconds = 0.0
     for p in range(patients):
         r = prng[p]
         pid = f"SYN{p + 1:04d}"
@@ -1191,9 +1230,12 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
         chest = float(np.clip(0.8 + (bmi - 18.5) / 20.0 * 1.2 + r.uniform(-0.2, 0.2), 0.8, 2.2))
         birth_year = int(r.integers(1935, 2000))
         birth = f"{birth_year:04d}{int(r.integers(1, 13)):02d}{int(r.integers(1, 29)):02d}"
+        # The patient as the headers state it: the SR's BSA is recomputable from them.
+        body = synth_reports.Body(sex=sex, height_m=float(f"{height:.2f}"), weight_kg=float(f"{weight:.1f}"))
+        lvot_cm = synth_reports.draw_lvot_diameter(_rng(seed, _PURPOSE_REPORT, p), sex)
         for s in range(n_studies[p]):
             sr = _rng(seed, _PURPOSE_STUDY, p, s)
-            truth = truths[p][s]
+            truth = _fit_to_mass_index(truths[p][s], body)
             an = _anatomy(truth, sr, chest)
             day = int(sr.integers(0, 5 * 365))
             date = np.datetime64("2019-01-01") + np.timedelta64(day, "D")
@@ -1220,12 +1262,19 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
                 "referring": f"REFERRER^R{int(sr.integers(1, 20)):02d}",
             }
             header = {"initials": f"P{p + 1:04d} S.", "date": f"{study_date[6:8]}/{study_date[4:6]}/{study_date[:4]}"}
+            measured = synth_reports.measure_study(
+                ivs_cm=truth.ivs_cm, lvpw_cm=truth.lvpw_cm, lvid_cm=truth.lvid_cm,
+                av_cusp_sep_cm=truth.av_cusp_sep_cm, body=body, age_years=age, lvot_diameter_cm=lvot_cm,
+                heart_rate_bpm=cast(float, study["heart_rate_bpm"]), rng=_rng(seed, _PURPOSE_REPORT, p, s),
+            )
             label_rows.append({
                 "patient_id": pid, "study_uid": study_uid, "accession_number": accession,
                 "study_date": study_date, "lvh": int(truth.lvh), "severe_as": int(truth.severe_as),
                 "ivs_cm": f"{truth.ivs_cm:.3f}", "lvpw_cm": f"{truth.lvpw_cm:.3f}",
                 "lvid_cm": f"{truth.lvid_cm:.3f}", "av_cusp_sep_cm": f"{truth.av_cusp_sep_cm:.3f}",
+                **measured.label_columns(),
             })
+            evidence: list[Dataset] = []
             for k, view in enumerate(_study_views(sr)):
                 vr = _rng(seed, _PURPOSE_VIDEO, p, s, k)
                 plan = _plan_video(vr, view, k + 1, study, frames, int(vr.integers(0, 2**63)))
@@ -1238,6 +1287,8 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
                 path = out_dir / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 ds.save_as(path, enforce_file_format=True)
+                del ds.PixelData  # the header stays, as the measurement SR's evidence
+                evidence.append(ds)
                 video_rows.append({
                     "patient_id": pid, "study_uid": study_uid, "series_uid": ctx["series_uid"],
                     "sop_uid": ctx["sop_uid"], "view": view, "path": rel.as_posix(),
@@ -1245,7 +1296,21 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
                 })
                 n_videos += 1
                 n_frames += plan.frames
-    for name, cols_, rows_ in (("labels.csv", LABEL_COLUMNS, label_rows), ("videos.csv", VIDEO_COLUMNS, video_rows)):
+            t_report = time.perf_counter()
+            report = synth_reports.build_measurement_report(
+                vendor.report_dialect, measured, evidence,
+                series_uid=_uid(seed, "report-series", p, s), sop_uid=_uid(seed, "report-sop", p, s),
+                rng=_rng(seed, _PURPOSE_REPORT, p, s, 1),
+            )
+            rel = Path("dicom") / pid / accession / f"{synth_reports.REPORT_SERIES_NUMBER:03d}.dcm"
+            report.save_as(out_dir / rel, enforce_file_format=True)
+            report_rows.append({
+                "patient_id": pid, "study_uid": study_uid, "series_uid": report.SeriesInstanceUID,
+                "sop_uid": report.SOPInstanceUID, "dialect": vendor.report_dialect, "path": rel.as_posix(),
+            })
+            report_seconds += time.perf_counter() - t_report
+    for name, cols_, rows_ in (("labels.csv", LABEL_COLUMNS, label_rows), ("videos.csv", VIDEO_COLUMNS, video_rows),
+                               ("reports.csv", REPORT_COLUMNS, report_rows)):
         with open(out_dir / name, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols_, lineterminator="\n")
             w.writeheader()
@@ -1254,7 +1319,8 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
         out_dir=out_dir, patients=patients, studies=len(label_rows), videos=n_videos,
         lvh_studies=sum(r["lvh"] for r in label_rows),
         severe_as_studies=sum(r["severe_as"] for r in label_rows),
-        frames=n_frames, seconds=time.perf_counter() - t0,
+        frames=n_frames, seconds=time.perf_counter() - t0, reports=len(report_rows),
+        report_seconds=report_seconds,
     )
 
 
@@ -1285,6 +1351,6 @@ def run_synth(ns: argparse.Namespace) -> int:
     print(
         f"wrote {summary.videos} videos in {summary.studies} studies of {summary.patients} patients "
         f"to {summary.out_dir} ({summary.lvh_studies} LVH, {summary.severe_as_studies} severe AS) "
-        f"in {summary.seconds:.1f} s"
+        f"in {summary.seconds:.1f} s ({summary.reports} measurement SRs, {summary.report_seconds:.1f} s)"
     )
     return 0
