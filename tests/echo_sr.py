@@ -29,11 +29,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr._snomed_dict import mapping as snomed_mapping
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import BaseTag
 from pydicom.uid import (
+    UID,
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
@@ -109,7 +112,12 @@ def num_item(
             item.NumericValueQualifierCodeSequence = [coded(qualifier)]
     else:
         mv = Dataset()
-        mv.NumericValue = value if isinstance(value, str) else ds_text(value)
+        if isinstance(value, str):
+            # Written as is, even when it is not a number (a bad input to test).
+            raw = value.encode("ascii") + (b" " if len(value) % 2 else b"")
+            mv._dict[BaseTag(0x0040A30A)] = RawDataElement(BaseTag(0x0040A30A), "DS", len(raw), raw, 0, False, True)
+        else:
+            mv.NumericValue = ds_text(value)
         if float_value and not isinstance(value, str):
             mv.FloatingPointValue = float(value)
         if unit is not None:
@@ -168,7 +176,7 @@ def document(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid or generate_uid()

@@ -38,9 +38,8 @@ from typing import IO, Any
 
 from echonode.measurements import (
     CONCEPTS,
-    NO_REPORT,
-    TASKS,
     DEFAULT_TOLERANCE,
+    TASKS,
     MeasurementDocument,
     Rules,
     RulesError,
@@ -125,7 +124,7 @@ class _Evidence:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(path, "w", newline="", encoding="utf-8")
+        self.fh = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.json = path.suffix.lower() in (".jsonl", ".ndjson", ".json")
         if not self.json:
             self.writer = csv.DictWriter(self.fh, fieldnames=EVIDENCE_COLUMNS, lineterminator="\n")

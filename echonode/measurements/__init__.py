@@ -33,23 +33,28 @@ from echonode.measurements.rules import (
     load_rules,
     parse_rules,
 )
-from echonode.measurements.selection import DEFAULT_TOLERANCE, Selection, current_document, select_values
+from echonode.measurements.selection import (
+    DEFAULT_TOLERANCE,
+    Selection,
+    current_document,
+    select_values,
+)
 
 __all__ = [
     "CONCEPTS",
     "CONCEPTS_BY_KEY",
+    "DEFAULT_TOLERANCE",
+    "NO_REPORT",
+    "TASKS",
     "Coded",
     "Concept",
-    "DEFAULT_TOLERANCE",
     "LabelDecision",
     "Measurement",
     "MeasurementDocument",
-    "NO_REPORT",
     "Rules",
     "RulesError",
     "Selection",
     "StudyReference",
-    "TASKS",
     "current_document",
     "decide_labels",
     "is_sr_sop_class",

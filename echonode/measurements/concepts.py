@@ -48,10 +48,10 @@ from pydicom.sr.coding import Code
 __all__ = [
     "CONCEPTS",
     "CONCEPTS_BY_KEY",
+    "STANDARD_SCHEMES",
     "CodeKey",
     "Concept",
     "NameMatch",
-    "STANDARD_SCHEMES",
     "code_key",
     "is_private_scheme",
     "match_name",

@@ -238,7 +238,7 @@ def parse_part10(data: bytes, *, max_inflated: int) -> tuple[Item, str]:
 def _element_end(reader: _Reader, pos: int, end: int) -> int:
     """The offset after one explicit VR little endian element (file meta)."""
     data = reader.data
-    group, element, vr, length = reader.explicit_short(data, pos)
+    _group, _element, vr, length = reader.explicit_short(data, pos)
     if vr in _LONG_LENGTH_VRS:
         if pos + 12 > end:
             raise Truncated("the file ends inside the file meta")

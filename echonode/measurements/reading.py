@@ -80,11 +80,11 @@ from echonode.measurements.rawtree import (
 from echonode.measurements.units import CANONICAL_UNIT, convert, parse_unit
 
 __all__ = [
-    "Coded",
     "DEFAULT_MAX_SR_BYTES",
+    "SR_SOP_CLASS_PREFIX",
+    "Coded",
     "Measurement",
     "MeasurementDocument",
-    "SR_SOP_CLASS_PREFIX",
     "is_sr_sop_class",
     "read_measurement_sr",
 ]
@@ -515,9 +515,8 @@ class _Walker:
         # A flow or orifice property is the concept's only at the concept's site.
         sited: list[tuple[Concept, NameMatch]] = []
         for concept, match in candidates:
-            if not match.needs_site:
-                sited.append((concept, match))
-            elif site is not None and concept.site is not None and site.key == code_key(concept.site):
+            at_its_site = site is not None and concept.site is not None and site.key == code_key(concept.site)
+            if not match.needs_site or at_its_site:
                 sited.append((concept, match))
         if not sited:
             doc.counts["unsited_items" if site is None else "other_items"] += 1
@@ -604,7 +603,7 @@ class _Walker:
 _NO_CODE = Coded("", "", "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _excluded_methods(concept: Concept) -> frozenset[CodeKey]:
     return frozenset(code_key(m) for m in concept.excluded_methods)
 

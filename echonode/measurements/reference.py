@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 
 from echonode.measurements.reading import MeasurementDocument
 from echonode.measurements.rules import LabelDecision, Rules, decide_labels
-from echonode.measurements.selection import DEFAULT_TOLERANCE, Selection, current_document, select_values
+from echonode.measurements.selection import (
+    DEFAULT_TOLERANCE,
+    Selection,
+    current_document,
+    select_values,
+)
 
 __all__ = ["NO_REPORT", "StudyReference", "study_reference"]
 

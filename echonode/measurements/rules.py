@@ -30,12 +30,12 @@ from echonode.measurements.concepts import CONCEPTS_BY_KEY
 
 __all__ = [
     "DEFAULT_RULES_FILE",
+    "TASKS",
     "LabelDecision",
     "LvhRules",
     "Rules",
     "RulesError",
     "SevereAsRules",
-    "TASKS",
     "decide_labels",
     "decide_lvh",
     "decide_severe_as",
