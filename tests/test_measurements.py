@@ -487,3 +487,38 @@ def test_patient_sex_from_subject_sex_then_header(tmp_path: Path) -> None:
     ds = document([section(SCT.AorticValve, [group(None, [num_item(LN.AorticValveCuspSeparation, 0.7, "cm")])])],
                   template="5200", patient_sex="O")  # fmt: skip
     assert read_measurement_sr(write(ds, tmp_path, "b.dcm")).patient_sex is None
+
+
+# ------------------------------------------------------------------ the raw reader
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    head = tag.to_bytes(4, "big")
+    group, element = head[:2][::-1], head[2:][::-1]
+    if vr in (b"SQ", b"UN", b"OB", b"UT"):
+        return group + element + vr + b"\0\0" + len(value).to_bytes(4, "little") + value
+    return group + element + vr + len(value).to_bytes(2, "little") + value
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    head = tag.to_bytes(4, "big")
+    return head[:2][::-1] + head[2:][::-1] + len(value).to_bytes(4, "little") + value
+
+
+def test_raw_reader_follows_un_sequences_and_a_switch_to_implicit_vr() -> None:
+    """What pydicom also reads: an undefined-length UN holding items (PS3.5 6.2.2), and a
+    writer that switches to implicit VR inside a sequence item."""
+    from echonode.measurements.rawtree import decode_text, parse_dataset
+
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + _implicit(0x0040A040, b"NUM ") + b"\xfe\xff\x0d\xe0\0\0\0\0"
+    seq_end = b"\xfe\xff\xdd\xe0\0\0\0\0"
+    undefined = b"\xff\xff\xff\xff"
+    data = (
+        _explicit(0x00080016, b"UI", b"1.2\0")
+        + b"\x09\x00\x10\x10UN\0\0" + undefined + item + seq_end  # private, undefined-length UN
+        + b"\x40\x00\x30\xa7SQ\0\0" + undefined + item + seq_end  # SQ whose item switches to implicit VR
+    )
+    ds = parse_dataset(data, implicit=False, little=True)
+    assert decode_text(ds[0x00080016]) == "1.2"
+    assert decode_text(ds[0x00091010][0][0x0040A040]) == "NUM"
+    assert decode_text(ds[0x0040A730][0][0x0040A040]) == "NUM"

@@ -87,8 +87,11 @@ class _Reader:
                 pos += 8
             else:
                 group, element, vr, length = self.explicit_short(data, pos)
-                if group == 0xFFFE:
+                if group == 0xFFFE or not (vr.isalpha() and vr.isupper()):
+                    # An item tag, or a writer that switched to implicit VR
+                    # inside a sequence (pydicom reads those too).
                     (length,) = self.u32(data, pos + 4)
+                    vr = b"" if group != 0xFFFE else vr
                     pos += 8
                 elif vr in _LONG_LENGTH_VRS:
                     if pos + 12 > end:
@@ -106,18 +109,22 @@ class _Reader:
                 if tag == _PIXEL_DATA:
                     pos = self.skip_items(pos, end)
                     continue
-                # An undefined-length UN is a sequence in implicit VR little
-                # endian (PS3.5 6.2.2).
-                if vr == b"UN" and not implicit:
-                    items, pos = _Reader(data, True, True).sequence(pos, end)
-                else:
+                if implicit or vr == b"SQ":
                     items, pos = self.sequence(pos, end)
+                else:
+                    # An undefined-length UN is a sequence in implicit VR
+                    # little endian (PS3.5 6.2.2); so is what follows a
+                    # switch to implicit VR.
+                    items, pos = _Reader(data, True, vr == b"UN" or self.little).sequence(pos, end)
                 out[tag] = items
                 continue
             if pos + length > end:
                 raise Truncated(f"the file ends inside element ({group:04X},{element:04X})")
-            if vr == b"SQ" or (implicit and _is_sequence_tag(tag)):
+            if vr == b"SQ":
                 out[tag] = self.defined_sequence(pos, pos + length)
+            elif not vr and _is_sequence_tag(tag):
+                reader = self if implicit else _Reader(data, True, self.little)
+                out[tag] = reader.defined_sequence(pos, pos + length)
             else:
                 out[tag] = data[pos : pos + length]
             pos += length
