@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             _walk_pydicom(pydicom.dcmread(p).ContentSequence, found)
             return found
 
-        print("\nSRs parsed per second, one core (best of %d passes):" % args.repeats)
+        print(f"\nSRs parsed per second, one core (best of {args.repeats} passes):")
         print(f"{'dialect':10s} {'SR bytes':>9s} {'echonode':>10s} {'pydicom walk':>13s}")
         rates: dict[str, dict[str, float]] = {}
         for dialect, paths in [*srs.items(), ("all", [p for ps in srs.values() for p in ps])]:
