@@ -307,3 +307,26 @@ def test_finetune_and_evaluate_read_the_labels_file(archive: dict, tmp_path: Pat
     assert _binary(by[u["low_gradient"]]["severe_as"]) is None
     strata = study_strata(rows)
     assert strata[u["low_gradient"]] == (0, -1) and strata[u["images_only"]] == (-1, -1)
+
+
+def test_contradictions_and_srs_without_images_are_logged_with_uids_only(tmp_path: Path) -> None:
+    import structlog
+
+    from echo_sr import DCM, LN, SCT, code_item, document, group, num_item, section
+    from train.labels import build_labels
+
+    chosen = code_item("HAS PROPERTIES", DCM.SelectionStatus, DCM.UserChosenValue)
+    uid = generate_uid()
+    nums = [num_item(LN.InterventricularSeptumDiastolicThickness, v, "cm", modifiers=[chosen]) for v in (1.0, 1.4)]
+    nums.append(num_item(LN.LeftVentriclePosteriorWallDiastolicThickness, 0.9, "cm"))
+    echo_sr.save(document([section(SCT.LeftVentricle, [group(SCT._2DMode, nums)])], template="5200", study_uid=uid),
+                 tmp_path / "a" / "sr.dcm")  # fmt: skip
+    with structlog.testing.capture_logs() as logs:
+        report = build_labels([tmp_path / "a"], tmp_path / "labels.csv", evidence=tmp_path / "ev.csv", progress=False)
+    (row,) = _csv(tmp_path / "labels.csv")
+    assert row["lvh"] == "" and row["ivsd_cm"] == "" and "selected values disagree" in row["lvh_reason"]
+    events = {e["event"]: e for e in logs}
+    assert events["labels.contradictory_values"]["concepts"] == ["ivsd"]
+    assert events["labels.sr_without_images"]["study_uid"] == uid
+    assert report.studies_without_images == 1
+    assert "TEST^ECHO" not in repr(logs) and "ECHO001" not in repr(logs)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from echonode.logs import get_logger
 from echonode.measurements import (
     CONCEPTS,
     DEFAULT_TOLERANCE,
@@ -75,6 +76,8 @@ EVIDENCE_COLUMNS: tuple[str, ...] = (
     "raw_value", "raw_unit", "finding_site", "image_mode", "method", "selection_status", "derivation",
     "status", "reason", "template", "manufacturer", "model",
 )  # fmt: skip
+
+log = get_logger("train.labels")
 
 #: Files in an archive that are data about the archive, not DICOM objects.
 _SIDECAR_SUFFIXES = {".csv", ".json", ".jsonl", ".txt", ".md", ".toml", ".log", ".npy", ".png", ".part"}
@@ -318,6 +321,12 @@ def _visit(
         # Keep the selection, not the items: they are in the evidence already.
         chosen = select_values(doc, tolerance=tolerance)
         study.selections[doc.sop_instance_uid] = {k: dataclasses.replace(s, used=()) for k, s in chosen.items()}
+        contradictory = sorted(k for k, s in chosen.items() if s.rule == "contradictory")
+        if contradictory:
+            log.warning(
+                "labels.contradictory_values", sop_uid=doc.sop_instance_uid, study_uid=doc.study_instance_uid,
+                concepts=contradictory,
+            )  # fmt: skip
     doc.measurements = []
     study.documents.append(doc)
     study.files[doc.sop_instance_uid] = rel
@@ -350,6 +359,7 @@ def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, 
                 report.studies_with_report += 1
                 if not study.images:
                     report.studies_without_images += 1
+                    log.info("labels.sr_without_images", study_uid=study_uid, sop_uid=ref.document.sop_instance_uid)
                     ev.write(
                         kind="study", study_uid=study_uid, sr_sop_uid=ref.document.sop_instance_uid,
                         status="no images", reason="the study's measurement SR is in the archive, none of its images",
