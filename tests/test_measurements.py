@@ -522,3 +522,25 @@ def test_raw_reader_follows_un_sequences_and_a_switch_to_implicit_vr() -> None:
     assert decode_text(ds[0x00080016]) == "1.2"
     assert decode_text(ds[0x00091010][0][0x0040A040]) == "NUM"
     assert decode_text(ds[0x0040A730][0][0x0040A040]) == "NUM"
+
+
+def test_character_sets_and_pydicom_in_raise_mode(tmp_path: Path) -> None:
+    """Text is decoded with the SR's Specific Character Set; an unknown one, even with pydicom
+    set to raise on bad values (as tests of objects we produce do), does not stop the read."""
+    from pydicom import config as pydicom_config
+
+    ds = echo_sr.tid5300_sr(VALUES, manufacturer="Échographes Réunis")
+    assert read_measurement_sr(write(ds, tmp_path, "utf8.dcm")).manufacturer == "Échographes Réunis"
+    ds = echo_sr.tid5300_sr(VALUES, manufacturer="Échographes Réunis")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    path = write(ds, tmp_path, "latin1.dcm")
+    data = path.read_bytes().replace(b"ISO_IR 100", b"ISO_IR 999")
+    path.write_bytes(data)
+    old = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    try:
+        doc = read_measurement_sr(path)
+    finally:
+        pydicom_config.settings.reading_validation_mode = old
+    assert doc.status == "read" and doc.manufacturer == "Échographes Réunis"
+    assert values(doc)["av_vmax"] == pytest.approx(4.2)

@@ -275,7 +275,10 @@ def decode_text(raw: bytes | list[Item] | None, encodings: Sequence[str] = ("iso
     if raw.isascii():
         text = raw.decode("ascii")
     else:
-        text = decode_bytes(raw, list(encodings), {0x5C})
+        try:
+            text = decode_bytes(raw, list(encodings), {0x5C})
+        except (UnicodeError, LookupError):  # pydicom raises these when its validation mode is RAISE
+            text = raw.decode("latin-1")
     return text.split("\\", 1)[0].strip(" \0")
 
 
@@ -285,7 +288,10 @@ def python_encodings(raw: bytes | list[Item] | None) -> list[str]:
     if not terms or not isinstance(raw, bytes):
         return ["iso8859"]
     values = [t.strip() for t in raw.decode("ascii", "replace").split("\\")]
-    return convert_encodings(values)
+    try:
+        return convert_encodings(values)
+    except LookupError:  # an unknown term, with pydicom's validation mode at RAISE
+        return ["iso8859"]
 
 
 def first_float(raw: bytes | list[Item] | None, *, little: bool = True) -> float | None:
