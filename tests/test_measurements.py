@@ -544,3 +544,14 @@ def test_character_sets_and_pydicom_in_raise_mode(tmp_path: Path) -> None:
         pydicom_config.settings.reading_validation_mode = old
     assert doc.status == "read" and doc.manufacturer == "Échographes Réunis"
     assert values(doc)["av_vmax"] == pytest.approx(4.2)
+
+
+def test_the_reader_imports_neither_torch_nor_train() -> None:
+    """The node process reads measurement SRs too; it never imports torch, and echonode never imports train."""
+    import sys
+
+    code = (
+        "import sys, echonode.measurements, echonode.measurements.rules;"
+        "bad = [m for m in ('torch', 'train') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
