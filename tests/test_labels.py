@@ -311,8 +311,8 @@ def test_finetune_and_evaluate_read_the_labels_file(archive: dict, tmp_path: Pat
 
 def test_contradictions_and_srs_without_images_are_logged_with_uids_only(tmp_path: Path) -> None:
     import structlog
-
     from echo_sr import DCM, LN, SCT, code_item, document, group, num_item, section
+
     from train.labels import build_labels
 
     chosen = code_item("HAS PROPERTIES", DCM.SelectionStatus, DCM.UserChosenValue)
