@@ -1,0 +1,99 @@
+"""A study's reference: its current measurement SR, one value per concept, and its labels.
+
+This is what ``echonode-train labels`` writes per study and what the node
+records beside its own result: the three steps of the package in one call
+(:func:`~echonode.measurements.selection.current_document`,
+:func:`~echonode.measurements.selection.select_values`,
+:func:`~echonode.measurements.rules.decide_labels`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from echonode.measurements.reading import MeasurementDocument
+from echonode.measurements.rules import LabelDecision, Rules, decide_labels
+from echonode.measurements.selection import (
+    DEFAULT_TOLERANCE,
+    Selection,
+    current_document,
+    select_values,
+)
+
+__all__ = ["NO_REPORT", "StudyReference", "study_reference"]
+
+#: The reason both labels are empty when no SR of the study gives a value.
+NO_REPORT = "no echo measurement SR with a usable value in the study"
+
+
+@dataclass(frozen=True)
+class StudyReference:
+    """The sonographers' reference for one study.
+
+    Attributes
+    ----------
+    document : MeasurementDocument or None
+        The SR whose values count (None when no SR of the study gives one).
+    not_used : dict
+        SOP Instance UID -> why each other SR of the study is not used.
+    selections : dict
+        Concept key -> :class:`~echonode.measurements.selection.Selection`
+        (empty without a document).
+    sex : str or None
+        ``M`` or ``F`` as the rules used it.
+    labels : dict
+        Task (``lvh``, ``severe_as``) -> :class:`~echonode.measurements.rules.LabelDecision`.
+    """
+
+    document: MeasurementDocument | None
+    not_used: dict[str, str]
+    selections: dict[str, Selection]
+    sex: str | None
+    labels: dict[str, LabelDecision] = field(default_factory=dict)
+
+    @property
+    def values(self) -> dict[str, float | None]:
+        """Concept key -> the value used (None when undecided)."""
+        return {key: sel.value for key, sel in self.selections.items()}
+
+
+def study_reference(
+    documents: Sequence[MeasurementDocument],
+    rules: Rules,
+    *,
+    sex: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    selections: Mapping[str, Mapping[str, Selection]] | None = None,
+) -> StudyReference:
+    """The reference values and labels of one study.
+
+    Parameters
+    ----------
+    documents : sequence of MeasurementDocument
+        Every SR read from the study (any status).
+    rules : Rules
+        From :func:`~echonode.measurements.rules.load_rules`.
+    sex : {"M", "F", None}
+        The patient's sex from the study's images, used when the SR has none.
+    tolerance : float
+        See :func:`~echonode.measurements.selection.select_values`.
+    selections : mapping, optional
+        SOP Instance UID -> the :func:`~echonode.measurements.selection.select_values`
+        of that SR, computed earlier (when the caller has since dropped the
+        documents' measurements to save memory).
+
+    Returns
+    -------
+    StudyReference
+    """
+    document, not_used = current_document(documents)
+    if document is None:
+        undecided = {task: LabelDecision(None, NO_REPORT) for task in ("lvh", "severe_as")}
+        return StudyReference(None, not_used, {}, sex, undecided)
+    known = (selections or {}).get(document.sop_instance_uid)
+    chosen = dict(known) if known is not None else select_values(document, tolerance=tolerance)
+    used_sex = document.patient_sex or sex
+    why = {key: sel.reason for key, sel in chosen.items() if sel.reason}
+    labels = decide_labels({k: s.value for k, s in chosen.items()}, used_sex, rules, why)
+    return StudyReference(document, not_used, chosen, used_sex, labels)

@@ -1,0 +1,203 @@
+"""One value per concept, and one SR per study.
+
+**One value per concept** (:func:`select_values`). A report can hold a concept
+many times: the beats a sonographer measured, the same value written twice
+(GE writes every measurement once plainly and once with a Selection Status),
+2D and M-mode readings of one wall. The value used is
+
+1. the value the sonographer selected: the items that carry a Selection
+   Status (TID 300/5203 "Selection Status", TID 5301 "$Preferred": any of
+   CID 224/12301, user chosen, mean chosen, most recent, maximum, minimum);
+2. when no item of the concept carries one, the mean of all its usable items
+   (the repeats of one measurement: an echo lab averages beats);
+3. selected items that disagree (their spread is more than
+   ``tolerance`` = 5 % of their largest value) are contradictory: the concept
+   has no value and the reason lists them. The sonographer's choice is not
+   second-guessed by picking one; selected items that agree (a value and its
+   copy, 12 mm and 1.2 cm) give their mean.
+
+Items that cannot be used (no value, wrong unit ...) never take part; when a
+concept has only such items its reason says why.
+
+**One SR per study** (:func:`current_document`). A study can hold several
+measurement SRs: the cart's, then the workstation's when the sonographer
+finished measuring later, or an amended one. Among the SRs of a study that
+give at least one value:
+
+1. an SR named in another echo report's Predecessor Documents Sequence
+   (PS3.3 C.17.2: the later document replaces it, amended or not) is
+   superseded;
+2. of the rest, the latest by Content Date and Time supersedes the others,
+   then the highest Instance Number, then the greatest SOP Instance UID (only
+   so that the choice is the same on every run). Content Date and Time are
+   compared as written (the Timezone Offset From UTC is not applied: the SRs
+   of one study come from one site).
+
+The whole document is used, not a merge of several: a later report is the
+sonographer's final word, including on values it no longer lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from echonode.measurements.concepts import CONCEPTS, CONCEPTS_BY_KEY
+from echonode.measurements.reading import Measurement, MeasurementDocument
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "Selection",
+    "current_document",
+    "document_order_key",
+    "select_concept",
+    "select_values",
+    "values_of",
+]
+
+#: Selected values within this fraction of each other are one value.
+DEFAULT_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The value of one concept in one report.
+
+    Attributes
+    ----------
+    concept : str
+        :attr:`~echonode.measurements.concepts.Concept.key`.
+    value : float or None
+        In the concept's unit; None when not measured, unusable or contradictory.
+    rule : str
+        ``selected`` (the sonographer's selection), ``mean`` (mean of
+        unselected repeats), ``single`` (the only item), ``contradictory``,
+        ``unusable`` (only items that cannot be used) or ``not measured``.
+    used : tuple of Measurement
+        The items the value comes from (for ``contradictory``: the
+        disagreeing selected items).
+    reason : str or None
+        Why ``value`` is None.
+    """
+
+    concept: str
+    value: float | None
+    rule: str
+    used: tuple[Measurement, ...] = ()
+    reason: str | None = None
+
+
+def _describe(m: Measurement) -> str:
+    mode = f" ({m.image_mode.meaning})" if m.image_mode is not None and m.image_mode.meaning else ""
+    return f"{m.value:g} {m.unit}{mode} at {m.content_path}"
+
+
+def select_concept(
+    concept: str, measurements: Iterable[Measurement], *, tolerance: float = DEFAULT_TOLERANCE
+) -> Selection:
+    """The value of ``concept`` among ``measurements`` (see the module docstring)."""
+    label = CONCEPTS_BY_KEY[concept].label
+    mine = [m for m in measurements if m.concept == concept]
+    usable = [m for m in mine if m.value is not None]
+    if not usable:
+        if mine:
+            problems = sorted({m.problem or "unusable" for m in mine})
+            return Selection(concept, None, "unusable", reason=f"{label}: not usable ({'; '.join(problems)})")
+        return Selection(concept, None, "not measured", reason=f"{label}: not measured")
+    selected = [m for m in usable if m.selected]
+    pool = selected or usable
+    values = [m.value for m in pool if m.value is not None]
+    low, high = min(values), max(values)
+    if selected and high - low > tolerance * max(abs(low), abs(high)):
+        listed = ", ".join(_describe(m) for m in selected)
+        return Selection(
+            concept, None, "contradictory", tuple(selected),
+            reason=f"{label}: the selected values disagree ({listed})",
+        )  # fmt: skip
+    mean = round(sum(values) / len(values), 9)
+    rule = "selected" if selected else ("single" if len(pool) == 1 else "mean")
+    return Selection(concept, mean, rule, tuple(pool))
+
+
+def select_values(
+    source: MeasurementDocument | Iterable[Measurement], *, tolerance: float = DEFAULT_TOLERANCE
+) -> dict[str, Selection]:
+    """One :class:`Selection` per concept of :data:`~echonode.measurements.concepts.CONCEPTS`.
+
+    Parameters
+    ----------
+    source : MeasurementDocument or iterable of Measurement
+        A report, or measurements gathered otherwise.
+    tolerance : float
+        Selected values whose spread is within this fraction of the largest
+        are one value; beyond it they are contradictory.
+
+    Returns
+    -------
+    dict
+        Concept key -> Selection, for every concept (not measured ones too).
+    """
+    measurements = list(source.measurements if isinstance(source, MeasurementDocument) else source)
+    return {c.key: select_concept(c.key, measurements, tolerance=tolerance) for c in CONCEPTS}
+
+
+def document_order_key(doc: MeasurementDocument) -> tuple[str, int, str]:
+    """Sort key, oldest first: Content Date/Time, Instance Number, SOP Instance UID."""
+    number = doc.instance_number if doc.instance_number is not None else -1
+    return (doc.content_datetime, number, _uid_sort_key(doc.sop_instance_uid))
+
+
+def _uid_sort_key(uid: str) -> str:
+    # UIDs compare component by component as numbers: pad each one.
+    return ".".join(part.zfill(40) for part in uid.split("."))
+
+
+def current_document(
+    documents: Sequence[MeasurementDocument],
+) -> tuple[MeasurementDocument | None, dict[str, str]]:
+    """The SR of a study whose values count, and why each other one does not.
+
+    Parameters
+    ----------
+    documents : sequence of MeasurementDocument
+        The SRs of one study (any status).
+
+    Returns
+    -------
+    tuple
+        ``(current, reasons)``: the document used (None when no SR of the
+        study gives a value) and SOP Instance UID -> why that SR is not used,
+        for every other document given.
+    """
+    reasons: dict[str, str] = {}
+    replaced_by: dict[str, str] = {}
+    for doc in documents:
+        if doc.is_echo_report:
+            for uid in doc.predecessors:
+                if uid != doc.sop_instance_uid:
+                    replaced_by.setdefault(uid, doc.sop_instance_uid)
+    candidates = []
+    seen: set[str] = set()
+    for doc in documents:
+        uid = doc.sop_instance_uid
+        if uid in seen:
+            continue  # another file of one instance: the caller reports copies
+        seen.add(uid)
+        if not doc.usable:
+            reasons[uid] = doc.reason or "gives no usable measurement"
+        elif uid in replaced_by:
+            reasons[uid] = f"replaced by {replaced_by[uid]}, which names it in its Predecessor Documents Sequence"
+        else:
+            candidates.append(doc)
+    if not candidates:
+        return None, reasons
+    candidates.sort(key=document_order_key)
+    current = candidates[-1]
+    for doc in candidates[:-1]:
+        reasons[doc.sop_instance_uid] = f"superseded by the later SR {current.sop_instance_uid}"
+    return current, reasons
+
+
+def values_of(selections: Mapping[str, Selection]) -> dict[str, float | None]:
+    """Concept key -> value (None when undecided), from :func:`select_values`."""
+    return {key: sel.value for key, sel in selections.items()}

@@ -1,0 +1,557 @@
+"""The measurement-SR reader: codes, dialects, units, selection, supersession, bad input.
+
+The SRs are built in tests/echo_sr.py (GE-like and Philips-like TID 5200,
+TID 5300) and checked with dicom3tools' dciodvfy, so the reader is tested on
+real DICOM; transfer syntaxes other than explicit VR little endian are made
+with dcmtk's dcmconv.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import zlib
+from pathlib import Path
+
+import echo_sr
+import pydicom
+import pytest
+import structlog
+from conftest import DCIODVFY, need
+from echo_sr import (
+    DCM,
+    LN,
+    SCT,
+    code_item,
+    container,
+    document,
+    group,
+    num_item,
+    private_code,
+    section,
+)
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    SimplifiedAdultEchoSRStorage,
+    generate_uid,
+)
+
+from echonode.measurements import (
+    CONCEPTS_BY_KEY,
+    current_document,
+    read_measurement_sr,
+    select_values,
+)
+from echonode.measurements.concepts import code_key, match_name, normalise_code
+from echonode.measurements.selection import select_concept
+from echonode.measurements.units import convert, parse_unit
+
+DCMCONV = "/usr/bin/dcmconv"
+
+VALUES = {
+    "ivsd": 1.3, "lvpwd": 1.1, "lvidd": 4.8, "lv_mass": 210.0, "lv_mass_index": 118.0,
+    "av_vmax": 4.2, "av_mean_gradient": 44.0, "av_area": 0.7, "av_cusp_sep": 0.6,
+}  # fmt: skip
+
+
+def write(ds: pydicom.Dataset, tmp_path: Path, name: str = "sr.dcm") -> Path:
+    return echo_sr.save(ds, tmp_path / name)
+
+
+def dciodvfy(path: Path) -> None:
+    proc = subprocess.run([need(DCIODVFY), str(path)], capture_output=True, text=True, check=False)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, "\n".join(errors)
+
+
+def values(doc) -> dict[str, float | None]:
+    return {k: s.value for k, s in select_values(doc).items()}
+
+
+# ------------------------------------------------------------------ concepts
+
+
+def test_codes_come_from_pydicom_with_the_values_the_standard_gives() -> None:
+    """Each concept is reached by the codes PS3.16 names, taken from pydicom's codedict."""
+    names = {c.key: {code_key(m.code) for m in c.names} for c in CONCEPTS_BY_KEY.values()}
+    print({k: sorted(v) for k, v in names.items()})
+    assert ("LN", "18154-5") in names["ivsd"] and ("LN", "79969-2") in names["ivsd"]
+    assert ("LN", "18152-9") in names["lvpwd"]
+    assert ("LN", "29436-3") in names["lvidd"]
+    assert ("LN", "18087-7") in names["lv_mass"] and ("LN", "18087-7") in names["lv_mass_index"]
+    assert ("LN", "80026-8") in names["lv_mass_index"]
+    assert {("LN", "11726-7"), ("LN", "79964-3")} <= names["av_vmax"]
+    assert {("LN", "20256-4"), ("LN", "79962-7")} <= names["av_mean_gradient"]
+    assert {("SCT", "399367004"), ("LN", "79958-5")} <= names["av_area"]
+    assert names["av_cusp_sep"] == {("LN", "17996-0")}
+    # The pure flow / orifice properties mean the aortic valve only with its site.
+    needs_site = {code_key(m.code) for c in CONCEPTS_BY_KEY.values() for m in c.names if m.needs_site}
+    assert needs_site == {("LN", "11726-7"), ("LN", "59107-3"), ("LN", "20355-4"), ("LN", "20256-4"), ("SCT", "399367004")}
+    assert code_key(CONCEPTS_BY_KEY["av_vmax"].site) == ("SCT", "34202007")
+    assert codes.LN.AorticValveVmax.value == "79964-3"
+
+
+def test_srt_codes_are_their_sct_equivalents() -> None:
+    assert normalise_code("SRT", "G-C0E3") == code_key(codes.SCT.FindingSite)
+    assert normalise_code("SRT", "T-35400") == ("SCT", "34202007")
+    assert normalise_code("SRT", "G-038E") == ("SCT", "399367004")
+    assert match_name(normalise_code("SRT", "G-038E"))[0][0].key == "av_area"
+    assert normalise_code("SRT", "X-NOT-MAPPED") == ("SRT", "X-NOT-MAPPED")
+
+
+# ------------------------------------------------------------------ dialects
+
+
+@pytest.mark.parametrize("dialect", ["ge", "philips", "tid5300"])
+@pytest.mark.parametrize("sop_class", [ComprehensiveSRStorage, EnhancedSRStorage, Comprehensive3DSRStorage])
+def test_each_dialect_is_valid_dicom_and_round_trips(dialect: str, sop_class: str, tmp_path: Path) -> None:
+    path = write(echo_sr.echo_sr(dialect, VALUES, sop_class=sop_class), tmp_path)
+    dciodvfy(path)
+    doc = read_measurement_sr(path)
+    assert doc.status == "read", doc.reason
+    assert doc.sop_class_uid == sop_class
+    assert doc.template == ("5300" if dialect == "tid5300" else "5200")
+    got = values(doc)
+    for key, expected in VALUES.items():
+        assert got[key] == pytest.approx(expected, rel=1e-9), key
+    assert all(m.sop_instance_uid == doc.sop_instance_uid and m.content_path for m in doc.measurements)
+
+
+def test_simplified_adult_echo_sr_class_is_read(tmp_path: Path) -> None:
+    """TID 5300's own IOD (dciodvfy of 2022 does not know it, so it is not validated here)."""
+    doc = read_measurement_sr(write(echo_sr.tid5300_sr(VALUES, sop_class=SimplifiedAdultEchoSRStorage), tmp_path))
+    assert doc.status == "read"
+    assert values(doc)["av_vmax"] == pytest.approx(4.2)
+
+
+def test_ge_doubles_selection_status_srt_modifiers_and_private_codes(tmp_path: Path) -> None:
+    doc = read_measurement_sr(write(echo_sr.ge_sr(VALUES), tmp_path))
+    ivsd = [m for m in doc.measurements if m.concept == "ivsd"]
+    assert len(ivsd) == 2 and [m.selected for m in ivsd] == [False, True]
+    assert ivsd[1].selection_status.meaning == "Mean value chosen"
+    # SRT-coded modifiers inherited from the section and the group.
+    assert ivsd[0].finding_site.key == code_key(SCT.LeftVentricle)
+    assert ivsd[0].image_mode.key == code_key(SCT._2DMode)
+    vmax = [m for m in doc.measurements if m.concept == "av_vmax"]
+    assert [m.raw_unit for m in vmax] == ["UCUM:cm/s", "UCUM:cm/s"] and vmax[0].value == pytest.approx(4.2)
+    assert vmax[0].finding_site.key == ("SCT", "34202007") and vmax[0].image_mode.meaning == "Doppler Continuous Wave"
+    area = next(m for m in doc.measurements if m.concept == "av_area")
+    assert area.method.key == code_key(DCM.ContinuityEquationByVelocityTimeIntegral)
+    mass = [m for m in doc.measurements if m.concept in ("lv_mass", "lv_mass_index")]
+    assert {(m.concept, m.unit) for m in mass} == {("lv_mass", "g"), ("lv_mass_index", "g/m2")}
+    # The LVOT peak velocity has the aortic valve's concept name, in the LVOT section.
+    assert doc.counts["other_items"] == 1
+    assert doc.counts["private_items"] == 1 and doc.counts["private_modifiers"] == 2
+    assert select_values(doc)["ivsd"].rule == "selected"
+
+
+def test_philips_millimetres_repeats_and_private_codes(tmp_path: Path) -> None:
+    doc = read_measurement_sr(write(echo_sr.philips_sr(VALUES), tmp_path))
+    ivsd = [m for m in doc.measurements if m.concept == "ivsd"]
+    assert [m.raw_unit for m in ivsd] == ["UCUM:mm"] * 3
+    assert [m.value for m in ivsd] == pytest.approx([1.287, 1.3, 1.313])
+    sel = select_values(doc)
+    assert sel["ivsd"].rule == "mean" and sel["ivsd"].value == pytest.approx(1.3)
+    assert sel["av_area"].value == pytest.approx(0.7)  # written as 70 mm2
+    assert doc.counts["private_items"] == 2 and doc.counts["private_modifiers"] == 3
+
+
+def test_tid5300_precoordinated_codes_imply_mode_and_method(tmp_path: Path) -> None:
+    doc = read_measurement_sr(write(echo_sr.tid5300_sr(VALUES), tmp_path))
+    by = {m.concept: m for m in doc.measurements}
+    assert by["ivsd"].name.key == code_key(LN.InterventricularSeptumDiastolicDimension2D)
+    assert by["ivsd"].image_mode.key == code_key(SCT._2DMode)
+    assert by["av_area"].method.key == code_key(DCM.ContinuityEquationByVelocityTimeIntegral)
+    assert by["av_vmax"].selection_status.key == code_key(DCM.MeanValueChosen)
+    assert by["av_vmax"].derivation.key == code_key(SCT.Mean)
+    assert by["lv_mass_index"].finding_site is None
+
+
+@pytest.mark.parametrize("option", ["+ti", "+tb", "+td"])
+def test_other_transfer_syntaxes_read_the_same(option: str, tmp_path: Path) -> None:
+    src = write(echo_sr.ge_sr(VALUES), tmp_path)
+    dst = tmp_path / f"conv{option}.dcm"
+    subprocess.run([need(DCMCONV), option, str(src), str(dst)], check=True, capture_output=True)
+    a, b = read_measurement_sr(src), read_measurement_sr(dst)
+    assert b.status == "read", b.reason
+    assert [(m.concept, m.value, m.raw_value, m.content_path) for m in a.measurements] == [
+        (m.concept, m.value, m.raw_value, m.content_path) for m in b.measurements
+    ]
+
+
+def test_a_dataset_in_memory_reads_as_its_file(tmp_path: Path) -> None:
+    path = write(echo_sr.philips_sr(VALUES), tmp_path)
+    from_file = read_measurement_sr(path)
+    from_ds = read_measurement_sr(pydicom.dcmread(path))
+    assert from_ds.path is None and from_ds.measurements == from_file.measurements
+
+
+# ------------------------------------------------------------------ units
+
+
+@pytest.mark.parametrize(
+    ("code", "value", "dimension", "expected"),
+    [
+        ("cm", 1.2, "length", 1.2), ("mm", 12, "length", 1.2), ("m", 0.012, "length", 1.2),
+        ("m/s", 4.0, "velocity", 4.0), ("cm/s", 400, "velocity", 4.0), ("mm/s", 4000, "velocity", 4.0),
+        ("mm[Hg]", 40, "pressure", 40.0), ("mmHg", 40, "pressure", 40.0), ("kPa", 5.33289549, "pressure", 40.0),
+        ("cm2", 1.0, "area", 1.0), ("mm2", 100, "area", 1.0), ("cm^2", 1.0, "area", 1.0),
+        ("g", 150, "mass", 150.0), ("kg", 0.15, "mass", 150.0),
+        ("g/m2", 115, "mass_per_area", 115.0), ("kg/m2", 0.115, "mass_per_area", 115.0),
+    ],
+)  # fmt: skip
+def test_ucum_units_convert_to_one_unit_per_dimension(code: str, value: float, dimension: str, expected: float) -> None:
+    unit = parse_unit("UCUM", code)
+    assert unit is not None and unit.dimension == dimension
+    assert convert(value, unit) == pytest.approx(expected, abs=1e-7)
+
+
+def test_conversions_land_exactly_on_thresholds() -> None:
+    """12 mm is 1.2 cm exactly, not 1.2000000000000002, when it meets a limit of 1.2."""
+    assert convert(12, parse_unit("UCUM", "mm")) == 1.2
+    assert convert(400, parse_unit("UCUM", "cm/s")) == 4.0
+    assert convert(100, parse_unit("UCUM", "mm2")) == 1.0
+
+
+def test_units_that_are_not_ucum_or_unknown_are_refused() -> None:
+    assert parse_unit("99GEMS", "cm") is None
+    assert parse_unit("UCUM", "CM") is None  # UCUM is case-sensitive
+    assert parse_unit("UCUM", "furlong") is None
+    assert parse_unit("UCUM", "g/m2.7") is None
+
+
+# ------------------------------------------------------------------ selection
+
+
+def _sr(tmp_path: Path, nums: list, *, name: str = "sr.dcm", site: object = None, **kw: object) -> Path:
+    """An SR with the given NUMs in one group of a section at ``site`` (default: the aortic valve)."""
+    content = [section(site or SCT.AorticValve, [group(SCT._2DMode, nums)])]
+    return write(document(content, template="5200", **kw), tmp_path, name)
+
+
+SELECTED = code_item("HAS PROPERTIES", DCM.SelectionStatus, DCM.UserChosenValue)
+
+
+def test_the_selected_value_wins_over_repeats(tmp_path: Path) -> None:
+    path = _sr(tmp_path, [
+        num_item(LN.AorticValveCuspSeparation, 0.9, "cm"),
+        num_item(LN.AorticValveCuspSeparation, 0.7, "cm", modifiers=[SELECTED]),
+        num_item(LN.AorticValveCuspSeparation, 1.0, "cm"),
+    ])  # fmt: skip
+    sel = select_values(read_measurement_sr(path))["av_cusp_sep"]
+    assert (sel.value, sel.rule) == (0.7, "selected")
+
+
+def test_unselected_repeats_are_averaged(tmp_path: Path) -> None:
+    path = _sr(tmp_path, [num_item(LN.AorticValveCuspSeparation, v, "cm") for v in (0.6, 0.7, 0.8)])
+    sel = select_values(read_measurement_sr(path))["av_cusp_sep"]
+    assert sel.rule == "mean" and sel.value == pytest.approx(0.7) and len(sel.used) == 3
+
+
+def test_selected_values_that_agree_across_units_are_one(tmp_path: Path) -> None:
+    path = _sr(tmp_path, [
+        num_item(LN.AorticValveCuspSeparation, 7, "mm", modifiers=[SELECTED]),
+        num_item(LN.AorticValveCuspSeparation, 0.7, "cm", modifiers=[SELECTED]),
+    ])  # fmt: skip
+    sel = select_values(read_measurement_sr(path))["av_cusp_sep"]
+    assert (sel.value, sel.rule) == (0.7, "selected")
+
+
+def test_contradictory_selected_values_leave_the_concept_undecided(tmp_path: Path) -> None:
+    path = _sr(tmp_path, [
+        num_item(LN.AorticValveCuspSeparation, 0.7, "cm", modifiers=[SELECTED]),
+        num_item(LN.AorticValveCuspSeparation, 1.4, "cm", modifiers=[SELECTED]),
+    ])  # fmt: skip
+    sel = select_values(read_measurement_sr(path))["av_cusp_sep"]
+    assert sel.value is None and sel.rule == "contradictory"
+    assert "disagree" in sel.reason and "0.7 cm" in sel.reason and "1.4 cm" in sel.reason
+
+
+def test_tolerance_decides_agreement() -> None:
+    from echonode.measurements.reading import Coded, Measurement
+
+    def m(v: float) -> Measurement:
+        return Measurement("ivsd", v, "cm", str(v), "UCUM:cm", Coded("LN", "18154-5", "IVSd"), None, None, None,
+                           Coded("DCM", "121410", "User chosen value"), None, "1.2.3", "1")  # fmt: skip
+
+    assert select_concept("ivsd", [m(1.20), m(1.25)]).value == pytest.approx(1.225)  # 4 % apart
+    assert select_concept("ivsd", [m(1.20), m(1.27)]).value is None  # 5.5 % apart
+    assert select_concept("ivsd", [m(1.20), m(1.27)], tolerance=0.1).value == pytest.approx(1.235)
+
+
+def test_a_flow_property_needs_the_aortic_valve_site(tmp_path: Path) -> None:
+    """11726-7 is the AV peak velocity in the AV section, the LVOT's in the LVOT section, and
+    nobody's without a site; a finding site on the NUM overrides its section's."""
+    lvot_site = code_item("HAS CONCEPT MOD", SCT.FindingSite, SCT.LeftVentricleOutflowTract)
+    content = [
+        section(SCT.AorticValve, [group(SCT.DopplerContinuousWave, [
+            num_item(LN.PeakSystolicVelocity, 4.5, "m/s"),
+            num_item(LN.PeakSystolicVelocity, 1.1, "m/s", modifiers=[lvot_site]),
+        ])]),
+        section(SCT.LeftVentricleOutflowTract, [group(None, [num_item(LN.PeakSystolicVelocity, 0.9, "m/s")])]),
+        container("CONTAINS", DCM.MeasurementGroup, [num_item(LN.PeakSystolicVelocity, 2.0, "m/s")]),
+    ]  # fmt: skip
+    doc = read_measurement_sr(write(document(content, template="5200"), tmp_path))
+    assert [m.value for m in doc.measurements] == [4.5]
+    assert doc.counts["other_items"] == 2 and doc.counts["unsited_items"] == 1
+
+
+# ------------------------------------------------------------------ supersession
+
+
+def _study_sr(tmp_path: Path, name: str, study: str, ivsd: float, **kw: object):
+    return read_measurement_sr(write(echo_sr.tid5300_sr({"ivsd": ivsd}, study_uid=study, **kw), tmp_path, name))
+
+
+def test_a_later_sr_supersedes_an_earlier_one(tmp_path: Path) -> None:
+    study = generate_uid()
+    early = _study_sr(tmp_path, "a.dcm", study, 1.0, content_time="090000")
+    late = _study_sr(tmp_path, "b.dcm", study, 1.4, content_time="160000")
+    for order in ([early, late], [late, early]):
+        current, reasons = current_document(order)
+        assert current is late
+        assert reasons == {early.sop_instance_uid: f"superseded by the later SR {late.sop_instance_uid}"}
+
+
+def test_a_predecessor_is_replaced_whatever_the_dates(tmp_path: Path) -> None:
+    """An amended SR names the one it replaces; a cart clock set wrong must not undo that."""
+    study = generate_uid()
+    original = _study_sr(tmp_path, "a.dcm", study, 1.0, content_time="160000")
+    amended = _study_sr(tmp_path, "b.dcm", study, 1.4, content_time="090000", predecessors=[original.sop_instance_uid])
+    current, reasons = current_document([original, amended])
+    assert current is amended
+    assert "Predecessor Documents Sequence" in reasons[original.sop_instance_uid]
+
+
+def test_same_time_falls_back_to_instance_number_then_uid(tmp_path: Path) -> None:
+    study = generate_uid()
+    one = _study_sr(tmp_path, "a.dcm", study, 1.0, instance_number=2)
+    two = _study_sr(tmp_path, "b.dcm", study, 1.4, instance_number=1)
+    assert current_document([one, two])[0] is one
+    low = _study_sr(tmp_path, "c.dcm", study, 1.0, sop_uid="1.2.3.9")
+    high = _study_sr(tmp_path, "d.dcm", study, 1.0, sop_uid="1.2.3.10")
+    assert current_document([high, low])[0] is high  # 10 > 9 component-wise
+
+
+def test_an_sr_without_values_does_not_supersede(tmp_path: Path) -> None:
+    study = generate_uid()
+    good = _study_sr(tmp_path, "a.dcm", study, 1.0, content_time="090000")
+    private_only = read_measurement_sr(write(document(
+        [container("CONTAINS", DCM.PreCoordinatedMeasurements,
+                   [num_item(private_code("X1", "99PHILIPS", "x"), 1.0, "cm")])],
+        template="5300", study_uid=study, content_time="170000"), tmp_path, "b.dcm"))  # fmt: skip
+    current, reasons = current_document([good, private_only])
+    assert current is good
+    assert reasons[private_only.sop_instance_uid].startswith("only private codes")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+BAD_VALUES = {
+    # case: (NUM builder, problem, valid DICOM (dciodvfy clean))
+    "wrong unit": (lambda: num_item(LN.AorticValveCuspSeparation, 7.0, "m/s"), "unit 'm/s' is a velocity, not a length", True),
+    "no unit": (lambda: num_item(LN.AorticValveCuspSeparation, 7.0, None), "no unit", False),
+    "private unit scheme": (lambda: num_item(LN.AorticValveCuspSeparation, 7.0, "cm", unit_scheme="99GEMS"),
+                            "is not a UCUM unit", True),
+    "unknown unit": (lambda: num_item(LN.AorticValveCuspSeparation, 7.0, "inch"), "is not a UCUM unit", True),
+    "not a number": (lambda: num_item(LN.AorticValveCuspSeparation, "n/a", "cm"), "the value is not a number", False),
+    "no value": (lambda: num_item(LN.AorticValveCuspSeparation, None, "cm", qualifier=DCM.MeasurementFailure),
+                 "no value (Measurement failure)", True),
+    "implausible": (lambda: num_item(LN.AorticValveCuspSeparation, 7.0, "cm"), "outside the plausible 0.05-4 cm", True),
+    "mass in cm": (lambda: num_item(LN.LeftVentricleMass, 110.0, "cm"), "not a mass or mass per area", True),
+    "indexed to height": (lambda: num_item(LN.LeftVentricleMass, 60.0, "g/m2", modifiers=[code_item(
+        "HAS CONCEPT MOD", SCT.MeasurementMethod, DCM.LeftVentricleMassByMModeAdjustedByHeight)]),
+        "not indexed to body surface area", True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_a_value_that_cannot_be_used_says_why(case: str, tmp_path: Path) -> None:
+    build, problem, valid = BAD_VALUES[case]
+    path = _sr(tmp_path, [build()], site=SCT.LeftVentricle)
+    if valid:
+        dciodvfy(path)
+    with structlog.testing.capture_logs() as logs:
+        doc = read_measurement_sr(path)
+    (m,) = doc.measurements
+    assert m.value is None and problem in m.problem, m.problem
+    assert doc.status == "read" and not doc.usable
+    sel = select_values(doc)[m.concept]
+    assert sel.value is None and problem in sel.reason
+    (line,) = [e for e in logs if e["event"] == "measurement_sr.values_refused"]
+    assert line["sop_uid"] == doc.sop_instance_uid and any(problem in r for r in line["reasons"])
+    assert "TEST^ECHO" not in repr(logs) and "ECHO001" not in repr(logs)
+
+
+def test_an_sr_with_only_private_codes_says_so(tmp_path: Path) -> None:
+    nums = [num_item(private_code(f"P{i}", "99PHILIPS", "LV thing"), 1.0, "cm") for i in range(3)]
+    doc = read_measurement_sr(_sr(tmp_path, nums))
+    assert doc.status == "no_measurements" and not doc.usable
+    assert doc.reason.startswith("only private codes: 3 measurements")
+
+
+@pytest.mark.parametrize(
+    ("title", "sop_class"),
+    [(codes.DCM.ImagingMeasurementReport, ComprehensiveSRStorage), (codes.LN.EchocardiographyReport, EnhancedSRStorage),
+     (codes.DCM.AdultEchocardiographyProcedureReport, BasicTextSRStorage)],
+)  # fmt: skip
+def test_a_non_echo_sr_is_ignored_with_the_reason(title: object, sop_class: str, tmp_path: Path) -> None:
+    ds = document([], template="1500", title=title, sop_class=ComprehensiveSRStorage)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class if sop_class != BasicTextSRStorage else "1.2.3"
+    with structlog.testing.capture_logs() as logs:
+        doc = read_measurement_sr(write(ds, tmp_path))
+    if sop_class == BasicTextSRStorage:
+        assert doc.status == "not_sr"
+    else:
+        assert doc.status == "not_echo" and title.value in doc.reason and "not DCM 125200" in doc.reason
+    assert logs and logs[0]["event"] == "measurement_sr.ignored" and logs[0]["sop_uid"] == doc.sop_instance_uid
+
+
+@pytest.mark.filterwarnings('ignore:The string "PLA" is unlikely:UserWarning')
+def test_the_node_own_ai_sr_is_not_an_echo_measurement_report(tmp_path: Path) -> None:
+    """echonode's TID 1500 result sits in the same study; it is not the sonographers' report."""
+    from pydicom.data import get_testdata_file
+
+    from echonode.sr import SourceInstance, TaskFinding, build_report
+
+    header = pydicom.dcmread(get_testdata_file("examples_ybr_color.dcm", download=False), stop_before_pixels=True)
+    source = SourceInstance(header.SOPClassUID, header.SOPInstanceUID, header.SeriesInstanceUID, "plax")
+    finding = TaskFinding(task="lvh", probability=0.8, threshold=0.5, model_name="m", model_version="1",
+                          device_uid=generate_uid(), parameters={}, sources=(source,), views_used=("plax",), n_videos=1)
+    path = tmp_path / "ai.dcm"
+    build_report(header, [finding]).save_as(path, enforce_file_format=True)
+    doc = read_measurement_sr(path)
+    assert doc.status == "not_echo" and "126000" in doc.reason
+
+
+def test_a_truncated_sr_is_unreadable_wherever_it_is_cut(tmp_path: Path) -> None:
+    data = write(echo_sr.ge_sr(VALUES), tmp_path).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    statuses = set()
+    for end in range(400, len(data), 97):
+        cut.write_bytes(data[:end])
+        with structlog.testing.capture_logs() as logs:
+            doc = read_measurement_sr(cut)
+        statuses.add(doc.status)
+        assert doc.status != "read", end  # never a smaller report taken for the whole one
+        assert not doc.measurements
+        if doc.status == "unreadable":
+            assert "cut short" in doc.reason
+            assert logs[0]["event"] == "measurement_sr.unreadable" and logs[0]["log_level"] == "warning"
+    assert "unreadable" in statuses
+
+
+def test_pydicom_alone_would_read_a_cut_sr_as_a_smaller_one(tmp_path: Path) -> None:
+    """Why the reader walks the encoding itself: pydicom says nothing about a cut file."""
+    data = write(echo_sr.ge_sr(VALUES), tmp_path).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    ds = pydicom.dcmread(cut)  # no exception
+    assert "ContentSequence" in ds
+    assert read_measurement_sr(cut).status == "unreadable"
+
+
+def test_files_that_are_not_srs_or_not_dicom(tmp_path: Path) -> None:
+    text = tmp_path / "notes.dcm"
+    text.write_bytes(b"not dicom at all" * 20)
+    assert read_measurement_sr(text).reason == "not a DICOM Part 10 file"
+    assert read_measurement_sr(tmp_path / "missing.dcm").status == "unreadable"
+    big = write(echo_sr.ge_sr(VALUES), tmp_path, "big.dcm")
+    doc = read_measurement_sr(big, max_bytes=1000)
+    assert doc.status == "unreadable" and "over the" in doc.reason
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    ds = echo_sr.ge_sr(VALUES)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    path = write(ds, tmp_path)
+    data = path.read_bytes()
+    # The data set starts after group 0002, whose length (0002,0000) gives.
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    bomb = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = bomb.compress(b"\0" * (64 << 20)) + bomb.flush()
+    path.write_bytes(data[:meta_end] + body)
+    doc = read_measurement_sr(path, max_bytes=8 << 20)
+    assert doc.status == "unreadable" and "inflates to more than 8 MiB" in doc.reason
+
+
+def test_patient_sex_from_subject_sex_then_header(tmp_path: Path) -> None:
+    chars = container("CONTAINS", DCM.PatientCharacteristics, [code_item("CONTAINS", DCM.SubjectSex, DCM.Female)])
+    ds = document([chars, section(SCT.AorticValve, [group(None, [num_item(LN.AorticValveCuspSeparation, 0.7, "cm")])])],
+                  template="5200", patient_sex="M")  # fmt: skip
+    assert read_measurement_sr(write(ds, tmp_path)).patient_sex == "F"
+    ds = document([section(SCT.AorticValve, [group(None, [num_item(LN.AorticValveCuspSeparation, 0.7, "cm")])])],
+                  template="5200", patient_sex="O")  # fmt: skip
+    assert read_measurement_sr(write(ds, tmp_path, "b.dcm")).patient_sex is None
+
+
+# ------------------------------------------------------------------ the raw reader
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    head = tag.to_bytes(4, "big")
+    group, element = head[:2][::-1], head[2:][::-1]
+    if vr in (b"SQ", b"UN", b"OB", b"UT"):
+        return group + element + vr + b"\0\0" + len(value).to_bytes(4, "little") + value
+    return group + element + vr + len(value).to_bytes(2, "little") + value
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    head = tag.to_bytes(4, "big")
+    return head[:2][::-1] + head[2:][::-1] + len(value).to_bytes(4, "little") + value
+
+
+def test_raw_reader_follows_un_sequences_and_a_switch_to_implicit_vr() -> None:
+    """What pydicom also reads: an undefined-length UN holding items (PS3.5 6.2.2), and a
+    writer that switches to implicit VR inside a sequence item."""
+    from echonode.measurements.rawtree import decode_text, parse_dataset
+
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + _implicit(0x0040A040, b"NUM ") + b"\xfe\xff\x0d\xe0\0\0\0\0"
+    seq_end = b"\xfe\xff\xdd\xe0\0\0\0\0"
+    undefined = b"\xff\xff\xff\xff"
+    data = (
+        _explicit(0x00080016, b"UI", b"1.2\0")
+        + b"\x09\x00\x10\x10UN\0\0" + undefined + item + seq_end  # private, undefined-length UN
+        + b"\x40\x00\x30\xa7SQ\0\0" + undefined + item + seq_end  # SQ whose item switches to implicit VR
+    )
+    ds = parse_dataset(data, implicit=False, little=True)
+    assert decode_text(ds[0x00080016]) == "1.2"
+    assert decode_text(ds[0x00091010][0][0x0040A040]) == "NUM"
+    assert decode_text(ds[0x0040A730][0][0x0040A040]) == "NUM"
+
+
+def test_character_sets_and_pydicom_in_raise_mode(tmp_path: Path) -> None:
+    """Text is decoded with the SR's Specific Character Set; an unknown one, even with pydicom
+    set to raise on bad values (as tests of objects we produce do), does not stop the read."""
+    from pydicom import config as pydicom_config
+
+    ds = echo_sr.tid5300_sr(VALUES, manufacturer="Échographes Réunis")
+    assert read_measurement_sr(write(ds, tmp_path, "utf8.dcm")).manufacturer == "Échographes Réunis"
+    ds = echo_sr.tid5300_sr(VALUES, manufacturer="Échographes Réunis")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    path = write(ds, tmp_path, "latin1.dcm")
+    data = path.read_bytes().replace(b"ISO_IR 100", b"ISO_IR 999")
+    path.write_bytes(data)
+    old = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    try:
+        doc = read_measurement_sr(path)
+    finally:
+        pydicom_config.settings.reading_validation_mode = old
+    assert doc.status == "read" and doc.manufacturer == "Échographes Réunis"
+    assert values(doc)["av_vmax"] == pytest.approx(4.2)
+
+
+def test_the_reader_imports_neither_torch_nor_train() -> None:
+    """The node process reads measurement SRs too; it never imports torch, and echonode never imports train."""
+    import sys
+
+    code = (
+        "import sys, echonode.measurements, echonode.measurements.rules;"
+        "bad = [m for m in ('torch', 'train') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
