@@ -330,3 +330,25 @@ def test_contradictions_and_srs_without_images_are_logged_with_uids_only(tmp_pat
     assert events["labels.sr_without_images"]["study_uid"] == uid
     assert report.studies_without_images == 1
     assert "TEST^ECHO" not in repr(logs) and "ECHO001" not in repr(logs)
+
+
+def test_labels_over_a_synthetic_archive_reproduce_its_labels_csv(tmp_path: Path) -> None:
+    """The reader and synth's writer follow the standard independently: the labels read
+    from synth's measurement SRs are synth's own truth, label for label and value for value."""
+    archive = tmp_path / "archive"
+    assert train_main(["synth", "--out", str(archive), "--patients", "12", "--seed", "11", "--frames", "8",
+                       "--rows", "120", "--cols", "160"]) == 0  # fmt: skip
+    out = tmp_path / "labels.csv"
+    assert train_main(["labels", str(archive), "--out", str(out), "--no-progress"]) == 0
+    with open(archive / "labels.csv", newline="") as fh:
+        truth = {r["study_uid"]: r for r in csv.DictReader(fh)}
+    with open(out, newline="") as fh:
+        read = {r["study_uid"]: r for r in csv.DictReader(fh)}
+    assert read.keys() == truth.keys() and len(truth) > 12
+    assert {r["lvh"] for r in truth.values()} == {r["severe_as"] for r in truth.values()} == {"0", "1"}
+    for study, row in truth.items():
+        got = read[study]
+        assert (got["lvh"], got["severe_as"]) == (row["lvh"], row["severe_as"]), study
+        for column in ("ivsd_cm", "lvpwd_cm", "lvidd_cm", "lv_mass_index_g_m2", "av_vmax_m_s",
+                       "av_mean_gradient_mmhg", "av_area_cm2"):
+            assert float(got[column]) == pytest.approx(float(row[column]), abs=1e-6), (study, column)
