@@ -604,10 +604,12 @@ def test_concurrent_reads_leave_the_warning_machinery_alone(
 
     ``warnings.catch_warnings`` is process-wide: entered by thread A, then B,
     left by A, then B, it leaves A's recorder installed, which swallows and
-    keeps every later warning of a long-running worker. The fake ``dcmread``
-    forces exactly that interleaving.
+    keeps every later warning of a long-running worker. The fake read (the
+    decoder's pydicom call) forces exactly that interleaving.
     """
-    real_dcmread = pydicom.dcmread
+    import echonode.header
+
+    real_dcmread = echonode.header.read_partial
     a_reading, b_reading, a_done = threading.Event(), threading.Event(), threading.Event()
     lock = threading.Lock()
     calls: list[str] = []
@@ -624,7 +626,7 @@ def test_concurrent_reads_leave_the_warning_machinery_alone(
             a_done.wait(10)  # A finishes its whole decode before B's read returns
         return real_dcmread(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    monkeypatch.setattr(echonode.header, "read_partial", dcmread)
     filters, show, impl = list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl  # type: ignore[attr-defined]
     results: dict[str, DecodedVideo] = {}
 
