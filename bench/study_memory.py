@@ -23,11 +23,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    UltrasoundMultiFrameImageStorage,
+    generate_uid,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_model, load_average  # noqa: E402
+from bench.machine import cpu_model, load_average
 
 
 def write_loop(path: Path, study_uid: str, private_bytes: int, seed: int) -> None:

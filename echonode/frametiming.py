@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pydicom
@@ -145,11 +145,11 @@ def _functional_group_timing(ds: Dataset) -> tuple[float, str] | None:
         # is one time point for the whole object.
         return None
     for group, attribute, unit in _FG_SOURCES:
-        times = sorted({t for t in (_as_seconds(v, unit) for v in _per_frame_values(per_frame, group, attribute))
+        times = sorted({t for t in (_as_microseconds(v, unit) for v in _per_frame_values(per_frame, group, attribute))
                         if t is not None})
         if len(times) < 2:
             continue
-        step = (times[-1] - times[0]) / (len(times) - 1)
+        step = (times[-1] - times[0]) / (len(times) - 1) / 1_000_000.0
         if step > 0:
             return step, attribute
     return None
@@ -166,26 +166,33 @@ def _per_frame_values(per_frame: Any, group: str, attribute: str) -> Iterator[An
 
 
 _EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
-def _as_seconds(value: Any, unit: str) -> float | None:
+def _as_microseconds(value: Any, unit: str) -> float | None:
+    """A time point in microseconds; None when absent or unreadable.
+
+    Date-times are counted in whole microseconds (exact as a float up to
+    the year 2255), so a difference of 1 us between two frames of today is
+    not lost in the rounding of seconds since 1970.
+    """
     if unit == "datetime":
         if value in (None, ""):
             return None
         try:
-            dt = value if isinstance(value, pydicom.valuerep.DT) else pydicom.valuerep.DT(str(value))
-            if dt.tzinfo is not None:
-                return dt.timestamp()
+            dt: datetime = value if isinstance(value, pydicom.valuerep.DT) else pydicom.valuerep.DT(str(value))
             # A DT without an offset is in the object's own time zone, the
             # same for every frame: counted as UTC, so that no daylight
             # saving change of this machine's zone enters a difference.
-            return (dt - _EPOCH).total_seconds()
-        except (ValueError, TypeError, OverflowError, OSError):
+            since = dt - (_EPOCH_UTC if dt.tzinfo is not None else _EPOCH)
+            return float(since // _MICROSECOND)
+        except (ValueError, TypeError, OverflowError):
             return None
     f = _as_float(value)
     if f is None:
         return None
-    return f / 1000.0 if unit == "ms" else f
+    return f * 1000.0 if unit == "ms" else f * 1_000_000.0
 
 
 def _values(value: Any) -> list[Any]:

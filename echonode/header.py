@@ -3,8 +3,10 @@
 pydicom reads every element of a header in full, private ones included.
 Carts write large private elements (raw data, vendor blobs of tens to
 hundreds of MiB) into every object of a study: read whole and kept, they
-cost the worker the sum of them all. Every read of a stored object in the
-worker and in ``echonode-train index`` goes through here:
+cost the worker the sum of them all. The pipeline (the worker's and
+``echonode infer``'s), the SR's study header, the decoder and
+``echonode-train index`` read through here (the receive path reads four
+UIDs with ``specific_tags``, which skips the rest by seeking as well):
 
 * :func:`read_header` (the header without the pixel data) leaves every
   element longer than :data:`MAX_ELEMENT_BYTES` unread and drops it from
@@ -40,6 +42,7 @@ from .dicomfile import DEFAULT_MAX_INFLATED_BYTES, check_inflated_size
 __all__ = [
     "MAX_ELEMENT_BYTES",
     "BoundedHeader",
+    "deferred_past_end",
     "read_for_decode",
     "read_header",
 ]
@@ -83,7 +86,7 @@ def _deferred(ds: Dataset) -> dict[int, int]:
     out: dict[int, int] = {}
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
-        if isinstance(raw, pydicom.dataelem.RawDataElement) and raw.value is None and raw.length not in (0,):
+        if isinstance(raw, pydicom.dataelem.RawDataElement) and raw.value is None and raw.length != 0:
             out[int(tag)] = int(raw.length)
     return out
 

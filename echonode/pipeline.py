@@ -285,11 +285,11 @@ def analyse_study(
     # One bounded read per object, kept as a record of a few strings: the
     # study's memory does not grow with what its headers carry.
     records: list[ObjectRecord] = []
-    for p in paths:
+    for path in paths:
         try:
-            records.append(read_record(Path(p)))
+            records.append(read_record(Path(path)))
         except Exception as exc:  # noqa: BLE001 - a stored object that no longer parses
-            log.warning("pipeline.unreadable_header", path=str(p), error=type(exc).__name__)
+            log.warning("pipeline.unreadable_header", path=str(path), error=type(exc).__name__)
     check_identity(records)
     # Frames of images only: SRs, documents and the like are skipped up front.
     # The headers were read without pixel data, so Rows is what says "image".

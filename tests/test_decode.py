@@ -545,6 +545,17 @@ def test_truncated_native_pixel_data(tmp_path: Path) -> None:
         decode_video(path)
 
 
+def test_truncated_inside_pixel_data_read_on_demand(tmp_path: Path) -> None:
+    """Pixel data over the decoder's element limit is skipped by a seek at first and read
+    when decoded; a file cut inside it is found by where the element would end."""
+    vid = np.zeros((20, 256, 256), np.uint8)  # 1.25 MiB of pixel data
+    ds = _dataset(vid.tobytes(), rows=256, cols=256, frames=20, photometric="MONOCHROME2")
+    path = _save(ds, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 3000])
+    _assert_unusable(path, f"file is truncated (element (7FE0,0010) runs past its end, byte {len(data) - 3000})")
+
+
 def test_corrupt_jpeg_frame(tmp_path: Path) -> None:
     vid = _ramp_video(n=8, rows=64, cols=96)
     frames = [_jpeg(f) for f in vid]
