@@ -42,11 +42,15 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from .dicomfile import RETIRED_US_STORAGE, check_inflated_size
+from .frametiming import DEFAULT_FPS, ImplausibleTiming, frame_rate, frame_timing
+from .header import deferred_past_end, read_for_decode
 
 __all__ = [
+    "DEFAULT_FPS",
     "DEFAULT_MAX_DECODED_BYTES",
     "DecodedVideo",
     "UnusableObject",
@@ -58,9 +62,6 @@ __all__ = [
 
 #: Refuse objects whose decoded pixels would need more than this (2 GiB).
 DEFAULT_MAX_DECODED_BYTES = 2 * 1024**3
-
-#: Frame rate assumed when the object says nothing (METHOD.md).
-DEFAULT_FPS = 30.0
 
 # Rows/Columns outside this range are not an ultrasound cine from any cart we
 # know of; they are corrupt headers or something else entirely.
@@ -119,8 +120,12 @@ class DecodedVideo:
     frames : numpy.ndarray
         ``(T, H, W)`` ``uint8`` greyscale frames.
     fps : float
-        Frame rate from FrameTime, FrameTimeVector (mean) or CineRate; 30 when
-        absent.
+        Frame rate by :mod:`echonode.frametiming`'s rules: FrameTime,
+        FrameTimeVector (mean), per-frame functional group timing, CineRate;
+        30 when the object states none.
+    fps_source : str
+        The element the rate came from (``"FrameTime"``, ...), ``"default"``
+        when none.
     study_uid, series_uid, sop_uid, sop_class_uid : str
         Identifiers of the source object.
     source_rows, source_cols : int
@@ -150,6 +155,7 @@ class DecodedVideo:
     photometric: str = ""
     transfer_syntax: str = ""
     fast_path: bool = False
+    fps_source: str = ""
 
 
 def choose_reduction(rows: int, cols: int, target_side: int | None) -> int:
@@ -181,38 +187,6 @@ def choose_reduction(rows: int, cols: int, target_side: int | None) -> int:
         if math.ceil(short / r) >= target_side:
             return r
     return 1
-
-
-def frame_rate(ds: Dataset) -> float:
-    """Frame rate of a cine object in frames per second.
-
-    FrameTime (ms) first, then the mean of the positive FrameTimeVector
-    entries (its first entry is the zero increment before frame 1), then
-    CineRate; 30 fps when none is present or usable (METHOD.md).
-
-    Parameters
-    ----------
-    ds : pydicom.dataset.Dataset
-        The object's header.
-
-    Returns
-    -------
-    float
-        Frames per second, always positive.
-    """
-    ft = _as_float(ds.get("FrameTime"))
-    if ft is not None and ft > 0:
-        return 1000.0 / ft
-    ftv = ds.get("FrameTimeVector")
-    if ftv is not None:
-        values = ftv if isinstance(ftv, (list, tuple, pydicom.multival.MultiValue)) else [ftv]
-        pos = [v for v in (_as_float(x) for x in values) if v is not None and v > 0]
-        if pos:
-            return 1000.0 / (sum(pos) / len(pos))
-    cine = _as_float(ds.get("CineRate"))
-    if cine is not None and cine > 0:
-        return cine
-    return DEFAULT_FPS
 
 
 def decode_video(
@@ -277,6 +251,11 @@ def decode_video(
         raise UnusableObject(
             f"file is truncated (reading stopped at byte {stopped_at} of {size})"
         )
+    cut = deferred_past_end(ds, size)
+    if cut is not None:
+        # A deferred element is skipped by a seek, which passes the end of
+        # a file cut short without a word.
+        raise UnusableObject(f"file is truncated (element {BaseTag(cut)} runs past its end, byte {size})")
     return decode_dataset(
         ds,
         target_side=target_side,
@@ -290,22 +269,24 @@ def decode_video(
 
 
 def _read_whole(fp: BinaryIO) -> tuple[Dataset, int, int]:
-    """Read a data set; also return where pydicom stopped and where the file ends.
+    """Read a data set for decoding; also return where reading stopped and where the file ends.
+
+    :func:`echonode.header.read_for_decode`: up to the pixel data, every
+    element over :data:`echonode.header.MAX_ELEMENT_BYTES` deferred, so a
+    large private element (a cart's raw data) is never read; the pixel data
+    is read when it is decoded.
 
     pydicom meets a file cut short inside an undefined-length element (the
     encapsulated pixel data, a sequence) with a warning, rewinds to that
     element and drops it and everything after it, so the reason would say
-    "no pixel data". A complete read leaves the file at its end; stopping
-    short of it is how the truncation shows without the warning. Warnings
-    are not caught on purpose: ``warnings.catch_warnings`` swaps
-    process-wide state, and the pipeline decodes on several threads, where
-    interleaved swaps left a recorder installed that swallowed (and kept)
-    every later warning of the process.
+    "no pixel data". A complete read leaves the file at its end or past the
+    pixel data; stopping short of it is how the truncation shows without
+    the warning. Warnings are not caught on purpose:
+    ``warnings.catch_warnings`` swaps process-wide state, and the pipeline
+    decodes on several threads, where interleaved swaps left a recorder
+    installed that swallowed (and kept) every later warning of the process.
     """
-    ds = pydicom.dcmread(fp, force=False)
-    stopped_at = fp.tell()
-    size = fp.seek(0, os.SEEK_END)
-    return ds, stopped_at, size
+    return read_for_decode(fp)
 
 
 def decode_dataset(
@@ -403,7 +384,10 @@ def _decode(
     if n_frames < min_frames:
         raise UnusableObject(f"only {n_frames} frames (minimum {min_frames})")
 
-    fps = frame_rate(ds)
+    try:
+        fps, fps_source = frame_timing(ds)
+    except ImplausibleTiming as exc:
+        raise UnusableObject(exc.reason) from exc
     if fps < min_fps:
         raise UnusableObject(
             f"{fps:.1f} frames/s is under {min_fps:g} (Doppler or M-mode strip?)"
@@ -446,6 +430,7 @@ def _decode(
         photometric=photometric,
         transfer_syntax=tsyntax,
         fast_path=use_fast,
+        fps_source=fps_source,
     )
 
 

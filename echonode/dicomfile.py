@@ -21,8 +21,18 @@ RETIRED_US_STORAGE: dict[str, tuple[str, str]] = {
 }
 
 
+#: A deflated data set inflating past this is refused before pydicom reads
+#: it, unless the caller sets its own limit (2 GiB, the decoder's cap on
+#: decoded pixels).
+DEFAULT_MAX_INFLATED_BYTES = 2 * 1024**3
+
+
+class InflatesTooLarge(ValueError):
+    """A deflated data set inflates past the limit; the message says which."""
+
+
 def check_inflated_size(path: Path, limit: int) -> None:
-    """Raise ValueError when a deflated data set inflates past ``limit`` bytes.
+    """Raise :class:`InflatesTooLarge` when a deflated data set inflates past ``limit`` bytes.
 
     pydicom inflates a deflated data set whole, in memory, before reading a
     single element: a 1.5 MB object can ask for gigabytes (a decompression
@@ -40,5 +50,5 @@ def check_inflated_size(path: Path, limit: int) -> None:
             while chunk:
                 total += len(inflater.decompress(chunk, 1 << 20))
                 if total > limit:
-                    raise ValueError(f"the deflated data set inflates to more than {limit >> 20} MiB")
+                    raise InflatesTooLarge(f"the deflated data set inflates to more than {limit >> 20} MiB")
                 chunk = inflater.unconsumed_tail

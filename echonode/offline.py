@@ -61,8 +61,6 @@ def _config(args: argparse.Namespace) -> Config:
 
 def run_infer(args: argparse.Namespace) -> int:
     """The ``infer`` command; exit 0 when every study got a result."""
-    import pydicom as _pd
-
     from .bundle import ModelRegistry
     from .pipeline import StudyRefused, analyse_study
     from .worker import _findings, write_report
@@ -103,10 +101,10 @@ def run_infer(args: argparse.Namespace) -> int:
             continue
         summary = analysis.summary()
         if args.sr_out and not analysis.skipped_reason and is_valid_uid(study_uid):
-            from .sr import HeaderRefused, build_report
+            from .sr import HeaderRefused, build_report, read_study_header
 
-            header = _pd.dcmread(files[0], stop_before_pixels=True)
             try:
+                header = read_study_header(files[0])
                 ds = build_report(header, _findings(analysis), sop_class=cfg.sr.sop_class,
                                   series_number=cfg.sr.series_number)
             except HeaderRefused as exc:

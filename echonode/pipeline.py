@@ -11,17 +11,20 @@ evenly spaced clips, the study's the mean over its videos.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
+from pydicom.dataset import Dataset
 
 from .bundle import Bundle, ModelSet
 from .decode import DecodedVideo, UnusableObject, decode_video
+from .header import MAX_ELEMENT_BYTES, BoundedHeader, read_header
 from .logs import get_logger
 from .preprocess import PreprocessConfig, make_eval_clips, preprocess_video
 
@@ -127,12 +130,66 @@ def preprocess_config(bundle: Bundle) -> PreprocessConfig:
     )
 
 
-def check_identity(headers: Sequence[pydicom.Dataset]) -> None:
+@dataclass(frozen=True)
+class ObjectRecord:
+    """What the pipeline keeps of one stored object while its study runs.
+
+    A few short strings, never the header: the header of an object can
+    carry private elements of hundreds of MiB, and a study holds up to
+    thousands of objects.
+
+    Attributes
+    ----------
+    path : Path
+    sop_uid, series_uid, sop_class_uid : str
+        The object's UIDs (for the outcome and the SR's references).
+    is_image : bool
+        The header has Rows: an image, whose pixel data is worth decoding.
+    identity : tuple of (str, str)
+        ``(keyword, value)`` for each of :data:`IDENTITY_KEYS`, the value
+        stripped and upper-cased as :func:`check_identity` compares them.
+    unread_identity : tuple of str
+        Those of :data:`IDENTITY_KEYS` too large to read (no valid value is).
+    """
+
+    path: Path
+    sop_uid: str
+    series_uid: str
+    sop_class_uid: str
+    is_image: bool
+    identity: tuple[tuple[str, str], ...]
+    unread_identity: tuple[str, ...] = ()
+
+    @classmethod
+    def from_header(cls, path: Path, header: BoundedHeader | Dataset) -> ObjectRecord:
+        """The record of ``header`` (a bounded read, or a plain data set in tests)."""
+        ds = header.dataset if isinstance(header, BoundedHeader) else header
+        skipped = set(header.skipped_keywords()) if isinstance(header, BoundedHeader) else set()
+        return cls(
+            path=Path(path),
+            sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+            series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+            sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
+            is_image=bool(ds.get("Rows")),
+            identity=tuple((key, str(ds.get(key, "") or "").strip().upper()) for key in IDENTITY_KEYS),
+            unread_identity=tuple(key for key in IDENTITY_KEYS if key in skipped),
+        )
+
+
+def read_record(path: Path) -> ObjectRecord:
+    """Read one stored object's header, bounded, into its :class:`ObjectRecord`."""
+    return ObjectRecord.from_header(path, read_header(path))
+
+
+def check_identity(records: Sequence[ObjectRecord]) -> None:
     """Refuse a study whose objects disagree on who the patient is.
 
     An SR goes to every object's patient at once; one object filed under the
     wrong patient (a cart left on the previous patient's worklist entry)
-    must stop the report, not be averaged in.
+    must stop the report, not be averaged in. An identifying attribute too
+    large to read (over :data:`echonode.header.MAX_ELEMENT_BYTES`, where
+    DICOM allows at most a few hundred bytes) cannot be compared, and stops
+    the report too.
 
     Raises
     ------
@@ -140,7 +197,11 @@ def check_identity(headers: Sequence[pydicom.Dataset]) -> None:
         Naming the attribute (never its values).
     """
     for key in IDENTITY_KEYS:
-        values = {str(h.get(key, "") or "").strip().upper() for h in headers}
+        if any(key in r.unread_identity for r in records):
+            raise StudyRefused(
+                f"an object's {key} is over {MAX_ELEMENT_BYTES >> 20} MiB and was not read; not reported"
+            )
+        values = {dict(r.identity)[key] for r in records}
         if len(values) > 1:
             raise StudyRefused(f"objects of this study disagree on {key}; not reported")
 
@@ -151,18 +212,15 @@ class _Decoded:
     frames: dict[PreprocessConfig, np.ndarray] | None
 
 
-def _decode_one(
-    path: Path, header: pydicom.Dataset, configs: Sequence[PreprocessConfig], threads: int | None
-) -> _Decoded:
-    outcome = VideoOutcome(
-        path=str(path),
-        sop_uid=str(header.get("SOPInstanceUID", "")),
-        series_uid=str(header.get("SeriesInstanceUID", "")),
-        sop_class_uid=str(header.get("SOPClassUID", "")),
-    )
+def _outcome(record: ObjectRecord, reason: str | None = None) -> VideoOutcome:
+    return VideoOutcome(str(record.path), record.sop_uid, record.series_uid, record.sop_class_uid, reason=reason)
+
+
+def _decode_one(record: ObjectRecord, configs: Sequence[PreprocessConfig], threads: int | None) -> _Decoded:
+    outcome = _outcome(record)
     try:
         video: DecodedVideo = decode_video(
-            path,
+            record.path,
             target_side=max(c.size for c in configs),
             max_frames=max(c.max_frames for c in configs),
             min_fps=min(c.min_fps for c in configs),
@@ -224,28 +282,21 @@ def analyse_study(
     """
     task_bundles = [b for b in models.bundles if b.task != "view"]
     view_bundle = models.by_task("view")
-    headers: list[tuple[Path, pydicom.Dataset]] = []
-    for p in paths:
+    # One bounded read per object, kept as a record of a few strings: the
+    # study's memory does not grow with what its headers carry.
+    records: list[ObjectRecord] = []
+    for path in paths:
         try:
-            headers.append((p, pydicom.dcmread(p, stop_before_pixels=True)))
+            records.append(read_record(Path(path)))
         except Exception as exc:  # noqa: BLE001 - a stored object that no longer parses
-            log.warning("pipeline.unreadable_header", path=str(p), error=type(exc).__name__)
-    check_identity([h for _, h in headers])
+            log.warning("pipeline.unreadable_header", path=str(path), error=type(exc).__name__)
+    check_identity(records)
     # Frames of images only: SRs, documents and the like are skipped up front.
     # The headers were read without pixel data, so Rows is what says "image".
-    candidates = [(p, h) for p, h in headers if h.get("Rows")]
-    skipped = [
-        VideoOutcome(str(p), str(h.get("SOPInstanceUID", "")), str(h.get("SeriesInstanceUID", "")),
-                     str(h.get("SOPClassUID", "")), reason="no pixel data")
-        for p, h in headers
-        if (p, h) not in candidates
-    ]
+    candidates = [r for r in records if r.is_image]
+    skipped = [_outcome(r, "no pixel data") for r in records if not r.is_image]
     if len(candidates) > max_videos:
-        for p, h in candidates[max_videos:]:
-            skipped.append(
-                VideoOutcome(str(p), str(h.get("SOPInstanceUID", "")), str(h.get("SeriesInstanceUID", "")),
-                             str(h.get("SOPClassUID", "")), reason=f"beyond models.max_videos={max_videos}")
-            )
+        skipped.extend(_outcome(r, f"beyond models.max_videos={max_videos}") for r in candidates[max_videos:])
         candidates = candidates[:max_videos]
 
     configs = list(dict.fromkeys(preprocess_config(b) for b in [*task_bundles, *([view_bundle] if view_bundle else [])]))
@@ -274,11 +325,21 @@ def analyse_study(
             for owner, p in zip(owners.tolist(), probs.tolist(), strict=True):
                 clip_probs[b.task].setdefault(owner, []).append(float(p))
 
-    with cf.ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="decode") as pool:
-        futures = [pool.submit(_decode_one, p, h, configs, 1) for p, h in candidates]
+    workers = max(1, decode_threads)
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        # Decoding runs ahead of inference by at most one object per thread
+        # (and one ready): a decoded video waiting for the model is held in
+        # memory, so an unbounded look-ahead would hold the whole study's.
+        todo = iter(candidates)
+        futures: collections.deque[cf.Future[_Decoded]] = collections.deque(
+            pool.submit(_decode_one, r, configs, 1) for r in itertools.islice(todo, workers + 1)
+        )
         try:
-            for fut in futures:
-                decoded = fut.result()
+            while futures:
+                decoded = futures.popleft().result()
+                following = next(todo, None)
+                if following is not None:
+                    futures.append(pool.submit(_decode_one, following, configs, 1))
                 idx = len(outcomes)
                 outcomes.append(decoded.outcome)
                 if decoded.frames is None:

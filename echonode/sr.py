@@ -73,10 +73,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 
 import echonode
 from echonode.dicomfile import RETIRED_US_STORAGE
+from echonode.header import MAX_ELEMENT_BYTES, read_header
 from echonode.logs import get_logger
 
 log = get_logger(__name__)
@@ -91,6 +93,7 @@ __all__ = [
     "SourceInstance",
     "TaskFinding",
     "build_report",
+    "read_study_header",
     "summarise_report",
 ]
 
@@ -292,6 +295,52 @@ class HeaderRefused(ValueError):
 
     The message names the attribute, never its value.
     """
+
+
+def read_study_header(path: str | os.PathLike[str]) -> Dataset:
+    """The header of a stored object, as :func:`build_report` copies the study from it.
+
+    Read bounded (:func:`echonode.header.read_header`): an element over
+    :data:`echonode.header.MAX_ELEMENT_BYTES` (a cart's private raw data) is
+    not read, so the worker holds one small header, not the object's. No
+    attribute the report copies is that long when valid: one of
+    :data:`COPIED_EXACTLY` that is refuses the report, since it cannot be
+    copied exactly; any other is left out as :func:`build_report` empties an
+    invalid value, and ``sr.header_unread`` (a warning) names it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A stored object of the study.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        Its header without pixel data and without the unread elements.
+
+    Raises
+    ------
+    HeaderRefused
+        When an attribute of :data:`COPIED_EXACTLY` was too long to read.
+    """
+    header = read_header(path)
+    unread = header.skipped_keywords()
+    for keyword in COPIED_EXACTLY:
+        if keyword in unread:
+            raise HeaderRefused(
+                f"{keyword} is over {MAX_ELEMENT_BYTES >> 20} MiB, so it was not read and cannot be "
+                "copied into an SR"
+            )
+    public = [pydicom.datadict.keyword_for_tag(t) or str(BaseTag(t)) for t in sorted(header.skipped)
+              if not BaseTag(t).is_private]
+    if public:
+        log.warning(
+            "sr.header_unread",
+            study_uid=str(header.dataset.get("StudyInstanceUID", "")),
+            sop_instance_uid=str(header.dataset.get("SOPInstanceUID", "")),
+            attributes=public,
+        )
+    return header.dataset
 
 
 _TEMPORAL = {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom.valuerep.DT}

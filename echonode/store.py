@@ -169,8 +169,12 @@ def _check_complete(path: Path) -> None:
             pass
     if last is None:
         raise ValueError("the data set is empty")
-    if last.length != 0xFFFFFFFF and last.value_tell + last.length > size:
-        raise ValueError(f"element {last.tag} declares {last.length} bytes but the file ends first")
+    # A sequence of undefined length comes back parsed (a DataElement, no
+    # length): read to its delimiter, so within the file. GE ends objects
+    # with one (private raw data in 7FE1, after the pixel data).
+    length = getattr(last, "length", 0xFFFFFFFF)
+    if length != 0xFFFFFFFF and last.value_tell + length > size:
+        raise ValueError(f"element {last.tag} declares {length} bytes but the file ends first")
 
 
 def fsync_dir(path: Path) -> None:

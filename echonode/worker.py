@@ -142,11 +142,9 @@ def _fail_for_good(journal: Any, claim: Any, bound: Any, event: str, reason: str
 
 def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> StudyOutcome:
     """Take one claimed study through the pipeline to the outbox."""
-    import pydicom
-
     from .journal import ReportRecord, StaleClaim, TaskResult
     from .pipeline import StudyRefused, analyse_study
-    from .sr import HeaderRefused, build_report
+    from .sr import HeaderRefused, build_report, read_study_header
 
     bound = log.bind(study_uid=claim.study_uid, attempt=claim.attempts)
     models = registry.current
@@ -201,12 +199,14 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
     existing = journal.report_for(claim.study_uid, model_set)
     report = None
     if existing is None:
-        header = pydicom.dcmread(paths[0], stop_before_pixels=True)
         previous = journal.latest_report(claim.study_uid)
         supersedes = (
             (previous.sop_class_uid, previous.sr_sop_uid, previous.series_uid) if previous is not None else None
         )
         try:
+            # One bounded header: the study's patient and study attributes,
+            # not the object's large private elements.
+            header = read_study_header(paths[0])
             ds = build_report(
                 header,
                 _findings(analysis) if not analysis.skipped_reason else [],

@@ -545,6 +545,17 @@ def test_truncated_native_pixel_data(tmp_path: Path) -> None:
         decode_video(path)
 
 
+def test_truncated_inside_pixel_data_read_on_demand(tmp_path: Path) -> None:
+    """Pixel data over the decoder's element limit is skipped by a seek at first and read
+    when decoded; a file cut inside it is found by where the element would end."""
+    vid = np.zeros((20, 256, 256), np.uint8)  # 1.25 MiB of pixel data
+    ds = _dataset(vid.tobytes(), rows=256, cols=256, frames=20, photometric="MONOCHROME2")
+    path = _save(ds, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 3000])
+    _assert_unusable(path, f"file is truncated (element (7FE0,0010) runs past its end, byte {len(data) - 3000})")
+
+
 def test_corrupt_jpeg_frame(tmp_path: Path) -> None:
     vid = _ramp_video(n=8, rows=64, cols=96)
     frames = [_jpeg(f) for f in vid]
@@ -604,10 +615,12 @@ def test_concurrent_reads_leave_the_warning_machinery_alone(
 
     ``warnings.catch_warnings`` is process-wide: entered by thread A, then B,
     left by A, then B, it leaves A's recorder installed, which swallows and
-    keeps every later warning of a long-running worker. The fake ``dcmread``
-    forces exactly that interleaving.
+    keeps every later warning of a long-running worker. The fake read (the
+    decoder's pydicom call) forces exactly that interleaving.
     """
-    real_dcmread = pydicom.dcmread
+    import echonode.header
+
+    real_dcmread = echonode.header.read_partial
     a_reading, b_reading, a_done = threading.Event(), threading.Event(), threading.Event()
     lock = threading.Lock()
     calls: list[str] = []
@@ -624,7 +637,7 @@ def test_concurrent_reads_leave_the_warning_machinery_alone(
             a_done.wait(10)  # A finishes its whole decode before B's read returns
         return real_dcmread(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    monkeypatch.setattr(echonode.header, "read_partial", dcmread)
     filters, show, impl = list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl  # type: ignore[attr-defined]
     results: dict[str, DecodedVideo] = {}
 

@@ -11,7 +11,7 @@ import torch
 
 from echonode.bundle import ModelRegistry, load_bundle
 from echonode.decode import decode_video
-from echonode.pipeline import StudyRefused, analyse_study, check_identity, preprocess_config
+from echonode.pipeline import ObjectRecord, StudyRefused, analyse_study, check_identity, preprocess_config
 from echonode.preprocess import make_eval_clips, preprocess_video
 from tests.factories import tiny_bundle, us_multiframe, write
 
@@ -131,10 +131,10 @@ def test_identity_check() -> None:
     a, b = pydicom.Dataset(), pydicom.Dataset()
     for ds in (a, b):
         ds.PatientID, ds.PatientName, ds.StudyInstanceUID = "1", "A^B", "1.2"
-    check_identity([a, b])
+    check_identity([ObjectRecord.from_header(Path("a"), a), ObjectRecord.from_header(Path("b"), b)])
     b.PatientName = "A^C"
     with pytest.raises(StudyRefused, match="PatientName"):
-        check_identity([a, b])
+        check_identity([ObjectRecord.from_header(Path("a"), a), ObjectRecord.from_header(Path("b"), b)])
 
 
 def test_an_unexpected_decode_error_skips_the_object_and_logs_no_message(

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from echonode.decode import DEFAULT_MAX_DECODED_BYTES, DecodedVideo, UnusableObject
-from echonode.dicomfile import check_inflated_size
+from echonode.dicomfile import InflatesTooLarge
+from echonode.header import read_header
 from echonode.preprocess import PreprocessConfig, make_eval_clips, preprocess_file, training_clip
 from train.augment import AugmentConfig, augment_clip
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, permute_clip
@@ -227,19 +228,17 @@ def _read_header(path: Path) -> DicomDataset:
         reason never quotes data from the file: a parse error can hold a
         patient's name or birth date.
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        try:
-            # pydicom inflates a deflated data set whole, pixels or not: the
-            # decoder's guard against a decompression bomb, before the read.
-            check_inflated_size(path, _MAX_INFLATED_BYTES)
-        except ValueError as exc:
-            raise UnusableObject(str(exc)) from exc
-        # A header cut short is found by the decode that follows (where
-        # reading stopped against the file's size), not here.
-        header = pydicom.dcmread(path, stop_before_pixels=True)
+        # The node's bounded read: a large element (a cart's private raw
+        # data) is left unread. It first runs the decoder's guard against a
+        # deflate bomb (pydicom inflates a deflated data set whole, pixels or
+        # not). A header cut short is found by the decode that follows
+        # (where reading stopped against the file's size), not here.
+        header = read_header(path, max_inflated_bytes=_MAX_INFLATED_BYTES).dataset
+    except InflatesTooLarge as exc:
+        raise UnusableObject(str(exc)) from exc
     except InvalidDicomError as exc:
         if _looks_like_bare_dicom(path):
             raise UnusableObject(
@@ -249,8 +248,6 @@ def _read_header(path: Path) -> DicomDataset:
         raise _NotDicom(str(exc)) from exc
     except OSError as exc:
         raise UnusableObject(f"cannot read the file ({exc.strerror or type(exc).__name__})") from exc
-    except UnusableObject:
-        raise
     except Exception as exc:  # pydicom raises many types for a broken header
         raise UnusableObject(f"DICOM header does not parse ({type(exc).__name__})") from exc
     return header
