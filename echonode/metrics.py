@@ -66,7 +66,7 @@ REQUEST_DEADLINE_S = 5.0
 #: Seconds the answer may take to write (a client that reads nothing).
 RESPONSE_TIMEOUT_S = 5.0
 #: Connections served at once; more are closed at once.
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 64
 #: Upper bounds of the inference-time histogram, in seconds (one study).
 INFERENCE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
