@@ -326,11 +326,13 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime)
     log.info("worker.started", pid=os.getpid(), device=str(registry.device))
     parent = mp.parent_process()
-    while not stop.is_set():
+    while True:
         if parent is not None and not parent.is_alive():
-            # The node was killed (kill -9): nobody will ever ask this worker
-            # to stop. Exit; the next node re-queues whatever it held.
+            # The node was killed (kill -9); its end of the pipe closed with
+            # it. Exit; the next node re-queues whatever this worker held.
             log.warning("worker.orphaned_exit")
+            break
+        if stop.is_set():
             break
         try:
             if folder_signature(registry.models_dir) != registry.current.signature:
