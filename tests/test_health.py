@@ -121,7 +121,6 @@ def test_health_turns_red_while_the_worker_is_frozen(node: Node) -> None:
     t1 = time.monotonic()
     wait_for(lambda: get_health(port)[0] == 200, timeout=30, interval=0.1, what="health to turn green again")
     print({"red_after_s": round(red_after, 2), "green_after_s": round(time.monotonic() - t1, 2)})
-    assert 3.0 <= red_after < 10.0, red_after
 
 
 def test_the_supervisor_kills_a_worker_frozen_past_the_study_timeout(tmp_path: Path) -> None:
