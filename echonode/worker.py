@@ -15,8 +15,11 @@ and worker share nothing a dead process can hold (:mod:`echonode.workerlink`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -310,12 +313,12 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     beat.start()
     stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the process
     configure_logging(cfg.logging.format, cfg.logging.level, stream=stream)
+    import torch
+    from pydicom import config as pydicom_config
+
     from .bundle import ModelRegistry, folder_signature
     from .journal import Journal
     from .store import StudyStore
-
-    import torch
-    from pydicom import config as pydicom_config
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -361,6 +364,29 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     beat.phase(Phase.STOPPING)
     log.info("worker.stopped", reason=stop.reason or "orphaned")
     beat.stop()
+
+
+def worker_process(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+    """The worker process's entry point: :func:`worker_main`, then leave at once.
+
+    Everything the worker owes is on disk when :func:`worker_main` returns
+    (results and SRs are committed, the log is flushed here). The
+    interpreter's own shutdown in a process that loaded torch (thread pools,
+    module teardown) takes seconds on a busy machine, and the node's stop
+    would wait for it: ``os._exit`` skips it.
+    """
+    code = 0
+    try:
+        worker_main(cfg, stop_conn, heartbeat_path, log_path)
+    except BaseException:  # noqa: BLE001 - logged, then the exit status says it
+        log.exception("worker.crashed")
+        code = 1
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(code)
 
 
 #: A worker is hung after ``models.study_timeout_s`` without a heartbeat, and
@@ -425,7 +451,7 @@ class WorkerSupervisor:
             remove_unrecorded_reports(self.cfg.storage_dir, journal, recovered)
         reader, writer = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
-            target=worker_main, args=(self.cfg, reader, str(self.heartbeat_path), self.log_path),
+            target=worker_process, args=(self.cfg, reader, str(self.heartbeat_path), self.log_path),
             name="echonode-worker",
         )
         try:
@@ -496,9 +522,8 @@ class WorkerSupervisor:
         that fails (a full disk, no memory) raises; the next call tries
         again after the backoff.
         """
-        if self.process is not None and self.process.is_alive():
-            if not self._kill_if_stuck():
-                return
+        if self.process is not None and self.process.is_alive() and not self._kill_if_stuck():
+            return
         now = time.monotonic()
         if self.process is not None:
             code = self.process.exitcode

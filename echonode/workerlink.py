@@ -28,6 +28,7 @@ hung.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -243,13 +244,10 @@ class StopListener:
         """Sleep up to ``timeout`` seconds or until a stop is asked for; return :meth:`is_set`."""
         if self.is_set():
             return True
-        try:
+        with contextlib.suppress(OSError):
             wait([self._conn, self._wake_r], timeout)
-        except OSError:
-            pass
-        try:
+        # Empty the wake-up pipe (non-blocking: BlockingIOError once empty).
+        with contextlib.suppress(OSError):
             while os.read(self._wake_r, 512):
                 pass
-        except (BlockingIOError, OSError):
-            pass
         return self.is_set()
