@@ -146,6 +146,12 @@ class MetricsConfig:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9108
+    #: /health: the worker is not responding after this long without a heartbeat
+    #: (it beats every second while idle and while processing).
+    worker_stale_s: float = 15.0
+    #: /health: the queue is stalled when studies have waited this long with
+    #: none being processed.
+    queue_stall_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {cfg.logging.level!r}")
 
     _check_port(cfg.metrics.port, "metrics.port")
+    _check_positive(cfg.metrics.worker_stale_s, "metrics.worker_stale_s")
+    _check_positive(cfg.metrics.queue_stall_s, "metrics.queue_stall_s")
     r = cfg.retention
     _check_positive(r.max_age_days, "retention.max_age_days", allow_zero=True)
     _check_positive(r.max_total_gb, "retention.max_total_gb", allow_zero=True)

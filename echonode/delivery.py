@@ -299,7 +299,8 @@ class Delivery:
         self.journal = journal
         self.failures: dict[str, int] = {}
 
-    def update_config(self, cfg: Config) -> None:
+    def apply_config(self, cfg: Config) -> None:
+        """New settings (SIGHUP): destinations and retry rules, from the next pass."""
         self.cfg = cfg
 
     def backoff(self, attempts: int) -> float:

@@ -618,6 +618,11 @@ class Journal:
         ).fetchone()
         return ReportRecord(**dict(row)) if row else None
 
+    def report_paths(self, study_uid: str) -> set[str]:
+        """The files of every SR recorded for ``study_uid``."""
+        rows = self._connect().execute("SELECT path FROM reports WHERE study_uid = ?", (study_uid,)).fetchall()
+        return {r["path"] for r in rows}
+
     def finish_reported(
         self,
         claim: Claim,
@@ -1017,6 +1022,13 @@ class Journal:
             "SELECT study_uid, updated, worker_pid FROM studies WHERE state = ?", (StudyState.RUNNING,)
         ).fetchall()
         return [(r["study_uid"], r["updated"], r["worker_pid"]) for r in rows]
+
+    def oldest_queued(self) -> float | None:
+        """When the study longest in the queue was queued (``updated``), or None when none is."""
+        row = self._connect().execute(
+            "SELECT MIN(updated) AS t FROM studies WHERE state = ?", (StudyState.QUEUED,)
+        ).fetchone()
+        return None if row["t"] is None else float(row["t"])
 
     def counts(self) -> dict[str, int]:
         """Studies by state (for metrics)."""

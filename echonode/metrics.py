@@ -7,8 +7,11 @@ worker supervisor, the journal) at scrape time, into a registry of its own,
 so the process-wide default registry is never touched and two nodes in one
 process (tests) do not collide.
 
-The server is a plain :mod:`http.server` in a daemon thread, one request at a
-time: a scrape reads the journal through that thread's own connection.
+The server is :mod:`http.server` with a thread per connection (at most
+:data:`MAX_CONNECTIONS` at once, more are closed at once), and each
+connection must send its whole request within :data:`REQUEST_DEADLINE_S`:
+one idle or slow client never delays another's ``/health``. A request reads
+the journal through its thread's own connection, closed when it ends.
 
 Metrics (all prefixed ``echonode_``)::
 
@@ -23,19 +26,30 @@ Metrics (all prefixed ``echonode_``)::
                                           and model set reported since start
     stored_bytes, storage_free_bytes
     worker_up, worker_restarts_total, scp_up, models_installed
+    worker_heartbeat_age_seconds          since the worker last showed life
+    loop_errors_total{step}               failed turns of a main-loop step
+    job_failures_total{job}               failed runs of a scheduled job
 
-``/health`` answers 200 ``{"status": "ok", "scp": true, "worker": true}`` or
-503 with ``"status": "unavailable"`` when the SCP is not listening or the
-worker process is dead (``"worker": null`` when the node runs without one).
+``/health`` answers 200 with ``"status": "ok"``, or 503 with ``"status":
+"unavailable"`` and ``"reasons"`` (one line per problem) when the SCP is not
+listening, the worker process is dead or has not beaten its heartbeat for
+``metrics.worker_stale_s`` (stopped, frozen), studies have waited
+``metrics.queue_stall_s`` in the queue with none being processed, or a
+main-loop step or a job failed :data:`~echonode.node.FAILING_AFTER` times in
+a row. See :func:`health` for the body.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from socketserver import ThreadingMixIn
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -47,6 +61,12 @@ from .logs import get_logger
 
 log = get_logger(__name__)
 
+#: Seconds a client has to send its whole request; then the connection is closed.
+REQUEST_DEADLINE_S = 5.0
+#: Seconds the answer may take to write (a client that reads nothing).
+RESPONSE_TIMEOUT_S = 5.0
+#: Connections served at once; more are closed at once.
+MAX_CONNECTIONS = 64
 #: Upper bounds of the inference-time histogram, in seconds (one study).
 INFERENCE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
@@ -125,12 +145,80 @@ def worker_alive(node: Any) -> bool | None:
     return bool(process is not None and process.is_alive())
 
 
+def _worker_check(node: Any, stale_s: float) -> tuple[bool | None, dict[str, Any], str | None]:
+    """(worker healthy, detail for the body, reason when not)."""
+    alive = worker_alive(node)
+    if alive is None:
+        return None, {}, None
+    if not alive:
+        return False, {}, "worker: process not running (crashed or killed; the node restarts it)"
+    age, beat = node.worker.heartbeat()
+    detail: dict[str, Any] = {"worker_phase": beat.phase if beat else "starting"}
+    if age is not None:
+        detail["worker_heartbeat_age_s"] = round(age, 1)
+    if beat is not None and beat.study_uid:
+        detail["worker_study_uid"] = beat.study_uid
+    if age is not None and age > stale_s:
+        pid = node.worker.process.pid
+        return False, detail, f"worker: no heartbeat for {age:.0f} s (process {pid} stopped or frozen)"
+    return True, detail, None
+
+
+def _queue_check(node: Any, stall_s: float) -> tuple[bool, dict[str, Any], str | None]:
+    """(queue moving, detail, reason when stalled): stalled means studies waited
+    ``stall_s`` in the queue while none was being processed."""
+    counts = node.journal.counts()
+    queued = counts.get(StudyState.QUEUED, 0)
+    running = counts.get(StudyState.RUNNING, 0)
+    detail = {"queued": queued, "running": running}
+    if not queued or running:
+        return True, detail, None
+    oldest = node.journal.oldest_queued()
+    waited = time.time() - oldest if oldest is not None else 0.0
+    if waited <= stall_s:
+        return True, detail, None
+    detail["queue_waited_s"] = round(waited)
+    return False, detail, f"queue: {queued} studies queued, none processed for {waited:.0f} s"
+
+
+def _loop_check(node: Any) -> tuple[bool, str | None]:
+    """(every loop step and job working, reason when one keeps failing)."""
+    failing = []
+    for kind, counts in (("loop step", getattr(node, "loop_errors", None)), ("job", getattr(node, "job_errors", None))):
+        if counts is None:
+            continue
+        for name, n in sorted(counts.failing().items()):
+            failing.append(f"{kind} {name} failed {n} times in a row")
+    return not failing, ("loop: " + "; ".join(failing)) if failing else None
+
+
 def health(node: Any) -> tuple[int, dict[str, Any]]:
-    """The ``/health`` answer: (HTTP status, JSON body)."""
+    """The ``/health`` answer: (HTTP status, JSON body).
+
+    The body: ``status`` (``ok`` or ``unavailable``), ``scp`` (listening),
+    ``worker`` (process alive and beating; null without a worker), ``queue``
+    (moving), ``loop`` (no step or job failing), ``reasons`` (a line per
+    problem, empty when ok), and as details ``worker_phase``,
+    ``worker_heartbeat_age_s``, ``worker_study_uid``, ``queued``, ``running``.
+    """
+    settings = node.cfg.metrics
+    reasons: list[str] = []
     scp = scp_listening(node)
-    worker = worker_alive(node)
-    ok = scp and worker is not False
-    return (200 if ok else 503), {"status": "ok" if ok else "unavailable", "scp": scp, "worker": worker}
+    if not scp:
+        reasons.append("scp: not listening")
+    worker, worker_detail, why = _worker_check(node, settings.worker_stale_s)
+    if why:
+        reasons.append(why)
+    queue, queue_detail, why = _queue_check(node, settings.queue_stall_s)
+    if why:
+        reasons.append(why)
+    loop, why = _loop_check(node)
+    if why:
+        reasons.append(why)
+    ok = not reasons
+    doc = {"status": "ok" if ok else "unavailable", "scp": scp, "worker": worker, "queue": queue, "loop": loop,
+           "reasons": reasons, **worker_detail, **queue_detail}
+    return (200 if ok else 503), doc
 
 
 class NodeCollector(Collector):
@@ -146,6 +234,9 @@ class NodeCollector(Collector):
     def __init__(self, node: Any) -> None:
         self.node = node
         self.inference = _InferenceHistogram(node.journal)
+        # Scrapes may run at once (a thread per connection); the histogram
+        # folds in new rows, which two at once would count twice.
+        self._inference_lock = threading.Lock()
 
     def collect(self) -> Iterator[Any]:
         node = self.node
@@ -205,15 +296,30 @@ class NodeCollector(Collector):
             fam.add_metric([reason], n)
         yield fam
 
-        self.inference.update()
-        yield self.inference.family()
+        with self._inference_lock:
+            self.inference.update()
+            yield self.inference.family()
 
         alive = worker_alive(node)
         yield GaugeMetricFamily("echonode_worker_up", "1 when the inference worker process is alive",
                                 value=1 if alive else 0)
         restarts = getattr(node.worker, "restarts", 0) if node.worker is not None else 0
         yield counter("worker_restarts", "Inference worker restarts (crash, study timeout)", restarts)
+        age = node.worker.heartbeat()[0] if node.worker is not None and alive else None
+        yield GaugeMetricFamily("echonode_worker_heartbeat_age_seconds",
+                                "Seconds since the inference worker last showed life (NaN: no worker running)",
+                                value=float("nan") if age is None else age)
         yield GaugeMetricFamily("echonode_scp_up", "1 while the SCP listens", value=1 if scp_listening(node) else 0)
+        for name, label, doc, counts in (
+            ("loop_errors", "step", "Failed turns of a main-loop step (reload, supervise, watchdog, stop_*)",
+             node.loop_errors),
+            ("job_failures", "job", "Failed runs of a scheduled job (stability, delivery, retention)",
+             node.job_errors),
+        ):
+            fam = CounterMetricFamily(f"echonode_{name}", doc, labels=[label])
+            for key, n in sorted(counts.totals().items()):
+                fam.add_metric([key], n)
+            yield fam
         from .node import installed_bundles
 
         yield GaugeMetricFamily(
@@ -221,10 +327,41 @@ class NodeCollector(Collector):
         )
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading side that gives up at a fixed deadline, however slowly bytes trickle in."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request not received in time")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    #: A client that connects and says nothing must not block the next scrape.
-    timeout = 10
+    timeout = REQUEST_DEADLINE_S
+
+    def setup(self) -> None:
+        super().setup()
+        # The whole request within the deadline, not each read: a client
+        # sending a byte every few seconds must not hold the thread.
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + REQUEST_DEADLINE_S))
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            # This thread's journal connection dies with the thread.
+            self.server.node.journal.close()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = self.path.split("?", 1)[0]
@@ -240,12 +377,15 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 code, doc = health(self.server.node)
             except Exception as exc:  # noqa: BLE001
-                code, doc = 503, {"status": "unavailable", "error": type(exc).__name__}
+                log.exception("metrics.health_failed")
+                code, doc = 503, {"status": "unavailable", "error": type(exc).__name__,
+                                  "reasons": [f"health check failed: {type(exc).__name__}"]}
             self._send(code, json.dumps(doc).encode() + b"\n", "application/json")
         else:
             self._send(404, b"not found: try /metrics or /health\n", "text/plain; charset=utf-8")
 
     def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.connection.settimeout(RESPONSE_TIMEOUT_S)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -257,18 +397,34 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # scrapes every few seconds would flood the journal
 
 
-class _Server(HTTPServer):
+class _Server(ThreadingMixIn, HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], node: Any, registry: CollectorRegistry) -> None:
         self.node = node
         self.registry = registry
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         if ":" in address[0]:
-            import socket
-
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            # Refused at once: a flood must not queue up threads.
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class MetricsServer:

@@ -5,7 +5,11 @@ retention) and supervises the inference worker, which runs in its own
 process so that receiving never waits for inference and a worker crash
 (out of memory, a decoder segfault) cannot take the SCP down.
 
-Signal handlers only set flags; the main loop acts on them.
+Signal handlers only set flags; the main loop acts on them. Each step of
+the loop (reload, supervise the worker, watchdog) and each scheduled job
+runs in its own try/except that logs the error (type and frames) and counts
+it: one failing step never ends the node, and a step that keeps failing
+shows in ``/health`` and in the metrics.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import dataclasses
 import signal
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import config as pydicom_config
@@ -24,12 +30,18 @@ from pydicom import config as pydicom_config
 from .config import Config, load_config
 from .journal import Journal
 from .logs import get_logger, silence_data_warnings
+from .retention import Retention
 from .scp import StorageSCP
 from .sdnotify import notify, watchdog_interval_s
 from .stability import StabilityCheck
 from .store import StudyStore
 
 log = get_logger(__name__)
+
+#: Seconds between two turns of the main loop.
+LOOP_INTERVAL_S = 0.5
+#: Failures in a row after which a loop step or a job counts as failing (``/health``).
+FAILING_AFTER = 3
 
 #: [node] keys a SIGHUP does not change (they shape the listening server,
 #: the storage and the journal).
@@ -60,6 +72,45 @@ def has_task_models(models_dir: Path) -> bool:
     return False
 
 
+class Configurable(Protocol):
+    """A component that takes new settings on SIGHUP: the node calls ``apply_config``
+    with the whole new :class:`Config`, and the component reads what concerns it."""
+
+    def apply_config(self, cfg: Config) -> None: ...
+
+
+class ErrorCounts:
+    """Failures of named steps (loop steps or jobs): a total, and how many in a row.
+
+    Updated from the main loop and from the scheduler's threads; read by the
+    metrics and ``/health``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total: Counter[str] = Counter()
+        self.in_a_row: Counter[str] = Counter()
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self.in_a_row.pop(name, None)
+
+    def failed(self, name: str) -> None:
+        with self._lock:
+            self.total[name] += 1
+            self.in_a_row[name] += 1
+
+    def totals(self) -> dict[str, int]:
+        """Failures since start, per name."""
+        with self._lock:
+            return dict(self.total)
+
+    def failing(self, after: int = FAILING_AFTER) -> dict[str, int]:
+        """Names that failed at least ``after`` times in a row, with that count."""
+        with self._lock:
+            return {name: n for name, n in self.in_a_row.items() if n >= after}
+
+
 class Node:
     """The running node.
 
@@ -70,6 +121,8 @@ class Node:
         The file ``cfg`` came from, re-read on SIGHUP.
     start_worker : bool
         Run the inference worker process (tests of receiving alone turn it off).
+    worker_log_path : str, optional
+        File the worker appends its log to (default: stderr).
     """
 
     def __init__(
@@ -92,9 +145,8 @@ class Node:
         self.journal = Journal(cfg.journal_path)
         self.store = StudyStore(self.storage_dir, self.journal)
         self.scp = StorageSCP(cfg.node, self.store)
-        self.stability = StabilityCheck(
-            self.journal, cfg.study.stable_after_s, lambda: has_task_models(self.cfg.models_dir)
-        )
+        self.stability = StabilityCheck(self.journal, cfg, has_task_models)
+        self.retention = Retention(cfg.retention, self.journal, self.store)
         self.scheduler = BackgroundScheduler(daemon=True)
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -103,17 +155,25 @@ class Node:
         self._start_worker = start_worker
         self._worker_log_path = worker_log_path
         self.metrics: Any = None
+        #: Failed turns of each main-loop step (reload, supervise, watchdog).
+        self.loop_errors = ErrorCounts()
+        #: Failed runs of each scheduled job (stability, delivery, retention).
+        self.job_errors = ErrorCounts()
+        self._last_watchdog = 0.0
 
     # -- jobs ---------------------------------------------------------------------
 
-    def _job(self, name: str, fn: Any) -> Any:
-        """Wrap a job so that one failing run is logged and counted, never fatal."""
+    def _job(self, name: str, fn: Callable[[], object]) -> Callable[[], None]:
+        """Wrap a job so that one failing run is logged and counted in :attr:`job_errors`, never fatal."""
 
         def run() -> None:
             try:
                 fn()
             except Exception:  # noqa: BLE001 - keep the scheduler alive
-                log.exception("job.failed", job=name)
+                self.job_errors.failed(name)
+                log.exception("job.failed", job=name, in_a_row=self.job_errors.in_a_row[name])
+            else:
+                self.job_errors.succeeded(name)
 
         run.__name__ = name
         return run
@@ -139,10 +199,8 @@ class Node:
                 coalesce=True,
             )
         if self.cfg.retention.enabled:
-            from .retention import retention_job
-
             self.scheduler.add_job(
-                self._job("retention", retention_job(self).run),
+                self._job("retention", self.retention.run),
                 "interval",
                 seconds=self.cfg.retention.check_interval_s,
                 id="retention",
@@ -157,8 +215,11 @@ class Node:
 
     def recover(self) -> None:
         """Reconcile disk and journal, re-queue interrupted studies."""
+        from .worker import remove_unrecorded_reports
+
         counts = self.store.recover()
         requeued = self.journal.recover_running(self.cfg.models.max_attempts)
+        remove_unrecorded_reports(self.storage_dir, self.journal, requeued)
         log.info("node.recovered", **counts, interrupted_studies=len(requeued))
 
     def start(self) -> None:
@@ -173,7 +234,9 @@ class Node:
             from .worker import WorkerSupervisor
 
             self.worker = WorkerSupervisor(self.cfg, log_path=self._worker_log_path)
-            self.worker.start()
+            # A worker that cannot start now (a full disk) is started by the
+            # main loop's next turns; receiving goes on meanwhile.
+            self._step("supervise", self.worker.supervise)
         if self.cfg.metrics.enabled:
             from .metrics import MetricsServer
 
@@ -189,22 +252,36 @@ class Node:
         log.info("node.ready", port=self.scp.port, ae_title=self.cfg.node.ae_title)
 
     def stop(self) -> None:
+        """Stop receiving, the worker, the jobs and the metrics; each part even if another fails."""
         notify("STOPPING=1")
         log.info("node.stopping")
-        self.scp.stop()
+        self._step("stop_scp", self.scp.stop)
         if self.worker is not None:
-            self.worker.stop()
-        self.scheduler.shutdown(wait=True)
+            self._step("stop_worker", self.worker.stop)
+        if self.scheduler.running:
+            self._step("stop_scheduler", lambda: self.scheduler.shutdown(wait=True))
         if self.metrics is not None:
-            self.metrics.stop()
+            self._step("stop_metrics", self.metrics.stop)
         log.info("node.stopped")
 
+    def configurables(self) -> list[tuple[str, Configurable]]:
+        """The components a reload hands the new settings to, by name."""
+        parts: list[tuple[str, Configurable]] = [
+            ("scp", self.scp), ("stability", self.stability), ("retention", self.retention),
+        ]
+        if self.delivery is not None:
+            parts.append(("delivery", self.delivery))
+        if self.worker is not None:
+            parts.append(("worker", self.worker))
+        return parts
+
     def reload(self) -> None:
-        """SIGHUP: re-read the config; apply allow-lists, destinations and limits.
+        """SIGHUP: re-read the config; every component takes it through ``apply_config``.
 
         Listening address, AE title, storage, TLS, PDU size, association
         limit and timeouts cannot change without a restart; a changed value
         there is logged and ignored (the running value is kept everywhere).
+        Scheduling intervals keep their running values too.
         """
         if not self.config_path:
             log.warning("node.reload_ignored", reason="no config file")
@@ -227,33 +304,58 @@ class Node:
             kept[key] = getattr(self.cfg.node, key)
         new = dataclasses.replace(new, node=dataclasses.replace(new.node, **kept))
         self.cfg = new
-        self.scp.update_policy(new.node)
-        if self.delivery is not None:
-            self.delivery.update_config(new)
-        self.stability.stable_after_s = new.study.stable_after_s
-        if self.worker is not None:
-            self.worker.reload(new)
-        log.info("node.reloaded")
+        failed = []
+        for name, component in self.configurables():
+            try:
+                component.apply_config(new)
+            except Exception:  # noqa: BLE001 - the other components still take the new settings
+                log.exception("node.reload_component_failed", component=name)
+                failed.append(name)
+        log.info("node.reloaded", **({"failed": failed} if failed else {}))
         notify("READY=1")
+
+    # -- the main loop ----------------------------------------------------------------
+
+    def _step(self, name: str, fn: Callable[[], object]) -> None:
+        """Run one step; an error is logged (type and frames), counted, and the loop goes on."""
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the daemon outlives any one step's error
+            self.loop_errors.failed(name)
+            log.exception("loop.step_failed", step=name, in_a_row=self.loop_errors.in_a_row[name])
+        else:
+            self.loop_errors.succeeded(name)
+
+    def _reload_if_asked(self) -> None:
+        if self._reload.is_set():
+            self._reload.clear()
+            self.reload()
+
+    def _supervise(self) -> None:
+        if self.worker is not None:
+            self.worker.supervise()
+
+    def _watchdog(self) -> None:
+        interval = watchdog_interval_s()
+        if interval and time.monotonic() - self._last_watchdog >= interval:
+            notify("WATCHDOG=1")
+            self._last_watchdog = time.monotonic()
+
+    def loop_once(self) -> None:
+        """One turn of the main loop: each step on its own."""
+        self._step("reload", self._reload_if_asked)
+        self._step("supervise", self._supervise)
+        self._step("watchdog", self._watchdog)
 
     def run_forever(self) -> int:
         """Start, then wait for SIGTERM/SIGINT (stop) or SIGHUP (reload)."""
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        self.start()
-        wd = watchdog_interval_s()
-        last_wd = 0.0
         try:
-            while not self._stop.wait(0.5):
-                if self._reload.is_set():
-                    self._reload.clear()
-                    self.reload()
-                if self.worker is not None:
-                    self.worker.supervise()
-                if wd and time.monotonic() - last_wd >= wd:
-                    notify("WATCHDOG=1")
-                    last_wd = time.monotonic()
+            self.start()
+            while not self._stop.wait(LOOP_INTERVAL_S):
+                self.loop_once()
         finally:
             self.stop()
         return 0

@@ -51,11 +51,10 @@ waits, then starts the study afresh.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-from .config import RetentionConfig
+from .config import Config, RetentionConfig
 from .journal import Journal, StudyActivity, StudyState
 from .logs import get_logger
 from .store import StudyStore, is_valid_uid
@@ -88,27 +87,21 @@ class Retention:
 
     Parameters
     ----------
-    settings : RetentionConfig or callable
-        The ``[retention]`` table, or a callable returning the current one
-        (so that a reload's new limits apply at the next run).
+    settings : RetentionConfig
+        The ``[retention]`` table; :meth:`apply_config` takes a new one
+        (a reload), used from the next run.
     journal : Journal
     store : StudyStore
     """
 
-    def __init__(
-        self,
-        settings: RetentionConfig | Callable[[], RetentionConfig],
-        journal: Journal,
-        store: StudyStore,
-    ) -> None:
-        self._settings = settings
+    def __init__(self, settings: RetentionConfig, journal: Journal, store: StudyStore) -> None:
+        self.settings = settings
         self.journal = journal
         self.store = store
 
-    @property
-    def settings(self) -> RetentionConfig:
-        s = self._settings
-        return s() if callable(s) else s
+    def apply_config(self, cfg: Config) -> None:
+        """New settings (SIGHUP): the next run uses ``cfg.retention``."""
+        self.settings = cfg.retention
 
     def _candidates(self, active_before: float | None = None) -> Iterator[StudyActivity]:
         """Studies that may be purged, oldest last activity first, read a page at a time.
@@ -190,8 +183,3 @@ class Retention:
         )
         purged.append(Purged(c.study_uid, c.state, rule, c.instances, freed or c.bytes))
         return True
-
-
-def retention_job(node: Any) -> Retention:
-    """The job for a :class:`~echonode.node.Node` (reads the node's current config at each run)."""
-    return Retention(lambda: node.cfg.retention, node.journal, node.store)

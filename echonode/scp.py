@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from .config import NodeConfig, TLSConfig
+from .config import Config, NodeConfig, TLSConfig
 from .dicomfile import RETIRED_US_STORAGE
 from .logs import get_logger
 from .store import BadObject, StudyStore
@@ -289,8 +289,11 @@ class StorageSCP:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         return ae
 
-    def update_policy(self, node: NodeConfig) -> None:
-        """Apply new allow-lists (SIGHUP) without touching open associations."""
+    def apply_config(self, cfg: Config) -> None:
+        """New settings (SIGHUP): allow-lists and the free-disk guard, for the next
+        associations; open ones are left alone. The rest of ``[node]`` shapes the
+        listening server and needs a restart."""
+        node = cfg.node
         self.policy = AccessPolicy.from_config(node)
         self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
 

@@ -11,7 +11,9 @@ as one is installed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from .config import Config
 from .journal import Journal
 from .logs import get_logger
 
@@ -24,16 +26,23 @@ class StabilityCheck:
     Parameters
     ----------
     journal : Journal
-    stable_after_s : float
-        Quiet time after the last instance.
+    cfg : Config
+        ``study.stable_after_s`` (quiet time after the last instance) and
+        ``models.dir`` are read from it; :meth:`apply_config` takes new ones.
     has_models : callable
-        Returns True when at least one task bundle is installed.
+        ``has_models(models_dir)`` is True when at least one task bundle is
+        installed there.
     """
 
-    def __init__(self, journal: Journal, stable_after_s: float, has_models: Callable[[], bool]) -> None:
+    def __init__(self, journal: Journal, cfg: Config, has_models: Callable[[Path], bool]) -> None:
         self.journal = journal
-        self.stable_after_s = stable_after_s
         self.has_models = has_models
+        self.apply_config(cfg)
+
+    def apply_config(self, cfg: Config) -> None:
+        """New settings (SIGHUP): the next pass uses them."""
+        self.stable_after_s = cfg.study.stable_after_s
+        self.models_dir = cfg.models_dir
 
     def run(self) -> tuple[list[str], list[str]]:
         """One pass; returns (studies now stable, studies now queued)."""
@@ -41,7 +50,7 @@ class StabilityCheck:
         for uid in stable:
             log.info("study.stable", study_uid=uid)
         queued: list[str] = []
-        if self.has_models():
+        if self.has_models(self.models_dir):
             queued = self.journal.queue_stable()
             for uid in queued:
                 log.info("study.queued", study_uid=uid)

@@ -5,24 +5,31 @@ write it, then record results, report and outbox rows in one transaction.
 The claim carries a generation number: a study that changed while it ran (a
 late instance, a reprocess) refuses the stale write and is processed again.
 
-The node supervises the process: a worker that dies (out of memory, a
-decoder crash) is restarted with a backoff and its study goes back to the
-queue until ``models.max_attempts``; a study that runs past
-``models.study_timeout_s`` gets its worker killed the same way.
+The node supervises the process (:class:`WorkerSupervisor`): a worker that
+dies (out of memory, a decoder crash, kill -9) is restarted with a backoff
+and its study goes back to the queue until ``models.max_attempts``; a study
+that runs past ``models.study_timeout_s``, or a worker whose heartbeat stops
+for that long (frozen, stopped), gets its worker killed the same way. Node
+and worker share nothing a dead process can hold (:mod:`echonode.workerlink`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing as mp
 import os
-import signal
+import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
-from .logs import exception_frames, get_logger
+from .logs import configure_logging, exception_frames, get_logger
+from .workerlink import HEARTBEAT_FILE, Heartbeat, HeartbeatWriter, Phase, StopListener, read_heartbeat
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -280,23 +287,38 @@ def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: An
                   next_state=str(state))
 
 
-def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
-    """The worker process: claim, process, repeat until ``stop`` is set.
+def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+    """The worker process: claim, process, repeat until asked to stop.
 
-    Logs go to stderr (journald under systemd) or, when ``log_path`` is
-    given, appended to that file (the demo keeps its terminal readable).
+    A stop is asked for by the node closing ``stop_conn``'s other end, by the
+    node's death, or by SIGTERM/SIGINT (the whole process group signalled):
+    the study in hand is finished (the journal's claim rules keep it whole if
+    the node kills the worker first), then the process exits.
+
+    Parameters
+    ----------
+    cfg : Config
+    stop_conn : multiprocessing.connection.Connection
+        The read end of this worker's stop pipe (see :mod:`echonode.workerlink`).
+    heartbeat_path : str
+        The file this worker beats into.
+    log_path : str, optional
+        Logs go to stderr (journald under systemd) or, when given, appended
+        to that file (the demo keeps its terminal readable).
     """
-    from .bundle import ModelRegistry
-    from .journal import Journal
-    from .logs import configure_logging
-    from .store import StudyStore
-
-    # The node handles signals; the worker stops when told through ``stop``.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # First: until these run, SIGTERM has its default action (the process dies,
+    # which the node survives, but a graceful stop is better).
+    stop = StopListener(stop_conn)
+    beat = HeartbeatWriter(heartbeat_path)
+    beat.start()
     stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the process
     configure_logging(cfg.logging.format, cfg.logging.level, stream=stream)
     import torch
     from pydicom import config as pydicom_config
+
+    from .bundle import ModelRegistry, folder_signature
+    from .journal import Journal
+    from .store import StudyStore
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -307,19 +329,24 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
     registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime)
     log.info("worker.started", pid=os.getpid(), device=str(registry.device))
     parent = mp.parent_process()
-    while not stop.is_set():
+    while True:
         if parent is not None and not parent.is_alive():
-            # The node was killed (kill -9): nobody will ever set ``stop``.
-            # Exit; the next node re-queues whatever this worker held.
+            # The node was killed (kill -9); its end of the pipe closed with
+            # it. Exit; the next node re-queues whatever this worker held.
             log.warning("worker.orphaned_exit")
             break
+        if stop.is_set():
+            break
         try:
+            if folder_signature(registry.models_dir) != registry.current.signature:
+                beat.phase(Phase.LOADING)
             if registry.refresh():
                 for path, err in registry.errors:
                     log.error("models.unusable", bundle=str(path), error=err)
                 log.info("models.loaded", models=[b.describe()["name"] for b in registry.bundles],
                          model_set=registry.key)
                 write_models_state(cfg, registry)
+            beat.phase(Phase.IDLE)
             if not any(b.task != "view" for b in registry.bundles):
                 stop.wait(2.0)
                 continue
@@ -327,15 +354,52 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
             if claim is None:
                 stop.wait(0.5)
                 continue
+            beat.phase(Phase.PROCESSING, claim.study_uid)
             handle_claim(cfg, journal, store, registry, claim)
+            beat.phase(Phase.IDLE)
         except Exception:  # noqa: BLE001 - a journal hiccup must not kill the loop
             log.exception("worker.loop_error")
+            beat.phase(Phase.IDLE)
             stop.wait(2.0)
-    log.info("worker.stopped")
+    beat.phase(Phase.STOPPING)
+    log.info("worker.stopped", reason=stop.reason or "orphaned")
+    beat.stop()
+
+
+def worker_process(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+    """The worker process's entry point: :func:`worker_main`, then leave at once.
+
+    Everything the worker owes is on disk when :func:`worker_main` returns
+    (results and SRs are committed, the log is flushed here). The
+    interpreter's own shutdown in a process that loaded torch (thread pools,
+    module teardown) takes seconds on a busy machine, and the node's stop
+    would wait for it: ``os._exit`` skips it.
+    """
+    code = 0
+    try:
+        worker_main(cfg, stop_conn, heartbeat_path, log_path)
+    except BaseException:  # noqa: BLE001 - logged, then the exit status says it
+        log.exception("worker.crashed")
+        code = 1
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(code)
+
+
+#: A worker is hung after ``models.study_timeout_s`` without a heartbeat, and
+#: never sooner than this (a few missed beats, a slow start).
+HUNG_AFTER_MIN_S = 5.0
 
 
 class WorkerSupervisor:
     """Runs :func:`worker_main` in a child process and keeps it alive.
+
+    Called from the node's main loop only (:meth:`supervise`, :meth:`apply_config`,
+    :meth:`stop`); none of them waits on anything the worker could hold, so a
+    worker killed at any instant never stalls the loop.
 
     Parameters
     ----------
@@ -348,19 +412,27 @@ class WorkerSupervisor:
         self.cfg = cfg
         self.log_path = log_path
         self._ctx = mp.get_context("spawn")
-        self._stop = self._ctx.Event()
         self.process: Any = None
+        #: Worker deaths the supervisor restarted from (crash, kill, timeout, hang).
         self.restarts = 0
+        #: ``time.monotonic()`` when the current worker was spawned.
+        self.spawned_at = 0.0
+        self._stop_writer: Connection | None = None
         self._next_start = 0.0
         self._journal: Journal | None = None
         self._restart_requested = False
+
+    @property
+    def heartbeat_path(self) -> Path:
+        """The file the worker beats into."""
+        return self.cfg.storage_dir / HEARTBEAT_FILE
 
     def _open_journal(self) -> Journal:
         """The supervisor's journal, opened on first use and kept for every worker it starts.
 
         ``node.storage_dir`` never changes while the supervisor lives
-        (:meth:`reload` refuses it), so one handle, and its one connection,
-        serves for good.
+        (:meth:`apply_config` refuses it), so one handle, and its one
+        connection, serves for good.
         """
         if self._journal is None:
             from .journal import Journal
@@ -370,20 +442,56 @@ class WorkerSupervisor:
 
     def start(self) -> None:
         """Spawn the worker. A study still ``running`` belongs to a worker that
-        is gone (only one runs at a time), so it goes back to the queue first."""
-        recovered = self._open_journal().recover_running(self.cfg.models.max_attempts)
+        is gone (only one runs at a time), so it goes back to the queue first,
+        and an SR file that worker wrote but never recorded is removed."""
+        journal = self._open_journal()
+        recovered = journal.recover_running(self.cfg.models.max_attempts)
         if recovered:
             log.warning("worker.recovered_studies", studies={k: str(v) for k, v in recovered.items()})
-        self._stop.clear()
-        self.process = self._ctx.Process(target=worker_main, args=(self.cfg, self._stop, self.log_path),
-                                        name="echonode-worker")
-        self.process.start()
-        log.info("worker.spawned", pid=self.process.pid)
+            remove_unrecorded_reports(self.cfg.storage_dir, journal, recovered)
+        reader, writer = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=worker_process, args=(self.cfg, reader, str(self.heartbeat_path), self.log_path),
+            name="echonode-worker",
+        )
+        try:
+            process.start()
+        except BaseException:
+            writer.close()
+            raise
+        finally:
+            # Only the worker keeps the read end: the pipe ends when the node
+            # closes the write end or dies.
+            reader.close()
+        self.process, self._stop_writer = process, writer
+        self.spawned_at = time.monotonic()
+        log.info("worker.spawned", pid=process.pid)
 
-    def reload(self, cfg: Config) -> None:
+    def _ask_to_stop(self) -> None:
+        """Close the stop pipe: never blocks, whatever became of the worker."""
+        if self._stop_writer is not None:
+            self._stop_writer.close()
+            self._stop_writer = None
+
+    def heartbeat(self) -> tuple[float | None, Heartbeat | None]:
+        """(seconds since the current worker last showed life, its last record).
+
+        The age counts from the spawn until the new worker's first beat;
+        ``(None, None)`` when no worker runs.
+        """
+        if self.process is None:
+            return None, None
+        hb = read_heartbeat(self.heartbeat_path)
+        now = time.monotonic()
+        if hb is None or hb.pid != self.process.pid:
+            return now - self.spawned_at, None
+        return hb.age(now), hb
+
+    def apply_config(self, cfg: Config) -> None:
         """New settings: ask the worker to finish its study and exit; :meth:`supervise`
         starts the next one with ``cfg``. Returns at once, so the node's main
-        loop (signals, watchdog) never waits for a study to finish.
+        loop (signals, watchdog) never waits for a study to finish, nor for a
+        worker that is dead or frozen.
 
         Parameters
         ----------
@@ -402,38 +510,59 @@ class WorkerSupervisor:
                 f'Argument "cfg" must keep node.storage_dir ({self.cfg.storage_dir}); a new one needs a restart.'
             )
         self.cfg = cfg
-        self._restart_requested = True
-        self._stop.set()
+        if self.process is not None:
+            self._restart_requested = True
+            self._ask_to_stop()
 
     def supervise(self) -> None:
-        """Called by the node's main loop: restart a dead worker, kill a stuck one."""
-        if self.process is None:
+        """Called by the node's main loop: restart a dead worker, kill a stuck one.
+
+        Stuck means a study running past ``models.study_timeout_s``, or no
+        heartbeat for that long (a frozen or stopped process). A restart
+        that fails (a full disk, no memory) raises; the next call tries
+        again after the backoff.
+        """
+        if self.process is not None and self.process.is_alive() and not self._kill_if_stuck():
             return
-        journal = self._open_journal()
-        if self.process.is_alive():
-            limit = self.cfg.models.study_timeout_s
-            for study_uid, claimed_at, _pid in journal.running():
+        now = time.monotonic()
+        if self.process is not None:
+            code = self.process.exitcode
+            self._ask_to_stop()
+            self.process = None
+            # Exit status 0 is the worker leaving when asked; a worker killed
+            # after a reload was asked for still counts as a death.
+            if self._restart_requested and code == 0:
+                self._restart_requested = False
+                log.info("worker.restarting_for_reload")
+                self._next_start = 0.0
+            else:
+                self._restart_requested = False
+                self.restarts += 1
+                log.error("worker.died", exitcode=code, restarts=self.restarts)
+        if now < self._next_start:
+            return
+        # Back off when it keeps dying (1, 2, 4 ... 60 s between starts); a
+        # start that raises is tried again after the same pause.
+        self._next_start = now + min(60.0, 2.0 ** min(self.restarts, 6))
+        self.start()
+
+    def _kill_if_stuck(self) -> bool:
+        """Kill a worker past ``models.study_timeout_s``; True when it was killed."""
+        limit = self.cfg.models.study_timeout_s
+        age, hb = self.heartbeat()
+        if age is not None and age > max(limit, HUNG_AFTER_MIN_S):
+            log.error("worker.hung", pid=self.process.pid, heartbeat_age_s=round(age, 1), limit_s=limit,
+                      phase=hb.phase if hb else None)
+        else:
+            for study_uid, claimed_at, _pid in self._open_journal().running():
                 if time.time() - claimed_at > limit:
                     log.error("worker.study_timeout", study_uid=study_uid, limit_s=limit)
-                    self.process.kill()
-                    self.process.join(10)
                     break
             else:
-                return
-        if self._restart_requested:
-            self._restart_requested = False
-            self.process.join(5)
-            log.info("worker.restarting_for_reload")
-            self.start()
-            return
-        if time.monotonic() < self._next_start:
-            return
-        code = self.process.exitcode
-        self.restarts += 1
-        log.error("worker.died", exitcode=code, restarts=self.restarts)
-        # Back off when it keeps dying (1, 2, 4 ... 60 s).
-        self._next_start = time.monotonic() + min(60.0, 2.0 ** min(self.restarts, 6))
-        self.start()
+                return False
+        self.process.kill()
+        self.process.join(10)
+        return True
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Ask the worker to finish its study and exit; kill it after ``grace_s`` seconds.
@@ -443,22 +572,51 @@ class WorkerSupervisor:
         grace_s : float, optional
             Seconds the worker may take to finish its study.
         """
-        if self.process is None:
-            return
-        self._stop.set()
-        self.process.join(grace_s)
-        if self.process.is_alive():
-            log.warning("worker.killed_on_stop")
-            self.process.kill()
-            self.process.join(5)
-            # Stopped by us, not by the study: its attempt does not count, or
-            # a few upgrades during a long study would mark it failed.
-            released = self._open_journal().release_running()
-            if released:
-                log.info("worker.released_on_stop", studies=released)
-        self.process = None
+        if self.process is not None:
+            self._ask_to_stop()
+            self.process.join(grace_s)
+            if self.process.is_alive():
+                log.warning("worker.killed_on_stop")
+                self.process.kill()
+                self.process.join(5)
+                # Stopped by us, not by the study: its attempt does not count, or
+                # a few upgrades during a long study would mark it failed.
+                journal = self._open_journal()
+                released = journal.release_running()
+                if released:
+                    log.info("worker.released_on_stop", studies=released)
+                    remove_unrecorded_reports(self.cfg.storage_dir, journal, released)
+            self.process = None
         if self._journal is not None:
             # Nothing of the supervisor's outlives the worker; a later
             # start() opens the journal again.
             self._journal.close()
             self._journal = None
+
+
+def remove_unrecorded_reports(storage_dir: Path, journal: Journal, study_uids: Iterable[str]) -> int:
+    """Delete the SR files of ``study_uids`` that the journal does not name.
+
+    A worker killed between writing an SR and recording it leaves a file that
+    was never in the outbox, so never sent; the study is processed again and
+    gets its SR then. Call only while no worker runs.
+
+    Returns
+    -------
+    int
+        Files removed.
+    """
+    from .store import is_valid_uid
+
+    removed = 0
+    for study_uid in study_uids:
+        folder = storage_dir / "reports" / study_uid
+        if not is_valid_uid(study_uid) or not folder.is_dir():
+            continue
+        recorded = journal.report_paths(study_uid)
+        for path in folder.iterdir():
+            if path.is_file() and str(path) not in recorded:
+                path.unlink(missing_ok=True)
+                removed += 1
+                log.info("worker.unrecorded_report_removed", study_uid=study_uid, file=path.name)
+    return removed

@@ -349,7 +349,7 @@ def test_unresolvable_host_is_retried_not_blamed_on_the_file(tmp_path: Path, ybr
     # The operator corrects the name; the same row goes out.
     scp = scps()
     fixed = dataclasses.replace(rep.cfg.destinations[0], host="127.0.0.1", port=scp.port)
-    delivery.update_config(dataclasses.replace(rep.cfg, destinations=(fixed,)))
+    delivery.apply_config(dataclasses.replace(rep.cfg, destinations=(fixed,)))
     wait_due(rep)
     assert delivery.run() == 1
     assert [str(ds.SOPInstanceUID) for ds in scp.received] == [rep.sr_uid]
@@ -482,7 +482,7 @@ def test_permanent_rejection_dead_letter_status_retry(tmp_path: Path, ybr_loop: 
     # The operator fixes the destination's AE title; the node picks it up.
     fixed = dataclasses.replace(rep.cfg, destinations=(dataclasses.replace(rep.cfg.destinations[0], ae_title="PACS"),))
     write_config(fixed, conf)
-    delivery.update_config(fixed)
+    delivery.apply_config(fixed)
     assert delivery.run() == 1
     (ds,) = scp.received
     assert str(ds.SOPInstanceUID) == rep.sr_uid

@@ -142,7 +142,8 @@ def test_metrics_reflect_the_running_node(metrics_node: Node, ybr_loop: Path) ->
 
 def test_health(metrics_node: Node) -> None:
     port = metrics_node.cfg.metrics.port
-    assert get_health(port) == (200, {"status": "ok", "scp": True, "worker": None})
+    assert get_health(port) == (200, {"status": "ok", "scp": True, "worker": None, "queue": True, "loop": True,
+                                      "reasons": [], "queued": 0, "running": 0})
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
         assert r.headers["Content-Type"] == "application/json"
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -151,19 +152,37 @@ def test_health(metrics_node: Node) -> None:
     metrics_node.scp.stop(grace_s=1)
     code, doc = get_health(port)
     assert code == 503 and doc["status"] == "unavailable" and doc["scp"] is False
+    assert doc["reasons"] == ["scp: not listening"]
     assert scrape(port)[("echonode_scp_up", ())] == 0
 
 
+def _fake_node(process, heartbeat=(0.5, None), stale_s: float = 15.0):
+    journal = SimpleNamespace(counts=lambda: {}, oldest_queued=lambda: None)
+    return SimpleNamespace(
+        scp=SimpleNamespace(listening=True), _start_worker=True, journal=journal,
+        cfg=SimpleNamespace(metrics=SimpleNamespace(worker_stale_s=stale_s, queue_stall_s=600.0)),
+        worker=SimpleNamespace(process=process, heartbeat=lambda: heartbeat),
+    )
+
+
 def test_health_follows_the_worker_process() -> None:
-    alive = SimpleNamespace(is_alive=lambda: True)
-    dead = SimpleNamespace(is_alive=lambda: False)
-    node = SimpleNamespace(scp=SimpleNamespace(listening=True), _start_worker=True,
-                           worker=SimpleNamespace(process=alive))
-    assert health(node) == (200, {"status": "ok", "scp": True, "worker": True})
+    alive = SimpleNamespace(is_alive=lambda: True, pid=4321)
+    dead = SimpleNamespace(is_alive=lambda: False, pid=4321)
+    node = _fake_node(alive)
+    code, doc = health(node)
+    assert (code, doc["status"], doc["worker"], doc["reasons"]) == (200, "ok", True, [])
+    assert doc["worker_heartbeat_age_s"] == 0.5
     node.worker.process = dead
-    assert health(node) == (503, {"status": "unavailable", "scp": True, "worker": False})
+    code, doc = health(node)
+    assert (code, doc["status"], doc["worker"]) == (503, "unavailable", False)
+    assert doc["reasons"] == ["worker: process not running (crashed or killed; the node restarts it)"]
     node.worker.process = None  # between a crash and the restart
     assert health(node)[0] == 503
+    # Alive but silent (SIGSTOP, frozen): not healthy, and the reason says so.
+    node = _fake_node(alive, heartbeat=(16.2, None))
+    code, doc = health(node)
+    assert (code, doc["worker"]) == (503, False)
+    assert doc["reasons"] == ["worker: no heartbeat for 16 s (process 4321 stopped or frozen)"]
 
 
 def test_off_by_default_and_on_loopback(tmp_path: Path) -> None:

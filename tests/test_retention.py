@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -290,10 +291,10 @@ def test_zero_means_no_limit(store: StudyStore, tmp_path: Path) -> None:
 
 def test_settings_are_read_at_each_run(store: StudyStore, tmp_path: Path) -> None:
     uid = make_study(store, tmp_path, StudyState.DELIVERED, 10)
-    current = {"cfg": RetentionConfig(enabled=True, max_age_days=30)}
-    job = Retention(lambda: current["cfg"], store.journal, store)
+    cfg = make_config(tmp_path, retention={"enabled": True, "max_age_days": 30})
+    job = Retention(cfg.retention, store.journal, store)
     assert job.run() == []
-    current["cfg"] = RetentionConfig(enabled=True, max_age_days=7)  # a reload
+    job.apply_config(dataclasses.replace(cfg, retention=RetentionConfig(enabled=True, max_age_days=7)))  # a reload
     assert [p.study_uid for p in job.run()] == [uid]
 
 

@@ -202,7 +202,7 @@ def test_network_allow_list(tmp_path: Path) -> None:
     try:
         assert _reject_reason(node.scp.port) == (1, 1, 1)
         # A reload that allows loopback lets the next association in.
-        node.scp.update_policy(dataclasses.replace(cfg.node, allowed_networks=("127.0.0.0/8",)))
+        node.scp.apply_config(dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, allowed_networks=("127.0.0.0/8",))))
         assert _reject_reason(node.scp.port) is None
     finally:
         node.stop()
@@ -327,7 +327,7 @@ def test_low_disk_rejects_associations_transiently(tmp_path: Path) -> None:
         assert node.journal.instances() == []
         assert list(node.store.incoming.iterdir()) == []
         # A reload with a threshold the disk meets lets the next association in.
-        node.scp.update_policy(dataclasses.replace(cfg.node, min_free_disk_mb=1))
+        node.scp.apply_config(dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, min_free_disk_mb=1)))
         ds = us_multiframe()
         assert send(node, [ds]) == [0]
         assert node.journal.get_instance(str(ds.SOPInstanceUID)) is not None

@@ -148,8 +148,8 @@ def test_node_runs_the_worker_and_survives_its_death(tmp_path: Path, ybr_loop: P
         # Kill the worker before it has anything to do: the node restarts it.
         pid = node.worker.process.pid
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: (node.worker.supervise(), node.worker.process.pid != pid)[1], timeout=30,
-                 what="worker restart")
+        wait_for(lambda: (node.worker.supervise(), node.worker.process is not None
+                          and node.worker.process.pid != pid)[1], timeout=30, what="worker restart")
         _send_files(node.scp.port, [ybr_loop])
         study = str(pydicom.dcmread(ybr_loop, stop_before_pixels=True).StudyInstanceUID)
         # The receive side answers while the worker runs.
@@ -332,7 +332,7 @@ def test_reload_restarts_the_worker_with_the_new_config(tmp_path: Path) -> None:
         first_pid = sup.process.pid
         journal = sup._open_journal()
         new_dir = tmp_path / "other-models"
-        sup.reload(dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, dir=str(new_dir))))
+        sup.apply_config(dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, dir=str(new_dir))))
         # The old worker finishes on its own (no kill): supervise() then starts the next.
         wait_for(lambda: (sup.supervise(), sup.process.pid != first_pid)[1], timeout=60,
                  what="the worker to restart after the reload")
@@ -343,7 +343,7 @@ def test_reload_restarts_the_worker_with_the_new_config(tmp_path: Path) -> None:
         assert sup._open_journal() is journal  # kept, not reopened per worker
         moved = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, storage_dir=str(tmp_path / "elsewhere")))
         with pytest.raises(ValueError, match="storage_dir"):
-            sup.reload(moved)
+            sup.apply_config(moved)
     finally:
         sup.stop()
     assert sup.process is None and sup._journal is None
