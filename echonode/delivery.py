@@ -46,6 +46,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .config import Config, Destination, TLSConfig
@@ -161,11 +162,20 @@ def associate(
     # pynetdicom reports a refused or timed-out TCP connection as an abort;
     # only EVT_CONN_OPEN tells the two apart.
     connected: list[bool] = []
+    # The A-ASSOCIATE-RJ as it came off the wire: when it comes at once,
+    # pynetdicom's requestor can find the transport closed before it reads
+    # the rejection, and reports an abort instead (a race in its ACSE).
+    rejection: list[tuple[int, int, int]] = []
 
     def on_open(event: evt.Event) -> None:
         connected.append(True)
         if deadline is not None:
             deadline.watch(event.assoc)
+
+    def on_pdu(event: evt.Event) -> None:
+        pdu = event.pdu
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            rejection.append((int(pdu.result or 0), int(pdu.source or 0), int(pdu.reason_diagnostic or 0)))
 
     try:
         assoc = ae.associate(
@@ -173,7 +183,7 @@ def associate(
             peer.port,
             ae_title=peer.ae_title,
             tls_args=tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)],
         )
     except socket.gaierror as exc:
         # pynetdicom resolves the name before it connects and lets this
@@ -186,12 +196,15 @@ def associate(
         return assoc
     if not connected:
         raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
-    if assoc.is_rejected:
-        prim = assoc.acceptor.primitive
-        result = getattr(prim, "result", None)
-        source = getattr(prim, "result_source", None)
-        diag = getattr(prim, "diagnostic", None)
-        reason = _REJECT_REASONS.get((source or 0, diag or 0), f"source {source}, reason {diag}")
+    if assoc.is_rejected or rejection:
+        if rejection:
+            result, source, diag = rejection[0]
+        else:
+            prim = assoc.acceptor.primitive
+            result = getattr(prim, "result", 0) or 0
+            source = getattr(prim, "result_source", 0) or 0
+            diag = getattr(prim, "diagnostic", 0) or 0
+        reason = _REJECT_REASONS.get((source, diag), f"source {source}, reason {diag}")
         if result == 0x01 and (source, diag) in _TEMPORARY_REJECT_REASONS:
             # Retried: a PACS that is busy today takes the SR tomorrow,
             # whatever result code it chose.

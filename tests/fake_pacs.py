@@ -20,6 +20,7 @@ by :meth:`FakePACS.stop`.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -121,13 +122,17 @@ class FakePACS:
         ``stall_reply``, ``stall_accept`` or ``reject``.
     reject : tuple of int
         ``(result, source, reason)`` of the A-ASSOCIATE-RJ in ``reject`` mode.
+    tls : ssl.SSLContext, optional
+        A server context: every connection speaks TLS first.
     """
 
-    def __init__(self, mode: str = "stall_reply", reject: tuple[int, int, int] = (1, 3, 2)) -> None:
+    def __init__(self, mode: str = "stall_reply", reject: tuple[int, int, int] = (1, 3, 2),
+                 tls: ssl.SSLContext | None = None) -> None:
         if mode not in ("stall_reply", "stall_accept", "reject"):
             raise ValueError(f'Argument "mode" must be stall_reply, stall_accept or reject, not {mode!r}.')
         self.mode = mode
         self.reject = reject
+        self.tls = tls
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
@@ -164,6 +169,8 @@ class FakePACS:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
             rq = _read_pdu(conn)
             if rq is None or rq[0] != 0x01:
                 return
@@ -191,7 +198,7 @@ class FakePACS:
             # Silent from here on; drain so that the requestor's writes never block.
             while not self._stopping.is_set() and conn.recv(65536):
                 pass
-        except OSError:
+        except (OSError, ValueError):  # ValueError: an SSL socket shut down under the read
             return
 
     def stop(self) -> None:
@@ -202,7 +209,8 @@ class FakePACS:
             conns, threads = list(self._conns), list(self._threads)
         for conn in conns:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                # The raw socket (a TLS connection is wrapped in a thread of its own).
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
             except OSError:
                 pass
         for t in threads:

@@ -1071,3 +1071,31 @@ def test_echo_returns_within_its_timeout_in_process(fake_pacs) -> None:
     assert not info.value.permanent
     wait_for(lambda: not [t for t in threading.enumerate() if t.name == "echonode-association-deadline"],
              timeout=5, what="the deadline thread to end")
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory) -> dict[str, Path]:
+    """A self-signed server certificate for 127.0.0.1, its own CA."""
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pacs",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return {"cert": d / "cert.pem", "key": d / "key.pem"}
+
+
+def test_a_tls_destination_stuck_mid_answer_is_cut_at_timeout(tmp_path: Path, ybr_loop: Path, fake_pacs,
+                                                              self_signed: dict[str, Path]) -> None:
+    """The deadline shuts a TLS association down too (the read blocks inside the TLS layer)."""
+    import ssl
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(self_signed["cert"]), str(self_signed["key"]))
+    stuck = fake_pacs("stall_reply", tls=server)
+    rep = reported_study(tmp_path, ybr_loop, stuck.port, timeout_s=1.0, retry_initial_s=30.0, retry_max_s=60.0)
+    dest = dataclasses.replace(rep.cfg.destinations[0], tls=TLSConfig(enabled=True, ca_file=str(self_signed["cert"])))
+    delivery = Delivery(dataclasses.replace(rep.cfg, destinations=(dest,)), rep.journal)
+    assert bounded(delivery.run, 15, "a delivery pass to a stalled TLS destination") == 0
+    assert stuck.stalled == 1  # the handshake and the association went through; the answer stopped halfway
+    row = rep.outbox()
+    assert (row["state"], row["attempts"]) == (OutboxState.PENDING, 1), row
+    assert row["last_error"] == f"no response from PACS@127.0.0.1:{stuck.port} within 1 s (association aborted)"
