@@ -170,7 +170,10 @@ class FakePACS:
     def _serve(self, conn: socket.socket) -> None:
         try:
             if self.tls is not None:
-                conn = self.tls.wrap_socket(conn, server_side=True)
+                raw = conn
+                conn = self.tls.wrap_socket(raw, server_side=True)
+                with self._lock:  # wrapping took the descriptor over: stop() must shut this one
+                    self._conns[self._conns.index(raw)] = conn
             rq = _read_pdu(conn)
             if rq is None or rq[0] != 0x01:
                 return
