@@ -410,9 +410,11 @@ class LaneStatus:
 
 @dataclass
 class _LanePass:
+    """One pass of one lane: its thread, and the SRs it has sent so far."""
+
     lane: Lane
+    thread: threading.Thread = field(init=False)
     sent: int = 0
-    thread: threading.Thread = field(default_factory=threading.Thread)
 
 
 class Delivery:
