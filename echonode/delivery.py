@@ -120,6 +120,9 @@ _REJECT_REASONS = {
     (3, 2): "local limit exceeded",
 }
 
+#: How far beyond an attempt's deadline pynetdicom's own timers are set.
+PROTOCOL_TIMER_MARGIN_S = 1.0
+
 #: Rejections whose reason is temporary whatever result the peer chose: the
 #: presentation service provider's "temporary congestion" and "local limit
 #: exceeded" (PS3.8 9.3.4). Some PACS send them as rejected-permanent.
@@ -140,9 +143,15 @@ def associate(
     connection opens, so that the deadline can end it whatever it waits for.
     """
     ae = AE(ae_title=local_ae_title)
-    ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
+    # Under a deadline the protocol's own timers (and any read deadline
+    # derived from them) are backstops set just beyond it, so that an
+    # attempt the peer stalls ends at the deadline, with that reason.
+    # Connecting stays bounded by timeout_s itself: the deadline only
+    # reaches an association once its connection is open.
+    timer_s = timeout_s + PROTOCOL_TIMER_MARGIN_S if deadline is not None else timeout_s
+    ae.acse_timeout = timer_s
+    ae.dimse_timeout = timer_s
+    ae.network_timeout = timer_s
     ae.connection_timeout = timeout_s
     ae.maximum_pdu_size = max_pdu
     for abstract, syntaxes in contexts:
