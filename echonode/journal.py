@@ -739,7 +739,8 @@ class Journal:
         return StudyState.DELIVERED
 
     def due_deliveries(
-        self, now: float | None = None, limit: int = 32, *, skip: Iterable[str] = ()
+        self, now: float | None = None, limit: int = 32, *, skip: Iterable[str] = (),
+        destination: str | None = None,
     ) -> list[OutboxItem]:
         """Pending outbox rows due at ``now``, the longest due first.
 
@@ -753,6 +754,8 @@ class Journal:
             Destinations to leave out: those a delivery pass has stopped
             trying, whose backlog would otherwise fill all ``limit`` rows and
             hide every other destination's SRs.
+        destination : str, optional
+            Only this destination's rows (one delivery lane's).
 
         Returns
         -------
@@ -761,11 +764,12 @@ class Journal:
         now = time.time() if now is None else now
         skipped = sorted(set(skip))
         not_skipped = f" AND o.destination NOT IN ({', '.join('?' * len(skipped))})" if skipped else ""
+        only = " AND o.destination = ?" if destination is not None else ""
         rows = self._connect().execute(
             "SELECT o.id, o.sr_sop_uid, o.study_uid, o.destination, o.state, o.attempts, o.next_attempt,"
             " o.last_error, r.path FROM outbox o JOIN reports r USING (sr_sop_uid)"
-            f" WHERE o.state = ? AND o.next_attempt <= ?{not_skipped} ORDER BY o.next_attempt, o.id LIMIT ?",
-            (OutboxState.PENDING, now, *skipped, limit),
+            f" WHERE o.state = ? AND o.next_attempt <= ?{not_skipped}{only} ORDER BY o.next_attempt, o.id LIMIT ?",
+            (OutboxState.PENDING, now, *skipped, *([destination] if destination is not None else []), limit),
         ).fetchall()
         return [OutboxItem(**dict(r)) for r in rows]
 

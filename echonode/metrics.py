@@ -22,6 +22,11 @@ Metrics (all prefixed ``echonode_``)::
     queue_depth                           studies queued for the worker
     outbox{state}                         SRs pending / dead (dead letters)
     delivery_failures_total{reason}       transient / permanent / exhausted / ...
+    delivery_in_flight{destination}       1 while an attempt to that destination runs
+    delivery_attempt_seconds{destination} how long it has run (0 when none)
+    delivery_stuck{destination}           1 when it outlived its deadline and the cut:
+                                          that destination gets nothing until it returns
+    delivery_timeouts_total{destination}  attempts cut at delivery.timeout_s
     inference_seconds                     histogram, one observation per study
                                           and model set reported since start
     stored_bytes, storage_free_bytes
@@ -221,6 +226,38 @@ def health(node: Any) -> tuple[int, dict[str, Any]]:
     return (200 if ok else 503), doc
 
 
+def delivery_families(delivery: Any) -> Iterator[Any]:
+    """Each destination lane of :class:`echonode.delivery.Delivery`: in flight, for how long, stuck, cut.
+
+    Parameters
+    ----------
+    delivery : echonode.delivery.Delivery
+        Its ``lanes()``: every destination tried since the node started.
+
+    Yields
+    ------
+    prometheus_client metric families
+    """
+    lanes = delivery.lanes()
+    in_flight = GaugeMetricFamily("echonode_delivery_in_flight",
+                                  "1 while an SR delivery attempt to the destination is in flight",
+                                  labels=["destination"])
+    age = GaugeMetricFamily("echonode_delivery_attempt_seconds",
+                            "How long the attempt in flight has run (0 when none)", labels=["destination"])
+    stuck = GaugeMetricFamily("echonode_delivery_stuck",
+                              "1 when the attempt in flight outlived delivery.timeout_s and the abort: the"
+                              " destination gets nothing more until it returns or the node restarts",
+                              labels=["destination"])
+    timeouts = CounterMetricFamily("echonode_delivery_timeouts",
+                                   "SR delivery attempts aborted at delivery.timeout_s", labels=["destination"])
+    for lane in lanes:
+        in_flight.add_metric([lane.destination], 1 if lane.in_flight else 0)
+        age.add_metric([lane.destination], round(lane.attempt_s, 3))
+        stuck.add_metric([lane.destination], 1 if lane.stuck else 0)
+        timeouts.add_metric([lane.destination], lane.timeouts)
+    yield from (in_flight, age, stuck, timeouts)
+
+
 class NodeCollector(Collector):
     """Reads the running node's counters and the journal at scrape time.
 
@@ -295,6 +332,8 @@ class NodeCollector(Collector):
         for reason, n in sorted(dict(getattr(delivery, "failures", {}) or {}).items()):
             fam.add_metric([reason], n)
         yield fam
+        if delivery is not None:
+            yield from delivery_families(delivery)
 
         with self._inference_lock:
             self.inference.update()

@@ -190,8 +190,12 @@ class Node:
             next_run_time=None,
         )
         if self.delivery is not None:
+            # dispatch() starts each destination's pass in that destination's
+            # own lane and returns at once, so the job never waits on a peer:
+            # a destination stuck mid-answer cannot make the scheduler skip
+            # the passes that serve the others.
             self.scheduler.add_job(
-                self._job("delivery", self.delivery.run),
+                self._job("delivery", self.delivery.dispatch),
                 "interval",
                 seconds=self.cfg.delivery.check_interval_s,
                 id="delivery",
@@ -256,6 +260,10 @@ class Node:
         notify("STOPPING=1")
         log.info("node.stopping")
         self._step("stop_scp", self.scp.stop)
+        if self.delivery is not None:
+            # Bounded: attempts in flight get a short grace, then are cut or
+            # left behind with their rows pending (sent again at the next start).
+            self._step("stop_delivery", self.delivery.stop)
         if self.worker is not None:
             self._step("stop_worker", self.worker.stop)
         if self.scheduler.running:

@@ -691,20 +691,22 @@ def test_a_silent_destination_does_not_hold_up_the_others(tmp_path: Path, ybr_lo
         hole.close()
 
 
-def owe_more(rep: Reported, destination: str, count: int, due: float, *, sr_path: Path | None = None) -> list[str]:
+def owe_more(rep: Reported, destination: str, count: int, due: float, *, sr_path: Path | None = None,
+             start: int = 1) -> list[str]:
     """Put ``count`` more SRs for ``destination`` in the outbox, all due at ``due``; return their SOP UIDs.
 
     Each is the study's SR file under a new SOP Instance UID, as the journal
     records it (a report row per model set); what the peer stores is the file.
+    ``start`` numbers them, so that later calls add new ones.
     """
-    uids = [f"{rep.sr_uid}.{destination}.{i + 1}" for i in range(count)]
+    uids = [f"{rep.sr_uid}.{destination}.{start + i}" for i in range(count)]
     con = sqlite3.connect(rep.journal.path)
     with con:
         for i, uid in enumerate(uids):
             con.execute(
                 "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path, created)"
                 " VALUES (?, ?, ?, '1.2.3', '1.2.840.10008.5.1.4.1.1.88.33', ?, ?)",
-                (uid, rep.study_uid, f"{destination}-set{i}", str(sr_path or rep.sr_path), due),
+                (uid, rep.study_uid, f"{destination}-set{start + i}", str(sr_path or rep.sr_path), due),
             )
             con.execute(
                 "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
@@ -783,3 +785,317 @@ def test_an_unexpected_error_is_retried_not_fatal(tmp_path: Path, ybr_loop: Path
     assert row["state"] == OutboxState.DEAD  # max_attempts reached, as for any transient failure
     assert row["last_error"] == "gave up after 2 attempts: unexpected error: RuntimeError"
     assert delivery.failures["unexpected"] == 2
+
+
+# -- a destination that stops in the middle of an answer ------------------------------
+
+
+@pytest.fixture
+def fake_pacs() -> Iterator:
+    """Start misbehaving raw-socket peers (:mod:`tests.fake_pacs`); all are stopped at the end."""
+    from tests.fake_pacs import FakePACS
+
+    started: list[FakePACS] = []
+
+    def start(mode: str = "stall_reply", **kwargs) -> FakePACS:
+        peer = FakePACS(mode, **kwargs).start()
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.stop()
+
+
+def bounded(fn, within_s: float, what: str):
+    """Run ``fn`` in a thread; its result, or fail the test when it has not returned within ``within_s``.
+
+    A call that hangs (the bug these tests look for) fails the test instead
+    of hanging the suite; its thread is freed when the fixtures stop the peer.
+    """
+    out: dict = {}
+
+    def call() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    t = threading.Thread(target=call, name=f"bounded-{what}", daemon=True)
+    t.start()
+    t.join(within_s)
+    if t.is_alive():
+        pytest.fail(f"{what} did not return within {within_s} s")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def due_first(rep: Reported, destination: str) -> None:
+    """Make ``destination``'s rows the longest due, so that a serial pass would try them first."""
+    con = sqlite3.connect(rep.journal.path)
+    with con:
+        con.execute("UPDATE outbox SET next_attempt = ? WHERE destination = ?", (time.time() - 1000, destination))
+    con.close()
+
+
+def outbox_rows(rep: Reported) -> dict:
+    return {(r["destination"], r["sr_sop_uid"]): r for r in rep.journal.status()["outbox"]}
+
+
+def test_a_destination_stuck_mid_answer_is_cut_at_timeout_and_holds_up_no_other(
+        tmp_path: Path, ybr_loop: Path, scps, fake_pacs) -> None:
+    """A PACS that sends half of its C-STORE answer and goes silent, the socket left open.
+
+    pynetdicom's reader thread waited for the rest of the PDU for ever on a
+    blocking socket; none of delivery.timeout_s applied, and the pass (and
+    every later one) never came back, so the healthy destination never got
+    its SR. Now the deadline cuts the association from outside at timeout_s.
+    """
+    stuck = fake_pacs("stall_reply")
+    rep = reported_study(tmp_path, ybr_loop, stuck.port, timeout_s=1.0, retry_initial_s=30.0, retry_max_s=60.0)
+    good = scps()
+    cfg = with_destination(rep.cfg, "good", "PACS", good.port)
+    (fresh,) = owe_more(rep, "good", 1, time.time() - 1)
+    due_first(rep, "pacs")
+    delivery = Delivery(cfg, rep.journal)
+    assert bounded(delivery.run, 15, "a delivery pass beside a stalled destination") == 1
+    assert [str(ds.SOPInstanceUID) for ds in good.received] == [rep.sr_uid]
+    rows = outbox_rows(rep)
+    assert rows[("good", fresh)]["state"] == OutboxState.SENT
+    row = rows[("pacs", rep.sr_uid)]
+    assert (row["state"], row["attempts"]) == (OutboxState.PENDING, 1), row
+    assert row["last_error"] == f"no response from PACS@127.0.0.1:{stuck.port} within 1 s (association aborted)"
+    assert row["next_attempt"] > time.time() + 20  # backed off like any transient failure
+    assert stuck.stalled == 1
+    assert delivery.failures == {"transient": 1}
+    assert [(lane.destination, lane.in_flight, lane.timeouts) for lane in delivery.lanes()] == [
+        ("good", False, 0), ("pacs", False, 1)]
+    assert not [t for t in threading.enumerate() if t.name.startswith("echonode-")]
+
+
+def test_a_read_that_never_returns_holds_only_its_own_lane(tmp_path: Path, ybr_loop: Path, scps,
+                                                           monkeypatch) -> None:
+    """Even an attempt that nothing can end (a read the deadline cannot reach) blocks only its destination.
+
+    The stuck destination's attempt here blocks in a read of its own, out of
+    the deadline's reach. The other destination keeps getting its SRs pass
+    after pass, the metrics show the lane stuck, stop() returns within its
+    grace, and the abandoned row is left pending with no attempt counted: a
+    later start sends the same SR (same SOP Instance UID), once.
+    """
+    import socket
+
+    import echonode.delivery as delivery_mod
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(4)  # the kernel accepts; nobody ever answers
+    hole_port = hole.getsockname()[1]
+    real_store_file = delivery_mod.store_file
+    blocked: list[socket.socket] = []
+
+    def store_file(local_ae_title, peer, path, timeout_s=30.0, deadline=None):
+        if peer.port != hole_port:
+            return real_store_file(local_ae_title, peer, path, timeout_s, deadline=deadline)
+        conn = socket.create_connection(("127.0.0.1", hole_port))
+        blocked.append(conn)
+        conn.recv(1)  # until the test closes the hole: the peer resets the connection
+        raise DeliveryError("connection reset", permanent=False)
+
+    monkeypatch.setattr(delivery_mod, "store_file", store_file)
+    rep = reported_study(tmp_path, ybr_loop, hole_port, timeout_s=0.5, retry_initial_s=0.2)
+    good = scps()
+    cfg = with_destination(rep.cfg, "good", "PACS", good.port)
+    due_first(rep, "pacs")
+    delivery = Delivery(cfg, rep.journal)
+    delivery.STUCK_AFTER_S = 0.5
+    try:
+        sent: list[str] = []
+        for i in range(3):
+            (uid,) = owe_more(rep, "good", 1, time.time() - 1, start=i + 1)
+            assert bounded(delivery.run, 10, f"pass {i + 1} beside a lane blocked for good") == 1
+            sent.append(uid)
+        assert len(good.received) == 3
+        assert all(outbox_rows(rep)[("good", uid)]["state"] == OutboxState.SENT for uid in sent)
+        (stuck,) = [lane for lane in delivery.lanes() if lane.destination == "pacs"]
+        assert stuck.in_flight and stuck.stuck and stuck.attempt_s > 1.0, stuck
+        from echonode.metrics import delivery_families
+
+        text = "\n".join(f"{fam.name} {s.labels} {s.value}" for fam in delivery_families(delivery)
+                         for s in fam.samples)
+        assert "echonode_delivery_stuck {'destination': 'pacs'} 1" in text, text
+        assert "echonode_delivery_stuck {'destination': 'good'} 0" in text, text
+        assert "echonode_delivery_in_flight {'destination': 'pacs'} 1" in text, text
+
+        with capture_logs() as logs:
+            t0 = time.monotonic()
+            abandoned = bounded(lambda: delivery.stop(grace_s=0.5), 10, "Delivery.stop")
+            stop_s = time.monotonic() - t0
+        assert abandoned == ["pacs"]
+        assert stop_s < 0.5 + delivery.CUT_GRACE_S + 2, stop_s
+        assert any(e["event"] == "delivery.abandoned" and e["destination"] == "pacs" for e in logs), logs
+        row = outbox_rows(rep)[("pacs", rep.sr_uid)]
+        assert (row["state"], row["attempts"], row["last_error"]) == (OutboxState.PENDING, 0, None), row
+        assert delivery.dispatch() == []  # stopped: nothing new starts
+    finally:
+        hole.close()  # resets the blocked connection: the abandoned thread comes back
+        for lane_thread in [t for t in threading.enumerate() if t.name == "echonode-delivery-pacs"]:
+            lane_thread.join(10)
+            assert not lane_thread.is_alive()
+        for conn in blocked:
+            conn.close()
+    # Back from its read after the stop, the attempt wrote nothing.
+    row = outbox_rows(rep)[("pacs", rep.sr_uid)]
+    assert (row["state"], row["attempts"]) == (OutboxState.PENDING, 0), row
+
+    # The next start: the destination answers now, and gets the SR it was owed, under the same UID.
+    monkeypatch.setattr(delivery_mod, "store_file", real_store_file)
+    pacs = scps()
+    fixed = dataclasses.replace(cfg, destinations=tuple(
+        dataclasses.replace(d, port=pacs.port) if d.name == "pacs" else d for d in cfg.destinations))
+    assert Delivery(fixed, Journal(rep.cfg.journal_path)).run() == 1
+    assert [str(ds.SOPInstanceUID) for ds in pacs.received] == [rep.sr_uid]
+    assert outbox_rows(rep)[("pacs", rep.sr_uid)]["state"] == OutboxState.SENT
+
+
+def test_node_keeps_delivering_beside_a_destination_stuck_mid_answer(tmp_path: Path, ybr_loop: Path,
+                                                                      scps, fake_pacs) -> None:
+    """The running node, its scheduler and a real stall: the healthy PACS gets every SR, stop is bounded.
+
+    The scheduler's delivery job used to sit in the stalled pass for ever
+    (max_instances=1 skipped every later run) and SIGTERM waited on it.
+    """
+    from echonode.node import Node
+
+    stuck = fake_pacs("stall_reply")
+    rep = reported_study(tmp_path, ybr_loop, stuck.port, timeout_s=0.5, retry_initial_s=0.2, retry_max_s=0.4,
+                         check_interval_s=0.1)
+    good = scps()
+    cfg = with_destination(rep.cfg, "good", "PACS", good.port)
+    (first,) = owe_more(rep, "good", 1, time.time())
+    due_first(rep, "pacs")
+    node = Node(cfg, start_worker=False)
+    t0 = time.monotonic()
+    node.start()
+    try:
+        wait_for(lambda: good.received, timeout=10, what="the healthy destination's SR")
+        first_s = time.monotonic() - t0
+        more = owe_more(rep, "good", 2, time.time(), start=2)
+        wait_for(lambda: len(good.received) == 3, timeout=10, what="the healthy destination's later SRs")
+        wait_for(lambda: stuck.stalled >= 3, timeout=15, what="the stalled destination to be tried again")
+        row = outbox_rows(rep)[("pacs", rep.sr_uid)]
+        assert row["state"] == OutboxState.PENDING and row["attempts"] >= 2, row
+        assert row["last_error"] == f"no response from PACS@127.0.0.1:{stuck.port} within 0.5 s (association aborted)"
+        assert all(outbox_rows(rep)[("good", uid)]["state"] == OutboxState.SENT for uid in [first, *more])
+    finally:
+        t1 = time.monotonic()
+        bounded(node.stop, 20, "Node.stop beside a stalled destination")
+        stop_s = time.monotonic() - t1
+    print(f"healthy SR after {first_s:.2f} s; stop took {stop_s:.2f} s")
+    assert stop_s < Delivery.STOP_GRACE_S + Delivery.CUT_GRACE_S + 5
+    assert outbox_rows(rep)[("pacs", rep.sr_uid)]["state"] == OutboxState.PENDING
+
+
+@pytest.mark.parametrize("result,source,reason,text", [
+    (1, 3, 1, "temporary congestion"),
+    (1, 3, 2, "local limit exceeded"),
+])
+def test_permanent_rejection_with_a_temporary_reason_is_retried(
+        tmp_path: Path, ybr_loop: Path, fake_pacs, scps, result: int, source: int, reason: int, text: str) -> None:
+    """PS3.8 9.3.4: congestion and local limits are temporary, whatever result code the PACS sends with them.
+
+    An A-ASSOCIATE-RJ 'rejected-permanent, presentation provider, local limit
+    exceeded' (a PACS at its association limit) used to dead-letter the SR.
+    """
+    busy = fake_pacs("reject", reject=(result, source, reason))
+    rep = reported_study(tmp_path, ybr_loop, busy.port, retry_initial_s=0.2)
+    delivery = Delivery(rep.cfg, rep.journal)
+    with capture_logs() as logs:
+        assert delivery.run() == 0
+    row = rep.outbox()
+    assert (row["state"], row["attempts"]) == (OutboxState.PENDING, 1), row
+    assert row["last_error"] == (f"association rejected: {text} (sent as rejected-permanent, source {source}"
+                                 f" reason {reason}; retried, the reason is temporary)")
+    (retry,) = [e for e in logs if e["event"] == "delivery.retry"]
+    assert retry["error"] == row["last_error"]
+    assert delivery.failures == {"transient": 1}
+    # The PACS has room again: the same SR goes out.
+    scp = scps()
+    fixed = dataclasses.replace(rep.cfg.destinations[0], port=scp.port)
+    delivery.update_config(dataclasses.replace(rep.cfg, destinations=(fixed,)))
+    wait_due(rep)
+    assert delivery.run() == 1
+    assert [str(ds.SOPInstanceUID) for ds in scp.received] == [rep.sr_uid]
+
+
+@pytest.mark.parametrize("result,source,reason,permanent,text", [
+    (1, 1, 3, True, "association rejected permanently: calling AE title not recognized"),
+    (1, 2, 2, True, "association rejected permanently: protocol version not supported"),
+    (2, 3, 2, False, "association rejected transiently: local limit exceeded"),
+])
+def test_other_rejections_keep_their_kind(tmp_path: Path, ybr_loop: Path, fake_pacs, result: int, source: int,
+                                          reason: int, permanent: bool, text: str) -> None:
+    peer = fake_pacs("reject", reject=(result, source, reason))
+    rep = reported_study(tmp_path, ybr_loop, peer.port, retry_initial_s=0.2)
+    assert Delivery(rep.cfg, rep.journal).run() == 0
+    row = rep.outbox()
+    assert row["state"] == (OutboxState.DEAD if permanent else OutboxState.PENDING), row
+    assert row["last_error"] == text
+
+
+@pytest.mark.parametrize("mode", ["stall_reply", "stall_accept"])
+def test_echo_to_a_peer_stuck_mid_answer_fails_within_the_timeout(tmp_path: Path, fake_pacs, mode: str) -> None:
+    """``echonode echo`` against a peer that sends half a PDU (of the C-ECHO answer, or of the A-ASSOCIATE-AC).
+
+    It used to wait for the rest of the PDU for ever, whatever --timeout said.
+    """
+    peer = fake_pacs(mode)
+    conf = write_config(make_config(tmp_path), tmp_path / "echonode.toml")
+    t0 = time.monotonic()
+    res = run_cli("--config", str(conf), "echo", f"PACS@127.0.0.1:{peer.port}", "--timeout", "2", timeout=60)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert (f"echonode: C-ECHO to PACS@127.0.0.1:{peer.port} failed: no response from PACS@127.0.0.1:{peer.port}"
+            " within 2 s (association aborted)") in res.stderr
+    assert "Traceback" not in res.stderr
+    assert peer.stalled == 1
+    assert elapsed < 30, elapsed  # the CLI's own start included
+
+
+def test_echo_returns_within_its_timeout_in_process(fake_pacs) -> None:
+    """The library call behind ``echonode echo``: a DeliveryError, not a hang, and no thread left behind."""
+    peer = fake_pacs("stall_reply")
+    with pytest.raises(DeliveryError, match=r"within 1 s \(association aborted\)") as info:
+        bounded(lambda: echo("ECHONODE", Peer("PACS", "127.0.0.1", peer.port), timeout_s=1.0), 15, "echo")
+    assert not info.value.permanent
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name == "echonode-association-deadline"],
+             timeout=5, what="the deadline thread to end")
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory) -> dict[str, Path]:
+    """A self-signed server certificate for 127.0.0.1, its own CA."""
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pacs",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return {"cert": d / "cert.pem", "key": d / "key.pem"}
+
+
+def test_a_tls_destination_stuck_mid_answer_is_cut_at_timeout(tmp_path: Path, ybr_loop: Path, fake_pacs,
+                                                              self_signed: dict[str, Path]) -> None:
+    """The deadline shuts a TLS association down too (the read blocks inside the TLS layer)."""
+    import ssl
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(self_signed["cert"]), str(self_signed["key"]))
+    stuck = fake_pacs("stall_reply", tls=server)
+    rep = reported_study(tmp_path, ybr_loop, stuck.port, timeout_s=1.0, retry_initial_s=30.0, retry_max_s=60.0)
+    dest = dataclasses.replace(rep.cfg.destinations[0], tls=TLSConfig(enabled=True, ca_file=str(self_signed["cert"])))
+    delivery = Delivery(dataclasses.replace(rep.cfg, destinations=(dest,)), rep.journal)
+    assert bounded(delivery.run, 15, "a delivery pass to a stalled TLS destination") == 0
+    assert stuck.stalled == 1  # the handshake and the association went through; the answer stopped halfway
+    row = rep.outbox()
+    assert (row["state"], row["attempts"]) == (OutboxState.PENDING, 1), row
+    assert row["last_error"] == f"no response from PACS@127.0.0.1:{stuck.port} within 1 s (association aborted)"
