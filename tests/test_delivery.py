@@ -1023,7 +1023,7 @@ def test_permanent_rejection_with_a_temporary_reason_is_retried(
     # The PACS has room again: the same SR goes out.
     scp = scps()
     fixed = dataclasses.replace(rep.cfg.destinations[0], port=scp.port)
-    delivery.update_config(dataclasses.replace(rep.cfg, destinations=(fixed,)))
+    delivery.apply_config(dataclasses.replace(rep.cfg, destinations=(fixed,)))
     wait_due(rep)
     assert delivery.run() == 1
     assert [str(ds.SOPInstanceUID) for ds in scp.received] == [rep.sr_uid]
