@@ -135,7 +135,7 @@ def describe_report(path: Path) -> str:
     """The SR at ``path`` as lines a person reads."""
     import pydicom
 
-    from .sr import summarise_report
+    from .report.read import summarise_report
 
     ds = pydicom.dcmread(path)
     s = summarise_report(ds)

@@ -101,7 +101,8 @@ def run_infer(args: argparse.Namespace) -> int:
             continue
         summary = analysis.summary()
         if args.sr_out and not analysis.skipped_reason and is_valid_uid(study_uid):
-            from .sr import HeaderRefused, build_report, read_study_header
+            from .report.build import build_report
+            from .report.header import HeaderRefused, read_study_header
 
             try:
                 header = read_study_header(files[0])

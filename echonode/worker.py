@@ -47,7 +47,7 @@ class StudyOutcome:
 
 
 def _findings(analysis: Any) -> list[Any]:
-    from .sr import SourceInstance, TaskFinding
+    from .report.findings import SourceInstance, TaskFinding
 
     findings = []
     for task, outcome in sorted(analysis.tasks.items()):
@@ -144,7 +144,8 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
     """Take one claimed study through the pipeline to the outbox."""
     from .journal import ReportRecord, StaleClaim, TaskResult
     from .pipeline import StudyRefused, analyse_study
-    from .sr import HeaderRefused, build_report, read_study_header
+    from .report.build import build_report
+    from .report.header import HeaderRefused, read_study_header
 
     bound = log.bind(study_uid=claim.study_uid, attempt=claim.attempts)
     models = registry.current

@@ -23,7 +23,7 @@ import pytest
 
 from echonode.journal import StudyState
 from echonode.node import Node
-from echonode.sr import summarise_report
+from echonode.report.read import summarise_report
 from tests.conftest import ORTHANC, free_port, make_config, need, wait_for, with_destination
 from tests.factories import tiny_bundle
 

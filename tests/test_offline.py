@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 
-from echonode.sr import summarise_report
+from echonode.report.read import summarise_report
 from tests.conftest import run_cli
 from tests.factories import tiny_bundle, us_multiframe, write
 

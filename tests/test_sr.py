@@ -1,4 +1,4 @@
-"""Tests for echonode.sr: build the SR, write it, read it back strictly, validate.
+"""Tests for echonode.report: build the SR, write it, read it back strictly, validate.
 
 What we *produce* is read back with pydicom's strict validation
 (``reading_validation_mode = RAISE``) and checked with dicom3tools'
@@ -30,15 +30,10 @@ from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
 import echonode
-from echonode.sr import (
-    COPIED_EXACTLY,
-    SERIES_DESCRIPTION,
-    HeaderRefused,
-    SourceInstance,
-    TaskFinding,
-    build_report,
-    summarise_report,
-)
+from echonode.report.build import SERIES_DESCRIPTION, build_report
+from echonode.report.findings import SourceInstance, TaskFinding
+from echonode.report.header import COPIED_EXACTLY, HeaderRefused
+from echonode.report.read import summarise_report
 
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"

@@ -14,11 +14,12 @@ import pytest
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
-import echonode.sr
+import echonode.report.build
 from echonode.bundle import ModelRegistry
 from echonode.journal import Journal, StudyState
 from echonode.node import Node
-from echonode.sr import COPIED_EXACTLY, summarise_report
+from echonode.report.header import COPIED_EXACTLY
+from echonode.report.read import summarise_report
 from echonode.store import StudyStore
 from echonode.worker import handle_claim, process_study
 from tests.conftest import make_config, wait_for
@@ -240,7 +241,7 @@ def test_failure_reasons_never_quote_data(tmp_path: Path, monkeypatch: pytest.Mo
         # What highdicom and pydicom do: quote the offending value.
         raise ValueError(f"{header.PatientName!s} / {header.PatientID} is not a valid value")
 
-    monkeypatch.setattr(echonode.sr, "build_report", refuses)
+    monkeypatch.setattr(echonode.report.build, "build_report", refuses)
     for attempt, state in ((1, StudyState.QUEUED), (2, StudyState.FAILED)):
         with capture_logs() as logs:
             handle_claim(cfg, journal, store, registry, journal.claim_next(1))
