@@ -29,13 +29,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-_SR_SOP_CLASS_UIDS = {
-    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
-    "enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
-    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
-}
-
-
 @dataclass
 class StudyOutcome:
     """What :func:`process_study` did (for logs and tests)."""

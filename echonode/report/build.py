@@ -3,7 +3,9 @@
 One report per study and model set, in the *same* study as its source videos
 (same Patient and Study attributes), in a new series, Modality SR. It is built
 with highdicom (:class:`highdicom.sr.MeasurementReport`) and stored as a
-Comprehensive SR by default, or as an Enhanced SR or Comprehensive 3D SR.
+Comprehensive 3D SR by default (the IHE AI Results IOD), or as a
+Comprehensive SR or Enhanced SR; :mod:`echonode.report.sop` gives the same
+report in another of these classes for a PACS that refuses its own.
 
 Per task the report holds one Measurement Group (TID 1501) with
 
@@ -91,11 +93,12 @@ DISCLAIMER = (
 #: What :func:`build_report` returns.
 SRDocument = hd.sr.ComprehensiveSR | hd.sr.EnhancedSR | hd.sr.Comprehensive3DSR
 
-#: ``sop_class`` argument -> highdicom SR class.
+#: ``sop_class`` argument (a key of :data:`echonode.report.sop.SR_SOP_CLASS_UIDS`)
+#: -> highdicom SR class.
 SOP_CLASSES: dict[str, type[SRDocument]] = {
+    "comprehensive3d": hd.sr.Comprehensive3DSR,
     "comprehensive": hd.sr.ComprehensiveSR,
     "enhanced": hd.sr.EnhancedSR,
-    "comprehensive3d": hd.sr.Comprehensive3DSR,
 }
 
 _CODING_SCHEMES = (
@@ -291,7 +294,7 @@ def build_report(
     study_header: Dataset,
     findings: Sequence[TaskFinding],
     *,
-    sop_class: str = "comprehensive",
+    sop_class: str = "comprehensive3d",
     series_number: int = 9001,
     instance_number: int = 1,
     series_instance_uid: str | None = None,
@@ -312,8 +315,9 @@ def build_report(
     findings : sequence of TaskFinding
         One finding per task, each a Measurement Group. May be empty only
         together with ``no_usable_video_reason``.
-    sop_class : {"comprehensive", "enhanced", "comprehensive3d"}
-        SR storage SOP class.
+    sop_class : {"comprehensive3d", "comprehensive", "enhanced"}
+        SR storage SOP class: Comprehensive 3D SR (the IHE AI Results IOD,
+        the default), Comprehensive SR or Enhanced SR.
     series_number, instance_number : int
         Series Number and Instance Number of the report.
     series_instance_uid, sop_instance_uid : str, optional
