@@ -108,8 +108,9 @@ class SRConfig:
     #: Comprehensive 3D SR: the IHE AI Results IOD. Delivery falls back per
     #: destination to a class the PACS accepts (echonode.report.sop).
     sop_class: str = "comprehensive3d"
-    #: Send an SR that says "no usable video" instead of skipping silently.
-    report_skipped: bool = False
+    #: A study the models cannot assess gets an SR that says so, each task
+    #: "Undetermined" with the coded reason: silence would read as "absent".
+    report_skipped: bool = True
     series_number: int = 9001
     institution_name: str = ""
 

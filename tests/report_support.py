@@ -68,7 +68,6 @@ def make_findings(sources: tuple[SourceInstance, ...], *, same_device: bool = Fa
         device_uid=lvh_device,
         parameters={"clip_frames": "16", "frame_size": "112", "threshold": "0.5"},
         sources=sources,
-        views_used=("plax", "a4c"),
         n_videos=len(sources),
         video_probabilities={
             sources[0].sop_instance_uid: 0.91,
@@ -85,7 +84,6 @@ def make_findings(sources: tuple[SourceInstance, ...], *, same_device: bool = Fa
         device_uid=lvh_device if same_device else generate_uid(),
         parameters={"clip_frames": "16", "frame_size": "112"},
         sources=sources[:1],
-        views_used=("plax",),
         n_videos=1,
     )
     return [lvh, severe_as]

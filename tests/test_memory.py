@@ -156,7 +156,7 @@ def test_the_report_copies_the_study_exactly_from_a_bounded_header(tmp_path: Pat
     finding = TaskFinding(
         task="lvh", probability=0.7, threshold=0.5, model_name="m", model_version="1", device_uid="1.2.3",
         parameters={}, sources=(SourceInstance(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID, "plax"),),
-        views_used=("plax",), n_videos=1,
+        n_videos=1,
     )
     uids = {"series_instance_uid": "1.2.826.0.1.3680043.8.498.1", "sop_instance_uid": "1.2.826.0.1.3680043.8.498.2"}
 

@@ -123,7 +123,7 @@ def test_conflicting_patient_identity_is_never_reported(tmp_path: Path) -> None:
 def test_nothing_usable_is_skipped_with_reason(tmp_path: Path) -> None:
     from tests.conftest import real_testfile
 
-    cfg = make_config(tmp_path)
+    cfg = make_config(tmp_path, sr={"report_skipped": False})
     tiny_bundle(cfg.models_dir, "lvh")
     journal, store, study_uid = _stored_study(tmp_path, cfg, [real_testfile("OBXXXX1A.dcm")])
     registry = ModelRegistry(cfg.models_dir, "cpu")
@@ -132,12 +132,15 @@ def test_nothing_usable_is_skipped_with_reason(tmp_path: Path) -> None:
     assert outcome.state == "skipped"
     assert "no usable video" in outcome.reason
     assert journal.study(study_uid)["reason"] == outcome.reason
-    # With sr.report_skipped the study gets an SR that says so.
+    # By default (sr.report_skipped) the study gets an SR that says so, coded.
     cfg2 = dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, report_skipped=True))
     journal.requeue(study_uid)
     outcome = process_study(cfg2, journal, store, registry, journal.claim_next(1))
     summary = summarise_report(journal.latest_report(study_uid).path)
-    assert summary["findings"] == [] and "no usable video" in summary["no_usable_video_reason"]
+    assert "no usable video" in summary["no_usable_video_reason"]
+    (finding,) = summary["findings"]
+    assert (finding["task"], finding["evaluation"], finding["not_assessed_reason"]) == (
+        "lvh", "Undetermined", "no_usable_video")
 
 
 def test_node_runs_the_worker_and_survives_its_death(tmp_path: Path, ybr_loop: Path) -> None:

@@ -7,18 +7,37 @@ Comprehensive 3D SR by default (the IHE AI Results IOD), or as a
 Comprehensive SR or Enhanced SR; :mod:`echonode.report.sop` gives the same
 report in another of these classes for a PACS that refuses its own.
 
+What a reader sees first. TID 1500's order is not significant (dcmtk's
+TID 1500 class says so too), so the Qualitative Evaluations container (TID
+1500 row 10, TEXT items allowed) is the root's *first* item: one
+plain-language line per finding (DCM 121071 "Finding", TEXT;
+:mod:`echonode.report.summary`), then the disclaimer, and, where they
+apply, why nothing was used and which report this one supersedes. A viewer
+that renders the tree in order (dsr2html, most PACS viewers) shows the
+verdicts right under the document title, ahead of the observer context and
+the measurement groups. Every container's content is SEPARATE, not
+CONTINUOUS, so that a renderer names each item ("Probability: 0.428")
+instead of running the values together as one sentence.
+
 Per task the report holds one Measurement Group (TID 1501) with
 
 - a tracking identifier and tracking UID;
 - the finding (left ventricular hypertrophy; aortic stenosis, modified by
   severity "Severe" for the ``severe_as`` task) and its finding site;
 - the algorithm identification (TID 4019: model name, version, parameters);
-- a qualitative evaluation: the finding, Present or Absent by the threshold;
-- the study-level probability (DCM 122157 "Probability", unit UCUM "1"),
-  the number of videos used, and optionally one probability per video that
-  references its video;
-- one "Image View" text item per echocardiographic view used;
-- a reference (DCM 121112 "Source of Measurement") to every video used;
+- a qualitative evaluation of the finding from CID 240 "Present-Absent":
+  Present or Absent by the threshold, or Undetermined for a task the models
+  could not assess, with a second evaluation "Reason not assessed" (No
+  usable video; No video of the required view);
+- for an assessed task, the study-level probability (DCM 122157
+  "Probability", unit UCUM "1", 3 decimals, rounded on its side of the
+  threshold), the number of videos used (an integer), and optionally one
+  probability per video that references its video;
+- a reference (DCM 121112 "Source of Measurement") to every video used,
+  with its echocardiographic view as acquisition context ("Image View"):
+  CODE from CID 12226 "Echocardiography Image View" for the labels
+  :data:`~echonode.report.codes.VIEWS` knows (``plax`` is SCT 399139001
+  "Parasternal long axis"), TEXT with the label for any other;
 - the model bundle's DeviceUID as the algorithm parameter ``device_uid=...``.
 
 Observers: TID 1500 has its observation context (TID 1001) at document level
@@ -51,24 +70,40 @@ from echonode.logs import get_logger
 from echonode.report.codes import (
     COMMENT,
     ECHONODE_SCHEME,
+    FINDING_TEXT,
     IHE_SCHEME,
     IMAGE_VIEW,
     NO_USABLE_VIDEO,
+    NOT_ASSESSED_REASONS,
     NUMBER_OF_VIDEOS,
     PROBABILITY,
     PROBABILITY_UNIT,
     PROCESSING_ALGORITHM,
     QUALITATIVE_EVALUATIONS,
+    REASON_NOT_ASSESSED,
     SUPERSEDES,
     TASKS,
+    UNDETERMINED,
     VIDEO_PROBABILITY,
     VIDEOS_UNIT,
+    VIEWS,
 )
-from echonode.report.findings import SourceInstance, TaskFinding, check_finding
+from echonode.report.findings import (
+    NotAssessed,
+    SourceInstance,
+    TaskFinding,
+    check_finding,
+    check_not_assessed,
+)
 from echonode.report.header import (
     check_copied_exactly,
     evidence_datasets,
     restore_evidence_classes,
+)
+from echonode.report.summary import (
+    finding_line,
+    not_assessed_line,
+    reported_probability,
 )
 
 log = get_logger(__name__)
@@ -118,14 +153,18 @@ _CODING_SCHEMES = (
 _REQUIRED_HEADER = ("StudyInstanceUID",)
 
 
-def _device_observer(finding: TaskFinding, manufacturer: str) -> hd.sr.ObserverContext:
+#: A task as the report names its model: assessed or not.
+Assessment = TaskFinding | NotAssessed
+
+
+def _device_observer(item: Assessment, manufacturer: str) -> hd.sr.ObserverContext:
     return hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=finding.device_uid,
-            name=finding.model_name,
+            uid=item.device_uid,
+            name=item.model_name,
             manufacturer_name=manufacturer,
-            model_name=finding.model_name,
+            model_name=item.model_name,
         ),
     )
 
@@ -140,82 +179,129 @@ def _severity_modifier(severity: Code) -> hd.sr.ContentSequence:
     ])
 
 
-def _measurement_group(
-    finding: TaskFinding,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    task = TASKS[finding.task]
-    parameters = dict(finding.parameters)
-    parameters.setdefault("threshold", f"{finding.threshold:g}")
-    parameters["device_uid"] = finding.device_uid
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=finding.model_name,
-        version=finding.model_version,
+def _algorithm(item: Assessment) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: the model, its version, and its parameters with the threshold and DeviceUID."""
+    parameters = dict(item.parameters)
+    parameters.setdefault("threshold", f"{item.threshold:g}")
+    parameters["device_uid"] = item.device_uid
+    return hd.sr.AlgorithmIdentification(
+        name=item.model_name,
+        version=item.model_version,
         parameters=[f"{k}={v}" for k, v in parameters.items()],
     )
-    present = finding.probability >= finding.threshold
+
+
+def _as_integer(measurement: hd.sr.Measurement) -> hd.sr.Measurement:
+    """A count written as one ("2", not highdicom's "2.0")."""
+    value = measurement[0].MeasuredValueSequence[0]
+    value.NumericValue = str(int(float(value.NumericValue)))
+    if "FloatingPointValue" in value:
+        del value.FloatingPointValue
+    return measurement
+
+
+def _measurements(finding: TaskFinding) -> list[hd.sr.Measurement]:
+    """The probability (3 decimals, on its side of the threshold), the count, the per-video probabilities."""
     measurements = [
         hd.sr.Measurement(
-            name=PROBABILITY, value=float(finding.probability), unit=PROBABILITY_UNIT
+            name=PROBABILITY,
+            value=reported_probability(finding.probability, finding.threshold),
+            unit=PROBABILITY_UNIT,
         ),
-        hd.sr.Measurement(
-            name=NUMBER_OF_VIDEOS, value=int(finding.n_videos), unit=VIDEOS_UNIT
-        ),
+        _as_integer(hd.sr.Measurement(name=NUMBER_OF_VIDEOS, value=int(finding.n_videos), unit=VIDEOS_UNIT)),
     ]
     by_uid = {s.sop_instance_uid: s for s in finding.sources}
     for uid, p in finding.video_probabilities.items():
-        src = by_uid[uid]
         measurements.append(
             hd.sr.Measurement(
                 name=VIDEO_PROBABILITY,
-                value=float(p),
+                value=reported_probability(p),
                 unit=PROBABILITY_UNIT,
-                referenced_images=[
-                    hd.sr.SourceImageForMeasurement(src.sop_class_uid, uid)
-                ],
+                referenced_images=[hd.sr.SourceImageForMeasurement(by_uid[uid].sop_class_uid, uid)],
             )
         )
+    return measurements
+
+
+def _group(
+    item: Assessment,
+    measurements: Sequence[hd.sr.Measurement],
+    evaluations: Sequence[hd.sr.QualitativeEvaluation],
+    sources: Sequence[SourceInstance],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A task's TID 1501 group: tracking, finding, site, algorithm, then what was found."""
+    task = TASKS[item.task]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=f"echonode {finding.task}"
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"echonode {item.task}"),
         finding_type=task.finding,
         finding_sites=[hd.sr.FindingSite(task.site)],
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=task.finding,
-                value=codes.SCT.Present if present else codes.SCT.Absent,
-            )
-        ],
+        algorithm_id=_algorithm(item),
+        measurements=list(measurements) or None,
+        qualitative_evaluations=list(evaluations),
         source_images=[
-            hd.sr.SourceImageForMeasurementGroup(s.sop_class_uid, s.sop_instance_uid)
-            for s in finding.sources
-        ],
+            hd.sr.SourceImageForMeasurementGroup(s.sop_class_uid, s.sop_instance_uid) for s in sources
+        ] or None,
     )
-    items = group[0].ContentSequence
     if task.severity is not None:
         # The finding and its evaluation are about the *severe* form.
-        for item in items:
-            if item.ValueType == "CODE" and item.name in (codes.DCM.Finding, task.finding):
-                item.ContentSequence = _severity_modifier(task.severity)
-    for view in finding.views_used:
-        items.append(
-            hd.sr.TextContentItem(
-                name=IMAGE_VIEW,
-                value=str(view),
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        )
+        for content in group[0].ContentSequence:
+            if content.ValueType == "CODE" and content.name in (codes.DCM.Finding, task.finding):
+                content.ContentSequence = _severity_modifier(task.severity)
     return group
 
 
+def _view_item(label: str) -> hd.sr.ContentItem:
+    """Image View: coded from CID 12226 when the label is known, else the label as text.
+
+    Acquisition context of the video it describes, as the echo templates
+    (TID 5200) give a measurement's view. (At group level, a CODE item would
+    read as one of the group's qualitative evaluations to highdicom's reader
+    and to TID 1501's CONTAINS CODE row.)
+    """
+    context = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    view = VIEWS.get(label)
+    if view is not None:
+        return hd.sr.CodeContentItem(name=IMAGE_VIEW, value=view.code, relationship_type=context)
+    return hd.sr.TextContentItem(name=IMAGE_VIEW, value=label, relationship_type=context)
+
+
+def _measurement_group(finding: TaskFinding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The group of an assessed task: Present or Absent, the probability, the videos and their views."""
+    task = TASKS[finding.task]
+    present = finding.probability >= finding.threshold
+    group = _group(
+        finding,
+        _measurements(finding),
+        [hd.sr.QualitativeEvaluation(name=task.finding, value=codes.SCT.Present if present else codes.SCT.Absent)],
+        finding.sources,
+    )
+    views = {s.sop_instance_uid: s.view for s in finding.sources if s.view}
+    for item in group[0].ContentSequence:
+        if item.ValueType == "IMAGE" and item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in views:
+            view = views[item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+            item.ContentSequence = hd.sr.ContentSequence([_view_item(view)])
+    return group
+
+
+def _not_assessed_group(item: NotAssessed) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The group of a task not assessed: Undetermined (CID 240), and the coded reason."""
+    return _group(
+        item,
+        [],
+        [
+            hd.sr.QualitativeEvaluation(name=TASKS[item.task].finding, value=UNDETERMINED),
+            hd.sr.QualitativeEvaluation(name=REASON_NOT_ASSESSED, value=NOT_ASSESSED_REASONS[item.reason]),
+        ],
+        [],
+    )
+
+
 def _observation_context(
-    findings: Sequence[TaskFinding], manufacturer: str, software_version: str
+    items: Sequence[Assessment], manufacturer: str, software_version: str
 ) -> hd.sr.ObservationContext:
-    devices: dict[str, TaskFinding] = {}
-    for f in findings:
-        devices.setdefault(f.device_uid, f)
+    devices: dict[str, Assessment] = {}
+    for item in items:
+        devices.setdefault(item.device_uid, item)
     if not devices:
         node_uid = generate_uid(
             prefix=None, entropy_srcs=["echonode", manufacturer, software_version]
@@ -234,8 +320,8 @@ def _observation_context(
     context = hd.sr.ObservationContext(
         observer_device_context=_device_observer(first, manufacturer)
     )
-    for f in others:  # TID 1002 may repeat: one observer per device
-        context.extend(_device_observer(f, manufacturer))
+    for item in others:  # TID 1002 may repeat: one observer per device
+        context.extend(_device_observer(item, manufacturer))
     return context
 
 
@@ -246,7 +332,7 @@ def _text(name: Code, value: str) -> hd.sr.TextContentItem:
 
 
 def _contributing_equipment(
-    findings: Sequence[TaskFinding],
+    items: Sequence[Assessment],
     manufacturer: str,
     software_version: str,
     institution_name: str | None,
@@ -261,33 +347,33 @@ def _contributing_equipment(
         contribution_datetime=now,
         contribution_description="echonode created this report",
     )
-    items = [node]
+    equipment = [node]
     seen: set[tuple[str, str, str]] = set()
-    for f in findings:
-        key = (f.model_name, f.model_version, f.device_uid)
+    for item in items:
+        key = (item.model_name, item.model_version, item.device_uid)
         if key in seen:
             continue
         seen.add(key)
-        item = hd.ContributingEquipment(
+        model = hd.ContributingEquipment(
             manufacturer=manufacturer,
             purpose_of_reference=codes.DCM.ProcessingEquipment,  # replaced below
-            manufacturer_model_name=f.model_name,
-            software_versions=f.model_version,
+            manufacturer_model_name=item.model_name,
+            software_versions=item.model_version,
             institution_name=institution_name,
             contribution_datetime=now,
             contribution_description=(
-                f"AI model for task {f.task}; NOT FOR DIAGNOSTIC USE"
+                f"AI model for task {item.task}; NOT FOR DIAGNOSTIC USE"
             ),
         )
         # IHE AIR: the algorithm's item has purpose "Processing Algorithm".
         # The sequence takes exactly one item (dciodvfy: "1 Required by Module
         # definition"), and highdicom accepts CID 7005 codes only.
-        item.PurposeOfReferenceCodeSequence = [
+        model.PurposeOfReferenceCodeSequence = [
             hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)
         ]
-        item.DeviceUID = f.device_uid
-        items.append(item)
-    return items
+        model.DeviceUID = item.device_uid
+        equipment.append(model)
+    return equipment
 
 
 def build_report(
@@ -304,6 +390,7 @@ def build_report(
     institution_name: str | None = None,
     supersedes: tuple[str, str, str] | None = None,
     no_usable_video_reason: str | None = None,
+    not_assessed: Sequence[NotAssessed] = (),
 ) -> SRDocument:
     """Build the TID 1500 SR that goes back into a study.
 
@@ -313,8 +400,8 @@ def build_report(
         Header of an instance of the study (pixel data not needed): its
         Patient and Study attributes are copied into the report.
     findings : sequence of TaskFinding
-        One finding per task, each a Measurement Group. May be empty only
-        together with ``no_usable_video_reason``.
+        One finding per task, each a Measurement Group and a plain-language
+        line. May be empty only together with ``no_usable_video_reason``.
     sop_class : {"comprehensive3d", "comprehensive", "enhanced"}
         SR storage SOP class: Comprehensive 3D SR (the IHE AI Results IOD,
         the default), Comprehensive SR or Enhanced SR.
@@ -334,9 +421,14 @@ def build_report(
         earlier echonode SR of the same study that this one replaces: listed
         in the Predecessor Documents Sequence and named in a text item.
     no_usable_video_reason : str, optional
-        Why the study had no usable video; gives a report without measurement
-        groups whose Qualitative Evaluations container says so. Only with an
-        empty ``findings``.
+        Why the models could not assess the study (the pipeline's words);
+        the Qualitative Evaluations container says so. Only with an empty
+        ``findings``.
+    not_assessed : sequence of NotAssessed
+        The tasks the models could not assess, each a Measurement Group whose
+        finding is evaluated Undetermined with the coded reason, and a
+        plain-language line. Only with ``no_usable_video_reason``; without
+        any, the report has no measurement group.
 
     Returns
     -------
@@ -369,15 +461,16 @@ def build_report(
     ``sr.header_normalised`` with the UIDs and the attribute names, never a
     value.
     """
-    findings = _checked_arguments(
-        study_header, findings, sop_class, supersedes, no_usable_video_reason, series_number, instance_number
+    findings, not_assessed = _checked_arguments(
+        study_header, findings, not_assessed, sop_class, supersedes, no_usable_video_reason,
+        series_number, instance_number,
     )
+    assessments: list[Assessment] = [*findings, *not_assessed]
     sources = _sources(findings)
     content = _content(
-        findings,
-        _qualitative_evaluations(no_usable_video_reason, supersedes),
-        manufacturer,
-        software_version,
+        [*map(_measurement_group, findings), *map(_not_assessed_group, not_assessed)],
+        _qualitative_evaluations(findings, not_assessed, no_usable_video_reason, supersedes),
+        _observation_context(assessments, manufacturer, software_version),
     )
     evidence = _repaired_evidence(study_header, sources)
     sr = SOP_CLASSES[sop_class](
@@ -396,7 +489,7 @@ def build_report(
         performed_procedure_codes=[codes.SCT.Echocardiography],
         record_evidence=bool(sources),
         contributing_equipment=_contributing_equipment(
-            findings, manufacturer, software_version, institution_name
+            assessments, manufacturer, software_version, institution_name
         ),
         coding_schemes=list(_CODING_SCHEMES),
         series_description=SERIES_DESCRIPTION,
@@ -416,13 +509,14 @@ def build_report(
 def _checked_arguments(
     study_header: Dataset,
     findings: Sequence[TaskFinding],
+    not_assessed: Sequence[NotAssessed],
     sop_class: str,
     supersedes: tuple[str, str, str] | None,
     no_usable_video_reason: str | None,
     series_number: int,
     instance_number: int,
-) -> list[TaskFinding]:
-    """The findings as a list, once every argument of :func:`build_report` is valid."""
+) -> tuple[list[TaskFinding], list[NotAssessed]]:
+    """The findings and the tasks not assessed as lists, once every argument of :func:`build_report` is valid."""
     if not isinstance(study_header, Dataset):
         raise ValueError('Argument "study_header" must be a pydicom Dataset.')
     for keyword in _REQUIRED_HEADER:
@@ -451,9 +545,19 @@ def _checked_arguments(
         )
     for i, finding in enumerate(findings):
         check_finding(finding, i)
+    if isinstance(not_assessed, (str, bytes)) or not isinstance(not_assessed, Sequence):
+        raise ValueError('Argument "not_assessed" must be a sequence of NotAssessed.')
+    not_assessed = list(not_assessed)
+    if not_assessed and no_usable_video_reason is None:
+        raise ValueError('Argument "not_assessed" must be empty unless "no_usable_video_reason" is given.')
+    for i, item in enumerate(not_assessed):
+        check_not_assessed(item, i)
     tasks = [f.task for f in findings]
     if len(set(tasks)) != len(tasks):
         raise ValueError(f'Argument "findings" names a task twice: {tasks}.')
+    tasks = [n.task for n in not_assessed]
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f'Argument "not_assessed" names a task twice: {tasks}.')
     if supersedes is not None and (
         not isinstance(supersedes, tuple)
         or len(supersedes) != 3
@@ -466,7 +570,7 @@ def _checked_arguments(
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f'Argument "{name}" must be a positive integer.')
-    return findings
+    return findings, not_assessed
 
 
 def _sources(findings: Sequence[TaskFinding]) -> list[SourceInstance]:
@@ -479,10 +583,15 @@ def _sources(findings: Sequence[TaskFinding]) -> list[SourceInstance]:
 
 
 def _qualitative_evaluations(
-    no_usable_video_reason: str | None, supersedes: tuple[str, str, str] | None
+    findings: Sequence[TaskFinding],
+    not_assessed: Sequence[NotAssessed],
+    no_usable_video_reason: str | None,
+    supersedes: tuple[str, str, str] | None,
 ) -> hd.sr.ContainerContentItem:
-    """TID 1500's Qualitative Evaluations container: the disclaimer, and why, when nothing was used."""
-    evaluations: list[hd.sr.ContentItem] = [_text(COMMENT, DISCLAIMER)]
+    """TID 1500's Qualitative Evaluations: a line per finding, the disclaimer, why nothing was used."""
+    lines = [*map(finding_line, findings), *map(not_assessed_line, not_assessed)]
+    evaluations: list[hd.sr.ContentItem] = [_text(FINDING_TEXT, line) for line in lines]
+    evaluations.append(_text(COMMENT, DISCLAIMER))
     if no_usable_video_reason is not None:
         evaluations.append(_text(NO_USABLE_VIDEO, no_usable_video_reason))
     if supersedes is not None:
@@ -502,18 +611,16 @@ def _qualitative_evaluations(
 
 
 def _content(
-    findings: Sequence[TaskFinding],
+    groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
     evaluations: hd.sr.ContainerContentItem,
-    manufacturer: str,
-    software_version: str,
+    observation_context: hd.sr.ObservationContext,
 ) -> hd.sr.ContainerContentItem:
-    """The document's content tree: the TID 1500 root and what it contains."""
-    observation_context = _observation_context(findings, manufacturer, software_version)
-    if findings:
+    """The document's content tree: the TID 1500 root, the plain-language lines first."""
+    if groups:
         report = hd.sr.MeasurementReport(
             observation_context=observation_context,
             procedure_reported=codes.SCT.Echocardiography,
-            imaging_measurements=[_measurement_group(f) for f in findings],
+            imaging_measurements=list(groups),
         )
         root = cast(hd.sr.ContainerContentItem, report[0])
     else:
@@ -534,8 +641,18 @@ def _content(
                 relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
             )
         )
-    root.ContentSequence.append(evaluations)
+    # TID 1500's order is not significant: what a reader needs goes first.
+    root.ContentSequence.insert(0, evaluations)
+    _separate(root)
     return root
+
+
+def _separate(item: Dataset) -> None:
+    """Every container's items are separate statements, not one continuous text."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate(child)
 
 
 def _previous_versions(supersedes: tuple[str, str, str] | None, study_uid: str) -> list[Dataset] | None:

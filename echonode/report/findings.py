@@ -1,7 +1,11 @@
 """What the report builder is given: a finding per task and the videos it used.
 
-The inputs are checked at the door (:func:`check_finding`), with a message
-that names the argument, so that a wrong value never reaches highdicom.
+A task the models assessed is a :class:`TaskFinding`; a task they could not
+assess (no usable video, no video of the view they need) is a
+:class:`NotAssessed`, so that the report says so instead of staying silent.
+The inputs are checked at the door (:func:`check_finding`,
+:func:`check_not_assessed`), with a message that names the argument, so
+that a wrong value never reaches highdicom.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from echonode.report.codes import TASKS
+from echonode.report.codes import NOT_ASSESSED_REASONS, TASKS
 
-__all__ = ["SourceInstance", "TaskFinding", "check_finding"]
+__all__ = ["NotAssessed", "SourceInstance", "TaskFinding", "check_finding", "check_not_assessed"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,8 @@ class SourceInstance:
     series_instance_uid : str
         Series Instance UID of the instance (same study as the report).
     view : str or None
-        Echocardiographic view label (e.g. ``"plax"``), when known.
+        Echocardiographic view label (e.g. ``"plax"``), when known: the
+        report codes it (CID 12226) as the video's acquisition context.
     """
 
     sop_class_uid: str
@@ -58,8 +63,6 @@ class TaskFinding:
         ``key=value`` TID 4019 Algorithm Parameters.
     sources : tuple of SourceInstance
         Every video the finding used.
-    views_used : tuple of str
-        The echocardiographic views used.
     n_videos : int
         Number of videos used.
     video_probabilities : dict of str to float
@@ -75,9 +78,43 @@ class TaskFinding:
     device_uid: str
     parameters: Mapping[str, str]
     sources: tuple[SourceInstance, ...]
-    views_used: tuple[str, ...]
     n_videos: int
     video_probabilities: Mapping[str, float] = field(default_factory=dict)
+
+
+
+@dataclass(frozen=True)
+class NotAssessed:
+    """A task the models could not assess in a study, and why.
+
+    Attributes
+    ----------
+    task : str
+        Task name, a key of :data:`~echonode.report.codes.TASKS`.
+    reason : str
+        A key of :data:`~echonode.report.codes.NOT_ASSESSED_REASONS`:
+        ``"no_usable_video"`` (no object of the study decoded as a usable
+        cine loop) or ``"no_required_view"`` (usable videos, none of a view
+        the models take).
+    threshold : float
+        The model's decision threshold, in [0, 1].
+    model_name, model_version, device_uid : str
+        From the model bundle that would have assessed it.
+    parameters : dict of str to str
+        Algorithm parameters, as for :class:`TaskFinding`.
+    required_views : tuple of str
+        The view labels the models take (``models.views``), for
+        ``"no_required_view"``.
+    """
+
+    task: str
+    reason: str
+    threshold: float
+    model_name: str
+    model_version: str
+    device_uid: str
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    required_views: tuple[str, ...] = ()
 
 
 def _check_unit_interval(value: Any, name: str) -> None:
@@ -138,3 +175,38 @@ def check_finding(finding: Any, i: int) -> None:
                 "which is not one of its sources."
             )
         _check_unit_interval(p, f"{name}.video_probabilities[{uid!r}]")
+
+
+def check_not_assessed(item: Any, i: int) -> None:
+    """Refuse a not-assessed task the report cannot carry.
+
+    Parameters
+    ----------
+    item : NotAssessed
+        The ``i``-th not-assessed task given to the builder.
+    i : int
+        Its position, to name it in the message.
+
+    Raises
+    ------
+    ValueError
+        When ``item`` or one of its fields is invalid; the message names it
+        as ``not_assessed[i].field``.
+    """
+    name = f"not_assessed[{i}]"
+    if not isinstance(item, NotAssessed):
+        raise ValueError(f'Argument "{name}" must be a NotAssessed.')
+    if item.task not in TASKS:
+        raise ValueError(f'Argument "{name}.task" must be one of {sorted(TASKS)}, got {item.task!r}.')
+    if item.reason not in NOT_ASSESSED_REASONS:
+        raise ValueError(
+            f'Argument "{name}.reason" must be one of {sorted(NOT_ASSESSED_REASONS)}, got {item.reason!r}.'
+        )
+    _check_unit_interval(item.threshold, f"{name}.threshold")
+    for attr in ("model_name", "model_version", "device_uid"):
+        if not isinstance(getattr(item, attr), str) or not getattr(item, attr):
+            raise ValueError(f'Argument "{name}.{attr}" must be a non-empty string.')
+    if isinstance(item.required_views, str) or not all(
+        isinstance(v, str) and v for v in item.required_views
+    ):
+        raise ValueError(f'Argument "{name}.required_views" must be a tuple of view labels.')

@@ -16,14 +16,19 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from echonode.report.codes import (
+    FINDING_TEXT,
     IMAGE_VIEW,
     NO_USABLE_VIDEO,
+    NOT_ASSESSED_REASONS,
     NUMBER_OF_VIDEOS,
     PROBABILITY,
     QUALITATIVE_EVALUATIONS,
+    REASON_NOT_ASSESSED,
     SUPERSEDES,
     TASKS,
+    UNDETERMINED,
     VIDEO_PROBABILITY,
+    VIEWS,
 )
 
 __all__ = ["summarise_report"]
@@ -51,15 +56,36 @@ def _image_ref(item: Dataset) -> str:
     return str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
+_TASKS_BY_FINDING = {_key(t.finding): name for name, t in TASKS.items()}
+_LABELS_BY_VIEW = {_key(v.code): label for label, v in VIEWS.items()}
+_REASONS_BY_CODE = {_key(code): reason for reason, code in NOT_ASSESSED_REASONS.items()}
+_EVALUATIONS = {_key(codes.SCT.Present): True, _key(codes.SCT.Absent): False, _key(UNDETERMINED): None}
+
+
+def _add_view(out: dict[str, Any], item: Dataset) -> str:
+    """Record an Image View item (CODE from CID 12226, or TEXT) once; its view label."""
+    if item.ValueType == "CODE":
+        view = item.ConceptCodeSequence[0]
+        label = _LABELS_BY_VIEW.get(_code_key(view), str(view.CodeMeaning))
+        code = f"{view.CodingSchemeDesignator} {view.CodeValue}"
+        if code not in out["view_codes"]:
+            out["view_codes"].append(code)
+    else:
+        label = str(item.TextValue)
+    if label not in out["views_used"]:
+        out["views_used"].append(label)
+    return label
+
+
 def _summarise_group(group: Dataset) -> dict[str, Any]:
-    tasks_by_finding = {_key(t.finding): name for name, t in TASKS.items()}
     out: dict[str, Any] = {
         "task": None, "finding": None, "finding_code": None, "severity": None,
-        "finding_site": None, "present": None, "probability": None,
+        "finding_site": None, "evaluation": None, "present": None, "assessed": None,
+        "not_assessed_reason": None, "probability": None,
         "threshold": None, "model_name": None, "model_version": None,
         "parameters": {}, "device_uid": None, "tracking_uid": None,
-        "views_used": [], "n_videos": None, "videos": [],
-        "video_probabilities": {},
+        "views_used": [], "view_codes": [], "n_videos": None, "videos": [],
+        "video_views": {}, "video_probabilities": {},
     }
     finding_key: tuple[str, str] | None = None
     for item in group.get("ContentSequence", []):
@@ -70,17 +96,19 @@ def _summarise_group(group: Dataset) -> dict[str, Any]:
             finding_key = _code_key(concept)
             out["finding"] = str(concept.CodeMeaning)
             out["finding_code"] = f"{concept.CodingSchemeDesignator} {concept.CodeValue}"
-            out["task"] = tasks_by_finding.get(finding_key)
+            out["task"] = _TASKS_BY_FINDING.get(finding_key)
             for mod in item.get("ContentSequence", []):
                 if _name_key(mod) == _key(codes.SCT.Severity):
                     out["severity"] = str(mod.ConceptCodeSequence[0].CodeMeaning)
         elif vt == "CODE" and name == _key(codes.SCT.FindingSite):
             out["finding_site"] = str(item.ConceptCodeSequence[0].CodeMeaning)
         elif vt == "CODE" and finding_key is not None and name == finding_key:
-            value = _code_key(item.ConceptCodeSequence[0])
-            out["present"] = {
-                _key(codes.SCT.Present): True, _key(codes.SCT.Absent): False
-            }.get(value)
+            value = item.ConceptCodeSequence[0]
+            out["evaluation"] = str(value.CodeMeaning)
+            out["present"] = _EVALUATIONS.get(_code_key(value))
+            out["assessed"] = _code_key(value) in _EVALUATIONS and _code_key(value) != _key(UNDETERMINED)
+        elif vt == "CODE" and name == _key(REASON_NOT_ASSESSED):
+            out["not_assessed_reason"] = _REASONS_BY_CODE.get(_code_key(item.ConceptCodeSequence[0]))
         elif vt == "TEXT" and name == _key(codes.DCM.AlgorithmName):
             out["model_name"] = str(item.TextValue)
         elif vt == "TEXT" and name == _key(codes.DCM.AlgorithmVersion):
@@ -92,8 +120,8 @@ def _summarise_group(group: Dataset) -> dict[str, Any]:
             out["device_uid"] = str(item.UID)
         elif vt == "UIDREF" and name == _key(codes.DCM.TrackingUniqueIdentifier):
             out["tracking_uid"] = str(item.UID)
-        elif vt == "TEXT" and name == _key(IMAGE_VIEW):
-            out["views_used"].append(str(item.TextValue))
+        elif name == _key(IMAGE_VIEW):  # a group-level view: reports of earlier builds
+            _add_view(out, item)
         elif vt == "NUM" and name == _key(PROBABILITY):
             out["probability"] = _num(item)
         elif vt == "NUM" and name == _key(NUMBER_OF_VIDEOS):
@@ -103,7 +131,11 @@ def _summarise_group(group: Dataset) -> dict[str, Any]:
                 if ref.ValueType == "IMAGE":
                     out["video_probabilities"][_image_ref(ref)] = _num(item)
         elif vt == "IMAGE":
-            out["videos"].append(_image_ref(item))
+            uid = _image_ref(item)
+            out["videos"].append(uid)
+            for context in item.get("ContentSequence", []):
+                if _name_key(context) == _key(IMAGE_VIEW):
+                    out["video_views"][uid] = _add_view(out, context)
     device_uid = out["parameters"].pop("device_uid", None)
     if device_uid:
         out["device_uid"] = device_uid
@@ -127,14 +159,21 @@ def summarise_report(ds: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
         ``modality``, ``series_description``, ``evidence`` (SOP Instance UIDs
         in the Current Requested Procedure Evidence Sequence),
         ``predecessors`` (SOP Instance UIDs), ``device_observers`` (UIDs at
-        document level), ``no_usable_video_reason``, ``supersedes_text`` and
-        ``findings``: one dict per measurement group with ``task``,
+        document level), ``summary_lines`` (the plain-language line of each
+        finding, in order), ``no_usable_video_reason``, ``supersedes_text``
+        and ``findings``: one dict per measurement group with ``task``,
         ``finding``, ``finding_code``, ``severity``, ``finding_site``,
-        ``present``, ``probability``, ``threshold``, ``model_name``,
+        ``evaluation`` (the evaluation's meaning: ``"Present"``,
+        ``"Absent"`` or ``"Undetermined"``), ``present`` (True, False, or
+        None when not assessed), ``assessed``, ``not_assessed_reason`` (a
+        key of :data:`~echonode.report.codes.NOT_ASSESSED_REASONS`, or
+        None), ``probability``, ``threshold``, ``model_name``,
         ``model_version``, ``parameters``, ``device_uid``, ``tracking_uid``,
-        ``views_used``, ``n_videos``, ``videos`` and ``video_probabilities``.
-        A group's ``device_uid`` falls back to the document's observer when
-        there is exactly one.
+        ``views_used`` (view labels, each once: ``"plax"`` for a coded
+        parasternal long axis), ``view_codes`` (``"SCT 399139001"``),
+        ``n_videos``, ``videos``, ``video_views`` (SOP Instance UID -> view
+        label) and ``video_probabilities``. A group's ``device_uid`` falls back to
+        the document's observer when there is exactly one.
 
     Raises
     ------
@@ -166,6 +205,7 @@ def summarise_report(ds: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
         and _name_key(item) == _key(codes.DCM.DeviceObserverUID)
     ]
     findings = []
+    lines = []
     no_usable = None
     supersedes_text = None
     for item in ds.ContentSequence:
@@ -181,7 +221,9 @@ def summarise_report(ds: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
             for sub in item.get("ContentSequence", []):
                 if sub.ValueType != "TEXT":
                     continue
-                if _name_key(sub) == _key(NO_USABLE_VIDEO):
+                if _name_key(sub) == _key(FINDING_TEXT):
+                    lines.append(str(sub.TextValue))
+                elif _name_key(sub) == _key(NO_USABLE_VIDEO):
                     no_usable = str(sub.TextValue)
                 elif _name_key(sub) == _key(SUPERSEDES):
                     supersedes_text = str(sub.TextValue)
@@ -195,6 +237,7 @@ def summarise_report(ds: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
         "evidence": uids("CurrentRequestedProcedureEvidenceSequence"),
         "predecessors": uids("PredecessorDocumentsSequence"),
         "device_observers": root_observers,
+        "summary_lines": lines,
         "no_usable_video_reason": no_usable,
         "supersedes_text": supersedes_text,
         "findings": findings,

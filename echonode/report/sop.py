@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import re
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 from pydicom.dataset import Dataset
 
@@ -201,7 +201,7 @@ def _check_class(sop_class_uid: str, name: str) -> None:
         )
 
 
-def _items(items: Dataset | list[Dataset]) -> Iterator[Dataset]:
+def _items(items: Iterable[Dataset]) -> Iterator[Dataset]:
     for item in items:
         yield item
         yield from _items(item.get("ContentSequence", []))
