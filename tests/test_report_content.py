@@ -24,7 +24,7 @@ from echonode.report.findings import NotAssessed, SourceInstance
 from echonode.report.read import summarise_report
 from echonode.report.summary import finding_line, probability_text, reported_probability
 from echonode.store import StudyStore
-from echonode.worker import process_study
+from echonode.worker import StudyOutcome, process_study
 from tests.conftest import make_config
 from tests.factories import tiny_bundle, us_multiframe, write
 from tests.report_support import (
@@ -122,7 +122,7 @@ def test_numbers_are_rounded_to_what_they_mean(header: Dataset, tmp_path: Path) 
         video_probabilities={src[0].sop_instance_uid: 0.42883140593767, src[1].sop_instance_uid: 0.42799457907677},
     )
     back = write_read(build_report(header, [lvh]), tmp_path / "sr.dcm")
-    values = {}
+    values: dict[str, list[tuple[str, float | None]]] = {}
     for item in walk(back.ContentSequence):
         if item.ValueType == "NUM":
             mv = item.MeasuredValueSequence[0]
@@ -268,7 +268,7 @@ def _view_bundle(models: Path, favour: str) -> None:
     torch.save(sd, path / "weights.pt")
 
 
-def _process(tmp_path: Path, favour: str, **sr: object) -> tuple[Journal, str, object]:
+def _process(tmp_path: Path, favour: str, **sr: object) -> tuple[Journal, str, StudyOutcome]:
     cfg = make_config(tmp_path, sr=dict(sr),
                       destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}])
     tiny_bundle(cfg.models_dir, "lvh")
@@ -294,7 +294,7 @@ def test_study_without_plax_video_gets_a_not_assessed_sr(tmp_path: Path) -> None
     try:
         assert outcome.state == StudyState.REPORTED  # owed to the destination
         report = journal.latest_report(study_uid)
-        assert outcome.sr_sop_uid == report.sr_sop_uid
+        assert report is not None and outcome.sr_sop_uid == report.sr_sop_uid
         assert report.sop_class_uid == SOP_CLASS_UIDS["comprehensive3d"]
         assert [(r["destination"], r["state"]) for r in journal.status()["outbox"]] == [("pacs", "pending")]
         summary = summarise_report(report.path)
@@ -323,7 +323,9 @@ def test_report_skipped_false_keeps_silence(tmp_path: Path) -> None:
 def test_worker_codes_the_view_the_classifier_found(tmp_path: Path) -> None:
     journal, study_uid, _ = _process(tmp_path, "plax")
     try:
-        summary = summarise_report(journal.latest_report(study_uid).path)
+        report = journal.latest_report(study_uid)
+        assert report is not None
+        summary = summarise_report(report.path)
         (lvh,) = summary["findings"]
         assert lvh["evaluation"] in ("Present", "Absent")
         assert (lvh["views_used"], lvh["view_codes"], lvh["n_videos"]) == (["plax"], ["SCT 399139001"], 2)
@@ -347,6 +349,6 @@ def test_demo_prints_what_the_sr_says(header: Dataset, tmp_path: Path) -> None:
     silent = tmp_path / "not_assessed.dcm"
     build_report(header, [], not_assessed=_not_assessed(), no_usable_video_reason="no video of view plax").save_as(
         silent, enforce_file_format=True)
-    text = describe_report(silent)
-    assert "Left ventricular hypertrophy: not assessed by the AI model" in text
-    assert "NOT ASSESSED" in text and "(no required view)" in text and "absent" not in text
+    said = describe_report(silent)
+    assert "Left ventricular hypertrophy: not assessed by the AI model" in said
+    assert "NOT ASSESSED" in said and "(no required view)" in said and "absent" not in said
