@@ -8,7 +8,7 @@ Comprehensive SR or Enhanced SR; :mod:`echonode.report.sop` gives the same
 report in another of these classes for a PACS that refuses its own.
 
 What a reader sees first. TID 1500's order is not significant (dcmtk's
-TID 1500 class says so too), so the Qualitative Evaluations container (TID
+TID 1500 class, which follows PS3.16, declares it so), so the Qualitative Evaluations container (TID
 1500 row 10, TEXT items allowed) is the root's *first* item: one
 plain-language line per finding (DCM 121071 "Finding", TEXT;
 :mod:`echonode.report.summary`), then the disclaimer, and, where they
