@@ -21,7 +21,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 DEFAULT_CONFIG_PATH = Path("/etc/echonode/echonode.toml")
 
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
-SR_SOP_CLASSES = ("comprehensive", "enhanced", "comprehensive3d")
+#: ``sr.sop_class`` values (the keys of echonode.report.sop.SR_SOP_CLASS_UIDS; kept
+#: here so that reading the config imports no DICOM library).
+SR_SOP_CLASSES = ("comprehensive3d", "comprehensive", "enhanced")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Inference runtimes (echonode.runtime.MODES; kept here so that reading the
@@ -103,9 +105,12 @@ class ModelsConfig:
 class SRConfig:
     """The structured report sent back."""
 
-    sop_class: str = "comprehensive"
-    #: Send an SR that says "no usable video" instead of skipping silently.
-    report_skipped: bool = False
+    #: Comprehensive 3D SR: the IHE AI Results IOD. Delivery falls back per
+    #: destination to a class the PACS accepts (echonode.report.sop).
+    sop_class: str = "comprehensive3d"
+    #: A study the models cannot assess gets an SR that says so, each task
+    #: "Undetermined" with the coded reason: silence would read as "absent".
+    report_skipped: bool = True
     series_number: int = 9001
     institution_name: str = ""
 

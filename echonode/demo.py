@@ -132,10 +132,10 @@ def _send(port: int, files: list[Path]) -> None:
 
 
 def describe_report(path: Path) -> str:
-    """The SR at ``path`` as lines a person reads."""
+    """The SR at ``path`` as lines a person reads: its plain-language lines, then the details."""
     import pydicom
 
-    from .sr import summarise_report
+    from .report.read import summarise_report
 
     ds = pydicom.dcmread(path)
     s = summarise_report(ds)
@@ -144,19 +144,26 @@ def describe_report(path: Path) -> str:
         f"  study            {s['study_uid']}",
         f"  series           {s['series_description']}",
     ]
+    lines += [f"  {line}" for line in s["summary_lines"]]
     if s["no_usable_video_reason"]:
         lines.append(f"  no result: {s['no_usable_video_reason']}")
     for f in s["findings"]:
-        verdict = "PRESENT" if f.get("present") else "absent"
         name = f.get("finding") or f["task"]
         if f.get("severity"):
             name = f"{f['severity'].lower()} {name.lower()}"
+        model = f"      model {f.get('model_name')} {f.get('model_version')}"
+        if f.get("probability") is None:
+            reason = (f.get("not_assessed_reason") or "unknown").replace("_", " ")
+            lines.append(f"  {name:<34} {'NOT ASSESSED':<12} ({reason})")
+            lines.append(model)
+            continue
+        verdict = "PRESENT" if f.get("present") else "absent"
         lines.append(
-            f"  {name:<34} {verdict:<8} probability {f['probability']:.3f}"
+            f"  {name:<34} {verdict:<12} probability {f['probability']:.3f}"
             f" (threshold {f.get('threshold', 0.5):g})"
         )
-        lines.append(f"      model {f.get('model_name')} {f.get('model_version')}; "
-                     f"{f.get('n_videos')} video(s) used; views {', '.join(f.get('views_used') or []) or 'not classified'}")
+        lines.append(f"{model}; {f.get('n_videos')} video(s) used; "
+                     f"views {', '.join(f.get('views_used') or []) or 'not classified'}")
     lines.append(f"  evidence         {len(s['evidence'])} source instance(s) referenced")
     return "\n".join(lines)
 

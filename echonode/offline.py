@@ -63,7 +63,7 @@ def run_infer(args: argparse.Namespace) -> int:
     """The ``infer`` command; exit 0 when every study got a result."""
     from .bundle import ModelRegistry
     from .pipeline import StudyRefused, analyse_study
-    from .worker import _findings, write_report
+    from .worker import _findings, _not_assessed, write_report
 
     try:
         cfg = _config(args)
@@ -100,13 +100,17 @@ def run_infer(args: argparse.Namespace) -> int:
             status = 1
             continue
         summary = analysis.summary()
-        if args.sr_out and not analysis.skipped_reason and is_valid_uid(study_uid):
-            from .sr import HeaderRefused, build_report, read_study_header
+        if args.sr_out and (cfg.sr.report_skipped or not analysis.skipped_reason) and is_valid_uid(study_uid):
+            from .report.build import build_report
+            from .report.header import HeaderRefused, read_study_header
 
+            not_assessed = analysis.skipped_reason
             try:
                 header = read_study_header(files[0])
-                ds = build_report(header, _findings(analysis), sop_class=cfg.sr.sop_class,
-                                  series_number=cfg.sr.series_number)
+                ds = build_report(header, [] if not_assessed else _findings(analysis), sop_class=cfg.sr.sop_class,
+                                  series_number=cfg.sr.series_number, no_usable_video_reason=not_assessed,
+                                  not_assessed=_not_assessed(analysis, registry.current, cfg.models.views)
+                                  if not_assessed else ())
             except HeaderRefused as exc:
                 results.append({"study_uid": study_uid, "error": f"no SR can be built: {exc}"})
                 status = 1

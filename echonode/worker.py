@@ -36,13 +36,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-_SR_SOP_CLASS_UIDS = {
-    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
-    "enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
-    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
-}
-
-
 @dataclass
 class StudyOutcome:
     """What :func:`process_study` did (for logs and tests)."""
@@ -53,8 +46,21 @@ class StudyOutcome:
     reason: str | None = None
 
 
+def _parameters(bundle: Any, view_filter: str) -> dict[str, str]:
+    """A bundle's TID 4019 algorithm parameters in the SR."""
+    return {
+        "clip_frames": str(bundle.meta.clip_frames),
+        "frame_size": str(bundle.meta.frame_size),
+        "threshold": f"{bundle.threshold:g}",
+        "aggregation": f"mean over {bundle.meta.preprocessing.get('eval_clips', 4)} clips per video,"
+        " mean over videos",
+        "runtime": _runtime_mode(bundle),
+        "view_filter": view_filter,
+    }
+
+
 def _findings(analysis: Any) -> list[Any]:
-    from .sr import SourceInstance, TaskFinding
+    from .report.findings import SourceInstance, TaskFinding
 
     findings = []
     for task, outcome in sorted(analysis.tasks.items()):
@@ -68,24 +74,38 @@ def _findings(analysis: Any) -> list[Any]:
                 model_name=b.name,
                 model_version=b.version,
                 device_uid=b.device_uid,
-                parameters={
-                    "clip_frames": str(b.meta.clip_frames),
-                    "frame_size": str(b.meta.frame_size),
-                    "threshold": f"{b.threshold:g}",
-                    "aggregation": f"mean over {b.meta.preprocessing.get('eval_clips', 4)} clips per video,"
-                    " mean over videos",
-                    "runtime": _runtime_mode(b),
-                    "view_filter": analysis.view_filter,
-                },
+                parameters=_parameters(b, analysis.view_filter),
                 sources=tuple(
                     SourceInstance(v.sop_class_uid, v.sop_uid, v.series_uid, v.view) for v in used
                 ),
-                views_used=tuple(sorted({v.view for v in used if v.view})),
                 n_videos=len(used),
                 video_probabilities={v.sop_uid: v.probabilities[task] for v in used},
             )
         )
     return findings
+
+
+def _not_assessed(analysis: Any, models: Any, views: tuple[str, ...]) -> list[Any]:
+    """The tasks a skipped study's SR reports as not assessed, and why (coded)."""
+    from .report.codes import TASKS
+    from .report.findings import NotAssessed
+
+    reason = "no_required_view" if any(v.usable for v in analysis.videos) else "no_usable_video"
+    required = tuple(views) if reason == "no_required_view" else ()
+    return [
+        NotAssessed(
+            task=b.task,
+            reason=reason,
+            threshold=b.threshold,
+            model_name=b.name,
+            model_version=b.version,
+            device_uid=b.device_uid,
+            parameters=_parameters(b, analysis.view_filter),
+            required_views=required,
+        )
+        for b in sorted(models.bundles, key=lambda b: b.task)
+        if b.task in TASKS
+    ]
 
 
 def _runtime_mode(bundle: Any) -> str:
@@ -151,7 +171,8 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
     """Take one claimed study through the pipeline to the outbox."""
     from .journal import ReportRecord, StaleClaim, TaskResult
     from .pipeline import StudyRefused, analyse_study
-    from .sr import HeaderRefused, build_report, read_study_header
+    from .report.build import build_report
+    from .report.header import HeaderRefused, read_study_header
 
     bound = log.bind(study_uid=claim.study_uid, attempt=claim.attempts)
     models = registry.current
@@ -222,6 +243,8 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
                 institution_name=cfg.sr.institution_name or None,
                 supersedes=supersedes,
                 no_usable_video_reason=analysis.skipped_reason,
+                # Silence would read as "absent": each task says it was not assessed.
+                not_assessed=_not_assessed(analysis, models, cfg.models.views) if analysis.skipped_reason else (),
             )
         except HeaderRefused as exc:
             return _fail_for_good(journal, claim, bound, "study.refused", f"no SR can be built: {exc}")
@@ -251,6 +274,7 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
         "study.reported",
         sr_sop_uid=report.sr_sop_uid,
         supersedes=report.supersedes,
+        not_assessed=analysis.skipped_reason,
         **{f"p_{r.task}": round(r.probability, 4) for r in results},
     )
     return StudyOutcome(claim.study_uid, str(state), report.sr_sop_uid)

@@ -22,6 +22,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from echonode.delivery import Peer, echo
 from echonode.journal import StudyState
 from echonode.node import Node
+from echonode.report.read import summarise_report
 from tests.conftest import REPO, make_config, wait_for
 from tests.corpus import EITHER, REFUSED, SKIPPED, Bad, corpus, good_object, part10
 from tests.factories import tiny_bundle
@@ -175,7 +176,13 @@ def test_node_and_worker_survive_the_corpus(tmp_path: Path, bad: list[Bad]) -> N
         for uid, b in stored.items():
             st = node.journal.study(uid)
             if b.expect == SKIPPED:
-                assert st["state"] == StudyState.SKIPPED, (b.name, st["state"], st["reason"])
+                # Nothing usable: by default (sr.report_skipped) an SR says so, each finding
+                # Undetermined with the coded reason; no destination here, so delivered.
+                assert st["state"] == StudyState.DELIVERED, (b.name, st["state"], st["reason"])
+                summary = summarise_report(node.journal.latest_report(uid).path)
+                assert [(f["task"], f["evaluation"], f["not_assessed_reason"]) for f in summary["findings"]] == [
+                    ("lvh", "Undetermined", "no_usable_video")], b.name
+                assert summary["no_usable_video_reason"].startswith("no usable video"), b.name
             if st["state"] != StudyState.DELIVERED:
                 assert st["reason"], f"{b.name}: {st['state']} without a reason"
         assert echo("CART", Peer("ECHONODE", "127.0.0.1", node.scp.port), timeout_s=10) == 0

@@ -21,7 +21,7 @@ def test_defaults_are_valid() -> None:
     assert cfg.study.stable_after_s == 60.0
     assert cfg.models.device == "auto"
     assert cfg.models.runtime == "auto"
-    assert cfg.sr.sop_class == "comprehensive"
+    assert cfg.sr.sop_class == "comprehensive3d"
 
 
 def test_journal_path_is_in_storage_dir(tmp_path: Path) -> None:

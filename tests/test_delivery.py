@@ -198,7 +198,7 @@ def test_sr_delivered_exactly_once(tmp_path: Path, ybr_loop: Path, scps) -> None
     assert delivery.run() == 1
     (ds,) = scp.received
     assert str(ds.SOPInstanceUID) == rep.sr_uid
-    assert str(ds.SOPClassUID) == ComprehensiveSRStorage
+    assert str(ds.SOPClassUID) == Comprehensive3DSRStorage  # the default class
     assert str(ds.StudyInstanceUID) == rep.study_uid
     assert ds.Modality == "SR"
     src = pydicom.dcmread(ybr_loop, stop_before_pixels=True)
@@ -515,7 +515,7 @@ def test_destination_taking_big_endian_only_goes_dead_saying_why(tmp_path: Path,
     row = rep.outbox()
     assert row["state"] == OutboxState.DEAD, row
     assert row["last_error"] == (
-        f"the destination accepts Comprehensive SR Storage ({ComprehensiveSRStorage}) in none of the"
+        f"the destination accepts Comprehensive 3D SR Storage ({Comprehensive3DSRStorage}) in none of the"
         " transfer syntaxes offered (Explicit VR Little Endian, Implicit VR Little Endian)")
     assert delivery.failures == {"permanent": 1}
     assert (scp.requests, scp.stores) == (1, 0)

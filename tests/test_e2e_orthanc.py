@@ -23,7 +23,7 @@ import pytest
 
 from echonode.journal import StudyState
 from echonode.node import Node
-from echonode.sr import summarise_report
+from echonode.report.read import summarise_report
 from tests.conftest import ORTHANC, free_port, make_config, need, wait_for, with_destination
 from tests.factories import tiny_bundle
 
@@ -216,7 +216,7 @@ def test_orthanc_sends_study_and_gets_the_sr_back(tmp_path: Path, ybr_loop: Path
         found = {f["task"]: f for f in summary["findings"]}
         assert set(found) == set(recorded) == {"lvh", "severe_as"}
         for task, f in found.items():
-            assert f["probability"] == pytest.approx(recorded[task]["probability"], abs=1e-6)
+            assert f["probability"] == pytest.approx(recorded[task]["probability"], abs=5e-4)  # 3 decimals in the SR
             assert f["present"] == recorded[task]["positive"]
             assert f["model_name"] == recorded[task]["model"]
         (row,) = node.journal.status()["outbox"]

@@ -416,12 +416,13 @@ def test_the_node_own_ai_sr_is_not_an_echo_measurement_report(tmp_path: Path) ->
     """echonode's TID 1500 result sits in the same study; it is not the sonographers' report."""
     from pydicom.data import get_testdata_file
 
-    from echonode.sr import SourceInstance, TaskFinding, build_report
+    from echonode.report.build import build_report
+    from echonode.report.findings import SourceInstance, TaskFinding
 
     header = pydicom.dcmread(get_testdata_file("examples_ybr_color.dcm", download=False), stop_before_pixels=True)
     source = SourceInstance(header.SOPClassUID, header.SOPInstanceUID, header.SeriesInstanceUID, "plax")
     finding = TaskFinding(task="lvh", probability=0.8, threshold=0.5, model_name="m", model_version="1",
-                          device_uid=generate_uid(), parameters={}, sources=(source,), views_used=("plax",), n_videos=1)
+                          device_uid=generate_uid(), parameters={}, sources=(source,), n_videos=1)
     path = tmp_path / "ai.dcm"
     build_report(header, [finding]).save_as(path, enforce_file_format=True)
     doc = read_measurement_sr(path)

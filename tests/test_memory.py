@@ -26,7 +26,8 @@ from echonode.bundle import ModelRegistry
 from echonode.decode import decode_video
 from echonode.journal import Journal, StudyState
 from echonode.pipeline import StudyRefused, analyse_study
-from echonode.sr import SourceInstance, TaskFinding, build_report
+from echonode.report.build import build_report
+from echonode.report.findings import SourceInstance, TaskFinding
 from echonode.store import StudyStore
 from echonode.worker import process_study
 from tests.conftest import make_config
@@ -144,7 +145,7 @@ def test_a_header_is_read_without_its_large_elements(tmp_path: Path) -> None:
 def test_the_report_copies_the_study_exactly_from_a_bounded_header(tmp_path: Path) -> None:
     """What the SR copies from the header (Patient, Study, the acquisition equipment) is
     the same as from the header read whole; only the large private element is not read."""
-    from echonode.sr import read_study_header
+    from echonode.report.header import read_study_header
 
     ds = _with_raw_data(us_multiframe(frames=8), before=2 * MIB)
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -155,7 +156,7 @@ def test_the_report_copies_the_study_exactly_from_a_bounded_header(tmp_path: Pat
     finding = TaskFinding(
         task="lvh", probability=0.7, threshold=0.5, model_name="m", model_version="1", device_uid="1.2.3",
         parameters={}, sources=(SourceInstance(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID, "plax"),),
-        views_used=("plax",), n_videos=1,
+        n_videos=1,
     )
     uids = {"series_instance_uid": "1.2.826.0.1.3680043.8.498.1", "sop_instance_uid": "1.2.826.0.1.3680043.8.498.2"}
 
@@ -179,7 +180,7 @@ def test_an_identifying_attribute_too_large_to_read_stops_the_report(tmp_path: P
     """No valid PatientID is a MiB long; one that is cannot be compared or copied, so the
     study is refused rather than reported with the attribute left out."""
     from echonode.header import MAX_ELEMENT_BYTES
-    from echonode.sr import HeaderRefused, read_study_header
+    from echonode.report.header import HeaderRefused, read_study_header
 
     models = tmp_path / "models"
     tiny_bundle(models, "lvh")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 
-from echonode.sr import summarise_report
+from echonode.report.read import summarise_report
 from tests.conftest import run_cli
 from tests.factories import tiny_bundle, us_multiframe, write
 
@@ -35,7 +35,8 @@ def test_infer_json_and_sr(tmp_path: Path, ybr_loop: Path) -> None:
     assert "no view classifier" in real["view_filter"]
     sr = summarise_report(real["sr"])
     assert sr["study_uid"] == src_uid
-    assert abs(sr["findings"][0]["probability"] - real["tasks"][sr["findings"][0]["task"]]["probability"]) < 1e-6
+    # The SR carries 3 decimals (the journal and the JSON the full value).
+    assert abs(sr["findings"][0]["probability"] - real["tasks"][sr["findings"][0]["task"]]["probability"]) <= 5e-4
     assert any(s["reason"] == "not a DICOM file" for s in doc["skipped_files"])
 
 

@@ -25,7 +25,7 @@ import torch
 from echonode.bundle import BundleError, ModelRegistry, load_bundle
 from echonode.pipeline import preprocess_config
 from echonode.preprocess import make_eval_clips, preprocess_file
-from echonode.sr import summarise_report
+from echonode.report.read import summarise_report
 from train.promote import rollback
 
 REPO = Path(__file__).resolve().parent.parent

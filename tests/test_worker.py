@@ -14,11 +14,12 @@ import pytest
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
-import echonode.sr
+import echonode.report.build
 from echonode.bundle import ModelRegistry
 from echonode.journal import Journal, StudyState
 from echonode.node import Node
-from echonode.sr import COPIED_EXACTLY, summarise_report
+from echonode.report.header import COPIED_EXACTLY
+from echonode.report.read import summarise_report
 from echonode.store import StudyStore
 from echonode.worker import handle_claim, process_study
 from tests.conftest import make_config, wait_for
@@ -122,7 +123,7 @@ def test_conflicting_patient_identity_is_never_reported(tmp_path: Path) -> None:
 def test_nothing_usable_is_skipped_with_reason(tmp_path: Path) -> None:
     from tests.conftest import real_testfile
 
-    cfg = make_config(tmp_path)
+    cfg = make_config(tmp_path, sr={"report_skipped": False})
     tiny_bundle(cfg.models_dir, "lvh")
     journal, store, study_uid = _stored_study(tmp_path, cfg, [real_testfile("OBXXXX1A.dcm")])
     registry = ModelRegistry(cfg.models_dir, "cpu")
@@ -131,12 +132,15 @@ def test_nothing_usable_is_skipped_with_reason(tmp_path: Path) -> None:
     assert outcome.state == "skipped"
     assert "no usable video" in outcome.reason
     assert journal.study(study_uid)["reason"] == outcome.reason
-    # With sr.report_skipped the study gets an SR that says so.
+    # By default (sr.report_skipped) the study gets an SR that says so, coded.
     cfg2 = dataclasses.replace(cfg, sr=dataclasses.replace(cfg.sr, report_skipped=True))
     journal.requeue(study_uid)
     outcome = process_study(cfg2, journal, store, registry, journal.claim_next(1))
     summary = summarise_report(journal.latest_report(study_uid).path)
-    assert summary["findings"] == [] and "no usable video" in summary["no_usable_video_reason"]
+    assert "no usable video" in summary["no_usable_video_reason"]
+    (finding,) = summary["findings"]
+    assert (finding["task"], finding["evaluation"], finding["not_assessed_reason"]) == (
+        "lvh", "Undetermined", "no_usable_video")
 
 
 def test_node_runs_the_worker_and_survives_its_death(tmp_path: Path, ybr_loop: Path) -> None:
@@ -240,7 +244,7 @@ def test_failure_reasons_never_quote_data(tmp_path: Path, monkeypatch: pytest.Mo
         # What highdicom and pydicom do: quote the offending value.
         raise ValueError(f"{header.PatientName!s} / {header.PatientID} is not a valid value")
 
-    monkeypatch.setattr(echonode.sr, "build_report", refuses)
+    monkeypatch.setattr(echonode.report.build, "build_report", refuses)
     for attempt, state in ((1, StudyState.QUEUED), (2, StudyState.FAILED)):
         with capture_logs() as logs:
             handle_claim(cfg, journal, store, registry, journal.claim_next(1))
