@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from .config import Config, Destination, TLSConfig
 from .journal import Journal, OutboxItem
 from .logs import get_logger
+from .pdu_guard import guard_connection
 from .scp import client_ssl_context
 
 log = get_logger(__name__)
@@ -144,7 +145,10 @@ def associate(
             peer.port,
             ae_title=peer.ae_title,
             tls_args=tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+            # guard_connection: PDU limits and read deadlines (pdu_guard.py);
+            # pynetdicom puts the socket back to blocking once connected.
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+                          (evt.EVT_CONN_OPEN, guard_connection)],
         )
     except socket.gaierror as exc:
         # pynetdicom resolves the name before it connects and lets this
