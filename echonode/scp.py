@@ -15,7 +15,6 @@ import errno
 import ipaddress
 import socket
 import ssl
-import tempfile
 import threading
 import time
 import weakref
@@ -403,9 +402,9 @@ class StorageSCP:
         assoc = event.assoc
         with self._lock:
             self._assoc_seq += 1
-            self._assoc_ids[assoc] = self._assoc_seq
-        pdu_guard.guard(assoc, on_fault=self.counters.abort, context={"assoc_id": self._assoc_seq})
-        spool.track(assoc)
+            assoc_id = self._assoc_ids[assoc] = self._assoc_seq
+        pdu_guard.guard(assoc, on_fault=self.counters.abort, context={"assoc_id": assoc_id})
+        spool.track(assoc, self.store.incoming)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -421,16 +420,18 @@ class StorageSCP:
         raw = guard.rq_ae_titles if guard is not None else None
         called_field, calling_field = raw if raw is not None else (rq.called_ae_title.encode(), rq.calling_ae_title.encode())
         calling = dicom_ae_title(calling_field)
+        # As received, escaped: a log line must not carry a newline a peer chose.
+        calling_ae = calling or printable_ae(calling_field)
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling or printable_ae(calling_field),
-                                               peer=address)
+        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address)
         if calling is None:
-            log.warning("association.rejected", reason="calling AE title is not a valid AE title")
+            log.warning("association.rejected", reason="calling AE title is not a valid AE title",
+                        calling_ae=calling_ae)
             self._reject(assoc, REJECT_CALLING_AE)
             return
         if dicom_ae_title(called_field) is None:
             log.warning("association.rejected", reason="called AE title is not a valid AE title",
-                        called_ae=printable_ae(called_field))
+                        calling_ae=calling_ae, called_ae=printable_ae(called_field))
             self._reject(assoc, REJECT_CALLED_AE)
             return
         # Checked at accept already; again here for a reload in between.
@@ -439,7 +440,7 @@ class StorageSCP:
             self._reject(assoc, REJECT_NO_REASON)
             return
         if not self.policy.calling_ae_allowed(calling):
-            log.warning("association.rejected", reason="calling AE title not allowed")
+            log.warning("association.rejected", reason="calling AE title not allowed", calling_ae=calling_ae)
             self._reject(assoc, REJECT_CALLING_AE)
             return
         # Refused here, before anything is spooled: the per-C-STORE check
@@ -605,9 +606,9 @@ class StorageSCP:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Listen (non-blocking). Temp files go to the store's ``incoming/`` so
-        that accepting one is a rename on the same file system."""
-        tempfile.tempdir = str(self.store.incoming)
+        """Listen (non-blocking). Data sets are spooled into the store's
+        ``incoming/`` (spool.track), so that accepting one is a rename on the
+        same file system."""
         # As AE.start_server(block=False), with our server class (see
         # _HandshakeInThreadServer); the AE must list the server for its
         # shutdown() to find it.

@@ -34,6 +34,9 @@ from typing import Any
 from pynetdicom import dimse_messages
 from pynetdicom.association import Association
 
+#: Makes the file behind a spool file (a seam for tests that fill the disk).
+_new_temp_file = tempfile.NamedTemporaryFile
+
 _trackers: weakref.WeakKeyDictionary[Association, SpoolTracker] = weakref.WeakKeyDictionary()
 _trackers_lock = threading.Lock()
 
@@ -93,9 +96,10 @@ class SpoolFile:
 
 
 class SpoolTracker:
-    """The spool files opened for one association."""
+    """The spool files opened for one association, in ``directory``."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
         self.files: list[SpoolFile] = []
         self._lock = threading.Lock()
 
@@ -136,9 +140,9 @@ class SpoolTracker:
         return removed
 
 
-def track(assoc: Association) -> SpoolTracker:
-    """Record the spool files of ``assoc`` from now on (call before its first C-STORE)."""
-    tracker = SpoolTracker()
+def track(assoc: Association, directory: Path) -> SpoolTracker:
+    """Spool the data sets of ``assoc`` into ``directory`` and record each file (call before its first C-STORE)."""
+    tracker = SpoolTracker(directory)
     with _trackers_lock:
         _trackers[assoc] = tracker
     return tracker
@@ -164,16 +168,18 @@ def _open_spool(*args: Any, **kwargs: Any) -> Any:
     assoc = getattr(threading.current_thread(), "assoc", None)
     tracker = tracker_of(assoc) if isinstance(assoc, Association) else None
     if tracker is None:
-        return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+        return _new_temp_file(*args, **kwargs)
     message = getattr(getattr(assoc, "dimse", None), "message", None)
     sop_uid = str(getattr(getattr(message, "command_set", None), "AffectedSOPInstanceUID", "") or "")
+    # The store's incoming/ (the same file system, so accepting is a rename).
+    kwargs["dir"] = str(tracker.directory)
     try:
-        f = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - closed by pynetdicom or the tracker
+        f = _new_temp_file(*args, **kwargs)
         spool = SpoolFile(f, f.name, sop_uid)
     except OSError as exc:
         # Not even the file could be made (no inode left, no permission):
         # a name that does not exist, and the error for the handler.
-        name = os.path.join(tempfile.gettempdir(), f"unopened-{uuid.uuid4().hex}.dcm")
+        name = str(tracker.directory / f"unopened-{uuid.uuid4().hex}.dcm")
         spool = SpoolFile(None, name, sop_uid, exc)
     tracker.add(spool)
     return spool

@@ -406,3 +406,192 @@ def test_a_destination_declaring_4_gib_costs_the_sender_nothing(fake_pacs, tmp_p
     assert took < 30
     assert peak_mib < 1024
     assert any(p.type == raw.ABORT and p.abort_source_reason == (2, 6) for p in pacs.received), pacs.received
+
+
+# -- 5. no spool file escapes the node ---------------------------------------------------
+
+
+def test_a_new_message_in_the_middle_of_a_data_set_leaves_no_spool_file(start_node, sockets) -> None:
+    """pynetdicom reuses the message object for a command that arrives before the data
+    set ended, opening a second spool file and forgetting the first."""
+    node = start_node()
+    first, second = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.101"), us_multiframe()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(first.SOPClassUID, first.SOPInstanceUID)))
+        data = encode(first, False, True)
+        s.sendall(raw.p_data(1, 0x00, data[: len(data) // 2]))
+        # A new C-STORE-RQ before the first data set ended, then its whole data set.
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(second.SOPClassUID, second.SOPInstanceUID,
+                                                              message_id=2)))
+        s.sendall(raw.p_data(1, 0x02, encode(second, False, True)))
+        raw.read_command(s)  # whatever the node made of it, it answers
+        s.sendall(raw.RELEASE_RQ_PDU)
+        raw.wait_closed(s, timeout=10)
+        wait_for(lambda: events(logs, "store.partial_discarded"), timeout=10, what="the first file to be discarded")
+    assert list(node.store.incoming.iterdir()) == []
+    assert [e["sop_uid"] for e in events(logs, "store.partial_discarded")] == [str(first.SOPInstanceUID)]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs (needs root and mount): a disk that really fills."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()}); the injected variant runs instead")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+class _FullDisk:
+    """A temp file whose writes fail with ENOSPC once ``room`` bytes are written."""
+
+    def __init__(self, f: object, room: int) -> None:
+        self._f, self.room, self.name = f, room, f.name  # type: ignore[attr-defined]
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self._f.write(data)  # type: ignore[attr-defined,no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "injected"])
+def test_a_full_disk_while_spooling_answers_out_of_resources(disk: str, start_node, request, monkeypatch,
+                                                             capfd) -> None:
+    """ENOSPC while pynetdicom writes the spool file killed its reader thread (a raw
+    traceback on stderr), and the sender got no answer. Now the rest of the data set is
+    read and dropped, the C-STORE answered 0xA700 with one log line, the file removed,
+    and the space given back: the next object is stored."""
+    if disk == "tmpfs":
+        node = start_node(storage_dir=str(request.getfixturevalue("small_tmpfs") / "storage"))
+    else:
+        import tempfile
+
+        from echonode import spool
+
+        calls = {"n": 0}
+
+        def filling(*args: object, **kwargs: object) -> object:
+            calls["n"] += 1
+            f = tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]  # noqa: SIM115
+            return _FullDisk(f, 4 << 20) if calls["n"] == 1 else f
+
+        monkeypatch.setattr(spool, "_new_temp_file", filling)
+        node = start_node()
+    big, small = us_multiframe(frames=40, rows=480, cols=640), us_multiframe()  # 12 MB, 32 KiB
+    ae = AE(ae_title="CART")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(big.SOPClassUID, big.file_meta.TransferSyntaxUID)
+    with capture_logs() as logs:
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
+        assert assoc.is_established
+        try:
+            rsp = assoc.send_c_store(big)
+            assert rsp is not None and "Status" in rsp, "no answer"
+            assert int(rsp.Status) == 0xA700
+            assert int(assoc.send_c_store(small).Status) == 0
+        finally:
+            assoc.release()
+    [line] = events(logs, "store.refused_disk_full")
+    assert line["stage"] == "spool" and line["error"] == "ENOSPC"
+    assert node.scp.counters.failures == {"out_of_disk": 1}
+    assert list(node.store.incoming.iterdir()) == []
+    assert [r.sop_uid for r in node.journal.instances()] == [str(small.SOPInstanceUID)]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_exception_in_the_protocol_machine_aborts_the_association(start_node, sockets, capfd) -> None:
+    """A C-STORE command on a presentation context that was never accepted makes
+    pynetdicom's message decoder raise in its reader thread, which died of it (a raw
+    traceback, the half-opened spool file left). Now: A-ABORT, one log line, file removed."""
+    node = start_node()
+    ds = us_multiframe()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+        s.sendall(raw.p_data(3, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID)))
+        _, pdus = raw.wait_closed(s, timeout=10)
+        wait_for(lambda: not node.scp.active_associations(), timeout=10, what="the association to end")
+        wait_for(lambda: not list(node.store.incoming.iterdir()), timeout=10, what="the spool file to go")
+    assert [p.abort_source_reason for p in pdus] == [(2, 0)]
+    [line] = events(logs, "association.failed")
+    assert line["log_level"] == "error" and line["exc_info"]  # logs.py renders it as type and frames
+    assert node.scp.counters.aborted == {"failed": 1}
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# -- 6. AE titles: only spaces are padding ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "calling, called, answer, reason",
+    [
+        (b"CART1", b"ECHONODE", "accepted", None),
+        (b"  CART1", b"ECHONODE  ", "accepted", None),
+        (b"CART1\t", b"ECHONODE", (1, 1, 3), "calling AE title is not a valid AE title"),
+        (b"CART1\n", b"ECHONODE", (1, 1, 3), "calling AE title is not a valid AE title"),
+        (b"\tCART1", b"ECHONODE", (1, 1, 3), "calling AE title is not a valid AE title"),
+        (b"CART2", b"ECHONODE", (1, 1, 3), "calling AE title not allowed"),
+        (b"CART1", b"ECHONODE\r", (1, 1, 7), "called AE title is not a valid AE title"),
+    ],
+)
+def test_ae_titles_are_compared_without_their_space_padding_only(start_node, sockets, calling: bytes,
+                                                                 called: bytes, answer, reason) -> None:
+    """pynetdicom strips AE titles with str.strip(): "CART1\\t" passed an allow-list
+    of ["CART1"]. A control character is refused, logged escaped, and counted."""
+    node = start_node(allowed_calling_aets=["CART1"])
+    with capture_logs() as logs:
+        s = connect(node.scp.port, sockets)
+        s.sendall(raw.associate_rq(calling=calling, called=called))
+        got = raw.read_pdu(s)
+    assert got is not None
+    if answer == "accepted":
+        assert got.type == raw.ASSOCIATE_AC
+        assert node.scp.counters.rejected == 0
+        return
+    assert got.type == raw.ASSOCIATE_RJ and got.reject == answer
+    [line] = events(logs, "association.rejected")
+    assert line["reason"] == reason
+    assert line["calling_ae"] == repr(calling.strip(b" "))[2:-1]  # "CART1\\t": printable, escaped
+    assert node.scp.counters.rejected == 1
+
+
+# -- 7. a C-STORE without a data set -----------------------------------------------------
+
+
+def test_a_store_without_a_data_set_gets_a_clear_status(start_node, sockets) -> None:
+    from echonode.scp import NO_DATA_SET
+
+    node = start_node()
+    ds = us_multiframe()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID, with_data_set=False)))
+        rsp = raw.read_command(s)
+        # The association goes on.
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID, message_id=2)))
+        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
+        second = raw.read_command(s)
+        s.sendall(raw.RELEASE_RQ_PDU)
+    assert rsp.Status == 0xC210 and rsp.ErrorComment == NO_DATA_SET[:64]  # type: ignore[attr-defined]
+    assert second.Status == 0  # type: ignore[attr-defined]
+    [line] = events(logs, "store.refused")
+    assert line["status"] == "0xC210" and line["error"] == NO_DATA_SET
+    assert node.scp.counters.failures == {"0xC210": 1}
+
+
+def test_protocol_aborts_are_exported_as_metrics(start_node, sockets) -> None:
+    from echonode.metrics import NodeCollector
+
+    node = start_node()
+    s = connect(node.scp.port, sockets)
+    s.sendall(raw.header(raw.ASSOCIATE_RQ, GIB2))
+    raw.wait_closed(s, timeout=10)
+    fams = {f.name: f for f in NodeCollector(node).collect()}
+    samples = {tuple(x.labels.items()): x.value for x in fams["echonode_associations_aborted"].samples}
+    assert samples[(("reason", "pdu_too_large"),)] == 1
