@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -97,8 +95,11 @@ _PDU_NAMES = {
 #: Called with the kind of fault (``pdu_too_large``, ``stalled``, ``bad_pdu``, ``failed``).
 FaultCallback = Callable[[str], None]
 
-_guards: weakref.WeakKeyDictionary[Association, PduGuard] = weakref.WeakKeyDictionary()
-_guards_lock = threading.Lock()
+#: The attribute of an Association that holds its guard. On the association
+#: itself, not in a registry keyed by it: the guard refers back to the
+#: association, which would keep every association of a weak-keyed registry
+#: alive for ever.
+_ATTRIBUTE = "_echonode_pdu_guard"
 
 
 class _PeerClosed(Exception):
@@ -348,8 +349,7 @@ def guard(assoc: Association, on_fault: FaultCallback | None = None,
     sock = dul.socket.socket if dul.socket is not None else None
     if sock is not None:
         sock.settimeout(g.network_timeout)
-    with _guards_lock:
-        _guards[assoc] = g
+    setattr(assoc, _ATTRIBUTE, g)
     return g
 
 
@@ -360,5 +360,5 @@ def guard_connection(event: evt.Event) -> None:
 
 def guard_of(assoc: Association) -> PduGuard | None:
     """The guard installed on ``assoc``, if any."""
-    with _guards_lock:
-        return _guards.get(assoc)
+    g = getattr(assoc, _ATTRIBUTE, None)
+    return g if isinstance(g, PduGuard) else None
