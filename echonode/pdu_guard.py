@@ -348,7 +348,9 @@ def guard(assoc: Association, on_fault: FaultCallback | None = None,
     dul.state_machine.do_action = lambda event: g.do_action(original, event)  # type: ignore[method-assign]
     sock = dul.socket.socket if dul.socket is not None else None
     if sock is not None:
-        sock.settimeout(g.network_timeout)
+        # Closed already (the peer went at once): the first read says so.
+        with contextlib.suppress(OSError):
+            sock.settimeout(g.network_timeout)
     setattr(assoc, _ATTRIBUTE, g)
     return g
 

@@ -2,10 +2,13 @@
 
 Handlers stay fast: the C-STORE handler moves the file pynetdicom already
 streamed to disk (``STORE_RECV_CHUNKED_DATASET``) into the store and records
-it; nothing is decoded or inferred here. Access control (calling AE title and
-network allow-lists) and the disk guard happen when the A-ASSOCIATE-RQ
-arrives, with the association-reject reasons of PS3.8 9.3.4; the disk guard
-is checked again for every C-STORE (0xA700).
+it; nothing is decoded or inferred here. The network allow-list is checked
+when a connection is accepted, before anything is read from it; the calling
+AE title and the disk guard when the A-ASSOCIATE-RQ arrives, with the
+association-reject reasons of PS3.8 9.3.4; the disk guard again for every
+C-STORE (0xA700). Every association reads through ``pdu_guard`` (PDU limits,
+read deadlines) and spools through ``spool`` (files tracked and removed when
+it ends).
 """
 
 from __future__ import annotations
@@ -24,14 +27,7 @@ from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import (
-    AE,
-    ALL_TRANSFER_SYNTAXES,
-    AllStoragePresentationContexts,
-    _config,
-    evt,
-    register_uid,
-)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.service_class import StorageServiceClass
@@ -146,7 +142,10 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
             return
         if assoc.ident is not None:  # started
             assoc.join()
-        self.on_association_end(assoc)
+        try:
+            self.on_association_end(assoc)
+        except Exception:  # noqa: BLE001 - socketserver would print a raw traceback
+            log.exception("association.cleanup_failed")
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
@@ -403,8 +402,8 @@ class StorageSCP:
         with self._lock:
             self._assoc_seq += 1
             assoc_id = self._assoc_ids[assoc] = self._assoc_seq
-        pdu_guard.guard(assoc, on_fault=self.counters.abort, context={"assoc_id": assoc_id})
         spool.track(assoc, self.store.incoming)
+        pdu_guard.guard(assoc, on_fault=self.counters.abort, context={"assoc_id": assoc_id})
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -512,14 +511,18 @@ class StorageSCP:
             return
         with self._lock:
             assoc_id = self._assoc_ids.get(assoc, 0)
+        rq = assoc.requestor.primitive
+        fields: dict[str, Any] = {"assoc_id": assoc_id, "peer": assoc.requestor.address}
+        if isinstance(rq, A_ASSOCIATE):
+            fields["calling_ae"] = rq.calling_ae_title
         try:
             removed = tracker.discard_leftovers()
         except OSError as exc:
-            log.error("store.partial_not_removed", assoc_id=assoc_id, error=f"{type(exc).__name__}: {exc.strerror}")
+            log.error("store.partial_not_removed", **fields, error=f"{type(exc).__name__}: {exc.strerror}")
             return
         for leftover, size in removed:
             self.counters.fail("incomplete")
-            log.warning("store.partial_discarded", assoc_id=assoc_id, sop_uid=leftover.sop_uid, bytes=size)
+            log.warning("store.partial_discarded", **fields, sop_uid=leftover.sop_uid, bytes=size)
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("echo")
