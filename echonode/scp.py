@@ -91,6 +91,10 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
     timeout, a dead reader thread), where what it left behind is cleared.
     """
 
+    #: The listen backlog (socketserver's default is 5): connections turned
+    #: away at accept still pass through it, and a burst of them would make
+    #: the kernel drop carts' SYNs (each retried after a second or more).
+    request_queue_size = 128
     #: Called with the peer's address at accept; False turns the connection away.
     verify_peer: Callable[[str], bool] | None = None
     #: Called with each association once its thread has ended.
