@@ -24,8 +24,8 @@ requestor, before its first byte is read (``EVT_CONN_OPEN``):
 - **deadlines**: before the association is established, everything must
   arrive within ``acse_timeout`` of the TCP connection (PS3.8's ARTIM);
   once established, a PDU must arrive whole within ``network_timeout`` of
-  its first byte. A peer that misses the deadline is aborted, the
-  connection closed. The socket keeps ``network_timeout`` as its own
+  its first byte (a read may end up to half a second late). A peer that misses the
+  deadline is aborted, the connection closed. The socket keeps ``network_timeout`` as its own
   timeout, which bounds every send too: a peer that stops reading cannot
   hold a sender for ever.
 - **no silent thread death**: an exception while the state machine handles
@@ -69,6 +69,8 @@ DEFAULT_ACSE_TIMEOUT_S = 30.0
 DEFAULT_NETWORK_TIMEOUT_S = 60.0
 #: How long the A-ABORT that precedes a forced close may take to send.
 ABORT_SEND_TIMEOUT_S = 1.0
+#: How far past its deadline a read may end (see _fill).
+_TIMEOUT_SLACK_S = 0.5
 
 P_DATA_TF = 0x04
 A_ASSOCIATE_RQ = 0x01
@@ -202,9 +204,10 @@ class PduGuard:
         except _Stalled as exc:
             self._stalled(6 + exc.received, 6 + length, started, negotiating)
             return
-        # Sends wait at most network_timeout (the read left a shorter timeout on the socket).
-        with contextlib.suppress(OSError):
-            sock.settimeout(self.network_timeout)
+        if sock.gettimeout() != self.network_timeout:
+            # Sends wait network_timeout (the read may have left a shorter timeout on the socket).
+            with contextlib.suppress(OSError):
+                sock.settimeout(self.network_timeout)
         if pdu_type == A_ASSOCIATE_RQ and len(data) >= 42:
             self.rq_ae_titles = (bytes(data[10:26]), bytes(data[26:42]))
         try:
@@ -289,7 +292,12 @@ def _fill(sock: Any, view: memoryview, deadline: float, done: int) -> None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _Stalled(done + got)
-            sock.settimeout(left)
+            # Lowered only when the deadline is nearer than the socket's own
+            # timeout (a syscall per change): a recv may then end up to
+            # _TIMEOUT_SLACK_S past the deadline, never more.
+            current = sock.gettimeout()
+            if not current or left < current - _TIMEOUT_SLACK_S:
+                sock.settimeout(left)
             k = sock.recv_into(view[got:], n - got)
             if not k:
                 raise _PeerClosed(done + got)
