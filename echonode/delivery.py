@@ -53,6 +53,7 @@ from .config import Config, Destination, TLSConfig
 from .deadline import STOP, AssociationDeadline
 from .journal import Journal, OutboxItem
 from .logs import get_logger
+from .pdu_guard import guard_connection
 from .scp import client_ssl_context
 
 log = get_logger(__name__)
@@ -192,7 +193,10 @@ def associate(
             peer.port,
             ae_title=peer.ae_title,
             tls_args=tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)],
+            # guard_connection: PDU limits and read deadlines (pdu_guard.py);
+            # pynetdicom puts the socket back to blocking once connected.
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu),
+                          (evt.EVT_CONN_OPEN, guard_connection)],
         )
     except socket.gaierror as exc:
         # pynetdicom resolves the name before it connects and lets this

@@ -17,6 +17,7 @@ Metrics (all prefixed ``echonode_``)::
 
     instances_received_total, bytes_received_total, duplicate_instances_total
     associations_total, associations_rejected_total   access policy, unknown called AE, max_associations, low disk
+    associations_aborted_total{reason}    protocol faults: pdu_too_large, stalled, bad_pdu, failed
     receive_failures_total{status}        0xA700 as "out_of_disk", 0xC210 ...
     studies{state}                        every state, 0 included
     queue_depth                           studies queued for the worker
@@ -290,6 +291,14 @@ class NodeCollector(Collector):
         yield counter("associations_rejected",
                       "Associations rejected (calling AE title or address not allowed, unknown called AE title, "
                       "max_associations reached, low disk)", c.rejected)
+        fam = CounterMetricFamily(
+            "echonode_associations_aborted",
+            "Associations the node aborted for a protocol fault (pdu_too_large, stalled, bad_pdu, failed)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(dict(c.aborted).items()):
+            fam.add_metric([reason], n)
+        yield fam
         fam = CounterMetricFamily(
             "echonode_receive_failures", "C-STOREs answered with a failure status, by reason", labels=["status"]
         )

@@ -2,10 +2,13 @@
 
 Handlers stay fast: the C-STORE handler moves the file pynetdicom already
 streamed to disk (``STORE_RECV_CHUNKED_DATASET``) into the store and records
-it; nothing is decoded or inferred here. Access control (calling AE title and
-network allow-lists) and the disk guard happen when the A-ASSOCIATE-RQ
-arrives, with the association-reject reasons of PS3.8 9.3.4; the disk guard
-is checked again for every C-STORE (0xA700).
+it; nothing is decoded or inferred here. The network allow-list is checked
+when a connection is accepted, before anything is read from it; the calling
+AE title and the disk guard when the A-ASSOCIATE-RQ arrives, with the
+association-reject reasons of PS3.8 9.3.4; the disk guard again for every
+C-STORE (0xA700). Every association reads through ``pdu_guard`` (PDU limits,
+read deadlines) and spools through ``spool`` (files tracked and removed when
+it ends).
 """
 
 from __future__ import annotations
@@ -15,21 +18,24 @@ import errno
 import ipaddress
 import socket
 import ssl
-import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
+from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from . import pdu_guard, spool
 from .config import Config, NodeConfig, TLSConfig
 from .dicomfile import RETIRED_US_STORAGE
 from .logs import get_logger
@@ -50,33 +56,26 @@ for _uid, (_keyword, _current) in RETIRED_US_STORAGE.items():
 RETIRED_US_STORAGE_UIDS = tuple(RETIRED_US_STORAGE)
 
 
-def _recv_into(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """Read ``nr_bytes`` (fewer only at end of stream), as ``AssociationSocket.recv``.
-
-    pynetdicom's own loop reads 4 KiB per call and extends a bytearray: ~32
-    calls and copies per 128 KiB PDU, the largest CPU cost of receiving.
-    Reading into one preallocated buffer keeps the semantics (block until
-    all bytes or EOF; return what was read) at about three quarters of the
-    CPU per GB received (bench/receive.py). Works for TLS sockets too.
-    """
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    while got < nr_bytes:
-        n = self.socket.recv_into(view[got:], nr_bytes - got)  # type: ignore[union-attr]
-        if not n:
-            view.release()
-            return buf[:got]
-        got += n
-    view.release()
-    return buf
+spool.install()
 
 
-AssociationSocket.recv = _recv_into  # type: ignore[method-assign]
+class _AssociationRequestHandler(RequestHandler):
+    """pynetdicom's connection handler, keeping the association it starts for the server."""
+
+    association: Association | None = None
+
+    def _create_association(self) -> Association:
+        self.association = super()._create_association()
+        return self.association
 
 
 class _HandshakeInThreadServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved off the accept loop.
+    """pynetdicom's threaded server with the address check at accept and the TLS handshake off the accept loop.
+
+    An address the node does not accept is turned away as soon as its TCP
+    connection is accepted (``verify_peer``), before a byte of it is read:
+    it never gets a thread, an association, a TLS handshake or a
+    ``max_associations`` slot.
 
     pynetdicom wraps each accepted socket with the handshake done inside
     ``get_request``, on the one thread that accepts every connection, with
@@ -86,7 +85,20 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
     until it goes away. Here the accept loop only accepts; the handshake
     runs in the connection's own thread, bounded by ``handshake_timeout``,
     and a failure is logged with the peer's address.
+
+    The connection's thread then waits for its association to end and
+    hands it to ``on_association_end`` (whatever ended it: release, abort,
+    timeout, a dead reader thread), where what it left behind is cleared.
     """
+
+    #: The listen backlog (socketserver's default is 5): connections turned
+    #: away at accept still pass through it, and a burst of them would make
+    #: the kernel drop carts' SYNs (each retried after a second or more).
+    request_queue_size = 128
+    #: Called with the peer's address at accept; False turns the connection away.
+    verify_peer: Callable[[str], bool] | None = None
+    #: Called with each association once its thread has ended.
+    on_association_end: Callable[[Association], None] | None = None
 
     #: Seconds a peer has to complete the TLS handshake (the node's ACSE timeout).
     handshake_timeout: float | None = None
@@ -121,9 +133,27 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # socketserver closes the connection when this is False.
+        if self.verify_peer is None:
+            return True
+        return self.verify_peer(_peer_address(client_address))
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        handler = self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
+        assoc = getattr(handler, "association", None)
+        if assoc is None or self.on_association_end is None:
+            return
+        if assoc.ident is not None:  # started
+            assoc.join()
+        try:
+            self.on_association_end(assoc)
+        except Exception:  # noqa: BLE001 - socketserver would print a raw traceback
+            log.exception("association.cleanup_failed")
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
-            peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+            peer = _peer_address(client_address)
             with self._handshaking_lock:
                 self.handshaking.add(request)
             try:
@@ -145,13 +175,30 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
                 return
         super().process_request_thread(request, client_address)
 
+
+def _peer_address(client_address: Any) -> str:
+    return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+
+
 #: DIMSE statuses this node answers with (Storage Service Class, PS3.4 B.2.3).
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_UNEXPECTED = 0xC211
+STATUS_CANNOT_UNDERSTAND = 0xC210
+#: The Error Comment (and log line) for a C-STORE request that carries no data set.
+NO_DATA_SET = "the C-STORE request has no data set (Command Data Set Type 0101H)"
+
+
+def _status(status: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (0000,0902: 64 characters at most) for the sender."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognized
 REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service-user, no reason given
 # Transient, so that the sender keeps its images and retries; the same triple
 # pynetdicom sends when max_associations is reached, which senders already
@@ -167,6 +214,27 @@ _PYNETDICOM_REJECTS = {
 }
 
 
+def dicom_ae_title(field: bytes) -> str | None:
+    """The AE title an A-ASSOCIATE-RQ field holds, or None when no AE title may hold it.
+
+    Leading and trailing spaces are DICOM padding (PS3.8 9.3.2); nothing else
+    is. An AE title is printable ASCII without a backslash (PS3.5 6.2, AE),
+    so a tab, a newline, any other control character or a non-ASCII byte
+    makes the field invalid, wherever it stands. pynetdicom's own decoding
+    strips them like spaces (``str.strip()``): ``"CART1\\t"`` would pass an
+    allow-list of ``["CART1"]``.
+    """
+    value = field.strip(b" ")
+    if not value or any(b < 0x20 or b > 0x7E or b == 0x5C for b in value):
+        return None
+    return value.decode("ascii")
+
+
+def printable_ae(field: bytes) -> str:
+    """``field`` safe for a log line: padding removed, anything else escaped (``CART1\\t``)."""
+    return repr(field.strip(b" "))[2:-1]
+
+
 @dataclass
 class AccessPolicy:
     """Who may associate: calling AE titles and source networks (empty = anyone)."""
@@ -177,25 +245,27 @@ class AccessPolicy:
     @classmethod
     def from_config(cls, node: NodeConfig) -> AccessPolicy:
         return cls(
-            calling_aets=frozenset(a.strip() for a in node.allowed_calling_aets),
+            # Only spaces are padding; config.py refuses any other whitespace in an AE title.
+            calling_aets=frozenset(a.strip(" ") for a in node.allowed_calling_aets),
             networks=tuple(ipaddress.ip_network(n, strict=False) for n in node.allowed_networks),
         )
 
-    def check(self, calling_ae: str, address: str) -> tuple[int, int, int] | None:
-        """Return the reject reason for this peer, or None when it may associate."""
-        if self.networks:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                return REJECT_NO_REASON
-            # An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d.
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-                ip = ip.ipv4_mapped
-            if not any(ip in net for net in self.networks):
-                return REJECT_NO_REASON
-        if self.calling_aets and calling_ae.strip() not in self.calling_aets:
-            return REJECT_CALLING_AE
-        return None
+    def address_allowed(self, address: str) -> bool:
+        """Whether a peer at ``address`` may connect at all."""
+        if not self.networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        # An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d.
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+    def calling_ae_allowed(self, calling_ae: str) -> bool:
+        """Whether ``calling_ae`` (padding already removed) may associate."""
+        return not self.calling_aets or calling_ae in self.calling_aets
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
@@ -235,9 +305,15 @@ class ReceiveCounters:
     failures: dict[str, int] = field(default_factory=dict)
     associations: int = 0
     rejected: int = 0
+    #: Associations the node ended for a protocol fault, by kind
+    #: (``pdu_too_large``, ``stalled``, ``bad_pdu``, ``failed``: see pdu_guard).
+    aborted: dict[str, int] = field(default_factory=dict)
 
     def fail(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def abort(self, kind: str) -> None:
+        self.aborted[kind] = self.aborted.get(kind, 0) + 1
 
 
 class StorageSCP:
@@ -267,6 +343,7 @@ class StorageSCP:
         self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
         self._server: ThreadedAssociationServer | None = None
         self._assoc_seq = 0
+        self._assoc_ids: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.ae = self._build_ae()
 
@@ -318,20 +395,59 @@ class StorageSCP:
 
     # -- event handlers --------------------------------------------------------------
 
-    def _on_requested(self, event: evt.Event) -> None:
+    def _verify_connection(self, address: str) -> bool:
+        """At accept, before anything is read: may ``address`` connect at all?"""
+        if self.policy.address_allowed(address):
+            return True
+        self.counters.rejected += 1
+        log.warning("association.rejected", reason="address not allowed", peer=address)
+        return False
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        # In the connection's thread, before its association reads a byte.
         assoc = event.assoc
         with self._lock:
             self._assoc_seq += 1
-            assoc_id = self._assoc_seq
-        calling = assoc.requestor.primitive.calling_ae_title if assoc.requestor.primitive else ""
+            assoc_id = self._assoc_ids[assoc] = self._assoc_seq
+        spool.track(assoc, self.store.incoming)
+        pdu_guard.guard(assoc, on_fault=self.counters.abort, context={"assoc_id": assoc_id})
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        if not isinstance(rq, A_ASSOCIATE):
+            # The PDU guard ended the connection before a request arrived
+            # (and has logged why); pynetdicom goes no further.
+            return
+        with self._lock:
+            assoc_id = self._assoc_ids.get(assoc, 0)
         address = assoc.requestor.address
+        guard = pdu_guard.guard_of(assoc)
+        raw = guard.rq_ae_titles if guard is not None else None
+        called_field, calling_field = raw if raw is not None else (rq.called_ae_title.encode(), rq.calling_ae_title.encode())
+        calling = dicom_ae_title(calling_field)
+        # As received, escaped: a log line must not carry a newline a peer chose.
+        calling_ae = calling or printable_ae(calling_field)
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling, peer=address)
-        reject = self.policy.check(calling, address)
-        if reject is not None:
-            reason = "calling AE title not allowed" if reject == REJECT_CALLING_AE else "address not allowed"
-            log.warning("association.rejected", reason=reason)
-            self._reject(assoc, reject)
+        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address)
+        if calling is None:
+            log.warning("association.rejected", reason="calling AE title is not a valid AE title",
+                        calling_ae=calling_ae)
+            self._reject(assoc, REJECT_CALLING_AE)
+            return
+        if dicom_ae_title(called_field) is None:
+            log.warning("association.rejected", reason="called AE title is not a valid AE title",
+                        calling_ae=calling_ae, called_ae=printable_ae(called_field))
+            self._reject(assoc, REJECT_CALLED_AE)
+            return
+        # Checked at accept already; again here for a reload in between.
+        if not self.policy.address_allowed(address):
+            log.warning("association.rejected", reason="address not allowed")
+            self._reject(assoc, REJECT_NO_REASON)
+            return
+        if not self.policy.calling_ae_allowed(calling):
+            log.warning("association.rejected", reason="calling AE title not allowed", calling_ae=calling_ae)
+            self._reject(assoc, REJECT_CALLING_AE)
             return
         # Refused here, before anything is spooled: the per-C-STORE check
         # only sees an object after pynetdicom has written it to incoming/,
@@ -385,55 +501,46 @@ class StorageSCP:
 
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning("association.aborted")
-        self._discard_partial(event.assoc)
 
-    def _on_conn_close(self, event: evt.Event) -> None:
-        # Every way an association ends closes the connection (a drop or a
-        # timeout may not pass through EVT_ABORTED first).
-        self._discard_partial(event.assoc)
+    def _association_ended(self, assoc: Association) -> None:
+        """Delete the spool files an association left: data sets it never completed.
 
-    def _discard_partial(self, assoc: Association) -> None:
-        """Delete the spool file of a C-STORE that the association's end cut off.
-
-        pynetdicom streams a data set into ``incoming/`` (delete=False) and
-        removes the file only after the C-STORE handler ran. When the peer
-        aborts or the link drops halfway, the handler never runs and the
-        part received stays until the next start's recovery: on a node up
-        for months, each interrupted cine (easily 100 MB) is disk lost. The
-        object was never acknowledged, so the sender still has it.
+        pynetdicom streams a data set into ``incoming/`` and removes the file
+        only after the C-STORE handler ran. When the peer aborts, the link
+        drops or stalls, or the peer starts another message halfway, the
+        handler never runs for it and the part received would stay until
+        the next start's recovery: on a node up for months, each interrupted
+        cine (easily 100 MB) is disk lost. Such an object was never
+        acknowledged, so the sender still has it.
         """
-        # pynetdicom keeps the message being assembled on the DIMSE provider;
-        # a completed one has been handed on and is no longer there.
-        msg = getattr(getattr(assoc, "dimse", None), "message", None)
-        # EVT_ABORTED (reactor thread) and EVT_CONN_CLOSE (DUL thread) may
-        # both come: one of them takes the file.
-        with self._lock:
-            spool = getattr(msg, "_data_set_file", None)
-            path = getattr(msg, "_data_set_path", None)
-            if spool is None or path is None:
-                return
-            msg._data_set_file = msg._data_set_path = None  # type: ignore[union-attr]
-        cmd = getattr(msg, "command_set", None)
-        sop_uid = str(getattr(cmd, "AffectedSOPInstanceUID", "") or "")
-        try:
-            spool.close()
-            size = path.stat().st_size
-            path.unlink()
-        except OSError as exc:
-            log.error("store.partial_not_removed", sop_uid=sop_uid, error=f"{type(exc).__name__}: {exc.strerror}")
+        tracker = spool.tracker_of(assoc)
+        if tracker is None:
             return
-        self.counters.fail("incomplete")
-        log.warning("store.partial_discarded", sop_uid=sop_uid, bytes=size)
+        with self._lock:
+            assoc_id = self._assoc_ids.get(assoc, 0)
+        rq = assoc.requestor.primitive
+        fields: dict[str, Any] = {"assoc_id": assoc_id, "peer": assoc.requestor.address}
+        if isinstance(rq, A_ASSOCIATE):
+            fields["calling_ae"] = rq.calling_ae_title
+        try:
+            removed = tracker.discard_leftovers()
+        except OSError as exc:
+            log.error("store.partial_not_removed", **fields, error=f"{type(exc).__name__}: {exc.strerror}")
+            return
+        for leftover, size in removed:
+            self.counters.fail("incomplete")
+            log.warning("store.partial_discarded", **fields, sop_uid=leftover.sop_uid, bytes=size)
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("echo")
         return STATUS_SUCCESS
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         req = event.request
         sop_uid = str(req.AffectedSOPInstanceUID or "")
         calling = event.assoc.requestor.ae_title
         structlog.contextvars.bind_contextvars(sop_uid=sop_uid)
+        stage = "store"
         try:
             # Still checked per object: an association accepted with room to
             # spare may run the disk down while it lasts.
@@ -443,6 +550,17 @@ class StorageSCP:
                 log.error("store.refused_low_disk", free_bytes=free)
                 return STATUS_OUT_OF_RESOURCES
             path = event.dataset_path
+            if path is None:
+                # CommandDataSetType 0x0101: the request says no data set follows.
+                self.counters.fail(f"0x{STATUS_CANNOT_UNDERSTAND:04X}")
+                log.warning("store.refused", status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}", error=NO_DATA_SET)
+                return _status(STATUS_CANNOT_UNDERSTAND, NO_DATA_SET)
+            interrupted = spool.failure(req)
+            if interrupted is not None:
+                # Writing the spool file failed (disk full); the rest of the
+                # data set was read and dropped so that this answer can go.
+                stage = "spool"
+                raise interrupted
             header, outcome = self.store.accept(path, calling)
         except BadObject as exc:
             self.counters.fail(f"0x{exc.status:04X}")
@@ -451,10 +569,10 @@ class StorageSCP:
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.counters.fail("out_of_disk")
-                log.error("store.refused_disk_full")
+                log.error("store.refused_disk_full", stage=stage, error=errno.errorcode[exc.errno])
                 return STATUS_OUT_OF_RESOURCES
             self.counters.fail("io_error")
-            log.error("store.io_error", error=f"{type(exc).__name__}: {exc.strerror}")
+            log.error("store.io_error", stage=stage, error=f"{type(exc).__name__}: {exc.strerror}")
             return STATUS_OUT_OF_RESOURCES
         except Exception:  # noqa: BLE001 - a bug; the sender must not think it was stored
             self.counters.fail("unexpected")
@@ -485,12 +603,12 @@ class StorageSCP:
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -498,19 +616,22 @@ class StorageSCP:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Listen (non-blocking). Temp files go to the store's ``incoming/`` so
-        that accepting one is a rename on the same file system."""
-        tempfile.tempdir = str(self.store.incoming)
+        """Listen (non-blocking). Data sets are spooled into the store's
+        ``incoming/`` (spool.track), so that accepting one is a rename on the
+        same file system."""
         # As AE.start_server(block=False), with our server class (see
         # _HandshakeInThreadServer); the AE must list the server for its
         # shutdown() to find it.
-        server = self.ae.make_server(
+        server = cast(_HandshakeInThreadServer, self.ae.make_server(
             (self.node.host, self.node.port),
-            evt_handlers=self.handlers(),
+            evt_handlers=self.handlers(),  # type: ignore[arg-type]
             ssl_context=server_ssl_context(self.node.tls),
             server_class=_HandshakeInThreadServer,
-        )
+            request_handler=_AssociationRequestHandler,
+        ))
         server.handshake_timeout = self.node.acse_timeout_s
+        server.verify_peer = self._verify_connection
+        server.on_association_end = self._association_ended
         self.ae._servers.append(server)
         threading.Thread(target=make_target(server.serve_forever), name="echonode-scp-accept", daemon=True).start()
         self._server = server
@@ -540,7 +661,8 @@ class StorageSCP:
         """Stop listening, let associations in flight finish for up to ``grace_s``, abort the rest.
 
         An aborted transfer was never acknowledged, so the sender keeps it and
-        sends it again; its temp file is removed at the next start.
+        sends it again; its spool file is removed once its association's
+        thread has ended (here, within a few seconds; else at the next start).
         """
         if self._server is None:
             return
@@ -553,5 +675,11 @@ class StorageSCP:
             assoc.abort()
         if left:
             log.warning("scp.aborted_on_stop", associations=len(left))
+        for assoc in left:
+            # The connection's thread does the same when the association
+            # ends; done here too so that stop() leaves incoming/ clean.
+            assoc.join(timeout=5.0)
+            if not assoc.is_alive():
+                self._association_ended(assoc)
         self._server = None
         log.info("scp.stopped")

@@ -1,0 +1,624 @@
+"""Protocol attacks over raw sockets: what a peer can make the node read, hold and leave behind.
+
+The node is a real ``Node`` on loopback; the peers are raw sockets speaking
+hand-made PDUs (``tests/rawdicom.py``), dcmtk's ``echoscu`` and pynetdicom.
+Loopback addresses other than 127.0.0.1 (all of 127.0.0.0/8 is local) play
+hosts outside ``allowed_networks``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, build_context
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from structlog.testing import capture_logs
+
+from echonode import pdu_guard
+from echonode.delivery import DeliveryError, Peer, echo, store_file
+from echonode.node import Node
+from tests import rawdicom as raw
+from tests.conftest import ECHOSCU, REPO, echonode_cmd, make_config, need, wait_for
+from tests.factories import us_multiframe, write
+
+US_MULTIFRAME = b"1.2.840.10008.5.1.4.1.1.3.1"
+GIB2 = 2**31 - 1
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start nodes (no worker) with ``[node]`` overrides; all stopped at teardown."""
+    nodes: list[Node] = []
+
+    def start(**node: object) -> Node:
+        n = Node(make_config(tmp_path / f"node{len(nodes)}", node=node), start_worker=False)
+        n.start()
+        nodes.append(n)
+        return n
+
+    yield start
+    for n in nodes:
+        n.stop()
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """Raw sockets a test opens; closed at teardown."""
+    opened: list[socket.socket] = []
+    yield opened
+    for s in opened:
+        s.close()
+
+
+def connect(port: int, opened: list[socket.socket], source: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket()
+    opened.append(s)
+    s.bind((source, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def associate(port: int, opened: list[socket.socket], calling: bytes = b"CART", **rq: object) -> socket.socket:
+    s = connect(port, opened)
+    s.sendall(raw.associate_rq(calling=calling, **rq))  # type: ignore[arg-type]
+    ac = raw.read_pdu(s)
+    assert ac is not None and ac.type == raw.ASSOCIATE_AC, ac
+    return s
+
+
+def pynetdicom_echo(port: int, timeout: float = 10) -> int | None:
+    ae = AE(ae_title="CART")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE", contexts=[build_context(Verification)])
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if status and "Status" in status else None
+    finally:
+        assoc.release()
+
+
+def dcmtk_echo(port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([ECHOSCU, "-to", "10", "-ta", "10", "-aet", "CART", "-aec", "ECHONODE", "127.0.0.1",
+                           str(port)], capture_output=True, text=True, timeout=60)
+
+
+def events(logs: list[dict], name: str) -> list[dict]:
+    return [e for e in logs if e["event"] == name]
+
+
+# -- 1. nothing allocated on a peer's word ------------------------------------------------
+
+
+def test_associate_request_declaring_2_gib_is_aborted_without_allocating(start_node, sockets) -> None:
+    """A 6-byte A-ASSOCIATE-RQ header that declares 2 GiB: pynetdicom allocated and zeroed
+    2 GiB at once and waited for the rest. Now: A-ABORT (invalid PDU parameter value),
+    closed, logged with the peer and the length, counted; the slot is free at once."""
+    node = start_node(acse_timeout_s=30.0)
+    before = rss_mib()
+    with capture_logs() as logs:
+        s = connect(node.scp.port, sockets)
+        s.sendall(raw.header(raw.ASSOCIATE_RQ, GIB2))
+        took, pdus = raw.wait_closed(s, timeout=10)
+        wait_for(lambda: events(logs, "association.pdu_too_large"), timeout=5, what="the log line")
+    assert [p.type for p in pdus] == [raw.ABORT] and pdus[0].abort_source_reason == (2, 6)
+    assert rss_mib() - before < 200
+    [line] = events(logs, "association.pdu_too_large")
+    assert line["peer"] == "127.0.0.1" and line["declared_bytes"] == GIB2
+    assert line["pdu_type"] == "A-ASSOCIATE-RQ" and line["limit_bytes"] == pdu_guard.ASSOCIATE_PDU_CEILING
+    assert node.scp.counters.aborted == {"pdu_too_large": 1}
+    # The acceptor thread does not wait out acse_timeout_s for a request that cannot come.
+    wait_for(lambda: node.scp.active_associations() == 0, timeout=5, what="the slot to be freed")
+    assert dcmtk_echo(node.scp.port).returncode == 0
+
+
+def test_p_data_over_the_advertised_maximum_is_aborted(start_node, sockets) -> None:
+    """After negotiation a P-DATA-TF PDU may be as long as the maximum length the node
+    advertised (node.max_pdu), as DCMTK enforces it; at that length it is taken."""
+    need(ECHOSCU)
+    node = start_node(max_pdu=16384)
+    # A sender that fills PDUs to exactly the maximum is served.
+    ds = us_multiframe(frames=16, rows=128, cols=128)  # 256 KiB: sixteen full PDUs
+    ae = AE(ae_title="CART")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
+    assert assoc.is_established and int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets)
+        s.sendall(raw.header(raw.P_DATA_TF, 16385))
+        _, pdus = raw.wait_closed(s, timeout=10)
+        wait_for(lambda: events(logs, "association.aborted"), timeout=5, what="the association to end")
+    assert [p.abort_source_reason for p in pdus] == [(2, 6)]
+    [line] = events(logs, "association.pdu_too_large")
+    assert (line["declared_bytes"], line["limit_bytes"], line["pdu_type"]) == (16385, 16384, "P-DATA-TF")
+    assert node.scp.counters.aborted == {"pdu_too_large": 1}
+
+
+def test_a_pdu_body_is_allocated_as_it_arrives(start_node, sockets) -> None:
+    """With max_pdu = 0 ("unlimited") a 60 MiB P-DATA-TF is allowed, but the node holds
+    only what has arrived, not what was declared; over 64 MiB it is refused."""
+    node = start_node(max_pdu=0, network_timeout_s=30.0)
+    s = associate(node.scp.port, sockets)
+    before = rss_mib()
+    s.sendall(raw.header(raw.P_DATA_TF, 60 << 20) + bytes(1000))
+    time.sleep(1.0)
+    grown = rss_mib() - before
+    assert grown < 20, f"{grown:.0f} MiB held for 1000 bytes received"
+    s.close()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets)
+        s.sendall(raw.header(raw.P_DATA_TF, pdu_guard.UNLIMITED_PDU_CEILING + 1))
+        _, pdus = raw.wait_closed(s, timeout=10)
+    assert [p.abort_source_reason for p in pdus] == [(2, 6)]
+    assert events(logs, "association.pdu_too_large")[0]["limit_bytes"] == pdu_guard.UNLIMITED_PDU_CEILING
+
+
+# -- 2. the address allow-list at connection time -----------------------------------------
+
+
+def test_a_disallowed_address_is_turned_away_before_a_byte_is_read(start_node, sockets) -> None:
+    """It never gets an association (nor a max_associations slot): the connection is
+    closed at accept, logged and counted."""
+    need(ECHOSCU)
+    node = start_node(allowed_networks=["127.0.0.1/32"], max_associations=1)
+    with capture_logs() as logs:
+        held = []
+        for _ in range(5):
+            s = connect(node.scp.port, sockets, source="127.0.0.2")
+            try:
+                s.sendall(raw.header(raw.ASSOCIATE_RQ, 200))  # and then nothing
+            except OSError:
+                pass  # already closed by the node
+            held.append(s)
+        for s in held:
+            took, pdus = raw.wait_closed(s, timeout=5)
+            assert pdus == []
+        # The one slot is free for an allowed cart.
+        assert dcmtk_echo(node.scp.port).returncode == 0
+    rejected = events(logs, "association.rejected")
+    assert len(rejected) == 5
+    assert all(e["reason"] == "address not allowed" and e["peer"] == "127.0.0.2" for e in rejected)
+    assert node.scp.counters.rejected == 5
+    assert node.scp.counters.associations == 1
+    assert len(events(logs, "association.requested")) == 1  # the echo
+
+
+# -- 3. every read has a deadline --------------------------------------------------------
+
+
+def _stall_store(port: int, opened: list[socket.socket], sop_uid: str) -> socket.socket:
+    """An association that sends a C-STORE command, half its data set, then 10 bytes of a PDU and stops."""
+    ds = us_multiframe(frames=8, rows=64, cols=64, sop_uid=sop_uid)
+    s = associate(port, opened, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+    s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ds.SOPClassUID, sop_uid)))
+    data = encode(ds, False, True)
+    s.sendall(raw.p_data(1, 0x00, data[: len(data) // 2]))
+    s.sendall(raw.header(raw.P_DATA_TF, 1000) + bytes(10))
+    return s
+
+
+def test_stalled_peers_from_an_allowed_address_are_reaped(start_node, sockets) -> None:
+    """A peer that stops mid-PDU (before the association: acse_timeout_s; after it:
+    network_timeout_s) is aborted and closed, counted and logged, and its partial spool
+    file removed; the slots it held are free again."""
+    need(ECHOSCU)
+    node = start_node(acse_timeout_s=1.0, network_timeout_s=1.0, max_associations=2)
+    with capture_logs() as logs:
+        before = connect(node.scp.port, sockets)
+        before.sendall(raw.header(raw.ASSOCIATE_RQ, 200) + bytes(10))
+        after = _stall_store(node.scp.port, sockets, "1.2.826.0.1.3680043.8.498.77")
+        wait_for(lambda: list(node.store.incoming.iterdir()), timeout=5, what="the spool file")
+        t0 = time.monotonic()
+        took_before, pdus_before = raw.wait_closed(before, timeout=15)
+        took_after, pdus_after = raw.wait_closed(after, timeout=15)
+        reaped = time.monotonic() - t0
+        wait_for(lambda: not list(node.store.incoming.iterdir()), timeout=5, what="the spool file to go")
+        wait_for(lambda: node.scp.active_associations() == 0, timeout=5, what="the slots to be freed")
+        wait_for(lambda: events(logs, "store.partial_discarded"), timeout=5, what="the discard to be logged")
+    print({"reaped_s": round(reaped, 2)})
+    assert [p.abort_source_reason for p in pdus_before] == [(2, 0)]
+    assert [p.abort_source_reason for p in pdus_after] == [(2, 0)]
+    stalled = sorted(events(logs, "association.stalled"), key=lambda e: e["phase"])
+    assert [e["phase"] for e in stalled] == ["PDU", "association negotiation"]
+    assert stalled[0]["received_bytes"] == 16 and stalled[0]["expected_bytes"] == 1006
+    assert stalled[0]["deadline"] == "network_timeout_s" and stalled[1]["deadline"] == "acse_timeout_s"
+    assert node.scp.counters.aborted == {"stalled": 2}
+    [discarded] = events(logs, "store.partial_discarded")
+    assert discarded["sop_uid"] == "1.2.826.0.1.3680043.8.498.77"
+    assert node.scp.counters.failures == {"incomplete": 1}
+    assert dcmtk_echo(node.scp.port).returncode == 0
+
+
+def test_echo_answers_while_50_stalled_sockets_are_open(start_node, sockets) -> None:
+    """50 connections that sent 6 bytes and stopped, from outside the allow-list: carts'
+    C-ECHOs (dcmtk echoscu, pynetdicom) are still answered, promptly."""
+    need(ECHOSCU)
+    node = start_node(allowed_networks=["127.0.0.1/32"], max_associations=3, acse_timeout_s=600.0,
+                      network_timeout_s=600.0)
+    for i in range(50):
+        s = connect(node.scp.port, sockets, source=f"127.0.0.{2 + i % 5}")
+        try:
+            s.sendall(raw.header(raw.ASSOCIATE_RQ, 200))
+        except OSError:
+            pass
+    latencies = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert dcmtk_echo(node.scp.port).returncode == 0
+        assert pynetdicom_echo(node.scp.port) == 0
+        latencies.append(time.monotonic() - t0)
+    print({"echo_pair_max_s": round(max(latencies), 3), "echo_pair_median_s": round(sorted(latencies)[2], 3)})
+    assert max(latencies) < 5.0  # liveness: a held listener would not answer at all
+    assert node.scp.counters.rejected == 50
+
+
+# -- 4. the same guard on outgoing associations ------------------------------------------
+
+
+class FakePacs:
+    """A raw-socket PACS: accepts the association with a hand-made A-ASSOCIATE-AC, then
+    answers the first P-DATA-TF with ``then`` and holds the connection until closed."""
+
+    def __init__(self, then: bytes) -> None:
+        self.then = then
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.received: list[raw.Pdu] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fake-pacs", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+            try:
+                rq = raw.read_pdu(conn)
+                assert rq is not None
+                conn.sendall(raw.associate_ac(raw.header(rq.type, rq.length) + rq.body))
+                first = raw.read_pdu(conn)
+                if first is not None:
+                    self.received.append(first)
+                    conn.sendall(self.then)
+                # Hold on, reading whatever else comes (an A-ABORT) until the peer closes.
+                while not self._stop.is_set():
+                    got = raw.read_pdu(conn, timeout=0.2)
+                    if got is None:
+                        break
+                    self.received.append(got)
+            except (TimeoutError, OSError, AssertionError):
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        for c in self.conns:
+            c.close()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def fake_pacs() -> Iterator[Callable[[bytes], FakePacs]]:
+    made: list[FakePacs] = []
+
+    def make(then: bytes) -> FakePacs:
+        made.append(FakePacs(then))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def _in_thread(fn: Callable[[], object], timeout: float) -> tuple[object, float]:
+    """Run ``fn``; its result (or exception) and seconds taken. Fails if it runs past ``timeout``."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"still blocked after {timeout} s"
+    return out[0], time.monotonic() - t0
+
+
+def test_a_destination_that_stops_mid_pdu_fails_the_store_within_the_deadline(fake_pacs, tmp_path: Path) -> None:
+    """pynetdicom puts an outgoing socket back to blocking: a PACS that stops in the
+    middle of its answer held the sender for ever (delivery.timeout_s did not apply)."""
+    pacs = fake_pacs(raw.header(raw.P_DATA_TF, 1000) + bytes(10))
+    sr = write(us_multiframe(), tmp_path / "sr.dcm")
+    with capture_logs() as logs:
+        result, took = _in_thread(lambda: store_file("ECHONODE", Peer("PACS", "127.0.0.1", pacs.port), str(sr), 1.0),
+                                  timeout=30)
+        result_echo, took_echo = _in_thread(lambda: echo("ECHONODE", Peer("PACS", "127.0.0.1", pacs.port), 1.0),
+                                            timeout=30)
+    print({"store_failed_after_s": round(took, 2), "echo_failed_after_s": round(took_echo, 2)})
+    assert isinstance(result, DeliveryError) and not result.permanent, result
+    assert isinstance(result_echo, DeliveryError), result_echo
+    stalled = events(logs, "association.stalled")
+    assert len(stalled) == 2 and all(e["role"] == "requestor" and e["phase"] == "PDU" for e in stalled)
+    assert took < 10 and took_echo < 10
+
+
+def test_a_destination_declaring_4_gib_costs_the_sender_nothing(fake_pacs, tmp_path: Path) -> None:
+    """``echonode echo`` against a PACS that answers with a P-DATA-TF header declaring
+    4 GiB: pynetdicom allocated (and zeroed) 4 GiB. Now it is refused at once, and the
+    process's peak memory stays that of a small Python program."""
+    pacs = fake_pacs(raw.header(raw.P_DATA_TF, 0xFFFFFFFF))
+    cfg = make_config(tmp_path)
+    config = tmp_path / "echonode.toml"
+    from echonode.config import to_toml
+
+    config.write_text(to_toml(cfg))
+
+    # Should the guard be gone: a MemoryError rather than 4 GiB on a shared machine.
+    cmd = ["prlimit", f"--as={3 << 30}", *echonode_cmd("--config", str(config), "echo",
+                                                      f"PACS@127.0.0.1:{pacs.port}", "--timeout", "5")]
+    t0 = time.monotonic()
+    with open(tmp_path / "out.txt", "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        killer = threading.Timer(60, proc.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own peak RSS
+        finally:
+            killer.cancel()
+    took = time.monotonic() - t0
+    text = (tmp_path / "out.txt").read_text(errors="replace")
+    peak_mib = usage.ru_maxrss / 1024
+    print({"echo_failed_after_s": round(took, 2), "sender_peak_rss_mib": round(peak_mib)})
+    assert os.waitstatus_to_exitcode(status) == 1, text
+    assert "association.pdu_too_large" in text and "4294967295" in text, text
+    assert "C-ECHO to PACS@127.0.0.1" in text and "failed" in text, text
+    assert took < 30
+    assert peak_mib < 1024
+    assert any(p.type == raw.ABORT and p.abort_source_reason == (2, 6) for p in pacs.received), pacs.received
+
+
+# -- 5. no spool file escapes the node ---------------------------------------------------
+
+
+def test_a_new_message_in_the_middle_of_a_data_set_leaves_no_spool_file(start_node, sockets) -> None:
+    """pynetdicom reuses the message object for a command that arrives before the data
+    set ended, opening a second spool file and forgetting the first."""
+    node = start_node()
+    first, second = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.101"), us_multiframe()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(first.SOPClassUID, first.SOPInstanceUID)))
+        data = encode(first, False, True)
+        s.sendall(raw.p_data(1, 0x00, data[: len(data) // 2]))
+        # A new C-STORE-RQ before the first data set ended, then its whole data set.
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(second.SOPClassUID, second.SOPInstanceUID,
+                                                              message_id=2)))
+        s.sendall(raw.p_data(1, 0x02, encode(second, False, True)))
+        raw.read_command(s)  # whatever the node made of it, it answers
+        s.sendall(raw.RELEASE_RQ_PDU)
+        raw.wait_closed(s, timeout=10)
+        wait_for(lambda: events(logs, "store.partial_discarded"), timeout=10, what="the first file to be discarded")
+    assert list(node.store.incoming.iterdir()) == []
+    assert [e["sop_uid"] for e in events(logs, "store.partial_discarded")] == [str(first.SOPInstanceUID)]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs (needs root and mount): a disk that really fills."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()}); the injected variant runs instead")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+class _FullDisk:
+    """A temp file whose writes fail with ENOSPC once ``room`` bytes are written."""
+
+    def __init__(self, f: object, room: int) -> None:
+        self._f, self.room, self.name = f, room, f.name  # type: ignore[attr-defined]
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self._f.write(data)  # type: ignore[attr-defined,no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "injected"])
+def test_a_full_disk_while_spooling_answers_out_of_resources(disk: str, start_node, request, monkeypatch,
+                                                             capfd) -> None:
+    """ENOSPC while pynetdicom writes the spool file killed its reader thread (a raw
+    traceback on stderr), and the sender got no answer. Now the rest of the data set is
+    read and dropped, the C-STORE answered 0xA700 with one log line, the file removed,
+    and the space given back: the next object is stored."""
+    if disk == "tmpfs":
+        node = start_node(storage_dir=str(request.getfixturevalue("small_tmpfs") / "storage"))
+    else:
+        import tempfile
+
+        from echonode import spool
+
+        calls = {"n": 0}
+
+        def filling(*args: object, **kwargs: object) -> object:
+            calls["n"] += 1
+            f = tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]  # noqa: SIM115
+            return _FullDisk(f, 4 << 20) if calls["n"] == 1 else f
+
+        monkeypatch.setattr(spool, "_new_temp_file", filling)
+        node = start_node()
+    big, small = us_multiframe(frames=40, rows=480, cols=640), us_multiframe()  # 12 MB, 32 KiB
+    ae = AE(ae_title="CART")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(big.SOPClassUID, big.file_meta.TransferSyntaxUID)
+    with capture_logs() as logs:
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
+        assert assoc.is_established
+        try:
+            rsp = assoc.send_c_store(big)
+            assert rsp is not None and "Status" in rsp, "no answer"
+            assert int(rsp.Status) == 0xA700
+            assert int(assoc.send_c_store(small).Status) == 0
+        finally:
+            assoc.release()
+    [line] = events(logs, "store.refused_disk_full")
+    assert line["stage"] == "spool" and line["error"] == "ENOSPC"
+    assert node.scp.counters.failures == {"out_of_disk": 1}
+    assert list(node.store.incoming.iterdir()) == []
+    assert [r.sop_uid for r in node.journal.instances()] == [str(small.SOPInstanceUID)]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_exception_in_the_protocol_machine_aborts_the_association(start_node, sockets, capfd) -> None:
+    """A C-STORE command on a presentation context that was never accepted makes
+    pynetdicom's message decoder raise in its reader thread, which died of it (a raw
+    traceback, the half-opened spool file left). Now: A-ABORT, one log line, file removed."""
+    node = start_node()
+    ds = us_multiframe()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+        s.sendall(raw.p_data(3, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID)))
+        _, pdus = raw.wait_closed(s, timeout=10)
+        wait_for(lambda: not node.scp.active_associations(), timeout=10, what="the association to end")
+        wait_for(lambda: not list(node.store.incoming.iterdir()), timeout=10, what="the spool file to go")
+    assert [p.abort_source_reason for p in pdus] == [(2, 0)]
+    [line] = events(logs, "association.failed")
+    assert line["log_level"] == "error" and line["exc_info"]  # logs.py renders it as type and frames
+    assert node.scp.counters.aborted == {"failed": 1}
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# -- 6. AE titles: only spaces are padding ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "calling, called, answer, reason",
+    [
+        (b"CART1", b"ECHONODE", "accepted", None),
+        (b"  CART1", b"ECHONODE  ", "accepted", None),
+        (b"CART1\t", b"ECHONODE", (1, 1, 3), "calling AE title is not a valid AE title"),
+        (b"CART1\n", b"ECHONODE", (1, 1, 3), "calling AE title is not a valid AE title"),
+        (b"\tCART1", b"ECHONODE", (1, 1, 3), "calling AE title is not a valid AE title"),
+        (b"CART2", b"ECHONODE", (1, 1, 3), "calling AE title not allowed"),
+        (b"CART1", b"ECHONODE\r", (1, 1, 7), "called AE title is not a valid AE title"),
+    ],
+)
+def test_ae_titles_are_compared_without_their_space_padding_only(start_node, sockets, calling: bytes,
+                                                                 called: bytes, answer, reason) -> None:
+    """pynetdicom strips AE titles with str.strip(): "CART1\\t" passed an allow-list
+    of ["CART1"]. A control character is refused, logged escaped, and counted."""
+    node = start_node(allowed_calling_aets=["CART1"])
+    with capture_logs() as logs:
+        s = connect(node.scp.port, sockets)
+        s.sendall(raw.associate_rq(calling=calling, called=called))
+        got = raw.read_pdu(s)
+    assert got is not None
+    if answer == "accepted":
+        assert got.type == raw.ASSOCIATE_AC
+        assert node.scp.counters.rejected == 0
+        return
+    assert got.type == raw.ASSOCIATE_RJ and got.reject == answer
+    [line] = events(logs, "association.rejected")
+    assert line["reason"] == reason
+    assert line["calling_ae"] == repr(calling.strip(b" "))[2:-1]  # "CART1\\t": printable, escaped
+    assert node.scp.counters.rejected == 1
+
+
+# -- 7. a C-STORE without a data set -----------------------------------------------------
+
+
+def test_a_store_without_a_data_set_gets_a_clear_status(start_node, sockets) -> None:
+    from echonode.scp import NO_DATA_SET
+
+    node = start_node()
+    ds = us_multiframe()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID, with_data_set=False)))
+        rsp = raw.read_command(s)
+        # The association goes on.
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID, message_id=2)))
+        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
+        second = raw.read_command(s)
+        s.sendall(raw.RELEASE_RQ_PDU)
+    assert rsp.Status == 0xC210 and rsp.ErrorComment == NO_DATA_SET[:64]  # type: ignore[attr-defined]
+    assert second.Status == 0  # type: ignore[attr-defined]
+    [line] = events(logs, "store.refused")
+    assert line["status"] == "0xC210" and line["error"] == NO_DATA_SET
+    assert node.scp.counters.failures == {"0xC210": 1}
+
+
+def test_protocol_aborts_are_exported_as_metrics(start_node, sockets) -> None:
+    from echonode.metrics import NodeCollector
+
+    node = start_node()
+    s = connect(node.scp.port, sockets)
+    s.sendall(raw.header(raw.ASSOCIATE_RQ, GIB2))
+    raw.wait_closed(s, timeout=10)
+    fams = {f.name: f for f in NodeCollector(node).collect()}
+    samples = {tuple(x.labels.items()): x.value for x in fams["echonode_associations_aborted"].samples}
+    assert samples[(("reason", "pdu_too_large"),)] == 1
+
+
+def test_ended_associations_are_not_kept_alive(start_node, sockets) -> None:
+    """Each association is garbage once it has ended: a registry keyed by it that its
+    guard referred back to kept every one (1.4 MiB each) for the node's life."""
+    import gc
+
+    from pynetdicom.association import Association
+
+    def alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, Association) and o.is_acceptor for o in gc.get_objects())
+
+    node = start_node()
+    before = alive()
+    for i in range(20):
+        if i % 2:
+            s = connect(node.scp.port, sockets)
+            s.sendall(raw.header(raw.ASSOCIATE_RQ, GIB2))
+        else:
+            s = associate(node.scp.port, sockets)
+            s.sendall(raw.header(raw.P_DATA_TF, GIB2))
+        raw.wait_closed(s, timeout=10)
+        s.close()
+    wait_for(lambda: node.scp.active_associations() == 0, timeout=10, what="the associations to end")
+    time.sleep(0.5)  # the connection threads' clean-up
+    assert alive() - before < 5
