@@ -204,6 +204,16 @@ REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service-user, no reason give
 # pynetdicom sends when max_associations is reached, which senders already
 # treat as "try again later".
 REJECT_LOW_DISK = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
+REJECT_LOCAL_LIMIT = REJECT_LOW_DISK  # the same triple, for max_associations
+
+#: Connections that have not yet sent their A-ASSOCIATE-RQ. Beyond this many,
+#: the one that has waited longest is closed to make room: a cart sends its
+#: request within milliseconds of connecting, so only a peer that connects
+#: and stays silent (a hostile socket, a half-open link) is ever the oldest,
+#: and however many of those there are, a cart's connection is never the one
+#: turned away. They do not count against ``max_associations``, which limits
+#: associations that have asked for something.
+MAX_AWAITING_REQUEST = 32
 
 #: Why pynetdicom's own ACSE refused an association (after EVT_REQUESTED), as
 #: the log's ``reason``: (result, source, diagnostic) -> words.
@@ -344,12 +354,20 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._assoc_seq = 0
         self._assoc_ids: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
+        #: Connections whose A-ASSOCIATE-RQ has not arrived, oldest first, with when they opened.
+        self._awaiting: dict[Association, float] = {}
         self._lock = threading.Lock()
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.node.ae_title)
-        ae.maximum_associations = self.node.max_associations
+        # pynetdicom counts every connection's thread against its limit, a
+        # silent one that never sent a request included: a few such sockets
+        # would lock every cart out until acse_timeout_s. The node applies
+        # max_associations itself to associations that have asked (in
+        # _on_requested) and bounds silent connections separately
+        # (MAX_AWAITING_REQUEST); pynetdicom's own check stays as a backstop.
+        ae.maximum_associations = self.node.max_associations + 4 * MAX_AWAITING_REQUEST
         ae.maximum_pdu_size = self.node.max_pdu
         ae.network_timeout = self.node.network_timeout_s
         ae.acse_timeout = self.node.acse_timeout_s
@@ -411,9 +429,32 @@ class StorageSCP:
             assoc_id = self._assoc_ids[assoc] = self._assoc_seq
         spool.track(assoc, self.store.incoming)
         pdu_guard.guard(assoc, on_fault=self.counters.abort, context={"assoc_id": assoc_id})
+        self._await_request(assoc)
+
+    def _await_request(self, assoc: Association) -> None:
+        """Note a connection whose request has not come; close the longest-waiting one past the cap."""
+        now = time.monotonic()
+        with self._lock:
+            self._awaiting[assoc] = now
+            evicted = []
+            while len(self._awaiting) > MAX_AWAITING_REQUEST:
+                oldest = next(iter(self._awaiting))
+                evicted.append((oldest, now - self._awaiting.pop(oldest), self._assoc_ids.get(oldest, 0)))
+        for old, waited, old_id in evicted:
+            self.counters.abort("evicted")
+            log.warning("association.evicted", assoc_id=old_id, peer=old.requestor.address,
+                        waited_s=round(waited, 3), reason="no association request while newer connections wait",
+                        max_awaiting=MAX_AWAITING_REQUEST)
+            sock = getattr(getattr(old.dul, "socket", None), "socket", None)
+            if sock is not None:
+                # Its reader sees the connection close and the association ends (cleared as usual).
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        with self._lock:
+            self._awaiting.pop(assoc, None)
         rq = assoc.requestor.primitive
         if not isinstance(rq, A_ASSOCIATE):
             # The PDU guard ended the connection before a request arrived
@@ -461,9 +502,21 @@ class StorageSCP:
                       min_free_bytes=self.min_free_bytes)
             self._reject(assoc, REJECT_LOW_DISK)
             return
+        if self._requested_associations(other_than=assoc) >= self.node.max_associations:
+            log.warning("association.rejected", reason="max_associations reached",
+                        max_associations=self.node.max_associations)
+            self._reject(assoc, REJECT_LOCAL_LIMIT)
+            return
         # Counted as accepted only at EVT_ACCEPTED: pynetdicom may still
-        # refuse it after this handler (called AE title, max_associations).
+        # refuse it after this handler (e.g. the called AE title).
         log.info("association.requested")
+
+    def _requested_associations(self, *, other_than: Association) -> int:
+        """Incoming associations alive that have sent their request (silent connections do not count)."""
+        return sum(
+            1 for a in self.ae.active_associations
+            if a.is_acceptor and a is not other_than and isinstance(a.requestor.primitive, A_ASSOCIATE)
+        )
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.counters.associations += 1
@@ -485,7 +538,7 @@ class StorageSCP:
         reason = _PYNETDICOM_REJECTS.get(rsd, "rejected by the DICOM stack") if rsd else "rejected by the DICOM stack"
         extra: dict[str, Any] = {"called_ae": called}
         if rsd == (0x02, 0x03, 0x02):
-            extra["max_associations"] = self.ae.maximum_associations
+            extra["max_associations"] = self.node.max_associations
         log.warning("association.rejected", reason=reason, result=rsd, **extra)
 
     def _reject(self, assoc: Association, reason: tuple[int, int, int]) -> None:
@@ -513,6 +566,8 @@ class StorageSCP:
         cine (easily 100 MB) is disk lost. Such an object was never
         acknowledged, so the sender still has it.
         """
+        with self._lock:
+            self._awaiting.pop(assoc, None)
         tracker = spool.tracker_of(assoc)
         if tracker is None:
             return

@@ -8,6 +8,8 @@ hosts outside ``allowed_networks``.
 
 from __future__ import annotations
 
+import contextlib
+
 import errno
 import os
 import socket
@@ -270,6 +272,41 @@ def test_echo_answers_while_50_stalled_sockets_are_open(start_node, sockets) -> 
     print({"echo_pair_max_s": round(max(latencies), 3), "echo_pair_median_s": round(sorted(latencies)[2], 3)})
     assert max(latencies) < 5.0  # liveness: a held listener would not answer at all
     assert node.scp.counters.rejected == 50
+
+
+def test_silent_connections_from_an_allowed_address_never_lock_carts_out(start_node, sockets) -> None:
+    """With no allow-list (the default), 50 connections that send 6 bytes and stop used
+    to hold every max_associations slot until acse_timeout_s: carts got "local limit
+    exceeded". Silent connections no longer count against the limit, and past
+    MAX_AWAITING_REQUEST the one that waited longest is closed."""
+    from echonode.scp import MAX_AWAITING_REQUEST
+
+    need(ECHOSCU)
+    node = start_node(max_associations=3, acse_timeout_s=600.0, network_timeout_s=600.0)
+    silent = []
+    with capture_logs() as logs:
+        for _ in range(50):
+            s = connect(node.scp.port, sockets)
+            with contextlib.suppress(OSError):
+                s.sendall(raw.header(raw.ASSOCIATE_RQ, 200))
+            silent.append(s)
+        wait_for(lambda: len(events(logs, "association.evicted")) >= 50 - MAX_AWAITING_REQUEST, timeout=10,
+                 what="the longest-waiting silent connections to be closed")
+        latencies = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert dcmtk_echo(node.scp.port).returncode == 0
+            assert pynetdicom_echo(node.scp.port) == 0
+            latencies.append(time.monotonic() - t0)
+    print({"echo_pair_max_s": round(max(latencies), 3), "echo_pair_median_s": round(sorted(latencies)[2], 3)})
+    assert max(latencies) < 5.0  # liveness: a locked-out cart would be rejected, not slow
+    evicted = events(logs, "association.evicted")
+    assert node.scp.counters.aborted.get("evicted", 0) == len(evicted) >= 50 - MAX_AWAITING_REQUEST
+    assert not events(logs, "association.rejected")
+    # The first silent connections were the ones closed; the newest still waits.
+    raw.wait_closed(silent[0], timeout=5)
+    with pytest.raises(TimeoutError):
+        raw.wait_closed(silent[-1], timeout=0.5)
 
 
 # -- 4. the same guard on outgoing associations ------------------------------------------
