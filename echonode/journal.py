@@ -24,6 +24,8 @@ A study whose worker was interrupted (``running`` at start) goes back to
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -112,6 +114,42 @@ def _as_state(value: str) -> StudyState | str:
         return StudyState(value)
     except ValueError:
         return value
+
+
+#: SQLite's codes for a write the file system refused: SQLITE_FULL (its Unix
+#: VFS's answer to ENOSPC), SQLITE_IOERR_WRITE (any other refused write, a
+#: quota's EDQUOT among them) and SQLITE_IOERR_SHMSIZE (the WAL index could
+#: not grow).
+_DISK_FULL_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_SHMSIZE})
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or the error it was raised from) is storage refusing a write for want of room.
+
+    Parameters
+    ----------
+    exc : BaseException
+        An error from a file write (``OSError`` with ENOSPC or EDQUOT) or
+        from the journal (``sqlite3.Error`` with one of ``_DISK_FULL_CODES``).
+
+    Returns
+    -------
+    bool
+        Such a failure is the node's storage, never the study's: the
+        caller retries once there is room instead of counting it against
+        the study.
+    """
+    seen: BaseException | None = exc
+    for _ in range(4):  # ``raise ... from`` chains, short ones
+        if seen is None:
+            return False
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) in _DISK_FULL_CODES:
+            return True
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        seen = seen.__cause__
+    return False
 
 
 #: States in which a new instance re-opens the study for receiving.
@@ -365,11 +403,17 @@ class Journal:
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        else:
             con.execute("COMMIT")
+        except BaseException:
+            # SQLite rolls the transaction back by itself after some errors
+            # (SQLITE_FULL, SQLITE_IOERR: a full disk, in a statement or in
+            # the COMMIT): a ROLLBACK then fails, and its error would hide
+            # the one the caller must see. A COMMIT that failed and left the
+            # transaction open must not leave the connection inside it.
+            if con.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    con.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -566,6 +610,33 @@ class Journal:
                 (state, reason, time.time(), claim.study_uid),
             )
         return state
+
+    def release_claim(self, claim: Claim, reason: str) -> None:
+        """Return a claimed study to the queue without counting the attempt (``running -> queued``).
+
+        For a failure that is not the study's: storage that had no room for
+        its SR or its rows. The study goes to the back of the queue
+        (``updated`` is now) with ``reason`` until it is claimed again.
+
+        Parameters
+        ----------
+        claim : Claim
+            The worker's claim on the study.
+        reason : str
+            What ``status`` shows meanwhile.
+
+        Raises
+        ------
+        StaleClaim
+            When the study changed since the claim (its new state stands).
+        """
+        with self._tx() as con:
+            self._check_claim(con, claim)
+            con.execute(
+                "UPDATE studies SET state = ?, reason = ?, attempts = MAX(attempts - 1, 0), worker_pid = NULL,"
+                " updated = ? WHERE study_uid = ?",
+                (StudyState.QUEUED, reason, time.time(), claim.study_uid),
+            )
 
     def release_running(self) -> list[str]:
         """Put studies whose worker *we* stopped back in the queue, uncounted."""
