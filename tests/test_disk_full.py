@@ -29,9 +29,9 @@ from echonode.journal import Journal, StudyState, is_disk_full
 from echonode.node import Node
 from echonode.store import RESERVE_NAME, SpaceReserve, StudyStore
 from echonode.worker import DISK_FULL_REASON, DiskFullPause, work_once
-from tests.conftest import make_config, wait_for, with_destination
+from tests.conftest import free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe, write
-from tests.test_delivery import scps  # noqa: F401 - a fixture: recording PACS peers
+from tests.test_delivery import RecordingSCP
 from tests.test_scp import send
 
 DISK_MB = 16
@@ -94,9 +94,8 @@ def test_a_full_disk_mid_transaction_raises_the_disk_full_error_and_the_journal_
     with pytest.raises(sqlite3.OperationalError) as caught:
         with journal._tx() as con:
             for i in range(64):
-                con.execute("INSERT INTO studies (study_uid, state, first_received, last_received, updated)"
-                            " VALUES (?, 'receiving', 0, 0, 0)", (f"1.2.{i}." + "9" * 50,))
-                con.execute("UPDATE studies SET reason = ? WHERE study_uid = ?", ("x" * 200_000, f"1.2.{i}." + "9" * 50))
+                con.execute("INSERT INTO studies (study_uid, state, reason, first_received, last_received, updated)"
+                            " VALUES (?, 'receiving', ?, 0, 0, 0)", (f"1.2.{i}", "x" * 200_000))
     assert is_disk_full(caught.value), caught.value  # not "cannot rollback - no transaction is active"
     assert not journal._connect().in_transaction
     ballast.unlink()
@@ -305,11 +304,20 @@ def test_sr_round_trip_on_the_small_disk(queued_study: dict) -> None:
     assert pydicom.dcmread(report.path).StudyInstanceUID == w["study_uid"]
 
 
+@pytest.fixture
+def pacs() -> Iterator[RecordingSCP]:
+    """A PACS that records every SR it is sent."""
+    scp = RecordingSCP(free_port()).start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
 def test_a_running_node_survives_a_disk_that_fills_while_its_worker_writes_the_sr(
-    tmp_path: Path, small_disk: Path, scps
+    tmp_path: Path, small_disk: Path, pacs: RecordingSCP
 ) -> None:
     """The real worker process: the disk fills as it analyses; the study waits in the queue, then is delivered once."""
-    pacs = scps()
     cfg = with_destination(make_config(tmp_path, node={"storage_dir": str(small_disk / "storage")}),
                            "pacs", "PACS", pacs.port)
     tiny_bundle(cfg.models_dir, "lvh")
