@@ -17,10 +17,15 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load_config, resolve_config_path
+from .rebuild import JournalLost
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: The journal is lost while storage holds studies: a person must act
+#: (``echonode recover-journal``); systemd does not restart on it
+#: (``RestartPreventExitStatus=3`` in systemd/echonode.service).
+EXIT_JOURNAL_LOST = 3
 
 #: Studies `echonode status` lists by default: enough to follow today's work,
 #: few enough to answer at once on a node that holds 100k studies.
@@ -144,8 +149,10 @@ def _print_outbox(status: dict[str, Any]) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .journal import Journal, OutboxState, StudyState
+    from .rebuild import check_journal
 
     cfg = _load(args)
+    check_journal(cfg)
     db = cfg.journal_path
     # 0: everything, as before --limit existed (slow on a node with many studies).
     limit = args.limit or None
@@ -209,8 +216,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
     from .journal import Journal
+    from .rebuild import check_journal
 
     cfg = _load(args)
+    check_journal(cfg)
     if not cfg.journal_path.exists() or not Journal(cfg.journal_path).requeue(args.study_uid):
         return _fail(f"no stored study {args.study_uid}", EXIT_FAILURE)
     print(f"queued {args.study_uid}")
@@ -219,8 +228,10 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from .journal import Journal
+    from .rebuild import check_journal
 
     cfg = _load(args)
+    check_journal(cfg)
     n = Journal(cfg.journal_path).retry_dead(args.study_uid) if cfg.journal_path.exists() else 0
     print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'} queued again")
     return EXIT_OK
@@ -230,8 +241,10 @@ def cmd_discard(args: argparse.Namespace) -> int:
     """Give up for good on dead-lettered SRs: all, one study's, or one destination's."""
     from .journal import Journal
     from .logs import configure_logging, get_logger
+    from .rebuild import check_journal
 
     cfg = _load(args)
+    check_journal(cfg)
     # The discards are an audit trail: logged like the node's own events.
     configure_logging(cfg.logging.format, cfg.logging.level)
     if cfg.journal_path.exists():
@@ -253,6 +266,44 @@ def cmd_discard(args: argparse.Namespace) -> int:
     print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'}{scope} discarded; they will never be sent")
     for name, count in sorted(Counter(d.destination for d in discarded).items()):
         print(f"  {name}: {count}")
+    return EXIT_OK
+
+
+def cmd_recover_journal(args: argparse.Namespace) -> int:
+    """Rebuild a lost journal from storage and the SRs already written; print what it holds."""
+    from .logs import configure_logging
+    from .rebuild import RebuildRefused, rebuild_journal
+
+    cfg = _load(args)
+    # The rebuild is logged like the node's own events (journal.rebuilt).
+    configure_logging(cfg.logging.format, cfg.logging.level, stream=sys.stderr)
+    try:
+        done = rebuild_journal(cfg, dry_run=args.dry_run)
+    except RebuildRefused as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    dests = ", ".join(d.name for d in cfg.destinations) or "no destination configured"
+    if done.dry_run:
+        print(f"dry run: the journal {done.journal} {done.why}; nothing was written. A rebuild would record:")
+    else:
+        print(f"journal rebuilt: {done.journal} (it {done.why})")
+        if done.moved_aside is not None:
+            print(f"  the old file moved to {done.moved_aside}")
+    studies = len({*done.delivered, *done.to_analyse, *done.held})
+    print(f"  {done.instances} stored object(s) in {studies} study(ies), from studies/")
+    print(f"  {len(done.delivered)} study(ies) delivered: {done.reports} SR(s) found in reports/, each recorded"
+          f" as sent to every destination ({dests}); none is sent again")
+    print(f"  {len(done.to_analyse)} study(ies) with no SR: analysed and reported as usual once the node runs")
+    if done.held:
+        print(f"  {len(done.held)} study(ies) held as failed: an SR in reports/ does not read, so whether the PACS"
+              " has it is not known; check there, then `echonode reprocess STUDY_UID`:")
+        for uid in done.held:
+            print(f"    {uid}")
+    if done.left_alone:
+        print(f"  {len(done.left_alone)} file(s) left alone, not recorded:")
+        for rel, why in done.left_alone:
+            print(f"    {rel}: {why}")
+    if not done.dry_run:
+        print("Start the node again (`echonode serve`, `systemctl start echonode`).")
     return EXIT_OK
 
 
@@ -331,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_discard)
 
     s = sub.add_parser(
+        "recover-journal",
+        help="rebuild a lost journal from storage and from the SRs already written, without sending any SR twice",
+    )
+    s.add_argument("--dry-run", action="store_true",
+                   help="say what the rebuilt journal would hold; write nothing")
+    s.set_defaults(func=cmd_recover_journal)
+
+    s = sub.add_parser(
         "demo",
         help="the whole loop on embedded defaults: receive an echo study, classify it, send back the SR, show it",
     )
@@ -348,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}")
+    except JournalLost as exc:
+        return _fail(str(exc), EXIT_JOURNAL_LOST)
     except sqlite3.Error as exc:
         return _fail(f"journal error: {exc}{_journal_named(args)}", EXIT_FAILURE)
     except OSError as exc:

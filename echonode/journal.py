@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import sqlite3
@@ -333,6 +334,26 @@ class DiscardedDelivery:
     destination: str
     #: Why it went dead: the delivery's last error.
     last_error: str | None
+
+
+def model_set_key_of(models: Iterable[tuple[str, str, str]]) -> str:
+    """The key a report is recorded under for a set of models.
+
+    Parameters
+    ----------
+    models : iterable of (str, str, str)
+        ``(name, version, device_uid)`` of each model that produced the report.
+
+    Returns
+    -------
+    str
+        32 hex digits from the sorted triples, independent of their order.
+        One SR per study and key (:meth:`Journal.report_for`); the worker
+        keys its models this way (``bundle.model_set_key``) and so does
+        ``echonode recover-journal`` with the models an SR names.
+    """
+    triples = sorted((str(n), str(v), str(d)) for n, v, d in models)
+    return hashlib.sha256(json.dumps(triples).encode("utf-8")).hexdigest()[:32]
 
 
 class SopInOtherStudy(ValueError):
@@ -749,6 +770,85 @@ class Journal:
                 (state, now, claim.study_uid),
             )
         return state
+
+    def record_recovered_report(
+        self,
+        report: ReportRecord,
+        results: Sequence[TaskResult],
+        destinations: Iterable[str],
+        created: float,
+    ) -> StudyState:
+        """Record an SR found in storage as sent to every destination (``echonode recover-journal``).
+
+        For a journal rebuilt after it was lost: whether each destination
+        took the SR is not known any more, and sending it again would give
+        the PACS a second copy of what it most likely has; so it counts as
+        sent, and the study as ``delivered``.
+
+        Parameters
+        ----------
+        report : ReportRecord
+            The SR, read back from its file.
+        results : sequence of TaskResult
+            Its findings, as ``status`` shows them (kept only when the study
+            has none for this model set yet).
+        destinations : iterable of str
+            The configured destinations: one ``sent`` outbox row each.
+        created : float
+            When the SR was written (its file's time); also the study's
+            last activity, from which retention counts.
+
+        Returns
+        -------
+        StudyState
+            The study's state now (``delivered``).
+        """
+        with self._tx() as con:
+            if con.execute("SELECT 1 FROM studies WHERE study_uid = ?", (report.study_uid,)).fetchone() is None:
+                # An SR whose images are gone (deleted by hand): the study is known by its SR alone.
+                con.execute(
+                    "INSERT INTO studies (study_uid, state, first_received, last_received, updated)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (report.study_uid, StudyState.DELIVERED, created, created, created),
+                )
+            con.execute(
+                "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path,"
+                " supersedes, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (report.sr_sop_uid, report.study_uid, report.model_set, report.series_uid, report.sop_class_uid,
+                 report.path, report.supersedes, created),
+            )
+            if results and con.execute(
+                "SELECT 1 FROM results WHERE study_uid = ? AND model_set = ?", (report.study_uid, report.model_set)
+            ).fetchone() is None:
+                self._replace_results(con, report.study_uid, report.model_set, results, created)
+            con.executemany(
+                "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, attempts, next_attempt, created,"
+                " sent_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                [(report.sr_sop_uid, report.study_uid, d, OutboxState.SENT, created, created, created)
+                 for d in destinations],
+            )
+            state = self._delivery_state(con, report.study_uid)
+            con.execute(
+                "UPDATE studies SET state = ?, reason = NULL, worker_pid = NULL, updated = MAX(updated, ?)"
+                " WHERE study_uid = ?",
+                (state, created, report.study_uid),
+            )
+        return state
+
+    def hold_study(self, study_uid: str, reason: str) -> bool:
+        """Mark a study ``failed`` with ``reason`` so that nothing happens to it until the administrator acts.
+
+        Returns
+        -------
+        bool
+            False when the journal has no such study.
+        """
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE studies SET state = ?, reason = ?, worker_pid = NULL, updated = ? WHERE study_uid = ?",
+                (StudyState.FAILED, reason, time.time(), study_uid),
+            )
+            return cur.rowcount == 1
 
     @staticmethod
     def _replace_results(

@@ -367,6 +367,16 @@ class StudyStore:
         except OSError as exc:
             log.error("store.undo_failed", sop_uid=dest.stem, error=exc.strerror)
 
+    def record_file(self, header: Header, path: Path, received: float) -> None:
+        """Record a file already in its place in ``studies/`` (recovery and ``echonode recover-journal``).
+
+        Raises
+        ------
+        SopInOtherStudy
+            When the journal holds the SOP Instance UID under another study.
+        """
+        self._record(header, path, received, None)
+
     def _record(self, header: Header, path: Path, received: float, calling_ae: str | None) -> None:
         self.journal.record_instance(
             InstanceRecord(
