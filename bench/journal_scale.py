@@ -186,6 +186,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
+    from echonode.logs import configure_logging
+
+    # Retention logs a line per purged study: to stderr, the figures go to stdout.
+    configure_logging("json", "warning", stream=sys.stderr)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="echonode-journal-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -233,11 +237,13 @@ def main() -> None:
         db = _copy(base, storage)
         seconds, purged = _retention(db, storage, settings, now)
         retention[label] = {"s": round(seconds, 3), "purged": purged}
-    # A destination dead for the whole period: every SR owed, nothing may go.
+    # A destination dead for the whole period: every SR owed, nothing may go
+    # (the few skipped studies are made failed, so that the pass is all reading).
     db = _copy(base, storage)
     journal = Journal(db)
     con = journal._connect()
     con.execute("UPDATE studies SET state = 'reported' WHERE state = 'delivered'")
+    con.execute("UPDATE studies SET state = 'failed' WHERE state = 'skipped'")
     con.execute("UPDATE outbox SET state = 'dead', last_error = 'association rejected' WHERE state = 'sent'")
     journal.close()
     seconds, purged = _retention(db, storage, RetentionConfig(enabled=True, max_age_days=30, max_total_gb=1.0),

@@ -7,6 +7,7 @@ a one-line message on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sqlite3
 import sys
@@ -127,7 +128,9 @@ def _print_outbox(status: dict[str, Any]) -> None:
 
     pending = [o for o in status["outbox"] if o["state"] in OWED_STATES]
     discarded = [o for o in status["outbox"] if o["state"] == OutboxState.DISCARDED]
-    print(f"outbox: {len(pending)} not sent ({sum(status['outbox_counts'].values())} in all)")
+    owed = sum(n for state, n in status["outbox_counts"].items() if state in OWED_STATES)
+    print(f"outbox: {owed} not sent ({sum(status['outbox_counts'].values())} in all)"
+          + (f", the {len(pending)} due first listed (--limit 0 for all):" if len(pending) < owed else ""))
     for o in pending:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["next_attempt"]))
         extra = (f"next try {when}" if o["state"] == "pending"
@@ -147,8 +150,17 @@ def _print_outbox(status: dict[str, Any]) -> None:
             print(f"      last error: {o['last_error']}")
 
 
+def _status_document(snapshot: Any, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """``echonode status --json``: the journal's :class:`~echonode.journal.StatusSnapshot` and the models.
+
+    Its keys (CONTRACT.md): ``studies``, ``outbox``, ``study_counts``,
+    ``studies_total``, ``outbox_counts``, ``limit``, ``models``.
+    """
+    return {**dataclasses.asdict(snapshot), "models": models}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from .journal import Journal, OutboxState, StudyState
+    from .journal import Journal, OutboxState, StatusSnapshot, StudyState
     from .rebuild import check_journal
 
     cfg = _load(args)
@@ -157,17 +169,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     # 0: everything, as before --limit existed (slow on a node with many studies).
     limit = args.limit or None
     if db.exists():
-        status = Journal(db).status(limit=limit)
+        snapshot = Journal(db).snapshot(limit=limit)
     else:
-        status = {
-            "studies": [],
-            "outbox": [],
-            "study_counts": {str(s): 0 for s in StudyState},
-            "studies_total": 0,
-            "outbox_counts": {str(s): 0 for s in OutboxState},
-            "limit": limit,
-        }
-    status["models"] = _models_summary(cfg)
+        snapshot = StatusSnapshot(studies=[], outbox=[], study_counts={str(s): 0 for s in StudyState},
+                                  studies_total=0, outbox_counts={str(s): 0 for s in OutboxState}, limit=limit)
+    status = _status_document(snapshot, _models_summary(cfg))
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return EXIT_OK

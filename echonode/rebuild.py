@@ -295,7 +295,7 @@ def rebuild_journal(cfg: Config, *, dry_run: bool = False) -> Rebuilt:
         configured port (it must be stopped first).
     """
     from .logs import get_logger
-    from .store import StudyStore, fsync_dir
+    from .store import StudyStore, fsync_dir, fsync_file
 
     path, root = cfg.journal_path, cfg.storage_dir
     why = journal_loss(path, root)
@@ -314,7 +314,9 @@ def rebuild_journal(cfg: Config, *, dry_run: bool = False) -> Rebuilt:
     out = Rebuilt(journal=path, why=why, dry_run=dry_run)
     building = path.with_name(path.name + ".rebuild")
     _remove_sqlite_files(building)
-    journal = Journal(building)
+    # Not fsynced commit by commit: the file is fsynced once, whole, before
+    # it is renamed into place (a crash before leaves only the .rebuild file).
+    journal = Journal(building, durable=False)
     try:
         store = StudyStore(root, journal)
         studies = _record_instances(store, out)
@@ -341,6 +343,7 @@ def rebuild_journal(cfg: Config, *, dry_run: bool = False) -> Rebuilt:
             if src.exists():
                 os.replace(src, Path(f"{aside}{suffix}"))
         out.moved_aside = aside
+    fsync_file(building)
     os.replace(building, path)
     fsync_dir(path.parent)
     get_logger(__name__).warning(
