@@ -7,7 +7,6 @@ a one-line message on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sqlite3
 import sys
@@ -156,7 +155,17 @@ def _status_document(snapshot: Any, models: list[dict[str, Any]]) -> dict[str, A
     Its keys (CONTRACT.md): ``studies``, ``outbox``, ``study_counts``,
     ``studies_total``, ``outbox_counts``, ``limit``, ``models``.
     """
-    return {**dataclasses.asdict(snapshot), "models": models}
+    # Field by field rather than dataclasses.asdict, which deep-copies every
+    # value: twice the time of the journal's part for `--limit 0` on 100k studies.
+    return {
+        "studies": [{**vars(s), "results": [dict(vars(r)) for r in s.results]} for s in snapshot.studies],
+        "outbox": [dict(vars(d)) for d in snapshot.outbox],
+        "study_counts": dict(snapshot.study_counts),
+        "studies_total": snapshot.studies_total,
+        "outbox_counts": dict(snapshot.outbox_counts),
+        "limit": snapshot.limit,
+        "models": models,
+    }
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -204,10 +204,14 @@ def _durable_move(src: Path, dest: Path) -> None:
         # Temp file on another file system (TMPDIR not under storage_dir):
         # copy next to the destination, then rename there.
         tmp = dest.with_name(dest.name + ".part")
-        shutil.copyfile(src, tmp)
-        fsync_file(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, dest)
+        try:
+            shutil.copyfile(src, tmp)
+            fsync_file(tmp)
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a copy cut short by a full disk must not wait for the next start
+            raise
     fsync_dir(dest.parent)
 
 
