@@ -355,3 +355,30 @@ def test_a_running_node_survives_a_disk_that_fills_while_its_worker_writes_the_s
             ballast.unlink(missing_ok=True)
         node.stop()
         node.journal.close()
+
+
+def test_retention_frees_a_full_disk_with_the_reserve(tmp_path: Path, small_disk: Path) -> None:
+    """Purging needs room in the journal too: on a full disk retention gives back the worker's reserve to do it."""
+    from echonode.config import RetentionConfig
+    from echonode.retention import Retention
+    from tests.test_retention import make_study
+
+    root = small_disk / "storage"
+    journal = Journal(root / "journal.sqlite")
+    store = StudyStore(root, journal)
+    old = make_study(store, tmp_path, StudyState.DELIVERED, 40, frames=64)
+    kept = make_study(store, tmp_path, StudyState.DELIVERED, 1)
+    reserve = SpaceReserve(root / RESERVE_NAME)
+    assert reserve.restore()
+    ballast = fill(small_disk)
+    try:
+        with capture_logs() as logs:
+            purged = Retention(RetentionConfig(enabled=True, max_age_days=30), journal, store).run()
+        assert [p.study_uid for p in purged] == [old]
+        assert "retention.disk_full" in [e["event"] for e in logs]
+        assert journal.study(old) is None and not (store.studies / old).exists()
+        assert journal.study(kept) is not None
+        assert not reserve.path.exists()  # given back; the worker sets it aside again once there is room
+    finally:
+        ballast.unlink()
+        journal.close()
