@@ -396,6 +396,8 @@ class DiskFullPause:
         (the room the reserve itself gave back is not room that returned).
         """
         if not self.active:
+            # Given back by someone else meanwhile (retention on a full disk): set aside again.
+            self.reserve.restore()
             return True
         if not self._return_held() or not self.reserve.restore():
             return False

@@ -378,7 +378,9 @@ def test_retention_frees_a_full_disk_with_the_reserve(tmp_path: Path, small_disk
         assert "retention.disk_full" in [e["event"] for e in logs]
         assert journal.study(old) is None and not (store.studies / old).exists()
         assert journal.study(kept) is not None
-        assert not reserve.path.exists()  # given back; the worker sets it aside again once there is room
-    finally:
+        assert not reserve.path.exists()  # given back
         ballast.unlink()
+        assert DiskFullPause(journal, reserve).ready() and reserve.path.exists()  # the worker's next turn
+    finally:
+        ballast.unlink(missing_ok=True)
         journal.close()
