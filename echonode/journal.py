@@ -537,6 +537,15 @@ class Journal:
                     con.execute("ROLLBACK")
             raise
 
+    def close_as_one_file(self) -> None:
+        """Leave the WAL mode and close: the database is then one file, to be moved or copied whole.
+
+        For a journal built aside (``recover-journal``); the next open
+        switches it back to WAL.
+        """
+        self._connect().execute("PRAGMA journal_mode=DELETE")
+        self.close()
+
     def close(self) -> None:
         """Close this thread's connection."""
         con = getattr(self._local, "con", None)
@@ -1211,9 +1220,9 @@ class Journal:
         return dataclasses.asdict(self.snapshot(limit))
 
     def _listed_studies(self, con: sqlite3.Connection, limit: int | None) -> list[StudySummary]:
-        if limit is None:
-            source, args = "studies", ()
-        else:
+        args: tuple[Any, ...] = ()
+        source = "studies"
+        if limit is not None:
             # Newest activity first through the studies_active index; only
             # these rows get their instances counted below.
             source = f"(SELECT * FROM studies s ORDER BY {_ACTIVE} DESC, s.study_uid DESC LIMIT ?)"

@@ -241,7 +241,13 @@ def _record_instances(store: StudyStore, out: Rebuilt) -> set[str]:
 
 
 def _record_reports(cfg: Config, journal: Journal, store: StudyStore, out: Rebuilt) -> tuple[set[str], set[str]]:
-    """Record every SR in ``reports/`` that reads; returns (studies with an SR recorded, studies whose SRs did not read)."""
+    """Record every SR in ``reports/`` that reads.
+
+    Returns
+    -------
+    (set of str, set of str)
+        The studies with an SR recorded, and those with an SR that does not read.
+    """
     from .sr import summarise_report
     from .store import is_valid_uid
 
@@ -329,7 +335,7 @@ def rebuild_journal(cfg: Config, *, dry_run: bool = False) -> Rebuilt:
         out.delivered = sorted(reported)
         out.to_analyse = sorted(studies - reported - unreadable)
         # One file, no WAL beside it: what is renamed into place is the whole journal.
-        journal._connect().execute("PRAGMA journal_mode=DELETE")
+        journal.close_as_one_file()
     finally:
         journal.close()
     if dry_run:
