@@ -89,7 +89,7 @@ def test_status_and_metrics_read_through_indexes(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.sqlite")
     for i, state in enumerate(["sent", "dead", "pending", None, "sent", "sent"]):
         _study(journal, f"1.2.{i + 1}", outbox=state)
-    plans = _plans(journal, lambda: journal.snapshot(limit=2))
+    plans = _plans(journal, lambda: journal.status(limit=2))
     assert plans and _full_scans(plans) == [], _full_scans(plans)
     plans = _plans(journal, lambda: (journal.counts(), journal.outbox_counts(), journal.stored_bytes(),
                                       journal.inference_seconds_since(journal.last_result_id())))
