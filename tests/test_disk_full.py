@@ -16,6 +16,7 @@ import errno
 import os
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,9 +49,15 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a tmpfs in CI (needs root): {res.stderr.strip()}")
         pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+    # A node's SCP points the process's temp folder at its incoming/
+    # (scp.StorageSCP.start): put it back before the disk goes, or the next
+    # test's in-process peers would write their temp files into a folder
+    # that no longer exists.
+    tempdir = tempfile.tempdir
     try:
         yield where
     finally:
+        tempfile.tempdir = tempdir
         # Lazy: a connection a failed test left open must not keep it mounted.
         subprocess.run(["umount", "-l", str(where)], check=False)
 
