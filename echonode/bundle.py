@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import numpy as np
 import pydicom.uid
 import torch
 
+from echonode.journal import model_set_key_of
 from echonode.nets import ARCHITECTURES, NORMALISATIONS, VideoClassifier, build_model, normalise_for_model
 
 __all__ = [
@@ -1081,10 +1081,9 @@ def model_set_key(bundles: Iterable[Bundle | BundleMeta]) -> str:
         each report so that it never sends two SRs for the same study and
         model set.
     """
-    triples = sorted(
+    return model_set_key_of(
         (m.name, m.version, m.device_uid) for m in ((b.meta if isinstance(b, Bundle) else b) for b in bundles)
     )
-    return hashlib.sha256(json.dumps(triples).encode("utf-8")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

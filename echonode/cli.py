@@ -17,10 +17,15 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load_config, resolve_config_path
+from .rebuild import JournalLost
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: The journal is lost while storage holds studies: a person must act
+#: (``echonode recover-journal``); systemd does not restart on it
+#: (``RestartPreventExitStatus=3`` in systemd/echonode.service).
+EXIT_JOURNAL_LOST = 3
 
 #: Studies `echonode status` lists by default: enough to follow today's work,
 #: few enough to answer at once on a node that holds 100k studies.
@@ -122,7 +127,9 @@ def _print_outbox(status: dict[str, Any]) -> None:
 
     pending = [o for o in status["outbox"] if o["state"] in OWED_STATES]
     discarded = [o for o in status["outbox"] if o["state"] == OutboxState.DISCARDED]
-    print(f"outbox: {len(pending)} not sent ({sum(status['outbox_counts'].values())} in all)")
+    owed = sum(n for state, n in status["outbox_counts"].items() if state in OWED_STATES)
+    print(f"outbox: {owed} not sent ({sum(status['outbox_counts'].values())} in all)"
+          + (f", the {len(pending)} due first listed (--limit 0 for all):" if len(pending) < owed else ""))
     for o in pending:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["next_attempt"]))
         extra = (f"next try {when}" if o["state"] == "pending"
@@ -142,25 +149,40 @@ def _print_outbox(status: dict[str, Any]) -> None:
             print(f"      last error: {o['last_error']}")
 
 
+def _status_document(snapshot: Any, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """``echonode status --json``: the journal's :class:`~echonode.journal.StatusSnapshot` and the models.
+
+    Its keys (CONTRACT.md): ``studies``, ``outbox``, ``study_counts``,
+    ``studies_total``, ``outbox_counts``, ``limit``, ``models``.
+    """
+    # Field by field rather than dataclasses.asdict, which deep-copies every
+    # value: twice the time of the journal's part for `--limit 0` on 100k studies.
+    return {
+        "studies": [{**vars(s), "results": [dict(vars(r)) for r in s.results]} for s in snapshot.studies],
+        "outbox": [dict(vars(d)) for d in snapshot.outbox],
+        "study_counts": dict(snapshot.study_counts),
+        "studies_total": snapshot.studies_total,
+        "outbox_counts": dict(snapshot.outbox_counts),
+        "limit": snapshot.limit,
+        "models": models,
+    }
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from .journal import Journal, OutboxState, StudyState
+    from .journal import Journal, OutboxState, StatusSnapshot, StudyState
+    from .rebuild import check_journal
 
     cfg = _load(args)
+    check_journal(cfg)
     db = cfg.journal_path
     # 0: everything, as before --limit existed (slow on a node with many studies).
     limit = args.limit or None
     if db.exists():
-        status = Journal(db).status(limit=limit)
+        snapshot = Journal(db).snapshot(limit=limit)
     else:
-        status = {
-            "studies": [],
-            "outbox": [],
-            "study_counts": {str(s): 0 for s in StudyState},
-            "studies_total": 0,
-            "outbox_counts": {str(s): 0 for s in OutboxState},
-            "limit": limit,
-        }
-    status["models"] = _models_summary(cfg)
+        snapshot = StatusSnapshot(studies=[], outbox=[], study_counts={str(s): 0 for s in StudyState},
+                                  studies_total=0, outbox_counts={str(s): 0 for s in OutboxState}, limit=limit)
+    status = _status_document(snapshot, _models_summary(cfg))
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return EXIT_OK
@@ -209,8 +231,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
     from .journal import Journal
+    from .rebuild import check_journal
 
     cfg = _load(args)
+    check_journal(cfg)
     if not cfg.journal_path.exists() or not Journal(cfg.journal_path).requeue(args.study_uid):
         return _fail(f"no stored study {args.study_uid}", EXIT_FAILURE)
     print(f"queued {args.study_uid}")
@@ -219,8 +243,10 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from .journal import Journal
+    from .rebuild import check_journal
 
     cfg = _load(args)
+    check_journal(cfg)
     n = Journal(cfg.journal_path).retry_dead(args.study_uid) if cfg.journal_path.exists() else 0
     print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'} queued again")
     return EXIT_OK
@@ -230,8 +256,10 @@ def cmd_discard(args: argparse.Namespace) -> int:
     """Give up for good on dead-lettered SRs: all, one study's, or one destination's."""
     from .journal import Journal
     from .logs import configure_logging, get_logger
+    from .rebuild import check_journal
 
     cfg = _load(args)
+    check_journal(cfg)
     # The discards are an audit trail: logged like the node's own events.
     configure_logging(cfg.logging.format, cfg.logging.level)
     if cfg.journal_path.exists():
@@ -253,6 +281,44 @@ def cmd_discard(args: argparse.Namespace) -> int:
     print(f"{n} dead-lettered SR deliver{'y' if n == 1 else 'ies'}{scope} discarded; they will never be sent")
     for name, count in sorted(Counter(d.destination for d in discarded).items()):
         print(f"  {name}: {count}")
+    return EXIT_OK
+
+
+def cmd_recover_journal(args: argparse.Namespace) -> int:
+    """Rebuild a lost journal from storage and the SRs already written; print what it holds."""
+    from .logs import configure_logging
+    from .rebuild import RebuildRefused, rebuild_journal
+
+    cfg = _load(args)
+    # The rebuild is logged like the node's own events (journal.rebuilt).
+    configure_logging(cfg.logging.format, cfg.logging.level, stream=sys.stderr)
+    try:
+        done = rebuild_journal(cfg, dry_run=args.dry_run)
+    except RebuildRefused as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    dests = ", ".join(d.name for d in cfg.destinations) or "no destination configured"
+    if done.dry_run:
+        print(f"dry run: the journal {done.journal} {done.why}; nothing was written. A rebuild would record:")
+    else:
+        print(f"journal rebuilt: {done.journal} (it {done.why})")
+        if done.moved_aside is not None:
+            print(f"  the old file moved to {done.moved_aside}")
+    studies = len({*done.delivered, *done.to_analyse, *done.held})
+    print(f"  {done.instances} stored object(s) in {studies} study(ies), from studies/")
+    print(f"  {len(done.delivered)} study(ies) delivered: {done.reports} SR(s) found in reports/, each recorded"
+          f" as sent to every destination ({dests}); none is sent again")
+    print(f"  {len(done.to_analyse)} study(ies) with no SR: analysed and reported as usual once the node runs")
+    if done.held:
+        print(f"  {len(done.held)} study(ies) held as failed: an SR in reports/ does not read, so whether the PACS"
+              " has it is not known; check there, then `echonode reprocess STUDY_UID`:")
+        for uid in done.held:
+            print(f"    {uid}")
+    if done.left_alone:
+        print(f"  {len(done.left_alone)} file(s) left alone, not recorded:")
+        for rel, why in done.left_alone:
+            print(f"    {rel}: {why}")
+    if not done.dry_run:
+        print("Start the node again (`echonode serve`, `systemctl start echonode`).")
     return EXIT_OK
 
 
@@ -331,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_discard)
 
     s = sub.add_parser(
+        "recover-journal",
+        help="rebuild a lost journal from storage and from the SRs already written, without sending any SR twice",
+    )
+    s.add_argument("--dry-run", action="store_true",
+                   help="say what the rebuilt journal would hold; write nothing")
+    s.set_defaults(func=cmd_recover_journal)
+
+    s = sub.add_parser(
         "demo",
         help="the whole loop on embedded defaults: receive an echo study, classify it, send back the SR, show it",
     )
@@ -348,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}")
+    except JournalLost as exc:
+        return _fail(str(exc), EXIT_JOURNAL_LOST)
     except sqlite3.Error as exc:
         return _fail(f"journal error: {exc}{_journal_named(args)}", EXIT_FAILURE)
     except OSError as exc:

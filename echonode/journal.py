@@ -24,6 +24,10 @@ A study whose worker was interrupted (``running`` at start) goes back to
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import hashlib
 import json
 import os
 import sqlite3
@@ -114,6 +118,42 @@ def _as_state(value: str) -> StudyState | str:
         return value
 
 
+#: SQLite's codes for a write the file system refused: SQLITE_FULL (its Unix
+#: VFS's answer to ENOSPC), SQLITE_IOERR_WRITE (any other refused write, a
+#: quota's EDQUOT among them) and SQLITE_IOERR_SHMSIZE (the WAL index could
+#: not grow).
+_DISK_FULL_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_SHMSIZE})
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or the error it was raised from) is storage refusing a write for want of room.
+
+    Parameters
+    ----------
+    exc : BaseException
+        An error from a file write (``OSError`` with ENOSPC or EDQUOT) or
+        from the journal (``sqlite3.Error`` with one of ``_DISK_FULL_CODES``).
+
+    Returns
+    -------
+    bool
+        Such a failure is the node's storage, never the study's: the
+        caller retries once there is room instead of counting it against
+        the study.
+    """
+    seen: BaseException | None = exc
+    for _ in range(4):  # ``raise ... from`` chains, short ones
+        if seen is None:
+            return False
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) in _DISK_FULL_CODES:
+            return True
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        seen = seen.__cause__
+    return False
+
+
 #: States in which a new instance re-opens the study for receiving.
 _REOPENABLE = (StudyState.STABLE, StudyState.QUEUED, StudyState.RUNNING, StudyState.SKIPPED, StudyState.FAILED)
 
@@ -200,6 +240,27 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
 -- "does this study still owe an SR": retention, purge_study, _delivery_state.
 CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_uid, state);
+
+-- The bytes and number of recorded instances, one row kept by the triggers
+-- below, so that retention and every metrics scrape read one row instead of
+-- summing every instance. Filled once, from the instances, by
+-- Journal._count_stored (after the triggers exist, so no write is missed).
+-- An earlier echonode (a roll back) keeps it right: the triggers are the
+-- file's, they fire for any writer.
+CREATE TABLE IF NOT EXISTS stored_totals (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    bytes           INTEGER NOT NULL,
+    instances       INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS stored_totals_insert AFTER INSERT ON instances BEGIN
+    UPDATE stored_totals SET bytes = bytes + NEW.size, instances = instances + 1 WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS stored_totals_delete AFTER DELETE ON instances BEGIN
+    UPDATE stored_totals SET bytes = bytes - OLD.size, instances = instances - 1 WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS stored_totals_update AFTER UPDATE OF size ON instances BEGIN
+    UPDATE stored_totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 1;
+END;
 """
 
 #: Columns added to a table after its first release, as (table, column,
@@ -297,6 +358,87 @@ class DiscardedDelivery:
     last_error: str | None
 
 
+def model_set_key_of(models: Iterable[tuple[str, str, str]]) -> str:
+    """The key a report is recorded under for a set of models.
+
+    Parameters
+    ----------
+    models : iterable of (str, str, str)
+        ``(name, version, device_uid)`` of each model that produced the report.
+
+    Returns
+    -------
+    str
+        32 hex digits from the sorted triples, independent of their order.
+        One SR per study and key (:meth:`Journal.report_for`); the worker
+        keys its models this way (``bundle.model_set_key``) and so does
+        ``echonode recover-journal`` with the models an SR names.
+    """
+    triples = sorted((str(n), str(v), str(d)) for n, v, d in models)
+    return hashlib.sha256(json.dumps(triples).encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One task's result of a listed study (:meth:`Journal.snapshot`)."""
+
+    task: str
+    probability: float
+    positive: bool
+    threshold: float
+    #: The bundle's name and version.
+    model: str
+    version: str
+    n_videos: int
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """A listed study (:meth:`Journal.snapshot`): its row, size and the results of its latest SR."""
+
+    study_uid: str
+    state: str
+    instances: int
+    bytes: int
+    reason: str | None
+    attempts: int
+    first_received: float
+    last_received: float
+    updated: float
+    results: list[TaskSummary]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A listed outbox row (:meth:`Journal.snapshot`)."""
+
+    id: int
+    study_uid: str
+    sr_sop_uid: str
+    destination: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    sent_at: float | None
+    discarded_at: float | None
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """What ``echonode status`` reports (:meth:`Journal.snapshot`); its fields are the keys of ``--json``."""
+
+    studies: list[StudySummary]
+    outbox: list[Delivery]
+    #: Every study state, 0 included.
+    study_counts: dict[str, int]
+    studies_total: int
+    #: Every outbox state, 0 included.
+    outbox_counts: dict[str, int]
+    #: The listing's bound; None: everything listed.
+    limit: int | None
+
+
 class SopInOtherStudy(ValueError):
     """The SOP Instance UID is already recorded under another study."""
 
@@ -314,14 +456,18 @@ class Journal:
         The SQLite file; created with its schema when absent.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, durable: bool = True) -> None:
         self.path = Path(path)
+        #: False: commits are not fsynced (``synchronous=OFF``), for a journal
+        #: built aside and made durable as a whole before use (``recover-journal``).
+        self.durable = durable
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._local = threading.local()
         # Create the schema once, eagerly, so that errors show at start.
         # executescript manages its own transaction.
         self._connect().executescript(_SCHEMA)
         self._add_columns()
+        self._count_stored()
 
     # -- connection handling -------------------------------------------------
 
@@ -334,7 +480,7 @@ class Journal:
             con.execute("PRAGMA journal_mode=WAL")
             # FULL by default; record_instance lowers it to NORMAL for the
             # receive commit only (recover() re-records from the fsynced files).
-            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA synchronous=FULL" if self.durable else "PRAGMA synchronous=OFF")
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA busy_timeout=60000")
             if new:
@@ -355,6 +501,20 @@ class Journal:
                 if column not in self._columns(con, table):
                     con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
+    def _count_stored(self) -> None:
+        """Fill ``stored_totals`` once, for a journal that had instances before it existed."""
+        con = self._connect()
+        # Cheap check first: a journal counted already takes no write lock at open.
+        if con.execute("SELECT 1 FROM stored_totals WHERE id = 1").fetchone() is not None:
+            return
+        # Under the write lock: the triggers exist, so every later write is
+        # added to the row this one sums up to now.
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR IGNORE INTO stored_totals (id, bytes, instances)"
+                " SELECT 1, COALESCE(SUM(size), 0), COUNT(*) FROM instances"
+            )
+
     @staticmethod
     def _columns(con: sqlite3.Connection, table: str) -> set[str]:
         return {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
@@ -365,11 +525,26 @@ class Journal:
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        else:
             con.execute("COMMIT")
+        except BaseException:
+            # SQLite rolls the transaction back by itself after some errors
+            # (SQLITE_FULL, SQLITE_IOERR: a full disk, in a statement or in
+            # the COMMIT): a ROLLBACK then fails, and its error would hide
+            # the one the caller must see. A COMMIT that failed and left the
+            # transaction open must not leave the connection inside it.
+            if con.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    con.execute("ROLLBACK")
+            raise
+
+    def close_as_one_file(self) -> None:
+        """Leave the WAL mode and close: the database is then one file, to be moved or copied whole.
+
+        For a journal built aside (``recover-journal``); the next open
+        switches it back to WAL.
+        """
+        self._connect().execute("PRAGMA journal_mode=DELETE")
+        self.close()
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -399,6 +574,8 @@ class Journal:
         # StudyStore.recover() from the files, which were fsynced (file and
         # folder) before this call. Saves one fsync per received object.
         con = self._connect()
+        if not self.durable:
+            return self._record_instance(rec, now)
         con.execute("PRAGMA synchronous=NORMAL")
         try:
             return self._record_instance(rec, now)
@@ -567,6 +744,33 @@ class Journal:
             )
         return state
 
+    def release_claim(self, claim: Claim, reason: str) -> None:
+        """Return a claimed study to the queue without counting the attempt (``running -> queued``).
+
+        For a failure that is not the study's: storage that had no room for
+        its SR or its rows. The study goes to the back of the queue
+        (``updated`` is now) with ``reason`` until it is claimed again.
+
+        Parameters
+        ----------
+        claim : Claim
+            The worker's claim on the study.
+        reason : str
+            What ``status`` shows meanwhile.
+
+        Raises
+        ------
+        StaleClaim
+            When the study changed since the claim (its new state stands).
+        """
+        with self._tx() as con:
+            self._check_claim(con, claim)
+            con.execute(
+                "UPDATE studies SET state = ?, reason = ?, attempts = MAX(attempts - 1, 0), worker_pid = NULL,"
+                " updated = ? WHERE study_uid = ?",
+                (StudyState.QUEUED, reason, time.time(), claim.study_uid),
+            )
+
     def release_running(self) -> list[str]:
         """Put studies whose worker *we* stopped back in the queue, uncounted."""
         now = time.time()
@@ -683,6 +887,85 @@ class Journal:
                 (state, now, claim.study_uid),
             )
         return state
+
+    def record_recovered_report(
+        self,
+        report: ReportRecord,
+        results: Sequence[TaskResult],
+        destinations: Iterable[str],
+        created: float,
+    ) -> StudyState:
+        """Record an SR found in storage as sent to every destination (``echonode recover-journal``).
+
+        For a journal rebuilt after it was lost: whether each destination
+        took the SR is not known any more, and sending it again would give
+        the PACS a second copy of what it most likely has; so it counts as
+        sent, and the study as ``delivered``.
+
+        Parameters
+        ----------
+        report : ReportRecord
+            The SR, read back from its file.
+        results : sequence of TaskResult
+            Its findings, as ``status`` shows them (kept only when the study
+            has none for this model set yet).
+        destinations : iterable of str
+            The configured destinations: one ``sent`` outbox row each.
+        created : float
+            When the SR was written (its file's time); also the study's
+            last activity, from which retention counts.
+
+        Returns
+        -------
+        StudyState
+            The study's state now (``delivered``).
+        """
+        with self._tx() as con:
+            if con.execute("SELECT 1 FROM studies WHERE study_uid = ?", (report.study_uid,)).fetchone() is None:
+                # An SR whose images are gone (deleted by hand): the study is known by its SR alone.
+                con.execute(
+                    "INSERT INTO studies (study_uid, state, first_received, last_received, updated)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (report.study_uid, StudyState.DELIVERED, created, created, created),
+                )
+            con.execute(
+                "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path,"
+                " supersedes, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (report.sr_sop_uid, report.study_uid, report.model_set, report.series_uid, report.sop_class_uid,
+                 report.path, report.supersedes, created),
+            )
+            if results and con.execute(
+                "SELECT 1 FROM results WHERE study_uid = ? AND model_set = ?", (report.study_uid, report.model_set)
+            ).fetchone() is None:
+                self._replace_results(con, report.study_uid, report.model_set, results, created)
+            con.executemany(
+                "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, attempts, next_attempt, created,"
+                " sent_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                [(report.sr_sop_uid, report.study_uid, d, OutboxState.SENT, created, created, created)
+                 for d in destinations],
+            )
+            state = self._delivery_state(con, report.study_uid)
+            con.execute(
+                "UPDATE studies SET state = ?, reason = NULL, worker_pid = NULL, updated = MAX(updated, ?)"
+                " WHERE study_uid = ?",
+                (state, created, report.study_uid),
+            )
+        return state
+
+    def hold_study(self, study_uid: str, reason: str) -> bool:
+        """Mark a study ``failed`` with ``reason`` so that nothing happens to it until the administrator acts.
+
+        Returns
+        -------
+        bool
+            False when the journal has no such study.
+        """
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE studies SET state = ?, reason = ?, worker_pid = NULL, updated = ? WHERE study_uid = ?",
+                (StudyState.FAILED, reason, time.time(), study_uid),
+            )
+            return cur.rowcount == 1
 
     @staticmethod
     def _replace_results(
@@ -889,27 +1172,27 @@ class Journal:
 
     # -- status ------------------------------------------------------------------
 
-    def status(self, limit: int | None = None) -> dict[str, Any]:
-        """Studies, outbox and counts, in the shape of ``echonode status --json``.
+    def snapshot(self, limit: int | None = None) -> StatusSnapshot:
+        """What ``echonode status`` reports, read in one transaction.
+
+        Every query is bounded by ``limit`` (index seeks and a ``LIMIT``),
+        except the counts, which are one ``GROUP BY`` over an index each: a
+        node that holds 100,000 studies answers as fast as a new one.
 
         Parameters
         ----------
         limit : int, optional
             List only the ``limit`` studies with the most recent activity
-            (last instance received or last state change), and of the outbox
-            only those studies' rows plus every row not yet sent (pending or
-            dead: those need attention however old; a ``discarded`` one is
-            listed with its study only). None lists everything.
-            Either way studies are listed in order of first reception and
-            the outbox in order of creation, and the counts cover the whole
-            journal.
+            (last instance received or last state change), every outbox row
+            of those studies, and of the rows that still owe an SR the
+            ``limit`` due first in each state (pending, dead): those need
+            attention however old. None lists everything.
 
         Returns
         -------
-        dict
-            ``studies`` and ``outbox`` (lists of dicts); ``study_counts``
-            (every study state, 0 included) and ``studies_total``;
-            ``outbox_counts`` (every outbox state); ``limit``.
+        StatusSnapshot
+            Studies in order of first reception, outbox rows in order of
+            creation; the counts cover the whole journal.
 
         Raises
         ------
@@ -927,78 +1210,78 @@ class Journal:
             counts = {str(state): 0 for state in StudyState}
             counts.update(self.counts())
             outbox_counts = {str(state): 0 for state in OutboxState}
-            outbox_counts.update(
-                {r["state"]: r["n"] for r in con.execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")}
-            )
-            if limit is None:
-                source, args = "studies", ()
-            else:
-                # Newest activity first through the studies_active index;
-                # only these rows get their instances counted below.
-                source = f"(SELECT * FROM studies s ORDER BY {_ACTIVE} DESC, s.study_uid DESC LIMIT ?)"
-                args = (max(int(limit), 0),)
-            studies = [
-                self._study_summary(con, r)
-                for r in con.execute(
-                    "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n,"
-                    " (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.study_uid = s.study_uid) AS bytes"
-                    f" FROM {source} s ORDER BY s.first_received",
-                    args,
-                ).fetchall()
-            ]
-            if limit is None:
-                rows = con.execute("SELECT * FROM outbox ORDER BY id").fetchall()
-            else:
-                rows = con.execute(
-                    f"SELECT * FROM outbox WHERE state IN ({', '.join('?' * len(OWED_STATES))})", OWED_STATES
-                ).fetchall()
-                seen = {r["id"] for r in rows}
-                for s in studies:
-                    rows += [
-                        r
-                        for r in con.execute("SELECT * FROM outbox WHERE study_uid = ?", (s["study_uid"],)).fetchall()
-                        if r["id"] not in seen
-                    ]
-                rows.sort(key=lambda r: r["id"])
+            outbox_counts.update(self.outbox_counts())
+            studies = self._listed_studies(con, limit)
+            rows = self._listed_deliveries(con, limit, [s.study_uid for s in studies])
         finally:
             con.execute("COMMIT")
-        outbox = [
-            {
-                "id": r["id"],
-                "study_uid": r["study_uid"],
-                "sr_sop_uid": r["sr_sop_uid"],
-                "destination": r["destination"],
-                "state": r["state"],
-                "attempts": r["attempts"],
-                "next_attempt": r["next_attempt"],
-                "last_error": r["last_error"],
-                "sent_at": r["sent_at"],
-                "discarded_at": r["discarded_at"],
-            }
-            for r in rows
-        ]
-        return {
-            "studies": studies,
-            "outbox": outbox,
-            "study_counts": counts,
-            "studies_total": sum(counts.values()),
-            "outbox_counts": outbox_counts,
-            "limit": limit,
-        }
+        return StatusSnapshot(
+            studies=studies,
+            outbox=rows,
+            study_counts=counts,
+            studies_total=sum(counts.values()),
+            outbox_counts=outbox_counts,
+            limit=limit,
+        )
+
+    def status(self, limit: int | None = None) -> dict[str, Any]:
+        """:meth:`snapshot` as plain dicts and lists (for scripts and tests; the CLI adds the models)."""
+        return dataclasses.asdict(self.snapshot(limit))
+
+    def _listed_studies(self, con: sqlite3.Connection, limit: int | None) -> list[StudySummary]:
+        args: tuple[Any, ...] = ()
+        source = "studies"
+        if limit is not None:
+            # Newest activity first through the studies_active index; only
+            # these rows get their instances counted below.
+            source = f"(SELECT * FROM studies s ORDER BY {_ACTIVE} DESC, s.study_uid DESC LIMIT ?)"
+            args = (int(limit),)
+        rows = con.execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n,"
+            " (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.study_uid = s.study_uid) AS bytes"
+            f" FROM {source} s ORDER BY s.first_received",
+            args,
+        ).fetchall()
+        return [self._study_summary(con, r) for r in rows]
 
     @staticmethod
-    def _study_summary(con: sqlite3.Connection, r: sqlite3.Row) -> dict[str, Any]:
-        """One entry of ``status()["studies"]``: the row and the results of its latest SR."""
+    def _listed_deliveries(con: sqlite3.Connection, limit: int | None, study_uids: Sequence[str]) -> list[Delivery]:
+        if limit is None:
+            rows = con.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+        else:
+            by_id: dict[int, sqlite3.Row] = {}
+            for state in OWED_STATES:
+                # One index seek per state (outbox_due): the due first.
+                for r in con.execute(
+                    "SELECT * FROM outbox WHERE state = ? ORDER BY next_attempt, id LIMIT ?", (state, int(limit))
+                ):
+                    by_id[r["id"]] = r
+            for i in range(0, len(study_uids), 500):
+                chunk = study_uids[i:i + 500]
+                for r in con.execute(
+                    f"SELECT * FROM outbox WHERE study_uid IN ({', '.join('?' * len(chunk))})", chunk
+                ):
+                    by_id[r["id"]] = r
+            rows = [by_id[k] for k in sorted(by_id)]
+        return [Delivery(id=r["id"], study_uid=r["study_uid"], sr_sop_uid=r["sr_sop_uid"],
+                         destination=r["destination"], state=r["state"], attempts=r["attempts"],
+                         next_attempt=r["next_attempt"], last_error=r["last_error"], sent_at=r["sent_at"],
+                         discarded_at=r["discarded_at"])
+                for r in rows]
+
+    @staticmethod
+    def _study_summary(con: sqlite3.Connection, r: sqlite3.Row) -> StudySummary:
+        """One listed study: the row and the results of its latest SR."""
         results = [
-            {
-                "task": x["task"],
-                "probability": x["probability"],
-                "positive": bool(x["positive"]),
-                "threshold": x["threshold"],
-                "model": x["bundle_name"],
-                "version": x["bundle_version"],
-                "n_videos": x["n_videos"],
-            }
+            TaskSummary(
+                task=x["task"],
+                probability=x["probability"],
+                positive=bool(x["positive"]),
+                threshold=x["threshold"],
+                model=x["bundle_name"],
+                version=x["bundle_version"],
+                n_videos=x["n_videos"],
+            )
             for x in con.execute(
                 "SELECT * FROM results WHERE study_uid = ? AND model_set = COALESCE("
                 " (SELECT model_set FROM reports WHERE study_uid = ? ORDER BY created DESC LIMIT 1),"
@@ -1007,18 +1290,18 @@ class Journal:
                 (r["study_uid"], r["study_uid"], r["study_uid"]),
             ).fetchall()
         ]
-        return {
-            "study_uid": r["study_uid"],
-            "state": r["state"],
-            "instances": r["n"],
-            "bytes": r["bytes"],
-            "reason": r["reason"],
-            "attempts": r["attempts"],
-            "first_received": r["first_received"],
-            "last_received": r["last_received"],
-            "updated": r["updated"],
-            "results": results,
-        }
+        return StudySummary(
+            study_uid=r["study_uid"],
+            state=r["state"],
+            instances=r["n"],
+            bytes=r["bytes"],
+            reason=r["reason"],
+            attempts=r["attempts"],
+            first_received=r["first_received"],
+            last_received=r["last_received"],
+            updated=r["updated"],
+            results=[*results],
+        )
 
     def running(self) -> list[tuple[str, float, int | None]]:
         """(study_uid, claimed at, worker pid) of studies being processed."""
@@ -1035,16 +1318,59 @@ class Journal:
         return None if row["t"] is None else float(row["t"])
 
     def counts(self) -> dict[str, int]:
-        """Studies by state (for metrics)."""
+        """Studies by state, the states with none left out (one GROUP BY over ``studies_state``)."""
         rows = self._connect().execute("SELECT state, COUNT(*) AS n FROM studies GROUP BY state").fetchall()
         return {r["state"]: r["n"] for r in rows}
+
+    def outbox_counts(self) -> dict[str, int]:
+        """Outbox rows by state, the states with none left out (one GROUP BY over ``outbox_due``)."""
+        rows = self._connect().execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state").fetchall()
+        return {r["state"]: r["n"] for r in rows}
+
+    def last_result_id(self) -> int:
+        """The highest ``results`` row id (0 when none): where :meth:`inference_seconds_since` starts."""
+        row = self._connect().execute("SELECT COALESCE(MAX(id), 0) AS m FROM results").fetchone()
+        return int(row["m"])
+
+    def inference_seconds_since(self, after_id: int) -> tuple[int, list[float]]:
+        """Inference times of the analyses recorded after result row ``after_id`` (for metrics).
+
+        The worker records ``{"seconds": ...}`` in every result's detail, one
+        row per task with the same figure; the rows of one analysis share
+        ``(study_uid, model_set, created)`` and count once.
+
+        Returns
+        -------
+        (int, list of float)
+            The last row id read (``after_id`` when none is newer) and one
+            figure per analysis; rows without a figure are passed over.
+        """
+        rows = self._connect().execute(
+            "SELECT id, study_uid, model_set, created, detail FROM results WHERE id > ? ORDER BY id", (after_id,)
+        ).fetchall()
+        seen: set[tuple[str, str, float]] = set()
+        seconds: list[float] = []
+        last = after_id
+        for r in rows:
+            last = max(last, int(r["id"]))
+            key = (r["study_uid"], r["model_set"], r["created"])
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                seconds.append(float(json.loads(r["detail"]).get("seconds")))
+            except (TypeError, ValueError, AttributeError):
+                continue
+        return last, seconds
 
     # -- retention -----------------------------------------------------------------
 
     def stored_bytes(self) -> int:
-        """Bytes of all recorded instances."""
-        row = self._connect().execute("SELECT COALESCE(SUM(size), 0) AS b FROM instances").fetchone()
-        return int(row["b"])
+        """Bytes of all recorded instances: one row, kept by triggers (``stored_totals``)."""
+        row = self._connect().execute("SELECT bytes FROM stored_totals WHERE id = 1").fetchone()
+        if row is None:  # not counted yet (see _count_stored)
+            row = self._connect().execute("SELECT COALESCE(SUM(size), 0) AS bytes FROM instances").fetchone()
+        return int(row["bytes"])
 
     def purge_candidates(
         self,

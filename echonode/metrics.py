@@ -92,29 +92,12 @@ class _InferenceHistogram:
         self.buckets = [0] * (len(INFERENCE_BUCKETS) + 1)
         self.count = 0
         self.sum = 0.0
-        self.last_id = self._max_id()
-
-    def _max_id(self) -> int:
-        row = self.journal._connect().execute("SELECT COALESCE(MAX(id), 0) AS m FROM results").fetchone()
-        return int(row["m"])
+        self.last_id = journal.last_result_id()
 
     def update(self) -> None:
-        rows = self.journal._connect().execute(
-            "SELECT id, study_uid, model_set, created, detail FROM results WHERE id > ? ORDER BY id",
-            (self.last_id,),
-        ).fetchall()
-        seen: set[tuple[str, str, float]] = set()
-        for r in rows:
-            self.last_id = max(self.last_id, int(r["id"]))
-            key = (r["study_uid"], r["model_set"], r["created"])
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                seconds = float(json.loads(r["detail"]).get("seconds"))
-            except (TypeError, ValueError, AttributeError):
-                continue
-            self.observe(seconds)
+        self.last_id, seconds = self.journal.inference_seconds_since(self.last_id)
+        for s in seconds:
+            self.observe(s)
 
     def observe(self, seconds: float) -> None:
         self.count += 1
@@ -315,19 +298,13 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "echonode_queue_depth", "Studies queued for the inference worker", value=counts.get(StudyState.QUEUED, 0)
         )
-        # Read-only aggregates the Journal has no method for; this thread's own connection.
-        con = journal._connect()
-        outbox = {
-            r["state"]: r["n"]
-            for r in con.execute("SELECT state, COUNT(*) AS n FROM outbox WHERE state != ? GROUP BY state",
-                                 (OutboxState.SENT,))
-        }
+        outbox = journal.outbox_counts()
         fam = GaugeMetricFamily("echonode_outbox", "SR deliveries not yet acknowledged, by state", labels=["state"])
         for state in (OutboxState.PENDING, OutboxState.DEAD):
             fam.add_metric([state.value], outbox.get(state.value, 0))
         yield fam
-        stored = con.execute("SELECT COALESCE(SUM(size), 0) AS b FROM instances").fetchone()["b"]
-        yield GaugeMetricFamily("echonode_stored_bytes", "Bytes of received instances in the store", value=stored)
+        yield GaugeMetricFamily("echonode_stored_bytes", "Bytes of received instances in the store",
+                                value=journal.stored_bytes())
         try:
             free = shutil.disk_usage(node.store.root).free
         except OSError:

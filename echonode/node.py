@@ -30,6 +30,7 @@ from pydicom import config as pydicom_config
 from .config import Config, load_config
 from .journal import Journal
 from .logs import get_logger, silence_data_warnings
+from .rebuild import check_journal
 from .retention import Retention
 from .scp import StorageSCP
 from .sdnotify import notify, watchdog_interval_s
@@ -142,6 +143,8 @@ class Node:
         self.config_path = config_path
         self.storage_dir = cfg.storage_dir
         self.storage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A new journal over a storage tree that holds studies would send every SR again.
+        check_journal(cfg)
         self.journal = Journal(cfg.journal_path)
         self.store = StudyStore(self.storage_dir, self.journal)
         self.scp = StorageSCP(cfg.node, self.store)

@@ -55,9 +55,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import Config, RetentionConfig
-from .journal import Journal, StudyActivity, StudyState
+from .journal import Journal, StudyActivity, StudyState, is_disk_full
 from .logs import get_logger
-from .store import StudyStore, is_valid_uid
+from .store import RESERVE_NAME, SpaceReserve, StudyStore, is_valid_uid
 
 log = get_logger(__name__)
 
@@ -167,7 +167,18 @@ class Retention:
             return self._purge_locked(c, rule, purged)
 
     def _purge_locked(self, c: StudyActivity, rule: str, purged: list[Purged]) -> bool:
-        paths = self.journal.purge_study(c.study_uid, states=PURGEABLE, active_before=c.active)
+        try:
+            paths = self.journal.purge_study(c.study_uid, states=PURGEABLE, active_before=c.active)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # A full disk: deleting rows needs room in the journal's WAL too.
+            # The worker's reserve gives it (the worker sets it aside again
+            # once there is room), so that retention can free the disk.
+            if not SpaceReserve(self.store.root / RESERVE_NAME).release():
+                raise
+            log.warning("retention.disk_full", study_uid=c.study_uid, effect="space reserve given back to purge")
+            paths = self.journal.purge_study(c.study_uid, states=PURGEABLE, active_before=c.active)
         if paths is None:
             log.info("retention.study_changed", study_uid=c.study_uid)
             return False

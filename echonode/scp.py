@@ -17,6 +17,7 @@ import contextlib
 import errno
 import ipaddress
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -628,6 +629,14 @@ class StorageSCP:
                 return STATUS_OUT_OF_RESOURCES
             self.counters.fail("io_error")
             log.error("store.io_error", stage=stage, error=f"{type(exc).__name__}: {exc.strerror}")
+            return STATUS_OUT_OF_RESOURCES
+        except sqlite3.Error as exc:
+            # The journal could not take the record (locked past its
+            # timeout, unreadable): the object was taken back, the sender
+            # may try again later. A full disk arrives above as ENOSPC.
+            self.counters.fail("journal_error")
+            log.error("store.journal_error", error=type(exc).__name__,
+                      code=getattr(exc, "sqlite_errorname", None))
             return STATUS_OUT_OF_RESOURCES
         except Exception:  # noqa: BLE001 - a bug; the sender must not think it was stored
             self.counters.fail("unexpected")

@@ -23,11 +23,13 @@ since it would silently move an image between patients.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import filecmp
 import os
 import re
 import shutil
+import sqlite3
 import struct
 import threading
 import time
@@ -41,7 +43,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 
 from .dicomfile import check_inflated_size
-from .journal import InstanceRecord, Journal, SopInOtherStudy
+from .journal import InstanceRecord, Journal, SopInOtherStudy, is_disk_full
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -206,11 +208,27 @@ def _durable_move(src: Path, dest: Path) -> None:
         # Temp file on another file system (TMPDIR not under storage_dir):
         # copy next to the destination, then rename there.
         tmp = dest.with_name(dest.name + ".part")
-        shutil.copyfile(src, tmp)
-        fsync_file(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, dest)
+        try:
+            shutil.copyfile(src, tmp)
+            fsync_file(tmp)
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a copy cut short by a full disk must not wait for the next start
+            raise
     fsync_dir(dest.parent)
+
+
+def _link_aside(path: Path) -> Path | None:
+    """A hard link to ``path`` beside it (``.prev``), or None when none can be made."""
+    link = path.with_name(path.name + ".prev")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+    except OSError as exc:
+        log.warning("store.previous_copy_not_kept", sop_uid=path.stem, error=exc.strerror)
+        return None
+    return link
 
 
 class StudyStore:
@@ -298,20 +316,74 @@ class StudyStore:
             outcome = "replaced"
         dest = self.instance_path(header)
         self._mkdirs(dest.parent)
-        _durable_move(temp_path, dest)
+        # A recorded copy this object replaces in place is kept (a hard
+        # link: no room needed) until the journal points at the new bytes.
+        in_place = existing is not None and Path(existing.path) == dest and dest.exists()
+        previous = _link_aside(dest) if in_place else None
         try:
+            _durable_move(temp_path, dest)
             self._record(header, dest, time.time(), calling_ae)
-        except SopInOtherStudy:
-            # Another association stored this SOP Instance UID under another
-            # study since the check above (the per-study lock cannot see it).
-            dest.unlink(missing_ok=True)
-            raise _sop_in_other_study() from None
+        except BaseException as exc:
+            # The sender is told the object was not stored: nothing of it
+            # may stay, or the next start would record (and analyse) it.
+            self._undo_placement(dest, previous, replaced_in_place=in_place)
+            if isinstance(exc, SopInOtherStudy):
+                # Another association stored this SOP Instance UID under another
+                # study since the check above (the per-study lock cannot see it).
+                raise _sop_in_other_study() from None
+            if isinstance(exc, sqlite3.Error) and is_disk_full(exc):
+                # One error for a full disk, whether the file or the journal found it.
+                raise OSError(errno.ENOSPC, "no room to record the object in the journal") from exc
+            raise
+        if previous is not None:
+            previous.unlink(missing_ok=True)
         if existing is not None and Path(existing.path) != dest:
             # Same instance, new series: the old copy goes only once the
             # journal points at the new one, so a crash in between leaves
             # the recorded copy in place (recover() drops the other).
             Path(existing.path).unlink(missing_ok=True)
         return header, outcome
+
+    def _undo_placement(self, dest: Path, previous: Path | None, *, replaced_in_place: bool) -> None:
+        """Take back an object moved to ``dest`` whose C-STORE is answered with a failure.
+
+        Parameters
+        ----------
+        dest : Path
+            Where it was (or was about to be) moved.
+        previous : Path or None
+            The hard link to the recorded copy it replaced in place.
+        replaced_in_place : bool
+            ``dest`` held a recorded copy before this C-STORE: that copy
+            is put back, never deleted.
+        """
+        try:
+            if previous is not None:
+                os.replace(previous, dest)
+                fsync_dir(dest.parent)
+            elif replaced_in_place:
+                # No link could be made: the recorded copy is gone. The new
+                # bytes stay (the newest copy wins, as for a replacement);
+                # deleting them would lose the instance.
+                log.warning("store.replacement_kept", sop_uid=dest.stem)
+            else:
+                dest.unlink(missing_ok=True)
+                # Folders made for it alone; one that holds anything else stays.
+                for folder in (dest.parent, dest.parent.parent):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+        except OSError as exc:
+            log.error("store.undo_failed", sop_uid=dest.stem, error=exc.strerror)
+
+    def record_file(self, header: Header, path: Path, received: float) -> None:
+        """Record a file already in its place in ``studies/`` (recovery and ``echonode recover-journal``).
+
+        Raises
+        ------
+        SopInOtherStudy
+            When the journal holds the SOP Instance UID under another study.
+        """
+        self._record(header, path, received, None)
 
     def _record(self, header: Header, path: Path, received: float, calling_ae: str | None) -> None:
         self.journal.record_instance(
@@ -375,7 +447,10 @@ class StudyStore:
                 path.unlink(missing_ok=True)
                 continue
             counts["recorded"] += 1
-        for part in [*self.studies.glob("*/*/*.part"), *self.reports.glob("*/*.part")]:
+        # ``.prev``: a replaced copy kept while its replacement was recorded
+        # (a crash in between); the newest copy wins, as for a replacement.
+        for part in [*self.studies.glob("*/*/*.part"), *self.studies.glob("*/*/*.prev"),
+                     *self.reports.glob("*/*.part")]:
             part.unlink(missing_ok=True)
             counts["temp_removed"] += 1
         for path_str, rec in known.items():
@@ -397,3 +472,80 @@ class StudyStore:
                         freed += f.stat().st_size
                 shutil.rmtree(base)
         return freed
+
+
+#: ``storage_dir``'s file the worker sets aside for a full disk (:class:`SpaceReserve`).
+RESERVE_NAME = "space.reserve"
+#: Enough for the journal to record many state changes (a few pages each)
+#: and to grow its WAL index once; small beside any storage volume.
+RESERVE_BYTES = 4 * 2**20
+
+
+class SpaceReserve:
+    """Room set aside on the storage file system, given back when it fills up.
+
+    When the disk is full, the write that says so (a study back to the
+    queue) needs room too; giving up the reserve makes that room. Setting it
+    aside again succeeds only once the file system has room, which is how
+    the worker tells that it may claim studies again.
+
+    Parameters
+    ----------
+    path : path-like
+        The reserve file (``storage_dir / RESERVE_NAME``).
+    size : int, optional
+        Bytes to set aside.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], size: int = RESERVE_BYTES) -> None:
+        self.path = Path(path)
+        self.size = size
+
+    def restore(self) -> bool:
+        """Set the room aside unless it is already.
+
+        Returns
+        -------
+        bool
+            False when the file system (or a quota) has no room for it; True
+            when it is set aside, and also when it cannot be for another
+            reason (logged: the worker must not stop for want of a reserve).
+        """
+        try:
+            if self.path.stat().st_size >= self.size:
+                return True
+        except FileNotFoundError:
+            pass
+        tmp = self.path.with_name(self.path.name + ".part")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            try:
+                # Real blocks, not a sparse file: only those are room.
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return False
+            log.warning("store.reserve_not_set_aside", path=str(self.path), error=exc.strerror)
+        return True
+
+    def free_bytes(self) -> int:
+        """Free bytes on the reserve's file system (beyond the reserve itself)."""
+        return shutil.disk_usage(self.path.parent).free
+
+    def release(self) -> bool:
+        """Give the room back to the file system.
+
+        Returns
+        -------
+        bool
+            True when a reserve was there to give.
+        """
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True

@@ -148,16 +148,23 @@ def write_models_state(cfg: Config, registry: Any) -> None:
 
 
 def write_report(ds: Any, path: Path) -> None:
-    """Write an SR file atomically (temp file, fsync, rename)."""
+    """Write an SR file atomically (temp file, fsync, rename); a write that fails leaves no file."""
     from .store import fsync_dir, fsync_file
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    fsync_file(tmp)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        fsync_file(tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        # A full disk stops the write half-way: the partial file would hold
+        # the room until the next start, the whole one is not recorded.
+        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _fail_for_good(journal: Any, claim: Any, bound: Any, event: str, reason: str) -> StudyOutcome:
@@ -267,6 +274,12 @@ def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: A
             Path(report.path).unlink(missing_ok=True)
         bound.info("study.changed_while_running")
         return StudyOutcome(claim.study_uid, "stale")
+    except BaseException:
+        # Not recorded, so never sent: the file must not outlive the attempt
+        # (``recover-journal`` takes every SR in reports/ for one the PACS has).
+        if report is not None:
+            Path(report.path).unlink(missing_ok=True)
+        raise
     if report is None:
         bound.info("study.already_reported", model_set=model_set, state=str(state))
         return StudyOutcome(claim.study_uid, str(state), existing.sr_sop_uid if existing else None)
@@ -285,6 +298,26 @@ def _where(exc: BaseException) -> str:
     return (exception_frames(exc, limit=1) or ["unknown"])[-1]
 
 
+class StorageFull(Exception):
+    """The storage file system had no room for a study's SR or its journal rows.
+
+    Not the study's fault: the worker returns it to the queue uncounted and
+    claims nothing more until there is room (:class:`DiskFullPause`).
+
+    Parameters
+    ----------
+    claim : Claim
+        The study being processed.
+    where : str
+        ``file:line in function`` of the write that failed.
+    """
+
+    def __init__(self, claim: Any, where: str) -> None:
+        super().__init__(f"storage full at {where}")
+        self.claim = claim
+        self.where = where
+
+
 def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> None:
     """Process one claimed study; an unexpected error fails this attempt, never the worker.
 
@@ -292,8 +325,14 @@ def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: An
     malformed birth date, a name): the journal and the log get the type and
     where it happened, never the text. The study is retried up to
     ``models.max_attempts`` times.
+
+    Raises
+    ------
+    StorageFull
+        When a write found the disk full, recording the study's outcome
+        included; nothing partial of the study is left on disk.
     """
-    from .journal import StaleClaim
+    from .journal import StaleClaim, is_disk_full
 
     try:
         process_study(cfg, journal, store, registry, claim)
@@ -301,14 +340,142 @@ def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: An
         log.info("study.changed_while_running", study_uid=claim.study_uid)
     except Exception as exc:  # noqa: BLE001 - record, retry, go on
         where = _where(exc)
+        if is_disk_full(exc):
+            raise StorageFull(claim, where) from exc
         reason = f"could not process the study: {type(exc).__name__} at {where}"
         try:
             state = journal.finish_failed(claim, reason, max_attempts=cfg.models.max_attempts)
         except StaleClaim:
             log.info("study.changed_while_running", study_uid=claim.study_uid)
             return
+        except Exception as record_exc:
+            if is_disk_full(record_exc):
+                raise StorageFull(claim, _where(record_exc)) from record_exc
+            raise
         log.error("study.error", study_uid=claim.study_uid, error=type(exc).__name__, where=where,
                   next_state=str(state))
+
+
+#: Seconds between the worker's tries to find room again after a full disk.
+DISK_FULL_RETRY_S = 5.0
+#: What ``status`` shows for a study returned to the queue by a full disk.
+DISK_FULL_REASON = "storage full: no room for the SR or its journal rows; retried when space returns"
+
+
+class DiskFullPause:
+    """The worker's answer to a full storage file system.
+
+    A study whose SR or journal rows found no room goes back to the queue
+    uncounted: storage, not the study, is at fault. Its claim is returned
+    with the room the worker's :class:`~echonode.store.SpaceReserve` gives
+    back (a full disk leaves none for the journal write that returns it);
+    should that write fail all the same, the claim is kept here and
+    returned at each later try. Meanwhile the worker claims nothing: it
+    resumes once the reserve can be set aside again with as much room free
+    beside it, that is once space has returned.
+
+    Parameters
+    ----------
+    journal : Journal
+    reserve : SpaceReserve
+    """
+
+    def __init__(self, journal: Any, reserve: Any) -> None:
+        self.journal = journal
+        self.reserve = reserve
+        #: True from a full disk until there is room again.
+        self.active = False
+        #: A claim the journal could not take back yet.
+        self.held: Any = None
+
+    def begin(self, claim: Any, where: str) -> None:
+        """Storage was found full (by the study of ``claim``, if any); return the claim, pause claiming."""
+        if claim is not None:
+            self.held = claim
+        if not self.active:
+            # Once per episode, not at every retry.
+            log.error("worker.disk_full", study_uid=getattr(claim, "study_uid", None), where=where,
+                      effect="study back in the queue, uncounted; claiming paused until space returns")
+        self.active = True
+        self.reserve.release()
+        self._return_held()
+
+    def _return_held(self) -> bool:
+        """Give the held claim back to the queue; False while the journal still has no room."""
+        from .journal import StaleClaim, is_disk_full
+
+        if self.held is None:
+            return True
+        claim = self.held
+        try:
+            self.journal.release_claim(claim, DISK_FULL_REASON)
+        except StaleClaim:
+            pass  # the study changed meanwhile (a new instance, reprocess): its new state stands
+        except Exception as exc:
+            if is_disk_full(exc):
+                return False
+            raise
+        else:
+            log.info("worker.study_requeued", study_uid=claim.study_uid, reason="storage full")
+        self.held = None
+        return True
+
+    def ready(self) -> bool:
+        """True when the worker may claim a study: no full disk, or room again.
+
+        Room again: the reserve is set aside and as much is free beside it
+        (the room the reserve itself gave back is not room that returned).
+        """
+        if not self.active:
+            # Given back by someone else meanwhile (retention on a full disk): set aside again.
+            self.reserve.restore()
+            return True
+        if not self._return_held() or not self.reserve.restore():
+            return False
+        try:
+            if self.reserve.free_bytes() < self.reserve.size:
+                return False
+        except OSError:
+            pass  # cannot tell: the reserve could be set aside, take that
+        self.active = False
+        log.info("worker.disk_space_back")
+        return True
+
+
+def work_once(
+    cfg: Config, journal: Any, store: Any, registry: Any, pause: DiskFullPause, *, beat: HeartbeatWriter | None = None
+) -> float:
+    """One turn of the worker's loop: claim the next study and process it (``beat`` says so).
+
+    Returns
+    -------
+    float
+        Seconds to wait before the next turn (0: go on at once).
+    """
+    from .journal import is_disk_full
+
+    if not pause.ready():
+        return DISK_FULL_RETRY_S
+    try:
+        claim = journal.claim_next(os.getpid())
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        pause.begin(None, _where(exc))
+        return DISK_FULL_RETRY_S
+    if claim is None:
+        return 0.5
+    if beat is not None:
+        beat.phase(Phase.PROCESSING, claim.study_uid)
+    try:
+        handle_claim(cfg, journal, store, registry, claim)
+    except StorageFull as exc:
+        pause.begin(exc.claim, exc.where)
+        return DISK_FULL_RETRY_S
+    finally:
+        if beat is not None:
+            beat.phase(Phase.IDLE)
+    return 0.0
 
 
 def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
@@ -342,7 +509,7 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
 
     from .bundle import ModelRegistry, folder_signature
     from .journal import Journal
-    from .store import StudyStore
+    from .store import RESERVE_NAME, SpaceReserve, StudyStore
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -351,6 +518,9 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     journal = Journal(cfg.journal_path)
     store = StudyStore(cfg.storage_dir, journal)
     registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime)
+    pause = DiskFullPause(journal, SpaceReserve(cfg.storage_dir / RESERVE_NAME))
+    if not pause.reserve.restore():
+        pause.begin(None, "worker start")
     log.info("worker.started", pid=os.getpid(), device=str(registry.device))
     parent = mp.parent_process()
     while True:
@@ -374,13 +544,9 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
             if not any(b.task != "view" for b in registry.bundles):
                 stop.wait(2.0)
                 continue
-            claim = journal.claim_next(os.getpid())
-            if claim is None:
-                stop.wait(0.5)
-                continue
-            beat.phase(Phase.PROCESSING, claim.study_uid)
-            handle_claim(cfg, journal, store, registry, claim)
-            beat.phase(Phase.IDLE)
+            wait_s = work_once(cfg, journal, store, registry, pause, beat=beat)
+            if wait_s:
+                stop.wait(wait_s)
         except Exception:  # noqa: BLE001 - a journal hiccup must not kill the loop
             log.exception("worker.loop_error")
             beat.phase(Phase.IDLE)
