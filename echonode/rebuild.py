@@ -248,7 +248,7 @@ def _record_reports(cfg: Config, journal: Journal, store: StudyStore, out: Rebui
     (set of str, set of str)
         The studies with an SR recorded, and those with an SR that does not read.
     """
-    from .sr import summarise_report
+    from .report.read import summarise_report
     from .store import is_valid_uid
 
     destinations = [d.name for d in cfg.destinations]

@@ -18,8 +18,17 @@ from types import SimpleNamespace
 import pytest
 
 from echonode.config import to_toml
-from echonode.journal import InstanceRecord, Journal, OutboxState, ReportRecord, StudyState, TaskResult
+from echonode.journal import (
+    InstanceRecord,
+    Journal,
+    OutboxState,
+    ReportRecord,
+    StudyState,
+    TaskResult,
+)
 from echonode.metrics import NodeCollector
+from echonode.node import ErrorCounts
+from echonode.scp import ReceiveCounters
 from tests.conftest import REPO, make_config, run_cli
 
 TABLES = ("studies", "instances", "results", "reports", "outbox")
@@ -139,9 +148,9 @@ def test_metrics_read_the_journal_through_its_methods(tmp_path: Path) -> None:
             return getattr(journal, name)
 
     node = SimpleNamespace(
-        scp=SimpleNamespace(counters=SimpleNamespace(instances=0, bytes=0, duplicates=0, associations=0, rejected=0,
-                                                     failures={}), listening=True),
+        scp=SimpleNamespace(counters=ReceiveCounters(), listening=True),
         journal=Sealed(), store=SimpleNamespace(root=tmp_path), delivery=None, worker=None, _start_worker=False,
+        loop_errors=ErrorCounts(), job_errors=ErrorCounts(),
         cfg=SimpleNamespace(models_dir=tmp_path / "models"),
     )
     collector = NodeCollector(node)
