@@ -42,6 +42,9 @@ listening, the worker process is dead or has not beaten its heartbeat for
 ``metrics.queue_stall_s`` in the queue with none being processed, or a
 main-loop step or a job failed :data:`~echonode.node.FAILING_AFTER` times in
 a row. See :func:`health` for the body.
+
+``/status`` is the administrator's HTML status page when
+``status_page.enabled`` (:mod:`echonode.statuspage`; 404 otherwise).
 """
 
 from __future__ import annotations

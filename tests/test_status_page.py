@@ -18,6 +18,7 @@ import json
 import re
 import sqlite3
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -461,3 +462,24 @@ def test_an_old_journal_gains_the_page_indexes(tmp_path: Path) -> None:
     names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     con.close()
     assert {"studies_state_active", "instances_received"} <= names
+
+
+def test_a_reload_turns_the_page_on_and_applies_new_credentials(tmp_path: Path, secrets: dict[str, Path]) -> None:
+    from echonode.config import to_toml
+
+    cfg = make_config(tmp_path, metrics={"enabled": True, "port": free_port()})
+    path = tmp_path / "echonode.toml"
+    path.write_text(to_toml(cfg))
+    node = Node(cfg, str(path), start_worker=False)
+    node.start()
+    try:
+        port = cfg.metrics.port
+        assert _get(port)[0] == 404
+        path.write_text(to_toml(parse_config({**tomllib.loads(path.read_text()),
+                                              "status_page": {"enabled": True, "auth": "bearer",
+                                                              "auth_file": str(secrets["bearer"])}})))
+        node.reload()
+        assert _get(port)[0] == 401
+        assert _get(port, headers={"Authorization": "Bearer tok-0123456789abcdef"})[0] == 200
+    finally:
+        node.stop()
