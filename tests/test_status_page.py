@@ -483,3 +483,17 @@ def test_a_reload_turns_the_page_on_and_applies_new_credentials(tmp_path: Path, 
         assert _get(port, headers={"Authorization": "Bearer tok-0123456789abcdef"})[0] == 200
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize(("host", "auth", "warned"), [("0.0.0.0", "none", True), ("10.1.2.3", "none", True),
+                                                     ("127.0.0.1", "none", False), ("::1", "none", False),
+                                                     ("0.0.0.0", "bearer", False)])
+def test_served_open_beyond_loopback_it_says_so(tmp_path: Path, secrets: dict[str, Path], host: str, auth: str,
+                                                warned: bool) -> None:
+    from echonode.statuspage import announce
+
+    page = {"enabled": True, "auth": auth, **({"auth_file": str(secrets["bearer"])} if auth != "none" else {})}
+    cfg = parse_config({"metrics": {"enabled": True, "host": host}, "status_page": page})
+    with capture_logs() as logs:
+        announce(cfg, host, 9108)
+    assert [e["event"] for e in logs] == ["status_page.enabled", *(["status_page.unauthenticated"] if warned else [])]
