@@ -12,7 +12,6 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -78,41 +77,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _models_summary(cfg: Config) -> list[dict[str, Any]]:
-    from .node import installed_bundles
-    from .worker import MODELS_STATE
+    from .installed import models_summary
 
-    # What the worker last reported loading (it may refuse a bundle the
-    # folder holds: wrong shapes, unknown task, a newer format).
-    try:
-        worker = json.loads((cfg.storage_dir / MODELS_STATE).read_text())
-    except (OSError, ValueError):
-        worker = None
-    out = []
-    for b in installed_bundles(cfg.models_dir):
-        try:
-            meta = json.loads((b / "bundle.json").read_text())
-        except (OSError, ValueError) as exc:
-            out.append({"name": b.name, "path": str(b), "error": f"unreadable bundle.json: {exc}"})
-            continue
-        out.append(
-            {
-                "name": meta.get("name", b.name),
-                "path": str(b),
-                "task": meta.get("task"),
-                "version": meta.get("version"),
-                "device_uid": meta.get("device_uid"),
-                "random_weights": bool(meta.get("random_weights", False)),
-            }
-        )
-        if worker is not None:
-            loaded = meta.get("name", b.name) in worker.get("loaded", [])
-            out[-1]["loaded"] = loaded
-            if not loaded:
-                errs = [e for p, e in worker.get("errors", {}).items() if Path(p).name == b.name]
-                out[-1]["error"] = errs[0] if errs else "not loaded by the worker"
-            else:
-                out[-1]["runtime"] = worker.get("runtime", {}).get(meta.get("name", b.name))
-    return out
+    return models_summary(cfg)
 
 
 def _print_outbox(status: dict[str, Any]) -> None:

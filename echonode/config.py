@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .httpauth import AUTH_MODES, CredentialsError, load_credentials
+
 DEFAULT_CONFIG_PATH = Path("/etc/echonode/echonode.toml")
 
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
@@ -160,6 +162,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class StatusPageConfig:
+    """The read-only status page, served at ``/status`` by the [metrics] endpoint (off by default)."""
+
+    enabled: bool = False
+    #: none | basic | bearer (echonode.httpauth).
+    auth: str = "none"
+    #: basic: lines "user:password"; bearer: the token. Never the secret itself in this file.
+    auth_file: str = ""
+    #: Show each listed study's Accession Number (read from its first stored object).
+    show_accession: bool = False
+    #: Hours of throughput and latency shown.
+    hours: int = 24
+    #: Rows at most in each list (studies, dead letters, pending SRs).
+    rows: int = 50
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     """Purge of delivered studies."""
 
@@ -183,6 +202,7 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    status_page: StatusPageConfig = field(default_factory=StatusPageConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     #: Where the config came from (not a TOML key).
     source: str = field(default="<defaults>", compare=False)
@@ -310,6 +330,33 @@ def _check_tls(tls: TLSConfig, key: str, *, server: bool) -> None:
         raise ConfigError(f"{key}.key_file: cert_file and key_file go together")
 
 
+def _check_status_page(cfg: Config) -> None:
+    page = cfg.status_page
+    if page.auth not in AUTH_MODES:
+        raise ConfigError(f"status_page.auth: must be one of {', '.join(AUTH_MODES)}, got {page.auth!r}")
+    if page.auth == "none" and page.auth_file:
+        # Someone meant to protect the page: do not serve it open.
+        raise ConfigError('status_page.auth_file: set, but status_page.auth is "none":'
+                          ' set auth = "basic" or "bearer"')
+    if not 1 <= page.hours <= 24 * 14:
+        raise ConfigError(f"status_page.hours: must be 1-336, got {page.hours}")
+    if not 1 <= page.rows <= 1000:
+        raise ConfigError(f"status_page.rows: must be 1-1000, got {page.rows}")
+    if not page.enabled:
+        return
+    if not cfg.metrics.enabled:
+        raise ConfigError("status_page.enabled: the page is served by the [metrics] endpoint;"
+                          " set metrics.enabled = true as well")
+    if page.auth != "none":
+        if not page.auth_file:
+            raise ConfigError(f"status_page.auth_file: auth = {page.auth!r} needs the file that holds the"
+                              f" {'user:password lines' if page.auth == 'basic' else 'token'}")
+        try:
+            load_credentials(page.auth, page.auth_file)
+        except CredentialsError as exc:
+            raise ConfigError(f"status_page.auth_file: {exc}") from None
+
+
 def validate(cfg: Config) -> Config:
     """Check values across keys; return ``cfg`` unchanged or raise ConfigError."""
     n = cfg.node
@@ -394,6 +441,7 @@ def validate(cfg: Config) -> Config:
     _check_port(cfg.metrics.port, "metrics.port")
     _check_positive(cfg.metrics.worker_stale_s, "metrics.worker_stale_s")
     _check_positive(cfg.metrics.queue_stall_s, "metrics.queue_stall_s")
+    _check_status_page(cfg)
     r = cfg.retention
     _check_positive(r.max_age_days, "retention.max_age_days", allow_zero=True)
     _check_positive(r.max_total_gb, "retention.max_total_gb", allow_zero=True)

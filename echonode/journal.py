@@ -263,6 +263,17 @@ CREATE TRIGGER IF NOT EXISTS stored_totals_update AFTER UPDATE OF size ON instan
 END;
 """
 
+# Indexes the status page reads through (Journal.page_*): each of its
+# lists and figures is a seek or a range of one of these, so the page costs
+# the same on a journal of 100,000 studies as on one of ten. Additive like
+# the rest of the schema.
+_STATUS_PAGE_SCHEMA = """
+-- The most recent studies of one state: a seek per state, then LIMIT.
+CREATE INDEX IF NOT EXISTS studies_state_active ON studies(state, MAX(last_received, updated), study_uid);
+-- Instances received per hour over the last hours: a range, not a scan.
+CREATE INDEX IF NOT EXISTS instances_received ON instances(received);
+"""
+
 #: Columns added to a table after its first release, as (table, column,
 #: declaration): CREATE TABLE IF NOT EXISTS leaves an older journal's table
 #: as it is, so :meth:`Journal._add_columns` adds these at open. Nullable, so
@@ -412,6 +423,26 @@ class StudySummary:
 class Delivery:
     """A listed outbox row (:meth:`Journal.snapshot`)."""
 
+
+@dataclass(frozen=True)
+class StudyLine:
+    """One study as the status page lists it (:meth:`Journal.page_studies`)."""
+
+    study_uid: str
+    state: str
+    reason: str | None
+    attempts: int
+    instances: int
+    first_received: float
+    last_received: float
+    #: Last activity: ``max(last_received, updated)``.
+    active: float
+
+
+@dataclass(frozen=True)
+class OutboxLine:
+    """One outbox row as the status page lists it (:meth:`Journal.page_outbox`)."""
+
     id: int
     study_uid: str
     sr_sop_uid: str
@@ -437,6 +468,19 @@ class StatusSnapshot:
     outbox_counts: dict[str, int]
     #: The listing's bound; None: everything listed.
     limit: int | None
+
+
+    created: float
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A study's SR delivered (:meth:`Journal.page_deliveries`)."""
+
+    study_uid: str
+    last_received: float
+    #: When the last destination acknowledged it.
+    delivered_at: float
 
 
 class SopInOtherStudy(ValueError):
@@ -465,7 +509,7 @@ class Journal:
         self._local = threading.local()
         # Create the schema once, eagerly, so that errors show at start.
         # executescript manages its own transaction.
-        self._connect().executescript(_SCHEMA)
+        self._connect().executescript(_SCHEMA + _STATUS_PAGE_SCHEMA)
         self._add_columns()
         self._count_stored()
 
@@ -1491,3 +1535,135 @@ class Journal:
             con.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
             con.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
         return paths
+
+    # -- the status page (read-only; every query a seek or a bounded range) ----------
+
+    def page_studies(self, state: str, limit: int) -> list[StudyLine]:
+        """The ``limit`` studies of ``state`` with the most recent activity, newest first.
+
+        Parameters
+        ----------
+        state : str
+            A study state.
+        limit : int
+            Rows at most (>= 1).
+
+        Returns
+        -------
+        list of StudyLine
+        """
+        rows = self._connect().execute(
+            f"SELECT s.study_uid, s.state, s.reason, s.attempts, s.first_received, s.last_received,"
+            f" {_ACTIVE} AS active,"
+            " (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n"
+            f" FROM studies s WHERE s.state = ? ORDER BY {_ACTIVE} DESC, s.study_uid DESC LIMIT ?",
+            (str(state), max(int(limit), 1)),
+        ).fetchall()
+        return [StudyLine(r["study_uid"], r["state"], r["reason"], int(r["attempts"]), int(r["n"]),
+                          float(r["first_received"]), float(r["last_received"]), float(r["active"]))
+                for r in rows]
+
+    def page_outbox(self, state: str, limit: int) -> list[OutboxLine]:
+        """The ``limit`` outbox rows in ``state``: ``dead`` ones newest first, others next due first.
+
+        Parameters
+        ----------
+        state : str
+            An outbox state (``pending``, ``dead``).
+        limit : int
+            Rows at most (>= 1).
+
+        Returns
+        -------
+        list of OutboxLine
+        """
+        # Through outbox_due (state, next_attempt): a dead row's next_attempt
+        # is the time of its last try, so newest first is that index backwards.
+        order = "DESC" if state == OutboxState.DEAD else "ASC"
+        rows = self._connect().execute(
+            "SELECT id, study_uid, sr_sop_uid, destination, state, attempts, next_attempt, last_error, created"
+            f" FROM outbox WHERE state = ? ORDER BY next_attempt {order}, id {order} LIMIT ?",
+            (str(state), max(int(limit), 1)),
+        ).fetchall()
+        return [OutboxLine(**dict(r)) for r in rows]
+
+    def page_outbox_counts(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Outbox rows by state, and the rows still owed by destination.
+
+        Returns
+        -------
+        states : dict of str to int
+            Every known outbox state (0 included) -> rows; counted along the
+            outbox_due index.
+        owed : dict of str to dict
+            Destination -> {state: rows} of the rows still owed (``pending``,
+            ``dead``): reads those rows only, however many were sent.
+        """
+        con = self._connect()
+        states = {str(s): 0 for s in OutboxState}
+        states.update({r["state"]: int(r["n"]) for r in
+                       con.execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")})
+        owed: dict[str, dict[str, int]] = {}
+        for r in con.execute(
+            "SELECT destination, state, COUNT(*) AS n FROM outbox"
+            f" WHERE state IN ({', '.join('?' * len(OWED_STATES))}) GROUP BY destination, state ORDER BY destination",
+            OWED_STATES,
+        ):
+            owed.setdefault(r["destination"], {})[r["state"]] = int(r["n"])
+        return states, owed
+
+    def page_received_per_hour(self, since: float) -> dict[int, int]:
+        """Instances received since ``since``, per hour.
+
+        Parameters
+        ----------
+        since : float
+            Epoch seconds.
+
+        Returns
+        -------
+        dict of int to int
+            Start of the hour (epoch seconds, a multiple of 3600) -> instances
+            received in it; hours with none are absent. A range of the
+            ``instances_received`` index: the rows of the window only.
+        """
+        rows = self._connect().execute(
+            "SELECT CAST(received / 3600 AS INTEGER) * 3600 AS hour, COUNT(*) AS n FROM instances"
+            " WHERE received >= ? GROUP BY hour",
+            (float(since),),
+        ).fetchall()
+        return {int(r["hour"]): int(r["n"]) for r in rows}
+
+    def page_deliveries(self, since: float, limit: int) -> list[Delivered]:
+        """Studies delivered since ``since``, with when their last instance came and their SR went.
+
+        Parameters
+        ----------
+        since : float
+            Epoch seconds: studies ``delivered`` whose last activity (the
+            delivery, for a delivered study) is at or after it.
+        limit : int
+            Studies at most, the most recent first.
+
+        Returns
+        -------
+        list of Delivered
+            ``delivered_at`` is the latest acknowledgement among the study's
+            sent outbox rows; a study with none (no destination configured)
+            is left out.
+        """
+        rows = self._connect().execute(
+            "SELECT s.study_uid, s.last_received,"
+            " (SELECT MAX(o.sent_at) FROM outbox o WHERE o.study_uid = s.study_uid AND o.state = ?) AS sent"
+            f" FROM studies s WHERE s.state = ? AND {_ACTIVE} >= ? ORDER BY {_ACTIVE} DESC LIMIT ?",
+            (OutboxState.SENT, StudyState.DELIVERED, float(since), max(int(limit), 1)),
+        ).fetchall()
+        return [Delivered(r["study_uid"], float(r["last_received"]), float(r["sent"]))
+                for r in rows if r["sent"] is not None]
+
+    def page_first_instance_path(self, study_uid: str) -> str | None:
+        """The stored file of one of the study's instances (to read a study-level attribute), or None."""
+        row = self._connect().execute(
+            "SELECT path FROM instances WHERE study_uid = ? LIMIT 1", (study_uid,)
+        ).fetchone()
+        return None if row is None else str(row["path"])

@@ -43,6 +43,9 @@ listening, the worker process is dead or has not beaten its heartbeat for
 ``metrics.queue_stall_s`` in the queue with none being processed, or a
 main-loop step or a job failed :data:`~echonode.node.FAILING_AFTER` times in
 a row. See :func:`health` for the body.
+
+``/status`` is the administrator's HTML status page when
+``status_page.enabled`` (:mod:`echonode.statuspage`; 404 otherwise).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from . import statuspage
 from .journal import OutboxState, StudyState
 from .logs import get_logger
 
@@ -406,15 +410,20 @@ class _Handler(BaseHTTPRequestHandler):
                 code, doc = 503, {"status": "unavailable", "error": type(exc).__name__,
                                   "reasons": [f"health check failed: {type(exc).__name__}"]}
             self._send(code, json.dumps(doc).encode() + b"\n", "application/json")
+        elif (page := statuspage.respond(self.server.node, path, self.headers.get("Authorization"),
+                                         self.client_address[0])) is not None:
+            self._send(page.status, page.body, page.content_type, page.headers)
         else:
             self._send(404, b"not found: try /metrics or /health\n", "text/plain; charset=utf-8")
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
+    def _send(self, code: int, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.connection.settimeout(RESPONSE_TIMEOUT_S)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -480,6 +489,7 @@ class MetricsServer:
         )
         self._thread.start()
         log.info("metrics.listening", host=self.host, port=self.port)
+        statuspage.announce(self.node.cfg, self.host, self.port)
 
     def stop(self) -> None:
         if self._server is None:
