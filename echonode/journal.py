@@ -423,6 +423,32 @@ class StudySummary:
 class Delivery:
     """A listed outbox row (:meth:`Journal.snapshot`)."""
 
+    id: int
+    study_uid: str
+    sr_sop_uid: str
+    destination: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    sent_at: float | None
+    discarded_at: float | None
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """What ``echonode status`` reports (:meth:`Journal.snapshot`); its fields are the keys of ``--json``."""
+
+    studies: list[StudySummary]
+    outbox: list[Delivery]
+    #: Every study state, 0 included.
+    study_counts: dict[str, int]
+    studies_total: int
+    #: Every outbox state, 0 included.
+    outbox_counts: dict[str, int]
+    #: The listing's bound; None: everything listed.
+    limit: int | None
+
 
 @dataclass(frozen=True)
 class StudyLine:
@@ -451,25 +477,6 @@ class OutboxLine:
     attempts: int
     next_attempt: float
     last_error: str | None
-    sent_at: float | None
-    discarded_at: float | None
-
-
-@dataclass(frozen=True)
-class StatusSnapshot:
-    """What ``echonode status`` reports (:meth:`Journal.snapshot`); its fields are the keys of ``--json``."""
-
-    studies: list[StudySummary]
-    outbox: list[Delivery]
-    #: Every study state, 0 included.
-    study_counts: dict[str, int]
-    studies_total: int
-    #: Every outbox state, 0 included.
-    outbox_counts: dict[str, int]
-    #: The listing's bound; None: everything listed.
-    limit: int | None
-
-
     created: float
 
 
