@@ -356,8 +356,19 @@ def _request(dest: Destination, method: str, path: str, headers: Mapping[str, st
         conn.request(method, path, body=body, headers={**headers, "Connection": "close",
                                                        "User-Agent": f"echonode/{__version__}"})
         rsp = conn.getresponse()
-        data = rsp.read(MAX_RESPONSE_BYTES)
         answer = StoreAnswer(rsp.status, rsp.reason or "", {k.lower(): v for k, v in rsp.getheaders()})
+        # The whole answer, not its status line: a 2xx can still list the
+        # instance as failed. A read returns what has come so far.
+        data = b""
+        while len(data) < MAX_RESPONSE_BYTES:
+            chunk = rsp.read(min(65536, MAX_RESPONSE_BYTES - len(data)))
+            if not chunk:
+                break
+            data += chunk
+        # A cut socket reads as the end of the answer, which http.client
+        # does not check against Content-Length: neither counts as an answer.
+        if deadline.reason is not None or (rsp.length and len(data) < MAX_RESPONSE_BYTES):
+            raise http.client.IncompleteRead(data, rsp.length)
     except (OSError, http.client.HTTPException) as exc:
         raise DeliveryError(f"{method} {dest.url}: no complete answer ({type(exc).__name__})",
                             permanent=False) from exc
