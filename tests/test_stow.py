@@ -486,15 +486,18 @@ def test_kill_9_while_the_server_holds_the_answer_resends_the_same_sr(tmp_path: 
         node.kill()
         assert at_kill == {study_uid: "reported"}, at_kill
         server.release()
+        t0 = time.monotonic()
         node.start()
         wait_for(lambda: states(cfg) == {study_uid: "delivered"}, timeout=120, interval=0.2,
                  what="the study delivered after the restart")
+        recovered_s = time.monotonic() - t0
         time.sleep(0.5)
         uids = [str(ds.SOPInstanceUID) for ds in server.stored]
         ((sr_uid,),) = journal_rows(cfg, "SELECT sr_sop_uid FROM reports")
         assert len(uids) >= 2 and set(uids) == {sr_uid}, uids
         assert journal_rows(cfg, "SELECT state, sent_sop_uid FROM outbox") == [("sent", sr_uid)]
-        print(f"STOW-RS requests: {len(uids)}, distinct SRs: {len(set(uids))}")
+        print(f"STOW-RS requests: {len(uids)}, distinct SRs: {len(set(uids))};"
+              f" restart to delivered: {recovered_s:.1f} s")
     finally:
         node.stop()
 
