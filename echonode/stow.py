@@ -134,6 +134,14 @@ class StoreAnswer:
     def line(self) -> str:
         return f"HTTP {self.status} {self.reason}".rstrip()
 
+    def failure_of(self, sop_uid: str) -> int | None:
+        """The FailureReason given for ``sop_uid``, or None when it is not listed as failed."""
+        failure = self.failed.get(sop_uid)
+        if failure is None and len(self.failed) == 1 and not self.stored:
+            # One instance sent, one failure listed: ours, whatever UID the server wrote.
+            failure = next(iter(self.failed.values()))
+        return failure
+
 
 def read_store_response(body: bytes, content_type: str = "") -> tuple[dict[str, int], dict[str, list[int]]] | None:
     """The FailedSOPSequence and ReferencedSOPSequence of a STOW-RS answer (DICOM JSON or XML).
@@ -244,10 +252,7 @@ def judge(answer: StoreAnswer, sop_uid: str, url: str) -> tuple[str, str | None]
         docstring lists.
     """
     code = answer.status
-    failure = answer.failed.get(sop_uid)
-    if failure is None and len(answer.failed) == 1 and not answer.stored:
-        # One instance sent, one failure listed: ours, whatever UID the server wrote.
-        failure = next(iter(answer.failed.values()))
+    failure = answer.failure_of(sop_uid)
     if 200 <= code < 300 and failure is None:
         warnings = answer.stored.get(sop_uid, [])
         notes = [f"WarningReason 0x{w:04X} ({_warning_name(w)})" for w in warnings]
@@ -453,7 +458,7 @@ def stow_file(dest: Destination, path: str, timeout_s: float = 30.0,
                 part, uid = _encoded(converted), str(converted.SOPInstanceUID)
             body, content_type = _multipart(part)
             answer = _request(dest, "POST", stow_path, {**headers, "Content-Type": content_type}, body, clock)
-            if answer.failed.get(uid) == SOP_CLASS_NOT_SUPPORTED and i + 1 < len(classes):
+            if answer.failure_of(uid) == SOP_CLASS_NOT_SUPPORTED and i + 1 < len(classes):
                 log.info("delivery.sop_class_fallback", destination=dest.name, sop_class_uid=sop_class,
                          sr_sop_uid=uid, next_sop_class_uid=classes[i + 1])
                 continue

@@ -237,6 +237,9 @@ def test_orthanc_sends_study_and_gets_the_sr_back(tmp_path: Path, ybr_loop: Path
             assert f["model_name"] == recorded[task]["model"]
         (row,) = node.journal.status()["outbox"]
         assert (row["destination"], row["state"], row["attempts"]) == ("orthanc", "sent", 1)
+        # Orthanc takes Comprehensive 3D SR (the IHE AI Results IOD) at association: no fallback.
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+        assert (row["sent_sop_class_uid"], row["sent_sop_uid"]) == (sr.SOPClassUID, report.sr_sop_uid)
     finally:
         node.stop()
 

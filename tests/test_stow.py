@@ -145,16 +145,16 @@ def test_stored_with_a_warning_is_delivered_and_the_warning_logged(tmp_path: Pat
     (lambda uid: Answer(409, failed_sop(uid, 0xA700)), OutboxState.PENDING,
      "STOW-RS refused: HTTP 409 Conflict, FailureReason 0xA700 (out of resources)"),
     (lambda uid: Answer(401, b"", {"WWW-Authenticate": 'Basic realm="pacs"'}), OutboxState.DEAD,
-     "STOW-RS refused: HTTP 401 Unauthorized: authentication or authorization refused"
-     " (check the destination's auth and auth_file)"),
+     ("STOW-RS refused: HTTP 401 Unauthorized: authentication or authorization refused"
+      " (check the destination's auth and auth_file)")),
     (lambda uid: Answer(403, b""), OutboxState.DEAD,
-     "STOW-RS refused: HTTP 403 Forbidden: authentication or authorization refused"
-     " (check the destination's auth and auth_file)"),
+     ("STOW-RS refused: HTTP 403 Forbidden: authentication or authorization refused"
+      " (check the destination's auth and auth_file)")),
     (lambda uid: Answer(404, b""), OutboxState.DEAD,
      "STOW-RS refused: HTTP 404 Not Found: no STOW-RS service at {url}/studies (check the destination's url)"),
     (lambda uid: Answer(301, b"", {"Location": "https://pacs/dicom-web/studies"}), OutboxState.DEAD,
-     "STOW-RS answered HTTP 301 Moved Permanently to https://pacs/dicom-web/studies: set the destination's url"
-     " to the DICOMweb base URL"),
+     ("STOW-RS answered HTTP 301 Moved Permanently to https://pacs/dicom-web/studies: set the destination's url"
+      " to the DICOMweb base URL")),
     (lambda uid: Answer(415, b""), OutboxState.DEAD, "STOW-RS refused: HTTP 415 Unsupported Media Type"),
     (lambda uid: Answer(503, b""), OutboxState.PENDING, "STOW-RS failed: HTTP 503 Service Unavailable"),
     (lambda uid: Answer(500, b"{}"), OutboxState.PENDING, "STOW-RS failed: HTTP 500 Internal Server Error"),
@@ -266,7 +266,8 @@ def test_a_server_that_stalls_or_trickles_is_cut_at_timeout(tmp_path: Path, ybr_
     print(f"{mode}: the pass returned after {elapsed:.2f} s")
 
 
-def test_a_stalled_stow_destination_holds_up_no_dimse_one(tmp_path: Path, ybr_loop: Path, dicomweb, scps) -> None:
+def test_a_stalled_stow_destination_holds_up_no_dimse_one(tmp_path: Path, ybr_loop: Path, dicomweb,
+                                                          scps) -> None:  # noqa: F811 - the fixture
     """The same lanes: a STOW-RS server that never answers costs its own lane, nothing else."""
     server = dicomweb([Answer(mode="stall")])
     rep = stow_study(tmp_path, ybr_loop, server.url, timeout_s=1.0, retry_initial_s=30.0, retry_max_s=60.0)
@@ -305,14 +306,14 @@ def test_basic_and_bearer_auth_from_a_file(tmp_path: Path, ybr_loop: Path, dicom
     # The token is rotated (another program rewrites the file); the server wants the new one.
     server.credentials = "Bearer token-2"
     token.write_text("token-2\n")
-    (more,) = owe_more(rep, "pacs", 1, time.time() - 1)
+    owe_more(rep, "pacs", 1, time.time() - 1)
     assert Delivery(rep.cfg, rep.journal).run() == 1
     assert server.posts()[-1].headers["authorization"] == "Bearer token-2"
 
     server.credentials = basic("echonode", "pa:ss word")
     creds = auth_file(tmp_path, "echonode:pa:ss word", "basic.auth")
     cfg = as_stow(rep, stow_destination(server.url, auth="basic", auth_file=creds)).cfg
-    (third,) = owe_more(rep, "pacs", 1, time.time() - 1, start=2)
+    owe_more(rep, "pacs", 1, time.time() - 1, start=2)
     assert Delivery(cfg, rep.journal).run() == 1
     assert server.posts()[-1].headers["authorization"] == basic("echonode", "pa:ss word")
 
@@ -332,7 +333,7 @@ def test_credentials_file_gone_at_send_time_is_a_dead_letter_saying_so(tmp_path:
 
 
 def test_https_with_the_servers_ca_and_without(tmp_path: Path, ybr_loop: Path, dicomweb,
-                                               self_signed: dict[str, Path]) -> None:
+                                               self_signed: dict[str, Path]) -> None:  # noqa: F811 - the fixture
     """The server's certificate is checked (name included) against tls.ca_file, else the system's store."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(self_signed["cert"]), str(self_signed["key"]))
@@ -394,8 +395,8 @@ def test_echo_a_stow_destination(tmp_path: Path, dicomweb) -> None:
 def test_orthanc_dicomweb_with_basic_auth(tmp_path: Path, ybr_loop: Path) -> None:
     """STOW-RS into Orthanc 1.10 (orthanc-dicomweb 1.7) with HTTP basic auth: stored once, resent once,
     a wrong password dead-lettered with the reason, fixed, `echonode retry`, stored; echo both ways."""
-    from tests.test_e2e_orthanc import Orthanc
     from tests.conftest import ORTHANC, ORTHANC_DICOMWEB, need
+    from tests.test_e2e_orthanc import Orthanc
 
     need(ORTHANC)
     need(ORTHANC_DICOMWEB)
@@ -467,7 +468,13 @@ def test_kill_9_while_the_server_holds_the_answer_resends_the_same_sr(tmp_path: 
     is pending and the same SR (same SOP Instance UID) goes again: one
     instance at the server, the study delivered.
     """
-    from tests.test_stage_recovery import ServedNode, journal_rows, make_studies, send_studies, states
+    from tests.test_stage_recovery import (
+        ServedNode,
+        journal_rows,
+        make_studies,
+        send_studies,
+        states,
+    )
 
     server = dicomweb([Answer(mode="hold")])
     cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.1},
