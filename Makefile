@@ -27,8 +27,8 @@ system-packages:
 	for t in /usr/bin/storescu /usr/sbin/Orthanc /usr/bin/dciodvfy /usr/bin/systemd-analyze /usr/bin/openssl; do [ -x $$t ] || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk orthanc dicom3tools openssl systemd >/dev/null; \
-	  else echo "install dcmtk, orthanc, dicom3tools, openssl and systemd (Debian packages) for the full suite"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk orthanc orthanc-dicomweb dicom3tools openssl systemd >/dev/null; \
+	  else echo "install dcmtk, orthanc, orthanc-dicomweb, dicom3tools, openssl and systemd (Debian packages) for the full suite"; fi; \
 	fi
 
 demo: setup

@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load_config, resolve_config_path
+from .config import Config, ConfigError, Destination, load_config, resolve_config_path
 from .rebuild import JournalLost
 
 EXIT_OK = 0
@@ -180,6 +180,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from .delivery import DeliveryError, Peer, echo
 
     cfg = _load(args)
+    stow_dest = next((d for d in cfg.destinations if d.name == args.dest and d.kind == "stow"), None)
+    if stow_dest is not None:
+        return _check_stow(stow_dest, args.timeout)
     try:
         peer = Peer.parse(args.dest, cfg)
     except ValueError as exc:
@@ -193,6 +196,21 @@ def cmd_echo(args: argparse.Namespace) -> int:
     if status != 0:
         return _fail(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: status 0x{status:04X}", EXIT_FAILURE)
     print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: success ({ms:.0f} ms)")
+    return EXIT_OK
+
+
+def _check_stow(dest: Destination, timeout_s: float) -> int:
+    """``echonode echo`` for a STOW-RS destination: a QIDO-RS query with its auth, under the same deadline."""
+    from .outcome import DeliveryError
+    from .stow import check
+
+    t0 = time.monotonic()
+    try:
+        line = check(dest, timeout_s=timeout_s)
+    except DeliveryError as exc:
+        return _fail(f"QIDO-RS to {dest.url} failed: {exc}", EXIT_FAILURE)
+    ms = (time.monotonic() - t0) * 1000
+    print(f"QIDO-RS {dest.url}/studies: success ({line}, {ms:.0f} ms)")
     return EXIT_OK
 
 
@@ -333,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("echo", help="C-ECHO a destination (name or AET@HOST:PORT)")
+    s = sub.add_parser("echo", help="C-ECHO a destination (name or AET@HOST:PORT); a STOW-RS one gets a QIDO-RS query")
     s.add_argument("dest")
     s.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     s.set_defaults(func=cmd_echo)

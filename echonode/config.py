@@ -8,15 +8,18 @@ start tell the administrator exactly what to fix.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 from .httpauth import AUTH_MODES, CredentialsError, load_credentials
 
@@ -129,15 +132,35 @@ class DeliveryConfig:
     timeout_s: float = 30.0
 
 
+#: Destination kinds: a DICOM peer (C-STORE) or a DICOMweb store (STOW-RS).
+DESTINATION_KINDS = ("dimse", "stow")
+#: HTTP authentication schemes of a STOW-RS destination ("" = none).
+AUTH_SCHEMES = ("", "basic", "bearer")
+#: Keys a credential might be written under: never in the config itself.
+_CREDENTIAL_KEYS = frozenset({"user", "username", "password", "token", "secret", "api_key"})
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives the SRs."""
+    """Where the SRs go: a DICOM peer (``kind = "dimse"``) or a DICOMweb store (``kind = "stow"``).
+
+    A DIMSE destination is ``ae_title``, ``host`` and ``port`` (and
+    ``tls``); a STOW-RS destination is ``url``, the DICOMweb base URL
+    (``https://`` for TLS, with ``tls.ca_file`` when the server's CA is not
+    in the system's store), and ``auth`` with the file that holds the
+    credentials (``auth_file``). Each kind refuses the other's keys.
+    """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: TLSConfig = field(default_factory=TLSConfig)
+    kind: str = "dimse"
+    url: str = ""
+    #: "" (none), "basic" (``user:password`` in auth_file) or "bearer" (a token in auth_file).
+    auth: str = ""
+    auth_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -278,7 +301,10 @@ def _build(cls: Any, table: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         if name not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{key}: unknown key (known here: {known})")
+            hint = ""
+            if cls is Destination and name.lower() in _CREDENTIAL_KEYS:
+                hint = "; credentials never go in the config: name a file with auth_file (and auth)"
+            raise ConfigError(f"{key}: unknown key (known here: {known}){hint}")
         kwargs[name] = _convert(value, hints[name], key)
     missing = [
         n
@@ -357,6 +383,100 @@ def _check_status_page(cfg: Config) -> None:
             raise ConfigError(f"status_page.auth_file: {exc}") from None
 
 
+def _check_stow(dest: Destination, key: str) -> None:
+    """A STOW-RS destination: its URL, TLS files and credentials file."""
+    for name in ("ae_title", "host"):
+        if getattr(dest, name):
+            raise ConfigError(f'{key}.{name}: not used by kind = "stow" (the url names the server)')
+    if dest.port:
+        raise ConfigError(f'{key}.port: not used by kind = "stow" (the url names the server)')
+    if not dest.url:
+        raise ConfigError(f'{key}.url: required for kind = "stow" (the DICOMweb base URL,'
+                          ' e.g. "http://pacs:8042/dicom-web")')
+    try:
+        parts = urlsplit(dest.url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{key}.url: not a URL ({exc}): {dest.url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}.url: must be an http:// or https:// URL with a host, got {dest.url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{key}.url: credentials never go in the config: name a file with auth_file (and auth)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{key}.url: the DICOMweb base URL takes no query or fragment, got {dest.url!r}")
+    tls = dest.tls
+    if parts.scheme == "http":
+        set_tls = [n for n in ("ca_file", "cert_file", "key_file") if getattr(tls, n)]
+        if tls.enabled or set_tls:
+            raise ConfigError(f"{key}.tls.{set_tls[0] if set_tls else 'enabled'}: TLS to a STOW-RS destination"
+                              " comes with an https:// url")
+    for name in ("cert_file", "key_file", "ca_file"):
+        path = getattr(tls, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key}.tls.{name}: no such file: {path}")
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError(f"{key}.tls.key_file: cert_file and key_file go together")
+    if dest.auth not in AUTH_SCHEMES:
+        raise ConfigError(f"{key}.auth: must be basic or bearer (or left out for none), got {dest.auth!r}")
+    if bool(dest.auth) != bool(dest.auth_file):
+        missing = "auth_file" if dest.auth else "auth"
+        raise ConfigError(f"{key}.{missing}: auth (basic or bearer) and auth_file go together")
+    if dest.auth:
+        try:
+            read_credentials(dest.auth, dest.auth_file)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.auth_file: {exc}") from None
+
+
+def read_credentials(auth: str, path: str) -> str:
+    """The HTTP ``Authorization`` header value a credentials file gives.
+
+    The file holds one line: ``user:password`` for ``basic``, the token for
+    ``bearer``. It is read at each use, so that a token rotated by another
+    program is picked up without a reload; it must not be readable by
+    others than its owner and group.
+
+    Parameters
+    ----------
+    auth : {"basic", "bearer"}
+    path : str
+        The credentials file.
+
+    Returns
+    -------
+    str
+        ``Basic <base64>`` or ``Bearer <token>``.
+
+    Raises
+    ------
+    ValueError
+        Saying what is wrong with the file, never what it holds.
+    """
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+    if mode & stat.S_IROTH:
+        raise ValueError(f"{path} is readable by every user (mode {stat.S_IMODE(mode):o}): chmod o-r it")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise ValueError(f"{path} must hold one line ({'user:password' if auth == 'basic' else 'the token'}),"
+                         f" found {len(lines)}")
+    (secret,) = lines
+    if auth == "basic":
+        user, sep, _ = secret.partition(":")
+        if not sep or not user:
+            raise ValueError(f"{path} must hold user:password for basic auth")
+        return "Basic " + base64.b64encode(secret.encode("utf-8")).decode("ascii")
+    if any(c.isspace() for c in secret) or not secret.isprintable():
+        raise ValueError(f"{path} must hold the bearer token alone (no spaces)")
+    return f"Bearer {secret}"
+
+
 def validate(cfg: Config) -> Config:
     """Check values across keys; return ``cfg`` unchanged or raise ConfigError."""
     n = cfg.node
@@ -429,6 +549,20 @@ def validate(cfg: Config) -> Config:
         if dest.name in names:
             raise ConfigError(f"{key}.name: duplicate destination name {dest.name!r}")
         names.add(dest.name)
+        if dest.kind not in DESTINATION_KINDS:
+            raise ConfigError(f"{key}.kind: must be one of {', '.join(DESTINATION_KINDS)}, got {dest.kind!r}")
+        if dest.kind == "stow":
+            _check_stow(dest, key)
+            continue
+        for name in ("url", "auth", "auth_file"):
+            if getattr(dest, name):
+                raise ConfigError(f'{key}.{name}: only for kind = "stow" (this destination is DIMSE:'
+                                  " ae_title, host, port)")
+        for name in ("ae_title", "host"):
+            if not getattr(dest, name):
+                raise ConfigError(f"{key}.{name}: required key is missing")
+        if dest.port == 0:
+            raise ConfigError(f"{key}.port: required key is missing")
         _check_ae(dest.ae_title, f"{key}.ae_title")
         _check_port(dest.port, f"{key}.port")
         _check_tls(dest.tls, f"{key}.tls", server=False)

@@ -1,4 +1,4 @@
-"""A hard deadline on an outgoing association, enforced from outside it.
+"""A hard deadline on an outgoing association (or HTTP request), enforced from outside it.
 
 pynetdicom's own timeouts (ACSE, DIMSE, network) are kept by the thread
 that waits for an answer. When one fires, that thread aborts the association
@@ -14,6 +14,11 @@ timer thread when the deadline passes. The blocked ``recv`` returns short,
 pynetdicom takes that as the transport closing (Evt17), the state machine
 goes back to idle and the waiting thread returns with the association
 aborted. The same cut serves a stopping node (``reason="stop"``).
+
+An HTTP request (a STOW-RS destination, :mod:`echonode.stow`) has the same
+weakness: a socket timeout bounds each read, not the answer, so a server
+that trickles a byte at a time holds the request for ever. Its socket is
+watched the same way, and the cut ends whatever read or write waits on it.
 
 Nothing here depends on the peer's answer: the timer needs no read to end,
 so it holds even where a read itself has no deadline.
@@ -32,9 +37,11 @@ DEADLINE = "deadline"
 STOP = "stop"
 
 
-def _raw_socket(assoc: Any) -> socket.socket | None:
-    """The association's socket while it is open, else None."""
-    transport = getattr(getattr(assoc, "dul", None), "socket", None)
+def _raw_socket(target: Any) -> socket.socket | None:
+    """The socket to shut: ``target`` itself when it is one, an association's while it is open, else None."""
+    if isinstance(target, socket.socket):
+        return target
+    transport = getattr(getattr(target, "dul", None), "socket", None)
     sock = getattr(transport, "socket", None)
     return sock if isinstance(sock, socket.socket) else None
 
@@ -53,8 +60,9 @@ class AssociationDeadline:
     call :meth:`start` and :meth:`cancel`. :meth:`watch` takes an
     association as soon as its connection opens (pynetdicom's
     ``EVT_CONN_OPEN``); connecting itself is bounded by the connection
-    timeout. :meth:`cut` may be called from any thread, at any time, more
-    than once.
+    timeout. :meth:`watch` also takes a plain socket (an HTTP request's,
+    as soon as it is connected, and again once wrapped in TLS).
+    :meth:`cut` may be called from any thread, at any time, more than once.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -82,6 +90,14 @@ class AssociationDeadline:
         """True once the deadline (not a stop) has cut the attempt."""
         return self.reason == DEADLINE
 
+    def remaining(self) -> float:
+        """Seconds left before the cut: the whole limit before :meth:`start`, 0 once cut."""
+        if self.reason is not None:
+            return 0.0
+        if self.started is None:
+            return self.seconds
+        return max(0.0, self.seconds - (time.monotonic() - self.started))
+
     def start(self) -> None:
         """Start the clock (once)."""
         with self._lock:
@@ -104,7 +120,7 @@ class AssociationDeadline:
                 timer.join()
 
     def watch(self, assoc: Any) -> None:
-        """Cut ``assoc`` with the others; at once when the deadline has already passed."""
+        """Cut ``assoc`` (an association or a socket) with the others; at once when the deadline has already passed."""
         with self._lock:
             self._assocs.append(assoc)
             late = self.reason is not None

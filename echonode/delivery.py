@@ -1,4 +1,4 @@
-"""Delivery of SRs: a durable outbox in the journal, C-STORE to each destination.
+"""Delivery of SRs: a durable outbox in the journal, C-STORE or STOW-RS to each destination.
 
 Each outbox row is one SR for one destination. The scheduler runs
 :meth:`Delivery.run` every few seconds; a row is tried when due.
@@ -13,6 +13,19 @@ Failures are sorted into two kinds:
   SR storage not accepted in any transfer syntax offered; the destination's
   TLS files unusable; 0xA9xx / 0xCxxx / 0x01xx refusals): the row goes to
   the dead letter at once, with the reason, for ``echonode retry``.
+
+A destination is a DICOM peer (``kind = "dimse"``: C-STORE, here) or a
+DICOMweb store (``kind = "stow"``: STOW-RS, :mod:`echonode.stow`); both go
+through the same outbox, lanes, deadline, backoff and dead letters, and
+their failures are sorted the same way.
+
+Per destination, the SR goes in the best SR class the destination takes
+(:mod:`echonode.report.sop`): its own (Comprehensive 3D SR by default),
+else the same report as Comprehensive SR, then Enhanced SR, under a SOP
+Instance UID derived from the SR's, the same at every resend. A DIMSE
+destination says which at association (every class proposed, each in the
+transfer syntaxes below); a STOW-RS one by refusing a class (FailureReason
+0x0122). The outbox row records the class and UID sent.
 
 Exactly once: the SR file and its SOP Instance UID are fixed before the
 first attempt. If the node dies after the peer stored it but before the row
@@ -42,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
@@ -49,22 +63,19 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from . import stow
 from .config import Config, Destination, TLSConfig
 from .deadline import STOP, AssociationDeadline
 from .journal import Journal, OutboxItem
 from .logs import get_logger
+from .outcome import DeliveryError, Sent, classify_store_status, converted_report
+from .report.sop import SR_SOP_CLASS_UIDS, fallback_sop_class, sendable_classes
 from .pdu_guard import guard_connection
 from .scp import client_ssl_context
 
+__all__ = ["Delivery", "DeliveryError", "Peer", "Sent", "classify_store_status", "echo", "store_file"]
+
 log = get_logger(__name__)
-
-
-class DeliveryError(Exception):
-    """A failed attempt; ``permanent`` says whether retrying can help."""
-
-    def __init__(self, message: str, *, permanent: bool) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -87,9 +98,12 @@ class Peer:
         """
         try:
             d = cfg.destination(text)
-            return cls(d.ae_title, d.host, d.port, d.tls)
         except KeyError:
             pass
+        else:
+            if d.kind != "dimse":
+                raise ValueError(f"destination {text!r} is a STOW-RS destination ({d.url}), not a DICOM peer")
+            return cls(d.ae_title, d.host, d.port, d.tls)
         m = re.match(r"^([^@]{1,16})@(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$", text)
         if not m:
             names = ", ".join(d.name for d in cfg.destinations) or "none configured"
@@ -295,46 +309,11 @@ def _cut_reason(exc: DeliveryError, deadline: AssociationDeadline, peer: Peer) -
         " (association aborted)", permanent=False)
 
 
-#: Warning statuses outside 0xB000-0xBFFF (PS3.7 C.4: attribute list error,
-#: attribute value out of range, and the general warning).
-_GENERAL_WARNINGS = (0x0001, 0x0107, 0x0116)
-
-
-def classify_store_status(status: int) -> tuple[bool, bool]:
-    """(stored, permanent) for a C-STORE response status.
-
-    Parameters
-    ----------
-    status : int
-        The Status of the C-STORE response.
-
-    Returns
-    -------
-    tuple of bool
-        ``stored``: the peer has the instance; ``permanent``: when not
-        stored, whether retrying cannot help.
-
-    Notes
-    -----
-    Every warning (0xB000-0xBFFF, e.g. 0xB000 coercion, 0xB006 elements
-    discarded, 0xB007 data set does not match the SOP class; and the general
-    warnings 0x0001, 0x0107, 0x0116) means the peer stored the instance
-    (PS3.7 C.4), so it counts as delivered: dead-lettering it would have an
-    operator resend an SR the PACS already holds. 0x0111 (the instance is
-    already there: our own resend after a crash) counts as stored too.
-    """
-    if status in (0x0000, 0x0111, *_GENERAL_WARNINGS) or 0xB000 <= status <= 0xBFFF:
-        return True, False
-    if 0xA700 <= status <= 0xA7FF or status in (0x0213, 0x0210):  # out of resources, busy
-        return False, False
-    return False, True
-
-
 def store_file(
     local_ae_title: str, peer: Peer, path: str, timeout_s: float = 30.0,
     deadline: AssociationDeadline | None = None,
-) -> int:
-    """C-STORE one file; return the status or raise :class:`DeliveryError`.
+) -> Sent:
+    """C-STORE one file; return what the peer stored or raise :class:`DeliveryError`.
 
     Everything on the network (connect, negotiate, C-STORE, release) ends
     within ``timeout_s``: ``deadline`` (started here when the caller has not;
@@ -348,12 +327,18 @@ def store_file(
     (rather than one listing every syntax, where the peer picks) let a peer
     accept the file's own syntax, which pynetdicom then prefers, so the SR
     arrives as written wherever the peer allows.
+
+    An SR is proposed in every SR class (:func:`sendable_classes`: its own
+    first), each in those contexts; a peer that does not accept its own
+    class is sent the same report in the first class it accepts
+    (:func:`fallback_sop_class`), under the derived SOP Instance UID.
     """
     ds = dcmread(path)
     sop_class = str(ds.SOPClassUID)
+    classes = sendable_classes(sop_class) if sop_class in SR_SOP_CLASS_UIDS.values() else (sop_class,)
     tsyntax = str(ds.file_meta.TransferSyntaxUID)
     contexts: list[tuple[str, list[str] | None]] = [
-        (sop_class, [ts]) for ts in dict.fromkeys([tsyntax, *SEND_TRANSFER_SYNTAXES])
+        (cls, [ts]) for cls in classes for ts in dict.fromkeys([tsyntax, *SEND_TRANSFER_SYNTAXES])
     ]
     own = deadline is None
     clock = AssociationDeadline(timeout_s) if deadline is None else deadline
@@ -361,9 +346,17 @@ def store_file(
     try:
         assoc = associate(local_ae_title, peer, contexts, timeout_s, deadline=clock)
         try:
-            if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            target = (fallback_sop_class(sop_class, accepted) if len(classes) > 1
+                      else sop_class if sop_class in accepted else None)
+            if target is None:
                 raise DeliveryError("the destination does not accept this SR storage class", permanent=True)
-            rsp = assoc.send_c_store(ds)
+            send: Dataset = ds
+            if target != sop_class:
+                send = converted_report(ds, target)
+                log.info("delivery.sop_class_fallback", peer=f"{peer.ae_title}@{peer.host}:{peer.port}",
+                         sop_class_uid=sop_class, next_sop_class_uid=target, sent_sop_uid=str(send.SOPInstanceUID))
+            rsp = assoc.send_c_store(send)
             if not rsp or "Status" not in rsp:
                 raise DeliveryError("no C-STORE response (timeout or abort)", permanent=False)
             status = int(rsp.Status)
@@ -380,7 +373,8 @@ def store_file(
     stored, permanent = classify_store_status(status)
     if not stored:
         raise DeliveryError(f"C-STORE refused with status 0x{status:04X}", permanent=permanent)
-    return status
+    warning = f"C-STORE warning 0x{status:04X}" if status not in (0x0000, 0x0111) else None
+    return Sent(f"0x{status:04X}", str(send.SOPClassUID), str(send.SOPInstanceUID), warning)
 
 
 @dataclass
@@ -658,16 +652,22 @@ class Delivery:
         if self._stopping.is_set():
             deadline.cut(STOP)  # stop() may have looked at this lane just before
         try:
-            status = store_file(self.cfg.node.ae_title, Peer.of(dest), item.path, self.cfg.delivery.timeout_s,
-                                deadline=deadline)
+            if dest.kind == "stow":
+                sent = stow.stow_file(dest, item.path, self.cfg.delivery.timeout_s, deadline=deadline)
+            else:
+                sent = store_file(self.cfg.node.ae_title, Peer.of(dest), item.path, self.cfg.delivery.timeout_s,
+                                  deadline=deadline)
         except Exception as exc:  # noqa: BLE001 - sorted below; a bug must not block every later SR
             return self._failed(item, exc, deadline, lane, bound)
         finally:
             deadline.cancel()
             with self._lock:
                 lane.sr_sop_uid, lane.deadline, lane.attempt_started = None, None, None
-        state = self.journal.mark_sent(item.id)
-        bound.info("delivery.sent", status=f"0x{status:04X}", study_state=str(state))
+        state = self.journal.mark_sent(item.id, sent.sop_class_uid, sent.sop_instance_uid)
+        # A warning means stored (PS3.7 C.4, PS3.18 10.5.3): delivered, and said at warning level.
+        (bound.warning if sent.warning else bound.info)(
+            "delivery.sent", status=sent.status, study_state=str(state), sent_sop_class_uid=sent.sop_class_uid,
+            sent_sop_uid=sent.sop_instance_uid, warning=sent.warning)
         return "sent"
 
     def _failed(self, item: OutboxItem, exc: Exception, deadline: AssociationDeadline, lane: Lane,

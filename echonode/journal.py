@@ -278,7 +278,13 @@ CREATE INDEX IF NOT EXISTS instances_received ON instances(received);
 #: declaration): CREATE TABLE IF NOT EXISTS leaves an older journal's table
 #: as it is, so :meth:`Journal._add_columns` adds these at open. Nullable, so
 #: an earlier echonode (a roll back) inserts and reads rows as before.
-_ADDED_COLUMNS = (("outbox", "discarded_at", "REAL"),)
+_ADDED_COLUMNS = (
+    ("outbox", "discarded_at", "REAL"),
+    # What the destination was sent, set with ``sent``: the SR's own class
+    # and UID, or the class it fell back to there and the UID derived for it.
+    ("outbox", "sent_sop_class_uid", "TEXT"),
+    ("outbox", "sent_sop_uid", "TEXT"),
+)
 
 #: A study's last activity (last instance received or last state change), as
 #: indexed by ``studies_active``; ``s`` is the studies table's alias.
@@ -433,6 +439,11 @@ class Delivery:
     last_error: str | None
     sent_at: float | None
     discarded_at: float | None
+    #: The SR class and SOP Instance UID the destination took (a class it
+    #: refused leads to another: Comprehensive 3D SR falls back to
+    #: Comprehensive SR); None until sent.
+    sent_sop_class_uid: str | None = None
+    sent_sop_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1107,16 +1118,30 @@ class Journal:
         ).fetchall()
         return [OutboxItem(**dict(r)) for r in rows]
 
-    def mark_sent(self, item_id: int) -> StudyState | None:
-        """A destination acknowledged the SR; the study is ``delivered`` when all have."""
+    def mark_sent(
+        self, item_id: int, sop_class_uid: str | None = None, sop_uid: str | None = None
+    ) -> StudyState | None:
+        """A destination acknowledged the SR; the study is ``delivered`` when all have.
+
+        Parameters
+        ----------
+        item_id : int
+            The outbox row.
+        sop_class_uid, sop_uid : str, optional
+            What the destination stored: the SR's own SOP Class and
+            Instance UIDs, or the class it fell back to and the UID derived
+            for it (``echonode status --json``: ``sent_sop_class_uid``,
+            ``sent_sop_uid``).
+        """
         now = time.time()
         with self._tx() as con:
             row = con.execute("SELECT study_uid FROM outbox WHERE id = ?", (item_id,)).fetchone()
             if row is None:
                 return None
             con.execute(
-                "UPDATE outbox SET state = ?, sent_at = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?",
-                (OutboxState.SENT, now, item_id),
+                "UPDATE outbox SET state = ?, sent_at = ?, attempts = attempts + 1, last_error = NULL,"
+                " sent_sop_class_uid = ?, sent_sop_uid = ? WHERE id = ?",
+                (OutboxState.SENT, now, sop_class_uid, sop_uid, item_id),
             )
             return self._settle_study(con, row["study_uid"], now)
 
@@ -1317,7 +1342,8 @@ class Journal:
         return [Delivery(id=r["id"], study_uid=r["study_uid"], sr_sop_uid=r["sr_sop_uid"],
                          destination=r["destination"], state=r["state"], attempts=r["attempts"],
                          next_attempt=r["next_attempt"], last_error=r["last_error"], sent_at=r["sent_at"],
-                         discarded_at=r["discarded_at"])
+                         discarded_at=r["discarded_at"], sent_sop_class_uid=r["sent_sop_class_uid"],
+                         sent_sop_uid=r["sent_sop_uid"])
                 for r in rows]
 
     @staticmethod

@@ -26,6 +26,8 @@ STORESCP = "/usr/bin/storescp"
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"
 ORTHANC = "/usr/sbin/Orthanc"
+#: Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS for Orthanc.
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -44,7 +44,7 @@ def test_example_file_parses_and_documents_every_key() -> None:
                 assert f"[{table}.tls]" in text
                 continue
             assert f"{key} =" in text, f"{table}.{key} is not documented in etc/echonode.toml"
-    for key in ("name", "ae_title", "host", "port"):
+    for key in ("name", "ae_title", "host", "port", "kind", "url", "auth", "auth_file"):
         assert f"# {key} =" in text
 
 
@@ -121,6 +121,87 @@ def test_bad_values_name_the_key(doc: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(doc)
     assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def _stow(**keys: object) -> dict:
+    return {"destinations": [{"name": "vna", "kind": "stow", "url": "http://127.0.0.1:8042/dicom-web", **keys}]}
+
+
+@pytest.mark.parametrize(
+    "doc, key, words",
+    [
+        ({"destinations": [{"name": "vna", "kind": "stow"}]}, "destinations[0].url", "required for kind"),
+        ({"destinations": [{"name": "vna", "kind": "dicomweb", "url": "http://h/dw"}]}, "destinations[0].kind",
+         "dimse, stow"),
+        (_stow(url="ftp://h/dicom-web"), "destinations[0].url", "http:// or https://"),
+        (_stow(url="http:///dicom-web"), "destinations[0].url", "with a host"),
+        (_stow(url="http://h:port/dicom-web"), "destinations[0].url", "not a URL"),
+        (_stow(url="http://user:pw@h/dicom-web"), "destinations[0].url", "credentials never go in the config"),
+        (_stow(url="http://h/dicom-web?x=1"), "destinations[0].url", "no query"),
+        (_stow(password="s3cret"), "destinations[0].password", "credentials never go in the config"),
+        (_stow(token="abc"), "destinations[0].token", "name a file with auth_file"),
+        (_stow(auth="basic"), "destinations[0].auth_file", "go together"),
+        (_stow(auth_file="/etc/x"), "destinations[0].auth", "go together"),
+        (_stow(auth="digest", auth_file="/etc/x"), "destinations[0].auth", "basic or bearer"),
+        (_stow(auth="basic", auth_file="/nonexistent/vna.auth"), "destinations[0].auth_file", "no such file"),
+        (_stow(ae_title="VNA"), "destinations[0].ae_title", 'not used by kind = "stow"'),
+        (_stow(port=8042), "destinations[0].port", 'not used by kind = "stow"'),
+        (_stow(tls={"ca_file": "/etc/ssl/certs/ca-certificates.crt"}), "destinations[0].tls.ca_file",
+         "comes with an https:// url"),
+        (_stow(url="https://h/dw", tls={"ca_file": "/nonexistent/ca.pem"}), "destinations[0].tls.ca_file",
+         "no such file"),
+        ({"destinations": [{"name": "p", "ae_title": "PACS", "host": "h", "port": 104, "url": "http://h/dw"}]},
+         "destinations[0].url", 'only for kind = "stow"'),
+        ({"destinations": [{"name": "p", "kind": "dimse", "host": "h", "port": 104}]}, "destinations[0].ae_title",
+         "required key is missing"),
+    ],
+)
+def test_bad_stow_destinations_name_the_key(doc: dict, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert str(err.value).startswith(key + ":"), str(err.value)
+    assert words in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "auth, text, mode, words",
+    [
+        ("basic", "no-colon-here", 0o600, "must hold user:password"),
+        ("basic", ":pw", 0o600, "must hold user:password"),
+        ("basic", "a:b\nc:d", 0o600, "must hold one line"),
+        ("basic", "", 0o600, "must hold one line"),
+        ("bearer", "two words", 0o600, "the bearer token alone"),
+        ("bearer", "token", 0o644, "readable by every user (mode 644): chmod o-r it"),
+    ],
+)
+def test_bad_credentials_files_are_named_never_quoted(tmp_path: Path, auth: str, text: str, mode: int,
+                                                      words: str) -> None:
+    path = tmp_path / "vna.auth"
+    path.write_text(text)
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as err:
+        parse_config(_stow(auth=auth, auth_file=str(path)))
+    message = str(err.value)
+    assert message.startswith("destinations[0].auth_file: "), message
+    assert words in message and str(path) in message, message
+    for secret in ("no-colon-here", "pw", "two words"):
+        if secret in text:
+            assert secret not in message.replace(str(path), "")
+
+
+def test_a_stow_destination_parses(tmp_path: Path) -> None:
+    path = tmp_path / "vna.auth"
+    path.write_text("echonode:s3cret\n")
+    path.chmod(0o640)
+    cfg = parse_config(_stow(url="https://vna.example.org/dicom-web", auth="basic", auth_file=str(path)))
+    dest = cfg.destination("vna")
+    assert (dest.kind, dest.url, dest.auth, dest.ae_title, dest.port) == (
+        "stow", "https://vna.example.org/dicom-web", "basic", "", 0)
+    assert "s3cret" not in repr(cfg)  # the config holds the file's name, never what it holds
+    out = tmp_path / "c.toml"
+    out.write_text(to_toml(cfg))
+    assert load_config(out) == cfg
+    assert parse_config({}).destinations == ()
 
 
 def test_round_trip_through_toml(tmp_path: Path) -> None:

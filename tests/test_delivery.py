@@ -38,6 +38,7 @@ from echonode.bundle import ModelRegistry
 from echonode.config import Config, TLSConfig, to_toml
 from echonode.delivery import Delivery, DeliveryError, Peer, echo
 from echonode.journal import Journal, OutboxState, StudyState
+from echonode.report.sop import derived_sop_instance_uid
 from echonode.store import StudyStore
 from echonode.worker import process_study
 from tests.conftest import STORESCP, free_port, make_config, need, run_cli, wait_for, with_destination
@@ -68,16 +69,20 @@ class RecordingSCP:
     syntaxes : list of str, optional
         The transfer syntaxes it accepts them in (pynetdicom's default:
         the uncompressed ones).
+    sr_classes : tuple of str
+        The SR storage classes it accepts (all three by default; a PACS
+        whose list predates Comprehensive 3D SR lacks that one).
     """
 
     def __init__(self, port: int, ae_title: str = "PACS", *, statuses: list[int] | None = None,
-                 require_called_aet: bool = False, sr: bool = True, syntaxes: list[str] | None = None) -> None:
+                 require_called_aet: bool = False, sr: bool = True, syntaxes: list[str] | None = None,
+                 sr_classes: tuple[str, ...] = SR_CLASSES) -> None:
         self.port = port
         self.ae = AE(ae_title=ae_title)
         self.ae.require_called_aet = require_called_aet
         self.ae.add_supported_context(Verification)
         if sr:
-            for uid in SR_CLASSES:
+            for uid in sr_classes:
                 if syntaxes:
                     self.ae.add_supported_context(uid, syntaxes)
                 else:
@@ -206,6 +211,8 @@ def test_sr_delivered_exactly_once(tmp_path: Path, ybr_loop: Path, scps) -> None
     row = rep.outbox()
     assert (row["state"], row["attempts"], row["last_error"]) == (OutboxState.SENT, 1, None)
     assert row["sent_at"] is not None
+    # What went: the SR as written, recorded per destination.
+    assert (row["sent_sop_class_uid"], row["sent_sop_uid"]) == (Comprehensive3DSRStorage, rep.sr_uid)
     assert rep.journal.study_state(rep.study_uid) == StudyState.DELIVERED
     # Nothing left to send: later runs send nothing.
     assert delivery.run() == 0
@@ -507,7 +514,7 @@ def test_refusal_goes_dead_without_retry(tmp_path: Path, ybr_loop: Path, scps, s
 
 
 def test_destination_taking_big_endian_only_goes_dead_saying_why(tmp_path: Path, ybr_loop: Path, scps) -> None:
-    """Explicit VR Big Endian (retired) only: dead letter naming the transfer syntax, not the SOP class."""
+    """Explicit VR Big Endian (retired) only: dead letter naming the transfer syntax, not the SOP classes."""
     scp = scps(syntaxes=[ExplicitVRBigEndian])
     rep = reported_study(tmp_path, ybr_loop, scp.port, retry_initial_s=0.1)
     delivery = Delivery(rep.cfg, rep.journal)
@@ -515,7 +522,8 @@ def test_destination_taking_big_endian_only_goes_dead_saying_why(tmp_path: Path,
     row = rep.outbox()
     assert row["state"] == OutboxState.DEAD, row
     assert row["last_error"] == (
-        f"the destination accepts Comprehensive 3D SR Storage ({Comprehensive3DSRStorage}) in none of the"
+        f"the destination accepts Comprehensive 3D SR Storage ({Comprehensive3DSRStorage}), Comprehensive SR"
+        f" Storage ({ComprehensiveSRStorage}), Enhanced SR Storage ({EnhancedSRStorage}) in none of the"
         " transfer syntaxes offered (Explicit VR Little Endian, Implicit VR Little Endian)")
     assert delivery.failures == {"permanent": 1}
     assert (scp.requests, scp.stores) == (1, 0)
@@ -532,6 +540,93 @@ def test_destination_without_sr_storage_goes_dead(tmp_path: Path, ybr_loop: Path
     time.sleep(0.25)
     assert delivery.run() == 0
     assert (scp.requests, scp.stores) == (1, 0)
+
+
+# -- the SR class: Comprehensive 3D SR, else the same report in a class the PACS takes ----
+
+
+@pytest.mark.parametrize("accepts,expected", [
+    ((ComprehensiveSRStorage, EnhancedSRStorage), ComprehensiveSRStorage),
+    ((EnhancedSRStorage,), EnhancedSRStorage),
+], ids=["comprehensive-and-enhanced", "enhanced-only"])
+def test_destination_refusing_3d_gets_the_same_report_in_a_class_it_takes(
+        tmp_path: Path, ybr_loop: Path, scps, accepts: tuple[str, ...], expected: str) -> None:
+    """A PACS whose list of storage classes predates Comprehensive 3D SR.
+
+    It refused the default class at association, and the SR went to the dead
+    letter ("the destination does not accept ..."). Now every SR class is
+    proposed, the best one it accepts is sent, under a SOP Instance UID
+    derived from the SR's (a resend after a crash is the same instance), and
+    the outbox row records what was sent.
+    """
+    scp = scps(sr_classes=accepts, statuses=[0x0000, 0x0111])
+    rep = reported_study(tmp_path, ybr_loop, scp.port)
+    written = rep.sr_path.read_bytes()
+    with capture_logs() as logs:
+        assert Delivery(rep.cfg, rep.journal).run() == 1, rep.outbox()
+    derived = derived_sop_instance_uid(rep.sr_uid, expected)
+    (ds,) = scp.received
+    assert (str(ds.SOPClassUID), str(ds.SOPInstanceUID)) == (expected, derived)
+    assert ds.file_meta.MediaStorageSOPInstanceUID == derived
+    original = pydicom.dcmread(rep.sr_path)
+    assert ds.ContentSequence == original.ContentSequence  # the same report
+    assert (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)) == (rep.study_uid, str(original.SeriesInstanceUID))
+    assert rep.sr_path.read_bytes() == written  # the file as written stays the record
+    row = rep.outbox()
+    assert (row["state"], row["sent_sop_class_uid"], row["sent_sop_uid"]) == (OutboxState.SENT, expected, derived)
+    (fallback,) = [e for e in logs if e["event"] == "delivery.sop_class_fallback"]
+    assert (fallback["sop_class_uid"], fallback["next_sop_class_uid"]) == (Comprehensive3DSRStorage, expected)
+    (sent,) = [e for e in logs if e["event"] == "delivery.sent"]
+    assert (sent["sent_sop_class_uid"], sent["sent_sop_uid"]) == (expected, derived)
+    conf = write_config(rep.cfg, tmp_path / "echonode.toml")
+    doc = json.loads(run_cli("--config", str(conf), "status", "--json").stdout)
+    (o,) = doc["outbox"]
+    assert (o["sr_sop_uid"], o["sent_sop_class_uid"], o["sent_sop_uid"]) == (rep.sr_uid, expected, derived)
+
+    # The node died before the row was marked sent: the resend is the same instance.
+    con = sqlite3.connect(rep.cfg.journal_path)
+    with con:
+        con.execute("UPDATE outbox SET state = 'pending', sent_at = NULL, next_attempt = 0,"
+                    " sent_sop_class_uid = NULL, sent_sop_uid = NULL")
+        con.execute("UPDATE studies SET state = 'reported'")
+    con.close()
+    journal = Journal(rep.cfg.journal_path)
+    assert Delivery(rep.cfg, journal).run() == 1
+    assert scp.stores == 2
+    first, second = scp.received  # the second answered 0x0111: already there
+    assert str(second.SOPInstanceUID) == derived and first == second
+    assert journal.status()["outbox"][0]["sent_sop_uid"] == derived
+
+
+def test_dcmtk_storescp_refusing_3d_stores_a_valid_comprehensive_sr(tmp_path: Path, ybr_loop: Path) -> None:
+    """dcmtk's storescp with an association profile that lists Comprehensive and Enhanced SR, not 3D.
+
+    The SR it stores is Comprehensive SR under the derived UID, and dciodvfy
+    finds no error in it (the conversion is a valid instance of its class).
+    """
+    from tests.report_support import dciodvfy
+
+    profile = tmp_path / "no3d.cfg"
+    profile.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "TransferSyntax2 = LittleEndianImplicit\n"
+        "[[PresentationContexts]]\n[OlderSR]\nPresentationContext1 = VerificationSOPClass\\Uncompressed\n"
+        "PresentationContext2 = ComprehensiveSRStorage\\Uncompressed\n"
+        "PresentationContext3 = EnhancedSRStorage\\Uncompressed\n"
+        "[[Profiles]]\n[OlderSR]\nPresentationContexts = OlderSR\n")
+    out = tmp_path / "received"
+    with dcmtk_storescp(out, "-xf", str(profile), "OlderSR") as port:
+        rep = reported_study(tmp_path, ybr_loop, port)
+        assert Delivery(rep.cfg, rep.journal).run() == 1, rep.outbox()
+        (got,) = stored_files(out)
+    ds = pydicom.dcmread(got)
+    derived = derived_sop_instance_uid(rep.sr_uid, ComprehensiveSRStorage)
+    assert (str(ds.SOPClassUID), str(ds.SOPInstanceUID)) == (ComprehensiveSRStorage, derived)
+    assert str(ds.StudyInstanceUID) == rep.study_uid
+    row = rep.outbox()
+    assert (row["state"], row["sent_sop_class_uid"], row["sent_sop_uid"]) == (
+        OutboxState.SENT, ComprehensiveSRStorage, derived)
+    dciodvfy(got)
 
 
 # -- exactly once across a crash -------------------------------------------------------

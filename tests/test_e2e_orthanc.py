@@ -8,6 +8,7 @@ own storage under ``tmp_path``; REST on loopback only.
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 from echonode.journal import StudyState
 from echonode.node import Node
 from echonode.report.read import summarise_report
-from tests.conftest import ORTHANC, free_port, make_config, need, wait_for, with_destination
+from tests.conftest import ORTHANC, ORTHANC_DICOMWEB, free_port, make_config, need, wait_for, with_destination
 from tests.factories import tiny_bundle
 
 
@@ -37,10 +38,18 @@ class Orthanc:
         Where its config, storage, index and log go.
     node_port : int
         The echonode SCP port, registered as modality "echonode".
+    dicomweb : bool
+        Load Debian's DICOMweb plugin (``orthanc-dicomweb``): QIDO-RS,
+        WADO-RS and STOW-RS under ``/dicom-web/``.
+    users : dict, optional
+        HTTP basic auth users (``RegisteredUsers``); REST calls from the
+        test use the first one. None: no authentication.
     """
 
-    def __init__(self, root: Path, node_port: int) -> None:
+    def __init__(self, root: Path, node_port: int, *, dicomweb: bool = False,
+                 users: dict[str, str] | None = None) -> None:
         self.root = root
+        self.users = dict(users or {})
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.config = root / "orthanc.json"
@@ -56,11 +65,13 @@ class Orthanc:
                     "StorageDirectory": str(root / "storage"),
                     "IndexDirectory": str(root / "index"),
                     "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
+                    "AuthenticationEnabled": bool(self.users),
+                    "RegisteredUsers": self.users,
                     "DicomCheckCalledAet": False,
                     "DicomAssociationCloseDelay": 0,
                     "HttpServerThreads": 4,
-                    "Plugins": [],
+                    "Plugins": [ORTHANC_DICOMWEB] if dicomweb else [],
+                    "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
                 },
                 indent=2,
             )
@@ -107,6 +118,9 @@ class Orthanc:
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
                 timeout: float = 30) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         if body is not None:
             req.add_header("Content-Type", content_type)
         with urllib.request.urlopen(req, timeout=timeout) as rsp:
@@ -136,8 +150,10 @@ def orthanc_factory(tmp_path: Path) -> Iterator:
     need(ORTHANC)
     started: list[Orthanc] = []
 
-    def make(node_port: int) -> Orthanc:
-        o = Orthanc(tmp_path / f"orthanc{len(started)}", node_port)
+    def make(node_port: int, **kwargs: Any) -> Orthanc:
+        if kwargs.get("dicomweb"):
+            need(ORTHANC_DICOMWEB)
+        o = Orthanc(tmp_path / f"orthanc{len(started)}", node_port, **kwargs)
         started.append(o)
         return o.start()
 
@@ -221,6 +237,9 @@ def test_orthanc_sends_study_and_gets_the_sr_back(tmp_path: Path, ybr_loop: Path
             assert f["model_name"] == recorded[task]["model"]
         (row,) = node.journal.status()["outbox"]
         assert (row["destination"], row["state"], row["attempts"]) == ("orthanc", "sent", 1)
+        # Orthanc takes Comprehensive 3D SR (the IHE AI Results IOD) at association: no fallback.
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+        assert (row["sent_sop_class_uid"], row["sent_sop_uid"]) == (sr.SOPClassUID, report.sr_sop_uid)
     finally:
         node.stop()
 

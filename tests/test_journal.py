@@ -305,6 +305,28 @@ def test_a_journal_from_before_discard_gets_its_column(tmp_path: Path) -> None:
     j.close()
 
 
+def test_a_journal_from_before_the_fallback_records_what_was_sent(tmp_path: Path) -> None:
+    """An outbox table without ``sent_sop_class_uid`` / ``sent_sop_uid`` gains them at open, and a send fills them."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    j = Journal(path)
+    _report(j, ["a", "b"])
+    j.close()
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE outbox DROP COLUMN sent_sop_class_uid")
+    con.execute("ALTER TABLE outbox DROP COLUMN sent_sop_uid")
+    con.close()
+    j = Journal(path)
+    a, b = sorted(j.due_deliveries(), key=lambda i: i.destination)
+    j.mark_sent(a.id, "1.2.840.10008.5.1.4.1.1.88.33", "2.25.1234")
+    j.mark_sent(b.id)  # a caller that does not say (as an earlier echonode's)
+    rows = _outbox(j)
+    assert (rows["a"]["sent_sop_class_uid"], rows["a"]["sent_sop_uid"]) == ("1.2.840.10008.5.1.4.1.1.88.33", "2.25.1234")
+    assert (rows["b"]["sent_sop_class_uid"], rows["b"]["sent_sop_uid"]) == (None, None)
+    j.close()
+
+
 def test_rerun_with_same_models_keeps_the_reported_results(journal: Journal) -> None:
     _report(journal, ["a"])
     journal.requeue("1.2.3")
