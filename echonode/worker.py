@@ -304,7 +304,8 @@ def worker_main(cfg: Config, stop: Any, log_path: str | None = None) -> None:
         torch.set_num_threads(cfg.models.threads)
     journal = Journal(cfg.journal_path)
     store = StudyStore(cfg.storage_dir, journal)
-    registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime)
+    registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime,
+                             state_dir=cfg.storage_dir)
     log.info("worker.started", pid=os.getpid(), device=str(registry.device))
     parent = mp.parent_process()
     while not stop.is_set():
