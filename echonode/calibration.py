@@ -139,7 +139,7 @@ def read_calibration(folder: str | Path, clip_frames: int, size: int) -> tuple[n
             source = str(data["source"]) if "source" in data.files else "unknown"
     except CalibrationError:
         raise
-    except Exception as exc:  # BadZipFile, KeyError, ValueError (pickled arrays), OSError ...
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, KeyError, ValueError (pickled arrays), OSError ...
         raise CalibrationError(f"{path}: unreadable ({type(exc).__name__})") from None
     want = (clip_frames, size, size)
     if clips.ndim != 4 or clips.shape[0] < 1 or tuple(clips.shape[1:]) != want:

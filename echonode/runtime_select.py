@@ -68,7 +68,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from echonode.calibration import DEFAULT_CALIBRATION_CLIPS, CalibrationError, read_calibration
+from echonode.calibration import (
+    DEFAULT_CALIBRATION_CLIPS,
+    CalibrationError,
+    read_calibration,
+)
 from echonode.logs import get_logger
 from echonode.runtime import (
     MODES,
@@ -98,8 +102,8 @@ __all__ = [
     "Selection",
     "Trial",
     "auto_candidates",
-    "bundle_calibration",
     "builders_for",
+    "bundle_calibration",
     "compare",
     "machine_signature",
     "runtime_for_bundle",
@@ -834,7 +838,7 @@ def runtime_for_bundle(
         cache.put(device_uid, signature, {
             "mode": selection.chosen,
             "bundle": label,
-            "chosen_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "chosen_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "selection": selection.describe(),
         })  # fmt: skip
     return runtime_from(model, selection, built, started=started)

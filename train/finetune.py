@@ -42,7 +42,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from echonode.bundle import BINARY_TASKS, TASKS, BundleMeta, resolve_device, save_bundle
-from echonode.calibration import CALIBRATION_FILE, DEFAULT_CALIBRATION_CLIPS, encode_calibration
+from echonode.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_CALIBRATION_CLIPS,
+    encode_calibration,
+)
 from echonode.nets import build_model, normalise_for_model
 from train.augment import AugmentConfig
 from train.configs import flat_dict, from_namespace

@@ -45,7 +45,11 @@ from echonode.bundle import (
     save_bundle,
     state_dict_problems,
 )
-from echonode.calibration import CALIBRATION_FILE, DEFAULT_CALIBRATION_CLIPS, encode_calibration
+from echonode.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_CALIBRATION_CLIPS,
+    encode_calibration,
+)
 from echonode.nets import ARCHITECTURES, NORMALISATIONS, build_model
 from echonode.runtime import synthetic_clips
 
