@@ -444,11 +444,25 @@ def _in_fixed_batches(
 
 
 def _use_state_dir_for_inductor(state_dir: str | os.PathLike[str] | None) -> None:
-    # Inductor keeps generated code and compiled kernels in a cache folder
-    # (default /tmp/torchinductor_<user>); in the state directory it stays
-    # with the node's other state and lets a restart reuse the kernels.
-    if state_dir is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(state_dir) / "inductor")
+    """Point inductor's cache into the state directory unless the operator chose one.
+
+    Inductor keeps generated code and compiled kernels in a cache folder
+    (default ``/tmp/torchinductor_<user>``); in the state directory it stays
+    with the node's other state and lets a restart reuse the kernels.
+    Importing ``torch._inductor.config`` already writes the default into
+    ``TORCHINDUCTOR_CACHE_DIR``, so the default value counts as unset.
+    """
+    if state_dir is None:
+        return
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        default: str | None = os.path.abspath(default_cache_dir())
+    except Exception:  # noqa: BLE001 - a torch without that helper: only an unset variable counts
+        default = None
+    if current is None or (default is not None and os.path.abspath(current) == default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(state_dir).absolute() / "inductor")
 
 
 def _build_compile(

@@ -402,6 +402,23 @@ def test_auto_candidates_and_the_environment_knob() -> None:
             rt.build_mode("compile", _model(), synthetic_clips(2, FRAMES, SIZE), calibration=synthetic_clips(2, FRAMES, SIZE))
 
 
+def test_inductor_cache_goes_to_the_state_dir_unless_the_operator_chose_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing inductor's config sets the variable to its default: that counts as unset.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    rt._use_state_dir_for_inductor(tmp_path)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    rt._use_state_dir_for_inductor(tmp_path / "s")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "s" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator"))
+    rt._use_state_dir_for_inductor(tmp_path)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "operator")
+
+
 def test_fixed_batches_pad_and_slice() -> None:
     seen = []
 
