@@ -79,6 +79,7 @@ from echonode.preprocess import (  # noqa: E402
     preprocess_file,
 )
 from echonode.runtime import (  # noqa: E402
+    MODES,
     cpu_has_native_bf16,
     openvino_home,
     openvino_version,
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.modes:
         modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "eager"]
+        unknown = [m for m in modes if m not in MODES or m in ("auto", "cuda")]
+        if unknown:
+            parser.error(f"--modes: not a CPU runtime: {', '.join(unknown)} (choose from {', '.join(supported_modes())})")
     else:
         modes = [m for m in supported_modes() if not (args.quick and m.startswith("compile"))]
 
