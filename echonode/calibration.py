@@ -31,6 +31,7 @@ worker and ``train`` do).
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +102,12 @@ def encode_calibration(clips: np.ndarray, source: str) -> bytes:
     return buffer.getvalue()
 
 
-def read_calibration(folder: str | Path, clip_frames: int, size: int) -> tuple[np.ndarray, str]:
+def read_calibration(folder: str | os.PathLike[str], clip_frames: int, size: int) -> tuple[np.ndarray, str]:
     """Read a bundle's calibration clips.
 
     Parameters
     ----------
-    folder : str or Path
+    folder : str or path-like
         The bundle folder.
     clip_frames, size : int
         The bundle's clip shape; stored clips of another shape are refused.

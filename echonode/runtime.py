@@ -211,7 +211,7 @@ def openvino_home(state_dir: str | os.PathLike[str] | None) -> Any:
     own users.
     """
     temporary = state_dir is None
-    base = Path(tempfile.mkdtemp(prefix="echonode-openvino-")) if temporary else Path(state_dir) / "openvino"
+    base = Path(tempfile.mkdtemp(prefix="echonode-openvino-")) if state_dir is None else Path(state_dir) / "openvino"
     try:
         consent = base / _OPENVINO_CONSENT
         consent.parent.mkdir(parents=True, exist_ok=True)
@@ -478,7 +478,7 @@ def _build_compile(
     _use_state_dir_for_inductor(state_dir)
     net = copy.deepcopy(model)
     if bf16:
-        net = net.to(memory_format=torch.channels_last_3d)
+        net = net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs lack it
     # Static shapes (dynamic=False): one graph for the example's batch size;
     # freezing folds BatchNorm and prepacks the weights, as jit's freeze does.
     compiled = torch.compile(net, dynamic=False, options={"freezing": True})
@@ -516,7 +516,7 @@ def _build_openvino(
     with openvino_home(state_dir), _quiet():
         import openvino as ov
 
-        _, c, t, h, w = example.shape
+        _batch, c, t, h, w = example.shape
         # Batch dynamic: any batch size runs without converting again.
         converted = ov.convert_model(model, example_input=example[:1], input=[(-1, int(c), int(t), int(h), int(w))])
     core = ov.Core()

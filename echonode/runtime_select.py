@@ -590,7 +590,7 @@ def runtime_from(
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
-    model, flags = "", []
+    model, flags = "", list[str]()
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
