@@ -55,6 +55,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -65,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from torch import nn
 
@@ -112,7 +114,33 @@ __all__ = [
     "supported_modes",
 ]
 
-log = get_logger(__name__)
+class _Log:
+    """Structured events where the process configured logging (the worker), stdlib elsewhere.
+
+    structlog's default, before :func:`echonode.logs.configure_logging`,
+    prints to stdout, where ``echonode infer`` writes its JSON; command-line
+    tools that load bundles without configuring logging get stdlib records
+    instead (warnings on stderr, info dropped), as ``echonode.runtime`` does.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            get_logger(self.name).log(level, event, **fields)
+        else:
+            details = " ".join(f"{key}={value}" for key, value in fields.items())
+            logging.getLogger(self.name).log(level, "%s %s", event, details)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, event, fields)
+
+
+log = _Log(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
