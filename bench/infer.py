@@ -1,13 +1,26 @@
-"""Benchmark: r3d_18 inference and study latency, echonode's runtime vs the naive way.
+"""Benchmark: every inference runtime side by side, and study latency.
 
-Two measurements, with the *same* weights (a random-init r3d_18 bundle of
-width 64, 3x16x112x112 clips, unless ``--width``/``--quick`` say otherwise):
+Two measurements with the *same* weights: a random-init r3d_18 bundle of
+width 64 (3x16x112x112 clips, unless ``--width``/``--quick`` say otherwise)
+whose head is rescaled so that its logits spread like a trained model's
+(standard deviation ``--logit-sd``, 2 by default, centred on the threshold),
+with ``calibration.npz`` holding real preprocessed clips: the node's own
+preprocessing (:func:`echonode.preprocess.preprocess_file`,
+:func:`~echonode.preprocess.make_eval_clips`) of the real SonoSite loops in
+pydicom-data (``color3d_jpeg_baseline.dcm``, 120 frames, and
+``examples_ybr_color.dcm``, 30 frames; 4 evaluation clips each). ``--bundle``
+measures an installed bundle instead, on its own head and clips.
 
-1. clips/s of plain eager torch (``model(x)`` under ``torch.inference_mode``)
-   against :func:`echonode.runtime.optimise_for_inference` (``--modes``,
-   default ``auto``), at batch 1, 4 and 8, on ``--threads`` threads. Timings
-   are interleaved (eager, runtime, eager, ...) so that load from other jobs
-   on a shared machine hits both alike; medians are reported.
+1. Every runtime the machine supports (``echonode.runtime_select.supported_modes``,
+   or ``--modes``) in ONE interleaved run: exactly the node's ``auto``
+   selection (:func:`echonode.runtime_select.select_runtime`: builds timed
+   apart, then rounds in which each candidate runs one batch of calibration
+   clips, order rotated every round, first round untimed, median kept; the
+   accuracy rule checked on every clip), with more rounds than the node
+   uses by default. Printed: clips/s, ratio to eager and to bf16 autocast
+   (the previous ``auto``), GFLOP/s achieved, largest probability
+   difference from eager, decision flips, build seconds, and which runtime
+   ``auto`` picks and why.
 2. seconds for one study of ``--videos`` cine loops (copies of the real
    SonoSite cardiac loop ``color3d_jpeg_baseline.dcm`` from pydicom-data, each
    with its own SOP Instance UID):
@@ -17,8 +30,8 @@ width 64, 3x16x112x112 clips, unless ``--width``/``--quick`` say otherwise):
      clips, per-clip min-max, one eager forward per clip;
    - echonode: :func:`echonode.pipeline.analyse_study` (decoding in a thread
      pool ahead of inference, clips of all videos batched by 8) with the
-     bundle's network replaced by the runtime; also with the eager network
-     (decoding hidden, no runtime) to show where the gain comes from.
+     runtime ``auto`` picked; also with the eager network (decoding hidden,
+     no runtime) to show where the gain comes from.
 
 On a CUDA machine (``--device cuda``) the runtime's ``cuda`` mode is timed
 and the fraction of the card's peak is printed (``--gpu-peak-tflops``);
@@ -27,7 +40,8 @@ that path has not been run by the author (no GPU was available).
 Run:
 
     .venv/bin/python bench/infer.py            # full run (about 10 minutes on 2 cores)
-    .venv/bin/python bench/infer.py --quick    # smoke run: width 16, 2 videos, 1 repeat
+    .venv/bin/python bench/infer.py --quick    # smoke run: width 16, 2 videos, fewer rounds
+    .venv/bin/python bench/infer.py --no-study --modes jit,bf16,openvino_bf16
 """
 
 from __future__ import annotations
@@ -54,10 +68,36 @@ from bench.machine import cpu_model as _cpu_model  # noqa: E402
 from bench.machine import load_average as _load  # noqa: E402
 
 from echonode.bundle import BundleMeta, ModelSet, load_bundle, model_set_key, save_bundle  # noqa: E402
-from echonode.nets import build_model  # noqa: E402
+from echonode.calibration import CALIBRATION_FILE, encode_calibration  # noqa: E402
+from echonode.nets import build_model, normalise_for_model  # noqa: E402
 from echonode.pipeline import analyse_study  # noqa: E402
-from echonode.preprocess import eval_clip_starts, normalise_clip  # noqa: E402
-from echonode.runtime import cpu_has_native_bf16, optimise_for_inference, synthetic_clips  # noqa: E402
+from echonode.preprocess import (  # noqa: E402
+    PreprocessConfig,
+    eval_clip_starts,
+    make_eval_clips,
+    normalise_clip,
+    preprocess_file,
+)
+from echonode.runtime import (  # noqa: E402
+    MODES,
+    cpu_has_native_bf16,
+    openvino_home,
+    openvino_version,
+    optimise_for_inference,
+    synthetic_clips,
+)
+from echonode.runtime_select import (  # noqa: E402
+    Selection,
+    bundle_calibration,
+    builders_for,
+    select_runtime,
+    supported_modes,
+)
+
+#: The real loops whose clips serve as the bench bundle's calibration clips.
+REAL_LOOPS = ("color3d_jpeg_baseline.dcm", "examples_ybr_color.dcm")
+#: CPU flags that decide which runtime is fast.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def conv_flops(model: torch.nn.Module, clip_shape: tuple[int, ...]) -> float:
@@ -146,14 +186,130 @@ def naive_study(paths: list[Path], model: torch.nn.Module, size: int, clip_frame
     return video_probs
 
 
+def cpu_flags() -> list[str]:
+    """The ISA flags of :data:`ISA_FLAGS` that ``/proc/cpuinfo`` lists."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def real_clips(size: int, frames: int) -> np.ndarray:
+    """The node's evaluation clips of the real loops: ``(8, 3, frames, size, size)`` in [0, 1]."""
+    cfg = PreprocessConfig(size=size, clip_frames=frames)
+    clips = []
+    for name in REAL_LOOPS:
+        path = get_testdata_file(name, download=False)
+        if path is None:
+            raise SystemExit(f"{name} not found (pip install pydicom-data)")
+        _, frames_u8 = preprocess_file(path, cfg)
+        clips.append(make_eval_clips(frames_u8, cfg))
+    return np.concatenate(clips)
+
+
+def trained_looking_head(model: torch.nn.Module, clips: torch.Tensor, sd: float, threshold: float) -> None:
+    """Rescale the binary head so that its logits on ``clips`` have std ``sd``, centred on ``threshold``.
+
+    A random head reads a random direction of nearly identical features:
+    its probabilities sit near 0.5 and every runtime looks accurate. A
+    trained head spreads its logits (sd about 2), which amplifies the
+    numerical error of bf16 and int8 in probability space.
+    """
+    captured: list[torch.Tensor] = []
+    handle = model.fc.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))  # type: ignore[union-attr]
+    try:
+        with torch.inference_mode():
+            model(clips)
+    finally:
+        handle.remove()
+    features = captured[0].double()
+    with torch.no_grad():
+        weight = model.fc.weight.double()  # type: ignore[union-attr]
+        logits = features @ weight.T
+        weight = weight * (sd / float(logits.std()))
+        bias = float(np.log(threshold / (1 - threshold))) - float((features @ weight.T).mean())
+        model.fc.weight.copy_(weight.float())  # type: ignore[union-attr]
+        model.fc.bias.fill_(bias)  # type: ignore[union-attr]
+
+
+def make_bench_bundle(folder: Path, width: int, logit_sd: float, extra_synthetic: int = 0) -> Path:
+    """A width-``width`` r3d_18 bundle with a trained-looking head and real calibration clips.
+
+    The head is scaled so that its logits have std ``logit_sd`` over the
+    calibration clips, plus ``extra_synthetic`` synthetic echo-like clips
+    when asked: the 8 real clips come from two loops of one heart, so
+    spreading them alone to sd 2 takes a much larger head gain than a
+    varied set does (a harsher test of bf16 and int8 than a trained head).
+    """
+    frames, size = 16, 112
+    torch.manual_seed(0)
+    model = build_model("r3d_18", 1, width=width).eval().requires_grad_(False)
+    clips = real_clips(size, frames)
+    fit = torch.from_numpy(clips)
+    if extra_synthetic:
+        fit = torch.cat([fit, synthetic_clips(extra_synthetic, frames, size, seed=5)])
+    trained_looking_head(model, fit, logit_sd, 0.5)
+    meta = BundleMeta.create(name="bench-r3d18", task="lvh", width=width, random_weights=True)
+    source = f"real: node-preprocessed evaluation clips of {REAL_LOOPS[0]} (4) and {REAL_LOOPS[1]} (4)"
+    return save_bundle(folder, meta, model.state_dict(), extra_files={CALIBRATION_FILE: encode_calibration(clips, source)})
+
+
+def openvino_default_precision() -> str | None:
+    """OpenVINO's CPU plugin default inference precision here (None without OpenVINO)."""
+    if openvino_version() is None:
+        return None
+    with openvino_home(None):
+        import openvino as ov
+
+    value = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return str(value.get_type_name()) if hasattr(value, "get_type_name") else str(value)
+
+
+def print_selection(selection: Selection, flops: float, peak_gflops: float | None) -> None:
+    """The side-by-side table: speed, ratios, accuracy, result."""
+    eager = selection.trial("eager")
+    bf16 = selection.trial("bf16")
+    eager_cps = eager.clips_per_s if eager else None
+    bf16_cps = bf16.clips_per_s if bf16 and bf16.seconds_per_clip else None
+    header = (f"{'mode':14s} {'clips/s':>8s} {'[min..max]':>14s} {'vs eager':>8s} {'vs bf16':>8s} {'GFLOP/s':>8s}"
+              + (f" {'% peak':>7s}" if peak_gflops else "") + f" {'max|dp|':>8s} {'flips':>6s} {'build s':>8s}  result")
+    print(header)
+    rows = {row["mode"]: row for row in selection.rows()}
+    for t in selection.trials:
+        row = rows[t.mode]
+        cps = t.clips_per_s
+        spread = (f"[{1 / max(t.seconds_per_clip):.2f}..{1 / min(t.seconds_per_clip):.2f}]"
+                  if t.seconds_per_clip else "-")
+        gflops = cps * flops / 1e9 if cps else None
+        line = (f"{t.mode:14s} {(f'{cps:.3f}' if cps else '-'):>8s} {spread:>14s} "
+                f"{(f'{cps / eager_cps:.2f}x' if cps and eager_cps else '-'):>8s} "
+                f"{(f'{cps / bf16_cps:.2f}x' if cps and bf16_cps else '-'):>8s} "
+                f"{(f'{gflops:.0f}' if gflops else '-'):>8s}")
+        if peak_gflops:
+            line += f" {(f'{100 * gflops / peak_gflops:.1f}' if gflops else '-'):>7s}"
+        diff = "-" if t.max_prob_diff is None else f"{t.max_prob_diff:.4f}"
+        line += f" {diff:>8s} {t.flips:>3d}/{t.flips_in_band:<2d} {t.build_s:>8.1f}  {row['result']}"
+        print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="width 16, 2 videos, 1 round: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="width 16, 2 videos, 3 timed rounds, no compile: a smoke run")
     parser.add_argument("--width", type=int, default=None, help="network base width (64 = r3d_18)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4,8)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per batch size (default 3)")
-    parser.add_argument("--modes", default="auto", help="runtime modes to time, comma-separated (auto,jit,bf16,int8)")
+    parser.add_argument("--modes", default=None,
+                        help="candidates besides eager, comma-separated (default: every mode this machine supports)")
+    parser.add_argument("--batch", type=int, default=2, help="clips per timed call (the node's auto uses 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6; the node's auto uses 4)")
+    parser.add_argument("--logit-sd", type=float, default=2.0, help="spread of the bench head's logits")
+    parser.add_argument("--head-fit-synthetic", type=int, default=0,
+                        help="also spread the head's logits over N synthetic echo-like clips (a milder head)")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="measure this bundle (its head, its calibration.npz) instead of the bench bundle")
+    parser.add_argument("--bf16-peak-gflops", type=float, default=None,
+                        help="the CPU's bf16 peak for these threads, for a fraction-of-peak column")
     parser.add_argument("--videos", type=int, default=None, help="videos in the study (default 4)")
     parser.add_argument("--study-repeats", type=int, default=None, help="timed repeats of each study pipeline (default 2)")
     parser.add_argument("--no-study", action="store_true")
@@ -162,71 +318,72 @@ def main(argv: list[str] | None = None) -> int:
                         help="the card's peak dense bf16/fp16 TFLOP/s for the fraction-of-peak figure")
     args = parser.parse_args(argv)
     width = args.width or (16 if args.quick else 64)
-    batches = [int(b) for b in (args.batches or ("4" if args.quick else "1,4,8")).split(",")]
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (3 if args.quick else 6)
     n_videos = args.videos or (2 if args.quick else 4)
     study_repeats = args.study_repeats or (1 if args.quick else 2)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        modes = ["cuda"]
+    if args.modes:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "eager"]
+        unknown = [m for m in modes if m not in MODES or m in ("auto", "cuda")]
+        if unknown:
+            parser.error(f"--modes: not a CPU runtime: {', '.join(unknown)} (choose from {', '.join(supported_modes())})")
+    else:
+        modes = [m for m in supported_modes() if not (args.quick and m.startswith("compile"))]
 
-    print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; native bf16: {cpu_has_native_bf16()}; "
-          f"torch {torch.__version__}, {args.threads} threads; load average {_load()}")
-    frames, size = 16, 112
+    print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; ISA flags: {' '.join(cpu_flags()) or 'n/a'}; "
+          f"native bf16 (oneDNN): {cpu_has_native_bf16()}; torch {torch.__version__}, {args.threads} threads; "
+          f"openvino {openvino_version() or 'not installed'} (default CPU precision: {openvino_default_precision()}); "
+          f"load average {_load()}")
     work = Path(tempfile.mkdtemp(prefix="echonode-bench-infer-"))
-    torch.manual_seed(0)
-    meta = BundleMeta.create(name="bench-r3d18", task="lvh", width=width, random_weights=True)
-    save_bundle(work / "bundle", meta, build_model("r3d_18", 1, width=width).state_dict())
-    # Eager: the runtimes timed here are built below; a runner built on load
-    # would also take precedence over bundle.model in predict, so the study
-    # latency's "echonode eager" row would not be eager.
-    bundle = load_bundle(work / "bundle", device, runtime="eager")
+    bundle_path = args.bundle or make_bench_bundle(work / "bundle", width, args.logit_sd, args.head_fit_synthetic)
+    # Eager: the runtimes are built below; a runner built on load would also
+    # take precedence over bundle.model in predict, so the study latency's
+    # "echonode eager" row would not be eager.
+    bundle = load_bundle(bundle_path, device, runtime="eager")
     eager = bundle.model
+    frames, size = bundle.meta.clip_frames, bundle.meta.frame_size
     clip_shape = (3, frames, size, size)
     flops = conv_flops(eager, clip_shape)
-    print(f"network: r3d_18 width {width}, clips 3x{frames}x{size}x{size}, {flops / 1e9:.1f} GFLOP a clip; "
-          f"same random-init weights for every variant")
+    raw, source = bundle_calibration(bundle_path, frames, size)
+    calibration = normalise_for_model(raw, bundle.meta.normalisation).to(device)
+    with torch.inference_mode():
+        logits = eager(calibration).float()
+    probs = torch.sigmoid(logits[:, 0]) if bundle.is_binary else torch.softmax(logits, 1).max(1).values
+    print(f"network: {bundle.meta.arch} width {bundle.meta.architecture['width']}, clips 3x{frames}x{size}x{size}, "
+          f"{flops / 1e9:.1f} GFLOP a clip; "
+          + (f"bench bundle, random weights, head rescaled to logit sd {args.logit_sd:g} over the calibration clips"
+             + (f" and {args.head_fit_synthetic} synthetic clips" if args.head_fit_synthetic else "")
+             if args.bundle is None else str(bundle_path)))
+    print(f"calibration: {raw.shape[0]} clips, {source}; eager logits sd {float(logits.std()):.2f}, "
+          f"probabilities {float(probs.min()):.3f}..{float(probs.max()):.3f}, threshold {bundle.threshold}")
 
-    # --- 1. throughput --------------------------------------------------------------
-    example = synthetic_clips(2, frames, size).to(device)
-    runtimes = {}
-    for mode in modes:
-        t0 = time.perf_counter()
-        rt = optimise_for_inference(eager, example, mode)
-        print(f"runtime {mode}: chose {rt.mode} in {time.perf_counter() - t0:.1f} s "
-              f"(self-check max |dp| {rt.max_abs_diff}); dropped: {rt.fallbacks or 'none'}", flush=True)
-        runtimes[f"runtime[{mode}->{rt.mode}]"] = rt
-    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"eager": eager, **runtimes}
-    print(f"\nclips/s, median of {rounds} interleaved round(s) (min..max in brackets):")
-    summary: dict[int, dict[str, float]] = {}
-    for b in batches:
-        x = synthetic_clips(b, frames, size, seed=b).to(device)
-        res = time_throughput(fns, x, rounds)
-        summary[b] = {k: 1.0 / statistics.median(v) for k, v in res.items()}
-        line = []
-        for name, v in res.items():
-            cps = 1.0 / statistics.median(v)
-            ratio = cps * statistics.median(res["eager"])
-            line.append(f"{name} {cps:.2f} [{1 / max(v):.2f}..{1 / min(v):.2f}]" + ("" if name == "eager" else f" = {ratio:.2f}x"))
-        print(f"  batch {b}: " + "; ".join(line) + f"   (load {_load()})", flush=True)
-    best_b = max(batches)
-    for name, cps in summary[best_b].items():
-        gflops = cps * flops / 1e9
-        extra = ""
-        if device.type == "cuda":
-            peak = args.gpu_peak_tflops
-            if peak is None and "H100" in torch.cuda.get_device_name(device):
-                peak = 989.0  # H100 SXM dense bf16
-            if peak:
-                extra = f", {100 * gflops / (peak * 1e3):.1f} % of {peak:g} TFLOP/s peak"
-        print(f"  batch {best_b} {name}: {gflops:.0f} GFLOP/s achieved{extra}")
+    if device.type == "cuda":
+        return _cuda(eager, calibration, flops, args)
+
+    # --- 1. every runtime side by side: the node's auto selection, more rounds ------------
+    print(f"\ncandidates: eager, {', '.join(modes)}; one interleaved run, batch {args.batch}, 1 untimed + "
+          f"{rounds} timed rounds, medians (min..max in brackets)", flush=True)
+    t0 = time.perf_counter()
+    selection, built = select_runtime(
+        eager, calibration, builders_for(modes, eager, calibration, batch=args.batch, state_dir=work / "state"),
+        threshold=bundle.threshold, batch=args.batch, rounds=rounds,
+    )
+    print(f"(builds {selection.build_s:.0f} s, measuring {selection.measure_s:.0f} s, total {time.perf_counter() - t0:.0f} s; "
+          f"load average {_load()})")
+    print_selection(selection, flops, args.bf16_peak_gflops)
+    chosen = selection.trial(selection.chosen)
+    assert chosen is not None
+    refused = [t.mode for t in selection.trials if not t.passed]
+    print(f"\nauto picks: {selection.chosen} ({chosen.clips_per_s:.3f} clips/s, "
+          f"{(chosen.clips_per_s or 0) / (selection.trial('eager').clips_per_s or 1):.2f}x eager): the fastest of the "
+          f"runtimes that passed the accuracy rule (max |dp| <= {selection.tolerance:g}, no flip outside "
+          f"{selection.band:g} of the threshold); refused here: {', '.join(refused) or 'none'}")
 
     # --- 2. study latency ----------------------------------------------------------------
     if not args.no_study:
         paths = make_study(work, n_videos)
-        rt = next(iter(runtimes.values()))
+        rt = built.get(selection.chosen, eager)
         print(f"\nstudy: {n_videos} copies of the SonoSite loop (120 frames 480x640 JPEG; 100 used, 4 clips each = "
               f"{4 * n_videos} clips); median of {study_repeats} run(s)")
 
@@ -239,20 +396,37 @@ def main(argv: list[str] | None = None) -> int:
             assert result.tasks, result.skipped_reason
             return took
 
-        times: dict[str, list[float]] = {"naive": [], "echonode eager": [], "echonode runtime": []}
+        times: dict[str, list[float]] = {"naive": [], "echonode eager": [], "echonode auto": []}
         for _ in range(study_repeats):
             t0 = time.perf_counter()
             naive_study(paths, eager, size, frames)
             times["naive"].append(time.perf_counter() - t0)
             times["echonode eager"].append(echonode_with(eager))
-            times["echonode runtime"].append(echonode_with(rt))
+            times["echonode auto"].append(echonode_with(rt))
         bundle.model = eager
         naive_s = statistics.median(times["naive"])
         for name, v in times.items():
-            s = statistics.median(v)
-            print(f"  {name:17s} {s:7.2f} s  ({', '.join(f'{t:.2f}' for t in v)})"
-                  + ("" if name == "naive" else f"  = {naive_s / s:.2f}x faster than naive"))
-        print(f"  (runtime mode {rt.mode}; load average {_load()})")
+            med = statistics.median(v)
+            print(f"  {name:17s} {med:7.2f} s  ({', '.join(f'{t:.2f}' for t in v)})"
+                  + ("" if name == "naive" else f"  = {naive_s / med:.2f}x faster than naive"))
+        print(f"  (auto's runtime: {selection.chosen}; load average {_load()})")
+    return 0
+
+
+def _cuda(eager: torch.nn.Module, calibration: torch.Tensor, flops: float, args: argparse.Namespace) -> int:
+    """GPU: eager against the ``cuda`` mode (UNMEASURED: no GPU was available to the author)."""
+    rt = optimise_for_inference(eager, calibration[:2], "cuda")
+    print(f"runtime cuda: chose {rt.mode}; dropped: {rt.fallbacks or 'none'}")
+    x = calibration[:8] if calibration.shape[0] >= 8 else calibration
+    res = time_throughput({"eager": eager, "cuda": rt}, x, args.rounds or 6)
+    peak = args.gpu_peak_tflops
+    if peak is None and "H100" in torch.cuda.get_device_name(calibration.device):
+        peak = 989.0  # H100 SXM dense bf16
+    for name, v in res.items():
+        cps = 1.0 / statistics.median(v)
+        gflops = cps * flops / 1e9
+        extra = f", {100 * gflops / (peak * 1e3):.1f} % of {peak:g} TFLOP/s peak" if peak else ""
+        print(f"  batch {x.shape[0]} {name}: {cps:.1f} clips/s, {gflops:.0f} GFLOP/s{extra}")
     return 0
 
 

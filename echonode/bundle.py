@@ -766,7 +766,12 @@ class Bundle:
 
 
 def load_bundle(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, amp: bool = True, runtime: str = "auto"
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    amp: bool = True,
+    runtime: str = "auto",
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> Bundle:
     """Load and validate a bundle folder.
 
@@ -781,9 +786,15 @@ def load_bundle(
     runtime : str, optional
         One of :data:`echonode.runtime.MODES`; the default is ``[models]
         runtime``'s, so that a bundle loaded here predicts as in the node.
-        Any mode but ``"eager"`` puts a self-checked optimised forward in
+        Any mode but ``"eager"`` puts a checked optimised forward in
         :attr:`Bundle.runner` (falling back to the eager network when none
-        passes); ``"eager"`` builds none.
+        passes); ``"eager"`` builds none. ``"auto"`` measures the candidates
+        on the bundle's ``calibration.npz``
+        (:func:`echonode.runtime_select.runtime_for_bundle`).
+    state_dir : str or path-like, optional
+        The node's state directory: ``auto`` caches its choice there
+        (``runtime-choices.json``), per DeviceUID and machine. Without one
+        nothing is cached. Never the bundle folder.
 
     Returns
     -------
@@ -826,13 +837,16 @@ def load_bundle(
     model.eval().requires_grad_(False)
     runner = None
     if runtime != "eager":
-        from echonode.runtime import optimise_for_inference, synthetic_clips
+        from echonode.runtime_select import runtime_for_bundle
 
         def _norm(x: torch.Tensor) -> torch.Tensor:
             return normalise_for_model(x, meta.normalisation)
 
-        example = _norm(synthetic_clips(2, meta.clip_frames, meta.frame_size)).to(torch_device)
-        runner = optimise_for_inference(model, example, runtime, normalise=_norm)
+        runner = runtime_for_bundle(
+            model, folder=folder, device_uid=meta.device_uid, label=f"{meta.name} {meta.version}",
+            clip_frames=meta.clip_frames, frame_size=meta.frame_size, threshold=meta.threshold,
+            normalise=_norm, mode=runtime, state_dir=state_dir,
+        )  # fmt: skip
     return Bundle(path=folder, meta=meta, model=model, device=torch_device, amp=amp, runner=runner)
 
 
@@ -842,7 +856,7 @@ def save_bundle(
     state_dict: Mapping[str, torch.Tensor],
     *,
     overwrite: bool = False,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
     """Write a bundle folder atomically.
 
@@ -860,9 +874,10 @@ def save_bundle(
         Weights; checked against ``meta.architecture`` first.
     overwrite : bool, optional
         Replace an existing folder (briefly absent during the swap).
-    extra_files : mapping of str to str, optional
-        Further text files of the bundle (e.g. ``split.json``, the studies
-        it was trained on), by plain file name.
+    extra_files : mapping of str to str or bytes, optional
+        Further files of the bundle by plain file name: text (e.g.
+        ``split.json``, the studies it was trained on) written as UTF-8,
+        bytes as they are (e.g. ``calibration.npz``).
 
     Returns
     -------
@@ -897,8 +912,11 @@ def save_bundle(
         meta_path = staging / BUNDLE_JSON
         meta_path.write_text(meta.to_json(), encoding="utf-8")
         _fsync_file(meta_path)
-        for name, text in extras.items():
-            (staging / name).write_text(text, encoding="utf-8")
+        for name, content in extras.items():
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(content, encoding="utf-8")
             _fsync_file(staging / name)
         _fsync_dir(staging)
         if target.exists():
@@ -1022,6 +1040,7 @@ def load_bundles(
     amp: bool = True,
     one_per_task: bool = True,
     runtime: str = "auto",
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[list[Bundle], list[tuple[Path, str]]]:
     """Load every bundle under a models folder, collecting failures.
 
@@ -1036,7 +1055,7 @@ def load_bundles(
     one_per_task : bool, optional
         Keep only the newest bundle (by ``created``) of each task; the others
         are reported in the errors.
-    runtime : str, optional
+    runtime, state_dir : optional
         See :func:`load_bundle`.
 
     Returns
@@ -1054,7 +1073,7 @@ def load_bundles(
     errors: list[tuple[Path, str]] = []
     for sub in _bundle_dirs(folder):
         try:
-            bundles.append(load_bundle(sub, device, amp=amp, runtime=runtime))
+            bundles.append(load_bundle(sub, device, amp=amp, runtime=runtime, state_dir=state_dir))
         except BundleError as exc:
             errors.append((sub, str(exc)))
         except Exception as exc:  # noqa: BLE001 - one bad bundle must not stop the node
@@ -1144,6 +1163,9 @@ class ModelRegistry:
         See :func:`load_bundles`.
     runtime : str, optional
         See :func:`load_bundle`; ``"auto"`` like ``[models] runtime``.
+    state_dir : str or path-like, optional
+        Where ``auto`` caches its runtime choices; default the models
+        folder's parent (the node's ``storage_dir`` in the default layout).
     """
 
     def __init__(
@@ -1154,8 +1176,10 @@ class ModelRegistry:
         amp: bool = True,
         one_per_task: bool = True,
         runtime: str = "auto",
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
+        self.state_dir = Path(state_dir) if state_dir is not None else self.models_dir.absolute().parent
         self.device = resolve_device(device)
         self.amp = amp
         self.one_per_task = one_per_task
@@ -1218,7 +1242,9 @@ class ModelRegistry:
                     outcome = cached[1]
                 else:
                     try:
-                        outcome = load_bundle(sub, self.device, amp=self.amp, runtime=self.runtime)
+                        outcome = load_bundle(
+                            sub, self.device, amp=self.amp, runtime=self.runtime, state_dir=self.state_dir
+                        )
                     except BundleError as exc:
                         outcome = str(exc)
                     except Exception as exc:  # noqa: BLE001 - keep serving the good ones

@@ -33,7 +33,18 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Inference runtimes (echonode.runtime.MODES; kept here so that reading the
 #: config never imports torch in the node process).
-RUNTIME_MODES = ("auto", "eager", "jit", "bf16", "int8", "cuda")
+RUNTIME_MODES = (
+    "auto",
+    "eager",
+    "jit",
+    "bf16",
+    "int8",
+    "compile",
+    "compile_bf16",
+    "openvino",
+    "openvino_bf16",
+    "cuda",
+)
 
 
 class ConfigError(ValueError):
@@ -96,7 +107,9 @@ class ModelsConfig:
     batch_size: int = 8
     #: CPU threads for inference; 0 lets torch decide.
     threads: int = 0
-    #: Inference runtime (echonode.runtime.MODES): auto, eager, jit, bf16, int8, cuda.
+    #: Inference runtime (echonode.runtime.MODES): auto (chosen by measurement at
+    #: bundle load), or one named mode: eager, jit, bf16, int8, compile,
+    #: compile_bf16, openvino, openvino_bf16, cuda.
     runtime: str = "auto"
     #: Attempts before a study is marked failed.
     max_attempts: int = 3

@@ -517,7 +517,8 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
         torch.set_num_threads(cfg.models.threads)
     journal = Journal(cfg.journal_path)
     store = StudyStore(cfg.storage_dir, journal)
-    registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime)
+    registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime,
+                             state_dir=cfg.storage_dir)
     pause = DiskFullPause(journal, SpaceReserve(cfg.storage_dir / RESERVE_NAME))
     if not pause.reserve.restore():
         pause.begin(None, "worker start")

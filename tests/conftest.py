@@ -19,6 +19,13 @@ from echonode.config import Config, Destination, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 
+# ``[models] runtime = auto`` measures every runtime the machine supports when
+# a bundle loads; torch.compile's compile (tens of seconds), int8's calibration
+# and OpenVINO's conversion would make every test that loads a bundle slow.
+# The suite measures the cheap candidates (node subprocesses inherit this);
+# tests/test_runtime.py exercises the others by name.
+os.environ.setdefault("ECHONODE_RUNTIME_CANDIDATES", "jit,bf16")
+
 # dcmtk's tools, by full path: pynetdicom installs its own under the same names.
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"

@@ -486,13 +486,15 @@ def test_load_bundle_runtime_and_describe(tmp_path: Path) -> None:
     assert (info["mode"], info["requested"], info["fallbacks"]) == ("jit", "jit", [])
     np.testing.assert_allclose(jit.predict(clips), reference, atol=TOLERANCES["jit"])
 
-    # The default: what [models] runtime = "auto" gives the node on this CPU.
+    # The default: what [models] runtime = "auto" gives the node on this CPU,
+    # chosen by measurement among the candidates (tests/conftest.py narrows them).
     auto = load_bundle(tmp_path / "b")
     info = auto.describe()["runtime"]
-    assert info["requested"] == "auto" and info["fallbacks"] == []
-    assert info["mode"] == ("bf16" if cpu_has_native_bf16() else "jit")
-    assert info["max_abs_diff"] <= TOLERANCES[info["mode"]]
-    np.testing.assert_allclose(auto.predict(clips), reference, atol=TOLERANCES[info["mode"]])
+    assert info["requested"] == "auto" and info["selection"]["chosen"] == info["mode"]
+    table = {row["mode"]: row for row in info["selection"]["table"]}
+    assert set(table) == {"eager", "jit", *(["bf16"] if cpu_has_native_bf16() else [])}
+    assert table[info["mode"]]["result"].startswith("chosen")
+    np.testing.assert_allclose(auto.predict(clips), reference, atol=0.03)
     json.dumps(auto.describe())
 
     with pytest.raises(ValueError, match='"runtime"'):

@@ -79,12 +79,11 @@ def test_runtime_eager_scores_as_finetuning_did(trained, tmp_path: Path) -> None
         assert report[level]["auroc"]["estimate"] == pytest.approx(
             meta["metrics"]["test"][level]["auroc"]["estimate"], abs=1e-9
         )
-    # Without runtime=, the node's default ("auto"), whatever it resolves to on this machine.
-    from echonode.bundle import load_bundle
-
+    # Without runtime=, the node's default ("auto"): chosen by measurement on this
+    # machine (two loads may measure differently, so the report's own table is checked).
     default = evaluate_bundle(bundle, cache, labels, tmp_path / "default", n_resamples=50)
-    assert default["runtime"]["mode"] == load_bundle(bundle).describe()["runtime"]["mode"]
     assert default["runtime"]["requested"] == "auto"
+    assert default["runtime"]["mode"] == default["runtime"]["selection"]["chosen"]
 
 
 def test_external_split_all_and_errors(trained, tmp_path: Path, capsys) -> None:

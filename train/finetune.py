@@ -42,6 +42,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from echonode.bundle import BINARY_TASKS, TASKS, BundleMeta, resolve_device, save_bundle
+from echonode.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_CALIBRATION_CLIPS,
+    encode_calibration,
+)
 from echonode.nets import build_model, normalise_for_model
 from train.augment import AugmentConfig
 from train.configs import flat_dict, from_namespace
@@ -628,6 +633,7 @@ class FinetuneOutput:
     device: str = "auto"
     progress: bool = True
     preset: str = "paper"
+    calibration_clips: int = DEFAULT_CALIBRATION_CLIPS
 
 
 @dataclass(frozen=True)
@@ -693,6 +699,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the CIs")
     run.add_argument("--device", default="auto")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--calibration-clips", type=int, default=DEFAULT_CALIBRATION_CLIPS,
+        help=f"preprocessed evaluation clips stored in the bundle ({CALIBRATION_FILE}) for the node's runtime "
+        f"check (default {DEFAULT_CALIBRATION_CLIPS}; 0 stores none: the node then checks on synthetic clips)",
+    )  # fmt: skip
     add_preset_argument(parser)
 
 
@@ -1001,12 +1012,59 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
         provenance=provenance,
         metrics=metrics,
     )
+    extra_files: dict[str, str | bytes] = {SPLIT_FILE: split_record(run).to_json()}
+    if config.output.calibration_clips > 0:
+        clips, source = calibration_clips(run, config.output.calibration_clips)
+        if clips is not None:
+            extra_files[CALIBRATION_FILE] = encode_calibration(clips, source)
+            meta.provenance["calibration"] = f"{clips.shape[0]} evaluation clips ({source}) in {CALIBRATION_FILE}"
     path = save_bundle(
         out, meta, {k: v.cpu() for k, v in model.state_dict().items()}, overwrite=config.output.overwrite,
-        extra_files={SPLIT_FILE: split_record(run).to_json()},
+        extra_files=extra_files,
     )  # fmt: skip
     print(f"bundle {path} (DeviceUID {meta.device_uid})")
     return path
+
+
+def calibration_clips(run: _Run, n: int) -> tuple[np.ndarray | None, str]:
+    """Up to ``n`` evaluation clips for the bundle's ``calibration.npz``.
+
+    Validation videos first (the model did not learn them), then training
+    videos; at most one clip per video, drawn by a seeded permutation, and
+    the clip's position within the video varies from video to video. Each
+    clip is made by the evaluation loader, so it is exactly what the
+    node's preprocessing gives the network (before the bundle's
+    normalisation).
+
+    Returns
+    -------
+    clips : numpy.ndarray or None
+        ``(k, T, S, S)`` grey clips in [0, 1], k <= n; None when the run has
+        no videos.
+    source : str
+        ``"validation:a,training:b"``.
+    """
+    d = run.config.dataset
+    rng = np.random.default_rng(run.config.optim.seed)
+    picked: list[tuple[str, int]] = []
+    for split in ("val", "train"):
+        videos = run.data.videos.get(split, [])
+        for index in rng.permutation(len(videos)):
+            if len(picked) >= n:
+                break
+            picked.append((split, int(index)))
+    if not picked:
+        return None, "none"
+    clips = []
+    for i, (split, index) in enumerate(picked):
+        dataset = ClipDataset(
+            run.cache, [run.data.videos[split][index]], [run.data.targets[split][index]], d.frames, d.size,
+            train=False, eval_clips=d.eval_clips,
+        )  # fmt: skip
+        video_clips, _ = dataset[0]
+        clips.append(video_clips[i % video_clips.shape[0], 0].numpy())
+    counts = {name: sum(1 for split, _ in picked if split == key) for key, name in (("val", "validation"), ("train", "training"))}
+    return np.stack(clips), ",".join(f"{name}:{count}" for name, count in counts.items() if count)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,11 @@ A bundle whose head was not trained (random weights, or a new head on a
 pretrained encoder) gives meaningless probabilities, so it is always marked
 ``random_weights: true``; it is a starting point for fine-tuning or a smoke
 test, never a model to report with.
+
+No training data is at hand here, so the bundle's ``calibration.npz`` (the
+clips the node checks inference runtimes on, :mod:`echonode.calibration`)
+holds synthetic echo-like clips (:func:`echonode.runtime.synthetic_clips`),
+marked ``source: synthetic``; a fine-tuned bundle stores real ones.
 """
 
 from __future__ import annotations
@@ -40,7 +45,13 @@ from echonode.bundle import (
     save_bundle,
     state_dict_problems,
 )
+from echonode.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_CALIBRATION_CLIPS,
+    encode_calibration,
+)
 from echonode.nets import ARCHITECTURES, NORMALISATIONS, build_model
+from echonode.runtime import synthetic_clips
 
 __all__ = ["InitError", "add_init_arguments", "extract_state_dict", "init_weights", "run_init"]
 
@@ -351,17 +362,22 @@ def run_init(ns: argparse.Namespace) -> int:
                 "data_manifest": None,
                 "code_revision": _code_revision(),
                 "config": config,
+                "calibration": f"{DEFAULT_CALIBRATION_CLIPS} synthetic echo-like clips in {CALIBRATION_FILE} "
+                "(no training data at hand; a fine-tuned bundle stores real ones)",
             },
             # An untrained head gives meaningless probabilities.
             random_weights=info["head"] == "new",
         )
-        save_bundle(out, meta, state, overwrite=bool(ns.force))
+        calibration = synthetic_clips(DEFAULT_CALIBRATION_CLIPS, ns.clip_frames, ns.size).numpy()
+        save_bundle(out, meta, state, overwrite=bool(ns.force),
+                    extra_files={CALIBRATION_FILE: encode_calibration(calibration, "synthetic")})  # fmt: skip
     except (InitError, BundleError, FileExistsError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     print(
         f"wrote {out}: task {meta.task}, {meta.arch} width {meta.width}, init {info['init']}, "
-        f"head {info['head']}{', RANDOM WEIGHTS (smoke tests only)' if meta.random_weights else ''}"
+        f"head {info['head']}{', RANDOM WEIGHTS (smoke tests only)' if meta.random_weights else ''}; "
+        f"calibration: {DEFAULT_CALIBRATION_CLIPS} synthetic echo-like clips (no real data)"
     )
     return 0
 
