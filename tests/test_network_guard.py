@@ -9,9 +9,10 @@ hosts outside ``allowed_networks``.
 from __future__ import annotations
 
 import contextlib
-
 import errno
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -430,11 +431,16 @@ def test_a_destination_declaring_4_gib_costs_the_sender_nothing(fake_pacs, tmp_p
                                                       f"PACS@127.0.0.1:{pacs.port}", "--timeout", "5")]
     t0 = time.monotonic()
     with open(tmp_path / "out.txt", "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        killer = threading.Timer(60, proc.kill)
+        # posix_spawn (vfork), not fork: a forked child starts with this test
+        # process's pages, and its peak RSS would count them before its exec.
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        pid = os.posix_spawn(shutil.which(cmd[0]) or cmd[0], cmd, env,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                                           (os.POSIX_SPAWN_DUP2, out.fileno(), 2)])
+        killer = threading.Timer(60, os.kill, (pid, signal.SIGKILL))
         killer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own peak RSS
+            _, status, usage = os.wait4(pid, 0)  # wait4: this child's own peak RSS
         finally:
             killer.cancel()
     took = time.monotonic() - t0
