@@ -8,11 +8,14 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
+    MPEG2MPML,
+    MPEG4HP41,
+    MPEG4HP41BD,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -20,9 +23,6 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    MPEG2MPML,
-    MPEG4HP41,
-    MPEG4HP41BD,
     RLELossless,
 )
 from pynetdicom import AE, build_role, evt
@@ -148,7 +148,7 @@ def associate(
     except (OSError, ValueError) as exc:
         raise FetchError(f"TLS setup for {peer.host}:{peer.port} failed: {type(exc).__name__}", fatal=True) from exc
     connected: list[bool] = []
-    all_handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True)), *(handlers or [])]
+    all_handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True)), *(handlers or [])]
     try:
         assoc = ae.associate(
             peer.host,

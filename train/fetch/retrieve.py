@@ -14,6 +14,7 @@ timeout on a large instance).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +29,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from echonode.logs import get_logger
 
-from .dimse import STUDY_ROOT_GET, STUDY_ROOT_MOVE, make_ae, no_answer, retrieve_failure, status_of, sub_operations
+from .dimse import (
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    make_ae,
+    no_answer,
+    retrieve_failure,
+    status_of,
+    sub_operations,
+)
 from .errors import FetchError, UsageError
 from .landing import InFlight, Sink
 from .pacing import RateLimiter
@@ -133,7 +142,7 @@ def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: Non
             return 0xC211
         try:
             return sink.accept(path, announced, study_hint())
-        except Exception:  # noqa: BLE001 - a bug; the PACS must not think it was stored
+        except Exception:
             log.exception("fetch.store_unexpected_error", sop_uid=announced)
             return 0xC211
 
@@ -181,7 +190,7 @@ class StoreServer:
         self.ae.add_supported_context(Verification)
         self.host = host
         self.requested_port = port
-        self.handlers = [(evt.EVT_C_STORE, store_handler(sink)), (evt.EVT_DATA_RECV, throttle_handler(limiter))]
+        self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink)), (evt.EVT_DATA_RECV, throttle_handler(limiter))]
         self._server: Any = None
 
     @property
@@ -223,7 +232,5 @@ class Associations:
         with self._lock:
             live = list(self._open)
         for assoc in live:
-            try:
+            with contextlib.suppress(Exception):  # best effort on the way out
                 assoc.abort()
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass

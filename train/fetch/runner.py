@@ -229,7 +229,7 @@ class Fetcher:
         running: dict[Future, tuple[str, int]] = {}
         bar = None
         if self.opts.progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             bar = tqdm(total=len(todo), unit="study", desc="fetch", dynamic_ncols=True, file=sys.stderr)
         self._bar = bar
@@ -330,8 +330,8 @@ class Fetcher:
         s = self.summary
         rate = (s.bytes / MB) / s.seconds if s.seconds > 0 else 0.0
         lines = [
-            f"fetch: {s.found} studies found: {s.complete} fetched now, {s.already_complete} already here, "
-            f"{s.skipped} with no US series, {len(s.failed)} failed, {s.not_reached} not reached",
+            (f"fetch: {s.found} studies found: {s.complete} fetched now, {s.already_complete} already here, "
+             f"{s.skipped} with no US series, {len(s.failed)} failed, {s.not_reached} not reached"),
         ]
         if self.sink is not None:
             lines.append(f"fetch: {s.instances} instances, {s.bytes / MB:.1f} MB in {s.seconds:.1f} s ({rate:.2f} MB/s)")

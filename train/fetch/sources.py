@@ -7,9 +7,9 @@ verdict (:class:`StudyResult`, or :class:`~train.fetch.errors.FetchError`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from pynetdicom import evt
@@ -18,7 +18,14 @@ from echonode.delivery import Peer
 from echonode.logs import get_logger
 from echonode.store import is_valid_uid
 
-from .dimse import STUDY_ROOT_FIND, STUDY_ROOT_MOVE, UNCOMPRESSED, associate, get_contexts, storage_roles
+from .dimse import (
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    UNCOMPRESSED,
+    associate,
+    get_contexts,
+    storage_roles,
+)
 from .errors import FetchError
 from .landing import Archive, Sink
 from .pacing import RateLimiter
@@ -26,6 +33,7 @@ from .query import (
     Criteria,
     FoundSeries,
     FoundStudy,
+    StudyKey,
     announced,
     find_series_dimse,
     find_studies_dimse,
@@ -35,7 +43,14 @@ from .query import (
     study_filters,
     wanted,
 )
-from .retrieve import Associations, get_series, judge, move_series, store_handler, throttle_handler
+from .retrieve import (
+    Associations,
+    get_series,
+    judge,
+    move_series,
+    store_handler,
+    throttle_handler,
+)
 from .web import retrieve_instance, web_error
 
 log = get_logger(__name__)
@@ -225,7 +240,7 @@ class WebSource:
         if criteria.keys:
             dates = criteria.date_ranges(today) if (criteria.since or criteria.until) else [""]
             date = dates[0] if len(dates) == 1 else f"{dates[0]}-{dates[-1]}"
-            queries = [(date, key) for key in criteria.keys]
+            queries: list[tuple[str, StudyKey | None]] = [(date, key) for key in criteria.keys]
         else:
             queries = [(date, None) for date in criteria.date_ranges(today)]
         for date, key in queries:
@@ -284,7 +299,5 @@ class WebSource:
         return (self.archive.root / study_uid / series_uid / f"{sop_uid}.dcm").is_file()
 
     def abort(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort on the way out
             self.session.close()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
