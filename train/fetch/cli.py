@@ -222,6 +222,8 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
         finally:
             if server is not None:
                 server.stop()
+            if sink is not None:
+                sink.close()
             journal.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,6 +125,19 @@ def make_ae(local_ae_title: str, timeout_s: float, max_pdu: int) -> AE:
     return ae
 
 
+def no_delay(assoc: Association) -> None:
+    """Turn off Nagle's algorithm on the association's socket.
+
+    A request goes out as two PDUs (command, then identifier): with Nagle on,
+    the second waits for the peer's delayed ACK of the first, about 40 ms a
+    request (C-FIND round trips measured 95 ms against Orthanc, 49 ms without).
+    """
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def associate(
     local_ae_title: str,
     peer: Peer,
@@ -163,6 +177,7 @@ def associate(
     except OSError as exc:
         raise FetchError(f"cannot connect to {peer.host}:{peer.port} ({type(exc).__name__})", busy=True) from exc
     if assoc.is_established:
+        no_delay(assoc)
         return assoc
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if not connected:

@@ -11,7 +11,7 @@ import csv
 import datetime as dt
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,19 +53,32 @@ class Criteria:
     until: dt.date | None = None
     keys: tuple[StudyKey, ...] = ()
 
-    def date_ranges(self, today: dt.date) -> list[str]:
-        """StudyDate matching values: one a day for a closed range (a PACS that caps
-        its answers would silently truncate a long range), else one range or none."""
-        if self.since and self.until is None:
-            until = today
-        else:
-            until = self.until  # type: ignore[assignment]
-        if self.since and until:
-            days = (until - self.since).days
-            return [(self.since + dt.timedelta(days=i)).strftime("%Y%m%d") for i in range(days + 1)]
-        if until:
-            return [f"-{until:%Y%m%d}"]
-        return [""]
+    def date_range(self, today: dt.date) -> tuple[dt.date | None, dt.date | None]:
+        """The StudyDate range asked for: an open end stays None, except that
+        ``--since`` alone runs to today."""
+        until = self.until if self.until is not None or self.since is None else today
+        return self.since, until
+
+
+#: A date range whose answer holds at least this many studies is asked again
+#: in halves, down to single days: a PACS that caps its answers (many do,
+#: at 500 to a few thousand) would otherwise truncate a long range silently.
+SPLIT_AT = 500
+
+
+def date_value(since: dt.date | None, until: dt.date | None) -> str:
+    """The StudyDate matching value of a range (an empty string: any date)."""
+    if since is None and until is None:
+        return ""
+    if since == until:
+        return f"{since:%Y%m%d}"
+    return f"{since:%Y%m%d}-" if until is None else (f"{since:%Y%m%d}-{until:%Y%m%d}" if since else f"-{until:%Y%m%d}")
+
+
+def split_range(since: dt.date, until: dt.date) -> tuple[tuple[dt.date, dt.date], tuple[dt.date, dt.date]]:
+    """Two halves of a range of at least two days."""
+    mid = since + (until - since) // 2
+    return (since, mid), (mid + dt.timedelta(days=1), until)
 
 
 @dataclass(frozen=True)
@@ -224,31 +237,51 @@ def _found_study(ident: Dataset, want_us: bool) -> FoundStudy | None:
                       _int(ident.get("NumberOfStudyRelatedInstances")))
 
 
-def find_studies_dimse(assoc: Association, criteria: Criteria, today: dt.date) -> list[FoundStudy]:
+def find_studies_dimse(assoc: Association, criteria: Criteria, today: dt.date,
+                       split_at: int = SPLIT_AT) -> list[FoundStudy]:
     """Every study matching ``criteria``, each once, in the order found."""
     found: dict[str, FoundStudy] = {}
-    unmatched: list[int] = []
+    since, until = criteria.date_range(today)
+
+    def ask(lo: dt.date | None, hi: dt.date | None, key: StudyKey | None) -> list[FoundStudy]:
+        what = f"C-FIND for row {key.row}" if key else "C-FIND STUDY"
+        studies = []
+        for ident in _c_find(assoc, study_query(date_value(lo, hi), key), what):
+            study = _found_study(ident, not (key and key.study_uid))
+            if study is not None:
+                studies.append(study)
+        return studies
+
     if criteria.keys:
-        dates = criteria.date_ranges(today) if (criteria.since or criteria.until) else [""]
-        date = dates[0] if len(dates) == 1 else f"{dates[0]}-{dates[-1]}"
+        unmatched = []
         for key in criteria.keys:
-            n = 0
-            for ident in _c_find(assoc, study_query(date, key), f"C-FIND for row {key.row}"):
-                study = _found_study(ident, not key.study_uid)
-                if study is not None:
-                    found.setdefault(study.study_uid, study)
-                    n += 1
-            if n == 0:
+            studies = ask(since, until, key)
+            if not studies:
                 unmatched.append(key.row)
-    else:
-        for date in criteria.date_ranges(today):
-            for ident in _c_find(assoc, study_query(date, None), "C-FIND STUDY"):
-                study = _found_study(ident, True)
-                if study is not None:
-                    found.setdefault(study.study_uid, study)
-    if unmatched:
-        log.info("fetch.rows_unmatched", rows=unmatched[:50], count=len(unmatched))
+            for study in studies:
+                found.setdefault(study.study_uid, study)
+        if unmatched:
+            log.info("fetch.rows_unmatched", rows=unmatched[:50], count=len(unmatched))
+        return list(found.values())
+    for study in by_date_range(since, until, lambda lo, hi: ask(lo, hi, None), split_at):
+        found.setdefault(study.study_uid, study)
     return list(found.values())
+
+
+def by_date_range(since: dt.date | None, until: dt.date | None,
+                  ask: Callable[[dt.date | None, dt.date | None], list[FoundStudy]],
+                  split_at: int = SPLIT_AT) -> Iterator[FoundStudy]:
+    """The studies of a range, asked again in halves while an answer is as long as a cap would make it."""
+    studies = ask(since, until)
+    if len(studies) < split_at or since is None or until is None or since >= until:
+        if len(studies) >= split_at:
+            log.warning("fetch.query_maybe_capped", answers=len(studies),
+                        hint="an open or single-day range cannot be split: give --since and --until")
+        yield from studies
+        return
+    log.info("fetch.query_split", answers=len(studies))
+    for lo, hi in split_range(since, until):
+        yield from by_date_range(lo, hi, ask, split_at)
 
 
 def find_series_dimse(assoc: Association, study_uid: str) -> list[FoundSeries]:

@@ -34,6 +34,7 @@ from .dimse import (
     STUDY_ROOT_MOVE,
     make_ae,
     no_answer,
+    no_delay,
     retrieve_failure,
     status_of,
     sub_operations,
@@ -126,6 +127,8 @@ def judge(outcomes: list[SeriesOutcome], flight: InFlight | None, verb: str) -> 
             ours = flight.refused >= failed and not err.busy and not err.fatal
             err = FetchError(reason, transient=err.transient and not ours, busy=err.busy, fatal=err.fatal)
         raise err
+    if flight is not None and flight.sync_error:
+        raise FetchError(flight.sync_error, transient=True)
     if flight is not None and flight.instances < sent:
         raise FetchError(f"the PACS reported {sent} instance(s) sent but {flight.instances} arrived", transient=True)
     return sent
@@ -190,7 +193,8 @@ class StoreServer:
         self.ae.add_supported_context(Verification)
         self.host = host
         self.requested_port = port
-        self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink)), (evt.EVT_DATA_RECV, throttle_handler(limiter))]
+        self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink)), (evt.EVT_DATA_RECV, throttle_handler(limiter)),
+                                    (evt.EVT_CONN_OPEN, lambda event: no_delay(event.assoc))]
         self._server: Any = None
 
     @property

@@ -35,6 +35,8 @@ from .query import (
     FoundStudy,
     StudyKey,
     announced,
+    by_date_range,
+    date_value,
     find_series_dimse,
     find_studies_dimse,
     found_series_json,
@@ -236,20 +238,26 @@ class WebSource:
 
     def find_studies(self, criteria: Criteria, today: dt.date) -> list[FoundStudy]:
         fields = ["StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
-        found: dict[str, FoundStudy] = {}
-        if criteria.keys:
-            dates = criteria.date_ranges(today) if (criteria.since or criteria.until) else [""]
-            date = dates[0] if len(dates) == 1 else f"{dates[0]}-{dates[-1]}"
-            queries: list[tuple[str, StudyKey | None]] = [(date, key) for key in criteria.keys]
-        else:
-            queries = [(date, None) for date in criteria.date_ranges(today)]
-        for date, key in queries:
+        since, until = criteria.date_range(today)
+
+        def ask(lo: dt.date | None, hi: dt.date | None, key: StudyKey | None) -> list[FoundStudy]:
             what = f"QIDO-RS studies (row {key.row})" if key else "QIDO-RS studies"
+            out = []
             for item in self._search(what, self.client.search_for_studies, fields=fields,
-                                     search_filters=study_filters(date, key)):
+                                     search_filters=study_filters(date_value(lo, hi), key)):
                 study = found_study_json(item, not (key and key.study_uid))
                 if study is not None:
+                    out.append(study)
+            return out
+
+        found: dict[str, FoundStudy] = {}
+        if criteria.keys:
+            for key in criteria.keys:
+                for study in ask(since, until, key):
                     found.setdefault(study.study_uid, study)
+        else:
+            for study in by_date_range(since, until, lambda lo, hi: ask(lo, hi, None)):
+                found.setdefault(study.study_uid, study)
         return list(found.values())
 
     def find_series(self, study_uid: str) -> list[FoundSeries]:
@@ -289,6 +297,8 @@ class WebSource:
                             present += 1
         finally:
             self.sink.end(study_uid)
+        if flight.sync_error:
+            raise FetchError(flight.sync_error, transient=True)
         if flight.refused:
             raise FetchError(f"{flight.refused} instance(s) refused here ({flight.reasons[0]})", transient=False)
         if present < listed:

@@ -1,0 +1,463 @@
+"""``echonode-train fetch`` against real peers.
+
+Orthanc plays the PACS (DIMSE and, through the Debian DICOMweb plugin,
+QIDO-RS/WADO-RS), loaded with a small synthetic echo archive, a measurement
+SR per study, a non-echo series inside one echo study and a CT study that
+must not come. What each fetch lands is compared with what Orthanc holds:
+the data set bytes for DIMSE (the file meta header is written by the
+receiver), the whole file for WADO-RS.
+
+The bad answers a PACS can give (0xA801, 0xB000, 0xA702, an instance that
+does not parse, silence) come from a pynetdicom SCP written for each case;
+association rejections from a raw socket that answers A-ASSOCIATE-RJ. The
+window, the bandwidth cap and the backoff are read from fetch's own journal
+and from a fake clock, never from wall-clock sleeps.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import io
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from echonode.config import to_toml
+from echonode.journal import Journal
+from echonode.node import Node
+from tests.conftest import ORTHANC, REPO, free_port, make_config, need, wait_for
+from tests.factories import us_multiframe, write
+from tests.test_e2e_orthanc import Orthanc
+from train.fetch import cli as fetch_cli
+from train.fetch.dimse import MAX_CONTEXTS, get_contexts
+from train.fetch.journal import FetchJournal
+from train.fetch.pacing import FakeClock, RateLimiter, Window
+from train.synth import generate_archive
+
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+FETCH_AET = "FETCH"
+PATIENT_IDS_RE = "SYN"  # synth patient IDs look like SYN0001 / SYNnnnn
+
+
+# -- the PACS's content ------------------------------------------------------------
+
+
+def measurement_sr(study: Dataset, ivs_cm: float) -> Dataset:
+    """A sonographer's measurement report (Comprehensive SR) in ``study``: one NUM, IVSd."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+    ds.SOPClassUID = ComprehensiveSRStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword in ("StudyInstanceUID", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                    "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+        setattr(ds, keyword, study.get(keyword, ""))
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.SeriesNumber = 900
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "Echo Lab"
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "125200", "DCM", "Adult Echocardiography Procedure Report"
+    ds.ConceptNameCodeSequence = [title]
+    num = Dataset()
+    num.RelationshipType = "CONTAINS"
+    num.ValueType = "NUM"
+    name = Dataset()
+    name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = "18154-5", "LN", "Interventricular Septum Diastolic Thickness"
+    num.ConceptNameCodeSequence = [name]
+    value = Dataset()
+    value.NumericValue = f"{ivs_cm:.2f}"
+    unit = Dataset()
+    unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "cm", "UCUM", "centimeter"
+    value.MeasurementUnitsCodeSequence = [unit]
+    num.MeasuredValueSequence = [value]
+    ds.ContentSequence = [num]
+    return ds
+
+
+@dataclass
+class Content:
+    """What the PACS holds: the files, and which ones an echo fetch must bring."""
+
+    files: list[Path]
+    #: study UID -> {sop UID: series UID} of the US and SR instances fetch must land
+    echo: dict[str, dict[str, str]]
+    #: SOP UIDs that must not come (the OT series of an echo study, the CT study)
+    excluded: set[str]
+    #: labels.csv rows of synth (study_uid, accession_number, study_date, patient_id)
+    labels: list[dict[str, str]]
+    patient_ids: set[str] = field(default_factory=set)
+    patient_names: set[str] = field(default_factory=set)
+
+
+def make_content(root: Path) -> Content:
+    generate_archive(root / "synth", 3, seed=5, frames=3, rows=120, cols=160)
+    files = sorted((root / "synth" / "dicom").rglob("*.dcm"))
+    with open(root / "synth" / "labels.csv", newline="") as fh:
+        labels = list(csv.DictReader(fh))
+    echo: dict[str, dict[str, str]] = {}
+    names: set[str] = set()
+    first: dict[str, Dataset] = {}
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        echo.setdefault(str(ds.StudyInstanceUID), {})[str(ds.SOPInstanceUID)] = str(ds.SeriesInstanceUID)
+        first.setdefault(str(ds.StudyInstanceUID), ds)
+        names.add(str(ds.PatientName))
+    extra = root / "extra"
+    for i, (study_uid, ds) in enumerate(sorted(first.items())):
+        sr = measurement_sr(ds, 0.9 + i / 10)
+        files.append(write(sr, extra / f"sr{i}.dcm"))
+        echo[study_uid][str(sr.SOPInstanceUID)] = str(sr.SeriesInstanceUID)
+    excluded = set()
+    # A screen capture filed as "OT" inside the first echo study: not a US or SR series.
+    study_uid, ds = sorted(first.items())[0]
+    ot = us_multiframe(study_uid=study_uid, frames=1, rows=8, cols=8, patient_id=str(ds.PatientID),
+                       patient_name=str(ds.PatientName))
+    ot.SOPClassUID = ot.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ot.Modality = "OT"
+    files.append(write(ot, extra / "ot.dcm"))
+    excluded.add(str(ot.SOPInstanceUID))
+    # A CT study of one of the patients: the study-level query must not find it.
+    ct = us_multiframe(frames=1, rows=8, cols=8, patient_id=str(ds.PatientID), patient_name=str(ds.PatientName))
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ct.Modality = "CT"
+    ct.StudyDate = ds.StudyDate
+    del ct.NumberOfFrames
+    ct.PixelData = ct.PixelData[:64]
+    files.append(write(ct, extra / "ct.dcm"))
+    excluded.add(str(ct.SOPInstanceUID))
+    return Content(files, echo, excluded, labels, {r["patient_id"] for r in labels}, names)
+
+
+class FetchOrthanc(Orthanc):
+    """Orthanc with the DICOMweb plugin and fetch (and a node) declared as DICOM nodes."""
+
+    def __init__(self, root: Path, fetch_port: int, node_port: int, extra: dict | None = None) -> None:
+        super().__init__(root, node_port)
+        config = json.loads(self.config.read_text())
+        config["DicomModalities"] = {"fetch": [FETCH_AET, "127.0.0.1", fetch_port],
+                                     "node": ["ECHONODE", "127.0.0.1", node_port]}
+        config["Plugins"] = [DICOMWEB_PLUGIN]
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        config.update(extra or {})
+        self.config.write_text(json.dumps(config, indent=2))
+        self.fetch_port = fetch_port
+        self.node_port = node_port
+        self.credentials: tuple[str, str] | None = None
+        self.truth: dict[str, bytes] = {}
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
+                timeout: float = 30) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", content_type)
+        if self.credentials:
+            token = base64.b64encode(":".join(self.credentials).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=timeout) as rsp:
+            return bytes(rsp.read())
+
+    @property
+    def peer(self) -> str:
+        return f"ORTHANC@127.0.0.1:{self.dicom_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def load(self, files: list[Path]) -> None:
+        for f in files:
+            self.upload(f)
+
+    def held(self) -> dict[str, bytes]:
+        """SOP Instance UID -> the file Orthanc holds, for every instance."""
+        out = {}
+        for oid in self.get("/instances"):
+            sop = self.get(f"/instances/{oid}/simplified-tags")["SOPInstanceUID"]
+            out[sop] = self.request("GET", f"/instances/{oid}/file")
+        return out
+
+
+def need_orthanc() -> None:
+    need(ORTHANC)
+    need(DICOMWEB_PLUGIN)
+
+
+@pytest.fixture(scope="module")
+def content(tmp_path_factory) -> Content:
+    return make_content(tmp_path_factory.mktemp("fetch-content"))
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, content: Content) -> Iterator[FetchOrthanc]:
+    """One Orthanc for the tests that only read from it."""
+    need_orthanc()
+    o = FetchOrthanc(tmp_path_factory.mktemp("fetch-orthanc"), free_port(), free_port())
+    o.start()
+    try:
+        o.load(content.files)
+        o.truth = o.held()
+        yield o
+    finally:
+        o.stop()
+
+
+@pytest.fixture
+def own_pacs(tmp_path: Path, content: Content) -> Iterator[FetchOrthanc]:
+    """An Orthanc of this test's own (stopped, killed, restarted)."""
+    need_orthanc()
+    o = FetchOrthanc(tmp_path / "orthanc", free_port(), free_port())
+    o.start()
+    try:
+        o.load(content.files)
+        o.truth = o.held()
+        yield o
+    finally:
+        o.stop()
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """A Part 10 file's bytes after its file meta header."""
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return data[fp.tell():]
+
+
+def landed(archive: Path) -> dict[str, Path]:
+    """SOP UID -> file, for every instance under ARCHIVE/<Study>/<Series>/."""
+    return {p.stem: p for p in archive.glob("*/*/*.dcm")}
+
+
+def assert_archive(archive: Path, truth: dict[str, bytes], expected: dict[str, dict[str, str]],
+                   whole_file: bool = False) -> None:
+    """The archive holds exactly the expected instances, at their UID paths, with the PACS's bytes."""
+    files = landed(archive)
+    want = {sop: (study, series) for study, sops in expected.items() for sop, series in sops.items()}
+    assert set(files) == set(want)
+    for sop, (study, series) in want.items():
+        path = files[sop]
+        assert path == archive / study / series / f"{sop}.dcm"
+        mine = path.read_bytes()
+        if whole_file:
+            assert mine == truth[sop], sop
+        else:
+            assert dataset_bytes(mine) == dataset_bytes(truth[sop]), sop
+    assert not [p for p in archive.rglob("*") if p.is_file() and ".fetch" not in p.parts and p.suffix != ".dcm"]
+
+
+def fetch(*argv: str, clock: Any = None) -> tuple[int, str]:
+    """Run fetch in this process; (exit code, what it printed)."""
+    out = io.StringIO()
+    code = fetch_cli.main([*argv, "--no-progress"], clock=clock, out=out)
+    return code, out.getvalue()
+
+
+def journal_rows(archive: Path) -> dict[str, tuple]:
+    with sqlite3.connect(archive / ".fetch" / "journal.sqlite") as db:
+        return {r[0]: r[1:] for r in db.execute("SELECT study_uid, state, reason, received, attempts FROM studies")}
+
+
+def move_args(pacs: FetchOrthanc, out: Path) -> list[str]:
+    return ["--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--port", str(pacs.fetch_port),
+            "--listen", "127.0.0.1", "--timeout", "10"]
+
+
+# -- happy paths -------------------------------------------------------------------
+
+
+def test_c_move_fetches_the_us_and_sr_series_of_echo_studies_only(pacs, content, tmp_path):
+    out = tmp_path / "archive"
+    code, text = fetch(*move_args(pacs, out))
+    assert code == 0, text
+    assert_archive(out, pacs.truth, content.echo)
+    rows = journal_rows(out)
+    assert set(rows) == set(content.echo)  # the CT study was not even found
+    for study, (state, reason, received, attempts) in rows.items():
+        assert (state, reason, received, attempts) == ("complete", None, len(content.echo[study]), 1)
+    assert "0 failed" in text
+    # A re-run finds every study complete and retrieves nothing.
+    before = {p: p.stat().st_mtime_ns for p in landed(out).values()}
+    code, text = fetch(*move_args(pacs, out))
+    assert code == 0 and f"0 to fetch ({len(content.echo)} already here)" in text
+    assert {p: p.stat().st_mtime_ns for p in landed(out).values()} == before
+    assert all(r[3] == 1 for r in journal_rows(out).values())
+
+
+def test_c_get_proposes_echo_contexts_only_and_lands_the_same(pacs, content, tmp_path):
+    contexts = get_contexts()
+    assert len(contexts) <= MAX_CONTEXTS
+    assert {c[0] for c in contexts[1:]} == {
+        "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.3",
+        "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
+        "1.2.840.10008.5.1.4.1.1.88.34"}
+    out = tmp_path / "archive"
+    code, text = fetch("--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--get", "--timeout", "10")
+    assert code == 0, text
+    assert_archive(out, pacs.truth, content.echo)
+
+
+def test_dicomweb_lands_the_pacs_files_unchanged(pacs, content, tmp_path):
+    out = tmp_path / "archive"
+    code, text = fetch("--out", str(out), "--dicomweb", pacs.dicomweb, "--timeout", "10")
+    assert code == 0, text
+    assert_archive(out, pacs.truth, content.echo, whole_file=True)
+    assert {r[0] for r in journal_rows(out).values()} == {"complete"}
+
+
+def test_dry_run_counts_without_retrieving(pacs, content, tmp_path):
+    out = tmp_path / "archive"
+    code, text = fetch("--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--dry-run")
+    assert code == 0, text
+    n = sum(len(v) for v in content.echo.values())
+    assert f"to fetch: {len(content.echo)} studies, {n} series (US and SR), {n} instances" in text
+    assert not out.exists()
+    for study in content.echo:
+        assert study in text
+
+
+def test_date_range_and_accession_list_pick_their_studies(pacs, content, tmp_path):
+    dates = sorted({r["study_date"] for r in content.labels})
+    lo, hi = dates[1], dates[-2]
+    in_range = {r["study_uid"] for r in content.labels if lo <= r["study_date"] <= hi}
+    assert 0 < len(in_range) < len(content.labels)
+    iso = lambda d: f"{d[:4]}-{d[4:6]}-{d[6:]}"  # noqa: E731
+    out = tmp_path / "by-date"
+    code, text = fetch(*move_args(pacs, out), "--since", iso(lo), "--until", iso(hi))
+    assert code == 0, text
+    assert set(journal_rows(out)) == in_range
+    assert_archive(out, pacs.truth, {s: content.echo[s] for s in in_range})
+
+    picked = content.labels[::2]
+    studies = tmp_path / "accessions.csv"
+    studies.write_text("AccessionNumber\n" + "".join(f"{r['accession_number']}\n" for r in picked) + "NOSUCHACC\n")
+    out = tmp_path / "by-accession"
+    code, text = fetch("--out", str(out), "--dicomweb", pacs.dicomweb, "--studies", str(studies))
+    assert code == 0, text
+    assert set(journal_rows(out)) == {r["study_uid"] for r in picked}
+
+
+def test_patient_ids_never_reach_logs_journal_or_output(pacs, content, tmp_path):
+    """A --studies list of patient IDs: fetch sends them to the PACS and nowhere else."""
+    ids = sorted(content.patient_ids)
+    studies = tmp_path / "patients.csv"
+    studies.write_text("PatientID\n" + "".join(f"{i}\n" for i in ids))
+    out = tmp_path / "archive"
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "fetch", *move_args(pacs, out), "--studies", str(studies),
+         "--log-level", "debug"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(journal_rows(out)) == set(content.echo)
+    meta = out / ".fetch"
+    texts = {"stdout": proc.stdout, "stderr": proc.stderr}
+    for f in meta.iterdir():
+        if f.is_file():
+            texts[f.name] = f.read_bytes().decode("latin-1")
+    assert "fetch.study_complete" in texts["fetch.log"]
+    for where, text in texts.items():
+        for secret in [*ids, *content.patient_names]:
+            assert secret not in text, f"{where} holds a patient identifier"
+
+
+def test_into_node_moves_studies_to_the_running_node(pacs, content, tmp_path):
+    cfg = make_config(tmp_path, node={"port": pacs.node_port})
+    config_file = tmp_path / "echonode.toml"
+    config_file.write_text(to_toml(cfg))
+    node = Node(cfg, start_worker=False)
+    node.start()
+    try:
+        out = tmp_path / "journal-only"
+        code, text = fetch("--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--into-node",
+                           "--config", str(config_file), "--timeout", "10")
+        assert code == 0, text
+        held = {rec.sop_uid: rec for rec in Journal(cfg.journal_path).instances()}
+        want = {sop for sops in content.echo.values() for sop in sops}
+        assert set(held) == want
+        for sop, rec in held.items():
+            assert dataset_bytes(Path(rec.path).read_bytes()) == dataset_bytes(pacs.truth[sop])
+        rows = journal_rows(out)
+        assert {s: (r[0], r[2]) for s, r in rows.items()} == {s: ("complete", len(v)) for s, v in content.echo.items()}
+        assert landed(out) == {}
+    finally:
+        node.stop()
+
+
+def test_dicomweb_credentials_come_from_a_file_or_the_environment(tmp_path, content, monkeypatch):
+    need_orthanc()
+    o = FetchOrthanc(tmp_path / "orthanc", free_port(), free_port(),
+                     {"AuthenticationEnabled": True, "RegisteredUsers": {"fetcher": "s3cret-pw"}})
+    o.credentials = ("fetcher", "s3cret-pw")
+    o.start()
+    try:
+        o.upload(content.files[0])
+        study = str(pydicom.dcmread(content.files[0], stop_before_pixels=True).StudyInstanceUID)
+        web = o.url + "/dicom-web"
+
+        good = tmp_path / "auth"
+        good.write_text("basic fetcher:s3cret-pw\n")
+        os.chmod(good, 0o600)
+        code, text = fetch("--out", str(tmp_path / "a1"), "--dicomweb", web, "--auth-file", str(good))
+        assert code == 0, text
+        assert set(journal_rows(tmp_path / "a1")) == {study}
+
+        bad = tmp_path / "bad"
+        bad.write_text("fetcher:wrong-pw")
+        code, text = fetch("--out", str(tmp_path / "a2"), "--dicomweb", web, "--auth-file", str(bad))
+        assert code == 3 and "HTTP 401" in text and "wrong-pw" not in text
+
+        code, text = fetch("--out", str(tmp_path / "a3"), "--dicomweb", web)
+        assert code == 3 and "HTTP 401" in text  # no credentials at all
+        monkeypatch.setenv("MY_PACS_AUTH", "fetcher:s3cret-pw")
+        code, text = fetch("--out", str(tmp_path / "a3"), "--dicomweb", web, "--auth-env", "MY_PACS_AUTH")
+        assert code == 0, text
+        monkeypatch.setenv("ECHONODE_DICOMWEB_AUTH", "basic fetcher:s3cret-pw")
+        code, text = fetch("--out", str(tmp_path / "a4"), "--dicomweb", web)
+        assert code == 0, text
+    finally:
+        o.stop()
