@@ -17,6 +17,7 @@ and from a fake clock, never from wall-clock sleeps.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -268,7 +269,7 @@ def dataset_bytes(data: bytes) -> bytes:
 
 def landed(archive: Path) -> dict[str, Path]:
     """SOP UID -> file, for every instance under ARCHIVE/<Study>/<Series>/."""
-    return {p.stem: p for p in archive.glob("*/*/*.dcm")}
+    return {p.stem: p for p in archive.glob("*/*/*.dcm") if p.parts[-3] != ".fetch"}
 
 
 def assert_archive(archive: Path, truth: dict[str, bytes], expected: dict[str, dict[str, str]],
@@ -461,3 +462,258 @@ def test_dicomweb_credentials_come_from_a_file_or_the_environment(tmp_path, cont
         assert code == 0, text
     finally:
         o.stop()
+
+
+# -- interruptions -------------------------------------------------------------------
+
+
+def test_pacs_stopped_mid_study_then_started_again_rerun_completes(own_pacs, content, tmp_path, monkeypatch):
+    from train.fetch.landing import Sink
+
+    out = tmp_path / "archive"
+    original = Sink.accept
+    count = {"n": 0}
+
+    def accept(self, *args, **kwargs):
+        status = original(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == 8:  # inside the second study: the PACS goes down at once (a graceful
+            own_pacs.proc.kill()  # stop would first finish the C-MOVE it is serving)
+        return status
+
+    monkeypatch.setattr(Sink, "accept", accept)
+    code, text = fetch(*move_args(own_pacs, out), "--attempts", "2", "--retry-after", "0.05", "--retry-max", "0.1",
+                       "--timeout", "5")
+    monkeypatch.undo()
+    own_pacs.stop()
+    assert code == 1, text
+    rows = journal_rows(out)
+    states = [r[0] for r in rows.values()]
+    assert states.count("complete") == 1 and states.count("failed") == len(rows) - 1, rows
+    assert "run the same command again" in text
+    assert any("cannot connect" in (r[1] or "") for r in rows.values())
+    # What did land is whole: every file is the PACS's instance.
+    for sop, path in landed(out).items():
+        assert dataset_bytes(path.read_bytes()) == dataset_bytes(own_pacs.truth[sop])
+    assert 8 <= len(landed(out)) < sum(len(v) for v in content.echo.values())
+
+    own_pacs.start()
+    code, text = fetch(*move_args(own_pacs, out))
+    assert code == 0, text
+    assert_archive(out, own_pacs.truth, content.echo)
+    rows = journal_rows(out)
+    assert {r[0] for r in rows.values()} == {"complete"}
+    assert sorted(r[3] for r in rows.values()).count(1) == 1  # the study complete before the stop was not fetched again
+
+
+class CuttingProxy:
+    """A TCP relay to the PACS that drops one connection: the first that brings ``cut_at`` bytes back."""
+
+    def __init__(self, target_port: int, cut_at: int) -> None:
+        self.target_port = target_port
+        self.cut_at = cut_at
+        self.cut = False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for src, dst, budget in ((client, upstream, None), (upstream, client, self.cut_at)):
+                t = threading.Thread(target=self._pump, args=(src, dst, budget, client, upstream), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, budget: int | None, *both: socket.socket) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if budget is not None and not self.cut and sent + len(data) >= budget:
+                    self.cut = True
+                    dst.sendall(data[: budget - sent])
+                    break  # the cable is pulled: both sides see the connection go
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in both:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+        for t in self._threads:
+            t.join(5)
+
+
+def test_network_drop_mid_instance_leaves_no_partial_file(pacs, content, tmp_path, monkeypatch, caplog):
+    """The connection drops inside an instance (C-GET through a relay): nothing half-written lands."""
+    from train.fetch.landing import Archive
+
+    cleared: list[int] = []
+    original = Archive.clear_tmp
+
+    def clear_tmp(self):
+        cleared.extend(p.stat().st_size for p in self.tmp.iterdir())
+        return original(self)
+
+    monkeypatch.setattr(Archive, "clear_tmp", clear_tmp)
+    proxy = CuttingProxy(pacs.dicom_port, cut_at=30_000)
+    try:
+        out = tmp_path / "archive"
+        args = ["--out", str(out), "--from", f"ORTHANC@127.0.0.1:{proxy.port}", "--aet", FETCH_AET, "--get",
+                "--timeout", "5", "--attempts", "1", "--retry-after", "0.1"]
+        code, text = fetch(*args)
+        assert code == 1, text
+        rows = journal_rows(out)
+        failed = [s for s, r in rows.items() if r[0] == "failed"]
+        assert len(failed) == 1
+        assert "aborted or the connection dropped" in rows[failed[0]][1]
+        # The cut fell inside a C-STORE (pynetdicom: "PDU shorter than expected"), whose temp
+        # file in .fetch/tmp never got a final name and was removed at the end of the run.
+        assert "shorter than expected" in caplog.text
+        assert len(cleared) == 1
+        assert not list((out / ".fetch" / "tmp").iterdir())
+        got = landed(out)
+        assert 0 < len([s for s in got if s in content.echo[failed[0]]]) < len(content.echo[failed[0]])
+        for sop, path in got.items():
+            assert dataset_bytes(path.read_bytes()) == dataset_bytes(pacs.truth[sop])
+        code, text = fetch(*args)
+        assert code == 0, text
+        assert_archive(out, pacs.truth, content.echo)
+        assert not list((out / ".fetch" / "tmp").iterdir())
+    finally:
+        proxy.close()
+
+
+def _journal_counts(path: Path) -> tuple[int, int]:
+    """(instances recorded, studies fetching) read by another process, as the kill test watches."""
+    if not path.exists():
+        return 0, 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+            n = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+            f = db.execute("SELECT COUNT(*) FROM studies WHERE state = 'fetching'").fetchone()[0]
+            return int(n), int(f)
+    except sqlite3.Error:
+        return 0, 0
+
+
+def test_kill_9_mid_study_loses_nothing_and_the_rerun_completes(pacs, content, tmp_path):
+    out = tmp_path / "archive"
+    # 20 KB/s: an instance about every second, so the kill lands inside a study.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", "fetch", *move_args(pacs, out), "--max-mb-s", "0.02", "--no-progress"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        wait_for(lambda: _journal_counts(out / ".fetch" / "journal.sqlite") >= (3, 1), timeout=60,
+                 what="fetch to be inside a study")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    journal = FetchJournal(out / ".fetch" / "journal.sqlite")
+    try:
+        fetching = [s for s in journal.studies() if s.state == "fetching"]
+        assert len(fetching) == 1
+        recorded = {sop for s in content.echo for sop in journal.instances_of(s)}
+    finally:
+        journal.close()
+    got = landed(out)
+    assert recorded <= set(got)  # everything acknowledged is on disk
+    for sop, path in got.items():  # and nothing on disk is partial
+        assert dataset_bytes(path.read_bytes()) == dataset_bytes(pacs.truth[sop])
+    code, text = fetch(*move_args(pacs, out))
+    assert code == 0, text
+    assert_archive(out, pacs.truth, content.echo)
+    assert not list((out / ".fetch" / "tmp").iterdir())
+
+
+# -- pacing ---------------------------------------------------------------------------
+
+
+def test_window_and_bandwidth_cap_from_the_journal(pacs, content, tmp_path):
+    """A fake clock: studies start only inside the window; bytes never run ahead of the cap."""
+    noon = dt.datetime(2026, 12, 1, 12, 0)
+    clock = FakeClock(noon.timestamp())
+    out = tmp_path / "archive"
+    rate = 5_000.0  # bytes/s: about 20 s of clock per study
+    code, text = fetch("--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--get", "--window",
+                       "19:00-19:01", "--max-mb-s", str(rate / 1e6), "--timeout", "10", clock=clock)
+    assert code == 0, text
+    assert "outside the window 19:00-19:01: resuming at 2026-12-01 19:00" in text
+    assert_archive(out, pacs.truth, content.echo)
+    journal = FetchJournal(out / ".fetch" / "journal.sqlite")
+    try:
+        attempts = journal.attempts()
+        times = journal.instance_times()
+    finally:
+        journal.close()
+    window = Window.parse("19:00-19:01")
+    starts = [dt.datetime.fromtimestamp(a.started_at) for a in attempts]
+    assert all(window.contains(t) for t in starts), starts
+    # The window closed with studies left: they waited for the next evening.
+    assert {t.date() for t in starts} == {dt.date(2026, 12, 1), dt.date(2026, 12, 2)}
+    # The cap: by any moment, no more bytes landed than the budget allowed since the first start.
+    # (A file is 300-odd bytes longer than what crossed the wire: the preamble and file meta.)
+    t0 = attempts[0].started_at
+    total = 0
+    for n, (t, size) in enumerate(times, start=1):
+        total += size
+        assert total <= rate * 1.0 + rate * (t - t0) + 512 * n, (n, total, t - t0)
+    assert total / (times[-1][0] - t0) <= rate * 1.1 or times[-1][0] - t0 > 86400
+
+
+def test_window_arithmetic():
+    w = Window.parse("19:00-07:00")
+    day = dt.datetime(2026, 3, 2)
+    assert not w.contains(day.replace(hour=12))
+    assert w.contains(day.replace(hour=23, minute=59)) and w.contains(day.replace(hour=6, minute=59))
+    assert not w.contains(day.replace(hour=7))
+    assert w.next_open(day.replace(hour=12)) == day.replace(hour=19)
+    assert w.next_open(day.replace(hour=20)) == day.replace(hour=20)
+    assert Window.parse("08:00-08:00").contains(day)  # all day
+    for bad in ("19-07", "25:00-07:00", "19:00", "19:00-07:60"):
+        with pytest.raises(ValueError):
+            Window.parse(bad)
+
+
+def test_rate_limiter_holds_the_average_on_a_fake_clock():
+    clock = FakeClock(1000.0)
+    limiter = RateLimiter(1000.0, clock)
+    for _ in range(50):
+        limiter.take(100)
+    # 5000 bytes at 1000 B/s with a 1 s bucket: 4 s of waiting.
+    assert clock.time() - 1000.0 == pytest.approx(4.0)
+    unlimited = RateLimiter(None, clock)
+    assert unlimited.take(10**9) == 0.0
+
+
+def test_studies_csv_refuses_wildcards_without_quoting_the_value(tmp_path):
+    f = tmp_path / "list.csv"
+    f.write_text("patient_id,other\nSECRET-ID*,x\n")
+    code, text = fetch("--out", str(tmp_path / "a"), "--from", "PACS@127.0.0.1:1", "--get", "--studies", str(f))
+    assert code == 2 and "row 2" in text and "SECRET" not in text
+    f.write_text("name\nx\n")
+    code, text = fetch("--out", str(tmp_path / "a"), "--from", "PACS@127.0.0.1:1", "--get", "--studies", str(f))
+    assert code == 2 and "names none of" in text

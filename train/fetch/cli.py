@@ -225,6 +225,7 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
             if sink is not None:
                 sink.close()
             journal.close()
+            archive.clear_tmp()  # transfers cut short; a kill -9 leaves them to the next run
 
 
 def _source(ns: argparse.Namespace, mode: str, aet: str, archive: Archive | None, sink: Sink | None,

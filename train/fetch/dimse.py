@@ -200,8 +200,7 @@ def no_answer(assoc: Association, what: str, waited_s: float) -> FetchError:
     """The error for a request that got no response: the PACS aborted, or did not answer in time."""
     timeout = float(assoc.dimse_timeout or 0)
     if timeout and waited_s < 0.9 * timeout:
-        return FetchError(f"{what}: the PACS aborted the association (does it know fetch's AE title "
-                          f"{assoc.requestor.ae_title} as a DICOM node?)", busy=True)
+        return FetchError(f"{what}: the association was aborted or the connection dropped", busy=True)
     return FetchError(f"{what}: no answer from the PACS within {timeout:g} s", busy=True)
 
 

@@ -204,6 +204,8 @@ class Fetcher:
             s.fatal = exc.reason
             s.exit_code = EXIT_SOURCE
             self.say(f"fetch: the query failed: {exc.reason}")
+            if "aborted" in exc.reason:
+                self.say("fetch: (a PACS that does not know fetch's AE title often aborts at the first request)")
             return s
         s.found = len(found)
         self.journal.record_found([(f.study_uid, f.n_instances) for f in found], self.clock.time())
