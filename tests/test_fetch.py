@@ -717,3 +717,275 @@ def test_studies_csv_refuses_wildcards_without_quoting_the_value(tmp_path):
     f.write_text("name\nx\n")
     code, text = fetch("--out", str(tmp_path / "a"), "--from", "PACS@127.0.0.1:1", "--get", "--studies", str(f))
     assert code == 2 and "names none of" in text
+
+
+# -- bad answers ------------------------------------------------------------------------
+
+
+class FakePacs:
+    """A pynetdicom Q/R SCP holding a few small studies; each test says how it answers retrievals.
+
+    ``on_move(event, datasets)`` and ``on_get(event, datasets)`` are generators in
+    pynetdicom's handler protocol; ``find_gate`` (an Event), when set, makes the
+    C-FIND handler wait on it: a PACS that stops answering.
+    """
+
+    def __init__(self, studies: int = 2, per_study: int = 3) -> None:
+        self.studies: dict[str, list[Dataset]] = {}
+        for i in range(studies):
+            study = generate_uid()
+            series = generate_uid()
+            self.studies[study] = [
+                us_multiframe(study_uid=study, series_uid=series, frames=2, rows=16, cols=16, seed=10 * i + j)
+                for j in range(per_study)
+            ]
+        self.ae = AE("FAKEPACS")
+        self.ae.network_timeout = 10
+        for model in (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
+                      StudyRootQueryRetrieveInformationModelGet):
+            self.ae.add_supported_context(model)
+        for cx in StoragePresentationContexts[:40]:
+            self.ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
+        self.ae.add_requested_context("1.2.840.10008.5.1.4.1.1.3.1", ExplicitVRLittleEndian)
+        self.on_move: Callable | None = None
+        self.on_get: Callable | None = None
+        self.find_gate: threading.Event | None = None
+        self.destinations: dict[str, tuple[str, int]] = {}
+        self.calls: list[str] = []
+        self.server: Any = None
+
+    def start(self) -> FakePacs:
+        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+            (evt.EVT_C_FIND, self._find), (evt.EVT_C_MOVE, self._move), (evt.EVT_C_GET, self._get)])
+        return self
+
+    @property
+    def peer(self) -> str:
+        return f"FAKEPACS@127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self.find_gate is not None:
+            self.find_gate.set()
+        self.server.shutdown()
+
+    def _find(self, event: Any) -> Iterator:
+        self.calls.append("find")
+        if self.find_gate is not None:
+            self.find_gate.wait(30)
+            return
+        ident = event.identifier
+        if ident.QueryRetrieveLevel == "STUDY":
+            for study, items in self.studies.items():
+                rsp = Dataset()
+                rsp.QueryRetrieveLevel = "STUDY"
+                rsp.StudyInstanceUID = study
+                rsp.StudyDate = "20260101"
+                rsp.NumberOfStudyRelatedInstances = len(items)
+                yield 0xFF00, rsp
+        else:
+            items = self.studies.get(str(ident.StudyInstanceUID), [])
+            if items:
+                rsp = Dataset()
+                rsp.QueryRetrieveLevel = "SERIES"
+                rsp.StudyInstanceUID = ident.StudyInstanceUID
+                rsp.SeriesInstanceUID = items[0].SeriesInstanceUID
+                rsp.Modality = "US"
+                rsp.NumberOfSeriesRelatedInstances = len(items)
+                yield 0xFF00, rsp
+
+    def _datasets(self, event: Any) -> list[Dataset]:
+        return self.studies.get(str(event.identifier.StudyInstanceUID), [])
+
+    def _move(self, event: Any) -> Iterator:
+        self.calls.append("move")
+        assert self.on_move is not None
+        yield from self.on_move(event, self._datasets(event))
+
+    def _get(self, event: Any) -> Iterator:
+        self.calls.append("get")
+        assert self.on_get is not None
+        yield from self.on_get(event, self._datasets(event))
+
+
+@pytest.fixture
+def fake_pacs() -> Iterator[FakePacs]:
+    p = FakePacs().start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def _move_args(p: FakePacs, out: Path, port: int) -> list[str]:
+    return ["--out", str(out), "--from", p.peer, "--aet", FETCH_AET, "--port", str(port), "--listen", "127.0.0.1",
+            "--timeout", "5"]
+
+
+def test_unknown_move_destination_stops_the_run(fake_pacs, tmp_path):
+    def move(event, datasets):
+        yield None, None  # pynetdicom answers 0xA801
+
+    fake_pacs.on_move = move
+    out = tmp_path / "archive"
+    code, text = fetch(*_move_args(fake_pacs, out, free_port()))
+    assert code == 3, text
+    assert "0xA801 move destination unknown" in text
+    assert fake_pacs.calls.count("move") == 1  # the second study was not tried
+    rows = journal_rows(out)
+    assert sorted(r[0] for r in rows.values()) == ["failed", "found"]
+
+
+def test_partial_failure_is_retried_then_recorded_with_its_count(fake_pacs, tmp_path):
+    port = free_port()
+    fake_pacs.destinations[FETCH_AET] = ("127.0.0.1", port)
+
+    def move(event, datasets):
+        yield "127.0.0.1", port
+        yield len(datasets)
+        yield 0xFF00, datasets[0]
+        yield 0xB000, Dataset()  # the other two failed at the PACS
+
+    fake_pacs.on_move = move
+    fake_pacs.studies = dict(list(fake_pacs.studies.items())[:1])
+    out = tmp_path / "archive"
+    clock = FakeClock(time.time())
+    code, text = fetch(*_move_args(fake_pacs, out, port), "--attempts", "2", clock=clock)
+    assert code == 1, text
+    (row,) = journal_rows(out).values()
+    assert row[0] == "failed" and row[3] == 2, row
+    assert "0xB000 2 instance(s) failed at the PACS" in row[1]
+    (study, items), = fake_pacs.studies.items()
+    got = landed(out)
+    assert list(got) == [str(items[0].SOPInstanceUID)]
+    assert pydicom.dcmread(got[str(items[0].SOPInstanceUID)]).PixelData == items[0].PixelData
+
+
+def test_out_of_resources_backs_off_then_succeeds(fake_pacs, tmp_path):
+    tries = {"n": 0}
+
+    def get(event, datasets):
+        tries["n"] += 1
+        yield len(datasets)
+        if tries["n"] == 1:
+            yield 0xA702, Dataset()  # out of resources: unable to perform sub-operations
+            return
+        for ds in datasets:
+            yield 0xFF00, ds
+
+    fake_pacs.on_get = get
+    fake_pacs.studies = dict(list(fake_pacs.studies.items())[:1])
+    out = tmp_path / "archive"
+    clock = FakeClock(time.time())
+    code, text = fetch("--out", str(out), "--from", fake_pacs.peer, "--aet", FETCH_AET, "--get", "--timeout", "5",
+                       "--retry-after", "30", clock=clock)
+    assert code == 0, text
+    assert "busy or not answering: pausing 30 s" in text
+    assert sum(clock.sleeps) >= 30
+    (row,) = journal_rows(out).values()
+    assert row[0] == "complete" and row[3] == 2
+    journal = FetchJournal(out / ".fetch" / "journal.sqlite")
+    try:
+        first, second = journal.attempts()
+    finally:
+        journal.close()
+    assert "0xA702" in first.reason and second.outcome == "complete"
+    assert second.started_at - first.finished_at >= 30  # on the fake clock: the backoff was waited
+
+
+def test_a_peer_that_stops_answering_meets_the_deadline(fake_pacs, tmp_path):
+    fake_pacs.find_gate = threading.Event()
+    clock = FakeClock(time.time())
+    started = time.monotonic()
+    code, text = fetch("--out", str(tmp_path / "archive"), "--from", fake_pacs.peer, "--aet", FETCH_AET, "--get",
+                       "--timeout", "1", "--attempts", "2", clock=clock)
+    assert code == 3, text
+    assert "no answer from the PACS within 1 s" in text
+    assert fake_pacs.calls.count("find") == 2
+    assert time.monotonic() - started < 15  # two deadlines of 1 s, not a hang
+
+
+def test_an_instance_that_does_not_parse_is_refused_and_recorded(fake_pacs, tmp_path, monkeypatch):
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are
+    (study, items), = list(fake_pacs.studies.items())[:1]
+    fake_pacs.studies = {study: items[:1]}
+    cut = tmp_path / "cut.dcm"
+    write(items[0], cut)
+    cut.write_bytes(cut.read_bytes()[:-200])  # the pixel data declares 200 bytes more than follow
+
+    def get(event, datasets):
+        yield 1
+        status = event.assoc.send_c_store(cut)
+        assert status.Status == 0xC210
+        yield 0xB000, Dataset()
+
+    fake_pacs.on_get = get
+    out = tmp_path / "archive"
+    code, text = fetch("--out", str(out), "--from", fake_pacs.peer, "--aet", FETCH_AET, "--get", "--timeout", "5",
+                       "--attempts", "3")
+    assert code == 1, text
+    (row,) = journal_rows(out).values()
+    assert row[0] == "failed" and row[3] == 1  # refused here: trying again would get the same bytes
+    assert "refused here: 1 (0xC210: cannot parse the data set" in row[1]
+    assert landed(out) == {}
+    journal = FetchJournal(out / ".fetch" / "journal.sqlite")
+    try:
+        assert [(s, r[:6]) for s, _sop, r in journal.refused()] == [(study, "0xC210")]
+    finally:
+        journal.close()
+
+
+class RejectingPeer:
+    """A raw socket that answers every A-ASSOCIATE-RQ with an A-ASSOCIATE-RJ (result, source, reason)."""
+
+    def __init__(self, result: int, source: int, reason: int) -> None:
+        self.pdu = bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, result, source, reason])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(self.pdu)
+                    conn.recv(1)
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize("transient", [False, True])
+def test_association_rejections(tmp_path, transient):
+    peer = RejectingPeer(2, 3, 1) if transient else RejectingPeer(1, 1, 3)
+    clock = FakeClock(time.time())
+    try:
+        code, text = fetch("--out", str(tmp_path / "archive"), "--from", f"PACS@127.0.0.1:{peer.port}", "--aet",
+                           FETCH_AET, "--get", "--timeout", "5", "--attempts", "3", "--retry-after", "30", clock=clock)
+    finally:
+        peer.close()
+    assert code == 3, text
+    if transient:
+        assert "rejected transiently" in text and "temporary congestion" in text
+        assert peer.connections == 3
+        waits = [s for s in clock.sleeps if s > 1]
+        assert sum(waits) >= 30 + 60  # backed off, doubling
+    else:
+        assert "rejected permanently" in text and "calling AE title not recognized" in text
+        assert peer.connections == 1

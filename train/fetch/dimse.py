@@ -83,16 +83,15 @@ MAX_CONTEXTS = 128
 def get_contexts() -> list[tuple[str, list[UID]]]:
     """The presentation contexts of a C-GET association: the GET model, then storage.
 
-    One context per (image class, compressed encoding), one for each class
-    uncompressed, and SRs uncompressed or deflated: within 128.
+    One context per (class, encoding), Explicit and Implicit VR Little Endian
+    apart too, so that whatever a PACS holds it can send as it holds it; SRs
+    uncompressed or deflated. 103 contexts, within the 128 allowed.
     """
     contexts: list[tuple[str, list[UID]]] = [(STUDY_ROOT_GET, list(UNCOMPRESSED))]
     for sop_class in ECHO_IMAGE_CLASSES:
-        contexts.append((sop_class, list(UNCOMPRESSED)))
-        contexts.extend((sop_class, [ts]) for ts in IMAGE_ENCODINGS)
+        contexts.extend((sop_class, [ts]) for ts in (*UNCOMPRESSED, *IMAGE_ENCODINGS))
     for sop_class in ECHO_SR_CLASSES:
-        contexts.append((sop_class, list(UNCOMPRESSED)))
-        contexts.append((sop_class, [DeflatedExplicitVRLittleEndian]))
+        contexts.extend((sop_class, [ts]) for ts in (*UNCOMPRESSED, DeflatedExplicitVRLittleEndian))
     assert len(contexts) <= MAX_CONTEXTS
     return contexts
 
