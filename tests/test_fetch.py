@@ -821,15 +821,23 @@ def _move_args(p: FakePacs, out: Path, port: int) -> list[str]:
             "--timeout", "5"]
 
 
-def test_unknown_move_destination_stops_the_run(fake_pacs, tmp_path):
+@pytest.mark.parametrize("status", [0xA801, 0xC801])
+def test_unknown_or_refused_move_destination_stops_the_run(fake_pacs, tmp_path, status):
+    port = free_port()
+
     def move(event, datasets):
-        yield None, None  # pynetdicom answers 0xA801
+        if status == 0xA801:
+            yield None, None  # pynetdicom answers 0xA801
+            return
+        yield "127.0.0.1", port
+        yield len(datasets)
+        yield status, Dataset()  # dcm4chee: "Move Destination not allowed"
 
     fake_pacs.on_move = move
     out = tmp_path / "archive"
-    code, text = fetch(*_move_args(fake_pacs, out, free_port()))
+    code, text = fetch(*_move_args(fake_pacs, out, port))
     assert code == 3, text
-    assert "0xA801 move destination unknown" in text
+    assert {0xA801: "0xA801 move destination unknown", 0xC801: "0xC801 move destination not allowed"}[status] in text
     assert fake_pacs.calls.count("move") == 1  # the second study was not tried
     rows = journal_rows(out)
     assert sorted(r[0] for r in rows.values()) == ["failed", "found"]

@@ -226,6 +226,9 @@ def retrieve_failure(code: int, what: str, failed: int) -> FetchError:
     if code == 0xA801:
         return FetchError(f"{what}: 0xA801 move destination unknown: declare fetch's AE title (with its host and "
                           "port) as a DICOM node in the PACS", fatal=True)
+    if code == 0xC801:  # dcm4chee: the destination is not among the AE's accepted move destinations
+        return FetchError(f"{what}: 0xC801 move destination not allowed: add fetch's AE title to the PACS's "
+                          "accepted move destinations", fatal=True)
     if code == 0xB000:
         return FetchError(f"{what}: {hexcode} {failed} instance(s) failed at the PACS", transient=True)
     if code & 0xFF00 == 0xA700:

@@ -89,6 +89,13 @@ class FoundStudy:
     study_date: str = ""
     n_series: int | None = None
     n_instances: int | None = None
+    #: ModalitiesInStudy as the PACS answered it (empty: not said)
+    modalities: tuple[str, ...] = ()
+
+    @property
+    def echo_only(self) -> bool:
+        """The PACS says the study holds US series and nothing but US and SR."""
+        return "US" in self.modalities and set(self.modalities) <= set(WANTED_MODALITIES)
 
 
 @dataclass(frozen=True)
@@ -229,12 +236,12 @@ def _found_study(ident: Dataset, want_us: bool) -> FoundStudy | None:
         log.warning("fetch.query_bad_uid", level="study")
         return None
     modalities = ident.get("ModalitiesInStudy")
-    if want_us and modalities:
-        values = [modalities] if isinstance(modalities, str) else list(modalities)
-        if "US" not in values:
-            return None  # a PACS that ignores the ModalitiesInStudy key
+    values = ([modalities] if isinstance(modalities, str) else list(modalities)) if modalities else []
+    values = [str(v).strip().upper() for v in values if str(v).strip()]
+    if want_us and values and "US" not in values:
+        return None  # a PACS that ignores the ModalitiesInStudy key
     return FoundStudy(uid, str(ident.get("StudyDate", "") or ""), _int(ident.get("NumberOfStudyRelatedSeries")),
-                      _int(ident.get("NumberOfStudyRelatedInstances")))
+                      _int(ident.get("NumberOfStudyRelatedInstances")), tuple(values))
 
 
 def find_studies_dimse(assoc: Association, criteria: Criteria, today: dt.date,
@@ -351,11 +358,11 @@ def found_study_json(item: dict, want_us: bool) -> FoundStudy | None:
     if not is_valid_uid(uid):
         log.warning("fetch.query_bad_uid", level="study")
         return None
-    modalities = (item.get("00080061") or {}).get("Value") or []
+    modalities = [str(m).strip().upper() for m in (item.get("00080061") or {}).get("Value") or [] if m]
     if want_us and modalities and "US" not in modalities:
         return None
     return FoundStudy(uid, str(json_value(item, "00080020") or ""), _int(json_value(item, "00201206")),
-                      _int(json_value(item, "00201208")))
+                      _int(json_value(item, "00201208")), tuple(modalities))
 
 
 def found_series_json(item: dict) -> FoundSeries | None:

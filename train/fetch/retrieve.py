@@ -193,8 +193,10 @@ class StoreServer:
         self.ae.add_supported_context(Verification)
         self.host = host
         self.requested_port = port
-        self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink)), (evt.EVT_DATA_RECV, throttle_handler(limiter)),
+        self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink)),
                                     (evt.EVT_CONN_OPEN, lambda event: no_delay(event.assoc))]
+        if limiter.enabled:
+            self.handlers.append((evt.EVT_DATA_RECV, throttle_handler(limiter)))
         self._server: Any = None
 
     @property

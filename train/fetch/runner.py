@@ -138,6 +138,7 @@ class Fetcher:
         self._stop: str | None = None
         self._bar: Any = None
         self._announced: str | None = None
+        self._found: dict[str, FoundStudy] = {}
 
     # -- messages ----------------------------------------------------------------------
 
@@ -208,6 +209,7 @@ class Fetcher:
                 self.say("fetch: (a PACS that does not know fetch's AE title often aborts at the first request)")
             return s
         s.found = len(found)
+        self._found = {f.study_uid: f for f in found}
         self.journal.record_found([(f.study_uid, f.n_instances) for f in found], self.clock.time())
         states = self.journal.states()
         todo = [f.study_uid for f in found if states.get(f.study_uid) not in DONE_STATES]
@@ -279,7 +281,7 @@ class Fetcher:
         attempt = self.journal.start_attempt(uid, self.clock.time())
         log.info("fetch.study_started", study_uid=uid, attempt=attempt)
         try:
-            result = self.source.fetch(uid, attempt)
+            result = self.source.fetch(uid, attempt, self._found.get(uid))
         except FetchError as exc:
             self.journal.finish_attempt(attempt, uid, FetchState.FAILED, exc.reason, self.clock.time())
             raise

@@ -79,7 +79,8 @@ class Source(Protocol):
     def find_series(self, study_uid: str) -> list[FoundSeries]:
         ...
 
-    def fetch(self, study_uid: str, attempt: int) -> StudyResult:
+    def fetch(self, study_uid: str, attempt: int, found: FoundStudy | None = None) -> StudyResult:
+        """Retrieve one study; ``found`` is what the study-level query said of it."""
         ...
 
     def abort(self) -> None:
@@ -130,7 +131,7 @@ class DimseSource:
                 self.local_aet, self.peer, [(STUDY_ROOT_FIND, UNCOMPRESSED), *get_contexts()],
                 timeout_s=self.timeout_s, max_pdu=self.max_pdu, ext_neg=storage_roles(),
                 handlers=[(evt.EVT_C_STORE, store_handler(self.sink, lambda: study_uid)),
-                          (evt.EVT_DATA_RECV, throttle_handler(self.limiter))],
+                          *([(evt.EVT_DATA_RECV, throttle_handler(self.limiter))] if self.limiter.enabled else [])],
             )
         contexts = [(STUDY_ROOT_FIND, UNCOMPRESSED)]
         if for_retrieval:
@@ -161,20 +162,27 @@ class DimseSource:
         finally:
             self._close(assoc)
 
-    def fetch(self, study_uid: str, attempt: int) -> StudyResult:
+    def fetch(self, study_uid: str, attempt: int, found: FoundStudy | None = None) -> StudyResult:
         verb = "C-GET" if self.mode == "get" else "C-MOVE"
         assoc = self._session(for_retrieval=True, study_uid=study_uid)
         flight = None
         try:
-            every = find_series_dimse(assoc, study_uid)
-            series = wanted(every)
-            if not series:
-                return StudyResult(skipped="no US series")
+            expected: int | None
+            if found is not None and found.echo_only:
+                # The PACS said the study holds US and SR series only (the
+                # usual echo study): no series query, one request for the study.
+                targets: list[str | None] = [None]
+                expected = found.n_instances
+            else:
+                every = find_series_dimse(assoc, study_uid)
+                series = wanted(every)
+                if not series:
+                    return StudyResult(skipped="no US series")
+                # One request for the study when it holds nothing but US and SR series.
+                targets = [None] if len(series) == len(every) else [s.series_uid for s in series]
+                expected = announced(series)
             if self.sink is not None:
                 flight = self.sink.begin(study_uid, attempt)
-            # One request for the study when it holds nothing but US and SR
-            # series (the usual echo study): one round trip instead of one a series.
-            targets: list[str | None] = [None] if len(series) == len(every) else [s.series_uid for s in series]
             outcomes = []
             for target in targets:
                 if self.mode == "get":
@@ -192,7 +200,6 @@ class DimseSource:
             if self.sink is not None:
                 flight = self.sink.end(study_uid) or flight
         sent = judge(outcomes, flight, verb)
-        expected = announced(series)
         present = sent if flight is None else len(self.sink.journal.instances_of(study_uid))  # type: ignore[union-attr]
         return StudyResult(expected=expected, sent=sent, present=present)
 
@@ -270,7 +277,7 @@ class WebSource:
                 out.setdefault(s.series_uid, s)
         return list(out.values())
 
-    def fetch(self, study_uid: str, attempt: int) -> StudyResult:
+    def fetch(self, study_uid: str, attempt: int, found: FoundStudy | None = None) -> StudyResult:
         series = wanted(self.find_series(study_uid))
         if not series:
             return StudyResult(skipped="no US series")
