@@ -11,7 +11,9 @@ acknowledged and is cleared at the next start.
 Durability against a power cut is settled per study, not per instance: a
 background thread fsyncs each file as it lands, and a study is recorded
 ``complete`` only after every one of its files and folders has been
-fsynced. An fsync costs a file-system journal commit (about 12 ms here);
+fsynced (:meth:`Sink.sync`, which the runner calls off the retrieval
+thread, so that the next study is already coming while the last one's
+writes reach the disk). An fsync costs a file-system journal commit (about 12 ms here);
 one per instance before its acknowledgement would hold the PACS back for
 every small object, while an instance lost to a power cut before its study
 is complete is simply fetched again (the PACS still has it).
@@ -156,14 +158,12 @@ class Sink:
             return flight
 
     def end(self, study_uid: str) -> InFlight | None:
-        """Stop taking the study's instances and make the ones landed durable (see ``sync_error``)."""
+        """Stop taking the study's instances (their fsyncs may still be running: :meth:`sync`)."""
         with self._lock:
-            flight = self._flight.pop(study_uid, None)
-        if flight is not None:
-            self._sync(flight)
-        return flight
+            return self._flight.pop(study_uid, None)
 
-    def _sync(self, flight: InFlight) -> None:
+    def sync(self, flight: InFlight) -> None:
+        """Wait until every file the study landed, and its folders, are on disk; failures set ``sync_error``."""
         try:
             for fut in flight.syncs:
                 fut.result()

@@ -127,8 +127,6 @@ def judge(outcomes: list[SeriesOutcome], flight: InFlight | None, verb: str) -> 
             ours = flight.refused >= failed and not err.busy and not err.fatal
             err = FetchError(reason, transient=err.transient and not ours, busy=err.busy, fatal=err.fatal)
         raise err
-    if flight is not None and flight.sync_error:
-        raise FetchError(flight.sync_error, transient=True)
     if flight is not None and flight.instances < sent:
         raise FetchError(f"the PACS reported {sent} instance(s) sent but {flight.instances} arrived", transient=True)
     return sent

@@ -33,7 +33,7 @@ from .journal import DONE_STATES, FetchJournal, FetchState
 from .landing import Archive, Sink
 from .pacing import Backoff, Clock, RateLimiter, SystemClock, Window, local
 from .query import Criteria, FoundStudy, wanted
-from .sources import Source
+from .sources import Source, StudyResult
 
 log = get_logger(__name__)
 
@@ -231,6 +231,7 @@ class Fetcher:
     def _fetch_all(self, todo: list[str]) -> None:
         pending: deque[tuple[str, int]] = deque((uid, 0) for uid in todo)
         running: dict[Future, tuple[str, int]] = {}
+        settling: dict[Future, str] = {}
         bar = None
         if self.opts.progress:
             from tqdm import tqdm  # type: ignore[import-untyped]
@@ -239,45 +240,64 @@ class Fetcher:
         self._bar = bar
         t0 = self.clock.time()
         pool = ThreadPoolExecutor(max_workers=self.opts.max_in_flight, thread_name_prefix="fetch")
+        # Makes each retrieved study durable, then records it complete, while
+        # the workers already retrieve the next ones.
+        durable = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-durable")
         try:
-            while pending or running:
+            while pending or running or settling:
                 while pending and len(running) < self.opts.max_in_flight and self._stop is None:
                     if running and self._blocked_for() is not None:
                         break  # let the studies in flight finish; then wait
-                    self.wait_until_allowed()
+                    if not running and not settling:
+                        self.wait_until_allowed()
+                    elif self._blocked_for() is not None:
+                        break
                     if self._stop is not None:
                         break
                     uid, tries = pending.popleft()
                     running[pool.submit(self._fetch_one, uid)] = (uid, tries + 1)
-                if not running:
+                if not running and not settling:
+                    if pending and self._stop is None:
+                        continue
                     break
-                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                done, _ = wait([*running, *settling], timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
+                    if fut in settling:
+                        uid = settling.pop(fut)
+                        self._settled(uid, fut)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                     uid, tries = running.pop(fut)
                     retry = self._settle(uid, tries, fut)
                     if retry:
                         pending.append((uid, tries))
+                    elif fut.exception() is None and not fut.result()[1].skipped:
+                        attempt, result = fut.result()
+                        settling[durable.submit(self._make_durable, uid, attempt, result)] = uid
                     elif bar is not None:
                         bar.update(1)
                 if bar is not None and self.sink is not None:
                     elapsed = max(1e-6, self.clock.time() - t0)
                     mb = self.sink.total_bytes / MB
                     bar.set_postfix_str(f"{mb:.1f} MB, {mb / elapsed:.2f} MB/s", refresh=False)
-                if self._stop is not None and not running:
+                if self._stop is not None and not running and not settling:
                     break
         except BaseException:
             self._stop = self._stop or "interrupted"
             self.source.abort()
             pool.shutdown(wait=True, cancel_futures=True)
+            durable.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             if bar is not None:
                 bar.close()
             self._bar = None
         pool.shutdown(wait=True)
+        durable.shutdown(wait=True)
         self.summary.not_reached = len(pending)
 
-    def _fetch_one(self, uid: str) -> Any:
+    def _fetch_one(self, uid: str) -> tuple[int, StudyResult]:
         attempt = self.journal.start_attempt(uid, self.clock.time())
         log.info("fetch.study_started", study_uid=uid, attempt=attempt)
         try:
@@ -287,24 +307,42 @@ class Fetcher:
             raise
         if result.skipped:
             self.journal.finish_attempt(attempt, uid, FetchState.SKIPPED, result.skipped, self.clock.time())
-        else:
-            self.journal.finish_attempt(attempt, uid, FetchState.COMPLETE, None, self.clock.time(),
-                                        expected=result.expected, moved=None if self.sink else result.sent)
+        return attempt, result
+
+    def _make_durable(self, uid: str, attempt: int, result: StudyResult) -> StudyResult:
+        """Wait for the study's files to be on disk, then record it complete (or failed, if they cannot be)."""
+        if self.sink is not None and result.flight is not None:
+            self.sink.sync(result.flight)
+            if result.flight.sync_error:
+                self.journal.finish_attempt(attempt, uid, FetchState.FAILED, result.flight.sync_error,
+                                            self.clock.time())
+                raise FetchError(result.flight.sync_error, transient=False)
+        self.journal.finish_attempt(attempt, uid, FetchState.COMPLETE, None, self.clock.time(),
+                                    expected=result.expected, moved=None if self.sink else result.sent)
         return result
+
+    def _settled(self, uid: str, fut: Future) -> None:
+        """Count a retrieved study once it is durable."""
+        exc = fut.exception()
+        if exc is None:
+            result = fut.result()
+            self.summary.complete += 1
+            log.info("fetch.study_complete", study_uid=uid, instances=result.present, sent=result.sent)
+            return
+        reason = exc.reason if isinstance(exc, FetchError) else f"internal error {type(exc).__name__}"
+        log.error("fetch.study_not_durable", study_uid=uid, error=type(exc).__name__)
+        self.summary.failed.append((uid, reason))
 
     def _settle(self, uid: str, tries: int, fut: Future) -> bool:
         """Record how a study's try ended; True when it should be tried again in this run."""
         s = self.summary
         exc = fut.exception()
         if exc is None:
-            result = fut.result()
+            _attempt, result = fut.result()
             self.backoff.succeeded()
             if result.skipped:
                 s.skipped += 1
                 log.info("fetch.study_skipped", study_uid=uid, reason=result.skipped)
-            else:
-                s.complete += 1
-                log.info("fetch.study_complete", study_uid=uid, instances=result.present, sent=result.sent)
             return False
         if not isinstance(exc, FetchError):
             # A bug: recorded as a failure with its type, never its message.

@@ -27,7 +27,7 @@ from .dimse import (
     storage_roles,
 )
 from .errors import FetchError
-from .landing import Archive, Sink
+from .landing import Archive, InFlight, Sink
 from .pacing import RateLimiter
 from .query import (
     Criteria,
@@ -66,6 +66,7 @@ class StudyResult:
     expected: int | None = None  # instances the series query announced
     sent: int = 0  # instances the PACS sent (C-MOVE/C-GET counts) or fetch retrieved (WADO-RS)
     present: int = 0  # instances of the study on disk (this try and earlier ones)
+    flight: InFlight | None = None  # what landed in this try, whose fsyncs may still be running
 
 
 class Source(Protocol):
@@ -201,7 +202,7 @@ class DimseSource:
                 flight = self.sink.end(study_uid) or flight
         sent = judge(outcomes, flight, verb)
         present = sent if flight is None else len(self.sink.journal.instances_of(study_uid))  # type: ignore[union-attr]
-        return StudyResult(expected=expected, sent=sent, present=present)
+        return StudyResult(expected=expected, sent=sent, present=present, flight=flight)
 
     def abort(self) -> None:
         self.open.abort_all()
@@ -304,13 +305,12 @@ class WebSource:
                             present += 1
         finally:
             self.sink.end(study_uid)
-        if flight.sync_error:
-            raise FetchError(flight.sync_error, transient=True)
         if flight.refused:
             raise FetchError(f"{flight.refused} instance(s) refused here ({flight.reasons[0]})", transient=False)
         if present < listed:
             raise FetchError(f"{listed} instance(s) listed but {present} retrieved", transient=True)
-        return StudyResult(expected=listed, sent=flight.instances, present=len(self.sink.journal.instances_of(study_uid)))
+        return StudyResult(expected=listed, sent=flight.instances,
+                           present=len(self.sink.journal.instances_of(study_uid)), flight=flight)
 
     def _on_disk(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         return (self.archive.root / study_uid / series_uid / f"{sop_uid}.dcm").is_file()
