@@ -15,6 +15,7 @@ timeout on a large instance).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.utils import make_target
 
 from echonode.logs import get_logger
 
@@ -203,11 +205,16 @@ class StoreServer:
 
     def start(self) -> StoreServer:
         try:
-            self._server = self.ae.start_server((self.host, self.requested_port), block=False,
-                                                evt_handlers=self.handlers)
+            server = self.ae.make_server((self.host, self.requested_port), evt_handlers=self.handlers)
         except OSError as exc:
             raise UsageError(f"cannot listen on {self.host}:{self.requested_port} for C-MOVE "
                              f"({exc.strerror or type(exc).__name__}): choose another --port") from None
+        # As AE.start_server(block=False), but polling every 50 ms instead of
+        # 500: stopping the server waits for the poll, at the end of every run.
+        self.ae._servers.append(server)
+        threading.Thread(target=make_target(functools.partial(server.serve_forever, poll_interval=0.05)),
+                         name="fetch-store-scp", daemon=True).start()
+        self._server = server
         log.info("fetch.store_scp_listening", ae_title=self.ae.ae_title, port=self.port)
         return self
 
