@@ -997,3 +997,33 @@ def test_association_rejections(tmp_path, transient):
     else:
         assert "rejected permanently" in text and "calling AE title not recognized" in text
         assert peer.connections == 1
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_studies_in_flight_never_exceed_the_limit(pacs, content, tmp_path, monkeypatch, in_flight):
+    from train.fetch.landing import Sink
+
+    lock = threading.Lock()
+    now = {"n": 0, "max": 0}
+    begin, end = Sink.begin, Sink.end
+
+    def counted_begin(self, *args):
+        with lock:
+            now["n"] += 1
+            now["max"] = max(now["max"], now["n"])
+        time.sleep(0.2)  # long enough for a second worker to start, if it may
+        return begin(self, *args)
+
+    def counted_end(self, *args):
+        with lock:
+            now["n"] -= 1
+        return end(self, *args)
+
+    monkeypatch.setattr(Sink, "begin", counted_begin)
+    monkeypatch.setattr(Sink, "end", counted_end)
+    out = tmp_path / "archive"
+    code, text = fetch("--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--get", "--timeout", "10",
+                       "--max-studies-in-flight", str(in_flight))
+    assert code == 0, text
+    assert now["max"] == in_flight
+    assert_archive(out, pacs.truth, content.echo)

@@ -26,7 +26,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 
 from echonode.delivery import Peer
@@ -34,6 +34,12 @@ from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.scp import client_ssl_context
 
 from .errors import FetchError
+
+# pynetdicom logs every query identifier (a patient ID from --studies) and
+# every response identifier at INFO; fetch keeps pynetdicom at WARNING, and
+# these stay off in case a caller does not.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 #: Image storage classes an echo study holds.
 ECHO_IMAGE_CLASSES: tuple[str, ...] = (
