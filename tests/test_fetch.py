@@ -319,6 +319,10 @@ def test_c_move_fetches_the_us_and_sr_series_of_echo_studies_only(pacs, content,
     for study, (state, reason, received, attempts) in rows.items():
         assert (state, reason, received, attempts) == ("complete", None, len(content.echo[study]), 1)
     assert "0 failed" in text
+    # The archive holds patient data: owner only.
+    for path in landed(out).values():
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert path.parent.stat().st_mode & 0o777 == path.parent.parent.stat().st_mode & 0o777 == 0o700
     # A re-run finds every study complete and retrieves nothing.
     before = {p: p.stat().st_mtime_ns for p in landed(out).values()}
     code, text = fetch(*move_args(pacs, out))

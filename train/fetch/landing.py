@@ -107,7 +107,10 @@ class Archive:
             outcome = "replaced"
         else:
             outcome = "stored"
-        dest.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        # One level at a time: mkdir(parents=True) gives the parents the
+        # default mode, and the study folder names a patient's study.
+        dest.parent.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+        dest.parent.mkdir(mode=DIR_MODE, exist_ok=True)
         os.chmod(temp_path, FILE_MODE)
         os.replace(temp_path, dest)
         return dest, outcome

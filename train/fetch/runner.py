@@ -317,7 +317,14 @@ class Fetcher:
                 self.journal.finish_attempt(attempt, uid, FetchState.FAILED, result.flight.sync_error,
                                             self.clock.time())
                 raise FetchError(result.flight.sync_error, transient=False)
-        self.journal.finish_attempt(attempt, uid, FetchState.COMPLETE, None, self.clock.time(),
+        note = None
+        if result.expected is not None and result.sent < result.expected:
+            # The counts a query returns are optional and some PACS keep them
+            # loosely: what the retrieval itself reported decides, the
+            # difference is kept in the journal.
+            note = f"the query announced {result.expected} instance(s), the PACS sent {result.sent}"
+            log.warning("fetch.fewer_than_announced", study_uid=uid, announced=result.expected, sent=result.sent)
+        self.journal.finish_attempt(attempt, uid, FetchState.COMPLETE, note, self.clock.time(),
                                     expected=result.expected, moved=None if self.sink else result.sent)
         return result
 

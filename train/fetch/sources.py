@@ -64,7 +64,7 @@ class StudyResult:
 
     skipped: str | None = None  # why there was nothing to fetch
     expected: int | None = None  # instances the series query announced
-    sent: int = 0  # instances the PACS sent (C-MOVE/C-GET counts) or fetch retrieved (WADO-RS)
+    sent: int = 0  # instances the PACS sent (C-MOVE/C-GET counts), or those listed now on disk (WADO-RS)
     present: int = 0  # instances of the study on disk (this try and earlier ones)
     flight: InFlight | None = None  # what landed in this try, whose fsyncs may still be running
 
@@ -309,7 +309,7 @@ class WebSource:
             raise FetchError(f"{flight.refused} instance(s) refused here ({flight.reasons[0]})", transient=False)
         if present < listed:
             raise FetchError(f"{listed} instance(s) listed but {present} retrieved", transient=True)
-        return StudyResult(expected=listed, sent=flight.instances,
+        return StudyResult(expected=listed, sent=present,
                            present=len(self.sink.journal.instances_of(study_uid)), flight=flight)
 
     def _on_disk(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
