@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -150,7 +149,7 @@ def make_content(root: Path) -> Content:
         echo[study_uid][str(sr.SOPInstanceUID)] = str(sr.SeriesInstanceUID)
     excluded = set()
     # A screen capture filed as "OT" inside the first echo study: not a US or SR series.
-    study_uid, ds = sorted(first.items())[0]
+    study_uid, ds = min(first.items())
     ot = us_multiframe(study_uid=study_uid, frames=1, rows=8, cols=8, patient_id=str(ds.PatientID),
                        patient_name=str(ds.PatientName))
     ot.SOPClassUID = ot.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -369,7 +368,10 @@ def test_date_range_and_accession_list_pick_their_studies(pacs, content, tmp_pat
     lo, hi = dates[1], dates[-2]
     in_range = {r["study_uid"] for r in content.labels if lo <= r["study_date"] <= hi}
     assert 0 < len(in_range) < len(content.labels)
-    iso = lambda d: f"{d[:4]}-{d[4:6]}-{d[6:]}"  # noqa: E731
+
+    def iso(d: str) -> str:
+        return f"{d[:4]}-{d[4:6]}-{d[6:]}"
+
     out = tmp_path / "by-date"
     code, text = fetch(*move_args(pacs, out), "--since", iso(lo), "--until", iso(hi))
     assert code == 0, text
@@ -394,7 +396,7 @@ def test_patient_ids_never_reach_logs_journal_or_output(pacs, content, tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "train", "fetch", *move_args(pacs, out), "--studies", str(studies),
          "--log-level", "debug"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -653,6 +655,36 @@ def test_kill_9_mid_study_loses_nothing_and_the_rerun_completes(pacs, content, t
     assert not list((out / ".fetch" / "tmp").iterdir())
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_fetch_stops_promptly_and_the_rerun_completes(pacs, content, tmp_path, sig):
+    """Ctrl-C or SIGTERM inside a capped C-GET: exit 130 within seconds, not at the DIMSE timeout."""
+    out = tmp_path / "archive"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", "fetch", "--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--get",
+         "--max-mb-s", "0.02", "--timeout", "60", "--no-progress"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        wait_for(lambda: _journal_counts(out / ".fetch" / "journal.sqlite") >= (2, 1), timeout=60,
+                 what="fetch to be inside a study")
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert code == 130
+    assert took < 10, f"{took:.1f} s to stop"  # the DIMSE timeout is 60 s
+    assert ("failed", "interrupted") in {r[:2] for r in journal_rows(out).values()}
+    for sop, path in landed(out).items():
+        assert dataset_bytes(path.read_bytes()) == dataset_bytes(pacs.truth[sop])
+    code, text = fetch("--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--get")
+    assert code == 0, text
+    assert_archive(out, pacs.truth, content.echo)
+
+
 # -- pacing ---------------------------------------------------------------------------
 
 
@@ -866,7 +898,7 @@ def test_partial_failure_is_retried_then_recorded_with_its_count(fake_pacs, tmp_
     (row,) = journal_rows(out).values()
     assert row[0] == "failed" and row[3] == 2, row
     assert "0xB000 2 instance(s) failed at the PACS" in row[1]
-    (study, items), = fake_pacs.studies.items()
+    ((_study, items),) = fake_pacs.studies.items()
     got = landed(out)
     assert list(got) == [str(items[0].SOPInstanceUID)]
     assert pydicom.dcmread(got[str(items[0].SOPInstanceUID)]).PixelData == items[0].PixelData

@@ -158,10 +158,15 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._tokens = self.capacity
         self._last = clock.time()
+        self._stopped = False
 
     @property
     def enabled(self) -> bool:
         return self.rate > 0
+
+    def stop(self) -> None:
+        """Let every waiting and future ``take`` return at once (the run is stopping)."""
+        self._stopped = True
 
     def take(self, n: int) -> float:
         """Spend ``n`` bytes of budget; returns the seconds waited."""
@@ -176,8 +181,13 @@ class RateLimiter:
             self._last = now
             self._tokens -= n
             wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
-        if wait > 0:
-            self.clock.sleep(wait)
+        # In steps, so that a stopping run is not held by a reader thread
+        # asleep on a large debt.
+        left = wait
+        while left > 0 and not self._stopped:
+            step = min(left, 0.25)
+            self.clock.sleep(step)
+            left -= step
         return wait
 
 

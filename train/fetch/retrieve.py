@@ -240,8 +240,18 @@ class Associations:
             self._open.discard(assoc)
 
     def abort_all(self) -> None:
+        """Abort every open association and wake the thread waiting on each for a DIMSE message.
+
+        pynetdicom's wait for the next message only ends at the DIMSE
+        timeout after a local abort: an empty message ends it now (the
+        caller then sees "no answer", as after a peer's abort). Several are
+        queued because the abort also wakes the association's own reactor,
+        which may take one of them.
+        """
         with self._lock:
             live = list(self._open)
         for assoc in live:
             with contextlib.suppress(Exception):  # best effort on the way out
-                assoc.abort()
+                assoc.abort(block=False)
+                for _ in range(4):
+                    assoc.dimse.msg_queue.put((None, None))

@@ -285,6 +285,7 @@ class Fetcher:
                     break
         except BaseException:
             self._stop = self._stop or "interrupted"
+            self.limiter.stop()
             self.source.abort()
             pool.shutdown(wait=True, cancel_futures=True)
             durable.shutdown(wait=True, cancel_futures=True)
@@ -303,7 +304,9 @@ class Fetcher:
         try:
             result = self.source.fetch(uid, attempt, self._found.get(uid))
         except FetchError as exc:
-            self.journal.finish_attempt(attempt, uid, FetchState.FAILED, exc.reason, self.clock.time())
+            # Aborted by an interruption: say so rather than what the abort looked like.
+            reason = "interrupted" if self._stop == "interrupted" else exc.reason
+            self.journal.finish_attempt(attempt, uid, FetchState.FAILED, reason, self.clock.time())
             raise
         if result.skipped:
             self.journal.finish_attempt(attempt, uid, FetchState.SKIPPED, result.skipped, self.clock.time())
