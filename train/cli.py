@@ -19,6 +19,7 @@ def _commands() -> list[tuple[str, str, str, str]]:
         ("evaluate", "AUROC/AUPRC with bootstrap CIs, ROC/PR plots", "train.evaluate", "evaluate"),
         ("promote", "install a bundle into the node's models folder atomically", "train.promote", "promote"),
         ("init", "a bundle from torchvision/EchoCLR weights, or random (smoke tests)", "train.init_bundle", "init"),
+        ("fetch", "pull echo studies from the PACS (C-MOVE, C-GET or DICOMweb), resumable", "train.fetch.cli", "fetch"),
     ]
 
 

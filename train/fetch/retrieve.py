@@ -1,0 +1,257 @@
+"""Retrieval: C-MOVE to fetch's own storage SCP, C-GET on one association, the outcome of each series.
+
+C-MOVE asks the PACS to open an association back to fetch's AE title
+(``--move-aet``, listening on ``--port``), which the PACS must know as a
+DICOM node. C-GET needs no such setting: the instances come back on the
+association fetch opened, in the presentation contexts it proposed
+(:func:`train.fetch.dimse.get_contexts`). Either way each C-STORE is landed
+and recorded before it is acknowledged (:class:`train.fetch.landing.Sink`),
+and the bandwidth cap reads the bytes as they come off the socket
+(``EVT_DATA_RECV``), so a capped fetch slows the PACS's sending instead of
+holding each acknowledgement back (which would run into the PACS's own
+timeout on a large instance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.utils import make_target
+
+from echonode.logs import get_logger
+
+from .dimse import (
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    make_ae,
+    no_answer,
+    no_delay,
+    retrieve_failure,
+    status_of,
+    sub_operations,
+)
+from .errors import FetchError, UsageError
+from .landing import InFlight, Sink
+from .pacing import RateLimiter
+
+log = get_logger(__name__)
+
+# Every C-STORE streams to a temp file (the runner points tempfile at
+# ARCHIVE/.fetch/tmp), which is then renamed into place: memory stays flat
+# whatever the size of an instance.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    """The final answer to the C-MOVE or C-GET of one series."""
+
+    series_uid: str
+    status: int
+    completed: int
+    failed: int
+    warning: int
+
+    @property
+    def ok(self) -> bool:
+        # 0xB000 with no failure: only warnings (e.g. the store SCP coerced an element).
+        return self.status in (0x0000, 0xB000) and self.failed == 0
+
+
+def series_identifier(study_uid: str, series_uid: str | None) -> Dataset:
+    """The identifier of one series, or of the whole study when ``series_uid`` is None."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY" if series_uid is None else "SERIES"
+    ds.StudyInstanceUID = study_uid
+    if series_uid is not None:
+        ds.SeriesInstanceUID = series_uid
+    return ds
+
+
+def _final(assoc: Association, responses: Iterable[tuple[Dataset, Dataset | None]], series_uid: str,
+           what: str) -> SeriesOutcome:
+    t0 = time.monotonic()
+    for status, _identifier in responses:
+        code = status_of(status)
+        if code is None:
+            raise no_answer(assoc, what, time.monotonic() - t0)
+        t0 = time.monotonic()
+        if code in (0xFF00, 0xFF01):
+            continue
+        _remaining, completed, failed, warning = sub_operations(status)
+        return SeriesOutcome(series_uid, code, completed, failed, warning)
+    raise FetchError(f"{what}: no final answer from the PACS", busy=True)
+
+
+def move_series(assoc: Association, move_aet: str, study_uid: str, series_uid: str | None) -> SeriesOutcome:
+    """C-MOVE one series (None: the whole study) to ``move_aet``; the final status and sub-operation counts."""
+    responses = assoc.send_c_move(series_identifier(study_uid, series_uid), move_aet, STUDY_ROOT_MOVE)
+    return _final(assoc, responses, series_uid or "(all)", f"C-MOVE {_target(study_uid, series_uid)}")
+
+
+def get_series(assoc: Association, study_uid: str, series_uid: str | None) -> SeriesOutcome:
+    """C-GET one series (None: the whole study) over ``assoc``; the final status and sub-operation counts."""
+    responses = assoc.send_c_get(series_identifier(study_uid, series_uid), STUDY_ROOT_GET)
+    return _final(assoc, responses, series_uid or "(all)", f"C-GET {_target(study_uid, series_uid)}")
+
+
+def _target(study_uid: str, series_uid: str | None) -> str:
+    return f"study {study_uid}" if series_uid is None else f"series {series_uid}"
+
+
+def judge(outcomes: list[SeriesOutcome], flight: InFlight | None, verb: str) -> int:
+    """Raise :class:`FetchError` unless every series came whole; returns the instances the PACS sent.
+
+    A failure the PACS counts that fetch itself caused (an instance that
+    does not parse, refused here) will happen again on every try: the study
+    fails at once instead of being retried.
+    """
+    sent = sum(o.completed + o.warning for o in outcomes)
+    bad = [o for o in outcomes if not o.ok]
+    if bad:
+        first = bad[0]
+        failed = sum(o.failed for o in outcomes)
+        target = "the study" if first.series_uid == "(all)" else f"series {first.series_uid}"
+        err = retrieve_failure(first.status, f"{verb} {target}", failed)
+        if flight is not None and flight.refused:
+            reason = f"{err.reason}; refused here: {flight.refused} ({flight.reasons[0]})"
+            ours = flight.refused >= failed and not err.busy and not err.fatal
+            err = FetchError(reason, transient=err.transient and not ours, busy=err.busy, fatal=err.fatal)
+        raise err
+    if flight is not None and flight.instances < sent:
+        raise FetchError(f"the PACS reported {sent} instance(s) sent but {flight.instances} arrived", transient=True)
+    return sent
+
+
+def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: None) -> Callable[[Any], int]:
+    """The EVT_C_STORE handler: land the streamed file, answer with the sink's status."""
+
+    def on_store(event: Any) -> int:
+        announced = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            path = Path(event.dataset_path)
+        except (AttributeError, ValueError):  # not received in chunks: cannot happen with fetch's settings
+            return 0xC211
+        try:
+            return sink.accept(path, announced, study_hint())
+        except Exception:
+            log.exception("fetch.store_unexpected_error", sop_uid=announced)
+            return 0xC211
+
+    return on_store
+
+
+def throttle_handler(limiter: RateLimiter) -> Callable[[Any], None]:
+    """The EVT_DATA_RECV handler: spend the bandwidth budget as each PDU is read."""
+
+    def on_data(event: Any) -> None:
+        limiter.take(len(event.data))
+
+    return on_data
+
+
+class StoreServer:
+    """The storage SCP that receives what a C-MOVE sends.
+
+    It accepts every storage class in every transfer syntax (the series
+    asked for are US and SR; whatever they hold lands), but only instances
+    of the studies being fetched at the moment (anything else: 0xC001).
+
+    Parameters
+    ----------
+    ae_title : str
+        ``--move-aet``.
+    host, port : str, int
+        Where to listen (``--listen``, ``--port``); port 0 picks a free one.
+    sink : Sink
+    limiter : RateLimiter
+    timeout_s : float
+        Deadline of every read on its associations.
+    max_pdu : int
+    """
+
+    def __init__(self, ae_title: str, host: str, port: int, sink: Sink, limiter: RateLimiter, timeout_s: float,
+                 max_pdu: int) -> None:
+        self.ae = make_ae(ae_title, timeout_s, max_pdu)
+        self.ae.maximum_associations = 32
+        for cx in StoragePresentationContexts:
+            assert cx.abstract_syntax is not None
+            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for sop_class in ("1.2.840.10008.5.1.4.1.1.3", "1.2.840.10008.5.1.4.1.1.6"):  # retired US classes
+            self.ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification)
+        self.host = host
+        self.requested_port = port
+        self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink)),
+                                    (evt.EVT_CONN_OPEN, lambda event: no_delay(event.assoc))]
+        if limiter.enabled:
+            self.handlers.append((evt.EVT_DATA_RECV, throttle_handler(limiter)))
+        self._server: Any = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server is not None else self.requested_port
+
+    def start(self) -> StoreServer:
+        try:
+            server = self.ae.make_server((self.host, self.requested_port), evt_handlers=self.handlers)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {self.host}:{self.requested_port} for C-MOVE "
+                             f"({exc.strerror or type(exc).__name__}): choose another --port") from None
+        # As AE.start_server(block=False), but polling every 50 ms instead of
+        # 500: stopping the server waits for the poll, at the end of every run.
+        self.ae._servers.append(server)
+        threading.Thread(target=make_target(functools.partial(server.serve_forever, poll_interval=0.05)),
+                         name="fetch-store-scp", daemon=True).start()
+        self._server = server
+        log.info("fetch.store_scp_listening", ae_title=self.ae.ae_title, port=self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+class Associations:
+    """The associations open now, so that an interrupted run can abort them instead of waiting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[Association] = set()
+
+    def add(self, assoc: Association) -> None:
+        with self._lock:
+            self._open.add(assoc)
+
+    def discard(self, assoc: Association) -> None:
+        with self._lock:
+            self._open.discard(assoc)
+
+    def abort_all(self) -> None:
+        """Abort every open association and wake the thread waiting on each for a DIMSE message.
+
+        pynetdicom's wait for the next message only ends at the DIMSE
+        timeout after a local abort: an empty message ends it now (the
+        caller then sees "no answer", as after a peer's abort). Several are
+        queued because the abort also wakes the association's own reactor,
+        which may take one of them.
+        """
+        with self._lock:
+            live = list(self._open)
+        for assoc in live:
+            with contextlib.suppress(Exception):  # best effort on the way out
+                assoc.abort(block=False)
+                for _ in range(4):
+                    assoc.dimse.msg_queue.put((None, None))

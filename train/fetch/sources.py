@@ -1,0 +1,320 @@
+"""The two kinds of PACS fetch talks to: DIMSE (C-FIND + C-MOVE or C-GET) and DICOMweb (QIDO-RS + WADO-RS).
+
+Each one finds studies, and fetches one study: its series query, the
+choice of the US and SR series, their retrieval into the sink, and the
+verdict (:class:`StudyResult`, or :class:`~train.fetch.errors.FetchError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pynetdicom import evt
+
+from echonode.delivery import Peer
+from echonode.logs import get_logger
+from echonode.store import is_valid_uid
+
+from .dimse import (
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    UNCOMPRESSED,
+    associate,
+    get_contexts,
+    storage_roles,
+)
+from .errors import FetchError
+from .landing import Archive, InFlight, Sink
+from .pacing import RateLimiter
+from .query import (
+    Criteria,
+    FoundSeries,
+    FoundStudy,
+    StudyKey,
+    announced,
+    by_date_range,
+    date_value,
+    find_series_dimse,
+    find_studies_dimse,
+    found_series_json,
+    found_study_json,
+    json_value,
+    study_filters,
+    wanted,
+)
+from .retrieve import (
+    Associations,
+    get_series,
+    judge,
+    move_series,
+    store_handler,
+    throttle_handler,
+)
+from .web import retrieve_instance, web_error
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """How one study's fetch ended (when it did not raise)."""
+
+    skipped: str | None = None  # why there was nothing to fetch
+    expected: int | None = None  # instances the series query announced
+    sent: int = 0  # instances the PACS sent (C-MOVE/C-GET counts), or those listed now on disk (WADO-RS)
+    present: int = 0  # instances of the study on disk (this try and earlier ones)
+    flight: InFlight | None = None  # what landed in this try, whose fsyncs may still be running
+
+
+class Source(Protocol):
+    """A PACS fetch can query and retrieve from."""
+
+    label: str
+
+    def find_studies(self, criteria: Criteria, today: dt.date) -> list[FoundStudy]:
+        ...
+
+    def find_series(self, study_uid: str) -> list[FoundSeries]:
+        ...
+
+    def fetch(self, study_uid: str, attempt: int, found: FoundStudy | None = None) -> StudyResult:
+        """Retrieve one study; ``found`` is what the study-level query said of it."""
+        ...
+
+    def abort(self) -> None:
+        ...
+
+
+class DimseSource:
+    """A DICOM PACS: C-FIND, then C-MOVE (to fetch's SCP or to the node) or C-GET.
+
+    Parameters
+    ----------
+    local_aet : str
+        fetch's calling AE title.
+    peer : Peer
+        The PACS.
+    mode : {"move", "get", "node"}
+        ``node``: C-MOVE to ``move_aet`` (the node's SCP), nothing lands here.
+    move_aet : str
+        The move destination (C-MOVE modes).
+    sink : Sink or None
+        Where C-GET and fetch's SCP land instances (None in ``node`` mode).
+    limiter : RateLimiter
+    timeout_s : float
+        Deadline of every network wait.
+    max_pdu : int
+    """
+
+    def __init__(self, local_aet: str, peer: Peer, mode: str, move_aet: str, sink: Sink | None,
+                 limiter: RateLimiter, timeout_s: float, max_pdu: int) -> None:
+        if mode not in ("move", "get", "node"):
+            raise ValueError('Argument "mode" must be one of "move", "get", "node".')
+        self.local_aet = local_aet
+        self.peer = peer
+        self.mode = mode
+        self.move_aet = move_aet
+        self.sink = sink
+        self.limiter = limiter
+        self.timeout_s = timeout_s
+        self.max_pdu = max_pdu
+        self.open = Associations()
+        verb = {"move": f"C-MOVE to {move_aet}", "get": "C-GET", "node": f"C-MOVE to the node ({move_aet})"}[mode]
+        self.label = f"{peer.ae_title}@{peer.host}:{peer.port} ({verb})"
+
+    def _associate(self, *, for_retrieval: bool, study_uid: str | None = None) -> Any:
+        if for_retrieval and self.mode == "get":
+            assert self.sink is not None
+            return associate(
+                self.local_aet, self.peer, [(STUDY_ROOT_FIND, UNCOMPRESSED), *get_contexts()],
+                timeout_s=self.timeout_s, max_pdu=self.max_pdu, ext_neg=storage_roles(),
+                handlers=[(evt.EVT_C_STORE, store_handler(self.sink, lambda: study_uid)),
+                          *([(evt.EVT_DATA_RECV, throttle_handler(self.limiter))] if self.limiter.enabled else [])],
+            )
+        contexts = [(STUDY_ROOT_FIND, UNCOMPRESSED)]
+        if for_retrieval:
+            contexts.append((STUDY_ROOT_MOVE, UNCOMPRESSED))
+        return associate(self.local_aet, self.peer, contexts, timeout_s=self.timeout_s, max_pdu=self.max_pdu)
+
+    def _session(self, **kwargs: Any) -> Any:
+        assoc = self._associate(**kwargs)
+        self.open.add(assoc)
+        return assoc
+
+    def _close(self, assoc: Any) -> None:
+        self.open.discard(assoc)
+        if assoc.is_established:
+            assoc.release()
+
+    def find_studies(self, criteria: Criteria, today: dt.date) -> list[FoundStudy]:
+        assoc = self._session(for_retrieval=False)
+        try:
+            return find_studies_dimse(assoc, criteria, today)
+        finally:
+            self._close(assoc)
+
+    def find_series(self, study_uid: str) -> list[FoundSeries]:
+        assoc = self._session(for_retrieval=False)
+        try:
+            return find_series_dimse(assoc, study_uid)
+        finally:
+            self._close(assoc)
+
+    def fetch(self, study_uid: str, attempt: int, found: FoundStudy | None = None) -> StudyResult:
+        verb = "C-GET" if self.mode == "get" else "C-MOVE"
+        assoc = self._session(for_retrieval=True, study_uid=study_uid)
+        flight = None
+        try:
+            expected: int | None
+            if found is not None and found.echo_only:
+                # The PACS said the study holds US and SR series only (the
+                # usual echo study): no series query, one request for the study.
+                targets: list[str | None] = [None]
+                expected = found.n_instances
+            else:
+                every = find_series_dimse(assoc, study_uid)
+                series = wanted(every)
+                if not series:
+                    return StudyResult(skipped="no US series")
+                # One request for the study when it holds nothing but US and SR series.
+                targets = [None] if len(series) == len(every) else [s.series_uid for s in series]
+                expected = announced(series)
+            if self.sink is not None:
+                flight = self.sink.begin(study_uid, attempt)
+            outcomes = []
+            for target in targets:
+                if self.mode == "get":
+                    outcome = get_series(assoc, study_uid, target)
+                else:
+                    outcome = move_series(assoc, self.move_aet, study_uid, target)
+                outcomes.append(outcome)
+                log.info("fetch.retrieved", study_uid=study_uid, series_uid=target, verb=verb,
+                         status=f"0x{outcome.status:04X}", completed=outcome.completed, failed=outcome.failed,
+                         warning=outcome.warning)
+                if not outcome.ok and outcome.status != 0xB000:
+                    break  # the PACS is refusing (busy, unknown destination): the other series would fare the same
+        finally:
+            self._close(assoc)
+            if self.sink is not None:
+                flight = self.sink.end(study_uid) or flight
+        sent = judge(outcomes, flight, verb)
+        present = sent if flight is None else len(self.sink.journal.instances_of(study_uid))  # type: ignore[union-attr]
+        return StudyResult(expected=expected, sent=sent, present=present, flight=flight)
+
+    def abort(self) -> None:
+        self.open.abort_all()
+
+
+class WebSource:
+    """A DICOMweb server: QIDO-RS searches, WADO-RS retrieval of each instance not yet on disk.
+
+    Parameters
+    ----------
+    client : dicomweb_client.DICOMwebClient
+        For QIDO-RS (built on ``session``).
+    session : requests.Session
+        For WADO-RS.
+    base_url : str
+        The service root (``--dicomweb``).
+    sink : Sink
+    archive : Archive
+    limiter : RateLimiter
+    timeout_s : float
+    """
+
+    def __init__(self, client: Any, session: Any, base_url: str, sink: Sink, archive: Archive,
+                 limiter: RateLimiter, timeout_s: float) -> None:
+        self.client = client
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.sink = sink
+        self.archive = archive
+        self.limiter = limiter
+        self.timeout_s = timeout_s
+        self.label = f"{self.base_url} (QIDO-RS + WADO-RS)"
+
+    def _search(self, what: str, call: Any, *args: Any, **kwargs: Any) -> list[dict]:
+        import requests
+
+        try:
+            return list(call(*args, **kwargs))
+        except (requests.RequestException, ValueError) as exc:
+            raise web_error(exc, what) from None
+
+    def find_studies(self, criteria: Criteria, today: dt.date) -> list[FoundStudy]:
+        fields = ["StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
+        since, until = criteria.date_range(today)
+
+        def ask(lo: dt.date | None, hi: dt.date | None, key: StudyKey | None) -> list[FoundStudy]:
+            what = f"QIDO-RS studies (row {key.row})" if key else "QIDO-RS studies"
+            out = []
+            for item in self._search(what, self.client.search_for_studies, fields=fields,
+                                     search_filters=study_filters(date_value(lo, hi), key)):
+                study = found_study_json(item, not (key and key.study_uid))
+                if study is not None:
+                    out.append(study)
+            return out
+
+        found: dict[str, FoundStudy] = {}
+        if criteria.keys:
+            for key in criteria.keys:
+                for study in ask(since, until, key):
+                    found.setdefault(study.study_uid, study)
+        else:
+            for study in by_date_range(since, until, lambda lo, hi: ask(lo, hi, None)):
+                found.setdefault(study.study_uid, study)
+        return list(found.values())
+
+    def find_series(self, study_uid: str) -> list[FoundSeries]:
+        items = self._search(f"QIDO-RS series of {study_uid}", self.client.search_for_series, study_uid,
+                             fields=["Modality", "NumberOfSeriesRelatedInstances"])
+        out: dict[str, FoundSeries] = {}
+        for item in items:
+            s = found_series_json(item)
+            if s is not None:
+                out.setdefault(s.series_uid, s)
+        return list(out.values())
+
+    def fetch(self, study_uid: str, attempt: int, found: FoundStudy | None = None) -> StudyResult:
+        series = wanted(self.find_series(study_uid))
+        if not series:
+            return StudyResult(skipped="no US series")
+        have = self.sink.journal.instances_of(study_uid)
+        flight = self.sink.begin(study_uid, attempt)
+        listed = 0
+        present = 0
+        try:
+            for s in series:
+                items = self._search(f"QIDO-RS instances of {s.series_uid}", self.client.search_for_instances,
+                                     study_uid, s.series_uid, fields=["SOPClassUID"])
+                for item in items:
+                    sop_uid = str(json_value(item, "00080018") or "").strip("\x00 ")
+                    if not is_valid_uid(sop_uid):
+                        continue
+                    listed += 1
+                    if sop_uid in have and self._on_disk(study_uid, s.series_uid, sop_uid):
+                        present += 1
+                        continue
+                    parts = retrieve_instance(self.session, self.base_url, study_uid, s.series_uid, sop_uid,
+                                              self.archive.tmp, self.timeout_s, on_chunk=self.limiter.take)
+                    for part in parts:
+                        if self.sink.accept(part, sop_uid, study_uid) == 0:
+                            present += 1
+        finally:
+            self.sink.end(study_uid)
+        if flight.refused:
+            raise FetchError(f"{flight.refused} instance(s) refused here ({flight.reasons[0]})", transient=False)
+        if present < listed:
+            raise FetchError(f"{listed} instance(s) listed but {present} retrieved", transient=True)
+        return StudyResult(expected=listed, sent=present,
+                           present=len(self.sink.journal.instances_of(study_uid)), flight=flight)
+
+    def _on_disk(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        return (self.archive.root / study_uid / series_uid / f"{sop_uid}.dcm").is_file()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # best effort on the way out
+            self.session.close()
