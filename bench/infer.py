@@ -5,15 +5,15 @@ width 64 (3x16x112x112 clips, unless ``--width``/``--quick`` say otherwise)
 whose head is rescaled so that its logits spread like a trained model's
 (standard deviation ``--logit-sd``, 2 by default, centred on the threshold),
 with ``calibration.npz`` holding real preprocessed clips: the node's own
-preprocessing (:func:`echonode.preprocess.preprocess_file`,
-:func:`~echonode.preprocess.make_eval_clips`) of the real SonoSite loops in
+preprocessing (:func:`echonode.analyse.preprocess.preprocess_file`,
+:func:`~echonode.analyse.preprocess.make_eval_clips`) of the real SonoSite loops in
 pydicom-data (``color3d_jpeg_baseline.dcm``, 120 frames, and
 ``examples_ybr_color.dcm``, 30 frames; 4 evaluation clips each). ``--bundle``
 measures an installed bundle instead, on its own head and clips.
 
-1. Every runtime the machine supports (``echonode.runtime_select.supported_modes``,
+1. Every runtime the machine supports (``echonode.bundles.runtime_select.supported_modes``,
    or ``--modes``) in ONE interleaved run: exactly the node's ``auto``
-   selection (:func:`echonode.runtime_select.select_runtime`: builds timed
+   selection (:func:`echonode.bundles.runtime_select.select_runtime`: builds timed
    apart, then rounds in which each candidate runs one batch of calibration
    clips, order rotated every round, first round untimed, median kept; the
    accuracy rule checked on every clip), with more rounds than the node
@@ -28,7 +28,7 @@ measures an installed bundle instead, on its own head and clips.
    - naive: for each file in turn, pydicom ``pixel_array``, RGB->grey,
      area resize to 112, the first 100 frames, 4 evenly spaced 16-frame
      clips, per-clip min-max, one eager forward per clip;
-   - echonode: :func:`echonode.pipeline.analyse_study` (decoding in a thread
+   - echonode: :func:`echonode.analyse.pipeline.analyse_study` (decoding in a thread
      pool ahead of inference, clips of all videos batched by 8) with the
      runtime ``auto`` picked; also with the eager network (decoding hidden,
      no runtime) to show where the gain comes from.
@@ -67,18 +67,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import cpu_model as _cpu_model  # noqa: E402
 from bench.machine import load_average as _load  # noqa: E402
 
-from echonode.bundle import BundleMeta, ModelSet, load_bundle, model_set_key, save_bundle  # noqa: E402
-from echonode.calibration import CALIBRATION_FILE, encode_calibration  # noqa: E402
-from echonode.nets import build_model, normalise_for_model  # noqa: E402
-from echonode.pipeline import analyse_study  # noqa: E402
-from echonode.preprocess import (  # noqa: E402
+from echonode.bundles.bundle import BundleMeta, ModelSet, load_bundle, model_set_key, save_bundle  # noqa: E402
+from echonode.bundles.calibration import CALIBRATION_FILE, encode_calibration  # noqa: E402
+from echonode.bundles.nets import build_model, normalise_for_model  # noqa: E402
+from echonode.analyse.pipeline import analyse_study  # noqa: E402
+from echonode.analyse.preprocess import (  # noqa: E402
     PreprocessConfig,
     eval_clip_starts,
     make_eval_clips,
     normalise_clip,
     preprocess_file,
 )
-from echonode.runtime import (  # noqa: E402
+from echonode.bundles.runtime import (  # noqa: E402
     MODES,
     cpu_has_native_bf16,
     openvino_home,
@@ -86,7 +86,7 @@ from echonode.runtime import (  # noqa: E402
     optimise_for_inference,
     synthetic_clips,
 )
-from echonode.runtime_select import (  # noqa: E402
+from echonode.bundles.runtime_select import (  # noqa: E402
     Selection,
     bundle_calibration,
     builders_for,

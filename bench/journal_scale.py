@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import cpu_model, load_average  # noqa: E402
 from echonode.config import RetentionConfig, parse_config, to_toml  # noqa: E402
-from echonode.journal import Journal  # noqa: E402
+from echonode.studies.journal import Journal  # noqa: E402
 
 DAY = 86400.0
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -146,7 +146,7 @@ def _in_process_cli(config: Path, argv: list[str]) -> int:
     import contextlib
     import io
 
-    from echonode import cli
+    from echonode.commands import main as cli
 
     with contextlib.redirect_stdout(io.StringIO()):
         return cli.main(["--config", str(config), *argv])
@@ -162,8 +162,8 @@ def _timed(fn: Any, repeats: int = 1) -> tuple[float, Any]:
 
 
 def _retention(db: Path, storage: Path, settings: RetentionConfig, now: float) -> tuple[float, int]:
-    from echonode.retention import Retention
-    from echonode.store import StudyStore
+    from echonode.studies.retention import Retention
+    from echonode.studies.store import StudyStore
 
     journal = Journal(db)
     store = StudyStore(storage, journal)
@@ -174,7 +174,7 @@ def _retention(db: Path, storage: Path, settings: RetentionConfig, now: float) -
 
 def _scrape(db: Path, storage: Path) -> float:
     """Seconds of one collection of the node's metrics (its journal reads), on a stand-in node."""
-    from echonode.metrics import NodeCollector
+    from echonode.ops.prometheus import NodeCollector
 
     journal = Journal(db)
     node = SimpleNamespace(
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    from echonode.logs import configure_logging
+    from echonode.ops.logs import configure_logging
 
     # Retention logs a line per purged study: to stderr, the figures go to stdout.
     configure_logging("json", "warning", stream=sys.stderr)

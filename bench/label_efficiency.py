@@ -126,7 +126,7 @@ def quiet():
 
 
 def make_archive(ns: argparse.Namespace) -> tuple[Path, Path]:
-    from echonode.preprocess import PreprocessConfig
+    from echonode.analyse.preprocess import PreprocessConfig
     from train.data import build_index
     from train.synth import generate_archive
 

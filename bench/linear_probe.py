@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @torch.no_grad()
 def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
     """Frozen features, one vector per study, for the train and test splits."""
-    from echonode.nets import build_model
+    from echonode.bundles.nets import build_model
     from train.data import ClipDataset
     from train.finetune import resolve_init
 

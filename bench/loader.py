@@ -15,7 +15,7 @@ it)". In one run:
 3. the peer, a naive loader with the same output: the same dataset class
    and the same pairs, sampler and random draws, but each item reads both
    DICOM files and runs the node's decode + preprocessing
-   (:func:`echonode.preprocess.preprocess_file`, one decode thread) every
+   (:func:`echonode.analyse.preprocess.preprocess_file`, one decode thread) every
    time, as a training script that reads videos per sample does; the first
    items of both loaders are checked to be identical tensors. It is a strong
    peer: it decodes with echonode's fast path (reduced greyscale JPEG
@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model, load_average
-from echonode.preprocess import PreprocessConfig, preprocess_file, training_clip
+from echonode.analyse.preprocess import PreprocessConfig, preprocess_file, training_clip
 from train.data import ClipCache, PairDataset, _resize, build_index, split_cache
 from train.pretrain import PretrainModel, pretrain_step
 from train.synth import generate_archive

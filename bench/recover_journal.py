@@ -37,12 +37,12 @@ def main() -> None:
     import pydicom
     import torch
 
-    from echonode.bundle import ModelRegistry
+    from echonode.bundles.bundle import ModelRegistry
     from echonode.config import parse_config, to_toml
-    from echonode.journal import Journal
-    from echonode.logs import configure_logging
-    from echonode.store import StudyStore
-    from echonode.worker import process_study
+    from echonode.studies.journal import Journal
+    from echonode.ops.logs import configure_logging
+    from echonode.studies.store import StudyStore
+    from echonode.analyse.worker import process_study
     from tests.factories import tiny_bundle, us_multiframe, write
 
     configure_logging("json", "warning", stream=sys.stderr)

@@ -80,9 +80,9 @@ def main() -> int:
 
     import torch
 
-    from echonode.bundle import BundleMeta, ModelRegistry, save_bundle
-    from echonode.nets import build_model
-    from echonode.pipeline import analyse_study
+    from echonode.bundles.bundle import BundleMeta, ModelRegistry, save_bundle
+    from echonode.bundles.nets import build_model
+    from echonode.analyse.pipeline import analyse_study
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
-from .httpauth import AUTH_MODES, CredentialsError, load_credentials
+from echonode.ops.httpauth import AUTH_MODES, CredentialsError, load_credentials
 
 DEFAULT_CONFIG_PATH = Path("/etc/echonode/echonode.toml")
 
@@ -31,7 +31,7 @@ _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
 SR_SOP_CLASSES = ("comprehensive3d", "comprehensive", "enhanced")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-#: Inference runtimes (echonode.runtime.MODES; kept here so that reading the
+#: Inference runtimes (echonode.bundles.runtime.MODES; kept here so that reading the
 #: config never imports torch in the node process).
 RUNTIME_MODES = (
     "auto",
@@ -107,7 +107,7 @@ class ModelsConfig:
     batch_size: int = 8
     #: CPU threads for inference; 0 lets torch decide.
     threads: int = 0
-    #: Inference runtime (echonode.runtime.MODES): auto (chosen by measurement at
+    #: Inference runtime (echonode.bundles.runtime.MODES): auto (chosen by measurement at
     #: bundle load), or one named mode: eager, jit, bf16, int8, compile,
     #: compile_bf16, openvino, openvino_bf16, cuda.
     runtime: str = "auto"
@@ -202,7 +202,7 @@ class StatusPageConfig:
     """The read-only status page, served at ``/status`` by the [metrics] endpoint (off by default)."""
 
     enabled: bool = False
-    #: none | basic | bearer (echonode.httpauth).
+    #: none | basic | bearer (echonode.ops.httpauth).
     auth: str = "none"
     #: basic: lines "user:password"; bearer: the token. Never the secret itself in this file.
     auth_file: str = ""

@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-from .dicomfile import DEFAULT_MAX_INFLATED_BYTES, check_inflated_size
+from echonode.dicomfile import DEFAULT_MAX_INFLATED_BYTES, check_inflated_size
 
 __all__ = [
     "MAX_ELEMENT_BYTES",

@@ -112,7 +112,7 @@ def config(tmp_path: Path) -> Config:
 @pytest.fixture
 def running_node(config: Config) -> Iterator:
     """A node (no worker process) listening on loopback."""
-    from echonode.node import Node
+    from echonode.daemon.node import Node
 
     node = Node(config, start_worker=False)
     node.start()

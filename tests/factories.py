@@ -71,8 +71,8 @@ def tiny_bundle(models_dir: Path, task: str, *, seed: int = 0, name: str | None 
     """A small random-weight bundle (CPU-fast) installed under ``models_dir``."""
     import torch
 
-    from echonode.bundle import BundleMeta, save_bundle
-    from echonode.nets import build_model
+    from echonode.bundles.bundle import BundleMeta, save_bundle
+    from echonode.bundles.nets import build_model
 
     meta = BundleMeta.create(
         name=name or f"test-{task}",

@@ -19,9 +19,9 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage  # type: ignore[attr-defined]
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
-from echonode.delivery import Peer, echo
-from echonode.journal import StudyState
-from echonode.node import Node
+from echonode.delivery.outbox import Peer, echo
+from echonode.studies.journal import StudyState
+from echonode.daemon.node import Node
 from echonode.report.read import summarise_report
 from tests.conftest import REPO, make_config, wait_for
 from tests.corpus import EITHER, REFUSED, SKIPPED, Bad, corpus, good_object, part10
@@ -83,8 +83,8 @@ warnings.simplefilter("ignore")
 resource.setrlimit(resource.RLIMIT_AS, (__LIMIT__, __LIMIT__))
 from pydicom import config
 config.settings.reading_validation_mode = config.IGNORE
-from echonode.decode import UnusableObject, decode_video
-from echonode.preprocess import PreprocessConfig, preprocess_video
+from echonode.analyse.decode import UnusableObject, decode_video
+from echonode.analyse.preprocess import PreprocessConfig, preprocess_video
 cfg = PreprocessConfig(size=32, clip_frames=8)
 out = {}
 for path in sys.argv[1:]:

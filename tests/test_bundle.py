@@ -1,4 +1,4 @@
-"""Tests for echonode.bundle: format, validation, prediction, hot reload."""
+"""Tests for echonode.bundles.bundle: format, validation, prediction, hot reload."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from echonode.bundle import (
+from echonode.bundles.bundle import (
     BUNDLE_JSON,
     WEIGHTS_FILE,
     Bundle,
@@ -28,7 +28,7 @@ from echonode.bundle import (
     resolve_device,
     save_bundle,
 )
-from echonode.nets import KINETICS_MEAN, KINETICS_STD, build_model
+from echonode.bundles.nets import KINETICS_MEAN, KINETICS_STD, build_model
 
 torch.set_num_threads(2)
 
@@ -473,7 +473,7 @@ def test_library_runtime_default_is_the_configs() -> None:
 
 
 def test_load_bundle_runtime_and_describe(tmp_path: Path) -> None:
-    from echonode.runtime import TOLERANCES, cpu_has_native_bf16
+    from echonode.bundles.runtime import TOLERANCES, cpu_has_native_bf16
 
     _make(tmp_path / "b")
     clips = _clips(3)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from echonode.cli import main
+from echonode.commands.main import main
 from echonode.config import to_toml
-from echonode.journal import InstanceRecord, Journal, ReportRecord, TaskResult
+from echonode.studies.journal import InstanceRecord, Journal, ReportRecord, TaskResult
 from tests.conftest import make_config, run_cli
 from tests.factories import tiny_bundle
 
@@ -109,8 +109,8 @@ def test_check_config_warns_without_destinations_and_refuses_nan(tmp_path: Path)
 
 
 def test_status_shows_a_bundle_the_worker_refused(tmp_path: Path) -> None:
-    from echonode.bundle import ModelRegistry
-    from echonode.worker import write_models_state
+    from echonode.bundles.bundle import ModelRegistry
+    from echonode.analyse.worker import write_models_state
 
     path, _ = _config_file(tmp_path)
     cfg = make_config(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for echonode.decode: both paths, every photometric, every refusal."""
+"""Tests for echonode.analyse.decode: both paths, every photometric, every refusal."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from echonode.decode import (
+from echonode.analyse.decode import (
     DecodedVideo,
     UnusableObject,
     choose_reduction,

@@ -1,6 +1,6 @@
 """Delivery of SRs to real peers over loopback.
 
-The outbox rows come from a real worker run (:func:`echonode.worker.process_study`
+The outbox rows come from a real worker run (:func:`echonode.analyse.worker.process_study`
 with a tiny random-weight bundle on the real echo loop); the destinations are
 a pynetdicom Storage SCP in the test process that records what it receives and
 answers with chosen statuses, and dcmtk's ``storescp``. :meth:`Delivery.run`
@@ -34,13 +34,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from structlog.testing import capture_logs
 
-from echonode.bundle import ModelRegistry
+from echonode.bundles.bundle import ModelRegistry
 from echonode.config import Config, TLSConfig, to_toml
-from echonode.delivery import Delivery, DeliveryError, Peer, echo
-from echonode.journal import Journal, OutboxState, StudyState
+from echonode.delivery.outbox import Delivery, DeliveryError, Peer, echo
+from echonode.studies.journal import Journal, OutboxState, StudyState
 from echonode.report.sop import derived_sop_instance_uid
-from echonode.store import StudyStore
-from echonode.worker import process_study
+from echonode.studies.store import StudyStore
+from echonode.analyse.worker import process_study
 from tests.conftest import STORESCP, free_port, make_config, need, run_cli, wait_for, with_destination
 from tests.factories import tiny_bundle
 
@@ -706,7 +706,7 @@ def test_peer_parse(tmp_path: Path) -> None:
 
 
 def test_node_delivers_through_its_scheduler(tmp_path: Path, ybr_loop: Path, scps) -> None:
-    from echonode.node import Node
+    from echonode.daemon.node import Node
 
     port = free_port()  # the destination is down when the SR is ready
     cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.2},
@@ -861,7 +861,7 @@ def test_an_unreadable_sr_file_does_not_block_the_queue(tmp_path: Path, ybr_loop
 
 
 def test_an_unexpected_error_is_retried_not_fatal(tmp_path: Path, ybr_loop: Path, scps, monkeypatch) -> None:
-    import echonode.delivery as delivery_mod
+    import echonode.delivery.outbox as delivery_mod
 
     good = scps()
     rep = reported_study(tmp_path, ybr_loop, good.port, max_attempts=2)
@@ -981,7 +981,7 @@ def test_a_read_that_never_returns_holds_only_its_own_lane(tmp_path: Path, ybr_l
     """
     import socket
 
-    import echonode.delivery as delivery_mod
+    import echonode.delivery.outbox as delivery_mod
 
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
@@ -1015,7 +1015,7 @@ def test_a_read_that_never_returns_holds_only_its_own_lane(tmp_path: Path, ybr_l
         assert all(outbox_rows(rep)[("good", uid)]["state"] == OutboxState.SENT for uid in sent)
         (stuck,) = [lane for lane in delivery.lanes() if lane.destination == "pacs"]
         assert stuck.in_flight and stuck.stuck and stuck.attempt_s > 1.0, stuck
-        from echonode.metrics import delivery_families
+        from echonode.ops.prometheus import delivery_families
 
         text = "\n".join(f"{fam.name} {s.labels} {s.value}" for fam in delivery_families(delivery)
                          for s in fam.samples)
@@ -1061,7 +1061,7 @@ def test_node_keeps_delivering_beside_a_destination_stuck_mid_answer(tmp_path: P
     The scheduler's delivery job used to sit in the stalled pass for ever
     (max_instances=1 skipped every later run) and SIGTERM waited on it.
     """
-    from echonode.node import Node
+    from echonode.daemon.node import Node
 
     stuck = fake_pacs("stall_reply")
     rep = reported_study(tmp_path, ybr_loop, stuck.port, timeout_s=0.5, retry_initial_s=0.2, retry_max_s=0.4,

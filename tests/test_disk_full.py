@@ -25,11 +25,11 @@ import pydicom
 import pytest
 from structlog.testing import capture_logs
 
-from echonode.bundle import ModelRegistry
-from echonode.journal import Journal, StudyState, is_disk_full
-from echonode.node import Node
-from echonode.store import RESERVE_NAME, SpaceReserve, StudyStore
-from echonode.worker import DISK_FULL_REASON, DiskFullPause, work_once
+from echonode.bundles.bundle import ModelRegistry
+from echonode.studies.journal import Journal, StudyState, is_disk_full
+from echonode.daemon.node import Node
+from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore
+from echonode.analyse.worker import DISK_FULL_REASON, DiskFullPause, work_once
 from tests.conftest import free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe, write
 from tests.test_delivery import RecordingSCP
@@ -214,13 +214,13 @@ def _turn(w: dict) -> float:
 def test_a_study_that_meets_a_full_disk_goes_back_to_the_queue_uncounted_and_is_done_when_space_returns(
     queued_study: dict, small_disk: Path, monkeypatch: pytest.MonkeyPatch, fails: str
 ) -> None:
-    import echonode.worker
+    import echonode.analyse.worker
 
     w = queued_study
     journal, store, uid = w["journal"], w["store"], w["study_uid"]
     if fails == "SR file":
-        monkeypatch.setattr(echonode.worker, "write_report",
-                            filling_first(small_disk, echonode.worker.write_report, w["ballasts"]))
+        monkeypatch.setattr(echonode.analyse.worker, "write_report",
+                            filling_first(small_disk, echonode.analyse.worker.write_report, w["ballasts"]))
     else:  # the SR is written, then its journal rows find no room
         monkeypatch.setattr(journal, "finish_reported",
                             filling_first(small_disk, journal.finish_reported, w["ballasts"]))
@@ -248,12 +248,12 @@ def test_a_claim_the_journal_cannot_take_back_yet_is_held_and_returned_when_spac
     queued_study: dict, small_disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reserve's room taken by something else before the worker used it: the claim waits in the worker."""
-    import echonode.worker
+    import echonode.analyse.worker
 
     w = queued_study
     journal, uid, pause = w["journal"], w["study_uid"], w["pause"]
-    monkeypatch.setattr(echonode.worker, "write_report",
-                        filling_first(small_disk, echonode.worker.write_report, w["ballasts"]))
+    monkeypatch.setattr(echonode.analyse.worker, "write_report",
+                        filling_first(small_disk, echonode.analyse.worker.write_report, w["ballasts"]))
     release = pause.reserve.release
 
     def release_then_fill() -> bool:
@@ -369,7 +369,7 @@ def test_a_running_node_survives_a_disk_that_fills_while_its_worker_writes_the_s
 def test_retention_frees_a_full_disk_with_the_reserve(tmp_path: Path, small_disk: Path) -> None:
     """Purging needs room in the journal too: on a full disk retention gives back the worker's reserve to do it."""
     from echonode.config import RetentionConfig
-    from echonode.retention import Retention
+    from echonode.studies.retention import Retention
     from tests.test_retention import make_study
 
     root = small_disk / "storage"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from echonode.preprocess import PreprocessConfig
+from echonode.analyse.preprocess import PreprocessConfig
 from tests.test_finetune import make_labelled_archive
 from train.data import build_index
 from train.evaluate import main

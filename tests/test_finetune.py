@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from echonode.bundle import load_bundle
-from echonode.preprocess import PreprocessConfig
+from echonode.bundles.bundle import load_bundle
+from echonode.analyse.preprocess import PreprocessConfig
 from tests.factories import us_multiframe, write
 from train.data import ClipCache, build_index, load_study_labels, split_cache
 from train.finetune import EarlyStopping, check_evaluable, main, prepare_task, prior_logit
@@ -213,7 +213,7 @@ def test_epoch_samples_repeat_videos_with_fresh_clips(labelled, tmp_path: Path) 
 def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Path, capsys) -> None:
     from torch.utils.data import DataLoader
 
-    from echonode.nets import build_model
+    from echonode.bundles.nets import build_model
     from train.data import ClipDataset
     from train.finetune import fit_linear_head
     from train.metrics import auroc

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from echonode.decode import UnusableObject, decode_video
+from echonode.analyse.decode import UnusableObject, decode_video
 from tests.conftest import real_testfile
 from tests.factories import us_multiframe, write
 
@@ -19,7 +19,7 @@ ENHANCED_US_VOLUME = "1.2.840.10008.5.1.4.1.1.6.2"
 
 
 def _rate(**attrs: object) -> float:
-    from echonode.frametiming import frame_rate
+    from echonode.analyse.frametiming import frame_rate
 
     ds = Dataset()
     for keyword, value in attrs.items():
@@ -160,7 +160,7 @@ def test_enhanced_us_frame_content_timing_gives_the_rate(tmp_path: Path) -> None
     ],
 )
 def test_per_frame_timing_sources(per_frame: list[dict], fps: float | None, source: str | None) -> None:
-    from echonode.frametiming import DEFAULT_FPS, frame_timing
+    from echonode.analyse.frametiming import DEFAULT_FPS, frame_timing
 
     rate, where = frame_timing(_enhanced_us(per_frame))
     if fps is None:
@@ -171,14 +171,14 @@ def test_per_frame_timing_sources(per_frame: list[dict], fps: float | None, sour
 
 
 def test_frame_time_crosses_midnight_and_the_order_of_frames_does_not_matter() -> None:
-    from echonode.frametiming import frame_rate
+    from echonode.analyse.frametiming import frame_rate
 
     times = ["20260101235959.950000", "20260102000000.000000", "20260101235959.900000", "20260102000000.050000"]
     assert frame_rate(_enhanced_us(_frame_content(times))) == pytest.approx(20.0)
 
 
 def test_timing_in_the_shared_group_says_nothing_about_the_rate() -> None:
-    from echonode.frametiming import frame_timing
+    from echonode.analyse.frametiming import frame_timing
 
     ds = _enhanced_us([{}] * 12, shared={"FrameContentSequence": {"FrameReferenceDateTime": "20260101120000"}})
     assert frame_timing(ds) == (30.0, "default")
@@ -187,7 +187,7 @@ def test_timing_in_the_shared_group_says_nothing_about_the_rate() -> None:
 
 
 def test_frame_time_comes_before_the_functional_groups() -> None:
-    from echonode.frametiming import frame_timing
+    from echonode.analyse.frametiming import frame_timing
 
     ds = _enhanced_us(_frame_content(_datetimes(8, 20_000)))
     ds.FrameTime = "40"
@@ -202,7 +202,7 @@ def test_implausible_per_frame_timing_is_refused(tmp_path: Path) -> None:
 
 
 def test_unreadable_per_frame_times_are_skipped() -> None:
-    from echonode.frametiming import frame_timing
+    from echonode.analyse.frametiming import frame_timing
 
     per_frame = _frame_content(["not a date", "2026-01-01", ""] * 4)
     for i, spec in enumerate(per_frame):
@@ -215,7 +215,7 @@ def test_unreadable_per_frame_times_are_skipped() -> None:
 def test_a_real_enhanced_object_without_frame_timing_gets_the_default() -> None:
     """pydicom-data has no Enhanced US file; its Enhanced CT carries functional groups
     (Frame Content without any time): read, and the default applies."""
-    from echonode.frametiming import frame_timing
+    from echonode.analyse.frametiming import frame_timing
 
     ds = pydicom.dcmread(real_testfile("eCT_Supplemental.dcm"), stop_before_pixels=True)
     assert "PerFrameFunctionalGroupsSequence" in ds

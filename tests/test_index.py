@@ -19,7 +19,7 @@ import pytest
 from pydicom.filewriter import dcmwrite
 
 import train.data
-from echonode.preprocess import PreprocessConfig
+from echonode.analyse.preprocess import PreprocessConfig
 from tests.conftest import real_testfile
 from tests.factories import us_multiframe, write
 from train.data import ClipCache, build_index, split_cache

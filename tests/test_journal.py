@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from echonode.journal import (
+from echonode.studies.journal import (
     InstanceRecord,
     Journal,
     OutboxState,

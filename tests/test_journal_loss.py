@@ -21,12 +21,12 @@ import pydicom
 import pytest
 import structlog
 
-from echonode import cli
-from echonode.bundle import ModelRegistry
+from echonode.commands import main as cli
+from echonode.bundles.bundle import ModelRegistry
 from echonode.config import Config, to_toml
-from echonode.journal import Journal, OutboxState, StudyState
-from echonode.store import StudyStore
-from echonode.worker import process_study
+from echonode.studies.journal import Journal, OutboxState, StudyState
+from echonode.studies.store import StudyStore
+from echonode.analyse.worker import process_study
 from tests.conftest import REPO, echonode_cmd, free_port, make_config, run_cli, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe, write
 from tests.test_delivery import RecordingSCP
@@ -102,7 +102,7 @@ def test_a_damaged_journal_is_still_refused_with_sqlite_s_error(tmp_path: Path) 
 
 def test_a_new_node_starts_on_an_empty_storage(tmp_path: Path) -> None:
     """No journal and nothing stored is a first start, not a loss (the check must not stop one)."""
-    from echonode.rebuild import journal_loss
+    from echonode.studies.rebuild import journal_loss
 
     cfg = make_config(tmp_path)
     assert journal_loss(cfg.journal_path, cfg.storage_dir) is None

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from echonode.config import to_toml
-from echonode.journal import (
+from echonode.studies.journal import (
     InstanceRecord,
     Journal,
     OutboxState,
@@ -26,9 +26,9 @@ from echonode.journal import (
     StudyState,
     TaskResult,
 )
-from echonode.metrics import NodeCollector
-from echonode.node import ErrorCounts
-from echonode.scp import ReceiveCounters
+from echonode.ops.prometheus import NodeCollector
+from echonode.daemon.node import ErrorCounts
+from echonode.receive.scp import ReceiveCounters
 from tests.conftest import REPO, make_config, run_cli
 
 TABLES = ("studies", "instances", "results", "reports", "outbox")

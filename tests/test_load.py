@@ -25,7 +25,7 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from echonode.delivery import DeliveryError, Peer, echo
+from echonode.delivery.outbox import DeliveryError, Peer, echo
 from tests.conftest import ECHOSCU, free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe
 from tests.test_stage_recovery import ServedNode, SlowPACS, journal_rows, states

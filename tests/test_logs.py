@@ -12,9 +12,9 @@ import pytest
 import structlog
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from echonode.journal import StudyState
-from echonode.logs import configure_logging, get_logger
-from echonode.node import Node
+from echonode.studies.journal import StudyState
+from echonode.ops.logs import configure_logging, get_logger
+from echonode.daemon.node import Node
 from tests.conftest import make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe
 

@@ -22,14 +22,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from echonode.bundle import ModelRegistry
-from echonode.decode import decode_video
-from echonode.journal import Journal, StudyState
-from echonode.pipeline import StudyRefused, analyse_study
+from echonode.bundles.bundle import ModelRegistry
+from echonode.analyse.decode import decode_video
+from echonode.studies.journal import Journal, StudyState
+from echonode.analyse.pipeline import StudyRefused, analyse_study
 from echonode.report.build import build_report
 from echonode.report.findings import SourceInstance, TaskFinding
-from echonode.store import StudyStore
-from echonode.worker import process_study
+from echonode.studies.store import StudyStore
+from echonode.analyse.worker import process_study
 from tests.conftest import make_config
 from tests.factories import tiny_bundle, us_multiframe, write
 
@@ -205,7 +205,7 @@ def test_an_identifying_attribute_too_large_to_read_stops_the_report(tmp_path: P
 def test_the_index_reads_no_large_private_element(tmp_path: Path) -> None:
     """``echonode-train index`` reads every header of an archive, then decodes: the same
     bounded reads as the worker."""
-    from echonode.preprocess import PreprocessConfig
+    from echonode.analyse.preprocess import PreprocessConfig
     from train.data import build_index
 
     archive = tmp_path / "archive"
@@ -220,7 +220,7 @@ def test_the_index_reads_no_large_private_element(tmp_path: Path) -> None:
 def test_an_object_that_ends_in_a_private_sequence_is_received(tmp_path: Path) -> None:
     """GE ends objects with its raw data in a private sequence of undefined length after
     the pixel data; the receive path's completeness check took it for an error (0xC211)."""
-    from echonode.store import read_header as read_received_header
+    from echonode.studies.store import read_header as read_received_header
 
     _, (path,) = _study(tmp_path, 1, after=MIB)
     header = read_received_header(path)

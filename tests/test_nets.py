@@ -1,4 +1,4 @@
-"""Tests for echonode.nets: torchvision layout and an independent reference forward."""
+"""Tests for echonode.bundles.nets: torchvision layout and an independent reference forward."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from echonode.nets import (
+from echonode.bundles.nets import (
     ARCHITECTURES,
     KINETICS_MEAN,
     KINETICS_STD,
@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 # --------------------------------------------------------------------------
 # An independent functional reference: walks the state dict by key name and
 # applies torch.nn.functional ops with the strides/paddings of torchvision's
-# definitions. It shares no code with echonode.nets.
+# definitions. It shares no code with echonode.bundles.nets.
 # --------------------------------------------------------------------------
 
 

@@ -26,9 +26,9 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
-from echonode import pdu_guard
-from echonode.delivery import DeliveryError, Peer, echo, store_file
-from echonode.node import Node
+from echonode.network import pdu_guard
+from echonode.delivery.outbox import DeliveryError, Peer, echo, store_file
+from echonode.daemon.node import Node
 from tests import rawdicom as raw
 from tests.conftest import ECHOSCU, REPO, echonode_cmd, make_config, need, wait_for
 from tests.factories import us_multiframe, write
@@ -280,7 +280,7 @@ def test_silent_connections_from_an_allowed_address_never_lock_carts_out(start_n
     to hold every max_associations slot until acse_timeout_s: carts got "local limit
     exceeded". Silent connections no longer count against the limit, and past
     MAX_AWAITING_REQUEST the one that waited longest is closed."""
-    from echonode.scp import MAX_AWAITING_REQUEST
+    from echonode.receive.scp import MAX_AWAITING_REQUEST
 
     need(ECHOSCU)
     node = start_node(max_associations=3, acse_timeout_s=600.0, network_timeout_s=600.0)
@@ -519,7 +519,7 @@ def test_a_full_disk_while_spooling_answers_out_of_resources(disk: str, start_no
     else:
         import tempfile
 
-        from echonode import spool
+        from echonode.receive import spool
 
         calls = {"n": 0}
 
@@ -611,7 +611,7 @@ def test_ae_titles_are_compared_without_their_space_padding_only(start_node, soc
 
 
 def test_a_store_without_a_data_set_gets_a_clear_status(start_node, sockets) -> None:
-    from echonode.scp import NO_DATA_SET
+    from echonode.receive.scp import NO_DATA_SET
 
     node = start_node()
     ds = us_multiframe()
@@ -632,7 +632,7 @@ def test_a_store_without_a_data_set_gets_a_clear_status(start_node, sockets) -> 
 
 
 def test_protocol_aborts_are_exported_as_metrics(start_node, sockets) -> None:
-    from echonode.metrics import NodeCollector
+    from echonode.ops.prometheus import NodeCollector
 
     node = start_node()
     s = connect(node.scp.port, sockets)

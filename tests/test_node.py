@@ -71,7 +71,7 @@ def test_sighup_applies_allow_list_and_keeps_open_associations(tmp_path: Path) -
 
 
 def test_reload_keeps_restart_only_keys(tmp_path: Path) -> None:
-    from echonode.node import Node
+    from echonode.daemon.node import Node
 
     cfg = make_config(tmp_path)
     path = tmp_path / "echonode.toml"

@@ -9,10 +9,10 @@ import pydicom
 import pytest
 import torch
 
-from echonode.bundle import ModelRegistry, load_bundle
-from echonode.decode import decode_video
-from echonode.pipeline import ObjectRecord, StudyRefused, analyse_study, check_identity, preprocess_config
-from echonode.preprocess import make_eval_clips, preprocess_video
+from echonode.bundles.bundle import ModelRegistry, load_bundle
+from echonode.analyse.decode import decode_video
+from echonode.analyse.pipeline import ObjectRecord, StudyRefused, analyse_study, check_identity, preprocess_config
+from echonode.analyse.preprocess import make_eval_clips, preprocess_video
 from tests.factories import tiny_bundle, us_multiframe, write
 
 
@@ -145,20 +145,20 @@ def test_an_unexpected_decode_error_skips_the_object_and_logs_no_message(
     import io
     import json
 
-    import echonode.pipeline
-    from echonode.logs import configure_logging
+    import echonode.analyse.pipeline
+    from echonode.ops.logs import configure_logging
 
     uid, files = study
     models = tmp_path / "models"
     tiny_bundle(models, "lvh")
-    real = echonode.pipeline.decode_video
+    real = echonode.analyse.pipeline.decode_video
 
     def decode(path, **kw):
         if Path(path) == files[1]:
             raise ValueError("invalid value for VR PN: 'DOE^JOHN'")
         return real(path, **kw)
 
-    monkeypatch.setattr(echonode.pipeline, "decode_video", decode)
+    monkeypatch.setattr(echonode.analyse.pipeline, "decode_video", decode)
     buf = io.StringIO()
     configure_logging("json", "info", stream=buf)
     result = analyse_study(uid, files, _registry(models).current)

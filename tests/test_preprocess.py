@@ -1,12 +1,12 @@
-"""Tests for echonode.preprocess: sector mask, crop/resize, clips."""
+"""Tests for echonode.analyse.preprocess: sector mask, crop/resize, clips."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from echonode.decode import DecodedVideo, UnusableObject, decode_video
-from echonode.preprocess import (
+from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
+from echonode.analyse.preprocess import (
     PreprocessConfig,
     eval_clip_starts,
     make_eval_clips,

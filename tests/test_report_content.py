@@ -16,15 +16,15 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from echonode.bundle import ModelRegistry, load_bundle
-from echonode.journal import Journal, StudyState
+from echonode.bundles.bundle import ModelRegistry, load_bundle
+from echonode.studies.journal import Journal, StudyState
 from echonode.report.build import build_report
 from echonode.report.codes import VIEWS
 from echonode.report.findings import NotAssessed, SourceInstance
 from echonode.report.read import summarise_report
 from echonode.report.summary import finding_line, probability_text, reported_probability
-from echonode.store import StudyStore
-from echonode.worker import StudyOutcome, process_study
+from echonode.studies.store import StudyStore
+from echonode.analyse.worker import StudyOutcome, process_study
 from tests.conftest import make_config
 from tests.factories import tiny_bundle, us_multiframe, write
 from tests.report_support import (
@@ -336,7 +336,7 @@ def test_worker_codes_the_view_the_classifier_found(tmp_path: Path) -> None:
 
 def test_demo_prints_what_the_sr_says(header: Dataset, tmp_path: Path) -> None:
     """``echonode demo``'s summary of a received SR: the plain lines first, then each finding."""
-    from echonode.demo import describe_report
+    from echonode.commands.demo import describe_report
 
     sources = example_sources(header)
     found = tmp_path / "found.dcm"

@@ -12,10 +12,10 @@ from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
 from echonode.config import RetentionConfig
-from echonode.journal import Claim, Journal, ReportRecord, StudyState
-from echonode.node import Node
-from echonode.retention import Retention
-from echonode.store import StudyStore
+from echonode.studies.journal import Claim, Journal, ReportRecord, StudyState
+from echonode.daemon.node import Node
+from echonode.studies.retention import Retention
+from echonode.studies.store import StudyStore
 from tests.conftest import make_config
 from tests.factories import us_multiframe, write
 
@@ -395,11 +395,11 @@ def _old_selection(journal: Journal, cfg: RetentionConfig, now: float) -> list[t
 def test_paged_retention_picks_what_the_full_scan_picked(
     store: StudyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rules: str
 ) -> None:
-    import echonode.retention
+    import echonode.studies.retention
 
     # A page of 3 over 20 studies: many pages, and page ends inside runs of
     # equal activity times (the keyset's tie-break on the UID).
-    monkeypatch.setattr(echonode.retention, "PAGE", 3)
+    monkeypatch.setattr(echonode.studies.retention, "PAGE", 3)
     kinds = [StudyState.DELIVERED, StudyState.SKIPPED, StudyState.FAILED, "reported-dead", StudyState.DELIVERED,
              StudyState.REPORTED, "skipped-owed", StudyState.DELIVERED, StudyState.SKIPPED, StudyState.DELIVERED]
     uids = [make_study(store, tmp_path, kind, age) for kind, age in

@@ -1,4 +1,4 @@
-"""Tests for echonode.runtime: optimised inference agrees with eager, falls back safely."""
+"""Tests for echonode.bundles.runtime: optimised inference agrees with eager, falls back safely."""
 
 from __future__ import annotations
 
@@ -13,17 +13,17 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from echonode import runtime as rt
-from echonode import runtime_select as rs
-from echonode.bundle import BundleMeta, load_bundle, save_bundle
-from echonode.calibration import (
+from echonode.bundles import runtime as rt
+from echonode.bundles import runtime_select as rs
+from echonode.bundles.bundle import BundleMeta, load_bundle, save_bundle
+from echonode.bundles.calibration import (
     CALIBRATION_FILE,
     CalibrationError,
     encode_calibration,
     read_calibration,
 )
-from echonode.nets import build_model, normalise_for_model
-from echonode.runtime import (
+from echonode.bundles.nets import build_model, normalise_for_model
+from echonode.bundles.runtime import (
     MODES,
     InferenceRuntime,
     cpu_has_native_bf16,
@@ -199,7 +199,7 @@ def test_bundle_predict_with_runtime(tmp_path, clips: torch.Tensor) -> None:
 
     The bundle's fresh head gives probabilities near 0.5, so this checks the
     plumbing (shapes, dtype, batching, sigmoid), not accuracy."""
-    from echonode.bundle import BundleMeta, load_bundle, save_bundle
+    from echonode.bundles.bundle import BundleMeta, load_bundle, save_bundle
 
     meta = BundleMeta.create(name="t", task="lvh", width=WIDTH, preprocessing={"size": SIZE, "clip_frames": FRAMES})
     save_bundle(tmp_path / "b", meta, _model(num_outputs=1).state_dict())
@@ -214,13 +214,13 @@ def test_bundle_predict_with_runtime(tmp_path, clips: torch.Tensor) -> None:
 
 def test_config_knows_every_runtime_mode() -> None:
     from echonode.config import RUNTIME_MODES
-    from echonode.runtime import MODES
+    from echonode.bundles.runtime import MODES
 
     assert RUNTIME_MODES == MODES
 
 
 # ---------------------------------------------------------------------------
-# auto: selection by measurement (echonode.runtime_select), with fake runtimes
+# auto: selection by measurement (echonode.bundles.runtime_select), with fake runtimes
 # on a fake clock so that speed and accuracy are exactly what each test says.
 # ---------------------------------------------------------------------------
 
@@ -550,7 +550,7 @@ def test_unwritable_state_dir_still_loads(tmp_path: Path, counted: list[int]) ->
 
 
 def test_registry_caches_in_the_models_folders_parent(tmp_path: Path, counted: list[int]) -> None:
-    from echonode.bundle import ModelRegistry
+    from echonode.bundles.bundle import ModelRegistry
 
     tiny_bundle(tmp_path / "models", "lvh")
     registry = ModelRegistry(tmp_path / "models", "cpu")
@@ -619,7 +619,7 @@ def test_save_bundle_writes_bytes_extra_files(tmp_path: Path) -> None:
 
 
 def test_finetune_stores_its_evaluation_clips_and_load_checks_on_them(tmp_path: Path, counted: list[int]) -> None:
-    from echonode.preprocess import PreprocessConfig
+    from echonode.analyse.preprocess import PreprocessConfig
     from tests.test_finetune import _args, make_labelled_archive
     from train.data import ClipCache, build_index
     from train.finetune import main as finetune_main
@@ -635,7 +635,7 @@ def test_finetune_stores_its_evaluation_clips_and_load_checks_on_them(tmp_path: 
     assert bundle.meta.provenance["calibration"].startswith(f"5 evaluation clips ({source})")
     # Each stored clip is one of the node's evaluation clips of a video of the cache.
     cache = ClipCache(tmp_path / "cache")
-    from echonode.preprocess import make_eval_clips
+    from echonode.analyse.preprocess import make_eval_clips
 
     every = np.concatenate([
         make_eval_clips(np.asarray(cache.frames(v["sop_uid"])), PreprocessConfig(size=16, clip_frames=4))[:, 0]
@@ -686,8 +686,8 @@ def test_openvino_mode_matches_eager(mode: str, clips: torch.Tensor, tmp_path: P
 
 _OPENVINO_SCRIPT = """
 import sys, torch
-from echonode.nets import build_model
-from echonode.runtime import build_mode, synthetic_clips
+from echonode.bundles.nets import build_model
+from echonode.bundles.runtime import build_mode, synthetic_clips
 torch.set_num_threads(1)
 model = build_model("r3d_18", 1, width=4).eval().requires_grad_(False)
 x = synthetic_clips(2, 8, 32)

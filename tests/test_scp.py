@@ -17,8 +17,8 @@ from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage, Verification 
 from structlog.testing import capture_logs
 
 from echonode.config import TLSConfig
-from echonode.journal import StudyState
-from echonode.node import Node
+from echonode.studies.journal import StudyState
+from echonode.daemon.node import Node
 from tests.conftest import ECHOSCU, STORESCU, make_config, need, wait_for
 from tests.factories import us_multiframe, write
 
@@ -69,7 +69,7 @@ def test_real_echo_loops_stored_byte_for_byte(running_node: Node, sonosite_loop:
 
 
 def _header(ds):
-    from echonode.store import Header
+    from echonode.studies.store import Header
 
     return Header(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
                   str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
@@ -249,7 +249,7 @@ def test_tls_with_client_certificate(tmp_path: Path, pki: dict[str, Path]) -> No
         # Plain TCP to a TLS port fails too.
         assert _reject_reason(node.scp.port) == "failed"
         # And echonode's own client side (delivery, echo) speaks TLS with a client certificate.
-        from echonode.delivery import Peer, echo
+        from echonode.delivery.outbox import Peer, echo
 
         peer = Peer("ECHONODE", "127.0.0.1", node.scp.port,
                     TLSConfig(enabled=True, ca_file=str(pki["ca.pem"]), cert_file=str(pki["client.pem"]),

@@ -17,8 +17,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from echonode.config import to_toml
-from echonode.node import Node
-from echonode.sdnotify import notify, watchdog_interval_s
+from echonode.daemon.node import Node
+from echonode.ops.sdnotify import notify, watchdog_interval_s
 from tests.conftest import REPO, echonode_cmd, make_config
 
 

@@ -32,10 +32,10 @@ from pynetdicom import AE
 from structlog.testing import capture_logs
 
 from echonode.config import ConfigError, parse_config
-from echonode.journal import InstanceRecord, Journal, ReportRecord
-from echonode.node import Node
-from echonode.statuspage import PATH, AgreementRow, collect, render
-from echonode.worker import MODELS_STATE
+from echonode.studies.journal import InstanceRecord, Journal, ReportRecord
+from echonode.daemon.node import Node
+from echonode.ops.statuspage import PATH, AgreementRow, collect, render
+from echonode.analyse.worker import MODELS_STATE
 from tests.conftest import REPO, free_port, make_config
 from tests.factories import us_multiframe
 from tests.test_report_render import browser  # noqa: F401 - the headless Chromium fixture
@@ -490,7 +490,7 @@ def test_a_reload_turns_the_page_on_and_applies_new_credentials(tmp_path: Path, 
                                                      ("0.0.0.0", "bearer", False)])
 def test_served_open_beyond_loopback_it_says_so(tmp_path: Path, secrets: dict[str, Path], host: str, auth: str,
                                                 warned: bool) -> None:
-    from echonode.statuspage import announce
+    from echonode.ops.statuspage import announce
 
     page = {"enabled": True, "auth": auth, **({"auth_file": str(secrets["bearer"])} if auth != "none" else {})}
     cfg = parse_config({"metrics": {"enabled": True, "host": host}, "status_page": page})

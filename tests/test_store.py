@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from echonode.journal import Journal
-from echonode.store import BadObject, StudyStore, is_valid_uid, read_header
+from echonode.studies.journal import Journal
+from echonode.studies.store import BadObject, StudyStore, is_valid_uid, read_header
 from tests.factories import us_multiframe, write
 
 
@@ -111,7 +111,7 @@ def test_recover(store: StudyStore, tmp_path: Path) -> None:
     (store.incoming / "tmp123.dcm").write_bytes(b"partial")
     # Renamed into place, not recorded (crash between rename and commit).
     b = write(us_multiframe(), tmp_path / "b.dcm")
-    from echonode.store import read_header as rh
+    from echonode.studies.store import read_header as rh
 
     hb = rh(b)
     dest = store.instance_path(hb)

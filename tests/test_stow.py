@@ -27,10 +27,10 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorag
 from structlog.testing import capture_logs
 
 from echonode.config import Config, Destination, TLSConfig, parse_config, to_toml
-from echonode.delivery import Delivery
-from echonode.journal import Journal, OutboxState, StudyState
+from echonode.delivery.outbox import Delivery
+from echonode.studies.journal import Journal, OutboxState, StudyState
 from echonode.report.sop import derived_sop_instance_uid
-from echonode.stow import read_store_response
+from echonode.delivery.stow import read_store_response
 from tests.conftest import free_port, make_config, run_cli, wait_for, with_destination
 from tests.factories import tiny_bundle
 from tests.fake_dicomweb import Answer, FakeDICOMweb, basic, failed_sop, stored_sop

@@ -15,13 +15,13 @@ from pynetdicom import AE
 from structlog.testing import capture_logs
 
 import echonode.report.build
-from echonode.bundle import ModelRegistry
-from echonode.journal import Journal, StudyState
-from echonode.node import Node
+from echonode.bundles.bundle import ModelRegistry
+from echonode.studies.journal import Journal, StudyState
+from echonode.daemon.node import Node
 from echonode.report.header import COPIED_EXACTLY
 from echonode.report.read import summarise_report
-from echonode.store import StudyStore
-from echonode.worker import handle_claim, process_study
+from echonode.studies.store import StudyStore
+from echonode.analyse.worker import handle_claim, process_study
 from tests.conftest import make_config, wait_for
 from tests.factories import tiny_bundle, us_multiframe, write
 
@@ -158,7 +158,7 @@ def test_node_runs_the_worker_and_survives_its_death(tmp_path: Path, ybr_loop: P
         study = str(pydicom.dcmread(ybr_loop, stop_before_pixels=True).StudyInstanceUID)
         # The receive side answers while the worker runs.
         t0 = time.monotonic()
-        from echonode.delivery import Peer, echo
+        from echonode.delivery.outbox import Peer, echo
 
         assert echo("CART", Peer("ECHONODE", "127.0.0.1", node.scp.port)) == 0
         assert time.monotonic() - t0 < 5
@@ -172,7 +172,7 @@ def test_study_timeout_kills_worker_then_fails(tmp_path: Path, ybr_loop: Path) -
     cfg = make_config(tmp_path, models={"study_timeout_s": 0.01, "max_attempts": 2})
     tiny_bundle(cfg.models_dir, "lvh")
     journal, store, study_uid = _stored_study(tmp_path, cfg, [ybr_loop])
-    from echonode.worker import WorkerSupervisor
+    from echonode.analyse.worker import WorkerSupervisor
 
     sup = WorkerSupervisor(cfg)
     sup._next_start = 0
@@ -220,7 +220,7 @@ def test_malformed_patient_values_do_not_block_the_report(tmp_path: Path) -> Non
 
 def _run_worker_until(cfg, journal: Journal, study_uid: str, state: StudyState, log_path: Path) -> None:
     """Run the real worker process on ``cfg`` until ``study_uid`` reaches ``state``."""
-    from echonode.worker import WorkerSupervisor
+    from echonode.analyse.worker import WorkerSupervisor
 
     sup = WorkerSupervisor(cfg, log_path=str(log_path))
     sup.start()
@@ -316,7 +316,7 @@ def test_study_whose_files_are_gone_fails_with_reason(tmp_path: Path, ybr_loop: 
 
 
 def test_reload_restarts_the_worker_with_the_new_config(tmp_path: Path) -> None:
-    from echonode.worker import MODELS_STATE, WorkerSupervisor
+    from echonode.analyse.worker import MODELS_STATE, WorkerSupervisor
 
     cfg = make_config(tmp_path)
     state_file = cfg.storage_dir / MODELS_STATE

@@ -6,7 +6,7 @@ Cache layout::
     CACHE/videos/<sop_uid>.npy   (T, S, S) uint8 frames of one video
 
 Each usable video is decoded and preprocessed once, by the node's own code
-(:func:`echonode.preprocess.preprocess_file`), so training sees exactly the
+(:func:`echonode.analyse.preprocess.preprocess_file`), so training sees exactly the
 pixels the node will see at inference. One ``.npy`` per video keeps the
 cache incremental (a new study adds files, nothing is rewritten) and is read
 with ``mmap_mode="r"``, so a data-loader worker touches only the frames of the
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from echonode.decode import DEFAULT_MAX_DECODED_BYTES, DecodedVideo, UnusableObject
+from echonode.analyse.decode import DEFAULT_MAX_DECODED_BYTES, DecodedVideo, UnusableObject
 from echonode.dicomfile import InflatesTooLarge
 from echonode.header import read_header
-from echonode.preprocess import PreprocessConfig, make_eval_clips, preprocess_file, training_clip
+from echonode.analyse.preprocess import PreprocessConfig, make_eval_clips, preprocess_file, training_clip
 from train.augment import AugmentConfig, augment_clip
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, permute_clip
 from train.splits import patient_key, split_by_patient
@@ -763,7 +763,7 @@ def _resize(clip: torch.Tensor, size: int) -> torch.Tensor:
 
 def _normalise(clip: torch.Tensor) -> torch.Tensor:
     """Per-clip min-max to [0, 1], zeros for a constant clip (as
-    :func:`echonode.preprocess.normalise_clip`)."""
+    :func:`echonode.analyse.preprocess.normalise_clip`)."""
     lo, hi = clip.min(), clip.max()
     if hi <= lo:
         return torch.zeros_like(clip)
@@ -906,7 +906,7 @@ class ClipDataset(_CacheDataset):
     a fresh random clip and augmentation (a small label fraction then gets
     as many optimiser steps per epoch as a larger one).
     Evaluation: ``eval_clips`` evenly spaced clips
-    (:func:`echonode.preprocess.eval_clip_starts`), no augmentation; item
+    (:func:`echonode.analyse.preprocess.eval_clip_starts`), no augmentation; item
     ``(x, y)`` with ``x`` ``(eval_clips, 3, T, S, S)``.
 
     Parameters

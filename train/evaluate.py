@@ -3,7 +3,7 @@
 ``echonode-train evaluate --bundle BUNDLE --data CACHE --labels CSV --out DIR``
 
 The bundle is loaded and run exactly as the node runs it
-(:func:`echonode.bundle.load_bundle`, :meth:`Bundle.predict` on the node's
+(:func:`echonode.bundles.bundle.load_bundle`, :meth:`Bundle.predict` on the node's
 evaluation clips), so the figures describe the model the node would serve.
 
 By default the *test* split is evaluated, recomputed with the split settings
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from echonode.bundle import BINARY_TASKS, BundleError, load_bundle
-from echonode.runtime import MODES as RUNTIME_MODES
+from echonode.bundles.bundle import BINARY_TASKS, BundleError, load_bundle
+from echonode.bundles.runtime import MODES as RUNTIME_MODES
 from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
 from train.finetune import prepare_task, summarise
 from train.metrics import average_precision, auroc, group_mean, pr_curve, roc_curve
@@ -114,7 +114,7 @@ def evaluate_bundle(
     views : sequence of str, optional
         Views for a binary task (default: as the bundle was trained, PLAX).
     runtime : str, optional
-        Inference runtime (:func:`echonode.bundle.load_bundle`); default the
+        Inference runtime (:func:`echonode.bundles.bundle.load_bundle`); default the
         node's, so that the figures are the ones the node would produce.
         Experiments comparing bundles made at different times pass
         ``"eager"`` to score every one by the same float32 arithmetic.

@@ -18,8 +18,8 @@ pretrained encoder) gives meaningless probabilities, so it is always marked
 test, never a model to report with.
 
 No training data is at hand here, so the bundle's ``calibration.npz`` (the
-clips the node checks inference runtimes on, :mod:`echonode.calibration`)
-holds synthetic echo-like clips (:func:`echonode.runtime.synthetic_clips`),
+clips the node checks inference runtimes on, :mod:`echonode.bundles.calibration`)
+holds synthetic echo-like clips (:func:`echonode.bundles.runtime.synthetic_clips`),
 marked ``source: synthetic``; a fine-tuned bundle stores real ones.
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from echonode.bundle import (
+from echonode.bundles.bundle import (
     BINARY_TASKS,
     DEFAULT_PREPROCESSING,
     DEFAULT_VIEW_LABELS,
@@ -45,13 +45,13 @@ from echonode.bundle import (
     save_bundle,
     state_dict_problems,
 )
-from echonode.calibration import (
+from echonode.bundles.calibration import (
     CALIBRATION_FILE,
     DEFAULT_CALIBRATION_CLIPS,
     encode_calibration,
 )
-from echonode.nets import ARCHITECTURES, NORMALISATIONS, build_model
-from echonode.runtime import synthetic_clips
+from echonode.bundles.nets import ARCHITECTURES, NORMALISATIONS, build_model
+from echonode.bundles.runtime import synthetic_clips
 
 __all__ = ["InitError", "add_init_arguments", "extract_state_dict", "init_weights", "run_init"]
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from echonode.logs import get_logger
+from echonode.ops.logs import get_logger
 from echonode.measurements import (
     CONCEPTS,
     DEFAULT_TOLERANCE,
@@ -403,7 +403,7 @@ def add_labels_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_labels(ns: argparse.Namespace) -> int:
     """Run ``echonode-train labels``; returns the exit status."""
-    from echonode.logs import configure_logging
+    from echonode.ops.logs import configure_logging
 
     configure_logging(level=ns.log_level)
     try:

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from echonode.nets import build_model
+from echonode.bundles.nets import build_model
 from train.augment import AugmentConfig
 from train.configs import flat_dict, from_namespace
 from train.data import METHODS, ClipCache, PairDataset, manifest_hash, split_cache

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from echonode.bundle import Bundle, BundleError, load_bundle
+from echonode.bundles.bundle import Bundle, BundleError, load_bundle
 
 STORE = ".store"
 

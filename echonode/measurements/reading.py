@@ -57,7 +57,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 
-from echonode.logs import get_logger
+from echonode.ops.logs import get_logger
 from echonode.measurements.concepts import (
     CodeKey,
     Concept,

@@ -66,7 +66,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 import echonode
-from echonode.logs import get_logger
+from echonode.ops.logs import get_logger
 from echonode.report.codes import (
     COMMENT,
     ECHONODE_SCHEME,

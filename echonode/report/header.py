@@ -24,7 +24,7 @@ from pydicom.tag import BaseTag
 
 from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.header import MAX_ELEMENT_BYTES, read_header
-from echonode.logs import get_logger
+from echonode.ops.logs import get_logger
 from echonode.report.findings import SourceInstance
 
 log = get_logger(__name__)

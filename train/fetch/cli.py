@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from echonode.config import Config, ConfigError, load_config
-from echonode.delivery import Peer
+from echonode.delivery.outbox import Peer
 
 from .errors import UsageError
 from .journal import FetchJournal
@@ -169,7 +169,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _log_to(path: Path, level: str) -> None:
-    from echonode.logs import configure_logging
+    from echonode.ops.logs import configure_logging
 
     configure_logging("json", level, stream=open(path, "a", encoding="utf-8"))  # noqa: SIM115 - lives with the process
     # pynetdicom logs query identifiers (patient IDs from --studies) at debug:

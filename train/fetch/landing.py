@@ -18,7 +18,7 @@ one per instance before its acknowledgement would hold the PACS back for
 every small object, while an instance lost to a power cut before its study
 is complete is simply fetched again (the PACS still has it).
 
-The names are the node's (``echonode.store``: ``studies/<Study>/<Series>/<SOP>.dcm``
+The names are the node's (``echonode.studies.store``: ``studies/<Study>/<Series>/<SOP>.dcm``
 under its storage), so ``echonode-train index`` and ``labels`` read a
 fetched archive and the node's storage alike.
 """
@@ -34,8 +34,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from echonode.logs import get_logger
-from echonode.store import BadObject, Header, fsync_dir, fsync_file, read_header
+from echonode.ops.logs import get_logger
+from echonode.studies.store import BadObject, Header, fsync_dir, fsync_file, read_header
 
 from .journal import FetchJournal, SopInOtherStudy
 from .pacing import Clock

@@ -19,8 +19,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
-from echonode.logs import get_logger
-from echonode.store import is_valid_uid
+from echonode.ops.logs import get_logger
+from echonode.studies.store import is_valid_uid
 
 from .dimse import STUDY_ROOT_FIND, no_answer, status_of
 from .errors import FetchError, UsageError

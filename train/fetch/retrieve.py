@@ -29,7 +29,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
 
-from echonode.logs import get_logger
+from echonode.ops.logs import get_logger
 
 from .dimse import (
     STUDY_ROOT_GET,

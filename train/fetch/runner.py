@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from echonode.logs import get_logger
+from echonode.ops.logs import get_logger
 
 from .errors import FetchError, UsageError
 from .journal import DONE_STATES, FetchJournal, FetchState

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 from pynetdicom import evt
 
-from echonode.delivery import Peer
-from echonode.logs import get_logger
-from echonode.store import is_valid_uid
+from echonode.delivery.outbox import Peer
+from echonode.ops.logs import get_logger
+from echonode.studies.store import is_valid_uid
 
 from .dimse import (
     STUDY_ROOT_FIND,

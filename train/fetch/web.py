@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from echonode.logs import get_logger
+from echonode.ops.logs import get_logger
 
 from .errors import FetchError, UsageError
 

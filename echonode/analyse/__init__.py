@@ -1,0 +1,1 @@
+"""From stored objects to results: decode, preprocess, the study pipeline, the inference worker."""

@@ -1,0 +1,389 @@
+"""One study from stored files to results: decode, pick views, infer, aggregate.
+
+Shared by the node's worker and ``echonode infer``. Decoding runs in a
+thread pool ahead of inference (OpenCV and the JPEG decoders release the
+GIL), so a study's latency is close to its inference time; clips of several
+videos are batched together for the task models.
+
+Aggregation follows METHOD.md: a video's probability is the mean over its
+evenly spaced clips, the study's the mean over its videos.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from echonode.bundles.bundle import Bundle, ModelSet
+from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
+from echonode.header import MAX_ELEMENT_BYTES, BoundedHeader, read_header
+from echonode.ops.logs import get_logger
+from echonode.analyse.preprocess import PreprocessConfig, make_eval_clips, preprocess_video
+
+log = get_logger(__name__)
+
+#: Patient attributes that must agree across every object used for one SR.
+IDENTITY_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID")
+
+
+class StudyRefused(Exception):
+    """The study must not be reported (conflicting identities); the reason says why."""
+
+
+@dataclass
+class VideoOutcome:
+    """What happened to one stored object."""
+
+    path: str
+    sop_uid: str
+    series_uid: str
+    sop_class_uid: str
+    usable: bool = False
+    reason: str | None = None
+    view: str | None = None
+    view_probability: float | None = None
+    used: bool = False
+    n_frames: int = 0
+    fps: float | None = None
+    #: task -> video probability (mean over clips)
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TaskOutcome:
+    """A task's study-level result."""
+
+    bundle: Bundle
+    probability: float
+    positive: bool
+    video_probabilities: dict[str, float]
+
+
+@dataclass
+class StudyAnalysis:
+    """Everything the worker records and the SR reports about one study."""
+
+    study_uid: str
+    videos: list[VideoOutcome]
+    tasks: dict[str, TaskOutcome]
+    view_filter: str
+    skipped_reason: str | None = None
+
+    @property
+    def used_videos(self) -> list[VideoOutcome]:
+        return [v for v in self.videos if v.used]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able summary (no patient data)."""
+        return {
+            "study_uid": self.study_uid,
+            "skipped_reason": self.skipped_reason,
+            "view_filter": self.view_filter,
+            "tasks": {
+                t: {
+                    "probability": o.probability,
+                    "positive": o.positive,
+                    "threshold": o.bundle.threshold,
+                    "model": o.bundle.name,
+                    "version": o.bundle.version,
+                    "device_uid": o.bundle.device_uid,
+                    "random_weights": o.bundle.meta.random_weights,
+                    "n_videos": len(o.video_probabilities),
+                }
+                for t, o in self.tasks.items()
+            },
+            "videos": [
+                {
+                    "sop_uid": v.sop_uid,
+                    "series_uid": v.series_uid,
+                    "usable": v.usable,
+                    "reason": v.reason,
+                    "view": v.view,
+                    "view_probability": v.view_probability,
+                    "used": v.used,
+                    "frames": v.n_frames,
+                    "fps": v.fps,
+                    "probabilities": v.probabilities,
+                }
+                for v in self.videos
+            ],
+        }
+
+
+def preprocess_config(bundle: Bundle) -> PreprocessConfig:
+    """The bundle's inference preprocessing as a :class:`PreprocessConfig`."""
+    pre = bundle.meta.preprocessing
+    return PreprocessConfig(
+        size=int(pre["size"]),
+        clip_frames=int(pre["clip_frames"]),
+        eval_clips=int(pre.get("eval_clips", 4)),
+        max_frames=int(pre.get("max_frames", 100)),
+        min_fps=float(pre.get("min_fps", 25.0)),
+    )
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """What the pipeline keeps of one stored object while its study runs.
+
+    A few short strings, never the header: the header of an object can
+    carry private elements of hundreds of MiB, and a study holds up to
+    thousands of objects.
+
+    Attributes
+    ----------
+    path : Path
+    sop_uid, series_uid, sop_class_uid : str
+        The object's UIDs (for the outcome and the SR's references).
+    is_image : bool
+        The header has Rows: an image, whose pixel data is worth decoding.
+    identity : tuple of (str, str)
+        ``(keyword, value)`` for each of :data:`IDENTITY_KEYS`, the value
+        stripped and upper-cased as :func:`check_identity` compares them.
+    unread_identity : tuple of str
+        Those of :data:`IDENTITY_KEYS` too large to read (no valid value is).
+    """
+
+    path: Path
+    sop_uid: str
+    series_uid: str
+    sop_class_uid: str
+    is_image: bool
+    identity: tuple[tuple[str, str], ...]
+    unread_identity: tuple[str, ...] = ()
+
+    @classmethod
+    def from_header(cls, path: Path, header: BoundedHeader | Dataset) -> ObjectRecord:
+        """The record of ``header`` (a bounded read, or a plain data set in tests)."""
+        ds = header.dataset if isinstance(header, BoundedHeader) else header
+        skipped = set(header.skipped_keywords()) if isinstance(header, BoundedHeader) else set()
+        return cls(
+            path=Path(path),
+            sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+            series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+            sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
+            is_image=bool(ds.get("Rows")),
+            identity=tuple((key, str(ds.get(key, "") or "").strip().upper()) for key in IDENTITY_KEYS),
+            unread_identity=tuple(key for key in IDENTITY_KEYS if key in skipped),
+        )
+
+
+def read_record(path: Path) -> ObjectRecord:
+    """Read one stored object's header, bounded, into its :class:`ObjectRecord`."""
+    return ObjectRecord.from_header(path, read_header(path))
+
+
+def check_identity(records: Sequence[ObjectRecord]) -> None:
+    """Refuse a study whose objects disagree on who the patient is.
+
+    An SR goes to every object's patient at once; one object filed under the
+    wrong patient (a cart left on the previous patient's worklist entry)
+    must stop the report, not be averaged in. An identifying attribute too
+    large to read (over :data:`echonode.header.MAX_ELEMENT_BYTES`, where
+    DICOM allows at most a few hundred bytes) cannot be compared, and stops
+    the report too.
+
+    Raises
+    ------
+    StudyRefused
+        Naming the attribute (never its values).
+    """
+    for key in IDENTITY_KEYS:
+        if any(key in r.unread_identity for r in records):
+            raise StudyRefused(
+                f"an object's {key} is over {MAX_ELEMENT_BYTES >> 20} MiB and was not read; not reported"
+            )
+        values = {dict(r.identity)[key] for r in records}
+        if len(values) > 1:
+            raise StudyRefused(f"objects of this study disagree on {key}; not reported")
+
+
+@dataclass
+class _Decoded:
+    outcome: VideoOutcome
+    frames: dict[PreprocessConfig, np.ndarray] | None
+
+
+def _outcome(record: ObjectRecord, reason: str | None = None) -> VideoOutcome:
+    return VideoOutcome(str(record.path), record.sop_uid, record.series_uid, record.sop_class_uid, reason=reason)
+
+
+def _decode_one(record: ObjectRecord, configs: Sequence[PreprocessConfig], threads: int | None) -> _Decoded:
+    outcome = _outcome(record)
+    try:
+        video: DecodedVideo = decode_video(
+            record.path,
+            target_side=max(c.size for c in configs),
+            max_frames=max(c.max_frames for c in configs),
+            min_fps=min(c.min_fps for c in configs),
+            threads=threads,
+        )
+        frames = {c: preprocess_video(video, c) for c in configs}
+    except UnusableObject as exc:
+        outcome.reason = exc.reason
+        return _Decoded(outcome, None)
+    except Exception as exc:  # noqa: BLE001 - one bad object must not fail the study
+        outcome.reason = f"cannot read: {type(exc).__name__}"
+        # Type and frames, never the message: a library's can quote a data element.
+        log.warning("pipeline.decode_error", sop_uid=outcome.sop_uid, exc_info=exc)
+        return _Decoded(outcome, None)
+    outcome.usable = True
+    outcome.n_frames = int(video.frames.shape[0])
+    outcome.fps = float(video.fps)
+    return _Decoded(outcome, frames)
+
+
+def analyse_study(
+    study_uid: str,
+    paths: Sequence[Path],
+    models: ModelSet,
+    *,
+    views: Sequence[str] = ("plax",),
+    batch_size: int = 8,
+    max_videos: int = 64,
+    decode_threads: int = 2,
+) -> StudyAnalysis:
+    """Run every installed model on one study.
+
+    Parameters
+    ----------
+    study_uid : str
+    paths : sequence of Path
+        The study's stored objects (any SOP class: unusable ones are skipped
+        with a reason).
+    models : ModelSet
+        The models to run: at most one per task; a ``view`` bundle filters
+        the videos the task bundles see.
+    views : sequence of str
+        View labels kept when a view bundle is installed.
+    batch_size : int
+        Clips per forward pass.
+    max_videos : int
+        At most this many objects are decoded.
+    decode_threads : int
+        Objects decoded ahead of inference.
+
+    Returns
+    -------
+    StudyAnalysis
+
+    Raises
+    ------
+    StudyRefused
+        When the objects disagree on the patient's identity.
+    """
+    task_bundles = [b for b in models.bundles if b.task != "view"]
+    view_bundle = models.by_task("view")
+    # One bounded read per object, kept as a record of a few strings: the
+    # study's memory does not grow with what its headers carry.
+    records: list[ObjectRecord] = []
+    for path in paths:
+        try:
+            records.append(read_record(Path(path)))
+        except Exception as exc:  # noqa: BLE001 - a stored object that no longer parses
+            log.warning("pipeline.unreadable_header", path=str(path), error=type(exc).__name__)
+    check_identity(records)
+    # Frames of images only: SRs, documents and the like are skipped up front.
+    # The headers were read without pixel data, so Rows is what says "image".
+    candidates = [r for r in records if r.is_image]
+    skipped = [_outcome(r, "no pixel data") for r in records if not r.is_image]
+    if len(candidates) > max_videos:
+        skipped.extend(_outcome(r, f"beyond models.max_videos={max_videos}") for r in candidates[max_videos:])
+        candidates = candidates[:max_videos]
+
+    configs = list(dict.fromkeys(preprocess_config(b) for b in [*task_bundles, *([view_bundle] if view_bundle else [])]))
+    view_filter = (
+        f"view classifier {view_bundle.name} {view_bundle.version}: kept {', '.join(views)}"
+        if view_bundle
+        else "no view classifier installed: every usable video used"
+    )
+    outcomes: list[VideoOutcome] = []
+    # Pending clips for the task models, batched across videos.
+    pending: dict[PreprocessConfig, list[tuple[int, np.ndarray]]] = {c: [] for c in configs}
+    clip_probs: dict[str, dict[int, list[float]]] = {b.task: {} for b in task_bundles}
+
+    def flush(cfg: PreprocessConfig, force: bool) -> None:
+        queue = pending[cfg]
+        n = sum(len(c) for _, c in queue)
+        if not queue or (n < batch_size and not force):
+            return
+        owners = np.concatenate([np.full(len(c), i) for i, c in queue])
+        clips = np.concatenate([c for _, c in queue])
+        queue.clear()
+        for b in task_bundles:
+            if preprocess_config(b) != cfg:
+                continue
+            probs = b.predict(clips, batch_size=batch_size)
+            for owner, p in zip(owners.tolist(), probs.tolist(), strict=True):
+                clip_probs[b.task].setdefault(owner, []).append(float(p))
+
+    workers = max(1, decode_threads)
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        # Decoding runs ahead of inference by at most one object per thread
+        # (and one ready): a decoded video waiting for the model is held in
+        # memory, so an unbounded look-ahead would hold the whole study's.
+        todo = iter(candidates)
+        futures: collections.deque[cf.Future[_Decoded]] = collections.deque(
+            pool.submit(_decode_one, r, configs, 1) for r in itertools.islice(todo, workers + 1)
+        )
+        try:
+            while futures:
+                decoded = futures.popleft().result()
+                following = next(todo, None)
+                if following is not None:
+                    futures.append(pool.submit(_decode_one, following, configs, 1))
+                idx = len(outcomes)
+                outcomes.append(decoded.outcome)
+                if decoded.frames is None:
+                    continue
+                if view_bundle is not None:
+                    vcfg = preprocess_config(view_bundle)
+                    vprobs = view_bundle.predict(make_eval_clips(decoded.frames[vcfg], vcfg), batch_size=batch_size)
+                    mean = vprobs.mean(axis=0)
+                    best = int(np.argmax(mean))
+                    decoded.outcome.view = view_bundle.labels[best]
+                    decoded.outcome.view_probability = float(mean[best])
+                    if decoded.outcome.view not in views:
+                        decoded.outcome.reason = f"view {decoded.outcome.view} not in models.views"
+                        continue
+                decoded.outcome.used = True
+                for cfg in configs:
+                    if any(preprocess_config(b) == cfg for b in task_bundles):
+                        pending[cfg].append((idx, make_eval_clips(decoded.frames[cfg], cfg)))
+                        flush(cfg, force=False)
+            for cfg in configs:
+                flush(cfg, force=True)
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    tasks: dict[str, TaskOutcome] = {}
+    for b in task_bundles:
+        per_video: dict[str, float] = {}
+        for idx, probs in clip_probs[b.task].items():
+            p = float(np.mean(probs))
+            outcomes[idx].probabilities[b.task] = p
+            per_video[outcomes[idx].sop_uid] = p
+        if per_video:
+            study_p = float(np.mean(list(per_video.values())))
+            tasks[b.task] = TaskOutcome(b, study_p, study_p >= b.threshold, per_video)
+
+    all_outcomes = outcomes + skipped
+    reason = None
+    if not tasks:
+        if not task_bundles:
+            reason = "no task model installed"
+        elif not any(v.usable for v in all_outcomes):
+            reasons = sorted({v.reason or "" for v in all_outcomes})
+            reason = "no usable video (" + "; ".join(reasons)[:300] + ")" if reasons else "no objects"
+        else:
+            reason = f"no video of view {', '.join(views)}"
+    return StudyAnalysis(study_uid, all_outcomes, tasks, view_filter, reason)

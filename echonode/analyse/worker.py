@@ -1,0 +1,813 @@
+"""The inference worker: a process of its own that takes queued studies from the journal.
+
+Per study: claim it (``queued -> running``), run the pipeline, build the SR,
+write it, then record results, report and outbox rows in one transaction.
+The claim carries a generation number: a study that changed while it ran (a
+late instance, a reprocess) refuses the stale write and is processed again.
+
+The node supervises the process (:class:`WorkerSupervisor`): a worker that
+dies (out of memory, a decoder crash, kill -9) is restarted with a backoff
+and its study goes back to the queue until ``models.max_attempts``; a study
+that runs past ``models.study_timeout_s``, or a worker whose heartbeat stops
+for that long (frozen, stopped), gets its worker killed the same way. Node
+and worker share nothing a dead process can hold (:mod:`echonode.daemon.workerlink`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from echonode.config import Config
+from echonode.ops.logs import configure_logging, exception_frames, get_logger
+from echonode.daemon.workerlink import HEARTBEAT_FILE, Heartbeat, HeartbeatWriter, Phase, StopListener, read_heartbeat
+
+if TYPE_CHECKING:
+    from echonode.studies.journal import Journal
+
+log = get_logger(__name__)
+
+@dataclass
+class StudyOutcome:
+    """What :func:`process_study` did (for logs and tests)."""
+
+    study_uid: str
+    state: str
+    sr_sop_uid: str | None = None
+    reason: str | None = None
+
+
+def _parameters(bundle: Any, view_filter: str) -> dict[str, str]:
+    """A bundle's TID 4019 algorithm parameters in the SR."""
+    return {
+        "clip_frames": str(bundle.meta.clip_frames),
+        "frame_size": str(bundle.meta.frame_size),
+        "threshold": f"{bundle.threshold:g}",
+        "aggregation": f"mean over {bundle.meta.preprocessing.get('eval_clips', 4)} clips per video,"
+        " mean over videos",
+        "runtime": _runtime_mode(bundle),
+        "view_filter": view_filter,
+    }
+
+
+def _findings(analysis: Any) -> list[Any]:
+    from echonode.report.findings import SourceInstance, TaskFinding
+
+    findings = []
+    for task, outcome in sorted(analysis.tasks.items()):
+        used = [v for v in analysis.videos if task in v.probabilities]
+        b = outcome.bundle
+        findings.append(
+            TaskFinding(
+                task=task,
+                probability=min(1.0, max(0.0, outcome.probability)),
+                threshold=b.threshold,
+                model_name=b.name,
+                model_version=b.version,
+                device_uid=b.device_uid,
+                parameters=_parameters(b, analysis.view_filter),
+                sources=tuple(
+                    SourceInstance(v.sop_class_uid, v.sop_uid, v.series_uid, v.view) for v in used
+                ),
+                n_videos=len(used),
+                video_probabilities={v.sop_uid: v.probabilities[task] for v in used},
+            )
+        )
+    return findings
+
+
+def _not_assessed(analysis: Any, models: Any, views: tuple[str, ...]) -> list[Any]:
+    """The tasks a skipped study's SR reports as not assessed, and why (coded)."""
+    from echonode.report.codes import TASKS
+    from echonode.report.findings import NotAssessed
+
+    reason = "no_required_view" if any(v.usable for v in analysis.videos) else "no_usable_video"
+    required = tuple(views) if reason == "no_required_view" else ()
+    return [
+        NotAssessed(
+            task=b.task,
+            reason=reason,
+            threshold=b.threshold,
+            model_name=b.name,
+            model_version=b.version,
+            device_uid=b.device_uid,
+            parameters=_parameters(b, analysis.view_filter),
+            required_views=required,
+        )
+        for b in sorted(models.bundles, key=lambda b: b.task)
+        if b.task in TASKS
+    ]
+
+
+def _runtime_mode(bundle: Any) -> str:
+    """The inference runtime that produced a bundle's probabilities (eager, jit, bf16 ...)."""
+    runner = getattr(bundle, "runner", None)
+    if runner is None:
+        return "eager"
+    try:
+        return str(runner.describe().get("mode", "eager"))
+    except Exception:  # noqa: BLE001 - a description must never fail a report
+        return "unknown"
+
+
+MODELS_STATE = "worker-models.json"
+
+
+def write_models_state(cfg: Config, registry: Any) -> None:
+    """Tell ``echonode status`` which bundles the worker really loaded, and why others not.
+
+    The node queues studies when a task bundle is installed; if it does not
+    load in the worker, the studies would wait with no visible reason.
+    """
+    import json
+
+    state = {
+        "loaded": [b.describe()["name"] for b in registry.bundles],
+        "model_set": registry.key,
+        "errors": {str(p): e for p, e in registry.errors},
+        "runtime": {b.describe()["name"]: _runtime_mode(b) for b in registry.bundles},
+        "updated": time.time(),
+    }
+    path = cfg.storage_dir / MODELS_STATE
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("models.state_not_written", error=exc.strerror)
+
+
+def write_report(ds: Any, path: Path) -> None:
+    """Write an SR file atomically (temp file, fsync, rename); a write that fails leaves no file."""
+    from echonode.studies.store import fsync_dir, fsync_file
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        fsync_file(tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        # A full disk stops the write half-way: the partial file would hold
+        # the room until the next start, the whole one is not recorded.
+        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _fail_for_good(journal: Any, claim: Any, bound: Any, event: str, reason: str) -> StudyOutcome:
+    """``running -> failed`` at once (another attempt would fail the same way); ``reason`` quotes no data."""
+    journal.finish_failed(claim, reason, max_attempts=1)
+    bound.error(event, reason=reason)
+    return StudyOutcome(claim.study_uid, "failed", reason=reason)
+
+
+def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> StudyOutcome:
+    """Take one claimed study through the pipeline to the outbox."""
+    from echonode.studies.journal import ReportRecord, StaleClaim, TaskResult
+    from echonode.analyse.pipeline import StudyRefused, analyse_study
+    from echonode.report.build import build_report
+    from echonode.report.header import HeaderRefused, read_study_header
+
+    bound = log.bind(study_uid=claim.study_uid, attempt=claim.attempts)
+    models = registry.current
+    instances = journal.instances(claim.study_uid)
+    paths = [Path(r.path) for r in instances if Path(r.path).exists()]
+    if not paths:
+        # Received and acknowledged, then lost from storage (deleted by hand,
+        # a volume swapped; recovery forgets the rows of missing files): a
+        # fault of the node's storage, not a study with nothing to classify.
+        return _fail_for_good(journal, claim, bound, "study.files_gone", "the study's files are gone")
+    t0 = time.monotonic()
+    try:
+        analysis = analyse_study(
+            claim.study_uid,
+            paths,
+            models,
+            views=cfg.models.views,
+            batch_size=cfg.models.batch_size,
+            max_videos=cfg.models.max_videos,
+        )
+    except StudyRefused as exc:
+        return _fail_for_good(journal, claim, bound, "study.refused", str(exc))
+    seconds = time.monotonic() - t0
+    usable = sum(v.usable for v in analysis.videos)
+    used = len(analysis.used_videos)
+    bound.info("study.analysed", seconds=round(seconds, 2), objects=len(analysis.videos), usable=usable, used=used)
+
+    results = [
+        TaskResult(
+            task=t,
+            bundle_name=o.bundle.name,
+            bundle_version=o.bundle.version,
+            device_uid=o.bundle.device_uid,
+            probability=o.probability,
+            positive=o.positive,
+            threshold=o.bundle.threshold,
+            n_videos=len(o.video_probabilities),
+            detail={"videos": o.video_probabilities, "seconds": seconds},
+        )
+        for t, o in sorted(analysis.tasks.items())
+    ]
+    if analysis.skipped_reason and not cfg.sr.report_skipped:
+        try:
+            journal.finish_skipped(claim, analysis.skipped_reason)
+        except StaleClaim:
+            bound.info("study.changed_while_running")
+            return StudyOutcome(claim.study_uid, "stale")
+        bound.info("study.skipped", reason=analysis.skipped_reason)
+        return StudyOutcome(claim.study_uid, "skipped", reason=analysis.skipped_reason)
+
+    model_set = models.key
+    existing = journal.report_for(claim.study_uid, model_set)
+    report = None
+    if existing is None:
+        previous = journal.latest_report(claim.study_uid)
+        supersedes = (
+            (previous.sop_class_uid, previous.sr_sop_uid, previous.series_uid) if previous is not None else None
+        )
+        try:
+            # One bounded header: the study's patient and study attributes,
+            # not the object's large private elements.
+            header = read_study_header(paths[0])
+            ds = build_report(
+                header,
+                _findings(analysis) if not analysis.skipped_reason else [],
+                sop_class=cfg.sr.sop_class,
+                series_number=cfg.sr.series_number,
+                institution_name=cfg.sr.institution_name or None,
+                supersedes=supersedes,
+                no_usable_video_reason=analysis.skipped_reason,
+                # Silence would read as "absent": each task says it was not assessed.
+                not_assessed=_not_assessed(analysis, models, cfg.models.views) if analysis.skipped_reason else (),
+            )
+        except HeaderRefused as exc:
+            return _fail_for_good(journal, claim, bound, "study.refused", f"no SR can be built: {exc}")
+        sr_uid = str(ds.SOPInstanceUID)
+        path = store.report_path(claim.study_uid, sr_uid)
+        write_report(ds, path)
+        report = ReportRecord(
+            sr_sop_uid=sr_uid,
+            study_uid=claim.study_uid,
+            model_set=model_set,
+            series_uid=str(ds.SeriesInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            path=str(path),
+            supersedes=supersedes[1] if supersedes else None,
+        )
+    try:
+        state = journal.finish_reported(claim, model_set, results, report, [d.name for d in cfg.destinations])
+    except StaleClaim:
+        if report is not None:
+            Path(report.path).unlink(missing_ok=True)
+        bound.info("study.changed_while_running")
+        return StudyOutcome(claim.study_uid, "stale")
+    except BaseException:
+        # Not recorded, so never sent: the file must not outlive the attempt
+        # (``recover-journal`` takes every SR in reports/ for one the PACS has).
+        if report is not None:
+            Path(report.path).unlink(missing_ok=True)
+        raise
+    if report is None:
+        bound.info("study.already_reported", model_set=model_set, state=str(state))
+        return StudyOutcome(claim.study_uid, str(state), existing.sr_sop_uid if existing else None)
+    bound.info(
+        "study.reported",
+        sr_sop_uid=report.sr_sop_uid,
+        supersedes=report.supersedes,
+        not_assessed=analysis.skipped_reason,
+        **{f"p_{r.task}": round(r.probability, 4) for r in results},
+    )
+    return StudyOutcome(claim.study_uid, str(state), report.sr_sop_uid)
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame, for a reason without the message."""
+    return (exception_frames(exc, limit=1) or ["unknown"])[-1]
+
+
+class StorageFull(Exception):
+    """The storage file system had no room for a study's SR or its journal rows.
+
+    Not the study's fault: the worker returns it to the queue uncounted and
+    claims nothing more until there is room (:class:`DiskFullPause`).
+
+    Parameters
+    ----------
+    claim : Claim
+        The study being processed.
+    where : str
+        ``file:line in function`` of the write that failed.
+    """
+
+    def __init__(self, claim: Any, where: str) -> None:
+        super().__init__(f"storage full at {where}")
+        self.claim = claim
+        self.where = where
+
+
+def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> None:
+    """Process one claimed study; an unexpected error fails this attempt, never the worker.
+
+    The message of a library's exception can quote a data element (a
+    malformed birth date, a name): the journal and the log get the type and
+    where it happened, never the text. The study is retried up to
+    ``models.max_attempts`` times.
+
+    Raises
+    ------
+    StorageFull
+        When a write found the disk full, recording the study's outcome
+        included; nothing partial of the study is left on disk.
+    """
+    from echonode.studies.journal import StaleClaim, is_disk_full
+
+    try:
+        process_study(cfg, journal, store, registry, claim)
+    except StaleClaim:
+        log.info("study.changed_while_running", study_uid=claim.study_uid)
+    except Exception as exc:  # noqa: BLE001 - record, retry, go on
+        where = _where(exc)
+        if is_disk_full(exc):
+            raise StorageFull(claim, where) from exc
+        reason = f"could not process the study: {type(exc).__name__} at {where}"
+        try:
+            state = journal.finish_failed(claim, reason, max_attempts=cfg.models.max_attempts)
+        except StaleClaim:
+            log.info("study.changed_while_running", study_uid=claim.study_uid)
+            return
+        except Exception as record_exc:
+            if is_disk_full(record_exc):
+                raise StorageFull(claim, _where(record_exc)) from record_exc
+            raise
+        log.error("study.error", study_uid=claim.study_uid, error=type(exc).__name__, where=where,
+                  next_state=str(state))
+
+
+#: Seconds between the worker's tries to find room again after a full disk.
+DISK_FULL_RETRY_S = 5.0
+#: What ``status`` shows for a study returned to the queue by a full disk.
+DISK_FULL_REASON = "storage full: no room for the SR or its journal rows; retried when space returns"
+
+
+class DiskFullPause:
+    """The worker's answer to a full storage file system.
+
+    A study whose SR or journal rows found no room goes back to the queue
+    uncounted: storage, not the study, is at fault. Its claim is returned
+    with the room the worker's :class:`~echonode.studies.store.SpaceReserve` gives
+    back (a full disk leaves none for the journal write that returns it);
+    should that write fail all the same, the claim is kept here and
+    returned at each later try. Meanwhile the worker claims nothing: it
+    resumes once the reserve can be set aside again with as much room free
+    beside it, that is once space has returned.
+
+    Parameters
+    ----------
+    journal : Journal
+    reserve : SpaceReserve
+    """
+
+    def __init__(self, journal: Any, reserve: Any) -> None:
+        self.journal = journal
+        self.reserve = reserve
+        #: True from a full disk until there is room again.
+        self.active = False
+        #: A claim the journal could not take back yet.
+        self.held: Any = None
+
+    def begin(self, claim: Any, where: str) -> None:
+        """Storage was found full (by the study of ``claim``, if any); return the claim, pause claiming."""
+        if claim is not None:
+            self.held = claim
+        if not self.active:
+            # Once per episode, not at every retry.
+            log.error("worker.disk_full", study_uid=getattr(claim, "study_uid", None), where=where,
+                      effect="study back in the queue, uncounted; claiming paused until space returns")
+        self.active = True
+        self.reserve.release()
+        self._return_held()
+
+    def _return_held(self) -> bool:
+        """Give the held claim back to the queue; False while the journal still has no room."""
+        from echonode.studies.journal import StaleClaim, is_disk_full
+
+        if self.held is None:
+            return True
+        claim = self.held
+        try:
+            self.journal.release_claim(claim, DISK_FULL_REASON)
+        except StaleClaim:
+            pass  # the study changed meanwhile (a new instance, reprocess): its new state stands
+        except Exception as exc:
+            if is_disk_full(exc):
+                return False
+            raise
+        else:
+            log.info("worker.study_requeued", study_uid=claim.study_uid, reason="storage full")
+        self.held = None
+        return True
+
+    def ready(self) -> bool:
+        """True when the worker may claim a study: no full disk, or room again.
+
+        Room again: the reserve is set aside and as much is free beside it
+        (the room the reserve itself gave back is not room that returned).
+        """
+        if not self.active:
+            # Given back by someone else meanwhile (retention on a full disk): set aside again.
+            self.reserve.restore()
+            return True
+        if not self._return_held() or not self.reserve.restore():
+            return False
+        try:
+            if self.reserve.free_bytes() < self.reserve.size:
+                return False
+        except OSError:
+            pass  # cannot tell: the reserve could be set aside, take that
+        self.active = False
+        log.info("worker.disk_space_back")
+        return True
+
+
+def work_once(
+    cfg: Config, journal: Any, store: Any, registry: Any, pause: DiskFullPause, *, beat: HeartbeatWriter | None = None
+) -> float:
+    """One turn of the worker's loop: claim the next study and process it (``beat`` says so).
+
+    Returns
+    -------
+    float
+        Seconds to wait before the next turn (0: go on at once).
+    """
+    from echonode.studies.journal import is_disk_full
+
+    if not pause.ready():
+        return DISK_FULL_RETRY_S
+    try:
+        claim = journal.claim_next(os.getpid())
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        pause.begin(None, _where(exc))
+        return DISK_FULL_RETRY_S
+    if claim is None:
+        return 0.5
+    if beat is not None:
+        beat.phase(Phase.PROCESSING, claim.study_uid)
+    try:
+        handle_claim(cfg, journal, store, registry, claim)
+    except StorageFull as exc:
+        pause.begin(exc.claim, exc.where)
+        return DISK_FULL_RETRY_S
+    finally:
+        if beat is not None:
+            beat.phase(Phase.IDLE)
+    return 0.0
+
+
+def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+    """The worker process: claim, process, repeat until asked to stop.
+
+    A stop is asked for by the node closing ``stop_conn``'s other end, by the
+    node's death, or by SIGTERM/SIGINT (the whole process group signalled):
+    the study in hand is finished (the journal's claim rules keep it whole if
+    the node kills the worker first), then the process exits.
+
+    Parameters
+    ----------
+    cfg : Config
+    stop_conn : multiprocessing.connection.Connection
+        The read end of this worker's stop pipe (see :mod:`echonode.daemon.workerlink`).
+    heartbeat_path : str
+        The file this worker beats into.
+    log_path : str, optional
+        Logs go to stderr (journald under systemd) or, when given, appended
+        to that file (the demo keeps its terminal readable).
+    """
+    # First: until these run, SIGTERM has its default action (the process dies,
+    # which the node survives, but a graceful stop is better).
+    stop = StopListener(stop_conn)
+    beat = HeartbeatWriter(heartbeat_path)
+    beat.start()
+    stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the process
+    configure_logging(cfg.logging.format, cfg.logging.level, stream=stream)
+    import torch
+    from pydicom import config as pydicom_config
+
+    from echonode.bundles.bundle import ModelRegistry, folder_signature
+    from echonode.studies.journal import Journal
+    from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore
+
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    if cfg.models.threads:
+        torch.set_num_threads(cfg.models.threads)
+    journal = Journal(cfg.journal_path)
+    store = StudyStore(cfg.storage_dir, journal)
+    registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime,
+                             state_dir=cfg.storage_dir)
+    pause = DiskFullPause(journal, SpaceReserve(cfg.storage_dir / RESERVE_NAME))
+    if not pause.reserve.restore():
+        pause.begin(None, "worker start")
+    log.info("worker.started", pid=os.getpid(), device=str(registry.device))
+    parent = mp.parent_process()
+    while True:
+        if parent is not None and not parent.is_alive():
+            # The node was killed (kill -9); its end of the pipe closed with
+            # it. Exit; the next node re-queues whatever this worker held.
+            log.warning("worker.orphaned_exit")
+            break
+        if stop.is_set():
+            break
+        try:
+            if folder_signature(registry.models_dir) != registry.current.signature:
+                beat.phase(Phase.LOADING)
+            if registry.refresh():
+                for path, err in registry.errors:
+                    log.error("models.unusable", bundle=str(path), error=err)
+                log.info("models.loaded", models=[b.describe()["name"] for b in registry.bundles],
+                         model_set=registry.key)
+                write_models_state(cfg, registry)
+            beat.phase(Phase.IDLE)
+            if not any(b.task != "view" for b in registry.bundles):
+                stop.wait(2.0)
+                continue
+            wait_s = work_once(cfg, journal, store, registry, pause, beat=beat)
+            if wait_s:
+                stop.wait(wait_s)
+        except Exception:  # noqa: BLE001 - a journal hiccup must not kill the loop
+            log.exception("worker.loop_error")
+            beat.phase(Phase.IDLE)
+            stop.wait(2.0)
+    beat.phase(Phase.STOPPING)
+    log.info("worker.stopped", reason=stop.reason or "orphaned")
+    beat.stop()
+
+
+def worker_process(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+    """The worker process's entry point: :func:`worker_main`, then leave at once.
+
+    Everything the worker owes is on disk when :func:`worker_main` returns
+    (results and SRs are committed, the log is flushed here). The
+    interpreter's own shutdown in a process that loaded torch (thread pools,
+    module teardown) takes seconds on a busy machine, and the node's stop
+    would wait for it: ``os._exit`` skips it.
+    """
+    code = 0
+    try:
+        worker_main(cfg, stop_conn, heartbeat_path, log_path)
+    except BaseException:  # noqa: BLE001 - logged, then the exit status says it
+        log.exception("worker.crashed")
+        code = 1
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(code)
+
+
+#: A worker is hung after ``models.study_timeout_s`` without a heartbeat, and
+#: never sooner than this (a few missed beats, a slow start).
+HUNG_AFTER_MIN_S = 5.0
+
+
+class WorkerSupervisor:
+    """Runs :func:`worker_main` in a child process and keeps it alive.
+
+    Called from the node's main loop only (:meth:`supervise`, :meth:`apply_config`,
+    :meth:`stop`); none of them waits on anything the worker could hold, so a
+    worker killed at any instant never stalls the loop.
+
+    Parameters
+    ----------
+    cfg : Config
+    log_path : str, optional
+        File the worker appends its log to (default: stderr).
+    """
+
+    def __init__(self, cfg: Config, log_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.log_path = log_path
+        self._ctx = mp.get_context("spawn")
+        self.process: Any = None
+        #: Worker deaths the supervisor restarted from (crash, kill, timeout, hang).
+        self.restarts = 0
+        #: ``time.monotonic()`` when the current worker was spawned.
+        self.spawned_at = 0.0
+        self._stop_writer: Connection | None = None
+        self._next_start = 0.0
+        self._journal: Journal | None = None
+        self._restart_requested = False
+
+    @property
+    def heartbeat_path(self) -> Path:
+        """The file the worker beats into."""
+        return self.cfg.storage_dir / HEARTBEAT_FILE
+
+    def _open_journal(self) -> Journal:
+        """The supervisor's journal, opened on first use and kept for every worker it starts.
+
+        ``node.storage_dir`` never changes while the supervisor lives
+        (:meth:`apply_config` refuses it), so one handle, and its one
+        connection, serves for good.
+        """
+        if self._journal is None:
+            from echonode.studies.journal import Journal
+
+            self._journal = Journal(self.cfg.journal_path)
+        return self._journal
+
+    def start(self) -> None:
+        """Spawn the worker. A study still ``running`` belongs to a worker that
+        is gone (only one runs at a time), so it goes back to the queue first,
+        and an SR file that worker wrote but never recorded is removed."""
+        journal = self._open_journal()
+        recovered = journal.recover_running(self.cfg.models.max_attempts)
+        if recovered:
+            log.warning("worker.recovered_studies", studies={k: str(v) for k, v in recovered.items()})
+            remove_unrecorded_reports(self.cfg.storage_dir, journal, recovered)
+        reader, writer = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=worker_process, args=(self.cfg, reader, str(self.heartbeat_path), self.log_path),
+            name="echonode-worker",
+        )
+        try:
+            process.start()
+        except BaseException:
+            writer.close()
+            raise
+        finally:
+            # Only the worker keeps the read end: the pipe ends when the node
+            # closes the write end or dies.
+            reader.close()
+        self.process, self._stop_writer = process, writer
+        self.spawned_at = time.monotonic()
+        log.info("worker.spawned", pid=process.pid)
+
+    def _ask_to_stop(self) -> None:
+        """Close the stop pipe: never blocks, whatever became of the worker."""
+        if self._stop_writer is not None:
+            self._stop_writer.close()
+            self._stop_writer = None
+
+    def heartbeat(self) -> tuple[float | None, Heartbeat | None]:
+        """(seconds since the current worker last showed life, its last record).
+
+        The age counts from the spawn until the new worker's first beat;
+        ``(None, None)`` when no worker runs.
+        """
+        if self.process is None:
+            return None, None
+        hb = read_heartbeat(self.heartbeat_path)
+        now = time.monotonic()
+        if hb is None or hb.pid != self.process.pid:
+            return now - self.spawned_at, None
+        return hb.age(now), hb
+
+    def apply_config(self, cfg: Config) -> None:
+        """New settings: ask the worker to finish its study and exit; :meth:`supervise`
+        starts the next one with ``cfg``. Returns at once, so the node's main
+        loop (signals, watchdog) never waits for a study to finish, nor for a
+        worker that is dead or frozen.
+
+        Parameters
+        ----------
+        cfg : Config
+            The new settings; ``node.storage_dir`` must be the running one.
+
+        Raises
+        ------
+        ValueError
+            When ``cfg`` names another journal: the studies the running
+            worker holds are recorded in this one (the node keeps
+            ``storage_dir`` until a restart, so it never asks).
+        """
+        if cfg.journal_path != self.cfg.journal_path:
+            raise ValueError(
+                f'Argument "cfg" must keep node.storage_dir ({self.cfg.storage_dir}); a new one needs a restart.'
+            )
+        self.cfg = cfg
+        if self.process is not None:
+            self._restart_requested = True
+            self._ask_to_stop()
+
+    def supervise(self) -> None:
+        """Called by the node's main loop: restart a dead worker, kill a stuck one.
+
+        Stuck means a study running past ``models.study_timeout_s``, or no
+        heartbeat for that long (a frozen or stopped process). A restart
+        that fails (a full disk, no memory) raises; the next call tries
+        again after the backoff.
+        """
+        if self.process is not None and self.process.is_alive() and not self._kill_if_stuck():
+            return
+        now = time.monotonic()
+        if self.process is not None:
+            code = self.process.exitcode
+            self._ask_to_stop()
+            self.process = None
+            # Exit status 0 is the worker leaving when asked; a worker killed
+            # after a reload was asked for still counts as a death.
+            if self._restart_requested and code == 0:
+                self._restart_requested = False
+                log.info("worker.restarting_for_reload")
+                self._next_start = 0.0
+            else:
+                self._restart_requested = False
+                self.restarts += 1
+                log.error("worker.died", exitcode=code, restarts=self.restarts)
+        if now < self._next_start:
+            return
+        # Back off when it keeps dying (1, 2, 4 ... 60 s between starts); a
+        # start that raises is tried again after the same pause.
+        self._next_start = now + min(60.0, 2.0 ** min(self.restarts, 6))
+        self.start()
+
+    def _kill_if_stuck(self) -> bool:
+        """Kill a worker past ``models.study_timeout_s``; True when it was killed."""
+        limit = self.cfg.models.study_timeout_s
+        age, hb = self.heartbeat()
+        if age is not None and age > max(limit, HUNG_AFTER_MIN_S):
+            log.error("worker.hung", pid=self.process.pid, heartbeat_age_s=round(age, 1), limit_s=limit,
+                      phase=hb.phase if hb else None)
+        else:
+            for study_uid, claimed_at, _pid in self._open_journal().running():
+                if time.time() - claimed_at > limit:
+                    log.error("worker.study_timeout", study_uid=study_uid, limit_s=limit)
+                    break
+            else:
+                return False
+        self.process.kill()
+        self.process.join(10)
+        return True
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Ask the worker to finish its study and exit; kill it after ``grace_s`` seconds.
+
+        Parameters
+        ----------
+        grace_s : float, optional
+            Seconds the worker may take to finish its study.
+        """
+        if self.process is not None:
+            self._ask_to_stop()
+            self.process.join(grace_s)
+            if self.process.is_alive():
+                log.warning("worker.killed_on_stop")
+                self.process.kill()
+                self.process.join(5)
+                # Stopped by us, not by the study: its attempt does not count, or
+                # a few upgrades during a long study would mark it failed.
+                journal = self._open_journal()
+                released = journal.release_running()
+                if released:
+                    log.info("worker.released_on_stop", studies=released)
+                    remove_unrecorded_reports(self.cfg.storage_dir, journal, released)
+            self.process = None
+        if self._journal is not None:
+            # Nothing of the supervisor's outlives the worker; a later
+            # start() opens the journal again.
+            self._journal.close()
+            self._journal = None
+
+
+def remove_unrecorded_reports(storage_dir: Path, journal: Journal, study_uids: Iterable[str]) -> int:
+    """Delete the SR files of ``study_uids`` that the journal does not name.
+
+    A worker killed between writing an SR and recording it leaves a file that
+    was never in the outbox, so never sent; the study is processed again and
+    gets its SR then. Call only while no worker runs.
+
+    Returns
+    -------
+    int
+        Files removed.
+    """
+    from echonode.studies.store import is_valid_uid
+
+    removed = 0
+    for study_uid in study_uids:
+        folder = storage_dir / "reports" / study_uid
+        if not is_valid_uid(study_uid) or not folder.is_dir():
+            continue
+        recorded = journal.report_paths(study_uid)
+        for path in folder.iterdir():
+            if path.is_file() and str(path) not in recorded:
+                path.unlink(missing_ok=True)
+                removed += 1
+                log.info("worker.unrecorded_report_removed", study_uid=study_uid, file=path.name)
+    return removed

@@ -1,0 +1,1 @@
+"""The ``echonode`` command line."""

@@ -1,0 +1,1 @@
+"""``echonode serve``: the node process and its supervision of the inference worker."""

@@ -1,0 +1,1 @@
+"""Operating the node: logs, metrics and health, systemd notification."""

@@ -1,0 +1,751 @@
+"""The DICOM side of the node: a pynetdicom Storage and Verification SCP.
+
+Handlers stay fast: the C-STORE handler moves the file pynetdicom already
+streamed to disk (``STORE_RECV_CHUNKED_DATASET``) into the store and records
+it; nothing is decoded or inferred here. The network allow-list is checked
+when a connection is accepted, before anything is read from it; the calling
+AE title and the disk guard when the A-ASSOCIATE-RQ arrives, with the
+association-reject reasons of PS3.8 9.3.4; the disk guard again for every
+C-STORE (0xA700). Every association reads through ``pdu_guard`` (PDU limits,
+read deadlines) and spools through ``spool`` (files tracked and removed when
+it ends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+from echonode.network import pdu_guard
+
+from echonode.receive import spool
+from echonode.config import Config, NodeConfig, TLSConfig
+from echonode.dicomfile import RETIRED_US_STORAGE
+from echonode.ops.logs import get_logger
+from echonode.studies.store import BadObject, StudyStore
+
+log = get_logger(__name__)
+
+# Stream every received data set straight to a temp file instead of memory.
+_config.STORE_RECV_CHUNKED_DATASET = True
+# Carry structlog's bound context into association threads.
+_config.PASS_CONTEXTVARS = True
+
+# The retired US classes (RETIRED_US_STORAGE): dcmtk's storescp takes them;
+# pynetdicom lists neither among its storage contexts nor ties them to the
+# Storage service, so a C-STORE of one would be aborted: register both.
+for _uid, (_keyword, _current) in RETIRED_US_STORAGE.items():
+    register_uid(_uid, _keyword, StorageServiceClass)
+RETIRED_US_STORAGE_UIDS = tuple(RETIRED_US_STORAGE)
+
+
+spool.install()
+
+
+class _AssociationRequestHandler(RequestHandler):
+    """pynetdicom's connection handler, keeping the association it starts for the server."""
+
+    association: Association | None = None
+
+    def _create_association(self) -> Association:
+        self.association = super()._create_association()
+        return self.association
+
+
+class _HandshakeInThreadServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the address check at accept and the TLS handshake off the accept loop.
+
+    An address the node does not accept is turned away as soon as its TCP
+    connection is accepted (``verify_peer``), before a byte of it is read:
+    it never gets a thread, an association, a TLS handshake or a
+    ``max_associations`` slot.
+
+    pynetdicom wraps each accepted socket with the handshake done inside
+    ``get_request``, on the one thread that accepts every connection, with
+    no timeout. A peer that connects and never speaks (a load balancer's
+    TCP check, a half-open link, a cart pointed at the TLS port without
+    TLS that waits for us to talk first) then blocks every other sender
+    until it goes away. Here the accept loop only accepts; the handshake
+    runs in the connection's own thread, bounded by ``handshake_timeout``,
+    and a failure is logged with the peer's address.
+
+    The connection's thread then waits for its association to end and
+    hands it to ``on_association_end`` (whatever ended it: release, abort,
+    timeout, a dead reader thread), where what it left behind is cleared.
+    """
+
+    #: The listen backlog (socketserver's default is 5): connections turned
+    #: away at accept still pass through it, and a burst of them would make
+    #: the kernel drop carts' SYNs (each retried after a second or more).
+    request_queue_size = 128
+    #: Called with the peer's address at accept; False turns the connection away.
+    verify_peer: Callable[[str], bool] | None = None
+    #: Called with each association once its thread has ended.
+    on_association_end: Callable[[Association], None] | None = None
+
+    #: Seconds a peer has to complete the TLS handshake (the node's ACSE timeout).
+    handshake_timeout: float | None = None
+    # A connection's thread only starts its association (a thread of its own)
+    # and returns, unless it is still in the TLS handshake: stopping the node
+    # must not wait up to ``handshake_timeout`` for a silent peer.
+    daemon_threads = True
+    block_on_close = False
+    #: Set when the server closes: a handshake that ends after that starts no association.
+    closing = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: Sockets still in the TLS handshake, closed with the server.
+        self.handshaking: set[ssl.SSLSocket] = set()
+        self._handshaking_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def server_close(self) -> None:
+        self.closing = True
+        with self._handshaking_lock:
+            pending = list(self.handshaking)
+        for sock in pending:
+            # Unblocks do_handshake in its thread, which then logs the failure.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        super().server_close()
+
+    def get_request(self) -> tuple[Any, Any]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # socketserver closes the connection when this is False.
+        if self.verify_peer is None:
+            return True
+        return self.verify_peer(_peer_address(client_address))
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        handler = self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
+        assoc = getattr(handler, "association", None)
+        if assoc is None or self.on_association_end is None:
+            return
+        if assoc.ident is not None:  # started
+            assoc.join()
+        try:
+            self.on_association_end(assoc)
+        except Exception:  # noqa: BLE001 - socketserver would print a raw traceback
+            log.exception("association.cleanup_failed")
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            peer = _peer_address(client_address)
+            with self._handshaking_lock:
+                self.handshaking.add(request)
+            try:
+                request.settimeout(self.handshake_timeout)
+                request.do_handshake()
+                # Back to blocking, as the accepted socket was before (the
+                # DUL polls it with select and its own timers).
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+                structlog.contextvars.clear_contextvars()
+                log.warning("association.tls_failed", peer=peer, error=f"{type(exc).__name__}: {exc}")
+                self.shutdown_request(request)
+                return
+            finally:
+                with self._handshaking_lock:
+                    self.handshaking.discard(request)
+            if self.closing:
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+def _peer_address(client_address: Any) -> str:
+    return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+
+
+#: DIMSE statuses this node answers with (Storage Service Class, PS3.4 B.2.3).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_UNEXPECTED = 0xC211
+STATUS_CANNOT_UNDERSTAND = 0xC210
+#: The Error Comment (and log line) for a C-STORE request that carries no data set.
+NO_DATA_SET = "the C-STORE request has no data set (Command Data Set Type 0101H)"
+
+
+def _status(status: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (0000,0902: 64 characters at most) for the sender."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognized
+REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service-user, no reason given
+# Transient, so that the sender keeps its images and retries; the same triple
+# pynetdicom sends when max_associations is reached, which senders already
+# treat as "try again later".
+REJECT_LOW_DISK = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
+REJECT_LOCAL_LIMIT = REJECT_LOW_DISK  # the same triple, for max_associations
+
+#: Connections that have not yet sent their A-ASSOCIATE-RQ. Beyond this many,
+#: the one that has waited longest is closed to make room: a cart sends its
+#: request within milliseconds of connecting, so only a peer that connects
+#: and stays silent (a hostile socket, a half-open link) is ever the oldest,
+#: and however many of those there are, a cart's connection is never the one
+#: turned away. They do not count against ``max_associations``, which limits
+#: associations that have asked for something.
+MAX_AWAITING_REQUEST = 32
+
+#: Why pynetdicom's own ACSE refused an association (after EVT_REQUESTED), as
+#: the log's ``reason``: (result, source, diagnostic) -> words.
+_PYNETDICOM_REJECTS = {
+    (0x01, 0x01, 0x07): "called AE title not recognized",
+    (0x02, 0x03, 0x02): "max_associations reached",
+    (0x02, 0x02, 0x01): "user identity not accepted",
+}
+
+
+def dicom_ae_title(field: bytes) -> str | None:
+    """The AE title an A-ASSOCIATE-RQ field holds, or None when no AE title may hold it.
+
+    Leading and trailing spaces are DICOM padding (PS3.8 9.3.2); nothing else
+    is. An AE title is printable ASCII without a backslash (PS3.5 6.2, AE),
+    so a tab, a newline, any other control character or a non-ASCII byte
+    makes the field invalid, wherever it stands. pynetdicom's own decoding
+    strips them like spaces (``str.strip()``): ``"CART1\\t"`` would pass an
+    allow-list of ``["CART1"]``.
+    """
+    value = field.strip(b" ")
+    if not value or any(b < 0x20 or b > 0x7E or b == 0x5C for b in value):
+        return None
+    return value.decode("ascii")
+
+
+def printable_ae(field: bytes) -> str:
+    """``field`` safe for a log line: padding removed, anything else escaped (``CART1\\t``)."""
+    return repr(field.strip(b" "))[2:-1]
+
+
+@dataclass
+class AccessPolicy:
+    """Who may associate: calling AE titles and source networks (empty = anyone)."""
+
+    calling_aets: frozenset[str] = frozenset()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def from_config(cls, node: NodeConfig) -> AccessPolicy:
+        return cls(
+            # Only spaces are padding; config.py refuses any other whitespace in an AE title.
+            calling_aets=frozenset(a.strip(" ") for a in node.allowed_calling_aets),
+            networks=tuple(ipaddress.ip_network(n, strict=False) for n in node.allowed_networks),
+        )
+
+    def address_allowed(self, address: str) -> bool:
+        """Whether a peer at ``address`` may connect at all."""
+        if not self.networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        # An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d.
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+    def calling_ae_allowed(self, calling_ae: str) -> bool:
+        """Whether ``calling_ae`` (padding already removed) may associate."""
+        return not self.calling_aets or calling_ae in self.calling_aets
+
+
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The SCP's TLS context, or None when TLS is off."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file:
+        ctx.load_verify_locations(tls.ca_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """A TLS context for an outgoing association (delivery, echo), or None."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # DICOM peers are addressed by IP and AE title far more often than by a
+    # name in their certificate; trust is the CA's (PS3.15 B.1 leaves this open).
+    ctx.check_hostname = False
+    if tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+@dataclass
+class ReceiveCounters:
+    """Counts kept for status and metrics (read without locking: ints are atomic enough)."""
+
+    instances: int = 0
+    bytes: int = 0
+    duplicates: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    associations: int = 0
+    rejected: int = 0
+    #: Associations the node ended for a protocol fault, by kind
+    #: (``pdu_too_large``, ``stalled``, ``bad_pdu``, ``failed``: see pdu_guard).
+    aborted: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def abort(self, kind: str) -> None:
+        self.aborted[kind] = self.aborted.get(kind, 0) + 1
+
+
+class StorageSCP:
+    """The listening node.
+
+    Parameters
+    ----------
+    node : NodeConfig
+        AE title, address, limits, TLS, allow-lists.
+    store : StudyStore
+        Where accepted objects go.
+    on_instance : callable, optional
+        Called with the study UID after each stored instance (metrics, tests).
+    """
+
+    def __init__(
+        self,
+        node: NodeConfig,
+        store: StudyStore,
+        on_instance: Callable[[str], None] | None = None,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.on_instance = on_instance
+        self.policy = AccessPolicy.from_config(node)
+        self.counters = ReceiveCounters()
+        self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
+        self._server: ThreadedAssociationServer | None = None
+        self._assoc_seq = 0
+        self._assoc_ids: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
+        #: Connections whose A-ASSOCIATE-RQ has not arrived, oldest first, with when they opened.
+        self._awaiting: dict[Association, float] = {}
+        self._lock = threading.Lock()
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.node.ae_title)
+        # pynetdicom counts every connection's thread against its limit, a
+        # silent one that never sent a request included: a few such sockets
+        # would lock every cart out until acse_timeout_s. The node applies
+        # max_associations itself to associations that have asked (in
+        # _on_requested) and bounds silent connections separately
+        # (MAX_AWAITING_REQUEST); pynetdicom's own check stays as a backstop.
+        ae.maximum_associations = self.node.max_associations + 4 * MAX_AWAITING_REQUEST
+        ae.maximum_pdu_size = self.node.max_pdu
+        ae.network_timeout = self.node.network_timeout_s
+        ae.acse_timeout = self.node.acse_timeout_s
+        ae.dimse_timeout = self.node.dimse_timeout_s
+        # Carts and PACS address us by our AE title; a wrong called AE is a
+        # misconfiguration the administrator should see, not silently accept.
+        ae.require_called_aet = True
+        # Every storage SOP class with every transfer syntax pydicom knows:
+        # store what comes as it comes, the pipeline decides what is usable.
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for uid in RETIRED_US_STORAGE_UIDS:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def apply_config(self, cfg: Config) -> None:
+        """New settings (SIGHUP): allow-lists and the free-disk guard, for the next
+        associations; open ones are left alone. The rest of ``[node]`` shapes the
+        listening server and needs a restart."""
+        node = cfg.node
+        self.policy = AccessPolicy.from_config(node)
+        self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
+
+    def _low_disk(self) -> int | None:
+        """Free bytes on the storage file system when under ``min_free_disk_mb``, else None.
+
+        Returns
+        -------
+        int or None
+            The free bytes (for the log line) when the guard is on and the
+            free space is below it; None when the node may receive. A
+            file system that cannot be queried counts as full: receiving
+            onto it would fail anyway, and a refusal keeps the sender's copy.
+        """
+        if not self.min_free_bytes:
+            return None
+        try:
+            free = self.store.free_bytes()
+        except OSError:
+            return 0
+        return free if free < self.min_free_bytes else None
+
+    # -- event handlers --------------------------------------------------------------
+
+    def _verify_connection(self, address: str) -> bool:
+        """At accept, before anything is read: may ``address`` connect at all?"""
+        if self.policy.address_allowed(address):
+            return True
+        self.counters.rejected += 1
+        log.warning("association.rejected", reason="address not allowed", peer=address)
+        return False
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        # In the connection's thread, before its association reads a byte.
+        assoc = event.assoc
+        with self._lock:
+            self._assoc_seq += 1
+            assoc_id = self._assoc_ids[assoc] = self._assoc_seq
+        spool.track(assoc, self.store.incoming)
+        pdu_guard.guard(assoc, on_fault=self.counters.abort, context={"assoc_id": assoc_id})
+        self._await_request(assoc)
+
+    def _await_request(self, assoc: Association) -> None:
+        """Note a connection whose request has not come; close the longest-waiting one past the cap."""
+        now = time.monotonic()
+        with self._lock:
+            self._awaiting[assoc] = now
+            evicted = []
+            while len(self._awaiting) > MAX_AWAITING_REQUEST:
+                oldest = next(iter(self._awaiting))
+                evicted.append((oldest, now - self._awaiting.pop(oldest), self._assoc_ids.get(oldest, 0)))
+        for old, waited, old_id in evicted:
+            self.counters.abort("evicted")
+            log.warning("association.evicted", assoc_id=old_id, peer=old.requestor.address,
+                        waited_s=round(waited, 3), reason="no association request while newer connections wait",
+                        max_awaiting=MAX_AWAITING_REQUEST)
+            sock = getattr(getattr(old.dul, "socket", None), "socket", None)
+            if sock is not None:
+                # Its reader sees the connection close and the association ends (cleared as usual).
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            self._awaiting.pop(assoc, None)
+        rq = assoc.requestor.primitive
+        if not isinstance(rq, A_ASSOCIATE):
+            # The PDU guard ended the connection before a request arrived
+            # (and has logged why); pynetdicom goes no further.
+            return
+        with self._lock:
+            assoc_id = self._assoc_ids.get(assoc, 0)
+        address = assoc.requestor.address
+        guard = pdu_guard.guard_of(assoc)
+        raw = guard.rq_ae_titles if guard is not None else None
+        called_field, calling_field = raw if raw is not None else (rq.called_ae_title.encode(), rq.calling_ae_title.encode())
+        calling = dicom_ae_title(calling_field)
+        # As received, escaped: a log line must not carry a newline a peer chose.
+        calling_ae = calling or printable_ae(calling_field)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address)
+        if calling is None:
+            log.warning("association.rejected", reason="calling AE title is not a valid AE title",
+                        calling_ae=calling_ae)
+            self._reject(assoc, REJECT_CALLING_AE)
+            return
+        if dicom_ae_title(called_field) is None:
+            log.warning("association.rejected", reason="called AE title is not a valid AE title",
+                        calling_ae=calling_ae, called_ae=printable_ae(called_field))
+            self._reject(assoc, REJECT_CALLED_AE)
+            return
+        # Checked at accept already; again here for a reload in between.
+        if not self.policy.address_allowed(address):
+            log.warning("association.rejected", reason="address not allowed")
+            self._reject(assoc, REJECT_NO_REASON)
+            return
+        if not self.policy.calling_ae_allowed(calling):
+            log.warning("association.rejected", reason="calling AE title not allowed", calling_ae=calling_ae)
+            self._reject(assoc, REJECT_CALLING_AE)
+            return
+        # Refused here, before anything is spooled: the per-C-STORE check
+        # only sees an object after pynetdicom has written it to incoming/,
+        # so with that check alone every new sender would still put one
+        # (possibly large) object onto a disk already under the threshold.
+        # Echo-only associations are refused too: a C-ECHO that succeeds
+        # while every C-STORE would fail tells a PACS's "verify" the wrong thing.
+        free = self._low_disk()
+        if free is not None:
+            log.error("association.rejected", reason="low disk", free_bytes=free,
+                      min_free_bytes=self.min_free_bytes)
+            self._reject(assoc, REJECT_LOW_DISK)
+            return
+        if self._requested_associations(other_than=assoc) >= self.node.max_associations:
+            log.warning("association.rejected", reason="max_associations reached",
+                        max_associations=self.node.max_associations)
+            self._reject(assoc, REJECT_LOCAL_LIMIT)
+            return
+        # Counted as accepted only at EVT_ACCEPTED: pynetdicom may still
+        # refuse it after this handler (e.g. the called AE title).
+        log.info("association.requested")
+
+    def _requested_associations(self, *, other_than: Association) -> int:
+        """Incoming associations alive that have sent their request (silent connections do not count)."""
+        return sum(
+            1 for a in self.ae.active_associations
+            if a.is_acceptor and a is not other_than and isinstance(a.requestor.primitive, A_ASSOCIATE)
+        )
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self.counters.associations += 1
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """Log and count a refusal made by pynetdicom's ACSE, not by :meth:`_on_requested`.
+
+        Our own refusals send the A-ASSOCIATE-RJ directly and never reach
+        here; pynetdicom's (wrong called AE title, too many associations)
+        come after EVT_REQUESTED, so without this they left no
+        ``association.rejected`` line and counted as accepted.
+        """
+        assoc = event.assoc
+        rj = assoc.acceptor.primitive
+        rsd = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
+        rq = assoc.requestor.primitive
+        called = rq.called_ae_title if rq is not None else ""
+        self.counters.rejected += 1
+        reason = _PYNETDICOM_REJECTS.get(rsd, "rejected by the DICOM stack") if rsd else "rejected by the DICOM stack"
+        extra: dict[str, Any] = {"called_ae": called}
+        if rsd == (0x02, 0x03, 0x02):
+            extra["max_associations"] = self.node.max_associations
+        log.warning("association.rejected", reason=reason, result=rsd, **extra)
+
+    def _reject(self, assoc: Association, reason: tuple[int, int, int]) -> None:
+        """Send the A-ASSOCIATE-RJ ``reason`` (result, source, diagnostic) and count it."""
+        self.counters.rejected += 1
+        assoc.acse.send_reject(*reason)
+        # As pynetdicom's own ACSE does after a reject: wait until the
+        # DUL has sent the A-ASSOCIATE-RJ before the socket is closed.
+        assoc.kill()
+
+    def _on_released(self, event: evt.Event) -> None:
+        log.info("association.released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        log.warning("association.aborted")
+
+    def _association_ended(self, assoc: Association) -> None:
+        """Delete the spool files an association left: data sets it never completed.
+
+        pynetdicom streams a data set into ``incoming/`` and removes the file
+        only after the C-STORE handler ran. When the peer aborts, the link
+        drops or stalls, or the peer starts another message halfway, the
+        handler never runs for it and the part received would stay until
+        the next start's recovery: on a node up for months, each interrupted
+        cine (easily 100 MB) is disk lost. Such an object was never
+        acknowledged, so the sender still has it.
+        """
+        with self._lock:
+            self._awaiting.pop(assoc, None)
+        tracker = spool.tracker_of(assoc)
+        if tracker is None:
+            return
+        with self._lock:
+            assoc_id = self._assoc_ids.get(assoc, 0)
+        rq = assoc.requestor.primitive
+        fields: dict[str, Any] = {"assoc_id": assoc_id, "peer": assoc.requestor.address}
+        if isinstance(rq, A_ASSOCIATE):
+            fields["calling_ae"] = rq.calling_ae_title
+        try:
+            removed = tracker.discard_leftovers()
+        except OSError as exc:
+            log.error("store.partial_not_removed", **fields, error=f"{type(exc).__name__}: {exc.strerror}")
+            return
+        for leftover, size in removed:
+            self.counters.fail("incomplete")
+            log.warning("store.partial_discarded", **fields, sop_uid=leftover.sop_uid, bytes=size)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("echo")
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        req = event.request
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        calling = event.assoc.requestor.ae_title
+        structlog.contextvars.bind_contextvars(sop_uid=sop_uid)
+        stage = "store"
+        try:
+            # Still checked per object: an association accepted with room to
+            # spare may run the disk down while it lasts.
+            free = self._low_disk()
+            if free is not None:
+                self.counters.fail("out_of_disk")
+                log.error("store.refused_low_disk", free_bytes=free)
+                return STATUS_OUT_OF_RESOURCES
+            path = event.dataset_path
+            if path is None:
+                # CommandDataSetType 0x0101: the request says no data set follows.
+                self.counters.fail(f"0x{STATUS_CANNOT_UNDERSTAND:04X}")
+                log.warning("store.refused", status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}", error=NO_DATA_SET)
+                return _status(STATUS_CANNOT_UNDERSTAND, NO_DATA_SET)
+            interrupted = spool.failure(req)
+            if interrupted is not None:
+                # Writing the spool file failed (disk full); the rest of the
+                # data set was read and dropped so that this answer can go.
+                stage = "spool"
+                raise interrupted
+            header, outcome = self.store.accept(path, calling)
+        except BadObject as exc:
+            self.counters.fail(f"0x{exc.status:04X}")
+            log.warning("store.refused", status=f"0x{exc.status:04X}", error=str(exc))
+            return exc.status
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.counters.fail("out_of_disk")
+                log.error("store.refused_disk_full", stage=stage, error=errno.errorcode[exc.errno])
+                return STATUS_OUT_OF_RESOURCES
+            self.counters.fail("io_error")
+            log.error("store.io_error", stage=stage, error=f"{type(exc).__name__}: {exc.strerror}")
+            return STATUS_OUT_OF_RESOURCES
+        except sqlite3.Error as exc:
+            # The journal could not take the record (locked past its
+            # timeout, unreadable): the object was taken back, the sender
+            # may try again later. A full disk arrives above as ENOSPC.
+            self.counters.fail("journal_error")
+            log.error("store.journal_error", error=type(exc).__name__,
+                      code=getattr(exc, "sqlite_errorname", None))
+            return STATUS_OUT_OF_RESOURCES
+        except Exception:  # noqa: BLE001 - a bug; the sender must not think it was stored
+            self.counters.fail("unexpected")
+            log.exception("store.unexpected_error")
+            return STATUS_UNEXPECTED
+        finally:
+            structlog.contextvars.unbind_contextvars("sop_uid")
+        if outcome == "duplicate":
+            self.counters.duplicates += 1
+        else:
+            self.counters.instances += 1
+            try:
+                self.counters.bytes += self.store.instance_path(header).stat().st_size
+            except OSError:
+                pass
+        log.info(
+            "store.accepted",
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            sop_class=header.sop_class_uid,
+            transfer_syntax=header.transfer_syntax,
+            outcome=outcome,
+        )
+        if self.on_instance is not None:
+            self.on_instance(header.study_uid)
+        return STATUS_SUCCESS
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen (non-blocking). Data sets are spooled into the store's
+        ``incoming/`` (spool.track), so that accepting one is a rename on the
+        same file system."""
+        # As AE.start_server(block=False), with our server class (see
+        # _HandshakeInThreadServer); the AE must list the server for its
+        # shutdown() to find it.
+        server = cast(_HandshakeInThreadServer, self.ae.make_server(
+            (self.node.host, self.node.port),
+            evt_handlers=self.handlers(),  # type: ignore[arg-type]
+            ssl_context=server_ssl_context(self.node.tls),
+            server_class=_HandshakeInThreadServer,
+            request_handler=_AssociationRequestHandler,
+        ))
+        server.handshake_timeout = self.node.acse_timeout_s
+        server.verify_peer = self._verify_connection
+        server.on_association_end = self._association_ended
+        self.ae._servers.append(server)
+        threading.Thread(target=make_target(server.serve_forever), name="echonode-scp-accept", daemon=True).start()
+        self._server = server
+        log.info(
+            "scp.listening",
+            ae_title=self.node.ae_title,
+            host=self.node.host,
+            port=self.port,
+            tls=self.node.tls.enabled,
+        )
+
+    @property
+    def listening(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.node.port
+        return int(self._server.server_address[1])
+
+    def active_associations(self) -> int:
+        return len([a for a in self.ae.active_associations if a.is_acceptor])
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop listening, let associations in flight finish for up to ``grace_s``, abort the rest.
+
+        An aborted transfer was never acknowledged, so the sender keeps it and
+        sends it again; its spool file is removed once its association's
+        thread has ended (here, within a few seconds; else at the next start).
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [a for a in self.ae.active_associations if a.is_acceptor]
+        for assoc in left:
+            assoc.abort()
+        if left:
+            log.warning("scp.aborted_on_stop", associations=len(left))
+        for assoc in left:
+            # The connection's thread does the same when the association
+            # ends; done here too so that stop() leaves incoming/ clean.
+            assoc.join(timeout=5.0)
+            if not assoc.is_alive():
+                self._association_ended(assoc)
+        self._server = None
+        log.info("scp.stopped")

@@ -1,0 +1,1 @@
+"""Studies on disk and in the journal: placement, states, completeness, retention."""

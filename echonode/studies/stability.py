@@ -1,0 +1,57 @@
+"""When is a study complete? When no instance arrived for ``stable_after_s``.
+
+Carts send a study over minutes, sometimes over several associations, and
+DICOM has no "end of study" message; quiet time is what every router uses.
+The check is an apscheduler job; it moves ``receiving -> stable`` and, when
+at least one task model is installed, ``stable -> queued`` for the worker.
+Without a model, complete studies wait as ``stable`` and are queued as soon
+as one is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from echonode.config import Config
+from echonode.studies.journal import Journal
+from echonode.ops.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class StabilityCheck:
+    """The periodic job.
+
+    Parameters
+    ----------
+    journal : Journal
+    cfg : Config
+        ``study.stable_after_s`` (quiet time after the last instance) and
+        ``models.dir`` are read from it; :meth:`apply_config` takes new ones.
+    has_models : callable
+        ``has_models(models_dir)`` is True when at least one task bundle is
+        installed there.
+    """
+
+    def __init__(self, journal: Journal, cfg: Config, has_models: Callable[[Path], bool]) -> None:
+        self.journal = journal
+        self.has_models = has_models
+        self.apply_config(cfg)
+
+    def apply_config(self, cfg: Config) -> None:
+        """New settings (SIGHUP): the next pass uses them."""
+        self.stable_after_s = cfg.study.stable_after_s
+        self.models_dir = cfg.models_dir
+
+    def run(self) -> tuple[list[str], list[str]]:
+        """One pass; returns (studies now stable, studies now queued)."""
+        stable = self.journal.mark_stable(self.stable_after_s)
+        for uid in stable:
+            log.info("study.stable", study_uid=uid)
+        queued: list[str] = []
+        if self.has_models(self.models_dir):
+            queued = self.journal.queue_stable()
+            for uid in queued:
+                log.info("study.queued", study_uid=uid)
+        return stable, queued
