@@ -36,8 +36,11 @@ from pydicom.encaps import generate_frames
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model as _cpu_model  # noqa: E402
-
-from echonode.analyse.preprocess import PreprocessConfig, make_eval_clips, preprocess_file  # noqa: E402
+from echonode.analyse.preprocess import (  # noqa: E402
+    PreprocessConfig,
+    make_eval_clips,
+    preprocess_file,
+)
 
 
 def _time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:

@@ -40,11 +40,11 @@ import pydicom
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench.machine import cpu_model as _cpu_model  # noqa: E402
-
 import echo_sr  # noqa: E402
-from echonode.measurements import read_measurement_sr, select_values  # noqa: E402
 from factories import us_multiframe, write  # noqa: E402
+
+from bench.machine import cpu_model as _cpu_model  # noqa: E402
+from echonode.measurements import read_measurement_sr, select_values  # noqa: E402
 from train.labels import build_labels  # noqa: E402
 
 DIALECTS = ("ge", "philips", "tid5300")

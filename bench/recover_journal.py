@@ -37,12 +37,12 @@ def main() -> None:
     import pydicom
     import torch
 
-    from echonode.bundles.bundle import ModelRegistry
-    from echonode.config import parse_config, to_toml
-    from echonode.studies.journal import Journal
-    from echonode.ops.logs import configure_logging
-    from echonode.studies.store import StudyStore
     from echonode.analyse.worker import process_study
+    from echonode.bundles.registry import ModelRegistry
+    from echonode.config import parse_config, to_toml
+    from echonode.ops.logs import configure_logging
+    from echonode.studies.journal import Journal
+    from echonode.studies.store import StudyStore
     from tests.factories import tiny_bundle, us_multiframe, write
 
     configure_logging("json", "warning", stream=sys.stderr)

@@ -80,9 +80,11 @@ def main() -> int:
 
     import torch
 
-    from echonode.bundles.bundle import BundleMeta, ModelRegistry, save_bundle
-    from echonode.bundles.nets import build_model
     from echonode.analyse.pipeline import analyse_study
+    from echonode.bundles.manifest import BundleMeta
+    from echonode.bundles.nets import build_model
+    from echonode.bundles.registry import ModelRegistry
+    from echonode.bundles.weights import save_bundle
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    UltrasoundMultiFrameImageStorage,
+    generate_uid,
+)
 
 
 def us_multiframe(
@@ -71,8 +75,9 @@ def tiny_bundle(models_dir: Path, task: str, *, seed: int = 0, name: str | None 
     """A small random-weight bundle (CPU-fast) installed under ``models_dir``."""
     import torch
 
-    from echonode.bundles.bundle import BundleMeta, save_bundle
+    from echonode.bundles.manifest import BundleMeta
     from echonode.bundles.nets import build_model
+    from echonode.bundles.weights import save_bundle
 
     meta = BundleMeta.create(
         name=name or f"test-{task}",

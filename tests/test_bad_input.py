@@ -15,14 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+)
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage  # type: ignore[attr-defined]
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
-from echonode.delivery.outbox import Peer, echo
-from echonode.studies.journal import StudyState
 from echonode.daemon.node import Node
+from echonode.delivery.outbox import Peer, echo
 from echonode.report.read import summarise_report
+from echonode.studies.journal import StudyState
 from tests.conftest import REPO, make_config, wait_for
 from tests.corpus import EITHER, REFUSED, SKIPPED, Bad, corpus, good_object, part10
 from tests.factories import tiny_bundle

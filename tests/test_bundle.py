@@ -1,4 +1,4 @@
-"""Tests for echonode.bundles.bundle: format, validation, prediction, hot reload."""
+"""Tests for echonode.bundles (manifest, weights, registry): format, validation, prediction, hot reload."""
 
 from __future__ import annotations
 
@@ -14,21 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from echonode.bundles.bundle import (
+from echonode.bundles.device import resolve_device
+from echonode.bundles.manifest import (
     BUNDLE_JSON,
     WEIGHTS_FILE,
-    Bundle,
     BundleError,
     BundleMeta,
-    ModelRegistry,
     folder_signature,
-    load_bundle,
-    load_bundles,
     model_set_key,
-    resolve_device,
-    save_bundle,
 )
 from echonode.bundles.nets import KINETICS_MEAN, KINETICS_STD, build_model
+from echonode.bundles.registry import ModelRegistry, load_bundles
+from echonode.bundles.weights import Bundle, load_bundle, save_bundle
 
 torch.set_num_threads(2)
 

@@ -109,8 +109,8 @@ def test_check_config_warns_without_destinations_and_refuses_nan(tmp_path: Path)
 
 
 def test_status_shows_a_bundle_the_worker_refused(tmp_path: Path) -> None:
-    from echonode.bundles.bundle import ModelRegistry
     from echonode.analyse.worker import write_models_state
+    from echonode.bundles.registry import ModelRegistry
 
     path, _ = _config_file(tmp_path)
     cfg = make_config(tmp_path)

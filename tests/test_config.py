@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from echonode.config import Config, ConfigError, load_config, parse_config, resolve_config_path, to_toml
+from echonode.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+    resolve_config_path,
+    to_toml,
+)
 from tests.conftest import REPO, run_cli
 
 EXAMPLE = REPO / "etc" / "echonode.toml"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import threading
 import warnings
-import subprocess
 from pathlib import Path
 
 import cv2
@@ -29,7 +29,6 @@ from echonode.analyse.decode import (
     decode_video,
     frame_rate,
 )
-
 from tests.conftest import real_testfile
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"

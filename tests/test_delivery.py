@@ -24,7 +24,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
@@ -34,14 +38,22 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from structlog.testing import capture_logs
 
-from echonode.bundles.bundle import ModelRegistry
+from echonode.analyse.worker import process_study
+from echonode.bundles.registry import ModelRegistry
 from echonode.config import Config, TLSConfig, to_toml
 from echonode.delivery.outbox import Delivery, DeliveryError, Peer, echo
-from echonode.studies.journal import Journal, OutboxState, StudyState
 from echonode.report.sop import derived_sop_instance_uid
+from echonode.studies.journal import Journal, OutboxState, StudyState
 from echonode.studies.store import StudyStore
-from echonode.analyse.worker import process_study
-from tests.conftest import STORESCP, free_port, make_config, need, run_cli, wait_for, with_destination
+from tests.conftest import (
+    STORESCP,
+    free_port,
+    make_config,
+    need,
+    run_cli,
+    wait_for,
+    with_destination,
+)
 from tests.factories import tiny_bundle
 
 SR_CLASSES = (ComprehensiveSRStorage, EnhancedSRStorage, Comprehensive3DSRStorage)

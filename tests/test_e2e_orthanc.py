@@ -22,10 +22,18 @@ from typing import Any
 import pydicom
 import pytest
 
-from echonode.studies.journal import StudyState
 from echonode.daemon.node import Node
 from echonode.report.read import summarise_report
-from tests.conftest import ORTHANC, ORTHANC_DICOMWEB, free_port, make_config, need, wait_for, with_destination
+from echonode.studies.journal import StudyState
+from tests.conftest import (
+    ORTHANC,
+    ORTHANC_DICOMWEB,
+    free_port,
+    make_config,
+    need,
+    wait_for,
+    with_destination,
+)
 from tests.factories import tiny_bundle
 
 

@@ -55,8 +55,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from echonode.config import to_toml
-from echonode.studies.journal import Journal
 from echonode.daemon.node import Node
+from echonode.studies.journal import Journal
 from tests.conftest import ORTHANC, REPO, free_port, make_config, need, wait_for
 from tests.factories import us_multiframe, write
 from tests.test_e2e_orthanc import Orthanc

@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from echonode.bundles.bundle import load_bundle
 from echonode.analyse.preprocess import PreprocessConfig
+from echonode.bundles.weights import load_bundle
 from tests.factories import us_multiframe, write
 from train.data import ClipCache, build_index, load_study_labels, split_cache
-from train.finetune import EarlyStopping, check_evaluable, main, prepare_task, prior_logit
+from train.finetune import (
+    EarlyStopping,
+    check_evaluable,
+    main,
+    prepare_task,
+    prior_logit,
+)
 from train.splits import SplitRecord
 
 torch.set_num_threads(1)

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 
 from echonode.analyse.decode import UnusableObject, decode_dataset, decode_video
-from echonode.studies.journal import Journal
 from echonode.analyse.preprocess import PreprocessConfig, preprocess_video
+from echonode.studies.journal import Journal
 from echonode.studies.store import BadObject, StudyStore
 from tests.corpus import dataset_offset, jpeg_dataset, part10
 from tests.factories import us_multiframe

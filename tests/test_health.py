@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from echonode.ops.prometheus import REQUEST_DEADLINE_S
+from echonode.daemon.supervisor import WorkerSupervisor
 from echonode.daemon.node import Node
-from echonode.analyse.worker import WorkerSupervisor
 from echonode.daemon.workerlink import Phase, read_heartbeat
+from echonode.ops.prometheus import REQUEST_DEADLINE_S
 from tests.conftest import free_port, make_config, wait_for
 from tests.factories import us_multiframe
 from tests.test_node_metrics import get_health, scrape

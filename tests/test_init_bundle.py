@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from echonode.bundles.bundle import BUNDLE_JSON, load_bundle
+from echonode.bundles.manifest import BUNDLE_JSON
 from echonode.bundles.nets import build_model
+from echonode.bundles.weights import load_bundle
 from train.init_bundle import add_init_arguments, extract_state_dict, run_init
 
 torch.set_num_threads(2)

@@ -21,16 +21,29 @@ import pydicom
 import pytest
 import structlog
 
+from echonode.analyse.worker import process_study
+from echonode.bundles.registry import ModelRegistry
 from echonode.commands import main as cli
-from echonode.bundles.bundle import ModelRegistry
 from echonode.config import Config, to_toml
 from echonode.studies.journal import Journal, OutboxState, StudyState
 from echonode.studies.store import StudyStore
-from echonode.analyse.worker import process_study
-from tests.conftest import REPO, echonode_cmd, free_port, make_config, run_cli, wait_for, with_destination
+from tests.conftest import (
+    REPO,
+    echonode_cmd,
+    free_port,
+    make_config,
+    run_cli,
+    wait_for,
+    with_destination,
+)
 from tests.factories import tiny_bundle, us_multiframe, write
 from tests.test_delivery import RecordingSCP
-from tests.test_stage_recovery import ServedNode, journal_rows, make_studies, send_studies
+from tests.test_stage_recovery import (
+    ServedNode,
+    journal_rows,
+    make_studies,
+    send_studies,
+)
 
 LOSSES = ("deleted", "truncated to 0 bytes", "not echonode's", "new and empty")
 

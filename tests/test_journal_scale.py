@@ -18,6 +18,9 @@ from types import SimpleNamespace
 import pytest
 
 from echonode.config import to_toml
+from echonode.daemon.node import ErrorCounts
+from echonode.ops.prometheus import NodeCollector
+from echonode.receive.scp import ReceiveCounters
 from echonode.studies.journal import (
     InstanceRecord,
     Journal,
@@ -26,9 +29,6 @@ from echonode.studies.journal import (
     StudyState,
     TaskResult,
 )
-from echonode.ops.prometheus import NodeCollector
-from echonode.daemon.node import ErrorCounts
-from echonode.receive.scp import ReceiveCounters
 from tests.conftest import REPO, make_config, run_cli
 
 TABLES = ("studies", "instances", "results", "reports", "outbox")

@@ -22,14 +22,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from echonode.bundles.bundle import ModelRegistry
 from echonode.analyse.decode import decode_video
-from echonode.studies.journal import Journal, StudyState
 from echonode.analyse.pipeline import StudyRefused, analyse_study
+from echonode.analyse.worker import process_study
+from echonode.bundles.registry import ModelRegistry
 from echonode.report.build import build_report
 from echonode.report.findings import SourceInstance, TaskFinding
+from echonode.studies.journal import Journal, StudyState
 from echonode.studies.store import StudyStore
-from echonode.analyse.worker import process_study
 from tests.conftest import make_config
 from tests.factories import tiny_bundle, us_multiframe, write
 

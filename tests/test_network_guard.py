@@ -26,9 +26,9 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
-from echonode.network import pdu_guard
-from echonode.delivery.outbox import DeliveryError, Peer, echo, store_file
 from echonode.daemon.node import Node
+from echonode.delivery.outbox import DeliveryError, Peer, echo, store_file
+from echonode.network import pdu_guard
 from tests import rawdicom as raw
 from tests.conftest import ECHOSCU, REPO, echonode_cmd, make_config, need, wait_for
 from tests.factories import us_multiframe, write

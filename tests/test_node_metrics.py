@@ -20,10 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
-from echonode.studies.journal import TaskResult
-from echonode.ops.prometheus import MetricsServer, health
 from echonode.daemon.node import Node
-
+from echonode.ops.prometheus import MetricsServer, health
+from echonode.studies.journal import TaskResult
 from tests.conftest import free_port, make_config
 
 

@@ -9,10 +9,17 @@ import pydicom
 import pytest
 import torch
 
-from echonode.bundles.bundle import ModelRegistry, load_bundle
 from echonode.analyse.decode import decode_video
-from echonode.analyse.pipeline import ObjectRecord, StudyRefused, analyse_study, check_identity, preprocess_config
+from echonode.analyse.pipeline import (
+    ObjectRecord,
+    StudyRefused,
+    analyse_study,
+    check_identity,
+    preprocess_config,
+)
 from echonode.analyse.preprocess import make_eval_clips, preprocess_video
+from echonode.bundles.registry import ModelRegistry
+from echonode.bundles.weights import load_bundle
 from tests.factories import tiny_bundle, us_multiframe, write
 
 

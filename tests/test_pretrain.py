@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from echonode.bundles.nets import build_model
 from echonode.analyse.preprocess import PreprocessConfig
+from echonode.bundles.nets import build_model
 from tests.factories import us_multiframe, write
 from train.data import ClipCache, PairDataset, build_index
 from train.losses import PERMUTATIONS

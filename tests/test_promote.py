@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from echonode.bundles.bundle import load_bundle
+from echonode.bundles.weights import load_bundle
 from tests.factories import tiny_bundle
 from train.promote import promote, rollback
 

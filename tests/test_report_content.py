@@ -16,15 +16,16 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from echonode.bundles.bundle import ModelRegistry, load_bundle
-from echonode.studies.journal import Journal, StudyState
+from echonode.analyse.worker import StudyOutcome, process_study
+from echonode.bundles.registry import ModelRegistry
+from echonode.bundles.weights import load_bundle
 from echonode.report.build import build_report
 from echonode.report.codes import VIEWS
 from echonode.report.findings import NotAssessed, SourceInstance
 from echonode.report.read import summarise_report
 from echonode.report.summary import finding_line, probability_text, reported_probability
+from echonode.studies.journal import Journal, StudyState
 from echonode.studies.store import StudyStore
-from echonode.analyse.worker import StudyOutcome, process_study
 from tests.conftest import make_config
 from tests.factories import tiny_bundle, us_multiframe, write
 from tests.report_support import (

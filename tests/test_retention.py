@@ -12,8 +12,8 @@ from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
 from echonode.config import RetentionConfig
-from echonode.studies.journal import Claim, Journal, ReportRecord, StudyState
 from echonode.daemon.node import Node
+from echonode.studies.journal import Claim, Journal, ReportRecord, StudyState
 from echonode.studies.retention import Retention
 from echonode.studies.store import StudyStore
 from tests.conftest import make_config

@@ -20,9 +20,16 @@ from typing import Any
 import pydicom
 import pytest
 
-from echonode.studies.journal import StudyState
 from echonode.daemon.node import Node
-from tests.conftest import REPO, free_port, make_config, need, wait_for, with_destination
+from echonode.studies.journal import StudyState
+from tests.conftest import (
+    REPO,
+    free_port,
+    make_config,
+    need,
+    wait_for,
+    with_destination,
+)
 from tests.factories import tiny_bundle, us_multiframe, write
 from tests.test_e2e_orthanc import Orthanc
 

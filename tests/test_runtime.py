@@ -15,13 +15,13 @@ from structlog.testing import capture_logs
 
 from echonode.bundles import runtime as rt
 from echonode.bundles import runtime_select as rs
-from echonode.bundles.bundle import BundleMeta, load_bundle, save_bundle
 from echonode.bundles.calibration import (
     CALIBRATION_FILE,
     CalibrationError,
     encode_calibration,
     read_calibration,
 )
+from echonode.bundles.manifest import BundleMeta
 from echonode.bundles.nets import build_model, normalise_for_model
 from echonode.bundles.runtime import (
     MODES,
@@ -30,6 +30,7 @@ from echonode.bundles.runtime import (
     optimise_for_inference,
     synthetic_clips,
 )
+from echonode.bundles.weights import load_bundle, save_bundle
 from tests.factories import tiny_bundle
 
 torch.set_num_threads(2)
@@ -199,7 +200,8 @@ def test_bundle_predict_with_runtime(tmp_path, clips: torch.Tensor) -> None:
 
     The bundle's fresh head gives probabilities near 0.5, so this checks the
     plumbing (shapes, dtype, batching, sigmoid), not accuracy."""
-    from echonode.bundles.bundle import BundleMeta, load_bundle, save_bundle
+    from echonode.bundles.manifest import BundleMeta
+    from echonode.bundles.weights import load_bundle, save_bundle
 
     meta = BundleMeta.create(name="t", task="lvh", width=WIDTH, preprocessing={"size": SIZE, "clip_frames": FRAMES})
     save_bundle(tmp_path / "b", meta, _model(num_outputs=1).state_dict())
@@ -213,8 +215,8 @@ def test_bundle_predict_with_runtime(tmp_path, clips: torch.Tensor) -> None:
 
 
 def test_config_knows_every_runtime_mode() -> None:
-    from echonode.config import RUNTIME_MODES
     from echonode.bundles.runtime import MODES
+    from echonode.config import RUNTIME_MODES
 
     assert RUNTIME_MODES == MODES
 
@@ -550,7 +552,7 @@ def test_unwritable_state_dir_still_loads(tmp_path: Path, counted: list[int]) ->
 
 
 def test_registry_caches_in_the_models_folders_parent(tmp_path: Path, counted: list[int]) -> None:
-    from echonode.bundles.bundle import ModelRegistry
+    from echonode.bundles.registry import ModelRegistry
 
     tiny_bundle(tmp_path / "models", "lvh")
     registry = ModelRegistry(tmp_path / "models", "cpu")

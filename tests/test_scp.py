@@ -17,8 +17,8 @@ from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage, Verification 
 from structlog.testing import capture_logs
 
 from echonode.config import TLSConfig
-from echonode.studies.journal import StudyState
 from echonode.daemon.node import Node
+from echonode.studies.journal import StudyState
 from tests.conftest import ECHOSCU, STORESCU, make_config, need, wait_for
 from tests.factories import us_multiframe, write
 
@@ -397,9 +397,9 @@ def test_sop_class_mismatch_between_request_and_dataset(running_node: Node) -> N
     ae.add_requested_context(UltrasoundMultiFrameImageStorage, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", running_node.scp.port, ae_title="ECHONODE")
     try:
-        from pynetdicom.dimse_primitives import C_STORE
         from pydicom.filebase import DicomBytesIO
         from pydicom.filewriter import write_dataset
+        from pynetdicom.dimse_primitives import C_STORE
 
         req = C_STORE()
         req.MessageID = 1

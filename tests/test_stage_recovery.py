@@ -29,7 +29,14 @@ from pynetdicom import AE
 
 from echonode.config import Config, to_toml
 from echonode.delivery.outbox import DeliveryError, Peer, echo
-from tests.conftest import REPO, echonode_cmd, free_port, make_config, wait_for, with_destination
+from tests.conftest import (
+    REPO,
+    echonode_cmd,
+    free_port,
+    make_config,
+    wait_for,
+    with_destination,
+)
 from tests.factories import tiny_bundle, us_multiframe
 from tests.test_delivery import RecordingSCP
 

@@ -31,11 +31,11 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
+from echonode.bundles.installed import MODELS_STATE
 from echonode.config import ConfigError, parse_config
-from echonode.studies.journal import InstanceRecord, Journal, ReportRecord
 from echonode.daemon.node import Node
 from echonode.ops.statuspage import PATH, AgreementRow, collect, render
-from echonode.analyse.worker import MODELS_STATE
+from echonode.studies.journal import InstanceRecord, Journal, ReportRecord
 from tests.conftest import REPO, free_port, make_config
 from tests.factories import us_multiframe
 from tests.test_report_render import browser  # noqa: F401 - the headless Chromium fixture

@@ -28,9 +28,9 @@ from structlog.testing import capture_logs
 
 from echonode.config import Config, Destination, TLSConfig, parse_config, to_toml
 from echonode.delivery.outbox import Delivery
-from echonode.studies.journal import Journal, OutboxState, StudyState
-from echonode.report.sop import derived_sop_instance_uid
 from echonode.delivery.stow import read_store_response
+from echonode.report.sop import derived_sop_instance_uid
+from echonode.studies.journal import Journal, OutboxState, StudyState
 from tests.conftest import free_port, make_config, run_cli, wait_for, with_destination
 from tests.factories import tiny_bundle
 from tests.fake_dicomweb import Answer, FakeDICOMweb, basic, failed_sop, stored_sop

@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from echonode.bundles.bundle import BundleError, ModelRegistry, load_bundle
 from echonode.analyse.pipeline import preprocess_config
 from echonode.analyse.preprocess import make_eval_clips, preprocess_file
+from echonode.bundles.manifest import BundleError
+from echonode.bundles.registry import ModelRegistry
+from echonode.bundles.weights import load_bundle
 from echonode.report.read import summarise_report
 from train.promote import rollback
 

@@ -14,14 +14,14 @@ import pytest
 from pynetdicom import AE
 from structlog.testing import capture_logs
 
-import echonode.report.build
-from echonode.bundles.bundle import ModelRegistry
-from echonode.studies.journal import Journal, StudyState
+import echonode.analyse.worker
+from echonode.analyse.worker import handle_claim, process_study
+from echonode.bundles.registry import ModelRegistry
 from echonode.daemon.node import Node
 from echonode.report.header import COPIED_EXACTLY
 from echonode.report.read import summarise_report
+from echonode.studies.journal import Journal, StudyState
 from echonode.studies.store import StudyStore
-from echonode.analyse.worker import handle_claim, process_study
 from tests.conftest import make_config, wait_for
 from tests.factories import tiny_bundle, us_multiframe, write
 
@@ -172,7 +172,7 @@ def test_study_timeout_kills_worker_then_fails(tmp_path: Path, ybr_loop: Path) -
     cfg = make_config(tmp_path, models={"study_timeout_s": 0.01, "max_attempts": 2})
     tiny_bundle(cfg.models_dir, "lvh")
     journal, store, study_uid = _stored_study(tmp_path, cfg, [ybr_loop])
-    from echonode.analyse.worker import WorkerSupervisor
+    from echonode.daemon.supervisor import WorkerSupervisor
 
     sup = WorkerSupervisor(cfg)
     sup._next_start = 0
@@ -220,7 +220,7 @@ def test_malformed_patient_values_do_not_block_the_report(tmp_path: Path) -> Non
 
 def _run_worker_until(cfg, journal: Journal, study_uid: str, state: StudyState, log_path: Path) -> None:
     """Run the real worker process on ``cfg`` until ``study_uid`` reaches ``state``."""
-    from echonode.analyse.worker import WorkerSupervisor
+    from echonode.daemon.supervisor import WorkerSupervisor
 
     sup = WorkerSupervisor(cfg, log_path=str(log_path))
     sup.start()
@@ -244,7 +244,7 @@ def test_failure_reasons_never_quote_data(tmp_path: Path, monkeypatch: pytest.Mo
         # What highdicom and pydicom do: quote the offending value.
         raise ValueError(f"{header.PatientName!s} / {header.PatientID} is not a valid value")
 
-    monkeypatch.setattr(echonode.report.build, "build_report", refuses)
+    monkeypatch.setattr(echonode.analyse.worker, "build_report", refuses)
     for attempt, state in ((1, StudyState.QUEUED), (2, StudyState.FAILED)):
         with capture_logs() as logs:
             handle_claim(cfg, journal, store, registry, journal.claim_next(1))
@@ -316,7 +316,8 @@ def test_study_whose_files_are_gone_fails_with_reason(tmp_path: Path, ybr_loop: 
 
 
 def test_reload_restarts_the_worker_with_the_new_config(tmp_path: Path) -> None:
-    from echonode.analyse.worker import MODELS_STATE, WorkerSupervisor
+    from echonode.bundles.installed import MODELS_STATE
+    from echonode.daemon.supervisor import WorkerSupervisor
 
     cfg = make_config(tmp_path)
     state_file = cfg.storage_dir / MODELS_STATE

@@ -34,7 +34,14 @@ from echonode.config import Config
 from echonode.daemon.workerlink import HEARTBEAT_FILE
 from tests.conftest import free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle
-from tests.test_stage_recovery import ServedNode, SlowPACS, journal_rows, make_studies, send_studies, states
+from tests.test_stage_recovery import (
+    ServedNode,
+    SlowPACS,
+    journal_rows,
+    make_studies,
+    send_studies,
+    states,
+)
 
 STATES = ("idle", "loading", "processing", "recording")
 #: Generous bounds that tell "acted on" from "hangs" on a loaded 2-core machine.

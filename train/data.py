@@ -39,10 +39,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from echonode.analyse.decode import DEFAULT_MAX_DECODED_BYTES, DecodedVideo, UnusableObject
+from echonode.analyse.decode import (
+    DEFAULT_MAX_DECODED_BYTES,
+    DecodedVideo,
+    UnusableObject,
+)
+from echonode.analyse.preprocess import (
+    PreprocessConfig,
+    make_eval_clips,
+    preprocess_file,
+    training_clip,
+)
 from echonode.dicomfile import InflatesTooLarge
 from echonode.header import read_header
-from echonode.analyse.preprocess import PreprocessConfig, make_eval_clips, preprocess_file, training_clip
 from train.augment import AugmentConfig, augment_clip
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, permute_clip
 from train.splits import patient_key, split_by_patient

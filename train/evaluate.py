@@ -3,7 +3,7 @@
 ``echonode-train evaluate --bundle BUNDLE --data CACHE --labels CSV --out DIR``
 
 The bundle is loaded and run exactly as the node runs it
-(:func:`echonode.bundles.bundle.load_bundle`, :meth:`Bundle.predict` on the node's
+(:func:`echonode.bundles.weights.load_bundle`, :meth:`Bundle.predict` on the node's
 evaluation clips), so the figures describe the model the node would serve.
 
 By default the *test* split is evaluated, recomputed with the split settings
@@ -30,11 +30,18 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from echonode.bundles.bundle import BINARY_TASKS, BundleError, load_bundle
+from echonode.bundles.manifest import BINARY_TASKS, BundleError
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
-from train.data import ClipCache, ClipDataset, load_study_labels, manifest_hash, split_cache
+from echonode.bundles.weights import load_bundle
+from train.data import (
+    ClipCache,
+    ClipDataset,
+    load_study_labels,
+    manifest_hash,
+    split_cache,
+)
 from train.finetune import prepare_task, summarise
-from train.metrics import average_precision, auroc, group_mean, pr_curve, roc_curve
+from train.metrics import auroc, average_precision, group_mean, pr_curve, roc_curve
 from train.splits import SPLIT_FILE, SPLIT_SCHEME, SplitRecord, check_no_overlap
 
 __all__ = ["add_evaluate_arguments", "evaluate_bundle", "main", "plot_curves", "run_evaluate"]
@@ -114,7 +121,7 @@ def evaluate_bundle(
     views : sequence of str, optional
         Views for a binary task (default: as the bundle was trained, PLAX).
     runtime : str, optional
-        Inference runtime (:func:`echonode.bundles.bundle.load_bundle`); default the
+        Inference runtime (:func:`echonode.bundles.weights.load_bundle`); default the
         node's, so that the figures are the ones the node would produce.
         Experiments comparing bundles made at different times pass
         ``"eager"`` to score every one by the same float32 arithmetic.

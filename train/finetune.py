@@ -16,7 +16,7 @@
 * Loss: ``BCEWithLogitsLoss(pos_weight = n_neg / n_pos)`` of the training
   videos; cross-entropy for ``view``. Adam; early stopping on the validation
   loss with patience, best weights kept.
-* Output: a bundle (``echonode.bundles.bundle.save_bundle``) with a new DeviceUID,
+* Output: a bundle (``echonode.bundles.weights.save_bundle``) with a new DeviceUID,
   provenance (init, manifest hash, labels hash, config, code revision, split
   sizes), validation / test metrics at video and study level, and
   ``split.json`` (:class:`train.splits.SplitRecord`): the studies it was
@@ -41,13 +41,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from echonode.bundles.bundle import BINARY_TASKS, TASKS, BundleMeta, resolve_device, save_bundle
 from echonode.bundles.calibration import (
     CALIBRATION_FILE,
     DEFAULT_CALIBRATION_CLIPS,
     encode_calibration,
 )
+from echonode.bundles.device import resolve_device
+from echonode.bundles.manifest import BINARY_TASKS, TASKS, BundleMeta
 from echonode.bundles.nets import build_model, normalise_for_model
+from echonode.bundles.weights import save_bundle
 from train.augment import AugmentConfig
 from train.configs import flat_dict, from_namespace
 from train.data import (

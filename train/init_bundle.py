@@ -35,23 +35,22 @@ from typing import Any
 
 import torch
 
-from echonode.bundles.bundle import (
+from echonode.bundles.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_CALIBRATION_CLIPS,
+    encode_calibration,
+)
+from echonode.bundles.manifest import (
     BINARY_TASKS,
     DEFAULT_PREPROCESSING,
     DEFAULT_VIEW_LABELS,
     TASKS,
     BundleError,
     BundleMeta,
-    save_bundle,
-    state_dict_problems,
-)
-from echonode.bundles.calibration import (
-    CALIBRATION_FILE,
-    DEFAULT_CALIBRATION_CLIPS,
-    encode_calibration,
 )
 from echonode.bundles.nets import ARCHITECTURES, NORMALISATIONS, build_model
 from echonode.bundles.runtime import synthetic_clips
+from echonode.bundles.weights import save_bundle, state_dict_problems
 
 __all__ = ["InitError", "add_init_arguments", "extract_state_dict", "init_weights", "run_init"]
 

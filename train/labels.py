@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from echonode.ops.logs import get_logger
 from echonode.measurements import (
     CONCEPTS,
     DEFAULT_TOLERANCE,
@@ -51,6 +50,7 @@ from echonode.measurements import (
     select_values,
     study_reference,
 )
+from echonode.ops.logs import get_logger
 
 __all__ = [
     "EVIDENCE_COLUMNS",

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from echonode.bundles.bundle import Bundle, BundleError, load_bundle
+from echonode.bundles.manifest import BundleError
+from echonode.bundles.weights import Bundle, load_bundle
 
 STORE = ".store"
 

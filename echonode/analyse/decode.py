@@ -45,8 +45,13 @@ from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from echonode.analyse.frametiming import (
+    DEFAULT_FPS,
+    ImplausibleTiming,
+    frame_rate,
+    frame_timing,
+)
 from echonode.dicomfile import RETIRED_US_STORAGE, check_inflated_size
-from echonode.analyse.frametiming import DEFAULT_FPS, ImplausibleTiming, frame_rate, frame_timing
 from echonode.header import deferred_past_end, read_for_decode
 
 __all__ = [

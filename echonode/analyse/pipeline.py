@@ -22,11 +22,16 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from echonode.bundles.bundle import Bundle, ModelSet
 from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
+from echonode.analyse.preprocess import (
+    PreprocessConfig,
+    make_eval_clips,
+    preprocess_video,
+)
+from echonode.bundles.registry import ModelSet
+from echonode.bundles.weights import Bundle
 from echonode.header import MAX_ELEMENT_BYTES, BoundedHeader, read_header
 from echonode.ops.logs import get_logger
-from echonode.analyse.preprocess import PreprocessConfig, make_eval_clips, preprocess_video
 
 log = get_logger(__name__)
 

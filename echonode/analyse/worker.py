@@ -5,34 +5,57 @@ write it, then record results, report and outbox rows in one transaction.
 The claim carries a generation number: a study that changed while it ran (a
 late instance, a reprocess) refuses the stale write and is processed again.
 
-The node supervises the process (:class:`WorkerSupervisor`): a worker that
-dies (out of memory, a decoder crash, kill -9) is restarted with a backoff
-and its study goes back to the queue until ``models.max_attempts``; a study
-that runs past ``models.study_timeout_s``, or a worker whose heartbeat stops
-for that long (frozen, stopped), gets its worker killed the same way. Node
-and worker share nothing a dead process can hold (:mod:`echonode.daemon.workerlink`).
+The node supervises the process (:class:`echonode.daemon.supervisor.WorkerSupervisor`);
+node and worker share nothing a dead process can hold
+(:mod:`echonode.daemon.workerlink`). This module runs in the worker process
+only: it imports torch, which the node process never does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+import structlog
+import torch
+from pydicom import Dataset
+from pydicom import config as pydicom_config
+
+from echonode.analyse.pipeline import StudyAnalysis, StudyRefused, analyse_study
+from echonode.bundles.installed import MODELS_STATE
+from echonode.bundles.manifest import folder_signature
+from echonode.bundles.registry import ModelRegistry, ModelSet
+from echonode.bundles.weights import Bundle
 from echonode.config import Config
+from echonode.daemon.workerlink import HeartbeatWriter, Phase, StopListener
 from echonode.ops.logs import configure_logging, exception_frames, get_logger
-from echonode.daemon.workerlink import HEARTBEAT_FILE, Heartbeat, HeartbeatWriter, Phase, StopListener, read_heartbeat
-
-if TYPE_CHECKING:
-    from echonode.studies.journal import Journal
+from echonode.report.build import build_report
+from echonode.report.codes import TASKS
+from echonode.report.findings import NotAssessed, SourceInstance, TaskFinding
+from echonode.report.header import HeaderRefused, read_study_header
+from echonode.studies.journal import (
+    Claim,
+    Journal,
+    ReportRecord,
+    StaleClaim,
+    TaskResult,
+    is_disk_full,
+)
+from echonode.studies.store import (
+    RESERVE_NAME,
+    SpaceReserve,
+    StudyStore,
+    fsync_dir,
+    fsync_file,
+)
 
 log = get_logger(__name__)
 
@@ -46,7 +69,7 @@ class StudyOutcome:
     reason: str | None = None
 
 
-def _parameters(bundle: Any, view_filter: str) -> dict[str, str]:
+def _parameters(bundle: Bundle, view_filter: str) -> dict[str, str]:
     """A bundle's TID 4019 algorithm parameters in the SR."""
     return {
         "clip_frames": str(bundle.meta.clip_frames),
@@ -59,8 +82,7 @@ def _parameters(bundle: Any, view_filter: str) -> dict[str, str]:
     }
 
 
-def _findings(analysis: Any) -> list[Any]:
-    from echonode.report.findings import SourceInstance, TaskFinding
+def _findings(analysis: StudyAnalysis) -> list[TaskFinding]:
 
     findings = []
     for task, outcome in sorted(analysis.tasks.items()):
@@ -85,10 +107,8 @@ def _findings(analysis: Any) -> list[Any]:
     return findings
 
 
-def _not_assessed(analysis: Any, models: Any, views: tuple[str, ...]) -> list[Any]:
+def _not_assessed(analysis: StudyAnalysis, models: ModelSet, views: tuple[str, ...]) -> list[NotAssessed]:
     """The tasks a skipped study's SR reports as not assessed, and why (coded)."""
-    from echonode.report.codes import TASKS
-    from echonode.report.findings import NotAssessed
 
     reason = "no_required_view" if any(v.usable for v in analysis.videos) else "no_usable_video"
     required = tuple(views) if reason == "no_required_view" else ()
@@ -108,7 +128,7 @@ def _not_assessed(analysis: Any, models: Any, views: tuple[str, ...]) -> list[An
     ]
 
 
-def _runtime_mode(bundle: Any) -> str:
+def _runtime_mode(bundle: Bundle) -> str:
     """The inference runtime that produced a bundle's probabilities (eager, jit, bf16 ...)."""
     runner = getattr(bundle, "runner", None)
     if runner is None:
@@ -119,16 +139,12 @@ def _runtime_mode(bundle: Any) -> str:
         return "unknown"
 
 
-MODELS_STATE = "worker-models.json"
-
-
-def write_models_state(cfg: Config, registry: Any) -> None:
+def write_models_state(cfg: Config, registry: ModelRegistry) -> None:
     """Tell ``echonode status`` which bundles the worker really loaded, and why others not.
 
     The node queues studies when a task bundle is installed; if it does not
     load in the worker, the studies would wait with no visible reason.
     """
-    import json
 
     state = {
         "loaded": [b.describe()["name"] for b in registry.bundles],
@@ -147,9 +163,8 @@ def write_models_state(cfg: Config, registry: Any) -> None:
         log.warning("models.state_not_written", error=exc.strerror)
 
 
-def write_report(ds: Any, path: Path) -> None:
+def write_report(ds: Dataset, path: Path) -> None:
     """Write an SR file atomically (temp file, fsync, rename); a write that fails leaves no file."""
-    from echonode.studies.store import fsync_dir, fsync_file
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
@@ -167,19 +182,17 @@ def write_report(ds: Any, path: Path) -> None:
         raise
 
 
-def _fail_for_good(journal: Any, claim: Any, bound: Any, event: str, reason: str) -> StudyOutcome:
+def _fail_for_good(
+    journal: Journal, claim: Claim, bound: structlog.stdlib.BoundLogger, event: str, reason: str
+) -> StudyOutcome:
     """``running -> failed`` at once (another attempt would fail the same way); ``reason`` quotes no data."""
     journal.finish_failed(claim, reason, max_attempts=1)
     bound.error(event, reason=reason)
     return StudyOutcome(claim.study_uid, "failed", reason=reason)
 
 
-def process_study(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> StudyOutcome:
+def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: ModelRegistry, claim: Claim) -> StudyOutcome:
     """Take one claimed study through the pipeline to the outbox."""
-    from echonode.studies.journal import ReportRecord, StaleClaim, TaskResult
-    from echonode.analyse.pipeline import StudyRefused, analyse_study
-    from echonode.report.build import build_report
-    from echonode.report.header import HeaderRefused, read_study_header
 
     bound = log.bind(study_uid=claim.study_uid, attempt=claim.attempts)
     models = registry.current
@@ -312,13 +325,13 @@ class StorageFull(Exception):
         ``file:line in function`` of the write that failed.
     """
 
-    def __init__(self, claim: Any, where: str) -> None:
+    def __init__(self, claim: Claim, where: str) -> None:
         super().__init__(f"storage full at {where}")
         self.claim = claim
         self.where = where
 
 
-def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: Any) -> None:
+def handle_claim(cfg: Config, journal: Journal, store: StudyStore, registry: ModelRegistry, claim: Claim) -> None:
     """Process one claimed study; an unexpected error fails this attempt, never the worker.
 
     The message of a library's exception can quote a data element (a
@@ -332,7 +345,6 @@ def handle_claim(cfg: Config, journal: Any, store: Any, registry: Any, claim: An
         When a write found the disk full, recording the study's outcome
         included; nothing partial of the study is left on disk.
     """
-    from echonode.studies.journal import StaleClaim, is_disk_full
 
     try:
         process_study(cfg, journal, store, registry, claim)
@@ -380,15 +392,15 @@ class DiskFullPause:
     reserve : SpaceReserve
     """
 
-    def __init__(self, journal: Any, reserve: Any) -> None:
+    def __init__(self, journal: Journal, reserve: SpaceReserve) -> None:
         self.journal = journal
         self.reserve = reserve
         #: True from a full disk until there is room again.
         self.active = False
         #: A claim the journal could not take back yet.
-        self.held: Any = None
+        self.held: Claim | None = None
 
-    def begin(self, claim: Any, where: str) -> None:
+    def begin(self, claim: Claim | None, where: str) -> None:
         """Storage was found full (by the study of ``claim``, if any); return the claim, pause claiming."""
         if claim is not None:
             self.held = claim
@@ -402,8 +414,7 @@ class DiskFullPause:
 
     def _return_held(self) -> bool:
         """Give the held claim back to the queue; False while the journal still has no room."""
-        from echonode.studies.journal import StaleClaim, is_disk_full
-
+    
         if self.held is None:
             return True
         claim = self.held
@@ -443,7 +454,7 @@ class DiskFullPause:
 
 
 def work_once(
-    cfg: Config, journal: Any, store: Any, registry: Any, pause: DiskFullPause, *, beat: HeartbeatWriter | None = None
+    cfg: Config, journal: Journal, store: StudyStore, registry: ModelRegistry, pause: DiskFullPause, *, beat: HeartbeatWriter | None = None
 ) -> float:
     """One turn of the worker's loop: claim the next study and process it (``beat`` says so).
 
@@ -452,7 +463,6 @@ def work_once(
     float
         Seconds to wait before the next turn (0: go on at once).
     """
-    from echonode.studies.journal import is_disk_full
 
     if not pause.ready():
         return DISK_FULL_RETRY_S
@@ -504,12 +514,7 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     beat.start()
     stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the process
     configure_logging(cfg.logging.format, cfg.logging.level, stream=stream)
-    import torch
-    from pydicom import config as pydicom_config
 
-    from echonode.bundles.bundle import ModelRegistry, folder_signature
-    from echonode.studies.journal import Journal
-    from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -578,236 +583,3 @@ def worker_process(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_
             with contextlib.suppress(Exception):
                 stream.flush()
     os._exit(code)
-
-
-#: A worker is hung after ``models.study_timeout_s`` without a heartbeat, and
-#: never sooner than this (a few missed beats, a slow start).
-HUNG_AFTER_MIN_S = 5.0
-
-
-class WorkerSupervisor:
-    """Runs :func:`worker_main` in a child process and keeps it alive.
-
-    Called from the node's main loop only (:meth:`supervise`, :meth:`apply_config`,
-    :meth:`stop`); none of them waits on anything the worker could hold, so a
-    worker killed at any instant never stalls the loop.
-
-    Parameters
-    ----------
-    cfg : Config
-    log_path : str, optional
-        File the worker appends its log to (default: stderr).
-    """
-
-    def __init__(self, cfg: Config, log_path: str | None = None) -> None:
-        self.cfg = cfg
-        self.log_path = log_path
-        self._ctx = mp.get_context("spawn")
-        self.process: Any = None
-        #: Worker deaths the supervisor restarted from (crash, kill, timeout, hang).
-        self.restarts = 0
-        #: ``time.monotonic()`` when the current worker was spawned.
-        self.spawned_at = 0.0
-        self._stop_writer: Connection | None = None
-        self._next_start = 0.0
-        self._journal: Journal | None = None
-        self._restart_requested = False
-
-    @property
-    def heartbeat_path(self) -> Path:
-        """The file the worker beats into."""
-        return self.cfg.storage_dir / HEARTBEAT_FILE
-
-    def _open_journal(self) -> Journal:
-        """The supervisor's journal, opened on first use and kept for every worker it starts.
-
-        ``node.storage_dir`` never changes while the supervisor lives
-        (:meth:`apply_config` refuses it), so one handle, and its one
-        connection, serves for good.
-        """
-        if self._journal is None:
-            from echonode.studies.journal import Journal
-
-            self._journal = Journal(self.cfg.journal_path)
-        return self._journal
-
-    def start(self) -> None:
-        """Spawn the worker. A study still ``running`` belongs to a worker that
-        is gone (only one runs at a time), so it goes back to the queue first,
-        and an SR file that worker wrote but never recorded is removed."""
-        journal = self._open_journal()
-        recovered = journal.recover_running(self.cfg.models.max_attempts)
-        if recovered:
-            log.warning("worker.recovered_studies", studies={k: str(v) for k, v in recovered.items()})
-            remove_unrecorded_reports(self.cfg.storage_dir, journal, recovered)
-        reader, writer = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(
-            target=worker_process, args=(self.cfg, reader, str(self.heartbeat_path), self.log_path),
-            name="echonode-worker",
-        )
-        try:
-            process.start()
-        except BaseException:
-            writer.close()
-            raise
-        finally:
-            # Only the worker keeps the read end: the pipe ends when the node
-            # closes the write end or dies.
-            reader.close()
-        self.process, self._stop_writer = process, writer
-        self.spawned_at = time.monotonic()
-        log.info("worker.spawned", pid=process.pid)
-
-    def _ask_to_stop(self) -> None:
-        """Close the stop pipe: never blocks, whatever became of the worker."""
-        if self._stop_writer is not None:
-            self._stop_writer.close()
-            self._stop_writer = None
-
-    def heartbeat(self) -> tuple[float | None, Heartbeat | None]:
-        """(seconds since the current worker last showed life, its last record).
-
-        The age counts from the spawn until the new worker's first beat;
-        ``(None, None)`` when no worker runs.
-        """
-        if self.process is None:
-            return None, None
-        hb = read_heartbeat(self.heartbeat_path)
-        now = time.monotonic()
-        if hb is None or hb.pid != self.process.pid:
-            return now - self.spawned_at, None
-        return hb.age(now), hb
-
-    def apply_config(self, cfg: Config) -> None:
-        """New settings: ask the worker to finish its study and exit; :meth:`supervise`
-        starts the next one with ``cfg``. Returns at once, so the node's main
-        loop (signals, watchdog) never waits for a study to finish, nor for a
-        worker that is dead or frozen.
-
-        Parameters
-        ----------
-        cfg : Config
-            The new settings; ``node.storage_dir`` must be the running one.
-
-        Raises
-        ------
-        ValueError
-            When ``cfg`` names another journal: the studies the running
-            worker holds are recorded in this one (the node keeps
-            ``storage_dir`` until a restart, so it never asks).
-        """
-        if cfg.journal_path != self.cfg.journal_path:
-            raise ValueError(
-                f'Argument "cfg" must keep node.storage_dir ({self.cfg.storage_dir}); a new one needs a restart.'
-            )
-        self.cfg = cfg
-        if self.process is not None:
-            self._restart_requested = True
-            self._ask_to_stop()
-
-    def supervise(self) -> None:
-        """Called by the node's main loop: restart a dead worker, kill a stuck one.
-
-        Stuck means a study running past ``models.study_timeout_s``, or no
-        heartbeat for that long (a frozen or stopped process). A restart
-        that fails (a full disk, no memory) raises; the next call tries
-        again after the backoff.
-        """
-        if self.process is not None and self.process.is_alive() and not self._kill_if_stuck():
-            return
-        now = time.monotonic()
-        if self.process is not None:
-            code = self.process.exitcode
-            self._ask_to_stop()
-            self.process = None
-            # Exit status 0 is the worker leaving when asked; a worker killed
-            # after a reload was asked for still counts as a death.
-            if self._restart_requested and code == 0:
-                self._restart_requested = False
-                log.info("worker.restarting_for_reload")
-                self._next_start = 0.0
-            else:
-                self._restart_requested = False
-                self.restarts += 1
-                log.error("worker.died", exitcode=code, restarts=self.restarts)
-        if now < self._next_start:
-            return
-        # Back off when it keeps dying (1, 2, 4 ... 60 s between starts); a
-        # start that raises is tried again after the same pause.
-        self._next_start = now + min(60.0, 2.0 ** min(self.restarts, 6))
-        self.start()
-
-    def _kill_if_stuck(self) -> bool:
-        """Kill a worker past ``models.study_timeout_s``; True when it was killed."""
-        limit = self.cfg.models.study_timeout_s
-        age, hb = self.heartbeat()
-        if age is not None and age > max(limit, HUNG_AFTER_MIN_S):
-            log.error("worker.hung", pid=self.process.pid, heartbeat_age_s=round(age, 1), limit_s=limit,
-                      phase=hb.phase if hb else None)
-        else:
-            for study_uid, claimed_at, _pid in self._open_journal().running():
-                if time.time() - claimed_at > limit:
-                    log.error("worker.study_timeout", study_uid=study_uid, limit_s=limit)
-                    break
-            else:
-                return False
-        self.process.kill()
-        self.process.join(10)
-        return True
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        """Ask the worker to finish its study and exit; kill it after ``grace_s`` seconds.
-
-        Parameters
-        ----------
-        grace_s : float, optional
-            Seconds the worker may take to finish its study.
-        """
-        if self.process is not None:
-            self._ask_to_stop()
-            self.process.join(grace_s)
-            if self.process.is_alive():
-                log.warning("worker.killed_on_stop")
-                self.process.kill()
-                self.process.join(5)
-                # Stopped by us, not by the study: its attempt does not count, or
-                # a few upgrades during a long study would mark it failed.
-                journal = self._open_journal()
-                released = journal.release_running()
-                if released:
-                    log.info("worker.released_on_stop", studies=released)
-                    remove_unrecorded_reports(self.cfg.storage_dir, journal, released)
-            self.process = None
-        if self._journal is not None:
-            # Nothing of the supervisor's outlives the worker; a later
-            # start() opens the journal again.
-            self._journal.close()
-            self._journal = None
-
-
-def remove_unrecorded_reports(storage_dir: Path, journal: Journal, study_uids: Iterable[str]) -> int:
-    """Delete the SR files of ``study_uids`` that the journal does not name.
-
-    A worker killed between writing an SR and recording it leaves a file that
-    was never in the outbox, so never sent; the study is processed again and
-    gets its SR then. Call only while no worker runs.
-
-    Returns
-    -------
-    int
-        Files removed.
-    """
-    from echonode.studies.store import is_valid_uid
-
-    removed = 0
-    for study_uid in study_uids:
-        folder = storage_dir / "reports" / study_uid
-        if not is_valid_uid(study_uid) or not folder.is_dir():
-            continue
-        recorded = journal.report_paths(study_uid)
-        for path in folder.iterdir():
-            if path.is_file() and str(path) not in recorded:
-                path.unlink(missing_ok=True)
-                removed += 1
-                log.info("worker.unrecorded_report_removed", study_uid=study_uid, file=path.name)
-    return removed

@@ -9,7 +9,7 @@ bundle as ``calibration.npz``:
 
 ``clips``
     ``float16`` ``(N, clip_frames, size, size)`` in [0, 1]: the grey channel
-    of clips exactly as :meth:`echonode.bundles.bundle.Bundle.predict` receives them
+    of clips exactly as :meth:`echonode.bundles.weights.Bundle.predict` receives them
     (per-clip min-max scaled, before the bundle's normalisation; the network
     sees the grey frame repeated to three channels).
 ``source``
@@ -75,7 +75,7 @@ def encode_calibration(clips: np.ndarray, source: str) -> bytes:
     Returns
     -------
     bytes
-        A compressed ``.npz`` for :func:`echonode.bundles.bundle.save_bundle`'s
+        A compressed ``.npz`` for :func:`echonode.bundles.weights.save_bundle`'s
         ``extra_files``.
 
     Raises

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from echonode.bundles.manifest import ARCHITECTURES, NORMALISATIONS
+
 __all__ = [
     "ARCHITECTURES",
     "KINETICS_MEAN",
@@ -31,16 +33,12 @@ __all__ = [
     "normalise_for_model",
 ]
 
-#: Architectures :func:`build_model` knows, by torchvision's name.
-ARCHITECTURES: tuple[str, ...] = ("r3d_18", "r2plus1d_18")
 
 #: Per-channel statistics of Kinetics-400, applied on top of the per-clip
 #: min-max scaling for networks initialised from Kinetics weights (METHOD.md).
 KINETICS_MEAN: tuple[float, float, float] = (0.43216, 0.394666, 0.37645)
 KINETICS_STD: tuple[float, float, float] = (0.22803, 0.22145, 0.216989)
 
-#: Input normalisations a model may expect; see :func:`normalise_for_model`.
-NORMALISATIONS: tuple[str, ...] = ("minmax", "kinetics")
 
 # torchvision hard-codes 45 intermediate channels in the R(2+1)D stem for its
 # 64-wide network; narrower networks scale it in proportion.

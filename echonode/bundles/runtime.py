@@ -1,7 +1,7 @@
 """Faster inference for the video networks, with a safe fallback to eager torch.
 
 :func:`optimise_for_inference` takes a network in eval mode (what
-:func:`echonode.bundles.bundle.load_bundle` builds) and returns an
+:func:`echonode.bundles.weights.load_bundle` builds) and returns an
 :class:`InferenceRuntime`: a callable ``runtime(clips) -> float32 logits``
 that stands in for ``model(clips)``. Modes (``docs/benchmarks.md``,
 "Inference", has the measurements behind them):

@@ -75,7 +75,6 @@ from echonode.bundles.calibration import (
     CalibrationError,
     read_calibration,
 )
-from echonode.ops.logs import get_logger
 from echonode.bundles.runtime import (
     MODES,
     InferenceRuntime,
@@ -88,6 +87,7 @@ from echonode.bundles.runtime import (
     probabilities,
     synthetic_clips,
 )
+from echonode.ops.logs import get_logger
 
 __all__ = [
     "AUTO_ORDER",

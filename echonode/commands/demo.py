@@ -81,7 +81,12 @@ class _DemoPACS:
     """A stand-in PACS: a storage SCP that keeps what it receives."""
 
     def __init__(self, folder: Path) -> None:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom import (
+            AE,
+            ALL_TRANSFER_SYNTAXES,
+            AllStoragePresentationContexts,
+            evt,
+        )
 
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -182,8 +187,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from pydicom.data import get_testdata_file
 
     from echonode.config import parse_config
-    from echonode.ops.logs import configure_logging
     from echonode.daemon.node import Node
+    from echonode.ops.logs import configure_logging
 
     sonosite = get_testdata_file("color3d_jpeg_baseline.dcm", download=False)
     if sonosite is None:

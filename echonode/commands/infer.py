@@ -61,9 +61,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 def run_infer(args: argparse.Namespace) -> int:
     """The ``infer`` command; exit 0 when every study got a result."""
-    from echonode.bundles.bundle import ModelRegistry
     from echonode.analyse.pipeline import StudyRefused, analyse_study
     from echonode.analyse.worker import _findings, _not_assessed, write_report
+    from echonode.bundles.registry import ModelRegistry
 
     try:
         cfg = _config(args)

@@ -15,7 +15,13 @@ from collections import Counter
 from typing import Any
 
 from echonode import __version__
-from echonode.config import Config, ConfigError, Destination, load_config, resolve_config_path
+from echonode.config import (
+    Config,
+    ConfigError,
+    Destination,
+    load_config,
+    resolve_config_path,
+)
 from echonode.studies.rebuild import JournalLost
 
 EXIT_OK = 0
@@ -60,8 +66,8 @@ def _non_negative_int(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from echonode.ops.logs import configure_logging
     from echonode.daemon.node import Node
+    from echonode.ops.logs import configure_logging
 
     cfg = _load(args)
     configure_logging(cfg.logging.format, cfg.logging.level)
@@ -136,7 +142,12 @@ def _status_document(snapshot: Any, models: list[dict[str, Any]]) -> dict[str, A
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from echonode.studies.journal import Journal, OutboxState, StatusSnapshot, StudyState
+    from echonode.studies.journal import (
+        Journal,
+        OutboxState,
+        StatusSnapshot,
+        StudyState,
+    )
     from echonode.studies.rebuild import check_journal
 
     cfg = _load(args)
@@ -239,8 +250,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_discard(args: argparse.Namespace) -> int:
     """Give up for good on dead-lettered SRs: all, one study's, or one destination's."""
-    from echonode.studies.journal import Journal
     from echonode.ops.logs import configure_logging, get_logger
+    from echonode.studies.journal import Journal
     from echonode.studies.rebuild import check_journal
 
     cfg = _load(args)

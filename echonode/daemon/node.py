@@ -21,19 +21,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import config as pydicom_config
 
+from echonode.bundles.installed import has_task_models
 from echonode.config import Config, load_config
-from echonode.studies.journal import Journal
 from echonode.ops.logs import get_logger, silence_data_warnings
+from echonode.ops.sdnotify import notify, watchdog_interval_s
+from echonode.receive.scp import StorageSCP
+from echonode.studies.journal import Journal
 from echonode.studies.rebuild import check_journal
 from echonode.studies.retention import Retention
-from echonode.receive.scp import StorageSCP
-from echonode.ops.sdnotify import notify, watchdog_interval_s
 from echonode.studies.stability import StabilityCheck
 from echonode.studies.store import StudyStore
 
@@ -50,27 +50,6 @@ RESTART_ONLY_NODE_KEYS = (
     "ae_title", "host", "port", "storage_dir", "max_pdu", "max_associations",
     "network_timeout_s", "acse_timeout_s", "dimse_timeout_s", "tls",
 )
-
-
-def installed_bundles(models_dir: Path) -> list[Path]:
-    """Sub-folders of ``models_dir`` that hold a ``bundle.json``."""
-    if not models_dir.is_dir():
-        return []
-    return sorted(p.parent for p in models_dir.glob("*/bundle.json"))
-
-
-def has_task_models(models_dir: Path) -> bool:
-    """True when a bundle other than a view classifier is installed."""
-    import json
-
-    for b in installed_bundles(models_dir):
-        try:
-            task = json.loads((b / "bundle.json").read_text()).get("task")
-        except (OSError, ValueError):
-            continue
-        if task and task != "view":
-            return True
-    return False
 
 
 class Configurable(Protocol):
@@ -222,7 +201,7 @@ class Node:
 
     def recover(self) -> None:
         """Reconcile disk and journal, re-queue interrupted studies."""
-        from echonode.analyse.worker import remove_unrecorded_reports
+        from echonode.daemon.supervisor import remove_unrecorded_reports
 
         counts = self.store.recover()
         requeued = self.journal.recover_running(self.cfg.models.max_attempts)
@@ -238,7 +217,7 @@ class Node:
         self._schedule()
         self.scheduler.start()
         if self._start_worker:
-            from echonode.analyse.worker import WorkerSupervisor
+            from echonode.daemon.supervisor import WorkerSupervisor
 
             self.worker = WorkerSupervisor(self.cfg, log_path=self._worker_log_path)
             # A worker that cannot start now (a full disk) is started by the

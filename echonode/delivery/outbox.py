@@ -63,15 +63,20 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from echonode.delivery import stow
 from echonode.config import Config, Destination, TLSConfig
+from echonode.delivery import stow
+from echonode.delivery.outcome import (
+    DeliveryError,
+    Sent,
+    classify_store_status,
+    converted_report,
+)
 from echonode.network.deadline import STOP, AssociationDeadline
-from echonode.studies.journal import Journal, OutboxItem
-from echonode.ops.logs import get_logger
-from echonode.delivery.outcome import DeliveryError, Sent, classify_store_status, converted_report
-from echonode.report.sop import SR_SOP_CLASS_UIDS, fallback_sop_class, sendable_classes
 from echonode.network.pdu_guard import guard_connection
+from echonode.ops.logs import get_logger
 from echonode.receive.scp import client_ssl_context
+from echonode.report.sop import SR_SOP_CLASS_UIDS, fallback_sop_class, sendable_classes
+from echonode.studies.journal import Journal, OutboxItem
 
 __all__ = ["Delivery", "DeliveryError", "Peer", "Sent", "classify_store_status", "echo", "store_file"]
 

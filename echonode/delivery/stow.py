@@ -52,9 +52,14 @@ from pydicom.dataset import Dataset
 
 from echonode import __version__
 from echonode.config import Destination, read_credentials
+from echonode.delivery.outcome import (
+    DeliveryError,
+    Sent,
+    classify_store_status,
+    converted_report,
+)
 from echonode.network.deadline import STOP, AssociationDeadline
 from echonode.ops.logs import get_logger
-from echonode.delivery.outcome import DeliveryError, Sent, classify_store_status, converted_report
 from echonode.report.sop import SR_SOP_CLASS_UIDS, sendable_classes
 
 log = get_logger(__name__)

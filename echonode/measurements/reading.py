@@ -57,7 +57,6 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 
-from echonode.ops.logs import get_logger
 from echonode.measurements.concepts import (
     CodeKey,
     Concept,
@@ -79,6 +78,7 @@ from echonode.measurements.rawtree import (
     python_encodings,
 )
 from echonode.measurements.units import CANONICAL_UNIT, convert, parse_unit
+from echonode.ops.logs import get_logger
 
 __all__ = [
     "DEFAULT_MAX_SR_BYTES",

@@ -62,12 +62,16 @@ from socketserver import ThreadingMixIn
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from echonode.ops import statuspage
-from echonode.studies.journal import OutboxState, StudyState
 from echonode.ops.logs import get_logger
+from echonode.studies.journal import OutboxState, StudyState
 
 log = get_logger(__name__)
 
@@ -349,7 +353,7 @@ class NodeCollector(Collector):
             for key, n in sorted(counts.totals().items()):
                 fam.add_metric([key], n)
             yield fam
-        from echonode.daemon.node import installed_bundles
+        from echonode.bundles.installed import installed_bundles
 
         yield GaugeMetricFamily(
             "echonode_models_installed", "Model bundles in the models folder", value=len(installed_bundles(node.cfg.models_dir))

@@ -47,9 +47,20 @@ from pathlib import Path
 from typing import Any
 
 from echonode import __version__
-from echonode.ops.httpauth import CredentialsError, authorised, challenge, load_credentials
-from echonode.studies.journal import Delivered, OutboxLine, OutboxState, StudyLine, StudyState
+from echonode.ops.httpauth import (
+    CredentialsError,
+    authorised,
+    challenge,
+    load_credentials,
+)
 from echonode.ops.logs import get_logger
+from echonode.studies.journal import (
+    Delivered,
+    OutboxLine,
+    OutboxState,
+    StudyLine,
+    StudyState,
+)
 
 log = get_logger(__name__)
 

@@ -28,7 +28,14 @@ from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+    register_uid,
+)
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.service_class import StorageServiceClass
@@ -36,12 +43,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from echonode.network import pdu_guard
-
-from echonode.receive import spool
 from echonode.config import Config, NodeConfig, TLSConfig
 from echonode.dicomfile import RETIRED_US_STORAGE
+from echonode.network import pdu_guard
 from echonode.ops.logs import get_logger
+from echonode.receive import spool
 from echonode.studies.store import BadObject, StudyStore
 
 log = get_logger(__name__)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import sqlite3
@@ -373,26 +372,6 @@ class DiscardedDelivery:
     destination: str
     #: Why it went dead: the delivery's last error.
     last_error: str | None
-
-
-def model_set_key_of(models: Iterable[tuple[str, str, str]]) -> str:
-    """The key a report is recorded under for a set of models.
-
-    Parameters
-    ----------
-    models : iterable of (str, str, str)
-        ``(name, version, device_uid)`` of each model that produced the report.
-
-    Returns
-    -------
-    str
-        32 hex digits from the sorted triples, independent of their order.
-        One SR per study and key (:meth:`Journal.report_for`); the worker
-        keys its models this way (``bundle.model_set_key``) and so does
-        ``echonode recover-journal`` with the models an SR names.
-    """
-    triples = sorted((str(n), str(v), str(d)) for n, v, d in models)
-    return hashlib.sha256(json.dumps(triples).encode("utf-8")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from echonode.bundles.manifest import model_set_key_of
 from echonode.config import Config
-from echonode.studies.journal import Journal, ReportRecord, SopInOtherStudy, TaskResult, model_set_key_of
+from echonode.studies.journal import Journal, ReportRecord, SopInOtherStudy, TaskResult
 
 if TYPE_CHECKING:
     from echonode.studies.store import StudyStore

@@ -55,8 +55,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from echonode.config import Config, RetentionConfig
-from echonode.studies.journal import Journal, StudyActivity, StudyState, is_disk_full
 from echonode.ops.logs import get_logger
+from echonode.studies.journal import Journal, StudyActivity, StudyState, is_disk_full
 from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore, is_valid_uid
 
 log = get_logger(__name__)

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from echonode.config import Config
-from echonode.studies.journal import Journal
 from echonode.ops.logs import get_logger
+from echonode.studies.journal import Journal
 
 log = get_logger(__name__)
 

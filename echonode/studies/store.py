@@ -40,11 +40,20 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
+from pydicom.filereader import (
+    _read_file_meta_info,
+    data_element_generator,
+    read_preamble,
+)
 
 from echonode.dicomfile import check_inflated_size
-from echonode.studies.journal import InstanceRecord, Journal, SopInOtherStudy, is_disk_full
 from echonode.ops.logs import get_logger
+from echonode.studies.journal import (
+    InstanceRecord,
+    Journal,
+    SopInOtherStudy,
+    is_disk_full,
+)
 
 log = get_logger(__name__)
 
