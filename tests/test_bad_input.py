@@ -27,7 +27,7 @@ from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage  # type: ignor
 from echonode.daemon.node import Node
 from echonode.delivery.outbox import Peer, echo
 from echonode.report.read import summarise_report
-from echonode.studies.journal import StudyState
+from echonode.studies.states import StudyState
 from tests.conftest import REPO, make_config, wait_for
 from tests.corpus import EITHER, REFUSED, SKIPPED, Bad, corpus, good_object, part10
 from tests.factories import tiny_bundle

@@ -13,7 +13,8 @@ import structlog
 
 from echonode.commands.main import main
 from echonode.config import to_toml
-from echonode.studies.journal import InstanceRecord, Journal, ReportRecord, TaskResult
+from echonode.studies.journal import Journal
+from echonode.studies.records import InstanceRecord, ReportRecord, TaskResult
 from tests.conftest import make_config, run_cli
 from tests.factories import tiny_bundle
 

@@ -43,7 +43,8 @@ from echonode.bundles.registry import ModelRegistry
 from echonode.config import Config, TLSConfig, to_toml
 from echonode.delivery.outbox import Delivery, DeliveryError, Peer, echo
 from echonode.report.sop import derived_sop_instance_uid
-from echonode.studies.journal import Journal, OutboxState, StudyState
+from echonode.studies.journal import Journal
+from echonode.studies.states import OutboxState, StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import (
     STORESCP,

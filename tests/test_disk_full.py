@@ -28,7 +28,9 @@ from structlog.testing import capture_logs
 from echonode.analyse.worker import DISK_FULL_REASON, DiskFullPause, work_once
 from echonode.bundles.registry import ModelRegistry
 from echonode.daemon.node import Node
-from echonode.studies.journal import Journal, StudyState, is_disk_full
+from echonode.studies.connection import is_disk_full
+from echonode.studies.journal import Journal
+from echonode.studies.states import StudyState
 from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore
 from tests.conftest import free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe, write

@@ -24,7 +24,7 @@ import pytest
 
 from echonode.daemon.node import Node
 from echonode.report.read import summarise_report
-from echonode.studies.journal import StudyState
+from echonode.studies.states import StudyState
 from tests.conftest import (
     ORTHANC,
     ORTHANC_DICOMWEB,

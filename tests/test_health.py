@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from echonode.daemon.supervisor import WorkerSupervisor
 from echonode.daemon.node import Node
+from echonode.daemon.supervisor import WorkerSupervisor
 from echonode.daemon.workerlink import Phase, read_heartbeat
 from echonode.ops.prometheus import REQUEST_DEADLINE_S
 from tests.conftest import free_port, make_config, wait_for

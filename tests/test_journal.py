@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from echonode.studies.journal import (
+from echonode.studies.journal import Journal
+from echonode.studies.records import (
     InstanceRecord,
-    Journal,
-    OutboxState,
     ReportRecord,
     StaleClaim,
-    StudyState,
     TaskResult,
 )
+from echonode.studies.states import OutboxState, StudyState
 
 
 def rec(sop: str, study: str = "1.2.3", t: float | None = None) -> InstanceRecord:

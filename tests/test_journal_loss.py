@@ -25,7 +25,8 @@ from echonode.analyse.worker import process_study
 from echonode.bundles.registry import ModelRegistry
 from echonode.commands import main as cli
 from echonode.config import Config, to_toml
-from echonode.studies.journal import Journal, OutboxState, StudyState
+from echonode.studies.journal import Journal
+from echonode.studies.states import OutboxState, StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import (
     REPO,

@@ -21,14 +21,9 @@ from echonode.config import to_toml
 from echonode.daemon.node import ErrorCounts
 from echonode.ops.prometheus import NodeCollector
 from echonode.receive.scp import ReceiveCounters
-from echonode.studies.journal import (
-    InstanceRecord,
-    Journal,
-    OutboxState,
-    ReportRecord,
-    StudyState,
-    TaskResult,
-)
+from echonode.studies.journal import Journal
+from echonode.studies.records import InstanceRecord, ReportRecord, TaskResult
+from echonode.studies.states import OutboxState, StudyState
 from tests.conftest import REPO, make_config, run_cli
 
 TABLES = ("studies", "instances", "results", "reports", "outbox")

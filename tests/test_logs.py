@@ -14,7 +14,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from echonode.daemon.node import Node
 from echonode.ops.logs import configure_logging, get_logger
-from echonode.studies.journal import StudyState
+from echonode.studies.states import StudyState
 from tests.conftest import make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe
 

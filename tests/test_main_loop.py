@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from echonode.daemon.supervisor import WorkerSupervisor
 from echonode.config import Config, to_toml
 from echonode.daemon.node import FAILING_AFTER, Node
+from echonode.daemon.supervisor import WorkerSupervisor
 from echonode.delivery.outbox import Delivery, Peer, echo
 from echonode.studies.journal import Journal
 from tests.conftest import free_port, make_config, wait_for

@@ -28,7 +28,8 @@ from echonode.analyse.worker import process_study
 from echonode.bundles.registry import ModelRegistry
 from echonode.report.build import build_report
 from echonode.report.findings import SourceInstance, TaskFinding
-from echonode.studies.journal import Journal, StudyState
+from echonode.studies.journal import Journal
+from echonode.studies.states import StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import make_config
 from tests.factories import tiny_bundle, us_multiframe, write

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from echonode.daemon.node import Node
 from echonode.ops.prometheus import MetricsServer, health
-from echonode.studies.journal import TaskResult
+from echonode.studies.records import TaskResult
 from tests.conftest import free_port, make_config
 
 

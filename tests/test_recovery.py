@@ -28,7 +28,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage, Verification  # type: ignore[attr-defined]
 
 from echonode.config import Config, to_toml
-from echonode.studies.journal import Journal, StudyState
+from echonode.studies.journal import Journal
+from echonode.studies.states import StudyState
 from echonode.studies.store import read_header
 from tests.conftest import REPO, echonode_cmd, make_config, wait_for
 from tests.factories import tiny_bundle, us_multiframe

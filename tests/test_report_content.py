@@ -24,7 +24,8 @@ from echonode.report.codes import VIEWS
 from echonode.report.findings import NotAssessed, SourceInstance
 from echonode.report.read import summarise_report
 from echonode.report.summary import finding_line, probability_text, reported_probability
-from echonode.studies.journal import Journal, StudyState
+from echonode.studies.journal import Journal
+from echonode.studies.states import StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import make_config
 from tests.factories import tiny_bundle, us_multiframe, write

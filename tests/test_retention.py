@@ -13,8 +13,10 @@ from structlog.testing import capture_logs
 
 from echonode.config import RetentionConfig
 from echonode.daemon.node import Node
-from echonode.studies.journal import Claim, Journal, ReportRecord, StudyState
+from echonode.studies.journal import Journal
+from echonode.studies.records import Claim, ReportRecord
 from echonode.studies.retention import Retention
+from echonode.studies.states import StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import make_config
 from tests.factories import us_multiframe, write

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 
 from echonode.daemon.node import Node
-from echonode.studies.journal import StudyState
+from echonode.studies.states import StudyState
 from tests.conftest import (
     REPO,
     free_port,

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from echonode.config import TLSConfig
 from echonode.daemon.node import Node
-from echonode.studies.journal import StudyState
+from echonode.studies.states import StudyState
 from tests.conftest import ECHOSCU, STORESCU, make_config, need, wait_for
 from tests.factories import us_multiframe, write
 

@@ -35,7 +35,8 @@ from echonode.bundles.installed import MODELS_STATE
 from echonode.config import ConfigError, parse_config
 from echonode.daemon.node import Node
 from echonode.ops.statuspage import PATH, AgreementRow, collect, render
-from echonode.studies.journal import InstanceRecord, Journal, ReportRecord
+from echonode.studies.journal import Journal
+from echonode.studies.records import InstanceRecord, ReportRecord
 from tests.conftest import REPO, free_port, make_config
 from tests.factories import us_multiframe
 from tests.test_report_render import browser  # noqa: F401 - the headless Chromium fixture

@@ -30,7 +30,8 @@ from echonode.config import Config, Destination, TLSConfig, parse_config, to_tom
 from echonode.delivery.outbox import Delivery
 from echonode.delivery.stow import read_store_response
 from echonode.report.sop import derived_sop_instance_uid
-from echonode.studies.journal import Journal, OutboxState, StudyState
+from echonode.studies.journal import Journal
+from echonode.studies.states import OutboxState, StudyState
 from tests.conftest import free_port, make_config, run_cli, wait_for, with_destination
 from tests.factories import tiny_bundle
 from tests.fake_dicomweb import Answer, FakeDICOMweb, basic, failed_sop, stored_sop

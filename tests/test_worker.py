@@ -20,7 +20,8 @@ from echonode.bundles.registry import ModelRegistry
 from echonode.daemon.node import Node
 from echonode.report.header import COPIED_EXACTLY
 from echonode.report.read import summarise_report
-from echonode.studies.journal import Journal, StudyState
+from echonode.studies.journal import Journal
+from echonode.studies.states import StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import make_config, wait_for
 from tests.factories import tiny_bundle, us_multiframe, write

@@ -41,14 +41,9 @@ from echonode.report.build import build_report
 from echonode.report.codes import TASKS
 from echonode.report.findings import NotAssessed, SourceInstance, TaskFinding
 from echonode.report.header import HeaderRefused, read_study_header
-from echonode.studies.journal import (
-    Claim,
-    Journal,
-    ReportRecord,
-    StaleClaim,
-    TaskResult,
-    is_disk_full,
-)
+from echonode.studies.connection import is_disk_full
+from echonode.studies.journal import Journal
+from echonode.studies.records import Claim, ReportRecord, StaleClaim, TaskResult
 from echonode.studies.store import (
     RESERVE_NAME,
     SpaceReserve,

@@ -96,7 +96,7 @@ def _print_outbox(status: dict[str, Any]) -> None:
     status : dict
         :meth:`Journal.status`'s answer.
     """
-    from echonode.studies.journal import OWED_STATES, OutboxState
+    from echonode.studies.states import OWED_STATES, OutboxState
 
     pending = [o for o in status["outbox"] if o["state"] in OWED_STATES]
     discarded = [o for o in status["outbox"] if o["state"] == OutboxState.DISCARDED]
@@ -123,7 +123,7 @@ def _print_outbox(status: dict[str, Any]) -> None:
 
 
 def _status_document(snapshot: Any, models: list[dict[str, Any]]) -> dict[str, Any]:
-    """``echonode status --json``: the journal's :class:`~echonode.studies.journal.StatusSnapshot` and the models.
+    """``echonode status --json``: the journal's :class:`~echonode.studies.records.StatusSnapshot` and the models.
 
     Its keys (CONTRACT.md): ``studies``, ``outbox``, ``study_counts``,
     ``studies_total``, ``outbox_counts``, ``limit``, ``models``.
@@ -142,13 +142,10 @@ def _status_document(snapshot: Any, models: list[dict[str, Any]]) -> dict[str, A
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from echonode.studies.journal import (
-        Journal,
-        OutboxState,
-        StatusSnapshot,
-        StudyState,
-    )
+    from echonode.studies.journal import Journal
     from echonode.studies.rebuild import check_journal
+    from echonode.studies.records import StatusSnapshot
+    from echonode.studies.states import OutboxState, StudyState
 
     cfg = _load(args)
     check_journal(cfg)

@@ -76,7 +76,8 @@ from echonode.network.pdu_guard import guard_connection
 from echonode.ops.logs import get_logger
 from echonode.receive.scp import client_ssl_context
 from echonode.report.sop import SR_SOP_CLASS_UIDS, fallback_sop_class, sendable_classes
-from echonode.studies.journal import Journal, OutboxItem
+from echonode.studies.journal import Journal
+from echonode.studies.records import OutboxItem
 
 __all__ = ["Delivery", "DeliveryError", "Peer", "Sent", "classify_store_status", "echo", "store_file"]
 

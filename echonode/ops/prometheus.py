@@ -71,7 +71,7 @@ from prometheus_client.registry import Collector
 
 from echonode.ops import statuspage
 from echonode.ops.logs import get_logger
-from echonode.studies.journal import OutboxState, StudyState
+from echonode.studies.states import OutboxState, StudyState
 
 log = get_logger(__name__)
 

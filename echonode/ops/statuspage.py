@@ -54,13 +54,8 @@ from echonode.ops.httpauth import (
     load_credentials,
 )
 from echonode.ops.logs import get_logger
-from echonode.studies.journal import (
-    Delivered,
-    OutboxLine,
-    OutboxState,
-    StudyLine,
-    StudyState,
-)
+from echonode.studies.records import Delivered, OutboxLine, StudyLine
+from echonode.studies.states import OutboxState, StudyState
 
 log = get_logger(__name__)
 

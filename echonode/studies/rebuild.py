@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from echonode.bundles.manifest import model_set_key_of
 from echonode.config import Config
-from echonode.studies.journal import Journal, ReportRecord, SopInOtherStudy, TaskResult
+from echonode.studies.journal import Journal
+from echonode.studies.records import ReportRecord, SopInOtherStudy, TaskResult
 
 if TYPE_CHECKING:
     from echonode.studies.store import StudyStore

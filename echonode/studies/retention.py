@@ -56,13 +56,16 @@ from dataclasses import dataclass
 
 from echonode.config import Config, RetentionConfig
 from echonode.ops.logs import get_logger
-from echonode.studies.journal import Journal, StudyActivity, StudyState, is_disk_full
+from echonode.studies.connection import is_disk_full
+from echonode.studies.journal import Journal
+from echonode.studies.records import StudyActivity
+from echonode.studies.states import StudyState
 from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore, is_valid_uid
 
 log = get_logger(__name__)
 
 #: States a study may be purged in: those that owe no SR (the journal
-#: checks the outbox rows too, see ``journal._SETTLED``).
+#: checks the outbox rows too, see ``echonode.studies.states.SETTLED_STATES``).
 PURGEABLE = (StudyState.DELIVERED, StudyState.UNDELIVERED, StudyState.SKIPPED)
 GB = 1e9
 DAY_S = 86400.0

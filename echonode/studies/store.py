@@ -48,12 +48,9 @@ from pydicom.filereader import (
 
 from echonode.dicomfile import check_inflated_size
 from echonode.ops.logs import get_logger
-from echonode.studies.journal import (
-    InstanceRecord,
-    Journal,
-    SopInOtherStudy,
-    is_disk_full,
-)
+from echonode.studies.connection import is_disk_full
+from echonode.studies.journal import Journal
+from echonode.studies.records import InstanceRecord, SopInOtherStudy
 
 log = get_logger(__name__)
 
