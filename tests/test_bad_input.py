@@ -25,7 +25,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage  # type: ignore[attr-defined]
 
 from echonode.daemon.node import Node
-from echonode.delivery.outbox import Peer, echo
+from echonode.delivery.dimse import Peer, echo
 from echonode.report.read import summarise_report
 from echonode.studies.states import StudyState
 from tests.conftest import REPO, make_config, wait_for

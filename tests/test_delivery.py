@@ -41,7 +41,9 @@ from structlog.testing import capture_logs
 from echonode.analyse.worker import process_study
 from echonode.bundles.registry import ModelRegistry
 from echonode.config import Config, TLSConfig, to_toml
-from echonode.delivery.outbox import Delivery, DeliveryError, Peer, echo
+from echonode.delivery.dimse import Peer, echo
+from echonode.delivery.outbox import Delivery
+from echonode.delivery.outcome import DeliveryError
 from echonode.report.sop import derived_sop_instance_uid
 from echonode.studies.journal import Journal
 from echonode.studies.states import OutboxState, StudyState

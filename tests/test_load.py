@@ -25,7 +25,8 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from echonode.delivery.outbox import DeliveryError, Peer, echo
+from echonode.delivery.dimse import Peer, echo
+from echonode.delivery.outcome import DeliveryError
 from tests.conftest import ECHOSCU, free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe
 from tests.test_stage_recovery import ServedNode, SlowPACS, journal_rows, states

@@ -24,7 +24,8 @@ from structlog.testing import capture_logs
 from echonode.config import Config, to_toml
 from echonode.daemon.node import FAILING_AFTER, Node
 from echonode.daemon.supervisor import WorkerSupervisor
-from echonode.delivery.outbox import Delivery, Peer, echo
+from echonode.delivery.dimse import Peer, echo
+from echonode.delivery.outbox import Delivery
 from echonode.studies.journal import Journal
 from tests.conftest import free_port, make_config, wait_for
 from tests.test_node_metrics import get_health, scrape

@@ -27,7 +27,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from echonode.daemon.node import Node
-from echonode.delivery.outbox import DeliveryError, Peer, echo, store_file
+from echonode.delivery.dimse import Peer, echo, store_file
+from echonode.delivery.outcome import DeliveryError
 from echonode.network import pdu_guard
 from tests import rawdicom as raw
 from tests.conftest import ECHOSCU, REPO, echonode_cmd, make_config, need, wait_for

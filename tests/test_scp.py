@@ -249,7 +249,7 @@ def test_tls_with_client_certificate(tmp_path: Path, pki: dict[str, Path]) -> No
         # Plain TCP to a TLS port fails too.
         assert _reject_reason(node.scp.port) == "failed"
         # And echonode's own client side (delivery, echo) speaks TLS with a client certificate.
-        from echonode.delivery.outbox import Peer, echo
+        from echonode.delivery.dimse import Peer, echo
 
         peer = Peer("ECHONODE", "127.0.0.1", node.scp.port,
                     TLSConfig(enabled=True, ca_file=str(pki["ca.pem"]), cert_file=str(pki["client.pem"]),

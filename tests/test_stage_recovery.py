@@ -28,7 +28,8 @@ import pytest
 from pynetdicom import AE
 
 from echonode.config import Config, to_toml
-from echonode.delivery.outbox import DeliveryError, Peer, echo
+from echonode.delivery.dimse import Peer, echo
+from echonode.delivery.outcome import DeliveryError
 from tests.conftest import (
     REPO,
     echonode_cmd,

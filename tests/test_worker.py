@@ -159,7 +159,7 @@ def test_node_runs_the_worker_and_survives_its_death(tmp_path: Path, ybr_loop: P
         study = str(pydicom.dcmread(ybr_loop, stop_before_pixels=True).StudyInstanceUID)
         # The receive side answers while the worker runs.
         t0 = time.monotonic()
-        from echonode.delivery.outbox import Peer, echo
+        from echonode.delivery.dimse import Peer, echo
 
         assert echo("CART", Peer("ECHONODE", "127.0.0.1", node.scp.port)) == 0
         assert time.monotonic() - t0 < 5

@@ -185,7 +185,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from echonode.delivery.outbox import DeliveryError, Peer, echo
+    from echonode.delivery.dimse import Peer, echo
+    from echonode.delivery.outcome import DeliveryError
 
     cfg = _load(args)
     stow_dest = next((d for d in cfg.destinations if d.name == args.dest and d.kind == "stow"), None)

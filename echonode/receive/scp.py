@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import socket
 import sqlite3
 import ssl
@@ -43,11 +42,22 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from echonode.config import Config, NodeConfig, TLSConfig
+from echonode.config import Config, NodeConfig
 from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.network import pdu_guard
+from echonode.network.tls import server_ssl_context
 from echonode.ops.logs import get_logger
 from echonode.receive import spool
+from echonode.receive.access import (
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    REJECT_LOCAL_LIMIT,
+    REJECT_LOW_DISK,
+    REJECT_NO_REASON,
+    AccessPolicy,
+    dicom_ae_title,
+    printable_ae,
+)
 from echonode.studies.store import BadObject, StudyStore
 
 log = get_logger(__name__)
@@ -205,16 +215,6 @@ def _status(status: int, comment: str) -> Dataset:
     ds.ErrorComment = comment[:64]
     return ds
 
-# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognized
-REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service-user, no reason given
-# Transient, so that the sender keeps its images and retries; the same triple
-# pynetdicom sends when max_associations is reached, which senders already
-# treat as "try again later".
-REJECT_LOW_DISK = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
-REJECT_LOCAL_LIMIT = REJECT_LOW_DISK  # the same triple, for max_associations
-
 #: Connections that have not yet sent their A-ASSOCIATE-RQ. Beyond this many,
 #: the one that has waited longest is closed to make room: a cart sends its
 #: request within milliseconds of connecting, so only a peer that connects
@@ -231,87 +231,6 @@ _PYNETDICOM_REJECTS = {
     (0x02, 0x03, 0x02): "max_associations reached",
     (0x02, 0x02, 0x01): "user identity not accepted",
 }
-
-
-def dicom_ae_title(field: bytes) -> str | None:
-    """The AE title an A-ASSOCIATE-RQ field holds, or None when no AE title may hold it.
-
-    Leading and trailing spaces are DICOM padding (PS3.8 9.3.2); nothing else
-    is. An AE title is printable ASCII without a backslash (PS3.5 6.2, AE),
-    so a tab, a newline, any other control character or a non-ASCII byte
-    makes the field invalid, wherever it stands. pynetdicom's own decoding
-    strips them like spaces (``str.strip()``): ``"CART1\\t"`` would pass an
-    allow-list of ``["CART1"]``.
-    """
-    value = field.strip(b" ")
-    if not value or any(b < 0x20 or b > 0x7E or b == 0x5C for b in value):
-        return None
-    return value.decode("ascii")
-
-
-def printable_ae(field: bytes) -> str:
-    """``field`` safe for a log line: padding removed, anything else escaped (``CART1\\t``)."""
-    return repr(field.strip(b" "))[2:-1]
-
-
-@dataclass
-class AccessPolicy:
-    """Who may associate: calling AE titles and source networks (empty = anyone)."""
-
-    calling_aets: frozenset[str] = frozenset()
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-
-    @classmethod
-    def from_config(cls, node: NodeConfig) -> AccessPolicy:
-        return cls(
-            # Only spaces are padding; config.py refuses any other whitespace in an AE title.
-            calling_aets=frozenset(a.strip(" ") for a in node.allowed_calling_aets),
-            networks=tuple(ipaddress.ip_network(n, strict=False) for n in node.allowed_networks),
-        )
-
-    def address_allowed(self, address: str) -> bool:
-        """Whether a peer at ``address`` may connect at all."""
-        if not self.networks:
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        # An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d.
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks)
-
-    def calling_ae_allowed(self, calling_ae: str) -> bool:
-        """Whether ``calling_ae`` (padding already removed) may associate."""
-        return not self.calling_aets or calling_ae in self.calling_aets
-
-
-def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
-    """The SCP's TLS context, or None when TLS is off."""
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.ca_file:
-        ctx.load_verify_locations(tls.ca_file)
-    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
-    return ctx
-
-
-def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
-    """A TLS context for an outgoing association (delivery, echo), or None."""
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # DICOM peers are addressed by IP and AE title far more often than by a
-    # name in their certificate; trust is the CA's (PS3.15 B.1 leaves this open).
-    ctx.check_hostname = False
-    if tls.cert_file:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    return ctx
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from echonode.config import Config, ConfigError, load_config
-from echonode.delivery.outbox import Peer
+from echonode.delivery.dimse import Peer
 
 from .errors import UsageError
 from .journal import FetchJournal

@@ -29,9 +29,9 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 
-from echonode.delivery.outbox import Peer
+from echonode.delivery.dimse import Peer
 from echonode.dicomfile import RETIRED_US_STORAGE
-from echonode.receive.scp import client_ssl_context
+from echonode.network.tls import client_ssl_context
 
 from .errors import FetchError
 

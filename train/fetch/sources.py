@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from pynetdicom import evt
 
-from echonode.delivery.outbox import Peer
+from echonode.delivery.dimse import Peer
 from echonode.ops.logs import get_logger
 from echonode.studies.store import is_valid_uid
 
