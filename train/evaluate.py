@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from echonode.bundles.manifest import BINARY_TASKS, BundleError
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
 from echonode.bundles.weights import load_bundle
+from echonode.durable import write_text
 from train.data import (
     ClipCache,
     ClipDataset,
@@ -219,7 +220,7 @@ def evaluate_bundle(
         _, study_y = group_mean(studies, y)
         plots += [p.name for p in plot_curves(study_y.round().astype(int), study_probs, out, "study", meta.task)]
     report["plots"] = plots
-    (out / "metrics.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    write_text(out / "metrics.json", json.dumps(report, indent=1, default=float) + "\n")
     return report
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from echonode.durable import replacing
 from echonode.measurements import (
     CONCEPTS,
     DEFAULT_TOLERANCE,
@@ -335,8 +336,7 @@ def _visit(
 def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, report: LabelsReport, tolerance: float) -> None:
     """Decide every study's labels and write labels.csv."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with replacing(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=LABEL_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for study_uid in sorted(studies):
@@ -378,7 +378,6 @@ def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, 
                     value=row[task], status="empty" if decision.label is None else "decided", reason=decision.reason,
                 )  # fmt: skip
             writer.writerow({k: row.get(k, "") for k in LABEL_COLUMNS})
-    os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------

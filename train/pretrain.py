@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from echonode.bundles.nets import build_model
+from echonode.durable import replacing, write_json, write_text
 from train.augment import AugmentConfig
 from train.configs import flat_dict, from_namespace
 from train.data import METHODS, ClipCache, PairDataset, manifest_hash, split_cache
@@ -488,9 +489,8 @@ def _amp(device: torch.device, choice: str) -> tuple[torch.dtype | None, torch.a
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state() -> dict[str, object]:
@@ -653,8 +653,8 @@ def _resume_or_start(out: Path, config: PretrainConfig, state: _State, procs: _P
         if procs.leader:
             print(f"resuming {out} at epoch {state.epoch}")
     elif procs.leader:
-        (out / "config.json").write_text(json.dumps(flat, indent=1, sort_keys=True) + "\n")
-        (out / SPLIT_FILE).write_text(record.to_json())
+        write_json(out / "config.json", flat)
+        write_text(out / SPLIT_FILE, record.to_json())
 
 
 def _distributed(model: nn.Module, config: PretrainConfig, procs: _Processes) -> nn.Module:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from echonode.bundles.manifest import BundleError
 from echonode.bundles.weights import Bundle, load_bundle
+from echonode.durable import publish_folder, replace_symlink
 
 STORE = ".store"
 
@@ -61,7 +62,7 @@ def promote(bundle: Path, models_dir: Path, *, name: str | None = None) -> Path:
     # copytree copies the source folder's times; stamp the promotion time,
     # which is what history() orders by.
     os.utime(staging)
-    os.replace(staging, target)
+    publish_folder(staging, target)
     _swap_link(models_dir / slot, Path(STORE) / unique)
     return models_dir / slot
 
@@ -71,10 +72,7 @@ def _swap_link(link: Path, target: Path) -> None:
         # A plain folder installed by hand: keep it in the store for rollback.
         kept = link.parent / STORE / f"{link.name}-manual-{time.strftime('%Y%m%dT%H%M%S')}"
         os.replace(link, kept)
-    tmp = link.with_name(f".{link.name}.link")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    replace_symlink(link, target)
 
 
 def history(models_dir: Path, slot: str) -> list[Path]:

@@ -14,7 +14,6 @@ only: it imports torch, which the node process never does.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -36,6 +35,7 @@ from echonode.bundles.registry import ModelRegistry, ModelSet
 from echonode.bundles.weights import Bundle
 from echonode.config import Config
 from echonode.daemon.workerlink import HeartbeatWriter, Phase, StopListener
+from echonode.durable import replacing, write_json
 from echonode.ops.logs import configure_logging, exception_frames, get_logger
 from echonode.report.build import build_report
 from echonode.report.codes import TASKS
@@ -44,13 +44,7 @@ from echonode.report.header import HeaderRefused, read_study_header
 from echonode.studies.connection import is_disk_full
 from echonode.studies.journal import Journal
 from echonode.studies.records import Claim, ReportRecord, StaleClaim, TaskResult
-from echonode.studies.store import (
-    RESERVE_NAME,
-    SpaceReserve,
-    StudyStore,
-    fsync_dir,
-    fsync_file,
-)
+from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore
 
 log = get_logger(__name__)
 
@@ -148,31 +142,22 @@ def write_models_state(cfg: Config, registry: ModelRegistry) -> None:
         "runtime": {b.describe()["name"]: _runtime_mode(b) for b in registry.bundles},
         "updated": time.time(),
     }
-    path = cfg.storage_dir / MODELS_STATE
-    tmp = path.with_name(path.name + ".part")
     try:
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        write_json(cfg.storage_dir / MODELS_STATE, state, durable=False)
     except OSError as exc:
         log.warning("models.state_not_written", error=exc.strerror)
 
 
 def write_report(ds: Dataset, path: Path) -> None:
-    """Write an SR file atomically (temp file, fsync, rename); a write that fails leaves no file."""
+    """Write an SR file under the durable rule (:mod:`echonode.durable`); a write that fails leaves no file."""
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
     try:
-        ds.save_as(tmp, enforce_file_format=True)
-        fsync_file(tmp)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with replacing(path) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
     except BaseException:
-        # A full disk stops the write half-way: the partial file would hold
-        # the room until the next start, the whole one is not recorded.
-        tmp.unlink(missing_ok=True)
+        # The SR is not recorded: a file from an earlier try must not stay
+        # either, or it would be taken for this one.
         path.unlink(missing_ok=True)
         raise
 

@@ -59,7 +59,6 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +86,7 @@ from echonode.bundles.runtime import (
     probabilities,
     synthetic_clips,
 )
+from echonode.durable import write_json
 from echonode.ops.logs import get_logger
 
 __all__ = [
@@ -749,18 +749,7 @@ class ChoiceCache:
         return True
 
     def _write(self, data: Mapping[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=1, sort_keys=True)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_json(self.path, data)
 
 
 def _stamp(record: Any) -> str:

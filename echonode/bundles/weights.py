@@ -25,6 +25,7 @@ import torch
 from echonode.bundles.device import resolve_device
 from echonode.bundles.manifest import BUNDLE_JSON, WEIGHTS_FILE, BundleError, BundleMeta
 from echonode.bundles.nets import VideoClassifier, build_model, normalise_for_model
+from echonode.durable import publish_folder
 
 __all__ = ["Bundle", "check_state_dict", "load_bundle", "save_bundle", "state_dict_problems"]
 
@@ -411,50 +412,15 @@ def save_bundle(
     plain = {key: value.detach().to("cpu").clone() for key, value in checked.items()}
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        weights_path = staging / WEIGHTS_FILE
-        torch.save(plain, weights_path)
-        _fsync_file(weights_path)
-        meta_path = staging / BUNDLE_JSON
-        meta_path.write_text(meta.to_json(), encoding="utf-8")
-        _fsync_file(meta_path)
+        torch.save(plain, staging / WEIGHTS_FILE)
+        (staging / BUNDLE_JSON).write_text(meta.to_json(), encoding="utf-8")
         for name, content in extras.items():
             if isinstance(content, bytes):
                 (staging / name).write_bytes(content)
             else:
                 (staging / name).write_text(content, encoding="utf-8")
-            _fsync_file(staging / name)
-        _fsync_dir(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            retired.rmdir()
-            os.rename(target, retired)
-            os.rename(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, target)
-        _fsync_dir(target.parent)
+        publish_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the rename durable; not every platform allows it.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from echonode.durable import publish_folder
+
 DEMO_MODELS_VERSION = "v3"
 # Severe AS is left out: the demo archive holds about two positive studies,
 # too few for fine-tuning to train and validate on (it refuses such splits).
@@ -73,8 +75,7 @@ def build_demo_models(work: Path, models: Path) -> None:
                 "--out", str(out), "--preset", "tiny", "--init", "random", "--epochs", "6",
                 "--name", f"echonode-demo-{task}", "--version", f"demo-{DEMO_MODELS_VERSION}", "--no-progress"], log)
         _train(["promote", str(out), "--models-dir", str(staging)], log)
-    shutil.rmtree(models, ignore_errors=True)
-    os.replace(staging, models)
+    publish_folder(staging, models)
 
 
 class _DemoPACS:

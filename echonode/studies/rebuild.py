@@ -302,8 +302,9 @@ def rebuild_journal(cfg: Config, *, dry_run: bool = False) -> Rebuilt:
         tree holds nothing to recover, or while a node listens on the
         configured port (it must be stopped first).
     """
+    from echonode.durable import move_into_place
     from echonode.ops.logs import get_logger
-    from echonode.studies.store import StudyStore, fsync_dir, fsync_file
+    from echonode.studies.store import StudyStore
 
     path, root = cfg.journal_path, cfg.storage_dir
     why = journal_loss(path, root)
@@ -351,9 +352,7 @@ def rebuild_journal(cfg: Config, *, dry_run: bool = False) -> Rebuilt:
             if src.exists():
                 os.replace(src, Path(f"{aside}{suffix}"))
         out.moved_aside = aside
-    fsync_file(building)
-    os.replace(building, path)
-    fsync_dir(path.parent)
+    move_into_place(building, path)
     get_logger(__name__).warning(
         "journal.rebuilt", instances=out.instances, reports=out.reports, delivered=len(out.delivered),
         to_analyse=len(out.to_analyse), held=out.held, left_alone=len(out.left_alone),

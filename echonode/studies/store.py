@@ -47,6 +47,7 @@ from pydicom.filereader import (
 )
 
 from echonode.dicomfile import check_inflated_size
+from echonode.durable import FILE_MODE, fsync_dir, move_into_place
 from echonode.ops.logs import get_logger
 from echonode.studies.connection import is_disk_full
 from echonode.studies.journal import Journal
@@ -66,7 +67,6 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_INFLATED_BYTES = 512 * 2**20
 
 DIR_MODE = 0o700
-FILE_MODE = 0o600
 
 
 def is_valid_uid(value: object) -> bool:
@@ -185,46 +185,6 @@ def _check_complete(path: Path) -> None:
         raise ValueError(f"element {last.tag} declares {length} bytes but the file ends first")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or creation in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _durable_move(src: Path, dest: Path) -> None:
-    """Move ``src`` to ``dest`` so that after a crash either the old or the whole new file is there."""
-    fsync_file(src)
-    os.chmod(src, FILE_MODE)
-    try:
-        os.replace(src, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        # Temp file on another file system (TMPDIR not under storage_dir):
-        # copy next to the destination, then rename there.
-        tmp = dest.with_name(dest.name + ".part")
-        try:
-            shutil.copyfile(src, tmp)
-            fsync_file(tmp)
-            os.chmod(tmp, FILE_MODE)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a copy cut short by a full disk must not wait for the next start
-            raise
-    fsync_dir(dest.parent)
-
-
 def _link_aside(path: Path) -> Path | None:
     """A hard link to ``path`` beside it (``.prev``), or None when none can be made."""
     link = path.with_name(path.name + ".prev")
@@ -327,7 +287,7 @@ class StudyStore:
         in_place = existing is not None and Path(existing.path) == dest and dest.exists()
         previous = _link_aside(dest) if in_place else None
         try:
-            _durable_move(temp_path, dest)
+            move_into_place(temp_path, dest)
             self._record(header, dest, time.time(), calling_ae)
         except BaseException as exc:
             # The sender is told the object was not stored: nothing of it

@@ -34,8 +34,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from echonode.durable import fsync_dir, fsync_file
 from echonode.ops.logs import get_logger
-from echonode.studies.store import BadObject, Header, fsync_dir, fsync_file, read_header
+from echonode.studies.store import BadObject, Header, read_header
 
 from .journal import FetchJournal, SopInOtherStudy
 from .pacing import Clock
