@@ -276,3 +276,33 @@ def test_training_clip() -> None:
     assert np.array_equal(clip[:, 0, 0], np.arange(clip[0, 0, 0], clip[0, 0, 0] + 4))
     short = training_clip(frames[:3], 4, rng)
     assert np.array_equal(short[:3], frames[:3]) and (short[3] == 0).all()
+
+
+def test_frame_framing_resizes_the_whole_masked_frame_and_sector_keeps_aspect() -> None:
+    # A wide sector in a tall frame: sector framing pads it into a centred
+    # band; frame framing stretches the whole (masked) frame to the square.
+    frames = np.zeros((6, 200, 100), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    frames[:, 80:120, 10:90] = rng.integers(40, 255, size=(6, 40, 80), dtype=np.uint8)
+    video = _decoded(frames)
+    sector = preprocess_video(video, PreprocessConfig(size=32))
+    whole = preprocess_video(video, PreprocessConfig(size=32, framing="frame"))
+    assert sector.shape == whole.shape == (6, 32, 32)
+    rows_sector = np.nonzero(sector.max(axis=(0, 2)))[0]
+    rows_whole = np.nonzero(whole.max(axis=(0, 2)))[0]
+    # sector: 80 px wide -> 32, 40 px tall -> 16 rows, centred
+    assert rows_sector.min() == 8 and rows_sector.max() == 23
+    # frame: rows 80..120 of 200 -> about rows 12.8..19.2 of 32
+    assert 12 <= rows_whole.min() <= 13 and 18 <= rows_whole.max() <= 19
+
+
+def test_preprocess_config_round_trips_through_bundle_metadata() -> None:
+    cfg = PreprocessConfig(size=64, clip_frames=8, eval_clips=2, max_frames=50, min_fps=20.0, framing="frame")
+    assert PreprocessConfig.from_meta(cfg.to_meta()) == cfg
+    old_bundle = {"size": 112, "clip_frames": 16, "eval_clips": 4, "max_frames": 100, "min_fps": 25.0,
+                  "normalisation": "minmax"}
+    assert PreprocessConfig.from_meta(old_bundle).framing == "sector"
+    with pytest.raises(ValueError, match="lacks eval_clips"):
+        PreprocessConfig.from_meta({"size": 112, "clip_frames": 16, "max_frames": 100, "min_fps": 25.0})
+    with pytest.raises(ValueError, match="framing"):
+        PreprocessConfig(framing="stretch")

@@ -50,6 +50,7 @@ from echonode.analyse.preprocess import (
     preprocess_file,
     training_clip,
 )
+from echonode.analyse.preprocess_config import FRAMINGS
 from echonode.dicomfile import InflatesTooLarge
 from echonode.header import read_header
 from train.augment import AugmentConfig, augment_clip
@@ -585,6 +586,10 @@ def _build_index_locked(
 ) -> IndexReport:
     """:func:`build_index` once the cache is locked."""
     settings = {k: v for k, v in asdict(cfg).items() if k in ("size", "max_frames", "min_fps", "target_fps", "mask_frames")}
+    if cfg.framing != "sector":
+        # Recorded only when not the default, so that caches made before
+        # framing was a setting (all ``sector``) stay valid.
+        settings["framing"] = cfg.framing
 
     manifest_path = cache / MANIFEST
     if manifest_path.is_file():
@@ -641,6 +646,11 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="frame side in pixels (default: preset's)")
     parser.add_argument("--max-frames", type=int, default=100, help="frames kept per video (default 100)")
     parser.add_argument("--preset", choices=("paper", "tiny"), default="paper", help="size preset (paper 112, tiny 32)")
+    parser.add_argument(
+        "--framing", choices=FRAMINGS, default="sector",
+        help="sector: crop to the sector and pad to a square (default); frame: resize the whole masked frame "
+        "(the EchoCLR authors' code)",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--prune", action="store_true", help="drop cached videos whose file is no longer in the archive (default: keep, count)"
@@ -656,7 +666,7 @@ def run_index(ns: argparse.Namespace) -> int:
         report = build_index(
             ns.archive,
             ns.out,
-            PreprocessConfig(size=size, max_frames=ns.max_frames),
+            PreprocessConfig(size=size, max_frames=ns.max_frames, framing=ns.framing),
             progress=not ns.no_progress,
             videos_csv=ns.videos_csv,
             prune=ns.prune,

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from echonode.analyse.preprocess_config import PreprocessConfig
 from echonode.bundles.manifest import BINARY_TASKS, BundleError
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
 from echonode.bundles.weights import load_bundle
@@ -91,6 +92,17 @@ def plot_curves(y: np.ndarray, prob: np.ndarray, out_dir: Path, level: str, titl
     return written
 
 
+def _check_framing(cache: ClipCache, bundle_pre: dict, cache_dir: object) -> None:
+    """Refuse a cache whose frames were framed otherwise than the bundle's inputs."""
+    cached = str(cache.manifest["preprocess"].get("framing", "sector"))
+    wanted = PreprocessConfig.from_meta(bundle_pre).framing
+    if cached != wanted:
+        raise ValueError(
+            f"{cache_dir}: frames cached with framing {cached!r}, the bundle expects {wanted!r}; "
+            f"index the archive again with --framing {wanted}"
+        )
+
+
 def evaluate_bundle(
     bundle_path: str | Path,
     cache_dir: str | Path,
@@ -135,6 +147,7 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_path, device) if runtime is None else load_bundle(bundle_path, device, runtime=runtime)
     meta = bundle.meta
     cache = ClipCache(cache_dir)
+    _check_framing(cache, meta.preprocessing, cache_dir)
     rows = load_study_labels(labels_csv)
     config = meta.provenance.get("config", {}) if isinstance(meta.provenance, dict) else {}
     record = SplitRecord.read(bundle_path)
@@ -174,10 +187,9 @@ def evaluate_bundle(
         videos = [videos[i] for i in keep]
         targets = [index[videos[j]["view"]] for j in range(len(videos))]
 
-    pre = meta.preprocessing
+    pre = PreprocessConfig.from_meta(meta.preprocessing)
     dataset = ClipDataset(
-        cache, videos, targets, clip_frames=meta.clip_frames, size=meta.frame_size, train=False,
-        eval_clips=int(pre.get("eval_clips", 4)),
+        cache, videos, targets, clip_frames=pre.clip_frames, size=pre.size, train=False, eval_clips=pre.eval_clips,
     )  # fmt: skip
     probs = []
     for x, _ in DataLoader(dataset, batch_size=batch_videos):

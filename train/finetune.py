@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from echonode.analyse.preprocess_config import PreprocessConfig
 from echonode.bundles.calibration import (
     CALIBRATION_FILE,
     DEFAULT_CALIBRATION_CLIPS,
@@ -994,12 +995,16 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
         "method": "EchoCLR fine-tuning (echonode)",
     }
     manifest_pre = run.cache.manifest["preprocess"]
+    cache_cfg = PreprocessConfig()
     preprocessing = {
-        "size": config.dataset.size,
-        "clip_frames": config.dataset.frames,
-        "eval_clips": config.dataset.eval_clips,
-        "max_frames": int(manifest_pre.get("max_frames", 100)),
-        "min_fps": float(manifest_pre.get("min_fps", 25.0)),
+        **PreprocessConfig(
+            size=config.dataset.size,
+            clip_frames=config.dataset.frames,
+            eval_clips=config.dataset.eval_clips,
+            max_frames=int(manifest_pre.get("max_frames", cache_cfg.max_frames)),
+            min_fps=float(manifest_pre.get("min_fps", cache_cfg.min_fps)),
+            framing=str(manifest_pre.get("framing", cache_cfg.framing)),
+        ).to_meta(),
         "normalisation": run.normalisation,
     }
     meta = BundleMeta.create(

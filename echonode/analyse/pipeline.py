@@ -125,14 +125,7 @@ class StudyAnalysis:
 
 def preprocess_config(bundle: Bundle) -> PreprocessConfig:
     """The bundle's inference preprocessing as a :class:`PreprocessConfig`."""
-    pre = bundle.meta.preprocessing
-    return PreprocessConfig(
-        size=int(pre["size"]),
-        clip_frames=int(pre["clip_frames"]),
-        eval_clips=int(pre.get("eval_clips", 4)),
-        max_frames=int(pre.get("max_frames", 100)),
-        min_fps=float(pre.get("min_fps", 25.0)),
-    )
+    return PreprocessConfig.from_meta(bundle.meta.preprocessing)
 
 
 @dataclass(frozen=True)

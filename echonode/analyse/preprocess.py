@@ -3,7 +3,7 @@
 One implementation for the node and for ``train/``; training adds
 augmentation on top of :func:`training_clip` and nothing else.
 
-The steps, as EchoCLR does them:
+The steps (METHOD.md's, with the framing choice below):
 
 1. keep the first ``max_frames`` (100) native frames. EchoCLR does *not*
    resample in time: it drops videos under 25 fps (mostly Doppler; done by
@@ -11,7 +11,10 @@ The steps, as EchoCLR does them:
    frames. ``PreprocessConfig.target_fps`` optionally resamples to a fixed
    rate (nearest frame); it is off by default so results match the method;
 2. mask everything outside the ultrasound sector (:func:`sector_mask`);
-3. crop to the sector's bounding box, pad to a square (aspect kept), resize
+3. frame the square input (``PreprocessConfig.framing``): ``sector`` (the
+   default) crops to the sector's bounding box and pads to a centred square,
+   keeping the aspect ratio; ``frame`` resizes the whole masked frame to the
+   square, as the EchoCLR authors' code does (aspect not kept). Either way
    to ``size`` x ``size`` with area interpolation;
 4. cut clips: 4 evenly spaced 16-frame clips for evaluation
    (:func:`make_eval_clips`), one random clip for training
@@ -23,12 +26,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
+from echonode.analyse.preprocess_config import PreprocessConfig
 
 __all__ = [
     "PreprocessConfig",
@@ -41,46 +44,6 @@ __all__ = [
     "sector_mask",
     "training_clip",
 ]
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Preprocessing settings shared by the node and training.
-
-    Attributes
-    ----------
-    size : int
-        Output side in pixels (112 in EchoCLR).
-    clip_frames : int
-        Frames per clip (16 for fine-tuning and inference).
-    eval_clips : int
-        Evenly spaced clips per video at evaluation (4).
-    max_frames : int
-        Native frames kept from the start of each video (100).
-    min_fps : float
-        Videos under this frame rate are refused (25; Doppler strips).
-    target_fps : float or None
-        Resample to this frame rate (nearest frame) before cutting clips.
-        None (default) keeps native frames, as EchoCLR does.
-    mask_frames : int
-        Frames used by the temporal statistic of :func:`sector_mask`.
-    """
-
-    size: int = 112
-    clip_frames: int = 16
-    eval_clips: int = 4
-    max_frames: int = 100
-    min_fps: float = 25.0
-    target_fps: float | None = None
-    mask_frames: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("size", "clip_frames", "eval_clips", "max_frames", "mask_frames"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f'Argument "{name}" must be a positive integer, got {value!r}.')
-        if self.target_fps is not None and not self.target_fps > 0:
-            raise ValueError(f'Argument "target_fps" must be positive, got {self.target_fps!r}.')
 
 
 # --------------------------------------------------------------------------
@@ -193,7 +156,7 @@ def resample_fps(frames: np.ndarray, fps: float, target_fps: float) -> np.ndarra
 
 
 def preprocess_video(video: DecodedVideo, cfg: PreprocessConfig | None = None) -> np.ndarray:
-    """Masked, cropped, square, resized greyscale frames.
+    """Masked, framed (``cfg.framing``), square, resized greyscale frames.
 
     Parameters
     ----------
@@ -223,10 +186,20 @@ def preprocess_video(video: DecodedVideo, cfg: PreprocessConfig | None = None) -
     mask = sector_mask(frames, n_frames=cfg.mask_frames)
     if not mask.any():
         raise UnusableObject("no ultrasound sector found")
+    if cfg.framing == "frame":
+        return _resize_whole(frames * mask, cfg.size)
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     crop = frames[:, y0:y1, x0:x1] * mask[y0:y1, x0:x1]
     return _square_resize(crop, cfg.size)
+
+
+def _resize_whole(frames: np.ndarray, size: int) -> np.ndarray:
+    """Resize every ``(h, w)`` frame to ``size`` x ``size`` (aspect not kept)."""
+    out = np.empty((frames.shape[0], size, size), dtype=np.uint8)
+    for i in range(frames.shape[0]):
+        out[i] = cv2.resize(frames[i], (size, size), interpolation=cv2.INTER_AREA)
+    return out
 
 
 def _square_resize(crop: np.ndarray, size: int) -> np.ndarray:

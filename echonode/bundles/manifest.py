@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import pydicom.uid
 
+from echonode.analyse.preprocess_config import FRAMINGS, REQUIRED_KEYS, PreprocessConfig
+
 __all__ = [
     "ARCHITECTURES",
     "BINARY_LABELS",
@@ -76,14 +78,7 @@ BINARY_LABELS: tuple[str, str] = ("absent", "present")
 DEFAULT_VIEW_LABELS: tuple[str, ...] = ("plax", "a4c", "psax", "other")
 
 #: METHOD.md's inference preprocessing; ``bundle.json`` records the values used.
-DEFAULT_PREPROCESSING: dict[str, Any] = {
-    "size": 112,
-    "clip_frames": 16,
-    "eval_clips": 4,
-    "max_frames": 100,
-    "min_fps": 25.0,
-    "normalisation": "minmax",
-}
+DEFAULT_PREPROCESSING: dict[str, Any] = {**PreprocessConfig().to_meta(), "normalisation": "minmax"}
 
 # The order bundle.json is written in; also the exact set of keys it must hold.
 _META_KEYS: tuple[str, ...] = (
@@ -220,9 +215,11 @@ def _meta_problems(data: Any) -> list[str]:
         else:
             # Extra preprocessing keys are allowed: a newer preprocessing step
             # may record more, and a reader takes what it knows.
-            p_missing = [k for k in DEFAULT_PREPROCESSING if k not in pre]
+            p_missing = [k for k in (*REQUIRED_KEYS, "normalisation") if k not in pre]
             if p_missing:
                 problems.append(f"preprocessing lacks {', '.join(p_missing)}")
+            if "framing" in pre and pre["framing"] not in FRAMINGS:
+                problems.append(f"preprocessing.framing must be one of {', '.join(FRAMINGS)}, not {pre['framing']!r}")
             for key in ("size", "clip_frames", "eval_clips", "max_frames"):
                 if key in pre and (not _is_int(pre[key]) or pre[key] < 1):
                     problems.append(f"preprocessing.{key} must be a positive integer, not {pre[key]!r}")
