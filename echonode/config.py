@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from echonode.bundles.device_spec import parse_device
 from echonode.ops.httpauth import AUTH_MODES, CredentialsError, load_credentials
 
 DEFAULT_CONFIG_PATH = Path("/etc/echonode/echonode.toml")
@@ -525,8 +526,10 @@ def validate(cfg: Config) -> Config:
     m = cfg.models
     if not m.dir:
         raise ConfigError("models.dir: must not be empty")
-    if not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", m.device):
-        raise ConfigError(f"models.device: must be auto, cpu, cuda or cuda:N, got {m.device!r}")
+    try:
+        parse_device(m.device)
+    except ValueError as exc:
+        raise ConfigError(f"models.device: {exc}") from None
     if not m.views:
         raise ConfigError("models.views: list at least one view (e.g. [\"plax\"])")
     if not 1 <= m.batch_size <= 1024:

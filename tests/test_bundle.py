@@ -507,3 +507,21 @@ def test_registry_loads_bundles_with_its_runtime(tmp_path: Path) -> None:
         registry.refresh()
         (bundle,) = registry.bundles
         assert bundle.describe()["runtime"]["requested"] == requested
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "index"),
+    [("auto", "auto", None), (" CPU ", "cpu", None), ("cuda", "cuda", None), ("cuda:3", "cuda", 3)],
+)
+def test_device_settings_parse_without_torch(text: str, kind: str, index: int | None) -> None:
+    from echonode.bundles.device_spec import parse_device
+
+    assert parse_device(text) == (parse_device(text).__class__(kind, index))
+
+
+@pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:x", "cuda:-1", "mps"])
+def test_bad_device_settings_name_the_setting(text: str) -> None:
+    from echonode.bundles.device_spec import parse_device
+
+    with pytest.raises(ValueError, match=f"device {text!r}"):
+        parse_device(text)

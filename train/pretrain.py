@@ -39,6 +39,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from echonode.bundles.device import resolve_device
+from echonode.bundles.device_spec import parse_device
 from echonode.bundles.nets import build_model
 from echonode.durable import replacing, write_json, write_text
 from train.augment import AugmentConfig
@@ -369,7 +371,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     run.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto", help="mixed precision on CUDA")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
     run.add_argument("--no-progress", action="store_true")
@@ -465,15 +467,14 @@ def _setup_distributed(device_arg: str) -> tuple[torch.device, int, int, int]:
     """Initialise torch.distributed under torchrun; return device, rank, world, local rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-    if device_arg.startswith("cuda:"):
-        use_cuda = True
+    spec = parse_device(device_arg)
+    use_cuda = spec.kind == "cuda" or (spec.kind == "auto" and torch.cuda.is_available())
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
-        index = local if world > 1 or ":" not in device_arg else int(device_arg.split(":")[1])
-        torch.cuda.set_device(index)
-        device = torch.device("cuda", index)
+        # Under torchrun each process takes the GPU of its local rank.
+        device = resolve_device(f"cuda:{local if world > 1 else spec.index or 0}")
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from echonode.bundles.device_spec import parse_device
+
 __all__ = ["resolve_device"]
 
 
@@ -27,23 +29,14 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """
     if isinstance(spec, torch.device):
         spec = str(spec)
-    if not isinstance(spec, str):
-        raise ValueError(f'Argument "spec" must be a string, not {type(spec).__name__}.')
-    text = spec.strip().lower()
-    if text == "auto":
+    parsed = parse_device(spec)
+    if parsed.kind == "auto":
         return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
-    if text == "cpu":
+    if parsed.kind == "cpu":
         return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        index = 0
-        if text != "cuda":
-            suffix = text.split(":", 1)[1]
-            if not suffix.isdigit():
-                raise ValueError(f"device {spec!r}: expected cuda:N with N a GPU index")
-            index = int(suffix)
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r}: CUDA is not available on this machine (use 'auto' or 'cpu')")
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) present")
-        return torch.device("cuda", index)
-    raise ValueError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    index = parsed.index or 0
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: CUDA is not available on this machine (use 'auto' or 'cpu')")
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) present")
+    return torch.device("cuda", index)
