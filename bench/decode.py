@@ -36,6 +36,7 @@ from pydicom.encaps import generate_frames
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model as _cpu_model  # noqa: E402
+from echonode.analyse.decode import DecodeOptions  # noqa: E402
 from echonode.analyse.preprocess import (  # noqa: E402
     PreprocessConfig,
     make_eval_clips,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PreprocessConfig(max_frames=max_frames)
         for threads in (1, None):
             def echonode_run(cfg: PreprocessConfig = cfg, threads: int | None = threads) -> object:
-                _, frames = preprocess_file(path, cfg, threads=threads)
+                _, frames = preprocess_file(path, cfg, DecodeOptions(threads=threads))
                 return make_eval_clips(frames, cfg)
             best, med = _time(echonode_run, args.repeats)
             t_label = "1 thread" if threads == 1 else f"{min(4, os.cpu_count() or 1)} threads"

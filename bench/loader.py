@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model, load_average
+from echonode.analyse.decode import DecodeOptions
 from echonode.analyse.preprocess import PreprocessConfig, preprocess_file, training_clip
 from train.data import ClipCache, PairDataset, _resize, build_index, split_cache
 from train.pretrain import PretrainModel, pretrain_step
@@ -87,7 +88,7 @@ class NaivePairDataset(PairDataset):
 
     def _train_clip(self, sop_uid, clip_frames, rng, gen, augment, raw=None):  # type: ignore[override]
         if raw is None:
-            _, frames = preprocess_file(self.paths[sop_uid], self.cfg, threads=1)
+            _, frames = preprocess_file(self.paths[sop_uid], self.cfg, DecodeOptions(threads=1))
             u8 = training_clip(frames, clip_frames, rng)
             raw = _resize(torch.from_numpy(np.array(u8, dtype=np.float32)).unsqueeze(0), self.size)
         return super()._train_clip(sop_uid, clip_frames, rng, gen, augment, raw=raw)

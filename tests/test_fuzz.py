@@ -26,7 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 
-from echonode.analyse.decode import UnusableObject, decode_dataset, decode_video
+from echonode.analyse.decode import (
+    DecodeOptions,
+    UnusableObject,
+    decode_dataset,
+    decode_video,
+)
 from echonode.analyse.preprocess import PreprocessConfig, preprocess_video
 from echonode.studies.journal import Journal
 from echonode.studies.store import BadObject, StudyStore
@@ -132,7 +137,7 @@ def _check_header(values: dict) -> None:
             setattr(ds, key, value)
     ds.PixelData = pixels
     try:
-        video = decode_dataset(ds, target_side=CFG.size, max_frames=CFG.max_frames, threads=1)
+        video = decode_dataset(ds, DecodeOptions(target_side=CFG.size, max_frames=CFG.max_frames, threads=1))
         preprocess_video(video, CFG)
     except UnusableObject as exc:
         assert exc.reason

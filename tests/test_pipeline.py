@@ -160,10 +160,10 @@ def test_an_unexpected_decode_error_skips_the_object_and_logs_no_message(
     tiny_bundle(models, "lvh")
     real = echonode.analyse.pipeline.decode_video
 
-    def decode(path, **kw):
+    def decode(path, *args, **kw):
         if Path(path) == files[1]:
             raise ValueError("invalid value for VR PN: 'DOE^JOHN'")
-        return real(path, **kw)
+        return real(path, *args, **kw)
 
     monkeypatch.setattr(echonode.analyse.pipeline, "decode_video", decode)
     buf = io.StringIO()

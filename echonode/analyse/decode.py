@@ -29,6 +29,7 @@ Two paths:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ from echonode.dicomfile import RETIRED_US_STORAGE, check_inflated_size
 from echonode.header import deferred_past_end, read_for_decode
 
 __all__ = [
+    "DecodeOptions",
     "DEFAULT_FPS",
     "DEFAULT_MAX_DECODED_BYTES",
     "DecodedVideo",
@@ -194,27 +196,16 @@ def choose_reduction(rows: int, cols: int, target_side: int | None) -> int:
     return 1
 
 
-def decode_video(
-    path: str | os.PathLike[str] | BinaryIO,
-    *,
-    target_side: int | None = None,
-    max_frames: int | None = None,
-    min_frames: int = 8,
-    min_fps: float = 25.0,
-    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-    threads: int | None = None,
-    prefer_fast: bool = True,
-) -> DecodedVideo:
-    """Read a stored DICOM object as greyscale video.
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How :func:`decode_video` reads an object.
 
-    Parameters
+    Attributes
     ----------
-    path : str, os.PathLike or binary file
-        The stored object.
-    target_side : int, optional
+    target_side : int or None
         Decode at a reduced size (1/2, 1/4 or 1/8) as long as the short side
         stays ``>= target_side``. None: full size.
-    max_frames : int, optional
+    max_frames : int or None
         Keep only the first ``max_frames`` frames; the rest are not decoded.
     min_frames : int
         Objects with fewer declared frames are refused.
@@ -224,11 +215,36 @@ def decode_video(
         Refuse, before decoding, objects whose decoded pixels
         (Rows x Columns x frames to decode x Samples x bytes per sample)
         would exceed this.
-    threads : int, optional
+    threads : int or None
         Threads for the JPEG fast path; default ``min(4, os.cpu_count())``.
     prefer_fast : bool
         Use the OpenCV JPEG path where it applies (default). False forces
         pydicom's decoders, for comparison and debugging.
+    """
+
+    target_side: int | None = None
+    max_frames: int | None = None
+    min_frames: int = 8
+    min_fps: float = 25.0
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    threads: int | None = None
+    prefer_fast: bool = True
+
+
+def decode_video(
+    path: str | os.PathLike[str] | BinaryIO, options: DecodeOptions | None = None, **changes: Any
+) -> DecodedVideo:
+    """Read a stored DICOM object as greyscale video.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file
+        The stored object.
+    options : DecodeOptions, optional
+        How to decode; defaults to ``DecodeOptions()``.
+    **changes
+        Fields of :class:`DecodeOptions` to change from ``options``
+        (``decode_video(path, max_frames=10)``).
 
     Returns
     -------
@@ -240,9 +256,10 @@ def decode_video(
         For anything that is not usable video, including unreadable files and
         pixel data that fails to decode. No other exception type escapes.
     """
+    opts = dataclasses.replace(options or DecodeOptions(), **changes)
     try:
         if isinstance(path, (str, os.PathLike)):
-            check_inflated_size(Path(path), max_decoded_bytes)
+            check_inflated_size(Path(path), opts.max_decoded_bytes)
             with open(path, "rb") as fp:
                 ds, stopped_at, size = _read_whole(fp)
         else:
@@ -261,16 +278,7 @@ def decode_video(
         # A deferred element is skipped by a seek, which passes the end of
         # a file cut short without a word.
         raise UnusableObject(f"file is truncated (element {BaseTag(cut)} runs past its end, byte {size})")
-    return decode_dataset(
-        ds,
-        target_side=target_side,
-        max_frames=max_frames,
-        min_frames=min_frames,
-        min_fps=min_fps,
-        max_decoded_bytes=max_decoded_bytes,
-        threads=threads,
-        prefer_fast=prefer_fast,
-    )
+    return decode_dataset(ds, opts)
 
 
 def _read_whole(fp: BinaryIO) -> tuple[Dataset, int, int]:
@@ -294,17 +302,7 @@ def _read_whole(fp: BinaryIO) -> tuple[Dataset, int, int]:
     return read_for_decode(fp)
 
 
-def decode_dataset(
-    ds: Dataset,
-    *,
-    target_side: int | None = None,
-    max_frames: int | None = None,
-    min_frames: int = 8,
-    min_fps: float = 25.0,
-    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-    threads: int | None = None,
-    prefer_fast: bool = True,
-) -> DecodedVideo:
+def decode_dataset(ds: Dataset, options: DecodeOptions | None = None) -> DecodedVideo:
     """Decode an already-read dataset; see :func:`decode_video`.
 
     Raises
@@ -313,16 +311,7 @@ def decode_dataset(
         As :func:`decode_video`.
     """
     try:
-        return _decode(
-            ds,
-            target_side=target_side,
-            max_frames=max_frames,
-            min_frames=min_frames,
-            min_fps=min_fps,
-            max_decoded_bytes=max_decoded_bytes,
-            threads=threads,
-            prefer_fast=prefer_fast,
-        )
+        return _decode(ds, options or DecodeOptions())
     except UnusableObject:
         raise
     except MemoryError as exc:
@@ -335,17 +324,9 @@ def decode_dataset(
 # Implementation
 
 
-def _decode(
-    ds: Dataset,
-    *,
-    target_side: int | None,
-    max_frames: int | None,
-    min_frames: int,
-    min_fps: float,
-    max_decoded_bytes: int,
-    threads: int | None,
-    prefer_fast: bool,
-) -> DecodedVideo:
+def _decode(ds: Dataset, opts: DecodeOptions) -> DecodedVideo:
+    target_side, max_frames, min_frames, min_fps = opts.target_side, opts.max_frames, opts.min_frames, opts.min_fps
+    max_decoded_bytes, threads, prefer_fast = opts.max_decoded_bytes, opts.threads, opts.prefer_fast
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class.startswith(_SR_PREFIX):
         raise UnusableObject("structured report, not an image")

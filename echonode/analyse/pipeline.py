@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
 from echonode.analyse.preprocess import (
     PreprocessConfig,
+    decode_options_for,
     make_eval_clips,
     preprocess_video,
 )
@@ -217,13 +218,7 @@ def _outcome(record: ObjectRecord, reason: str | None = None) -> VideoOutcome:
 def _decode_one(record: ObjectRecord, configs: Sequence[PreprocessConfig], threads: int | None) -> _Decoded:
     outcome = _outcome(record)
     try:
-        video: DecodedVideo = decode_video(
-            record.path,
-            target_side=max(c.size for c in configs),
-            max_frames=max(c.max_frames for c in configs),
-            min_fps=min(c.min_fps for c in configs),
-            threads=threads,
-        )
+        video: DecodedVideo = decode_video(record.path, decode_options_for(configs), threads=threads)
         frames = {c: preprocess_video(video, c) for c in configs}
     except UnusableObject as exc:
         outcome.reason = exc.reason

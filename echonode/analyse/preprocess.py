@@ -24,17 +24,25 @@ The steps (METHOD.md's, with the framing choice below):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
-from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
+from echonode.analyse.decode import (
+    DecodedVideo,
+    DecodeOptions,
+    UnusableObject,
+    decode_video,
+)
 from echonode.analyse.preprocess_config import PreprocessConfig
 
 __all__ = [
     "PreprocessConfig",
+    "decode_options_for",
     "eval_clip_starts",
     "make_eval_clips",
     "normalise_clip",
@@ -222,7 +230,7 @@ def _square_resize(crop: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess_file(
-    path: str | os.PathLike[str], cfg: PreprocessConfig | None = None, **decode_kwargs: object
+    path: str | os.PathLike[str], cfg: PreprocessConfig | None = None, options: DecodeOptions | None = None
 ) -> tuple[DecodedVideo, np.ndarray]:
     """Decode a stored object and preprocess it in one call.
 
@@ -235,8 +243,9 @@ def preprocess_file(
         The stored object.
     cfg : PreprocessConfig, optional
         Defaults to ``PreprocessConfig()``.
-    **decode_kwargs
-        Passed on to :func:`echonode.analyse.decode.decode_video` (e.g. ``threads``).
+    options : DecodeOptions, optional
+        Decoding settings (threads, limits); their size, frame and frame
+        rate fields are replaced by what ``cfg`` needs.
 
     Returns
     -------
@@ -249,17 +258,27 @@ def preprocess_file(
         As :func:`echonode.analyse.decode.decode_video` and :func:`preprocess_video`.
     """
     cfg = cfg or PreprocessConfig()
-    # With resampling the number of source frames needed depends on the fps,
-    # known only after reading the header: decode them all then.
-    max_frames = None if cfg.target_fps is not None else cfg.max_frames
-    kwargs: dict[str, object] = {
-        "target_side": cfg.size,
-        "max_frames": max_frames,
-        "min_fps": cfg.min_fps,
-    }
-    kwargs.update(decode_kwargs)
-    video = decode_video(path, **kwargs)  # type: ignore[arg-type]
+    video = decode_video(path, decode_options_for([cfg], options))
     return video, preprocess_video(video, cfg)
+
+
+def decode_options_for(configs: Sequence[PreprocessConfig], base: DecodeOptions | None = None) -> DecodeOptions:
+    """The decoding that serves every one of ``configs`` at once.
+
+    The largest side and frame count any of them needs, the lowest frame
+    rate any accepts. With resampling the number of source frames needed
+    depends on the frame rate, known only after reading the header: all
+    frames are decoded then.
+    """
+    if not configs:
+        raise ValueError('Argument "configs" must hold at least one PreprocessConfig.')
+    resampling = any(c.target_fps is not None for c in configs)
+    return dataclasses.replace(
+        base or DecodeOptions(),
+        target_side=max(c.size for c in configs),
+        max_frames=None if resampling else max(c.max_frames for c in configs),
+        min_fps=min(c.min_fps for c in configs),
+    )
 
 
 # --------------------------------------------------------------------------
