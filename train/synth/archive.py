@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from train import synth_reports
-from train.synth import render
+from train.synth import render, render_alt
 from train.synth.acquisition import (
     VIEWS,
     StudyPlan,
@@ -51,7 +51,7 @@ __all__ = [
     "generate_archive",
 ]
 
-RENDERERS: dict[str, Callable] = {"polar": render.render_video}
+RENDERERS: dict[str, Callable] = {"polar": render.render_video, "raster": render_alt.render_video}
 """Renderers by name: ``polar`` (:mod:`train.synth.render`, the default) and
 ``raster`` (:mod:`train.synth.render_alt`, written apart to test transfer)."""
 
