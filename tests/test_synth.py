@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from train import synth
-from train.synth import acquisition, anatomy, dicom, render, views
+from train.metrics import auroc
+from train.synth import acquisition, anatomy, dicom, render, shortcuts, views
 from train.synth import truth as T
 
 FRAMES = 3
@@ -279,3 +280,53 @@ def test_severe_as_is_visible_as_cusp_separation() -> None:
     sas = np.array([t.severe_as for t in cases])
     assert measured[sas].max() < measured[~sas].min(), (measured, true)
     assert np.corrcoef(measured, true)[0, 1] > 0.8
+
+
+# ------------------------------------------------------------- shortcuts ---
+
+
+@pytest.fixture(scope="module")
+def plax_archive(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth-shortcuts") / "a"
+    synth.generate_archive(out, 40, seed=21, frames=2, rows=120, cols=160, views=("plax",))
+    return out
+
+
+def test_no_non_anatomical_statistic_separates_a_label(plax_archive: Path) -> None:
+    """Brightness, file size, frame count, frame rate, geometry, make, UID order:
+    none predicts LVH or severe AS beyond this small archive's sampling error
+    (bench/synth_shortcuts.py holds a large archive to 0.40-0.60)."""
+    scores = shortcuts.score_shortcuts(plax_archive)
+    names = {s.statistic for s in scores}
+    assert {"brightness", "file_size", "frames", "depth", "study_uid_order", "accession_order"} <= names
+    assert any(n.startswith("make:") for n in names)
+    assert {s.task for s in scores} == {"lvh", "severe_as"}
+    assert shortcuts.shortcuts_found(scores, z=2.0) == []
+
+
+def test_shortcut_check_catches_a_planted_giveaway(plax_archive: Path) -> None:
+    """The check can fail: a statistic that carries the label is reported."""
+    labels, stats = shortcuts.study_statistics(plax_archive)
+    planted = [shortcuts.ShortcutScore("planted", "lvh",
+                                       auroc([labels[s]["lvh"] for s in labels],
+                                             [labels[s]["lvh"] + 0.1 * i % 1 for i, s in enumerate(labels)]),
+                                       sum(v["lvh"] for v in labels.values()),
+                                       sum(1 - v["lvh"] for v in labels.values()))]
+    assert [s.statistic for s in shortcuts.shortcuts_found(planted, z=2.0)] == ["planted"]
+
+
+def test_renderers_share_anatomy_and_headers(tmp_path: Path) -> None:
+    """--renderer changes pixels only: same labels, same UIDs, same SR values."""
+    a = synth.generate_archive(tmp_path / "a", 1, seed=5, frames=2, rows=120, cols=160)
+    b = synth.generate_archive(tmp_path / "b", 1, seed=5, frames=2, rows=120, cols=160, renderer="raster")
+    assert (a.renderer, b.renderer) == ("polar", "raster")
+    assert (tmp_path / "a" / "labels.csv").read_bytes() == (tmp_path / "b" / "labels.csv").read_bytes()
+    assert (tmp_path / "a" / "videos.csv").read_bytes() == (tmp_path / "b" / "videos.csv").read_bytes()
+    row = _read_csv(tmp_path / "a" / "videos.csv")[0]
+    pa = pydicom.dcmread(tmp_path / "a" / row["path"]).pixel_array
+    pb = pydicom.dcmread(tmp_path / "b" / row["path"]).pixel_array
+    assert pa.shape == pb.shape and np.abs(pa.astype(int) - pb.astype(int)).mean() > 5
+    with pytest.raises(ValueError, match="renderer"):
+        synth.generate_archive(tmp_path / "c", 1, renderer="nope")
+    with pytest.raises(ValueError, match="views"):
+        synth.generate_archive(tmp_path / "c", 1, views=("plax", "a2c"))
