@@ -24,6 +24,9 @@ import pytest
 from PIL import Image
 
 from train import synth
+from train.metrics import auroc
+from train.synth import acquisition, anatomy, dicom, render, shortcuts, views
+from train.synth import truth as T
 
 FRAMES = 3
 
@@ -118,7 +121,7 @@ def test_csvs_consistent_with_files(archive: Path) -> None:
         assert int(ds.NumberOfFrames) == int(v["frames"])
         assert int(ds.CineRate) == int(v["fps"])
         code = ds.ViewCodeSequence[0].CodeValue
-        assert code == synth._VIEW_CODES[v["view"]][0]
+        assert code == synth.VIEW_CODES[v["view"]][0]
     assert len({v["sop_uid"] for v in videos}) == len(videos)
 
 
@@ -136,7 +139,7 @@ def test_run_synth_cli(tmp_path: Path) -> None:
 
 
 def test_label_prevalence_and_correlation() -> None:
-    draws = [synth.sample_truth(synth._rng(123, synth._PURPOSE_TRUTH, i, 0)) for i in range(2000)]
+    draws = [synth.sample_truth(T.keyed_rng(123, T.PURPOSE_TRUTH, i, 0)) for i in range(2000)]
     lvh = np.array([t.lvh for t in draws])
     sas = np.array([t.severe_as for t in draws])
     assert 0.26 < lvh.mean() < 0.34
@@ -153,7 +156,7 @@ def test_study_views_plax_counts_and_protocol() -> None:
     # EchoCLR's positive pairs need studies with distinct PLAX videos: one
     # PLAX in 30 %, two in 50 %, three in 20 % (documented in _study_views).
     rng = np.random.default_rng(5)
-    draws = [synth._study_views(rng) for _ in range(20_000)]
+    draws = [acquisition.study_views(rng) for _ in range(20_000)]
     plax = np.array([v.count("plax") for v in draws])
     for k, share in ((1, 0.3), (2, 0.5), (3, 0.2)):
         assert abs((plax == k).mean() - share) < 0.015, (k, (plax == k).mean())
@@ -175,30 +178,36 @@ def test_small_archives_get_positives() -> None:
 def _plax_frame(truth: synth.StudyTruth, phase: float, noise: int):
     """One PLAX frame at a given cardiac phase, through JPEG, plus geometry."""
     rng = np.random.default_rng(noise)
-    an = synth._anatomy(truth, rng, 1.4)
-    study = {"vendor": synth.VENDORS[noise % 4], "depth_cm": 16.0, "angle_deg": 80.0,
-             "heart_rate_bpm": 70.0, "fps": 40, "gain_db": 0.0, "freq_mhz": 2.5}
-    plan = synth._plan_video(rng, "plax", 1, study, 1, noise)
-    plan = dataclasses.replace(plan, phase0=phase)
-    rgb, geo, _ = synth.render_video(an, plan)
-    decoded = np.asarray(Image.open(io.BytesIO(synth._encode_jpeg(rgb[0], 80))).convert("L"), np.float32)
-    pose = synth._view_pose("plax", an, plan)
+    an = anatomy.sample_anatomy(truth, rng, 1.4)
+    study = acquisition.StudyPlan(vendor=synth.VENDORS[noise % 4], depth_cm=16.0, angle_deg=80.0,
+                                  heart_rate_bpm=70.0, fps=40, gain_db=0.0, freq_mhz=2.5, window=0.8)
+    plan = acquisition.plan_video(rng, "plax", 1, study, 1, noise)
+    # A clean acoustic window, as a sonographer would pick to measure.
+    plan = dataclasses.replace(plan, phase0=phase, quality=1.0, shadow_width_deg=0.0, reverb=0.1,
+                               edge_cm=0.08, psf_scale=1.0, gain_db=0.0, gamma=1.6)
+    rgb, geo, _ = render.render_video(an, plan)
+    decoded = np.asarray(Image.open(io.BytesIO(dicom.encode_jpeg(rgb[0], 80))).convert("L"), np.float32)
+    pose = render.view_pose("plax", an, plan)
     return decoded, geo, pose, an
 
 
 def _profile(img, geo, pose, u_values, v):
     """Mean intensity along v (cm) over several u, sampled bilinearly."""
     uu, vv = np.meshgrid(np.asarray(u_values, np.float32), v.astype(np.float32))
-    col, row = synth.local_to_pixel(geo, pose, uu, vv)
+    col, row = render.local_to_pixel(geo, pose, uu, vv)
     vals = cv2.remap(img, col.astype(np.float32), row.astype(np.float32), cv2.INTER_LINEAR)
     return cv2.GaussianBlur(vals.mean(axis=1), (1, 0), sigmaX=1, sigmaY=2).ravel()
 
 
-def _run(profile: np.ndarray, start: int, step: int, thr: float) -> int:
-    """Index where the profile, walking from ``start``, first crosses ``thr``."""
+def _run(profile: np.ndarray, start: int, step: int, thr: float, hold: int = 4) -> int:
+    """Index where the profile, walking from ``start``, first crosses ``thr`` and
+    stays across for ``hold`` samples (a dark speckle inside a wall is not its edge)."""
     i = start
     above = profile[i] > thr
-    while 0 < i < len(profile) - 1 and (profile[i] > thr) == above:
+    while 0 < i < len(profile) - 1:
+        ahead = profile[i:i + hold * step:step] if step > 0 else profile[max(i + hold * step + 1, 0):i + 1]
+        if len(ahead) and np.all((ahead > thr) != above):
+            break
         i += step
     return i
 
@@ -213,7 +222,7 @@ def _walls_cm(truth: synth.StudyTruth, noise: int) -> tuple[float, float]:
     # Log compression widens bright structures at low thresholds: cut close
     # to the wall's own level (a few dB under it), as calipers sit on edges.
     wall = np.median(prof[prof > dark + 0.5 * (np.percentile(prof, 90) - dark)])
-    thr = dark + 0.7 * (wall - dark)
+    thr = dark + 0.55 * (wall - dark)
     sep_in = _run(prof, i0, -1, thr)
     sep_out = _run(prof, sep_in, -1, thr)
     pw_in = _run(prof, i0, 1, thr)
@@ -240,12 +249,15 @@ def test_lvh_is_visible_as_wall_thickness() -> None:
     # The thicker wall, measured in the image, separates LVH from normal.
     assert worst[lvh].min() > worst[~lvh].max(), (worst, lvh)
     assert np.corrcoef(measured, true)[0, 1] > 0.9
-    assert np.abs(measured - true).mean() < 0.15
+    # Soft edges and the PSF widen walls by a caliper bias that is the same for all.
+    bias = float(np.median(measured - true))
+    assert abs(bias) < 0.2
+    assert np.abs(measured - true - bias).mean() < 0.1
 
 
 def _cusp_sep_cm(truth: synth.StudyTruth, noise: int) -> float:
     img, geo, pose, an = _plax_frame(truth, synth.MID_SYSTOLE_PHASE, noise)
-    ha, ta, hp, tp = synth.av_leaflet_tips(an, synth.MID_SYSTOLE_PHASE)
+    ha, ta, hp, tp = views.av_leaflet_tips(an, synth.MID_SYSTOLE_PHASE)
     u_tip = 0.5 * (ta[0] + tp[0]) - truth.av_leaflet_cm / 2 - 0.05
     dv = 0.02
     vc = 0.5 * (ha[1] + hp[1])
@@ -268,3 +280,53 @@ def test_severe_as_is_visible_as_cusp_separation() -> None:
     sas = np.array([t.severe_as for t in cases])
     assert measured[sas].max() < measured[~sas].min(), (measured, true)
     assert np.corrcoef(measured, true)[0, 1] > 0.8
+
+
+# ------------------------------------------------------------- shortcuts ---
+
+
+@pytest.fixture(scope="module")
+def plax_archive(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth-shortcuts") / "a"
+    synth.generate_archive(out, 40, seed=21, frames=2, rows=120, cols=160, views=("plax",))
+    return out
+
+
+def test_no_non_anatomical_statistic_separates_a_label(plax_archive: Path) -> None:
+    """Brightness, file size, frame count, frame rate, geometry, make, UID order:
+    none predicts LVH or severe AS beyond this small archive's sampling error
+    (bench/synth_shortcuts.py holds a large archive to 0.40-0.60)."""
+    scores = shortcuts.score_shortcuts(plax_archive)
+    names = {s.statistic for s in scores}
+    assert {"brightness", "file_size", "frames", "depth", "study_uid_order", "accession_order"} <= names
+    assert any(n.startswith("make:") for n in names)
+    assert {s.task for s in scores} == {"lvh", "severe_as"}
+    assert shortcuts.shortcuts_found(scores, z=2.0) == []
+
+
+def test_shortcut_check_catches_a_planted_giveaway(plax_archive: Path) -> None:
+    """The check can fail: a statistic that carries the label is reported."""
+    labels, stats = shortcuts.study_statistics(plax_archive)
+    planted = [shortcuts.ShortcutScore("planted", "lvh",
+                                       auroc([labels[s]["lvh"] for s in labels],
+                                             [labels[s]["lvh"] + 0.1 * i % 1 for i, s in enumerate(labels)]),
+                                       sum(v["lvh"] for v in labels.values()),
+                                       sum(1 - v["lvh"] for v in labels.values()))]
+    assert [s.statistic for s in shortcuts.shortcuts_found(planted, z=2.0)] == ["planted"]
+
+
+def test_renderers_share_anatomy_and_headers(tmp_path: Path) -> None:
+    """--renderer changes pixels only: same labels, same UIDs, same SR values."""
+    a = synth.generate_archive(tmp_path / "a", 1, seed=5, frames=2, rows=120, cols=160)
+    b = synth.generate_archive(tmp_path / "b", 1, seed=5, frames=2, rows=120, cols=160, renderer="raster")
+    assert (a.renderer, b.renderer) == ("polar", "raster")
+    assert (tmp_path / "a" / "labels.csv").read_bytes() == (tmp_path / "b" / "labels.csv").read_bytes()
+    assert (tmp_path / "a" / "videos.csv").read_bytes() == (tmp_path / "b" / "videos.csv").read_bytes()
+    row = _read_csv(tmp_path / "a" / "videos.csv")[0]
+    pa = pydicom.dcmread(tmp_path / "a" / row["path"]).pixel_array
+    pb = pydicom.dcmread(tmp_path / "b" / row["path"]).pixel_array
+    assert pa.shape == pb.shape and np.abs(pa.astype(int) - pb.astype(int)).mean() > 5
+    with pytest.raises(ValueError, match="renderer"):
+        synth.generate_archive(tmp_path / "c", 1, renderer="nope")
+    with pytest.raises(ValueError, match="views"):
+        synth.generate_archive(tmp_path / "c", 1, views=("plax", "a2c"))

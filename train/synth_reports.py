@@ -26,10 +26,17 @@ The physics
   rounded values, so anyone can recompute it.  Coded DCM 122244
   "BSA = (HT*WT/36)^0.5", the Mosteller entry of CID 3663 (height in m).
 * The aortic orifice: the Doppler velocity index DVI = AVA / A_LVOT
-  = V_LVOT / V_AV rises with the cusp separation along a logistic curve,
-  ``DVI = 0.16 + 0.76 / (1 + exp(-(sep - 1.3) / 0.18))``: a calcified valve whose
-  cusps part by less than 0.8 cm keeps DVI <= 0.205 (guidelines call DVI < 0.25
-  severe), a normal valve (1.5-2.5 cm) reaches 0.73-0.92.  The LVOT diameter is
+  = V_LVOT / V_AV rises with the cusp separation.  The separation itself is
+  drawn continuously through 0.8 cm (normal, sclerosis, moderate and severe
+  valves meet there), but DVI steps at 0.8 cm:
+  ``DVI = 0.13 + 0.075 sep / 0.8`` under it (a valve whose cusps part by less
+  than 0.8 cm keeps DVI <= 0.205; guidelines call DVI < 0.25 severe) and
+  ``DVI = 0.42 + 0.50 (1 - exp(-(sep - 0.8) / 0.6))`` from it (0.42 at 0.8 cm,
+  0.76-0.89 for a normal valve of 1.5-2.5 cm).  The step is what lets the SR's
+  Doppler rules give exactly the label the image's separation defines, with no
+  low-gradient AS between them; it lives in the SR only, the pictures have no
+  step.  The price: a moderately stenotic valve (0.8-1.4 cm) reads as mild AS
+  by Doppler (V_AV 2.0-2.5 m/s).  The LVOT diameter is
   drawn per patient (women 1.8-2.2 cm, men 2.0-2.4 cm), the LVOT peak velocity
   per study (0.85-1.05 m/s); neither reads a label.
 * Continuity: AVA = DVI x A_LVOT and V_AV = V_LVOT x A_LVOT / AVA.
@@ -42,7 +49,7 @@ The physics
 
 So every cusp separation under 0.8 cm gives V_AV >= 4.1 m/s and a mean gradient
 >= 42 mmHg (severe AS by the default rules of ``labels``), every separation of
-1.5 cm or more V_AV <= 1.45 m/s, a mean gradient <= 6 mmHg and AVA >= 1.8 cm2;
+0.8 cm or more V_AV <= 2.5 m/s, a mean gradient <= 16 mmHg and AVA >= 1.05 cm2;
 the archive has no low-gradient AS (AVA <= 1.0 cm2 with V_AV < 4 and MG < 40),
 which ``labels`` would leave undecided.  :func:`measure_study` checks these
 bounds on every study.
@@ -51,7 +58,7 @@ LVH and the mass index
 ----------------------
 METHOD.md defines LVH as IVSd or LVPWd >= 1.2 cm; the rules of ``labels`` also
 call LVH when the LV mass index exceeds 115 g/m2 (men) or 95 g/m2 (women).
-With the truth sampler's ranges (walls 0.6-1.1 cm, LVIDd 3.8-6.0 cm) and the
+With the truth sampler's ranges (normal walls up to 1.2 cm, LVIDd 3.8-6.0 cm) and the
 synthetic patients' sizes, about 15 % of studies with normal walls would have a
 mass index over the limit (a dilated LV in a small patient).  Letting
 ``labels.csv`` follow the mass index instead would tie the label to the patient's
@@ -183,8 +190,11 @@ SEVERE_VMAX_M_S = 4.0
 SEVERE_MEAN_GRADIENT_MMHG = 40.0
 LOW_GRADIENT_AVA_CM2 = 1.0
 
-# Doppler velocity index as a logistic function of the cusp separation.
-_DVI_LOW, _DVI_SPAN, _DVI_MID_CM, _DVI_WIDTH_CM = 0.16, 0.76, 1.3, 0.18
+# Doppler velocity index of the cusp separation: linear under the severe
+# threshold, a saturating rise from it (see the module docstring).
+_DVI_SEVERE_LOW, _DVI_SEVERE_SPAN = 0.13, 0.075
+_DVI_OPEN_LOW, _DVI_OPEN_SPAN, _DVI_OPEN_SCALE_CM = 0.42, 0.50, 0.6
+_SEVERE_SEP_CM = 0.8
 _LVOT_VMAX_RANGE_M_S = (0.85, 1.05)
 _LVOT_DIAMETER_CM = {"F": (1.8, 2.2), "M": (2.0, 2.4)}
 # v(t) = Vmax sin(pi t / ET)^(1/2): mean of v over ET, and of v^2.
@@ -296,7 +306,7 @@ def fit_normal_walls(ivs_cm: float, lvpw_cm: float, lvid_cm: float, body: Body) 
 
 
 def doppler_velocity_index(cusp_separation_cm: float) -> float:
-    """DVI = AVA / A_LVOT as a function of the aortic cusp separation (monotone).
+    """DVI = AVA / A_LVOT as a function of the aortic cusp separation (increasing).
 
     Parameters
     ----------
@@ -306,10 +316,12 @@ def doppler_velocity_index(cusp_separation_cm: float) -> float:
     Returns
     -------
     float
-        Between 0.16 (cusps barely parting) and 0.92 (a wide-open valve).
+        0.13-0.205 under 0.8 cm (severe AS), 0.42-0.92 from 0.8 cm on.
     """
-    z = (cusp_separation_cm - _DVI_MID_CM) / _DVI_WIDTH_CM
-    return _DVI_LOW + _DVI_SPAN / (1.0 + math.exp(-z))
+    sep = max(float(cusp_separation_cm), 0.0)
+    if sep < _SEVERE_SEP_CM:
+        return _DVI_SEVERE_LOW + _DVI_SEVERE_SPAN * sep / _SEVERE_SEP_CM
+    return _DVI_OPEN_LOW + _DVI_OPEN_SPAN * (1.0 - math.exp(-(sep - _SEVERE_SEP_CM) / _DVI_OPEN_SCALE_CM))
 
 
 def mean_gradient_mmhg(vmax_m_s: float) -> float:
