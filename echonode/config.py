@@ -8,13 +8,11 @@ start tell the administrator exactly what to fix.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import ipaddress
 import math
 import os
 import re
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 from echonode.bundles.device_spec import parse_device
-from echonode.ops.httpauth import AUTH_MODES, CredentialsError, load_credentials
+from echonode.credentials import CredentialsError, load_credentials
+from echonode.ops.httpauth import AUTH_MODES
 
 DEFAULT_CONFIG_PATH = Path("/etc/echonode/echonode.toml")
 
@@ -437,58 +436,9 @@ def _check_stow(dest: Destination, key: str) -> None:
         raise ConfigError(f"{key}.{missing}: auth (basic or bearer) and auth_file go together")
     if dest.auth:
         try:
-            read_credentials(dest.auth, dest.auth_file)
-        except ValueError as exc:
+            load_credentials(dest.auth, dest.auth_file, single=True)
+        except CredentialsError as exc:
             raise ConfigError(f"{key}.auth_file: {exc}") from None
-
-
-def read_credentials(auth: str, path: str) -> str:
-    """The HTTP ``Authorization`` header value a credentials file gives.
-
-    The file holds one line: ``user:password`` for ``basic``, the token for
-    ``bearer``. It is read at each use, so that a token rotated by another
-    program is picked up without a reload; it must not be readable by
-    others than its owner and group.
-
-    Parameters
-    ----------
-    auth : {"basic", "bearer"}
-    path : str
-        The credentials file.
-
-    Returns
-    -------
-    str
-        ``Basic <base64>`` or ``Bearer <token>``.
-
-    Raises
-    ------
-    ValueError
-        Saying what is wrong with the file, never what it holds.
-    """
-    file = Path(path)
-    try:
-        mode = file.stat().st_mode
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"no such file: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
-    if mode & stat.S_IROTH:
-        raise ValueError(f"{path} is readable by every user (mode {stat.S_IMODE(mode):o}): chmod o-r it")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) != 1:
-        raise ValueError(f"{path} must hold one line ({'user:password' if auth == 'basic' else 'the token'}),"
-                         f" found {len(lines)}")
-    (secret,) = lines
-    if auth == "basic":
-        user, sep, _ = secret.partition(":")
-        if not sep or not user:
-            raise ValueError(f"{path} must hold user:password for basic auth")
-        return "Basic " + base64.b64encode(secret.encode("utf-8")).decode("ascii")
-    if any(c.isspace() for c in secret) or not secret.isprintable():
-        raise ValueError(f"{path} must hold the bearer token alone (no spaces)")
-    return f"Bearer {secret}"
 
 
 def validate(cfg: Config) -> Config:

@@ -173,11 +173,11 @@ def test_bad_stow_destinations_name_the_key(doc: dict, key: str, words: str) -> 
 @pytest.mark.parametrize(
     "auth, text, mode, words",
     [
-        ("basic", "no-colon-here", 0o600, "must hold user:password"),
-        ("basic", ":pw", 0o600, "must hold user:password"),
-        ("basic", "a:b\nc:d", 0o600, "must hold one line"),
-        ("basic", "", 0o600, "must hold one line"),
-        ("bearer", "two words", 0o600, "the bearer token alone"),
+        ("basic", "no-colon-here", 0o600, "line 1 is not user:password"),
+        ("basic", ":pw", 0o600, "line 1 is not user:password"),
+        ("basic", "a:b\nc:d", 0o600, "must hold one user:password line, found 2"),
+        ("basic", "", 0o600, "holds no user:password line"),
+        ("bearer", "two words", 0o600, "must not contain spaces"),
         ("bearer", "token", 0o644, "readable by every user (mode 644): chmod o-r it"),
     ],
 )

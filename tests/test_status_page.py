@@ -283,6 +283,8 @@ def secrets(tmp_path: Path) -> dict[str, Path]:
     basic.write_text("# who may read the page\nadmin:s3cret:with:colons\nops:other\n")
     bearer = tmp_path / "bearer.auth"
     bearer.write_text("tok-0123456789abcdef\n")
+    for secret in (basic, bearer):
+        secret.chmod(0o640)
     return {"basic": basic, "bearer": bearer}
 
 
@@ -376,11 +378,22 @@ def test_config_errors_name_the_key(page: dict, metrics: dict, key: str) -> None
 def test_a_malformed_credentials_file_is_refused_without_quoting_it(tmp_path: Path) -> None:
     bad = tmp_path / "basic.auth"
     bad.write_text("admin-without-a-password-separator-s3cret\n")
+    bad.chmod(0o600)
     with pytest.raises(ConfigError) as err:
         parse_config({"metrics": {"enabled": True},
                       "status_page": {"enabled": True, "auth": "basic", "auth_file": str(bad)}})
     assert str(err.value).startswith("status_page.auth_file:") and "line 1" in str(err.value)
     assert "s3cret" not in str(err.value)
+
+
+def test_a_credentials_file_every_user_can_read_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "basic.auth"
+    shared.write_text("admin:s3cret\n")
+    shared.chmod(0o644)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"metrics": {"enabled": True},
+                      "status_page": {"enabled": True, "auth": "basic", "auth_file": str(shared)}})
+    assert str(err.value).startswith("status_page.auth_file:") and "chmod o-r" in str(err.value)
 
 
 # -- bounded -----------------------------------------------------------------------------------------

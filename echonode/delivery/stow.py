@@ -29,7 +29,7 @@ also raises on a 409 before reading its FailedSOPSequence, ignores a 202's
 warnings and retries inside the call, beyond the outbox's backoff.
 
 Credentials are read from ``auth_file`` at each attempt
-(:func:`echonode.config.read_credentials`) and never logged.
+(:func:`echonode.credentials.load_credentials`) and never logged.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from echonode import __version__
-from echonode.config import Destination, read_credentials
+from echonode.config import Destination
+from echonode.credentials import authorization_header, load_credentials
 from echonode.delivery.outcome import (
     DeliveryError,
     Sent,
@@ -395,7 +396,7 @@ def _authorization(dest: Destination) -> dict[str, str]:
     if not dest.auth:
         return {}
     try:
-        return {"Authorization": read_credentials(dest.auth, dest.auth_file)}
+        return {"Authorization": authorization_header(load_credentials(dest.auth, dest.auth_file, single=True))}
     except ValueError as exc:
         # Read at each attempt: the file changed since the config was checked.
         raise DeliveryError(f"credentials for {dest.name}: {exc}", permanent=True) from exc

@@ -47,12 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from echonode import __version__
-from echonode.ops.httpauth import (
-    CredentialsError,
-    authorised,
-    challenge,
-    load_credentials,
-)
+from echonode.credentials import CredentialsError, load_credentials
+from echonode.ops.httpauth import authorised, challenge
 from echonode.ops.logs import get_logger
 from echonode.studies.records import Delivered, OutboxLine, StudyLine
 from echonode.studies.states import OutboxState, StudyState
