@@ -346,7 +346,7 @@ class NodeCollector(Collector):
         for name, label, doc, counts in (
             ("loop_errors", "step", "Failed turns of a main-loop step (reload, supervise, watchdog, stop_*)",
              node.loop_errors),
-            ("job_failures", "job", "Failed runs of a scheduled job (stability, delivery, retention)",
+            ("job_failures", "job", "Failed runs of a scheduled job (stability, delivery, retention, agreement)",
              node.job_errors),
         ):
             fam = CounterMetricFamily(f"echonode_{name}", doc, labels=[label])

@@ -183,6 +183,31 @@ class ReferenceRows(JournalConnection):
             con.execute("DELETE FROM references_due WHERE study_uid = ? AND seq = ?", (ref.study_uid, int(seq)))
         return True
 
+    def requeue_references(self, *, other_than_rules: str) -> int:
+        """Queue again every study whose reference was read under other label rules.
+
+        Parameters
+        ----------
+        other_than_rules : str
+            The rules now in force, as recorded in ``study_references.rules``.
+
+        Returns
+        -------
+        int
+            Studies queued.
+        """
+        con = self._connect()
+        # Read first, without the write lock: at most starts nothing differs.
+        if con.execute("SELECT 1 FROM study_references WHERE rules != ? LIMIT 1", (other_than_rules,)).fetchone() is None:
+            return 0
+        with self._tx() as con:
+            cur = con.execute(
+                "INSERT INTO references_due (study_uid, since) SELECT study_uid, recorded FROM study_references"
+                " WHERE rules != ? ON CONFLICT(study_uid) DO UPDATE SET seq = seq + 1",
+                (other_than_rules,),
+            )
+            return int(cur.rowcount)
+
     def reference(self, study_uid: str) -> ReferenceRecord | None:
         """The recorded reference of one study, or None."""
         con = self._connect()
