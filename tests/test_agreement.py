@@ -484,3 +484,28 @@ def test_instance_record_of_an_sr_class_is_what_the_triggers_match() -> None:
     assert SR_CLASS_PREFIX == SR_SOP_CLASS_PREFIX
     assert f"substr(NEW.sop_class_uid, 1, {len(SR_CLASS_PREFIX)}) = '{SR_CLASS_PREFIX}'" in AGREEMENT_SCHEMA
     assert InstanceRecord  # the record the triggers see
+
+
+def test_metrics_and_the_status_page_read_the_summary(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from echonode.ops.prometheus import agreement_families
+    from echonode.ops.statuspage import agreement_rows
+
+    _, node, _ = _journal_with_studies(tmp_path)
+    families = {f.name: f for f in agreement_families(node.journal.agreement_summary())}
+    labels = {"model": "test-lvh", "version": "1", "task": "lvh"}
+    (auroc,) = families["echonode_agreement_auroc"].samples
+    assert auroc.labels == labels and auroc.value == pytest.approx(5 / 6)
+    assert families["echonode_agreement_studies"].samples[0].value == 5
+    assert families["echonode_agreement_sensitivity"].samples[0].value == 0.5
+    refs = {s.labels["kind"]: s.value for s in families["echonode_agreement_references"].samples}
+    assert refs == {"with_reference": 5, "without": 0, "due": 0}
+    (row,) = agreement_rows(SimpleNamespace(journal=node.journal))
+    assert (row.model, row.task, row.studies) == ("test-lvh 1", "lvh", 5) and row.auroc_ci is not None
+    # One class only: NaN, not a made-up figure; nothing at all before the first summary.
+    one = {"models": [{"model": "m", "version": "1", "task": "lvh", "studies": 2, "positives": 2, "auroc": None,
+                       "sensitivity": 1.0, "specificity": None}], "references": {}}
+    fam = {f.name: f for f in agreement_families(one)}
+    assert np.isnan(fam["echonode_agreement_auroc"].samples[0].value)
+    assert all(not f.samples for f in agreement_families(None))
