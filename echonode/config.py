@@ -227,6 +227,21 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class AgreementConfig:
+    """Reading the sonographers' measurement SRs beside the models' results (``echonode agreement``)."""
+
+    enabled: bool = True
+    #: The label rules, a TOML file like echonode/measurements/label_rules.toml
+    #: (``echonode-train labels --rules`` reads the same); empty: the default rules.
+    rules: str = ""
+    #: Seconds between two passes over the studies that received an SR.
+    check_interval_s: float = 10.0
+    #: The summary that ``status``, the metrics and the status page show is
+    #: recomputed at most this often (it reads every study with a reference).
+    summary_interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -240,6 +255,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     status_page: StatusPageConfig = field(default_factory=StatusPageConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    agreement: AgreementConfig = field(default_factory=AgreementConfig)
     #: Where the config came from (not a TOML key).
     source: str = field(default="<defaults>", compare=False)
 
@@ -546,7 +562,21 @@ def validate(cfg: Config) -> Config:
     _check_positive(r.max_age_days, "retention.max_age_days", allow_zero=True)
     _check_positive(r.max_total_gb, "retention.max_total_gb", allow_zero=True)
     _check_positive(r.check_interval_s, "retention.check_interval_s")
+    _check_agreement(cfg.agreement)
     return cfg
+
+
+def _check_agreement(a: AgreementConfig) -> None:
+    _check_positive(a.check_interval_s, "agreement.check_interval_s")
+    _check_positive(a.summary_interval_s, "agreement.summary_interval_s", allow_zero=True)
+    if a.rules:
+        # Read now, so that a bad rules file stops the start with its key named.
+        from echonode.measurements.rules import RulesError, load_rules
+
+        try:
+            load_rules(a.rules)
+        except RulesError as exc:
+            raise ConfigError(f"agreement.rules: {exc}") from None
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:

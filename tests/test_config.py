@@ -45,7 +45,7 @@ def test_example_file_parses_and_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     # Every key of every table appears in the example (commented or not).
     defaults = Config()
-    for table in ("node", "study", "models", "sr", "delivery", "logging", "metrics", "retention"):
+    for table in ("node", "study", "models", "sr", "delivery", "logging", "metrics", "retention", "agreement"):
         for key in vars(getattr(defaults, table)):
             if key == "tls":
                 assert f"[{table}.tls]" in text

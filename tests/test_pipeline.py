@@ -134,6 +134,27 @@ def test_unusable_objects_are_skipped_with_reasons(tmp_path: Path, study) -> Non
     assert all(outcomes[f.name].used for f in files)
 
 
+def test_a_cart_sr_that_differs_in_identity_does_not_hold_back_the_images(tmp_path: Path, study) -> None:
+    """A measurement SR with an empty birth date and another spelling of the name is not analysed and not
+    compared: the study is analysed and the SR copies an image's header. Images that disagree still refuse it."""
+    from tests.echo_sr import echo_sr
+
+    uid, files = study
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh")
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    cart = echo_sr("ge", {"ivsd": 1.3}, study_uid=uid)
+    cart.PatientID, cart.PatientName, cart.PatientBirthDate = src.PatientID, "OTHER^SPELLING", ""
+    sr = write(cart, tmp_path / "a-cart-sr.dcm")
+    result = analyse_study(uid, [sr, *files], _registry(models).current)
+    assert set(result.tasks) == {"lvh"} and result.header_path in {str(f) for f in files}
+    other = pydicom.dcmread(files[0])
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    other.PatientID = "SOMEONE-ELSE"
+    with pytest.raises(StudyRefused, match="PatientID"):
+        analyse_study(uid, [sr, *files, write(other, tmp_path / "other.dcm")], _registry(models).current)
+
+
 def test_identity_check() -> None:
     a, b = pydicom.Dataset(), pydicom.Dataset()
     for ds in (a, b):

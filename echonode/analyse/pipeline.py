@@ -82,6 +82,9 @@ class StudyAnalysis:
     tasks: dict[str, TaskOutcome]
     view_filter: str
     skipped_reason: str | None = None
+    #: An image of the study, whose header the SR copies the patient and
+    #: study from (None when the study has no image).
+    header_path: str | None = None
 
     @property
     def used_videos(self) -> list[VideoOutcome]:
@@ -271,7 +274,9 @@ def analyse_study(
     Raises
     ------
     StudyRefused
-        When the objects disagree on the patient's identity.
+        When the images disagree on the patient's identity (other objects,
+        a cart's measurement SR among them, are not compared when the study
+        has images: they are not analysed and the SR copies an image's header).
     """
     task_bundles = [b for b in models.bundles if b.task != "view"]
     view_bundle = models.by_task("view")
@@ -283,10 +288,13 @@ def analyse_study(
             records.append(read_record(Path(path)))
         except Exception as exc:  # noqa: BLE001 - a stored object that no longer parses
             log.warning("pipeline.unreadable_header", path=str(path), error=type(exc).__name__)
-    check_identity(records)
     # Frames of images only: SRs, documents and the like are skipped up front.
     # The headers were read without pixel data, so Rows is what says "image".
     candidates = [r for r in records if r.is_image]
+    # The images are what the SR reports on: they must agree. A cart's
+    # measurement SR with an empty birth date, or a different spelling of the
+    # name, is not read here and must not hold back the study's SR.
+    check_identity(candidates or records)
     skipped = [_outcome(r, "no pixel data") for r in records if not r.is_image]
     if len(candidates) > max_videos:
         skipped.extend(_outcome(r, f"beyond models.max_videos={max_videos}") for r in candidates[max_videos:])
@@ -379,4 +387,5 @@ def analyse_study(
             reason = "no usable video (" + "; ".join(reasons)[:300] + ")" if reasons else "no objects"
         else:
             reason = f"no video of view {', '.join(views)}"
-    return StudyAnalysis(study_uid, all_outcomes, tasks, view_filter, reason)
+    header = str(candidates[0].path) if candidates else (str(records[0].path) if records else None)
+    return StudyAnalysis(study_uid, all_outcomes, tasks, view_filter, reason, header)

@@ -234,7 +234,7 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
         try:
             # One bounded header: the study's patient and study attributes,
             # not the object's large private elements.
-            header = read_study_header(paths[0])
+            header = read_study_header(Path(analysis.header_path) if analysis.header_path else paths[0])
             ds = build_report(
                 header,
                 _findings(analysis) if not analysis.skipped_reason else [],

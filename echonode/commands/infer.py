@@ -106,7 +106,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
             not_assessed = analysis.skipped_reason
             try:
-                header = read_study_header(files[0])
+                header = read_study_header(Path(analysis.header_path) if analysis.header_path else files[0])
                 ds = build_report(header, [] if not_assessed else _findings(analysis), sop_class=cfg.sr.sop_class,
                                   series_number=cfg.sr.series_number, no_usable_video_reason=not_assessed,
                                   not_assessed=_not_assessed(analysis, registry.current, cfg.models.views)

@@ -122,11 +122,31 @@ def _print_outbox(status: dict[str, Any]) -> None:
             print(f"      last error: {o['last_error']}")
 
 
-def _status_document(snapshot: Any, models: list[dict[str, Any]]) -> dict[str, Any]:
+def _print_agreement(summary: dict[str, Any] | None) -> None:
+    """The agreement part of ``echonode status``: one line per model and task (``echonode agreement`` has more)."""
+    if not summary:
+        return
+    refs = summary.get("references", {})
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary["computed"]))
+    print(f"agreement with the sonographers ({refs.get('with_reference', 0)} studies with a reference, as of {when};"
+          " `echonode agreement` for intervals and carts):")
+    for r in summary.get("models", []):
+        auroc = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
+        sens = "-" if r["sensitivity"] is None else f"{r['sensitivity']:.3f}"
+        spec = "-" if r["specificity"] is None else f"{r['specificity']:.3f}"
+        print(f"  {r['model']} {r['version']} {r['task']}: {r['studies']} studies, {r['positives']} positive,"
+              f" AUROC {auroc}, sensitivity {sens}, specificity {spec}")
+
+
+def _status_document(snapshot: Any, models: list[dict[str, Any]], agreement: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """``echonode status --json``: the journal's :class:`~echonode.studies.records.StatusSnapshot` and the models.
 
     Its keys (CONTRACT.md): ``studies``, ``outbox``, ``study_counts``,
-    ``studies_total``, ``outbox_counts``, ``limit``, ``models``.
+    ``studies_total``, ``outbox_counts``, ``limit``, ``models``, and
+    ``agreement``: the summary the node's agreement job keeps (``computed``,
+    ``references``, ``models``: one row per model and task as
+    ``echonode agreement --json`` prints them), None before its first pass.
     """
     # Field by field rather than dataclasses.asdict, which deep-copies every
     # value: twice the time of the journal's part for `--limit 0` on 100k studies.
@@ -138,6 +158,7 @@ def _status_document(snapshot: Any, models: list[dict[str, Any]]) -> dict[str, A
         "outbox_counts": dict(snapshot.outbox_counts),
         "limit": snapshot.limit,
         "models": models,
+        "agreement": agreement,
     }
 
 
@@ -152,12 +173,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     db = cfg.journal_path
     # 0: everything, as before --limit existed (slow on a node with many studies).
     limit = args.limit or None
+    agreement = None
     if db.exists():
-        snapshot = Journal(db).snapshot(limit=limit)
+        journal = Journal(db)
+        snapshot = journal.snapshot(limit=limit)
+        agreement = journal.agreement_summary()
     else:
         snapshot = StatusSnapshot(studies=[], outbox=[], study_counts={str(s): 0 for s in StudyState},
                                   studies_total=0, outbox_counts={str(s): 0 for s in OutboxState}, limit=limit)
-    status = _status_document(snapshot, _models_summary(cfg))
+    status = _status_document(snapshot, _models_summary(cfg), agreement)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return EXIT_OK
@@ -174,6 +198,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             verdict = "present" if r["positive"] else "absent"
             print(f"      {r['task']:<10} p={r['probability']:.3f} {verdict}  [{r['model']} {r['version']}]")
     _print_outbox(status)
+    _print_agreement(status["agreement"])
     print(f"models: {len(status['models'])}")
     for m in status["models"]:
         if "error" in m:
@@ -316,6 +341,12 @@ def cmd_recover_journal(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_agreement(args: argparse.Namespace) -> int:
+    from echonode.commands.agreement import run_agreement
+
+    return run_agreement(args)
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from echonode.commands.infer import run_infer
 
@@ -391,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_discard)
 
     s = sub.add_parser(
+        "agreement",
+        help="how often each model agrees with the sonographers' measurement SRs: AUROC with 95 % CI,"
+        " sensitivity, specificity, confusion counts",
+    )
+    from echonode.commands.agreement import add_agreement_arguments
+
+    add_agreement_arguments(s)
+    s.set_defaults(func=cmd_agreement)
+
+    s = sub.add_parser(
         "recover-journal",
         help="rebuild a lost journal from storage and from the SRs already written, without sending any SR twice",
     )
@@ -405,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=None, help="where the demo keeps its node, models and PACS (default: a temp dir)")
     s.add_argument("--models", default=None, help="use these bundles instead of the demo model")
     s.set_defaults(func=cmd_demo)
+    # --config after the sub-command too (CONTRACT.md); SUPPRESS keeps one given before it.
+    for command in sub.choices.values():
+        command.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                             help="config file (as before the command)")
     return p
 
 

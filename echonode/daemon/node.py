@@ -1,7 +1,7 @@
 """``echonode serve``: wire the components, run until told to stop.
 
 The node process holds the SCP, the scheduler (stability, delivery,
-retention) and supervises the inference worker, which runs in its own
+retention, agreement) and supervises the inference worker, which runs in its own
 process so that receiving never waits for inference and a worker crash
 (out of memory, a decoder segfault) cannot take the SCP down.
 
@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import config as pydicom_config
 
+from echonode.agreement.record import ReferenceJob
 from echonode.bundles.installed import has_task_models
 from echonode.config import Config, load_config
 from echonode.ops.logs import get_logger, silence_data_warnings
@@ -129,6 +130,8 @@ class Node:
         self.scp = StorageSCP(cfg.node, self.store)
         self.stability = StabilityCheck(self.journal, cfg, has_task_models)
         self.retention = Retention(cfg.retention, self.journal, self.store)
+        #: Reads the sonographers' measurement SRs beside the results (None when ``agreement.enabled`` is off).
+        self.agreement = ReferenceJob(self.journal, cfg) if cfg.agreement.enabled else None
         self.scheduler = BackgroundScheduler(daemon=True)
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -139,7 +142,7 @@ class Node:
         self.metrics: Any = None
         #: Failed turns of each main-loop step (reload, supervise, watchdog).
         self.loop_errors = ErrorCounts()
-        #: Failed runs of each scheduled job (stability, delivery, retention).
+        #: Failed runs of each scheduled job (stability, delivery, retention, agreement).
         self.job_errors = ErrorCounts()
         self._last_watchdog = 0.0
 
@@ -193,6 +196,17 @@ class Node:
                 max_instances=1,
                 coalesce=True,
                 next_run_time=_now() + timedelta(seconds=min(60.0, self.cfg.retention.check_interval_s)),
+            )
+        if self.agreement is not None:
+            # Apart from the worker: reading an SR takes milliseconds, and a
+            # broken one can never hold up a study's AI SR.
+            self.scheduler.add_job(
+                self._job("agreement", self.agreement.run),
+                "interval",
+                seconds=self.cfg.agreement.check_interval_s,
+                id="agreement",
+                max_instances=1,
+                coalesce=True,
             )
         # Run the first stability pass now rather than after one interval.
         self.scheduler.get_job("stability").modify(next_run_time=_now())
@@ -261,6 +275,8 @@ class Node:
         ]
         if self.delivery is not None:
             parts.append(("delivery", self.delivery))
+        if self.agreement is not None:
+            parts.append(("agreement", self.agreement))
         if self.worker is not None:
             parts.append(("worker", self.worker))
         return parts

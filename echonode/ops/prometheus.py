@@ -35,6 +35,14 @@ Metrics (all prefixed ``echonode_``)::
     worker_heartbeat_age_seconds          since the worker last showed life
     loop_errors_total{step}               failed turns of a main-loop step
     job_failures_total{job}               failed runs of a scheduled job
+    agreement_studies{model,version,task} studies with a model result and a decided
+                                          reference label from the sonographers' SRs
+    agreement_positives{model,version,task}
+    agreement_auroc{model,version,task}   NaN while one class only
+    agreement_sensitivity{model,version,task}, agreement_specificity{...}
+                                          at the bundle's threshold (NaN: undefined)
+    agreement_references{kind}            studies whose SRs were read: with_reference,
+                                          without (no usable measurement SR), due
 
 ``/health`` answers 200 with ``"status": "ok"``, or 503 with ``"status":
 "unavailable"`` and ``"reasons"`` (one line per problem) when the SCP is not
@@ -218,6 +226,51 @@ def health(node: Any) -> tuple[int, dict[str, Any]]:
     return (200 if ok else 503), doc
 
 
+def agreement_families(summary: dict[str, Any] | None) -> Iterator[Any]:
+    """The agreement job's summary as gauges, per model (name, version) and task.
+
+    Parameters
+    ----------
+    summary : dict or None
+        :meth:`~echonode.studies.references.ReferenceRows.agreement_summary`
+        (one journal row: a scrape never reads the results).
+
+    Yields
+    ------
+    prometheus_client metric families
+    """
+    labels = ["model", "version", "task"]
+    families = {
+        "studies": GaugeMetricFamily("echonode_agreement_studies",
+                                     "Studies with a model result and a decided reference label from the"
+                                     " sonographers' measurement SRs", labels=labels),
+        "positives": GaugeMetricFamily("echonode_agreement_positives",
+                                       "Of those, studies whose reference label is positive", labels=labels),
+        "auroc": GaugeMetricFamily("echonode_agreement_auroc",
+                                   "AUROC of the model's probability against the reference labels (NaN: one class"
+                                   " only)", labels=labels),
+        "sensitivity": GaugeMetricFamily("echonode_agreement_sensitivity",
+                                         "Sensitivity at the bundle's threshold (NaN: no positive)", labels=labels),
+        "specificity": GaugeMetricFamily("echonode_agreement_specificity",
+                                         "Specificity at the bundle's threshold (NaN: no negative)", labels=labels),
+    }
+    references = GaugeMetricFamily("echonode_agreement_references",
+                                   "Studies whose SRs the agreement job read: with a usable measurement SR,"
+                                   " without one, and waiting to be read", labels=["kind"])
+    if summary:
+        for row in summary.get("models", []):
+            key = [str(row["model"]), str(row["version"]), str(row["task"])]
+            for name, family in families.items():
+                value = row.get(name)
+                family.add_metric(key, float("nan") if value is None else float(value))
+        refs = summary.get("references", {})
+        with_ref = int(refs.get("with_reference", 0))
+        references.add_metric(["with_reference"], with_ref)
+        references.add_metric(["without"], int(refs.get("studies", 0)) - with_ref)
+        references.add_metric(["due"], int(refs.get("due", 0)))
+    yield from (*families.values(), references)
+
+
 def delivery_families(delivery: Any) -> Iterator[Any]:
     """Each destination lane of :class:`echonode.delivery.outbox.Delivery`: in flight, for how long, stuck, cut.
 
@@ -346,13 +399,14 @@ class NodeCollector(Collector):
         for name, label, doc, counts in (
             ("loop_errors", "step", "Failed turns of a main-loop step (reload, supervise, watchdog, stop_*)",
              node.loop_errors),
-            ("job_failures", "job", "Failed runs of a scheduled job (stability, delivery, retention)",
+            ("job_failures", "job", "Failed runs of a scheduled job (stability, delivery, retention, agreement)",
              node.job_errors),
         ):
             fam = CounterMetricFamily(f"echonode_{name}", doc, labels=[label])
             for key, n in sorted(counts.totals().items()):
                 fam.add_metric([key], n)
             yield fam
+        yield from agreement_families(journal.agreement_summary())
         from echonode.bundles.installed import installed_bundles
 
         yield GaugeMetricFamily(

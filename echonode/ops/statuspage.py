@@ -167,18 +167,15 @@ class PageData:
     rows: int = 50
 
 
-# -- the agreement section's hook ------------------------------------------------------------------
+# -- the agreement section -------------------------------------------------------------------------
 
 
 def agreement_rows(node: Any) -> list[AgreementRow]:
     """The agreement figures the page shows; empty until the journal holds reference measurements.
 
-    The hook for the agreement work: when the journal records the
-    sonographers' measurements against the models' results, this returns
-    one :class:`AgreementRow` per model and task (a bounded query in the
-    journal module, as the page's other figures), and the page's
-    "Agreement with the sonographers" section shows them. Until then the
-    section says "no reference measurements yet".
+    Read from the summary the node's agreement job keeps (one journal row,
+    :meth:`~echonode.studies.references.ReferenceRows.agreement_summary`):
+    one :class:`AgreementRow` per model and task.
 
     Parameters
     ----------
@@ -188,7 +185,16 @@ def agreement_rows(node: Any) -> list[AgreementRow]:
     -------
     list of AgreementRow
     """
-    return []
+    summary = node.journal.agreement_summary()
+    rows = []
+    for r in (summary or {}).get("models", []):
+        ci = r.get("auroc_ci")
+        rows.append(AgreementRow(
+            model=f"{r['model']} {r['version']}", task=str(r["task"]), studies=int(r["studies"]),
+            auroc=r.get("auroc"), auroc_ci=(float(ci[0]), float(ci[1])) if ci else None,
+            sensitivity=r.get("sensitivity"), specificity=r.get("specificity"),
+        ))  # fmt: skip
+    return rows
 
 
 # -- reading --------------------------------------------------------------------------------------

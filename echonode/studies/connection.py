@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from echonode.studies.schema import ADDED_COLUMNS, SCHEMA, STATUS_PAGE_SCHEMA
+from echonode.studies.schema import (
+    ADDED_COLUMNS,
+    AGREEMENT_SCHEMA,
+    SCHEMA,
+    SR_CLASS_PREFIX,
+    STATUS_PAGE_SCHEMA,
+)
 
 __all__ = ["JournalConnection", "is_disk_full"]
 
@@ -80,9 +86,10 @@ class JournalConnection:
         self._local = threading.local()
         # Create the schema once, eagerly, so that errors show at start.
         # executescript manages its own transaction.
-        self._connect().executescript(SCHEMA + STATUS_PAGE_SCHEMA)
+        self._connect().executescript(SCHEMA + STATUS_PAGE_SCHEMA + AGREEMENT_SCHEMA)
         self._add_columns()
         self._count_stored()
+        self._queue_earlier_srs()
 
     # -- connection handling -------------------------------------------------
 
@@ -129,6 +136,27 @@ class JournalConnection:
                 "INSERT OR IGNORE INTO stored_totals (id, bytes, instances)"
                 " SELECT 1, COALESCE(SUM(size), 0), COUNT(*) FROM instances"
             )
+
+    def _queue_earlier_srs(self) -> None:
+        """Once per journal: queue the studies whose SRs were recorded before the ``references_due`` triggers.
+
+        A journal from an earlier echonode holds SRs that no trigger saw: their
+        studies get their reference read like any other (one scan of the
+        instances, once; a new journal's is empty).
+        """
+        con = self._connect()
+        if con.execute("SELECT 1 FROM journal_marks WHERE name = 'references_due'").fetchone() is not None:
+            return
+        with self._tx() as con:
+            if con.execute("SELECT 1 FROM journal_marks WHERE name = 'references_due'").fetchone() is not None:
+                return
+            con.execute(
+                "INSERT OR IGNORE INTO references_due (study_uid, since)"
+                " SELECT study_uid, MAX(received) FROM instances WHERE substr(sop_class_uid, 1, ?) = ?"
+                " GROUP BY study_uid",
+                (len(SR_CLASS_PREFIX), SR_CLASS_PREFIX),
+            )
+            con.execute("INSERT INTO journal_marks (name, at) VALUES ('references_due', strftime('%s', 'now'))")
 
     @staticmethod
     def _columns(con: sqlite3.Connection, table: str) -> set[str]:

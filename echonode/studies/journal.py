@@ -4,9 +4,10 @@ The journal is one class made of parts, each in its module:
 :mod:`~echonode.studies.connection` (connections, transactions),
 :mod:`~echonode.studies.states` (the state machine),
 :mod:`~echonode.studies.records` (what methods take and give),
-:mod:`~echonode.studies.outbox` (the SR outbox) and
+:mod:`~echonode.studies.outbox` (the SR outbox),
 :mod:`~echonode.studies.queries` (status, metrics, retention, the status
-page); this module holds receiving, the study lifecycle, results and
+page) and :mod:`~echonode.studies.references` (the sonographers' reference
+of each study, for the agreement figures); this module holds receiving, the study lifecycle, results and
 reports. A C-STORE is acknowledged only after its commit.
 
 Study states (CONTRACT.md)::
@@ -41,6 +42,8 @@ from echonode.studies.records import (
     StaleClaim,
     TaskResult,
 )
+from echonode.studies.references import ReferenceRows
+from echonode.studies.schema import SR_CLASS_PREFIX
 from echonode.studies.states import (
     REOPENABLE_STATES,
     SETTLED_STATES,
@@ -51,7 +54,7 @@ from echonode.studies.states import (
 )
 
 
-class Journal(OutboxRows, JournalQueries):
+class Journal(OutboxRows, JournalQueries, ReferenceRows):
     """Thread-safe access to the journal database.
 
     Parameters
@@ -75,6 +78,8 @@ class Journal(OutboxRows, JournalQueries):
         or delivered keeps its state: a late instance is stored and recorded,
         but the one SR per study and model set has been sent (use
         ``echonode reprocess`` to include it under a new model set).
+        An SR object never re-opens a study: it is recorded (and its
+        measurements read by the agreement job) whatever the study's state.
         """
         now = rec.received
         # synchronous=NORMAL for this write only: in WAL mode a commit still
@@ -106,7 +111,11 @@ class Journal(OutboxRows, JournalQueries):
                 state = StudyState.RECEIVING
             else:
                 state = as_state(row["state"])
-                if state in REOPENABLE_STATES:
+                # An SR (the sonographers' measurements, finished later at a
+                # workstation) cannot change the analysis, which reads images
+                # only: it never re-opens a study nor voids a worker's claim.
+                # The agreement job reads it (the references_due trigger).
+                if state in REOPENABLE_STATES and not rec.sop_class_uid.startswith(SR_CLASS_PREFIX):
                     state = StudyState.RECEIVING
                     con.execute(
                         "UPDATE studies SET state = ?, reason = NULL, last_received = ?, updated = ?,"
@@ -511,7 +520,7 @@ class Journal(OutboxRows, JournalQueries):
         states: Iterable[str] | None = None,
         active_before: float | None = None,
     ) -> list[str] | None:
-        """Delete a study's rows (instances, results, reports, outbox, study) in one transaction.
+        """Delete a study's rows (instances, results, reports, outbox, reference, study) in one transaction.
 
         Parameters
         ----------
@@ -561,5 +570,7 @@ class Journal(OutboxRows, JournalQueries):
             con.execute("DELETE FROM reports WHERE study_uid = ?", (study_uid,))
             con.execute("DELETE FROM results WHERE study_uid = ?", (study_uid,))
             con.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
+            for table in ("study_references", "reference_labels", "references_due"):
+                con.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))
             con.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
         return paths

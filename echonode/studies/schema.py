@@ -115,6 +115,74 @@ CREATE INDEX IF NOT EXISTS studies_state_active ON studies(state, MAX(last_recei
 CREATE INDEX IF NOT EXISTS instances_received ON instances(received);
 """
 
+# The sonographers' reference of each study that holds an SR, recorded
+# beside the models' results by the agreement job (echonode.agreement.record),
+# and the figures derived from them. Additive like the rest of the schema.
+# No patient identifier: UIDs, measured values, reasons in words, the cart.
+AGREEMENT_SCHEMA = """
+-- One row per study whose SRs were read: the measurement SR whose values
+-- count (NULL when none gives one, with the reason), the values used
+-- (JSON, labels.csv's column names), the SRs passed over and why (JSON),
+-- and the cart that acquired the images. A later SR rewrites the row.
+CREATE TABLE IF NOT EXISTS study_references (
+    study_uid       TEXT PRIMARY KEY,
+    sr_sop_uid      TEXT,
+    reason          TEXT,
+    srs             INTEGER NOT NULL,
+    not_used        TEXT NOT NULL,
+    measured        TEXT NOT NULL,
+    rules           TEXT NOT NULL,
+    manufacturer    TEXT,
+    model_name      TEXT,
+    station_name    TEXT,
+    recorded        REAL NOT NULL
+);
+-- The reference label of each task the rules decide (1, 0, NULL: undecided) and why.
+CREATE TABLE IF NOT EXISTS reference_labels (
+    study_uid       TEXT NOT NULL,
+    task            TEXT NOT NULL,
+    label           INTEGER,
+    reason          TEXT NOT NULL,
+    PRIMARY KEY (study_uid, task)
+);
+-- Studies with an SR received since their reference was last read. The
+-- triggers fill it in the transaction that records the SR (no SR is missed
+-- by a crash between the two); the agreement job empties it, row by row,
+-- only when ``seq`` is still the one it read (an SR that came meanwhile
+-- leaves the row for the next pass).
+CREATE TABLE IF NOT EXISTS references_due (
+    study_uid       TEXT PRIMARY KEY,
+    since           REAL NOT NULL,
+    seq             INTEGER NOT NULL DEFAULT 0
+);
+CREATE TRIGGER IF NOT EXISTS references_due_insert AFTER INSERT ON instances
+WHEN substr(NEW.sop_class_uid, 1, 27) = '1.2.840.10008.5.1.4.1.1.88.' BEGIN
+    INSERT INTO references_due (study_uid, since) VALUES (NEW.study_uid, NEW.received)
+    ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS references_due_update AFTER UPDATE OF received, path ON instances
+WHEN substr(NEW.sop_class_uid, 1, 27) = '1.2.840.10008.5.1.4.1.1.88.' BEGIN
+    INSERT INTO references_due (study_uid, since) VALUES (NEW.study_uid, NEW.received)
+    ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
+END;
+-- What `status`, the metrics and the status page show: one JSON document the
+-- agreement job writes, so that none of them reads every result.
+CREATE TABLE IF NOT EXISTS agreement_summary (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    computed        REAL NOT NULL,
+    document        TEXT NOT NULL
+);
+-- Once-only steps run at open (name -> when), e.g. queueing the SRs a
+-- journal held before the triggers above existed.
+CREATE TABLE IF NOT EXISTS journal_marks (
+    name            TEXT PRIMARY KEY,
+    at              REAL NOT NULL
+);
+"""
+
+#: The SR storage classes' common prefix, as the triggers above spell it (27 characters).
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
 #: Columns added to a table after its first release, as (table, column,
 #: declaration): CREATE TABLE IF NOT EXISTS leaves an older journal's table
 #: as it is, so :meth:`Journal._add_columns` adds these at open. Nullable, so
