@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from pydicom.filewriter import dcmwrite
 
-import train.data
+import train.index
 from echonode.analyse.preprocess import PreprocessConfig
 from tests.conftest import real_testfile
 from tests.factories import us_multiframe, write
-from train.data import ClipCache, build_index, split_cache
+from train.cache import ClipCache, split_cache
+from train.index import build_index
 
 CFG = PreprocessConfig(size=16)
 
@@ -193,7 +194,7 @@ def test_an_interrupted_run_keeps_its_work_and_the_rerun_completes(tmp_path: Pat
     for i in range(6):
         cine(archive / f"{i}.dcm", f"1.2.826.0.9.5.{i}", seed=i)
     write(us_multiframe(sop_uid="1.2.826.0.9.5.9", frames=3, rows=32, cols=32), archive / "9short.dcm")
-    real = train.data.preprocess_file
+    real = train.index.preprocess_file
     calls = []
 
     def interrupted(path, cfg):
@@ -202,13 +203,13 @@ def test_an_interrupted_run_keeps_its_work_and_the_rerun_completes(tmp_path: Pat
             raise KeyboardInterrupt  # Ctrl-C while the fourth file decodes
         return real(path, cfg)
 
-    monkeypatch.setattr(train.data, "preprocess_file", interrupted)
+    monkeypatch.setattr(train.index, "preprocess_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_index(archive, tmp_path / "cache", CFG, progress=False)
     # What was done before the interruption is in the manifest, not lost.
     assert {v["sop_uid"] for v in manifest(tmp_path / "cache")["videos"]} == {f"1.2.826.0.9.5.{i}" for i in range(3)}
 
-    monkeypatch.setattr(train.data, "preprocess_file", real)
+    monkeypatch.setattr(train.index, "preprocess_file", real)
     report = build_index(archive, tmp_path / "cache", CFG, progress=False)
     assert report.added == 3 and report.reused == 3 and report.cached == 6 and report.unusable == 1
     cache = ClipCache(tmp_path / "cache")
@@ -264,7 +265,7 @@ def test_a_deflate_bomb_is_listed_before_pydicom_inflates_it(tmp_path: Path, mon
     """pydicom inflates a deflated data set whole even for a header: the decoder's guard comes first."""
     from tests.corpus import _deflate_bomb
 
-    monkeypatch.setattr(train.data, "_MAX_INFLATED_BYTES", 16 * 2**20)
+    monkeypatch.setattr(train.index, "_MAX_INFLATED_BYTES", 16 * 2**20)
     archive = tmp_path / "archive"
     cine(archive / "ok.dcm", "1.2.826.0.9.6.1")
     bomb = us_multiframe(sop_uid="1.2.826.0.9.6.2", frames=4, rows=32, cols=32)

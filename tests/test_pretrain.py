@@ -1,4 +1,4 @@
-"""Tests for the clip cache (train.data) and pretraining (train.pretrain)."""
+"""Tests for the clip cache (train.index, train.cache) and pretraining (train.pretrain)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import torch
 from echonode.analyse.preprocess import PreprocessConfig
 from echonode.bundles.nets import build_model
 from tests.factories import us_multiframe, write
-from train.data import ClipCache, PairDataset, build_index
+from train.cache import ClipCache
+from train.datasets import PairDataset
+from train.index import build_index
 from train.losses import PERMUTATIONS
 from train.pretrain import PretrainModel, main, reorder_at_chance, train_one_epoch
 

@@ -12,7 +12,7 @@ def _commands() -> list[tuple[str, str, str, str]]:
     # imported only for the command that runs.
     return [
         ("synth", "write a synthetic echo archive (DICOM + labels.csv)", "train.synth", "synth"),
-        ("index", "preprocess every usable video of an archive into a clip cache", "train.data", "index"),
+        ("index", "preprocess every usable video of an archive into a clip cache", "train.index", "index"),
         ("labels", "LVH / severe-AS labels from the sonographers' measurement SRs", "train.labels", "labels"),
         ("pretrain", "self-supervised pretraining (EchoCLR, MI-SimCLR, SimCLR)", "train.pretrain", "pretrain"),
         ("finetune", "supervised fine-tuning into a model bundle", "train.finetune", "finetune"),

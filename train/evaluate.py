@@ -33,13 +33,8 @@ from torch.utils.data import DataLoader
 from echonode.bundles.manifest import BINARY_TASKS, BundleError
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
 from echonode.bundles.weights import load_bundle
-from train.data import (
-    ClipCache,
-    ClipDataset,
-    load_study_labels,
-    manifest_hash,
-    split_cache,
-)
+from train.cache import ClipCache, load_study_labels, manifest_hash, split_cache
+from train.datasets import ClipDataset
 from train.finetune import prepare_task, summarise
 from train.metrics import auroc, average_precision, group_mean, pr_curve, roc_curve
 from train.splits import SPLIT_FILE, SPLIT_SCHEME, SplitRecord, check_no_overlap

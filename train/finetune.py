@@ -7,7 +7,7 @@
   the *task's own column* of ``labels.csv``; the public code trained its
   "LVH" models on the AS column) and ``view`` (multi-class, every video with
   a known view, the view from the cache manifest).
-* Splits by patient (:func:`train.data.split_cache`: a patient's split is a
+* Splits by patient (:func:`train.cache.split_cache`: a patient's split is a
   seeded hash of its key, the same for pretraining and every task); the
   label fraction is sampled by study among the training studies with a
   fixed seed. A pretraining run that saw a validation or test study is
@@ -51,14 +51,9 @@ from echonode.bundles.manifest import BINARY_TASKS, TASKS, BundleMeta
 from echonode.bundles.nets import build_model, normalise_for_model
 from echonode.bundles.weights import save_bundle
 from train.augment import AugmentConfig
+from train.cache import ClipCache, load_study_labels, manifest_hash, split_cache
 from train.configs import flat_dict, from_namespace
-from train.data import (
-    ClipCache,
-    ClipDataset,
-    load_study_labels,
-    manifest_hash,
-    split_cache,
-)
+from train.datasets import ClipDataset
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
 from train.splits import (
@@ -139,7 +134,7 @@ def prepare_task(
         ``labels.csv`` rows (one per study).
     task : {"lvh", "severe_as", "view"}
     splits : mapping
-        Split name -> study UIDs (from :func:`train.data.split_cache`).
+        Split name -> study UIDs (from :func:`train.cache.split_cache`).
     fraction : float
         Fraction of the labelled training studies used (by study).
     fraction_seed : int

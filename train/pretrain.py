@@ -41,8 +41,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from echonode.bundles.nets import build_model
 from train.augment import AugmentConfig
+from train.cache import ClipCache, manifest_hash, split_cache
 from train.configs import flat_dict, from_namespace
-from train.data import METHODS, ClipCache, PairDataset, manifest_hash, split_cache
+from train.datasets import METHODS, PairDataset
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, nt_xent_loss, reorder_loss
 from train.presets import add_preset_argument, apply_preset
 from train.splits import SPLIT_FILE, SplitRecord

@@ -1,4 +1,4 @@
-"""The clip cache (``echonode-train index``) and the training datasets.
+"""``echonode-train index``: an archive of DICOM files into a clip cache.
 
 Cache layout::
 
@@ -8,12 +8,8 @@ Cache layout::
 Each usable video is decoded and preprocessed once, by the node's own code
 (:func:`echonode.analyse.preprocess.preprocess_file`), so training sees exactly the
 pixels the node will see at inference. One ``.npy`` per video keeps the
-cache incremental (a new study adds files, nothing is rewritten) and is read
-with ``mmap_mode="r"``, so a data-loader worker touches only the frames of the
-clip it cuts.
-
-The manifest holds no patient identifiers: patients are a pseudonymous
-``patient_key`` (:func:`train.splits.patient_key`), enough to split by patient.
+cache incremental (a new study adds files, nothing is rewritten).
+Reading the cache is :mod:`train.cache`.
 """
 
 from __future__ import annotations
@@ -28,61 +24,32 @@ import os
 import tempfile
 import time
 import warnings
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from echonode.analyse.decode import (
     DEFAULT_MAX_DECODED_BYTES,
     DecodedVideo,
     UnusableObject,
 )
-from echonode.analyse.preprocess import (
-    PreprocessConfig,
-    make_eval_clips,
-    preprocess_file,
-    training_clip,
-)
+from echonode.analyse.preprocess import PreprocessConfig, preprocess_file
 from echonode.dicomfile import InflatesTooLarge
 from echonode.header import read_header
-from train.augment import AugmentConfig, augment_clip
-from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, permute_clip
-from train.splits import patient_key, split_by_patient
+from train.cache import MANIFEST, MANIFEST_VERSION, _study_patient_keys, load_manifest
+from train.splits import patient_key
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset as DicomDataset
 
-__all__ = [
-    "MANIFEST",
-    "METHODS",
-    "ClipCache",
-    "ClipDataset",
-    "IndexReport",
-    "PairDataset",
-    "add_index_arguments",
-    "build_index",
-    "load_study_labels",
-    "manifest_hash",
-    "split_cache",
-    "run_index",
-]
+__all__ = ["IndexReport", "add_index_arguments", "build_index", "run_index"]
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-METHODS: tuple[str, ...] = ("echoclr", "mi-simclr", "simclr")
 #: Files in an archive that are data about the archive, not DICOM objects.
 _SIDECAR_SUFFIXES = {".csv", ".json", ".txt", ".md", ".toml", ".log", ".npy", ".png"}
 
-
-# --------------------------------------------------------------------------
-# Index
 
 
 @dataclass
@@ -170,25 +137,6 @@ def _safe_name(uid: str) -> str:
         return uid
     return hashlib.sha256(uid.encode()).hexdigest()[:32]
 
-
-def load_manifest(cache_dir: str | os.PathLike[str]) -> dict:
-    """Read ``CACHE/manifest.json``.
-
-    Raises
-    ------
-    FileNotFoundError
-        With a message that says how to make one.
-    """
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no clip cache here; build one with `echonode-train index ARCHIVE --out {cache_dir}`")
-    with open(path) as fh:
-        return json.load(fh)
-
-
-def manifest_hash(cache_dir: str | os.PathLike[str]) -> str:
-    """SHA-256 of the manifest: identifies the training data in provenance."""
-    return hashlib.sha256((Path(cache_dir) / MANIFEST).read_bytes()).hexdigest()
 
 
 class _NotDicom(Exception):
@@ -624,14 +572,6 @@ def _build_index_locked(
     return report
 
 
-def _study_patient_keys(videos: Iterable[Mapping]) -> dict[str, set[str]]:
-    """Study UID -> the patient keys its videos carry (one, unless a study
-    was filed under two patients)."""
-    keys: dict[str, set[str]] = defaultdict(set)
-    for v in videos:
-        keys[v["study_uid"]].add(v["patient_key"])
-    return keys
-
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``echonode-train index``."""
@@ -679,304 +619,3 @@ def run_index(ns: argparse.Namespace) -> int:
             "their patients are kept on one side of the split (the manifest lists them by study_uid)"
         )
     return 0
-
-
-# --------------------------------------------------------------------------
-# Reading the cache
-
-
-class ClipCache:
-    """Read access to a clip cache.
-
-    Parameters
-    ----------
-    cache_dir : path
-        A folder written by :func:`build_index`.
-    """
-
-    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
-        self.root = Path(cache_dir)
-        self.manifest = load_manifest(self.root)
-        self.videos: list[dict] = list(self.manifest["videos"])
-        self.by_sop: dict[str, dict] = {v["sop_uid"]: v for v in self.videos}
-        self.size = int(self.manifest["preprocess"]["size"])
-
-    def frames(self, sop_uid: str) -> np.ndarray:
-        """``(T, S, S)`` uint8 frames, memory-mapped (read-only)."""
-        return np.load(self.root / self.by_sop[sop_uid]["file"], mmap_mode="r")
-
-    def study_patient(self) -> dict[str, str]:
-        """Study UID -> patient key, for splitting by patient.
-
-        A study whose videos name two patients (a merge, a typo at the
-        modality) joins them: every study of either gets one key (the
-        smallest), so that no split holds a heart that another split holds.
-        """
-        parent: dict[str, str] = {}
-
-        def root(key: str) -> str:
-            parent.setdefault(key, key)
-            while parent[key] != key:
-                parent[key] = parent[parent[key]]
-                key = parent[key]
-            return key
-
-        for keys in _study_patient_keys(self.videos).values():
-            first, *rest = sorted(keys)
-            for key in rest:
-                a, b = root(first), root(key)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-        return {study: root(min(keys)) for study, keys in _study_patient_keys(self.videos).items()}
-
-    def videos_of(self, studies: Iterable[str], views: Sequence[str] | None = None) -> list[dict]:
-        """Manifest entries of the given studies, optionally of some views only."""
-        wanted = set(studies)
-        allowed = None if views is None else {v.lower() for v in views}
-        return [v for v in self.videos if v["study_uid"] in wanted and (allowed is None or v["view"] in allowed)]
-
-
-def load_study_labels(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Rows of a ``labels.csv`` (one per study)."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and "study_uid" not in rows[0]:
-        raise ValueError(f"{path}: labels file has no study_uid column")
-    return rows
-
-
-def split_cache(
-    cache: ClipCache,
-    *,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> dict[str, list[str]]:
-    """The archive's patient-level split, the same for pretraining and every task.
-
-    Each study goes where its patient's key puts it
-    (:func:`train.splits.assign_split`), whatever else the cache holds and
-    whatever the labels say; see :mod:`train.splits`.
-    """
-    return split_by_patient(cache.study_patient(), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-
-
-def _resize(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """Area-resize ``(C, T, H, W)`` frames to ``size`` x ``size`` (a cache at
-    112 px serves a 32 px ``tiny`` run without re-indexing)."""
-    if clip.shape[-1] == size and clip.shape[-2] == size:
-        return clip
-    c, t, h, w = clip.shape
-    return F.interpolate(clip.reshape(c * t, 1, h, w), size=(size, size), mode="area").reshape(c, t, size, size)
-
-
-def _normalise(clip: torch.Tensor) -> torch.Tensor:
-    """Per-clip min-max to [0, 1], zeros for a constant clip (as
-    :func:`echonode.analyse.preprocess.normalise_clip`)."""
-    lo, hi = clip.min(), clip.max()
-    if hi <= lo:
-        return torch.zeros_like(clip)
-    return (clip - lo) / (hi - lo)
-
-
-def _sample_seed(seed: int, epoch: int, index: int, salt: int = 0) -> int:
-    """A per-sample seed: augmentation depends on (seed, epoch, index) only,
-    not on worker count, process count or where a run was resumed."""
-    return int(np.random.SeedSequence([seed, epoch, index, salt]).generate_state(1)[0])
-
-
-class _CacheDataset(Dataset):
-    """Shared plumbing: cache, epoch-keyed randomness, clip making."""
-
-    def __init__(self, cache: ClipCache, size: int, seed: int) -> None:
-        self.cache = cache
-        self.size = int(size)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random draws ``__getitem__`` makes."""
-        self.epoch = int(epoch)
-
-    def _generators(self, index: int, salt: int = 0) -> tuple[np.random.Generator, torch.Generator]:
-        s = _sample_seed(self.seed, self.epoch, index, salt)
-        return np.random.default_rng(s), torch.Generator().manual_seed(s)
-
-    def _train_clip(
-        self,
-        sop_uid: str,
-        clip_frames: int,
-        rng: np.random.Generator,
-        gen: torch.Generator,
-        augment: AugmentConfig | None,
-        raw: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random-start clip -> resize -> augment -> normalise -> 3 channels.
-
-        Returns the finished clip and the pre-augmentation clip (SimCLR
-        augments one clip twice).
-        """
-        if raw is None:
-            frames = self.cache.frames(sop_uid)
-            u8 = training_clip(frames, clip_frames, rng)
-            raw = _resize(torch.from_numpy(np.array(u8, dtype=np.float32)).unsqueeze(0), self.size)
-        x = augment_clip(raw, augment, gen) if augment is not None else raw
-        return _normalise(x).expand(3, -1, -1, -1).contiguous(), raw
-
-
-class PairDataset(_CacheDataset):
-    """Positive pairs for contrastive pretraining.
-
-    * ``echoclr``: every unordered pair of distinct videos of one study (a
-      study with one video pairs it with itself), each view a random clip,
-      augmented independently, then frame-permuted by a uniformly drawn one of
-      the 24 orderings (the label is returned).
-    * ``mi-simclr``: the same pairs, no reordering (labels are 0).
-    * ``simclr``: one clip of one video, augmented twice.
-
-    Items are dicts ``{"x1", "x2", "perm1", "perm2"}`` with ``x`` of shape
-    ``(3, clip_frames, size, size)``.
-
-    Parameters
-    ----------
-    cache : ClipCache
-    studies : sequence of str
-        Study UIDs to draw from (the training split).
-    method : {"echoclr", "mi-simclr", "simclr"}
-    clip_frames : int
-        4 in the paper (required for reordering).
-    size : int
-        Frame side fed to the network.
-    views : sequence of str or None
-        Views to use (``("plax",)``); None for all.
-    augment : AugmentConfig or None
-        None disables augmentation.
-    seed : int
-    """
-
-    def __init__(
-        self,
-        cache: ClipCache,
-        studies: Sequence[str],
-        method: str = "echoclr",
-        clip_frames: int = 4,
-        size: int = 112,
-        views: Sequence[str] | None = ("plax",),
-        augment: AugmentConfig | None = AugmentConfig(),
-        seed: int = 0,
-    ) -> None:
-        super().__init__(cache, size, seed)
-        if method not in METHODS:
-            raise ValueError(f'Argument "method" must be one of {", ".join(METHODS)}; got {method!r}.')
-        if method == "echoclr" and clip_frames != REORDER_FRAMES:
-            raise ValueError(f'Argument "clip_frames" must be {REORDER_FRAMES} for frame reordering; got {clip_frames}.')
-        self.method = method
-        self.clip_frames = int(clip_frames)
-        self.augment = augment
-        by_study: dict[str, list[str]] = defaultdict(list)
-        for v in cache.videos_of(studies, views):
-            by_study[v["study_uid"]].append(v["sop_uid"])
-        #: The studies whose videos the pairs are drawn from.
-        self.studies: tuple[str, ...] = tuple(sorted(by_study))
-        self.pairs: list[tuple[str, str]] = []
-        for study in sorted(by_study):
-            sops = sorted(by_study[study])
-            if method == "simclr":
-                self.pairs.extend((s, s) for s in sops)
-            elif len(sops) == 1:
-                self.pairs.append((sops[0], sops[0]))
-            else:
-                self.pairs.extend(itertools.combinations(sops, 2))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng, gen = self._generators(index)
-        a, b = self.pairs[index]
-        x1, raw = self._train_clip(a, self.clip_frames, rng, gen, self.augment)
-        if self.method == "simclr":
-            x2, _ = self._train_clip(b, self.clip_frames, rng, gen, self.augment, raw=raw)
-        else:
-            x2, _ = self._train_clip(b, self.clip_frames, rng, gen, self.augment)
-        p1 = p2 = 0
-        if self.method == "echoclr":
-            p1, p2 = (int(v) for v in torch.randint(0, NUM_PERMUTATIONS, (2,), generator=gen))
-            x1, x2 = permute_clip(x1, p1), permute_clip(x2, p2)
-        return {"x1": x1, "x2": x2, "perm1": torch.tensor(p1), "perm2": torch.tensor(p2)}
-
-
-class ClipDataset(_CacheDataset):
-    """Labelled clips for fine-tuning and evaluation.
-
-    Training (``train=True``): one random clip per video per epoch,
-    augmented; item ``(x, y)`` with ``x`` ``(3, T, S, S)``. With
-    ``repeats`` > 1 an epoch visits every video ``repeats`` times, each visit
-    a fresh random clip and augmentation (a small label fraction then gets
-    as many optimiser steps per epoch as a larger one).
-    Evaluation: ``eval_clips`` evenly spaced clips
-    (:func:`echonode.analyse.preprocess.eval_clip_starts`), no augmentation; item
-    ``(x, y)`` with ``x`` ``(eval_clips, 3, T, S, S)``.
-
-    Parameters
-    ----------
-    cache : ClipCache
-    videos : sequence of dict
-        Manifest entries.
-    targets : sequence
-        One target per video (float 0/1 for binary tasks, class index for
-        multi-class).
-    clip_frames, size : int
-    train : bool
-    augment : AugmentConfig or None
-    eval_clips : int
-    seed : int
-    repeats : int
-        Visits of each video per training epoch (ignored for evaluation).
-    """
-
-    def __init__(
-        self,
-        cache: ClipCache,
-        videos: Sequence[dict],
-        targets: Sequence[float | int],
-        clip_frames: int = 16,
-        size: int = 112,
-        train: bool = True,
-        augment: AugmentConfig | None = AugmentConfig(),
-        eval_clips: int = 4,
-        seed: int = 0,
-        repeats: int = 1,
-    ) -> None:
-        super().__init__(cache, size, seed)
-        if len(videos) != len(targets):
-            raise ValueError(f'Arguments "videos" and "targets" must have the same length; got {len(videos)} and {len(targets)}.')
-        self.videos = list(videos)
-        self.targets = list(targets)
-        self.clip_frames = int(clip_frames)
-        self.train = bool(train)
-        self.augment = augment if train else None
-        self.eval_clips = int(eval_clips)
-        if repeats < 1:
-            raise ValueError(f'Argument "repeats" must be at least 1; got {repeats}.')
-        self.repeats = int(repeats) if self.train else 1
-
-    def __len__(self) -> int:
-        return len(self.videos) * self.repeats
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        visit, index = divmod(index, len(self.videos))
-        video = self.videos[index]
-        target = torch.tensor(self.targets[index])
-        if self.train:
-            # The first visit keeps the draws it had before repeats existed.
-            rng, gen = self._generators(index, salt=visit)
-            x, _ = self._train_clip(video["sop_uid"], self.clip_frames, rng, gen, self.augment)
-            return x, target
-        frames = np.asarray(self.cache.frames(video["sop_uid"]))
-        cfg = PreprocessConfig(size=self.cache.size, clip_frames=self.clip_frames, eval_clips=self.eval_clips)
-        # The node's own clip maker, so evaluation sees what inference sees.
-        clips = torch.from_numpy(make_eval_clips(frames, cfg))
-        if clips.shape[-1] != self.size:
-            clips = torch.stack([_resize(c, self.size) for c in clips])
-        return clips, target
