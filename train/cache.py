@@ -20,6 +20,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 
@@ -28,7 +29,9 @@ from train.splits import split_by_patient
 __all__ = [
     "MANIFEST",
     "MANIFEST_VERSION",
+    "CacheDirs",
     "ClipCache",
+    "cache_argument",
     "load_manifest",
     "load_study_labels",
     "manifest_hash",
@@ -37,6 +40,7 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+
 
 def load_manifest(cache_dir: str | os.PathLike[str]) -> dict:
     """Read ``CACHE/manifest.json``.
@@ -67,25 +71,86 @@ def _study_patient_keys(videos: Iterable[Mapping]) -> dict[str, set[str]]:
     return keys
 
 
+CacheDirs = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+def cache_argument(values: Sequence[str]) -> str | tuple[str, ...]:
+    """``--data``'s values as a run's configuration stores them: one cache
+    as its path (as runs made before several caches could be given have
+    it), several as a tuple."""
+    return str(values[0]) if len(values) == 1 else tuple(str(v) for v in values)
+
+
 class ClipCache:
-    """Read access to a clip cache.
+    """Read access to a clip cache, or to several read as one.
+
+    Several caches are typically the shards of one archive, each indexed on
+    another machine (``echonode-train index --shard I/N``); their manifests
+    are merged: the videos of all, in the order one cache of the whole
+    archive would list them. A video (SOP Instance UID) in two caches is
+    read from the first named and counted in :attr:`duplicates`.
 
     Parameters
     ----------
-    cache_dir : path
-        A folder written by :func:`build_index`.
+    cache_dirs : path or sequence of paths
+        Folders written by :func:`train.index.build_index`, all with the
+        same preprocessing settings.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a folder holds no cache.
+    ValueError
+        If no folder is given, or the caches were preprocessed differently.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
-        self.root = Path(cache_dir)
-        self.manifest = load_manifest(self.root)
-        self.videos: list[dict] = list(self.manifest["videos"])
+    def __init__(self, cache_dirs: CacheDirs) -> None:
+        roots = [Path(cache_dirs)] if isinstance(cache_dirs, (str, os.PathLike)) else [Path(d) for d in cache_dirs]
+        if not roots:
+            raise ValueError('Argument "cache_dirs" must name at least one cache.')
+        manifests = [load_manifest(root) for root in roots]
+        for root, manifest in zip(roots[1:], manifests[1:]):
+            if manifest.get("preprocess") != manifests[0].get("preprocess"):
+                raise ValueError(
+                    f"{root}: preprocessed with {manifest.get('preprocess')}, {roots[0]} with "
+                    f"{manifests[0].get('preprocess')}; caches read together must share their settings"
+                )
+        #: The caches, in the order given; :attr:`root` is the first.
+        self.roots: tuple[Path, ...] = tuple(roots)
+        self.root = roots[0]
+        self._root_of: dict[str, Path] = {}
+        #: Videos found in more than one cache (read from the first).
+        self.duplicates = 0
+        videos: list[dict] = []
+        for root, manifest in zip(roots, manifests):
+            for v in manifest["videos"]:
+                if v["sop_uid"] in self._root_of:
+                    self.duplicates += 1
+                    continue
+                self._root_of[v["sop_uid"]] = root
+                videos.append(v)
+        if len(roots) == 1:
+            self.manifest = manifests[0]
+        else:
+            videos.sort(key=lambda v: (v["study_uid"], v["series_uid"], v["sop_uid"]))
+            self.manifest = {
+                "version": manifests[0].get("version"), "preprocess": manifests[0]["preprocess"], "videos": videos,
+                "unusable": sorted((u for m in manifests for u in m["unusable"]), key=lambda u: u["source"]["path"]),
+                "caches": [str(root) for root in roots],
+            }  # fmt: skip
+        self.videos: list[dict] = list(videos)
         self.by_sop: dict[str, dict] = {v["sop_uid"]: v for v in self.videos}
         self.size = int(self.manifest["preprocess"]["size"])
+        #: Identifies the training data in provenance: the manifest's SHA-256
+        #: for one cache; for several, the SHA-256 of theirs in the order given.
+        self.manifest_sha256 = (
+            manifest_hash(self.root) if len(roots) == 1
+            else hashlib.sha256("\n".join(manifest_hash(root) for root in roots).encode()).hexdigest()
+        )  # fmt: skip
 
     def frames(self, sop_uid: str) -> np.ndarray:
         """``(T, S, S)`` uint8 frames, memory-mapped (read-only)."""
-        return np.load(self.root / self.by_sop[sop_uid]["file"], mmap_mode="r")
+        return np.load(self._root_of[sop_uid] / self.by_sop[sop_uid]["file"], mmap_mode="r")
 
     def study_patient(self) -> dict[str, str]:
         """Study UID -> patient key, for splitting by patient.

@@ -17,39 +17,39 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import itertools
 import json
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from echonode.analyse.decode import (
-    DEFAULT_MAX_DECODED_BYTES,
-    DecodedVideo,
-    UnusableObject,
-)
-from echonode.analyse.preprocess import PreprocessConfig, preprocess_file
-from echonode.dicomfile import InflatesTooLarge
-from echonode.header import read_header
+from echonode.analyse.preprocess import PreprocessConfig
 from train.cache import MANIFEST, MANIFEST_VERSION, _study_patient_keys, load_manifest
+from train.index_worker import (
+    ELSEWHERE,
+    KNOWN,
+    NOT_DICOM,
+    REFUSED,
+    UNREADABLE,
+    Examined,
+    Examiner,
+    Shard,
+    Task,
+    examined_in_order,
+    safe_name,
+    stamp,
+)
 from train.splits import patient_key
 
-if TYPE_CHECKING:
-    from pydicom.dataset import Dataset as DicomDataset
-
-__all__ = ["IndexReport", "add_index_arguments", "build_index", "run_index"]
+__all__ = ["IndexReport", "Shard", "add_index_arguments", "build_index", "default_workers", "run_index"]
 
 #: Files in an archive that are data about the archive, not DICOM objects.
 _SIDECAR_SUFFIXES = {".csv", ".json", ".txt", ".md", ".toml", ".log", ".npy", ".png"}
-
 
 
 @dataclass
@@ -80,6 +80,11 @@ class IndexReport:
     patient_conflicts : int
         Studies whose videos name more than one patient (their patients are
         kept on one side of every split; see :meth:`ClipCache.study_patient`).
+    elsewhere : int
+        Files of studies that belong to another shard (``--shard``): read
+        to their header, not decoded, not listed.
+    workers : int
+        Processes that decoded.
     manifest : str
         Path of the manifest.
     seconds : float
@@ -95,6 +100,8 @@ class IndexReport:
     missing: int = 0
     removed: int = 0
     patient_conflicts: int = 0
+    elsewhere: int = 0
+    workers: int = 1
     manifest: str = ""
     seconds: float = 0.0
 
@@ -111,18 +118,6 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read_videos_csv(path: Path | None) -> dict[str, dict[str, str]]:
     """``sop_uid -> row`` of a ``videos.csv`` (view and patient per video)."""
     if path is None or not path.is_file():
@@ -131,91 +126,6 @@ def _read_videos_csv(path: Path | None) -> dict[str, dict[str, str]]:
         return {row["sop_uid"]: row for row in csv.DictReader(fh) if row.get("sop_uid")}
 
 
-def _safe_name(uid: str) -> str:
-    """A file name for a UID (UIDs are digits and dots; anything else is hashed)."""
-    if uid and all(c.isdigit() or c == "." for c in uid) and len(uid) <= 64:
-        return uid
-    return hashlib.sha256(uid.encode()).hexdigest()[:32]
-
-
-
-class _NotDicom(Exception):
-    """The file is not DICOM at all: ignored, not listed."""
-
-
-def _looks_like_bare_dicom(path: Path) -> bool:
-    """Whether a file pydicom refused as Part 10 is DICOM all the same.
-
-    Two shapes occur in exports: ``DICM`` and the file meta without the
-    128-byte preamble, and a bare dataset (no preamble, no file meta) that
-    starts at group 0002 or 0008 and names its SOP class and instance. Only
-    files that start like one are parsed with ``force=True``, which reads
-    anything (a JPEG too) as a few garbage elements.
-    """
-    import pydicom
-
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
-        return False
-    if head == b"DICM":
-        return True
-    if head[:2] not in (b"\x02\x00", b"\x08\x00"):  # little-endian group 0002 or 0008
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        return bool(ds.get("SOPClassUID")) and bool(ds.get("SOPInstanceUID"))
-    except Exception:  # noqa: BLE001 - a forced read of a non-DICOM file raises anything
-        return False
-
-
-def _read_header(path: Path) -> DicomDataset:
-    """The header (no pixel data) of a DICOM Part 10 file.
-
-    Raises
-    ------
-    _NotDicom
-        If the file is not DICOM.
-    UnusableObject
-        If it is DICOM the node cannot read (no Part 10 header, cut short,
-        a header that does not parse, a file that cannot be opened). The
-        reason never quotes data from the file: a parse error can hold a
-        patient's name or birth date.
-    """
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        # The node's bounded read: a large element (a cart's private raw
-        # data) is left unread. It first runs the decoder's guard against a
-        # deflate bomb (pydicom inflates a deflated data set whole, pixels or
-        # not). A header cut short is found by the decode that follows
-        # (where reading stopped against the file's size), not here.
-        header = read_header(path, max_inflated_bytes=_MAX_INFLATED_BYTES).dataset
-    except InflatesTooLarge as exc:
-        raise UnusableObject(str(exc)) from exc
-    except InvalidDicomError as exc:
-        if _looks_like_bare_dicom(path):
-            raise UnusableObject(
-                "DICOM without the 128-byte preamble and 'DICM' file header; the node reads Part 10 "
-                "files only: export with the DICOM file meta header"
-            ) from exc
-        raise _NotDicom(str(exc)) from exc
-    except OSError as exc:
-        raise UnusableObject(f"cannot read the file ({exc.strerror or type(exc).__name__})") from exc
-    except Exception as exc:  # pydicom raises many types for a broken header
-        raise UnusableObject(f"DICOM header does not parse ({type(exc).__name__})") from exc
-    return header
-
-
-#: A deflated data set inflating past this is refused before pydicom reads it
-#: (the decoder's own limit).
-_MAX_INFLATED_BYTES = DEFAULT_MAX_DECODED_BYTES
-
-#: Media Storage Directory Storage: a DICOMDIR indexes the media, holds no image.
-_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Records changed between two saves of the manifest during a run.
 _SAVE_EVERY = 200
 
@@ -239,6 +149,7 @@ class _IndexRun:
         cfg: PreprocessConfig,
         video_rows: Mapping[str, Mapping[str, str]],
         report: IndexReport,
+        examiner: Examiner,
     ) -> None:
         self.archive = archive
         self.cache = cache
@@ -246,6 +157,8 @@ class _IndexRun:
         self.cfg = cfg
         self.video_rows = video_rows
         self.report = report
+        #: Examines, in this process, a file whose plan proved wrong.
+        self.examiner = examiner
         self.videos: dict[str, dict] = {v["sop_uid"]: v for v in manifest["videos"]}
         self.unusable: dict[str, dict] = {u["source"]["path"]: u for u in manifest["unusable"]}
         self.by_path: dict[str, dict] = {v["source"]["path"]: v for v in self.videos.values()}
@@ -256,27 +169,43 @@ class _IndexRun:
         self.doomed: set[str] = set()
         self.changes = 0
 
-    def visit(self, path: Path) -> None:
-        """Bring the record of one file of the archive up to date."""
-        rel = str(path.relative_to(self.archive))
-        try:
-            st = path.stat()
-        except OSError as exc:  # gone since the scan, or a dangling link
-            self._list(rel, {"path": rel, "bytes": 0, "mtime_ns": 0}, "", f"cannot read the file ({exc.strerror})")
-            return
-        source = {"path": rel, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-        def unchanged(record: Mapping) -> bool:
-            return record["source"]["bytes"] == st.st_size and record["source"]["mtime_ns"] == st.st_mtime_ns
-
+    def fresh(self, rel: str, st: os.stat_result) -> bool:
+        """Whether the record of ``rel`` may stand as it is (nothing to read),
+        judged on what the manifest held when the run began (to plan the work)."""
         video = self.by_path.get(rel)
-        fresh = video is not None and video["source"]["path"] == rel and unchanged(video)
+        if video is not None and video["source"]["path"] == rel and _unchanged(video, st):
+            return True
+        listing = self.unusable.get(rel)
+        return listing is not None and _unchanged(listing, st)
+
+    def visit(self, rel: str, st: os.stat_result | OSError, examined: Examined | None) -> None:
+        """Bring the record of one file of the archive up to date.
+
+        Files are visited in the archive's sorted path order, whatever the
+        order the workers finished in. ``examined`` is a worker's reading of
+        the file, None for a file planned as fresh; this call examines it
+        here when the plan proves wrong (rare: two paths for one object).
+        """
+        if isinstance(st, OSError):  # gone since the scan, or a dangling link
+            self._list(rel, {"path": rel, "bytes": 0, "mtime_ns": 0}, "", f"cannot read the file ({st.strerror})")
+            return
+        if self._reuse(rel, st):
+            if examined is not None:
+                examined.discard()
+            return
+        if examined is None:
+            examined = self.examiner(_task(self.archive, rel, st))
+        self._apply(rel, st, examined)
+
+    def _reuse(self, rel: str, st: os.stat_result) -> bool:
+        video = self.by_path.get(rel)
+        fresh = video is not None and video["source"]["path"] == rel and _unchanged(video, st)
         if fresh and video["sop_uid"] not in self.claimed:
             self.claimed[video["sop_uid"]] = rel
             self.report.reused += 1
-            return
+            return True
         listing = self.unusable.get(rel)
-        if listing is not None and unchanged(listing):
+        if listing is not None and _unchanged(listing, st):
             kept = listing.get("duplicate_of")
             # A duplicate stays one only while its UID is still given by the path it names.
             if kept is None or self.claimed.get(listing["sop_uid"]) == kept:
@@ -284,40 +213,38 @@ class _IndexRun:
                 self.report.reused += 1
                 if kept is not None:
                     self.report.duplicates += 1
-                return
+                return True
+        return False
 
-        try:
-            header = _read_header(path)
-        except _NotDicom:
+    def _apply(self, rel: str, st: os.stat_result, examined: Examined) -> None:
+        source = {"path": rel, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        kind, sop_uid = examined.kind, examined.sop_uid
+        if kind in (NOT_DICOM, ELSEWHERE):
             self._forget_video_at(rel)
-            self.unusable.pop(rel, None)
-            self.report.not_dicom += 1
+            if self.unusable.pop(rel, None) is not None:
+                self._changed()
+            if kind == NOT_DICOM:
+                self.report.not_dicom += 1
+            else:
+                self.report.elsewhere += 1
             return
-        except UnusableObject as exc:
+        if kind == UNREADABLE:
             self._forget_video_at(rel)
-            self._list(rel, source, "", exc.reason)
+            self._list(rel, source, "", examined.reason)
             return
-        sop_uid = str(header.get("SOPInstanceUID", "") or "")
         # Whatever this file was before (another object, a cached video), it
         # is this object now: one record per path.
         self._forget_video_at(rel, keep=sop_uid)
-        if not sop_uid:
-            meta = getattr(header, "file_meta", None)
-            if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
-                self._list(rel, source, "", "a DICOMDIR (the media's index of its files), not an image")
-            elif len(header) == 0:  # cut short inside the file meta: pydicom does not warn
-                self._list(rel, source, "", "no data set after the file meta header (file truncated?)")
-            else:
-                self._list(rel, source, "", "no SOP Instance UID")
-            return
         if sop_uid in self.claimed:
+            examined.discard()
             kept = self.claimed[sop_uid]
             self._list(rel, source, sop_uid, f"same SOP Instance UID as {kept}, which is cached instead", duplicate_of=kept)
             self.report.duplicates += 1
             return
         cached = self.videos.get(sop_uid)
-        if cached is not None and unchanged(cached):
+        if cached is not None and _unchanged(cached, st):
             # Moved, or a copy whose first path has gone: same bytes, no decode.
+            examined.discard()
             cached["source"] = source
             self.by_path[rel] = cached
             self.unusable.pop(rel, None)
@@ -325,34 +252,38 @@ class _IndexRun:
             self.report.reused += 1
             self._changed()
             return
-        try:
-            decoded, frames = preprocess_file(path, self.cfg)
-        except UnusableObject as exc:
+        if kind == KNOWN:  # its size and time matched another cached video's: decode it after all
+            examined = self.examiner(_task(self.archive, rel, st), decode_known=True)
+            if examined.kind != KNOWN:
+                self._apply(rel, st, examined)
+            return
+        if kind == REFUSED:
             if cached is not None and cached["source"]["path"] == rel:
                 self._drop(sop_uid)  # this very object is now unusable: no training on its old frames
-            self._list(rel, source, sop_uid, exc.reason)
+            self._list(rel, source, sop_uid, examined.reason)
             return
-        self._add(rel, source, sop_uid, header, decoded, frames, replacing=cached is not None)
+        self._add(rel, source, examined, replacing=cached is not None)
 
-    def _add(
-        self, rel: str, source: dict, sop_uid: str, header: DicomDataset, decoded: DecodedVideo, frames: np.ndarray,
-        *, replacing: bool,
-    ) -> None:
+    def _add(self, rel: str, source: dict, examined: Examined, *, replacing: bool) -> None:
+        sop_uid = examined.sop_uid
         row = self.video_rows.get(sop_uid, {})
-        raw_patient = row.get("patient_id") or str(getattr(header, "PatientID", "") or "")
-        file_name = f"videos/{_safe_name(sop_uid)}.npy"
-        _atomic_save_npy(self.cache / file_name, np.ascontiguousarray(frames, dtype=np.uint8))
+        # No raw patient ID in the manifest; an empty ID makes each study
+        # its own "patient" so that splitting still works.
+        if row.get("patient_id"):
+            key = patient_key(row["patient_id"])
+        else:
+            key = examined.patient_key or patient_key("study:" + examined.study_uid)
+        file_name = f"videos/{safe_name(sop_uid)}.npy"
+        os.replace(examined.tmp, self.cache / file_name)
         entry = {
             "sop_uid": sop_uid,
-            "study_uid": decoded.study_uid,
-            "series_uid": decoded.series_uid,
-            # No raw patient ID in the manifest; an empty ID makes each study
-            # its own "patient" so that splitting still works.
-            "patient_key": patient_key(raw_patient) if raw_patient else patient_key("study:" + decoded.study_uid),
+            "study_uid": examined.study_uid,
+            "series_uid": examined.series_uid,
+            "patient_key": key,
             "view": (row.get("view") or "unknown").strip().lower(),
-            "frames": int(frames.shape[0]),
-            "fps": float(decoded.fps),
-            "size": int(frames.shape[1]),
+            "frames": examined.frames,
+            "fps": examined.fps,
+            "size": examined.size,
             "file": file_name,
             "source": source,
         }
@@ -428,6 +359,14 @@ class _IndexRun:
         self.changes = 0
 
 
+def default_workers() -> int:
+    """Processes ``index`` uses by default: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def build_index(
     archive_dir: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str],
@@ -436,6 +375,8 @@ def build_index(
     *,
     videos_csv: str | os.PathLike[str] | None = None,
     prune: bool = False,
+    workers: int = 1,
+    shard: Shard | None = None,
 ) -> IndexReport:
     """Preprocess every usable video of a DICOM folder tree into a clip cache.
 
@@ -464,6 +405,14 @@ def build_index(
         default: the node's retention purges delivered studies from its
         storage, and an unmounted archive looks empty; either would empty a
         training cache. Without it they are counted in ``missing``.
+    workers : int
+        Processes that read and decode (:func:`default_workers` from the
+        command line); 1 works in this process. The cache is the same
+        whatever the number.
+    shard : Shard, optional
+        Index only the studies of this part of the archive (each machine of
+        an array job one part, into its own cache; train on all the caches
+        together). Must match an existing cache's.
 
     Returns
     -------
@@ -472,7 +421,8 @@ def build_index(
     Raises
     ------
     ValueError
-        If the cache was built with different preprocessing settings.
+        If the cache was built with different preprocessing settings or
+        another shard, or ``workers`` is below 1.
     FileNotFoundError
         If ``archive_dir`` does not exist.
     RuntimeError
@@ -487,13 +437,34 @@ def build_index(
     """
     started = time.monotonic()
     cfg = preprocess_cfg or PreprocessConfig()
+    if int(workers) < 1:
+        raise ValueError(f"--workers {workers}: want at least 1")
     archive = Path(archive_dir)
     if not archive.is_dir():
         raise FileNotFoundError(f"{archive}: not a folder")
     cache = Path(cache_dir)
     (cache / "videos").mkdir(parents=True, exist_ok=True)
     with _cache_lock(cache):
-        return _build_index_locked(archive, cache, cfg, progress, videos_csv, prune, started)
+        manifest = _open_manifest(cache, cfg, shard)
+        report = IndexReport(manifest=str(cache / MANIFEST), workers=int(workers))
+        if videos_csv is None and (archive / "videos.csv").is_file():
+            videos_csv = archive / "videos.csv"
+        run = _IndexRun(
+            archive, cache, manifest, cfg, _read_videos_csv(Path(videos_csv) if videos_csv else None), report,
+            Examiner(cache / "videos", cfg, shard, _stamps(manifest)),
+        )  # fmt: skip
+        try:
+            _walk(run, int(workers), progress)
+        except BaseException:
+            run.save(final=False)  # keep what was done; the next run resumes
+            _clear_leftovers(cache)  # frames of files not reached: redone next time
+            raise
+        run.save(final=True, prune=prune)
+    report.cached = len(run.videos)
+    report.unusable = len(run.unusable)
+    report.patient_conflicts = sum(len(keys) > 1 for keys in _study_patient_keys(run.videos.values()).values())
+    report.seconds = time.monotonic() - started
+    return report
 
 
 @contextlib.contextmanager
@@ -516,61 +487,80 @@ def _cache_lock(cache: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RuntimeError(f"{cache}: another `echonode-train index` run is updating this cache") from None
-        # Left by a run killed while writing (see _atomic_save_npy, _atomic_write_bytes).
-        for leftover in itertools.chain((cache / "videos").glob(".*.npy"), cache.glob(f".{MANIFEST}.*.tmp")):
-            leftover.unlink(missing_ok=True)
+        _clear_leftovers(cache)
         yield
 
 
-def _build_index_locked(
-    archive: Path,
-    cache: Path,
-    cfg: PreprocessConfig,
-    progress: bool,
-    videos_csv: str | os.PathLike[str] | None,
-    prune: bool,
-    started: float,
-) -> IndexReport:
-    """:func:`build_index` once the cache is locked."""
+def _clear_leftovers(cache: Path) -> None:
+    """Temporary files of a run that stopped while writing (a worker's frames, a manifest)."""
+    for leftover in itertools.chain((cache / "videos").glob(".*.npy"), cache.glob(f".{MANIFEST}.*.tmp")):
+        leftover.unlink(missing_ok=True)
+
+
+def _open_manifest(cache: Path, cfg: PreprocessConfig, shard: Shard | None) -> dict:
+    """The cache's manifest, or a new one; refuses other settings or another shard."""
     settings = {k: v for k, v in asdict(cfg).items() if k in ("size", "max_frames", "min_fps", "target_fps", "mask_frames")}
+    wanted_shard = shard.as_dict() if shard is not None else None
+    if not (cache / MANIFEST).is_file():
+        manifest: dict = {"version": MANIFEST_VERSION, "preprocess": settings, "videos": [], "unusable": []}
+        if wanted_shard is not None:
+            manifest["shard"] = wanted_shard
+        return manifest
+    manifest = load_manifest(cache)
+    if manifest.get("preprocess") != settings:
+        raise ValueError(
+            f"{cache}: cache built with preprocessing {manifest.get('preprocess')}, asked for {settings}; "
+            "use another --out folder"
+        )
+    if manifest.get("shard") != wanted_shard:
+        def name(d: Mapping | None) -> str:
+            return "the whole archive" if d is None else f"shard {d['index']}/{d['count']}"
 
-    manifest_path = cache / MANIFEST
-    if manifest_path.is_file():
-        manifest = load_manifest(cache)
-        if manifest.get("preprocess") != settings:
-            raise ValueError(
-                f"{cache}: cache built with preprocessing {manifest.get('preprocess')}, asked for {settings}; "
-                "use another --out folder"
-            )
-    else:
-        manifest = {"version": MANIFEST_VERSION, "preprocess": settings, "videos": [], "unusable": []}
-    if videos_csv is None and (archive / "videos.csv").is_file():
-        videos_csv = archive / "videos.csv"
-    video_rows = _read_videos_csv(Path(videos_csv) if videos_csv else None)
+        raise ValueError(
+            f"{cache}: cache holds {name(manifest.get('shard'))}, asked for {name(wanted_shard)}; use another --out folder"
+        )
+    return manifest
 
-    # The scan order decides which of two files with one SOP Instance UID is
-    # cached: sorted, so that it is the same on every run.
+
+def _stamps(manifest: Mapping) -> np.ndarray:
+    """Sorted size-and-time stamps of the cached videos (see :class:`Examiner`)."""
+    return np.unique(np.array([stamp(v["source"]["bytes"], v["source"]["mtime_ns"]) for v in manifest["videos"]], dtype=np.int64))
+
+
+def _unchanged(record: Mapping, st: os.stat_result) -> bool:
+    return record["source"]["bytes"] == st.st_size and record["source"]["mtime_ns"] == st.st_mtime_ns
+
+
+def _task(archive: Path, rel: str, st: os.stat_result) -> Task:
+    return Task(str(archive / rel), rel, st.st_size, st.st_mtime_ns)
+
+
+def _walk(run: _IndexRun, workers: int, progress: bool) -> None:
+    """Visit every file of the archive in path order, the workers reading ahead.
+
+    The scan order decides which of two files with one SOP Instance UID is
+    cached: sorted, so that it is the same on every run and for any number
+    of workers. Files the manifest holds unchanged are not sent to a worker.
+    """
+    archive = run.archive
     files = sorted(p for p in archive.rglob("*") if p.is_file() and p.suffix.lower() not in _SIDECAR_SUFFIXES)
-    report = IndexReport(manifest=str(manifest_path))
-    run = _IndexRun(archive, cache, manifest, cfg, video_rows, report)
-    iterator: Iterable[Path] = files
+    plan: list[tuple[str, os.stat_result | OSError, bool]] = []
+    for path in files:
+        rel = str(path.relative_to(archive))
+        try:
+            st: os.stat_result | OSError = path.stat()
+        except OSError as exc:
+            st = exc
+        plan.append((rel, st, isinstance(st, os.stat_result) and not run.fresh(rel, st)))
+    tasks = (_task(archive, rel, st) for rel, st, send in plan if send and isinstance(st, os.stat_result))
+    steps: Iterable[tuple[str, os.stat_result | OSError, bool]] = plan
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(files, desc="index", unit="file")
-    try:
-        for path in iterator:
-            run.visit(path)
-    except BaseException:
-        run.save(final=False)  # keep what was done; the next run resumes
-        raise
-    run.save(final=True, prune=prune)
-    report.cached = len(run.videos)
-    report.unusable = len(run.unusable)
-    report.patient_conflicts = sum(len(keys) > 1 for keys in _study_patient_keys(run.videos.values()).values())
-    report.seconds = time.monotonic() - started
-    return report
-
+        steps = tqdm(plan, desc="index", unit="file")
+    with examined_in_order(run.examiner, tasks, workers) as results:
+        for rel, st, sent in steps:
+            run.visit(rel, st, next(results) if sent else None)
 
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
@@ -585,6 +575,14 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prune", action="store_true", help="drop cached videos whose file is no longer in the archive (default: keep, count)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help=f"processes that read and decode (default: the cores this process may use, here {default_workers()})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard", default=None, metavar="I/N",
+        help="index only part I of N of the archive's studies (0 <= I < N), e.g. one part per machine of an array job",
+    )  # fmt: skip
 
 
 def run_index(ns: argparse.Namespace) -> int:
@@ -593,6 +591,7 @@ def run_index(ns: argparse.Namespace) -> int:
 
     size = ns.size if ns.size is not None else get_preset(ns.preset).size
     try:
+        shard = Shard.parse(ns.shard) if ns.shard else None
         report = build_index(
             ns.archive,
             ns.out,
@@ -600,6 +599,8 @@ def run_index(ns: argparse.Namespace) -> int:
             progress=not ns.no_progress,
             videos_csv=ns.videos_csv,
             prune=ns.prune,
+            workers=default_workers() if ns.workers is None else ns.workers,
+            shard=shard,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"echonode-train index: {exc}")
@@ -607,8 +608,10 @@ def run_index(ns: argparse.Namespace) -> int:
     print(
         f"cache {ns.out}: {report.cached} videos ({report.added} added, {report.reused} unchanged), "
         f"{report.unusable} unusable ({report.duplicates} duplicate SOP Instance UIDs), "
-        f"{report.not_dicom} non-DICOM files ignored, {report.seconds:.1f} s"
+        f"{report.not_dicom} non-DICOM files ignored, {report.seconds:.1f} s on {report.workers} worker(s)"
     )
+    if shard is not None:
+        print(f"shard {shard}: {report.elsewhere} files of other shards' studies left to them")
     if report.missing:
         print(f"{report.missing} cached videos have no file in the archive any more (kept; --prune drops them)")
     if report.removed:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from echonode.bundles.nets import build_model
 from train.augment import AugmentConfig
-from train.cache import ClipCache, manifest_hash, split_cache
+from train.cache import ClipCache, cache_argument, split_cache
 from train.configs import flat_dict, from_namespace
 from train.datasets import METHODS, PairDataset
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, nt_xent_loss, reorder_loss
@@ -336,7 +336,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     Every hyperparameter defaults to None and is filled from ``--preset``.
     """
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="clip cache folder (from `echonode-train index`)")
+    data.add_argument("--data", required=True, nargs="+", metavar="CACHE",
+                      help="clip cache folder(s) from `echonode-train index` (several: read as one, e.g. shards)")
     data.add_argument(
         "--labels", default=None,
         help="ignored: the patient split no longer depends on labels (accepted so that older command lines run)",
@@ -380,7 +381,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 class PretrainData:
     """The cache, the views, the patient split and the clips."""
 
-    data: str
+    #: One cache's path, or several (:func:`train.cache.cache_argument`).
+    data: str | tuple[str, ...]
     labels: str | None = None
     views: str = "plax"
     val_fraction: float = 0.1
@@ -449,6 +451,7 @@ class PretrainConfig:
 
 
 def _config_from(ns: argparse.Namespace) -> PretrainConfig:
+    ns.data = cache_argument(ns.data)
     apply_preset(
         ns,
         {
@@ -634,7 +637,7 @@ def _split_record(
     return SplitRecord(
         train=tuple(splits["train"]), val=tuple(splits["val"]), test=tuple(splits["test"]),
         used={"pretrained": dataset.studies}, seed=d.split_seed, val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction, manifest_sha256=manifest_hash(cache.root),
+        test_fraction=d.test_fraction, manifest_sha256=cache.manifest_sha256,
     )  # fmt: skip
 
 
