@@ -18,6 +18,8 @@ def _commands() -> list[tuple[str, str, str, str]]:
         ("finetune", "supervised fine-tuning into a model bundle", "train.finetune", "finetune"),
         ("evaluate", "AUROC/AUPRC with bootstrap CIs, ROC/PR plots", "train.evaluate", "evaluate"),
         ("promote", "install a bundle into the node's models folder atomically", "train.promote", "promote"),
+        ("predict", "a bundle over clip caches: video and study probabilities (torchrun: one shard per rank)",
+         "train.predict", "predict"),
         ("init", "a bundle from torchvision/EchoCLR weights, or random (smoke tests)", "train.init_bundle", "init"),
         ("fetch", "pull echo studies from the PACS (C-MOVE, C-GET or DICOMweb), resumable", "train.fetch.cli", "fetch"),
     ]

@@ -44,6 +44,7 @@ from train.augment import AugmentConfig
 from train.cache import ClipCache, cache_argument, split_cache
 from train.configs import flat_dict, from_namespace
 from train.datasets import METHODS, PairDataset
+from train.distributed import setup_distributed
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, nt_xent_loss, reorder_loss
 from train.presets import add_preset_argument, apply_preset
 from train.splits import SPLIT_FILE, SplitRecord
@@ -464,25 +465,6 @@ def _config_from(ns: argparse.Namespace) -> PretrainConfig:
     return from_namespace(PretrainConfig, ns, progress=not ns.no_progress)
 
 
-def _setup_distributed(device_arg: str) -> tuple[torch.device, int, int, int]:
-    """Initialise torch.distributed under torchrun; return device, rank, world, local rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-    if device_arg.startswith("cuda:"):
-        use_cuda = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        index = local if world > 1 or ":" not in device_arg else int(device_arg.split(":")[1])
-        torch.cuda.set_device(index)
-        device = torch.device("cuda", index)
-    else:
-        device = torch.device("cpu")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return device, rank, world, local
-
-
 def _amp(device: torch.device, choice: str) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     if device.type != "cuda" or choice == "off":
         return None, None
@@ -555,7 +537,7 @@ class _State:
 
 def _pretrain(config: PretrainConfig) -> int:
     """Wire the steps: processes, data, model, resume, epochs, export."""
-    device, rank, world, _ = _setup_distributed(config.run.device)
+    device, rank, world, _ = setup_distributed(config.run.device)
     procs = _Processes(device, rank, world)
     out = Path(config.run.out)
     if procs.leader:
