@@ -9,7 +9,13 @@ Each usable video is decoded and preprocessed once, by the node's own code
 (:func:`echonode.analyse.preprocess.preprocess_file`), so training sees exactly the
 pixels the node will see at inference. One ``.npy`` per video keeps the
 cache incremental (a new study adds files, nothing is rewritten).
-Reading the cache is :mod:`train.cache`.
+
+Files are read and decoded by worker processes (:mod:`train.index_worker`),
+by default one per core; this module walks the archive, decides what each
+file's record is, in sorted path order, and writes the manifest. With a
+:class:`~train.index_worker.Shard`, only the studies of one part of the
+archive are cached (one part per machine; :class:`train.cache.ClipCache`
+reads the parts together). Reading a cache is :mod:`train.cache`.
 """
 
 from __future__ import annotations
