@@ -134,6 +134,10 @@ def _read_videos_csv(path: Path | None) -> dict[str, dict[str, str]]:
 
 #: Records changed between two saves of the manifest during a run.
 _SAVE_EVERY = 200
+#: ... and at least this many times as long as the last save took: a manifest
+#: of a million videos takes seconds to write, and the workers must not wait
+#: on the parent rewriting it every 200 of their videos.
+_SAVE_SPACING = 5.0
 
 
 class _IndexRun:
@@ -174,6 +178,7 @@ class _IndexRun:
         # longer names them, so that the cache on disk stays readable.
         self.doomed: set[str] = set()
         self.changes = 0
+        self.next_save = 0.0  # time.monotonic() before which a partial save waits
 
     def fresh(self, rel: str, st: os.stat_result) -> bool:
         """Whether the record of ``rel`` may stand as it is (nothing to read),
@@ -334,7 +339,7 @@ class _IndexRun:
     def _changed(self) -> None:
         self.changes += 1
         # Save as we go: an interrupted index of a large archive resumes.
-        if self.changes >= _SAVE_EVERY:
+        if self.changes >= _SAVE_EVERY and time.monotonic() >= self.next_save:
             self.save(final=False)
 
     def save(self, *, final: bool, prune: bool = False) -> None:
@@ -354,6 +359,7 @@ class _IndexRun:
                 self.report.removed = len(gone)
             else:
                 self.report.missing = len(gone)
+        started = time.monotonic()
         self.manifest["videos"] = sorted(self.videos.values(), key=lambda v: (v["study_uid"], v["series_uid"], v["sop_uid"]))
         self.manifest["unusable"] = sorted(self.unusable.values(), key=lambda u: u["source"]["path"])
         _atomic_write_bytes(self.cache / MANIFEST, (json.dumps(self.manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -363,6 +369,7 @@ class _IndexRun:
             (self.cache / name).unlink(missing_ok=True)
         self.doomed.clear()
         self.changes = 0
+        self.next_save = time.monotonic() + _SAVE_SPACING * (time.monotonic() - started)
 
 
 def default_workers() -> int:
@@ -437,8 +444,9 @@ def build_index(
     Notes
     -----
     An interrupted run (Ctrl-C, an error) saves what it did before it
-    stops; one killed outright loses at most the last ``_SAVE_EVERY``
-    records, which the next run redoes. Either way the cache on disk is
+    stops; one killed outright loses the records made since the last save
+    (every ``_SAVE_EVERY`` records, spaced out for a very large manifest),
+    which the next run redoes. Either way the cache on disk is
     consistent: every video the manifest names has its ``.npy``.
     """
     started = time.monotonic()
