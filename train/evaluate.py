@@ -33,7 +33,13 @@ from torch.utils.data import DataLoader
 from echonode.bundles.manifest import BINARY_TASKS, BundleError
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
 from echonode.bundles.weights import load_bundle
-from train.cache import CacheDirs, ClipCache, load_study_labels, split_cache
+from train.cache import (
+    CacheDirs,
+    ClipCache,
+    cache_argument,
+    load_study_labels,
+    split_cache,
+)
 from train.datasets import ClipDataset
 from train.finetune import prepare_task, summarise
 from train.metrics import auroc, average_precision, group_mean, pr_curve, roc_curve
@@ -249,8 +255,8 @@ def run_evaluate(ns: argparse.Namespace) -> int:
     views = [v.strip() for v in ns.views.split(",")] if ns.views else None
     try:
         report = evaluate_bundle(
-            ns.bundle, ns.data if len(ns.data) > 1 else ns.data[0], ns.labels, ns.out, split=ns.split, n_resamples=ns.bootstrap, seed=ns.seed,
-            device=ns.device, views=views, runtime=ns.runtime,
+            ns.bundle, cache_argument(ns.data), ns.labels, ns.out, split=ns.split, n_resamples=ns.bootstrap,
+            seed=ns.seed, device=ns.device, views=views, runtime=ns.runtime,
         )  # fmt: skip
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"echonode-train evaluate: {exc}", file=sys.stderr)
