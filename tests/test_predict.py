@@ -121,3 +121,12 @@ def test_a_cache_indexed_for_other_pixels_is_refused(workdir: Path, tmp_path: Pa
     err = capsys.readouterr().err
     assert "size 16 (bundle: 32)" in err and "--size 32" in err
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_view_bundle_gives_each_video_its_most_probable_view(workdir: Path, tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "models", "view", size=SIZE, clip_frames=8, labels=["plax", "a4c", "psax"])
+    assert _predict(workdir, tmp_path / "views.csv", bundle=bundle) == 0
+    rows = _rows(tmp_path / "views.csv")
+    assert len(rows) == 7 and {r["level"] for r in rows} == {"video"}  # no study probability for a view
+    assert all(r["label"] in ("plax", "a4c", "psax") and 1 / 3 <= float(r["probability"]) <= 1 for r in rows)
+    assert all(r["positive"] == "" for r in rows)
