@@ -9,7 +9,10 @@ manifest); worker counts are interleaved round by round (the machine is
 shared), best and median kept. The one-off start of the worker processes
 (the forkserver importing the decoders, about a second) is measured apart
 and left out of the timings: an archive worth indexing on many cores takes
-minutes to hours. Run from the repository root:
+minutes to hours. Beside each worker count, the same number of processes
+spinning in pure Python shows what the machine gave in those rounds (the
+ceiling of any scaling: on a shared machine it is well under the core
+count). Run from the repository root:
 
     .venv/bin/python bench/index.py [--videos 48] [--workers 1,2] [--repeats 3]
 """
@@ -67,6 +70,25 @@ def make_archive(root: Path, videos: int) -> Path:
     return root
 
 
+def _spin(n: int) -> int:
+    """Pure-Python work on one core (no BLAS, no threads)."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def time_spin(workers: int, n: int = 3_000_000) -> float:
+    """Wall seconds for ``workers`` processes to spin ``n`` each: what the machine gives right now."""
+    import multiprocessing
+
+    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+        pool.map(_spin, [1] * workers)  # started
+        started = time.perf_counter()
+        pool.map(_spin, [n] * workers)
+        return time.perf_counter() - started
+
+
 def time_index(archive: Path, cache: Path, workers: int) -> tuple[float, int]:
     """Wall seconds to index ``archive`` into an empty ``cache``; videos cached."""
     shutil.rmtree(cache, ignore_errors=True)
@@ -100,16 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker start-up, once per run (forkserver importing the decoders): {time.perf_counter() - started:.2f} s")
 
         times: dict[int, list[float]] = {w: [] for w in counts}
+        spins: dict[int, list[float]] = {w: [] for w in counts}
         for r in range(args.repeats):
             for w in counts if r % 2 == 0 else reversed(counts):
                 seconds, cached = time_index(archive, work / "cache", w)
                 times[w].append(seconds)
-        base = min(times[counts[0]])
-        print(f"\n| workers | best s | median s | videos/s (best) | x {counts[0]} worker(s) |")
-        print("|---|---|---|---|---|")
+                spins[w].append(time_spin(w))
+        base, spin_base = min(times[counts[0]]), min(spins[counts[0]])
+        # The ceiling: how much more work w processes of pure-Python spinning
+        # got done than one, in the same rounds (other jobs share the cores).
+        print(f"\n| workers | best s | median s | videos/s (best) | x {counts[0]} worker(s) | ceiling: spin x |")
+        print("|---|---|---|---|---|---|")
         for w in counts:
             best = min(times[w])
-            print(f"| {w} | {best:.2f} | {statistics.median(times[w]):.2f} | {cached / best:.1f} | {base / best:.2f} |")
+            ceiling = w / counts[0] * spin_base / min(spins[w])
+            print(f"| {w} | {best:.2f} | {statistics.median(times[w]):.2f} | {cached / best:.1f} | {base / best:.2f} "
+                  f"| {ceiling:.2f} |")
     print(f"\nload average after: {load_average()}")
     return 0
 
