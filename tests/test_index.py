@@ -368,3 +368,17 @@ def test_caches_with_other_settings_are_not_read_together(tmp_path: Path) -> Non
         ClipCache([tmp_path / "c16", tmp_path / "c24"])
     both = ClipCache([tmp_path / "c16", tmp_path / "c16"])  # the same video twice: read once
     assert len(both.videos) == 1 and both.duplicates == 1
+
+
+def test_workers_started_by_spawn_make_the_same_cache(tmp_path: Path, monkeypatch) -> None:
+    """Nothing a worker needs comes from a forked parent: spawn (the start method
+    where forkserver is missing) gives the same cache."""
+    archive = tmp_path / "archive"
+    for i in range(4):
+        cine(archive / f"{i}.dcm", f"1.2.826.0.9.13.{i}", seed=i, study_uid=f"1.2.826.0.9.13{i % 2}")
+    build_index(archive, tmp_path / "one", CFG, progress=False, workers=1)
+    monkeypatch.setattr(train.index_worker, "_START_METHOD", "spawn")
+    report = build_index(archive, tmp_path / "spawned", CFG, progress=False, workers=2)
+    assert report.workers == 2 and report.cached == 4
+    assert manifest(tmp_path / "one") == manifest(tmp_path / "spawned")
+    assert _cache_content(ClipCache(tmp_path / "one")) == _cache_content(ClipCache(tmp_path / "spawned"))
