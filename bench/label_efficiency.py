@@ -5,7 +5,7 @@ configuration:
 
 1. generate the archive (or reuse one given with ``--archive``), index it;
 2. pretrain one encoder per SSL method on the *training split only* (the
-   patient split of ``train.data.split_cache``, a seeded hash of each
+   patient split of ``train.cache.split_cache``, a seeded hash of each
    patient's key, the same for fine-tuning, so no validation or test
    patient is seen);
 3. fine-tune every init (the three encoders and random init) on every label
@@ -127,7 +127,7 @@ def quiet():
 
 def make_archive(ns: argparse.Namespace) -> tuple[Path, Path]:
     from echonode.analyse.preprocess import PreprocessConfig
-    from train.data import build_index
+    from train.index import build_index
     from train.synth import generate_archive
 
     archive = ns.archive or ns.out / "archive"

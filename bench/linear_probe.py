@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
     """Frozen features, one vector per study, for the train and test splits."""
     from echonode.bundles.nets import build_model
-    from train.data import ClipDataset
+    from train.datasets import ClipDataset
     from train.finetune import resolve_init
 
     torch.manual_seed(0)  # the random encoder is the same network every run

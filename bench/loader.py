@@ -5,9 +5,9 @@ it)". In one run:
 
 1. a small synthetic archive at cart size (:func:`train.synth.generate_archive`,
    480x640 JPEG, ``--patients`` 6 by default) is written and indexed into a
-   clip cache at the paper's 112 px (:func:`train.data.build_index`); with
+   clip cache at the paper's 112 px (:func:`train.index.build_index`); with
    ``--work DIR`` both are kept in ``DIR`` and reused by the next run;
-2. echonode's loader: :class:`train.data.PairDataset` (EchoCLR pairs of the
+2. echonode's loader: :class:`train.datasets.PairDataset` (EchoCLR pairs of the
    training split's PLAX videos, 4-frame clips, 112 px, the paper's
    augmentation, frame reordering) read from the cache, in a
    ``torch.utils.data.DataLoader`` (``--batch`` 32 pairs, shuffled,
@@ -63,7 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import cpu_model, load_average
 from echonode.analyse.decode import DecodeOptions
 from echonode.analyse.preprocess import PreprocessConfig, preprocess_file, training_clip
-from train.data import ClipCache, PairDataset, _resize, build_index, split_cache
+from train.cache import ClipCache, split_cache
+from train.datasets import PairDataset, _resize
+from train.index import build_index
 from train.pretrain import PretrainModel, pretrain_step
 from train.synth import generate_archive
 

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def pair_dataset(cache, studies: list[str], ns: argparse.Namespace, seed: int):
     """EchoCLR pairs as pretraining draws them (augmented, then permuted)."""
     from train.augment import AugmentConfig
-    from train.data import PairDataset
+    from train.datasets import PairDataset
 
     return PairDataset(cache, studies, method="echoclr", clip_frames=4, size=ns.size, views=("plax",),
                        augment=AugmentConfig(), seed=seed)  # fmt: skip

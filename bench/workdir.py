@@ -32,7 +32,7 @@ def open_work(work: Path, size: int, val_fraction: float, test_fraction: float):
     tuple
         ``(ClipCache, rows, splits)`` with ``splits`` keyed train/val/test.
     """
-    from train.data import ClipCache, load_study_labels, split_cache
+    from train.cache import ClipCache, load_study_labels, split_cache
 
     cache = ClipCache(work / f"cache-{size}")
     rows = load_study_labels(work / "archive" / "labels.csv")

@@ -12,9 +12,9 @@ import torch
 
 from echonode.analyse.preprocess import PreprocessConfig
 from tests.test_finetune import make_labelled_archive
-from train.data import build_index
 from train.evaluate import main
 from train.finetune import main as finetune_main
+from train.index import build_index
 from train.metrics import auroc, pr_curve, roc_curve
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import torch
 from echonode.analyse.preprocess import PreprocessConfig
 from echonode.bundles.weights import load_bundle
 from tests.factories import us_multiframe, write
-from train.data import ClipCache, build_index, load_study_labels, split_cache
+from train.cache import ClipCache, load_study_labels, split_cache
 from train.finetune import (
     EarlyStopping,
     check_evaluable,
@@ -21,6 +21,7 @@ from train.finetune import (
     prepare_task,
     prior_logit,
 )
+from train.index import build_index
 from train.splits import SplitRecord
 
 torch.set_num_threads(1)
@@ -183,7 +184,7 @@ def test_finetune_from_pretraining_run_and_view_task(labelled, tmp_path: Path) -
 
 
 def test_epoch_samples_repeat_videos_with_fresh_clips(labelled, tmp_path: Path) -> None:
-    from train.data import ClipDataset
+    from train.datasets import ClipDataset
 
     cache, labels = labelled
     c, rows, splits = _split(cache, labels)
@@ -220,7 +221,7 @@ def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Pa
     from torch.utils.data import DataLoader
 
     from echonode.bundles.nets import build_model
-    from train.data import ClipDataset
+    from train.datasets import ClipDataset
     from train.finetune import fit_linear_head
     from train.metrics import auroc
 

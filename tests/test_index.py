@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from pydicom.filewriter import dcmwrite
 
-import train.data
+import train.index_worker
 from echonode.analyse.preprocess import PreprocessConfig
 from tests.conftest import real_testfile
 from tests.factories import us_multiframe, write
-from train.data import ClipCache, build_index, split_cache
+from train.cache import ClipCache, split_cache
+from train.index import Shard, build_index
 
 CFG = PreprocessConfig(size=16)
 
@@ -193,22 +194,22 @@ def test_an_interrupted_run_keeps_its_work_and_the_rerun_completes(tmp_path: Pat
     for i in range(6):
         cine(archive / f"{i}.dcm", f"1.2.826.0.9.5.{i}", seed=i)
     write(us_multiframe(sop_uid="1.2.826.0.9.5.9", frames=3, rows=32, cols=32), archive / "9short.dcm")
-    real = train.data.preprocess_file
+    real = train.index_worker.preprocess_file
     calls = []
 
-    def interrupted(path, cfg):
+    def interrupted(path, cfg, *args, **kwargs):
         calls.append(path)
         if len(calls) == 4:
             raise KeyboardInterrupt  # Ctrl-C while the fourth file decodes
-        return real(path, cfg)
+        return real(path, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(train.data, "preprocess_file", interrupted)
+    monkeypatch.setattr(train.index_worker, "preprocess_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_index(archive, tmp_path / "cache", CFG, progress=False)
     # What was done before the interruption is in the manifest, not lost.
     assert {v["sop_uid"] for v in manifest(tmp_path / "cache")["videos"]} == {f"1.2.826.0.9.5.{i}" for i in range(3)}
 
-    monkeypatch.setattr(train.data, "preprocess_file", real)
+    monkeypatch.setattr(train.index_worker, "preprocess_file", real)
     report = build_index(archive, tmp_path / "cache", CFG, progress=False)
     assert report.added == 3 and report.reused == 3 and report.cached == 6 and report.unusable == 1
     cache = ClipCache(tmp_path / "cache")
@@ -264,7 +265,7 @@ def test_a_deflate_bomb_is_listed_before_pydicom_inflates_it(tmp_path: Path, mon
     """pydicom inflates a deflated data set whole even for a header: the decoder's guard comes first."""
     from tests.corpus import _deflate_bomb
 
-    monkeypatch.setattr(train.data, "_MAX_INFLATED_BYTES", 16 * 2**20)
+    monkeypatch.setattr(train.index_worker, "_MAX_INFLATED_BYTES", 16 * 2**20)
     archive = tmp_path / "archive"
     cine(archive / "ok.dcm", "1.2.826.0.9.6.1")
     bomb = us_multiframe(sop_uid="1.2.826.0.9.6.2", frames=4, rows=32, cols=32)
@@ -272,3 +273,112 @@ def test_a_deflate_bomb_is_listed_before_pydicom_inflates_it(tmp_path: Path, mon
     report = build_index(archive, tmp_path / "cache", CFG, progress=False)
     assert report.cached == 1
     assert "inflates to more than 16 MiB" in unusable_by_path(tmp_path / "cache")["bomb.dcm"]
+
+
+def _messy_archive(archive: Path) -> None:
+    """Studies of several patients, a duplicate, a real JPEG loop pair sharing one UID,
+    a too-short video, a non-Part-10 file and a non-DICOM file."""
+    for s in range(6):
+        for v in range(2):
+            cine(archive / f"s{s}" / f"IM{v}", f"1.2.826.0.9.10.{s}.{v}", seed=10 * s + v,
+                 study_uid=f"1.2.826.0.9.10.{s}", patient_id=f"MRN{s // 2}")
+    shutil.copy(archive / "s0" / "IM0", archive / "s0" / "IM0copy")
+    touch_later(archive / "s0" / "IM0copy", 5)
+    shutil.copy(real_testfile("color3d_jpeg_baseline.dcm"), archive / "c_color3d.dcm")
+    shutil.copy(real_testfile("examples_ybr_color.dcm"), archive / "d_ybr.dcm")
+    write(us_multiframe(sop_uid="1.2.826.0.9.10.9", frames=3, rows=32, cols=32), archive / "short.dcm")
+    buffer = io.BytesIO()
+    dcmwrite(buffer, us_multiframe(sop_uid="1.2.826.0.9.10.8", frames=12, rows=32, cols=32), enforce_file_format=True)
+    (archive / "raw").write_bytes(buffer.getvalue()[128:])
+    (archive / "notes.bin").write_bytes(b"not DICOM" * 20)
+
+
+def _cache_content(cache: ClipCache) -> tuple[list[dict], dict[str, bytes]]:
+    return cache.videos, {sop: np.asarray(cache.frames(sop)).tobytes() for sop in cache.by_sop}
+
+
+def test_two_worker_processes_make_the_same_cache_as_one(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    _messy_archive(archive)
+    one = build_index(archive, tmp_path / "one", CFG, progress=False, workers=1)
+    two = build_index(archive, tmp_path / "two", CFG, progress=False, workers=2)
+    assert two.workers == 2 and (one.cached, one.unusable, one.duplicates, one.not_dicom) == (
+        two.cached, two.unusable, two.duplicates, two.not_dicom)
+    assert manifest(tmp_path / "one") == manifest(tmp_path / "two")
+    assert _cache_content(ClipCache(tmp_path / "one")) == _cache_content(ClipCache(tmp_path / "two"))
+    assert not list((tmp_path / "two" / "videos").glob(".*"))  # no temporary frames left behind
+
+    # The archive moves: its videos are found under their new paths, none decoded again.
+    shutil.move(archive, tmp_path / "moved")
+    again = build_index(tmp_path / "moved", tmp_path / "two", CFG, progress=False, workers=2)
+    assert again.added == 0 and again.cached == one.cached and again.missing == 0
+
+
+def test_shards_of_an_archive_read_together_equal_the_whole(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    _messy_archive(archive)
+    whole = build_index(archive, tmp_path / "whole", CFG, progress=False)
+    parts = [build_index(archive, tmp_path / f"part{i}", CFG, progress=False, workers=2, shard=Shard(i, 2))
+             for i in range(2)]
+    caches = [ClipCache(tmp_path / f"part{i}") for i in range(2)]
+    studies = [{v["study_uid"] for v in c.videos} for c in caches]
+    assert studies[0] and studies[1] and not studies[0] & studies[1]  # disjoint, by study
+    assert sum(p.cached for p in parts) == whole.cached
+    assert all(p.elsewhere > 0 for p in parts)
+    # Every listed file is listed by exactly one shard.
+    listed = [set(unusable_by_path(tmp_path / f"part{i}")) for i in range(2)]
+    assert not listed[0] & listed[1] and listed[0] | listed[1] == set(unusable_by_path(tmp_path / "whole"))
+
+    merged = ClipCache([tmp_path / "part1", tmp_path / "part0"])
+    assert _cache_content(merged) == _cache_content(ClipCache(tmp_path / "whole"))
+    assert merged.duplicates == 0
+    for seed in range(3):  # the patient split does not depend on how the archive was cut
+        assert split_cache(merged, seed=seed) == split_cache(ClipCache(tmp_path / "whole"), seed=seed)
+
+    # A shard's cache refuses to become another shard, or the whole archive.
+    with pytest.raises(ValueError, match="shard 0/2"):
+        build_index(archive, tmp_path / "part0", CFG, progress=False, shard=Shard(1, 2))
+    with pytest.raises(ValueError, match="whole archive"):
+        build_index(archive, tmp_path / "part0", CFG, progress=False)
+    # Run again: nothing is decoded.
+    assert build_index(archive, tmp_path / "part0", CFG, progress=False, shard=Shard(0, 2)).added == 0
+
+
+def test_the_shard_argument_is_checked(tmp_path: Path, capsys) -> None:
+    from train.cli import main
+
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="I/N|0 <= I < N"):
+            Shard.parse(bad)
+    archive = tmp_path / "archive"
+    cine(archive / "a.dcm", "1.2.826.0.9.11.1")
+    assert main(["index", str(archive), "--out", str(tmp_path / "c"), "--shard", "3/2", "--no-progress"]) == 2
+    assert "shard 3/2: want I/N with 0 <= I < N" in capsys.readouterr().out
+    assert main(["index", str(archive), "--out", str(tmp_path / "c"), "--workers", "0", "--no-progress"]) == 2
+    assert "--workers 0: want at least 1" in capsys.readouterr().out
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_caches_with_other_settings_are_not_read_together(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    cine(archive / "a.dcm", "1.2.826.0.9.12.1")
+    build_index(archive, tmp_path / "c16", CFG, progress=False)
+    build_index(archive, tmp_path / "c24", PreprocessConfig(size=24), progress=False)
+    with pytest.raises(ValueError, match="share their settings"):
+        ClipCache([tmp_path / "c16", tmp_path / "c24"])
+    both = ClipCache([tmp_path / "c16", tmp_path / "c16"])  # the same video twice: read once
+    assert len(both.videos) == 1 and both.duplicates == 1
+
+
+def test_workers_started_by_spawn_make_the_same_cache(tmp_path: Path, monkeypatch) -> None:
+    """Nothing a worker needs comes from a forked parent: spawn (the start method
+    where forkserver is missing) gives the same cache."""
+    archive = tmp_path / "archive"
+    for i in range(4):
+        cine(archive / f"{i}.dcm", f"1.2.826.0.9.13.{i}", seed=i, study_uid=f"1.2.826.0.9.13{i % 2}")
+    build_index(archive, tmp_path / "one", CFG, progress=False, workers=1)
+    monkeypatch.setattr(train.index_worker, "_START_METHOD", "spawn")
+    report = build_index(archive, tmp_path / "spawned", CFG, progress=False, workers=2)
+    assert report.workers == 2 and report.cached == 4
+    assert manifest(tmp_path / "one") == manifest(tmp_path / "spawned")
+    assert _cache_content(ClipCache(tmp_path / "one")) == _cache_content(ClipCache(tmp_path / "spawned"))

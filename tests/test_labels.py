@@ -294,7 +294,7 @@ def test_labels_with_rules_file_and_bad_rules(archive: dict, tmp_path: Path, cap
 
 def test_finetune_and_evaluate_read_the_labels_file(archive: dict, tmp_path: Path) -> None:
     """The trainers' label reader takes the extra columns and treats an empty label as no label."""
-    from train.data import load_study_labels
+    from train.cache import load_study_labels
     from train.finetune import _binary
 
     out = tmp_path / "labels.csv"

@@ -207,7 +207,7 @@ def test_the_index_reads_no_large_private_element(tmp_path: Path) -> None:
     """``echonode-train index`` reads every header of an archive, then decodes: the same
     bounded reads as the worker."""
     from echonode.analyse.preprocess import PreprocessConfig
-    from train.data import build_index
+    from train.index import build_index
 
     archive = tmp_path / "archive"
     _study(archive, 2, before=64 * MIB, after=8 * MIB)

@@ -1,4 +1,4 @@
-"""Tests for the clip cache (train.data) and pretraining (train.pretrain)."""
+"""Tests for the clip cache (train.index, train.cache) and pretraining (train.pretrain)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import torch
 from echonode.analyse.preprocess import PreprocessConfig
 from echonode.bundles.nets import build_model
 from tests.factories import us_multiframe, write
-from train.data import ClipCache, PairDataset, build_index
+from train.cache import ClipCache
+from train.datasets import PairDataset
+from train.index import build_index
 from train.losses import PERMUTATIONS
 from train.pretrain import PretrainModel, main, reorder_at_chance, train_one_epoch
 
@@ -314,3 +316,25 @@ def test_epoch_reports_the_time_spent_waiting_for_data() -> None:
     # 0.1 s of loading per step against a few ms of compute on 8 px clips.
     assert stats["steps"] == 4 and stats["data_wait_fraction"] > 0.5
     assert 0 < stats["pairs_per_second"] < 8 / 0.4
+
+
+def test_pretraining_reads_the_shards_of_an_archive_as_one(cache: Path, tmp_path: Path) -> None:
+    """Two shards given to --data train as the unsharded cache does: same split, same pairs, same weights."""
+    from train.index import Shard
+
+    archive = cache.parent / "archive"
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        build_index(archive, part, PreprocessConfig(size=16), progress=False, shard=Shard(i, 2))
+    common = ["--epochs", "1", "--max-steps", "1"]
+    assert main(_args(cache, tmp_path / "whole", *common)) == 0
+    assert main(["--data", str(parts[0]), str(parts[1]), *_args(cache, tmp_path / "sharded", *common)[2:]]) == 0
+    whole = json.loads((tmp_path / "whole" / "split.json").read_text())
+    sharded = json.loads((tmp_path / "sharded" / "split.json").read_text())
+    assert {k: whole[k] for k in ("train", "val", "test", "used")} == {k: sharded[k] for k in ("train", "val", "test", "used")}
+    assert sharded["manifest_sha256"] != whole["manifest_sha256"]  # provenance names the caches it read
+    assert json.loads((tmp_path / "sharded" / "config.json").read_text())["data"] == [str(p) for p in parts]
+    a = torch.load(tmp_path / "whole" / "encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "sharded" / "encoder.pt", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -623,8 +623,9 @@ def test_save_bundle_writes_bytes_extra_files(tmp_path: Path) -> None:
 def test_finetune_stores_its_evaluation_clips_and_load_checks_on_them(tmp_path: Path, counted: list[int]) -> None:
     from echonode.analyse.preprocess import PreprocessConfig
     from tests.test_finetune import _args, make_labelled_archive
-    from train.data import ClipCache, build_index
+    from train.cache import ClipCache
     from train.finetune import main as finetune_main
+    from train.index import build_index
 
     archive, labels = make_labelled_archive(tmp_path)
     build_index(archive, tmp_path / "cache", PreprocessConfig(size=16), progress=False)

@@ -30,7 +30,7 @@ from pydicom.sr.coding import Code
 
 from train import synth
 from train import synth_reports as reports
-from train.data import load_study_labels
+from train.cache import load_study_labels
 from train.synth import archive as synth_archive
 from train.synth import dicom
 from train.synth import truth as T

@@ -12,12 +12,14 @@ def _commands() -> list[tuple[str, str, str, str]]:
     # imported only for the command that runs.
     return [
         ("synth", "write a synthetic echo archive (DICOM + labels.csv)", "train.synth", "synth"),
-        ("index", "preprocess every usable video of an archive into a clip cache", "train.data", "index"),
+        ("index", "preprocess every usable video of an archive into a clip cache", "train.index", "index"),
         ("labels", "LVH / severe-AS labels from the sonographers' measurement SRs", "train.labels", "labels"),
         ("pretrain", "self-supervised pretraining (EchoCLR, MI-SimCLR, SimCLR)", "train.pretrain", "pretrain"),
         ("finetune", "supervised fine-tuning into a model bundle", "train.finetune", "finetune"),
         ("evaluate", "AUROC/AUPRC with bootstrap CIs, ROC/PR plots", "train.evaluate", "evaluate"),
         ("promote", "install a bundle into the node's models folder atomically", "train.promote", "promote"),
+        ("predict", "a bundle over clip caches: video and study probabilities (torchrun: one shard per rank)",
+         "train.predict", "predict"),
         ("init", "a bundle from torchvision/EchoCLR weights, or random (smoke tests)", "train.init_bundle", "init"),
         ("fetch", "pull echo studies from the PACS (C-MOVE, C-GET or DICOMweb), resumable", "train.fetch.cli", "fetch"),
     ]

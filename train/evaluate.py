@@ -35,13 +35,14 @@ from echonode.bundles.manifest import BINARY_TASKS, BundleError
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
 from echonode.bundles.weights import load_bundle
 from echonode.durable import write_text
-from train.data import (
+from train.cache import (
+    CacheDirs,
     ClipCache,
-    ClipDataset,
+    cache_argument,
     load_study_labels,
-    manifest_hash,
     split_cache,
 )
+from train.datasets import ClipDataset
 from train.finetune import prepare_task, summarise
 from train.metrics import auroc, average_precision, group_mean, pr_curve, roc_curve
 from train.splits import SPLIT_FILE, SPLIT_SCHEME, SplitRecord, check_no_overlap
@@ -105,7 +106,7 @@ def _check_framing(cache: ClipCache, bundle_pre: dict, cache_dir: object) -> Non
 
 def evaluate_bundle(
     bundle_path: str | Path,
-    cache_dir: str | Path,
+    cache_dir: CacheDirs,
     labels_csv: str | Path,
     out_dir: str | Path,
     *,
@@ -121,7 +122,9 @@ def evaluate_bundle(
 
     Parameters
     ----------
-    bundle_path, cache_dir, labels_csv, out_dir : path
+    bundle_path, labels_csv, out_dir : path
+    cache_dir : path or sequence of paths
+        One clip cache, or several read as one (:class:`train.cache.ClipCache`).
     split : {"test", "val", "train", "all"}
         Which studies; the split settings come from the bundle's provenance.
     n_resamples : int
@@ -172,7 +175,7 @@ def evaluate_bundle(
     data = prepare_task(cache, rows, meta.task, chosen, views=views)
     videos, targets = data.videos["test"], data.targets["test"]
     if not videos:
-        raise ValueError(f"no {split} videos with {meta.task} labels in {cache_dir}")
+        raise ValueError(f"no {split} videos with {meta.task} labels in {', '.join(map(str, cache.roots))}")
     if record is None:
         print(
             f"warning: {bundle_path} has no {SPLIT_FILE}: cannot check that it was not trained on these studies",
@@ -202,7 +205,8 @@ def evaluate_bundle(
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {
         "bundle": {"name": meta.name, "task": meta.task, "version": meta.version, "device_uid": meta.device_uid},
-        "data": {"cache": str(cache_dir), "manifest_sha256": manifest_hash(cache.root), "split": split},
+        "data": {"cache": [str(r) for r in cache.roots] if len(cache.roots) > 1 else str(cache.root),
+                 "manifest_sha256": cache.manifest_sha256, "split": split},
         "n_videos": len(videos),
         "bootstrap": {"n_resamples": n_resamples, "level": 0.95, "stratified": True, "seed": seed},
         "aggregation": "video = mean over clips; study = mean over videos",
@@ -244,7 +248,8 @@ def studies_placeholder(cache: ClipCache) -> list[str]:
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``echonode-train evaluate``."""
     parser.add_argument("--bundle", required=True, help="bundle folder")
-    parser.add_argument("--data", required=True, help="clip cache folder")
+    parser.add_argument("--data", required=True, nargs="+", metavar="CACHE",
+                        help="clip cache folder(s) (several: read as one, e.g. shards)")
     parser.add_argument("--labels", required=True, help="labels.csv")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
@@ -263,8 +268,8 @@ def run_evaluate(ns: argparse.Namespace) -> int:
     views = [v.strip() for v in ns.views.split(",")] if ns.views else None
     try:
         report = evaluate_bundle(
-            ns.bundle, ns.data, ns.labels, ns.out, split=ns.split, n_resamples=ns.bootstrap, seed=ns.seed,
-            device=ns.device, views=views, runtime=ns.runtime,
+            ns.bundle, cache_argument(ns.data), ns.labels, ns.out, split=ns.split, n_resamples=ns.bootstrap,
+            seed=ns.seed, device=ns.device, views=views, runtime=ns.runtime,
         )  # fmt: skip
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"echonode-train evaluate: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@
   the *task's own column* of ``labels.csv``; the public code trained its
   "LVH" models on the AS column) and ``view`` (multi-class, every video with
   a known view, the view from the cache manifest).
-* Splits by patient (:func:`train.data.split_cache`: a patient's split is a
+* Splits by patient (:func:`train.cache.split_cache`: a patient's split is a
   seeded hash of its key, the same for pretraining and every task); the
   label fraction is sampled by study among the training studies with a
   fixed seed. A pretraining run that saw a validation or test study is
@@ -52,14 +52,9 @@ from echonode.bundles.manifest import BINARY_TASKS, TASKS, BundleMeta
 from echonode.bundles.nets import build_model, normalise_for_model
 from echonode.bundles.weights import save_bundle
 from train.augment import AugmentConfig
+from train.cache import ClipCache, cache_argument, load_study_labels, split_cache
 from train.configs import flat_dict, from_namespace
-from train.data import (
-    ClipCache,
-    ClipDataset,
-    load_study_labels,
-    manifest_hash,
-    split_cache,
-)
+from train.datasets import ClipDataset
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
 from train.splits import (
@@ -140,7 +135,7 @@ def prepare_task(
         ``labels.csv`` rows (one per study).
     task : {"lvh", "severe_as", "view"}
     splits : mapping
-        Split name -> study UIDs (from :func:`train.data.split_cache`).
+        Split name -> study UIDs (from :func:`train.cache.split_cache`).
     fraction : float
         Fraction of the labelled training studies used (by study).
     fraction_seed : int
@@ -584,7 +579,8 @@ def _positive_int(text: str) -> int:
 class FinetuneData:
     """What to learn from: the cache, the labels, the task, the split and the clips."""
 
-    data: str
+    #: One cache's path, or several (:func:`train.cache.cache_argument`).
+    data: str | tuple[str, ...]
     labels: str
     task: str
     fraction: float = 1.0
@@ -656,7 +652,8 @@ class FinetuneConfig:
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``echonode-train finetune``, grouped by concern."""
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="clip cache folder")
+    data.add_argument("--data", required=True, nargs="+", metavar="CACHE",
+                      help="clip cache folder(s) (several: read as one, e.g. shards)")
     data.add_argument("--labels", required=True, help="labels.csv (one row per study)")
     data.add_argument("--task", required=True, choices=TASKS)
     data.add_argument("--fraction", type=float, default=1.0, help="fraction of labelled training studies (by study)")
@@ -711,6 +708,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from(ns: argparse.Namespace) -> FinetuneConfig:
+    ns.data = cache_argument(ns.data)
     apply_preset(
         ns,
         {
@@ -971,7 +969,7 @@ def split_record(run: _Run) -> SplitRecord:
     return SplitRecord(
         train=tuple(run.splits["train"]), val=tuple(run.splits["val"]), test=tuple(run.splits["test"]), used=used,
         seed=d.split_seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-        manifest_sha256=manifest_hash(run.cache.root),
+        manifest_sha256=run.cache.manifest_sha256,
     )  # fmt: skip
 
 
@@ -981,7 +979,7 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
     assert model is not None
     provenance = {
         "init": run.init_info,
-        "data_manifest_sha256": manifest_hash(run.cache.root),
+        "data_manifest_sha256": run.cache.manifest_sha256,
         "labels_sha256": _file_sha256(config.dataset.labels),
         "code_revision": code_revision(),
         "config": flat_dict(config),

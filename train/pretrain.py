@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -39,13 +38,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from echonode.bundles.device import resolve_device
-from echonode.bundles.device_spec import parse_device
 from echonode.bundles.nets import build_model
 from echonode.durable import replacing, write_json, write_text
 from train.augment import AugmentConfig
+from train.cache import ClipCache, cache_argument, split_cache
 from train.configs import flat_dict, from_namespace
-from train.data import METHODS, ClipCache, PairDataset, manifest_hash, split_cache
+from train.datasets import METHODS, PairDataset
+from train.distributed import setup_distributed
 from train.losses import NUM_PERMUTATIONS, REORDER_FRAMES, nt_xent_loss, reorder_loss
 from train.presets import add_preset_argument, apply_preset
 from train.splits import SPLIT_FILE, SplitRecord
@@ -338,7 +337,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     Every hyperparameter defaults to None and is filled from ``--preset``.
     """
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="clip cache folder (from `echonode-train index`)")
+    data.add_argument("--data", required=True, nargs="+", metavar="CACHE",
+                      help="clip cache folder(s) from `echonode-train index` (several: read as one, e.g. shards)")
     data.add_argument(
         "--labels", default=None,
         help="ignored: the patient split no longer depends on labels (accepted so that older command lines run)",
@@ -382,7 +382,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 class PretrainData:
     """The cache, the views, the patient split and the clips."""
 
-    data: str
+    #: One cache's path, or several (:func:`train.cache.cache_argument`).
+    data: str | tuple[str, ...]
     labels: str | None = None
     views: str = "plax"
     val_fraction: float = 0.1
@@ -451,6 +452,7 @@ class PretrainConfig:
 
 
 def _config_from(ns: argparse.Namespace) -> PretrainConfig:
+    ns.data = cache_argument(ns.data)
     apply_preset(
         ns,
         {
@@ -461,24 +463,6 @@ def _config_from(ns: argparse.Namespace) -> PretrainConfig:
         },
     )
     return from_namespace(PretrainConfig, ns, progress=not ns.no_progress)
-
-
-def _setup_distributed(device_arg: str) -> tuple[torch.device, int, int, int]:
-    """Initialise torch.distributed under torchrun; return device, rank, world, local rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    spec = parse_device(device_arg)
-    use_cuda = spec.kind == "cuda" or (spec.kind == "auto" and torch.cuda.is_available())
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        # Under torchrun each process takes the GPU of its local rank.
-        device = resolve_device(f"cuda:{local if world > 1 else spec.index or 0}")
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return device, rank, world, local
 
 
 def _amp(device: torch.device, choice: str) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
@@ -552,7 +536,7 @@ class _State:
 
 def _pretrain(config: PretrainConfig) -> int:
     """Wire the steps: processes, data, model, resume, epochs, export."""
-    device, rank, world, _ = _setup_distributed(config.run.device)
+    device, rank, world, _ = setup_distributed(config.run.device)
     procs = _Processes(device, rank, world)
     out = Path(config.run.out)
     if procs.leader:
@@ -634,7 +618,7 @@ def _split_record(
     return SplitRecord(
         train=tuple(splits["train"]), val=tuple(splits["val"]), test=tuple(splits["test"]),
         used={"pretrained": dataset.studies}, seed=d.split_seed, val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction, manifest_sha256=manifest_hash(cache.root),
+        test_fraction=d.test_fraction, manifest_sha256=cache.manifest_sha256,
     )  # fmt: skip
 
 
