@@ -23,6 +23,12 @@ ECHONODE = REPO / "echonode"
 #: Modules the node process and the torch-free CLI commands import.
 NODE_SIDE = (
     "echonode.commands.main",
+    "echonode.commands.common",
+    "echonode.commands.serve",
+    "echonode.commands.status",
+    "echonode.commands.echo",
+    "echonode.commands.maintenance",
+    "echonode.commands.agreement",
     "echonode.daemon.node",
     "echonode.daemon.supervisor",
     "echonode.ops.prometheus",

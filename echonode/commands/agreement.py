@@ -25,7 +25,7 @@ from echonode.agreement.record import rules_id
 from echonode.config import load_config
 from echonode.measurements.rules import load_rules
 
-__all__ = ["add_agreement_arguments", "parse_since", "run_agreement"]
+__all__ = ["add_agreement_arguments", "parse_since", "register", "run_agreement"]
 
 #: Below this many positives or negatives, the printout warns that the figures are unstable.
 FEW = 10
@@ -131,3 +131,14 @@ def run_agreement(args: argparse.Namespace) -> int:
     else:
         _print_table(rows, doc)
     return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``agreement`` to the sub-command parsers ``sub``."""
+    s = sub.add_parser(
+        "agreement",
+        help="how often each model agrees with the sonographers' measurement SRs: AUROC with 95 % CI,"
+        " sensitivity, specificity, confusion counts",
+    )
+    add_agreement_arguments(s)
+    s.set_defaults(func=run_agreement)
