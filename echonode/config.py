@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from echonode.bundles.device_spec import parse_device
 from echonode.credentials import CredentialsError, load_credentials
+from echonode.measurements.rules import RulesError, load_rules
 from echonode.ops.httpauth import AUTH_MODES
 
 DEFAULT_CONFIG_PATH = Path("/etc/echonode/echonode.toml")
@@ -571,8 +572,6 @@ def _check_agreement(a: AgreementConfig) -> None:
     _check_positive(a.summary_interval_s, "agreement.summary_interval_s", allow_zero=True)
     if a.rules:
         # Read now, so that a bad rules file stops the start with its key named.
-        from echonode.measurements.rules import RulesError, load_rules
-
         try:
             load_rules(a.rules)
         except RulesError as exc:

@@ -24,6 +24,8 @@ from echonode.agreement.figures import GROUPINGS, AgreementFigures, agreement_fi
 from echonode.agreement.record import rules_id
 from echonode.config import load_config
 from echonode.measurements.rules import load_rules
+from echonode.studies.journal import Journal
+from echonode.studies.rebuild import check_journal
 
 __all__ = ["add_agreement_arguments", "parse_since", "register", "run_agreement"]
 
@@ -103,9 +105,6 @@ def _print_table(rows: list[AgreementFigures], doc: dict[str, Any]) -> None:
 
 def run_agreement(args: argparse.Namespace) -> int:
     """``echonode agreement``; returns the exit status."""
-    from echonode.studies.journal import Journal
-    from echonode.studies.rebuild import check_journal
-
     cfg = load_config(args.config)
     check_journal(cfg)
     pairs: list[Any] = []

@@ -35,18 +35,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from echonode.bundles.manifest import model_set_key_of
 from echonode.config import Config
+from echonode.durable import move_into_place
+from echonode.ops.logs import get_logger
+from echonode.report.read import summarise_report
 from echonode.studies.journal import Journal
 from echonode.studies.records import ReportRecord, SopInOtherStudy, TaskResult
-
-if TYPE_CHECKING:
-    from echonode.studies.store import StudyStore
-
-# The CLI imports this module for every command (JournalLost): the store
-# (pydicom) and the logger are imported where the rebuild needs them.
+from echonode.studies.store import BadObject, StudyStore, is_valid_uid, read_header
 
 #: What to do, in the message that refuses to start.
 WHAT_TO_DO = (
@@ -214,8 +212,6 @@ def _sr_record(path: Path, summary: dict[str, Any], taken: set[str]) -> tuple[Re
 
 def _record_instances(store: StudyStore, out: Rebuilt) -> set[str]:
     """Record every object in ``studies/``, oldest first; returns the studies seen."""
-    from echonode.studies.store import BadObject, read_header
-
     root = store.root
     files = sorted(store.studies.glob("*/*/*.dcm"), key=lambda p: (p.stat().st_mtime, str(p)))
     studies: set[str] = set()
@@ -250,9 +246,6 @@ def _record_reports(cfg: Config, journal: Journal, store: StudyStore, out: Rebui
     (set of str, set of str)
         The studies with an SR recorded, and those with an SR that does not read.
     """
-    from echonode.report.read import summarise_report
-    from echonode.studies.store import is_valid_uid
-
     destinations = [d.name for d in cfg.destinations]
     by_study: dict[str, list[Path]] = defaultdict(list)
     for path in store.reports.glob("*/*.dcm"):
@@ -302,10 +295,6 @@ def rebuild_journal(cfg: Config, *, dry_run: bool = False) -> Rebuilt:
         tree holds nothing to recover, or while a node listens on the
         configured port (it must be stopped first).
     """
-    from echonode.durable import move_into_place
-    from echonode.ops.logs import get_logger
-    from echonode.studies.store import StudyStore
-
     path, root = cfg.journal_path, cfg.storage_dir
     why = journal_loss(path, root)
     if why is None:
