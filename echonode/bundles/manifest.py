@@ -132,6 +132,22 @@ def _meta_problems(data: Any) -> list[str]:
     if not isinstance(data, Mapping):
         return [f"{BUNDLE_JSON} must hold a JSON object, not {type(data).__name__}"]
     problems: list[str] = []
+    _check_keys(data, problems)
+    _check_identity(data, problems)
+    task = data.get("task")
+    if "task" in data and task not in TASKS:
+        problems.append(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    num_outputs = _check_architecture(data, problems)
+    _check_labels(data, task, num_outputs, problems)
+    for key in ("clip_frames", "frame_size"):
+        if key in data and (not _is_int(data[key]) or data[key] < 1):
+            problems.append(f"{key} must be a positive integer, not {data[key]!r}")
+    _check_preprocessing(data, problems)
+    _check_rest(data, problems)
+    return problems
+
+
+def _check_keys(data: Mapping[str, Any], problems: list[str]) -> None:
     missing = [k for k in _META_KEYS if k not in data]
     extra = sorted(k for k in data if k not in _META_KEYS)
     if missing:
@@ -139,6 +155,9 @@ def _meta_problems(data: Any) -> list[str]:
     if extra:
         problems.append(f"unknown key(s) {', '.join(extra)}")
 
+
+def _check_identity(data: Mapping[str, Any], problems: list[str]) -> None:
+    """The format version, the names, the creation time and the DeviceUID."""
     fv = data.get("format_version")
     if "format_version" in data:
         if not _is_int(fv):
@@ -159,83 +178,87 @@ def _meta_problems(data: Any) -> list[str]:
         if not _is_uid(data["device_uid"]):
             problems.append(f"device_uid {data['device_uid']!r} is not a valid DICOM UID")
 
-    task = data.get("task")
-    if "task" in data and task not in TASKS:
-        problems.append(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
-    arch = data.get("architecture")
-    num_outputs: int | None = None
-    if "architecture" in data:
-        if not isinstance(arch, Mapping):
-            problems.append("architecture must be an object with name, width, num_outputs")
-        else:
-            a_missing = [k for k in _ARCH_KEYS if k not in arch]
-            a_extra = sorted(k for k in arch if k not in _ARCH_KEYS)
-            if a_missing:
-                problems.append(f"architecture lacks {', '.join(a_missing)}")
-            if a_extra:
-                problems.append(f"architecture has unknown key(s) {', '.join(a_extra)}")
-            if "name" in arch and arch["name"] not in ARCHITECTURES:
-                problems.append(f"unknown architecture {arch['name']!r} (known: {', '.join(ARCHITECTURES)})")
-            if "width" in arch and (not _is_int(arch["width"]) or arch["width"] < 1):
-                problems.append(f"architecture.width must be a positive integer, not {arch['width']!r}")
-            if "num_outputs" in arch:
-                if not _is_int(arch["num_outputs"]) or arch["num_outputs"] < 1:
-                    problems.append(f"architecture.num_outputs must be a positive integer, not {arch['num_outputs']!r}")
-                else:
-                    num_outputs = arch["num_outputs"]
+def _check_architecture(data: Mapping[str, Any], problems: list[str]) -> int | None:
+    """Check ``architecture``; return its ``num_outputs`` when that is valid."""
+    if "architecture" not in data:
+        return None
+    arch = data["architecture"]
+    if not isinstance(arch, Mapping):
+        problems.append("architecture must be an object with name, width, num_outputs")
+        return None
+    a_missing = [k for k in _ARCH_KEYS if k not in arch]
+    a_extra = sorted(k for k in arch if k not in _ARCH_KEYS)
+    if a_missing:
+        problems.append(f"architecture lacks {', '.join(a_missing)}")
+    if a_extra:
+        problems.append(f"architecture has unknown key(s) {', '.join(a_extra)}")
+    if "name" in arch and arch["name"] not in ARCHITECTURES:
+        problems.append(f"unknown architecture {arch['name']!r} (known: {', '.join(ARCHITECTURES)})")
+    if "width" in arch and (not _is_int(arch["width"]) or arch["width"] < 1):
+        problems.append(f"architecture.width must be a positive integer, not {arch['width']!r}")
+    if "num_outputs" in arch:
+        if _is_int(arch["num_outputs"]) and arch["num_outputs"] >= 1:
+            return int(arch["num_outputs"])
+        problems.append(f"architecture.num_outputs must be a positive integer, not {arch['num_outputs']!r}")
+    return None
 
-    labels = data.get("labels")
-    if "labels" in data:
-        if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
-            problems.append("labels must be a list of non-empty strings")
-        elif task in BINARY_TASKS:
-            if labels != list(BINARY_LABELS):
-                problems.append(f"labels of binary task {task} must be {list(BINARY_LABELS)}, not {labels}")
-            if num_outputs is not None and num_outputs != 1:
-                problems.append(f"binary task {task} needs architecture.num_outputs 1, not {num_outputs}")
-        elif task == "view":
-            if len(labels) < 2:
-                problems.append("a view bundle needs at least two labels")
-            if len(set(labels)) != len(labels):
-                problems.append(f"labels are not unique: {labels}")
-            if "plax" not in labels:
-                problems.append("a view bundle's labels must include 'plax'")
-            if num_outputs is not None and num_outputs != len(labels):
-                problems.append(f"{len(labels)} labels but architecture.num_outputs is {num_outputs}")
 
-    for key in ("clip_frames", "frame_size"):
-        if key in data and (not _is_int(data[key]) or data[key] < 1):
-            problems.append(f"{key} must be a positive integer, not {data[key]!r}")
+def _check_labels(data: Mapping[str, Any], task: Any, num_outputs: int | None, problems: list[str]) -> None:
+    """The labels against the task and the number of outputs."""
+    if "labels" not in data:
+        return
+    labels = data["labels"]
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        problems.append("labels must be a list of non-empty strings")
+    elif task in BINARY_TASKS:
+        if labels != list(BINARY_LABELS):
+            problems.append(f"labels of binary task {task} must be {list(BINARY_LABELS)}, not {labels}")
+        if num_outputs is not None and num_outputs != 1:
+            problems.append(f"binary task {task} needs architecture.num_outputs 1, not {num_outputs}")
+    elif task == "view":
+        if len(labels) < 2:
+            problems.append("a view bundle needs at least two labels")
+        if len(set(labels)) != len(labels):
+            problems.append(f"labels are not unique: {labels}")
+        if "plax" not in labels:
+            problems.append("a view bundle's labels must include 'plax'")
+        if num_outputs is not None and num_outputs != len(labels):
+            problems.append(f"{len(labels)} labels but architecture.num_outputs is {num_outputs}")
 
-    pre = data.get("preprocessing")
-    if "preprocessing" in data:
-        if not isinstance(pre, Mapping):
-            problems.append("preprocessing must be an object")
-        else:
-            # Extra preprocessing keys are allowed: a newer preprocessing step
-            # may record more, and a reader takes what it knows.
-            p_missing = [k for k in (*REQUIRED_KEYS, "normalisation") if k not in pre]
-            if p_missing:
-                problems.append(f"preprocessing lacks {', '.join(p_missing)}")
-            if "framing" in pre and pre["framing"] not in FRAMINGS:
-                problems.append(f"preprocessing.framing must be one of {', '.join(FRAMINGS)}, not {pre['framing']!r}")
-            for key in ("size", "clip_frames", "eval_clips", "max_frames"):
-                if key in pre and (not _is_int(pre[key]) or pre[key] < 1):
-                    problems.append(f"preprocessing.{key} must be a positive integer, not {pre[key]!r}")
-            if "min_fps" in pre and (not _is_number(pre["min_fps"]) or pre["min_fps"] < 0):
-                problems.append(f"preprocessing.min_fps must be a non-negative number, not {pre['min_fps']!r}")
-            if "normalisation" in pre and pre["normalisation"] not in NORMALISATIONS:
-                problems.append(
-                    f"preprocessing.normalisation must be one of {', '.join(NORMALISATIONS)}, not {pre['normalisation']!r}"
-                )
-            if pre.get("size") != data.get("frame_size") and "size" in pre and "frame_size" in data:
-                problems.append(f"preprocessing.size {pre['size']} differs from frame_size {data['frame_size']}")
-            if "clip_frames" in pre and "clip_frames" in data and pre["clip_frames"] != data["clip_frames"]:
-                problems.append(
-                    f"preprocessing.clip_frames {pre['clip_frames']} differs from clip_frames {data['clip_frames']}"
-                )
 
+def _check_preprocessing(data: Mapping[str, Any], problems: list[str]) -> None:
+    """The ``preprocessing`` object and its agreement with ``frame_size`` and ``clip_frames``."""
+    if "preprocessing" not in data:
+        return
+    pre = data["preprocessing"]
+    if not isinstance(pre, Mapping):
+        problems.append("preprocessing must be an object")
+        return
+    # Extra preprocessing keys are allowed: a newer preprocessing step
+    # may record more, and a reader takes what it knows.
+    p_missing = [k for k in (*REQUIRED_KEYS, "normalisation") if k not in pre]
+    if p_missing:
+        problems.append(f"preprocessing lacks {', '.join(p_missing)}")
+    if "framing" in pre and pre["framing"] not in FRAMINGS:
+        problems.append(f"preprocessing.framing must be one of {', '.join(FRAMINGS)}, not {pre['framing']!r}")
+    for key in ("size", "clip_frames", "eval_clips", "max_frames"):
+        if key in pre and (not _is_int(pre[key]) or pre[key] < 1):
+            problems.append(f"preprocessing.{key} must be a positive integer, not {pre[key]!r}")
+    if "min_fps" in pre and (not _is_number(pre["min_fps"]) or pre["min_fps"] < 0):
+        problems.append(f"preprocessing.min_fps must be a non-negative number, not {pre['min_fps']!r}")
+    if "normalisation" in pre and pre["normalisation"] not in NORMALISATIONS:
+        problems.append(
+            f"preprocessing.normalisation must be one of {', '.join(NORMALISATIONS)}, not {pre['normalisation']!r}"
+        )
+    if pre.get("size") != data.get("frame_size") and "size" in pre and "frame_size" in data:
+        problems.append(f"preprocessing.size {pre['size']} differs from frame_size {data['frame_size']}")
+    if "clip_frames" in pre and "clip_frames" in data and pre["clip_frames"] != data["clip_frames"]:
+        problems.append(f"preprocessing.clip_frames {pre['clip_frames']} differs from clip_frames {data['clip_frames']}")
+
+
+def _check_rest(data: Mapping[str, Any], problems: list[str]) -> None:
+    """The threshold, the free-form objects and the flags."""
     if "threshold" in data and (not _is_number(data["threshold"]) or not 0.0 <= data["threshold"] <= 1.0):
         problems.append(f"threshold must be a number in [0, 1], not {data['threshold']!r}")
     for key in ("provenance", "metrics"):
@@ -244,7 +267,6 @@ def _meta_problems(data: Any) -> list[str]:
     for key in ("random_weights", "clinical_use"):
         if key in data and not isinstance(data[key], bool):
             problems.append(f"{key} must be true or false, not {data[key]!r}")
-    return problems
 
 
 def _json_default(value: Any) -> Any:
