@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,14 +280,7 @@ def analyse_study(
     """
     task_bundles = [b for b in models.bundles if b.task != "view"]
     view_bundle = models.by_task("view")
-    # One bounded read per object, kept as a record of a few strings: the
-    # study's memory does not grow with what its headers carry.
-    records: list[ObjectRecord] = []
-    for path in paths:
-        try:
-            records.append(read_record(Path(path)))
-        except Exception as exc:  # noqa: BLE001 - a stored object that no longer parses
-            log.warning("pipeline.unreadable_header", path=str(path), error=type(exc).__name__)
+    records = _read_records(paths)
     # Frames of images only: SRs, documents and the like are skipped up front.
     # The headers were read without pixel data, so Rows is what says "image".
     candidates = [r for r in records if r.is_image]
@@ -306,31 +299,50 @@ def analyse_study(
         if view_bundle
         else "no view classifier installed: every usable video used"
     )
+    batcher = _ClipBatcher(task_bundles, configs, batch_size)
     outcomes: list[VideoOutcome] = []
-    # Pending clips for the task models, batched across videos.
-    pending: dict[PreprocessConfig, list[tuple[int, np.ndarray]]] = {c: [] for c in configs}
-    clip_probs: dict[str, dict[int, list[float]]] = {b.task: {} for b in task_bundles}
+    for decoded in _decode_ahead(candidates, configs, max(1, decode_threads)):
+        idx = len(outcomes)
+        outcomes.append(decoded.outcome)
+        if decoded.frames is None:
+            continue
+        if view_bundle is not None and not _keep_view(decoded, view_bundle, views, batch_size):
+            continue
+        decoded.outcome.used = True
+        batcher.add(idx, decoded.frames)
+    batcher.finish()
+    tasks = _task_outcomes(task_bundles, batcher.clip_probs, outcomes)
+    all_outcomes = outcomes + skipped
+    reason = None if tasks else _why_no_result(task_bundles, all_outcomes, views)
+    header = str(candidates[0].path) if candidates else (str(records[0].path) if records else None)
+    return StudyAnalysis(study_uid, all_outcomes, tasks, view_filter, reason, header)
 
-    def flush(cfg: PreprocessConfig, force: bool) -> None:
-        queue = pending[cfg]
-        n = sum(len(c) for _, c in queue)
-        if not queue or (n < batch_size and not force):
-            return
-        owners = np.concatenate([np.full(len(c), i) for i, c in queue])
-        clips = np.concatenate([c for _, c in queue])
-        queue.clear()
-        for b in task_bundles:
-            if preprocess_config(b) != cfg:
-                continue
-            probs = b.predict(clips, batch_size=batch_size)
-            for owner, p in zip(owners.tolist(), probs.tolist(), strict=True):
-                clip_probs[b.task].setdefault(owner, []).append(float(p))
 
-    workers = max(1, decode_threads)
+def _read_records(paths: Sequence[Path]) -> list[ObjectRecord]:
+    """One bounded read per object, kept as a record of a few strings.
+
+    The study's memory does not grow with what its headers carry. An object
+    that no longer parses is logged and left out.
+    """
+    records: list[ObjectRecord] = []
+    for path in paths:
+        try:
+            records.append(read_record(Path(path)))
+        except Exception as exc:  # noqa: BLE001 - a stored object that no longer parses
+            log.warning("pipeline.unreadable_header", path=str(path), error=type(exc).__name__)
+    return records
+
+
+def _decode_ahead(
+    candidates: Sequence[ObjectRecord], configs: Sequence[PreprocessConfig], workers: int
+) -> Iterator[_Decoded]:
+    """Decode ``candidates`` on ``workers`` threads, yielding them in order.
+
+    Decoding runs ahead of inference by at most one object per thread (and
+    one ready): a decoded video waiting for the model is held in memory, so
+    an unbounded look-ahead would hold the whole study's.
+    """
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        # Decoding runs ahead of inference by at most one object per thread
-        # (and one ready): a decoded video waiting for the model is held in
-        # memory, so an unbounded look-ahead would hold the whole study's.
         todo = iter(candidates)
         futures: collections.deque[cf.Future[_Decoded]] = collections.deque(
             pool.submit(_decode_one, r, configs, 1) for r in itertools.islice(todo, workers + 1)
@@ -341,31 +353,72 @@ def analyse_study(
                 following = next(todo, None)
                 if following is not None:
                     futures.append(pool.submit(_decode_one, following, configs, 1))
-                idx = len(outcomes)
-                outcomes.append(decoded.outcome)
-                if decoded.frames is None:
-                    continue
-                if view_bundle is not None:
-                    vcfg = preprocess_config(view_bundle)
-                    vprobs = view_bundle.predict(make_eval_clips(decoded.frames[vcfg], vcfg), batch_size=batch_size)
-                    mean = vprobs.mean(axis=0)
-                    best = int(np.argmax(mean))
-                    decoded.outcome.view = view_bundle.labels[best]
-                    decoded.outcome.view_probability = float(mean[best])
-                    if decoded.outcome.view not in views:
-                        decoded.outcome.reason = f"view {decoded.outcome.view} not in models.views"
-                        continue
-                decoded.outcome.used = True
-                for cfg in configs:
-                    if any(preprocess_config(b) == cfg for b in task_bundles):
-                        pending[cfg].append((idx, make_eval_clips(decoded.frames[cfg], cfg)))
-                        flush(cfg, force=False)
-            for cfg in configs:
-                flush(cfg, force=True)
+                yield decoded
         finally:
             for fut in futures:
                 fut.cancel()
 
+
+def _keep_view(decoded: _Decoded, view_bundle: Bundle, views: Sequence[str], batch_size: int) -> bool:
+    """Classify the video's view (recorded on its outcome); whether the task models see it."""
+    assert decoded.frames is not None
+    vcfg = preprocess_config(view_bundle)
+    vprobs = view_bundle.predict(make_eval_clips(decoded.frames[vcfg], vcfg), batch_size=batch_size)
+    mean = vprobs.mean(axis=0)
+    best = int(np.argmax(mean))
+    decoded.outcome.view = view_bundle.labels[best]
+    decoded.outcome.view_probability = float(mean[best])
+    if decoded.outcome.view not in views:
+        decoded.outcome.reason = f"view {decoded.outcome.view} not in models.views"
+        return False
+    return True
+
+
+class _ClipBatcher:
+    """Clips of the used videos, batched across videos for each task model.
+
+    ``clip_probs[task][video index]`` collects each clip's probability.
+    """
+
+    def __init__(self, task_bundles: Sequence[Bundle], configs: Sequence[PreprocessConfig], batch_size: int) -> None:
+        self.task_bundles = list(task_bundles)
+        self.batch_size = batch_size
+        # Only the preprocessings some task model needs (the view model's may differ).
+        self.configs = [c for c in configs if any(preprocess_config(b) == c for b in self.task_bundles)]
+        self.pending: dict[PreprocessConfig, list[tuple[int, np.ndarray]]] = {c: [] for c in self.configs}
+        self.clip_probs: dict[str, dict[int, list[float]]] = {b.task: {} for b in self.task_bundles}
+
+    def add(self, idx: int, frames: dict[PreprocessConfig, np.ndarray]) -> None:
+        """Queue video ``idx``'s clips; run the models on every full batch."""
+        for cfg in self.configs:
+            self.pending[cfg].append((idx, make_eval_clips(frames[cfg], cfg)))
+            self._flush(cfg, force=False)
+
+    def finish(self) -> None:
+        """Run the models on what is still queued."""
+        for cfg in self.configs:
+            self._flush(cfg, force=True)
+
+    def _flush(self, cfg: PreprocessConfig, force: bool) -> None:
+        queue = self.pending[cfg]
+        n = sum(len(c) for _, c in queue)
+        if not queue or (n < self.batch_size and not force):
+            return
+        owners = np.concatenate([np.full(len(c), i) for i, c in queue])
+        clips = np.concatenate([c for _, c in queue])
+        queue.clear()
+        for b in self.task_bundles:
+            if preprocess_config(b) != cfg:
+                continue
+            probs = b.predict(clips, batch_size=self.batch_size)
+            for owner, p in zip(owners.tolist(), probs.tolist(), strict=True):
+                self.clip_probs[b.task].setdefault(owner, []).append(float(p))
+
+
+def _task_outcomes(
+    task_bundles: Sequence[Bundle], clip_probs: dict[str, dict[int, list[float]]], outcomes: list[VideoOutcome]
+) -> dict[str, TaskOutcome]:
+    """Video probabilities (mean of its clips) and study probabilities (mean of its videos), per task."""
     tasks: dict[str, TaskOutcome] = {}
     for b in task_bundles:
         per_video: dict[str, float] = {}
@@ -376,16 +429,14 @@ def analyse_study(
         if per_video:
             study_p = float(np.mean(list(per_video.values())))
             tasks[b.task] = TaskOutcome(b, study_p, study_p >= b.threshold, per_video)
+    return tasks
 
-    all_outcomes = outcomes + skipped
-    reason = None
-    if not tasks:
-        if not task_bundles:
-            reason = "no task model installed"
-        elif not any(v.usable for v in all_outcomes):
-            reasons = sorted({v.reason or "" for v in all_outcomes})
-            reason = "no usable video (" + "; ".join(reasons)[:300] + ")" if reasons else "no objects"
-        else:
-            reason = f"no video of view {', '.join(views)}"
-    header = str(candidates[0].path) if candidates else (str(records[0].path) if records else None)
-    return StudyAnalysis(study_uid, all_outcomes, tasks, view_filter, reason, header)
+
+def _why_no_result(task_bundles: Sequence[Bundle], outcomes: Sequence[VideoOutcome], views: Sequence[str]) -> str:
+    """The reason a study has no task result."""
+    if not task_bundles:
+        return "no task model installed"
+    if not any(v.usable for v in outcomes):
+        reasons = sorted({v.reason or "" for v in outcomes})
+        return "no usable video (" + "; ".join(reasons)[:300] + ")" if reasons else "no objects"
+    return f"no video of view {', '.join(views)}"
