@@ -31,9 +31,9 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from echonode.analyse.preprocess_config import PreprocessConfig
-from echonode.bundles.manifest import BINARY_TASKS, BundleError
+from echonode.bundles.manifest import BINARY_TASKS, BundleError, BundleMeta
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
-from echonode.bundles.weights import load_bundle
+from echonode.bundles.weights import Bundle, load_bundle
 from echonode.durable import write_text
 from train.cache import (
     CacheDirs,
@@ -151,15 +151,46 @@ def evaluate_bundle(
     meta = bundle.meta
     cache = ClipCache(cache_dir)
     _check_framing(cache, meta.preprocessing, cache_dir)
-    rows = load_study_labels(labels_csv)
+    videos, targets = _evaluation_videos(bundle_path, meta, cache, load_study_labels(labels_csv), split, views)
+    clip_probs = _clip_probabilities(bundle, cache, videos, targets, batch_videos)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {
+        "bundle": {"name": meta.name, "task": meta.task, "version": meta.version, "device_uid": meta.device_uid},
+        "data": {"cache": [str(r) for r in cache.roots] if len(cache.roots) > 1 else str(cache.root),
+                 "manifest_sha256": cache.manifest_sha256, "split": split},
+        "n_videos": len(videos),
+        "bootstrap": {"n_resamples": n_resamples, "level": 0.95, "stratified": True, "seed": seed},
+        "aggregation": "video = mean over clips; study = mean over videos",
+        # Which arithmetic produced the probabilities (float32 eager, bf16, TorchScript...).
+        "runtime": bundle.describe()["runtime"],
+    }
+    report.update(
+        summarise(meta.task, videos, targets, clip_probs, meta.labels, threshold=meta.threshold, n_resamples=n_resamples, seed=seed)
+    )
+    video_probs = clip_probs.mean(axis=1)
+    _write_predictions(out / "predictions.csv", meta, videos, targets, video_probs)
+    report["plots"] = _plots(out, meta, videos, targets, video_probs)
+    write_text(out / "metrics.json", json.dumps(report, indent=1, default=float) + "\n")
+    return report
+
+
+def _evaluation_videos(
+    bundle_path: str | Path, meta: BundleMeta, cache: ClipCache, rows: dict, split: str, views: Sequence[str] | None
+) -> tuple[list[dict], list[int]]:
+    """The videos of ``split`` with the bundle's task labels, and their targets (in the bundle's label order).
+
+    The split settings are the bundle's own, so the same patients fall where
+    they fell in training; a bundle that trained or early-stopped on any of
+    these studies is refused (:func:`train.splits.check_no_overlap`).
+    """
     config = meta.provenance.get("config", {}) if isinstance(meta.provenance, dict) else {}
     record = SplitRecord.read(bundle_path)
     if split == "all":
-        studies = sorted({v["study_uid"] for v in cache.videos})
-        splits = {"train": [], "val": [], "test": studies}
+        splits = {"train": [], "val": [], "test": studies_placeholder(cache)}
         split_name = "test"
     else:
-        # The bundle's own split settings: the same patients fall where they fell in training.
         if record is not None and record.scheme == SPLIT_SCHEME:
             val_fraction, test_fraction, split_seed = record.val_fraction, record.test_fraction, record.seed
         else:
@@ -186,11 +217,14 @@ def evaluate_bundle(
     if meta.task not in BINARY_TASKS and list(data.labels) != list(meta.labels):
         # Map the cache's view names onto the bundle's logit order.
         index = {name: i for i, name in enumerate(meta.labels)}
-        keep = [i for i, v in enumerate(videos) if v["view"] in index]
-        videos = [videos[i] for i in keep]
-        targets = [index[videos[j]["view"]] for j in range(len(videos))]
+        videos = [v for v in videos if v["view"] in index]
+        targets = [index[v["view"]] for v in videos]
+    return videos, list(targets)
 
-    pre = PreprocessConfig.from_meta(meta.preprocessing)
+
+def _clip_probabilities(bundle: Bundle, cache: ClipCache, videos: list[dict], targets: list[int], batch_videos: int) -> np.ndarray:
+    """``(videos, eval_clips[, classes])`` probabilities, clips cut as the node cuts them."""
+    pre = PreprocessConfig.from_meta(bundle.meta.preprocessing)
     dataset = ClipDataset(
         cache, videos, targets, clip_frames=pre.clip_frames, size=pre.size, train=False, eval_clips=pre.eval_clips,
     )  # fmt: skip
@@ -199,25 +233,12 @@ def evaluate_bundle(
         b, k = x.shape[:2]
         p = bundle.predict(x.flatten(0, 1))
         probs.append(p.reshape((b, k) + p.shape[1:]))
-    clip_probs = np.concatenate(probs)
+    return np.concatenate(probs)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, object] = {
-        "bundle": {"name": meta.name, "task": meta.task, "version": meta.version, "device_uid": meta.device_uid},
-        "data": {"cache": [str(r) for r in cache.roots] if len(cache.roots) > 1 else str(cache.root),
-                 "manifest_sha256": cache.manifest_sha256, "split": split},
-        "n_videos": len(videos),
-        "bootstrap": {"n_resamples": n_resamples, "level": 0.95, "stratified": True, "seed": seed},
-        "aggregation": "video = mean over clips; study = mean over videos",
-        # Which arithmetic produced the probabilities (float32 eager, bf16, TorchScript...).
-        "runtime": bundle.describe()["runtime"],
-    }
-    report.update(
-        summarise(meta.task, videos, targets, clip_probs, meta.labels, threshold=meta.threshold, n_resamples=n_resamples, seed=seed)
-    )
-    video_probs = clip_probs.mean(axis=1)
-    with open(out / "predictions.csv", "w", newline="") as fh:
+
+def _write_predictions(path: Path, meta: BundleMeta, videos: list[dict], targets: list[int], video_probs: np.ndarray) -> None:
+    """``predictions.csv``: one row per video, its target and probability (or one per class)."""
+    with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         if meta.task in BINARY_TASKS:
             writer.writerow(["study_uid", "sop_uid", "view", "target", "probability"])
@@ -227,17 +248,19 @@ def evaluate_bundle(
             writer.writerow(["study_uid", "sop_uid", "view", "target", *meta.labels])
             for v, t, p in zip(videos, targets, video_probs):
                 writer.writerow([v["study_uid"], v["sop_uid"], v["view"], meta.labels[int(t)], *(f"{x:.6f}" for x in p)])
-    plots: list[str] = []
-    if meta.task in BINARY_TASKS:
-        y = np.asarray(targets, dtype=int)
-        plots += [p.name for p in plot_curves(y, video_probs, out, "video", meta.task)]
-        studies = [v["study_uid"] for v in videos]
-        _, study_probs = group_mean(studies, video_probs)
-        _, study_y = group_mean(studies, y)
-        plots += [p.name for p in plot_curves(study_y.round().astype(int), study_probs, out, "study", meta.task)]
-    report["plots"] = plots
-    write_text(out / "metrics.json", json.dumps(report, indent=1, default=float) + "\n")
-    return report
+
+
+def _plots(out: Path, meta: BundleMeta, videos: list[dict], targets: list[int], video_probs: np.ndarray) -> list[str]:
+    """ROC and PR curves at video and study level (binary tasks); the files' names."""
+    if meta.task not in BINARY_TASKS:
+        return []
+    y = np.asarray(targets, dtype=int)
+    plots = [p.name for p in plot_curves(y, video_probs, out, "video", meta.task)]
+    studies = [v["study_uid"] for v in videos]
+    _, study_probs = group_mean(studies, video_probs)
+    _, study_y = group_mean(studies, y)
+    plots += [p.name for p in plot_curves(study_y.round().astype(int), study_probs, out, "study", meta.task)]
+    return plots
 
 
 def studies_placeholder(cache: ClipCache) -> list[str]:
