@@ -28,18 +28,10 @@ from pynetdicom import AE
 from echonode.config import to_toml
 from echonode.daemon.node import Node
 from echonode.studies.states import StudyState
-from tests.conftest import (
-    STORESCU,
-    free_port,
-    make_config,
-    need,
-    run_cli,
-    wait_for,
-    with_destination,
-)
+from tests.conftest import free_port, make_config, run_cli, wait_for, with_destination
 from tests.echo_sr import echo_sr, save
 from tests.factories import tiny_bundle
-from tests.test_delivery import RecordingSCP
+from tests.peers import STORESCU, RecordingSCP, require_tool
 
 LVH = {"ivsd": 1.4, "lvpwd": 1.3, "lvidd": 4.8, "av_vmax": 2.1, "av_mean_gradient": 10.0}
 #: Who the test studies are about: must appear nowhere in what the node prints.
@@ -96,7 +88,7 @@ def send_raw(port: int, path: Path) -> int:
 
 
 def test_agreement_end_to_end_with_storescu(tmp_path: Path, ybr_loop: Path) -> None:
-    need(STORESCU)
+    require_tool(STORESCU)
     pacs = RecordingSCP(free_port()).start()
     cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.2},
                       agreement={"check_interval_s": 0.2, "summary_interval_s": 0.0})

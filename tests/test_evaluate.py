@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from echonode.analyse.preprocess import PreprocessConfig
-from tests.test_finetune import make_labelled_archive
+from tests.factories import make_labelled_archive
 from train.evaluate import main
 from train.finetune import main as finetune_main
 from train.index import build_index

@@ -31,8 +31,9 @@ from echonode.delivery.dimse import Peer, echo, store_file
 from echonode.delivery.outcome import DeliveryError
 from echonode.network import pdu_guard
 from tests import rawdicom as raw
-from tests.conftest import ECHOSCU, REPO, echonode_cmd, make_config, need, wait_for
+from tests.conftest import REPO, echonode_cmd, make_config, wait_for
 from tests.factories import us_multiframe, write
+from tests.peers import ECHOSCU, require_tool
 
 US_MULTIFRAME = b"1.2.840.10008.5.1.4.1.1.3.1"
 GIB2 = 2**31 - 1
@@ -137,7 +138,7 @@ def test_associate_request_declaring_2_gib_is_aborted_without_allocating(start_n
 def test_p_data_over_the_advertised_maximum_is_aborted(start_node, sockets) -> None:
     """After negotiation a P-DATA-TF PDU may be as long as the maximum length the node
     advertised (node.max_pdu), as DCMTK enforces it; at that length it is taken."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(max_pdu=16384)
     # A sender that fills PDUs to exactly the maximum is served.
     ds = us_multiframe(frames=16, rows=128, cols=128)  # 256 KiB: sixteen full PDUs
@@ -183,7 +184,7 @@ def test_a_pdu_body_is_allocated_as_it_arrives(start_node, sockets) -> None:
 def test_a_disallowed_address_is_turned_away_before_a_byte_is_read(start_node, sockets) -> None:
     """It never gets an association (nor a max_associations slot): the connection is
     closed at accept, logged and counted."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(allowed_networks=["127.0.0.1/32"], max_associations=1)
     with capture_logs() as logs:
         held = []
@@ -225,7 +226,7 @@ def test_stalled_peers_from_an_allowed_address_are_reaped(start_node, sockets) -
     """A peer that stops mid-PDU (before the association: acse_timeout_s; after it:
     network_timeout_s) is aborted and closed, counted and logged, and its partial spool
     file removed; the slots it held are free again."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(acse_timeout_s=1.0, network_timeout_s=1.0, max_associations=2)
     with capture_logs() as logs:
         before = connect(node.scp.port, sockets)
@@ -256,7 +257,7 @@ def test_stalled_peers_from_an_allowed_address_are_reaped(start_node, sockets) -
 def test_echo_answers_while_50_stalled_sockets_are_open(start_node, sockets) -> None:
     """50 connections that sent 6 bytes and stopped, from outside the allow-list: carts'
     C-ECHOs (dcmtk echoscu, pynetdicom) are still answered, promptly."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(allowed_networks=["127.0.0.1/32"], max_associations=3, acse_timeout_s=600.0,
                       network_timeout_s=600.0)
     for i in range(50):
@@ -283,7 +284,7 @@ def test_silent_connections_from_an_allowed_address_never_lock_carts_out(start_n
     MAX_AWAITING_REQUEST the one that waited longest is closed."""
     from echonode.receive.scp import MAX_AWAITING_REQUEST
 
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(max_associations=3, acse_timeout_s=600.0, network_timeout_s=600.0)
     silent = []
     with capture_logs() as logs:

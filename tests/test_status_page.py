@@ -39,7 +39,6 @@ from echonode.studies.journal import Journal
 from echonode.studies.records import InstanceRecord, ReportRecord
 from tests.conftest import REPO, free_port, make_config
 from tests.factories import us_multiframe
-from tests.test_report_render import browser  # noqa: F401 - the headless Chromium fixture
 
 #: What the stored objects carry and the page must never show.
 PATIENT_NAME = "DOE^JANE"
@@ -178,7 +177,7 @@ def _get(port: int, path: str = PATH, headers: dict[str, str] | None = None) -> 
 
 
 @pytest.mark.parametrize("page_node", [{"show_accession": False}], indirect=True)
-def test_the_page_shows_the_node_in_a_browser(page_node: Node, browser: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_the_page_shows_the_node_in_a_browser(page_node: Node, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     uids = _populate(page_node, tmp_path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,17 +27,13 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from tests.peers import DCIODVFY, DSRDUMP, require_tool
 from train import synth
 from train import synth_reports as reports
 from train.cache import load_study_labels
 from train.synth import archive as synth_archive
 from train.synth import dicom
 from train.synth import truth as T
-
-DCIODVFY = "/usr/bin/dciodvfy"
-DSRDUMP = "/usr/bin/dsrdump"
-needs_dciodvfy = pytest.mark.skipif(shutil.which(DCIODVFY) is None, reason="dicom3tools' dciodvfy not installed")
-needs_dsrdump = pytest.mark.skipif(shutil.which(DSRDUMP) is None, reason="dcmtk's dsrdump not installed")
 
 # Four patients, seed 9: nine studies, every dialect, LVH and severe AS present.
 PATIENTS, SEED = 4, 9
@@ -405,8 +400,8 @@ def test_highdicom_reads_every_dialect(studies: list[dict]) -> None:
         assert doc.SOPInstanceUID == s["ds"].SOPInstanceUID
 
 
-@needs_dciodvfy
 def test_dciodvfy_reports_no_error_for_any_dialect(archive: Path, studies: list[dict]) -> None:
+    require_tool(DCIODVFY)
     for d, s in _one_per_dialect(studies).items():
         proc = subprocess.run([DCIODVFY, str(archive / s["report"]["path"])], capture_output=True, text=True, check=False,
                               timeout=60)
@@ -416,8 +411,8 @@ def test_dciodvfy_reports_no_error_for_any_dialect(archive: Path, studies: list[
         assert ("EnhancedSR" if d == reports.DIALECT_TID5300 else "ComprehensiveSR") in out
 
 
-@needs_dsrdump
 def test_dsrdump_reads_every_dialect(archive: Path, studies: list[dict]) -> None:
+    require_tool(DSRDUMP)
     for d, s in _one_per_dialect(studies).items():
         proc = subprocess.run([DSRDUMP, str(archive / s["report"]["path"])], capture_output=True, text=True, check=False,
                               timeout=60)
