@@ -27,6 +27,7 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -197,7 +198,7 @@ def send_files(port: int, paths: Iterable[Path], *, calling: str = "CART",
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         for path in paths:
-            meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+            meta = read_file_meta_info(path)
             ae = scu(calling, timeout=30)
             ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
             assoc = ae.associate("127.0.0.1", port, ae_title=called)

@@ -15,14 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    RLELossless,
-)
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage  # type: ignore[attr-defined]
 
 from echonode.daemon.node import Node
 from echonode.delivery.dimse import Peer, echo
@@ -31,6 +23,7 @@ from echonode.studies.states import StudyState
 from tests.conftest import REPO, make_config, wait_for
 from tests.corpus import EITHER, REFUSED, SKIPPED, Bad, corpus, good_object, part10
 from tests.factories import tiny_bundle
+from tests.peers import send_files
 
 #: Statuses a malformed object may get: success (then the worker judges it)
 #: or "cannot understand" and its refinements. 0xC211 (an exception in the
@@ -45,26 +38,6 @@ WORKER_MAX_RSS_MB = 2048
 @pytest.fixture(scope="module")
 def bad() -> list[Bad]:
     return corpus()
-
-
-def send_files(port: int, paths: list[Path]) -> list[int]:
-    """C-STORE each file byte for byte (no decode, no re-encode); one association each."""
-    ae = AE(ae_title="CART")
-    for ts in (ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, DeflatedExplicitVRLittleEndian):
-        ae.add_requested_context(UltrasoundMultiFrameImageStorage, ts)
-    old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    statuses = []
-    try:
-        for p in paths:
-            assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
-            assert assoc.is_established
-            rsp = assoc.send_c_store(p)
-            statuses.append(int(rsp.Status) if "Status" in rsp else -1)
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
-    return statuses
 
 
 def leftovers(storage: Path) -> list[Path]:

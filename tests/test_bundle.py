@@ -27,8 +27,6 @@ from echonode.bundles.nets import KINETICS_MEAN, KINETICS_STD, build_model
 from echonode.bundles.registry import ModelRegistry, load_bundles
 from echonode.bundles.weights import Bundle, load_bundle, save_bundle
 
-torch.set_num_threads(2)
-
 WIDTH = 4
 FRAMES = 4
 SIZE = 16

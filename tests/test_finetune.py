@@ -24,8 +24,6 @@ from train.finetune import (
 from train.index import build_index
 from train.splits import SplitRecord
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> tuple[Path, Path]:

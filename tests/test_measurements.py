@@ -526,7 +526,7 @@ def test_raw_reader_follows_un_sequences_and_a_switch_to_implicit_vr() -> None:
 def test_character_sets_and_pydicom_in_raise_mode(tmp_path: Path) -> None:
     """Text is decoded with the SR's Specific Character Set; an unknown one, even with pydicom
     set to raise on bad values (as tests of objects we produce do), does not stop the read."""
-    from pydicom import config as pydicom_config
+    from tests.report_support import strict_reading
 
     ds = echo_sr.tid5300_sr(VALUES, manufacturer="Échographes Réunis")
     assert read_measurement_sr(write(ds, tmp_path, "utf8.dcm")).manufacturer == "Échographes Réunis"
@@ -535,12 +535,8 @@ def test_character_sets_and_pydicom_in_raise_mode(tmp_path: Path) -> None:
     path = write(ds, tmp_path, "latin1.dcm")
     data = path.read_bytes().replace(b"ISO_IR 100", b"ISO_IR 999")
     path.write_bytes(data)
-    old = pydicom_config.settings.reading_validation_mode
-    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
-    try:
+    with strict_reading():
         doc = read_measurement_sr(path)
-    finally:
-        pydicom_config.settings.reading_validation_mode = old
     assert doc.status == "read" and doc.manufacturer == "Échographes Réunis"
     assert values(doc)["av_vmax"] == pytest.approx(4.2)
 

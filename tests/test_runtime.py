@@ -33,8 +33,6 @@ from echonode.bundles.runtime import (
 from echonode.bundles.weights import load_bundle, save_bundle
 from tests.factories import tiny_bundle
 
-torch.set_num_threads(2)
-
 WIDTH = 4
 FRAMES = 8
 SIZE = 32

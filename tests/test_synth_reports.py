@@ -22,12 +22,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from tests.peers import DCIODVFY, DSRDUMP, require_tool
+from tests.report_support import strict_reading
 from train import synth
 from train import synth_reports as reports
 from train.cache import load_study_labels
@@ -175,17 +175,13 @@ def studies(archive: Path) -> list[dict]:
     labels = {r["study_uid"]: r for r in _read_csv(archive / "labels.csv")}
     videos = _read_csv(archive / "videos.csv")
     out = []
-    old = pydicom_config.settings.reading_validation_mode
-    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
-    try:
+    with strict_reading():
         for row in _read_csv(archive / "reports.csv"):
             ds = pydicom.dcmread(archive / row["path"])
             out.append({
                 "labels": labels[row["study_uid"]], "report": row, "ds": ds, "nums": list(walk(ds)),
                 "videos": [v for v in videos if v["study_uid"] == row["study_uid"]],
             })
-    finally:
-        pydicom_config.settings.reading_validation_mode = old
     return out
 
 
