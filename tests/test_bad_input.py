@@ -21,7 +21,7 @@ from echonode.delivery.dimse import Peer, echo
 from echonode.report.read import summarise_report
 from echonode.studies.states import StudyState
 from tests.conftest import REPO, make_config, wait_for
-from tests.corpus import EITHER, REFUSED, SKIPPED, Bad, corpus, good_object, part10
+from tests.corpus import REFUSED, SKIPPED, Bad, corpus, good_object, part10
 from tests.factories import tiny_bundle
 from tests.peers import send_files
 
@@ -110,6 +110,11 @@ def test_decode_and_preprocess_each_object_within_limits(tmp_path: Path, bad: li
 
 def test_node_and_worker_survive_the_corpus(tmp_path: Path, bad: list[Bad]) -> None:
     """The whole corpus, one study per object, plus one good study, through a running node."""
+    # The kinds of damage a cart or a broken disk produces, each sent to the node below.
+    assert {b.name for b in bad} >= {
+        "truncated_in_pixels", "wrong_length_date", "bad_vr_rows", "huge_rows_cols", "huge_frames",
+        "missing_pixel_data", "short_pixel_data", "jpeg_garbage", "photometric_rgb_1_sample",
+        "deflate_bomb", "jpeg_sof_bomb", "rle_bomb"}
     cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.2},
                       models={"study_timeout_s": 120.0, "max_attempts": 2})
     tiny_bundle(cfg.models_dir, "lvh", seed=1)
@@ -221,13 +226,3 @@ def _swallow(fn, *args) -> None:
         fn(*args)
     except Exception:  # noqa: BLE001 - the node was killed under it
         pass
-
-
-def test_corpus_covers_the_issue(bad: list[Bad]) -> None:
-    """The kinds of damage issue 6 names are all in the corpus."""
-    names = {b.name for b in bad}
-    for needed in ("truncated_in_pixels", "wrong_length_date", "bad_vr_rows", "huge_rows_cols", "huge_frames",
-                   "missing_pixel_data", "short_pixel_data", "jpeg_garbage", "photometric_rgb_1_sample",
-                   "deflate_bomb", "jpeg_sof_bomb", "rle_bomb"):
-        assert needed in names
-    assert all(b.expect in (REFUSED, SKIPPED, EITHER) for b in bad)

@@ -134,11 +134,12 @@ def _check_header(values: dict) -> None:
     ds.PixelData = pixels
     try:
         video = decode_dataset(ds, DecodeOptions(target_side=CFG.size, max_frames=CFG.max_frames, threads=1))
-        preprocess_video(video, CFG)
+        frames = preprocess_video(video, CFG)
     except UnusableObject as exc:
         assert exc.reason
         TRIED["header unusable"] += 1
         return
+    assert frames.dtype == np.uint8 and frames.shape[1:] == (CFG.size, CFG.size)
     TRIED["header usable"] += 1
 
 
