@@ -1,40 +1,65 @@
-"""Shared fixtures: configs on free ports, real echo files, a running node."""
+"""Shared fixtures: configs on free ports, real echo files, a running node, the peers of tests/peers.py.
+
+The process-wide settings every test runs under are set once, in
+:func:`process_settings`; no test module sets them at import.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydicom import config as pydicom_config
 from pydicom.data import get_testdata_file
 
 from echonode.config import Config, Destination, parse_config
+from tests.peers import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    ECHOSCU,
+    REPO,
+    STORESCU,
+    RecordingSCP,
+    echonode_cmd,
+    free_port,
+    require,
+    require_tool,
+    wait_for,
+)
 
-REPO = Path(__file__).resolve().parent.parent
+__all__ = ["REPO", "echonode_cmd", "free_port", "wait_for"]  # tests import these from here too
 
-# ``[models] runtime = auto`` measures every runtime the machine supports when
-# a bundle loads; torch.compile's compile (tens of seconds), int8's calibration
-# and OpenVINO's conversion would make every test that loads a bundle slow.
-# The suite measures the cheap candidates (node subprocesses inherit this);
-# tests/test_runtime.py exercises the others by name.
-os.environ.setdefault("ECHONODE_RUNTIME_CANDIDATES", "jit,bf16")
+#: torch's intra-op threads in the test process: one, so that tests running beside
+#: each other (and beside the nodes they start) do not fight over the cores.
+TORCH_THREADS = 1
 
-# dcmtk's tools, by full path: pynetdicom installs its own under the same names.
-STORESCU = "/usr/bin/storescu"
-ECHOSCU = "/usr/bin/echoscu"
-STORESCP = "/usr/bin/storescp"
-DCIODVFY = "/usr/bin/dciodvfy"
-DSRDUMP = "/usr/bin/dsrdump"
-ORTHANC = "/usr/sbin/Orthanc"
-#: Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS for Orthanc.
-ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+@pytest.fixture(scope="session", autouse=True)
+def process_settings() -> Iterator[None]:
+    """The process-wide settings of the test process, set once for the session.
+
+    - torch runs on :data:`TORCH_THREADS` threads;
+    - pydicom reads without validating values (``IGNORE``), as the node and
+      the worker do with what carts send; tests of objects the node *writes*
+      read them back under :func:`tests.report_support.strict_reading`;
+    - ``[models] runtime = auto`` measures only the cheap runtimes (jit,
+      bf16) when a bundle loads: torch.compile's compile (tens of seconds),
+      int8's calibration and OpenVINO's conversion would make every test that
+      loads a bundle slow. Node subprocesses inherit it; tests/test_runtime.py
+      exercises the others by name.
+    """
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    os.environ.setdefault("ECHONODE_RUNTIME_CANDIDATES", "jit,bf16")
+    yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -47,19 +72,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def need(tool: str) -> str:
-    """Skip unless ``tool`` exists (.ci/run installs them all)."""
-    if not Path(tool).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is missing in CI: .ci/run must install it")
-        pytest.skip(f"{tool} not installed")
-    return tool
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What the fuzz tests of this run tried, by outcome (the figures of docs/reliability.md)."""
+    from tests.corpus import FUZZ_OUTCOMES
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    if FUZZ_OUTCOMES:
+        terminalreporter.write_sep("-", "fuzz inputs tried")
+        for outcome, count in sorted(FUZZ_OUTCOMES.items()):
+            terminalreporter.write_line(f"{outcome}: {count}")
+        terminalreporter.write_line(f"total: {sum(FUZZ_OUTCOMES.values())}")
 
 
 def real_testfile(name: str) -> Path:
@@ -126,21 +147,6 @@ def with_destination(cfg: Config, name: str, ae_title: str, port: int, host: str
     return dataclasses.replace(cfg, destinations=(*cfg.destinations, Destination(name, ae_title, host, port)))
 
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
-def echonode_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "echonode", *args]
-
-
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         echonode_cmd(*args),
@@ -154,8 +160,61 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
 
 @pytest.fixture(scope="session")
 def dcmtk() -> None:
-    need(STORESCU)
-    need(ECHOSCU)
+    require_tool(STORESCU)
+    require_tool(ECHOSCU)
+
+
+@pytest.fixture
+def scps() -> Iterator:
+    """Start :class:`~tests.peers.RecordingSCP` peers; all are shut down at the end of the test."""
+    started: list[RecordingSCP] = []
+
+    def start(port: int | None = None, **kwargs: Any) -> RecordingSCP:
+        scp = RecordingSCP(port or free_port(), **kwargs).start()
+        started.append(scp)
+        return scp
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed server certificate for 127.0.0.1, its own CA."""
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pacs",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return {"cert": d / "cert.pem", "key": d / "key.pem"}
+
+
+#: A laptop's browser window: what "sees first" means (no scrolling).
+WINDOW = (1280, 800)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Headless Chromium with a fresh profile and no network of its own; quit at the end."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    require(webdriver is not None, "selenium", "the 'test' extra")
+    options = webdriver.ChromeOptions()
+    options.binary_location = require_tool(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}"):
+        options.add_argument(arg)
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
+    driver = webdriver.Chrome(service=Service(require_tool(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def copy_testfile(src: Path, dst_dir: Path) -> Path:

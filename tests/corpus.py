@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
 from tests.factories import us_multiframe
+
+#: Fuzz inputs tried in this run, by outcome; tests/conftest.py prints them at the end of the run.
+FUZZ_OUTCOMES: Counter[str] = Counter()
 
 #: What the node may do with an object of the corpus.
 REFUSED = "refused"  # a C-STORE failure status

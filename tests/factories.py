@@ -1,16 +1,27 @@
-"""Small DICOM objects built in tests (the real echo files come from pydicom-data)."""
+"""Data built in tests: small DICOM objects, bundles, studies in a journal, labelled archives.
+
+The real echo files come from pydicom-data (tests/conftest.py).
+"""
 
 from __future__ import annotations
 
+import csv
+import os
+import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     UltrasoundMultiFrameImageStorage,
     generate_uid,
 )
+
+from echonode.studies.records import Claim, ReportRecord
+from echonode.studies.states import StudyState
+from echonode.studies.store import StudyStore
 
 
 def us_multiframe(
@@ -92,3 +103,126 @@ def tiny_bundle(models_dir: Path, task: str, *, seed: int = 0, name: str | None 
     torch.manual_seed(seed)
     model = build_model("r3d_18", meta.architecture["num_outputs"], width=width)
     return save_bundle(models_dir / (name or f"test-{task}"), meta, model.state_dict())
+
+
+def make_studies(n_studies: int, per_study: int, seed: int = 0) -> list[list[Dataset]]:
+    out = []
+    for s in range(n_studies):
+        uid = pydicom.uid.generate_uid()
+        out.append([us_multiframe(study_uid=uid, frames=16, rows=64, cols=64, seed=seed + 100 * s + i,
+                                  patient_id=f"P{s}") for i in range(per_study)])
+    return out
+
+
+#: Seconds in a day, for studies made to look old.
+DAY = 86400.0
+
+
+def receive(store: StudyStore, tmp_path: Path, study_uid: str, frames: int = 8) -> Path:
+    """Store one new instance of ``study_uid`` the way the SCP does."""
+    ds = us_multiframe(study_uid=study_uid, frames=frames)
+    src = write(ds, tmp_path / "in" / f"{ds.SOPInstanceUID}.dcm")
+    header, outcome = store.accept(src, "CART")
+    assert outcome == "stored"
+    return store.instance_path(header)
+
+
+def make_study(store: StudyStore, tmp_path: Path, state: str, age_days: float, *, frames: int = 8) -> str:
+    """A study driven through the journal to ``state``, last active ``age_days`` ago.
+
+    ``state`` is a study state, or ``reported-dead`` (its SR dead-lettered) or
+    ``skipped-owed`` (reprocessed into skipped while an earlier SR is dead).
+    """
+    j = store.journal
+    uid = generate_uid()
+    receive(store, tmp_path, uid, frames)
+    if state != StudyState.RECEIVING:
+        j.mark_stable(0.0)
+        if state != StudyState.STABLE:
+            j.queue_stable()
+            claim = j.claim_next(os.getpid())
+            assert claim is not None and claim.study_uid == uid
+            if state == StudyState.SKIPPED:
+                j.finish_skipped(claim, "no usable video")
+            elif state == StudyState.FAILED:
+                j.finish_failed(claim, "boom", max_attempts=1)
+            else:
+                report_sr(store, claim, "set1", "sent" if state == StudyState.DELIVERED else
+                          "dead" if state in ("reported-dead", "skipped-owed") else "pending")
+                if state == "skipped-owed":
+                    j.requeue(uid)
+                    claim = j.claim_next(os.getpid())
+                    j.finish_skipped(claim, "no usable video")
+    when = time.time() - age_days * DAY
+    j._connect().execute(
+        "UPDATE studies SET first_received = ?, last_received = ?, updated = ? WHERE study_uid = ?",
+        (when, when, when, uid),
+    )
+    return uid
+
+
+def report_sr(store: StudyStore, claim: Claim, model_set: str, outcome: str,
+              supersedes: str | None = None) -> Path:
+    """Finish ``claim`` with an SR (its file under ``reports/``) to one PACS; leave its row ``outcome``.
+
+    ``outcome`` is ``sent``, ``pending`` or ``dead``. Returns the SR's path.
+    """
+    j = store.journal
+    uid, sr_uid = claim.study_uid, generate_uid()
+    path = store.report_path(uid, sr_uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"SR")
+    report = ReportRecord(sr_uid, uid, model_set, generate_uid(), "1.2.840.10008.5.1.4.1.1.88.33", str(path),
+                          supersedes)
+    j.finish_reported(claim, model_set, [], report, ["pacs"])
+    (item,) = [o for o in j.status()["outbox"] if o["sr_sop_uid"] == sr_uid]
+    if outcome == "sent":
+        j.mark_sent(item["id"])
+    elif outcome == "dead":
+        j.mark_dead(item["id"], "refused")
+    return path
+
+
+def make_labelled_archive(root: Path, n_patients: int = 16, uid_root: str = "1.2.826.0.2") -> tuple[Path, Path]:
+    """Archive whose LVH label is visible (a bright block in every frame of
+    the study's videos); severe AS is an unrelated column.
+
+    Another ``uid_root`` makes another archive (other studies, other patients).
+
+    Returns ``(archive, labels_csv)``.
+    """
+    archive = root / "archive"
+    labels, videos = [], []
+    for p in range(n_patients):
+        study = f"{uid_root}.{p}"
+        patient = f"MRN{p}" if uid_root == "1.2.826.0.2" else f"MRN{uid_root}.{p}"
+        lvh = p % 2
+        severe_as = int(p % 4 == 1 or p % 4 == 2)  # differs from lvh for half the studies
+        labels.append({"patient_id": patient, "study_uid": study, "accession_number": f"A{p}",
+                       "study_date": "20240101", "lvh": lvh, "severe_as": severe_as})  # fmt: skip
+        for v, view in enumerate(("plax", "plax", "a4c")):
+            sop = f"{study}.{v}"
+            # Fixed UIDs: the cache's order, and so the training run, is the same every time.
+            ds = us_multiframe(study_uid=study, series_uid=f"{study}.9", sop_uid=sop, frames=10, rows=32, cols=32,
+                               patient_id=patient, seed=p * 10 + v)  # fmt: skip
+            rng = np.random.default_rng(p * 10 + v)
+            pixels = rng.integers(0, 90, size=(10, 32, 32), dtype=np.uint8)
+            if lvh:
+                pixels[:, 8:24, 8:24] = 250
+            ds.PixelData = pixels.tobytes()
+            write(ds, archive / study / f"{sop}.dcm")
+            videos.append({"patient_id": patient, "study_uid": study, "series_uid": "", "sop_uid": sop, "view": view})
+    for name, rows in (("labels.csv", labels), ("videos.csv", videos)):
+        with open(archive / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return archive, archive / "labels.csv"
+
+
+def finetune_args(cache: Path, labels: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(cache), "--labels", str(labels), "--out", str(out), "--preset", "tiny", "--size", "16",
+            "--width", "4", "--frames", "4", "--batch", "8", "--bootstrap", "200", "--val-fraction", "0.25",
+            "--test-fraction", "0.25", "--no-progress", *extra]  # fmt: skip
+
+

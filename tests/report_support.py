@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from echonode.report.findings import SourceInstance, TaskFinding
-from tests.conftest import DCIODVFY, DSRDUMP, need, real_testfile
+from tests.conftest import real_testfile
+from tests.peers import DCIODVFY, DSRDUMP, require_tool
 
 SOP_CLASS_UIDS = {
     "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
@@ -125,7 +126,7 @@ def evidence_refs(ds: Dataset, keyword: str) -> set[tuple[str, str, str, str]]:
 
 def dciodvfy(path: Path) -> str:
     """Run dciodvfy; fail on any Error line; return (and print) the rest."""
-    proc = subprocess.run([need(DCIODVFY), str(path)], capture_output=True, text=True, check=False)
+    proc = subprocess.run([require_tool(DCIODVFY), str(path)], capture_output=True, text=True, check=False)
     out = proc.stdout + proc.stderr
     print(out)
     errors = [line for line in out.splitlines() if "Error" in line]
@@ -135,6 +136,6 @@ def dciodvfy(path: Path) -> str:
 
 def dsrdump(path: Path) -> str:
     """dcmtk's dump of the SR tree; fails when dsrdump cannot read it."""
-    proc = subprocess.run([need(DSRDUMP), str(path)], capture_output=True, text=True, check=False)
+    proc = subprocess.run([require_tool(DSRDUMP), str(path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

@@ -16,30 +16,20 @@ Three studies through one node and one worker:
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 
 from echonode.config import to_toml
 from echonode.daemon.node import Node
 from echonode.studies.states import StudyState
-from tests.conftest import (
-    STORESCU,
-    free_port,
-    make_config,
-    need,
-    run_cli,
-    wait_for,
-    with_destination,
-)
+from tests.conftest import free_port, make_config, run_cli, wait_for, with_destination
 from tests.echo_sr import echo_sr, save
 from tests.factories import tiny_bundle
-from tests.test_delivery import RecordingSCP
+from tests.peers import STORESCU, RecordingSCP, require_tool, send_files, storescu
 
 LVH = {"ivsd": 1.4, "lvpwd": 1.3, "lvidd": 4.8, "av_vmax": 2.1, "av_mean_gradient": 10.0}
 #: Who the test studies are about: must appear nowhere in what the node prints.
@@ -68,35 +58,8 @@ def same_patient(sr, *, birth_date: bool = True):
     return sr
 
 
-def storescu(port: int, *paths: Path) -> None:
-    # -R: propose each file's own SOP class; -xy: JPEG baseline for the loop, uncompressed for the SRs.
-    res = subprocess.run([STORESCU, "-R", "-xy", "-aet", "CART", "-aec", "ECHONODE", "127.0.0.1", str(port),
-                          *map(str, paths)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
-def send_raw(port: int, path: Path) -> int:
-    """C-STORE a file's bytes as they are (sent in chunks, never parsed): a cut SR reaches the node cut.
-
-    Parsed first, pydicom would read a cut SR as a smaller whole one and send that.
-    """
-    from pynetdicom import _config
-
-    ae = AE(ae_title="WORKSTATION")
-    meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
-    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
-    assert assoc.is_established
-    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        return int(assoc.send_c_store(path).Status)
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
-        assoc.release()
-
-
 def test_agreement_end_to_end_with_storescu(tmp_path: Path, ybr_loop: Path) -> None:
-    need(STORESCU)
+    require_tool(STORESCU)
     pacs = RecordingSCP(free_port()).start()
     cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.2},
                       agreement={"check_interval_s": 0.2, "summary_interval_s": 0.0})
@@ -119,17 +82,17 @@ def test_agreement_end_to_end_with_storescu(tmp_path: Path, ybr_loop: Path) -> N
         # The private one without a birth date, as carts leave it: it must not hold back the AI SR either.
         private = save(same_patient(echo_sr("philips", {}, study_uid=broken, image_uids=[img3_uid]),
                                     birth_date=False), out / "sr-private.dcm")
-        storescu(node.scp.port, img, sr, img3, private)
+        assert storescu(node.scp.port, img, sr, img3, private).returncode == 0
         whole = save(same_patient(echo_sr("tid5300", LVH, study_uid=broken)), out / "sr-whole.dcm")
         cut = out / "sr-cut.dcm"
         cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])
         cut_uid = str(pydicom.dcmread(whole, stop_before_pixels=True).SOPInstanceUID)
         # The node's SCP parses what it stores: an SR cut short on the wire is refused (0xC210,
         # "cannot understand"); the cart knows, and the study goes on without it.
-        assert send_raw(node.scp.port, cut) == 0xC210
+        assert send_files(node.scp.port, [cut], calling="WORKSTATION") == [0xC210]
         # 2. Images alone first.
         img2, _ = image(ybr_loop, out, late, "SonoSite", "M-Turbo", "ECHO-3")
-        storescu(node.scp.port, img2)
+        assert storescu(node.scp.port, img2).returncode == 0
 
         def delivered(*studies: str) -> bool:
             node.worker.supervise()
@@ -140,7 +103,7 @@ def test_agreement_end_to_end_with_storescu(tmp_path: Path, ybr_loop: Path) -> N
         assert len(ai_srs(late)) == 1
         # ... then its measurement SR, after the AI SR was delivered.
         late_sr = save(same_patient(echo_sr("philips", LVH, study_uid=late)), out / "sr-late.dcm")
-        storescu(node.scp.port, late_sr)
+        assert storescu(node.scp.port, late_sr).returncode == 0
         wait_for(lambda: (r := node.journal.reference(late)) is not None and r.sr_sop_uid is not None,
                  timeout=30, what="the late SR's reference")
         wait_for(lambda: node.journal.reference(broken) is not None and node.journal.reference(together) is not None,

@@ -16,8 +16,6 @@ from train.augment import (
     shift_clip,
 )
 
-torch.set_num_threads(1)
-
 
 def _clip(c: int = 3, t: int = 4, h: int = 16, w: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.rand(c, t, h, w, generator=torch.Generator().manual_seed(seed))

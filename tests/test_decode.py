@@ -30,6 +30,7 @@ from echonode.analyse.decode import (
     frame_rate,
 )
 from tests.conftest import real_testfile
+from tests.peers import DCMCONV, require_tool
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -307,9 +308,9 @@ def test_palette_sixteen_bit_entries_holding_eight_bit_values(tmp_path: Path) ->
     assert np.abs(out.frames.astype(int) - expected).max() <= 1
 
 
-@pytest.mark.skipif(not Path("/usr/bin/dcmconv").exists(), reason="dcmtk's dcmconv is not installed")
 def test_palette_eight_bit_lut_in_big_endian(tmp_path: Path) -> None:
     """8-bit LUT entries packed two to an OW word: Big Endian swaps each pair (dcmtk writes it)."""
+    require_tool(DCMCONV)
     vid = _ramp_video()
     n, rows, cols = vid.shape
     idx = np.arange(256)
@@ -320,7 +321,7 @@ def test_palette_eight_bit_lut_in_big_endian(tmp_path: Path) -> None:
         setattr(ds, f"{colour}PaletteColorLookupTableData", lut.astype(np.uint8).tobytes())
     little = _save(ds, tmp_path, "little.dcm")
     big = tmp_path / "big.dcm"
-    subprocess.run(["/usr/bin/dcmconv", "+tb", str(little), str(big)], check=True, capture_output=True)
+    subprocess.run([DCMCONV, "+tb", str(little), str(big)], check=True, capture_output=True)
     expected = red.astype(np.uint8)[vid]
     out_little, out_big = decode_video(little), decode_video(big)
     assert out_big.transfer_syntax == "1.2.840.10008.1.2.2"

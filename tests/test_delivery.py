@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import sqlite3
 import subprocess
 import threading
@@ -23,190 +22,37 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
-    Verification,
 )
 from structlog.testing import capture_logs
 
-from echonode.analyse.worker import process_study
-from echonode.bundles.registry import ModelRegistry
-from echonode.config import Config, TLSConfig, to_toml
+from echonode.config import TLSConfig
 from echonode.delivery.dimse import Peer, echo
 from echonode.delivery.outbox import Delivery
 from echonode.delivery.outcome import DeliveryError
 from echonode.report.sop import derived_sop_instance_uid
 from echonode.studies.journal import Journal
 from echonode.studies.states import OutboxState, StudyState
-from echonode.studies.store import StudyStore
-from tests.conftest import (
-    STORESCP,
-    free_port,
-    make_config,
-    need,
-    run_cli,
-    wait_for,
-    with_destination,
+from tests.conftest import free_port, make_config, run_cli, wait_for, with_destination
+from tests.delivery_support import (
+    Reported,
+    bounded,
+    outbox_rows,
+    owe_more,
+    reported_study,
+    wait_due,
+    write_config,
 )
 from tests.factories import tiny_bundle
-
-SR_CLASSES = (ComprehensiveSRStorage, EnhancedSRStorage, Comprehensive3DSRStorage)
-
-
-def stored_by_peer(status: int) -> bool:
-    """Whether a peer that answers ``status`` keeps the instance: success, any warning (PS3.7 C.4), 0x0111."""
-    return status in (0x0000, 0x0111, 0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
-
-
-class RecordingSCP:
-    """A Storage SCP in the test process that records what it gets.
-
-    Parameters
-    ----------
-    port : int
-        Where to listen (loopback).
-    ae_title : str
-        Its AE title; with ``require_called_aet`` an association calling any
-        other title is rejected permanently (called AE title not recognized).
-    statuses : list of int
-        C-STORE statuses to answer with, in order; 0x0000 once used up.
-    sr : bool
-        Accept the SR storage classes (otherwise Verification only).
-    syntaxes : list of str, optional
-        The transfer syntaxes it accepts them in (pynetdicom's default:
-        the uncompressed ones).
-    sr_classes : tuple of str
-        The SR storage classes it accepts (all three by default; a PACS
-        whose list predates Comprehensive 3D SR lacks that one).
-    """
-
-    def __init__(self, port: int, ae_title: str = "PACS", *, statuses: list[int] | None = None,
-                 require_called_aet: bool = False, sr: bool = True, syntaxes: list[str] | None = None,
-                 sr_classes: tuple[str, ...] = SR_CLASSES) -> None:
-        self.port = port
-        self.ae = AE(ae_title=ae_title)
-        self.ae.require_called_aet = require_called_aet
-        self.ae.add_supported_context(Verification)
-        if sr:
-            for uid in sr_classes:
-                if syntaxes:
-                    self.ae.add_supported_context(uid, syntaxes)
-                else:
-                    self.ae.add_supported_context(uid)
-        self.statuses = list(statuses or [])
-        self.received: list[Dataset] = []  # stored (status 0x0000 / warning / 0x0111)
-        self.stores = 0  # C-STORE requests, whatever the answer
-        self.connections = 0  # TCP connections (association attempts)
-        self.requests = 0  # A-ASSOCIATE-RQs
-        self._lock = threading.Lock()
-        self.server = None
-
-    def _on_conn(self, event: evt.Event) -> None:
-        with self._lock:
-            self.connections += 1
-
-    def _on_request(self, event: evt.Event) -> None:
-        with self._lock:
-            self.requests += 1
-
-    def _on_store(self, event: evt.Event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        with self._lock:
-            self.stores += 1
-            status = self.statuses.pop(0) if self.statuses else 0x0000
-            if stored_by_peer(status):
-                self.received.append(ds)
-        return status
-
-    def start(self) -> RecordingSCP:
-        self.server = self.ae.start_server(
-            ("127.0.0.1", self.port),
-            block=False,
-            evt_handlers=[
-                (evt.EVT_CONN_OPEN, self._on_conn),
-                (evt.EVT_REQUESTED, self._on_request),
-                (evt.EVT_C_STORE, self._on_store),
-            ],
-        )
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
-
-
-@pytest.fixture
-def scps() -> Iterator:
-    """Start RecordingSCPs; all are shut down at the end of the test."""
-    started: list[RecordingSCP] = []
-
-    def start(port: int | None = None, **kwargs) -> RecordingSCP:
-        scp = RecordingSCP(port or free_port(), **kwargs).start()
-        started.append(scp)
-        return scp
-
-    yield start
-    for scp in started:
-        scp.stop()
-
-
-@dataclasses.dataclass
-class Reported:
-    """A study the worker has reported, its SR waiting in the outbox."""
-
-    cfg: Config
-    journal: Journal
-    study_uid: str
-    sr_uid: str
-    sr_path: Path
-
-    def outbox(self) -> dict:
-        (row,) = self.journal.status()["outbox"]
-        return row
-
-
-def reported_study(tmp_path: Path, loop: Path, port: int, *, ae_title: str = "PACS", **delivery) -> Reported:
-    """Store ``loop``, run the worker on it, leave one outbox row for destination "pacs"."""
-    cfg = make_config(tmp_path, delivery=delivery) if delivery else make_config(tmp_path)
-    cfg = with_destination(cfg, "pacs", ae_title, port)
-    tiny_bundle(cfg.models_dir, "lvh", seed=1)
-    journal = Journal(cfg.journal_path)
-    store = StudyStore(cfg.storage_dir, journal)
-    tmp = store.incoming / f"t-{loop.name}"
-    tmp.write_bytes(loop.read_bytes())
-    header, _ = store.accept(tmp, "CART")
-    journal.mark_stable(-1)
-    journal.queue_stable()
-    registry = ModelRegistry(cfg.models_dir, "cpu")
-    registry.refresh()
-    outcome = process_study(cfg, journal, store, registry, journal.claim_next(os.getpid()))
-    assert outcome.state == StudyState.REPORTED, outcome
-    report = journal.latest_report(header.study_uid)
-    return Reported(cfg, journal, header.study_uid, report.sr_sop_uid, Path(report.path))
-
-
-def write_config(cfg: Config, path: Path) -> Path:
-    path.write_text(to_toml(cfg))
-    return path
-
-
-def wait_due(rep: Reported) -> None:
-    """Sleep until the outbox row's next attempt is due."""
-    delay = rep.outbox()["next_attempt"] - time.time()
-    if delay > 0:
-        time.sleep(delay + 0.02)
-
+from tests.peers import STORESCP, c_store, require_tool
 
 # -- delivered -------------------------------------------------------------------
 
@@ -239,7 +85,7 @@ def test_sr_delivered_exactly_once(tmp_path: Path, ybr_loop: Path, scps) -> None
 @contextlib.contextmanager
 def dcmtk_storescp(out: Path, *options: str) -> Iterator[int]:
     """Run dcmtk's ``storescp`` (AE title PACS) writing into ``out``; yield its port once it answers C-ECHO."""
-    need(STORESCP)
+    require_tool(STORESCP)
     port = free_port()
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
@@ -731,13 +577,8 @@ def test_node_delivers_through_its_scheduler(tmp_path: Path, ybr_loop: Path, scp
     node = Node(cfg)
     node.start()
     try:
-        ae = AE(ae_title="CART")
         src = pydicom.dcmread(ybr_loop)
-        ae.add_requested_context(src.SOPClassUID, src.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
-        assert assoc.is_established
-        assert assoc.send_c_store(src).Status == 0
-        assoc.release()
+        assert c_store(node.scp.port, [src]) == [0]
         study = str(src.StudyInstanceUID)
 
         def retried() -> bool:
@@ -799,30 +640,6 @@ def test_a_silent_destination_does_not_hold_up_the_others(tmp_path: Path, ybr_lo
         assert elapsed < 3 * cfg.delivery.timeout_s
     finally:
         hole.close()
-
-
-def owe_more(rep: Reported, destination: str, count: int, due: float, *, sr_path: Path | None = None,
-             start: int = 1) -> list[str]:
-    """Put ``count`` more SRs for ``destination`` in the outbox, all due at ``due``; return their SOP UIDs.
-
-    Each is the study's SR file under a new SOP Instance UID, as the journal
-    records it (a report row per model set); what the peer stores is the file.
-    ``start`` numbers them, so that later calls add new ones.
-    """
-    uids = [f"{rep.sr_uid}.{destination}.{start + i}" for i in range(count)]
-    con = sqlite3.connect(rep.journal.path)
-    with con:
-        for i, uid in enumerate(uids):
-            con.execute(
-                "INSERT INTO reports (sr_sop_uid, study_uid, model_set, series_uid, sop_class_uid, path, created)"
-                " VALUES (?, ?, ?, '1.2.3', '1.2.840.10008.5.1.4.1.1.88.33', ?, ?)",
-                (uid, rep.study_uid, f"{destination}-set{start + i}", str(sr_path or rep.sr_path), due),
-            )
-            con.execute(
-                "INSERT INTO outbox (sr_sop_uid, study_uid, destination, state, next_attempt, created)"
-                " VALUES (?, ?, ?, 'pending', ?, ?)", (uid, rep.study_uid, destination, due, due))
-    con.close()
-    return uids
 
 
 def test_a_backlog_for_a_down_destination_does_not_starve_the_others(tmp_path: Path, ybr_loop: Path,
@@ -917,40 +734,12 @@ def fake_pacs() -> Iterator:
         peer.stop()
 
 
-def bounded(fn, within_s: float, what: str):
-    """Run ``fn`` in a thread; its result, or fail the test when it has not returned within ``within_s``.
-
-    A call that hangs (the bug these tests look for) fails the test instead
-    of hanging the suite; its thread is freed when the fixtures stop the peer.
-    """
-    out: dict = {}
-
-    def call() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
-
-    t = threading.Thread(target=call, name=f"bounded-{what}", daemon=True)
-    t.start()
-    t.join(within_s)
-    if t.is_alive():
-        pytest.fail(f"{what} did not return within {within_s} s")
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
 def due_first(rep: Reported, destination: str) -> None:
     """Make ``destination``'s rows the longest due, so that a serial pass would try them first."""
     con = sqlite3.connect(rep.journal.path)
     with con:
         con.execute("UPDATE outbox SET next_attempt = ? WHERE destination = ?", (time.time() - 1000, destination))
     con.close()
-
-
-def outbox_rows(rep: Reported) -> dict:
-    return {(r["destination"], r["sr_sop_uid"]): r for r in rep.journal.status()["outbox"]}
 
 
 def test_a_destination_stuck_mid_answer_is_cut_at_timeout_and_holds_up_no_other(
@@ -1181,16 +970,6 @@ def test_echo_returns_within_its_timeout_in_process(fake_pacs) -> None:
     assert not info.value.permanent
     wait_for(lambda: not [t for t in threading.enumerate() if t.name == "echonode-association-deadline"],
              timeout=5, what="the deadline thread to end")
-
-
-@pytest.fixture(scope="module")
-def self_signed(tmp_path_factory) -> dict[str, Path]:
-    """A self-signed server certificate for 127.0.0.1, its own CA."""
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pacs",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-                   check=True, capture_output=True)
-    return {"cert": d / "cert.pem", "key": d / "key.pem"}
 
 
 def test_a_tls_destination_stuck_mid_answer_is_cut_at_timeout(tmp_path: Path, ybr_loop: Path, fake_pacs,

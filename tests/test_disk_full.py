@@ -34,8 +34,7 @@ from echonode.studies.states import StudyState
 from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore
 from tests.conftest import free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe, write
-from tests.test_delivery import RecordingSCP
-from tests.test_scp import send
+from tests.peers import RecordingSCP, c_store
 
 DISK_MB = 16
 
@@ -141,7 +140,7 @@ def test_disk_full_as_the_journal_records_a_c_store_answers_a700_and_keeps_nothi
     monkeypatch.setattr(node.journal, "record_instance",
                         filling_first(small_disk, node.journal.record_instance, ballasts))
     with capture_logs() as logs:
-        assert send(node, [ds]) == [0xA700]  # out of resources: the cart sends it again later
+        assert c_store(node.scp.port, [ds]) == [0xA700]  # out of resources: the cart sends it again later
     assert node.scp.counters.failures == {"out_of_disk": 1}
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["store.refused_disk_full"]
     assert node.journal.get_instance(str(ds.SOPInstanceUID)) is None
@@ -153,7 +152,7 @@ def test_disk_full_as_the_journal_records_a_c_store_answers_a700_and_keeps_nothi
     ballasts.pop().unlink()
     monkeypatch.undo()
     assert node.store.recover()["recorded"] == 0
-    assert send(node, [ds]) == [0]
+    assert c_store(node.scp.port, [ds]) == [0]
     assert node.journal.get_instance(str(ds.SOPInstanceUID)) is not None
 
 
@@ -163,7 +162,7 @@ def test_a_replacement_refused_for_a_full_disk_keeps_the_recorded_copy(
 ) -> None:
     node, ballasts = full_disk_node
     first = us_multiframe(seed=1)
-    assert send(node, [first]) == [0]
+    assert c_store(node.scp.port, [first]) == [0]
     recorded = node.journal.get_instance(str(first.SOPInstanceUID))
     before = Path(recorded.path).read_bytes()
     # The same SOP Instance UID with other pixels (the newest copy would win).
@@ -171,7 +170,7 @@ def test_a_replacement_refused_for_a_full_disk_keeps_the_recorded_copy(
                            series_uid=first.SeriesInstanceUID if where == "same series" else None)
     monkeypatch.setattr(node.journal, "record_instance",
                         filling_first(small_disk, node.journal.record_instance, ballasts))
-    assert send(node, [second]) == [0xA700]
+    assert c_store(node.scp.port, [second]) == [0xA700]
     # The copy stored and recorded before this C-STORE is still there, byte for byte,
     # and the refused one left nothing.
     assert node.journal.get_instance(str(first.SOPInstanceUID)) == recorded
@@ -336,7 +335,7 @@ def test_a_running_node_survives_a_disk_that_fills_while_its_worker_writes_the_s
     ballast: Path | None = None
     try:
         study = pydicom.uid.generate_uid()
-        assert send(node, [us_multiframe(study_uid=study, frames=32, seed=i) for i in range(4)]) == [0] * 4
+        assert c_store(node.scp.port, [us_multiframe(study_uid=study, frames=32, seed=i) for i in range(4)]) == [0] * 4
         wait_for(lambda: node.journal.study_state(study) == StudyState.RUNNING, timeout=120, interval=0.01,
                  what="the worker to claim the study")
         ballast = fill(small_disk)  # while it analyses: its SR finds no room
@@ -372,7 +371,7 @@ def test_retention_frees_a_full_disk_with_the_reserve(tmp_path: Path, small_disk
     """Purging needs room in the journal too: on a full disk retention gives back the worker's reserve to do it."""
     from echonode.config import RetentionConfig
     from echonode.studies.retention import Retention
-    from tests.test_retention import make_study
+    from tests.factories import make_study
 
     root = small_disk / "storage"
     journal = Journal(root / "journal.sqlite")

@@ -8,13 +8,8 @@ own storage under ``tmp_path``; REST on loopback only.
 
 from __future__ import annotations
 
-import base64
-import json
 import sqlite3
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,142 +20,20 @@ import pytest
 from echonode.daemon.node import Node
 from echonode.report.read import summarise_report
 from echonode.studies.states import StudyState
-from tests.conftest import (
-    ORTHANC,
-    ORTHANC_DICOMWEB,
-    free_port,
-    make_config,
-    need,
-    wait_for,
-    with_destination,
-)
+from tests.conftest import free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle
-
-
-class Orthanc:
-    """An Orthanc process with a config and storage of its own.
-
-    Parameters
-    ----------
-    root : Path
-        Where its config, storage, index and log go.
-    node_port : int
-        The echonode SCP port, registered as modality "echonode".
-    dicomweb : bool
-        Load Debian's DICOMweb plugin (``orthanc-dicomweb``): QIDO-RS,
-        WADO-RS and STOW-RS under ``/dicom-web/``.
-    users : dict, optional
-        HTTP basic auth users (``RegisteredUsers``); REST calls from the
-        test use the first one. None: no authentication.
-    """
-
-    def __init__(self, root: Path, node_port: int, *, dicomweb: bool = False,
-                 users: dict[str, str] | None = None) -> None:
-        self.root = root
-        self.users = dict(users or {})
-        self.http_port = free_port()
-        self.dicom_port = free_port()
-        self.config = root / "orthanc.json"
-        root.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
-            json.dumps(
-                {
-                    "Name": "echonode-test",
-                    "HttpPort": self.http_port,
-                    "DicomPort": self.dicom_port,
-                    "DicomAet": "ORTHANC",
-                    "DicomModalities": {"echonode": ["ECHONODE", "127.0.0.1", node_port]},
-                    "StorageDirectory": str(root / "storage"),
-                    "IndexDirectory": str(root / "index"),
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": bool(self.users),
-                    "RegisteredUsers": self.users,
-                    "DicomCheckCalledAet": False,
-                    "DicomAssociationCloseDelay": 0,
-                    "HttpServerThreads": 4,
-                    "Plugins": [ORTHANC_DICOMWEB] if dicomweb else [],
-                    "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
-                },
-                indent=2,
-            )
-        )
-        self.proc: subprocess.Popen | None = None
-        self._log: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> Orthanc:
-        self._log = open(self.root / "orthanc.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self._log, stderr=subprocess.STDOUT)
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                return bool(self.get("/system")["DicomAet"] == "ORTHANC")
-            except (urllib.error.URLError, ConnectionError, OSError):
-                return False
-
-        wait_for(up, timeout=20, interval=0.1, what="Orthanc's REST API")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, n: int = 2000) -> str:
-        path = self.root / "orthanc.log"
-        return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
-                timeout: float = 30) -> bytes:
-        req = urllib.request.Request(self.url + path, data=body, method=method)
-        if self.users:
-            user, password = next(iter(self.users.items()))
-            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-        if body is not None:
-            req.add_header("Content-Type", content_type)
-        with urllib.request.urlopen(req, timeout=timeout) as rsp:
-            return rsp.read()
-
-    def get(self, path: str) -> Any:
-        return json.loads(self.request("GET", path))
-
-    def post(self, path: str, doc: Any) -> Any:
-        return json.loads(self.request("POST", path, json.dumps(doc).encode()))
-
-    def upload(self, path: Path) -> dict:
-        return json.loads(self.request("POST", "/instances", path.read_bytes(), "application/dicom"))
-
-    def sr_instances(self, study_id: str) -> list[str]:
-        """Orthanc IDs of the SR instances in a study."""
-        out = []
-        for series in self.get(f"/studies/{study_id}/series"):
-            if series["MainDicomTags"].get("Modality") == "SR":
-                out.extend(series["Instances"])
-        return out
+from tests.peers import ORTHANC, ORTHANC_DICOMWEB, Orthanc, require_tool
 
 
 @pytest.fixture
 def orthanc_factory(tmp_path: Path) -> Iterator:
     """Start Orthanc instances; every one is stopped at the end of the test."""
-    need(ORTHANC)
+    require_tool(ORTHANC)
     started: list[Orthanc] = []
 
     def make(node_port: int, **kwargs: Any) -> Orthanc:
         if kwargs.get("dicomweb"):
-            need(ORTHANC_DICOMWEB)
+            require_tool(ORTHANC_DICOMWEB)
         o = Orthanc(tmp_path / f"orthanc{len(started)}", node_port, **kwargs)
         started.append(o)
         return o.start()

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from echonode.analyse.preprocess import PreprocessConfig
-from tests.test_finetune import make_labelled_archive
+from tests.factories import make_labelled_archive
 from train.evaluate import main
 from train.finetune import main as finetune_main
 from train.index import build_index
 from train.metrics import auroc, pr_curve, roc_curve
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

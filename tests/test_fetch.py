@@ -57,16 +57,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from echonode.config import to_toml
 from echonode.daemon.node import Node
 from echonode.studies.journal import Journal
-from tests.conftest import ORTHANC, REPO, free_port, make_config, need, wait_for
+from tests.conftest import REPO, free_port, make_config, wait_for
 from tests.factories import us_multiframe, write
-from tests.test_e2e_orthanc import Orthanc
+from tests.peers import ORTHANC, ORTHANC_DICOMWEB, Orthanc, require_tool
 from train.fetch import cli as fetch_cli
 from train.fetch.dimse import MAX_CONTEXTS, get_contexts
 from train.fetch.journal import FetchJournal
 from train.fetch.pacing import FakeClock, RateLimiter, Window
 from train.synth import generate_archive
 
-DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 FETCH_AET = "FETCH"
 PATIENT_IDS_RE = "SYN"  # synth patient IDs look like SYN0001 / SYNnnnn
 
@@ -176,7 +175,7 @@ class FetchOrthanc(Orthanc):
         config = json.loads(self.config.read_text())
         config["DicomModalities"] = {"fetch": [FETCH_AET, "127.0.0.1", fetch_port],
                                      "node": ["ECHONODE", "127.0.0.1", node_port]}
-        config["Plugins"] = [DICOMWEB_PLUGIN]
+        config["Plugins"] = [ORTHANC_DICOMWEB]
         config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         config.update(extra or {})
         self.config.write_text(json.dumps(config, indent=2))
@@ -218,8 +217,8 @@ class FetchOrthanc(Orthanc):
 
 
 def need_orthanc() -> None:
-    need(ORTHANC)
-    need(DICOMWEB_PLUGIN)
+    require_tool(ORTHANC)
+    require_tool(ORTHANC_DICOMWEB)
 
 
 @pytest.fixture(scope="module")

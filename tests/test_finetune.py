@@ -12,7 +12,7 @@ import torch
 
 from echonode.analyse.preprocess import PreprocessConfig
 from echonode.bundles.weights import load_bundle
-from tests.factories import us_multiframe, write
+from tests.factories import finetune_args, make_labelled_archive
 from train.cache import ClipCache, load_study_labels, split_cache
 from train.finetune import (
     EarlyStopping,
@@ -23,45 +23,6 @@ from train.finetune import (
 )
 from train.index import build_index
 from train.splits import SplitRecord
-
-torch.set_num_threads(1)
-
-
-def make_labelled_archive(root: Path, n_patients: int = 16, uid_root: str = "1.2.826.0.2") -> tuple[Path, Path]:
-    """Archive whose LVH label is visible (a bright block in every frame of
-    the study's videos); severe AS is an unrelated column.
-
-    Another ``uid_root`` makes another archive (other studies, other patients).
-
-    Returns ``(archive, labels_csv)``.
-    """
-    archive = root / "archive"
-    labels, videos = [], []
-    for p in range(n_patients):
-        study = f"{uid_root}.{p}"
-        patient = f"MRN{p}" if uid_root == "1.2.826.0.2" else f"MRN{uid_root}.{p}"
-        lvh = p % 2
-        severe_as = int(p % 4 == 1 or p % 4 == 2)  # differs from lvh for half the studies
-        labels.append({"patient_id": patient, "study_uid": study, "accession_number": f"A{p}",
-                       "study_date": "20240101", "lvh": lvh, "severe_as": severe_as})  # fmt: skip
-        for v, view in enumerate(("plax", "plax", "a4c")):
-            sop = f"{study}.{v}"
-            # Fixed UIDs: the cache's order, and so the training run, is the same every time.
-            ds = us_multiframe(study_uid=study, series_uid=f"{study}.9", sop_uid=sop, frames=10, rows=32, cols=32,
-                               patient_id=patient, seed=p * 10 + v)  # fmt: skip
-            rng = np.random.default_rng(p * 10 + v)
-            pixels = rng.integers(0, 90, size=(10, 32, 32), dtype=np.uint8)
-            if lvh:
-                pixels[:, 8:24, 8:24] = 250
-            ds.PixelData = pixels.tobytes()
-            write(ds, archive / study / f"{sop}.dcm")
-            videos.append({"patient_id": patient, "study_uid": study, "series_uid": "", "sop_uid": sop, "view": view})
-    for name, rows in (("labels.csv", labels), ("videos.csv", videos)):
-        with open(archive / name, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return archive, archive / "labels.csv"
 
 
 @pytest.fixture(scope="module")
@@ -125,16 +86,10 @@ def test_early_stopping() -> None:
     assert stopper.best_epoch == 1 and stopper.best == 0.8
 
 
-def _args(cache: Path, labels: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data", str(cache), "--labels", str(labels), "--out", str(out), "--preset", "tiny", "--size", "16",
-            "--width", "4", "--frames", "4", "--batch", "8", "--bootstrap", "200", "--val-fraction", "0.25",
-            "--test-fraction", "0.25", "--no-progress", *extra]  # fmt: skip
-
-
 def test_finetune_writes_a_loadable_bundle_that_learns(labelled, tmp_path: Path) -> None:
     cache, labels = labelled
     out = tmp_path / "lvh"
-    assert main(_args(cache, labels, out, "--task", "lvh", "--epochs", "6", "--patience", "6", "--lr", "0.01")) == 0
+    assert main(finetune_args(cache, labels, out, "--task", "lvh", "--epochs", "6", "--patience", "6", "--lr", "0.01")) == 0
     bundle = load_bundle(out)
     meta = bundle.meta
     assert meta.task == "lvh" and meta.frame_size == 16 and meta.clip_frames == 4
@@ -147,9 +102,9 @@ def test_finetune_writes_a_loadable_bundle_that_learns(labelled, tmp_path: Path)
     assert meta.metrics["test"]["video"]["auroc"]["estimate"] > 0.8
     # Same data, new run: a new DeviceUID; an existing folder is not replaced.
     again = tmp_path / "again"
-    assert main(_args(cache, labels, again, "--task", "lvh", "--epochs", "1")) == 0
+    assert main(finetune_args(cache, labels, again, "--task", "lvh", "--epochs", "1")) == 0
     assert load_bundle(again).meta.device_uid != meta.device_uid
-    assert main(_args(cache, labels, again, "--task", "lvh", "--epochs", "1")) == 2
+    assert main(finetune_args(cache, labels, again, "--task", "lvh", "--epochs", "1")) == 2
 
 
 def test_finetune_from_pretraining_run_and_view_task(labelled, tmp_path: Path) -> None:
@@ -161,7 +116,7 @@ def test_finetune_from_pretraining_run_and_view_task(labelled, tmp_path: Path) -
                           "--batch", "4", "--epochs", "1", "--labels", str(labels), "--val-fraction", "0.25",
                           "--test-fraction", "0.25", "--no-progress"]) == 0  # fmt: skip
     out = tmp_path / "sas"
-    assert main(_args(cache, labels, out, "--task", "severe_as", "--epochs", "1", "--init", str(run))) == 0
+    assert main(finetune_args(cache, labels, out, "--task", "severe_as", "--epochs", "1", "--init", str(run))) == 0
     prov = load_bundle(out).meta.provenance
     assert prov["init"]["pretrain_run"] == str(run)
     # Same split settings: pretraining saw no evaluation study, and the bundle says what it was made from.
@@ -177,7 +132,7 @@ def test_finetune_from_pretraining_run_and_view_task(labelled, tmp_path: Path) -
     assert weights["stem.0.weight"].shape == encoder["stem.0.weight"].shape
 
     view = tmp_path / "view"
-    assert main(_args(cache, labels, view, "--task", "view", "--epochs", "1")) == 0
+    assert main(finetune_args(cache, labels, view, "--task", "view", "--epochs", "1")) == 0
     meta = load_bundle(view).meta
     assert meta.labels == ["a4c", "plax"] and meta.architecture["num_outputs"] == 2
     assert json.loads(json.dumps(meta.metrics))["test"]["video"]["n"] > 0
@@ -207,13 +162,13 @@ def test_epoch_samples_repeat_videos_with_fresh_clips(labelled, tmp_path: Path) 
     with pytest.raises(ValueError):
         ClipDataset(c, videos, targets, repeats=0)
     out = tmp_path / "small"
-    assert main(_args(cache, labels, out, "--task", "lvh", "--fraction", "0.25", "--epochs", "1",
+    assert main(finetune_args(cache, labels, out, "--task", "lvh", "--fraction", "0.25", "--epochs", "1",
                       "--epoch-samples", str(4 * n))) == 0  # fmt: skip
     prov = load_bundle(out).meta.provenance
     assert prov["train_visits_per_epoch"] == 4 and prov["config"]["epoch_samples"] == 4 * n
     for bad in ("0", "-5"):
         with pytest.raises(SystemExit):  # argparse: a usage error, nothing written
-            main(_args(cache, labels, tmp_path / "bad", "--task", "lvh", "--epoch-samples", bad))
+            main(finetune_args(cache, labels, tmp_path / "bad", "--task", "lvh", "--epoch-samples", bad))
     assert not (tmp_path / "bad").exists()
 
 
@@ -245,12 +200,12 @@ def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Pa
     assert auroc(np.asarray(task.targets["train"]), probs.mean(1)) > 0.9
     # Through the command line: recorded in the bundle's metrics.
     out = tmp_path / "lpft"
-    assert main(_args(cache, labels, out, "--task", "lvh", "--epochs", "1", "--head-init", "probe")) == 0
+    assert main(finetune_args(cache, labels, out, "--task", "lvh", "--epochs", "1", "--head-init", "probe")) == 0
     meta = load_bundle(out).meta
     assert meta.metrics["head_fit"]["clips"] > 0 and meta.provenance["config"]["head_init"] == "probe"
     # A head that already fits the task is not re-fitted.
     again = tmp_path / "again"
-    assert main(_args(cache, labels, again, "--task", "lvh", "--epochs", "1", "--init", str(out / "weights.pt"),
+    assert main(finetune_args(cache, labels, again, "--task", "lvh", "--epochs", "1", "--init", str(out / "weights.pt"),
                       "--head-init", "probe")) == 2  # fmt: skip
     assert "fits a new head" in capsys.readouterr().err
 
@@ -292,7 +247,7 @@ def test_finetune_refuses_a_pretraining_run_that_saw_its_evaluation_studies(labe
     assert overlap, "the two seeds should disagree on some patients"
     capsys.readouterr()
     out = tmp_path / "leaky"
-    assert main(_args(cache, labels, out, "--task", "lvh", "--epochs", "1", "--init", str(run))) == 2
+    assert main(finetune_args(cache, labels, out, "--task", "lvh", "--epochs", "1", "--init", str(run))) == 2
     err = capsys.readouterr().err
     assert f"{len(overlap)} of the" in err and f"pretraining run {run}" in err and "pretrained" in err
     assert not out.exists()
@@ -333,7 +288,7 @@ def test_finetune_refuses_a_validation_split_without_positives(labelled, tmp_pat
         writer.writeheader()
         writer.writerows(rows)
     out = tmp_path / "bundle"
-    assert main(_args(cache, labels, out, "--task", "lvh", "--epochs", "1")) == 2
+    assert main(finetune_args(cache, labels, out, "--task", "lvh", "--epochs", "1")) == 2
     assert "the validation split has" in capsys.readouterr().err and not out.exists()
 
 
@@ -348,7 +303,7 @@ def test_early_stopping_that_never_improves_says_it_kept_the_initial_weights(lab
     from train import finetune as ft
 
     cache, labels = labelled
-    config = ft._config_from(_parser().parse_args(_args(cache, labels, tmp_path / "x", "--task", "lvh", "--epochs", "2")))
+    config = ft._config_from(_parser().parsefinetune_args(finetune_args(cache, labels, tmp_path / "x", "--task", "lvh", "--epochs", "2")))
     run = ft._load_task(config)
     ft._initial_model(run)
     initial = {k: v.clone() for k, v in run.model.state_dict().items()}

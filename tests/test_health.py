@@ -23,7 +23,7 @@ from echonode.daemon.workerlink import Phase, read_heartbeat
 from echonode.ops.prometheus import REQUEST_DEADLINE_S
 from tests.conftest import free_port, make_config, wait_for
 from tests.factories import us_multiframe
-from tests.test_node_metrics import get_health, scrape
+from tests.peers import get_health, scrape
 
 
 @pytest.fixture

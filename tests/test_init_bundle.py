@@ -14,8 +14,6 @@ from echonode.bundles.nets import build_model
 from echonode.bundles.weights import load_bundle
 from train.init_bundle import add_init_arguments, extract_state_dict, run_init
 
-torch.set_num_threads(2)
-
 WIDTH = 4
 TINY = ["--width", str(WIDTH), "--size", "16", "--clip-frames", "4"]
 

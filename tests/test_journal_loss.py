@@ -37,12 +37,11 @@ from tests.conftest import (
     wait_for,
     with_destination,
 )
-from tests.factories import tiny_bundle, us_multiframe, write
-from tests.test_delivery import RecordingSCP
-from tests.test_stage_recovery import (
+from tests.factories import make_studies, tiny_bundle, us_multiframe, write
+from tests.peers import (
+    RecordingSCP,
     ServedNode,
     journal_rows,
-    make_studies,
     send_studies,
 )
 

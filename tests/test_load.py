@@ -27,9 +27,9 @@ from pynetdicom import AE
 
 from echonode.delivery.dimse import Peer, echo
 from echonode.delivery.outcome import DeliveryError
-from tests.conftest import ECHOSCU, free_port, make_config, wait_for, with_destination
+from tests.conftest import free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe
-from tests.test_stage_recovery import ServedNode, SlowPACS, journal_rows, states
+from tests.peers import ECHOSCU, ServedNode, SlowPACS, journal_rows, states
 
 #: Generous bound for the shared 2-core CI machine; the issue's figure is 1 s
 #: (docs/reliability.md has the measured latencies).

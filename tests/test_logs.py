@@ -17,6 +17,7 @@ from echonode.ops.logs import configure_logging, get_logger
 from echonode.studies.states import StudyState
 from tests.conftest import make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe
+from tests.peers import c_store
 
 
 @pytest.fixture(autouse=True)
@@ -111,13 +112,8 @@ def test_no_patient_identifier_in_any_log_line(tmp_path: Path, sonosite_loop: Pa
         real.PatientName, real.PatientID, real.PatientBirthDate = SECRET_NAME, SECRET_ID, SECRET_BIRTH
         bad = us_multiframe(study_uid=str(real.StudyInstanceUID), patient_name=SECRET_NAME, patient_id=SECRET_ID)
         bad.SeriesInstanceUID = "1.2.bad"  # a refused object is logged too
-        ae = AE(ae_title="CART")
-        ae.add_requested_context(real.SOPClassUID, real.file_meta.TransferSyntaxUID)
-        ae.add_requested_context(bad.SOPClassUID, bad.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
-        assert assoc.send_c_store(real).Status == 0
-        assoc.send_c_store(bad)
-        assoc.release()
+        statuses = c_store(node.scp.port, [real, bad])
+        assert statuses[0] == 0 and statuses[1] >= 0xA000  # the stray series is refused
         study = str(real.StudyInstanceUID)
         wait_for(lambda: (node.worker.supervise(), node.journal.study_state(study) == StudyState.DELIVERED)[1],
                  timeout=180, what="delivery")

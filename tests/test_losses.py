@@ -18,8 +18,6 @@ from train.losses import (
     reorder_loss,
 )
 
-torch.set_num_threads(1)
-
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
     """NT-Xent with explicit loops over anchors and a hand-made log-sum-exp."""

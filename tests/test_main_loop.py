@@ -28,7 +28,7 @@ from echonode.delivery.dimse import Peer, echo
 from echonode.delivery.outbox import Delivery
 from echonode.studies.journal import Journal
 from tests.conftest import free_port, make_config, wait_for
-from tests.test_node_metrics import get_health, scrape
+from tests.peers import get_health, scrape
 
 
 def run_node(node: Node, checks: Callable[[Node], None], timeout: float = 120) -> None:

@@ -12,23 +12,9 @@ import subprocess
 import zlib
 from pathlib import Path
 
-import echo_sr
 import pydicom
 import pytest
 import structlog
-from conftest import DCIODVFY, need
-from echo_sr import (
-    DCM,
-    LN,
-    SCT,
-    code_item,
-    container,
-    document,
-    group,
-    num_item,
-    private_code,
-    section,
-)
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     BasicTextSRStorage,
@@ -48,8 +34,20 @@ from echonode.measurements import (
 from echonode.measurements.concepts import code_key, match_name, normalise_code
 from echonode.measurements.selection import select_concept
 from echonode.measurements.units import convert, parse_unit
-
-DCMCONV = "/usr/bin/dcmconv"
+from tests import echo_sr
+from tests.echo_sr import (
+    DCM,
+    LN,
+    SCT,
+    code_item,
+    container,
+    document,
+    group,
+    num_item,
+    private_code,
+    section,
+)
+from tests.peers import DCIODVFY, DCMCONV, require_tool
 
 VALUES = {
     "ivsd": 1.3, "lvpwd": 1.1, "lvidd": 4.8, "lv_mass": 210.0, "lv_mass_index": 118.0,
@@ -62,7 +60,7 @@ def write(ds: pydicom.Dataset, tmp_path: Path, name: str = "sr.dcm") -> Path:
 
 
 def dciodvfy(path: Path) -> None:
-    proc = subprocess.run([need(DCIODVFY), str(path)], capture_output=True, text=True, check=False)
+    proc = subprocess.run([require_tool(DCIODVFY), str(path)], capture_output=True, text=True, check=False)
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
     assert not errors, "\n".join(errors)
 
@@ -174,7 +172,7 @@ def test_tid5300_precoordinated_codes_imply_mode_and_method(tmp_path: Path) -> N
 def test_other_transfer_syntaxes_read_the_same(option: str, tmp_path: Path) -> None:
     src = write(echo_sr.ge_sr(VALUES), tmp_path)
     dst = tmp_path / f"conv{option}.dcm"
-    subprocess.run([need(DCMCONV), option, str(src), str(dst)], check=True, capture_output=True)
+    subprocess.run([require_tool(DCMCONV), option, str(src), str(dst)], check=True, capture_output=True)
     a, b = read_measurement_sr(src), read_measurement_sr(dst)
     assert b.status == "read", b.reason
     assert [(m.concept, m.value, m.raw_value, m.content_path) for m in a.measurements] == [
@@ -528,7 +526,7 @@ def test_raw_reader_follows_un_sequences_and_a_switch_to_implicit_vr() -> None:
 def test_character_sets_and_pydicom_in_raise_mode(tmp_path: Path) -> None:
     """Text is decoded with the SR's Specific Character Set; an unknown one, even with pydicom
     set to raise on bad values (as tests of objects we produce do), does not stop the read."""
-    from pydicom import config as pydicom_config
+    from tests.report_support import strict_reading
 
     ds = echo_sr.tid5300_sr(VALUES, manufacturer="Échographes Réunis")
     assert read_measurement_sr(write(ds, tmp_path, "utf8.dcm")).manufacturer == "Échographes Réunis"
@@ -537,12 +535,8 @@ def test_character_sets_and_pydicom_in_raise_mode(tmp_path: Path) -> None:
     path = write(ds, tmp_path, "latin1.dcm")
     data = path.read_bytes().replace(b"ISO_IR 100", b"ISO_IR 999")
     path.write_bytes(data)
-    old = pydicom_config.settings.reading_validation_mode
-    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
-    try:
+    with strict_reading():
         doc = read_measurement_sr(path)
-    finally:
-        pydicom_config.settings.reading_validation_mode = old
     assert doc.status == "read" and doc.manufacturer == "Échographes Réunis"
     assert values(doc)["av_vmax"] == pytest.approx(4.2)
 

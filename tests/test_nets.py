@@ -15,9 +15,6 @@ from echonode.bundles.nets import (
     normalise_for_model,
 )
 
-torch.set_num_threads(2)
-
-
 # --------------------------------------------------------------------------
 # An independent functional reference: walks the state dict by key name and
 # applies torch.nn.functional ops with the strides/paddings of torchvision's

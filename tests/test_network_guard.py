@@ -21,9 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from echonode.daemon.node import Node
@@ -31,8 +29,10 @@ from echonode.delivery.dimse import Peer, echo, store_file
 from echonode.delivery.outcome import DeliveryError
 from echonode.network import pdu_guard
 from tests import rawdicom as raw
-from tests.conftest import ECHOSCU, REPO, echonode_cmd, make_config, need, wait_for
+from tests.conftest import REPO, echonode_cmd, make_config, wait_for
 from tests.factories import us_multiframe, write
+from tests.peers import ECHOSCU, c_echo, c_store, echoscu, require_tool
+from tests.peers import associate as scu_associate
 
 US_MULTIFRAME = b"1.2.840.10008.5.1.4.1.1.3.1"
 GIB2 = 2**31 - 1
@@ -87,24 +87,6 @@ def associate(port: int, opened: list[socket.socket], calling: bytes = b"CART", 
     return s
 
 
-def pynetdicom_echo(port: int, timeout: float = 10) -> int | None:
-    ae = AE(ae_title="CART")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE", contexts=[build_context(Verification)])
-    if not assoc.is_established:
-        return None
-    try:
-        status = assoc.send_c_echo()
-        return int(status.Status) if status and "Status" in status else None
-    finally:
-        assoc.release()
-
-
-def dcmtk_echo(port: int) -> subprocess.CompletedProcess:
-    return subprocess.run([ECHOSCU, "-to", "10", "-ta", "10", "-aet", "CART", "-aec", "ECHONODE", "127.0.0.1",
-                           str(port)], capture_output=True, text=True, timeout=60)
-
-
 def events(logs: list[dict], name: str) -> list[dict]:
     return [e for e in logs if e["event"] == name]
 
@@ -131,22 +113,17 @@ def test_associate_request_declaring_2_gib_is_aborted_without_allocating(start_n
     assert node.scp.counters.aborted == {"pdu_too_large": 1}
     # The acceptor thread does not wait out acse_timeout_s for a request that cannot come.
     wait_for(lambda: node.scp.active_associations() == 0, timeout=5, what="the slot to be freed")
-    assert dcmtk_echo(node.scp.port).returncode == 0
+    assert echoscu(node.scp.port).returncode == 0
 
 
 def test_p_data_over_the_advertised_maximum_is_aborted(start_node, sockets) -> None:
     """After negotiation a P-DATA-TF PDU may be as long as the maximum length the node
     advertised (node.max_pdu), as DCMTK enforces it; at that length it is taken."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(max_pdu=16384)
     # A sender that fills PDUs to exactly the maximum is served.
     ds = us_multiframe(frames=16, rows=128, cols=128)  # 256 KiB: sixteen full PDUs
-    ae = AE(ae_title="CART")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
-    assert assoc.is_established and int(assoc.send_c_store(ds).Status) == 0
-    assoc.release()
+    assert c_store(node.scp.port, [ds]) == [0]
     with capture_logs() as logs:
         s = associate(node.scp.port, sockets)
         s.sendall(raw.header(raw.P_DATA_TF, 16385))
@@ -183,7 +160,7 @@ def test_a_pdu_body_is_allocated_as_it_arrives(start_node, sockets) -> None:
 def test_a_disallowed_address_is_turned_away_before_a_byte_is_read(start_node, sockets) -> None:
     """It never gets an association (nor a max_associations slot): the connection is
     closed at accept, logged and counted."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(allowed_networks=["127.0.0.1/32"], max_associations=1)
     with capture_logs() as logs:
         held = []
@@ -198,7 +175,7 @@ def test_a_disallowed_address_is_turned_away_before_a_byte_is_read(start_node, s
             took, pdus = raw.wait_closed(s, timeout=5)
             assert pdus == []
         # The one slot is free for an allowed cart.
-        assert dcmtk_echo(node.scp.port).returncode == 0
+        assert echoscu(node.scp.port).returncode == 0
     rejected = events(logs, "association.rejected")
     assert len(rejected) == 5
     assert all(e["reason"] == "address not allowed" and e["peer"] == "127.0.0.2" for e in rejected)
@@ -225,7 +202,7 @@ def test_stalled_peers_from_an_allowed_address_are_reaped(start_node, sockets) -
     """A peer that stops mid-PDU (before the association: acse_timeout_s; after it:
     network_timeout_s) is aborted and closed, counted and logged, and its partial spool
     file removed; the slots it held are free again."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(acse_timeout_s=1.0, network_timeout_s=1.0, max_associations=2)
     with capture_logs() as logs:
         before = connect(node.scp.port, sockets)
@@ -250,13 +227,13 @@ def test_stalled_peers_from_an_allowed_address_are_reaped(start_node, sockets) -
     [discarded] = events(logs, "store.partial_discarded")
     assert discarded["sop_uid"] == "1.2.826.0.1.3680043.8.498.77"
     assert node.scp.counters.failures == {"incomplete": 1}
-    assert dcmtk_echo(node.scp.port).returncode == 0
+    assert echoscu(node.scp.port).returncode == 0
 
 
 def test_echo_answers_while_50_stalled_sockets_are_open(start_node, sockets) -> None:
     """50 connections that sent 6 bytes and stopped, from outside the allow-list: carts'
     C-ECHOs (dcmtk echoscu, pynetdicom) are still answered, promptly."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(allowed_networks=["127.0.0.1/32"], max_associations=3, acse_timeout_s=600.0,
                       network_timeout_s=600.0)
     for i in range(50):
@@ -268,8 +245,8 @@ def test_echo_answers_while_50_stalled_sockets_are_open(start_node, sockets) -> 
     latencies = []
     for _ in range(5):
         t0 = time.monotonic()
-        assert dcmtk_echo(node.scp.port).returncode == 0
-        assert pynetdicom_echo(node.scp.port) == 0
+        assert echoscu(node.scp.port).returncode == 0
+        assert c_echo(node.scp.port) == 0
         latencies.append(time.monotonic() - t0)
     print({"echo_pair_max_s": round(max(latencies), 3), "echo_pair_median_s": round(sorted(latencies)[2], 3)})
     assert max(latencies) < 5.0  # liveness: a held listener would not answer at all
@@ -283,7 +260,7 @@ def test_silent_connections_from_an_allowed_address_never_lock_carts_out(start_n
     MAX_AWAITING_REQUEST the one that waited longest is closed."""
     from echonode.receive.scp import MAX_AWAITING_REQUEST
 
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     node = start_node(max_associations=3, acse_timeout_s=600.0, network_timeout_s=600.0)
     silent = []
     with capture_logs() as logs:
@@ -297,8 +274,8 @@ def test_silent_connections_from_an_allowed_address_never_lock_carts_out(start_n
         latencies = []
         for _ in range(5):
             t0 = time.monotonic()
-            assert dcmtk_echo(node.scp.port).returncode == 0
-            assert pynetdicom_echo(node.scp.port) == 0
+            assert echoscu(node.scp.port).returncode == 0
+            assert c_echo(node.scp.port) == 0
             latencies.append(time.monotonic() - t0)
     print({"echo_pair_max_s": round(max(latencies), 3), "echo_pair_median_s": round(sorted(latencies)[2], 3)})
     assert max(latencies) < 5.0  # liveness: a locked-out cart would be rejected, not slow
@@ -532,11 +509,8 @@ def test_a_full_disk_while_spooling_answers_out_of_resources(disk: str, start_no
         monkeypatch.setattr(spool, "_new_temp_file", filling)
         node = start_node()
     big, small = us_multiframe(frames=40, rows=480, cols=640), us_multiframe()  # 12 MB, 32 KiB
-    ae = AE(ae_title="CART")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(big.SOPClassUID, big.file_meta.TransferSyntaxUID)
     with capture_logs() as logs:
-        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
+        assoc = scu_associate(node.scp.port, [big])
         assert assoc.is_established
         try:
             rsp = assoc.send_c_store(big)

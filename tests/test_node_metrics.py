@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import urllib.error
@@ -13,53 +12,15 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-import pydicom
 import pytest
 from prometheus_client import REGISTRY, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from pynetdicom import AE
 from structlog.testing import capture_logs
 
 from echonode.daemon.node import Node
 from echonode.ops.prometheus import MetricsServer, health
 from echonode.studies.records import TaskResult
 from tests.conftest import free_port, make_config
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics as {(name, sorted labels): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        assert r.status == 200
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def get_health(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def send(port: int, path: Path, calling: str) -> int | None:
-    """C-STORE one file; the status, or None when the association is rejected."""
-    ds = pydicom.dcmread(path)
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
-    if not assoc.is_established:
-        return None
-    try:
-        return int(assoc.send_c_store(ds).Status)
-    finally:
-        assoc.release()
+from tests.peers import c_store_one, get_health, scrape
 
 
 @pytest.fixture
@@ -88,9 +49,9 @@ def test_metrics_reflect_the_running_node(metrics_node: Node, ybr_loop: Path) ->
     assert m[("echonode_instances_received_total", ())] == 0
     assert m[("echonode_scp_up", ())] == 1
 
-    assert send(node.scp.port, ybr_loop, "CART") == 0x0000
-    assert send(node.scp.port, ybr_loop, "CART") == 0x0000  # identical copy: a duplicate
-    assert send(node.scp.port, ybr_loop, "STRANGER") is None  # not on the allow-list
+    assert c_store_one(node.scp.port, ybr_loop, calling="CART") == 0x0000
+    assert c_store_one(node.scp.port, ybr_loop, calling="CART") == 0x0000  # identical copy: a duplicate
+    assert c_store_one(node.scp.port, ybr_loop, calling="STRANGER") is None  # not on the allow-list
     node.delivery.failures["transient"] = 2  # as Delivery._count leaves them
 
     m = scrape(port)

@@ -22,7 +22,6 @@ from train.index import build_index
 from train.losses import PERMUTATIONS
 from train.pretrain import PretrainModel, main, reorder_at_chance, train_one_epoch
 
-torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
 
 

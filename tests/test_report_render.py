@@ -7,10 +7,8 @@ keeps a screenshot in its tmp dir (``sr.png``, ``not_assessed.png``).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from pydicom.uid import generate_uid
 from echonode.report.build import build_report
 from echonode.report.findings import NotAssessed
 from echonode.report.summary import finding_line, not_assessed_line
-from tests.conftest import need
+from tests.peers import DSR2HTML, require_tool
 from tests.report_support import (
     PLA_WARNING,
     example_sources,
@@ -31,44 +29,8 @@ from tests.report_support import (
 
 pytestmark = pytest.mark.filterwarnings(PLA_WARNING)
 
-DSR2HTML = "/usr/bin/dsr2html"
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-#: A laptop's browser window: what "sees first" means (no scrolling).
-WINDOW = (1280, 800)
 # A number with more than 3 decimals that is not part of a dotted UID.
 LONG_DECIMAL = re.compile(r"(?<![\d.])\d+\.\d{4,}(?![\d.])")
-
-
-def _selenium() -> Any:
-    try:
-        from selenium import webdriver
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("selenium is missing in CI: install the 'test' extra")
-        pytest.skip("selenium not installed (the 'test' extra)")
-    return webdriver
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Headless Chromium with a fresh profile and no network of its own; quit at the end."""
-    webdriver = _selenium()
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = need(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-                f"--window-size={WINDOW[0]},{WINDOW[1]}"):
-        options.add_argument(arg)
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
-    driver = webdriver.Chrome(service=Service(need(CHROMEDRIVER)), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +42,7 @@ def _render(ds: Dataset, folder: Path, name: str) -> Path:
     dicom = folder / f"{name}.dcm"
     html = folder / f"{name}.html"
     ds.save_as(dicom, enforce_file_format=True)
-    proc = subprocess.run([need(DSR2HTML), str(dicom), str(html)], capture_output=True, text=True, check=False)
+    proc = subprocess.run([require_tool(DSR2HTML), str(dicom), str(html)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     return html
 

@@ -14,85 +14,17 @@ from structlog.testing import capture_logs
 from echonode.config import RetentionConfig
 from echonode.daemon.node import Node
 from echonode.studies.journal import Journal
-from echonode.studies.records import Claim, ReportRecord
 from echonode.studies.retention import Retention
 from echonode.studies.states import StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import make_config
-from tests.factories import us_multiframe, write
-
-DAY = 86400.0
+from tests.factories import DAY, make_study, receive, report_sr
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> StudyStore:
     root = tmp_path / "storage"
     return StudyStore(root, Journal(root / "journal.sqlite"))
-
-
-def receive(store: StudyStore, tmp_path: Path, study_uid: str, frames: int = 8) -> Path:
-    """Store one new instance of ``study_uid`` the way the SCP does."""
-    ds = us_multiframe(study_uid=study_uid, frames=frames)
-    src = write(ds, tmp_path / "in" / f"{ds.SOPInstanceUID}.dcm")
-    header, outcome = store.accept(src, "CART")
-    assert outcome == "stored"
-    return store.instance_path(header)
-
-
-def make_study(store: StudyStore, tmp_path: Path, state: str, age_days: float, *, frames: int = 8) -> str:
-    """A study driven through the journal to ``state``, last active ``age_days`` ago.
-
-    ``state`` is a study state, or ``reported-dead`` (its SR dead-lettered) or
-    ``skipped-owed`` (reprocessed into skipped while an earlier SR is dead).
-    """
-    j = store.journal
-    uid = generate_uid()
-    receive(store, tmp_path, uid, frames)
-    if state != StudyState.RECEIVING:
-        j.mark_stable(0.0)
-        if state != StudyState.STABLE:
-            j.queue_stable()
-            claim = j.claim_next(os.getpid())
-            assert claim is not None and claim.study_uid == uid
-            if state == StudyState.SKIPPED:
-                j.finish_skipped(claim, "no usable video")
-            elif state == StudyState.FAILED:
-                j.finish_failed(claim, "boom", max_attempts=1)
-            else:
-                report_sr(store, claim, "set1", "sent" if state == StudyState.DELIVERED else
-                          "dead" if state in ("reported-dead", "skipped-owed") else "pending")
-                if state == "skipped-owed":
-                    j.requeue(uid)
-                    claim = j.claim_next(os.getpid())
-                    j.finish_skipped(claim, "no usable video")
-    when = time.time() - age_days * DAY
-    j._connect().execute(
-        "UPDATE studies SET first_received = ?, last_received = ?, updated = ? WHERE study_uid = ?",
-        (when, when, when, uid),
-    )
-    return uid
-
-
-def report_sr(store: StudyStore, claim: Claim, model_set: str, outcome: str,
-              supersedes: str | None = None) -> Path:
-    """Finish ``claim`` with an SR (its file under ``reports/``) to one PACS; leave its row ``outcome``.
-
-    ``outcome`` is ``sent``, ``pending`` or ``dead``. Returns the SR's path.
-    """
-    j = store.journal
-    uid, sr_uid = claim.study_uid, generate_uid()
-    path = store.report_path(uid, sr_uid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"SR")
-    report = ReportRecord(sr_uid, uid, model_set, generate_uid(), "1.2.840.10008.5.1.4.1.1.88.33", str(path),
-                          supersedes)
-    j.finish_reported(claim, model_set, [], report, ["pacs"])
-    (item,) = [o for o in j.status()["outbox"] if o["sr_sop_uid"] == sr_uid]
-    if outcome == "sent":
-        j.mark_sent(item["id"])
-    elif outcome == "dead":
-        j.mark_dead(item["id"], "refused")
-    return path
 
 
 def make_reprocessed(store: StudyStore, tmp_path: Path, first: str, second: str, age_days: float) -> str:

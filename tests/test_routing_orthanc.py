@@ -22,20 +22,12 @@ import pytest
 
 from echonode.daemon.node import Node
 from echonode.studies.states import StudyState
-from tests.conftest import (
-    REPO,
-    free_port,
-    make_config,
-    need,
-    wait_for,
-    with_destination,
-)
+from tests.conftest import REPO, free_port, make_config, wait_for, with_destination
 from tests.factories import tiny_bundle, us_multiframe, write
-from tests.test_e2e_orthanc import Orthanc
+from tests.peers import ORTHANC, ORTHANC_PYTHON, Orthanc, require_tool
 
 LUA_RECIPE = REPO / "etc" / "routing" / "orthanc-echonode.lua"
 PYTHON_RECIPE = REPO / "etc" / "routing" / "orthanc-echonode.py"
-PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
 
 
 class RoutingOrthanc(Orthanc):
@@ -48,7 +40,7 @@ class RoutingOrthanc(Orthanc):
         if recipe == "lua":
             config["LuaScripts"] = [str(LUA_RECIPE)]
         else:
-            config["Plugins"] = [need(PYTHON_PLUGIN)]
+            config["Plugins"] = [require_tool(ORTHANC_PYTHON)]
             config["PythonScript"] = str(PYTHON_RECIPE)
         self.config.write_text(json.dumps(config, indent=2))
 
@@ -67,7 +59,7 @@ class RoutingOrthanc(Orthanc):
 @pytest.fixture
 def routed(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Node, RoutingOrthanc]]:
     """A node (with its worker) and an Orthanc that routes to it by ``request.param``'s recipe."""
-    need("/usr/sbin/Orthanc")
+    require_tool(ORTHANC)
     node_port = free_port()
     orthanc = RoutingOrthanc(tmp_path / "orthanc", node_port, request.param)
     cfg = make_config(

@@ -33,8 +33,6 @@ from echonode.bundles.runtime import (
 from echonode.bundles.weights import load_bundle, save_bundle
 from tests.factories import tiny_bundle
 
-torch.set_num_threads(2)
-
 WIDTH = 4
 FRAMES = 8
 SIZE = 32
@@ -622,7 +620,7 @@ def test_save_bundle_writes_bytes_extra_files(tmp_path: Path) -> None:
 
 def test_finetune_stores_its_evaluation_clips_and_load_checks_on_them(tmp_path: Path, counted: list[int]) -> None:
     from echonode.analyse.preprocess import PreprocessConfig
-    from tests.test_finetune import _args, make_labelled_archive
+    from tests.factories import finetune_args, make_labelled_archive
     from train.cache import ClipCache
     from train.finetune import main as finetune_main
     from train.index import build_index
@@ -630,7 +628,7 @@ def test_finetune_stores_its_evaluation_clips_and_load_checks_on_them(tmp_path: 
     archive, labels = make_labelled_archive(tmp_path)
     build_index(archive, tmp_path / "cache", PreprocessConfig(size=16), progress=False)
     out = tmp_path / "lvh"
-    assert finetune_main(_args(tmp_path / "cache", labels, out, "--task", "lvh", "--epochs", "1",
+    assert finetune_main(finetune_args(tmp_path / "cache", labels, out, "--task", "lvh", "--epochs", "1",
                                "--calibration-clips", "5")) == 0  # fmt: skip
     bundle = load_bundle(out, state_dir=tmp_path / "state")
     clips, source = read_calibration(out, bundle.meta.clip_frames, bundle.meta.frame_size)
@@ -651,7 +649,7 @@ def test_finetune_stores_its_evaluation_clips_and_load_checks_on_them(tmp_path: 
     assert bundle.device_uid in json.loads((tmp_path / "state" / rs.CACHE_FILE).read_text())["choices"]
     # --calibration-clips 0: none stored.
     out0 = tmp_path / "lvh0"
-    assert finetune_main(_args(tmp_path / "cache", labels, out0, "--task", "lvh", "--epochs", "1",
+    assert finetune_main(finetune_args(tmp_path / "cache", labels, out0, "--task", "lvh", "--epochs", "1",
                                "--calibration-clips", "0")) == 0  # fmt: skip
     assert not (out0 / CALIBRATION_FILE).exists()
 

@@ -12,36 +12,16 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
-from pynetdicom import AE, build_context
+from pynetdicom import build_context
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage, Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from echonode.config import TLSConfig
 from echonode.daemon.node import Node
 from echonode.studies.states import StudyState
-from tests.conftest import ECHOSCU, STORESCU, make_config, need, wait_for
+from tests.conftest import make_config, wait_for
 from tests.factories import us_multiframe, write
-
-
-def scu(ae_title: str = "CART") -> AE:
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    # Bounds the TCP connect and the TLS handshake too: a test fails instead of hanging.
-    ae.connection_timeout = 10
-    return ae
-
-
-def send(node: Node, datasets, ae_title: str = "CART", tls_args=None) -> list[int]:
-    """Send datasets over one association; return their statuses."""
-    ae = scu(ae_title)
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=node.cfg.node.ae_title, tls_args=tls_args)
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
+from tests.peers import ECHOSCU, STORESCU, c_store, require_tool, scu
 
 
 def pixel_fragments(path: Path) -> list[bytes]:
@@ -51,13 +31,13 @@ def pixel_fragments(path: Path) -> list[bytes]:
 
 def test_real_echo_loops_stored_byte_for_byte(running_node: Node, sonosite_loop: Path, ybr_loop: Path) -> None:
     ybr = pydicom.dcmread(ybr_loop)
-    statuses = send(running_node, [ybr])
+    statuses = c_store(running_node.scp.port, [ybr])
     assert statuses == [0]
     stored = running_node.store.instance_path(_header(ybr))
     assert pydicom.dcmread(stored).PixelData == ybr.PixelData
     # The big loop shares the SOP Instance UID: it replaces the small one.
     big = pydicom.dcmread(sonosite_loop)
-    assert send(running_node, [big]) == [0]
+    assert c_store(running_node.scp.port, [big]) == [0]
     assert pixel_fragments(stored) == pixel_fragments(sonosite_loop)
     assert pydicom.dcmread(stored).PixelData == big.PixelData
     instances = running_node.journal.instances()
@@ -85,7 +65,7 @@ def _header(ds):
     ],
 )
 def test_dcmtk_storescu(running_node: Node, tmp_path: Path, name: str, flag: str | None) -> None:
-    need(STORESCU)
+    require_tool(STORESCU)
     src = Path(get_testdata_file(name, download=False))
     cmd = [STORESCU, "-aet", "CART", "-aec", "ECHONODE", "--max-pdu", "131072"]
     if flag:
@@ -113,7 +93,7 @@ def test_retired_ultrasound_sop_classes_are_accepted(
     """Echo loops from older carts and archives migrated through the PACS
     still carry the retired (pre-1996) US SOP classes; dcmtk's storescp
     accepts them and so must we, or the sender gets "no presentation context"."""
-    need(STORESCU)
+    require_tool(STORESCU)
     ds = pydicom.dcmread(get_testdata_file(name, download=False))
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = retired_class
     path = tmp_path / name
@@ -128,7 +108,7 @@ def test_retired_ultrasound_sop_classes_are_accepted(
 
 
 def test_echo_with_dcmtk_and_wrong_called_ae(running_node: Node) -> None:
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     ok = subprocess.run([ECHOSCU, "-aet", "CART", "-aec", "ECHONODE", "127.0.0.1", str(running_node.scp.port)],
                         capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
@@ -156,7 +136,7 @@ def test_rejections_by_called_ae_and_association_limit_are_logged_and_counted(tm
     over max_associations, after our EVT_REQUESTED handler ran: those must
     still give an association.rejected line with the reason, count as
     rejected and not as accepted associations."""
-    need(ECHOSCU)
+    require_tool(ECHOSCU)
     cfg = make_config(tmp_path, node={"max_associations": 1})
     node = Node(cfg, start_worker=False)
     node.start()
@@ -241,7 +221,7 @@ def test_tls_with_client_certificate(tmp_path: Path, pki: dict[str, Path]) -> No
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
         ctx.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
         ds = us_multiframe()
-        assert send(node, [ds], tls_args=(ctx, "127.0.0.1")) == [0]
+        assert c_store(node.scp.port, [ds], tls_args=(ctx, "127.0.0.1")) == [0]
         assert node.journal.get_instance(str(ds.SOPInstanceUID)) is not None
         # Without a client certificate the handshake fails: no association.
         bare = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
@@ -275,7 +255,7 @@ def test_tls_peer_that_never_handshakes_does_not_block_the_listener(tmp_path: Pa
             # While the silent peer is connected, a real sender gets through.
             assert _reject_reason(node.scp.port, tls_args=(ctx, "127.0.0.1")) is None
             ds = us_multiframe()
-            assert send(node, [ds], tls_args=(ctx, "127.0.0.1")) == [0]
+            assert c_store(node.scp.port, [ds], tls_args=(ctx, "127.0.0.1")) == [0]
             # The node gives up on the silent peer after acse_timeout_s and says so.
             silent.settimeout(30)
             assert silent.recv(1) == b""
@@ -331,14 +311,14 @@ def test_low_disk_rejects_associations_transiently(tmp_path: Path) -> None:
         # A reload with a threshold the disk meets lets the next association in.
         node.scp.apply_config(dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, min_free_disk_mb=1)))
         ds = us_multiframe()
-        assert send(node, [ds]) == [0]
+        assert c_store(node.scp.port, [ds]) == [0]
         assert node.journal.get_instance(str(ds.SOPInstanceUID)) is not None
     finally:
         node.stop()
 
 
 def test_low_disk_rejection_as_dcmtk_sees_it(tmp_path: Path) -> None:
-    need(STORESCU)
+    require_tool(STORESCU)
     cfg = make_config(tmp_path, node={"min_free_disk_mb": PETABYTE_MB})
     node = Node(cfg, start_worker=False)
     node.start()
@@ -365,7 +345,7 @@ def test_low_disk_during_an_association_gets_out_of_resources(
     readings = iter([10 << 20])
     monkeypatch.setattr(node.store, "free_bytes", lambda: next(readings, 0))
     try:
-        assert send(node, [us_multiframe(), us_multiframe(seed=1)]) == [0xA700, 0xA700]
+        assert c_store(node.scp.port, [us_multiframe(), us_multiframe(seed=1)]) == [0xA700, 0xA700]
         assert node.scp.counters.failures == {"out_of_disk": 2}
         assert node.scp.counters.rejected == 0
         assert node.journal.instances() == []
@@ -382,7 +362,7 @@ def test_bad_objects_get_specific_statuses_and_the_association_goes_on(running_n
     first = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.1")
     moved = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.1")  # same SOP UID, another study
     good = us_multiframe()
-    statuses = send(running_node, [no_study, bad_uid, first, moved, good])
+    statuses = c_store(running_node.scp.port, [no_study, bad_uid, first, moved, good])
     assert statuses == [0xC220, 0xC221, 0, 0xC230, 0]
     assert {r.sop_uid for r in running_node.journal.instances()} == {str(first.SOPInstanceUID),
                                                                        str(good.SOPInstanceUID)}
@@ -485,7 +465,7 @@ def test_transfer_ended_mid_object_leaves_no_temp_file(running_node: Node, end: 
     assert running_node.journal.instances() == []
     assert running_node.scp.counters.instances == 0
     # The sender resends on a new association; it is stored as usual.
-    assert send(running_node, [ds]) == [0]
+    assert c_store(running_node.scp.port, [ds]) == [0]
     assert list(incoming.iterdir()) == []
 
 
@@ -495,7 +475,7 @@ def test_node_restart_keeps_everything(tmp_path: Path, ybr_loop: Path) -> None:
     node.start()
     ds = [us_multiframe(seed=i) for i in range(3)]
     try:
-        assert send(node, ds) == [0, 0, 0]
+        assert c_store(node.scp.port, ds) == [0, 0, 0]
     finally:
         node.stop()
     node = Node(cfg, start_worker=False)

@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from echonode.config import to_toml
 from echonode.daemon.node import Node
 from echonode.ops.sdnotify import notify, watchdog_interval_s
 from tests.conftest import REPO, echonode_cmd, make_config
+from tests.peers import c_echo
 
 
 class Listener:
@@ -118,12 +117,7 @@ def test_node_says_ready_once_listening_then_stopping(path_socket: Listener, tmp
         ready = path_socket.wait_for("READY=1")
         assert f"STATUS=listening on port {node.scp.port} as ECHONODE" in ready.split("\n")
         # READY means the SCP answers now.
-        ae = AE(ae_title="CART")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="ECHONODE")
-        assert assoc.is_established
-        assert assoc.send_c_echo().Status == 0
-        assoc.release()
+        assert c_echo(node.scp.port) == 0
     finally:
         node.stop()
     path_socket.wait_for("STOPPING=1")

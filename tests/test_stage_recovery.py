@@ -14,153 +14,18 @@ stages after receiving are the point.
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pydicom
 import pytest
-from pynetdicom import AE
 
-from echonode.config import Config, to_toml
-from echonode.delivery.dimse import Peer, echo
-from echonode.delivery.outcome import DeliveryError
-from tests.conftest import (
-    REPO,
-    echonode_cmd,
-    free_port,
-    make_config,
-    wait_for,
-    with_destination,
-)
-from tests.factories import tiny_bundle, us_multiframe
-from tests.test_delivery import RecordingSCP
+from echonode.config import Config
+from tests.conftest import free_port, make_config, wait_for, with_destination
+from tests.factories import make_studies, tiny_bundle
+from tests.peers import ServedNode, SlowPACS, journal_rows, send_studies, states
 
 STAGES = ("receiving", "stable", "queued", "running", "sending")
-
-
-class SlowPACS(RecordingSCP):
-    """A RecordingSCP that can hold its answer to a C-STORE (to kill the node while it waits)."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
-        self.hold = threading.Event()  # set: hold the next answer until released
-        self.holding = threading.Event()
-        self.release = threading.Event()
-
-    def _on_store(self, event):  # type: ignore[no-untyped-def]
-        status = super()._on_store(event)
-        if self.hold.is_set():
-            self.hold.clear()
-            self.holding.set()
-            self.release.wait(30)
-        return status
-
-    def sr_uids(self) -> dict[str, set[str]]:
-        """Study Instance UID -> the distinct SR SOP Instance UIDs received for it."""
-        out: dict[str, set[str]] = {}
-        with self._lock:
-            for ds in self.received:
-                out.setdefault(str(ds.StudyInstanceUID), set()).add(str(ds.SOPInstanceUID))
-        return out
-
-
-class ServedNode:
-    """``echonode serve`` in its own session; ``kill()`` is kill -9 of node and worker."""
-
-    def __init__(self, cfg: Config, tmp_path: Path) -> None:
-        self.cfg = cfg
-        self.path = tmp_path / "echonode.toml"
-        self.path.write_text(to_toml(cfg))
-        self.log = tmp_path / "serve.log"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> ServedNode:
-        self.starts += 1
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(echonode_cmd("--config", str(self.path), "serve"), cwd=REPO,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self.answers, timeout=90, interval=0.2, what="the node to listen")
-        return self
-
-    def answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            pytest.fail(f"node exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
-        try:
-            return echo("CART", Peer(self.cfg.node.ae_title, "127.0.0.1", self.cfg.node.port), timeout_s=2) == 0
-        except DeliveryError:
-            return False
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-        else:
-            # The worker is in the same session; make sure nothing outlives the test.
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc = None
-
-
-def journal_rows(cfg: Config, sql: str, args: tuple = ()) -> list[tuple]:
-    db = cfg.journal_path
-    if not db.exists():
-        return []
-    con = sqlite3.connect(db, timeout=30)
-    try:
-        return con.execute(sql, args).fetchall()
-    except sqlite3.OperationalError:  # schema not there yet
-        return []
-    finally:
-        con.close()
-
-
-def states(cfg: Config) -> dict[str, str]:
-    return dict(journal_rows(cfg, "SELECT study_uid, state FROM studies"))
-
-
-def send_studies(port: int, studies: list[list[pydicom.Dataset]]) -> set[str]:
-    """C-STORE every object (one association per study); return the acknowledged SOP Instance UIDs."""
-    acked = set()
-    ae = AE(ae_title="CART")
-    ae.add_requested_context(studies[0][0].SOPClassUID, studies[0][0].file_meta.TransferSyntaxUID)
-    for objs in studies:
-        assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
-        assert assoc.is_established
-        for ds in objs:
-            rsp = assoc.send_c_store(ds)
-            if "Status" in rsp and rsp.Status == 0:
-                acked.add(str(ds.SOPInstanceUID))
-        assoc.release()
-    return acked
-
-
-def make_studies(n_studies: int, per_study: int, seed: int = 0) -> list[list[pydicom.Dataset]]:
-    out = []
-    for s in range(n_studies):
-        uid = pydicom.uid.generate_uid()
-        out.append([us_multiframe(study_uid=uid, frames=16, rows=64, cols=64, seed=seed + 100 * s + i,
-                                  patient_id=f"P{s}") for i in range(per_study)])
-    return out
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 from structlog.testing import capture_logs
 
 from echonode.bundles.installed import MODELS_STATE
@@ -39,7 +38,7 @@ from echonode.studies.journal import Journal
 from echonode.studies.records import InstanceRecord, ReportRecord
 from tests.conftest import REPO, free_port, make_config
 from tests.factories import us_multiframe
-from tests.test_report_render import browser  # noqa: F401 - the headless Chromium fixture
+from tests.peers import c_store
 
 #: What the stored objects carry and the page must never show.
 PATIENT_NAME = "DOE^JANE"
@@ -85,19 +84,6 @@ def _object(study_uid: str, seed: int) -> Dataset:
     return ds
 
 
-def _store(port: int, datasets: list[Dataset]) -> None:
-    ae = AE(ae_title="CART")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
-    assert assoc.is_established
-    try:
-        for ds in datasets:
-            assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        assoc.release()
-
-
 def _claim(journal: Journal, study_uid: str) -> Any:
     journal.mark_stable(0.0)
     journal.queue_stable()
@@ -137,7 +123,7 @@ def _populate(node: Node, tmp_path: Path) -> dict[str, str]:
     uids = {k: generate_uid() for k in ("delivered", "pending", "dead", "failed", "skipped", "queued")}
     # Delivered 10 minutes after its last instance: recorded as received then.
     ten_min_ago = time.time() - 600
-    _store(port, [_object(uids["delivered"], 1)])
+    assert c_store(port, [_object(uids["delivered"], 1)]) == [0]
     con = sqlite3.connect(node.cfg.journal_path)
     with con:
         con.execute("UPDATE instances SET received = ? WHERE study_uid = ?", (ten_min_ago, uids["delivered"]))
@@ -146,19 +132,19 @@ def _populate(node: Node, tmp_path: Path) -> dict[str, str]:
     con.close()
     j.mark_sent(_report(j, uids["delivered"], tmp_path))
 
-    _store(port, [_object(uids["pending"], 2), _object(uids["pending"], 3)])
+    assert c_store(port, [_object(uids["pending"], 2), _object(uids["pending"], 3)]) == [0, 0]
     j.mark_retry(_report(j, uids["pending"], tmp_path), time.time() + 300, PENDING_ERROR)
 
-    _store(port, [_object(uids["dead"], 4)])
+    assert c_store(port, [_object(uids["dead"], 4)]) == [0]
     j.mark_dead(_report(j, uids["dead"], tmp_path), DEAD_ERROR)
 
-    _store(port, [_object(uids["failed"], 5)])
+    assert c_store(port, [_object(uids["failed"], 5)]) == [0]
     j.finish_failed(_claim(j, uids["failed"]), FAILED_REASON, max_attempts=1)
 
-    _store(port, [_object(uids["skipped"], 6)])
+    assert c_store(port, [_object(uids["skipped"], 6)]) == [0]
     j.finish_skipped(_claim(j, uids["skipped"]), "no usable video (single frame, not a cine loop)")
 
-    _store(port, [_object(uids["queued"], 7)])
+    assert c_store(port, [_object(uids["queued"], 7)]) == [0]
     j.mark_stable(0.0)
     j.queue_stable()
     _install_models(node.cfg)
@@ -178,7 +164,7 @@ def _get(port: int, path: str = PATH, headers: dict[str, str] | None = None) -> 
 
 
 @pytest.mark.parametrize("page_node", [{"show_accession": False}], indirect=True)
-def test_the_page_shows_the_node_in_a_browser(page_node: Node, browser: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_the_page_shows_the_node_in_a_browser(page_node: Node, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     uids = _populate(page_node, tmp_path)

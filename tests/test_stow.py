@@ -33,18 +33,23 @@ from echonode.report.sop import derived_sop_instance_uid
 from echonode.studies.journal import Journal
 from echonode.studies.states import OutboxState, StudyState
 from tests.conftest import free_port, make_config, run_cli, wait_for, with_destination
-from tests.factories import tiny_bundle
-from tests.fake_dicomweb import Answer, FakeDICOMweb, basic, failed_sop, stored_sop
-from tests.test_delivery import (  # noqa: F401 - fixtures
+from tests.delivery_support import (
     Reported,
     bounded,
     outbox_rows,
     owe_more,
     reported_study,
-    scps,
-    self_signed,
     wait_due,
     write_config,
+)
+from tests.factories import make_studies, tiny_bundle
+from tests.fake_dicomweb import Answer, FakeDICOMweb, basic, failed_sop, stored_sop
+from tests.peers import (
+    Orthanc,
+    ServedNode,
+    journal_rows,
+    send_studies,
+    states,
 )
 
 
@@ -396,11 +401,6 @@ def test_echo_a_stow_destination(tmp_path: Path, dicomweb) -> None:
 def test_orthanc_dicomweb_with_basic_auth(tmp_path: Path, ybr_loop: Path) -> None:
     """STOW-RS into Orthanc 1.10 (orthanc-dicomweb 1.7) with HTTP basic auth: stored once, resent once,
     a wrong password dead-lettered with the reason, fixed, `echonode retry`, stored; echo both ways."""
-    from tests.conftest import ORTHANC, ORTHANC_DICOMWEB, need
-    from tests.test_e2e_orthanc import Orthanc
-
-    need(ORTHANC)
-    need(ORTHANC_DICOMWEB)
     orthanc = Orthanc(tmp_path / "orthanc", free_port(), dicomweb=True, users={"echonode": "s3cret"}).start()
     try:
         rep = reported_study(tmp_path, ybr_loop, 104, retry_initial_s=0.2)
@@ -469,13 +469,6 @@ def test_kill_9_while_the_server_holds_the_answer_resends_the_same_sr(tmp_path: 
     is pending and the same SR (same SOP Instance UID) goes again: one
     instance at the server, the study delivered.
     """
-    from tests.test_stage_recovery import (
-        ServedNode,
-        journal_rows,
-        make_studies,
-        send_studies,
-        states,
-    )
 
     server = dicomweb([Answer(mode="hold")])
     cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.1},

@@ -13,7 +13,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from tests.peers import DCIODVFY, require_tool
 from train import synth
 from train.metrics import auroc
 from train.synth import acquisition, anatomy, dicom, render, shortcuts, views
@@ -60,12 +60,9 @@ def test_deterministic_by_seed(archive: Path, tmp_path: Path) -> None:
     assert _read_csv(other / "labels.csv")[0]["study_uid"] != _read_csv(archive / "labels.csv")[0]["study_uid"]
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None and not Path("/usr/bin/dciodvfy").exists(),
-                    reason="dicom3tools not installed")
 def test_dciodvfy_clean(archive: Path) -> None:
     path = sorted((archive / "dicom").rglob("*.dcm"))[0]
-    exe = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
-    res = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([require_tool(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
     errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln]
     assert not errors, errors
 

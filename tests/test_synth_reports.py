@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,22 +22,18 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from tests.peers import DCIODVFY, DSRDUMP, require_tool
+from tests.report_support import strict_reading
 from train import synth
 from train import synth_reports as reports
 from train.cache import load_study_labels
 from train.synth import archive as synth_archive
 from train.synth import dicom
 from train.synth import truth as T
-
-DCIODVFY = "/usr/bin/dciodvfy"
-DSRDUMP = "/usr/bin/dsrdump"
-needs_dciodvfy = pytest.mark.skipif(shutil.which(DCIODVFY) is None, reason="dicom3tools' dciodvfy not installed")
-needs_dsrdump = pytest.mark.skipif(shutil.which(DSRDUMP) is None, reason="dcmtk's dsrdump not installed")
 
 # Four patients, seed 9: nine studies, every dialect, LVH and severe AS present.
 PATIENTS, SEED = 4, 9
@@ -180,17 +175,13 @@ def studies(archive: Path) -> list[dict]:
     labels = {r["study_uid"]: r for r in _read_csv(archive / "labels.csv")}
     videos = _read_csv(archive / "videos.csv")
     out = []
-    old = pydicom_config.settings.reading_validation_mode
-    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
-    try:
+    with strict_reading():
         for row in _read_csv(archive / "reports.csv"):
             ds = pydicom.dcmread(archive / row["path"])
             out.append({
                 "labels": labels[row["study_uid"]], "report": row, "ds": ds, "nums": list(walk(ds)),
                 "videos": [v for v in videos if v["study_uid"] == row["study_uid"]],
             })
-    finally:
-        pydicom_config.settings.reading_validation_mode = old
     return out
 
 
@@ -405,8 +396,8 @@ def test_highdicom_reads_every_dialect(studies: list[dict]) -> None:
         assert doc.SOPInstanceUID == s["ds"].SOPInstanceUID
 
 
-@needs_dciodvfy
 def test_dciodvfy_reports_no_error_for_any_dialect(archive: Path, studies: list[dict]) -> None:
+    require_tool(DCIODVFY)
     for d, s in _one_per_dialect(studies).items():
         proc = subprocess.run([DCIODVFY, str(archive / s["report"]["path"])], capture_output=True, text=True, check=False,
                               timeout=60)
@@ -416,8 +407,8 @@ def test_dciodvfy_reports_no_error_for_any_dialect(archive: Path, studies: list[
         assert ("EnhancedSR" if d == reports.DIALECT_TID5300 else "ComprehensiveSR") in out
 
 
-@needs_dsrdump
 def test_dsrdump_reads_every_dialect(archive: Path, studies: list[dict]) -> None:
+    require_tool(DSRDUMP)
     for d, s in _one_per_dialect(studies).items():
         proc = subprocess.run([DSRDUMP, str(archive / s["report"]["path"])], capture_output=True, text=True, check=False,
                               timeout=60)

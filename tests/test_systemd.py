@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import configparser
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from echonode.config import Config
-from tests.conftest import REPO, need
+from tests.conftest import REPO
+from tests.peers import SYSTEMD_ANALYZE, require_tool
 
 SYSTEMD = REPO / "systemd"
 UNIT = SYSTEMD / "echonode.service"
@@ -25,7 +25,7 @@ MAX_EXPOSURE = 2.0
 
 
 def analyze() -> str:
-    return need(shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze")
+    return require_tool(SYSTEMD_ANALYZE)
 
 
 def unit_with(tmp_path: Path, *dropins: str) -> Path:

@@ -34,8 +34,6 @@ REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 SLOT = "e2e-lvh"
 
-torch.set_num_threads(1)
-
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``python -m ARGS`` from the repository root, one thread, checked."""

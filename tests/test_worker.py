@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
 from structlog.testing import capture_logs
 
 import echonode.analyse.worker
@@ -25,18 +24,7 @@ from echonode.studies.states import StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import make_config, wait_for
 from tests.factories import tiny_bundle, us_multiframe, write
-
-
-def _send_files(port: int, paths: list[Path]) -> None:
-    ae = AE(ae_title="CART")
-    datasets = [pydicom.dcmread(p) for p in paths]
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
-    assert assoc.is_established
-    for ds in datasets:
-        assert assoc.send_c_store(ds).Status == 0
-    assoc.release()
+from tests.peers import c_store
 
 
 def _stored_study(tmp_path: Path, cfg, files: list[Path]) -> tuple[Journal, StudyStore, str]:
@@ -155,7 +143,7 @@ def test_node_runs_the_worker_and_survives_its_death(tmp_path: Path, ybr_loop: P
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: (node.worker.supervise(), node.worker.process is not None
                           and node.worker.process.pid != pid)[1], timeout=30, what="worker restart")
-        _send_files(node.scp.port, [ybr_loop])
+        assert c_store(node.scp.port, [ybr_loop]) == [0]
         study = str(pydicom.dcmread(ybr_loop, stop_before_pixels=True).StudyInstanceUID)
         # The receive side answers while the worker runs.
         t0 = time.monotonic()

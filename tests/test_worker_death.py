@@ -33,12 +33,11 @@ import pytest
 from echonode.config import Config
 from echonode.daemon.workerlink import HEARTBEAT_FILE
 from tests.conftest import free_port, make_config, wait_for, with_destination
-from tests.factories import tiny_bundle
-from tests.test_stage_recovery import (
+from tests.factories import make_studies, tiny_bundle
+from tests.peers import (
     ServedNode,
     SlowPACS,
     journal_rows,
-    make_studies,
     send_studies,
     states,
 )
