@@ -184,7 +184,7 @@ def test_every_component_takes_a_reload_through_apply_config(tmp_path: Path) -> 
     def checks(node: Node) -> None:
         first = wait_for(lambda: node.worker.process is not None and node.worker.process.pid, timeout=30,
                          what="the worker")
-        assert [name for name, _ in node.configurables()] == ["scp", "stability", "retention", "delivery", "worker"]
+        assert [name for name, _ in node.configurables()] == ["scp", "stability", "retention", "delivery", "agreement", "worker"]
         assert all(callable(getattr(c, "apply_config", None)) for _, c in node.configurables())
         new = make_config(tmp_path, node={"allowed_calling_aets": ["CART", "CART2"], "port": cfg.node.port},
                           study={"stable_after_s": 0.5}, models={"dir": str(new_models)},

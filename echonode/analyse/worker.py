@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import structlog
@@ -468,10 +467,10 @@ def work_once(
     return 0.0
 
 
-def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+def worker_main(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_path: str | None = None) -> None:
     """The worker process: claim, process, repeat until asked to stop.
 
-    A stop is asked for by the node closing ``stop_conn``'s other end, by the
+    A stop is asked for by the node closing the stop pipe's other end, by the
     node's death, or by SIGTERM/SIGINT (the whole process group signalled):
     the study in hand is finished (the journal's claim rules keep it whole if
     the node kills the worker first), then the process exits.
@@ -479,19 +478,16 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     Parameters
     ----------
     cfg : Config
-    stop_conn : multiprocessing.connection.Connection
-        The read end of this worker's stop pipe (see :mod:`echonode.daemon.workerlink`).
-    heartbeat_path : str
-        The file this worker beats into.
+    stop : StopListener
+        Listening on the read end of this worker's stop pipe and for
+        signals (see :mod:`echonode.daemon.workerlink`); started by the
+        process's entry point before torch is imported.
+    beat : HeartbeatWriter
+        This worker's heartbeat, already beating.
     log_path : str, optional
         Logs go to stderr (journald under systemd) or, when given, appended
         to that file (the demo keeps its terminal readable).
     """
-    # First: until these run, SIGTERM has its default action (the process dies,
-    # which the node survives, but a graceful stop is better).
-    stop = StopListener(stop_conn)
-    beat = HeartbeatWriter(heartbeat_path)
-    beat.start()
     stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the process
     configure_logging(cfg.logging.format, cfg.logging.level, stream=stream)
 
@@ -542,7 +538,7 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     beat.stop()
 
 
-def worker_process(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+def worker_process(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_path: str | None = None) -> None:
     """The worker process's entry point: :func:`worker_main`, then leave at once.
 
     Everything the worker owes is on disk when :func:`worker_main` returns
@@ -553,7 +549,7 @@ def worker_process(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_
     """
     code = 0
     try:
-        worker_main(cfg, stop_conn, heartbeat_path, log_path)
+        worker_main(cfg, stop, beat, log_path)
     except BaseException:  # noqa: BLE001 - logged, then the exit status says it
         log.exception("worker.crashed")
         code = 1

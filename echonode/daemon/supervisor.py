@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from echonode.config import Config
-from echonode.daemon.workerlink import HEARTBEAT_FILE, Heartbeat, read_heartbeat
+from echonode.daemon.workerlink import (
+    HEARTBEAT_FILE,
+    Heartbeat,
+    HeartbeatWriter,
+    StopListener,
+    read_heartbeat,
+)
 from echonode.ops.logs import get_logger
 from echonode.studies.journal import Journal
 from echonode.studies.store import is_valid_uid
@@ -34,10 +40,20 @@ log = get_logger(__name__)
 
 
 def _run_worker(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
-    """The child process's target: import the worker (and torch) there, never here."""
+    """The child process's target: import the worker (and torch) there, never here.
+
+    The stop listener and the heartbeat start before that import: until the
+    listener runs, SIGTERM has its default action (the process dies, which
+    the node survives, but a graceful stop is better); and importing torch
+    takes seconds on a busy machine, during which a worker that did not beat
+    would be taken for hung and killed, again at every start.
+    """
+    stop = StopListener(stop_conn)
+    beat = HeartbeatWriter(heartbeat_path)
+    beat.start()
     from echonode.analyse.worker import worker_process
 
-    worker_process(cfg, stop_conn, heartbeat_path, log_path)
+    worker_process(cfg, stop, beat, log_path)
 
 
 #: A worker is hung after ``models.study_timeout_s`` without a heartbeat, and
