@@ -324,9 +324,72 @@ def decode_dataset(ds: Dataset, options: DecodeOptions | None = None) -> Decoded
 # Implementation
 
 
+@dataclass(frozen=True)
+class _PixelFormat:
+    """What the header says of the pixels, checked to be decodable video."""
+
+    transfer_syntax: str
+    rows: int
+    cols: int
+    samples: int
+    bits: int
+    n_frames: int
+    photometric: str
+
+
 def _decode(ds: Dataset, opts: DecodeOptions) -> DecodedVideo:
-    target_side, max_frames, min_frames, min_fps = opts.target_side, opts.max_frames, opts.min_frames, opts.min_fps
-    max_decoded_bytes, threads, prefer_fast = opts.max_decoded_bytes, opts.threads, opts.prefer_fast
+    sop_class = _check_image(ds)
+    fmt = _pixel_format(ds, opts)
+    try:
+        fps, fps_source = frame_timing(ds)
+    except ImplausibleTiming as exc:
+        raise UnusableObject(exc.reason) from exc
+    if fps < opts.min_fps:
+        raise UnusableObject(f"{fps:.1f} frames/s is under {opts.min_fps:g} (Doppler or M-mode strip?)")
+
+    n_keep = fmt.n_frames if opts.max_frames is None else max(1, min(fmt.n_frames, opts.max_frames))
+    decoded_bytes = fmt.rows * fmt.cols * n_keep * fmt.samples * (fmt.bits // 8)
+    if decoded_bytes > opts.max_decoded_bytes:
+        raise UnusableObject(
+            f"decoded size {decoded_bytes / 2**20:.0f} MiB exceeds the cap of "
+            f"{opts.max_decoded_bytes / 2**20:.0f} MiB"
+        )
+
+    reduction = choose_reduction(fmt.rows, fmt.cols, opts.target_side)
+    use_fast = (
+        opts.prefer_fast
+        and fmt.transfer_syntax in _FAST_PATH_SYNTAXES
+        and fmt.bits == 8
+        and (_as_int(ds.get("BitsStored")) or 8) == 8
+        and fmt.photometric in _FAST_PATH_PHOTOMETRIC
+    )
+    if use_fast:
+        frames = _decode_jpeg_fast(ds, fmt.n_frames, n_keep, fmt.rows, fmt.cols, reduction, opts.threads)
+        if fmt.photometric == "MONOCHROME1":
+            np.subtract(255, frames, out=frames)
+    else:
+        frames = _decode_pydicom(ds, fmt.transfer_syntax, n_keep, reduction)
+
+    return DecodedVideo(
+        frames=frames,
+        fps=float(fps),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        sop_class_uid=sop_class,
+        source_rows=fmt.rows,
+        source_cols=fmt.cols,
+        scale=1.0 / reduction,
+        n_frames_declared=fmt.n_frames,
+        photometric=fmt.photometric,
+        transfer_syntax=fmt.transfer_syntax,
+        fast_path=use_fast,
+        fps_source=fps_source,
+    )
+
+
+def _check_image(ds: Dataset) -> str:
+    """Refuse objects that are not images with pixel data; return the SOP class."""
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class.startswith(_SR_PREFIX):
         raise UnusableObject("structured report, not an image")
@@ -342,82 +405,33 @@ def _decode(ds: Dataset, opts: DecodeOptions) -> DecodedVideo:
         # A zero-length element reads as None; left alone, it surfaced as a
         # TypeError from the decoder.
         raise UnusableObject("pixel data element is empty")
+    return sop_class
 
+
+def _pixel_format(ds: Dataset, opts: DecodeOptions) -> _PixelFormat:
+    """The header's pixel description, refused when it is not a decodable cine loop."""
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not tsyntax:
         raise UnusableObject("no transfer syntax in the file meta information")
-
     rows = _as_int(ds.get("Rows"))
     cols = _as_int(ds.get("Columns"))
     samples = _as_int(ds.get("SamplesPerPixel")) or 1
     bits = _as_int(ds.get("BitsAllocated"))
     n_frames = _as_int(ds.get("NumberOfFrames")) or 1
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-
-    if rows is None or cols is None or not (
-        _MIN_SIDE <= rows <= _MAX_SIDE and _MIN_SIDE <= cols <= _MAX_SIDE
-    ):
+    if rows is None or cols is None or not (_MIN_SIDE <= rows <= _MAX_SIDE and _MIN_SIDE <= cols <= _MAX_SIDE):
         raise UnusableObject(f"implausible frame size {rows}x{cols}")
     if samples not in (1, 3) or bits not in (8, 16):
-        raise UnusableObject(
-            f"unsupported pixel format ({samples} samples, {bits} bits allocated)"
-        )
+        raise UnusableObject(f"unsupported pixel format ({samples} samples, {bits} bits allocated)")
     if not 0 < n_frames <= _MAX_FRAMES_DECLARED:
         raise UnusableObject(f"implausible number of frames {n_frames}")
     if n_frames < 2:
         raise UnusableObject("single frame, not a cine loop")
-    if n_frames < min_frames:
-        raise UnusableObject(f"only {n_frames} frames (minimum {min_frames})")
-
-    try:
-        fps, fps_source = frame_timing(ds)
-    except ImplausibleTiming as exc:
-        raise UnusableObject(exc.reason) from exc
-    if fps < min_fps:
-        raise UnusableObject(
-            f"{fps:.1f} frames/s is under {min_fps:g} (Doppler or M-mode strip?)"
-        )
-
-    n_keep = n_frames if max_frames is None else max(1, min(n_frames, max_frames))
-    decoded_bytes = rows * cols * n_keep * samples * (bits // 8)
-    if decoded_bytes > max_decoded_bytes:
-        raise UnusableObject(
-            f"decoded size {decoded_bytes / 2**20:.0f} MiB exceeds the cap of "
-            f"{max_decoded_bytes / 2**20:.0f} MiB"
-        )
-
-    reduction = choose_reduction(rows, cols, target_side)
-    use_fast = (
-        prefer_fast
-        and tsyntax in _FAST_PATH_SYNTAXES
-        and bits == 8
-        and (_as_int(ds.get("BitsStored")) or 8) == 8
-        and photometric in _FAST_PATH_PHOTOMETRIC
-    )
-    if use_fast:
-        frames = _decode_jpeg_fast(ds, n_frames, n_keep, rows, cols, reduction, threads)
-        if photometric == "MONOCHROME1":
-            np.subtract(255, frames, out=frames)
-    else:
-        frames = _decode_pydicom(ds, tsyntax, n_keep, reduction)
-
-    return DecodedVideo(
-        frames=frames,
-        fps=float(fps),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
-        sop_class_uid=sop_class,
-        source_rows=rows,
-        source_cols=cols,
-        scale=1.0 / reduction,
-        n_frames_declared=n_frames,
-        photometric=photometric,
-        transfer_syntax=tsyntax,
-        fast_path=use_fast,
-        fps_source=fps_source,
-    )
+    if n_frames < opts.min_frames:
+        raise UnusableObject(f"only {n_frames} frames (minimum {opts.min_frames})")
+    assert bits is not None
+    return _PixelFormat(tsyntax, rows, cols, samples, bits, n_frames, photometric)
 
 
 def _decode_jpeg_fast(
