@@ -119,23 +119,7 @@ def associate(
     With ``deadline``, the association is handed to it as soon as its
     connection opens, so that the deadline can end it whatever it waits for.
     """
-    ae = AE(ae_title=local_ae_title)
-    # Under a deadline the protocol's own timers (and any read deadline
-    # derived from them) are backstops set just beyond it, so that an
-    # attempt the peer stalls ends at the deadline, with that reason.
-    # Connecting stays bounded by timeout_s itself: the deadline only
-    # reaches an association once its connection is open.
-    timer_s = timeout_s + PROTOCOL_TIMER_MARGIN_S if deadline is not None else timeout_s
-    ae.acse_timeout = timer_s
-    ae.dimse_timeout = timer_s
-    ae.network_timeout = timer_s
-    ae.connection_timeout = timeout_s
-    ae.maximum_pdu_size = max_pdu
-    for abstract, syntaxes in contexts:
-        if syntaxes:
-            ae.add_requested_context(abstract, syntaxes)
-        else:
-            ae.add_requested_context(abstract)
+    ae = _requesting_ae(local_ae_title, contexts, timeout_s, max_pdu, deadline is not None)
     try:
         ctx = client_ssl_context(peer.tls)
     except (OSError, ValueError) as exc:
@@ -183,11 +167,42 @@ def associate(
         raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}: {exc}", permanent=False) from exc
     if assoc.is_established:
         return assoc
+    raise _why_not_established(assoc, peer, connected=bool(connected), rejection=rejection[0] if rejection else None)
+
+
+def _requesting_ae(
+    local_ae_title: str, contexts: list[tuple[str, list[str] | None]], timeout_s: float, max_pdu: int, under_deadline: bool
+) -> AE:
+    """The requesting AE with its timers and presentation contexts."""
+    ae = AE(ae_title=local_ae_title)
+    # Under a deadline the protocol's own timers (and any read deadline
+    # derived from them) are backstops set just beyond it, so that an
+    # attempt the peer stalls ends at the deadline, with that reason.
+    # Connecting stays bounded by timeout_s itself: the deadline only
+    # reaches an association once its connection is open.
+    timer_s = timeout_s + PROTOCOL_TIMER_MARGIN_S if under_deadline else timeout_s
+    ae.acse_timeout = timer_s
+    ae.dimse_timeout = timer_s
+    ae.network_timeout = timer_s
+    ae.connection_timeout = timeout_s
+    ae.maximum_pdu_size = max_pdu
+    for abstract, syntaxes in contexts:
+        if syntaxes:
+            ae.add_requested_context(abstract, syntaxes)
+        else:
+            ae.add_requested_context(abstract)
+    return ae
+
+
+def _why_not_established(
+    assoc: Association, peer: Peer, *, connected: bool, rejection: tuple[int, int, int] | None
+) -> DeliveryError:
+    """The error an association that did not open ends in: permanent or not, and why."""
     if not connected:
-        raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
+        return DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
     if assoc.is_rejected or rejection:
         if rejection:
-            result, source, diag = rejection[0]
+            result, source, diag = rejection
         else:
             prim = assoc.acceptor.primitive
             result = getattr(prim, "result", 0) or 0
@@ -197,20 +212,20 @@ def associate(
         if result == 0x01 and (source, diag) in _TEMPORARY_REJECT_REASONS:
             # Retried: a PACS that is busy today takes the SR tomorrow,
             # whatever result code it chose.
-            raise DeliveryError(
+            return DeliveryError(
                 f"association rejected: {reason} (sent as rejected-permanent, source {source} reason {diag};"
                 " retried, the reason is temporary)", permanent=False)
         permanent = result == 0x01
         kind = "permanently" if permanent else "transiently"
-        raise DeliveryError(f"association rejected {kind}: {reason}", permanent=permanent)
+        return DeliveryError(f"association rejected {kind}: {reason}", permanent=permanent)
     accept = assoc.acceptor.primitive
     if getattr(accept, "result", None) == 0x00 and not assoc.accepted_contexts:
         # The peer accepted the association but none of our presentation
         # contexts (pynetdicom then aborts it): it does not take this object.
-        raise DeliveryError(_no_context_reason(assoc), permanent=True)
+        return DeliveryError(_no_context_reason(assoc), permanent=True)
     if assoc.is_aborted:
-        raise DeliveryError("association aborted by the peer (or no answer to the request)", permanent=False)
-    raise DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
+        return DeliveryError("association aborted by the peer (or no answer to the request)", permanent=False)
+    return DeliveryError(f"cannot connect to {peer.host}:{peer.port}", permanent=False)
 
 
 def _no_context_reason(assoc: Association) -> str:
