@@ -70,8 +70,55 @@ def _parameters(bundle: Bundle, view_filter: str) -> dict[str, str]:
     }
 
 
-def _findings(analysis: StudyAnalysis) -> list[TaskFinding]:
+def study_report(
+    analysis: StudyAnalysis,
+    cfg: Config,
+    models: ModelSet,
+    *,
+    fallback_header: Path,
+    supersedes: tuple[str, str, str] | None = None,
+) -> Dataset:
+    """The SR a study gets: its findings, or each task not assessed and why.
 
+    Parameters
+    ----------
+    analysis : StudyAnalysis
+    cfg : Config
+        ``[sr]`` settings and the views the models were asked for.
+    models : ModelSet
+        The model set that analysed the study.
+    fallback_header : Path
+        The object whose header the SR copies when the analysis names none.
+    supersedes : tuple of str, optional
+        (SOP Class, SOP Instance, Series) UIDs of the SR this one replaces.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+
+    Raises
+    ------
+    HeaderRefused
+        When the study's header cannot identify the patient and study.
+    """
+    # One bounded header: the study's patient and study attributes, not the
+    # object's large private elements.
+    header = read_study_header(Path(analysis.header_path) if analysis.header_path else fallback_header)
+    return build_report(
+        header,
+        findings_of(analysis) if not analysis.skipped_reason else [],
+        sop_class=cfg.sr.sop_class,
+        series_number=cfg.sr.series_number,
+        institution_name=cfg.sr.institution_name or None,
+        supersedes=supersedes,
+        no_usable_video_reason=analysis.skipped_reason,
+        # Silence would read as "absent": each task says it was not assessed.
+        not_assessed=not_assessed_of(analysis, models, cfg.models.views) if analysis.skipped_reason else (),
+    )
+
+
+def findings_of(analysis: StudyAnalysis) -> list[TaskFinding]:
+    """What the SR reports per task the study was assessed for."""
     findings = []
     for task, outcome in sorted(analysis.tasks.items()):
         used = [v for v in analysis.videos if task in v.probabilities]
@@ -95,7 +142,7 @@ def _findings(analysis: StudyAnalysis) -> list[TaskFinding]:
     return findings
 
 
-def _not_assessed(analysis: StudyAnalysis, models: ModelSet, views: tuple[str, ...]) -> list[NotAssessed]:
+def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str, ...]) -> list[NotAssessed]:
     """The tasks a skipped study's SR reports as not assessed, and why (coded)."""
 
     reason = "no_required_view" if any(v.usable for v in analysis.videos) else "no_usable_video"
@@ -231,20 +278,7 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
             (previous.sop_class_uid, previous.sr_sop_uid, previous.series_uid) if previous is not None else None
         )
         try:
-            # One bounded header: the study's patient and study attributes,
-            # not the object's large private elements.
-            header = read_study_header(Path(analysis.header_path) if analysis.header_path else paths[0])
-            ds = build_report(
-                header,
-                _findings(analysis) if not analysis.skipped_reason else [],
-                sop_class=cfg.sr.sop_class,
-                series_number=cfg.sr.series_number,
-                institution_name=cfg.sr.institution_name or None,
-                supersedes=supersedes,
-                no_usable_video_reason=analysis.skipped_reason,
-                # Silence would read as "absent": each task says it was not assessed.
-                not_assessed=_not_assessed(analysis, models, cfg.models.views) if analysis.skipped_reason else (),
-            )
+            ds = study_report(analysis, cfg, models, fallback_header=paths[0], supersedes=supersedes)
         except HeaderRefused as exc:
             return _fail_for_good(journal, claim, bound, "study.refused", f"no SR can be built: {exc}")
         sr_uid = str(ds.SOPInstanceUID)

@@ -18,8 +18,12 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from echonode.analyse.pipeline import StudyRefused, analyse_study
+from echonode.analyse.worker import study_report, write_report
+from echonode.bundles.registry import ModelRegistry
 from echonode.config import Config, ConfigError, load_config, parse_config
 from echonode.dicomfile import check_inflated_size
+from echonode.report.header import HeaderRefused
 from echonode.studies.store import MAX_INFLATED_BYTES, is_valid_uid
 
 
@@ -59,73 +63,50 @@ def _config(args: argparse.Namespace) -> Config:
     return parse_config({}, source="<defaults>")
 
 
-def run_infer(args: argparse.Namespace) -> int:
-    """The ``infer`` command; exit 0 when every study got a result."""
-    from echonode.analyse.pipeline import StudyRefused, analyse_study
-    from echonode.analyse.worker import _findings, _not_assessed, write_report
-    from echonode.bundles.registry import ModelRegistry
+class _Refused(Exception):
+    """A usage problem: the message is printed, the exit status is 2."""
 
-    try:
-        cfg = _config(args)
-    except ConfigError as exc:
-        print(f"echonode: configuration error: {exc}", file=sys.stderr)
-        return 2
+
+def _registry(args: argparse.Namespace, cfg: Config) -> ModelRegistry:
+    """The models of ``--models``, loaded; refused when none is a task model."""
     models_dir = Path(args.models)
     if not models_dir.is_dir():
-        print(f"echonode: models folder not found: {models_dir}", file=sys.stderr)
-        return 2
+        raise _Refused(f"models folder not found: {models_dir}")
     try:
         registry = ModelRegistry(models_dir, args.device or cfg.models.device, runtime=cfg.models.runtime)
     except ValueError as exc:
-        print(f"echonode: {exc}", file=sys.stderr)
-        return 2
+        raise _Refused(str(exc)) from None
     registry.refresh()
-    for path, err in registry.errors:
+    for _path, err in registry.errors:
         print(f"echonode: model not used: {err}", file=sys.stderr)
     if not any(b.task != "view" for b in registry.bundles):
-        print(f"echonode: no usable task model in {models_dir}", file=sys.stderr)
-        return 2
-    groups, skipped = find_studies([Path(p) for p in args.paths])
-    if not groups:
-        print("echonode: no DICOM study found in the given paths", file=sys.stderr)
-        return 2
-    results: list[dict[str, Any]] = []
-    status = 0
-    for study_uid, files in sorted(groups.items()):
-        try:
-            analysis = analyse_study(study_uid, files, registry.current, views=cfg.models.views,
-                                     batch_size=cfg.models.batch_size, max_videos=cfg.models.max_videos)
-        except StudyRefused as exc:
-            results.append({"study_uid": study_uid, "error": str(exc)})
-            status = 1
-            continue
-        summary = analysis.summary()
-        if args.sr_out and (cfg.sr.report_skipped or not analysis.skipped_reason) and is_valid_uid(study_uid):
-            from echonode.report.build import build_report
-            from echonode.report.header import HeaderRefused, read_study_header
+        raise _Refused(f"no usable task model in {models_dir}")
+    return registry
 
-            not_assessed = analysis.skipped_reason
-            try:
-                header = read_study_header(Path(analysis.header_path) if analysis.header_path else files[0])
-                ds = build_report(header, [] if not_assessed else _findings(analysis), sop_class=cfg.sr.sop_class,
-                                  series_number=cfg.sr.series_number, no_usable_video_reason=not_assessed,
-                                  not_assessed=_not_assessed(analysis, registry.current, cfg.models.views)
-                                  if not_assessed else ())
-            except HeaderRefused as exc:
-                results.append({"study_uid": study_uid, "error": f"no SR can be built: {exc}"})
-                status = 1
-                continue
-            out = Path(args.sr_out) / f"{study_uid}.sr.dcm"
-            write_report(ds, out)
-            summary["sr"] = str(out)
-        if analysis.skipped_reason:
-            status = 1
-        results.append(summary)
-    doc = {"studies": results, "skipped_files": [{"path": str(p), "reason": r} for p, r in skipped],
-           "models": [b.describe() for b in registry.bundles]}
-    if args.json:
-        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
-        return status
+
+def _infer_study(
+    study_uid: str, files: list[Path], cfg: Config, registry: ModelRegistry, sr_out: str | None
+) -> tuple[dict[str, Any], bool]:
+    """One study's summary (with the SR written under ``sr_out``), and whether it got a result."""
+    try:
+        analysis = analyse_study(study_uid, files, registry.current, views=cfg.models.views,
+                                 batch_size=cfg.models.batch_size, max_videos=cfg.models.max_videos)
+    except StudyRefused as exc:
+        return {"study_uid": study_uid, "error": str(exc)}, False
+    summary = analysis.summary()
+    if sr_out and (cfg.sr.report_skipped or not analysis.skipped_reason) and is_valid_uid(study_uid):
+        try:
+            ds = study_report(analysis, cfg, registry.current, fallback_header=files[0])
+        except HeaderRefused as exc:
+            return {"study_uid": study_uid, "error": f"no SR can be built: {exc}"}, False
+        out = Path(sr_out) / f"{study_uid}.sr.dcm"
+        write_report(ds, out)
+        summary["sr"] = str(out)
+    return summary, not analysis.skipped_reason
+
+
+def _print_results(results: list[dict[str, Any]], skipped: list[tuple[Path, str]]) -> None:
+    """The results as a person reads them."""
     for r in results:
         print(f"study {r['study_uid']}")
         if "error" in r:
@@ -146,4 +127,33 @@ def run_infer(args: argparse.Namespace) -> int:
             print(f"  SR written to {r['sr']}")
     for p, reason in skipped:
         print(f"skipped {p}: {reason}")
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """The ``infer`` command; exit 0 when every study got a result."""
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        print(f"echonode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        registry = _registry(args, cfg)
+        groups, skipped = find_studies([Path(p) for p in args.paths])
+        if not groups:
+            raise _Refused("no DICOM study found in the given paths")
+    except _Refused as exc:
+        print(f"echonode: {exc}", file=sys.stderr)
+        return 2
+    results: list[dict[str, Any]] = []
+    status = 0
+    for study_uid, files in sorted(groups.items()):
+        summary, complete = _infer_study(study_uid, files, cfg, registry, args.sr_out)
+        results.append(summary)
+        status = status if complete else 1
+    if args.json:
+        doc = {"studies": results, "skipped_files": [{"path": str(p), "reason": r} for p, r in skipped],
+               "models": [b.describe() for b in registry.bundles]}
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    else:
+        _print_results(results, skipped)
     return status
