@@ -35,9 +35,9 @@ from pydicom.encaps import generate_frames
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_model as _cpu_model  # noqa: E402
-from echonode.analyse.decode import DecodeOptions  # noqa: E402
-from echonode.analyse.preprocess import (  # noqa: E402
+from bench.machine import cpu_model as _cpu_model
+from echonode.analyse.decode import DecodeOptions
+from echonode.analyse.preprocess import (
     PreprocessConfig,
     make_eval_clips,
     preprocess_file,

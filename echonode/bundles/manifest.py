@@ -378,7 +378,7 @@ class BundleMeta:
             threshold=float(threshold),
             version=str(version),
             device_uid=str(pydicom.uid.generate_uid()),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             provenance=dict(provenance or {}),
             metrics=dict(metrics or {}),
             random_weights=bool(random_weights),

@@ -150,7 +150,7 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm3d(planes),
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.conv1(x))
         return self.relu(out + residual)

@@ -264,7 +264,7 @@ class PduGuard:
         """Run one state-machine action; an exception aborts the association instead of ending the thread."""
         try:
             original(event)
-        except Exception:  # noqa: BLE001 - the reader thread must not die with the association half open
+        except Exception:  # the reader thread must not die with the association half open
             self.fault = "failed"
             log.exception("association.failed", **self.fields, fsm_event=event)
             if self.on_fault is not None:

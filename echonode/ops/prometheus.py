@@ -450,12 +450,12 @@ class _Handler(BaseHTTPRequestHandler):
             # This thread's journal connection dies with the thread.
             self.server.node.journal.close()
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             try:
                 body = generate_latest(self.server.registry)
-            except Exception:  # noqa: BLE001 - a scrape error must not kill the server thread
+            except Exception:  # a scrape error must not kill the server thread
                 log.exception("metrics.scrape_failed")
                 self._send(500, b"scrape failed\n", "text/plain; charset=utf-8")
                 return
@@ -463,7 +463,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             try:
                 code, doc = health(self.server.node)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.exception("metrics.health_failed")
                 code, doc = 503, {"status": "unavailable", "error": type(exc).__name__,
                                   "reasons": [f"health check failed: {type(exc).__name__}"]}
@@ -485,7 +485,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's name
         pass  # scrapes every few seconds would flood the journal
 
 

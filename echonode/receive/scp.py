@@ -167,7 +167,7 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
             assoc.join()
         try:
             self.on_association_end(assoc)
-        except Exception:  # noqa: BLE001 - socketserver would print a raw traceback
+        except Exception:  # socketserver would print a raw traceback
             log.exception("association.cleanup_failed")
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -565,7 +565,7 @@ class StorageSCP:
             log.error("store.journal_error", error=type(exc).__name__,
                       code=getattr(exc, "sqlite_errorname", None))
             return STATUS_OUT_OF_RESOURCES
-        except Exception:  # noqa: BLE001 - a bug; the sender must not think it was stored
+        except Exception:  # a bug; the sender must not think it was stored
             self.counters.fail("unexpected")
             log.exception("store.unexpected_error")
             return STATUS_UNEXPECTED
