@@ -87,7 +87,7 @@ def test_lvh_uses_lvh_labels_and_severe_as_its_own(labelled) -> None:
     for data, column in ((lvh, "lvh"), (sas, "severe_as")):
         for name in ("train", "val", "test"):
             assert data.videos[name], name
-            for video, target in zip(data.videos[name], data.targets[name]):
+            for video, target in zip(data.videos[name], data.targets[name], strict=True):
                 assert target == float(by_study[video["study_uid"]][column])
                 assert video["view"] == "plax"
     # The two columns disagree on some training videos, so mixing them up
@@ -104,7 +104,7 @@ def test_view_task_and_fraction_by_study(labelled) -> None:
     c, rows, splits = _split(cache, labels)
     view = prepare_task(c, rows, "view", splits)
     assert view.labels == ["a4c", "plax"] and view.pos_weight is None
-    assert all(view.labels[t] == v["view"] for v, t in zip(view.videos["train"], view.targets["train"]))
+    assert all(view.labels[t] == v["view"] for v, t in zip(view.videos["train"], view.targets["train"], strict=True))
     full = prepare_task(c, rows, "lvh", splits, fraction=1.0)
     half = prepare_task(c, rows, "lvh", splits, fraction=0.5)
     assert len(half.train_studies) == round(0.5 * len(full.train_studies))

@@ -14,6 +14,7 @@ stages after receiving are the point.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -114,10 +115,8 @@ class ServedNode:
             self.proc.wait(30)
         else:
             # The worker is in the same session; make sure nothing outlives the test.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc = None
 
 

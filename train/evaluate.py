@@ -214,18 +214,20 @@ def evaluate_bundle(
         "runtime": bundle.describe()["runtime"],
     }
     report.update(
-        summarise(meta.task, videos, targets, clip_probs, meta.labels, threshold=meta.threshold, n_resamples=n_resamples, seed=seed)
+        summarise(
+            meta.task, videos, targets, clip_probs, meta.labels, threshold=meta.threshold, n_resamples=n_resamples, seed=seed
+        )
     )
     video_probs = clip_probs.mean(axis=1)
     with open(out / "predictions.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         if meta.task in BINARY_TASKS:
             writer.writerow(["study_uid", "sop_uid", "view", "target", "probability"])
-            for v, t, p in zip(videos, targets, video_probs):
+            for v, t, p in zip(videos, targets, video_probs, strict=True):
                 writer.writerow([v["study_uid"], v["sop_uid"], v["view"], int(t), f"{float(p):.6f}"])
         else:
             writer.writerow(["study_uid", "sop_uid", "view", "target", *meta.labels])
-            for v, t, p in zip(videos, targets, video_probs):
+            for v, t, p in zip(videos, targets, video_probs, strict=True):
                 writer.writerow([v["study_uid"], v["sop_uid"], v["view"], meta.labels[int(t)], *(f"{x:.6f}" for x in p)])
     plots: list[str] = []
     if meta.task in BINARY_TASKS:

@@ -221,7 +221,7 @@ def check_evaluable(data: TaskData, *, required: Sequence[str] = ("val", "test")
         return
     for name in required:
         study_y: dict[str, float] = {}
-        for v, t in zip(data.videos[name], data.targets[name]):
+        for v, t in zip(data.videos[name], data.targets[name], strict=True):
             study_y[v["study_uid"]] = float(t)
         positives = sum(1 for y in study_y.values() if y >= 0.5)
         negatives = len(study_y) - positives
@@ -439,12 +439,14 @@ def _recalibrate_batchnorm(model: nn.Module, loader: DataLoader, *, device: torc
     model.train()
     for x, _ in loader:
         model(normalise_for_model(x.flatten(0, 1).to(device), normalisation))
-    for m, momentum in zip(norms, saved):
+    for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
 
 
 @torch.no_grad()
-def _frozen_features(model: nn.Module, loader: DataLoader, *, device: torch.device, normalisation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _frozen_features(
+    model: nn.Module, loader: DataLoader, *, device: torch.device, normalisation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder features of every evaluation clip (eval mode) and each clip's target."""
     model.eval()
     feats, targets = [], []
@@ -523,7 +525,9 @@ def summarise(
     _, study_y = group_mean(studies, y)
     return {
         "video": ranking_summary(y, video_probs, threshold=threshold, n_resamples=n_resamples, seed=seed),
-        "study": ranking_summary(study_y.round().astype(int), study_probs, threshold=threshold, n_resamples=n_resamples, seed=seed),
+        "study": ranking_summary(
+            study_y.round().astype(int), study_probs, threshold=threshold, n_resamples=n_resamples, seed=seed
+        ),
         "n_studies": len(study_ids),
     }
 
@@ -899,7 +903,8 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
                 model, loaders.evaluation("val"), criterion, device=run.device, binary=run.binary,
                 normalisation=run.normalisation,
             )  # fmt: skip
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": round(time.monotonic() - started, 3)})
+        seconds = round(time.monotonic() - started, 3)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": seconds})
         val_text = f"{val_loss:.4f}" if has_val else "n/a (no validation videos)"
         print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_text}")
         # Without a validation split the last epoch is kept.

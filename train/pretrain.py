@@ -678,7 +678,8 @@ def _train_epochs(
         state.epoch = epoch + 1
         if not procs.leader:
             continue
-        _checkpoint(out, config, state, {"epoch": epoch, "step": state.step, "seconds": round(time.monotonic() - started, 3), **stats})
+        seconds = round(time.monotonic() - started, 3)
+        _checkpoint(out, config, state, {"epoch": epoch, "step": state.step, "seconds": seconds, **stats})
         print(
             f"epoch {epoch}: loss {stats['loss']:.4f} (nce {stats['nce']:.4f}, reorder {stats['reorder']:.4f}), "
             f"{stats['pairs_per_second']:.0f} pairs/s, waiting for data {stats['data_wait_fraction']:.0%}"

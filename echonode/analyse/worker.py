@@ -434,7 +434,13 @@ class DiskFullPause:
 
 
 def work_once(
-    cfg: Config, journal: Journal, store: StudyStore, registry: ModelRegistry, pause: DiskFullPause, *, beat: HeartbeatWriter | None = None
+    cfg: Config,
+    journal: Journal,
+    store: StudyStore,
+    registry: ModelRegistry,
+    pause: DiskFullPause,
+    *,
+    beat: HeartbeatWriter | None = None,
 ) -> float:
     """One turn of the worker's loop: claim the next study and process it (``beat`` says so).
 

@@ -155,9 +155,9 @@ def _meta_problems(data: Any) -> list[str]:
             _dt.datetime.fromisoformat(data["created"])
         except ValueError:
             problems.append(f"created must be an ISO 8601 date-time, not {data['created']!r}")
-    if isinstance(data.get("device_uid"), str) and data["device_uid"].strip():
-        if not _is_uid(data["device_uid"]):
-            problems.append(f"device_uid {data['device_uid']!r} is not a valid DICOM UID")
+    device_uid = data.get("device_uid")
+    if isinstance(device_uid, str) and device_uid.strip() and not _is_uid(device_uid):
+        problems.append(f"device_uid {device_uid!r} is not a valid DICOM UID")
 
     task = data.get("task")
     if "task" in data and task not in TASKS:

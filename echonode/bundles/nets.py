@@ -216,7 +216,7 @@ class VideoClassifier(nn.Module):
 
         self.stem = _stem(arch, self.width)
         inplanes = self.width
-        for index, (multiplier, blocks) in enumerate(zip((1, 2, 4, 8), _BLOCKS_PER_STAGE), start=1):
+        for index, (multiplier, blocks) in enumerate(zip((1, 2, 4, 8), _BLOCKS_PER_STAGE, strict=True), start=1):
             planes = self.width * multiplier
             stride = 1 if index == 1 else 2
             layer = [BasicBlock(arch, inplanes, planes, stride)]

@@ -236,7 +236,8 @@ def run_demo(args: argparse.Namespace) -> int:
     node.start()
     try:
         _say(f"[3/4] node ECHONODE listening on 127.0.0.1:{port} (log: {log_path}); sending over DICOM:")
-        _say(f"      - the real SonoSite cardiac loop labelled 'PLA' by the cart ({Path(sonosite).name}, 120 frames, JPEG baseline)")
+        _say(f"      - the real SonoSite cardiac loop labelled 'PLA' by the cart ({Path(sonosite).name}, 120 frames, "
+             "JPEG baseline)")
         _say(f"      - a synthetic study ({len(synthetic)} videos: PLAX, PSAX, A4C)")
         _send(port, [Path(sonosite), *synthetic])
         _say("      waiting for the study to be complete, classified and reported ...")

@@ -80,7 +80,7 @@ def run_infer(args: argparse.Namespace) -> int:
         print(f"echonode: {exc}", file=sys.stderr)
         return 2
     registry.refresh()
-    for path, err in registry.errors:
+    for _path, err in registry.errors:
         print(f"echonode: model not used: {err}", file=sys.stderr)
     if not any(b.task != "view" for b in registry.bundles):
         print(f"echonode: no usable task model in {models_dir}", file=sys.stderr)

@@ -126,7 +126,7 @@ class _InferenceHistogram:
 
     def family(self) -> HistogramMetricFamily:
         cumulative, total = [], 0
-        for bound, n in zip((*(str(b) for b in INFERENCE_BUCKETS), "+Inf"), self.buckets):
+        for bound, n in zip((*(str(b) for b in INFERENCE_BUCKETS), "+Inf"), self.buckets, strict=True):
             total += n
             cumulative.append((bound, total))
         return HistogramMetricFamily(

@@ -575,10 +575,8 @@ class StorageSCP:
             self.counters.duplicates += 1
         else:
             self.counters.instances += 1
-            try:
+            with contextlib.suppress(OSError):
                 self.counters.bytes += self.store.instance_path(header).stat().st_size
-            except OSError:
-                pass
         log.info(
             "store.accepted",
             study_uid=header.study_uid,

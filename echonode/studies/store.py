@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,9 +173,10 @@ def _check_complete(path: Path) -> None:
         tsyntax = meta.get("TransferSyntaxUID")
         if tsyntax is None or tsyntax.is_deflated or not tsyntax.is_transfer_syntax:
             return
-        last = None
-        for last in data_element_generator(fp, tsyntax.is_implicit_VR, tsyntax.is_little_endian, defer_size=4096):
-            pass
+        # Every element is read; only the last one is looked at.
+        tail = deque(data_element_generator(fp, tsyntax.is_implicit_VR, tsyntax.is_little_endian, defer_size=4096),
+                     maxlen=1)
+    last = tail[0] if tail else None
     if last is None:
         raise ValueError("the data set is empty")
     # A sequence of undefined length comes back parsed (a DataElement, no
