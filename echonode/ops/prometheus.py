@@ -352,20 +352,21 @@ class NodeCollector(Collector):
 
         journal = node.journal
         counts = journal.counts()
-        fam = GaugeMetricFamily("echonode_studies", "Studies in the journal, by state", labels=["state"])
+        gauge = GaugeMetricFamily("echonode_studies", "Studies in the journal, by state", labels=["state"])
         for state in StudyState:
-            fam.add_metric([state.value], counts.get(state.value, 0))
-        yield fam
+            gauge.add_metric([state.value], counts.get(state.value, 0))
+        yield gauge
         yield GaugeMetricFamily(
             "echonode_queue_depth", "Studies queued for the inference worker", value=counts.get(StudyState.QUEUED, 0)
         )
         outbox = journal.outbox_counts()
-        fam = GaugeMetricFamily("echonode_outbox", "SR deliveries not yet acknowledged, by state", labels=["state"])
-        for state in (OutboxState.PENDING, OutboxState.DEAD):
-            fam.add_metric([state.value], outbox.get(state.value, 0))
-        yield fam
+        gauge = GaugeMetricFamily("echonode_outbox", "SR deliveries not yet acknowledged, by state", labels=["state"])
+        for outbox_state in (OutboxState.PENDING, OutboxState.DEAD):
+            gauge.add_metric([outbox_state.value], outbox.get(outbox_state.value, 0))
+        yield gauge
         yield GaugeMetricFamily("echonode_stored_bytes", "Bytes of received instances in the store",
                                 value=journal.stored_bytes())
+        free: float
         try:
             free = shutil.disk_usage(node.store.root).free
         except OSError:

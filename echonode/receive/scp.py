@@ -36,6 +36,7 @@ from pynetdicom import (
     register_uid,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -226,7 +227,7 @@ MAX_AWAITING_REQUEST = 32
 
 #: Why pynetdicom's own ACSE refused an association (after EVT_REQUESTED), as
 #: the log's ``reason``: (result, source, diagnostic) -> words.
-_PYNETDICOM_REJECTS = {
+_PYNETDICOM_REJECTS: dict[tuple[int | None, int | None, int | None], str] = {
     (0x01, 0x01, 0x07): "called AE title not recognized",
     (0x02, 0x03, 0x02): "max_associations reached",
     (0x02, 0x02, 0x01): "user identity not accepted",
@@ -306,6 +307,7 @@ class StorageSCP:
         # Every storage SOP class with every transfer syntax pydicom knows:
         # store what comes as it comes, the pipeline decides what is usable.
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None  # every context of pynetdicom's list names one
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         for uid in RETIRED_US_STORAGE_UIDS:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
@@ -519,7 +521,7 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        req = event.request
+        req = cast(C_STORE, event.request)  # EVT_C_STORE's request
         sop_uid = str(req.AffectedSOPInstanceUID or "")
         calling = event.assoc.requestor.ae_title
         structlog.contextvars.bind_contextvars(sop_uid=sop_uid)

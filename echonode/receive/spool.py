@@ -187,4 +187,4 @@ def _open_spool(*args: Any, **kwargs: Any) -> Any:
 
 def install() -> None:
     """Route pynetdicom's spool files through :func:`_open_spool` (idempotent)."""
-    dimse_messages.NamedTemporaryFile = _open_spool  # type: ignore[assignment]
+    dimse_messages.NamedTemporaryFile = _open_spool

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import (
     _read_file_meta_info,
@@ -182,9 +183,8 @@ def _check_complete(path: Path) -> None:
     # A sequence of undefined length comes back parsed (a DataElement, no
     # length): read to its delimiter, so within the file. GE ends objects
     # with one (private raw data in 7FE1, after the pixel data).
-    length = getattr(last, "length", 0xFFFFFFFF)
-    if length != 0xFFFFFFFF and last.value_tell + length > size:
-        raise ValueError(f"element {last.tag} declares {length} bytes but the file ends first")
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF and last.value_tell + last.length > size:
+        raise ValueError(f"element {last.tag} declares {last.length} bytes but the file ends first")
 
 
 def _link_aside(path: Path) -> Path | None:
