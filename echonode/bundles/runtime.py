@@ -381,7 +381,7 @@ def _build_jit(model: nn.Module, example: torch.Tensor, **_: Any) -> Callable[[t
 
 def _build_bf16(model: nn.Module, example: torch.Tensor, **_: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     # Module.to takes memory_format at run time; torch's overloads leave it out.
-    net = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    net = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # see above
 
     def run(clips: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -37,9 +37,10 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -160,6 +161,7 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
         return self.verify_peer(_peer_address(client_address))
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        # typeshed types the third argument as the server class itself (Self), which a subclass is not.
         handler = self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
         assoc = getattr(handler, "association", None)
         if assoc is None or self.on_association_end is None:
@@ -592,7 +594,7 @@ class StorageSCP:
             self.on_instance(header.study_uid)
         return STATUS_SUCCESS
 
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def handlers(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -615,7 +617,7 @@ class StorageSCP:
         # shutdown() to find it.
         server = cast(_HandshakeInThreadServer, self.ae.make_server(
             (self.node.host, self.node.port),
-            evt_handlers=self.handlers(),  # type: ignore[arg-type]
+            evt_handlers=self.handlers(),
             ssl_context=server_ssl_context(self.node.tls),
             server_class=_HandshakeInThreadServer,
             request_handler=_AssociationRequestHandler,
