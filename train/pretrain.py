@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,7 +305,11 @@ def train_one_epoch(
         waited += time.perf_counter() - before
         pairs += int(batch["x1"].shape[0])
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        autocast: AbstractContextManager[object]
+        if amp_dtype is not None:
+            autocast = torch.autocast(device.type, dtype=amp_dtype)
+        else:
+            autocast = nullcontext()
         with autocast:
             out = pretrain_step(model, batch, temperature=temperature, reorder=reorder, bn_groups=bn_groups)
         optimizer.zero_grad(set_to_none=True)
