@@ -35,9 +35,9 @@ from pydicom.encaps import generate_frames
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_model as _cpu_model  # noqa: E402
-from echonode.analyse.decode import DecodeOptions  # noqa: E402
-from echonode.analyse.preprocess import (  # noqa: E402
+from bench.machine import cpu_model as _cpu_model
+from echonode.analyse.decode import DecodeOptions
+from echonode.analyse.preprocess import (
     PreprocessConfig,
     make_eval_clips,
     preprocess_file,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         label = f"pydicom pixel_array [{plugin or 'default plugin'}] + grey + resize 112"
         try:
             best, med = _time(pydicom_pipeline(plugin), pyd_repeats)
-        except Exception as exc:  # a plugin may be missing on another machine
+        except Exception as exc:  # noqa: BLE001 - a plugin may be missing on another machine
             print(f"{label}: skipped ({type(exc).__name__})")
             continue
         rows.append((label, best, med, n))

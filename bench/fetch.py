@@ -59,8 +59,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -72,6 +71,8 @@ from pydicom.uid import (
 
 from bench.machine import cpu_model, load_average
 from train.synth import generate_archive
+
+REPO = Path(__file__).resolve().parents[1]
 
 ORTHANC = "/usr/sbin/Orthanc"
 MOVESCU = "/usr/bin/movescu"

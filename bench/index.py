@@ -34,9 +34,9 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_model, load_average  # noqa: E402
-from echonode.analyse.preprocess import PreprocessConfig  # noqa: E402
-from train.index import build_index, default_workers  # noqa: E402
+from bench.machine import cpu_model, load_average
+from echonode.analyse.preprocess import PreprocessConfig
+from train.index import build_index, default_workers
 
 #: ISA flags worth knowing beside a decoding figure.
 _FLAGS = ("sse4_2", "avx", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(w) for w in args.workers.split(",")] if args.workers else sorted(
         {1, cores, *(2**k for k in range(1, cores.bit_length()) if 2**k <= cores)})
     print(f"# bench/index.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {cpu_model()}; {cores} cores usable; ISA flags: {isa_flags()}; load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         work = Path(tmp)

@@ -64,21 +64,21 @@ from pydicom.data import get_testdata_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_model as _cpu_model  # noqa: E402
-from bench.machine import load_average as _load  # noqa: E402
-from echonode.analyse.pipeline import analyse_study  # noqa: E402
-from echonode.analyse.preprocess import (  # noqa: E402
+from bench.machine import cpu_model as _cpu_model
+from bench.machine import load_average as _load
+from echonode.analyse.pipeline import analyse_study
+from echonode.analyse.preprocess import (
     PreprocessConfig,
     eval_clip_starts,
     make_eval_clips,
     normalise_clip,
     preprocess_file,
 )
-from echonode.bundles.calibration import CALIBRATION_FILE, encode_calibration  # noqa: E402
+from echonode.bundles.calibration import CALIBRATION_FILE, encode_calibration
 from echonode.bundles.manifest import BundleMeta, model_set_key
-from echonode.bundles.nets import build_model, normalise_for_model  # noqa: E402
+from echonode.bundles.nets import build_model, normalise_for_model
 from echonode.bundles.registry import ModelSet
-from echonode.bundles.runtime import (  # noqa: E402
+from echonode.bundles.runtime import (
     MODES,
     cpu_has_native_bf16,
     openvino_home,
@@ -86,14 +86,14 @@ from echonode.bundles.runtime import (  # noqa: E402
     optimise_for_inference,
     synthetic_clips,
 )
-from echonode.bundles.runtime_select import (  # noqa: E402
+from echonode.bundles.runtime_select import (
     Selection,
     builders_for,
     bundle_calibration,
     select_runtime,
     supported_modes,
 )
-from echonode.bundles.weights import load_bundle, save_bundle  # noqa: E402
+from echonode.bundles.weights import load_bundle, save_bundle
 
 #: The real loops whose clips serve as the bench bundle's calibration clips.
 REAL_LOOPS = ("color3d_jpeg_baseline.dcm", "examples_ybr_color.dcm")

@@ -63,7 +63,8 @@ LABEL = {"echoclr": "EchoCLR", "mi-simclr": "MI-SimCLR", "simclr": "SimCLR", "ra
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = p.add_argument_group("archive")
-    a.add_argument("--archive", type=Path, default=None, help="reuse this synthetic archive (default: OUT/archive, made if absent)")
+    a.add_argument("--archive", type=Path, default=None,
+                   help="reuse this synthetic archive (default: OUT/archive, made if absent)")
     a.add_argument("--patients", type=int, default=500, help="patients in the archive (1-3 studies each)")
     a.add_argument("--synth-seed", type=int, default=7)
     a.add_argument("--frames", type=int, default=32, help="frames per synthetic video")
@@ -93,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--finetune-head-init", choices=("random", "probe"), default="random",
                    help="new head: random (the paper) or fitted on the frozen features first (LP-FT)")
     e.add_argument("--finetune-epoch-samples", type=int, default=256,
-                   help="at least N training clips per fine-tuning epoch, so small fractions get as many steps as mid-sized ones (0: one pass)")
+                   help="at least N training clips per fine-tuning epoch, so small fractions get as many steps as "
+                        "mid-sized ones (0: one pass)")
     e.add_argument("--val-fraction", type=float, default=0.1)
     e.add_argument("--test-fraction", type=float, default=0.2)
     e.add_argument("--bootstrap", type=int, default=10_000)
@@ -134,7 +136,8 @@ def make_archive(ns: argparse.Namespace) -> tuple[Path, Path]:
     if not (archive / "labels.csv").is_file():
         log(f"synth: {ns.patients} patients, {ns.rows}x{ns.cols}, {ns.frames} frames -> {archive}")
         s = generate_archive(archive, ns.patients, ns.synth_seed, frames=ns.frames, rows=ns.rows, cols=ns.cols)
-        log(f"synth: {s.videos} videos, {s.studies} studies ({s.lvh_studies} LVH, {s.severe_as_studies} severe AS), {s.seconds:.0f} s")
+        log(f"synth: {s.videos} videos, {s.studies} studies ({s.lvh_studies} LVH, {s.severe_as_studies} severe AS), "
+            f"{s.seconds:.0f} s")
     cache = ns.out / f"cache-{ns.size}"
     report = build_index(archive, cache, PreprocessConfig(size=ns.size), progress=False)
     log(f"index: {report.cached} videos cached ({report.added} added), {report.unusable} unusable, {report.seconds:.0f} s")
@@ -165,7 +168,8 @@ def pretrain(ns: argparse.Namespace, method: str, pseed: int, cache: Path, label
     if rc != 0:
         raise SystemExit(f"pretrain {method} failed ({rc}); see {run}")
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-    log(f"pretrain {method} s{pseed}: {ns.pretrain_epochs} epochs in {time.monotonic() - started:.0f} s, last loss {last['loss']:.3f}")
+    log(f"pretrain {method} s{pseed}: {ns.pretrain_epochs} epochs in {time.monotonic() - started:.0f} s, "
+        f"last loss {last['loss']:.3f}")
     return run
 
 
@@ -257,8 +261,8 @@ def finetune_and_evaluate(ns, task, init, pseed, run, fraction, seed, cache, lab
     }  # fmt: skip
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     a = result["study_auroc"]
-    log(f"{task} {pretrain_name(init, pseed):<12} {fraction:>5g} s{seed}: {result['train_studies']} studies, AUROC {a['estimate']:.3f} "
-        f"[{a['low']:.3f}, {a['high']:.3f}], {seconds:.0f} s")  # fmt: skip
+    log(f"{task} {pretrain_name(init, pseed):<12} {fraction:>5g} s{seed}: {result['train_studies']} studies, "
+        f"AUROC {a['estimate']:.3f} [{a['low']:.3f}, {a['high']:.3f}], {seconds:.0f} s")  # fmt: skip
     return result
 
 
@@ -362,7 +366,8 @@ def table(ns: argparse.Namespace, summary: dict) -> str:
         by = {(c["init"], c["fraction"]): c for c in part["cells"]}
         inits = list(dict.fromkeys(c["init"] for c in part["cells"]))
         lines.append(f"Task `{task}`: test split {part['test_studies']} studies ({part['test_positives']} positive). "
-                     "Study-level AUROC, mean over replicates [95 % CI]; the labelled training studies used are in parentheses.")  # fmt: skip
+                     "Study-level AUROC, mean over replicates [95 % CI]; "
+                     "the labelled training studies used are in parentheses.")  # fmt: skip
         lines.append("")
         lines.append("| init | " + " | ".join(f"{f:.0%} of labels" for f in fractions) + " |")
         lines.append("|---|" + "---:|" * len(fractions))
@@ -390,7 +395,8 @@ def table(ns: argparse.Namespace, summary: dict) -> str:
         deltas = [(init, f, by[(init, f)]["delta_vs_random"]) for init in inits for f in fractions
                   if (init, f) in by and "delta_vs_random" in by[(init, f)]]  # fmt: skip
         if deltas:
-            lines.append("Paired difference to random init (the same resamples of test studies, label draws and pretraining runs):")
+            lines.append("Paired difference to random init "
+                         "(the same resamples of test studies, label draws and pretraining runs):")
             lines.append("")
             lines.append("| init | " + " | ".join(f"{f:.0%}" for f in fractions) + " |")
             lines.append("|---|" + "---:|" * len(fractions))
@@ -512,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(ns, results)
     elapsed = time.monotonic() - started
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ns).items()}
-    n_studies = sum(1 for _ in open(labels)) - 1
+    with open(labels) as fh:
+        n_studies = sum(1 for _ in fh) - 1
     n_videos = len(json.loads((cache / "manifest.json").read_text())["videos"])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {ns.threads} threads"
     if eval_device(ns.device) == "cuda":
@@ -534,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d')}).\n"
             f"Machine: {machine}. {work_summary(list(runs.values()), results, elapsed)}\n"
             f"Archive: {n_studies} studies, {n_videos} videos ({ns.patients} patients, synth seed {ns.synth_seed}, "
-            f"{ns.rows}x{ns.cols}, {ns.frames} frames); split by patient (val {ns.val_fraction:.0%}, test {ns.test_fraction:.0%} of patients). Network r3d_18 width {ns.width} at "
+            f"{ns.rows}x{ns.cols}, {ns.frames} frames); split by patient (val {ns.val_fraction:.0%}, "
+            f"test {ns.test_fraction:.0%} of patients). Network r3d_18 width {ns.width} at "
             f"{ns.size} px; pretraining {ns.pretrain_epochs} epochs (batch {ns.pretrain_batch} pairs, Adam {ns.pretrain_lr:g}, "
             f"PLAX of the training split only); fine-tuning {ns.clip_frames}-frame clips, up to {ns.finetune_epochs} epochs, "
             f"Adam {ns.finetune_lr:g}, patience {ns.patience}, at least {ns.finetune_epoch_samples} clips an epoch; "

@@ -40,12 +40,12 @@ import pydicom
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import echo_sr  # noqa: E402
-from factories import us_multiframe, write  # noqa: E402
+import echo_sr
+from factories import us_multiframe, write
 
-from bench.machine import cpu_model as _cpu_model  # noqa: E402
-from echonode.measurements import read_measurement_sr, select_values  # noqa: E402
-from train.labels import build_labels  # noqa: E402
+from bench.machine import cpu_model as _cpu_model
+from echonode.measurements import read_measurement_sr, select_values
+from train.labels import build_labels
 
 DIALECTS = ("ge", "philips", "tid5300")
 

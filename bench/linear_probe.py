@@ -75,7 +75,8 @@ def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str
     store = ns.work / "probe-features" / f"{digest}-s{ns.size}-f{ns.clip_frames}-{split}.npz"
     if store.is_file():
         saved = np.load(store)
-        return {part: {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith(part + "/")} for part in ("train", "test")}
+        return {part: {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith(part + "/")}
+                for part in ("train", "test")}
     # The finetune command's loader: the same checks of arch, width and keys.
     if encoder != "random":
         model.load_state_dict(resolve_init(str(run), "r3d_18", ns.width, 1)[0])
@@ -85,7 +86,8 @@ def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str
         videos = cache.videos_of(splits[part], ["plax"])
         data = ClipDataset(cache, videos, [0.0] * len(videos), ns.clip_frames, ns.size, train=False)
         by_study: dict[str, list[np.ndarray]] = defaultdict(list)
-        for video, (clips, _) in zip(videos, data):
+        # The dataset indexes round its videos without end: the videos end the loop.
+        for video, (clips, _) in zip(videos, data, strict=False):
             by_study[video["study_uid"]].append(model.features(clips).mean(0).numpy())
         out[part] = {s: np.mean(f, axis=0) for s, f in by_study.items()}
     store.parent.mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,8 @@ class Storescp(Receiver):
     def command(self) -> list[str]:
         (self.work / "out").mkdir(parents=True, exist_ok=True)
         return [STORESCP, "-aet", AET, "--max-pdu", "131072", "--acse-timeout", str(TIMEOUT_S),
-                "--dimse-timeout", str(TIMEOUT_S), "--socket-timeout", str(TIMEOUT_S), "-od", str(self.work / "out"), str(self.port)]
+                "--dimse-timeout", str(TIMEOUT_S), "--socket-timeout", str(TIMEOUT_S), "-od", str(self.work / "out"),
+                str(self.port)]
 
 
 class Orthanc(Receiver):
@@ -194,9 +195,9 @@ def _describe(pdus: list[raw.Pdu]) -> str:
     out = []
     for p in pdus:
         if p.type == raw.ABORT:
-            out.append("A-ABORT %d/%d" % p.abort_source_reason)
+            out.append("A-ABORT " + "/".join(str(v) for v in p.abort_source_reason))
         elif p.type == raw.ASSOCIATE_RJ:
-            out.append("A-ASSOCIATE-RJ %d/%d/%d" % p.reject)
+            out.append("A-ASSOCIATE-RJ " + "/".join(str(v) for v in p.reject))
         else:
             out.append(f"PDU type {p.type}")
     return ", ".join(out) or "nothing"

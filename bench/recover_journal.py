@@ -59,7 +59,7 @@ def main() -> None:
     registry = ModelRegistry(cfg.models_dir, "cpu")
     registry.refresh()
     t0 = time.perf_counter()
-    for s in range(args.studies):
+    for _ in range(args.studies):
         study = pydicom.uid.generate_uid()
         for i in range(args.objects):
             store.accept(write(us_multiframe(study_uid=study, frames=8, seed=i), store.incoming / "t.dcm"), None)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def _check_binary(y_true: np.ndarray | Sequence, y_score: np.ndarray | Sequence)
     return y, s
 
 
-def _counts_by_score(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _counts_by_score(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Distinct scores, descending, and where each positive / negative falls.
 
     Returns ``(pos_bin, neg_bin, n_bins, unique)``: ``pos_bin[i]`` is the bin of
@@ -183,6 +183,32 @@ def _resample_counts(bins: np.ndarray, n_bins: int, n_resamples: int, rng: np.ra
     draws = rng.integers(0, bins.size, size=(n_resamples, bins.size))
     flat = bins[draws] + (np.arange(n_resamples) * n_bins)[:, None]
     return np.bincount(flat.ravel(), minlength=n_resamples * n_bins).reshape(n_resamples, n_bins).astype(np.float64)
+
+
+@overload
+def bootstrap_ci(
+    y_true: np.ndarray | Sequence,
+    y_score: np.ndarray | Sequence,
+    metric: Metric = ...,
+    *,
+    n_resamples: int = ...,
+    level: float = ...,
+    seed: int = ...,
+    return_samples: Literal[False] = ...,
+) -> BootstrapResult: ...
+
+
+@overload
+def bootstrap_ci(
+    y_true: np.ndarray | Sequence,
+    y_score: np.ndarray | Sequence,
+    metric: Metric = ...,
+    *,
+    n_resamples: int = ...,
+    level: float = ...,
+    seed: int = ...,
+    return_samples: Literal[True],
+) -> tuple[BootstrapResult, np.ndarray]: ...
 
 
 def bootstrap_ci(

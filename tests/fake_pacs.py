@@ -19,6 +19,7 @@ by :meth:`FakePACS.stop`.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -211,11 +212,9 @@ class FakePACS:
         with self._lock:
             conns, threads = list(self._conns), list(self._threads)
         for conn in conns:
-            try:
-                # The raw socket (a TLS connection is wrapped in a thread of its own).
+            # The raw socket (a TLS connection is wrapped in a thread of its own).
+            with contextlib.suppress(OSError):
                 socket.socket.shutdown(conn, socket.SHUT_RDWR)
-            except OSError:
-                pass
         for t in threads:
             t.join(5)
         for conn in conns:

@@ -8,6 +8,7 @@ the rule for a missing tool are the same everywhere.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -217,7 +218,7 @@ def send_studies(port: int, studies: list[list[Dataset]]) -> set[str]:
     acked = set()
     for objs in studies:
         statuses = c_store(port, objs, timeout=30)
-        acked |= {str(ds.SOPInstanceUID) for ds, status in zip(objs, statuses) if status == 0}
+        acked |= {str(ds.SOPInstanceUID) for ds, status in zip(objs, statuses, strict=True) if status == 0}
     return acked
 
 
@@ -405,10 +406,8 @@ class ServedNode:
             self.proc.wait(30)
         else:
             # The worker is in the same session; make sure nothing outlives the test.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc = None
 
 

@@ -133,7 +133,7 @@ def test_bootstrap_interval_is_stratified_seeded_and_true_95_percent() -> None:
     assert (result.low, result.high) == pytest.approx(tuple(np.percentile(samples, [2.5, 97.5])))
     assert np.mean(samples < result.low) == pytest.approx(0.025, abs=0.002)
     assert result.low <= result.estimate <= result.high
-    pairs = [pair(int(a), float(b)) for a, b in zip(y, 1 / (1 + np.exp(-s)))]
+    pairs = [pair(int(a), float(b)) for a, b in zip(y, 1 / (1 + np.exp(-s)), strict=True)]
     first = agreement_figures(pairs, n_resamples=1000, seed=5)[0]
     again = agreement_figures(pairs, n_resamples=1000, seed=5)[0]
     other = agreement_figures(pairs, n_resamples=1000, seed=6)[0]
@@ -147,7 +147,7 @@ def test_the_interval_narrows_with_more_studies_and_is_a_point_when_perfect() ->
     def width(n: int) -> float:
         y = rng.integers(0, 2, n)
         s = y * 0.3 + rng.uniform(0, 1, n)
-        (f,) = agreement_figures([pair(int(a), float(b)) for a, b in zip(y, s)], n_resamples=1000)
+        (f,) = agreement_figures([pair(int(a), float(b)) for a, b in zip(y, s, strict=True)], n_resamples=1000)
         return f.auroc_ci[1] - f.auroc_ci[0]
 
     assert width(2000) < width(40) / 3

@@ -66,7 +66,8 @@ def _result(init: str, pseed: int | None, seed: int, y: np.ndarray, probs: np.nd
     studies = [f"1.2.{i}" for i in range(len(y))]
     return {"task": "lvh", "init": init, "pretrain_seed": pseed, "fraction": fraction, "seed": seed,
             "train_studies": 7, "study_auroc": {"estimate": float(le.pairwise(y, probs).mean())},
-            "study_probs": dict(zip(studies, map(float, probs))), "study_targets": dict(zip(studies, map(int, y)))}
+            "study_probs": dict(zip(studies, map(float, probs), strict=True)),
+            "study_targets": dict(zip(studies, map(int, y), strict=True))}
 
 
 def test_verdict_on_both_kinds_of_interval() -> None:

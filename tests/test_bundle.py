@@ -342,7 +342,8 @@ def test_load_bundles_collects_errors(tmp_path: Path) -> None:
     bundles, errors = load_bundles(tmp_path)
     assert [b.task for b in bundles] == ["lvh", "severe_as"]
     assert [(p.name, "c-broken" in msg) for p, msg in errors] == [("c-broken", True)]
-    assert load_bundles(tmp_path / "absent") == ([], [(tmp_path / "absent", f"models folder {tmp_path / 'absent'} does not exist")])
+    absent = tmp_path / "absent"
+    assert load_bundles(absent) == ([], [(absent, f"models folder {absent} does not exist")])
 
 
 def test_one_bundle_per_task_newest_wins(tmp_path: Path) -> None:
@@ -428,14 +429,14 @@ def test_registry_is_thread_safe(tmp_path: Path) -> None:
                 assert len(snap.bundles) in (0, 2)
                 assert snap.key == model_set_key(snap.bundles)
                 time.sleep(0.001)  # spinning readers would starve the loaders of the GIL
-        except BaseException as exc:  # pragma: no cover - reported below
+        except BaseException as exc:  # noqa: BLE001 # pragma: no cover - handed to the test's thread
             failures.append(exc)
 
     def refresher() -> None:
         try:
             for _ in range(3):
                 registry.refresh(force=True)
-        except BaseException as exc:  # pragma: no cover
+        except BaseException as exc:  # noqa: BLE001 # pragma: no cover - handed to the test's thread
             failures.append(exc)
 
     threads = [threading.Thread(target=reader) for _ in range(2)]

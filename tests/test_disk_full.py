@@ -99,11 +99,10 @@ def test_a_full_disk_mid_transaction_raises_the_disk_full_error_and_the_journal_
     # A transaction big enough to spill SQLite's page cache into the WAL
     # before its COMMIT: SQLITE_FULL in a statement, after which SQLite
     # has rolled the transaction back by itself.
-    with pytest.raises(sqlite3.OperationalError) as caught:
-        with journal._tx() as con:
-            for i in range(64):
-                con.execute("INSERT INTO studies (study_uid, state, reason, first_received, last_received, updated)"
-                            " VALUES (?, 'receiving', ?, 0, 0, 0)", (f"1.2.{i}", "x" * 200_000))
+    with pytest.raises(sqlite3.OperationalError) as caught, journal._tx() as con:
+        for i in range(64):
+            con.execute("INSERT INTO studies (study_uid, state, reason, first_received, last_received, updated)"
+                        " VALUES (?, 'receiving', ?, 0, 0, 0)", (f"1.2.{i}", "x" * 200_000))
     assert is_disk_full(caught.value), caught.value  # not "cannot rollback - no transaction is active"
     assert not journal._connect().in_transaction
     ballast.unlink()

@@ -25,7 +25,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     bundle = root / "bundle"
     args = ["--data", str(root / "cache"), "--labels", str(labels), "--out", str(bundle), "--task", "lvh",
             "--preset", "tiny", "--size", "16", "--width", "4", "--frames", "4", "--batch", "8", "--epochs", "3",
-            "--lr", "0.01", "--bootstrap", "100", "--val-fraction", "0.25", "--test-fraction", "0.25", "--no-progress"]  # fmt: skip
+            "--lr", "0.01", "--bootstrap", "100", "--val-fraction", "0.25", "--test-fraction", "0.25",
+            "--no-progress"]  # fmt: skip
     assert finetune_main(args) == 0
     return root / "cache", labels, bundle
 

@@ -48,7 +48,7 @@ def test_lvh_uses_lvh_labels_and_severe_as_its_own(labelled) -> None:
     for data, column in ((lvh, "lvh"), (sas, "severe_as")):
         for name in ("train", "val", "test"):
             assert data.videos[name], name
-            for video, target in zip(data.videos[name], data.targets[name]):
+            for video, target in zip(data.videos[name], data.targets[name], strict=True):
                 assert target == float(by_study[video["study_uid"]][column])
                 assert video["view"] == "plax"
     # The two columns disagree on some training videos, so mixing them up
@@ -65,7 +65,7 @@ def test_view_task_and_fraction_by_study(labelled) -> None:
     c, rows, splits = _split(cache, labels)
     view = prepare_task(c, rows, "view", splits)
     assert view.labels == ["a4c", "plax"] and view.pos_weight is None
-    assert all(view.labels[t] == v["view"] for v, t in zip(view.videos["train"], view.targets["train"]))
+    assert all(view.labels[t] == v["view"] for v, t in zip(view.videos["train"], view.targets["train"], strict=True))
     full = prepare_task(c, rows, "lvh", splits, fraction=1.0)
     half = prepare_task(c, rows, "lvh", splits, fraction=0.5)
     assert len(half.train_studies) == round(0.5 * len(full.train_studies))
@@ -303,7 +303,8 @@ def test_early_stopping_that_never_improves_says_it_kept_the_initial_weights(lab
     from train import finetune as ft
 
     cache, labels = labelled
-    config = ft._config_from(_parser().parsefinetune_args(finetune_args(cache, labels, tmp_path / "x", "--task", "lvh", "--epochs", "2")))
+    argv = finetune_args(cache, labels, tmp_path / "x", "--task", "lvh", "--epochs", "2")
+    config = ft._config_from(_parser().parse_args(argv))
     run = ft._load_task(config)
     ft._initial_model(run)
     initial = {k: v.clone() for k, v in run.model.state_dict().items()}

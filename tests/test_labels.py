@@ -277,7 +277,8 @@ def test_labels_reads_a_node_storage_dir_and_skips_incoming(tmp_path: Path) -> N
 def test_labels_with_rules_file_and_bad_rules(archive: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text("[lvh]\nwall_thickness_cm = 1.3\nnegative_requires = ['ivsd_cm', 'lvpwd_cm']\n"
-                     "[severe_as]\nav_vmax_m_s = 4.0\nav_mean_gradient_mmhg = 40.0\nnegative_requires = ['av_vmax_m_s']\n")  # fmt: skip
+                     "[severe_as]\nav_vmax_m_s = 4.0\nav_mean_gradient_mmhg = 40.0\n"
+                     "negative_requires = ['av_vmax_m_s']\n")  # fmt: skip
     out = tmp_path / "labels.csv"
     assert train_main(["labels", str(archive["root"]), "--out", str(out), "--rules", str(rules), "--no-progress"]) == 0
     rows = {r["study_uid"]: r for r in _csv(out)}

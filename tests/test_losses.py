@@ -25,7 +25,7 @@ def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) ->
     n = z1.shape[0]
 
     def cosine(a: list[float], b: list[float]) -> float:
-        dot = sum(x * y for x, y in zip(a, b))
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
         na = math.sqrt(sum(x * x for x in a))
         nb = math.sqrt(sum(y * y for y in b))
         return dot / (na * nb)

@@ -20,8 +20,8 @@ from train.metrics import (
 
 def brute_auroc(y, s) -> float:
     """Mann-Whitney by explicit pairs: P(s+ > s-) + 0.5 P(s+ = s-)."""
-    pos = [b for a, b in zip(y, s) if a == 1]
-    neg = [b for a, b in zip(y, s) if a == 0]
+    pos = [b for a, b in zip(y, s, strict=True) if a == 1]
+    neg = [b for a, b in zip(y, s, strict=True) if a == 0]
     total = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
     return total / (len(pos) * len(neg))
 
@@ -31,7 +31,7 @@ def brute_ap(y, s) -> float:
     n_pos = sum(y)
     ap, previous_recall = 0.0, 0.0
     for t in sorted(set(s), reverse=True):
-        tp = sum(1 for a, b in zip(y, s) if b >= t and a == 1)
+        tp = sum(1 for a, b in zip(y, s, strict=True) if b >= t and a == 1)
         predicted = sum(1 for b in s if b >= t)
         recall = tp / n_pos
         ap += (recall - previous_recall) * (tp / predicted)
@@ -132,7 +132,7 @@ def test_bootstrap_auprc_samples_match_direct_computation() -> None:
         # One chunk: all positive draws, then all negative draws.
         pos_draws = replay.integers(0, pos.size, (5, pos.size))
         neg_draws = replay.integers(0, neg.size, (5, neg.size))
-        for value, pi, ni in zip(samples, pos_draws, neg_draws):
+        for value, pi, ni in zip(samples, pos_draws, neg_draws, strict=True):
             yy = [1] * pos.size + [0] * neg.size
             ss = pos[pi].tolist() + neg[ni].tolist()
             assert value == pytest.approx(fn(yy, ss), abs=1e-12)

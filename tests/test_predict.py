@@ -87,7 +87,7 @@ def test_torchrun_two_ranks_give_what_one_process_gives(workdir: Path, tmp_path:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     one, two = _rows(tmp_path / "one.csv"), _rows(tmp_path / "two.csv")
     assert [(r["level"], r["study_uid"], r["sop_uid"]) for r in one] == [(r["level"], r["study_uid"], r["sop_uid"]) for r in two]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-6)
     # Both ranks wrote parts: 7 videos in parts of 3, dealt round robin.
     assert sorted(p.name for p in (tmp_path / "two.csv.parts").glob("part-*.csv")) == [

@@ -227,7 +227,8 @@ def _ramp_cache(root: Path, studies: int = 8, videos: int = 2, frames: int = 10,
                 arr[t, 3:-3, 3:-3] = base + step * t
             np.save(root / "videos" / f"{sop}.npy", arr)
             entries.append({"sop_uid": sop, "study_uid": f"1.2.3.{s}", "series_uid": "", "patient_key": f"p{s}",
-                            "view": "plax", "frames": frames, "fps": 30.0, "size": size, "file": f"videos/{sop}.npy"})  # fmt: skip
+                            "view": "plax", "frames": frames, "fps": 30.0, "size": size,
+                            "file": f"videos/{sop}.npy"})  # fmt: skip
     manifest = {"version": 1, "preprocess": {"size": size}, "videos": entries, "unusable": []}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

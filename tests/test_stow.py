@@ -273,7 +273,7 @@ def test_a_server_that_stalls_or_trickles_is_cut_at_timeout(tmp_path: Path, ybr_
 
 
 def test_a_stalled_stow_destination_holds_up_no_dimse_one(tmp_path: Path, ybr_loop: Path, dicomweb,
-                                                          scps) -> None:  # noqa: F811 - the fixture
+                                                          scps) -> None:
     """The same lanes: a STOW-RS server that never answers costs its own lane, nothing else."""
     server = dicomweb([Answer(mode="stall")])
     rep = stow_study(tmp_path, ybr_loop, server.url, timeout_s=1.0, retry_initial_s=30.0, retry_max_s=60.0)
@@ -339,7 +339,7 @@ def test_credentials_file_gone_at_send_time_is_a_dead_letter_saying_so(tmp_path:
 
 
 def test_https_with_the_servers_ca_and_without(tmp_path: Path, ybr_loop: Path, dicomweb,
-                                               self_signed: dict[str, Path]) -> None:  # noqa: F811 - the fixture
+                                               self_signed: dict[str, Path]) -> None:
     """The server's certificate is checked (name included) against tls.ca_file, else the system's store."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(self_signed["cert"]), str(self_signed["key"]))

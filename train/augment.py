@@ -277,7 +277,10 @@ def augment_batch(
         raise ValueError(f'Argument "clips" must be (B, C, T, H, W); got shape {tuple(clips.shape)}.')
     params = [sample_params(cfg, generator) for _ in range(clips.shape[0])]
     out = torch.stack(
-        [flip_clip(shift_clip(c, p.dy, p.dx)) if p.flip else shift_clip(c, p.dy, p.dx) for c, p in zip(clips, params)]
+        [
+            flip_clip(shift_clip(c, p.dy, p.dx)) if p.flip else shift_clip(c, p.dy, p.dx)
+            for c, p in zip(clips, params, strict=True)
+        ]
     )
     rotated = [i for i, p in enumerate(params) if p.degrees]
     if rotated:

@@ -20,7 +20,6 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -71,7 +70,7 @@ def _study_patient_keys(videos: Iterable[Mapping]) -> dict[str, set[str]]:
     return keys
 
 
-CacheDirs = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+CacheDirs = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 def cache_argument(values: Sequence[str]) -> str | tuple[str, ...]:
@@ -109,7 +108,7 @@ class ClipCache:
         if not roots:
             raise ValueError('Argument "cache_dirs" must name at least one cache.')
         manifests = [load_manifest(root) for root in roots]
-        for root, manifest in zip(roots[1:], manifests[1:]):
+        for root, manifest in zip(roots[1:], manifests[1:], strict=True):
             if manifest.get("preprocess") != manifests[0].get("preprocess"):
                 raise ValueError(
                     f"{root}: preprocessed with {manifest.get('preprocess')}, {roots[0]} with "
@@ -122,7 +121,7 @@ class ClipCache:
         #: Videos found in more than one cache (read from the first).
         self.duplicates = 0
         videos: list[dict] = []
-        for root, manifest in zip(roots, manifests):
+        for root, manifest in zip(roots, manifests, strict=True):
             for v in manifest["videos"]:
                 if v["sop_uid"] in self._root_of:
                     self.duplicates += 1

@@ -41,8 +41,8 @@ def setup_distributed(device_arg: str, *, timeout_s: float | None = None) -> tup
     spec = parse_device(device_arg)
     use_cuda = spec.kind == "cuda" or (spec.kind == "auto" and torch.cuda.is_available())
     if world > 1 and not dist.is_initialized():
-        kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-        dist.init_process_group("nccl" if use_cuda else "gloo", **kwargs)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     if use_cuda:
         # Under torchrun each process takes the GPU of its local rank.
         device = resolve_device(f"cuda:{local if world > 1 else spec.index or 0}")

@@ -24,7 +24,7 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,9 @@ def evaluate_bundle(
         "runtime": bundle.describe()["runtime"],
     }
     report.update(
-        summarise(meta.task, videos, targets, clip_probs, meta.labels, threshold=meta.threshold, n_resamples=n_resamples, seed=seed)
+        summarise(
+            meta.task, videos, targets, clip_probs, meta.labels, threshold=meta.threshold, n_resamples=n_resamples, seed=seed
+        )
     )
     video_probs = clip_probs.mean(axis=1)
     _write_predictions(out / "predictions.csv", meta, videos, targets, video_probs)
@@ -177,7 +179,12 @@ def evaluate_bundle(
 
 
 def _evaluation_videos(
-    bundle_path: str | Path, meta: BundleMeta, cache: ClipCache, rows: dict, split: str, views: Sequence[str] | None
+    bundle_path: str | Path,
+    meta: BundleMeta,
+    cache: ClipCache,
+    rows: Sequence[Mapping[str, str]],
+    split: str,
+    views: Sequence[str] | None,
 ) -> tuple[list[dict], list[int]]:
     """The videos of ``split`` with the bundle's task labels, and their targets (in the bundle's label order).
 
@@ -219,10 +226,12 @@ def _evaluation_videos(
         index = {name: i for i, name in enumerate(meta.labels)}
         videos = [v for v in videos if v["view"] in index]
         targets = [index[v["view"]] for v in videos]
-    return videos, list(targets)
+    return videos, [int(t) for t in targets]
 
 
-def _clip_probabilities(bundle: Bundle, cache: ClipCache, videos: list[dict], targets: list[int], batch_videos: int) -> np.ndarray:
+def _clip_probabilities(
+    bundle: Bundle, cache: ClipCache, videos: list[dict], targets: list[int], batch_videos: int
+) -> np.ndarray:
     """``(videos, eval_clips[, classes])`` probabilities, clips cut as the node cuts them."""
     pre = PreprocessConfig.from_meta(bundle.meta.preprocessing)
     dataset = ClipDataset(
@@ -242,11 +251,11 @@ def _write_predictions(path: Path, meta: BundleMeta, videos: list[dict], targets
         writer = csv.writer(fh)
         if meta.task in BINARY_TASKS:
             writer.writerow(["study_uid", "sop_uid", "view", "target", "probability"])
-            for v, t, p in zip(videos, targets, video_probs):
+            for v, t, p in zip(videos, targets, video_probs, strict=True):
                 writer.writerow([v["study_uid"], v["sop_uid"], v["view"], int(t), f"{float(p):.6f}"])
         else:
             writer.writerow(["study_uid", "sop_uid", "view", "target", *meta.labels])
-            for v, t, p in zip(videos, targets, video_probs):
+            for v, t, p in zip(videos, targets, video_probs, strict=True):
                 writer.writerow([v["study_uid"], v["sop_uid"], v["view"], meta.labels[int(t)], *(f"{x:.6f}" for x in p)])
 
 

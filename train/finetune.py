@@ -49,7 +49,7 @@ from echonode.bundles.calibration import (
 )
 from echonode.bundles.device import resolve_device
 from echonode.bundles.manifest import BINARY_TASKS, TASKS, BundleMeta
-from echonode.bundles.nets import build_model, normalise_for_model
+from echonode.bundles.nets import VideoClassifier, build_model, normalise_for_model
 from echonode.bundles.weights import save_bundle
 from train.augment import AugmentConfig
 from train.cache import ClipCache, cache_argument, load_study_labels, split_cache
@@ -160,8 +160,8 @@ def prepare_task(
         if rows and task not in rows[0]:
             raise ValueError(f"the labels file has no {task!r} column (columns: {', '.join(rows[0])})")
         # The label is read from the task's own column and nothing else.
-        study_label = {r["study_uid"]: _binary(r[task]) for r in rows}
-        study_label = {s: v for s, v in study_label.items() if v is not None}
+        read = {r["study_uid"]: _binary(r[task]) for r in rows}
+        study_label = {s: v for s, v in read.items() if v is not None}
         use_views = list(views) if views else ["plax"]
         train_pool = [s for s in splits["train"] if s in study_label]
         if not train_pool:
@@ -221,7 +221,7 @@ def check_evaluable(data: TaskData, *, required: Sequence[str] = ("val", "test")
         return
     for name in required:
         study_y: dict[str, float] = {}
-        for v, t in zip(data.videos[name], data.targets[name]):
+        for v, t in zip(data.videos[name], data.targets[name], strict=True):
             study_y[v["study_uid"]] = float(t)
         positives = sum(1 for y in study_y.values() if y >= 0.5)
         negatives = len(study_y) - positives
@@ -353,8 +353,8 @@ def predict_clips(
         if criterion is not None:
             total += float(_loss(criterion, logits, y.to(device).repeat_interleave(k), binary)) * b * k
             count += b * k
-        probs = torch.sigmoid(logits[:, 0]) if binary else torch.softmax(logits.float(), dim=1)
-        out.append(probs.reshape((b, k) + tuple(probs.shape[1:])).cpu().numpy())
+        clip_probs = torch.sigmoid(logits[:, 0]) if binary else torch.softmax(logits.float(), dim=1)
+        out.append(clip_probs.reshape((b, k) + tuple(clip_probs.shape[1:])).cpu().numpy())
     probs = np.concatenate(out) if out else np.zeros((0, 0))
     return probs, (total / count if count else float("nan"))
 
@@ -439,12 +439,14 @@ def _recalibrate_batchnorm(model: nn.Module, loader: DataLoader, *, device: torc
     model.train()
     for x, _ in loader:
         model(normalise_for_model(x.flatten(0, 1).to(device), normalisation))
-    for m, momentum in zip(norms, saved):
+    for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
 
 
 @torch.no_grad()
-def _frozen_features(model: nn.Module, loader: DataLoader, *, device: torch.device, normalisation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _frozen_features(
+    model: VideoClassifier, loader: DataLoader, *, device: torch.device, normalisation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder features of every evaluation clip (eval mode) and each clip's target."""
     model.eval()
     feats, targets = [], []
@@ -456,7 +458,7 @@ def _frozen_features(model: nn.Module, loader: DataLoader, *, device: torch.devi
 
 
 def fit_linear_head(
-    model: nn.Module,
+    model: VideoClassifier,
     loader: DataLoader,
     *,
     device: torch.device,
@@ -523,7 +525,9 @@ def summarise(
     _, study_y = group_mean(studies, y)
     return {
         "video": ranking_summary(y, video_probs, threshold=threshold, n_resamples=n_resamples, seed=seed),
-        "study": ranking_summary(study_y.round().astype(int), study_probs, threshold=threshold, n_resamples=n_resamples, seed=seed),
+        "study": ranking_summary(
+            study_y.round().astype(int), study_probs, threshold=threshold, n_resamples=n_resamples, seed=seed
+        ),
         "n_studies": len(study_ids),
     }
 
@@ -741,7 +745,7 @@ class _Run:
     cache: ClipCache
     splits: dict[str, list[str]]
     data: TaskData
-    model: nn.Module | None = None
+    model: VideoClassifier | None = None
     normalisation: str = "minmax"
     init_info: dict[str, object] = field(default_factory=dict)
     pretrained_on: tuple[str, ...] = ()
@@ -811,9 +815,9 @@ def _initial_model(run: _Run) -> None:
     run.init_info = init_info
 
 
-def _set_prior_bias(model: nn.Module, data: TaskData) -> None:
+def _set_prior_bias(model: VideoClassifier, data: TaskData) -> None:
     """Start a new head at the training labels' prior, so early steps do not spend themselves on the bias."""
-    fc = model.fc  # type: ignore[union-attr]
+    fc = model.fc
     with torch.no_grad():
         if data.task in BINARY_TASKS:
             fc.bias.fill_(prior_logit(data.targets["train"], data.pos_weight))
@@ -899,7 +903,8 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
                 model, loaders.evaluation("val"), criterion, device=run.device, binary=run.binary,
                 normalisation=run.normalisation,
             )  # fmt: skip
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": round(time.monotonic() - started, 3)})
+        seconds = round(time.monotonic() - started, 3)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": seconds})
         val_text = f"{val_loss:.4f}" if has_val else "n/a (no validation videos)"
         print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_text}")
         # Without a validation split the last epoch is kept.

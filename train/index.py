@@ -212,7 +212,7 @@ class _IndexRun:
     def _reuse(self, rel: str, st: os.stat_result) -> bool:
         video = self.by_path.get(rel)
         fresh = video is not None and video["source"]["path"] == rel and _unchanged(video, st)
-        if fresh and video["sop_uid"] not in self.claimed:
+        if fresh and video is not None and video["sop_uid"] not in self.claimed:
             self.claimed[video["sop_uid"]] = rel
             self.report.reused += 1
             return True

@@ -243,7 +243,7 @@ def init_weights(
         # weights_only: a checkpoint is data; a pickle that wants to build
         # objects or run code is refused.
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError (bad zip), EOFError, ...
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         raise InitError(
             f"{path}: cannot be read as a plain state dict with weights_only=True ({type(exc).__name__}: {first_line})"
@@ -255,9 +255,9 @@ def init_weights(
 
     head_fits = all(k in state and tuple(state[k].shape) == tuple(expected[k].shape) for k in head_keys)
     head_in_file = [k for k in head_keys if k in state]
-    if kind == "torchvision" and "fc.weight" in state and state["fc.weight"].ndim == 2:
-        if state["fc.weight"].shape[0] == _KINETICS_CLASSES:
-            kind = "kinetics"
+    fc = state.get("fc.weight")
+    if kind == "torchvision" and fc is not None and fc.ndim == 2 and fc.shape[0] == _KINETICS_CLASSES:
+        kind = "kinetics"
     want = {k: tuple(v.shape) for k, v in expected.items() if k not in head_keys}
     body, problems = state_dict_problems({k: v for k, v in state.items() if k not in head_keys}, want)
     if problems:

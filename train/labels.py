@@ -386,7 +386,8 @@ def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, 
 
 def add_labels_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``echonode-train labels``."""
-    parser.add_argument("archives", nargs="+", metavar="ARCHIVE", help="folders of DICOM files (a node's storage_dir or any tree)")
+    parser.add_argument("archives", nargs="+", metavar="ARCHIVE",
+                        help="folders of DICOM files (a node's storage_dir or any tree)")
     parser.add_argument("--out", required=True, help="labels.csv to write")
     parser.add_argument("--rules", default=None, help="a rules TOML that replaces the default (see docs/training.md)")
     parser.add_argument(

@@ -161,10 +161,10 @@ class NTXentLoss(nn.Module):
         self.temperature = float(temperature)
         self.gather = bool(gather)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return nt_xent_loss(z1, z2, self.temperature, gather=self.gather)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather={self.gather}"
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from echonode.stats import (
     BootstrapResult,
+    Metric,
     auroc,
     average_precision,
     bootstrap_ci,
@@ -34,7 +35,7 @@ __all__ = [
     "threshold_metrics",
 ]
 
-_METRICS: tuple[str, ...] = ("auroc", "auprc")
+_METRICS: tuple[Metric, ...] = ("auroc", "auprc")
 
 
 def ranking_summary(

@@ -26,8 +26,8 @@ import json
 import random
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +97,7 @@ class PretrainModel(nn.Module):
         self.encoder = build_model(arch, 1, width=width, dropout=0.0)
         # The SSL model has no classification head; an Identity keeps it out
         # of the state dict and out of DDP's parameter set.
-        self.encoder.fc = nn.Identity()
+        self.encoder.fc = nn.Identity()  # type: ignore[assignment]  # fc is a Linear in every classifier but this one
         feat = self.encoder.feature_dim
         hidden = proj_hidden or 4 * width
         out = proj_dim or 2 * width
@@ -124,7 +124,9 @@ class StepOutput:
     n: int
 
 
-def _forward_groups(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, bn_groups: int):
+def _forward_groups(
+    model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, bn_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Forward both views, BatchNorm statistics computed per group of pairs.
 
     Group ``g`` holds pairs ``g, g + G, ...``: the pairs a ``DistributedSampler``
@@ -135,23 +137,26 @@ def _forward_groups(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, bn_gro
     if bn_groups <= 1:
         z, r = model(torch.cat([x1, x2]))
         return z[:n], z[n:], (r[:n], r[n:]) if r is not None else None
-    z1 = [None] * bn_groups
-    z2 = [None] * bn_groups
-    r1 = [None] * bn_groups
-    r2 = [None] * bn_groups
+    # Group by group, in order: item g of each list is group g's.
+    z1: list[torch.Tensor] = []
+    z2: list[torch.Tensor] = []
+    r1: list[torch.Tensor] = []
+    r2: list[torch.Tensor] = []
     for g in range(bn_groups):
         idx = torch.arange(g, n, bn_groups, device=x1.device)
         m = idx.numel()
         z, r = model(torch.cat([x1[idx], x2[idx]]))
-        z1[g], z2[g] = z[:m], z[m:]
+        z1.append(z[:m])
+        z2.append(z[m:])
         if r is not None:
-            r1[g], r2[g] = r[:m], r[m:]
+            r1.append(r[:m])
+            r2.append(r[m:])
     order = torch.cat([torch.arange(g, n, bn_groups) for g in range(bn_groups)])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n)
     inverse = inverse.to(x1.device)
     z1c, z2c = torch.cat(z1)[inverse], torch.cat(z2)[inverse]
-    if r1[0] is None:
+    if not r1:
         return z1c, z2c, None
     return z1c, z2c, (torch.cat(r1)[inverse], torch.cat(r2)[inverse])
 
@@ -278,11 +283,12 @@ def train_one_epoch(
     model.train()
     totals = np.zeros(4)
     steps = pairs = 0
-    iterator = loader
+    iterator: Iterable[dict[str, torch.Tensor]] = loader
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(loader, desc="pretrain", unit="step", leave=False)
+        iterator = bar = tqdm(loader, desc="pretrain", unit="step", leave=False)
     # Time spent waiting for the loader vs the whole epoch: the measure of
     # whether the data pipeline keeps the accelerator busy (add --workers
     # while data_wait_fraction is more than a few per cent). The loss read
@@ -299,7 +305,11 @@ def train_one_epoch(
         waited += time.perf_counter() - before
         pairs += int(batch["x1"].shape[0])
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        autocast: AbstractContextManager[object]
+        if amp_dtype is not None:
+            autocast = torch.autocast(device.type, dtype=amp_dtype)
+        else:
+            autocast = nullcontext()
         with autocast:
             out = pretrain_step(model, batch, temperature=temperature, reorder=reorder, bn_groups=bn_groups)
         optimizer.zero_grad(set_to_none=True)
@@ -313,8 +323,8 @@ def train_one_epoch(
         acc = float(out.reorder_correct) / out.n if out.n else 0.0
         totals += [float(out.loss.detach()), float(out.nce), float(out.reorder), acc]
         steps += 1
-        if progress:
-            iterator.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
         if max_steps is not None and steps >= max_steps:
             break
     elapsed = max(time.perf_counter() - started, 1e-9)
@@ -678,7 +688,8 @@ def _train_epochs(
         state.epoch = epoch + 1
         if not procs.leader:
             continue
-        _checkpoint(out, config, state, {"epoch": epoch, "step": state.step, "seconds": round(time.monotonic() - started, 3), **stats})
+        seconds = round(time.monotonic() - started, 3)
+        _checkpoint(out, config, state, {"epoch": epoch, "step": state.step, "seconds": seconds, **stats})
         print(
             f"epoch {epoch}: loss {stats['loss']:.4f} (nce {stats['nce']:.4f}, reorder {stats['reorder']:.4f}), "
             f"{stats['pairs_per_second']:.0f} pairs/s, waiting for data {stats['data_wait_fraction']:.0%}"

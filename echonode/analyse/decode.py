@@ -32,10 +32,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -499,10 +500,10 @@ def _decode_pydicom(ds: Dataset, tsyntax: str, n_keep: int, reduction: int) -> n
         # pydicom 3.0's per-frame iterator miscounts the frame length of
         # native YBR_FULL_422 ("insufficient pixel data"); the luma is just
         # bytes 0 and 1 of every 4 (Y0 Y1 Cb Cr), so read it directly.
-        greys = _native_ybr422_luma(ds, n_keep)
+        luma = _native_ybr422_luma(ds, n_keep)
         if reduction > 1:
-            greys = _area_reduce(greys, reduction)
-        return greys
+            luma = _area_reduce(luma, reduction)
+        return luma
 
     # as_rgb=False: keep YBR as decoded; the Y plane is the grey we want and
     # pydicom's YBR->RGB is the single most expensive step of pixel_array.

@@ -226,7 +226,7 @@ def _decode_one(record: ObjectRecord, configs: Sequence[PreprocessConfig], threa
     except UnusableObject as exc:
         outcome.reason = exc.reason
         return _Decoded(outcome, None)
-    except Exception as exc:  # noqa: BLE001 - one bad object must not fail the study
+    except Exception as exc:  # one bad object must not fail the study
         outcome.reason = f"cannot read: {type(exc).__name__}"
         # Type and frames, never the message: a library's can quote a data element.
         log.warning("pipeline.decode_error", sop_uid=outcome.sop_uid, exc_info=exc)

@@ -363,7 +363,7 @@ def handle_claim(cfg: Config, journal: Journal, store: StudyStore, registry: Mod
         process_study(cfg, journal, store, registry, claim)
     except StaleClaim:
         log.info("study.changed_while_running", study_uid=claim.study_uid)
-    except Exception as exc:  # noqa: BLE001 - record, retry, go on
+    except Exception as exc:  # record, retry, go on
         where = _where(exc)
         if is_disk_full(exc):
             raise StorageFull(claim, where) from exc
@@ -427,7 +427,7 @@ class DiskFullPause:
 
     def _return_held(self) -> bool:
         """Give the held claim back to the queue; False while the journal still has no room."""
-    
+
         if self.held is None:
             return True
         claim = self.held
@@ -467,7 +467,13 @@ class DiskFullPause:
 
 
 def work_once(
-    cfg: Config, journal: Journal, store: StudyStore, registry: ModelRegistry, pause: DiskFullPause, *, beat: HeartbeatWriter | None = None
+    cfg: Config,
+    journal: Journal,
+    store: StudyStore,
+    registry: ModelRegistry,
+    pause: DiskFullPause,
+    *,
+    beat: HeartbeatWriter | None = None,
 ) -> float:
     """One turn of the worker's loop: claim the next study and process it (``beat`` says so).
 
@@ -563,7 +569,7 @@ def worker_main(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_path
             wait_s = work_once(cfg, journal, store, registry, pause, beat=beat)
             if wait_s:
                 stop.wait(wait_s)
-        except Exception:  # noqa: BLE001 - a journal hiccup must not kill the loop
+        except Exception:  # a journal hiccup must not kill the loop
             log.exception("worker.loop_error")
             beat.phase(Phase.IDLE)
             stop.wait(2.0)
@@ -584,7 +590,7 @@ def worker_process(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_p
     code = 0
     try:
         worker_main(cfg, stop, beat, log_path)
-    except BaseException:  # noqa: BLE001 - logged, then the exit status says it
+    except BaseException:  # logged, then the exit status says it
         log.exception("worker.crashed")
         code = 1
     finally:

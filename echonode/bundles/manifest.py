@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import pydicom.uid
@@ -111,7 +111,7 @@ class BundleError(Exception):
 # ---------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -174,9 +174,9 @@ def _check_identity(data: Mapping[str, Any], problems: list[str]) -> None:
             _dt.datetime.fromisoformat(data["created"])
         except ValueError:
             problems.append(f"created must be an ISO 8601 date-time, not {data['created']!r}")
-    if isinstance(data.get("device_uid"), str) and data["device_uid"].strip():
-        if not _is_uid(data["device_uid"]):
-            problems.append(f"device_uid {data['device_uid']!r} is not a valid DICOM UID")
+    device_uid = data.get("device_uid")
+    if isinstance(device_uid, str) and device_uid.strip() and not _is_uid(device_uid):
+        problems.append(f"device_uid {device_uid!r} is not a valid DICOM UID")
 
 
 def _check_architecture(data: Mapping[str, Any], problems: list[str]) -> int | None:
@@ -400,7 +400,7 @@ class BundleMeta:
             threshold=float(threshold),
             version=str(version),
             device_uid=str(pydicom.uid.generate_uid()),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             provenance=dict(provenance or {}),
             metrics=dict(metrics or {}),
             random_weights=bool(random_weights),

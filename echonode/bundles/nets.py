@@ -150,7 +150,7 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm3d(planes),
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.conv1(x))
         return self.relu(out + residual)
@@ -199,6 +199,12 @@ class VideoClassifier(nn.Module):
     pretraining.
     """
 
+    # The four stages, set by number in __init__.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, arch: str, num_outputs: int, width: int = 64, dropout: float = 0.25) -> None:
         super().__init__()
         if arch not in ARCHITECTURES:
@@ -216,7 +222,7 @@ class VideoClassifier(nn.Module):
 
         self.stem = _stem(arch, self.width)
         inplanes = self.width
-        for index, (multiplier, blocks) in enumerate(zip((1, 2, 4, 8), _BLOCKS_PER_STAGE), start=1):
+        for index, (multiplier, blocks) in enumerate(zip((1, 2, 4, 8), _BLOCKS_PER_STAGE, strict=True), start=1):
             planes = self.width * multiplier
             stride = 1 if index == 1 else 2
             layer = [BasicBlock(arch, inplanes, planes, stride)]
@@ -251,9 +257,8 @@ class VideoClassifier(nn.Module):
         """
         if num_outputs is not None:
             self.num_outputs = int(num_outputs)
-        self.fc = nn.Linear(self.feature_dim, self.num_outputs).to(
-            device=self.stem[0].weight.device, dtype=self.stem[0].weight.dtype
-        )
+        stem_weight = next(self.stem.parameters())  # the first convolution's
+        self.fc = nn.Linear(self.feature_dim, self.num_outputs).to(device=stem_weight.device, dtype=stem_weight.dtype)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
 

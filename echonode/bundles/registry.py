@@ -37,8 +37,8 @@ def _created_key(bundle: Bundle) -> tuple[str, str]:
     try:
         created = _dt.datetime.fromisoformat(bundle.meta.created)
         if created.tzinfo is None:
-            created = created.replace(tzinfo=_dt.timezone.utc)
-        stamp = created.astimezone(_dt.timezone.utc).isoformat()
+            created = created.replace(tzinfo=_dt.UTC)
+        stamp = created.astimezone(_dt.UTC).isoformat()
     except ValueError:
         stamp = bundle.meta.created
     return (stamp, bundle.path.name)

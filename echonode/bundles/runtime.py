@@ -380,7 +380,8 @@ def _build_jit(model: nn.Module, example: torch.Tensor, **_: Any) -> Callable[[t
 
 
 def _build_bf16(model: nn.Module, example: torch.Tensor, **_: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    net = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    # Module.to takes memory_format at run time; torch's overloads leave it out.
+    net = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # see above
 
     def run(clips: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -418,7 +419,7 @@ def _build_int8(
 def _build_cuda(model: nn.Module, example: torch.Tensor, **_: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     # UNMEASURED: written for a GPU node, never timed (no GPU was available).
     torch.backends.cudnn.benchmark = True
-    net = model.to(memory_format=torch.channels_last_3d)
+    net = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # as in _build_bf16
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def run(clips: torch.Tensor) -> torch.Tensor:

@@ -419,7 +419,8 @@ class Selection:
             ratio = "-" if row["vs_eager"] is None else f"{row['vs_eager']:.2f}x"
             diff = "-" if row["max_prob_diff"] is None else f"{row['max_prob_diff']:.4f}"
             flips = f"{row['flips']}/{row['flips_in_band']}"
-            lines.append(f"{row['mode']:14s} {cps:>8s} {ratio:>8s} {diff:>8s} {flips:>7s} {row['build_s']:>8.1f}  {row['result']}")
+            lines.append(f"{row['mode']:14s} {cps:>8s} {ratio:>8s} {diff:>8s} {flips:>7s} {row['build_s']:>8.1f}  "
+                         f"{row['result']}")
         return "\n".join(lines)
 
     def describe(self) -> dict[str, Any]:

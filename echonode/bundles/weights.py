@@ -121,7 +121,7 @@ def _load_weights(path: Path, source: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BundleError(f"bundle {source}: {WEIGHTS_FILE} is missing") from None
-    except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError (bad zip), EOFError, ...
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         raise BundleError(
             f"bundle {source}: {WEIGHTS_FILE} cannot be read as a plain state dict "

@@ -89,9 +89,9 @@ def _print_table(rows: list[AgreementFigures], doc: dict[str, Any]) -> None:
         lines.append([r.model, r.version, r.task, r.group or "all", str(r.studies), str(r.positives), auroc,
                       _number(r.sensitivity), _number(r.specificity), str(c["tp"]), str(c["fp"]), str(c["tn"]),
                       str(c["fn"]), str(r.undecided)])
-    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
     for line in [head, *lines]:
-        print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
     for r in rows:
         where = f"{r.model} {r.version} {r.task}" + (f" ({r.group})" if r.group else "")
         if r.auroc is None:

@@ -95,9 +95,11 @@ class _DemoPACS:
         self._lock = threading.Lock()
         ae = AE(ae_title="DEMOPACS")
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None  # every context of pynetdicom's list names one
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self.server = ae.start_server(("127.0.0.1", 0), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        assert server is not None  # block=False returns the running server
+        self.server = server
         self.port = int(self.server.server_address[1])
 
     def _on_store(self, event: Any) -> int:
@@ -236,7 +238,8 @@ def run_demo(args: argparse.Namespace) -> int:
     node.start()
     try:
         _say(f"[3/4] node ECHONODE listening on 127.0.0.1:{port} (log: {log_path}); sending over DICOM:")
-        _say(f"      - the real SonoSite cardiac loop labelled 'PLA' by the cart ({Path(sonosite).name}, 120 frames, JPEG baseline)")
+        _say(f"      - the real SonoSite cardiac loop labelled 'PLA' by the cart ({Path(sonosite).name}, 120 frames, "
+             "JPEG baseline)")
         _say(f"      - a synthetic study ({len(synthetic)} videos: PLAX, PSAX, A4C)")
         _send(port, [Path(sonosite), *synthetic])
         _say("      waiting for the study to be complete, classified and reported ...")

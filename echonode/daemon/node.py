@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -154,7 +154,7 @@ class Node:
         def run() -> None:
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - keep the scheduler alive
+            except Exception:  # keep the scheduler alive
                 self.job_errors.failed(name)
                 log.exception("job.failed", job=name, in_a_row=self.job_errors.in_a_row[name])
             else:
@@ -314,7 +314,7 @@ class Node:
         for name, component in self.configurables():
             try:
                 component.apply_config(new)
-            except Exception:  # noqa: BLE001 - the other components still take the new settings
+            except Exception:  # the other components still take the new settings
                 log.exception("node.reload_component_failed", component=name)
                 failed.append(name)
         log.info("node.reloaded", **({"failed": failed} if failed else {}))
@@ -326,7 +326,7 @@ class Node:
         """Run one step; an error is logged (type and frames), counted, and the loop goes on."""
         try:
             fn()
-        except Exception:  # noqa: BLE001 - the daemon outlives any one step's error
+        except Exception:  # the daemon outlives any one step's error
             self.loop_errors.failed(name)
             log.exception("loop.step_failed", step=name, in_a_row=self.loop_errors.in_a_row[name])
         else:
@@ -368,6 +368,6 @@ class Node:
 
 
 def _now() -> Any:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -20,7 +20,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
 from echonode.config import Config, Destination, TLSConfig
 from echonode.delivery.outcome import (

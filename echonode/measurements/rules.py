@@ -162,7 +162,8 @@ def parse_rules(data: Mapping[str, Any], source: str = "rules") -> Rules:
                 raise RulesError(f"{source}: [{name}] {key} must be a positive number, got {value!r}")
             values[key] = float(value) if value is not None else None
         if not any(values.get(k) is not None for k in _POSITIVE[name]):
-            raise RulesError(f"{source}: [{name}] has no criterion that makes the label 1 (give one of {', '.join(_POSITIVE[name])})")
+            raise RulesError(f"{source}: [{name}] has no criterion that makes the label 1 "
+                             f"(give one of {', '.join(_POSITIVE[name])})")
         if name == "lvh" and (values["lv_mass_index_male_g_m2"] is None) != (values["lv_mass_index_female_g_m2"] is None):
             raise RulesError(f"{source}: [lvh] lv_mass_index_male_g_m2 and lv_mass_index_female_g_m2 go together")
         requires = table.get("negative_requires", [])
@@ -242,7 +243,7 @@ def decide_lvh(
     undecided: list[str] = []
     if rules.wall_thickness_cm is not None:
         limit = rules.wall_thickness_cm
-        for key, name, value in (("ivsd", "IVSd", ivsd), ("lvpwd", "LVPWd", lvpwd)):
+        for name, value in (("IVSd", ivsd), ("LVPWd", lvpwd)):
             if value is None:
                 continue
             if value >= limit:

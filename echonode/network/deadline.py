@@ -26,6 +26,7 @@ so it holds even where a read itself has no deadline.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -141,9 +142,8 @@ class AssociationDeadline:
         sock = _raw_socket(assoc)
         if sock is None:
             return
-        try:
-            # The plain socket's shutdown, also for a TLS socket: ssl's own
-            # would drop its SSL object under the thread reading from it.
+        # The plain socket's shutdown, also for a TLS socket: ssl's own would
+        # drop its SSL object under the thread reading from it. OSError:
+        # already closed, nothing left to wait on.
+        with contextlib.suppress(OSError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed: nothing left to wait on

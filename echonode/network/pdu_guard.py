@@ -211,7 +211,7 @@ class PduGuard:
         if pdu_type == A_ASSOCIATE_RQ and len(data) >= 42:
             self.rq_ae_titles = (bytes(data[10:26]), bytes(data[26:42]))
         try:
-            pdu, event = dul._decode_pdu(data)  # type: ignore[arg-type]
+            pdu, event = dul._decode_pdu(data)  # type: ignore[arg-type]  # annotated bytearray, decodes bytes too
         except Exception as exc:  # noqa: BLE001 - any undecodable PDU: Evt19, as pynetdicom does
             log.warning("association.bad_pdu", **self.fields, reason="PDU does not decode",
                         pdu_type=_PDU_NAMES[pdu_type], pdu_bytes=6 + length, error=type(exc).__name__)
@@ -264,7 +264,7 @@ class PduGuard:
         """Run one state-machine action; an exception aborts the association instead of ending the thread."""
         try:
             original(event)
-        except Exception:  # noqa: BLE001 - the reader thread must not die with the association half open
+        except Exception:  # the reader thread must not die with the association half open
             self.fault = "failed"
             log.exception("association.failed", **self.fields, fsm_event=event)
             if self.on_fault is not None:
@@ -350,7 +350,8 @@ def guard(assoc: Association, on_fault: FaultCallback | None = None,
     """
     g = PduGuard(assoc, on_fault, context)
     dul = assoc.dul
-    # Instance attributes shadow the class's methods for this association only.
+    # Instance attributes shadow the class's methods for this association only
+    # (what mypy's method-assign refuses is the point here).
     dul._read_pdu_data = g.read_pdu  # type: ignore[method-assign]
     original = dul.state_machine.do_action
     dul.state_machine.do_action = lambda event: g.do_action(original, event)  # type: ignore[method-assign]

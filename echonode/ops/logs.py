@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict
 
 #: Event keys that must never reach a log line, whatever a caller passes.
 PHI_KEYS = frozenset(
@@ -39,7 +40,7 @@ PHI_KEYS = frozenset(
 )
 
 
-def redact_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def redact_phi(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """A structlog processor that removes patient-identifying keys."""
     for key in list(event_dict):
         if key.lower() in PHI_KEYS:
@@ -47,7 +48,7 @@ def redact_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[s
     return event_dict
 
 
-def scrub_exception(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def scrub_exception(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """A structlog processor that logs an exception's type and stack, never its message.
 
     The message of a library's exception can quote a data element (pydicom's

@@ -126,7 +126,7 @@ class _InferenceHistogram:
 
     def family(self) -> HistogramMetricFamily:
         cumulative, total = [], 0
-        for bound, n in zip((*(str(b) for b in INFERENCE_BUCKETS), "+Inf"), self.buckets):
+        for bound, n in zip((*(str(b) for b in INFERENCE_BUCKETS), "+Inf"), self.buckets, strict=True):
             total += n
             cumulative.append((bound, total))
         return HistogramMetricFamily(
@@ -352,20 +352,21 @@ class NodeCollector(Collector):
 
         journal = node.journal
         counts = journal.counts()
-        fam = GaugeMetricFamily("echonode_studies", "Studies in the journal, by state", labels=["state"])
+        gauge = GaugeMetricFamily("echonode_studies", "Studies in the journal, by state", labels=["state"])
         for state in StudyState:
-            fam.add_metric([state.value], counts.get(state.value, 0))
-        yield fam
+            gauge.add_metric([state.value], counts.get(state.value, 0))
+        yield gauge
         yield GaugeMetricFamily(
             "echonode_queue_depth", "Studies queued for the inference worker", value=counts.get(StudyState.QUEUED, 0)
         )
         outbox = journal.outbox_counts()
-        fam = GaugeMetricFamily("echonode_outbox", "SR deliveries not yet acknowledged, by state", labels=["state"])
-        for state in (OutboxState.PENDING, OutboxState.DEAD):
-            fam.add_metric([state.value], outbox.get(state.value, 0))
-        yield fam
+        gauge = GaugeMetricFamily("echonode_outbox", "SR deliveries not yet acknowledged, by state", labels=["state"])
+        for outbox_state in (OutboxState.PENDING, OutboxState.DEAD):
+            gauge.add_metric([outbox_state.value], outbox.get(outbox_state.value, 0))
+        yield gauge
         yield GaugeMetricFamily("echonode_stored_bytes", "Bytes of received instances in the store",
                                 value=journal.stored_bytes())
+        free: float
         try:
             free = shutil.disk_usage(node.store.root).free
         except OSError:
@@ -450,12 +451,12 @@ class _Handler(BaseHTTPRequestHandler):
             # This thread's journal connection dies with the thread.
             self.server.node.journal.close()
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             try:
                 body = generate_latest(self.server.registry)
-            except Exception:  # noqa: BLE001 - a scrape error must not kill the server thread
+            except Exception:  # a scrape error must not kill the server thread
                 log.exception("metrics.scrape_failed")
                 self._send(500, b"scrape failed\n", "text/plain; charset=utf-8")
                 return
@@ -463,7 +464,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             try:
                 code, doc = health(self.server.node)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.exception("metrics.health_failed")
                 code, doc = 503, {"status": "unavailable", "error": type(exc).__name__,
                                   "reasons": [f"health check failed: {type(exc).__name__}"]}
@@ -485,7 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's name
         pass  # scrapes every few seconds would flood the journal
 
 

@@ -274,7 +274,7 @@ def collect(node: Any, now: float | None = None) -> PageData:
     journal = node.journal
     try:
         code, doc = health(node)
-    except Exception as exc:  # noqa: BLE001 - the rest of the page is still worth showing
+    except Exception as exc:  # the rest of the page is still worth showing
         log.exception("status_page.health_failed")
         code, doc = 503, {"status": "unavailable", "reasons": [f"health check failed: {type(exc).__name__}"]}
     counts = {str(s): 0 for s in StudyState}
@@ -639,7 +639,7 @@ def respond(node: Any, path: str, authorization: str | None, client: str) -> Res
                             headers=(("WWW-Authenticate", challenge(settings.auth)),))
     try:
         body = render(collect(node)).encode("utf-8")
-    except Exception:  # noqa: BLE001 - one failed page must not kill the server thread
+    except Exception:  # one failed page must not kill the server thread
         log.exception("status_page.failed")
         return Response(500, b"the status page failed: see the node's log\n")
     return Response(200, body, "text/html; charset=utf-8", _PAGE_HEADERS)

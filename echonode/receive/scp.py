@@ -36,9 +36,11 @@ from pynetdicom import (
     register_uid,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -159,6 +161,7 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
         return self.verify_peer(_peer_address(client_address))
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        # typeshed types the third argument as the server class itself (Self), which a subclass is not.
         handler = self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
         assoc = getattr(handler, "association", None)
         if assoc is None or self.on_association_end is None:
@@ -167,7 +170,7 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
             assoc.join()
         try:
             self.on_association_end(assoc)
-        except Exception:  # noqa: BLE001 - socketserver would print a raw traceback
+        except Exception:  # socketserver would print a raw traceback
             log.exception("association.cleanup_failed")
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -226,7 +229,7 @@ MAX_AWAITING_REQUEST = 32
 
 #: Why pynetdicom's own ACSE refused an association (after EVT_REQUESTED), as
 #: the log's ``reason``: (result, source, diagnostic) -> words.
-_PYNETDICOM_REJECTS = {
+_PYNETDICOM_REJECTS: dict[tuple[int | None, int | None, int | None], str] = {
     (0x01, 0x01, 0x07): "called AE title not recognized",
     (0x02, 0x03, 0x02): "max_associations reached",
     (0x02, 0x02, 0x01): "user identity not accepted",
@@ -306,6 +309,7 @@ class StorageSCP:
         # Every storage SOP class with every transfer syntax pydicom knows:
         # store what comes as it comes, the pipeline decides what is usable.
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None  # every context of pynetdicom's list names one
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         for uid in RETIRED_US_STORAGE_UIDS:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
@@ -519,7 +523,7 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        req = event.request
+        req = cast(C_STORE, event.request)  # EVT_C_STORE's request
         sop_uid = str(req.AffectedSOPInstanceUID or "")
         calling = event.assoc.requestor.ae_title
         structlog.contextvars.bind_contextvars(sop_uid=sop_uid)
@@ -565,7 +569,7 @@ class StorageSCP:
             log.error("store.journal_error", error=type(exc).__name__,
                       code=getattr(exc, "sqlite_errorname", None))
             return STATUS_OUT_OF_RESOURCES
-        except Exception:  # noqa: BLE001 - a bug; the sender must not think it was stored
+        except Exception:  # a bug; the sender must not think it was stored
             self.counters.fail("unexpected")
             log.exception("store.unexpected_error")
             return STATUS_UNEXPECTED
@@ -575,10 +579,8 @@ class StorageSCP:
             self.counters.duplicates += 1
         else:
             self.counters.instances += 1
-            try:
+            with contextlib.suppress(OSError):
                 self.counters.bytes += self.store.instance_path(header).stat().st_size
-            except OSError:
-                pass
         log.info(
             "store.accepted",
             study_uid=header.study_uid,
@@ -592,7 +594,7 @@ class StorageSCP:
             self.on_instance(header.study_uid)
         return STATUS_SUCCESS
 
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def handlers(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -615,7 +617,7 @@ class StorageSCP:
         # shutdown() to find it.
         server = cast(_HandshakeInThreadServer, self.ae.make_server(
             (self.node.host, self.node.port),
-            evt_handlers=self.handlers(),  # type: ignore[arg-type]
+            evt_handlers=self.handlers(),
             ssl_context=server_ssl_context(self.node.tls),
             server_class=_HandshakeInThreadServer,
             request_handler=_AssociationRequestHandler,

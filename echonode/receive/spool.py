@@ -92,7 +92,7 @@ class SpoolFile:
         # Give the space back at once: on a full disk every byte counts, and
         # nothing written so far will be used.
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.ftruncate(self._file.fileno(), 0)  # type: ignore[union-attr]
+            os.ftruncate(self._file.fileno(), 0)  # type: ignore[union-attr]  # None: AttributeError, suppressed
 
 
 class SpoolTracker:
@@ -187,4 +187,4 @@ def _open_spool(*args: Any, **kwargs: Any) -> Any:
 
 def install() -> None:
     """Route pynetdicom's spool files through :func:`_open_spool` (idempotent)."""
-    dimse_messages.NamedTemporaryFile = _open_spool  # type: ignore[assignment]
+    dimse_messages.NamedTemporaryFile = _open_spool

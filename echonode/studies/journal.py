@@ -108,7 +108,7 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
                     " VALUES (?, ?, ?, ?, ?)",
                     (rec.study_uid, StudyState.RECEIVING, now, now, now),
                 )
-                state = StudyState.RECEIVING
+                state: StudyState | str = StudyState.RECEIVING
             else:
                 state = as_state(row["state"])
                 # An SR (the sonographers' measurements, finished later at a

@@ -169,7 +169,8 @@ class OutboxRows(JournalConnection):
             None when ``study_uid`` is given and the journal has no such study.
         """
         now = time.time()
-        where, args = ["state = ?"], [OutboxState.DEAD]
+        where: list[str] = ["state = ?"]
+        args: list[str] = [OutboxState.DEAD]
         if study_uid is not None:
             where.append("study_uid = ?")
             args.append(study_uid)

@@ -80,10 +80,8 @@ class RebuildRefused(RuntimeError):
 
 def holds_data(storage_dir: Path) -> bool:
     """True when ``studies/`` or ``reports/`` under ``storage_dir`` hold a stored object or an SR."""
-    for pattern in ("studies/*/*/*.dcm", "reports/*/*.dcm"):
-        if next(storage_dir.glob(pattern), None) is not None:
-            return True
-    return False
+    patterns = ("studies/*/*/*.dcm", "reports/*/*.dcm")
+    return any(next(storage_dir.glob(pattern), None) is not None for pattern in patterns)
 
 
 def journal_loss(journal_path: Path, storage_dir: Path) -> str | None:

@@ -34,11 +34,13 @@ import struct
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import (
     _read_file_meta_info,
@@ -172,17 +174,17 @@ def _check_complete(path: Path) -> None:
         tsyntax = meta.get("TransferSyntaxUID")
         if tsyntax is None or tsyntax.is_deflated or not tsyntax.is_transfer_syntax:
             return
-        last = None
-        for last in data_element_generator(fp, tsyntax.is_implicit_VR, tsyntax.is_little_endian, defer_size=4096):
-            pass
+        # Every element is read; only the last one is looked at.
+        tail = deque(data_element_generator(fp, tsyntax.is_implicit_VR, tsyntax.is_little_endian, defer_size=4096),
+                     maxlen=1)
+    last = tail[0] if tail else None
     if last is None:
         raise ValueError("the data set is empty")
     # A sequence of undefined length comes back parsed (a DataElement, no
     # length): read to its delimiter, so within the file. GE ends objects
     # with one (private raw data in 7FE1, after the pixel data).
-    length = getattr(last, "length", 0xFFFFFFFF)
-    if length != 0xFFFFFFFF and last.value_tell + length > size:
-        raise ValueError(f"element {last.tag} declares {length} bytes but the file ends first")
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF and last.value_tell + last.length > size:
+        raise ValueError(f"element {last.tag} declares {last.length} bytes but the file ends first")
 
 
 def _link_aside(path: Path) -> Path | None:

@@ -56,36 +56,35 @@ def _echonode_aet():
 
 def forward_if_ultrasound(study_id):
     """Send the study's instances not yet sent, and not sent by echonode, when it holds a US series."""
-    series = _get("/studies/%s/series" % study_id)
+    series = _get(f"/studies/{study_id}/series")
     if not any(s["MainDicomTags"].get("Modality") == "US" for s in series):
         return
     aet = _echonode_aet()
     if aet is None:
-        orthanc.LogWarning('echonode routing: no modality "%s" in DicomModalities; study %s not sent'
-                           % (MODALITY, study_id))
+        orthanc.LogWarning(f'echonode routing: no modality "{MODALITY}" in DicomModalities; study {study_id} not sent')
         return
     with _lock:
         candidates = [i for s in series for i in s["Instances"] if i not in _sent]
-    resources = [i for i in candidates if _get("/instances/%s/metadata?expand" % i).get("RemoteAET") != aet]
+    resources = [i for i in candidates if _get(f"/instances/{i}/metadata?expand").get("RemoteAET") != aet]
     if not resources:
         return
-    job = json.loads(orthanc.RestApiPost("/modalities/%s/store" % MODALITY,
+    job = json.loads(orthanc.RestApiPost(f"/modalities/{MODALITY}/store",
                                          json.dumps({"Resources": resources, "Asynchronous": True})))
     with _lock:
         for instance_id in resources:
             _sent[instance_id] = True
         while len(_sent) > MAX_REMEMBERED:
             _sent.popitem(last=False)
-    orthanc.LogWarning("echonode routing: study %s: %d instance(s) to %s (job %s)"
-                       % (study_id, len(resources), MODALITY, job["ID"]))
+    orthanc.LogWarning(f"echonode routing: study {study_id}: {len(resources)} instance(s) to {MODALITY} "
+                       f"(job {job['ID']})")
 
 
 def on_change(change_type, level, resource_id):
     if change_type == orthanc.ChangeType.STABLE_STUDY:
         try:
             forward_if_ultrasound(resource_id)
-        except Exception as exc:  # an error here must not stop Orthanc's change callbacks
-            orthanc.LogError("echonode routing: study %s not sent: %s" % (resource_id, exc))
+        except Exception as exc:  # noqa: BLE001 - an error here must not stop Orthanc's change callbacks
+            orthanc.LogError(f"echonode routing: study {resource_id} not sent: {exc}")
 
 
 orthanc.RegisterOnChangeCallback(on_change)

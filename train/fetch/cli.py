@@ -235,6 +235,7 @@ def _source(ns: argparse.Namespace, mode: str, aet: str, archive: Archive | None
         client = make_client(ns.dicomweb, session, ns.timeout)
         if archive is None or sink is None:  # dry run: queries only
             archive = sink = None
+        # A dry run only queries: WebSource never reaches its sink or archive.
         return WebSource(client, session, ns.dicomweb, sink, archive, limiter, ns.timeout)  # type: ignore[arg-type]
     peer = _peer(ns)
     if mode == "node":

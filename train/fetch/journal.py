@@ -194,7 +194,7 @@ class FetchJournal:
 
     def states(self) -> dict[str, str]:
         """Study UID -> state, for every study."""
-        return dict(self._query("SELECT study_uid, state FROM studies"))  # type: ignore[arg-type]
+        return dict(self._query("SELECT study_uid, state FROM studies"))
 
     def start_attempt(self, uid: str, now: float) -> int:
         """Mark the study ``fetching``; returns the attempt's id."""

@@ -26,7 +26,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.utils import make_target
 
 from echonode.ops.logs import get_logger

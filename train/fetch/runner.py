@@ -234,7 +234,7 @@ class Fetcher:
         settling: dict[Future, str] = {}
         bar = None
         if self.opts.progress:
-            from tqdm import tqdm  # type: ignore[import-untyped]
+            from tqdm import tqdm
 
             bar = tqdm(total=len(todo), unit="study", desc="fetch", dynamic_ncols=True, file=sys.stderr)
         self._bar = bar

@@ -201,6 +201,7 @@ class DimseSource:
             if self.sink is not None:
                 flight = self.sink.end(study_uid) or flight
         sent = judge(outcomes, flight, verb)
+        # A flight comes only from a sink.
         present = sent if flight is None else len(self.sink.journal.instances_of(study_uid))  # type: ignore[union-attr]
         return StudyResult(expected=expected, sent=sent, present=present, flight=flight)
 

@@ -13,7 +13,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import JPEGBaseline8Bit, UltrasoundMultiFrameImageStorage, generate_uid
+from pydicom.uid import UID, JPEGBaseline8Bit, UltrasoundMultiFrameImageStorage, generate_uid
 
 from train.synth.acquisition import VIEW_CODES, VIEW_DESCRIPTIONS, VideoPlan
 from train.synth.geometry import Geometry
@@ -137,7 +137,7 @@ def build_dataset(ctx: dict, plan: VideoPlan, geo: Geometry, frames: list[bytes]
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = JPEGBaseline8Bit
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
     meta.ImplementationVersionName = "ECHONODE_SYNTH"
     ds.file_meta = meta
     ds.set_original_encoding(False, True)

@@ -29,6 +29,7 @@ import math
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from train.synth.acquisition import VideoPlan
 from train.synth.anatomy import Anatomy, av_open, contraction, mv_open
@@ -70,7 +71,7 @@ class _Canvas:
         row = self.geo.apex_row + z / self.geo.delta_cm
         return np.round(np.stack([col, row], 1) * 16).astype(np.int32)
 
-    def poly(self, pts: np.ndarray, level: float) -> None:
+    def poly(self, pts: npt.ArrayLike, level: float) -> None:
         cv2.fillPoly(self.img, [self.px(np.asarray(pts, np.float64))], float(level), cv2.LINE_8, shift=4)
 
     def ellipse(self, cu: float, cv: float, au: float, av: float, level: float) -> None:
@@ -198,9 +199,9 @@ def _view_centre(an: Anatomy, plan: VideoPlan) -> tuple[tuple[float, float], flo
 
 def _speckle(rng: np.random.Generator, shape: tuple[int, int], grain: int, order: float) -> np.ndarray:
     """Gamma-distributed texture (mean 1) on a half-resolution grid, box-smoothed."""
-    g = rng.gamma(order, 1.0 / order, size=((shape[0] + 1) // 2, (shape[1] + 1) // 2)).astype(np.float32)
+    g: np.ndarray = rng.gamma(order, 1.0 / order, size=((shape[0] + 1) // 2, (shape[1] + 1) // 2)).astype(np.float32)
     g = cv2.blur(g, (grain + 1, max(1, grain // 2)))
-    g /= g.mean() + 1e-6
+    g = g / (g.mean() + 1e-6)
     return cv2.resize(g, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
@@ -249,7 +250,7 @@ def render_video(an: Anatomy, plan: VideoPlan, rows: int = 480, cols: int = 640,
     else:
         inside &= (r * np.cos(th) <= plan.depth_cm * math.cos(half) * 1.04) & (r <= plan.depth_cm * 1.04)
     # Static background: dim textured tissue, bright layered chest wall.
-    tex = cv2.GaussianBlur(rng.standard_normal((rows, cols)).astype(np.float32), (0, 0), 9)
+    tex: np.ndarray = cv2.GaussianBlur(rng.standard_normal((rows, cols)).astype(np.float32), (0, 0), 9)
     tex /= tex.std() + 1e-6
     base = _DB["fat"] + 5.0 * tex + 10.0 * (r < an.chest_wall_cm) * (0.5 + 0.5 * np.cos(r * 11.0))
     base -= 10.0 * np.clip(r - an.chest_wall_cm - 12.0, 0, None)
