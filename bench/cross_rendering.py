@@ -19,8 +19,8 @@ output exists, so an interrupted run resumes.
 
 Usage::
 
-    .venv/bin/python bench/cross_rendering.py --out /tmp/xrender            # about 30-60 min on 2 cores
-    .venv/bin/python bench/cross_rendering.py --out /tmp/xq --quick         # smoke run, a few minutes
+    .venv/bin/python -m bench.cross_rendering --out /tmp/xrender            # about 30-60 min on 2 cores
+    .venv/bin/python -m bench.cross_rendering --out /tmp/xq --quick         # smoke run, a few minutes
 """
 
 from __future__ import annotations
@@ -36,12 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.machine import cpu_model, load_average
+from train.metrics import auroc, group_mean
 
-from bench.machine import cpu_model, load_average  # noqa: E402
-from train.metrics import auroc, group_mean  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TASKS = ("lvh", "severe_as")
 

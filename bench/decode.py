@@ -14,7 +14,7 @@ pydicom-data: 120 frames, 480x640, JPEG baseline YBR_FULL_422), in one run:
 Figures are frames per second of source frames consumed; each timing is the
 best of several repeats (the machine is shared). Run:
 
-    .venv/bin/python bench/decode.py [--repeats 5]
+    .venv/bin/python -m bench.decode [--repeats 5]
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model as _cpu_model
 from echonode.analyse.decode import DecodeOptions

@@ -37,7 +37,7 @@ like-for-like comparison.
 
 Run::
 
-    .venv/bin/python bench/fetch.py [--patients 8] [--repeats 3]
+    .venv/bin/python -m bench.fetch [--patients 8] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -58,8 +58,6 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset

@@ -14,7 +14,7 @@ spinning in pure Python shows what the machine gave in those rounds (the
 ceiling of any scaling: on a shared machine it is well under the core
 count). Run from the repository root:
 
-    .venv/bin/python bench/index.py [--videos 48] [--workers 1,2] [--repeats 3]
+    .venv/bin/python -m bench.index [--videos 48] [--workers 1,2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model, load_average
 from echonode.analyse.preprocess import PreprocessConfig

@@ -39,9 +39,9 @@ that path has not been run by the author (no GPU was available).
 
 Run:
 
-    .venv/bin/python bench/infer.py            # full run (about 10 minutes on 2 cores)
-    .venv/bin/python bench/infer.py --quick    # smoke run: width 16, 2 videos, fewer rounds
-    .venv/bin/python bench/infer.py --no-study --modes jit,bf16,openvino_bf16
+    .venv/bin/python -m bench.infer            # full run (about 10 minutes on 2 cores)
+    .venv/bin/python -m bench.infer --quick    # smoke run: width 16, 2 videos, fewer rounds
+    .venv/bin/python -m bench.infer --no-study --modes jit,bf16,openvino_bf16
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,8 +60,6 @@ import pydicom
 import pydicom.uid
 import torch
 from pydicom.data import get_testdata_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model as _cpu_model
 from bench.machine import load_average as _load

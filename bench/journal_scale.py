@@ -25,7 +25,7 @@ Then, on copies of that journal (each case starts from the same file):
 
 Run::
 
-    .venv/bin/python bench/journal_scale.py [--studies 100000] [--instances 10] [--repeats 3]
+    .venv/bin/python -m bench.journal_scale [--studies 100000] [--instances 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -44,12 +44,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.machine import cpu_model, load_average
+from echonode.config import RetentionConfig, parse_config, to_toml
+from echonode.studies.journal import Journal
 
-from bench.machine import cpu_model, load_average  # noqa: E402
-from echonode.config import RetentionConfig, parse_config, to_toml  # noqa: E402
-from echonode.studies.journal import Journal  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DAY = 86400.0
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.3.1"

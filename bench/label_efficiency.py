@@ -26,9 +26,9 @@ inits. Every step is cached under ``--out``: an interrupted run resumes.
 
 Usage::
 
-    .venv/bin/python bench/label_efficiency.py --quick            # smoke run, about a minute
-    .venv/bin/python bench/label_efficiency.py --seeds 0 --fractions 0.01,0.1 --write-doc   # docs/benchmarks.md
-    .venv/bin/python bench/label_efficiency.py --methods echoclr,random --finetune-head-init probe
+    .venv/bin/python -m bench.label_efficiency --quick            # smoke run, about a minute
+    .venv/bin/python -m bench.label_efficiency --seeds 0 --fractions 0.01,0.1 --write-doc   # docs/benchmarks.md
+    .venv/bin/python -m bench.label_efficiency --methods echoclr,random --finetune-head-init probe
 """
 
 from __future__ import annotations
@@ -45,12 +45,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SECTION = "## Label efficiency"
 INITS = ("echoclr", "mi-simclr", "simclr", "random")
@@ -536,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(verdict))
     log(f"done in {elapsed / 60:.1f} min (pretraining {pretrain_seconds / 60:.1f} min); results in {results_file}")
     if ns.write_doc:
-        cmd = "python bench/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = "python -m bench.label_efficiency " + " ".join(argv if argv is not None else sys.argv[1:])
         header = (
             f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d')}).\n"
             f"Machine: {machine}. {work_summary(list(runs.values()), results, elapsed)}\n"

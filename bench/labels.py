@@ -18,7 +18,7 @@ pinned to one core:
 
 Run:
 
-    .venv/bin/python bench/labels.py [--studies 2000] [--images 1] [--work DIR] [--json FILE]
+    .venv/bin/python -m bench.labels [--studies 2000] [--images 1] [--work DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -37,14 +37,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import echo_sr
-from factories import us_multiframe, write
-
 from bench.machine import cpu_model as _cpu_model
 from echonode.measurements import read_measurement_sr, select_values
+from tests import echo_sr
+from tests.factories import us_multiframe, write
 from train.labels import build_labels
 
 DIALECTS = ("ge", "philips", "tid5300")

@@ -19,7 +19,7 @@ the same shape):
 
 Usage::
 
-    .venv/bin/python bench/linear_probe.py --work ~/.cache/echonode/le-v2 random pretrain/echoclr
+    .venv/bin/python -m bench.linear_probe --work ~/.cache/echonode/le-v2 random pretrain/echoclr
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

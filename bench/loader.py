@@ -37,9 +37,9 @@ read, for both loaders alike.
 
 Run:
 
-    .venv/bin/python bench/loader.py                 # full run, a few minutes on 2 cores
-    .venv/bin/python bench/loader.py --quick         # smoke run, under a minute
-    .venv/bin/python bench/loader.py --work /tmp/lb --json loader.json
+    .venv/bin/python -m bench.loader                 # full run, a few minutes on 2 cores
+    .venv/bin/python -m bench.loader --quick         # smoke run, under a minute
+    .venv/bin/python -m bench.loader --work /tmp/lb --json loader.json
 """
 
 from __future__ import annotations
@@ -57,8 +57,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model, load_average
 from echonode.analyse.decode import DecodeOptions

@@ -25,7 +25,7 @@ For each attack it reports what came back (``A-ABORT src/reason``,
 and the growth of the receiver's resident memory while it lasted (sampled
 every 50 ms). Run::
 
-    .venv/bin/python bench/pdu_attacks.py [--echonode-repo /path/to/checkout] [--only echonode]
+    .venv/bin/python -m bench.pdu_attacks [--echonode-repo /path/to/checkout] [--only echonode]
 
 ``--echonode-repo`` runs ``python -m echonode`` from another checkout (an
 older commit, for before/after figures).
@@ -45,12 +45,11 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.machine import cpu_model
+from echonode.config import parse_config, to_toml
+from tests import rawdicom as raw
 
-from bench.machine import cpu_model  # noqa: E402
-from echonode.config import parse_config, to_toml  # noqa: E402
-from tests import rawdicom as raw  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"

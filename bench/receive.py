@@ -26,7 +26,7 @@ not fsync at all.
 
 Run::
 
-    .venv/bin/python bench/receive.py [--repeats 3] [--count 40]
+    .venv/bin/python -m bench.receive [--repeats 3] [--count 40]
 """
 
 from __future__ import annotations
@@ -53,11 +53,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.machine import cpu_model as _cpu_model
+from echonode.config import parse_config, to_toml
 
-from bench.machine import cpu_model as _cpu_model  # noqa: E402
-from echonode.config import parse_config, to_toml  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # dcmtk's tools by full path: pynetdicom installs its own under the same names.
 STORESCU = "/usr/bin/storescu"

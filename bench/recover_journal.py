@@ -8,7 +8,7 @@ and imports included) and checks what it recorded.
 
 Run::
 
-    .venv/bin/python bench/recover_journal.py [--studies 200] [--objects 3]
+    .venv/bin/python -m bench.recover_journal [--studies 200] [--objects 3]
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.machine import cpu_model, load_average
 
-from bench.machine import cpu_model, load_average  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ finds what the frames hold.
 
 Usage::
 
-    .venv/bin/python bench/reorder_probe.py --work ~/.cache/echonode/le-v2 --runs pretrain/echoclr
+    .venv/bin/python -m bench.reorder_probe --work ~/.cache/echonode/le-v2 --runs pretrain/echoclr
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+from torch.nn import functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 CHANCE = 1 / 24
 

@@ -9,14 +9,13 @@ random-weight model, as the worker does. It prints the process's resident
 set before the study (torch and the model loaded) and its peak during it
 (VmHWM, reset just before the study), as JSON.
 
-    .venv/bin/python bench/study_memory.py [--objects 5] [--private-mib 200]
+    .venv/bin/python -m bench.study_memory [--objects 5] [--private-mib 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
     generate_uid,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model, load_average
 

@@ -12,7 +12,7 @@
 
 Usage::
 
-    .venv/bin/python bench/synth_shortcuts.py --patients 200 --renderer polar
+    .venv/bin/python -m bench.synth_shortcuts --patients 200 --renderer polar
 """
 
 from __future__ import annotations
@@ -27,14 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.machine import cpu_model, load_average
+from echonode.analyse.preprocess import make_eval_clips, preprocess_file
+from train.synth import generate_archive
+from train.synth.shortcuts import score_shortcuts, shortcuts_found
 
-from bench.machine import cpu_model, load_average  # noqa: E402
-from echonode.analyse.preprocess import make_eval_clips, preprocess_file  # noqa: E402
-from train.synth import generate_archive  # noqa: E402
-from train.synth.shortcuts import score_shortcuts, shortcuts_found  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def contrast(path: Path) -> tuple[float, float, float]:

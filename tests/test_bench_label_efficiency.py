@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "label_efficiency.py"
-_spec = importlib.util.spec_from_file_location("label_efficiency", _PATH)
-assert _spec is not None and _spec.loader is not None
-le = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(le)
+from bench import label_efficiency as le
 
 
 def test_run_and_cell_names() -> None:

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
+from bench import reorder_probe
 from train.losses import NUM_PERMUTATIONS, permute_clip
-
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "reorder_probe.py"
-_spec = importlib.util.spec_from_file_location("reorder_probe", _PATH)
-assert _spec is not None and _spec.loader is not None
-reorder_probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reorder_probe)
 
 
 def _clips(n: int, seed: int, moving: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,6 @@ Timings are in docs/benchmarks.md, from the bench.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sqlite3
 import time
@@ -24,7 +23,7 @@ from echonode.receive.scp import ReceiveCounters
 from echonode.studies.journal import Journal
 from echonode.studies.records import InstanceRecord, ReportRecord, TaskResult
 from echonode.studies.states import OutboxState, StudyState
-from tests.conftest import REPO, make_config, run_cli
+from tests.conftest import make_config, run_cli
 
 TABLES = ("studies", "instances", "results", "reports", "outbox")
 
@@ -159,10 +158,9 @@ def test_metrics_read_the_journal_through_its_methods(tmp_path: Path) -> None:
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("journal_scale", REPO / "bench" / "journal_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import journal_scale
+
+    return journal_scale
 
 
 @pytest.mark.slow
