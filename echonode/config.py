@@ -106,8 +106,13 @@ class ModelsConfig:
     views: tuple[str, ...] = ("plax",)
     #: Clips per forward pass.
     batch_size: int = 8
-    #: CPU threads for inference; 0 lets torch decide.
+    #: CPU threads for inference; 0 lets torch decide. With several workers
+    #: on the CPU this is the total, split between them (0: the CPUs).
     threads: int = 0
+    #: Inference worker processes, each claiming studies from the journal:
+    #: with ``device`` auto or cuda, worker i runs on cuda:i (wrapping round
+    #: the GPUs present); on the CPU they share ``threads``.
+    workers: int = 1
     #: Inference runtime (echonode.bundles.runtime.MODES): auto (chosen by measurement at
     #: bundle load), or one named mode: eager, jit, bf16, int8, compile,
     #: compile_bf16, openvino, openvino_bf16, cuda.
@@ -502,6 +507,8 @@ def validate(cfg: Config) -> Config:
     if not 1 <= m.batch_size <= 1024:
         raise ConfigError(f"models.batch_size: must be 1-1024, got {m.batch_size}")
     _check_positive(m.threads, "models.threads", allow_zero=True)
+    if not 1 <= m.workers <= 64:
+        raise ConfigError(f"models.workers: must be 1-64, got {m.workers}")
     if m.runtime not in RUNTIME_MODES:
         raise ConfigError(f"models.runtime: must be one of {', '.join(RUNTIME_MODES)}, got {m.runtime!r}")
     if m.max_attempts < 1:

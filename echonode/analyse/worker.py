@@ -29,6 +29,7 @@ from pydicom import Dataset
 from pydicom import config as pydicom_config
 
 from echonode.analyse.pipeline import StudyAnalysis, StudyRefused, analyse_study
+from echonode.bundles.device import split_threads, worker_device
 from echonode.bundles.installed import MODELS_STATE
 from echonode.bundles.manifest import folder_signature
 from echonode.bundles.registry import ModelRegistry, ModelSet
@@ -468,7 +469,14 @@ def work_once(
     return 0.0
 
 
-def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+def worker_main(
+    cfg: Config,
+    stop_conn: Connection,
+    heartbeat_path: str,
+    log_path: str | None = None,
+    index: int = 0,
+    count: int = 1,
+) -> None:
     """The worker process: claim, process, repeat until asked to stop.
 
     A stop is asked for by the node closing ``stop_conn``'s other end, by the
@@ -486,6 +494,10 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     log_path : str, optional
         Logs go to stderr (journald under systemd) or, when given, appended
         to that file (the demo keeps its terminal readable).
+    index, count : int, optional
+        This worker among the node's ``[models] workers``: its device
+        (:func:`~echonode.bundles.device.worker_device`) and its share of
+        the CPU threads (:func:`~echonode.bundles.device.split_threads`).
     """
     # First: until these run, SIGTERM has its default action (the process dies,
     # which the node survives, but a graceful stop is better).
@@ -498,16 +510,21 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    if cfg.models.threads:
-        torch.set_num_threads(cfg.models.threads)
+    threads = split_threads(cfg.models.threads, count, len(os.sched_getaffinity(0)))
+    if threads:
+        torch.set_num_threads(threads)
     journal = Journal(cfg.journal_path)
     store = StudyStore(cfg.storage_dir, journal)
-    registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime,
-                             state_dir=cfg.storage_dir)
+    registry = ModelRegistry(cfg.models.dir, worker_device(cfg.models.device, index, count),
+                             runtime=cfg.models.runtime, state_dir=cfg.storage_dir)
     pause = DiskFullPause(journal, SpaceReserve(cfg.storage_dir / RESERVE_NAME))
     if not pause.reserve.restore():
         pause.begin(None, "worker start")
-    log.info("worker.started", pid=os.getpid(), device=str(registry.device))
+    if count > 1:
+        # Which of the workers wrote a line (the pid changes at every restart).
+        structlog.contextvars.bind_contextvars(worker=index)
+    log.info("worker.started", pid=os.getpid(), device=str(registry.device), threads=torch.get_num_threads(),
+             workers=count)
     parent = mp.parent_process()
     while True:
         if parent is not None and not parent.is_alive():
@@ -542,7 +559,14 @@ def worker_main(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_pat
     beat.stop()
 
 
-def worker_process(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_path: str | None = None) -> None:
+def worker_process(
+    cfg: Config,
+    stop_conn: Connection,
+    heartbeat_path: str,
+    log_path: str | None = None,
+    index: int = 0,
+    count: int = 1,
+) -> None:
     """The worker process's entry point: :func:`worker_main`, then leave at once.
 
     Everything the worker owes is on disk when :func:`worker_main` returns
@@ -553,7 +577,7 @@ def worker_process(cfg: Config, stop_conn: Connection, heartbeat_path: str, log_
     """
     code = 0
     try:
-        worker_main(cfg, stop_conn, heartbeat_path, log_path)
+        worker_main(cfg, stop_conn, heartbeat_path, log_path, index, count)
     except BaseException:  # noqa: BLE001 - logged, then the exit status says it
         log.exception("worker.crashed")
         code = 1

@@ -231,9 +231,9 @@ class Node:
         self._schedule()
         self.scheduler.start()
         if self._start_worker:
-            from echonode.daemon.supervisor import WorkerSupervisor
+            from echonode.daemon.supervisor import WorkerPool
 
-            self.worker = WorkerSupervisor(self.cfg, log_path=self._worker_log_path)
+            self.worker = WorkerPool(self.cfg, log_path=self._worker_log_path)
             # A worker that cannot start now (a full disk) is started by the
             # main loop's next turns; receiving goes on meanwhile.
             self._step("supervise", self.worker.supervise)

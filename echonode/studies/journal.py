@@ -289,11 +289,21 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
                 (StudyState.QUEUED, reason, time.time(), claim.study_uid),
             )
 
-    def release_running(self) -> list[str]:
-        """Put studies whose worker *we* stopped back in the queue, uncounted."""
+    def release_running(self, pid: int | None = None) -> list[str]:
+        """Put studies whose worker *we* stopped back in the queue, uncounted.
+
+        Parameters
+        ----------
+        pid : int, optional
+            Only the studies claimed by this worker process (the others
+            belong to workers still running); default: every one.
+        """
         now = time.time()
         with self._tx() as con:
-            rows = con.execute("SELECT study_uid FROM studies WHERE state = ?", (StudyState.RUNNING,)).fetchall()
+            rows = con.execute(
+                "SELECT study_uid FROM studies WHERE state = ?" + ("" if pid is None else " AND worker_pid = ?"),
+                (StudyState.RUNNING,) if pid is None else (StudyState.RUNNING, pid),
+            ).fetchall()
             uids = [r["study_uid"] for r in rows]
             con.executemany(
                 "UPDATE studies SET state = ?, attempts = MAX(attempts - 1, 0), worker_pid = NULL,"
@@ -302,13 +312,25 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             )
         return uids
 
-    def recover_running(self, max_attempts: int) -> dict[str, StudyState]:
-        """At start: studies left ``running`` by a dead worker are queued again or failed."""
+    def recover_running(self, max_attempts: int, pid: int | None = None) -> dict[str, StudyState]:
+        """Studies left ``running`` by a dead worker are queued again or failed.
+
+        Parameters
+        ----------
+        max_attempts : int
+            A study claimed this many times already is failed, not queued.
+        pid : int, optional
+            Only the studies claimed by this (dead) worker process: the
+            others belong to workers still running. Default: every one (at
+            start, when no worker runs).
+        """
         now = time.time()
         out: dict[str, StudyState] = {}
         with self._tx() as con:
             rows = con.execute(
-                "SELECT study_uid, attempts FROM studies WHERE state = ?", (StudyState.RUNNING,)
+                "SELECT study_uid, attempts FROM studies WHERE state = ?"
+                + ("" if pid is None else " AND worker_pid = ?"),
+                (StudyState.RUNNING,) if pid is None else (StudyState.RUNNING, pid),
             ).fetchall()
             for r in rows:
                 if r["attempts"] >= max_attempts:
