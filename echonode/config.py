@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -92,6 +93,12 @@ class StudyConfig:
     """When a study counts as complete."""
 
     stable_after_s: float = 60.0
+    #: When set: a study is complete this many seconds after the association
+    #: that brought it was released, none other being open for it (carts
+    #: that send a whole exam in one association); ``stable_after_s`` still
+    #: applies when the association was aborted or the node restarted.
+    #: Unset (the default): ``stable_after_s`` alone.
+    after_release_s: float | None = None
     #: How often the stability check runs.
     check_interval_s: float = 5.0
 
@@ -299,6 +306,10 @@ class Config:
 
 def _convert(value: Any, typ: Any, key: str) -> Any:
     origin = get_origin(typ)
+    if origin is types.UnionType:
+        # ``X | None``: a key that is absent stays None (TOML has no null).
+        (typ,) = [t for t in get_args(typ) if t is not type(None)]
+        origin = get_origin(typ)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
@@ -494,6 +505,8 @@ def validate(cfg: Config) -> Config:
 
     _check_positive(cfg.study.stable_after_s, "study.stable_after_s", allow_zero=True)
     _check_positive(cfg.study.check_interval_s, "study.check_interval_s")
+    if cfg.study.after_release_s is not None:
+        _check_positive(cfg.study.after_release_s, "study.after_release_s", allow_zero=True)
 
     m = cfg.models
     if not m.dir:
@@ -667,6 +680,8 @@ def to_toml(cfg: Config) -> str:
         subtables = []
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
+            if v is None:
+                continue  # unset: TOML has no null
             if dataclasses.is_dataclass(v):
                 subtables.append((f.name, v))
             else:

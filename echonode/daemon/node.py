@@ -218,6 +218,8 @@ class Node:
         from echonode.daemon.supervisor import remove_unrecorded_reports
 
         counts = self.store.recover()
+        # No association outlives the node: those the journal holds open were cut.
+        self.journal.end_open_associations()
         requeued = self.journal.recover_running(self.cfg.models.max_attempts)
         remove_unrecorded_reports(self.storage_dir, self.journal, requeued)
         log.info("node.recovered", **counts, interrupted_studies=len(requeued))

@@ -20,6 +20,7 @@ import sqlite3
 import ssl
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from pynetdicom import (
     register_uid,
 )
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -284,6 +285,11 @@ class StorageSCP:
         self._assoc_ids: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
         #: Connections whose A-ASSOCIATE-RQ has not arrived, oldest first, with when they opened.
         self._awaiting: dict[Association, float] = {}
+        #: This run's part of the journal's association keys (``study.after_release_s``):
+        #: an association of an earlier run never shares one.
+        self._run_token = uuid.uuid4().hex[:12]
+        #: Associations that brought an instance to a study still receiving, with their journal key.
+        self._bringing: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.ae = self._build_ae()
 
@@ -480,6 +486,32 @@ class StorageSCP:
     def _on_released(self, event: evt.Event) -> None:
         log.info("association.released")
 
+    def _association_key(self, assoc: Association) -> str:
+        with self._lock:
+            return f"{self._run_token}-{self._assoc_ids.get(assoc, 0)}"
+
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        """An A-RELEASE-RQ from the peer: record the release before pynetdicom answers it.
+
+        pynetdicom sends the A-RELEASE-RP right after this handler, so once
+        the peer sees its association released, the journal holds it
+        (committed and fsynced): a kill -9 after that cannot turn it back
+        into a study waiting on the quiet rule.
+        """
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if not isinstance(primitive, A_RELEASE) or primitive.result is not None:
+            return
+        with self._lock:
+            key = self._bringing.pop(event.assoc, None)
+        if key is None:
+            return
+        try:
+            self.store.journal.association_ended(key, released=True)
+        except sqlite3.Error as exc:
+            # The study falls back on the quiet rule (study.stable_after_s).
+            log.error("association.release_not_recorded", error=type(exc).__name__,
+                      code=getattr(exc, "sqlite_errorname", None))
+
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning("association.aborted")
 
@@ -496,6 +528,14 @@ class StorageSCP:
         """
         with self._lock:
             self._awaiting.pop(assoc, None)
+            key = self._bringing.pop(assoc, None)
+        if key is not None:
+            # Ended without a release (abort, lost link, stop): its studies
+            # are judged by the quiet rule.
+            try:
+                self.store.journal.association_ended(key, released=False)
+            except sqlite3.Error as exc:
+                log.error("association.end_not_recorded", error=type(exc).__name__)
         tracker = spool.tracker_of(assoc)
         if tracker is None:
             return
@@ -544,7 +584,11 @@ class StorageSCP:
                 # data set was read and dropped so that this answer can go.
                 stage = "spool"
                 raise interrupted
-            header, outcome = self.store.accept(path, calling)
+            key = self._association_key(event.assoc)
+            header, outcome = self.store.accept(path, calling, key)
+            if outcome != "duplicate":
+                with self._lock:
+                    self._bringing[event.assoc] = key
         except BadObject as exc:
             self.counters.fail(f"0x{exc.status:04X}")
             log.warning("store.refused", status=f"0x{exc.status:04X}", error=str(exc))
@@ -599,6 +643,7 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),

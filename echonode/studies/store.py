@@ -253,11 +253,15 @@ class StudyStore:
 
     # -- receiving -----------------------------------------------------------------
 
-    def accept(self, temp_path: Path, calling_ae: str | None) -> tuple[Header, str]:
+    def accept(
+        self, temp_path: Path, calling_ae: str | None, association: str | None = None
+    ) -> tuple[Header, str]:
         """Move a fully received temp file into the store and record it.
 
         Returns the header and what happened: ``"stored"``, ``"duplicate"``
-        (identical copy already stored) or ``"replaced"``.
+        (identical copy already stored) or ``"replaced"``. ``association``
+        is the SCP's key for the association that brought it
+        (:meth:`~echonode.studies.journal.Journal.record_instance`).
 
         Raises
         ------
@@ -268,9 +272,11 @@ class StudyStore:
         """
         header = read_header(temp_path)
         with self.study_lock(header.study_uid):
-            return self._accept_locked(temp_path, header, calling_ae)
+            return self._accept_locked(temp_path, header, calling_ae, association)
 
-    def _accept_locked(self, temp_path: Path, header: Header, calling_ae: str | None) -> tuple[Header, str]:
+    def _accept_locked(
+        self, temp_path: Path, header: Header, calling_ae: str | None, association: str | None = None
+    ) -> tuple[Header, str]:
         existing = self.journal.get_instance(header.sop_uid)
         outcome = "stored"
         if existing is not None:
@@ -288,7 +294,7 @@ class StudyStore:
         previous = _link_aside(dest) if in_place else None
         try:
             move_into_place(temp_path, dest)
-            self._record(header, dest, time.time(), calling_ae)
+            self._record(header, dest, time.time(), calling_ae, association)
         except BaseException as exc:
             # The sender is told the object was not stored: nothing of it
             # may stay, or the next start would record (and analyse) it.
@@ -351,7 +357,9 @@ class StudyStore:
         """
         self._record(header, path, received, None)
 
-    def _record(self, header: Header, path: Path, received: float, calling_ae: str | None) -> None:
+    def _record(
+        self, header: Header, path: Path, received: float, calling_ae: str | None, association: str | None = None
+    ) -> None:
         self.journal.record_instance(
             InstanceRecord(
                 sop_uid=header.sop_uid,
@@ -363,7 +371,8 @@ class StudyStore:
                 size=path.stat().st_size,
                 received=received,
                 calling_ae=calling_ae,
-            )
+            ),
+            association,
         )
 
     # -- recovery --------------------------------------------------------------------
