@@ -199,7 +199,8 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
     seconds = time.monotonic() - t0
     usable = sum(v.usable for v in analysis.videos)
     used = len(analysis.used_videos)
-    bound.info("study.analysed", seconds=round(seconds, 2), objects=len(analysis.videos), usable=usable, used=used)
+    bound.info("study.analysed", seconds=round(seconds, 2), objects=len(analysis.videos), usable=usable, used=used,
+               **analysis.timings)
 
     results = [
         TaskResult(
@@ -211,7 +212,7 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
             positive=o.positive,
             threshold=o.bundle.threshold,
             n_videos=len(o.video_probabilities),
-            detail={"videos": o.video_probabilities, "seconds": seconds},
+            detail={"videos": o.video_probabilities, "seconds": seconds, "timings": analysis.timings},
         )
         for t, o in sorted(analysis.tasks.items())
     ]

@@ -267,8 +267,8 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             else:
                 uids = self._complete_after_release(con, quiet_for_s, after_release_s, now)
             con.executemany(
-                "UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?",
-                [(StudyState.STABLE, now, u) for u in uids],
+                "UPDATE studies SET state = ?, updated = ?, stable_at = ? WHERE study_uid = ?",
+                [(StudyState.STABLE, now, now, u) for u in uids],
             )
             con.executemany("DELETE FROM study_associations WHERE study_uid = ?", [(u,) for u in uids])
         return uids
@@ -337,9 +337,9 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             gen = row["generation"] + 1
             attempts = row["attempts"] + 1
             con.execute(
-                "UPDATE studies SET state = ?, generation = ?, attempts = ?, worker_pid = ?, updated = ?"
-                " WHERE study_uid = ?",
-                (StudyState.RUNNING, gen, attempts, pid, now, row["study_uid"]),
+                "UPDATE studies SET state = ?, generation = ?, attempts = ?, worker_pid = ?, updated = ?,"
+                " claimed_at = ? WHERE study_uid = ?",
+                (StudyState.RUNNING, gen, attempts, pid, now, now, row["study_uid"]),
             )
         return Claim(row["study_uid"], gen, attempts)
 

@@ -209,6 +209,11 @@ ADDED_COLUMNS = (
     # and UID, or the class it fell back to there and the UID derived for it.
     ("outbox", "sent_sop_class_uid", "TEXT"),
     ("outbox", "sent_sop_uid", "TEXT"),
+    # When the study last became complete (stable) and was last claimed by
+    # a worker: with last_received, reports.created and outbox.sent_at, the
+    # stages of a study's latency (bench/latency.py).
+    ("studies", "stable_at", "REAL"),
+    ("studies", "claimed_at", "REAL"),
 )
 
 #: A study's last activity (last instance received or last state change), as
