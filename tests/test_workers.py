@@ -10,6 +10,7 @@ tests/test_worker_death.py, whose helpers these tests reuse.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -22,6 +23,7 @@ import pytest
 
 from echonode.bundles.device import split_threads, worker_device
 from echonode.config import ConfigError
+from echonode.daemon.supervisor import WorkerPool
 from echonode.daemon.workerlink import heartbeat_file
 from echonode.ops.prometheus import health
 from echonode.studies.journal import Journal
@@ -235,3 +237,29 @@ def test_a_dead_workers_studies_alone_go_back(tmp_path: Path) -> None:
     assert journal.recover_running(3, pid=111) == {first.study_uid: "queued"}
     assert journal.release_running(pid=333) == []
     assert [(uid, pid) for uid, _at, pid in journal.running()] == [(second.study_uid, 222)]
+
+
+def test_reload_changes_the_number_of_workers(tmp_path: Path) -> None:
+    """2 -> 1 -> 2 workers by reload: the surplus one leaves (not counted as a death), new ones start."""
+    cfg = make_config(tmp_path, models={"workers": 2, "threads": 2})
+    pool = WorkerPool(cfg)
+
+    def settled(n: int) -> bool:
+        pool.supervise()
+        entries = pool.workers()
+        return not pool._retiring and len(entries) == n and all(w["alive"] and w["phase"] == "idle" for w in entries)
+
+    try:
+        wait_for(lambda: settled(2), timeout=180, interval=0.2, what="two workers idle")
+        first = [w["pid"] for w in pool.workers()]
+        pool.apply_config(dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, workers=1)))
+        wait_for(lambda: settled(1), timeout=180, interval=0.2, what="one worker left")
+        assert pool.workers()[0]["pid"] not in first  # restarted with the new settings
+        assert pool.supervisors[0].count == 1
+        pool.apply_config(cfg)
+        wait_for(lambda: settled(2), timeout=180, interval=0.2, what="two workers again")
+        assert pool.restarts == 0  # reloads, not deaths
+        assert [w["index"] for w in pool.workers()] == [0, 1]
+    finally:
+        pool.stop()
+    assert all(s.process is None for s in pool.supervisors)

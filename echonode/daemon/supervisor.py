@@ -234,13 +234,13 @@ class WorkerSupervisor:
                 self._restart_requested = False
                 self.restarts += 1
                 log.error("worker.died", exitcode=code, restarts=self.restarts, **self._which())
-        if self.retiring:
-            # Not started again; what the last one held goes back now.
-            if self._ended_pid is not None:
-                recover_studies(self.cfg, self._open_journal(), self._ended_pid)
-                self._ended_pid = None
-            return
-        if now < self._next_start:
+        if self._ended_pid is not None:
+            # What it held goes back now, not after the backoff: the other
+            # workers may take it meanwhile. Retried by the next call (or
+            # start()) should the journal refuse.
+            recover_studies(self.cfg, self._open_journal(), self._ended_pid)
+            self._ended_pid = None
+        if self.retiring or now < self._next_start:
             return
         # Back off when it keeps dying (1, 2, 4 ... 60 s between starts); a
         # start that raises is tried again after the same pause.
