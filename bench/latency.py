@@ -55,6 +55,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pydicom
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -201,6 +203,26 @@ def journal_row(db: Path, sql: str, params: tuple = ()) -> tuple | None:
         con.close()
 
 
+#: What ``models.runtime = "auto"`` keeps in the storage folder: its choice per
+#: bundle and machine, and the compilers' caches. Carried from run to run, so
+#: that each fresh node does not measure every runtime again (minutes on 2
+#: cores; start-up is not what is timed).
+RUNTIME_STATE = ("runtime-choices.json", "inductor", "openvino")
+
+
+def keep_runtime_choice(cache: Path, storage: Path, *, restore: bool) -> None:
+    """Copy the runtime choice into a fresh node's ``storage`` (``restore``) or out of a ready one."""
+    src, dst = (cache, storage) if restore else (storage, cache)
+    for name in RUNTIME_STATE:
+        if not (src / name).exists():
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src / name, dst / name)
+
+
 def worker_ready(cfg: Any) -> bool:
     try:
         beat = json.loads((cfg.storage_dir / "worker-heartbeat.json").read_bytes())
@@ -214,6 +236,7 @@ def one_run(work: Path, models: Path, files: list[Path], args: argparse.Namespac
     """Start a node and a PACS, send the study, return its stages in seconds."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    keep_runtime_choice(work.parent / "runtime-cache", work / "node", restore=True)
     pacs = StorescpPACS(work / "pacs") if args.pacs == "storescp" else PynetdicomPACS()
     cfg = node_config(work, models, pacs.port, args, after_release)
     conf = work / "echonode.toml"
@@ -222,8 +245,9 @@ def one_run(work: Path, models: Path, files: list[Path], args: argparse.Namespac
     node = subprocess.Popen([sys.executable, "-m", "echonode", "--config", str(conf), "serve"], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait(lambda: worker_ready(cfg), 600, "the worker idle with its models loaded", 0.2)
-        sent = subprocess.run([STORESCU, "-aet", "CART", "-aec", "ECHONODE", "--max-pdu", "131072", "127.0.0.1",
+        wait(lambda: worker_ready(cfg), 1800, "the worker idle with its models loaded", 0.2)
+        keep_runtime_choice(work.parent / "runtime-cache", work / "node", restore=False)
+        sent = subprocess.run([STORESCU, "-aet", "CART", "-aec", "ECHONODE", "-xy", "--max-pdu", "131072", "127.0.0.1",
                                str(cfg.node.port), *map(str, files)], capture_output=True, text=True)
         if sent.returncode != 0:
             raise SystemExit(f"storescu failed: {sent.stderr[-500:]}")
@@ -289,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}; ISA flags: {' '.join(cpu_flags()) or 'n/a'};"
           f" load {load_average()}; python {platform.python_version()}")
-    print(f"study: {len(files)} videos, {mb:.1f} MB (480x640, 48 frames, uncompressed); models: {models}")
+    syntaxes = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID.name)
+                       for f in files})
+    print(f"study: {len(files)} videos, {mb:.1f} MB (480x640, 48 frames, {', '.join(syntaxes)}); models: {models}")
     print(f"PACS: {args.pacs}; stable_after_s={args.stable_after_s:g}, check_interval_s={args.check_interval_s:g},"
           f" after_release_s={args.after_release_s:g}, threads={args.threads}\n")
     results: dict[str, list[dict]] = {"quiet period": [], "after release": []}

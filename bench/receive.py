@@ -30,7 +30,8 @@ objects (``--count`` of them, fresh UIDs, one study per sender), all started
 together; the aggregate throughput is every byte sent over the wall time
 from the first start to the last exit. Receivers: echonode, Orthanc
 (``/usr/sbin/Orthanc``, its default DICOM threads) and ``storescp --fork``
-(a process per association), side by side in one run, order alternating.
+(a process per association), side by side in one run, order alternating;
+``--echonode-receivers N`` adds echonode with ``node.receivers = N``.
 
 Run::
 
@@ -273,6 +274,8 @@ def _heartbeat_phase(storage: Path) -> str | None:
 class Echonode(Receiver):
     name = "echonode"
     aet = "ECHONODE"
+    #: ``node.receivers``.
+    receivers = 1
 
     def start(self) -> None:
         self.storage = self.workdir / "storage"
@@ -285,6 +288,7 @@ class Echonode(Receiver):
                     "storage_dir": str(self.storage),
                     "min_free_disk_mb": 0,
                     "max_pdu": MAX_PDU,
+                    "receivers": self.receivers,
                 },
                 "models": {"dir": str(self.workdir / "models"), "device": "cpu"},
                 "logging": {"format": "json", "level": "warning"},
@@ -402,6 +406,10 @@ def run_concurrent(args: argparse.Namespace, base: Path) -> None:
     print(f"input: {args.senders} senders x {args.count} objects x {args.size_mb:g} MB, {total / MB:.0f} MB in all;"
           f" storescu --max-pdu {MAX_PDU}, one association each, all started together")
     receivers: list[type[Receiver]] = [Echonode, StorescpFork]
+    if args.echonode_receivers > 1:
+        several = type("EchonodeReceivers", (Echonode,),
+                       {"receivers": args.echonode_receivers, "name": f"echonode x{args.echonode_receivers}"})
+        receivers.insert(1, several)
     if Path(ORTHANC).exists():
         receivers.insert(1, Orthanc)
     else:
@@ -486,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tmp", default=None, help="folder for inputs and receivers (default: system temp)")
     p.add_argument("--senders", type=int, default=0,
                    help="concurrent mode: this many storescu at once, --count objects each (e.g. 8 and 5)")
+    p.add_argument("--echonode-receivers", type=int, default=0,
+                   help="concurrent mode: also run echonode with node.receivers = this many processes")
     args = p.parse_args(argv)
     for tool in (STORESCU, STORESCP, ECHOSCU):
         if not Path(tool).exists():

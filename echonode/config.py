@@ -85,6 +85,10 @@ class NodeConfig:
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
+    #: Processes that receive on ``port`` (SO_REUSEPORT: the kernel spreads
+    #: new connections between them): 1 receives in the node's own process.
+    #: ``max_associations`` applies to each.
+    receivers: int = 1
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
@@ -493,6 +497,8 @@ def validate(cfg: Config) -> Config:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
             raise ConfigError(f"node.allowed_networks[{i}]: not a CIDR network: {net!r}") from None
+    if not 1 <= n.receivers <= 64:
+        raise ConfigError(f"node.receivers: must be 1-64, got {n.receivers}")
     if not 1 <= n.max_associations <= 1000:
         raise ConfigError(f"node.max_associations: must be 1-1000, got {n.max_associations}")
     # PS3.8: 0 means unlimited; otherwise at least 4096 is sane for any peer.

@@ -49,7 +49,7 @@ FAILING_AFTER = 3
 #: the storage and the journal).
 RESTART_ONLY_NODE_KEYS = (
     "ae_title", "host", "port", "storage_dir", "max_pdu", "max_associations",
-    "network_timeout_s", "acse_timeout_s", "dimse_timeout_s", "tls",
+    "network_timeout_s", "acse_timeout_s", "dimse_timeout_s", "tls", "receivers",
 )
 
 
@@ -127,7 +127,10 @@ class Node:
         check_journal(cfg)
         self.journal = Journal(cfg.journal_path)
         self.store = StudyStore(self.storage_dir, self.journal)
-        self.scp = StorageSCP(cfg.node, self.store)
+        # With several receivers, every listener on the port (this one too) needs SO_REUSEPORT.
+        self.scp = StorageSCP(cfg.node, self.store, reuse_port=cfg.node.receivers > 1)
+        #: The receiver processes beside ``scp`` (``node.receivers`` > 1), else None.
+        self.receivers: Any = None
         self.stability = StabilityCheck(self.journal, cfg, has_task_models)
         self.retention = Retention(cfg.retention, self.journal, self.store)
         #: Reads the sonographers' measurement SRs beside the results (None when ``agreement.enabled`` is off).
@@ -230,6 +233,11 @@ class Node:
 
         self.delivery = Delivery(self.cfg, self.journal)
         self.scp.start()
+        if self.cfg.node.receivers > 1:
+            from echonode.daemon.receivers import ReceiverPool
+
+            self.receivers = ReceiverPool(self.cfg, log_path=self._worker_log_path)
+            self._step("receivers", self.receivers.supervise)
         self._schedule()
         self.scheduler.start()
         if self._start_worker:
@@ -258,6 +266,8 @@ class Node:
         notify("STOPPING=1")
         log.info("node.stopping")
         self._step("stop_scp", self.scp.stop)
+        if self.receivers is not None:
+            self._step("stop_receivers", self.receivers.stop)
         if self.delivery is not None:
             # Bounded: attempts in flight get a short grace, then are cut or
             # left behind with their rows pending (sent again at the next start).
@@ -281,6 +291,8 @@ class Node:
             parts.append(("agreement", self.agreement))
         if self.worker is not None:
             parts.append(("worker", self.worker))
+        if self.receivers is not None:
+            parts.append(("receivers", self.receivers))
         return parts
 
     def reload(self) -> None:
@@ -353,6 +365,8 @@ class Node:
         """One turn of the main loop: each step on its own."""
         self._step("reload", self._reload_if_asked)
         self._step("supervise", self._supervise)
+        if self.receivers is not None:
+            self._step("receivers", self.receivers.supervise)
         self._step("watchdog", self._watchdog)
 
     def run_forever(self) -> int:

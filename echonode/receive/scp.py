@@ -196,6 +196,16 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class _ReusePortServer(_HandshakeInThreadServer):
+    """The same, bound with SO_REUSEPORT beside the node's other receivers (``node.receivers``)."""
+
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind replaces socketserver's, which would honour allow_reuse_port.
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def _peer_address(client_address: Any) -> str:
     return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
 
@@ -266,6 +276,15 @@ class StorageSCP:
         Where accepted objects go.
     on_instance : callable, optional
         Called with the study UID after each stored instance (metrics, tests).
+    reuse_port : bool, optional
+        Listen with SO_REUSEPORT, beside the node's other receivers on the
+        same port (``node.receivers``).
+    run_token : str, optional
+        The first part of this listener's association keys in the journal
+        (default: a new random one), by which the node ends the associations
+        a dead receiver left open.
+    receiver : int, optional
+        The receiver process's number, on every log line of its associations.
     """
 
     def __init__(
@@ -273,8 +292,14 @@ class StorageSCP:
         node: NodeConfig,
         store: StudyStore,
         on_instance: Callable[[str], None] | None = None,
+        *,
+        reuse_port: bool = False,
+        run_token: str | None = None,
+        receiver: int | None = None,
     ) -> None:
         self.node = node
+        self.reuse_port = reuse_port
+        self.receiver = receiver
         self.store = store
         self.on_instance = on_instance
         self.policy = AccessPolicy.from_config(node)
@@ -287,7 +312,7 @@ class StorageSCP:
         self._awaiting: dict[Association, float] = {}
         #: This run's part of the journal's association keys (``study.after_release_s``):
         #: an association of an earlier run never shares one.
-        self._run_token = uuid.uuid4().hex[:12]
+        self._run_token = run_token or uuid.uuid4().hex[:12]
         #: Associations that brought an instance to a study still receiving, with their journal key.
         self._bringing: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -404,7 +429,8 @@ class StorageSCP:
         # As received, escaped: a log line must not carry a newline a peer chose.
         calling_ae = calling or printable_ae(calling_field)
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address)
+        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address,
+                                               **({} if self.receiver is None else {"receiver": self.receiver}))
         if calling is None:
             log.warning("association.rejected", reason="calling AE title is not a valid AE title",
                         calling_ae=calling_ae)
@@ -662,7 +688,7 @@ class StorageSCP:
             (self.node.host, self.node.port),
             evt_handlers=self.handlers(),  # type: ignore[arg-type]
             ssl_context=server_ssl_context(self.node.tls),
-            server_class=_HandshakeInThreadServer,
+            server_class=_ReusePortServer if self.reuse_port else _HandshakeInThreadServer,
             request_handler=_AssociationRequestHandler,
         ))
         server.handshake_timeout = self.node.acse_timeout_s

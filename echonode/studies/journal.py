@@ -186,8 +186,16 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             )
             return cur.rowcount
 
-    def end_open_associations(self, now: float | None = None) -> int:
-        """At start: associations still open in the journal died with the previous node; they count as aborted.
+    def end_open_associations(self, now: float | None = None, run_token: str | None = None) -> int:
+        """Associations still open in the journal whose listener died count as aborted.
+
+        Parameters
+        ----------
+        now : float, optional
+            When (default: now).
+        run_token : str, optional
+            Only those of the listener with this token (a receiver process
+            that died); default: every one (at start, when none listens).
 
         Returns
         -------
@@ -195,10 +203,12 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             Rows closed.
         """
         now = time.time() if now is None else now
+        where, args = "ended IS NULL", (now,)
+        if run_token is not None:
+            # Keys are "<token>-<number>"; the token is hex, so no LIKE wildcard in it.
+            where, args = "ended IS NULL AND assoc LIKE ?", (now, f"{run_token}-%")
         with self._tx() as con:
-            return con.execute(
-                "UPDATE study_associations SET ended = ?, released = 0 WHERE ended IS NULL", (now,)
-            ).rowcount
+            return con.execute(f"UPDATE study_associations SET ended = ?, released = 0 WHERE {where}", args).rowcount
 
     def instances(self, study_uid: str | None = None) -> list[InstanceRecord]:
         """Instances of one study, or all, in receive order."""

@@ -5,6 +5,7 @@ Layout under ``storage_dir``::
     incoming/                      temp files of transfers in flight (same file system)
     studies/<Study>/<Series>/<SOP>.dcm
     reports/<Study>/<SR SOP>.dcm   SRs built for delivery
+    locks/NN.lock                  the per-study lock stripes (echonode.studies.locks)
     journal.sqlite
 
 A received object is written to ``incoming/``, fsynced, renamed into place
@@ -31,10 +32,9 @@ import re
 import shutil
 import sqlite3
 import struct
-import threading
 import time
-import zlib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from echonode.durable import FILE_MODE, fsync_dir, move_into_place
 from echonode.ops.logs import get_logger
 from echonode.studies.connection import is_disk_full
 from echonode.studies.journal import Journal
+from echonode.studies.locks import StudyLocks
 from echonode.studies.records import InstanceRecord, SopInOtherStudy
 
 log = get_logger(__name__)
@@ -217,13 +218,14 @@ class StudyStore:
         for d in (self.root, self.incoming, self.studies, self.reports):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         # Striped per-study locks: accept (move + record) and retention
-        # (forget + delete) of one study never interleave, while receives
-        # of different studies (almost always) proceed in parallel.
-        self._locks = [threading.Lock() for _ in range(64)]
+        # (forget + delete) of one study never interleave, in any of the
+        # node's processes, while receives of different studies (almost
+        # always) proceed in parallel.
+        self.locks = StudyLocks(self.root / "locks")
 
-    def study_lock(self, study_uid: str) -> threading.Lock:
-        """The lock that serialises changes to ``study_uid``'s files and rows."""
-        return self._locks[zlib.crc32(study_uid.encode()) % len(self._locks)]
+    def study_lock(self, study_uid: str) -> AbstractContextManager[None]:
+        """The lock that serialises changes to ``study_uid``'s files and rows (``with store.study_lock(uid):``)."""
+        return self.locks.hold(study_uid)
 
     # -- paths -------------------------------------------------------------------
 
