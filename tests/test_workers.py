@@ -263,3 +263,12 @@ def test_reload_changes_the_number_of_workers(tmp_path: Path) -> None:
     finally:
         pool.stop()
     assert all(s.process is None for s in pool.supervisors)
+
+
+def test_the_status_page_shows_each_worker() -> None:
+    from echonode.ops.statuspage import _health_section
+
+    doc = health(_pool_node([_entry(0), _entry(1, study="1.2.3")]))[1]
+    html = _health_section(SimpleNamespace(health_code=200, health=doc, scp_port=104))
+    assert "worker 0 idle" in html
+    assert 'worker 1 processing on study <span class="uid">1.2.3</span>' in html
