@@ -265,6 +265,9 @@ class Node:
         """Stop receiving, the worker, the jobs and the metrics; each part even if another fails."""
         notify("STOPPING=1")
         log.info("node.stopping")
+        if self.receivers is not None:
+            # Asked first, so that their associations finish alongside this process's.
+            self._step("stop_receivers", self.receivers.ask_to_stop)
         self._step("stop_scp", self.scp.stop)
         if self.receivers is not None:
             self._step("stop_receivers", self.receivers.stop)

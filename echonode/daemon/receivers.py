@@ -208,10 +208,14 @@ class ReceiverPool:
                 r.restart_requested = True
                 r.ask_to_stop()
 
-    def stop(self, grace_s: float = STOP_GRACE_S + 5.0) -> None:
-        """Ask every receiver to stop (each lets its associations finish); kill those left after ``grace_s``."""
+    def ask_to_stop(self) -> None:
+        """Ask every receiver to stop, without waiting (each lets its associations finish)."""
         for r in self.receivers:
             r.ask_to_stop()
+
+    def stop(self, grace_s: float = STOP_GRACE_S + 5.0) -> None:
+        """Ask every receiver to stop (each lets its associations finish); kill those left after ``grace_s``."""
+        self.ask_to_stop()
         deadline = time.monotonic() + grace_s
         for r in self.receivers:
             if r.process is None:
