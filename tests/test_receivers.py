@@ -135,6 +135,9 @@ def test_many_carts_at_once_on_two_receivers(tmp_path: Path) -> None:
         in_receiver = _accepted_by(log).get("1", 0)
         assert 0 < in_receiver < len(sops)
         assert node.scp.counters.instances == len(sops) - in_receiver
+        # The metrics count every listener (a receiver hands its counts over every second).
+        wait_for(lambda: node.receive_counters().instances == len(sops), timeout=30, what="the counts of all")
+        assert node.receive_counters().associations == len(batches)
     finally:
         node.stop()
     assert _receiver_pids(node) == []

@@ -31,7 +31,7 @@ from echonode.bundles.installed import has_task_models
 from echonode.config import Config, load_config
 from echonode.ops.logs import get_logger, silence_data_warnings
 from echonode.ops.sdnotify import notify, watchdog_interval_s
-from echonode.receive.scp import StorageSCP
+from echonode.receive.scp import ReceiveCounters, StorageSCP
 from echonode.studies.journal import Journal
 from echonode.studies.rebuild import check_journal
 from echonode.studies.retention import Retention
@@ -282,6 +282,15 @@ class Node:
         if self.metrics is not None:
             self._step("stop_metrics", self.metrics.stop)
         log.info("node.stopped")
+
+    def receive_counters(self) -> ReceiveCounters:
+        """What every listener of the node received (its own SCP and the receiver processes)."""
+        if self.receivers is None:
+            return self.scp.counters
+        total = ReceiveCounters()
+        for counts in [self.scp.counters.to_dict(), *self.receivers.counts()]:
+            total.add(counts)
+        return total
 
     def configurables(self) -> list[tuple[str, Configurable]]:
         """The components a reload hands the new settings to, by name."""

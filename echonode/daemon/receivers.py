@@ -21,12 +21,14 @@ and its partial spool files are deleted at the next start.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import sys
 import time
 import uuid
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -36,7 +38,7 @@ from echonode.daemon.workerlink import StopListener
 from echonode.ops.logs import configure_logging, get_logger, silence_data_warnings
 from echonode.studies.journal import Journal
 
-__all__ = ["ReceiverPool", "receiver_main"]
+__all__ = ["ReceiverPool", "counters_file", "receiver_main"]
 
 log = get_logger(__name__)
 
@@ -77,12 +79,39 @@ def receiver_main(cfg: Config, stop_conn: Connection, index: int, run_token: str
     scp.start()
     log.info("receiver.started", pid=os.getpid())
     parent = mp.parent_process()
+    counts = cfg.storage_dir / counters_file(index)
     while not stop.wait(1.0):
+        write_counters(counts, scp.counters.to_dict())
         if parent is not None and not parent.is_alive():
             log.warning("receiver.orphaned_exit")
             break
     scp.stop(grace_s=STOP_GRACE_S)
+    write_counters(counts, scp.counters.to_dict())
     log.info("receiver.stopped", reason=stop.reason or "orphaned")
+
+
+def counters_file(index: int) -> str:
+    """Where receiver ``index`` leaves its receive counts for the node's metrics (every second)."""
+    return f"receiver-{index}-counters.json"
+
+
+def write_counters(path: Path, counts: dict[str, Any]) -> None:
+    """Replace ``path`` with ``counts`` (temp file and rename: a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_text(json.dumps(counts))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a full disk: the metrics lag, receiving goes on
+
+
+def read_counters(path: Path) -> dict[str, Any]:
+    """What :func:`write_counters` left, or nothing."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _run_receiver(cfg: Config, stop_conn: Connection, index: int, run_token: str, log_path: str | None) -> None:
@@ -136,6 +165,30 @@ class ReceiverPool:
         self._ctx = mp.get_context("spawn")
         self.receivers = [_Receiver(i) for i in range(1, cfg.node.receivers)]
         self._journal: Journal | None = None
+        #: Receive counts of receiver processes that have ended (their files are gone).
+        self._ended_counts: dict[str, Any] = {}
+        for r in self.receivers:
+            # A previous node's: counters start at zero with the node.
+            self._counts_path(r).unlink(missing_ok=True)
+
+    def _counts_path(self, r: _Receiver) -> Path:
+        return self.cfg.storage_dir / counters_file(r.index)
+
+    def _collect_counts(self, r: _Receiver) -> None:
+        """Keep an ended receiver's last counts (its successor starts from zero)."""
+        from echonode.receive.scp import ReceiveCounters
+
+        total = ReceiveCounters()
+        total.add(self._ended_counts)
+        total.add(read_counters(self._counts_path(r)))
+        self._ended_counts = total.to_dict()
+        self._counts_path(r).unlink(missing_ok=True)
+
+    def counts(self) -> list[dict[str, Any]]:
+        """Receive counts of every receiver process since the node started (each as ``ReceiveCounters.to_dict``;
+        a process's last second before a kill -9 may be missing)."""
+        return [self._ended_counts] + [read_counters(self._counts_path(r)) for r in self.receivers
+                                       if r.process is not None]
 
     @property
     def restarts(self) -> int:
@@ -171,6 +224,7 @@ class ReceiverPool:
         code = r.process.exitcode
         r.ask_to_stop()
         r.process = None
+        self._collect_counts(r)
         ended = self._open_journal().end_open_associations(run_token=r.token)
         if r.restart_requested and code == 0:
             r.restart_requested = False
@@ -226,6 +280,7 @@ class ReceiverPool:
                 r.process.kill()
                 r.process.join(5)
             r.process = None
+            self._collect_counts(r)
             self._open_journal().end_open_associations(run_token=r.token)
         if self._journal is not None:
             self._journal.close()

@@ -386,7 +386,8 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         node = self.node
-        c = node.scp.counters
+        # Every listener's: the node's own SCP and its receiver processes (node.receivers).
+        c = node.receive_counters() if hasattr(node, "receive_counters") else node.scp.counters
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"echonode_{name}", doc, value=value)

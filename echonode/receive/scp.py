@@ -264,6 +264,21 @@ class ReceiveCounters:
     def abort(self, kind: str) -> None:
         self.aborted[kind] = self.aborted.get(kind, 0) + 1
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able copy (a receiver process hands its counts to the node this way)."""
+        return {"instances": self.instances, "bytes": self.bytes, "duplicates": self.duplicates,
+                "failures": dict(self.failures), "associations": self.associations, "rejected": self.rejected,
+                "aborted": dict(self.aborted)}
+
+    def add(self, other: dict[str, Any]) -> None:
+        """Add counts given as :meth:`to_dict` gives them; unknown keys are ignored."""
+        for name in ("instances", "bytes", "duplicates", "associations", "rejected"):
+            setattr(self, name, getattr(self, name) + int(other.get(name, 0)))
+        for name in ("failures", "aborted"):
+            mine = getattr(self, name)
+            for key, n in dict(other.get(name, {})).items():
+                mine[key] = mine.get(key, 0) + int(n)
+
 
 class StorageSCP:
     """The listening node.
