@@ -21,9 +21,16 @@ from echonode.daemon.node import Node
 from echonode.studies.journal import Journal
 from echonode.studies.records import InstanceRecord
 from echonode.studies.states import StudyState
-from tests.conftest import STORESCU, make_config, need, wait_for
+from tests.conftest import make_config
 from tests.factories import us_multiframe
-from tests.test_stage_recovery import ServedNode, journal_rows, states
+from tests.peers import (
+    STORESCU,
+    ServedNode,
+    journal_rows,
+    require_tool,
+    states,
+    wait_for,
+)
 
 HOUR = 3600.0
 
@@ -140,7 +147,7 @@ def test_an_aborted_association_falls_back_on_the_quiet_rule(node: Node, tmp_pat
 def test_release_survives_a_kill_9_before_completion(tmp_path: Path) -> None:
     """dcmtk's storescu sends a study and releases; the node is killed at once. No quiet
     period can complete the study (an hour); the recorded release does, after the restart."""
-    need(STORESCU)
+    require_tool(STORESCU)
     cfg = make_config(tmp_path, study={"stable_after_s": HOUR, "after_release_s": 5.0, "check_interval_s": 0.1})
     uid, paths = _study(tmp_path, 3)
     node = ServedNode(cfg, tmp_path).start()

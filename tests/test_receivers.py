@@ -25,8 +25,9 @@ from pynetdicom import AE
 from echonode.config import ConfigError
 from echonode.daemon.node import Node
 from echonode.studies.locks import StudyLocks
-from tests.conftest import STORESCU, make_config, need, wait_for
+from tests.conftest import make_config
 from tests.factories import us_multiframe
+from tests.peers import STORESCU, require_tool, wait_for
 
 CT = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
 
@@ -112,7 +113,7 @@ def _accepted_by(log: Path) -> dict[str, int]:
 
 
 def test_many_carts_at_once_on_two_receivers(tmp_path: Path) -> None:
-    need(STORESCU)
+    require_tool(STORESCU)
     cfg = make_config(tmp_path, node={"receivers": 2})
     log = tmp_path / "receivers.log"
     node = Node(cfg, start_worker=False, worker_log_path=str(log))

@@ -5,7 +5,7 @@ never held by both, a worker frozen on a study keeps it while the other
 works through the rest, and kill -9 of one worker gives back its study
 alone, which is then reported once (one SR file, one outbox row, one SR at
 the PACS). ``echonode serve`` runs as a subprocess, as in
-tests/test_worker_death.py, whose helpers these tests reuse.
+tests/test_worker_death.py (peers from tests/peers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,18 +29,29 @@ from echonode.daemon.workerlink import heartbeat_file
 from echonode.ops.prometheus import health
 from echonode.studies.journal import Journal
 from echonode.studies.records import InstanceRecord
-from tests.conftest import free_port, make_config, wait_for, with_destination
-from tests.factories import tiny_bundle
-from tests.test_node_metrics import get_health, scrape
-from tests.test_stage_recovery import (
+from tests.conftest import make_config, with_destination
+from tests.factories import make_studies, tiny_bundle
+from tests.peers import (
     ServedNode,
     SlowPACS,
+    free_port,
+    get_health,
     journal_rows,
-    make_studies,
+    scrape,
     send_studies,
     states,
+    wait_for,
 )
-from tests.test_worker_death import pacs  # noqa: F401 - the fixture
+
+
+@pytest.fixture
+def pacs() -> Iterator[SlowPACS]:
+    scp = SlowPACS(free_port())
+    scp.start()
+    yield scp
+    scp.release.set()
+    scp.stop()
+
 
 # -- settings ---------------------------------------------------------------------------------
 
@@ -108,7 +120,7 @@ def _running(cfg) -> dict[str, int]:
     return dict(journal_rows(cfg, "SELECT study_uid, worker_pid FROM studies WHERE state = 'running'"))
 
 
-def test_two_workers_a_held_study_and_a_kill(tmp_path: Path, pacs: SlowPACS) -> None:  # noqa: F811
+def test_two_workers_a_held_study_and_a_kill(tmp_path: Path, pacs: SlowPACS) -> None:
     cfg = make_config(tmp_path, study={"stable_after_s": 0.3, "check_interval_s": 0.1},
                       models={"workers": 2, "threads": 2, "max_attempts": 3},
                       metrics={"enabled": True, "port": free_port()},
