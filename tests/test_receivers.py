@@ -45,6 +45,15 @@ def _hold(folder: str, study: str, held: mp.Event, release: mp.Event) -> None:
         release.wait(30)
 
 
+def _hold_until_killed(folder: str, study: str, held: mp.Event) -> None:
+    locks = StudyLocks(folder)
+    with locks.hold(study):
+        held.set()
+        # A plain sleep: a process killed inside an Event's wait would leave
+        # that Event unusable for the test (see echonode.daemon.workerlink).
+        time.sleep(120)
+
+
 def test_a_study_lock_holds_across_processes(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     held, release = ctx.Event(), ctx.Event()
@@ -65,12 +74,11 @@ def test_a_study_lock_holds_across_processes(tmp_path: Path) -> None:
         release.set()
         assert got.wait(30)
         # A process that dies holding a stripe releases it (the kernel drops its flock).
-        held.clear()
-        release.clear()
         child.join(30)
-        killed = ctx.Process(target=_hold, args=(str(tmp_path), "1.2.3", held, release))
+        killed_held = ctx.Event()
+        killed = ctx.Process(target=_hold_until_killed, args=(str(tmp_path), "1.2.3", killed_held))
         killed.start()
-        assert held.wait(60)
+        assert killed_held.wait(60)
         os.kill(killed.pid, signal.SIGKILL)
         killed.join(30)
         with locks.hold("1.2.3"):
