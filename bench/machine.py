@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from pathlib import Path
+
+#: CPU flags that decide which inference runtime is fast.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def cpu_model() -> str:
@@ -25,3 +29,13 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def cpu_flags() -> list[str]:
+    """The flags of :data:`ISA_FLAGS` that ``/proc/cpuinfo`` lists (the CPU behind a machine kind varies)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in ISA_FLAGS if f in flags]

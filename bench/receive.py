@@ -24,14 +24,25 @@ Note on fairness: echonode fsyncs every object and its folder and commits
 the journal (``synchronous=FULL``) before acknowledging; ``storescp`` does
 not fsync at all.
 
+Concurrent mode (``--senders 8``): carts sending at once. Each of the
+senders is its own dcmtk ``storescu`` with its own association and its own
+objects (``--count`` of them, fresh UIDs, one study per sender), all started
+together; the aggregate throughput is every byte sent over the wall time
+from the first start to the last exit. Receivers: echonode, Orthanc
+(``/usr/sbin/Orthanc``, its default DICOM threads) and ``storescp --fork``
+(a process per association), side by side in one run, order alternating;
+``--echonode-receivers N`` adds echonode with ``node.receivers = N``.
+
 Run::
 
     .venv/bin/python -m bench.receive [--repeats 3] [--count 40]
+    .venv/bin/python -m bench.receive --senders 8 --count 5 [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -42,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +74,7 @@ REPO = Path(__file__).resolve().parents[1]
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
+ORTHANC = "/usr/sbin/Orthanc"
 MAX_PDU = 131072
 ROWS, COLS = 480, 640
 MB = 1_000_000
@@ -250,9 +263,18 @@ class Storescp(Receiver):
         return len(list(self.out.glob("*.dcm")))
 
 
+def _heartbeat_phase(storage: Path) -> str | None:
+    try:
+        return json.loads((storage / "worker-heartbeat.json").read_bytes()).get("phase")
+    except (OSError, ValueError):
+        return None
+
+
 class Echonode(Receiver):
     name = "echonode"
     aet = "ECHONODE"
+    #: ``node.receivers``.
+    receivers = 1
 
     def start(self) -> None:
         self.storage = self.workdir / "storage"
@@ -265,6 +287,7 @@ class Echonode(Receiver):
                     "storage_dir": str(self.storage),
                     "min_free_disk_mb": 0,
                     "max_pdu": MAX_PDU,
+                    "receivers": self.receivers,
                 },
                 "models": {"dir": str(self.workdir / "models"), "device": "cpu"},
                 "logging": {"format": "json", "level": "warning"},
@@ -282,6 +305,11 @@ class Echonode(Receiver):
             cwd=REPO,
         )
         wait_accepting(self.port, self.aet, self.proc)
+        # The worker process imports torch as the node starts: on a few cores
+        # that would be timed as receiving. Wait until it idles.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and _heartbeat_phase(self.storage) != "idle":
+            time.sleep(0.1)
         self.idle = Memory.read(self.proc.pid)
 
     def received(self) -> int:
@@ -298,6 +326,128 @@ class Echonode(Receiver):
     def stop(self) -> None:
         super().stop()
         self.log.close()
+
+
+class StorescpFork(Storescp):
+    name = "storescp --fork"
+    aet = "STORESCP"
+
+    def start(self) -> None:
+        self.out = self.workdir / "out"
+        self.out.mkdir(parents=True)
+        self.proc = subprocess.Popen(
+            [STORESCP, "--fork", "--max-pdu", str(MAX_PDU), "-aet", self.aet, "-od", str(self.out), "-fe", ".dcm",
+             str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_accepting(self.port, self.aet, self.proc)
+
+
+class Orthanc(Receiver):
+    name = "Orthanc"
+    aet = "ORTHANC"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.http = free_port()
+        config = self.workdir / "orthanc.json"
+        config.write_text(json.dumps({
+            "Name": "bench", "StorageDirectory": str(self.workdir / "db"),
+            "IndexDirectory": str(self.workdir / "db"), "DicomAet": self.aet, "DicomPort": self.port,
+            "HttpPort": self.http, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "MaximumPduLength": MAX_PDU, "Plugins": [],
+        }))
+        self.log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([ORTHANC, str(config)], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_accepting(self.port, self.aet, self.proc)
+
+    def received(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/statistics", timeout=30) as r:
+            return int(json.loads(r.read())["CountInstances"])
+
+    def stop(self) -> None:
+        super().stop()
+        self.log.close()
+
+
+def send_concurrently(receiver: Receiver, batches: list[list[Path]]) -> tuple[float, float]:
+    """Wall seconds from starting one ``storescu`` per batch (all at once) to the last one's exit,
+    and the receiver's CPU seconds meanwhile (its child processes included)."""
+    assert receiver.proc is not None
+    pids = [receiver.proc.pid]
+    cpu0 = sum(cpu_seconds(p) for p in pids)
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen([STORESCU, "--max-pdu", str(MAX_PDU), "-aec", receiver.aet, "127.0.0.1",
+                          str(receiver.port), *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for files in batches
+    ]
+    errors = []
+    for proc in procs:
+        _out, err = proc.communicate()
+        if proc.returncode != 0:
+            errors.append(err.decode(errors="replace")[-500:])
+    dt = time.perf_counter() - t0
+    # The main process only: storescp --fork's children are gone by now (see the note printed).
+    cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+    if errors:
+        raise RuntimeError(f"storescu to {receiver.name} failed: {errors[0]}")
+    return dt, cpu
+
+
+def run_concurrent(args: argparse.Namespace, base: Path) -> None:
+    """``--senders N``: N storescu at once, each with its own ``--count`` objects, to each receiver."""
+    batches = [make_objects(base / f"sender{i}", args.count, args.size_mb, seed=100 + i) for i in range(args.senders)]
+    total = sum(f.stat().st_size for b in batches for f in b)
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()};"
+          f" load average {os.getloadavg()[0]:.1f}")
+    print(f"input: {args.senders} senders x {args.count} objects x {args.size_mb:g} MB, {total / MB:.0f} MB in all;"
+          f" storescu --max-pdu {MAX_PDU}, one association each, all started together")
+    receivers: list[type[Receiver]] = [Echonode, StorescpFork]
+    if args.echonode_receivers > 1:
+        several = type("EchonodeReceivers", (Echonode,),
+                       {"receivers": args.echonode_receivers, "name": f"echonode x{args.echonode_receivers}"})
+        receivers.insert(1, several)
+    if Path(ORTHANC).exists():
+        receivers.insert(1, Orthanc)
+    else:
+        print(f"({ORTHANC} is missing: Orthanc left out)")
+    os.sync()
+    for cls in receivers:  # warm-up, not timed
+        rx = cls(Path(tempfile.mkdtemp(prefix=cls.aet.lower() + "-", dir=base)))
+        rx.start()
+        try:
+            send_concurrently(rx, [b[:1] for b in batches[:2]])
+        finally:
+            rx.stop()
+    times: dict[str, list[float]] = {cls.name: [] for cls in receivers}
+    for rep in range(args.repeats):
+        order = receivers if rep % 2 == 0 else list(reversed(receivers))
+        for cls in order:
+            rx = cls(Path(tempfile.mkdtemp(prefix=cls.aet.lower() + "-", dir=base)))
+            rx.start()
+            try:
+                dt, cpu = send_concurrently(rx, batches)
+                n = rx.received()
+                if n != sum(len(b) for b in batches):
+                    raise RuntimeError(f"{rx.name}: {n} of {sum(len(b) for b in batches)} objects arrived")
+                mem = rx.memory() if isinstance(rx, Echonode) else None
+            finally:
+                rx.stop()
+            times[cls.name].append(dt)
+            print(f"  run {rep + 1} {cls.name:>16}: {dt:6.2f} s  {total / dt / MB:6.1f} MB/s  receiver CPU {cpu:5.2f} s"
+                  f"  load {os.getloadavg()[0]:.1f}"
+                  + (f"  peak RSS serve {mem.serve_mib:.0f} MiB" if mem else ""), flush=True)
+    print()
+    print(f"aggregate, median of {args.repeats} (MB/s = 10^6 bytes/s):")
+    rate = {name: total / statistics.median(ts) / MB for name, ts in times.items()}
+    for name, ts in times.items():
+        print(f"  {name:>16}: {rate[name]:6.1f} MB/s  (runs: {', '.join(f'{total / t / MB:.1f}' for t in ts)})")
+    for name in rate:
+        if name != Echonode.name:
+            print(f"  echonode / {name}: {rate[Echonode.name] / rate[name]:.2f}x")
+    print("  (receiver CPU: the receiver's main process only; storescp --fork's children are not counted)")
 
 
 def send(receiver: Receiver, files: list[Path]) -> tuple[float, float]:
@@ -341,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-sizes", default="4,10,40", help="object sizes (MB) of the memory runs ('' to skip)")
     p.add_argument("--memory-count", type=int, default=8, help="objects per memory run (default 8)")
     p.add_argument("--tmp", default=None, help="folder for inputs and receivers (default: system temp)")
+    p.add_argument("--senders", type=int, default=0,
+                   help="concurrent mode: this many storescu at once, --count objects each (e.g. 8 and 5)")
+    p.add_argument("--echonode-receivers", type=int, default=0,
+                   help="concurrent mode: also run echonode with node.receivers = this many processes")
     args = p.parse_args(argv)
     for tool in (STORESCU, STORESCP, ECHOSCU):
         if not Path(tool).exists():
@@ -348,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     base = Path(tempfile.mkdtemp(prefix="echonode-bench-receive-", dir=args.tmp))
+    if args.senders:
+        try:
+            run_concurrent(args, base)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return 0
     try:
         files = make_objects(base / "input", args.count, args.size_mb, seed=1)
         total = sum(f.stat().st_size for f in files)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -84,6 +85,10 @@ class NodeConfig:
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
+    #: Processes that receive on ``port`` (SO_REUSEPORT: the kernel spreads
+    #: new connections between them): 1 receives in the node's own process.
+    #: ``max_associations`` applies to each.
+    receivers: int = 1
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
@@ -92,6 +97,12 @@ class StudyConfig:
     """When a study counts as complete."""
 
     stable_after_s: float = 60.0
+    #: When set: a study is complete this many seconds after the association
+    #: that brought it was released, none other being open for it (carts
+    #: that send a whole exam in one association); ``stable_after_s`` still
+    #: applies when the association was aborted or the node restarted.
+    #: Unset (the default): ``stable_after_s`` alone.
+    after_release_s: float | None = None
     #: How often the stability check runs.
     check_interval_s: float = 5.0
 
@@ -106,8 +117,13 @@ class ModelsConfig:
     views: tuple[str, ...] = ("plax",)
     #: Clips per forward pass.
     batch_size: int = 8
-    #: CPU threads for inference; 0 lets torch decide.
+    #: CPU threads for inference; 0 lets torch decide. With several workers
+    #: on the CPU this is the total, split between them (0: the CPUs).
     threads: int = 0
+    #: Inference worker processes, each claiming studies from the journal:
+    #: with ``device`` auto or cuda, worker i runs on cuda:i (wrapping round
+    #: the GPUs present); on the CPU they share ``threads``.
+    workers: int = 1
     #: Inference runtime (echonode.bundles.runtime.MODES): auto (chosen by measurement at
     #: bundle load), or one named mode: eager, jit, bf16, int8, compile,
     #: compile_bf16, openvino, openvino_bf16, cuda.
@@ -294,6 +310,10 @@ class Config:
 
 def _convert(value: Any, typ: Any, key: str) -> Any:
     origin = get_origin(typ)
+    if origin is types.UnionType:
+        # ``X | None``: a key that is absent stays None (TOML has no null).
+        (typ,) = [t for t in get_args(typ) if t is not type(None)]
+        origin = get_origin(typ)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
@@ -477,6 +497,8 @@ def validate(cfg: Config) -> Config:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
             raise ConfigError(f"node.allowed_networks[{i}]: not a CIDR network: {net!r}") from None
+    if not 1 <= n.receivers <= 64:
+        raise ConfigError(f"node.receivers: must be 1-64, got {n.receivers}")
     if not 1 <= n.max_associations <= 1000:
         raise ConfigError(f"node.max_associations: must be 1-1000, got {n.max_associations}")
     # PS3.8: 0 means unlimited; otherwise at least 4096 is sane for any peer.
@@ -489,6 +511,8 @@ def validate(cfg: Config) -> Config:
 
     _check_positive(cfg.study.stable_after_s, "study.stable_after_s", allow_zero=True)
     _check_positive(cfg.study.check_interval_s, "study.check_interval_s")
+    if cfg.study.after_release_s is not None:
+        _check_positive(cfg.study.after_release_s, "study.after_release_s", allow_zero=True)
 
     m = cfg.models
     if not m.dir:
@@ -502,6 +526,8 @@ def validate(cfg: Config) -> Config:
     if not 1 <= m.batch_size <= 1024:
         raise ConfigError(f"models.batch_size: must be 1-1024, got {m.batch_size}")
     _check_positive(m.threads, "models.threads", allow_zero=True)
+    if not 1 <= m.workers <= 64:
+        raise ConfigError(f"models.workers: must be 1-64, got {m.workers}")
     if m.runtime not in RUNTIME_MODES:
         raise ConfigError(f"models.runtime: must be one of {', '.join(RUNTIME_MODES)}, got {m.runtime!r}")
     if m.max_attempts < 1:
@@ -660,6 +686,8 @@ def to_toml(cfg: Config) -> str:
         subtables = []
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
+            if v is None:
+                continue  # unset: TOML has no null
             if dataclasses.is_dataclass(v):
                 subtables.append((f.name, v))
             else:

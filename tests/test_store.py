@@ -141,7 +141,7 @@ def test_concurrent_same_sop_in_two_studies_is_refused_in_the_transaction(store:
     b = write(us_multiframe(sop_uid="1.2.3.4.77", study_uid="1.2.3.11"), tmp_path / "b.dcm")
     ha, hb = read_header(a), read_header(b)
     # Different studies, different locks: the two accepts run side by side.
-    assert store.study_lock(ha.study_uid) is not store.study_lock(hb.study_uid)
+    assert store.locks.stripe(ha.study_uid) != store.locks.stripe(hb.study_uid)
     # A writer of our own holds the journal (as a long commit of a third
     # association would): reads, and so both pre-checks, go on; both records wait.
     holder = sqlite3.connect(store.journal.path, isolation_level=None)

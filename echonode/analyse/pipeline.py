@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,11 @@ class StudyAnalysis:
     #: An image of the study, whose header the SR copies the patient and
     #: study from (None when the study has no image).
     header_path: str | None = None
+    #: Seconds spent, for the logs and bench/latency.py: ``decode_s`` (decoding
+    #: and preprocessing, summed over the decode threads, which run ahead of
+    #: inference), ``decode_wait_s`` (inference waiting for a decoded video),
+    #: ``infer_s`` (the networks, view classifier included).
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def used_videos(self) -> list[VideoOutcome]:
@@ -212,6 +218,7 @@ def check_identity(records: Sequence[ObjectRecord]) -> None:
 class _Decoded:
     outcome: VideoOutcome
     frames: dict[PreprocessConfig, np.ndarray] | None
+    seconds: float = 0.0
 
 
 def _outcome(record: ObjectRecord, reason: str | None = None) -> VideoOutcome:
@@ -219,6 +226,13 @@ def _outcome(record: ObjectRecord, reason: str | None = None) -> VideoOutcome:
 
 
 def _decode_one(record: ObjectRecord, configs: Sequence[PreprocessConfig], threads: int | None) -> _Decoded:
+    t0 = time.perf_counter()
+    decoded = _decode(record, configs, threads)
+    decoded.seconds = time.perf_counter() - t0
+    return decoded
+
+
+def _decode(record: ObjectRecord, configs: Sequence[PreprocessConfig], threads: int | None) -> _Decoded:
     outcome = _outcome(record)
     try:
         video: DecodedVideo = decode_video(record.path, decode_options_for(configs), threads=threads)
@@ -299,14 +313,15 @@ def analyse_study(
         if view_bundle
         else "no view classifier installed: every usable video used"
     )
-    batcher = _ClipBatcher(task_bundles, configs, batch_size)
+    timings = {"decode_s": 0.0, "decode_wait_s": 0.0, "infer_s": 0.0}
+    batcher = _ClipBatcher(task_bundles, configs, batch_size, timings)
     outcomes: list[VideoOutcome] = []
-    for decoded in _decode_ahead(candidates, configs, max(1, decode_threads)):
+    for decoded in _decode_ahead(candidates, configs, max(1, decode_threads), timings):
         idx = len(outcomes)
         outcomes.append(decoded.outcome)
         if decoded.frames is None:
             continue
-        if view_bundle is not None and not _keep_view(decoded, view_bundle, views, batch_size):
+        if view_bundle is not None and not _keep_view(decoded, view_bundle, views, batch_size, timings):
             continue
         decoded.outcome.used = True
         batcher.add(idx, decoded.frames)
@@ -315,7 +330,8 @@ def analyse_study(
     all_outcomes = outcomes + skipped
     reason = None if tasks else _why_no_result(task_bundles, all_outcomes, views)
     header = str(candidates[0].path) if candidates else (str(records[0].path) if records else None)
-    return StudyAnalysis(study_uid, all_outcomes, tasks, view_filter, reason, header)
+    return StudyAnalysis(study_uid, all_outcomes, tasks, view_filter, reason, header,
+                         timings={k: round(v, 4) for k, v in timings.items()})
 
 
 def _read_records(paths: Sequence[Path]) -> list[ObjectRecord]:
@@ -334,9 +350,12 @@ def _read_records(paths: Sequence[Path]) -> list[ObjectRecord]:
 
 
 def _decode_ahead(
-    candidates: Sequence[ObjectRecord], configs: Sequence[PreprocessConfig], workers: int
+    candidates: Sequence[ObjectRecord], configs: Sequence[PreprocessConfig], workers: int, timings: dict[str, float]
 ) -> Iterator[_Decoded]:
     """Decode ``candidates`` on ``workers`` threads, yielding them in order.
+
+    ``timings`` gains the decode threads' busy time (``decode_s``) and the
+    time spent waiting for a decoded video (``decode_wait_s``).
 
     Decoding runs ahead of inference by at most one object per thread (and
     one ready): a decoded video waiting for the model is held in memory, so
@@ -349,7 +368,10 @@ def _decode_ahead(
         )
         try:
             while futures:
+                t0 = time.perf_counter()
                 decoded = futures.popleft().result()
+                timings["decode_wait_s"] += time.perf_counter() - t0
+                timings["decode_s"] += decoded.seconds
                 following = next(todo, None)
                 if following is not None:
                     futures.append(pool.submit(_decode_one, following, configs, 1))
@@ -359,11 +381,16 @@ def _decode_ahead(
                 fut.cancel()
 
 
-def _keep_view(decoded: _Decoded, view_bundle: Bundle, views: Sequence[str], batch_size: int) -> bool:
+def _keep_view(
+    decoded: _Decoded, view_bundle: Bundle, views: Sequence[str], batch_size: int, timings: dict[str, float]
+) -> bool:
     """Classify the video's view (recorded on its outcome); whether the task models see it."""
     assert decoded.frames is not None
     vcfg = preprocess_config(view_bundle)
-    vprobs = view_bundle.predict(make_eval_clips(decoded.frames[vcfg], vcfg), batch_size=batch_size)
+    clips = make_eval_clips(decoded.frames[vcfg], vcfg)
+    t0 = time.perf_counter()
+    vprobs = view_bundle.predict(clips, batch_size=batch_size)
+    timings["infer_s"] += time.perf_counter() - t0
     mean = vprobs.mean(axis=0)
     best = int(np.argmax(mean))
     decoded.outcome.view = view_bundle.labels[best]
@@ -377,10 +404,15 @@ def _keep_view(decoded: _Decoded, view_bundle: Bundle, views: Sequence[str], bat
 class _ClipBatcher:
     """Clips of the used videos, batched across videos for each task model.
 
-    ``clip_probs[task][video index]`` collects each clip's probability.
+    ``clip_probs[task][video index]`` collects each clip's probability;
+    ``timings["infer_s"]`` the seconds in the networks.
     """
 
-    def __init__(self, task_bundles: Sequence[Bundle], configs: Sequence[PreprocessConfig], batch_size: int) -> None:
+    def __init__(
+        self, task_bundles: Sequence[Bundle], configs: Sequence[PreprocessConfig], batch_size: int,
+        timings: dict[str, float],
+    ) -> None:
+        self.timings = timings
         self.task_bundles = list(task_bundles)
         self.batch_size = batch_size
         # Only the preprocessings some task model needs (the view model's may differ).
@@ -410,7 +442,9 @@ class _ClipBatcher:
         for b in self.task_bundles:
             if preprocess_config(b) != cfg:
                 continue
+            t0 = time.perf_counter()
             probs = b.predict(clips, batch_size=self.batch_size)
+            self.timings["infer_s"] += time.perf_counter() - t0
             for owner, p in zip(owners.tolist(), probs.tolist(), strict=True):
                 self.clip_probs[b.task].setdefault(owner, []).append(float(p))
 

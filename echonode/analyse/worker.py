@@ -28,6 +28,7 @@ from pydicom import Dataset
 from pydicom import config as pydicom_config
 
 from echonode.analyse.pipeline import StudyAnalysis, StudyRefused, analyse_study
+from echonode.bundles.device import split_threads, worker_device
 from echonode.bundles.installed import MODELS_STATE
 from echonode.bundles.manifest import folder_signature
 from echonode.bundles.registry import ModelRegistry, ModelSet
@@ -244,7 +245,8 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
     seconds = time.monotonic() - t0
     usable = sum(v.usable for v in analysis.videos)
     used = len(analysis.used_videos)
-    bound.info("study.analysed", seconds=round(seconds, 2), objects=len(analysis.videos), usable=usable, used=used)
+    bound.info("study.analysed", seconds=round(seconds, 2), objects=len(analysis.videos), usable=usable, used=used,
+               **analysis.timings)
 
     results = [
         TaskResult(
@@ -256,7 +258,7 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
             positive=o.positive,
             threshold=o.bundle.threshold,
             n_videos=len(o.video_probabilities),
-            detail={"videos": o.video_probabilities, "seconds": seconds},
+            detail={"videos": o.video_probabilities, "seconds": seconds, "timings": analysis.timings},
         )
         for t, o in sorted(analysis.tasks.items())
     ]
@@ -507,7 +509,14 @@ def work_once(
     return 0.0
 
 
-def worker_main(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_path: str | None = None) -> None:
+def worker_main(
+    cfg: Config,
+    stop: StopListener,
+    beat: HeartbeatWriter,
+    log_path: str | None = None,
+    index: int = 0,
+    count: int = 1,
+) -> None:
     """The worker process: claim, process, repeat until asked to stop.
 
     A stop is asked for by the node closing the stop pipe's other end, by the
@@ -527,6 +536,10 @@ def worker_main(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_path
     log_path : str, optional
         Logs go to stderr (journald under systemd) or, when given, appended
         to that file (the demo keeps its terminal readable).
+    index, count : int, optional
+        This worker among the node's ``[models] workers``: its device
+        (:func:`~echonode.bundles.device.worker_device`) and its share of
+        the CPU threads (:func:`~echonode.bundles.device.split_threads`).
     """
     stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the process
     configure_logging(cfg.logging.format, cfg.logging.level, stream=stream)
@@ -534,16 +547,21 @@ def worker_main(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_path
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    if cfg.models.threads:
-        torch.set_num_threads(cfg.models.threads)
+    threads = split_threads(cfg.models.threads, count, len(os.sched_getaffinity(0)))
+    if threads:
+        torch.set_num_threads(threads)
     journal = Journal(cfg.journal_path)
     store = StudyStore(cfg.storage_dir, journal)
-    registry = ModelRegistry(cfg.models.dir, cfg.models.device, runtime=cfg.models.runtime,
-                             state_dir=cfg.storage_dir)
+    registry = ModelRegistry(cfg.models.dir, worker_device(cfg.models.device, index, count),
+                             runtime=cfg.models.runtime, state_dir=cfg.storage_dir)
     pause = DiskFullPause(journal, SpaceReserve(cfg.storage_dir / RESERVE_NAME))
     if not pause.reserve.restore():
         pause.begin(None, "worker start")
-    log.info("worker.started", pid=os.getpid(), device=str(registry.device))
+    if count > 1:
+        # Which of the workers wrote a line (the pid changes at every restart).
+        structlog.contextvars.bind_contextvars(worker=index)
+    log.info("worker.started", pid=os.getpid(), device=str(registry.device), threads=torch.get_num_threads(),
+             workers=count)
     parent = mp.parent_process()
     while True:
         if parent is not None and not parent.is_alive():
@@ -578,7 +596,14 @@ def worker_main(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_path
     beat.stop()
 
 
-def worker_process(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_path: str | None = None) -> None:
+def worker_process(
+    cfg: Config,
+    stop: StopListener,
+    beat: HeartbeatWriter,
+    log_path: str | None = None,
+    index: int = 0,
+    count: int = 1,
+) -> None:
     """The worker process's entry point: :func:`worker_main`, then leave at once.
 
     Everything the worker owes is on disk when :func:`worker_main` returns
@@ -589,7 +614,7 @@ def worker_process(cfg: Config, stop: StopListener, beat: HeartbeatWriter, log_p
     """
     code = 0
     try:
-        worker_main(cfg, stop, beat, log_path)
+        worker_main(cfg, stop, beat, log_path, index, count)
     except BaseException:  # logged, then the exit status says it
         log.exception("worker.crashed")
         code = 1

@@ -31,7 +31,7 @@ from echonode.bundles.installed import has_task_models
 from echonode.config import Config, load_config
 from echonode.ops.logs import get_logger, silence_data_warnings
 from echonode.ops.sdnotify import notify, watchdog_interval_s
-from echonode.receive.scp import StorageSCP
+from echonode.receive.scp import ReceiveCounters, StorageSCP
 from echonode.studies.journal import Journal
 from echonode.studies.rebuild import check_journal
 from echonode.studies.retention import Retention
@@ -49,7 +49,7 @@ FAILING_AFTER = 3
 #: the storage and the journal).
 RESTART_ONLY_NODE_KEYS = (
     "ae_title", "host", "port", "storage_dir", "max_pdu", "max_associations",
-    "network_timeout_s", "acse_timeout_s", "dimse_timeout_s", "tls",
+    "network_timeout_s", "acse_timeout_s", "dimse_timeout_s", "tls", "receivers",
 )
 
 
@@ -127,7 +127,10 @@ class Node:
         check_journal(cfg)
         self.journal = Journal(cfg.journal_path)
         self.store = StudyStore(self.storage_dir, self.journal)
-        self.scp = StorageSCP(cfg.node, self.store)
+        # With several receivers, every listener on the port (this one too) needs SO_REUSEPORT.
+        self.scp = StorageSCP(cfg.node, self.store, reuse_port=cfg.node.receivers > 1)
+        #: The receiver processes beside ``scp`` (``node.receivers`` > 1), else None.
+        self.receivers: Any = None
         self.stability = StabilityCheck(self.journal, cfg, has_task_models)
         self.retention = Retention(cfg.retention, self.journal, self.store)
         #: Reads the sonographers' measurement SRs beside the results (None when ``agreement.enabled`` is off).
@@ -218,6 +221,8 @@ class Node:
         from echonode.daemon.supervisor import remove_unrecorded_reports
 
         counts = self.store.recover()
+        # No association outlives the node: those the journal holds open were cut.
+        self.journal.end_open_associations()
         requeued = self.journal.recover_running(self.cfg.models.max_attempts)
         remove_unrecorded_reports(self.storage_dir, self.journal, requeued)
         log.info("node.recovered", **counts, interrupted_studies=len(requeued))
@@ -228,12 +233,17 @@ class Node:
 
         self.delivery = Delivery(self.cfg, self.journal)
         self.scp.start()
+        if self.cfg.node.receivers > 1:
+            from echonode.daemon.receivers import ReceiverPool
+
+            self.receivers = ReceiverPool(self.cfg, log_path=self._worker_log_path)
+            self._step("receivers", self.receivers.supervise)
         self._schedule()
         self.scheduler.start()
         if self._start_worker:
-            from echonode.daemon.supervisor import WorkerSupervisor
+            from echonode.daemon.supervisor import WorkerPool
 
-            self.worker = WorkerSupervisor(self.cfg, log_path=self._worker_log_path)
+            self.worker = WorkerPool(self.cfg, log_path=self._worker_log_path)
             # A worker that cannot start now (a full disk) is started by the
             # main loop's next turns; receiving goes on meanwhile.
             self._step("supervise", self.worker.supervise)
@@ -255,7 +265,12 @@ class Node:
         """Stop receiving, the worker, the jobs and the metrics; each part even if another fails."""
         notify("STOPPING=1")
         log.info("node.stopping")
+        if self.receivers is not None:
+            # Asked first, so that their associations finish alongside this process's.
+            self._step("stop_receivers", self.receivers.ask_to_stop)
         self._step("stop_scp", self.scp.stop)
+        if self.receivers is not None:
+            self._step("stop_receivers", self.receivers.stop)
         if self.delivery is not None:
             # Bounded: attempts in flight get a short grace, then are cut or
             # left behind with their rows pending (sent again at the next start).
@@ -268,6 +283,15 @@ class Node:
             self._step("stop_metrics", self.metrics.stop)
         log.info("node.stopped")
 
+    def receive_counters(self) -> ReceiveCounters:
+        """What every listener of the node received (its own SCP and the receiver processes)."""
+        if self.receivers is None:
+            return self.scp.counters
+        total = ReceiveCounters()
+        for counts in [self.scp.counters.to_dict(), *self.receivers.counts()]:
+            total.add(counts)
+        return total
+
     def configurables(self) -> list[tuple[str, Configurable]]:
         """The components a reload hands the new settings to, by name."""
         parts: list[tuple[str, Configurable]] = [
@@ -279,6 +303,8 @@ class Node:
             parts.append(("agreement", self.agreement))
         if self.worker is not None:
             parts.append(("worker", self.worker))
+        if self.receivers is not None:
+            parts.append(("receivers", self.receivers))
         return parts
 
     def reload(self) -> None:
@@ -351,6 +377,8 @@ class Node:
         """One turn of the main loop: each step on its own."""
         self._step("reload", self._reload_if_asked)
         self._step("supervise", self._supervise)
+        if self.receivers is not None:
+            self._step("receivers", self.receivers.supervise)
         self._step("watchdog", self._watchdog)
 
     def run_forever(self) -> int:

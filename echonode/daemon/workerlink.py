@@ -43,8 +43,15 @@ from echonode.ops.logs import get_logger
 
 log = get_logger(__name__)
 
-#: The heartbeat file, beside the journal in the storage folder.
+#: The heartbeat file, beside the journal in the storage folder (the first
+#: worker's; see :func:`heartbeat_file`).
 HEARTBEAT_FILE = "worker-heartbeat.json"
+
+
+def heartbeat_file(index: int) -> str:
+    """The heartbeat file of worker ``index`` (``[models] workers``): the first keeps :data:`HEARTBEAT_FILE`."""
+    return HEARTBEAT_FILE if index == 0 else f"worker-{index}-heartbeat.json"
+
 #: Seconds between two beats.
 HEARTBEAT_INTERVAL_S = 1.0
 #: The record's fixed size: every write overwrites the same bytes.

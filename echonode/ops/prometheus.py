@@ -33,6 +33,10 @@ Metrics (all prefixed ``echonode_``)::
     stored_bytes, storage_free_bytes
     worker_up, worker_restarts_total, scp_up, models_installed
     worker_heartbeat_age_seconds          since the worker last showed life
+                                          (with several: every worker up; the stalest)
+    worker_process_up{worker}, worker_process_heartbeat_age_seconds{worker},
+    worker_process_busy{worker}, worker_process_restarts_total{worker}
+                                          each of the models.workers processes
     loop_errors_total{step}               failed turns of a main-loop step
     job_failures_total{job}               failed runs of a scheduled job
     agreement_studies{model,version,task} studies with a model result and a decided
@@ -142,12 +146,35 @@ def scp_listening(node: Any) -> bool:
     return bool(node.scp.listening)
 
 
+def worker_entries(node: Any) -> list[dict[str, Any]] | None:
+    """Each worker's state (:meth:`echonode.daemon.supervisor.WorkerPool.workers`), or None
+    when the node runs without a pool of workers."""
+    workers = getattr(node.worker, "workers", None) if getattr(node, "worker", None) is not None else None
+    return workers() if callable(workers) else None
+
+
 def worker_alive(node: Any) -> bool | None:
-    """True/False for the worker process; None when the node runs without one."""
+    """True when every worker process is alive, False when one is not; None when the node runs without one."""
     if not getattr(node, "_start_worker", True):
         return None
+    entries = worker_entries(node)
+    if entries:
+        return all(w["alive"] for w in entries)
     process = getattr(node.worker, "process", None)
     return bool(process is not None and process.is_alive())
+
+
+def _workers_check(entries: list[dict[str, Any]], stale_s: float) -> tuple[bool, dict[str, Any], str | None]:
+    """Several workers: healthy when each is alive and beating; a reason per one that is not."""
+    why = []
+    for w in entries:
+        if not w["alive"]:
+            why.append(f"worker {w['index']}: process not running (crashed or killed; the node restarts it)")
+        elif w["heartbeat_age_s"] is not None and w["heartbeat_age_s"] > stale_s:
+            why.append(f"worker {w['index']}: no heartbeat for {w['heartbeat_age_s']:.0f} s"
+                       f" (process {w['pid']} stopped or frozen)")
+    detail = {"workers": entries, "workers_alive": sum(w["alive"] for w in entries)}
+    return not why, detail, "; ".join(why) or None
 
 
 def _worker_check(node: Any, stale_s: float) -> tuple[bool | None, dict[str, Any], str | None]:
@@ -155,6 +182,9 @@ def _worker_check(node: Any, stale_s: float) -> tuple[bool | None, dict[str, Any
     alive = worker_alive(node)
     if alive is None:
         return None, {}, None
+    entries = worker_entries(node)
+    if entries is not None and len(entries) > 1:
+        return _workers_check(entries, stale_s)
     if not alive:
         return False, {}, "worker: process not running (crashed or killed; the node restarts it)"
     age, beat = node.worker.heartbeat()
@@ -204,7 +234,11 @@ def health(node: Any) -> tuple[int, dict[str, Any]]:
     ``worker`` (process alive and beating; null without a worker), ``queue``
     (moving), ``loop`` (no step or job failing), ``reasons`` (a line per
     problem, empty when ok), and as details ``worker_phase``,
-    ``worker_heartbeat_age_s``, ``worker_study_uid``, ``queued``, ``running``.
+    ``worker_heartbeat_age_s``, ``worker_study_uid``, ``queued``, ``running``;
+    with several workers (``models.workers``) ``workers`` (a list: ``index``,
+    ``pid``, ``alive``, ``phase``, ``heartbeat_age_s``, ``study_uid``,
+    ``studies``, ``restarts``) and ``workers_alive`` instead of the
+    ``worker_*`` details, and a reason per worker that is down or silent.
     """
     settings = node.cfg.metrics
     reasons: list[str] = []
@@ -271,6 +305,36 @@ def agreement_families(summary: dict[str, Any] | None) -> Iterator[Any]:
     yield from (*families.values(), references)
 
 
+def worker_families(entries: list[dict[str, Any]]) -> Iterator[Any]:
+    """Each inference worker (``models.workers``): alive, heartbeat age, restarts, labelled ``worker``.
+
+    Parameters
+    ----------
+    entries : list of dict
+        :meth:`echonode.daemon.supervisor.WorkerPool.workers`.
+
+    Yields
+    ------
+    prometheus_client metric families
+    """
+    up = GaugeMetricFamily("echonode_worker_process_up", "1 when this inference worker's process is alive",
+                           labels=["worker"])
+    age = GaugeMetricFamily("echonode_worker_process_heartbeat_age_seconds",
+                            "Seconds since this inference worker last showed life (NaN: not running)",
+                            labels=["worker"])
+    busy = GaugeMetricFamily("echonode_worker_process_busy", "1 while this inference worker processes a study",
+                             labels=["worker"])
+    restarts = CounterMetricFamily("echonode_worker_process_restarts", "Restarts of this inference worker",
+                                   labels=["worker"])
+    for w in entries:
+        label = [str(w["index"])]
+        up.add_metric(label, 1 if w["alive"] else 0)
+        age.add_metric(label, float("nan") if w["heartbeat_age_s"] is None else w["heartbeat_age_s"])
+        busy.add_metric(label, 1 if w["study_uid"] else 0)
+        restarts.add_metric(label, w["restarts"])
+    yield from (up, age, busy, restarts)
+
+
 def delivery_families(delivery: Any) -> Iterator[Any]:
     """Each destination lane of :class:`echonode.delivery.outbox.Delivery`: in flight, for how long, stuck, cut.
 
@@ -322,7 +386,8 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         node = self.node
-        c = node.scp.counters
+        # Every listener's: the node's own SCP and its receiver processes (node.receivers).
+        c = node.receive_counters() if hasattr(node, "receive_counters") else node.scp.counters
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"echonode_{name}", doc, value=value)
@@ -396,6 +461,7 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("echonode_worker_heartbeat_age_seconds",
                                 "Seconds since the inference worker last showed life (NaN: no worker running)",
                                 value=float("nan") if age is None else age)
+        yield from worker_families(worker_entries(node) or [])
         yield GaugeMetricFamily("echonode_scp_up", "1 while the SCP listens", value=1 if scp_listening(node) else 0)
         for name, label, doc, counts in (
             ("loop_errors", "step", "Failed turns of a main-loop step (reload, supervise, watchdog, stop_*)",

@@ -393,8 +393,15 @@ def _health_section(d: PageData) -> str:
         parts.append("<ul>" + "".join(f"<li>{_text(r)}</li>" for r in reasons) + "</ul>")
     worker = d.health.get("worker")
     facts = [f"SCP {'listening' if d.health.get('scp') else 'not listening'} on port {d.scp_port}"]
+    workers = d.health.get("workers") or []
     if worker is None:
         facts.append("no inference worker in this process")
+    elif len(workers) > 1:
+        for w in workers:
+            fact = f"worker {int(w['index'])} {_e(w['phase'])}"
+            if w.get("study_uid"):
+                fact += f" on study <span class=\"uid\">{_e(w['study_uid'])}</span>"
+            facts.append(fact)
     else:
         phase = d.health.get("worker_phase", "?")
         facts.append(f"worker {_e(phase)}")

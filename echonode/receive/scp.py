@@ -20,6 +20,7 @@ import sqlite3
 import ssl
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from pynetdicom import (
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -198,6 +199,16 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class _ReusePortServer(_HandshakeInThreadServer):
+    """The same, bound with SO_REUSEPORT beside the node's other receivers (``node.receivers``)."""
+
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind replaces socketserver's, which would honour allow_reuse_port.
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def _peer_address(client_address: Any) -> str:
     return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
 
@@ -256,6 +267,21 @@ class ReceiveCounters:
     def abort(self, kind: str) -> None:
         self.aborted[kind] = self.aborted.get(kind, 0) + 1
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able copy (a receiver process hands its counts to the node this way)."""
+        return {"instances": self.instances, "bytes": self.bytes, "duplicates": self.duplicates,
+                "failures": dict(self.failures), "associations": self.associations, "rejected": self.rejected,
+                "aborted": dict(self.aborted)}
+
+    def add(self, other: dict[str, Any]) -> None:
+        """Add counts given as :meth:`to_dict` gives them; unknown keys are ignored."""
+        for name in ("instances", "bytes", "duplicates", "associations", "rejected"):
+            setattr(self, name, getattr(self, name) + int(other.get(name, 0)))
+        for name in ("failures", "aborted"):
+            mine = getattr(self, name)
+            for key, n in dict(other.get(name, {})).items():
+                mine[key] = mine.get(key, 0) + int(n)
+
 
 class StorageSCP:
     """The listening node.
@@ -268,6 +294,15 @@ class StorageSCP:
         Where accepted objects go.
     on_instance : callable, optional
         Called with the study UID after each stored instance (metrics, tests).
+    reuse_port : bool, optional
+        Listen with SO_REUSEPORT, beside the node's other receivers on the
+        same port (``node.receivers``).
+    run_token : str, optional
+        The first part of this listener's association keys in the journal
+        (default: a new random one), by which the node ends the associations
+        a dead receiver left open.
+    receiver : int, optional
+        The receiver process's number, on every log line of its associations.
     """
 
     def __init__(
@@ -275,8 +310,14 @@ class StorageSCP:
         node: NodeConfig,
         store: StudyStore,
         on_instance: Callable[[str], None] | None = None,
+        *,
+        reuse_port: bool = False,
+        run_token: str | None = None,
+        receiver: int | None = None,
     ) -> None:
         self.node = node
+        self.reuse_port = reuse_port
+        self.receiver = receiver
         self.store = store
         self.on_instance = on_instance
         self.policy = AccessPolicy.from_config(node)
@@ -287,6 +328,11 @@ class StorageSCP:
         self._assoc_ids: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
         #: Connections whose A-ASSOCIATE-RQ has not arrived, oldest first, with when they opened.
         self._awaiting: dict[Association, float] = {}
+        #: This run's part of the journal's association keys (``study.after_release_s``):
+        #: an association of an earlier run never shares one.
+        self._run_token = run_token or uuid.uuid4().hex[:12]
+        #: Associations that brought an instance to a study still receiving, with their journal key.
+        self._bringing: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.ae = self._build_ae()
 
@@ -402,7 +448,8 @@ class StorageSCP:
         # As received, escaped: a log line must not carry a newline a peer chose.
         calling_ae = calling or printable_ae(calling_field)
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address)
+        structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address,
+                                               **({} if self.receiver is None else {"receiver": self.receiver}))
         if calling is None:
             log.warning("association.rejected", reason="calling AE title is not a valid AE title",
                         calling_ae=calling_ae)
@@ -484,6 +531,32 @@ class StorageSCP:
     def _on_released(self, event: evt.Event) -> None:
         log.info("association.released")
 
+    def _association_key(self, assoc: Association) -> str:
+        with self._lock:
+            return f"{self._run_token}-{self._assoc_ids.get(assoc, 0)}"
+
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        """An A-RELEASE-RQ from the peer: record the release before pynetdicom answers it.
+
+        pynetdicom sends the A-RELEASE-RP right after this handler, so once
+        the peer sees its association released, the journal holds it
+        (committed and fsynced): a kill -9 after that cannot turn it back
+        into a study waiting on the quiet rule.
+        """
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if not isinstance(primitive, A_RELEASE) or primitive.result is not None:
+            return
+        with self._lock:
+            key = self._bringing.pop(event.assoc, None)
+        if key is None:
+            return
+        try:
+            self.store.journal.association_ended(key, released=True)
+        except sqlite3.Error as exc:
+            # The study falls back on the quiet rule (study.stable_after_s).
+            log.error("association.release_not_recorded", error=type(exc).__name__,
+                      code=getattr(exc, "sqlite_errorname", None))
+
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning("association.aborted")
 
@@ -500,6 +573,14 @@ class StorageSCP:
         """
         with self._lock:
             self._awaiting.pop(assoc, None)
+            key = self._bringing.pop(assoc, None)
+        if key is not None:
+            # Ended without a release (abort, lost link, stop): its studies
+            # are judged by the quiet rule.
+            try:
+                self.store.journal.association_ended(key, released=False)
+            except sqlite3.Error as exc:
+                log.error("association.end_not_recorded", error=type(exc).__name__)
         tracker = spool.tracker_of(assoc)
         if tracker is None:
             return
@@ -548,7 +629,11 @@ class StorageSCP:
                 # data set was read and dropped so that this answer can go.
                 stage = "spool"
                 raise interrupted
-            header, outcome = self.store.accept(path, calling)
+            key = self._association_key(event.assoc)
+            header, outcome = self.store.accept(path, calling, key)
+            if outcome != "duplicate":
+                with self._lock:
+                    self._bringing[event.assoc] = key
         except BadObject as exc:
             self.counters.fail(f"0x{exc.status:04X}")
             log.warning("store.refused", status=f"0x{exc.status:04X}", error=str(exc))
@@ -601,6 +686,7 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -619,7 +705,7 @@ class StorageSCP:
             (self.node.host, self.node.port),
             evt_handlers=self.handlers(),
             ssl_context=server_ssl_context(self.node.tls),
-            server_class=_HandshakeInThreadServer,
+            server_class=_ReusePortServer if self.reuse_port else _HandshakeInThreadServer,
             request_handler=_AssociationRequestHandler,
         ))
         server.handshake_timeout = self.node.acse_timeout_s

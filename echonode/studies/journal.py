@@ -71,7 +71,7 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
         row = self._connect().execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
         return InstanceRecord(**dict(row)) if row else None
 
-    def record_instance(self, rec: InstanceRecord) -> StudyState | str:
+    def record_instance(self, rec: InstanceRecord, association: str | None = None) -> StudyState | str:
         """Record a stored instance and (re)open its study for receiving.
 
         Returns the study's state after the write. A study already reported
@@ -80,6 +80,10 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
         ``echonode reprocess`` to include it under a new model set).
         An SR object never re-opens a study: it is recorded (and its
         measurements read by the agreement job) whatever the study's state.
+
+        ``association`` (the SCP's key for the association that brought it)
+        is recorded with a study that is receiving, for
+        :meth:`association_ended` and ``study.after_release_s``.
         """
         now = rec.received
         # synchronous=NORMAL for this write only: in WAL mode a commit still
@@ -89,14 +93,14 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
         # folder) before this call. Saves one fsync per received object.
         con = self._connect()
         if not self.durable:
-            return self._record_instance(rec, now)
+            return self._record_instance(rec, now, association)
         con.execute("PRAGMA synchronous=NORMAL")
         try:
-            return self._record_instance(rec, now)
+            return self._record_instance(rec, now, association)
         finally:
             con.execute("PRAGMA synchronous=FULL")
 
-    def _record_instance(self, rec: InstanceRecord, now: float) -> StudyState | str:
+    def _record_instance(self, rec: InstanceRecord, now: float, association: str | None) -> StudyState | str:
         with self._tx() as con:
             other = con.execute("SELECT study_uid FROM instances WHERE sop_uid = ?", (rec.sop_uid,)).fetchone()
             if other is not None and other["study_uid"] != rec.study_uid:
@@ -146,7 +150,67 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
                     rec.calling_ae,
                 ),
             )
+            if association is not None and state == StudyState.RECEIVING:
+                con.execute(
+                    "INSERT OR IGNORE INTO study_associations (study_uid, assoc, opened) VALUES (?, ?, ?)",
+                    (rec.study_uid, association, now),
+                )
         return state
+
+    def association_ended(self, association: str, *, released: bool, now: float | None = None) -> int:
+        """Record that an association ended: released (A-RELEASE) or not (abort, lost link, stop).
+
+        Committed durably (fsynced) before it returns: the SCP calls it
+        before the A-RELEASE-RP goes, so a released association stays
+        released across a kill -9.
+
+        Parameters
+        ----------
+        association : str
+            The key given to :meth:`record_instance`.
+        released : bool
+            True for an orderly release.
+        now : float, optional
+            When (default: now).
+
+        Returns
+        -------
+        int
+            Studies of which it had brought instances, still receiving.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE study_associations SET ended = ?, released = ? WHERE assoc = ? AND ended IS NULL",
+                (now, int(released), association),
+            )
+            return cur.rowcount
+
+    def end_open_associations(self, now: float | None = None, run_token: str | None = None) -> int:
+        """Associations still open in the journal whose listener died count as aborted.
+
+        Parameters
+        ----------
+        now : float, optional
+            When (default: now).
+        run_token : str, optional
+            Only those of the listener with this token (a receiver process
+            that died); default: every one (at start, when none listens).
+
+        Returns
+        -------
+        int
+            Rows closed.
+        """
+        now = time.time() if now is None else now
+        where = "ended IS NULL"
+        args: list[object] = [now]
+        if run_token is not None:
+            # Keys are "<token>-<number>"; the token is hex, so no LIKE wildcard in it.
+            where = "ended IS NULL AND assoc LIKE ?"
+            args = [now, f"{run_token}-%"]
+        with self._tx() as con:
+            return con.execute(f"UPDATE study_associations SET ended = ?, released = 0 WHERE {where}", args).rowcount
 
     def instances(self, study_uid: str | None = None) -> list[InstanceRecord]:
         """Instances of one study, or all, in receive order."""
@@ -177,19 +241,75 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
         row = self._connect().execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
         return dict(row) if row else None
 
-    def mark_stable(self, quiet_for_s: float, now: float | None = None) -> list[str]:
-        """Move ``receiving`` studies with no new instance for ``quiet_for_s`` to ``stable``."""
+    def mark_stable(
+        self, quiet_for_s: float, now: float | None = None, *, after_release_s: float | None = None
+    ) -> list[str]:
+        """Move complete ``receiving`` studies to ``stable``.
+
+        Complete: no new instance for ``quiet_for_s`` seconds. With
+        ``after_release_s``, a study that an association is still bringing
+        is not complete however quiet; one whose last association was
+        released (and no instance came after) is complete ``after_release_s``
+        seconds after that release; for the rest (the last association
+        aborted or cut by a restart, instances recorded without one) the
+        quiet rule stands.
+
+        Parameters
+        ----------
+        quiet_for_s : float
+            ``study.stable_after_s``.
+        now : float, optional
+            The time to judge at (default: now).
+        after_release_s : float, optional
+            ``study.after_release_s``; None keeps the quiet rule alone.
+
+        Returns
+        -------
+        list of str
+            The studies now stable.
+        """
         now = time.time() if now is None else now
         with self._tx() as con:
-            rows = con.execute(
-                "SELECT study_uid FROM studies WHERE state = ? AND last_received <= ?",
-                (StudyState.RECEIVING, now - quiet_for_s),
-            ).fetchall()
-            uids = [r["study_uid"] for r in rows]
+            if after_release_s is None:
+                rows = con.execute(
+                    "SELECT study_uid FROM studies WHERE state = ? AND last_received <= ?",
+                    (StudyState.RECEIVING, now - quiet_for_s),
+                ).fetchall()
+                uids = [r["study_uid"] for r in rows]
+            else:
+                uids = self._complete_after_release(con, quiet_for_s, after_release_s, now)
             con.executemany(
-                "UPDATE studies SET state = ?, updated = ? WHERE study_uid = ?",
-                [(StudyState.STABLE, now, u) for u in uids],
+                "UPDATE studies SET state = ?, updated = ?, stable_at = ? WHERE study_uid = ?",
+                [(StudyState.STABLE, now, now, u) for u in uids],
             )
+            con.executemany("DELETE FROM study_associations WHERE study_uid = ?", [(u,) for u in uids])
+        return uids
+
+    @staticmethod
+    def _complete_after_release(
+        con: sqlite3.Connection, quiet_for_s: float, after_release_s: float, now: float
+    ) -> list[str]:
+        """The receiving studies complete under ``study.after_release_s`` (see :meth:`mark_stable`)."""
+        rows = con.execute(
+            "SELECT s.study_uid, s.last_received,"
+            " (SELECT COUNT(*) FROM study_associations a WHERE a.study_uid = s.study_uid AND a.ended IS NULL)"
+            "  AS open,"
+            " (SELECT a.ended FROM study_associations a WHERE a.study_uid = s.study_uid"
+            "  ORDER BY a.ended DESC LIMIT 1) AS ended,"
+            " (SELECT a.released FROM study_associations a WHERE a.study_uid = s.study_uid"
+            "  ORDER BY a.ended DESC LIMIT 1) AS released"
+            " FROM studies s WHERE s.state = ?",
+            (StudyState.RECEIVING,),
+        ).fetchall()
+        uids = []
+        for r in rows:
+            if r["open"]:
+                continue
+            if r["released"] and r["ended"] >= r["last_received"]:
+                if r["ended"] <= now - after_release_s:
+                    uids.append(r["study_uid"])
+            elif r["last_received"] <= now - quiet_for_s:
+                uids.append(r["study_uid"])
         return uids
 
     def queue_stable(self, now: float | None = None) -> list[str]:
@@ -229,9 +349,9 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             gen = row["generation"] + 1
             attempts = row["attempts"] + 1
             con.execute(
-                "UPDATE studies SET state = ?, generation = ?, attempts = ?, worker_pid = ?, updated = ?"
-                " WHERE study_uid = ?",
-                (StudyState.RUNNING, gen, attempts, pid, now, row["study_uid"]),
+                "UPDATE studies SET state = ?, generation = ?, attempts = ?, worker_pid = ?, updated = ?,"
+                " claimed_at = ? WHERE study_uid = ?",
+                (StudyState.RUNNING, gen, attempts, pid, now, now, row["study_uid"]),
             )
         return Claim(row["study_uid"], gen, attempts)
 
@@ -289,11 +409,21 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
                 (StudyState.QUEUED, reason, time.time(), claim.study_uid),
             )
 
-    def release_running(self) -> list[str]:
-        """Put studies whose worker *we* stopped back in the queue, uncounted."""
+    def release_running(self, pid: int | None = None) -> list[str]:
+        """Put studies whose worker *we* stopped back in the queue, uncounted.
+
+        Parameters
+        ----------
+        pid : int, optional
+            Only the studies claimed by this worker process (the others
+            belong to workers still running); default: every one.
+        """
         now = time.time()
         with self._tx() as con:
-            rows = con.execute("SELECT study_uid FROM studies WHERE state = ?", (StudyState.RUNNING,)).fetchall()
+            rows = con.execute(
+                "SELECT study_uid FROM studies WHERE state = ?" + ("" if pid is None else " AND worker_pid = ?"),
+                (StudyState.RUNNING,) if pid is None else (StudyState.RUNNING, pid),
+            ).fetchall()
             uids = [r["study_uid"] for r in rows]
             con.executemany(
                 "UPDATE studies SET state = ?, attempts = MAX(attempts - 1, 0), worker_pid = NULL,"
@@ -302,13 +432,25 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             )
         return uids
 
-    def recover_running(self, max_attempts: int) -> dict[str, StudyState]:
-        """At start: studies left ``running`` by a dead worker are queued again or failed."""
+    def recover_running(self, max_attempts: int, pid: int | None = None) -> dict[str, StudyState]:
+        """Studies left ``running`` by a dead worker are queued again or failed.
+
+        Parameters
+        ----------
+        max_attempts : int
+            A study claimed this many times already is failed, not queued.
+        pid : int, optional
+            Only the studies claimed by this (dead) worker process: the
+            others belong to workers still running. Default: every one (at
+            start, when no worker runs).
+        """
         now = time.time()
         out: dict[str, StudyState] = {}
         with self._tx() as con:
             rows = con.execute(
-                "SELECT study_uid, attempts FROM studies WHERE state = ?", (StudyState.RUNNING,)
+                "SELECT study_uid, attempts FROM studies WHERE state = ?"
+                + ("" if pid is None else " AND worker_pid = ?"),
+                (StudyState.RUNNING,) if pid is None else (StudyState.RUNNING, pid),
             ).fetchall()
             for r in rows:
                 if r["attempts"] >= max_attempts:
@@ -570,7 +712,7 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             con.execute("DELETE FROM reports WHERE study_uid = ?", (study_uid,))
             con.execute("DELETE FROM results WHERE study_uid = ?", (study_uid,))
             con.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
-            for table in ("study_references", "reference_labels", "references_due"):
+            for table in ("study_references", "reference_labels", "references_due", "study_associations"):
                 con.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))
             con.execute("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
         return paths

@@ -82,6 +82,22 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
 -- "does this study still owe an SR": retention, purge_study, _delivery_state.
 CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_uid, state);
 
+-- The associations that brought instances of a study while it was
+-- receiving, for study.after_release_s: such a study is complete that long
+-- after the last of them was released, none being open. Written in the
+-- instance's own transaction; the release is committed (fsynced) before the
+-- A-RELEASE-RP goes, so a kill -9 after it never loses it. Rows of a study
+-- go when it becomes stable (or is purged).
+CREATE TABLE IF NOT EXISTS study_associations (
+    study_uid       TEXT NOT NULL,
+    assoc           TEXT NOT NULL,   -- the node run's token and the association's number
+    opened          REAL NOT NULL,   -- its first instance of the study
+    ended           REAL,            -- released or ended otherwise; NULL while open
+    released        INTEGER NOT NULL DEFAULT 0,  -- 1: A-RELEASE; 0: abort, lost link, node restart
+    PRIMARY KEY (study_uid, assoc)
+);
+CREATE INDEX IF NOT EXISTS study_associations_assoc ON study_associations(assoc, ended);
+
 -- The bytes and number of recorded instances, one row kept by the triggers
 -- below, so that retention and every metrics scrape read one row instead of
 -- summing every instance. Filled once, from the instances, by
@@ -193,6 +209,11 @@ ADDED_COLUMNS = (
     # and UID, or the class it fell back to there and the UID derived for it.
     ("outbox", "sent_sop_class_uid", "TEXT"),
     ("outbox", "sent_sop_uid", "TEXT"),
+    # When the study last became complete (stable) and was last claimed by
+    # a worker: with last_received, reports.created and outbox.sent_at, the
+    # stages of a study's latency (bench/latency.py).
+    ("studies", "stable_at", "REAL"),
+    ("studies", "claimed_at", "REAL"),
 )
 
 #: A study's last activity (last instance received or last state change), as

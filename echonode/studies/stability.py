@@ -2,6 +2,11 @@
 
 Carts send a study over minutes, sometimes over several associations, and
 DICOM has no "end of study" message; quiet time is what every router uses.
+A cart that sends a whole exam in one association says more: with
+``study.after_release_s`` set, a study is complete that many seconds after
+the association that brought it was released, none other being open for it
+(:meth:`~echonode.studies.journal.Journal.mark_stable`); the quiet rule stays
+for associations that were aborted or cut by a restart.
 The check is an apscheduler job; it moves ``receiving -> stable`` and, when
 at least one task model is installed, ``stable -> queued`` for the worker.
 Without a model, complete studies wait as ``stable`` and are queued as soon
@@ -27,8 +32,8 @@ class StabilityCheck:
     ----------
     journal : Journal
     cfg : Config
-        ``study.stable_after_s`` (quiet time after the last instance) and
-        ``models.dir`` are read from it; :meth:`apply_config` takes new ones.
+        ``study.stable_after_s`` (quiet time after the last instance),
+        ``study.after_release_s`` and ``models.dir`` are read from it; :meth:`apply_config` takes new ones.
     has_models : callable
         ``has_models(models_dir)`` is True when at least one task bundle is
         installed there.
@@ -42,11 +47,12 @@ class StabilityCheck:
     def apply_config(self, cfg: Config) -> None:
         """New settings (SIGHUP): the next pass uses them."""
         self.stable_after_s = cfg.study.stable_after_s
+        self.after_release_s = cfg.study.after_release_s
         self.models_dir = cfg.models_dir
 
     def run(self) -> tuple[list[str], list[str]]:
         """One pass; returns (studies now stable, studies now queued)."""
-        stable = self.journal.mark_stable(self.stable_after_s)
+        stable = self.journal.mark_stable(self.stable_after_s, after_release_s=self.after_release_s)
         for uid in stable:
             log.info("study.stable", study_uid=uid)
         queued: list[str] = []

@@ -5,6 +5,7 @@ Layout under ``storage_dir``::
     incoming/                      temp files of transfers in flight (same file system)
     studies/<Study>/<Series>/<SOP>.dcm
     reports/<Study>/<SR SOP>.dcm   SRs built for delivery
+    locks/NN.lock                  the per-study lock stripes (echonode.studies.locks)
     journal.sqlite
 
 A received object is written to ``incoming/``, fsynced, renamed into place
@@ -31,11 +32,10 @@ import re
 import shutil
 import sqlite3
 import struct
-import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from echonode.durable import FILE_MODE, fsync_dir, move_into_place
 from echonode.ops.logs import get_logger
 from echonode.studies.connection import is_disk_full
 from echonode.studies.journal import Journal
+from echonode.studies.locks import StudyLocks
 from echonode.studies.records import InstanceRecord, SopInOtherStudy
 
 log = get_logger(__name__)
@@ -219,13 +220,14 @@ class StudyStore:
         for d in (self.root, self.incoming, self.studies, self.reports):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         # Striped per-study locks: accept (move + record) and retention
-        # (forget + delete) of one study never interleave, while receives
-        # of different studies (almost always) proceed in parallel.
-        self._locks = [threading.Lock() for _ in range(64)]
+        # (forget + delete) of one study never interleave, in any of the
+        # node's processes, while receives of different studies (almost
+        # always) proceed in parallel.
+        self.locks = StudyLocks(self.root / "locks")
 
-    def study_lock(self, study_uid: str) -> threading.Lock:
-        """The lock that serialises changes to ``study_uid``'s files and rows."""
-        return self._locks[zlib.crc32(study_uid.encode()) % len(self._locks)]
+    def study_lock(self, study_uid: str) -> AbstractContextManager[None]:
+        """The lock that serialises changes to ``study_uid``'s files and rows (``with store.study_lock(uid):``)."""
+        return self.locks.hold(study_uid)
 
     # -- paths -------------------------------------------------------------------
 
@@ -255,11 +257,15 @@ class StudyStore:
 
     # -- receiving -----------------------------------------------------------------
 
-    def accept(self, temp_path: Path, calling_ae: str | None) -> tuple[Header, str]:
+    def accept(
+        self, temp_path: Path, calling_ae: str | None, association: str | None = None
+    ) -> tuple[Header, str]:
         """Move a fully received temp file into the store and record it.
 
         Returns the header and what happened: ``"stored"``, ``"duplicate"``
-        (identical copy already stored) or ``"replaced"``.
+        (identical copy already stored) or ``"replaced"``. ``association``
+        is the SCP's key for the association that brought it
+        (:meth:`~echonode.studies.journal.Journal.record_instance`).
 
         Raises
         ------
@@ -270,9 +276,11 @@ class StudyStore:
         """
         header = read_header(temp_path)
         with self.study_lock(header.study_uid):
-            return self._accept_locked(temp_path, header, calling_ae)
+            return self._accept_locked(temp_path, header, calling_ae, association)
 
-    def _accept_locked(self, temp_path: Path, header: Header, calling_ae: str | None) -> tuple[Header, str]:
+    def _accept_locked(
+        self, temp_path: Path, header: Header, calling_ae: str | None, association: str | None = None
+    ) -> tuple[Header, str]:
         existing = self.journal.get_instance(header.sop_uid)
         outcome = "stored"
         if existing is not None:
@@ -290,7 +298,7 @@ class StudyStore:
         previous = _link_aside(dest) if in_place else None
         try:
             move_into_place(temp_path, dest)
-            self._record(header, dest, time.time(), calling_ae)
+            self._record(header, dest, time.time(), calling_ae, association)
         except BaseException as exc:
             # The sender is told the object was not stored: nothing of it
             # may stay, or the next start would record (and analyse) it.
@@ -353,7 +361,9 @@ class StudyStore:
         """
         self._record(header, path, received, None)
 
-    def _record(self, header: Header, path: Path, received: float, calling_ae: str | None) -> None:
+    def _record(
+        self, header: Header, path: Path, received: float, calling_ae: str | None, association: str | None = None
+    ) -> None:
         self.journal.record_instance(
             InstanceRecord(
                 sop_uid=header.sop_uid,
@@ -365,7 +375,8 @@ class StudyStore:
                 size=path.stat().st_size,
                 received=received,
                 calling_ae=calling_ae,
-            )
+            ),
+            association,
         )
 
     # -- recovery --------------------------------------------------------------------
