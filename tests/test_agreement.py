@@ -12,8 +12,10 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from structlog.testing import capture_logs
 
 from echonode.agreement.figures import agreement_figures, group_of
 from echonode.agreement.record import ReferenceJob, read_reference, rules_id
@@ -57,7 +59,7 @@ class Node:
 
     def image(self, study: str, *, manufacturer: str = "GE Vingmed Ultrasound", model: str = "Vivid E95",
               station: str = "ECHO-3") -> str:
-        ds = us_multiframe(study_uid=study, frames=2, rows=16, cols=16)
+        ds = us_multiframe(study_uid=study, frames=2, rows=16, cols=16, patient_id="ECHO001")  # echo_sr's patient
         ds.Manufacturer, ds.ManufacturerModelName, ds.StationName = manufacturer, model, station
         return self.put(ds)
 
@@ -509,3 +511,30 @@ def test_metrics_and_the_status_page_read_the_summary(tmp_path: Path) -> None:
     fam = {f.name: f for f in agreement_families(one)}
     assert np.isnan(fam["echonode_agreement_auroc"].samples[0].value)
     assert all(not f.samples for f in agreement_families(None))
+
+
+def test_an_sr_filed_under_another_patient_is_not_the_reference(tmp_path: Path) -> None:
+    """A worklist mix-up at the cart: the measurement SR names another Patient ID than the
+    study's images. It is not used (its values are another patient's), the reason says so,
+    and the log names UIDs, never either ID."""
+    node = Node(tmp_path)
+    mixed, same = generate_uid(), generate_uid()
+    for study in (mixed, same):
+        node.image(study)
+    image_id = str(pydicom.dcmread(node.journal.first_image_path(mixed), stop_before_pixels=True).PatientID)
+    wrong = echo_sr("ge", LVH, study_uid=mixed)
+    wrong.PatientID = "OTHER-PATIENT-4711"
+    wrong_uid = node.put(wrong)
+    right = echo_sr("ge", LVH, study_uid=same)
+    right.PatientID = str(pydicom.dcmread(node.journal.first_image_path(same), stop_before_pixels=True).PatientID)
+    node.put(right)
+    node.journal.mark_stable(-1)
+    with capture_logs() as logs:
+        assert node.job().run() == 2
+    ref = node.journal.reference(mixed)
+    assert ref.sr_sop_uid is None and "another Patient ID" in ref.not_used[wrong_uid]
+    assert all(label is None for label, _ in ref.labels.values())
+    assert node.journal.reference(same).labels["lvh"][0] == 1
+    (line,) = [entry for entry in logs if entry["event"] == "agreement.sr_other_patient"]
+    assert line["sr_sop_uid"] == wrong_uid
+    assert "OTHER-PATIENT-4711" not in repr(logs) and image_id not in repr(logs)

@@ -95,6 +95,22 @@ def read_cart(path: str | Path) -> tuple[Cart, str | None]:
     return (cart[0], cart[1], cart[2]), (sex if sex in ("M", "F") else None)
 
 
+def read_patient_id(path: str | Path) -> str | None:
+    """An object's Patient ID as stored (compared, never logged); None when absent or unreadable."""
+    try:
+        check_inflated_size(Path(path), MAX_INFLATED_BYTES)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:  # noqa: BLE001 - an unreadable SR is named by the reader's own status
+        return None
+    value = str(ds.get("PatientID", "") or "").strip()
+    return value or None
+
+
+#: Why an SR filed under another patient than the study's images is not used.
+OTHER_PATIENT = ("filed under another Patient ID than the study's images: not this patient's measurements"
+                 " (check the cart's worklist entry)")
+
+
 def read_reference(journal: Journal, study_uid: str, rules: Rules) -> ReferenceRecord:
     """Read a study's SRs and the cart into the record the journal keeps.
 
@@ -103,17 +119,23 @@ def read_reference(journal: Journal, study_uid: str, rules: Rules) -> ReferenceR
     reason, and a study without a usable one gets ``reason``.
     """
     srs = journal.sr_instances(study_uid)
+    image = journal.first_image_path(study_uid)
+    # The reference must be this patient's: an SR whose Patient ID differs
+    # from the images' (a worklist mix-up at the cart) is not used.
+    image_patient = read_patient_id(image) if image else None
     selections = {}
     docs = []
     for sop_uid, path in srs:
         doc = read_measurement_sr(path)
         if not doc.sop_instance_uid:  # unreadable before its UID: name it by the journal's
             doc.sop_instance_uid = sop_uid
+        if doc.usable and image_patient is not None and read_patient_id(path) not in (None, image_patient):
+            doc.status, doc.reason = "other_patient", OTHER_PATIENT
+            log.warning("agreement.sr_other_patient", study_uid=study_uid, sr_sop_uid=doc.sop_instance_uid)
         if doc.usable:
             selections[doc.sop_instance_uid] = select_values(doc)
         doc.measurements = []  # the selections are all that is kept
         docs.append(doc)
-    image = journal.first_image_path(study_uid)
     (cart, sex) = read_cart(image) if image else ((None, None, None), None)
     ref = study_reference(docs, rules, sex=sex, selections=selections)
     if not any(cart) and ref.document is not None:

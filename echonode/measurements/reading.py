@@ -215,7 +215,9 @@ class MeasurementDocument:
         ``read`` (an echo measurement report, see :attr:`measurements`),
         ``not_echo`` (an SR, but not an adult echo report), ``not_sr`` (not
         an SR at all), ``no_measurements`` (an echo report without any NUM
-        echonode reads, e.g. only private codes) or ``unreadable``.
+        echonode reads, e.g. only private codes), ``unreadable``, or
+        ``other_patient`` (set by a caller that found the SR filed under
+        another Patient ID than the study's images).
     reason : str or None
         Why, for every status but ``read``.
     template : str or None
