@@ -29,7 +29,6 @@ import argparse
 import copy
 import hashlib
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -57,6 +56,7 @@ from train.configs import flat_dict, from_namespace
 from train.datasets import ClipDataset
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
+from train.provenance import code_revision
 from train.splits import (
     SPLIT_FILE,
     SPLIT_SCHEME,
@@ -530,17 +530,6 @@ def summarise(
         ),
         "n_studies": len(study_ids),
     }
-
-
-def code_revision() -> str | None:
-    """The git commit of this checkout, if any (for provenance)."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
 
 
 def _file_sha256(path: str | Path) -> str:

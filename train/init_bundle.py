@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,6 +50,7 @@ from echonode.bundles.manifest import (
 from echonode.bundles.nets import ARCHITECTURES, NORMALISATIONS, build_model
 from echonode.bundles.runtime import synthetic_clips
 from echonode.bundles.weights import save_bundle, state_dict_problems
+from train.provenance import code_revision
 
 __all__ = ["InitError", "add_init_arguments", "extract_state_dict", "init_weights", "run_init"]
 
@@ -289,23 +289,6 @@ def init_weights(
     return model.state_dict(), info
 
 
-def _code_revision() -> str | None:
-    """The git commit of this checkout, when there is one (provenance)."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    revision = result.stdout.strip()
-    return revision if result.returncode == 0 and revision else None
-
-
 def _labels(ns: argparse.Namespace) -> list[str] | None:
     if ns.labels is None:
         return None
@@ -359,7 +342,7 @@ def run_init(ns: argparse.Namespace) -> int:
             provenance={
                 **info,
                 "data_manifest": None,
-                "code_revision": _code_revision(),
+                "code_revision": code_revision(),
                 "config": config,
                 "calibration": f"{DEFAULT_CALIBRATION_CLIPS} synthetic echo-like clips in {CALIBRATION_FILE} "
                 "(no training data at hand; a fine-tuned bundle stores real ones)",
