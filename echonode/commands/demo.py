@@ -50,6 +50,11 @@ from echonode.commands.demo_studies import (
 __all__ = ["DEMO_MODELS_VERSION", "DEMO_TASKS", "describe_report", "run_demo"]
 
 
+# The demo's networks are tiny: measuring which runtime is fastest (the
+# default, "auto") would cost more than all their inference.
+_RUNTIME = "eager"
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -197,7 +202,10 @@ def _view_of(path: Path, models: Path, work: Path) -> str:
     """
     if "view" not in _installed_tasks(models):
         return "no view model installed"
-    cmd = [sys.executable, "-m", "echonode", "infer", str(path), "--models", str(models), "--device", "cpu", "--json"]
+    config = work / "infer.toml"
+    config.write_text(f'[models]\ndevice = "cpu"\nruntime = "{_RUNTIME}"\n')
+    cmd = [sys.executable, "-m", "echonode", "--config", str(config), "infer", str(path), "--models", str(models),
+           "--json"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     with (work / "infer.log").open("a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n" + res.stderr)
@@ -322,7 +330,7 @@ def _run_node(work: Path, models: Path, files: list[Path], expected: int) -> lis
             "node": {"ae_title": "ECHONODE", "host": "127.0.0.1", "port": port,
                      "storage_dir": str(work / "node"), "min_free_disk_mb": 0},
             "study": {"stable_after_s": 3.0, "check_interval_s": 0.5},
-            "models": {"dir": str(models), "device": "cpu"},
+            "models": {"dir": str(models), "device": "cpu", "runtime": _RUNTIME},
             "delivery": {"retry_initial_s": 1.0, "check_interval_s": 0.5},
             "destinations": [{"name": "demo-pacs", "ae_title": "DEMOPACS", "host": "127.0.0.1", "port": pacs.port}],
             "logging": {"format": "json", "level": "info"},
