@@ -80,12 +80,12 @@ class Recipe:
 RECIPES: tuple[Recipe, ...] = (
     # Views differ in shape at a glance: a few patients and about 120 steps.
     Recipe("view", VIEW_SEED, 12, ("--rows", "240", "--cols", "320", "--frames", "24"), 32,
-           ("--preset", "tiny", "--init", "random", "--epoch-samples", "320", "--epochs", "6", "--patience", "6")),
+           ("--preset", "tiny", "--init", "random", "--epoch-samples", "320", "--epochs", "8", "--patience", "8")),
     # LVH is a few pixels of wall at 32 px: about 190 studies (380 PLAX
-    # videos), up to 400 steps of 16 clips, early stopping on validation loss.
+    # videos), up to 600 steps of 16 clips, early stopping on validation loss.
     Recipe("lvh", LVH_SEED, 100, ("--rows", "240", "--cols", "320", "--frames", "24", "--views", "plax"), 32,
-           ("--preset", "tiny", "--init", "random", "--lr", "1e-3", "--epoch-samples", "800", "--epochs", "8",
-            "--patience", "3")),
+           ("--preset", "tiny", "--init", "random", "--lr", "1e-3", "--epoch-samples", "800", "--epochs", "12",
+            "--patience", "4")),
 )
 DEMO_TASKS = tuple(r.task for r in RECIPES)
 
