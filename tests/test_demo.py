@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from echonode.commands.demo_models import DEMO_TASKS, RECIPES, recipe_commands, train_env
+from echonode.commands.demo_models import (
+    DEMO_TASKS,
+    RECIPES,
+    recipe_commands,
+    train_env,
+)
 from echonode.commands.demo_studies import (
     CLEAR_LVH_CM,
     CLEAR_NORMAL_CM,

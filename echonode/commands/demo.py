@@ -245,7 +245,7 @@ def _heldout_studies(work: Path, proc: subprocess.Popen[bytes] | None) -> tuple[
     return archive, lvh, normal
 
 
-def _print_results(received: list[Path], sonosite: str, lvh: DemoStudy, normal: DemoStudy,
+def _print_results(received: list[Path], sonosite: Path, lvh: DemoStudy, normal: DemoStudy,
                    models: Path, work: Path) -> list[tuple[bool, str]]:
     """Each SR beside the study's truth; returns the LVH verdict of each synthetic study."""
     by_study = _sr_by_study(received)
@@ -262,7 +262,7 @@ def _print_results(received: list[Path], sonosite: str, lvh: DemoStudy, normal: 
         verdicts.append(lvh_verdict(study, _lvh_probability(sr)))
         _say(f"  demo check       {verdicts[-1][1]}\n")
     _say("=== the real SonoSite loop (labelled 'PLA' by the cart; no true measurements known)")
-    _say(f"  the view model says: {_view_of(Path(sonosite), models, work)}")
+    _say(f"  the view model says: {_view_of(sonosite, models, work)}")
     for path in received:
         if path not in (by_study.get(lvh.study_uid), by_study.get(normal.study_uid)):
             _say(describe_report(path))
@@ -274,11 +274,12 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every SR came back (whatever the model said: that is reported, not hidden)."""
     from pydicom.data import get_testdata_file
 
-    sonosite = get_testdata_file("color3d_jpeg_baseline.dcm", download=False)
-    if sonosite is None:
+    found = get_testdata_file("color3d_jpeg_baseline.dcm", download=False)
+    if found is None:
         print("echonode demo: the real echo loop comes from the 'pydicom-data' package: pip install pydicom-data",
               file=sys.stderr)
         return 2
+    sonosite = Path(str(found))
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="echonode-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -301,7 +302,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _say("      picked by their TRUE anatomy, not by what the model says of them:")
     _say(f"      - with LVH: thicker wall {lvh.thicker_wall_cm:.2f} cm (the clearest at or above 1.7 cm)")
     _say(f"      - normal:   thicker wall {normal.thicker_wall_cm:.2f} cm (the clearest at or under 1.0 cm)")
-    files = [Path(sonosite), *_study_files(archive, lvh.study_uid), *_study_files(archive, normal.study_uid)]
+    files = [sonosite, *_study_files(archive, lvh.study_uid), *_study_files(archive, normal.study_uid)]
     received = _run_node(work, models, files, expected=3)
     if received is None:
         return 1
