@@ -11,6 +11,7 @@ from train.augment import (
     apply_params,
     augment_batch,
     augment_clip,
+    pad_for_size,
     rotate_clip,
     sample_params,
     shift_clip,
@@ -128,3 +129,15 @@ def test_shape_and_config_errors() -> None:
         AugmentConfig(p_flip=1.5)
     with pytest.raises(ValueError):
         rotate_clip(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), 5)
+
+
+def test_the_shift_scales_with_the_frame_size() -> None:
+    """8 px is the paper's shift at 112 px; a 32 px frame shifts by the same fraction, not by a quarter of it."""
+    assert [pad_for_size(s) for s in (112, 64, 48, 32, 16, 4)] == [8, 5, 3, 2, 1, 1]
+    cfg = AugmentConfig.for_size(32)
+    assert cfg.pad == 2 and (cfg.p_flip, cfg.p_rotate, cfg.max_degrees) == (0.5, 0.5, 10)
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_params(cfg, g) for _ in range(500)]
+    assert max(max(abs(p.dy), abs(p.dx)) for p in draws) == 2
+    with pytest.raises(ValueError, match="size"):
+        pad_for_size(0)

@@ -68,7 +68,7 @@ def test_status_on_a_fresh_node_and_bad_config(tmp_path: Path) -> None:
 
 
 def test_demo_with_given_models(tmp_path: Path) -> None:
-    """The README's first command, less the first-run training: given models, the whole loop."""
+    """The README's first command, less the first-run training: given models, the whole loop and what it shows."""
     models = tmp_path / "models"
     tiny_bundle(models, "lvh")
     tiny_bundle(models, "severe_as", seed=2)
@@ -76,10 +76,26 @@ def test_demo_with_given_models(tmp_path: Path) -> None:
                   env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    assert out.count("Structured Report") == 2
     assert "NOT FOR DIAGNOSTIC USE" in out
-    assert "Left ventricular hypertrophy" in out and "aortic stenosis" in out
-    assert os.listdir(tmp_path / "work" / "pacs")
+    # Three studies, three SRs: two held-out synthetic studies picked by anatomy, and the real loop.
+    assert out.count("Structured Report") == 3
+    assert "held-out set (seed 2216" in out and "picked by their TRUE anatomy, not by what the model says" in out
+    lvh_part = out.split("=== held-out synthetic study WITH LVH")[1].split("=== held-out synthetic NORMAL study")[0]
+    normal_part = out.split("=== held-out synthetic NORMAL study")[1].split("=== the real SonoSite loop")[0]
+    for part, lvh in ((lvh_part, "yes"), (normal_part, "no")):
+        truth = part.splitlines()[1]
+        assert truth.lstrip().startswith("truth") and "IVSd" in truth and "LVPWd" in truth
+        assert f"(LVH: {lvh}," in truth and "cusp separation" in truth and "AV Vmax" in truth
+        assert "Left ventricular hypertrophy" in part and "aortic stenosis" in part
+        # The expectation is printed with its outcome, whatever the model (random weights here) said.
+        check = next(line for line in part.splitlines() if "demo check" in line)
+        assert (">= 0.8" if lvh == "yes" else "<= 0.2") in check
+        assert check.endswith("as expected") or check.endswith("NOT MET")
+    sonosite = out.split("=== the real SonoSite loop")[1]
+    assert "the view model says: no view model installed" in sonosite
+    assert "PLAX" not in sonosite.split("Structured Report")[0]
+    assert ("The LVH model called both" in out) != ("did NOT do what the demo expects" in out)
+    assert len(os.listdir(tmp_path / "work" / "pacs")) == 3
 
 
 def test_serve_on_a_busy_port_is_a_message_not_a_traceback(tmp_path: Path) -> None:

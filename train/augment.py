@@ -6,7 +6,9 @@ task trivially solvable from augmentation artefacts and would not be an echo
 acquisition variation either):
 
 1. zero-pad 8 px on every side, then crop back to the original size at a
-   random offset (a shift of up to 8 px with zero fill);
+   random offset (a shift of up to 8 px with zero fill); 8 px is for the
+   paper's 112 px frames, and other frame sizes shift by the same fraction
+   of the frame (:func:`pad_for_size`: 2 px at 32 px);
 2. horizontal flip with p = 0.5;
 3. rotation by an integer angle in [-10, 10] degrees with p = 0.5, about the
    centre, zero fill, bilinear interpolation.
@@ -32,10 +34,28 @@ __all__ = [
     "augment_batch",
     "augment_clip",
     "flip_clip",
+    "pad_for_size",
     "rotate_clip",
     "sample_params",
     "shift_clip",
 ]
+
+
+PAPER_SIZE = 112
+"""Frame side (px) the paper's augmentation settings are for."""
+PAPER_PAD = 8
+"""The paper's maximum shift (px) at :data:`PAPER_SIZE`."""
+
+
+def pad_for_size(size: int) -> int:
+    """The paper's maximum shift scaled to frames of ``size`` pixels (8 px at 112 px, at least 1).
+
+    An 8 px shift is 7 % of a 112 px frame but a quarter of a 32 px one: at
+    small sizes it would move the heart out of the frame it is learnt from.
+    """
+    if size < 1:
+        raise ValueError(f'Argument "size" must be a positive integer; got {size}.')
+    return max(1, round(PAPER_PAD * size / PAPER_SIZE))
 
 
 @dataclass(frozen=True)
@@ -54,10 +74,15 @@ class AugmentConfig:
         Rotation angles are integers in ``[-max_degrees, max_degrees]``.
     """
 
-    pad: int = 8
+    pad: int = PAPER_PAD
     p_flip: float = 0.5
     p_rotate: float = 0.5
     max_degrees: int = 10
+
+    @classmethod
+    def for_size(cls, size: int) -> AugmentConfig:
+        """The paper's settings with the shift scaled to ``size`` px frames (:func:`pad_for_size`)."""
+        return cls(pad=pad_for_size(size))
 
     def __post_init__(self) -> None:
         if self.pad < 0:

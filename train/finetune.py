@@ -828,7 +828,7 @@ class _Loaders:
         self.repeats = max(1, math.ceil(optim.epoch_samples / n_train)) if optim.epoch_samples else 1
         self.train_set = ClipDataset(
             run.cache, data.videos["train"], data.targets["train"], self.frames, self.size, train=True,
-            augment=AugmentConfig(), seed=seed, repeats=self.repeats,
+            augment=AugmentConfig.for_size(self.size), seed=seed, repeats=self.repeats,
         )  # fmt: skip
         self.train = DataLoader(
             self.train_set, batch_size=self.batch, shuffle=True, num_workers=self.workers, drop_last=False,
