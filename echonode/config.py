@@ -15,6 +15,7 @@ import os
 import re
 import tomllib
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -480,7 +481,37 @@ def _check_stow(dest: Destination, key: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check values across keys; return ``cfg`` unchanged or raise ConfigError."""
-    n = cfg.node
+    _check_node(cfg.node)
+    _check_positive(cfg.study.stable_after_s, "study.stable_after_s", allow_zero=True)
+    _check_positive(cfg.study.check_interval_s, "study.check_interval_s")
+    if cfg.study.after_release_s is not None:
+        _check_positive(cfg.study.after_release_s, "study.after_release_s", allow_zero=True)
+    _check_models(cfg.models)
+    if cfg.sr.sop_class not in SR_SOP_CLASSES:
+        raise ConfigError(f"sr.sop_class: must be one of {', '.join(SR_SOP_CLASSES)}, got {cfg.sr.sop_class!r}")
+    if not 1 <= cfg.sr.series_number <= 2**31 - 1:
+        raise ConfigError(f"sr.series_number: out of range: {cfg.sr.series_number}")
+    _check_delivery(cfg.delivery)
+    _check_destinations(cfg.destinations)
+    if cfg.logging.format not in LOG_FORMATS:
+        raise ConfigError(f"logging.format: must be one of {', '.join(LOG_FORMATS)}, got {cfg.logging.format!r}")
+    if cfg.logging.level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {cfg.logging.level!r}")
+
+    _check_port(cfg.metrics.port, "metrics.port")
+    _check_positive(cfg.metrics.worker_stale_s, "metrics.worker_stale_s")
+    _check_positive(cfg.metrics.queue_stall_s, "metrics.queue_stall_s")
+    _check_status_page(cfg)
+    r = cfg.retention
+    _check_positive(r.max_age_days, "retention.max_age_days", allow_zero=True)
+    _check_positive(r.max_total_gb, "retention.max_total_gb", allow_zero=True)
+    _check_positive(r.check_interval_s, "retention.check_interval_s")
+    _check_agreement(cfg.agreement)
+    return cfg
+
+
+def _check_node(n: NodeConfig) -> None:
+    """``[node]``: identity, listening address, access lists, limits, timeouts, TLS."""
     _check_ae(n.ae_title, "node.ae_title")
     _check_port(n.port, "node.port")
     try:
@@ -509,12 +540,9 @@ def validate(cfg: Config) -> Config:
         _check_positive(getattr(n, name), f"node.{name}")
     _check_tls(n.tls, "node.tls", server=True)
 
-    _check_positive(cfg.study.stable_after_s, "study.stable_after_s", allow_zero=True)
-    _check_positive(cfg.study.check_interval_s, "study.check_interval_s")
-    if cfg.study.after_release_s is not None:
-        _check_positive(cfg.study.after_release_s, "study.after_release_s", allow_zero=True)
 
-    m = cfg.models
+def _check_models(m: ModelsConfig) -> None:
+    """``[models]``."""
     if not m.dir:
         raise ConfigError("models.dir: must not be empty")
     try:
@@ -536,12 +564,9 @@ def validate(cfg: Config) -> Config:
     if m.max_videos < 1:
         raise ConfigError(f"models.max_videos: must be >= 1, got {m.max_videos}")
 
-    if cfg.sr.sop_class not in SR_SOP_CLASSES:
-        raise ConfigError(f"sr.sop_class: must be one of {', '.join(SR_SOP_CLASSES)}, got {cfg.sr.sop_class!r}")
-    if not 1 <= cfg.sr.series_number <= 2**31 - 1:
-        raise ConfigError(f"sr.series_number: out of range: {cfg.sr.series_number}")
 
-    d = cfg.delivery
+def _check_delivery(d: DeliveryConfig) -> None:
+    """``[delivery]``: retries and deadlines."""
     _check_positive(d.retry_initial_s, "delivery.retry_initial_s")
     if d.retry_max_s < d.retry_initial_s:
         raise ConfigError("delivery.retry_max_s: must be >= delivery.retry_initial_s")
@@ -550,8 +575,11 @@ def validate(cfg: Config) -> Config:
     _check_positive(d.check_interval_s, "delivery.check_interval_s")
     _check_positive(d.timeout_s, "delivery.timeout_s")
 
+
+def _check_destinations(destinations: Sequence[Destination]) -> None:
+    """``[[destinations]]``: unique names, and each kind's keys."""
     names: set[str] = set()
-    for i, dest in enumerate(cfg.destinations):
+    for i, dest in enumerate(destinations):
         key = f"destinations[{i}]"
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", dest.name):
             raise ConfigError(f"{key}.name: letters, digits, '_', '-', '.' only, got {dest.name!r}")
@@ -575,22 +603,6 @@ def validate(cfg: Config) -> Config:
         _check_ae(dest.ae_title, f"{key}.ae_title")
         _check_port(dest.port, f"{key}.port")
         _check_tls(dest.tls, f"{key}.tls", server=False)
-
-    if cfg.logging.format not in LOG_FORMATS:
-        raise ConfigError(f"logging.format: must be one of {', '.join(LOG_FORMATS)}, got {cfg.logging.format!r}")
-    if cfg.logging.level.lower() not in LOG_LEVELS:
-        raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {cfg.logging.level!r}")
-
-    _check_port(cfg.metrics.port, "metrics.port")
-    _check_positive(cfg.metrics.worker_stale_s, "metrics.worker_stale_s")
-    _check_positive(cfg.metrics.queue_stall_s, "metrics.queue_stall_s")
-    _check_status_page(cfg)
-    r = cfg.retention
-    _check_positive(r.max_age_days, "retention.max_age_days", allow_zero=True)
-    _check_positive(r.max_total_gb, "retention.max_total_gb", allow_zero=True)
-    _check_positive(r.check_interval_s, "retention.check_interval_s")
-    _check_agreement(cfg.agreement)
-    return cfg
 
 
 def _check_agreement(a: AgreementConfig) -> None:
