@@ -248,20 +248,7 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
     bound.info("study.analysed", seconds=round(seconds, 2), objects=len(analysis.videos), usable=usable, used=used,
                **analysis.timings)
 
-    results = [
-        TaskResult(
-            task=t,
-            bundle_name=o.bundle.name,
-            bundle_version=o.bundle.version,
-            device_uid=o.bundle.device_uid,
-            probability=o.probability,
-            positive=o.positive,
-            threshold=o.bundle.threshold,
-            n_videos=len(o.video_probabilities),
-            detail={"videos": o.video_probabilities, "seconds": seconds, "timings": analysis.timings},
-        )
-        for t, o in sorted(analysis.tasks.items())
-    ]
+    results = _task_results(analysis, seconds)
     if analysis.skipped_reason and not cfg.sr.report_skipped:
         try:
             journal.finish_skipped(claim, analysis.skipped_reason)
@@ -275,26 +262,10 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
     existing = journal.report_for(claim.study_uid, model_set)
     report = None
     if existing is None:
-        previous = journal.latest_report(claim.study_uid)
-        supersedes = (
-            (previous.sop_class_uid, previous.sr_sop_uid, previous.series_uid) if previous is not None else None
-        )
         try:
-            ds = study_report(analysis, cfg, models, fallback_header=paths[0], supersedes=supersedes)
+            report = _write_study_report(cfg, journal, store, analysis, models, claim.study_uid, paths[0])
         except HeaderRefused as exc:
             return _fail_for_good(journal, claim, bound, "study.refused", f"no SR can be built: {exc}")
-        sr_uid = str(ds.SOPInstanceUID)
-        path = store.report_path(claim.study_uid, sr_uid)
-        write_report(ds, path)
-        report = ReportRecord(
-            sr_sop_uid=sr_uid,
-            study_uid=claim.study_uid,
-            model_set=model_set,
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            path=str(path),
-            supersedes=supersedes[1] if supersedes else None,
-        )
     try:
         state = journal.finish_reported(claim, model_set, results, report, [d.name for d in cfg.destinations])
     except StaleClaim:
@@ -319,6 +290,52 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
         **{f"p_{r.task}": round(r.probability, 4) for r in results},
     )
     return StudyOutcome(claim.study_uid, str(state), report.sr_sop_uid)
+
+
+def _task_results(analysis: StudyAnalysis, seconds: float) -> list[TaskResult]:
+    """What the journal records per task: the model, its probability and verdict, and how it was reached."""
+    return [
+        TaskResult(
+            task=t,
+            bundle_name=o.bundle.name,
+            bundle_version=o.bundle.version,
+            device_uid=o.bundle.device_uid,
+            probability=o.probability,
+            positive=o.positive,
+            threshold=o.bundle.threshold,
+            n_videos=len(o.video_probabilities),
+            detail={"videos": o.video_probabilities, "seconds": seconds, "timings": analysis.timings},
+        )
+        for t, o in sorted(analysis.tasks.items())
+    ]
+
+
+def _write_study_report(
+    cfg: Config, journal: Journal, store: StudyStore, analysis: StudyAnalysis, models: ModelSet, study_uid: str,
+    fallback_header: Path,
+) -> ReportRecord:
+    """Build the study's SR (naming the one it supersedes), write it durably, and say what the journal records.
+
+    Raises
+    ------
+    HeaderRefused
+        When the study's header cannot identify the patient and study.
+    """
+    previous = journal.latest_report(study_uid)
+    supersedes = (previous.sop_class_uid, previous.sr_sop_uid, previous.series_uid) if previous is not None else None
+    ds = study_report(analysis, cfg, models, fallback_header=fallback_header, supersedes=supersedes)
+    sr_uid = str(ds.SOPInstanceUID)
+    path = store.report_path(study_uid, sr_uid)
+    write_report(ds, path)
+    return ReportRecord(
+        sr_sop_uid=sr_uid,
+        study_uid=study_uid,
+        model_set=models.key,
+        series_uid=str(ds.SeriesInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        path=str(path),
+        supersedes=supersedes[1] if supersedes else None,
+    )
 
 
 def _where(exc: BaseException) -> str:
