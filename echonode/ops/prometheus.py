@@ -81,6 +81,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from echonode.bundles.installed import installed_bundles
 from echonode.ops import statuspage
 from echonode.ops.logs import get_logger
 from echonode.studies.states import OutboxState, StudyState
@@ -387,98 +388,106 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Any]:
         node = self.node
         # Every listener's: the node's own SCP and its receiver processes (node.receivers).
-        c = node.receive_counters() if hasattr(node, "receive_counters") else node.scp.counters
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(f"echonode_{name}", doc, value=value)
-
-        yield counter("instances_received", "Instances stored (duplicates excluded)", c.instances)
-        yield counter("bytes_received", "Bytes of instances stored", c.bytes)
-        yield counter("duplicate_instances", "Identical copies of stored instances, acknowledged and dropped",
-                      c.duplicates)
-        yield counter("associations", "Associations accepted", c.associations)
-        yield counter("associations_rejected",
-                      "Associations rejected (calling AE title or address not allowed, unknown called AE title, "
-                      "max_associations reached, low disk)", c.rejected)
-        fam = CounterMetricFamily(
-            "echonode_associations_aborted",
-            "Associations the node aborted for a protocol fault (pdu_too_large, stalled, bad_pdu, failed)",
-            labels=["reason"],
-        )
-        for reason, n in sorted(dict(c.aborted).items()):
-            fam.add_metric([reason], n)
-        yield fam
-        fam = CounterMetricFamily(
-            "echonode_receive_failures", "C-STOREs answered with a failure status, by reason", labels=["status"]
-        )
-        for status, n in sorted(dict(c.failures).items()):
-            fam.add_metric([status], n)
-        yield fam
-
-        journal = node.journal
-        counts = journal.counts()
-        gauge = GaugeMetricFamily("echonode_studies", "Studies in the journal, by state", labels=["state"])
-        for state in StudyState:
-            gauge.add_metric([state.value], counts.get(state.value, 0))
-        yield gauge
-        yield GaugeMetricFamily(
-            "echonode_queue_depth", "Studies queued for the inference worker", value=counts.get(StudyState.QUEUED, 0)
-        )
-        outbox = journal.outbox_counts()
-        gauge = GaugeMetricFamily("echonode_outbox", "SR deliveries not yet acknowledged, by state", labels=["state"])
-        for outbox_state in (OutboxState.PENDING, OutboxState.DEAD):
-            gauge.add_metric([outbox_state.value], outbox.get(outbox_state.value, 0))
-        yield gauge
-        yield GaugeMetricFamily("echonode_stored_bytes", "Bytes of received instances in the store",
-                                value=journal.stored_bytes())
-        free: float
-        try:
-            free = shutil.disk_usage(node.store.root).free
-        except OSError:
-            free = float("nan")
-        yield GaugeMetricFamily("echonode_storage_free_bytes", "Free bytes on the storage file system", value=free)
-
+        yield from receive_families(node.receive_counters() if hasattr(node, "receive_counters") else node.scp.counters)
+        yield from journal_families(node)
+        delivery = node.delivery
         fam = CounterMetricFamily(
             "echonode_delivery_failures", "Failed SR delivery attempts, by reason", labels=["reason"]
         )
-        delivery = node.delivery
         for reason, n in sorted(dict(getattr(delivery, "failures", {}) or {}).items()):
             fam.add_metric([reason], n)
         yield fam
         if delivery is not None:
             yield from delivery_families(delivery)
-
         with self._inference_lock:
             self.inference.update()
             yield self.inference.family()
-
-        alive = worker_alive(node)
-        yield GaugeMetricFamily("echonode_worker_up", "1 when the inference worker process is alive",
-                                value=1 if alive else 0)
-        restarts = getattr(node.worker, "restarts", 0) if node.worker is not None else 0
-        yield counter("worker_restarts", "Inference worker restarts (crash, study timeout)", restarts)
-        age = node.worker.heartbeat()[0] if node.worker is not None and alive else None
-        yield GaugeMetricFamily("echonode_worker_heartbeat_age_seconds",
-                                "Seconds since the inference worker last showed life (NaN: no worker running)",
-                                value=float("nan") if age is None else age)
-        yield from worker_families(worker_entries(node) or [])
-        yield GaugeMetricFamily("echonode_scp_up", "1 while the SCP listens", value=1 if scp_listening(node) else 0)
-        for name, label, doc, counts in (
-            ("loop_errors", "step", "Failed turns of a main-loop step (reload, supervise, watchdog, stop_*)",
-             node.loop_errors),
-            ("job_failures", "job", "Failed runs of a scheduled job (stability, delivery, retention, agreement)",
-             node.job_errors),
-        ):
-            fam = CounterMetricFamily(f"echonode_{name}", doc, labels=[label])
-            for key, n in sorted(counts.totals().items()):
-                fam.add_metric([key], n)
-            yield fam
-        yield from agreement_families(journal.agreement_summary())
-        from echonode.bundles.installed import installed_bundles
-
+        yield from process_families(node)
+        yield from agreement_families(node.journal.agreement_summary())
         yield GaugeMetricFamily(
             "echonode_models_installed", "Model bundles in the models folder", value=len(installed_bundles(node.cfg.models_dir))
         )
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"echonode_{name}", doc, value=value)
+
+
+def receive_families(c: Any) -> Iterator[Any]:
+    """What the listeners received, refused and aborted (``c``: their summed counters)."""
+    yield _counter("instances_received", "Instances stored (duplicates excluded)", c.instances)
+    yield _counter("bytes_received", "Bytes of instances stored", c.bytes)
+    yield _counter("duplicate_instances", "Identical copies of stored instances, acknowledged and dropped",
+                   c.duplicates)
+    yield _counter("associations", "Associations accepted", c.associations)
+    yield _counter("associations_rejected",
+                   "Associations rejected (calling AE title or address not allowed, unknown called AE title, "
+                   "max_associations reached, low disk)", c.rejected)
+    fam = CounterMetricFamily(
+        "echonode_associations_aborted",
+        "Associations the node aborted for a protocol fault (pdu_too_large, stalled, bad_pdu, failed)",
+        labels=["reason"],
+    )
+    for reason, n in sorted(dict(c.aborted).items()):
+        fam.add_metric([reason], n)
+    yield fam
+    fam = CounterMetricFamily(
+        "echonode_receive_failures", "C-STOREs answered with a failure status, by reason", labels=["status"]
+    )
+    for status, n in sorted(dict(c.failures).items()):
+        fam.add_metric([status], n)
+    yield fam
+
+
+def journal_families(node: Any) -> Iterator[Any]:
+    """Studies by state, the queue, the outbox, and the storage (bounded journal queries)."""
+    journal = node.journal
+    counts = journal.counts()
+    gauge = GaugeMetricFamily("echonode_studies", "Studies in the journal, by state", labels=["state"])
+    for state in StudyState:
+        gauge.add_metric([state.value], counts.get(state.value, 0))
+    yield gauge
+    yield GaugeMetricFamily(
+        "echonode_queue_depth", "Studies queued for the inference worker", value=counts.get(StudyState.QUEUED, 0)
+    )
+    outbox = journal.outbox_counts()
+    gauge = GaugeMetricFamily("echonode_outbox", "SR deliveries not yet acknowledged, by state", labels=["state"])
+    for outbox_state in (OutboxState.PENDING, OutboxState.DEAD):
+        gauge.add_metric([outbox_state.value], outbox.get(outbox_state.value, 0))
+    yield gauge
+    yield GaugeMetricFamily("echonode_stored_bytes", "Bytes of received instances in the store",
+                            value=journal.stored_bytes())
+    free: float
+    try:
+        free = shutil.disk_usage(node.store.root).free
+    except OSError:
+        free = float("nan")
+    yield GaugeMetricFamily("echonode_storage_free_bytes", "Free bytes on the storage file system", value=free)
+
+
+def process_families(node: Any) -> Iterator[Any]:
+    """The worker(s), the SCP, and the main loop's and jobs' failures."""
+    alive = worker_alive(node)
+    yield GaugeMetricFamily("echonode_worker_up", "1 when the inference worker process is alive",
+                            value=1 if alive else 0)
+    restarts = getattr(node.worker, "restarts", 0) if node.worker is not None else 0
+    yield _counter("worker_restarts", "Inference worker restarts (crash, study timeout)", restarts)
+    age = node.worker.heartbeat()[0] if node.worker is not None and alive else None
+    yield GaugeMetricFamily("echonode_worker_heartbeat_age_seconds",
+                            "Seconds since the inference worker last showed life (NaN: no worker running)",
+                            value=float("nan") if age is None else age)
+    yield from worker_families(worker_entries(node) or [])
+    yield GaugeMetricFamily("echonode_scp_up", "1 while the SCP listens", value=1 if scp_listening(node) else 0)
+    for name, label, doc, counts in (
+        ("loop_errors", "step", "Failed turns of a main-loop step (reload, supervise, watchdog, stop_*)",
+         node.loop_errors),
+        ("job_failures", "job", "Failed runs of a scheduled job (stability, delivery, retention, agreement)",
+         node.job_errors),
+    ):
+        fam = CounterMetricFamily(f"echonode_{name}", doc, labels=[label])
+        for key, n in sorted(counts.totals().items()):
+            fam.add_metric([key], n)
+        yield fam
 
 
 class _DeadlineReader(io.RawIOBase):
