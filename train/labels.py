@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -51,6 +52,7 @@ from echonode.measurements import (
     select_values,
     study_reference,
 )
+from echonode.measurements.reference import OTHER_PATIENT
 from echonode.ops.logs import get_logger
 
 __all__ = [
@@ -116,6 +118,9 @@ class _Study:
     selections: dict[str, dict[str, Selection]] = field(default_factory=dict)
     images: int = 0
     sex: str | None = None
+    #: A digest of the images' Patient ID (compared with the SRs', never kept in clear).
+    patient: str | None = None
+    sr_patients: dict[str, str | None] = field(default_factory=dict)
 
 
 class _Evidence:
@@ -181,8 +186,26 @@ def _sop_class(path: Path) -> str | None:
     return str(meta.get("MediaStorageSOPClassUID", "") or "") or ""
 
 
-def _image_header(path: Path) -> tuple[str, str | None] | None:
-    """``(study UID, patient's sex)`` of a non-SR object, read up to its pixel data; None when unreadable."""
+def _patient_digest(value: object) -> str | None:
+    text = str(value or "").strip()
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16] if text else None
+
+
+def _sr_patient(path: Path) -> str | None:
+    """The digest of an SR's Patient ID; None when absent or unreadable."""
+    import pydicom
+
+    try:
+        return _patient_digest(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID"))
+    except Exception:  # noqa: BLE001 - the reader names an unreadable SR by its own status
+        return None
+
+
+def _image_header(path: Path) -> tuple[str, str | None, str | None] | None:
+    """``(study UID, patient's sex, Patient ID digest)`` of a non-SR object, read up to its pixel data.
+
+    None when unreadable.
+    """
     import warnings
 
     import pydicom
@@ -193,14 +216,16 @@ def _image_header(path: Path) -> tuple[str, str | None] | None:
         check_inflated_size(path, _MAX_HEADER_INFLATE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientSex"])
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["StudyInstanceUID", "PatientSex", "PatientID"])
         study = str(ds.get("StudyInstanceUID", "") or "").strip()
         sex = str(ds.get("PatientSex", "") or "").strip().upper()
+        patient = _patient_digest(ds.get("PatientID"))
     except Exception:  # noqa: BLE001 - a broken header: the file is counted, not read
         return None
     if not study:
         return None
-    return study, sex if sex in ("M", "F") else None
+    return study, sex if sex in ("M", "F") else None, patient
 
 
 def _value_rows(doc: MeasurementDocument, file: str, evidence: _Evidence) -> None:
@@ -299,6 +324,7 @@ def _visit(
         study = studies[header[0]]
         study.images += 1
         study.sex = study.sex or header[1]
+        study.patient = study.patient or header[2]
         return
     doc = read_measurement_sr(path)
     report.srs["read"] += 1
@@ -331,6 +357,18 @@ def _visit(
     doc.measurements = []
     study.documents.append(doc)
     study.files[doc.sop_instance_uid] = rel
+    study.sr_patients[doc.sop_instance_uid] = _sr_patient(path)
+
+
+def _drop_other_patients(study_uid: str, study: _Study) -> None:
+    """An SR filed under another Patient ID than the study's images is not the study's reference."""
+    if study.patient is None:
+        return
+    for doc in study.documents:
+        if doc.usable and study.sr_patients.get(doc.sop_instance_uid) not in (None, study.patient):
+            doc.status, doc.reason = "other_patient", OTHER_PATIENT
+            study.selections.pop(doc.sop_instance_uid, None)
+            log.warning("labels.sr_other_patient", study_uid=study_uid, sr_sop_uid=doc.sop_instance_uid)
 
 
 def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, report: LabelsReport, tolerance: float) -> None:
@@ -341,6 +379,7 @@ def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, 
         writer.writeheader()
         for study_uid in sorted(studies):
             study = studies[study_uid]
+            _drop_other_patients(study_uid, study)
             ref = study_reference(study.documents, rules, sex=study.sex, tolerance=tolerance, selections=study.selections)
             report.studies += 1
             for doc in study.documents:

@@ -42,7 +42,7 @@ from echonode.config import AgreementConfig, Config
 from echonode.dicomfile import check_inflated_size
 from echonode.measurements.concepts import CONCEPTS_BY_KEY
 from echonode.measurements.reading import read_measurement_sr
-from echonode.measurements.reference import NO_REPORT, study_reference
+from echonode.measurements.reference import NO_REPORT, OTHER_PATIENT, study_reference
 from echonode.measurements.rules import TASKS, Rules, load_rules
 from echonode.measurements.selection import select_values
 from echonode.ops.logs import get_logger
@@ -105,10 +105,6 @@ def read_patient_id(path: str | Path) -> str | None:
     value = str(ds.get("PatientID", "") or "").strip()
     return value or None
 
-
-#: Why an SR filed under another patient than the study's images is not used.
-OTHER_PATIENT = ("filed under another Patient ID than the study's images: not this patient's measurements"
-                 " (check the cart's worklist entry)")
 
 
 def read_reference(journal: Journal, study_uid: str, rules: Rules) -> ReferenceRecord:

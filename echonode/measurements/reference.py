@@ -21,10 +21,13 @@ from echonode.measurements.selection import (
     select_values,
 )
 
-__all__ = ["NO_REPORT", "StudyReference", "study_reference"]
+__all__ = ["NO_REPORT", "OTHER_PATIENT", "StudyReference", "study_reference"]
 
 #: The reason both labels are empty when no SR of the study gives a value.
 NO_REPORT = "no echo measurement SR with a usable value in the study"
+#: Why an SR filed under another Patient ID than the study's images is not used.
+OTHER_PATIENT = ("filed under another Patient ID than the study's images: not this patient's measurements"
+                 " (check the cart's worklist entry)")
 
 
 @dataclass(frozen=True)
