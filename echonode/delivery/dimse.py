@@ -35,7 +35,7 @@ from echonode.network.tls import client_ssl_context
 from echonode.ops.logs import get_logger
 from echonode.report.sop import SR_SOP_CLASS_UIDS, fallback_sop_class, sendable_classes
 
-__all__ = ["PROTOCOL_TIMER_MARGIN_S", "Peer", "associate", "echo", "store_file"]
+__all__ = ["PROTOCOL_TIMER_MARGIN_S", "REJECT_REASONS", "Peer", "associate", "echo", "store_file"]
 
 log = get_logger(__name__)
 
@@ -86,7 +86,8 @@ SEND_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLit
 #: but none of the proposed transfer syntaxes (PS3.8 9.3.3.2).
 _TRANSFER_SYNTAX_NOT_SUPPORTED = 0x04
 
-_REJECT_REASONS = {
+#: A-ASSOCIATE-RJ (source, reason/diag) -> what it means (PS3.8 9.3.4).
+REJECT_REASONS = {
     (1, 1): "no reason given",
     (1, 2): "application context name not supported",
     (1, 3): "calling AE title not recognized",
@@ -208,7 +209,7 @@ def _why_not_established(
             result = getattr(prim, "result", 0) or 0
             source = getattr(prim, "result_source", 0) or 0
             diag = getattr(prim, "diagnostic", 0) or 0
-        reason = _REJECT_REASONS.get((source, diag), f"source {source}, reason {diag}")
+        reason = REJECT_REASONS.get((source, diag), f"source {source}, reason {diag}")
         if result == 0x01 and (source, diag) in _TEMPORARY_REJECT_REASONS:
             # Retried: a PACS that is busy today takes the SR tomorrow,
             # whatever result code it chose.

@@ -29,7 +29,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 
-from echonode.delivery.dimse import Peer
+from echonode.delivery.dimse import REJECT_REASONS, Peer
 from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.network.tls import client_ssl_context
 
@@ -107,16 +107,6 @@ def storage_roles() -> list[Any]:
     return [build_role(sop_class, scp_role=True) for sop_class in ECHO_STORAGE_CLASSES]
 
 
-_REJECT_REASONS = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognized",
-    (1, 7): "called AE title not recognized",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
-}
 
 
 def make_ae(local_ae_title: str, timeout_s: float, max_pdu: int) -> AE:
@@ -192,7 +182,7 @@ def associate(
         result = getattr(prim, "result", None)
         source = getattr(prim, "result_source", None)
         diag = getattr(prim, "diagnostic", None)
-        why = _REJECT_REASONS.get((source or 0, diag or 0), f"source {source}, reason {diag}")
+        why = REJECT_REASONS.get((source or 0, diag or 0), f"source {source}, reason {diag}")
         if result == 0x01:
             raise FetchError(f"association rejected permanently by {where}: {why}", fatal=True)
         raise FetchError(f"association rejected transiently by {where}: {why}", busy=True)
