@@ -117,3 +117,18 @@ def test_curves_match_auroc() -> None:
     assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(y, s))
     recall, precision = pr_curve(y, s)
     assert recall[-1] == 1 and precision[-1] == pytest.approx(y.mean())
+
+
+def test_a_cache_framed_otherwise_than_the_bundle_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from train.evaluate import _check_framing
+
+    bundle_pre = {"size": 16, "clip_frames": 4, "eval_clips": 2, "max_frames": 100, "min_fps": 25.0,
+                  "normalisation": "minmax", "framing": "frame"}
+    sector_cache = SimpleNamespace(manifest={"preprocess": {"size": 16}})  # made before framing was recorded
+    with pytest.raises(ValueError, match="framing 'sector', the bundle expects 'frame'.*--framing frame"):
+        _check_framing(sector_cache, bundle_pre, "cache")  # type: ignore[arg-type]
+    _check_framing(SimpleNamespace(manifest={"preprocess": {"size": 16, "framing": "frame"}}), bundle_pre, "cache")  # type: ignore[arg-type]
+    old_bundle = {k: v for k, v in bundle_pre.items() if k != "framing"}
+    _check_framing(sector_cache, old_bundle, "cache")  # type: ignore[arg-type]
