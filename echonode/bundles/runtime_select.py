@@ -496,67 +496,19 @@ def select_runtime(
     trials: dict[str, Trial] = {"eager": Trial("eager", passed=True)}
     active: dict[str, Forward] = {"eager": model}
     build_started = time.perf_counter()
-    for name, build in builders.items():
-        if name == "eager" or name in trials:
-            continue
-        trial = trials[name] = Trial(name)
-        started = time.perf_counter()
-        try:
-            active[name] = build()
-        except Exception as exc:  # noqa: BLE001 - a candidate that does not build is refused
-            trial.why_not = f"build failed ({describe_error(exc)})"
-        trial.build_s = time.perf_counter() - started
+    _build_candidates(builders, trials, active)
     build_s = time.perf_counter() - build_started
 
     measure_started = time.perf_counter()
-    reference: dict[int, torch.Tensor] = {}
     total_rounds = max(len(batches), warmup + rounds)
     with torch.inference_mode():
         for r in range(total_rounds):
-            index = r % len(batches)
-            x = batches[index]
-            names = list(active)
-            shift = r % len(names)
-            outputs: dict[str, torch.Tensor] = {}
-            for name in names[shift:] + names[:shift]:
-                fn = active[name]
-                started = timer()
-                try:
-                    out = fn(x)
-                except Exception as exc:
-                    if name == "eager":
-                        raise  # the network itself fails: nothing to choose
-                    trials[name].why_not = f"failed at run time ({describe_error(exc)})"
-                    del active[name]
-                    continue
-                elapsed = timer() - started
-                if r >= warmup:
-                    trials[name].seconds_per_clip.append(elapsed / x.shape[0])
-                outputs[name] = out
-            if r >= len(batches):
-                continue  # every clip has been checked
-            reference[index] = outputs["eager"].float()
-            for name, out in outputs.items():
-                if name == "eager":
-                    trials[name].clips_checked += x.shape[0]
-                    continue
-                _check(trials[name], reference[index], out.float(), threshold, tolerance, band, x.shape[0])
-                if trials[name].why_not:
-                    del active[name]  # refused: no more time spent on it
+            outputs = _run_round(r, batches[r % len(batches)], active, trials, timer, timed=r >= warmup)
+            if r < len(batches):  # later rounds only time: every clip has been checked
+                _check_round(outputs, trials, active, threshold, tolerance, band)
     measure_s = time.perf_counter() - measure_started
 
-    for name, trial in trials.items():
-        if name != "eager" and not trial.why_not and name in active:
-            trial.passed = trial.clips_checked == n
-            if not trial.passed:
-                trial.why_not = f"checked on {trial.clips_checked} of {n} clips"
-    eager_s = trials["eager"].median_s
-    chosen = "eager"
-    passing = [t for t in trials.values() if t.passed and t.mode != "eager" and t.median_s is not None]
-    if passing and eager_s is not None:
-        best = min(passing, key=lambda t: t.median_s or float("inf"))
-        if best.median_s is not None and best.median_s < eager_s * (1.0 - tie_margin):
-            chosen = best.mode
+    chosen = _choose(trials, active, n, tie_margin)
     selection = Selection(
         chosen=chosen,
         trials=list(trials.values()),
@@ -573,6 +525,80 @@ def select_runtime(
     )
     built = {name: fn for name, fn in active.items() if trials[name].passed}
     return selection, built
+
+
+def _build_candidates(builders: Mapping[str, Callable[[], Forward]], trials: dict[str, Trial],
+                      active: dict[str, Forward]) -> None:
+    """Build each candidate, recording its build time; one that raises is refused with the reason."""
+    for name, build in builders.items():
+        if name == "eager" or name in trials:
+            continue
+        trial = trials[name] = Trial(name)
+        started = time.perf_counter()
+        try:
+            active[name] = build()
+        except Exception as exc:  # noqa: BLE001 - a candidate that does not build is refused
+            trial.why_not = f"build failed ({describe_error(exc)})"
+        trial.build_s = time.perf_counter() - started
+
+
+def _run_round(r: int, x: torch.Tensor, active: dict[str, Forward], trials: dict[str, Trial],
+               timer: Callable[[], float], *, timed: bool) -> dict[str, torch.Tensor]:
+    """One batch through every active candidate, in an order that rotates by round.
+
+    Rotation spreads cache and frequency effects evenly over the candidates.
+    A candidate that raises is refused and leaves ``active``; eager raising
+    means the network itself fails, and that propagates.
+    """
+    names = list(active)
+    shift = r % len(names)
+    outputs: dict[str, torch.Tensor] = {}
+    for name in names[shift:] + names[:shift]:
+        fn = active[name]
+        started = timer()
+        try:
+            out = fn(x)
+        except Exception as exc:
+            if name == "eager":
+                raise  # the network itself fails: nothing to choose
+            trials[name].why_not = f"failed at run time ({describe_error(exc)})"
+            del active[name]
+            continue
+        elapsed = timer() - started
+        if timed:
+            trials[name].seconds_per_clip.append(elapsed / x.shape[0])
+        outputs[name] = out
+    return outputs
+
+
+def _check_round(outputs: dict[str, torch.Tensor], trials: dict[str, Trial], active: dict[str, Forward],
+                 threshold: float, tolerance: float, band: float) -> None:
+    """Hold each candidate's output of one batch against eager's; a refused one leaves ``active``."""
+    reference = outputs["eager"].float()
+    clips = int(reference.shape[0])
+    for name, out in outputs.items():
+        if name == "eager":
+            trials[name].clips_checked += clips
+            continue
+        _check(trials[name], reference, out.float(), threshold, tolerance, band, clips)
+        if trials[name].why_not:
+            del active[name]  # refused: no more time spent on it
+
+
+def _choose(trials: dict[str, Trial], active: dict[str, Forward], clips: int, tie_margin: float) -> str:
+    """Mark who passed (built, never refused, every clip checked) and pick the fastest that beats eager."""
+    for name, trial in trials.items():
+        if name != "eager" and not trial.why_not and name in active:
+            trial.passed = trial.clips_checked == clips
+            if not trial.passed:
+                trial.why_not = f"checked on {trial.clips_checked} of {clips} clips"
+    eager_s = trials["eager"].median_s
+    passing = [t for t in trials.values() if t.passed and t.mode != "eager" and t.median_s is not None]
+    if passing and eager_s is not None:
+        best = min(passing, key=lambda t: t.median_s or float("inf"))
+        if best.median_s is not None and best.median_s < eager_s * (1.0 - tie_margin):
+            return best.mode
+    return "eager"
 
 
 def _check(

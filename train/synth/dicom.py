@@ -49,6 +49,16 @@ def build_dataset(ctx: dict, plan: VideoPlan, geo: Geometry, frames: list[bytes]
     ``ctx`` holds the patient, study and UIDs (see
     :func:`train.synth.archive.generate_archive`); ``frames`` the encoded frames.
     """
+    ds = _header(ctx, plan)
+    ds.SequenceOfUltrasoundRegions = Sequence([_region(plan, geo)])
+    _set_pixels(ds, geo, frames, uncompressed)
+    ds.file_meta = _file_meta(ds)
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+def _header(ctx: dict, plan: VideoPlan) -> Dataset:
+    """Patient, study, series, equipment and cine attributes of one video."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "", "0001"]  # 0001 = 2D imaging
@@ -92,7 +102,11 @@ def build_dataset(ctx: dict, plan: VideoPlan, geo: Geometry, frames: list[bytes]
     ds.InstanceNumber = 1
     ds.PatientOrientation = ""
     ds.ViewCodeSequence = Sequence([_code_item(*VIEW_CODES[plan.view])])
+    return ds
 
+
+def _region(plan: VideoPlan, geo: Geometry) -> Dataset:
+    """The one ultrasound region: the sector's bounds, its apex and its pixel spacing."""
     region = Dataset()
     x0, y0, x1, y1 = geo.region_bounds()
     region.RegionSpatialFormat = 1  # 2D
@@ -113,8 +127,11 @@ def build_dataset(ctx: dict, plan: VideoPlan, geo: Geometry, frames: list[bytes]
     region.PhysicalDeltaX = round(geo.delta_cm, 8)
     region.PhysicalDeltaY = round(geo.delta_cm, 8)
     region.TransducerFrequency = int(round(plan.freq_mhz * 1000))  # kHz
-    ds.SequenceOfUltrasoundRegions = Sequence([region])
+    return region
 
+
+def _set_pixels(ds: Dataset, geo: Geometry, frames: list[bytes], uncompressed: int) -> None:
+    """The image pixel module: JPEG-baseline YBR_FULL_422 frames, encapsulated with a basic offset table."""
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "YBR_FULL_422"
     ds.PlanarConfiguration = 0
@@ -133,12 +150,13 @@ def build_dataset(ctx: dict, plan: VideoPlan, geo: Geometry, frames: list[bytes]
     ds.PixelData = encapsulate(frames, has_bot=True)
     ds["PixelData"].VR = "OB"
 
+
+def _file_meta(ds: Dataset) -> FileMetaDataset:
+    """File meta information for a JPEG-baseline Part 10 file."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = JPEGBaseline8Bit
     meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
     meta.ImplementationVersionName = "ECHONODE_SYNTH"
-    ds.file_meta = meta
-    ds.set_original_encoding(False, True)
-    return ds
+    return meta
