@@ -51,7 +51,7 @@ def process_settings() -> Iterator[None]:
     - ``[models] runtime = auto`` measures only the cheap runtimes (jit,
       bf16) when a bundle loads: torch.compile's compile (tens of seconds),
       int8's calibration and OpenVINO's conversion would make every test that
-      loads a bundle slow. Node subprocesses inherit it; tests/test_runtime.py
+      loads a bundle slow. Node subprocesses inherit it; tests/echonode/bundles/test_runtime.py
       exercises the others by name.
     """
     import torch

@@ -2,7 +2,7 @@
 
 They follow PS3.16 (TID 5200/5202/5203, TID 5300/5301) and PS3.3 (the SR
 IODs), take their codes from pydicom's dictionaries, and pass dciodvfy with
-no Error line (checked in tests/test_measurements.py). The vendor habits are
+no Error line (checked in tests/echonode/measurements/test_measurements.py). The vendor habits are
 the ones echonode must read:
 
 * ``ge``: TID 5200, SNOMED codes in their SRT form (``G-C0E3`` Finding Site,

@@ -5,7 +5,7 @@ a one-line message on stderr and exit status 2, never a traceback.
 
 ``infer`` and ``demo`` run networks: their modules (which import torch) are
 imported only when one of them runs, so that every other command, and the
-node that ``serve`` starts, stays free of torch (tests/test_layering.py).
+node that ``serve`` starts, stays free of torch (tests/system/test_layering.py).
 """
 
 from __future__ import annotations

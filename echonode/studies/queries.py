@@ -1,7 +1,7 @@
 """What the journal tells those who watch: ``status``, metrics, retention's candidates, the status page.
 
 Read-only, and bounded: on a node that has kept 100,000 studies every query
-is an index seek or a bounded range (tests/test_journal_scale.py and the
+is an index seek or a bounded range (tests/echonode/studies/test_journal_scale.py and the
 status page's tests check the query plans).
 """
 

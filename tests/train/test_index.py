@@ -3,7 +3,7 @@ make them: duplicates, non-Part-10 files, files that change or go between
 runs, interrupted runs, and studies whose videos disagree on the patient.
 
 The everyday path (a clean archive, a second run that reuses everything, a
-cache with other settings refused) is in ``tests/test_pretrain.py``.
+cache with other settings refused) is in ``tests/train/test_pretrain.py``.
 """
 
 from __future__ import annotations

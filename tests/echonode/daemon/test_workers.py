@@ -5,7 +5,7 @@ never held by both, a worker frozen on a study keeps it while the other
 works through the rest, and kill -9 of one worker gives back its study
 alone, which is then reported once (one SR file, one outbox row, one SR at
 the PACS). ``echonode serve`` runs as a subprocess, as in
-tests/test_worker_death.py (peers from tests/peers.py).
+tests/echonode/daemon/test_worker_death.py (peers from tests/peers.py).
 """
 
 from __future__ import annotations

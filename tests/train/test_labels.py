@@ -6,9 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-import echo_sr
 import pytest
-from factories import us_multiframe, write
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -26,6 +24,8 @@ from echonode.measurements.rules import (
     decide_lvh,
     decide_severe_as,
 )
+from tests import echo_sr
+from tests.factories import us_multiframe, write
 from train.cli import main as train_main
 from train.labels import LABEL_COLUMNS
 
@@ -313,8 +313,8 @@ def test_finetune_and_evaluate_read_the_labels_file(archive: dict, tmp_path: Pat
 
 def test_contradictions_and_srs_without_images_are_logged_with_uids_only(tmp_path: Path) -> None:
     import structlog
-    from echo_sr import DCM, LN, SCT, code_item, document, group, num_item, section
 
+    from tests.echo_sr import DCM, LN, SCT, code_item, document, group, num_item, section
     from train.labels import build_labels
 
     chosen = code_item("HAS PROPERTIES", DCM.SelectionStatus, DCM.UserChosenValue)

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,9 +27,9 @@ from echonode.bundles.manifest import BundleError
 from echonode.bundles.registry import ModelRegistry
 from echonode.bundles.weights import load_bundle
 from echonode.report.read import summarise_report
+from tests.conftest import REPO
 from train.promote import rollback
 
-REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 SLOT = "e2e-lvh"
 

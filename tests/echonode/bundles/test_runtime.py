@@ -31,6 +31,7 @@ from echonode.bundles.runtime import (
     synthetic_clips,
 )
 from echonode.bundles.weights import load_bundle, save_bundle
+from tests.conftest import REPO
 from tests.factories import tiny_bundle
 
 WIDTH = 4
@@ -701,8 +702,7 @@ with torch.inference_mode():
 @needs_openvino
 def test_openvino_writes_nothing_outside_the_state_dir(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in _TELEMETRY_ENV}
-    repo = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = str(repo)
+    env["PYTHONPATH"] = str(REPO)
     # The control: a plain import with an empty HOME leaves telemetry files there,
     # so an empty HOME below means the opt-out worked, not that nothing is detected.
     plain_home = tmp_path / "plain-home"

@@ -47,7 +47,7 @@ from tests.echo_sr import (
     private_code,
     section,
 )
-from tests.peers import DCIODVFY, DCMCONV, require_tool
+from tests.peers import DCIODVFY, DCMCONV, REPO, require_tool
 
 VALUES = {
     "ivsd": 1.3, "lvpwd": 1.1, "lvidd": 4.8, "lv_mass": 210.0, "lv_mass_index": 118.0,
@@ -549,4 +549,4 @@ def test_the_reader_imports_neither_torch_nor_train() -> None:
         "import sys, echonode.measurements, echonode.measurements.rules;"
         "bad = [m for m in ('torch', 'train') if m in sys.modules]; assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -8,7 +8,7 @@ pynetdicom SCP in the test process that records every SR it is sent: a
 resend of the *same* SR (same SOP Instance UID) after a kill while sending
 is expected; two different SRs for one study are not.
 
-tests/test_recovery.py kills the node in the middle of transfers; here the
+tests/system/test_recovery.py kills the node in the middle of transfers; here the
 stages after receiving are the point.
 """
 

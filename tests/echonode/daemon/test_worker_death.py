@@ -1,7 +1,7 @@
 """The inference worker dies at any moment; reload and stop stay bounded, no study is lost or reported twice.
 
 ``echonode serve`` runs as a subprocess in its own session (as in
-tests/test_stage_recovery.py, whose helpers these tests reuse). The worker is
+tests/system/test_stage_recovery.py, whose helpers these tests reuse). The worker is
 killed with SIGKILL (as the kernel's OOM killer does) in each of its states:
 idle waiting for work, loading its models, processing a study, and between
 writing a study's SR and recording it. Then the node gets SIGHUP (reload) and

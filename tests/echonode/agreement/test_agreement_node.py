@@ -10,7 +10,7 @@ Three studies through one node and one worker:
 * images and broken cart SRs: one with private codes only and no birth date
   (the reason is stored, the AI SR is delivered all the same) and one cut
   short on the wire (refused by the SCP, 0xC210, never stored). An SR cut
-  short in storage is tests/test_agreement.py's.
+  short in storage is tests/echonode/agreement/test_agreement.py's.
 """
 
 from __future__ import annotations

@@ -15,14 +15,13 @@ import torch
 
 from echonode.analyse.preprocess import PreprocessConfig
 from echonode.bundles.nets import build_model
+from tests.conftest import REPO
 from tests.factories import us_multiframe, write
 from train.cache import ClipCache
 from train.datasets import PairDataset
 from train.index import build_index
 from train.losses import PERMUTATIONS
 from train.pretrain import PretrainModel, main, reorder_at_chance, train_one_epoch
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def make_archive(root: Path, n_patients: int = 4, studies: int = 2, videos: int = 3, frames: int = 12) -> Path:

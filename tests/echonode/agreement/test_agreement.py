@@ -1,7 +1,7 @@
 """The node's agreement with the sonographers: the journal's references, the job that reads them,
 the figures (stratified bootstrap AUROC intervals) and ``echonode agreement``.
 
-The node end to end (dcmtk ``storescu``, the worker, a PACS) is in tests/test_agreement_node.py.
+The node end to end (dcmtk ``storescu``, the worker, a PACS) is in tests/echonode/agreement/test_agreement_node.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from echonode.studies.records import InstanceRecord, TaskResult
 from echonode.studies.references import AgreementPair
 from echonode.studies.states import StudyState
 from echonode.studies.store import StudyStore
-from tests.conftest import make_config, run_cli
+from tests.conftest import REPO, make_config, run_cli
 from tests.echo_sr import echo_sr
 from tests.factories import us_multiframe
 
@@ -366,7 +366,7 @@ def test_new_rules_read_every_reference_again(tmp_path: Path) -> None:
     node.job().run()
     assert node.journal.reference(study).labels["lvh"][0] == 0
     rules = tmp_path / "rules.toml"
-    default = Path(__file__).resolve().parent.parent / "echonode" / "measurements" / "label_rules.toml"
+    default = REPO / "echonode" / "measurements" / "label_rules.toml"
     rules.write_text(default.read_text().replace("wall_thickness_cm = 1.2", "wall_thickness_cm = 1.0"))
     cfg = make_config(tmp_path, agreement={"rules": str(rules)})
     job = ReferenceJob(node.journal, cfg)  # a restart with the new rules

@@ -1,6 +1,6 @@
 """The node's Prometheus /metrics and /health endpoints, against a running node and real peers.
 
-(``tests/test_metrics.py`` tests ``train.metrics``, the AUROC/AUPRC code.)
+(``tests/train/test_metrics.py`` tests ``train.metrics``, the AUROC/AUPRC code.)
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """DICOMweb STOW-RS destinations: Orthanc's DICOMweb plugin, and a server in the test that answers as told.
 
-The SR comes from a real worker run (:func:`tests.test_delivery.reported_study`);
+The SR comes from a real worker run (:func:`tests.delivery_support.reported_study`);
 its outbox row is for destination "pacs", here a ``kind = "stow"``
 destination. :class:`tests.fake_dicomweb.FakeDICOMweb` plays the 202, 409,
 401, 5xx, stalled and trickling servers; Orthanc (Debian's
 ``orthanc-dicomweb``, HTTP basic auth on) the real one; the kill -9 runs
-``echonode serve`` as in tests/test_stage_recovery.py.
+``echonode serve`` as in tests/system/test_stage_recovery.py.
 """
 
 from __future__ import annotations
