@@ -139,6 +139,7 @@ class _Writer:
     render_fn: Callable
     views: tuple[str, ...] | None
     tag: str
+    reports: bool = True
     label_rows: list[dict] = field(default_factory=list)
     video_rows: list[dict] = field(default_factory=list)
     report_rows: list[dict] = field(default_factory=list)
@@ -179,7 +180,8 @@ class _Writer:
         views = study_views(sr)
         evidence = [self.video(p, s, k, view, an, plan, ctx, header) for k, view in enumerate(views)
                     if self.views is None or view in self.views]
-        self.report(p, s, pat, ctx, plan, measured, evidence)
+        if self.reports:
+            self.report(p, s, pat, ctx, plan, measured, evidence)
 
     def video(self, p: int, s: int, k: int, view: str, an: Anatomy, study: StudyPlan, ctx: dict,
               header: dict[str, str]) -> Dataset:
@@ -236,7 +238,7 @@ def _check_arguments(patients: object, frames: int | None, rows: int, cols: int,
 
 def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int | None = None,
                      rows: int = 480, cols: int = 640, quality: int = 75, renderer: str = "polar",
-                     views: Sequence[str] | None = None) -> ArchiveSummary:
+                     views: Sequence[str] | None = None, reports: bool = True) -> ArchiveSummary:
     """Write a synthetic echo archive.
 
     Parameters
@@ -263,6 +265,11 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
     views : sequence of str, optional
         Write only videos of these views (the studies, labels and SRs are
         unchanged); None for every view.
+    reports : bool
+        Write each study's measurement SR (series 900). Without them the
+        archive is videos only; ``labels.csv`` still carries the values the
+        SR would hold, drawn the same way, so labels and images are those
+        of the same seed with reports.
 
     Returns
     -------
@@ -279,7 +286,7 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(f"echonode-synth|{seed}".encode()).hexdigest()[:4].upper()
     w = _Writer(out_dir, seed, frames, rows, cols, quality, RENDERERS[renderer],
-                None if views is None else tuple(views), tag)
+                None if views is None else tuple(views), tag, reports)
     prng = [keyed_rng(seed, PURPOSE_PATIENT, p) for p in range(patients)]
     n_studies = [int(r.integers(1, 4)) for r in prng]
     truths = sample_study_truths(seed, n_studies)

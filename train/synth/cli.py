@@ -24,6 +24,9 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "renderer of the same anatomy, for transfer checks)")
     parser.add_argument("--views", default=None,
                         help=f"comma-separated views to write (default all: {','.join(VIEWS)})")
+    parser.add_argument("--no-reports", dest="reports", action="store_false",
+                        help="videos only: no measurement SRs (labels.csv still holds their values); "
+                             "a quicker archive for training, not for `labels`")
     return parser
 
 
@@ -36,6 +39,7 @@ def run_synth(ns: argparse.Namespace) -> int:
             rows=getattr(ns, "rows", 480), cols=getattr(ns, "cols", 640),
             renderer=getattr(ns, "renderer", "polar"),
             views=None if views is None else [v.strip().lower() for v in views.split(",") if v.strip()],
+            reports=getattr(ns, "reports", True),
         )
     except ValueError as exc:
         print(f"echonode-train synth: {exc}")

@@ -60,6 +60,19 @@ def test_deterministic_by_seed(archive: Path, tmp_path: Path) -> None:
     assert _read_csv(other / "labels.csv")[0]["study_uid"] != _read_csv(archive / "labels.csv")[0]["study_uid"]
 
 
+def test_an_archive_without_reports_has_the_same_videos_and_labels(archive: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    summary = synth.generate_archive(bare, 1, seed=7, frames=FRAMES, reports=False)
+    assert summary.reports == 0 and _read_csv(bare / "reports.csv") == []
+    with_reports = sorted(p.relative_to(archive) for p in archive.rglob("*.dcm"))
+    without = sorted(p.relative_to(bare) for p in bare.rglob("*.dcm"))
+    assert without == [rel for rel in with_reports if rel.name != "900.dcm"] and len(without) < len(with_reports)
+    for rel in without:
+        assert (bare / rel).read_bytes() == (archive / rel).read_bytes(), rel
+    for name in ("labels.csv", "videos.csv"):
+        assert (bare / name).read_bytes() == (archive / name).read_bytes(), name
+
+
 def test_dciodvfy_clean(archive: Path) -> None:
     path = sorted((archive / "dicom").rglob("*.dcm"))[0]
     res = subprocess.run([require_tool(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
