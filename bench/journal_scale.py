@@ -173,13 +173,16 @@ def _retention(db: Path, storage: Path, settings: RetentionConfig, now: float) -
 
 def _scrape(db: Path, storage: Path) -> float:
     """Seconds of one collection of the node's metrics (its journal reads), on a stand-in node."""
+    from echonode.daemon.node import ErrorCounts
     from echonode.ops.prometheus import NodeCollector
+    from echonode.receive.scp import ReceiveCounters
 
     journal = Journal(db)
+    # The node's own counter types (all zero), so that the stand-in follows what the collector reads.
     node = SimpleNamespace(
-        scp=SimpleNamespace(counters=SimpleNamespace(instances=0, bytes=0, duplicates=0, associations=0, rejected=0,
-                                                     failures={}), listening=True),
+        scp=SimpleNamespace(counters=ReceiveCounters(), listening=True),
         journal=journal, store=SimpleNamespace(root=storage), delivery=None, worker=None, _start_worker=False,
+        loop_errors=ErrorCounts(), job_errors=ErrorCounts(),
         cfg=SimpleNamespace(models_dir=storage / "models"),
     )
     collector = NodeCollector(node)
