@@ -52,6 +52,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -84,13 +85,14 @@ from echonode.bundles.runtime import (
     synthetic_clips,
 )
 from echonode.bundles.runtime_select import (
+    Forward,
     Selection,
     builders_for,
     bundle_calibration,
     select_runtime,
     supported_modes,
 )
-from echonode.bundles.weights import load_bundle, save_bundle
+from echonode.bundles.weights import Bundle, load_bundle, save_bundle
 
 #: The real loops whose clips serve as the bench bundle's calibration clips.
 REAL_LOOPS = ("color3d_jpeg_baseline.dcm", "examples_ybr_color.dcm")
@@ -292,7 +294,27 @@ def print_selection(selection: Selection, flops: float, peak_gflops: float | Non
         print(line, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The bench's command line, and the runtimes to compare with eager.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    args : argparse.Namespace
+        The parsed options (sizes left unset are filled in by :func:`main`).
+    modes : list of str
+        ``--modes`` without eager, else every mode this machine supports
+        (without the compile modes in a ``--quick`` run).
+
+    Raises
+    ------
+    SystemExit
+        When ``--modes`` names something that is not a CPU runtime.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="width 16, 2 videos, 3 timed rounds, no compile: a smoke run")
     parser.add_argument("--width", type=int, default=None, help="network base width (64 = r3d_18)")
@@ -315,12 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-peak-tflops", type=float, default=None,
                         help="the card's peak dense bf16/fp16 TFLOP/s for the fraction-of-peak figure")
     args = parser.parse_args(argv)
-    width = args.width or (16 if args.quick else 64)
-    rounds = args.rounds or (3 if args.quick else 6)
-    n_videos = args.videos or (2 if args.quick else 4)
-    study_repeats = args.study_repeats or (1 if args.quick else 2)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     if args.modes:
         modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "eager"]
         unknown = [m for m in modes if m not in MODES or m in ("auto", "cuda")]
@@ -328,12 +344,50 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--modes: not a CPU runtime: {', '.join(unknown)} (choose from {', '.join(supported_modes())})")
     else:
         modes = [m for m in supported_modes() if not (args.quick and m.startswith("compile"))]
+    return args, modes
 
+
+def print_machine(threads: int) -> None:
+    """One line on what decides the runtimes' speed here: cores, ISA flags, torch and OpenVINO."""
     print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; ISA flags: {' '.join(cpu_flags()) or 'n/a'}; "
-          f"native bf16 (oneDNN): {cpu_has_native_bf16()}; torch {torch.__version__}, {args.threads} threads; "
+          f"native bf16 (oneDNN): {cpu_has_native_bf16()}; torch {torch.__version__}, {threads} threads; "
           f"openvino {openvino_version() or 'not installed'} (default CPU precision: {openvino_default_precision()}); "
           f"load average {_load()}")
-    work = Path(tempfile.mkdtemp(prefix="echonode-bench-infer-"))
+
+
+@dataclass
+class BenchNetwork:
+    """The measured bundle, loaded eager, with what every measurement needs of it."""
+
+    #: The bundle's folder.
+    path: Path
+    #: The bundle; its ``model`` is the eager network.
+    bundle: Bundle
+    #: FLOPs of one clip (:func:`conv_flops`).
+    flops: float
+    #: The calibration clips, normalised for the network, on the device.
+    calibration: torch.Tensor
+
+
+def load_network(args: argparse.Namespace, work: Path, width: int, device: torch.device) -> BenchNetwork:
+    """Load ``--bundle`` or a new bench bundle, and describe it and its calibration clips.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The command line (:func:`parse_args`): ``bundle``, ``logit_sd``, ``head_fit_synthetic``.
+    work : Path
+        The bench's folder; the bench bundle is written to ``work/bundle``.
+    width : int
+        The bench bundle's network width.
+    device : torch.device
+        Where the network and the calibration clips go.
+
+    Returns
+    -------
+    BenchNetwork
+        The bundle, eager, its clips' FLOPs and its calibration clips.
+    """
     bundle_path = args.bundle or make_bench_bundle(work / "bundle", width, args.logit_sd, args.head_fit_synthetic)
     # Eager: the runtimes are built below; a runner built on load would also
     # take precedence over bundle.model in predict, so the study latency's
@@ -341,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(bundle_path, device, runtime="eager")
     eager = bundle.model
     frames, size = bundle.meta.clip_frames, bundle.meta.frame_size
-    clip_shape = (3, frames, size, size)
-    flops = conv_flops(eager, clip_shape)
+    flops = conv_flops(eager, (3, frames, size, size))
     raw, source = bundle_calibration(bundle_path, frames, size)
     calibration = normalise_for_model(raw, bundle.meta.normalisation).to(device)
     with torch.inference_mode():
@@ -355,59 +408,137 @@ def main(argv: list[str] | None = None) -> int:
              if args.bundle is None else str(bundle_path)))
     print(f"calibration: {raw.shape[0]} clips, {source}; eager logits sd {float(logits.std()):.2f}, "
           f"probabilities {float(probs.min()):.3f}..{float(probs.max()):.3f}, threshold {bundle.threshold}")
+    return BenchNetwork(path=bundle_path, bundle=bundle, flops=flops, calibration=calibration)
 
-    if device.type == "cuda":
-        return _cuda(eager, calibration, flops, args)
 
-    # --- 1. every runtime side by side: the node's auto selection, more rounds ------------
-    print(f"\ncandidates: eager, {', '.join(modes)}; one interleaved run, batch {args.batch}, 1 untimed + "
+def compare_runtimes(net: BenchNetwork, modes: list[str], batch: int, rounds: int, work: Path,
+                     peak_gflops: float | None) -> tuple[Selection, dict[str, Forward]]:
+    """Every runtime side by side: the node's ``auto`` selection in one interleaved run, printed.
+
+    Parameters
+    ----------
+    net : BenchNetwork
+        The eager network and its calibration clips.
+    modes : list of str
+        The candidates besides eager.
+    batch : int
+        Clips per timed call.
+    rounds : int
+        Timed rounds.
+    work : Path
+        The bench's folder; the runtimes keep their state in ``work/state``.
+    peak_gflops : float, optional
+        The CPU's bf16 peak, for a fraction-of-peak column.
+
+    Returns
+    -------
+    selection : Selection
+        Every candidate's figures and the runtime ``auto`` picks.
+    built : dict
+        The runtimes built, by mode.
+    """
+    eager, calibration = net.bundle.model, net.calibration
+    print(f"\ncandidates: eager, {', '.join(modes)}; one interleaved run, batch {batch}, 1 untimed + "
           f"{rounds} timed rounds, medians (min..max in brackets)", flush=True)
     t0 = time.perf_counter()
     selection, built = select_runtime(
-        eager, calibration, builders_for(modes, eager, calibration, batch=args.batch, state_dir=work / "state"),
-        threshold=bundle.threshold, batch=args.batch, rounds=rounds,
+        eager, calibration, builders_for(modes, eager, calibration, batch=batch, state_dir=work / "state"),
+        threshold=net.bundle.threshold, batch=batch, rounds=rounds,
     )
     print(f"(builds {selection.build_s:.0f} s, measuring {selection.measure_s:.0f} s, total {time.perf_counter() - t0:.0f} s; "
           f"load average {_load()})")
-    print_selection(selection, flops, args.bf16_peak_gflops)
+    print_selection(selection, net.flops, peak_gflops)
+    print_choice(selection)
+    return selection, built
+
+
+def print_choice(selection: Selection) -> None:
+    """Which runtime ``auto`` picks, how much faster than eager, and which the accuracy rule refused."""
     chosen = selection.trial(selection.chosen)
     assert chosen is not None
     refused = [t.mode for t in selection.trials if not t.passed]
     print(f"\nauto picks: {selection.chosen} ({chosen.clips_per_s:.3f} clips/s, "
-          f"{(chosen.clips_per_s or 0) / (selection.trial('eager').clips_per_s or 1):.2f}x eager): the fastest of the "
+          f"{(chosen.clips_per_s or 0) / (selection.trial('eager').clips_per_s or 1):.2f}x eager): the fastest of the "  # type: ignore[union-attr]
           f"runtimes that passed the accuracy rule (max |dp| <= {selection.tolerance:g}, no flip outside "
           f"{selection.band:g} of the threshold); refused here: {', '.join(refused) or 'none'}")
 
-    # --- 2. study latency ----------------------------------------------------------------
+
+def time_echonode(bundle: Bundle, model: Forward, paths: list[Path]) -> float:
+    """Seconds of :func:`~echonode.analyse.pipeline.analyse_study` on ``paths`` with ``model`` as the bundle's network."""
+    # predict only calls bundle.model, so a built runtime can stand in for the network.
+    bundle.model = model  # type: ignore[assignment]
+    models = ModelSet(bundles=(bundle,), key=model_set_key([bundle]))
+    t0 = time.perf_counter()
+    result = analyse_study("1.2.3", paths, models, batch_size=8, decode_threads=2)
+    took = time.perf_counter() - t0
+    assert result.tasks, result.skipped_reason
+    return took
+
+
+def study_latency(net: BenchNetwork, runtime: Forward, chosen: str, work: Path, n_videos: int, repeats: int) -> None:
+    """Seconds for one study: the naive implementation against echonode, eager and with ``auto``'s runtime.
+
+    Parameters
+    ----------
+    net : BenchNetwork
+        The bundle, eager.
+    runtime : Forward
+        The runtime ``auto`` picked (the eager network when it picked eager).
+    chosen : str
+        Its mode, for the printout.
+    work : Path
+        The bench's folder; the study's files are written there.
+    n_videos : int
+        Videos in the study.
+    repeats : int
+        Timed repeats of each pipeline; medians are printed.
+    """
+    bundle = net.bundle
+    eager = bundle.model
+    frames, size = bundle.meta.clip_frames, bundle.meta.frame_size
+    paths = make_study(work, n_videos)
+    print(f"\nstudy: {n_videos} copies of the SonoSite loop (120 frames 480x640 JPEG; 100 used, 4 clips each = "
+          f"{4 * n_videos} clips); median of {repeats} run(s)")
+    times: dict[str, list[float]] = {"naive": [], "echonode eager": [], "echonode auto": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        naive_study(paths, eager, size, frames)
+        times["naive"].append(time.perf_counter() - t0)
+        times["echonode eager"].append(time_echonode(bundle, eager, paths))
+        times["echonode auto"].append(time_echonode(bundle, runtime, paths))
+    bundle.model = eager
+    naive_s = statistics.median(times["naive"])
+    for name, v in times.items():
+        med = statistics.median(v)
+        print(f"  {name:17s} {med:7.2f} s  ({', '.join(f'{t:.2f}' for t in v)})"
+              + ("" if name == "naive" else f"  = {naive_s / med:.2f}x faster than naive"))
+    print(f"  (auto's runtime: {chosen}; load average {_load()})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; return the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+    """
+    args, modes = parse_args(argv)
+    width = args.width or (16 if args.quick else 64)
+    rounds = args.rounds or (3 if args.quick else 6)
+    n_videos = args.videos or (2 if args.quick else 4)
+    study_repeats = args.study_repeats or (1 if args.quick else 2)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print_machine(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="echonode-bench-infer-"))
+    net = load_network(args, work, width, device)
+    if device.type == "cuda":
+        return _cuda(net.bundle.model, net.calibration, net.flops, args)
+    selection, built = compare_runtimes(net, modes, args.batch, rounds, work, args.bf16_peak_gflops)
     if not args.no_study:
-        paths = make_study(work, n_videos)
-        rt = built.get(selection.chosen, eager)
-        print(f"\nstudy: {n_videos} copies of the SonoSite loop (120 frames 480x640 JPEG; 100 used, 4 clips each = "
-              f"{4 * n_videos} clips); median of {study_repeats} run(s)")
-
-        def echonode_with(model_fn) -> float:
-            bundle.model = model_fn
-            models = ModelSet(bundles=(bundle,), key=model_set_key([bundle]))
-            t0 = time.perf_counter()
-            result = analyse_study("1.2.3", paths, models, batch_size=8, decode_threads=2)
-            took = time.perf_counter() - t0
-            assert result.tasks, result.skipped_reason
-            return took
-
-        times: dict[str, list[float]] = {"naive": [], "echonode eager": [], "echonode auto": []}
-        for _ in range(study_repeats):
-            t0 = time.perf_counter()
-            naive_study(paths, eager, size, frames)
-            times["naive"].append(time.perf_counter() - t0)
-            times["echonode eager"].append(echonode_with(eager))
-            times["echonode auto"].append(echonode_with(rt))
-        bundle.model = eager
-        naive_s = statistics.median(times["naive"])
-        for name, v in times.items():
-            med = statistics.median(v)
-            print(f"  {name:17s} {med:7.2f} s  ({', '.join(f'{t:.2f}' for t in v)})"
-                  + ("" if name == "naive" else f"  = {naive_s / med:.2f}x faster than naive"))
-        print(f"  (auto's runtime: {selection.chosen}; load average {_load()})")
+        runtime = built.get(selection.chosen, net.bundle.model)
+        study_latency(net, runtime, selection.chosen, work, n_videos, study_repeats)
     return 0
 
 

@@ -173,13 +173,16 @@ def _retention(db: Path, storage: Path, settings: RetentionConfig, now: float) -
 
 def _scrape(db: Path, storage: Path) -> float:
     """Seconds of one collection of the node's metrics (its journal reads), on a stand-in node."""
+    from echonode.daemon.node import ErrorCounts
     from echonode.ops.prometheus import NodeCollector
+    from echonode.receive.scp import ReceiveCounters
 
     journal = Journal(db)
+    # The node's own counter types (all zero), so that the stand-in follows what the collector reads.
     node = SimpleNamespace(
-        scp=SimpleNamespace(counters=SimpleNamespace(instances=0, bytes=0, duplicates=0, associations=0, rejected=0,
-                                                     failures={}), listening=True),
+        scp=SimpleNamespace(counters=ReceiveCounters(), listening=True),
         journal=journal, store=SimpleNamespace(root=storage), delivery=None, worker=None, _start_worker=False,
+        loop_errors=ErrorCounts(), job_errors=ErrorCounts(),
         cfg=SimpleNamespace(models_dir=storage / "models"),
     )
     collector = NodeCollector(node)
@@ -188,21 +191,47 @@ def _scrape(db: Path, storage: Path) -> float:
     return seconds
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    argparse.Namespace
+        ``studies``, ``instances``, ``days``, ``repeats`` and ``workdir``.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--instances", type=int, default=10, help="instances per study")
     parser.add_argument("--days", type=float, default=365.0, help="the period the studies' activity spans")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
-    from echonode.ops.logs import configure_logging
+    return parser.parse_args(argv)
 
-    # Retention logs a line per purged study: to stderr, the figures go to stdout.
-    configure_logging("json", "warning", stream=sys.stderr)
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="echonode-journal-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
+def build_base(work: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Build the base journal every case copies, and start the figures with what it holds.
+
+    Parameters
+    ----------
+    work : Path
+        The bench's folder; the journal is ``work/base.sqlite`` (replaced when present).
+    args : argparse.Namespace
+        The command line (:func:`parse_args`).
+
+    Returns
+    -------
+    base : Path
+        The journal file.
+    held : dict
+        What :func:`build` wrote.
+    out : dict
+        The figures so far: ``machine``, ``date`` and ``journal``.
+    """
     base = work / "base.sqlite"
     if base.exists():
         base.unlink()
@@ -215,61 +244,158 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "journal": {**held, "file_mb": round(base.stat().st_size / 1e6, 1), "build_s": round(built_s, 1)},
     }
-    storage = work / "node"
-    db = _copy(base, storage)
+    return base, held, out
+
+
+def write_config(work: Path, storage: Path) -> Path:
+    """An ``echonode.toml`` in ``work`` for a node whose storage (and journal) is ``storage``."""
     cfg = parse_config({"node": {"storage_dir": str(storage), "min_free_disk_mb": 0},
                         "models": {"dir": str(storage / "models")},
                         "logging": {"format": "json", "level": "warning"}})
     config = work / "echonode.toml"
     config.write_text(to_toml(cfg))
-    floor, _ = _time_cli(config, ["--version"], args.repeats)
+    return config
+
+
+def measure_status(config: Path, db: Path, repeats: int) -> dict[str, Any]:
+    """``echonode status`` on the node's journal: as subprocesses, ``Journal.status``, in process.
+
+    Parameters
+    ----------
+    config : Path
+        The node's configuration (:func:`write_config`).
+    db : Path
+        The node's journal, a copy of the base journal.
+    repeats : int
+        Timed repeats of each case; medians are kept.
+
+    Returns
+    -------
+    dict
+        Seconds (and output sizes of the subprocesses) by case, the interpreter floor first.
+    """
+    floor, _ = _time_cli(config, ["--version"], repeats)
     cli: dict[str, Any] = {"python -m echonode --version (floor)": round(floor, 3)}
     for label, argv in (("status", ["status"]), ("status --json", ["status", "--json"]),
                         ("status --json --limit 0", ["status", "--json", "--limit", "0"])):
-        seconds, size = _time_cli(config, argv, args.repeats)
+        seconds, size = _time_cli(config, argv, repeats)
         cli[label] = {"s": round(seconds, 3), "output_bytes": size}
     journal = Journal(db)
-    inproc, _ = _timed(lambda: journal.status(limit=50), repeats=args.repeats)
+    inproc, _ = _timed(lambda: journal.status(limit=50), repeats=repeats)
     journal.close()
-    out["status"] = {**cli, "Journal.status(limit=50) in process": round(inproc, 3)}
+    status = {**cli, "Journal.status(limit=50) in process": round(inproc, 3)}
     # The whole command in this process, imports done by a first call: what
     # a long-lived node adds to it, without the interpreter's start.
     for label, argv in (("status", ["status"]), ("status --json", ["status", "--json"])):
         _in_process_cli(config, argv)
-        seconds, _ = _timed(lambda argv=argv: _in_process_cli(config, argv), repeats=args.repeats)
-        out["status"][f"{label} in process, imports done"] = round(seconds, 3)
+        seconds, _ = _timed(lambda argv=argv: _in_process_cli(config, argv), repeats=repeats)
+        status[f"{label} in process, imports done"] = round(seconds, 3)
+    return status
 
-    now = time.time()
-    total_gb = held["bytes"] / 1e9
-    day_gb = total_gb / args.days
-    cases = {
-        "nothing due": RetentionConfig(enabled=True, max_age_days=int(args.days) + 30, max_total_gb=total_gb * 2),
-        "age: one day due": RetentionConfig(enabled=True, max_age_days=int(args.days) - 1, max_total_gb=0),
+
+def retention_cases(total_gb: float, days: float) -> dict[str, RetentionConfig]:
+    """The retention settings of the ordinary passes: nothing due, one day past the age, one day over the cap.
+
+    Parameters
+    ----------
+    total_gb : float
+        The instances' total size in the journal, in GB.
+    days : float
+        The period the studies' activity spans.
+
+    Returns
+    -------
+    dict
+        Settings by case label, in the order they are run.
+    """
+    day_gb = total_gb / days
+    return {
+        "nothing due": RetentionConfig(enabled=True, max_age_days=int(days) + 30, max_total_gb=total_gb * 2),
+        "age: one day due": RetentionConfig(enabled=True, max_age_days=int(days) - 1, max_total_gb=0),
         "size: one day over the cap": RetentionConfig(enabled=True, max_age_days=0,
                                                       max_total_gb=total_gb - day_gb),
     }
-    retention: dict[str, Any] = {}
-    for label, settings in cases.items():
-        db = _copy(base, storage)
-        seconds, purged = _retention(db, storage, settings, now)
-        retention[label] = {"s": round(seconds, 3), "purged": purged}
-    # A destination dead for the whole period: every SR owed, nothing may go
-    # (the few skipped studies are made failed, so that the pass is all reading).
-    db = _copy(base, storage)
+
+
+def kill_destination(db: Path) -> None:
+    """Make ``db`` a node whose destination was dead for the whole period: every SR owed, nothing may go.
+
+    The few skipped studies are made failed, so that a retention pass is all reading.
+    """
     journal = Journal(db)
     con = journal._connect()
     con.execute("UPDATE studies SET state = 'reported' WHERE state = 'delivered'")
     con.execute("UPDATE studies SET state = 'failed' WHERE state = 'skipped'")
     con.execute("UPDATE outbox SET state = 'dead', last_error = 'association rejected' WHERE state = 'sent'")
     journal.close()
+
+
+def measure_retention(base: Path, storage: Path, held: dict[str, Any], days: float, now: float) -> dict[str, Any]:
+    """Retention passes, each on a fresh copy of the base journal, the dead-destination case last.
+
+    Parameters
+    ----------
+    base : Path
+        The base journal.
+    storage : Path
+        The node's storage folder; its journal is replaced by each copy.
+    held : dict
+        What :func:`build` wrote (its ``bytes`` size the cap).
+    days : float
+        The period the studies' activity spans.
+    now : float
+        The passes' clock, the same for every case.
+
+    Returns
+    -------
+    dict
+        Seconds and studies purged by case. The node's journal is left in
+        the dead-destination state, which the next measurements read.
+    """
+    retention: dict[str, Any] = {}
+    for label, settings in retention_cases(held["bytes"] / 1e9, days).items():
+        db = _copy(base, storage)
+        seconds, purged = _retention(db, storage, settings, now)
+        retention[label] = {"s": round(seconds, 3), "purged": purged}
+    db = _copy(base, storage)
+    kill_destination(db)
     seconds, purged = _retention(db, storage, RetentionConfig(enabled=True, max_age_days=30, max_total_gb=1.0),
                                  now)
     retention["dead destination, age and cap, nothing may go"] = {"s": round(seconds, 3), "purged": purged}
-    out["retention"] = retention
-    dead_status, dead_size = _time_cli(config, ["status", "--json"], args.repeats)
-    out["status"]["status --json, dead destination"] = {"s": round(dead_status, 3), "output_bytes": dead_size}
-    seconds, _ = _timed(lambda: _in_process_cli(config, ["status", "--json"]), repeats=args.repeats)
-    out["status"]["status --json, dead destination, in process"] = round(seconds, 3)
+    return retention
+
+
+def measure_dead_status(config: Path, repeats: int) -> dict[str, Any]:
+    """``status --json`` as a subprocess and in process, on the dead-destination journal the node holds now."""
+    dead_status, dead_size = _time_cli(config, ["status", "--json"], repeats)
+    seconds, _ = _timed(lambda: _in_process_cli(config, ["status", "--json"]), repeats=repeats)
+    return {"status --json, dead destination": {"s": round(dead_status, 3), "output_bytes": dead_size},
+            "status --json, dead destination, in process": round(seconds, 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every case and print the figures as one JSON document on stdout.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+    """
+    args = parse_args(argv)
+    from echonode.ops.logs import configure_logging
+
+    # Retention logs a line per purged study: to stderr, the figures go to stdout.
+    configure_logging("json", "warning", stream=sys.stderr)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="echonode-journal-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    base, held, out = build_base(work, args)
+    storage = work / "node"
+    db = _copy(base, storage)
+    config = write_config(work, storage)
+    out["status"] = measure_status(config, db, args.repeats)
+    out["retention"] = measure_retention(base, storage, held, args.days, time.time())
+    out["status"].update(measure_dead_status(config, args.repeats))
     out["metrics_scrape_s"] = {"normal": round(_scrape(_copy(base, storage), storage), 3)}
     print(json.dumps(out, indent=1))
     if args.workdir is None:

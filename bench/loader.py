@@ -52,7 +52,9 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,7 +173,19 @@ def time_model(width: int, batch: dict[str, torch.Tensor], steps: int, device: t
             "step_s": [round(t, 3) for t in times]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's command line; unset sizes are filled in by :func:`settings_from`.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    argparse.Namespace
+        The parsed options.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 patients, batch 8, 3 batches, workers 0,1, width 8 only")
@@ -187,19 +201,192 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process (default 1)")
     parser.add_argument("--device", default="cpu", help="device of the consumer model (cpu or cuda)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
-    args = parser.parse_args(argv)
-    q = args.quick
-    patients = args.patients or (3 if q else 6)
-    batch = args.batch or (8 if q else 32)
-    batches = args.batches or (3 if q else 10)
-    workers = [int(w) for w in (args.workers or ("0,1" if q else "0,1,2")).split(",")]
-    widths_arg = args.widths if args.widths is not None else ("8" if q else "64,8")
-    widths = [int(w) for w in widths_arg.split(",") if w.strip()]
-    model_batch = args.model_batch or batch
-    model_steps = args.model_steps or (1 if q else 2)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return parser.parse_args(argv)
 
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's sizes: the command line's, else the full run's or the ``--quick`` run's defaults."""
+
+    patients: int
+    seed: int
+    batch: int
+    batches: int
+    workers: list[int]
+    widths: list[int]
+    model_batch: int
+    model_steps: int
+    device: torch.device
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The sizes of this run from the parsed command line (:func:`parse_args`)."""
+    q = args.quick
+    batch = args.batch or (8 if q else 32)
+    widths_arg = args.widths if args.widths is not None else ("8" if q else "64,8")
+    return Settings(
+        patients=args.patients or (3 if q else 6),
+        seed=args.seed,
+        batch=batch,
+        batches=args.batches or (3 if q else 10),
+        workers=[int(w) for w in (args.workers or ("0,1" if q else "0,1,2")).split(",")],
+        widths=[int(w) for w in widths_arg.split(",") if w.strip()],
+        model_batch=args.model_batch or batch,
+        model_steps=args.model_steps or (1 if q else 2),
+        device=torch.device(args.device),
+    )
+
+
+def measure_loaders(ours: PairDataset, naive: PairDataset, s: Settings) -> list[dict[str, object]]:
+    """Pairs per second of both loaders at each worker count, printed as they come.
+
+    Parameters
+    ----------
+    ours, naive : PairDataset
+        echonode's cache-based dataset and the decode-per-item peer.
+    s : Settings
+        Batch size, timed batches, worker counts and seed.
+
+    Returns
+    -------
+    list of dict
+        One row per worker count and loader: ``loader``, ``workers`` and :func:`time_loader`'s figures.
+    """
+    rows: list[dict[str, object]] = []
+    for w in s.workers:
+        for name, ds in (("echonode (clip cache)", ours), ("naive (decode per item)", naive)):
+            r = time_loader(ds, s.batch, w, s.batches, s.seed)
+            rows.append({"loader": name, "workers": w, **r})
+            print(f"  {name:24s} workers {w}: {r['pairs_per_s']:8.1f} pairs/s over {r['batches']} batches "
+                  f"(load {load_average()})", flush=True)
+    return rows
+
+
+def measure_models(ours: PairDataset, s: Settings) -> list[dict[str, object]]:
+    """Training pairs per second of the consumer network at each width, on one loader batch.
+
+    Parameters
+    ----------
+    ours : PairDataset
+        The dataset the batch (``s.model_batch`` pairs) is drawn from.
+    s : Settings
+        Widths, model batch, timed steps, device and seed.
+
+    Returns
+    -------
+    list of dict
+        One row per width: ``width``, ``device`` and :func:`time_model`'s figures; empty without widths.
+    """
+    model_rows: list[dict[str, object]] = []
+    if s.widths:
+        mb = next(iter(_loader(ours, s.model_batch, 0, 1, s.seed + 1)))
+        for width in s.widths:
+            r = time_model(width, mb, s.model_steps, s.device)
+            model_rows.append({"width": width, "device": str(s.device), **r})
+            print(f"  model width {width} on {s.device}: {r['pairs_per_s']:.2f} pairs/s "
+                  f"(batch {r['batch']}, steps {r['step_s']} s; load {load_average()})", flush=True)
+    return model_rows
+
+
+def print_report(rows: list[dict[str, object]], model_rows: list[dict[str, object]],
+                 workers: list[int]) -> dict[int, float]:
+    """The summary table, echonode's speed-up over the naive loader, and how many consumers one worker feeds.
+
+    Parameters
+    ----------
+    rows : list of dict
+        :func:`measure_loaders`'s rows.
+    model_rows : list of dict
+        :func:`measure_models`'s rows.
+    workers : list of int
+        The worker counts measured.
+
+    Returns
+    -------
+    dict
+        echonode's pairs/s over the naive loader's, by worker count.
+    """
+    print()
+    print("| loader | workers | pairs/s |")
+    print("|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['loader']} | {r['workers']} | {r['pairs_per_s']:.1f} |")
+    for m in model_rows:
+        print(f"| consumer: PretrainModel width {m['width']}, fwd+bwd+Adam, batch {m['batch']}, "
+              f"{m['device']} | - | {m['pairs_per_s']:.2f} |")
+    print()
+    rate = {(str(r["loader"]).split()[0], r["workers"]): float(r["pairs_per_s"]) for r in rows}  # type: ignore[arg-type]
+    ratios = {w: rate[("echonode", w)] / rate[("naive", w)] for w in workers}
+    for w, v in ratios.items():
+        print(f"echonode / naive at {w} worker(s): {v:.1f}x")
+    one = {k: v for k, v in rate.items() if k[1] == 1}
+    if one and model_rows:
+        for m in model_rows:
+            c = float(m["pairs_per_s"])  # type: ignore[arg-type]
+            print(f"one worker supplies {one[('echonode', 1)]:.1f} pairs/s (naive {one[('naive', 1)]:.1f}); "
+                  f"the width-{m['width']} model consumes {c:.2f} pairs/s here: one echonode worker "
+                  f"feeds {one[('echonode', 1)] / c:.1f} such consumers (naive: {one[('naive', 1)] / c:.1f})")
+    print(f"load average at the end: {load_average()}")
+    return ratios
+
+
+def run(work: Path, s: Settings, machine: str, json_path: str | None) -> int:
+    """Prepare the data in ``work``, measure both loaders and the consumer, report.
+
+    Parameters
+    ----------
+    work : Path
+        Folder of the archive and cache (reused when present).
+    s : Settings
+        The run's sizes.
+    machine : str
+        The machine line, also written to the JSON file.
+    json_path : str, optional
+        Where to write the figures; nothing is written when None.
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 2 when the training split has no PLAX pair.
+    """
+    archive, cache_dir, prep = prepare(work, s.patients, s.seed)
+    cache = ClipCache(cache_dir)
+    train = split_cache(cache)["train"]
+    kwargs: dict[str, Any] = {"method": "echoclr", "clip_frames": CLIP_FRAMES, "size": SIZE, "seed": s.seed}
+    ours = PairDataset(cache, train, **kwargs)
+    naive = NaivePairDataset(archive, cache, train, PreprocessConfig(size=SIZE), **kwargs)
+    if len(ours) == 0:
+        print("no PLAX pairs in the training split; use more --patients", file=sys.stderr)
+        return 2
+    n_videos = len({v for p in ours.pairs for v in p})
+    identical = same_items(ours, naive, 2)
+    print(f"training split: {len(train)} studies, {n_videos} PLAX videos, {len(ours)} EchoCLR pairs "
+          f"(sampled repeatedly); batches of {s.batch} pairs of 3x{CLIP_FRAMES}x{SIZE}x{SIZE} clips; "
+          f"first items of both loaders identical: {identical}", flush=True)
+    rows = measure_loaders(ours, naive, s)
+    model_rows = measure_models(ours, s)
+    ratios = print_report(rows, model_rows, s.workers)
+    if json_path:
+        Path(json_path).write_text(json.dumps({
+            "machine": machine, "load_average_end": load_average(), "patients": s.patients,
+            "train_studies": len(train), "plax_videos": n_videos, "pairs": len(ours), "batch": s.batch,
+            "identical_items": identical, "prep": prep, "loaders": rows, "models": model_rows,
+            "ratio_echonode_over_naive": {str(k): v for k, v in ratios.items()},
+        }, indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench in ``--work`` or a temporary folder (removed at the end); return the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+    """
+    args = parse_args(argv)
+    s = settings_from(args)
+    torch.set_num_threads(args.threads)
     machine = (f"{os.cpu_count()} cores, {cpu_model()}; torch {torch.__version__}, "
                f"{args.threads} thread(s) in the main process")
     print(f"machine: {machine}; load average {load_average()}", flush=True)
@@ -209,68 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tmp = work = Path(tempfile.mkdtemp(prefix="echonode-bench-loader-"))
     try:
-        archive, cache_dir, prep = prepare(work, patients, args.seed)
-        cache = ClipCache(cache_dir)
-        train = split_cache(cache)["train"]
-        kwargs = {"method": "echoclr", "clip_frames": CLIP_FRAMES, "size": SIZE, "seed": args.seed}
-        ours = PairDataset(cache, train, **kwargs)
-        naive = NaivePairDataset(archive, cache, train, PreprocessConfig(size=SIZE), **kwargs)
-        if len(ours) == 0:
-            print("no PLAX pairs in the training split; use more --patients", file=sys.stderr)
-            return 2
-        n_videos = len({s for p in ours.pairs for s in p})
-        identical = same_items(ours, naive, 2)
-        print(f"training split: {len(train)} studies, {n_videos} PLAX videos, {len(ours)} EchoCLR pairs "
-              f"(sampled repeatedly); batches of {batch} pairs of 3x{CLIP_FRAMES}x{SIZE}x{SIZE} clips; "
-              f"first items of both loaders identical: {identical}", flush=True)
-
-        rows: list[dict[str, object]] = []
-        for w in workers:
-            for name, ds in (("echonode (clip cache)", ours), ("naive (decode per item)", naive)):
-                r = time_loader(ds, batch, w, batches, args.seed)
-                rows.append({"loader": name, "workers": w, **r})
-                print(f"  {name:24s} workers {w}: {r['pairs_per_s']:8.1f} pairs/s over {r['batches']} batches "
-                      f"(load {load_average()})", flush=True)
-
-        model_rows: list[dict[str, object]] = []
-        if widths:
-            mb = next(iter(_loader(ours, model_batch, 0, 1, args.seed + 1)))
-            for width in widths:
-                r = time_model(width, mb, model_steps, device)
-                model_rows.append({"width": width, "device": str(device), **r})
-                print(f"  model width {width} on {device}: {r['pairs_per_s']:.2f} pairs/s "
-                      f"(batch {r['batch']}, steps {r['step_s']} s; load {load_average()})", flush=True)
-
-        # --- report ---------------------------------------------------------------
-        print()
-        print("| loader | workers | pairs/s |")
-        print("|---|---:|---:|")
-        for r in rows:
-            print(f"| {r['loader']} | {r['workers']} | {r['pairs_per_s']:.1f} |")
-        for m in model_rows:
-            print(f"| consumer: PretrainModel width {m['width']}, fwd+bwd+Adam, batch {m['batch']}, "
-                  f"{m['device']} | - | {m['pairs_per_s']:.2f} |")
-        print()
-        rate = {(r["loader"].split()[0], r["workers"]): float(r["pairs_per_s"]) for r in rows}
-        ratios = {w: rate[("echonode", w)] / rate[("naive", w)] for w in workers}
-        for w, v in ratios.items():
-            print(f"echonode / naive at {w} worker(s): {v:.1f}x")
-        one = {k: v for k, v in rate.items() if k[1] == 1}
-        if one and model_rows:
-            for m in model_rows:
-                c = float(m["pairs_per_s"])
-                print(f"one worker supplies {one[('echonode', 1)]:.1f} pairs/s (naive {one[('naive', 1)]:.1f}); "
-                      f"the width-{m['width']} model consumes {c:.2f} pairs/s here: one echonode worker "
-                      f"feeds {one[('echonode', 1)] / c:.1f} such consumers (naive: {one[('naive', 1)] / c:.1f})")
-        print(f"load average at the end: {load_average()}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({
-                "machine": machine, "load_average_end": load_average(), "patients": patients,
-                "train_studies": len(train), "plax_videos": n_videos, "pairs": len(ours), "batch": batch,
-                "identical_items": identical, "prep": prep, "loaders": rows, "models": model_rows,
-                "ratio_echonode_over_naive": {str(k): v for k, v in ratios.items()},
-            }, indent=1) + "\n")
-        return 0
+        return run(work, s, machine, args.json)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
