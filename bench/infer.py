@@ -74,7 +74,7 @@ from echonode.analyse.preprocess import (
 )
 from echonode.bundles.calibration import CALIBRATION_FILE, encode_calibration
 from echonode.bundles.manifest import BundleMeta, model_set_key
-from echonode.bundles.nets import build_model, normalise_for_model
+from echonode.bundles.nets import VideoClassifier, build_model, normalise_for_model
 from echonode.bundles.registry import ModelSet
 from echonode.bundles.runtime import (
     MODES,
@@ -209,7 +209,7 @@ def real_clips(size: int, frames: int) -> np.ndarray:
     return np.concatenate(clips)
 
 
-def trained_looking_head(model: torch.nn.Module, clips: torch.Tensor, sd: float, threshold: float) -> None:
+def trained_looking_head(model: VideoClassifier, clips: torch.Tensor, sd: float, threshold: float) -> None:
     """Rescale the binary head so that its logits on ``clips`` have std ``sd``, centred on ``threshold``.
 
     A random head reads a random direction of nearly identical features:
@@ -218,7 +218,7 @@ def trained_looking_head(model: torch.nn.Module, clips: torch.Tensor, sd: float,
     numerical error of bf16 and int8 in probability space.
     """
     captured: list[torch.Tensor] = []
-    handle = model.fc.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))  # type: ignore[union-attr]
+    handle = model.fc.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
     try:
         with torch.inference_mode():
             model(clips)
@@ -226,12 +226,12 @@ def trained_looking_head(model: torch.nn.Module, clips: torch.Tensor, sd: float,
         handle.remove()
     features = captured[0].double()
     with torch.no_grad():
-        weight = model.fc.weight.double()  # type: ignore[union-attr]
+        weight = model.fc.weight.double()
         logits = features @ weight.T
         weight = weight * (sd / float(logits.std()))
         bias = float(np.log(threshold / (1 - threshold))) - float((features @ weight.T).mean())
-        model.fc.weight.copy_(weight.float())  # type: ignore[union-attr]
-        model.fc.bias.fill_(bias)  # type: ignore[union-attr]
+        model.fc.weight.copy_(weight.float())
+        model.fc.bias.fill_(bias)
 
 
 def make_bench_bundle(folder: Path, width: int, logit_sd: float, extra_synthetic: int = 0) -> Path:

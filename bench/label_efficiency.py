@@ -43,6 +43,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -247,18 +248,21 @@ def finetune_and_evaluate(ns, task, init, pseed, run, fraction, seed, cache, lab
     for r in rows:
         by_study[r["study_uid"]].append(float(r["probability"]))
         target[r["study_uid"]] = int(r["target"])
+    study, video = report.get("study"), report.get("video")
+    if not isinstance(study, dict) or not isinstance(video, dict):
+        raise SystemExit(f"finetune {task} {init} {fraction} s{seed}: the evaluation report has no study and video "
+                         f"metrics; see {cell / 'eval' / 'metrics.json'}")  # fmt: skip
     result = {
         "task": task, "init": init, "pretrain_seed": None if init == "random" else pseed, "fraction": fraction,
         "seed": seed, "settings": settings,
         "train_studies": meta["provenance"]["train_studies_used"], "train_videos": meta["provenance"]["train_videos"],
         "best_epoch": meta["metrics"]["best_epoch"], "finetune_seconds": round(seconds, 1),
-        "study_auroc": report["study"]["auroc"], "video_auroc": report["video"]["auroc"],
-        "study_auprc": report["study"]["auprc"],
+        "study_auroc": study["auroc"], "video_auroc": video["auroc"], "study_auprc": study["auprc"],
         "study_probs": {s: float(np.mean(p)) for s, p in sorted(by_study.items())},
         "study_targets": dict(sorted(target.items())),
     }  # fmt: skip
     result_file.write_text(json.dumps(result, indent=1) + "\n")
-    a = result["study_auroc"]
+    a = study["auroc"]
     log(f"{task} {pretrain_name(init, pseed):<12} {fraction:>5g} s{seed}: {result['train_studies']} studies, "
         f"AUROC {a['estimate']:.3f} [{a['low']:.3f}, {a['high']:.3f}], {seconds:.0f} s")  # fmt: skip
     return result
@@ -271,7 +275,7 @@ def pairwise(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def replicate_bootstrap(
-    y: np.ndarray, groups: dict[tuple[str, float], list[tuple[int | None, int, np.ndarray]]], n: int, seed: int = 0
+    y: np.ndarray, groups: Mapping[tuple[str, float], Sequence[tuple[int | None, int, np.ndarray]]], n: int, seed: int = 0
 ) -> dict[tuple[str, float], np.ndarray]:
     """Bootstrap distribution of each cell's mean AUROC over its replicates.
 
@@ -313,7 +317,8 @@ def summarise(ns: argparse.Namespace, results: list[dict]) -> dict:
         rs = [r for r in results if r["task"] == task]
         studies = sorted(rs[0]["study_targets"])
         y = np.array([rs[0]["study_targets"][s] for s in studies])
-        groups, meta = {}, {}
+        groups: dict[tuple[str, float], list[tuple[int | None, int, np.ndarray]]] = {}
+        meta: dict[tuple[str, float], list[dict]] = {}
         for init in dict.fromkeys(r["init"] for r in rs):
             for fraction in sorted({r["fraction"] for r in rs}):
                 group = [r for r in rs if r["init"] == init and r["fraction"] == fraction]

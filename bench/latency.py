@@ -126,9 +126,14 @@ class PynetdicomPACS:
         self._lock = threading.Lock()
         ae = AE(ae_title="PACS")
         for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is None:  # every context of pynetdicom's list names one
+                raise RuntimeError("pynetdicom's AllStoragePresentationContexts has a context without an abstract syntax")
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        self.port = int(self.server.server_address[1])
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        if server is None:  # None is the blocking mode's return; block=False returns the running server
+            raise RuntimeError("pynetdicom's AE.start_server(block=False) returned no server")
+        self.server = server
+        self.port = int(server.server_address[1])
 
     def _on_store(self, event: Any) -> int:
         study = str(event.dataset.StudyInstanceUID)
@@ -202,6 +207,34 @@ def journal_row(db: Path, sql: str, params: tuple = ()) -> tuple | None:
         con.close()
 
 
+def journal_one(db: Path, sql: str, params: tuple = ()) -> tuple:
+    """The row ``sql`` selects from the journal ``db``, which must be there.
+
+    Parameters
+    ----------
+    db : Path
+        The node's journal.
+    sql : str
+        A query that selects one row.
+    params : tuple
+        The query's parameters.
+
+    Returns
+    -------
+    tuple
+        The row.
+
+    Raises
+    ------
+    SystemExit
+        When the journal is missing, locked, or has no such row.
+    """
+    row = journal_row(db, sql, params)
+    if row is None:
+        raise SystemExit(f"no row in the journal {db} for: {sql}")
+    return row
+
+
 #: What ``models.runtime = "auto"`` keeps in the storage folder: its choice per
 #: bundle and machine, and the compilers' caches. Carried from run to run, so
 #: that each fresh node does not measure every runtime again (minutes on 2
@@ -250,7 +283,7 @@ def one_run(work: Path, models: Path, files: list[Path], args: argparse.Namespac
                                str(cfg.node.port), *map(str, files)], capture_output=True, text=True)
         if sent.returncode != 0:
             raise SystemExit(f"storescu failed: {sent.stderr[-500:]}")
-        study = journal_row(cfg.journal_path, "SELECT study_uid FROM instances LIMIT 1")[0]
+        study = journal_one(cfg.journal_path, "SELECT study_uid FROM instances LIMIT 1")[0]
         wait(lambda: journal_row(cfg.journal_path, "SELECT 1 FROM outbox WHERE study_uid = ? AND state = 'sent'",
                                  (study,)), 900, "the SR acknowledged by the PACS")
         return stages(cfg.journal_path, study, pacs.ack_time(study))
@@ -267,12 +300,12 @@ def one_run(work: Path, models: Path, files: list[Path], args: argparse.Namespac
 
 def stages(db: Path, study: str, pacs_ack: float | None) -> dict:
     """The stages of ``study`` from the journal (and the PACS's own ack time when it has one)."""
-    last, stable, claimed = journal_row(
+    last, stable, claimed = journal_one(
         db, "SELECT (SELECT MAX(received) FROM instances WHERE study_uid = s.study_uid), stable_at, claimed_at"
             " FROM studies s WHERE study_uid = ?", (study,))
-    detail = json.loads(journal_row(db, "SELECT detail FROM results WHERE study_uid = ? LIMIT 1", (study,))[0])
-    (created,) = journal_row(db, "SELECT created FROM reports WHERE study_uid = ?", (study,))
-    (sent,) = journal_row(db, "SELECT MAX(sent_at) FROM outbox WHERE study_uid = ?", (study,))
+    detail = json.loads(journal_one(db, "SELECT detail FROM results WHERE study_uid = ? LIMIT 1", (study,))[0])
+    (created,) = journal_one(db, "SELECT created FROM reports WHERE study_uid = ?", (study,))
+    (sent,) = journal_one(db, "SELECT MAX(sent_at) FROM outbox WHERE study_uid = ?", (study,))
     t = detail.get("timings", {})
     analysis = float(detail["seconds"])
     acked = pacs_ack if pacs_ack is not None else sent

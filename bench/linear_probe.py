@@ -84,12 +84,15 @@ def study_features(encoder: str, ns: argparse.Namespace, cache, splits: dict[str
         videos = cache.videos_of(splits[part], ["plax"])
         data = ClipDataset(cache, videos, [0.0] * len(videos), ns.clip_frames, ns.size, train=False)
         by_study: dict[str, list[np.ndarray]] = defaultdict(list)
-        # The dataset indexes round its videos without end: the videos end the loop.
-        for video, (clips, _) in zip(videos, data, strict=False):
+        # Index i of an evaluation dataset is video i's clips (its indexes go round the videos).
+        for i, video in enumerate(videos):
+            clips, _ = data[i]
             by_study[video["study_uid"]].append(model.features(clips).mean(0).numpy())
         out[part] = {s: np.mean(f, axis=0) for s, f in by_study.items()}
     store.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(store, **{f"{part}/{s}": v for part, d in out.items() for s, v in d.items()})
+    arrays = {f"{part}/{s}": v for part, d in out.items() for s, v in d.items()}
+    # allow_pickle spelled out (its default): otherwise mypy matches the ** dict against that bool parameter.
+    np.savez(store, allow_pickle=True, **arrays)
     return out
 
 

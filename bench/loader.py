@@ -54,7 +54,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from bench.machine import cpu_model, load_average
 from echonode.analyse.decode import DecodeOptions
 from echonode.analyse.preprocess import PreprocessConfig, preprocess_file, training_clip
+from train.augment import AugmentConfig
 from train.cache import ClipCache, split_cache
 from train.datasets import PairDataset, _resize
 from train.index import build_index
@@ -88,7 +89,15 @@ class NaivePairDataset(PairDataset):
         self.cfg = cfg
         self.paths = {sop: Path(archive) / v["source"]["path"] for sop, v in cache.by_sop.items()}
 
-    def _train_clip(self, sop_uid, clip_frames, rng, gen, augment, raw=None):  # type: ignore[override]
+    def _train_clip(
+        self,
+        sop_uid: str,
+        clip_frames: int,
+        rng: np.random.Generator,
+        gen: torch.Generator,
+        augment: AugmentConfig | None,
+        raw: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if raw is None:
             _, frames = preprocess_file(self.paths[sop_uid], self.cfg, DecodeOptions(threads=1))
             u8 = training_clip(frames, clip_frames, rng)
@@ -148,7 +157,16 @@ def same_items(a: PairDataset, b: PairDataset, n: int) -> bool:
     return True
 
 
-def time_model(width: int, batch: dict[str, torch.Tensor], steps: int, device: torch.device) -> dict[str, float]:
+class ModelTiming(TypedDict):
+    """What :func:`time_model` measures: pairs/s, the batch, and each timed step's seconds."""
+
+    pairs_per_s: float
+    batch: int
+    steps: int
+    step_s: list[float]
+
+
+def time_model(width: int, batch: dict[str, torch.Tensor], steps: int, device: torch.device) -> ModelTiming:
     """Training pairs/s of ``PretrainModel(width)``: forward, backward, Adam step."""
     torch.manual_seed(0)
     model = PretrainModel("r3d_18", width, reorder=True).to(device).train()

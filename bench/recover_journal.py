@@ -58,13 +58,16 @@ def main() -> None:
     registry = ModelRegistry(cfg.models_dir, "cpu")
     registry.refresh()
     t0 = time.perf_counter()
-    for _ in range(args.studies):
+    for n in range(args.studies):
         study = pydicom.uid.generate_uid()
         for i in range(args.objects):
             store.accept(write(us_multiframe(study_uid=study, frames=8, seed=i), store.incoming / "t.dcm"), None)
         journal.mark_stable(-1)
         journal.queue_stable()
-        process_study(cfg, journal, store, registry, journal.claim_next(1))
+        claim = journal.claim_next(1)
+        if claim is None:
+            raise SystemExit(f"study {n + 1} of {args.studies}: marked stable, but the journal queued nothing to claim")
+        process_study(cfg, journal, store, registry, claim)
     built_s = time.perf_counter() - t0
     journal.close()
     for suffix in ("", "-wal", "-shm"):

@@ -196,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
                                    "history": history}  # fmt: skip
         print(f"network, reordering only (width {ns.width}, {ns.epochs} epochs): held-out accuracy {last:.3f} "
               f"(mean of the last 5 epochs), {last / cue:.2f} x cue", flush=True)  # fmt: skip
+    runs: dict[str, float] = {}
     for name in ns.runs:
         run = Path(name) if Path(name).is_absolute() else ns.work / name
         acc = run_accuracy(run, held_out)
-        results.setdefault("runs", {})[name] = acc  # type: ignore[union-attr]
+        runs[name] = acc
         print(f"network, pretraining run {name}: held-out accuracy {acc:.3f}, {acc / cue:.2f} x cue", flush=True)
+    if runs:  # the key only when runs were asked for, as the JSON always had it
+        results["runs"] = runs
     results["seconds"] = round(time.monotonic() - started, 1)
     if ns.json:
         config = {k: str(v) for k, v in vars(ns).items()}

@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         synth = np.array([contrast(out / v["path"]) for v in videos])
         from pydicom.data import get_testdata_file
 
-        real = contrast(Path(get_testdata_file("color3d_jpeg_baseline.dcm", download=False)))
+        found = get_testdata_file("color3d_jpeg_baseline.dcm", download=False)
+        if not isinstance(found, str):  # a path, or None when pydicom-data is missing (read=False: never a Dataset)
+            raise SystemExit("color3d_jpeg_baseline.dcm not found (pip install pydicom-data)")
+        real = contrast(Path(found))
         print("network input inside the sector (mean / median / p90):")
         print(f"  real loop color3d_jpeg_baseline.dcm: {real[0]:.3f} / {real[1]:.3f} / {real[2]:.3f}")
         m, lo, hi = synth.mean(axis=0), synth.min(axis=0), synth.max(axis=0)

@@ -152,6 +152,7 @@ def make_study(store: StudyStore, tmp_path: Path, state: str, age_days: float, *
                 if state == "skipped-owed":
                     j.requeue(uid)
                     claim = j.claim_next(os.getpid())
+                    assert claim is not None  # requeue just queued it
                     j.finish_skipped(claim, "no usable video")
     when = time.time() - age_days * DAY
     j._connect().execute(

@@ -140,7 +140,10 @@ def store_rq_command(sop_class: str, sop_uid: str, *, with_data_set: bool = True
         req.DataSet = io.BytesIO(b"-")  # only so that the command says a data set follows
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
-    return bytes(encode(msg.command_set, True, True))
+    encoded = encode(msg.command_set, True, True)
+    if encoded is None:  # pynetdicom's encode returns None when the data set cannot be written
+        raise ValueError(f"pynetdicom could not encode the C-STORE-RQ command set (message {message_id})")
+    return encoded
 
 
 def read_command(sock: socket.socket, timeout: float = 10.0) -> object:
