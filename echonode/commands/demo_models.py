@@ -9,7 +9,7 @@ threads that wait on each other):
 * ``lvh``: the PLAX videos of more patients (seed :data:`LVH_SEED`),
   fine-tuned from random weights with the ``tiny`` preset and more steps.
 
-Severe AS is left out: its prevalence (8 %) gives an archive this size too
+Severe AS is left out: its prevalence (about 10 %) gives an archive this size too
 few positives for a model worth showing. The models are marked *not
 clinical*: they have seen only synthetic hearts, and the recipe is sized to
 train in minutes on 2 CPU cores, not to be reported (docs/training.md, "The
