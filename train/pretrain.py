@@ -583,7 +583,7 @@ def _training_pairs(config: PretrainConfig, procs: _Processes) -> tuple[ClipCach
     views = None if d.views.lower() == "all" else [v.strip() for v in d.views.split(",")]
     dataset = PairDataset(
         cache, splits["train"], method=config.model.method, clip_frames=d.frames, size=d.size, views=views,
-        augment=AugmentConfig(), seed=config.optim.seed,
+        augment=AugmentConfig.for_size(d.size), seed=config.optim.seed,
     )  # fmt: skip
     if len(dataset) == 0:
         raise ValueError(
