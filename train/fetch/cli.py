@@ -220,6 +220,8 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
                 fetcher = Fetcher(source, archive, journal, sink, options, limiter, clock, out)
                 return fetcher.run().exit_code
         finally:
+            with contextlib.suppress(Exception):  # best effort: the PACS ends what is left at its own timeout
+                source.close()
             if server is not None:
                 server.stop()
             if sink is not None:

@@ -1,0 +1,314 @@
+"""A buffered PDU reader for fetch's associations: many PDUs per read, one data fragment per run of them.
+
+pynetdicom reads every PDU on its own: a ``select``, a 6-byte ``recv``, the
+body in ``recv`` calls of 4 KiB, the PDU's decoding and events, a turn of
+the state machine, and a write and a flush of its fragment to the C-STORE's
+temp file. That is a fixed cost of Python per PDU, whatever its size, and
+Orthanc sends a C-GET's data in PDUs of 16 KB whatever maximum length was
+agreed: the cost per PDU, not the bytes, set the pace of a C-GET.
+
+:func:`install` replaces that read for one association (before its first
+PDU is read: ``EVT_CONN_OPEN``), acceptor or requestor:
+
+- **reads**: one ``recv_into`` takes what the socket holds, up to
+  :data:`READ_CHUNK`; a PDU whose bytes have not all come stays in the
+  buffer, and the reader does not wait for the rest in ``recv``.
+- **joining**: the complete P-DATA-TF PDUs in the buffer go to the state
+  machine as one P-DATA-TF, in which each run of data-set fragments of one
+  presentation context is one fragment. The run ends with the PDU that
+  carries the last fragment of a command or data set, so one P-DATA never
+  holds the end of one DIMSE message and the start of the next, and at
+  :data:`JOIN_LIMIT` bytes. The DIMSE layer receives the same bytes of the
+  same messages in the same order; only the fragment boundaries differ.
+  Every other PDU goes on as it came.
+- **sizes**: a P-DATA-TF PDU may be as long as the maximum length this side
+  announced (``0``, unlimited, is held to
+  :data:`~echonode.network.pdu_guard.UNLIMITED_PDU_CEILING`), any other PDU
+  to :data:`~echonode.network.pdu_guard.ASSOCIATE_PDU_CEILING`; the buffer
+  grows as bytes arrive, never on a declared length. A PDU over its limit,
+  or of an unknown type, is Evt19 (pynetdicom's answer to an invalid PDU:
+  an A-ABORT) and nothing more is read from that connection.
+- **events**: ``EVT_DATA_RECV`` and ``EVT_PDU_RECV`` fire once per P-DATA-TF
+  handed on, with its bytes (the bandwidth cap counts the same total), a
+  closed connection is Evt17, an undecodable PDU Evt19, as pynetdicom's own
+  reader reports them.
+
+Deadlines are unchanged: the waits for DIMSE messages keep theirs
+(``dimse_timeout``), and the DUL's idle timer restarts only when a whole
+PDU has been handed on.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+from typing import Any
+
+from pynetdicom.association import Association
+
+from echonode.network.pdu_guard import ASSOCIATE_PDU_CEILING, UNLIMITED_PDU_CEILING
+from echonode.ops.logs import get_logger
+
+log = get_logger(__name__)
+
+#: Most bytes one ``recv_into`` takes from the socket.
+READ_CHUNK = 1 << 20
+#: Most bytes of P-DATA-TF PDUs joined into one (a run stops after the PDU that crosses it).
+JOIN_LIMIT = 2 << 20
+
+P_DATA_TF = 0x04
+_PDU_TYPES = range(0x01, 0x08)
+_HEADER = struct.Struct(">BBI")
+_ITEM_LENGTH = struct.Struct(">I")
+#: Message control header bits (PS3.8 E.2): bit 0 set, a command fragment; bit 1 set, the last fragment.
+_COMMAND = 0x01
+_LAST = 0x02
+_ATTRIBUTE = "_fetch_pdu_reader"
+
+
+class BufferedReader:
+    """The reader of one association; see the module's docstring.
+
+    Parameters
+    ----------
+    assoc : Association
+        Its socket connected, nothing read from it yet.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self.dul = assoc.dul
+        local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+        self.max_pdata = int(local.maximum_length or 0) or UNLIMITED_PDU_CEILING
+        self.buf = bytearray()
+        self._chunk = bytearray(READ_CHUNK)
+        #: Set once an invalid PDU was reported: what follows it is not read as PDUs.
+        self.broken = False
+        #: PDUs read and P-DATA-TF PDUs handed on (they differ by the PDUs joined).
+        self.pdus_read = 0
+        self.pdus_handed = 0
+
+    # -- what the DUL calls ----------------------------------------------------------------
+
+    def is_transport_event(self) -> bool:
+        """Replaces ``DULServiceProvider._is_transport_event``: True when an event was queued.
+
+        As pynetdicom's: in Sta13 (waiting for the connection to close) the
+        socket is closed once nothing more is to be read.
+        """
+        dul = self.dul
+        sock = dul.socket
+        if dul.state_machine.current_state == "Sta13":
+            if sock is not None and (self._complete() or sock.ready):
+                self.read()
+                return True
+            if sock is not None:
+                sock.close()
+            return True
+        if sock is not None and (self._complete() or sock.ready):
+            return self.read()
+        return False
+
+    def read(self) -> bool:
+        """Read what the socket holds; hand the next PDU (or joined run of PDUs) to the state machine.
+
+        Returns
+        -------
+        bool
+            True when an event was queued (a PDU, Evt17 or Evt19); False when
+            the bytes of the next PDU have not all come yet.
+        """
+        dul = self.dul
+        if not self._complete():
+            got = self._recv()
+            if got == 0:
+                if self.buf and not self.broken:
+                    # What a cut inside a transfer looks like (the DIMSE layer then sees an abort).
+                    expected = 6 + _HEADER.unpack_from(self.buf)[2] if len(self.buf) >= 6 else None
+                    log.warning("fetch.connection_closed_mid_pdu", received_bytes=len(self.buf),
+                                expected_bytes=expected)
+                    self.buf.clear()
+                dul.event_queue.put("Evt17")  # closed by the peer, or reset
+                return True
+            if self.broken:
+                self.buf.clear()
+                return False
+        if self._check_header():
+            return True
+        if not self._complete():
+            return False
+        data = self._take()
+        try:
+            pdu, event = dul._decode_pdu(data)  # type: ignore[arg-type]  # annotated bytearray, decodes bytes too
+        except Exception as exc:  # noqa: BLE001 - any undecodable PDU: Evt19, as pynetdicom does
+            log.warning("fetch.bad_pdu", reason="PDU does not decode", pdu_type=f"0x{data[0]:02X}",
+                        pdu_bytes=len(data), error=type(exc).__name__)
+            dul.event_queue.put("Evt19")
+            return True
+        self.pdus_handed += 1
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(pdu)
+        return True
+
+    # -- the buffer ------------------------------------------------------------------------
+
+    def _recv(self) -> int | None:
+        """One read of what the socket holds: bytes read, 0 when closed, None when nothing was there."""
+        sock = self.dul.socket.socket if self.dul.socket is not None else None
+        if sock is None:
+            return 0
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                # Flags are refused on a TLS socket; ready said a record is there or pending.
+                n = sock.recv_into(self._chunk)
+            else:
+                n = sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return None
+        except OSError:  # reset, or closed under us by an abort from another thread
+            return 0
+        if n:
+            with memoryview(self._chunk) as view, view[:n] as part:
+                self.buf += part
+        return n
+
+    def _complete(self) -> bool:
+        """Whether the buffer holds a whole PDU."""
+        buf = self.buf
+        if self.broken or len(buf) < 6:
+            return False
+        return len(buf) >= 6 + _HEADER.unpack_from(buf)[2]
+
+    def _check_header(self) -> bool:
+        """Report the next PDU as invalid (Evt19) when its type or declared length is; True when it did.
+
+        Checked on its header alone: the body of an over-long PDU is never waited for.
+        """
+        if self.broken or len(self.buf) < 6:
+            return False
+        pdu_type, _, length = _HEADER.unpack_from(self.buf)
+        limit = self.max_pdata if pdu_type == P_DATA_TF else ASSOCIATE_PDU_CEILING
+        if pdu_type in _PDU_TYPES and length <= limit:
+            return False
+        log.warning("fetch.bad_pdu", reason="unknown PDU type" if pdu_type not in _PDU_TYPES else "PDU too long",
+                    pdu_type=f"0x{pdu_type:02X}", declared_bytes=length, limit_bytes=limit)
+        self.broken = True
+        self.buf.clear()
+        self.dul.event_queue.put("Evt19")
+        return True
+
+    def _take(self) -> bytes:
+        """Remove the next PDU from the buffer (with the P-DATA-TF PDUs that join it); its bytes."""
+        buf = self.buf
+        pdu_type, _, length = _HEADER.unpack_from(buf)
+        end = 6 + length
+        self.pdus_read += 1
+        if pdu_type != P_DATA_TF:
+            data = bytes(buf[:end])
+            del buf[:end]
+            return data
+        # One P-DATA-TF PDU, or a run of them with their fragments joined.
+        pdvs = _pdvs(buf, 0, end)
+        if pdvs is None:  # malformed items: pynetdicom's decoding says what of it
+            data = bytes(buf[:end])
+            del buf[:end]
+            return data
+        joined = pdvs
+        while not _ends_message(pdvs) and end < JOIN_LIMIT and len(buf) >= end + 6:
+            next_type, _, next_length = _HEADER.unpack_from(buf, end)
+            next_end = end + 6 + next_length
+            if next_type != P_DATA_TF or next_length > self.max_pdata or len(buf) < next_end:
+                break
+            pdvs = _pdvs(buf, end, next_end)
+            if pdvs is None:
+                break
+            _join(joined, pdvs)
+            end = next_end
+            self.pdus_read += 1
+        data = _encode(buf, joined)
+        del buf[:end]
+        return data
+
+
+def _pdvs(buf: bytearray, start: int, end: int) -> list[list[Any]] | None:
+    """The PDV items of the P-DATA-TF PDU at ``buf[start:end]``: [context, control header, [(from, to), ...]].
+
+    Offsets are into ``buf``; None when an item's length does not fit the PDU.
+    """
+    out: list[list[Any]] = []
+    pos = start + 6
+    while pos < end:
+        if pos + 6 > end:
+            return None
+        item_length = _ITEM_LENGTH.unpack_from(buf, pos)[0]
+        item_end = pos + 4 + item_length
+        if item_length < 2 or item_end > end:
+            return None
+        out.append([buf[pos + 4], buf[pos + 5], [(pos + 6, item_end)]])
+        pos = item_end
+    return out if out else None
+
+
+def _ends_message(pdvs: list[list[Any]]) -> bool:
+    """Whether any of the PDVs is the last fragment of a command or a data set."""
+    return any(header & _LAST for _context, header, _parts in pdvs)
+
+
+def _join(joined: list[list[Any]], pdvs: list[list[Any]]) -> None:
+    """Append ``pdvs`` to ``joined``, a data-set fragment onto the not-last data-set fragment before it."""
+    for pdv in pdvs:
+        context, header, parts = pdv
+        last = joined[-1]
+        if (not header & _COMMAND and last[0] == context and not last[1] & (_COMMAND | _LAST)):
+            last[1] = header
+            last[2].extend(parts)
+        else:
+            joined.append(pdv)
+
+
+def _encode(buf: bytearray, pdvs: list[list[Any]]) -> bytes:
+    """A P-DATA-TF PDU of ``pdvs`` (their data given as offsets into ``buf``)."""
+    pieces: list[bytes | memoryview] = []
+    body = 0
+    with memoryview(buf) as view:
+        for context, header, parts in pdvs:
+            size = sum(b - a for a, b in parts)
+            pieces.append(_ITEM_LENGTH.pack(size + 2) + bytes((context, header)))
+            pieces.extend(view[a:b] for a, b in parts)
+            body += 6 + size
+        data = _HEADER.pack(P_DATA_TF, 0, body) + b"".join(pieces)
+        for piece in pieces:
+            if isinstance(piece, memoryview):
+                piece.release()
+    return data
+
+
+def install(assoc: Association) -> BufferedReader:
+    """Read ``assoc`` through a :class:`BufferedReader` from now on; call it before its first PDU is read.
+
+    Parameters
+    ----------
+    assoc : Association
+        Its socket connected (``EVT_CONN_OPEN`` is the place).
+
+    Returns
+    -------
+    BufferedReader
+    """
+    reader = BufferedReader(assoc)
+    # An instance attribute shadows the class's method for this association
+    # only (what mypy's method-assign refuses is the point here).
+    assoc.dul._is_transport_event = reader.is_transport_event  # type: ignore[method-assign]
+    setattr(assoc, _ATTRIBUTE, reader)
+    return reader
+
+
+def install_on_connection(event: Any) -> None:
+    """``EVT_CONN_OPEN`` handler that installs the reader."""
+    install(event.assoc)
+
+
+def reader_of(assoc: Association) -> BufferedReader | None:
+    """The reader installed on ``assoc``, if any."""
+    reader = getattr(assoc, _ATTRIBUTE, None)
+    return reader if isinstance(reader, BufferedReader) else None
