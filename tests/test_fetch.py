@@ -344,6 +344,32 @@ def test_c_get_proposes_echo_contexts_only_and_lands_the_same(pacs, content, tmp
     assert_archive(out, pacs.truth, content.echo)
 
 
+@pytest.mark.parametrize("idle_s", [5.0, 0.0])
+def test_c_get_keeps_one_association_for_consecutive_studies(pacs, content, tmp_path, monkeypatch, idle_s):
+    """A retrieval association that went well carries the next study, unless it waited too long; none is left open."""
+    import train.fetch.sources as sources
+
+    opened: list[Any] = []
+    original = sources.associate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        assoc = original(*args, **kwargs)
+        opened.append(assoc)
+        return assoc
+
+    monkeypatch.setattr(sources, "associate", counting)
+    monkeypatch.setattr(sources, "REUSE_IDLE_S", idle_s)
+    out = tmp_path / "archive"
+    code, text = fetch("--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--get", "--timeout", "10")
+    assert code == 0, text
+    assert_archive(out, pacs.truth, content.echo)
+    studies = len(content.echo)
+    assert studies > 1
+    # The study query's association, then the retrievals': one for them all, or one each.
+    assert len(opened) == 1 + (1 if idle_s else studies)
+    assert not any(a.is_established for a in opened)
+
+
 def test_dicomweb_lands_the_pacs_files_unchanged(pacs, content, tmp_path):
     out = tmp_path / "archive"
     code, text = fetch("--out", str(out), "--dicomweb", pacs.dicomweb, "--timeout", "10")

@@ -45,7 +45,10 @@ import ssl
 import struct
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import P_DATA_TF as P_DATA_TF_PDU
+from pynetdicom.pdu_items import PresentationDataValueItem
 
 from echonode.network.pdu_guard import ASSOCIATE_PDU_CEILING, UNLIMITED_PDU_CEILING
 from echonode.ops.logs import get_logger
@@ -64,6 +67,8 @@ _ITEM_LENGTH = struct.Struct(">I")
 #: Message control header bits (PS3.8 E.2): bit 0 set, a command fragment; bit 1 set, the last fragment.
 _COMMAND = 0x01
 _LAST = 0x02
+#: A fragment after which nothing joins it: a command's, or the last of a data set.
+_ENDS = _COMMAND | _LAST
 _ATTRIBUTE = "_fetch_pdu_reader"
 
 
@@ -77,14 +82,17 @@ class BufferedReader:
     """
 
     def __init__(self, assoc: Association) -> None:
+        self.assoc = assoc
         self.dul = assoc.dul
         local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
         self.max_pdata = int(local.maximum_length or 0) or UNLIMITED_PDU_CEILING
-        self.buf = bytearray()
-        self._chunk = bytearray(READ_CHUNK)
+        #: Bytes read and not yet handed on are ``buf[start:end]``.
+        self.buf = bytearray(READ_CHUNK)
+        self.start = 0
+        self.end = 0
         #: Set once an invalid PDU was reported: what follows it is not read as PDUs.
         self.broken = False
-        #: PDUs read and P-DATA-TF PDUs handed on (they differ by the PDUs joined).
+        #: PDUs read and PDUs handed on (they differ by the P-DATA-TF PDUs joined).
         self.pdus_read = 0
         self.pdus_handed = 0
 
@@ -122,22 +130,29 @@ class BufferedReader:
         if not self._complete():
             got = self._recv()
             if got == 0:
-                if self.buf and not self.broken:
+                pending = self.end - self.start
+                if pending and not self.broken:
                     # What a cut inside a transfer looks like (the DIMSE layer then sees an abort).
-                    expected = 6 + _HEADER.unpack_from(self.buf)[2] if len(self.buf) >= 6 else None
-                    log.warning("fetch.connection_closed_mid_pdu", received_bytes=len(self.buf),
-                                expected_bytes=expected)
-                    self.buf.clear()
+                    expected = 6 + _HEADER.unpack_from(self.buf, self.start)[2] if pending >= 6 else None
+                    log.warning("fetch.connection_closed_mid_pdu", received_bytes=pending, expected_bytes=expected)
+                self._clear()
                 dul.event_queue.put("Evt17")  # closed by the peer, or reset
                 return True
             if self.broken:
-                self.buf.clear()
+                self._clear()
                 return False
         if self._check_header():
             return True
         if not self._complete():
             return False
-        data = self._take()
+        if self.buf[self.start] == P_DATA_TF:
+            joined = self._take_data()
+            if joined is not None:
+                self.pdus_handed += 1
+                dul.event_queue.put("Evt10")
+                dul._recv_pdu.put(joined)
+                return True
+        data = self._take_raw()
         try:
             pdu, event = dul._decode_pdu(data)  # type: ignore[arg-type]  # annotated bytearray, decodes bytes too
         except Exception as exc:  # noqa: BLE001 - any undecodable PDU: Evt19, as pynetdicom does
@@ -152,135 +167,156 @@ class BufferedReader:
 
     # -- the buffer ------------------------------------------------------------------------
 
+    def _clear(self) -> None:
+        self.start = self.end = 0
+        if len(self.buf) > READ_CHUNK:
+            self.buf = bytearray(READ_CHUNK)
+
     def _recv(self) -> int | None:
         """One read of what the socket holds: bytes read, 0 when closed, None when nothing was there."""
         sock = self.dul.socket.socket if self.dul.socket is not None else None
         if sock is None:
             return 0
+        if self.end == len(self.buf):
+            self._make_room()
+        view = memoryview(self.buf)
+        tail = view[self.end:]
         try:
             if isinstance(sock, ssl.SSLSocket):
                 # Flags are refused on a TLS socket; ready said a record is there or pending.
-                n = sock.recv_into(self._chunk)
+                n = sock.recv_into(tail)
             else:
-                n = sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
+                n = sock.recv_into(tail, 0, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             return None
         except OSError:  # reset, or closed under us by an abort from another thread
             return 0
-        if n:
-            with memoryview(self._chunk) as view, view[:n] as part:
-                self.buf += part
+        finally:
+            tail.release()
+            view.release()
+        self.end += n
         return n
+
+    def _make_room(self) -> None:
+        """Free the buffer's tail: move the unread bytes to the front, or grow when they fill it.
+
+        They fill it only as one incomplete PDU whose header has been
+        checked: the buffer doubles as its bytes arrive, up to that PDU's size.
+        """
+        pending = self.end - self.start
+        if self.start > 0:
+            self.buf[:pending] = self.buf[self.start:self.end]
+            self.start, self.end = 0, pending
+            return
+        needed = 6 + _HEADER.unpack_from(self.buf)[2]
+        self.buf.extend(bytes(min(len(self.buf), needed - len(self.buf))))
 
     def _complete(self) -> bool:
         """Whether the buffer holds a whole PDU."""
-        buf = self.buf
-        if self.broken or len(buf) < 6:
+        if self.broken or self.end - self.start < 6:
             return False
-        return len(buf) >= 6 + _HEADER.unpack_from(buf)[2]
+        return self.end - self.start >= 6 + _HEADER.unpack_from(self.buf, self.start)[2]
 
     def _check_header(self) -> bool:
         """Report the next PDU as invalid (Evt19) when its type or declared length is; True when it did.
 
         Checked on its header alone: the body of an over-long PDU is never waited for.
         """
-        if self.broken or len(self.buf) < 6:
+        if self.broken or self.end - self.start < 6:
             return False
-        pdu_type, _, length = _HEADER.unpack_from(self.buf)
+        pdu_type, _, length = _HEADER.unpack_from(self.buf, self.start)
         limit = self.max_pdata if pdu_type == P_DATA_TF else ASSOCIATE_PDU_CEILING
         if pdu_type in _PDU_TYPES and length <= limit:
             return False
         log.warning("fetch.bad_pdu", reason="unknown PDU type" if pdu_type not in _PDU_TYPES else "PDU too long",
                     pdu_type=f"0x{pdu_type:02X}", declared_bytes=length, limit_bytes=limit)
         self.broken = True
-        self.buf.clear()
+        self._clear()
         self.dul.event_queue.put("Evt19")
         return True
 
-    def _take(self) -> bytes:
-        """Remove the next PDU from the buffer (with the P-DATA-TF PDUs that join it); its bytes."""
-        buf = self.buf
-        pdu_type, _, length = _HEADER.unpack_from(buf)
-        end = 6 + length
-        self.pdus_read += 1
-        if pdu_type != P_DATA_TF:
-            data = bytes(buf[:end])
-            del buf[:end]
-            return data
-        # One P-DATA-TF PDU, or a run of them with their fragments joined.
-        pdvs = _pdvs(buf, 0, end)
-        if pdvs is None:  # malformed items: pynetdicom's decoding says what of it
-            data = bytes(buf[:end])
-            del buf[:end]
-            return data
-        joined = pdvs
-        while not _ends_message(pdvs) and end < JOIN_LIMIT and len(buf) >= end + 6:
-            next_type, _, next_length = _HEADER.unpack_from(buf, end)
-            next_end = end + 6 + next_length
-            if next_type != P_DATA_TF or next_length > self.max_pdata or len(buf) < next_end:
-                break
-            pdvs = _pdvs(buf, end, next_end)
-            if pdvs is None:
-                break
-            _join(joined, pdvs)
-            end = next_end
-            self.pdus_read += 1
-        data = _encode(buf, joined)
-        del buf[:end]
+    def _take_raw(self) -> bytes:
+        """Remove the next PDU from the buffer as it came."""
+        end = self.start + 6 + _HEADER.unpack_from(self.buf, self.start)[2]
+        data = bytes(self.buf[self.start:end])
+        self._consumed(end, 1)
         return data
 
+    def _consumed(self, upto: int, pdus: int) -> None:
+        self.pdus_read += pdus
+        self.start = upto
+        if self.start == self.end:
+            self._clear()
 
-def _pdvs(buf: bytearray, start: int, end: int) -> list[list[Any]] | None:
-    """The PDV items of the P-DATA-TF PDU at ``buf[start:end]``: [context, control header, [(from, to), ...]].
+    def _take_data(self) -> P_DATA_TF_PDU | None:
+        """Remove the next P-DATA-TF PDU, with those that join it, as one P-DATA-TF; None when it is malformed.
 
-    Offsets are into ``buf``; None when an item's length does not fit the PDU.
+        A malformed one stays in the buffer for pynetdicom's decoding to say what of it.
+        """
+        buf, pos, stop = self.buf, self.start, self.end
+        runs: list[list[Any]] = []  # [context, control header, [(from, to), ...]]
+        pdus = 0
+        while True:
+            pdu_end = pos + 6 + _HEADER.unpack_from(buf, pos)[2]
+            items = _items(buf, pos + 6, pdu_end)
+            if items is None:
+                break
+            ends = False
+            for context, header, a, b in items:
+                last = runs[-1] if runs else None
+                if last is not None and last[0] == context and not header & _COMMAND and not last[1] & _ENDS:
+                    last[1] = header
+                    last[2].append((a, b))
+                else:
+                    runs.append([context, header, [(a, b)]])
+                ends = ends or bool(header & _LAST)
+            pos = pdu_end
+            pdus += 1
+            # The run ends with a message's last fragment, at JOIN_LIMIT, or at a PDU not (yet) whole.
+            if ends or pos - self.start >= JOIN_LIMIT or stop - pos < 6:
+                break
+            next_type, _, next_length = _HEADER.unpack_from(buf, pos)
+            if next_type != P_DATA_TF or next_length > self.max_pdata or stop - pos < 6 + next_length:
+                break
+        if not pdus:
+            return None
+        pdu = P_DATA_TF_PDU()
+        with memoryview(buf) as view:
+            for context, header, parts in runs:
+                pieces: list[Any] = [bytes((header,))]
+                pieces.extend(view[a:b] for a, b in parts)
+                value = b"".join(pieces)
+                for piece in pieces[1:]:
+                    piece.release()
+                item = PresentationDataValueItem()
+                item.presentation_context_id = context
+                # A view of the joined bytes: the DIMSE layer slices off the
+                # control header (data[1:]) without copying the fragment again.
+                item.presentation_data_value = memoryview(value)  # type: ignore[assignment]
+                pdu.presentation_data_value_items.append(item)
+            if self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                # The bytes as read (the bandwidth cap counts them), built only for a listener.
+                evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": bytes(view[self.start:pos])})
+        self._consumed(pos, pdus)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu
+
+
+def _items(buf: bytearray, pos: int, end: int) -> list[tuple[int, int, int, int]] | None:
+    """The PDV items of a P-DATA-TF body ``buf[pos:end]``: (context, control header, from, to) each.
+
+    None when an item's length does not fit the PDU, or there is none.
     """
-    out: list[list[Any]] = []
-    pos = start + 6
+    out = []
     while pos < end:
         if pos + 6 > end:
             return None
-        item_length = _ITEM_LENGTH.unpack_from(buf, pos)[0]
-        item_end = pos + 4 + item_length
-        if item_length < 2 or item_end > end:
+        item_end = pos + 4 + _ITEM_LENGTH.unpack_from(buf, pos)[0]
+        if item_end - pos < 6 or item_end > end:
             return None
-        out.append([buf[pos + 4], buf[pos + 5], [(pos + 6, item_end)]])
+        out.append((buf[pos + 4], buf[pos + 5], pos + 6, item_end))
         pos = item_end
-    return out if out else None
-
-
-def _ends_message(pdvs: list[list[Any]]) -> bool:
-    """Whether any of the PDVs is the last fragment of a command or a data set."""
-    return any(header & _LAST for _context, header, _parts in pdvs)
-
-
-def _join(joined: list[list[Any]], pdvs: list[list[Any]]) -> None:
-    """Append ``pdvs`` to ``joined``, a data-set fragment onto the not-last data-set fragment before it."""
-    for pdv in pdvs:
-        context, header, parts = pdv
-        last = joined[-1]
-        if (not header & _COMMAND and last[0] == context and not last[1] & (_COMMAND | _LAST)):
-            last[1] = header
-            last[2].extend(parts)
-        else:
-            joined.append(pdv)
-
-
-def _encode(buf: bytearray, pdvs: list[list[Any]]) -> bytes:
-    """A P-DATA-TF PDU of ``pdvs`` (their data given as offsets into ``buf``)."""
-    pieces: list[bytes | memoryview] = []
-    body = 0
-    with memoryview(buf) as view:
-        for context, header, parts in pdvs:
-            size = sum(b - a for a, b in parts)
-            pieces.append(_ITEM_LENGTH.pack(size + 2) + bytes((context, header)))
-            pieces.extend(view[a:b] for a, b in parts)
-            body += 6 + size
-        data = _HEADER.pack(P_DATA_TF, 0, body) + b"".join(pieces)
-        for piece in pieces:
-            if isinstance(piece, memoryview):
-                piece.release()
-    return data
+    return out or None
 
 
 def install(assoc: Association) -> BufferedReader:
