@@ -198,7 +198,10 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
         journal_path = Path(ns.out) / ".fetch" / "journal.sqlite"
         journal = FetchJournal(journal_path) if journal_path.exists() else None
         source = _source(ns, mode, aet, None, None, limiter)
-        return dry_run(source, options, journal, clock, out)
+        try:
+            return dry_run(source, options, journal, clock, out)
+        finally:
+            source.close()
 
     archive = Archive(ns.out)
     with archive_lock(archive):

@@ -177,7 +177,7 @@ class DimseSource:
         if assoc.is_established:
             assoc.release()
 
-    def _retrieval(self, study_uid: str) -> _Retrieval:
+    def _retrieval(self, study_uid: str | None) -> _Retrieval:
         """An association for retrieving ``study_uid``: one kept from the last study, or a new one."""
         now = time.monotonic()
         stale: list[_Retrieval] = []
@@ -215,6 +215,17 @@ class DimseSource:
                 self._close(kept.assoc)
 
     def find_studies(self, criteria: Criteria, today: dt.date) -> list[FoundStudy]:
+        if self.reuse and (self.mode != "get" or self.sink is not None):
+            # A retrieval association (it proposes the query model too),
+            # kept for the first study: one negotiation fewer.
+            retrieval = self._retrieval(None)
+            try:
+                found = find_studies_dimse(retrieval.assoc, criteria, today)
+            except BaseException:
+                self._close(retrieval.assoc)
+                raise
+            self._put_back(retrieval)
+            return found
         assoc = self._session(for_retrieval=False)
         try:
             return find_studies_dimse(assoc, criteria, today)
