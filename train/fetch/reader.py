@@ -12,7 +12,8 @@ PDU is read: ``EVT_CONN_OPEN``), acceptor or requestor:
 
 - **reads**: one ``recv_into`` takes what the socket holds, up to
   :data:`READ_CHUNK`; a PDU whose bytes have not all come stays in the
-  buffer, and the reader does not wait for the rest in ``recv``.
+  buffer, and the reader does not wait for the rest in ``recv`` (over TLS a
+  read may wait for the rest of a TLS record, as pynetdicom's does).
 - **joining**: the complete P-DATA-TF PDUs in the buffer go to the state
   machine as one P-DATA-TF, in which each run of data-set fragments of one
   presentation context is one fragment. The run ends with the PDU that
@@ -20,16 +21,19 @@ PDU is read: ``EVT_CONN_OPEN``), acceptor or requestor:
   holds the end of one DIMSE message and the start of the next, and at
   :data:`JOIN_LIMIT` bytes. The DIMSE layer receives the same bytes of the
   same messages in the same order; only the fragment boundaries differ.
-  Every other PDU goes on as it came.
+  Each joined fragment is the one copy between the socket and the C-STORE's
+  temp file (the DIMSE layer gets a view of it). Every other PDU goes on as
+  it came, through pynetdicom's decoding.
 - **sizes**: a P-DATA-TF PDU may be as long as the maximum length this side
   announced (``0``, unlimited, is held to
   :data:`~echonode.network.pdu_guard.UNLIMITED_PDU_CEILING`), any other PDU
   to :data:`~echonode.network.pdu_guard.ASSOCIATE_PDU_CEILING`; the buffer
   grows as bytes arrive, never on a declared length. A PDU over its limit,
   or of an unknown type, is Evt19 (pynetdicom's answer to an invalid PDU:
-  an A-ABORT) and nothing more is read from that connection.
+  an A-ABORT), and what follows on that connection is read and dropped.
 - **events**: ``EVT_DATA_RECV`` and ``EVT_PDU_RECV`` fire once per P-DATA-TF
-  handed on, with its bytes (the bandwidth cap counts the same total), a
+  handed on, the first with the bytes of the PDUs it joins, as read (the
+  bandwidth cap counts the same total), a
   closed connection is Evt17, an undecodable PDU Evt19, as pynetdicom's own
   reader reports them.
 
