@@ -38,6 +38,7 @@ like-for-like comparison.
 Run::
 
     .venv/bin/python -m bench.fetch [--patients 8] [--repeats 3]
+    .venv/bin/python -m bench.fetch --sets raw --only "fetch C-GET" --only "getscu nodelay"
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ MOVESCU = "/usr/bin/movescu"
 GETSCU = "/usr/bin/getscu"
 MAX_PDU = 131072
 MB = 1_000_000
+#: The tools timed, in the order of the output.
+TOOLS = ("fetch C-MOVE", "movescu", "movescu nodelay", "fetch C-GET", "getscu", "getscu nodelay")
 
 
 def free_port() -> int:
@@ -195,8 +198,12 @@ def raw_archive(folder: Path, studies: int, per_study: int, size_mb: float, seed
     return paths
 
 
-def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int) -> dict[str, float]:
-    """Load ``files`` into a fresh Orthanc, time every tool ``repeats`` times (interleaved); MB/s by tool."""
+def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int,
+                only: list[str] | None = None) -> dict[str, float]:
+    """Load ``files`` into a fresh Orthanc, time the tools ``repeats`` times (interleaved); MB/s by tool.
+
+    ``only`` names the tools to time (all when None).
+    """
     fetch_port, movescu_port = free_port(), free_port()
     # Orthanc answers a C-GET only from an AE it knows: getscu is declared too (its port is unused).
     pacs = Pacs(tmp / f"orthanc-{label}", {"fetch": ("FETCH", fetch_port), "movescu": ("MOVESCU", movescu_port),
@@ -237,7 +244,8 @@ def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int) -> dict[
             "getscu nodelay": (lambda out: [getscu + ["-od", str(out), "127.0.0.1", str(pacs.dicom), q]
                                             for q in queries], nodelay),
         }
-        names = list(tools)
+        assert tuple(tools) == TOOLS
+        names = [name for name in tools if only is None or name in only]
         times: dict[str, list[float]] = {name: [] for name in names}
         received: dict[str, int] = {}
         for rep in range(repeats):
@@ -265,10 +273,10 @@ def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int) -> dict[
     for name in names:
         runs = ", ".join(f"{total / t / MB:.1f}" for t in times[name])
         print(f"  {name:>15}: {rate[name]:6.1f} MB/s  (runs: {runs}); received {received[name] / MB:.0f} MB")
-    best_move = max(rate["movescu"], rate["movescu nodelay"])
-    best_get = max(rate["getscu"], rate["getscu nodelay"])
-    print(f"  ratio fetch C-MOVE / best movescu: {rate['fetch C-MOVE'] / best_move:.2f}x (goal >= 1)")
-    print(f"  ratio fetch C-GET / best getscu:   {rate['fetch C-GET'] / best_get:.2f}x (goal >= 1)")
+    for verb, tool in (("C-MOVE", "movescu"), ("C-GET", "getscu")):
+        best = max((rate[name] for name in (tool, f"{tool} nodelay") if name in rate), default=None)
+        if best is not None and f"fetch {verb}" in rate:
+            print(f"  ratio fetch {verb} / best {tool}: {rate[f'fetch {verb}'] / best:.2f}x (goal >= 1)")
     return rate
 
 
@@ -280,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw-mb", type=float, default=8.0, help="size of each uncompressed instance, MB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--sets", choices=("both", "jpeg", "raw"), default="both",
+                    help="which archive(s) to time: the JPEG cines, the uncompressed objects, or both")
+    ap.add_argument("--only", choices=TOOLS, action="append",
+                    help="time only this tool (repeatable; default: all six)")
     args = ap.parse_args(argv)
     for tool in (ORTHANC, MOVESCU, GETSCU):
         if not Path(tool).exists():
@@ -290,12 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lscpu flags: {cpu_flags()}")
     with tempfile.TemporaryDirectory(prefix="bench-fetch-") as tmp_str:
         tmp = Path(tmp_str)
-        generate_archive(tmp / "synth", args.patients, args.seed)
-        jpeg = sorted((tmp / "synth" / "dicom").rglob("*.dcm"))
-        run_dataset("JPEG-baseline cines (synth, 480x640, 40-64 frames)", jpeg, tmp, args.repeats)
-        shutil.rmtree(tmp / "synth")
-        raw = raw_archive(tmp / "raw", args.raw_studies, args.raw_per_study, args.raw_mb, args.seed)
-        run_dataset(f"uncompressed US multi-frame ({args.raw_mb:g} MB each)", raw, tmp, args.repeats)
+        if args.sets in ("both", "jpeg"):
+            generate_archive(tmp / "synth", args.patients, args.seed)
+            jpeg = sorted((tmp / "synth" / "dicom").rglob("*.dcm"))
+            run_dataset("JPEG-baseline cines (synth, 480x640, 40-64 frames)", jpeg, tmp, args.repeats, args.only)
+            shutil.rmtree(tmp / "synth")
+        if args.sets in ("both", "raw"):
+            raw = raw_archive(tmp / "raw", args.raw_studies, args.raw_per_study, args.raw_mb, args.seed)
+            run_dataset(f"uncompressed US multi-frame ({args.raw_mb:g} MB each)", raw, tmp, args.repeats, args.only)
     print(f"\nload average after: {load_average()}")
     return 0
 

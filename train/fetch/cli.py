@@ -198,7 +198,10 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
         journal_path = Path(ns.out) / ".fetch" / "journal.sqlite"
         journal = FetchJournal(journal_path) if journal_path.exists() else None
         source = _source(ns, mode, aet, None, None, limiter)
-        return dry_run(source, options, journal, clock, out)
+        try:
+            return dry_run(source, options, journal, clock, out)
+        finally:
+            source.close()
 
     archive = Archive(ns.out)
     with archive_lock(archive):
@@ -220,6 +223,8 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
                 fetcher = Fetcher(source, archive, journal, sink, options, limiter, clock, out)
                 return fetcher.run().exit_code
         finally:
+            with contextlib.suppress(Exception):  # best effort: the PACS ends what is left at its own timeout
+                source.close()
             if server is not None:
                 server.stop()
             if sink is not None:

@@ -34,6 +34,7 @@ from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.network.tls import client_ssl_context
 
 from .errors import FetchError
+from .reader import install_on_connection
 
 # pynetdicom logs every query identifier (a patient ID from --studies) and
 # every response identifier at INFO; fetch keeps pynetdicom at WARNING, and
@@ -157,7 +158,8 @@ def associate(
     except (OSError, ValueError) as exc:
         raise FetchError(f"TLS setup for {peer.host}:{peer.port} failed: {type(exc).__name__}", fatal=True) from exc
     connected: list[bool] = []
-    all_handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True)), *(handlers or [])]
+    all_handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+                               (evt.EVT_CONN_OPEN, install_on_connection), *(handlers or [])]
     try:
         assoc = ae.associate(
             peer.host,

@@ -44,6 +44,7 @@ from .dimse import (
 from .errors import FetchError, UsageError
 from .landing import InFlight, Sink
 from .pacing import RateLimiter
+from .reader import install_on_connection
 
 log = get_logger(__name__)
 
@@ -194,7 +195,8 @@ class StoreServer:
         self.host = host
         self.requested_port = port
         self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink)),
-                                    (evt.EVT_CONN_OPEN, lambda event: no_delay(event.assoc))]
+                                    (evt.EVT_CONN_OPEN, lambda event: no_delay(event.assoc)),
+                                    (evt.EVT_CONN_OPEN, install_on_connection)]
         if limiter.enabled:
             self.handlers.append((evt.EVT_DATA_RECV, throttle_handler(limiter)))
         self._server: Any = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -87,6 +89,27 @@ class Source(Protocol):
     def abort(self) -> None:
         ...
 
+    def close(self) -> None:
+        """End the run: release what is still open (kept for the next study)."""
+        ...
+
+
+#: How long a retrieval association may wait unused and still carry the next
+#: study: well within the idle timeouts PACS set (30 s and more), so that an
+#: association the PACS is about to close is not picked up.
+REUSE_IDLE_S = 5.0
+
+
+@dataclass
+class _Retrieval:
+    """A retrieval association and what its C-STORE handler needs to know."""
+
+    assoc: Any = None
+    #: The study being retrieved over it (where an unreadable object is filed).
+    study_uid: str | None = None
+    #: When it was last put back for reuse.
+    idle_since: float = 0.0
+
 
 class DimseSource:
     """A DICOM PACS: C-FIND, then C-MOVE (to fetch's SCP or to the node) or C-GET.
@@ -110,7 +133,7 @@ class DimseSource:
     """
 
     def __init__(self, local_aet: str, peer: Peer, mode: str, move_aet: str, sink: Sink | None,
-                 limiter: RateLimiter, timeout_s: float, max_pdu: int) -> None:
+                 limiter: RateLimiter, timeout_s: float, max_pdu: int, reuse: bool = True) -> None:
         if mode not in ("move", "get", "node"):
             raise ValueError('Argument "mode" must be one of "move", "get", "node".')
         self.local_aet = local_aet
@@ -122,16 +145,21 @@ class DimseSource:
         self.timeout_s = timeout_s
         self.max_pdu = max_pdu
         self.open = Associations()
+        #: Keep a retrieval association open for the next study (an
+        #: association costs some 50-100 ms of negotiation, 103 contexts for C-GET).
+        self.reuse = reuse
+        self._idle: list[_Retrieval] = []
+        self._idle_lock = threading.Lock()
         verb = {"move": f"C-MOVE to {move_aet}", "get": "C-GET", "node": f"C-MOVE to the node ({move_aet})"}[mode]
         self.label = f"{peer.ae_title}@{peer.host}:{peer.port} ({verb})"
 
-    def _associate(self, *, for_retrieval: bool, study_uid: str | None = None) -> Any:
+    def _associate(self, *, for_retrieval: bool, retrieval: _Retrieval | None = None) -> Any:
         if for_retrieval and self.mode == "get":
-            assert self.sink is not None
+            assert self.sink is not None and retrieval is not None
             return associate(
                 self.local_aet, self.peer, [(STUDY_ROOT_FIND, UNCOMPRESSED), *get_contexts()],
                 timeout_s=self.timeout_s, max_pdu=self.max_pdu, ext_neg=storage_roles(),
-                handlers=[(evt.EVT_C_STORE, store_handler(self.sink, lambda: study_uid)),
+                handlers=[(evt.EVT_C_STORE, store_handler(self.sink, lambda: retrieval.study_uid)),
                           *([(evt.EVT_DATA_RECV, throttle_handler(self.limiter))] if self.limiter.enabled else [])],
             )
         contexts = [(STUDY_ROOT_FIND, UNCOMPRESSED)]
@@ -149,7 +177,55 @@ class DimseSource:
         if assoc.is_established:
             assoc.release()
 
+    def _retrieval(self, study_uid: str | None) -> _Retrieval:
+        """An association for retrieving ``study_uid``: one kept from the last study, or a new one."""
+        now = time.monotonic()
+        stale: list[_Retrieval] = []
+        found: _Retrieval | None = None
+        with self._idle_lock:
+            while self._idle and found is None:
+                kept = self._idle.pop()
+                if kept.assoc.is_established and now - kept.idle_since < REUSE_IDLE_S:
+                    found = kept
+                else:
+                    stale.append(kept)
+        for kept in stale:  # closed by the PACS meanwhile, or idle too long to trust
+            self._close(kept.assoc)
+        if found is None:
+            found = _Retrieval()
+            found.assoc = self._session(for_retrieval=True, retrieval=found)
+        found.study_uid = study_uid
+        return found
+
+    def _put_back(self, retrieval: _Retrieval) -> None:
+        """Keep an association whose retrieval went well for the next study (or release it)."""
+        if not self.reuse or not retrieval.assoc.is_established:
+            self._close(retrieval.assoc)
+            return
+        retrieval.study_uid = None
+        retrieval.idle_since = time.monotonic()
+        with self._idle_lock:
+            self._idle.append(retrieval)
+
+    def close(self) -> None:
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for kept in idle:
+            with contextlib.suppress(Exception):  # best effort on the way out
+                self._close(kept.assoc)
+
     def find_studies(self, criteria: Criteria, today: dt.date) -> list[FoundStudy]:
+        if self.reuse and (self.mode != "get" or self.sink is not None):
+            # A retrieval association (it proposes the query model too),
+            # kept for the first study: one negotiation fewer.
+            retrieval = self._retrieval(None)
+            try:
+                found = find_studies_dimse(retrieval.assoc, criteria, today)
+            except BaseException:
+                self._close(retrieval.assoc)
+                raise
+            self._put_back(retrieval)
+            return found
         assoc = self._session(for_retrieval=False)
         try:
             return find_studies_dimse(assoc, criteria, today)
@@ -165,8 +241,10 @@ class DimseSource:
 
     def fetch(self, study_uid: str, attempt: int, found: FoundStudy | None = None) -> StudyResult:
         verb = "C-GET" if self.mode == "get" else "C-MOVE"
-        assoc = self._session(for_retrieval=True, study_uid=study_uid)
+        retrieval = self._retrieval(study_uid)
+        assoc = retrieval.assoc
         flight = None
+        went_well = False
         try:
             expected: int | None
             if found is not None and found.echo_only:
@@ -178,6 +256,7 @@ class DimseSource:
                 every = find_series_dimse(assoc, study_uid)
                 series = wanted(every)
                 if not series:
+                    went_well = True
                     return StudyResult(skipped="no US series")
                 # One request for the study when it holds nothing but US and SR series.
                 targets = [None] if len(series) == len(every) else [s.series_uid for s in series]
@@ -196,8 +275,13 @@ class DimseSource:
                          warning=outcome.warning)
                 if not outcome.ok and outcome.status != 0xB000:
                     break  # the PACS is refusing (busy, unknown destination): the other series would fare the same
+            went_well = all(o.ok for o in outcomes)
         finally:
-            self._close(assoc)
+            # Anything but a clean retrieval: a fresh association for the next try.
+            if went_well:
+                self._put_back(retrieval)
+            else:
+                self._close(assoc)
             if self.sink is not None:
                 flight = self.sink.end(study_uid) or flight
         sent = judge(outcomes, flight, verb)
@@ -317,5 +401,10 @@ class WebSource:
         return (self.archive.root / study_uid / series_uid / f"{sop_uid}.dcm").is_file()
 
     def abort(self) -> None:
+        with contextlib.suppress(Exception):  # best effort on the way out
+            self.session.close()
+
+    def close(self) -> None:
+        """Close the HTTP session's kept-alive connections."""
         with contextlib.suppress(Exception):  # best effort on the way out
             self.session.close()

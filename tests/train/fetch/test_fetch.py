@@ -53,6 +53,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
+from structlog.testing import capture_logs
 
 from echonode.config import to_toml
 from echonode.daemon.node import Node
@@ -343,6 +344,32 @@ def test_c_get_proposes_echo_contexts_only_and_lands_the_same(pacs, content, tmp
     assert_archive(out, pacs.truth, content.echo)
 
 
+@pytest.mark.parametrize("idle_s", [5.0, 0.0])
+def test_c_get_keeps_one_association_for_consecutive_studies(pacs, content, tmp_path, monkeypatch, idle_s):
+    """A retrieval association that went well carries the next study, unless it waited too long; none is left open."""
+    import train.fetch.sources as sources
+
+    opened: list[Any] = []
+    original = sources.associate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        assoc = original(*args, **kwargs)
+        opened.append(assoc)
+        return assoc
+
+    monkeypatch.setattr(sources, "associate", counting)
+    monkeypatch.setattr(sources, "REUSE_IDLE_S", idle_s)
+    out = tmp_path / "archive"
+    code, text = fetch("--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--get", "--timeout", "10")
+    assert code == 0, text
+    assert_archive(out, pacs.truth, content.echo)
+    studies = len(content.echo)
+    assert studies > 1
+    # One association for the query and every study, or (kept too long) one for the query and one each.
+    assert len(opened) == (1 if idle_s else 1 + studies)
+    assert not any(a.is_established for a in opened)
+
+
 def test_dicomweb_lands_the_pacs_files_unchanged(pacs, content, tmp_path):
     out = tmp_path / "archive"
     code, text = fetch("--out", str(out), "--dicomweb", pacs.dicomweb, "--timeout", "10")
@@ -574,7 +601,7 @@ class CuttingProxy:
             t.join(5)
 
 
-def test_network_drop_mid_instance_leaves_no_partial_file(pacs, content, tmp_path, monkeypatch, caplog):
+def test_network_drop_mid_instance_leaves_no_partial_file(pacs, content, tmp_path, monkeypatch):
     """The connection drops inside an instance (C-GET through a relay): nothing half-written lands."""
     from train.fetch.landing import Archive
 
@@ -591,15 +618,18 @@ def test_network_drop_mid_instance_leaves_no_partial_file(pacs, content, tmp_pat
         out = tmp_path / "archive"
         args = ["--out", str(out), "--from", f"ORTHANC@127.0.0.1:{proxy.port}", "--aet", FETCH_AET, "--get",
                 "--timeout", "5", "--attempts", "1", "--retry-after", "0.1"]
-        code, text = fetch(*args)
+        with capture_logs() as logs:
+            code, text = fetch(*args)
         assert code == 1, text
         rows = journal_rows(out)
         failed = [s for s, r in rows.items() if r[0] == "failed"]
         assert len(failed) == 1
         assert "aborted or the connection dropped" in rows[failed[0]][1]
-        # The cut fell inside a C-STORE (pynetdicom: "PDU shorter than expected"), whose temp
-        # file in .fetch/tmp never got a final name and was removed at the end of the run.
-        assert "shorter than expected" in caplog.text
+        # The cut fell inside a PDU of a C-STORE (fetch's reader: the connection closed with part
+        # of a PDU read), whose temp file in .fetch/tmp never got a final name and was removed at
+        # the end of the run.
+        cut = [e for e in logs if e["event"] == "fetch.connection_closed_mid_pdu"]
+        assert len(cut) == 1 and cut[0]["received_bytes"] < (cut[0]["expected_bytes"] or 6), cut
         assert len(cleared) == 1
         assert not list((out / ".fetch" / "tmp").iterdir())
         got = landed(out)

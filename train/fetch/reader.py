@@ -1,0 +1,354 @@
+"""A buffered PDU reader for fetch's associations: many PDUs per read, one data fragment per run of them.
+
+pynetdicom reads every PDU on its own: a ``select``, a 6-byte ``recv``, the
+body in ``recv`` calls of 4 KiB, the PDU's decoding and events, a turn of
+the state machine, and a write and a flush of its fragment to the C-STORE's
+temp file. That is a fixed cost of Python per PDU, whatever its size, and
+Orthanc sends a C-GET's data in PDUs of 16 KB whatever maximum length was
+agreed: the cost per PDU, not the bytes, set the pace of a C-GET.
+
+:func:`install` replaces that read for one association (before its first
+PDU is read: ``EVT_CONN_OPEN``), acceptor or requestor:
+
+- **reads**: one ``recv_into`` takes what the socket holds, up to
+  :data:`READ_CHUNK`; a PDU whose bytes have not all come stays in the
+  buffer, and the reader does not wait for the rest in ``recv`` (over TLS a
+  read may wait for the rest of a TLS record, as pynetdicom's does).
+- **joining**: the complete P-DATA-TF PDUs in the buffer go to the state
+  machine as one P-DATA-TF, in which each run of data-set fragments of one
+  presentation context is one fragment. The run ends with the PDU that
+  carries the last fragment of a command or data set, so one P-DATA never
+  holds the end of one DIMSE message and the start of the next, and at
+  :data:`JOIN_LIMIT` bytes. The DIMSE layer receives the same bytes of the
+  same messages in the same order; only the fragment boundaries differ.
+  Each joined fragment is the one copy between the socket and the C-STORE's
+  temp file (the DIMSE layer gets a view of it). Every other PDU goes on as
+  it came, through pynetdicom's decoding.
+- **sizes**: a P-DATA-TF PDU may be as long as the maximum length this side
+  announced (``0``, unlimited, is held to
+  :data:`~echonode.network.pdu_guard.UNLIMITED_PDU_CEILING`), any other PDU
+  to :data:`~echonode.network.pdu_guard.ASSOCIATE_PDU_CEILING`; the buffer
+  grows as bytes arrive, never on a declared length. A PDU over its limit,
+  or of an unknown type, is Evt19 (pynetdicom's answer to an invalid PDU:
+  an A-ABORT), and what follows on that connection is read and dropped.
+- **events**: ``EVT_DATA_RECV`` and ``EVT_PDU_RECV`` fire once per P-DATA-TF
+  handed on, the first with the bytes of the PDUs it joins, as read (the
+  bandwidth cap counts the same total), a
+  closed connection is Evt17, an undecodable PDU Evt19, as pynetdicom's own
+  reader reports them.
+
+Deadlines are unchanged: the waits for DIMSE messages keep theirs
+(``dimse_timeout``), and the DUL's idle timer restarts only when a whole
+PDU has been handed on.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.pdu import P_DATA_TF as P_DATA_TF_PDU
+from pynetdicom.pdu_items import PresentationDataValueItem
+
+from echonode.network.pdu_guard import ASSOCIATE_PDU_CEILING, UNLIMITED_PDU_CEILING
+from echonode.ops.logs import get_logger
+
+log = get_logger(__name__)
+
+#: Most bytes one ``recv_into`` takes from the socket.
+READ_CHUNK = 1 << 20
+#: Most bytes of P-DATA-TF PDUs joined into one (a run stops after the PDU that crosses it).
+JOIN_LIMIT = 2 << 20
+
+P_DATA_TF = 0x04
+_PDU_TYPES = range(0x01, 0x08)
+_HEADER = struct.Struct(">BBI")
+_ITEM_LENGTH = struct.Struct(">I")
+#: Message control header bits (PS3.8 E.2): bit 0 set, a command fragment; bit 1 set, the last fragment.
+_COMMAND = 0x01
+_LAST = 0x02
+#: A fragment after which nothing joins it: a command's, or the last of a data set.
+_ENDS = _COMMAND | _LAST
+_ATTRIBUTE = "_fetch_pdu_reader"
+
+
+class BufferedReader:
+    """The reader of one association; see the module's docstring.
+
+    Parameters
+    ----------
+    assoc : Association
+        Its socket connected, nothing read from it yet.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self.assoc = assoc
+        self.dul = assoc.dul
+        local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+        self.max_pdata = int(local.maximum_length or 0) or UNLIMITED_PDU_CEILING
+        #: Bytes read and not yet handed on are ``buf[start:end]``.
+        self.buf = bytearray(READ_CHUNK)
+        self.start = 0
+        self.end = 0
+        #: Set once an invalid PDU was reported: what follows it is not read as PDUs.
+        self.broken = False
+        #: PDUs read and PDUs handed on (they differ by the P-DATA-TF PDUs joined).
+        self.pdus_read = 0
+        self.pdus_handed = 0
+
+    # -- what the DUL calls ----------------------------------------------------------------
+
+    def is_transport_event(self) -> bool:
+        """Replaces ``DULServiceProvider._is_transport_event``: True when an event was queued.
+
+        As pynetdicom's: in Sta13 (waiting for the connection to close) the
+        socket is closed once nothing more is to be read.
+        """
+        dul = self.dul
+        sock = dul.socket
+        if dul.state_machine.current_state == "Sta13":
+            if sock is not None and (self._complete() or sock.ready):
+                self.read()
+                return True
+            if sock is not None:
+                sock.close()
+            return True
+        if sock is not None and (self._complete() or sock.ready):
+            return self.read()
+        return False
+
+    def read(self) -> bool:
+        """Read what the socket holds; hand the next PDU (or joined run of PDUs) to the state machine.
+
+        Returns
+        -------
+        bool
+            True when an event was queued (a PDU, Evt17 or Evt19); False when
+            the bytes of the next PDU have not all come yet.
+        """
+        dul = self.dul
+        if not self._complete():
+            got = self._recv()
+            if got == 0:
+                pending = self.end - self.start
+                if pending and not self.broken:
+                    # What a cut inside a transfer looks like (the DIMSE layer then sees an abort).
+                    expected = 6 + _HEADER.unpack_from(self.buf, self.start)[2] if pending >= 6 else None
+                    log.warning("fetch.connection_closed_mid_pdu", received_bytes=pending, expected_bytes=expected)
+                self._clear()
+                dul.event_queue.put("Evt17")  # closed by the peer, or reset
+                return True
+            if self.broken:
+                self._clear()
+                return False
+        if self._check_header():
+            return True
+        if not self._complete():
+            return False
+        if self.buf[self.start] == P_DATA_TF:
+            joined = self._take_data()
+            if joined is not None:
+                self.pdus_handed += 1
+                dul.event_queue.put("Evt10")
+                dul._recv_pdu.put(joined)
+                return True
+        data = self._take_raw()
+        try:
+            pdu, event = dul._decode_pdu(data)  # type: ignore[arg-type]  # annotated bytearray, decodes bytes too
+        except Exception as exc:  # noqa: BLE001 - any undecodable PDU: Evt19, as pynetdicom does
+            log.warning("fetch.bad_pdu", reason="PDU does not decode", pdu_type=f"0x{data[0]:02X}",
+                        pdu_bytes=len(data), error=type(exc).__name__)
+            dul.event_queue.put("Evt19")
+            return True
+        self.pdus_handed += 1
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(pdu)
+        return True
+
+    # -- the buffer ------------------------------------------------------------------------
+
+    def _clear(self) -> None:
+        self.start = self.end = 0
+        if len(self.buf) > READ_CHUNK:
+            self.buf = bytearray(READ_CHUNK)
+
+    def _recv(self) -> int | None:
+        """One read of what the socket holds: bytes read, 0 when closed, None when nothing was there."""
+        sock = self.dul.socket.socket if self.dul.socket is not None else None
+        if sock is None:
+            return 0
+        if self.end == len(self.buf):
+            self._make_room()
+        view = memoryview(self.buf)
+        tail = view[self.end:]
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                # Flags are refused on a TLS socket; ready said a record is there or pending.
+                n = sock.recv_into(tail)
+            else:
+                n = sock.recv_into(tail, 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return None
+        except OSError:  # reset, or closed under us by an abort from another thread
+            return 0
+        finally:
+            tail.release()
+            view.release()
+        self.end += n
+        return n
+
+    def _make_room(self) -> None:
+        """Free the buffer's tail: move the unread bytes to the front, or grow when they fill it.
+
+        They fill it only as one incomplete PDU whose header has been
+        checked: the buffer doubles as its bytes arrive, up to that PDU's size.
+        """
+        pending = self.end - self.start
+        if self.start > 0:
+            self.buf[:pending] = self.buf[self.start:self.end]
+            self.start, self.end = 0, pending
+            return
+        needed = 6 + _HEADER.unpack_from(self.buf)[2]
+        self.buf.extend(bytes(min(len(self.buf), needed - len(self.buf))))
+
+    def _complete(self) -> bool:
+        """Whether the buffer holds a whole PDU."""
+        if self.broken or self.end - self.start < 6:
+            return False
+        return self.end - self.start >= 6 + _HEADER.unpack_from(self.buf, self.start)[2]
+
+    def _check_header(self) -> bool:
+        """Report the next PDU as invalid (Evt19) when its type or declared length is; True when it did.
+
+        Checked on its header alone: the body of an over-long PDU is never waited for.
+        """
+        if self.broken or self.end - self.start < 6:
+            return False
+        pdu_type, _, length = _HEADER.unpack_from(self.buf, self.start)
+        limit = self.max_pdata if pdu_type == P_DATA_TF else ASSOCIATE_PDU_CEILING
+        if pdu_type in _PDU_TYPES and length <= limit:
+            return False
+        log.warning("fetch.bad_pdu", reason="unknown PDU type" if pdu_type not in _PDU_TYPES else "PDU too long",
+                    pdu_type=f"0x{pdu_type:02X}", declared_bytes=length, limit_bytes=limit)
+        self.broken = True
+        self._clear()
+        self.dul.event_queue.put("Evt19")
+        return True
+
+    def _take_raw(self) -> bytes:
+        """Remove the next PDU from the buffer as it came."""
+        end = self.start + 6 + _HEADER.unpack_from(self.buf, self.start)[2]
+        data = bytes(self.buf[self.start:end])
+        self._consumed(end, 1)
+        return data
+
+    def _consumed(self, upto: int, pdus: int) -> None:
+        self.pdus_read += pdus
+        self.start = upto
+        if self.start == self.end:
+            self._clear()
+
+    def _take_data(self) -> P_DATA_TF_PDU | None:
+        """Remove the next P-DATA-TF PDU, with those that join it, as one P-DATA-TF; None when it is malformed.
+
+        A malformed one stays in the buffer for pynetdicom's decoding to say what of it.
+        """
+        buf, pos, stop = self.buf, self.start, self.end
+        runs: list[list[Any]] = []  # [context, control header, [(from, to), ...]]
+        pdus = 0
+        while True:
+            pdu_end = pos + 6 + _HEADER.unpack_from(buf, pos)[2]
+            items = _items(buf, pos + 6, pdu_end)
+            if items is None:
+                break
+            ends = False
+            for context, header, a, b in items:
+                last = runs[-1] if runs else None
+                if last is not None and last[0] == context and not header & _COMMAND and not last[1] & _ENDS:
+                    last[1] = header
+                    last[2].append((a, b))
+                else:
+                    runs.append([context, header, [(a, b)]])
+                ends = ends or bool(header & _LAST)
+            pos = pdu_end
+            pdus += 1
+            # The run ends with a message's last fragment, at JOIN_LIMIT, or at a PDU not (yet) whole.
+            if ends or pos - self.start >= JOIN_LIMIT or stop - pos < 6:
+                break
+            next_type, _, next_length = _HEADER.unpack_from(buf, pos)
+            if next_type != P_DATA_TF or next_length > self.max_pdata or stop - pos < 6 + next_length:
+                break
+        if not pdus:
+            return None
+        pdu = P_DATA_TF_PDU()
+        with memoryview(buf) as view:
+            for context, header, parts in runs:
+                pieces: list[Any] = [bytes((header,))]
+                pieces.extend(view[a:b] for a, b in parts)
+                value = b"".join(pieces)
+                for piece in pieces[1:]:
+                    piece.release()
+                item = PresentationDataValueItem()
+                item.presentation_context_id = context
+                # A view of the joined bytes: the DIMSE layer slices off the
+                # control header (data[1:]) without copying the fragment again.
+                item.presentation_data_value = memoryview(value)  # type: ignore[assignment]
+                pdu.presentation_data_value_items.append(item)
+            if self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                # The bytes as read (the bandwidth cap counts them), built only for a listener.
+                evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": bytes(view[self.start:pos])})
+        self._consumed(pos, pdus)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu
+
+
+def _items(buf: bytearray, pos: int, end: int) -> list[tuple[int, int, int, int]] | None:
+    """The PDV items of a P-DATA-TF body ``buf[pos:end]``: (context, control header, from, to) each.
+
+    None when an item's length does not fit the PDU, or there is none.
+    """
+    out = []
+    while pos < end:
+        if pos + 6 > end:
+            return None
+        item_end = pos + 4 + _ITEM_LENGTH.unpack_from(buf, pos)[0]
+        if item_end - pos < 6 or item_end > end:
+            return None
+        out.append((buf[pos + 4], buf[pos + 5], pos + 6, item_end))
+        pos = item_end
+    return out or None
+
+
+def install(assoc: Association) -> BufferedReader:
+    """Read ``assoc`` through a :class:`BufferedReader` from now on; call it before its first PDU is read.
+
+    Parameters
+    ----------
+    assoc : Association
+        Its socket connected (``EVT_CONN_OPEN`` is the place).
+
+    Returns
+    -------
+    BufferedReader
+    """
+    reader = BufferedReader(assoc)
+    # An instance attribute shadows the class's method for this association
+    # only (what mypy's method-assign refuses is the point here).
+    assoc.dul._is_transport_event = reader.is_transport_event  # type: ignore[method-assign]
+    setattr(assoc, _ATTRIBUTE, reader)
+    return reader
+
+
+def install_on_connection(event: Any) -> None:
+    """``EVT_CONN_OPEN`` handler that installs the reader."""
+    install(event.assoc)
+
+
+def reader_of(assoc: Association) -> BufferedReader | None:
+    """The reader installed on ``assoc``, if any."""
+    reader = getattr(assoc, _ATTRIBUTE, None)
+    return reader if isinstance(reader, BufferedReader) else None
