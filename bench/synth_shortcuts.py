@@ -13,6 +13,7 @@
 Usage::
 
     .venv/bin/python -m bench.synth_shortcuts --patients 200 --renderer polar
+    .venv/bin/python -m bench.synth_shortcuts --archive /work/bench-runs/cross2/polar   # score an existing archive
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.machine import cpu_model, load_average
+from bench.machine import cpu_flags, cpu_model, load_average
 from echonode.analyse.preprocess import make_eval_clips, preprocess_file
 from train.synth import generate_archive
 from train.synth.shortcuts import score_shortcuts, shortcuts_found
@@ -52,14 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
     p.add_argument("--contrast-videos", type=int, default=40, help="videos measured for contrast (default 40)")
     p.add_argument("--out", type=Path, default=None, help="archive folder (default: a temporary one)")
+    p.add_argument("--archive", type=Path, default=None,
+                   help="score this existing synthetic archive instead of writing one (no speed figure)")
     ns = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        out = ns.out or Path(tmp) / "archive"
-        s = generate_archive(out, ns.patients, ns.seed, frames=ns.frames, renderer=ns.renderer)
         print(f"synth-shortcuts, {dt.date.today()}, {os.cpu_count()} cores, {cpu_model()}, load {load_average()}")
-        print(f"archive: {s.patients} patients, {s.studies} studies ({s.lvh_studies} LVH, {s.severe_as_studies} "
-              f"severe AS), {s.videos} videos of {ns.frames} frames at 480x640, renderer {ns.renderer}: "
-              f"{s.seconds:.0f} s, {s.studies / s.seconds:.2f} studies/s")
+        print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
+        if ns.archive is not None:
+            out = ns.archive
+            with open(out / "labels.csv", newline="") as fh:
+                labels = list(csv.DictReader(fh))
+            print(f"archive: {out} (existing), {len(labels)} studies "
+                  f"({sum(r['lvh'] == '1' for r in labels)} LVH, {sum(r['severe_as'] == '1' for r in labels)} "
+                  "severe AS)")
+        else:
+            out = ns.out or Path(tmp) / "archive"
+            s = generate_archive(out, ns.patients, ns.seed, frames=ns.frames, renderer=ns.renderer)
+            print(f"archive: {s.patients} patients, {s.studies} studies ({s.lvh_studies} LVH, "
+                  f"{s.severe_as_studies} severe AS), {s.videos} videos of {ns.frames} frames at 480x640, "
+                  f"renderer {ns.renderer}: {s.seconds:.0f} s, {s.studies / s.seconds:.2f} studies/s")
         scores = score_shortcuts(out)
         print("| statistic | LVH AUROC | severe AS AUROC |\n|---|---|---|")
         by = {(x.statistic, x.task): x.auroc for x in scores}
