@@ -245,6 +245,8 @@ def fit_cell(proto: Mapping[str, Any], cell: Cell, run: Path | None, cache: Path
         if cached.get("argv") == argv:
             return dict(cached)
     folder.mkdir(parents=True, exist_ok=True)
+    # A bundle made again must be scored again: an earlier bundle's test figures go with it.
+    (folder / "test.json").unlink(missing_ok=True)
     started = time.monotonic()
     with le.quiet() as buf:
         rc = finetune_main(argv)
