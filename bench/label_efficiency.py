@@ -274,8 +274,50 @@ def pairwise(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
 
 
+def study_pair_sums(
+    study_y: Mapping[str, int], video_study: Sequence[str], video_probs: np.ndarray
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Video-level ranking matrix summed by pair of studies, and videos per study.
+
+    Parameters
+    ----------
+    study_y : mapping
+        Study UID -> 0/1, in the order the study axes take (positives and
+        negatives each in this mapping's order).
+    video_study : sequence of str
+        Each video's study UID.
+    video_probs : numpy.ndarray
+        Each video's probability.
+
+    Returns
+    -------
+    sums : numpy.ndarray
+        ``(positive studies, negative studies)``: the sum of :func:`pairwise`
+        over their videos' pairs.
+    counts : tuple of numpy.ndarray
+        Videos of each positive study and of each negative study; with
+        ``sums``, what :func:`replicate_bootstrap` takes as ``counts``.
+    """
+    pos = [s for s, t in study_y.items() if t == 1]
+    neg = [s for s, t in study_y.items() if t != 1]
+    index = {s: i for i, s in enumerate(pos)} | {s: i for i, s in enumerate(neg)}
+    video_y = np.array([study_y[s] for s in video_study])
+    m = pairwise(video_y, np.asarray(video_probs, dtype=float))  # (positive videos, negative videos)
+    rows = np.array([index[s] for s, t in zip(video_study, video_y, strict=True) if t == 1], dtype=int)
+    cols = np.array([index[s] for s, t in zip(video_study, video_y, strict=True) if t != 1], dtype=int)
+    to_pos = np.zeros((len(pos), len(rows)))
+    to_pos[rows, np.arange(len(rows))] = 1.0
+    to_neg = np.zeros((len(cols), len(neg)))
+    to_neg[np.arange(len(cols)), cols] = 1.0
+    return to_pos @ m @ to_neg, (to_pos.sum(1), to_neg.sum(0))
+
+
 def replicate_bootstrap(
-    y: np.ndarray, groups: Mapping[tuple[str, float], Sequence[tuple[int | None, int, np.ndarray]]], n: int, seed: int = 0
+    y: np.ndarray,
+    groups: Mapping[tuple[str, float], Sequence[tuple[int | None, int, np.ndarray]]],
+    n: int,
+    seed: int = 0,
+    counts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[tuple[str, float], np.ndarray]:
     """Bootstrap distribution of each cell's mean AUROC over its replicates.
 
@@ -289,6 +331,13 @@ def replicate_bootstrap(
     of the test studies; with several the interval also carries the
     variation between label draws and between pretraining runs, which at a
     few labelled studies is the larger part.
+
+    ``counts`` gives a video-level AUROC whose interval resamples studies,
+    not videos: ``y`` is still one label per study, ``counts`` the number
+    of videos of each positive and of each negative study, and ``M[i, j]``
+    the sum of :func:`pairwise` over the videos of positive study i and
+    negative study j (:func:`study_pair_sums`). A resample then counts each
+    drawn study with all of its videos. Without it every study counts once.
     """
     rng = np.random.default_rng(seed)
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
@@ -299,9 +348,11 @@ def replicate_bootstrap(
     lw = rng.multinomial(len(label_seeds), [1 / len(label_seeds)] * len(label_seeds), size=n).astype(float)
     pw = (rng.multinomial(len(pretrain_seeds), [1 / len(pretrain_seeds)] * len(pretrain_seeds), size=n).astype(float)
           if pretrain_seeds else np.ones((n, 0)))  # fmt: skip
+    # Pairs of positive and negative videos (of studies, without counts) in each resample.
+    pairs = (wp @ counts[0]) * (wn @ counts[1]) if counts is not None else float(n_pos * n_neg)
     out = {}
     for key, reps in groups.items():
-        aurocs = np.stack([((wp @ m) * wn).sum(1) / (n_pos * n_neg) for _, _, m in reps])  # (replicates, n)
+        aurocs = np.stack([((wp @ m) * wn).sum(1) / pairs for _, _, m in reps])  # (replicates, n)
         weights = np.stack([lw[:, label_seeds.index(lseed)] * (1.0 if p is None else pw[:, pretrain_seeds.index(p)])
                             for p, lseed, _ in reps])  # fmt: skip
         total = weights.sum(0)

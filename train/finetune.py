@@ -625,6 +625,8 @@ class FinetuneOutput:
     device: str = "auto"
     progress: bool = True
     preset: str = "paper"
+    #: False: the test split is neither checked nor scored (a hyperparameter search scores it later, once).
+    score_test: bool = True
     calibration_clips: int = DEFAULT_CALIBRATION_CLIPS
 
 
@@ -693,6 +695,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default="auto")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument(
+        "--no-test-score", action="store_true",
+        help="score the validation split only and leave the test split unread (a hyperparameter search: score "
+        "the chosen bundle on test afterwards, with 'evaluate')",
+    )  # fmt: skip
+    run.add_argument(
         "--calibration-clips", type=int, default=DEFAULT_CALIBRATION_CLIPS,
         help=f"preprocessed evaluation clips stored in the bundle ({CALIBRATION_FILE}) for the node's runtime "
         f"check (default {DEFAULT_CALIBRATION_CLIPS}; 0 stores none: the node then checks on synthetic clips)",
@@ -711,7 +718,10 @@ def _config_from(ns: argparse.Namespace) -> FinetuneConfig:
             "epochs": "finetune_epochs",
         },
     )
-    return from_namespace(FinetuneConfig, ns, progress=not ns.no_progress, overwrite=bool(ns.overwrite))
+    return from_namespace(
+        FinetuneConfig, ns, progress=not ns.no_progress, overwrite=bool(ns.overwrite),
+        score_test=not ns.no_test_score,
+    )  # fmt: skip
 
 
 def run_finetune(ns: argparse.Namespace) -> int:
@@ -772,6 +782,9 @@ def _load_task(config: FinetuneConfig) -> _Run:
     data = prepare_task(cache, rows, d.task, splits, fraction=d.fraction, fraction_seed=d.fraction_seed, views=views)
     # A split the fractions leave empty on purpose is not scored; one they asked for must be scorable.
     required = [name for name, fraction in (("val", d.val_fraction), ("test", d.test_fraction)) if fraction > 0]
+    if not config.output.score_test:
+        # A search that must not see the test split does not read its labels' balance either.
+        required = [name for name in required if name != "test"]
     check_evaluable(data, required=required)
     device = resolve_device(config.output.device)
     return _Run(config, device, cache, splits, data)
@@ -934,7 +947,7 @@ def _score(run: _Run, loaders: _Loaders) -> dict[str, object]:
     assert model is not None
     criterion = _criterion(run.data.task, run.data.pos_weight, run.device)
     scored: dict[str, object] = {}
-    for name in ("val", "test"):
+    for name in ("val", "test") if output.score_test else ("val",):
         if not run.data.videos[name]:
             continue
         probs, loss = predict_clips(

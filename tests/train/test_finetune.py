@@ -328,3 +328,13 @@ def _parser():
     parser = argparse.ArgumentParser()
     add_finetune_arguments(parser)
     return parser
+
+
+def test_no_test_score_leaves_the_test_split_unscored(labelled, tmp_path: Path) -> None:
+    """A hyperparameter search fits and scores on validation; the bundle carries no test figure."""
+    cache, labels = labelled
+    out = tmp_path / "search"
+    assert main(finetune_args(cache, labels, out, "--task", "lvh", "--epochs", "1", "--no-test-score")) == 0
+    meta = load_bundle(out).meta
+    assert "val" in meta.metrics and "test" not in meta.metrics
+    assert meta.provenance["config"]["score_test"] is False
