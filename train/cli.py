@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -26,8 +27,6 @@ def _commands() -> list[tuple[str, str, str, str]]:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    import importlib
-
     p = argparse.ArgumentParser(prog="echonode-train", description="Train echonode's models from an echo archive.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = None

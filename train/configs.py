@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -70,8 +71,6 @@ def from_namespace(cls: type[_Config], ns: argparse.Namespace, **overrides: obje
 
 def _resolve(cls: type, name: str) -> type:
     # Under ``from __future__ import annotations`` field types are strings.
-    import typing
-
     hints = typing.get_type_hints(cls)
     resolved = hints[name]
     if not isinstance(resolved, type):

@@ -58,6 +58,7 @@ def plot_curves(y: np.ndarray, prob: np.ndarray, out_dir: Path, level: str, titl
     list of Path
         The files written.
     """
+    # Late: matplotlib comes with the train extra, and the Agg backend must be chosen before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training server

@@ -54,6 +54,7 @@ from train.augment import AugmentConfig
 from train.cache import ClipCache, cache_argument, load_study_labels, split_cache
 from train.configs import flat_dict, from_namespace
 from train.datasets import ClipDataset
+from train.init_bundle import InitError, init_weights
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
 from train.provenance import code_revision
@@ -307,6 +308,7 @@ def train_one_epoch(
     total, steps = 0.0, 0
     iterator = loader
     if progress:
+        # Late: tqdm comes with the train extra, needed only for a progress bar.
         from tqdm import tqdm
 
         iterator = tqdm(loader, desc="finetune", unit="step", leave=False)
@@ -544,8 +546,6 @@ def resolve_init(init: str, arch: str, width: int, num_outputs: int) -> tuple[di
     :func:`train.init_bundle.init_weights`, which reads torchvision-format
     state dicts and EchoCLR checkpoints.
     """
-    from train.init_bundle import InitError, init_weights
-
     if init == "random":
         return init_weights(None, arch, width, num_outputs)
     path = Path(init)

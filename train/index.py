@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import itertools
 import json
 import os
@@ -51,6 +52,7 @@ from train.index_worker import (
     safe_name,
     stamp,
 )
+from train.presets import get_preset
 from train.splits import patient_key
 
 __all__ = ["IndexReport", "Shard", "add_index_arguments", "build_index", "default_workers", "run_index"]
@@ -495,8 +497,6 @@ def _cache_lock(cache: Path) -> Iterator[None]:
     RuntimeError
         If another run holds the lock.
     """
-    import fcntl
-
     with open(cache / ".lock", "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -574,6 +574,7 @@ def _walk(run: _IndexRun, workers: int, progress: bool) -> None:
     tasks = (_task(archive, rel, st) for rel, st, send in plan if send and isinstance(st, os.stat_result))
     steps: Iterable[tuple[str, os.stat_result | OSError, bool]] = plan
     if progress:
+        # Late: tqdm comes with the train extra, needed only for a progress bar.
         from tqdm import tqdm
 
         steps = tqdm(plan, desc="index", unit="file")
@@ -611,8 +612,6 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_index(ns: argparse.Namespace) -> int:
     """Run ``echonode-train index``; returns the exit status."""
-    from train.presets import get_preset
-
     size = ns.size if ns.size is not None else get_preset(ns.preset).size
     try:
         shard = Shard.parse(ns.shard) if ns.shard else None

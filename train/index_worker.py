@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
 
 from echonode.analyse.decode import (
     DEFAULT_MAX_DECODED_BYTES,
@@ -300,8 +302,6 @@ def _looks_like_bare_dicom(path: Path) -> bool:
     files that start like one are parsed with ``force=True``, which reads
     anything (a JPEG too) as a few garbage elements.
     """
-    import pydicom
-
     try:
         with open(path, "rb") as fh:
             head = fh.read(4)
@@ -333,8 +333,6 @@ def _read_header(path: Path) -> DicomDataset:
         reason never quotes data from the file: a parse error can hold a
         patient's name or birth date.
     """
-    from pydicom.errors import InvalidDicomError
-
     try:
         # The node's bounded read: a large element (a cart's private raw
         # data) is left unread. It first runs the decoder's guard against a

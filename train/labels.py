@@ -31,12 +31,17 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import pydicom
+from pydicom.filereader import _read_file_meta_info, read_preamble
+
+from echonode.dicomfile import check_inflated_size
 from echonode.durable import replacing
 from echonode.measurements import (
     CONCEPTS,
@@ -53,7 +58,7 @@ from echonode.measurements import (
     study_reference,
 )
 from echonode.measurements.reference import OTHER_PATIENT
-from echonode.ops.logs import get_logger
+from echonode.ops.logs import configure_logging, get_logger
 
 __all__ = [
     "EVIDENCE_COLUMNS",
@@ -174,8 +179,6 @@ def _walk(archive: Path) -> Iterator[Path]:
 
 def _sop_class(path: Path) -> str | None:
     """The Media Storage SOP Class UID from the file meta; None when the file is not Part 10 DICOM."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
     try:
         with open(path, "rb") as fp:
             if read_preamble(fp, False) is None:  # pragma: no cover - read_preamble raises instead
@@ -193,8 +196,6 @@ def _patient_digest(value: object) -> str | None:
 
 def _sr_patient(path: Path) -> str | None:
     """The digest of an SR's Patient ID; None when absent or unreadable."""
-    import pydicom
-
     try:
         return _patient_digest(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID"))
     except Exception:  # noqa: BLE001 - the reader names an unreadable SR by its own status
@@ -206,12 +207,6 @@ def _image_header(path: Path) -> tuple[str, str | None, str | None] | None:
 
     None when unreadable.
     """
-    import warnings
-
-    import pydicom
-
-    from echonode.dicomfile import check_inflated_size
-
     try:
         check_inflated_size(path, _MAX_HEADER_INFLATE)
         with warnings.catch_warnings():
@@ -287,6 +282,7 @@ def build_labels(
     files: Iterator[tuple[Path, Path]] = ((root, p) for root in roots for p in _walk(root))
     bar = None
     if progress:
+        # Late: tqdm comes with the train extra, needed only for a progress bar.
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="labels", unit="file")
@@ -442,8 +438,6 @@ def add_labels_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_labels(ns: argparse.Namespace) -> int:
     """Run ``echonode-train labels``; returns the exit status."""
-    from echonode.ops.logs import configure_logging
-
     configure_logging(level=ns.log_level)
     try:
         rules = load_rules(ns.rules)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.nn.functional import all_gather
 
 __all__ = [
     "NUM_PERMUTATIONS",
@@ -66,9 +67,6 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     rank, world = _distributed_world()
     if world == 1:
         return x, 0
-    # Imported here: torch.distributed.nn pulls in RPC machinery on import.
-    from torch.distributed.nn.functional import all_gather
-
     parts = all_gather(x)
     return torch.cat(parts, dim=0), rank * x.shape[0]
 

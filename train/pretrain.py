@@ -286,6 +286,7 @@ def train_one_epoch(
     iterator: Iterable[dict[str, torch.Tensor]] = loader
     bar = None
     if progress:
+        # Late: tqdm comes with the train extra, needed only for a progress bar.
         from tqdm import tqdm
 
         iterator = bar = tqdm(loader, desc="pretrain", unit="step", leave=False)

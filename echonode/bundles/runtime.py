@@ -97,6 +97,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 __all__ = [
     "MODES",
@@ -159,6 +161,7 @@ def inductor_compiler() -> str | None:
     name up on ``PATH`` without running anything.
     """
     try:
+        # Late: importing inductor takes about 4 s, paid only where compile is asked for or measured.
         from torch._inductor import config as inductor_config
     except Exception:  # noqa: BLE001 - a torch build without inductor
         return None
@@ -401,9 +404,6 @@ def _quant_engine() -> str:
 def _build_int8(
     model: nn.Module, example: torch.Tensor, *, calibration: torch.Tensor, batch_size: int = 4, **_: Any
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     engine = _quant_engine()
     torch.backends.quantized.engine = engine
     with _quiet(), torch.no_grad():
@@ -457,6 +457,7 @@ def _use_state_dir_for_inductor(state_dir: str | os.PathLike[str] | None) -> Non
         return
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     try:
+        # Late: importing inductor takes about 4 s (see inductor_compiler).
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
         default: str | None = os.path.abspath(default_cache_dir())
@@ -515,6 +516,7 @@ def _build_openvino(
     if openvino_version() is None:
         raise RuntimeError("openvino is not installed (pip install echonode[openvino])")
     with openvino_home(state_dir), _quiet():
+        # Late: an optional extra, and its telemetry must be off before it is imported.
         import openvino as ov
 
         _batch, c, t, h, w = example.shape
@@ -748,6 +750,7 @@ def _measured(
     started: float,
 ) -> InferenceRuntime:
     """``auto`` on a CPU network: every candidate measured, the fastest that passes kept."""
+    # Late: runtime_select imports this module.
     from echonode.bundles import runtime_select
 
     if calibration is None:

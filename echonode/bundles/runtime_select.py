@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -719,11 +720,6 @@ class ChoiceCache:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: the rename alone keeps the file whole
-            yield
-            return
         lock_path = self.path.with_name(self.path.name + ".lock")
         with open(lock_path, "a+b") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)

@@ -25,6 +25,8 @@ import torch
 from echonode.bundles.device import resolve_device
 from echonode.bundles.manifest import BUNDLE_JSON, WEIGHTS_FILE, BundleError, BundleMeta
 from echonode.bundles.nets import VideoClassifier, build_model, normalise_for_model
+from echonode.bundles.runtime import MODES
+from echonode.bundles.runtime_select import runtime_for_bundle
 from echonode.durable import publish_folder
 
 __all__ = ["Bundle", "check_state_dict", "load_bundle", "save_bundle", "state_dict_problems"]
@@ -316,8 +318,6 @@ def load_bundle(
     ValueError
         If ``device`` is not available or ``runtime`` is not a mode.
     """
-    from echonode.bundles.runtime import MODES
-
     if runtime not in MODES:
         raise ValueError(f'Argument "runtime" must be one of {", ".join(MODES)}; got {runtime!r}.')
     folder = Path(path)
@@ -343,8 +343,6 @@ def load_bundle(
     model.eval().requires_grad_(False)
     runner = None
     if runtime != "eager":
-        from echonode.bundles.runtime_select import runtime_for_bundle
-
         def _norm(x: torch.Tensor) -> torch.Tensor:
             return normalise_for_model(x, meta.normalisation)
 

@@ -136,7 +136,7 @@ def register(sub: Any) -> None:
     """Add ``agreement`` to the sub-command parsers ``sub``."""
     s = sub.add_parser(
         "agreement",
-        help="how often each model agrees with the sonographers' measurement SRs: AUROC with 95 % CI,"
+        help="how often each model agrees with the sonographers' measurement SRs: AUROC with 95 %% CI,"
         " sensitivity, specificity, confusion counts",
     )
     add_agreement_arguments(s)

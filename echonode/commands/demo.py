@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pydicom
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+from echonode.bundles.installed import installed_bundles
 from echonode.commands.demo_models import (
     DEMO_MODELS_VERSION,
     DEMO_TASKS,
@@ -46,6 +52,10 @@ from echonode.commands.demo_studies import (
     pick_demo_studies,
     read_truth,
 )
+from echonode.config import parse_config
+from echonode.daemon.node import Node
+from echonode.ops.logs import configure_logging
+from echonode.report.read import summarise_report
 
 __all__ = ["DEMO_MODELS_VERSION", "DEMO_TASKS", "describe_report", "run_demo"]
 
@@ -68,13 +78,6 @@ class _DemoPACS:
     """A stand-in PACS: a storage SCP that keeps what it receives."""
 
     def __init__(self, folder: Path) -> None:
-        from pynetdicom import (
-            AE,
-            ALL_TRANSFER_SYNTAXES,
-            AllStoragePresentationContexts,
-            evt,
-        )
-
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.received: list[Path] = []
@@ -110,9 +113,6 @@ def _send(port: int, files: list[Path]) -> None:
         if res.returncode != 0:
             raise RuntimeError(f"storescu failed: {res.stderr.strip()[:300]}")
         return
-    import pydicom
-    from pynetdicom import AE
-
     ae = AE(ae_title="DEMOCART")
     datasets = [pydicom.dcmread(f) for f in files]
     for ds in datasets:
@@ -127,10 +127,6 @@ def _send(port: int, files: list[Path]) -> None:
 
 def describe_report(path: Path) -> str:
     """The SR at ``path`` as lines a person reads: its plain-language lines, then the details."""
-    import pydicom
-
-    from echonode.report.read import summarise_report
-
     ds = pydicom.dcmread(path)
     s = summarise_report(ds)
     lines = [
@@ -176,8 +172,6 @@ def _heldout_command(out: Path) -> list[str]:
 
 def _installed_tasks(models: Path) -> dict[str, dict[str, Any]]:
     """``bundle.json`` of each installed bundle, by task."""
-    from echonode.bundles.installed import installed_bundles
-
     metas = (json.loads((b / "bundle.json").read_text()) for b in installed_bundles(models))
     return {m["task"]: m for m in metas if m.get("task")}
 
@@ -222,8 +216,6 @@ def _view_of(path: Path, models: Path, work: Path) -> str:
 
 def _lvh_probability(sr: Path) -> float | None:
     """The LVH probability an SR reports (None when LVH was not assessed)."""
-    from echonode.report.read import summarise_report
-
     for f in summarise_report(sr)["findings"]:
         if f["task"] == "lvh":
             return None if f.get("probability") is None else float(f["probability"])
@@ -231,8 +223,6 @@ def _lvh_probability(sr: Path) -> float | None:
 
 
 def _sr_by_study(paths: list[Path]) -> dict[str, Path]:
-    import pydicom
-
     return {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID): p for p in paths}
 
 
@@ -274,8 +264,6 @@ def _print_results(received: list[Path], sonosite: Path, lvh: DemoStudy, normal:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every SR came back (whatever the model said: that is reported, not hidden)."""
-    from pydicom.data import get_testdata_file
-
     found = get_testdata_file("color3d_jpeg_baseline.dcm", download=False)
     if found is None:
         print("echonode demo: the real echo loop comes from the 'pydicom-data' package: pip install pydicom-data",
@@ -322,10 +310,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _run_node(work: Path, models: Path, files: list[Path], expected: int) -> list[Path] | None:
     """Start a node and a PACS, send ``files``, and return the SRs the PACS received (None: too few came)."""
-    from echonode.config import parse_config
-    from echonode.daemon.node import Node
-    from echonode.ops.logs import configure_logging
-
     pacs = _DemoPACS(work / "pacs")
     port = _free_port()
     cfg = parse_config(
@@ -354,7 +338,8 @@ def _run_node(work: Path, models: Path, files: list[Path], expected: int) -> lis
         _say("      waiting for the studies to be complete, classified and reported ...")
         deadline = time.monotonic() + 600
         while len(pacs.received) < expected and time.monotonic() < deadline:
-            node.worker.supervise()
+            if node.worker is not None:  # started with the node
+                node.worker.supervise()
             time.sleep(0.5)
         if len(pacs.received) < expected:
             _say(f"echonode demo: only {len(pacs.received)} of {expected} SRs came back; see {log_path} "
@@ -368,8 +353,6 @@ def _run_node(work: Path, models: Path, files: list[Path], expected: int) -> lis
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

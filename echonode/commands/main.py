@@ -3,9 +3,11 @@
 Errors a user can cause (bad config, unknown destination, bad path) end with
 a one-line message on stderr and exit status 2, never a traceback.
 
-``infer`` and ``demo`` run networks: their modules (which import torch) are
-imported only when one of them runs, so that every other command, and the
-node that ``serve`` starts, stays free of torch (tests/system/test_layering.py).
+``infer`` runs networks in this process: its module (which imports torch) is
+imported only when it runs, so that every other command, and the node that
+``serve`` starts, stays free of torch (tests/system/test_layering.py).
+``demo`` runs its networks in other processes (the node's worker,
+``echonode infer``, ``python -m train``) and is imported with the others.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from echonode.commands.common import (
     fail,
     journal_named,
 )
+from echonode.commands.demo import run_demo
 from echonode.config import ConfigError
 from echonode.studies.rebuild import JournalLost
 
@@ -31,15 +34,14 @@ __all__ = ["build_parser", "main"]
 
 def cmd_infer(args: argparse.Namespace) -> int:
     """``echonode infer`` (imports torch when it runs)."""
+    # Late: infer imports torch, which the node process and the other commands must not load.
     from echonode.commands.infer import run_infer
 
     return run_infer(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``echonode demo`` (imports torch when it runs)."""
-    from echonode.commands.demo import run_demo
-
+    """``echonode demo`` (its networks run in child processes)."""
     return run_demo(args)
 
 

@@ -20,8 +20,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, timedelta
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import config as pydicom_config
@@ -29,7 +29,11 @@ from pydicom import config as pydicom_config
 from echonode.agreement.record import ReferenceJob
 from echonode.bundles.installed import has_task_models
 from echonode.config import Config, load_config
+from echonode.daemon.receivers import ReceiverPool
+from echonode.daemon.supervisor import WorkerPool, remove_unrecorded_reports
+from echonode.delivery.outbox import Delivery
 from echonode.ops.logs import get_logger, silence_data_warnings
+from echonode.ops.prometheus import MetricsServer
 from echonode.ops.sdnotify import notify, watchdog_interval_s
 from echonode.receive.scp import ReceiveCounters, StorageSCP
 from echonode.studies.journal import Journal
@@ -130,7 +134,7 @@ class Node:
         # With several receivers, every listener on the port (this one too) needs SO_REUSEPORT.
         self.scp = StorageSCP(cfg.node, self.store, reuse_port=cfg.node.receivers > 1)
         #: The receiver processes beside ``scp`` (``node.receivers`` > 1), else None.
-        self.receivers: Any = None
+        self.receivers: ReceiverPool | None = None
         self.stability = StabilityCheck(self.journal, cfg, has_task_models)
         self.retention = Retention(cfg.retention, self.journal, self.store)
         #: Reads the sonographers' measurement SRs beside the results (None when ``agreement.enabled`` is off).
@@ -138,11 +142,14 @@ class Node:
         self.scheduler = BackgroundScheduler(daemon=True)
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self.worker: Any = None
-        self.delivery: Any = None
+        #: The inference workers (None when started without them, or before :meth:`start`).
+        self.worker: WorkerPool | None = None
+        #: Sends the SRs (None before :meth:`start`).
+        self.delivery: Delivery | None = None
         self._start_worker = start_worker
         self._worker_log_path = worker_log_path
-        self.metrics: Any = None
+        #: ``/metrics``, ``/health`` and ``/status`` (None when ``metrics.enabled`` is off or its port was taken).
+        self.metrics: MetricsServer | None = None
         #: Failed turns of each main-loop step (reload, supervise, watchdog).
         self.loop_errors = ErrorCounts()
         #: Failed runs of each scheduled job (stability, delivery, retention, agreement).
@@ -218,8 +225,6 @@ class Node:
 
     def recover(self) -> None:
         """Reconcile disk and journal, re-queue interrupted studies."""
-        from echonode.daemon.supervisor import remove_unrecorded_reports
-
         counts = self.store.recover()
         # No association outlives the node: those the journal holds open were cut.
         self.journal.end_open_associations()
@@ -229,27 +234,19 @@ class Node:
 
     def start(self) -> None:
         self.recover()
-        from echonode.delivery.outbox import Delivery
-
         self.delivery = Delivery(self.cfg, self.journal)
         self.scp.start()
         if self.cfg.node.receivers > 1:
-            from echonode.daemon.receivers import ReceiverPool
-
             self.receivers = ReceiverPool(self.cfg, log_path=self._worker_log_path)
             self._step("receivers", self.receivers.supervise)
         self._schedule()
         self.scheduler.start()
         if self._start_worker:
-            from echonode.daemon.supervisor import WorkerPool
-
             self.worker = WorkerPool(self.cfg, log_path=self._worker_log_path)
             # A worker that cannot start now (a full disk) is started by the
             # main loop's next turns; receiving goes on meanwhile.
             self._step("supervise", self.worker.supervise)
         if self.cfg.metrics.enabled:
-            from echonode.ops.prometheus import MetricsServer
-
             self.metrics = MetricsServer(self, self.cfg.metrics.host, self.cfg.metrics.port)
             try:
                 self.metrics.start()
@@ -395,7 +392,5 @@ class Node:
         return 0
 
 
-def _now() -> Any:
-    from datetime import datetime
-
+def _now() -> datetime:
     return datetime.now(UTC)

@@ -28,15 +28,19 @@ import sys
 import time
 import uuid
 from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
 import structlog
+from pydicom import config as pydicom_config
 
 from echonode.config import Config
 from echonode.daemon.workerlink import StopListener
 from echonode.ops.logs import configure_logging, get_logger, silence_data_warnings
+from echonode.receive.scp import ReceiveCounters, StorageSCP
 from echonode.studies.journal import Journal
+from echonode.studies.store import StudyStore
 
 __all__ = ["ReceiverPool", "counters_file", "receiver_main"]
 
@@ -61,11 +65,6 @@ def receiver_main(cfg: Config, stop_conn: Connection, index: int, run_token: str
     log_path : str, optional
         Logs go to stderr or, when given, are appended to that file.
     """
-    from pydicom import config as pydicom_config
-
-    from echonode.receive.scp import StorageSCP
-    from echonode.studies.store import StudyStore
-
     stop = StopListener(stop_conn)
     stream = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the process
     configure_logging(cfg.logging.format, cfg.logging.level, stream=stream)
@@ -133,7 +132,7 @@ class _Receiver:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.process: Any = None
+        self.process: SpawnProcess | None = None
         self.token = ""
         self.writer: Connection | None = None
         self.restarts = 0
@@ -176,8 +175,6 @@ class ReceiverPool:
 
     def _collect_counts(self, r: _Receiver) -> None:
         """Keep an ended receiver's last counts (its successor starts from zero)."""
-        from echonode.receive.scp import ReceiveCounters
-
         total = ReceiveCounters()
         total.add(self._ended_counts)
         total.add(read_counters(self._counts_path(r)))
@@ -221,7 +218,7 @@ class ReceiverPool:
 
     def _ended(self, r: _Receiver) -> None:
         """A receiver exited: what it left open in the journal was cut."""
-        code = r.process.exitcode
+        code = r.process.exitcode if r.process is not None else None
         r.ask_to_stop()
         r.process = None
         self._collect_counts(r)

@@ -26,6 +26,7 @@ import multiprocessing as mp
 import time
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ def _run_worker(
     stop = StopListener(stop_conn)
     beat = HeartbeatWriter(heartbeat_path)
     beat.start()
+    # Late, and only here in the child: the worker's module imports torch.
     from echonode.analyse.worker import worker_process
 
     worker_process(cfg, stop, beat, log_path, index, count)
@@ -105,7 +107,7 @@ class WorkerSupervisor:
         self.index = index
         self.count = count
         self._ctx = mp.get_context("spawn")
-        self.process: Any = None
+        self.process: SpawnProcess | None = None
         #: Worker deaths the supervisor restarted from (crash, kill, timeout, hang).
         self.restarts = 0
         #: ``time.monotonic()`` when the current worker was spawned.
@@ -225,7 +227,7 @@ class WorkerSupervisor:
         that fails (a full disk, no memory) raises; the next call tries
         again after the backoff.
         """
-        if self.process is not None and self.process.is_alive() and not self._kill_if_stuck():
+        if self.process is not None and self.process.is_alive() and not self._kill_if_stuck(self.process):
             return
         now = time.monotonic()
         if self.process is not None:
@@ -257,22 +259,22 @@ class WorkerSupervisor:
         self._next_start = now + min(60.0, 2.0 ** min(self.restarts, 6))
         self.start()
 
-    def _kill_if_stuck(self) -> bool:
-        """Kill a worker past ``models.study_timeout_s``; True when it was killed."""
+    def _kill_if_stuck(self, process: SpawnProcess) -> bool:
+        """Kill the running worker ``process`` when past ``models.study_timeout_s``; True when it was killed."""
         limit = self.cfg.models.study_timeout_s
         age, hb = self.heartbeat()
         if age is not None and age > max(limit, HUNG_AFTER_MIN_S):
-            log.error("worker.hung", pid=self.process.pid, heartbeat_age_s=round(age, 1), limit_s=limit,
+            log.error("worker.hung", pid=process.pid, heartbeat_age_s=round(age, 1), limit_s=limit,
                       phase=hb.phase if hb else None, **self._which())
         else:
             for study_uid, claimed_at, pid in self._open_journal().running():
-                if pid == self.process.pid and time.time() - claimed_at > limit:
+                if pid == process.pid and time.time() - claimed_at > limit:
                     log.error("worker.study_timeout", study_uid=study_uid, limit_s=limit)
                     break
             else:
                 return False
-        self.process.kill()
-        self.process.join(10)
+        process.kill()
+        process.join(10)
         return True
 
     def stop(self, grace_s: float = 20.0) -> None:
@@ -374,7 +376,7 @@ class WorkerPool:
                                 recovers_all=False)
 
     @property
-    def process(self) -> Any:
+    def process(self) -> SpawnProcess | None:
         """The first worker's process (for callers that know of one worker)."""
         return self.supervisors[0].process if self.supervisors else None
 

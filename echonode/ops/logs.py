@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,6 @@ def silence_data_warnings() -> None:
     a person name"), which would put patient names on stderr, hence in the
     journal. What matters in them is logged by our own code with UIDs.
     """
-    import warnings
-
     for module in (r"pydicom(\..*)?", r"highdicom(\..*)?", r"pynetdicom(\..*)?"):
         warnings.filterwarnings("ignore", module=module)
 

@@ -37,6 +37,7 @@ import base64
 import functools
 import hashlib
 import html
+import ipaddress
 import math
 import shutil
 import statistics
@@ -46,8 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
+
 from echonode import __version__
+from echonode.bundles.installed import models_summary, worker_models_state
 from echonode.credentials import CredentialsError, load_credentials
+from echonode.ops.health import health
 from echonode.ops.httpauth import authorised, challenge
 from echonode.ops.logs import get_logger
 from echonode.studies.records import Delivered, OutboxLine, StudyLine
@@ -203,8 +208,6 @@ def agreement_rows(node: Any) -> list[AgreementRow]:
 @functools.lru_cache(maxsize=4096)
 def _accession_of(path: str) -> str:
     """A stored object's Accession Number and nothing else ("" when absent or unreadable)."""
-    import pydicom
-
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["AccessionNumber"])
         value = ds.get("AccessionNumber")
@@ -265,9 +268,6 @@ def collect(node: Any, now: float | None = None) -> PageData:
     -------
     PageData
     """
-    from echonode.bundles.installed import models_summary, worker_models_state
-    from echonode.ops.prometheus import health
-
     now = time.time() if now is None else now
     cfg = node.cfg
     settings = cfg.status_page
@@ -654,8 +654,6 @@ def respond(node: Any, path: str, authorization: str | None, client: str) -> Res
 
 def announce(cfg: Any, host: str, port: int) -> None:
     """Log where the page is served, and warn when it is open beyond loopback with no authentication."""
-    import ipaddress
-
     settings = cfg.status_page
     if not settings.enabled:
         return

@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
@@ -47,8 +48,6 @@ class ShortcutScore:
 
 def _first_frame_mean(ds: pydicom.Dataset) -> float:
     """Mean luma of the first frame, decoded from its JPEG bytes (no colour conversion)."""
-    import cv2
-
     frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
     img = cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_GRAYSCALE)
     return float(img.mean()) if img is not None else float("nan")

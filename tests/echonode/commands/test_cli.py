@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from echonode.commands.main import main
+from echonode.commands.main import build_parser, main
 from echonode.config import to_toml
 from echonode.studies.journal import Journal
 from echonode.studies.records import InstanceRecord, ReportRecord, TaskResult
@@ -28,6 +29,15 @@ def _config_file(tmp_path: Path) -> tuple[Path, Journal]:
     journal.record_instance(InstanceRecord("1.2.3.4", "1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.3.1",
                                            "1.2.840.10008.1.2.1", "/x.dcm", 10, time.time() - 100))
     return path, journal
+
+
+def test_every_help_text_renders() -> None:
+    # argparse formats help strings with %: a bare "%" in one breaks `echonode --help`.
+    parser = build_parser()
+    assert "COMMAND" in parser.format_help()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        assert command.format_help(), name
 
 
 def test_status_json_shape(tmp_path: Path) -> None:
