@@ -14,12 +14,14 @@ from typing import IO, Any
 
 from echonode.config import Config, ConfigError, load_config
 from echonode.delivery.dimse import Peer
+from echonode.ops.logs import configure_logging
 
 from .errors import UsageError
 from .journal import FetchJournal
 from .landing import Archive, Sink
 from .pacing import Clock, RateLimiter, SystemClock, Window
 from .query import Criteria, parse_date, read_studies_csv
+from .retrieve import StoreServer
 from .runner import EXIT_USAGE, Fetcher, Options, archive_lock, dry_run, temp_files_in
 from .sources import DimseSource, Source, WebSource
 from .web import DEFAULT_AUTH_ENV, make_client, make_session, read_auth
@@ -169,7 +171,6 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _log_to(path: Path, level: str) -> None:
-    from echonode.ops.logs import configure_logging
 
     configure_logging("json", level, stream=open(path, "a", encoding="utf-8"))  # noqa: SIM115 - lives with the process
     # pynetdicom logs query identifiers (patient IDs from --studies) at debug:
@@ -215,7 +216,6 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
         try:
             with temp_files_in(archive.tmp):
                 if mode == "move":
-                    from .retrieve import StoreServer
 
                     assert sink is not None
                     server = StoreServer(_check_ae(ns.move_aet or aet, "--move-aet"), ns.listen, ns.port, sink,

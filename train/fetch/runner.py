@@ -234,7 +234,7 @@ class Fetcher:
         settling: dict[Future, str] = {}
         bar = None
         if self.opts.progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # the train extra; absent on a node-only install
 
             bar = tqdm(total=len(todo), unit="study", desc="fetch", dynamic_ncols=True, file=sys.stderr)
         self._bar = bar

@@ -322,7 +322,7 @@ class WebSource:
         self.label = f"{self.base_url} (QIDO-RS + WADO-RS)"
 
     def _search(self, what: str, call: Any, *args: Any, **kwargs: Any) -> list[dict]:
-        import requests
+        import requests  # the train extra (dicomweb-client brings it); absent on a node-only install
 
         try:
             return list(call(*args, **kwargs))

@@ -83,7 +83,7 @@ def read_auth(auth_file: str | os.PathLike[str] | None, env_name: str | None) ->
 
 def make_session(auth: tuple[str, str] | None) -> Any:
     """A requests session carrying the credentials."""
-    import requests
+    import requests  # the train extra (dicomweb-client brings it); absent on a node-only install
 
     session = requests.Session()
     if auth is not None:
@@ -98,7 +98,7 @@ def make_session(auth: tuple[str, str] | None) -> Any:
 
 def make_client(url: str, session: Any, timeout_s: float) -> Any:
     """A QIDO-RS client on ``session``, with fetch's deadline and without its own retries (fetch backs off)."""
-    from dicomweb_client import DICOMwebClient
+    from dicomweb_client import DICOMwebClient  # the train extra; absent on a node-only install
 
     try:
         client = DICOMwebClient(url.rstrip("/"), session=session, timeout=(timeout_s, timeout_s))
@@ -110,7 +110,7 @@ def make_client(url: str, session: Any, timeout_s: float) -> Any:
 
 def web_error(exc: BaseException, what: str) -> FetchError:
     """The :class:`FetchError` for an HTTP failure, by type and status only (never the URL)."""
-    import requests
+    import requests  # the train extra (dicomweb-client brings it); absent on a node-only install
 
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         code = exc.response.status_code
@@ -152,7 +152,7 @@ def retrieve_instance(session: Any, base_url: str, study_uid: str, series_uid: s
     ------
     FetchError
     """
-    import requests
+    import requests  # the train extra (dicomweb-client brings it); absent on a node-only install
 
     url = f"{base_url.rstrip('/')}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
     headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
