@@ -41,6 +41,7 @@ caller's ``on_fault`` (for counters).
 from __future__ import annotations
 
 import contextlib
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -249,6 +250,30 @@ class PduGuard:
             # for a request that cannot come, holding a max_associations
             # slot. An abort in its place ends that wait now (the thread
             # then skips negotiation for an aborted association).
+            self.assoc.is_aborted = True
+            dul.to_user_queue.put(A_P_ABORT())
+
+    def abort(self) -> None:
+        """End the association now, from any thread (the node stopping).
+
+        pynetdicom's ``Association.abort()`` waits for the reader thread to
+        return to idle, and a reader waiting for the rest of a PDU returns
+        only at its deadline (``acse_timeout_s`` or ``network_timeout_s``).
+        Here the peer is sent an A-ABORT and the socket is shut down, which
+        ends a read in progress at once: the reader sees a closed connection
+        (Evt17) and the state machine goes idle. Not a fault of the peer:
+        nothing is counted.
+        """
+        self._send_abort(ABORT_NOT_SPECIFIED)
+        dul = self.dul
+        awaiting_request = self.assoc.is_acceptor and dul.state_machine.current_state in _AWAITING_REQUEST
+        sock = dul.socket.socket if dul.socket is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if awaiting_request:
+            # As in _fault: the acceptor thread waits for the request on
+            # its own clock, and nobody else tells it there will be none.
             self.assoc.is_aborted = True
             dul.to_user_queue.put(A_P_ABORT())
 

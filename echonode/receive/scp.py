@@ -238,6 +238,10 @@ def _status(status: int, comment: str) -> Dataset:
 #: associations that have asked for something.
 MAX_AWAITING_REQUEST = 32
 
+#: How long :meth:`StorageSCP.stop` waits, in all, for the threads of the
+#: associations it aborted (not per association).
+STOP_JOIN_S = 5.0
+
 #: Why pynetdicom's own ACSE refused an association (after EVT_REQUESTED), as
 #: the log's ``reason``: (result, source, diagnostic) -> words.
 _PYNETDICOM_REJECTS: dict[tuple[int | None, int | None, int | None], str] = {
@@ -736,6 +740,10 @@ class StorageSCP:
     def active_associations(self) -> int:
         return len([a for a in self.ae.active_associations if a.is_acceptor])
 
+    def _established(self) -> int:
+        """Incoming associations accepted and not yet ended."""
+        return len([a for a in self.ae.active_associations if a.is_acceptor and a.is_established])
+
     def stop(self, grace_s: float = 30.0) -> None:
         """Stop listening, let associations in flight finish for up to ``grace_s``, abort the rest.
 
@@ -747,17 +755,31 @@ class StorageSCP:
             return
         self._server.shutdown()
         deadline = time.monotonic() + grace_s
-        while self.active_associations() and time.monotonic() < deadline:
+        # The grace is for transfers in flight; a connection that has not
+        # been accepted as an association yet has nothing to finish.
+        while self._established() and time.monotonic() < deadline:
             time.sleep(0.1)
         left = [a for a in self.ae.active_associations if a.is_acceptor]
+        for assoc in left:
+            # First through the guard: pynetdicom's abort waits for a reader
+            # that may sit in the middle of a PDU until its read deadline (a
+            # connection that sent 6 bytes of a request and nothing more).
+            guard = pdu_guard.guard_of(assoc)
+            if guard is not None:
+                guard.abort()
         for assoc in left:
             assoc.abort()
         if left:
             log.warning("scp.aborted_on_stop", associations=len(left))
+        # One deadline for all of them, not a wait per association.
+        join_deadline = time.monotonic() + STOP_JOIN_S
+        for assoc in left:
+            assoc.join(timeout=max(0.0, join_deadline - time.monotonic()))
         for assoc in left:
             # The connection's thread does the same when the association
-            # ends; done here too so that stop() leaves incoming/ clean.
-            assoc.join(timeout=5.0)
+            # ends; done here too so that stop() leaves incoming/ clean. One
+            # still running is cleaned up when its thread ends, or at the
+            # next start.
             if not assoc.is_alive():
                 self._association_ended(assoc)
         self._server = None

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 from structlog.testing import capture_logs
 
@@ -28,6 +29,7 @@ from echonode.daemon.node import Node
 from echonode.delivery.dimse import Peer, echo, store_file
 from echonode.delivery.outcome import DeliveryError
 from echonode.network import pdu_guard
+from echonode.receive.scp import STOP_JOIN_S
 from tests import rawdicom as raw
 from tests.conftest import REPO, echonode_cmd, make_config, wait_for
 from tests.factories import us_multiframe, write
@@ -282,6 +284,40 @@ def test_silent_connections_from_an_allowed_address_never_lock_carts_out(start_n
     raw.wait_closed(silent[0], timeout=5)
     with pytest.raises(TimeoutError):
         raw.wait_closed(silent[-1], timeout=0.5)
+
+
+def test_stop_ends_connections_stalled_mid_request_at_once(start_node, sockets, monkeypatch) -> None:
+    """Connections that sent 6 bytes of an A-ASSOCIATE-RQ and nothing more have no transfer to
+    finish: stop() neither spends its grace on them nor waits for their read deadline
+    (acse_timeout_s, 600 s here; pynetdicom's own abort would wait that long for a reader in
+    the middle of a PDU). Each is sent an A-ABORT and closed, every thread has ended when
+    stop() returns, and the wait for the threads is one deadline, not one per connection."""
+    node = start_node(acse_timeout_s=600.0, network_timeout_s=600.0)
+    silent = []
+    for _ in range(6):
+        s = connect(node.scp.port, sockets)
+        s.sendall(raw.header(raw.ASSOCIATE_RQ, 200))
+        silent.append(s)
+    wait_for(lambda: node.scp.active_associations() == 6, timeout=10, what="six silent connections")
+    assocs = [a for a in node.scp.ae.active_associations if a.is_acceptor]
+    waits: list[float] = []
+    join = Association.join
+
+    def recording_join(self: Association, timeout: float | None = None) -> None:
+        waits.append(float("inf") if timeout is None else timeout)
+        join(self, timeout)
+
+    monkeypatch.setattr(Association, "join", recording_join)
+    with capture_logs() as logs:
+        node.scp.stop(grace_s=3600.0)
+    assert events(logs, "scp.aborted_on_stop")[0]["associations"] == 6
+    assert not node.scp.listening
+    assert not [a for a in assocs if a.is_alive()]
+    # one shared deadline: each join is given what is left of STOP_JOIN_S
+    assert len(waits) >= 6 and all(w <= STOP_JOIN_S for w in waits) and waits == sorted(waits, reverse=True)
+    for s in silent:
+        _, seen = raw.wait_closed(s, timeout=5.0)
+        assert [p.type for p in seen] == [raw.ABORT]
 
 
 # -- 4. the same guard on outgoing associations ------------------------------------------
