@@ -68,7 +68,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from bench.machine import cpu_model, load_average
+from bench.machine import all_cpu_flags, cpu_model, load_average
 from train.synth import generate_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,18 +86,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def cpu_flags() -> str:
-    """``lscpu``'s flags line (the CPU behind this machine kind varies)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "n/a"
-    for line in out.splitlines():
-        if line.startswith("Flags:"):
-            return line.split(":", 1)[1].strip()
-    return "n/a"
 
 
 class Pacs:
@@ -299,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(f"date: {dt.date.today().isoformat()}; machine: {cpu_model()}, {os.cpu_count()} cores; "
           f"load average {load_average()}; python {platform.python_version()}")
-    print(f"lscpu flags: {cpu_flags()}")
+    print(f"lscpu flags: {' '.join(all_cpu_flags()) or 'n/a'}")
     with tempfile.TemporaryDirectory(prefix="bench-fetch-") as tmp_str:
         tmp = Path(tmp_str)
         if args.sets in ("both", "jpeg"):

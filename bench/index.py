@@ -32,22 +32,9 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from bench.machine import cpu_model, load_average
+from bench.machine import cpu_flags, cpu_model, load_average
 from echonode.analyse.preprocess import PreprocessConfig
 from train.index import build_index, default_workers
-
-#: ISA flags worth knowing beside a decoding figure.
-_FLAGS = ("sse4_2", "avx", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def isa_flags() -> str:
-    """The flags of :data:`_FLAGS` that ``/proc/cpuinfo`` lists."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "n/a"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return " ".join(f for f in _FLAGS if f in flags) or "none of " + " ".join(_FLAGS)
 
 
 def make_archive(root: Path, videos: int) -> Path:
@@ -107,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         {1, cores, *(2**k for k in range(1, cores.bit_length()) if 2**k <= cores)})
     print(f"# bench/index.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
-    print(f"machine: {cpu_model()}; {cores} cores usable; ISA flags: {isa_flags()}; load average {load_average()}")
+    flags = " ".join(cpu_flags()) or "none listed"
+    print(f"machine: {cpu_model()}; {cores} cores usable; ISA flags: {flags}; load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         work = Path(tmp)
         archive = make_archive(work / "archive", args.videos)

@@ -62,6 +62,7 @@ import pydicom.uid
 import torch
 from pydicom.data import get_testdata_file
 
+from bench.machine import cpu_flags
 from bench.machine import cpu_model as _cpu_model
 from bench.machine import load_average as _load
 from echonode.analyse.pipeline import analyse_study
@@ -96,8 +97,6 @@ from echonode.bundles.weights import Bundle, load_bundle, save_bundle
 
 #: The real loops whose clips serve as the bench bundle's calibration clips.
 REAL_LOOPS = ("color3d_jpeg_baseline.dcm", "examples_ybr_color.dcm")
-#: CPU flags that decide which runtime is fast.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def conv_flops(model: torch.nn.Module, clip_shape: tuple[int, ...]) -> float:
@@ -184,16 +183,6 @@ def naive_study(paths: list[Path], model: torch.nn.Module, size: int, clip_frame
                 probs.append(float(torch.sigmoid(model(x))[0, 0]))
         video_probs.append(float(np.mean(probs)))
     return video_probs
-
-
-def cpu_flags() -> list[str]:
-    """The ISA flags of :data:`ISA_FLAGS` that ``/proc/cpuinfo`` lists."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [f for f in ISA_FLAGS if f in flags]
 
 
 def real_clips(size: int, frames: int) -> np.ndarray:

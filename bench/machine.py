@@ -7,8 +7,9 @@ import platform
 import subprocess
 from pathlib import Path
 
-#: CPU flags that decide which inference runtime is fast.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+#: CPU flags that decide how fast decoding and inference run.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8")
 
 
 def cpu_model() -> str:
@@ -31,11 +32,16 @@ def load_average() -> str:
         return "n/a"
 
 
-def cpu_flags() -> list[str]:
-    """The flags of :data:`ISA_FLAGS` that ``/proc/cpuinfo`` lists (the CPU behind a machine kind varies)."""
+def all_cpu_flags() -> list[str]:
+    """Every flag on ``/proc/cpuinfo``'s first ``flags`` line (the CPU behind a machine kind varies)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+
+
+def cpu_flags() -> list[str]:
+    """The flags of :data:`ISA_FLAGS` the CPU has."""
+    flags = set(all_cpu_flags())
     return [f for f in ISA_FLAGS if f in flags]
