@@ -37,8 +37,12 @@ from train.synth.geometry import Geometry
 
 __all__ = ["render_video", "sector_geometry"]
 
-# Echo strength per tissue (dB over myocardium): blood far below, pericardium above.
-_DB = {"blood": -34.0, "myo": 0.0, "fat": -19.0, "wall": 6.0, "peri": 12.0, "valve": 3.0}
+# Echo strength per tissue (dB over myocardium): blood far below, pericardium
+# above, the tissue around the heart about as echogenic as the myocardium (as
+# in real echo). A much darker surround made thick walls brighten the whole
+# image, so mean brightness alone told LVH apart (AUROC 0.61-0.63); wall
+# thickness stays visible against the blood and the pericardium.
+_DB = {"blood": -34.0, "myo": 0.0, "fat": -1.0, "wall": 6.0, "peri": 12.0, "valve": 3.0}
 _TINTS = ((1.0, 0.92, 0.78), (0.86, 0.93, 1.0), (0.9, 1.0, 0.9), (1.0, 1.0, 1.0))
 
 
