@@ -142,6 +142,10 @@ def sender(port: int, studies: list[list[pydicom.Dataset]], acked: set[str], err
             errors.append("association refused 5 times")
             continue
         for ds in objs:
+            if not assoc.is_established:
+                # Aborted under us (a DIMSE timeout): what is left of the study was not sent.
+                errors.append("association ended before every object was sent")
+                break
             rsp = assoc.send_c_store(ds)
             if "Status" in rsp and rsp.Status == 0:
                 with lock:
@@ -185,7 +189,10 @@ def run_load(tmp_path: Path, pacs: SlowPACS, senders: int, studies_each: int, ob
             results = [None] * senders
 
             def run(i: int) -> None:
-                results[i] = sender_process(*args[i])
+                try:
+                    results[i] = sender_process(*args[i])
+                except Exception as exc:  # noqa: BLE001 - the sender's failure is the test's finding, not a thread's death
+                    results[i] = ([], [f"sender {i}: {type(exc).__name__}: {exc}"])
 
             threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
             for t in threads:
@@ -208,7 +215,7 @@ def run_load(tmp_path: Path, pacs: SlowPACS, senders: int, studies_each: int, ob
         monitor.join(60)
         node.stop()
     n = senders * studies_each * objects_each
-    assert errors == []
+    assert errors == [], f"{errors}; the node's log ends: {node.log.read_text()[-3000:]}"
     assert len(acked) == n
     rows = journal_rows(cfg, "SELECT sop_uid, path FROM instances")
     assert {r[0] for r in rows} == acked, "an acknowledged instance is missing from the journal"
