@@ -187,10 +187,11 @@ def raw_archive(folder: Path, studies: int, per_study: int, size_mb: float, seed
 
 
 def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int,
-                only: list[str] | None = None) -> dict[str, float]:
+                only: list[str] | None = None, fetch_args: list[str] | None = None) -> dict[str, float]:
     """Load ``files`` into a fresh Orthanc, time the tools ``repeats`` times (interleaved); MB/s by tool.
 
-    ``only`` names the tools to time (all when None).
+    ``only`` names the tools to time (all when None); ``fetch_args`` go on
+    fetch's command line.
     """
     fetch_port, movescu_port = free_port(), free_port()
     # Orthanc answers a C-GET only from an AE it knows: getscu is declared too (its port is unused).
@@ -216,7 +217,7 @@ def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int,
 
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         fetch = [sys.executable, "-m", "train", "fetch", "--from", f"ORTHANC@127.0.0.1:{pacs.dicom}", "--aet",
-                 "FETCH", "--no-progress", "--max-pdu", str(MAX_PDU)]
+                 "FETCH", "--no-progress", "--max-pdu", str(MAX_PDU), *(fetch_args or [])]
         movescu = [MOVESCU, "-S", "+xa", "-aet", "MOVESCU", "-aec", "ORTHANC", "-aem", "MOVESCU", "--port",
                    str(movescu_port), "-pdu", str(MAX_PDU)]
         getscu = [GETSCU, "-S", "+xy", "-aet", "GETSCU", "-aec", "ORTHANC", "-pdu", str(MAX_PDU)]
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="which archive(s) to time: the JPEG cines, the uncompressed objects, or both")
     ap.add_argument("--only", choices=TOOLS, action="append",
                     help="time only this tool (repeatable; default: all six)")
+    ap.add_argument("--fetch-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for fetch's command line (repeatable), e.g. "
+                         "--fetch-arg=--max-studies-in-flight --fetch-arg=2")
     args = ap.parse_args(argv)
     for tool in (ORTHANC, MOVESCU, GETSCU):
         if not Path(tool).exists():
@@ -288,16 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date: {dt.date.today().isoformat()}; machine: {cpu_model()}, {os.cpu_count()} cores; "
           f"load average {load_average()}; python {platform.python_version()}")
     print(f"lscpu flags: {' '.join(all_cpu_flags()) or 'n/a'}")
+    if args.fetch_arg:
+        print(f"fetch's command line also has: {' '.join(args.fetch_arg)}")
     with tempfile.TemporaryDirectory(prefix="bench-fetch-") as tmp_str:
         tmp = Path(tmp_str)
         if args.sets in ("both", "jpeg"):
             generate_archive(tmp / "synth", args.patients, args.seed)
             jpeg = sorted((tmp / "synth" / "dicom").rglob("*.dcm"))
-            run_dataset("JPEG-baseline cines (synth, 480x640, 40-64 frames)", jpeg, tmp, args.repeats, args.only)
+            run_dataset("JPEG-baseline cines (synth, 480x640, 40-64 frames)", jpeg, tmp, args.repeats, args.only,
+                        args.fetch_arg)
             shutil.rmtree(tmp / "synth")
         if args.sets in ("both", "raw"):
             raw = raw_archive(tmp / "raw", args.raw_studies, args.raw_per_study, args.raw_mb, args.seed)
-            run_dataset(f"uncompressed US multi-frame ({args.raw_mb:g} MB each)", raw, tmp, args.repeats, args.only)
+            run_dataset(f"uncompressed US multi-frame ({args.raw_mb:g} MB each)", raw, tmp, args.repeats, args.only,
+                        args.fetch_arg)
     print(f"\nload average after: {load_average()}")
     return 0
 
