@@ -40,7 +40,6 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -49,6 +48,7 @@ from pynetdicom.utils import make_target
 from echonode.config import Config, NodeConfig
 from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.network import pdu_guard
+from echonode.network.contexts import share_contexts
 from echonode.network.tls import server_ssl_context
 from echonode.ops.logs import get_logger
 from echonode.receive import spool
@@ -90,19 +90,6 @@ class _AssociationRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         self.association = super()._create_association()
         return self.association
-
-
-class _SharedContexts(list[PresentationContext]):
-    """The server's presentation contexts, shared by every association.
-
-    pynetdicom gives each connection a deep copy of them, though negotiation
-    only reads them: for the node's 170 storage classes with 45 transfer
-    syntaxes each that copy took about 50 ms of CPU per connection, holding
-    the interpreter lock while other associations waited to be served.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        return list(self)
 
 
 class _HandshakeInThreadServer(ThreadedAssociationServer):
@@ -151,7 +138,7 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
         self.handshaking: set[ssl.SSLSocket] = set()
         self._handshaking_lock = threading.Lock()
         super().__init__(*args, **kwargs)
-        self.contexts = _SharedContexts(self.contexts)
+        share_contexts(self)
 
     def server_close(self) -> None:
         self.closing = True

@@ -29,6 +29,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.utils import make_target
 
+from echonode.network.contexts import share_contexts
 from echonode.ops.logs import get_logger
 
 from .dimse import (
@@ -211,6 +212,7 @@ class StoreServer:
         except OSError as exc:
             raise UsageError(f"cannot listen on {self.host}:{self.requested_port} for C-MOVE "
                              f"({exc.strerror or type(exc).__name__}): choose another --port") from None
+        share_contexts(server)  # one per study would cost 50 ms of CPU each
         # As AE.start_server(block=False), but polling every 50 ms instead of
         # 500: stopping the server waits for the poll, at the end of every run.
         self.ae._servers.append(server)
