@@ -1037,12 +1037,17 @@ class RejectingPeer:
             except OSError:
                 return
             self.connections += 1
-            with conn:
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    conn.recv(65536)
-                    conn.sendall(self.pdu)
-                    conn.recv(1)
+            # A thread per connection: the wait for one client to close must
+            # not leave the next one unanswered (fetch's deadline is 5 s too).
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(self.pdu)
+                conn.recv(1)
 
     def close(self) -> None:
         self._stop = True
