@@ -65,6 +65,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from bench.machine import all_cpu_flags
 from bench.machine import cpu_model as _cpu_model
 from echonode.config import parse_config, to_toml
 
@@ -401,7 +402,7 @@ def run_concurrent(args: argparse.Namespace, base: Path) -> None:
     batches = [make_objects(base / f"sender{i}", args.count, args.size_mb, seed=100 + i) for i in range(args.senders)]
     total = sum(f.stat().st_size for b in batches for f in b)
     print(f"machine: {_cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()};"
-          f" load average {os.getloadavg()[0]:.1f}")
+          f" load average {os.getloadavg()[0]:.1f}; CPU flags: {' '.join(all_cpu_flags()) or 'n/a'}")
     print(f"input: {args.senders} senders x {args.count} objects x {args.size_mb:g} MB, {total / MB:.0f} MB in all;"
           f" storescu --max-pdu {MAX_PDU}, one association each, all started together")
     receivers: list[type[Receiver]] = [Echonode, StorescpFork]
@@ -512,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         files = make_objects(base / "input", args.count, args.size_mb, seed=1)
         total = sum(f.stat().st_size for f in files)
         print(f"machine: {_cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()};"
-              f" load average {os.getloadavg()[0]:.1f}")
+              f" load average {os.getloadavg()[0]:.1f}; CPU flags: {' '.join(all_cpu_flags()) or 'n/a'}")
         print(f"input: {len(files)} objects, {total / len(files) / MB:.1f} MB each, {total / MB:.0f} MB in all; "
               f"storescu --max-pdu {MAX_PDU}, one association")
         os.sync()

@@ -28,6 +28,10 @@ requestor, before its first byte is read (``EVT_CONN_OPEN``):
   deadline is aborted, the connection closed. The socket keeps ``network_timeout`` as its own
   timeout, which bounds every send too: a peer that stops reading cannot
   hold a sender for ever.
+- **stopping**: :meth:`PduGuard.abort` ends an association from another
+  thread at once (A-ABORT, then the socket shut down, which ends a read in
+  the middle of a PDU); pynetdicom's own ``abort()`` would wait for the
+  read's deadline.
 - **no silent thread death**: an exception while the state machine handles
   a PDU (pynetdicom lets it end the reader thread, printed as a raw
   traceback on stderr) aborts the association instead.

@@ -45,6 +45,7 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
+    UltrasoundMultiFrameImageStorage,
     generate_uid,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
@@ -64,7 +65,9 @@ from tests.peers import ORTHANC, ORTHANC_DICOMWEB, Orthanc, require_tool
 from train.fetch import cli as fetch_cli
 from train.fetch.dimse import MAX_CONTEXTS, get_contexts
 from train.fetch.journal import FetchJournal
+from train.fetch.landing import Archive, Sink
 from train.fetch.pacing import FakeClock, RateLimiter, Window
+from train.fetch.retrieve import StoreServer
 from train.synth import generate_archive
 
 FETCH_AET = "FETCH"
@@ -1103,3 +1106,26 @@ def test_studies_in_flight_never_exceed_the_limit(pacs, content, tmp_path, monke
     assert code == 0, text
     assert now["max"] == in_flight
     assert_archive(out, pacs.truth, content.echo)
+
+
+def test_the_move_scp_shares_its_presentation_contexts(tmp_path):
+    """Orthanc opens one association back per study: none may pay pynetdicom's per-connection copy
+    of every storage class in every syntax (about 50 ms of CPU each)."""
+    archive = Archive(tmp_path / "archive")
+    clock = FakeClock(time.time())
+    sink = Sink(archive, FetchJournal(archive.journal_path), clock)
+    server = StoreServer("FETCH", "127.0.0.1", 0, sink, RateLimiter(None, clock), 5.0, 131072).start()
+    try:
+        ae = AE(ae_title="ORTHANC")
+        ae.acse_timeout = ae.network_timeout = 5
+        ae.add_requested_context(UltrasoundMultiFrameImageStorage)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="FETCH")
+        try:
+            assert assoc.is_established
+            wait_for(lambda: len(server._server.active_associations) == 1, timeout=5, what="the association")
+            [theirs] = server._server.active_associations
+            assert all(a is b for a, b in zip(theirs.acceptor.supported_contexts, server._server.contexts, strict=True))
+        finally:
+            assoc.release()
+    finally:
+        server.stop()
