@@ -26,6 +26,13 @@ deleted and ``sync``-ed before the next tool. MB/s is the bytes Orthanc
 holds for the studies over that wall time, median of ``--repeats``. All four
 use 128 KiB PDUs (Orthanc's ``MaximumPduLength`` too).
 
+A second reading, "on disk", adds the ``sync`` run right after each tool
+exits: the time until what it fetched would survive a power cut. fetch
+fsyncs as it goes (that sync finds nothing left to write); dcmtk's tools
+leave their files in the page cache, and without this reading the kernel's
+writeback of them happens outside every timer, in the next tool's
+``sync``. The first reading (to exit) is the one the goal is judged by.
+
 Fairness: fetch checks every header, keeps a journal and fsyncs every file
 before it records a study complete; movescu and getscu write the files and
 nothing else. getscu proposes each storage class in one presentation
@@ -236,6 +243,7 @@ def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int,
         assert tuple(tools) == TOOLS
         names = [name for name in tools if only is None or name in only]
         times: dict[str, list[float]] = {name: [] for name in names}
+        on_disk: dict[str, list[float]] = {name: [] for name in names}
         received: dict[str, int] = {}
         for rep in range(repeats):
             order = names[rep % len(names):] + names[: rep % len(names)]
@@ -246,26 +254,33 @@ def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int,
                 subprocess.run(["sync"], check=False)
                 make, tool_env = tools[name]
                 elapsed, output = timed(make(out), tool_env)
+                flushed, _ = timed([["sync"]])
                 got = dicom_files(out)
                 if len(got) != n:
                     raise RuntimeError(f"{name}: {len(got)} of {n} instances arrived")
                 received[name] = sum(p.stat().st_size for p in got)
                 times[name].append(elapsed)
+                on_disk[name].append(elapsed + flushed)
                 print(f"  run {rep + 1} {name:>15}: {elapsed:6.2f} s  {total / elapsed / MB:6.1f} MB/s"
-                      + own_seconds(output))
+                      f"  (on disk {elapsed + flushed:.2f} s)" + own_seconds(output))
         shutil.rmtree(tmp / "out", ignore_errors=True)
     finally:
         pacs.stop()
         shutil.rmtree(tmp / f"orthanc-{label}", ignore_errors=True)
     rate = {name: total / statistics.median(ts) / MB for name, ts in times.items()}
+    disk_rate = {name: total / statistics.median(ts) / MB for name, ts in on_disk.items()}
     print(f"{label}, median of {repeats} (MB/s of the bytes Orthanc holds, 10^6 bytes/s):")
     for name in names:
         runs = ", ".join(f"{total / t / MB:.1f}" for t in times[name])
-        print(f"  {name:>15}: {rate[name]:6.1f} MB/s  (runs: {runs}); received {received[name] / MB:.0f} MB")
+        print(f"  {name:>15}: {rate[name]:6.1f} MB/s  (runs: {runs}); on disk {disk_rate[name]:6.1f} MB/s; "
+              f"received {received[name] / MB:.0f} MB")
     for verb, tool in (("C-MOVE", "movescu"), ("C-GET", "getscu")):
-        best = max((rate[name] for name in (tool, f"{tool} nodelay") if name in rate), default=None)
-        if best is not None and f"fetch {verb}" in rate:
-            print(f"  ratio fetch {verb} / best {tool}: {rate[f'fetch {verb}'] / best:.2f}x (goal >= 1)")
+        candidates = [name for name in (tool, f"{tool} nodelay") if name in rate]
+        if candidates and f"fetch {verb}" in rate:
+            best = max(rate[name] for name in candidates)
+            best_disk = max(disk_rate[name] for name in candidates)
+            print(f"  ratio fetch {verb} / best {tool}: {rate[f'fetch {verb}'] / best:.2f}x to exit (goal >= 1), "
+                  f"{disk_rate[f'fetch {verb}'] / best_disk:.2f}x on disk")
     return rate
 
 
