@@ -21,6 +21,12 @@ seeds only, by the demo's experiments in docs/training.md):
 Nothing is tuned on the raster archive.  Every step is skipped when its
 output exists, so an interrupted run resumes.
 
+``--appearance`` fine-tunes with ``finetune --appearance`` as well (a change
+of grey map, gain, blur and speckle grain per clip, :mod:`train.augment`;
+its ranges were fixed before it was first run here) into bundles of their
+own beside the plain ones, on the same archives: run the script without it
+and then with it on one ``--out`` for a paired comparison.
+
 Usage::
 
     .venv/bin/python -m bench.cross_rendering --out /tmp/xrender            # about 40-60 min on 2 cores
@@ -93,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=48, help="network input side (default 48)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny archives, 1 epoch")
+    p.add_argument("--appearance", action="store_true",
+                   help="fine-tune with --appearance (bundles and reports named *-appearance-*)")
     return p.parse_args(argv)
 
 
@@ -112,17 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     _run_side_by_side({f"index {r}": ("index", str(path), "--out", str(out / f"cache-{r}"), "--preset", "tiny",
                                       "--size", str(ns.size), "--workers", "1", "--no-progress")
                        for r, (path, _, _) in archives.items() if not (out / f"cache-{r}").exists()}, log)
+    variant = "-appearance" if ns.appearance else ""
     _run_side_by_side({f"finetune {task}": (
         "finetune", "--data", str(out / "cache-polar"), "--labels", str(out / "polar" / "labels.csv"),
-        "--task", task, "--init", "random", "--out", str(out / f"{task}-bundle"), "--preset", "tiny",
+        "--task", task, "--init", "random", "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",
         "--size", str(ns.size), "--lr", "1e-3", "--epoch-samples", "800", "--epochs", str(ns.epochs),
-        "--patience", "4", "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite")
-        for task in TASKS if not (out / f"{task}-bundle" / "bundle.json").exists()}, log)
+        "--patience", "4", "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
+        *(("--appearance",) if ns.appearance else ()))
+        for task in TASKS if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log)
     rows = []
     for task in TASKS:
-        bundle = out / f"{task}-bundle"
+        bundle = out / f"{task}{variant}-bundle"
         for name, renderer, split in (("polar test split", "polar", "test"), ("raster, all studies", "raster", "all")):
-            report = out / f"{task}-eval-{renderer}"
+            report = out / f"{task}{variant}-eval-{renderer}"
             if not (report / "predictions.csv").exists():
                 _run_side_by_side({f"evaluate {task} {renderer}": (
                     "evaluate", "--bundle", str(bundle), "--data", str(out / f"cache-{renderer}"), "--labels",
@@ -132,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncross-rendering, {dt.date.today()}, {os.cpu_count()} cores, {cpu_model()}, load {load_average()}")
     print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
     print(f"train: polar, {ns.train_patients} patients; test: raster, {ns.test_patients} patients; "
-          f"size {ns.size}, tiny preset, {ns.epochs} epochs, random init; {time.monotonic() - started:.0f} s")
+          f"size {ns.size}, tiny preset, {ns.epochs} epochs, random init"
+          f"{', appearance augmentation' if ns.appearance else ''}; {time.monotonic() - started:.0f} s")
     print("| task | evaluated on | study AUROC [95 % CI, 2000 resamples of studies] | positives / negatives |")
     print("|---|---|---|---|")
     for task, name, a, lo, hi, npos, nneg in rows:

@@ -13,6 +13,22 @@ acquisition variation either):
 3. rotation by an integer angle in [-10, 10] degrees with p = 0.5, about the
    centre, zero fill, bilinear interpolation.
 
+Fine-tuning can add a change of *look* (``--appearance``; off by default,
+the paper has none): the same heart imaged by another cart, preset or
+operator. One draw per clip, applied to the grey levels (0-255) inside the
+sector, after the geometry (:class:`AppearanceConfig`):
+
+4. a grey map: ``255 * (x / 255) ** gamma``, ``gamma = exp(U(-g, g))``;
+5. gain and contrast: ``x * exp(U(-c, c)) + U(-o, o)``, clipped to 0-255;
+6. with p = 0.5 a Gaussian blur of the frames (sigma up to ``max_blur``
+   px), another lateral resolution;
+7. with p = 0.5 a multiplicative speckle field of another grain: noise
+   drawn per frame at a coarser grid, smoothed up to the frame size.
+
+The sector's outside stays 0 (a lift of the background would be a cue no
+cart gives). These are for models that must hold up on another rendering
+or another vendor's look; they change nothing a measurement depends on.
+
 Everything is torch on ``(C, T, H, W)`` (one clip) or ``(B, C, T, H, W)``
 (a batch, every clip with its own draw). Randomness comes from an explicit
 :class:`torch.Generator`, so a dataset can key the draw on (seed, epoch,
@@ -28,8 +44,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "AppearanceConfig",
     "AugmentConfig",
     "AugmentParams",
+    "apply_appearance",
     "apply_params",
     "augment_batch",
     "augment_clip",
@@ -59,6 +77,41 @@ def pad_for_size(size: int) -> int:
 
 
 @dataclass(frozen=True)
+class AppearanceConfig:
+    """Ranges of the change of look (steps 4-7 of the module's list).
+
+    Attributes
+    ----------
+    max_log_gamma : float
+        ``gamma = exp(U(-max_log_gamma, max_log_gamma))`` (0.4: 0.67-1.49).
+    max_log_contrast : float
+        Grey levels scaled by ``exp(U(-max_log_contrast, max_log_contrast))``.
+    max_offset : float
+        Grey levels shifted by ``U(-max_offset, max_offset)`` (of 255).
+    p_blur, max_blur : float
+        Probability of a blur, and its largest sigma in pixels of the frame.
+    p_speckle, max_speckle : float
+        Probability of a speckle field, and its largest relative amplitude.
+    """
+
+    max_log_gamma: float = 0.4
+    max_log_contrast: float = 0.3
+    max_offset: float = 20.0
+    p_blur: float = 0.5
+    max_blur: float = 1.0
+    p_speckle: float = 0.5
+    max_speckle: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("p_blur", "p_speckle"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f'Argument "{name}" must be in [0, 1]; got {getattr(self, name)}.')
+        for name in ("max_log_gamma", "max_log_contrast", "max_offset", "max_blur", "max_speckle"):
+            if getattr(self, name) < 0:
+                raise ValueError(f'Argument "{name}" must be >= 0; got {getattr(self, name)}.')
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Augmentation settings; the defaults are the paper's.
 
@@ -72,17 +125,23 @@ class AugmentConfig:
         Probability of a rotation.
     max_degrees : int
         Rotation angles are integers in ``[-max_degrees, max_degrees]``.
+    appearance : AppearanceConfig or None
+        The change of look after the geometry; None (the paper): none.
     """
 
     pad: int = PAPER_PAD
     p_flip: float = 0.5
     p_rotate: float = 0.5
     max_degrees: int = 10
+    appearance: AppearanceConfig | None = None
 
     @classmethod
-    def for_size(cls, size: int) -> AugmentConfig:
-        """The paper's settings with the shift scaled to ``size`` px frames (:func:`pad_for_size`)."""
-        return cls(pad=pad_for_size(size))
+    def for_size(cls, size: int, appearance: bool = False) -> AugmentConfig:
+        """The paper's settings with the shift scaled to ``size`` px frames (:func:`pad_for_size`).
+
+        ``appearance`` adds the change of look with :class:`AppearanceConfig`'s defaults.
+        """
+        return cls(pad=pad_for_size(size), appearance=AppearanceConfig() if appearance else None)
 
     def __post_init__(self) -> None:
         if self.pad < 0:
@@ -235,6 +294,67 @@ def rotate_clip(clip: torch.Tensor, degrees: float | torch.Tensor) -> torch.Tens
     return out[0] if single else out
 
 
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _blur(frames: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, H, W)`` frames, edges replicated."""
+    k = _gaussian_kernel(sigma).to(frames)
+    r = (k.numel() - 1) // 2
+    x = frames.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def apply_appearance(clip: torch.Tensor, cfg: AppearanceConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Change the look of a ``(C, T, H, W)`` clip of grey levels (0-255) with one fresh draw.
+
+    Parameters
+    ----------
+    clip : torch.Tensor
+        Floating point, 0-255; not modified. Pixels at 0 in every frame
+        (outside the sector, or filled by a shift or rotation) stay 0.
+    cfg : AppearanceConfig
+        The ranges.
+    generator : torch.Generator, optional
+        Source of randomness.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape and dtype, 0-255.
+    """
+    _check_clip(clip)
+    if not clip.is_floating_point():
+        raise ValueError('Argument "clip" must be floating point.')
+    u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+    # Inside the sector: any pixel lit in some frame (a dark blood pool is
+    # inside; the corners outside the fan are 0 in every frame).
+    inside = (clip > 0).any(dim=1, keepdim=True)
+    gamma = math.exp((2 * u[0] - 1) * cfg.max_log_gamma)
+    contrast = math.exp((2 * u[1] - 1) * cfg.max_log_contrast)
+    offset = (2 * u[2] - 1) * cfg.max_offset
+    x = 255.0 * (clip.clamp(0, 255) / 255.0) ** gamma
+    c, t, h, w = x.shape
+    if u[3] < cfg.p_blur and cfg.max_blur > 0:
+        sigma = max(0.3, u[4] * cfg.max_blur)
+        x = _blur(x.reshape(c * t, h, w), sigma).reshape(c, t, h, w)
+    if u[5] < cfg.p_speckle and cfg.max_speckle > 0:
+        # Grain of 2-4 px: noise on a grid that much coarser, upsampled.
+        grain = 2 + int(u[6] * 3)
+        coarse = torch.randn(c * t, 1, max(1, h // grain), max(1, w // grain), generator=generator)
+        field = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).reshape(c, t, h, w)
+        amplitude = float(torch.rand(1, generator=generator)) * cfg.max_speckle
+        x = x * (1.0 + amplitude * field.to(x)).clamp_min(0.0)
+    x = (x * contrast + offset).clamp(0.0, 255.0)
+    return torch.where(inside, x, torch.zeros_like(x))
+
+
 def apply_params(clip: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     """Apply one draw to a ``(C, T, H, W)`` clip: shift, flip, then rotate."""
     _check_clip(clip)
@@ -272,7 +392,8 @@ def augment_clip(
         If ``clip`` is not 4-D.
     """
     _check_clip(clip)
-    return apply_params(clip, sample_params(cfg, generator))
+    out = apply_params(clip, sample_params(cfg, generator))
+    return out if cfg.appearance is None else apply_appearance(out, cfg.appearance, generator)
 
 
 def augment_batch(
@@ -312,4 +433,6 @@ def augment_batch(
         index = torch.tensor(rotated, device=clips.device)
         angles = torch.tensor([float(params[i].degrees) for i in rotated])
         out[index] = rotate_clip(out[index], angles)
+    if cfg.appearance is not None:
+        out = torch.stack([apply_appearance(c, cfg.appearance, generator) for c in out])
     return out

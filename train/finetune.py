@@ -586,6 +586,8 @@ class FinetuneData:
     frames: int = 16
     eval_clips: int = 4
     workers: int = 0
+    #: Change the look of training clips too (:class:`train.augment.AppearanceConfig`).
+    appearance: bool = False
 
 
 @dataclass(frozen=True)
@@ -661,6 +663,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--frames", type=int, default=None, help="frames per clip")
     data.add_argument("--eval-clips", type=int, default=None)
     data.add_argument("--workers", type=int, default=None)
+    data.add_argument(
+        "--appearance", action="store_true",
+        help="also change the look of training clips (grey map, gain, blur, speckle grain): for models that must "
+        "hold up on another cart's or renderer's images (default: the paper's augmentations only)",
+    )  # fmt: skip
 
     model = parser.add_argument_group("model")
     model.add_argument("--init", default="random", help="RUN folder, 'random', or a weights FILE")
@@ -841,7 +848,7 @@ class _Loaders:
         self.repeats = max(1, math.ceil(optim.epoch_samples / n_train)) if optim.epoch_samples else 1
         self.train_set = ClipDataset(
             run.cache, data.videos["train"], data.targets["train"], self.frames, self.size, train=True,
-            augment=AugmentConfig.for_size(self.size), seed=seed, repeats=self.repeats,
+            augment=AugmentConfig.for_size(self.size, appearance=d.appearance), seed=seed, repeats=self.repeats,
         )  # fmt: skip
         self.train = DataLoader(
             self.train_set, batch_size=self.batch, shuffle=True, num_workers=self.workers, drop_last=False,

@@ -1,4 +1,4 @@
-"""Tests for train.augment: shift, flip, rotation, and their random draws."""
+"""Tests for train.augment: shift, flip, rotation, the change of look, and their random draws."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from train.augment import (
+    AppearanceConfig,
     AugmentConfig,
     AugmentParams,
+    apply_appearance,
     apply_params,
     augment_batch,
     augment_clip,
@@ -141,3 +143,74 @@ def test_the_shift_scales_with_the_frame_size() -> None:
     assert max(max(abs(p.dy), abs(p.dx)) for p in draws) == 2
     with pytest.raises(ValueError, match="size"):
         pad_for_size(0)
+
+
+def _sector_clip(frames: int = 4, size: int = 32) -> torch.Tensor:
+    """Grey levels 1-255 inside a disc (the sector), 0 outside in every frame."""
+    g = torch.Generator().manual_seed(3)
+    clip = torch.rand(1, frames, size, size, generator=g) * 254 + 1
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    outside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 > (size / 2.5) ** 2
+    clip[..., outside] = 0
+    return clip
+
+
+def test_appearance_keeps_the_outside_dark_and_the_range() -> None:
+    clip = _sector_clip()
+    outside = (clip == 0).all(dim=1, keepdim=True).expand_as(clip)
+    cfg = AppearanceConfig(max_offset=60.0, p_blur=1.0, p_speckle=1.0)
+    for seed in range(20):
+        out = apply_appearance(clip, cfg, torch.Generator().manual_seed(seed))
+        assert out.shape == clip.shape and out.dtype == clip.dtype
+        assert float(out[outside].abs().max()) == 0.0
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 255.0
+    assert float(clip[outside].abs().max()) == 0.0  # input untouched
+
+
+def test_appearance_without_blur_or_speckle_is_one_monotone_grey_map_per_clip() -> None:
+    # The grey map never reorders grey levels, and every frame gets the same
+    # one: wall brightness order, and so wall edges, survive.
+    clip = _sector_clip(frames=3)
+    clip[:, 2] = clip[:, 0]
+    cfg = AppearanceConfig(p_blur=0.0, p_speckle=0.0, max_offset=10.0)
+    changed = 0
+    for seed in range(10):
+        out = apply_appearance(clip, cfg, torch.Generator().manual_seed(seed))
+        inside = clip > 0
+        x, y = clip[inside], out[inside]
+        order = torch.argsort(x)
+        assert bool((y[order].diff() >= -1e-3).all())
+        assert torch.equal(out[:, 2], out[:, 0])  # one map for all frames
+        changed += float((out - clip).abs().max()) > 1.0
+    assert changed >= 8
+
+
+def test_appearance_draws_are_seeded_and_differ_between_draws() -> None:
+    clip = _sector_clip()
+    cfg = AppearanceConfig()
+    a = apply_appearance(clip, cfg, torch.Generator().manual_seed(5))
+    b = apply_appearance(clip, cfg, torch.Generator().manual_seed(5))
+    c = apply_appearance(clip, cfg, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_appearance_is_off_unless_asked_and_reaches_augment_clip() -> None:
+    assert AugmentConfig.for_size(32).appearance is None
+    cfg = AugmentConfig.for_size(32, appearance=True)
+    assert cfg.appearance == AppearanceConfig()
+    clip = _sector_clip()
+    plain = augment_clip(clip, AugmentConfig.for_size(32), torch.Generator().manual_seed(1))
+    looked = augment_clip(clip, cfg, torch.Generator().manual_seed(1))
+    assert plain.shape == looked.shape and not torch.equal(plain, looked)
+    batch = augment_batch(torch.stack([clip, clip]), cfg, torch.Generator().manual_seed(1))
+    assert batch.shape == (2, *clip.shape)
+
+
+def test_appearance_config_errors() -> None:
+    with pytest.raises(ValueError, match="p_blur"):
+        AppearanceConfig(p_blur=1.5)
+    with pytest.raises(ValueError, match="max_offset"):
+        AppearanceConfig(max_offset=-1.0)
+    with pytest.raises(ValueError, match="floating point"):
+        apply_appearance(torch.zeros(1, 2, 8, 8, dtype=torch.uint8), AppearanceConfig())

@@ -172,6 +172,26 @@ def test_epoch_samples_repeat_videos_with_fresh_clips(labelled, tmp_path: Path) 
     assert not (tmp_path / "bad").exists()
 
 
+def test_appearance_changes_the_training_clips_and_is_recorded(labelled, tmp_path: Path, monkeypatch) -> None:
+    import train.finetune as finetune_module
+
+    cache, labels = labelled
+    seen: list[object] = []
+    real = finetune_module.ClipDataset
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("augment"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "ClipDataset", recording)
+    for flag, out in (((), tmp_path / "plain"), (("--appearance",), tmp_path / "look")):
+        seen.clear()
+        assert main(finetune_args(cache, labels, out, "--task", "lvh", "--epochs", "1", *flag)) == 0
+        train_augment = seen[0]  # the training set comes first; evaluation sets have none
+        assert (train_augment.appearance is not None) == bool(flag)  # type: ignore[attr-defined]
+        assert load_bundle(out).meta.provenance["config"]["appearance"] is bool(flag)
+
+
 def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Path, capsys) -> None:
     from torch.utils.data import DataLoader
 
