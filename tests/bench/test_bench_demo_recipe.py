@@ -1,0 +1,52 @@
+"""bench/demo_recipe.py: candidates change only what they name; the score counts what the demo checks."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from bench import demo_recipe
+from echonode.commands.demo_models import RECIPES
+from train.synth.archive import LABEL_COLUMNS, VIDEO_COLUMNS
+
+
+def test_candidates_change_only_what_they_name() -> None:
+    shipped = {r.task: r for r in RECIPES}
+    assert demo_recipe.CANDIDATES["shipped"] == shipped
+    lvh48 = demo_recipe.CANDIDATES["lvh48"]["lvh"]
+    assert lvh48.size == 48 and lvh48.patients == shipped["lvh"].patients
+    args = list(lvh48.finetune_args)
+    assert args[args.index("--epochs") + 1] == "24" and args[args.index("--frames") + 1] == "4"
+    assert args[args.index("--lr") + 1] == "3e-3"  # untouched
+    assert args.count("--epochs") == 1
+    assert demo_recipe.CANDIDATES["lvh48"]["view"] == shipped["view"]
+    seeded = demo_recipe._with_seed(lvh48, 5)
+    assert seeded.finetune_args[-2:] == ("--seed", "5")
+
+
+def _write(path: Path, columns: tuple[str, ...], rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_score_counts_views_and_the_clear_studies(tmp_path: Path) -> None:
+    walls = {"thick": (1.8, 1.1), "thin": (0.9, 0.8), "thin2": (0.95, 1.0), "borderline": (1.3, 1.0)}
+    _write(tmp_path / "labels.csv", LABEL_COLUMNS, [
+        {"study_uid": s, "ivs_cm": str(a), "lvpw_cm": str(b), "av_cusp_sep_cm": "1.8",
+         "lvh": "1" if max(a, b) >= 1.2 else "0", "severe_as": "0"} for s, (a, b) in walls.items()])
+    _write(tmp_path / "videos.csv", VIDEO_COLUMNS, [
+        {"study_uid": s, "sop_uid": f"{s}-{v}", "view": v} for s in walls for v in ("plax", "a4c")])
+    p = {"thick": 0.9, "thin": 0.1, "thin2": 0.35, "borderline": 0.5}
+    results = {s: {"tasks": {"lvh": {"probability": p[s]}},
+                   "videos": [{"sop_uid": f"{s}-plax", "view": "plax"},
+                              {"sop_uid": f"{s}-a4c", "view": "plax" if s == "thin2" else "a4c"}]}
+               for s in walls}
+    score = demo_recipe._score(tmp_path, results)
+    assert score["videos"] == 8 and score["view_accuracy"] == 7 / 8 and score["non_plax_called_plax"] == 1
+    assert score["clear_lvh"] == [0.9] and score["lvh_met"] == 1
+    assert sorted(score["clear_normal"]) == [0.1, 0.35] and score["normal_met"] == 1
+    # A clear study the pipeline could not assess counts as not met.
+    del results["thick"]["tasks"]["lvh"]
+    assert demo_recipe._score(tmp_path, results)["lvh_met"] == 0
