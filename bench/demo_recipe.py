@@ -46,6 +46,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.machine import cpu_flags, cpu_model, load_average
 from echonode.commands.demo_models import RECIPES, Recipe, recipe_commands, run_train
 from echonode.commands.demo_studies import (
@@ -55,6 +57,7 @@ from echonode.commands.demo_studies import (
     LVH_POSITIVE_MIN_P,
     read_truth,
 )
+from train.metrics import auroc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -164,9 +167,13 @@ def _score(archive: Path, results: dict[str, Any]) -> dict[str, Any]:
             right += v["view"] == views.get(v["sop_uid"])
             plax_wrong += v["view"] == "plax" and views.get(v["sop_uid"]) != "plax"
     pos, neg = [], []
+    labels, probabilities = [], []
     for s in read_truth(archive / "labels.csv"):
         lvh = (results.get(s.study_uid) or {}).get("tasks", {}).get("lvh") or {}
         p = lvh.get("probability")
+        if p is not None:
+            labels.append(int(s.lvh))
+            probabilities.append(float(p))
         if s.thicker_wall_cm >= CLEAR_LVH_CM:
             pos.append(p)
         elif s.thicker_wall_cm <= CLEAR_NORMAL_CM:
@@ -174,6 +181,8 @@ def _score(archive: Path, results: dict[str, Any]) -> dict[str, Any]:
     return {
         "view_accuracy": right / max(n, 1), "videos": n, "non_plax_called_plax": plax_wrong,
         "clear_lvh": pos, "clear_normal": neg,
+        "lvh_auroc": auroc(np.array(labels), np.array(probabilities)) if 0 < sum(labels) < len(labels) else None,
+        "lvh_assessed": len(labels),
         "lvh_met": sum(p is not None and p >= LVH_POSITIVE_MIN_P for p in pos),
         "normal_met": sum(p is not None and p <= LVH_NEGATIVE_MAX_P for p in neg),
     }
@@ -198,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo recipe {ns.recipe!r}, {dt.date.today()}, {os.cpu_count()} cores, {cpu_model()}, "
           f"load {load_average()}; CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
     print(f"validation archive: seed {VALIDATION_SEED}, {ns.patients} patients, 480x640, 48 frames")
-    print("| seed | fine-tuning s | view accuracy | non-PLAX called PLAX | clear LVH p >= 0.8 | clear normal p <= 0.2 "
-          "| LVH p (clear LVH) | LVH p (clear normal) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| seed | fine-tuning s | view accuracy | non-PLAX called PLAX | LVH study AUROC (all assessed) "
+          "| clear LVH p >= 0.8 | clear normal p <= 0.2 | LVH p (clear LVH) | LVH p (clear normal) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for seed in ns.seeds:
         work = ns.out / ns.recipe / f"seed{seed}"
         work.mkdir(parents=True, exist_ok=True)
@@ -211,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         def fmt(ps: list[float | None]) -> str:
             return " ".join("-" if p is None else f"{p:.2f}" for p in ps)
 
+        area = "-" if s["lvh_auroc"] is None else f"{s['lvh_auroc']:.3f} of {s['lvh_assessed']}"
         print(f"| {seed} | {seconds:.0f} | {s['view_accuracy']:.2f} of {s['videos']} | {s['non_plax_called_plax']} "
-              f"| {s['lvh_met']}/{len(s['clear_lvh'])} | {s['normal_met']}/{len(s['clear_normal'])} "
+              f"| {area} | {s['lvh_met']}/{len(s['clear_lvh'])} | {s['normal_met']}/{len(s['clear_normal'])} "
               f"| {fmt(s['clear_lvh'])} | {fmt(s['clear_normal'])} |", flush=True)
     return 0
 

@@ -47,6 +47,9 @@ def test_score_counts_views_and_the_clear_studies(tmp_path: Path) -> None:
     assert score["videos"] == 8 and score["view_accuracy"] == 7 / 8 and score["non_plax_called_plax"] == 1
     assert score["clear_lvh"] == [0.9] and score["lvh_met"] == 1
     assert sorted(score["clear_normal"]) == [0.1, 0.35] and score["normal_met"] == 1
+    assert score["lvh_assessed"] == 4 and score["lvh_auroc"] == 1.0
     # A clear study the pipeline could not assess counts as not met.
     del results["thick"]["tasks"]["lvh"]
     assert demo_recipe._score(tmp_path, results)["lvh_met"] == 0
+    results["borderline"]["tasks"]["lvh"]["probability"] = 0.2  # ranked under a normal study
+    assert demo_recipe._score(tmp_path, results)["lvh_auroc"] == 0.5
