@@ -117,6 +117,7 @@ def _train(recipe_set: dict[str, Recipe], seed: int, shared_root: Path, work: Pa
         synth, index, finetune, promote = recipe_commands(_with_seed(recipe, seed), shared, staging)
         bundle = work / f"bundle-{recipe.task}"
         finetune[finetune.index("--out") + 1] = str(bundle)
+        finetune.append("--overwrite")  # a bundle an interrupted run left
         promote[1] = str(bundle)
         try:
             if not (shared / f"cache-{recipe.task}").exists():
