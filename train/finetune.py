@@ -612,6 +612,8 @@ class FinetuneOptim:
     epoch_samples: int | None = None
     max_steps: int | None = None
     seed: int = 0
+    #: ``balanced`` (the paper): positives weigh ``n_neg / n_pos``; ``none``: every video weighs 1.
+    class_weight: str = "balanced"
 
 
 @dataclass(frozen=True)
@@ -691,6 +693,12 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     optim.add_argument("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke tests)")
     optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument(
+        "--class-weight", choices=("balanced", "none"), default="balanced",
+        help="binary tasks: 'balanced' (the paper) weighs positives n_neg / n_pos, so the model's probabilities "
+        "answer for a prevalence of one half; 'none' weighs every video alike, so they answer for the training "
+        "prevalence",
+    )  # fmt: skip
 
     run = parser.add_argument_group("output")
     run.add_argument("--out", required=True, help="bundle folder to write")
@@ -787,6 +795,8 @@ def _load_task(config: FinetuneConfig) -> _Run:
     splits = split_cache(cache, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)
     views = [v.strip() for v in d.views.split(",")] if d.views else None
     data = prepare_task(cache, rows, d.task, splits, fraction=d.fraction, fraction_seed=d.fraction_seed, views=views)
+    if config.optim.class_weight == "none" and data.pos_weight is not None:
+        data.pos_weight = 1.0
     # A split the fractions leave empty on purpose is not scored; one they asked for must be scorable.
     required = [name for name, fraction in (("val", d.val_fraction), ("test", d.test_fraction)) if fraction > 0]
     if not config.output.score_test:

@@ -192,6 +192,30 @@ def test_appearance_changes_the_training_clips_and_is_recorded(labelled, tmp_pat
         assert load_bundle(out).meta.provenance["config"]["appearance"] is bool(flag)
 
 
+def test_class_weight_none_weighs_every_video_alike(labelled, tmp_path: Path, monkeypatch) -> None:
+    import train.finetune as finetune_module
+
+    cache, labels = labelled
+    weights: list[float | None] = []
+    real = finetune_module._criterion
+
+    def recording(task, pos_weight, device):
+        weights.append(pos_weight)
+        return real(task, pos_weight, device)
+
+    monkeypatch.setattr(finetune_module, "_criterion", recording)
+    assert main(finetune_args(cache, labels, tmp_path / "balanced", "--task", "lvh", "--epochs", "1")) == 0
+    assert main(finetune_args(cache, labels, tmp_path / "plain", "--task", "lvh", "--epochs", "1",
+                              "--class-weight", "none")) == 0  # fmt: skip
+    balanced = load_bundle(tmp_path / "balanced").meta.provenance
+    plain = load_bundle(tmp_path / "plain").meta.provenance
+    assert balanced["pos_weight"] != 1.0 and balanced["config"]["class_weight"] == "balanced"
+    assert plain["pos_weight"] == 1.0 and plain["config"]["class_weight"] == "none"
+    assert weights[0] == balanced["pos_weight"] and weights[-1] == 1.0
+    with pytest.raises(SystemExit):
+        main(finetune_args(cache, labels, tmp_path / "bad", "--task", "lvh", "--class-weight", "sometimes"))
+
+
 def test_head_init_probe_fits_the_head_before_fine_tuning(labelled, tmp_path: Path, capsys) -> None:
     from torch.utils.data import DataLoader
 
