@@ -14,11 +14,15 @@ def test_candidates_change_only_what_they_name() -> None:
     shipped = {r.task: r for r in RECIPES}
     assert demo_recipe.CANDIDATES["shipped"] == shipped
     lvh48 = demo_recipe.CANDIDATES["lvh48"]["lvh"]
-    assert lvh48.size == 48 and lvh48.patients == shipped["lvh"].patients
+    assert lvh48.size == shipped["lvh"].size and lvh48.patients == shipped["lvh"].patients
     args = list(lvh48.finetune_args)
-    assert args[args.index("--epochs") + 1] == "24" and args[args.index("--frames") + 1] == "4"
+    assert args[args.index("--epochs") + 1] == "24" and args[args.index("--patience") + 1] == "8"
     assert args[args.index("--lr") + 1] == "3e-3"  # untouched
     assert args.count("--epochs") == 1
+    unweighted = list(demo_recipe.CANDIDATES["lvh48-unweighted"]["lvh"].finetune_args)
+    assert unweighted[unweighted.index("--class-weight") + 1] == "none"
+    v5 = demo_recipe.CANDIDATES["v5"]["lvh"]
+    assert v5.size == 32 and "--frames" not in v5.finetune_args
     assert demo_recipe.CANDIDATES["lvh48"]["view"] == shipped["view"]
     seeded = demo_recipe._with_seed(lvh48, 5)
     assert seeded.finetune_args[-2:] == ("--seed", "5")
