@@ -53,7 +53,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pydicom
 
@@ -264,6 +264,34 @@ def worker_ready(cfg: Any) -> bool:
     return beat.get("phase") == "idle" and bool(state.get("loaded"))
 
 
+def start_node(cfg: Any, work: Path) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """Start ``echonode serve`` on ``cfg`` (written to ``work/echonode.toml``), its output in ``work/node.log``."""
+    conf = work / "echonode.toml"
+    conf.write_text(to_toml(cfg))
+    log = (work / "node.log").open("wb")
+    node = subprocess.Popen([sys.executable, "-m", "echonode", "--config", str(conf), "serve"], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return node, log
+
+
+def send_study(port: int, files: list[Path]) -> None:
+    """Send ``files`` to the node on ``port`` with dcmtk's ``storescu``, one association; exit on failure."""
+    sent = subprocess.run([STORESCU, "-aet", "CART", "-aec", "ECHONODE", "-xy", "--max-pdu", "131072", "127.0.0.1",
+                           str(port), *map(str, files)], capture_output=True, text=True)
+    if sent.returncode != 0:
+        raise SystemExit(f"storescu failed: {sent.stderr[-500:]}")
+
+
+def stop_node(node: subprocess.Popen[bytes]) -> None:
+    """Stop an ``echonode serve`` subprocess: SIGTERM, then its whole process group after 60 s."""
+    node.send_signal(signal.SIGTERM)
+    try:
+        node.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(10)
+
+
 def one_run(work: Path, models: Path, files: list[Path], args: argparse.Namespace, after_release: bool) -> dict:
     """Start a node and a PACS, send the study, return its stages in seconds."""
     shutil.rmtree(work, ignore_errors=True)
@@ -271,29 +299,17 @@ def one_run(work: Path, models: Path, files: list[Path], args: argparse.Namespac
     keep_runtime_choice(work.parent / "runtime-cache", work / "node", restore=True)
     pacs = StorescpPACS(work / "pacs") if args.pacs == "storescp" else PynetdicomPACS()
     cfg = node_config(work, models, pacs.port, args, after_release)
-    conf = work / "echonode.toml"
-    conf.write_text(to_toml(cfg))
-    log = (work / "node.log").open("wb")
-    node = subprocess.Popen([sys.executable, "-m", "echonode", "--config", str(conf), "serve"], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    node, log = start_node(cfg, work)
     try:
         wait(lambda: worker_ready(cfg), 1800, "the worker idle with its models loaded", 0.2)
         keep_runtime_choice(work.parent / "runtime-cache", work / "node", restore=False)
-        sent = subprocess.run([STORESCU, "-aet", "CART", "-aec", "ECHONODE", "-xy", "--max-pdu", "131072", "127.0.0.1",
-                               str(cfg.node.port), *map(str, files)], capture_output=True, text=True)
-        if sent.returncode != 0:
-            raise SystemExit(f"storescu failed: {sent.stderr[-500:]}")
+        send_study(cfg.node.port, files)
         study = journal_one(cfg.journal_path, "SELECT study_uid FROM instances LIMIT 1")[0]
         wait(lambda: journal_row(cfg.journal_path, "SELECT 1 FROM outbox WHERE study_uid = ? AND state = 'sent'",
                                  (study,)), 900, "the SR acknowledged by the PACS")
         return stages(cfg.journal_path, study, pacs.ack_time(study))
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(10)
+        stop_node(node)
         log.close()
         pacs.stop()
 

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,10 +47,13 @@ from bench.latency import (
     free_port,
     journal_row,
     keep_runtime_choice,
+    send_study,
+    start_node,
+    stop_node,
     wait,
 )
 from bench.machine import cpu_flags, cpu_model, load_average
-from echonode.config import parse_config, to_toml
+from echonode.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,29 +99,17 @@ def one_run(work: Path, models: Path, files: list[Path], studies: int, workers: 
     keep_runtime_choice(work.parent / "runtime-cache", work / "node", restore=True)
     pacs = PynetdicomPACS()
     cfg = node_config(work, models, pacs.port, workers)
-    conf = work / "echonode.toml"
-    conf.write_text(to_toml(cfg))
-    log = (work / "node.log").open("wb")
-    node = subprocess.Popen([sys.executable, "-m", "echonode", "--config", str(conf), "serve"], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    node, log = start_node(cfg, work)
     try:
         wait(lambda: workers_ready(cfg.storage_dir, workers), 1800, "every worker idle with its models loaded", 0.2)
-        sent = subprocess.run([STORESCU, "-aet", "CART", "-aec", "ECHONODE", "-xy", "--max-pdu", "131072", "127.0.0.1",
-                               str(cfg.node.port), *map(str, files)], capture_output=True, text=True)
+        send_study(cfg.node.port, files)
         released = time.time()
-        if sent.returncode != 0:
-            raise SystemExit(f"storescu failed: {sent.stderr[-500:]}")
         wait(lambda: (journal_row(cfg.journal_path, "SELECT COUNT(DISTINCT study_uid) FROM outbox WHERE state = 'sent'")
                       or (0,))[0] >= studies, 1800, f"{studies} SRs acknowledged by the PACS", 0.2)
         acked = [pacs.ack_time(s) for s in list(pacs.acked)]
         return max(a for a in acked if a is not None) - released
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(10)
+        stop_node(node)
         log.close()
         pacs.stop()
 
