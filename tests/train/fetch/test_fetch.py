@@ -647,6 +647,13 @@ def test_network_drop_mid_instance_leaves_no_partial_file(pacs, content, tmp_pat
         proxy.close()
 
 
+def _inside_a_study(path: Path, instances: int) -> bool:
+    """At least ``instances`` recorded and a study still being fetched (both: a tuple's >= would be
+    true for any run past ``instances``, finished ones too)."""
+    landed_so_far, fetching = _journal_counts(path)
+    return landed_so_far >= instances and fetching >= 1
+
+
 def _journal_counts(path: Path) -> tuple[int, int]:
     """(instances recorded, studies fetching) read by another process, as the kill test watches."""
     if not path.exists():
@@ -668,7 +675,7 @@ def test_kill_9_mid_study_loses_nothing_and_the_rerun_completes(pacs, content, t
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
-        wait_for(lambda: _journal_counts(out / ".fetch" / "journal.sqlite") >= (3, 1), timeout=60,
+        wait_for(lambda: _inside_a_study(out / ".fetch" / "journal.sqlite", 3), timeout=60,
                  what="fetch to be inside a study")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -703,7 +710,7 @@ def test_interrupted_fetch_stops_promptly_and_the_rerun_completes(pacs, content,
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
-        wait_for(lambda: _journal_counts(out / ".fetch" / "journal.sqlite") >= (2, 1), timeout=60,
+        wait_for(lambda: _inside_a_study(out / ".fetch" / "journal.sqlite", 2), timeout=60,
                  what="fetch to be inside a study")
         sent = time.monotonic()
         proc.send_signal(sig)
