@@ -647,6 +647,10 @@ def test_network_drop_mid_instance_leaves_no_partial_file(pacs, content, tmp_pat
         proxy.close()
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _inside_a_study(path: Path, instances: int) -> bool:
     """At least ``instances`` recorded and a study still being fetched (both: a tuple's >= would be
     true for any run past ``instances``, finished ones too)."""
@@ -708,6 +712,10 @@ def test_interrupted_fetch_stops_promptly_and_the_rerun_completes(pacs, content,
         [sys.executable, "-m", "train", "fetch", "--out", str(out), "--from", pacs.peer, "--aet", FETCH_AET, "--get",
          "--max-mb-s", "0.02", "--timeout", "60", "--no-progress"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
+        # As from a terminal: a suite started in the background (`cmd &` in a
+        # script) passes SIGINT on ignored, and Python then never raises
+        # KeyboardInterrupt.
+        preexec_fn=_sigint_as_from_a_terminal,
     )
     try:
         wait_for(lambda: _inside_a_study(out / ".fetch" / "journal.sqlite", 2), timeout=60,
