@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 
 from echonode.bundles.device_spec import parse_device
 from echonode.credentials import CredentialsError, load_credentials
-from echonode.measurements.rules import RulesError, load_rules
 from echonode.ops.httpauth import AUTH_MODES
 
 DEFAULT_CONFIG_PATH = Path("/etc/echonode/echonode.toml")
@@ -609,6 +608,10 @@ def _check_agreement(a: AgreementConfig) -> None:
     _check_positive(a.check_interval_s, "agreement.check_interval_s")
     _check_positive(a.summary_interval_s, "agreement.summary_interval_s", allow_zero=True)
     if a.rules:
+        # Late: the rules name their concepts by pydicom's codes, and reading the
+        # config imports no DICOM library unless a rules file is configured.
+        from echonode.measurements.rules import RulesError, load_rules
+
         # Read now, so that a bad rules file stops the start with its key named.
         try:
             load_rules(a.rules)

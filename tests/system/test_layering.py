@@ -84,6 +84,20 @@ def test_the_node_process_imports_no_torch() -> None:
     assert out.stdout.strip() == "", f"the node process loaded: {out.stdout.strip()}"
 
 
+def test_reading_the_config_imports_no_dicom_library() -> None:
+    # check-config, the service's pre-start check and fetch's start-up read the
+    # config; a rules file, when one is configured, is the only reason to load pydicom.
+    code = (
+        "import sys\n"
+        "from echonode.config import parse_config\n"
+        "parse_config({'node': {'ae_title': 'ECHONODE'}})\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('pydicom', 'pynetdicom', 'numpy'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"reading the config loaded: {out.stdout.strip()[:300]}"
+
+
 def _imports(path: Path) -> list[str]:
     """Every module a file imports, at any depth (inside functions too)."""
     tree = ast.parse(path.read_text(), filename=str(path))
