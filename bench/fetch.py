@@ -51,6 +51,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime as dt
 import json
 import os
@@ -307,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date: {dt.date.today().isoformat()}; machine: {cpu_model()}, {os.cpu_count()} cores; "
           f"load average {load_average()}; python {platform.python_version()}")
     print(f"lscpu flags: {' '.join(all_cpu_flags()) or 'n/a'}")
+    # fetch as installed: pip byte-compiles a package it installs, and an editable
+    # checkout run under PYTHONDONTWRITEBYTECODE would compile fetch's modules on every run.
+    for package in ("echonode", "train"):
+        compileall.compile_dir(REPO / package, quiet=1)
     if args.fetch_arg:
         print(f"fetch's command line also has: {' '.join(args.fetch_arg)}")
     with tempfile.TemporaryDirectory(prefix="bench-fetch-") as tmp_str:
