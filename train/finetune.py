@@ -67,6 +67,7 @@ from train.splits import (
 )
 
 __all__ = [
+    "CLASS_WEIGHTS",
     "EarlyStopping",
     "TaskData",
     "add_finetune_arguments",
@@ -79,6 +80,10 @@ __all__ = [
     "split_record",
     "train_one_epoch",
 ]
+
+#: How a binary task weighs its classes: ``balanced`` (the paper: positives
+#: by n_neg / n_pos, so probabilities answer for a prevalence of one half) or ``none``.
+CLASS_WEIGHTS = ("balanced", "none")
 
 
 def _binary(value: object) -> int | None:
@@ -126,6 +131,7 @@ def prepare_task(
     fraction: float = 1.0,
     fraction_seed: int = 0,
     views: Sequence[str] | None = None,
+    class_weight: str = "balanced",
 ) -> TaskData:
     """Select the videos and targets of ``task`` for each split.
 
@@ -143,6 +149,9 @@ def prepare_task(
         Seed of that draw.
     views : sequence of str, optional
         Views used for a binary task (default PLAX only).
+    class_weight : {"balanced", "none"}
+        Binary tasks: ``balanced`` (the paper) weighs positives by
+        ``n_neg / n_pos`` of the training videos, ``none`` by 1.
 
     Returns
     -------
@@ -155,6 +164,8 @@ def prepare_task(
     """
     if task not in TASKS:
         raise ValueError(f'Argument "task" must be one of {", ".join(TASKS)}; got {task!r}.')
+    if class_weight not in CLASS_WEIGHTS:
+        raise ValueError(f'Argument "class_weight" must be one of {", ".join(CLASS_WEIGHTS)}; got {class_weight!r}.')
     videos: dict[str, list[dict]] = {}
     targets: dict[str, list[float | int]] = {}
     if task in BINARY_TASKS:
@@ -178,7 +189,7 @@ def prepare_task(
         if n_pos == 0 or n_neg == 0:
             raise ValueError(f"the training videos of {task} need both classes (positives {n_pos:.0f}, negatives {n_neg:.0f})")
         labels = ["absent", "present"]
-        pos_weight: float | None = n_neg / n_pos
+        pos_weight: float | None = n_neg / n_pos if class_weight == "balanced" else 1.0
     else:
         known = sorted({v["view"] for v in cache.videos if v["view"] != "unknown"})
         if "plax" not in known or len(known) < 2:
@@ -694,7 +705,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke tests)")
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument(
-        "--class-weight", choices=("balanced", "none"), default="balanced",
+        "--class-weight", choices=CLASS_WEIGHTS, default="balanced",
         help="binary tasks: 'balanced' (the paper) weighs positives n_neg / n_pos, so the model's probabilities "
         "answer for a prevalence of one half; 'none' weighs every video alike, so they answer for the training "
         "prevalence",
@@ -794,9 +805,8 @@ def _load_task(config: FinetuneConfig) -> _Run:
     rows = load_study_labels(d.labels)
     splits = split_cache(cache, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)
     views = [v.strip() for v in d.views.split(",")] if d.views else None
-    data = prepare_task(cache, rows, d.task, splits, fraction=d.fraction, fraction_seed=d.fraction_seed, views=views)
-    if config.optim.class_weight == "none" and data.pos_weight is not None:
-        data.pos_weight = 1.0
+    data = prepare_task(cache, rows, d.task, splits, fraction=d.fraction, fraction_seed=d.fraction_seed, views=views,
+                        class_weight=config.optim.class_weight)
     # A split the fractions leave empty on purpose is not scored; one they asked for must be scorable.
     required = [name for name, fraction in (("val", d.val_fraction), ("test", d.test_fraction)) if fraction > 0]
     if not config.output.score_test:

@@ -382,3 +382,15 @@ def test_no_test_score_leaves_the_test_split_unscored(labelled, tmp_path: Path) 
     meta = load_bundle(out).meta
     assert "val" in meta.metrics and "test" not in meta.metrics
     assert meta.provenance["config"]["score_test"] is False
+
+
+def test_prepare_task_weighs_classes_as_asked(labelled) -> None:
+    c, rows, splits = _split(*labelled)
+    balanced = prepare_task(c, rows, "lvh", splits)
+    plain = prepare_task(c, rows, "lvh", splits, class_weight="none")
+    y = balanced.targets["train"]
+    assert balanced.pos_weight == pytest.approx((len(y) - sum(y)) / sum(y))
+    assert plain.pos_weight == 1.0
+    assert prepare_task(c, rows, "view", splits, class_weight="none").pos_weight is None
+    with pytest.raises(ValueError, match="class_weight"):
+        prepare_task(c, rows, "lvh", splits, class_weight="inverse")
