@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 from bench import demo_recipe
@@ -24,6 +25,9 @@ def test_candidates_change_only_what_they_name() -> None:
     v5 = demo_recipe.CANDIDATES["v5"]["lvh"]
     assert v5.size == 32 and "--frames" not in v5.finetune_args
     assert demo_recipe.CANDIDATES["lvh48"]["view"] == shipped["view"]
+    lvh400 = demo_recipe.CANDIDATES["lvh400"]["lvh"]
+    assert lvh400.patients == 2 * shipped["lvh"].patients
+    assert lvh400 == replace(shipped["lvh"], patients=lvh400.patients)
     seeded = demo_recipe._with_seed(lvh48, 5)
     assert seeded.finetune_args[-2:] == ("--seed", "5")
 
