@@ -32,6 +32,10 @@ fsyncs as it goes (that sync finds nothing left to write); dcmtk's tools
 leave their files in the page cache, and without this reading the kernel's
 writeback of them happens outside every timer, in the next tool's
 ``sync``. The first reading (to exit) is the one the goal is judged by.
+Beside each run the CPU seconds (user plus system) of the tool's own
+processes are printed: on a virtual machine where the kernel's cost of
+filling fresh page-cache memory moves by seconds from run to run, they
+say which of the tools spent the time.
 
 Fairness: fetch checks every header, keeps a journal and fsyncs every file
 before it records a study complete; movescu and getscu write the files and
@@ -57,6 +61,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -143,16 +148,26 @@ class Pacs:
         self.log.close()
 
 
-def timed(cmds: list[list[str]], env: dict | None = None) -> tuple[float, str]:
-    """Wall time of running the commands one after the other, each checked; and the last one's output."""
+def timed(cmds: list[list[str]], env: dict | None = None) -> tuple[float, str, float]:
+    """Run the commands one after the other, each checked.
+
+    Returns
+    -------
+    tuple of (float, str, float)
+        Wall seconds, the last command's output, and the CPU seconds (user
+        plus system) the commands spent.
+    """
     t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = ""
     for cmd in cmds:
         proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
         out = proc.stdout
-    return time.perf_counter() - t0, out
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - t0, out, cpu
 
 
 def own_seconds(output: str) -> str:
@@ -245,6 +260,8 @@ def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int,
         names = [name for name in tools if only is None or name in only]
         times: dict[str, list[float]] = {name: [] for name in names}
         on_disk: dict[str, list[float]] = {name: [] for name in names}
+        # CPU seconds of the tool's own processes (not the PACS's, not the kernel's writeback).
+        cpu_s: dict[str, list[float]] = {name: [] for name in names}
         received: dict[str, int] = {}
         for rep in range(repeats):
             order = names[rep % len(names):] + names[: rep % len(names)]
@@ -254,16 +271,17 @@ def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int,
                 out.mkdir()
                 subprocess.run(["sync"], check=False)
                 make, tool_env = tools[name]
-                elapsed, output = timed(make(out), tool_env)
-                flushed, _ = timed([["sync"]])
+                elapsed, output, cpu = timed(make(out), tool_env)
+                flushed, _, _ = timed([["sync"]])
                 got = dicom_files(out)
                 if len(got) != n:
                     raise RuntimeError(f"{name}: {len(got)} of {n} instances arrived")
                 received[name] = sum(p.stat().st_size for p in got)
                 times[name].append(elapsed)
                 on_disk[name].append(elapsed + flushed)
+                cpu_s[name].append(cpu)
                 print(f"  run {rep + 1} {name:>15}: {elapsed:6.2f} s  {total / elapsed / MB:6.1f} MB/s"
-                      f"  (on disk {elapsed + flushed:.2f} s)" + own_seconds(output))
+                      f"  (on disk {elapsed + flushed:.2f} s; CPU {cpu:.2f} s)" + own_seconds(output))
         shutil.rmtree(tmp / "out", ignore_errors=True)
     finally:
         pacs.stop()
@@ -274,7 +292,7 @@ def run_dataset(label: str, files: list[Path], tmp: Path, repeats: int,
     for name in names:
         runs = ", ".join(f"{total / t / MB:.1f}" for t in times[name])
         print(f"  {name:>15}: {rate[name]:6.1f} MB/s  (runs: {runs}); on disk {disk_rate[name]:6.1f} MB/s; "
-              f"received {received[name] / MB:.0f} MB")
+              f"CPU {statistics.median(cpu_s[name]):.2f} s (user + system); received {received[name] / MB:.0f} MB")
     for verb, tool in (("C-MOVE", "movescu"), ("C-GET", "getscu")):
         candidates = [name for name in (tool, f"{tool} nodelay") if name in rate]
         if candidates and f"fetch {verb}" in rate:
