@@ -68,11 +68,13 @@ from train.splits import (
 
 __all__ = [
     "CLASS_WEIGHTS",
+    "LR_SCHEDULES",
     "EarlyStopping",
     "TaskData",
     "add_finetune_arguments",
     "check_evaluable",
     "main",
+    "make_scheduler",
     "predict_clips",
     "prepare_task",
     "prior_logit",
@@ -80,6 +82,11 @@ __all__ = [
     "split_record",
     "train_one_epoch",
 ]
+
+#: Learning-rate schedules: ``constant`` (the paper's Adam) or ``onecycle``
+#: (a warm-up from lr / 25 to lr over the first 30 % of the planned steps,
+#: then a cosine decay towards zero; :class:`torch.optim.lr_scheduler.OneCycleLR`).
+LR_SCHEDULES = ("constant", "onecycle")
 
 #: How a binary task weighs its classes: ``balanced`` (the paper: positives
 #: by n_neg / n_pos, so probabilities answer for a prevalence of one half) or ``none``.
@@ -313,8 +320,12 @@ def train_one_epoch(
     normalisation: str = "minmax",
     max_steps: int | None = None,
     progress: bool = False,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
-    """One pass over the training loader; returns the mean loss."""
+    """One pass over the training loader; returns the mean loss.
+
+    ``scheduler``, when given, steps after every optimiser step.
+    """
     model.train()
     total, steps = 0.0, 0
     iterator = loader
@@ -329,11 +340,40 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += float(loss.detach())
         steps += 1
         if max_steps is not None and steps >= max_steps:
             break
     return total / max(steps, 1)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule of a fine-tuning run, stepped once per optimiser step.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+    schedule : str
+        One of :data:`LR_SCHEDULES`.
+    lr : float
+        The peak learning rate (``--lr``).
+    total_steps : int
+        The steps the run plans (epochs x steps an epoch); early stopping may end it sooner.
+
+    Returns
+    -------
+    torch.optim.lr_scheduler.LRScheduler or None
+        None for ``constant``.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f'Argument "schedule" must be one of {", ".join(LR_SCHEDULES)}; got {schedule!r}.')
+    if schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.3)
 
 
 @torch.no_grad()
@@ -625,6 +665,8 @@ class FinetuneOptim:
     seed: int = 0
     #: ``balanced`` (the paper): positives weigh ``n_neg / n_pos``; ``none``: every video weighs 1.
     class_weight: str = "balanced"
+    #: One of :data:`LR_SCHEDULES`; ``constant`` is the paper's.
+    lr_schedule: str = "constant"
 
 
 @dataclass(frozen=True)
@@ -701,6 +743,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--epoch-samples", type=_positive_int, default=None,
         help="at least N training clips per epoch: a small label fraction visits its videos several times "
         "per epoch, each a fresh clip (default: one pass)",
+    )  # fmt: skip
+    optim.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default="constant",
+        help="'constant' (the paper), or 'onecycle': warm up from lr/25 to --lr over the first 30%% of the planned "
+        "steps (--epochs), then decay towards zero",
     )  # fmt: skip
     optim.add_argument("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke tests)")
     optim.add_argument("--seed", type=int, default=0)
@@ -914,6 +961,8 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
     assert model is not None
     criterion = _criterion(run.data.task, run.data.pos_weight, run.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr)
+    steps_per_epoch = len(loaders.train) if optim.max_steps is None else min(len(loaders.train), optim.max_steps)
+    scheduler = make_scheduler(optimizer, optim.lr_schedule, optim.lr, optim.epochs * steps_per_epoch)
     stopper = EarlyStopping(optim.patience)
     initial_state = copy.deepcopy(model.state_dict())
     best_state = initial_state
@@ -925,6 +974,7 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
         train_loss = train_one_epoch(
             model, loaders.train, optimizer, criterion, device=run.device, binary=run.binary,
             normalisation=run.normalisation, max_steps=optim.max_steps, progress=run.config.output.progress,
+            scheduler=scheduler,
         )  # fmt: skip
         val_loss = float("nan")
         if has_val:

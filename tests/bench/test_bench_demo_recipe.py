@@ -30,6 +30,8 @@ def test_candidates_change_only_what_they_name() -> None:
     assert lvh400 == replace(shipped["lvh"], patients=lvh400.patients)
     b8 = list(demo_recipe.CANDIDATES["lvh-b8"]["lvh"].finetune_args)
     assert b8[b8.index("--batch") + 1] == "8" and b8[: b8.index("--batch")] == list(shipped["lvh"].finetune_args)
+    cycle = list(demo_recipe.CANDIDATES["lvh-onecycle"]["lvh"].finetune_args)
+    assert cycle[cycle.index("--lr") + 1] == "1e-2" and cycle[cycle.index("--lr-schedule") + 1] == "onecycle"
     seeded = demo_recipe._with_seed(lvh48, 5)
     assert seeded.finetune_args[-2:] == ("--seed", "5")
 

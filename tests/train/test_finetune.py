@@ -18,6 +18,7 @@ from train.finetune import (
     EarlyStopping,
     check_evaluable,
     main,
+    make_scheduler,
     prepare_task,
     prior_logit,
 )
@@ -394,3 +395,44 @@ def test_prepare_task_weighs_classes_as_asked(labelled) -> None:
     assert prepare_task(c, rows, "view", splits, class_weight="none").pos_weight is None
     with pytest.raises(ValueError, match="class_weight"):
         prepare_task(c, rows, "lvh", splits, class_weight="inverse")
+
+
+def test_onecycle_warms_up_to_the_peak_then_decays() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=0.01)
+    assert make_scheduler(optimizer, "constant", 0.01, 100) is None
+    scheduler = make_scheduler(optimizer, "onecycle", 0.01, 100)
+    assert scheduler is not None
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.01 / 25)
+    assert max(lrs) == pytest.approx(0.01) and 25 <= int(np.argmax(lrs)) <= 35
+    assert lrs[-1] < 0.01 / 100
+    with pytest.raises(ValueError, match="schedule"):
+        make_scheduler(optimizer, "cyclic", 0.01, 100)
+
+
+def test_lr_schedule_onecycle_runs_every_planned_step(labelled, tmp_path: Path, monkeypatch) -> None:
+    import train.finetune as finetune_module
+
+    cache, labels = labelled
+    made: list[torch.optim.lr_scheduler.LRScheduler | None] = []
+    real = finetune_module.make_scheduler
+
+    def recording(optimizer, schedule, lr, total_steps):
+        made.append(real(optimizer, schedule, lr, total_steps))
+        return made[-1]
+
+    monkeypatch.setattr(finetune_module, "make_scheduler", recording)
+    # No early stop (patience above the epochs): the schedule must fit the steps the run takes exactly.
+    assert main(finetune_args(cache, labels, tmp_path / "cycle", "--task", "lvh", "--epochs", "3", "--patience", "9",
+                              "--lr", "3e-3", "--lr-schedule", "onecycle")) == 0  # fmt: skip
+    scheduler = made[0]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    assert scheduler.last_epoch == scheduler.total_steps  # every planned step taken, none past the end
+    assert load_bundle(tmp_path / "cycle").meta.provenance["config"]["lr_schedule"] == "onecycle"
+    assert main(finetune_args(cache, labels, tmp_path / "flat", "--task", "lvh", "--epochs", "1")) == 0
+    assert made[-1] is None
