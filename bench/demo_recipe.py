@@ -88,7 +88,8 @@ _V5_LVH = replace(_SHIPPED["lvh"], size=32, finetune_args=(
     "--preset", "tiny", "--init", "random", "--lr", "3e-3", "--epoch-samples", "800", "--epochs", "8", "--patience", "4"))
 
 #: The candidates, each fixed before it was first run (in this order: v5,
-#: lvh48, lvh48-unweighted, the shipped v6, lvh400, lvh-b8, lvh-onecycle).
+#: lvh48, lvh48-unweighted, the shipped v6, lvh400, lvh-b8, lvh-onecycle,
+#: lvh-onecycle3).
 CANDIDATES: dict[str, dict[str, Recipe]] = {
     "v5": {**_SHIPPED, "lvh": _V5_LVH},
     # LVH at 48 px (walls of 1.0 and 1.7 cm differ by about 2 px at 32 px),
@@ -119,6 +120,10 @@ CANDIDATES: dict[str, dict[str, Recipe]] = {
     # higher peak to leave the plateau sooner, the decay to end each run
     # settled instead of undertrained. Fixed after lvh-b8's run.
     "lvh-onecycle": {**_SHIPPED, "lvh": _changed(_SHIPPED["lvh"], lr="1e-2", lr_schedule="onecycle")},
+    # The same schedule peaking at v6's own rate: the peak of 1e-2 kept a
+    # seed on the plateau, the decay may still end each run settled. Fixed
+    # after lvh-onecycle's run.
+    "lvh-onecycle3": {**_SHIPPED, "lvh": _changed(_SHIPPED["lvh"], lr_schedule="onecycle")},
 }
 
 

@@ -32,6 +32,8 @@ def test_candidates_change_only_what_they_name() -> None:
     assert b8[b8.index("--batch") + 1] == "8" and b8[: b8.index("--batch")] == list(shipped["lvh"].finetune_args)
     cycle = list(demo_recipe.CANDIDATES["lvh-onecycle"]["lvh"].finetune_args)
     assert cycle[cycle.index("--lr") + 1] == "1e-2" and cycle[cycle.index("--lr-schedule") + 1] == "onecycle"
+    cycle3 = list(demo_recipe.CANDIDATES["lvh-onecycle3"]["lvh"].finetune_args)
+    assert cycle3[cycle3.index("--lr") + 1] == "3e-3" and cycle3[cycle3.index("--lr-schedule") + 1] == "onecycle"
     seeded = demo_recipe._with_seed(lvh48, 5)
     assert seeded.finetune_args[-2:] == ("--seed", "5")
 
