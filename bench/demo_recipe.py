@@ -89,7 +89,7 @@ _V5_LVH = replace(_SHIPPED["lvh"], size=32, finetune_args=(
 
 #: The candidates, each fixed before it was first run (in this order: v5,
 #: lvh48, lvh48-unweighted, the shipped v6, lvh400, lvh-b8, lvh-onecycle,
-#: lvh-onecycle3).
+#: lvh-onecycle3, lvh-onecycle3-full).
 CANDIDATES: dict[str, dict[str, Recipe]] = {
     "v5": {**_SHIPPED, "lvh": _V5_LVH},
     # LVH at 48 px (walls of 1.0 and 1.7 cm differ by about 2 px at 32 px),
@@ -124,6 +124,11 @@ CANDIDATES: dict[str, dict[str, Recipe]] = {
     # seed on the plateau, the decay may still end each run settled. Fixed
     # after lvh-onecycle's run.
     "lvh-onecycle3": {**_SHIPPED, "lvh": _changed(_SHIPPED["lvh"], lr_schedule="onecycle")},
+    # lvh-onecycle3 with the whole schedule run (patience 12 of 12 epochs;
+    # the best validation epoch is still the one kept): its seed 1 stopped
+    # at epoch 6, in the peak's noisy validation losses, on its epoch-0
+    # weights. Fixed after lvh-onecycle3's run.
+    "lvh-onecycle3-full": {**_SHIPPED, "lvh": _changed(_SHIPPED["lvh"], lr_schedule="onecycle", patience="12")},
 }
 
 
