@@ -14,8 +14,14 @@ from train.synth.archive import LABEL_COLUMNS, VIDEO_COLUMNS
 def test_candidates_change_only_what_they_name() -> None:
     shipped = {r.task: r for r in RECIPES}
     assert demo_recipe.CANDIDATES["shipped"] == shipped
+    # The shipped recipe (demo models v7) is the candidate chosen on validation.
+    assert demo_recipe.CANDIDATES["lvh-onecycle3-full"] == shipped
+    v6 = demo_recipe.CANDIDATES["v6"]
+    assert v6["view"] == shipped["view"]
+    v6_args = list(v6["lvh"].finetune_args)
+    assert v6_args[v6_args.index("--patience") + 1] == "6" and "--lr-schedule" not in v6_args
     lvh48 = demo_recipe.CANDIDATES["lvh48"]["lvh"]
-    assert lvh48.size == shipped["lvh"].size and lvh48.patients == shipped["lvh"].patients
+    assert lvh48.size == v6["lvh"].size and lvh48.patients == v6["lvh"].patients
     args = list(lvh48.finetune_args)
     assert args[args.index("--epochs") + 1] == "24" and args[args.index("--patience") + 1] == "8"
     assert args[args.index("--lr") + 1] == "3e-3"  # untouched
@@ -26,14 +32,15 @@ def test_candidates_change_only_what_they_name() -> None:
     assert v5.size == 32 and "--frames" not in v5.finetune_args
     assert demo_recipe.CANDIDATES["lvh48"]["view"] == shipped["view"]
     lvh400 = demo_recipe.CANDIDATES["lvh400"]["lvh"]
-    assert lvh400.patients == 2 * shipped["lvh"].patients
-    assert lvh400 == replace(shipped["lvh"], patients=lvh400.patients)
+    assert lvh400.patients == 2 * v6["lvh"].patients
+    assert lvh400 == replace(v6["lvh"], patients=lvh400.patients)
     b8 = list(demo_recipe.CANDIDATES["lvh-b8"]["lvh"].finetune_args)
-    assert b8[b8.index("--batch") + 1] == "8" and b8[: b8.index("--batch")] == list(shipped["lvh"].finetune_args)
+    assert b8[b8.index("--batch") + 1] == "8" and b8[: b8.index("--batch")] == v6_args
     cycle = list(demo_recipe.CANDIDATES["lvh-onecycle"]["lvh"].finetune_args)
     assert cycle[cycle.index("--lr") + 1] == "1e-2" and cycle[cycle.index("--lr-schedule") + 1] == "onecycle"
     cycle3 = list(demo_recipe.CANDIDATES["lvh-onecycle3"]["lvh"].finetune_args)
     assert cycle3[cycle3.index("--lr") + 1] == "3e-3" and cycle3[cycle3.index("--lr-schedule") + 1] == "onecycle"
+    assert cycle3[cycle3.index("--patience") + 1] == "6"
     seeded = demo_recipe._with_seed(lvh48, 5)
     assert seeded.finetune_args[-2:] == ("--seed", "5")
 
