@@ -87,6 +87,8 @@ __all__ = [
 #: (a warm-up from lr / 25 to lr over the first 30 % of the planned steps,
 #: then a cosine decay towards zero; :class:`torch.optim.lr_scheduler.OneCycleLR`).
 LR_SCHEDULES = ("constant", "onecycle")
+#: Share of the planned steps the one-cycle schedule spends warming up.
+ONECYCLE_WARMUP = 0.3
 
 #: How a binary task weighs its classes: ``balanced`` (the paper: positives
 #: by n_neg / n_pos, so probabilities answer for a prevalence of one half) or ``none``.
@@ -373,7 +375,8 @@ def make_scheduler(
         raise ValueError(f'Argument "schedule" must be one of {", ".join(LR_SCHEDULES)}; got {schedule!r}.')
     if schedule == "constant":
         return None
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.3)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1),
+                                               pct_start=ONECYCLE_WARMUP)
 
 
 @torch.no_grad()
@@ -968,6 +971,7 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
     best_state = initial_state
     history: list[dict[str, float]] = []
     has_val = bool(run.data.videos["val"])
+    _warn_short_patience(optim, has_val)
     for epoch in range(optim.epochs):
         loaders.train_set.set_epoch(epoch)
         started = time.monotonic()
@@ -995,6 +999,18 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
     model.load_state_dict(best_state)
     _say_where_stopped(stopper.best_epoch, len(history), has_val)
     return history, stopper.best_epoch
+
+
+def _warn_short_patience(optim: FinetuneOptim, has_val: bool) -> None:
+    """Say when early stopping can end a one-cycle run before its decay (a seen failure, not a guess)."""
+    if optim.lr_schedule == "onecycle" and has_val and optim.patience < optim.epochs:
+        peak = math.ceil(ONECYCLE_WARMUP * optim.epochs)
+        print(
+            f"note: --patience {optim.patience} can stop this run before its one-cycle decay: validation losses "
+            f"are noisiest around the peak (epoch {peak} of {optim.epochs}); a patience of {optim.epochs} runs "
+            "the whole schedule and still keeps the best validation epoch",
+            file=sys.stderr,
+        )
 
 
 def _say_where_stopped(best_epoch: int, epochs_run: int, has_val: bool) -> None:

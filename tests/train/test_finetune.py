@@ -436,3 +436,14 @@ def test_lr_schedule_onecycle_runs_every_planned_step(labelled, tmp_path: Path, 
     assert load_bundle(tmp_path / "cycle").meta.provenance["config"]["lr_schedule"] == "onecycle"
     assert main(finetune_args(cache, labels, tmp_path / "flat", "--task", "lvh", "--epochs", "1")) == 0
     assert made[-1] is None
+
+
+def test_a_patience_shorter_than_the_schedule_is_pointed_out(labelled, tmp_path: Path, capsys) -> None:
+    cache, labels = labelled
+    assert main(finetune_args(cache, labels, tmp_path / "short", "--task", "lvh", "--epochs", "4", "--patience", "2",
+                              "--lr-schedule", "onecycle")) == 0  # fmt: skip
+    assert "can stop this run before its one-cycle decay" in capsys.readouterr().err
+    assert main(finetune_args(cache, labels, tmp_path / "whole", "--task", "lvh", "--epochs", "4", "--patience", "4",
+                              "--lr-schedule", "onecycle")) == 0  # fmt: skip
+    assert main(finetune_args(cache, labels, tmp_path / "flat", "--task", "lvh", "--epochs", "4", "--patience", "1")) == 0
+    assert "one-cycle" not in capsys.readouterr().err
