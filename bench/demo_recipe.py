@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,17 @@ CANDIDATES: dict[str, dict[str, Recipe]] = {
 }
 
 
+def _recipe_stamp(recipe_set: dict[str, Recipe]) -> str:
+    return json.dumps({task: asdict(r) for task, r in sorted(recipe_set.items())}, sort_keys=True)
+
+
+def _trained_by(work: Path, recipe_set: dict[str, Recipe]) -> bool:
+    """Whether ``work/models`` holds the finished models of exactly ``recipe_set``."""
+    stamp = work / "recipe.json"
+    return ((work / "models").exists() and (work / "seconds").exists() and stamp.exists()
+            and stamp.read_text() == _recipe_stamp(recipe_set))
+
+
 def _train(recipe_set: dict[str, Recipe], seed: int, shared_root: Path, work: Path) -> float:
     """Train one seed's bundles side by side into ``work/models``; seconds of the longer fine-tune and promote.
 
@@ -148,8 +159,11 @@ def _train(recipe_set: dict[str, Recipe], seed: int, shared_root: Path, work: Pa
     once, under ``shared_root``.
     """
     models = work / "models"
-    if models.exists():
+    if _trained_by(work, recipe_set):
         return float((work / "seconds").read_text())
+    # Models of another recipe under this name (a resumed folder, or "shipped"
+    # after the demo changed): train again rather than score them.
+    shutil.rmtree(models, ignore_errors=True)
     staging = work / "staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -184,6 +198,7 @@ def _train(recipe_set: dict[str, Recipe], seed: int, shared_root: Path, work: Pa
         sys.exit("; ".join(errors))
     staging.rename(models)
     (work / "seconds").write_text(f"{max(seconds.values()):.1f}")
+    (work / "recipe.json").write_text(_recipe_stamp(recipe_set))  # last: a run cut before it trains again
     return max(seconds.values())
 
 

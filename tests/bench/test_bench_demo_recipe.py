@@ -74,3 +74,14 @@ def test_score_counts_views_and_the_clear_studies(tmp_path: Path) -> None:
     assert demo_recipe._score(tmp_path, results)["lvh_met"] == 0
     results["borderline"]["tasks"]["lvh"]["probability"] = 0.2  # ranked under a normal study
     assert demo_recipe._score(tmp_path, results)["lvh_auroc"] == 0.5
+
+
+def test_cached_models_are_reused_only_for_the_recipe_that_trained_them(tmp_path: Path) -> None:
+    v6, shipped = demo_recipe.CANDIDATES["v6"], demo_recipe.CANDIDATES["shipped"]
+    assert not demo_recipe._trained_by(tmp_path, v6)  # nothing there
+    (tmp_path / "models").mkdir()
+    (tmp_path / "seconds").write_text("120.0")
+    assert not demo_recipe._trained_by(tmp_path, v6)  # no record of the recipe: an older or cut run
+    (tmp_path / "recipe.json").write_text(demo_recipe._recipe_stamp(v6))
+    assert demo_recipe._trained_by(tmp_path, v6)
+    assert not demo_recipe._trained_by(tmp_path, shipped)  # "shipped" now names another recipe
