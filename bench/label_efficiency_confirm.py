@@ -49,6 +49,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -137,6 +138,42 @@ def protocol_sha256(protocol: Mapping[str, Any]) -> str:
     """
     text = json.dumps(protocol, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def code_version(repo: Path = le.REPO) -> dict[str, Any]:
+    """The commit the run's code comes from and whether tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else True
+    return {"commit": commit or "unknown", "dirty": dirty}
+
+
+def pin_code(out: Path, version: Mapping[str, Any], strict: bool) -> str | None:
+    """Hold a resumable run to the code it started with; returns a refusal, or None.
+
+    The run takes hours and may resume on another day: every cell must come
+    from the same code, or its figures mix two versions of ``finetune``. The
+    first start writes ``OUT/code.json``; a resume from another commit (or,
+    when ``strict``, from a tree with uncommitted changes) is refused, naming
+    the commit to check out (``git worktree add DIR COMMIT`` keeps one aside).
+    """
+    pinned_file = out / "code.json"
+    if strict and (version["dirty"] or version["commit"] == "unknown"):
+        return ("the confirmatory run needs a clean checkout of a commit (tracked files differ from "
+                f"{version['commit']}); commit, or run from `git worktree add DIR COMMIT`")
+    if pinned_file.is_file():
+        pinned = json.loads(pinned_file.read_text())
+        if pinned.get("commit") != version["commit"]:
+            return (f"{out} was started from commit {pinned.get('commit')}, this code is {version['commit']}: "
+                    f"resume from that commit (git worktree add DIR {pinned.get('commit')}) or use another --out")
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    pinned_file.write_text(json.dumps(dict(version), indent=1) + "\n")
+    return None
 
 
 def quick_protocol() -> dict[str, Any]:
@@ -528,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"protocol SHA-256 {digest}")
         return 0
     le.log(f"protocol {proto['name']} v{proto['version']}, SHA-256 {digest}")
+    version = code_version()
+    refusal = pin_code(ns.out, version, strict=not ns.quick)
+    if refusal is not None:
+        print(f"label_efficiency_confirm: {refusal}", file=sys.stderr)
+        return 2
+    le.log(f"code: commit {version['commit']}{' (with uncommitted changes)' if version['dirty'] else ''}")
     torch.set_num_threads(ns.threads)
     ns.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -560,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         n_studies = sum(1 for _ in fh) - 1
     n_videos = len(json.loads((cache / "manifest.json").read_text())["videos"])
     machine = machine_text(ns.threads, ns.device)
-    out = {"protocol": proto, "protocol_sha256": digest, "command": " ".join(["python -m bench.label_efficiency_confirm",
+    out = {"protocol": proto, "protocol_sha256": digest, "code": version,
+           "command": " ".join(["python -m bench.label_efficiency_confirm",
            *(argv if argv is not None else sys.argv[1:])]), "date": time.strftime("%Y-%m-%d"), "machine": machine,
            "archive": {"studies": n_studies, "videos": n_videos}, "seconds": round(elapsed, 1), "verdict": verdict,
            "selection": selection.as_json(), "summary": summary, "video_summary": video,

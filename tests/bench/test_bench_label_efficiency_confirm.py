@@ -191,3 +191,24 @@ def test_tuning_never_reads_the_test_split_and_only_chosen_bundles_are_scored(tm
     before = (len(rec.finetunes), len(rec.evaluations))
     assert lec.main(["--quick", "--out", str(out)]) == 0
     assert (len(rec.finetunes), len(rec.evaluations)) == before
+
+
+def test_a_resumed_run_is_held_to_the_commit_it_started_from(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = {"commit": "a" * 40, "dirty": False}
+    assert lec.pin_code(out, first, strict=True) is None
+    assert json.loads((out / "code.json").read_text()) == first
+    assert lec.pin_code(out, first, strict=True) is None  # the same code resumes
+    refusal = lec.pin_code(out, {"commit": "b" * 40, "dirty": False}, strict=True)
+    assert refusal is not None and "a" * 40 in refusal and "git worktree add" in refusal
+    # The confirmatory run never starts from uncommitted changes; the smoke run may.
+    fresh = tmp_path / "fresh"
+    assert lec.pin_code(fresh, {"commit": "c" * 40, "dirty": True}, strict=True) is not None
+    assert not (fresh / "code.json").exists()
+    assert lec.pin_code(fresh, {"commit": "c" * 40, "dirty": True}, strict=False) is None
+
+
+def test_code_version_names_this_checkout() -> None:
+    version = lec.code_version()
+    assert set(version) == {"commit", "dirty"}
+    assert version["commit"] == "unknown" or len(version["commit"]) == 40
