@@ -95,13 +95,25 @@ def plot_curves(y: np.ndarray, prob: np.ndarray, out_dir: Path, level: str, titl
 
 
 def _check_framing(cache: ClipCache, bundle_pre: dict, cache_dir: object) -> None:
-    """Refuse a cache whose frames were framed otherwise than the bundle's inputs."""
+    """Refuse a cache whose frames were framed or resampled otherwise than the bundle's inputs."""
     cached = str(cache.manifest["preprocess"].get("framing", "sector"))
-    wanted = PreprocessConfig.from_meta(bundle_pre).framing
+    wanted_cfg = PreprocessConfig.from_meta(bundle_pre)
+    wanted = wanted_cfg.framing
     if cached != wanted:
         raise ValueError(
             f"{cache_dir}: frames cached with framing {cached!r}, the bundle expects {wanted!r}; "
             f"index the archive again with --framing {wanted}"
+        )
+    cached_fps = cache.manifest["preprocess"].get("target_fps")
+    cached_fps = None if cached_fps is None else float(cached_fps)
+    if cached_fps != wanted_cfg.target_fps:
+        def says(fps: float | None) -> str:
+            return "native frames" if fps is None else f"{fps:g} fps"
+
+        again = "without --target-fps" if wanted_cfg.target_fps is None else f"with --target-fps {wanted_cfg.target_fps:g}"
+        raise ValueError(
+            f"{cache_dir}: frames cached at {says(cached_fps)}, the bundle expects {says(wanted_cfg.target_fps)}; "
+            f"index the archive again {again}"
         )
 
 

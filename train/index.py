@@ -592,6 +592,11 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=100, help="frames kept per video (default 100)")
     parser.add_argument("--preset", choices=("paper", "tiny"), default="paper", help="size preset (paper 112, tiny 32)")
     parser.add_argument(
+        "--target-fps", type=float, default=None, metavar="FPS",
+        help="resample every video in time to FPS frames a second, nearest frame (default: the native frames, "
+        "as EchoCLR); a model trained on it asks the node for the same",
+    )  # fmt: skip
+    parser.add_argument(
         "--framing", choices=FRAMINGS, default="sector",
         help="sector: crop to the sector and pad to a square (default); frame: resize the whole masked frame "
         "(the EchoCLR authors' code)",
@@ -618,7 +623,8 @@ def run_index(ns: argparse.Namespace) -> int:
         report = build_index(
             ns.archive,
             ns.out,
-            PreprocessConfig(size=size, max_frames=ns.max_frames, framing=ns.framing),
+            PreprocessConfig(size=size, max_frames=ns.max_frames, framing=ns.framing,
+                             target_fps=getattr(ns, "target_fps", None)),
             progress=not ns.no_progress,
             videos_csv=ns.videos_csv,
             prune=ns.prune,

@@ -447,3 +447,18 @@ def test_a_patience_shorter_than_the_schedule_is_pointed_out(labelled, tmp_path:
                               "--lr-schedule", "onecycle")) == 0  # fmt: skip
     assert main(finetune_args(cache, labels, tmp_path / "flat", "--task", "lvh", "--epochs", "4", "--patience", "1")) == 0
     assert "one-cycle" not in capsys.readouterr().err
+
+
+def test_a_bundle_asks_the_node_for_the_frame_rate_its_cache_was_resampled_to(labelled, tmp_path: Path) -> None:
+    from echonode.analyse.preprocess_config import PreprocessConfig as NodeConfig
+    from train.evaluate import main as evaluate_main
+
+    cache, labels = labelled
+    at15 = tmp_path / "cache15"
+    build_index(labels.parent, at15, PreprocessConfig(size=16, target_fps=15.0), progress=False)
+    out = tmp_path / "lvh15"
+    assert main(finetune_args(at15, labels, out, "--task", "lvh", "--epochs", "1")) == 0
+    assert NodeConfig.from_meta(load_bundle(out).meta.preprocessing).target_fps == 15.0
+    # Scored on frames at another rate, it would see other motion: refused.
+    assert evaluate_main(["--bundle", str(out), "--data", str(cache), "--labels", str(labels),
+                          "--out", str(tmp_path / "eval"), "--bootstrap", "10"]) == 2

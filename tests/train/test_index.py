@@ -382,3 +382,23 @@ def test_workers_started_by_spawn_make_the_same_cache(tmp_path: Path, monkeypatc
     assert report.workers == 2 and report.cached == 4
     assert manifest(tmp_path / "one") == manifest(tmp_path / "spawned")
     assert _cache_content(ClipCache(tmp_path / "one")) == _cache_content(ClipCache(tmp_path / "spawned"))
+
+
+def test_target_fps_resamples_every_video_and_is_a_setting_of_the_cache(tmp_path: Path, capsys) -> None:
+    from train.cli import main
+
+    archive = tmp_path / "archive"
+    cine(archive / "a.dcm", "1.2.826.0.9.13.1", frames=24)  # 30 fps (FrameTime 33.3 ms)
+    assert main(["index", str(archive), "--out", str(tmp_path / "native"), "--size", "16", "--workers", "1",
+                 "--no-progress"]) == 0
+    assert main(["index", str(archive), "--out", str(tmp_path / "at15"), "--size", "16", "--workers", "1",
+                 "--target-fps", "15", "--no-progress"]) == 0
+    native, at15 = manifest(tmp_path / "native"), manifest(tmp_path / "at15")
+    assert native["preprocess"]["target_fps"] is None and at15["preprocess"]["target_fps"] == 15.0
+    assert native["videos"][0]["frames"] == 24 and at15["videos"][0]["frames"] == 12
+    # Every other native frame, as the node's own preprocessing resamples.
+    full = ClipCache(tmp_path / "native").frames("1.2.826.0.9.13.1")
+    half = ClipCache(tmp_path / "at15").frames("1.2.826.0.9.13.1")
+    np.testing.assert_array_equal(half, full[::2])
+    with pytest.raises(ValueError, match="share their settings"):
+        ClipCache([tmp_path / "native", tmp_path / "at15"])
