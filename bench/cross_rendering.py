@@ -98,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-patients", type=int, default=120)
     p.add_argument("--size", type=int, default=48, help="network input side (default 48)")
     p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--target-fps", type=float, default=None,
+                   help="index both archives resampled to this frame rate (index --target-fps); "
+                   "caches, bundles and reports named *-fpsN")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny archives, 1 epoch")
     p.add_argument("--appearance", action="store_true",
                    help="fine-tune with --appearance (bundles and reports named *-appearance-*)")
@@ -117,15 +121,17 @@ def main(argv: list[str] | None = None) -> int:
                                       "--renderer", r, "--views", "plax", "--rows", "240", "--cols", "320",
                                       "--frames", "32", "--no-reports")
                        for r, (path, seed, n) in archives.items() if not (path / "labels.csv").exists()}, log)
-    _run_side_by_side({f"index {r}": ("index", str(path), "--out", str(out / f"cache-{r}"), "--preset", "tiny",
-                                      "--size", str(ns.size), "--workers", "1", "--no-progress")
-                       for r, (path, _, _) in archives.items() if not (out / f"cache-{r}").exists()}, log)
-    variant = "-appearance" if ns.appearance else ""
+    fps = "" if ns.target_fps is None else f"-fps{ns.target_fps:g}"
+    fps_args = () if ns.target_fps is None else ("--target-fps", f"{ns.target_fps:g}")
+    _run_side_by_side({f"index {r}": ("index", str(path), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
+                                      "--size", str(ns.size), "--workers", "1", "--no-progress", *fps_args)
+                       for r, (path, _, _) in archives.items() if not (out / f"cache-{r}{fps}").exists()}, log)
+    variant = ("-appearance" if ns.appearance else "") + fps
     _run_side_by_side({f"finetune {task}": (
-        "finetune", "--data", str(out / "cache-polar"), "--labels", str(out / "polar" / "labels.csv"),
+        "finetune", "--data", str(out / f"cache-polar{fps}"), "--labels", str(out / "polar" / "labels.csv"),
         "--task", task, "--init", "random", "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",
         "--size", str(ns.size), "--lr", "1e-3", "--epoch-samples", "800", "--epochs", str(ns.epochs),
-        "--patience", "4", "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
+        "--patience", str(ns.patience), "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
         *(("--appearance",) if ns.appearance else ()))
         for task in TASKS if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log)
     rows = []
@@ -135,15 +141,17 @@ def main(argv: list[str] | None = None) -> int:
             report = out / f"{task}{variant}-eval-{renderer}"
             if not (report / "predictions.csv").exists():
                 _run_side_by_side({f"evaluate {task} {renderer}": (
-                    "evaluate", "--bundle", str(bundle), "--data", str(out / f"cache-{renderer}"), "--labels",
+                    "evaluate", "--bundle", str(bundle), "--data", str(out / f"cache-{renderer}{fps}"), "--labels",
                     str(out / renderer / "labels.csv"), "--out", str(report), "--split", split,
                     "--bootstrap", "200")}, log)
             rows.append((task, name, *_study_auroc(report / "predictions.csv")))
     print(f"\ncross-rendering, {dt.date.today()}, {os.cpu_count()} cores, {cpu_model()}, load {load_average()}")
     print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
     print(f"train: polar, {ns.train_patients} patients; test: raster, {ns.test_patients} patients; "
-          f"size {ns.size}, tiny preset, {ns.epochs} epochs, random init"
-          f"{', appearance augmentation' if ns.appearance else ''}; {time.monotonic() - started:.0f} s")
+          f"size {ns.size}, tiny preset, {ns.epochs} epochs (patience {ns.patience}), random init"
+          f"{', appearance augmentation' if ns.appearance else ''}"
+          f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}; "
+          f"{time.monotonic() - started:.0f} s")
     print("| task | evaluated on | study AUROC [95 % CI, 2000 resamples of studies] | positives / negatives |")
     print("|---|---|---|---|")
     for task, name, a, lo, hi, npos, nneg in rows:

@@ -1,0 +1,61 @@
+"""bench/as_recipe.py and bench/cross_rendering.py: candidates change only what they name; frame rates reach index."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench import as_recipe, cross_rendering
+
+
+def test_candidates_change_only_what_they_name() -> None:
+    base = as_recipe.CANDIDATES["native"]
+    assert base.target_fps is None and (base.size, base.epochs, base.patience) == (48, 12, 4)
+    fps15 = as_recipe.CANDIDATES["fps15"]
+    assert replace(fps15, tasks=base.tasks) == replace(base, target_fps=15.0)
+    assert as_recipe.CANDIDATES["fps15-long"] == replace(fps15, epochs=24, patience=8, tasks=("severe_as",))
+    assert as_recipe.CANDIDATES["fps15-96"] == replace(fps15, size=96, tasks=("severe_as",))
+    assert as_recipe.VALIDATION_SEED not in (as_recipe.TRAIN_SEED, 202)  # never the transfer bench's test archive
+
+
+def test_a_candidates_frame_rate_reaches_index_and_its_cache_name(tmp_path: Path, monkeypatch) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(as_recipe, "_train", lambda log, *args: calls.append(args))
+    archive = tmp_path / "validation"
+    native = as_recipe._cache(archive, tmp_path, 48, None, tmp_path / "log")
+    at15 = as_recipe._cache(archive, tmp_path, 96, 15.0, tmp_path / "log")
+    assert native.name == "cache-validation-48px-native" and at15.name == "cache-validation-96px-15fps"
+    assert "--target-fps" not in calls[0]
+    assert calls[1][calls[1].index("--target-fps") + 1] == "15" and calls[1][calls[1].index("--size") + 1] == "96"
+
+
+def test_study_auroc_is_over_studies(tmp_path: Path) -> None:
+    predictions = tmp_path / "predictions.csv"
+    with predictions.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["study_uid", "probability", "target"])
+        # Two videos of a positive study, one of each negative: a perfect ranking of studies.
+        w.writerows([["s1", "0.9", "1"], ["s1", "0.7", "1"], ["s2", "0.2", "0"], ["s3", "0.75", "0"]])
+    got = as_recipe._study_auroc(predictions)
+    assert got["auroc"] == pytest.approx(1.0) and (got["positives"], got["negatives"]) == (1, 2)
+
+
+def test_cross_rendering_resamples_both_archives_when_asked(tmp_path: Path, monkeypatch) -> None:
+    steps: list[tuple[str, ...]] = []
+    monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log: steps.extend(s.values()))
+    monkeypatch.setattr(cross_rendering, "_study_auroc", lambda path: (0.5, 0.4, 0.6, 1, 1))
+    out = tmp_path / "x"
+    assert cross_rendering.main(["--out", str(out), "--target-fps", "15", "--epochs", "24", "--patience", "8"]) == 0
+    index = [s for s in steps if s[0] == "index"]
+    assert len(index) == 2 and all(s[s.index("--target-fps") + 1] == "15" for s in index)
+    assert {Path(s[s.index("--out") + 1]).name for s in index} == {"cache-polar-fps15", "cache-raster-fps15"}
+    finetune = [s for s in steps if s[0] == "finetune"]
+    assert len(finetune) == 2
+    for s in finetune:
+        assert Path(s[s.index("--data") + 1]).name == "cache-polar-fps15"
+        assert Path(s[s.index("--out") + 1]).name.endswith("-fps15-bundle")
+        assert (s[s.index("--epochs") + 1], s[s.index("--patience") + 1]) == ("24", "8")
+    assert all(Path(s[s.index("--data") + 1]).name.endswith("-fps15") for s in steps if s[0] == "evaluate")
