@@ -18,6 +18,8 @@ def test_candidates_change_only_what_they_name() -> None:
     assert replace(fps15, tasks=base.tasks) == replace(base, target_fps=15.0)
     assert as_recipe.CANDIDATES["fps15-long"] == replace(fps15, epochs=24, patience=8, tasks=("severe_as",))
     assert as_recipe.CANDIDATES["fps15-96"] == replace(fps15, size=96, tasks=("severe_as",))
+    assert as_recipe.CANDIDATES["fps15-onecycle"] == replace(as_recipe.CANDIDATES["fps15-long"], patience=24, lr=3e-3,
+                                                             lr_schedule="onecycle")
     assert as_recipe.VALIDATION_SEED not in (as_recipe.TRAIN_SEED, 202)  # never the transfer bench's test archive
 
 
