@@ -20,6 +20,7 @@ def test_candidates_change_only_what_they_name() -> None:
     assert as_recipe.CANDIDATES["fps15-96"] == replace(fps15, size=96, tasks=("severe_as",))
     assert as_recipe.CANDIDATES["fps15-onecycle"] == replace(as_recipe.CANDIDATES["fps15-long"], patience=24, lr=3e-3,
                                                              lr_schedule="onecycle")
+    assert as_recipe.CANDIDATES["fps15-lr3e-4"] == replace(as_recipe.CANDIDATES["fps15-long"], lr=3e-4)
     assert as_recipe.VALIDATION_SEED not in (as_recipe.TRAIN_SEED, 202)  # never the transfer bench's test archive
 
 
