@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=48, help="network input side (default 48)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--lr", default="1e-3", help="Adam learning rate of both fine-tunings (default 1e-3)")
     p.add_argument("--target-fps", type=float, default=None,
                    help="index both archives resampled to this frame rate (index --target-fps); "
                    "caches, bundles and reports named *-fpsN")
@@ -126,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     _run_side_by_side({f"index {r}": ("index", str(path), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
                                       "--size", str(ns.size), "--workers", "1", "--no-progress", *fps_args)
                        for r, (path, _, _) in archives.items() if not (out / f"cache-{r}{fps}").exists()}, log)
-    variant = ("-appearance" if ns.appearance else "") + fps
+    variant = ("-appearance" if ns.appearance else "") + fps + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}")
     _run_side_by_side({f"finetune {task}": (
         "finetune", "--data", str(out / f"cache-polar{fps}"), "--labels", str(out / "polar" / "labels.csv"),
         "--task", task, "--init", "random", "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",
-        "--size", str(ns.size), "--lr", "1e-3", "--epoch-samples", "800", "--epochs", str(ns.epochs),
+        "--size", str(ns.size), "--lr", ns.lr, "--epoch-samples", "800", "--epochs", str(ns.epochs),
         "--patience", str(ns.patience), "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
         *(("--appearance",) if ns.appearance else ()))
         for task in TASKS if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncross-rendering, {dt.date.today()}, {os.cpu_count()} cores, {cpu_model()}, load {load_average()}")
     print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
     print(f"train: polar, {ns.train_patients} patients; test: raster, {ns.test_patients} patients; "
-          f"size {ns.size}, tiny preset, {ns.epochs} epochs (patience {ns.patience}), random init"
+          f"size {ns.size}, tiny preset, Adam {ns.lr}, {ns.epochs} epochs (patience {ns.patience}), random init"
           f"{', appearance augmentation' if ns.appearance else ''}"
           f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}; "
           f"{time.monotonic() - started:.0f} s")

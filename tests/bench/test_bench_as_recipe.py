@@ -51,7 +51,8 @@ def test_cross_rendering_resamples_both_archives_when_asked(tmp_path: Path, monk
     monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log: steps.extend(s.values()))
     monkeypatch.setattr(cross_rendering, "_study_auroc", lambda path: (0.5, 0.4, 0.6, 1, 1))
     out = tmp_path / "x"
-    assert cross_rendering.main(["--out", str(out), "--target-fps", "15", "--epochs", "24", "--patience", "8"]) == 0
+    assert cross_rendering.main(["--out", str(out), "--target-fps", "15", "--epochs", "24", "--patience", "8",
+                                 "--lr", "3e-4"]) == 0
     index = [s for s in steps if s[0] == "index"]
     assert len(index) == 2 and all(s[s.index("--target-fps") + 1] == "15" for s in index)
     assert {Path(s[s.index("--out") + 1]).name for s in index} == {"cache-polar-fps15", "cache-raster-fps15"}
@@ -59,6 +60,6 @@ def test_cross_rendering_resamples_both_archives_when_asked(tmp_path: Path, monk
     assert len(finetune) == 2
     for s in finetune:
         assert Path(s[s.index("--data") + 1]).name == "cache-polar-fps15"
-        assert Path(s[s.index("--out") + 1]).name.endswith("-fps15-bundle")
-        assert (s[s.index("--epochs") + 1], s[s.index("--patience") + 1]) == ("24", "8")
+        assert Path(s[s.index("--out") + 1]).name.endswith("-fps15-lr3e-4-bundle")
+        assert (s[s.index("--epochs") + 1], s[s.index("--patience") + 1], s[s.index("--lr") + 1]) == ("24", "8", "3e-4")
     assert all(Path(s[s.index("--data") + 1]).name.endswith("-fps15") for s in steps if s[0] == "evaluate")
