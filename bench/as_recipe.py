@@ -43,7 +43,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
@@ -53,10 +52,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from bench.cross_rendering import study_auroc
 from bench.machine import cpu_flags, cpu_model, load_average
-from train.metrics import auroc, bootstrap_ci, group_mean
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,15 +127,8 @@ def _cache(archive: Path, out: Path, size: int, fps: float | None, log: Path) ->
 
 
 def _study_auroc(predictions: Path) -> dict[str, float | int]:
-    with open(predictions, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    studies = [r["study_uid"] for r in rows]
-    _, p = group_mean(studies, np.array([float(r["probability"]) for r in rows]))
-    _, y = group_mean(studies, np.array([int(r["target"]) for r in rows]))
-    y = y.round().astype(int)
-    ci = bootstrap_ci(y, p, "auroc", n_resamples=2000, seed=0)
-    return {"auroc": auroc(y, p), "low": ci.low, "high": ci.high, "positives": int(y.sum()),
-            "negatives": int(len(y) - y.sum())}
+    a, low, high, positives, negatives = study_auroc(predictions)
+    return {"auroc": a, "low": low, "high": high, "positives": positives, "negatives": negatives}
 
 
 def run_cell(name: str, cand: Candidate, task: str, seed: int, train_archive: Path, val_archive: Path,

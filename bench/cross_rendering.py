@@ -80,7 +80,8 @@ def _run_side_by_side(steps: dict[str, tuple[str, ...]], log: Path) -> None:
         print(f"  {name}: {time.monotonic() - t0:.0f} s", flush=True)
 
 
-def _study_auroc(predictions: Path) -> tuple[float, float, float, int, int]:
+def study_auroc(predictions: Path) -> tuple[float, float, float, int, int]:
+    """Study AUROC of an ``evaluate`` predictions.csv (mean of each study's videos), its 95 % CI, positives, negatives."""
     with open(predictions, newline="") as fh:
         rows = list(csv.DictReader(fh))
     studies = [r["study_uid"] for r in rows]
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     "evaluate", "--bundle", str(bundle), "--data", str(out / f"cache-{renderer}{fps}"), "--labels",
                     str(out / renderer / "labels.csv"), "--out", str(report), "--split", split,
                     "--bootstrap", "200")}, log)
-            rows.append((task, name, *_study_auroc(report / "predictions.csv")))
+            rows.append((task, name, *study_auroc(report / "predictions.csv")))
     print(f"\ncross-rendering, {dt.date.today()}, {os.cpu_count()} cores, {cpu_model()}, load {load_average()}")
     print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
     print(f"train: polar, {ns.train_patients} patients; test: raster, {ns.test_patients} patients; "

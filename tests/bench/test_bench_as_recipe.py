@@ -49,7 +49,7 @@ def test_study_auroc_is_over_studies(tmp_path: Path) -> None:
 def test_cross_rendering_resamples_both_archives_when_asked(tmp_path: Path, monkeypatch) -> None:
     steps: list[tuple[str, ...]] = []
     monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log: steps.extend(s.values()))
-    monkeypatch.setattr(cross_rendering, "_study_auroc", lambda path: (0.5, 0.4, 0.6, 1, 1))
+    monkeypatch.setattr(cross_rendering, "study_auroc", lambda path: (0.5, 0.4, 0.6, 1, 1))
     out = tmp_path / "x"
     assert cross_rendering.main(["--out", str(out), "--target-fps", "15", "--epochs", "24", "--patience", "8",
                                  "--lr", "3e-4"]) == 0
