@@ -49,7 +49,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.cross_rendering import study_auroc
@@ -136,8 +136,12 @@ def run_cell(name: str, cand: Candidate, task: str, seed: int, train_archive: Pa
     """Fine-tune one candidate x task x seed and score it on the validation archive (cached)."""
     cell = out / "cells" / name / task / f"seed{seed}"
     result_file = cell / "result.json"
+    # What trains the cell (not which tasks a candidate is run for), as JSON reads it back.
+    settings = json.loads(json.dumps({k: v for k, v in asdict(cand).items() if k != "tasks"}))
     if result_file.is_file():
-        return dict(json.loads(result_file.read_text()))
+        cached = dict(json.loads(result_file.read_text()))
+        if cached.get("settings") == settings:
+            return cached
     cell.mkdir(parents=True, exist_ok=True)
     train_cache = _cache(train_archive, out, cand.size, cand.target_fps, log)
     val_cache = _cache(val_archive, out, cand.size, cand.target_fps, log)
@@ -153,7 +157,7 @@ def run_cell(name: str, cand: Candidate, task: str, seed: int, train_archive: Pa
            str(val_archive / "labels.csv"), "--out", str(cell / "eval"), "--split", "all", "--bootstrap", "100")
     meta = json.loads((bundle / "bundle.json").read_text())["metrics"]
     history = meta["history"]
-    result = {"candidate": name, "task": task, "seed": seed, "finetune_seconds": round(seconds, 1),
+    result = {"candidate": name, "settings": settings, "task": task, "seed": seed, "finetune_seconds": round(seconds, 1),
               "best_epoch": meta["best_epoch"], "epochs_run": len(history),
               "train_loss_first_last": [history[0].get("train_loss"), history[-1].get("train_loss")],
               "validation_archive": _study_auroc(cell / "eval" / "predictions.csv")}

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     _run_side_by_side({f"index {r}": ("index", str(path), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
                                       "--size", str(ns.size), "--workers", "1", "--no-progress", *fps_args)
                        for r, (path, _, _) in archives.items() if not (out / f"cache-{r}{fps}").exists()}, log)
-    variant = ("-appearance" if ns.appearance else "") + fps + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}")
+    schedule = "" if (ns.epochs, ns.patience) == (12, 4) else f"-e{ns.epochs}p{ns.patience}"
+    variant = ("-appearance" if ns.appearance else "") + fps + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}")
     _run_side_by_side({f"finetune {task}": (
         "finetune", "--data", str(out / f"cache-polar{fps}"), "--labels", str(out / "polar" / "labels.csv"),
         "--task", task, "--init", "random", "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",

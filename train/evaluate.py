@@ -94,25 +94,25 @@ def plot_curves(y: np.ndarray, prob: np.ndarray, out_dir: Path, level: str, titl
     return written
 
 
-def _check_framing(cache: ClipCache, bundle_pre: dict, cache_dir: object) -> None:
-    """Refuse a cache whose frames were framed or resampled otherwise than the bundle's inputs."""
-    cached = str(cache.manifest["preprocess"].get("framing", "sector"))
-    wanted_cfg = PreprocessConfig.from_meta(bundle_pre)
-    wanted = wanted_cfg.framing
-    if cached != wanted:
-        raise ValueError(
-            f"{cache_dir}: frames cached with framing {cached!r}, the bundle expects {wanted!r}; "
-            f"index the archive again with --framing {wanted}"
-        )
-    cached_fps = cache.manifest["preprocess"].get("target_fps")
-    cached_fps = None if cached_fps is None else float(cached_fps)
-    if cached_fps != wanted_cfg.target_fps:
-        def says(fps: float | None) -> str:
-            return "native frames" if fps is None else f"{fps:g} fps"
+def _rate_text(fps: float | None) -> str:
+    return "native frames" if fps is None else f"{fps:g} fps"
 
-        again = "without --target-fps" if wanted_cfg.target_fps is None else f"with --target-fps {wanted_cfg.target_fps:g}"
+
+def _check_cache_matches_bundle(cache: ClipCache, bundle_pre: dict, cache_dir: object) -> None:
+    """Refuse a cache whose frames were framed or resampled in time otherwise than the bundle's inputs."""
+    cached = cache.manifest["preprocess"]
+    wanted = PreprocessConfig.from_meta(bundle_pre)
+    framing = str(cached.get("framing", "sector"))
+    if framing != wanted.framing:
         raise ValueError(
-            f"{cache_dir}: frames cached at {says(cached_fps)}, the bundle expects {says(wanted_cfg.target_fps)}; "
+            f"{cache_dir}: frames cached with framing {framing!r}, the bundle expects {wanted.framing!r}; "
+            f"index the archive again with --framing {wanted.framing}"
+        )
+    fps = None if cached.get("target_fps") is None else float(cached["target_fps"])
+    if fps != wanted.target_fps:
+        again = "without --target-fps" if wanted.target_fps is None else f"with --target-fps {wanted.target_fps:g}"
+        raise ValueError(
+            f"{cache_dir}: frames cached at {_rate_text(fps)}, the bundle expects {_rate_text(wanted.target_fps)}; "
             f"index the archive again {again}"
         )
 
@@ -163,7 +163,7 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_path, device) if runtime is None else load_bundle(bundle_path, device, runtime=runtime)
     meta = bundle.meta
     cache = ClipCache(cache_dir)
-    _check_framing(cache, meta.preprocessing, cache_dir)
+    _check_cache_matches_bundle(cache, meta.preprocessing, cache_dir)
     videos, targets = _evaluation_videos(bundle_path, meta, cache, load_study_labels(labels_csv), split, views)
     clip_probs = _clip_probabilities(bundle, cache, videos, targets, batch_videos)
 

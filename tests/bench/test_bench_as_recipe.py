@@ -60,6 +60,30 @@ def test_cross_rendering_resamples_both_archives_when_asked(tmp_path: Path, monk
     assert len(finetune) == 2
     for s in finetune:
         assert Path(s[s.index("--data") + 1]).name == "cache-polar-fps15"
-        assert Path(s[s.index("--out") + 1]).name.endswith("-fps15-lr3e-4-bundle")
+        assert Path(s[s.index("--out") + 1]).name.endswith("-fps15-e24p8-lr3e-4-bundle")
         assert (s[s.index("--epochs") + 1], s[s.index("--patience") + 1], s[s.index("--lr") + 1]) == ("24", "8", "3e-4")
     assert all(Path(s[s.index("--data") + 1]).name.endswith("-fps15") for s in steps if s[0] == "evaluate")
+
+
+def test_a_cached_cell_is_reused_only_for_the_settings_that_made_it(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    class Trained(Exception):
+        pass
+
+    def train(log, *args):
+        raise Trained(args[0])
+
+    monkeypatch.setattr(as_recipe, "_train", train)
+    cand = as_recipe.CANDIDATES["fps15-long"]
+    cell = tmp_path / "cells" / "fps15-long" / "severe_as" / "seed0"
+    cell.mkdir(parents=True)
+    settings = {"size": 48, "target_fps": 15.0, "epochs": 24, "patience": 8, "lr": 1e-3, "lr_schedule": "constant"}
+    (cell / "result.json").write_text(json.dumps({"candidate": "fps15-long", "settings": settings, "seed": 0}))
+    args = ("fps15-long", cand, "severe_as", 0, tmp_path / "train", tmp_path / "validation", tmp_path, tmp_path / "log")
+    assert as_recipe.run_cell(*args)["settings"] == settings
+    # The same name with another learning rate (or a record without settings) trains again.
+    for record in ({"candidate": "fps15-long", "settings": {**settings, "lr": 3e-4}}, {"candidate": "fps15-long"}):
+        (cell / "result.json").write_text(json.dumps(record))
+        with pytest.raises(Trained):
+            as_recipe.run_cell(*args)

@@ -122,23 +122,23 @@ def test_curves_match_auroc() -> None:
 def test_a_cache_framed_otherwise_than_the_bundle_is_refused() -> None:
     from types import SimpleNamespace
 
-    from train.evaluate import _check_framing
+    from train.evaluate import _check_cache_matches_bundle
 
     bundle_pre = {"size": 16, "clip_frames": 4, "eval_clips": 2, "max_frames": 100, "min_fps": 25.0,
                   "normalisation": "minmax", "framing": "frame"}
     sector_cache = SimpleNamespace(manifest={"preprocess": {"size": 16}})  # made before framing was recorded
     with pytest.raises(ValueError, match="framing 'sector', the bundle expects 'frame'.*--framing frame"):
-        _check_framing(sector_cache, bundle_pre, "cache")  # type: ignore[arg-type]
-    _check_framing(SimpleNamespace(manifest={"preprocess": {"size": 16, "framing": "frame"}}), bundle_pre, "cache")  # type: ignore[arg-type]
+        _check_cache_matches_bundle(sector_cache, bundle_pre, "cache")  # type: ignore[arg-type]
+    _check_cache_matches_bundle(SimpleNamespace(manifest={"preprocess": {"size": 16, "framing": "frame"}}), bundle_pre, "cache")  # type: ignore[arg-type]
     old_bundle = {k: v for k, v in bundle_pre.items() if k != "framing"}
-    _check_framing(sector_cache, old_bundle, "cache")  # type: ignore[arg-type]
+    _check_cache_matches_bundle(sector_cache, old_bundle, "cache")  # type: ignore[arg-type]
 
 
 
 def test_a_cache_resampled_otherwise_than_the_bundle_is_refused() -> None:
     from types import SimpleNamespace
 
-    from train.evaluate import _check_framing
+    from train.evaluate import _check_cache_matches_bundle
 
     native_bundle = {"size": 16, "clip_frames": 4, "eval_clips": 2, "max_frames": 100, "min_fps": 25.0,
                      "normalisation": "minmax"}
@@ -146,8 +146,8 @@ def test_a_cache_resampled_otherwise_than_the_bundle_is_refused() -> None:
     native_cache = SimpleNamespace(manifest={"preprocess": {"size": 16, "target_fps": None}})
     cache_at15 = SimpleNamespace(manifest={"preprocess": {"size": 16, "target_fps": 15.0}})
     with pytest.raises(ValueError, match="cached at native frames, the bundle expects 15 fps.*--target-fps 15"):
-        _check_framing(native_cache, bundle_at15, "cache")  # type: ignore[arg-type]
+        _check_cache_matches_bundle(native_cache, bundle_at15, "cache")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cached at 15 fps, the bundle expects native frames.*without --target-fps"):
-        _check_framing(cache_at15, native_bundle, "cache")  # type: ignore[arg-type]
-    _check_framing(cache_at15, bundle_at15, "cache")  # type: ignore[arg-type]
-    _check_framing(SimpleNamespace(manifest={"preprocess": {"size": 16}}), native_bundle, "cache")  # type: ignore[arg-type]
+        _check_cache_matches_bundle(cache_at15, native_bundle, "cache")  # type: ignore[arg-type]
+    _check_cache_matches_bundle(cache_at15, bundle_at15, "cache")  # type: ignore[arg-type]
+    _check_cache_matches_bundle(SimpleNamespace(manifest={"preprocess": {"size": 16}}), native_bundle, "cache")  # type: ignore[arg-type]
