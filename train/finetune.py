@@ -68,16 +68,19 @@ from train.splits import (
 
 __all__ = [
     "CLASS_WEIGHTS",
+    "CONSTANT_ANSWER_MARGIN",
     "LR_SCHEDULES",
     "EarlyStopping",
     "TaskData",
     "add_finetune_arguments",
     "check_evaluable",
+    "constant_answer_loss",
     "main",
     "make_scheduler",
     "predict_clips",
     "prepare_task",
     "prior_logit",
+    "warn_if_constant_answer",
     "run_finetune",
     "split_record",
     "train_one_epoch",
@@ -274,6 +277,44 @@ def prior_logit(targets: Sequence[float | int], pos_weight: float | None) -> flo
         raise ValueError("the prior needs both classes")
     return math.log((pos_weight or 1.0) * n_pos / n_neg)
 
+
+
+#: A binary run whose lowest training loss stays within this share of a constant
+#: answer's has not learnt to tell the classes apart.
+CONSTANT_ANSWER_MARGIN = 0.03
+
+
+def constant_answer_loss(targets: Sequence[float | int], pos_weight: float | None) -> float:
+    """The training loss of the best constant answer: what a model that tells nothing apart scores.
+
+    The weighted binary cross-entropy (as ``BCEWithLogitsLoss(pos_weight)``
+    averages it) of :func:`prior_logit` on ``targets``. With the paper's
+    weighting it is ``2 log 2`` times the share of negatives (1.275 at 8 %
+    positives, 0.93 at 33 %).
+    """
+    y = np.asarray(targets, dtype=float)
+    w = pos_weight or 1.0
+    p = 1.0 / (1.0 + math.exp(-prior_logit(targets, pos_weight)))
+    return float(np.mean(w * y * -math.log(p) + (1.0 - y) * -math.log(1.0 - p)))
+
+
+def warn_if_constant_answer(history: Sequence[dict[str, float]], targets: Sequence[float | int],
+                            pos_weight: float | None) -> bool:
+    """Warn (stderr) when the training loss never left a constant answer's; returns whether it warned."""
+    losses = [h["train_loss"] for h in history if math.isfinite(h.get("train_loss", math.nan))]
+    if not losses:
+        return False
+    floor = constant_answer_loss(targets, pos_weight)
+    if min(losses) < (1.0 - CONSTANT_ANSWER_MARGIN) * floor:
+        return False
+    print(
+        f"warning: the training loss never fell {CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's "
+        f"({floor:.3f}; lowest {min(losses):.3f}): the model has not learnt to tell the classes apart. "
+        "Try a lower --lr or more --epochs; for a label seen in part of each beat (severe AS), index with "
+        "--target-fps (docs/training.md, 'Frame rate')",
+        file=sys.stderr,
+    )
+    return True
 
 class EarlyStopping:
     """Stop when the validation loss has not improved for ``patience`` epochs.
@@ -998,6 +1039,8 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
             break
     model.load_state_dict(best_state)
     _say_where_stopped(stopper.best_epoch, len(history), has_val)
+    if run.data.task in BINARY_TASKS:
+        warn_if_constant_answer(history, run.data.targets["train"], run.data.pos_weight)
     return history, stopper.best_epoch
 
 

@@ -17,10 +17,12 @@ from train.cache import ClipCache, load_study_labels, split_cache
 from train.finetune import (
     EarlyStopping,
     check_evaluable,
+    constant_answer_loss,
     main,
     make_scheduler,
     prepare_task,
     prior_logit,
+    warn_if_constant_answer,
 )
 from train.index import build_index
 from train.splits import SplitRecord
@@ -462,3 +464,32 @@ def test_a_bundle_asks_the_node_for_the_frame_rate_its_cache_was_resampled_to(la
     # Scored on frames at another rate, it would see other motion: refused.
     assert evaluate_main(["--bundle", str(out), "--data", str(cache), "--labels", str(labels),
                           "--out", str(tmp_path / "eval"), "--bootstrap", "10"]) == 2
+
+
+@pytest.mark.parametrize("pos_weight", [None, "balanced"])
+def test_constant_answer_loss_is_the_weighted_loss_at_the_prior(pos_weight) -> None:
+    y = [1] * 8 + [0] * 92
+    w = 92 / 8 if pos_weight == "balanced" else None
+    z = torch.full((100,), prior_logit(y, w))
+    criterion = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([w or 1.0]))
+    expected = float(criterion(z, torch.tensor(y, dtype=torch.float32)))
+    assert constant_answer_loss(y, w) == pytest.approx(expected, rel=1e-6)
+    if w is not None:
+        assert constant_answer_loss(y, w) == pytest.approx(2 * np.log(2) * 0.92)  # the 1.275 of a flat severe-AS run
+    # No constant does better: the prior is the minimum.
+    for dz in (-0.3, 0.3):
+        assert float(criterion(z + dz, torch.tensor(y, dtype=torch.float32))) > expected
+
+
+def test_a_run_that_never_left_the_constant_answer_is_called_so(capsys) -> None:
+    y = [1] * 8 + [0] * 92
+    w = 92 / 8
+    floor = constant_answer_loss(y, w)
+    flat = [{"epoch": e, "train_loss": floor * f} for e, f in enumerate((1.01, 0.995, 0.99, 0.985))]
+    assert warn_if_constant_answer(flat, y, w)
+    err = capsys.readouterr().err
+    assert "never fell 3% under a constant answer's (1.275" in err and "--target-fps" in err
+    learnt = [*flat, {"epoch": 4, "train_loss": floor * 0.9}]
+    assert not warn_if_constant_answer(learnt, y, w)
+    assert not warn_if_constant_answer([{"epoch": 0, "train_loss": float("nan")}], y, w)
+    assert capsys.readouterr().err == ""
