@@ -80,10 +80,10 @@ __all__ = [
     "predict_clips",
     "prepare_task",
     "prior_logit",
-    "warn_if_constant_answer",
     "run_finetune",
     "split_record",
     "train_one_epoch",
+    "warn_if_constant_answer",
 ]
 
 #: Learning-rate schedules: ``constant`` (the paper's Adam) or ``onecycle``
@@ -278,7 +278,6 @@ def prior_logit(targets: Sequence[float | int], pos_weight: float | None) -> flo
     return math.log((pos_weight or 1.0) * n_pos / n_neg)
 
 
-
 #: A binary run whose lowest training loss stays within this share of a constant
 #: answer's has not learnt to tell the classes apart.
 CONSTANT_ANSWER_MARGIN = 0.03
@@ -315,6 +314,7 @@ def warn_if_constant_answer(history: Sequence[dict[str, float]], targets: Sequen
         file=sys.stderr,
     )
     return True
+
 
 class EarlyStopping:
     """Stop when the validation loss has not improved for ``patience`` epochs.

@@ -402,3 +402,8 @@ def test_target_fps_resamples_every_video_and_is_a_setting_of_the_cache(tmp_path
     np.testing.assert_array_equal(half, full[::2])
     with pytest.raises(ValueError, match="share their settings"):
         ClipCache([tmp_path / "native", tmp_path / "at15"])
+    capsys.readouterr()
+    assert main(["index", str(archive), "--out", str(tmp_path / "at0"), "--size", "16", "--workers", "1",
+                 "--target-fps", "0", "--no-progress"]) == 2
+    assert 'echonode-train index: Argument "target_fps" must be positive' in capsys.readouterr().out
+    assert not (tmp_path / "at0" / "manifest.json").exists()
