@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="index both archives resampled to this frame rate (index --target-fps); "
                    "caches, bundles and reports named *-fpsN")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny archives, 1 epoch")
+    p.add_argument("--look", choices=("standard", "varied"), default="standard",
+                   help="renderer A's look (synth --look): varied trains on a wide spread of looks "
+                   "(archive, caches, bundles and reports named *-varied)")
     p.add_argument("--appearance", action="store_true",
                    help="fine-tune with --appearance (bundles and reports named *-appearance-*)")
     return p.parse_args(argv)
@@ -118,20 +121,24 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "steps.log"
     started = time.monotonic()
-    archives = {"polar": (out / "polar", 101, ns.train_patients), "raster": (out / "raster", 202, ns.test_patients)}
-    _run_side_by_side({f"synth {r}": ("synth", "--out", str(path), "--patients", str(n), "--seed", str(seed),
-                                      "--renderer", r, "--views", "plax", "--rows", "240", "--cols", "320",
-                                      "--frames", "32", "--no-reports")
-                       for r, (path, seed, n) in archives.items() if not (path / "labels.csv").exists()}, log)
+    train_name = "polar" if ns.look == "standard" else f"polar-{ns.look}"
+    archives = {train_name: ("polar", ns.look, out / train_name, 101, ns.train_patients),
+                "raster": ("raster", "standard", out / "raster", 202, ns.test_patients)}
+    _run_side_by_side({f"synth {name}": ("synth", "--out", str(path), "--patients", str(n), "--seed", str(seed),
+                                         "--renderer", renderer, "--look", look, "--views", "plax", "--rows", "240",
+                                         "--cols", "320", "--frames", "32", "--no-reports")
+                       for name, (renderer, look, path, seed, n) in archives.items()
+                       if not (path / "labels.csv").exists()}, log)
     fps = "" if ns.target_fps is None else f"-fps{ns.target_fps:g}"
     fps_args = () if ns.target_fps is None else ("--target-fps", f"{ns.target_fps:g}")
     _run_side_by_side({f"index {r}": ("index", str(path), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
                                       "--size", str(ns.size), "--workers", "1", "--no-progress", *fps_args)
-                       for r, (path, _, _) in archives.items() if not (out / f"cache-{r}{fps}").exists()}, log)
+                       for r, (_, _, path, _, _) in archives.items() if not (out / f"cache-{r}{fps}").exists()}, log)
     schedule = "" if (ns.epochs, ns.patience) == (12, 4) else f"-e{ns.epochs}p{ns.patience}"
-    variant = ("-appearance" if ns.appearance else "") + fps + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}")
+    variant = (("" if ns.look == "standard" else f"-{ns.look}") + ("-appearance" if ns.appearance else "") + fps
+               + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}"))
     _run_side_by_side({f"finetune {task}": (
-        "finetune", "--data", str(out / f"cache-polar{fps}"), "--labels", str(out / "polar" / "labels.csv"),
+        "finetune", "--data", str(out / f"cache-{train_name}{fps}"), "--labels", str(out / train_name / "labels.csv"),
         "--task", task, "--init", "random", "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",
         "--size", str(ns.size), "--lr", ns.lr, "--epoch-samples", "800", "--epochs", str(ns.epochs),
         "--patience", str(ns.patience), "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
@@ -140,17 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for task in TASKS:
         bundle = out / f"{task}{variant}-bundle"
-        for name, renderer, split in (("polar test split", "polar", "test"), ("raster, all studies", "raster", "all")):
-            report = out / f"{task}{variant}-eval-{renderer}"
+        for name, archive, split in ((f"{train_name} test split", train_name, "test"),
+                                     ("raster, all studies", "raster", "all")):
+            report = out / f"{task}{variant}-eval-{archive.split('-')[0]}"
             if not (report / "predictions.csv").exists():
-                _run_side_by_side({f"evaluate {task} {renderer}": (
-                    "evaluate", "--bundle", str(bundle), "--data", str(out / f"cache-{renderer}{fps}"), "--labels",
-                    str(out / renderer / "labels.csv"), "--out", str(report), "--split", split,
+                _run_side_by_side({f"evaluate {task} {archive}": (
+                    "evaluate", "--bundle", str(bundle), "--data", str(out / f"cache-{archive}{fps}"), "--labels",
+                    str(out / archive / "labels.csv"), "--out", str(report), "--split", split,
                     "--bootstrap", "200")}, log)
             rows.append((task, name, *study_auroc(report / "predictions.csv")))
     print(f"\ncross-rendering, {dt.date.today()}, {os.cpu_count()} cores, {cpu_model()}, load {load_average()}")
     print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
-    print(f"train: polar, {ns.train_patients} patients; test: raster, {ns.test_patients} patients; "
+    print(f"train: polar ({ns.look} look), {ns.train_patients} patients; test: raster, {ns.test_patients} patients; "
           f"size {ns.size}, tiny preset, Adam {ns.lr}, {ns.epochs} epochs (patience {ns.patience}), random init"
           f"{', appearance augmentation' if ns.appearance else ''}"
           f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}; "

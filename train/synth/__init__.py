@@ -1,6 +1,6 @@
 """A synthetic echocardiography archive whose labels are visible anatomy.
 
-``echonode-train synth --out DIR --patients N [--seed S] [--renderer polar|raster]``
+``echonode-train synth --out DIR --patients N [--seed S] [--renderer polar|raster] [--look standard|varied]``
 writes DICOM Ultrasound Multi-frame objects (JPEG baseline, YBR_FULL_422)
 that look like transthoracic echo cines, the sonographer's measurement SR of
 every study (:mod:`train.synth_reports`), plus ``labels.csv`` (one row per
@@ -18,6 +18,8 @@ The package, by concern:
 * :mod:`~train.synth.views` and :mod:`~train.synth.render`: renderer A
   ("polar"), reflectivity on a beam grid, scatterers through a PSF, clutter,
   reverberation, dropout, log compression, scan conversion;
+* :mod:`~train.synth.look`: a wide spread of looks for renderer A (grey map,
+  speckle grain and filtering, edges, tissue contrast), one per video;
 * :mod:`~train.synth.render_alt`: renderer B ("raster"), written apart with a
   different geometry model, speckle, grey map and sector shape, so that a
   model trained on one rendering can be tested on another;

@@ -22,6 +22,7 @@ __all__ = [
     "VIEWS",
     "VIEW_CODES",
     "VIEW_DESCRIPTIONS",
+    "Look",
     "StudyPlan",
     "Vendor",
     "VideoPlan",
@@ -104,6 +105,33 @@ class StudyPlan:
 
 
 @dataclass(frozen=True)
+class Look:
+    """How renderer A turns tissue into grey, beyond the scanner's usual spread.
+
+    The defaults are renderer A's own look (every archive's unless ``synth
+    --look varied`` draws one per video, :mod:`train.synth.look`).
+
+    Attributes
+    ----------
+    surround_db : float
+        Added to the echo strength of the tissue around the heart (dB).
+    contrast : float
+        Every tissue's level in dB relative to the myocardium is multiplied by
+        this: under 1 the blood, the surround and the pericardium all come
+        closer to the myocardium (as in a hazy, low-contrast window or a
+        harmonic setting), over 1 they move apart.
+    despeckle : float
+        Smoothing of the detected echo, in units of the point-spread function
+        (0 none): scanners' speckle-reduction filters and compounding make
+        speckle finer and fainter than the raw Rayleigh pattern.
+    """
+
+    surround_db: float = 0.0
+    contrast: float = 1.0
+    despeckle: float = 0.0
+
+
+@dataclass(frozen=True)
 class VideoPlan:
     """The acquisition of one video: geometry, timing and look.
 
@@ -136,6 +164,7 @@ class VideoPlan:
     reverb: float = 0.3
     shadow_deg: float = 0.0  # centre of a rib shadow (beam angle), or 0 for none
     shadow_width_deg: float = 0.0
+    look: Look = Look()
 
 
 def plan_study(rng: np.random.Generator) -> StudyPlan:

@@ -31,7 +31,9 @@ from train.synth.acquisition import (
 )
 from train.synth.anatomy import Anatomy, sample_anatomy
 from train.synth.dicom import build_dataset, encode_jpeg, uid
+from train.synth.look import LOOKS, vary_plan
 from train.synth.truth import (
+    PURPOSE_LOOK,
     PURPOSE_PATIENT,
     PURPOSE_REPORT,
     PURPOSE_STUDY,
@@ -79,6 +81,7 @@ class ArchiveSummary:
     reports: int = 0
     report_seconds: float = 0.0
     renderer: str = "polar"
+    look: str = "standard"
     labels_csv: Path = field(init=False)
     videos_csv: Path = field(init=False)
     reports_csv: Path = field(init=False)
@@ -140,6 +143,7 @@ class _Writer:
     views: tuple[str, ...] | None
     tag: str
     reports: bool = True
+    look: str = "standard"
     label_rows: list[dict] = field(default_factory=list)
     video_rows: list[dict] = field(default_factory=list)
     report_rows: list[dict] = field(default_factory=list)
@@ -187,6 +191,8 @@ class _Writer:
               header: dict[str, str]) -> Dataset:
         vr = keyed_rng(self.seed, PURPOSE_VIDEO, p, s, k)
         plan = plan_video(vr, view, k + 1, study, self.frames, int(vr.integers(0, 2**63)))
+        if self.look == "varied":
+            plan = vary_plan(plan, keyed_rng(self.seed, PURPOSE_LOOK, p, s, k))
         rgb, geo, _ = self.render_fn(an, plan, self.rows, self.cols, header)
         jpegs = [encode_jpeg(f, self.quality) for f in rgb]
         ctx["series_uid"] = uid(self.seed, "series", p, s, k)
@@ -223,7 +229,7 @@ class _Writer:
 
 
 def _check_arguments(patients: object, frames: int | None, rows: int, cols: int, renderer: str,
-                     views: Sequence[str] | None) -> None:
+                     views: Sequence[str] | None, look: str = "standard") -> None:
     if not isinstance(patients, int) or isinstance(patients, bool) or patients < 1:
         raise ValueError('Argument "patients" must be a positive integer.')
     if frames is not None and frames < 1:
@@ -234,11 +240,17 @@ def _check_arguments(patients: object, frames: int | None, rows: int, cols: int,
         raise ValueError(f'Argument "renderer" must be one of {", ".join(RENDERERS)}, got {renderer!r}.')
     if views is not None and (not views or set(views) - set(VIEWS)):
         raise ValueError(f'Argument "views" must name some of {", ".join(VIEWS)}, got {list(views)!r}.')
+    if look not in LOOKS:
+        raise ValueError(f'Argument "look" must be one of {", ".join(LOOKS)}, got {look!r}.')
+    if look != "standard" and renderer != "polar":
+        raise ValueError(f'Argument "look" {look!r} is renderer polar\'s; renderer {renderer!r} draws its own '
+                         "fixed look (it is the other rendering that transfer is measured on).")
 
 
 def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int | None = None,
                      rows: int = 480, cols: int = 640, quality: int = 75, renderer: str = "polar",
-                     views: Sequence[str] | None = None, reports: bool = True) -> ArchiveSummary:
+                     views: Sequence[str] | None = None, reports: bool = True,
+                     look: str = "standard") -> ArchiveSummary:
     """Write a synthetic echo archive.
 
     Parameters
@@ -270,6 +282,12 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
         archive is videos only; ``labels.csv`` still carries the values the
         SR would hold, drawn the same way, so labels and images are those
         of the same seed with reports.
+    look : str
+        A name in :data:`~train.synth.look.LOOKS`: ``"standard"`` (each
+        scanner's own look) or ``"varied"`` (renderer ``polar`` only: a look
+        per video from the wide ranges of :mod:`train.synth.look`, drawn from
+        a stream of its own, so everything but the pixels is the standard
+        archive's).
 
     Returns
     -------
@@ -280,13 +298,13 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
     ValueError
         If an argument is out of range.
     """
-    _check_arguments(patients, frames, rows, cols, renderer, views)
+    _check_arguments(patients, frames, rows, cols, renderer, views, look)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(f"echonode-synth|{seed}".encode()).hexdigest()[:4].upper()
     w = _Writer(out_dir, seed, frames, rows, cols, quality, RENDERERS[renderer],
-                None if views is None else tuple(views), tag, reports)
+                None if views is None else tuple(views), tag, reports, look)
     prng = [keyed_rng(seed, PURPOSE_PATIENT, p) for p in range(patients)]
     n_studies = [int(r.integers(1, 4)) for r in prng]
     truths = sample_study_truths(seed, n_studies)
@@ -306,5 +324,5 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
         lvh_studies=sum(r["lvh"] for r in w.label_rows),
         severe_as_studies=sum(r["severe_as"] for r in w.label_rows),
         frames=w.n_frames, seconds=time.perf_counter() - t0, reports=len(w.report_rows),
-        report_seconds=w.report_seconds, renderer=renderer,
+        report_seconds=w.report_seconds, renderer=renderer, look=look,
     )

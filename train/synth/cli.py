@@ -7,6 +7,7 @@ from pathlib import Path
 
 from train.synth.acquisition import VIEWS
 from train.synth.archive import RENDERERS, generate_archive
+from train.synth.look import LOOKS
 
 __all__ = ["add_synth_arguments", "run_synth"]
 
@@ -22,6 +23,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--renderer", choices=tuple(RENDERERS), default="polar",
                         help="how pixels are formed: polar (default) or raster (a second, independent "
                              "renderer of the same anatomy, for transfer checks)")
+    parser.add_argument("--look", choices=LOOKS, default="standard",
+                        help="standard (default: each scanner's own look) or varied (renderer polar only: a "
+                             "grey map, speckle grain and filtering, edge softness and tissue contrast drawn per "
+                             "video from wide ranges, so that models cannot lean on one way of drawing tissue)")
     parser.add_argument("--views", default=None,
                         help=f"comma-separated views to write (default all: {','.join(VIEWS)})")
     parser.add_argument("--no-reports", dest="reports", action="store_false",
@@ -39,7 +44,7 @@ def run_synth(ns: argparse.Namespace) -> int:
             rows=getattr(ns, "rows", 480), cols=getattr(ns, "cols", 640),
             renderer=getattr(ns, "renderer", "polar"),
             views=None if views is None else [v.strip().lower() for v in views.split(",") if v.strip()],
-            reports=getattr(ns, "reports", True),
+            reports=getattr(ns, "reports", True), look=getattr(ns, "look", "standard"),
         )
     except ValueError as exc:
         print(f"echonode-train synth: {exc}")
@@ -47,7 +52,7 @@ def run_synth(ns: argparse.Namespace) -> int:
     print(
         f"wrote {summary.videos} videos in {summary.studies} studies of {summary.patients} patients "
         f"to {summary.out_dir} ({summary.lvh_studies} LVH, {summary.severe_as_studies} severe AS, "
-        f"renderer {summary.renderer}) in {summary.seconds:.1f} s "
+        f"renderer {summary.renderer}, look {summary.look}) in {summary.seconds:.1f} s "
         f"({summary.reports} measurement SRs, {summary.report_seconds:.1f} s)"
     )
     return 0

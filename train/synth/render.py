@@ -15,7 +15,10 @@ Image formation mimics a phased-array scanner cheaply:
 5. log compression over the video's dynamic range through its grey map, then
    scan conversion into the sector.
 
-Every look parameter comes from the :class:`~train.synth.acquisition.VideoPlan`,
+A video's :class:`~train.synth.acquisition.Look` (``synth --look varied``)
+shifts the surround's level in step 1, scales every tissue's contrast to the
+myocardium after it, and smooths the detected echo after step 3 (speckle
+reduction).  Every look parameter comes from the :class:`~train.synth.acquisition.VideoPlan`,
 never from a label.
 """
 
@@ -30,7 +33,7 @@ from train.synth.acquisition import Vendor, VideoPlan
 from train.synth.anatomy import Anatomy
 from train.synth.geometry import Geometry
 from train.synth.overlay import compose
-from train.synth.views import VIEW_FIELDS
+from train.synth.views import MYOCARDIUM_REFLECTIVITY, VIEW_FIELDS
 
 __all__ = ["local_to_pixel", "render_video", "sector_geometry", "view_pose"]
 
@@ -163,6 +166,9 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
     pose = view_pose(plan.view, an, plan)
     u, v, rr, tt = _local_coords(geo, pose)
     bg = _background(rng, rr, an, plan)
+    look = plan.look
+    if look.surround_db:
+        bg *= np.float32(10 ** (look.surround_db / 10))
     clutter = _clutter(rng, rr, plan)
     gain = _gain_map(rng, rr, tt, geo, plan)
     view_fn = VIEW_FIELDS[plan.view]
@@ -181,10 +187,16 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
         if i:
             scat = _SPECKLE_RHO * scat + k * rng.standard_normal(scat.shape, dtype=np.float32)
         refl = view_fn(u, v, bg, an, float(ph), e)
+        if look.contrast != 1.0:
+            # Scale every level in dB around the myocardium's.
+            refl = MYOCARDIUM_REFLECTIVITY * np.power(refl / MYOCARDIUM_REFLECTIVITY, look.contrast,
+                                                      dtype=np.float32)
         refl += clutter + rev_gain * refl[rev_rows]
         field_ = scat * np.sqrt(refl)[..., None]
         field_ = cv2.GaussianBlur(field_, (0, 0), sigmaX=sig[0], sigmaY=sig[1])
         inten = (np.square(field_[..., 0]) + np.square(field_[..., 1])) / (2 * psf_energy)
+        if look.despeckle:
+            inten = cv2.GaussianBlur(inten, (0, 0), sigmaX=look.despeckle * sig[0], sigmaY=look.despeckle * sig[1])
         inten = inten * gain + 3e-5  # electronic noise floor
         # Log compression through a lookup table indexed in 0.1 dB steps.
         idx = np.log10(inten)

@@ -68,6 +68,10 @@ PURPOSE_TRUTH, PURPOSE_STUDY, PURPOSE_VIDEO, PURPOSE_PATIENT, PURPOSE_FORCE = 1,
 # The measurement SRs draw from their own streams, so that adding them left
 # every label, nuisance and noise draw of an archive where it was.
 PURPOSE_REPORT = 6
+# ``synth --look varied`` draws each video's look from a stream of its own, so
+# the varied archive of a seed has the same patients, studies, labels, UIDs
+# and acquisitions as the standard one; only how the tissue is drawn changes.
+PURPOSE_LOOK = 7
 
 
 @dataclass(frozen=True)

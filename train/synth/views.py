@@ -18,7 +18,7 @@ import numpy as np
 
 from train.synth.anatomy import Anatomy, av_open, contraction, mv_open
 
-__all__ = ["AV_U_CM", "MEASURE_U_CM", "VIEW_FIELDS", "av_leaflet_tips"]
+__all__ = ["AV_U_CM", "MEASURE_U_CM", "MYOCARDIUM_REFLECTIVITY", "VIEW_FIELDS", "av_leaflet_tips"]
 
 # Tissue reflectivities (linear power, relative).  Blood sits ~30 dB under
 # myocardium, which is what makes chambers black on a real scanner.
@@ -29,6 +29,8 @@ _R_WALL = 0.9  # fibrous aortic walls, annulus
 _R_PERI = 2.5  # pericardium: the brightest specular line in PLAX
 _R_LEAFLET = 0.7
 _R_CALCIFIED = 4.0
+MYOCARDIUM_REFLECTIVITY = _R_MYO
+"""The level that a look's contrast (:class:`~train.synth.acquisition.Look`) scales around."""
 
 def _clamp01(a: np.ndarray) -> np.ndarray:
     return np.clip(a, 0.0, 1.0, out=a)

@@ -25,7 +25,7 @@ from PIL import Image
 from tests.peers import DCIODVFY, require_tool
 from train import synth
 from train.metrics import auroc
-from train.synth import acquisition, anatomy, dicom, render, shortcuts, views
+from train.synth import acquisition, anatomy, dicom, look, render, shortcuts, views
 from train.synth import truth as T
 
 FRAMES = 3
@@ -185,7 +185,7 @@ def test_small_archives_get_positives() -> None:
         assert any(t.lvh for t in flat) and any(t.severe_as for t in flat)
 
 
-def _plax_frame(truth: synth.StudyTruth, phase: float, noise: int):
+def _plax_frame(truth: synth.StudyTruth, phase: float, noise: int, look: acquisition.Look | None = None):
     """One PLAX frame at a given cardiac phase, through JPEG, plus geometry."""
     rng = np.random.default_rng(noise)
     an = anatomy.sample_anatomy(truth, rng, 1.4)
@@ -194,7 +194,8 @@ def _plax_frame(truth: synth.StudyTruth, phase: float, noise: int):
     plan = acquisition.plan_video(rng, "plax", 1, study, 1, noise)
     # A clean acoustic window, as a sonographer would pick to measure.
     plan = dataclasses.replace(plan, phase0=phase, quality=1.0, shadow_width_deg=0.0, reverb=0.1,
-                               edge_cm=0.08, psf_scale=1.0, gain_db=0.0, gamma=1.6)
+                               edge_cm=0.08, psf_scale=1.0, gain_db=0.0, gamma=1.6,
+                               look=look or acquisition.Look())
     rgb, geo, _ = render.render_video(an, plan)
     decoded = np.asarray(Image.open(io.BytesIO(dicom.encode_jpeg(rgb[0], 80))).convert("L"), np.float32)
     pose = render.view_pose("plax", an, plan)
@@ -340,3 +341,71 @@ def test_renderers_share_anatomy_and_headers(tmp_path: Path) -> None:
         synth.generate_archive(tmp_path / "c", 1, renderer="nope")
     with pytest.raises(ValueError, match="views"):
         synth.generate_archive(tmp_path / "c", 1, views=("plax", "a2c"))
+
+
+# ------------------------------------------------------------------ looks ---
+
+
+def test_a_varied_look_changes_pixels_only(tmp_path: Path) -> None:
+    """--look varied: same patients, labels, UIDs and acquisitions; other pixels; still one archive per seed."""
+    a = synth.generate_archive(tmp_path / "a", 1, seed=5, frames=2, rows=120, cols=160, reports=False)
+    b = synth.generate_archive(tmp_path / "b", 1, seed=5, frames=2, rows=120, cols=160, reports=False,
+                               look="varied")
+    assert (a.look, b.look) == ("standard", "varied")
+    for name in ("labels.csv", "videos.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    row = _read_csv(tmp_path / "a" / "videos.csv")[0]
+    da, db = pydicom.dcmread(tmp_path / "a" / row["path"]), pydicom.dcmread(tmp_path / "b" / row["path"])
+    assert (da.SOPInstanceUID, da.Rows, da.NumberOfFrames) == (db.SOPInstanceUID, db.Rows, db.NumberOfFrames)
+    assert np.abs(da.pixel_array.astype(int) - db.pixel_array.astype(int)).mean() > 2
+    again = synth.generate_archive(tmp_path / "c", 1, seed=5, frames=2, rows=120, cols=160, reports=False,
+                                   look="varied")
+    assert again.videos == b.videos
+    assert (tmp_path / "c" / row["path"]).read_bytes() == (tmp_path / "b" / row["path"]).read_bytes()
+    with pytest.raises(ValueError, match="renderer polar"):
+        synth.generate_archive(tmp_path / "d", 1, renderer="raster", look="varied")
+    with pytest.raises(ValueError, match="look"):
+        synth.generate_archive(tmp_path / "d", 1, look="vivid")
+
+
+def test_varied_looks_stay_in_their_documented_ranges() -> None:
+    base = acquisition.plan_video(np.random.default_rng(0), "plax", 1, acquisition.plan_study(
+        np.random.default_rng(1)), 8, 3)
+    plans = [look.vary_plan(base, np.random.default_rng(k)) for k in range(400)]
+    looks = [p.look for p in plans]
+    assert all(-3.0 <= lk.surround_db <= 8.0 and 0.65 <= lk.contrast <= 1.15 for lk in looks)
+    off = sum(lk.despeckle == 0.0 for lk in looks)
+    assert 60 < off < 140 and all(lk.despeckle == 0.0 or 0.2 <= lk.despeckle <= 1.0 for lk in looks)
+    assert all(35 <= p.dynamic_range_db <= 80 and 1.0 <= p.gamma <= 3.2 and 0.7 <= p.psf_scale <= 1.8
+               and 0.04 <= p.edge_cm <= 0.35 and abs(p.gain_db - base.gain_db) <= 4 for p in plans)
+    # Geometry, timing and view are the acquisition's, whatever the look.
+    assert {(p.view, p.depth_cm, p.angle_deg, p.tilt_deg, p.fps, p.frames, p.phase0, p.noise_seed)
+            for p in plans} == {(base.view, base.depth_cm, base.angle_deg, base.tilt_deg, base.fps, base.frames,
+                                 base.phase0, base.noise_seed)}
+    assert acquisition.VideoPlan.__dataclass_fields__["look"].default == acquisition.Look()
+
+
+def _regions(truth: synth.StudyTruth, lk: acquisition.Look) -> dict[str, np.ndarray]:
+    """Grey levels along the LV's short axis: cavity, walls, and the tissue past the pericardium."""
+    img, geo, pose, an = _plax_frame(truth, synth.END_DIASTOLE_PHASE, noise=3, look=lk)
+    h0 = truth.lvid_cm / 2
+    v = np.arange(-6.0, 6.0, 0.02)
+    prof = _profile(img, geo, pose, np.linspace(-3.4, -1.7, 24), v)
+    return {
+        "cavity": prof[np.abs(v) < h0 - 0.5],
+        "posterior wall": prof[(v > h0 + 0.15) & (v < h0 + truth.lvpw_cm - 0.15)],
+        "beyond": prof[(v > h0 + truth.lvpw_cm + an.pericardial_gap_cm + 0.8) & (v < h0 + truth.lvpw_cm + 3.5)],
+    }
+
+
+def test_each_look_setting_moves_the_image_the_way_it_says() -> None:
+    """Contrast narrows wall against blood, despeckle smooths the wall, surround lightens the tissue outside."""
+    t = synth.sample_truth(np.random.default_rng(5), force_lvh=True, force_as=False)
+    flat, steep = (_regions(t, acquisition.Look(contrast=c)) for c in (0.65, 1.15))
+    gap = {name: float(np.median(r["posterior wall"]) - np.median(r["cavity"])) for name, r in
+           (("flat", flat), ("steep", steep))}
+    assert 0 < gap["flat"] < gap["steep"], gap
+    raw, smooth = (_regions(t, acquisition.Look(despeckle=d))["posterior wall"] for d in (0.0, 1.0))
+    assert smooth.std() / smooth.mean() < 0.8 * raw.std() / raw.mean()
+    dark, light = (_regions(t, acquisition.Look(surround_db=d))["beyond"] for d in (-3.0, 8.0))
+    assert np.median(light) > np.median(dark) + 10

@@ -1,0 +1,89 @@
+"""A wide spread of looks for renderer A (``synth --look varied``).
+
+A model trained on one renderer's pictures can learn how that renderer draws
+a thick wall (its speckle grain, how much brighter the myocardium is than the
+tissue around it) instead of the wall's thickness; then it fails on any other
+rendering of the same anatomy, a real scanner included.  Real echo varies in
+exactly those respects from one scanner, preset and patient to the next, so a
+training archive should too.  :func:`vary_plan` draws, for one video, a look
+from ranges wider than a single scanner's:
+
+* **grey map**: dynamic range 35-80 dB and a compression exponent of 1.0-3.2
+  (scanners' presets span roughly this; the standard look keeps each
+  vendor's value within +/-10 dB and +/-0.5);
+* **gain**: a further +/-4 dB;
+* **speckle grain**: the point-spread function 0.7-1.8 times the vendor's
+  (probe frequency, focus, harmonic imaging);
+* **speckle reduction**: none in a quarter of videos, otherwise smoothing of
+  the detected echo over 0.2-1.0 point-spread widths (scanners' speckle
+  filters and compounding, from mild to the waxy look of heavy filtering;
+  wider smoothing blurred the walls past what a saved loop shows);
+* **boundaries**: tissue edges 0.04-0.35 cm soft;
+* **tissue contrast**: every level in dB relative to the myocardium scaled
+  by 0.65-1.15 (so blood sits 18-31 dB under the myocardium, as from a
+  hazy window to a clean harmonic image);
+* **surround**: the tissue around the heart -3 to +8 dB from the standard
+  (from much darker than the myocardium to about as echogenic).
+
+The ranges come from what echo looks like, fixed before any model was
+trained on a varied archive; none reads a label.  Only renderer A draws
+varied looks: renderer B stays as it is, the fixed other rendering that
+transfer is measured on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from train.synth.acquisition import Look, VideoPlan
+
+__all__ = ["LOOKS", "draw_look", "vary_plan"]
+
+LOOKS = ("standard", "varied")
+"""What ``synth --look`` accepts: each scanner's own look, or a wide spread per video."""
+
+
+def draw_look(rng: np.random.Generator) -> Look:
+    """Draw the tissue-rendering part of a varied look.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The video's look stream (never a label's).
+
+    Returns
+    -------
+    Look
+    """
+    despeckle = 0.0 if rng.random() < 0.25 else float(rng.uniform(0.2, 1.0))
+    return Look(surround_db=float(rng.uniform(-3.0, 8.0)), contrast=float(rng.uniform(0.65, 1.15)),
+                despeckle=despeckle)
+
+
+def vary_plan(plan: VideoPlan, rng: np.random.Generator) -> VideoPlan:
+    """``plan`` with a look drawn from the wide ranges of this module.
+
+    Parameters
+    ----------
+    plan : VideoPlan
+        The video's acquisition as the standard look draws it.
+    rng : numpy.random.Generator
+        The video's look stream.
+
+    Returns
+    -------
+    VideoPlan
+        The same geometry, timing and view; another grey map, gain, speckle
+        grain, edge softness and :class:`~train.synth.acquisition.Look`.
+    """
+    return dataclasses.replace(
+        plan,
+        dynamic_range_db=float(rng.uniform(35.0, 80.0)),
+        gamma=float(rng.uniform(1.0, 3.2)),
+        gain_db=plan.gain_db + float(rng.uniform(-4.0, 4.0)),
+        psf_scale=float(rng.uniform(0.7, 1.8)),
+        edge_cm=float(rng.uniform(0.04, 0.35)),
+        look=draw_look(rng),
+    )
