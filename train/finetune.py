@@ -74,6 +74,7 @@ __all__ = [
     "TaskData",
     "add_finetune_arguments",
     "check_evaluable",
+    "constant_answer_check",
     "constant_answer_loss",
     "main",
     "make_scheduler",
@@ -297,18 +298,44 @@ def constant_answer_loss(targets: Sequence[float | int], pos_weight: float | Non
     return float(np.mean(w * y * -math.log(p) + (1.0 - y) * -math.log(1.0 - p)))
 
 
+def constant_answer_check(history: Sequence[dict[str, float]], targets: Sequence[float | int],
+                          pos_weight: float | None) -> dict[str, float | bool] | None:
+    """A run's lowest training loss against a constant answer's, as the bundle records it.
+
+    Parameters
+    ----------
+    history : sequence of dict
+        The run's epochs, each with a ``train_loss``.
+    targets : sequence of int
+        The training videos' labels.
+    pos_weight : float or None
+        The loss's positive-class weight.
+
+    Returns
+    -------
+    dict or None
+        ``constant_answer_loss``, ``lowest_train_loss`` and ``learnt`` (the
+        lowest loss fell more than :data:`CONSTANT_ANSWER_MARGIN` under the
+        constant answer's); None when no epoch has a finite training loss.
+    """
+    losses = [h["train_loss"] for h in history if math.isfinite(h.get("train_loss", math.nan))]
+    if not losses:
+        return None
+    floor = constant_answer_loss(targets, pos_weight)
+    return {"constant_answer_loss": round(floor, 6), "lowest_train_loss": round(min(losses), 6),
+            "learnt": min(losses) < (1.0 - CONSTANT_ANSWER_MARGIN) * floor}
+
+
 def warn_if_constant_answer(history: Sequence[dict[str, float]], targets: Sequence[float | int],
                             pos_weight: float | None) -> bool:
     """Warn (stderr) when the training loss never left a constant answer's; returns whether it warned."""
-    losses = [h["train_loss"] for h in history if math.isfinite(h.get("train_loss", math.nan))]
-    if not losses:
-        return False
-    floor = constant_answer_loss(targets, pos_weight)
-    if min(losses) < (1.0 - CONSTANT_ANSWER_MARGIN) * floor:
+    check = constant_answer_check(history, targets, pos_weight)
+    if check is None or check["learnt"]:
         return False
     print(
         f"warning: the training loss never fell {CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's "
-        f"({floor:.3f}; lowest {min(losses):.3f}): the model has not learnt to tell the classes apart. "
+        f"({check['constant_answer_loss']:.3f}; lowest {check['lowest_train_loss']:.3f}): the model has not "
+        "learnt to tell the classes apart. "
         "Try a lower --lr or more --epochs; for a label seen in part of each beat (severe AS), index with "
         "--target-fps (docs/training.md, 'Frame rate')",
         file=sys.stderr,
@@ -883,6 +910,9 @@ def finetune(config: FinetuneConfig) -> Path:
     head_fit = _fit_probe_head(run, loaders) if config.model.head_init == "probe" else None
     history, best_epoch = _fit(run, loaders)
     metrics: dict[str, object] = {"best_epoch": best_epoch, "history": history}
+    if run.data.task in BINARY_TASKS:
+        # In the bundle as well as on stderr: a reader of the bundle alone sees it too.
+        metrics["constant_answer"] = constant_answer_check(history, run.data.targets["train"], run.data.pos_weight)
     if head_fit is not None:
         metrics["head_fit"] = head_fit
     metrics.update(_score(run, loaders))

@@ -17,6 +17,7 @@ from train.cache import ClipCache, load_study_labels, split_cache
 from train.finetune import (
     EarlyStopping,
     check_evaluable,
+    constant_answer_check,
     constant_answer_loss,
     main,
     make_scheduler,
@@ -103,6 +104,9 @@ def test_finetune_writes_a_loadable_bundle_that_learns(labelled, tmp_path: Path)
     assert meta.metrics["test"]["study"]["auroc"]["level"] == 0.95
     # A bright block is easy: the model must beat chance clearly on test videos.
     assert meta.metrics["test"]["video"]["auroc"]["estimate"] > 0.8
+    # A reader of the bundle alone sees that it learnt (the stderr warning's figures).
+    check = meta.metrics["constant_answer"]
+    assert check["learnt"] is True and check["lowest_train_loss"] < 0.97 * check["constant_answer_loss"]
     # Same data, new run: a new DeviceUID; an existing folder is not replaced.
     again = tmp_path / "again"
     assert main(finetune_args(cache, labels, again, "--task", "lvh", "--epochs", "1")) == 0
@@ -493,3 +497,7 @@ def test_a_run_that_never_left_the_constant_answer_is_called_so(capsys) -> None:
     assert not warn_if_constant_answer(learnt, y, w)
     assert not warn_if_constant_answer([{"epoch": 0, "train_loss": float("nan")}], y, w)
     assert capsys.readouterr().err == ""
+    assert constant_answer_check(flat, y, w) == {"constant_answer_loss": round(floor, 6),
+                                                 "lowest_train_loss": round(floor * 0.985, 6), "learnt": False}
+    assert constant_answer_check(learnt, y, w)["learnt"] is True
+    assert constant_answer_check([{"epoch": 0, "train_loss": float("nan")}], y, w) is None
