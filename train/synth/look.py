@@ -22,8 +22,11 @@ from ranges wider than a single scanner's:
 * **tissue contrast**: every level in dB relative to the myocardium scaled
   by 0.65-1.15 (so blood sits 18-31 dB under the myocardium, as from a
   hazy window to a clean harmonic image);
-* **surround**: the tissue around the heart -3 to +8 dB from the standard
-  (from much darker than the myocardium to about as echogenic).
+* **surround**: the tissue around the heart -3 to +13 dB from the standard
+  (from about 17 dB under the myocardium to about as echogenic as it, as in
+  real echo, where the tissue around the heart is often as bright as the
+  wall): a wall is then found by the blood and the pericardium that bound
+  it, not by its brightness against the surround.
 
 The ranges come from what echo looks like, fixed before any model was
 trained on a varied archive; none reads a label.  Only renderer A draws
@@ -58,7 +61,7 @@ def draw_look(rng: np.random.Generator) -> Look:
     Look
     """
     despeckle = 0.0 if rng.random() < 0.25 else float(rng.uniform(0.2, 1.0))
-    return Look(surround_db=float(rng.uniform(-3.0, 8.0)), contrast=float(rng.uniform(0.65, 1.15)),
+    return Look(surround_db=float(rng.uniform(-3.0, 13.0)), contrast=float(rng.uniform(0.65, 1.15)),
                 despeckle=despeckle)
 
 
