@@ -66,6 +66,9 @@ _MOTION_THRESHOLD = 3
 _INTENSITY_THRESHOLD = 10
 # A mask smaller than this fraction of the frame is not a sector.
 _MIN_SECTOR_FRACTION = 0.02
+# A moving region at least this share of the largest one is part of the sector
+# too, when it is tissue (see _hull_of_moving_sector).
+_PART_OF_LARGEST = 0.1
 
 
 def sector_mask(frames: np.ndarray, *, n_frames: int = 32) -> np.ndarray:
@@ -77,10 +80,17 @@ def sector_mask(frames: np.ndarray, *, n_frames: int = 32) -> np.ndarray:
     the sector. Those overlays are static while the sector is alive with
     speckle, so with several frames the binarised image is the *temporal
     range* (max - min) over the first ``n_frames`` frames instead; a
-    morphological opening then cuts thin bridges (an ECG trace, tick marks)
-    before the largest component is taken and its convex hull filled.
-    A single frame, or a loop without motion, falls back to METHOD's
-    intensity threshold on the first frame.
+    morphological opening then cuts thin bridges (an ECG trace, tick marks).
+    Blood pools are black and still, and a chamber that spans the sector
+    (a PLAX right ventricle, a dilated LV) cuts the moving tissue into
+    bands, so the mask is the filled convex hull of the largest moving
+    region and of every other at least a tenth its size that is tissue (its
+    typical pixel is grey most of the time; an ECG trace sweeping a band
+    lights each pixel only now and then), not of the largest alone, which
+    would crop the picture to one band and change its scale from video to
+    video. A single frame, or a loop without motion, falls back to
+    METHOD's intensity threshold on the first frame, largest component only
+    (static overlays are in that image too).
 
     Parameters
     ----------
@@ -110,7 +120,7 @@ def sector_mask(frames: np.ndarray, *, n_frames: int = 32) -> np.ndarray:
     if frames.shape[0] >= 2:
         head = frames[: max(2, n_frames)]
         motion = cv2.subtract(head.max(axis=0), head.min(axis=0)) > _MOTION_THRESHOLD
-        mask = _hull_of_largest(motion, kernel)
+        mask = _hull_of_moving_sector(motion, head, kernel)
     if mask.sum() < _MIN_SECTOR_FRACTION * h * w:
         mask = _hull_of_largest(frames[0] > _INTENSITY_THRESHOLD, kernel)
     if mask.sum() < _MIN_SECTOR_FRACTION * h * w:
@@ -118,15 +128,38 @@ def sector_mask(frames: np.ndarray, *, n_frames: int = 32) -> np.ndarray:
     return mask
 
 
+def _hull_of_moving_sector(motion: np.ndarray, head: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Filled convex hull of the largest moving component after opening and of
+    the other large ones whose pixels are grey most of the time (tissue)."""
+    b = cv2.morphologyEx(motion.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(b, connectivity=8)
+    if n < 2:
+        return np.zeros(motion.shape, dtype=bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    largest = 1 + int(np.argmax(areas))
+    parts = [largest]
+    for label in 1 + np.flatnonzero(areas >= _PART_OF_LARGEST * areas.max()):
+        if label == largest:
+            continue
+        ys, xs = np.nonzero(labels == label)
+        if np.median(np.median(head[:, ys, xs], axis=0)) > _INTENSITY_THRESHOLD:
+            parts.append(int(label))
+    return _filled_hull(np.isin(labels, parts))
+
+
 def _hull_of_largest(binary: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Filled convex hull of the largest 8-connected component after opening."""
     b = cv2.morphologyEx(binary.astype(np.uint8), cv2.MORPH_OPEN, kernel)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(b, connectivity=8)
-    out = np.zeros(binary.shape, dtype=np.uint8)
     if n < 2:
-        return out.astype(bool)
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    points = cv2.findNonZero((labels == largest).astype(np.uint8))
+        return np.zeros(binary.shape, dtype=bool)
+    return _filled_hull(labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])))
+
+
+def _filled_hull(region: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a non-empty boolean region."""
+    out = np.zeros(region.shape, dtype=np.uint8)
+    points = cv2.findNonZero(region.astype(np.uint8))
     cv2.fillConvexPoly(out, cv2.convexHull(points), 1)
     return out.astype(bool)
 

@@ -98,6 +98,24 @@ def test_synthetic_mask_iou() -> None:
     assert not mask[205:228, :].any()  # ECG band
 
 
+def test_a_chamber_across_the_sector_does_not_crop_the_mask() -> None:
+    """Black, still blood spanning the sector (a PLAX right ventricle) cuts the
+    moving tissue into bands: the mask is still the whole sector, and the ECG
+    band below it (moving, as large as a band) stays out."""
+    video, truth = _synthetic_video()
+    video = video.copy()
+    chamber = truth.copy()
+    chamber[:70] = chamber[100:] = False  # rows 70-99 of the fan: blood from edge to edge
+    video[:, chamber] = 0
+    upper = truth.copy()
+    upper[70:] = False
+    assert upper.sum() > 0.1 * (truth.sum() - upper.sum() - chamber.sum())  # a band worth keeping
+    mask = sector_mask(video)
+    assert _iou(mask, truth) > 0.9
+    assert mask[20:70][truth[20:70]].mean() > 0.95 and mask[100:190][truth[100:190]].mean() > 0.95
+    assert not mask[205:228, :].any()  # ECG band
+
+
 def test_first_frame_recipe_fails_where_motion_succeeds() -> None:
     """METHOD's single-frame recipe swallows overlays touching the sector."""
     video, truth = _synthetic_video()
