@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from echonode.analyse.preprocess import SECTOR_MASK_RULE
 from echonode.analyse.preprocess_config import PreprocessConfig
 from echonode.bundles.manifest import BINARY_TASKS, BundleError, BundleMeta
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
@@ -117,6 +118,20 @@ def _check_cache_matches_bundle(cache: ClipCache, bundle_pre: dict, cache_dir: o
         )
 
 
+def _note_older_mask(cache: ClipCache, cache_dir: object) -> bool:
+    """Say (stderr) when the cache's frames were masked by an older sector rule than the node's."""
+    rule = int(cache.manifest["preprocess"].get("sector_mask", 1))
+    if rule == SECTOR_MASK_RULE:
+        return False
+    print(
+        f"note: {cache_dir}: frames masked with sector-mask rule {rule}; the node masks with rule "
+        f"{SECTOR_MASK_RULE}, so these figures are for other pixels than it sees. Index the archive again "
+        "into a new --out to score what the node would",
+        file=sys.stderr,
+    )
+    return True
+
+
 def evaluate_bundle(
     bundle_path: str | Path,
     cache_dir: CacheDirs,
@@ -164,6 +179,7 @@ def evaluate_bundle(
     meta = bundle.meta
     cache = ClipCache(cache_dir)
     _check_cache_matches_bundle(cache, meta.preprocessing, cache_dir)
+    _note_older_mask(cache, cache_dir)
     videos, targets = _evaluation_videos(bundle_path, meta, cache, load_study_labels(labels_csv), split, views)
     clip_probs = _clip_probabilities(bundle, cache, videos, targets, batch_videos)
 

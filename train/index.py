@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echonode.analyse.preprocess import PreprocessConfig
+from echonode.analyse.preprocess import SECTOR_MASK_RULE, PreprocessConfig
 from echonode.analyse.preprocess_config import FRAMINGS
 from train.cache import MANIFEST, MANIFEST_VERSION, _study_patient_keys, load_manifest
 from train.index_worker import (
@@ -519,6 +519,9 @@ def _open_manifest(cache: Path, cfg: PreprocessConfig, shard: Shard | None) -> d
         # Recorded only when not the default, so that caches made before
         # framing was a setting (all ``sector``) stay valid.
         settings["framing"] = cfg.framing
+    # A cache made before the rule was recorded used rule 1: adding to it is
+    # refused below, since its frames were masked otherwise.
+    settings["sector_mask"] = SECTOR_MASK_RULE
     wanted_shard = shard.as_dict() if shard is not None else None
     if not (cache / MANIFEST).is_file():
         manifest: dict = {"version": MANIFEST_VERSION, "preprocess": settings, "videos": [], "unusable": []}

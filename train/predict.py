@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from echonode.analyse.pipeline import preprocess_config
-from echonode.analyse.preprocess import PreprocessConfig, make_eval_clips
+from echonode.analyse.preprocess import SECTOR_MASK_RULE, PreprocessConfig, make_eval_clips
 from echonode.bundles.manifest import BundleError
 from echonode.bundles.runtime import MODES as RUNTIME_MODES
 from echonode.bundles.weights import Bundle, load_bundle
@@ -88,9 +88,9 @@ def _check_cache(cache: ClipCache, cfg: PreprocessConfig, bundle: Bundle) -> Non
     ValueError
         Naming the settings that differ and how to index for this bundle.
     """
-    have = {"framing": "sector", **cache.manifest["preprocess"]}
+    have = {"framing": "sector", "sector_mask": 1, **cache.manifest["preprocess"]}
     want = {"size": cfg.size, "max_frames": cfg.max_frames, "target_fps": cfg.target_fps, "mask_frames": cfg.mask_frames,
-            "framing": cfg.framing}
+            "framing": cfg.framing, "sector_mask": SECTOR_MASK_RULE}
     differ = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     if differ:
         detail = ", ".join(f"{k} {a} (bundle: {b})" for k, (a, b) in sorted(differ.items()))

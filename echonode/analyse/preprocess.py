@@ -41,6 +41,7 @@ from echonode.analyse.decode import (
 from echonode.analyse.preprocess_config import PreprocessConfig
 
 __all__ = [
+    "SECTOR_MASK_RULE",
     "PreprocessConfig",
     "decode_options_for",
     "eval_clip_starts",
@@ -56,6 +57,11 @@ __all__ = [
 
 # --------------------------------------------------------------------------
 # Sector mask
+
+SECTOR_MASK_RULE = 2
+"""Version of :func:`sector_mask`'s rule, recorded in every clip cache so that
+frames masked by two rules are never mixed or compared: 1, the largest moving
+region only; 2, every large moving tissue region."""
 
 # A pixel whose grey level changes by more than this over the first frames is
 # live image. Speckle in the darkest part of a sector still moves by tens of

@@ -151,3 +151,15 @@ def test_a_cache_resampled_otherwise_than_the_bundle_is_refused() -> None:
         _check_cache_matches_bundle(cache_at15, native_bundle, "cache")  # type: ignore[arg-type]
     _check_cache_matches_bundle(cache_at15, bundle_at15, "cache")  # type: ignore[arg-type]
     _check_cache_matches_bundle(SimpleNamespace(manifest={"preprocess": {"size": 16}}), native_bundle, "cache")  # type: ignore[arg-type]
+
+
+def test_a_cache_masked_by_an_older_sector_rule_is_scored_with_a_note(capsys) -> None:
+    from types import SimpleNamespace
+
+    from train.evaluate import _note_older_mask
+
+    assert _note_older_mask(SimpleNamespace(manifest={"preprocess": {"size": 16}}), "old")  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "old: frames masked with sector-mask rule 1; the node masks with rule 2" in err and "--out" in err
+    assert not _note_older_mask(SimpleNamespace(manifest={"preprocess": {"size": 16, "sector_mask": 2}}), "new")  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""

@@ -19,7 +19,7 @@ import pytest
 from pydicom.filewriter import dcmwrite
 
 import train.index_worker
-from echonode.analyse.preprocess import PreprocessConfig
+from echonode.analyse.preprocess import SECTOR_MASK_RULE, PreprocessConfig
 from tests.conftest import real_testfile
 from tests.factories import us_multiframe, write
 from train.cache import ClipCache, split_cache
@@ -382,6 +382,24 @@ def test_workers_started_by_spawn_make_the_same_cache(tmp_path: Path, monkeypatc
     assert report.workers == 2 and report.cached == 4
     assert manifest(tmp_path / "one") == manifest(tmp_path / "spawned")
     assert _cache_content(ClipCache(tmp_path / "one")) == _cache_content(ClipCache(tmp_path / "spawned"))
+
+
+def test_a_cache_masked_by_an_older_sector_rule_is_not_added_to_or_read_with_a_new_one(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    cine(archive / "a.dcm", "1.2.826.0.9.14.1")
+    build_index(archive, tmp_path / "new", CFG, progress=False)
+    assert manifest(tmp_path / "new")["preprocess"]["sector_mask"] == SECTOR_MASK_RULE == 2
+    # A cache written before the rule was recorded (rule 1: the largest moving region only).
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    old = manifest(tmp_path / "old")
+    del old["preprocess"]["sector_mask"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(old))
+    cine(archive / "b.dcm", "1.2.826.0.9.14.2")
+    with pytest.raises(ValueError, match="use another --out"):
+        build_index(archive, tmp_path / "old", CFG, progress=False)
+    with pytest.raises(ValueError, match="share their settings"):
+        ClipCache([tmp_path / "new", tmp_path / "old"])
+    assert len(ClipCache(tmp_path / "old").videos) == 1  # still readable on its own
 
 
 def test_target_fps_resamples_every_video_and_is_a_setting_of_the_cache(tmp_path: Path, capsys) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,18 @@ def test_a_cache_indexed_for_other_pixels_is_refused(workdir: Path, tmp_path: Pa
                  "--out", str(tmp_path / "p.csv"), "--device", "cpu", "--runtime", "eager"]) == 2
     err = capsys.readouterr().err
     assert "size 16 (bundle: 32)" in err and "--size 32" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_cache_masked_by_an_older_sector_rule_is_refused(workdir: Path, tmp_path: Path, capsys) -> None:
+    """Its frames are not what ``echonode infer`` would make of the same files."""
+    shutil.copytree(workdir / "cache", tmp_path / "old")
+    old = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del old["preprocess"]["sector_mask"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(old))
+    assert main(["predict", "--data", str(tmp_path / "old"), "--bundle", str(workdir / "models" / "test-lvh"),
+                 "--out", str(tmp_path / "p.csv"), "--device", "cpu", "--runtime", "eager"]) == 2
+    assert "sector_mask 1 (bundle: 2)" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
 
 
