@@ -27,6 +27,10 @@ its ranges were fixed before it was first run here) into bundles of their
 own beside the plain ones, on the same archives: run the script without it
 and then with it on one ``--out`` for a paired comparison.
 
+``--look varied`` trains on renderer A drawn with ``synth --look varied`` (a
+wide spread of grey maps, speckle, edges and tissue contrast per video) into
+an archive, caches and bundles named ``*-varied``; renderer B is unchanged.
+
 Usage::
 
     .venv/bin/python -m bench.cross_rendering --out /tmp/xrender            # about 40-60 min on 2 cores
