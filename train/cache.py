@@ -140,6 +140,10 @@ class ClipCache:
         self.videos: list[dict] = list(videos)
         self.by_sop: dict[str, dict] = {v["sop_uid"]: v for v in self.videos}
         self.size = int(self.manifest["preprocess"]["size"])
+        #: The sector-mask rule its frames were masked with
+        #: (:data:`echonode.analyse.preprocess.SECTOR_MASK_RULE`); 1 for a
+        #: cache made before the rule was recorded.
+        self.sector_mask_rule = int(self.manifest["preprocess"].get("sector_mask", 1))
         #: Identifies the training data in provenance: the manifest's SHA-256
         #: for one cache; for several, the SHA-256 of theirs in the order given.
         self.manifest_sha256 = (

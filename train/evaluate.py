@@ -120,7 +120,7 @@ def _check_cache_matches_bundle(cache: ClipCache, bundle_pre: dict, cache_dir: o
 
 def _note_older_mask(cache: ClipCache, cache_dir: object) -> bool:
     """Say (stderr) when the cache's frames were masked by an older sector rule than the node's."""
-    rule = int(cache.manifest["preprocess"].get("sector_mask", 1))
+    rule = cache.sector_mask_rule
     if rule == SECTOR_MASK_RULE:
         return False
     print(

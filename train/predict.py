@@ -88,7 +88,7 @@ def _check_cache(cache: ClipCache, cfg: PreprocessConfig, bundle: Bundle) -> Non
     ValueError
         Naming the settings that differ and how to index for this bundle.
     """
-    have = {"framing": "sector", "sector_mask": 1, **cache.manifest["preprocess"]}
+    have = {"framing": "sector", **cache.manifest["preprocess"], "sector_mask": cache.sector_mask_rule}
     want = {"size": cfg.size, "max_frames": cfg.max_frames, "target_fps": cfg.target_fps, "mask_frames": cfg.mask_frames,
             "framing": cfg.framing, "sector_mask": SECTOR_MASK_RULE}
     differ = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}

@@ -158,8 +158,8 @@ def test_a_cache_masked_by_an_older_sector_rule_is_scored_with_a_note(capsys) ->
 
     from train.evaluate import _note_older_mask
 
-    assert _note_older_mask(SimpleNamespace(manifest={"preprocess": {"size": 16}}), "old")  # type: ignore[arg-type]
+    assert _note_older_mask(SimpleNamespace(sector_mask_rule=1), "old")  # type: ignore[arg-type]
     err = capsys.readouterr().err
     assert "old: frames masked with sector-mask rule 1; the node masks with rule 2" in err and "--out" in err
-    assert not _note_older_mask(SimpleNamespace(manifest={"preprocess": {"size": 16, "sector_mask": 2}}), "new")  # type: ignore[arg-type]
+    assert not _note_older_mask(SimpleNamespace(sector_mask_rule=2), "new")  # type: ignore[arg-type]
     assert capsys.readouterr().err == ""

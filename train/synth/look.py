@@ -28,8 +28,10 @@ from ranges wider than a single scanner's:
   wall): a wall is then found by the blood and the pericardium that bound
   it, not by its brightness against the surround.
 
-The ranges come from what echo looks like, fixed before any model was
-trained on a varied archive; none reads a label.  Only renderer A draws
+The ranges come from what echo looks like and from renderer A's pictures,
+never from a label; all but the surround's upper end were fixed before any
+model was trained on a varied archive (that end was raised from +8 to +13 dB
+after one such run, docs/benchmarks.md).  Only renderer A draws
 varied looks: renderer B stays as it is, the fixed other rendering that
 transfer is measured on.
 """
