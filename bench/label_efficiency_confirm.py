@@ -66,9 +66,12 @@ from bench.machine import cpu_flags, cpu_model, load_average
 from train.evaluate import evaluate_bundle
 from train.finetune import main as finetune_main
 
-#: The confirmatory protocol. Changing any value changes :func:`protocol_sha256`,
+#: The first confirmatory protocol (frozen 2026-12-02). Its run needs 7-8 h of one
+#: machine that keeps its disk; twice it was lost with the machine after 64 of its
+#: 176 tuning cells, no test figure read. Kept, with its hash, for a machine that can
+#: hold it (``--protocol 1``). Changing any value changes :func:`protocol_sha256`,
 #: which bench/label_efficiency_protocol.md and the test of this module pin.
-PROTOCOL: dict[str, Any] = {
+PROTOCOL_V1: dict[str, Any] = {
     "name": "label-efficiency-confirmatory",
     "version": 1,
     "archive": {"synth_seed": 4242, "patients": 500, "frames": 32, "rows": 120, "cols": 160},
@@ -106,6 +109,56 @@ PROTOCOL: dict[str, Any] = {
         "target_fractions": [0.01, 0.1],
     },
 }
+
+#: The second confirmatory protocol (frozen 2026-12-04, before any of its cells ran):
+#: the same question, method and analysis as v1, sized to finish within about two
+#: hours on 2 CPU cores: a synth seed never used, two pretraining runs, three label
+#: draws, no 100 % reference, a three-point learning-rate grid tuned on label draw 0
+#: (then the chosen rate for the other draws), and a 30-epoch cap with patience 6.
+PROTOCOL_V2: dict[str, Any] = {
+    "name": "label-efficiency-confirmatory",
+    "version": 2,
+    "archive": {"synth_seed": 5151, "patients": 500, "frames": 32, "rows": 120, "cols": 160},
+    "split": {"by": "patient", "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0},
+    "model": {"arch": "r3d_18", "width": 8, "size": 48, "clip_frames": 8},
+    "pretraining": {"method": "echoclr", "seeds": [0, 1], "epochs": 40, "batch": 32, "lr": 1e-3},
+    "finetuning": {
+        "inits": ["echoclr", "random"],
+        "tasks": ["lvh", "severe_as"],
+        "fractions": [0.01, 0.1],
+        "label_draws": [0, 1, 2],
+        "label_draws_at_full": [0],
+        "batch": 16,
+        "epoch_samples": 256,
+        "head_init": "random",
+    },
+    "tuning": {
+        "lr_grid": [3e-4, 1e-3, 3e-3],
+        "epoch_cap": 30,
+        "patience": 6,
+        "tuning_draws": [0],
+        "early_stopping": "validation loss (weighted BCE of the validation videos), best epoch's weights kept",
+        "selection": "per task x init x fraction: highest mean validation study AUROC over the tuning replicates; "
+        "ties: lower mean validation loss, then the smaller lr",
+        "tuning_replicates": "label draw 0; EchoCLR with pretraining run 0 only; the other draws and pretraining "
+        "runs at the chosen lr only",
+        "test_split": "not read while tuning; scored once, for the chosen lr's bundles only",
+    },
+    "analysis": {
+        "bootstrap": 10_000,
+        "bootstrap_seed": 0,
+        "level": 0.95,
+        "resampled": "test studies (positives and negatives separately), label draws, pretraining runs",
+        "headline": "paired EchoCLR - random init study AUROC difference, same resamples",
+        "video_level": "video AUROC; its interval resamples studies with all their videos",
+        "target": "EchoCLR's CI entirely above random init's at 1 % and at 10 %, for each task",
+        "target_fractions": [0.01, 0.1],
+    },
+}
+
+#: Every frozen protocol by version; the run takes the newest unless told.
+PROTOCOLS: dict[int, dict[str, Any]] = {1: PROTOCOL_V1, 2: PROTOCOL_V2}
+PROTOCOL = PROTOCOL_V2
 
 #: The smoke run: the same code path on a tiny archive of an *already looked-at*
 #: seed (the exploratory one), never the confirmatory seed, whose first patients
@@ -176,9 +229,9 @@ def pin_code(out: Path, version: Mapping[str, Any], strict: bool) -> str | None:
     return None
 
 
-def quick_protocol() -> dict[str, Any]:
-    """:data:`PROTOCOL` with :data:`QUICK_OVERRIDES` applied (a different hash, marked as a smoke run)."""
-    proto = copy.deepcopy(PROTOCOL)
+def quick_protocol(base: Mapping[str, Any] = PROTOCOL) -> dict[str, Any]:
+    """``base`` with :data:`QUICK_OVERRIDES` applied (a different hash, marked as a smoke run)."""
+    proto = copy.deepcopy(dict(base))
     for group, values in QUICK_OVERRIDES.items():
         proto[group].update(values)
     proto["name"] += " (quick smoke, not the confirmatory run)"
@@ -190,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help=f"work folder, resumable (default {DEFAULT_OUT})")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the machines are shared)")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
+    p.add_argument("--protocol", type=int, choices=sorted(PROTOCOLS), default=max(PROTOCOLS),
+                   help="which frozen protocol (default the newest)")
     p.add_argument("--quick", action="store_true", help="smoke run of the same path on a tiny archive (minutes)")
     p.add_argument("--print-protocol", action="store_true", help="print the protocol and its SHA-256, then exit")
     ns = p.parse_args(argv)
@@ -236,20 +291,35 @@ def draws_at(proto: Mapping[str, Any], fraction: float) -> list[int]:
     return list(f["label_draws_at_full"] if fraction >= 1.0 else f["label_draws"])
 
 
+def tuning_draws_at(proto: Mapping[str, Any], fraction: float) -> list[int]:
+    """The label draws the learning rate is tuned on (``tuning.tuning_draws``; every draw when absent)."""
+    draws = draws_at(proto, fraction)
+    only = proto["tuning"].get("tuning_draws")
+    return draws if only is None else [d for d in draws if d in only]
+
+
 def tuning_cells(proto: Mapping[str, Any]) -> list[Cell]:
-    """Every grid point x tuning replicate: EchoCLR's pretraining run 0 and random init, every draw."""
+    """Every grid point x tuning replicate: EchoCLR's pretraining run 0 and random init, every tuning draw."""
     f, first = proto["finetuning"], proto["pretraining"]["seeds"][0]
     return [Cell(task, init, None if init == "random" else first, fraction, draw, lr)
             for task in f["tasks"] for fraction in f["fractions"] for init in f["inits"]
-            for draw in draws_at(proto, fraction) for lr in proto["tuning"]["lr_grid"]]  # fmt: skip
+            for draw in tuning_draws_at(proto, fraction) for lr in proto["tuning"]["lr_grid"]]  # fmt: skip
 
 
 def remaining_cells(proto: Mapping[str, Any], chosen: Mapping[tuple[str, str, float], float]) -> list[Cell]:
-    """EchoCLR's other pretraining runs, at the chosen learning rate only."""
-    f = proto["finetuning"]
-    return [Cell(task, "echoclr", pseed, fraction, draw, chosen[(task, "echoclr", fraction)])
-            for task in f["tasks"] for fraction in f["fractions"] for pseed in proto["pretraining"]["seeds"][1:]
-            for draw in draws_at(proto, fraction) if "echoclr" in f["inits"]]  # fmt: skip
+    """Every replicate not tuned on (other draws, EchoCLR's other pretraining runs), at the chosen rate only."""
+    f, seeds = proto["finetuning"], proto["pretraining"]["seeds"]
+    cells = []
+    for task in f["tasks"]:
+        for fraction in f["fractions"]:
+            tuned = set(tuning_draws_at(proto, fraction))
+            for init in f["inits"]:
+                for pseed in [None] if init == "random" else seeds:
+                    for draw in draws_at(proto, fraction):
+                        if draw in tuned and pseed in (None, seeds[0]):
+                            continue
+                        cells.append(Cell(task, init, pseed, fraction, draw, chosen[(task, init, fraction)]))
+    return cells
 
 
 def finetune_argv(proto: Mapping[str, Any], cell: Cell, run: Path | None, cache: Path, labels: Path,
@@ -558,7 +628,8 @@ def machine_text(threads: int, device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
-    proto = quick_protocol() if ns.quick else PROTOCOL
+    chosen = PROTOCOLS[ns.protocol]
+    proto = quick_protocol(chosen) if ns.quick else chosen
     digest = protocol_sha256(proto)
     if ns.print_protocol:
         print(json.dumps(proto, indent=1))
@@ -589,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     (ns.out / "selection.json").write_text(json.dumps({"protocol_sha256": digest, **selection.as_json()}, indent=1) + "\n")
     for (task, init, f), lr in selection.chosen.items():
         le.log(f"chosen on validation: {task} {init} {f:g}: lr {lr:g}")
-    # 2. EchoCLR's other pretraining runs at the chosen learning rate only.
+    # 2. The other replicates (draws, pretraining runs) at the chosen learning rate only.
     extra = [fit_cell(proto, c, run_of(c), cache, labels, ns.out, ns.device) for c in remaining_cells(proto, selection.chosen)]
     # 3. The test split, once per chosen bundle.
     n_boot = proto["analysis"]["bootstrap"]

@@ -21,25 +21,58 @@ from bench import label_efficiency as le
 from bench import label_efficiency_confirm as lec
 
 REPO = Path(__file__).resolve().parents[2]
-#: The protocol's hash as committed before any run; a change to PROTOCOL must change this line and the protocol file.
-FROZEN_SHA256 = "799376eb993eb1adb28e7fe74722f601a5aa53de7233ddb50a5199b71ae55f45"
+#: Each protocol's hash as committed before any of its runs; a change to a protocol must change
+#: its line here and the protocol file.
+FROZEN_SHA256 = {
+    1: "799376eb993eb1adb28e7fe74722f601a5aa53de7233ddb50a5199b71ae55f45",
+    2: "90c185aa4f120cc318db78d39c70c83cf1b97a17d73e30841798e9eb85049d7e",
+}
 
 
-def test_protocol_hash_is_stable_and_documented() -> None:
-    assert lec.protocol_sha256(lec.PROTOCOL) == FROZEN_SHA256
+@pytest.mark.parametrize("version", sorted(FROZEN_SHA256))
+def test_protocol_hash_is_stable_and_documented(version: int) -> None:
+    proto, frozen = lec.PROTOCOLS[version], FROZEN_SHA256[version]
+    assert proto["version"] == version
+    assert lec.protocol_sha256(proto) == frozen
     # Key order does not matter; values do.
-    shuffled = dict(reversed(list(lec.PROTOCOL.items())))
-    assert lec.protocol_sha256(shuffled) == FROZEN_SHA256
-    changed = json.loads(json.dumps(lec.PROTOCOL))
-    changed["tuning"]["lr_grid"] = [1e-4, 3e-4, 1e-3]
-    assert lec.protocol_sha256(changed) != FROZEN_SHA256
+    shuffled = dict(reversed(list(proto.items())))
+    assert lec.protocol_sha256(shuffled) == frozen
+    changed = json.loads(json.dumps(proto))
+    changed["tuning"]["lr_grid"] = [1e-4, 3e-4]
+    assert lec.protocol_sha256(changed) != frozen
     doc = (REPO / "bench" / "label_efficiency_protocol.md").read_text()
-    assert FROZEN_SHA256 in doc
+    assert frozen in doc
     # The quick smoke is another protocol, on a seed that is not the confirmatory one.
-    quick = lec.quick_protocol()
-    assert lec.protocol_sha256(quick) != FROZEN_SHA256
-    assert quick["archive"]["synth_seed"] != lec.PROTOCOL["archive"]["synth_seed"]
-    assert lec.PROTOCOL["archive"]["synth_seed"] == 4242
+    quick = lec.quick_protocol(proto)
+    assert lec.protocol_sha256(quick) != frozen
+    assert quick["archive"]["synth_seed"] not in {p["archive"]["synth_seed"] for p in lec.PROTOCOLS.values()}
+
+
+def test_each_protocol_has_a_synth_seed_of_its_own() -> None:
+    assert [p["archive"]["synth_seed"] for _, p in sorted(lec.PROTOCOLS.items())] == [4242, 5151]
+    assert lec.PROTOCOL is lec.PROTOCOLS[max(lec.PROTOCOLS)]
+
+
+def test_v2_tunes_on_draw_0_and_fits_every_other_replicate_at_the_chosen_rate_only() -> None:
+    proto = lec.PROTOCOLS[2]
+    tuning = lec.tuning_cells(proto)
+    assert {c.draw for c in tuning} == {0} and {c.pretrain_seed for c in tuning} == {0, None}
+    assert len(tuning) == 2 * 2 * 2 * 3  # tasks x fractions x inits x learning rates
+    chosen = {c.key: (1e-3 if c.init == "echoclr" else 3e-3) for c in tuning}
+    rest = lec.remaining_cells(proto, chosen)
+    assert all(c.lr == chosen[c.key] for c in rest)
+    # Random init: draws 1 and 2; EchoCLR run 0: draws 1 and 2; run 1: every draw.
+    per_key = {(c.init, c.pretrain_seed, c.draw) for c in rest}
+    assert per_key == {("random", None, 1), ("random", None, 2), ("echoclr", 0, 1), ("echoclr", 0, 2),
+                       ("echoclr", 1, 0), ("echoclr", 1, 1), ("echoclr", 1, 2)}
+    assert len(rest) == 2 * 2 * 7
+    # Nothing is fitted twice.
+    assert not {(c.task, c.init, c.pretrain_seed, c.fraction, c.draw, c.lr) for c in rest} & {
+        (c.task, c.init, c.pretrain_seed, c.fraction, c.draw, c.lr) for c in tuning}
+    # v1 tuned on every draw: its remaining cells are EchoCLR's other pretraining runs only.
+    v1 = lec.PROTOCOLS[1]
+    rest1 = lec.remaining_cells(v1, {c.key: 1e-3 for c in lec.tuning_cells(v1)})
+    assert {c.init for c in rest1} == {"echoclr"} and {c.pretrain_seed for c in rest1} == {1, 2}
 
 
 def _cell(c: dict[str, Any], e: tuple[float, float, float], r: tuple[float, float, float], f: float) -> None:
@@ -174,16 +207,18 @@ def test_tuning_never_reads_the_test_split_and_only_chosen_bundles_are_scored(tm
     assert all(b.parent.name == "lr0.001" for b, _ in rec.evaluations)
     tasks, inits, fractions = (proto["finetuning"][k] for k in ("tasks", "inits", "fractions"))
     grid = proto["tuning"]["lr_grid"]
-    tuning = sum(len(lec.draws_at(proto, f)) for f in fractions) * len(tasks) * len(inits) * len(grid)
-    extra = sum(len(lec.draws_at(proto, f)) for f in fractions) * len(tasks) * (len(proto["pretraining"]["seeds"]) - 1)
-    assert len(rec.finetunes) == tuning + extra
-    assert len(rec.evaluations) == tuning // len(grid) + extra
+    tuning = sum(len(lec.tuning_draws_at(proto, f)) for f in fractions) * len(tasks) * len(inits) * len(grid)
+    # Every replicate is scored once: random init per draw, EchoCLR per draw and pretraining run.
+    replicates = sum(len(lec.draws_at(proto, f)) for f in fractions) * len(tasks) * (1 + len(proto["pretraining"]["seeds"]))
+    assert len(rec.finetunes) == tuning + replicates - tuning // len(grid)
+    assert len(rec.evaluations) == replicates
     # The choice was written, with every validation figure, before the test split was read.
     results = json.loads((out / "results.json").read_text())
     assert results["protocol_sha256"] == lec.protocol_sha256(proto)
     assert len(results["selection"]["grid"]) == len(tasks) * len(inits) * len(fractions) * len(grid)
     assert {c["lr"] for c in results["selection"]["chosen"]} == {1e-3}
-    assert all(len(g["val_study_auroc"]) == len(lec.draws_at(proto, g["fraction"])) for g in results["selection"]["grid"])
+    assert all(len(g["val_study_auroc"]) == len(lec.tuning_draws_at(proto, g["fraction"]))
+               for g in results["selection"]["grid"])
     assert len(results["verdict"]) == len(tasks) * len(fractions)
     assert all(("target met" in v) or ("target not met" in v) or ("reference" in v) for v in results["verdict"])
     assert set(results["video_summary"]) == set(tasks)
