@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -82,6 +83,11 @@ def _changed(recipe: Recipe, **flags: str) -> Recipe:
 
 
 _SHIPPED = {r.task: r for r in RECIPES}
+#: The archive options every recipe before lvh-phase used (their shared folders keep their names).
+_SMALL_ARCHIVE_ARGS = {
+    "view": ("--rows", "120", "--cols", "160", "--frames", "16", "--no-reports"),
+    "lvh": ("--rows", "120", "--cols", "160", "--frames", "16", "--no-reports", "--views", "plax"),
+}
 
 #: The LVH recipe of demo models v5 (32 px, 8-frame clips, up to 400 steps).
 _V5_LVH = replace(_SHIPPED["lvh"], size=32, finetune_args=(
@@ -93,6 +99,9 @@ _V6_LVH = replace(_SHIPPED["lvh"], size=48, patients=200, finetune_args=(
     "--preset", "tiny", "--init", "random", "--lr", "3e-3", "--epoch-samples", "800", "--epochs", "12",
     "--patience", "6", "--frames", "4"))
 _V6 = {**_SHIPPED, "lvh": _V6_LVH}
+
+#: The LVH recipe of demo models v7 (lvh-onecycle3-full below).
+_V7_LVH = _changed(_V6_LVH, lr_schedule="onecycle", patience="12")
 
 #: The candidates, each fixed before it was first run (in this order: v5,
 #: lvh48, lvh48-unweighted, v6, lvh400, lvh-b8, lvh-onecycle, lvh-onecycle3,
@@ -136,6 +145,18 @@ CANDIDATES: dict[str, dict[str, Recipe]] = {
     # at epoch 6, in the peak's noisy validation losses, on its epoch-0
     # weights. Fixed after lvh-onecycle3's run.
     "lvh-onecycle3-full": {**_V6, "lvh": _changed(_V6_LVH, lr_schedule="onecycle", patience="12")},
+    # v7 on clips that span most of a heartbeat: a longer training archive
+    # (48 frames, like a cart's loop), indexed at 8 frames/s, clips of 6
+    # frames (0.75 s, more than half of any R-R interval of 50-110 bpm, so
+    # every clip holds diastolic frames). The labels are end-diastolic
+    # thicknesses, and walls thicken by about a quarter in systole: a
+    # 4-frame clip at the native rate (0.07-0.13 s) of a normal heart in
+    # systole shows walls near the LVH threshold, and the node averages
+    # clips from every phase of the study's loops. Fixed after v7's
+    # validation run under the new sector mask.
+    "lvh-phase": {**_SHIPPED, "lvh": replace(
+        _V7_LVH, synth_args=("--rows", "120", "--cols", "160", "--frames", "48", "--no-reports", "--views", "plax"),
+        index_args=("--target-fps", "8"), finetune_args=_changed(_V7_LVH, frames="6").finetune_args)},
     # The recipe echonode demo ships now.
     "shipped": _SHIPPED,
 }
@@ -143,6 +164,16 @@ CANDIDATES: dict[str, dict[str, Recipe]] = {
 
 def _recipe_stamp(recipe_set: dict[str, Recipe]) -> str:
     return json.dumps({task: asdict(r) for task, r in sorted(recipe_set.items())}, sort_keys=True)
+
+
+def _shared_name(recipe: Recipe) -> str:
+    """The folder of a recipe's archive and cache: shared by recipes that make the same ones."""
+    name = f"{recipe.task}-{recipe.patients}-patients-{recipe.size}px"
+    default = _SMALL_ARCHIVE_ARGS[recipe.task]
+    if recipe.synth_args != default or recipe.index_args:
+        made = json.dumps([recipe.seed, list(recipe.synth_args), list(recipe.index_args)])
+        name += "-" + hashlib.sha256(made.encode()).hexdigest()[:10]
+    return name
 
 
 def _trained_by(work: Path, recipe_set: dict[str, Recipe]) -> bool:
@@ -171,7 +202,7 @@ def _train(recipe_set: dict[str, Recipe], seed: int, shared_root: Path, work: Pa
     seconds: dict[str, float] = {}
 
     def chain(recipe: Recipe) -> None:
-        shared = shared_root / f"{recipe.task}-{recipe.patients}-patients-{recipe.size}px"
+        shared = shared_root / _shared_name(recipe)
         shared.mkdir(parents=True, exist_ok=True)
         synth, index, finetune, promote = recipe_commands(_with_seed(recipe, seed), shared, staging)
         bundle = work / f"bundle-{recipe.task}"

@@ -67,6 +67,8 @@ class Recipe:
         Frame side of the clip cache and the model.
     finetune_args : tuple of str
         ``finetune`` options beyond data, task, output and naming.
+    index_args : tuple of str
+        Further ``index`` options (a frame rate to resample to).
     """
 
     task: str
@@ -75,6 +77,7 @@ class Recipe:
     synth_args: tuple[str, ...]
     size: int
     finetune_args: tuple[str, ...]
+    index_args: tuple[str, ...] = ()
 
 
 # The training archives are small pictures (120x160, 16 frames) without
@@ -136,7 +139,8 @@ def recipe_commands(recipe: Recipe, work: Path, staging: Path) -> list[list[str]
     return [
         ["synth", "--out", str(archive), "--patients", str(recipe.patients), "--seed", str(recipe.seed),
          *recipe.synth_args],
-        ["index", str(archive), "--out", str(cache), "--size", str(recipe.size), "--workers", "1", "--no-progress"],
+        ["index", str(archive), "--out", str(cache), "--size", str(recipe.size), "--workers", "1", "--no-progress",
+         *recipe.index_args],
         ["finetune", "--data", str(cache), "--labels", str(archive / "labels.csv"), "--task", recipe.task,
          "--out", str(bundle), "--size", str(recipe.size), *recipe.finetune_args, "--bootstrap", "1000",
          "--name", f"echonode-demo-{recipe.task}", "--version", f"demo-{DEMO_MODELS_VERSION}", "--no-progress"],
