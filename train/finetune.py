@@ -68,6 +68,7 @@ from train.splits import (
 
 __all__ = [
     "CLASS_WEIGHTS",
+    "PROBABILITY_SCALES",
     "CONSTANT_ANSWER_MARGIN",
     "LR_SCHEDULES",
     "EarlyStopping",
@@ -97,6 +98,13 @@ ONECYCLE_WARMUP = 0.3
 #: How a binary task weighs its classes: ``balanced`` (the paper: positives
 #: by n_neg / n_pos, so probabilities answer for a prevalence of one half) or ``none``.
 CLASS_WEIGHTS = ("balanced", "none")
+
+#: What a binary bundle's probabilities answer for. ``balanced``: as the loss
+#: leaves them (with ``--class-weight balanced``, a prevalence of one half);
+#: ``prevalence``: the head's bias is moved by ``-ln(pos_weight)`` after
+#: training, so they answer for the training prevalence, and the decision
+#: threshold moves with them (the same decisions, other probabilities).
+PROBABILITY_SCALES = ("balanced", "prevalence")
 
 
 def _binary(value: object) -> int | None:
@@ -756,6 +764,8 @@ class FinetuneOutput:
     #: False: the test split is neither checked nor scored (a hyperparameter search scores it later, once).
     score_test: bool = True
     calibration_clips: int = DEFAULT_CALIBRATION_CLIPS
+    #: One of :data:`PROBABILITY_SCALES`.
+    probabilities: str = "balanced"
 
 
 @dataclass(frozen=True)
@@ -834,7 +844,18 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     run.add_argument("--name", default=None, help="algorithm name (default echonode-<task>)")
     run.add_argument("--version", default="1")
-    run.add_argument("--threshold", type=float, default=0.5)
+    run.add_argument(
+        "--threshold", type=float, default=0.5,
+        help="decision threshold on the probability as trained (with --probabilities prevalence, the bundle "
+        "stores it moved with the probabilities, so the decisions stay the same)",
+    )  # fmt: skip
+    run.add_argument(
+        "--probabilities", choices=PROBABILITY_SCALES, default="balanced",
+        help="binary tasks: 'balanced' keeps the probabilities the weighted loss gives (with --class-weight "
+        "balanced they answer for a prevalence of one half, which lifts a negative study's); 'prevalence' moves "
+        "the head's bias by -ln(pos_weight) after training so they answer for the training prevalence; ranking "
+        "and decisions are unchanged",
+    )  # fmt: skip
     run.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the CIs")
     run.add_argument("--device", default="auto")
     run.add_argument("--no-progress", action="store_true")
@@ -892,6 +913,8 @@ class _Run:
     normalisation: str = "minmax"
     init_info: dict[str, object] = field(default_factory=dict)
     pretrained_on: tuple[str, ...] = ()
+    #: The bundle's decision threshold (``--threshold``, moved by :func:`shift_to_prevalence`).
+    threshold: float = 0.5
 
     @property
     def binary(self) -> bool:
@@ -916,7 +939,62 @@ def finetune(config: FinetuneConfig) -> Path:
     if head_fit is not None:
         metrics["head_fit"] = head_fit
     metrics.update(_score(run, loaders))
+    if run.binary:
+        # After scoring: the metrics are those of the loss's own probabilities (the shift changes neither
+        # the ranking nor, with the threshold moved too, a decision).
+        metrics["probabilities"] = _apply_probability_scale(run)
     return _write_bundle(run, out, loaders.repeats, metrics)
+
+
+def shift_to_prevalence(model: VideoClassifier, pos_weight: float | None, threshold: float) -> tuple[float, float]:
+    """Move a binary head so its probabilities answer for the training prevalence.
+
+    Training with ``BCEWithLogitsLoss(pos_weight=w)`` makes the optimal logit
+    ``ln(w) + logit(p)``, where ``p`` is the probability at the training
+    prevalence: subtracting ``ln(w)`` from the head's bias undoes it (the
+    prior correction of weighted logistic regression). The threshold moves by
+    the same amount on the logit scale, so every decision stays as it was.
+
+    Parameters
+    ----------
+    model : VideoClassifier
+        A one-output model; its ``fc.bias`` is changed in place.
+    pos_weight : float or None
+        The loss's positive-class weight (None or 1: nothing moves).
+    threshold : float
+        The decision threshold on the probability as trained, in (0, 1).
+
+    Returns
+    -------
+    logit_offset : float
+        What was added to the bias (``-ln(pos_weight)``).
+    threshold : float
+        The threshold on the new probabilities.
+    """
+    if model.fc.bias is None or model.fc.bias.numel() != 1:
+        raise ValueError("shift_to_prevalence needs a one-output head with a bias")
+    offset = -math.log(pos_weight or 1.0)
+    if offset == 0.0:
+        return 0.0, threshold
+    with torch.no_grad():
+        model.fc.bias.add_(offset)
+    if threshold <= 0.0 or threshold >= 1.0:
+        return offset, threshold
+    moved = 1.0 / (1.0 + math.exp(-(math.log(threshold / (1.0 - threshold)) + offset)))
+    return offset, moved
+
+
+def _apply_probability_scale(run: _Run) -> dict[str, object]:
+    """Apply ``--probabilities`` to the fitted binary model; returns what the bundle records of it."""
+    output = run.config.output
+    record: dict[str, object] = {"scale": output.probabilities, "pos_weight": run.data.pos_weight}
+    if output.probabilities == "prevalence":
+        assert run.model is not None
+        offset, run.threshold = shift_to_prevalence(run.model, run.data.pos_weight, output.threshold)
+        record.update(logit_offset=offset, threshold_as_trained=output.threshold, threshold=run.threshold)
+        print(f"probabilities answer for the training prevalence: bias moved by {offset:+.4f}, "
+              f"threshold {output.threshold:g} -> {run.threshold:.4f} (the same decisions)")
+    return record
 
 
 def _load_task(config: FinetuneConfig) -> _Run:
@@ -935,7 +1013,7 @@ def _load_task(config: FinetuneConfig) -> _Run:
         required = [name for name in required if name != "test"]
     check_evaluable(data, required=required)
     device = resolve_device(config.output.device)
-    return _Run(config, device, cache, splits, data)
+    return _Run(config, device, cache, splits, data, threshold=config.output.threshold)
 
 
 def _initial_model(run: _Run) -> None:
@@ -1124,7 +1202,7 @@ def _score(run: _Run, loaders: _Loaders) -> dict[str, object]:
             "loss": loss,
             **summarise(
                 run.data.task, run.data.videos[name], run.data.targets[name], probs, run.data.labels,
-                threshold=output.threshold, n_resamples=output.bootstrap, seed=run.config.optim.seed,
+                threshold=run.threshold, n_resamples=output.bootstrap, seed=run.config.optim.seed,
             ),
         }  # fmt: skip
     return scored
@@ -1186,7 +1264,7 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
         width=config.model.width,
         labels=data.labels,
         preprocessing=preprocessing,
-        threshold=config.output.threshold,
+        threshold=run.threshold,
         version=config.output.version,
         provenance=provenance,
         metrics=metrics,

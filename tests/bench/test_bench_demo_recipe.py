@@ -41,6 +41,10 @@ def test_candidates_change_only_what_they_name() -> None:
     cycle3 = list(demo_recipe.CANDIDATES["lvh-onecycle3"]["lvh"].finetune_args)
     assert cycle3[cycle3.index("--lr") + 1] == "3e-3" and cycle3[cycle3.index("--lr-schedule") + 1] == "onecycle"
     assert cycle3[cycle3.index("--patience") + 1] == "6"
+    for base, shifted in (("lvh-onecycle3-full", "v7-prevalence"), ("lvh-phase", "lvh-phase-prevalence")):
+        plain = demo_recipe.CANDIDATES[base]["lvh"]
+        moved = demo_recipe.CANDIDATES[shifted]["lvh"]
+        assert moved == replace(plain, finetune_args=(*plain.finetune_args, "--probabilities", "prevalence"))
     seeded = demo_recipe._with_seed(lvh48, 5)
     assert seeded.finetune_args[-2:] == ("--seed", "5")
 

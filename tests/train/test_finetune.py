@@ -501,3 +501,52 @@ def test_a_run_that_never_left_the_constant_answer_is_called_so(capsys) -> None:
                                                  "lowest_train_loss": round(floor * 0.985, 6), "learnt": False}
     assert constant_answer_check(learnt, y, w)["learnt"] is True
     assert constant_answer_check([{"epoch": 0, "train_loss": float("nan")}], y, w) is None
+
+
+def test_probabilities_prevalence_moves_the_bias_and_the_threshold_not_the_decisions(labelled, tmp_path: Path) -> None:
+    cache, labels = labelled
+    args = ("--task", "lvh", "--epochs", "1", "--seed", "3", "--calibration-clips", "0")
+    assert main(finetune_args(cache, labels, tmp_path / "loss", *args)) == 0
+    assert main(finetune_args(cache, labels, tmp_path / "prev", *args, "--probabilities", "prevalence")) == 0
+    as_trained, shifted = load_bundle(tmp_path / "loss"), load_bundle(tmp_path / "prev")
+    w = shifted.meta.provenance["pos_weight"]
+    assert w > 1.0  # the fixture has fewer positives than negatives, so the shift is not zero
+    record = shifted.meta.metrics["probabilities"]
+    assert record["scale"] == "prevalence" and record["logit_offset"] == pytest.approx(-np.log(w))
+    assert as_trained.meta.metrics["probabilities"] == {"scale": "balanced", "pos_weight": w}
+    # Only the head's bias differs (the same seed trains the same weights) ...
+    a, b = as_trained.model.state_dict(), shifted.model.state_dict()
+    for key in a:
+        if key == "fc.bias":
+            assert float(b[key] - a[key]) == pytest.approx(-np.log(w), abs=1e-6)
+        else:
+            assert torch.equal(a[key], b[key]), key
+    # ... and the threshold moved with it: 0.5 on the loss's scale is 1 / (1 + w) on the prevalence scale.
+    assert as_trained.meta.threshold == 0.5
+    assert shifted.meta.threshold == pytest.approx(1.0 / (1.0 + w))
+    assert shifted.meta.metrics["test"]["study"] == as_trained.meta.metrics["test"]["study"]
+
+
+def test_shift_to_prevalence_keeps_every_decision() -> None:
+    from echonode.bundles.nets import build_model
+    from train.finetune import shift_to_prevalence
+
+    model = build_model("r3d_18", 1, width=4)
+    with torch.no_grad():
+        model.fc.bias.fill_(0.3)
+    logits = torch.linspace(-4.0, 4.0, 401) + 0.3
+    for threshold in (0.5, 0.2, 0.8):
+        before = torch.sigmoid(logits) >= threshold
+        offset, moved = shift_to_prevalence(model, 3.0, threshold)
+        assert offset == pytest.approx(-np.log(3.0))
+        after = torch.sigmoid(logits + offset) >= moved
+        assert torch.equal(before, after)
+        with torch.no_grad():
+            model.fc.bias.fill_(0.3)
+    assert float(model.fc.bias.detach()) == pytest.approx(0.3)
+    assert shift_to_prevalence(model, 1.0, 0.5) == (0.0, 0.5)
+    assert shift_to_prevalence(model, None, 0.4) == (0.0, 0.4)
+    assert float(model.fc.bias.detach()) == pytest.approx(0.3)
+    # A prevalence of one half at the loss's scale reads as the training prevalence after the shift.
+    shift_to_prevalence(model, 3.0, 0.5)
+    assert float(torch.sigmoid(model.fc.bias.detach())) == pytest.approx(1.0 / (1.0 + 3.0 * np.exp(-0.3)), rel=1e-5)
