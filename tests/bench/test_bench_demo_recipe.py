@@ -14,8 +14,10 @@ from train.synth.archive import LABEL_COLUMNS, VIDEO_COLUMNS
 def test_candidates_change_only_what_they_name() -> None:
     shipped = {r.task: r for r in RECIPES}
     assert demo_recipe.CANDIDATES["shipped"] == shipped
-    # The shipped recipe (demo models v7) is the candidate chosen on validation.
-    assert demo_recipe.CANDIDATES["lvh-onecycle3-full"] == shipped
+    # The shipped recipe (demo models v8) is the candidate chosen on validation.
+    assert demo_recipe.CANDIDATES["lvh-phase-prevalence"] == shipped
+    finetune = list(shipped["lvh"].finetune_args)
+    assert finetune[finetune.index("--probabilities") + 1] == "prevalence"
     v6 = demo_recipe.CANDIDATES["v6"]
     assert v6["view"] == shipped["view"]
     v6_args = list(v6["lvh"].finetune_args)
