@@ -1256,6 +1256,8 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
             target_fps=None if manifest_pre.get("target_fps") is None else float(manifest_pre["target_fps"]),
         ).to_meta(),
         "normalisation": run.normalisation,
+        # The node warns at load when it crops with another rule than these frames were.
+        "sector_mask": run.cache.sector_mask_rule,
     }
     meta = BundleMeta.create(
         name=config.output.name or f"echonode-{data.task}",

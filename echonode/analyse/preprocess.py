@@ -38,7 +38,7 @@ from echonode.analyse.decode import (
     UnusableObject,
     decode_video,
 )
-from echonode.analyse.preprocess_config import PreprocessConfig
+from echonode.analyse.preprocess_config import SECTOR_MASK_RULE, PreprocessConfig
 
 __all__ = [
     "SECTOR_MASK_RULE",
@@ -58,10 +58,8 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Sector mask
 
-SECTOR_MASK_RULE = 2
-"""Version of :func:`sector_mask`'s rule, recorded in every clip cache so that
-frames masked by two rules are never mixed or compared: 1, the largest moving
-region only; 2, every large moving tissue region."""
+# SECTOR_MASK_RULE (the version of sector_mask's rule) lives in
+# preprocess_config, which the node reads without loading image code.
 
 # A pixel whose grey level changes by more than this over the first frames is
 # live image. Speckle in the darkest part of a sector still moves by tens of

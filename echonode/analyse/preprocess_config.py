@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FRAMINGS", "REQUIRED_KEYS", "PreprocessConfig"]
+__all__ = ["FRAMINGS", "REQUIRED_KEYS", "SECTOR_MASK_RULE", "PreprocessConfig"]
+
+SECTOR_MASK_RULE = 2
+"""Version of :func:`echonode.analyse.preprocess.sector_mask`'s rule, recorded
+in every clip cache and every bundle fine-tuned from one, so that frames masked
+by two rules are never mixed or compared, and a node warns when it crops
+otherwise than a bundle was trained: 1, the largest moving region only; 2,
+every large moving tissue region."""
 
 #: How a frame becomes a square model input.
 #: ``sector``: crop to the sector's bounding box, pad to a centred square

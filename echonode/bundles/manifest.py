@@ -245,6 +245,8 @@ def _check_preprocessing(data: Mapping[str, Any], problems: list[str]) -> None:
     for key in ("size", "clip_frames", "eval_clips", "max_frames"):
         if key in pre and (not _is_int(pre[key]) or pre[key] < 1):
             problems.append(f"preprocessing.{key} must be a positive integer, not {pre[key]!r}")
+    if "sector_mask" in pre and (not _is_int(pre["sector_mask"]) or pre["sector_mask"] < 1):
+        problems.append(f"preprocessing.sector_mask must be a positive integer, not {pre['sector_mask']!r}")
     if "min_fps" in pre and (not _is_number(pre["min_fps"]) or pre["min_fps"] < 0):
         problems.append(f"preprocessing.min_fps must be a non-negative number, not {pre['min_fps']!r}")
     if "normalisation" in pre and pre["normalisation"] not in NORMALISATIONS:

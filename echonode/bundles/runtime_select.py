@@ -56,7 +56,6 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import platform
 import statistics
@@ -66,7 +65,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from torch import nn
 
@@ -88,7 +86,7 @@ from echonode.bundles.runtime import (
     synthetic_clips,
 )
 from echonode.durable import write_json
-from echonode.ops.logs import get_logger
+from echonode.ops.logs import EventLog
 
 __all__ = [
     "AUTO_ORDER",
@@ -115,33 +113,7 @@ __all__ = [
     "supported_modes",
 ]
 
-class _Log:
-    """Structured events where the process configured logging (the worker), stdlib elsewhere.
-
-    structlog's default, before :func:`echonode.ops.logs.configure_logging`,
-    prints to stdout, where ``echonode infer`` writes its JSON; command-line
-    tools that load bundles without configuring logging get stdlib records
-    instead (warnings on stderr, info dropped), as ``echonode.bundles.runtime`` does.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
-        if structlog.is_configured():
-            get_logger(self.name).log(level, event, **fields)
-        else:
-            details = " ".join(f"{key}={value}" for key, value in fields.items())
-            logging.getLogger(self.name).log(level, "%s %s", event, details)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._emit(logging.INFO, event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._emit(logging.WARNING, event, fields)
-
-
-log = _Log(__name__)
+log = EventLog(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 

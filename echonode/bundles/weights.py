@@ -22,14 +22,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from echonode.analyse.preprocess_config import SECTOR_MASK_RULE
 from echonode.bundles.device import resolve_device
 from echonode.bundles.manifest import BUNDLE_JSON, WEIGHTS_FILE, BundleError, BundleMeta
 from echonode.bundles.nets import VideoClassifier, build_model, normalise_for_model
 from echonode.bundles.runtime import MODES
 from echonode.bundles.runtime_select import runtime_for_bundle
 from echonode.durable import publish_folder
+from echonode.ops.logs import EventLog
 
-__all__ = ["Bundle", "check_state_dict", "load_bundle", "save_bundle", "state_dict_problems"]
+__all__ = [
+    "Bundle",
+    "check_state_dict",
+    "load_bundle",
+    "save_bundle",
+    "state_dict_problems",
+    "warn_if_other_sector_mask",
+]
+
+log = EventLog(__name__)
 
 
 def _expected_shapes(arch: str, num_outputs: int, width: int) -> dict[str, tuple[int, ...]]:
@@ -273,6 +284,40 @@ class Bundle:
         return torch.cat(outputs).numpy().astype(np.float32, copy=False)
 
 
+def warn_if_other_sector_mask(meta: BundleMeta, folder: Path) -> bool:
+    """Log a warning when the bundle was trained on frames masked by another sector-mask rule.
+
+    A bundle fine-tuned from a clip cache records the cache's rule
+    (``preprocessing.sector_mask``); the node always crops with the current
+    :data:`~echonode.analyse.preprocess_config.SECTOR_MASK_RULE`. Under
+    another rule some videos are cropped, and so scaled, otherwise than the
+    network saw in training, so its probabilities may move. The bundle still
+    loads: the rule changes how some frames are framed, not what the network
+    can read, and refusing would stop a working node on upgrade.
+
+    Parameters
+    ----------
+    meta : BundleMeta
+        The bundle's metadata.
+    folder : Path
+        The bundle folder (for the log line).
+
+    Returns
+    -------
+    bool
+        True when the rules differ (a warning was logged).
+    """
+    trained = meta.preprocessing.get("sector_mask")
+    if trained is None or trained == SECTOR_MASK_RULE:
+        return False
+    log.warning(
+        "bundle.sector_mask_differs", bundle=str(folder), model=meta.name, version=meta.version,
+        trained_rule=trained, node_rule=SECTOR_MASK_RULE,
+        advice="index the archive again and fine-tune again with this release",
+    )  # fmt: skip
+    return True
+
+
 def load_bundle(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
@@ -332,6 +377,7 @@ def load_bundle(
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"bundle {folder}: {BUNDLE_JSON} is not valid JSON ({exc})") from None
     meta = BundleMeta.from_dict(data, source=folder)
+    warn_if_other_sector_mask(meta, folder)
     state = _load_weights(folder / WEIGHTS_FILE, folder)
     state = check_state_dict(state, meta.arch, meta.num_outputs, meta.width, source=folder)
     # Build on the meta device and adopt the loaded tensors: no random

@@ -172,3 +172,36 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """Return a structlog logger named ``name``."""
     return structlog.stdlib.get_logger(name)
+
+
+class EventLog:
+    """Structured events where the process configured logging (the worker), stdlib elsewhere.
+
+    structlog's default, before :func:`configure_logging`, prints to stdout,
+    where ``echonode infer`` writes its JSON; command-line tools that load
+    bundles without configuring logging get stdlib records instead (warnings
+    on stderr, info dropped).
+
+    Parameters
+    ----------
+    name : str
+        The logger's name (a module's ``__name__``).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            get_logger(self.name).log(level, event, **fields)
+        else:
+            details = " ".join(f"{key}={value}" for key, value in fields.items())
+            logging.getLogger(self.name).log(level, "%s %s", event, details)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Log ``event`` with ``fields`` at INFO."""
+        self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """Log ``event`` with ``fields`` at WARNING."""
+        self._emit(logging.WARNING, event, fields)

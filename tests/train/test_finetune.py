@@ -525,6 +525,8 @@ def test_probabilities_prevalence_moves_the_bias_and_the_threshold_not_the_decis
     assert as_trained.meta.threshold == 0.5
     assert shifted.meta.threshold == pytest.approx(1.0 / (1.0 + w))
     assert shifted.meta.metrics["test"]["study"] == as_trained.meta.metrics["test"]["study"]
+    # Both record the sector-mask rule of the cache they were trained from.
+    assert as_trained.meta.preprocessing["sector_mask"] == ClipCache(cache).sector_mask_rule == 2
 
 
 def test_shift_to_prevalence_keeps_every_decision() -> None:

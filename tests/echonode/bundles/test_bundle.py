@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from echonode.analyse.preprocess_config import SECTOR_MASK_RULE
 from echonode.bundles.device import resolve_device
 from echonode.bundles.manifest import (
     BUNDLE_JSON,
@@ -182,6 +183,8 @@ def _edit_json(folder: Path, edit) -> None:
         (lambda d: d.update(threshold=1.5), "threshold"),
         (lambda d: d["preprocessing"].update(normalisation="zscore"), "normalisation"),
         (lambda d: d["preprocessing"].pop("eval_clips"), "preprocessing lacks eval_clips"),
+        (lambda d: d["preprocessing"].update(sector_mask="latest"), "preprocessing.sector_mask"),
+        (lambda d: d["preprocessing"].update(sector_mask=0), "preprocessing.sector_mask"),
         (lambda d: d.update(frame_size=SIZE * 2), "differs from frame_size"),
         (lambda d: d.update(random_weights="yes"), "random_weights"),
         (lambda d: d.update(format_version=99), "newer"),
@@ -193,6 +196,22 @@ def test_bad_metadata_is_refused(tmp_path: Path, edit, message: str) -> None:
     with pytest.raises(BundleError, match=message) as info:
         load_bundle(tmp_path / "b")
     assert str(tmp_path / "b") in str(info.value)
+
+
+@pytest.mark.parametrize(("rule", "warned"), [(None, False), (SECTOR_MASK_RULE, False), (SECTOR_MASK_RULE - 1, True)])
+def test_a_bundle_of_another_sector_mask_rule_loads_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, rule: int | None, warned: bool,
+) -> None:
+    pre = TINY_PRE if rule is None else {**TINY_PRE, "sector_mask": rule}
+    _make(tmp_path / "b", preprocessing=pre)
+    with caplog.at_level("WARNING"):
+        bundle = load_bundle(tmp_path / "b", runtime="eager")
+    assert bundle.meta.preprocessing.get("sector_mask") == rule
+    lines = [r.getMessage() for r in caplog.records if "bundle.sector_mask_differs" in r.getMessage()]
+    assert len(lines) == int(warned)
+    if warned:
+        assert f"trained_rule={rule}" in lines[0] and f"node_rule={SECTOR_MASK_RULE}" in lines[0]
+        assert str(tmp_path / "b") in lines[0]
 
 
 def test_view_labels_must_fit(tmp_path: Path) -> None:
