@@ -137,8 +137,10 @@ def make_archive(ns: argparse.Namespace) -> tuple[Path, Path]:
         s = generate_archive(archive, ns.patients, ns.synth_seed, frames=ns.frames, rows=ns.rows, cols=ns.cols)
         log(f"synth: {s.videos} videos, {s.studies} studies ({s.lvh_studies} LVH, {s.severe_as_studies} severe AS), "
             f"{s.seconds:.0f} s")
-    cache = ns.out / f"cache-{ns.size}"
-    report = build_index(archive, cache, PreprocessConfig(size=ns.size), progress=False)
+    # A resampled cache gets a folder of its own: caches of two rates are never read together.
+    target_fps = getattr(ns, "target_fps", None)
+    cache = ns.out / (f"cache-{ns.size}" if target_fps is None else f"cache-{ns.size}-fps{target_fps:g}")
+    report = build_index(archive, cache, PreprocessConfig(size=ns.size, target_fps=target_fps), progress=False)
     log(f"index: {report.cached} videos cached ({report.added} added), {report.unusable} unusable, {report.seconds:.0f} s")
     return archive, cache
 

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 FROZEN_SHA256 = {
     1: "799376eb993eb1adb28e7fe74722f601a5aa53de7233ddb50a5199b71ae55f45",
     2: "90c185aa4f120cc318db78d39c70c83cf1b97a17d73e30841798e9eb85049d7e",
+    3: "3f5370f192bc0be91453a1b883cf7c5331a95e9479c296dfb45262ac1cbafc14",
 }
 
 
@@ -49,8 +50,33 @@ def test_protocol_hash_is_stable_and_documented(version: int) -> None:
 
 
 def test_each_protocol_has_a_synth_seed_of_its_own() -> None:
-    assert [p["archive"]["synth_seed"] for _, p in sorted(lec.PROTOCOLS.items())] == [4242, 5151]
+    assert [p["archive"]["synth_seed"] for _, p in sorted(lec.PROTOCOLS.items())] == [4242, 5151, 6464]
     assert lec.PROTOCOL is lec.PROTOCOLS[max(lec.PROTOCOLS)]
+
+
+def test_v3_asks_severe_as_on_resampled_frames(tmp_path: Path, monkeypatch) -> None:
+    proto = lec.PROTOCOLS[3]
+    assert proto["finetuning"]["tasks"] == ["severe_as"]
+    tuning = lec.tuning_cells(proto)
+    assert len(tuning) == 1 * 2 * 2 * 3 and {c.lr for c in tuning} == {1e-4, 3e-4, 1e-3}
+    rest = lec.remaining_cells(proto, {c.key: 3e-4 for c in tuning})
+    assert len(rest) == 2 * 7
+    # The archive is indexed at 15 frames/s into a folder of its own; protocol 2's stays native.
+    ns = lec.bench_namespace(proto, tmp_path, "cpu")
+    assert ns.target_fps == 15.0 and ns.frames == 48
+    assert lec.bench_namespace(lec.PROTOCOLS[2], tmp_path, "cpu").target_fps is None
+    seen: dict[str, Any] = {}
+
+    def fake_index(archive: Path, cache: Path, cfg: Any, progress: bool) -> argparse.Namespace:
+        seen.update(cache=cache, cfg=cfg)
+        return argparse.Namespace(cached=0, added=0, unusable=0, seconds=0.0)
+
+    monkeypatch.setattr("train.index.build_index", fake_index)
+    ns.archive = tmp_path / "archive"
+    ns.archive.mkdir()
+    (ns.archive / "labels.csv").write_text("study_uid\n")
+    _, cache = le.make_archive(ns)
+    assert cache == seen["cache"] == tmp_path / "cache-48-fps15" and seen["cfg"].target_fps == 15.0
 
 
 def test_v2_tunes_on_draw_0_and_fits_every_other_replicate_at_the_chosen_rate_only() -> None:
