@@ -157,6 +157,16 @@ PROTOCOL_V2: dict[str, Any] = {
     },
 }
 
+
+def _revised(base: Mapping[str, Any], version: int, **groups: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` as ``version`` with the keys of each named group replaced (a new group is added)."""
+    proto = copy.deepcopy(dict(base))
+    proto["version"] = version
+    for group, values in groups.items():
+        proto.setdefault(group, {}).update(copy.deepcopy(dict(values)))
+    return proto
+
+
 #: Protocol 3: severe AS asked again with clips that span the valve's opening.
 #: Protocol 2 cached at the carts' native rates, where an 8-frame clip spans
 #: 130-270 ms and the valve is open for about a fifth of each beat, and
@@ -167,15 +177,6 @@ PROTOCOL_V2: dict[str, Any] = {
 #: none) and the patience is 8 (a run may sit on the constant answer's
 #: plateau for several epochs before it leaves). LVH was answered by
 #: protocol 2 and is not asked again. A new seed, 6464.
-def _revised(base: Mapping[str, Any], version: int, **groups: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` as ``version`` with the keys of each named group replaced (a new group is added)."""
-    proto = copy.deepcopy(dict(base))
-    proto["version"] = version
-    for group, values in groups.items():
-        proto.setdefault(group, {}).update(copy.deepcopy(dict(values)))
-    return proto
-
-
 PROTOCOL_V3: dict[str, Any] = _revised(
     PROTOCOL_V2, 3,
     archive={"synth_seed": 6464, "frames": 48},
