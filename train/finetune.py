@@ -1000,6 +1000,13 @@ def _apply_probability_scale(run: _Run) -> dict[str, object]:
 def _load_task(config: FinetuneConfig) -> _Run:
     """The cache, the archive's split and the task's videos; refuses splits that cannot be scored."""
     d = config.dataset
+    if config.output.probabilities not in PROBABILITY_SCALES:
+        raise ValueError(f"--probabilities must be one of {', '.join(PROBABILITY_SCALES)}, "
+                         f"not {config.output.probabilities!r}")
+    if config.output.probabilities != "balanced" and d.task not in BINARY_TASKS:
+        # A softmax over views has no class weight to undo: say so rather than ignore the flag.
+        raise ValueError(f"--probabilities {config.output.probabilities} applies to the binary tasks "
+                         f"({', '.join(BINARY_TASKS)}), not {d.task}")
     cache = ClipCache(d.data)
     rows = load_study_labels(d.labels)
     splits = split_cache(cache, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)

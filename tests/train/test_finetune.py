@@ -529,6 +529,14 @@ def test_probabilities_prevalence_moves_the_bias_and_the_threshold_not_the_decis
     assert as_trained.meta.preprocessing["sector_mask"] == ClipCache(cache).sector_mask_rule == 2
 
 
+def test_probabilities_prevalence_is_refused_for_the_view_task(labelled, tmp_path: Path, capsys) -> None:
+    cache, labels = labelled
+    assert main(finetune_args(cache, labels, tmp_path / "view", "--task", "view", "--epochs", "1",
+                              "--probabilities", "prevalence")) == 2  # fmt: skip
+    assert "applies to the binary tasks" in capsys.readouterr().err
+    assert not (tmp_path / "view").exists()
+
+
 def test_shift_to_prevalence_keeps_every_decision() -> None:
     from echonode.bundles.nets import build_model
     from train.finetune import shift_to_prevalence
