@@ -113,7 +113,8 @@ _LVH_PHASE = replace(
 
 #: The candidates, each fixed before it was first run (in this order: v5,
 #: lvh48, lvh48-unweighted, v6, lvh400, lvh-b8, lvh-onecycle, lvh-onecycle3,
-#: lvh-onecycle3-full); "shipped" is whatever ``echonode demo`` trains now.
+#: lvh-onecycle3-full, lvh-phase, then v7-prevalence and lvh-phase-prevalence
+#: together); "shipped" is whatever ``echonode demo`` trains now.
 CANDIDATES: dict[str, dict[str, Recipe]] = {
     "v5": {"view": _VIEW, "lvh": _V5_LVH},
     # LVH at 48 px (walls of 1.0 and 1.7 cm differ by about 2 px at 32 px),
@@ -166,8 +167,8 @@ CANDIDATES: dict[str, dict[str, Recipe]] = {
     # v7 and lvh-phase with probabilities that answer for the training
     # prevalence (``finetune --probabilities prevalence``: the head's bias
     # moved by -ln(pos_weight) after training, the threshold with it). The
-    # paper's weighting lifts a normal study's probability by that much on
-    # the logit scale (ln 2.3 = 0.83 here). Fixed after lvh-phase's and
+    # paper's weighting lifts every clip's logit by that much (ln 2.35 =
+    # 0.85 here). Fixed after lvh-phase's and
     # v7's validation runs on the AMD machine, whose probabilities with the
     # shift applied by hand foretold these runs to within a few studies
     # (only the bias moves; a seed trained again is close, not identical).

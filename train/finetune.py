@@ -103,7 +103,8 @@ CLASS_WEIGHTS = ("balanced", "none")
 #: leaves them (with ``--class-weight balanced``, a prevalence of one half);
 #: ``prevalence``: the head's bias is moved by ``-ln(pos_weight)`` after
 #: training, so they answer for the training prevalence, and the decision
-#: threshold moves with them (the same decisions, other probabilities).
+#: threshold moves with them (the same decision for every clip; a video's or
+#: study's mean of clip probabilities can rarely land on the other side).
 PROBABILITY_SCALES = ("balanced", "prevalence")
 
 
@@ -853,8 +854,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--probabilities", choices=PROBABILITY_SCALES, default="balanced",
         help="binary tasks: 'balanced' keeps the probabilities the weighted loss gives (with --class-weight "
         "balanced they answer for a prevalence of one half, which lifts a negative study's); 'prevalence' moves "
-        "the head's bias by -ln(pos_weight) after training so they answer for the training prevalence; ranking "
-        "and decisions are unchanged",
+        "the head's bias by -ln(pos_weight) after training so they answer for the training prevalence, and the "
+        "threshold with it (every clip's decision and order unchanged; a study's mean of clips can rarely differ)",
     )  # fmt: skip
     run.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the CIs")
     run.add_argument("--device", default="auto")
@@ -938,11 +939,11 @@ def finetune(config: FinetuneConfig) -> Path:
         metrics["constant_answer"] = constant_answer_check(history, run.data.targets["train"], run.data.pos_weight)
     if head_fit is not None:
         metrics["head_fit"] = head_fit
-    metrics.update(_score(run, loaders))
     if run.binary:
-        # After scoring: the metrics are those of the loss's own probabilities (the shift changes neither
-        # the ranking nor, with the threshold moved too, a decision).
+        # Before scoring, so that the bundle's metrics describe the probabilities it ships: a video's and a
+        # study's probability is the mean of its clips', which the shift does not commute with.
         metrics["probabilities"] = _apply_probability_scale(run)
+    metrics.update(_score(run, loaders))
     return _write_bundle(run, out, loaders.repeats, metrics)
 
 
@@ -953,7 +954,10 @@ def shift_to_prevalence(model: VideoClassifier, pos_weight: float | None, thresh
     ``ln(w) + logit(p)``, where ``p`` is the probability at the training
     prevalence: subtracting ``ln(w)`` from the head's bias undoes it (the
     prior correction of weighted logistic regression). The threshold moves by
-    the same amount on the logit scale, so every decision stays as it was.
+    the same amount on the logit scale, so every clip's decision stays as it
+    was. A video's or study's probability is the mean of its clips', which
+    the shift does not commute with: where its clips disagree strongly, a
+    study's decision or its order against another study can change.
 
     Parameters
     ----------
@@ -993,7 +997,7 @@ def _apply_probability_scale(run: _Run) -> dict[str, object]:
         offset, run.threshold = shift_to_prevalence(run.model, run.data.pos_weight, output.threshold)
         record.update(logit_offset=offset, threshold_as_trained=output.threshold, threshold=run.threshold)
         print(f"probabilities answer for the training prevalence: bias moved by {offset:+.4f}, "
-              f"threshold {output.threshold:g} -> {run.threshold:.4f} (the same decisions)")
+              f"threshold {output.threshold:g} -> {run.threshold:.4f} (the same decision for every clip)")
     return record
 
 

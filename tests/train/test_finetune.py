@@ -504,6 +504,8 @@ def test_a_run_that_never_left_the_constant_answer_is_called_so(capsys) -> None:
 
 
 def test_probabilities_prevalence_moves_the_bias_and_the_threshold_not_the_decisions(labelled, tmp_path: Path) -> None:
+    from train.evaluate import evaluate_bundle
+
     cache, labels = labelled
     args = ("--task", "lvh", "--epochs", "1", "--seed", "3", "--calibration-clips", "0")
     assert main(finetune_args(cache, labels, tmp_path / "loss", *args)) == 0
@@ -524,7 +526,13 @@ def test_probabilities_prevalence_moves_the_bias_and_the_threshold_not_the_decis
     # ... and the threshold moved with it: 0.5 on the loss's scale is 1 / (1 + w) on the prevalence scale.
     assert as_trained.meta.threshold == 0.5
     assert shifted.meta.threshold == pytest.approx(1.0 / (1.0 + w))
-    assert shifted.meta.metrics["test"]["study"] == as_trained.meta.metrics["test"]["study"]
+    # The bundle's metrics describe the probabilities it ships, at the threshold it ships: evaluate agrees.
+    test = shifted.meta.metrics["test"]
+    assert test["study"]["threshold_metrics"]["threshold"] == shifted.meta.threshold
+    report = evaluate_bundle(tmp_path / "prev", cache, labels, tmp_path / "eval", n_resamples=50, runtime="eager")
+    for level in ("video", "study"):
+        assert report[level]["auroc"]["estimate"] == pytest.approx(test[level]["auroc"]["estimate"], abs=1e-9)
+        assert report[level]["threshold_metrics"] == pytest.approx(test[level]["threshold_metrics"], abs=1e-9)
     # Both record the sector-mask rule of the cache they were trained from.
     assert as_trained.meta.preprocessing["sector_mask"] == ClipCache(cache).sector_mask_rule == 2
 
