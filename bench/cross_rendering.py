@@ -27,6 +27,12 @@ its ranges were fixed before it was first run here) into bundles of their
 own beside the plain ones, on the same archives: run the script without it
 and then with it on one ``--out`` for a paired comparison.
 
+``--framing physical`` indexes both archives with ``index --framing physical
+--field-cm CM`` (a window of CM centimetres at the pixel size each video's
+calibrated region states, so a wall of 1.2 cm is the same number of input
+pixels at any depth and in either renderer) into caches and bundles named
+``*-cmCM``.
+
 ``--look varied`` trains on renderer A drawn with ``synth --look varied`` (a
 wide spread of grey maps, speckle, edges and tissue contrast per video) into
 an archive, caches and bundles named ``*-varied``; renderer B is unchanged.
@@ -108,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-fps", type=float, default=None,
                    help="index both archives resampled to this frame rate (index --target-fps); "
                    "caches, bundles and reports named *-fpsN")
+    p.add_argument("--framing", choices=("sector", "physical"), default="sector",
+                   help="index --framing of both archives (physical: caches, bundles and reports named *-cmN)")
+    p.add_argument("--field-cm", type=float, default=16.0, help="the physical framing's window in cm (default 16)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny archives, 1 epoch")
     p.add_argument("--look", choices=("standard", "varied"), default="standard",
                    help="renderer A's look (synth --look): varied trains on a wide spread of looks "
@@ -133,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                                          "--cols", "320", "--frames", "32", "--no-reports")
                        for name, (renderer, look, path, seed, n) in archives.items()
                        if not (path / "labels.csv").exists()}, log)
-    fps = "" if ns.target_fps is None else f"-fps{ns.target_fps:g}"
-    fps_args = () if ns.target_fps is None else ("--target-fps", f"{ns.target_fps:g}")
+    # Caches are named by how their frames were made: the time resampling and the framing.
+    fps = ("" if ns.target_fps is None else f"-fps{ns.target_fps:g}") + (
+        "" if ns.framing == "sector" else f"-cm{ns.field_cm:g}")
+    fps_args = (() if ns.target_fps is None else ("--target-fps", f"{ns.target_fps:g}")) + (
+        () if ns.framing == "sector" else ("--framing", "physical", "--field-cm", f"{ns.field_cm:g}"))
     _run_side_by_side({f"index {r}": ("index", str(path), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
                                       "--size", str(ns.size), "--workers", "1", "--no-progress", *fps_args)
                        for r, (_, _, path, _, _) in archives.items() if not (out / f"cache-{r}{fps}").exists()}, log)
@@ -165,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train: polar ({ns.look} look), {ns.train_patients} patients; test: raster, {ns.test_patients} patients; "
           f"size {ns.size}, tiny preset, Adam {ns.lr}, {ns.epochs} epochs (patience {ns.patience}), random init"
           f"{', appearance augmentation' if ns.appearance else ''}"
-          f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}; "
+          f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}"
+          f"{'' if ns.framing == 'sector' else f', physical framing ({ns.field_cm:g} cm window)'}; "
           f"{time.monotonic() - started:.0f} s")
     print("| task | evaluated on | study AUROC [95 % CI, 2000 resamples of studies] | positives / negatives |")
     print("|---|---|---|---|")

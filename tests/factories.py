@@ -82,8 +82,11 @@ def write(ds: Dataset, path: Path) -> Path:
 
 def tiny_bundle(models_dir: Path, task: str, *, seed: int = 0, name: str | None = None, version: str = "1",
                 size: int = 32, clip_frames: int = 8, width: int = 4, threshold: float = 0.5,
-                labels: list[str] | None = None) -> Path:
-    """A small random-weight bundle (CPU-fast) installed under ``models_dir``."""
+                labels: list[str] | None = None, preprocessing: dict | None = None) -> Path:
+    """A small random-weight bundle (CPU-fast) installed under ``models_dir``.
+
+    ``preprocessing`` adds to (or overrides) the bundle's preprocessing settings.
+    """
     import torch
 
     from echonode.bundles.manifest import BundleMeta
@@ -95,7 +98,7 @@ def tiny_bundle(models_dir: Path, task: str, *, seed: int = 0, name: str | None 
         task=task,
         width=width,
         labels=labels,
-        preprocessing={"size": size, "clip_frames": clip_frames},
+        preprocessing={"size": size, "clip_frames": clip_frames, **(preprocessing or {})},
         threshold=threshold,
         version=version,
         random_weights=True,

@@ -109,6 +109,11 @@ def _check_cache_matches_bundle(cache: ClipCache, bundle_pre: dict, cache_dir: o
             f"{cache_dir}: frames cached with framing {framing!r}, the bundle expects {wanted.framing!r}; "
             f"index the archive again with --framing {wanted.framing}"
         )
+    if framing == "physical" and float(cached.get("field_cm", 16.0)) != wanted.field_cm:
+        raise ValueError(
+            f"{cache_dir}: frames cached with a {float(cached.get('field_cm', 16.0)):g} cm window, the bundle expects "
+            f"{wanted.field_cm:g} cm; index the archive again with --framing physical --field-cm {wanted.field_cm:g}"
+        )
     fps = None if cached.get("target_fps") is None else float(cached["target_fps"])
     if fps != wanted.target_fps:
         again = "without --target-fps" if wanted.target_fps is None else f"with --target-fps {wanted.target_fps:g}"

@@ -1264,6 +1264,7 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
             max_frames=int(manifest_pre.get("max_frames", cache_cfg.max_frames)),
             min_fps=float(manifest_pre.get("min_fps", cache_cfg.min_fps)),
             framing=str(manifest_pre.get("framing", cache_cfg.framing)),
+            field_cm=float(manifest_pre.get("field_cm", cache_cfg.field_cm)),
             target_fps=None if manifest_pre.get("target_fps") is None else float(manifest_pre["target_fps"]),
         ).to_meta(),
         "normalisation": run.normalisation,

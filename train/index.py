@@ -519,6 +519,8 @@ def _open_manifest(cache: Path, cfg: PreprocessConfig, shard: Shard | None) -> d
         # Recorded only when not the default, so that caches made before
         # framing was a setting (all ``sector``) stay valid.
         settings["framing"] = cfg.framing
+    if cfg.framing == "physical":
+        settings["field_cm"] = float(cfg.field_cm)
     # A cache made before the rule was recorded used rule 1: adding to it is
     # refused below, since its frames were masked otherwise.
     settings["sector_mask"] = SECTOR_MASK_RULE
@@ -602,7 +604,12 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--framing", choices=FRAMINGS, default="sector",
         help="sector: crop to the sector and pad to a square (default); frame: resize the whole masked frame "
-        "(the EchoCLR authors' code)",
+        "(the EchoCLR authors' code); physical: a --field-cm window at the pixel size the image's calibrated "
+        "region states, the same size in cm in every video (videos without calibration are left out)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--field-cm", type=float, default=16.0, metavar="CM",
+        help="side of the physical framing's window in cm (default 16)",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -627,7 +634,7 @@ def run_index(ns: argparse.Namespace) -> int:
             ns.archive,
             ns.out,
             PreprocessConfig(size=size, max_frames=ns.max_frames, framing=ns.framing,
-                             target_fps=getattr(ns, "target_fps", None)),
+                             target_fps=getattr(ns, "target_fps", None), field_cm=getattr(ns, "field_cm", 16.0)),
             progress=not ns.no_progress,
             videos_csv=ns.videos_csv,
             prune=ns.prune,

@@ -91,13 +91,15 @@ def _check_cache(cache: ClipCache, cfg: PreprocessConfig, bundle: Bundle) -> Non
     have = {"framing": "sector", **cache.manifest["preprocess"], "sector_mask": cache.sector_mask_rule}
     want = {"size": cfg.size, "max_frames": cfg.max_frames, "target_fps": cfg.target_fps, "mask_frames": cfg.mask_frames,
             "framing": cfg.framing, "sector_mask": SECTOR_MASK_RULE}
+    if cfg.framing == "physical":
+        want["field_cm"] = cfg.field_cm
     differ = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     if differ:
         detail = ", ".join(f"{k} {a} (bundle: {b})" for k, (a, b) in sorted(differ.items()))
         raise ValueError(
             f"{', '.join(map(str, cache.roots))}: indexed with {detail}; bundle {bundle.path} sees other pixels. "
             f"Index for it: echonode-train index ARCHIVE --out CACHE --size {cfg.size} --max-frames {cfg.max_frames}"
-            f" --framing {cfg.framing}"
+            f" --framing {cfg.framing}" + (f" --field-cm {cfg.field_cm:g}" if cfg.framing == "physical" else "")
         )
 
 

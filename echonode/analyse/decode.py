@@ -47,6 +47,7 @@ from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from echonode.analyse.calibration import PixelSpacing, tissue_spacing
 from echonode.analyse.frametiming import (
     DEFAULT_FPS,
     ImplausibleTiming,
@@ -148,6 +149,10 @@ class DecodedVideo:
         Transfer Syntax UID as stored.
     fast_path : bool
         True when the frames came from the OpenCV JPEG path.
+    spacing : PixelSpacing or None
+        Centimetres per pixel of ``frames`` (the decoded size) from the
+        image's 2D tissue region; None when it states no believable one
+        (:func:`echonode.analyse.calibration.tissue_spacing`).
     """
 
     frames: np.ndarray
@@ -164,6 +169,7 @@ class DecodedVideo:
     transfer_syntax: str = ""
     fast_path: bool = False
     fps_source: str = ""
+    spacing: PixelSpacing | None = None
 
 
 def choose_reduction(rows: int, cols: int, target_side: int | None) -> int:
@@ -221,6 +227,10 @@ class DecodeOptions:
     prefer_fast : bool
         Use the OpenCV JPEG path where it applies (default). False forces
         pydicom's decoders, for comparison and debugging.
+    max_pixel_cm : float or None
+        With a calibrated image, reduce no further than a decoded pixel of
+        this many cm (a ``physical`` framing's input pixel), so that a
+        window in cm is never enlarged from coarser pixels.
     """
 
     target_side: int | None = None
@@ -230,6 +240,7 @@ class DecodeOptions:
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     threads: int | None = None
     prefer_fast: bool = True
+    max_pixel_cm: float | None = None
 
 
 def decode_video(
@@ -357,6 +368,10 @@ def _decode(ds: Dataset, opts: DecodeOptions) -> DecodedVideo:
         )
 
     reduction = choose_reduction(fmt.rows, fmt.cols, opts.target_side)
+    spacing = _spacing(ds)
+    if opts.max_pixel_cm is not None and spacing is not None:
+        while reduction > 1 and max(spacing.row_cm, spacing.col_cm) * reduction > opts.max_pixel_cm:
+            reduction //= 2
     use_fast = (
         opts.prefer_fast
         and fmt.transfer_syntax in _FAST_PATH_SYNTAXES
@@ -386,7 +401,16 @@ def _decode(ds: Dataset, opts: DecodeOptions) -> DecodedVideo:
         transfer_syntax=fmt.transfer_syntax,
         fast_path=use_fast,
         fps_source=fps_source,
+        spacing=None if spacing is None else spacing.scaled(1.0 / reduction),
     )
+
+
+def _spacing(ds: Dataset) -> PixelSpacing | None:
+    """The stored frames' pixel size; a malformed region sequence is no calibration, not an error."""
+    try:
+        return tissue_spacing(ds)
+    except Exception:  # noqa: BLE001 - a region sequence pydicom cannot parse
+        return None
 
 
 def _check_image(ds: Dataset) -> str:

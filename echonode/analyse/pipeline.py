@@ -219,6 +219,9 @@ class _Decoded:
     outcome: VideoOutcome
     frames: dict[PreprocessConfig, np.ndarray] | None
     seconds: float = 0.0
+    #: Preprocessings this video could not be given (a ``physical`` framing
+    #: of a video without calibration), with why; the others still run.
+    refused: dict[PreprocessConfig, str] = field(default_factory=dict)
 
 
 def _outcome(record: ObjectRecord, reason: str | None = None) -> VideoOutcome:
@@ -236,7 +239,15 @@ def _decode(record: ObjectRecord, configs: Sequence[PreprocessConfig], threads: 
     outcome = _outcome(record)
     try:
         video: DecodedVideo = decode_video(record.path, decode_options_for(configs), threads=threads)
-        frames = {c: preprocess_video(video, c) for c in configs}
+        frames: dict[PreprocessConfig, np.ndarray] = {}
+        refused: dict[PreprocessConfig, str] = {}
+        for cfg in configs:
+            try:
+                frames[cfg] = preprocess_video(video, cfg)
+            except UnusableObject as exc:
+                refused[cfg] = exc.reason
+        if not frames and refused:
+            raise UnusableObject("; ".join(dict.fromkeys(refused.values())))
     except UnusableObject as exc:
         outcome.reason = exc.reason
         return _Decoded(outcome, None)
@@ -248,7 +259,7 @@ def _decode(record: ObjectRecord, configs: Sequence[PreprocessConfig], threads: 
     outcome.usable = True
     outcome.n_frames = int(video.frames.shape[0])
     outcome.fps = float(video.fps)
-    return _Decoded(outcome, frames)
+    return _Decoded(outcome, frames, refused=refused)
 
 
 def analyse_study(
@@ -324,7 +335,11 @@ def analyse_study(
         if view_bundle is not None and not _keep_view(decoded, view_bundle, views, batch_size, timings):
             continue
         decoded.outcome.used = True
-        batcher.add(idx, decoded.frames)
+        not_measured = batcher.add(idx, decoded.frames)
+        for task in not_measured:
+            cfg = preprocess_config(next(b for b in task_bundles if b.task == task))
+            decoded.outcome.reason = "; ".join(
+                filter(None, [decoded.outcome.reason, f"not measured by {task}: {decoded.refused[cfg]}"]))
     batcher.finish()
     tasks = _task_outcomes(task_bundles, batcher.clip_probs, outcomes)
     all_outcomes = outcomes + skipped
@@ -387,6 +402,9 @@ def _keep_view(
     """Classify the video's view (recorded on its outcome); whether the task models see it."""
     assert decoded.frames is not None
     vcfg = preprocess_config(view_bundle)
+    if vcfg not in decoded.frames:
+        decoded.outcome.reason = f"view not classified: {decoded.refused[vcfg]}"
+        return False
     clips = make_eval_clips(decoded.frames[vcfg], vcfg)
     t0 = time.perf_counter()
     vprobs = view_bundle.predict(clips, batch_size=batch_size)
@@ -420,11 +438,17 @@ class _ClipBatcher:
         self.pending: dict[PreprocessConfig, list[tuple[int, np.ndarray]]] = {c: [] for c in self.configs}
         self.clip_probs: dict[str, dict[int, list[float]]] = {b.task: {} for b in self.task_bundles}
 
-    def add(self, idx: int, frames: dict[PreprocessConfig, np.ndarray]) -> None:
-        """Queue video ``idx``'s clips; run the models on every full batch."""
+    def add(self, idx: int, frames: dict[PreprocessConfig, np.ndarray]) -> list[str]:
+        """Queue video ``idx``'s clips; run the models on every full batch.
+
+        Returns the tasks whose preprocessing the video lacks (they do not
+        see it).
+        """
         for cfg in self.configs:
-            self.pending[cfg].append((idx, make_eval_clips(frames[cfg], cfg)))
-            self._flush(cfg, force=False)
+            if cfg in frames:
+                self.pending[cfg].append((idx, make_eval_clips(frames[cfg], cfg)))
+                self._flush(cfg, force=False)
+        return [b.task for b in self.task_bundles if preprocess_config(b) not in frames]
 
     def finish(self) -> None:
         """Run the models on what is still queued."""
@@ -473,4 +497,8 @@ def _why_no_result(task_bundles: Sequence[Bundle], outcomes: Sequence[VideoOutco
     if not any(v.usable for v in outcomes):
         reasons = sorted({v.reason or "" for v in outcomes})
         return "no usable video (" + "; ".join(reasons)[:300] + ")" if reasons else "no objects"
+    used = [v for v in outcomes if v.used]
+    if used:
+        reasons = sorted({v.reason or "" for v in used})
+        return "no video the task models could measure (" + "; ".join(reasons)[:300] + ")"
     return f"no video of view {', '.join(views)}"

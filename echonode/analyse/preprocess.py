@@ -14,8 +14,12 @@ The steps (METHOD.md's, with the framing choice below):
 3. frame the square input (``PreprocessConfig.framing``): ``sector`` (the
    default) crops to the sector's bounding box and pads to a centred square,
    keeping the aspect ratio; ``frame`` resizes the whole masked frame to the
-   square, as the EchoCLR authors' code does (aspect not kept). Either way
-   to ``size`` x ``size`` with area interpolation;
+   square, as the EchoCLR authors' code does (aspect not kept); ``physical``
+   takes a window of ``field_cm`` centimetres from the sector's top, centred
+   on it, at the pixel size the image's calibrated region states, so one
+   input pixel is the same size in every video (a video without a
+   believable calibration is refused). Each way to ``size`` x ``size`` with
+   area interpolation;
 4. cut clips: 4 evenly spaced 16-frame clips for evaluation
    (:func:`make_eval_clips`), one random clip for training
    (:func:`training_clip`); per-clip min-max normalisation to [0, 1]; the
@@ -218,9 +222,14 @@ def preprocess_video(video: DecodedVideo, cfg: PreprocessConfig | None = None) -
     Raises
     ------
     UnusableObject
-        When no ultrasound sector is found (a blank or static-black video).
+        When no ultrasound sector is found (a blank or static-black video);
+        with ``physical`` framing, when the video states no believable pixel
+        size or its window would be far larger than the image.
     """
     cfg = cfg or PreprocessConfig()
+    if cfg.framing == "physical" and video.spacing is None:
+        # Checked before any image work: the answer does not depend on the pixels.
+        raise UnusableObject("no calibrated 2D tissue region (Sequence of Ultrasound Regions) to measure in cm")
     frames = video.frames
     if cfg.target_fps is not None:
         frames = resample_fps(frames, video.fps, cfg.target_fps)
@@ -235,8 +244,49 @@ def preprocess_video(video: DecodedVideo, cfg: PreprocessConfig | None = None) -
         return _resize_whole(frames * mask, cfg.size)
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    if cfg.framing == "physical":
+        assert video.spacing is not None  # checked above
+        return _physical_window(frames * mask, int(y0), (x0 + x1) / 2.0,
+                                video.spacing.row_cm, video.spacing.col_cm, cfg.field_cm, cfg.size)
     crop = frames[:, y0:y1, x0:x1] * mask[y0:y1, x0:x1]
     return _square_resize(crop, cfg.size)
+
+
+#: A physical window more than this many times the image's larger side means
+#: a pixel size that cannot be this image's (a calibration in other units).
+_MAX_WINDOW_RATIO = 4.0
+
+
+def _physical_window(
+    frames: np.ndarray, top: int, centre_col: float, row_cm: float, col_cm: float, field_cm: float, size: int
+) -> np.ndarray:
+    """A ``field_cm`` square window from row ``top``, centred on ``centre_col``, resized to ``size``.
+
+    The part of the window inside the image is resized to its share of the
+    output and pasted into a zero canvas, which is the same as padding the
+    window first and cheaper.
+    """
+    t, rows, cols = frames.shape
+    win_h, win_w = field_cm / row_cm, field_cm / col_cm
+    if max(win_h, win_w) > _MAX_WINDOW_RATIO * max(rows, cols):
+        raise UnusableObject(
+            f"a {field_cm:g} cm window is {max(win_h, win_w):.0f} pixels at the stated pixel size, "
+            f"beyond {_MAX_WINDOW_RATIO:g} x this {rows}x{cols} image: implausible calibration"
+        )
+    left = centre_col - win_w / 2.0
+    r0, r1 = top, min(rows, int(round(top + win_h)))
+    c0, c1 = max(0, int(round(left))), min(cols, int(round(left + win_w)))
+    sy, sx = size / win_h, size / win_w
+    oy0, oy1 = 0, min(size, int(round((r1 - top) * sy)))
+    ox0, ox1 = max(0, int(round((c0 - left) * sx))), min(size, int(round((c1 - left) * sx)))
+    out = np.zeros((t, size, size), dtype=np.uint8)
+    if oy1 <= oy0 or ox1 <= ox0 or r1 <= r0 or c1 <= c0:
+        return out
+    for i in range(t):
+        out[i, oy0:oy1, ox0:ox1] = cv2.resize(
+            frames[i, r0:r1, c0:c1], (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA
+        )
+    return out
 
 
 def _resize_whole(frames: np.ndarray, size: int) -> np.ndarray:
@@ -305,16 +355,19 @@ def decode_options_for(configs: Sequence[PreprocessConfig], base: DecodeOptions 
     The largest side and frame count any of them needs, the lowest frame
     rate any accepts. With resampling the number of source frames needed
     depends on the frame rate, known only after reading the header: all
-    frames are decoded then.
+    frames are decoded then. A ``physical`` framing bounds the decoded pixel
+    size by its input pixel's.
     """
     if not configs:
         raise ValueError('Argument "configs" must hold at least one PreprocessConfig.')
     resampling = any(c.target_fps is not None for c in configs)
+    physical = [c.field_cm / c.size for c in configs if c.framing == "physical"]
     return dataclasses.replace(
         base or DecodeOptions(),
         target_side=max(c.size for c in configs),
         max_frames=None if resampling else max(c.max_frames for c in configs),
         min_fps=min(c.min_fps for c in configs),
+        max_pixel_cm=min(physical) if physical else None,
     )
 
 

@@ -24,8 +24,13 @@ every large moving tissue region."""
 #: ``sector``: crop to the sector's bounding box, pad to a centred square
 #: (aspect kept), resize. ``frame``: resize the whole masked frame to the
 #: square (aspect not kept), as the EchoCLR authors' code does; a checkpoint
-#: trained with their code expects this.
-FRAMINGS: tuple[str, ...] = ("sector", "frame")
+#: trained with their code expects this. ``physical``: a square window of
+#: ``field_cm`` centimetres from the top of the sector, centred on it, at the
+#: pixel size the image's calibrated tissue region states, so that one input
+#: pixel is the same size in every video; a video without a believable
+#: calibration is not measured (for models that measure in cm: wall
+#: thickness, valve opening).
+FRAMINGS: tuple[str, ...] = ("sector", "frame", "physical")
 
 #: Keys every bundle's ``preprocessing`` holds; later keys (``framing``,
 #: ``target_fps``) take their defaults when a bundle predates them.
@@ -66,6 +71,7 @@ class PreprocessConfig:
     target_fps: float | None = None
     mask_frames: int = 32
     framing: str = "sector"
+    field_cm: float = 16.0
 
     def __post_init__(self) -> None:
         for name in ("size", "clip_frames", "eval_clips", "max_frames", "mask_frames"):
@@ -78,6 +84,9 @@ class PreprocessConfig:
             raise ValueError(f'Argument "target_fps" must be positive, got {self.target_fps!r}.')
         if self.framing not in FRAMINGS:
             raise ValueError(f'Argument "framing" must be one of {", ".join(FRAMINGS)}, got {self.framing!r}.')
+        if (isinstance(self.field_cm, bool) or not isinstance(self.field_cm, (int, float))
+                or not 2.0 <= self.field_cm <= 40.0):
+            raise ValueError(f'Argument "field_cm" must be a number of cm in [2, 40], got {self.field_cm!r}.')
 
     @classmethod
     def from_meta(cls, pre: Mapping[str, Any]) -> PreprocessConfig:
@@ -111,6 +120,7 @@ class PreprocessConfig:
             min_fps=float(pre["min_fps"]),
             target_fps=None if target is None else float(target),
             framing=str(pre.get("framing", "sector")),
+            field_cm=float(pre.get("field_cm", 16.0)),
         )
 
     def to_meta(self) -> dict[str, Any]:
@@ -125,4 +135,6 @@ class PreprocessConfig:
         }
         if self.target_fps is not None:
             meta["target_fps"] = float(self.target_fps)
+        if self.framing == "physical":
+            meta["field_cm"] = float(self.field_cm)
         return meta

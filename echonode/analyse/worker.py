@@ -146,7 +146,11 @@ def findings_of(analysis: StudyAnalysis) -> list[TaskFinding]:
 def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str, ...]) -> list[NotAssessed]:
     """The tasks a skipped study's SR reports as not assessed, and why (coded)."""
 
-    reason = "no_required_view" if any(v.usable for v in analysis.videos) else "no_usable_video"
+    # A video of the right view that no model could measure (a model that
+    # measures in cm, a video without calibration) is not usable to it.
+    of_view_but_unmeasured = any(v.used for v in analysis.videos)
+    reason = ("no_required_view" if any(v.usable for v in analysis.videos) and not of_view_but_unmeasured
+              else "no_usable_video")
     required = tuple(views) if reason == "no_required_view" else ()
     return [
         NotAssessed(

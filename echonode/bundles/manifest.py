@@ -247,6 +247,8 @@ def _check_preprocessing(data: Mapping[str, Any], problems: list[str]) -> None:
             problems.append(f"preprocessing.{key} must be a positive integer, not {pre[key]!r}")
     if "sector_mask" in pre and (not _is_int(pre["sector_mask"]) or pre["sector_mask"] < 1):
         problems.append(f"preprocessing.sector_mask must be a positive integer, not {pre['sector_mask']!r}")
+    if "field_cm" in pre and (not _is_number(pre["field_cm"]) or not 2.0 <= pre["field_cm"] <= 40.0):
+        problems.append(f"preprocessing.field_cm must be a number of cm in [2, 40], not {pre['field_cm']!r}")
     if "min_fps" in pre and (not _is_number(pre["min_fps"]) or pre["min_fps"] < 0):
         problems.append(f"preprocessing.min_fps must be a non-negative number, not {pre['min_fps']!r}")
     if "normalisation" in pre and pre["normalisation"] not in NORMALISATIONS:

@@ -426,3 +426,25 @@ def test_target_fps_resamples_every_video_and_is_a_setting_of_the_cache(tmp_path
                  "--target-fps", "0", "--no-progress"]) == 2
     assert 'echonode-train index: Argument "target_fps" must be positive' in capsys.readouterr().out
     assert not (tmp_path / "at0" / "manifest.json").exists()
+
+
+def test_physical_framing_is_a_setting_of_the_cache_and_leaves_out_uncalibrated_videos(tmp_path: Path) -> None:
+    from train.cli import main
+    from train.evaluate import _check_cache_matches_bundle
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(real_testfile("color3d_jpeg_baseline.dcm"), archive / "real.dcm")
+    cine(archive / "plain.dcm", "1.2.826.0.9.14.1")  # states no pixel size
+    assert main(["index", str(archive), "--out", str(tmp_path / "cm"), "--size", "16", "--workers", "1",
+                 "--framing", "physical", "--field-cm", "14", "--no-progress"]) == 0
+    got = manifest(tmp_path / "cm")
+    assert got["preprocess"]["framing"] == "physical" and got["preprocess"]["field_cm"] == 14.0
+    assert [v["source"]["path"] for v in got["videos"]] == ["real.dcm"]
+    assert "no calibrated 2D tissue region" in unusable_by_path(tmp_path / "cm")["plain.dcm"]
+    # Another window is other pixels: a bundle trained on one is not scored on the other.
+    cache = ClipCache(tmp_path / "cm")
+    bundle_pre = {**PreprocessConfig(size=16, framing="physical", field_cm=16.0).to_meta(), "normalisation": "minmax"}
+    with pytest.raises(ValueError, match="14 cm window, the bundle expects 16 cm.*--field-cm 16"):
+        _check_cache_matches_bundle(cache, bundle_pre, "cache")
+    _check_cache_matches_bundle(cache, {**bundle_pre, "field_cm": 14.0}, "cache")

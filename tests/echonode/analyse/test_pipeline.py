@@ -196,3 +196,45 @@ def test_an_unexpected_decode_error_skips_the_object_and_logs_no_message(
     assert "DOE" not in buf.getvalue()
     (line,) = [e for e in map(json.loads, buf.getvalue().splitlines()) if e["event"] == "pipeline.decode_error"]
     assert line["error"] == "ValueError" and line["frames"][-1].endswith(" in decode")
+
+
+def test_a_model_that_measures_in_cm_skips_videos_without_calibration_and_others_still_run(
+    tmp_path: Path, study
+) -> None:
+    # The real loop states its pixel size; the generated videos state none.
+    # The LVH model frames in cm and sees only the real loop; the severe-AS
+    # model frames the sector and sees all three; the view model (sector) too.
+    uid, files = study
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh", preprocessing={"framing": "physical", "field_cm": 16.0})
+    tiny_bundle(models, "severe_as")
+    _view_bundle(models, "plax")
+    result = analyse_study(uid, files, _registry(models).current)
+    assert result.skipped_reason is None
+    assert list(result.tasks["lvh"].video_probabilities) == [result.videos[0].sop_uid]
+    assert len(result.tasks["severe_as"].video_probabilities) == 3
+    assert result.videos[0].reason is None and result.videos[0].view == "plax"
+    for generated in result.videos[1:]:
+        assert generated.used and generated.view == "plax"
+        assert generated.reason.startswith("not measured by lvh: no calibrated 2D tissue region")
+        assert "lvh" not in generated.probabilities and "severe_as" in generated.probabilities
+
+
+def test_a_study_no_model_could_measure_is_skipped_as_without_a_usable_video(tmp_path: Path, study) -> None:
+    from echonode.analyse.worker import not_assessed_of
+
+    uid, files = study
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh", preprocessing={"framing": "physical", "field_cm": 16.0})
+    registry = _registry(models)
+    result = analyse_study(uid, files[1:], registry.current)
+    assert result.skipped_reason.startswith("no usable video (no calibrated 2D tissue region")
+    assert [n.reason for n in not_assessed_of(result, registry.current, ("plax",))] == ["no_usable_video"]
+
+    # With a sector-framed view model as well the videos decode and are
+    # classified, but the LVH model still has nothing it can measure.
+    _view_bundle(models, "plax")
+    registry = _registry(models)
+    result = analyse_study(uid, files[1:], registry.current)
+    assert result.skipped_reason.startswith("no video the task models could measure (not measured by lvh")
+    assert [n.reason for n in not_assessed_of(result, registry.current, ("plax",))] == ["no_usable_video"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from echonode.analyse.calibration import PixelSpacing
 from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
 from echonode.analyse.preprocess import (
     PreprocessConfig,
@@ -324,3 +327,89 @@ def test_preprocess_config_round_trips_through_bundle_metadata() -> None:
         PreprocessConfig.from_meta({"size": 112, "clip_frames": 16, "max_frames": 100, "min_fps": 25.0})
     with pytest.raises(ValueError, match="framing"):
         PreprocessConfig(framing="stretch")
+
+
+# --------------------------------------------------------------------------
+# Physical framing: one input pixel is the same size in cm in every video
+
+
+def _calibrated_fan(depth_cm: float, cm_per_px: float, band_cm: tuple[float, float], seed: int = 0) -> DecodedVideo:
+    """A moving fan ``depth_cm`` deep with a bright band between two depths, at ``cm_per_px``."""
+    radius = int(round(depth_cm / cm_per_px))
+    h, w = radius + 20, 2 * radius + 20
+    apex = (4, w // 2)
+    fan = _fan(h, w, apex=apex, radius=radius, half_angle_deg=40)
+    rng = np.random.default_rng(seed)
+    rows_cm = (np.arange(h) - apex[0]) * cm_per_px
+    band = (rows_cm >= band_cm[0]) & (rows_cm < band_cm[1])
+    frames = np.zeros((12, h, w), dtype=np.uint8)
+    for i in range(12):
+        tissue = rng.integers(20, 90, size=(h, w))
+        tissue[band, :] = 250
+        frames[i] = np.where(fan, tissue, 0)
+    return dataclasses.replace(_decoded(frames), spacing=PixelSpacing(cm_per_px, cm_per_px, (0, 0, w - 1, h - 1)))
+
+
+def _band_rows(out: np.ndarray) -> np.ndarray:
+    centre = out[:, :, out.shape[2] // 2 - 2 : out.shape[2] // 2 + 2].mean(axis=(0, 2))
+    return np.nonzero(centre > 170)[0]
+
+
+def test_physical_framing_keeps_a_wall_the_same_size_whatever_the_depth() -> None:
+    # A 1.2 cm band at 7-8.2 cm, imaged at 12 cm and at 20 cm depth with
+    # different pixel sizes. Sector framing scales each sector to the input,
+    # so the band's size in input pixels follows the depth; physical framing
+    # (16 cm at 64 px: 0.25 cm a pixel) gives it 4.8 pixels, 28 rows down, in both.
+    cfg = PreprocessConfig(size=64, framing="physical", field_cm=16.0)
+    shallow = _calibrated_fan(12.0, 0.05, (7.0, 8.2))
+    deep = _calibrated_fan(20.0, 0.09, (7.0, 8.2))
+    physical = [_band_rows(preprocess_video(v, cfg)) for v in (shallow, deep)]
+    sector = [_band_rows(preprocess_video(v, PreprocessConfig(size=64))) for v in (shallow, deep)]
+    for rows in physical:
+        assert 4 <= rows.size <= 6
+        assert abs(int(rows.min()) - 28) <= 1
+    assert abs(physical[0].size - physical[1].size) <= 1
+    assert sector[0].size - sector[1].size >= 2  # the nuisance physical framing removes
+
+
+def test_physical_framing_pads_what_lies_beyond_the_image() -> None:
+    # An 8 cm sector in a 16 cm window: the lower half of the input is empty.
+    video = _calibrated_fan(8.0, 0.05, (3.0, 4.0))
+    out = preprocess_video(video, PreprocessConfig(size=32, framing="physical", field_cm=16.0))
+    assert out.shape == (12, 32, 32)
+    assert out[:, 18:, :].max() == 0 and out[:, :14, :].max() > 0
+
+
+def test_physical_framing_refuses_a_video_without_calibration() -> None:
+    video, _ = _synthetic_video(t=12)
+    with pytest.raises(UnusableObject, match="calibrated"):
+        preprocess_video(_decoded(video), PreprocessConfig(size=32, framing="physical"))
+
+
+def test_physical_framing_refuses_a_pixel_size_that_cannot_be_this_images() -> None:
+    video = _calibrated_fan(12.0, 0.05, (7.0, 8.2))
+    tiny_pixels = dataclasses.replace(video, spacing=PixelSpacing(0.001, 0.001, (0, 0, 10, 10)))
+    with pytest.raises(UnusableObject, match="implausible calibration"):
+        preprocess_video(tiny_pixels, PreprocessConfig(size=32, framing="physical", field_cm=16.0))
+
+
+def test_physical_framing_of_the_real_loop_at_full_and_reduced_size() -> None:
+    # The decoder's JPEG reduction changes the pixel size; the window in cm does not.
+    path = real_testfile("color3d_jpeg_baseline.dcm")
+    cfg = PreprocessConfig(size=48, framing="physical", field_cm=16.0, max_frames=16)
+    video, reduced = preprocess_file(path, cfg)
+    # The decoder stops reducing before a pixel outgrows the input's (16/48 cm).
+    assert video.scale == 0.25 and video.spacing is not None and video.spacing.row_cm <= 16 / 48
+    full = preprocess_video(decode_video(path, max_frames=16), cfg)
+    assert reduced.shape == full.shape == (16, 48, 48)
+    assert np.abs(reduced.astype(int) - full.astype(int)).mean() < 12
+
+
+def test_physical_settings_round_trip_and_are_recorded_only_for_that_framing() -> None:
+    cfg = PreprocessConfig(size=48, framing="physical", field_cm=14.0)
+    assert cfg.to_meta()["field_cm"] == 14.0
+    assert PreprocessConfig.from_meta(cfg.to_meta()) == cfg
+    assert "field_cm" not in PreprocessConfig(size=48).to_meta()
+    for bad in (1.0, 41.0, True, "16"):
+        with pytest.raises(ValueError, match="field_cm"):
+            PreprocessConfig(framing="physical", field_cm=bad)  # type: ignore[arg-type]

@@ -186,6 +186,8 @@ def _edit_json(folder: Path, edit) -> None:
         (lambda d: d["preprocessing"].pop("eval_clips"), "preprocessing lacks eval_clips"),
         (lambda d: d["preprocessing"].update(sector_mask="latest"), "preprocessing.sector_mask"),
         (lambda d: d["preprocessing"].update(sector_mask=0), "preprocessing.sector_mask"),
+        (lambda d: d["preprocessing"].update(framing="physical", field_cm=0.5), "preprocessing.field_cm"),
+        (lambda d: d["preprocessing"].update(framing="physical", field_cm="16"), "preprocessing.field_cm"),
         (lambda d: d.update(frame_size=SIZE * 2), "differs from frame_size"),
         (lambda d: d.update(random_weights="yes"), "random_weights"),
         (lambda d: d.update(format_version=99), "newer"),

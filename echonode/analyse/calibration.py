@@ -1,0 +1,127 @@
+"""The physical size of an ultrasound image's pixels, from its calibrated regions.
+
+An ultrasound image states its calibration in the Sequence of Ultrasound
+Regions (PS3.3 C.8.5.5): each region gives its bounds in the image, what it
+shows (2D tissue, Doppler, M-mode, ...), and the physical size of one pixel.
+A model that measures in centimetres (a wall's thickness, a valve's opening)
+needs that size: the sector's depth changes from study to study, so the same
+heart covers a different number of pixels.
+
+Only a region that shows 2D tissue in centimetres, lies inside the image and
+states a plausible pixel size is believed. A file resized after the cart
+wrote it often keeps the cart's regions, whose bounds then lie outside the
+image; such a calibration describes another image and is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+__all__ = ["PixelSpacing", "tissue_spacing"]
+
+# PS3.3 C.8.5.5.1.1 and .2: Region Spatial Format 1 = 2D, Region Data Type 1 = tissue.
+_SPATIAL_2D = 1
+_DATA_TISSUE = 1
+# PS3.3 C.8.5.5.1.15: Physical Units 3 = cm.
+_UNITS_CM = 3
+# A pixel of a cardiac image is tens of micrometres to a few millimetres;
+# outside this range the value is in other units or corrupt.
+_MIN_CM, _MAX_CM = 1e-3, 0.5
+
+
+@dataclass(frozen=True)
+class PixelSpacing:
+    """Centimetres per pixel of the stored image, and the region they come from.
+
+    Attributes
+    ----------
+    row_cm, col_cm : float
+        Size of one pixel down the rows (PhysicalDeltaY) and along them
+        (PhysicalDeltaX), in cm.
+    region : tuple of int
+        The region's bounds ``(x0, y0, x1, y1)`` in stored pixels, inclusive.
+    """
+
+    row_cm: float
+    col_cm: float
+    region: tuple[int, int, int, int]
+
+    def scaled(self, scale: float) -> PixelSpacing:
+        """The spacing of the image resized by ``scale`` (decoded / stored size)."""
+        if not scale > 0:
+            raise ValueError(f'Argument "scale" must be positive, got {scale!r}.')
+        return PixelSpacing(self.row_cm / scale, self.col_cm / scale, self.region)
+
+
+def tissue_spacing(ds: Dataset) -> PixelSpacing | None:
+    """The pixel size of the largest believable 2D tissue region of an image.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The image's header (its Rows and Columns bound the regions).
+
+    Returns
+    -------
+    PixelSpacing or None
+        None when the image states no region that shows 2D tissue in cm
+        inside the image with a plausible pixel size.
+    """
+    rows, cols = _as_int(ds.get("Rows")), _as_int(ds.get("Columns"))
+    regions = ds.get("SequenceOfUltrasoundRegions")
+    if not rows or not cols or not regions:
+        return None
+    best: tuple[int, PixelSpacing] | None = None
+    for region in regions:
+        spacing = _believable(region, rows, cols)
+        if spacing is None:
+            continue
+        x0, y0, x1, y1 = spacing.region
+        area = (x1 - x0 + 1) * (y1 - y0 + 1)
+        if best is None or area > best[0]:
+            best = (area, spacing)
+    return None if best is None else best[1]
+
+
+def _believable(region: Dataset, rows: int, cols: int) -> PixelSpacing | None:
+    """The region's spacing when it shows 2D tissue in cm, inside the image, else None."""
+    if _as_int(region.get("RegionSpatialFormat")) != _SPATIAL_2D:
+        return None
+    if _as_int(region.get("RegionDataType")) != _DATA_TISSUE:
+        return None
+    if (_as_int(region.get("PhysicalUnitsXDirection")) != _UNITS_CM
+            or _as_int(region.get("PhysicalUnitsYDirection")) != _UNITS_CM):
+        return None
+    bounds = [_as_int(region.get(k)) for k in
+              ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")]
+    if any(b is None for b in bounds):
+        return None
+    x0, y0, x1, y1 = (int(b) for b in bounds)  # type: ignore[arg-type]
+    if not (0 <= x0 < x1 < cols and 0 <= y0 < y1 < rows):
+        return None
+    dx, dy = _as_float(region.get("PhysicalDeltaX")), _as_float(region.get("PhysicalDeltaY"))
+    if dx is None or dy is None:
+        return None
+    # The sign says which way the axis runs; the size is what is wanted.
+    dx, dy = abs(dx), abs(dy)
+    if not (_MIN_CM <= dx <= _MAX_CM and _MIN_CM <= dy <= _MAX_CM):
+        return None
+    return PixelSpacing(row_cm=dy, col_cm=dx, region=(x0, y0, x1, y1))
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        out = None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out is not None and out == out and abs(out) != float("inf") else None
