@@ -43,17 +43,24 @@ class PixelSpacing:
         (PhysicalDeltaX), in cm.
     region : tuple of int
         The region's bounds ``(x0, y0, x1, y1)`` in stored pixels, inclusive.
+    origin : tuple of float or None
+        ``(row, col)`` of the physical origin, where depth and lateral
+        offset are 0 (the transducer face on the beam axis of a sector
+        probe), in pixels of this image; None when the region does not
+        state its reference pixel, or states one far outside the image.
     """
 
     row_cm: float
     col_cm: float
     region: tuple[int, int, int, int]
+    origin: tuple[float, float] | None = None
 
     def scaled(self, scale: float) -> PixelSpacing:
         """The spacing of the image resized by ``scale`` (decoded / stored size)."""
         if not scale > 0:
             raise ValueError(f'Argument "scale" must be positive, got {scale!r}.')
-        return PixelSpacing(self.row_cm / scale, self.col_cm / scale, self.region)
+        origin = None if self.origin is None else (self.origin[0] * scale, self.origin[1] * scale)
+        return PixelSpacing(self.row_cm / scale, self.col_cm / scale, self.region, origin)
 
 
 def tissue_spacing(ds: Dataset) -> PixelSpacing | None:
@@ -103,13 +110,33 @@ def _believable(region: Dataset, rows: int, cols: int) -> PixelSpacing | None:
     if not (0 <= x0 < x1 < cols and 0 <= y0 < y1 < rows):
         return None
     dx, dy = _as_float(region.get("PhysicalDeltaX")), _as_float(region.get("PhysicalDeltaY"))
-    if dx is None or dy is None:
+    if dx is None or dy is None or not (_MIN_CM <= abs(dx) <= _MAX_CM and _MIN_CM <= abs(dy) <= _MAX_CM):
         return None
+    origin = _origin(region, (x0, y0), (dx, dy), rows, cols)
     # The sign says which way the axis runs; the size is what is wanted.
-    dx, dy = abs(dx), abs(dy)
-    if not (_MIN_CM <= dx <= _MAX_CM and _MIN_CM <= dy <= _MAX_CM):
+    return PixelSpacing(row_cm=abs(dy), col_cm=abs(dx), region=(x0, y0, x1, y1), origin=origin)
+
+
+def _origin(region: Dataset, corner: tuple[int, int], delta: tuple[float, float], rows: int,
+            cols: int) -> tuple[float, float] | None:
+    """``(row, col)`` where the region's physical coordinates are 0, or None.
+
+    The reference pixel is given relative to the region's upper-left corner
+    (PS3.3 C.8.5.5.1.12) together with its physical value; the origin is
+    that many pixels of ``delta`` away from it.
+    """
+    ref = [_as_int(region.get(k)) for k in ("ReferencePixelX0", "ReferencePixelY0")]
+    if ref[0] is None or ref[1] is None:
         return None
-    return PixelSpacing(row_cm=dy, col_cm=dx, region=(x0, y0, x1, y1))
+    value_x = _as_float(region.get("ReferencePixelPhysicalValueX")) or 0.0
+    value_y = _as_float(region.get("ReferencePixelPhysicalValueY")) or 0.0
+    col = corner[0] + ref[0] - value_x / delta[0]
+    row = corner[1] + ref[1] - value_y / delta[1]
+    # A transducer face a little above the image is common (the top of the
+    # sector cut off); one far outside it is a wrong reference.
+    if not (-rows <= row <= rows and -cols / 2 <= col <= 1.5 * cols):
+        return None
+    return (row, col)
 
 
 def _as_int(value: Any) -> int | None:

@@ -246,7 +246,11 @@ def preprocess_video(video: DecodedVideo, cfg: PreprocessConfig | None = None) -
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     if cfg.framing == "physical":
         assert video.spacing is not None  # checked above
-        return _physical_window(frames * mask, int(y0), (x0 + x1) / 2.0,
+        # The window hangs from the transducer face on the beam axis where the
+        # calibration says where they are; otherwise from the top of the
+        # moving sector, centred on it (a still near field moves that down).
+        top, centre = video.spacing.origin or (float(y0), (x0 + x1) / 2.0)
+        return _physical_window(frames * mask, top, centre,
                                 video.spacing.row_cm, video.spacing.col_cm, cfg.field_cm, cfg.size)
     crop = frames[:, y0:y1, x0:x1] * mask[y0:y1, x0:x1]
     return _square_resize(crop, cfg.size)
@@ -258,7 +262,7 @@ _MAX_WINDOW_RATIO = 4.0
 
 
 def _physical_window(
-    frames: np.ndarray, top: int, centre_col: float, row_cm: float, col_cm: float, field_cm: float, size: int
+    frames: np.ndarray, top: float, centre_col: float, row_cm: float, col_cm: float, field_cm: float, size: int
 ) -> np.ndarray:
     """A ``field_cm`` square window from row ``top``, centred on ``centre_col``, resized to ``size``.
 
@@ -274,10 +278,10 @@ def _physical_window(
             f"beyond {_MAX_WINDOW_RATIO:g} x this {rows}x{cols} image: implausible calibration"
         )
     left = centre_col - win_w / 2.0
-    r0, r1 = top, min(rows, int(round(top + win_h)))
+    r0, r1 = max(0, int(round(top))), min(rows, int(round(top + win_h)))
     c0, c1 = max(0, int(round(left))), min(cols, int(round(left + win_w)))
     sy, sx = size / win_h, size / win_w
-    oy0, oy1 = 0, min(size, int(round((r1 - top) * sy)))
+    oy0, oy1 = max(0, int(round((r0 - top) * sy))), min(size, int(round((r1 - top) * sy)))
     ox0, ox1 = max(0, int(round((c0 - left) * sx))), min(size, int(round((c1 - left) * sx)))
     out = np.zeros((t, size, size), dtype=np.uint8)
     if oy1 <= oy0 or ox1 <= ox0 or r1 <= r0 or c1 <= c0:

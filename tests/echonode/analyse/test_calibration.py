@@ -93,3 +93,22 @@ def test_a_resized_copy_that_kept_the_carts_regions_is_not_believed() -> None:
     assert ds.SequenceOfUltrasoundRegions[0].RegionLocationMaxX1 >= ds.Columns
     assert tissue_spacing(ds) is None
     assert decode_video(path, max_frames=2).spacing is None
+
+
+def test_the_origin_is_where_the_regions_physical_coordinates_are_zero() -> None:
+    region = _region(10, 5, 300, 230, dx=0.1, dy=0.1)
+    region.ReferencePixelX0, region.ReferencePixelY0 = 145, 0  # the apex, at the region's top edge
+    region.ReferencePixelPhysicalValueX, region.ReferencePixelPhysicalValueY = 0.0, 0.0
+    got = tissue_spacing(_image(region))
+    assert got is not None and got.origin == (5.0, 155.0)
+    # A zoomed image: the reference pixel is 4 cm deep, so the face lies 40 pixels above the region.
+    region.ReferencePixelY0, region.ReferencePixelPhysicalValueY = 0, 4.0
+    got = tissue_spacing(_image(region))
+    assert got is not None and got.origin == (-35.0, 155.0)
+    assert got.scaled(0.5).origin == (-17.5, 77.5)
+    # Far outside the image: a wrong reference, not believed (the spacing still is).
+    region.ReferencePixelPhysicalValueY = 90.0
+    got = tissue_spacing(_image(region))
+    assert got is not None and got.origin is None and got.row_cm == 0.1
+    del region.ReferencePixelX0
+    assert tissue_spacing(_image(region)).origin is None  # type: ignore[union-attr]

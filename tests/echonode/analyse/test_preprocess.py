@@ -333,8 +333,13 @@ def test_preprocess_config_round_trips_through_bundle_metadata() -> None:
 # Physical framing: one input pixel is the same size in cm in every video
 
 
-def _calibrated_fan(depth_cm: float, cm_per_px: float, band_cm: tuple[float, float], seed: int = 0) -> DecodedVideo:
-    """A moving fan ``depth_cm`` deep with a bright band between two depths, at ``cm_per_px``."""
+def _calibrated_fan(depth_cm: float, cm_per_px: float, band_cm: tuple[float, float], seed: int = 0,
+                    still_near_cm: float = 0.0, with_origin: bool = False) -> DecodedVideo:
+    """A moving fan ``depth_cm`` deep with a bright band between two depths, at ``cm_per_px``.
+
+    ``still_near_cm``: the first centimetres are black (a blunted apex, a
+    still near field); ``with_origin``: the calibration says where the apex is.
+    """
     radius = int(round(depth_cm / cm_per_px))
     h, w = radius + 20, 2 * radius + 20
     apex = (4, w // 2)
@@ -346,8 +351,10 @@ def _calibrated_fan(depth_cm: float, cm_per_px: float, band_cm: tuple[float, flo
     for i in range(12):
         tissue = rng.integers(20, 90, size=(h, w))
         tissue[band, :] = 250
+        tissue[rows_cm < still_near_cm, :] = 0
         frames[i] = np.where(fan, tissue, 0)
-    return dataclasses.replace(_decoded(frames), spacing=PixelSpacing(cm_per_px, cm_per_px, (0, 0, w - 1, h - 1)))
+    origin = (float(apex[0]), float(apex[1])) if with_origin else None
+    return dataclasses.replace(_decoded(frames), spacing=PixelSpacing(cm_per_px, cm_per_px, (0, 0, w - 1, h - 1), origin))
 
 
 def _band_rows(out: np.ndarray) -> np.ndarray:
@@ -413,3 +420,14 @@ def test_physical_settings_round_trip_and_are_recorded_only_for_that_framing() -
     for bad in (1.0, 41.0, True, "16"):
         with pytest.raises(ValueError, match="field_cm"):
             PreprocessConfig(framing="physical", field_cm=bad)  # type: ignore[arg-type]
+
+
+def test_physical_framing_hangs_from_the_calibrated_apex_not_the_first_moving_row() -> None:
+    # The first 1.5 cm are black: without an origin the window starts where
+    # the moving sector starts and the band moves up 6 rows (1.5 / 0.25 cm);
+    # with the calibration's origin it stays 28 rows down.
+    cfg = PreprocessConfig(size=64, framing="physical", field_cm=16.0)
+    blunt = _calibrated_fan(14.0, 0.06, (7.0, 8.2), still_near_cm=1.5)
+    located = _calibrated_fan(14.0, 0.06, (7.0, 8.2), still_near_cm=1.5, with_origin=True)
+    assert abs(int(_band_rows(preprocess_video(located, cfg)).min()) - 28) <= 1
+    assert abs(int(_band_rows(preprocess_video(blunt, cfg)).min()) - 22) <= 1
