@@ -37,6 +37,7 @@ import torch
 from bench.machine import cpu_flags, cpu_model, load_average
 from echonode.analyse.pipeline import preprocess_config
 from echonode.analyse.preprocess import make_eval_clips, preprocess_video
+from echonode.analyse.regions import PixelSpacing
 from echonode.bundles.weights import load_bundle
 from train.synth import render, render_alt
 from train.synth.acquisition import plan_study, plan_video
@@ -75,8 +76,11 @@ def sweep(bundle_path: Path, task: str, acquisitions: int, diseased_valve: bool)
             for j, size in enumerate(SIZES_CM[task]):
                 changed = (dataclasses.replace(truth, ivs_cm=size, lvpw_cm=max(0.6, 0.9 * size)) if task == "lvh"
                            else dataclasses.replace(truth, av_cusp_sep_cm=min(size, truth.ao_root_cm - 0.8)))
-                rgb, _, _ = draw(dataclasses.replace(anatomy, truth=changed), plan, 240, 320, None)
-                video = SimpleNamespace(frames=_grey_through_jpeg(rgb), fps=float(plan.fps))
+                rgb, geo, _ = draw(dataclasses.replace(anatomy, truth=changed), plan, 240, 320, None)
+                # The calibration the archive's DICOM region states (train.synth.dicom).
+                spacing = PixelSpacing(geo.delta_cm, geo.delta_cm, (0, 0, geo.cols - 1, geo.rows - 1),
+                                       (float(geo.apex_row), float(geo.apex_col)))
+                video = SimpleNamespace(frames=_grey_through_jpeg(rgb), fps=float(plan.fps), spacing=spacing)
                 clips = make_eval_clips(preprocess_video(video, cfg), cfg)  # type: ignore[arg-type]
                 probs[i, j] = float(np.mean(bundle.predict(torch.from_numpy(clips))))
         result[name] = probs

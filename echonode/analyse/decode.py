@@ -47,13 +47,13 @@ from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-from echonode.analyse.calibration import PixelSpacing, tissue_spacing
 from echonode.analyse.frametiming import (
     DEFAULT_FPS,
     ImplausibleTiming,
     frame_rate,
     frame_timing,
 )
+from echonode.analyse.regions import PixelSpacing, tissue_spacing
 from echonode.dicomfile import RETIRED_US_STORAGE, check_inflated_size
 from echonode.header import deferred_past_end, read_for_decode
 
@@ -152,7 +152,7 @@ class DecodedVideo:
     spacing : PixelSpacing or None
         Centimetres per pixel of ``frames`` (the decoded size) from the
         image's 2D tissue region; None when it states no believable one
-        (:func:`echonode.analyse.calibration.tissue_spacing`).
+        (:func:`echonode.analyse.regions.tissue_spacing`).
     """
 
     frames: np.ndarray

@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from echonode.analyse.calibration import PixelSpacing
 from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
 from echonode.analyse.preprocess import (
     PreprocessConfig,
@@ -20,6 +19,7 @@ from echonode.analyse.preprocess import (
     sector_mask,
     training_clip,
 )
+from echonode.analyse.regions import PixelSpacing
 from tests.conftest import real_testfile
 
 

@@ -7,8 +7,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from echonode.analyse.calibration import PixelSpacing, tissue_spacing
 from echonode.analyse.decode import decode_video
+from echonode.analyse.regions import PixelSpacing, tissue_spacing
 from tests.conftest import real_testfile
 
 
