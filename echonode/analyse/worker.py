@@ -60,7 +60,7 @@ class StudyOutcome:
 
 def _parameters(bundle: Bundle, view_filter: str) -> dict[str, str]:
     """A bundle's TID 4019 algorithm parameters in the SR."""
-    return {
+    params = {
         "clip_frames": str(bundle.meta.clip_frames),
         "frame_size": str(bundle.meta.frame_size),
         "threshold": f"{bundle.threshold:g}",
@@ -69,6 +69,13 @@ def _parameters(bundle: Bundle, view_filter: str) -> dict[str, str]:
         "runtime": _runtime_mode(bundle),
         "view_filter": view_filter,
     }
+    framing = bundle.meta.preprocessing.get("framing", "sector")
+    if framing == "physical":
+        # Says that only calibrated videos were measured, and at what scale.
+        params["framing"] = f"physical {bundle.meta.preprocessing.get('field_cm', 16.0):g} cm, calibrated videos only"
+    elif framing != "sector":
+        params["framing"] = str(framing)
+    return params
 
 
 def study_report(

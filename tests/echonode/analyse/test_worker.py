@@ -341,3 +341,27 @@ def test_reload_restarts_the_worker_with_the_new_config(tmp_path: Path) -> None:
     finally:
         sup.stop()
     assert sup.process is None and sup._journal is None
+
+
+def test_a_model_framing_in_cm_reports_only_the_calibrated_videos_and_says_so(
+    tmp_path: Path, sonosite_loop: Path
+) -> None:
+    # The real loop states its pixel size; a generated video of the same
+    # patient and study states none. The LVH model frames in cm: its finding
+    # rests on the real loop alone and its parameters say why.
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh", seed=1, preprocessing={"framing": "physical", "field_cm": 16.0})
+    tiny_bundle(cfg.models_dir, "severe_as", seed=2)
+    src = pydicom.dcmread(sonosite_loop, stop_before_pixels=True)
+    generated = us_multiframe(study_uid=str(src.StudyInstanceUID), frames=24, rows=96, cols=128,
+                              patient_name=str(src.PatientName), patient_id=str(src.PatientID))
+    generated.PatientBirthDate = src.get("PatientBirthDate", "")
+    journal, store, study_uid = _stored_study(tmp_path, cfg, [sonosite_loop, write(generated, tmp_path / "g.dcm")])
+    registry = ModelRegistry(cfg.models_dir, "cpu")
+    registry.refresh()
+    process_study(cfg, journal, store, registry, journal.claim_next(os.getpid()))
+    summary = summarise_report(journal.report_for(study_uid, registry.key).path)
+    findings = {f["task"]: f for f in summary["findings"]}
+    assert findings["lvh"]["videos"] == [str(src.SOPInstanceUID)] and findings["lvh"]["n_videos"] == 1
+    assert findings["lvh"]["parameters"]["framing"] == "physical 16 cm, calibrated videos only"
+    assert findings["severe_as"]["n_videos"] == 2 and "framing" not in findings["severe_as"]["parameters"]
