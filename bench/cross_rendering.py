@@ -18,6 +18,10 @@ seeds only, by the demo's experiments in docs/training.md):
    (``evaluate --split all``) and, for reference, on the polar test split;
 5. print study-level AUROC (mean of a study's PLAX videos) with the machine.
 
+``--more-test-seeds S ...`` draws further raster archives of those seeds
+(``raster-sS``) and evaluates every bundle on them too: renderer B's seed
+202 has been read many times, a new seed's patients never.
+
 Nothing is tuned on the raster archive.  Every step is skipped when its
 output exists, so an interrupted run resumes.
 
@@ -117,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--framing", choices=("sector", "physical"), default="sector",
                    help="index --framing of both archives (physical: caches, bundles and reports named *-cmN)")
     p.add_argument("--field-cm", type=float, default=16.0, help="the physical framing's window in cm (default 16)")
+    p.add_argument("--more-test-seeds", type=int, nargs="*", default=[],
+                   help="further raster archives of these seeds (new patients), each evaluated on every study")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny archives, 1 epoch")
     p.add_argument("--look", choices=("standard", "varied"), default="standard",
                    help="renderer A's look (synth --look): varied trains on a wide spread of looks "
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     train_name = "polar" if ns.look == "standard" else f"polar-{ns.look}"
     archives = {train_name: ("polar", ns.look, out / train_name, 101, ns.train_patients),
                 "raster": ("raster", "standard", out / "raster", 202, ns.test_patients)}
+    for seed in ns.more_test_seeds:
+        archives[f"raster-s{seed}"] = ("raster", "standard", out / f"raster-s{seed}", seed, ns.test_patients)
     _run_side_by_side({f"synth {name}": ("synth", "--out", str(path), "--patients", str(n), "--seed", str(seed),
                                          "--renderer", renderer, "--look", look, "--views", "plax", "--rows", "240",
                                          "--cols", "320", "--frames", "32", "--no-reports")
@@ -163,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for task in TASKS:
         bundle = out / f"{task}{variant}-bundle"
-        for name, archive, split in ((f"{train_name} test split", train_name, "test"),
-                                     ("raster, all studies", "raster", "all")):
-            report = out / f"{task}{variant}-eval-{archive.split('-')[0]}"
+        evaluations = [(f"{train_name} test split", train_name, "test"), ("raster, all studies", "raster", "all")]
+        evaluations += [(f"raster seed {s}, all studies", f"raster-s{s}", "all") for s in ns.more_test_seeds]
+        for name, archive, split in evaluations:
+            # The training archive's report is named by its renderer alone (polar), as before.
+            suffix = archive.split("-")[0] if archive == train_name else archive
+            report = out / f"{task}{variant}-eval-{suffix}"
             if not (report / "predictions.csv").exists():
                 _run_side_by_side({f"evaluate {task} {archive}": (
                     "evaluate", "--bundle", str(bundle), "--data", str(out / f"cache-{archive}{fps}"), "--labels",
