@@ -24,3 +24,10 @@ def test_the_sweep_scores_every_size_on_both_renderers(tmp_path: Path, capsys) -
                                 "--valve", "diseased"]) == 0
     out = capsys.readouterr().out
     assert "cusp separation 0.3 cm" in out and "| B (raster), mean |" in out and "diseased valve" in out
+
+
+def test_a_bundle_that_frames_in_cm_is_swept_with_the_calibration_the_archive_states(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "models", "lvh", size=16, clip_frames=4,
+                         preprocessing={"framing": "physical", "field_cm": 16.0})
+    result = response_sweep.sweep(bundle, "lvh", acquisitions=1, diseased_valve=False)
+    assert all(np.all((p >= 0) & (p <= 1)) for p in result.values())
