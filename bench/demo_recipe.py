@@ -114,7 +114,8 @@ _LVH_PHASE = replace(
 #: The candidates, each fixed before it was first run (in this order: v5,
 #: lvh48, lvh48-unweighted, v6, lvh400, lvh-b8, lvh-onecycle, lvh-onecycle3,
 #: lvh-onecycle3-full, lvh-phase, then v7-prevalence and lvh-phase-prevalence
-#: together); "shipped" is whatever ``echonode demo`` trains now.
+#: together, then lvh-phase-prevalence-physical); "shipped" is whatever
+#: ``echonode demo`` trains now.
 CANDIDATES: dict[str, dict[str, Recipe]] = {
     "v5": {"view": _VIEW, "lvh": _V5_LVH},
     # LVH at 48 px (walls of 1.0 and 1.7 cm differ by about 2 px at 32 px),
@@ -174,6 +175,16 @@ CANDIDATES: dict[str, dict[str, Recipe]] = {
     # (only the bias moves; a seed trained again is close, not identical).
     "v7-prevalence": {"view": _VIEW, "lvh": _changed(_V7_LVH, probabilities="prevalence")},
     "lvh-phase-prevalence": {"view": _VIEW, "lvh": _changed(_LVH_PHASE, probabilities="prevalence")},
+    # lvh-phase-prevalence (demo models v8) framed in cm (``index --framing
+    # physical --field-cm 16``: 0.33 cm an input pixel in every video, where
+    # the sector framing gives 0.29-0.48 cm by depth and sector width). On
+    # the cross-rendering bench's renderer-A archives the physical framing
+    # turned the LVH model's answer from a creep (0.22 at a 0.7 cm septum,
+    # 0.82 at 2.0) into a step (0.03 to 0.97) and raised A's test AUROC from
+    # 0.86 to 0.93. Fixed after those runs, before any demo run with it.
+    "lvh-phase-prevalence-physical": {"view": _VIEW, "lvh": replace(
+        _changed(_LVH_PHASE, probabilities="prevalence"),
+        index_args=(*_LVH_PHASE.index_args, "--framing", "physical", "--field-cm", "16"))},
     # The recipe echonode demo ships now.
     "shipped": _SHIPPED,
 }
