@@ -42,7 +42,7 @@ from echonode.analyse.decode import (
     UnusableObject,
     decode_video,
 )
-from echonode.analyse.preprocess_config import SECTOR_MASK_RULE, PreprocessConfig
+from echonode.analyse.preprocess_config import MASK_MIN_SIDE, SECTOR_MASK_RULE, PreprocessConfig
 
 __all__ = [
     "SECTOR_MASK_RULE",
@@ -360,7 +360,9 @@ def decode_options_for(configs: Sequence[PreprocessConfig], base: DecodeOptions 
     rate any accepts. With resampling the number of source frames needed
     depends on the frame rate, known only after reading the header: all
     frames are decoded then. A ``physical`` framing bounds the decoded pixel
-    size by its input pixel's.
+    size by its input pixel's. Frames are never decoded under
+    :data:`~echonode.analyse.preprocess_config.MASK_MIN_SIDE` on the short
+    side: the sector mask needs them.
     """
     if not configs:
         raise ValueError('Argument "configs" must hold at least one PreprocessConfig.')
@@ -368,7 +370,7 @@ def decode_options_for(configs: Sequence[PreprocessConfig], base: DecodeOptions 
     physical = [c.field_cm / c.size for c in configs if c.framing == "physical"]
     return dataclasses.replace(
         base or DecodeOptions(),
-        target_side=max(c.size for c in configs),
+        target_side=max(MASK_MIN_SIDE, *(c.size for c in configs)),
         max_frames=None if resampling else max(c.max_frames for c in configs),
         min_fps=min(c.min_fps for c in configs),
         max_pixel_cm=min(physical) if physical else None,

@@ -11,14 +11,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FRAMINGS", "REQUIRED_KEYS", "SECTOR_MASK_RULE", "PreprocessConfig"]
+__all__ = ["FRAMINGS", "MASK_MIN_SIDE", "REQUIRED_KEYS", "SECTOR_MASK_RULE", "PreprocessConfig"]
 
-SECTOR_MASK_RULE = 2
+SECTOR_MASK_RULE = 3
 """Version of :func:`echonode.analyse.preprocess.sector_mask`'s rule, recorded
 in every clip cache and every bundle fine-tuned from one, so that frames masked
 by two rules are never mixed or compared, and a node warns when it crops
 otherwise than a bundle was trained: 1, the largest moving region only; 2,
-every large moving tissue region."""
+every large moving tissue region; 3, rule 2 on frames decoded to at least
+:data:`MASK_MIN_SIDE` pixels on the short side, whatever the model's size."""
+
+MASK_MIN_SIDE = 112
+"""Short side (pixels) under which frames are not decoded, whatever size the
+models take. A JPEG decode reduced to 1/8 (60x80 of a 480x640 loop) averages
+the speckle's motion away at the sector's dim edges: the mask of the real
+SonoSite loop lost a third of its width there, and every model saw a zoomed
+crop of it. It also makes what a model sees independent of the other models
+installed beside it (the decode serves the largest of them)."""
 
 #: How a frame becomes a square model input.
 #: ``sector``: crop to the sector's bounding box, pad to a centred square

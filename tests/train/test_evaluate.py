@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from echonode.analyse.preprocess import PreprocessConfig
+from echonode.analyse.preprocess_config import SECTOR_MASK_RULE
 from tests.factories import make_labelled_archive
 from train.evaluate import main
 from train.finetune import main as finetune_main
@@ -160,6 +161,6 @@ def test_a_cache_masked_by_an_older_sector_rule_is_scored_with_a_note(capsys) ->
 
     assert _note_older_mask(SimpleNamespace(sector_mask_rule=1), "old")  # type: ignore[arg-type]
     err = capsys.readouterr().err
-    assert "old: frames masked with sector-mask rule 1; the node masks with rule 2" in err and "--out" in err
-    assert not _note_older_mask(SimpleNamespace(sector_mask_rule=2), "new")  # type: ignore[arg-type]
+    assert f"old: frames masked with sector-mask rule 1; the node masks with rule {SECTOR_MASK_RULE}" in err and "--out" in err
+    assert not _note_older_mask(SimpleNamespace(sector_mask_rule=SECTOR_MASK_RULE), "new")  # type: ignore[arg-type]
     assert capsys.readouterr().err == ""

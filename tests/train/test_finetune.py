@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from echonode.analyse.preprocess import PreprocessConfig
+from echonode.analyse.preprocess_config import SECTOR_MASK_RULE
 from echonode.bundles.weights import load_bundle
 from tests.factories import finetune_args, make_labelled_archive
 from train.cache import ClipCache, load_study_labels, split_cache
@@ -534,7 +535,7 @@ def test_probabilities_prevalence_moves_the_bias_and_the_threshold_not_the_decis
         assert report[level]["auroc"]["estimate"] == pytest.approx(test[level]["auroc"]["estimate"], abs=1e-9)
         assert report[level]["threshold_metrics"] == pytest.approx(test[level]["threshold_metrics"], abs=1e-9)
     # Both record the sector-mask rule of the cache they were trained from.
-    assert as_trained.meta.preprocessing["sector_mask"] == ClipCache(cache).sector_mask_rule == 2
+    assert as_trained.meta.preprocessing["sector_mask"] == ClipCache(cache).sector_mask_rule == SECTOR_MASK_RULE
 
 
 def test_probabilities_prevalence_is_refused_for_the_view_task(labelled, tmp_path: Path, capsys) -> None:

@@ -388,7 +388,7 @@ def test_a_cache_masked_by_an_older_sector_rule_is_not_added_to_or_read_with_a_n
     archive = tmp_path / "archive"
     cine(archive / "a.dcm", "1.2.826.0.9.14.1")
     build_index(archive, tmp_path / "new", CFG, progress=False)
-    assert manifest(tmp_path / "new")["preprocess"]["sector_mask"] == SECTOR_MASK_RULE == 2
+    assert manifest(tmp_path / "new")["preprocess"]["sector_mask"] == SECTOR_MASK_RULE == 3
     # A cache written before the rule was recorded (rule 1: the largest moving region only).
     shutil.copytree(tmp_path / "new", tmp_path / "old")
     old = manifest(tmp_path / "old")
@@ -400,7 +400,7 @@ def test_a_cache_masked_by_an_older_sector_rule_is_not_added_to_or_read_with_a_n
     with pytest.raises(ValueError, match="share their settings"):
         ClipCache([tmp_path / "new", tmp_path / "old"])
     assert len(ClipCache(tmp_path / "old").videos) == 1  # still readable on its own
-    assert (ClipCache(tmp_path / "old").sector_mask_rule, ClipCache(tmp_path / "new").sector_mask_rule) == (1, 2)
+    assert (ClipCache(tmp_path / "old").sector_mask_rule, ClipCache(tmp_path / "new").sector_mask_rule) == (1, 3)
 
 
 def test_target_fps_resamples_every_video_and_is_a_setting_of_the_cache(tmp_path: Path, capsys) -> None:

@@ -17,7 +17,7 @@ from echonode.analyse.pipeline import (
     check_identity,
     preprocess_config,
 )
-from echonode.analyse.preprocess import make_eval_clips, preprocess_video
+from echonode.analyse.preprocess import decode_options_for, make_eval_clips, preprocess_video
 from echonode.bundles.registry import ModelRegistry
 from echonode.bundles.weights import load_bundle
 from tests.factories import tiny_bundle, us_multiframe, write
@@ -64,7 +64,7 @@ def test_aggregation_is_mean_of_clip_means(tmp_path: Path, study) -> None:
     cfg = preprocess_config(bundle)
     expected = []
     for f in files:
-        video = decode_video(f, target_side=cfg.size, max_frames=cfg.max_frames, min_fps=cfg.min_fps)
+        video = decode_video(f, decode_options_for([cfg]))
         clips = make_eval_clips(preprocess_video(video, cfg), cfg)
         assert clips.shape[0] == 4
         expected.append(float(bundle.predict(clips).mean()))

@@ -10,6 +10,7 @@ import pytest
 from echonode.analyse.decode import DecodedVideo, UnusableObject, decode_video
 from echonode.analyse.preprocess import (
     PreprocessConfig,
+    decode_options_for,
     eval_clip_starts,
     make_eval_clips,
     normalise_clip,
@@ -19,6 +20,7 @@ from echonode.analyse.preprocess import (
     sector_mask,
     training_clip,
 )
+from echonode.analyse.preprocess_config import MASK_MIN_SIDE
 from echonode.analyse.regions import PixelSpacing
 from tests.conftest import real_testfile
 
@@ -431,3 +433,20 @@ def test_physical_framing_hangs_from_the_calibrated_apex_not_the_first_moving_ro
     located = _calibrated_fan(14.0, 0.06, (7.0, 8.2), still_near_cm=1.5, with_origin=True)
     assert abs(int(_band_rows(preprocess_video(located, cfg)).min()) - 28) <= 1
     assert abs(int(_band_rows(preprocess_video(blunt, cfg)).min()) - 22) <= 1
+
+
+def test_small_models_get_frames_large_enough_for_the_mask_and_the_same_frames_whatever_else_runs(
+    sonosite_path: str, sonosite_full: DecodedVideo
+) -> None:
+    # A 32 px model alone once had the real loop decoded at 1/8 (60x80), where
+    # the speckle's motion at the sector's dim edges averages away: its mask
+    # lost a third of the width and the model saw a zoomed crop. Installed
+    # beside a model that needed more pixels, it saw another picture.
+    small = PreprocessConfig(size=32, clip_frames=8)
+    assert decode_options_for([small]).target_side == MASK_MIN_SIDE
+    video, alone = preprocess_file(sonosite_path, small)
+    assert min(video.frames.shape[1:]) >= MASK_MIN_SIDE
+    assert _iou(sector_mask(video.frames), sector_mask(sonosite_full.frames)[2::4, 2::4]) > 0.9
+    beside = PreprocessConfig(size=48, framing="physical", field_cm=16.0)
+    both = decode_video(sonosite_path, decode_options_for([small, beside]))
+    np.testing.assert_array_equal(preprocess_video(both, small), alone)
