@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from bench.machine import cpu_flags, cpu_model, load_average
+from echonode.analyse.preprocess_config import SECTOR_MASK_RULE
 from echonode.commands.demo_models import LVH_SEED, RECIPES, Recipe, recipe_commands, run_train
 from echonode.commands.demo_studies import (
     CLEAR_LVH_CM,
@@ -196,7 +197,20 @@ CANDIDATES: dict[str, dict[str, Recipe]] = {
 
 
 def _recipe_stamp(recipe_set: dict[str, Recipe]) -> str:
-    return json.dumps({task: asdict(r) for task, r in sorted(recipe_set.items())}, sort_keys=True)
+    # The mask rule too: models trained on frames masked by another rule are trained again.
+    return json.dumps({**{task: asdict(r) for task, r in sorted(recipe_set.items())},
+                       "sector_mask": SECTOR_MASK_RULE}, sort_keys=True)
+
+
+def _cache_is_current(cache: Path) -> bool:
+    """Whether a shared cache exists and was masked by the node's rule (else it is made again)."""
+    manifest = cache / "manifest.json"
+    if not manifest.exists():
+        return False
+    if json.loads(manifest.read_text())["preprocess"].get("sector_mask", 1) == SECTOR_MASK_RULE:
+        return True
+    shutil.rmtree(cache)
+    return False
 
 
 def _shared_name(recipe: Recipe) -> str:
@@ -243,8 +257,10 @@ def _train(recipe_set: dict[str, Recipe], seed: int, shared_root: Path, work: Pa
         finetune.append("--overwrite")  # a bundle an interrupted run left
         promote[1] = str(bundle)
         try:
-            if not (shared / f"cache-{recipe.task}").exists():
-                for args in (synth, index):
+            if not _cache_is_current(shared / f"cache-{recipe.task}"):
+                # The archive does not depend on the mask rule: a cache of an older rule is indexed again from it.
+                made = (shared / f"archive-{recipe.task}" / "labels.csv").exists()
+                for args in ((index,) if made else (synth, index)):
                     run_train(args, shared / f"prepare-{recipe.task}.log")
             t0 = time.monotonic()
             for args in (finetune, promote):
