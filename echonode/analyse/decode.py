@@ -54,6 +54,7 @@ from echonode.analyse.frametiming import (
     frame_timing,
 )
 from echonode.analyse.regions import PixelSpacing, tissue_spacing
+from echonode.analyse.values import as_float, as_int
 from echonode.dicomfile import RETIRED_US_STORAGE, check_inflated_size
 from echonode.header import deferred_past_end, read_for_decode
 
@@ -376,7 +377,7 @@ def _decode(ds: Dataset, opts: DecodeOptions) -> DecodedVideo:
         opts.prefer_fast
         and fmt.transfer_syntax in _FAST_PATH_SYNTAXES
         and fmt.bits == 8
-        and (_as_int(ds.get("BitsStored")) or 8) == 8
+        and (as_int(ds.get("BitsStored")) or 8) == 8
         and fmt.photometric in _FAST_PATH_PHOTOMETRIC
     )
     if use_fast:
@@ -439,11 +440,11 @@ def _pixel_format(ds: Dataset, opts: DecodeOptions) -> _PixelFormat:
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not tsyntax:
         raise UnusableObject("no transfer syntax in the file meta information")
-    rows = _as_int(ds.get("Rows"))
-    cols = _as_int(ds.get("Columns"))
-    samples = _as_int(ds.get("SamplesPerPixel")) or 1
-    bits = _as_int(ds.get("BitsAllocated"))
-    n_frames = _as_int(ds.get("NumberOfFrames")) or 1
+    rows = as_int(ds.get("Rows"))
+    cols = as_int(ds.get("Columns"))
+    samples = as_int(ds.get("SamplesPerPixel")) or 1
+    bits = as_int(ds.get("BitsAllocated"))
+    n_frames = as_int(ds.get("NumberOfFrames")) or 1
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if rows is None or cols is None or not (_MIN_SIDE <= rows <= _MAX_SIDE and _MIN_SIDE <= cols <= _MAX_SIDE):
         raise UnusableObject(f"implausible frame size {rows}x{cols}")
@@ -532,7 +533,7 @@ def _decode_pydicom(ds: Dataset, tsyntax: str, n_keep: int, reduction: int) -> n
     # as_rgb=False: keep YBR as decoded; the Y plane is the grey we want and
     # pydicom's YBR->RGB is the single most expensive step of pixel_array.
     opts = as_pixel_options(ds, as_rgb=False)
-    if UID(tsyntax).is_encapsulated and (_as_int(ds.get("SamplesPerPixel")) or 1) > 1:
+    if UID(tsyntax).is_encapsulated and (as_int(ds.get("SamplesPerPixel")) or 1) > 1:
         # PS3.5 8.2: compressed pixel data is decoded as its codestream says,
         # whatever Planar Configuration claims, and the codecs hand back
         # interleaved samples. Vendors do write 1 (or omit the Type 1C
@@ -665,7 +666,7 @@ def _to_grey_rgb(rgb: np.ndarray, luts: Dataset) -> np.ndarray:
         # scaling by it, not by the frame's maximum, keeps one mapping for
         # the whole video.
         desc = luts.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
-        depth = _as_int(desc[2]) or 16
+        depth = as_int(desc[2]) or 16
         top = float(2**depth - 1)
         rgb = (rgb.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8)
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
@@ -702,12 +703,12 @@ def _to_uint8(stack: np.ndarray, ds: Dataset) -> np.ndarray:
         out = stack
     else:
         a = stack.astype(np.float32)
-        slope = _as_float(ds.get("RescaleSlope")) or 1.0
-        intercept = _as_float(ds.get("RescaleIntercept")) or 0.0
+        slope = as_float(ds.get("RescaleSlope")) or 1.0
+        intercept = as_float(ds.get("RescaleIntercept")) or 0.0
         if slope != 1.0 or intercept != 0.0:
             a = a * slope + intercept
-        centre = _as_float(_first(ds.get("WindowCenter")))
-        width = _as_float(_first(ds.get("WindowWidth")))
+        centre = as_float(_first(ds.get("WindowCenter")))
+        width = as_float(_first(ds.get("WindowWidth")))
         if centre is not None and width is not None and width >= 1:
             # DICOM PS3.3 C.11.2.1.2.1 linear VOI function.
             a = ((a - (centre - 0.5)) / (width - 1) + 0.5) * 255.0
@@ -726,19 +727,6 @@ def _first(value: Any) -> Any:
     return value
 
 
-def _as_float(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _as_int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _short(exc: BaseException) -> str:

@@ -45,6 +45,8 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from echonode.analyse.values import as_float
+
 __all__ = ["DEFAULT_FPS", "MAX_PLAUSIBLE_FPS", "ImplausibleTiming", "frame_rate", "frame_timing"]
 
 #: Frame rate assumed when the object says nothing (METHOD.md).
@@ -98,10 +100,10 @@ def frame_timing(ds: Dataset) -> tuple[float, str]:
     ImplausibleTiming
         As :func:`frame_rate`.
     """
-    ft = _as_float(ds.get("FrameTime"))
+    ft = as_float(ds.get("FrameTime"))
     if ft is not None and ft > 0:
         return _plausible(1000.0 / ft, f"FrameTime {ft:g} ms"), "FrameTime"
-    pos = [v for v in (_as_float(x) for x in _values(ds.get("FrameTimeVector"))) if v is not None and v > 0]
+    pos = [v for v in (as_float(x) for x in _values(ds.get("FrameTimeVector"))) if v is not None and v > 0]
     if pos:
         mean = sum(pos) / len(pos)
         return _plausible(1000.0 / mean, f"FrameTimeVector (mean increment {mean:g} ms)"), "FrameTimeVector"
@@ -109,7 +111,7 @@ def frame_timing(ds: Dataset) -> tuple[float, str]:
     if found is not None:
         seconds_per_step, source = found
         return _plausible(1.0 / seconds_per_step, f"per-frame {source} ({seconds_per_step * 1000:g} ms a frame)"), source
-    cine = _as_float(ds.get("CineRate"))
+    cine = as_float(ds.get("CineRate"))
     if cine is not None and cine > 0:
         return _plausible(cine, f"CineRate {cine:g}"), "CineRate"
     return DEFAULT_FPS, "default"
@@ -189,7 +191,7 @@ def _as_microseconds(value: Any, unit: str) -> float | None:
             return float(since // _MICROSECOND)
         except (ValueError, TypeError, OverflowError):
             return None
-    f = _as_float(value)
+    f = as_float(value)
     if f is None:
         return None
     return f * 1000.0 if unit == "ms" else f * 1_000_000.0
@@ -202,10 +204,3 @@ def _values(value: Any) -> list[Any]:
         return list(value)
     return [value]
 
-
-def _as_float(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None

@@ -335,11 +335,9 @@ def analyse_study(
         if view_bundle is not None and not _keep_view(decoded, view_bundle, views, batch_size, timings):
             continue
         decoded.outcome.used = True
-        not_measured = batcher.add(idx, decoded.frames)
-        for task in not_measured:
-            cfg = preprocess_config(next(b for b in task_bundles if b.task == task))
-            decoded.outcome.reason = "; ".join(
-                filter(None, [decoded.outcome.reason, f"not measured by {task}: {decoded.refused[cfg]}"]))
+        not_measured = [f"not measured by {b.task}: {decoded.refused[cfg]}" for b, cfg in batcher.add(idx, decoded.frames)]
+        if not_measured:
+            decoded.outcome.reason = "; ".join(not_measured)
     batcher.finish()
     tasks = _task_outcomes(task_bundles, batcher.clip_probs, outcomes)
     all_outcomes = outcomes + skipped
@@ -438,17 +436,17 @@ class _ClipBatcher:
         self.pending: dict[PreprocessConfig, list[tuple[int, np.ndarray]]] = {c: [] for c in self.configs}
         self.clip_probs: dict[str, dict[int, list[float]]] = {b.task: {} for b in self.task_bundles}
 
-    def add(self, idx: int, frames: dict[PreprocessConfig, np.ndarray]) -> list[str]:
+    def add(self, idx: int, frames: dict[PreprocessConfig, np.ndarray]) -> list[tuple[Bundle, PreprocessConfig]]:
         """Queue video ``idx``'s clips; run the models on every full batch.
 
-        Returns the tasks whose preprocessing the video lacks (they do not
-        see it).
+        Returns the task models whose preprocessing the video lacks, with
+        that preprocessing (they do not see the video).
         """
         for cfg in self.configs:
             if cfg in frames:
                 self.pending[cfg].append((idx, make_eval_clips(frames[cfg], cfg)))
                 self._flush(cfg, force=False)
-        return [b.task for b in self.task_bundles if preprocess_config(b) not in frames]
+        return [(b, preprocess_config(b)) for b in self.task_bundles if preprocess_config(b) not in frames]
 
     def finish(self) -> None:
         """Run the models on what is still queued."""

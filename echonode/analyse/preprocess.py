@@ -15,8 +15,10 @@ The steps (METHOD.md's, with the framing choice below):
    default) crops to the sector's bounding box and pads to a centred square,
    keeping the aspect ratio; ``frame`` resizes the whole masked frame to the
    square, as the EchoCLR authors' code does (aspect not kept); ``physical``
-   takes a window of ``field_cm`` centimetres from the sector's top, centred
-   on it, at the pixel size the image's calibrated region states, so one
+   takes a window of ``field_cm`` centimetres hung from the transducer face
+   on the beam axis where the calibration states them (else from the moving
+   sector's top, centred on it), at the pixel size the image's calibrated
+   region states, so one
    input pixel is the same size in every video (a video without a
    believable calibration is refused). Each way to ``size`` x ``size`` with
    area interpolation;

@@ -34,8 +34,9 @@ installed beside it (the decode serves the largest of them)."""
 #: (aspect kept), resize. ``frame``: resize the whole masked frame to the
 #: square (aspect not kept), as the EchoCLR authors' code does; a checkpoint
 #: trained with their code expects this. ``physical``: a square window of
-#: ``field_cm`` centimetres from the top of the sector, centred on it, at the
-#: pixel size the image's calibrated tissue region states, so that one input
+#: ``field_cm`` centimetres hung from the transducer face on the beam axis
+#: (the calibration's origin; else the moving sector's top, centred on it), at
+#: the pixel size the image's calibrated tissue region states, so that one input
 #: pixel is the same size in every video; a video without a believable
 #: calibration is not measured (for models that measure in cm: wall
 #: thickness, valve opening).

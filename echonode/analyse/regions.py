@@ -16,9 +16,10 @@ image; such a calibration describes another image and is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom.dataset import Dataset
+
+from echonode.analyse.values import as_float, as_int
 
 __all__ = ["PixelSpacing", "tissue_spacing"]
 
@@ -77,7 +78,7 @@ def tissue_spacing(ds: Dataset) -> PixelSpacing | None:
         None when the image states no region that shows 2D tissue in cm
         inside the image with a plausible pixel size.
     """
-    rows, cols = _as_int(ds.get("Rows")), _as_int(ds.get("Columns"))
+    rows, cols = as_int(ds.get("Rows")), as_int(ds.get("Columns"))
     regions = ds.get("SequenceOfUltrasoundRegions")
     if not rows or not cols or not regions:
         return None
@@ -95,21 +96,21 @@ def tissue_spacing(ds: Dataset) -> PixelSpacing | None:
 
 def _believable(region: Dataset, rows: int, cols: int) -> PixelSpacing | None:
     """The region's spacing when it shows 2D tissue in cm, inside the image, else None."""
-    if _as_int(region.get("RegionSpatialFormat")) != _SPATIAL_2D:
+    if as_int(region.get("RegionSpatialFormat")) != _SPATIAL_2D:
         return None
-    if _as_int(region.get("RegionDataType")) != _DATA_TISSUE:
+    if as_int(region.get("RegionDataType")) != _DATA_TISSUE:
         return None
-    if (_as_int(region.get("PhysicalUnitsXDirection")) != _UNITS_CM
-            or _as_int(region.get("PhysicalUnitsYDirection")) != _UNITS_CM):
+    if (as_int(region.get("PhysicalUnitsXDirection")) != _UNITS_CM
+            or as_int(region.get("PhysicalUnitsYDirection")) != _UNITS_CM):
         return None
-    bounds = [_as_int(region.get(k)) for k in
+    bounds = [as_int(region.get(k)) for k in
               ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")]
     if any(b is None for b in bounds):
         return None
     x0, y0, x1, y1 = (int(b) for b in bounds)  # type: ignore[arg-type]
     if not (0 <= x0 < x1 < cols and 0 <= y0 < y1 < rows):
         return None
-    dx, dy = _as_float(region.get("PhysicalDeltaX")), _as_float(region.get("PhysicalDeltaY"))
+    dx, dy = as_float(region.get("PhysicalDeltaX")), as_float(region.get("PhysicalDeltaY"))
     if dx is None or dy is None or not (_MIN_CM <= abs(dx) <= _MAX_CM and _MIN_CM <= abs(dy) <= _MAX_CM):
         return None
     origin = _origin(region, (x0, y0), (dx, dy), rows, cols)
@@ -125,11 +126,11 @@ def _origin(region: Dataset, corner: tuple[int, int], delta: tuple[float, float]
     (PS3.3 C.8.5.5.1.12) together with its physical value; the origin is
     that many pixels of ``delta`` away from it.
     """
-    ref = [_as_int(region.get(k)) for k in ("ReferencePixelX0", "ReferencePixelY0")]
+    ref = [as_int(region.get(k)) for k in ("ReferencePixelX0", "ReferencePixelY0")]
     if ref[0] is None or ref[1] is None:
         return None
-    value_x = _as_float(region.get("ReferencePixelPhysicalValueX")) or 0.0
-    value_y = _as_float(region.get("ReferencePixelPhysicalValueY")) or 0.0
+    value_x = as_float(region.get("ReferencePixelPhysicalValueX")) or 0.0
+    value_y = as_float(region.get("ReferencePixelPhysicalValueY")) or 0.0
     col = corner[0] + ref[0] - value_x / delta[0]
     row = corner[1] + ref[1] - value_y / delta[1]
     # A transducer face a little above the image is common (the top of the
@@ -139,16 +140,3 @@ def _origin(region: Dataset, corner: tuple[int, int], delta: tuple[float, float]
     return (row, col)
 
 
-def _as_int(value: Any) -> int | None:
-    try:
-        return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _as_float(value: Any) -> float | None:
-    try:
-        out = None if value is None or value == "" else float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if out is not None and out == out and abs(out) != float("inf") else None

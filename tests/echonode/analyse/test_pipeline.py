@@ -29,9 +29,9 @@ def _registry(models: Path) -> ModelRegistry:
     return reg
 
 
-def _view_bundle(models: Path, favour: str) -> None:
+def _view_bundle(models: Path, favour: str, preprocessing: dict | None = None) -> None:
     """A view classifier that always answers ``favour`` (zero weights, biased head)."""
-    path = tiny_bundle(models, "view", name="views")
+    path = tiny_bundle(models, "view", name="views", preprocessing=preprocessing)
     sd = torch.load(path / "weights.pt", weights_only=True)
     labels = load_bundle(path).labels
     sd["fc.weight"].zero_()
@@ -238,3 +238,18 @@ def test_a_study_no_model_could_measure_is_skipped_as_without_a_usable_video(tmp
     result = analyse_study(uid, files[1:], registry.current)
     assert result.skipped_reason.startswith("no video the task models could measure (not measured by lvh")
     assert [n.reason for n in not_assessed_of(result, registry.current, ("plax",))] == ["no_usable_video"]
+
+
+def test_a_view_model_that_frames_in_cm_leaves_uncalibrated_videos_unclassified(tmp_path: Path, study) -> None:
+    # Only the real loop states its pixel size: the others are not classified,
+    # so no task model sees them, and they say why.
+    uid, files = study
+    models = tmp_path / "models"
+    tiny_bundle(models, "lvh")
+    _view_bundle(models, "plax", preprocessing={"framing": "physical", "field_cm": 16.0})
+    result = analyse_study(uid, files, _registry(models).current)
+    assert result.videos[0].used and result.videos[0].view == "plax"
+    for generated in result.videos[1:]:
+        assert generated.usable and not generated.used and generated.view is None
+        assert generated.reason.startswith("view not classified: no calibrated 2D tissue region")
+    assert list(result.tasks["lvh"].video_probabilities) == [result.videos[0].sop_uid]
