@@ -50,7 +50,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import subprocess
@@ -61,7 +60,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.machine import cpu_flags, cpu_model, load_average
-from train.metrics import auroc, bootstrap_ci, group_mean
+from bench.paired_auroc import study_scores
+from train.metrics import auroc, bootstrap_ci
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,12 +96,9 @@ def _run_side_by_side(steps: dict[str, tuple[str, ...]], log: Path) -> None:
 
 def study_auroc(predictions: Path) -> tuple[float, float, float, int, int]:
     """Study AUROC of an ``evaluate`` predictions.csv (mean of each study's videos), its 95 % CI, positives, negatives."""
-    with open(predictions, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    studies = [r["study_uid"] for r in rows]
-    _, p = group_mean(studies, np.array([float(r["probability"]) for r in rows]))
-    _, y = group_mean(studies, np.array([int(r["target"]) for r in rows]))
-    y = y.round().astype(int)
+    scores = study_scores([Path(predictions).parent])
+    p = np.array([s for s, _ in scores.values()])
+    y = np.array([label for _, label in scores.values()])
     ci = bootstrap_ci(y, p, "auroc", n_resamples=2000, seed=0)
     return auroc(y, p), ci.low, ci.high, int(y.sum()), int(len(y) - y.sum())
 
