@@ -112,3 +112,14 @@ def test_the_origin_is_where_the_regions_physical_coordinates_are_zero() -> None
     assert got is not None and got.origin is None and got.row_cm == 0.1
     del region.ReferencePixelX0
     assert tissue_spacing(_image(region)).origin is None  # type: ignore[union-attr]
+
+
+def test_a_region_sequence_that_cannot_be_read_is_no_calibration_not_a_failed_decode(monkeypatch) -> None:
+    import echonode.analyse.decode as decode
+
+    def unreadable(ds: Dataset) -> None:
+        raise ValueError("a sequence pydicom cannot parse")
+
+    monkeypatch.setattr(decode, "tissue_spacing", unreadable)
+    video = decode_video(real_testfile("color3d_jpeg_baseline.dcm"), max_frames=2)
+    assert video.spacing is None and video.frames.shape[0] == 2
