@@ -86,7 +86,7 @@ def study_report(
     fallback_header: Path,
     supersedes: tuple[str, str, str] | None = None,
 ) -> Dataset:
-    """The SR a study gets: its findings, or each task not assessed and why.
+    """The SR a study gets: its findings, and each task not assessed and why.
 
     Parameters
     ----------
@@ -120,8 +120,8 @@ def study_report(
         institution_name=cfg.sr.institution_name or None,
         supersedes=supersedes,
         no_usable_video_reason=analysis.skipped_reason,
-        # Silence would read as "absent": each task says it was not assessed.
-        not_assessed=not_assessed_of(analysis, models, cfg.models.views) if analysis.skipped_reason else (),
+        # Silence would read as "absent": each task without a result says it was not assessed.
+        not_assessed=not_assessed_of(analysis, models, cfg.models.views),
     )
 
 
@@ -151,13 +151,23 @@ def findings_of(analysis: StudyAnalysis) -> list[TaskFinding]:
 
 
 def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str, ...]) -> list[NotAssessed]:
-    """The tasks a skipped study's SR reports as not assessed, and why (coded)."""
+    """Every installed task the study has no result for, and why (coded).
 
-    # A video of the right view that no model could measure (a model that
-    # measures in cm, a video without calibration) is not usable to it.
-    of_view_but_unmeasured = any(v.used for v in analysis.videos)
-    reason = ("no_required_view" if any(v.usable for v in analysis.videos) and not of_view_but_unmeasured
-              else "no_usable_video")
+    A skipped study lists every task. A study with results lists the tasks
+    without one: videos of the view were there (another model measured
+    them), but none that this task's model could measure (a model that
+    measures in cm, videos without a calibration). Silence would read as
+    "absent".
+    """
+    if analysis.skipped_reason is None:
+        reason = "no_measurable_video"
+    elif any(v.used for v in analysis.videos):
+        # Of the view, passed to the task models, and none measured them.
+        reason = "no_measurable_video"
+    elif any(v.usable for v in analysis.videos):
+        reason = "no_required_view"
+    else:
+        reason = "no_usable_video"
     required = tuple(views) if reason == "no_required_view" else ()
     return [
         NotAssessed(
@@ -171,7 +181,7 @@ def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str,
             required_views=required,
         )
         for b in sorted(models.bundles, key=lambda b: b.task)
-        if b.task in TASKS
+        if b.task in TASKS and b.task not in analysis.tasks
     ]
 
 
@@ -298,6 +308,7 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
         sr_sop_uid=report.sr_sop_uid,
         supersedes=report.supersedes,
         not_assessed=analysis.skipped_reason,
+        tasks_not_assessed=sorted(b.task for b in models.bundles if b.task in TASKS and b.task not in analysis.tasks),
         **{f"p_{r.task}": round(r.probability, 4) for r in results},
     )
     return StudyOutcome(claim.study_uid, str(state), report.sr_sop_uid)

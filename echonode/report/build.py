@@ -28,7 +28,9 @@ Per task the report holds one Measurement Group (TID 1501) with
 - a qualitative evaluation of the finding from CID 240 "Present-Absent":
   Present or Absent by the threshold, or Undetermined for a task the models
   could not assess, with a second evaluation "Reason not assessed" (No
-  usable video; No video of the required view);
+  usable video; No video of the required view; No video the model could
+  measure). One report may hold both: each installed task is either a
+  finding or not assessed, never silent;
 - for an assessed task, the study-level probability (DCM 122157
   "Probability", unit UCUM "1", 3 decimals, rounded on its side of the
   threshold), the number of videos used (an integer), and optionally one
@@ -427,8 +429,12 @@ def build_report(
     not_assessed : sequence of NotAssessed
         The tasks the models could not assess, each a Measurement Group whose
         finding is evaluated Undetermined with the coded reason, and a
-        plain-language line. Only with ``no_usable_video_reason``; without
-        any, the report has no measurement group.
+        plain-language line after those of the findings. Beside findings
+        too: a study one model measured and another could not (a model that
+        measures in cm, videos without calibration) says so of the second
+        instead of keeping silent. A task is either a finding or not
+        assessed. With neither findings nor ``not_assessed`` the report has
+        no measurement group.
 
     Returns
     -------
@@ -548,16 +554,17 @@ def _checked_arguments(
     if isinstance(not_assessed, (str, bytes)) or not isinstance(not_assessed, Sequence):
         raise ValueError('Argument "not_assessed" must be a sequence of NotAssessed.')
     not_assessed = list(not_assessed)
-    if not_assessed and no_usable_video_reason is None:
-        raise ValueError('Argument "not_assessed" must be empty unless "no_usable_video_reason" is given.')
     for i, item in enumerate(not_assessed):
         check_not_assessed(item, i)
     tasks = [f.task for f in findings]
     if len(set(tasks)) != len(tasks):
         raise ValueError(f'Argument "findings" names a task twice: {tasks}.')
-    tasks = [n.task for n in not_assessed]
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f'Argument "not_assessed" names a task twice: {tasks}.')
+    unassessed = [n.task for n in not_assessed]
+    if len(set(unassessed)) != len(unassessed):
+        raise ValueError(f'Argument "not_assessed" names a task twice: {unassessed}.')
+    if set(tasks) & set(unassessed):
+        raise ValueError(f'Argument "not_assessed" names a task "findings" reports: '
+                         f"{sorted(set(tasks) & set(unassessed))}.")
     if supersedes is not None and (
         not isinstance(supersedes, tuple)
         or len(supersedes) != 3

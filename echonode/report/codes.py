@@ -51,6 +51,7 @@ __all__ = [
     "IMAGE_VIEW",
     "LEFT_VENTRICULAR_HYPERTROPHY",
     "NOT_ASSESSED_REASONS",
+    "NO_MEASURABLE_VIDEO",
     "NO_REQUIRED_VIEW",
     "NO_USABLE_VIDEO",
     "NUMBER_OF_VIDEOS",
@@ -79,12 +80,14 @@ NO_USABLE_VIDEO = Code("EN0003", ECHONODE_SCHEME, "No usable video")
 SUPERSEDES = Code("EN0004", ECHONODE_SCHEME, "Supersedes report")
 REASON_NOT_ASSESSED = Code("EN0005", ECHONODE_SCHEME, "Reason not assessed")
 NO_REQUIRED_VIEW = Code("EN0006", ECHONODE_SCHEME, "No video of the required view")
+NO_MEASURABLE_VIDEO = Code("EN0007", ECHONODE_SCHEME, "No video the model could measure")
 
 #: Why a task was not assessed -> the coded reason (the value of
 #: :data:`REASON_NOT_ASSESSED`).
 NOT_ASSESSED_REASONS: dict[str, Code] = {
     "no_usable_video": NO_USABLE_VIDEO,
     "no_required_view": NO_REQUIRED_VIEW,
+    "no_measurable_video": NO_MEASURABLE_VIDEO,
 }
 
 # IHE AI Results (AIR): purpose of reference of the AI algorithm's equipment.

@@ -94,8 +94,10 @@ class NotAssessed:
     reason : str
         A key of :data:`~echonode.report.codes.NOT_ASSESSED_REASONS`:
         ``"no_usable_video"`` (no object of the study decoded as a usable
-        cine loop) or ``"no_required_view"`` (usable videos, none of a view
-        the models take).
+        cine loop), ``"no_required_view"`` (usable videos, none of a view
+        the models take) or ``"no_measurable_video"`` (videos of the view,
+        none this model could measure: a model framing in cm, videos
+        without a calibration).
     threshold : float
         The model's decision threshold, in [0, 1].
     model_name, model_version, device_uid : str

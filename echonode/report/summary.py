@@ -180,6 +180,8 @@ def not_assessed_line(item: NotAssessed) -> str:
         why = f"no {_views_text(item.required_views)} video in the study"
     elif item.reason == "no_required_view":
         why = "no video of the view the model needs in the study"
+    elif item.reason == "no_measurable_video":
+        why = "no video in the study that this model could measure"
     else:
         why = "no usable video in the study"
     return f"{finding_name(item.task)}: not assessed by the AI model ({why}). {DISCLAIMER_SHORT}"

@@ -21,6 +21,7 @@ from echonode.analyse.preprocess import decode_options_for, make_eval_clips, pre
 from echonode.bundles.registry import ModelRegistry
 from echonode.bundles.weights import load_bundle
 from tests.factories import tiny_bundle, us_multiframe, write
+from tests.report_support import PLA_WARNING
 
 
 def _registry(models: Path) -> ModelRegistry:
@@ -220,6 +221,34 @@ def test_a_model_that_measures_in_cm_skips_videos_without_calibration_and_others
         assert "lvh" not in generated.probabilities and "severe_as" in generated.probabilities
 
 
+@pytest.mark.filterwarnings(PLA_WARNING)
+def test_a_task_whose_model_measured_no_video_is_not_assessed_beside_the_others_finding(
+    tmp_path: Path, study
+) -> None:
+    # Only uncalibrated videos: the severe-AS model (sector) measures them,
+    # the LVH model (cm) cannot. The SR reports severe AS and says LVH was
+    # not assessed, instead of leaving it out (silence reads as "absent").
+    from echonode.analyse.worker import study_report
+    from echonode.report.read import summarise_report
+    from tests.conftest import make_config
+
+    uid, files = study
+    cfg = make_config(tmp_path)
+    tiny_bundle(cfg.models_dir, "lvh", preprocessing={"framing": "physical", "field_cm": 16.0})
+    tiny_bundle(cfg.models_dir, "severe_as")
+    _view_bundle(cfg.models_dir, "plax")
+    models = _registry(cfg.models_dir).current
+    result = analyse_study(uid, files[1:], models)
+    assert result.skipped_reason is None and list(result.tasks) == ["severe_as"]
+    summary = summarise_report(study_report(result, cfg, models, fallback_header=files[1]))
+    assert [(f["task"], f["assessed"], f["not_assessed_reason"]) for f in summary["findings"]] == [
+        ("severe_as", True, None), ("lvh", False, "no_measurable_video")]
+    assert summary["summary_lines"][1] == (
+        "Left ventricular hypertrophy: not assessed by the AI model (no video in the study that this model "
+        "could measure). Not for diagnostic use.")
+    assert sorted(summary["evidence"]) == sorted(v.sop_uid for v in result.videos)
+
+
 def test_a_study_no_model_could_measure_is_skipped_as_without_a_usable_video(tmp_path: Path, study) -> None:
     from echonode.analyse.worker import not_assessed_of
 
@@ -237,7 +266,7 @@ def test_a_study_no_model_could_measure_is_skipped_as_without_a_usable_video(tmp
     registry = _registry(models)
     result = analyse_study(uid, files[1:], registry.current)
     assert result.skipped_reason.startswith("no video the task models could measure (not measured by lvh")
-    assert [n.reason for n in not_assessed_of(result, registry.current, ("plax",))] == ["no_usable_video"]
+    assert [n.reason for n in not_assessed_of(result, registry.current, ("plax",))] == ["no_measurable_video"]
 
 
 def test_a_view_model_that_frames_in_cm_leaves_uncalibrated_videos_unclassified(tmp_path: Path, study) -> None:

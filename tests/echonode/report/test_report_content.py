@@ -197,6 +197,8 @@ def test_plain_lines_say_the_verdict_first(header: Dataset, tmp_path: Path) -> N
      "not assessed by the AI model (no parasternal long-axis video in the study)"),
     ("no_usable_video", ("99ECHONODE", "EN0003", "No usable video"),
      "not assessed by the AI model (no usable video in the study)"),
+    ("no_measurable_video", ("99ECHONODE", "EN0007", "No video the model could measure"),
+     "not assessed by the AI model (no video in the study that this model could measure)"),
 ])
 def test_not_assessed_is_said_in_coded_form(sop_class: str, reason: str, code: tuple[str, str, str], line: str,
                                             header: Dataset, tmp_path: Path) -> None:
@@ -235,10 +237,42 @@ def test_not_assessed_is_said_in_coded_form(sop_class: str, reason: str, code: t
     assert "Undetermined" in text and "Reason not assessed" in text
 
 
+@pytest.mark.parametrize("sop_class", sorted(SOP_CLASS_UIDS))
+def test_a_task_not_assessed_beside_a_finding_is_said_too(sop_class: str, header: Dataset, tmp_path: Path) -> None:
+    """One model measured the study and another could not: the SR says both, the second Undetermined."""
+    sources = example_sources(header)
+    lvh, _ = make_findings(sources)
+    _, severe_as = _not_assessed("no_measurable_video")
+    path = tmp_path / "sr.dcm"
+    with strict_reading():
+        back = write_read(build_report(header, [lvh], sop_class=sop_class, not_assessed=[severe_as]), path)
+    summary = summarise_report(back)
+    assert [(f["task"], f["evaluation"], f["assessed"], f["not_assessed_reason"], f["probability"] is None)
+            for f in summary["findings"]] == [
+        ("lvh", "Present", True, None, False),
+        ("severe_as", "Undetermined", False, "no_measurable_video", True),
+    ]
+    assert summary["summary_lines"] == [
+        finding_line(lvh),
+        "Severe aortic stenosis: not assessed by the AI model (no video in the study that this model could "
+        "measure). Not for diagnostic use.",
+    ]
+    assert summary["no_usable_video_reason"] is None
+    # The evidence is what the finding used; the task not assessed used nothing.
+    assert sorted(summary["evidence"]) == sorted(s.sop_instance_uid for s in sources)
+    report = hd.sr.srread(path)
+    groups = report.content.get_image_measurement_groups()
+    assert [[q.value.meaning for q in g.get_qualitative_evaluations()] for g in groups] == [
+        ["Present"], ["Undetermined", "No video the model could measure"]]
+    dciodvfy(path)
+    text = dsrdump(path)
+    assert "Undetermined" in text and "No video the model could measure" in text
+
+
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
     [
-        ({"not_assessed": _not_assessed(), "with_findings": True}, "not_assessed"),  # beside findings
+        ({"not_assessed": _not_assessed(), "with_findings": True}, "not_assessed"),  # a task both ways
         ({"not_assessed": [dataclasses.replace(_not_assessed()[0], reason="tired")],
           "no_usable_video_reason": "x"}, "not_assessed[0].reason"),
         ({"not_assessed": [dataclasses.replace(_not_assessed()[0], task="view")],
