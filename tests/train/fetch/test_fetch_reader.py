@@ -25,6 +25,7 @@ from pydicom.uid import UltrasoundMultiFrameImageStorage, generate_uid
 from pynetdicom import AE, evt
 from structlog.testing import capture_logs
 
+import train.fetch.reader as reader_module
 import train.fetch.retrieve  # noqa: F401 - fetch's settings: C-STORE data sets streamed to temp files
 from tests import rawdicom as raw
 from train.fetch.reader import READ_CHUNK, BufferedReader, install_on_connection, reader_of
@@ -163,3 +164,48 @@ def test_a_connection_cut_inside_a_pdu_is_reported_and_nothing_is_stored(scp: Sc
     cut = [e for e in logs if e["event"] == "fetch.connection_closed_mid_pdu"]
     assert cut and cut[0]["received_bytes"] == 3000 and cut[0]["expected_bytes"] == 6 + 6 + len(data) - 5000
     assert sop not in scp.stored
+
+
+def test_the_reactor_is_woken_by_what_it_must_send_not_by_its_wait_running_out(
+    scp: Scp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the idle wait at 60 s, a C-STORE is answered and a release confirmed within the sender's 10 s.
+
+    The response and the release's answer are queued for sending by another
+    thread while the reactor waits on the socket: only the wake-up turns it.
+    """
+    monkeypatch.setattr(reader_module, "IDLE_WAIT_S", 60.0)
+    sock = _associate(scp.port)
+    try:
+        sop = generate_uid()
+        data = _data_set(sop, 10_000)
+        sock.sendall(raw.p_data(1, 0x03, raw.store_rq_command(UltrasoundMultiFrameImageStorage, sop))
+                     + raw.p_data(1, 0x02, data))
+        sock.settimeout(10)
+        assert _status(sock) == 0x0000
+        assert scp.stored[sop].endswith(data)
+        sock.sendall(raw.RELEASE_RQ_PDU)
+        _took, seen = raw.wait_closed(sock, timeout=10)
+        assert [p.type for p in seen] == [raw.RELEASE_RP]
+    finally:
+        sock.close()
+
+
+def test_every_read_leaves_delayed_ack_mode(scp: Scp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that splits a small PDU in two under Nagle's algorithm gets each piece acknowledged at once."""
+    acked: list[int] = []
+    quick_ack = reader_module.quick_ack
+    monkeypatch.setattr(reader_module, "quick_ack", lambda s: (acked.append(s.fileno()), quick_ack(s)))
+    sock = _associate(scp.port)
+    try:
+        sop = generate_uid()
+        command = raw.p_data(1, 0x03, raw.store_rq_command(UltrasoundMultiFrameImageStorage, sop))
+        sock.sendall(command[:12])  # the PDU's first piece, as Orthanc writes a small PDU
+        time.sleep(0.2)
+        sock.sendall(command[12:] + raw.p_data(1, 0x02, _data_set(sop, 1000)))
+        sock.settimeout(10)
+        assert _status(sock) == 0x0000
+    finally:
+        sock.close()
+    # The association request, the first piece and the rest: each read acknowledged.
+    assert len(acked) >= 3 and len(set(acked)) == 1
