@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 STORESCP = "/usr/bin/storescp"
+DCMQRSCP = "/usr/bin/dcmqrscp"
+DCMQRIDX = "/usr/bin/dcmqridx"
 DCMCONV = "/usr/bin/dcmconv"
 DSRDUMP = "/usr/bin/dsrdump"
 DSR2HTML = "/usr/bin/dsr2html"
@@ -86,6 +88,7 @@ def require(available: bool, what: str, install: str) -> None:
 #: The Debian package of each tool (.ci/run installs them all).
 PACKAGES = {
     STORESCU: "dcmtk", ECHOSCU: "dcmtk", STORESCP: "dcmtk", DCMCONV: "dcmtk", DSRDUMP: "dcmtk", DSR2HTML: "dcmtk",
+    DCMQRSCP: "dcmtk", DCMQRIDX: "dcmtk",
     DCIODVFY: "dicom3tools", ORTHANC: "orthanc", ORTHANC_DICOMWEB: "orthanc-dicomweb",
     ORTHANC_PYTHON: "orthanc-python", CHROMIUM: "chromium", CHROMEDRIVER: "chromium-driver",
     SYSTEMD_ANALYZE: "systemd",

@@ -79,6 +79,26 @@ IMAGE_ENCODINGS: tuple[UID, ...] = (
     MPEG4HP41BD,
 )
 
+#: The encodings a C-GET asks for one at a time when a PACS failed to send
+#: some instances over the usual contexts (:func:`get_contexts`): lossless
+#: first, so that a PACS that converts reaches for a lossy one only when
+#: nothing lossless served.
+FALLBACK_ENCODINGS: tuple[UID, ...] = (
+    RLELossless,
+    JPEGLSLossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEG2000Lossless,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+    MPEG2MPML,
+    MPEG4HP41,
+    MPEG4HP41BD,
+)
+
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -100,6 +120,20 @@ def get_contexts() -> list[tuple[str, list[UID]]]:
     for sop_class in ECHO_SR_CLASSES:
         contexts.extend((sop_class, [ts]) for ts in (*UNCOMPRESSED, DeflatedExplicitVRLittleEndian))
     assert len(contexts) <= MAX_CONTEXTS
+    return contexts
+
+
+def single_encoding_get_contexts(encoding: UID) -> list[tuple[str, list[UID]]]:
+    """The contexts of a C-GET that takes the image classes in ``encoding`` only (no SR classes).
+
+    Some PACS (dcmtk's ``dcmqrscp`` 3.6.7) send each instance over the first
+    context they accepted for its SOP class, whatever its transfer syntax,
+    and fail the instances stored in another encoding (they cannot convert
+    them). Over these contexts such a PACS sends what it holds in
+    ``encoding`` as it holds it.
+    """
+    contexts: list[tuple[str, list[UID]]] = [(STUDY_ROOT_GET, list(UNCOMPRESSED))]
+    contexts.extend((sop_class, [encoding]) for sop_class in ECHO_IMAGE_CLASSES)
     return contexts
 
 

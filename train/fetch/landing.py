@@ -132,6 +132,18 @@ class InFlight:
     syncs: list[Future] = field(default_factory=list)
     #: Why the study's files could not be made durable (None: they are).
     sync_error: str | None = None
+    #: SOP Instance UID -> Series Instance UID of every instance landed in this attempt.
+    landed: dict[str, str] = field(default_factory=dict)
+    #: Set while a C-GET asks again in another encoding: an instance already
+    #: landed in this attempt is answered Success and kept as it first came
+    #: (a PACS that converts must not replace it with a converted copy).
+    keep_landed: bool = False
+
+    def landed_in(self, series_uid: str | None) -> int:
+        """Distinct instances landed in this attempt, of one series or (None) of the study."""
+        if series_uid is None:
+            return len(self.landed)
+        return sum(1 for s in self.landed.values() if s == series_uid)
 
 
 class Sink:
@@ -231,6 +243,9 @@ class Sink:
         if announced_sop and announced_sop != header.sop_uid:
             return self.refuse(flight, announced_sop, "SOP Instance UID of the data set differs from the request's",
                                0xA900)
+        if flight.keep_landed and header.sop_uid in flight.landed:
+            log.debug("fetch.instance_kept", study_uid=header.study_uid, sop_uid=header.sop_uid)
+            return STATUS_SUCCESS
         try:
             known = self.journal.instance_study(header.sop_uid)
             if known is not None and known != header.study_uid:
@@ -251,6 +266,7 @@ class Sink:
             flight.instances += 1
             flight.bytes += size
             flight.by_series[header.series_uid] += 1
+            flight.landed[header.sop_uid] = header.series_uid
             self.total_bytes += size
             self.total_instances += 1
         log.debug("fetch.instance_landed", study_uid=header.study_uid, series_uid=header.series_uid,

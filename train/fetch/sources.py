@@ -11,9 +11,11 @@ import contextlib
 import datetime as dt
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydicom.uid import UID
 from pynetdicom import evt
 
 from echonode.delivery.dimse import Peer
@@ -21,11 +23,13 @@ from echonode.ops.logs import get_logger
 from echonode.studies.store import is_valid_uid
 
 from .dimse import (
+    FALLBACK_ENCODINGS,
     STUDY_ROOT_FIND,
     STUDY_ROOT_MOVE,
     UNCOMPRESSED,
     associate,
     get_contexts,
+    single_encoding_get_contexts,
     storage_roles,
 )
 from .errors import FetchError
@@ -49,6 +53,7 @@ from .query import (
 )
 from .retrieve import (
     Associations,
+    SeriesOutcome,
     get_series,
     judge,
     move_series,
@@ -150,18 +155,17 @@ class DimseSource:
         self.reuse = reuse
         self._idle: list[_Retrieval] = []
         self._idle_lock = threading.Lock()
+        #: Set once asking again in one encoding brought what the usual
+        #: contexts did not: the PACS sends over the first context it
+        #: accepted for a class (see :meth:`_get_in_other_encodings`).
+        self.serves_first_context = False
         verb = {"move": f"C-MOVE to {move_aet}", "get": "C-GET", "node": f"C-MOVE to the node ({move_aet})"}[mode]
         self.label = f"{peer.ae_title}@{peer.host}:{peer.port} ({verb})"
 
     def _associate(self, *, for_retrieval: bool, retrieval: _Retrieval | None = None) -> Any:
         if for_retrieval and self.mode == "get":
-            assert self.sink is not None and retrieval is not None
-            return associate(
-                self.local_aet, self.peer, [(STUDY_ROOT_FIND, UNCOMPRESSED), *get_contexts()],
-                timeout_s=self.timeout_s, max_pdu=self.max_pdu, ext_neg=storage_roles(),
-                handlers=[(evt.EVT_C_STORE, store_handler(self.sink, lambda: retrieval.study_uid)),
-                          *([(evt.EVT_DATA_RECV, throttle_handler(self.limiter))] if self.limiter.enabled else [])],
-            )
+            assert retrieval is not None
+            return self._associate_get([(STUDY_ROOT_FIND, UNCOMPRESSED), *get_contexts()], retrieval)
         contexts = [(STUDY_ROOT_FIND, UNCOMPRESSED)]
         if for_retrieval:
             contexts.append((STUDY_ROOT_MOVE, UNCOMPRESSED))
@@ -266,7 +270,10 @@ class DimseSource:
             outcomes = []
             for target in targets:
                 if self.mode == "get":
+                    refused_before = flight.refused if flight is not None else 0
                     outcome = get_series(assoc, study_uid, target)
+                    if flight is not None and self._may_be_encoding_failures(outcome, flight.refused - refused_before):
+                        outcome = self._get_in_other_encodings(study_uid, target, outcome, flight)
                 else:
                     outcome = move_series(assoc, self.move_aet, study_uid, target)
                 outcomes.append(outcome)
@@ -288,6 +295,77 @@ class DimseSource:
         # A flight comes only from a sink.
         present = sent if flight is None else len(self.sink.journal.instances_of(study_uid))  # type: ignore[union-attr]
         return StudyResult(expected=expected, sent=sent, present=present, flight=flight)
+
+    def _may_be_encoding_failures(self, outcome: SeriesOutcome, refused_here: int) -> bool:
+        """Whether instances the PACS failed to send may have failed for their encoding (worth asking again).
+
+        Only failures of the PACS's own (not instances fetch refused), and
+        only where the PACS is not busy: it sent others over the same
+        request (0xB000), or it has shown in this run that it serves the
+        first context of a class (then "out of resources" with nothing sent
+        is the same failure). Out of resources from any other PACS is
+        waited out (the runner's backoff), never asked again at once.
+        """
+        if outcome.failed <= refused_here:
+            return False
+        return outcome.status == 0xB000 or self.serves_first_context
+
+    def _get_in_other_encodings(self, study_uid: str, target: str | None, first: SeriesOutcome,
+                                flight: InFlight) -> SeriesOutcome:
+        """Ask again for what the PACS failed to send, one encoding at a time; the outcome of both.
+
+        A PACS that sends each instance over the first context it accepted
+        for the SOP class (dcmtk's ``dcmqrscp``) fails every instance stored
+        in another encoding. Each further C-GET proposes the image classes in
+        one encoding only (:data:`~train.fetch.dimse.FALLBACK_ENCODINGS`, lossless
+        first), until every instance the PACS counted has landed. What landed
+        already is kept as it first came. A PACS that keeps failing, or that
+        is busy, leaves the first outcome standing.
+        """
+        total = first.completed + first.failed + first.warning
+        before = flight.landed_in(target)
+        tried = 0
+        flight.keep_landed = True
+        try:
+            for encoding in FALLBACK_ENCODINGS:
+                if flight.landed_in(target) >= total:
+                    break
+                tried += 1
+                retrieval = _Retrieval(study_uid=study_uid)
+                try:
+                    assoc = self._associate_get(single_encoding_get_contexts(encoding), retrieval)
+                except FetchError as exc:
+                    if exc.busy:
+                        break
+                    continue  # none of this encoding's contexts accepted
+                self.open.add(assoc)
+                try:
+                    get_series(assoc, study_uid, target)
+                except FetchError:
+                    break  # no answer: the retry of the study will tell
+                finally:
+                    self._close(assoc)
+        finally:
+            flight.keep_landed = False
+        got = flight.landed_in(target)
+        log.info("fetch.get_other_encodings", study_uid=study_uid, series_uid=target, failed_first=first.failed,
+                 encodings_tried=tried, landed_now=got - before, missing=max(total - got, 0))
+        if got >= total:
+            if got > before:
+                self.serves_first_context = True
+            return SeriesOutcome(first.series_uid, 0x0000, total - first.warning, 0, first.warning)
+        return SeriesOutcome(first.series_uid, first.status, max(got - first.warning, first.completed),
+                             total - got, first.warning)
+
+    def _associate_get(self, contexts: Sequence[tuple[str, Sequence[UID]]], retrieval: _Retrieval) -> Any:
+        """A C-GET association: fetch is the storage SCP on it, landing into the sink."""
+        assert self.sink is not None
+        return associate(
+            self.local_aet, self.peer, contexts,
+            timeout_s=self.timeout_s, max_pdu=self.max_pdu, ext_neg=storage_roles(),
+            handlers=[(evt.EVT_C_STORE, store_handler(self.sink, lambda: retrieval.study_uid)),
+                      *([(evt.EVT_DATA_RECV, throttle_handler(self.limiter))] if self.limiter.enabled else [])],
+        )
 
     def abort(self) -> None:
         self.open.abort_all()

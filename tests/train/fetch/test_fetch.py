@@ -61,7 +61,7 @@ from echonode.daemon.node import Node
 from echonode.studies.journal import Journal
 from tests.conftest import REPO, free_port, make_config, wait_for
 from tests.factories import us_multiframe, write
-from tests.peers import ORTHANC, ORTHANC_DICOMWEB, Orthanc, require_tool
+from tests.peers import DCMQRIDX, DCMQRSCP, ORTHANC, ORTHANC_DICOMWEB, Orthanc, require_tool
 from train.fetch import cli as fetch_cli
 from train.fetch.dimse import MAX_CONTEXTS, get_contexts
 from train.fetch.journal import FetchJournal
@@ -371,6 +371,79 @@ def test_c_get_keeps_one_association_for_consecutive_studies(pacs, content, tmp_
     # One association for the query and every study, or (kept too long) one for the query and one each.
     assert len(opened) == (1 if idle_s else 1 + studies)
     assert not any(a.is_established for a in opened)
+
+
+@pytest.fixture
+def dcmtk_pacs(tmp_path: Path, content: Content) -> Iterator[str]:
+    """dcmtk's own PACS, ``dcmqrscp``, holding the content; accepts JPEG baseline beside uncompressed (``+xy``).
+
+    It sends each C-GET sub-operation over the first context it accepted
+    for the SOP class, whatever the file's transfer syntax: the JPEG cines
+    fail over the usual contexts.
+    """
+    require_tool(DCMQRSCP)
+    require_tool(DCMQRIDX)
+    db = tmp_path / "qrdb"
+    db.mkdir()
+    port = free_port()
+    config = tmp_path / "dcmqrscp.cfg"
+    config.write_text(f"NetworkTCPPort = {port}\nMaxPDUSize = 131072\nMaxAssociations = 16\n"
+                      "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+                      f"AETable BEGIN\nQRSCP {db} RW (200, 1024mb) ANY\nAETable END\n")
+    subprocess.run([DCMQRIDX, str(db), *map(str, content.files)], check=True, timeout=60)
+    log = (tmp_path / "dcmqrscp.log").open("wb")
+    proc = subprocess.Popen([DCMQRSCP, "+xy", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def answers() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(answers, timeout=20, what="dcmqrscp")
+        yield f"QRSCP@127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_c_get_from_a_pacs_that_serves_the_first_context_asks_again_in_each_encoding(dcmtk_pacs, content, tmp_path):
+    """dcmqrscp fails the JPEG cines over the usual contexts; fetch asks again in JPEG only and lands them as stored."""
+    out = tmp_path / "archive"
+    with capture_logs() as logs:
+        code, text = fetch("--out", str(out), "--from", dcmtk_pacs, "--aet", FETCH_AET, "--get", "--timeout", "10",
+                           "--retry-after", "1")
+    assert code == 0, text
+    held = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f.read_bytes() for f in content.files}
+    assert_archive(out, held, content.echo)
+    rows = journal_rows(out)
+    assert {rows[study][0] for study in content.echo} == {"complete"}
+    # dcmqrscp does not match ModalitiesInStudy: the CT study is found, and its series query finds nothing to take.
+    assert {r[0] for study, r in rows.items() if study not in content.echo} <= {"skipped"}
+    again = [e for e in logs if e["event"] == "fetch.get_other_encodings"]
+    assert again and all(e["missing"] == 0 for e in again)
+    assert sum(e["landed_now"] for e in again) == sum(
+        1 for sops in content.echo.values() for sop in sops
+        if pydicom.dcmread(io.BytesIO(held[sop]), stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed)
+
+
+def test_an_instance_landed_is_kept_while_a_c_get_asks_again(tmp_path):
+    """A PACS that converts sends every instance again in the other encoding: the first copy stays, no count grows."""
+    archive = Archive(tmp_path / "archive")
+    archive.tmp.mkdir(parents=True, exist_ok=True)
+    sink = Sink(archive, FetchJournal(archive.journal_path), FakeClock(time.time()))
+    ds = us_multiframe(frames=2, rows=8, cols=8)
+    first = write(ds, archive.tmp / "a.dcm")
+    flight = sink.begin(str(ds.StudyInstanceUID), 1)
+    assert sink.accept(first) == 0x0000
+    path = archive.root / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    original = path.read_bytes()
+    ds.PixelData = bytes(len(ds.PixelData))  # "converted": other bytes, same instance
+    flight.keep_landed = True
+    assert sink.accept(write(ds, archive.tmp / "b.dcm")) == 0x0000
+    assert path.read_bytes() == original
+    assert (flight.instances, flight.landed_in(None), flight.landed_in(str(ds.SeriesInstanceUID))) == (1, 1, 1)
+    assert not list(archive.tmp.iterdir())
+    sink.close()
 
 
 def test_dicomweb_lands_the_pacs_files_unchanged(pacs, content, tmp_path):
