@@ -134,10 +134,14 @@ class InFlight:
     sync_error: str | None = None
     #: SOP Instance UID -> Series Instance UID of every instance landed in this attempt.
     landed: dict[str, str] = field(default_factory=dict)
+    #: The SOP Instance UIDs refused in this attempt (each counted once in ``refused``).
+    refused_sops: set[str] = field(default_factory=set)
     #: Set while a C-GET asks again in another encoding: an instance already
-    #: landed in this attempt is answered Success and kept as it first came
-    #: (a PACS that converts must not replace it with a converted copy).
+    #: in the archive is answered Success and kept as it first came (a PACS
+    #: that converts must not replace it with a converted copy); ``resent``
+    #: counts them.
     keep_landed: bool = False
+    resent: int = 0
 
     def landed_in(self, series_uid: str | None) -> int:
         """Distinct instances landed in this attempt, of one series or (None) of the study."""
@@ -204,6 +208,10 @@ class Sink:
         study_uid = flight.study_uid if flight else None
         if flight is not None:
             with self._lock:
+                if sop_uid is not None and sop_uid in flight.refused_sops:
+                    return status  # the same instance again (a C-GET asking again): counted and recorded once
+                if sop_uid is not None:
+                    flight.refused_sops.add(sop_uid)
                 flight.refused += 1
                 flight.reasons.append(reason)
         self.journal.record_refused(study_uid, sop_uid, reason, self.clock.time(), flight.attempt if flight else None)
@@ -243,7 +251,10 @@ class Sink:
         if announced_sop and announced_sop != header.sop_uid:
             return self.refuse(flight, announced_sop, "SOP Instance UID of the data set differs from the request's",
                                0xA900)
-        if flight.keep_landed and header.sop_uid in flight.landed:
+        if flight.keep_landed and (header.sop_uid in flight.landed or self.archive.instance_path(header).exists()):
+            with self._lock:
+                flight.resent += 1
+                flight.landed.setdefault(header.sop_uid, header.series_uid)
             log.debug("fetch.instance_kept", study_uid=header.study_uid, sop_uid=header.sop_uid)
             return STATUS_SUCCESS
         try:

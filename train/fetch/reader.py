@@ -67,6 +67,7 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from typing import Any
 
@@ -135,6 +136,7 @@ class BufferedReader:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._wake_lock = threading.Lock()
 
     # -- what the DUL calls ----------------------------------------------------------------
 
@@ -162,13 +164,17 @@ class BufferedReader:
 
     def wake(self) -> None:
         """Make the reactor's current or next wait return at once (from any thread)."""
-        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
-            self._wake_w.send(b"\0")
+        with self._wake_lock:
+            if self._wake_w.fileno() < 0:
+                return  # closed: a descriptor number may belong to another connection by now
+            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                self._wake_w.send(b"\0")
 
     def close(self) -> None:
         """Close the wake-up pair (the connection has closed; later waits sleep)."""
-        self._wake_r.close()
-        self._wake_w.close()
+        with self._wake_lock:
+            self._wake_r.close()
+            self._wake_w.close()
 
     def _wait(self) -> None:
         """Wait until the socket has bytes, something is queued for the reactor, or the wait's limit."""
@@ -177,6 +183,8 @@ class BufferedReader:
             return
         wake = self._wake_r.fileno()
         sock = dul.socket.socket if dul.socket is not None else None
+        if isinstance(sock, ssl.SSLSocket) and _tls_pending(sock):
+            return  # decrypted bytes wait in the TLS layer, where select does not see them
         fd = sock.fileno() if sock is not None else -1
         if wake < 0:
             time.sleep(STREAM_BATCH_S)
@@ -378,6 +386,13 @@ class BufferedReader:
         self._consumed(pos, pdus)
         evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
         return pdu
+
+
+def _tls_pending(sock: ssl.SSLSocket) -> bool:
+    try:
+        return sock.pending() > 0
+    except (OSError, ValueError):  # closed under us: the next read says so
+        return False
 
 
 def quick_ack(sock: socket.socket) -> None:

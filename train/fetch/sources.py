@@ -114,6 +114,8 @@ class _Retrieval:
     study_uid: str | None = None
     #: When it was last put back for reuse.
     idle_since: float = 0.0
+    #: C-STOREs on it that fetch answered with anything but Success (whatever the reason).
+    not_accepted: int = 0
 
 
 class DimseSource:
@@ -270,10 +272,11 @@ class DimseSource:
             outcomes = []
             for target in targets:
                 if self.mode == "get":
-                    refused_before = flight.refused if flight is not None else 0
+                    ours_before = retrieval.not_accepted
                     outcome = get_series(assoc, study_uid, target)
-                    if flight is not None and self._may_be_encoding_failures(outcome, flight.refused - refused_before):
-                        outcome = self._get_in_other_encodings(study_uid, target, outcome, flight)
+                    ours = retrieval.not_accepted - ours_before
+                    if flight is not None and self._may_be_encoding_failures(outcome, ours, attempt):
+                        outcome = self._get_in_other_encodings(study_uid, target, outcome, ours, flight)
                 else:
                     outcome = move_series(assoc, self.move_aet, study_uid, target)
                 outcomes.append(outcome)
@@ -296,39 +299,47 @@ class DimseSource:
         present = sent if flight is None else len(self.sink.journal.instances_of(study_uid))  # type: ignore[union-attr]
         return StudyResult(expected=expected, sent=sent, present=present, flight=flight)
 
-    def _may_be_encoding_failures(self, outcome: SeriesOutcome, refused_here: int) -> bool:
+    def _may_be_encoding_failures(self, outcome: SeriesOutcome, ours: int, attempt: int) -> bool:
         """Whether instances the PACS failed to send may have failed for their encoding (worth asking again).
 
-        Only failures of the PACS's own (not instances fetch refused), and
-        only where the PACS is not busy: it sent others over the same
-        request (0xB000), or it has shown in this run that it serves the
-        first context of a class (then "out of resources" with nothing sent
-        is the same failure). Out of resources from any other PACS is
-        waited out (the runner's backoff), never asked again at once.
+        Only failures of the PACS's own (``ours``: what fetch itself answered
+        with a failure), and only where the PACS is not busy: it sent others
+        over the same request (0xB000). "Out of resources" (0xA7xx) is first
+        waited out as a busy PACS (the runner's backoff); it is asked again
+        at once only on a later try of the study, or from a PACS that has
+        shown in this run that it serves the first context of a class: a
+        study of JPEG cines alone then fails whole.
         """
-        if outcome.failed <= refused_here:
+        if outcome.failed <= ours:
             return False
-        return outcome.status == 0xB000 or self.serves_first_context
+        if outcome.status == 0xB000:
+            return True
+        return outcome.status & 0xFF00 == 0xA700 and (self.serves_first_context or attempt > 1)
 
-    def _get_in_other_encodings(self, study_uid: str, target: str | None, first: SeriesOutcome,
+    def _get_in_other_encodings(self, study_uid: str, target: str | None, first: SeriesOutcome, ours: int,
                                 flight: InFlight) -> SeriesOutcome:
         """Ask again for what the PACS failed to send, one encoding at a time; the outcome of both.
 
         A PACS that sends each instance over the first context it accepted
         for the SOP class (dcmtk's ``dcmqrscp``) fails every instance stored
-        in another encoding. Each further C-GET proposes the image classes in
-        one encoding only (:data:`~train.fetch.dimse.FALLBACK_ENCODINGS`, lossless
-        first), until every instance the PACS counted has landed. What landed
-        already is kept as it first came. A PACS that keeps failing, or that
-        is busy, leaves the first outcome standing.
+        in another encoding, and sends nothing over a context it cannot use.
+        Each further C-GET proposes the image classes in one encoding only
+        (:data:`~train.fetch.dimse.FALLBACK_ENCODINGS`, lossless first) and
+        lands what that PACS holds in it, until every instance it counted
+        has landed or been refused here (``ours``). A PACS that sends an
+        instance already in the archive again converts what it sends: its
+        failures were not for their encoding, and asking ends there (what
+        is already in the archive stays as it first came). A busy PACS, or
+        one that stops answering, ends it too; the first outcome then stands.
         """
         total = first.completed + first.failed + first.warning
         before = flight.landed_in(target)
+        resent_before = flight.resent
         tried = 0
         flight.keep_landed = True
         try:
             for encoding in FALLBACK_ENCODINGS:
-                if flight.landed_in(target) >= total:
+                if flight.landed_in(target) + ours >= total or flight.resent > resent_before:
                     break
                 tried += 1
                 retrieval = _Retrieval(study_uid=study_uid)
@@ -348,12 +359,16 @@ class DimseSource:
         finally:
             flight.keep_landed = False
         got = flight.landed_in(target)
+        converts = flight.resent > resent_before
         log.info("fetch.get_other_encodings", study_uid=study_uid, series_uid=target, failed_first=first.failed,
-                 encodings_tried=tried, landed_now=got - before, missing=max(total - got, 0))
-        if got >= total:
-            if got > before:
-                self.serves_first_context = True
-            return SeriesOutcome(first.series_uid, 0x0000, total - first.warning, 0, first.warning)
+                 refused_here=ours, encodings_tried=tried, landed_now=got - before, missing=max(total - ours - got, 0),
+                 pacs_converts=converts)
+        if got > before and not converts:
+            self.serves_first_context = True
+        if got + ours >= total:
+            # Instances refused here stay failures (judge() files them as fetch's own).
+            return SeriesOutcome(first.series_uid, 0x0000 if not ours else first.status, got - first.warning,
+                                 ours, first.warning)
         return SeriesOutcome(first.series_uid, first.status, max(got - first.warning, first.completed),
                              total - got, first.warning)
 
@@ -363,9 +378,22 @@ class DimseSource:
         return associate(
             self.local_aet, self.peer, contexts,
             timeout_s=self.timeout_s, max_pdu=self.max_pdu, ext_neg=storage_roles(),
-            handlers=[(evt.EVT_C_STORE, store_handler(self.sink, lambda: retrieval.study_uid)),
+            handlers=[(evt.EVT_C_STORE, self._counting_store_handler(retrieval)),
                       *([(evt.EVT_DATA_RECV, throttle_handler(self.limiter))] if self.limiter.enabled else [])],
         )
+
+    def _counting_store_handler(self, retrieval: _Retrieval) -> Any:
+        """The sink's C-STORE handler, counting on ``retrieval`` what it answers with a failure."""
+        assert self.sink is not None
+        land = store_handler(self.sink, lambda: retrieval.study_uid)
+
+        def on_store(event: Any) -> int:
+            status = land(event)
+            if status != 0x0000:
+                retrieval.not_accepted += 1
+            return status
+
+        return on_store
 
     def abort(self) -> None:
         self.open.abort_all()

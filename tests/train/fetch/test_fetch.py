@@ -41,6 +41,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import (
+    UID,
     ComprehensiveSRStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -373,44 +374,47 @@ def test_c_get_keeps_one_association_for_consecutive_studies(pacs, content, tmp_
     assert not any(a.is_established for a in opened)
 
 
-@pytest.fixture
-def dcmtk_pacs(tmp_path: Path, content: Content) -> Iterator[str]:
-    """dcmtk's own PACS, ``dcmqrscp``, holding the content; accepts JPEG baseline beside uncompressed (``+xy``).
+@contextlib.contextmanager
+def dcmqrscp(root: Path, files: list[Path]) -> Iterator[str]:
+    """dcmtk's own PACS, ``dcmqrscp``, holding ``files``; accepts JPEG baseline beside uncompressed (``+xy``).
 
     It sends each C-GET sub-operation over the first context it accepted
-    for the SOP class, whatever the file's transfer syntax: the JPEG cines
-    fail over the usual contexts.
+    for the SOP class, whatever the file's transfer syntax: a JPEG cine
+    fails over the usual contexts. Yields its ``AET@HOST:PORT``.
     """
     require_tool(DCMQRSCP)
     require_tool(DCMQRIDX)
-    db = tmp_path / "qrdb"
-    db.mkdir()
+    db = root / "qrdb"
+    db.mkdir(parents=True)
     port = free_port()
-    config = tmp_path / "dcmqrscp.cfg"
+    config = root / "dcmqrscp.cfg"
     config.write_text(f"NetworkTCPPort = {port}\nMaxPDUSize = 131072\nMaxAssociations = 16\n"
                       "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
                       f"AETable BEGIN\nQRSCP {db} RW (200, 1024mb) ANY\nAETable END\n")
-    subprocess.run([DCMQRIDX, str(db), *map(str, content.files)], check=True, timeout=60)
-    log = (tmp_path / "dcmqrscp.log").open("wb")
-    proc = subprocess.Popen([DCMQRSCP, "+xy", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        def answers() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
+    subprocess.run([DCMQRIDX, str(db), *map(str, files)], check=True, timeout=60)
+    with (root / "dcmqrscp.log").open("wb") as log:
+        proc = subprocess.Popen([DCMQRSCP, "+xy", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def answers() -> bool:
+                with socket.socket() as s:
+                    return s.connect_ex(("127.0.0.1", port)) == 0
 
-        wait_for(answers, timeout=20, what="dcmqrscp")
-        yield f"QRSCP@127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+            wait_for(answers, timeout=20, what="dcmqrscp")
+            yield f"QRSCP@127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
-def test_c_get_from_a_pacs_that_serves_the_first_context_asks_again_in_each_encoding(dcmtk_pacs, content, tmp_path):
+def _transfer_syntax(data: bytes) -> UID:
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID
+
+
+def test_c_get_from_a_pacs_that_serves_the_first_context_asks_again_in_each_encoding(content, tmp_path):
     """dcmqrscp fails the JPEG cines over the usual contexts; fetch asks again in JPEG only and lands them as stored."""
     out = tmp_path / "archive"
-    with capture_logs() as logs:
-        code, text = fetch("--out", str(out), "--from", dcmtk_pacs, "--aet", FETCH_AET, "--get", "--timeout", "10",
+    with dcmqrscp(tmp_path / "pacs", content.files) as pacs, capture_logs() as logs:
+        code, text = fetch("--out", str(out), "--from", pacs, "--aet", FETCH_AET, "--get", "--timeout", "10",
                            "--retry-after", "1")
     assert code == 0, text
     held = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f.read_bytes() for f in content.files}
@@ -420,10 +424,67 @@ def test_c_get_from_a_pacs_that_serves_the_first_context_asks_again_in_each_enco
     # dcmqrscp does not match ModalitiesInStudy: the CT study is found, and its series query finds nothing to take.
     assert {r[0] for study, r in rows.items() if study not in content.echo} <= {"skipped"}
     again = [e for e in logs if e["event"] == "fetch.get_other_encodings"]
-    assert again and all(e["missing"] == 0 for e in again)
+    assert again and all(e["missing"] == 0 and not e["pacs_converts"] for e in again)
     assert sum(e["landed_now"] for e in again) == sum(
-        1 for sops in content.echo.values() for sop in sops
-        if pydicom.dcmread(io.BytesIO(held[sop]), stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed)
+        1 for sops in content.echo.values() for sop in sops if _transfer_syntax(held[sop]).is_compressed)
+
+
+def test_a_study_of_jpeg_cines_alone_is_waited_out_once_then_asked_again_in_jpeg(content, tmp_path):
+    """All of a study failed (0xA702): a busy PACS at first sight; the second try asks in each encoding."""
+    cines = [f for f in content.files if _transfer_syntax(f.read_bytes()).is_compressed]
+    study = str(pydicom.dcmread(cines[0], stop_before_pixels=True).StudyInstanceUID)
+    cines = [f for f in cines if str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) == study]
+    out = tmp_path / "archive"
+    with dcmqrscp(tmp_path / "pacs", cines) as pacs:
+        code, text = fetch("--out", str(out), "--from", pacs, "--aet", FETCH_AET, "--get", "--timeout", "10",
+                           "--retry-after", "1")
+    assert code == 0, text
+    assert "busy or not answering: pausing 1 s" in text
+    assert {sop: dataset_bytes(p.read_bytes()) for sop, p in landed(out).items()} == {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(f.read_bytes()) for f in cines}
+    (row,) = journal_rows(out).values()
+    assert row[0] == "complete" and row[3] == 2
+
+
+def test_a_pacs_that_converts_is_asked_again_once_and_what_landed_stays(tmp_path):
+    """It fails an instance for good and sends the others again, converted: fetch stops asking and keeps the first copies."""
+    from pydicom.uid import RLELossless
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+
+    fake_pacs = FakePacs(studies=1, storage_syntaxes=list(ALL_TRANSFER_SYNTAXES)).start()
+    try:
+        _converting_pacs_fails_one(fake_pacs, tmp_path, RLELossless)
+    finally:
+        fake_pacs.stop()
+
+
+def _converting_pacs_fails_one(fake_pacs: FakePacs, tmp_path: Path, encoding: UID) -> None:
+    calls = {"n": 0}
+
+    def get(event, datasets):
+        calls["n"] += 1
+        yield len(datasets)
+        for ds in datasets[:-1]:
+            if calls["n"] > 1:  # asked in one encoding: the PACS converts to it
+                ds = ds.copy()
+                ds.compress(encoding, encoding_plugin="pydicom", generate_instance_uid=False)
+            yield 0xFF00, ds
+        yield 0xB000, Dataset()  # the last one fails, whatever it is asked in
+
+    fake_pacs.on_get = get
+    ((_study, items),) = fake_pacs.studies.items()
+    out = tmp_path / "archive"
+    with capture_logs() as logs:
+        code, text = fetch("--out", str(out), "--from", fake_pacs.peer, "--aet", FETCH_AET, "--get", "--timeout",
+                           "5", "--attempts", "1")
+    assert code == 1 and "0xB000 1 instance(s) failed at the PACS" in text, text
+    (again,) = [e for e in logs if e["event"] == "fetch.get_other_encodings"]
+    assert (again["encodings_tried"], again["pacs_converts"], again["landed_now"], again["missing"]) == (1, True, 0, 1)
+    assert calls["n"] == 2
+    got = landed(out)
+    assert sorted(got) == sorted(str(ds.SOPInstanceUID) for ds in items[:-1])
+    for ds in items[:-1]:  # the first, uncompressed copies
+        assert _transfer_syntax(got[str(ds.SOPInstanceUID)].read_bytes()) == ExplicitVRLittleEndian
 
 
 def test_an_instance_landed_is_kept_while_a_c_get_asks_again(tmp_path):
@@ -892,7 +953,7 @@ class FakePacs:
     C-FIND handler wait on it: a PACS that stops answering.
     """
 
-    def __init__(self, studies: int = 2, per_study: int = 3) -> None:
+    def __init__(self, studies: int = 2, per_study: int = 3, storage_syntaxes: list[str] | None = None) -> None:
         self.studies: dict[str, list[Dataset]] = {}
         for i in range(studies):
             study = generate_uid()
@@ -907,7 +968,7 @@ class FakePacs:
                       StudyRootQueryRetrieveInformationModelGet):
             self.ae.add_supported_context(model)
         for cx in StoragePresentationContexts[:40]:
-            self.ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
+            self.ae.add_supported_context(cx.abstract_syntax, storage_syntaxes, scu_role=True, scp_role=True)
         self.ae.add_requested_context("1.2.840.10008.5.1.4.1.1.3.1", ExplicitVRLittleEndian)
         self.on_move: Callable | None = None
         self.on_get: Callable | None = None
