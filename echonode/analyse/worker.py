@@ -159,9 +159,7 @@ def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str,
     measures in cm, videos without a calibration). Silence would read as
     "absent".
     """
-    if analysis.skipped_reason is None:
-        reason = "no_measurable_video"
-    elif any(v.used for v in analysis.videos):
+    if analysis.skipped_reason is None or any(v.used for v in analysis.videos):
         # Of the view, passed to the task models, and none measured them.
         reason = "no_measurable_video"
     elif any(v.usable for v in analysis.videos):
@@ -180,9 +178,13 @@ def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str,
             parameters=_parameters(b, analysis.view_filter),
             required_views=required,
         )
-        for b in sorted(models.bundles, key=lambda b: b.task)
-        if b.task in TASKS and b.task not in analysis.tasks
+        for b in unassessed_bundles(analysis, models)
     ]
+
+
+def unassessed_bundles(analysis: StudyAnalysis, models: ModelSet) -> list[Bundle]:
+    """The installed task bundles without a result for the study, by task."""
+    return [b for b in sorted(models.bundles, key=lambda b: b.task) if b.task in TASKS and b.task not in analysis.tasks]
 
 
 def _runtime_mode(bundle: Bundle) -> str:
@@ -308,7 +310,7 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
         sr_sop_uid=report.sr_sop_uid,
         supersedes=report.supersedes,
         not_assessed=analysis.skipped_reason,
-        tasks_not_assessed=sorted(b.task for b in models.bundles if b.task in TASKS and b.task not in analysis.tasks),
+        tasks_not_assessed=[b.task for b in unassessed_bundles(analysis, models)],
         **{f"p_{r.task}": round(r.probability, 4) for r in results},
     )
     return StudyOutcome(claim.study_uid, str(state), report.sr_sop_uid)

@@ -95,16 +95,21 @@ class Archive:
                 n += 1
         return n
 
-    def place(self, temp_path: Path, header: Header) -> tuple[Path, str]:
-        """Rename a checked temp file to its final name; ``"stored"``, ``"replaced"`` or ``"same"``.
+    def place(self, temp_path: Path, header: Header, *, replace: bool = True) -> tuple[Path, str]:
+        """Rename a checked temp file to its final name; ``"stored"``, ``"replaced"``, ``"same"`` or ``"kept"``.
 
-        Atomic against a kill; durable once :meth:`Sink.end` has synced the study.
+        With ``replace`` False a file already there stays as it is
+        (``"kept"``) and the temp file is deleted. Atomic against a kill;
+        durable once :meth:`Sink.end` has synced the study.
         """
         dest = self.instance_path(header)
         if dest.exists():
             if filecmp.cmp(dest, temp_path, shallow=False):
                 temp_path.unlink(missing_ok=True)
                 return dest, "same"
+            if not replace:
+                temp_path.unlink(missing_ok=True)
+                return dest, "kept"
             outcome = "replaced"
         else:
             outcome = "stored"
@@ -136,10 +141,10 @@ class InFlight:
     landed: dict[str, str] = field(default_factory=dict)
     #: The SOP Instance UIDs refused in this attempt (each counted once in ``refused``).
     refused_sops: set[str] = field(default_factory=set)
-    #: Set while a C-GET asks again in another encoding: an instance already
-    #: in the archive is answered Success and kept as it first came (a PACS
-    #: that converts must not replace it with a converted copy); ``resent``
-    #: counts them.
+    #: Set while a C-GET asks again in another encoding: a file already in
+    #: the archive stays as it first came (a PACS that converts must not
+    #: replace it with a converted copy), and an instance sent again that
+    #: landed in this attempt is answered Success and counted in ``resent``.
     keep_landed: bool = False
     resent: int = 0
 
@@ -251,17 +256,17 @@ class Sink:
         if announced_sop and announced_sop != header.sop_uid:
             return self.refuse(flight, announced_sop, "SOP Instance UID of the data set differs from the request's",
                                0xA900)
-        if flight.keep_landed and (header.sop_uid in flight.landed or self.archive.instance_path(header).exists()):
+        if flight.keep_landed and header.sop_uid in flight.landed:
+            # Sent again in this attempt, though asked for in one encoding: the PACS converts.
             with self._lock:
                 flight.resent += 1
-                flight.landed.setdefault(header.sop_uid, header.series_uid)
-            log.debug("fetch.instance_kept", study_uid=header.study_uid, sop_uid=header.sop_uid)
+            log.debug("fetch.instance_resent", study_uid=header.study_uid, sop_uid=header.sop_uid)
             return STATUS_SUCCESS
         try:
             known = self.journal.instance_study(header.sop_uid)
             if known is not None and known != header.study_uid:
                 raise SopInOtherStudy(header.sop_uid)
-            path, outcome = self.archive.place(temp_path, header)
+            path, outcome = self.archive.place(temp_path, header, replace=not flight.keep_landed)
             size = path.stat().st_size
             self.journal.record_instance(header.study_uid, header.series_uid, header.sop_uid, size,
                                          self.clock.time(), flight.attempt)

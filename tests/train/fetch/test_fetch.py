@@ -503,6 +503,14 @@ def test_an_instance_landed_is_kept_while_a_c_get_asks_again(tmp_path):
     assert sink.accept(write(ds, archive.tmp / "b.dcm")) == 0x0000
     assert path.read_bytes() == original
     assert (flight.instances, flight.landed_in(None), flight.landed_in(str(ds.SeriesInstanceUID))) == (1, 1, 1)
+    assert flight.resent == 1
+    sink.end(str(ds.StudyInstanceUID))
+    # A later attempt asking again in one encoding: the file of the earlier one stays, and counts as arrived.
+    later = sink.begin(str(ds.StudyInstanceUID), 2)
+    later.keep_landed = True
+    assert sink.accept(write(ds, archive.tmp / "c.dcm")) == 0x0000
+    assert path.read_bytes() == original
+    assert (later.instances, later.landed_in(None), later.resent) == (1, 1, 0)
     assert not list(archive.tmp.iterdir())
     sink.close()
 
