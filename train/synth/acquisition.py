@@ -124,11 +124,20 @@ class Look:
         Smoothing of the detected echo, in units of the point-spread function
         (0 none): scanners' speckle-reduction filters and compounding make
         speckle finer and fainter than the raw Rayleigh pattern.
+    log_edges : bool
+        Soften tissue boundaries in decibels rather than in linear power.
+        A boundary blended in power between the myocardium and blood (27 dB
+        apart) is already within a few dB of the myocardium a third of the
+        way into the blend, so after log compression the bright side
+        spreads and a wall looks up to a quarter of a centimetre thicker
+        than it is; blended in decibels, the boundary's middle stays where
+        the boundary is.
     """
 
     surround_db: float = 0.0
     contrast: float = 1.0
     despeckle: float = 0.0
+    log_edges: bool = False
 
 
 @dataclass(frozen=True)

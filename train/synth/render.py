@@ -16,7 +16,8 @@ Image formation mimics a phased-array scanner cheaply:
    scan conversion into the sector.
 
 A video's :class:`~train.synth.acquisition.Look` (``synth --look varied``)
-shifts the surround's level in step 1, scales every tissue's contrast to the
+shifts the surround's level in step 1, softens its boundaries in decibels
+rather than in power (``log_edges``), scales every tissue's contrast to the
 myocardium after it, and smooths the detected echo after step 3 (speckle
 reduction).  Every look parameter comes from the :class:`~train.synth.acquisition.VideoPlan`,
 never from a label.
@@ -181,12 +182,20 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
     k = math.sqrt(1 - _SPECKLE_RHO ** 2)
     sig = (plan.vendor.psf_lateral * plan.psf_scale, plan.vendor.psf_axial * plan.psf_scale)
     psf_energy = 1.0 / (4 * math.pi * sig[0] * sig[1])
-    e = max(plan.edge_cm, geo.depth_cm / geo.n_r)
+    sample_cm = (0.5 * geo.depth_cm * math.radians(geo.angle_deg) / geo.n_th, geo.depth_cm / geo.n_r)
+    e = max(plan.edge_cm, sample_cm[1])
+    if look.log_edges:
+        # The views draw sharp boundaries; a Gaussian of the same 10-90 %
+        # width as the linear blend then softens them in decibels.
+        log_blur = (e / 2.56 / sample_cm[0], e / 2.56 / sample_cm[1])
+        e = sample_cm[1]
     out = np.empty((len(phases), geo.rows, geo.cols), np.uint8)
     for i, ph in enumerate(phases):
         if i:
             scat = _SPECKLE_RHO * scat + k * rng.standard_normal(scat.shape, dtype=np.float32)
         refl = view_fn(u, v, bg, an, float(ph), e)
+        if look.log_edges:
+            refl = np.exp(cv2.GaussianBlur(np.log(refl), (0, 0), sigmaX=log_blur[0], sigmaY=log_blur[1]))
         if look.contrast != 1.0:
             # Scale every level in dB around the myocardium's.
             refl = MYOCARDIUM_REFLECTIVITY * np.power(refl / MYOCARDIUM_REFLECTIVITY, look.contrast,

@@ -185,7 +185,8 @@ def test_small_archives_get_positives() -> None:
         assert any(t.lvh for t in flat) and any(t.severe_as for t in flat)
 
 
-def _plax_frame(truth: synth.StudyTruth, phase: float, noise: int, look: acquisition.Look | None = None):
+def _plax_frame(truth: synth.StudyTruth, phase: float, noise: int, look: acquisition.Look | None = None,
+                edge_cm: float = 0.08):
     """One PLAX frame at a given cardiac phase, through JPEG, plus geometry."""
     rng = np.random.default_rng(noise)
     an = anatomy.sample_anatomy(truth, rng, 1.4)
@@ -194,7 +195,7 @@ def _plax_frame(truth: synth.StudyTruth, phase: float, noise: int, look: acquisi
     plan = acquisition.plan_video(rng, "plax", 1, study, 1, noise)
     # A clean acoustic window, as a sonographer would pick to measure.
     plan = dataclasses.replace(plan, phase0=phase, quality=1.0, shadow_width_deg=0.0, reverb=0.1,
-                               edge_cm=0.08, psf_scale=1.0, gain_db=0.0, gamma=1.6,
+                               edge_cm=edge_cm, psf_scale=1.0, gain_db=0.0, gamma=1.6,
                                look=look or acquisition.Look())
     rgb, geo, _ = render.render_video(an, plan)
     decoded = np.asarray(Image.open(io.BytesIO(dicom.encode_jpeg(rgb[0], 80))).convert("L"), np.float32)
@@ -223,8 +224,9 @@ def _run(profile: np.ndarray, start: int, step: int, thr: float, hold: int = 4) 
     return i
 
 
-def _walls_cm(truth: synth.StudyTruth, noise: int) -> tuple[float, float]:
-    img, geo, pose, an = _plax_frame(truth, synth.END_DIASTOLE_PHASE, noise)
+def _walls_cm(truth: synth.StudyTruth, noise: int, edge_cm: float = 0.08,
+              look: acquisition.Look | None = None) -> tuple[float, float]:
+    img, geo, pose, an = _plax_frame(truth, synth.END_DIASTOLE_PHASE, noise, look=look, edge_cm=edge_cm)
     dv = 0.02
     v = np.arange(-6.0, 5.0, dv)
     prof = _profile(img, geo, pose, np.linspace(-3.4, -1.7, 24), v)
@@ -376,6 +378,7 @@ def test_varied_looks_stay_in_their_documented_ranges() -> None:
     assert all(-3.0 <= lk.surround_db <= 13.0 and 0.65 <= lk.contrast <= 1.15 for lk in looks)
     off = sum(lk.despeckle == 0.0 for lk in looks)
     assert 60 < off < 140 and all(lk.despeckle == 0.0 or 0.2 <= lk.despeckle <= 1.0 for lk in looks)
+    assert all(lk.log_edges for lk in looks) and not acquisition.Look().log_edges
     assert all(35 <= p.dynamic_range_db <= 80 and 1.0 <= p.gamma <= 3.2 and 0.7 <= p.psf_scale <= 1.8
                and 0.04 <= p.edge_cm <= 0.35 and abs(p.gain_db - base.gain_db) <= 4 for p in plans)
     # Geometry, timing and view are the acquisition's, whatever the look.
@@ -409,3 +412,17 @@ def test_each_look_setting_moves_the_image_the_way_it_says() -> None:
     assert smooth.std() / smooth.mean() < 0.8 * raw.std() / raw.mean()
     dark, light = (_regions(t, acquisition.Look(surround_db=d))["beyond"] for d in (-3.0, 8.0))
     assert np.median(light) > np.median(dark) + 10
+
+
+def test_boundaries_blended_in_decibels_keep_a_soft_walls_edges_in_place() -> None:
+    """Soft edges blended in power make a wall look thicker; blended in dB they stay at the wall."""
+    truths = [synth.sample_truth(np.random.default_rng(1000 + i), force_lvh=i % 2 == 0, force_as=False)
+              for i in range(4)]
+    excess = {}
+    for log_edges in (False, True):
+        walls = [_walls_cm(t, noise=k, edge_cm=0.3, look=acquisition.Look(log_edges=log_edges))
+                 for k, t in enumerate(truths)]
+        excess[log_edges] = float(np.median([m - w for t, ws in zip(truths, walls)
+                                             for m, w in zip(ws, (t.ivs_cm, t.lvpw_cm))]))
+    assert excess[False] > excess[True] + 0.08, excess
+    assert abs(excess[True]) < 0.12, excess
