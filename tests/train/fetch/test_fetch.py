@@ -487,6 +487,71 @@ def _converting_pacs_fails_one(fake_pacs: FakePacs, tmp_path: Path, encoding: UI
         assert _transfer_syntax(got[str(ds.SOPInstanceUID)].read_bytes()) == ExplicitVRLittleEndian
 
 
+def _pacs_failing_the_last_instance_first(fake_pacs: FakePacs, later: Callable[[int], None]) -> dict[str, int]:
+    """The first C-GET sends all but the last instance (0xB000); ``later(n)`` runs for every later one."""
+    calls = {"n": 0}
+
+    def get(event, datasets):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            later(calls["n"])
+        yield len(datasets)
+        for ds in datasets[:-1]:
+            yield 0xFF00, ds
+        yield 0xB000, Dataset()
+
+    fake_pacs.on_get = get
+    return calls
+
+
+def _fetch_one_try(fake_pacs: FakePacs, out: Path, timeout_s: str = "5") -> tuple[int, str, list[dict]]:
+    with capture_logs() as logs:
+        code, text = fetch("--out", str(out), "--from", fake_pacs.peer, "--aet", FETCH_AET, "--get", "--timeout",
+                           timeout_s, "--attempts", "1")
+    return code, text, logs
+
+
+def test_a_busy_pacs_ends_asking_in_other_encodings_and_the_first_outcome_stands(tmp_path):
+    """The PACS refuses the further association (too many open): fetch stops, keeps what landed, counts the failure."""
+    fake_pacs = FakePacs(studies=1).start()
+    try:
+        calls = _pacs_failing_the_last_instance_first(fake_pacs, lambda n: None)
+        # fetch keeps its first association open while it asks again, so a
+        # PACS that allows one association answers the second "busy".
+        fake_pacs.ae.maximum_associations = 1
+        ((_study, items),) = fake_pacs.studies.items()
+        out = tmp_path / "archive"
+        code, text, logs = _fetch_one_try(fake_pacs, out)
+    finally:
+        fake_pacs.stop()
+    assert code == 1 and "0xB000 1 instance(s) failed at the PACS" in text, text
+    assert calls["n"] == 1
+    (again,) = [e for e in logs if e["event"] == "fetch.get_other_encodings"]
+    assert (again["encodings_tried"], again["landed_now"], again["missing"], again["pacs_converts"]) == (1, 0, 1, False)
+    assert sorted(landed(out)) == sorted(str(ds.SOPInstanceUID) for ds in items[:-1])
+    (row,) = journal_rows(out).values()
+    assert row[0] == "failed"
+
+
+def test_a_pacs_that_stops_answering_a_further_c_get_ends_asking_and_the_first_outcome_stands(tmp_path):
+    """The C-GET in one encoding gets no answer within the timeout: fetch gives up on it, the run goes on."""
+    fake_pacs = FakePacs(studies=1).start()
+    release = threading.Event()
+    try:
+        calls = _pacs_failing_the_last_instance_first(fake_pacs, lambda n: release.wait(20))
+        ((_study, items),) = fake_pacs.studies.items()
+        out = tmp_path / "archive"
+        code, text, logs = _fetch_one_try(fake_pacs, out, timeout_s="2")
+    finally:
+        release.set()
+        fake_pacs.stop()
+    assert code == 1 and "0xB000 1 instance(s) failed at the PACS" in text, text
+    assert calls["n"] == 2  # one C-GET that timed out, not one per encoding
+    (again,) = [e for e in logs if e["event"] == "fetch.get_other_encodings"]
+    assert (again["encodings_tried"], again["landed_now"], again["missing"]) == (1, 0, 1)
+    assert sorted(landed(out)) == sorted(str(ds.SOPInstanceUID) for ds in items[:-1])
+
+
 def test_an_instance_landed_is_kept_while_a_c_get_asks_again(tmp_path):
     """A PACS that converts sends every instance again in the other encoding: the first copy stays, no count grows."""
     archive = Archive(tmp_path / "archive")
