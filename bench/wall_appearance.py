@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, arr in result.items():
         excess = arr - np.asarray(SEPTA_CM)[None, :]
         print(f"| {name}: apparent - true, mean (sd) cm | "
-              f"{' | '.join(f'{m:+.2f} ({s:.2f})' for m, s in zip(excess.mean(0), excess.std(0)))} |")
+              f"{' | '.join(f'{m:+.2f} ({s:.2f})' for m, s in zip(excess.mean(0), excess.std(0), strict=True))} |")
         lo, hi = np.percentile(excess, (10, 90), axis=0)
         print(f"| {name}: 10th to 90th percentile, cm | "
-              f"{' | '.join(f'{a:+.2f} to {b:+.2f}' for a, b in zip(lo, hi))} |")
+              f"{' | '.join(f'{a:+.2f} to {b:+.2f}' for a, b in zip(lo, hi, strict=True))} |")
     return 0
 
 

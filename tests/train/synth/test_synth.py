@@ -422,7 +422,7 @@ def test_boundaries_blended_in_decibels_keep_a_soft_walls_edges_in_place() -> No
     for log_edges in (False, True):
         walls = [_walls_cm(t, noise=k, edge_cm=0.3, look=acquisition.Look(log_edges=log_edges))
                  for k, t in enumerate(truths)]
-        excess[log_edges] = float(np.median([m - w for t, ws in zip(truths, walls)
-                                             for m, w in zip(ws, (t.ivs_cm, t.lvpw_cm))]))
+        excess[log_edges] = float(np.median([m - w for t, ws in zip(truths, walls, strict=True)
+                                             for m, w in zip(ws, (t.ivs_cm, t.lvpw_cm), strict=True)]))
     assert excess[False] > excess[True] + 0.08, excess
     assert abs(excess[True]) < 0.12, excess
