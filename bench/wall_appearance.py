@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import math
 import os
 import sys
 
@@ -39,6 +38,7 @@ from bench.machine import cpu_flags, cpu_model, load_average
 from train.synth import render, render_alt
 from train.synth.acquisition import VideoPlan, plan_study, plan_video
 from train.synth.anatomy import Anatomy, sample_anatomy
+from train.synth.geometry import Geometry
 from train.synth.look import vary_plan
 from train.synth.truth import keyed_rng, sample_truth
 from train.synth.views import MEASURE_U_CM
@@ -51,25 +51,15 @@ _STEP_CM = 0.01
 
 def _pose(renderer: str, an: Anatomy, plan: VideoPlan) -> tuple[float, float, float]:
     """Centre (x, z cm from the apex) and rotation (radians) of the renderer's PLAX frame."""
-    if renderer == "A":
-        return render.view_pose("plax", an, plan)
-    centre, rot_deg = render_alt._view_centre(an, plan)
-    return centre[0], centre[1], math.radians(rot_deg)
+    return render.view_pose("plax", an, plan) if renderer == "A" else render_alt.view_pose(an, plan)
 
 
-def _profile(grey: np.ndarray, geo, pose: tuple[float, float, float], v: np.ndarray) -> np.ndarray:
+def _profile(grey: np.ndarray, geo: Geometry, pose: tuple[float, float, float], v: np.ndarray) -> np.ndarray:
     """Mean grey along ``v`` (cm, view frame) over ``u`` from 1/2 cm before to after the measuring point."""
-    cx, cz, rot = pose
-    c, s = math.cos(rot), math.sin(rot)
-    rows = []
-    for u in np.linspace(MEASURE_U_CM - 0.5, MEASURE_U_CM + 0.5, 11):
-        x = cx + c * u - s * v
-        z = cz + s * u + c * v
-        col, row = geo.to_pixel(x, z)
-        sampled = cv2.remap(grey, col.astype(np.float32)[None, :], row.astype(np.float32)[None, :],
-                            cv2.INTER_LINEAR)
-        rows.append(sampled[0])
-    return np.mean(rows, axis=0)
+    uu, vv = np.meshgrid(np.linspace(MEASURE_U_CM - 0.5, MEASURE_U_CM + 0.5, 11), v)
+    col, row = render.local_to_pixel(geo, pose, uu, vv)
+    sampled = cv2.remap(grey, col.astype(np.float32), row.astype(np.float32), cv2.INTER_LINEAR)
+    return sampled.mean(axis=1)
 
 
 def apparent_thickness(profile: np.ndarray, v: np.ndarray, wall: tuple[float, float],

@@ -18,8 +18,10 @@ def test_a_band_is_measured_at_half_grey_between_cavity_and_wall() -> None:
     # A band drawn wider by 0.1 cm on each side reads 0.2 cm thicker.
     wide = np.where((v > wall[0] - 0.1) & (v < wall[1] + 0.1), 200.0, 10.0)
     assert abs(wall_appearance.apparent_thickness(wide, v, wall, cavity) - 1.4) < 0.03
-    # A wall darker than halfway at its centre has no band to measure.
+    # A wall no brighter than the cavity, or one dark at its centre, has no band to measure.
     assert wall_appearance.apparent_thickness(np.full_like(v, 10.0), v, wall, cavity) == 0.0
+    notched = np.where(np.abs(v + 1.6) < 0.05, 10.0, band)
+    assert wall_appearance.apparent_thickness(notched, v, wall, cavity) == 0.0
 
 
 def test_renderer_a_varied_look_draws_walls_where_they_are(capsys) -> None:

@@ -21,9 +21,10 @@ from ranges wider than a single scanner's:
 * **boundaries**: tissue edges 0.04-0.35 cm soft, blended in decibels
   (``Look.log_edges``), so that the middle of a boundary stays where the
   boundary is whatever its softness: blended in power, as the standard
-  look does, soft edges made every wall look thicker (by 0.12 cm in the
-  median, 10th to 90th percentile -0.07 to +0.41 cm, over 16 label-free
-  acquisitions; ``bench.wall_appearance``), and a model learnt that offset;
+  look does, this look's soft edges made every wall look thicker (by
+  0.18-0.22 cm on average at half-grey; blended in decibels 0.06-0.10 cm;
+  ``bench.wall_appearance --acquisitions 24 --look varied [--edges power]``,
+  docs/benchmarks.md);
 * **tissue contrast**: every level in dB relative to the myocardium scaled
   by 0.65-1.15 (so blood sits 18-31 dB under the myocardium, as from a
   hazy window to a clean harmonic image);

@@ -182,11 +182,13 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
     k = math.sqrt(1 - _SPECKLE_RHO ** 2)
     sig = (plan.vendor.psf_lateral * plan.psf_scale, plan.vendor.psf_axial * plan.psf_scale)
     psf_energy = 1.0 / (4 * math.pi * sig[0] * sig[1])
+    # A polar sample's size across the beam (at mid-depth) and along it.
     sample_cm = (0.5 * geo.depth_cm * math.radians(geo.angle_deg) / geo.n_th, geo.depth_cm / geo.n_r)
     e = max(plan.edge_cm, sample_cm[1])
     if look.log_edges:
-        # The views draw sharp boundaries; a Gaussian of the same 10-90 %
-        # width as the linear blend then softens them in decibels.
+        # The views draw sharp boundaries; a Gaussian in decibels then
+        # softens them, its 10-90 % rise spanning the edge width e (the
+        # linear blend's 10-90 % rise is 0.8 e).
         log_blur = (e / 2.56 / sample_cm[0], e / 2.56 / sample_cm[1])
         e = sample_cm[1]
     out = np.empty((len(phases), geo.rows, geo.cols), np.uint8)

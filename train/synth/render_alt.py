@@ -35,7 +35,7 @@ from train.synth.acquisition import VideoPlan
 from train.synth.anatomy import Anatomy, av_open, contraction, mv_open
 from train.synth.geometry import Geometry
 
-__all__ = ["render_video", "sector_geometry"]
+__all__ = ["render_video", "sector_geometry", "view_pose"]
 
 # Echo strength per tissue (dB over myocardium): blood far below, pericardium
 # above, the tissue around the heart about as echogenic as the myocardium (as
@@ -199,6 +199,17 @@ def _view_centre(an: Anatomy, plan: VideoPlan) -> tuple[tuple[float, float], flo
     if plan.view == "a4c":
         return (-tr.ivs_cm - tr.lvid_cm / 2 + 0.5 + plan.shift_x_cm, z + 0.6 + plan.shift_z_cm), plan.tilt_deg
     return (plan.shift_x_cm, z + an.rv_cm + tr.lvid_cm / 2 + 0.6 + plan.shift_z_cm), plan.tilt_deg
+
+
+def view_pose(an: Anatomy, plan: VideoPlan) -> tuple[float, float, float]:
+    """Centre (x, z cm from the apex) and rotation (radians) of the view's local frame.
+
+    The same convention as :func:`train.synth.render.view_pose`, so
+    :func:`train.synth.render.local_to_pixel` places view-local points in
+    either renderer's image.
+    """
+    centre, rot_deg = _view_centre(an, plan)
+    return centre[0], centre[1], math.radians(rot_deg)
 
 
 def _speckle(rng: np.random.Generator, shape: tuple[int, int], grain: int, order: float) -> np.ndarray:
