@@ -1,4 +1,4 @@
-"""Cross-rendering transfer: train on renderer A (polar), test on renderer B (raster).
+"""Cross-rendering transfer: train on renderer A (polar), test on renderer B (raster) or C (scatter).
 
 A model that learned the anatomy (wall thickness, cusp separation) and not the
 look of one generator should score on a different rendering of the same kind
@@ -24,6 +24,16 @@ seeds only, by the demo's experiments in docs/training.md):
 
 Nothing is tuned on the raster archive.  Every step is skipped when its
 output exists, so an interrupted run resumes.
+
+``--test-renderer scatter --test-seed S`` measures transfer on renderer C
+(:mod:`train.synth.render_scatter`, written by someone who had not read A's
+or B's drawing code) instead of B, in archives named ``scatter-sS``.
+Renderer B has been looked at while diagnosing A; C has not.
+``--train-renderer polar,raster`` trains on an archive whose studies are
+each drawn by A or B (``synth --renderer polar,raster``; archive, caches,
+bundles and reports named ``*-polar+raster*``): whether two renderings of
+the anatomy teach a model more of the anatomy than one is measured on a
+third.  The renderer tested on may not draw the training archive.
 
 ``--appearance`` fine-tunes with ``finetune --appearance`` as well (a change
 of grey map, gain, blur and speckle grain per clip, :mod:`train.augment`;
@@ -62,6 +72,7 @@ import numpy as np
 from bench.machine import cpu_flags, cpu_model, load_average
 from bench.paired_auroc import study_scores
 from train.metrics import auroc, bootstrap_ci
+from train.synth.archive import RENDERERS, parse_renderers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,8 +129,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--framing", choices=("sector", "physical"), default="sector",
                    help="index --framing of both archives (physical: caches, bundles and reports named *-cmN)")
     p.add_argument("--field-cm", type=float, default=16.0, help="the physical framing's window in cm (default 16)")
+    p.add_argument("--train-renderer", default="polar", metavar="NAME[,NAME...]",
+                   help="synth --renderer of the training archive (default polar); several joined by commas "
+                   "draw each study by one of them (archive, caches, bundles and reports named *-A+B)")
+    p.add_argument("--test-renderer", choices=tuple(RENDERERS), default="raster",
+                   help="the renderer transfer is measured on (default raster); never one that draws the "
+                   "training archive")
+    p.add_argument("--test-seed", type=int, default=202,
+                   help="seed of the first test archive (default 202; new seeds mean patients never read)")
     p.add_argument("--more-test-seeds", type=int, nargs="*", default=[],
-                   help="further raster archives of these seeds (new patients), each evaluated on every study")
+                   help="further test archives of these seeds (new patients), each evaluated on every study")
+    p.add_argument("--train-only", action="store_true",
+                   help="draw, index and fine-tune, then stop (a later run on the same --out tests the bundles)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny archives, 1 epoch")
     p.add_argument("--look", choices=("standard", "varied"), default="standard",
                    help="renderer A's look (synth --look): varied trains on a wide spread of looks "
@@ -133,31 +154,37 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     if ns.quick:
         ns.train_patients, ns.test_patients, ns.epochs = 40, 16, 1
+    train_renderers = parse_renderers(ns.train_renderer)
+    if ns.test_renderer in train_renderers and not ns.train_only:
+        print(f"cross_rendering: renderer {ns.test_renderer} draws the training archive too; testing on it "
+              "would not measure transfer", file=sys.stderr)
+        return 2
     out = ns.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "steps.log"
     started = time.monotonic()
-    train_name = "polar" if ns.look == "standard" else f"polar-{ns.look}"
-    archives = {train_name: ("polar", ns.look, out / train_name, 101, ns.train_patients),
-                "raster": ("raster", "standard", out / "raster", 202, ns.test_patients)}
-    for seed in ns.more_test_seeds:
-        archives[f"raster-s{seed}"] = ("raster", "standard", out / f"raster-s{seed}", seed, ns.test_patients)
-    _run_side_by_side({f"synth {name}": ("synth", "--out", str(path), "--patients", str(n), "--seed", str(seed),
+    trained_on = "+".join(train_renderers)
+    train_name = trained_on if ns.look == "standard" else f"{trained_on}-{ns.look}"
+    archives = {train_name: (",".join(train_renderers), ns.look, 101, ns.train_patients)}
+    tests = {held_out_archive_name(ns.test_renderer, seed): seed for seed in (ns.test_seed, *ns.more_test_seeds)}
+    for name, seed in ({} if ns.train_only else tests).items():
+        archives[name] = (ns.test_renderer, "standard", seed, ns.test_patients)
+    _run_side_by_side({f"synth {name}": ("synth", "--out", str(out / name), "--patients", str(n), "--seed", str(seed),
                                          "--renderer", renderer, "--look", look, "--views", "plax", "--rows", "240",
                                          "--cols", "320", "--frames", "32", "--no-reports")
-                       for name, (renderer, look, path, seed, n) in archives.items()
-                       if not (path / "labels.csv").exists()}, log)
+                       for name, (renderer, look, seed, n) in archives.items()
+                       if not (out / name / "labels.csv").exists()}, log)
     # Caches are named by how their frames were made: the time resampling and the framing.
     fps = ("" if ns.target_fps is None else f"-fps{ns.target_fps:g}") + (
         "" if ns.framing == "sector" else f"-cm{ns.field_cm:g}")
     fps_args = (() if ns.target_fps is None else ("--target-fps", f"{ns.target_fps:g}")) + (
         () if ns.framing == "sector" else ("--framing", "physical", "--field-cm", f"{ns.field_cm:g}"))
-    _run_side_by_side({f"index {r}": ("index", str(path), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
+    _run_side_by_side({f"index {r}": ("index", str(out / r), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
                                       "--size", str(ns.size), "--workers", "1", "--no-progress", *fps_args)
-                       for r, (_, _, path, _, _) in archives.items() if not (out / f"cache-{r}{fps}").exists()}, log)
+                       for r in archives if not (out / f"cache-{r}{fps}").exists()}, log)
     schedule = "" if (ns.epochs, ns.patience) == (12, 4) else f"-e{ns.epochs}p{ns.patience}"
-    variant = (("" if ns.look == "standard" else f"-{ns.look}") + ("-appearance" if ns.appearance else "") + fps
-               + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}"))
+    variant = (("" if trained_on == "polar" else f"-{trained_on}") + ("" if ns.look == "standard" else f"-{ns.look}")
+               + ("-appearance" if ns.appearance else "") + fps + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}"))
     _run_side_by_side({f"finetune {task}": (
         "finetune", "--data", str(out / f"cache-{train_name}{fps}"), "--labels", str(out / train_name / "labels.csv"),
         "--task", task, "--init", "random", "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",
@@ -165,13 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         "--patience", str(ns.patience), "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
         *(("--appearance",) if ns.appearance else ()))
         for task in TASKS if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log)
+    if ns.train_only:
+        print(f"trained {', '.join(f'{task}{variant}-bundle' for task in TASKS)} in {out} "
+              f"({time.monotonic() - started:.0f} s); run again without --train-only to test them")
+        return 0
     rows = []
     for task in TASKS:
         bundle = out / f"{task}{variant}-bundle"
-        evaluations = [(f"{train_name} test split", train_name, "test"), ("raster, all studies", "raster", "all")]
-        evaluations += [(f"raster seed {s}, all studies", f"raster-s{s}", "all") for s in ns.more_test_seeds]
+        evaluations = [(f"{train_name} test split", train_name, "test")]
+        evaluations += [(f"{ns.test_renderer} seed {seed}, all studies", name, "all") for name, seed in tests.items()]
         for name, archive, split in evaluations:
-            # The training archive's report is named by its renderer alone (polar), as before.
+            # The training archive's report is named by its first renderer alone (polar), as before.
             suffix = archive.split("-")[0] if archive == train_name else archive
             report = out / f"{task}{variant}-eval-{suffix}"
             if not (report / "predictions.csv").exists():
@@ -182,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((task, name, *study_auroc(report / "predictions.csv")))
     print(f"\ncross-rendering, {dt.date.today()}, {os.cpu_count()} cores, {cpu_model()}, load {load_average()}")
     print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
-    print(f"train: polar ({ns.look} look), {ns.train_patients} patients; test: raster, {ns.test_patients} patients; "
+    print(f"train: {trained_on} ({ns.look} look), {ns.train_patients} patients; test: {ns.test_renderer}, "
+          f"{ns.test_patients} patients a seed; "
           f"size {ns.size}, tiny preset, Adam {ns.lr}, {ns.epochs} epochs (patience {ns.patience}), random init"
           f"{', appearance augmentation' if ns.appearance else ''}"
           f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}"
@@ -193,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     for task, name, a, lo, hi, npos, nneg in rows:
         print(f"| {task} | {name} | {a:.3f} [{lo:.3f}, {hi:.3f}] | {npos} / {nneg} |")
     return 0
+
+
+def held_out_archive_name(renderer: str, seed: int) -> str:
+    """The folder of a test archive: ``raster`` for renderer B's first seed (202), as every earlier run named it,
+    otherwise ``<renderer>-s<seed>``."""
+    return "raster" if (renderer, seed) == ("raster", 202) else f"{renderer}-s{seed}"
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from train.synth.look import LOOKS, vary_plan
 from train.synth.truth import (
     PURPOSE_LOOK,
     PURPOSE_PATIENT,
+    PURPOSE_RENDERER,
     PURPOSE_REPORT,
     PURPOSE_STUDY,
     PURPOSE_VIDEO,
@@ -51,11 +52,38 @@ __all__ = [
     "ArchiveSummary",
     "fit_to_mass_index",
     "generate_archive",
+    "parse_renderers",
 ]
 
 RENDERERS: dict[str, Callable] = {"polar": render.render_video, "raster": render_alt.render_video}
 """Renderers by name: ``polar`` (:mod:`train.synth.render`, the default) and
 ``raster`` (:mod:`train.synth.render_alt`, written apart to test transfer)."""
+
+
+def parse_renderers(spec: str) -> tuple[str, ...]:
+    """The renderers a ``synth --renderer`` value names, in its order.
+
+    Parameters
+    ----------
+    spec : str
+        One name of :data:`RENDERERS`, or several joined by commas
+        (``"polar,raster"``): each study of the archive is then drawn by one
+        of them, chosen with equal odds from a stream of its own.
+
+    Returns
+    -------
+    tuple of str
+
+    Raises
+    ------
+    ValueError
+        If a name is unknown, repeated or missing.
+    """
+    names = tuple(n.strip() for n in str(spec).split(","))
+    if not all(names) or len(set(names)) != len(names) or set(names) - set(RENDERERS):
+        raise ValueError(f'Argument "renderer" must be one of {", ".join(RENDERERS)} or several of them joined '
+                         f"by commas, got {spec!r}.")
+    return names
 
 LABEL_COLUMNS = ("patient_id", "study_uid", "accession_number", "study_date", "lvh", "severe_as",
                  "ivs_cm", "lvpw_cm", "lvid_cm", "av_cusp_sep_cm",
@@ -139,7 +167,7 @@ class _Writer:
     rows: int
     cols: int
     quality: int
-    render_fn: Callable
+    renderers: tuple[str, ...]
     views: tuple[str, ...] | None
     tag: str
     reports: bool = True
@@ -182,18 +210,21 @@ class _Writer:
             **measured.label_columns(),
         })
         views = study_views(sr)
-        evidence = [self.video(p, s, k, view, an, plan, ctx, header) for k, view in enumerate(views)
+        # A study comes from one scanner, so one renderer draws all of it.
+        renderer = self.renderers[0] if len(self.renderers) == 1 else \
+            self.renderers[int(keyed_rng(self.seed, PURPOSE_RENDERER, p, s).integers(len(self.renderers)))]
+        evidence = [self.video(p, s, k, view, an, plan, ctx, header, renderer) for k, view in enumerate(views)
                     if self.views is None or view in self.views]
         if self.reports:
             self.report(p, s, pat, ctx, plan, measured, evidence)
 
     def video(self, p: int, s: int, k: int, view: str, an: Anatomy, study: StudyPlan, ctx: dict,
-              header: dict[str, str]) -> Dataset:
+              header: dict[str, str], renderer: str) -> Dataset:
         vr = keyed_rng(self.seed, PURPOSE_VIDEO, p, s, k)
         plan = plan_video(vr, view, k + 1, study, self.frames, int(vr.integers(0, 2**63)))
-        if self.look == "varied":
+        if self.look == "varied" and renderer == "polar":
             plan = vary_plan(plan, keyed_rng(self.seed, PURPOSE_LOOK, p, s, k))
-        rgb, geo, _ = self.render_fn(an, plan, self.rows, self.cols, header)
+        rgb, geo, _ = RENDERERS[renderer](an, plan, self.rows, self.cols, header)
         jpegs = [encode_jpeg(f, self.quality) for f in rgb]
         ctx["series_uid"] = uid(self.seed, "series", p, s, k)
         ctx["sop_uid"] = uid(self.seed, "sop", p, s, k)
@@ -236,15 +267,14 @@ def _check_arguments(patients: object, frames: int | None, rows: int, cols: int,
         raise ValueError('Argument "frames" must be a positive integer or None.')
     if rows < 120 or cols < 160:
         raise ValueError('Arguments "rows" and "cols" must be at least 120 and 160.')
-    if renderer not in RENDERERS:
-        raise ValueError(f'Argument "renderer" must be one of {", ".join(RENDERERS)}, got {renderer!r}.')
+    names = parse_renderers(renderer)
     if views is not None and (not views or set(views) - set(VIEWS)):
         raise ValueError(f'Argument "views" must name some of {", ".join(VIEWS)}, got {list(views)!r}.')
     if look not in LOOKS:
         raise ValueError(f'Argument "look" must be one of {", ".join(LOOKS)}, got {look!r}.')
-    if look != "standard" and renderer != "polar":
+    if look != "standard" and "polar" not in names:
         raise ValueError(f'Argument "look" {look!r} is renderer polar\'s; renderer {renderer!r} draws its own '
-                         "fixed look (it is the other rendering that transfer is measured on).")
+                         "fixed look (it is another rendering that transfer is measured on).")
 
 
 def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int | None = None,
@@ -272,8 +302,10 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
     quality : int
         JPEG quality.
     renderer : str
-        A name in :data:`RENDERERS`.  The anatomy, labels, headers and SRs
-        of a seed are the same whichever renderer draws the pixels.
+        A name in :data:`RENDERERS`, or several joined by commas
+        (:func:`parse_renderers`: each study drawn by one of them).  The
+        anatomy, labels, headers and SRs of a seed are the same whichever
+        renderer draws the pixels.
     views : sequence of str, optional
         Write only videos of these views (the studies, labels and SRs are
         unchanged); None for every view.
@@ -284,7 +316,7 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
         of the same seed with reports.
     look : str
         A name in :data:`~train.synth.look.LOOKS`: ``"standard"`` (each
-        scanner's own look) or ``"varied"`` (renderer ``polar`` only: a look
+        scanner's own look) or ``"varied"`` (renderer ``polar``'s videos only: a look
         per video from the wide ranges of :mod:`train.synth.look`, drawn from
         a stream of its own, so everything but the pixels is the standard
         archive's).
@@ -303,7 +335,7 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(f"echonode-synth|{seed}".encode()).hexdigest()[:4].upper()
-    w = _Writer(out_dir, seed, frames, rows, cols, quality, RENDERERS[renderer],
+    w = _Writer(out_dir, seed, frames, rows, cols, quality, parse_renderers(renderer),
                 None if views is None else tuple(views), tag, reports, look)
     prng = [keyed_rng(seed, PURPOSE_PATIENT, p) for p in range(patients)]
     n_studies = [int(r.integers(1, 4)) for r in prng]

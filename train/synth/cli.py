@@ -20,11 +20,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--frames", type=int, default=None, help="frames per video (default 40-64)")
     parser.add_argument("--rows", type=int, default=480, help="image rows (default 480)")
     parser.add_argument("--cols", type=int, default=640, help="image columns (default 640)")
-    parser.add_argument("--renderer", choices=tuple(RENDERERS), default="polar",
-                        help="how pixels are formed: polar (default) or raster (a second, independent "
-                             "renderer of the same anatomy, for transfer checks)")
+    parser.add_argument("--renderer", default="polar", metavar="NAME[,NAME...]",
+                        help=f"how pixels are formed: {' or '.join(RENDERERS)} (polar, the default; the others "
+                             "are independent renderers of the same anatomy, for transfer checks), or several "
+                             "joined by commas (each study drawn by one of them)")
     parser.add_argument("--look", choices=LOOKS, default="standard",
-                        help="standard (default: each scanner's own look) or varied (renderer polar only: a "
+                        help="standard (default: each scanner's own look) or varied (renderer polar's videos: a "
                              "grey map, speckle grain and filtering, edge softness and tissue contrast drawn per "
                              "video from wide ranges, so that models cannot lean on one way of drawing tissue)")
     parser.add_argument("--views", default=None,

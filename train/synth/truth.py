@@ -72,6 +72,10 @@ PURPOSE_REPORT = 6
 # the varied archive of a seed has the same patients, studies, labels, UIDs
 # and acquisitions as the standard one; only how the tissue is drawn changes.
 PURPOSE_LOOK = 7
+# Which renderer draws a study of an archive drawn by several (``synth
+# --renderer polar,raster``): a stream of its own, so the mixture has the
+# same patients, labels and acquisitions as each single-renderer archive.
+PURPOSE_RENDERER = 8
 
 
 @dataclass(frozen=True)

@@ -370,6 +370,30 @@ def test_a_varied_look_changes_pixels_only(tmp_path: Path) -> None:
         synth.generate_archive(tmp_path / "d", 1, look="vivid")
 
 
+def test_an_archive_of_several_renderers_draws_each_study_as_one_of_them(tmp_path: Path) -> None:
+    """--renderer polar,raster: the same patients, labels and headers; every
+    study's videos are byte for byte those of one single-renderer archive
+    (varied looks on renderer polar's videos only), and both renderers occur."""
+    kw = dict(seed=5, frames=2, rows=120, cols=160, reports=False, views=("plax",))
+    mixed = synth.generate_archive(tmp_path / "m", 6, renderer="polar,raster", look="varied", **kw)
+    single = {"polar": synth.generate_archive(tmp_path / "polar", 6, renderer="polar", look="varied", **kw),
+              "raster": synth.generate_archive(tmp_path / "raster", 6, renderer="raster", **kw)}
+    assert mixed.renderer == "polar,raster" and mixed.videos == single["polar"].videos
+    for name in ("labels.csv", "videos.csv"):
+        assert (tmp_path / "m" / name).read_bytes() == (tmp_path / "polar" / name).read_bytes(), name
+    drawn_by: dict[str, set[str]] = {}
+    for row in _read_csv(tmp_path / "m" / "videos.csv"):
+        data = (tmp_path / "m" / row["path"]).read_bytes()
+        same = [r for r in single if (tmp_path / r / row["path"]).read_bytes() == data]
+        assert len(same) == 1, row["path"]
+        drawn_by.setdefault(row["study_uid"], set()).add(same[0])
+    assert all(len(r) == 1 for r in drawn_by.values())
+    assert set().union(*drawn_by.values()) == {"polar", "raster"}
+    for bad in ("polar,polar", "polar,", "polar,nope"):
+        with pytest.raises(ValueError, match="renderer"):
+            synth.generate_archive(tmp_path / "x", 1, renderer=bad)
+
+
 def test_varied_looks_stay_in_their_documented_ranges() -> None:
     base = acquisition.plan_video(np.random.default_rng(0), "plax", 1, acquisition.plan_study(
         np.random.default_rng(1)), 8, 3)
