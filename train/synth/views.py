@@ -18,7 +18,7 @@ import numpy as np
 
 from train.synth.anatomy import Anatomy, av_open, contraction, mv_open
 
-__all__ = ["AV_U_CM", "MEASURE_U_CM", "MYOCARDIUM_REFLECTIVITY", "VIEW_FIELDS", "av_leaflet_tips"]
+__all__ = ["AV_U_CM", "MEASURE_U_CM", "MYOCARDIUM_REFLECTIVITY", "VIEW_FIELDS", "VIEW_VALVES", "av_leaflet_tips"]
 
 # Tissue reflectivities (linear power, relative).  Blood sits ~30 dB under
 # myocardium, which is what makes chambers black on a real scanner.
@@ -117,7 +117,8 @@ def _smooth(a: np.ndarray) -> np.ndarray:
     return a * a * (3 - 2 * a)
 
 
-def _plax(u: np.ndarray, v: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float) -> np.ndarray:
+def _plax(u: np.ndarray, v: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float,
+          valves: bool = True) -> np.ndarray:
     """Parasternal long axis: RV, septum, LV, posterior wall, aortic root, LA.
 
     ``u`` runs along the LV long axis toward the aorta (screen right), ``v``
@@ -127,7 +128,6 @@ def _plax(u: np.ndarray, v: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, 
     """
     tr = an.truth
     s = contraction(ph)
-    m_open = mv_open(ph)
     fs = an.fractional_shortening
     h0 = tr.lvid_cm / 2
     # The base moves less than the mid-ventricle; motion fades toward the annulus.
@@ -178,6 +178,18 @@ def _plax(u: np.ndarray, v: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, 
     _paint(refl, _clamp01((1.08 - la_d) / 0.03) * (u > 0.3), _R_MYO)
     _paint(refl, _clamp01((1.0 - la_d) / 0.03) * (u > 0.3), _R_BLOOD)
     _paint(refl, _between(u, -0.5, la_c[0], e) * _between(v, v_p + 0.25, v_pa, e), _R_BLOOD)
+    if valves:
+        _plax_valves(refl, u, v, an, ph, e)
+    return refl
+
+
+def _plax_valves(refl: np.ndarray, u: np.ndarray, v: np.ndarray, an: Anatomy, ph: float, e: float) -> None:
+    """Paint PLAX's mitral leaflets and aortic cusps over ``refl`` (in place)."""
+    tr = an.truth
+    s = contraction(ph)
+    m_open = mv_open(ph)
+    v_a, v_p = _ao_geometry(an, s)
+    v_pa = _mitral_posterior(an, s)
     # Mitral leaflets: open toward the septum in diastole, coapt in systole.
     ha, hp = (0.1, v_p + 0.15), (0.35, v_pa + 0.05)
     closed = (-0.8, v_p + 0.25 + 0.65 * (v_pa - v_p - 0.25))
@@ -193,10 +205,10 @@ def _plax(u: np.ndarray, v: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, 
     value = _R_LEAFLET + (_R_CALCIFIED - _R_LEAFLET) * tr.av_calcification
     _leaflet(refl, u, v, ha_, ta, tr.av_leaflet_cm, value, e)
     _leaflet(refl, u, v, hp_, tp, tr.av_leaflet_cm, value, e)
-    return refl
 
 
-def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float) -> np.ndarray:
+def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float,
+         valves: bool = True) -> np.ndarray:
     """Apical four chamber: ventricles on top (LV screen right), atria below.
 
     ``z`` runs from the LV endocardial apex toward the atria, ``x`` across,
@@ -204,7 +216,6 @@ def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e
     """
     tr = an.truth
     s = contraction(ph)
-    m_open = mv_open(ph)
     h0 = tr.lvid_cm / 2
     h = h0 * (1 - an.fractional_shortening * s)
     sep_t = float(_thickened(h0, tr.ivs_cm, h) - h)
@@ -247,6 +258,23 @@ def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e
     rv_zone = _between(z, 0.15 * length - 0.4, tv_len, e)
     _paint(refl, rv_zone * _between(x, x_rv_sep - rv_w - 0.4, x_rv_sep, e) * (rv_w > 0.05), _R_MYO)
     _paint(refl, _between(z, 0.15 * length, tv_len + 0.3, e) * _between(x, x_rv_sep - rv_w, x_rv_sep, e), _R_BLOOD)
+    if valves:
+        _a4c_valves(refl, x, z, an, ph, e)
+    return refl
+
+
+def _a4c_valves(refl: np.ndarray, x: np.ndarray, z: np.ndarray, an: Anatomy, ph: float, e: float) -> None:
+    """Paint A4C's mitral and tricuspid leaflets over ``refl`` (in place)."""
+    tr = an.truth
+    s = contraction(ph)
+    m_open = mv_open(ph)
+    h0 = tr.lvid_cm / 2
+    h = h0 * (1 - an.fractional_shortening * s)
+    length = an.lv_length_cm - 1.1 * s
+    tv_len = length - 0.7 - 0.6 * s
+    x_rv_sep = -tr.ivs_cm / 2
+    x_lv_sep = x_rv_sep + float(_thickened(h0, tr.ivs_cm, h) - h)
+    xc = x_lv_sep + h
     # AV valves: hinged at the annuli, open toward the apex in diastole.
     for hinge_l, hinge_r, zz in (((x_lv_sep, length), (xc + h, length), length),
                                  ((x_rv_sep - 1.4 * an.rv_cm, tv_len), (x_rv_sep, tv_len), tv_len)):
@@ -257,10 +285,10 @@ def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e
             opened = (hinge[0] + sgn * 0.25 * half, zz - 0.95 * half)
             tip = (closed[0] + (opened[0] - closed[0]) * m_open, closed[1] + (opened[1] - closed[1]) * m_open)
             _leaflet(refl, x, z, hinge, tip, 0.12, _R_LEAFLET, e)
-    return refl
 
 
-def _psax(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float) -> np.ndarray:
+def _psax(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float,
+          valves: bool = True) -> np.ndarray:
     """Parasternal short axis at the papillary muscles: a round LV ring.
 
     Origin at the LV centre; the septum faces up-left (toward the RV), the
@@ -301,3 +329,8 @@ def _psax(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, 
 
 
 VIEW_FIELDS = {"plax": _plax, "a4c": _a4c, "psax": _psax}
+"""Each view's reflectivity field ``f(u, v, bg, anatomy, phase, edge_cm, valves=True)``;
+``valves=False`` leaves out the valve leaflets (:data:`VIEW_VALVES` paints them)."""
+VIEW_VALVES = {"plax": _plax_valves, "a4c": _a4c_valves}
+"""Each view's valve leaflets, ``f(refl, u, v, anatomy, phase, edge_cm)`` painted in place
+(a view without leaflets has no entry)."""

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -268,8 +269,8 @@ def test_lvh_is_visible_as_wall_thickness() -> None:
     assert np.abs(measured - true - bias).mean() < 0.1
 
 
-def _cusp_sep_cm(truth: synth.StudyTruth, noise: int) -> float:
-    img, geo, pose, an = _plax_frame(truth, synth.MID_SYSTOLE_PHASE, noise)
+def _cusp_sep_cm(truth: synth.StudyTruth, noise: int, **frame: Any) -> float:
+    img, geo, pose, an = _plax_frame(truth, synth.MID_SYSTOLE_PHASE, noise, **frame)
     ha, ta, hp, tp = views.av_leaflet_tips(an, synth.MID_SYSTOLE_PHASE)
     u_tip = 0.5 * (ta[0] + tp[0]) - truth.av_leaflet_cm / 2 - 0.05
     dv = 0.02
@@ -285,14 +286,48 @@ def _cusp_sep_cm(truth: synth.StudyTruth, noise: int) -> float:
     return (_run(prof, i0, 1, thr) - _run(prof, i0, -1, thr)) * dv
 
 
-def test_severe_as_is_visible_as_cusp_separation() -> None:
+@pytest.mark.parametrize("frame", [{}, {"edge_cm": 0.3, "look": acquisition.Look(log_edges=True)}],
+                         ids=["standard", "soft-edges-in-decibels"])
+def test_severe_as_is_visible_as_cusp_separation(frame: dict[str, Any]) -> None:
+    """The cusps' opening is in the picture; with soft boundaries blended in
+    decibels too (the leaflets, thinner than the blur, are laid over it in
+    power, or they would all but vanish)."""
     cases = [synth.sample_truth(np.random.default_rng(2000 + i), force_as=(i % 2 == 0), force_lvh=False)
              for i in range(6)]
-    measured = np.array([_cusp_sep_cm(t, noise=k) for k, t in enumerate(cases)])
+    measured = np.array([_cusp_sep_cm(t, noise=k, **frame) for k, t in enumerate(cases)])
     true = np.array([t.av_cusp_sep_cm for t in cases])
     sas = np.array([t.severe_as for t in cases])
     assert measured[sas].max() < measured[~sas].min(), (measured, true)
     assert np.corrcoef(measured, true)[0, 1] > 0.8
+
+
+def _leaflet_contrast(truth: synth.StudyTruth, noise: int, **frame: Any) -> float:
+    """Mean grey along both open aortic cusps minus the lumen between them."""
+    img, geo, pose, an = _plax_frame(truth, synth.MID_SYSTOLE_PHASE, noise, **frame)
+    ha, ta, hp, tp = views.av_leaflet_tips(an, synth.MID_SYSTOLE_PHASE)
+    t = np.linspace(0.25, 0.85, 20)[:, None]
+    cusps = [np.asarray(h) + t * (np.asarray(tip) - np.asarray(h)) for h, tip in ((ha, ta), (hp, tp))]
+    lumen = 0.5 * (cusps[0] + cusps[1])
+
+    def grey(pts: np.ndarray) -> float:
+        col, row = render.local_to_pixel(geo, pose, pts[:, 0].astype(np.float32), pts[:, 1].astype(np.float32))
+        return float(cv2.remap(img, col.astype(np.float32)[None], row.astype(np.float32)[None],
+                               cv2.INTER_LINEAR).mean())
+
+    return 0.5 * (grey(cusps[0]) + grey(cusps[1])) - grey(lumen)
+
+
+def test_leaflets_keep_their_brightness_when_boundaries_blend_in_decibels() -> None:
+    """A 0.1 cm cusp under a 0.3 cm blur in decibels would fade toward the
+    blood around it; the leaflets are laid over the blurred field, so they
+    stand out from the lumen as much as with boundaries blended in power."""
+    cases = [synth.sample_truth(np.random.default_rng(2000 + i), force_as=False, force_lvh=False)
+             for i in range(4)]
+    power = np.array([_leaflet_contrast(t, k, edge_cm=0.3) for k, t in enumerate(cases)])
+    decibels = np.array([_leaflet_contrast(t, k, edge_cm=0.3, look=acquisition.Look(log_edges=True))
+                         for k, t in enumerate(cases)])
+    assert power.min() > 40, power
+    assert np.all(decibels > 0.85 * power), (decibels, power)
 
 
 # ------------------------------------------------------------- shortcuts ---
