@@ -21,7 +21,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--rows", type=int, default=480, help="image rows (default 480)")
     parser.add_argument("--cols", type=int, default=640, help="image columns (default 640)")
     parser.add_argument("--renderer", default="polar", metavar="NAME[,NAME...]",
-                        help=f"how pixels are formed: {' or '.join(RENDERERS)} (polar, the default; the others "
+                        help=f"how pixels are formed: {', '.join(RENDERERS)} (polar, the default; the others "
                              "are independent renderers of the same anatomy, for transfer checks), or several "
                              "joined by commas (each study drawn by one of them)")
     parser.add_argument("--look", choices=LOOKS, default="standard",

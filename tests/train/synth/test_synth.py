@@ -363,13 +363,19 @@ def test_shortcut_check_catches_a_planted_giveaway(plax_archive: Path) -> None:
     assert [s.statistic for s in shortcuts.shortcuts_found(planted, z=2.0)] == ["planted"]
 
 
-def test_renderers_share_anatomy_and_headers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("other", ["raster", "scatter"])
+def test_renderers_share_anatomy_and_headers(tmp_path: Path, other: str) -> None:
     """--renderer changes pixels only: same labels, same UIDs, same SR values."""
     a = synth.generate_archive(tmp_path / "a", 1, seed=5, frames=2, rows=120, cols=160)
-    b = synth.generate_archive(tmp_path / "b", 1, seed=5, frames=2, rows=120, cols=160, renderer="raster")
-    assert (a.renderer, b.renderer) == ("polar", "raster")
-    assert (tmp_path / "a" / "labels.csv").read_bytes() == (tmp_path / "b" / "labels.csv").read_bytes()
-    assert (tmp_path / "a" / "videos.csv").read_bytes() == (tmp_path / "b" / "videos.csv").read_bytes()
+    b = synth.generate_archive(tmp_path / "b", 1, seed=5, frames=2, rows=120, cols=160, renderer=other)
+    assert (a.renderer, b.renderer) == ("polar", other)
+    for name in ("labels.csv", "videos.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    sr = sorted((tmp_path / "a").rglob("*.dcm"))
+    reports = [p for p in sr if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
+    assert reports
+    for path in reports:
+        assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
     row = _read_csv(tmp_path / "a" / "videos.csv")[0]
     pa = pydicom.dcmread(tmp_path / "a" / row["path"]).pixel_array
     pb = pydicom.dcmread(tmp_path / "b" / row["path"]).pixel_array
