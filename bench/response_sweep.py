@@ -1,13 +1,13 @@
-"""What a model measures: its output as one label-defining size changes, on both renderers.
+"""What a model measures: its output as one label-defining size changes, on every renderer.
 
 AUROC says whether a model ranks studies, not what it reads in them. This
 diagnostic takes ``--acquisitions`` PLAX acquisitions of hearts drawn
-without the label (label seed 777), draws each with renderer A and renderer B,
+without the label (label seed 777), draws each with renderers A, B and C,
 and changes one size only: the septum (the posterior wall 0.9 of it) for
 ``--task lvh``, the cusp separation for ``--task severe_as``. Each video goes
 through the node's own preprocessing (the bundle's settings, sector mask
 included) and the bundle. A model that measures the size rises or falls with
-it on both renderers; one that reads something else stays flat, or answers
+it on every renderer; one that reads something else stays flat, or answers
 differently from one acquisition to the next.
 
 ``--valve diseased`` draws the hearts with a diseased aortic valve (its
@@ -39,7 +39,7 @@ from echonode.analyse.pipeline import preprocess_config
 from echonode.analyse.preprocess import make_eval_clips, preprocess_video
 from echonode.analyse.regions import PixelSpacing
 from echonode.bundles.weights import load_bundle
-from train.synth import render, render_alt
+from train.synth import render, render_alt, render_scatter
 from train.synth.acquisition import plan_study, plan_video
 from train.synth.anatomy import sample_anatomy
 from train.synth.dicom import encode_jpeg
@@ -47,7 +47,8 @@ from train.synth.truth import keyed_rng, sample_truth
 
 SIZES_CM = {"lvh": (0.7, 0.9, 1.05, 1.15, 1.25, 1.4, 1.6, 1.8, 2.0),
             "severe_as": (0.3, 0.5, 0.65, 0.75, 0.85, 1.0, 1.3, 1.6, 1.9)}
-RENDERERS = {"A (polar)": render.render_video, "B (raster)": render_alt.render_video}
+RENDERERS = {"A (polar)": render.render_video, "B (raster)": render_alt.render_video,
+             "C (scatter)": render_scatter.render_video}
 LABEL_SEED = 777
 
 
