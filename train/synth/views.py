@@ -13,6 +13,7 @@ edges of the aortic cusps are ``av_cusp_sep_cm`` apart
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -207,13 +208,20 @@ def _plax_valves(refl: np.ndarray, u: np.ndarray, v: np.ndarray, an: Anatomy, ph
     _leaflet(refl, u, v, hp_, tp, tr.av_leaflet_cm, value, e)
 
 
-def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float,
-         valves: bool = True) -> np.ndarray:
-    """Apical four chamber: ventricles on top (LV screen right), atria below.
+class _A4CFrame(NamedTuple):
+    """A4C's chamber layout at one phase (cm), shared by the walls and the valves."""
 
-    ``z`` runs from the LV endocardial apex toward the atria, ``x`` across,
-    positive toward the LV lateral wall; the septum is centred on ``x = 0``.
-    """
+    s: float  # contraction, 0 at end-diastole
+    h: float  # LV cavity half-width
+    sep_t: float  # septal thickness
+    lat_t: float  # lateral wall thickness
+    length: float  # apex to mitral annulus
+    tv_len: float  # apex to tricuspid annulus
+    x_rv_sep: float  # the septum's RV side
+    xc: float  # the LV cavity's centre line
+
+
+def _a4c_frame(an: Anatomy, ph: float) -> _A4CFrame:
     tr = an.truth
     s = contraction(ph)
     h0 = tr.lvid_cm / 2
@@ -223,8 +231,17 @@ def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e
     length = an.lv_length_cm - 1.1 * s  # the mitral annulus descends toward the apex
     tv_len = length - 0.7 - 0.6 * s  # tricuspid annulus: more apical, moves more
     x_rv_sep = -tr.ivs_cm / 2
-    x_lv_sep = x_rv_sep + sep_t
-    xc = x_lv_sep + h
+    return _A4CFrame(s, h, sep_t, lat_t, length, tv_len, x_rv_sep, x_rv_sep + sep_t + h)
+
+
+def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float,
+         valves: bool = True) -> np.ndarray:
+    """Apical four chamber: ventricles on top (LV screen right), atria below.
+
+    ``z`` runs from the LV endocardial apex toward the atria, ``x`` across,
+    positive toward the LV lateral wall; the septum is centred on ``x = 0``.
+    """
+    s, h, sep_t, lat_t, length, tv_len, x_rv_sep, xc = _a4c_frame(an, ph)
     zm = 0.45 * length
 
     def profile(zz: np.ndarray, half: float, z0: float) -> np.ndarray:
@@ -265,16 +282,9 @@ def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e
 
 def _a4c_valves(refl: np.ndarray, x: np.ndarray, z: np.ndarray, an: Anatomy, ph: float, e: float) -> None:
     """Paint A4C's mitral and tricuspid leaflets over ``refl`` (in place)."""
-    tr = an.truth
-    s = contraction(ph)
     m_open = mv_open(ph)
-    h0 = tr.lvid_cm / 2
-    h = h0 * (1 - an.fractional_shortening * s)
-    length = an.lv_length_cm - 1.1 * s
-    tv_len = length - 0.7 - 0.6 * s
-    x_rv_sep = -tr.ivs_cm / 2
-    x_lv_sep = x_rv_sep + float(_thickened(h0, tr.ivs_cm, h) - h)
-    xc = x_lv_sep + h
+    _, h, sep_t, _, length, tv_len, x_rv_sep, xc = _a4c_frame(an, ph)
+    x_lv_sep = x_rv_sep + sep_t
     # AV valves: hinged at the annuli, open toward the apex in diastole.
     for hinge_l, hinge_r, zz in (((x_lv_sep, length), (xc + h, length), length),
                                  ((x_rv_sep - 1.4 * an.rv_cm, tv_len), (x_rv_sep, tv_len), tv_len)):
