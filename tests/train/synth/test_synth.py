@@ -289,9 +289,9 @@ def _cusp_sep_cm(truth: synth.StudyTruth, noise: int, **frame: Any) -> float:
 @pytest.mark.parametrize("frame", [{}, {"edge_cm": 0.3, "look": acquisition.Look(log_edges=True)}],
                          ids=["standard", "soft-edges-in-decibels"])
 def test_severe_as_is_visible_as_cusp_separation(frame: dict[str, Any]) -> None:
-    """The cusps' opening is in the picture; with soft boundaries blended in
-    decibels too (the leaflets, thinner than the blur, are laid over it in
-    power, or they would all but vanish)."""
+    """The cusps' opening is in the picture, with soft boundaries blended in
+    decibels too (the leaflets' own brightness under that blur is held by
+    test_leaflets_keep_their_brightness_when_boundaries_blend_in_decibels)."""
     cases = [synth.sample_truth(np.random.default_rng(2000 + i), force_as=(i % 2 == 0), force_lvh=False)
              for i in range(6)]
     measured = np.array([_cusp_sep_cm(t, noise=k, **frame) for k, t in enumerate(cases)])
