@@ -1,4 +1,4 @@
-"""Tests for renderer C (train/synth/render_scatter.py).
+"""Tests for renderer C (train/synth/render_scatter.py and train/synth/scatter/).
 
 Small images and few frames keep the module to a few seconds.  The label
 sizes are measured back from the drawn tissue (:func:`tissue_map` sampled
@@ -16,6 +16,7 @@ import pytest
 
 from train.synth import acquisition, anatomy
 from train.synth import render_scatter as rs
+from train.synth.scatter import hearts
 from train.synth.truth import StudyTruth
 
 ROWS, COLS = 120, 160
@@ -92,7 +93,8 @@ def test_geometry_matches_drawn_sector() -> None:
     outside = (edge_px < -1.5) & ~overlay
     assert img[outside].max() == 0
     # The sector itself is drawn up to its geometric edges: tissue (not blood) there is not black.
-    tissue = np.isin(rs.tissue_map(_anatomy(), plan, rows, cols), [rs.MYO, rs.CHEST, rs.SURROUND, rs.PERI, rs.DEEP])
+    tissue = np.isin(rs.tissue_map(_anatomy(), plan, rows, cols),
+                     [hearts.MYO, hearts.CHEST, hearts.SURROUND, hearts.PERI, hearts.DEEP])
     sides = (edge_px > 1) & (edge_px < 4) & (r_px * geo.delta_cm > 0.6) & tissue
     assert sides.sum() > 100 and (img[sides] > 0).mean() > 0.9
     far = (np.abs(th) < half - 0.05) & (np.abs(r_px - geo.sector_px) < 3) & (r_px < geo.sector_px - 1)
@@ -111,9 +113,9 @@ def test_plax_end_diastolic_walls_are_exact(ivs: float, lvpw: float) -> None:
     runs = _runs(cls)
     step = geo.delta_cm / 8
     # From the front: ... RV blood, septum, LV cavity, posterior wall, pericardial space.
-    i = max(range(len(runs)), key=lambda k: runs[k][1] if runs[k][0] == rs.BLOOD else -1)  # the LV cavity
-    assert runs[i - 1][0] == rs.MYO and runs[i - 2][0] == rs.BLOOD and runs[i + 1][0] == rs.MYO
-    assert runs[i + 2][0] == rs.GAP
+    i = max(range(len(runs)), key=lambda k: runs[k][1] if runs[k][0] == hearts.BLOOD else -1)  # the LV cavity
+    assert runs[i - 1][0] == hearts.MYO and runs[i - 2][0] == hearts.BLOOD and runs[i + 1][0] == hearts.MYO
+    assert runs[i + 2][0] == hearts.GAP
     assert abs(runs[i - 1][1] * step - ivs) <= geo.delta_cm
     assert abs(runs[i + 1][1] * step - lvpw) <= geo.delta_cm
     assert abs(runs[i][1] * step - an.truth.lvid_cm) <= geo.delta_cm
@@ -127,7 +129,7 @@ def test_plax_mid_systolic_cusp_separation_is_exact(sep: float) -> None:
     geo = rs.sector_geometry(plan, rows, cols)
     pts = rs.plax_valve_line(an, plan, rows, cols)
     cls = rs.tissue_map(an, plan, rows, cols, anatomy.MID_SYSTOLE_PHASE, points=pts)
-    leaf = np.flatnonzero(cls == rs.LEAFLET)
+    leaf = np.flatnonzero(cls == hearts.LEAFLET)
     # The gap between the two cusps (anterior run, posterior run) along the line.
     jumps = np.flatnonzero(np.diff(leaf) > 1)
     assert len(jumps) == 1
@@ -135,7 +137,7 @@ def test_plax_mid_systolic_cusp_separation_is_exact(sep: float) -> None:
     assert abs(gap - sep) <= geo.delta_cm
     # Closed at end-diastole: the cusps meet near the root's centre.
     closed = rs.tissue_map(an, plan, rows, cols, 0.0, points=rs.plax_valve_line(an, plan, rows, cols, 0.0))
-    leaf0 = np.flatnonzero(closed == rs.LEAFLET)
+    leaf0 = np.flatnonzero(closed == hearts.LEAFLET)
     centre = (0.5 + an.truth.ao_root_cm / 2) / (geo.delta_cm / 8)  # the line starts 0.5 cm in front of the root
     assert len(leaf0) and np.abs(leaf0 - centre).min() * geo.delta_cm / 8 < 0.2
 
@@ -147,7 +149,7 @@ def _septal_band_px(ivs: float) -> float:
     rows, cols = 240, 320
     frames, geo, _ = rs.render_video(an, plan, rows, cols)
     img = frames[0][..., 0].astype(float)
-    heart = rs._heart(an, plan)
+    heart = hearts.heart(an, plan)
     # Average the profile over parallel lines 1.2 cm either side of the measuring level.
     profiles = []
     for ds in np.linspace(-0.6, 0.6, 13):
@@ -176,5 +178,5 @@ def test_calcification_brightens_the_cusps() -> None:
     rows, cols = 240, 320
     lo, _, _ = rs.render_video(_anatomy(calc=0.0), plan, rows, cols)
     hi, _, _ = rs.render_video(_anatomy(calc=1.0), plan, rows, cols)
-    cusp = rs.tissue_map(_anatomy(), plan, rows, cols, anatomy.MID_SYSTOLE_PHASE) == rs.LEAFLET
+    cusp = rs.tissue_map(_anatomy(), plan, rows, cols, anatomy.MID_SYSTOLE_PHASE) == hearts.LEAFLET
     assert hi[0][..., 0][cusp].mean() > lo[0][..., 0][cusp].mean() + 20
