@@ -40,11 +40,11 @@ import numpy as np
 
 from bench.paired_auroc import study_scores
 from train.metrics import auroc
+from train.synth.truth import SEVERE_AS_THRESHOLD_CM
 
-SEVERE_BELOW_CM = 0.8
-"""Severe AS: mid-systolic cusp separation under this (METHOD.md)."""
-NARROW_BAND_CM = (0.8, 1.4)
-"""Separations only a diseased valve shows that are not severe AS: moderate AS, and sclerosis from 1.3 cm."""
+NARROW_BAND_CM = (SEVERE_AS_THRESHOLD_CM, 1.4)
+"""Separations only a diseased valve shows that are not severe AS: moderate AS (up to 1.4 cm), and
+sclerosis from 1.3 cm; a normal valve opens 1.5 cm or more (train/synth/truth.py's ranges)."""
 BANDS_CM = ((0.0, 0.8), (0.8, 1.1), (1.1, 1.4), (1.4, 1.8), (1.8, 3.0))
 """Bands of separation for the mean score."""
 
@@ -122,7 +122,7 @@ def opening_report(scores: dict[str, tuple[float, int]], separation: dict[str, f
     p = np.array([scores[k][0] for k in keys])
     y = np.array([scores[k][1] for k in keys])
     sep = np.array([separation[k] for k in keys])
-    if np.any((sep < SEVERE_BELOW_CM) != (y == 1)):
+    if np.any((sep < SEVERE_AS_THRESHOLD_CM) != (y == 1)):
         raise ValueError("some study's label disagrees with its cusp separation: these are not severe-AS reports")
     severe = np.flatnonzero(y == 1)
     narrow = np.flatnonzero((sep >= NARROW_BAND_CM[0]) & (sep < NARROW_BAND_CM[1]))
@@ -130,7 +130,7 @@ def opening_report(scores: dict[str, tuple[float, int]], separation: dict[str, f
     if not len(severe) or not len(narrow):
         raise ValueError("both severe studies and studies in the narrow band are needed")
     band_idx = np.concatenate([severe, narrow])
-    band_y = (sep[band_idx] < SEVERE_BELOW_CM).astype(int)
+    band_y = (sep[band_idx] < SEVERE_AS_THRESHOLD_CM).astype(int)
     rng = np.random.default_rng(seed)
     samples = np.empty((n_resamples, 3))
     for i in range(n_resamples):
@@ -138,7 +138,7 @@ def opening_report(scores: dict[str, tuple[float, int]], separation: dict[str, f
         overall = np.concatenate([s, ng])
         band = np.concatenate([s, nb])
         every = rng.choice(len(keys), len(keys))
-        samples[i] = (auroc(y[overall], p[overall]), auroc((sep[band] < SEVERE_BELOW_CM).astype(int), p[band]),
+        samples[i] = (auroc(y[overall], p[overall]), auroc((sep[band] < SEVERE_AS_THRESHOLD_CM).astype(int), p[band]),
                       spearman(p[every], sep[every]))
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
 
@@ -146,11 +146,12 @@ def opening_report(scores: dict[str, tuple[float, int]], separation: dict[str, f
         lo, hi = np.nanpercentile(values, q)
         return float(estimate), float(lo), float(hi)
 
-    bands = tuple(((lo, hi), int(((sep >= lo) & (sep < hi)).sum()),
-                   float(p[(sep >= lo) & (sep < hi)].mean()) if ((sep >= lo) & (sep < hi)).any() else float("nan"))
-                  for lo, hi in BANDS_CM)
+    bands = []
+    for lo, hi in BANDS_CM:
+        inside = (sep >= lo) & (sep < hi)
+        bands.append(((lo, hi), int(inside.sum()), float(p[inside].mean()) if inside.any() else float("nan")))
     return OpeningReport(interval(auroc(y, p), samples[:, 0]), interval(auroc(band_y, p[band_idx]), samples[:, 1]),
-                         interval(spearman(p, sep), samples[:, 2]), bands, int(len(severe)), int(len(narrow)),
+                         interval(spearman(p, sep), samples[:, 2]), tuple(bands), int(len(severe)), int(len(narrow)),
                          int(len(keys)))
 
 

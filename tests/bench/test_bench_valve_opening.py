@@ -65,6 +65,9 @@ def test_reports_that_do_not_match_the_labels_are_refused() -> None:
     wrong[key] = (0.5, 1)  # an LVH report, say: its labels are not the separation's
     with pytest.raises(ValueError, match="disagrees"):
         valve_opening.opening_report(wrong, separation)
+    wide = {k: s for k, s in separation.items() if not 0.8 <= s < 1.4}  # no diseased valve that opens little
+    with pytest.raises(ValueError, match="narrow band are needed"):
+        valve_opening.opening_report({k: scores[k] for k in wide}, wide)
 
 
 def test_the_command_reads_evaluate_reports_and_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
