@@ -50,6 +50,8 @@ pixels at any depth and in either renderer) into caches and bundles named
 ``--look varied`` trains on renderer A drawn with ``synth --look varied`` (a
 wide spread of grey maps, speckle, edges and tissue contrast per video) into
 an archive, caches and bundles named ``*-varied``; renderer B is unchanged.
+``--look varied-valves`` varies the valve leaflets' look as well (``*-varied-valves``).
+``--tasks severe_as`` fine-tunes and scores one task only.
 
 Usage::
 
@@ -73,6 +75,7 @@ from bench.machine import cpu_flags, cpu_model, load_average
 from bench.paired_auroc import study_scores
 from train.metrics import auroc, bootstrap_ci
 from train.synth.archive import RENDERERS, parse_renderers
+from train.synth.look import LOOKS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,9 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-only", action="store_true",
                    help="draw, index and fine-tune, then stop (a later run on the same --out tests the bundles)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny archives, 1 epoch")
-    p.add_argument("--look", choices=("standard", "varied"), default="standard",
-                   help="renderer A's look (synth --look): varied trains on a wide spread of looks "
-                   "(archive, caches, bundles and reports named *-varied)")
+    p.add_argument("--look", choices=LOOKS, default="standard",
+                   help="renderer A's look (synth --look): varied trains on a wide spread of looks, "
+                   "varied-valves on that spread with the leaflets' look varied too (archive, caches, bundles "
+                   "and reports named *-LOOK)")
+    p.add_argument("--tasks", default=",".join(TASKS), metavar="TASK[,TASK...]",
+                   help=f"the tasks to fine-tune and score (default {','.join(TASKS)}; each fine-tuning "
+                   "runs on one thread)")
     p.add_argument("--appearance", action="store_true",
                    help="fine-tune with --appearance (bundles and reports named *-appearance-*)")
     return p.parse_args(argv)
@@ -152,6 +159,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    tasks = tuple(t for t in ns.tasks.split(",") if t)
+    if not tasks or set(tasks) - set(TASKS):
+        print(f"cross_rendering: --tasks must name some of {', '.join(TASKS)}, got {ns.tasks!r}", file=sys.stderr)
+        return 2
     if ns.quick:
         ns.train_patients, ns.test_patients, ns.epochs = 40, 16, 1
     train_renderers = parse_renderers(ns.train_renderer)
@@ -191,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         "--size", str(ns.size), "--lr", ns.lr, "--epoch-samples", "800", "--epochs", str(ns.epochs),
         "--patience", str(ns.patience), "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
         *(("--appearance",) if ns.appearance else ()))
-        for task in TASKS if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log)
+        for task in tasks if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log)
     if ns.train_only:
-        print(f"trained {', '.join(f'{task}{variant}-bundle' for task in TASKS)} in {out} "
+        print(f"trained {', '.join(f'{task}{variant}-bundle' for task in tasks)} in {out} "
               f"({time.monotonic() - started:.0f} s); run again without --train-only to test them")
         return 0
     rows = []
-    for task in TASKS:
+    for task in tasks:
         bundle = out / f"{task}{variant}-bundle"
         evaluations = [(f"{train_name} test split", train_name, "test")]
         evaluations += [(f"{ns.test_renderer} seed {seed}, all studies", name, "all") for name, seed in tests.items()]

@@ -87,3 +87,21 @@ def test_a_cached_cell_is_reused_only_for_the_settings_that_made_it(tmp_path: Pa
         (cell / "result.json").write_text(json.dumps(record))
         with pytest.raises(Trained):
             as_recipe.run_cell(*args)
+
+
+def test_cross_rendering_trains_and_scores_only_the_tasks_asked_for(tmp_path: Path, monkeypatch, capsys) -> None:
+    steps: list[tuple[str, ...]] = []
+    monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log: steps.extend(s.values()))
+    monkeypatch.setattr(cross_rendering, "study_auroc", lambda path: (0.5, 0.4, 0.6, 1, 1))
+    assert cross_rendering.main(["--out", str(tmp_path / "x"), "--tasks", "severe_as", "--look", "varied-valves",
+                                 "--test-renderer", "scatter", "--test-seed", "7"]) == 0
+    synth = [s for s in steps if s[0] == "synth"]
+    assert {(Path(s[s.index("--out") + 1]).name, s[s.index("--look") + 1]) for s in synth} == {
+        ("polar-varied-valves", "varied-valves"), ("scatter-s7", "standard")}
+    finetune = [s for s in steps if s[0] == "finetune"]
+    assert [s[s.index("--task") + 1] for s in finetune] == ["severe_as"]
+    assert Path(finetune[0][finetune[0].index("--out") + 1]).name == "severe_as-varied-valves-bundle"
+    assert {s[s.index("--bundle") + 1] for s in steps if s[0] == "evaluate"} == {
+        str(tmp_path / "x" / "severe_as-varied-valves-bundle")}
+    assert "| lvh |" not in capsys.readouterr().out
+    assert cross_rendering.main(["--out", str(tmp_path / "y"), "--tasks", "lvh,mitral"]) == 2

@@ -132,12 +132,29 @@ class Look:
         spreads and a wall looks up to a quarter of a centimetre thicker
         than it is; blended in decibels, the boundary's middle stays where
         the boundary is.
+    leaflet_db : float
+        Added to every valve leaflet's echo strength (dB).  A leaflet is a
+        thin specular reflector: how bright it looks depends on the angle
+        the beam meets it at, the harmonic setting and the gain, and varies
+        far more from one study to the next than the myocardium does.
+    calcium_scale : float
+        The extra brightness of a calcified aortic cusp over a normal one,
+        in dB, is multiplied by this: how much calcium stands out depends
+        on the scanner, its grey map and the angle as much as on the
+        calcium.
+    leaflet_bloom_cm : float
+        Added to every leaflet's drawn thickness (cm): a bright thin
+        reflector spreads over the beam's width, so leaflets look thicker
+        (and an opening narrower) on a coarse beam than they are.
     """
 
     surround_db: float = 0.0
     contrast: float = 1.0
     despeckle: float = 0.0
     log_edges: bool = False
+    leaflet_db: float = 0.0
+    calcium_scale: float = 1.0
+    leaflet_bloom_cm: float = 0.0
 
 
 @dataclass(frozen=True)

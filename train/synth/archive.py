@@ -31,7 +31,7 @@ from train.synth.acquisition import (
 )
 from train.synth.anatomy import Anatomy, sample_anatomy
 from train.synth.dicom import build_dataset, encode_jpeg, uid
-from train.synth.look import LOOKS, vary_plan
+from train.synth.look import LOOKS, VARIED_LOOKS, vary_plan
 from train.synth.truth import (
     PURPOSE_LOOK,
     PURPOSE_PATIENT,
@@ -226,8 +226,9 @@ class _Writer:
               header: dict[str, str], renderer: str) -> Dataset:
         vr = keyed_rng(self.seed, PURPOSE_VIDEO, p, s, k)
         plan = plan_video(vr, view, k + 1, study, self.frames, int(vr.integers(0, 2**63)))
-        if self.look == "varied" and renderer == "polar":
-            plan = vary_plan(plan, keyed_rng(self.seed, PURPOSE_LOOK, p, s, k))
+        if self.look in VARIED_LOOKS and renderer == "polar":
+            plan = vary_plan(plan, keyed_rng(self.seed, PURPOSE_LOOK, p, s, k),
+                             leaflets=self.look == "varied-valves")
         rgb, geo, _ = RENDERERS[renderer](an, plan, self.rows, self.cols, header)
         jpegs = [encode_jpeg(f, self.quality) for f in rgb]
         ctx["series_uid"] = uid(self.seed, "series", p, s, k)
@@ -320,10 +321,11 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
         of the same seed with reports.
     look : str
         A name in :data:`~train.synth.look.LOOKS`: ``"standard"`` (each
-        scanner's own look) or ``"varied"`` (renderer ``polar``'s videos only: a look
+        scanner's own look), ``"varied"`` (renderer ``polar``'s videos only: a look
         per video from the wide ranges of :mod:`train.synth.look`, drawn from
         a stream of its own, so everything but the pixels is the standard
-        archive's).
+        archive's) or ``"varied-valves"`` (that, and the valve leaflets' echo
+        strength, calcium contrast and bloom drawn per video too).
 
     Returns
     -------

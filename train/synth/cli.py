@@ -27,7 +27,9 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--look", choices=LOOKS, default="standard",
                         help="standard (default: each scanner's own look) or varied (renderer polar's videos: a "
                              "grey map, speckle grain and filtering, edge softness and tissue contrast drawn per "
-                             "video from wide ranges, so that models cannot lean on one way of drawing tissue)")
+                             "video from wide ranges, so that models cannot lean on one way of drawing tissue), "
+                             "or varied-valves (that, and the valve leaflets' echo strength, calcium contrast and "
+                             "bloom drawn per video too)")
     parser.add_argument("--views", default=None,
                         help=f"comma-separated views to write (default all: {','.join(VIEWS)})")
     parser.add_argument("--no-reports", dest="reports", action="store_false",

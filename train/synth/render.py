@@ -34,7 +34,7 @@ from train.synth.acquisition import Vendor, VideoPlan
 from train.synth.anatomy import Anatomy
 from train.synth.geometry import Geometry
 from train.synth.overlay import compose
-from train.synth.views import MYOCARDIUM_REFLECTIVITY, VIEW_FIELDS, VIEW_VALVES
+from train.synth.views import MYOCARDIUM_REFLECTIVITY, VIEW_FIELDS, VIEW_VALVES, LeafletLook
 
 __all__ = ["local_to_pixel", "render_video", "sector_geometry", "view_pose"]
 
@@ -186,6 +186,8 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
     sample_cm = (0.5 * geo.depth_cm * math.radians(geo.angle_deg) / geo.n_th, geo.depth_cm / geo.n_r)
     e = valve_e = max(plan.edge_cm, sample_cm[1])
     valves = VIEW_VALVES.get(plan.view)
+    leaf = LeafletLook(gain=10 ** (look.leaflet_db / 10), calcium_scale=look.calcium_scale,
+                       bloom_cm=look.leaflet_bloom_cm)
     if look.log_edges:
         # The views draw sharp boundaries; a Gaussian in decibels then
         # softens them, its 10-90 % rise spanning the edge width e (the
@@ -200,13 +202,12 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
     for i, ph in enumerate(phases):
         if i:
             scat = _SPECKLE_RHO * scat + k * rng.standard_normal(scat.shape, dtype=np.float32)
+        refl = view_fn(u, v, bg, an, float(ph), e, valves=False)
         if look.log_edges:
-            refl = view_fn(u, v, bg, an, float(ph), e, valves=False)
             refl = np.exp(cv2.GaussianBlur(np.log(refl), (0, 0), sigmaX=log_blur[0], sigmaY=log_blur[1]))
-            if valves is not None:
-                valves(refl, u, v, an, float(ph), valve_e)
-        else:
-            refl = view_fn(u, v, bg, an, float(ph), e)
+        # Every view paints its leaflets last, over whatever it drew.
+        if valves is not None:
+            valves(refl, u, v, an, float(ph), valve_e, leaf)
         if look.contrast != 1.0:
             # Scale every level in dB around the myocardium's.
             refl = MYOCARDIUM_REFLECTIVITY * np.power(refl / MYOCARDIUM_REFLECTIVITY, look.contrast,

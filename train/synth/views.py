@@ -19,7 +19,8 @@ import numpy as np
 
 from train.synth.anatomy import Anatomy, av_open, contraction, mv_open
 
-__all__ = ["AV_U_CM", "MEASURE_U_CM", "MYOCARDIUM_REFLECTIVITY", "VIEW_FIELDS", "VIEW_VALVES", "av_leaflet_tips"]
+__all__ = ["AV_U_CM", "MEASURE_U_CM", "MYOCARDIUM_REFLECTIVITY", "STANDARD_LEAFLETS", "VIEW_FIELDS", "VIEW_VALVES",
+           "LeafletLook", "av_leaflet_tips"]
 
 # Tissue reflectivities (linear power, relative).  Blood sits ~30 dB under
 # myocardium, which is what makes chambers black on a real scanner.
@@ -55,9 +56,32 @@ def _segment_dist(u: np.ndarray, v: np.ndarray, p0, p1) -> tuple[np.ndarray, np.
     return np.hypot(u - p0[0] - t * du, v - p0[1] - t * dv), t
 
 
-def _leaflet(refl, u, v, hinge, tip, thick, value, e) -> None:
+class LeafletLook(NamedTuple):
+    """How the valve leaflets of one video are drawn (never a label).
+
+    Attributes
+    ----------
+    gain : float
+        Multiplies every leaflet's reflectivity (power).
+    calcium_scale : float
+        Exponent on a calcified cusp's brightness relative to a normal one:
+        its extra brightness in dB is multiplied by this.
+    bloom_cm : float
+        Added to every leaflet's drawn thickness (cm).
+    """
+
+    gain: float = 1.0
+    calcium_scale: float = 1.0
+    bloom_cm: float = 0.0
+
+
+STANDARD_LEAFLETS = LeafletLook()
+"""Renderer A's own leaflets."""
+
+
+def _leaflet(refl, u, v, hinge, tip, thick, value, e, leaf: LeafletLook = STANDARD_LEAFLETS) -> None:
     d, t = _segment_dist(u, v, hinge, tip)
-    _paint(refl, _clamp01((thick / 2 - d) / e + 0.5), value)
+    _paint(refl, _clamp01(((thick + leaf.bloom_cm) / 2 - d) / e + 0.5), value * leaf.gain)
 
 
 def _thickened(inner_ed: float, wall_ed: float, inner_now: np.ndarray | float):
@@ -184,7 +208,8 @@ def _plax(u: np.ndarray, v: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, 
     return refl
 
 
-def _plax_valves(refl: np.ndarray, u: np.ndarray, v: np.ndarray, an: Anatomy, ph: float, e: float) -> None:
+def _plax_valves(refl: np.ndarray, u: np.ndarray, v: np.ndarray, an: Anatomy, ph: float, e: float,
+                 leaf: LeafletLook = STANDARD_LEAFLETS) -> None:
     """Paint PLAX's mitral leaflets and aortic cusps over ``refl`` (in place)."""
     tr = an.truth
     s = contraction(ph)
@@ -198,14 +223,16 @@ def _plax_valves(refl: np.ndarray, u: np.ndarray, v: np.ndarray, an: Anatomy, ph
         tip = (closed[0] + (open_tip[0] - closed[0]) * m_open, closed[1] + (open_tip[1] - closed[1]) * m_open)
         du, dv = tip[0] - hinge[0], tip[1] - hinge[1]
         k = length / max(math.hypot(du, dv), 1e-6)
-        _leaflet(refl, u, v, hinge, (hinge[0] + du * k, hinge[1] + dv * k), 0.12, _R_LEAFLET, e)
+        _leaflet(refl, u, v, hinge, (hinge[0] + du * k, hinge[1] + dv * k), 0.12, _R_LEAFLET, e, leaf)
     # Aortic cusps: thin in normal valves, thicker and brighter in diseased ones.
     ha_, ta, hp_, tp = av_leaflet_tips(an, ph)
     # Brightness follows calcification, which every diseased valve may have
     # (sclerosis and moderate AS too): it never says "severe" by itself.
     value = _R_LEAFLET + (_R_CALCIFIED - _R_LEAFLET) * tr.av_calcification
-    _leaflet(refl, u, v, ha_, ta, tr.av_leaflet_cm, value, e)
-    _leaflet(refl, u, v, hp_, tp, tr.av_leaflet_cm, value, e)
+    if leaf.calcium_scale != 1.0:
+        value = _R_LEAFLET * (value / _R_LEAFLET) ** leaf.calcium_scale
+    _leaflet(refl, u, v, ha_, ta, tr.av_leaflet_cm, value, e, leaf)
+    _leaflet(refl, u, v, hp_, tp, tr.av_leaflet_cm, value, e, leaf)
 
 
 class _A4CFrame(NamedTuple):
@@ -280,7 +307,8 @@ def _a4c(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e
     return refl
 
 
-def _a4c_valves(refl: np.ndarray, x: np.ndarray, z: np.ndarray, an: Anatomy, ph: float, e: float) -> None:
+def _a4c_valves(refl: np.ndarray, x: np.ndarray, z: np.ndarray, an: Anatomy, ph: float, e: float,
+                leaf: LeafletLook = STANDARD_LEAFLETS) -> None:
     """Paint A4C's mitral and tricuspid leaflets over ``refl`` (in place)."""
     m_open = mv_open(ph)
     _, h, sep_t, _, length, tv_len, x_rv_sep, xc = _a4c_frame(an, ph)
@@ -294,7 +322,7 @@ def _a4c_valves(refl: np.ndarray, x: np.ndarray, z: np.ndarray, an: Anatomy, ph:
             closed = (mid, zz - 0.5)
             opened = (hinge[0] + sgn * 0.25 * half, zz - 0.95 * half)
             tip = (closed[0] + (opened[0] - closed[0]) * m_open, closed[1] + (opened[1] - closed[1]) * m_open)
-            _leaflet(refl, x, z, hinge, tip, 0.12, _R_LEAFLET, e)
+            _leaflet(refl, x, z, hinge, tip, 0.12, _R_LEAFLET, e, leaf)
 
 
 def _psax(x: np.ndarray, z: np.ndarray, bg: np.ndarray, an: Anatomy, ph: float, e: float,
@@ -342,5 +370,5 @@ VIEW_FIELDS = {"plax": _plax, "a4c": _a4c, "psax": _psax}
 """Each view's reflectivity field ``f(u, v, bg, anatomy, phase, edge_cm, valves=True)``;
 ``valves=False`` leaves out the valve leaflets (:data:`VIEW_VALVES` paints them)."""
 VIEW_VALVES = {"plax": _plax_valves, "a4c": _a4c_valves}
-"""Each view's valve leaflets, ``f(refl, u, v, anatomy, phase, edge_cm)`` painted in place
-(a view without leaflets has no entry)."""
+"""Each view's valve leaflets, ``f(refl, u, v, anatomy, phase, edge_cm, leaf=STANDARD_LEAFLETS)``
+painted in place (a view without leaflets has no entry)."""

@@ -330,6 +330,60 @@ def test_leaflets_keep_their_brightness_when_boundaries_blend_in_decibels() -> N
     assert np.all(decibels > 0.85 * power), (decibels, power)
 
 
+
+def test_the_leaflets_look_moves_only_the_leaflets_the_way_it_says() -> None:
+    """Leaflet gain brightens both cusps against the lumen; the calcium scale
+    brightens a calcified cusp and leaves an uncalcified one as it is; the
+    bloom widens the drawn leaflet by what it says."""
+    clean = dataclasses.replace(synth.sample_truth(np.random.default_rng(2100), force_as=False, force_lvh=False),
+                                av_calcification=0.0)
+    calcified = dataclasses.replace(clean, av_calcification=1.0)
+    dim, bright = (_leaflet_contrast(clean, 1, look=acquisition.Look(leaflet_db=d)) for d in (-4.0, 8.0))
+    assert bright > dim + 20, (dim, bright)
+    for truth, moves in ((clean, False), (calcified, True)):
+        low, high = (_leaflet_contrast(truth, 1, look=acquisition.Look(calcium_scale=c)) for c in (0.5, 2.2))
+        assert (high > low + 15) if moves else abs(high - low) < 1e-6, (truth.av_calcification, low, high)
+    v = np.linspace(-0.5, 0.5, 2001, dtype=np.float32)[None, :]
+    u = np.zeros_like(v)
+    widths = {}
+    for bloom in (0.0, 0.1):
+        refl = np.zeros_like(v)
+        views._leaflet(refl, u, v, (-1.0, 0.0), (1.0, 0.0), 0.2, 1.0, 0.01,
+                       views.LeafletLook(gain=2.0, bloom_cm=bloom))
+        assert refl.max() == pytest.approx(2.0)
+        widths[bloom] = float((refl[0] >= 1.0).sum() * (v[0, 1] - v[0, 0]))
+    assert widths[0.0] == pytest.approx(0.2, abs=0.002) and widths[0.1] == pytest.approx(0.3, abs=0.002), widths
+
+
+def test_the_varied_valves_look_adds_the_leaflets_to_the_varied_look() -> None:
+    """The same stream draws the same tissue look; the leaflets' look comes on
+    top, in its documented ranges; the varied look keeps renderer A's leaflets."""
+    base = acquisition.plan_video(np.random.default_rng(0), "plax", 1, acquisition.plan_study(
+        np.random.default_rng(1)), 8, 3)
+    for k in range(200):
+        plain = look.vary_plan(base, np.random.default_rng(k))
+        valves = look.vary_plan(base, np.random.default_rng(k), leaflets=True)
+        assert dataclasses.replace(valves, look=dataclasses.replace(
+            valves.look, leaflet_db=0.0, calcium_scale=1.0, leaflet_bloom_cm=0.0)) == plain
+        assert (plain.look.leaflet_db, plain.look.calcium_scale, plain.look.leaflet_bloom_cm) == (0.0, 1.0, 0.0)
+        lk = valves.look
+        assert -4.0 <= lk.leaflet_db <= 8.0 and 0.5 <= lk.calcium_scale <= 2.2 and 0 <= lk.leaflet_bloom_cm <= 0.1
+
+
+def test_a_varied_valves_archive_is_the_varied_archive_but_for_pixels(tmp_path: Path) -> None:
+    kw = dict(seed=5, frames=2, rows=120, cols=160, reports=False, views=("plax",))
+    a = synth.generate_archive(tmp_path / "a", 1, look="varied", **kw)
+    b = synth.generate_archive(tmp_path / "b", 1, look="varied-valves", **kw)
+    assert (a.look, b.look, a.videos) == ("varied", "varied-valves", b.videos)
+    for name in ("labels.csv", "videos.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    row = _read_csv(tmp_path / "a" / "videos.csv")[0]
+    da, db = pydicom.dcmread(tmp_path / "a" / row["path"]), pydicom.dcmread(tmp_path / "b" / row["path"])
+    assert da.SOPInstanceUID == db.SOPInstanceUID and not np.array_equal(da.pixel_array, db.pixel_array)
+    with pytest.raises(ValueError, match="renderer polar"):
+        synth.generate_archive(tmp_path / "c", 1, renderer="raster", look="varied-valves")
+
+
 # ------------------------------------------------------------- shortcuts ---
 
 
