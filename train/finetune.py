@@ -293,63 +293,99 @@ def prior_logit(targets: Sequence[float | int], pos_weight: float | None) -> flo
 CONSTANT_ANSWER_MARGIN = 0.03
 
 
-def constant_answer_loss(targets: Sequence[float | int], pos_weight: float | None) -> float:
-    """The training loss of the best constant answer: what a model that tells nothing apart scores.
+def constant_answer_loss(targets: Sequence[float | int], pos_weight: float | None,
+                         scored_on: Sequence[float | int] | None = None) -> float:
+    """The loss of the best constant answer: what a model that tells nothing apart scores.
 
     The weighted binary cross-entropy (as ``BCEWithLogitsLoss(pos_weight)``
-    averages it) of :func:`prior_logit` on ``targets``. With the paper's
+    averages it) of :func:`prior_logit` of ``targets``, scored on
+    ``scored_on`` (default ``targets`` themselves). With the paper's
     weighting it is ``2 log 2`` times the share of negatives (1.275 at 8 %
-    positives, 0.93 at 33 %).
+    positives, 0.93 at 33 %). Scored on the validation videos' labels, it is
+    the validation loss a model that learnt nothing reaches at best.
     """
-    y = np.asarray(targets, dtype=float)
+    y = np.asarray(targets if scored_on is None else scored_on, dtype=float)
     w = pos_weight or 1.0
     p = 1.0 / (1.0 + math.exp(-prior_logit(targets, pos_weight)))
     return float(np.mean(w * y * -math.log(p) + (1.0 - y) * -math.log(1.0 - p)))
 
 
 def constant_answer_check(history: Sequence[dict[str, float]], targets: Sequence[float | int],
-                          pos_weight: float | None) -> dict[str, float | bool] | None:
-    """A run's lowest training loss against a constant answer's, as the bundle records it.
+                          pos_weight: float | None,
+                          val_targets: Sequence[float | int] | None = None) -> dict[str, float | bool] | None:
+    """A run's lowest losses against a constant answer's, as the bundle records them.
 
     Parameters
     ----------
     history : sequence of dict
-        The run's epochs, each with a ``train_loss``.
+        The run's epochs, each with a ``train_loss`` (and a ``val_loss``).
     targets : sequence of int
         The training videos' labels.
     pos_weight : float or None
         The loss's positive-class weight.
+    val_targets : sequence of int, optional
+        The validation videos' labels. A training loss can fall a little
+        under the constant answer's while the model tells nothing apart on
+        other videos (it learnt its training videos, or stopped on a slow
+        start's plateau): the kept epoch is the one of lowest validation
+        loss, so that loss is checked too.
 
     Returns
     -------
     dict or None
         ``constant_answer_loss``, ``lowest_train_loss`` and ``learnt`` (the
         lowest loss fell more than :data:`CONSTANT_ANSWER_MARGIN` under the
-        constant answer's); None when no epoch has a finite training loss.
+        constant answer's); with ``val_targets`` and a finite validation
+        loss also ``constant_answer_val_loss``, ``lowest_val_loss`` and
+        ``learnt_on_validation``, the same test on the validation videos.
+        None when no epoch has a finite training loss.
     """
     losses = [h["train_loss"] for h in history if math.isfinite(h.get("train_loss", math.nan))]
     if not losses:
         return None
     floor = constant_answer_loss(targets, pos_weight)
-    return {"constant_answer_loss": round(floor, 6), "lowest_train_loss": round(min(losses), 6),
-            "learnt": min(losses) < (1.0 - CONSTANT_ANSWER_MARGIN) * floor}
+    check: dict[str, float | bool] = {
+        "constant_answer_loss": round(floor, 6), "lowest_train_loss": round(min(losses), 6),
+        "learnt": min(losses) < (1.0 - CONSTANT_ANSWER_MARGIN) * floor}
+    val_losses = [h["val_loss"] for h in history if math.isfinite(h.get("val_loss", math.nan))]
+    if val_targets is not None and len(val_targets) and val_losses:
+        val_floor = constant_answer_loss(targets, pos_weight, scored_on=val_targets)
+        check.update({"constant_answer_val_loss": round(val_floor, 6), "lowest_val_loss": round(min(val_losses), 6),
+                      "learnt_on_validation": min(val_losses) < (1.0 - CONSTANT_ANSWER_MARGIN) * val_floor})
+    return check
 
 
 def warn_if_constant_answer(history: Sequence[dict[str, float]], targets: Sequence[float | int],
-                            pos_weight: float | None) -> bool:
-    """Warn (stderr) when the training loss never left a constant answer's; returns whether it warned."""
-    check = constant_answer_check(history, targets, pos_weight)
-    if check is None or check["learnt"]:
+                            pos_weight: float | None, val_targets: Sequence[float | int] | None = None) -> bool:
+    """Warn (stderr) when the training or the kept validation loss never left a constant answer's.
+
+    Returns whether it warned.
+    """
+    check = constant_answer_check(history, targets, pos_weight, val_targets)
+    if check is None:
         return False
-    print(
-        f"warning: the training loss never fell {CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's "
-        f"({check['constant_answer_loss']:.3f}; lowest {check['lowest_train_loss']:.3f}): the model has not "
-        "learnt to tell the classes apart. "
-        "Try a lower --lr or more --epochs; for a label seen in part of each beat (severe AS), index with "
-        "--target-fps (docs/training.md, 'Frame rate')",
-        file=sys.stderr,
-    )
-    return True
+    if not check["learnt"]:
+        print(
+            f"warning: the training loss never fell {CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's "
+            f"({check['constant_answer_loss']:.3f}; lowest {check['lowest_train_loss']:.3f}): the model has not "
+            "learnt to tell the classes apart. "
+            "Try a lower --lr or more --epochs; for a label seen in part of each beat (severe AS), index with "
+            "--target-fps (docs/training.md, 'Frame rate')",
+            file=sys.stderr,
+        )
+        return True
+    if check.get("learnt_on_validation") is False:
+        print(
+            f"warning: the kept epoch's validation loss ({check['lowest_val_loss']:.3f}) is not "
+            f"{CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's on the validation videos "
+            f"({check['constant_answer_val_loss']:.3f}): the bundle tells the classes apart no better than a "
+            "constant on videos it did not train on. A run still on a slow start's plateau needs a larger "
+            "--patience and more --epochs; one whose training loss fell fast has learnt its training videos "
+            "only (more labelled studies, or a pretrained --init)",
+            file=sys.stderr,
+        )
+        return True
+    return False
 
 
 class EarlyStopping:
@@ -936,7 +972,8 @@ def finetune(config: FinetuneConfig) -> Path:
     metrics: dict[str, object] = {"best_epoch": best_epoch, "history": history}
     if run.data.task in BINARY_TASKS:
         # In the bundle as well as on stderr: a reader of the bundle alone sees it too.
-        metrics["constant_answer"] = constant_answer_check(history, run.data.targets["train"], run.data.pos_weight)
+        metrics["constant_answer"] = constant_answer_check(
+            history, run.data.targets["train"], run.data.pos_weight, run.data.targets["val"])
     if head_fit is not None:
         metrics["head_fit"] = head_fit
     if run.binary:
@@ -1159,7 +1196,7 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
     model.load_state_dict(best_state)
     _say_where_stopped(stopper.best_epoch, len(history), has_val)
     if run.data.task in BINARY_TASKS:
-        warn_if_constant_answer(history, run.data.targets["train"], run.data.pos_weight)
+        warn_if_constant_answer(history, run.data.targets["train"], run.data.pos_weight, run.data.targets["val"])
     return history, stopper.best_epoch
 
 
