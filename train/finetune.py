@@ -293,18 +293,15 @@ def prior_logit(targets: Sequence[float | int], pos_weight: float | None) -> flo
 CONSTANT_ANSWER_MARGIN = 0.03
 
 
-def constant_answer_loss(targets: Sequence[float | int], pos_weight: float | None,
-                         scored_on: Sequence[float | int] | None = None) -> float:
+def constant_answer_loss(targets: Sequence[float | int], pos_weight: float | None) -> float:
     """The loss of the best constant answer: what a model that tells nothing apart scores.
 
     The weighted binary cross-entropy (as ``BCEWithLogitsLoss(pos_weight)``
-    averages it) of :func:`prior_logit` of ``targets``, scored on
-    ``scored_on`` (default ``targets`` themselves). With the paper's
-    weighting it is ``2 log 2`` times the share of negatives (1.275 at 8 %
-    positives, 0.93 at 33 %). Scored on the validation videos' labels, it is
-    the validation loss a model that learnt nothing reaches at best.
+    averages it) of :func:`prior_logit` on ``targets``, the lowest a
+    constant can score on them. With the paper's weighting it is ``2 log 2``
+    times the share of negatives (1.275 at 8 % positives, 0.93 at 33 %).
     """
-    y = np.asarray(targets if scored_on is None else scored_on, dtype=float)
+    y = np.asarray(targets, dtype=float)
     w = pos_weight or 1.0
     p = 1.0 / (1.0 + math.exp(-prior_logit(targets, pos_weight)))
     return float(np.mean(w * y * -math.log(p) + (1.0 - y) * -math.log(1.0 - p)))
@@ -326,9 +323,13 @@ def constant_answer_check(history: Sequence[dict[str, float]], targets: Sequence
     val_targets : sequence of int, optional
         The validation videos' labels. A training loss can fall a little
         under the constant answer's while the model tells nothing apart on
-        other videos (it learnt its training videos, or stopped on a slow
-        start's plateau): the kept epoch is the one of lowest validation
-        loss, so that loss is checked too.
+        other videos (it learnt its training videos, or stopped on a
+        plateau): the kept epoch is the one of lowest validation loss, so
+        that loss is checked too, against the best constant for the
+        validation videos themselves (stricter than the training prior's).
+        Skipped when the validation videos hold one class only (``finetune``
+        refuses such a split) or no epoch has a finite validation loss (then
+        the initial weights are kept, and ``finetune`` warns of that).
 
     Returns
     -------
@@ -348,8 +349,8 @@ def constant_answer_check(history: Sequence[dict[str, float]], targets: Sequence
         "constant_answer_loss": round(floor, 6), "lowest_train_loss": round(min(losses), 6),
         "learnt": min(losses) < (1.0 - CONSTANT_ANSWER_MARGIN) * floor}
     val_losses = [h["val_loss"] for h in history if math.isfinite(h.get("val_loss", math.nan))]
-    if val_targets is not None and len(val_targets) and val_losses:
-        val_floor = constant_answer_loss(targets, pos_weight, scored_on=val_targets)
+    if val_targets is not None and len(set(val_targets)) == 2 and val_losses:
+        val_floor = constant_answer_loss(val_targets, pos_weight)
         check.update({"constant_answer_val_loss": round(val_floor, 6), "lowest_val_loss": round(min(val_losses), 6),
                       "learnt_on_validation": min(val_losses) < (1.0 - CONSTANT_ANSWER_MARGIN) * val_floor})
     return check
@@ -379,9 +380,9 @@ def warn_if_constant_answer(history: Sequence[dict[str, float]], targets: Sequen
             f"warning: the kept epoch's validation loss ({check['lowest_val_loss']:.3f}) is not "
             f"{CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's on the validation videos "
             f"({check['constant_answer_val_loss']:.3f}): the bundle tells the classes apart no better than a "
-            "constant on videos it did not train on. A run still on a slow start's plateau needs a larger "
-            "--patience and more --epochs; one whose training loss fell fast has learnt its training videos "
-            "only (more labelled studies, or a pretrained --init)",
+            "constant on videos it did not train on. A run stopped on a plateau may need a larger --patience "
+            "and more --epochs; one whose training loss fell fast has learnt its training videos only (more "
+            "labelled studies, or a pretrained --init, may help)",
             file=sys.stderr,
         )
         return True

@@ -64,8 +64,8 @@ class LeafletLook(NamedTuple):
     gain : float
         Multiplies every leaflet's reflectivity (power).
     calcium_scale : float
-        Exponent on a calcified cusp's brightness relative to a normal one:
-        its extra brightness in dB is multiplied by this.
+        Multiplies a calcified cusp's extra brightness in dB over a normal
+        cusp (an exponent on the ratio of their reflectivities).
     bloom_cm : float
         Added to every leaflet's drawn thickness (cm).
     """

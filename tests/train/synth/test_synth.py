@@ -330,6 +330,25 @@ def test_leaflets_keep_their_brightness_when_boundaries_blend_in_decibels() -> N
     assert np.all(decibels > 0.85 * power), (decibels, power)
 
 
+@pytest.mark.parametrize("view", sorted(views.VIEW_VALVES))
+def test_leaflets_painted_after_the_view_are_the_leaflets_the_view_paints(view: str) -> None:
+    """Renderer A draws each view without leaflets and paints them afterwards (so that a look can change
+    them); with renderer A's own leaflets that is the picture the view draws with them, to the bit, which
+    keeps the standard and varied looks' archives what they were."""
+    # Each view's own frame: PLAX along the LV's long axis from the annulus, A4C across and down from the apex.
+    (u0, u1), (v0, v1) = {"plax": ((-6.0, 4.0), (-4.0, 4.0)), "a4c": ((-6.0, 6.0), (-1.0, 14.0))}[view]
+    u, v = np.meshgrid(np.linspace(u0, u1, 192, dtype=np.float32), np.linspace(v0, v1, 192, dtype=np.float32))
+    bg = np.full(u.shape, 1e-3, np.float32)
+    for k in range(3):
+        truth = synth.sample_truth(np.random.default_rng(700 + k), force_as=k == 0, force_lvh=False)
+        an = anatomy.sample_anatomy(truth, np.random.default_rng(k), 1.4)
+        for phase in (0.0, synth.MID_SYSTOLE_PHASE):
+            drawn = views.VIEW_FIELDS[view](u, v, bg.copy(), an, phase, 0.08, valves=True)
+            painted = views.VIEW_FIELDS[view](u, v, bg.copy(), an, phase, 0.08, valves=False)
+            assert not np.array_equal(drawn, painted)  # the leaflets are in the picture
+            views.VIEW_VALVES[view](painted, u, v, an, phase, 0.08, views.STANDARD_LEAFLETS)
+            assert np.array_equal(drawn, painted)
+
 
 def test_the_leaflets_look_moves_only_the_leaflets_the_way_it_says() -> None:
     """Leaflet gain brightens both cusps against the lumen; the calcium scale
