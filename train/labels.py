@@ -108,6 +108,7 @@ class LabelsReport:
     values_read: int = 0
     values_refused: int = 0
     private_items: int = 0
+    other_items: int = 0
     labels: dict[str, Counter[str]] = field(default_factory=lambda: {t: Counter() for t in TASKS})
     out: str = ""
     evidence: str | None = None
@@ -340,6 +341,7 @@ def _visit(
     report.values_read += len(doc.measurements)
     report.values_refused += sum(1 for m in doc.measurements if m.problem)
     report.private_items += doc.counts["private_items"]
+    report.other_items += doc.counts["other_items"]
     if doc.usable:
         # Keep the selection, not the items: they are in the evidence already.
         chosen = select_values(doc, tolerance=tolerance)
@@ -464,7 +466,8 @@ def run_labels(ns: argparse.Namespace) -> int:
     )
     print(
         f"values: {report.values_read} read, {report.values_refused} refused; "
-        f"{report.private_items} private-code measurements ignored; "
+        f"{report.private_items} private-code measurements ignored, {report.other_items} of other concepts or "
+        "sites (not read); "
         f"{report.files} files ({report.not_dicom} not DICOM, {report.unreadable_files} unreadable), {report.seconds:.1f} s"
     )
     if report.evidence:

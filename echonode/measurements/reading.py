@@ -58,6 +58,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 
 from echonode.measurements.concepts import (
+    CONCEPTS,
     CodeKey,
     Concept,
     NameMatch,
@@ -110,6 +111,9 @@ _SIMPLIFIED_CONTAINERS = frozenset(
     for c in (codes.DCM.PreCoordinatedMeasurements, codes.DCM.PostCoordinatedMeasurements, codes.DCM.AdhocMeasurements)
 )
 _SEX_CODES = {code_key(codes.DCM.Male): "M", code_key(codes.DCM.Female): "F"}
+#: The sites a concept is read at: a container named by one (an "Aortic Valve" section without a
+#: Finding Site modifier, as some carts write it) gives its items that site.
+_SITE_NAMES = frozenset(code_key(c.site) for c in CONCEPTS if c.site is not None)
 _MODIFIER_RELATIONSHIPS = frozenset({"HAS CONCEPT MOD", "HAS ACQ CONTEXT", "HAS PROPERTIES"})
 
 # Tags of the content items (a raw item is a dict keyed by tag).
@@ -230,8 +234,9 @@ class MeasurementDocument:
     counts : Counter
         ``numeric_items`` (all NUM items), ``private_items`` (NUMs with a
         private concept name), ``private_modifiers``, ``other_items`` (NUMs
-        of standard concepts echonode does not read) and ``unsited_items``
-        (flow or orifice properties with no finding site to say where).
+        of standard concepts echonode does not read, or of another site's
+        flow) and ``unsited_items`` (flow or orifice properties with no
+        finding site to say where: kept in :attr:`measurements` as unusable).
     patient_sex : str or None
         ``M`` or ``F``: the Subject Sex in the SR's patient characteristics,
         else its Patient's Sex (0010,0040).
@@ -474,8 +479,12 @@ class _Walker:
             value_type = text(item, _VALUE_TYPE)
             if value_type == "CONTAINER":
                 mods = self.modifiers(item)
+                site = mods.get(_FINDING_SITE)
+                if site is None:
+                    named = self.coded(_first(item, _CONCEPT_NAME))
+                    site = named if named is not None and named.key in _SITE_NAMES else None
                 inner = _Context(
-                    finding_site=mods.get(_FINDING_SITE, ctx.finding_site),
+                    finding_site=site or ctx.finding_site,
                     image_mode=mods.get(_IMAGE_MODE, ctx.image_mode),
                     method=mods.get(_METHOD, ctx.method),
                 )
@@ -512,9 +521,13 @@ class _Walker:
             at_its_site = site is not None and concept.site is not None and site.key == code_key(concept.site)
             if not match.needs_site or at_its_site:
                 sited.append((concept, match))
-        if not sited:
-            doc.counts["unsited_items" if site is None else "other_items"] += 1
+        if not sited and site is not None:
+            doc.counts["other_items"] += 1  # another site's flow (the LVOT's velocity): not ours
             return
+        if not sited:
+            # A flow property with no site at all could be the concept's: keep it, refused with the
+            # reason, so that the study's evidence and reason show it rather than "not measured".
+            doc.counts["unsited_items"] += 1
 
         mv = _first(item, _MEASURED_VALUE)
         raw_value, number, problem = self.numeric_value(item, mv)
@@ -522,7 +535,10 @@ class _Walker:
         raw_unit = f"{unit_code.scheme}:{unit_code.value}" if unit_code else ""
         unit = parse_unit(unit_code.scheme, unit_code.value) if unit_code else None
 
-        concept, match = sited[0]
+        concept, match = (sited or candidates)[0]
+        if not sited:
+            at = concept.site.meaning if concept.site is not None else "its site"
+            problem = problem or f"no finding site: read as the {concept.label} only at the {at.lower()}"
         if unit is not None and len(sited) > 1:
             # LV mass and its BSA index share 18087-7: the unit's dimension decides.
             for c, m in sited:

@@ -299,14 +299,14 @@ def decide_severe_as(
         )
     if positive:
         return LabelDecision(1, "; ".join(positive))
-    if rules.low_gradient_av_area_cm2 is not None and area is not None and area <= rules.low_gradient_av_area_cm2:
-        measured = "; ".join(notes) if notes else "AV Vmax and mean gradient not measured"
-        return LabelDecision(
-            None,
-            f"low-gradient AS, excluded: AV area {_fmt(area)} cm2 <= {_fmt(rules.low_gradient_av_area_cm2)} "
-            f"while {measured}",
-        )
     missing = [_missing(_COLUMN_TO_KEY[c], why) for c in rules.negative_requires if values.get(_COLUMN_TO_KEY[c]) is None]
+    if rules.low_gradient_av_area_cm2 is not None and area is not None and area <= rules.low_gradient_av_area_cm2:
+        small = f"AV area {_fmt(area)} cm2 <= {_fmt(rules.low_gradient_av_area_cm2)}"
+        if not notes:
+            # Neither velocity nor gradient: nothing says the gradient is low, so do not call it low-gradient AS.
+            unmeasured = "; ".join(missing) if missing else "AV Vmax and mean gradient not measured"
+            return LabelDecision(None, f"{unmeasured}; {small}, which alone does not decide")
+        return LabelDecision(None, f"low-gradient AS, excluded: {small} while {'; '.join(notes)}")
     if missing:
         return LabelDecision(None, "; ".join(missing))
     if not notes:

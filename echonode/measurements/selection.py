@@ -8,8 +8,12 @@ many times: the beats a sonographer measured, the same value written twice
 1. the value the sonographer selected: the items that carry a Selection
    Status (TID 300/5203 "Selection Status", TID 5301 "$Preferred": any of
    CID 224/12301, user chosen, mean chosen, most recent, maximum, minimum);
-2. when no item of the concept carries one, the mean of all its usable items
-   (the repeats of one measurement: an echo lab averages beats);
+2. when no item of the concept carries one, the items the report derives as
+   the Mean (TID 300 "Derivation" = Mean: the beats' average the cart wrote
+   beside them), or else the mean of all its usable items (the repeats of
+   one measurement: an echo lab averages beats) less those derived as
+   another statistic of them (Maximum, Minimum, Median, Mode, Standard
+   Deviation), which would count the beats twice or not be a wall at all;
 3. selected items that disagree (their spread is more than
    ``tolerance`` = 5 % of their largest value) are contradictory: the concept
    has no value and the reason lists them. The sonographer's choice is not
@@ -27,7 +31,12 @@ give at least one value:
 1. an SR named in another echo report's Predecessor Documents Sequence
    (PS3.3 C.17.2: the later document replaces it, amended or not) is
    superseded;
-2. of the rest, the latest by Content Date and Time supersedes the others,
+2. of the rest, a VERIFIED SR (Verification Flag: attested by a
+   physician) supersedes any UNVERIFIED one, then a COMPLETE one any
+   PARTIAL one, whatever their times: a preliminary report written after
+   the signed one (an addendum begun, a cart's late export) is not the
+   lab's word;
+3. among equals, the latest by Content Date and Time supersedes the others,
    then the highest Instance Number, then the greatest SOP Instance UID (only
    so that the choice is the same on every run). Content Date and Time are
    compared as written (the Timezone Offset From UTC is not applied: the SRs
@@ -42,7 +51,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from echonode.measurements.concepts import CONCEPTS, CONCEPTS_BY_KEY
+from pydicom.sr.codedict import codes
+
+from echonode.measurements.concepts import CONCEPTS, CONCEPTS_BY_KEY, CodeKey, code_key
 from echonode.measurements.reading import Measurement, MeasurementDocument
 
 __all__ = [
@@ -58,6 +69,12 @@ __all__ = [
 #: Selected values within this fraction of each other are one value.
 DEFAULT_TOLERANCE = 0.05
 
+_MEAN = code_key(codes.SCT.Mean)
+#: Derivations that summarise the repeats otherwise than by their mean: never averaged with them.
+_OTHER_STATISTICS: frozenset[CodeKey] = frozenset(code_key(c) for c in (
+    codes.SCT.Maximum, codes.SCT.Minimum, codes.SCT.Median, codes.DCM.Median, codes.SCT.Mode,
+    codes.SCT.StandardDeviation, codes.DCM.StandardDeviation))
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -70,8 +87,9 @@ class Selection:
     value : float or None
         In the concept's unit; None when not measured, unusable or contradictory.
     rule : str
-        ``selected`` (the sonographer's selection), ``mean`` (mean of
-        unselected repeats), ``single`` (the only item), ``contradictory``,
+        ``selected`` (the sonographer's selection), ``derived mean`` (the
+        items the report derives as the Mean), ``mean`` (mean of unselected
+        repeats), ``single`` (the only item), ``contradictory``,
         ``unusable`` (only items that cannot be used) or ``not measured``.
     used : tuple of Measurement
         The items the value comes from (for ``contradictory``: the
@@ -105,7 +123,9 @@ def select_concept(
             return Selection(concept, None, "unusable", reason=f"{label}: not usable ({'; '.join(problems)})")
         return Selection(concept, None, "not measured", reason=f"{label}: not measured")
     selected = [m for m in usable if m.selected]
-    pool = selected or usable
+    derived_mean = [m for m in usable if m.derivation is not None and m.derivation.key == _MEAN]
+    repeats = [m for m in usable if m.derivation is None or m.derivation.key not in _OTHER_STATISTICS]
+    pool = selected or derived_mean or repeats or usable
     values = [m.value for m in pool if m.value is not None]
     low, high = min(values), max(values)
     if selected and high - low > tolerance * max(abs(low), abs(high)):
@@ -115,7 +135,7 @@ def select_concept(
             reason=f"{label}: the selected values disagree ({listed})",
         )  # fmt: skip
     mean = round(sum(values) / len(values), 9)
-    rule = "selected" if selected else ("single" if len(pool) == 1 else "mean")
+    rule = "selected" if selected else "derived mean" if derived_mean else ("single" if len(pool) == 1 else "mean")
     return Selection(concept, mean, rule, tuple(pool))
 
 
@@ -141,10 +161,11 @@ def select_values(
     return {c.key: select_concept(c.key, measurements, tolerance=tolerance) for c in CONCEPTS}
 
 
-def document_order_key(doc: MeasurementDocument) -> tuple[str, int, str]:
-    """Sort key, oldest first: Content Date/Time, Instance Number, SOP Instance UID."""
+def document_order_key(doc: MeasurementDocument) -> tuple[bool, bool, str, int, str]:
+    """Sort key, least authoritative first: verified, complete, Content Date/Time, Instance Number, UID."""
     number = doc.instance_number if doc.instance_number is not None else -1
-    return (doc.content_datetime, number, _uid_sort_key(doc.sop_instance_uid))
+    return (doc.verification_flag == "VERIFIED", doc.completion_flag == "COMPLETE", doc.content_datetime, number,
+            _uid_sort_key(doc.sop_instance_uid))
 
 
 def _uid_sort_key(uid: str) -> str:
@@ -194,8 +215,17 @@ def current_document(
     candidates.sort(key=document_order_key)
     current = candidates[-1]
     for doc in candidates[:-1]:
-        reasons[doc.sop_instance_uid] = f"superseded by the later SR {current.sop_instance_uid}"
+        reasons[doc.sop_instance_uid] = f"superseded by {_why_current(current, doc)} SR {current.sop_instance_uid}"
     return current, reasons
+
+
+def _why_current(current: MeasurementDocument, other: MeasurementDocument) -> str:
+    """What makes ``current`` win over ``other``, in a few words."""
+    if (current.verification_flag == "VERIFIED") != (other.verification_flag == "VERIFIED"):
+        return "the verified"
+    if (current.completion_flag == "COMPLETE") != (other.completion_flag == "COMPLETE"):
+        return "the complete"
+    return "the later"
 
 
 def values_of(selections: Mapping[str, Selection]) -> dict[str, float | None]:

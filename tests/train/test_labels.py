@@ -91,6 +91,14 @@ def test_low_gradient_as_is_excluded() -> None:
     assert severe_as(av_area=0.8, av_vmax=4.1) == 1  # high gradient: severe, whatever the area
 
 
+def test_a_small_valve_without_velocity_or_gradient_is_not_called_low_gradient() -> None:
+    decision = decide_severe_as({**NORMAL, "av_area": 0.8, "av_vmax": None, "av_mean_gradient": None},
+                                RULES.severe_as, {"av_vmax": "aortic valve peak velocity: not usable (no finding site)"})
+    assert decision.label is None and "low-gradient" not in decision.reason
+    assert decision.reason == ("aortic valve peak velocity: not usable (no finding site); AV area 0.8 cm2 <= 1, "
+                               "which alone does not decide")
+
+
 def test_severe_as_needs_vmax_for_a_zero() -> None:
     decision = decide_severe_as({**NORMAL, "av_vmax": None}, RULES.severe_as)
     assert decision.label is None and "peak velocity: not measured" in decision.reason

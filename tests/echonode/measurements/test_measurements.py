@@ -293,8 +293,76 @@ def test_a_flow_property_needs_the_aortic_valve_site(tmp_path: Path) -> None:
         container("CONTAINS", DCM.MeasurementGroup, [num_item(LN.PeakSystolicVelocity, 2.0, "m/s")]),
     ]  # fmt: skip
     doc = read_measurement_sr(write(document(content, template="5200"), tmp_path))
-    assert [m.value for m in doc.measurements] == [4.5]
+    # The unsited one is kept, refused with its reason, so that a study's evidence shows it.
+    assert [m.value for m in doc.measurements] == [4.5, None]
+    assert doc.measurements[1].problem == (
+        "no finding site: read as the aortic valve peak velocity only at the aortic valve")
     assert doc.counts["other_items"] == 2 and doc.counts["unsited_items"] == 1
+    sel = select_values(doc)["av_vmax"]
+    assert (sel.value, sel.rule) == (4.5, "single")
+
+
+def test_an_unsited_flow_says_so_instead_of_not_measured(tmp_path: Path) -> None:
+    content = [container("CONTAINS", DCM.MeasurementGroup, [num_item(LN.PeakSystolicVelocity, 4.5, "m/s")])]
+    sel = select_values(read_measurement_sr(write(document(content, template="5200"), tmp_path)))["av_vmax"]
+    assert sel.value is None and sel.rule == "unusable"
+    assert sel.reason == ("aortic valve peak velocity: not usable (no finding site: read as the aortic valve peak "
+                          "velocity only at the aortic valve)")
+
+
+def test_a_container_named_by_a_site_gives_its_items_that_site(tmp_path: Path) -> None:
+    """Some carts name the section "Aortic Valve" instead of carrying a Finding Site modifier."""
+    content = [container("CONTAINS", SCT.AorticValve, [
+        group(SCT.DopplerContinuousWave, [num_item(LN.PeakSystolicVelocity, 4.5, "m/s")])])]
+    doc = read_measurement_sr(write(document(content, template="5200"), tmp_path))
+    assert [(m.concept, m.value) for m in doc.measurements] == [("av_vmax", 4.5)]
+    assert doc.measurements[0].finding_site is not None and doc.counts["unsited_items"] == 0
+    # A Finding Site modifier still wins over the container's name.
+    lvot_site = code_item("HAS CONCEPT MOD", SCT.FindingSite, SCT.LeftVentricleOutflowTract)
+    content = [container("CONTAINS", SCT.AorticValve, [
+        lvot_site, group(None, [num_item(LN.PeakSystolicVelocity, 1.1, "m/s")])])]
+    doc = read_measurement_sr(write(document(content, template="5200"), tmp_path, "lvot.dcm"))
+    assert doc.measurements == [] and doc.counts["other_items"] == 1
+
+
+DERIVATION = DCM.Derivation
+
+
+def _derived(statistic: object) -> object:
+    return code_item("HAS CONCEPT MOD", DERIVATION, statistic)
+
+
+def test_the_mean_the_report_derives_wins_over_its_beats(tmp_path: Path) -> None:
+    """A cart writes the beats, their Mean and their Maximum: the lab's value is the Mean."""
+    beats = [num_item(LN.InterventricularSeptumDiastolicThickness, v, "mm") for v in (11.0, 11.0, 13.3)]
+    path = _sr(tmp_path, [
+        *beats,
+        num_item(LN.InterventricularSeptumDiastolicThickness, 11.77, "mm", modifiers=[_derived(SCT.Mean)]),
+        num_item(LN.InterventricularSeptumDiastolicThickness, 13.3, "mm", modifiers=[_derived(SCT.Maximum)]),
+    ], site=SCT.LeftVentricle)  # fmt: skip
+    sel = select_values(read_measurement_sr(path))["ivsd"]
+    assert (sel.value, sel.rule) == (pytest.approx(1.177), "derived mean") and len(sel.used) == 1
+
+
+def test_other_statistics_of_the_beats_are_not_averaged_with_them(tmp_path: Path) -> None:
+    beats = [num_item(LN.InterventricularSeptumDiastolicThickness, v, "mm") for v in (11.0, 11.0, 13.3)]
+    path = _sr(tmp_path, [
+        *beats,
+        num_item(LN.InterventricularSeptumDiastolicThickness, 13.3, "mm", modifiers=[_derived(SCT.Maximum)]),
+        num_item(LN.InterventricularSeptumDiastolicThickness, 11.0, "mm", modifiers=[_derived(SCT.Minimum)]),
+    ], site=SCT.LeftVentricle)  # fmt: skip
+    sel = select_values(read_measurement_sr(path))["ivsd"]
+    assert sel.rule == "mean" and sel.value == pytest.approx((1.1 + 1.1 + 1.33) / 3) and len(sel.used) == 3
+    # A lone statistic is still a value (the only one the report gives).
+    alone = _sr(tmp_path, [num_item(LN.InterventricularSeptumDiastolicThickness, 13.3, "mm",
+                                    modifiers=[_derived(SCT.Maximum)])], site=SCT.LeftVentricle, name="max.dcm")
+    assert select_values(read_measurement_sr(alone))["ivsd"].value == pytest.approx(1.33)
+    # The sonographer's selection still comes first.
+    chosen = _sr(tmp_path, [
+        num_item(LN.InterventricularSeptumDiastolicThickness, 11.77, "mm", modifiers=[_derived(SCT.Mean)]),
+        num_item(LN.InterventricularSeptumDiastolicThickness, 13.3, "mm", modifiers=[SELECTED]),
+    ], site=SCT.LeftVentricle, name="chosen.dcm")  # fmt: skip
+    assert select_values(read_measurement_sr(chosen))["ivsd"].rule == "selected"
 
 
 # ------------------------------------------------------------------ supersession
@@ -332,6 +400,32 @@ def test_same_time_falls_back_to_instance_number_then_uid(tmp_path: Path) -> Non
     low = _study_sr(tmp_path, "c.dcm", study, 1.0, sop_uid="1.2.3.9")
     high = _study_sr(tmp_path, "d.dcm", study, 1.0, sop_uid="1.2.3.10")
     assert current_document([high, low])[0] is high  # 10 > 9 component-wise
+
+
+def _flagged_sr(tmp_path: Path, name: str, study: str, ivsd: float, verification: str, completion: str,
+                time: str, **kw: object):
+    ds = echo_sr.tid5300_sr({"ivsd": ivsd}, study_uid=study, content_time=time, **kw)
+    ds.VerificationFlag, ds.CompletionFlag = verification, completion
+    return read_measurement_sr(write(ds, tmp_path, name))
+
+
+def test_a_verified_complete_sr_outranks_a_later_preliminary_one(tmp_path: Path) -> None:
+    """The signed report is the lab's word, whatever the clock says of a preliminary one."""
+    study = generate_uid()
+    signed = _flagged_sr(tmp_path, "signed.dcm", study, 1.3, "VERIFIED", "COMPLETE", "110000")
+    draft = _flagged_sr(tmp_path, "draft.dcm", study, 1.0, "UNVERIFIED", "COMPLETE", "120000")
+    partial = _flagged_sr(tmp_path, "partial.dcm", study, 1.0, "VERIFIED", "PARTIAL", "130000")
+    current, reasons = current_document([signed, draft, partial])
+    assert current is signed
+    assert reasons[draft.sop_instance_uid] == f"superseded by the verified SR {signed.sop_instance_uid}"
+    assert reasons[partial.sop_instance_uid] == f"superseded by the complete SR {signed.sop_instance_uid}"
+    # Among unverified ones the later still wins, and a predecessor is replaced whatever its flags.
+    later = _flagged_sr(tmp_path, "later.dcm", study, 1.1, "UNVERIFIED", "COMPLETE", "140000")
+    assert current_document([draft, later])[0] is later
+    amending = _flagged_sr(tmp_path, "amending.dcm", study, 1.5, "UNVERIFIED", "COMPLETE", "090000",
+                           predecessors=[signed.sop_instance_uid])
+    current, reasons = current_document([signed, amending])
+    assert current is amending and "Predecessor Documents Sequence" in reasons[signed.sop_instance_uid]
 
 
 def test_an_sr_without_values_does_not_supersede(tmp_path: Path) -> None:
