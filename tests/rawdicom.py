@@ -53,9 +53,11 @@ def associate_rq(
     abstract_syntax: bytes = VERIFICATION,
     transfer_syntaxes: tuple[bytes, ...] = (IMPLICIT_VR_LE,),
     max_length: int = 16384,
+    context_id: int = 1,
 ) -> bytes:
-    """An A-ASSOCIATE-RQ proposing one presentation context (ID 1)."""
-    cx = struct.pack(">B3x", 1) + _item(0x30, abstract_syntax) + b"".join(_item(0x40, ts) for ts in transfer_syntaxes)
+    """An A-ASSOCIATE-RQ proposing one presentation context (ID ``context_id``)."""
+    cx = struct.pack(">B3x", context_id) + _item(0x30, abstract_syntax) + b"".join(
+        _item(0x40, ts) for ts in transfer_syntaxes)
     body = (
         struct.pack(">HH", 1, 0)
         + _ae(called)

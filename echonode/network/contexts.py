@@ -1,20 +1,25 @@
-"""An association server's presentation contexts, shared by its associations instead of copied.
+"""Presentation contexts: a server's, shared by its associations instead of copied; a peer's, checked.
 
 pynetdicom gives each incoming connection a deep copy of its server's
 supported presentation contexts, though negotiation only reads them. For a
 storage SCP that accepts every storage class in every transfer syntax (170
 classes x 45 syntaxes) that copy costs about 50 ms of CPU per connection,
 under the interpreter lock, while the other associations wait to be served.
+
+A peer's proposed list is checked before pynetdicom negotiates it
+(:func:`malformed_context`): pynetdicom raises on a context without a
+transfer syntax and leaves the peer unanswered, its thread and socket held.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-__all__ = ["SharedContexts", "share_contexts"]
+__all__ = ["SharedContexts", "malformed_context", "share_contexts"]
 
 
 class SharedContexts(list[PresentationContext]):
@@ -33,3 +38,27 @@ def share_contexts(server: ThreadedAssociationServer) -> None:
         Made (``AE.make_server``), before its first connection.
     """
     server.contexts = SharedContexts(server.contexts)
+
+
+def malformed_context(contexts: Sequence[PresentationContext]) -> str | None:
+    """What is wrong with a proposed presentation context list (PS3.8 9.3.2.2), or None.
+
+    Each item needs an odd context ID (1-255), distinct from the others',
+    one abstract syntax and at least one transfer syntax; the list needs
+    at least one item.
+    """
+    if not contexts:
+        return "no presentation context proposed"
+    seen: set[int] = set()
+    for cx in contexts:
+        cid = cx.context_id
+        if cid is None or not (1 <= cid <= 255) or cid % 2 == 0:
+            return f"context ID {cid} is not an odd number from 1 to 255"
+        if cid in seen:
+            return f"context ID {cid} is proposed twice"
+        seen.add(cid)
+        if not cx.abstract_syntax:
+            return f"context {cid} names no abstract syntax"
+        if not cx.transfer_syntax:
+            return f"context {cid} proposes no transfer syntax"
+    return None

@@ -49,7 +49,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -69,6 +69,11 @@ ASSOCIATE_PDU_CEILING = 1 << 20
 UNLIMITED_PDU_CEILING = 1 << 26
 #: Largest buffer allocated for a PDU body before its bytes have arrived.
 READ_CHUNK = 1 << 20
+#: The largest command set accepted. A DIMSE command is a few hundred bytes
+#: (UIDs, a status, a move destination); pynetdicom holds one in memory
+#: until its last fragment, so a peer that never ends one would grow the
+#: node without bound.
+MAX_COMMAND_BYTES = 64 * 1024
 #: Used when an association has no timeout set (pynetdicom's own defaults).
 DEFAULT_ACSE_TIMEOUT_S = 30.0
 DEFAULT_NETWORK_TIMEOUT_S = 60.0
@@ -164,6 +169,9 @@ class PduGuard:
         self.rq_ae_titles: tuple[bytes, bytes] | None = None
         #: Why the guard ended the association (None while it has not).
         self.fault: str | None = None
+        #: Bytes of the command set being received (pynetdicom holds a
+        #: command in memory until its last fragment; a data set is spooled).
+        self.command_bytes = 0
 
     # -- reading ------------------------------------------------------------------------
 
@@ -177,7 +185,7 @@ class PduGuard:
         dul = self.dul
         sock = dul.socket.socket if dul.socket is not None else None
         if sock is None:
-            dul.event_queue.put("Evt17")
+            self._closed()
             return
         negotiating = dul.state_machine.current_state in _NEGOTIATING
         deadline = (self.connected_at + self.acse_timeout) if negotiating else (time.monotonic() + self.network_timeout)
@@ -186,7 +194,7 @@ class PduGuard:
         try:
             _fill(sock, memoryview(head), deadline, 0)
         except _PeerClosed:
-            dul.event_queue.put("Evt17")
+            self._closed()
             return
         except _Stalled as exc:
             self._stalled(exc.received, None, started, negotiating)
@@ -204,7 +212,7 @@ class PduGuard:
         try:
             data = _read_body(sock, head, length, deadline)
         except _PeerClosed:
-            dul.event_queue.put("Evt17")
+            self._closed()
             return
         except _Stalled as exc:
             self._stalled(6 + exc.received, 6 + length, started, negotiating)
@@ -224,6 +232,21 @@ class PduGuard:
                 self.on_fault("bad_pdu")
             dul.event_queue.put("Evt19")
             return
+        if pdu_type == P_DATA_TF:
+            largest, self.command_bytes = command_bytes(data, self.command_bytes)
+            if largest > MAX_COMMAND_BYTES:
+                self._fault("command_too_large", "association.command_too_large", ABORT_INVALID_PARAMETER_VALUE,
+                            received_bytes=largest, limit_bytes=MAX_COMMAND_BYTES)
+                return
+        if pdu_type == A_ASSOCIATE_RQ:
+            bad_id = _bad_context_id(pdu)
+            if bad_id is not None:
+                # pynetdicom would raise turning the PDU into a request, in
+                # its state machine's thread, and leave the peer unanswered.
+                self._fault("bad_pdu", "association.bad_pdu", ABORT_INVALID_PARAMETER_VALUE,
+                            reason=f"presentation context ID {bad_id} is not an odd number from 1 to 255",
+                            pdu_type=_PDU_NAMES[pdu_type])
+                return
         dul.event_queue.put(event)
         dul._recv_pdu.put(pdu)
 
@@ -243,19 +266,35 @@ class PduGuard:
             self.on_fault(kind)
         self._send_abort(abort_reason)
         dul = self.dul
-        awaiting_request = self.assoc.is_acceptor and dul.state_machine.current_state in _AWAITING_REQUEST
+        awaiting_request = self._awaiting_request()
         if dul.socket is not None:
             # Shuts the socket down and queues Evt17: the state machine then
             # tells the user (A-P-ABORT) and returns to idle.
             dul.socket.close()
         if awaiting_request:
-            # Before an A-ASSOCIATE-RQ the state machine tells nobody (AA-5),
-            # and pynetdicom's acceptor thread would wait out acse_timeout
-            # for a request that cannot come, holding a max_associations
-            # slot. An abort in its place ends that wait now (the thread
-            # then skips negotiation for an aborted association).
-            self.assoc.is_aborted = True
-            dul.to_user_queue.put(A_P_ABORT())
+            self._end_wait_for_request()
+
+    def _closed(self) -> None:
+        """The peer closed the connection (or it was closed under the reader): Evt17."""
+        awaiting_request = self._awaiting_request()
+        self.dul.event_queue.put("Evt17")
+        if awaiting_request:
+            # A connect-and-close burst would otherwise hold one acceptor
+            # thread per connection for acse_timeout, each counted against
+            # pynetdicom's association limit: carts locked out meanwhile.
+            self._end_wait_for_request()
+
+    def _awaiting_request(self) -> bool:
+        return self.assoc.is_acceptor and self.dul.state_machine.current_state in _AWAITING_REQUEST
+
+    def _end_wait_for_request(self) -> None:
+        # Before an A-ASSOCIATE-RQ the state machine tells nobody (AA-5),
+        # and pynetdicom's acceptor thread would wait out acse_timeout for a
+        # request that cannot come, holding a max_associations slot. An
+        # abort in its place ends that wait now (the thread then skips
+        # negotiation for an aborted association).
+        self.assoc.is_aborted = True
+        self.dul.to_user_queue.put(A_P_ABORT())
 
     def abort(self) -> None:
         """End the association now, from any thread (the node stopping).
@@ -311,6 +350,47 @@ class PduGuard:
             primitive.provider_reason = 0x00
             dul.to_user_queue.put(primitive)
             dul.kill_dul()
+
+
+def command_bytes(pdu: bytes | bytearray, pending: int) -> tuple[int, int]:
+    """Command-set bytes in the PDVs of one P-DATA-TF PDU (PS3.8 9.3.5.1, E.2).
+
+    Parameters
+    ----------
+    pdu : bytes
+        The whole PDU, header included.
+    pending : int
+        Bytes of the command in progress before it.
+
+    Returns
+    -------
+    tuple of int
+        ``(largest, pending)``: the largest size a command reached in this
+        PDU, and the bytes of a command still unfinished after it (0 once a
+        last fragment came). A PDV that runs past the PDU's end counts what
+        is there (pynetdicom refuses the PDU anyway).
+    """
+    largest = pending
+    pos, end = 6, len(pdu)
+    while pos + 6 <= end:
+        item_length = int.from_bytes(pdu[pos : pos + 4], "big")
+        control = pdu[pos + 5]
+        if control & 0x01:  # a command fragment
+            pending += max(0, min(item_length, end - pos - 4) - 2)
+            largest = max(largest, pending)
+            if control & 0x02:  # its last fragment: the command is complete
+                pending = 0
+        pos += 4 + item_length
+    return largest, pending
+
+
+def _bad_context_id(rq: Any) -> int | None:
+    """The first presentation context ID of a decoded A-ASSOCIATE-RQ that is not odd and 1-255 (PS3.8 9.3.2.2)."""
+    for item in getattr(rq, "presentation_context", ()):
+        cid = item.context_id
+        if cid is None or not (1 <= cid <= 255) or cid % 2 == 0:
+            return cast(int | None, cid)
+    return None
 
 
 def _fill(sock: Any, view: memoryview, deadline: float, done: int) -> None:

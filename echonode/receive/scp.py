@@ -48,7 +48,7 @@ from pynetdicom.utils import make_target
 from echonode.config import Config, NodeConfig
 from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.network import pdu_guard
-from echonode.network.contexts import share_contexts
+from echonode.network.contexts import malformed_context, share_contexts
 from echonode.network.tls import server_ssl_context
 from echonode.ops.logs import get_logger
 from echonode.receive import spool
@@ -441,8 +441,10 @@ class StorageSCP:
             self._awaiting.pop(assoc, None)
         rq = assoc.requestor.primitive
         if not isinstance(rq, A_ASSOCIATE):
-            # The PDU guard ended the connection before a request arrived
-            # (and has logged why); pynetdicom goes no further.
+            # The connection ended before a request arrived (the PDU guard
+            # has logged why): an abort came in the request's place, and
+            # pynetdicom must not negotiate it.
+            assoc.is_aborted = True
             return
         with self._lock:
             assoc_id = self._assoc_ids.get(assoc, 0)
@@ -456,6 +458,13 @@ class StorageSCP:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address,
                                                **({} if self.receiver is None else {"receiver": self.receiver}))
+        malformed = malformed_context(rq.presentation_context_definition_list)
+        if malformed is not None:
+            # pynetdicom's negotiation would raise on it and leave the peer
+            # unanswered, its reader thread and socket held until it hangs up.
+            log.warning("association.rejected", reason=f"malformed presentation context: {malformed}")
+            self._reject(assoc, REJECT_NO_REASON)
+            return
         if calling is None:
             log.warning("association.rejected", reason="calling AE title is not a valid AE title",
                         calling_ae=calling_ae)

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -284,6 +285,28 @@ def test_silent_connections_from_an_allowed_address_never_lock_carts_out(start_n
     raw.wait_closed(silent[0], timeout=5)
     with pytest.raises(TimeoutError):
         raw.wait_closed(silent[-1], timeout=0.5)
+
+
+def test_connect_and_close_bursts_never_lock_carts_out(start_node, sockets) -> None:
+    """Connections closed before any request (a port scan, a load balancer's health check,
+    an attacker's burst) used to leave pynetdicom's acceptor thread waiting out
+    acse_timeout_s for each; past its thread limit every cart was rejected "local limit
+    exceeded" until then. The guard ends that wait when the peer closes."""
+    from echonode.receive.scp import MAX_AWAITING_REQUEST
+
+    require_tool(ECHOSCU)
+    node = start_node(max_associations=3, acse_timeout_s=600.0, network_timeout_s=600.0)
+    backstop = 3 + 4 * MAX_AWAITING_REQUEST  # pynetdicom's own limit, over every connection's thread
+    with capture_logs() as logs:
+        for _ in range(backstop + 40):
+            s = connect(node.scp.port, sockets)
+            s.close()
+        for _ in range(3):
+            assert echoscu(node.scp.port).returncode == 0
+            assert c_echo(node.scp.port) == 0
+    assert not events(logs, "association.rejected")
+    # The burst's threads end at once, not after acse_timeout_s.
+    wait_for(lambda: threading.active_count() < 40, timeout=10, what="the burst's threads to end")
 
 
 def test_stop_ends_connections_stalled_mid_request_at_once(start_node, sockets, monkeypatch) -> None:
@@ -612,6 +635,83 @@ def test_ae_titles_are_compared_without_their_space_padding_only(start_node, soc
     assert line["reason"] == reason
     assert line["calling_ae"] == repr(calling.strip(b" "))[2:-1]  # "CART1\\t": printable, escaped
     assert node.scp.counters.rejected == 1
+
+
+@pytest.mark.parametrize(
+    ("rq", "reason"),
+    [
+        ({"transfer_syntaxes": ()}, "malformed presentation context: context 1 proposes no transfer syntax"),
+    ],
+)
+def test_a_malformed_presentation_context_is_rejected_not_left_hanging(start_node, sockets, rq, reason) -> None:
+    """pynetdicom's negotiation raised on a context without a transfer syntax: the peer got no
+    answer and its connection, with a thread, stayed open as long as the peer wanted."""
+    node = start_node(acse_timeout_s=600.0, network_timeout_s=600.0)
+    before = threading.active_count()
+    with capture_logs() as logs:
+        held = []
+        for _ in range(20):
+            s = connect(node.scp.port, sockets)
+            s.sendall(raw.associate_rq(**rq))
+            got = raw.read_pdu(s)
+            assert got is not None and got.type == raw.ASSOCIATE_RJ and got.reject == (1, 1, 1), got
+            held.append(s)
+        # The node closes each one: nothing is held for a peer that keeps its socket open.
+        for s in held:
+            raw.wait_closed(s, timeout=5)
+        assert c_echo(node.scp.port) == 0
+    lines = events(logs, "association.rejected")
+    assert len(lines) == 20 and {line["reason"] for line in lines} == {reason}
+    assert node.scp.counters.rejected == 20
+    wait_for(lambda: threading.active_count() <= before + 1, timeout=10, what="the rejected connections' threads")
+
+
+@pytest.mark.parametrize("context_id", [0, 2, 254])
+def test_an_even_presentation_context_id_is_aborted_as_an_invalid_parameter(start_node, sockets,
+                                                                         context_id: int) -> None:
+    """An even ID made pynetdicom raise in its state machine: a raw traceback, and the acceptor
+    negotiated the abort that followed as if it were the request."""
+    node = start_node(acse_timeout_s=600.0, network_timeout_s=600.0)
+    with capture_logs() as logs:
+        s = connect(node.scp.port, sockets)
+        s.sendall(raw.associate_rq(context_id=context_id))
+        got = raw.read_pdu(s)
+        assert got is not None and got.type == raw.ABORT and got.abort_source_reason == (2, 6), got
+        raw.wait_closed(s, timeout=5)
+        assert c_echo(node.scp.port) == 0
+    [line] = events(logs, "association.bad_pdu")
+    assert line["reason"] == f"presentation context ID {context_id} is not an odd number from 1 to 255"
+
+
+def test_pdv_command_bytes_are_counted_per_command() -> None:
+    two_pdvs = raw.p_data(1, 0x01, b"x" * 100) + raw.p_data(1, 0x00, b"d" * 50)[6:]
+    # The second PDV is data: only the command's 100 bytes count, and the command is still open.
+    assert pdu_guard.command_bytes(raw.pdu(raw.P_DATA_TF, two_pdvs[6:]), 40) == (140, 140)
+    # Its last fragment completes it: the count starts again, but the size it reached is reported.
+    assert pdu_guard.command_bytes(raw.p_data(1, 0x03, b"x" * 30), 140) == (170, 0)
+    # A PDV claiming more than the PDU holds counts what is there.
+    cut = raw.pdu(raw.P_DATA_TF, struct.pack(">IBB", 1000, 1, 0x01) + b"x" * 10)
+    assert pdu_guard.command_bytes(cut, 0) == (10, 10)
+
+
+def test_a_command_that_never_ends_is_aborted_before_it_fills_memory(start_node, sockets) -> None:
+    """pynetdicom holds a command set in memory until its last fragment: 200 MiB of
+    fragments grew the node by 200 MiB. Past MAX_COMMAND_BYTES the association is aborted."""
+    node = start_node(max_pdu=16384, network_timeout_s=30.0)
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets)
+        fragment = raw.p_data(1, 0x01, b"\0" * 16000)
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < 4 * pdu_guard.MAX_COMMAND_BYTES:
+                s.sendall(fragment)
+                sent += 16000
+        _, pdus = raw.wait_closed(s, timeout=10)
+        assert c_echo(node.scp.port) == 0
+    assert any(p.type == raw.ABORT and p.abort_source_reason == (2, 6) for p in pdus), pdus
+    [line] = events(logs, "association.command_too_large")
+    assert pdu_guard.MAX_COMMAND_BYTES < line["received_bytes"] <= pdu_guard.MAX_COMMAND_BYTES + 16000
+    assert node.scp.counters.aborted.get("command_too_large") == 1
 
 
 # -- 7. a C-STORE without a data set -----------------------------------------------------
