@@ -169,6 +169,20 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
+#: The most characters of a peer's own text (a UID it sent) a log line carries.
+PEER_TEXT_LIMIT = 80
+
+
+def peer_text(value: object, limit: int = PEER_TEXT_LIMIT) -> str:
+    """Text a peer chose, safe for a log line: control characters escaped, at most ``limit`` characters kept.
+
+    A UID in a request is the peer's word until it is checked: it may hold a
+    newline, a path, or 64 KB.
+    """
+    text = repr(str(value))[1:-1]
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
+
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """Return a structlog logger named ``name``."""
     return structlog.stdlib.get_logger(name)

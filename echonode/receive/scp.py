@@ -50,7 +50,7 @@ from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.network import pdu_guard
 from echonode.network.contexts import malformed_context, share_contexts
 from echonode.network.tls import server_ssl_context
-from echonode.ops.logs import get_logger
+from echonode.ops.logs import get_logger, peer_text
 from echonode.receive import spool
 from echonode.receive.access import (
     REJECT_CALLED_AE,
@@ -220,6 +220,8 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_UNEXPECTED = 0xC211
 STATUS_CANNOT_UNDERSTAND = 0xC210
+#: PS3.4 B.2.3: "Refused: SOP Class not supported".
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: The Error Comment (and log line) for a C-STORE request that carries no data set.
 NO_DATA_SET = "the C-STORE request has no data set (Command Data Set Type 0101H)"
 
@@ -620,9 +622,9 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         req = cast(C_STORE, event.request)  # EVT_C_STORE's request
-        sop_uid = str(req.AffectedSOPInstanceUID or "")
         calling = event.assoc.requestor.ae_title
-        structlog.contextvars.bind_contextvars(sop_uid=sop_uid)
+        # The request's UID, before the data set's is checked against it.
+        structlog.contextvars.bind_contextvars(sop_uid=peer_text(req.AffectedSOPInstanceUID or ""))
         stage = "store"
         try:
             # Still checked per object: an association accepted with room to
@@ -632,6 +634,16 @@ class StorageSCP:
                 self.counters.fail("out_of_disk")
                 log.error("store.refused_low_disk", free_bytes=free)
                 return STATUS_OUT_OF_RESOURCES
+            affected = str(req.AffectedSOPClassUID or "")
+            negotiated = str(event.context.abstract_syntax or "")
+            if affected != negotiated or negotiated == Verification:
+                # PS3.7 9.1.1.1: a C-STORE is sent on a context of its own SOP class;
+                # one on the Verification context (or naming another class) is not a storage.
+                self.counters.fail(f"0x{STATUS_SOP_CLASS_NOT_SUPPORTED:04X}")
+                log.warning("store.refused", status=f"0x{STATUS_SOP_CLASS_NOT_SUPPORTED:04X}",
+                            error="the request's SOP class is not its presentation context's",
+                            sop_class=peer_text(affected), context_sop_class=negotiated)
+                return STATUS_SOP_CLASS_NOT_SUPPORTED
             path = event.dataset_path
             if path is None:
                 # CommandDataSetType 0x0101: the request says no data set follows.

@@ -136,6 +136,7 @@ def read_header(path: Path) -> Header:
         meta = ds.file_meta
         tsyntax = _clean_uid(meta.get("TransferSyntaxUID"))
         meta_sop = _clean_uid(meta.get("MediaStorageSOPInstanceUID"))
+        meta_class = _clean_uid(meta.get("MediaStorageSOPClassUID"))
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, struct.error,
             NotImplementedError) as exc:  # NotImplementedError: pydicom's "Unknown Value Representation"
         raise BadObject(0xC210, f"cannot parse the data set: {type(exc).__name__}: {exc}") from None
@@ -157,6 +158,9 @@ def read_header(path: Path) -> Header:
             raise BadObject(0xC221, f"{name} is not a valid UID")
     if meta_sop and meta_sop != sop:
         raise BadObject(0xA900, "SOPInstanceUID in the data set differs from the C-STORE request's")
+    if meta_class and meta_class != sop_class:
+        # The stored file's meta header would name one class and its data set another.
+        raise BadObject(0xA900, "SOPClassUID in the data set differs from the C-STORE request's")
     return Header(study, series, sop, sop_class, tsyntax)
 
 

@@ -738,6 +738,48 @@ def test_a_store_without_a_data_set_gets_a_clear_status(start_node, sockets) -> 
     assert node.scp.counters.failures == {"0xC210": 1}
 
 
+def test_a_store_on_another_class_s_context_is_refused(start_node, sockets) -> None:
+    """A C-STORE sent on the Verification context, or naming another class than its context's,
+    was stored: PS3.7 sends each on a context of its own SOP class (0x0122 otherwise)."""
+    node = start_node()
+    ds = us_multiframe()
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))  # Verification only
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID)))
+        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
+        on_verification = raw.read_command(s)
+        s.sendall(raw.RELEASE_RQ_PDU)
+        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+        ct = "1.2.840.10008.5.1.4.1.1.2"
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ct, ds.SOPInstanceUID)))
+        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
+        other_class = raw.read_command(s)
+        s.sendall(raw.RELEASE_RQ_PDU)
+    assert on_verification.Status == 0x0122 and other_class.Status == 0x0122  # type: ignore[attr-defined]
+    lines = events(logs, "store.refused")
+    assert [line["status"] for line in lines] == ["0x0122", "0x0122"]
+    assert lines[1]["sop_class"] == ct and lines[1]["context_sop_class"] == US_MULTIFRAME.decode()
+    assert node.scp.counters.instances == 0
+
+
+def test_a_data_set_of_another_class_than_the_request_is_refused(start_node, sockets) -> None:
+    """The request names US Multi-frame, the data set says CT: the stored file's meta header
+    would have said one and its data set the other (0xA900, as for a differing instance UID)."""
+    node = start_node()
+    ds = us_multiframe()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    with capture_logs() as logs:
+        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(US_MULTIFRAME.decode(), ds.SOPInstanceUID)))
+        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
+        rsp = raw.read_command(s)
+        s.sendall(raw.RELEASE_RQ_PDU)
+    assert rsp.Status == 0xA900  # type: ignore[attr-defined]
+    [line] = events(logs, "store.refused")
+    assert line["error"] == "SOPClassUID in the data set differs from the C-STORE request's"
+    assert node.scp.counters.instances == 0
+
+
 def test_protocol_aborts_are_exported_as_metrics(start_node, sockets) -> None:
     from echonode.ops.prometheus import NodeCollector
 

@@ -128,3 +128,13 @@ def test_no_patient_identifier_in_any_log_line(tmp_path: Path, sonosite_loop: Pa
         assert secret not in text, f"{secret!r} leaked into the log"
     for line in text.splitlines():
         json.loads(line)  # every line is JSON
+
+
+def test_a_peers_text_is_escaped_and_bounded_in_log_lines() -> None:
+    from echonode.ops.logs import PEER_TEXT_LIMIT, peer_text
+
+    assert peer_text("1.2.840.10008.5.1.4.1.1.3.1") == "1.2.840.10008.5.1.4.1.1.3.1"
+    assert peer_text("1.2.3\nfake_event=1") == "1.2.3\\nfake_event=1"
+    long = peer_text("9" * 65536)
+    assert long.startswith("9" * PEER_TEXT_LIMIT) and long.endswith("...(65536 characters)")
+    assert len(long) < PEER_TEXT_LIMIT + 30
