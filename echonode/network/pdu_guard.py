@@ -84,6 +84,7 @@ _TIMEOUT_SLACK_S = 0.5
 
 P_DATA_TF = 0x04
 A_ASSOCIATE_RQ = 0x01
+A_ABORT = 0x07
 _PDU_TYPES = range(0x01, 0x08)
 #: Upper-layer states before the association is established: idle (an
 #: acceptor's reader may read before it has handled the connection event;
@@ -97,6 +98,7 @@ _AWAITING_REQUEST = frozenset({"Sta1", "Sta2"})
 # A-ABORT reasons for source 2, service provider (PS3.8 9.3.8).
 ABORT_NOT_SPECIFIED = 0x00
 ABORT_UNRECOGNIZED_PDU = 0x01
+ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER_VALUE = 0x06
 
 _PDU_NAMES = {
@@ -203,6 +205,11 @@ class PduGuard:
         if pdu_type not in _PDU_TYPES:
             self._fault("bad_pdu", "association.bad_pdu", ABORT_UNRECOGNIZED_PDU,
                         reason="unrecognized PDU type", pdu_type=f"0x{pdu_type:02X}")
+            return
+        if pdu_type not in (A_ASSOCIATE_RQ, A_ABORT) and self._awaiting_request():
+            # pynetdicom would abort it too (AA-1), but say nothing of why.
+            self._fault("bad_pdu", "association.bad_pdu", ABORT_UNEXPECTED_PDU,
+                        reason="a PDU other than an A-ASSOCIATE-RQ before the request", pdu_type=_PDU_NAMES[pdu_type])
             return
         limit = self.max_pdata if pdu_type == P_DATA_TF else ASSOCIATE_PDU_CEILING
         if length > limit:

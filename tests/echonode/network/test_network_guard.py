@@ -683,6 +683,21 @@ def test_an_even_presentation_context_id_is_aborted_as_an_invalid_parameter(star
     assert line["reason"] == f"presentation context ID {context_id} is not an odd number from 1 to 255"
 
 
+@pytest.mark.parametrize("first", ["p_data", "release"])
+def test_a_pdu_before_the_request_is_aborted_with_a_log_line(start_node, sockets, first: str) -> None:
+    node = start_node(acse_timeout_s=600.0, network_timeout_s=600.0)
+    pdu = raw.p_data(1, 0x03, raw.echo_rq_command()) if first == "p_data" else raw.RELEASE_RQ_PDU
+    with capture_logs() as logs:
+        s = connect(node.scp.port, sockets)
+        s.sendall(pdu)
+        _, pdus = raw.wait_closed(s, timeout=5)
+        assert c_echo(node.scp.port) == 0
+    assert [(p.type, p.abort_source_reason) for p in pdus] == [(raw.ABORT, (2, 2))]
+    [line] = events(logs, "association.bad_pdu")
+    assert line["reason"] == "a PDU other than an A-ASSOCIATE-RQ before the request"
+    assert line["pdu_type"] == ("P-DATA-TF" if first == "p_data" else "A-RELEASE-RQ")
+
+
 def test_pdv_command_bytes_are_counted_per_command() -> None:
     two_pdvs = raw.p_data(1, 0x01, b"x" * 100) + raw.p_data(1, 0x00, b"d" * 50)[6:]
     # The second PDV is data: only the command's 100 bytes count, and the command is still open.
