@@ -54,6 +54,7 @@ def associate_rq(
     transfer_syntaxes: tuple[bytes, ...] = (IMPLICIT_VR_LE,),
     max_length: int = 16384,
     context_id: int = 1,
+    application_context: bytes = APPLICATION_CONTEXT,
 ) -> bytes:
     """An A-ASSOCIATE-RQ proposing one presentation context (ID ``context_id``)."""
     cx = struct.pack(">B3x", context_id) + _item(0x30, abstract_syntax) + b"".join(
@@ -63,7 +64,7 @@ def associate_rq(
         + _ae(called)
         + _ae(calling)
         + bytes(32)
-        + _item(0x10, APPLICATION_CONTEXT)
+        + _item(0x10, application_context)
         + _item(0x20, cx)
         + _user_information(max_length)
     )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from echonode.config import NodeConfig
 
 __all__ = [
+    "DICOM_APPLICATION_CONTEXT",
+    "REJECT_APPLICATION_CONTEXT",
     "REJECT_CALLED_AE",
     "REJECT_CALLING_AE",
     "REJECT_LOCAL_LIMIT",
@@ -26,6 +28,9 @@ __all__ = [
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognized
 REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service-user, no reason given
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)  # permanent, service-user, application context not supported
+#: The DICOM Application Context Name (PS3.7 A.2.1), the only one there is.
+DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 # Transient, so that the sender keeps its images and retries; the same triple
 # pynetdicom sends when max_associations is reached, which senders already
 # treat as "try again later".

@@ -53,6 +53,8 @@ from echonode.network.tls import server_ssl_context
 from echonode.ops.logs import get_logger, peer_text
 from echonode.receive import spool
 from echonode.receive.access import (
+    DICOM_APPLICATION_CONTEXT,
+    REJECT_APPLICATION_CONTEXT,
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
     REJECT_LOCAL_LIMIT,
@@ -460,6 +462,11 @@ class StorageSCP:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address,
                                                **({} if self.receiver is None else {"receiver": self.receiver}))
+        if str(rq.application_context_name or "") != DICOM_APPLICATION_CONTEXT:
+            log.warning("association.rejected", reason="not the DICOM application context",
+                        application_context=peer_text(rq.application_context_name or ""))
+            self._reject(assoc, REJECT_APPLICATION_CONTEXT)
+            return
         malformed = malformed_context(rq.presentation_context_definition_list)
         if malformed is not None:
             # pynetdicom's negotiation would raise on it and leave the peer

@@ -641,9 +641,10 @@ def test_ae_titles_are_compared_without_their_space_padding_only(start_node, soc
     ("rq", "reason"),
     [
         ({"transfer_syntaxes": ()}, "malformed presentation context: context 1 proposes no transfer syntax"),
+        ({"application_context": b"1.2.3.4"}, "not the DICOM application context"),
     ],
 )
-def test_a_malformed_presentation_context_is_rejected_not_left_hanging(start_node, sockets, rq, reason) -> None:
+def test_a_malformed_association_request_is_rejected_not_left_hanging(start_node, sockets, rq, reason) -> None:
     """pynetdicom's negotiation raised on a context without a transfer syntax: the peer got no
     answer and its connection, with a thread, stayed open as long as the peer wanted."""
     node = start_node(acse_timeout_s=600.0, network_timeout_s=600.0)
@@ -654,7 +655,8 @@ def test_a_malformed_presentation_context_is_rejected_not_left_hanging(start_nod
             s = connect(node.scp.port, sockets)
             s.sendall(raw.associate_rq(**rq))
             got = raw.read_pdu(s)
-            assert got is not None and got.type == raw.ASSOCIATE_RJ and got.reject == (1, 1, 1), got
+            expected = (1, 1, 2) if "application_context" in rq else (1, 1, 1)
+            assert got is not None and got.type == raw.ASSOCIATE_RJ and got.reject == expected, got
             held.append(s)
         # The node closes each one: nothing is held for a peer that keeps its socket open.
         for s in held:
