@@ -332,37 +332,32 @@ def _derived(statistic: object) -> object:
     return code_item("HAS CONCEPT MOD", DERIVATION, statistic)
 
 
-def test_the_mean_the_report_derives_wins_over_its_beats(tmp_path: Path) -> None:
-    """A cart writes the beats, their Mean and their Maximum: the lab's value is the Mean."""
-    beats = [num_item(LN.InterventricularSeptumDiastolicThickness, v, "mm") for v in (11.0, 11.0, 13.3)]
-    path = _sr(tmp_path, [
-        *beats,
-        num_item(LN.InterventricularSeptumDiastolicThickness, 11.77, "mm", modifiers=[_derived(SCT.Mean)]),
-        num_item(LN.InterventricularSeptumDiastolicThickness, 13.3, "mm", modifiers=[_derived(SCT.Maximum)]),
-    ], site=SCT.LeftVentricle)  # fmt: skip
-    sel = select_values(read_measurement_sr(path))["ivsd"]
-    assert (sel.value, sel.rule) == (pytest.approx(1.177), "derived mean") and len(sel.used) == 1
+def _ivsd_mm(value: float, *statistic: object) -> object:
+    mods = [_derived(statistic[0])] if statistic and statistic[0] is not SELECTED else list(statistic)
+    return num_item(LN.InterventricularSeptumDiastolicThickness, value, "mm", modifiers=mods)
 
 
-def test_other_statistics_of_the_beats_are_not_averaged_with_them(tmp_path: Path) -> None:
-    beats = [num_item(LN.InterventricularSeptumDiastolicThickness, v, "mm") for v in (11.0, 11.0, 13.3)]
-    path = _sr(tmp_path, [
-        *beats,
-        num_item(LN.InterventricularSeptumDiastolicThickness, 13.3, "mm", modifiers=[_derived(SCT.Maximum)]),
-        num_item(LN.InterventricularSeptumDiastolicThickness, 11.0, "mm", modifiers=[_derived(SCT.Minimum)]),
-    ], site=SCT.LeftVentricle)  # fmt: skip
+@pytest.mark.parametrize(
+    ("extra", "rule", "expected", "used"),
+    [
+        # A cart writes the beats, their Mean and their Maximum: the lab's value is the Mean.
+        ([(11.77, SCT.Mean), (13.3, SCT.Maximum)], "derived mean", 1.177, 1),
+        # No Mean: the other statistics are not averaged with the beats (they would count them twice).
+        ([(13.3, SCT.Maximum), (11.0, SCT.Minimum)], "mean", (1.1 + 1.1 + 1.33) / 3, 3),
+        # The sonographer's selection still comes first.
+        ([(11.77, SCT.Mean), (13.0, SELECTED)], "selected", 1.3, 1),
+    ],
+)
+def test_the_statistics_a_report_derives_from_its_beats(tmp_path: Path, extra, rule, expected, used) -> None:
+    beats = [_ivsd_mm(v) for v in (11.0, 11.0, 13.3)]
+    path = _sr(tmp_path, [*beats, *(_ivsd_mm(v, stat) for v, stat in extra)], site=SCT.LeftVentricle)
     sel = select_values(read_measurement_sr(path))["ivsd"]
-    assert sel.rule == "mean" and sel.value == pytest.approx((1.1 + 1.1 + 1.33) / 3) and len(sel.used) == 3
-    # A lone statistic is still a value (the only one the report gives).
-    alone = _sr(tmp_path, [num_item(LN.InterventricularSeptumDiastolicThickness, 13.3, "mm",
-                                    modifiers=[_derived(SCT.Maximum)])], site=SCT.LeftVentricle, name="max.dcm")
-    assert select_values(read_measurement_sr(alone))["ivsd"].value == pytest.approx(1.33)
-    # The sonographer's selection still comes first.
-    chosen = _sr(tmp_path, [
-        num_item(LN.InterventricularSeptumDiastolicThickness, 11.77, "mm", modifiers=[_derived(SCT.Mean)]),
-        num_item(LN.InterventricularSeptumDiastolicThickness, 13.3, "mm", modifiers=[SELECTED]),
-    ], site=SCT.LeftVentricle, name="chosen.dcm")  # fmt: skip
-    assert select_values(read_measurement_sr(chosen))["ivsd"].rule == "selected"
+    assert (sel.value, sel.rule, len(sel.used)) == (pytest.approx(expected), rule, used)
+
+
+def test_a_lone_statistic_is_still_the_reports_value(tmp_path: Path) -> None:
+    path = _sr(tmp_path, [_ivsd_mm(13.3, SCT.Maximum)], site=SCT.LeftVentricle)
+    assert select_values(read_measurement_sr(path))["ivsd"].value == pytest.approx(1.33)
 
 
 # ------------------------------------------------------------------ supersession
