@@ -43,17 +43,16 @@ def share_contexts(server: ThreadedAssociationServer) -> None:
 def malformed_context(contexts: Sequence[PresentationContext]) -> str | None:
     """What is wrong with a proposed presentation context list (PS3.8 9.3.2.2), or None.
 
-    Each item needs an odd context ID (1-255), distinct from the others',
-    one abstract syntax and at least one transfer syntax; the list needs
-    at least one item.
+    Each item needs a context ID distinct from the others', one abstract
+    syntax and at least one transfer syntax; the list needs at least one
+    item. An even or out-of-range ID never gets this far: the PDU guard
+    aborts the request (pynetdicom cannot make a context of it).
     """
     if not contexts:
         return "no presentation context proposed"
-    seen: set[int] = set()
+    seen: set[int | None] = set()
     for cx in contexts:
         cid = cx.context_id
-        if cid is None or not (1 <= cid <= 255) or cid % 2 == 0:
-            return f"context ID {cid} is not an odd number from 1 to 255"
         if cid in seen:
             return f"context ID {cid} is proposed twice"
         seen.add(cid)

@@ -668,6 +668,27 @@ def test_a_malformed_association_request_is_rejected_not_left_hanging(start_node
     wait_for(lambda: threading.active_count() <= before + 1, timeout=10, what="the rejected connections' threads")
 
 
+def test_malformed_context_names_what_is_wrong() -> None:
+    from pynetdicom.presentation import PresentationContext
+
+    from echonode.network.contexts import malformed_context
+
+    def cx(cid: int, abstract: str | None = "1.2.840.10008.1.1", *syntaxes: str) -> PresentationContext:
+        context = PresentationContext()
+        context.context_id = cid
+        if abstract is not None:
+            context.abstract_syntax = abstract
+        context.transfer_syntax = list(syntaxes)
+        return context
+
+    ts = "1.2.840.10008.1.2"
+    assert malformed_context([cx(1, "1.2.840.10008.1.1", ts), cx(3, "1.2.840.10008.1.1", ts)]) is None
+    assert malformed_context([]) == "no presentation context proposed"
+    assert malformed_context([cx(1, "1.2.840.10008.1.1", ts), cx(1, "1.2.3", ts)]) == "context ID 1 is proposed twice"
+    assert malformed_context([cx(5, None, ts)]) == "context 5 names no abstract syntax"
+    assert malformed_context([cx(7)]) == "context 7 proposes no transfer syntax"
+
+
 @pytest.mark.parametrize("context_id", [0, 2, 254])
 def test_an_even_presentation_context_id_is_aborted_as_an_invalid_parameter(start_node, sockets,
                                                                          context_id: int) -> None:
