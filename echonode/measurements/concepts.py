@@ -39,6 +39,7 @@ always a unit error (a septum of "11 cm" that was 11 mm) and is not used.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pydicom.sr._snomed_dict import mapping as _snomed_mapping
@@ -54,6 +55,8 @@ __all__ = [
     "NameMatch",
     "code_key",
     "is_private_scheme",
+    "loinc_check_digit_fails",
+    "match_meaning",
     "match_name",
     "normalise_code",
 ]
@@ -270,6 +273,13 @@ for _concept in CONCEPTS:
         _BY_NAME.setdefault(code_key(_match.code), []).append((_concept, _match))
 
 
+#: Normalised code meaning -> [(concept, how the name matches)], for names whose code is wrong.
+_BY_MEANING: dict[str, list[tuple[Concept, NameMatch]]] = {}
+for _concept in CONCEPTS:
+    for _match in _concept.names:
+        _BY_MEANING.setdefault(" ".join(_match.code.meaning.lower().split()), []).append((_concept, _match))
+
+
 def match_name(name: CodeKey) -> list[tuple[Concept, NameMatch]]:
     """The concepts a (normalised) concept name can mean; empty when none.
 
@@ -277,3 +287,42 @@ def match_name(name: CodeKey) -> list[tuple[Concept, NameMatch]]:
     decides between them (:mod:`echonode.measurements.reading`).
     """
     return _BY_NAME.get(name, [])
+
+
+def match_meaning(meaning: str) -> list[tuple[Concept, NameMatch]]:
+    """The concepts whose standard code meaning is ``meaning`` (case and spacing aside).
+
+    Used only to explain an item whose code is malformed: a meaning is free
+    text and never makes an item a concept's by itself.
+    """
+    return _BY_MEANING.get(" ".join(meaning.lower().split()), [])
+
+
+_LOINC_CODE = re.compile(r"([0-9]{1,7})-([0-9])")
+
+
+def loinc_check_digit_fails(value: str) -> bool:
+    """Whether ``value`` is shaped like a LOINC code (``18154-5``) but its check digit is wrong.
+
+    LOINC's check digit is the Mod 10 (Luhn) digit of the part before the
+    hyphen; a wrong one means a code typed by hand into a template, and the
+    code names nothing.  Values of other shapes (LOINC Part and answer codes)
+    are not judged.
+
+    Parameters
+    ----------
+    value : str
+        A Code Value of the ``LN`` scheme.
+
+    Returns
+    -------
+    bool
+    """
+    shaped = _LOINC_CODE.fullmatch(value.strip())
+    if shaped is None:
+        return False
+    total = 0
+    for position, digit in enumerate(reversed(shaped.group(1))):
+        doubled = int(digit) * (2 if position % 2 == 0 else 1)
+        total += doubled - 9 if doubled > 9 else doubled
+    return (10 - total % 10) % 10 != int(shaped.group(2))

@@ -64,6 +64,8 @@ from echonode.measurements.concepts import (
     NameMatch,
     code_key,
     is_private_scheme,
+    loinc_check_digit_fails,
+    match_meaning,
     match_name,
     normalise_code,
 )
@@ -510,6 +512,17 @@ class _Walker:
             doc.counts["private_items"] += 1
             return
         candidates = match_name(name.key)
+        code_problem: str | None = None
+        if not candidates and name.scheme == "LN" and loinc_check_digit_fails(name.value):
+            # A hand-typed code in a vendor template: the item is kept, refused with the reason, so
+            # the study says why its measurement is missing instead of "not measured".
+            candidates = match_meaning(name.meaning)
+            if candidates:
+                meant_concept, meant = candidates[0]
+                code_problem = (
+                    f"concept name LN {_quote(name.value)} is not a LOINC code (its check digit is wrong); its "
+                    f"meaning is that of the {meant_concept.label}'s LN {meant.code.value}, but a meaning alone is not read"
+                )
         if not candidates:
             doc.counts["other_items"] += 1
             return
@@ -535,6 +548,7 @@ class _Walker:
         raw_unit = f"{unit_code.scheme}:{unit_code.value}" if unit_code else ""
         unit = parse_unit(unit_code.scheme, unit_code.value) if unit_code else None
 
+        problem = code_problem or problem
         concept, match = (sited or candidates)[0]
         if not sited:
             at = concept.site.meaning if concept.site is not None else "its site"

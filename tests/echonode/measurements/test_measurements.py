@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import structlog
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     BasicTextSRStorage,
     Comprehensive3DSRStorage,
@@ -31,7 +32,7 @@ from echonode.measurements import (
     read_measurement_sr,
     select_values,
 )
-from echonode.measurements.concepts import code_key, match_name, normalise_code
+from echonode.measurements.concepts import CONCEPTS, code_key, loinc_check_digit_fails, match_name, normalise_code
 from echonode.measurements.selection import select_concept
 from echonode.measurements.units import convert, parse_unit
 from tests import echo_sr
@@ -639,3 +640,30 @@ def test_the_reader_imports_neither_torch_nor_train() -> None:
         "bad = [m for m in ('torch', 'train') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_loinc_check_digits_are_judged_by_loincs_mod_10_rule() -> None:
+    used = {m.code.value for c in CONCEPTS for m in c.names if m.code.scheme_designator == "LN"}
+    assert used and not any(loinc_check_digit_fails(v) for v in used)
+    # Hand-typed neighbours of the IVSd (18154-5) and LVPWd (18152-9) codes, as one template had them.
+    assert loinc_check_digit_fails("18154-7") and loinc_check_digit_fails("18152-1")
+    # Shapes the rule does not cover are not judged (LOINC Part and answer codes).
+    assert not loinc_check_digit_fails("LP7839-6") and not loinc_check_digit_fails("LA6576-8")
+
+
+def test_a_mistyped_loinc_code_says_so_instead_of_not_measured(tmp_path: Path) -> None:
+    """A wrong check digit under a standard meaning: refused with its reason, never read by the meaning."""
+    wrong_ivsd = Code("18154-7", "LN", "Interventricular Septum Diastolic Thickness")
+    wrong_unknown = Code("18150-1", "LN", "Something Else Entirely")
+    content = [container("CONTAINS", DCM.MeasurementGroup, [
+        num_item(wrong_ivsd, 13.0, "mm"), num_item(wrong_unknown, 2.0, "cm"),
+        num_item(LN.InterventricularSeptumDiastolicThickness, None, "mm")])]  # fmt: skip
+    doc = read_measurement_sr(write(document(content, template="5200"), tmp_path))
+    refused = [m for m in doc.measurements if m.raw_value]
+    assert [(m.concept, m.value) for m in refused] == [("ivsd", None)]
+    assert refused[0].problem is not None and "'18154-7' is not a LOINC code" in refused[0].problem
+    assert "LN 18154-5" in refused[0].problem
+    assert doc.counts["other_items"] == 1  # the unknown meaning: another concept, as any code echonode does not read
+    sel = select_values(doc)["ivsd"]
+    assert sel.value is None and sel.rule == "unusable"
+    assert "check digit is wrong" in sel.reason
