@@ -57,7 +57,7 @@ from echonode.measurements import (
     select_values,
     study_reference,
 )
-from echonode.measurements.reference import OTHER_PATIENT
+from echonode.measurements.reference import patient_refusal
 from echonode.ops.logs import configure_logging, get_logger
 
 __all__ = [
@@ -360,11 +360,10 @@ def _visit(
 
 def _drop_other_patients(study_uid: str, study: _Study) -> None:
     """An SR filed under another Patient ID than the study's images is not the study's reference."""
-    if study.patient is None:
-        return
     for doc in study.documents:
-        if doc.usable and study.sr_patients.get(doc.sop_instance_uid) not in (None, study.patient):
-            doc.status, doc.reason = "other_patient", OTHER_PATIENT
+        refusal = patient_refusal(study.patient, study.sr_patients.get(doc.sop_instance_uid)) if doc.usable else None
+        if refusal is not None:
+            doc.status, doc.reason = "other_patient", refusal
             study.selections.pop(doc.sop_instance_uid, None)
             log.warning("labels.sr_other_patient", study_uid=study_uid, sr_sop_uid=doc.sop_instance_uid)
 

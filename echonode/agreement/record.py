@@ -42,7 +42,7 @@ from echonode.config import AgreementConfig, Config
 from echonode.dicomfile import check_inflated_size
 from echonode.measurements.concepts import CONCEPTS_BY_KEY
 from echonode.measurements.reading import read_measurement_sr
-from echonode.measurements.reference import NO_REPORT, OTHER_PATIENT, study_reference
+from echonode.measurements.reference import NO_REPORT, patient_refusal, study_reference
 from echonode.measurements.rules import TASKS, Rules, load_rules
 from echonode.measurements.selection import select_values
 from echonode.ops.logs import get_logger
@@ -125,8 +125,9 @@ def read_reference(journal: Journal, study_uid: str, rules: Rules) -> ReferenceR
         doc = read_measurement_sr(path)
         if not doc.sop_instance_uid:  # unreadable before its UID: name it by the journal's
             doc.sop_instance_uid = sop_uid
-        if doc.usable and image_patient is not None and read_patient_id(path) not in (None, image_patient):
-            doc.status, doc.reason = "other_patient", OTHER_PATIENT
+        refusal = patient_refusal(image_patient, read_patient_id(path)) if doc.usable and image_patient else None
+        if refusal is not None:
+            doc.status, doc.reason = "other_patient", refusal
             log.warning("agreement.sr_other_patient", study_uid=study_uid, sr_sop_uid=doc.sop_instance_uid)
         if doc.usable:
             selections[doc.sop_instance_uid] = select_values(doc)
@@ -134,7 +135,7 @@ def read_reference(journal: Journal, study_uid: str, rules: Rules) -> ReferenceR
         docs.append(doc)
     (cart, sex) = read_cart(image) if image else ((None, None, None), None)
     ref = study_reference(docs, rules, sex=sex, selections=selections)
-    if not any(cart) and ref.document is not None:
+    if image is None and ref.document is not None:
         # An SR-only study: the equipment the SR names.
         cart = (_clean(ref.document.manufacturer), _clean(ref.document.model_name),
                 _clean(ref.document.station_name))
@@ -230,7 +231,8 @@ class ReferenceJob:
 
     def _unreadable(self, study_uid: str, exc: BaseException) -> ReferenceRecord:
         return ReferenceRecord(study_uid=study_uid, sr_sop_uid=None,
-                               reason=f"the study's SRs could not be read ({type(exc).__name__})", srs=0,
+                               reason=f"the study's SRs could not be read ({type(exc).__name__})",
+                               srs=len(self.journal.sr_instances(study_uid)),
                                rules=rules_id(self.rules), recorded=time.time())
 
     def summarise(self, *, force: bool = False) -> bool:

@@ -44,6 +44,7 @@ from echonode.report.header import HeaderRefused, read_study_header
 from echonode.studies.connection import is_disk_full
 from echonode.studies.journal import Journal
 from echonode.studies.records import Claim, ReportRecord, StaleClaim, TaskResult
+from echonode.studies.schema import SR_CLASS_PREFIX
 from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore
 
 log = get_logger(__name__)
@@ -182,6 +183,10 @@ def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str,
     ]
 
 
+#: Why a study holding only structured reports is not analysed (it waits for its images).
+ONLY_STRUCTURED_REPORTS = "only structured reports, no images yet: analysed when an image arrives"
+
+
 def unassessed_bundles(analysis: StudyAnalysis, models: ModelSet) -> list[Bundle]:
     """The installed task bundles without a result for the study, by task."""
     return [b for b in sorted(models.bundles, key=lambda b: b.task) if b.task in TASKS and b.task not in analysis.tasks]
@@ -247,6 +252,18 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
     bound = log.bind(study_uid=claim.study_uid, attempt=claim.attempts)
     models = registry.current
     instances = journal.instances(claim.study_uid)
+    if instances and all(r.sop_class_uid.startswith(SR_CLASS_PREFIX) for r in instances):
+        # A sonographer's measurement SR forwarded before the loops: there is
+        # nothing to analyse yet, and a "not assessed" SR now would be the
+        # study's answer for good (a delivered study is never re-opened).
+        # Skipped, with no SR: the first image re-opens it.
+        try:
+            journal.finish_skipped(claim, ONLY_STRUCTURED_REPORTS)
+        except StaleClaim:
+            bound.info("study.changed_while_running")
+            return StudyOutcome(claim.study_uid, "stale")
+        bound.info("study.waiting_for_images", objects=len(instances))
+        return StudyOutcome(claim.study_uid, "skipped", reason=ONLY_STRUCTURED_REPORTS)
     paths = [Path(r.path) for r in instances if Path(r.path).exists()]
     if not paths:
         # Received and acknowledged, then lost from storage (deleted by hand,

@@ -39,7 +39,10 @@ def parse_since(text: str) -> float:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD or YYYY-MM-DDTHH:MM): {text!r}") from None
-    return when.timestamp()
+    try:
+        return when.timestamp()
+    except (ValueError, OverflowError, OSError):  # a date the clock cannot place (year 1 in local time)
+        raise argparse.ArgumentTypeError(f"a date out of range: {text!r}") from None
 
 
 def _resamples(text: str) -> int:
@@ -112,7 +115,7 @@ def run_agreement(args: argparse.Namespace) -> int:
     if cfg.journal_path.exists():
         journal = Journal(cfg.journal_path)
         pairs = journal.agreement_pairs(args.since)
-        references = journal.reference_counts()
+        references = journal.reference_counts(args.since)
     rows = agreement_figures(pairs, by=args.by, n_resamples=args.resamples, seed=args.seed)
     doc = {
         "agreement": [r.as_dict() for r in rows],

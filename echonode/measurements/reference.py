@@ -21,13 +21,41 @@ from echonode.measurements.selection import (
     select_values,
 )
 
-__all__ = ["NO_REPORT", "OTHER_PATIENT", "StudyReference", "study_reference"]
+__all__ = ["NO_PATIENT_ID", "NO_REPORT", "OTHER_PATIENT", "StudyReference", "patient_refusal", "study_reference"]
 
 #: The reason both labels are empty when no SR of the study gives a value.
 NO_REPORT = "no echo measurement SR with a usable value in the study"
 #: Why an SR filed under another Patient ID than the study's images is not used.
 OTHER_PATIENT = ("filed under another Patient ID than the study's images: not this patient's measurements"
                  " (check the cart's worklist entry)")
+#: Why an SR without a Patient ID is not used when the study's images carry one.
+NO_PATIENT_ID = ("filed without a Patient ID while the study's images carry one: cannot be shown to be this"
+                 " patient's measurements")
+
+
+def patient_refusal(image_patient: str | None, sr_patient: str | None) -> str | None:
+    """Why an SR is not to be read as the study's patient's, or None when it may be.
+
+    Compared only when the images carry a Patient ID (a study with none has
+    nothing to compare with). An SR with no Patient ID is refused then: a
+    reference must be shown to be the patient's, not merely not shown to be
+    someone else's.
+
+    Parameters
+    ----------
+    image_patient : str, optional
+        The study's images' Patient ID (or a digest of it); None when absent.
+    sr_patient : str, optional
+        The SR's, in the same form; None when absent.
+
+    Returns
+    -------
+    str or None
+        :data:`OTHER_PATIENT`, :data:`NO_PATIENT_ID`, or None.
+    """
+    if image_patient is None or sr_patient == image_patient:
+        return None
+    return OTHER_PATIENT if sr_patient is not None else NO_PATIENT_ID
 
 
 @dataclass(frozen=True)

@@ -271,12 +271,29 @@ class ReferenceRows(JournalConnection):
             )  # fmt: skip
         return list(latest.values())
 
-    def reference_counts(self) -> dict[str, int]:
+    def reference_counts(self, since: float | None = None) -> dict[str, int]:
         """``{"studies": ..., "with_reference": ..., "due": ...}``: studies whose SRs were read, those
-        with a usable measurement SR, and those waiting to be read (scans the references; for the job)."""
+        with a usable measurement SR, and those waiting to be read (scans the references; for the job).
+
+        Parameters
+        ----------
+        since : float, optional
+            Only studies first received at or after this time (epoch seconds), as
+            :meth:`agreement_pairs` counts them.
+        """
         con = self._connect()
-        row = con.execute("SELECT COUNT(*) AS n, COUNT(sr_sop_uid) AS ref FROM study_references").fetchone()
-        due = con.execute("SELECT COUNT(*) AS n FROM references_due").fetchone()
+        if since is None:
+            row = con.execute("SELECT COUNT(*) AS n, COUNT(sr_sop_uid) AS ref FROM study_references").fetchone()
+            due = con.execute("SELECT COUNT(*) AS n FROM references_due").fetchone()
+        else:
+            row = con.execute(
+                "SELECT COUNT(*) AS n, COUNT(r.sr_sop_uid) AS ref FROM study_references r"
+                " JOIN studies s ON s.study_uid = r.study_uid WHERE s.first_received >= ?", (float(since),)
+            ).fetchone()
+            due = con.execute(
+                "SELECT COUNT(*) AS n FROM references_due d JOIN studies s ON s.study_uid = d.study_uid"
+                " WHERE s.first_received >= ?", (float(since),)
+            ).fetchone()
         return {"studies": int(row["n"]), "with_reference": int(row["ref"]), "due": int(due["n"])}
 
     def save_agreement_summary(self, document: dict[str, Any], computed: float | None = None) -> None:

@@ -181,6 +181,18 @@ WHEN substr(NEW.sop_class_uid, 1, 27) = '1.2.840.10008.5.1.4.1.1.88.' BEGIN
     INSERT INTO references_due (study_uid, since) VALUES (NEW.study_uid, NEW.received)
     ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
 END;
+-- A study's first image re-reads a reference read before it: the Patient ID
+-- check and the cart come from the images, and an SR forwarded ahead of its
+-- loops was read without them.
+CREATE TRIGGER IF NOT EXISTS references_due_first_image AFTER INSERT ON instances
+WHEN substr(NEW.sop_class_uid, 1, 27) != '1.2.840.10008.5.1.4.1.1.88.'
+ AND EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = NEW.study_uid
+             AND substr(i.sop_class_uid, 1, 27) = '1.2.840.10008.5.1.4.1.1.88.')
+ AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = NEW.study_uid AND i.sop_uid != NEW.sop_uid
+                 AND substr(i.sop_class_uid, 1, 27) != '1.2.840.10008.5.1.4.1.1.88.') BEGIN
+    INSERT INTO references_due (study_uid, since) VALUES (NEW.study_uid, NEW.received)
+    ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
+END;
 -- What `status`, the metrics and the status page show: one JSON document the
 -- agreement job writes, so that none of them reads every result.
 CREATE TABLE IF NOT EXISTS agreement_summary (

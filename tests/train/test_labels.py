@@ -364,19 +364,21 @@ def test_labels_over_a_synthetic_archive_reproduce_its_labels_csv(tmp_path: Path
             assert float(got[column]) == pytest.approx(float(row[column]), abs=1e-6), (study, column)
 
 
-def test_an_sr_filed_under_another_patient_gives_no_label(tmp_path: Path) -> None:
-    """A worklist mix-up at the cart: the SR names another Patient ID than the study's images.
-    Its values are another patient's, so the study gets no label, and the evidence says why."""
+@pytest.mark.parametrize(("sr_patient", "why"), [("PAT-2", "another Patient ID"), ("", "without a Patient ID")])
+def test_an_sr_filed_under_another_patient_gives_no_label(tmp_path: Path, sr_patient: str, why: str) -> None:
+    """A worklist mix-up at the cart: the SR names another Patient ID than the study's images, or
+    none. Its values cannot be shown to be this patient's, so the study gets no label, and the
+    evidence says why."""
     from train.labels import build_labels
 
     uid = generate_uid()
     write(us_multiframe(study_uid=uid, frames=2, rows=16, cols=16, patient_id="PAT-1"), tmp_path / "a" / "img.dcm")
     sr = echo_sr.ge_sr({**NORMAL, "ivsd": 1.5}, study_uid=uid)
-    sr.PatientID = "PAT-2"
+    sr.PatientID = sr_patient
     echo_sr.save(sr, tmp_path / "a" / "sr.dcm")
     build_labels([tmp_path / "a"], tmp_path / "labels.csv", evidence=tmp_path / "ev.csv", progress=False)
     (row,) = _csv(tmp_path / "labels.csv")
     assert row["study_uid"] == uid and row["lvh"] == "" and row["ivsd_cm"] == ""
     evidence = (tmp_path / "ev.csv").read_text()
-    assert "another Patient ID" in evidence and "PAT-1" not in evidence and "PAT-2" not in evidence
+    assert why in evidence and "PAT-1" not in evidence and "PAT-2" not in evidence
 

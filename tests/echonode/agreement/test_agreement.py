@@ -448,13 +448,18 @@ def test_agreement_since_and_the_table(tmp_path: Path) -> None:
     path, _, _ = _journal_with_studies(tmp_path)
     res = run_cli("--config", str(path), "agreement", "--since", "2999-01-01", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["agreement"] == []
+    # The reference counts cover the same studies as the rows.
+    assert json.loads(res.stdout)["references"] == {"studies": 0, "with_reference": 0, "due": 0}
+    res = run_cli("--config", str(path), "agreement", "--since", "2000-01-01", "--json")
+    assert json.loads(res.stdout)["references"]["with_reference"] == 5
     res = run_cli("--config", str(path), "agreement", "--since", "2000-01-01", "--by", "station", "--resamples", "200")
     assert res.returncode == 0, res.stderr
     assert "test-lvh" in res.stdout and "ECHO-1" in res.stdout and "ECHO-2" in res.stdout
     assert "few studies" in res.stdout  # the small-n caveat
-    for bad in (["--since", "yesterday"], ["--by", "patient"], ["--resamples", "0"]):
+    for bad, why in ((["--since", "yesterday"], "not a date"), (["--since", "0001-01-01"], "out of range"),
+                     (["--by", "patient"], "invalid choice"), (["--resamples", "0"], "1 or more")):
         res = run_cli("--config", str(path), "agreement", *bad)
-        assert res.returncode == 2 and "Traceback" not in res.stderr, bad
+        assert res.returncode == 2 and "Traceback" not in res.stderr and why in res.stderr, bad
 
 
 def test_agreement_on_a_fresh_node(tmp_path: Path) -> None:
@@ -513,17 +518,19 @@ def test_metrics_and_the_status_page_read_the_summary(tmp_path: Path) -> None:
     assert all(not f.samples for f in agreement_families(None))
 
 
-def test_an_sr_filed_under_another_patient_is_not_the_reference(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sr_patient", "why"), [("OTHER-PATIENT-4711", "another Patient ID"),
+                                                  ("", "without a Patient ID")])
+def test_an_sr_filed_under_another_patient_is_not_the_reference(tmp_path: Path, sr_patient: str, why: str) -> None:
     """A worklist mix-up at the cart: the measurement SR names another Patient ID than the
-    study's images. It is not used (its values are another patient's), the reason says so,
-    and the log names UIDs, never either ID."""
+    study's images, or none. It is not used (its values cannot be shown to be this patient's),
+    the reason says so, and the log names UIDs, never either ID."""
     node = Node(tmp_path)
     mixed, same = generate_uid(), generate_uid()
     for study in (mixed, same):
         node.image(study)
     image_id = str(pydicom.dcmread(node.journal.first_image_path(mixed), stop_before_pixels=True).PatientID)
     wrong = echo_sr("ge", LVH, study_uid=mixed)
-    wrong.PatientID = "OTHER-PATIENT-4711"
+    wrong.PatientID = sr_patient
     wrong_uid = node.put(wrong)
     right = echo_sr("ge", LVH, study_uid=same)
     right.PatientID = str(pydicom.dcmread(node.journal.first_image_path(same), stop_before_pixels=True).PatientID)
@@ -532,9 +539,34 @@ def test_an_sr_filed_under_another_patient_is_not_the_reference(tmp_path: Path) 
     with capture_logs() as logs:
         assert node.job().run() == 2
     ref = node.journal.reference(mixed)
-    assert ref.sr_sop_uid is None and "another Patient ID" in ref.not_used[wrong_uid]
+    assert ref.sr_sop_uid is None and why in ref.not_used[wrong_uid]
     assert all(label is None for label, _ in ref.labels.values())
     assert node.journal.reference(same).labels["lvh"][0] == 1
     (line,) = [entry for entry in logs if entry["event"] == "agreement.sr_other_patient"]
     assert line["sr_sop_uid"] == wrong_uid
     assert "OTHER-PATIENT-4711" not in repr(logs) and image_id not in repr(logs)
+
+
+def test_the_cart_comes_from_the_images_and_an_early_sr_is_read_again_with_them(tmp_path: Path) -> None:
+    """An SR read before its study had an image is read again when the first image comes (the
+    Patient ID check and the cart are the images'); images that name no cart give none, and
+    the SR's equipment is used only while the study has no image at all."""
+    node = Node(tmp_path)
+    early, blank = generate_uid(), generate_uid()
+    node.sr(early, LVH)
+    node.journal.mark_stable(-1)
+    assert node.job().run() == 1
+    sr_only = node.journal.reference(early)
+    assert sr_only.manufacturer is not None and sr_only.station_name is None  # the SR's equipment
+    assert node.journal.due_references() == []
+    node.image(early, station="ECHO-9")
+    node.image(early, station="ECHO-10")  # only the first image queues the study again
+    node.image(blank, manufacturer="", model="", station="")
+    node.sr(blank, LVH)
+    node.journal.mark_stable(-1)
+    assert node.job().run() == 2
+    ref = node.journal.reference(early)
+    assert (ref.manufacturer, ref.station_name) == ("GE Vingmed Ultrasound", "ECHO-9")
+    assert ref.labels["lvh"][0] == 1
+    ref = node.journal.reference(blank)
+    assert (ref.manufacturer, ref.model_name, ref.station_name) == (None, None, None)

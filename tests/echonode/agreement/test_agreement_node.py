@@ -143,6 +143,62 @@ def test_agreement_end_to_end_with_storescu(tmp_path: Path, ybr_loop: Path) -> N
         assert "PAT-7731" not in text and "DOE" not in text
 
 
+
+def test_an_sr_forwarded_before_its_images_waits_for_them_and_is_read_again(tmp_path: Path, ybr_loop: Path) -> None:
+    """A PACS or workstation forwards the measurement SR ahead of the loops, past the quiet period.
+
+    The SR-only study is not analysed (no "not assessed" SR goes to the PACS,
+    which would be the study's answer for good); the first image re-opens it
+    and it gets one AI SR. The reference is read again with the images: an SR
+    filed under another patient is refused then, and the cart comes from the
+    images, not from the SR.
+    """
+    pacs = RecordingSCP(free_port()).start()
+    cfg = make_config(tmp_path, study={"stable_after_s": 0.5, "check_interval_s": 0.2},
+                      agreement={"check_interval_s": 0.2, "summary_interval_s": 0.0})
+    cfg = with_destination(cfg, "pacs", "PACS", pacs.port)
+    tiny_bundle(cfg.models_dir, "lvh", seed=1)
+    out = tmp_path / "send"
+    mine, other = generate_uid(), generate_uid()
+    own_sr = save(same_patient(echo_sr("philips", LVH, study_uid=mine)), out / "sr-mine.dcm")
+    foreign = echo_sr("philips", LVH, study_uid=other)
+    foreign.PatientID, foreign.PatientName = "PAT-OTHER", "ROE^RICHARD"
+    foreign_sr = save(foreign, out / "sr-other.dcm")
+    node = Node(cfg)
+    node.start()
+    try:
+        assert send_files(node.scp.port, [own_sr, foreign_sr], calling="WORKSTATION") == [0x0000, 0x0000]
+
+        def settled(*studies: str, state: StudyState) -> bool:
+            node.worker.supervise()
+            return all(node.journal.study_state(s) == state for s in studies)
+
+        wait_for(lambda: settled(mine, other, state=StudyState.SKIPPED), timeout=120, what="the SR-only studies skipped")
+        assert "no images yet" in (node.journal.status()["studies"][0]["reason"] or "")
+        wait_for(lambda: node.journal.reference(other) is not None, timeout=30, what="the early reference")
+        time.sleep(1.0)  # several passes: nothing goes to the PACS for an SR-only study
+        assert pacs.received == []
+
+        img, _ = image(ybr_loop, out, mine, "GE Vingmed Ultrasound", "Vivid E95", "ECHO-4")
+        img2, _ = image(ybr_loop, out, other, "GE Vingmed Ultrasound", "Vivid E95", "ECHO-5")
+        assert send_files(node.scp.port, [img, img2], calling="CART") == [0x0000, 0x0000]
+        wait_for(lambda: settled(mine, other, state=StudyState.DELIVERED), timeout=300, what="the AI SRs delivered")
+
+        def read_with_images(study: str) -> bool:
+            ref = node.journal.reference(study)
+            return ref is not None and ref.station_name is not None
+
+        wait_for(lambda: read_with_images(mine) and read_with_images(other), timeout=30, what="the references re-read")
+        ref = node.journal.reference(mine)
+        assert ref.labels["lvh"][0] == 1 and (ref.manufacturer, ref.station_name) == ("GE Vingmed Ultrasound", "ECHO-4")
+        ref = node.journal.reference(other)
+        assert ref.sr_sop_uid is None and "another Patient ID" in ref.reason
+        assert sorted(str(d.StudyInstanceUID) for d in pacs.received) == sorted([mine, other])
+    finally:
+        node.stop()
+        pacs.stop()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_pynetdicom() -> None:
     import logging
