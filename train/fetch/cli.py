@@ -21,7 +21,7 @@ from .journal import FetchJournal
 from .landing import Archive, Sink
 from .pacing import Clock, RateLimiter, SystemClock, Window
 from .query import Criteria, parse_date, read_studies_csv
-from .retrieve import StoreServer
+from .retrieve import StoreServer, resolve_peers
 from .runner import EXIT_USAGE, Fetcher, Options, archive_lock, dry_run, temp_files_in
 from .sources import DimseSource, Source, WebSource
 from .web import DEFAULT_AUTH_ENV, make_client, make_session, read_auth
@@ -47,6 +47,10 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="C-MOVE destination AE title, known to the PACS (default: --aet)")
     dimse.add_argument("--port", type=int, default=None, help="port of fetch's storage SCP for C-MOVE")
     dimse.add_argument("--listen", default="0.0.0.0", help="address of fetch's storage SCP (default 0.0.0.0)")
+    dimse.add_argument("--move-from", default=None, metavar="HOST[,HOST...]",
+                       help="hosts or addresses the C-MOVE's stores may come from (default: the PACS's host in"
+                       " --from; 'any' lets every address in): fetch's storage SCP closes any other connection"
+                       " before reading it")
     dimse.add_argument("--into-node", action="store_true",
                        help="C-MOVE straight to the node's own SCP (its AE title from --config): the node stores, "
                             "journals and processes the studies; nothing lands in --out")
@@ -219,7 +223,7 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
 
                     assert sink is not None
                     server = StoreServer(_check_ae(ns.move_aet or aet, "--move-aet"), ns.listen, ns.port, sink,
-                                         limiter, ns.timeout, ns.max_pdu).start()
+                                         limiter, ns.timeout, ns.max_pdu, _move_senders(ns)).start()
                 fetcher = Fetcher(source, archive, journal, sink, options, limiter, clock, out)
                 return fetcher.run().exit_code
         finally:
@@ -231,6 +235,15 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
                 sink.close()
             journal.close()
             archive.clear_tmp()  # transfers cut short; a kill -9 leaves them to the next run
+
+
+def _move_senders(ns: argparse.Namespace) -> frozenset[str] | None:
+    """The addresses fetch's storage SCP takes a C-MOVE's stores from; None for any."""
+    text = (ns.move_from or "").strip()
+    if text.lower() == "any":
+        return None
+    hosts = [h.strip() for h in text.split(",") if h.strip()] or [_peer(ns).host]
+    return resolve_peers(hosts)
 
 
 def _source(ns: argparse.Namespace, mode: str, aet: str, archive: Archive | None, sink: Sink | None,

@@ -76,7 +76,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import P_DATA_TF as P_DATA_TF_PDU
 from pynetdicom.pdu_items import PresentationDataValueItem
 
-from echonode.network.pdu_guard import ASSOCIATE_PDU_CEILING, UNLIMITED_PDU_CEILING
+from echonode.network.pdu_guard import ASSOCIATE_PDU_CEILING, MAX_COMMAND_BYTES, UNLIMITED_PDU_CEILING
 from echonode.ops.logs import get_logger
 
 log = get_logger(__name__)
@@ -132,6 +132,9 @@ class BufferedReader:
         self.pdus_handed = 0
         #: True while the last fragment handed on was not the last of its message.
         self.mid_message = False
+        #: Bytes of the command set being received: pynetdicom holds a command in
+        #: memory until its last fragment, so one that never ends is cut off.
+        self.command_bytes = 0
         #: Written to when the reactor has something to do other than read: see :meth:`wake`.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -235,6 +238,8 @@ class BufferedReader:
                 dul.event_queue.put("Evt10")
                 dul._recv_pdu.put(joined)
                 return True
+            if self.broken:  # a command over its limit: reported (Evt19)
+                return True
         data = self._take_raw()
         try:
             pdu, event = dul._decode_pdu(data)  # type: ignore[arg-type]  # annotated bytearray, decodes bytes too
@@ -320,6 +325,14 @@ class BufferedReader:
         self.dul.event_queue.put("Evt19")
         return True
 
+    def _refuse_command(self) -> None:
+        """A command set past :data:`MAX_COMMAND_BYTES`: Evt19 (an A-ABORT), the rest of the connection dropped."""
+        log.warning("fetch.bad_pdu", reason="command set too long", received_bytes=self.command_bytes,
+                    limit_bytes=MAX_COMMAND_BYTES)
+        self.broken = True
+        self._clear()
+        self.dul.event_queue.put("Evt19")
+
     def _take_raw(self) -> bytes:
         """Remove the next PDU from the buffer as it came."""
         end = self.start + 6 + _HEADER.unpack_from(self.buf, self.start)[2]
@@ -348,6 +361,13 @@ class BufferedReader:
                 break
             ends = False
             for context, header, a, b in items:
+                if header & _COMMAND:
+                    self.command_bytes += b - a
+                    if self.command_bytes > MAX_COMMAND_BYTES:
+                        self._refuse_command()
+                        return None
+                    if header & _LAST:
+                        self.command_bytes = 0
                 last = runs[-1] if runs else None
                 if last is not None and last[0] == context and not header & _COMMAND and not last[1] & _ENDS:
                     last[1] = header

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,11 +28,13 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.utils import make_target
 
-from echonode.network.contexts import share_contexts
-from echonode.ops.logs import get_logger
+from echonode.network import pdu_guard
+from echonode.network.contexts import malformed_context, share_contexts
+from echonode.ops.logs import get_logger, peer_text
 
 from .dimse import (
     STUDY_ROOT_GET,
@@ -45,7 +49,7 @@ from .dimse import (
 from .errors import FetchError, UsageError
 from .landing import InFlight, Sink
 from .pacing import RateLimiter
-from .reader import install_on_connection
+from .reader import install
 
 log = get_logger(__name__)
 
@@ -136,11 +140,36 @@ def judge(outcomes: list[SeriesOutcome], flight: InFlight | None, verb: str) -> 
     return sent
 
 
-def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: None) -> Callable[[Any], int]:
-    """The EVT_C_STORE handler: land the streamed file, answer with the sink's status."""
+#: C-STORE status: the request's SOP class is not the one of its presentation context (PS3.7 9.1.1.1).
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: The DICOM application context name (PS3.7 A.2.1); a request naming another is refused.
+DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+#: A-ASSOCIATE-RJ (result, source, diagnostic): permanent, service user, no reason given /
+#: application context name not supported.
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
+
+
+def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: None,
+                  check_context: bool = False) -> Callable[[Any], int]:
+    """The EVT_C_STORE handler: land the streamed file, answer with the sink's status.
+
+    With ``check_context`` (an association the peer proposed: C-MOVE's), a
+    C-STORE on a context of another SOP class than its request names, the
+    Verification context among them, is refused with 0x0122 before it lands.
+    """
 
     def on_store(event: Any) -> int:
         announced = str(event.request.AffectedSOPInstanceUID or "")
+        if check_context:
+            affected = str(event.request.AffectedSOPClassUID or "")
+            negotiated = str(event.context.abstract_syntax or "")
+            if affected != negotiated or negotiated == Verification:
+                log.warning("fetch.store_refused", status=f"0x{STATUS_SOP_CLASS_NOT_SUPPORTED:04X}",
+                            error="the request's SOP class is not its presentation context's",
+                            sop_class=peer_text(affected), context_sop_class=negotiated,
+                            sop_uid=peer_text(announced))
+                return STATUS_SOP_CLASS_NOT_SUPPORTED
         try:
             path = Path(event.dataset_path)
         except (AttributeError, ValueError):  # not received in chunks: cannot happen with fetch's settings
@@ -163,12 +192,53 @@ def throttle_handler(limiter: RateLimiter) -> Callable[[Any], None]:
     return on_data
 
 
+def resolve_peers(hosts: Iterable[str]) -> frozenset[str]:
+    """The IP addresses of ``hosts`` (names or addresses), normalised for comparison.
+
+    Raises
+    ------
+    UsageError
+        For a name that does not resolve.
+    """
+    found: set[str] = set()
+    for host in hosts:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except OSError as exc:
+            raise UsageError(f"--move-from {host}: does not resolve ({exc.strerror or type(exc).__name__})") from None
+        found.update(_normalised(str(info[4][0])) for info in infos)
+    return frozenset(found)
+
+
+def _normalised(address: str) -> str:
+    """An IP address as compared: an IPv4-mapped IPv6 address as its IPv4 form."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
 class StoreServer:
     """The storage SCP that receives what a C-MOVE sends.
 
     It accepts every storage class in every transfer syntax (the series
     asked for are US and SR; whatever they hold lands), but only instances
     of the studies being fetched at the moment (anything else: 0xC001).
+
+    It listens on the network while a run lasts, so it is guarded as the
+    node's own SCP is: a connection from an address other than the PACS's
+    (``allowed``) is closed before a byte is read; every read is bounded in
+    size and time by the node's PDU guard until the association is accepted
+    (a connect-and-close or a PDU before the request ends at once instead
+    of holding one of the 32 association slots for ``timeout_s``); a request
+    that calls another AE title, names another application context, or
+    proposes a malformed presentation context is rejected; a command that
+    never ends is aborted (:data:`~echonode.network.pdu_guard.MAX_COMMAND_BYTES`);
+    and a C-STORE on another class's context gets 0x0122. Once accepted,
+    the association reads through fetch's buffered reader (the fast path).
 
     Parameters
     ----------
@@ -181,12 +251,18 @@ class StoreServer:
     timeout_s : float
         Deadline of every read on its associations.
     max_pdu : int
+    allowed : frozenset of str, optional
+        The IP addresses a C-MOVE's stores may come from (:func:`resolve_peers`);
+        None lets any address in.
     """
 
     def __init__(self, ae_title: str, host: str, port: int, sink: Sink, limiter: RateLimiter, timeout_s: float,
-                 max_pdu: int) -> None:
+                 max_pdu: int, allowed: frozenset[str] | None = None) -> None:
         self.ae = make_ae(ae_title, timeout_s, max_pdu)
         self.ae.maximum_associations = 32
+        # A request calling another AE title than --move-aet is rejected (1/1/7) by pynetdicom.
+        self.ae.require_called_aet = True
+        self.allowed = allowed
         for cx in StoragePresentationContexts:
             assert cx.abstract_syntax is not None
             self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -195,9 +271,10 @@ class StoreServer:
         self.ae.add_supported_context(Verification)
         self.host = host
         self.requested_port = port
-        self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink)),
-                                    (evt.EVT_CONN_OPEN, lambda event: no_delay(event.assoc)),
-                                    (evt.EVT_CONN_OPEN, install_on_connection)]
+        self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink, check_context=True)),
+                                    (evt.EVT_CONN_OPEN, self._on_open),
+                                    (evt.EVT_REQUESTED, self._on_requested),
+                                    (evt.EVT_ACCEPTED, lambda event: install(event.assoc))]
         if limiter.enabled:
             self.handlers.append((evt.EVT_DATA_RECV, throttle_handler(limiter)))
         self._server: Any = None
@@ -205,6 +282,39 @@ class StoreServer:
     @property
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server is not None else self.requested_port
+
+    def _on_open(self, event: Any) -> None:
+        """Guard the connection's reads; close it at once when its address is not the PACS's."""
+        assoc = event.assoc
+        no_delay(assoc)
+        guard = pdu_guard.guard(assoc, context={"scp": "fetch"})
+        address = _normalised(str(assoc.requestor.address or ""))
+        if self.allowed is not None and address not in self.allowed:
+            log.warning("fetch.association_refused", reason="address not allowed (--move-from)", peer=address)
+            guard.abort()
+
+    def _on_requested(self, event: Any) -> None:
+        """Refuse a request fetch cannot serve before pynetdicom negotiates it."""
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        if not isinstance(rq, A_ASSOCIATE):
+            # The connection ended before a request came (the guard logged why):
+            # nothing to negotiate.
+            assoc.is_aborted = True
+            return
+        peer = _normalised(str(assoc.requestor.address or ""))
+        if str(rq.application_context_name or "") != DICOM_APPLICATION_CONTEXT:
+            log.warning("fetch.association_refused", reason="not the DICOM application context", peer=peer,
+                        application_context=peer_text(rq.application_context_name or ""))
+            _reject(assoc, REJECT_APPLICATION_CONTEXT)
+            return
+        malformed = malformed_context(rq.presentation_context_definition_list)
+        if malformed is not None:
+            # pynetdicom's negotiation would raise on it and leave the peer
+            # unanswered, its thread and socket held until it hangs up.
+            log.warning("fetch.association_refused", reason=f"malformed presentation context: {malformed}",
+                        peer=peer)
+            _reject(assoc, REJECT_NO_REASON)
 
     def start(self) -> StoreServer:
         try:
@@ -226,6 +336,12 @@ class StoreServer:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
+    """Send the A-ASSOCIATE-RJ ``reason`` and end the association once it is sent."""
+    assoc.acse.send_reject(*reason)
+    assoc.kill()
 
 
 class Associations:
