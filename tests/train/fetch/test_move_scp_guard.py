@@ -29,7 +29,6 @@ from train.fetch.landing import Archive, Sink
 from train.fetch.pacing import FakeClock, RateLimiter
 from train.fetch.retrieve import StoreServer, resolve_peers
 
-
 US_MULTIFRAME = b"1.2.840.10008.5.1.4.1.1.3.1"
 MOVE_AET = b"FETCH"
 
