@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,15 @@ def make_config(tmp_path: Path, **sections: dict) -> Config:
         else:
             data.setdefault(name, {}).update(table)
     return parse_config(data)
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """Raw sockets a test opens (``tests.rawdicom.connect``); closed at teardown."""
+    opened: list[socket.socket] = []
+    yield opened
+    for s in opened:
+        s.close()
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = b"1.2.840.10008.1.1"
@@ -250,3 +252,57 @@ def associate(port: int, calling: bytes = b"CART", called: bytes = b"ECHONODE", 
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.sendall(associate_rq(called=called, calling=calling, **rq))  # type: ignore[arg-type]
     return sock, read_pdu(sock, timeout)
+
+
+def connect(port: int, opened: list[socket.socket], source: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to ``port`` on loopback from the address ``source`` (127.0.0.0/8 is all local),
+    added to ``opened`` (the ``sockets`` fixture closes them)."""
+    s = socket.socket()
+    opened.append(s)
+    s.bind((source, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+#: The SOP class a wrong-context C-STORE names (CT Image Storage).
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+US_MULTIFRAME_IMAGE = "1.2.840.10008.5.1.4.1.1.3.1"
+
+
+def stores_on_wrong_contexts(open_association: Callable[..., socket.socket], ds: Any) -> tuple[Any, Any]:
+    """The responses to two C-STOREs of ``ds`` that PS3.7 9.1.1.1 forbids: one on a Verification-only
+    association, one naming CT Image Storage on a US Multi-frame context.
+
+    ``open_association(**rq)`` opens an accepted association proposing one context (ID 1) as
+    :func:`associate_rq` takes it.
+    """
+    from pynetdicom.dsutils import encode
+
+    answers = []
+    for abstract_syntax, sop_class in ((VERIFICATION, str(ds.SOPClassUID)),
+                                       (US_MULTIFRAME_IMAGE.encode(), CT_IMAGE)):
+        s = open_association(abstract_syntax=abstract_syntax, transfer_syntaxes=(EXPLICIT_VR_LE,))
+        s.sendall(p_data(1, 0x03, store_rq_command(sop_class, str(ds.SOPInstanceUID))))
+        s.sendall(p_data(1, 0x02, encode(ds, False, True)))
+        answers.append(read_command(s))
+        s.sendall(RELEASE_RQ_PDU)
+    return answers[0], answers[1]
+
+
+#: Bytes of one command fragment :func:`send_endless_command` sends (within a 16 KiB maximum PDU).
+COMMAND_FRAGMENT = 16000
+
+
+def send_endless_command(s: socket.socket, up_to: int) -> list[Pdu]:
+    """Send command fragments that never set the last-fragment bit, ``up_to`` bytes at most or until
+    the peer stops reading; then the PDUs it answered with before closing."""
+    fragment = p_data(1, 0x01, b"\0" * COMMAND_FRAGMENT)
+    sent = 0
+    try:
+        while sent < up_to:
+            s.sendall(fragment)
+            sent += COMMAND_FRAGMENT
+    except OSError:
+        pass
+    return wait_closed(s, timeout=10)[1]

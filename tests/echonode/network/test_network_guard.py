@@ -36,6 +36,7 @@ from tests.conftest import REPO, echonode_cmd, make_config, wait_for
 from tests.factories import us_multiframe, write
 from tests.peers import ECHOSCU, c_echo, c_store, echoscu, require_tool
 from tests.peers import associate as scu_associate
+from tests.rawdicom import connect
 
 US_MULTIFRAME = b"1.2.840.10008.5.1.4.1.1.3.1"
 GIB2 = 2**31 - 1
@@ -62,24 +63,6 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     yield start
     for n in nodes:
         n.stop()
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    """Raw sockets a test opens; closed at teardown."""
-    opened: list[socket.socket] = []
-    yield opened
-    for s in opened:
-        s.close()
-
-
-def connect(port: int, opened: list[socket.socket], source: str = "127.0.0.1") -> socket.socket:
-    s = socket.socket()
-    opened.append(s)
-    s.bind((source, 0))
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def associate(port: int, opened: list[socket.socket], calling: bytes = b"CART", **rq: object) -> socket.socket:
@@ -738,17 +721,11 @@ def test_a_command_that_never_ends_is_aborted_before_it_fills_memory(start_node,
     node = start_node(max_pdu=16384, network_timeout_s=30.0)
     with capture_logs() as logs:
         s = associate(node.scp.port, sockets)
-        fragment = raw.p_data(1, 0x01, b"\0" * 16000)
-        sent = 0
-        with contextlib.suppress(OSError):
-            while sent < 4 * pdu_guard.MAX_COMMAND_BYTES:
-                s.sendall(fragment)
-                sent += 16000
-        _, pdus = raw.wait_closed(s, timeout=10)
+        pdus = raw.send_endless_command(s, 4 * pdu_guard.MAX_COMMAND_BYTES)
         assert c_echo(node.scp.port) == 0
     assert any(p.type == raw.ABORT and p.abort_source_reason == (2, 6) for p in pdus), pdus
     [line] = events(logs, "association.command_too_large")
-    assert pdu_guard.MAX_COMMAND_BYTES < line["received_bytes"] <= pdu_guard.MAX_COMMAND_BYTES + 16000
+    assert pdu_guard.MAX_COMMAND_BYTES < line["received_bytes"] <= pdu_guard.MAX_COMMAND_BYTES + raw.COMMAND_FRAGMENT
     assert node.scp.counters.aborted.get("command_too_large") == 1
 
 
@@ -782,21 +759,12 @@ def test_a_store_on_another_class_s_context_is_refused(start_node, sockets) -> N
     node = start_node()
     ds = us_multiframe()
     with capture_logs() as logs:
-        s = associate(node.scp.port, sockets, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))  # Verification only
-        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID)))
-        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
-        on_verification = raw.read_command(s)
-        s.sendall(raw.RELEASE_RQ_PDU)
-        s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
-        ct = "1.2.840.10008.5.1.4.1.1.2"
-        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ct, ds.SOPInstanceUID)))
-        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
-        other_class = raw.read_command(s)
-        s.sendall(raw.RELEASE_RQ_PDU)
+        on_verification, other_class = raw.stores_on_wrong_contexts(
+            lambda **rq: associate(node.scp.port, sockets, **rq), ds)
     assert on_verification.Status == 0x0122 and other_class.Status == 0x0122  # type: ignore[attr-defined]
     lines = events(logs, "store.refused")
     assert [line["status"] for line in lines] == ["0x0122", "0x0122"]
-    assert lines[1]["sop_class"] == ct and lines[1]["context_sop_class"] == US_MULTIFRAME.decode()
+    assert lines[1]["sop_class"] == raw.CT_IMAGE and lines[1]["context_sop_class"] == US_MULTIFRAME.decode()
     assert node.scp.counters.instances == 0
 
 

@@ -7,7 +7,6 @@ plays the hostile peer; pynetdicom plays the PACS. Loopback addresses other than
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
@@ -23,6 +21,7 @@ from echonode.network import pdu_guard
 from tests import rawdicom as raw
 from tests.conftest import wait_for
 from tests.factories import us_multiframe
+from tests.rawdicom import connect
 from train.fetch.errors import UsageError
 from train.fetch.journal import FetchJournal
 from train.fetch.landing import Archive, Sink
@@ -51,23 +50,6 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., tuple[StoreServer, Si
     yield start
     for server in servers:
         server.stop()
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for s in opened:
-        s.close()
-
-
-def connect(port: int, opened: list[socket.socket], source: str = "127.0.0.1") -> socket.socket:
-    s = socket.socket()
-    opened.append(s)
-    s.bind((source, 0))
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def pacs_store(port: int, ds) -> int | None:
@@ -176,16 +158,10 @@ def test_a_command_that_never_ends_is_aborted_before_it_fills_memory(start_serve
         s.sendall(raw.associate_rq(called=MOVE_AET, abstract_syntax=US_MULTIFRAME))
         ac = raw.read_pdu(s)
         assert ac is not None and ac.type == raw.ASSOCIATE_AC, ac
-        fragment = raw.p_data(1, 0x01, b"\0" * 16000)
-        sent = 0
-        with contextlib.suppress(OSError):
-            while sent < 16 * pdu_guard.MAX_COMMAND_BYTES:
-                s.sendall(fragment)
-                sent += 16000
-        _, pdus = raw.wait_closed(s, timeout=10)
+        pdus = raw.send_endless_command(s, 16 * pdu_guard.MAX_COMMAND_BYTES)
     assert any(p.type == raw.ABORT for p in pdus), pdus
     [line] = [e for e in events(logs, "fetch.bad_pdu") if e["reason"] == "command set too long"]
-    assert pdu_guard.MAX_COMMAND_BYTES < line["received_bytes"] <= pdu_guard.MAX_COMMAND_BYTES + 16000
+    assert pdu_guard.MAX_COMMAND_BYTES < line["received_bytes"] <= pdu_guard.MAX_COMMAND_BYTES + raw.COMMAND_FRAGMENT
 
 
 def test_a_store_on_another_class_s_context_is_refused(start_server, sockets) -> None:
@@ -194,23 +170,14 @@ def test_a_store_on_another_class_s_context_is_refused(start_server, sockets) ->
     server, sink = start_server()
     ds = us_multiframe()
     sink.begin(str(ds.StudyInstanceUID), 1)
+    def open_association(**rq: object):
+        s = connect(server.port, sockets)
+        s.sendall(raw.associate_rq(called=MOVE_AET, **rq))  # type: ignore[arg-type]
+        assert raw.read_pdu(s).type == raw.ASSOCIATE_AC  # type: ignore[union-attr]
+        return s
+
     with capture_logs() as logs:
-        s = connect(server.port, sockets)
-        s.sendall(raw.associate_rq(called=MOVE_AET, transfer_syntaxes=(raw.EXPLICIT_VR_LE,)))  # Verification only
-        assert raw.read_pdu(s).type == raw.ASSOCIATE_AC  # type: ignore[union-attr]
-        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID)))
-        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
-        on_verification = raw.read_command(s)
-        s.sendall(raw.RELEASE_RQ_PDU)
-        s = connect(server.port, sockets)
-        s.sendall(raw.associate_rq(called=MOVE_AET, abstract_syntax=US_MULTIFRAME,
-                                   transfer_syntaxes=(raw.EXPLICIT_VR_LE,)))
-        assert raw.read_pdu(s).type == raw.ASSOCIATE_AC  # type: ignore[union-attr]
-        ct = "1.2.840.10008.5.1.4.1.1.2"
-        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(ct, ds.SOPInstanceUID)))
-        s.sendall(raw.p_data(1, 0x02, encode(ds, False, True)))
-        other_class = raw.read_command(s)
-        s.sendall(raw.RELEASE_RQ_PDU)
+        on_verification, other_class = raw.stores_on_wrong_contexts(open_association, ds)
     assert on_verification.Status == 0x0122 and other_class.Status == 0x0122  # type: ignore[attr-defined]
     lines = events(logs, "fetch.store_refused")
     assert [line["status"] for line in lines] == ["0x0122", "0x0122"]
