@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
     UltrasoundMultiFrameImageStorage,
     generate_uid,
@@ -230,3 +231,15 @@ def finetune_args(cache: Path, labels: Path, out: Path, *extra: str) -> list[str
             "--test-fraction", "0.25", "--no-progress", *extra]  # fmt: skip
 
 
+def report_pdf(study: str, *, station: str) -> Dataset:
+    """An Encapsulated PDF of the study, as a reporting system files its report."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EncapsulatedPDFStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+    ds.Modality, ds.PatientID, ds.StationName, ds.Manufacturer = "DOC", "ECHO001", station, "Reports Inc"
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    return ds

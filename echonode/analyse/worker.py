@@ -44,7 +44,7 @@ from echonode.report.header import HeaderRefused, read_study_header
 from echonode.studies.connection import is_disk_full
 from echonode.studies.journal import Journal
 from echonode.studies.records import Claim, ReportRecord, StaleClaim, TaskResult
-from echonode.studies.schema import SR_CLASS_PREFIX
+from echonode.studies.schema import is_document_class
 from echonode.studies.store import RESERVE_NAME, SpaceReserve, StudyStore
 
 log = get_logger(__name__)
@@ -183,8 +183,9 @@ def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str,
     ]
 
 
-#: Why a study holding only structured reports is not analysed (it waits for its images).
-ONLY_STRUCTURED_REPORTS = "only structured reports, no images yet: analysed when an image arrives"
+#: Why a study holding only structured reports and other documents (a PDF, a presentation
+#: state) is not analysed: it waits for its images.
+ONLY_STRUCTURED_REPORTS = "only structured reports or documents, no images yet: analysed when an image arrives"
 
 
 def unassessed_bundles(analysis: StudyAnalysis, models: ModelSet) -> list[Bundle]:
@@ -252,8 +253,8 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
     bound = log.bind(study_uid=claim.study_uid, attempt=claim.attempts)
     models = registry.current
     instances = journal.instances(claim.study_uid)
-    if instances and all(r.sop_class_uid.startswith(SR_CLASS_PREFIX) for r in instances):
-        # A sonographer's measurement SR forwarded before the loops: there is
+    if instances and all(is_document_class(r.sop_class_uid) for r in instances):
+        # A sonographer's measurement SR (or its PDF) forwarded before the loops: there is
         # nothing to analyse yet, and a "not assessed" SR now would be the
         # study's answer for good (a delivered study is never re-opened).
         # Skipped, with no SR: the first image re-opens it.

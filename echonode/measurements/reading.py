@@ -521,7 +521,8 @@ class _Walker:
                 meant_concept, meant = candidates[0]
                 code_problem = (
                     f"concept name LN {_quote(name.value)} is not a LOINC code (its check digit is wrong); its "
-                    f"meaning is that of the {meant_concept.label}'s LN {meant.code.value}, but a meaning alone is not read"
+                    f"meaning is that of the {meant_concept.label}'s {meant.code.scheme_designator} {meant.code.value}, but a"
+                    " meaning alone is not read"
                 )
         if not candidates:
             doc.counts["other_items"] += 1

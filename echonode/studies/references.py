@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from echonode.studies.connection import JournalConnection
-from echonode.studies.schema import SR_CLASS_PREFIX
+from echonode.studies.schema import SR_CLASS_PREFIX, document_class_sql
 from echonode.studies.states import StudyState
 
 __all__ = ["AgreementPair", "DueReference", "ReferenceRecord", "ReferenceRows"]
@@ -137,10 +137,15 @@ class ReferenceRows(JournalConnection):
         return [(r["sop_uid"], r["path"]) for r in rows]
 
     def first_image_path(self, study_uid: str) -> str | None:
-        """The file of the study's first received object that is not an SR (the cart's header), or None."""
+        """The file of the study's first received image (the cart's header), or None.
+
+        SRs and other documents (a report's PDF, a presentation state) are
+        not the cart's: a workstation or reporting system writes them.
+        """
         row = self._connect().execute(
-            f"SELECT path FROM instances WHERE study_uid = ? AND NOT {_IS_SR} ORDER BY received, sop_uid LIMIT 1",
-            (study_uid, SR_CLASS_PREFIX),
+            f"SELECT path FROM instances WHERE study_uid = ? AND NOT {document_class_sql('sop_class_uid')}"
+            " ORDER BY received, sop_uid LIMIT 1",
+            (study_uid,),
         ).fetchone()
         return None if row is None else str(row["path"])
 

@@ -181,19 +181,7 @@ WHEN substr(NEW.sop_class_uid, 1, 27) = '1.2.840.10008.5.1.4.1.1.88.' BEGIN
     INSERT INTO references_due (study_uid, since) VALUES (NEW.study_uid, NEW.received)
     ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
 END;
--- A study's first image re-reads a reference read before it: the Patient ID
--- check and the cart come from the images, and an SR forwarded ahead of its
--- loops was read without them.
-CREATE TRIGGER IF NOT EXISTS references_due_first_image AFTER INSERT ON instances
-WHEN substr(NEW.sop_class_uid, 1, 27) != '1.2.840.10008.5.1.4.1.1.88.'
- AND EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = NEW.study_uid
-             AND substr(i.sop_class_uid, 1, 27) = '1.2.840.10008.5.1.4.1.1.88.')
- AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = NEW.study_uid AND i.sop_uid != NEW.sop_uid
-                 AND substr(i.sop_class_uid, 1, 27) != '1.2.840.10008.5.1.4.1.1.88.') BEGIN
-    INSERT INTO references_due (study_uid, since) VALUES (NEW.study_uid, NEW.received)
-    ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
-END;
--- What `status`, the metrics and the status page show: one JSON document the
+__FIRST_OBJECT_TRIGGER__-- What `status`, the metrics and the status page show: one JSON document the
 -- agreement job writes, so that none of them reads every result.
 CREATE TABLE IF NOT EXISTS agreement_summary (
     id              INTEGER PRIMARY KEY CHECK (id = 1),
@@ -231,3 +219,49 @@ ADDED_COLUMNS = (
 #: A study's last activity (last instance received or last state change), as
 #: indexed by ``studies_active``; ``s`` is the studies table's alias.
 ACTIVE = "MAX(s.last_received, s.updated)"
+
+
+#: Prefixes of the storage classes that carry no image: structured reports (KOS and CAD SR
+#: among them), encapsulated documents (a report's PDF), presentation states, waveforms (an
+#: ECG) and raw data, registrations and segmentations. A study that holds only these has
+#: nothing to analyse yet; the first object of another class is its first image.
+DOCUMENT_CLASS_PREFIXES = (
+    SR_CLASS_PREFIX,
+    "1.2.840.10008.5.1.4.1.1.104.",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.9.",
+    "1.2.840.10008.5.1.4.1.1.66.",
+)
+#: Raw Data Storage itself (its relatives are under its prefix).
+_RAW_DATA = "1.2.840.10008.5.1.4.1.1.66"
+
+
+def is_document_class(sop_class_uid: str) -> bool:
+    """Whether a storage class carries no image (:data:`DOCUMENT_CLASS_PREFIXES`)."""
+    return sop_class_uid == _RAW_DATA or sop_class_uid.startswith(DOCUMENT_CLASS_PREFIXES)
+
+
+def document_class_sql(column: str) -> str:
+    """SQL true when the SOP Class UID in ``column`` is a document class (literals, no parameters)."""
+    tests = [f"substr({column}, 1, {len(p)}) = '{p}'" for p in DOCUMENT_CLASS_PREFIXES]
+    return "(" + " OR ".join([*tests, f"{column} = '{_RAW_DATA}'"]) + ")"
+
+
+# A study's first image re-reads a reference read before it: the Patient ID
+# check and the cart come from the images, and an SR forwarded ahead of its
+# loops was read without them. The NOT EXISTS comes first: while a study's
+# images arrive it stops at the first earlier image, where an EXISTS on the
+# SRs would walk the whole study on every insert until one came. (An earlier
+# build of this trigger, keyed on "not an SR", is replaced.)
+_FIRST_OBJECT_TRIGGER = f"""DROP TRIGGER IF EXISTS references_due_first_image;
+CREATE TRIGGER IF NOT EXISTS references_due_first_object AFTER INSERT ON instances
+WHEN NOT {document_class_sql("NEW.sop_class_uid")}
+ AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = NEW.study_uid AND i.sop_uid != NEW.sop_uid
+                 AND NOT {document_class_sql("i.sop_class_uid")})
+ AND EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = NEW.study_uid
+             AND substr(i.sop_class_uid, 1, {len(SR_CLASS_PREFIX)}) = '{SR_CLASS_PREFIX}') BEGIN
+    INSERT INTO references_due (study_uid, since) VALUES (NEW.study_uid, NEW.received)
+    ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
+END;
+"""
+AGREEMENT_SCHEMA = AGREEMENT_SCHEMA.replace("__FIRST_OBJECT_TRIGGER__", _FIRST_OBJECT_TRIGGER)

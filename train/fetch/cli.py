@@ -231,6 +231,11 @@ def execute(ns: argparse.Namespace, clock: Clock | None = None, out: IO[str] | N
                 source.close()
             if server is not None:
                 server.stop()
+                for address, count in sorted(server.refused.items()):
+                    # The PACS's stores may leave from another address than the one fetch
+                    # connects to (a cluster, NAT, a container): say so where the user looks.
+                    print(f"warning: fetch's storage SCP refused {count} connection(s) from {address}, not in"
+                          f" --move-from; if that is the PACS sending, add it: --move-from {address}", file=out)
             if sink is not None:
                 sink.close()
             journal.close()

@@ -7,8 +7,12 @@ temp file. That is a fixed cost of Python per PDU, whatever its size, and
 Orthanc sends a C-GET's data in PDUs of 16 KB whatever maximum length was
 agreed: the cost per PDU, not the bytes, set the pace of a C-GET.
 
-:func:`install` replaces that read for one association (before its first
-PDU is read: ``EVT_CONN_OPEN``), acceptor or requestor:
+:func:`install` replaces that read for one association, acceptor or
+requestor: before its first PDU is read (``EVT_CONN_OPEN``: the
+associations fetch opens), or once the association is accepted
+(``EVT_ACCEPTED``: the C-MOVE listener's, which the node's PDU guard reads
+until then; the guard reads whole PDUs and never ahead, so nothing is
+left behind for this reader to miss):
 
 - **reads**: one ``recv_into`` takes what the socket holds, up to
   :data:`READ_CHUNK`; a PDU whose bytes have not all come stays in the
@@ -451,12 +455,15 @@ def _items(buf: bytearray, pos: int, end: int) -> list[tuple[int, int, int, int]
 
 
 def install(assoc: Association) -> BufferedReader:
-    """Read ``assoc`` through a :class:`BufferedReader` from now on; call it before its first PDU is read.
+    """Read ``assoc`` through a :class:`BufferedReader` from now on.
+
+    Call it before its first PDU is read, or after the PDU guard has read the
+    negotiation (it reads whole PDUs only, so no byte is left in between).
 
     Parameters
     ----------
     assoc : Association
-        Its socket connected (``EVT_CONN_OPEN`` is the place).
+        Its socket connected (``EVT_CONN_OPEN``), or accepted (``EVT_ACCEPTED``) behind the PDU guard.
 
     Returns
     -------

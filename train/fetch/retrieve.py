@@ -14,6 +14,7 @@ timeout on a large instance).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import ipaddress
@@ -263,6 +264,8 @@ class StoreServer:
         # A request calling another AE title than --move-aet is rejected (1/1/7) by pynetdicom.
         self.ae.require_called_aet = True
         self.allowed = allowed
+        #: Connections closed for their address, by address (reported at the end of the run).
+        self.refused: collections.Counter[str] = collections.Counter()
         for cx in StoragePresentationContexts:
             assert cx.abstract_syntax is not None
             self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -274,7 +277,8 @@ class StoreServer:
         self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink, check_context=True)),
                                     (evt.EVT_CONN_OPEN, self._on_open),
                                     (evt.EVT_REQUESTED, self._on_requested),
-                                    (evt.EVT_ACCEPTED, lambda event: install(event.assoc))]
+                                    (evt.EVT_ACCEPTED, lambda event: install(event.assoc)),
+                                    (evt.EVT_REJECTED, _log_rejected)]
         if limiter.enabled:
             self.handlers.append((evt.EVT_DATA_RECV, throttle_handler(limiter)))
         self._server: Any = None
@@ -291,6 +295,7 @@ class StoreServer:
         address = _normalised(str(assoc.requestor.address or ""))
         if self.allowed is not None and address not in self.allowed:
             log.warning("fetch.association_refused", reason="address not allowed (--move-from)", peer=address)
+            self.refused[address] += 1
             guard.abort()
 
     def _on_requested(self, event: Any) -> None:
@@ -336,6 +341,14 @@ class StoreServer:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def _log_rejected(event: Any) -> None:
+    """Log a rejection pynetdicom made itself (a called AE title other than --move-aet: 1/1/7)."""
+    rq = event.assoc.requestor
+    log.warning("fetch.association_rejected", peer=_normalised(str(rq.address or "")),
+                called_ae=peer_text(str(getattr(rq.primitive, "called_ae_title", "") or "")),
+                calling_ae=peer_text(str(getattr(rq.primitive, "calling_ae_title", "") or "")))
 
 
 def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:

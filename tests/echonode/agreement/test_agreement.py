@@ -29,7 +29,7 @@ from echonode.studies.states import StudyState
 from echonode.studies.store import StudyStore
 from tests.conftest import REPO, make_config, run_cli
 from tests.echo_sr import echo_sr
-from tests.factories import us_multiframe
+from tests.factories import report_pdf, us_multiframe
 
 #: A study whose measurements say LVH (IVSd 1.4 cm) and no severe AS (Vmax 2.1 m/s).
 LVH = {"ivsd": 1.4, "lvpwd": 1.3, "lvidd": 4.8, "av_vmax": 2.1, "av_mean_gradient": 10.0}
@@ -554,19 +554,23 @@ def test_the_cart_comes_from_the_images_and_an_early_sr_is_read_again_with_them(
     node = Node(tmp_path)
     early, blank = generate_uid(), generate_uid()
     node.sr(early, LVH)
+    node.put(report_pdf(early, station="REPORTING-1"))  # the reporting system's PDF is not an image either
     node.journal.mark_stable(-1)
     assert node.job().run() == 1
     sr_only = node.journal.reference(early)
     assert sr_only.manufacturer is not None and sr_only.station_name is None  # the SR's equipment
-    assert node.journal.due_references() == []
+    assert node.journal.reference_counts()["due"] == 0
     node.image(early, station="ECHO-9")
-    node.image(early, station="ECHO-10")  # only the first image queues the study again
-    node.image(blank, manufacturer="", model="", station="")
-    node.sr(blank, LVH)
     node.journal.mark_stable(-1)
-    assert node.job().run() == 2
+    assert node.job().run() == 1
     ref = node.journal.reference(early)
     assert (ref.manufacturer, ref.station_name) == ("GE Vingmed Ultrasound", "ECHO-9")
     assert ref.labels["lvh"][0] == 1
+    node.image(early, station="ECHO-10")  # only the first image queues the study again
+    assert node.journal.reference_counts()["due"] == 0
+    node.image(blank, manufacturer="", model="", station="")
+    node.sr(blank, LVH)
+    node.journal.mark_stable(-1)
+    assert node.job().run() == 1
     ref = node.journal.reference(blank)
     assert (ref.manufacturer, ref.model_name, ref.station_name) == (None, None, None)

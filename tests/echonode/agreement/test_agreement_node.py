@@ -28,7 +28,7 @@ from echonode.daemon.node import Node
 from echonode.studies.states import StudyState
 from tests.conftest import free_port, make_config, run_cli, wait_for, with_destination
 from tests.echo_sr import echo_sr, save
-from tests.factories import tiny_bundle
+from tests.factories import report_pdf, tiny_bundle
 from tests.peers import STORESCU, RecordingSCP, require_tool, send_files, storescu
 
 LVH = {"ivsd": 1.4, "lvpwd": 1.3, "lvidd": 4.8, "av_vmax": 2.1, "av_mean_gradient": 10.0}
@@ -161,13 +161,16 @@ def test_an_sr_forwarded_before_its_images_waits_for_them_and_is_read_again(tmp_
     out = tmp_path / "send"
     mine, other = generate_uid(), generate_uid()
     own_sr = save(same_patient(echo_sr("philips", LVH, study_uid=mine)), out / "sr-mine.dcm")
+    pdf = report_pdf(mine, station="REPORTING-1")  # and the reporting system's PDF: no image either
+    pdf.PatientID = PATIENT["PatientID"]
+    own_pdf = save(pdf, out / "report-mine.dcm")
     foreign = echo_sr("philips", LVH, study_uid=other)
     foreign.PatientID, foreign.PatientName = "PAT-OTHER", "ROE^RICHARD"
     foreign_sr = save(foreign, out / "sr-other.dcm")
     node = Node(cfg)
     node.start()
     try:
-        assert send_files(node.scp.port, [own_sr, foreign_sr], calling="WORKSTATION") == [0x0000, 0x0000]
+        assert send_files(node.scp.port, [own_sr, own_pdf, foreign_sr], calling="WORKSTATION") == [0x0000] * 3
 
         def settled(*studies: str, state: StudyState) -> bool:
             node.worker.supervise()

@@ -1139,6 +1139,30 @@ def test_unknown_or_refused_move_destination_stops_the_run(fake_pacs, tmp_path, 
     assert sorted(r[0] for r in rows.values()) == ["failed", "found"]
 
 
+def test_stores_from_an_address_outside_move_from_are_refused_and_the_run_says_so(fake_pacs, tmp_path):
+    """A PACS whose stores leave from another address than the one fetch connects to (a cluster, NAT,
+    a container) is refused by default; the run's output names the address and the option."""
+    port = free_port()
+    fake_pacs.destinations[FETCH_AET] = ("127.0.0.1", port)
+
+    def move(event, datasets):
+        yield "127.0.0.1", port
+        yield len(datasets)
+        for ds in datasets:
+            yield 0xFF00, ds
+
+    fake_pacs.on_move = move
+    fake_pacs.studies = dict(list(fake_pacs.studies.items())[:1])
+    out = tmp_path / "archive"
+    code, text = fetch(*_move_args(fake_pacs, out, port), "--move-from", "127.0.0.3", "--attempts", "1")
+    assert code != 0, text
+    assert landed(out) == {}
+    assert "refused" in text and "from 127.0.0.1" in text and "--move-from 127.0.0.1" in text
+    # The same run with the PACS's address allowed fetches the study.
+    code, text = fetch(*_move_args(fake_pacs, out, port), "--move-from", "localhost")
+    assert code == 0, text
+    assert len(landed(out)) == 3 and "refused" not in text
+
 def test_partial_failure_is_retried_then_recorded_with_its_count(fake_pacs, tmp_path):
     port = free_port()
     fake_pacs.destinations[FETCH_AET] = ("127.0.0.1", port)
