@@ -134,6 +134,10 @@ def _options(ns: argparse.Namespace) -> Options:
 
 
 def _mode(ns: argparse.Namespace) -> str:
+    if ns.move_from and (ns.dicomweb or ns.get or ns.into_node):
+        # Only fetch's own C-MOVE listener takes stores; elsewhere the option would be silently ignored.
+        raise UsageError("--move-from is for fetch's storage SCP (C-MOVE into a folder); not with --dicomweb,"
+                         " --get or --into-node")
     if ns.dicomweb:
         if ns.get or ns.into_node or ns.port is not None or ns.move_aet:
             raise UsageError("--get, --move-aet, --port and --into-node are DIMSE options; not with --dicomweb")

@@ -1162,6 +1162,11 @@ def test_stores_from_an_address_outside_move_from_are_refused_and_the_run_says_s
     code, text = fetch(*_move_args(fake_pacs, out, port), "--move-from", "localhost")
     assert code == 0, text
     assert len(landed(out)) == 3 and "refused" not in text
+    # Where nothing listens for the PACS, the option would be silently ignored: refused instead.
+    for other in (["--get"], ["--dicomweb", "http://127.0.0.1:1/dicom-web"]):
+        source = [] if "--dicomweb" in other else ["--from", fake_pacs.peer]
+        code, text = fetch("--out", str(tmp_path / "b"), *source, *other, "--move-from", "127.0.0.1")
+        assert code == 2 and "--move-from is for fetch's storage SCP" in text, text
 
 def test_partial_failure_is_retried_then_recorded_with_its_count(fake_pacs, tmp_path):
     port = free_port()
