@@ -185,7 +185,7 @@ def not_assessed_of(analysis: StudyAnalysis, models: ModelSet, views: tuple[str,
 
 #: Why a study holding only structured reports and other documents (a PDF, a presentation
 #: state) is not analysed: it waits for its images.
-ONLY_STRUCTURED_REPORTS = "only structured reports or documents, no images yet: analysed when an image arrives"
+WAITING_FOR_IMAGES = "only structured reports or documents, no images yet: analysed when an image arrives"
 
 
 def unassessed_bundles(analysis: StudyAnalysis, models: ModelSet) -> list[Bundle]:
@@ -259,12 +259,12 @@ def process_study(cfg: Config, journal: Journal, store: StudyStore, registry: Mo
         # study's answer for good (a delivered study is never re-opened).
         # Skipped, with no SR: the first image re-opens it.
         try:
-            journal.finish_skipped(claim, ONLY_STRUCTURED_REPORTS)
+            journal.finish_skipped(claim, WAITING_FOR_IMAGES)
         except StaleClaim:
             bound.info("study.changed_while_running")
             return StudyOutcome(claim.study_uid, "stale")
         bound.info("study.waiting_for_images", objects=len(instances))
-        return StudyOutcome(claim.study_uid, "skipped", reason=ONLY_STRUCTURED_REPORTS)
+        return StudyOutcome(claim.study_uid, "skipped", reason=WAITING_FOR_IMAGES)
     paths = [Path(r.path) for r in instances if Path(r.path).exists()]
     if not paths:
         # Received and acknowledged, then lost from storage (deleted by hand,

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import ThreadedAssociationServer
 
-__all__ = ["SharedContexts", "malformed_context", "share_contexts"]
+__all__ = ["SharedContexts", "malformed_context", "share_contexts", "store_on_wrong_context"]
 
 
 class SharedContexts(list[PresentationContext]):
@@ -61,3 +62,13 @@ def malformed_context(contexts: Sequence[PresentationContext]) -> str | None:
         if not cx.transfer_syntax:
             return f"context {cid} proposes no transfer syntax"
     return None
+
+
+def store_on_wrong_context(affected_sop_class: str, context_sop_class: str) -> bool:
+    """Whether a C-STORE naming ``affected_sop_class`` came on a context (of ``context_sop_class``) it may not use.
+
+    PS3.7 9.1.1.1: a C-STORE is sent on a presentation context of its own
+    SOP class; one on the Verification context, or naming another class
+    than its context's, is not a storage (answered 0x0122).
+    """
+    return affected_sop_class != context_sop_class or context_sop_class == Verification

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
 from echonode.config import NodeConfig
+from echonode.network.contexts import malformed_context
 
 __all__ = [
+    "request_refusal",
     "DICOM_APPLICATION_CONTEXT",
     "REJECT_APPLICATION_CONTEXT",
     "REJECT_CALLED_AE",
@@ -90,3 +93,28 @@ class AccessPolicy:
     def calling_ae_allowed(self, calling_ae: str) -> bool:
         """Whether ``calling_ae`` (padding already removed) may associate."""
         return not self.calling_aets or calling_ae in self.calling_aets
+
+
+def request_refusal(rq: Any) -> tuple[str, tuple[int, int, int]] | None:
+    """Why an A-ASSOCIATE-RQ cannot be negotiated at all, and the A-ASSOCIATE-RJ to answer; None if it can.
+
+    Checked before pynetdicom negotiates the request: it would negotiate any
+    application context, and raise on a malformed presentation context,
+    leaving the peer unanswered with its thread and socket held.
+
+    Parameters
+    ----------
+    rq : pynetdicom.pdu_primitives.A_ASSOCIATE
+        The request as received.
+
+    Returns
+    -------
+    tuple or None
+        ``(reason for the log, (result, source, diagnostic))``.
+    """
+    if str(rq.application_context_name or "") != DICOM_APPLICATION_CONTEXT:
+        return "not the DICOM application context", REJECT_APPLICATION_CONTEXT
+    malformed = malformed_context(rq.presentation_context_definition_list)
+    if malformed is not None:
+        return f"malformed presentation context: {malformed}", REJECT_NO_REASON
+    return None

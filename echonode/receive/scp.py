@@ -48,13 +48,11 @@ from pynetdicom.utils import make_target
 from echonode.config import Config, NodeConfig
 from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.network import pdu_guard
-from echonode.network.contexts import malformed_context, share_contexts
+from echonode.network.contexts import share_contexts, store_on_wrong_context
 from echonode.network.tls import server_ssl_context
 from echonode.ops.logs import get_logger, peer_text
 from echonode.receive import spool
 from echonode.receive.access import (
-    DICOM_APPLICATION_CONTEXT,
-    REJECT_APPLICATION_CONTEXT,
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
     REJECT_LOCAL_LIMIT,
@@ -63,6 +61,7 @@ from echonode.receive.access import (
     AccessPolicy,
     dicom_ae_title,
     printable_ae,
+    request_refusal,
 )
 from echonode.studies.store import BadObject, StudyStore
 
@@ -462,17 +461,11 @@ class StorageSCP:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(assoc_id=assoc_id, calling_ae=calling_ae, peer=address,
                                                **({} if self.receiver is None else {"receiver": self.receiver}))
-        if str(rq.application_context_name or "") != DICOM_APPLICATION_CONTEXT:
-            log.warning("association.rejected", reason="not the DICOM application context",
+        refusal = request_refusal(rq)
+        if refusal is not None:
+            log.warning("association.rejected", reason=refusal[0],
                         application_context=peer_text(rq.application_context_name or ""))
-            self._reject(assoc, REJECT_APPLICATION_CONTEXT)
-            return
-        malformed = malformed_context(rq.presentation_context_definition_list)
-        if malformed is not None:
-            # pynetdicom's negotiation would raise on it and leave the peer
-            # unanswered, its reader thread and socket held until it hangs up.
-            log.warning("association.rejected", reason=f"malformed presentation context: {malformed}")
-            self._reject(assoc, REJECT_NO_REASON)
+            self._reject(assoc, refusal[1])
             return
         if calling is None:
             log.warning("association.rejected", reason="calling AE title is not a valid AE title",
@@ -643,9 +636,7 @@ class StorageSCP:
                 return STATUS_OUT_OF_RESOURCES
             affected = str(req.AffectedSOPClassUID or "")
             negotiated = str(event.context.abstract_syntax or "")
-            if affected != negotiated or negotiated == Verification:
-                # PS3.7 9.1.1.1: a C-STORE is sent on a context of its own SOP class;
-                # one on the Verification context (or naming another class) is not a storage.
+            if store_on_wrong_context(affected, negotiated):
                 self.counters.fail(f"0x{STATUS_SOP_CLASS_NOT_SUPPORTED:04X}")
                 log.warning("store.refused", status=f"0x{STATUS_SOP_CLASS_NOT_SUPPORTED:04X}",
                             error="the request's SOP class is not its presentation context's",

@@ -22,6 +22,7 @@ from pathlib import Path
 from echonode.studies.schema import (
     ADDED_COLUMNS,
     AGREEMENT_SCHEMA,
+    FIRST_OBJECT_TRIGGER,
     SCHEMA,
     SR_CLASS_PREFIX,
     STATUS_PAGE_SCHEMA,
@@ -86,7 +87,7 @@ class JournalConnection:
         self._local = threading.local()
         # Create the schema once, eagerly, so that errors show at start.
         # executescript manages its own transaction.
-        self._connect().executescript(SCHEMA + STATUS_PAGE_SCHEMA + AGREEMENT_SCHEMA)
+        self._connect().executescript(SCHEMA + STATUS_PAGE_SCHEMA + AGREEMENT_SCHEMA + FIRST_OBJECT_TRIGGER)
         self._add_columns()
         self._count_stored()
         self._queue_earlier_srs()

@@ -43,7 +43,7 @@ from echonode.studies.records import (
     TaskResult,
 )
 from echonode.studies.references import ReferenceRows
-from echonode.studies.schema import SR_CLASS_PREFIX
+from echonode.studies.schema import is_document_class
 from echonode.studies.states import (
     REOPENABLE_STATES,
     SETTLED_STATES,
@@ -116,10 +116,11 @@ class Journal(OutboxRows, JournalQueries, ReferenceRows):
             else:
                 state = as_state(row["state"])
                 # An SR (the sonographers' measurements, finished later at a
-                # workstation) cannot change the analysis, which reads images
-                # only: it never re-opens a study nor voids a worker's claim.
-                # The agreement job reads it (the references_due trigger).
-                if state in REOPENABLE_STATES and not rec.sop_class_uid.startswith(SR_CLASS_PREFIX):
+                # workstation) or another document (a report's PDF) cannot
+                # change the analysis, which reads images only: it never
+                # re-opens a study nor voids a worker's claim. The agreement
+                # job reads an SR (the references_due trigger).
+                if state in REOPENABLE_STATES and not is_document_class(rec.sop_class_uid):
                     state = StudyState.RECEIVING
                     con.execute(
                         "UPDATE studies SET state = ?, reason = NULL, last_received = ?, updated = ?,"

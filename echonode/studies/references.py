@@ -287,18 +287,12 @@ class ReferenceRows(JournalConnection):
             :meth:`agreement_pairs` counts them.
         """
         con = self._connect()
-        if since is None:
-            row = con.execute("SELECT COUNT(*) AS n, COUNT(sr_sop_uid) AS ref FROM study_references").fetchone()
-            due = con.execute("SELECT COUNT(*) AS n FROM references_due").fetchone()
-        else:
-            row = con.execute(
-                "SELECT COUNT(*) AS n, COUNT(r.sr_sop_uid) AS ref FROM study_references r"
-                " JOIN studies s ON s.study_uid = r.study_uid WHERE s.first_received >= ?", (float(since),)
-            ).fetchone()
-            due = con.execute(
-                "SELECT COUNT(*) AS n FROM references_due d JOIN studies s ON s.study_uid = d.study_uid"
-                " WHERE s.first_received >= ?", (float(since),)
-            ).fetchone()
+        # Without ``since`` every row counts, a study gone from the journal too.
+        where = "" if since is None else " JOIN studies s ON s.study_uid = t.study_uid WHERE s.first_received >= ?"
+        args = () if since is None else (float(since),)
+        row = con.execute(f"SELECT COUNT(*) AS n, COUNT(t.sr_sop_uid) AS ref FROM study_references t{where}",
+                          args).fetchone()
+        due = con.execute(f"SELECT COUNT(*) AS n FROM references_due t{where}", args).fetchone()
         return {"studies": int(row["n"]), "with_reference": int(row["ref"]), "due": int(due["n"])}
 
     def save_agreement_summary(self, document: dict[str, Any], computed: float | None = None) -> None:

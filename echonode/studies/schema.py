@@ -181,7 +181,7 @@ WHEN substr(NEW.sop_class_uid, 1, 27) = '1.2.840.10008.5.1.4.1.1.88.' BEGIN
     INSERT INTO references_due (study_uid, since) VALUES (NEW.study_uid, NEW.received)
     ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
 END;
-__FIRST_OBJECT_TRIGGER__-- What `status`, the metrics and the status page show: one JSON document the
+-- What `status`, the metrics and the status page show: one JSON document the
 -- agreement job writes, so that none of them reads every result.
 CREATE TABLE IF NOT EXISTS agreement_summary (
     id              INTEGER PRIMARY KEY CHECK (id = 1),
@@ -247,13 +247,13 @@ def document_class_sql(column: str) -> str:
     return "(" + " OR ".join([*tests, f"{column} = '{_RAW_DATA}'"]) + ")"
 
 
-# A study's first image re-reads a reference read before it: the Patient ID
+# Run after the other schemas (connection.py). A study's first image re-reads a reference read before it: the Patient ID
 # check and the cart come from the images, and an SR forwarded ahead of its
 # loops was read without them. The NOT EXISTS comes first: while a study's
 # images arrive it stops at the first earlier image, where an EXISTS on the
 # SRs would walk the whole study on every insert until one came. (An earlier
 # build of this trigger, keyed on "not an SR", is replaced.)
-_FIRST_OBJECT_TRIGGER = f"""DROP TRIGGER IF EXISTS references_due_first_image;
+FIRST_OBJECT_TRIGGER = f"""DROP TRIGGER IF EXISTS references_due_first_image;
 CREATE TRIGGER IF NOT EXISTS references_due_first_object AFTER INSERT ON instances
 WHEN NOT {document_class_sql("NEW.sop_class_uid")}
  AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = NEW.study_uid AND i.sop_uid != NEW.sop_uid
@@ -264,4 +264,3 @@ WHEN NOT {document_class_sql("NEW.sop_class_uid")}
     ON CONFLICT(study_uid) DO UPDATE SET since = excluded.since, seq = seq + 1;
 END;
 """
-AGREEMENT_SCHEMA = AGREEMENT_SCHEMA.replace("__FIRST_OBJECT_TRIGGER__", _FIRST_OBJECT_TRIGGER)

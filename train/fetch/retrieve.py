@@ -34,8 +34,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 from pynetdicom.utils import make_target
 
 from echonode.network import pdu_guard
-from echonode.network.contexts import malformed_context, share_contexts
+from echonode.network.contexts import share_contexts, store_on_wrong_context
 from echonode.ops.logs import get_logger, peer_text
+from echonode.receive.access import request_refusal
 
 from .dimse import (
     STUDY_ROOT_GET,
@@ -143,12 +144,6 @@ def judge(outcomes: list[SeriesOutcome], flight: InFlight | None, verb: str) -> 
 
 #: C-STORE status: the request's SOP class is not the one of its presentation context (PS3.7 9.1.1.1).
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-#: The DICOM application context name (PS3.7 A.2.1); a request naming another is refused.
-DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-#: A-ASSOCIATE-RJ (result, source, diagnostic): permanent, service user, no reason given /
-#: application context name not supported.
-REJECT_NO_REASON = (0x01, 0x01, 0x01)
-REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 
 
 def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: None,
@@ -165,7 +160,7 @@ def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: Non
         if check_context:
             affected = str(event.request.AffectedSOPClassUID or "")
             negotiated = str(event.context.abstract_syntax or "")
-            if affected != negotiated or negotiated == Verification:
+            if store_on_wrong_context(affected, negotiated):
                 log.warning("fetch.store_refused", status=f"0x{STATUS_SOP_CLASS_NOT_SUPPORTED:04X}",
                             error="the request's SOP class is not its presentation context's",
                             sop_class=peer_text(affected), context_sop_class=negotiated,
@@ -307,19 +302,12 @@ class StoreServer:
             # nothing to negotiate.
             assoc.is_aborted = True
             return
-        peer = _normalised(str(assoc.requestor.address or ""))
-        if str(rq.application_context_name or "") != DICOM_APPLICATION_CONTEXT:
-            log.warning("fetch.association_refused", reason="not the DICOM application context", peer=peer,
+        refusal = request_refusal(rq)
+        if refusal is not None:
+            log.warning("fetch.association_refused", reason=refusal[0],
+                        peer=_normalised(str(assoc.requestor.address or "")),
                         application_context=peer_text(rq.application_context_name or ""))
-            _reject(assoc, REJECT_APPLICATION_CONTEXT)
-            return
-        malformed = malformed_context(rq.presentation_context_definition_list)
-        if malformed is not None:
-            # pynetdicom's negotiation would raise on it and leave the peer
-            # unanswered, its thread and socket held until it hangs up.
-            log.warning("fetch.association_refused", reason=f"malformed presentation context: {malformed}",
-                        peer=peer)
-            _reject(assoc, REJECT_NO_REASON)
+            _reject(assoc, refusal[1])
 
     def start(self) -> StoreServer:
         try:

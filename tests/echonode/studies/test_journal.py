@@ -53,6 +53,22 @@ def test_new_instance_reopens_a_queued_study(journal: Journal) -> None:
     assert journal.study_state("1.2.3") == StudyState.RECEIVING
 
 
+
+@pytest.mark.parametrize(("sop_class", "reopens"), [
+    ("1.2.840.10008.5.1.4.1.1.88.33", False),  # the sonographers' measurement SR
+    ("1.2.840.10008.5.1.4.1.1.104.1", False),  # the report's PDF
+    ("1.2.840.10008.5.1.4.1.1.3.1", True),  # a cine loop
+])
+def test_only_an_image_reopens_a_study(journal: Journal, sop_class: str, reopens: bool) -> None:
+    """A document cannot change the analysis, which reads images only; an image can."""
+    journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
+    journal.mark_stable(10)
+    journal.queue_stable()
+    late = InstanceRecord("1.2.3.9", "1.2.3", "1.2.3.2", sop_class, "1.2.840.10008.1.2.1", "/x/late.dcm", 10,
+                          time.time())
+    journal.record_instance(late)
+    assert journal.study_state("1.2.3") == (StudyState.RECEIVING if reopens else StudyState.QUEUED)
+
 def test_claim_and_stale_claim(journal: Journal) -> None:
     journal.record_instance(rec("1.2.3.4", t=time.time() - 100))
     journal.mark_stable(10)
