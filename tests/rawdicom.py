@@ -284,7 +284,9 @@ def stores_on_wrong_contexts(open_association: Callable[..., socket.socket], ds:
                                        (US_MULTIFRAME_IMAGE.encode(), CT_IMAGE)):
         s = open_association(abstract_syntax=abstract_syntax, transfer_syntaxes=(EXPLICIT_VR_LE,))
         s.sendall(p_data(1, 0x03, store_rq_command(sop_class, str(ds.SOPInstanceUID))))
-        s.sendall(p_data(1, 0x02, encode(ds, False, True)))
+        encoded = encode(ds, False, True)
+        assert encoded is not None, "the data set could not be encoded"
+        s.sendall(p_data(1, 0x02, encoded))
         answers.append(read_command(s))
         s.sendall(RELEASE_RQ_PDU)
     return answers[0], answers[1]
