@@ -50,7 +50,8 @@ pixels at any depth and in either renderer) into caches and bundles named
 ``--look varied`` trains on renderer A drawn with ``synth --look varied`` (a
 wide spread of grey maps, speckle, edges and tissue contrast per video) into
 an archive, caches and bundles named ``*-varied``; renderer B is unchanged.
-``--look varied-valves`` varies the valve leaflets' look as well (``*-varied-valves``).
+``--look varied-valves`` varies the valve leaflets' look as well (``*-varied-valves``);
+``--look varied-leaflets`` also fades half the videos' leaflets into the tissue's blur.
 ``--tasks severe_as`` fine-tunes and scores one task only.
 
 Usage::

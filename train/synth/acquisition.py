@@ -146,6 +146,13 @@ class Look:
         Added to every leaflet's drawn thickness (cm): a bright thin
         reflector spreads over the beam's width, so leaflets look thicker
         (and an opening narrower) on a coarse beam than they are.
+    leaflets_in_blur : bool
+        With ``log_edges``, draw the leaflets before the boundaries are
+        softened in decibels instead of over the softened field, so a thin
+        leaflet fades toward the blood around it by how soft the edges are
+        (a leaflet thinner than the beam's slice, or crossing it obliquely,
+        is averaged with blood; faint, smeared cusps are common in real
+        echo, calcified ones included).
     """
 
     surround_db: float = 0.0
@@ -155,6 +162,7 @@ class Look:
     leaflet_db: float = 0.0
     calcium_scale: float = 1.0
     leaflet_bloom_cm: float = 0.0
+    leaflets_in_blur: bool = False
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,8 @@ class _Writer:
         plan = plan_video(vr, view, k + 1, study, self.frames, int(vr.integers(0, 2**63)))
         if self.look in VARIED_LOOKS and renderer == "polar":
             plan = vary_plan(plan, keyed_rng(self.seed, PURPOSE_LOOK, p, s, k),
-                             leaflets=self.look == "varied-valves")
+                             leaflets=self.look in ("varied-valves", "varied-leaflets"),
+                             fade=self.look == "varied-leaflets")
         rgb, geo, _ = RENDERERS[renderer](an, plan, self.rows, self.cols, header)
         jpegs = [encode_jpeg(f, self.quality) for f in rgb]
         ctx["series_uid"] = uid(self.seed, "series", p, s, k)
@@ -325,7 +326,9 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
         per video from the wide ranges of :mod:`train.synth.look`, drawn from
         a stream of its own, so everything but the pixels is the standard
         archive's) or ``"varied-valves"`` (that, and the valve leaflets' echo
-        strength, calcium contrast and bloom drawn per video too).
+        strength, calcium contrast and bloom drawn per video too) or
+        ``"varied-leaflets"`` (that, and half the videos' leaflets faded into
+        the tissue's decibel blur).
 
     Returns
     -------

@@ -29,7 +29,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "grey map, speckle grain and filtering, edge softness and tissue contrast drawn per "
                              "video from wide ranges, so that models cannot lean on one way of drawing tissue), "
                              "or varied-valves (that, and the valve leaflets' echo strength, calcium contrast and "
-                             "bloom drawn per video too)")
+                             "bloom drawn per video too), or varied-leaflets (that, with half the videos' "
+                             "leaflets faded into the tissue's blur)")
     parser.add_argument("--views", default=None,
                         help=f"comma-separated views to write (default all: {','.join(VIEWS)})")
     parser.add_argument("--no-reports", dest="reports", action="store_false",

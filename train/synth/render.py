@@ -203,10 +203,14 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
         if i:
             scat = _SPECKLE_RHO * scat + k * rng.standard_normal(scat.shape, dtype=np.float32)
         refl = view_fn(u, v, bg, an, float(ph), e, valves=False)
+        # Every view paints its leaflets last, over whatever it drew: sharp
+        # and then faded with the tissue by the decibel blur, or over it.
+        faded = look.log_edges and look.leaflets_in_blur
+        if valves is not None and faded:
+            valves(refl, u, v, an, float(ph), e, leaf)
         if look.log_edges:
             refl = np.exp(cv2.GaussianBlur(np.log(refl), (0, 0), sigmaX=log_blur[0], sigmaY=log_blur[1]))
-        # Every view paints its leaflets last, over whatever it drew.
-        if valves is not None:
+        if valves is not None and not faded:
             valves(refl, u, v, an, float(ph), valve_e, leaf)
         if look.contrast != 1.0:
             # Scale every level in dB around the myocardium's.

@@ -35,7 +35,7 @@ from train.synth.acquisition import VideoPlan
 from train.synth.anatomy import Anatomy, av_open, contraction, mv_open
 from train.synth.geometry import Geometry
 
-__all__ = ["render_video", "sector_geometry", "view_pose"]
+__all__ = ["av_cusp_bars", "render_video", "sector_geometry", "view_pose"]
 
 # Echo strength per tissue (dB over myocardium): blood far below, pericardium
 # above, the tissue around the heart about as echogenic as the myocardium (as
@@ -127,23 +127,39 @@ def _plax(cv_: _Canvas, an: Anatomy, ph: float, calc_db: float) -> None:
         ang = math.radians(180 + sign * (20 + 55 * m))
         tip = (hinge[0] + length * math.cos(ang), hinge[1] - sign * length * abs(math.sin(ang)))
         cv_.bar(hinge, tip, 0.12, _DB["valve"])
-    _aortic_cusps(cv_, tr, ph, v_a, v_p, calc_db)
+    _aortic_cusps(cv_, an, ph, calc_db)
 
 
-def _aortic_cusps(cv_: _Canvas, tr, ph: float, v_a: float, v_p: float, calc_db: float) -> None:
-    """Two cusps hinged on the root walls; their tips slide from the midline to
-    ``sep / 2`` from it (inner edges ``av_cusp_sep_cm`` apart) at full opening."""
+def av_cusp_bars(an: Anatomy, ph: float) -> tuple[tuple[tuple[float, float], tuple[float, float]], ...]:
+    """Hinge and tip (view-local u, v cm) of the anterior and posterior aortic cusp at phase ``ph``.
+
+    Two cusps hinged on the root walls; their tips slide from the midline to
+    ``sep / 2`` from it (inner edges ``av_cusp_sep_cm`` apart) at full opening.
+    Each is drawn as a band ``av_leaflet_cm`` wide along hinge to tip.
+    """
+    tr = an.truth
+    h = tr.lvid_cm / 2 * (1 - an.fractional_shortening * contraction(ph))
+    ivs = math.sqrt(h * h + (tr.lvid_cm / 2 + tr.ivs_cm) ** 2 - (tr.lvid_cm / 2) ** 2) - h
+    v_a = -h - 0.5 * ivs
+    v_p = v_a + tr.ao_root_cm
     u_hinge = 1.0
     vc = 0.5 * (v_a + v_p)
     o = av_open(ph)
     cusp = 0.5 * tr.ao_root_cm + 0.2
+    bars = []
     for v_h, sign in ((v_a, -1.0), (v_p, 1.0)):
         closed = (u_hinge + 0.35, vc + sign * tr.av_leaflet_cm / 2)
         v_open = vc + sign * (tr.av_cusp_sep_cm / 2 + tr.av_leaflet_cm / 2)
         du = math.sqrt(max(cusp ** 2 - (v_open - v_h) ** 2, 0.04))
         opened = (u_hinge + du, v_open)
         tip = (closed[0] + (opened[0] - closed[0]) * o, closed[1] + (opened[1] - closed[1]) * o)
-        cv_.bar((u_hinge, v_h), tip, tr.av_leaflet_cm, _DB["valve"] + calc_db)
+        bars.append(((u_hinge, v_h), tip))
+    return bars[0], bars[1]
+
+
+def _aortic_cusps(cv_: _Canvas, an: Anatomy, ph: float, calc_db: float) -> None:
+    for hinge, tip in av_cusp_bars(an, ph):
+        cv_.bar(hinge, tip, an.truth.av_leaflet_cm, _DB["valve"] + calc_db)
 
 
 def _a4c(cv_: _Canvas, an: Anatomy, ph: float) -> None:
