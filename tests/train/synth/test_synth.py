@@ -389,6 +389,57 @@ def test_the_varied_valves_look_adds_the_leaflets_to_the_varied_look() -> None:
         assert -4.0 <= lk.leaflet_db <= 8.0 and 0.5 <= lk.calcium_scale <= 2.2 and 0 <= lk.leaflet_bloom_cm <= 0.1
 
 
+def test_the_varied_leaflets_look_is_the_varied_valves_look_with_faint_and_faded_leaflets() -> None:
+    """Every draw but the leaflets' echo strength and the fade is the varied-valves look's; the
+    echo strength spans -12 to +8 dB from the same draw; about half the videos fade their leaflets."""
+    base = acquisition.plan_video(np.random.default_rng(0), "plax", 1, acquisition.plan_study(
+        np.random.default_rng(1)), 8, 3)
+    faded = 0
+    for k in range(400):
+        valves = look.vary_plan(base, np.random.default_rng(k), leaflets=True)
+        leaflets = look.vary_plan(base, np.random.default_rng(k), leaflets=True, fade=True)
+        assert dataclasses.replace(leaflets, look=dataclasses.replace(
+            leaflets.look, leaflet_db=valves.look.leaflet_db, leaflets_in_blur=False)) == valves
+        assert not valves.look.leaflets_in_blur
+        # The same uniform draw, stretched from [-4, 8] to [-12, 8] dB.
+        assert (leaflets.look.leaflet_db - 8.0) / 20.0 == pytest.approx((valves.look.leaflet_db - 8.0) / 12.0)
+        faded += leaflets.look.leaflets_in_blur
+    assert 160 <= faded <= 240, faded
+    assert "varied-leaflets" in look.LOOKS and "varied-leaflets" in look.VARIED_LOOKS
+
+
+def test_faded_leaflets_fade_only_at_the_leaflets() -> None:
+    """Drawn into the decibel blur, the open cusps are fainter and the walls where they are measured
+    are the same; without log_edges the option changes nothing."""
+    truth = T.sample_truth(np.random.default_rng(3), force_lvh=False, force_as=True)
+    an = anatomy.sample_anatomy(truth, np.random.default_rng(4), 2.0)
+    plan = acquisition.plan_video(np.random.default_rng(5), "plax", 1, acquisition.plan_study(
+        np.random.default_rng(6)), 1, 7)
+    plan = dataclasses.replace(plan, phase0=anatomy.MID_SYSTOLE_PHASE, edge_cm=0.3)
+    soft = dataclasses.replace(plan, look=dataclasses.replace(plan.look, log_edges=True))
+    faded = dataclasses.replace(soft, look=dataclasses.replace(soft.look, leaflets_in_blur=True))
+    over, _, _ = render.render_video(an, soft, 240, 320, None)
+    into, geo, _ = render.render_video(an, faded, 240, 320, None)
+    pose = render.view_pose("plax", an, soft)
+    cusp = views.av_leaflet_tips(an, anatomy.MID_SYSTOLE_PHASE)
+    mid = [(0.5 * (h[0] + t[0]), 0.5 * (h[1] + t[1])) for h, t in (cusp[:2], cusp[2:])]
+    col, row = render.local_to_pixel(geo, pose, np.array([m[0] for m in mid]), np.array([m[1] for m in mid]))
+    grey_over = [int(over[0, int(round(r)), int(round(c))].mean()) for c, r in zip(col, row, strict=True)]
+    grey_into = [int(into[0, int(round(r)), int(round(c))].mean()) for c, r in zip(col, row, strict=True)]
+    assert all(i < o for i, o in zip(grey_into, grey_over, strict=True)), (grey_into, grey_over)
+    # The walls, measured apical to the valves, are untouched.
+    rr, cc = np.mgrid[:240, :320]
+    cx, cz, rot = pose
+    x, z = (cc - geo.apex_col) * geo.delta_cm - cx, (rr - geo.apex_row) * geo.delta_cm - cz
+    u = np.cos(rot) * x + np.sin(rot) * z
+    walls = u < views.MEASURE_U_CM + 0.2
+    assert walls.sum() > 1000 and np.array_equal(over[0][walls], into[0][walls])
+    assert not np.array_equal(over[0], into[0])
+    sharp = dataclasses.replace(plan, look=dataclasses.replace(plan.look, leaflets_in_blur=True))
+    assert np.array_equal(render.render_video(an, plan, 240, 320, None)[0],
+                          render.render_video(an, sharp, 240, 320, None)[0])
+
+
 def test_a_varied_valves_archive_is_the_varied_archive_but_for_pixels(tmp_path: Path) -> None:
     kw = dict(seed=5, frames=2, rows=120, cols=160, reports=False, views=("plax",))
     a = synth.generate_archive(tmp_path / "a", 1, look="varied", **kw)
@@ -401,6 +452,10 @@ def test_a_varied_valves_archive_is_the_varied_archive_but_for_pixels(tmp_path: 
     assert da.SOPInstanceUID == db.SOPInstanceUID and not np.array_equal(da.pixel_array, db.pixel_array)
     with pytest.raises(ValueError, match="renderer polar"):
         synth.generate_archive(tmp_path / "c", 1, renderer="raster", look="varied-valves")
+    c = synth.generate_archive(tmp_path / "d", 1, look="varied-leaflets", **kw)
+    assert (c.look, c.videos) == ("varied-leaflets", b.videos)
+    for name in ("labels.csv", "videos.csv"):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 # ------------------------------------------------------------- shortcuts ---
