@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| renderer | reading | {' | '.join(f'{s:g} cm' for s in SEPARATIONS_CM)} |")
     print("|---|---|" + "---|" * len(SEPARATIONS_CM))
     for name, readings in result.items():
-        for key, label in (("gap", "blood between the cusps"), ("cusp", "cusp, brightest"),
+        for key, label in (("gap", "blood between the cusps"), ("cusp", "cusp body, median grey"),
                            ("contrast", "cusp - gap"), ("relative", "cusp / septum, median [10th, 90th pct]"),
                            ("opening", "apparent - true opening, cm")):
             arr = readings[key]
