@@ -7,6 +7,7 @@ The process-wide settings every test runs under are set once, in
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import socket
@@ -230,3 +231,19 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def copy_testfile(src: Path, dst_dir: Path) -> Path:
     dst_dir.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(src, dst_dir / src.name))
+
+
+class FullDisk:
+    """A temp file whose writes fail with ENOSPC once ``room`` bytes are written (a disk that fills)."""
+
+    def __init__(self, f: object, room: int) -> None:
+        self._f, self.room, self.name = f, room, f.name  # type: ignore[attr-defined]
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self._f.write(data)  # type: ignore[attr-defined,no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)

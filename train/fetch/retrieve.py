@@ -19,6 +19,7 @@ import contextlib
 import functools
 import ipaddress
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ from pynetdicom.utils import make_target
 from echonode.network import pdu_guard
 from echonode.network.contexts import share_contexts, store_on_wrong_context
 from echonode.ops.logs import get_logger, peer_text
+from echonode.receive import spool
 from echonode.receive.access import request_refusal
 
 from .dimse import (
@@ -49,7 +51,7 @@ from .dimse import (
     sub_operations,
 )
 from .errors import FetchError, UsageError
-from .landing import InFlight, Sink
+from .landing import STATUS_OUT_OF_RESOURCES, InFlight, Sink
 from .pacing import RateLimiter
 from .reader import install
 
@@ -59,6 +61,14 @@ log = get_logger(__name__)
 # ARCHIVE/.fetch/tmp), which is then renamed into place: memory stays flat
 # whatever the size of an instance.
 _config.STORE_RECV_CHUNKED_DATASET = True
+# Spool files of the move listener's associations are tracked (as the node's
+# are), so the part of a data set that an association ended in the middle
+# of is deleted when it ends, and a write error becomes a status.
+spool.install()
+
+#: How long, after its connection closed, the end of an association's thread is waited
+#: for before what it left in tmp/ is deleted (its C-STORE handler may still be running).
+ASSOCIATION_END_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,12 @@ def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: Non
                             sop_class=peer_text(affected), context_sop_class=negotiated,
                             sop_uid=peer_text(announced))
                 return STATUS_SOP_CLASS_NOT_SUPPORTED
+        interrupted = spool.failure(event.request)
+        if interrupted is not None:
+            # The rest of the data set was read and dropped: nothing usable landed.
+            log.error("fetch.store_not_written", sop_uid=peer_text(announced),
+                      error=f"{type(interrupted).__name__}: {interrupted.strerror}")
+            return STATUS_OUT_OF_RESOURCES
         try:
             path = Path(event.dataset_path)
         except (AttributeError, ValueError):  # not received in chunks: cannot happen with fetch's settings
@@ -271,6 +287,7 @@ class StoreServer:
         self.requested_port = port
         self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink, check_context=True)),
                                     (evt.EVT_CONN_OPEN, self._on_open),
+                                    (evt.EVT_CONN_CLOSE, self._on_close),
                                     (evt.EVT_REQUESTED, self._on_requested),
                                     (evt.EVT_ACCEPTED, lambda event: install(event.assoc)),
                                     (evt.EVT_REJECTED, _log_rejected)]
@@ -287,11 +304,23 @@ class StoreServer:
         assoc = event.assoc
         no_delay(assoc)
         guard = pdu_guard.guard(assoc, context={"scp": "fetch"})
+        # Where the runner points tempfile: ARCHIVE/.fetch/tmp.
+        spool.track(assoc, Path(tempfile.gettempdir()))
         address = _normalised(str(assoc.requestor.address or ""))
         if self.allowed is not None and address not in self.allowed:
             log.warning("fetch.association_refused", reason="address not allowed (--move-from)", peer=address)
             self.refused[address] += 1
             guard.abort()
+
+    def _on_close(self, event: Any) -> None:
+        """Once the association's thread has ended, delete what it left in tmp/ (never acknowledged)."""
+        tracker = spool.tracker_of(event.assoc)
+        if tracker is None or not tracker.files:
+            # Nothing spooled (the usual case: each file goes with its handler); the
+            # connection is closed, so no file can start now.
+            return
+        threading.Thread(target=discard_leftovers, args=(event.assoc,), name="fetch-spool-cleanup",
+                         daemon=True).start()
 
     def _on_requested(self, event: Any) -> None:
         """Refuse a request fetch cannot serve before pynetdicom negotiates it."""
@@ -329,6 +358,37 @@ class StoreServer:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def discard_leftovers(assoc: Association, wait_s: float = ASSOCIATION_END_WAIT_S) -> int:
+    """Delete the spool files ``assoc`` left: data sets it ended in the middle of; returns how many.
+
+    pynetdicom streams a data set into tmp/ and removes the file only after
+    the C-STORE handler ran; when the PACS aborts, the link drops or the
+    peer starts another message halfway, the handler never runs and the part
+    received would stay until the run ends (a whole archive's run can last
+    days, and an interrupted cine is easily 100 MB). Such an object was never
+    acknowledged, so the PACS reports it failed and a later attempt asks for
+    it again.
+    """
+    tracker = spool.tracker_of(assoc)
+    if tracker is None:
+        return 0
+    if assoc.is_alive() and assoc is not threading.current_thread():
+        assoc.join(wait_s)
+        if assoc.is_alive():
+            log.warning("fetch.partial_kept", reason="the association's thread has not ended",
+                        peer=_normalised(str(assoc.requestor.address or "")))
+            return 0
+    try:
+        removed = tracker.discard_leftovers()
+    except OSError as exc:
+        log.error("fetch.partial_not_removed", error=f"{type(exc).__name__}: {exc.strerror}")
+        return 0
+    for leftover, size in removed:
+        log.warning("fetch.partial_discarded", sop_uid=peer_text(leftover.sop_uid), bytes=size,
+                    peer=_normalised(str(assoc.requestor.address or "")))
+    return len(removed)
 
 
 def _log_rejected(event: Any) -> None:

@@ -9,8 +9,6 @@ hosts outside ``allowed_networks``.
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import re
 import socket
 import struct
@@ -32,7 +30,7 @@ from echonode.delivery.outcome import DeliveryError
 from echonode.network import pdu_guard
 from echonode.receive.scp import STOP_JOIN_S
 from tests import rawdicom as raw
-from tests.conftest import REPO, echonode_cmd, make_config, wait_for
+from tests.conftest import REPO, FullDisk, echonode_cmd, make_config, wait_for
 from tests.factories import us_multiframe, write
 from tests.peers import ECHOSCU, c_echo, c_store, echoscu, require_tool
 from tests.peers import associate as scu_associate
@@ -507,22 +505,6 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-class _FullDisk:
-    """A temp file whose writes fail with ENOSPC once ``room`` bytes are written."""
-
-    def __init__(self, f: object, room: int) -> None:
-        self._f, self.room, self.name = f, room, f.name  # type: ignore[attr-defined]
-
-    def write(self, data: bytes) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self._f.write(data)  # type: ignore[attr-defined,no-any-return]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._f, name)
-
-
 @pytest.mark.parametrize("disk", ["tmpfs", "injected"])
 def test_a_full_disk_while_spooling_answers_out_of_resources(disk: str, start_node, request, monkeypatch,
                                                              capfd) -> None:
@@ -542,7 +524,7 @@ def test_a_full_disk_while_spooling_answers_out_of_resources(disk: str, start_no
         def filling(*args: object, **kwargs: object) -> object:
             calls["n"] += 1
             f = tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]  # noqa: SIM115
-            return _FullDisk(f, 4 << 20) if calls["n"] == 1 else f
+            return FullDisk(f, 4 << 20) if calls["n"] == 1 else f
 
         monkeypatch.setattr(spool, "_new_temp_file", filling)
         node = start_node()

@@ -8,18 +8,21 @@ plays the hostile peer; pynetdicom plays the PACS. Loopback addresses other than
 from __future__ import annotations
 
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from echonode.network import pdu_guard
+from echonode.receive import spool
 from tests import rawdicom as raw
-from tests.conftest import wait_for
+from tests.conftest import FullDisk, wait_for
 from tests.factories import us_multiframe
 from tests.rawdicom import connect
 from train.fetch.errors import UsageError
@@ -182,3 +185,56 @@ def test_a_store_on_another_class_s_context_is_refused(start_server, sockets) ->
     lines = events(logs, "fetch.store_refused")
     assert [line["status"] for line in lines] == ["0x0122", "0x0122"]
     assert sink.total_instances == 0
+
+
+def test_a_data_set_cut_off_halfway_is_deleted_when_its_association_ends(start_server, sockets, tmp_path,
+                                                                           monkeypatch) -> None:
+    """The part of a data set an association ended in the middle of stayed in .fetch/tmp until the
+    run ended (days, for a whole archive; an interrupted cine is easily 100 MB). Now it is deleted
+    once the association's thread has ended, with one log line; the PACS's next store lands."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    server, sink = start_server()
+    ds = us_multiframe()
+    sink.begin(str(ds.StudyInstanceUID), 1)
+    with capture_logs() as logs:
+        s = connect(server.port, sockets)
+        s.sendall(raw.associate_rq(called=MOVE_AET, abstract_syntax=US_MULTIFRAME,
+                                   transfer_syntaxes=(raw.EXPLICIT_VR_LE,)))
+        assert raw.read_pdu(s).type == raw.ASSOCIATE_AC  # type: ignore[union-attr]
+        s.sendall(raw.p_data(1, 0x03, raw.store_rq_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID))))
+        s.sendall(raw.p_data(1, 0x00, encode(ds, False, True)[:20000]))  # type: ignore[index]  # not the last fragment
+        wait_for(lambda: list(spool_dir.iterdir()), timeout=10, what="the spool file")
+        s.close()
+        wait_for(lambda: not list(spool_dir.iterdir()), timeout=10, what="the partial data set to be deleted")
+    [line] = events(logs, "fetch.partial_discarded")
+    assert line["sop_uid"] == str(ds.SOPInstanceUID) and line["bytes"] > 20000 - 500
+    assert sink.total_instances == 0
+    assert pacs_store(server.port, ds) == 0 and sink.total_instances == 1
+
+
+def test_a_write_error_while_spooling_answers_out_of_resources(start_server, tmp_path, monkeypatch) -> None:
+    """A full disk under .fetch/tmp killed pynetdicom's reader thread and left the PACS without an
+    answer. Now the C-STORE gets 0xA700 with one log line, nothing lands, the file is removed."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    calls = {"n": 0}
+
+    def filling(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        f = tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]  # noqa: SIM115
+        return FullDisk(f, 0) if calls["n"] == 1 else f
+
+    monkeypatch.setattr(spool, "_new_temp_file", filling)
+    server, sink = start_server()
+    ds = us_multiframe()
+    sink.begin(str(ds.StudyInstanceUID), 1)
+    with capture_logs() as logs:
+        assert pacs_store(server.port, ds) == 0xA700
+        assert pacs_store(server.port, ds) == 0
+    [line] = events(logs, "fetch.store_not_written")
+    assert line["sop_uid"] == str(ds.SOPInstanceUID) and line["error"].startswith("OSError: No space left")
+    assert sink.total_instances == 1
+    wait_for(lambda: not list(spool_dir.iterdir()), timeout=10, what="the spool files to go")
