@@ -287,7 +287,7 @@ class StoreServer:
         self.requested_port = port
         self.handlers: list[Any] = [(evt.EVT_C_STORE, store_handler(sink, check_context=True)),
                                     (evt.EVT_CONN_OPEN, self._on_open),
-                                    (evt.EVT_CONN_CLOSE, self._on_close),
+                                    (evt.EVT_CONN_CLOSE, discard_leftovers_once_ended),
                                     (evt.EVT_REQUESTED, self._on_requested),
                                     (evt.EVT_ACCEPTED, lambda event: install(event.assoc)),
                                     (evt.EVT_REJECTED, _log_rejected)]
@@ -304,23 +304,12 @@ class StoreServer:
         assoc = event.assoc
         no_delay(assoc)
         guard = pdu_guard.guard(assoc, context={"scp": "fetch"})
-        # Where the runner points tempfile: ARCHIVE/.fetch/tmp.
-        spool.track(assoc, Path(tempfile.gettempdir()))
+        track_spool(event)
         address = _normalised(str(assoc.requestor.address or ""))
         if self.allowed is not None and address not in self.allowed:
             log.warning("fetch.association_refused", reason="address not allowed (--move-from)", peer=address)
             self.refused[address] += 1
             guard.abort()
-
-    def _on_close(self, event: Any) -> None:
-        """Once the association's thread has ended, delete what it left in tmp/ (never acknowledged)."""
-        tracker = spool.tracker_of(event.assoc)
-        if tracker is None or not tracker.files:
-            # Nothing spooled (the usual case: each file goes with its handler); the
-            # connection is closed, so no file can start now.
-            return
-        threading.Thread(target=discard_leftovers, args=(event.assoc,), name="fetch-spool-cleanup",
-                         daemon=True).start()
 
     def _on_requested(self, event: Any) -> None:
         """Refuse a request fetch cannot serve before pynetdicom negotiates it."""
@@ -358,6 +347,22 @@ class StoreServer:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def track_spool(event: Any) -> None:
+    """EVT_CONN_OPEN: record the association's spool files (in tmp/, where the runner points tempfile)."""
+    spool.track(event.assoc, Path(tempfile.gettempdir()))
+
+
+def discard_leftovers_once_ended(event: Any) -> None:
+    """EVT_CONN_CLOSE: once the association's thread has ended, delete what it left in tmp/ (never acknowledged)."""
+    tracker = spool.tracker_of(event.assoc)
+    if tracker is None or not tracker.files:
+        # Nothing spooled (the usual case: each file goes with its handler); the
+        # connection is closed, so no file can start now.
+        return
+    threading.Thread(target=discard_leftovers, args=(event.assoc,), name="fetch-spool-cleanup",
+                     daemon=True).start()
 
 
 def discard_leftovers(assoc: Association, wait_s: float = ASSOCIATION_END_WAIT_S) -> int:

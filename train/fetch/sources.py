@@ -54,11 +54,13 @@ from .query import (
 from .retrieve import (
     Associations,
     SeriesOutcome,
+    discard_leftovers_once_ended,
     get_series,
     judge,
     move_series,
     store_handler,
     throttle_handler,
+    track_spool,
 )
 from .web import retrieve_instance, web_error
 
@@ -379,6 +381,7 @@ class DimseSource:
             self.local_aet, self.peer, contexts,
             timeout_s=self.timeout_s, max_pdu=self.max_pdu, ext_neg=storage_roles(),
             handlers=[(evt.EVT_C_STORE, self._counting_store_handler(retrieval)),
+                      (evt.EVT_CONN_OPEN, track_spool), (evt.EVT_CONN_CLOSE, discard_leftovers_once_ended),
                       *([(evt.EVT_DATA_RECV, throttle_handler(self.limiter))] if self.limiter.enabled else [])],
         )
 

@@ -511,6 +511,53 @@ def _fetch_one_try(fake_pacs: FakePacs, out: Path, timeout_s: str = "5") -> tupl
     return code, text, logs
 
 
+def test_a_c_get_cut_off_in_the_middle_of_a_data_set_leaves_nothing_in_tmp(tmp_path):
+    """The PACS's link drops in the middle of a C-STORE of a C-GET: the part received stayed in
+    .fetch/tmp until the run ended. Now it is deleted once the association has ended, with one log
+    line, while the run goes on (the next study's retrieval finds tmp/ empty)."""
+    fake_pacs = FakePacs(studies=2, per_study=1)
+    for study, items in fake_pacs.studies.items():  # 5.5 MB each: many PDUs
+        fake_pacs.studies[study] = [us_multiframe(study_uid=study, series_uid=str(items[0].SeriesInstanceUID),
+                                                  frames=24, rows=240, cols=320)]
+    out = tmp_path / "archive"
+    tmp = out / ".fetch" / "tmp"
+    seen: dict[str, Any] = {"calls": 0}
+
+    def get(event, datasets):
+        seen["calls"] += 1
+        if seen["calls"] == 1:
+            seen["cut"] = str(datasets[0].SOPInstanceUID)
+            sent = {"n": 0}
+
+            def cut(pdu_event: Any) -> None:
+                if type(pdu_event.pdu).__name__ == "P_DATA_TF":
+                    sent["n"] += 1
+                    if sent["n"] == 6:  # the command and a few fragments of the data set
+                        pdu_event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+            event.assoc.bind(evt.EVT_PDU_SENT, cut)
+        else:
+            seen["tmp_empty_before_next"] = bool(wait_for(lambda: not list(tmp.iterdir()), timeout=20,
+                                                          what="tmp/ to be emptied"))
+        yield len(datasets)
+        for ds in datasets:
+            yield 0xFF00, ds
+
+    fake_pacs.on_get = get
+    fake_pacs.start()
+    try:
+        with capture_logs() as logs:
+            # A fake clock: the backoff after the cut study passes at once.
+            code, text = fetch("--out", str(out), "--from", fake_pacs.peer, "--aet", FETCH_AET, "--get",
+                               "--timeout", "5", "--attempts", "1", clock=FakeClock(time.time()))
+    finally:
+        fake_pacs.stop()
+    assert code == 1 and seen["calls"] == 2 and seen["tmp_empty_before_next"], (text, seen)
+    [line] = [e for e in logs if e["event"] == "fetch.partial_discarded"]
+    assert line["sop_uid"] == seen["cut"] and 0 < line["bytes"] < 5_000_000
+    assert seen["cut"] not in landed(out) and len(landed(out)) == 1
+
+
 def test_a_busy_pacs_ends_asking_in_other_encodings_and_the_first_outcome_stands(tmp_path):
     """The PACS refuses the further association (too many open): fetch stops, keeps what landed, counts the failure."""
     fake_pacs = FakePacs(studies=1).start()
@@ -812,7 +859,8 @@ class CuttingProxy:
 
 
 def test_network_drop_mid_instance_leaves_no_partial_file(pacs, content, tmp_path, monkeypatch):
-    """The connection drops inside an instance (C-GET through a relay): nothing half-written lands."""
+    """The connection drops inside an instance (C-GET through a relay): nothing half-written lands,
+    and nothing half-written stays in .fetch/tmp."""
     from train.fetch.landing import Archive
 
     cleared: list[int] = []
@@ -830,17 +878,21 @@ def test_network_drop_mid_instance_leaves_no_partial_file(pacs, content, tmp_pat
                 "--timeout", "5", "--attempts", "1", "--retry-after", "0.1"]
         with capture_logs() as logs:
             code, text = fetch(*args)
+            # The part received is deleted when its association ends (logged), or at the end of
+            # the run when that comes first; never both.
+            wait_for(lambda: cleared or [e for e in logs if e["event"] == "fetch.partial_discarded"], timeout=10,
+                     what="the partial file to be deleted")
         assert code == 1, text
         rows = journal_rows(out)
         failed = [s for s, r in rows.items() if r[0] == "failed"]
         assert len(failed) == 1
         assert "aborted or the connection dropped" in rows[failed[0]][1]
         # The cut fell inside a PDU of a C-STORE (fetch's reader: the connection closed with part
-        # of a PDU read), whose temp file in .fetch/tmp never got a final name and was removed at
-        # the end of the run.
+        # of a PDU read), whose temp file in .fetch/tmp never got a final name and was removed.
         cut = [e for e in logs if e["event"] == "fetch.connection_closed_mid_pdu"]
         assert len(cut) == 1 and cut[0]["received_bytes"] < (cut[0]["expected_bytes"] or 6), cut
-        assert len(cleared) == 1
+        discarded = [e for e in logs if e["event"] == "fetch.partial_discarded"]
+        assert len(cleared) + len(discarded) == 1, (cleared, discarded)
         assert not list((out / ".fetch" / "tmp").iterdir())
         got = landed(out)
         assert 0 < len([s for s in got if s in content.echo[failed[0]]]) < len(content.echo[failed[0]])
