@@ -107,6 +107,11 @@ class SpoolTracker:
         with self._lock:
             self.files.append(spool)
 
+    def remove(self, spool: SpoolFile) -> None:
+        """Stop tracking ``spool`` (its data set was handled)."""
+        with self._lock, contextlib.suppress(ValueError):
+            self.files.remove(spool)
+
     def discard_leftovers(self) -> list[tuple[SpoolFile, int]]:
         """Close and delete every spool file still on disk; return each with its size.
 
@@ -151,6 +156,26 @@ def track(assoc: Association, directory: Path) -> SpoolTracker:
 def tracker_of(assoc: Association) -> SpoolTracker | None:
     with _trackers_lock:
         return _trackers.get(assoc)
+
+
+def release(assoc: Association, request: Any) -> None:
+    """Close and forget the spool file of a C-STORE ``request`` once its handler has run.
+
+    pynetdicom closes and deletes the file itself after the handler of a
+    C-STORE on an association the peer opened, but not after one that
+    arrives on an association we opened (a C-GET's): there each file would
+    stay open, and tracked, for as long as the association lasts. Deleting
+    the name is harmless when the handler moved the file away.
+    """
+    spool = getattr(request, "_dataset_file", None)
+    if not isinstance(spool, SpoolFile):
+        return
+    spool.close()
+    with contextlib.suppress(OSError):
+        Path(spool.name).unlink(missing_ok=True)
+    tracker = tracker_of(assoc)
+    if tracker is not None:
+        tracker.remove(spool)
 
 
 def failure(request: Any) -> OSError | None:

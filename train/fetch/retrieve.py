@@ -166,6 +166,12 @@ def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: Non
     """
 
     def on_store(event: Any) -> int:
+        try:
+            return land(event)
+        finally:
+            spool.release(event.assoc, event.request)
+
+    def land(event: Any) -> int:
         announced = str(event.request.AffectedSOPInstanceUID or "")
         if check_context:
             affected = str(event.request.AffectedSOPClassUID or "")
@@ -358,8 +364,8 @@ def discard_leftovers_once_ended(event: Any) -> None:
     """EVT_CONN_CLOSE: once the association's thread has ended, delete what it left in tmp/ (never acknowledged)."""
     tracker = spool.tracker_of(event.assoc)
     if tracker is None or not tracker.files:
-        # Nothing spooled (the usual case: each file goes with its handler); the
-        # connection is closed, so no file can start now.
+        # Nothing left (the usual case: each file is released after its
+        # handler); the connection is closed, so no file can start now.
         return
     threading.Thread(target=discard_leftovers, args=(event.assoc,), name="fetch-spool-cleanup",
                      daemon=True).start()
@@ -379,11 +385,12 @@ def discard_leftovers(assoc: Association, wait_s: float = ASSOCIATION_END_WAIT_S
     tracker = spool.tracker_of(assoc)
     if tracker is None:
         return 0
+    # The PACS's address: the peer that opened a C-MOVE's association, the one fetch opened for C-GET.
+    peer = _normalised(str((assoc.acceptor if assoc.is_requestor else assoc.requestor).address or ""))
     if assoc.is_alive() and assoc is not threading.current_thread():
         assoc.join(wait_s)
         if assoc.is_alive():
-            log.warning("fetch.partial_kept", reason="the association's thread has not ended",
-                        peer=_normalised(str(assoc.requestor.address or "")))
+            log.warning("fetch.partial_kept", reason="the association's thread has not ended", peer=peer)
             return 0
     try:
         removed = tracker.discard_leftovers()
@@ -391,8 +398,7 @@ def discard_leftovers(assoc: Association, wait_s: float = ASSOCIATION_END_WAIT_S
         log.error("fetch.partial_not_removed", error=f"{type(exc).__name__}: {exc.strerror}")
         return 0
     for leftover, size in removed:
-        log.warning("fetch.partial_discarded", sop_uid=peer_text(leftover.sop_uid), bytes=size,
-                    peer=_normalised(str(assoc.requestor.address or "")))
+        log.warning("fetch.partial_discarded", sop_uid=peer_text(leftover.sop_uid), bytes=size, peer=peer)
     return len(removed)
 
 

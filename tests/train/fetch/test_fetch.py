@@ -558,6 +558,42 @@ def test_a_c_get_cut_off_in_the_middle_of_a_data_set_leaves_nothing_in_tmp(tmp_p
     assert seen["cut"] not in landed(out) and len(landed(out)) == 1
 
 
+def test_one_c_get_association_holds_no_spool_file_open_between_studies(tmp_path):
+    """pynetdicom leaves a C-GET's spool files to the handler: tracked and never closed, each
+    instance held a descriptor for as long as the association lasted (a whole run, since it is
+    kept from study to study), until the run died of EMFILE. Each is now released after its
+    C-STORE: no descriptor to an instance (in .fetch/tmp or, renamed, in place) is open when
+    the next study is asked for."""
+    fake_pacs = FakePacs(studies=3, per_study=5)
+    archive = (tmp_path / "archive").resolve()
+    open_at_each_get: list[int] = []
+
+    def spool_descriptors() -> int:
+        n = 0
+        for fd in Path("/proc/self/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                n += target.startswith(str(archive)) and target.endswith(".dcm")
+        return n
+
+    def get(event, datasets):
+        open_at_each_get.append(spool_descriptors())
+        yield len(datasets)
+        for ds in datasets:
+            yield 0xFF00, ds
+
+    fake_pacs.on_get = get
+    fake_pacs.start()
+    try:
+        code, text = fetch("--out", str(tmp_path / "archive"), "--from", fake_pacs.peer, "--aet", FETCH_AET,
+                           "--get", "--timeout", "5")
+    finally:
+        fake_pacs.stop()
+    assert code == 0, text
+    assert open_at_each_get == [0, 0, 0]
+    assert len(landed(tmp_path / "archive")) == 15
+
+
 def test_a_busy_pacs_ends_asking_in_other_encodings_and_the_first_outcome_stands(tmp_path):
     """The PACS refuses the further association (too many open): fetch stops, keeps what landed, counts the failure."""
     fake_pacs = FakePacs(studies=1).start()
