@@ -26,8 +26,14 @@ From each profile it reports, at the renderer's full resolution:
   acquisition's end-diastolic frame), so that renderers with different grey
   maps compare: how bright a cusp is drawn against the myocardium;
 * **apparent opening**: the width of the dark band around the centre
-  below halfway between the gap's grey and each cusp's, against the true
-  separation (blurring and blooming of the cusps narrow it).
+  below halfway between the gap's grey and each cusp's brightest grey on
+  the line, against the true separation (blurring and blooming of the
+  cusps narrow it); unread (and counted as such) where a cusp is less than
+  :data:`READABLE_GREY` grey levels over the gap. Renderer B's cusps end
+  square, so 0.05 cm short of the tip its line crosses a cusp near the
+  inner corner at small separations: the gap there is 0.08-0.10 cm wider
+  than the separation by geometry alone at 0.5-0.8 cm (none at 1.4 cm and
+  over); A's and C's cusps end round.
 
 With ``--pictures DIR`` it also writes, for the first acquisitions, one PNG
 per renderer: the valve at each separation, cropped 5 cm around the root's
@@ -45,6 +51,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -70,6 +77,8 @@ LABEL_SEED = 777
 RENDERERS = ("A", "B", "C")
 _ROWS, _COLS = 480, 640
 _TIP_BACK_CM = 0.05
+READABLE_GREY = 8.0
+"""A cusp whose brightest grey on the line is less than this over the gap's leaves the opening unread."""
 _NET_CM_PER_PX = 16.0 / 112
 _CROP_CM = 5.0
 
@@ -118,11 +127,17 @@ def _cusp_points(renderer: str, an: Anatomy, plan: VideoPlan, plan_a: VideoPlan,
 
 
 def _c_line(an: Anatomy, plan: VideoPlan) -> Line:
-    """Renderer C's line across the root and its leaflets' inner edges, from its tissue map."""
-    col, row = render_scatter.plax_valve_line(an, plan, _ROWS, _COLS, MID_SYSTOLE_PHASE)
+    """Renderer C's line across the root, ``_TIP_BACK_CM`` short of its cusps' tips (as for A and
+    B), and its leaflets' inner edges, from its tissue map."""
+    heart = render_scatter.hearts.heart(an, plan)
+    geo = render_scatter.sector_geometry(plan, _ROWS, _COLS)
+    (hs, hn_a, ang, ell, _, _), (_, hn_p, _, _, _, _) = heart.leaflets(MID_SYSTOLE_PHASE)[:2]
+    s_line = hs + ell * math.cos(ang) - _TIP_BACK_CM
+    n = np.arange(hn_a + 0.5, hn_p - 0.5, -geo.delta_cm / 8.0)
+    x, z = heart.to_image(np.full_like(n, s_line), n)
+    col, row = geo.to_pixel(x, z)
     cls = render_scatter.tissue_map(an, plan, _ROWS, _COLS, MID_SYSTOLE_PHASE, points=(col, row))
     dist = np.hypot(np.diff(col), np.diff(row)).cumsum()
-    geo = render_scatter.sector_geometry(plan, _ROWS, _COLS)
     pos = np.concatenate([[0.0], dist]) * geo.delta_cm
     leaf = np.flatnonzero(cls == LEAFLET)
     if leaf.size == 0:
@@ -155,14 +170,15 @@ def read_profile(profile: np.ndarray, pos: np.ndarray, edges: tuple[float, float
     Returns
     -------
     dict
-        ``gap``, ``cusp``, ``contrast`` (cusp - gap) in grey levels, ``opening`` in cm.
+        ``gap``, ``cusp`` (the brightest grey on the line near each cusp, the mean of the two),
+        ``contrast`` (cusp - gap) in grey levels, ``opening`` in cm (NaN when either cusp's
+        brightest grey is less than :data:`READABLE_GREY` over the gap: no edge to read).
     """
     gap = float(np.median(profile[np.abs(pos) <= min(0.1, 0.5 * (edges[1] - edges[0]))]))
     sides = ((pos >= edges[0] - LEAFLET_CM - 0.15) & (pos <= edges[0] + 0.15),
              (pos >= edges[1] - 0.15) & (pos <= edges[1] + LEAFLET_CM + 0.15))
     peaks = [float(profile[m].max()) for m in sides]
     centre = int(np.argmin(np.abs(pos)))
-    width = 0.0
     bounds = []
     for peak, step in zip(peaks, (-1, 1), strict=True):
         level = 0.5 * (gap + peak)
@@ -170,7 +186,8 @@ def read_profile(profile: np.ndarray, pos: np.ndarray, edges: tuple[float, float
         while 0 <= i + step < len(profile) and profile[i + step] < level:
             i += step
         bounds.append(pos[i])
-    width = float(bounds[1] - bounds[0]) if peaks[0] > gap and peaks[1] > gap else 0.0
+    readable = min(peaks) - gap >= READABLE_GREY
+    width = float(bounds[1] - bounds[0]) if readable else float("nan")
     cusp = float(np.mean(peaks))
     return {"gap": gap, "cusp": cusp, "contrast": cusp - gap, "opening": width}
 
@@ -182,12 +199,14 @@ def septum_grey(renderer: str, an: Anatomy, plan: VideoPlan, plan_a: VideoPlan) 
     if renderer == "C":
         rgb, _, _ = render_scatter.render_video(an, plan, _ROWS, _COLS, None)
         col, row = render_scatter.plax_measure_line(an, plan, _ROWS, _COLS)
-        myo = np.flatnonzero(render_scatter.tissue_map(an, plan, _ROWS, _COLS, 0.0, points=(col, row)) == MYO)
-        # The line runs from anterior to posterior: the septum is the first run of myocardium.
-        breaks = np.flatnonzero(np.diff(myo) > 1)
-        septum = myo[: breaks[0] + 1] if breaks.size else myo
-        pad = int(0.2 * septum.size)
-        idx = septum[pad: septum.size - pad] if septum.size > 4 else septum
+        # The line's points, 1/8 pixel apart, start 3 cm in front of the septum (whose LV side is
+        # at n = b): the right ventricle's free wall comes first, so pick the septum by position.
+        heart = render_scatter.hearts.heart(an, plan)
+        geo = render_scatter.sector_geometry(plan, _ROWS, _COLS)
+        n = heart.b + tr.ivs_cm + 3.0 - np.arange(col.size) * geo.delta_cm / 8.0
+        classes = render_scatter.tissue_map(an, plan, _ROWS, _COLS, 0.0, points=(col, row))
+        inner = (n >= heart.b + 0.2 * tr.ivs_cm) & (n <= heart.b + 0.8 * tr.ivs_cm) & (classes == MYO)
+        idx = np.flatnonzero(inner)
         line: tuple[np.ndarray, np.ndarray] = (col[idx], row[idx])
     else:
         draw, pose_of, p = ((render.render_video, lambda: render.view_pose("plax", an, plan_a), plan_a)
@@ -337,12 +356,15 @@ def main(argv: list[str] | None = None) -> int:
             arr = readings[key]
             if key == "opening":
                 arr = arr - np.asarray(SEPARATIONS_CM)[None, :]
-            if key == "relative":  # a ratio with a long tail: median [10th, 90th percentile]
+            if key == "opening":  # over the readable ones, with how many were not
+                cells = " | ".join(
+                    f"{np.nanmean(col):+.2f} ({np.nanstd(col):.2f}), {int(np.isnan(col).sum())} unread"
+                    if not np.isnan(col).all() else f"all {col.size} unread" for col in arr.T)
+            elif key == "relative":  # a ratio with a long tail: median [10th, 90th percentile]
                 lo, mid, hi = np.percentile(arr, (10, 50, 90), axis=0)
                 cells = " | ".join(f"{m:.2f} [{a:.2f}, {b:.2f}]" for a, m, b in zip(lo, mid, hi, strict=True))
             else:
-                fmt = "{:+.2f} ({:.2f})" if key == "opening" else "{:.0f} ({:.0f})"
-                cells = " | ".join(fmt.format(m, s) for m, s in zip(arr.mean(0), arr.std(0), strict=True))
+                cells = " | ".join(f"{m:.0f} ({s:.0f})" for m, s in zip(arr.mean(0), arr.std(0), strict=True))
             print(f"| {name} | {label} | {cells} |")
     return 0
 
