@@ -511,6 +511,13 @@ def _fetch_one_try(fake_pacs: FakePacs, out: Path, timeout_s: str = "5") -> tupl
     return code, text, logs
 
 
+def _send_all(datasets: list[Dataset]) -> Iterator:
+    """A C-GET handler's answer in pynetdicom's protocol: the count, then each data set, pending."""
+    yield len(datasets)
+    for ds in datasets:
+        yield 0xFF00, ds
+
+
 def test_a_c_get_cut_off_in_the_middle_of_a_data_set_leaves_nothing_in_tmp(tmp_path):
     """The PACS's link drops in the middle of a C-STORE of a C-GET: the part received stayed in
     .fetch/tmp until the run ended. Now it is deleted once the association has ended, with one log
@@ -539,9 +546,7 @@ def test_a_c_get_cut_off_in_the_middle_of_a_data_set_leaves_nothing_in_tmp(tmp_p
         else:
             seen["tmp_empty_before_next"] = bool(wait_for(lambda: not list(tmp.iterdir()), timeout=20,
                                                           what="tmp/ to be emptied"))
-        yield len(datasets)
-        for ds in datasets:
-            yield 0xFF00, ds
+        yield from _send_all(datasets)
 
     fake_pacs.on_get = get
     fake_pacs.start()
@@ -578,9 +583,7 @@ def test_one_c_get_association_holds_no_spool_file_open_between_studies(tmp_path
 
     def get(event, datasets):
         open_at_each_get.append(spool_descriptors())
-        yield len(datasets)
-        for ds in datasets:
-            yield 0xFF00, ds
+        yield from _send_all(datasets)
 
     fake_pacs.on_get = get
     fake_pacs.start()
