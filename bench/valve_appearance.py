@@ -156,7 +156,7 @@ def _sample(grey: np.ndarray, line: Line) -> np.ndarray:
 
 
 def read_profile(profile: np.ndarray, pos: np.ndarray, edges: tuple[float, float]) -> dict[str, float]:
-    """Gap grey, cusp grey (mean of the two) and apparent opening (cm) of one profile.
+    """Gap grey and apparent opening (cm) of one profile across the root.
 
     Parameters
     ----------
@@ -170,9 +170,8 @@ def read_profile(profile: np.ndarray, pos: np.ndarray, edges: tuple[float, float
     Returns
     -------
     dict
-        ``gap``, ``cusp`` (the brightest grey on the line near each cusp, the mean of the two),
-        ``contrast`` (cusp - gap) in grey levels, ``opening`` in cm (NaN when either cusp's
-        brightest grey is less than :data:`READABLE_GREY` over the gap: no edge to read).
+        ``gap`` (grey levels), ``opening`` in cm (NaN when either cusp's brightest grey on the
+        line is less than :data:`READABLE_GREY` over the gap: no edge to read).
     """
     gap = float(np.median(profile[np.abs(pos) <= min(0.1, 0.5 * (edges[1] - edges[0]))]))
     sides = ((pos >= edges[0] - LEAFLET_CM - 0.15) & (pos <= edges[0] + 0.15),
@@ -188,8 +187,7 @@ def read_profile(profile: np.ndarray, pos: np.ndarray, edges: tuple[float, float
         bounds.append(pos[i])
     readable = min(peaks) - gap >= READABLE_GREY
     width = float(bounds[1] - bounds[0]) if readable else float("nan")
-    cusp = float(np.mean(peaks))
-    return {"gap": gap, "cusp": cusp, "contrast": cusp - gap, "opening": width}
+    return {"gap": gap, "opening": width}
 
 
 def septum_grey(renderer: str, an: Anatomy, plan: VideoPlan, plan_a: VideoPlan) -> float:
@@ -311,7 +309,7 @@ def measure(acquisitions: int, look: str, renderers: tuple[str, ...] = RENDERERS
                 cusp = _cusp_points(name, valve, plan, plan_a, geo)
                 half = len(cusp[0]) // 2
                 body = _sample(grey, (cusp[0], cusp[1], np.zeros(0), (0.0, 0.0)))
-                reading["cusp"] = float(0.5 * (np.median(body[:half]) + np.median(body[half:])))
+                reading["cusp"] = 0.5 * float(np.median(body[:half]) + np.median(body[half:]))
                 reading["contrast"] = reading["cusp"] - reading["gap"]
                 reading["relative"] = reading["cusp"] / septum
                 for k in keys:

@@ -21,7 +21,7 @@ def test_the_opening_is_read_at_half_grey_between_the_gap_and_each_cusp() -> Non
         sharp = _two_cusps(pos, sep, 180.0, 10.0)
         reading = valve_appearance.read_profile(sharp, pos, (-sep / 2, sep / 2))
         assert reading["opening"] == pytest.approx(sep, abs=0.02)
-        assert (reading["gap"], reading["cusp"], reading["contrast"]) == (10.0, 180.0, 170.0)
+        assert reading["gap"] == 10.0
         # A symmetric blur narrower than the cusps leaves the half-grey edges where they were.
         blurred = cv2.GaussianBlur(sharp[None, :], (0, 0), sigmaX=6, sigmaY=0.1)[0]
         assert valve_appearance.read_profile(blurred, pos, (-sep / 2, sep / 2))["opening"] == pytest.approx(

@@ -61,9 +61,9 @@ log = get_logger(__name__)
 # ARCHIVE/.fetch/tmp), which is then renamed into place: memory stays flat
 # whatever the size of an instance.
 _config.STORE_RECV_CHUNKED_DATASET = True
-# Spool files of the move listener's associations are tracked (as the node's
-# are), so the part of a data set that an association ended in the middle
-# of is deleted when it ends, and a write error becomes a status.
+# Spool files of the move listener's and the C-GET associations are tracked
+# (as the node's are), so the part of a data set that an association ended
+# in the middle of is deleted when it ends, and a write error becomes a status.
 spool.install()
 
 #: How long, after its connection closed, the end of an association's thread is waited
@@ -387,7 +387,7 @@ def discard_leftovers(assoc: Association, wait_s: float = ASSOCIATION_END_WAIT_S
         return 0
     # The PACS's address: the peer that opened a C-MOVE's association, the one fetch opened for C-GET.
     peer = _normalised(str((assoc.acceptor if assoc.is_requestor else assoc.requestor).address or ""))
-    if assoc.is_alive() and assoc is not threading.current_thread():
+    if assoc.is_alive():  # called on a thread of its own (discard_leftovers_once_ended)
         assoc.join(wait_s)
         if assoc.is_alive():
             log.warning("fetch.partial_kept", reason="the association's thread has not ended", peer=peer)

@@ -29,7 +29,7 @@ from train.fetch.errors import UsageError
 from train.fetch.journal import FetchJournal
 from train.fetch.landing import Archive, Sink
 from train.fetch.pacing import FakeClock, RateLimiter
-from train.fetch.retrieve import StoreServer, resolve_peers
+from train.fetch.retrieve import StoreServer, discard_leftovers, resolve_peers
 
 US_MULTIFRAME = b"1.2.840.10008.5.1.4.1.1.3.1"
 MOVE_AET = b"FETCH"
@@ -238,3 +238,37 @@ def test_a_write_error_while_spooling_answers_out_of_resources(start_server, tmp
     assert line["sop_uid"] == str(ds.SOPInstanceUID) and line["error"].startswith("OSError: No space left")
     assert sink.total_instances == 1
     wait_for(lambda: not list(spool_dir.iterdir()), timeout=10, what="the spool files to go")
+
+
+class _EndingAssociation:
+    """Stands in for an association whose thread ends when told to."""
+
+    is_requestor = False
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.requestor = type("Peer", (), {"address": "127.0.0.1"})()
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def join(self, timeout: float) -> None:
+        time.sleep(timeout)
+
+
+def test_leftovers_wait_for_the_association_s_thread_and_are_kept_while_it_runs(tmp_path) -> None:
+    """A spool file is never deleted under a C-STORE handler that may still run: while the
+    association's thread is alive past the wait it is kept (logged), once it has ended it goes."""
+    assoc = _EndingAssociation()
+    tracker = spool.track(assoc, tmp_path)  # type: ignore[arg-type]
+    partial = tmp_path / "partial.dcm"
+    partial.write_bytes(b"\0" * 1000)
+    tracker.add(spool.SpoolFile(None, str(partial), "1.2.3"))
+    with capture_logs() as logs:
+        assert discard_leftovers(assoc, wait_s=0.05) == 0  # type: ignore[arg-type]
+        assert partial.exists()
+        assoc.alive = False
+        assert discard_leftovers(assoc, wait_s=0.05) == 1  # type: ignore[arg-type]
+    assert not partial.exists()
+    assert [e["event"] for e in logs] == ["fetch.partial_kept", "fetch.partial_discarded"]
+    assert events(logs, "fetch.partial_discarded")[0]["bytes"] == 1000
