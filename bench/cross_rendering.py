@@ -83,26 +83,26 @@ REPO = Path(__file__).resolve().parent.parent
 TASKS = ("lvh", "severe_as")
 
 
-def _train_env() -> dict[str, str]:
-    """One thread per process: the two chains run side by side on two cores."""
+def _train_env(threads: int = 1) -> dict[str, str]:
+    """``threads`` per process (one by default: two chains run side by side on two cores)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[key] = "1"
+        env[key] = str(threads)
     return env
 
 
-def _start(log: Path, *args: str) -> subprocess.Popen[bytes]:
+def _start(log: Path, *args: str, threads: int = 1) -> subprocess.Popen[bytes]:
     with log.open("a") as fh:
         fh.write("$ echonode-train " + " ".join(args) + "\n")
         fh.flush()
-        return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=_train_env(),
+        return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=_train_env(threads),
                                 stdout=fh, stderr=subprocess.STDOUT)
 
 
-def _run_side_by_side(steps: dict[str, tuple[str, ...]], log: Path) -> None:
-    """Run ``echonode-train`` commands concurrently; exit with the log's tail if one fails."""
+def _run_side_by_side(steps: dict[str, tuple[str, ...]], log: Path, threads: int = 1) -> None:
+    """Run ``echonode-train`` commands concurrently, ``threads`` each; exit with the log's tail if one fails."""
     t0 = time.monotonic()
-    procs = {name: _start(log, *args) for name, args in steps.items()}
+    procs = {name: _start(log, *args, threads=threads) for name, args in steps.items()}
     for name, proc in procs.items():
         if proc.wait() != 0:
             sys.exit(f"{name} failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
@@ -151,8 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "varied-valves on that spread with the leaflets' look varied too (archive, caches, bundles "
                    "and reports named *-LOOK)")
     p.add_argument("--tasks", default=",".join(TASKS), metavar="TASK[,TASK...]",
-                   help=f"the tasks to fine-tune and score (default {','.join(TASKS)}; each fine-tuning "
-                   "runs on one thread)")
+                   help=f"the tasks to fine-tune and score (default {','.join(TASKS)}; the fine-tunings "
+                   "run side by side, --threads each)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of each fine-tuning (default 1, for two side by side on two cores; bundles and "
+                   "reports of another count named *-tN, since thread counts change the arithmetic's order)")
     p.add_argument("--appearance", action="store_true",
                    help="fine-tune with --appearance (bundles and reports named *-appearance-*)")
     return p.parse_args(argv)
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     _run_side_by_side({f"index {r}": ("index", str(out / r), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
                                       "--size", str(ns.size), "--workers", "1", "--no-progress", *fps_args)
                        for r in archives if not (out / f"cache-{r}{fps}").exists()}, log)
-    schedule = "" if (ns.epochs, ns.patience) == (12, 4) else f"-e{ns.epochs}p{ns.patience}"
+    schedule = ("" if (ns.epochs, ns.patience) == (12, 4) else f"-e{ns.epochs}p{ns.patience}") + (
+        "" if ns.threads == 1 else f"-t{ns.threads}")
     variant = (("" if trained_on == "polar" else f"-{trained_on}") + ("" if ns.look == "standard" else f"-{ns.look}")
                + ("-appearance" if ns.appearance else "") + fps + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}"))
     _run_side_by_side({f"finetune {task}": (
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "--size", str(ns.size), "--lr", ns.lr, "--epoch-samples", "800", "--epochs", str(ns.epochs),
         "--patience", str(ns.patience), "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
         *(("--appearance",) if ns.appearance else ()))
-        for task in tasks if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log)
+        for task in tasks if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log, ns.threads)
     if ns.train_only:
         print(f"trained {', '.join(f'{task}{variant}-bundle' for task in tasks)} in {out} "
               f"({time.monotonic() - started:.0f} s); run again without --train-only to test them")
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
     print(f"train: {trained_on} ({ns.look} look), {ns.train_patients} patients; test: {ns.test_renderer}, "
           f"{ns.test_patients} patients a seed; "
-          f"size {ns.size}, tiny preset, Adam {ns.lr}, {ns.epochs} epochs (patience {ns.patience}), random init"
+          f"size {ns.size}, tiny preset, Adam {ns.lr}, {ns.epochs} epochs (patience {ns.patience}), random init, "
+          f"{ns.threads} thread{'s' if ns.threads > 1 else ''} a fine-tuning"
           f"{', appearance augmentation' if ns.appearance else ''}"
           f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}"
           f"{'' if ns.framing == 'sector' else f', physical framing ({ns.field_cm:g} cm window)'}; "
