@@ -607,14 +607,14 @@ class StorageSCP:
         fields: dict[str, Any] = {"assoc_id": assoc_id, "peer": assoc.requestor.address}
         if isinstance(rq, A_ASSOCIATE):
             fields["calling_ae"] = rq.calling_ae_title
-        try:
-            removed = tracker.discard_leftovers()
-        except OSError as exc:
-            log.error("store.partial_not_removed", **fields, error=f"{type(exc).__name__}: {exc.strerror}")
-            return
+        removed, not_removed = tracker.discard_leftovers()
         for leftover, size in removed:
             self.counters.fail("incomplete")
-            log.warning("store.partial_discarded", **fields, sop_uid=leftover.sop_uid, bytes=size)
+            log.warning("store.partial_discarded", **fields, sop_uid=peer_text(leftover.sop_uid), bytes=size)
+        for leftover, error in not_removed:
+            self.counters.fail("incomplete")
+            log.error("store.partial_not_removed", **fields, sop_uid=peer_text(leftover.sop_uid), path=leftover.name,
+                      error=f"{type(error).__name__}: {error.strerror}")
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("echo")

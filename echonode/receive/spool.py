@@ -112,22 +112,25 @@ class SpoolTracker:
         with self._lock, contextlib.suppress(ValueError):
             self.files.remove(spool)
 
-    def discard_leftovers(self) -> list[tuple[SpoolFile, int]]:
-        """Close and delete every spool file still on disk; return each with its size.
+    def discard_leftovers(self) -> tuple[list[tuple[SpoolFile, int]], list[tuple[SpoolFile, OSError]]]:
+        """Close and delete every spool file still on disk.
 
         Call it once the association's thread has ended: a file still there
         then belongs to a data set that was never acknowledged (pynetdicom
         deletes a file after its handler, which moves a stored one away).
+        One file that cannot be deleted stops none of the others.
 
-        Raises
-        ------
-        OSError
-            When a file cannot be deleted (the others are still tried first).
+        Returns
+        -------
+        removed : list of (SpoolFile, int)
+            Each file deleted, with its size in bytes.
+        not_removed : list of (SpoolFile, OSError)
+            Each file still there, with the error deleting it.
         """
         with self._lock:
             files, self.files = self.files, []
         removed: list[tuple[SpoolFile, int]] = []
-        failure: OSError | None = None
+        not_removed: list[tuple[SpoolFile, OSError]] = []
         for spool in files:
             spool.close()
             path = Path(spool.name)
@@ -137,12 +140,10 @@ class SpoolTracker:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                failure = failure or exc
+                not_removed.append((spool, exc))
                 continue
             removed.append((spool, size))
-        if failure is not None:
-            raise failure
-        return removed
+        return removed, not_removed
 
 
 def track(assoc: Association, directory: Path) -> SpoolTracker:

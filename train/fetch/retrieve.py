@@ -392,13 +392,12 @@ def discard_leftovers(assoc: Association, wait_s: float = ASSOCIATION_END_WAIT_S
         if assoc.is_alive():
             log.warning("fetch.partial_kept", reason="the association's thread has not ended", peer=peer)
             return 0
-    try:
-        removed = tracker.discard_leftovers()
-    except OSError as exc:
-        log.error("fetch.partial_not_removed", error=f"{type(exc).__name__}: {exc.strerror}")
-        return 0
+    removed, not_removed = tracker.discard_leftovers()
     for leftover, size in removed:
         log.warning("fetch.partial_discarded", sop_uid=peer_text(leftover.sop_uid), bytes=size, peer=peer)
+    for leftover, exc in not_removed:
+        log.error("fetch.partial_not_removed", sop_uid=peer_text(leftover.sop_uid), path=leftover.name, peer=peer,
+                  error=f"{type(exc).__name__}: {exc.strerror}")
     return len(removed)
 
 

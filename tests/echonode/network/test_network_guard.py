@@ -212,6 +212,27 @@ def test_stalled_peers_from_an_allowed_address_are_reaped(start_node, sockets) -
     assert echoscu(node.scp.port).returncode == 0
 
 
+def test_a_partial_spool_file_that_cannot_be_deleted_is_logged_and_counted(start_node, sockets) -> None:
+    """When the leftover of a cut-off data set cannot be deleted, the node says so (with the
+    SOP Instance UID and the file), counts the instance failed and goes on serving."""
+    require_tool(ECHOSCU)
+    node = start_node(network_timeout_s=1.0)
+    with capture_logs() as logs:
+        stalled = _stall_store(node.scp.port, sockets, "1.2.826.0.1.3680043.8.498.78")
+        [spooled] = wait_for(lambda: list(node.store.incoming.iterdir()), timeout=5, what="the spool file")
+        # A directory where the file was: deleting it fails as no permission would, even as root.
+        spooled.unlink()
+        spooled.mkdir()
+        raw.wait_closed(stalled, timeout=15)
+        wait_for(lambda: events(logs, "store.partial_not_removed"), timeout=5, what="the failure to be logged")
+    [line] = events(logs, "store.partial_not_removed")
+    assert line["sop_uid"] == "1.2.826.0.1.3680043.8.498.78" and line["path"] == str(spooled)
+    assert line["error"].startswith("IsADirectoryError")
+    assert not events(logs, "store.partial_discarded")
+    assert node.scp.counters.failures == {"incomplete": 1}
+    assert echoscu(node.scp.port).returncode == 0
+
+
 def test_echo_answers_while_50_stalled_sockets_are_open(start_node, sockets) -> None:
     """50 connections that sent 6 bytes and stopped, from outside the allow-list: carts'
     C-ECHOs (dcmtk echoscu, pynetdicom) are still answered, promptly."""

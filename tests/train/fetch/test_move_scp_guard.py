@@ -272,3 +272,23 @@ def test_leftovers_wait_for_the_association_s_thread_and_are_kept_while_it_runs(
     assert not partial.exists()
     assert [e["event"] for e in logs] == ["fetch.partial_kept", "fetch.partial_discarded"]
     assert events(logs, "fetch.partial_discarded")[0]["bytes"] == 1000
+
+
+def test_a_leftover_that_cannot_be_deleted_is_logged_and_stops_none_of_the_others(tmp_path) -> None:
+    """Each leftover is tried: one that cannot be deleted is logged with its SOP Instance UID
+    and file, and the others still go."""
+    assoc = _EndingAssociation()
+    assoc.alive = False
+    tracker = spool.track(assoc, tmp_path)  # type: ignore[arg-type]
+    stuck, partial = tmp_path / "stuck.dcm", tmp_path / "partial.dcm"
+    stuck.mkdir()  # deleting a directory as a file fails, even as root
+    partial.write_bytes(b"\0" * 10)
+    tracker.add(spool.SpoolFile(None, str(stuck), "1.2.3"))
+    tracker.add(spool.SpoolFile(None, str(partial), "1.2.4"))
+    with capture_logs() as logs:
+        assert discard_leftovers(assoc) == 1  # type: ignore[arg-type]
+    assert not partial.exists() and stuck.is_dir()
+    [failed] = events(logs, "fetch.partial_not_removed")
+    assert failed["sop_uid"] == "1.2.3" and failed["path"] == str(stuck) and failed["peer"] == "127.0.0.1"
+    assert failed["error"].startswith("IsADirectoryError")
+    assert [e["sop_uid"] for e in events(logs, "fetch.partial_discarded")] == ["1.2.4"]
