@@ -685,6 +685,8 @@ class StorageSCP:
             return STATUS_UNEXPECTED
         finally:
             structlog.contextvars.unbind_contextvars("sop_uid")
+            # Handled either way: the tracker need not hold it for the rest of a long association.
+            spool.release(event.assoc, req)
         if outcome == "duplicate":
             self.counters.duplicates += 1
         else:

@@ -160,13 +160,15 @@ def tracker_of(assoc: Association) -> SpoolTracker | None:
 
 
 def release(assoc: Association, request: Any) -> None:
-    """Close and forget the spool file of a C-STORE ``request`` once its handler has run.
+    """Close, delete and forget the spool file of a C-STORE ``request`` (call at its handler's end).
 
     pynetdicom closes and deletes the file itself after the handler of a
     C-STORE on an association the peer opened, but not after one that
     arrives on an association we opened (a C-GET's): there each file would
-    stay open, and tracked, for as long as the association lasts. Deleting
-    the name is harmless when the handler moved the file away.
+    stay open for as long as the association lasts. On either, the tracker
+    would keep a record of every data set the association carried. Deleting
+    the name is harmless when the handler moved the file away, and
+    pynetdicom's own delete afterwards finds nothing and says nothing.
     """
     spool = getattr(request, "_dataset_file", None)
     if not isinstance(spool, SpoolFile):

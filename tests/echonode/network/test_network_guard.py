@@ -28,6 +28,7 @@ from echonode.daemon.node import Node
 from echonode.delivery.dimse import Peer, echo, store_file
 from echonode.delivery.outcome import DeliveryError
 from echonode.network import pdu_guard
+from echonode.receive import spool
 from echonode.receive.scp import STOP_JOIN_S
 from tests import rawdicom as raw
 from tests.conftest import REPO, FullDisk, echonode_cmd, make_config, wait_for
@@ -512,6 +513,28 @@ def test_a_new_message_in_the_middle_of_a_data_set_leaves_no_spool_file(start_no
         wait_for(lambda: events(logs, "store.partial_discarded"), timeout=10, what="the first file to be discarded")
     assert list(node.store.incoming.iterdir()) == []
     assert [e["sop_uid"] for e in events(logs, "store.partial_discarded")] == [str(first.SOPInstanceUID)]
+
+
+def test_a_long_association_keeps_no_record_of_the_data_sets_it_carried(start_node) -> None:
+    """Each spool file is forgotten once its C-STORE is answered: an association that stays
+    open for a day's studies holds no growing list of them (and nothing is left at the end)."""
+    node = start_node()
+    objects = [us_multiframe(frames=2, rows=16, cols=16) for _ in range(4)]
+    assoc = scu_associate(node.scp.port, objects[:1])
+    assert assoc.is_established
+    try:
+        [node_side] = wait_for(lambda: list(node.scp._assoc_ids.keys()), timeout=5, what="the node's association")
+        tracker = spool.tracker_of(node_side)
+        assert tracker is not None
+        held = []
+        for ds in objects:
+            assert assoc.send_c_store(ds).Status == 0
+            held.append(len(tracker.files))
+    finally:
+        assoc.release()
+    assert held == [0, 0, 0, 0]
+    wait_for(lambda: node.scp.counters.instances == 4, timeout=5, what="the instances to be counted")
+    assert list(node.store.incoming.iterdir()) == []
 
 
 @pytest.fixture
