@@ -137,8 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="synth --renderer of the training archive (default polar); several joined by commas "
                    "draw each study by one of them (archive, caches, bundles and reports named *-A+B)")
     p.add_argument("--test-renderer", choices=tuple(RENDERERS), default="raster",
-                   help="the renderer transfer is measured on (default raster); never one that draws the "
-                   "training archive")
+                   help=f"the renderer transfer is measured on: one of {', '.join(RENDERERS)} (default raster); "
+                   "never one that draws the training archive")
     p.add_argument("--test-seed", type=int, default=202,
                    help="seed of the first test archive (default 202; new seeds mean patients never read)")
     p.add_argument("--more-test-seeds", type=int, nargs="*", default=[],

@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from train import synth_reports
-from train.synth import render, render_alt, render_scatter
+from train.synth import render, render_alt, render_fieldwarp, render_scatter
 from train.synth.acquisition import (
     VIEWS,
     StudyPlan,
@@ -56,12 +56,16 @@ __all__ = [
 ]
 
 RENDERERS: dict[str, Callable] = {"polar": render.render_video, "raster": render_alt.render_video,
-                                   "scatter": render_scatter.render_video}
+                                   "scatter": render_scatter.render_video,
+                                   "fieldwarp": render_fieldwarp.render_video}
 """Renderers by name: ``polar`` (:mod:`train.synth.render`, the default),
-``raster`` (:mod:`train.synth.render_alt`) and ``scatter``
-(:mod:`train.synth.render_scatter`, moving point scatterers beamformed as RF);
-the last two were written apart, each without reading the others' drawing
-code, to measure transfer on a rendering nobody tuned against."""
+``raster`` (:mod:`train.synth.render_alt`), ``scatter``
+(:mod:`train.synth.render_scatter`, moving point scatterers beamformed as RF)
+and ``fieldwarp`` (:mod:`train.synth.render_fieldwarp`, a scattering field
+carried by a cardiac deformation field and convolved on the screen's grid
+with a beam-oriented point-spread function); the last three were written
+apart, each without reading the others' drawing code, to measure transfer
+on a rendering nobody tuned against."""
 
 
 def parse_renderers(spec: str) -> tuple[str, ...]:

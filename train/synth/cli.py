@@ -22,8 +22,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--cols", type=int, default=640, help="image columns (default 640)")
     parser.add_argument("--renderer", default="polar", metavar="NAME[,NAME...]",
                         help=f"how pixels are formed: {', '.join(RENDERERS)} (polar, the default; the others "
-                             "are independent renderers of the same anatomy, for transfer checks), or several "
-                             "joined by commas (each study drawn by one of them)")
+                             "are independent renderers of the same anatomy, for transfer checks: raster paints "
+                             "on a raster, scatter beamforms moving point scatterers, fieldwarp convolves a "
+                             "tissue-borne scattering field with a beam-oriented PSF on the screen's grid), or "
+                             "several joined by commas (each study drawn by one of them)")
     parser.add_argument("--look", choices=LOOKS, default="standard",
                         help="standard (default: each scanner's own look) or varied (renderer polar's videos: a "
                              "grey map, speckle grain and filtering, edge softness and tissue contrast drawn per "
