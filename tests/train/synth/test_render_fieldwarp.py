@@ -205,3 +205,55 @@ def test_synth_cli_end_to_end(tmp_path: Path) -> None:
     done = subprocess.run(idx, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert any(cache.iterdir())
+
+
+def _archive_plax_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patients: int,
+                        seed: int) -> list[tuple[Anatomy, VideoPlan]]:
+    """The hearts and PLAX plans the archive's own sampler draws (renderer stubbed out)."""
+    from train.synth import archive
+
+    caught: list[tuple[Anatomy, VideoPlan]] = []
+
+    def record(an: Anatomy, plan: VideoPlan, rows: int, cols: int,
+               header: dict[str, str] | None = None) -> tuple[np.ndarray, object, np.ndarray]:
+        caught.append((an, plan))
+        return (np.zeros((plan.frames, rows, cols, 3), np.uint8), sector_geometry(plan, rows, cols),
+                np.zeros(plan.frames))
+
+    monkeypatch.setitem(archive.RENDERERS, "fieldwarp", record)
+    archive.generate_archive(tmp_path / "arch", patients, seed, frames=1, rows=120, cols=160, renderer="fieldwarp",
+                             views=["plax"], reports=False)
+    return caught
+
+
+def _outside_sector(plan: VideoPlan, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    r, th = np.hypot(x, z), np.arctan2(x, z)
+    return (r > plan.depth_cm) | (np.abs(th) > math.radians(plan.angle_deg / 2))
+
+
+def test_plax_framing_keeps_the_aortic_valve_and_the_walls_in_the_sector(tmp_path, monkeypatch) -> None:
+    """Over the plans the archive draws, the opening cusps at mid-systole and the measured walls at
+    end-diastole lie inside the sector in nearly every PLAX video: a valve the sector cuts shows no
+    opening, and wider openings reach farther, so cut valves would fall mostly on one label."""
+    pairs = _archive_plax_pairs(tmp_path, monkeypatch, patients=60, seed=5)
+    assert len(pairs) >= 150
+    valve_cut = walls_cut = 0
+    for an, plan in pairs:
+        scene = scene_of(an, plan)
+        o, u, n = scene.root_frame()
+        ss, qq = np.meshgrid(np.arange(0.0, 2.6, 0.03), np.arange(-1.9, 1.9, 0.03))
+        x, z = o[0] + ss * u[0] + qq * n[0], o[1] + ss * u[1] + qq * n[1]
+        cusp = scene.paint(x.ravel(), z.ravel(), MID_SYSTOLE_PHASE).cls == AORTIC_CUSP
+        # The free edges: each cusp's points farthest along the root, where the opening is read.
+        s_cusp, q_cusp, x_cusp, z_cusp = ss.ravel()[cusp], qq.ravel()[cusp], x.ravel()[cusp], z.ravel()[cusp]
+        edges = [np.flatnonzero(side)[np.argsort(s_cusp[side])[-3:]] for side in (q_cusp < 0, q_cusp > 0)]
+        assert all(len(e) for e in edges)
+        free_edges = np.concatenate(edges)
+        valve_cut += bool(_outside_sector(plan, x_cusp[free_edges], z_cusp[free_edges]).any())
+        tr = an.truth
+        s = np.linspace(-0.5 * tr.lvid_cm - tr.ivs_cm, 0.5 * tr.lvid_cm + tr.lvpw_cm, 40)
+        (ox, oz), d = scene.measuring_line()
+        walls_cut += bool(_outside_sector(plan, ox + s * d[0], oz + s * d[1]).any())
+    print({"videos": len(pairs), "valve_cut": valve_cut, "walls_cut": walls_cut})
+    assert valve_cut / len(pairs) <= 0.025, (valve_cut, len(pairs))
+    assert walls_cut / len(pairs) <= 0.025, (walls_cut, len(pairs))

@@ -319,8 +319,9 @@ class Scene:
         out.mat_x, out.mat_z = self.pose.to_screen(xim, etam)
         for kind, shape, db in self.layers:
             out.paint(kind, shape(xim, etam), db=db)
-        # Leaflets move with the rigid base: base-frame coordinates.
-        xib = xi + (self.lv.base_shift(c) if self.view != "psax" else 0.0)
+        # Leaflets move with the rigid base as it is at ``phase`` (where the video draws them,
+        # also when the walls are posed at another phase): base-frame coordinates.
+        xib = xi + (self.lv.base_shift(contraction(phase)) if self.view != "psax" else 0.0)
         self._leaflets(out, xib, eta, phase)
         r = np.hypot(x, z)
         out.paint(CHEST, r - self.chest_cm, db=TISSUES[CHEST].db + self.extras["chest_bands"][
@@ -407,8 +408,6 @@ def _plax(an: Anatomy, plan: VideoPlan, lv: _LV) -> Scene:
     h, ts, tp, g = lv.h, lv.t_sep, lv.t_post, an.pericardial_gap_cm
     rv = an.rv_cm
     front = -h - ts - rv - 0.42  # anterior surface of the RV free wall
-    pose = _pose_at(0.0, front - 0.45, (-1.6 + plan.shift_x_cm, an.chest_wall_cm + plan.shift_z_cm),
-                    math.radians(-4.0 + plan.tilt_deg), 1.0)
     # Base: posterior mitral annulus, aorto-mitral continuity, aortic root.
     ph = np.array([2.0, h])
     lvot = float(np.clip(0.35 * tr.lvid_cm + 0.3, 1.6, 2.4))
@@ -419,6 +418,14 @@ def _plax(an: Anatomy, plan: VideoPlan, lv: _LV) -> Scene:
     big_r = 0.5 * tr.ao_root_cm
     ra, wv = 0.82 * big_r, 0.24
     a0 = ah - (wv + ra) * n
+    # Centred between the measuring level and the aortic annulus, as a sonographer centres a PLAX on
+    # the walls and the valve: pinned farther toward the apex, the valve fell near or beyond the
+    # sector's edge in about one video in ten, where the sector is narrow. Placed by label-free
+    # points only (never the cusp tips), so the framing cannot follow the severity.
+    hung = _pose_at(0.0, front - 0.45, (0.0, an.chest_wall_cm + plan.shift_z_cm),
+                    math.radians(-4.0 + plan.tilt_deg), 1.0)  # the RV's front under the chest wall
+    mid_x, _ = hung.to_screen(np.array(0.5 * a0[0]), np.array(0.5 * a0[1]))
+    pose = Pose(hung.ox - float(mid_x) + plan.shift_x_cm, hung.oz, hung.phi, hung.mirror)
     sept_end = float((a0 - ra * n)[0]) + 0.15
 
     def root_radius(s: np.ndarray) -> np.ndarray:
