@@ -48,7 +48,7 @@ def test_study_auroc_is_over_studies(tmp_path: Path) -> None:
 
 def test_cross_rendering_resamples_both_archives_when_asked(tmp_path: Path, monkeypatch) -> None:
     steps: list[tuple[str, ...]] = []
-    monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log: steps.extend(s.values()))
+    monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log, threads=1: steps.extend(s.values()))
     monkeypatch.setattr(cross_rendering, "study_auroc", lambda path: (0.5, 0.4, 0.6, 1, 1))
     out = tmp_path / "x"
     assert cross_rendering.main(["--out", str(out), "--target-fps", "15", "--epochs", "24", "--patience", "8",
@@ -91,7 +91,7 @@ def test_a_cached_cell_is_reused_only_for_the_settings_that_made_it(tmp_path: Pa
 
 def test_cross_rendering_trains_and_scores_only_the_tasks_asked_for(tmp_path: Path, monkeypatch, capsys) -> None:
     steps: list[tuple[str, ...]] = []
-    monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log: steps.extend(s.values()))
+    monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log, threads=1: steps.extend(s.values()))
     monkeypatch.setattr(cross_rendering, "study_auroc", lambda path: (0.5, 0.4, 0.6, 1, 1))
     assert cross_rendering.main(["--out", str(tmp_path / "x"), "--tasks", "severe_as", "--look", "varied-valves",
                                  "--test-renderer", "scatter", "--test-seed", "7"]) == 0
@@ -105,3 +105,22 @@ def test_cross_rendering_trains_and_scores_only_the_tasks_asked_for(tmp_path: Pa
         str(tmp_path / "x" / "severe_as-varied-valves-bundle")}
     assert "| lvh |" not in capsys.readouterr().out
     assert cross_rendering.main(["--out", str(tmp_path / "y"), "--tasks", "lvh,mitral"]) == 2
+
+
+def test_cross_rendering_gives_each_fine_tuning_the_threads_asked_for(tmp_path: Path, monkeypatch) -> None:
+    """--threads reaches the fine-tunings alone (drawing and indexing keep one each), and a bundle
+    trained on another thread count is another bundle: its arithmetic ran in another order."""
+    threads: dict[str, int] = {}
+
+    def record(steps: dict[str, tuple[str, ...]], log: Path, threads_each: int = 1) -> None:
+        for args in steps.values():
+            threads[args[0]] = threads_each
+            if args[0] == "finetune":
+                threads["bundle:" + Path(args[args.index("--out") + 1]).name] = threads_each
+
+    monkeypatch.setattr(cross_rendering, "_run_side_by_side", record)
+    assert cross_rendering.main(["--out", str(tmp_path / "x"), "--tasks", "severe_as", "--epochs", "48",
+                                 "--patience", "48", "--threads", "2", "--train-only"]) == 0
+    assert threads == {"synth": 1, "index": 1, "finetune": 2, "bundle:severe_as-e48p48-t2-bundle": 2}
+    assert cross_rendering._train_env(2)["OMP_NUM_THREADS"] == "2"
+    assert cross_rendering._train_env()["OMP_NUM_THREADS"] == "1"
