@@ -782,7 +782,11 @@ class StorageSCP:
         # been accepted as an association yet has nothing to finish.
         while self._established() and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = [a for a in self.ae.active_associations if a.is_acceptor]
+        active = [a for a in self.ae.active_associations if a.is_acceptor]
+        # One released or aborted already is only finishing its thread: nothing is aborted there
+        # (under load a released association's thread can outlive the wait above by a moment).
+        ending = [a for a in active if a.is_released or a.is_aborted]
+        left = [a for a in active if a not in ending]
         for assoc in left:
             # First through the guard: pynetdicom's abort waits for a reader
             # that may sit in the middle of a PDU until its read deadline (a
@@ -796,9 +800,9 @@ class StorageSCP:
             log.warning("scp.aborted_on_stop", associations=len(left))
         # One deadline for all of them, not a wait per association.
         join_deadline = time.monotonic() + STOP_JOIN_S
-        for assoc in left:
+        for assoc in left + ending:
             assoc.join(timeout=max(0.0, join_deadline - time.monotonic()))
-        for assoc in left:
+        for assoc in left + ending:
             # The connection's thread does the same when the association
             # ends; done here too so that stop() leaves incoming/ clean. One
             # still running is cleaned up when its thread ends, or at the

@@ -312,6 +312,37 @@ def test_connect_and_close_bursts_never_lock_carts_out(start_node, sockets) -> N
     wait_for(lambda: threading.active_count() < 40, timeout=10, what="the burst's threads to end")
 
 
+class _ReleasedAssociation:
+    """An association the peer has released whose thread has not quite ended yet."""
+
+    is_acceptor, is_established, is_released, is_aborted = True, False, True, False
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
+
+
+def test_stop_does_not_abort_or_report_an_association_already_released(start_node, monkeypatch) -> None:
+    """Under load a released association's thread can still be listed when stop() looks:
+    it has nothing left to abort, and the log must not tell the administrator it was."""
+    node = start_node()
+    released = _ReleasedAssociation()
+    monkeypatch.setattr(type(node.scp.ae), "active_associations", property(lambda ae: [released]))
+    with capture_logs() as logs:
+        node.scp.stop(grace_s=5.0)
+    assert not released.aborted
+    assert not events(logs, "scp.aborted_on_stop")
+    assert events(logs, "scp.stopped")
+
+
 def test_stop_ends_connections_stalled_mid_request_at_once(start_node, sockets, monkeypatch) -> None:
     """Connections that sent 6 bytes of an A-ASSOCIATE-RQ and nothing more have no transfer to
     finish: stop() neither spends its grace on them nor waits for their read deadline
