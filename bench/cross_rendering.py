@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if not tasks or set(tasks) - set(TASKS):
         print(f"cross_rendering: --tasks must name some of {', '.join(TASKS)}, got {ns.tasks!r}", file=sys.stderr)
         return 2
+    if ns.threads < 1:
+        print(f"cross_rendering: --threads must be at least 1, got {ns.threads}", file=sys.stderr)
+        return 2
     if ns.quick:
         ns.train_patients, ns.test_patients, ns.epochs = 40, 16, 1
     train_renderers = parse_renderers(ns.train_renderer)

@@ -315,6 +315,17 @@ class PduGuard:
         nothing is counted.
         """
         self._send_abort(ABORT_NOT_SPECIFIED)
+        self.close_transport()
+
+    def close_transport(self) -> None:
+        """Shut the socket down without a word to the peer, from any thread (the node stopping).
+
+        For an association already released or aborted: its thread may
+        still wait for the peer to close the connection or for a timer
+        (ARTIM, up to ``acse_timeout_s``), or sit in a read the peer left
+        half done. The peer has had its answer, so no A-ABORT is sent; the
+        reader sees the connection closed (Evt17) and the thread ends now.
+        """
         dul = self.dul
         awaiting_request = self.assoc.is_acceptor and dul.state_machine.current_state in _AWAITING_REQUEST
         sock = dul.socket.socket if dul.socket is not None else None

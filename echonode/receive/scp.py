@@ -614,7 +614,7 @@ class StorageSCP:
         for leftover, error in not_removed:
             self.counters.fail("incomplete")
             log.error("store.partial_not_removed", **fields, sop_uid=peer_text(leftover.sop_uid), path=leftover.name,
-                      error=f"{type(error).__name__}: {error.strerror}")
+                      error=f"{type(error).__name__}: {error.strerror or error}")
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("echo")
@@ -794,6 +794,12 @@ class StorageSCP:
             guard = pdu_guard.guard_of(assoc)
             if guard is not None:
                 guard.abort()
+        for assoc in ending:
+            # Its peer has had its answer; the thread may still wait for the peer to close the
+            # connection (or for ARTIM): shut it here so that the thread ends within stop().
+            guard = pdu_guard.guard_of(assoc)
+            if guard is not None and assoc.is_alive():
+                guard.close_transport()
         for assoc in left:
             assoc.abort()
         if left:

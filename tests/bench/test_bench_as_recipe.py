@@ -124,3 +124,4 @@ def test_cross_rendering_gives_each_fine_tuning_the_threads_asked_for(tmp_path: 
     assert threads == {"synth": 1, "index": 1, "finetune": 2, "bundle:severe_as-e48p48-t2-bundle": 2}
     assert cross_rendering._train_env(2)["OMP_NUM_THREADS"] == "2"
     assert cross_rendering._train_env()["OMP_NUM_THREADS"] == "1"
+    assert cross_rendering.main(["--out", str(tmp_path / "y"), "--threads", "0"]) == 2

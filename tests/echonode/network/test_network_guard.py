@@ -343,6 +343,30 @@ def test_stop_does_not_abort_or_report_an_association_already_released(start_nod
     assert events(logs, "scp.stopped")
 
 
+def test_stop_closes_a_released_association_whose_peer_stops_mid_pdu(start_node, sockets) -> None:
+    """A peer that, after its A-RELEASE-RP, starts a PDU and stops leaves the node's reader
+    waiting for the rest until its deadline (here 600 s). stop() closes the connection without
+    an A-ABORT (the peer had its answer) and without calling the association aborted, and the
+    association's thread has ended when stop() returns."""
+    node = start_node(acse_timeout_s=600.0, network_timeout_s=600.0)
+    s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+    s.sendall(raw.RELEASE_RQ_PDU)
+    rp = raw.read_pdu(s)
+    assert rp is not None and rp.type == raw.RELEASE_RP
+    s.sendall(raw.header(raw.P_DATA_TF, 1000) + bytes(10))
+    released = wait_for(lambda: [a for a in node.scp.ae.active_associations if a.is_acceptor and a.is_released],
+                        timeout=5, what="the node's released association")
+    with capture_logs() as logs:
+        t0 = time.monotonic()
+        node.scp.stop(grace_s=30.0)
+        took = time.monotonic() - t0
+    assert not [a for a in released if a.is_alive()]
+    assert took < STOP_JOIN_S
+    assert not events(logs, "scp.aborted_on_stop")
+    _, after = raw.wait_closed(s, timeout=5.0)
+    assert [p.type for p in after] == []
+
+
 def test_stop_ends_connections_stalled_mid_request_at_once(start_node, sockets, monkeypatch) -> None:
     """Connections that sent 6 bytes of an A-ASSOCIATE-RQ and nothing more have no transfer to
     finish: stop() neither spends its grace on them nor waits for their read deadline
