@@ -612,9 +612,10 @@ class StorageSCP:
             self.counters.fail("incomplete")
             log.warning("store.partial_discarded", **fields, sop_uid=peer_text(leftover.sop_uid), bytes=size)
         for leftover, error in not_removed:
-            self.counters.fail("incomplete")
+            if not leftover.answered:  # an answered one was counted with the status it got
+                self.counters.fail("incomplete")
             log.error("store.partial_not_removed", **fields, sop_uid=peer_text(leftover.sop_uid), path=leftover.name,
-                      error=f"{type(error).__name__}: {error.strerror or error}")
+                      answered=leftover.answered, error=f"{type(error).__name__}: {error.strerror or error}")
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("echo")

@@ -55,6 +55,8 @@ class SpoolFile:
         self.sop_uid = sop_uid
         #: The first error writing it; once set, what arrives is dropped.
         self.error = error
+        #: Its C-STORE handler has run (the data set was answered, whatever the status).
+        self.answered = False
 
     @property
     def file(self) -> SpoolFile:
@@ -169,13 +171,21 @@ def release(assoc: Association, request: Any) -> None:
     would keep a record of every data set the association carried. Deleting
     the name is harmless when the handler moved the file away, and
     pynetdicom's own delete afterwards finds nothing and says nothing.
+
+    A file that cannot be deleted (its data set was refused, so it is still
+    there) stays tracked: :meth:`SpoolTracker.discard_leftovers` tries again
+    once the association has ended and reports it if it fails again, so no
+    file is left behind without a log line.
     """
     spool = getattr(request, "_dataset_file", None)
     if not isinstance(spool, SpoolFile):
         return
+    spool.answered = True
     spool.close()
-    with contextlib.suppress(OSError):
+    try:
         Path(spool.name).unlink(missing_ok=True)
+    except OSError:
+        return
     tracker = tracker_of(assoc)
     if tracker is not None:
         tracker.remove(spool)

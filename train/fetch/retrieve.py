@@ -397,7 +397,7 @@ def discard_leftovers(assoc: Association, wait_s: float = ASSOCIATION_END_WAIT_S
         log.warning("fetch.partial_discarded", sop_uid=peer_text(leftover.sop_uid), bytes=size, peer=peer)
     for leftover, exc in not_removed:
         log.error("fetch.partial_not_removed", sop_uid=peer_text(leftover.sop_uid), path=leftover.name, peer=peer,
-                  error=f"{type(exc).__name__}: {exc.strerror or exc}")
+                  answered=leftover.answered, error=f"{type(exc).__name__}: {exc.strerror or exc}")
     return len(removed)
 
 

@@ -9,6 +9,7 @@ hosts outside ``allowed_networks``.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import struct
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom.association import Association
@@ -228,10 +230,38 @@ def test_a_partial_spool_file_that_cannot_be_deleted_is_logged_and_counted(start
         wait_for(lambda: events(logs, "store.partial_not_removed"), timeout=5, what="the failure to be logged")
     [line] = events(logs, "store.partial_not_removed")
     assert line["sop_uid"] == "1.2.826.0.1.3680043.8.498.78" and line["path"] == str(spooled)
-    assert line["error"].startswith("IsADirectoryError")
+    assert line["error"].startswith("IsADirectoryError") and line["answered"] is False
     assert not events(logs, "store.partial_discarded")
     assert node.scp.counters.failures == {"incomplete": 1}
     assert echoscu(node.scp.port).returncode == 0
+
+
+def test_a_refused_object_whose_spool_file_cannot_be_deleted_is_logged_once_not_counted_twice(
+        start_node, monkeypatch) -> None:
+    """A data set the node answered with a failure status whose spool file then cannot be
+    deleted is named in a log line when its association ends (so no file is left without one),
+    and counted only under the status it got."""
+    node = start_node()
+    real_unlink = os.unlink
+
+    def undeletable_in_incoming(path: Any, *args: Any, **kwargs: Any) -> None:
+        # As a read-only or failing file system would answer, for pynetdicom's delete and the node's.
+        if Path(path).parent == node.store.incoming:
+            raise PermissionError(13, "Permission denied", str(path))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", undeletable_in_incoming)
+    monkeypatch.setattr(os, "remove", undeletable_in_incoming)
+    no_study = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.79")
+    del no_study.StudyInstanceUID
+    with capture_logs() as logs:
+        assert c_store(node.scp.port, [no_study]) == [0xC220]
+        wait_for(lambda: events(logs, "store.partial_not_removed"), timeout=5, what="the failure to be logged")
+    [line] = events(logs, "store.partial_not_removed")
+    assert line["sop_uid"] == "1.2.826.0.1.3680043.8.498.79" and line["answered"] is True
+    assert line["error"].startswith("PermissionError")
+    assert Path(line["path"]).parent == node.store.incoming and Path(line["path"]).exists()
+    assert node.scp.counters.failures == {"0xC220": 1}
 
 
 def test_echo_answers_while_50_stalled_sockets_are_open(start_node, sockets) -> None:

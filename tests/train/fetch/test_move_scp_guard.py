@@ -290,5 +290,27 @@ def test_a_leftover_that_cannot_be_deleted_is_logged_and_stops_none_of_the_other
     assert not partial.exists() and stuck.is_dir()
     [failed] = events(logs, "fetch.partial_not_removed")
     assert failed["sop_uid"] == "1.2.3" and failed["path"] == str(stuck) and failed["peer"] == "127.0.0.1"
+    assert failed["answered"] is False
     assert failed["error"].startswith("IsADirectoryError")
     assert [e["sop_uid"] for e in events(logs, "fetch.partial_discarded")] == ["1.2.4"]
+
+
+def test_a_handled_spool_file_that_cannot_be_deleted_stays_tracked_until_the_association_ends(tmp_path) -> None:
+    """After a C-STORE handler, a file that is deleted is forgotten; one whose deletion fails is
+    kept on the tracker, so the sweep at the association's end tries again and logs it."""
+    assoc = _EndingAssociation()
+    assoc.alive = False
+    tracker = spool.track(assoc, tmp_path)  # type: ignore[arg-type]
+    stuck, handled = tmp_path / "stuck.dcm", tmp_path / "handled.dcm"
+    stuck.mkdir()  # deleting a directory as a file fails, even as root
+    handled.write_bytes(b"\0" * 10)
+    files = [spool.SpoolFile(None, str(stuck), "1.2.3"), spool.SpoolFile(None, str(handled), "1.2.4")]
+    for f in files:
+        tracker.add(f)
+        spool.release(assoc, type("Request", (), {"_dataset_file": f})())  # type: ignore[arg-type]
+    assert not handled.exists() and stuck.is_dir()
+    assert tracker.files == [files[0]]
+    with capture_logs() as logs:
+        assert discard_leftovers(assoc) == 0  # type: ignore[arg-type]
+    [failed] = events(logs, "fetch.partial_not_removed")
+    assert failed["sop_uid"] == "1.2.3" and failed["path"] == str(stuck) and failed["answered"] is True
