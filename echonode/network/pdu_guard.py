@@ -94,6 +94,8 @@ _PDU_TYPES = range(0x01, 0x08)
 _NEGOTIATING = frozenset({"Sta1", "Sta2", "Sta3", "Sta4", "Sta5"})
 #: States in which an acceptor has not yet received an A-ASSOCIATE-RQ.
 _AWAITING_REQUEST = frozenset({"Sta1", "Sta2"})
+#: Waiting for the transport to close: an A-RELEASE-RP or an A-ABORT was sent already.
+_CLOSING = "Sta13"
 
 # A-ABORT reasons for source 2, service provider (PS3.8 9.3.8).
 ABORT_NOT_SPECIFIED = 0x00
@@ -303,7 +305,14 @@ class PduGuard:
         self.assoc.is_aborted = True
         self.dul.to_user_queue.put(A_P_ABORT())
 
-    def abort(self) -> None:
+    def ending(self) -> bool:
+        """The association has had its last word: released, aborted, or an A-ABORT sent (by us or by
+        pynetdicom on a timeout) and only the connection's close is awaited."""
+        assoc = self.assoc
+        return bool(assoc.is_released or assoc.is_aborted or getattr(assoc, "_sent_abort", False)
+                    or self.dul.state_machine.current_state == _CLOSING)
+
+    def abort(self) -> bool:
         """End the association now, from any thread (the node stopping).
 
         pynetdicom's ``Association.abort()`` waits for the reader thread to
@@ -313,9 +322,22 @@ class PduGuard:
         ends a read in progress at once: the reader sees a closed connection
         (Evt17) and the state machine goes idle. Not a fault of the peer:
         nothing is counted.
+
+        An association that is already :meth:`ending` (it may have finished
+        its release since the caller looked) gets no A-ABORT after its last
+        word, only the socket shut.
+
+        Returns
+        -------
+        bool
+            Whether an A-ABORT was sent.
         """
+        if self.ending():
+            self.close_transport()
+            return False
         self._send_abort(ABORT_NOT_SPECIFIED)
         self.close_transport()
+        return True
 
     def close_transport(self) -> None:
         """Shut the socket down without a word to the peer, from any thread (the node stopping).

@@ -609,13 +609,18 @@ class StorageSCP:
             fields["calling_ae"] = rq.calling_ae_title
         removed, not_removed = tracker.discard_leftovers()
         for leftover, size in removed:
+            if leftover.handled:
+                # Refused by its handler (and counted under that status); its
+                # deletion failed then and worked now.
+                log.info("store.refused_spool_removed", **fields, sop_uid=peer_text(leftover.sop_uid), bytes=size)
+                continue
             self.counters.fail("incomplete")
             log.warning("store.partial_discarded", **fields, sop_uid=peer_text(leftover.sop_uid), bytes=size)
         for leftover, error in not_removed:
-            if not leftover.answered:  # an answered one was counted with the status it got
+            if not leftover.handled:  # a handled one was counted with the status it got
                 self.counters.fail("incomplete")
             log.error("store.partial_not_removed", **fields, sop_uid=peer_text(leftover.sop_uid), path=leftover.name,
-                      answered=leftover.answered, error=f"{type(error).__name__}: {error.strerror or error}")
+                      handled=leftover.handled, error=f"{type(error).__name__}: {error.strerror or error}")
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("echo")
@@ -670,7 +675,7 @@ class StorageSCP:
                 log.error("store.refused_disk_full", stage=stage, error=errno.errorcode[exc.errno])
                 return STATUS_OUT_OF_RESOURCES
             self.counters.fail("io_error")
-            log.error("store.io_error", stage=stage, error=f"{type(exc).__name__}: {exc.strerror}")
+            log.error("store.io_error", stage=stage, error=f"{type(exc).__name__}: {exc.strerror or exc}")
             return STATUS_OUT_OF_RESOURCES
         except sqlite3.Error as exc:
             # The journal could not take the record (locked past its
@@ -784,17 +789,22 @@ class StorageSCP:
         while self._established() and time.monotonic() < deadline:
             time.sleep(0.1)
         active = [a for a in self.ae.active_associations if a.is_acceptor]
-        # One released or aborted already is only finishing its thread: nothing is aborted there
-        # (under load a released association's thread can outlive the wait above by a moment).
-        ending = [a for a in active if a.is_released or a.is_aborted]
+        # One released or aborted already (or aborting on a timeout) is only finishing its thread:
+        # nothing is aborted there (under load a released association's thread can outlive the
+        # wait above by a moment).
+        ending = [a for a in active if _ending(a)]
         left = [a for a in active if a not in ending]
+        aborted = 0
         for assoc in left:
             # First through the guard: pynetdicom's abort waits for a reader
             # that may sit in the middle of a PDU until its read deadline (a
             # connection that sent 6 bytes of a request and nothing more).
+            # The guard looks again: one may have finished its release since.
             guard = pdu_guard.guard_of(assoc)
-            if guard is not None:
-                guard.abort()
+            if guard is None:
+                aborted += not _ending(assoc)
+            elif guard.abort():
+                aborted += 1
         for assoc in ending:
             # Its peer has had its answer; the thread may still wait for the peer to close the
             # connection (or for ARTIM): shut it here so that the thread ends within stop().
@@ -802,9 +812,9 @@ class StorageSCP:
             if guard is not None and assoc.is_alive():
                 guard.close_transport()
         for assoc in left:
-            assoc.abort()
-        if left:
-            log.warning("scp.aborted_on_stop", associations=len(left))
+            assoc.abort()  # pynetdicom's: sends nothing to a released one
+        if aborted:
+            log.warning("scp.aborted_on_stop", associations=aborted)
         # One deadline for all of them, not a wait per association.
         join_deadline = time.monotonic() + STOP_JOIN_S
         for assoc in left + ending:
@@ -818,3 +828,11 @@ class StorageSCP:
                 self._association_ended(assoc)
         self._server = None
         log.info("scp.stopped")
+
+
+def _ending(assoc: Association) -> bool:
+    """``assoc`` has had its last word (released, aborted, or aborting) and only its thread is finishing."""
+    guard = pdu_guard.guard_of(assoc)
+    if guard is not None:
+        return guard.ending()
+    return bool(assoc.is_released or assoc.is_aborted or getattr(assoc, "_sent_abort", False))

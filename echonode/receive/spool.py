@@ -55,8 +55,9 @@ class SpoolFile:
         self.sop_uid = sop_uid
         #: The first error writing it; once set, what arrives is dropped.
         self.error = error
-        #: Its C-STORE handler has run (the data set was answered, whatever the status).
-        self.answered = False
+        #: Its C-STORE handler has run, whatever status it returned (the peer may
+        #: still have had no response, if the association ended meanwhile).
+        self.handled = False
 
     @property
     def file(self) -> SpoolFile:
@@ -119,8 +120,10 @@ class SpoolTracker:
 
         Call it once the association's thread has ended: a file still there
         then belongs to a data set that was never acknowledged (pynetdicom
-        deletes a file after its handler, which moves a stored one away).
-        One file that cannot be deleted stops none of the others.
+        deletes a file after its handler, which moves a stored one away), or
+        to one whose handler refused it and whose deletion then failed
+        (:attr:`SpoolFile.handled`). One file that cannot be deleted stops
+        none of the others.
 
         Returns
         -------
@@ -180,7 +183,7 @@ def release(assoc: Association, request: Any) -> None:
     spool = getattr(request, "_dataset_file", None)
     if not isinstance(spool, SpoolFile):
         return
-    spool.answered = True
+    spool.handled = True
     spool.close()
     try:
         Path(spool.name).unlink(missing_ok=True)

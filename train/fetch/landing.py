@@ -274,7 +274,7 @@ class Sink:
             return self.refuse(flight, header.sop_uid, "SOP Instance UID already fetched under another study",
                                STATUS_SOP_IN_OTHER_STUDY)
         except OSError as exc:
-            what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"I/O error {exc.strerror}"
+            what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"I/O error {exc.strerror or exc}"
             return self.refuse(flight, header.sop_uid, what, STATUS_OUT_OF_RESOURCES)
         sync = self._syncer.submit(fsync_file, path)
         with self._lock:

@@ -186,7 +186,7 @@ def store_handler(sink: Sink, study_hint: Callable[[], str | None] = lambda: Non
         if interrupted is not None:
             # The rest of the data set was read and dropped: nothing usable landed.
             log.error("fetch.store_not_written", sop_uid=peer_text(announced),
-                      error=f"{type(interrupted).__name__}: {interrupted.strerror}")
+                      error=f"{type(interrupted).__name__}: {interrupted.strerror or interrupted}")
             return STATUS_OUT_OF_RESOURCES
         try:
             path = Path(event.dataset_path)
@@ -393,11 +393,16 @@ def discard_leftovers(assoc: Association, wait_s: float = ASSOCIATION_END_WAIT_S
             log.warning("fetch.partial_kept", reason="the association's thread has not ended", peer=peer)
             return 0
     removed, not_removed = tracker.discard_leftovers()
+    refused = [(leftover, size) for leftover, size in removed if leftover.handled]
+    removed = [(leftover, size) for leftover, size in removed if not leftover.handled]
+    for leftover, size in refused:
+        # Refused by its handler; its deletion failed then and worked now.
+        log.info("fetch.refused_spool_removed", sop_uid=peer_text(leftover.sop_uid), bytes=size, peer=peer)
     for leftover, size in removed:
         log.warning("fetch.partial_discarded", sop_uid=peer_text(leftover.sop_uid), bytes=size, peer=peer)
     for leftover, exc in not_removed:
         log.error("fetch.partial_not_removed", sop_uid=peer_text(leftover.sop_uid), path=leftover.name, peer=peer,
-                  answered=leftover.answered, error=f"{type(exc).__name__}: {exc.strerror or exc}")
+                  handled=leftover.handled, error=f"{type(exc).__name__}: {exc.strerror or exc}")
     return len(removed)
 
 

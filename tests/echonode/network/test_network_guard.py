@@ -230,7 +230,7 @@ def test_a_partial_spool_file_that_cannot_be_deleted_is_logged_and_counted(start
         wait_for(lambda: events(logs, "store.partial_not_removed"), timeout=5, what="the failure to be logged")
     [line] = events(logs, "store.partial_not_removed")
     assert line["sop_uid"] == "1.2.826.0.1.3680043.8.498.78" and line["path"] == str(spooled)
-    assert line["error"].startswith("IsADirectoryError") and line["answered"] is False
+    assert line["error"].startswith("IsADirectoryError") and line["handled"] is False
     assert not events(logs, "store.partial_discarded")
     assert node.scp.counters.failures == {"incomplete": 1}
     assert echoscu(node.scp.port).returncode == 0
@@ -258,9 +258,38 @@ def test_a_refused_object_whose_spool_file_cannot_be_deleted_is_logged_once_not_
         assert c_store(node.scp.port, [no_study]) == [0xC220]
         wait_for(lambda: events(logs, "store.partial_not_removed"), timeout=5, what="the failure to be logged")
     [line] = events(logs, "store.partial_not_removed")
-    assert line["sop_uid"] == "1.2.826.0.1.3680043.8.498.79" and line["answered"] is True
+    assert line["sop_uid"] == "1.2.826.0.1.3680043.8.498.79" and line["handled"] is True
     assert line["error"].startswith("PermissionError")
     assert Path(line["path"]).parent == node.store.incoming and Path(line["path"]).exists()
+    assert node.scp.counters.failures == {"0xC220": 1}
+
+
+def test_a_refused_object_whose_spool_file_goes_only_at_the_association_end_is_not_a_partial(
+        start_node, monkeypatch) -> None:
+    """A refused object's spool file whose deletion fails after the answer (pynetdicom's and
+    the node's, a passing fault) and works when the association ends is neither counted again
+    nor called a partial transfer."""
+    node = start_node()
+    real_unlink = os.unlink
+    failures = {"left": 2}
+
+    def fails_twice_in_incoming(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).parent == node.store.incoming and failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(16, "Device or resource busy", str(path))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", fails_twice_in_incoming)
+    monkeypatch.setattr(os, "remove", fails_twice_in_incoming)
+    no_study = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.80")
+    del no_study.StudyInstanceUID
+    with capture_logs() as logs:
+        assert c_store(node.scp.port, [no_study]) == [0xC220]
+        wait_for(lambda: events(logs, "store.refused_spool_removed"), timeout=5, what="the late removal")
+    assert failures["left"] == 0
+    assert events(logs, "store.refused_spool_removed")[0]["sop_uid"] == "1.2.826.0.1.3680043.8.498.80"
+    assert not events(logs, "store.partial_discarded") and not events(logs, "store.partial_not_removed")
+    assert list(node.store.incoming.iterdir()) == []
     assert node.scp.counters.failures == {"0xC220": 1}
 
 
@@ -392,6 +421,29 @@ def test_stop_closes_a_released_association_whose_peer_stops_mid_pdu(start_node,
         took = time.monotonic() - t0
     assert not [a for a in released if a.is_alive()]
     assert took < STOP_JOIN_S
+    assert not events(logs, "scp.aborted_on_stop")
+    _, after = raw.wait_closed(s, timeout=5.0)
+    assert [p.type for p in after] == []
+
+
+def test_stop_sends_no_abort_to_an_association_that_released_after_stop_looked(
+        start_node, sockets, monkeypatch) -> None:
+    """An association that finishes its release between stop()'s look and its abort (the look
+    is stale: here it is made to say "still open") gets no A-ABORT after its A-RELEASE-RP, and
+    the administrator is not told it was aborted."""
+    import echonode.receive.scp as scp_module
+
+    node = start_node(acse_timeout_s=600.0, network_timeout_s=600.0)
+    s = associate(node.scp.port, sockets, abstract_syntax=US_MULTIFRAME, transfer_syntaxes=(raw.EXPLICIT_VR_LE,))
+    s.sendall(raw.RELEASE_RQ_PDU)
+    rp = raw.read_pdu(s)
+    assert rp is not None and rp.type == raw.RELEASE_RP
+    s.sendall(raw.header(raw.P_DATA_TF, 1000) + bytes(10))  # keeps the node's thread in a read
+    wait_for(lambda: [a for a in node.scp.ae.active_associations if a.is_acceptor and a.is_released],
+             timeout=5, what="the node's released association")
+    monkeypatch.setattr(scp_module, "_ending", lambda assoc: False)
+    with capture_logs() as logs:
+        node.scp.stop(grace_s=1.0)
     assert not events(logs, "scp.aborted_on_stop")
     _, after = raw.wait_closed(s, timeout=5.0)
     assert [p.type for p in after] == []

@@ -290,7 +290,7 @@ def test_a_leftover_that_cannot_be_deleted_is_logged_and_stops_none_of_the_other
     assert not partial.exists() and stuck.is_dir()
     [failed] = events(logs, "fetch.partial_not_removed")
     assert failed["sop_uid"] == "1.2.3" and failed["path"] == str(stuck) and failed["peer"] == "127.0.0.1"
-    assert failed["answered"] is False
+    assert failed["handled"] is False
     assert failed["error"].startswith("IsADirectoryError")
     assert [e["sop_uid"] for e in events(logs, "fetch.partial_discarded")] == ["1.2.4"]
 
@@ -313,4 +313,23 @@ def test_a_handled_spool_file_that_cannot_be_deleted_stays_tracked_until_the_ass
     with capture_logs() as logs:
         assert discard_leftovers(assoc) == 0  # type: ignore[arg-type]
     [failed] = events(logs, "fetch.partial_not_removed")
-    assert failed["sop_uid"] == "1.2.3" and failed["path"] == str(stuck) and failed["answered"] is True
+    assert failed["sop_uid"] == "1.2.3" and failed["path"] == str(stuck) and failed["handled"] is True
+
+
+def test_a_refused_instance_s_file_removed_at_the_association_end_is_not_a_partial(tmp_path) -> None:
+    """A file whose handler ran (fetch answered a failure) and whose deletion failed then but
+    works at the association's end is removed without being called a partial transfer or counted
+    among the partials."""
+    assoc = _EndingAssociation()
+    assoc.alive = False
+    tracker = spool.track(assoc, tmp_path)  # type: ignore[arg-type]
+    refused = tmp_path / "refused.dcm"
+    refused.write_bytes(b"\0" * 10)
+    handled = spool.SpoolFile(None, str(refused), "1.2.5")
+    handled.handled = True
+    tracker.add(handled)
+    with capture_logs() as logs:
+        assert discard_leftovers(assoc) == 0  # type: ignore[arg-type]
+    assert not refused.exists()
+    assert [e["event"] for e in logs] == ["fetch.refused_spool_removed"]
+    assert logs[0]["sop_uid"] == "1.2.5" and logs[0]["bytes"] == 10
