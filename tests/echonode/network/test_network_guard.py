@@ -236,26 +236,41 @@ def test_a_partial_spool_file_that_cannot_be_deleted_is_logged_and_counted(start
     assert echoscu(node.scp.port).returncode == 0
 
 
+def _deletes_fail_in(directory: Path, monkeypatch: pytest.MonkeyPatch, error: OSError,
+                     times: int | None = None) -> dict[str, int | None]:
+    """Make deleting a file in ``directory`` fail with ``error`` (``times`` times, or always), as a
+    read-only or failing file system would, for pynetdicom's delete and the node's alike."""
+    real_unlink = os.unlink
+    left: dict[str, int | None] = {"left": times}
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).parent == directory and left["left"] != 0:
+            if left["left"] is not None:
+                left["left"] -= 1
+            raise error
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "remove", unlink)
+    return left
+
+
+def _refused_object(sop_uid: str) -> Any:
+    """An object the node answers 0xC220 (no Study Instance UID)."""
+    ds = us_multiframe(sop_uid=sop_uid)
+    del ds.StudyInstanceUID
+    return ds
+
+
 def test_a_refused_object_whose_spool_file_cannot_be_deleted_is_logged_once_not_counted_twice(
         start_node, monkeypatch) -> None:
     """A data set the node answered with a failure status whose spool file then cannot be
     deleted is named in a log line when its association ends (so no file is left without one),
     and counted only under the status it got."""
     node = start_node()
-    real_unlink = os.unlink
-
-    def undeletable_in_incoming(path: Any, *args: Any, **kwargs: Any) -> None:
-        # As a read-only or failing file system would answer, for pynetdicom's delete and the node's.
-        if Path(path).parent == node.store.incoming:
-            raise PermissionError(13, "Permission denied", str(path))
-        real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", undeletable_in_incoming)
-    monkeypatch.setattr(os, "remove", undeletable_in_incoming)
-    no_study = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.79")
-    del no_study.StudyInstanceUID
+    _deletes_fail_in(node.store.incoming, monkeypatch, PermissionError(13, "Permission denied"))
     with capture_logs() as logs:
-        assert c_store(node.scp.port, [no_study]) == [0xC220]
+        assert c_store(node.scp.port, [_refused_object("1.2.826.0.1.3680043.8.498.79")]) == [0xC220]
         wait_for(lambda: events(logs, "store.partial_not_removed"), timeout=5, what="the failure to be logged")
     [line] = events(logs, "store.partial_not_removed")
     assert line["sop_uid"] == "1.2.826.0.1.3680043.8.498.79" and line["handled"] is True
@@ -270,21 +285,9 @@ def test_a_refused_object_whose_spool_file_goes_only_at_the_association_end_is_n
     the node's, a passing fault) and works when the association ends is neither counted again
     nor called a partial transfer."""
     node = start_node()
-    real_unlink = os.unlink
-    failures = {"left": 2}
-
-    def fails_twice_in_incoming(path: Any, *args: Any, **kwargs: Any) -> None:
-        if Path(path).parent == node.store.incoming and failures["left"] > 0:
-            failures["left"] -= 1
-            raise OSError(16, "Device or resource busy", str(path))
-        real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", fails_twice_in_incoming)
-    monkeypatch.setattr(os, "remove", fails_twice_in_incoming)
-    no_study = us_multiframe(sop_uid="1.2.826.0.1.3680043.8.498.80")
-    del no_study.StudyInstanceUID
+    failures = _deletes_fail_in(node.store.incoming, monkeypatch, OSError(16, "Device or resource busy"), times=2)
     with capture_logs() as logs:
-        assert c_store(node.scp.port, [no_study]) == [0xC220]
+        assert c_store(node.scp.port, [_refused_object("1.2.826.0.1.3680043.8.498.80")]) == [0xC220]
         wait_for(lambda: events(logs, "store.refused_spool_removed"), timeout=5, what="the late removal")
     assert failures["left"] == 0
     assert events(logs, "store.refused_spool_removed")[0]["sop_uid"] == "1.2.826.0.1.3680043.8.498.80"
