@@ -54,6 +54,14 @@ an archive, caches and bundles named ``*-varied``; renderer B is unchanged.
 ``--look varied-leaflets`` also fades half the videos' leaflets into the tissue's blur.
 ``--tasks severe_as`` fine-tunes and scores one task only.
 
+``--pretrain-epochs N`` first pretrains EchoCLR (``pretrain``, tiny preset,
+``--size``, N epochs; it reads every training video and no label) on the
+training archive's cache into ``echoclr-<archive><cache>-sS-eN`` and
+fine-tunes from that run (``--init RUN``) instead of random init, into
+bundles named ``*-echoclrN``. A random-init fine-tuning of severe AS leaves
+the constant answer's plateau late or never (docs/benchmarks.md, V6), so
+whether a look transfers is confounded with whether its run got off it.
+
 Usage::
 
     .venv/bin/python -m bench.cross_rendering --out /tmp/xrender            # about 40-60 min on 2 cores
@@ -156,6 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="threads of each fine-tuning (default 1, for two side by side on two cores; bundles and "
                    "reports of another count named *-tN, since thread counts change the arithmetic's order)")
+    p.add_argument("--pretrain-epochs", type=int, default=0, metavar="N",
+                   help="pretrain EchoCLR for N epochs on the training archive first and fine-tune from it "
+                   "(bundles named *-echoclrN); 0 (default): random init")
     p.add_argument("--appearance", action="store_true",
                    help="fine-tune with --appearance (bundles and reports named *-appearance-*)")
     return p.parse_args(argv)
@@ -169,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ns.threads < 1:
         print(f"cross_rendering: --threads must be at least 1, got {ns.threads}", file=sys.stderr)
+        return 2
+    if ns.pretrain_epochs < 0:
+        print(f"cross_rendering: --pretrain-epochs must be 0 or more, got {ns.pretrain_epochs}", file=sys.stderr)
         return 2
     if ns.quick:
         ns.train_patients, ns.test_patients, ns.epochs = 40, 16, 1
@@ -200,13 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     _run_side_by_side({f"index {r}": ("index", str(out / r), "--out", str(out / f"cache-{r}{fps}"), "--preset", "tiny",
                                       "--size", str(ns.size), "--workers", "1", "--no-progress", *fps_args)
                        for r in archives if not (out / f"cache-{r}{fps}").exists()}, log)
+    init = "random"
+    if ns.pretrain_epochs:
+        run = out / (f"echoclr-{train_name}{fps}-s{ns.size}-e{ns.pretrain_epochs}"
+                     + ("" if ns.threads == 1 else f"-t{ns.threads}"))
+        if not (run / "encoder.pt").exists():  # written when the last epoch has ended; else pretrain resumes
+            _run_side_by_side({"pretrain": (
+                "pretrain", "--data", str(out / f"cache-{train_name}{fps}"), "--out", str(run), "--preset", "tiny",
+                "--size", str(ns.size), "--epochs", str(ns.pretrain_epochs), "--device", "cpu", "--no-progress")},
+                log, ns.threads)
+        init = str(run)
     schedule = ("" if (ns.epochs, ns.patience) == (12, 4) else f"-e{ns.epochs}p{ns.patience}") + (
-        "" if ns.threads == 1 else f"-t{ns.threads}")
+        "" if ns.threads == 1 else f"-t{ns.threads}") + (f"-echoclr{ns.pretrain_epochs}" if ns.pretrain_epochs else "")
     variant = (("" if trained_on == "polar" else f"-{trained_on}") + ("" if ns.look == "standard" else f"-{ns.look}")
                + ("-appearance" if ns.appearance else "") + fps + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}"))
     _run_side_by_side({f"finetune {task}": (
         "finetune", "--data", str(out / f"cache-{train_name}{fps}"), "--labels", str(out / train_name / "labels.csv"),
-        "--task", task, "--init", "random", "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",
+        "--task", task, "--init", init, "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",
         "--size", str(ns.size), "--lr", ns.lr, "--epoch-samples", "800", "--epochs", str(ns.epochs),
         "--patience", str(ns.patience), "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
         *(("--appearance",) if ns.appearance else ()))
@@ -234,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU flags of note: {' '.join(cpu_flags()) or 'none listed'}")
     print(f"train: {trained_on} ({ns.look} look), {ns.train_patients} patients; test: {ns.test_renderer}, "
           f"{ns.test_patients} patients a seed; "
-          f"size {ns.size}, tiny preset, Adam {ns.lr}, {ns.epochs} epochs (patience {ns.patience}), random init, "
+          f"size {ns.size}, tiny preset, Adam {ns.lr}, {ns.epochs} epochs (patience {ns.patience}), "
+          f"{f'EchoCLR init ({ns.pretrain_epochs} epochs)' if ns.pretrain_epochs else 'random init'}, "
           f"{ns.threads} thread{'s' if ns.threads > 1 else ''} a fine-tuning"
           f"{', appearance augmentation' if ns.appearance else ''}"
           f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}"
