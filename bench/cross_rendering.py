@@ -56,7 +56,7 @@ an archive, caches and bundles named ``*-varied``; renderer B is unchanged.
 
 ``--pretrain-epochs N`` first pretrains EchoCLR (``pretrain``, tiny preset,
 ``--size``, N epochs; it reads every training video and no label) on the
-training archive's cache into ``echoclr-<archive><cache>-sS-eN`` and
+training archive's cache into ``echoclr-<archive><cache>-s<size>-eN[-tT]`` and
 fine-tunes from that run (``--init RUN``) instead of random init, into
 bundles named ``*-echoclrN``. A random-init fine-tuning of severe AS leaves
 the constant answer's plateau late or never (docs/benchmarks.md, V6), so
@@ -162,7 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"the tasks to fine-tune and score (default {','.join(TASKS)}; the fine-tunings "
                    "run side by side, --threads each)")
     p.add_argument("--threads", type=int, default=1,
-                   help="threads of each fine-tuning (default 1, for two side by side on two cores; bundles and "
+                   help="threads of each fine-tuning and of the pretraining (default 1, for two side by side on "
+                   "two cores; bundles, pretraining runs and "
                    "reports of another count named *-tN, since thread counts change the arithmetic's order)")
     p.add_argument("--pretrain-epochs", type=int, default=0, metavar="N",
                    help="pretrain EchoCLR for N epochs on the training archive first and fine-tune from it "

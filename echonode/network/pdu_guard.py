@@ -305,13 +305,6 @@ class PduGuard:
         self.assoc.is_aborted = True
         self.dul.to_user_queue.put(A_P_ABORT())
 
-    def ending(self) -> bool:
-        """The association has had its last word: released, aborted, or an A-ABORT sent (by us or by
-        pynetdicom on a timeout) and only the connection's close is awaited."""
-        assoc = self.assoc
-        return bool(assoc.is_released or assoc.is_aborted or getattr(assoc, "_sent_abort", False)
-                    or self.dul.state_machine.current_state == _CLOSING)
-
     def abort(self) -> bool:
         """End the association now, from any thread (the node stopping).
 
@@ -323,16 +316,16 @@ class PduGuard:
         (Evt17) and the state machine goes idle. Not a fault of the peer:
         nothing is counted.
 
-        An association that is already :meth:`ending` (it may have finished
-        its release since the caller looked) gets no A-ABORT after its last
-        word, only the socket shut.
+        An association already :func:`ending` (it may have finished its
+        release since the caller looked) gets no A-ABORT after its last word,
+        only the socket shut.
 
         Returns
         -------
         bool
             Whether an A-ABORT was sent.
         """
-        if self.ending():
+        if ending(self.assoc):
             self.close_transport()
             return False
         self._send_abort(ABORT_NOT_SPECIFIED)
@@ -516,6 +509,15 @@ def guard(assoc: Association, on_fault: FaultCallback | None = None,
 def guard_connection(event: evt.Event) -> None:
     """``EVT_CONN_OPEN`` handler that guards the association (outgoing ones: delivery, echo)."""
     guard(event.assoc)
+
+
+def ending(assoc: Association) -> bool:
+    """``assoc`` has had its last word and only its thread is finishing: released, aborted, or an
+    A-ABORT sent (by the node, or by pynetdicom on a timeout: its private ``_sent_abort``), the
+    state machine waiting for the connection to close."""
+    dul = getattr(assoc, "dul", None)
+    state = dul.state_machine.current_state if dul is not None else None
+    return bool(assoc.is_released or assoc.is_aborted or getattr(assoc, "_sent_abort", False) or state == _CLOSING)
 
 
 def guard_of(assoc: Association) -> PduGuard | None:

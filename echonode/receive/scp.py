@@ -49,6 +49,7 @@ from echonode.config import Config, NodeConfig
 from echonode.dicomfile import RETIRED_US_STORAGE
 from echonode.network import pdu_guard
 from echonode.network.contexts import share_contexts, store_on_wrong_context
+from echonode.network.pdu_guard import ending as association_ending
 from echonode.network.tls import server_ssl_context
 from echonode.ops.logs import get_logger, peer_text
 from echonode.receive import spool
@@ -792,7 +793,7 @@ class StorageSCP:
         # One released or aborted already (or aborting on a timeout) is only finishing its thread:
         # nothing is aborted there (under load a released association's thread can outlive the
         # wait above by a moment).
-        ending = [a for a in active if _ending(a)]
+        ending = [a for a in active if association_ending(a)]
         left = [a for a in active if a not in ending]
         aborted = 0
         for assoc in left:
@@ -802,7 +803,7 @@ class StorageSCP:
             # The guard looks again: one may have finished its release since.
             guard = pdu_guard.guard_of(assoc)
             if guard is None:
-                aborted += not _ending(assoc)
+                aborted += not association_ending(assoc)
             elif guard.abort():
                 aborted += 1
         for assoc in ending:
@@ -828,11 +829,3 @@ class StorageSCP:
                 self._association_ended(assoc)
         self._server = None
         log.info("scp.stopped")
-
-
-def _ending(assoc: Association) -> bool:
-    """``assoc`` has had its last word (released, aborted, or aborting) and only its thread is finishing."""
-    guard = pdu_guard.guard_of(assoc)
-    if guard is not None:
-        return guard.ending()
-    return bool(assoc.is_released or assoc.is_aborted or getattr(assoc, "_sent_abort", False))

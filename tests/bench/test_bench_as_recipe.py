@@ -132,22 +132,29 @@ def test_cross_rendering_fine_tunes_from_an_echoclr_run_of_the_training_archive_
     """--pretrain-epochs pretrains on the training archive's cache, before and apart from the
     fine-tunings, which start from that run; a run whose encoder is written is not pretrained again."""
     steps: list[tuple[str, ...]] = []
-    monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log, threads=1: steps.extend(s.values()))
+    threads: dict[str, int] = {}
+
+    def record(s: dict[str, tuple[str, ...]], log: Path, threads_each: int = 1) -> None:
+        steps.extend(s.values())
+        threads.update({args[0]: threads_each for args in s.values()})
+
+    monkeypatch.setattr(cross_rendering, "_run_side_by_side", record)
     out = tmp_path / "x"
     args = ["--out", str(out), "--tasks", "severe_as", "--size", "112", "--target-fps", "15",
-            "--pretrain-epochs", "20", "--train-only"]
+            "--pretrain-epochs", "20", "--threads", "2", "--train-only"]
     assert cross_rendering.main(args) == 0
     commands = [s[0] for s in steps]
     assert commands.index("pretrain") < commands.index("finetune")
     [pretrain] = [s for s in steps if s[0] == "pretrain"]
-    run = out / "echoclr-polar-fps15-s112-e20"
+    run = out / "echoclr-polar-fps15-s112-e20-t2"
+    assert threads["pretrain"] == 2 and threads["finetune"] == 2
     assert pretrain[pretrain.index("--data") + 1] == str(out / "cache-polar-fps15")
     assert pretrain[pretrain.index("--out") + 1] == str(run)
     assert (pretrain[pretrain.index("--epochs") + 1], pretrain[pretrain.index("--size") + 1]) == ("20", "112")
     assert "--labels" not in pretrain
     [finetune] = [s for s in steps if s[0] == "finetune"]
     assert finetune[finetune.index("--init") + 1] == str(run)
-    assert Path(finetune[finetune.index("--out") + 1]).name == "severe_as-fps15-echoclr20-bundle"
+    assert Path(finetune[finetune.index("--out") + 1]).name == "severe_as-fps15-t2-echoclr20-bundle"
     steps.clear()
     run.mkdir()
     (run / "encoder.pt").write_bytes(b"")

@@ -444,7 +444,7 @@ def test_stop_sends_no_abort_to_an_association_that_released_after_stop_looked(
     s.sendall(raw.header(raw.P_DATA_TF, 1000) + bytes(10))  # keeps the node's thread in a read
     wait_for(lambda: [a for a in node.scp.ae.active_associations if a.is_acceptor and a.is_released],
              timeout=5, what="the node's released association")
-    monkeypatch.setattr(scp_module, "_ending", lambda assoc: False)
+    monkeypatch.setattr(scp_module, "association_ending", lambda assoc: False)
     with capture_logs() as logs:
         node.scp.stop(grace_s=1.0)
     assert not events(logs, "scp.aborted_on_stop")

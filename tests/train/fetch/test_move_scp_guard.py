@@ -274,15 +274,23 @@ def test_leftovers_wait_for_the_association_s_thread_and_are_kept_while_it_runs(
     assert events(logs, "fetch.partial_discarded")[0]["bytes"] == 1000
 
 
-def test_a_leftover_that_cannot_be_deleted_is_logged_and_stops_none_of_the_others(tmp_path) -> None:
-    """Each leftover is tried: one that cannot be deleted is logged with its SOP Instance UID
-    and file, and the others still go."""
+def _ended_with_a_stuck_and_a_plain_file(
+        tmp_path: Path, name: str) -> tuple[_EndingAssociation, spool.SpoolTracker, Path, Path]:
+    """An ended association's tracker in ``tmp_path``, a file there that cannot be deleted (a
+    directory: deleting it as a file fails, even as root) and a plain 10-byte file ``name``."""
     assoc = _EndingAssociation()
     assoc.alive = False
     tracker = spool.track(assoc, tmp_path)  # type: ignore[arg-type]
-    stuck, partial = tmp_path / "stuck.dcm", tmp_path / "partial.dcm"
-    stuck.mkdir()  # deleting a directory as a file fails, even as root
-    partial.write_bytes(b"\0" * 10)
+    stuck, plain = tmp_path / "stuck.dcm", tmp_path / name
+    stuck.mkdir()
+    plain.write_bytes(b"\0" * 10)
+    return assoc, tracker, stuck, plain
+
+
+def test_a_leftover_that_cannot_be_deleted_is_logged_and_stops_none_of_the_others(tmp_path) -> None:
+    """Each leftover is tried: one that cannot be deleted is logged with its SOP Instance UID
+    and file, and the others still go."""
+    assoc, tracker, stuck, partial = _ended_with_a_stuck_and_a_plain_file(tmp_path, "partial.dcm")
     tracker.add(spool.SpoolFile(None, str(stuck), "1.2.3"))
     tracker.add(spool.SpoolFile(None, str(partial), "1.2.4"))
     with capture_logs() as logs:
@@ -298,12 +306,7 @@ def test_a_leftover_that_cannot_be_deleted_is_logged_and_stops_none_of_the_other
 def test_a_handled_spool_file_that_cannot_be_deleted_stays_tracked_until_the_association_ends(tmp_path) -> None:
     """After a C-STORE handler, a file that is deleted is forgotten; one whose deletion fails is
     kept on the tracker, so the sweep at the association's end tries again and logs it."""
-    assoc = _EndingAssociation()
-    assoc.alive = False
-    tracker = spool.track(assoc, tmp_path)  # type: ignore[arg-type]
-    stuck, handled = tmp_path / "stuck.dcm", tmp_path / "handled.dcm"
-    stuck.mkdir()  # deleting a directory as a file fails, even as root
-    handled.write_bytes(b"\0" * 10)
+    assoc, tracker, stuck, handled = _ended_with_a_stuck_and_a_plain_file(tmp_path, "handled.dcm")
     files = [spool.SpoolFile(None, str(stuck), "1.2.3"), spool.SpoolFile(None, str(handled), "1.2.4")]
     for f in files:
         tracker.add(f)
