@@ -1390,9 +1390,23 @@ class RejectingPeer:
         with conn:
             conn.settimeout(5)
             with contextlib.suppress(OSError):
-                conn.recv(65536)
+                # Read the whole A-ASSOCIATE-RQ first: closing with unread bytes sends a TCP reset,
+                # which can reach the caller before the rejection and read as a network failure.
+                header = self._read_exactly(conn, 6)
+                self._read_exactly(conn, int.from_bytes(header[2:6], "big"))
                 conn.sendall(self.pdu)
-                conn.recv(1)
+                while conn.recv(65536):  # until the caller closes
+                    pass
+
+    @staticmethod
+    def _read_exactly(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed mid-PDU")
+            data += chunk
+        return data
 
     def close(self) -> None:
         self._stop = True
