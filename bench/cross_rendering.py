@@ -51,7 +51,8 @@ pixels at any depth and in either renderer) into caches and bundles named
 wide spread of grey maps, speckle, edges and tissue contrast per video) into
 an archive, caches and bundles named ``*-varied``; renderer B is unchanged.
 ``--look varied-valves`` varies the valve leaflets' look as well (``*-varied-valves``);
-``--look varied-leaflets`` also fades half the videos' leaflets into the tissue's blur.
+``--look varied-leaflets`` also fades half the videos' leaflets into the tissue's blur;
+``--look varied-walls`` moves every tissue edge of the varied-valves look in or out.
 ``--tasks severe_as`` fine-tunes and scores one task only.
 
 ``--pretrain-epochs N`` first pretrains EchoCLR (``pretrain``, tiny preset,

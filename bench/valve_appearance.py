@@ -65,7 +65,7 @@ from train.synth import render, render_alt, render_scatter
 from train.synth.acquisition import VideoPlan, plan_study, plan_video
 from train.synth.anatomy import MID_SYSTOLE_PHASE, Anatomy, sample_anatomy
 from train.synth.geometry import Geometry
-from train.synth.look import LOOKS, vary_plan
+from train.synth.look import LOOKS, vary_named
 from train.synth.scatter.hearts import LEAFLET, MYO
 from train.synth.truth import keyed_rng, sample_truth
 from train.synth.views import MEASURE_U_CM, av_leaflet_tips
@@ -297,8 +297,7 @@ def measure(acquisitions: int, look: str, renderers: tuple[str, ...] = RENDERERS
         anatomy, plan = _acquisition(i)
         plan_a = plan
         if look != "standard":
-            plan_a = vary_plan(plan, keyed_rng(LABEL_SEED, 5, i), leaflets=look in ("varied-valves", "varied-leaflets"),
-                               fade=look == "varied-leaflets")
+            plan_a = vary_named(plan, keyed_rng(LABEL_SEED, 5, i), look)
         for name in renderers:
             row = []
             septum = max(septum_grey(name, anatomy, plan, plan_a), 1.0)

@@ -20,7 +20,7 @@ offset between renderers is what a model trained on one carries to the other.
 
 Usage::
 
-    .venv/bin/python -m bench.wall_appearance [--acquisitions 12] [--look standard|varied] [--edges power|db]
+    .venv/bin/python -m bench.wall_appearance [--acquisitions 12] [--look standard|varied|varied-walls|...] [--edges power|db]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from train.synth import render, render_alt
 from train.synth.acquisition import VideoPlan, plan_study, plan_video
 from train.synth.anatomy import Anatomy, sample_anatomy
 from train.synth.geometry import Geometry
-from train.synth.look import vary_plan
+from train.synth.look import LOOKS, vary_named
 from train.synth.truth import keyed_rng, sample_truth
 from train.synth.views import MEASURE_U_CM
 
@@ -93,8 +93,8 @@ def measure(acquisitions: int, look: str, edges: str = "look") -> dict[str, np.n
     ----------
     acquisitions : int
         PLAX acquisitions, each drawn at every septum of :data:`SEPTA_CM`.
-    look : {"standard", "varied"}
-        Renderer A's look.
+    look : str
+        Renderer A's look, a name in :data:`train.synth.look.LOOKS`.
     edges : {"look", "power", "db"}
         How renderer A blends tissue boundaries: as the look says, or forced
         to a blend in power or in decibels (``Look.log_edges``).
@@ -111,7 +111,7 @@ def measure(acquisitions: int, look: str, edges: str = "look") -> dict[str, np.n
         plan = plan_video(keyed_rng(LABEL_SEED, 3, i), "plax", 1, study, 1, 1000 + i)
         plan = dataclasses.replace(plan, phase0=0.0)
         anatomy = sample_anatomy(truth, keyed_rng(LABEL_SEED, 4, i), 2.0)
-        plan_a = vary_plan(plan, keyed_rng(LABEL_SEED, 5, i)) if look == "varied" else plan
+        plan_a = plan if look == "standard" else vary_named(plan, keyed_rng(LABEL_SEED, 5, i), look)
         if edges != "look":
             plan_a = dataclasses.replace(plan_a, look=dataclasses.replace(plan_a.look, log_edges=edges == "db"))
         for j, septum in enumerate(SEPTA_CM):
@@ -132,7 +132,7 @@ def measure(acquisitions: int, look: str, edges: str = "look") -> dict[str, np.n
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--acquisitions", type=int, default=12)
-    p.add_argument("--look", choices=("standard", "varied"), default="standard",
+    p.add_argument("--look", choices=LOOKS, default="standard",
                    help="renderer A's look (renderer B has one)")
     p.add_argument("--edges", choices=("look", "power", "db"), default="look",
                    help="renderer A's boundary blend: as the look draws it, or forced to power or decibels")

@@ -153,6 +153,16 @@ class Look:
         (a leaflet thinner than the beam's slice, or crossing it obliquely,
         is averaged with blood; faint, smeared cusps are common in real
         echo, calcified ones included).
+    edge_bias_cm : float
+        How far bright tissue's edges are moved into (positive) or away from
+        (negative) the darker tissue beside them, on each side, in cm, before
+        the boundaries are softened: a grey-scale dilation or erosion of the
+        echo strength.  How thick a wall looks on screen depends on the gain
+        and the grey map as much as on the wall: a bright band's edge spreads
+        into the blood at high gain (blooming) and sits inside the wall when
+        the gain is low or the grey map steep, so the same septum measures a
+        few millimetres thicker or thinner from one scanner and preset to the
+        next.  Valve leaflets are not moved (they are drawn afterwards).
     """
 
     surround_db: float = 0.0
@@ -163,6 +173,7 @@ class Look:
     calcium_scale: float = 1.0
     leaflet_bloom_cm: float = 0.0
     leaflets_in_blur: bool = False
+    edge_bias_cm: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from train.synth.acquisition import (
 )
 from train.synth.anatomy import Anatomy, sample_anatomy
 from train.synth.dicom import build_dataset, encode_jpeg, uid
-from train.synth.look import LOOKS, VARIED_LOOKS, vary_plan
+from train.synth.look import LOOKS, VARIED_LOOKS, vary_named
 from train.synth.truth import (
     PURPOSE_LOOK,
     PURPOSE_PATIENT,
@@ -231,9 +231,7 @@ class _Writer:
         vr = keyed_rng(self.seed, PURPOSE_VIDEO, p, s, k)
         plan = plan_video(vr, view, k + 1, study, self.frames, int(vr.integers(0, 2**63)))
         if self.look in VARIED_LOOKS and renderer == "polar":
-            plan = vary_plan(plan, keyed_rng(self.seed, PURPOSE_LOOK, p, s, k),
-                             leaflets=self.look in ("varied-valves", "varied-leaflets"),
-                             fade=self.look == "varied-leaflets")
+            plan = vary_named(plan, keyed_rng(self.seed, PURPOSE_LOOK, p, s, k), self.look)
         rgb, geo, _ = RENDERERS[renderer](an, plan, self.rows, self.cols, header)
         jpegs = [encode_jpeg(f, self.quality) for f in rgb]
         ctx["series_uid"] = uid(self.seed, "series", p, s, k)
@@ -332,7 +330,9 @@ def generate_archive(out_dir: Path, patients: int, seed: int = 0, *, frames: int
         archive's) or ``"varied-valves"`` (that, and the valve leaflets' echo
         strength, calcium contrast and bloom drawn per video too) or
         ``"varied-leaflets"`` (that, and half the videos' leaflets faded into
-        the tissue's decibel blur).
+        the tissue's decibel blur) or ``"varied-walls"`` (the varied-valves
+        look with every tissue edge moved in or out by up to a few
+        millimetres).
 
     Returns
     -------

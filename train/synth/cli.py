@@ -32,7 +32,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "video from wide ranges, so that models cannot lean on one way of drawing tissue), "
                              "or varied-valves (that, and the valve leaflets' echo strength, calcium contrast and "
                              "bloom drawn per video too), or varied-leaflets (that, with half the videos' "
-                             "leaflets faded into the tissue's blur)")
+                             "leaflets faded into the tissue's blur), or varied-walls (varied-valves with every "
+                             "tissue edge moved in or out by up to a few millimetres, as gain and grey maps do)")
     parser.add_argument("--views", default=None,
                         help=f"comma-separated views to write (default all: {','.join(VIEWS)})")
     parser.add_argument("--no-reports", dest="reports", action="store_false",

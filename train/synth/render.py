@@ -161,6 +161,33 @@ def _grey_lut(plan: VideoPlan) -> tuple[np.ndarray, float]:
     return np.round(steps ** plan.gamma * 255).astype(np.uint8), lo_db
 
 
+def _shifted_edges(refl: np.ndarray, bias_cm: float, sample_cm: tuple[float, float]) -> np.ndarray:
+    """``refl`` with bright tissue dilated (``bias_cm`` > 0) or eroded (< 0) by ``|bias_cm|`` cm a side.
+
+    A grey-scale dilation or erosion with an elliptical kernel on the polar
+    grid (``sample_cm``: a sample's size across and along the beam).  The
+    grid is coarse (0.05-0.1 cm), so a fractional radius blends, in
+    decibels, the fields moved by the whole samples either side of it: after
+    the boundaries are softened the edge then moves smoothly with the bias.
+    """
+    op = cv2.dilate if bias_cm > 0 else cv2.erode
+    radius = abs(bias_cm) / sample_cm[1]  # along the beam, where walls across it are measured
+    across = sample_cm[1] / sample_cm[0]  # the same distance across the beam, in its samples
+
+    def moved(k: int) -> np.ndarray:
+        if k == 0:
+            return refl
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * round(k * across) + 1, 2 * k + 1))
+        return op(refl, kernel)
+
+    whole = int(math.floor(radius))
+    frac = radius - whole
+    if frac < 1e-3:
+        return moved(whole)
+    lo, hi = moved(whole), moved(whole + 1)
+    return np.exp((1 - frac) * np.log(lo) + frac * np.log(hi)).astype(np.float32)
+
+
 def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarray) -> np.ndarray:
     """Greyscale sector images (T, rows, cols) uint8 for the given phases."""
     rng = np.random.default_rng(plan.noise_seed)
@@ -203,6 +230,8 @@ def _render_frames(an: Anatomy, plan: VideoPlan, geo: Geometry, phases: np.ndarr
         if i:
             scat = _SPECKLE_RHO * scat + k * rng.standard_normal(scat.shape, dtype=np.float32)
         refl = view_fn(u, v, bg, an, float(ph), e, valves=False)
+        if look.edge_bias_cm:
+            refl = _shifted_edges(refl, look.edge_bias_cm, sample_cm)
         # Every view paints its leaflets last, over whatever it drew: sharp
         # and then faded with the tissue by the decibel blur, or over it.
         faded = look.log_edges and look.leaflets_in_blur

@@ -408,6 +408,41 @@ def test_the_varied_leaflets_look_is_the_varied_valves_look_with_faint_and_faded
     assert "varied-leaflets" in look.LOOKS and "varied-leaflets" in look.VARIED_LOOKS
 
 
+def test_varied_walls_is_the_varied_valves_look_with_edges_moved() -> None:
+    """The one draw varied-walls adds is the edge bias, last, over its whole range and both signs."""
+    base = acquisition.plan_video(np.random.default_rng(0), "plax", 1, acquisition.plan_study(
+        np.random.default_rng(1)), 8, 3)
+    biases = []
+    for k in range(300):
+        valves = look.vary_named(base, np.random.default_rng(k), "varied-valves")
+        walls = look.vary_named(base, np.random.default_rng(k), "varied-walls")
+        assert valves.look.edge_bias_cm == 0.0
+        assert dataclasses.replace(walls, look=dataclasses.replace(walls.look, edge_bias_cm=0.0)) == valves
+        biases.append(walls.look.edge_bias_cm)
+    lo, hi = look.EDGE_BIAS_CM
+    assert lo <= min(biases) < lo + 0.02 and hi - 0.02 < max(biases) <= hi
+    assert look.vary_named(base, np.random.default_rng(0), "varied") == look.vary_plan(base, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="not a varied look"):
+        look.vary_named(base, np.random.default_rng(0), "standard")
+
+
+def test_edge_bias_moves_both_edges_of_a_wall() -> None:
+    """An eroded wall measures thinner and a dilated one thicker, by about twice the bias, fractions included."""
+    truths = [synth.sample_truth(np.random.default_rng(1000 + i), force_lvh=i % 2 == 0, force_as=False)
+              for i in range(4)]
+
+    def excess(bias: float) -> float:
+        edges = acquisition.Look(log_edges=True, edge_bias_cm=bias)
+        walls = [_walls_cm(t, noise=k, edge_cm=0.2, look=edges) for k, t in enumerate(truths)]
+        return float(np.median([m - w for t, ws in zip(truths, walls, strict=True)
+                                for m, w in zip(ws, (t.ivs_cm, t.lvpw_cm), strict=True)]))
+
+    shift = {b: excess(b) - excess(0.0) for b in (-0.12, -0.05, 0.08)}
+    assert shift[-0.12] < shift[-0.05] < 0.0 < shift[0.08], shift
+    for b, d in shift.items():
+        assert abs(d - 2 * b) < 0.08, shift
+
+
 def test_faded_leaflets_fade_only_at_the_leaflets() -> None:
     """Drawn into the decibel blur, the open cusps are fainter and the walls where they are measured
     are the same; without log_edges the option changes nothing."""
@@ -452,10 +487,13 @@ def test_a_varied_valves_archive_is_the_varied_archive_but_for_pixels(tmp_path: 
     assert da.SOPInstanceUID == db.SOPInstanceUID and not np.array_equal(da.pixel_array, db.pixel_array)
     with pytest.raises(ValueError, match="renderer polar"):
         synth.generate_archive(tmp_path / "c", 1, renderer="raster", look="varied-valves")
-    c = synth.generate_archive(tmp_path / "d", 1, look="varied-leaflets", **kw)
-    assert (c.look, c.videos) == ("varied-leaflets", b.videos)
-    for name in ("labels.csv", "videos.csv"):
-        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    for name_, other in (("varied-leaflets", "d"), ("varied-walls", "e")):
+        c = synth.generate_archive(tmp_path / other, 1, look=name_, **kw)
+        assert (c.look, c.videos) == (name_, b.videos)
+        for name in ("labels.csv", "videos.csv"):
+            assert (tmp_path / other / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        dc = pydicom.dcmread(tmp_path / other / row["path"])
+        assert dc.SOPInstanceUID == db.SOPInstanceUID and not np.array_equal(dc.pixel_array, db.pixel_array)
 
 
 # ------------------------------------------------------------- shortcuts ---
