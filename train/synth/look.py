@@ -220,12 +220,12 @@ def vary_named(plan: VideoPlan, rng: np.random.Generator, look: str) -> VideoPla
 
     Parameters
     ----------
-    plan : VideoPlan
-        The video's acquisition as the standard look draws it.
-    rng : numpy.random.Generator
-        The video's look stream.
+    plan, rng : VideoPlan, numpy.random.Generator
+        As for :func:`vary_plan`.
     look : str
-        A name in :data:`VARIED_LOOKS`.
+        A name in :data:`VARIED_LOOKS`: ``varied`` draws the tissue's look,
+        the others the leaflets' too, ``varied-leaflets`` fades them and
+        ``varied-walls`` moves the tissue's edges.
 
     Returns
     -------
