@@ -157,8 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny archives, 1 epoch")
     p.add_argument("--look", choices=LOOKS, default="standard",
                    help="renderer A's look (synth --look): varied trains on a wide spread of looks, "
-                   "varied-valves on that spread with the leaflets' look varied too (archive, caches, bundles "
-                   "and reports named *-LOOK)")
+                   "varied-valves on that spread with the leaflets' look varied too, varied-leaflets with "
+                   "half the leaflets faded, varied-walls with every tissue edge moved in or out (archive, "
+                   "caches, bundles and reports named *-LOOK)")
     p.add_argument("--tasks", default=",".join(TASKS), metavar="TASK[,TASK...]",
                    help=f"the tasks to fine-tune and score (default {','.join(TASKS)}; the fine-tunings "
                    "run side by side, --threads each)")

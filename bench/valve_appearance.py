@@ -42,8 +42,8 @@ recipe of the severe-AS runs), magnified 4 times for the eye.
 
 Usage::
 
-    .venv/bin/python -m bench.valve_appearance [--acquisitions 12] [--look standard|varied|varied-valves|varied-leaflets]
-        [--renderers A,B,C] [--pictures DIR]
+    .venv/bin/python -m bench.valve_appearance [--acquisitions 12]
+        [--look standard|varied|varied-valves|varied-leaflets|varied-walls] [--renderers A,B,C] [--pictures DIR]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A synthetic echocardiography archive whose labels are visible anatomy.
 
-``echonode-train synth --out DIR --patients N [--seed S] [--renderer polar|raster] [--look standard|varied]``
+``echonode-train synth --out DIR --patients N [--seed S] [--renderer polar|raster] [--look standard|varied|...]``
 writes DICOM Ultrasound Multi-frame objects (JPEG baseline, YBR_FULL_422)
 that look like transthoracic echo cines, the sonographer's measurement SR of
 every study (:mod:`train.synth_reports`), plus ``labels.csv`` (one row per

@@ -155,14 +155,22 @@ class Look:
         echo, calcified ones included).
     edge_bias_cm : float
         How far bright tissue's edges are moved into (positive) or away from
-        (negative) the darker tissue beside them, on each side, in cm, before
-        the boundaries are softened: a grey-scale dilation or erosion of the
-        echo strength.  How thick a wall looks on screen depends on the gain
-        and the grey map as much as on the wall: a bright band's edge spreads
-        into the blood at high gain (blooming) and sits inside the wall when
-        the gain is low or the grey map steep, so the same septum measures a
-        few millimetres thicker or thinner from one scanner and preset to the
-        next.  Valve leaflets are not moved (they are drawn afterwards).
+        (negative) the darker tissue beside them, on each side, in cm: a
+        grey-scale dilation or erosion of the echo strength as the views
+        draw it (before the decibel blur with ``log_edges``; after the
+        views' own soft edges without it).  How thick a wall looks on screen
+        depends on the gain and the grey map as much as on the wall: a
+        bright band's edge spreads into the blood at high gain (blooming)
+        and sits inside the wall when the gain is low or the grey map steep,
+        so the same septum measures a few millimetres thicker or thinner
+        from one scanner and preset to the next.  The distance holds along
+        the beam (walls across it, as PLAX's septum and posterior wall);
+        across the beam the kernel lives on the polar grid, so there it
+        scales with depth (half at 4 cm, 1.5 times at 12 cm of a 16 cm
+        sector).  Erosion removes a bright structure thinner than twice the
+        bias (the aortic root's 0.25 cm walls under -0.125 cm), as a faint
+        thin reflector drops under the display at low gain.  Valve leaflets
+        are not moved (they are drawn afterwards).
     """
 
     surround_db: float = 0.0

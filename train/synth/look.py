@@ -122,7 +122,7 @@ that spread with the valve leaflets' look varied too, that with half the videos'
 leaflets faded into the tissue's blur, or the varied-valves look with tissue edges
 moved in or out."""
 VARIED_LOOKS = ("varied", "varied-valves", "varied-leaflets", "varied-walls")
-"""The looks :func:`vary_plan` draws (renderer A's only)."""
+"""The looks :func:`vary_named` draws (renderer A's only)."""
 
 
 EDGE_BIAS_CM = (-0.15, 0.10)

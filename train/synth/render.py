@@ -17,9 +17,10 @@ Image formation mimics a phased-array scanner cheaply:
 
 A video's :class:`~train.synth.acquisition.Look` (``synth --look varied``)
 shifts the surround's level in step 1, softens its boundaries in decibels
-rather than in power (``log_edges``), scales every tissue's contrast to the
-myocardium after it, and smooths the detected echo after step 3 (speckle
-reduction).  Every look parameter comes from the :class:`~train.synth.acquisition.VideoPlan`,
+rather than in power (``log_edges``), moves tissue edges in or out before
+that (``edge_bias_cm``), scales every tissue's contrast to the myocardium
+after it, and smooths the detected echo after step 3 (speckle reduction).
+Every look parameter comes from the :class:`~train.synth.acquisition.VideoPlan`,
 never from a label.
 """
 

@@ -421,7 +421,11 @@ def test_varied_walls_is_the_varied_valves_look_with_edges_moved() -> None:
         biases.append(walls.look.edge_bias_cm)
     lo, hi = look.EDGE_BIAS_CM
     assert lo <= min(biases) < lo + 0.02 and hi - 0.02 < max(biases) <= hi
-    assert look.vary_named(base, np.random.default_rng(0), "varied") == look.vary_plan(base, np.random.default_rng(0))
+    # The older looks' draws are those vary_plan made for them before vary_named existed.
+    for name, kw in (("varied", {}), ("varied-valves", {"leaflets": True}),
+                     ("varied-leaflets", {"leaflets": True, "fade": True})):
+        assert look.vary_named(base, np.random.default_rng(7), name) == look.vary_plan(
+            base, np.random.default_rng(7), **kw), name
     with pytest.raises(ValueError, match="not a varied look"):
         look.vary_named(base, np.random.default_rng(0), "standard")
 
@@ -437,28 +441,56 @@ def test_edge_bias_moves_both_edges_of_a_wall() -> None:
         return float(np.median([m - w for t, ws in zip(truths, walls, strict=True)
                                 for m, w in zip(ws, (t.ivs_cm, t.lvpw_cm), strict=True)]))
 
-    shift = {b: excess(b) - excess(0.0) for b in (-0.12, -0.05, 0.08)}
+    unmoved = excess(0.0)
+    shift = {b: excess(b) - unmoved for b in (-0.12, -0.05, 0.08)}
     assert shift[-0.12] < shift[-0.05] < 0.0 < shift[0.08], shift
     for b, d in shift.items():
         assert abs(d - 2 * b) < 0.08, shift
 
 
-def test_faded_leaflets_fade_only_at_the_leaflets() -> None:
-    """Drawn into the decibel blur, the open cusps are fainter and the walls where they are measured
-    are the same; without log_edges the option changes nothing."""
+def _severe_valve_at_mid_systole(edge_cm: float) -> tuple[anatomy.Anatomy, acquisition.VideoPlan]:
+    """A heart with severe AS and one PLAX acquisition of it at mid-systole, its edges ``edge_cm`` soft."""
     truth = T.sample_truth(np.random.default_rng(3), force_lvh=False, force_as=True)
     an = anatomy.sample_anatomy(truth, np.random.default_rng(4), 2.0)
     plan = acquisition.plan_video(np.random.default_rng(5), "plax", 1, acquisition.plan_study(
         np.random.default_rng(6)), 1, 7)
-    plan = dataclasses.replace(plan, phase0=anatomy.MID_SYSTOLE_PHASE, edge_cm=0.3)
+    return an, dataclasses.replace(plan, phase0=anatomy.MID_SYSTOLE_PHASE, edge_cm=edge_cm)
+
+
+def _cusp_middles(an: anatomy.Anatomy, geo: Any, pose: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Image (col, row) of the middle of each aortic cusp at mid-systole."""
+    cusp = views.av_leaflet_tips(an, anatomy.MID_SYSTOLE_PHASE)
+    mid = [(0.5 * (h[0] + t[0]), 0.5 * (h[1] + t[1])) for h, t in (cusp[:2], cusp[2:])]
+    return render.local_to_pixel(geo, pose, np.array([m[0] for m in mid]), np.array([m[1] for m in mid]))
+
+
+@pytest.mark.parametrize("faded", [False, True])
+def test_edge_bias_leaves_the_valve_leaflets_where_they_are(faded: bool) -> None:
+    """The bias moves the walls and leaves the open cusps' grey alone, drawn over the blur or into it."""
+    an, plan = _severe_valve_at_mid_systole(edge_cm=0.1)
+    edges = acquisition.Look(log_edges=True, leaflets_in_blur=faded)
+    plan = dataclasses.replace(plan, look=edges)
+    eroded = dataclasses.replace(plan, look=dataclasses.replace(edges, edge_bias_cm=-0.1))
+    still, geo, _ = render.render_video(an, plan, 240, 320, None)
+    moved, _, _ = render.render_video(an, eroded, 240, 320, None)
+    col, row = _cusp_middles(an, geo, render.view_pose("plax", an, plan))
+    for c, r in zip(col, row, strict=True):
+        r0, c0 = int(round(r)), int(round(c))
+        a, b = still[0, r0 - 1:r0 + 2, c0 - 1:c0 + 2].mean(), moved[0, r0 - 1:r0 + 2, c0 - 1:c0 + 2].mean()
+        assert abs(a - b) <= 0.15 * a + 4, (a, b)
+    assert not np.array_equal(still[0], moved[0])
+
+
+def test_faded_leaflets_fade_only_at_the_leaflets() -> None:
+    """Drawn into the decibel blur, the open cusps are fainter and the walls where they are measured
+    are the same; without log_edges the option changes nothing."""
+    an, plan = _severe_valve_at_mid_systole(edge_cm=0.3)
     soft = dataclasses.replace(plan, look=dataclasses.replace(plan.look, log_edges=True))
     faded = dataclasses.replace(soft, look=dataclasses.replace(soft.look, leaflets_in_blur=True))
     over, _, _ = render.render_video(an, soft, 240, 320, None)
     into, geo, _ = render.render_video(an, faded, 240, 320, None)
     pose = render.view_pose("plax", an, soft)
-    cusp = views.av_leaflet_tips(an, anatomy.MID_SYSTOLE_PHASE)
-    mid = [(0.5 * (h[0] + t[0]), 0.5 * (h[1] + t[1])) for h, t in (cusp[:2], cusp[2:])]
-    col, row = render.local_to_pixel(geo, pose, np.array([m[0] for m in mid]), np.array([m[1] for m in mid]))
+    col, row = _cusp_middles(an, geo, pose)
     grey_over = [int(over[0, int(round(r)), int(round(c))].mean()) for c, r in zip(col, row, strict=True)]
     grey_into = [int(into[0, int(round(r)), int(round(c))].mean()) for c, r in zip(col, row, strict=True)]
     assert all(i < o for i, o in zip(grey_into, grey_over, strict=True)), (grey_into, grey_over)
