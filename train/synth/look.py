@@ -79,10 +79,10 @@ the same.
 ``--look varied-walls`` is the varied-valves look with, drawn last from
 the same stream, how far bright tissue's edges reach into the darker
 tissue beside them: every boundary moved by -0.15 to +0.10 cm a side
-(``Look.edge_bias_cm``) before it is softened, so a septum between two
-blood pools measures from about 0.3 cm thinner to 0.16 cm thicker than
-it is drawn (dilation moves less where the tissue beside a wall is
-nearly as bright as it).  Real echo does this with the gain and the grey
+(``Look.edge_bias_cm``) before it is softened, so the septum and the
+posterior wall of a clean acquisition measure (median of both) from about
+0.3 cm thinner to 0.16 cm thicker than drawn across the range (dilation
+moves less where the tissue beside a wall is nearly as bright as it).  Real echo does this with the gain and the grey
 map (a bright wall blooms into the blood at high gain; its edge sits
 inside the wall at low gain or with a steep map), so a model that
 measures walls should not depend on where one rendering puts the
