@@ -82,7 +82,7 @@ LABEL_COLUMNS: tuple[str, ...] = (
 EVIDENCE_COLUMNS: tuple[str, ...] = (
     "kind", "study_uid", "sr_sop_uid", "file", "content_path", "concept", "value", "unit",
     "raw_value", "raw_unit", "finding_site", "image_mode", "method", "selection_status", "derivation",
-    "status", "reason", "template", "manufacturer", "model",
+    "status", "reason", "template", "manufacturer", "model", "stage",
 )  # fmt: skip
 
 log = get_logger("train.labels")
@@ -232,7 +232,7 @@ def _value_rows(doc: MeasurementDocument, file: str, evidence: _Evidence) -> Non
             raw_value=m.raw_value, raw_unit=m.raw_unit,
             finding_site=m.finding_site and m.finding_site.meaning, image_mode=m.image_mode and m.image_mode.meaning,
             method=m.method and m.method.meaning, selection_status=m.selection_status and m.selection_status.meaning,
-            derivation=m.derivation and m.derivation.meaning,
+            derivation=m.derivation and m.derivation.meaning, stage=m.stage and m.stage.meaning,
             status="refused" if m.problem else ("selected" if m.selected else "read"), reason=m.problem,
         )  # fmt: skip
 
@@ -383,6 +383,8 @@ def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, 
                 uid = doc.sop_instance_uid
                 if ref.document is not None and uid == ref.document.sop_instance_uid:
                     status, reason = "used", None
+                elif uid in ref.supplements:
+                    status, reason = "supplements", ref.not_used.get(uid)
                 else:
                     status = "superseded" if doc.usable else doc.status
                     reason = ref.not_used.get(uid, doc.reason)
@@ -459,7 +461,7 @@ def run_labels(ns: argparse.Namespace) -> int:
         c = report.labels[task]
         print(f"  {task}: {c['1']} x 1, {c['0']} x 0, {c['empty']} empty")
     print(
-        f"SRs: {srs['read']} read, {srs['used']} used, {srs['superseded']} superseded, "
+        f"SRs: {srs['read']} read, {srs['used']} used, {srs['supplements']} supplementing, {srs['superseded']} superseded, "
         f"{srs['not_echo'] + srs['not_sr']} not echo measurement reports, {srs['no_measurements']} without measurements, "
         f"{srs['unreadable']} unreadable, {report.duplicates} duplicate files"
     )

@@ -14,10 +14,11 @@ It reads
   (DCM 125200), TID 5202 sections (Findings, with a Finding Site that the
   measurements inherit) holding Measurement Groups (with an Image Mode they
   inherit), and TID 5203 measurements with concept modifiers: Finding Site,
-  Image Mode, Measurement Method, Derivation, Selection Status. A modifier
-  on the NUM overrides the inherited one. Modifiers are recognised under
-  any of HAS CONCEPT MOD, HAS ACQ CONTEXT and HAS PROPERTIES, as carts and
-  editions of the standard differ on which;
+  Image Mode, Measurement Method, Derivation, Selection Status, Flow
+  Direction, and the protocol Stage (TID 5202's acquisition context). A
+  modifier on the NUM overrides the inherited one. Modifiers are recognised
+  under any of HAS CONCEPT MOD, HAS ACQ CONTEXT and HAS PROPERTIES, as carts
+  and editions of the standard differ on which;
 * TID 5300 "Simplified Echo Procedure Report" (same title, Supplement 169):
   Pre-coordinated, Post-coordinated and Adhoc Measurements containers with
   pre-coordinated codes and the TID 5301 Selection Status and Derivation rows;
@@ -25,6 +26,12 @@ It reads
 in any SR storage class (Comprehensive, Enhanced, Comprehensive 3D,
 Simplified Adult Echo). Any other SR is not an echo measurement report and
 is returned with ``status == "not_echo"`` and the reason.
+
+A flow property whose Flow Direction is other than antegrade (a
+regurgitant jet, retrograde flow, a shunt: CID 12221/12306) is not the
+valve's forward flow, whatever its name: the aortic regurgitation jet's
+peak velocity is written with the same concept name and site as the
+stenotic jet's, and only that modifier tells them apart.
 
 Vendor dialects are read, not refused: repeated items, SRT codes, values in
 mm, private coding schemes (99GEMS, 99PHILIPS ...) mixed in. A NUM or a
@@ -108,6 +115,13 @@ _METHOD = code_key(codes.SCT.MeasurementMethod)
 _SELECTION = code_key(codes.DCM.SelectionStatus)
 _DERIVATION = code_key(codes.DCM.Derivation)
 _SUBJECT_SEX = code_key(codes.DCM.SubjectSex)
+_FLOW_DIRECTION = code_key(codes.SCT.DirectionOfFlow)
+#: The only flow direction that is a valve's forward flow (CID 12221 "Antegrade Flow", CID 12306
+#: "Antegrade Direction": one SCT code).
+_FORWARD_FLOW = code_key(codes.SCT.AntegradeFlow)
+#: Names of the protocol stage a measurement was acquired at: TID 5202's (LN 18139-6, "Stage"), and
+#: the SCT and DCM names some carts write instead.
+_STAGE_NAMES = (("LN", "18139-6"), code_key(codes.SCT.Stage), code_key(codes.DCM.ProtocolStage))
 _SIMPLIFIED_CONTAINERS = frozenset(
     code_key(c)
     for c in (codes.DCM.PreCoordinatedMeasurements, codes.DCM.PostCoordinatedMeasurements, codes.DCM.AdhocMeasurements)
@@ -180,6 +194,10 @@ class Measurement:
         The item's modifiers, its own or inherited (site and image mode from
         its section and group; image mode and method also implied by a
         pre-coordinated code).
+    stage : Coded or None
+        The protocol stage it was acquired at (CID 12002: resting state,
+        peak stress, before or after a procedure ...), its own or its
+        group's; None when the report names none.
     sop_instance_uid : str
         The SR it came from.
     content_path : str
@@ -202,6 +220,7 @@ class Measurement:
     sop_instance_uid: str
     content_path: str
     problem: str | None = None
+    stage: Coded | None = None
 
     @property
     def selected(self) -> bool:
@@ -237,7 +256,8 @@ class MeasurementDocument:
         ``numeric_items`` (all NUM items), ``private_items`` (NUMs with a
         private concept name), ``private_modifiers``, ``other_items`` (NUMs
         of standard concepts echonode does not read, or of another site's
-        flow) and ``unsited_items`` (flow or orifice properties with no
+        flow), ``reverse_flow_items`` (flow properties of a regurgitant,
+        retrograde or shunt flow: not the valve's forward flow) and ``unsited_items`` (flow or orifice properties with no
         finding site to say where: kept in :attr:`measurements` as unusable).
     patient_sex : str or None
         ``M`` or ``F``: the Subject Sex in the SR's patient characteristics,
@@ -286,6 +306,8 @@ class _Context:
     finding_site: Coded | None = None
     image_mode: Coded | None = None
     method: Coded | None = None
+    flow_direction: Coded | None = None
+    stage: Coded | None = None
 
 
 def read_measurement_sr(
@@ -489,6 +511,8 @@ class _Walker:
                     finding_site=site or ctx.finding_site,
                     image_mode=mods.get(_IMAGE_MODE, ctx.image_mode),
                     method=mods.get(_METHOD, ctx.method),
+                    flow_direction=mods.get(_FLOW_DIRECTION, ctx.flow_direction),
+                    stage=_stage(mods) or ctx.stage,
                 )
                 self.walk(_children(item), inner, item_path)
             elif value_type == "NUM" and text(item, _RELATIONSHIP) == "CONTAINS":
@@ -528,6 +552,10 @@ class _Walker:
             doc.counts["other_items"] += 1
             return
         mods = self.modifiers(item)
+        direction = mods.get(_FLOW_DIRECTION, ctx.flow_direction)
+        if direction is not None and direction.key != _FORWARD_FLOW:
+            doc.counts["reverse_flow_items"] += 1  # the regurgitant jet's velocity is not the stenosis's
+            return
         site = mods.get(_FINDING_SITE, ctx.finding_site)
         # A flow or orifice property is the concept's only at the concept's site.
         sited: list[tuple[Concept, NameMatch]] = []
@@ -570,7 +598,9 @@ class _Walker:
                 wanted = " or ".join(sorted({c.dimension.replace("_", " ") for c, _ in sited}))
                 problem = f"unit {_quote(unit_code.value)} is a {unit.dimension.replace('_', ' ')}, not a {wanted}"
             elif number is not None:
-                value = convert(number, unit)
+                # A Doppler velocity is signed by its direction to the probe (flow away from an apical
+                # probe through the aortic valve is negative on some carts); its size is the measurement.
+                value = convert(abs(number) if unit.dimension == "velocity" else number, unit)
                 low, high = concept.plausible
                 if not (low <= value <= high):
                     problem = (
@@ -601,15 +631,20 @@ class _Walker:
                 sop_instance_uid=doc.sop_instance_uid,
                 content_path=path,
                 problem=problem,
+                stage=_stage(mods) or ctx.stage,
             )
         )
 
     def numeric_value(self, item: Item, mv: Item | None) -> tuple[str, float | None, str | None]:
         """``(raw text, number, problem)`` of a NUM item's Measured Value Sequence."""
+        qualifier = self.coded(_first(item, _QUALIFIER)) or (self.coded(_first(mv, _QUALIFIER)) if mv else None)
         if mv is None:
-            qualifier = self.coded(_first(item, _QUALIFIER))
             return "", None, f"no value ({qualifier.meaning})" if qualifier and qualifier.meaning else "no value"
         raw = self.text(mv, _NUMERIC_VALUE)
+        if qualifier is not None:
+            # CID 42 qualifies a value as not a number, infinite, out of range, unknown, a failed
+            # measurement: whatever number is written beside it is not a measurement.
+            return _printable(raw), None, f"the value is qualified as '{qualifier.meaning or qualifier.value}'"
         # The Floating Point Value, when present, is the full-precision value
         # that Numeric Value (a 16-character DS) rounds.
         number = first_float(mv.get(_FLOAT_VALUE), little=self.little)
@@ -626,6 +661,14 @@ class _Walker:
 
 
 _NO_CODE = Coded("", "", "")
+
+
+def _stage(mods: dict[CodeKey, Coded]) -> Coded | None:
+    """The protocol stage among an item's modifiers, under any of its names."""
+    for name in _STAGE_NAMES:
+        if name in mods:
+            return mods[name]
+    return None
 
 
 @functools.cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from echonode.measurements.concepts import CONCEPTS_BY_KEY
 from echonode.measurements.reading import MeasurementDocument
 from echonode.measurements.rules import LabelDecision, Rules, decide_labels
 from echonode.measurements.selection import (
@@ -19,6 +20,7 @@ from echonode.measurements.selection import (
     Selection,
     current_document,
     select_values,
+    supplementing_documents,
 )
 
 __all__ = ["NO_PATIENT_ID", "NO_REPORT", "OTHER_PATIENT", "StudyReference", "patient_refusal", "study_reference"]
@@ -75,6 +77,10 @@ class StudyReference:
         ``M`` or ``F`` as the rules used it.
     labels : dict
         Task (``lvh``, ``severe_as``) -> :class:`~echonode.measurements.rules.LabelDecision`.
+    supplements : dict
+        SOP Instance UID of an SR from other equipment -> the concept keys
+        taken from it because :attr:`document` does not measure them
+        (:func:`~echonode.measurements.selection.supplementing_documents`).
     """
 
     document: MeasurementDocument | None
@@ -82,6 +88,7 @@ class StudyReference:
     selections: dict[str, Selection]
     sex: str | None
     labels: dict[str, LabelDecision] = field(default_factory=dict)
+    supplements: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def values(self) -> dict[str, float | None]:
@@ -122,9 +129,28 @@ def study_reference(
     if document is None:
         undecided = {task: LabelDecision(None, NO_REPORT) for task in ("lvh", "severe_as")}
         return StudyReference(None, not_used, {}, sex, undecided)
-    known = (selections or {}).get(document.sop_instance_uid)
-    chosen = dict(known) if known is not None else select_values(document, tolerance=tolerance)
+    def selections_of(doc: MeasurementDocument) -> dict[str, Selection]:
+        known = (selections or {}).get(doc.sop_instance_uid)
+        return dict(known) if known is not None else select_values(doc, tolerance=tolerance)
+
+    chosen = selections_of(document)
+    supplements: dict[str, tuple[str, ...]] = {}
+    for other in supplementing_documents(document, documents):
+        missing = [key for key, sel in chosen.items() if sel.rule == "not measured"]
+        if not missing:
+            break
+        theirs = selections_of(other)
+        taken = tuple(key for key in missing if key in theirs and theirs[key].rule != "not measured")
+        if taken:
+            chosen.update({key: theirs[key] for key in taken})
+            supplements[other.sop_instance_uid] = taken
+            listed = ", ".join(CONCEPTS_BY_KEY[key].label for key in taken)
+            not_used[other.sop_instance_uid] = (
+                f"{not_used.get(other.sop_instance_uid, 'not the current SR')}; from other equipment, it gives "
+                f"what the current SR does not measure: {listed}"
+            )
     used_sex = document.patient_sex or sex
     why = {key: sel.reason for key, sel in chosen.items() if sel.reason}
-    labels = decide_labels({k: s.value for k, s in chosen.items()}, used_sex, rules, why)
-    return StudyReference(document, not_used, chosen, used_sex, labels)
+    spans = {key: sel.span for key, sel in chosen.items() if sel.span is not None}
+    labels = decide_labels({k: s.value for k, s in chosen.items()}, used_sex, rules, why, spans)
+    return StudyReference(document, not_used, chosen, used_sex, labels, supplements)

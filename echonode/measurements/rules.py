@@ -11,13 +11,16 @@ The rules live in a commented TOML file; the default ships beside this module
   which EchoCLR excluded); ``0`` when neither holds and Vmax is measured;
   empty otherwise.
 
-Every decision carries its reason in words, with the values it used.
+Every decision carries its reason in words, with the values it used. A
+measurement read differently by two image modes or methods (a 2D and an
+M-mode IVSd) decides a label only when every reading gives the same label.
 The node's agreement figures and ``echonode-train labels`` both call
 :func:`decide_labels`, so a study gets one label wherever it is computed.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import tomllib
 from collections.abc import Mapping
@@ -314,14 +317,54 @@ def decide_severe_as(
     return LabelDecision(0, "; ".join(notes))
 
 
+#: The concepts each label's rules read (a span elsewhere cannot change it).
+_TASK_CONCEPTS = {"lvh": ("ivsd", "lvpwd", "lv_mass_index"), "severe_as": ("av_vmax", "av_mean_gradient", "av_area")}
+
+
 def decide_labels(
     values: Mapping[str, float | None],
     sex: str | None,
     rules: Rules,
     why_missing: Mapping[str, str] | None = None,
+    spans: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, LabelDecision]:
-    """``{"lvh": ..., "severe_as": ...}`` for one study (see :func:`decide_lvh`)."""
-    return {
-        "lvh": decide_lvh(values, sex, rules.lvh, why_missing),
-        "severe_as": decide_severe_as(values, rules.severe_as, why_missing),
-    }
+    """``{"lvh": ..., "severe_as": ...}`` for one study (see :func:`decide_lvh`).
+
+    Parameters
+    ----------
+    values, sex, rules, why_missing :
+        As :func:`decide_lvh`.
+    spans : mapping, optional
+        Concept key -> ``(low, high)``: the readings of a measurement by
+        different image modes or methods
+        (:attr:`~echonode.measurements.selection.Selection.span`). A label
+        is given only when it is the same at every combination of their
+        ends; otherwise it is empty and the reason gives the readings.
+
+    Returns
+    -------
+    dict
+        Task -> :class:`LabelDecision`.
+    """
+    def decide(task: str, at: Mapping[str, float | None]) -> LabelDecision:
+        if task == "lvh":
+            return decide_lvh(at, sex, rules.lvh, why_missing)
+        return decide_severe_as(at, rules.severe_as, why_missing)
+
+    decided: dict[str, LabelDecision] = {}
+    for task in TASKS:
+        decision = decide(task, values)
+        spread = [k for k in _TASK_CONCEPTS[task] if (spans or {}).get(k) and values.get(k) is not None]
+        labels = {decision.label}
+        for ends in itertools.product(*((spans or {})[k] for k in spread)):
+            labels.add(decide(task, {**values, **dict(zip(spread, ends, strict=True))}).label)
+        if len(labels) > 1:
+            readings = "; ".join(
+                f"{CONCEPTS_BY_KEY[k].label} {_fmt((spans or {})[k][0])} to {_fmt((spans or {})[k][1])} "
+                f"{CONCEPTS_BY_KEY[k].unit}" for k in spread
+            )
+            decision = LabelDecision(
+                None, f"the readings by different image modes or methods disagree on the label ({readings})"
+            )
+        decided[task] = decision
+    return decided

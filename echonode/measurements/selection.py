@@ -3,8 +3,15 @@
 **One value per concept** (:func:`select_values`). A report can hold a concept
 many times: the beats a sonographer measured, the same value written twice
 (GE writes every measurement once plainly and once with a Selection Status),
-2D and M-mode readings of one wall. The value used is
+2D and M-mode readings of one wall, the resting and the peak-stress readings
+of a stress echo. The value used is
 
+0. from the items acquired at rest: a report whose items carry a protocol
+   Stage (TID 5202 acquisition context, CID 12002) is read at its resting or
+   baseline stage (Resting State, Baseline, Before Procedure), as are items
+   with no stage; a concept measured only at other stages (peak stress,
+   recovery, during or after a procedure) has no value, and never is a
+   stress reading averaged with a resting one;
 1. the value the sonographer selected: the items that carry a Selection
    Status (TID 300/5203 "Selection Status", TID 5301 "$Preferred": any of
    CID 224/12301, user chosen, mean chosen, most recent, maximum, minimum);
@@ -14,11 +21,17 @@ many times: the beats a sonographer measured, the same value written twice
    one measurement: an echo lab averages beats) less those derived as
    another statistic of them (Maximum, Minimum, Median, Mode, Standard
    Deviation), which would count the beats twice or not be a wall at all;
-3. selected items that disagree (their spread is more than
-   ``tolerance`` = 5 % of their largest value) are contradictory: the concept
-   has no value and the reason lists them. The sonographer's choice is not
-   second-guessed by picking one; selected items that agree (a value and its
-   copy, 12 mm and 1.2 cm) give their mean.
+3. selected items of one image mode and method that disagree (their spread
+   is more than ``tolerance`` = 5 % of their largest value) are
+   contradictory: the concept has no value and the reason lists them. The
+   sonographer's choice is not second-guessed by picking one; selected items
+   that agree (a value and its copy, 12 mm and 1.2 cm) give their mean;
+4. readings by different image modes or methods (a 2D and an M-mode IVSd,
+   both selected, as GE writes them) are two readings of one wall, not a
+   contradiction: the value is their mean and :attr:`Selection.span` holds
+   the lowest and highest mode's mean when they differ by more than the
+   tolerance, so that a label is given only when every reading gives it
+   (:func:`~echonode.measurements.rules.decide_labels`).
 
 Items that cannot be used (no value, wrong unit ...) never take part; when a
 concept has only such items its reason says why.
@@ -42,8 +55,14 @@ give at least one value:
    compared as written (the Timezone Offset From UTC is not applied: the SRs
    of one study come from one site).
 
-The whole document is used, not a merge of several: a later report is the
-sonographer's final word, including on values it no longer lists.
+The whole document is used, not a merge of several: a later report from the
+same equipment is the sonographer's final word, including on values it no
+longer lists. A report from other equipment (an offline analysis package or
+a workstation after the cart's, another Manufacturer or Model Name) that
+does not name the cart's as its predecessor measured other things, not the
+same things again: a concept the current report does not measure at all is
+taken from the most authoritative such report that does
+(:func:`supplementing_documents`).
 """
 
 from __future__ import annotations
@@ -63,6 +82,7 @@ __all__ = [
     "document_order_key",
     "select_concept",
     "select_values",
+    "supplementing_documents",
     "values_of",
 ]
 
@@ -70,6 +90,10 @@ __all__ = [
 DEFAULT_TOLERANCE = 0.05
 
 _MEAN = code_key(codes.SCT.Mean)
+#: Protocol stages (CID 12002 and the baseline codes carts use) that are the patient at rest, before
+#: any stress or intervention: a study's labels are read there.
+_AT_REST: frozenset[CodeKey] = frozenset(code_key(c) for c in (
+    codes.SCT.RestingState, codes.SCT.BaselineState, codes.DCM.Baseline, codes.SCT.BeforeProcedure))
 #: Derivations that summarise the repeats otherwise than by their mean: never averaged with them.
 _OTHER_STATISTICS: frozenset[CodeKey] = frozenset(code_key(c) for c in (
     codes.SCT.Maximum, codes.SCT.Minimum, codes.SCT.Median, codes.DCM.Median, codes.SCT.Mode,
@@ -90,12 +114,17 @@ class Selection:
         ``selected`` (the sonographer's selection), ``derived mean`` (the
         items the report derives as the Mean), ``mean`` (mean of unselected
         repeats), ``single`` (the only item), ``contradictory``,
+        ``not at rest`` (measured only at a stress or procedural stage),
         ``unusable`` (only items that cannot be used) or ``not measured``.
     used : tuple of Measurement
         The items the value comes from (for ``contradictory``: the
         disagreeing selected items).
     reason : str or None
         Why ``value`` is None.
+    span : tuple of float or None
+        ``(low, high)``: the lowest and highest mean of the readings by
+        different image modes or methods, when they differ by more than the
+        tolerance; None otherwise.
     """
 
     concept: str
@@ -103,6 +132,7 @@ class Selection:
     rule: str
     used: tuple[Measurement, ...] = ()
     reason: str | None = None
+    span: tuple[float, float] | None = None
 
 
 def _describe(m: Measurement) -> str:
@@ -122,21 +152,48 @@ def select_concept(
             problems = sorted({m.problem or "unusable" for m in mine})
             return Selection(concept, None, "unusable", reason=f"{label}: not usable ({'; '.join(problems)})")
         return Selection(concept, None, "not measured", reason=f"{label}: not measured")
+    at_rest = [m for m in usable if m.stage is None or m.stage.key in _AT_REST]
+    if not at_rest:
+        stages = ", ".join(sorted({str(m.stage) for m in usable}))
+        return Selection(concept, None, "not at rest", reason=f"{label}: measured only at {stages}, not at rest")
+    usable = at_rest
     selected = [m for m in usable if m.selected]
     derived_mean = [m for m in usable if m.derivation is not None and m.derivation.key == _MEAN]
     repeats = [m for m in usable if m.derivation is None or m.derivation.key not in _OTHER_STATISTICS]
     pool = selected or derived_mean or repeats or usable
+    readings = _by_mode(pool)
+    if selected:
+        for group in readings.values():
+            values = [m.value for m in group if m.value is not None]
+            if _spread(values, tolerance):
+                listed = ", ".join(_describe(m) for m in group)
+                return Selection(
+                    concept, None, "contradictory", tuple(group),
+                    reason=f"{label}: the selected values disagree ({listed})",
+                )  # fmt: skip
     values = [m.value for m in pool if m.value is not None]
-    low, high = min(values), max(values)
-    if selected and high - low > tolerance * max(abs(low), abs(high)):
-        listed = ", ".join(_describe(m) for m in selected)
-        return Selection(
-            concept, None, "contradictory", tuple(selected),
-            reason=f"{label}: the selected values disagree ({listed})",
-        )  # fmt: skip
+    means = [sum(vs) / len(vs) for vs in ([m.value for m in g if m.value is not None] for g in readings.values())]
+    span = (round(min(means), 9), round(max(means), 9)) if _spread(means, tolerance) else None
     mean = round(sum(values) / len(values), 9)
     rule = "selected" if selected else "derived mean" if derived_mean else ("single" if len(pool) == 1 else "mean")
-    return Selection(concept, mean, rule, tuple(pool))
+    return Selection(concept, mean, rule, tuple(pool), span=span)
+
+
+def _by_mode(items: Iterable[Measurement]) -> dict[tuple[CodeKey | None, CodeKey | None], list[Measurement]]:
+    """Items grouped by image mode and method: each group is one way of reading the concept."""
+    groups: dict[tuple[CodeKey | None, CodeKey | None], list[Measurement]] = {}
+    for m in items:
+        key = (m.image_mode.key if m.image_mode else None, m.method.key if m.method else None)
+        groups.setdefault(key, []).append(m)
+    return groups
+
+
+def _spread(values: Sequence[float], tolerance: float) -> bool:
+    """Whether ``values`` differ by more than ``tolerance`` of the largest of them."""
+    if len(values) < 2:
+        return False
+    low, high = min(values), max(values)
+    return high - low > tolerance * max(abs(low), abs(high))
 
 
 def select_values(
@@ -217,6 +274,48 @@ def current_document(
     for doc in candidates[:-1]:
         reasons[doc.sop_instance_uid] = f"superseded by {_why_current(current, doc)} SR {current.sop_instance_uid}"
     return current, reasons
+
+
+def _equipment(doc: MeasurementDocument) -> tuple[str, str] | None:
+    """Manufacturer and model, compared without case; None when the SR does not name its manufacturer."""
+    maker = doc.manufacturer.strip().lower()
+    return (maker, doc.model_name.strip().lower()) if maker else None
+
+
+def supplementing_documents(
+    current: MeasurementDocument, documents: Sequence[MeasurementDocument]
+) -> list[MeasurementDocument]:
+    """Usable SRs of the study from other equipment than ``current``, most authoritative first.
+
+    Parameters
+    ----------
+    current : MeasurementDocument
+        The study's current SR (:func:`current_document`).
+    documents : sequence of MeasurementDocument
+        Every SR of the study.
+
+    Returns
+    -------
+    list of MeasurementDocument
+        SRs that give a value, are not named as a predecessor by an echo
+        report of the study, and name another Manufacturer or Model Name
+        than ``current`` (an SR that names no manufacturer is never taken
+        to be other equipment).
+    """
+    mine = _equipment(current)
+    if mine is None:
+        return []
+    replaced = {uid for doc in documents if doc.is_echo_report for uid in doc.predecessors if uid != doc.sop_instance_uid}
+    seen = {current.sop_instance_uid}
+    out = []
+    for doc in documents:
+        theirs = _equipment(doc)
+        if doc.sop_instance_uid in seen or doc.sop_instance_uid in replaced or not doc.usable or theirs is None:
+            continue
+        seen.add(doc.sop_instance_uid)
+        if theirs != mine:
+            out.append(doc)
+    return sorted(out, key=document_order_key, reverse=True)
 
 
 def _why_current(current: MeasurementDocument, other: MeasurementDocument) -> str:

@@ -52,8 +52,16 @@ _UNITS: dict[str, Unit] = {
     )
 }
 
-#: Spellings that are not UCUM but that carts write and that mean one unit only.
+#: Other spellings of the same units: valid UCUM (a product with a negative exponent, a
+#: parenthesised term) and spellings that are not UCUM but that carts write and that mean one unit only.
 _ALIASES: dict[str, str] = {
+    "m.s-1": "m/s",
+    "cm.s-1": "cm/s",
+    "mm.s-1": "mm/s",
+    "g.m-2": "g/m2",
+    "kg.m-2": "kg/m2",
+    "g/(m2)": "g/m2",
+    "kg/(m2)": "kg/m2",
     "mmHg": "mm[Hg]",
     "mm Hg": "mm[Hg]",
     "cm^2": "cm2",

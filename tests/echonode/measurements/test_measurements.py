@@ -436,6 +436,191 @@ def test_an_sr_without_values_does_not_supersede(tmp_path: Path) -> None:
     assert reasons[private_only.sop_instance_uid].startswith("only private codes")
 
 
+# -------------------------------------------- vendor shapes that change a label
+
+FLOW_DIRECTION = Code("260674002", "SCT", "Direction of flow")
+STAGE = Code("18139-6", "LN", "Stage")
+MEAN_CHOSEN = code_item("HAS PROPERTIES", DCM.SelectionStatus, DCM.MeanValueChosen, srt=True)
+WALLS_NORMAL = [num_item(LN.InterventricularSeptumDiastolicThickness, 1.0, "cm"),
+                num_item(LN.LeftVentriclePosteriorWallDiastolicThickness, 0.9, "cm")]
+
+
+def _labels(*docs) -> dict[str, int | None]:
+    from echonode.measurements import load_rules, study_reference
+
+    ref = study_reference(list(docs), load_rules())
+    return {task: decision.label for task, decision in ref.labels.items()}
+
+
+def _av_sr(tmp_path: Path, av_nums: list, *, name: str = "sr.dcm", **kw: object):
+    content = [section(SCT.LeftVentricle, [group(SCT._2DMode, WALLS_NORMAL)], srt=True),
+               section(SCT.AorticValve, [group(SCT.DopplerContinuousWave, av_nums, srt=True)], srt=True)]
+    return read_measurement_sr(write(document(content, template="5200", **kw), tmp_path, name))
+
+
+@pytest.mark.parametrize("srt", [True, False])
+def test_a_regurgitant_jet_is_not_the_stenotic_jet(srt: bool, tmp_path: Path) -> None:
+    """The AR jet's peak velocity sits in the AV section under the forward jet's concept name and
+    site; only TID 5203's Flow Direction (CID 12221) tells them apart (written SRT G-C048 by GE)."""
+    regurgitant = code_item("HAS CONCEPT MOD", FLOW_DIRECTION, SCT.RegurgitantFlow, srt=srt)
+    antegrade = code_item("HAS CONCEPT MOD", FLOW_DIRECTION, SCT.AntegradeFlow, srt=srt)
+    doc = _av_sr(tmp_path, [
+        num_item(LN.PeakSystolicVelocity, 350.0, "cm/s", srt=True, modifiers=[antegrade]),
+        num_item(LN.MeanGradient, 30.0, "mm[Hg]", srt=True),
+        num_item(LN.PeakSystolicVelocity, 460.0, "cm/s", srt=True, modifiers=[regurgitant]),
+        num_item(LN.MeanGradient, 45.0, "mm[Hg]", srt=True, modifiers=[regurgitant]),
+    ])  # fmt: skip
+    assert values(doc)["av_vmax"] == 3.5 and values(doc)["av_mean_gradient"] == 30.0
+    assert doc.counts["reverse_flow_items"] == 2
+    assert _labels(doc)["severe_as"] == 0
+    # A study with only the regurgitant jet measured has no AV peak velocity at all.
+    only_ar = _av_sr(tmp_path, [num_item(LN.PeakSystolicVelocity, 450.0, "cm/s", srt=True, modifiers=[regurgitant])],
+                     name="ar.dcm")
+    assert select_values(only_ar)["av_vmax"].rule == "not measured" and _labels(only_ar)["severe_as"] is None
+
+
+def test_a_flow_direction_on_a_group_and_tid5300_retrograde_direction(tmp_path: Path) -> None:
+    """The direction is inherited from a Measurement Group, and CID 12306's Retrograde Direction
+    (TID 5300 post-coordinated) counts as CID 12221's Regurgitant Flow does."""
+    retro_group = container("CONTAINS", DCM.MeasurementGroup, [
+        code_item("HAS CONCEPT MOD", FLOW_DIRECTION, SCT.RegurgitantFlow),
+        num_item(LN.PeakSystolicVelocity, 4.8, "m/s"),
+    ])  # fmt: skip
+    ds = pydicom.dcmread(write(document([section(SCT.AorticValve, [
+        group(SCT.DopplerContinuousWave, [num_item(LN.PeakSystolicVelocity, 2.4, "m/s")]), retro_group])],
+        template="5200"), tmp_path, "group.dcm"))  # fmt: skip
+    doc = read_measurement_sr(ds)
+    assert values(doc)["av_vmax"] == 2.4
+    site = code_item("HAS CONCEPT MOD", SCT.FindingSite, SCT.AorticValve)
+    post = container("CONTAINS", DCM.PostCoordinatedMeasurements, [
+        num_item(LN.PeakBloodVelocity, 3.2, "m/s",
+                 modifiers=[site, code_item("HAS CONCEPT MOD", FLOW_DIRECTION, SCT.AntegradeDirection)]),
+        num_item(LN.PeakBloodVelocity, 5.0, "m/s",
+                 modifiers=[site, code_item("HAS CONCEPT MOD", FLOW_DIRECTION, SCT.RetrogradeDirection)]),
+    ])  # fmt: skip
+    doc = read_measurement_sr(write(document([post], template="5300"), tmp_path, "5300.dcm"))
+    assert values(doc)["av_vmax"] == 3.2
+
+
+def _staged(stage: Code, nums: list) -> pydicom.Dataset:
+    return container("CONTAINS", DCM.MeasurementGroup, [
+        code_item("HAS CONCEPT MOD", SCT.ImageMode, SCT.DopplerContinuousWave),
+        code_item("HAS ACQ CONTEXT", STAGE, stage), *nums])  # fmt: skip
+
+
+def _av(vmax: float, gradient: float) -> list:
+    return [num_item(LN.PeakSystolicVelocity, vmax, "m/s"), num_item(LN.MeanGradient, gradient, "mm[Hg]")]
+
+
+def test_stress_and_procedure_stages_are_never_averaged_with_rest(tmp_path: Path) -> None:
+    """TID 5202: every measurement of a group is acquired at its Stage. A stress echo's peak
+    values or a procedure's after-values are not the patient's resting valve."""
+    def doc(name: str, *groups: pydicom.Dataset):
+        content = [section(SCT.LeftVentricle, [group(SCT._2DMode, WALLS_NORMAL)]), section(SCT.AorticValve, groups)]
+        return read_measurement_sr(write(document(content, template="5200"), tmp_path, name))
+
+    stress = doc("stress.dcm", _staged(SCT.RestingState, _av(3.4, 27.0)), _staged(SCT.PeakCardiacStressState, _av(4.8, 55.0)))
+    assert (values(stress)["av_vmax"], values(stress)["av_mean_gradient"]) == (3.4, 27.0)
+    assert _labels(stress)["severe_as"] == 0
+    procedure = doc("tavi.dcm", _staged(SCT.BeforeProcedure, _av(4.6, 48.0)), _staged(SCT.AfterProcedure, _av(2.2, 9.0)))
+    assert values(procedure)["av_vmax"] == 4.6 and _labels(procedure)["severe_as"] == 1
+    assert [m.stage.meaning for m in procedure.measurements if m.concept == "av_vmax"] == ["Before Procedure",
+                                                                                          "After Procedure"]
+    only_stress = doc("peak.dcm", _staged(SCT.PeakCardiacStressState, _av(4.8, 55.0)))
+    sel = select_values(only_stress)["av_vmax"]
+    assert sel.value is None and sel.rule == "not at rest" and "Peak" in sel.reason
+    assert _labels(only_stress)["severe_as"] is None
+
+
+@pytest.mark.parametrize(("ivsd_2d", "ivsd_mm", "lvh"), [
+    (0.95, 1.05, 0),    # both readings under 1.2: no hypertrophy
+    (1.30, 1.45, 1),    # both at or over: hypertrophy
+    (1.15, 1.25, None),  # one on each side: the readings do not decide
+])  # fmt: skip
+def test_2d_and_m_mode_readings_decide_only_when_they_agree_on_the_label(
+    ivsd_2d: float, ivsd_mm: float, lvh: int | None, tmp_path: Path
+) -> None:
+    """GE selects both a 2D and an M-mode reading of one wall: two readings, not a contradiction."""
+    def wall(value: float) -> list:
+        return [num_item(LN.InterventricularSeptumDiastolicThickness, value, "cm", srt=True),
+                num_item(LN.InterventricularSeptumDiastolicThickness, value, "cm", srt=True, modifiers=[MEAN_CHOSEN]),
+                num_item(LN.LeftVentriclePosteriorWallDiastolicThickness, 0.9, "cm", srt=True, modifiers=[MEAN_CHOSEN])]
+
+    content = [section(SCT.LeftVentricle, [group(SCT._2DMode, wall(ivsd_2d), srt=True),
+                                           group(SCT.MMode, wall(ivsd_mm), srt=True)], srt=True)]
+    doc = read_measurement_sr(write(document(content, template="5200"), tmp_path))
+    sel = select_values(doc)["ivsd"]
+    assert sel.rule == "selected" and sel.value == pytest.approx((ivsd_2d + ivsd_mm) / 2)
+    assert sel.span == (ivsd_2d, ivsd_mm)
+    from echonode.measurements import load_rules, study_reference
+
+    decision = study_reference([doc], load_rules()).labels["lvh"]
+    assert decision.label == lvh
+    if lvh is None:
+        assert decision.reason.startswith("the readings by different image modes or methods disagree on the label")
+
+
+def test_selected_readings_of_one_mode_that_disagree_are_still_contradictory(tmp_path: Path) -> None:
+    content = [section(SCT.LeftVentricle, [
+        group(SCT._2DMode, [num_item(LN.InterventricularSeptumDiastolicThickness, 1.0, "cm", modifiers=[SELECTED]),
+                            num_item(LN.InterventricularSeptumDiastolicThickness, 1.4, "cm", modifiers=[SELECTED])]),
+        group(SCT.MMode, [num_item(LN.InterventricularSeptumDiastolicThickness, 1.2, "cm", modifiers=[SELECTED])]),
+    ])]  # fmt: skip
+    sel = select_values(read_measurement_sr(write(document(content, template="5200"), tmp_path)))["ivsd"]
+    assert sel.rule == "contradictory" and "1 cm" in sel.reason and "1.4 cm" in sel.reason
+
+
+def test_signed_velocities_qualified_values_and_ucum_spellings(tmp_path: Path) -> None:
+    """A velocity is signed by its direction to the probe; a value with a Numeric Value Qualifier
+    (CID 42) is not a measurement; m.s-1 and g/(m2) are UCUM for m/s and g/m2."""
+    doc = _av_sr(tmp_path, [num_item(LN.PeakSystolicVelocity, -430.0, "cm/s"), num_item(LN.MeanGradient, 38.0, "mm[Hg]")])
+    assert values(doc)["av_vmax"] == 4.3 and _labels(doc)["severe_as"] == 1
+    qualified = num_item(LN.PeakSystolicVelocity, 4.5, "m/s")
+    qualified.NumericValueQualifierCodeSequence = [echo_sr.coded(Code("114010", "DCM", "Value unknown"))]
+    doc = _av_sr(tmp_path, [qualified], name="q.dcm")
+    sel = select_values(doc)["av_vmax"]
+    assert sel.value is None and "qualified as 'Value unknown'" in sel.reason
+    assert convert(4.4, parse_unit("UCUM", "m.s-1")) == 4.4
+    assert convert(440.0, parse_unit("UCUM", "cm.s-1")) == 4.4
+    assert parse_unit("UCUM", "g/(m2)").dimension == "mass_per_area"
+
+
+def _equipment_sr(tmp_path: Path, name: str, study: str, nums: list, manufacturer: str, model: str, time: str, **kw):
+    content = [section(SCT.LeftVentricle, [group(SCT._2DMode, nums)])]
+    ds = document(content, template="5200", study_uid=study, manufacturer=manufacturer, model=model,
+                  content_time=time, **kw)
+    return read_measurement_sr(write(ds, tmp_path, name))
+
+
+def test_an_offline_tool_sr_supplements_the_carts_instead_of_erasing_it(tmp_path: Path) -> None:
+    """A later SR from other equipment that measures other things (an analysis package's LV
+    dimensions) does not erase the cart's walls; a later SR from the same cart does."""
+    from echonode.measurements import load_rules, study_reference
+
+    study = generate_uid()
+    walls = [num_item(LN.InterventricularSeptumDiastolicThickness, 1.45, "cm"),
+             num_item(LN.LeftVentriclePosteriorWallDiastolicThickness, 1.3, "cm")]
+    cart = _equipment_sr(tmp_path, "cart.dcm", study, walls, "Philips Medical Systems", "EPIQ 7C", "100000")
+    tool = _equipment_sr(tmp_path, "tool.dcm", study, [num_item(LN.LeftVentricleInternalEndDiastolicDimension, 5.1, "cm")],
+                         "TOMTEC Imaging Systems", "TOMTEC-ARENA", "120000")
+    ref = study_reference([cart, tool], load_rules())
+    assert ref.document is tool and ref.values["ivsd"] == 1.45 and ref.values["lvidd"] == 5.1
+    assert ref.labels["lvh"].label == 1
+    assert ref.supplements == {cart.sop_instance_uid: ("ivsd", "lvpwd")}
+    assert "from other equipment" in ref.not_used[cart.sop_instance_uid]
+    # The cart's own later export is its final word: what it no longer lists is gone.
+    resent = _equipment_sr(tmp_path, "resent.dcm", study, [num_item(LN.LeftVentricleInternalEndDiastolicDimension, 5.1, "cm")],
+                           "Philips Medical Systems", "EPIQ 7C", "130000")
+    ref = study_reference([cart, resent], load_rules())
+    assert ref.values["ivsd"] is None and ref.supplements == {} and ref.labels["lvh"].label is None
+    # Nor does an SR that another names as its predecessor, nor one that names no manufacturer.
+    amended = _equipment_sr(tmp_path, "amended.dcm", study, [num_item(LN.LeftVentricleInternalEndDiastolicDimension, 5.1, "cm")],
+                            "TOMTEC Imaging Systems", "TOMTEC-ARENA", "140000", predecessors=[cart.sop_instance_uid])
+    assert study_reference([cart, amended], load_rules()).values["ivsd"] is None
+    anonymous = _equipment_sr(tmp_path, "anon.dcm", study, walls, "", "", "090000")
+    assert study_reference([anonymous, tool], load_rules()).values["ivsd"] is None
+
+
 # ------------------------------------------------------------------ bad input
 
 
