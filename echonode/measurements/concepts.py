@@ -122,12 +122,17 @@ class NameMatch:
         The image mode a pre-coordinated code implies.
     method : Code, optional
         The method a pre-coordinated code implies.
+    phases : tuple of Code
+        When given, the name means the concept only with one of these
+        cardiac phases (CID 12307) on the item: a post-coordinated
+        "Thickness" at the septum is the IVSd only at end-diastole.
     """
 
     code: Code
     needs_site: bool = False
     image_mode: Code | None = None
     method: Code | None = None
+    phases: tuple[Code, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,8 @@ class Concept:
 
 _LN, _SCT, _DCM = codes.LN, codes.SCT, codes.DCM
 _2D, _MM = _SCT._2DMode, _SCT.MMode
+#: The cardiac phases (CID 12307) a diastolic wall is measured at.
+_DIASTOLE = (_SCT.EndDiastole, _SCT.Diastole)
 
 CONCEPTS: tuple[Concept, ...] = (
     Concept(
@@ -179,7 +186,10 @@ CONCEPTS: tuple[Concept, ...] = (
             NameMatch(_LN.InterventricularSeptumDiastolicThickness),
             NameMatch(_LN.InterventricularSeptumDiastolicDimension2D, image_mode=_2D),
             NameMatch(_LN.InterventricularSeptumDiastolicDimensionMM, image_mode=_MM),
+            # TID 5300 post-coordinated: CID 12304 "Thickness" at the septum, at end-diastole.
+            NameMatch(_LN.Thickness, needs_site=True, phases=_DIASTOLE),
         ),
+        site=_SCT.InterventricularSeptum,
         plausible=(0.2, 4.0),
     ),
     Concept(
@@ -208,7 +218,11 @@ CONCEPTS: tuple[Concept, ...] = (
             NameMatch(_LN.LeftVentricularMassAreaLength, method=_DCM.LeftVentricleMassByAreaLength),
             NameMatch(_LN.LeftVentricularMassDimensionMethod2D, image_mode=_2D),
             NameMatch(_LN.LeftVentricularMassDimensionMethodMM, image_mode=_MM),
+            # TID 5300 post-coordinated: CID 12304 "Mass" at the left ventricle (3D LV mass has no
+            # pre-coordinated code); the unit tells the mass from its index.
+            NameMatch(_SCT.MassQuantity, needs_site=True),
         ),
+        site=_SCT.LeftVentricle,
         plausible=(10.0, 1500.0),
     ),
     Concept(
@@ -219,7 +233,9 @@ CONCEPTS: tuple[Concept, ...] = (
             NameMatch(_LN.LeftVentricularMassAreaLengthBSA, method=_DCM.LeftVentricleMassByAreaLength),
             NameMatch(_LN.LeftVentricularMassDimensionMethod2DBSA, image_mode=_2D),
             NameMatch(_LN.LeftVentricularMassDimensionMethodMMBSA, image_mode=_MM),
+            NameMatch(_SCT.MassQuantity, needs_site=True),
         ),
+        site=_SCT.LeftVentricle,
         plausible=(10.0, 500.0),
         excluded_methods=(
             _DCM.LeftVentricleMassByMModeAdjustedByHeight,
@@ -253,6 +269,9 @@ CONCEPTS: tuple[Concept, ...] = (
             NameMatch(_LN.AorticValveAreaContinuityVTI, method=_DCM.ContinuityEquationByVelocityTimeIntegral),
             NameMatch(_LN.AorticValveAreaContinuityVmax, method=_DCM.ContinuityEquationByPeakVelocity),
             NameMatch(_SCT.CardiovascularOrificeArea, needs_site=True),
+            # TID 5300 post-coordinated (CID 12304): planimetry has no pre-coordinated AVA code.
+            NameMatch(_SCT.Area, needs_site=True),
+            NameMatch(_DCM.EffectiveOrificeArea, needs_site=True),
         ),
         site=_SCT.AorticValve,
         plausible=(0.05, 8.0),

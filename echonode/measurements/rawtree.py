@@ -61,13 +61,20 @@ def _is_sequence_tag(tag: int) -> bool:
         return False
 
 
+#: Sequences nested deeper than this are refused (:class:`Malformed`): an echo SR's content tree is
+#: a dozen levels deep, and reading is recursive, so a file nested thousands deep must not reach
+#: the interpreter's recursion limit.
+MAX_SEQUENCE_DEPTH = 128
+
+
 class _Reader:
     """One pass over one encoded data set."""
 
-    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+    def __init__(self, data: bytes, implicit: bool, little: bool, depth: int = 0) -> None:
         self.data = data
         self.implicit = implicit
         self.little = little
+        self.depth = depth
         self.u16 = struct.Struct("<H" if little else ">H").unpack_from
         self.u32 = struct.Struct("<I" if little else ">I").unpack_from
         self.tag_len = struct.Struct("<HHI" if little else ">HHI").unpack_from
@@ -115,7 +122,7 @@ class _Reader:
                     # An undefined-length UN is a sequence in implicit VR
                     # little endian (PS3.5 6.2.2); so is what follows a
                     # switch to implicit VR.
-                    items, pos = _Reader(data, True, vr == b"UN" or self.little).sequence(pos, end)
+                    items, pos = _Reader(data, True, vr == b"UN" or self.little, self.depth).sequence(pos, end)
                 out[tag] = items
                 continue
             if pos + length > end:
@@ -123,7 +130,7 @@ class _Reader:
             if vr == b"SQ":
                 out[tag] = self.defined_sequence(pos, pos + length)
             elif not vr and _is_sequence_tag(tag):
-                reader = self if implicit else _Reader(data, True, self.little)
+                reader = self if implicit else _Reader(data, True, self.little, self.depth)
                 out[tag] = reader.defined_sequence(pos, pos + length)
             else:
                 out[tag] = data[pos : pos + length]
@@ -132,8 +139,21 @@ class _Reader:
             raise Truncated("the file ends inside a sequence item")
         return out, pos
 
+    def enter(self) -> None:
+        """One sequence deeper; refused past :data:`MAX_SEQUENCE_DEPTH`."""
+        if self.depth >= MAX_SEQUENCE_DEPTH:
+            raise Malformed(f"sequences are nested more than {MAX_SEQUENCE_DEPTH} deep")
+        self.depth += 1
+
     def sequence(self, pos: int, end: int) -> tuple[list[Item], int]:
         """Items of an undefined-length sequence, up to its Sequence Delimitation Item."""
+        self.enter()
+        try:
+            return self._sequence(pos, end)
+        finally:
+            self.depth -= 1
+
+    def _sequence(self, pos: int, end: int) -> tuple[list[Item], int]:
         items: list[Item] = []
         while True:
             if pos + 8 > end:
@@ -156,6 +176,13 @@ class _Reader:
 
     def defined_sequence(self, pos: int, end: int) -> list[Item]:
         """Items of a sequence of defined length ``end - pos``."""
+        self.enter()
+        try:
+            return self._defined_sequence(pos, end)
+        finally:
+            self.depth -= 1
+
+    def _defined_sequence(self, pos: int, end: int) -> list[Item]:
         items: list[Item] = []
         while pos < end:
             if pos + 8 > end:

@@ -62,6 +62,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.sr._cid_dict import cid_concepts
 from pydicom.sr.codedict import codes
 
 from echonode.measurements.concepts import (
@@ -127,9 +128,16 @@ _SIMPLIFIED_CONTAINERS = frozenset(
     for c in (codes.DCM.PreCoordinatedMeasurements, codes.DCM.PostCoordinatedMeasurements, codes.DCM.AdhocMeasurements)
 )
 _SEX_CODES = {code_key(codes.DCM.Male): "M", code_key(codes.DCM.Female): "F"}
-#: The sites a concept is read at: a container named by one (an "Aortic Valve" section without a
-#: Finding Site modifier, as some carts write it) gives its items that site.
-_SITE_NAMES = frozenset(code_key(c.site) for c in CONCEPTS if c.site is not None)
+#: Anatomic sites (CID 12305, and the sites concepts are read at): a container named by one (an
+#: "Aortic Valve" section without a Finding Site modifier, as some carts write it) gives its items
+#: that site, in place of any site it inherits (an LVOT container inside an Aortic Valve one).
+_SITE_NAMES = frozenset(
+    {code_key(c.site) for c in CONCEPTS if c.site is not None}
+    | {code_key(getattr(getattr(codes, scheme), name)) for scheme, names in cid_concepts[12305].items() for name in names}
+)
+_CARDIAC_PHASE = code_key(codes.SCT.CardiovascularCyclePoint)
+#: Body Surface Area (TID 5201 Patient Characteristics; LOINC's measured and derived codes).
+_BSA_NAMES = frozenset({("LN", "8277-6"), ("LN", "3140-1")})
 _MODIFIER_RELATIONSHIPS = frozenset({"HAS CONCEPT MOD", "HAS ACQ CONTEXT", "HAS PROPERTIES"})
 
 # Tags of the content items (a raw item is a dict keyed by tag).
@@ -262,6 +270,10 @@ class MeasurementDocument:
     patient_sex : str or None
         ``M`` or ``F``: the Subject Sex in the SR's patient characteristics,
         else its Patient's Sex (0010,0040).
+    body_surface_area_m2 : float or None
+        The Body Surface Area of the SR's patient characteristics (LN
+        8277-6 or 3140-1, TID 5201), when given in an area unit and within
+        0.2-3.5 m2.
     """
 
     path: str | None
@@ -283,6 +295,7 @@ class MeasurementDocument:
     predecessors: tuple[str, ...] = ()
     identical_documents: tuple[str, ...] = ()
     patient_sex: str | None = None
+    body_surface_area_m2: float | None = None
     measurements: list[Measurement] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     values_read: int = 0
@@ -308,6 +321,7 @@ class _Context:
     method: Coded | None = None
     flow_direction: Coded | None = None
     stage: Coded | None = None
+    phase: Coded | None = None
 
 
 def read_measurement_sr(
@@ -374,6 +388,10 @@ def _load(path: Path, max_bytes: int, doc: MeasurementDocument) -> tuple[Item | 
         return None, True
     except Malformed as exc:
         doc.status, doc.reason = "unreadable", f"the DICOM encoding cannot be followed ({exc})"
+        return None, True
+    except RecursionError:
+        # Sequences nested hundreds deep: no report is built so, and the walk would not finish either.
+        doc.status, doc.reason = "unreadable", "its sequences are nested too deeply to read"
         return None, True
     return root, tsyntax != "1.2.840.10008.1.2.2"
 
@@ -513,6 +531,7 @@ class _Walker:
                     method=mods.get(_METHOD, ctx.method),
                     flow_direction=mods.get(_FLOW_DIRECTION, ctx.flow_direction),
                     stage=_stage(mods) or ctx.stage,
+                    phase=mods.get(_CARDIAC_PHASE, ctx.phase),
                 )
                 self.walk(_children(item), inner, item_path)
             elif value_type == "NUM" and text(item, _RELATIONSHIP) == "CONTAINS":
@@ -534,6 +553,9 @@ class _Walker:
             return
         if is_private_scheme(name.scheme):
             doc.counts["private_items"] += 1
+            return
+        if name.key in _BSA_NAMES:
+            self.read_bsa(item)
             return
         candidates = match_name(name.key)
         code_problem: str | None = None
@@ -559,9 +581,11 @@ class _Walker:
         site = mods.get(_FINDING_SITE, ctx.finding_site)
         # A flow or orifice property is the concept's only at the concept's site.
         sited: list[tuple[Concept, NameMatch]] = []
+        phase = mods.get(_CARDIAC_PHASE, ctx.phase)
         for concept, match in candidates:
             at_its_site = site is not None and concept.site is not None and site.key == code_key(concept.site)
-            if not match.needs_site or at_its_site:
+            in_its_phase = not match.phases or (phase is not None and phase.key in {code_key(c) for c in match.phases})
+            if (not match.needs_site or at_its_site) and in_its_phase:
                 sited.append((concept, match))
         if not sited and site is not None:
             doc.counts["other_items"] += 1  # another site's flow (the LVOT's velocity): not ours
@@ -634,6 +658,17 @@ class _Walker:
                 stage=_stage(mods) or ctx.stage,
             )
         )
+
+    def read_bsa(self, item: Item) -> None:
+        """The patient's Body Surface Area, kept when it is an area in the plausible range."""
+        mv = _first(item, _MEASURED_VALUE)
+        _, number, problem = self.numeric_value(item, mv)
+        unit_code = self.coded(_first(mv, _UNITS)) if mv is not None else None
+        unit = parse_unit(unit_code.scheme, unit_code.value) if unit_code else None
+        if problem is None and number is not None and unit is not None and unit.dimension == "area":
+            square_metres = convert(number, unit) / 10_000
+            if 0.2 <= square_metres <= 3.5:
+                self.doc.body_surface_area_m2 = round(square_metres, 9)
 
     def numeric_value(self, item: Item, mv: Item | None) -> tuple[str, float | None, str | None]:
         """``(raw text, number, problem)`` of a NUM item's Measured Value Sequence."""

@@ -96,6 +96,24 @@ class StudyReference:
         return {key: sel.value for key, sel in self.selections.items()}
 
 
+def _derive_mass_index(chosen: dict[str, Selection], documents: Sequence[MeasurementDocument]) -> None:
+    """The LV mass index from the LV mass and the Body Surface Area, when the SRs give those but not it.
+
+    A cart that writes the mass and the patient's BSA leaves the index to the reader; without it
+    a hypertrophied ventricle with walls under the limit (eccentric hypertrophy) would read as 0.
+    """
+    index, mass = chosen.get("lv_mass_index"), chosen.get("lv_mass")
+    if index is None or index.rule != "not measured" or mass is None or mass.value is None:
+        return
+    bsa = next((doc.body_surface_area_m2 for doc in documents if doc.body_surface_area_m2), None)
+    if bsa is None:
+        return
+    span = (round(mass.span[0] / bsa, 9), round(mass.span[1] / bsa, 9)) if mass.span else None
+    chosen["lv_mass_index"] = Selection(
+        "lv_mass_index", round(mass.value / bsa, 9), "derived from LV mass and BSA", mass.used, span=span
+    )
+
+
 def study_reference(
     documents: Sequence[MeasurementDocument],
     rules: Rules,
@@ -149,6 +167,7 @@ def study_reference(
                 f"{not_used.get(other.sop_instance_uid, 'not the current SR')}; from other equipment, it gives "
                 f"what the current SR does not measure: {listed}"
             )
+    _derive_mass_index(chosen, [document, *supplementing_documents(document, documents)])
     used_sex = document.patient_sex or sex
     why = {key: sel.reason for key, sel in chosen.items() if sel.reason}
     spans = {key: sel.span for key, sel in chosen.items() if sel.span is not None}

@@ -86,9 +86,13 @@ def test_codes_come_from_pydicom_with_the_values_the_standard_gives() -> None:
     assert {("LN", "20256-4"), ("LN", "79962-7")} <= names["av_mean_gradient"]
     assert {("SCT", "399367004"), ("LN", "79958-5")} <= names["av_area"]
     assert names["av_cusp_sep"] == {("LN", "17996-0")}
-    # The pure flow / orifice properties mean the aortic valve only with its site.
+    # The pure flow / orifice properties mean the aortic valve only with its site, and TID 5300's
+    # post-coordinated properties (CID 12304) a concept only at its site (and a wall only in diastole).
     needs_site = {code_key(m.code) for c in CONCEPTS_BY_KEY.values() for m in c.names if m.needs_site}
-    assert needs_site == {("LN", "11726-7"), ("LN", "59107-3"), ("LN", "20355-4"), ("LN", "20256-4"), ("SCT", "399367004")}
+    assert needs_site == {("LN", "11726-7"), ("LN", "59107-3"), ("LN", "20355-4"), ("LN", "20256-4"), ("SCT", "399367004"),
+                          ("LN", "59089-3"), ("SCT", "118538004"), ("SCT", "42798000"), ("DCM", "125326")}
+    assert [code_key(p) for m in CONCEPTS_BY_KEY["ivsd"].names for p in m.phases] == [("SCT", "416190007"),
+                                                                                      ("SCT", "90892000")]
     assert code_key(CONCEPTS_BY_KEY["av_vmax"].site) == ("SCT", "34202007")
     assert codes.LN.AorticValveVmax.value == "79964-3"
 
@@ -619,6 +623,90 @@ def test_an_offline_tool_sr_supplements_the_carts_instead_of_erasing_it(tmp_path
     assert study_reference([cart, amended], load_rules()).values["ivsd"] is None
     anonymous = _equipment_sr(tmp_path, "anon.dcm", study, walls, "", "", "090000")
     assert study_reference([anonymous, tool], load_rules()).values["ivsd"] is None
+
+
+def _postcoordinated(tmp_path: Path, nums: list, *, name: str = "post.dcm", pre: list | None = None):
+    content = [container("CONTAINS", DCM.PreCoordinatedMeasurements, pre)] if pre else []
+    content.append(container("CONTAINS", DCM.PostCoordinatedMeasurements, nums))
+    return read_measurement_sr(write(document(content, template="5300"), tmp_path, name))
+
+
+def _mod(name: Code, value: Code) -> pydicom.Dataset:
+    return code_item("HAS CONCEPT MOD", name, value)
+
+
+def test_tid5300_post_coordinated_mass_area_and_wall_thickness(tmp_path: Path) -> None:
+    """CID 12304 properties with a CID 12305 site: what CID 12300 has no pre-coordinated code for
+    (3D LV mass and its index, an AV area by planimetry, a wall by cardiac phase)."""
+    lv, av, ivs = (_mod(SCT.FindingSite, s) for s in (SCT.LeftVentricle, SCT.AorticValve, SCT.InterventricularSeptum))
+    phase = SCT.CardiovascularCyclePoint
+    doc = _postcoordinated(tmp_path, [
+        num_item(SCT.MassQuantity, 140.0, "g/m2", modifiers=[lv, _mod(SCT.ImageMode, SCT._3DMode),
+                                                           _mod(DCM.MeasurementType, DCM.Indexed)]),
+        num_item(SCT.MassQuantity, 260.0, "g", modifiers=[lv, _mod(SCT.ImageMode, SCT._3DMode)]),
+        num_item(SCT.Area, 0.8, "cm2", modifiers=[av, _mod(SCT.MeasurementMethod, DCM.Planimetry)]),
+        num_item(LN.Thickness, 1.4, "cm", modifiers=[ivs, _mod(phase, SCT.EndDiastole)]),
+        num_item(LN.Thickness, 1.7, "cm", modifiers=[ivs, _mod(phase, SCT.EndSystole)]),
+        num_item(LN.Thickness, 1.6, "cm", modifiers=[ivs]),  # no phase: not said to be diastolic
+        num_item(SCT.MassQuantity, 90.0, "g", modifiers=[_mod(SCT.FindingSite, SCT.LeftAtrium)]),
+        num_item(SCT.Area, 4.0, "cm2", modifiers=[_mod(SCT.FindingSite, SCT.MitralValve)]),
+    ])  # fmt: skip
+    got = values(doc)
+    assert (got["lv_mass_index"], got["lv_mass"], got["av_area"], got["ivsd"]) == (140.0, 260.0, 0.8, 1.4)
+    assert doc.counts["other_items"] == 4
+    eoa = _postcoordinated(tmp_path, [num_item(DCM.EffectiveOrificeArea, 0.75, "cm2", modifiers=[av])], name="eoa.dcm")
+    assert values(eoa)["av_area"] == 0.75
+
+
+def test_a_container_named_by_another_site_overrides_the_inherited_one(tmp_path: Path) -> None:
+    """An LVOT container inside an Aortic Valve container (sites given by container names, no
+    Finding Site modifier) holds the LVOT's velocity, not the valve's."""
+    content = [container("CONTAINS", SCT.AorticValve, [
+        num_item(LN.PeakSystolicVelocity, 4.4, "m/s"), num_item(LN.MeanGradient, 42.0, "mm[Hg]"),
+        container("CONTAINS", SCT.LeftVentricleOutflowTract, [
+            num_item(LN.PeakSystolicVelocity, 1.1, "m/s"), num_item(LN.MeanGradient, 3.0, "mm[Hg]")]),
+    ])]  # fmt: skip
+    doc = read_measurement_sr(write(document(content, template="5200"), tmp_path))
+    assert (values(doc)["av_vmax"], values(doc)["av_mean_gradient"]) == (4.4, 42.0)
+
+
+def test_the_mass_index_is_derived_from_mass_and_body_surface_area(tmp_path: Path) -> None:
+    """A cart that writes the LV mass and the patient's BSA (TID 5201) but no index: walls under
+    the limit with an index over it is eccentric hypertrophy, not a normal ventricle."""
+    from echonode.measurements import load_rules, study_reference
+
+    bsa = container("CONTAINS", DCM.PatientCharacteristics, [num_item(Code("8277-6", "LN", "Body Surface Area"), 1.8, "m2")])
+    content = [bsa, section(SCT.LeftVentricle, [group(SCT._2DMode, [*WALLS_NORMAL, num_item(LN.LeftVentricleMass, 260.0, "g")])])]
+    doc = read_measurement_sr(write(document(content, template="5200", patient_sex="M"), tmp_path))
+    assert doc.body_surface_area_m2 == 1.8
+    ref = study_reference([doc], load_rules())
+    index = ref.selections["lv_mass_index"]
+    assert index.rule == "derived from LV mass and BSA" and index.value == pytest.approx(260 / 1.8)
+    assert ref.labels["lvh"].label == 1
+    # A measured index is never replaced, and a BSA in an impossible unit or range is not used.
+    measured = [*WALLS_NORMAL, num_item(LN.LeftVentricleMass, 260.0, "g"), num_item(LN.LeftVentricleMass, 100.0, "g/m2")]
+    doc = read_measurement_sr(write(document([bsa, section(SCT.LeftVentricle, [group(SCT._2DMode, measured)])],
+                                             template="5200", patient_sex="M"), tmp_path, "measured.dcm"))
+    assert study_reference([doc], load_rules()).values["lv_mass_index"] == 100.0
+    wrong = container("CONTAINS", DCM.PatientCharacteristics, [num_item(Code("8277-6", "LN", "Body Surface Area"), 180.0, "cm")])
+    doc = read_measurement_sr(write(document([wrong, content[1]], template="5200"), tmp_path, "wrong.dcm"))
+    assert doc.body_surface_area_m2 is None and study_reference([doc], load_rules()).values["lv_mass_index"] is None
+
+
+def test_sequences_nested_too_deep_are_unreadable_not_a_crash(tmp_path: Path) -> None:
+    import sys
+
+    inner = group(SCT._2DMode, WALLS_NORMAL)
+    for _ in range(200):  # past the reader's limit of 128
+        inner = container("CONTAINS", DCM.MeasurementGroup, [inner])
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)  # only so that pydicom can write the file
+    try:
+        path = write(document([inner], template="5200"), tmp_path)
+    finally:
+        sys.setrecursionlimit(limit)
+    doc = read_measurement_sr(path)
+    assert doc.status == "unreadable" and "nested more than 128 deep" in doc.reason
 
 
 # ------------------------------------------------------------------ bad input
