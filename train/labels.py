@@ -57,7 +57,8 @@ from echonode.measurements import (
     select_values,
     study_reference,
 )
-from echonode.measurements.reference import patient_refusal
+from echonode.measurements.reference import SEVERAL_PATIENTS, patient_refusal
+from echonode.measurements.rules import LabelDecision
 from echonode.ops.logs import configure_logging, get_logger
 
 __all__ = [
@@ -86,6 +87,10 @@ EVIDENCE_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 log = get_logger("train.labels")
+
+#: Why no SR is used when a study's images carry more than one Patient ID.
+IMAGES_OF_SEVERAL_PATIENTS = ("the study's images carry more than one Patient ID (a merged study, or two studies under "
+                              "one Study Instance UID): no SR can be shown to be their patient's")
 
 #: Files in an archive that are data about the archive, not DICOM objects.
 _SIDECAR_SUFFIXES = {".csv", ".json", ".jsonl", ".txt", ".md", ".toml", ".log", ".npy", ".png", ".part"}
@@ -126,7 +131,12 @@ class _Study:
     sex: str | None = None
     #: A digest of the images' Patient ID (compared with the SRs', never kept in clear).
     patient: str | None = None
+    #: Every Patient ID digest the study's images carry: more than one is a merged or colliding study.
+    patients: set[str] = field(default_factory=set)
     sr_patients: dict[str, str | None] = field(default_factory=dict)
+    #: SOP Instance UID -> what its first file said (Content Date/Time and values), to tell a copy
+    #: from another SR that reuses the UID.
+    fingerprints: dict[str, tuple[object, ...]] = field(default_factory=dict)
 
 
 class _Evidence:
@@ -175,7 +185,9 @@ def _walk(archive: Path) -> Iterator[Path]:
         for name in sorted(files):
             if name.startswith(".") or Path(name).suffix.lower() in _SIDECAR_SUFFIXES:
                 continue
-            yield Path(root) / name
+            path = Path(root) / name
+            if path.is_file():  # a FIFO or device would block the run on open; a dangling link has nothing
+                yield path
 
 
 def _sop_class(path: Path) -> str | None:
@@ -322,6 +334,8 @@ def _visit(
         study.images += 1
         study.sex = study.sex or header[1]
         study.patient = study.patient or header[2]
+        if header[2]:
+            study.patients.add(header[2])
         return
     doc = read_measurement_sr(path)
     report.srs["read"] += 1
@@ -330,13 +344,27 @@ def _visit(
         ev.write(kind="sr", sr_sop_uid=doc.sop_instance_uid or None, file=rel, status="unreadable", reason=doc.reason)
         return
     study = studies[doc.study_instance_uid]
+    chosen = select_values(doc, tolerance=tolerance) if doc.usable else {}
+    fingerprint = (doc.content_datetime, doc.patient_key, tuple(sorted((k, s.value) for k, s in chosen.items())))
     if doc.sop_instance_uid in study.files:
         report.duplicates += 1
+        first = study.files[doc.sop_instance_uid]
+        if study.fingerprints.get(doc.sop_instance_uid) != fingerprint:
+            # Two different reports under one UID: neither can be told to be the study's.
+            for kept in study.documents:
+                if kept.sop_instance_uid == doc.sop_instance_uid:
+                    kept.status = "conflict"
+                    kept.reason = f"another file with its SOP Instance UID ({rel}) holds a different report"
+            study.selections.pop(doc.sop_instance_uid, None)
+            log.warning("labels.sr_uid_reused", study_uid=doc.study_instance_uid, sr_sop_uid=doc.sop_instance_uid)
         ev.write(
-            kind="sr", study_uid=doc.study_instance_uid, sr_sop_uid=doc.sop_instance_uid, file=rel, status="duplicate",
-            reason=f"another file of the SR at {study.files[doc.sop_instance_uid]}",
+            kind="sr", study_uid=doc.study_instance_uid, sr_sop_uid=doc.sop_instance_uid, file=rel,
+            status="duplicate" if study.fingerprints.get(doc.sop_instance_uid) == fingerprint else "conflict",
+            reason=f"another file of the SR at {first}" if study.fingerprints.get(doc.sop_instance_uid) == fingerprint
+            else f"the SR at {first} has its SOP Instance UID and a different report: neither is used",
         )  # fmt: skip
         return
+    study.fingerprints[doc.sop_instance_uid] = fingerprint
     _value_rows(doc, rel, ev)
     report.values_read += len(doc.measurements)
     report.values_refused += sum(1 for m in doc.measurements if m.problem)
@@ -344,7 +372,6 @@ def _visit(
     report.other_items += doc.counts["other_items"]
     if doc.usable:
         # Keep the selection, not the items: they are in the evidence already.
-        chosen = select_values(doc, tolerance=tolerance)
         study.selections[doc.sop_instance_uid] = {k: dataclasses.replace(s, used=()) for k, s in chosen.items()}
         contradictory = sorted(k for k, s in chosen.items() if s.rule == "contradictory")
         if contradictory:
@@ -359,8 +386,15 @@ def _visit(
 
 
 def _drop_other_patients(study_uid: str, study: _Study) -> None:
-    """An SR filed under another Patient ID than the study's images is not the study's reference."""
+    """An SR filed under another Patient ID than the study's images is not the study's reference,
+    and no SR is when the images themselves name more than one patient."""
+    merged = len(study.patients) > 1
     for doc in study.documents:
+        if merged and doc.usable:
+            doc.status, doc.reason = "other_patient", IMAGES_OF_SEVERAL_PATIENTS
+            study.selections.pop(doc.sop_instance_uid, None)
+            log.warning("labels.study_of_several_patients", study_uid=study_uid, sr_sop_uid=doc.sop_instance_uid)
+            continue
         refusal = patient_refusal(study.patient, study.sr_patients.get(doc.sop_instance_uid)) if doc.usable else None
         if refusal is not None:
             doc.status, doc.reason = "other_patient", refusal
@@ -378,6 +412,8 @@ def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, 
             study = studies[study_uid]
             _drop_other_patients(study_uid, study)
             ref = study_reference(study.documents, rules, sex=study.sex, tolerance=tolerance, selections=study.selections)
+            if len(study.patients) > 1:
+                ref = dataclasses.replace(ref, labels={t: LabelDecision(None, IMAGES_OF_SEVERAL_PATIENTS) for t in TASKS})
             report.studies += 1
             for doc in study.documents:
                 uid = doc.sop_instance_uid
@@ -386,8 +422,8 @@ def _finish(studies: dict[str, _Study], out: Path, rules: Rules, ev: _Evidence, 
                 elif uid in ref.supplements:
                     status, reason = "supplements", ref.not_used.get(uid)
                 else:
-                    status = "superseded" if doc.usable else doc.status
                     reason = ref.not_used.get(uid, doc.reason)
+                    status = "other_patient" if reason == SEVERAL_PATIENTS else "superseded" if doc.usable else doc.status
                 report.srs[status] += 1
                 ev.write(
                     kind="sr", study_uid=study_uid, sr_sop_uid=uid, file=study.files.get(uid), status=status,

@@ -42,7 +42,7 @@ from echonode.config import AgreementConfig, Config
 from echonode.dicomfile import check_inflated_size
 from echonode.measurements.concepts import CONCEPTS_BY_KEY
 from echonode.measurements.reading import read_measurement_sr
-from echonode.measurements.reference import NO_REPORT, patient_refusal, study_reference
+from echonode.measurements.reference import NO_REPORT, REFERENCE_VERSION, patient_refusal, study_reference
 from echonode.measurements.rules import TASKS, Rules, load_rules
 from echonode.measurements.selection import select_values
 from echonode.ops.logs import get_logger
@@ -67,8 +67,9 @@ _CART_KEYWORDS = ("Manufacturer", "ManufacturerModelName", "StationName")
 
 
 def rules_id(rules: Rules) -> str:
-    """The rules' source and a digest of their content, as recorded with each reference."""
-    digest = hashlib.sha256(repr((rules.lvh, rules.severe_as)).encode()).hexdigest()[:12]
+    """The rules' source and a digest of their content and of the reading's version, as recorded
+    with each reference: a new rules file or a new way of reading SRs reads every study again."""
+    digest = hashlib.sha256(repr((REFERENCE_VERSION, rules.lvh, rules.severe_as)).encode()).hexdigest()[:12]
     return f"{rules.source} ({digest})"
 
 

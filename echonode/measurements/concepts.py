@@ -275,6 +275,8 @@ CONCEPTS: tuple[Concept, ...] = (
         ),
         site=_SCT.AorticValve,
         plausible=(0.05, 8.0),
+        # An orifice measured by PISA is a regurgitant one (the AR's EROA), not the stenotic valve's.
+        excluded_methods=(_DCM.ProximalIsovelocitySurfaceArea,),
     ),
     Concept(
         "av_cusp_sep", "av_cusp_sep_cm", "aortic valve cusp separation", "length", "cm",

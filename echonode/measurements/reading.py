@@ -52,6 +52,7 @@ codes reaches the log.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from collections import Counter
@@ -274,6 +275,9 @@ class MeasurementDocument:
         The Body Surface Area of the SR's patient characteristics (LN
         8277-6 or 3140-1, TID 5201), when given in an area unit and within
         0.2-3.5 m2.
+    patient_key : str or None
+        A digest of the SR's Patient ID (never the ID itself), to tell
+        whether two SRs are one patient's; None when it has none.
     """
 
     path: str | None
@@ -296,6 +300,7 @@ class MeasurementDocument:
     identical_documents: tuple[str, ...] = ()
     patient_sex: str | None = None
     body_surface_area_m2: float | None = None
+    patient_key: str | None = None
     measurements: list[Measurement] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     values_read: int = 0
@@ -440,6 +445,8 @@ class _Walker:
         doc.station_name = text(root, 0x00081010)
         doc.predecessors = tuple(self.referenced_instances(0x0040A360))
         doc.identical_documents = tuple(self.referenced_instances(0x0040A525))
+        patient_id = text(root, 0x00100020).strip()
+        doc.patient_key = hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:16] if patient_id else None
         sex = text(root, 0x00100040).upper()
         doc.patient_sex = sex if sex in ("M", "F") else None
 
@@ -575,7 +582,8 @@ class _Walker:
             return
         mods = self.modifiers(item)
         direction = mods.get(_FLOW_DIRECTION, ctx.flow_direction)
-        if direction is not None and direction.key != _FORWARD_FLOW:
+        flow = all(concept.dimension in _FLOW_DIMENSIONS for concept, _ in candidates)
+        if flow and direction is not None and not _is_forward(direction):
             doc.counts["reverse_flow_items"] += 1  # the regurgitant jet's velocity is not the stenosis's
             return
         site = mods.get(_FINDING_SITE, ctx.finding_site)
@@ -635,7 +643,8 @@ class _Walker:
         if match.method is not None and method is None:
             method = _as_coded(match.method)
         if problem is None and method is not None and method.key in _excluded_methods(concept):
-            problem = f"measured by '{method.meaning}', which is not indexed to body surface area"
+            why = "not indexed to body surface area" if concept.dimension == "mass_per_area" else "a regurgitant orifice"
+            problem = f"measured by '{method.meaning}', which is {why}"
         image_mode = mods.get(_IMAGE_MODE, ctx.image_mode)
         if match.image_mode is not None and image_mode is None:
             image_mode = _as_coded(match.image_mode)
@@ -696,6 +705,23 @@ class _Walker:
 
 
 _NO_CODE = Coded("", "", "")
+#: Dimensions of flow and orifice properties: what a Flow Direction qualifies (a wall has none).
+_FLOW_DIMENSIONS = frozenset({"velocity", "pressure", "area"})
+_FORWARD_WORDS = ("antegrade", "anterograde", "forward")
+_REVERSE_WORDS = ("regurg", "retrograde", "reverse", "backward", "shunt", "insufficien")
+
+
+def _is_forward(direction: Coded) -> bool:
+    """Whether a Flow Direction is the valve's forward flow.
+
+    A standard code is forward only as CID 12221/12306's antegrade code. A private one (a cart's
+    own "Forward") is read by its meaning, and only when the meaning says forward and nothing
+    reverse: an unknown direction is not taken to be the forward jet.
+    """
+    if not is_private_scheme(direction.scheme):
+        return direction.key == _FORWARD_FLOW
+    meaning = direction.meaning.lower()
+    return any(w in meaning for w in _FORWARD_WORDS) and not any(w in meaning for w in _REVERSE_WORDS)
 
 
 def _stage(mods: dict[CodeKey, Coded]) -> Coded | None:

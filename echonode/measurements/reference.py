@@ -23,13 +23,25 @@ from echonode.measurements.selection import (
     supplementing_documents,
 )
 
-__all__ = ["NO_PATIENT_ID", "NO_REPORT", "OTHER_PATIENT", "StudyReference", "patient_refusal", "study_reference"]
+__all__ = [
+    "NO_PATIENT_ID", "NO_REPORT", "OTHER_PATIENT", "REFERENCE_VERSION", "SEVERAL_PATIENTS", "StudyReference",
+    "patient_refusal",
+    "study_reference",
+]  # fmt: skip
+
+#: The version of how SRs become a reference (what is read, selected, supplemented and derived).
+#: Raised with every change that can change a study's values or labels, so that the node reads its
+#: recorded references again (see :func:`echonode.agreement.record.rules_id`).
+REFERENCE_VERSION = 2
 
 #: The reason both labels are empty when no SR of the study gives a value.
 NO_REPORT = "no echo measurement SR with a usable value in the study"
 #: Why an SR filed under another Patient ID than the study's images is not used.
 OTHER_PATIENT = ("filed under another Patient ID than the study's images: not this patient's measurements"
                  " (check the cart's worklist entry)")
+#: Why no SR is used when the study's usable SRs are filed under more than one Patient ID.
+SEVERAL_PATIENTS = ("the study's measurement SRs are filed under more than one Patient ID: none can be shown to be "
+                    "the study's patient's")
 #: Why an SR without a Patient ID is not used when the study's images carry one.
 NO_PATIENT_ID = ("filed without a Patient ID while the study's images carry one: cannot be shown to be this"
                  " patient's measurements")
@@ -143,6 +155,13 @@ def study_reference(
     -------
     StudyReference
     """
+    patients = {doc.patient_key for doc in documents if doc.usable and doc.patient_key}
+    if len(patients) > 1:
+        # With the images' own Patient ID, SRs of another patient were refused before; without it (no
+        # images, or none that carry one) nothing says which patient the study is.
+        undecided = {task: LabelDecision(None, SEVERAL_PATIENTS) for task in ("lvh", "severe_as")}
+        return StudyReference(None, {doc.sop_instance_uid: SEVERAL_PATIENTS for doc in documents if doc.usable}, {},
+                              sex, undecided)
     document, not_used = current_document(documents)
     if document is None:
         undecided = {task: LabelDecision(None, NO_REPORT) for task in ("lvh", "severe_as")}
@@ -158,7 +177,7 @@ def study_reference(
         if not missing:
             break
         theirs = selections_of(other)
-        taken = tuple(key for key in missing if key in theirs and theirs[key].rule != "not measured")
+        taken = tuple(key for key in missing if key in theirs and theirs[key].value is not None)
         if taken:
             chosen.update({key: theirs[key] for key in taken})
             supplements[other.sop_instance_uid] = taken

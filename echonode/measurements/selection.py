@@ -61,8 +61,8 @@ longer lists. A report from other equipment (an offline analysis package or
 a workstation after the cart's, another Manufacturer or Model Name) that
 does not name the cart's as its predecessor measured other things, not the
 same things again: a concept the current report does not measure at all is
-taken from the most authoritative such report that does
-(:func:`supplementing_documents`).
+taken from that equipment's own current report, when it is filed under the
+same Patient ID (:func:`supplementing_documents`).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ from dataclasses import dataclass
 
 from pydicom.sr.codedict import codes
 
-from echonode.measurements.concepts import CONCEPTS, CONCEPTS_BY_KEY, CodeKey, code_key
-from echonode.measurements.reading import Measurement, MeasurementDocument
+from echonode.measurements.concepts import CONCEPTS, CONCEPTS_BY_KEY, CodeKey, code_key, is_private_scheme
+from echonode.measurements.reading import Coded, Measurement, MeasurementDocument
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -152,10 +152,13 @@ def select_concept(
             problems = sorted({m.problem or "unusable" for m in mine})
             return Selection(concept, None, "unusable", reason=f"{label}: not usable ({'; '.join(problems)})")
         return Selection(concept, None, "not measured", reason=f"{label}: not measured")
-    at_rest = [m for m in usable if m.stage is None or m.stage.key in _AT_REST]
+    at_rest = [m for m in usable if _at_rest(m.stage)]
     if not at_rest:
         stages = ", ".join(sorted({str(m.stage) for m in usable}))
-        return Selection(concept, None, "not at rest", reason=f"{label}: measured only at {stages}, not at rest")
+        return Selection(
+            concept, None, "not at rest",
+            reason=f"{label}: measured only at stages not read as rest or baseline ({stages})",
+        )  # fmt: skip
     usable = at_rest
     selected = [m for m in usable if m.selected]
     derived_mean = [m for m in usable if m.derivation is not None and m.derivation.key == _MEAN]
@@ -177,6 +180,22 @@ def select_concept(
     mean = round(sum(values) / len(values), 9)
     rule = "selected" if selected else "derived mean" if derived_mean else ("single" if len(pool) == 1 else "mean")
     return Selection(concept, mean, rule, tuple(pool), span=span)
+
+
+_REST_WORDS = ("rest", "baseline", "before")
+_STRESS_WORDS = ("stress", "peak", "exercise", "recovery", "after", "post", "during", "pacing", "valsalva", "dobutamine")
+
+
+def _at_rest(stage: Coded | None) -> bool:
+    """Whether a protocol stage is the patient at rest. A standard code must be one of the resting
+    codes; a private one (a cart's own "Rest") is read by its meaning, and only when it says rest
+    and nothing of stress or a procedure."""
+    if stage is None:
+        return True
+    if not is_private_scheme(stage.scheme):
+        return stage.key in _AT_REST
+    meaning = stage.meaning.lower()
+    return any(w in meaning for w in _REST_WORDS) and not any(w in meaning for w in _STRESS_WORDS)
 
 
 def _by_mode(items: Iterable[Measurement]) -> dict[tuple[CodeKey | None, CodeKey | None], list[Measurement]]:
@@ -297,25 +316,34 @@ def supplementing_documents(
     Returns
     -------
     list of MeasurementDocument
-        SRs that give a value, are not named as a predecessor by an echo
-        report of the study, and name another Manufacturer or Model Name
-        than ``current`` (an SR that names no manufacturer is never taken
-        to be other equipment).
+        For each other equipment (Manufacturer and Model Name; an SR that
+        names no manufacturer is never taken to be other equipment), the SR
+        :func:`current_document` would choose among that equipment's own
+        (its later exports are its final word, as the current SR's are),
+        when it gives a value and is filed under the same Patient ID as
+        ``current`` (both must carry one: measurements of two patients are
+        never merged).
     """
     mine = _equipment(current)
-    if mine is None:
+    if mine is None or current.patient_key is None:
         return []
-    replaced = {uid for doc in documents if doc.is_echo_report for uid in doc.predecessors if uid != doc.sop_instance_uid}
-    seen = {current.sop_instance_uid}
-    out = []
+    by_equipment: dict[tuple[str, str], list[MeasurementDocument]] = {}
     for doc in documents:
         theirs = _equipment(doc)
-        if doc.sop_instance_uid in seen or doc.sop_instance_uid in replaced or not doc.usable or theirs is None:
-            continue
-        seen.add(doc.sop_instance_uid)
-        if theirs != mine:
-            out.append(doc)
+        if theirs is not None and theirs != mine and doc.patient_key == current.patient_key:
+            by_equipment.setdefault(theirs, []).append(doc)
+    out = []
+    for own in by_equipment.values():
+        chosen, _ = current_document(own)
+        if chosen is not None and not _named_as_predecessor(chosen, documents):
+            out.append(chosen)
     return sorted(out, key=document_order_key, reverse=True)
+
+
+def _named_as_predecessor(doc: MeasurementDocument, documents: Sequence[MeasurementDocument]) -> bool:
+    """Whether an echo report of the study names ``doc`` in its Predecessor Documents Sequence."""
+    return any(doc.sop_instance_uid in other.predecessors for other in documents
+               if other.is_echo_report and other.sop_instance_uid != doc.sop_instance_uid)
 
 
 def _why_current(current: MeasurementDocument, other: MeasurementDocument) -> str:

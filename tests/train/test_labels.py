@@ -382,3 +382,74 @@ def test_an_sr_filed_under_another_patient_gives_no_label(tmp_path: Path, sr_pat
     evidence = (tmp_path / "ev.csv").read_text()
     assert why in evidence and "PAT-1" not in evidence and "PAT-2" not in evidence
 
+
+
+def _row_and_srs(root: Path, tmp_path: Path) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    out, evidence = tmp_path / "out.csv", tmp_path / "ev.csv"
+    assert train_main(["labels", str(root), "--out", str(out), "--evidence", str(evidence), "--no-progress"]) == 0
+    (row,) = _csv(out)
+    return row, {r["file"]: r for r in _csv(evidence) if r["kind"] == "sr"}
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_a_study_whose_images_name_two_patients_gets_no_label(order: tuple[str, str], tmp_path: Path) -> None:
+    """A merged study (or two patients' studies under one UID): whichever image is read first, no
+    SR is shown to be the images' patient's, so no label reaches either patient's videos."""
+    root, uid = tmp_path / "archive", generate_uid()
+    for folder, patient in zip(order, ("PAT-A", "PAT-B"), strict=True):
+        write(us_multiframe(study_uid=uid, frames=2, rows=16, cols=16, patient_id=patient), root / folder / "img.dcm")
+    ds = echo_sr.tid5300_sr({**NORMAL, "ivsd": 1.5}, study_uid=uid)
+    ds.PatientID = "PAT-B"
+    echo_sr.save(ds, root / "b" / "sr.dcm")
+    row, srs = _row_and_srs(root, tmp_path)
+    assert (row["lvh"], row["severe_as"]) == ("", "")
+    assert row["lvh_reason"].startswith("the study's images carry more than one Patient ID")
+    assert srs["b/sr.dcm"]["status"] == "other_patient"
+
+
+def test_srs_of_two_patients_in_a_study_without_patient_ids_are_not_merged(tmp_path: Path) -> None:
+    """No image Patient ID to compare with: a cart's SR of one patient and a workstation's of
+    another are a conflict, not one report supplementing the other."""
+    root, uid = tmp_path / "archive", generate_uid()
+    write(us_multiframe(study_uid=uid, frames=2, rows=16, cols=16, patient_id=""), root / "img.dcm")
+    cart = echo_sr.ge_sr({**NORMAL, "ivsd": 1.5}, study_uid=uid, content_time="090000")
+    cart.PatientID = "PAT-A"
+    tool = echo_sr.tid5300_sr({"av_vmax": 4.6}, study_uid=uid, content_time="120000")
+    tool.PatientID = "PAT-B"
+    echo_sr.save(cart, root / "cart.dcm")
+    echo_sr.save(tool, root / "tool.dcm")
+    row, srs = _row_and_srs(root, tmp_path)
+    assert (row["lvh"], row["severe_as"]) == ("", "")
+    assert "more than one Patient ID" in row["severe_as_reason"]
+    assert srs["cart.dcm"]["status"] == srs["tool.dcm"]["status"] == "other_patient"
+
+
+def test_two_different_reports_under_one_sop_instance_uid_are_both_refused(tmp_path: Path) -> None:
+    root, uid, sop = tmp_path / "archive", generate_uid(), generate_uid()
+    write(us_multiframe(study_uid=uid, frames=2, rows=16, cols=16, patient_id="ECHO001"), root / "img.dcm")
+    echo_sr.save(echo_sr.tid5300_sr(NORMAL, study_uid=uid, sop_uid=sop, content_time="090000"), root / "a_old.dcm")
+    echo_sr.save(echo_sr.tid5300_sr({**NORMAL, "ivsd": 1.5}, study_uid=uid, sop_uid=sop, content_time="170000"),
+                 root / "b_new.dcm")
+    echo_sr.save(echo_sr.tid5300_sr({**NORMAL, "ivsd": 1.5}, study_uid=uid, sop_uid=sop, content_time="170000"),
+                 root / "c_copy.dcm")  # a true copy of b_new: still one of the two
+    row, srs = _row_and_srs(root, tmp_path)
+    assert (row["lvh"], row["lvh_reason"]) == ("", "no echo measurement SR with a usable value in the study")
+    assert srs["a_old.dcm"]["status"] == srs["b_new.dcm"]["status"] == "conflict"
+    # A plain copy of one SR stays a duplicate.
+    other = tmp_path / "copies"
+    write(us_multiframe(study_uid=uid, frames=2, rows=16, cols=16, patient_id="ECHO001"), other / "img.dcm")
+    echo_sr.save(echo_sr.tid5300_sr(NORMAL, study_uid=uid, sop_uid=sop), other / "a.dcm")
+    echo_sr.save(echo_sr.tid5300_sr(NORMAL, study_uid=uid, sop_uid=sop), other / "b.dcm")
+    row, srs = _row_and_srs(other, tmp_path)
+    assert row["lvh"] == "0" and srs["b.dcm"]["status"] == "duplicate"
+
+
+def test_a_fifo_in_the_archive_does_not_block_the_run(tmp_path: Path) -> None:
+    import os
+
+    root, uid = tmp_path / "archive", generate_uid()
+    write(us_multiframe(study_uid=uid, frames=2, rows=16, cols=16, patient_id="ECHO001"), root / "img.dcm")
+    echo_sr.save(echo_sr.tid5300_sr(NORMAL, study_uid=uid), root / "sr.dcm")
+    os.mkfifo(root / "pipe.dcm")  # opening it would wait for a writer forever
+    row, _ = _row_and_srs(root, tmp_path)
+    assert row["lvh"] == "0"

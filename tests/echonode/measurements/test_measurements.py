@@ -625,6 +625,80 @@ def test_an_offline_tool_sr_supplements_the_carts_instead_of_erasing_it(tmp_path
     assert study_reference([anonymous, tool], load_rules()).values["ivsd"] is None
 
 
+def test_supplements_come_from_each_equipments_own_current_sr_and_one_patient(tmp_path: Path) -> None:
+    """Another equipment's SR supplements only as that equipment's final word, and only when it is
+    filed under the current SR's Patient ID."""
+    from echonode.measurements import load_rules, study_reference
+
+    study = generate_uid()
+    av = [num_item(LN.AorticValveVmax, 4.6, "m/s"), num_item(LN.AorticValveMeanGradient, 45.0, "mm[Hg]")]
+    v1 = _equipment_sr(tmp_path, "v1.dcm", study, [*WALLS_NORMAL, *av], "GE Vingmed Ultrasound", "Vivid E95", "090000")
+    v2 = _equipment_sr(tmp_path, "v2.dcm", study, WALLS_NORMAL, "GE Vingmed Ultrasound", "Vivid E95", "100000")
+    tool = _equipment_sr(tmp_path, "tool.dcm", study, [num_item(LN.LeftVentricleInternalEndDiastolicDimension, 5.1, "cm")],
+                         "TOMTEC Imaging Systems", "TOMTEC-ARENA", "120000")
+    ref = study_reference([v1, v2, tool], load_rules())
+    # v2 is the cart's final word: the AV values it dropped do not come back through v1.
+    assert ref.values["av_vmax"] is None and ref.labels["severe_as"].label is None
+    assert ref.supplements == {v2.sop_instance_uid: ("ivsd", "lvpwd")}
+    ds = document([section(SCT.LeftVentricle, [group(SCT._2DMode, WALLS_NORMAL)])], template="5200", study_uid=study,
+                  manufacturer="GE Vingmed Ultrasound", model="Vivid E95", content_time="090000")
+    ds.PatientID = "SOMEONE-ELSE"
+    other = read_measurement_sr(write(ds, tmp_path, "other.dcm"))
+    ref = study_reference([other, tool], load_rules())
+    assert ref.document is None and ref.labels["lvh"].reason.startswith("the study's measurement SRs are filed under")
+
+
+def test_a_supplement_gives_only_usable_values(tmp_path: Path) -> None:
+    from echonode.measurements import load_rules, study_reference
+
+    study = generate_uid()
+    cart = _equipment_sr(tmp_path, "cart.dcm", study, WALLS_NORMAL, "Philips", "EPIQ 7C", "120000")
+    late = _equipment_sr(tmp_path, "late.dcm", study, [num_item(LN.AorticValveVmax, 4.4, "m/s/s")], "TOMTEC", "ARENA", "110000")
+    early = _equipment_sr(tmp_path, "early.dcm", study, [num_item(LN.AorticValveVmax, 3.2, "m/s")], "Canon", "Aplio", "100000")
+    ref = study_reference([cart, late, early], load_rules())
+    assert ref.values["av_vmax"] == 3.2 and ref.supplements == {early.sop_instance_uid: ("av_vmax",)}
+
+
+def test_private_stage_and_direction_codes_are_read_by_their_meaning_only_when_plain(tmp_path: Path) -> None:
+    """A cart's own "Rest" stage or "Forward" direction is read as such; a private code that
+    says nothing plain (or says stress, or regurgitant) is not taken for rest or forward flow."""
+    def vmax(mod_name: Code, value: Code, name: str) -> float | None:
+        nums = [num_item(LN.PeakSystolicVelocity, 4.5, "m/s", modifiers=[code_item("HAS CONCEPT MOD", mod_name, value)])]
+        return values(_av_sr(tmp_path, nums, name=name))["av_vmax"]
+
+    assert vmax(STAGE, private_code("REST", "99GEMS", "Rest"), "rest.dcm") == 4.5
+    assert vmax(STAGE, private_code("ST1", "99GEMS", "Peak stress"), "peak.dcm") is None
+    assert vmax(STAGE, private_code("S1", "99GEMS", "Stage 1"), "stage1.dcm") is None
+    assert vmax(FLOW_DIRECTION, private_code("FWD", "99PHILIPS", "Forward"), "fwd.dcm") == 4.5
+    assert vmax(FLOW_DIRECTION, private_code("AR", "99PHILIPS", "Regurgitant"), "ar.dcm") is None
+    assert vmax(FLOW_DIRECTION, private_code("D1", "99PHILIPS", "Direction 1"), "d1.dcm") is None
+
+
+def test_a_flow_direction_does_not_touch_walls_and_pisa_is_not_the_av_area(tmp_path: Path) -> None:
+    regurgitant = code_item("HAS CONCEPT MOD", FLOW_DIRECTION, SCT.RegurgitantFlow)
+    content = [container("CONTAINS", DCM.Findings, [code_item("HAS CONCEPT MOD", SCT.FindingSite, SCT.LeftVentricle),
+                                                    regurgitant, *WALLS_NORMAL])]
+    assert values(read_measurement_sr(write(document(content, template="5200"), tmp_path)))["ivsd"] == 1.0
+    pisa = _postcoordinated(tmp_path, [num_item(DCM.EffectiveOrificeArea, 0.25, "cm2", modifiers=[
+        _mod(SCT.FindingSite, SCT.AorticValve), _mod(SCT.MeasurementMethod, DCM.ProximalIsovelocitySurfaceArea)])])
+    sel = select_values(pisa)["av_area"]
+    assert sel.value is None and "regurgitant orifice" in sel.reason
+
+
+def test_the_nodes_recorded_references_are_read_again_when_reading_changes() -> None:
+    from echonode.agreement import record
+    from echonode.measurements import load_rules
+
+    rules = load_rules()
+    now = record.rules_id(rules)
+    version = record.REFERENCE_VERSION
+    try:
+        record.REFERENCE_VERSION = version + 1  # type: ignore[misc]
+        assert record.rules_id(rules) != now
+    finally:
+        record.REFERENCE_VERSION = version  # type: ignore[misc]
+
+
 def _postcoordinated(tmp_path: Path, nums: list, *, name: str = "post.dcm", pre: list | None = None):
     content = [container("CONTAINS", DCM.PreCoordinatedMeasurements, pre)] if pre else []
     content.append(container("CONTAINS", DCM.PostCoordinatedMeasurements, nums))
