@@ -341,7 +341,9 @@ def _visit(
     report.srs["read"] += 1
     if doc.status == "unreadable" or not doc.study_instance_uid:
         report.srs["unreadable"] += 1
-        ev.write(kind="sr", sr_sop_uid=doc.sop_instance_uid or None, file=rel, status="unreadable", reason=doc.reason)
+        reason = doc.reason if doc.status == "unreadable" else (
+            "no Study Instance UID: the SR cannot be placed in a study" + (f" ({doc.reason})" if doc.reason else ""))
+        ev.write(kind="sr", sr_sop_uid=doc.sop_instance_uid or None, file=rel, status="unreadable", reason=reason)
         return
     study = studies[doc.study_instance_uid]
     chosen = select_values(doc, tolerance=tolerance) if doc.usable else {}

@@ -453,3 +453,14 @@ def test_a_fifo_in_the_archive_does_not_block_the_run(tmp_path: Path) -> None:
     os.mkfifo(root / "pipe.dcm")  # opening it would wait for a writer forever
     row, _ = _row_and_srs(root, tmp_path)
     assert row["lvh"] == "0"
+
+
+def test_an_sr_without_a_study_instance_uid_says_so(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    ds = echo_sr.tid5300_sr(NORMAL)
+    del ds.StudyInstanceUID
+    echo_sr.save(ds, root / "sr.dcm")
+    out, evidence = tmp_path / "out.csv", tmp_path / "ev.csv"
+    assert train_main(["labels", str(root), "--out", str(out), "--evidence", str(evidence), "--no-progress"]) == 0
+    (row,) = [r for r in _csv(evidence) if r["kind"] == "sr"]
+    assert row["status"] == "unreadable" and row["reason"].startswith("no Study Instance UID")
