@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -57,6 +56,7 @@ from echonode.measurements import (
     select_values,
     study_reference,
 )
+from echonode.measurements.reading import patient_key
 from echonode.measurements.reference import SEVERAL_PATIENTS, patient_refusal
 from echonode.measurements.rules import LabelDecision
 from echonode.ops.logs import configure_logging, get_logger
@@ -133,7 +133,6 @@ class _Study:
     patient: str | None = None
     #: Every Patient ID digest the study's images carry: more than one is a merged or colliding study.
     patients: set[str] = field(default_factory=set)
-    sr_patients: dict[str, str | None] = field(default_factory=dict)
     #: SOP Instance UID -> what its first file said (Content Date/Time and values), to tell a copy
     #: from another SR that reuses the UID.
     fingerprints: dict[str, tuple[object, ...]] = field(default_factory=dict)
@@ -202,19 +201,6 @@ def _sop_class(path: Path) -> str | None:
     return str(meta.get("MediaStorageSOPClassUID", "") or "") or ""
 
 
-def _patient_digest(value: object) -> str | None:
-    text = str(value or "").strip()
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16] if text else None
-
-
-def _sr_patient(path: Path) -> str | None:
-    """The digest of an SR's Patient ID; None when absent or unreadable."""
-    try:
-        return _patient_digest(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID"))
-    except Exception:  # noqa: BLE001 - the reader names an unreadable SR by its own status
-        return None
-
-
 def _image_header(path: Path) -> tuple[str, str | None, str | None] | None:
     """``(study UID, patient's sex, Patient ID digest)`` of a non-SR object, read up to its pixel data.
 
@@ -228,7 +214,7 @@ def _image_header(path: Path) -> tuple[str, str | None, str | None] | None:
                                  specific_tags=["StudyInstanceUID", "PatientSex", "PatientID"])
         study = str(ds.get("StudyInstanceUID", "") or "").strip()
         sex = str(ds.get("PatientSex", "") or "").strip().upper()
-        patient = _patient_digest(ds.get("PatientID"))
+        patient = patient_key(str(ds.get("PatientID", "") or ""))
     except Exception:  # noqa: BLE001 - a broken header: the file is counted, not read
         return None
     if not study:
@@ -351,7 +337,8 @@ def _visit(
     if doc.sop_instance_uid in study.files:
         report.duplicates += 1
         first = study.files[doc.sop_instance_uid]
-        if study.fingerprints.get(doc.sop_instance_uid) != fingerprint:
+        copy = study.fingerprints.get(doc.sop_instance_uid) == fingerprint
+        if not copy:
             # Two different reports under one UID: neither can be told to be the study's.
             for kept in study.documents:
                 if kept.sop_instance_uid == doc.sop_instance_uid:
@@ -361,8 +348,8 @@ def _visit(
             log.warning("labels.sr_uid_reused", study_uid=doc.study_instance_uid, sr_sop_uid=doc.sop_instance_uid)
         ev.write(
             kind="sr", study_uid=doc.study_instance_uid, sr_sop_uid=doc.sop_instance_uid, file=rel,
-            status="duplicate" if study.fingerprints.get(doc.sop_instance_uid) == fingerprint else "conflict",
-            reason=f"another file of the SR at {first}" if study.fingerprints.get(doc.sop_instance_uid) == fingerprint
+            status="duplicate" if copy else "conflict",
+            reason=f"another file of the SR at {first}" if copy
             else f"the SR at {first} has its SOP Instance UID and a different report: neither is used",
         )  # fmt: skip
         return
@@ -384,7 +371,6 @@ def _visit(
     doc.measurements = []
     study.documents.append(doc)
     study.files[doc.sop_instance_uid] = rel
-    study.sr_patients[doc.sop_instance_uid] = _sr_patient(path)
 
 
 def _drop_other_patients(study_uid: str, study: _Study) -> None:
@@ -397,7 +383,7 @@ def _drop_other_patients(study_uid: str, study: _Study) -> None:
             study.selections.pop(doc.sop_instance_uid, None)
             log.warning("labels.study_of_several_patients", study_uid=study_uid, sr_sop_uid=doc.sop_instance_uid)
             continue
-        refusal = patient_refusal(study.patient, study.sr_patients.get(doc.sop_instance_uid)) if doc.usable else None
+        refusal = patient_refusal(study.patient, doc.patient_key) if doc.usable else None
         if refusal is not None:
             doc.status, doc.reason = "other_patient", refusal
             study.selections.pop(doc.sop_instance_uid, None)

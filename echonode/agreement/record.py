@@ -41,7 +41,7 @@ from echonode.agreement.figures import agreement_figures
 from echonode.config import AgreementConfig, Config
 from echonode.dicomfile import check_inflated_size
 from echonode.measurements.concepts import CONCEPTS_BY_KEY
-from echonode.measurements.reading import read_measurement_sr
+from echonode.measurements.reading import patient_key, read_measurement_sr
 from echonode.measurements.reference import NO_REPORT, REFERENCE_VERSION, patient_refusal, study_reference
 from echonode.measurements.rules import TASKS, Rules, load_rules
 from echonode.measurements.selection import select_values
@@ -119,14 +119,14 @@ def read_reference(journal: Journal, study_uid: str, rules: Rules) -> ReferenceR
     image = journal.first_image_path(study_uid)
     # The reference must be this patient's: an SR whose Patient ID differs
     # from the images' (a worklist mix-up at the cart) is not used.
-    image_patient = read_patient_id(image) if image else None
+    image_patient = patient_key(read_patient_id(image)) if image else None
     selections = {}
     docs = []
     for sop_uid, path in srs:
         doc = read_measurement_sr(path)
         if not doc.sop_instance_uid:  # unreadable before its UID: name it by the journal's
             doc.sop_instance_uid = sop_uid
-        refusal = patient_refusal(image_patient, read_patient_id(path)) if doc.usable and image_patient else None
+        refusal = patient_refusal(image_patient, doc.patient_key) if doc.usable and image_patient else None
         if refusal is not None:
             doc.status, doc.reason = "other_patient", refusal
             log.warning("agreement.sr_other_patient", study_uid=study_uid, sr_sop_uid=doc.sop_instance_uid)

@@ -40,6 +40,7 @@ always a unit error (a septum of "11 cm" that was 11 mm) and is not used.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydicom.sr._snomed_dict import mapping as _snomed_mapping
@@ -59,6 +60,7 @@ __all__ = [
     "match_meaning",
     "match_name",
     "normalise_code",
+    "private_meaning_says",
 ]
 
 #: ``(coding scheme designator, code value)`` with SNOMED codes in SCT form.
@@ -99,6 +101,18 @@ def normalise_code(scheme: str, value: str) -> CodeKey:
 def code_key(code: Code) -> CodeKey:
     """The comparable key of a pydicom :class:`~pydicom.sr.coding.Code`."""
     return normalise_code(code.scheme_designator, code.value)
+
+
+def private_meaning_says(meaning: str, yes: Sequence[str], no: Sequence[str]) -> bool:
+    """Whether a private code's meaning plainly says one thing: one of ``yes`` and none of ``no``.
+
+    Private codes (a cart's own "Rest" stage or "Forward" direction) have no
+    meaning but their text; this reads it only when it is unambiguous, so an
+    unknown private code is never taken for the reading a standard code would
+    have to earn.
+    """
+    text = meaning.lower()
+    return any(w in text for w in yes) and not any(w in text for w in no)
 
 
 def is_private_scheme(scheme: str) -> bool:

@@ -21,7 +21,9 @@ It reads
   and editions of the standard differ on which;
 * TID 5300 "Simplified Echo Procedure Report" (same title, Supplement 169):
   Pre-coordinated, Post-coordinated and Adhoc Measurements containers with
-  pre-coordinated codes and the TID 5301 Selection Status and Derivation rows;
+  pre-coordinated codes, CID 12304 properties at a CID 12305 site (and, for a
+  wall, at a CID 12307 cardiac phase), and the TID 5301 Selection Status and
+  Derivation rows;
 
 in any SR storage class (Comprehensive, Enhanced, Comprehensive 3D,
 Simplified Adult Echo). Any other SR is not an echo measurement report and
@@ -77,6 +79,7 @@ from echonode.measurements.concepts import (
     match_meaning,
     match_name,
     normalise_code,
+    private_meaning_says,
 )
 from echonode.measurements.rawtree import (
     Item,
@@ -99,6 +102,7 @@ __all__ = [
     "Measurement",
     "MeasurementDocument",
     "is_sr_sop_class",
+    "patient_key",
     "read_measurement_sr",
 ]
 
@@ -157,6 +161,23 @@ _SCHEME = 0x00080102
 _MEANING = 0x00080104
 _LONG_CODE_VALUE = 0x00080119
 _URN_CODE_VALUE = 0x00080120
+
+
+def patient_key(patient_id: str | None) -> str | None:
+    """A digest of a Patient ID, spaces around it aside: compared, never the ID itself.
+
+    Parameters
+    ----------
+    patient_id : str or None
+        The Patient ID (0010,0020) as read.
+
+    Returns
+    -------
+    str or None
+        16 hex digits of its SHA-256; None when it is absent or blank.
+    """
+    text = (patient_id or "").strip()
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16] if text else None
 
 
 def is_sr_sop_class(uid: str | None) -> bool:
@@ -266,8 +287,9 @@ class MeasurementDocument:
         private concept name), ``private_modifiers``, ``other_items`` (NUMs
         of standard concepts echonode does not read, or of another site's
         flow), ``reverse_flow_items`` (flow properties of a regurgitant,
-        retrograde or shunt flow: not the valve's forward flow) and ``unsited_items`` (flow or orifice properties with no
-        finding site to say where: kept in :attr:`measurements` as unusable).
+        retrograde or shunt flow: not the valve's forward flow) and
+        ``unsited_items`` (flow or orifice properties with no finding site to
+        say where: kept in :attr:`measurements` as unusable).
     patient_sex : str or None
         ``M`` or ``F``: the Subject Sex in the SR's patient characteristics,
         else its Patient's Sex (0010,0040).
@@ -276,8 +298,9 @@ class MeasurementDocument:
         8277-6 or 3140-1, TID 5201), when given in an area unit and within
         0.2-3.5 m2.
     patient_key : str or None
-        A digest of the SR's Patient ID (never the ID itself), to tell
-        whether two SRs are one patient's; None when it has none.
+        :func:`patient_key` of the SR's Patient ID (never the ID itself), to
+        tell whether two SRs, or an SR and the study's images, are one
+        patient's; None when it has none.
     """
 
     path: str | None
@@ -394,10 +417,6 @@ def _load(path: Path, max_bytes: int, doc: MeasurementDocument) -> tuple[Item | 
     except Malformed as exc:
         doc.status, doc.reason = "unreadable", f"the DICOM encoding cannot be followed ({exc})"
         return None, True
-    except RecursionError:
-        # Sequences nested hundreds deep: no report is built so, and the walk would not finish either.
-        doc.status, doc.reason = "unreadable", "its sequences are nested too deeply to read"
-        return None, True
     return root, tsyntax != "1.2.840.10008.1.2.2"
 
 
@@ -445,8 +464,7 @@ class _Walker:
         doc.station_name = text(root, 0x00081010)
         doc.predecessors = tuple(self.referenced_instances(0x0040A360))
         doc.identical_documents = tuple(self.referenced_instances(0x0040A525))
-        patient_id = text(root, 0x00100020).strip()
-        doc.patient_key = hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:16] if patient_id else None
+        doc.patient_key = patient_key(text(root, 0x00100020))
         sex = text(root, 0x00100040).upper()
         doc.patient_sex = sex if sex in ("M", "F") else None
 
@@ -720,8 +738,7 @@ def _is_forward(direction: Coded) -> bool:
     """
     if not is_private_scheme(direction.scheme):
         return direction.key == _FORWARD_FLOW
-    meaning = direction.meaning.lower()
-    return any(w in meaning for w in _FORWARD_WORDS) and not any(w in meaning for w in _REVERSE_WORDS)
+    return private_meaning_says(direction.meaning, _FORWARD_WORDS, _REVERSE_WORDS)
 
 
 def _stage(mods: dict[CodeKey, Coded]) -> Coded | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from echonode.measurements.concepts import CONCEPTS_BY_KEY
 from echonode.measurements.reading import MeasurementDocument
-from echonode.measurements.rules import LabelDecision, Rules, decide_labels
+from echonode.measurements.rules import TASKS, LabelDecision, Rules, decide_labels
 from echonode.measurements.selection import (
     DEFAULT_TOLERANCE,
     Selection,
@@ -159,20 +159,21 @@ def study_reference(
     if len(patients) > 1:
         # With the images' own Patient ID, SRs of another patient were refused before; without it (no
         # images, or none that carry one) nothing says which patient the study is.
-        undecided = {task: LabelDecision(None, SEVERAL_PATIENTS) for task in ("lvh", "severe_as")}
+        undecided = {task: LabelDecision(None, SEVERAL_PATIENTS) for task in TASKS}
         return StudyReference(None, {doc.sop_instance_uid: SEVERAL_PATIENTS for doc in documents if doc.usable}, {},
                               sex, undecided)
     document, not_used = current_document(documents)
     if document is None:
-        undecided = {task: LabelDecision(None, NO_REPORT) for task in ("lvh", "severe_as")}
+        undecided = {task: LabelDecision(None, NO_REPORT) for task in TASKS}
         return StudyReference(None, not_used, {}, sex, undecided)
     def selections_of(doc: MeasurementDocument) -> dict[str, Selection]:
         known = (selections or {}).get(doc.sop_instance_uid)
         return dict(known) if known is not None else select_values(doc, tolerance=tolerance)
 
     chosen = selections_of(document)
+    others = supplementing_documents(document, documents)
     supplements: dict[str, tuple[str, ...]] = {}
-    for other in supplementing_documents(document, documents):
+    for other in others:
         missing = [key for key, sel in chosen.items() if sel.rule == "not measured"]
         if not missing:
             break
@@ -186,7 +187,7 @@ def study_reference(
                 f"{not_used.get(other.sop_instance_uid, 'not the current SR')}; from other equipment, it gives "
                 f"what the current SR does not measure: {listed}"
             )
-    _derive_mass_index(chosen, [document, *supplementing_documents(document, documents)])
+    _derive_mass_index(chosen, [document, *others])
     used_sex = document.patient_sex or sex
     why = {key: sel.reason for key, sel in chosen.items() if sel.reason}
     spans = {key: sel.span for key, sel in chosen.items() if sel.span is not None}

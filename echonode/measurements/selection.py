@@ -72,7 +72,14 @@ from dataclasses import dataclass
 
 from pydicom.sr.codedict import codes
 
-from echonode.measurements.concepts import CONCEPTS, CONCEPTS_BY_KEY, CodeKey, code_key, is_private_scheme
+from echonode.measurements.concepts import (
+    CONCEPTS,
+    CONCEPTS_BY_KEY,
+    CodeKey,
+    code_key,
+    is_private_scheme,
+    private_meaning_says,
+)
 from echonode.measurements.reading import Coded, Measurement, MeasurementDocument
 
 __all__ = [
@@ -194,8 +201,7 @@ def _at_rest(stage: Coded | None) -> bool:
         return True
     if not is_private_scheme(stage.scheme):
         return stage.key in _AT_REST
-    meaning = stage.meaning.lower()
-    return any(w in meaning for w in _REST_WORDS) and not any(w in meaning for w in _STRESS_WORDS)
+    return private_meaning_says(stage.meaning, _REST_WORDS, _STRESS_WORDS)
 
 
 def _by_mode(items: Iterable[Measurement]) -> dict[tuple[CodeKey | None, CodeKey | None], list[Measurement]]:

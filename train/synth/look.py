@@ -82,9 +82,10 @@ tissue beside them: every boundary moved by -0.15 to +0.10 cm a side
 (``Look.edge_bias_cm``) before it is softened, so the septum and the
 posterior wall of a clean acquisition measure (median of both) from about
 0.3 cm thinner to 0.16 cm thicker than drawn across the range (dilation
-moves less where the tissue beside a wall is nearly as bright as it).  Real echo does this with the gain and the grey
-map (a bright wall blooms into the blood at high gain; its edge sits
-inside the wall at low gain or with a steep map), so a model that
+moves less where the tissue beside a wall is nearly as bright as it).
+Real echo does this with the gain and the grey map (a bright wall blooms
+into the blood at high gain; its edge sits inside the wall at low gain or
+with a steep map), so a model that
 measures walls should not depend on where one rendering puts the
 half-grey point.  Why: at half grey renderer A's varied walls look
 0.06-0.10 cm thicker than drawn on average and renderer B's 0.18-0.21 cm
@@ -96,7 +97,11 @@ look's own spread already reaches B's offsets at its 10th percentile
 figure: this look is not blind to renderer B.  The bias is drawn
 independently of everything a picture shows, so it is label noise on A
 (up to about 0.15 cm on a wall's edges): the price of not trusting one
-rendering's edges.  Every other draw is the varied-valves look's.
+rendering's edges.  Every other draw is the varied-valves look's.  Tried
+for LVH with three training seeds, it transferred to renderer B worse
+than varied-valves in two of them and varied far more with the seed
+(docs/benchmarks.md, protocols V13-V15): it is kept to reproduce those
+runs, not recommended for training.
 
 The ranges come from what echo looks like and from renderer A's pictures,
 never from a label; all but the surround's upper end were fixed before any

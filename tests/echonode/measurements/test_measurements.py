@@ -653,10 +653,14 @@ def test_a_supplement_gives_only_usable_values(tmp_path: Path) -> None:
 
     study = generate_uid()
     cart = _equipment_sr(tmp_path, "cart.dcm", study, WALLS_NORMAL, "Philips", "EPIQ 7C", "120000")
-    late = _equipment_sr(tmp_path, "late.dcm", study, [num_item(LN.AorticValveVmax, 4.4, "m/s/s")], "TOMTEC", "ARENA", "110000")
+    # A usable SR (its LVIDd reads) whose AV peak velocity does not: it must not block the next one's.
+    late = _equipment_sr(tmp_path, "late.dcm", study, [num_item(LN.AorticValveVmax, 4.4, "m/s/s"),
+                                                       num_item(LN.LeftVentricleInternalEndDiastolicDimension, 5.0, "cm")],
+                         "TOMTEC", "ARENA", "110000")
     early = _equipment_sr(tmp_path, "early.dcm", study, [num_item(LN.AorticValveVmax, 3.2, "m/s")], "Canon", "Aplio", "100000")
     ref = study_reference([cart, late, early], load_rules())
-    assert ref.values["av_vmax"] == 3.2 and ref.supplements == {early.sop_instance_uid: ("av_vmax",)}
+    assert late.usable and ref.values["av_vmax"] == 3.2
+    assert ref.supplements == {late.sop_instance_uid: ("lvidd",), early.sop_instance_uid: ("av_vmax",)}
 
 
 def test_private_stage_and_direction_codes_are_read_by_their_meaning_only_when_plain(tmp_path: Path) -> None:
