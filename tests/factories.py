@@ -225,6 +225,47 @@ def make_labelled_archive(root: Path, n_patients: int = 16, uid_root: str = "1.2
     return archive, archive / "labels.csv"
 
 
+def make_measured_archive(root: Path, n_patients: int = 24) -> tuple[Path, Path]:
+    """Archive whose LVH label is cut from a measured wall drawn to scale.
+
+    Each study's thicker wall (``ivsd_cm``, with ``lvpwd_cm`` thinner) is
+    spread over 0.6-2.0 cm and drawn as a bright band whose width grows with
+    it (8 px a centimetre); ``lvh`` is 1 at
+    1.2 cm and over, as METHOD.md defines it. Patient 3 has a label and no
+    measurement.
+
+    Returns ``(archive, labels_csv)``.
+    """
+    archive = root / "archive"
+    labels, videos = [], []
+    for p in range(n_patients):
+        study, patient = f"1.2.826.0.3.{p}", f"MRW{p}"
+        wall = round(0.6 + 1.4 * ((p * 7) % n_patients) / (n_patients - 1), 3)
+        row = {"patient_id": patient, "study_uid": study, "accession_number": f"W{p}", "study_date": "20240101",
+               "lvh": int(wall >= 1.2), "severe_as": 0, "ivsd_cm": wall, "lvpwd_cm": round(wall - 0.1, 3)}
+        if p == 3:
+            row["ivsd_cm"] = row["lvpwd_cm"] = ""
+        labels.append(row)
+        for v in range(2):
+            sop = f"{study}.{v}"
+            ds = us_multiframe(study_uid=study, series_uid=f"{study}.9", sop_uid=sop, frames=10, rows=32, cols=32,
+                               patient_id=patient, seed=p * 10 + v)  # fmt: skip
+            rng = np.random.default_rng(p * 10 + v)
+            pixels = rng.integers(0, 90, size=(10, 32, 32), dtype=np.uint8)
+            width = int(round(wall * 8))
+            pixels[:, 16 - width // 2:16 - width // 2 + width, 4:28] = 230
+            ds.PixelData = pixels.tobytes()
+            write(ds, archive / study / f"{sop}.dcm")
+            videos.append({"patient_id": patient, "study_uid": study, "series_uid": "", "sop_uid": sop,
+                           "view": "plax"})
+    for name, rows in (("labels.csv", labels), ("videos.csv", videos)):
+        with open(archive / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return archive, archive / "labels.csv"
+
+
 def finetune_args(cache: Path, labels: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(cache), "--labels", str(labels), "--out", str(out), "--preset", "tiny", "--size", "16",
             "--width", "4", "--frames", "4", "--batch", "8", "--bootstrap", "200", "--val-fraction", "0.25",

@@ -55,6 +55,15 @@ from train.cache import ClipCache, cache_argument, load_study_labels, split_cach
 from train.configs import flat_dict, from_namespace
 from train.datasets import ClipDataset
 from train.init_bundle import InitError, init_weights
+from train.measured_target import (
+    MEASURED_TARGETS,
+    TARGETS,
+    Standardiser,
+    constant_answer_mse,
+    fit_calibration,
+    fold_into_head,
+    study_measurements,
+)
 from train.metrics import group_mean, multiclass_metrics, ranking_summary
 from train.presets import add_preset_argument, apply_preset
 from train.provenance import code_revision
@@ -134,6 +143,12 @@ class TaskData:
         Labelled training studies after the fraction was drawn.
     pos_weight : float or None
         ``n_neg / n_pos`` of the training videos (binary tasks).
+    measures : dict or None
+        With ``--target measurement``: split name -> each video's measured
+        value (NaN where its study has none; the training videos all have
+        one). None when training on the label.
+    standardiser : Standardiser or None
+        The z-score the regression is trained on (training studies' values).
     """
 
     task: str
@@ -142,6 +157,16 @@ class TaskData:
     targets: dict[str, list[float | int]]
     train_studies: list[str]
     pos_weight: float | None
+    measures: dict[str, list[float]] | None = None
+    standardiser: Standardiser | None = None
+
+    def measured(self, split: str) -> tuple[list[dict], list[float]]:
+        """The videos of ``split`` with a measurement and their z-scored values (the regression's targets)."""
+        if self.measures is None or self.standardiser is None:
+            raise ValueError(f"the {self.task} task was prepared to train on its label, not a measurement")
+        pairs = [(v, self.standardiser(m)) for v, m in zip(self.videos[split], self.measures[split], strict=True)
+                 if math.isfinite(m)]
+        return [v for v, _ in pairs], [z for _, z in pairs]
 
 
 def prepare_task(
@@ -154,6 +179,7 @@ def prepare_task(
     fraction_seed: int = 0,
     views: Sequence[str] | None = None,
     class_weight: str = "balanced",
+    target: str = "label",
 ) -> TaskData:
     """Select the videos and targets of ``task`` for each split.
 
@@ -174,6 +200,10 @@ def prepare_task(
     class_weight : {"balanced", "none"}
         Binary tasks: ``balanced`` (the paper) weighs positives by
         ``n_neg / n_pos`` of the training videos, ``none`` by 1.
+    target : {"label", "measurement"}
+        Binary tasks: train on the label (the paper), or regress the
+        measurement it is cut from (:mod:`train.measured_target`); then only
+        training studies with both a label and a measurement are trained on.
 
     Returns
     -------
@@ -188,6 +218,13 @@ def prepare_task(
         raise ValueError(f'Argument "task" must be one of {", ".join(TASKS)}; got {task!r}.')
     if class_weight not in CLASS_WEIGHTS:
         raise ValueError(f'Argument "class_weight" must be one of {", ".join(CLASS_WEIGHTS)}; got {class_weight!r}.')
+    if target not in TARGETS:
+        raise ValueError(f'Argument "target" must be one of {", ".join(TARGETS)}; got {target!r}.')
+    if target == "measurement" and task not in MEASURED_TARGETS:
+        raise ValueError(f"--target measurement applies to {', '.join(MEASURED_TARGETS)}, not {task}")
+    measured_values: dict[str, float] = {}
+    measures: dict[str, list[float]] | None = None
+    standardiser: Standardiser | None = None
     videos: dict[str, list[dict]] = {}
     targets: dict[str, list[float | int]] = {}
     if task in BINARY_TASKS:
@@ -198,8 +235,18 @@ def prepare_task(
         study_label = {s: v for s, v in read.items() if v is not None}
         use_views = list(views) if views else ["plax"]
         train_pool = [s for s in splits["train"] if s in study_label]
+        if target == "measurement":
+            measured_values = study_measurements(rows, MEASURED_TARGETS[task])
+            unmeasured = [s for s in train_pool if s not in measured_values]
+            if unmeasured:
+                # Scored and early-stopped on by their label where they fall in those splits; not trained on.
+                measured_as = MEASURED_TARGETS[task]
+                print(f"{len(unmeasured)} labelled training studies have no measurement of {measured_as.description} "
+                      f"({', '.join(measured_as.columns)}) and are left out of training", file=sys.stderr)
+            train_pool = [s for s in train_pool if s in measured_values]
         if not train_pool:
-            raise ValueError(f"no labelled training studies for {task}")
+            with_value = " with a measurement" if target == "measurement" else ""
+            raise ValueError(f"no labelled training studies{with_value} for {task}")
         train_studies = sample_label_fraction(train_pool, fraction, seed=fraction_seed, labels=study_label)
         chosen = {"train": train_studies, "val": splits["val"], "test": splits["test"]}
         for name, studies in chosen.items():
@@ -212,6 +259,9 @@ def prepare_task(
             raise ValueError(f"the training videos of {task} need both classes (positives {n_pos:.0f}, negatives {n_neg:.0f})")
         labels = ["absent", "present"]
         pos_weight: float | None = n_neg / n_pos if class_weight == "balanced" else 1.0
+        if target == "measurement":
+            standardiser = Standardiser.fit([measured_values[s] for s in train_studies])
+            measures = {name: [measured_values.get(v["study_uid"], math.nan) for v in videos[name]] for name in videos}
     else:
         known = sorted({v["view"] for v in cache.videos if v["view"] != "unknown"})
         if "plax" not in known or len(known) < 2:
@@ -228,7 +278,7 @@ def prepare_task(
         pos_weight = None
     if not videos["train"]:
         raise ValueError(f"no training videos for {task}")
-    return TaskData(task, labels, videos, targets, train_studies, pos_weight)
+    return TaskData(task, labels, videos, targets, train_studies, pos_weight, measures, standardiser)
 
 
 def check_evaluable(data: TaskData, *, required: Sequence[str] = ("val", "test")) -> None:
@@ -502,14 +552,21 @@ def predict_clips(
     device: torch.device,
     binary: bool,
     normalisation: str = "minmax",
+    raw: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Probabilities of every evaluation clip and the mean clip loss.
+
+    Parameters
+    ----------
+    raw : bool
+        Binary tasks: the head's outputs as they are, not through the sigmoid
+        (a regression head's, before it is calibrated).
 
     Returns
     -------
     probs : numpy.ndarray
-        ``(n_videos, n_clips)`` sigmoid probabilities, or
-        ``(n_videos, n_clips, K)`` softmax for ``view``.
+        ``(n_videos, n_clips)`` sigmoid probabilities (the outputs with
+        ``raw``), or ``(n_videos, n_clips, K)`` softmax for ``view``.
     loss : float
         Mean loss over clips (each clip labelled with its video's target);
         NaN without a criterion.
@@ -523,7 +580,10 @@ def predict_clips(
         if criterion is not None:
             total += float(_loss(criterion, logits, y.to(device).repeat_interleave(k), binary)) * b * k
             count += b * k
-        clip_probs = torch.sigmoid(logits[:, 0]) if binary else torch.softmax(logits.float(), dim=1)
+        if binary:
+            clip_probs = logits[:, 0].float() if raw else torch.sigmoid(logits[:, 0].float())
+        else:
+            clip_probs = torch.softmax(logits.float(), dim=1)
         out.append(clip_probs.reshape((b, k) + tuple(clip_probs.shape[1:])).cpu().numpy())
     probs = np.concatenate(out) if out else np.zeros((0, 0))
     return probs, (total / count if count else float("nan"))
@@ -756,6 +816,8 @@ class FinetuneData:
     workers: int = 0
     #: Change the look of training clips too (:class:`train.augment.AppearanceConfig`).
     appearance: bool = False
+    #: One of :data:`train.measured_target.TARGETS`: the label (the paper) or the measurement it is cut from.
+    target: str = "label"
 
 
 @dataclass(frozen=True)
@@ -841,6 +903,13 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--appearance", action="store_true",
         help="also change the look of training clips (grey map, gain, blur, speckle grain): for models that must "
         "hold up on another cart's or renderer's images (default: the paper's augmentations only)",
+    )  # fmt: skip
+    data.add_argument(
+        "--target", choices=TARGETS, default="label",
+        help="binary tasks: train on the label (the paper), or 'measurement': regress the value it is cut from "
+        "(lvh: the thicker of ivsd_cm and lvpwd_cm; severe_as: av_vmax_m_s) and calibrate the output to the "
+        "label on the validation clips, so the answer keeps its order on both sides of the threshold "
+        "(docs/training.md, 'Training on the measurement')",
     )  # fmt: skip
 
     model = parser.add_argument_group("model")
@@ -958,6 +1027,11 @@ class _Run:
     def binary(self) -> bool:
         return self.data.task in BINARY_TASKS
 
+    @property
+    def regresses(self) -> bool:
+        """Trained on a measurement (``--target measurement``), calibrated to the label afterwards."""
+        return self.data.measures is not None
+
 
 def finetune(config: FinetuneConfig) -> Path:
     """Fine-tune per ``config`` (see :func:`add_finetune_arguments`); returns the bundle path."""
@@ -971,18 +1045,65 @@ def finetune(config: FinetuneConfig) -> Path:
     head_fit = _fit_probe_head(run, loaders) if config.model.head_init == "probe" else None
     history, best_epoch = _fit(run, loaders)
     metrics: dict[str, object] = {"best_epoch": best_epoch, "history": history}
-    if run.data.task in BINARY_TASKS:
+    if run.regresses:
+        metrics["measurement"] = _calibrate_measurement(run, loaders, history)
+    elif run.data.task in BINARY_TASKS:
         # In the bundle as well as on stderr: a reader of the bundle alone sees it too.
         metrics["constant_answer"] = constant_answer_check(
             history, run.data.targets["train"], run.data.pos_weight, run.data.targets["val"])
     if head_fit is not None:
         metrics["head_fit"] = head_fit
-    if run.binary:
+    if run.binary and not run.regresses:
         # Before scoring, so that the bundle's metrics describe the probabilities it ships: a video's and a
         # study's probability is the mean of its clips', which the shift does not commute with.
         metrics["probabilities"] = _apply_probability_scale(run)
     metrics.update(_score(run, loaders))
     return _write_bundle(run, out, loaders.repeats, metrics)
+
+
+def _calibrate_measurement(run: _Run, loaders: _Loaders, history: Sequence[dict[str, float]]) -> dict[str, object]:
+    """Turn the regression head into the label's log odds (:func:`train.measured_target.fit_calibration`).
+
+    Fitted on every labelled validation clip (a study without a measurement
+    has a label all the same), with the loss's class weight when
+    ``--probabilities balanced`` so the probabilities answer for the same
+    prevalence as a label-trained bundle's; then folded into the head.
+    Returns what the bundle records: the target, its z-score, the
+    regression's errors against a constant's, and the calibration.
+    """
+    data, model = run.data, run.model
+    assert model is not None and data.standardiser is not None
+    target = MEASURED_TARGETS[data.task]
+    outputs, _ = predict_clips(model, loaders.evaluation("val"), device=run.device, binary=True,
+                               normalisation=run.normalisation, raw=True)
+    clip_labels = np.repeat(np.asarray(data.targets["val"], dtype=float), outputs.shape[1])
+    weight = data.pos_weight if run.config.output.probabilities == "balanced" else None
+    calibration = fit_calibration(outputs.reshape(-1), clip_labels, pos_weight=weight)
+    fold_into_head(model.fc, calibration)
+    train_floor = constant_answer_mse(data.measured("train")[1])
+    val_floor = constant_answer_mse(data.measured("val")[1])
+    train_losses = [h["train_loss"] for h in history if math.isfinite(h["train_loss"])]
+    val_losses = [h["val_loss"] for h in history if math.isfinite(h["val_loss"])]
+    record: dict[str, object] = {
+        "target": "measurement", "task": data.task, "columns": list(target.columns), "unit": target.unit,
+        "description": target.description, "mean": data.standardiser.mean, "sd": data.standardiser.sd,
+        "constant_answer_mse": round(train_floor, 6), "lowest_train_mse": round(min(train_losses, default=math.nan), 6),
+        "constant_answer_val_mse": round(val_floor, 6), "lowest_val_mse": round(min(val_losses, default=math.nan), 6),
+        "calibration": {"slope": calibration.slope, "intercept": calibration.intercept, "clips": calibration.clips,
+                        "positives": calibration.positives, "loss": calibration.loss,
+                        "pos_weight": weight, "fitted_on": "validation clips"},
+    }
+    print(f"regressed {target.description} (z-scored: mean {data.standardiser.mean:.3f}, sd "
+          f"{data.standardiser.sd:.3f} {target.unit}); calibrated on {calibration.clips} validation clips: "
+          f"log odds = {calibration.slope:.3f} x output {calibration.intercept:+.3f}")
+    if not val_losses or min(val_losses) >= (1.0 - CONSTANT_ANSWER_MARGIN) * val_floor:
+        print(f"warning: the validation error never fell {CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's "
+              f"({val_floor:.3f}): the model does not measure {target.description}", file=sys.stderr)
+    if calibration.slope <= 0:
+        print(f"warning: on the validation clips a larger {target.description} predicted lower odds of "
+              f"{data.task} (slope {calibration.slope:.3f}): the regression does not track the label",
+              file=sys.stderr)
+    return record
 
 
 def shift_to_prevalence(model: VideoClassifier, pos_weight: float | None, threshold: float) -> tuple[float, float]:
@@ -1053,8 +1174,11 @@ def _load_task(config: FinetuneConfig) -> _Run:
     rows = load_study_labels(d.labels)
     splits = split_cache(cache, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)
     views = [v.strip() for v in d.views.split(",")] if d.views else None
+    if d.target == "measurement" and config.model.head_init == "probe":
+        raise ValueError("--head-init probe fits a logistic head on the label; with --target measurement the head "
+                         "regresses, so start it at random")
     data = prepare_task(cache, rows, d.task, splits, fraction=d.fraction, fraction_seed=d.fraction_seed, views=views,
-                        class_weight=config.optim.class_weight)
+                        class_weight=config.optim.class_weight, target=d.target)
     # A split the fractions leave empty on purpose is not scored; one they asked for must be scorable.
     required = [name for name, fraction in (("val", d.val_fraction), ("test", d.test_fraction)) if fraction > 0]
     if not config.output.score_test:
@@ -1087,6 +1211,8 @@ def _initial_model(run: _Run) -> None:
     model.load_state_dict(state, strict=True)
     if init_info.get("head") == "new":
         _set_prior_bias(model, data)
+    elif data.measures is not None:
+        raise ValueError(f"--target measurement trains a new head; the init {m.init} already has one for {data.task}")
     run.model = model.to(run.device)
     run.normalisation = "kinetics" if init_info.get("init") == "kinetics" else "minmax"
     run.init_info = init_info
@@ -1096,7 +1222,9 @@ def _set_prior_bias(model: VideoClassifier, data: TaskData) -> None:
     """Start a new head at the training labels' prior, so early steps do not spend themselves on the bias."""
     fc = model.fc
     with torch.no_grad():
-        if data.task in BINARY_TASKS:
+        if data.measures is not None:
+            fc.bias.zero_()  # the z-scored training values' mean
+        elif data.task in BINARY_TASKS:
             fc.bias.fill_(prior_logit(data.targets["train"], data.pos_weight))
         else:
             counts = np.bincount(np.asarray(data.targets["train"], dtype=int), minlength=len(data.labels)) + 1.0
@@ -1114,8 +1242,10 @@ class _Loaders:
         seed = optim.seed
         n_train = len(data.videos["train"])
         self.repeats = max(1, math.ceil(optim.epoch_samples / n_train)) if optim.epoch_samples else 1
+        # Every training video has a measurement when the run regresses one (prepare_task kept only those).
+        train_targets = data.measured("train")[1] if run.regresses else data.targets["train"]
         self.train_set = ClipDataset(
-            run.cache, data.videos["train"], data.targets["train"], self.frames, self.size, train=True,
+            run.cache, data.videos["train"], train_targets, self.frames, self.size, train=True,
             augment=AugmentConfig.for_size(self.size, appearance=d.appearance), seed=seed, repeats=self.repeats,
         )  # fmt: skip
         self.train = DataLoader(
@@ -1123,12 +1253,16 @@ class _Loaders:
             generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
 
-    def evaluation(self, name: str) -> DataLoader:
-        """Uniformly spaced clips of every video of split ``name``."""
+    def evaluation(self, name: str, *, measured: bool = False) -> DataLoader:
+        """Uniformly spaced clips of every video of split ``name``.
+
+        With ``measured``: only the videos with a measurement, their targets
+        the z-scored values (the regression's validation loss).
+        """
         data = self.run.data
+        videos, targets = data.measured(name) if measured else (data.videos[name], data.targets[name])
         ds = ClipDataset(
-            self.run.cache, data.videos[name], data.targets[name], self.frames, self.size, train=False,
-            eval_clips=self.eval_clips,
+            self.run.cache, videos, targets, self.frames, self.size, train=False, eval_clips=self.eval_clips,
         )  # fmt: skip
         return DataLoader(ds, batch_size=max(1, self.batch // self.eval_clips), num_workers=self.workers)
 
@@ -1160,7 +1294,8 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
     """
     optim, model = run.config.optim, run.model
     assert model is not None
-    criterion = _criterion(run.data.task, run.data.pos_weight, run.device)
+    # A regression is early-stopped on its own error over the validation videos that have a measurement.
+    criterion = nn.MSELoss() if run.regresses else _criterion(run.data.task, run.data.pos_weight, run.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr)
     steps_per_epoch = len(loaders.train) if optim.max_steps is None else min(len(loaders.train), optim.max_steps)
     scheduler = make_scheduler(optimizer, optim.lr_schedule, optim.lr, optim.epochs * steps_per_epoch)
@@ -1168,7 +1303,7 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
     initial_state = copy.deepcopy(model.state_dict())
     best_state = initial_state
     history: list[dict[str, float]] = []
-    has_val = bool(run.data.videos["val"])
+    has_val = bool(run.data.measured("val")[0] if run.regresses else run.data.videos["val"])
     _warn_short_patience(optim, has_val)
     for epoch in range(optim.epochs):
         loaders.train_set.set_epoch(epoch)
@@ -1181,8 +1316,8 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
         val_loss = float("nan")
         if has_val:
             _, val_loss = predict_clips(
-                model, loaders.evaluation("val"), criterion, device=run.device, binary=run.binary,
-                normalisation=run.normalisation,
+                model, loaders.evaluation("val", measured=run.regresses), criterion, device=run.device,
+                binary=run.binary, normalisation=run.normalisation,
             )  # fmt: skip
         seconds = round(time.monotonic() - started, 3)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "seconds": seconds})
@@ -1196,7 +1331,7 @@ def _fit(run: _Run, loaders: _Loaders) -> tuple[list[dict[str, float]], int]:
             break
     model.load_state_dict(best_state)
     _say_where_stopped(stopper.best_epoch, len(history), has_val)
-    if run.data.task in BINARY_TASKS:
+    if run.data.task in BINARY_TASKS and not run.regresses:
         warn_if_constant_answer(history, run.data.targets["train"], run.data.pos_weight, run.data.targets["val"])
     return history, stopper.best_epoch
 
@@ -1290,6 +1425,7 @@ def _write_bundle(run: _Run, out: Path, repeats: int, metrics: dict[str, object]
         "train_videos": len(data.videos["train"]),
         "train_visits_per_epoch": repeats,
         "pos_weight": data.pos_weight,
+        "target": config.dataset.target,
         "method": "EchoCLR fine-tuning (echonode)",
     }
     manifest_pre = run.cache.manifest["preprocess"]
