@@ -152,3 +152,42 @@ def test_finetune_on_the_measurement_refuses_what_it_cannot_do(measured, tmp_pat
     assert main(finetune_args(cache, labels, tmp_path / "c", "--task", "severe_as", "--target", "measurement",
                               "--epochs", "1")) == 2
     assert "av_vmax_m_s" in capsys.readouterr().err
+
+
+def _rewrite(labels: Path, out: Path, **columns: str) -> Path:
+    """``labels`` with each named column set to one value in every row (added where absent)."""
+    with open(labels, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row.update(columns)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_no_value_to_train_on_or_one_value_for_all_is_refused(measured, tmp_path: Path, capsys) -> None:
+    cache, labels = measured
+    empty = _rewrite(labels, tmp_path / "empty.csv", ivsd_cm="", lvpwd_cm="")
+    assert main(finetune_args(cache, empty, tmp_path / "a", "--task", "lvh", "--target", "measurement",
+                              "--epochs", "1")) == 2
+    assert "no labelled training studies with a measurement for lvh" in capsys.readouterr().err
+    same = _rewrite(labels, tmp_path / "same.csv", ivsd_cm="1.0", lvpwd_cm="0.9")
+    assert main(finetune_args(cache, same, tmp_path / "b", "--task", "lvh", "--target", "measurement",
+                              "--epochs", "1")) == 2
+    assert "different values" in capsys.readouterr().err
+
+
+def test_severe_as_regresses_the_peak_velocity(measured, tmp_path: Path) -> None:
+    cache, labels = measured
+    c = ClipCache(cache)
+    splits = split_cache(c, val_fraction=0.25, test_fraction=0.25)
+    rows = load_study_labels(labels)
+    for i, row in enumerate(rows):
+        row["severe_as"], row["av_vmax_m_s"] = str(i % 2), f"{2.0 + 2.5 * (i % 2) + 0.01 * i:.2f}"
+    data = prepare_task(c, rows, "severe_as", splits, target="measurement")
+    assert data.measures is not None
+    velocity = {r["study_uid"]: float(r["av_vmax_m_s"]) for r in rows}
+    for name in ("train", "val", "test"):
+        assert data.measures[name] == [velocity[v["study_uid"]] for v in data.videos[name]]
