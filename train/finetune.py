@@ -83,6 +83,7 @@ __all__ = [
     "EarlyStopping",
     "TaskData",
     "add_finetune_arguments",
+    "check_calibratable",
     "check_evaluable",
     "constant_answer_check",
     "constant_answer_loss",
@@ -260,7 +261,8 @@ def prepare_task(
         labels = ["absent", "present"]
         pos_weight: float | None = n_neg / n_pos if class_weight == "balanced" else 1.0
         if target == "measurement":
-            standardiser = Standardiser.fit([measured_values[s] for s in train_studies])
+            # One value per study trained on (a study the view filter left without videos is not).
+            standardiser = Standardiser.fit([measured_values[s] for s in sorted({v["study_uid"] for v in videos["train"]})])
             measures = {name: [measured_values.get(v["study_uid"], math.nan) for v in videos[name]] for name in videos}
     else:
         known = sorted({v["view"] for v in cache.videos if v["view"] != "unknown"})
@@ -317,6 +319,27 @@ def check_evaluable(data: TaskData, *, required: Sequence[str] = ("val", "test")
             f"{negatives} negative: its figures would mean nothing. Use a larger archive, or other split "
             f"settings (--split-seed, --val-fraction, --test-fraction; a fraction of 0 means no such split)"
         )
+
+
+def check_calibratable(data: TaskData) -> None:
+    """Refuse, before training, a measurement run that could not stop early or be calibrated.
+
+    Early stopping watches the regression's error on the validation videos
+    that have a measurement, and the calibration to the label needs
+    validation videos of both classes.
+
+    Raises
+    ------
+    ValueError
+        Naming what the validation split lacks.
+    """
+    if not data.videos["val"]:
+        raise ValueError("--target measurement calibrates the regression to the label on the validation split, "
+                         "and this run has none (--val-fraction 0)")
+    if not data.measured("val")[0]:
+        raise ValueError(f"no validation study has a measurement of {MEASURED_TARGETS[data.task].description}: "
+                         "--target measurement stops early on the validation error")
+    check_evaluable(data, required=("val",))
 
 
 def prior_logit(targets: Sequence[float | int], pos_weight: float | None) -> float:
@@ -1053,7 +1076,7 @@ def finetune(config: FinetuneConfig) -> Path:
             history, run.data.targets["train"], run.data.pos_weight, run.data.targets["val"])
     if head_fit is not None:
         metrics["head_fit"] = head_fit
-    if run.binary and not run.regresses:
+    if run.binary:
         # Before scoring, so that the bundle's metrics describe the probabilities it ships: a video's and a
         # study's probability is the mean of its clips', which the shift does not commute with.
         metrics["probabilities"] = _apply_probability_scale(run)
@@ -1076,8 +1099,13 @@ def _calibrate_measurement(run: _Run, loaders: _Loaders, history: Sequence[dict[
     target = MEASURED_TARGETS[data.task]
     outputs, _ = predict_clips(model, loaders.evaluation("val"), device=run.device, binary=True,
                                normalisation=run.normalisation, raw=True)
+    # predict_clips gives (videos, clips) in the loader's order, which is the split's: each row is one video.
     clip_labels = np.repeat(np.asarray(data.targets["val"], dtype=float), outputs.shape[1])
-    weight = data.pos_weight if run.config.output.probabilities == "balanced" else None
+    # Weighted as the label-trained loss is (by the class weight), but with the validation clips' own balance, as
+    # they are what it is fitted on: the probabilities answer for a prevalence of one half (--class-weight
+    # balanced) or the clips' own, and --probabilities prevalence then moves them as it moves any bundle's.
+    n_pos = float(clip_labels.sum())
+    weight = (clip_labels.size - n_pos) / n_pos if run.config.optim.class_weight == "balanced" and n_pos else None
     calibration = fit_calibration(outputs.reshape(-1), clip_labels, pos_weight=weight)
     fold_into_head(model.fc, calibration)
     train_floor = constant_answer_mse(data.measured("train")[1])
@@ -1092,6 +1120,10 @@ def _calibrate_measurement(run: _Run, loaders: _Loaders, history: Sequence[dict[
         "calibration": {"slope": calibration.slope, "intercept": calibration.intercept, "clips": calibration.clips,
                         "positives": calibration.positives, "loss": calibration.loss,
                         "pos_weight": weight, "fitted_on": "validation clips"},
+        # The paper's dropout acts on the head's output: under a squared error it shrinks the answer towards the
+        # mean by (1 - p), a scale the calibration undoes, and it inflates the training error (measured in
+        # training mode) against the constant's; the validation error is measured without it.
+        "dropout": run.config.model.dropout,
     }
     print(f"regressed {target.description} (z-scored: mean {data.standardiser.mean:.3f}, sd "
           f"{data.standardiser.sd:.3f} {target.unit}); calibrated on {calibration.clips} validation clips: "
@@ -1099,7 +1131,10 @@ def _calibrate_measurement(run: _Run, loaders: _Loaders, history: Sequence[dict[
     if not val_losses or min(val_losses) >= (1.0 - CONSTANT_ANSWER_MARGIN) * val_floor:
         print(f"warning: the validation error never fell {CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's "
               f"({val_floor:.3f}): the model does not measure {target.description}", file=sys.stderr)
-    if calibration.slope <= 0:
+    if calibration.slope == 0:
+        print(f"warning: the head gives every validation clip the same output: the bundle answers "
+              f"{data.task}'s validation prevalence for every study", file=sys.stderr)
+    elif calibration.slope < 0:
         print(f"warning: on the validation clips a larger {target.description} predicted lower odds of "
               f"{data.task} (slope {calibration.slope:.3f}): the regression does not track the label",
               file=sys.stderr)
@@ -1185,6 +1220,8 @@ def _load_task(config: FinetuneConfig) -> _Run:
         # A search that must not see the test split does not read its labels' balance either.
         required = [name for name in required if name != "test"]
     check_evaluable(data, required=required)
+    if data.measures is not None:
+        check_calibratable(data)
     device = resolve_device(config.output.device)
     return _Run(config, device, cache, splits, data, threshold=config.output.threshold)
 
@@ -1212,7 +1249,8 @@ def _initial_model(run: _Run) -> None:
     if init_info.get("head") == "new":
         _set_prior_bias(model, data)
     elif data.measures is not None:
-        raise ValueError(f"--target measurement trains a new head; the init {m.init} already has one for {data.task}")
+        raise ValueError(f"--target measurement trains a new head; the init {m.init} brings its own one-output head "
+                         "(a bundle's or a checkpoint's): start from a pretraining run, random or a backbone")
     run.model = model.to(run.device)
     run.normalisation = "kinetics" if init_info.get("init") == "kinetics" else "minmax"
     run.init_info = init_info

@@ -175,8 +175,9 @@ def fit_calibration(outputs: np.ndarray, labels: np.ndarray, *, pos_weight: floa
         so that the probabilities answer for the same prevalence (one half
         with the default ``balanced`` weighting; the sample's with None).
     l2 : float
-        A small penalty on the slope: on a validation split the output
-        separates perfectly, the unpenalised slope has no finite optimum.
+        A small penalty on the slope, for outputs that separate the
+        classes exactly (with Platt's targets below the optimum is finite
+        all the same).
 
     Returns
     -------
@@ -186,6 +187,13 @@ def fit_calibration(outputs: np.ndarray, labels: np.ndarray, *, pos_weight: floa
     ------
     ValueError
         When the clips lack a class.
+
+    Notes
+    -----
+    The targets are Platt's (1999): ``(N+ + 1) / (N+ + 2)`` for a positive
+    and ``1 / (N- + 2)`` for a negative instead of 1 and 0, so that outputs
+    which separate the classes give a finite slope whose confidence grows
+    with the number of clips, not one set by the penalty alone.
     """
     x = torch.as_tensor(np.asarray(outputs, dtype=float), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels, dtype=float), dtype=torch.float64)
@@ -193,6 +201,8 @@ def fit_calibration(outputs: np.ndarray, labels: np.ndarray, *, pos_weight: floa
     if positives == 0 or positives == y.numel():
         raise ValueError(f"calibrating the measurement needs both classes among the validation clips "
                          f"({positives} positive of {y.numel()})")
+    negatives = int(y.numel()) - positives
+    soft = torch.where(y > 0.5, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
     centre, scale = float(x.mean()), max(float(x.std()), 1e-6)
     z = (x - centre) / scale
     w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -201,7 +211,7 @@ def fit_calibration(outputs: np.ndarray, labels: np.ndarray, *, pos_weight: floa
     opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
 
     def loss_of() -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(w * z + b, y, pos_weight=weight)
+        return nn.functional.binary_cross_entropy_with_logits(w * z + b, soft, pos_weight=weight)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from echonode.analyse.preprocess import PreprocessConfig
 from echonode.bundles.weights import load_bundle
 from tests.factories import finetune_args, make_measured_archive
 from train.cache import ClipCache, load_study_labels, split_cache
+from train.evaluate import main as evaluate_main
 from train.finetune import main, prepare_task
 from train.index import build_index
 from train.measured_target import (
@@ -126,7 +128,40 @@ def test_finetune_on_the_measurement_writes_a_calibrated_binary_bundle(measured,
     # It measured the band: its error is well under a constant's, and the calibrated bundle ranks the label.
     assert record["lowest_val_mse"] < 0.5 * record["constant_answer_val_mse"]
     assert meta.metrics["test"]["video"]["auroc"]["estimate"] > 0.8
+    # Each clip is calibrated against its own video's label: outputs paired with other videos' labels would
+    # give a slope near 0 (or below it), not a steep one.
+    assert record["calibration"]["slope"] > 1.5 and record["dropout"] == 0.25
     assert "calibrated on" in capsys.readouterr().out
+    # evaluate reads the calibrated bundle as any binary bundle, and finds the figures the bundle states.
+    report = tmp_path / "eval"
+    assert evaluate_main(["--bundle", str(out), "--data", str(cache), "--labels", str(labels), "--out", str(report),
+                          "--split", "test", "--bootstrap", "200"]) == 0
+    scored = json.loads((report / "metrics.json").read_text())
+    assert scored["study"]["auroc"]["estimate"] == pytest.approx(meta.metrics["test"]["study"]["auroc"]["estimate"])
+    # A bundle's own head cannot be regressed from: a new head is trained.
+    again = finetune_args(cache, labels, tmp_path / "from-bundle", "--task", "lvh", "--target", "measurement",
+                          "--init", str(out / "weights.pt"), "--epochs", "1")
+    assert main(again) == 2
+    assert "brings its own one-output head" in capsys.readouterr().err
+
+
+def test_probabilities_prevalence_moves_a_calibrated_head_as_any_other(measured, tmp_path: Path) -> None:
+    cache, labels = measured
+    common = ("--task", "lvh", "--target", "measurement", "--epochs", "4", "--patience", "4", "--lr", "0.003",
+              "--epoch-samples", "96")
+    assert main(finetune_args(cache, labels, tmp_path / "balanced", *common)) == 0
+    assert main(finetune_args(cache, labels, tmp_path / "prevalence", *common, "--probabilities", "prevalence")) == 0
+    balanced, prevalence = (load_bundle(tmp_path / name).meta for name in ("balanced", "prevalence"))
+    record = prevalence.metrics["probabilities"]
+    assert record["scale"] == "prevalence" and record["logit_offset"] == pytest.approx(-math.log(record["pos_weight"]))
+    assert prevalence.threshold == pytest.approx(record["threshold"]) and prevalence.threshold != 0.5
+    # The same run (same seed) moved by the prevalence shift: the same calibration, and the ranking changed
+    # only where averaging a study's clips does not commute with the shift.
+    assert (prevalence.metrics["measurement"]["calibration"]["slope"]
+            == pytest.approx(balanced.metrics["measurement"]["calibration"]["slope"]))
+    for level in ("video", "study"):
+        assert (prevalence.metrics["test"][level]["auroc"]["estimate"]
+                == pytest.approx(balanced.metrics["test"][level]["auroc"]["estimate"], abs=0.02))
 
 
 def _without_measurements(labels: Path, out: Path) -> Path:
@@ -152,6 +187,12 @@ def test_finetune_on_the_measurement_refuses_what_it_cannot_do(measured, tmp_pat
     assert main(finetune_args(cache, labels, tmp_path / "c", "--task", "severe_as", "--target", "measurement",
                               "--epochs", "1")) == 2
     assert "av_vmax_m_s" in capsys.readouterr().err
+    # Refused before training: no validation split to stop early on or calibrate with.
+    no_val = finetune_args(cache, labels, tmp_path / "d", "--task", "lvh", "--target", "measurement", "--epochs", "1")
+    no_val[no_val.index("--val-fraction") + 1] = "0"
+    assert main(no_val) == 2
+    said = capsys.readouterr()
+    assert "has none (--val-fraction 0)" in said.err and "epoch 0" not in said.out
 
 
 def _rewrite(labels: Path, out: Path, **columns: str) -> Path:
