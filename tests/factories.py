@@ -188,6 +188,16 @@ def report_sr(store: StudyStore, claim: Claim, model_set: str, outcome: str,
     return path
 
 
+def _write_archive_lists(archive: Path, labels: list[dict], videos: list[dict]) -> Path:
+    """Write an archive's ``labels.csv`` and ``videos.csv``; returns the labels file."""
+    for name, rows in (("labels.csv", labels), ("videos.csv", videos)):
+        with open(archive / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return archive / "labels.csv"
+
+
 def make_labelled_archive(root: Path, n_patients: int = 16, uid_root: str = "1.2.826.0.2") -> tuple[Path, Path]:
     """Archive whose LVH label is visible (a bright block in every frame of
     the study's videos); severe AS is an unrelated column.
@@ -217,12 +227,7 @@ def make_labelled_archive(root: Path, n_patients: int = 16, uid_root: str = "1.2
             ds.PixelData = pixels.tobytes()
             write(ds, archive / study / f"{sop}.dcm")
             videos.append({"patient_id": patient, "study_uid": study, "series_uid": "", "sop_uid": sop, "view": view})
-    for name, rows in (("labels.csv", labels), ("videos.csv", videos)):
-        with open(archive / name, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return archive, archive / "labels.csv"
+    return archive, _write_archive_lists(archive, labels, videos)
 
 
 def make_measured_archive(root: Path, n_patients: int = 24) -> tuple[Path, Path]:
@@ -258,12 +263,7 @@ def make_measured_archive(root: Path, n_patients: int = 24) -> tuple[Path, Path]
             write(ds, archive / study / f"{sop}.dcm")
             videos.append({"patient_id": patient, "study_uid": study, "series_uid": "", "sop_uid": sop,
                            "view": "plax"})
-    for name, rows in (("labels.csv", labels), ("videos.csv", videos)):
-        with open(archive / name, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return archive, archive / "labels.csv"
+    return archive, _write_archive_lists(archive, labels, videos)
 
 
 def finetune_args(cache: Path, labels: Path, out: Path, *extra: str) -> list[str]:
