@@ -55,6 +55,11 @@ an archive, caches and bundles named ``*-varied``; renderer B is unchanged.
 ``--look varied-walls`` moves every tissue edge of the varied-valves look in or out.
 ``--tasks severe_as`` fine-tunes and scores one task only.
 
+``--target measurement`` fine-tunes on the measurement each label is cut
+from (``finetune --target measurement``: the thicker wall for LVH, the
+aortic peak velocity for severe AS) into bundles named ``*-measurement``,
+beside the label-trained ones of the same settings.
+
 ``--pretrain-epochs N`` first pretrains EchoCLR (``pretrain``, tiny preset,
 ``--size``, N epochs; it reads every training video and no label) on the
 training archive's cache into ``echoclr-<archive><cache>-s<size>-eN[-tT]`` and
@@ -83,6 +88,7 @@ import numpy as np
 
 from bench.machine import cpu_flags, cpu_model, load_average
 from bench.paired_auroc import study_scores
+from train.measured_target import TARGETS
 from train.metrics import auroc, bootstrap_ci
 from train.synth.archive import RENDERERS, parse_renderers
 from train.synth.look import LOOKS
@@ -170,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-epochs", type=int, default=0, metavar="N",
                    help="pretrain EchoCLR for N epochs on the training archive first and fine-tune from it "
                    "(bundles named *-echoclrN); 0 (default): random init")
+    p.add_argument("--target", choices=TARGETS, default="label",
+                   help="what fine-tuning learns: the label, or the measurement it is cut from (finetune --target)")
     p.add_argument("--appearance", action="store_true",
                    help="fine-tune with --appearance (bundles and reports named *-appearance-*)")
     return p.parse_args(argv)
@@ -230,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     schedule = ("" if (ns.epochs, ns.patience) == (12, 4) else f"-e{ns.epochs}p{ns.patience}") + (
         "" if ns.threads == 1 else f"-t{ns.threads}") + (f"-echoclr{ns.pretrain_epochs}" if ns.pretrain_epochs else "")
     variant = (("" if trained_on == "polar" else f"-{trained_on}") + ("" if ns.look == "standard" else f"-{ns.look}")
-               + ("-appearance" if ns.appearance else "") + fps + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}"))
+               + ("-appearance" if ns.appearance else "") + fps + schedule + ("" if ns.lr == "1e-3" else f"-lr{ns.lr}")
+               + ("" if ns.target == "label" else f"-{ns.target}"))
     _run_side_by_side({f"finetune {task}": (
         "finetune", "--data", str(out / f"cache-{train_name}{fps}"), "--labels", str(out / train_name / "labels.csv"),
         "--task", task, "--init", init, "--out", str(out / f"{task}{variant}-bundle"), "--preset", "tiny",
         "--size", str(ns.size), "--lr", ns.lr, "--epoch-samples", "800", "--epochs", str(ns.epochs),
         "--patience", str(ns.patience), "--bootstrap", "200", "--device", "cpu", "--no-progress", "--overwrite",
-        *(("--appearance",) if ns.appearance else ()))
+        *(("--appearance",) if ns.appearance else ()), "--target", ns.target)
         for task in tasks if not (out / f"{task}{variant}-bundle" / "bundle.json").exists()}, log, ns.threads)
     if ns.train_only:
         print(f"trained {', '.join(f'{task}{variant}-bundle' for task in tasks)} in {out} "

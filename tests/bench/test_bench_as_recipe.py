@@ -63,6 +63,19 @@ def test_cross_rendering_resamples_both_archives_when_asked(tmp_path: Path, monk
         assert Path(s[s.index("--out") + 1]).name.endswith("-fps15-e24p8-lr3e-4-bundle")
         assert (s[s.index("--epochs") + 1], s[s.index("--patience") + 1], s[s.index("--lr") + 1]) == ("24", "8", "3e-4")
     assert all(Path(s[s.index("--data") + 1]).name.endswith("-fps15") for s in steps if s[0] == "evaluate")
+    assert all(s[s.index("--target") + 1] == "label" for s in finetune)
+
+
+def test_cross_rendering_fine_tunes_on_the_measurement_into_bundles_of_their_own(tmp_path: Path, monkeypatch) -> None:
+    steps: list[tuple[str, ...]] = []
+    monkeypatch.setattr(cross_rendering, "_run_side_by_side", lambda s, log, threads=1: steps.extend(s.values()))
+    monkeypatch.setattr(cross_rendering, "study_auroc", lambda path: (0.5, 0.4, 0.6, 1, 1))
+    assert cross_rendering.main(["--out", str(tmp_path / "x"), "--tasks", "lvh", "--target", "measurement"]) == 0
+    finetune = [s for s in steps if s[0] == "finetune"]
+    assert len(finetune) == 1 and finetune[0][finetune[0].index("--target") + 1] == "measurement"
+    assert Path(finetune[0][finetune[0].index("--out") + 1]).name == "lvh-measurement-bundle"
+    evaluated = [Path(s[s.index("--bundle") + 1]).name for s in steps if s[0] == "evaluate"]
+    assert evaluated and set(evaluated) == {"lvh-measurement-bundle"}
 
 
 def test_a_cached_cell_is_reused_only_for_the_settings_that_made_it(tmp_path: Path, monkeypatch) -> None:
