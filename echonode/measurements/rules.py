@@ -351,16 +351,17 @@ def decide_labels(
             return decide_lvh(at, sex, rules.lvh, why_missing)
         return decide_severe_as(at, rules.severe_as, why_missing)
 
+    readings_of: Mapping[str, tuple[float, float]] = spans or {}
     decided: dict[str, LabelDecision] = {}
     for task in TASKS:
         decision = decide(task, values)
-        spread = [k for k in _TASK_CONCEPTS[task] if (spans or {}).get(k) and values.get(k) is not None]
+        spread = [k for k in _TASK_CONCEPTS[task] if readings_of.get(k) and values.get(k) is not None]
         labels = {decision.label}
-        for ends in itertools.product(*((spans or {})[k] for k in spread)):
+        for ends in itertools.product(*(readings_of[k] for k in spread)):
             labels.add(decide(task, {**values, **dict(zip(spread, ends, strict=True))}).label)
         if len(labels) > 1:
             readings = "; ".join(
-                f"{CONCEPTS_BY_KEY[k].label} {_fmt((spans or {})[k][0])} to {_fmt((spans or {})[k][1])} "
+                f"{CONCEPTS_BY_KEY[k].label} {_fmt(readings_of[k][0])} to {_fmt(readings_of[k][1])} "
                 f"{CONCEPTS_BY_KEY[k].unit}" for k in spread
             )
             decision = LabelDecision(
