@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'EchoCLR init ({ns.pretrain_epochs} epochs)' if ns.pretrain_epochs else 'random init'}, "
           f"{ns.threads} thread{'s' if ns.threads > 1 else ''} a fine-tuning"
           f"{', appearance augmentation' if ns.appearance else ''}"
+          f"{', trained on the measurement' if ns.target == 'measurement' else ''}"
           f"{'' if ns.target_fps is None else f', frames resampled to {ns.target_fps:g} fps'}"
           f"{'' if ns.framing == 'sector' else f', physical framing ({ns.field_cm:g} cm window)'}; "
           f"{time.monotonic() - started:.0f} s")

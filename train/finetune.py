@@ -1101,11 +1101,14 @@ def _calibrate_measurement(run: _Run, loaders: _Loaders, history: Sequence[dict[
                                normalisation=run.normalisation, raw=True)
     # predict_clips gives (videos, clips) in the loader's order, which is the split's: each row is one video.
     clip_labels = np.repeat(np.asarray(data.targets["val"], dtype=float), outputs.shape[1])
-    # Weighted as the label-trained loss is (by the class weight), but with the validation clips' own balance, as
-    # they are what it is fitted on: the probabilities answer for a prevalence of one half (--class-weight
-    # balanced) or the clips' own, and --probabilities prevalence then moves them as it moves any bundle's.
+    # Weighted so the probabilities answer for the prevalence a label-trained bundle's would: one half with
+    # --class-weight balanced (the validation clips' own n_neg / n_pos, as they are what it is fitted on), the
+    # training videos' with none (that weight times pos_weight / the training n_neg / n_pos); --probabilities
+    # prevalence then moves them as it moves any bundle's.
     n_pos = float(clip_labels.sum())
-    weight = (clip_labels.size - n_pos) / n_pos if run.config.optim.class_weight == "balanced" and n_pos else None
+    train_y = np.asarray(data.targets["train"], dtype=float)
+    train_balance = (train_y.size - train_y.sum()) / train_y.sum()
+    weight = ((clip_labels.size - n_pos) / n_pos) * (data.pos_weight or 1.0) / train_balance
     calibration = fit_calibration(outputs.reshape(-1), clip_labels, pos_weight=weight)
     fold_into_head(model.fc, calibration)
     train_floor = constant_answer_mse(data.measured("train")[1])
@@ -1132,8 +1135,8 @@ def _calibrate_measurement(run: _Run, loaders: _Loaders, history: Sequence[dict[
         print(f"warning: the validation error never fell {CONSTANT_ANSWER_MARGIN:.0%} under a constant answer's "
               f"({val_floor:.3f}): the model does not measure {target.description}", file=sys.stderr)
     if calibration.slope == 0:
-        print(f"warning: the head gives every validation clip the same output: the bundle answers "
-              f"{data.task}'s validation prevalence for every study", file=sys.stderr)
+        print(f"warning: the head gives every validation clip the same output: the bundle answers the same "
+              f"probability of {data.task} for every study", file=sys.stderr)
     elif calibration.slope < 0:
         print(f"warning: on the validation clips a larger {target.description} predicted lower odds of "
               f"{data.task} (slope {calibration.slope:.3f}): the regression does not track the label",

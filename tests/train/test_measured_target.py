@@ -74,6 +74,13 @@ def test_calibration_orders_as_the_output_does_and_folds_into_the_head() -> None
     assert fit_calibration(outputs, 1.0 - labels).slope < 0
     with pytest.raises(ValueError, match="both classes"):
         fit_calibration(outputs, np.zeros(400))
+    # Outputs that separate the classes exactly: Platt's targets give a finite slope without any penalty,
+    # steeper with more clips (the targets move towards 0 and 1).
+    few, many = (np.r_[-np.ones(n), np.ones(n)] for n in (10, 1000))
+    finite = fit_calibration(few, (few > 0).astype(float), l2=0.0)
+    assert 0 < finite.slope < 10 and finite.slope == pytest.approx(fit_calibration(few, (few > 0).astype(float)).slope,
+                                                                    rel=0.05)
+    assert fit_calibration(many, (many > 0).astype(float), l2=0.0).slope > finite.slope + 1
     fc = nn.Linear(3, 1)
     x = torch.randn(5, 3)
     before = fc(x).detach()
@@ -155,6 +162,13 @@ def test_probabilities_prevalence_moves_a_calibrated_head_as_any_other(measured,
     record = prevalence.metrics["probabilities"]
     assert record["scale"] == "prevalence" and record["logit_offset"] == pytest.approx(-math.log(record["pos_weight"]))
     assert prevalence.threshold == pytest.approx(record["threshold"]) and prevalence.threshold != 0.5
+    # Calibrated first (weighted by the validation clips' own balance, so for a prevalence of one half), then
+    # moved by -ln(training n_neg / n_pos) as a label-trained head is.
+    calibration = prevalence.metrics["measurement"]["calibration"]
+    val_pos = calibration["positives"]
+    assert calibration["pos_weight"] == pytest.approx((calibration["clips"] - val_pos) / val_pos)
+    bias = {name: load_bundle(tmp_path / name).model.fc.bias.item() for name in ("balanced", "prevalence")}
+    assert bias["prevalence"] == pytest.approx(bias["balanced"] + record["logit_offset"], abs=1e-4)
     # The same run (same seed) moved by the prevalence shift: the same calibration, and the ranking changed
     # only where averaging a study's clips does not commute with the shift.
     assert (prevalence.metrics["measurement"]["calibration"]["slope"]
