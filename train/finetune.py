@@ -15,7 +15,10 @@
   class (:func:`check_evaluable`).
 * Loss: ``BCEWithLogitsLoss(pos_weight = n_neg / n_pos)`` of the training
   videos; cross-entropy for ``view``. Adam; early stopping on the validation
-  loss with patience, best weights kept.
+  loss with patience, best weights kept. With ``--target measurement`` a
+  binary head regresses the measurement its label is cut from (squared
+  error, stopped on the validation error) and is then calibrated to the
+  label on the validation clips (:mod:`train.measured_target`).
 * Output: a bundle (``echonode.bundles.weights.save_bundle``) with a new DeviceUID,
   provenance (init, manifest hash, labels hash, config, code revision, split
   sizes), validation / test metrics at video and study level, and
@@ -326,7 +329,9 @@ def check_calibratable(data: TaskData) -> None:
 
     Early stopping watches the regression's error on the validation videos
     that have a measurement, and the calibration to the label needs
-    validation videos of both classes.
+    validation videos; that they hold both classes :func:`check_evaluable`
+    has checked before (it requires the validation split whenever
+    ``--val-fraction`` asks for one).
 
     Raises
     ------
@@ -339,7 +344,6 @@ def check_calibratable(data: TaskData) -> None:
     if not data.measured("val")[0]:
         raise ValueError(f"no validation study has a measurement of {MEASURED_TARGETS[data.task].description}: "
                          "--target measurement stops early on the validation error")
-    check_evaluable(data, required=("val",))
 
 
 def prior_logit(targets: Sequence[float | int], pos_weight: float | None) -> float:
@@ -1088,9 +1092,10 @@ def _calibrate_measurement(run: _Run, loaders: _Loaders, history: Sequence[dict[
     """Turn the regression head into the label's log odds (:func:`train.measured_target.fit_calibration`).
 
     Fitted on every labelled validation clip (a study without a measurement
-    has a label all the same), with the loss's class weight when
-    ``--probabilities balanced`` so the probabilities answer for the same
-    prevalence as a label-trained bundle's; then folded into the head.
+    has a label all the same), weighted so the probabilities answer for the
+    prevalence a label-trained bundle's would under the same
+    ``--class-weight``; then folded into the head (``--probabilities
+    prevalence`` moves it afterwards as it moves any bundle's).
     Returns what the bundle records: the target, its z-score, the
     regression's errors against a constant's, and the calibration.
     """

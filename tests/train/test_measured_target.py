@@ -15,12 +15,14 @@ from torch import nn
 from echonode.analyse.preprocess import PreprocessConfig
 from echonode.bundles.weights import load_bundle
 from tests.factories import finetune_args, make_measured_archive
+from train import finetune as finetune_module
 from train.cache import ClipCache, load_study_labels, split_cache
 from train.evaluate import main as evaluate_main
 from train.finetune import main, prepare_task
 from train.index import build_index
 from train.measured_target import (
     MEASURED_TARGETS,
+    Calibration,
     Standardiser,
     constant_answer_mse,
     fit_calibration,
@@ -178,12 +180,14 @@ def test_probabilities_prevalence_moves_a_calibrated_head_as_any_other(measured,
                 == pytest.approx(balanced.metrics["test"][level]["auroc"]["estimate"], abs=0.02))
 
 
-def _without_measurements(labels: Path, out: Path) -> Path:
+def _edited(labels: Path, out: Path, edit, drop: tuple[str, ...] = ()) -> Path:
+    """``labels`` with ``edit(row)`` applied to every row and the ``drop`` columns left out, written to ``out``."""
     with open(labels, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    keep = [k for k in rows[0] if k not in ("ivsd_cm", "lvpwd_cm")]
+    for row in rows:
+        edit(row)
     with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keep, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=[k for k in rows[0] if k not in drop], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return out
@@ -191,7 +195,7 @@ def _without_measurements(labels: Path, out: Path) -> Path:
 
 def test_finetune_on_the_measurement_refuses_what_it_cannot_do(measured, tmp_path: Path, capsys) -> None:
     cache, labels = measured
-    bare = _without_measurements(labels, tmp_path / "labels.csv")
+    bare = _edited(labels, tmp_path / "labels.csv", lambda row: None, drop=("ivsd_cm", "lvpwd_cm"))
     assert main(finetune_args(cache, bare, tmp_path / "a", "--task", "lvh", "--target", "measurement",
                               "--epochs", "1")) == 2
     assert "has none of them" in capsys.readouterr().err
@@ -209,26 +213,13 @@ def test_finetune_on_the_measurement_refuses_what_it_cannot_do(measured, tmp_pat
     assert "has none (--val-fraction 0)" in said.err and "epoch 0" not in said.out
 
 
-def _rewrite(labels: Path, out: Path, **columns: str) -> Path:
-    """``labels`` with each named column set to one value in every row (added where absent)."""
-    with open(labels, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        row.update(columns)
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
-
-
 def test_no_value_to_train_on_or_one_value_for_all_is_refused(measured, tmp_path: Path, capsys) -> None:
     cache, labels = measured
-    empty = _rewrite(labels, tmp_path / "empty.csv", ivsd_cm="", lvpwd_cm="")
+    empty = _edited(labels, tmp_path / "empty.csv", lambda row: row.update(ivsd_cm="", lvpwd_cm=""))
     assert main(finetune_args(cache, empty, tmp_path / "a", "--task", "lvh", "--target", "measurement",
                               "--epochs", "1")) == 2
     assert "no labelled training studies with a measurement for lvh" in capsys.readouterr().err
-    same = _rewrite(labels, tmp_path / "same.csv", ivsd_cm="1.0", lvpwd_cm="0.9")
+    same = _edited(labels, tmp_path / "same.csv", lambda row: row.update(ivsd_cm="1.0", lvpwd_cm="0.9"))
     assert main(finetune_args(cache, same, tmp_path / "b", "--task", "lvh", "--target", "measurement",
                               "--epochs", "1")) == 2
     assert "different values" in capsys.readouterr().err
@@ -246,3 +237,27 @@ def test_severe_as_regresses_the_peak_velocity(measured, tmp_path: Path) -> None
     velocity = {r["study_uid"]: float(r["av_vmax_m_s"]) for r in rows}
     for name in ("train", "val", "test"):
         assert data.measures[name] == [velocity[v["study_uid"]] for v in data.videos[name]]
+
+
+def test_a_validation_split_without_measurements_is_refused_before_training(measured, tmp_path: Path, capsys) -> None:
+    cache, labels = measured
+    splits = split_cache(ClipCache(cache), val_fraction=0.25, test_fraction=0.25)
+    unmeasured_val = _edited(labels, tmp_path / "labels.csv", lambda row: row.update(ivsd_cm="", lvpwd_cm="")
+                             if row["study_uid"] in splits["val"] else None)
+    assert main(finetune_args(cache, unmeasured_val, tmp_path / "b", "--task", "lvh", "--target", "measurement",
+                              "--epochs", "1")) == 2
+    said = capsys.readouterr()
+    assert "no validation study has a measurement" in said.err and "epoch 0" not in said.out
+
+
+@pytest.mark.parametrize(("slope", "warning"), [(0.0, "the same probability of lvh for every study"),
+                                                (-2.0, "the regression does not track the label")])
+def test_a_calibration_that_does_not_rise_with_the_measurement_is_called_so(
+        measured, tmp_path: Path, capsys, monkeypatch, slope: float, warning: str) -> None:
+    cache, labels = measured
+    monkeypatch.setattr(finetune_module, "fit_calibration",
+                        lambda outputs, labels, pos_weight=None: Calibration(slope, 0.1, len(outputs), 1, 0.7))
+    assert main(finetune_args(cache, labels, tmp_path / "b", "--task", "lvh", "--target", "measurement",
+                              "--epochs", "1")) == 0
+    assert warning in capsys.readouterr().err
+    assert load_bundle(tmp_path / "b").meta.metrics["measurement"]["calibration"]["slope"] == slope
